@@ -1,0 +1,63 @@
+"""latentdiff: a modular latent-diffusion toolkit (Rombach et al., CVPR 2022).
+
+Public names are imported lazily so that `import latentdiff` stays cheap: torch, transformers and
+accelerate load only when a part that needs them is used.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "LatentDiffusionPipeline": "latentdiff.pipelines.latent_diffusion",
+    "PipelineOutput": "latentdiff.pipelines.base",
+    "AutoencoderKL": "latentdiff.models.autoencoder_kl",
+    "AutoencoderKLConfig": "latentdiff.models.autoencoder_kl",
+    "UNet2DConditional": "latentdiff.models.unet",
+    "UNetConfig": "latentdiff.models.unet",
+    "TextEncoder": "latentdiff.models.text_encoder",
+    "TextEncoderConfig": "latentdiff.models.text_encoder",
+    "NoiseScheduler": "latentdiff.diffusion.noise_scheduler",
+    "NoiseSchedulerConfig": "latentdiff.diffusion.noise_scheduler",
+    "DDIMSampler": "latentdiff.diffusion.samplers",
+    "DDPMSampler": "latentdiff.diffusion.samplers",
+    "ClassifierFreeGuidance": "latentdiff.diffusion.guidance",
+    "COMPONENTS": "latentdiff.registry",
+    "SAMPLERS": "latentdiff.registry",
+    "PIPELINES": "latentdiff.registry",
+    "LatentDiffError": "latentdiff.errors",
+    "ConfigError": "latentdiff.errors",
+    "CheckpointError": "latentdiff.errors",
+    "RegistryError": "latentdiff.errors",
+    "InputError": "latentdiff.errors",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'latentdiff' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .diffusion.guidance import ClassifierFreeGuidance
+    from .diffusion.noise_scheduler import NoiseScheduler, NoiseSchedulerConfig
+    from .diffusion.samplers import DDIMSampler, DDPMSampler
+    from .errors import CheckpointError, ConfigError, InputError, LatentDiffError, RegistryError
+    from .models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+    from .models.text_encoder import TextEncoder, TextEncoderConfig
+    from .models.unet import UNet2DConditional, UNetConfig
+    from .pipelines.base import PipelineOutput
+    from .pipelines.latent_diffusion import LatentDiffusionPipeline
+    from .registry import COMPONENTS, PIPELINES, SAMPLERS

@@ -1,0 +1,142 @@
+"""Typed, frozen, strict configs.
+
+A config is data: a frozen dataclass whose fields are checked on construction. Reading one
+from a dict is strict: an unknown key or a value of the wrong type is a ConfigError that
+names it, because a setting that changes the model must never be silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+from .errors import ConfigError
+
+C = TypeVar("C", bound="ComponentConfig")
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentConfig:
+    """Base of every component config. Subclasses add typed fields with defaults."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = _coerce(getattr(self, f.name), hints[f.name])
+            if not _matches(value, hints[f.name]):
+                raise ConfigError(f"config field {f.name!r} of {type(self).__name__} has the wrong type",
+                                  where=f.name, expected=_type_name(hints[f.name]), found=repr(value))
+            object.__setattr__(self, f.name, value)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check relations between fields; subclasses raise ConfigError naming the field."""
+
+    @classmethod
+    def from_dict(cls: type[C], data: Mapping[str, Any], *, source: str | None = None) -> C:
+        """Build from a dict; unknown keys are an error (metadata keys starting with '_' aside)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in data if k not in names and not k.startswith("_"))
+        if unknown:
+            raise ConfigError(f"unknown key(s) {unknown} in {cls.__name__}", where=source,
+                              expected=f"keys among {sorted(names)}", found=unknown)
+        missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in data
+                         and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+        if missing:
+            raise ConfigError(f"missing key(s) {missing} in {cls.__name__}", where=source, expected=missing,
+                              found=sorted(data))
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def replace(self: C, **changes: Any) -> C:
+        return dataclasses.replace(self, **changes)
+
+    def to_json_file(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_json_file(cls: type[C], path: str | Path) -> C:
+        return cls.from_dict(read_json(path), source=str(path))
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    """Read a JSON object, with an error naming the file when it is not one."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError("config file not found", where=str(path)) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file is not valid JSON ({e})", where=str(path)) from None
+    if not isinstance(data, dict):
+        raise ConfigError("config file does not hold a JSON object", where=str(path),
+                          expected="object", found=type(data).__name__)
+    return data
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """JSON has lists where configs have tuples; turn lists into tuples where a tuple is expected."""
+    if isinstance(value, list) and _allows_tuple(hint):
+        return tuple(_coerce(v, _tuple_item(hint)) for v in value)
+    return value
+
+
+def _options(hint: Any) -> tuple[Any, ...]:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def _allows_tuple(hint: Any) -> bool:
+    return any(typing.get_origin(h) is tuple or h is tuple for h in _options(hint))
+
+
+def _tuple_item(hint: Any) -> Any:
+    for h in _options(hint):
+        if typing.get_origin(h) is tuple:
+            args = typing.get_args(h)
+            return args[0] if args else Any
+    return Any
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    if hint is Any:
+        return True
+    for h in _options(hint):
+        if h is type(None) and value is None:
+            return True
+        origin = typing.get_origin(h)
+        if origin is tuple:
+            args = typing.get_args(h)
+            if isinstance(value, tuple):
+                if len(args) == 2 and args[1] is Ellipsis:
+                    if all(_matches(v, args[0]) for v in value):
+                        return True
+                elif len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args)):
+                    return True
+            continue
+        if origin is typing.Literal:
+            if value in typing.get_args(h):
+                return True
+            continue
+        if h is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if h is int and isinstance(value, bool):
+            continue
+        if isinstance(h, type) and isinstance(value, h):
+            return True
+    return False
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "")

@@ -1,0 +1,176 @@
+"""Where checkpoints come from and go to: local folders, the Hugging Face Hub, safetensors files.
+
+Everything that touches the file system or the network for weights goes through here, so the
+rules hold everywhere: safetensors first, pickles only through `torch.load(weights_only=True)`,
+`HF_HUB_OFFLINE=1` honoured (a cached model never calls the Hub), and every write atomic
+(written under a temporary name, then renamed).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from .errors import CheckpointError
+
+WEIGHTS_NAME = "diffusion_pytorch_model"
+SAFETENSORS_HEADER_LIMIT = 100 * 1024 * 1024  # a sane header is far smaller
+
+
+def is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def resolve(path_or_id: str | os.PathLike, *, revision: str | None = None,
+            allow_patterns: Sequence[str] | None = None, cache_dir: str | os.PathLike | None = None,
+            token: str | bool | None = None, local_files_only: bool | None = None) -> Path:
+    """Return a local folder for `path_or_id`: the folder itself, or a Hub snapshot.
+
+    A Hub id downloads only `allow_patterns`; with `HF_HUB_OFFLINE=1` (or
+    `local_files_only=True`) only the local cache is consulted and the network is never used.
+    """
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    name = str(path_or_id)
+    if path.exists():
+        raise CheckpointError("expected a folder or a Hub id, got a file", where=name,
+                              expected="a folder (or use from_single_file for single files)", found="a file")
+    if name.count("/") > 1 or name.startswith((".", "/", "~")) or not name.strip():
+        raise CheckpointError("no such folder", where=name, expected="an existing folder or a Hub id 'owner/name'",
+                              found="nothing at that path")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    offline = is_offline() if local_files_only is None else local_files_only
+    try:
+        folder = snapshot_download(name, revision=revision, allow_patterns=list(allow_patterns or []) or None,
+                                   cache_dir=cache_dir, token=token, local_files_only=offline)
+    except LocalEntryNotFoundError:
+        raise CheckpointError("not a local folder, and not in the local Hub cache (offline mode)", where=name,
+                              expected="a folder, or a Hub id downloaded before", found="nothing in the cache") from None
+    except RepositoryNotFoundError:
+        raise CheckpointError("no such Hub repository (or it is private: pass token=)", where=name) from None
+    except (HfHubHTTPError, OSError) as e:
+        raise CheckpointError(f"could not download from the Hub ({type(e).__name__}: {e})", where=name,
+                              expected="network access, or HF_HUB_OFFLINE=1 with a cached copy") from None
+    return Path(folder)
+
+
+def load_safetensors(path: str | os.PathLike, *, device: str = "cpu") -> dict[str, Any]:
+    """Read a safetensors file (memory-mapped), with a CheckpointError naming the file if it is bad."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    check_safetensors_header(path)
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"corrupt safetensors file ({e})", where=str(path)) from None
+
+
+def check_safetensors_header(path: Path) -> dict[str, Any]:
+    """Validate the header and the data length before any tensor is read: catches truncated files."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError("not a safetensors file (shorter than its 8-byte header length)",
+                                      where=str(path), found=f"{size} bytes")
+            n = int.from_bytes(raw, "little")
+            if n > min(SAFETENSORS_HEADER_LIMIT, size - 8):
+                raise CheckpointError("not a safetensors file, or truncated (header length past the end)",
+                                      where=str(path), expected=f"header of at most {size - 8} bytes", found=f"{n} bytes")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise CheckpointError("checkpoint file not found", where=str(path)) from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError("not a safetensors file (header is not JSON)", where=str(path)) from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError("truncated safetensors file", where=str(path), expected=f"{8 + n + end} bytes",
+                              found=f"{size} bytes")
+    return header
+
+
+def load_torch_pickle(path: str | os.PathLike) -> Any:
+    """Load a pickled checkpoint safely: `weights_only=True`, nothing in the file is executed."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to unpickle: the file needs more than plain tensors ({e}); "
+            "convert it to safetensors with a tool you trust", where=str(path)) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"corrupt or truncated checkpoint ({e})", where=str(path)) from None
+
+
+def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write tensors to `path` atomically (temporary name in the same folder, then rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(data: dict[str, Any], path: str | os.PathLike) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside `dest`; on success it replaces `dest` by renames.
+
+    If the body raises (or the process dies), `dest` is untouched and the temporary folder is removed
+    (or left under a hidden `.name.*.tmp` name, never mistaken for the checkpoint).
+    """
+    dest = Path(dest).absolute()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        yield tmp
+        old = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.old")
+        if dest.exists():
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None,
+                       token: str | None = None, commit_message: str = "Upload with latentdiff",
+                       revision: str | None = None) -> str:
+    """Create `repo_id` if needed and upload `folder` to it; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    if is_offline():
+        raise CheckpointError("cannot push to the Hub with HF_HUB_OFFLINE=1", where=repo_id)
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message,
+                             revision=revision)
+    return str(getattr(info, "commit_url", info))

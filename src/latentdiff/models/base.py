@@ -1,0 +1,186 @@
+"""What every latentdiff model shares: a typed config, strict loading, atomic saving.
+
+A model's folder is the diffusers layout (`config.json` + `diffusion_pytorch_model.safetensors`),
+so a folder saved here loads in diffusers and the other way round. The config file is mapped to and
+from the model's typed config by the model class (`from_file_config` / `to_file_config`): an unknown
+key, or a known key at a value latentdiff does not implement, is a ConfigError naming it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from .. import __version__, hub
+from ..config import ComponentConfig, read_json
+from ..errors import CheckpointError, ConfigError
+
+CONFIG_NAME = "config.json"
+
+
+class ModelMixin(nn.Module):
+    """Base of the registrable networks (UNet, autoencoders ...)."""
+
+    config_class: ClassVar[type[ComponentConfig]]
+    registry_name: ClassVar[str]
+    diffusers_class_name: ClassVar[str | None] = None  # written as `_class_name` in config.json
+    weights_name: ClassVar[str] = hub.WEIGHTS_NAME
+
+    def __init__(self, config: ComponentConfig):
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise ConfigError(f"{type(self).__name__} needs a {self.config_class.__name__}",
+                              expected=self.config_class.__name__, found=type(config).__name__)
+        self.config = config
+
+    # ---- config files ---------------------------------------------------------------------
+    @classmethod
+    def from_file_config(cls, data: Mapping[str, Any], *, source: str | None = None) -> ComponentConfig:
+        """Map a config.json dict to the typed config. Subclasses with a diffusers twin override this."""
+        return cls.config_class.from_dict(data, source=source)
+
+    def to_file_config(self) -> dict[str, Any]:
+        """The config.json dict written by save_pretrained (diffusers keys where there is a twin)."""
+        return self.config.to_dict()
+
+    @classmethod
+    def load_config(cls, folder: str | os.PathLike) -> ComponentConfig:
+        path = Path(folder) / CONFIG_NAME
+        return cls.from_file_config(read_json(path), source=str(path))
+
+    # ---- loading ----------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: ComponentConfig | Mapping[str, Any]):
+        if not isinstance(config, ComponentConfig):
+            config = cls.config_class.from_dict(config)
+        return cls(config)
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike, *, subfolder: str | None = None,
+                        revision: str | None = None, variant: str | None = None,
+                        torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                        cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
+                        local_files_only: bool | None = None):
+        """Load from a local folder or a Hub id (diffusers layout), strictly: every key used, every shape checked."""
+        prefix = f"{subfolder}/" if subfolder else ""
+        root = hub.resolve(path_or_id, revision=revision, cache_dir=cache_dir, token=token,
+                           local_files_only=local_files_only,
+                           allow_patterns=[f"{prefix}{CONFIG_NAME}", f"{prefix}{cls.weights_name}*"])
+        folder = root / subfolder if subfolder else root
+        if not (folder / CONFIG_NAME).is_file():
+            raise CheckpointError(f"no {CONFIG_NAME} in the model folder", where=str(folder),
+                                  expected=f"{cls.__name__} folder with {CONFIG_NAME} and weights")
+        config = cls.load_config(folder)
+        state = load_weights(folder, cls.weights_name, variant=variant)
+        return cls.from_state_dict(config, state, torch_dtype=torch_dtype, device=device, source=str(folder))
+
+    @classmethod
+    def from_state_dict(cls, config: ComponentConfig, state: Mapping[str, torch.Tensor], *,
+                        torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                        source: str | None = None):
+        """Build the model without initialising weights (meta device) and assign `state` to it, strictly."""
+        with torch.device("meta"):
+            model = cls(config)
+        check_state_dict(model, state, source=source)
+        dtype = torch_dtype or torch.float32
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.eval()
+
+    # ---- saving -----------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, *, variant: str | None = None) -> Path:
+        """Write config.json and safetensors weights; atomic: an interrupted save leaves the old folder intact."""
+        with hub.atomic_folder(save_directory) as tmp:
+            self.write_files(tmp, variant=variant)
+        return Path(save_directory)
+
+    def write_files(self, folder: Path, *, variant: str | None = None) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {k: v for k, v in self.to_file_config().items()}
+        if self.diffusers_class_name:
+            config["_class_name"] = self.diffusers_class_name
+        config["_latentdiff_version"] = __version__
+        config["_latentdiff_component"] = self.registry_name
+        hub.write_json(config, folder / CONFIG_NAME)
+        name = f"{self.weights_name}.{variant}.safetensors" if variant else f"{self.weights_name}.safetensors"
+        hub.save_safetensors(self.state_dict(), folder / name, metadata={"format": "pt"})
+
+    # ---- conveniences -----------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def load_weights(folder: Path, weights_name: str, *, variant: str | None = None) -> dict[str, torch.Tensor]:
+    """Read the weights of a model folder: safetensors (single or sharded), else a safe pickle."""
+    stem = f"{weights_name}.{variant}" if variant else weights_name
+    single = folder / f"{stem}.safetensors"
+    index = folder / f"{stem}.safetensors.index.json"
+    if single.is_file():
+        return hub.load_safetensors(single)
+    if index.is_file():
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(hub.load_safetensors(folder / shard))
+        return state
+    pickle = folder / f"{stem}.bin"
+    if pickle.is_file():
+        state = hub.load_torch_pickle(pickle)
+        if not isinstance(state, dict):
+            raise CheckpointError("pickled weights are not a state dict", where=str(pickle), found=type(state).__name__)
+        return state
+    found = sorted(p.name for p in folder.iterdir() if p.is_file())
+    raise CheckpointError("no weights file in the model folder", where=str(folder),
+                          expected=f"{single.name} (or a sharded index, or {pickle.name})", found=found)
+
+
+def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str | None = None) -> None:
+    """Raise a CheckpointError listing every missing, unexpected or mis-shaped key."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(f"{k}: expected {expected[k]}, found {tuple(state[k].shape)}"
+                   for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
+    if missing or unexpected or wrong:
+        lines = []
+        if missing:
+            lines.append(f"missing keys ({len(missing)}): {_cap(missing)}")
+        if unexpected:
+            lines.append(f"unexpected keys ({len(unexpected)}): {_cap(unexpected)}")
+        if wrong:
+            lines.append(f"wrong shapes ({len(wrong)}): {_cap(wrong)}")
+        raise CheckpointError(f"checkpoint does not match {type(model).__name__}: " + "; ".join(lines), where=source)
+
+
+def _cap(items: list[str], n: int = 20) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def check_supported(data: Mapping[str, Any], supported: Mapping[str, Any], *, source: str | None) -> None:
+    """Raise a ConfigError for a foreign config key whose value changes the model in a way we don't implement.
+
+    `supported` maps a key to the value(s) latentdiff implements (a tuple of allowed values, or a
+    predicate). Keys absent from `data` take the foreign library's default and are fine.
+    """
+    for key, allowed in supported.items():
+        if key not in data:
+            continue
+        value = data[key]
+        ok = allowed(value) if callable(allowed) else value in (allowed if isinstance(allowed, tuple) else (allowed,))
+        if not ok:
+            raise ConfigError(f"config key {key!r} has a value latentdiff does not support", where=source,
+                              expected=allowed if not callable(allowed) else getattr(allowed, "__doc__", "a supported value"),
+                              found=repr(value))

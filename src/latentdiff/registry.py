@@ -1,0 +1,84 @@
+"""One registry per kind of part; parts are created by short, stable names.
+
+    @COMPONENTS.register("unet")
+    class UNet2DConditional(ModelMixin): ...
+
+    COMPONENTS.create("unet", UNetConfig(...))
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, TypeVar
+
+from .errors import RegistryError
+
+T = TypeVar("T")
+
+# Modules whose import registers the built-in parts. Imported on first look-up so that
+# `import latentdiff` stays cheap.
+_BUILTIN_MODULES = (
+    "latentdiff.models.autoencoder_kl",
+    "latentdiff.models.unet",
+    "latentdiff.models.text_encoder",
+    "latentdiff.diffusion.noise_scheduler",
+    "latentdiff.diffusion.samplers",
+    "latentdiff.pipelines.latent_diffusion",
+)
+
+
+class Registry:
+    """A name -> class table for one kind of part (components, samplers, pipelines)."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, type] = {}
+
+    def register(self, name: str) -> Callable[[type[T]], type[T]]:
+        def add(cls: type[T]) -> type[T]:
+            if name in self._entries and self._entries[name] is not cls:
+                raise RegistryError(f"{self.kind} name {name!r} is registered twice",
+                                    where=cls.__qualname__, found=self._entries[name].__qualname__)
+            self._entries[name] = cls
+            cls.registry_name = name  # type: ignore[attr-defined]
+            return cls
+
+        return add
+
+    def get(self, name: str) -> type:
+        _load_builtins()
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise RegistryError(f"unknown {self.kind} {name!r}", expected=f"one of {self.names()}",
+                                found=name) from None
+
+    def create(self, name: str, config: Any = None, **kwargs: Any) -> Any:
+        """Build the part registered as `name` from its config (or its defaults)."""
+        cls = self.get(name)
+        if config is None and hasattr(cls, "config_class"):
+            config = cls.config_class()
+        return cls(config, **kwargs) if config is not None else cls(**kwargs)
+
+    def names(self) -> list[str]:
+        _load_builtins()
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        _load_builtins()
+        return name in self._entries
+
+
+_loaded = False
+
+
+def _load_builtins() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in _BUILTIN_MODULES:
+            importlib.import_module(module)
+
+
+COMPONENTS = Registry("component")
+SAMPLERS = Registry("sampler")
+PIPELINES = Registry("pipeline")
