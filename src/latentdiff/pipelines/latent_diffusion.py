@@ -1,0 +1,234 @@
+"""Text-to-image latent diffusion (Rombach et al. 2022, sec. 3.3): the Stable Diffusion pipeline.
+
+encode prompt -> prepare latents -> denoise with classifier-free guidance -> decode once.
+Each stage is a public method, so a custom pipeline is a few lines of plain Python.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..diffusion.guidance import classifier_free_guidance
+from ..diffusion.noise import randn
+from ..diffusion.noise_scheduler import NoiseScheduler
+from ..diffusion.samplers import DDIMSampler
+from ..diffusion.scheduler_io import load_scheduler_folder, write_scheduler_folder
+from ..errors import InputError
+from ..models.autoencoder_kl import AutoencoderKL
+from ..models.text_encoder import TextEncoder
+from ..models.unet import UNet2DConditional
+from ..registry import PIPELINES
+from .base import MODEL_INDEX, Pipeline, PipelineOutput, check_output_type, to_output
+
+Prompt = str | Sequence[str]
+Generator = torch.Generator | Sequence[torch.Generator] | None
+
+_SUPPORTED = {
+    "unet": [("diffusers", "UNet2DConditionModel")],
+    "vae": [("diffusers", "AutoencoderKL")],
+    "text_encoder": [("transformers", "CLIPTextModel")],
+    "tokenizer": [("transformers", "CLIPTokenizer"), ("transformers", "CLIPTokenizerFast")],
+    # Any diffusers scheduler class: its noise schedule is read, the sampler mapped (DDIM fallback).
+    "scheduler": None,
+}
+
+
+@PIPELINES.register("text-to-image")
+class LatentDiffusionPipeline(Pipeline):
+    """Text-conditioned latent diffusion with a KL autoencoder, a cross-attention UNet and a text encoder."""
+
+    diffusers_class_names = ("StableDiffusionPipeline", "LatentDiffusionPipeline")
+    component_names = ("vae", "unet", "text_encoder", "noise_scheduler", "sampler")
+
+    def __init__(self, *, vae: AutoencoderKL, unet: UNet2DConditional, text_encoder: TextEncoder,
+                 noise_scheduler: NoiseScheduler | None = None, sampler: Any = None):
+        self.vae = vae
+        self.unet = unet
+        self.text_encoder = text_encoder
+        self.noise_scheduler = noise_scheduler or NoiseScheduler()
+        self.sampler = sampler if sampler is not None else DDIMSampler()
+
+    # ---- loading and saving ---------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None, variant: str | None = None,
+                        revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                        token: str | bool | None = None, local_files_only: bool | None = None,
+                        vae: AutoencoderKL | None = None, unet: UNet2DConditional | None = None,
+                        text_encoder: TextEncoder | None = None, noise_scheduler: NoiseScheduler | None = None,
+                        sampler: Any = None) -> "LatentDiffusionPipeline":
+        """Load a diffusers-format Stable Diffusion v1/v2 folder or Hub repo; parts passed in replace the folder's."""
+        given = {"vae": vae, "unet": unet, "text_encoder": text_encoder}
+        needed = [k for k, v in given.items() if v is None] + (["tokenizer"] if text_encoder is None else [])
+        needed += ["scheduler"] if noise_scheduler is None or sampler is None else []
+        root = cls.resolve_folder(path_or_id, variant=variant, revision=revision, cache_dir=cache_dir, token=token,
+                                  local_files_only=local_files_only, subfolders=needed)
+        index = cls.read_model_index(root)
+        source = str(root / MODEL_INDEX)
+        supported = {k: (v if v is not None else [tuple(index.get(k, (None, None)))]) for k, v in _SUPPORTED.items()}
+        cls.check_model_index(index, source=source, supported=supported)
+        load = dict(torch_dtype=torch_dtype, device=device)
+        if unet is None:
+            unet = UNet2DConditional.from_pretrained(root, subfolder="unet", variant=variant, **load)
+        if vae is None:
+            vae = AutoencoderKL.from_pretrained(root, subfolder="vae", variant=variant, **load)
+        if text_encoder is None:
+            text_encoder = TextEncoder.from_pretrained(root, subfolder="text_encoder", tokenizer_subfolder="tokenizer",
+                                                       **load)
+        if noise_scheduler is None or sampler is None:
+            loaded_schedule, loaded_sampler = load_scheduler_folder(root / "scheduler")
+            noise_scheduler = noise_scheduler or loaded_schedule
+            sampler = sampler if sampler is not None else loaded_sampler
+        return cls(vae=vae, unet=unet, text_encoder=text_encoder, noise_scheduler=noise_scheduler, sampler=sampler)
+
+    def write_files(self, folder: Path, *, variant: str | None = None) -> None:
+        self.unet.write_files(folder / "unet", variant=variant)
+        self.vae.write_files(folder / "vae", variant=variant)
+        self.text_encoder.write_files(folder / "text_encoder", folder / "tokenizer")
+        write_scheduler_folder(folder / "scheduler", self.noise_scheduler, self.sampler)
+        from .. import hub
+
+        index = self.model_index() | {
+            "_class_name": "StableDiffusionPipeline",
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "scheduler": ["diffusers", _scheduler_class_name(folder / "scheduler")],
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "image_encoder": [None, None],
+            "requires_safety_checker": False,
+        } | self.text_encoder.diffusers_entries()
+        hub.write_json(index, folder / MODEL_INDEX)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "LatentDiffusionPipeline":
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae.downsample_factor
+
+    # ---- the algorithm ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def __call__(self, prompt: Prompt | None = None, negative_prompt: Prompt | None = None, *,
+                 height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
+                 guidance_scale: float = 7.5, eta: float | None = None, num_images_per_prompt: int = 1,
+                 generator: Generator = None, latents: torch.Tensor | None = None,
+                 prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                 output_type: str = "pil", callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+                 progress: bool = True) -> PipelineOutput:
+        """Generate images for `prompt` (a string or a list). Returns PipelineOutput(images=...)."""
+        height, width = self.check_inputs(prompt, negative_prompt, height=height, width=width,
+                                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                          num_images_per_prompt=num_images_per_prompt, output_type=output_type,
+                                          prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
+        sampler = self.sampler if eta is None else self.sampler.with_options(eta=eta)
+        use_cfg = guidance_scale > 1.0
+        cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt=num_images_per_prompt,
+                                          guidance=use_cfg, prompt_embeds=prompt_embeds,
+                                          negative_prompt_embeds=negative_prompt_embeds)
+        x_T = self.prepare_latents(cond.shape[0], height, width, generator=generator, latents=latents)
+        z0 = self.denoise(x_T, cond, uncond, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                          sampler=sampler, generator=generator, callback=callback, progress=progress)
+        if output_type == "latent":
+            return PipelineOutput(images=z0)
+        return PipelineOutput(images=to_output(self.decode(z0), output_type))
+
+    def check_inputs(self, prompt: Prompt | None, negative_prompt: Prompt | None, *, height: int | None,
+                     width: int | None, num_inference_steps: int, guidance_scale: float, num_images_per_prompt: int,
+                     output_type: str, prompt_embeds: torch.Tensor | None = None,
+                     negative_prompt_embeds: torch.Tensor | None = None) -> tuple[int, int]:
+        """Validate every argument before any heavy work; returns (height, width) with defaults filled in."""
+        if prompt is None and prompt_embeds is None:
+            raise InputError("a prompt is required", where="prompt", expected="str or list of str", found=None)
+        if prompt is not None and not (isinstance(prompt, str) or
+                                       (isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt))):
+            raise InputError("prompt must be a string or a list of strings", where="prompt",
+                             expected="str | list[str]", found=type(prompt).__name__)
+        n = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        if n == 0:
+            raise InputError("prompt list is empty", where="prompt", expected="at least one prompt", found=0)
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            if len(negative_prompt) != n:
+                raise InputError("negative_prompt must have one entry per prompt", where="negative_prompt",
+                                 expected=f"a string or a list of {n}", found=f"a list of {len(negative_prompt)}")
+        factor = self.vae_scale_factor
+        default = self.unet.config.sample_size * factor
+        height, width = height or default, width or default
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value <= 0 or value % factor:
+                raise InputError(f"{name} must be a positive multiple of the autoencoder factor {factor}",
+                                 where=name, expected=f"a multiple of {factor}", found=value)
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise InputError("num_inference_steps must be at least 1", where="num_inference_steps",
+                             expected=">= 1", found=num_inference_steps)
+        if guidance_scale < 0:
+            raise InputError("guidance_scale must be >= 0", where="guidance_scale", expected=">= 0",
+                             found=guidance_scale)
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise InputError("num_images_per_prompt must be at least 1", where="num_images_per_prompt",
+                             expected=">= 1", found=num_images_per_prompt)
+        check_output_type(output_type)
+        return height, width
+
+    def encode_prompt(self, prompt: Prompt | None, negative_prompt: Prompt | None = None, *,
+                      num_images_per_prompt: int = 1, guidance: bool = True,
+                      prompt_embeds: torch.Tensor | None = None,
+                      negative_prompt_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (cond, uncond): (B * num_images_per_prompt, L, D) each; uncond is None without guidance."""
+        if prompt_embeds is None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            prompt_embeds = self.text_encoder(prompts)
+        uncond = None
+        if guidance:
+            if negative_prompt_embeds is None:
+                n = prompt_embeds.shape[0]
+                negatives = [negative_prompt or ""] * n if negative_prompt is None or isinstance(negative_prompt, str) \
+                    else list(negative_prompt)
+                negative_prompt_embeds = self.text_encoder(negatives)
+            uncond = negative_prompt_embeds.to(self.unet.dtype).repeat_interleave(num_images_per_prompt, dim=0)
+        cond = prompt_embeds.to(self.unet.dtype).repeat_interleave(num_images_per_prompt, dim=0)
+        return cond, uncond
+
+    def prepare_latents(self, batch_size: int, height: int, width: int, *, generator: Generator = None,
+                        latents: torch.Tensor | None = None) -> torch.Tensor:
+        """x_T: (B, C, h, w) noise, drawn per sample from its generator on the generator's device (CPU by
+        default), so a seed gives the same image on CPU and GPU and image i of a batch equals its seed alone."""
+        shape = (batch_size, self.unet.config.in_channels, height // self.vae_scale_factor,
+                 width // self.vae_scale_factor)
+        dtype, device = self.unet.dtype, self.unet.device
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise InputError("latents have the wrong shape", where="latents", expected=shape,
+                                 found=tuple(latents.shape))
+            return latents.to(device=device, dtype=dtype) * self.sampler.init_noise_sigma
+        noise = randn(shape, generator=generator, dtype=dtype, device=device)
+        return noise * self.sampler.init_noise_sigma
+
+    def denoise(self, x_T: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, *,
+                guidance_scale: float = 7.5, num_inference_steps: int = 50, sampler: Any = None,
+                generator: Generator = None, callback: Callable | None = None, progress: bool = True) -> torch.Tensor:
+        """Run the reverse process from x_T to z_0 with the sampler, guided by the text embeddings."""
+        denoise_fn = classifier_free_guidance(self.unet, context=cond, uncond_context=uncond,
+                                              guidance_scale=guidance_scale)
+        sampler = sampler or self.sampler
+        return sampler.sample(denoise_fn, x_T, self.noise_scheduler, num_inference_steps, generator=generator,
+                              callback=callback, progress=progress)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """z_0 (B, C, h, w), scaled -> images (B, 3, H, W) in [-1, 1]; the only autoencoder call of a run."""
+        return self.vae.decode_latents(latents.to(self.vae.dtype))
+
+
+def _scheduler_class_name(folder: Path) -> str:
+    from ..config import read_json
+
+    return read_json(folder / "scheduler_config.json")["_class_name"]

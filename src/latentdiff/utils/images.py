@@ -1,0 +1,51 @@
+"""Images people can look at: PNG grids, with the generation parameters kept in the file."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+from PIL import Image, PngImagePlugin
+
+PARAMS_KEY = "latentdiff"
+
+
+def make_grid(images: Sequence[Image.Image], *, cols: int | None = None, pad: int = 2,
+              background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Tile images (all the same size) into one image, row by row; cols defaults to a near-square grid."""
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w + (cols - 1) * pad, rows * h + (rows - 1) * pad), background)
+    for i, image in enumerate(images):
+        grid.paste(image.convert("RGB"), ((i % cols) * (w + pad), (i // cols) * (h + pad)))
+    return grid
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, *, params: dict[str, Any] | None = None) -> Path:
+    """Save as PNG atomically, with `params` as JSON in a text chunk (read back by `read_png_params`)."""
+    path = Path(path)
+    info = PngImagePlugin.PngInfo()
+    if params is not None:
+        info.add_text(PARAMS_KEY, json.dumps(params, sort_keys=True))
+        if "prompt" in params:
+            info.add_text("parameters", str(params["prompt"]))
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_png_params(path: str | os.PathLike) -> dict[str, Any] | None:
+    with Image.open(path) as image:
+        text = getattr(image, "text", {}) or {}
+        raw = text.get(PARAMS_KEY)
+    return json.loads(raw) if raw else None
