@@ -103,15 +103,21 @@ def check_safetensors_header(path: Path) -> dict[str, Any]:
 def load_torch_pickle(path: str | os.PathLike) -> Any:
     """Load a pickled checkpoint safely: `weights_only=True`, nothing in the file is executed."""
     import pickle
+    import zipfile
 
     import torch
 
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        # mmap (no copy of the whole file into memory) works for the zip format torch.save writes since 1.6.
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
+        import re
+
+        wanted = re.search(r"GLOBAL ([\w.]+)", str(e))
         raise CheckpointError(
-            f"refusing to unpickle: the file needs more than plain tensors ({e}); "
-            "convert it to safetensors with a tool you trust", where=str(path)) from None
+            "refusing to unpickle: the file asks for more than tensors and plain containers; nothing in it was run. "
+            "If you trust its source, convert it to safetensors outside latentdiff", where=str(path),
+            expected="tensors, dicts, lists, numbers, strings", found=wanted.group(1) if wanted else str(e).split("\n")[0]) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"corrupt or truncated checkpoint ({e})", where=str(path)) from None
 
