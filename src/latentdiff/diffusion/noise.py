@@ -1,8 +1,9 @@
 """Gaussian noise drawn reproducibly: per sample, on the generator's device, then moved.
 
 Drawing on the generator's device (the CPU unless the caller passes a CUDA generator) makes a seed give
-the same noise on CPU and GPU; drawing each sample separately makes image i of a batch equal to the same
-seed alone when one generator per sample is given.
+the same noise on CPU and GPU; with one generator per sample, each sample is drawn from its own, so image i
+of a batch equals the same seed alone. With a single generator the whole batch is one draw, as diffusers
+draws it.
 """
 from __future__ import annotations
 
@@ -22,9 +23,8 @@ def randn(shape: Sequence[int], *, generator: torch.Generator | Sequence[torch.G
         if len(generator) != batch:
             raise InputError("one generator per sample is needed", where="generator",
                              expected=f"a list of {batch} generators", found=f"a list of {len(generator)}")
-        gens = list(generator)
-    else:
-        gens = [generator] * batch
-    samples = [torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32,
-                           device=g.device if g is not None else "cpu") for g in gens]
-    return torch.cat(samples).to(device=device, dtype=dtype)
+        samples = [torch.randn((1, *shape[1:]), generator=g, dtype=dtype, device=g.device) for g in generator]
+        return torch.cat(samples).to(device)
+    # One generator: one draw for the whole batch (as diffusers draws it, so the same seed gives the same image).
+    source = generator.device if generator is not None else "cpu"
+    return torch.randn(shape, generator=generator, dtype=dtype, device=source).to(device)

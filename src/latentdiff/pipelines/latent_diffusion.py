@@ -77,7 +77,7 @@ class LatentDiffusionPipeline(Pipeline):
             vae = AutoencoderKL.from_pretrained(root, subfolder="vae", variant=variant, **load)
         if text_encoder is None:
             text_encoder = TextEncoder.from_pretrained(root, subfolder="text_encoder", tokenizer_subfolder="tokenizer",
-                                                       **load)
+                                                       variant=variant, **load)
         if noise_scheduler is None or sampler is None:
             loaded_schedule, loaded_sampler = load_scheduler_folder(root / "scheduler")
             noise_scheduler = noise_scheduler or loaded_schedule
@@ -162,7 +162,8 @@ class LatentDiffusionPipeline(Pipeline):
                                  expected=f"a string or a list of {n}", found=f"a list of {len(negative_prompt)}")
         factor = self.vae_scale_factor
         default = self.unet.config.sample_size * factor
-        height, width = height or default, width or default
+        height = default if height is None else height
+        width = default if width is None else width
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or value <= 0 or value % factor:
                 raise InputError(f"{name} must be a positive multiple of the autoencoder factor {factor}",

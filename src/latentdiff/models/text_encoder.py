@@ -1,0 +1,362 @@
+"""The prompt encoder: a tokenizer and a transformers text model, returning what the UNet attends to.
+
+Latent diffusion conditions the denoiser on a sequence of token embeddings tau_theta(y) (Rombach et al.
+2022, sec. 3.3): Stable Diffusion 1.x uses CLIP ViT-L/14's last hidden states (after the final layer
+norm), SD 2.x OpenCLIP's penultimate ones. We do not re-implement the text transformer: the weights,
+the tokenizer and their file formats belong to transformers, so `TextEncoder` wraps its model and
+tokenizer and adds only what diffusion needs: fixed-length padding, the choice of layer, strict loading,
+and the diffusers folder layout (`text_encoder/` + `tokenizer/`).
+
+transformers is imported inside functions only, so `import latentdiff` stays cheap.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Sequence
+
+import torch
+from torch import nn
+
+from .. import __version__, hub
+from ..config import ComponentConfig
+from ..errors import CheckpointError, ConfigError, InputError
+from ..registry import COMPONENTS
+
+CONFIG_FILE = "latentdiff_text_encoder.json"  # beside the transformers files; absent -> defaults
+MODEL_CONFIG = "config.json"
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "tokenizer.model")
+VOCAB_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "spiece.model", "tokenizer.model")
+# Where the final layer norm lives: CLIPTextModel in transformers 5 / in 4.x and CLIPTextModelWithProjection,
+# T5EncoderModel. The penultimate layer goes through it, as the last layer does (diffusers' clip_skip).
+FINAL_NORM_PATHS = ("final_layer_norm", "text_model.final_layer_norm", "encoder.final_layer_norm")
+# transformers 5 flattened CLIPTextModel (no `text_model.` level); checkpoints in the wild and transformers 4
+# keep the prefix. Writing it keeps saved folders loadable by both (transformers 5 strips it on load).
+LEGACY_WEIGHT_PREFIX = {"CLIPTextModel": "text_model."}
+# Base / encoder-only classes whose output has last_hidden_state and hidden_states; anything else -> AutoModel.
+ENCODER_CLASS_SUFFIXES = ("Model", "ModelWithProjection")
+MAX_SANE_LENGTH = 1_000_000  # tokenizers without a limit report model_max_length = 1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoderConfig(ComponentConfig):
+    max_length: int | None = None  # tokens per prompt (padded / truncated); None: the tokenizer's model_max_length
+    layer: Literal["last", "penultimate"] = "last"  # penultimate: SD 2.x (diffusers' clip_skip=1)
+    apply_final_norm: bool = True  # pass the penultimate layer through the final layer norm, as diffusers does
+    use_attention_mask: bool | None = None  # None: the model config's use_attention_mask (CLIP: no mask)
+
+    def validate(self) -> None:
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError("max_length must leave room for the start and end tokens", where="max_length",
+                              expected=">= 2", found=self.max_length)
+
+
+@COMPONENTS.register("text_encoder")
+class TextEncoder(nn.Module):
+    """prompts -> (B, L, D) token embeddings for cross-attention; L = max_length, D = hidden_size.
+
+        encoder = TextEncoder.from_pretrained(sd_folder, "text_encoder", tokenizer_subfolder="tokenizer")
+        cond = encoder(["a photo of a cat"])          # (1, 77, 768) for SD 1.x
+        cond = encoder.encode_ids(encoder.tokenize(["a photo of a cat"]))   # the same, in two steps
+
+    `model` is a transformers text model (CLIPTextModel for SD 1.x / 2.x, or any encoder whose output has
+    last_hidden_state and hidden_states), `tokenizer` its transformers tokenizer. Gradients flow as usual:
+    wrap calls in torch.no_grad() / inference_mode() for inference.
+    """
+
+    config_class: ClassVar[type[ComponentConfig]] = TextEncoderConfig
+    registry_name: ClassVar[str]
+
+    def __init__(self, model: nn.Module, tokenizer: Any, config: TextEncoderConfig | None = None):
+        super().__init__()
+        config = TextEncoderConfig() if config is None else config
+        if not isinstance(config, TextEncoderConfig):
+            raise ConfigError("TextEncoder needs a TextEncoderConfig", where="config",
+                              expected="TextEncoderConfig", found=type(config).__name__)
+        if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+            raise ConfigError("model must be a transformers PreTrainedModel", where="model",
+                              expected="e.g. transformers.CLIPTextModel", found=type(model).__name__)
+        if not callable(tokenizer):
+            raise ConfigError("tokenizer must be a transformers tokenizer", where="tokenizer",
+                              expected="e.g. transformers.CLIPTokenizer", found=type(tokenizer).__name__)
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self._max_positions: int | None = getattr(model.config, "max_position_embeddings", None)
+        self._max_length = self._resolve_max_length()
+        self._use_mask = bool(getattr(model.config, "use_attention_mask", False)
+                              if config.use_attention_mask is None else config.use_attention_mask)
+        self._norm_path = self._find_final_norm() if config.layer == "penultimate" and config.apply_final_norm else None
+        self._warned_truncation = False
+
+    def _resolve_max_length(self) -> int:
+        length = self.config.max_length
+        if length is None:
+            length = getattr(self.tokenizer, "model_max_length", None)
+            if length is None or length > MAX_SANE_LENGTH:  # the tokenizer sets no limit: use the model's
+                length = self._max_positions
+        if length is None:
+            raise ConfigError("cannot tell how many tokens a prompt has", where="max_length",
+                              expected="TextEncoderConfig(max_length=...)", found="no limit in tokenizer or model")
+        if self._max_positions is not None and length > self._max_positions:
+            raise ConfigError("max_length is longer than the model's position embeddings", where="max_length",
+                              expected=f"<= {self._max_positions}", found=length)
+        return int(length)
+
+    def _find_final_norm(self) -> str:
+        for path in FINAL_NORM_PATHS:
+            if _get_path(self.model, path) is not None:
+                return path
+        raise ConfigError("layer='penultimate' with apply_final_norm needs the model's final layer norm",
+                          where=type(self.model).__name__, expected=f"a module at one of {FINAL_NORM_PATHS}, "
+                          "or TextEncoderConfig(apply_final_norm=False)", found="none")
+
+    # ---- properties -------------------------------------------------------------------------
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # ---- encoding ---------------------------------------------------------------------------
+    def forward(self, prompts: str | Sequence[str]) -> torch.Tensor:
+        """prompts: a string or B strings -> (B, max_length, hidden_size) on the model's device and dtype."""
+        input_ids, attention_mask = self._tokenize(prompts)
+        return self.encode_ids(input_ids, attention_mask=attention_mask if self._use_mask else None)
+
+    def tokenize(self, prompts: str | Sequence[str]) -> torch.Tensor:
+        """prompts -> input_ids (B, max_length) int64 on the CPU: padded, and truncated with a warning."""
+        return self._tokenize(prompts)[0]
+
+    def encode_ids(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids: (B, L) integer token ids -> (B, L, hidden_size), from the layer the config names."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point() \
+                or input_ids.dtype == torch.bool:
+            raise InputError("input_ids must be a 2-D tensor of integer token ids", where="input_ids",
+                             expected="(B, L) integer tensor", found=_describe(input_ids))
+        if self._max_positions is not None and input_ids.shape[1] > self._max_positions:
+            raise InputError("more tokens than the model has positions", where="input_ids",
+                             expected=f"L <= {self._max_positions}", found=f"L = {input_ids.shape[1]}")
+        device = self.device
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(device)
+        if self.config.layer == "last":
+            return self.model(input_ids=input_ids.to(device), attention_mask=attention_mask).last_hidden_state
+        hidden = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask,
+                            output_hidden_states=True).hidden_states[-2]
+        return _get_path(self.model, self._norm_path)(hidden) if self._norm_path else hidden
+
+    def _tokenize(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        prompts = _check_prompts(prompts)
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=self._max_length, truncation=True,
+                                return_attention_mask=True, return_tensors="pt")
+        if not self._warned_truncation:
+            self._warn_if_truncated(prompts, tokens["attention_mask"])
+        return tokens["input_ids"], tokens["attention_mask"]
+
+    def _warn_if_truncated(self, prompts: list[str], attention_mask: torch.Tensor) -> None:
+        # Only a prompt that fills every position can have been cut; re-tokenize just those, unpadded.
+        full = [p for p, last in zip(prompts, attention_mask[:, -1].tolist()) if last]
+        if not full:
+            return
+        lengths = [len(ids) for ids in self.tokenizer(full, truncation=False, verbose=False)["input_ids"]]
+        dropped = [(n - self._max_length, p) for n, p in zip(lengths, full) if n > self._max_length]
+        if dropped:
+            self._warned_truncation = True
+            count, prompt = max(dropped)
+            warnings.warn(f"prompt truncated to {self._max_length} tokens: {count} token(s) dropped from "
+                          f"{prompt[:60]!r}{'...' if len(prompt) > 60 else ''}"
+                          f"{f' (and {len(dropped) - 1} more prompt(s))' if len(dropped) > 1 else ''}; "
+                          "further truncations by this encoder are not reported", UserWarning, stacklevel=3)
+
+    # ---- loading ----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike, subfolder: str | None = None, *,
+                        tokenizer_subfolder: str | None = None, revision: str | None = None,
+                        variant: str | None = None, torch_dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None, cache_dir: str | os.PathLike | None = None,
+                        token: str | bool | None = None, local_files_only: bool | None = None,
+                        tokenizer: Any = None, config: TextEncoderConfig | None = None) -> "TextEncoder":
+        """Load a transformers text model folder (+ tokenizer folder) from a local folder or a Hub id.
+
+        `subfolder` holds the model (config.json + weights), `tokenizer_subfolder` the tokenizer (default: the
+        same folder). `config` overrides the folder's latentdiff_text_encoder.json (absent: defaults).
+        Loading is strict: a missing, unexpected or mis-shaped weight is a CheckpointError.
+        """
+        model_prefix = f"{subfolder}/" if subfolder else ""
+        tok_sub = tokenizer_subfolder if tokenizer_subfolder is not None else subfolder
+        tok_prefix = f"{tok_sub}/" if tok_sub else ""
+        stem = f"model.{variant}" if variant else "model"
+        patterns = [f"{model_prefix}{MODEL_CONFIG}", f"{model_prefix}{CONFIG_FILE}",
+                    *(f"{model_prefix}{name}" for name in _weight_names(stem))]
+        if tokenizer is None:
+            patterns += [f"{tok_prefix}{name}" for name in TOKENIZER_FILES]
+        where = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+        root = hub.resolve(path_or_id, allow_patterns=patterns, **where)
+        folder = root / subfolder if subfolder else root
+        if not _weight_files(folder, stem):  # an older repo without safetensors: its safe (weights-only) pickle
+            stem = f"pytorch_model.{variant}" if variant else "pytorch_model"
+            root = hub.resolve(path_or_id, allow_patterns=[f"{model_prefix}{n}" for n in _weight_names(stem, ".bin")],
+                               **where)
+        if tokenizer is None:
+            tokenizer = load_tokenizer(root / tok_sub if tok_sub else root)
+        if config is None:
+            config = TextEncoderConfig.from_json_file(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() \
+                else TextEncoderConfig()
+        model = load_text_model(folder, variant=variant, torch_dtype=torch_dtype)
+        if device is not None:
+            model.to(device)
+        return cls(model, tokenizer, config)
+
+    # ---- saving -----------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, *,
+                        tokenizer_directory: str | os.PathLike | None = None) -> Path:
+        """Write model (safetensors) + config + tokenizer atomically; an interrupted save changes nothing."""
+        save_directory = Path(save_directory).absolute()
+        tok_dir = Path(tokenizer_directory).absolute() if tokenizer_directory is not None else save_directory
+        if save_directory != tok_dir and save_directory.is_relative_to(tok_dir):
+            raise InputError("the model folder cannot lie inside the tokenizer folder (saving would replace it)",
+                             where="tokenizer_directory", expected=f"a folder outside {save_directory}",
+                             found=str(tok_dir))
+        if tok_dir.is_relative_to(save_directory):  # the same folder, or one inside it
+            with hub.atomic_folder(save_directory) as tmp:
+                self.write_files(tmp, tmp / tok_dir.relative_to(save_directory))
+        else:
+            with hub.atomic_folder(save_directory) as tmp, hub.atomic_folder(tok_dir) as tok_tmp:
+                self.write_files(tmp, tok_tmp)
+        return save_directory
+
+    def write_files(self, model_dir: Path, tokenizer_dir: Path) -> None:
+        """Write the model folder and the tokenizer folder in place (no atomicity: callers wrap it)."""
+        model_dir, tokenizer_dir = Path(model_dir), Path(tokenizer_dir)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer_dir.mkdir(parents=True, exist_ok=True)
+        legacy = not hasattr(self.model, "text_model")  # transformers 5's flat layout
+        prefix = LEGACY_WEIGHT_PREFIX.get(type(self.model).__name__, "") if legacy else ""
+        state = {prefix + k: v for k, v in self.model.state_dict().items()}
+        self.model.save_pretrained(model_dir, state_dict=state)
+        hub.write_json({**self.config.to_dict(), "_latentdiff_version": __version__}, model_dir / CONFIG_FILE)
+        self.tokenizer.save_pretrained(tokenizer_dir)
+
+    def diffusers_entries(self) -> dict[str, list[str]]:
+        """model_index.json entries for this part, e.g. {"text_encoder": ["transformers", "CLIPTextModel"], ...}."""
+        return {"text_encoder": [_library(self.model), type(self.model).__name__],
+                "tokenizer": [_library(self.tokenizer), type(self.tokenizer).__name__]}
+
+
+# ---- loading helpers ------------------------------------------------------------------------
+def load_tokenizer(folder: Path) -> Any:
+    """AutoTokenizer on a local folder, never the network; a CheckpointError when the folder has no tokenizer."""
+    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if not any(name in present for name in VOCAB_FILES):
+        raise CheckpointError("no tokenizer files in the tokenizer folder; pass tokenizer= to from_pretrained",
+                              where=str(folder), expected=f"one of {list(VOCAB_FILES)}", found=present or "no folder")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"could not load the tokenizer ({type(e).__name__}: {e})", where=str(folder)) from None
+
+
+def load_text_model(folder: Path, *, variant: str | None = None, torch_dtype: torch.dtype | None = None) -> nn.Module:
+    """A transformers text model from a local folder: strict (every weight used, none missing), eval mode."""
+    if not (folder / MODEL_CONFIG).is_file():
+        raise CheckpointError(f"no {MODEL_CONFIG} in the text encoder folder", where=str(folder),
+                              expected="a transformers model folder (config.json + weights)")
+    stem = f"model.{variant}" if variant else "model"
+    safetensors = _weight_files(folder, stem)
+    for path in safetensors:
+        if path.suffix == ".safetensors":
+            hub.check_safetensors_header(path)  # a truncated file is named before transformers reads it
+    if not safetensors and not _weight_files(folder, stem.replace("model", "pytorch_model", 1), ".bin"):
+        raise CheckpointError("no weights in the text encoder folder", where=str(folder),
+                              expected=f"{stem}.safetensors (or pytorch_model.bin)",
+                              found=sorted(p.name for p in folder.iterdir()))
+    import transformers
+    from safetensors import SafetensorError
+
+    dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    errors = (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError)
+    try:
+        model_config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True,
+                                                               trust_remote_code=False)
+        model, info = _model_class(model_config).from_pretrained(
+            str(folder), config=model_config, local_files_only=True, use_safetensors=bool(safetensors),
+            variant=variant, output_loading_info=True, **{dtype_key: torch_dtype or torch.float32})
+    except errors as e:
+        raise CheckpointError(f"could not load the text encoder ({type(e).__name__}: {e})", where=str(folder)) from None
+    problems = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems = {k: v for k, v in problems.items() if v}
+    if problems:
+        raise CheckpointError(f"checkpoint does not match {type(model).__name__}: " + "; ".join(
+            f"{k.replace('_', ' ')} ({len(v)}): {', '.join(map(str, v[:20]))}" for k, v in problems.items()),
+            where=str(folder))
+    return model.eval()
+
+
+def _model_class(model_config: Any) -> Any:
+    """The transformers class named by the config's `architectures` if it is an encoder, else AutoModel."""
+    import transformers
+
+    names = list(getattr(model_config, "architectures", None) or ())
+    if isinstance(model_config, transformers.CLIPTextConfig) and not any(n.startswith("CLIPText") for n in names):
+        return transformers.CLIPTextModel
+    for name in names:
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) and \
+                name.endswith(ENCODER_CLASS_SUFFIXES):
+            return cls
+    return transformers.AutoModel
+
+
+def _weight_names(stem: str, suffix: str = ".safetensors") -> list[str]:
+    return [f"{stem}{suffix}", f"{stem}-*{suffix}", f"{stem}{suffix}.index.json"]
+
+
+def _weight_files(folder: Path, stem: str, suffix: str = ".safetensors") -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for name in _weight_names(stem, suffix) for p in folder.glob(name) if p.is_file())
+
+
+def _get_path(module: Any, path: str | None) -> Any:
+    for name in (path or "").split("."):
+        module = getattr(module, name, None)
+        if module is None:
+            return None
+    return module
+
+
+def _library(obj: Any) -> str:
+    return type(obj).__module__.split(".")[0]
+
+
+def _check_prompts(prompts: Any) -> list[str]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, str) for p in prompts):
+        return list(prompts)
+    raise InputError("prompts must be a string or a non-empty list of strings", where="prompts",
+                     expected="str | list[str]", found=_describe(prompts))
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    if isinstance(value, (list, tuple)) and value:
+        return f"{type(value).__name__} of {[type(v).__name__ for v in value[:5]]}"
+    if isinstance(value, (list, tuple)):
+        return f"empty {type(value).__name__}"
+    return type(value).__name__
