@@ -1,9 +1,11 @@
 """The forward process (NoiseScheduler) and scheduler_config.json io, against diffusers and float64 math."""
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import math
+import pickle
 import threading
 import warnings
 
@@ -179,6 +181,9 @@ def test_immutable_and_registered():
     with pytest.raises(Exception):
         ns.config.beta_start = 0.1
     assert NoiseScheduler.registry_name == "noise_scheduler"
+    clone = pickle.loads(pickle.dumps(ns))
+    assert clone == ns and clone is not ns and torch.equal(clone.alphas_cumprod, ns.alphas_cumprod)
+    assert copy.deepcopy(ns) == ns and ns != NoiseScheduler(NoiseSchedulerConfig(beta_schedule="linear"))
     with pytest.raises(ConfigError):
         NoiseScheduler({"beta_start": 0.1})
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -295,8 +296,11 @@ def test_cpu_and_cuda_agree_with_cpu_generators(sampler):
 
 # ---- settings and bad input ----------------------------------------------------------------------------------
 def test_samplers_are_frozen_registered_and_strict():
+    from latentdiff.registry import COMPONENTS, SAMPLERS
+
     s = DDIMSampler(eta=0.3)
-    assert DDIMSampler.registry_name == "ddim" and DDPMSampler.registry_name == "ddpm"
+    assert SAMPLERS.get("ddim") is DDIMSampler and SAMPLERS.get("ddpm") is DDPMSampler
+    assert SAMPLERS.create("ddim", eta=0.3) == s and isinstance(COMPONENTS.create("noise_scheduler"), NoiseScheduler)
     assert s.init_noise_sigma == 1.0 and DDPMSampler().init_noise_sigma == 1.0
     with pytest.raises(Exception):
         s.eta = 0.5
@@ -321,6 +325,7 @@ def test_samplers_are_frozen_registered_and_strict():
 
 @pytest.mark.parametrize("n", [0, -3, 1001, 2.5, True, None])
 def test_bad_step_counts_raise_input_error(n):
+    assert DDIMSampler().timesteps(NoiseScheduler(), np.int64(4)).tolist() == [750, 500, 250, 0]
     with pytest.raises(InputError, match="num_inference_steps"):
         DDIMSampler().sample(toy_model, _x_T(), NoiseScheduler(), n)
     with pytest.raises(InputError, match="num_inference_steps"):

@@ -18,6 +18,9 @@ _LAZY = {
     "UNet2DConditional": "latentdiff.models.unet",
     "UNetConfig": "latentdiff.models.unet",
     "TextEncoder": "latentdiff.models.text_encoder",
+    "LDMBert": "latentdiff.models.ldm_bert",
+    "LDMBertConfig": "latentdiff.models.ldm_bert",
+    "LDMBertTextEncoder": "latentdiff.models.ldm_bert",
     "TextEncoderConfig": "latentdiff.models.text_encoder",
     "NoiseScheduler": "latentdiff.diffusion.noise_scheduler",
     "NoiseSchedulerConfig": "latentdiff.diffusion.noise_scheduler",
@@ -56,6 +59,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .diffusion.samplers import DDIMSampler, DDPMSampler
     from .errors import CheckpointError, ConfigError, InputError, LatentDiffError, RegistryError
     from .models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+    from .models.ldm_bert import LDMBert, LDMBertConfig, LDMBertTextEncoder
     from .models.text_encoder import TextEncoder, TextEncoderConfig
     from .models.unet import UNet2DConditional, UNetConfig
     from .pipelines.base import PipelineOutput

@@ -20,6 +20,7 @@ _BUILTIN_MODULES = (
     "latentdiff.models.autoencoder_kl",
     "latentdiff.models.unet",
     "latentdiff.models.text_encoder",
+    "latentdiff.models.ldm_bert",
     "latentdiff.diffusion.noise_scheduler",
     "latentdiff.diffusion.samplers",
     "latentdiff.pipelines.latent_diffusion",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import threading
 from pathlib import Path
 from typing import Any, Literal
 
@@ -75,7 +74,7 @@ class NoiseScheduler:
     """
 
     config_class = NoiseSchedulerConfig
-    __slots__ = ("config", "betas", "alphas_cumprod", "_abar64", "_cache", "_lock")
+    __slots__ = ("config", "betas", "alphas_cumprod", "_abar64", "_cache")
 
     def __init__(self, config: NoiseSchedulerConfig | None = None):
         config = NoiseSchedulerConfig() if config is None else config
@@ -93,13 +92,22 @@ class NoiseScheduler:
         # The coefficient tables are taken in float64 from the float32 abar, then cast per use.
         set_(self, "_abar64", self.alphas_cumprod.double())
         set_(self, "_cache", {})
-        set_(self, "_lock", threading.Lock())
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"NoiseScheduler is immutable (tried to set {name!r}); build a new one from a config")
 
     def __repr__(self) -> str:
         return f"NoiseScheduler({self.config!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, NoiseScheduler) and other.config == self.config
+
+    def __hash__(self) -> int:
+        return hash(self.config)
+
+    def __reduce__(self):
+        # Pickle / deepcopy the config only: the tables are recomputed, the device caches not shipped.
+        return (NoiseScheduler, (self.config,))
 
     @property
     def num_train_timesteps(self) -> int:
@@ -185,9 +193,8 @@ class NoiseScheduler:
             abar = self._abar64
             full = {"abar": lambda: abar, "sqrt_abar": abar.sqrt, "sqrt_one_minus_abar": lambda: (1 - abar).sqrt(),
                     "snr": lambda: schedules.signal_to_noise_ratio(abar)}[name]()
-            table = full.to(device=device, dtype=dtype)
-            with self._lock:
-                self._cache.setdefault(key, table)
+            # setdefault is atomic: two threads filling the same key keep one (identical) table
+            table = self._cache.setdefault(key, full.to(device=device, dtype=dtype))
         return table
 
     def _coefficients(self, t: torch.Tensor | int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,6 +217,8 @@ class NoiseScheduler:
                 raise InputError("one timestep per sample is needed", where="t",
                                  expected=f"shape ({x.shape[0]},) or a scalar", found=tuple(t.shape))
             t = t.to(x.device)
+        if t.dtype != torch.long:   # uint8 / bool index tensors would act as masks
+            t = t.long()
         # A range check on a CPU tensor is free; on an accelerator it would block on the device.
         if t.device.type == "cpu" and t.numel() and (int(t.min()) < 0 or int(t.max()) >= T):
             raise InputError("timestep out of range", where="t", expected=f"0 <= t < {T}",

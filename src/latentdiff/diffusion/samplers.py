@@ -8,11 +8,12 @@ no state between calls: two threads can share one, with different step counts. T
 comes from the NoiseScheduler passed to each call, so one sampler serves any model.
 
 Step i goes from timesteps[i] to timesteps[i + 1], the next entry of the timestep list, and the last
-step to the "final" abar. diffusers 0.42's DDIMScheduler.step instead takes
-prev_t = t - T // N; the two agree for "leading" spacing and for "trailing" when N divides T, and
-differ for "linspace" and for "trailing" otherwise, where diffusers steps to timesteps that are not on
-the grid it set (and, for "trailing", ends on abar_0 rather than the final abar). DDPMScheduler uses
-the list, as here.
+step to the "final" abar. diffusers 0.42's DDIMScheduler.step instead takes prev_t = t - T // N. The
+two agree for "leading" spacing (the grid's stride is T // N) and for "trailing" when N divides T.
+They differ for "linspace" (N = 10: grid 999, 888, ..., 111, 0, diffusers steps 999 -> 899, 888 -> 788,
+..., so each sample reaches a noise level 11 steps below the t the model is next called with) and
+for "trailing" otherwise (N = 7: grid 999, 856, ..., 285, 142; diffusers steps 999 -> 857, ...,
+285 -> 143, and 142 -> 0, i.e. to abar_0 instead of the final abar). DDPMScheduler uses the list, as here.
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ the host in float64 once, so a step launches no extra device work and never sync
 """
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Literal, Sequence
 
 import numpy as np
@@ -48,9 +49,10 @@ def select_timesteps(num_train_timesteps: int, num_inference_steps: int, *, spac
     (numpy's float `arange` does for e.g. T = 1000, N = 61, ending in timestep -1).
     """
     T, N = num_train_timesteps, num_inference_steps
-    if isinstance(N, bool) or not isinstance(N, int) or not 1 <= N <= T:
+    if isinstance(N, bool) or not isinstance(N, numbers.Integral) or not 1 <= N <= T:
         raise InputError("num_inference_steps must be an integer between 1 and num_train_timesteps",
                          where="num_inference_steps", expected=f"1 <= N <= {T}", found=repr(N))
+    N = int(N)
     if spacing == "leading":
         step_ratio = T // N
         timesteps = [k * step_ratio + steps_offset for k in reversed(range(N))]

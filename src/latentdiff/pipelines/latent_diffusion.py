@@ -161,7 +161,11 @@ class LatentDiffusionPipeline(Pipeline):
                 raise InputError("negative_prompt must have one entry per prompt", where="negative_prompt",
                                  expected=f"a string or a list of {n}", found=f"a list of {len(negative_prompt)}")
         factor = self.vae_scale_factor
-        default = self.unet.config.sample_size * factor
+        sample_size = self.unet.config.sample_size
+        if sample_size is None and (height is None or width is None):
+            raise InputError("this UNet's config has no sample_size, so height and width must be given",
+                             where="height/width", expected=f"multiples of {factor}", found=(height, width))
+        default = (sample_size or 0) * factor
         height = default if height is None else height
         width = default if width is None else width
         for name, value in (("height", height), ("width", width)):
