@@ -97,6 +97,8 @@ def test_eta_and_sampler_swap(pipe):
                                    noise_scheduler=pipe.noise_scheduler, sampler=DDPMSampler())
     out = ddpm(PROMPT, generator=torch.Generator().manual_seed(0), **kw).images
     assert out.shape == a.shape and torch.isfinite(out).all()
+    with pytest.raises(InputError, match="eta"):
+        ddpm(PROMPT, eta=0.5, **kw)
 
 
 def test_callback_per_step(pipe):

@@ -5,6 +5,8 @@ q(z|x) over latents z (B, C, H/f, W/f); a slight KL penalty towards N(0, I) keep
 from drifting. The decoder maps z back to an image. Diffusion runs on z scaled by `scaling_factor`
 (sec. 4.3.2: roughly unit variance); `encode`/`decode` work on unscaled latents, like diffusers, and
 `encode_latents`/`decode_latents` apply the scaling for pipelines and training.
+
+kl-f16 and kl-f32 add self-attention inside some levels (`attention_levels`); see autoencoder_parts.
 """
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ from torch import nn
 from ..config import ComponentConfig
 from ..errors import ConfigError, InputError
 from ..registry import COMPONENTS
-from .autoencoder_parts import Decoder, Encoder
-from .base import ModelMixin, check_supported
+from .autoencoder_parts import Decoder, Encoder, check_image, config_from_file, config_to_file, validate_first_stage
+from .base import ModelMixin
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
 
@@ -32,8 +34,9 @@ class AutoencoderKLConfig(ComponentConfig):
     latent_channels: int = 4
     channels: tuple[int, ...] = (128, 256, 512, 512)  # width per level; downsampling f = 2^(levels - 1)
     layers_per_level: int = 2                         # resnets per encoder level (the decoder has one more)
+    attention_levels: tuple[bool, ...] | None = None  # self-attention in level i (None: only in the mid block)
     norm_num_groups: int = 32
-    sample_size: int = 512                            # training image size; informative only
+    sample_size: int | None = 512                     # training image size; informative only
     scaling_factor: float = 0.18215                   # 1 / std of the latents (LDM sec. 4.3.2)
     shift_factor: float | None = None                 # subtracted before scaling (SD3-style VAEs)
     latents_mean: tuple[float, ...] | None = None     # per-channel mean / std used instead of a shift
@@ -44,16 +47,7 @@ class AutoencoderKLConfig(ComponentConfig):
     force_upcast: bool = True                         # kept so a saved config round-trips; pipelines decide
 
     def validate(self) -> None:
-        for name in ("in_channels", "out_channels", "latent_channels", "layers_per_level", "norm_num_groups",
-                     "sample_size"):
-            if getattr(self, name) < 1:
-                _bad(name, "a positive integer", getattr(self, name))
-        if not self.channels or any(c < 1 for c in self.channels):
-            _bad("channels", "one positive width per level (at least one level)", self.channels)
-        if any(c % self.norm_num_groups for c in self.channels):
-            _bad("channels", f"widths divisible by norm_num_groups={self.norm_num_groups}", self.channels)
-        if not (math.isfinite(self.scaling_factor) and self.scaling_factor > 0):
-            _bad("scaling_factor", "a finite positive number", self.scaling_factor)
+        validate_first_stage(self, _bad)
         if self.shift_factor is not None and not math.isfinite(self.shift_factor):
             _bad("shift_factor", "a finite number or None", self.shift_factor)
         if (self.latents_mean is None) != (self.latents_std is None):
@@ -142,46 +136,22 @@ _DIFFUSERS_DEFAULTS: dict[str, Any] = {
     "shift_factor": None, "latents_mean": None, "latents_std": None, "force_upcast": True,
     "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True,
 }
-# diffusers key -> our field, where the names differ.
+# diffusers key -> our field, where the names differ. down/up_block_types map to attention_levels.
 _RENAMED = {"block_out_channels": "channels", "layers_per_block": "layers_per_level",
             "mid_block_add_attention": "mid_block_attention"}
-_FILE_KEY = {field: key for key, field in _RENAMED.items()}
-# Keys that select an architecture variant rather than set a field: only these values are implemented.
-_BLOCK_TYPES = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
+# Keys with one implemented value, so no field: any other value is a ConfigError.
+_CONSTANTS = {"act_fn": "silu"}
 
 
 def config_from_diffusers(data: Mapping[str, Any], *, source: str | None = None) -> AutoencoderKLConfig:
     """Map a diffusers AutoencoderKL config.json dict to our config; '_'-prefixed metadata is ignored."""
-    data = {k: v for k, v in data.items() if not k.startswith("_")}
-    unknown = sorted(set(data) - set(_DIFFUSERS_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in a diffusers AutoencoderKL config", where=source,
-                          expected=f"keys among {sorted(_DIFFUSERS_DEFAULTS)}", found=unknown)
-    check_supported(data, {"act_fn": ("silu",)}, source=source)
-    values = {**_DIFFUSERS_DEFAULTS, **data}
-    fields = {_RENAMED.get(k, k): v for k, v in values.items() if k not in _BLOCK_TYPES and k != "act_fn"}
-    try:
-        config = AutoencoderKLConfig(**fields)
-    except ConfigError as e:  # name the key as the file spells it
-        key = _FILE_KEY.get(e.where, e.where)
-        raise ConfigError(f"config key {key!r}: {e.message}", where=source, expected=e.expected,
-                          found=e.found) from None
-    levels = len(config.channels)
-    for key, block in _BLOCK_TYPES.items():
-        value = values[key]
-        if not isinstance(value, (list, tuple)) or list(value) != [block] * levels:
-            raise ConfigError(f"config key {key!r} has a value latentdiff does not support", where=source,
-                              expected=f"{[block] * levels} (one per entry of block_out_channels)",
-                              found=repr(value))
-    return config
+    return config_from_file(data, config_class=AutoencoderKLConfig, class_name="AutoencoderKL",
+                            defaults=_DIFFUSERS_DEFAULTS, renamed=_RENAMED, constants=_CONSTANTS, source=source)
 
 
 def config_to_diffusers(config: AutoencoderKLConfig) -> dict[str, Any]:
     """The full diffusers AutoencoderKL config.json dict (every __init__ argument) for `config`."""
-    levels = len(config.channels)
-    data = {_FILE_KEY.get(k, k): v for k, v in config.to_dict().items()}
-    data.update({key: [block] * levels for key, block in _BLOCK_TYPES.items()}, act_fn="silu")
-    return data
+    return config_to_file(config, renamed=_RENAMED, constants=_CONSTANTS)
 
 
 @COMPONENTS.register("autoencoder_kl")
@@ -200,10 +170,11 @@ class AutoencoderKL(ModelMixin):
         c = config
         self.encoder = Encoder(in_channels=c.in_channels, z_channels=c.latent_channels, channels=c.channels,
                                layers_per_level=c.layers_per_level, groups=c.norm_num_groups,
-                               mid_block_attention=c.mid_block_attention, double_z=True)
+                               mid_block_attention=c.mid_block_attention, double_z=True,
+                               attention_levels=c.attention_levels)
         self.decoder = Decoder(z_channels=c.latent_channels, out_channels=c.out_channels, channels=c.channels,
                                layers_per_level=c.layers_per_level, groups=c.norm_num_groups,
-                               mid_block_attention=c.mid_block_attention)
+                               mid_block_attention=c.mid_block_attention, attention_levels=c.attention_levels)
         # 1x1 convs between the encoder/decoder and the latent (the original's quant_conv naming).
         self.quant_conv = nn.Conv2d(2 * c.latent_channels, 2 * c.latent_channels, 1) if c.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(c.latent_channels, c.latent_channels, 1) if c.use_post_quant_conv else None
@@ -212,6 +183,11 @@ class AutoencoderKL(ModelMixin):
     def downsample_factor(self) -> int:
         """f: the image is f times the latent's height and width."""
         return 2 ** (len(self.config.channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latent the diffusion model sees (the same attribute on every first stage)."""
+        return self.config.latent_channels
 
     @classmethod
     def from_file_config(cls, data: Mapping[str, Any], *, source: str | None = None) -> AutoencoderKLConfig:
@@ -289,13 +265,5 @@ class AutoencoderKL(ModelMixin):
         return mean, std
 
     def _check_image(self, x: torch.Tensor) -> None:
-        where = f"{type(self).__name__}.encode(x)"
-        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
-            raise InputError("images have the wrong shape", where=where,
-                             expected=f"(B, {self.config.in_channels}, H, W)", found=tuple(x.shape))
-        f = self.downsample_factor
-        height, width = x.shape[-2:]
-        if height % f or width % f or height == 0 or width == 0:
-            raise InputError(f"image height and width must be positive multiples of the downsampling factor {f}",
-                             where=where, expected=f"H, W in {f}, {2 * f}, {3 * f}, ...",
-                             found=f"H={height}, W={width}")
+        check_image(x, channels=self.config.in_channels, factor=self.downsample_factor,
+                    where=f"{type(self).__name__}.encode(x)")

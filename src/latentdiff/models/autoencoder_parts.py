@@ -2,17 +2,29 @@
 
 Shared by the KL-regularised autoencoder and the VQ autoencoder: both map an image x (B, C, H, W)
 to a latent of spatial size (H/f, W/f) with f = 2^(levels - 1), and back. Parameter names follow the
-diffusers layout (down_blocks.i.resnets.j, mid_block.attentions.0, up_blocks.i.upsamplers.0 ...) so
-diffusers checkpoints load with no key map.
+diffusers layout (down_blocks.i.resnets.j, down_blocks.i.attentions.j, mid_block.attentions.0,
+up_blocks.i.upsamplers.0 ...) so diffusers checkpoints load with no key map.
+
+Some first stages (kl-f16, kl-f32, vq-f16 ...) add single-head self-attention after every resnet of
+the levels listed in the original YAML's `attn_resolutions`; here that is `attention_levels`, one
+flag per level (level 0 = full resolution), used by encoder and decoder alike, as in the original.
+The second half of the file maps the architecture fields shared by AutoencoderKL and VQModel to and
+from diffusers' config.json.
 """
 from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ComponentConfig
+from ..errors import ConfigError, InputError
 from ..layers.attention import SpatialSelfAttention
 from ..layers.resnet import Downsample, ResnetBlock, Upsample
+from .base import check_supported
 
 # The autoencoder's GroupNorms all use eps=1e-6 (the original `Normalize`), not PyTorch's 1e-5.
 NORM_EPS = 1e-6
@@ -23,42 +35,59 @@ def _resnet(in_channels: int, out_channels: int, groups: int) -> ResnetBlock:
     return ResnetBlock(in_channels, out_channels, temb_channels=None, groups=groups, eps=NORM_EPS)
 
 
+def _attentions(channels: int, count: int, groups: int, attention: bool) -> nn.ModuleList | None:
+    # One single-head attention per resnet (the original AttnBlock); None, not an empty list, so that
+    # forward() skips the level with one test and the state dict has no attention keys, as in diffusers.
+    return nn.ModuleList(SpatialSelfAttention(channels, groups=groups, eps=NORM_EPS) for _ in range(count)) \
+        if attention else None
+
+
 class DownEncoderBlock(nn.Module):
-    """`layers` resnet blocks, then (except at the last level) a stride-2 conv.
+    """`layers` resnet blocks (each followed by self-attention if `attention`), then (except at the last
+    level) a stride-2 conv. diffusers calls the two variants DownEncoderBlock2D / AttnDownEncoderBlock2D.
 
     x: (B, C_in, H, W) -> (B, C_out, H/2, W/2), or (B, C_out, H, W) without downsampling.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, *, layers: int, groups: int, downsample: bool):
+    def __init__(self, in_channels: int, out_channels: int, *, layers: int, groups: int, downsample: bool,
+                 attention: bool = False):
         super().__init__()
         self.resnets = nn.ModuleList(_resnet(in_channels if j == 0 else out_channels, out_channels, groups)
                                      for j in range(layers))
+        self.attentions = _attentions(out_channels, layers, groups, attention)
         # padding=0: the original pads right/bottom only (asymmetric), so keep it for weight compatibility.
         self.downsamplers = nn.ModuleList([Downsample(out_channels, padding=0)]) if downsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
+        for j, resnet in enumerate(self.resnets):
             x = resnet(x)
+            if self.attentions is not None:
+                x = self.attentions[j](x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
         return x
 
 
 class UpDecoderBlock(nn.Module):
-    """`layers` resnet blocks, then (except at the last level) nearest x2 upsampling and a conv.
+    """`layers` resnet blocks (each followed by self-attention if `attention`), then (except at the last
+    level) nearest x2 upsampling and a conv. diffusers: UpDecoderBlock2D / AttnUpDecoderBlock2D.
 
     x: (B, C_in, h, w) -> (B, C_out, 2h, 2w), or (B, C_out, h, w) without upsampling.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, *, layers: int, groups: int, upsample: bool):
+    def __init__(self, in_channels: int, out_channels: int, *, layers: int, groups: int, upsample: bool,
+                 attention: bool = False):
         super().__init__()
         self.resnets = nn.ModuleList(_resnet(in_channels if j == 0 else out_channels, out_channels, groups)
                                      for j in range(layers))
+        self.attentions = _attentions(out_channels, layers, groups, attention)
         self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if upsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
+        for j, resnet in enumerate(self.resnets):
             x = resnet(x)
+            if self.attentions is not None:
+                x = self.attentions[j](x)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x)
         return x
@@ -84,21 +113,28 @@ class MidBlock(nn.Module):
         return self.resnets[1](x)
 
 
+def _level_flags(attention_levels: tuple[bool, ...] | None, levels: int) -> tuple[bool, ...]:
+    return attention_levels if attention_levels is not None else (False,) * levels
+
+
 class Encoder(nn.Module):
     """Image -> latent moments: conv_in, one DownEncoderBlock per level, mid block, norm, SiLU, conv_out.
 
     x: (B, in_channels, H, W) -> (B, z_channels * (2 if double_z else 1), H/f, W/f), f = 2^(len(channels)-1).
     `double_z` makes room for the mean and log-variance of the KL model's posterior.
+    `attention_levels[i]` adds self-attention after each resnet of level i (None: none outside the mid block).
     """
 
     def __init__(self, *, in_channels: int, z_channels: int, channels: tuple[int, ...], layers_per_level: int,
-                 groups: int, mid_block_attention: bool = True, double_z: bool = True):
+                 groups: int, mid_block_attention: bool = True, double_z: bool = True,
+                 attention_levels: tuple[bool, ...] | None = None):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
         levels = len(channels)
+        attention = _level_flags(attention_levels, levels)
         self.down_blocks = nn.ModuleList(
             DownEncoderBlock(channels[max(i - 1, 0)], channels[i], layers=layers_per_level, groups=groups,
-                             downsample=i < levels - 1)
+                             downsample=i < levels - 1, attention=attention[i])
             for i in range(levels))
         self.mid_block = MidBlock(channels[-1], groups=groups, attention=mid_block_attention)
         self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=NORM_EPS)
@@ -116,18 +152,20 @@ class Decoder(nn.Module):
     """Latent -> image: conv_in, mid block, one UpDecoderBlock per level (widest first), norm, SiLU, conv_out.
 
     z: (B, z_channels, h, w) -> (B, out_channels, h*f, w*f). Each up level has layers_per_level + 1
-    resnets, one more than the encoder, as in the original.
+    resnets, one more than the encoder, as in the original. `attention_levels` is indexed like the
+    encoder's (level 0 = full resolution), so up_blocks[i] serves level len(channels) - 1 - i.
     """
 
     def __init__(self, *, z_channels: int, out_channels: int, channels: tuple[int, ...], layers_per_level: int,
-                 groups: int, mid_block_attention: bool = True):
+                 groups: int, mid_block_attention: bool = True, attention_levels: tuple[bool, ...] | None = None):
         super().__init__()
         widths = tuple(reversed(channels))
+        attention = tuple(reversed(_level_flags(attention_levels, len(channels))))
         self.conv_in = nn.Conv2d(z_channels, widths[0], 3, padding=1)
         self.mid_block = MidBlock(widths[0], groups=groups, attention=mid_block_attention)
         self.up_blocks = nn.ModuleList(
             UpDecoderBlock(widths[max(i - 1, 0)], widths[i], layers=layers_per_level + 1, groups=groups,
-                           upsample=i < len(widths) - 1)
+                           upsample=i < len(widths) - 1, attention=attention[i])
             for i in range(len(widths)))
         self.conv_norm_out = nn.GroupNorm(groups, channels[0], eps=NORM_EPS)
         self.conv_out = nn.Conv2d(channels[0], out_channels, 3, padding=1)
@@ -137,3 +175,107 @@ class Decoder(nn.Module):
         for block in self.up_blocks:
             h = block(h)
         return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+
+def check_image(x: torch.Tensor, *, channels: int, factor: int, where: str) -> None:
+    """Refuse anything but (B, channels, H, W) with H and W positive multiples of `factor`, before any work."""
+    if x.ndim != 4 or x.shape[1] != channels:
+        raise InputError("images have the wrong shape", where=where, expected=f"(B, {channels}, H, W)",
+                         found=tuple(x.shape))
+    height, width = x.shape[-2:]
+    if height % factor or width % factor or height == 0 or width == 0:
+        raise InputError(f"image height and width must be positive multiples of the downsampling factor {factor}",
+                         where=where, expected=f"H, W in {factor}, {2 * factor}, {3 * factor}, ...",
+                         found=f"H={height}, W={width}")
+
+
+# ---- the architecture fields AutoencoderKLConfig and VQModelConfig share ----------------------------
+def validate_first_stage(config: ComponentConfig, bad: Callable[[str, str, Any], None]) -> None:
+    """Check the fields both first-stage configs have; `bad(field, expected, found)` raises.
+
+    An all-False `attention_levels` becomes None: one spelling per architecture, so configs that build
+    the same model (and the config read back from the file written for it) compare equal.
+    """
+    c: Any = config
+    for name in ("in_channels", "out_channels", "latent_channels", "layers_per_level", "norm_num_groups"):
+        if getattr(c, name) < 1:
+            bad(name, "a positive integer", getattr(c, name))
+    if c.sample_size is not None and c.sample_size < 1:
+        bad("sample_size", "a positive integer or None", c.sample_size)
+    if not c.channels or any(w < 1 for w in c.channels):
+        bad("channels", "one positive width per level (at least one level)", c.channels)
+    if any(w % c.norm_num_groups for w in c.channels):
+        bad("channels", f"widths divisible by norm_num_groups={c.norm_num_groups}", c.channels)
+    if c.attention_levels is not None:
+        if len(c.attention_levels) != len(c.channels):
+            bad("attention_levels", f"one flag per level ({len(c.channels)}), or None", c.attention_levels)
+        if not any(c.attention_levels):
+            object.__setattr__(config, "attention_levels", None)
+    if not (math.isfinite(c.scaling_factor) and c.scaling_factor > 0):
+        bad("scaling_factor", "a finite positive number", c.scaling_factor)
+
+
+# ---- diffusers config.json <-> typed config ----------------------------------------------------------
+DOWN_BLOCK_TYPES = ("DownEncoderBlock2D", "AttnDownEncoderBlock2D")  # (plain, with attention)
+UP_BLOCK_TYPES = ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")
+_BLOCK_KEYS = ("down_block_types", "up_block_types")
+
+
+def block_types(attention_levels: tuple[bool, ...] | None, levels: int) -> dict[str, list[str]]:
+    """diffusers' down_block_types / up_block_types for `attention_levels` (up blocks run widest first)."""
+    flags = _level_flags(attention_levels, levels)
+    return {"down_block_types": [DOWN_BLOCK_TYPES[a] for a in flags],
+            "up_block_types": [UP_BLOCK_TYPES[a] for a in reversed(flags)]}
+
+
+def attention_levels_from_block_types(down: Any, up: Any, levels: int, *,
+                                      source: str | None) -> tuple[bool, ...] | None:
+    """The inverse of `block_types`; a list of another length or kind, or attention at a level of the
+    encoder but not of the decoder (never the case in LDM), is a ConfigError naming the key."""
+    for key, value, names in (("down_block_types", down, DOWN_BLOCK_TYPES), ("up_block_types", up, UP_BLOCK_TYPES)):
+        if not isinstance(value, (list, tuple)) or len(value) != levels or any(v not in names for v in value):
+            raise ConfigError(f"config key {key!r} has a value latentdiff does not support", where=source,
+                              expected=f"{levels} entries (one per entry of block_out_channels), each of {names}",
+                              found=repr(value))
+    flags = tuple(t == DOWN_BLOCK_TYPES[1] for t in down)
+    if tuple(t == UP_BLOCK_TYPES[1] for t in reversed(up)) != flags:
+        raise ConfigError("config keys 'down_block_types' and 'up_block_types' must put attention at the same "
+                          "resolutions", where=source, expected=repr(block_types(flags, levels)["up_block_types"]),
+                          found=repr(list(up)))
+    return flags if any(flags) else None
+
+
+def config_from_file(data: Mapping[str, Any], *, config_class: type[ComponentConfig], class_name: str,
+                     defaults: Mapping[str, Any], renamed: Mapping[str, str], constants: Mapping[str, Any],
+                     source: str | None) -> Any:
+    """Map a diffusers config.json dict to `config_class`, strictly; '_'-prefixed metadata is ignored.
+
+    defaults: every __init__ argument of the diffusers class with its default (a key absent from the file
+    takes it; a key not listed is an error). renamed: diffusers key -> our field. constants: keys that are
+    no field because latentdiff implements one value only (e.g. act_fn "silu").
+    """
+    data = {k: v for k, v in data.items() if not k.startswith("_")}
+    unknown = sorted(set(data) - set(defaults))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in a diffusers {class_name} config", where=source,
+                          expected=f"keys among {sorted(defaults)}", found=unknown)
+    check_supported(data, {key: (value,) for key, value in constants.items()}, source=source)
+    values = {**defaults, **data}
+    fields = {renamed.get(k, k): v for k, v in values.items() if k not in _BLOCK_KEYS and k not in constants}
+    try:
+        config = config_class(**fields)
+    except ConfigError as e:  # name the key as the file spells it
+        key = {field: k for k, field in renamed.items()}.get(e.where, e.where)
+        raise ConfigError(f"config key {key!r}: {e.message}", where=source, expected=e.expected,
+                          found=e.found) from None
+    attention = attention_levels_from_block_types(values["down_block_types"], values["up_block_types"],
+                                                  len(config.channels), source=source)
+    return config.replace(attention_levels=attention) if attention else config
+
+
+def config_to_file(config: ComponentConfig, *, renamed: Mapping[str, str], constants: Mapping[str, Any]) -> dict:
+    """The full diffusers config.json dict (every __init__ argument) for `config`: the inverse of config_from_file."""
+    file_key = {field: key for key, field in renamed.items()}
+    data = {file_key.get(k, k): v for k, v in config.to_dict().items() if k != "attention_levels"}
+    data.update(block_types(config.attention_levels, len(config.channels)), **constants)
+    return data

@@ -219,13 +219,8 @@ class UNet2DConditional(ModelMixin):
         """x: (B, in_channels, H, W); t: number, 0-d, (1,) or (B,); context: (B, M, cross_attention_dim);
         class_labels: (B,) integers -> (B, out_channels, H, W), the prediction (eps, v or x0, as trained)."""
         upsample_sizes = self._check_inputs(x, t, context, class_labels)
-        b = x.shape[0]
-        if isinstance(t, torch.Tensor):
-            t = t.to(device=x.device).reshape(-1).expand(b)
-        else:  # a full() on the device, not a host tensor copied over: no sync
-            t = torch.full((b,), float(t), device=x.device, dtype=torch.float32)
-        t_features = timestep_embedding(t, self.config.channels[0], flip_sin_to_cos=self.config.flip_sin_to_cos,
-                                        freq_shift=self.config.freq_shift)
+        t_features = timestep_embedding(timestep_batch(t, x), self.config.channels[0],
+                                        flip_sin_to_cos=self.config.flip_sin_to_cos, freq_shift=self.config.freq_shift)
         emb = self.time_embedding(t_features.to(x.dtype))
         if self.class_embedding is not None:
             emb = emb + self.class_embedding(class_labels).to(emb.dtype)
@@ -246,45 +241,28 @@ class UNet2DConditional(ModelMixin):
         cfg = self.config
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise InputError("x must be a (B, C, H, W) latent with the model's input channels", where="x",
-                             expected=f"(B, {cfg.in_channels}, H, W)", found=_shape(x))
+                             expected=f"(B, {cfg.in_channels}, H, W)", found=shape_of(x))
         b = x.shape[0]
-        if isinstance(t, torch.Tensor):
-            if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, b)):
-                raise InputError("t must be a number, a 0-d tensor or one timestep per sample", where="t",
-                                 expected=f"(), (1,) or ({b},)", found=_shape(t))
-        elif not isinstance(t, numbers.Real) or isinstance(t, bool):
-            raise InputError("t must be a number or a tensor", where="t", expected="int | float | Tensor",
-                             found=type(t).__name__)
+        check_timestep(t, b)
         if cfg.uses_context:
             if not (isinstance(context, torch.Tensor) and context.ndim == 3 and context.shape[0] == b
                     and context.shape[2] == cfg.cross_attention_dim):
                 raise InputError("this UNet cross-attends: context must be (B, M, cross_attention_dim)",
-                                 where="context", expected=f"({b}, M, {cfg.cross_attention_dim})", found=_shape(context))
+                                 where="context", expected=f"({b}, M, {cfg.cross_attention_dim})",
+                                 found=shape_of(context))
         elif context is not None:
             raise InputError("this UNet has no cross-attention (cross_attention_dim is None): pass no context",
-                             where="context", expected=None, found=_shape(context))
+                             where="context", expected=None, found=shape_of(context))
         if cfg.num_class_embeds is not None:
             if not isinstance(class_labels, torch.Tensor) or class_labels.shape != (b,) \
                     or class_labels.is_floating_point():
                 raise InputError("this UNet is class-conditional: class_labels must be (B,) integers",
-                                 where="class_labels", expected=f"({b},) integer tensor", found=_shape(class_labels))
+                                 where="class_labels", expected=f"({b},) integer tensor",
+                                 found=shape_of(class_labels))
         elif class_labels is not None:
             raise InputError("this UNet is not class-conditional (num_class_embeds is None): pass no class_labels",
-                             where="class_labels", expected=None, found=_shape(class_labels))
-        return self._upsample_sizes(tuple(x.shape[-2:]))
-
-    def _upsample_sizes(self, size: tuple[int, int]) -> list[tuple[int, int] | None]:
-        """Sizes of the skips on the way down, so the way up can match them for sides not divisible by 2^(L-1)."""
-        n, pad = len(self.config.channels), self.config.downsample_padding
-        sizes = [size]
-        for _ in range(n - 1):  # the conv arithmetic of Downsample (stride 2, kernel 3)
-            sizes.append(tuple((s + 1) // 2 if pad else s // 2 for s in sizes[-1]))
-        if min(sizes[-1]) < 1:
-            raise InputError(f"latent too small for {n} levels", where="x", expected=f"H, W >= {2 ** (n - 1)}",
-                             found=size)
-        # diffusers passes explicit sizes to every up level as soon as one side is not a multiple of 2^(L-1)
-        odd = any(s % 2 ** (n - 1) for s in size)
-        return [sizes[n - 2 - i] if odd and i < n - 1 else None for i in range(n)]
+                             where="class_labels", expected=None, found=shape_of(class_labels))
+        return upsample_sizes(tuple(x.shape[-2:]), levels=len(cfg.channels), downsample_padding=cfg.downsample_padding)
 
     # ---- config.json (diffusers UNet2DConditionModel) ------------------------------------------
     @classmethod
@@ -310,8 +288,45 @@ def _transformer(cfg: UNetConfig, channels: int, *, heads: int, depth: int) -> S
                               upcast=cfg.upcast_attention)
 
 
-def _shape(value: Any) -> Any:
+def shape_of(value: Any) -> Any:
+    """What an InputError reports as `found`: a tensor's shape, anything else as is."""
     return tuple(value.shape) if isinstance(value, torch.Tensor) else value
+
+
+# ---- helpers shared with the UNet without cross-attention (unet2d.py) ---------------------------------
+
+def check_timestep(t: Any, batch: int) -> None:
+    """t must be a number, a 0-d tensor, or a (1,) / (batch,) tensor."""
+    if isinstance(t, torch.Tensor):
+        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, batch)):
+            raise InputError("t must be a number, a 0-d tensor or one timestep per sample", where="t",
+                             expected=f"(), (1,) or ({batch},)", found=shape_of(t))
+    elif not isinstance(t, numbers.Real) or isinstance(t, bool):
+        raise InputError("t must be a number or a tensor", where="t", expected="int | float | Tensor",
+                         found=type(t).__name__)
+
+
+def timestep_batch(t: torch.Tensor | float | int, x: torch.Tensor) -> torch.Tensor:
+    """A checked t as one timestep per sample of x: (B,), on x's device."""
+    if isinstance(t, torch.Tensor):
+        return t.to(device=x.device).reshape(-1).expand(x.shape[0])
+    # a full() on the device, not a host tensor copied over: no sync
+    return torch.full((x.shape[0],), float(t), device=x.device, dtype=torch.float32)
+
+
+def upsample_sizes(size: tuple[int, int], *, levels: int, downsample_padding: int) -> list[tuple[int, int] | None]:
+    """Each up level's upsample target (None: plain x2): the sizes of the skips on the way down, so the way up
+    matches them for sides not divisible by 2^(levels-1). Raises InputError for a latent too small."""
+    n, pad = levels, downsample_padding
+    sizes = [size]
+    for _ in range(n - 1):  # the conv arithmetic of Downsample (stride 2, kernel 3)
+        sizes.append(tuple((s + 1) // 2 if pad else s // 2 for s in sizes[-1]))
+    if min(sizes[-1]) < 1:
+        raise InputError(f"latent too small for {n} levels", where="x", expected=f"H, W >= {2 ** (n - 1)}",
+                         found=size)
+    # diffusers passes explicit sizes to every up level as soon as one side is not a multiple of 2^(L-1)
+    odd = any(s % 2 ** (n - 1) for s in size)
+    return [sizes[n - 2 - i] if odd and i < n - 1 else None for i in range(n)]
 
 
 # ---- diffusers config.json <-> UNetConfig ------------------------------------------------------------
@@ -370,37 +385,16 @@ _MID: dict[str, str | None] = {"transformer": "UNetMidBlock2DCrossAttn", "resnet
 
 def from_diffusers_config(data: Mapping[str, Any], *, source: str | None = None) -> dict[str, Any]:
     """A diffusers UNet2DConditionModel config dict -> UNetConfig fields. Metadata keys ("_...") are skipped."""
-    if data.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
-        raise ConfigError("config.json describes another model class", where=_at(source, "_class_name"),
-                          expected="UNet2DConditionModel", found=data["_class_name"])
-    unknown = sorted(k for k in data if not k.startswith("_") and k not in DIFFUSERS_DEFAULTS)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in a UNet2DConditionModel config", where=source,
-                          expected="keys of diffusers UNet2DConditionModel", found=unknown)
-    check_supported(data, _SUPPORTED, source=source)
-    d = {**DIFFUSERS_DEFAULTS, **data}
-    down = [_block_name(b) for b in _list(d, "down_block_types", source)]
-    for i, name in enumerate(down):
-        if name not in _DOWN.values():
-            raise ConfigError(f"down block type {name!r} is not supported", where=_at(source, f"down_block_types[{i}]"),
-                              expected=sorted(_DOWN.values()), found=name)
-    levels = tuple(name == _DOWN[True] for name in down)
-    mirror = [_UP[a] for a in reversed(levels)]
-    if [_block_name(b) for b in _list(d, "up_block_types", source)] != mirror:
-        raise ConfigError("up_block_types must mirror down_block_types", where=_at(source, "up_block_types"),
-                          expected=mirror, found=d["up_block_types"])
-    n = len(down)
+    d = read_diffusers_config(data, "UNet2DConditionModel", DIFFUSERS_DEFAULTS, _SUPPORTED, source=source)
+    levels, channels = attention_levels_of(d, down=_DOWN, up=_UP, source=source)
+    n = len(levels)
     mid = {v: k for k, v in _MID.items()}
     if d["mid_block_type"] not in mid:
-        raise ConfigError("mid block type is not supported", where=_at(source, "mid_block_type"),
+        raise ConfigError("mid block type is not supported", where=key_at(source, "mid_block_type"),
                           expected=list(_MID.values()), found=d["mid_block_type"])
-    channels = _list(d, "block_out_channels", source)
-    if len(channels) != n:
-        raise ConfigError("block_out_channels needs one entry per down block", where=_at(source, "block_out_channels"),
-                          expected=f"{n} entries (len(down_block_types))", found=channels)
     return {
         "in_channels": d["in_channels"], "out_channels": d["out_channels"],
-        "sample_size": _sample_size(d["sample_size"], source), "channels": tuple(channels),
+        "sample_size": square_sample_size(d["sample_size"], source), "channels": channels,
         "attention_levels": levels,
         "layers_per_level": _per_level(d, "layers_per_block", n, source),
         # diffusers' naming quirk: with num_attention_heads None, attention_head_dim holds the head *count*
@@ -441,7 +435,46 @@ def to_diffusers_config(cfg: UNetConfig) -> dict[str, Any]:
     return out
 
 
-def _at(source: str | None, key: str) -> str:
+def read_diffusers_config(data: Mapping[str, Any], class_name: str, defaults: Mapping[str, Any],
+                          supported: Mapping[str, Any], *, source: str | None) -> dict[str, Any]:
+    """A diffusers config.json dict over the class's defaults, after checking its class name, that every key is
+    an argument of the class (`defaults` holds them all), and that `supported` keys hold implemented values."""
+    if data.get("_class_name", class_name) != class_name:
+        raise ConfigError("config.json describes another model class", where=key_at(source, "_class_name"),
+                          expected=class_name, found=data["_class_name"])
+    unknown = sorted(k for k in data if not k.startswith("_") and k not in defaults)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in a {class_name} config", where=source,
+                          expected=f"keys of diffusers {class_name}", found=unknown)
+    check_supported(data, supported, source=source)
+    return {**defaults, **data}
+
+
+def attention_levels_of(d: Mapping[str, Any], *, down: Mapping[bool, str], up: Mapping[bool, str],
+                        source: str | None) -> tuple[tuple[bool, ...], tuple[int, ...]]:
+    """down_block_types -> (attention per level, block_out_channels). `down` / `up` name the block types without
+    (False) and with (True) attention; the up blocks must mirror the down blocks."""
+    names = [_block_name(b) for b in _list(d, "down_block_types", source)]
+    for i, name in enumerate(names):
+        if name not in down.values():
+            raise ConfigError(f"down block type {name!r} is not supported",
+                              where=key_at(source, f"down_block_types[{i}]"), expected=sorted(down.values()),
+                              found=name)
+    levels = tuple(name == down[True] for name in names)
+    mirror = [up[a] for a in reversed(levels)]
+    if [_block_name(b) for b in _list(d, "up_block_types", source)] != mirror:
+        raise ConfigError("up_block_types must mirror down_block_types", where=key_at(source, "up_block_types"),
+                          expected=mirror, found=d["up_block_types"])
+    channels = _list(d, "block_out_channels", source)
+    if len(channels) != len(levels):
+        raise ConfigError("block_out_channels needs one entry per down block",
+                          where=key_at(source, "block_out_channels"),
+                          expected=f"{len(levels)} entries (len(down_block_types))", found=channels)
+    return levels, tuple(channels)
+
+
+def key_at(source: str | None, key: str) -> str:
+    """Where a config error is: `key in path/to/config.json`."""
     return f"{key} in {source}" if source else key
 
 
@@ -452,7 +485,7 @@ def _block_name(name: Any) -> Any:
 
 def _list(d: Mapping[str, Any], key: str, source: str | None) -> list[Any]:
     if not isinstance(d[key], (list, tuple)) or not d[key]:
-        raise ConfigError(f"{key} must be a non-empty list", where=_at(source, key), expected="list",
+        raise ConfigError(f"{key} must be a non-empty list", where=key_at(source, key), expected="list",
                           found=repr(d[key]))
     return list(d[key])
 
@@ -468,10 +501,10 @@ def _per_level(d: Mapping[str, Any], key: str, n: int, source: str | None) -> in
         return value
     if isinstance(value, (list, tuple)) and all(_is_int(v) for v in value):
         if len(value) != n:
-            raise ConfigError(f"{key} needs one entry per down block", where=_at(source, key),
+            raise ConfigError(f"{key} needs one entry per down block", where=key_at(source, key),
                               expected=f"{n} entries (len(down_block_types))", found=value)
         return tuple(value)
-    raise ConfigError(f"{key} must be an int or one int per level", where=_at(source, key),
+    raise ConfigError(f"{key} must be an int or one int per level", where=key_at(source, key),
                       expected=f"int or list of {n} ints", found=repr(value))
 
 
@@ -483,14 +516,14 @@ def _cross_attention_dim(value: Any, n: int, source: str | None) -> int | None:
             and (value[0] is None or _is_int(value[0])):
         return value[0]
     raise ConfigError("cross_attention_dim must be one int (or None) shared by every level",
-                      where=_at(source, "cross_attention_dim"), expected=f"int, or a list of {n} equal ints or None",
+                      where=key_at(source, "cross_attention_dim"), expected=f"int, or a list of {n} equal ints or None",
                       found=repr(value))
 
 
-def _sample_size(value: Any, source: str | None) -> int | None:
+def square_sample_size(value: Any, source: str | None) -> int | None:
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or value[0] != value[1]:
-            raise ConfigError("only square sample sizes are supported", where=_at(source, "sample_size"),
+            raise ConfigError("only square sample sizes are supported", where=key_at(source, "sample_size"),
                               expected="int or [s, s]", found=value)
         return value[0]
     return value

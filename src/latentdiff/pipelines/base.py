@@ -2,8 +2,9 @@
 
 A pipeline folder is the diffusers layout: `model_index.json` naming each component's class, and
 one subfolder per component. Loading maps the foreign class names to latentdiff's registered parts;
-a class latentdiff lacks is an error naming it (a scheduler class is the exception: the noise
-schedule is what matters, and an unknown sampler falls back to DDIM with a warning).
+a class latentdiff lacks is an error naming it. Scheduler classes are looser: the noise schedule is
+what matters, so the common diffusers samplers latentdiff lacks (PNDM, LMS, Euler, DPM-Solver ...) load
+their schedule with DDIM and a warning; see `diffusion.scheduler_io`.
 """
 from __future__ import annotations
 

@@ -130,7 +130,7 @@ class LatentDiffusionPipeline(Pipeline):
                                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                           num_images_per_prompt=num_images_per_prompt, output_type=output_type,
                                           prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
-        sampler = self.sampler if eta is None else self.sampler.with_options(eta=eta)
+        sampler = self.sampler_for(eta)
         use_cfg = guidance_scale > 1.0
         cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt=num_images_per_prompt,
                                           guidance=use_cfg, prompt_embeds=prompt_embeds,
@@ -141,6 +141,15 @@ class LatentDiffusionPipeline(Pipeline):
         if output_type == "latent":
             return PipelineOutput(images=z0)
         return PipelineOutput(images=to_output(self.decode(z0), output_type))
+
+    def sampler_for(self, eta: float | None) -> Any:
+        """The pipeline's sampler, with `eta` set when given (only samplers that have an eta take one)."""
+        if eta is None:
+            return self.sampler
+        if not hasattr(self.sampler, "eta"):
+            raise InputError("this sampler has no eta", where="eta",
+                             expected=f"eta=None with {type(self.sampler).__name__}", found=eta)
+        return self.sampler.with_options(eta=eta)
 
     def check_inputs(self, prompt: Prompt | None, negative_prompt: Prompt | None, *, height: int | None,
                      width: int | None, num_inference_steps: int, guidance_scale: float, num_images_per_prompt: int,

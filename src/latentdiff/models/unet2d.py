@@ -1,0 +1,372 @@
+"""The LDM denoiser without cross-attention: unconditional and concatenation-conditioned latent diffusion.
+
+Rombach et al. 2022 (LDM), sec. 4.1 and 4.3: the unconditional LDMs (CelebA-HQ, FFHQ, LSUN churches and
+bedrooms) and the x4 super-resolution LDM, which conditions by concatenating the low-resolution image to
+z_t (6 input channels). Same UNet as unet.py (the level classes are shared), but its attention layers are
+LDM's AttentionBlock: GroupNorm, multi-head self-attention over pixels, + input (no transformer, no
+context). Parameter names are exactly those of diffusers' UNet2DModel, so its checkpoints load with no key
+map, and config.json is mapped both ways.
+
+`forward(x, t, context=None, class_labels=None)` has the signature of UNet2DConditional, so every sampler
+and pipeline runs either model; `context` must stay None.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from functools import partial
+from typing import Any, Callable, Literal, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ComponentConfig
+from ..errors import ConfigError, InputError
+from ..layers.attention import SpatialSelfAttention, attention
+from ..layers.embeddings import TimestepEmbedding, timestep_embedding
+from ..layers.resnet import ResnetBlock
+from ..registry import COMPONENTS
+from .base import ModelMixin
+from .unet import (DownLevel, UpLevel, attention_levels_of, check_timestep, key_at, read_diffusers_config, shape_of,
+                   square_sample_size, timestep_batch, upsample_sizes)
+
+ClassEmbedType = Literal["timestep", "identity"]
+
+
+@dataclasses.dataclass(frozen=True)
+class UNet2DConfig(ComponentConfig):
+    """Architecture of the UNet without cross-attention. Defaults are diffusers UNet2DModel's (CelebA-HQ LDM widths)."""
+
+    in_channels: int = 3                     # latent channels (+ concatenated conditioning: 6 for x4 super-resolution)
+    out_channels: int = 3
+    sample_size: int | None = None           # latent side the model was trained at (default image size)
+    channels: tuple[int, ...] = (224, 448, 672, 896)           # width per resolution level
+    attention_levels: tuple[bool, ...] = (False, True, True, True)
+    layers_per_level: int = 2                # ResnetBlocks per level on the way down (one more on the way up)
+    attention_head_dim: int | None = 8       # width of one head (LDM num_head_channels); None: one head per layer
+    norm_num_groups: int = 32
+    attn_norm_num_groups: int | None = None  # GroupNorm groups of the mid-block attention; None: norm_num_groups
+    norm_eps: float = 1e-5
+    flip_sin_to_cos: bool = True             # sinusoid order [cos, sin] (LDM) rather than [sin, cos]
+    freq_shift: float = 0
+    time_embedding_dim: int | None = None    # None: 4 * channels[0]
+    # class conditioning, added to the time embedding: num_class_embeds -> a label table; "timestep": labels
+    # through the sinusoid and their own MLP; "identity": class_labels are already (B, time_embedding_dim)
+    class_embed_type: ClassEmbedType | None = None
+    num_class_embeds: int | None = None
+    mid_block: bool = True                   # False: no mid block (diffusers mid_block_type None)
+    mid_block_attention: bool = True         # resnet-attention-resnet, else resnet-resnet (diffusers add_attention)
+    mid_block_scale_factor: float = 1.0      # mid-block resnets and attention divide their output by this
+    downsample_padding: int = 1              # 0: pad right/bottom only, as the original LDM autoencoder
+    dropout: float = 0.0                     # in the ResnetBlocks
+    center_input_sample: bool = False        # map the input from [0, 1] to [-1, 1] first
+
+    def validate(self) -> None:
+        n = len(self.channels)
+        if n == 0 or any(c <= 0 for c in self.channels):
+            raise ConfigError("channels must list positive widths, one per level", where="channels",
+                              expected="non-empty tuple of positive ints", found=self.channels)
+        if len(self.attention_levels) != n:
+            raise ConfigError("attention_levels needs one entry per level of channels", where="attention_levels",
+                              expected=f"{n} entries (len(channels))", found=self.attention_levels)
+        for name in ("in_channels", "out_channels", "layers_per_level", "norm_num_groups", "sample_size",
+                     "attention_head_dim", "attn_norm_num_groups", "time_embedding_dim", "num_class_embeds"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be positive", where=name, expected=">= 1", found=value)
+        if any(c % self.norm_num_groups for c in self.channels):
+            raise ConfigError("every level width must be divisible by norm_num_groups", where="norm_num_groups",
+                              expected=f"a divisor of {self.channels}", found=self.norm_num_groups)
+        for width in self.attention_widths():
+            if self.attention_head_dim is not None and width % self.attention_head_dim:
+                raise ConfigError(f"attention width {width} is not a whole number of heads",
+                                  where="attention_head_dim", expected=f"a divisor of {width}",
+                                  found=self.attention_head_dim)
+        if self.has_mid_attention and self.channels[-1] % (self.attn_norm_num_groups or self.norm_num_groups):
+            raise ConfigError("the mid-block width must be divisible by attn_norm_num_groups",
+                              where="attn_norm_num_groups", expected=f"a divisor of {self.channels[-1]}",
+                              found=self.attn_norm_num_groups)
+        if self.class_embed_type is not None and self.num_class_embeds is not None:
+            raise ConfigError("num_class_embeds sizes a label table, used only without class_embed_type",
+                              where="num_class_embeds", expected="None with a class_embed_type",
+                              found=self.num_class_embeds)
+        if self.downsample_padding not in (0, 1):
+            raise ConfigError("downsample_padding must be 0 or 1", where="downsample_padding",
+                              expected="0 or 1", found=self.downsample_padding)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("dropout must be in [0, 1)", where="dropout", expected="[0, 1)", found=self.dropout)
+        if self.norm_eps <= 0 or self.mid_block_scale_factor <= 0:
+            raise ConfigError("norm_eps and mid_block_scale_factor must be positive",
+                              where="norm_eps/mid_block_scale_factor", expected="> 0",
+                              found=(self.norm_eps, self.mid_block_scale_factor))
+
+    @property
+    def has_mid_attention(self) -> bool:
+        return self.mid_block and self.mid_block_attention
+
+    def attention_widths(self) -> list[int]:
+        """Widths of the levels that hold attention layers (the last level again for the mid block's)."""
+        widths = [c for c, a in zip(self.channels, self.attention_levels) if a]
+        return widths + [self.channels[-1]] if self.has_mid_attention else widths
+
+    @property
+    def time_dim(self) -> int:
+        return self.time_embedding_dim or 4 * self.channels[0]
+
+    @property
+    def class_conditional(self) -> bool:
+        return self.class_embed_type is not None or self.num_class_embeds is not None
+
+
+class AttentionBlock(SpatialSelfAttention):
+    """LDM's AttentionBlock (diffusers `Attention` with group_norm and residual_connection): GroupNorm, multi-head
+    self-attention over pixels, + input, all divided by `rescale` (the mid block's scale factor).
+
+    x: (B, C, H, W) -> (B, C, H, W). `context` is accepted only for the call protocol of the level classes.
+    """
+
+    def __init__(self, channels: int, *, head_dim: int | None, groups: int, eps: float, rescale: float = 1.0):
+        super().__init__(channels, groups=groups, eps=eps)
+        self.heads = channels // (head_dim or channels)  # head_dim None: one head as wide as the layer
+        self.rescale = rescale if rescale != 1.0 else None  # a division by 1 is a wasted op per call
+
+    def forward(self, x: torch.Tensor, context: None = None) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.group_norm(x).view(b, c, h * w).transpose(1, 2)
+        out = attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens), self.heads)
+        out = self.to_out[0](out).transpose(1, 2).reshape(b, c, h, w) + x
+        return out / self.rescale if self.rescale is not None else out
+
+
+class MidBlock(nn.Module):
+    """diffusers UNetMidBlock2D: resnet, (attention), resnet; both resnets exist without attention too."""
+
+    def __init__(self, channels: int, *, resnet: Callable[..., ResnetBlock],
+                 attend: Callable[[int], AttentionBlock] | None):
+        super().__init__()
+        self.resnets = nn.ModuleList([resnet(channels, channels), resnet(channels, channels)])
+        self.attentions = nn.ModuleList([attend(channels)]) if attend else None
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.resnets[0](h, emb)
+        if self.attentions is not None:
+            h = self.attentions[0](h)
+        return self.resnets[1](h, emb)
+
+
+@COMPONENTS.register("unet2d")
+class UNet2D(ModelMixin):
+    """eps_theta(x_t, t): the unconditional / concat-conditioned LDM denoiser (diffusers UNet2DModel layout)."""
+
+    config_class = UNet2DConfig
+    diffusers_class_name = "UNet2DModel"
+    config: UNet2DConfig
+
+    def __init__(self, config: UNet2DConfig):
+        super().__init__(config)
+        cfg, ch, n = config, config.channels, len(config.channels)
+        resnet = partial(ResnetBlock, temb_channels=cfg.time_dim, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
+                         dropout=cfg.dropout)
+        attend = partial(AttentionBlock, head_dim=cfg.attention_head_dim, groups=cfg.norm_num_groups,
+                         eps=cfg.norm_eps)
+
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], cfg.time_dim)
+        # "identity" needs no module: the labels are added as they are
+        self.class_embedding = (nn.Embedding(cfg.num_class_embeds, cfg.time_dim) if cfg.num_class_embeds else
+                                TimestepEmbedding(ch[0], cfg.time_dim) if cfg.class_embed_type == "timestep" else None)
+        self.down_blocks = nn.ModuleList(
+            DownLevel(ch[max(lvl - 1, 0)], ch[lvl], layers=cfg.layers_per_level, resnet=resnet,
+                      attend=attend if cfg.attention_levels[lvl] else None,
+                      downsample=lvl < n - 1, padding=cfg.downsample_padding) for lvl in range(n))
+        mid_attend = partial(attend, groups=cfg.attn_norm_num_groups or cfg.norm_num_groups,
+                             rescale=cfg.mid_block_scale_factor)
+        self.mid_block = MidBlock(ch[-1], resnet=partial(resnet, output_scale_factor=cfg.mid_block_scale_factor),
+                                  attend=mid_attend if cfg.mid_block_attention else None) if cfg.mid_block else None
+        self.up_blocks = nn.ModuleList(
+            UpLevel(ch[min(lvl + 1, n - 1)], ch[lvl], ch[max(lvl - 1, 0)], layers=cfg.layers_per_level + 1,
+                    resnet=resnet, attend=attend if cfg.attention_levels[lvl] else None, upsample=lvl > 0)
+            for lvl in reversed(range(n)))
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float | int, context: None = None,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, in_channels, H, W); t: number, 0-d, (1,) or (B,); context: None (no cross-attention);
+        class_labels: (B,) integers (num_class_embeds), (B,) numbers (class_embed_type "timestep") or
+        (B, time_embedding_dim) ("identity") -> (B, out_channels, H, W), the prediction (eps, v or x0, as trained).
+        A float t stays a float (diffusers' UNet2DModel truncates a Python float to an integer)."""
+        upsample_to = self._check_inputs(x, t, context, class_labels)
+        if self.config.center_input_sample:
+            x = 2 * x - 1.0
+        emb = self.time_embedding(self._sinusoid(timestep_batch(t, x)).to(x.dtype))
+        if class_labels is not None:  # _check_inputs: given exactly when the model is class-conditional
+            emb = emb + self._embed_classes(class_labels, emb.dtype).to(emb.dtype)
+
+        h = self.conv_in(x)
+        skips = [h]
+        for down in self.down_blocks:
+            h = down(h, emb, None, skips)
+        if self.mid_block is not None:
+            h = self.mid_block(h, emb)
+        for up, size in zip(self.up_blocks, upsample_to):
+            h = up(h, emb, None, skips, size)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+    def _sinusoid(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) -> (B, channels[0]) float32 sinusoidal features."""
+        return timestep_embedding(t, self.config.channels[0], flip_sin_to_cos=self.config.flip_sin_to_cos,
+                                  freq_shift=self.config.freq_shift)
+
+    def _embed_classes(self, class_labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """class_labels -> (B, time_embedding_dim), added to the time embedding."""
+        kind = self.config.class_embed_type
+        if kind == "identity":
+            return class_labels
+        if kind == "timestep":
+            return self.class_embedding(self._sinusoid(class_labels).to(dtype))
+        return self.class_embedding(class_labels)
+
+    def _check_inputs(self, x: torch.Tensor, t: Any, context: Any,
+                      class_labels: torch.Tensor | None) -> list[tuple[int, int] | None]:
+        """Raise InputError before any work; return each up level's upsample target size (None: plain x2)."""
+        cfg = self.config
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise InputError("x must be a (B, C, H, W) latent with the model's input channels", where="x",
+                             expected=f"(B, {cfg.in_channels}, H, W)", found=shape_of(x))
+        b = x.shape[0]
+        check_timestep(t, b)
+        if context is not None:
+            raise InputError("this UNet has no cross-attention: pass no context (concatenate image conditioning to x)",
+                             where="context", expected=None, found=shape_of(context))
+        if not cfg.class_conditional:
+            if class_labels is not None:
+                raise InputError("this UNet is not class-conditional: pass no class_labels", where="class_labels",
+                                 expected=None, found=shape_of(class_labels))
+        elif not _labels_fit(class_labels, b, cfg):
+            kind = {"identity": f"({b}, {cfg.time_dim}) floating", "timestep": f"({b},)"}
+            raise InputError("this UNet is class-conditional: class_labels do not fit its class embedding",
+                             where="class_labels", expected=f"{kind.get(cfg.class_embed_type, f'({b},) integer')} "
+                             "tensor", found=shape_of(class_labels))
+        return upsample_sizes(tuple(x.shape[-2:]), levels=len(cfg.channels), downsample_padding=cfg.downsample_padding)
+
+    # ---- weights and config.json (diffusers UNet2DModel) ---------------------------------------------
+    @classmethod
+    def from_state_dict(cls, config: UNet2DConfig, state: Mapping[str, torch.Tensor], **kwargs: Any) -> UNet2D:
+        """As ModelMixin.from_state_dict; attention weights under their pre-0.14 diffusers names are renamed."""
+        return super().from_state_dict(config, rename_deprecated_attention(state), **kwargs)
+
+    @classmethod
+    def from_file_config(cls, data: Mapping[str, Any], *, source: str | None = None) -> UNet2DConfig:
+        """diffusers config.json -> UNet2DConfig; keys we don't implement at the given value are a ConfigError."""
+        return UNet2DConfig.from_dict(from_diffusers_config(data, source=source), source=source)
+
+    def to_file_config(self) -> dict[str, Any]:
+        """A complete diffusers UNet2DModel config.json for this architecture."""
+        return to_diffusers_config(self.config)
+
+
+def _labels_fit(labels: Any, batch: int, cfg: UNet2DConfig) -> bool:
+    if not isinstance(labels, torch.Tensor):
+        return False
+    if cfg.class_embed_type == "identity":
+        return labels.shape == (batch, cfg.time_dim) and labels.is_floating_point()
+    if cfg.class_embed_type == "timestep":
+        return labels.shape == (batch,) and not labels.is_complex()
+    return labels.shape == (batch,) and not labels.is_floating_point() and not labels.is_complex()
+
+
+# Checkpoints saved before diffusers 0.14 (the CompVis LDM uploads among them) name the attention projections
+# query / key / value / proj_attn; diffusers renames them on load (ModelMixin._fix_state_dict_keys_on_load).
+DEPRECATED_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_DEPRECATED_KEY = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
+
+
+def rename_deprecated_attention(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Attention weights under their old names -> current names; every other key unchanged."""
+    def rename(key: str) -> str:
+        m = _DEPRECATED_KEY.match(key)
+        return f"{m[1]}.{DEPRECATED_ATTENTION_NAMES[m[2]]}.{m[3]}" if m else key
+    return {rename(k): v for k, v in state.items()}
+
+
+# ---- diffusers config.json <-> UNet2DConfig -----------------------------------------------------------------
+# Every argument of diffusers' UNet2DModel.__init__, at its default (diffusers 0.42). A key a file omits takes
+# this value; tests check the table against the signature, so a new diffusers key is caught.
+DIFFUSERS_DEFAULTS: dict[str, Any] = {
+    "sample_size": None, "in_channels": 3, "out_channels": 3, "center_input_sample": False,
+    "time_embedding_type": "positional", "time_embedding_dim": None, "freq_shift": 0, "flip_sin_to_cos": True,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
+    "mid_block_type": "UNetMidBlock2D",
+    "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [224, 448, 672, 896], "layers_per_block": 2, "mid_block_scale_factor": 1,
+    "downsample_padding": 1, "downsample_type": "conv", "upsample_type": "conv", "dropout": 0.0, "act_fn": "silu",
+    "attention_head_dim": 8, "norm_num_groups": 32, "attn_norm_num_groups": None, "norm_eps": 1e-5,
+    "resnet_time_scale_shift": "default", "add_attention": True, "class_embed_type": None, "num_class_embeds": None,
+    "num_train_timesteps": None,
+}
+# Keys diffusers implements at other values too; latentdiff implements only these. (None resamples by conv too.)
+_SUPPORTED: dict[str, Any] = {
+    "time_embedding_type": "positional",  # "fourier" (score SDE, with skip blocks) and "learned" are not implemented
+    "downsample_type": ("conv", None), "upsample_type": ("conv", None), "act_fn": ("silu", "swish"),
+    "resnet_time_scale_shift": "default",
+}
+# Read only for time_embedding_type "learned", which _SUPPORTED rejects: accepted and not kept.
+_INERT = ("num_train_timesteps",)
+# Keys mapped to UNet2DConfig fields by from_diffusers_config (with the two tables above: every key).
+_MAPPED = ("sample_size", "in_channels", "out_channels", "center_input_sample", "time_embedding_dim", "freq_shift",
+           "flip_sin_to_cos", "down_block_types", "mid_block_type", "up_block_types", "block_out_channels",
+           "layers_per_block", "mid_block_scale_factor", "downsample_padding", "dropout", "attention_head_dim",
+           "norm_num_groups", "attn_norm_num_groups", "norm_eps", "add_attention", "class_embed_type",
+           "num_class_embeds")
+_DOWN = {True: "AttnDownBlock2D", False: "DownBlock2D"}
+_UP = {True: "AttnUpBlock2D", False: "UpBlock2D"}
+_MID_BLOCK = "UNetMidBlock2D"
+
+
+def from_diffusers_config(data: Mapping[str, Any], *, source: str | None = None) -> dict[str, Any]:
+    """A diffusers UNet2DModel config dict -> UNet2DConfig fields. Metadata keys ("_...") are skipped."""
+    d = read_diffusers_config(data, "UNet2DModel", DIFFUSERS_DEFAULTS, _SUPPORTED, source=source)
+    levels, channels = attention_levels_of(d, down=_DOWN, up=_UP, source=source)
+    if d["mid_block_type"] not in (_MID_BLOCK, None):
+        # diffusers builds a UNetMidBlock2D for any other string: a file naming another block is not this model
+        raise ConfigError("mid block type is not supported", where=key_at(source, "mid_block_type"),
+                          expected=[_MID_BLOCK, None], found=d["mid_block_type"])
+    layers = d["layers_per_block"]
+    if not isinstance(layers, int) or isinstance(layers, bool):
+        raise ConfigError("UNet2DModel takes one layers_per_block for every level", where=key_at(source,
+                          "layers_per_block"), expected="int", found=repr(layers))
+    return {
+        "in_channels": d["in_channels"], "out_channels": d["out_channels"],
+        "sample_size": square_sample_size(d["sample_size"], source), "channels": channels,
+        "attention_levels": levels, "layers_per_level": layers, "attention_head_dim": d["attention_head_dim"],
+        "norm_num_groups": d["norm_num_groups"], "attn_norm_num_groups": d["attn_norm_num_groups"],
+        "norm_eps": d["norm_eps"], "flip_sin_to_cos": d["flip_sin_to_cos"], "freq_shift": d["freq_shift"],
+        "time_embedding_dim": d["time_embedding_dim"], "class_embed_type": d["class_embed_type"],
+        # diffusers reads num_class_embeds only without a class_embed_type
+        "num_class_embeds": d["num_class_embeds"] if d["class_embed_type"] is None else None,
+        "mid_block": d["mid_block_type"] is not None, "mid_block_attention": d["add_attention"],
+        "mid_block_scale_factor": d["mid_block_scale_factor"], "downsample_padding": d["downsample_padding"],
+        "dropout": d["dropout"], "center_input_sample": d["center_input_sample"],
+    }
+
+
+def to_diffusers_config(cfg: UNet2DConfig) -> dict[str, Any]:
+    """UNet2DConfig -> a complete diffusers UNet2DModel config dict (every __init__ argument)."""
+    out = {k: list(v) if isinstance(v, list) else v for k, v in DIFFUSERS_DEFAULTS.items()}
+    out.update({
+        "sample_size": cfg.sample_size, "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+        "center_input_sample": cfg.center_input_sample, "time_embedding_dim": cfg.time_embedding_dim,
+        "freq_shift": cfg.freq_shift, "flip_sin_to_cos": cfg.flip_sin_to_cos,
+        "down_block_types": [_DOWN[a] for a in cfg.attention_levels],
+        "mid_block_type": _MID_BLOCK if cfg.mid_block else None,
+        "up_block_types": [_UP[a] for a in reversed(cfg.attention_levels)],
+        "block_out_channels": list(cfg.channels), "layers_per_block": cfg.layers_per_level,
+        "mid_block_scale_factor": cfg.mid_block_scale_factor, "downsample_padding": cfg.downsample_padding,
+        "dropout": cfg.dropout, "attention_head_dim": cfg.attention_head_dim, "norm_num_groups": cfg.norm_num_groups,
+        "attn_norm_num_groups": cfg.attn_norm_num_groups, "norm_eps": cfg.norm_eps,
+        "add_attention": cfg.mid_block_attention, "class_embed_type": cfg.class_embed_type,
+        "num_class_embeds": cfg.num_class_embeds,
+    })
+    return out

@@ -1,0 +1,247 @@
+"""The VQ-regularised autoencoder: LDM's other first stage (Rombach et al. 2022, sec. 3.1 and app. G).
+
+The encoder maps an image x (B, 3, H, W) in [-1, 1] to latents h (B, D, H/f, W/f); a vector-quantization
+layer (van den Oord et al. 2017) "absorbed by the decoder" snaps every latent pixel to its nearest
+entry of a learned codebook of `num_vq_embeddings` vectors. As in LDM, the diffusion model works on the
+continuous h, before quantization, and `decode` quantizes first: `encode` returns h, `decode(h)`
+quantizes and decodes (diffusers' VQModel does the same). LDM's VQ models use scaling_factor 1.0.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ComponentConfig
+from ..errors import ConfigError, InputError
+from ..registry import COMPONENTS
+from .autoencoder_parts import Decoder, Encoder, check_image, config_from_file, config_to_file, validate_first_stage
+from .base import ModelMixin
+
+Generator = torch.Generator | Sequence[torch.Generator] | None
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-codebook-entry quantization with a straight-through gradient (VQ-VAE, van den Oord et al. 2017).
+
+    z: (B, D, h, w) -> z_q (B, D, h, w), loss (scalar), indices (B, h, w). The codebook is
+    `embedding.weight` (num_embeddings, D), named as in diffusers and the original.
+    """
+
+    def __init__(self, num_embeddings: int, embed_dim: int, *, beta: float = 0.25, legacy: bool = True):
+        super().__init__()
+        self.num_embeddings, self.embed_dim = num_embeddings, embed_dim
+        self.beta = beta
+        # legacy=True keeps the original's (taming-transformers') weighting, which puts beta on the codebook
+        # term instead of the commitment term; every released LDM/diffusers VQ model was trained with it.
+        self.legacy = legacy
+        self.embedding = nn.Embedding(num_embeddings, embed_dim)
+        nn.init.uniform_(self.embedding.weight, -1.0 / num_embeddings, 1.0 / num_embeddings)
+
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest codebook entry (L2) of every latent pixel. z: (B, D, h, w) -> (B, h, w) long."""
+        b, d, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+        codebook = self.embedding.weight
+        if flat.dtype in (torch.float16, torch.bfloat16):
+            # Distances between close codes vanish in half precision: compare them in fp32.
+            flat, codebook = flat.float(), codebook.float()
+        # argmin_k |z - e_k|^2 = argmin_k (|e_k|^2 - 2 z.e_k): |z|^2 is the same for every k, so it is dropped.
+        distances = torch.addmm(codebook.pow(2).sum(1), flat, codebook.t(), alpha=-2.0)
+        return distances.argmin(dim=1).view(b, h, w)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (z_q, loss, indices). loss = beta * |sg(z_q) - z|^2 + |z_q - sg(z)|^2 (means over all elements),
+        the two weights swapped when `legacy`; z_q = z + sg(z_q - z) passes the decoder's gradient to z."""
+        if z.ndim != 4 or z.shape[1] != self.embed_dim:
+            raise InputError("latents have the wrong shape", where="VectorQuantizer(z)",
+                             expected=f"(B, {self.embed_dim}, h, w)", found=tuple(z.shape))
+        indices = self.nearest(z)
+        z_q = self.get_codebook_entry(indices).to(z.dtype)
+        if not z.requires_grad:
+            # Inference: both terms have the same value and no gradient is needed, so skip the extra ops.
+            return z_q, (1.0 + self.beta) * F.mse_loss(z_q, z), indices
+        commitment = F.mse_loss(z, z_q.detach())  # pulls the encoder to its code
+        codebook = F.mse_loss(z_q, z.detach())    # pulls the code to the encoder
+        loss = commitment + self.beta * codebook if self.legacy else self.beta * commitment + codebook
+        return z + (z_q - z).detach(), loss, indices
+
+    def get_codebook_entry(self, indices: torch.Tensor, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Codebook vectors for `indices` (B, h, w) -> (B, D, h, w).
+
+        Flat indices (B*h*w,) need `shape` = (B, h, w, D), the original's and diffusers' convention.
+        """
+        if indices.is_floating_point() or indices.is_complex():
+            raise InputError("codebook indices must be integers", where="get_codebook_entry(indices)",
+                             expected="a long tensor", found=str(indices.dtype))
+        if shape is not None:
+            if len(shape) != 4 or shape[3] != self.embed_dim or indices.numel() != shape[0] * shape[1] * shape[2]:
+                raise InputError("shape does not match the indices", where="get_codebook_entry(shape)",
+                                 expected=f"(B, h, w, {self.embed_dim}) with B*h*w = {indices.numel()}",
+                                 found=tuple(shape))
+            indices = indices.reshape(shape[:3])
+        if indices.ndim != 3:
+            raise InputError("codebook indices must be (B, h, w), or flat with shape=", where="get_codebook_entry",
+                             expected="(B, h, w)", found=tuple(indices.shape))
+        return F.embedding(indices, self.embedding.weight).permute(0, 3, 1, 2).contiguous()
+
+
+@dataclasses.dataclass(frozen=True)
+class VQModelConfig(ComponentConfig):
+    """Defaults: LDM's vq-f4 (the first stage of LDM-4 on CelebA-HQ, FFHQ, LSUN and of LDM-SR)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 3                          # encoder output width (the original's z_channels)
+    channels: tuple[int, ...] = (128, 256, 512)       # width per level; downsampling f = 2^(levels - 1)
+    layers_per_level: int = 2                         # resnets per encoder level (the decoder has one more)
+    attention_levels: tuple[bool, ...] | None = None  # self-attention in level i (None: only in the mid block)
+    num_vq_embeddings: int = 8192                     # codebook size (n_embed)
+    vq_embed_dim: int | None = None                   # codebook width (embed_dim); None: latent_channels
+    norm_num_groups: int = 32
+    sample_size: int | None = 256                     # training image size; informative only
+    scaling_factor: float = 1.0                       # LDM trains on unscaled VQ latents
+    norm_type: str = "group"                          # diffusers' "spatial" (MoVQ decoder) is not implemented
+    mid_block_attention: bool = True
+    lookup_from_codebook: bool = False                # decode(indices, force_not_quantize=True) looks codes up
+    force_upcast: bool = False                        # kept so a saved config round-trips; pipelines decide
+
+    def validate(self) -> None:
+        validate_first_stage(self, _bad)
+        if self.num_vq_embeddings < 1:
+            _bad("num_vq_embeddings", "a positive integer", self.num_vq_embeddings)
+        if self.vq_embed_dim is not None and self.vq_embed_dim < 1:
+            _bad("vq_embed_dim", "a positive integer or None", self.vq_embed_dim)
+        if self.norm_type != "group":
+            _bad("norm_type", "'group' (the LDM VQ models; spatial normalization is not implemented)",
+                 self.norm_type)
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of a codebook vector, and channels of the diffusion latent."""
+        return self.vq_embed_dim if self.vq_embed_dim is not None else self.latent_channels
+
+
+def _bad(field: str, expected: str, found: Any) -> None:
+    raise ConfigError(f"invalid VQModelConfig field {field!r}", where=field, expected=expected, found=repr(found))
+
+
+# ---- diffusers config.json <-> VQModelConfig ---------------------------------------------------------
+# Every argument of diffusers' VQModel.__init__ (0.42) with its default: a key absent from a file takes
+# this value, a key not listed here is an error.
+_DIFFUSERS_DEFAULTS: dict[str, Any] = {
+    "in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D"], "block_out_channels": [64], "layers_per_block": 1, "act_fn": "silu",
+    "latent_channels": 3, "sample_size": 32, "num_vq_embeddings": 256, "norm_num_groups": 32, "vq_embed_dim": None,
+    "scaling_factor": 0.18215, "norm_type": "group", "mid_block_add_attention": True,
+    "lookup_from_codebook": False, "force_upcast": False,
+}
+_RENAMED = {"block_out_channels": "channels", "layers_per_block": "layers_per_level",
+            "mid_block_add_attention": "mid_block_attention"}
+_CONSTANTS = {"act_fn": "silu"}
+
+
+def config_from_diffusers(data: Mapping[str, Any], *, source: str | None = None) -> VQModelConfig:
+    """Map a diffusers VQModel config.json dict to our config; '_'-prefixed metadata is ignored."""
+    return config_from_file(data, config_class=VQModelConfig, class_name="VQModel", defaults=_DIFFUSERS_DEFAULTS,
+                            renamed=_RENAMED, constants=_CONSTANTS, source=source)
+
+
+def config_to_diffusers(config: VQModelConfig) -> dict[str, Any]:
+    """The full diffusers VQModel config.json dict (every __init__ argument) for `config`."""
+    return config_to_file(config, renamed=_RENAMED, constants=_CONSTANTS)
+
+
+@COMPONENTS.register("vq_model")
+class VQModel(ModelMixin):
+    """Image (B, in_channels, H, W) <-> latents (B, embed_dim, H/f, W/f), quantized before decoding.
+
+    Parameter names are those of diffusers' VQModel (encoder., quant_conv, quantize.embedding.weight,
+    post_quant_conv, decoder.), so its checkpoints load with no key map. `model.quantize(h)` is the
+    quantization layer itself: h (B, embed_dim, h, w) -> (z_q, loss, indices (B, h, w)).
+    """
+
+    config_class = VQModelConfig
+    diffusers_class_name = "VQModel"
+    config: VQModelConfig
+
+    def __init__(self, config: VQModelConfig):
+        super().__init__(config)
+        c = config
+        common = dict(channels=c.channels, layers_per_level=c.layers_per_level, groups=c.norm_num_groups,
+                      mid_block_attention=c.mid_block_attention, attention_levels=c.attention_levels)
+        self.encoder = Encoder(in_channels=c.in_channels, z_channels=c.latent_channels, double_z=False, **common)
+        self.quant_conv = nn.Conv2d(c.latent_channels, c.embed_dim, 1)
+        self.quantize = VectorQuantizer(c.num_vq_embeddings, c.embed_dim, beta=0.25, legacy=True)
+        self.post_quant_conv = nn.Conv2d(c.embed_dim, c.latent_channels, 1)
+        self.decoder = Decoder(z_channels=c.latent_channels, out_channels=c.out_channels, **common)
+
+    @property
+    def downsample_factor(self) -> int:
+        """f: the image is f times the latent's height and width."""
+        return 2 ** (len(self.config.channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latent the diffusion model sees: the codebook width (`config.embed_dim`), which
+        differs from `config.latent_channels` (the encoder's output width, diffusers' name) when vq_embed_dim is set."""
+        return self.config.embed_dim
+
+    @classmethod
+    def from_file_config(cls, data: Mapping[str, Any], *, source: str | None = None) -> VQModelConfig:
+        return config_from_diffusers(data, source=source)
+
+    def to_file_config(self) -> dict[str, Any]:
+        return config_to_diffusers(self.config)
+
+    # ---- the autoencoder ------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, in_channels, H, W) in [-1, 1], H and W multiples of f -> h (B, embed_dim, H/f, W/f), not quantized."""
+        check_image(x, channels=self.config.in_channels, factor=self.downsample_factor,
+                    where=f"{type(self).__name__}.encode(x)")
+        return self.quant_conv(self.encoder(x))
+
+    def decode(self, h: torch.Tensor, *, force_not_quantize: bool = False) -> torch.Tensor:
+        """h: (B, embed_dim, h, w), unscaled -> image (B, out_channels, h*f, w*f), roughly in [-1, 1].
+
+        h is quantized first, unless force_not_quantize; then, with config.lookup_from_codebook, h holds
+        codebook indices (B, h, w) to look up (as in diffusers), else it is decoded as it is.
+        """
+        if force_not_quantize and self.config.lookup_from_codebook:
+            if h.ndim != 3:
+                raise InputError("with lookup_from_codebook, force_not_quantize decodes codebook indices",
+                                 where="VQModel.decode(h)", expected="(B, h, w) integer indices",
+                                 found=tuple(h.shape))
+            z_q = self.quantize.get_codebook_entry(h)
+        else:
+            if h.ndim != 4 or h.shape[1] != self.config.embed_dim:
+                raise InputError("latents have the wrong shape", where="VQModel.decode(h)",
+                                 expected=f"(B, {self.config.embed_dim}, h, w)", found=tuple(h.shape))
+            z_q = h if force_not_quantize else self.quantize(h)[0]
+        return self.decoder(self.post_quant_conv(z_q))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction: x (B, in_channels, H, W) -> decode(quantize(encode(x))), the same shape."""
+        return self.decode(self.encode(x))
+
+    # ---- scaled latents, the diffusion model's space --------------------------------------------
+    def encode_latents(self, x: torch.Tensor, *, generator: Generator = None, sample: bool = True) -> torch.Tensor:
+        """Image x (B, in_channels, H, W) -> scaled latent h * scaling_factor (B, embed_dim, H/f, W/f).
+
+        The VQ encoder is deterministic: `generator` and `sample` exist so that every first stage is
+        called alike (AutoencoderKL draws from its posterior) and change nothing here.
+        """
+        return self.scale_latents(self.encode(x))
+
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latent (B, embed_dim, h, w) -> image (B, out_channels, h*f, w*f), quantized on the way."""
+        return self.decode(self.unscale_latents(z))
+
+    def scale_latents(self, latent: torch.Tensor) -> torch.Tensor:
+        return latent * self.config.scaling_factor if self.config.scaling_factor != 1.0 else latent
+
+    def unscale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        return z / self.config.scaling_factor if self.config.scaling_factor != 1.0 else z
