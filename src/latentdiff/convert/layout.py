@@ -1,0 +1,125 @@
+"""How a whole original checkpoint is laid out: which prefix holds which network, and what belongs to none.
+
+A CompVis / Stability AI checkpoint is one flat state dict of a `LatentDiffusion` module:
+
+    model.diffusion_model.*   the denoising UNet                  -> part "unet"
+    first_stage_model.*       the autoencoder (KL or VQ)          -> part "vae" / "vqvae"
+    cond_stage_model.*        the conditioning stage              -> part "text_encoder" / "class_embedder"
+    model_ema.*               LitEma's copy of the UNet           -> replaces the UNet's weights (use_ema)
+    betas, alphas_cumprod ... the DDPM schedule buffers, logvar   -> kept aside ("extras"), verbatim
+
+A stand-alone first-stage file (e.g. CompVis' `kl-f8/model.ckpt`, SD's `vae-ft-mse-*.ckpt`) has the
+autoencoder's keys without a prefix. `FileLayout.keymap()` is the one table for the whole file; its
+output keys are `<part>/<diffusers key>`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .keymap import Drop, Nest
+from .text_ldm import TextArch
+from .unet_ldm import EMA_BOOKKEEPING, UNET_PREFIX, UNetArch
+from .vae_ldm import VAEArch
+
+FIRST_STAGE_PREFIX = "first_stage_model."
+COND_STAGE_PREFIX = "cond_stage_model."
+SEPARATOR = "/"  # between a part name and its keys in the whole-file table
+
+# Top-level tensors of LatentDiffusion that are no network's weights: the diffusion schedule
+# (recomputable from the scheduler config, but kept verbatim so a file round-trips bit for bit),
+# the learned log-variance, the latent scale (scale_by_std), EMA bookkeeping, and the noise
+# schedule of the x4 upscaler's low-resolution augmentation.
+SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                    "posterior_mean_coef1", "posterior_mean_coef2", "lvlb_weights")
+NON_NETWORK = (
+    *(Drop(name) for name in SCHEDULE_BUFFERS),
+    Drop("logvar"), Drop("scale_factor"),
+    *(Drop(name) for name in EMA_BOOKKEEPING),
+    Drop("low_scale_model.{rest*}"),
+)
+
+FAMILIES = ("sd1", "sd2", "sd-inpaint", "sd-upscale", "ldm", "vae", "vqvae")
+
+
+@dataclasses.dataclass(frozen=True)
+class FileLayout:
+    """The parts of one original checkpoint, each described well enough to build its key table."""
+
+    family: str
+    unet: UNetArch | None = None
+    first_stage: VAEArch | None = None
+    cond_stage: TextArch | None = None
+    scheduler: dict[str, Any] | None = None
+    standalone_first_stage: bool = False  # the autoencoder's keys carry no `first_stage_model.` prefix
+
+    def parts(self) -> dict[str, Any]:
+        """part name -> its description (UNetArch / VAEArch / TextArch)."""
+        out: dict[str, Any] = {}
+        if self.unet is not None:
+            out["unet"] = self.unet
+        if self.first_stage is not None:
+            out[self.first_stage.part] = self.first_stage
+        if self.cond_stage is not None:
+            out[self.cond_stage.part] = self.cond_stage
+        return out
+
+    def keymap(self) -> tuple:
+        """Whole original file -> `<part>/<our key>`; `invert()` it to write an original file."""
+        rules: list = []
+        for part, arch in self.parts().items():
+            prefix = {"unet": UNET_PREFIX, "vae": FIRST_STAGE_PREFIX, "vqvae": FIRST_STAGE_PREFIX}.get(
+                part, COND_STAGE_PREFIX)
+            if part in ("vae", "vqvae") and self.standalone_first_stage:
+                prefix = ""
+            rules.append(Nest(prefix, part + SEPARATOR, arch.keymap()))
+        return tuple(sorted(rules, key=lambda r: r.src == "")) + NON_NETWORK  # a bare prefix goes last
+
+    def configs(self) -> dict[str, dict[str, Any]]:
+        """part -> diffusers-format config dict (transformers' for text encoders), plus the scheduler's."""
+        out = {}
+        for part, arch in self.parts().items():
+            out[part] = arch.to_config() if isinstance(arch, TextArch) else arch.to_diffusers_config()
+        if self.scheduler is not None:
+            out["scheduler"] = dict(self.scheduler)
+        return out
+
+    @classmethod
+    def from_configs(cls, configs: dict[str, dict[str, Any]], *, family: str | None = None,
+                     standalone_first_stage: bool | None = None) -> "FileLayout":
+        """The inverse of `configs()`: from diffusers-format config dicts keyed by part name."""
+        unet = UNetArch.from_diffusers_config(configs["unet"]) if "unet" in configs else None
+        first = next((VAEArch.from_diffusers_config(configs[p], source=p) for p in ("vae", "vqvae") if p in configs),
+                     None)
+        cond = next((TextArch.from_config(configs[p], source=p) for p in ("text_encoder", "class_embedder")
+                     if p in configs), None)
+        if family is None:
+            family = _family(unet, first, cond)
+        if standalone_first_stage is None:
+            standalone_first_stage = unet is None and cond is None
+        return cls(family=family, unet=unet, first_stage=first, cond_stage=cond, scheduler=configs.get("scheduler"),
+                   standalone_first_stage=standalone_first_stage)
+
+
+def _family(unet: UNetArch | None, first: VAEArch | None, cond: TextArch | None) -> str:
+    """The family name of a set of parts (see FAMILIES)."""
+    if unet is None:
+        return first.part if first is not None else "ldm"
+    if unet.in_channels == 9 and unet.conditional:
+        return "sd-inpaint"
+    if unet.in_channels == 7 and unet.num_class_embeds:
+        return "sd-upscale"
+    kind = cond.kind if cond is not None else None
+    if kind == "openclip" or (kind is None and unet.cross_attention_dim == 1024):
+        return "sd2"
+    if kind == "clip" or (kind is None and unet.cross_attention_dim == 768):
+        return "sd1"
+    return "ldm"
+
+
+def with_conventions(unet: UNetArch, text: TextArch | None) -> UNetArch:
+    """What the original code does but no weight records: Stability AI's SD 2.x code (OpenCLIP models)
+    computes attention in float32 (ATTN_PRECISION="fp32"), diffusers' `upcast_attention`."""
+    return dataclasses.replace(unet, upcast_attention=text is not None and text.kind == "openclip")

@@ -1,0 +1,208 @@
+"""Original LDM / Stable Diffusion inference YAMLs -> the same FileLayout (and diffusers config dicts).
+
+The YAML structure is CompVis':
+
+    model: {target: ...LatentDiffusion, params: {linear_start, linear_end, timesteps, parameterization,
+            scale_factor, image_size, unet_config: {params: ...}, first_stage_config: {target, params},
+            cond_stage_config: {target, params} | "__is_unconditional__"}}
+
+(a stand-alone autoencoder YAML has the AutoencoderKL / VQModel as `model` itself). The released
+inference configs ship with latentdiff (`SHIPPED_CONFIGS`), so `original_config="v2-inference-v"` works
+offline. Only the keys that shape the network or the schedule are read; training-only keys are ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import ConfigError
+from .infer import scheduler_config
+from .layout import FileLayout, _family, with_conventions
+from .text_ldm import TextArch, class_embedder_config, clip_config, ldmbert_config
+from .unet_ldm import UNetArch
+from .vae_ldm import VAEArch
+
+SHIPPED_CONFIGS = ("v1-inference", "v1-inpainting-inference", "v2-inference", "v2-inference-v",
+                   "celebahq-ldm-vq-4", "cin256-v2", "txt2img-1p4B-eval", "bsr_sr", "lsun_churches-ldm-kl-8")
+PARAMETERIZATION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+NO_CONDITIONING = ("__is_unconditional__", "__is_first_stage__", "torch.nn.Identity")
+# The text towers SD's YAMLs name by default (their widths are not in the YAML).
+CLIP_L14 = dict(vocab_size=49408, hidden_size=768, num_hidden_layers=12, intermediate_size=3072,
+                max_position_embeddings=77, hidden_act="quick_gelu")
+OPENCLIP_H14 = dict(vocab_size=49408, hidden_size=1024, num_hidden_layers=24, intermediate_size=4096,
+                    max_position_embeddings=77, hidden_act="gelu", projection_dim=1024)
+BERT_VOCAB, BERT_HEADS, BERT_HEAD_WIDTH = 30522, 8, 64  # BERTEmbedder / x-transformers defaults
+
+
+def shipped_config_path(name: str) -> Path:
+    """The path of a YAML shipped with latentdiff (`name` without `.yaml`)."""
+    if name not in SHIPPED_CONFIGS:
+        raise ConfigError("no such shipped original config", where=name, expected=SHIPPED_CONFIGS)
+    return Path(str(resources.files("latentdiff.convert") / "configs" / f"{name}.yaml"))
+
+
+def load_original_config(config: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """A YAML dict from a mapping, a path, or the name of a shipped config."""
+    if isinstance(config, Mapping):
+        return dict(config)
+    import yaml  # pyyaml: only needed here
+
+    path = shipped_config_path(str(config)) if str(config) in SHIPPED_CONFIGS else Path(config)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError("original config not found", where=str(path),
+                          expected=f"a YAML file or one of {SHIPPED_CONFIGS}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"not a valid YAML file ({e})", where=str(path)) from None
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise ConfigError("not an LDM config: no `model:` section", where=str(path))
+    return data
+
+
+def _params(section: Any, where: str) -> dict[str, Any]:
+    if not isinstance(section, Mapping):
+        raise ConfigError("expected a mapping with `target` and `params`", where=where, found=section)
+    return dict(section.get("params") or {})
+
+
+def unet_from_original(p: Mapping[str, Any], *, image_size: int | None = None) -> UNetArch:
+    """UNetArch from `unet_config.params` (openaimodel.UNetModel's arguments)."""
+    where = "model.params.unet_config.params"
+    if p.get("dims", 2) != 2 or not p.get("conv_resample", True) or p.get("disable_self_attentions"):
+        raise ConfigError("unsupported UNet options", where=where,
+                          found={k: p.get(k) for k in ("dims", "conv_resample", "disable_self_attentions")})
+    channels = tuple(p["model_channels"] * m for m in p["channel_mult"])
+    levels = len(channels)
+    res_blocks = p["num_res_blocks"]
+    layers = (res_blocks,) * levels if isinstance(res_blocks, int) else tuple(res_blocks)
+    kind = "transformer" if p.get("use_spatial_transformer", False) else "self"
+    attention = tuple(kind if 2 ** level in p["attention_resolutions"] else "none" for level in range(levels))
+    num_heads, head_channels = p.get("num_heads", -1), p.get("num_head_channels", -1)
+    if num_heads == -1 and head_channels == -1:
+        raise ConfigError("either num_heads or num_head_channels must be set", where=where)
+    heads = tuple(num_heads if head_channels == -1 else c // head_channels for c in channels)
+    depth = p.get("transformer_depth", 1)
+    context = p.get("context_dim")
+    if isinstance(context, (list, tuple)):
+        context = context[0]
+    classes = p.get("num_classes")
+    if classes is not None and classes != "sequential" and not isinstance(classes, int):
+        raise ConfigError("unsupported num_classes", where=where, found=classes)
+    return UNetArch(
+        in_channels=p["in_channels"], out_channels=p["out_channels"], channels=channels, layers_per_level=layers,
+        attention=attention, mid_attention=kind, heads=heads,
+        transformer_depth=(depth,) * levels if isinstance(depth, int) else tuple(depth),
+        cross_attention_dim=context if kind == "transformer" else None,
+        use_linear_projection=bool(p.get("use_linear_in_transformer", False)),
+        num_class_embeds=classes if isinstance(classes, int) else None,
+        projection_class_embeddings_input_dim=p.get("adm_in_channels") if classes == "sequential" else None,
+        resnet_time_scale_shift="scale_shift" if p.get("use_scale_shift_norm", False) else "default",
+        resample="resnet" if p.get("resblock_updown", False) else "conv",
+        legacy_qkv_order=not p.get("use_new_attention_order", False), sample_size=image_size)
+
+
+def vae_from_original(section: Mapping[str, Any], *, scaling_factor: float, where: str) -> VAEArch:
+    """VAEArch from a first-stage section (`target` AutoencoderKL / VQModel[Interface], `params.ddconfig`)."""
+    target = str(section.get("target", ""))
+    p = _params(section, where)
+    dd = p.get("ddconfig") or {}
+    vq = target.rsplit(".", 1)[-1] in ("VQModel", "VQModelInterface")
+    if not vq and not target.endswith("AutoencoderKL"):
+        raise ConfigError("unsupported first stage", where=f"{where}.target",
+                          expected="ldm.models.autoencoder.AutoencoderKL / VQModel / VQModelInterface", found=target)
+    if not vq and p.get("embed_dim", dd["z_channels"]) != dd["z_channels"]:
+        raise ConfigError("KL autoencoder with embed_dim != z_channels is not supported", where=where,
+                          found=(p.get("embed_dim"), dd["z_channels"]))
+    levels = len(dd["ch_mult"])
+    resolution = dd.get("resolution", 256)
+    return VAEArch(
+        kind="vq" if vq else "kl", in_channels=dd.get("in_channels", 3), out_channels=dd.get("out_ch", 3),
+        channels=tuple(dd["ch"] * m for m in dd["ch_mult"]), layers_per_block=dd["num_res_blocks"],
+        latent_channels=dd["z_channels"],
+        attention_levels=tuple(resolution // 2 ** level in (dd.get("attn_resolutions") or []) for level in range(levels)),
+        num_vq_embeddings=p.get("n_embed") if vq else None, vq_embed_dim=p.get("embed_dim") if vq else None,
+        scaling_factor=scaling_factor, sample_size=resolution)
+
+
+def text_from_original(section: Any) -> TextArch | None:
+    """TextArch from `cond_stage_config` (None when the model is unconditional or concat-conditioned)."""
+    where = "model.params.cond_stage_config"
+    if section is None or (isinstance(section, str) and section in NO_CONDITIONING):
+        return None
+    target = str(section.get("target", "")) if isinstance(section, Mapping) else str(section)
+    if target in NO_CONDITIONING:
+        return None
+    p = _params(section, where)
+    name = target.rsplit(".", 1)[-1]
+    if name == "FrozenCLIPEmbedder":
+        if p.get("version", "openai/clip-vit-large-patch14") != "openai/clip-vit-large-patch14" or \
+                p.get("layer", "last") != "last":
+            raise ConfigError("only CLIP ViT-L/14, last layer, is supported", where=where, found=p)
+        return TextArch("clip", clip_config(**CLIP_L14))
+    if name == "FrozenOpenCLIPEmbedder":
+        layer = p.get("layer", "last")
+        if p.get("arch", "ViT-H-14") != "ViT-H-14" or layer not in ("last", "penultimate"):
+            raise ConfigError("only OpenCLIP ViT-H-14, last or penultimate layer, is supported", where=where, found=p)
+        skip = 1 if layer == "penultimate" else 0
+        return TextArch("openclip", clip_config(**{**OPENCLIP_H14, "num_hidden_layers": 24 - skip}),
+                        skipped_layers=skip)
+    if name == "BERTEmbedder":
+        width = p["n_embed"]
+        return TextArch("ldmbert", ldmbert_config(
+            vocab_size=p.get("vocab_size", BERT_VOCAB), d_model=width, encoder_layers=p["n_layer"],
+            encoder_ffn_dim=4 * width, max_position_embeddings=p.get("max_seq_len", 77),
+            inner_dim=BERT_HEADS * BERT_HEAD_WIDTH))
+    if name == "ClassEmbedder":
+        return TextArch("class", class_embedder_config(num_classes=p.get("n_classes", 1000), embed_dim=p["embed_dim"]))
+    raise ConfigError("unsupported conditioning stage", where=f"{where}.target",
+                      expected="FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder, BERTEmbedder, ClassEmbedder, none",
+                      found=target)
+
+
+def layout_from_original_config(config: str | os.PathLike | Mapping[str, Any], *, prediction_type: str | None = None,
+                                scale_factor: float | None = None) -> FileLayout:
+    """The FileLayout an original YAML describes. `scale_factor` (the file's buffer, for scale_by_std
+    models) overrides the YAML's."""
+    data = load_original_config(config)
+    model = data["model"]
+    target = str(model.get("target", ""))
+    params = dict(model.get("params") or {})
+    if target.rsplit(".", 1)[-1] in ("AutoencoderKL", "VQModel", "VQModelInterface"):
+        first = vae_from_original(model, scaling_factor=1.0 if scale_factor is None else scale_factor, where="model")
+        return FileLayout(family=first.part, first_stage=first, standalone_first_stage=True)
+    if "unet_config" not in params or "first_stage_config" not in params:
+        raise ConfigError("not a latent-diffusion config: no unet_config / first_stage_config",
+                          where="model.params", found=sorted(params))
+    scale = scale_factor if scale_factor is not None else float(params.get("scale_factor", 1.0))
+    unet = unet_from_original(_params(params["unet_config"], "model.params.unet_config"),
+                              image_size=params.get("image_size"))
+    first = vae_from_original(params["first_stage_config"], scaling_factor=scale,
+                              where="model.params.first_stage_config")
+    if unet.sample_size:
+        first = dataclasses.replace(first, sample_size=unet.sample_size * 2 ** (len(first.channels) - 1))
+    text = text_from_original(params.get("cond_stage_config"))
+    unet = with_conventions(unet, text)
+    parameterization = params.get("parameterization", "eps")
+    if parameterization not in PARAMETERIZATION:
+        raise ConfigError("unsupported parameterization", where="model.params.parameterization",
+                          expected=tuple(PARAMETERIZATION), found=parameterization)
+    if params.get("beta_schedule", "linear") != "linear":
+        raise ConfigError("unsupported beta_schedule", where="model.params.beta_schedule", expected="linear",
+                          found=params.get("beta_schedule"))
+    schedule = {"beta_start": float(params.get("linear_start", 1e-4)), "beta_end": float(params.get("linear_end", 2e-2)),
+                "num_train_timesteps": int(params.get("timesteps", 1000)), "beta_schedule": "scaled_linear"}
+    scheduler = scheduler_config(prediction_type=prediction_type or PARAMETERIZATION[parameterization],
+                                 schedule=schedule)
+    return FileLayout(family=_family(unet, first, text), unet=unet, first_stage=first, cond_stage=text,
+                      scheduler=scheduler)
+
+
+def original_config_to_configs(config: str | os.PathLike | Mapping[str, Any], *,
+                               prediction_type: str | None = None) -> dict[str, Any]:
+    """{"family": ..., part: diffusers-format config, ..., "scheduler": ...} from an original YAML."""
+    layout = layout_from_original_config(config, prediction_type=prediction_type)
+    return {"family": layout.family, **layout.configs()}

@@ -1,0 +1,213 @@
+"""One-file checkpoints in the original layout (`.ckpt`, `.safetensors`): read, split into parts, write back.
+
+    parts = read_single_file("v1-5-pruned-emaonly.safetensors")    # {"unet": (config, state), ...}
+    state = to_single_file(parts)                                  # the original layout again, bit for bit
+    write_single_file("model.safetensors", parts)                  # + latentdiff's configs in the metadata
+
+A *parts* dict maps a part name to `(config, state_dict)`:
+
+    "unet"            diffusers UNet2DConditionModel (SD, text/class LDMs) or UNet2DModel (other LDMs)
+    "vae" / "vqvae"   diffusers AutoencoderKL / VQModel
+    "text_encoder"    transformers CLIPTextModel (SD 1.x / 2.x), diffusers LDMBertModel (LDM text-to-image)
+    "class_embedder"  LDM's ClassEmbedder: {"embedding.weight": (classes, width)}
+    "scheduler"       (DDIMScheduler config, {})
+    "extras"          ({"family": ...}, tensors of the file that are no network's weights: schedule buffers,
+                      position_ids, OpenCLIP's unused last layer ...; written back verbatim)
+
+Configs are diffusers' config.json dicts (transformers' for text encoders). Pickles are read with
+`weights_only=True`: nothing in a file is executed; the one non-tensor name old Lightning checkpoints
+need (a callback class used as a dict key) is allowed by name and resolves to an inert stand-in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .. import hub
+from ..errors import CheckpointError, InputError
+from .infer import infer_layout
+from .keymap import apply_keymap, invert
+from .layout import SEPARATOR, FileLayout
+from .original_config import layout_from_original_config
+from .unet_ldm import select_ema
+
+METADATA_KEY = "latentdiff"  # safetensors metadata entry holding the configs (JSON)
+FORMAT_VERSION = 1
+NETWORK_PARTS = ("unet", "vae", "vqvae", "text_encoder", "class_embedder")
+OTHER_PARTS = ("scheduler", "extras")
+# Lightning <= 1.4 keyed callback states by the callback class; unpickling the key needs the name only.
+LIGHTNING_CALLBACK_KEYS = ("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+                           "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint")
+Parts = dict[str, tuple[dict[str, Any], dict[str, torch.Tensor]]]
+
+
+class CallbackKey:
+    """Inert stand-in for a Lightning callback class found in a checkpoint (used there as a dict key)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        pass
+
+
+# ---- reading ----------------------------------------------------------------------------------------------
+def load_single_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The raw tensors of a `.safetensors` or `.ckpt` file, and {"metadata": {...}, "global_step": int | None}.
+
+    A Lightning checkpoint is unwrapped (`state_dict`); anything else that is not tensors is refused.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError("checkpoint file not found", where=str(path))
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if path.suffix == ".safetensors" or (len(head) == 9 and head[8:9] == b"{"):
+        header = hub.check_safetensors_header(path)
+        return hub.load_safetensors(path), {"metadata": dict(header.get("__metadata__") or {}), "global_step": None}
+    if zipfile.is_zipfile(path) or head[:1] == b"\x80":  # torch.save's zip format / the legacy pickle format
+        stand_ins = [(CallbackKey, name) for name in LIGHTNING_CALLBACK_KEYS]
+        try:
+            with torch.serialization.safe_globals(stand_ins):
+                obj = hub.load_torch_pickle(path)
+        except CheckpointError:
+            raise
+        except Exception as e:  # a malformed pickle can fail in many ways; none of them may escape unnamed
+            raise CheckpointError(f"unreadable checkpoint ({type(e).__name__}: {e})", where=str(path)) from None
+        return _unwrap(obj, path)
+    if head[:2] == b"PK":
+        raise CheckpointError("truncated or corrupt checkpoint (a zip archive without its directory)", where=str(path))
+    raise CheckpointError("not a checkpoint: neither safetensors nor a PyTorch file", where=str(path),
+                          expected=".safetensors, or a .ckpt written by torch.save", found=f"starts with {head[:8]!r}")
+
+
+def _unwrap(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    if not isinstance(obj, dict):
+        raise CheckpointError("not a state dict", where=str(path), found=type(obj).__name__)
+    step = obj.get("global_step")
+    state = obj.get("state_dict", obj)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # some trainers nest it twice
+    bad = sorted(str(k) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor))
+    if bad:
+        raise CheckpointError("the state dict holds entries that are not named tensors", where=str(path),
+                              found=bad[:20])
+    return state, {"metadata": {}, "global_step": step if isinstance(step, int) else None}
+
+
+def read_single_file(path: str | os.PathLike, *, use_ema: bool = True,
+                     original_config: str | os.PathLike | Mapping[str, Any] | None = None,
+                     prediction_type: str | None = None) -> Parts:
+    """Read an original checkpoint and split it into parts (see the module doc).
+
+    The architecture comes from `original_config` if given, else from latentdiff's configs in the file's
+    metadata (files written by `write_single_file`), else from the tensor shapes (see `infer`).
+    """
+    state, info = load_single_file(path)
+    configs = family = None
+    if original_config is None and METADATA_KEY in info["metadata"]:
+        try:
+            saved = json.loads(info["metadata"][METADATA_KEY])
+            configs, family = saved["configs"], saved.get("family")
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"unreadable latentdiff metadata ({e})", where=str(path)) from None
+    return split_single_file(state, original_config=original_config, use_ema=use_ema, prediction_type=prediction_type,
+                             global_step=info["global_step"], configs=configs, family=family, source=str(path))
+
+
+def file_layout(state: Mapping[str, torch.Tensor], *, original_config: Any = None,
+                configs: Mapping[str, dict] | None = None, family: str | None = None,
+                prediction_type: str | None = None, global_step: int | None = None,
+                source: str = "checkpoint") -> FileLayout:
+    """The layout of `state`: from a YAML, else from saved configs, else inferred from the shapes."""
+    if original_config is not None:
+        scale = state.get("scale_factor")
+        return layout_from_original_config(original_config, prediction_type=prediction_type,
+                                           scale_factor=float(scale) if scale is not None else None)
+    if configs is not None:
+        layout = FileLayout.from_configs(dict(configs), family=family)
+        if prediction_type is not None and layout.scheduler is not None:
+            layout = dataclasses.replace(layout, scheduler={**layout.scheduler, "prediction_type": prediction_type})
+        return layout
+    return infer_layout(state, prediction_type=prediction_type, global_step=global_step, source=source)
+
+
+def split_single_file(state: Mapping[str, torch.Tensor], *, original_config: Any = None, use_ema: bool = True,
+                      prediction_type: str | None = None, global_step: int | None = None,
+                      configs: Mapping[str, dict] | None = None, family: str | None = None,
+                      source: str = "checkpoint") -> Parts:
+    """An original-layout state dict -> parts. Every tensor lands in a part; an unknown key is an error.
+
+    `use_ema`: when the file has LitEma weights (`model_ema.*`), the UNet gets them (default) or the live
+    weights; the other copy is left out.
+    """
+    state = select_ema(state, use_ema=use_ema, source=source)
+    layout = file_layout(state, original_config=original_config, configs=configs, family=family,
+                         prediction_type=prediction_type, global_step=global_step, source=source)
+    extras: dict[str, torch.Tensor] = {}
+    mapped = apply_keymap(state, layout.keymap(), source=source, dropped=extras)
+    by_part: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in mapped.items():
+        part, _, rest = key.partition(SEPARATOR)
+        by_part.setdefault(part, {})[rest] = value
+    parts: Parts = {}
+    for part, config in layout.configs().items():
+        if part == "scheduler":
+            parts[part] = (config, {})
+        elif part in by_part:  # a part the config names but the file lacks (e.g. a UNet-only file) is omitted
+            parts[part] = (config, by_part[part])
+    parts["extras"] = ({"family": layout.family}, extras)
+    return parts
+
+
+# ---- writing ----------------------------------------------------------------------------------------------
+def to_single_file(parts: Mapping[str, tuple[Mapping[str, Any], Mapping[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """Parts -> one state dict in the original layout (the inverse of `split_single_file`).
+
+    Tensors are not copied except where fused ones are rebuilt (OpenCLIP in_proj, LDM qkv); dtypes are kept.
+    A text encoder state may use transformers 4's `text_model.` prefix or transformers 5's flat names.
+    """
+    unknown = sorted(set(parts) - set(NETWORK_PARTS) - set(OTHER_PARTS))
+    if unknown:
+        raise InputError("unknown part names", where="parts", expected=NETWORK_PARTS + OTHER_PARTS, found=unknown)
+    configs = {name: dict(config) for name, (config, _) in parts.items() if name != "extras"}
+    if not set(configs) & set(NETWORK_PARTS):
+        raise InputError("no network part to write", where="parts", expected=NETWORK_PARTS, found=sorted(parts))
+    extras_config, extras = parts.get("extras", ({}, {}))
+    layout = FileLayout.from_configs(configs, family=extras_config.get("family"))
+    flat: dict[str, torch.Tensor] = {}
+    for name in NETWORK_PARTS:
+        if name in parts:
+            state = parts[name][1]
+            if name == "text_encoder" and state and all(k.startswith("text_model.") for k in state):
+                state = {k[len("text_model."):]: v for k, v in state.items()}
+            flat.update({name + SEPARATOR + k: v for k, v in state.items()})
+    out = apply_keymap(flat, invert(layout.keymap()), source="to_single_file")
+    clash = sorted(set(out) & set(extras))
+    if clash:
+        raise CheckpointError("extras collide with converted weights", where="parts['extras']", found=clash[:20])
+    out.update(extras)
+    return out
+
+
+def write_single_file(path: str | os.PathLike, parts: Mapping[str, tuple[Mapping[str, Any], Mapping[str, torch.Tensor]]],
+                      *, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write parts as one original-layout `.safetensors` file (atomically), with latentdiff's configs as JSON
+    in the metadata so that `read_single_file` needs neither a YAML nor shape inference to read it back."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise InputError("single files are written as safetensors", where=str(path), expected="*.safetensors")
+    user = dict(metadata or {})
+    if METADATA_KEY in user or not all(isinstance(k, str) and isinstance(v, str) for k, v in user.items()):
+        raise InputError("metadata must map str to str and not use latentdiff's own key", where="metadata",
+                         found=sorted(map(str, user)))
+    state = to_single_file(parts)
+    configs = {name: config for name, (config, _) in parts.items() if name != "extras"}
+    family = dict(parts.get("extras", ({}, {}))[0]).get("family")
+    described = {"format_version": FORMAT_VERSION, "family": family, "configs": configs}
+    hub.save_safetensors(state, path, metadata={**user, "format": "pt",
+                                                METADATA_KEY: json.dumps(described, sort_keys=True)})
+    return path

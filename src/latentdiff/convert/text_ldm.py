@@ -1,0 +1,158 @@
+"""The conditioning stage (`cond_stage_model.*`) <-> transformers / diffusers text models.
+
+- SD 1.x `FrozenCLIPEmbedder`: a transformers CLIPTextModel under `transformer.` (with `text_model.`,
+  or without it in files saved by very old transformers). Its keys are ours after the prefix; the
+  `position_ids` buffer is not a weight (kept aside for a bit-exact rebuild).
+- SD 2.x `FrozenOpenCLIPEmbedder`: OpenCLIP's text tower under `model.`, one fused `in_proj` per layer.
+  SD 2.x conditions on the penultimate layer, so (like diffusers' SD 2 folders) the text model gets
+  one layer fewer than the file holds; the last layer, `text_projection` and `logit_scale` are not
+  used for conditioning and are kept aside.
+- LDM text-to-image `BERTEmbedder`: x-transformers' pre-norm encoder (LDMBert), where layer i is stored
+  as two entries, attention at 2i and feed-forward at 2i + 1.
+- LDM class-conditional `ClassEmbedder`: one embedding table.
+
+Our side is transformers' CLIPTextModel state dict as transformers 5 names it (no `text_model.`);
+diffusers' LDMBertModel names for LDMBert.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from ..errors import CheckpointError
+from .keymap import Drop, Keep, Nest, Rename, Split
+
+CLIP_LAYERS = (  # transformers CLIPTextModel, relative to the model (identical on both sides)
+    Keep("embeddings.{x:token|position}_embedding.weight"),
+    Drop("embeddings.position_ids"),  # a buffer (0..76) that old transformers saved
+    Keep("encoder.layers.{i}.self_attn.{x:q|k|v|out}_proj.{p}"),
+    Keep("encoder.layers.{i}.layer_norm{n:1|2}.{p}"),
+    Keep("encoder.layers.{i}.mlp.fc{n:1|2}.{p}"),
+    Keep("final_layer_norm.{p}"),
+)
+CLIP = (
+    Nest("transformer.text_model.", "", CLIP_LAYERS),
+    Nest("transformer.", "", CLIP_LAYERS),  # files saved before transformers had `text_model.`
+)
+OPENCLIP_LAYER = (
+    Split("attn.in_proj_weight", into=("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")),
+    Split("attn.in_proj_bias", into=("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")),
+    Rename("attn.out_proj.{p}", "self_attn.out_proj.{p}"),
+    Rename("ln_{n:1|2}.{p}", "layer_norm{n}.{p}"),
+    Rename("mlp.c_fc.{p}", "mlp.fc1.{p}"),
+    Rename("mlp.c_proj.{p}", "mlp.fc2.{p}"),
+)
+LDMBERT_ATTENTION = (  # attn_layers.layers.2i = [LayerNorm, Attention, Residual]
+    Rename("0.{p}", "self_attn_layer_norm.{p}"),
+    Rename("1.to_{x:q|k|v}.weight", "self_attn.{x}_proj.weight"),
+    Rename("1.to_out.{p}", "self_attn.out_proj.{p}"),
+)
+LDMBERT_FEEDFORWARD = (  # attn_layers.layers.2i+1 = [LayerNorm, FeedForward(Sequential(Linear, GELU), Dropout, Linear)]
+    Rename("0.{p}", "final_layer_norm.{p}"),
+    Rename("1.net.0.0.{p}", "fc1.{p}"),
+    Rename("1.net.2.{p}", "fc2.{p}"),
+)
+CLASS_EMBEDDER = (Keep("embedding.weight"),)
+
+TEXT_KINDS = ("clip", "openclip", "ldmbert", "class")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextArch:
+    """What the key layout and the config of an original conditioning stage depend on."""
+
+    kind: str                 # "clip" | "openclip" | "ldmbert" | "class"
+    config: dict              # transformers config dict (clip / openclip / ldmbert), or ClassEmbedder's
+    skipped_layers: int = 0   # OpenCLIP layers in the file beyond the text model (1 for "penultimate")
+
+    def __post_init__(self):
+        if self.kind not in TEXT_KINDS:
+            raise CheckpointError("unknown conditioning stage", where="cond_stage_model", expected=TEXT_KINDS,
+                                  found=self.kind)
+
+    @property
+    def part(self) -> str:
+        return "class_embedder" if self.kind == "class" else "text_encoder"
+
+    def keymap(self) -> tuple:
+        """Original (without `cond_stage_model.`) -> our keys; `invert()` it for the way back."""
+        if self.kind == "clip":
+            return CLIP
+        if self.kind == "class":
+            return CLASS_EMBEDDER
+        if self.kind == "ldmbert":
+            layers = self.config["encoder_layers"]
+            rules: list = [Rename("transformer.token_emb.weight", "model.embed_tokens.weight"),
+                           Rename("transformer.pos_emb.emb.weight", "model.embed_positions.weight"),
+                           Rename("transformer.norm.{p}", "model.layer_norm.{p}"),
+                           Rename("transformer.to_logits.{p}", "to_logits.{p}")]
+            for i in range(layers):
+                rules += [Nest(f"transformer.attn_layers.layers.{2 * i}.", f"model.layers.{i}.", LDMBERT_ATTENTION),
+                          Nest(f"transformer.attn_layers.layers.{2 * i + 1}.", f"model.layers.{i}.",
+                               LDMBERT_FEEDFORWARD)]
+            return tuple(rules)
+        layers = self.config["num_hidden_layers"]
+        rules = [Rename("model.token_embedding.weight", "embeddings.token_embedding.weight"),
+                 Rename("model.positional_embedding", "embeddings.position_embedding.weight"),
+                 Rename("model.ln_final.{p}", "final_layer_norm.{p}"),
+                 Drop("model.text_projection"), Drop("model.logit_scale")]
+        rules += [Drop(f"model.transformer.resblocks.{layers + i}.{{rest*}}") for i in range(self.skipped_layers)]
+        rules.append(Nest("model.transformer.resblocks.{i}.", "encoder.layers.{i}.", OPENCLIP_LAYER))
+        return tuple(rules)
+
+    def to_config(self) -> dict[str, Any]:
+        return dict(self.config)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], *, source: str = "text encoder config") -> "TextArch":
+        """From a transformers config dict (CLIPTextModel / LDMBertModel) or a ClassEmbedder config."""
+        kind = config.get("model_type") or config.get("_class_name")  # transformers configs / ours
+        if kind in ("clip_text_model", "clip"):
+            # OpenAI's CLIP uses quick_gelu; OpenCLIP (SD 2.x) uses exact gelu: the two original layouts.
+            # An OpenCLIP file may hold one layer more than the text model (SD 2.x: penultimate layer).
+            if config.get("hidden_act") == "gelu":
+                return cls("openclip", dict(config), skipped_layers=1)
+            return cls("clip", dict(config))
+        if kind == "ldmbert":
+            return cls("ldmbert", dict(config))
+        if kind == "ClassEmbedder":
+            return cls("class", dict(config))
+        raise CheckpointError("no original layout for this text encoder", where=source,
+                              expected="a CLIPTextModel, LDMBertModel or ClassEmbedder config", found=kind)
+
+
+def clip_config(*, vocab_size: int, hidden_size: int, num_hidden_layers: int, intermediate_size: int,
+                max_position_embeddings: int, hidden_act: str, projection_dim: int | None = None) -> dict[str, Any]:
+    """A transformers CLIPTextConfig dict. Heads are not stored in the tensors: CLIP's width per head is 64
+    (ViT-L/14: 768 = 12 x 64; OpenCLIP ViT-H/14: 1024 = 16 x 64). Token ids as in the released SD folders."""
+    if hidden_size % 64:
+        raise CheckpointError("text encoder width is not a multiple of CLIP's 64-wide heads",
+                              where="cond_stage_model", expected="hidden size divisible by 64", found=hidden_size)
+    return {
+        "architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+        "vocab_size": vocab_size, "hidden_size": hidden_size, "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_hidden_layers, "num_attention_heads": hidden_size // 64,
+        "max_position_embeddings": max_position_embeddings, "hidden_act": hidden_act, "layer_norm_eps": 1e-5,
+        "projection_dim": projection_dim or hidden_size, "attention_dropout": 0.0, "dropout": 0.0,
+        "initializer_range": 0.02, "initializer_factor": 1.0, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+    }
+
+
+def ldmbert_config(*, vocab_size: int, d_model: int, encoder_layers: int, encoder_ffn_dim: int,
+                   max_position_embeddings: int, inner_dim: int) -> dict[str, Any]:
+    """diffusers' LDMBertConfig dict; heads are 64 wide (x-transformers' default dim_head, as released)."""
+    if inner_dim % 64:
+        raise CheckpointError("LDMBert attention width is not a multiple of 64-wide heads", where="cond_stage_model",
+                              found=inner_dim)
+    return {
+        "architectures": ["LDMBertModel"], "model_type": "ldmbert",
+        "vocab_size": vocab_size, "max_position_embeddings": max_position_embeddings, "d_model": d_model,
+        "encoder_layers": encoder_layers, "encoder_ffn_dim": encoder_ffn_dim,
+        "encoder_attention_heads": inner_dim // 64, "head_dim": 64, "activation_function": "gelu",
+        "dropout": 0.1, "attention_dropout": 0.0, "activation_dropout": 0.0, "encoder_layerdrop": 0.0,
+        "init_std": 0.02, "classifier_dropout": 0.0, "scale_embedding": False, "use_cache": True, "pad_token_id": 0,
+    }
+
+
+def class_embedder_config(*, num_classes: int, embed_dim: int) -> dict[str, Any]:
+    return {"_class_name": "ClassEmbedder", "num_classes": num_classes, "embed_dim": embed_dim}

@@ -1,0 +1,126 @@
+"""The first stage (`first_stage_model.*`): CompVis' AutoencoderKL / VQModel <-> diffusers AutoencoderKL / VQModel.
+
+The original `Encoder` keeps its levels as `down.N.{block.M, attn.M, downsample}`; the `Decoder` builds
+its levels from the lowest resolution up but stores them under the index of the resolution
+(`up.0` is full resolution), so diffusers' up_blocks.I is the original up.(L-1-I). Mid-block attention
+(and, in some VQ models, per-level attention) uses 1x1 convs q/k/v/proj_out where diffusers uses linears.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from ..errors import CheckpointError
+from .keymap import Drop, Keep, Nest, Rename, Reshape
+
+RESNET = (  # ResnetBlock: same names but the shortcut
+    Keep("norm{n:1|2}.{p}"),
+    Keep("conv{n:1|2}.{p}"),
+    Rename("nin_shortcut.{p}", "conv_shortcut.{p}"),
+)
+ATTENTION = (  # AttnBlock: GroupNorm + 1x1 convs  <->  diffusers Attention with linears
+    Rename("norm.{p}", "group_norm.{p}"),
+    Reshape("{x:q|k|v}.weight", "to_{x}.weight", ndim=(4, 2)),
+    Rename("{x:q|k|v}.bias", "to_{x}.bias"),
+    Reshape("proj_out.weight", "to_out.0.weight", ndim=(4, 2)),
+    Rename("proj_out.bias", "to_out.0.bias"),
+)
+# Training-only modules of a first-stage checkpoint (LPIPS, discriminator): deliberately not converted.
+TRAINING_ONLY = (Drop("loss.{rest*}", keep=False),)
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEArch:
+    """What the key layout and the diffusers config of an original first stage depend on."""
+
+    kind: str                            # "kl" (AutoencoderKL) | "vq" (VQModel)
+    in_channels: int
+    out_channels: int
+    channels: tuple[int, ...]            # ch * ch_mult: width per level
+    layers_per_block: int                # num_res_blocks (the decoder has one more per level)
+    latent_channels: int                 # z_channels
+    attention_levels: tuple[bool, ...] = ()  # attention after each ResBlock of a level (attn_resolutions)
+    num_vq_embeddings: int | None = None  # VQ codebook size (n_embed)
+    vq_embed_dim: int | None = None       # VQ code width (embed_dim)
+    scaling_factor: float = 0.18215
+    sample_size: int | None = None
+
+    def __post_init__(self):
+        if not self.attention_levels:
+            object.__setattr__(self, "attention_levels", (False,) * len(self.channels))
+        if self.kind not in ("kl", "vq") or len(self.attention_levels) != len(self.channels):
+            raise CheckpointError("first-stage description is inconsistent", where="vae",
+                                  found=(self.kind, self.channels, self.attention_levels))
+
+    @property
+    def part(self) -> str:
+        """The pipeline component name diffusers uses for it."""
+        return "vae" if self.kind == "kl" else "vqvae"
+
+    def keymap(self) -> tuple:
+        """Original (without `first_stage_model.`) -> diffusers keys; `invert()` it for the way back."""
+        rules: list = []
+        for part in ("encoder", "decoder"):
+            rules += [Keep(f"{part}.conv_in.{{p}}"), Keep(f"{part}.conv_out.{{p}}"),
+                      Rename(f"{part}.norm_out.{{p}}", f"{part}.conv_norm_out.{{p}}"),
+                      Nest(f"{part}.mid.block_1.", f"{part}.mid_block.resnets.0.", RESNET),
+                      Nest(f"{part}.mid.attn_1.", f"{part}.mid_block.attentions.0.", ATTENTION),
+                      Nest(f"{part}.mid.block_2.", f"{part}.mid_block.resnets.1.", RESNET)]
+        levels = len(self.channels)
+        for level in range(levels):
+            rules.append(Nest(f"encoder.down.{level}.block.{{j}}.", f"encoder.down_blocks.{level}.resnets.{{j}}.",
+                              RESNET))
+            if self.attention_levels[level]:
+                rules.append(Nest(f"encoder.down.{level}.attn.{{j}}.",
+                                  f"encoder.down_blocks.{level}.attentions.{{j}}.", ATTENTION))
+            if level != levels - 1:
+                rules.append(Rename(f"encoder.down.{level}.downsample.conv.{{p}}",
+                                    f"encoder.down_blocks.{level}.downsamplers.0.conv.{{p}}"))
+        for up in range(levels):
+            level = levels - 1 - up  # the decoder's storage order is reversed
+            rules.append(Nest(f"decoder.up.{level}.block.{{j}}.", f"decoder.up_blocks.{up}.resnets.{{j}}.", RESNET))
+            if self.attention_levels[level]:
+                rules.append(Nest(f"decoder.up.{level}.attn.{{j}}.", f"decoder.up_blocks.{up}.attentions.{{j}}.",
+                                  ATTENTION))
+            if level != 0:
+                rules.append(Rename(f"decoder.up.{level}.upsample.conv.{{p}}",
+                                    f"decoder.up_blocks.{up}.upsamplers.0.conv.{{p}}"))
+        rules += [Keep("quant_conv.{p}"), Keep("post_quant_conv.{p}")]
+        if self.kind == "vq":
+            rules.append(Keep("quantize.embedding.weight"))
+        return tuple(rules) + TRAINING_ONLY
+
+    def to_diffusers_config(self) -> dict[str, Any]:
+        down = ["AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in self.attention_levels]
+        up = ["AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in reversed(self.attention_levels)]
+        config = {
+            "in_channels": self.in_channels, "out_channels": self.out_channels,
+            "down_block_types": down, "up_block_types": up, "block_out_channels": list(self.channels),
+            "layers_per_block": self.layers_per_block, "act_fn": "silu", "latent_channels": self.latent_channels,
+            "norm_num_groups": 32, "sample_size": self.sample_size, "scaling_factor": self.scaling_factor,
+            "mid_block_add_attention": True,
+        }
+        if self.kind == "kl":
+            return {"_class_name": "AutoencoderKL", **config, "force_upcast": True,
+                    "use_quant_conv": True, "use_post_quant_conv": True}
+        return {"_class_name": "VQModel", **config, "num_vq_embeddings": self.num_vq_embeddings,
+                "vq_embed_dim": self.vq_embed_dim, "norm_type": "group", "lookup_from_codebook": False,
+                "force_upcast": False}
+
+    @classmethod
+    def from_diffusers_config(cls, config: Mapping[str, Any], *, source: str = "vae config") -> "VAEArch":
+        get = config.get
+        vq = get("_class_name") == "VQModel" or "num_vq_embeddings" in config
+        down = list(get("down_block_types", ("DownEncoderBlock2D",)))
+        for key, want in (("use_quant_conv", True), ("use_post_quant_conv", True), ("mid_block_add_attention", True),
+                          ("norm_type", "group")):
+            if get(key, want) != want:
+                raise CheckpointError(f"an original first stage always has {key}={want}", where=source,
+                                      found=get(key))
+        return cls(kind="vq" if vq else "kl", in_channels=get("in_channels", 3), out_channels=get("out_channels", 3),
+                   channels=tuple(get("block_out_channels", (64,))), layers_per_block=get("layers_per_block", 1),
+                   latent_channels=get("latent_channels", 3 if vq else 4),
+                   attention_levels=tuple(t.startswith("Attn") for t in down),
+                   num_vq_embeddings=get("num_vq_embeddings", 256) if vq else None,
+                   vq_embed_dim=(get("vq_embed_dim") or get("latent_channels", 3)) if vq else None,
+                   scaling_factor=get("scaling_factor", 0.18215), sample_size=get("sample_size"))
