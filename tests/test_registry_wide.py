@@ -42,7 +42,17 @@ def _ldm_bert():
     return model, lambda m: m(ids)
 
 
-FACTORIES = {"unet": _unet, "autoencoder_kl": _vae, "ldm_bert": _ldm_bert}
+def _unet2d():
+    from latentdiff.models.unet2d import UNet2DConfig
+
+    cfg = UNet2DConfig(in_channels=6, channels=(8, 16), attention_levels=(False, True), attention_head_dim=8,
+                       norm_num_groups=4, num_class_embeds=3, sample_size=8)
+    model = COMPONENTS.create("unet2d", cfg)
+    x, t, labels = torch.randn(1, 6, 8, 8), torch.tensor([10]), torch.tensor([2])
+    return model, lambda m: m(x, t, class_labels=labels)
+
+
+FACTORIES = {"unet": _unet, "unet2d": _unet2d, "autoencoder_kl": _vae, "ldm_bert": _ldm_bert}
 # Parts that wrap a foreign model + tokenizer, or hold no weights, are covered by their own test files:
 ELSEWHERE = {
     "text_encoder": "tests/test_text_encoder.py (needs a transformers model and tokenizer)",

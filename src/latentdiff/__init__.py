@@ -17,6 +17,8 @@ _LAZY = {
     "AutoencoderKLConfig": "latentdiff.models.autoencoder_kl",
     "UNet2DConditional": "latentdiff.models.unet",
     "UNetConfig": "latentdiff.models.unet",
+    "UNet2D": "latentdiff.models.unet2d",
+    "UNet2DConfig": "latentdiff.models.unet2d",
     "TextEncoder": "latentdiff.models.text_encoder",
     "LDMBert": "latentdiff.models.ldm_bert",
     "LDMBertConfig": "latentdiff.models.ldm_bert",
@@ -62,6 +64,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models.ldm_bert import LDMBert, LDMBertConfig, LDMBertTextEncoder
     from .models.text_encoder import TextEncoder, TextEncoderConfig
     from .models.unet import UNet2DConditional, UNetConfig
+    from .models.unet2d import UNet2D, UNet2DConfig
     from .pipelines.base import PipelineOutput
     from .pipelines.latent_diffusion import LatentDiffusionPipeline
     from .registry import COMPONENTS, PIPELINES, SAMPLERS

@@ -19,6 +19,7 @@ T = TypeVar("T")
 _BUILTIN_MODULES = (
     "latentdiff.models.autoencoder_kl",
     "latentdiff.models.unet",
+    "latentdiff.models.unet2d",
     "latentdiff.models.text_encoder",
     "latentdiff.models.ldm_bert",
     "latentdiff.diffusion.noise_scheduler",

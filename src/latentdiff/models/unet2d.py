@@ -191,7 +191,7 @@ class UNet2D(ModelMixin):
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float | int, context: None = None,
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float | int, context: torch.Tensor | None = None,
                 class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, in_channels, H, W); t: number, 0-d, (1,) or (B,); context: None (no cross-attention);
         class_labels: (B,) integers (num_class_embeds), (B,) numbers (class_embed_type "timestep") or
@@ -253,9 +253,12 @@ class UNet2D(ModelMixin):
 
     # ---- weights and config.json (diffusers UNet2DModel) ---------------------------------------------
     @classmethod
-    def from_state_dict(cls, config: UNet2DConfig, state: Mapping[str, torch.Tensor], **kwargs: Any) -> UNet2D:
+    def from_state_dict(cls, config: UNet2DConfig, state: Mapping[str, torch.Tensor], *,
+                        torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                        source: str | None = None) -> UNet2D:
         """As ModelMixin.from_state_dict; attention weights under their pre-0.14 diffusers names are renamed."""
-        return super().from_state_dict(config, rename_deprecated_attention(state), **kwargs)
+        return super().from_state_dict(config, rename_deprecated_attention(state), torch_dtype=torch_dtype,
+                                       device=device, source=source)
 
     @classmethod
     def from_file_config(cls, data: Mapping[str, Any], *, source: str | None = None) -> UNet2DConfig:
