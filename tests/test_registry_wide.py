@@ -52,7 +52,23 @@ def _unet2d():
     return model, lambda m: m(x, t, class_labels=labels)
 
 
-FACTORIES = {"unet": _unet, "unet2d": _unet2d, "autoencoder_kl": _vae, "ldm_bert": _ldm_bert}
+def _class_embedder():
+    from latentdiff.models.conditioners import ClassEmbedderConfig
+
+    model = COMPONENTS.create("class_embedder", ClassEmbedderConfig(num_classes=5, embed_dim=4))
+    return model, lambda m: m(torch.tensor([0, 4]))
+
+
+def _spatial_rescaler():
+    from latentdiff.models.conditioners import SpatialRescalerConfig
+
+    model = COMPONENTS.create("spatial_rescaler", SpatialRescalerConfig(in_channels=3, out_channels=2))
+    x = torch.randn(1, 3, 8, 8)
+    return model, lambda m: m(x)
+
+
+FACTORIES = {"unet": _unet, "unet2d": _unet2d, "class_embedder": _class_embedder,
+             "spatial_rescaler": _spatial_rescaler, "autoencoder_kl": _vae, "ldm_bert": _ldm_bert}
 # Parts that wrap a foreign model + tokenizer, or hold no weights, are covered by their own test files:
 ELSEWHERE = {
     "text_encoder": "tests/test_text_encoder.py (needs a transformers model and tokenizer)",

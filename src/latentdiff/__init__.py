@@ -20,6 +20,8 @@ _LAZY = {
     "UNet2D": "latentdiff.models.unet2d",
     "UNet2DConfig": "latentdiff.models.unet2d",
     "TextEncoder": "latentdiff.models.text_encoder",
+    "ClassEmbedder": "latentdiff.models.conditioners",
+    "SpatialRescaler": "latentdiff.models.conditioners",
     "LDMBert": "latentdiff.models.ldm_bert",
     "LDMBertConfig": "latentdiff.models.ldm_bert",
     "LDMBertTextEncoder": "latentdiff.models.ldm_bert",
@@ -61,6 +63,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .diffusion.samplers import DDIMSampler, DDPMSampler
     from .errors import CheckpointError, ConfigError, InputError, LatentDiffError, RegistryError
     from .models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+    from .models.conditioners import ClassEmbedder, SpatialRescaler
     from .models.ldm_bert import LDMBert, LDMBertConfig, LDMBertTextEncoder
     from .models.text_encoder import TextEncoder, TextEncoderConfig
     from .models.unet import UNet2DConditional, UNetConfig

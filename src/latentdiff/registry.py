@@ -22,6 +22,7 @@ _BUILTIN_MODULES = (
     "latentdiff.models.unet2d",
     "latentdiff.models.text_encoder",
     "latentdiff.models.ldm_bert",
+    "latentdiff.models.conditioners",
     "latentdiff.diffusion.noise_scheduler",
     "latentdiff.diffusion.samplers",
     "latentdiff.pipelines.latent_diffusion",
