@@ -1,0 +1,1 @@
+"""Evaluation metrics: image fidelity (PSNR, SSIM) and, later, sample quality (FID, IS)."""

@@ -1,0 +1,1 @@
+"""Training: losses (first stage: LPIPS, patch discriminator, AutoencoderLoss), loops, EMA."""
