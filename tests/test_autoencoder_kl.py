@@ -329,3 +329,64 @@ def test_a_seed_gives_the_same_latent_on_cpu_and_gpu(tiny_pair):
     cpu = ours.encode_latents(x, generator=torch.Generator().manual_seed(0))
     gpu = ours.cuda().encode_latents(x.cuda(), generator=torch.Generator().manual_seed(0))
     assert_parity(gpu.cpu(), cpu)
+
+
+# ---- per-level attention (kl-f16 / kl-f32: `attn_resolutions` in the original YAML) ----------------
+def attention_config(flags: tuple[bool, ...], **overrides) -> dict:
+    """tiny_config with diffusers' Attn* block types where `flags` (level 0 = full resolution) ask for them."""
+    down = ["AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in flags]
+    up = ["AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in reversed(flags)]
+    return tiny_config(len(flags), down_block_types=down, up_block_types=up, **overrides)
+
+
+@pytest.mark.parametrize("flags", [(False, False, False, False, True), (True, True, False)],
+                         ids=["kl-f16-lowest-level", "two-highest-levels"])
+def test_parity_with_attention_levels(flags):
+    ours, theirs = make_pair(attention_config(flags, layers_per_block=2), seed=11)
+    assert ours.config.attention_levels == flags
+    assert sorted(ours.state_dict()) == sorted(theirs.state_dict())
+    assert any(".attentions.1." in k for k in ours.state_dict())  # one attention per resnet, not per level
+    f = ours.downsample_factor
+    check_parity(ours, theirs, torch.rand(2, 3, 2 * f, 3 * f) * 2 - 1)
+
+
+def test_attention_levels_map_to_diffusers_block_types():
+    config = AutoencoderKLConfig(channels=(8, 16, 16), norm_num_groups=4, attention_levels=(True, True, False))
+    data = AutoencoderKL(config).to_file_config()
+    assert data["down_block_types"] == ["AttnDownEncoderBlock2D", "AttnDownEncoderBlock2D", "DownEncoderBlock2D"]
+    assert data["up_block_types"] == ["UpDecoderBlock2D", "AttnUpDecoderBlock2D", "AttnUpDecoderBlock2D"]
+    theirs = DiffusersAutoencoderKL.from_config(data)
+    assert AutoencoderKL.from_file_config(dict(theirs.config)) == config
+    assert sorted(AutoencoderKL(config).state_dict()) == sorted(theirs.state_dict())
+    # No attention outside the mid block has one spelling, None, whatever the flags said.
+    plain = AutoencoderKLConfig(channels=(8, 16), norm_num_groups=4, attention_levels=(False, False))
+    assert plain.attention_levels is None and plain == AutoencoderKLConfig(channels=(8, 16), norm_num_groups=4)
+    assert AutoencoderKL.from_file_config(AutoencoderKL(plain).to_file_config()) == plain
+
+
+@torch.no_grad()
+def test_attention_levels_folders_load_both_ways(tmp_path):
+    ours, theirs = make_pair(attention_config((False, True)), seed=12)
+    x = torch.rand(1, 3, 8, 8) * 2 - 1
+    theirs.save_pretrained(tmp_path / "theirs")
+    assert_same_state(AutoencoderKL.from_pretrained(tmp_path / "theirs"), theirs)
+    ours.save_pretrained(tmp_path / "ours")
+    loaded = DiffusersAutoencoderKL.from_pretrained(tmp_path / "ours")
+    assert_same_state(ours, loaded)
+    assert_parity(ours(x), loaded(x).sample)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"down_block_types": ["AttnDownEncoderBlock2D"] * 3}, "up_block_types"),  # encoder and decoder differ
+    ({"up_block_types": ["UpDecoderBlock2D", "AttnUpDecoderBlock2D", "UpDecoderBlock2D"]}, "down_block_types"),
+    ({"down_block_types": ["DownEncoderBlock2D", "AttnDownBlock2D", "DownEncoderBlock2D"]}, "down_block_types"),
+])
+def test_unsupported_block_types_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        AutoencoderKL.from_file_config(tiny_config(3, **overrides), source="vae/config.json")
+
+
+def test_attention_levels_need_one_flag_per_level():
+    with pytest.raises(ConfigError, match="attention_levels") as info:
+        AutoencoderKLConfig(channels=(8, 16), norm_num_groups=4, attention_levels=(True,))
+    assert info.value.where == "attention_levels"

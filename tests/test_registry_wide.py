@@ -52,6 +52,22 @@ def _unet2d():
     return model, lambda m: m(x, t, class_labels=labels)
 
 
+def _vq_model():
+    from latentdiff.models.vq import VQModelConfig
+
+    cfg = VQModelConfig(channels=(8, 16), attention_levels=(False, True), norm_num_groups=4, num_vq_embeddings=16,
+                        vq_embed_dim=4)
+    model = COMPONENTS.create("vq_model", cfg)
+    x = torch.randn(1, 3, 8, 8)
+    return model, lambda m: m(x)
+
+
+def _identity_first_stage():
+    model = COMPONENTS.create("identity_first_stage")  # no weights: the test checks its config-only folder
+    x = torch.randn(1, 3, 8, 8)
+    return model, lambda m: m.decode_latents(m.encode_latents(x))
+
+
 def _class_embedder():
     from latentdiff.models.conditioners import ClassEmbedderConfig
 
@@ -68,7 +84,8 @@ def _spatial_rescaler():
 
 
 FACTORIES = {"unet": _unet, "unet2d": _unet2d, "class_embedder": _class_embedder,
-             "spatial_rescaler": _spatial_rescaler, "autoencoder_kl": _vae, "ldm_bert": _ldm_bert}
+             "spatial_rescaler": _spatial_rescaler, "vq_model": _vq_model,
+             "identity_first_stage": _identity_first_stage, "autoencoder_kl": _vae, "ldm_bert": _ldm_bert}
 # Parts that wrap a foreign model + tokenizer, or hold no weights, are covered by their own test files:
 ELSEWHERE = {
     "text_encoder": "tests/test_text_encoder.py (needs a transformers model and tokenizer)",

@@ -15,6 +15,10 @@ _LAZY = {
     "PipelineOutput": "latentdiff.pipelines.base",
     "AutoencoderKL": "latentdiff.models.autoencoder_kl",
     "AutoencoderKLConfig": "latentdiff.models.autoencoder_kl",
+    "VQModel": "latentdiff.models.vq",
+    "VQModelConfig": "latentdiff.models.vq",
+    "IdentityFirstStage": "latentdiff.models.identity",
+    "IdentityFirstStageConfig": "latentdiff.models.identity",
     "UNet2DConditional": "latentdiff.models.unet",
     "UNetConfig": "latentdiff.models.unet",
     "UNet2D": "latentdiff.models.unet2d",
@@ -63,6 +67,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .diffusion.samplers import DDIMSampler, DDPMSampler
     from .errors import CheckpointError, ConfigError, InputError, LatentDiffError, RegistryError
     from .models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+    from .models.identity import IdentityFirstStage, IdentityFirstStageConfig
+    from .models.vq import VQModel, VQModelConfig
     from .models.conditioners import ClassEmbedder, SpatialRescaler
     from .models.ldm_bert import LDMBert, LDMBertConfig, LDMBertTextEncoder
     from .models.text_encoder import TextEncoder, TextEncoderConfig

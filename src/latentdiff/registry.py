@@ -18,6 +18,8 @@ T = TypeVar("T")
 # `import latentdiff` stays cheap.
 _BUILTIN_MODULES = (
     "latentdiff.models.autoencoder_kl",
+    "latentdiff.models.vq",
+    "latentdiff.models.identity",
     "latentdiff.models.unet",
     "latentdiff.models.unet2d",
     "latentdiff.models.text_encoder",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from functools import cached_property
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -21,10 +21,9 @@ from torch import nn
 from ..config import ComponentConfig
 from ..errors import ConfigError, InputError
 from ..registry import COMPONENTS
-from .autoencoder_parts import Decoder, Encoder, check_image, config_from_file, config_to_file, validate_first_stage
+from .autoencoder_parts import (Decoder, Encoder, Generator, check_image, config_from_file, config_to_file,
+                                validate_first_stage)
 from .base import ModelMixin
-
-Generator = torch.Generator | Sequence[torch.Generator] | None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ from diffusers' config.json.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,9 @@ from ..errors import ConfigError, InputError
 from ..layers.attention import SpatialSelfAttention
 from ..layers.resnet import Downsample, ResnetBlock, Upsample
 from .base import check_supported
+
+# What the first stages' encode_latents take: one generator for the batch, or one per sample.
+Generator = torch.Generator | Sequence[torch.Generator] | None
 
 # The autoencoder's GroupNorms all use eps=1e-6 (the original `Normalize`), not PyTorch's 1e-5.
 NORM_EPS = 1e-6

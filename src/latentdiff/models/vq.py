@@ -9,7 +9,7 @@ quantizes and decodes (diffusers' VQModel does the same). LDM's VQ models use sc
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +18,9 @@ from torch import nn
 from ..config import ComponentConfig
 from ..errors import ConfigError, InputError
 from ..registry import COMPONENTS
-from .autoencoder_parts import Decoder, Encoder, check_image, config_from_file, config_to_file, validate_first_stage
+from .autoencoder_parts import (Decoder, Encoder, Generator, check_image, config_from_file, config_to_file,
+                                validate_first_stage)
 from .base import ModelMixin
-
-Generator = torch.Generator | Sequence[torch.Generator] | None
 
 
 class VectorQuantizer(nn.Module):
@@ -100,7 +99,7 @@ class VQModelConfig(ComponentConfig):
     layers_per_level: int = 2                         # resnets per encoder level (the decoder has one more)
     attention_levels: tuple[bool, ...] | None = None  # self-attention in level i (None: only in the mid block)
     num_vq_embeddings: int = 8192                     # codebook size (n_embed)
-    vq_embed_dim: int | None = None                   # codebook width (embed_dim); None: latent_channels
+    vq_embed_dim: int | None = 3                      # codebook width (embed_dim); None: latent_channels
     norm_num_groups: int = 32
     sample_size: int | None = 256                     # training image size; informative only
     scaling_factor: float = 1.0                       # LDM trains on unscaled VQ latents
