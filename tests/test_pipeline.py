@@ -11,6 +11,7 @@ import torch
 
 from latentdiff import (CheckpointError, ConfigError, DDIMSampler, DDPMSampler, InputError,
                         LatentDiffusionPipeline)
+from latentdiff.diffusion.samplers import PLMSSampler
 
 from .helpers import assert_parity, make_hub_cache
 from .sd_fixtures import tiny_diffusers_pipeline
@@ -205,14 +206,58 @@ def test_push_to_hub_uploads_saved_folder(pipe, monkeypatch):
     assert "model_index.json" in uploaded["files"] and "unet/config.json" in uploaded["files"]
 
 
-def test_pndm_scheduler_folder_loads_as_ddim(tmp_path):
-    ref = tiny_diffusers_pipeline(tmp_path, scheduler_class="PNDMScheduler")
+def _with_scheduler(ref, class_name, **options):
+    """The diffusers pipeline `ref` with another scheduler (same components otherwise)."""
+    import diffusers
+
+    scheduler = getattr(diffusers, class_name).from_config(ref.scheduler.config, **options)
+    other = diffusers.StableDiffusionPipeline(**{**ref.components, "scheduler": scheduler})
+    other.set_progress_bar_config(disable=True)
+    return other
+
+
+def test_pndm_scheduler_folder_loads_as_plms(folders, tmp_path):
+    ref = _with_scheduler(folders[0], "PNDMScheduler", skip_prk_steps=True)   # Stable Diffusion v1's scheduler
     ref.save_pretrained(tmp_path / "pndm")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "pndm")
+    assert isinstance(pipe.sampler, PLMSSampler)
+    assert [w for w in caught if issubclass(w.category, UserWarning)] == []
+    kw = dict(prompt=PROMPT, guidance_scale=7.5, latents=fixed_latents(), height=32, width=32, output_type="latent",
+              num_inference_steps=4)
+    assert_parity(pipe(**kw, progress=False).images, run_ref(ref, **kw))
+
+
+@pytest.mark.parametrize("class_name,options,sampler_class", [
+    ("EulerDiscreteScheduler", dict(use_karras_sigmas=True), "EulerSampler"),
+    ("EulerAncestralDiscreteScheduler", dict(timestep_spacing="leading"), "EulerAncestralSampler"),
+    ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++"), "DPMSolverMultistepSDESampler"),
+])
+def test_sigma_samplers_in_the_pipeline_match_diffusers(folders, pipe, tmp_path, class_name, options, sampler_class):
+    """The pipeline multiplies x_T by sampler.init_noise_sigma (1.0); the sampler scales x_T to its first sigma
+    itself, as diffusers' pipeline does with the scheduler's init_noise_sigma: same latents, same result."""
+    from latentdiff.diffusion.scheduler_io import load_scheduler_folder
+
+    ref = _with_scheduler(folders[0], class_name, **options)
+    ref.scheduler.save_pretrained(tmp_path)
+    noise_scheduler, sampler = load_scheduler_folder(tmp_path)
+    assert type(sampler).__name__ == sampler_class and sampler.init_noise_sigma == 1.0
+    ours = LatentDiffusionPipeline(vae=pipe.vae, unet=pipe.unet, text_encoder=pipe.text_encoder,
+                                   noise_scheduler=noise_scheduler, sampler=sampler)
+    kw = dict(prompt=PROMPT, guidance_scale=7.5, latents=fixed_latents(), height=32, width=32, output_type="latent",
+              num_inference_steps=3)
+    expected = run_ref(ref, generator=torch.Generator().manual_seed(4), **kw)
+    assert_parity(ours(**kw, generator=torch.Generator().manual_seed(4), progress=False).images, expected)
+
+
+def test_scheduler_class_latentdiff_lacks_falls_back_to_ddim(folders, tmp_path):
+    _with_scheduler(folders[0], "UniPCMultistepScheduler").save_pretrained(tmp_path / "unipc")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "unipc")
     assert isinstance(pipe.sampler, DDIMSampler)
-    assert sum("PNDMScheduler" in str(w.message) for w in caught) == 1
+    assert sum("UniPCMultistepScheduler" in str(w.message) for w in caught) == 1
 
 
 def test_components_replace_loaded_ones(folders, pipe):

@@ -13,6 +13,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "LatentDiffusionPipeline": "latentdiff.pipelines.latent_diffusion",
     "PipelineOutput": "latentdiff.pipelines.base",
+    "Pipeline": "latentdiff.pipelines.base",
+    "ImageToImagePipeline": "latentdiff.pipelines.image_to_image",
+    "InpaintPipeline": "latentdiff.pipelines.inpaint",
     "AutoencoderKL": "latentdiff.models.autoencoder_kl",
     "AutoencoderKLConfig": "latentdiff.models.autoencoder_kl",
     "VQModel": "latentdiff.models.vq",
@@ -74,6 +77,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models.text_encoder import TextEncoder, TextEncoderConfig
     from .models.unet import UNet2DConditional, UNetConfig
     from .models.unet2d import UNet2D, UNet2DConfig
-    from .pipelines.base import PipelineOutput
+    from .pipelines.base import Pipeline, PipelineOutput
+    from .pipelines.image_to_image import ImageToImagePipeline
+    from .pipelines.inpaint import InpaintPipeline
     from .pipelines.latent_diffusion import LatentDiffusionPipeline
     from .registry import COMPONENTS, PIPELINES, SAMPLERS

@@ -37,6 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     gen.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
 
+    train = sub.add_parser("train", help="train a stage from a YAML config (run under `accelerate launch` for many GPUs)")
+    train.add_argument("stage", choices=["autoencoder", "diffusion"], help="first stage or latent diffusion")
+    train.add_argument("config", help="the YAML train config (see examples/train/)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
+    train.add_argument("--resume", default=None, help="'latest' or a checkpoint folder (= --set checkpoint.resume=...)")
+
+    add_convert_parser(sub)
     sub.add_parser("info", help="versions, devices and dtype support")
     sub.add_parser("models", help="registered components, samplers and pipelines")
     return parser
@@ -45,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "info": cmd_info, "models": cmd_models}[args.command](args)
+        return {"generate": cmd_generate, "info": cmd_info, "models": cmd_models,
+                "train": cmd_train, "convert": cmd_convert}[args.command](args)
     except (LatentDiffError, OSError) as e:
         if args.debug:
             raise
@@ -81,6 +90,48 @@ def cmd_generate(args: argparse.Namespace) -> int:
     image = out.images[0] if args.n == 1 else make_grid(out.images)
     save_png(image, output, params=params)
     print(output)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training.loop import train_from_file
+
+    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    folder, is_main = train_from_file(args.stage, args.config, overrides=overrides)
+    if is_main:
+        print(folder)
+    return 0
+
+
+def add_convert_parser(sub: argparse._SubParsersAction) -> None:
+    conv = sub.add_parser("convert", help="original single file <-> diffusers folder",
+                          description="Convert an original single-file checkpoint (.safetensors / .ckpt) to a "
+                                      "diffusers folder, or a diffusers folder to one original-layout .safetensors.")
+    conv.add_argument("src", help="a .safetensors / .ckpt file, or a diffusers folder")
+    conv.add_argument("dst", help="the folder (or .safetensors file) to write; must not exist")
+    conv.add_argument("--to", choices=("diffusers", "single-file"), default=None,
+                      help="target format (default: the other one than SRC's)")
+    conv.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None,
+                      help="cast floating-point weights (default: keep the source's)")
+    conv.add_argument("--original-config", default=None,
+                      help="the model's original YAML, or a shipped one (v1-inference, v2-inference-v ...)")
+    conv.add_argument("--no-ema", action="store_true", help="use the live weights, not the EMA ones")
+    conv.add_argument("--prediction-type", choices=("epsilon", "v_prediction", "sample"), default=None,
+                      help="override the inferred prediction type (SD 2.x 512px base files: epsilon)")
+    conv.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (single files carry none)")
+    conv.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from .convert.checkpoints import convert_checkpoint
+
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    dst = convert_checkpoint(args.src, args.dst, to=args.to, dtype=dtype, original_config=args.original_config,
+                             use_ema=not args.no_ema, prediction_type=args.prediction_type, tokenizer=args.tokenizer,
+                             overwrite=args.overwrite)
+    print(dst)
     return 0
 
 

@@ -28,6 +28,8 @@ _BUILTIN_MODULES = (
     "latentdiff.diffusion.noise_scheduler",
     "latentdiff.diffusion.samplers",
     "latentdiff.pipelines.latent_diffusion",
+    "latentdiff.pipelines.image_to_image",
+    "latentdiff.pipelines.inpaint",
 )
 
 

@@ -155,6 +155,8 @@ def split_single_file(state: Mapping[str, torch.Tensor], *, original_config: Any
         by_part.setdefault(part, {})[rest] = value
     parts: Parts = {}
     for part, config in layout.configs().items():
+        if configs is not None and part in configs and not (part == "scheduler" and prediction_type is not None):
+            config = dict(configs[part])  # saved by write_single_file: verbatim (the layout keeps only what shapes tensors)
         if part == "scheduler":
             parts[part] = (config, {})
         elif part in by_part:  # a part the config names but the file lacks (e.g. a UNet-only file) is omitted

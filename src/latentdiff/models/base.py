@@ -4,6 +4,10 @@ A model's folder is the diffusers layout (`config.json` + `diffusion_pytorch_mod
 so a folder saved here loads in diffusers and the other way round. The config file is mapped to and
 from the model's typed config by the model class (`from_file_config` / `to_file_config`): an unknown
 key, or a known key at a value latentdiff does not implement, is a ConfigError naming it.
+
+A model is also one *part* of an original single-file checkpoint (CompVis / Stability AI `.ckpt` /
+`.safetensors`): `from_single_file` reads that part, `save_single_file` writes it back in the original
+layout (see `latentdiff.convert.api`).
 """
 from __future__ import annotations
 
@@ -19,6 +23,10 @@ from ..config import ComponentConfig, read_json
 from ..errors import CheckpointError, ConfigError
 
 CONFIG_NAME = "config.json"
+# The part of an original single file a model class is, by its diffusers class name (or its own name), for
+# classes that do not set `single_file_part` themselves. The part's config must name the same class.
+SINGLE_FILE_PARTS = {"UNet2DConditionModel": "unet", "UNet2DModel": "unet", "AutoencoderKL": "vae",
+                     "VQModel": "vqvae", "LDMBert": "text_encoder", "ClassEmbedder": "class_embedder"}
 
 
 class ModelMixin(nn.Module):
@@ -28,6 +36,7 @@ class ModelMixin(nn.Module):
     registry_name: ClassVar[str]
     diffusers_class_name: ClassVar[str | None] = None  # written as `_class_name` in config.json
     weights_name: ClassVar[str] = hub.WEIGHTS_NAME
+    single_file_part: ClassVar[str | None] = None  # "unet", "vae", "vqvae" ... (None: from SINGLE_FILE_PARTS)
 
     def __init__(self, config: ComponentConfig):
         super().__init__()
@@ -90,6 +99,38 @@ class ModelMixin(nn.Module):
         state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
+
+    # ---- original single files ------------------------------------------------------------------
+    @classmethod
+    def single_file_part_name(cls) -> str | None:
+        """The part of an original single file this class loads ("unet", "vae", "vqvae" ...), or None."""
+        return cls.single_file_part or SINGLE_FILE_PARTS.get(cls.diffusers_class_name or cls.__name__)
+
+    @classmethod
+    def from_single_file(cls, path: str | os.PathLike, *, original_config: Any = None, use_ema: bool = True,
+                         prediction_type: str | None = None, torch_dtype: torch.dtype | None = None,
+                         device: str | torch.device | None = None):
+        """Load this model's part of an original single file (`.safetensors` or `.ckpt`), strictly.
+
+        The architecture comes from `original_config` (a YAML path, a dict, or the name of a shipped one),
+        else from latentdiff's metadata in the file, else from the tensor shapes. `use_ema`: the UNet gets
+        LitEma's weights when the file has them. A file without this part is a CheckpointError naming the
+        parts it has.
+        """
+        from ..convert.api import model_from_single_file
+
+        return model_from_single_file(cls, path, original_config=original_config, use_ema=use_ema,
+                                      prediction_type=prediction_type, torch_dtype=torch_dtype, device=device)
+
+    def save_single_file(self, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
+        """Write this model alone in the original layout (`.safetensors`, atomically), its config in the metadata.
+
+        `dtype` casts the floating-point tensors (None: as they are). A UNet gets `model.diffusion_model.`
+        keys; an autoencoder gets the bare keys of CompVis' stand-alone first-stage files.
+        """
+        from ..convert.api import model_to_single_file
+
+        return model_to_single_file(self, path, dtype=dtype)
 
     # ---- saving -----------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, *, variant: str | None = None) -> Path:

@@ -26,6 +26,7 @@ from ..errors import CheckpointError, ConfigError, InputError
 from ..registry import COMPONENTS
 
 CONFIG_FILE = "latentdiff_text_encoder.json"  # beside the transformers files; absent -> defaults
+SINGLE_FILE_SETTINGS_KEY = "_latentdiff_text_encoder"  # TextEncoderConfig inside a single file's part config
 MODEL_CONFIG = "config.json"
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "tokenizer.model")
@@ -218,6 +219,36 @@ class TextEncoder(nn.Module):
         if device is not None:
             model.to(device)
         return cls(model, tokenizer, config)
+
+    @classmethod
+    def from_single_file(cls, path: str | os.PathLike, *, original_config: Any = None, tokenizer: Any = None,
+                         torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                         cache_dir: str | os.PathLike | None = None,
+                         local_files_only: bool | None = None) -> "TextEncoder":
+        """The conditioning stage of an original single file (CLIP for SD 1.x, OpenCLIP for SD 2.x, LDMBert),
+        built strictly, with its tokenizer.
+
+        The file holds no tokenizer: `tokenizer=` (a tokenizer, a folder or a Hub id), else the conventional
+        repository in the local Hub cache (openai/clip-vit-large-patch14 for SD 1.x, stabilityai/stable-diffusion-2
+        for SD 2.x), else the Hub unless offline (HF_HUB_OFFLINE=1 or local_files_only=True); failing all three,
+        a CheckpointError says which (see latentdiff.convert.tokenizers).
+        """
+        from ..convert.api import text_encoder_from_single_file
+
+        return text_encoder_from_single_file(cls, path, original_config=original_config, tokenizer=tokenizer,
+                                             torch_dtype=torch_dtype, device=device, cache_dir=cache_dir,
+                                             local_files_only=local_files_only)
+
+    def to_single_file_part(self, *, dtype: torch.dtype | None = None) -> tuple[dict[str, Any], dict]:
+        """(config, state) of the text model as an original single file's "text_encoder" part: the transformers
+        (or LDMBert) config dict, with this encoder's settings under `_latentdiff_text_encoder`, and its weights
+        (floating-point ones cast to `dtype` unless None)."""
+        to_file = getattr(self.model, "to_file_config", None)  # LDMBert is a latentdiff model
+        config = dict(to_file()) if to_file is not None else self.model.config.to_dict()
+        config[SINGLE_FILE_SETTINGS_KEY] = self.config.to_dict()
+        state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+                 for k, v in self.model.state_dict().items()}
+        return config, state
 
     # ---- saving -----------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, *,

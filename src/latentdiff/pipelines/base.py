@@ -12,14 +12,15 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
 
 from .. import __version__, hub
 from ..config import read_json
-from ..errors import CheckpointError, ConfigError, InputError
+from ..errors import CheckpointError, ConfigError, InputError, RegistryError
+from ..registry import PIPELINES
 
 MODEL_INDEX = "model_index.json"
 # The version of the diffusers folder format we write and test against (see pyproject's test pins).
@@ -34,12 +35,35 @@ class PipelineOutput:
 
 
 class Pipeline:
-    """Base class: subclasses declare `diffusers_class_names` and implement `_load_components` / `_write`."""
+    """Base class of the task pipelines; `Pipeline.from_pretrained(path)` picks the right one for a folder.
+
+    Subclasses are registered in PIPELINES and declare `diffusers_class_names`, the model_index.json
+    `_class_name` values they stand for (each name belongs to one class), and may load folders of
+    further classes with compatible parts (`loadable_class_names`: an SD text-to-image folder loads as
+    image-to-image too, as in diffusers). They implement `from_pretrained` and `write_files`.
+    """
 
     diffusers_class_names: ClassVar[tuple[str, ...]] = ()
+    loadable_class_names: ClassVar[tuple[str, ...]] = ()   # () = diffusers_class_names
     component_names: ClassVar[tuple[str, ...]] = ()
+    registry_name: ClassVar[str]
 
     # ---- loading -------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike, **kwargs: Any) -> "Pipeline":
+        """Load a diffusers-layout folder or Hub repo as the pipeline class its model_index.json names.
+
+        `Pipeline.from_pretrained(path)` reads `_class_name` and hands every keyword to that class's
+        `from_pretrained` (torch_dtype, device, variant, revision, cache_dir, token, local_files_only, parts).
+        """
+        if cls is not Pipeline:
+            raise NotImplementedError(f"{cls.__name__} must implement from_pretrained")
+        where = {k: kwargs.get(k) for k in ("revision", "cache_dir", "token", "local_files_only")}
+        root = hub.resolve(path_or_id, allow_patterns=[MODEL_INDEX], **where)
+        index = cls.read_model_index(root)
+        target = pipeline_class(index.get("_class_name"), source=str(root / MODEL_INDEX))
+        return target.from_pretrained(path_or_id, **kwargs)
+
     @staticmethod
     def read_model_index(folder: Path) -> dict[str, Any]:
         path = folder / MODEL_INDEX
@@ -54,9 +78,10 @@ class Pipeline:
                           supported: dict[str, Sequence[tuple[str | None, str | None]]]) -> None:
         """Check the pipeline class and each component's (library, class) entry against what we implement."""
         name = index.get("_class_name")
-        if cls.diffusers_class_names and name not in cls.diffusers_class_names:
+        loadable = cls.loadable_class_names or cls.diffusers_class_names
+        if loadable and name not in loadable:
             raise ConfigError(f"{cls.__name__} cannot load this pipeline class", where=f"{source}: _class_name",
-                              expected=list(cls.diffusers_class_names), found=name)
+                              expected=list(loadable), found=name)
         for key, value in index.items():
             if key.startswith("_") or not isinstance(value, list):
                 continue
@@ -75,14 +100,26 @@ class Pipeline:
     def resolve_folder(path_or_id: str | os.PathLike, *, variant: str | None, revision: str | None,
                        cache_dir: Any, token: Any, local_files_only: bool | None,
                        subfolders: Sequence[str]) -> Path:
-        """A local folder, or a Hub snapshot of only the files a pipeline needs (configs, tokenizer, safetensors)."""
+        """A local folder, or a Hub snapshot of only the files a pipeline needs (configs, tokenizer, safetensors).
+
+        A model subfolder (one with a config.json) that has no safetensors on the Hub - older repos such as
+        CompVis/ldm-text2im-large-256's `bert/` - gets its pickled weights (`*.bin`, loaded weights-only).
+        """
         suffix = f".{variant}" if variant else ""
         patterns = [MODEL_INDEX]
         for sub in subfolders:
             patterns += [f"{sub}/*.json", f"{sub}/*.txt", f"{sub}/*.model",
                          f"{sub}/*{suffix}.safetensors", f"{sub}/*{suffix}.safetensors.index.json"]
-        return hub.resolve(path_or_id, revision=revision, allow_patterns=patterns, cache_dir=cache_dir,
-                           token=token, local_files_only=local_files_only)
+        where = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+        root = hub.resolve(path_or_id, allow_patterns=patterns, **where)
+        if Path(path_or_id).expanduser().is_dir():
+            return root
+        legacy = [sub for sub in subfolders if (root / sub / "config.json").is_file()
+                  and not any((root / sub).glob("*.safetensors"))]
+        if legacy:
+            pickles = [f"{sub}/*{suffix}.bin" for sub in legacy]
+            root = hub.resolve(path_or_id, allow_patterns=patterns + pickles, **where)
+        return root
 
     # ---- saving --------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, *, variant: str | None = None) -> Path:
@@ -97,12 +134,70 @@ class Pipeline:
     def model_index(self) -> dict[str, Any]:
         return {"_diffusers_version": DIFFUSERS_FORMAT_VERSION, "_latentdiff_version": __version__}
 
+    @classmethod
+    def from_single_file(cls, path: str | os.PathLike, original_config: Any = None, **options: Any) -> "Pipeline":
+        """An original single file (CompVis / Stability AI .ckpt / .safetensors). `Pipeline.from_single_file`
+        picks the class from the file's family; `SomePipeline.from_single_file` checks the file fits it.
+        Components passed as keywords replace the file's (e.g. `tokenizer=`); other options: see
+        `latentdiff.convert.api.pipeline_from_single_file`."""
+        from ..convert.api import pipeline_from_single_file
+
+        return pipeline_from_single_file(path, original_config=original_config,
+                                         pipeline_class=None if cls is Pipeline else cls, **options)
+
+    def save_single_file(self, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
+        """Write the pipeline as one original-layout .safetensors file (atomic, configs in the metadata)."""
+        from ..convert.api import pipeline_to_single_file
+
+        return pipeline_to_single_file(self, path, dtype=dtype)
+
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     commit_message: str = "Upload pipeline with latentdiff", variant: str | None = None) -> str:
         """Save to a temporary folder and upload it to the Hub repository `repo_id` (created if needed)."""
         with tempfile.TemporaryDirectory() as tmp:
             folder = self.save_pretrained(Path(tmp) / "pipeline", variant=variant)
             return hub.push_folder_to_hub(folder, repo_id, private=private, token=token, commit_message=commit_message)
+
+
+# ---- finding the class of a folder -----------------------------------------------------------
+# Modules whose import registers the pipelines (imported on the first look-up, like registry._BUILTIN_MODULES).
+def pipeline_classes() -> dict[str, type[Pipeline]]:
+    """diffusers `_class_name` -> the registered latentdiff pipeline class that stands for it."""
+    table: dict[str, type[Pipeline]] = {}
+    for registered in PIPELINES.names():
+        cls = PIPELINES.get(registered)
+        for name in getattr(cls, "diffusers_class_names", ()):
+            if name in table and table[name] is not cls:
+                raise RegistryError(f"two pipelines claim the diffusers class {name!r}", where=cls.__qualname__,
+                                    found=table[name].__qualname__)
+            table[name] = cls
+    return table
+
+
+def pipeline_class(class_name: Any, *, source: str) -> type[Pipeline]:
+    """The pipeline class for a model_index.json `_class_name`; a ConfigError listing the supported ones."""
+    table = pipeline_classes()
+    if class_name not in table:
+        raise ConfigError("latentdiff has no pipeline for this class", where=f"{source}: _class_name",
+                          expected=sorted(table), found=class_name)
+    return table[class_name]
+
+
+# ---- model adapters shared by the pipelines ----------------------------------------------------
+def concat_conditioning(model: Callable[..., torch.Tensor], extra: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """model(x, t, **kw) -> model(cat([x, extra], dim=1), t, **kw): inputs the UNet sees beside x_t.
+
+    LDM's "concat" conditioning (Rombach et al. 2022, sec. 3.3 and app. D): the inpainting mask and
+    masked-image latents, or the low-resolution image of super-resolution, are stacked onto the
+    channels of x_t at every step. extra: (B, C', h, w), one row per sample; with classifier-free
+    guidance the model sees the doubled batch, so a doubled copy is built once, not per step.
+    """
+    doubled = torch.cat([extra, extra])
+
+    def with_extra(x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return model(torch.cat([x, extra if x.shape[0] == extra.shape[0] else doubled], dim=1), t, **kwargs)
+
+    return with_extra
 
 
 def to_output(images: torch.Tensor, output_type: str) -> Any:

@@ -1,46 +1,91 @@
-"""Text-to-image latent diffusion (Rombach et al. 2022, sec. 3.3): the Stable Diffusion pipeline.
+"""Text-to-image latent diffusion (Rombach et al. 2022, sec. 3.3): Stable Diffusion and LDM's own text-to-image model.
 
 encode prompt -> prepare latents -> denoise with classifier-free guidance -> decode once.
 Each stage is a public method, so a custom pipeline is a few lines of plain Python.
+
+One class serves both diffusers folder layouts (`FolderLayout`): Stable Diffusion's (`vae/`,
+`text_encoder/` = CLIP) and LDM's `LDMTextToImagePipeline` (CompVis/ldm-text2im-large-256: `vqvae/`,
+`bert/` = LDMBert). The text encoder decides which layout a pipeline saves.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
+from .. import hub
+from ..config import read_json
 from ..diffusion.guidance import classifier_free_guidance
 from ..diffusion.noise import randn
 from ..diffusion.noise_scheduler import NoiseScheduler
 from ..diffusion.samplers import DDIMSampler
 from ..diffusion.scheduler_io import load_scheduler_folder, write_scheduler_folder
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..models.autoencoder_kl import AutoencoderKL
+from ..models.ldm_bert import LDMBertTextEncoder
 from ..models.text_encoder import TextEncoder
 from ..models.unet import UNet2DConditional
 from ..registry import PIPELINES
-from .base import MODEL_INDEX, Pipeline, PipelineOutput, check_output_type, to_output
+from .base import MODEL_INDEX, Pipeline, PipelineOutput, check_output_type, concat_conditioning, to_output
+from .sdedit import sample_from_step
 
 Prompt = str | Sequence[str]
 Generator = torch.Generator | Sequence[torch.Generator] | None
+Entry = tuple[str, str]
 
-_SUPPORTED = {
-    "unet": [("diffusers", "UNet2DConditionModel")],
-    "vae": [("diffusers", "AutoencoderKL")],
-    "text_encoder": [("transformers", "CLIPTextModel")],
-    "tokenizer": [("transformers", "CLIPTokenizer"), ("transformers", "CLIPTokenizerFast")],
-    # Any diffusers scheduler class: its noise schedule is read, the sampler mapped (DDIM fallback).
-    "scheduler": None,
+# model_index.json (library, class) -> the latentdiff class that loads that part.
+UNETS: dict[Entry, type] = {("diffusers", "UNet2DConditionModel"): UNet2DConditional}
+FIRST_STAGES: dict[Entry, type] = {("diffusers", "AutoencoderKL"): AutoencoderKL}
+TEXT_ENCODERS: dict[Entry, type[TextEncoder]] = {("transformers", "CLIPTextModel"): TextEncoder,
+                                                 ("latent_diffusion", "LDMBertModel"): LDMBertTextEncoder}
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderLayout:
+    """Where a diffusers pipeline class keeps its parts, and what else its model_index.json holds."""
+
+    vae: str                                # subfolder of the first stage
+    text_encoder: str                       # subfolder of the text model
+    text_encoders: tuple[Entry, ...]        # its (library, class) entries latentdiff loads
+    tokenizers: tuple[Entry, ...]
+    extra_entries: tuple[tuple[str, Any], ...] = ()   # written as they are (SD's absent safety checker ...)
+
+    def supported(self, index: dict[str, Any]) -> dict[str, Any]:
+        """Folder key -> accepted (library, class) entries, for Pipeline.check_model_index."""
+        return {"unet": list(UNETS), self.vae: list(FIRST_STAGES), self.text_encoder: list(self.text_encoders),
+                "tokenizer": list(self.tokenizers),
+                # any diffusers scheduler class: its noise schedule is read, the sampler mapped (DDIM fallback)
+                "scheduler": [tuple(index.get("scheduler", (None, None)))]}
+
+
+SD_LAYOUT = FolderLayout(
+    vae="vae", text_encoder="text_encoder", text_encoders=(("transformers", "CLIPTextModel"),),
+    tokenizers=(("transformers", "CLIPTokenizer"), ("transformers", "CLIPTokenizerFast")),
+    extra_entries=(("safety_checker", [None, None]), ("feature_extractor", [None, None]),
+                   ("image_encoder", [None, None]), ("requires_safety_checker", False)))
+LDM_LAYOUT = FolderLayout(
+    vae="vqvae", text_encoder="bert", text_encoders=(("latent_diffusion", "LDMBertModel"),),
+    tokenizers=(("transformers", "BertTokenizer"), ("transformers", "BertTokenizerFast")))
+LDM_TEXT_TO_IMAGE = "LDMTextToImagePipeline"
+# Every diffusers class whose folders hold these parts; each of the text-conditioned pipelines loads any of
+# them (diffusers does the same: StableDiffusionImg2ImgPipeline.from_pretrained on an SD folder).
+LAYOUTS: dict[str, FolderLayout] = {
+    "StableDiffusionPipeline": SD_LAYOUT, "StableDiffusionImg2ImgPipeline": SD_LAYOUT,
+    "StableDiffusionInpaintPipeline": SD_LAYOUT, "LatentDiffusionPipeline": SD_LAYOUT,
+    LDM_TEXT_TO_IMAGE: LDM_LAYOUT,
 }
 
 
 @PIPELINES.register("text-to-image")
 class LatentDiffusionPipeline(Pipeline):
-    """Text-conditioned latent diffusion with a KL autoencoder, a cross-attention UNet and a text encoder."""
+    """Text-conditioned latent diffusion: a first stage, a cross-attention UNet and a text encoder
+    (CLIP, as Stable Diffusion, or LDMBert, as LDM's text-to-image model)."""
 
-    diffusers_class_names = ("StableDiffusionPipeline", "LatentDiffusionPipeline")
+    diffusers_class_names = ("StableDiffusionPipeline", LDM_TEXT_TO_IMAGE, "LatentDiffusionPipeline")
+    loadable_class_names = tuple(LAYOUTS)
     component_names = ("vae", "unet", "text_encoder", "noise_scheduler", "sampler")
 
     def __init__(self, *, vae: AutoencoderKL, unet: UNet2DConditional, text_encoder: TextEncoder,
@@ -50,6 +95,25 @@ class LatentDiffusionPipeline(Pipeline):
         self.text_encoder = text_encoder
         self.noise_scheduler = noise_scheduler or NoiseScheduler()
         self.sampler = sampler if sampler is not None else DDIMSampler()
+        self.check_parts()
+
+    def check_parts(self) -> None:
+        """The UNet must take the first stage's latents (plus any concatenated inputs) and the text width."""
+        expected = self.unet_in_channels()
+        found = self.unet.config.in_channels
+        if found not in expected:
+            raise ConfigError(f"the UNet does not fit {type(self).__name__}", where="unet.config.in_channels",
+                              expected=" or ".join(map(str, expected)) + " (from the first stage's latent channels)",
+                              found=found)
+        width = self.unet.config.cross_attention_dim
+        if width is not None and width != self.text_encoder.hidden_size:
+            raise ConfigError("the UNet's cross-attention width differs from the text encoder's hidden size",
+                              where="unet.config.cross_attention_dim", expected=self.text_encoder.hidden_size,
+                              found=width)
+
+    def unet_in_channels(self) -> tuple[int, ...]:
+        """The UNet input widths this pipeline drives: the latent channels (subclasses add concatenated inputs)."""
+        return (self.vae.latent_channels,)
 
     # ---- loading and saving ---------------------------------------------------------------------
     @classmethod
@@ -60,50 +124,59 @@ class LatentDiffusionPipeline(Pipeline):
                         vae: AutoencoderKL | None = None, unet: UNet2DConditional | None = None,
                         text_encoder: TextEncoder | None = None, noise_scheduler: NoiseScheduler | None = None,
                         sampler: Any = None) -> "LatentDiffusionPipeline":
-        """Load a diffusers-format Stable Diffusion v1/v2 folder or Hub repo; parts passed in replace the folder's."""
-        given = {"vae": vae, "unet": unet, "text_encoder": text_encoder}
-        needed = [k for k, v in given.items() if v is None] + (["tokenizer"] if text_encoder is None else [])
-        needed += ["scheduler"] if noise_scheduler is None or sampler is None else []
-        root = cls.resolve_folder(path_or_id, variant=variant, revision=revision, cache_dir=cache_dir, token=token,
-                                  local_files_only=local_files_only, subfolders=needed)
-        index = cls.read_model_index(root)
-        source = str(root / MODEL_INDEX)
-        supported = {k: (v if v is not None else [tuple(index.get(k, (None, None)))]) for k, v in _SUPPORTED.items()}
-        cls.check_model_index(index, source=source, supported=supported)
-        load = dict(torch_dtype=torch_dtype, device=device)
+        """Load a diffusers-format folder or Hub repo (Stable Diffusion v1/v2, LDM text-to-image, and their
+        image-to-image / inpainting folders); parts passed in replace the folder's."""
+        where = dict(variant=variant, revision=revision, cache_dir=cache_dir, token=token,
+                     local_files_only=local_files_only)
+        root = cls.resolve_folder(path_or_id, subfolders=[], **where)
+        index, source = cls.read_model_index(root), str(root / MODEL_INDEX)
+        layout = LAYOUTS.get(index.get("_class_name"), SD_LAYOUT)
+        cls.check_model_index(index, source=source, supported=layout.supported(index))
+        parts = {"unet": unet, layout.vae: vae, layout.text_encoder: text_encoder, "tokenizer": text_encoder,
+                 "scheduler": None if noise_scheduler is None or sampler is None else noise_scheduler}
+        needed = [key for key, given in parts.items() if given is None]
+        absent = [key for key in needed if key not in index]
+        if absent:
+            raise ConfigError("model_index.json lacks a component the pipeline needs", where=source,
+                              expected=sorted(parts), found=f"no entry for {absent}")
+        root = cls.resolve_folder(path_or_id, subfolders=needed, **where)
+        load = dict(variant=variant, torch_dtype=torch_dtype, device=device)
         if unet is None:
-            unet = UNet2DConditional.from_pretrained(root, subfolder="unet", variant=variant, **load)
+            unet = UNETS[tuple(index["unet"])].from_pretrained(root, subfolder="unet", **load)
         if vae is None:
-            vae = AutoencoderKL.from_pretrained(root, subfolder="vae", variant=variant, **load)
+            vae = FIRST_STAGES[tuple(index[layout.vae])].from_pretrained(root, subfolder=layout.vae, **load)
         if text_encoder is None:
-            text_encoder = TextEncoder.from_pretrained(root, subfolder="text_encoder", tokenizer_subfolder="tokenizer",
-                                                       variant=variant, **load)
+            encoder_class = TEXT_ENCODERS[tuple(index[layout.text_encoder])]
+            text_encoder = encoder_class.from_pretrained(root, subfolder=layout.text_encoder,
+                                                         tokenizer_subfolder="tokenizer", **load)
         if noise_scheduler is None or sampler is None:
             loaded_schedule, loaded_sampler = load_scheduler_folder(root / "scheduler")
             noise_scheduler = noise_scheduler or loaded_schedule
             sampler = sampler if sampler is not None else loaded_sampler
         return cls(vae=vae, unet=unet, text_encoder=text_encoder, noise_scheduler=noise_scheduler, sampler=sampler)
 
-    def write_files(self, folder: Path, *, variant: str | None = None) -> None:
-        self.unet.write_files(folder / "unet", variant=variant)
-        self.vae.write_files(folder / "vae", variant=variant)
-        self.text_encoder.write_files(folder / "text_encoder", folder / "tokenizer")
-        write_scheduler_folder(folder / "scheduler", self.noise_scheduler, self.sampler)
-        from .. import hub
+    def layout(self) -> tuple[str, FolderLayout]:
+        """(model_index `_class_name`, layout) this pipeline saves as: LDM's with LDMBert, else Stable Diffusion's."""
+        if isinstance(self.text_encoder, LDMBertTextEncoder):
+            return LDM_TEXT_TO_IMAGE, LDM_LAYOUT
+        return self.diffusers_class_names[0], SD_LAYOUT
 
+    def write_files(self, folder: Path, *, variant: str | None = None) -> None:
+        class_name, layout = self.layout()
+        self.unet.write_files(folder / "unet", variant=variant)
+        self.vae.write_files(folder / layout.vae, variant=variant)
+        self.text_encoder.write_files(folder / layout.text_encoder, folder / "tokenizer")
+        write_scheduler_folder(folder / "scheduler", self.noise_scheduler, self.sampler)
         index = self.model_index() | {
-            "_class_name": "StableDiffusionPipeline",
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-            "scheduler": ["diffusers", _scheduler_class_name(folder / "scheduler")],
-            "safety_checker": [None, None],
-            "feature_extractor": [None, None],
-            "image_encoder": [None, None],
-            "requires_safety_checker": False,
-        } | self.text_encoder.diffusers_entries()
+            "_class_name": class_name,
+            "unet": ["diffusers", self.unet.diffusers_class_name],
+            layout.vae: ["diffusers", self.vae.diffusers_class_name],
+            "scheduler": ["diffusers", read_json(folder / "scheduler" / "scheduler_config.json")["_class_name"]],
+        } | dict(layout.extra_entries) | self.text_encoder.diffusers_entries()
         hub.write_json(index, folder / MODEL_INDEX)
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "LatentDiffusionPipeline":
+    def to(self, device: str | torch.device | None = None,
+           dtype: torch.dtype | None = None) -> "LatentDiffusionPipeline":
         for module in (self.unet, self.vae, self.text_encoder):
             module.to(device=device, dtype=dtype)
         return self
@@ -162,7 +235,7 @@ class LatentDiffusionPipeline(Pipeline):
                                        (isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt))):
             raise InputError("prompt must be a string or a list of strings", where="prompt",
                              expected="str | list[str]", found=type(prompt).__name__)
-        n = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        n = self.prompt_count(prompt, prompt_embeds)
         if n == 0:
             raise InputError("prompt list is empty", where="prompt", expected="at least one prompt", found=0)
         if negative_prompt is not None and not isinstance(negative_prompt, str):
@@ -193,6 +266,11 @@ class LatentDiffusionPipeline(Pipeline):
         check_output_type(output_type)
         return height, width
 
+    @staticmethod
+    def prompt_count(prompt: Prompt | None, prompt_embeds: torch.Tensor | None = None) -> int:
+        """How many prompts a call has (before num_images_per_prompt)."""
+        return 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+
     def encode_prompt(self, prompt: Prompt | None, negative_prompt: Prompt | None = None, *,
                       num_images_per_prompt: int = 1, guidance: bool = True,
                       prompt_embeds: torch.Tensor | None = None,
@@ -216,8 +294,7 @@ class LatentDiffusionPipeline(Pipeline):
                         latents: torch.Tensor | None = None) -> torch.Tensor:
         """x_T: (B, C, h, w) noise, drawn per sample from its generator on the generator's device (CPU by
         default), so a seed gives the same image on CPU and GPU and image i of a batch equals its seed alone."""
-        shape = (batch_size, self.unet.config.in_channels, height // self.vae_scale_factor,
-                 width // self.vae_scale_factor)
+        shape = self.latent_shape(batch_size, height, width)
         dtype, device = self.unet.dtype, self.unet.device
         if latents is not None:
             if tuple(latents.shape) != shape:
@@ -227,22 +304,28 @@ class LatentDiffusionPipeline(Pipeline):
         noise = randn(shape, generator=generator, dtype=dtype, device=device)
         return noise * self.sampler.init_noise_sigma
 
+    def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(B, C, h, w) of the diffusion latents for images of height x width."""
+        factor = self.vae_scale_factor
+        return (batch_size, self.vae.latent_channels, height // factor, width // factor)
+
     def denoise(self, x_T: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, *,
                 guidance_scale: float = 7.5, num_inference_steps: int = 50, sampler: Any = None,
-                generator: Generator = None, callback: Callable | None = None, progress: bool = True) -> torch.Tensor:
-        """Run the reverse process from x_T to z_0 with the sampler, guided by the text embeddings."""
-        denoise_fn = classifier_free_guidance(self.unet, context=cond, uncond_context=uncond,
+                generator: Generator = None, callback: Callable | None = None, progress: bool = True,
+                start_step: int = 0, concat: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the reverse process from x_T to z_0 with the sampler, guided by the text embeddings.
+
+        start_step > 0 runs only steps start_step .. N-1 of the N-step plan, x_T being the sample at that
+        step's timestep (image-to-image, see `sdedit`); concat (B, C', h, w) is stacked onto the channels
+        of x_t at every step (the inpainting UNet's mask and masked-image latents).
+        """
+        model = self.unet if concat is None else concat_conditioning(self.unet, concat)
+        denoise_fn = classifier_free_guidance(model, context=cond, uncond_context=uncond,
                                               guidance_scale=guidance_scale)
-        sampler = sampler or self.sampler
-        return sampler.sample(denoise_fn, x_T, self.noise_scheduler, num_inference_steps, generator=generator,
-                              callback=callback, progress=progress)
+        return sample_from_step(sampler or self.sampler, denoise_fn, x_T, self.noise_scheduler, num_inference_steps,
+                                first=start_step, generator=generator, callback=callback, progress=progress)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """z_0 (B, C, h, w), scaled -> images (B, 3, H, W) in [-1, 1]; the only autoencoder call of a run."""
         return self.vae.decode_latents(latents.to(self.vae.dtype))
 
-
-def _scheduler_class_name(folder: Path) -> str:
-    from ..config import read_json
-
-    return read_json(folder / "scheduler_config.json")["_class_name"]

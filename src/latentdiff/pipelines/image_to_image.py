@@ -1,0 +1,114 @@
+"""Image-to-image (SDEdit, Meng et al. 2022) with a text-conditioned latent diffusion model.
+
+encode the image -> noise its latent to the strength's timestep t_0 -> denoise the remaining steps
+with classifier-free guidance -> decode once. The same parts as text-to-image (any Stable Diffusion
+or LDM text-to-image folder loads), the same `__call__` conventions, plus `image` and `strength`:
+
+    pipe = ImageToImagePipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    out = pipe("a watercolor of a cat", image=Image.open("cat.png"), strength=0.6)
+
+Random numbers are drawn as diffusers' StableDiffusionImg2ImgPipeline draws them (the posterior
+sample of the image latent, then the noise eps, then the sampler's noise, from the same generator), so
+the same seed gives the same image.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..diffusion.noise import randn
+from ..diffusion.sampling import check_generator
+from ..errors import InputError
+from ..registry import PIPELINES
+from .base import PipelineOutput, to_output
+from .images import ImageInput, check_batch, expand_batch, image_to_tensor
+from .latent_diffusion import LAYOUTS, Generator, LatentDiffusionPipeline, Prompt
+from .sdedit import check_sampler, start_step, start_timestep
+
+
+@PIPELINES.register("image-to-image")
+class ImageToImagePipeline(LatentDiffusionPipeline):
+    """Text-guided image-to-image: the parts of `LatentDiffusionPipeline`, started from a noised image."""
+
+    diffusers_class_names = ("StableDiffusionImg2ImgPipeline",)
+    loadable_class_names = tuple(LAYOUTS)
+
+    @torch.inference_mode()
+    def __call__(self, prompt: Prompt | None = None, image: ImageInput = None, negative_prompt: Prompt | None = None,
+                 *, strength: float = 0.8, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 eta: float | None = None, num_images_per_prompt: int = 1, generator: Generator = None,
+                 noise: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
+                 negative_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil",
+                 callback: Callable[[int, int, torch.Tensor], None] | None = None,
+                 progress: bool = True) -> PipelineOutput:
+        """Edit `image` (see `images` for the accepted kinds; H, W multiples of the autoencoder factor) towards
+        `prompt`. strength in [0, 1]: 1 runs all num_inference_steps from an almost fully noised image,
+        smaller keeps more of it (int(N * strength) steps run). noise: (B, C, H/f, W/f), the eps mixed into
+        the image latent (drawn from `generator` when None). Returns PipelineOutput(images=...).
+        """
+        x, sampler = self.preprocess_image(image), self.sampler_for(eta)
+        batch, first = self.check_image_inputs(
+            prompt, negative_prompt, x, sampler=sampler, strength=strength, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, output_type=output_type,
+            generator=generator, noise=noise, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds)
+        cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt=num_images_per_prompt,
+                                          guidance=guidance_scale > 1.0, prompt_embeds=prompt_embeds,
+                                          negative_prompt_embeds=negative_prompt_embeds)
+        z0 = self.encode_image(x, batch_size=batch, num_images_per_prompt=num_images_per_prompt, generator=generator)
+        t0 = start_timestep(sampler, self.noise_scheduler, num_inference_steps, first)
+        x_t0 = self.noise_scheduler.add_noise(z0, self.draw_noise(z0.shape, generator=generator, noise=noise), t0)
+        z = self.denoise(x_t0, cond, uncond, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                         sampler=sampler, generator=generator, callback=callback, progress=progress,
+                         start_step=first)
+        if output_type == "latent":
+            return PipelineOutput(images=z)
+        return PipelineOutput(images=to_output(self.decode(z), output_type))
+
+    # ---- the stages ------------------------------------------------------------------------------
+    def preprocess_image(self, image: ImageInput, *, name: str = "image") -> torch.Tensor:
+        """PIL / numpy / tensor image(s) -> (B, 3, H, W) float32 in [-1, 1] on the CPU; sizes checked."""
+        return image_to_tensor(image, name=name, channels=self.vae.config.in_channels, factor=self.vae_scale_factor)
+
+    def check_image_inputs(self, prompt: Prompt | None, negative_prompt: Prompt | None, image: torch.Tensor, *,
+                           sampler: Any, strength: float, num_inference_steps: int, guidance_scale: float,
+                           num_images_per_prompt: int, output_type: str, generator: Generator,
+                           noise: torch.Tensor | None, prompt_embeds: torch.Tensor | None = None,
+                           negative_prompt_embeds: torch.Tensor | None = None) -> tuple[int, int]:
+        """Validate every argument before any model runs; -> (batch size, index of the first step run)."""
+        height, width = self.check_inputs(prompt, negative_prompt, height=image.shape[-2], width=image.shape[-1],
+                                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                          num_images_per_prompt=num_images_per_prompt, output_type=output_type,
+                                          prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
+        first = start_step(num_inference_steps, strength)
+        check_sampler(sampler, first)
+        batch = self.prompt_count(prompt, prompt_embeds) * num_images_per_prompt
+        check_batch(image.shape[0], batch, per_prompt=num_images_per_prompt, name="image")
+        check_generator(generator, batch)
+        shape = self.latent_shape(batch, height, width)
+        if noise is not None and (not isinstance(noise, torch.Tensor) or tuple(noise.shape) != shape):
+            raise InputError("noise has the wrong shape", where="noise", expected=shape,
+                             found=tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__)
+        return batch, first
+
+    def encode_image(self, image: torch.Tensor, *, batch_size: int, num_images_per_prompt: int = 1,
+                     generator: Generator = None) -> torch.Tensor:
+        """image (n, 3, H, W) in [-1, 1] -> z_0 (batch_size, C, H/f, W/f): a scaled posterior sample.
+
+        One generator encodes the n distinct images once (one draw of shape (n, ...), as diffusers); a list
+        of generators encodes one image per sample, each drawn from its own generator.
+        """
+        image = image.to(device=self.vae.device, dtype=self.vae.dtype)
+        if isinstance(generator, (list, tuple)):
+            image = expand_batch(image, batch_size, per_prompt=num_images_per_prompt, name="image")
+        z0 = self.vae.encode_latents(image, generator=generator)
+        return expand_batch(z0, batch_size, per_prompt=num_images_per_prompt, name="image").to(self.unet.dtype)
+
+    def draw_noise(self, shape: tuple[int, ...], *, generator: Generator = None,
+                   noise: torch.Tensor | None = None) -> torch.Tensor:
+        """eps ~ N(0, I) of `shape` from `generator` (see `diffusion.noise.randn`), or the given `noise`."""
+        dtype, device = self.unet.dtype, self.unet.device
+        if noise is not None:
+            return noise.to(device=device, dtype=dtype)
+        return randn(shape, generator=generator, dtype=dtype, device=device)

@@ -1,0 +1,191 @@
+"""Images and masks given to a pipeline -> tensors, with every size checked before any model runs.
+
+Accepted inputs (one image, or a list of them, which becomes a batch):
+
+| input | image (`image_to_tensor`) | mask (`mask_to_tensor`) |
+|---|---|---|
+| `PIL.Image` | any mode, converted to RGB | any mode, converted to grayscale ("L") |
+| `numpy.ndarray` | (H, W, C) or (B, H, W, C) | (H, W), (H, W, 1), (B, H, W) or (B, H, W, 1) |
+| `torch.Tensor` | (C, H, W) or (B, C, H, W) | (H, W), (1, H, W), (B, H, W) or (B, 1, H, W) |
+
+Values: uint8 arrays and tensors hold 0..255; floating-point ones must lie in [0, 1] (the range of a
+pipeline's own `output_type="np"` / `"pt"` output, so outputs feed back in unchanged); bool masks are
+0/1. Anything else is an InputError naming the argument. A tensor in [-1, 1] is refused rather than
+guessed at (diffusers guesses from its minimum): pass `(x + 1) / 2`.
+
+Results: an image becomes (B, C, H, W) float32 in [-1, 1], the autoencoder's range; a mask becomes
+(B, 1, H, W) float32 in {0, 1}, binarized at 0.5 as diffusers' mask processor does (1 = repaint).
+Nothing is resized: an image whose sides are not multiples of the autoencoder's factor f is an error
+(diffusers silently crops them down to a multiple).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+
+ImageInput = Any  # PIL.Image.Image | np.ndarray | torch.Tensor | a list of one kind
+KINDS = "a PIL image, a numpy array or a torch tensor (or a list of one kind)"
+
+
+def image_to_tensor(image: ImageInput, *, name: str = "image", channels: int = 3, factor: int = 1) -> torch.Tensor:
+    """An image (or a batch) -> (B, channels, H, W) float32 in [-1, 1]; H and W multiples of `factor`."""
+    parts = [_one_image(item, name=f"{name}[{i}]" if _is_list(image) else name, channels=channels)
+             for i, item in enumerate(_as_list(image, name))]
+    x = _stack(parts, name)
+    check_size(x, name=name, factor=factor)
+    return x * 2.0 - 1.0
+
+
+def mask_to_tensor(mask: ImageInput, *, name: str = "mask_image", size: tuple[int, int] | None = None,
+                   factor: int = 1) -> torch.Tensor:
+    """A mask (or a batch) -> (B, 1, H, W) float32 in {0, 1}: 1 where the image is to be repainted.
+
+    size: the (H, W) the mask must have (the image's), checked here.
+    """
+    parts = [_one_mask(item, name=f"{name}[{i}]" if _is_list(mask) else name)
+             for i, item in enumerate(_as_list(mask, name))]
+    m = _stack(parts, name)
+    if size is not None and tuple(m.shape[-2:]) != tuple(size):
+        raise InputError("the mask must have the size of the image", where=name,
+                         expected=f"H, W = {tuple(size)}", found=f"H, W = {tuple(m.shape[-2:])}")
+    check_size(m, name=name, factor=factor)
+    return (m >= 0.5).to(torch.float32)
+
+
+def check_size(x: torch.Tensor, *, name: str, factor: int) -> None:
+    """H and W of x (B, C, H, W) must be positive multiples of `factor` (the autoencoder's downsampling)."""
+    height, width = x.shape[-2:]
+    if height == 0 or width == 0 or height % factor or width % factor:
+        raise InputError(f"height and width must be positive multiples of the autoencoder factor {factor}",
+                         where=name, expected=f"H, W in {factor}, {2 * factor}, {3 * factor}, ...",
+                         found=f"H, W = {height}, {width}")
+
+
+def check_batch(n: int, batch_size: int, *, per_prompt: int, name: str) -> None:
+    """n items must be 1, one per prompt (batch_size / per_prompt), or one per generated image (batch_size)."""
+    if n not in (1, batch_size) and n * per_prompt != batch_size:
+        raise InputError(f"{name} must hold one item, one per prompt, or one per generated image", where=name,
+                         expected=f"batch 1, {batch_size // per_prompt} or {batch_size}", found=f"batch {n}")
+
+
+def expand_batch(x: torch.Tensor, batch_size: int, *, per_prompt: int, name: str) -> torch.Tensor:
+    """x: (n, ...) as `check_batch` allows -> (batch_size, ...). One item per prompt is repeated the way the
+    prompt embeddings are (each prompt's images side by side)."""
+    check_batch(x.shape[0], batch_size, per_prompt=per_prompt, name=name)
+    if x.shape[0] == batch_size:
+        return x
+    if x.shape[0] == 1:
+        return x.expand(batch_size, *x.shape[1:])
+    return x.repeat_interleave(per_prompt, dim=0)
+
+
+# ---- one item ----------------------------------------------------------------------------------
+def _one_image(item: Any, *, name: str, channels: int) -> torch.Tensor:
+    """-> (b, channels, H, W) float32 in [0, 1]."""
+    if _is_pil(item):
+        item = np.asarray(item.convert("RGB" if channels == 3 else "L"))
+    if isinstance(item, np.ndarray):
+        if item.ndim not in (3, 4) or (item.ndim == 3 and channels == 1 and item.shape[-1] != 1):
+            raise InputError("a numpy image must be (H, W, C) or (B, H, W, C)", where=name,
+                             expected=f"C = {channels} in the last axis", found=f"shape {item.shape}")
+        x = _to_unit(_from_numpy(item, name), name)
+        x = (x[None] if x.ndim == 3 else x).permute(0, 3, 1, 2)
+    elif isinstance(item, torch.Tensor):
+        if item.ndim not in (3, 4):
+            raise InputError("an image tensor must be (C, H, W) or (B, C, H, W)", where=name,
+                             expected=f"C = {channels}", found=f"shape {tuple(item.shape)}")
+        x = _to_unit(item, name)
+        x = x[None] if x.ndim == 3 else x
+    else:
+        raise InputError("unsupported image type", where=name, expected=KINDS, found=type(item).__name__)
+    if x.shape[1] != channels:
+        raise InputError(f"the image must have {channels} channels", where=name, expected=f"C = {channels}",
+                         found=f"C = {x.shape[1]} (shape {tuple(x.shape)})")
+    return x
+
+
+def _one_mask(item: Any, *, name: str) -> torch.Tensor:
+    """-> (b, 1, H, W) float32 in [0, 1]."""
+    if _is_pil(item):
+        item = np.asarray(item.convert("L"))
+    if isinstance(item, np.ndarray):
+        if item.ndim in (3, 4) and item.shape[-1] == 1:  # (B, H, W, 1) or (H, W, 1): drop C
+            item = item[..., 0]
+        # (H, W, 3 or 4) would read as 3-4 masks of width 3-4: an RGB(A) array, refused.
+        if item.ndim not in (2, 3) or (item.ndim == 3 and item.shape[-1] in (3, 4)):
+            raise InputError("a numpy mask must be (H, W), (H, W, 1), (B, H, W) or (B, H, W, 1)", where=name,
+                             expected="one channel", found=f"shape {item.shape}")
+        x = _to_unit(_from_numpy(item, name), name)
+    elif isinstance(item, torch.Tensor):
+        if item.ndim == 4 and item.shape[1] != 1 or item.ndim not in (2, 3, 4):
+            raise InputError("a mask tensor must be (H, W), (1, H, W), (B, H, W) or (B, 1, H, W)", where=name,
+                             expected="one channel", found=f"shape {tuple(item.shape)}")
+        x = _to_unit(item, name)
+        x = x[:, 0] if x.ndim == 4 else x
+    else:
+        raise InputError("unsupported mask type", where=name, expected=KINDS, found=type(item).__name__)
+    x = x[None] if x.ndim == 2 else x          # (H, W) -> (1, H, W); (1, H, W) and (B, H, W) stay
+    return x[:, None]
+
+
+def _from_numpy(item: np.ndarray, name: str) -> torch.Tensor:
+    if item.dtype.kind not in "buif":
+        raise InputError("unsupported image dtype", where=name, expected="uint8 (0..255), bool or float in [0, 1]",
+                         found=str(item.dtype))
+    return torch.from_numpy(np.array(item))  # a copy: PIL's arrays are read-only
+
+
+def _to_unit(x: torch.Tensor, name: str) -> torch.Tensor:
+    """uint8 0..255, bool, or float in [0, 1] -> float32 in [0, 1], on the CPU (one host check, before any work)."""
+    x = x.detach().cpu()
+    if x.dtype == torch.uint8:
+        return x.to(torch.float32) / 255.0
+    if x.dtype == torch.bool:
+        return x.to(torch.float32)
+    if not x.is_floating_point():
+        raise InputError("unsupported image dtype", where=name, expected="uint8 (0..255), bool or float in [0, 1]",
+                         found=str(x.dtype))
+    x = x.to(torch.float32)
+    if x.numel() and not (bool(torch.isfinite(x).all()) and float(x.min()) >= 0.0 and float(x.max()) <= 1.0):
+        raise InputError("floating-point image values must lie in [0, 1] (for images in [-1, 1] pass (x + 1) / 2)",
+                         where=name, expected="0 <= values <= 1",
+                         found=f"values in [{float(x.nan_to_num().min()):.3g}, {float(x.nan_to_num().max()):.3g}]"
+                               + ("" if bool(torch.isfinite(x).all()) else " and non-finite values"))
+    return x
+
+
+def _stack(parts: Sequence[torch.Tensor], name: str) -> torch.Tensor:
+    sizes = {tuple(p.shape[1:]) for p in parts}
+    if len(sizes) > 1:
+        raise InputError("all items of a batch must have the same size", where=name,
+                         expected="one (C, H, W) for the list", found=sorted(sizes))
+    return torch.cat(list(parts)) if len(parts) > 1 else parts[0]
+
+
+def _as_list(value: Any, name: str) -> list[Any]:
+    if _is_list(value):
+        if not value:
+            raise InputError("an empty list of images", where=name, expected="at least one image", found=[])
+        kinds = {type(v).__name__ if not _is_pil(v) else "PIL.Image" for v in value}
+        if len(kinds) > 1:
+            raise InputError("a list of images must hold one kind", where=name, expected=KINDS, found=sorted(kinds))
+        return list(value)
+    if value is None:
+        raise InputError("an image is required", where=name, expected=KINDS, found=None)
+    return [value]
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple))
+
+
+def _is_pil(value: Any) -> bool:
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - PIL is a dependency
+        return False
+    return isinstance(value, Image.Image)
