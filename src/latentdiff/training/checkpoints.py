@@ -1,0 +1,138 @@
+"""Training checkpoints that resume exactly: written atomically, the last K kept, checked on resume.
+
+`checkpoints/checkpoint-00001000/` holds accelerate's `save_state` (optimizers, grad scaler, the RNG states
+of every process), the trained modules and the EMA as safetensors, the run's config (`train_config.json`)
+and `progress.json` (step, batches consumed, skipped images), written last. The folder is written under a
+hidden temporary name and renamed into place: a kill leaves either the old set of checkpoints or the new
+one, never a half-written folder that looks complete. accelerate writes its own files as pickles (and
+reads them back with weights_only=False): resume only from checkpoints you trust.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from .. import hub
+from ..errors import CheckpointError
+from .ema import EMA
+
+CHECKPOINT_PREFIX = "checkpoint-"
+PROGRESS_FILE = "progress.json"
+CONFIG_FILE = "train_config.json"
+# Settings whose change would make a resumed run differ from the one it continues (the data section bar the
+# loader's worker count and the corrupt-image policy, the model section, and these train keys).
+RESUME_FREE_DATA = ("num_workers", "on_corrupt")
+RESUME_FIXED_TRAIN = ("seed", "batch_size", "gradient_accumulation_steps")
+
+
+class Checkpoints:
+    """checkpoint-NNNNNNNN folders under `root`: atomic saves, the last `keep_last` kept, resume look-up."""
+
+    def __init__(self, root: Path, *, keep_last: int):
+        self.root, self.keep_last = root, keep_last
+
+    def name(self, step: int) -> Path:
+        return self.root / f"{CHECKPOINT_PREFIX}{step:08d}"
+
+    def complete(self) -> list[Path]:
+        """Finished checkpoints, oldest first (a folder counts once its progress file is there)."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+                 and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / PROGRESS_FILE).is_file()]
+        return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+    def resolve(self, resume: str | None) -> Path | None:
+        """resume: None (start fresh), "latest" (the newest complete one, or fresh), or a checkpoint folder."""
+        if resume is None:
+            return None
+        if resume == "latest":
+            done = self.complete()
+            return done[-1] if done else None
+        path = Path(resume)
+        if not (path / PROGRESS_FILE).is_file():
+            raise CheckpointError("not a complete latentdiff training checkpoint", where=str(path),
+                                  expected=f"a {CHECKPOINT_PREFIX}N folder with {PROGRESS_FILE}",
+                                  found=sorted(p.name for p in path.iterdir()) if path.is_dir() else "no folder")
+        return path
+
+    def save(self, step: int, accelerator: Any, write: Callable[[Path], None]) -> Path:
+        """All processes call this. `write(folder)` adds the main process's own files before the rename."""
+        final = self.name(step)
+        tmp = self.root / f".{final.name}.tmp"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            write(tmp)
+            old = self.root / f".{final.name}.old"
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+            for stale in self.complete()[:-self.keep_last]:
+                shutil.rmtree(stale, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return final
+
+    def clean_partial(self) -> None:
+        """Remove hidden folders left by a save that was killed (main process, before training)."""
+        if self.root.is_dir():
+            for p in self.root.iterdir():
+                if p.name.startswith(f".{CHECKPOINT_PREFIX}"):
+                    shutil.rmtree(p, ignore_errors=True)
+
+
+def save_modules(folder: Path, modules: dict[str, nn.Module], ema: EMA | None, progress: dict[str, Any],
+                 config: dict[str, Any]) -> None:
+    """The main process's share of a checkpoint: module weights, EMA, progress, config."""
+    for name, module in modules.items():
+        hub.save_safetensors(module.state_dict(), folder / f"{name}.safetensors")
+    if ema is not None:
+        state = ema.state_dict()
+        hub.save_safetensors(state["shadow"], folder / "ema.safetensors",
+                             metadata={"num_updates": str(state["num_updates"]), "decay": str(state["decay"])})
+    hub.write_json(config, folder / CONFIG_FILE)
+    hub.write_json(progress, folder / PROGRESS_FILE)  # last: its presence marks the folder complete
+
+
+def load_modules(folder: Path, modules: dict[str, nn.Module], ema: EMA | None) -> dict[str, Any]:
+    """Load weights (strictly) and the EMA of a checkpoint; -> its progress dict."""
+    from ..models.base import check_state_dict
+
+    for name, module in modules.items():
+        state = hub.load_safetensors(folder / f"{name}.safetensors")
+        check_state_dict(module, state, source=str(folder / f"{name}.safetensors"))
+        module.load_state_dict(state, strict=True)
+    if ema is not None:
+        path = folder / "ema.safetensors"
+        if not path.is_file():
+            raise CheckpointError("the checkpoint has no EMA weights but this run keeps an EMA", where=str(folder))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        ema.load_state_dict({"shadow": hub.load_safetensors(path), "num_updates": int(meta.get("num_updates", 0))})
+    return json.loads((folder / PROGRESS_FILE).read_text())
+
+
+def check_resumable(saved: dict[str, Any], current: dict[str, Any], *, where: str) -> None:
+    """A resumed run must train the same model on the same data with the same batches."""
+    def data(config: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in config.get("data", {}).items() if k not in RESUME_FREE_DATA}
+
+    pairs = {"data": (data(saved), data(current)), "model": (saved.get("model", {}), current.get("model", {}))}
+    changed = [f"{section}.{k}" for section, (a, b) in pairs.items() for k in sorted(set(a) | set(b))
+               if a.get(k) != b.get(k)]
+    changed += [f"train.{k}" for k in RESUME_FIXED_TRAIN
+                if saved.get("train", {}).get(k) != current.get("train", {}).get(k)]
+    if changed:
+        raise CheckpointError("the config differs from the checkpoint's in settings a resumed run cannot change",
+                              where=where, expected="the same data, model, seed and batch settings", found=changed)

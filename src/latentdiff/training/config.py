@@ -1,0 +1,414 @@
+"""Training configs: typed, frozen, strict, read from one YAML file per run.
+
+    config = load_train_config("examples/train/lsun_churches-ldm-kl-8.yaml", "diffusion",
+                               overrides=["train.max_steps=100"])
+
+A file has up to seven sections, each a frozen dataclass checked on construction:
+
+    data        where the images are, how they are cropped and labelled
+    model       the networks (architecture dicts are the components' own configs)
+    optim       AdamW and the learning-rate schedule
+    train       steps, batch, precision, EMA, output folder (+ stage-specific settings)
+    checkpoint  how often, how many kept, resume, export, Hub upload
+    logging     progress bar, TensorBoard, CSV
+    sample      what to draw / reconstruct while training, and how often
+
+An unknown section or key is a ConfigError naming it and the file: a setting that would change the run
+must never be silently ignored. The nested architecture dicts (`model.architecture`, `model.unet` ...) are
+checked against their component configs when the file is loaded, before any data is read.
+Relative paths are relative to the working directory (as for every command-line tool).
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+from ..config import ComponentConfig
+from ..errors import ConfigError
+
+Kind = Literal["autoencoder", "diffusion"]
+KINDS = ("autoencoder", "diffusion")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def _positive(config: ComponentConfig, *names: str, allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+            raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}", where=name,
+                              expected=">= 0" if allow_zero else "> 0", found=value)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(ComponentConfig):
+    path: str                                            # image folder (metadata.jsonl captions, or class folders)
+    labels: Literal["auto", "captions", "classes", "none"] = "auto"   # auto: metadata file > subfolders > none
+    metadata_file: str = "metadata.jsonl"                # Hugging Face `imagefolder` convention
+    image_column: str = "file_name"
+    caption_column: str = "text"
+    resolution: int = 256                                # resize the short side, then crop a square of this side
+    center_crop: bool = True                             # False: a random crop (seeded per sample)
+    random_flip: bool = True                             # horizontal flip with p = 0.5 (seeded per sample)
+    on_corrupt: Literal["skip", "error"] = "skip"        # skip: warn, count, and take the next image instead
+    on_missing_caption: Literal["error", "skip", "empty"] = "error"  # image without a caption: error / drop / ""
+    validation_path: str | None = None                   # a separate validation folder, or
+    validation_split: int = 0                            # this many images of `path` held out (a seeded choice)
+    num_workers: int = 0
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+
+    def validate(self) -> None:
+        if not self.path:
+            raise ConfigError("data.path must name an image folder", where="path", expected="a folder", found="''")
+        _positive(self, "resolution")
+        _positive(self, "validation_split", "num_workers", allow_zero=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig(ComponentConfig):
+    learning_rate: float = 1e-4
+    scale_lr: bool = False             # LDM: lr = learning_rate * batch_size * accumulation (its "base lr")
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01         # torch's AdamW default, as LDM uses it
+    eps: float = 1e-8
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0              # linear from 0 to the full rate over these steps, then the schedule
+    min_lr_ratio: float = 0.0          # cosine ends at learning_rate * min_lr_ratio
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm of each optimizer; None: no clipping
+
+    def validate(self) -> None:
+        _positive(self, "learning_rate", "max_grad_norm")
+        _positive(self, "weight_decay", "warmup_steps", "eps", allow_zero=True)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError("min_lr_ratio must lie in [0, 1]", where="min_lr_ratio", expected="[0, 1]",
+                              found=self.min_lr_ratio)
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoencoderOptimConfig(OptimConfig):
+    betas: tuple[float, float] = (0.5, 0.9)              # LDM's first stage (taming-transformers)
+    weight_decay: float = 0.0                            # LDM trains the first stage with Adam
+    discriminator_learning_rate: float | None = None     # None: learning_rate
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection(ComponentConfig):
+    output_dir: str
+    max_steps: int
+    seed: int = 0
+    batch_size: int = 8                # global: images per micro-step summed over all processes
+    gradient_accumulation_steps: int = 1
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"   # autocast; master weights stay fp32
+    gradient_checkpointing: bool = False
+    cpu: bool = False                  # force the CPU even where an accelerator is present
+    ema: bool = True
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True            # LDM: decay_n = min(decay, (1 + n) / (10 + n))
+
+    def validate(self) -> None:
+        _positive(self, "max_steps", "batch_size", "gradient_accumulation_steps")
+        _positive(self, "seed", allow_zero=True)
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError("ema_decay must lie in [0, 1)", where="ema_decay", expected="[0, 1)",
+                              found=self.ema_decay)
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoencoderTrainSection(TrainSection):
+    ema: bool = False                  # LDM's first stages are trained without EMA
+    scaling_factor_images: int = 256   # images whose latents give the scaling factor (0: keep the config's)
+
+    def validate(self) -> None:
+        super().validate()
+        _positive(self, "scaling_factor_images", allow_zero=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionTrainSection(TrainSection):
+    conditioning_dropout: float = 0.1  # p of replacing the condition by the null one (classifier-free guidance)
+    train_text_encoder: bool = False   # LDM-BERT style joint training
+    cache_latents: bool = False        # encode the data set once (needs center_crop)
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.conditioning_dropout < 1.0:
+            raise ConfigError("conditioning_dropout must lie in [0, 1)", where="conditioning_dropout",
+                              expected="[0, 1)", found=self.conditioning_dropout)
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoencoderModelSection(ComponentConfig):
+    type: Literal["autoencoder_kl", "vq_model"] = "autoencoder_kl"
+    architecture: dict | None = None   # AutoencoderKLConfig / VQModelConfig fields; None: the defaults
+    pretrained: str | None = None      # start from this model folder (its architecture then wins)
+    loss: dict | None = None           # AutoencoderLossConfig fields (disc_start is required)
+    lpips: str = "pretrained"          # "pretrained" (published weights), "random" (smoke runs), or a weights file
+    lpips_vgg: str | None = None       # the VGG16 weights file, when `lpips` holds only the linear heads
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionModelSection(ComponentConfig):
+    autoencoder: str                   # a trained first-stage folder (AutoencoderKL or VQModel), kept frozen
+    autoencoder_subfolder: str | None = None
+    conditioning: Literal["text", "class", "none", "low_res"] = "text"   # low_res: concat, x4 super-resolution
+    unet_type: Literal["unet", "unet2d"] = "unet"   # unet: cross-attention UNet; unet2d: without cross-attention
+    unet: dict | None = None           # the UNet config fields
+    pretrained_unet: str | None = None
+    noise_scheduler: dict | None = None  # NoiseSchedulerConfig fields (prediction_type: epsilon / v_prediction)
+    text_encoder: str | None = None    # folder with text_encoder/ (bert/ for ldm_bert) and tokenizer/
+    text_encoder_type: Literal["clip", "ldm_bert"] = "clip"
+    text_encoder_config: dict | None = None  # ldm_bert from scratch: LDMBertConfig fields (then tokenizer= needed)
+    tokenizer: str | None = None       # tokenizer folder for a text encoder built from scratch
+    num_classes: int | None = None     # class conditioning; None: the number of class folders
+
+    def validate(self) -> None:
+        if self.conditioning == "text" and self.text_encoder is None and self.text_encoder_config is None:
+            raise ConfigError("text conditioning needs a text encoder", where="text_encoder",
+                              expected="a folder (text_encoder/ + tokenizer/), or text_encoder_config + tokenizer",
+                              found=None)
+        if self.text_encoder_config is not None:
+            if self.text_encoder_type != "ldm_bert" or self.tokenizer is None or self.text_encoder is not None:
+                raise ConfigError("a text encoder built from scratch is an ldm_bert with a tokenizer folder",
+                                  where="text_encoder_config",
+                                  expected="text_encoder_type: ldm_bert, tokenizer: FOLDER, no text_encoder",
+                                  found=f"type {self.text_encoder_type}, tokenizer {self.tokenizer}")
+        _positive(self, "num_classes")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig(ComponentConfig):
+    every_n_steps: int = 1000
+    keep_last: int = 3
+    resume: str | None = None          # "latest" (start fresh when there is none) or a checkpoint folder
+    export_dir: str | None = None      # default: OUTPUT_DIR/autoencoder or OUTPUT_DIR/pipeline
+    push_to_hub: str | None = None     # Hub repo id to upload the export to
+    hub_private: bool = True
+
+    def validate(self) -> None:
+        _positive(self, "every_n_steps", "keep_last")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig(ComponentConfig):
+    every_n_steps: int = 10
+    progress_bar: bool = True
+    tensorboard: bool = True           # only if tensorboard is installed (else a note, and the CSV)
+    csv: bool = True
+
+    def validate(self) -> None:
+        _positive(self, "every_n_steps")
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoencoderSampleConfig(ComponentConfig):
+    every_n_steps: int = 1000          # validation PSNR / SSIM and a reconstruction grid; 0: only at the end
+    num_images: int = 8                # images in the reconstruction grid
+    max_validation_images: int = 512   # cap on the validation images scored
+
+    def validate(self) -> None:
+        _positive(self, "every_n_steps", allow_zero=True)
+        _positive(self, "num_images", "max_validation_images")
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionSampleConfig(ComponentConfig):
+    every_n_steps: int = 1000          # a PNG grid of samples; 0: only at the end
+    prompts: tuple[str, ...] = ()      # text conditioning
+    class_labels: tuple[int, ...] = () # class conditioning
+    seeds: tuple[int, ...] = (0,)      # one image per (condition, seed)
+    num_inference_steps: int = 50
+    guidance_scale: float = 1.0
+    use_ema: bool = True
+
+    def validate(self) -> None:
+        _positive(self, "every_n_steps", allow_zero=True)
+        _positive(self, "num_inference_steps")
+        if not self.seeds:
+            raise ConfigError("sample.seeds needs at least one seed", where="seeds", expected="a list of ints",
+                              found=self.seeds)
+
+
+class _Sections:
+    """What both run configs share: a plain-dict view (the sections, not the source file)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name).to_dict() for f in dataclasses.fields(self) if f.name != "source"}
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoencoderTrainConfig(_Sections):
+    data: DataConfig
+    model: AutoencoderModelSection
+    train: AutoencoderTrainSection
+    optim: AutoencoderOptimConfig = AutoencoderOptimConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+    sample: AutoencoderSampleConfig = AutoencoderSampleConfig()
+    source: str | None = None          # the file it was read from
+
+    kind = "autoencoder"
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionTrainConfig(_Sections):
+    data: DataConfig
+    model: DiffusionModelSection
+    train: DiffusionTrainSection
+    optim: OptimConfig = OptimConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+    sample: DiffusionSampleConfig = DiffusionSampleConfig()
+    source: str | None = None
+
+    kind = "diffusion"
+
+
+TrainConfig = AutoencoderTrainConfig | DiffusionTrainConfig
+_CLASSES: dict[str, type] = {"autoencoder": AutoencoderTrainConfig, "diffusion": DiffusionTrainConfig}
+
+
+def train_config_from_dict(data: Mapping[str, Any], kind: Kind, *, source: str | None = None) -> TrainConfig:
+    """Build a train config from a {section: {key: value}} mapping; strict, errors name `source` and the key."""
+    if kind not in _CLASSES:
+        raise ConfigError("unknown training stage", where="kind", expected=list(KINDS), found=kind)
+    if not isinstance(data, Mapping):
+        raise ConfigError("a train config must be a mapping of sections", where=source, expected="a YAML mapping",
+                          found=type(data).__name__)
+    cls = _CLASSES[kind]
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(k for k in data if k not in fields)
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown} in the {kind} config", where=source,
+                          expected=f"sections among {sorted(fields)}", found=unknown)
+    sections: dict[str, Any] = {}
+    for name, field in fields.items():
+        section_class = hints[name]
+        value = data.get(name)
+        if value is None and field.default is dataclasses.MISSING:
+            raise ConfigError(f"missing section {name!r} in the {kind} config", where=source,
+                              expected=f"a {name}: mapping", found=sorted(data))
+        if value is not None and not isinstance(value, Mapping):
+            raise ConfigError(f"section {name!r} must be a mapping", where=f"{source}: {name}",
+                              expected="key: value pairs", found=type(value).__name__)
+        where = f"{source}: {name}" if source else name
+        try:
+            sections[name] = section_class.from_dict(value or {}, source=where)
+        except ConfigError as e:
+            if e.where is not None and str(e.where).startswith(where):
+                raise
+            raise ConfigError(e.message, where=f"{where}.{e.where}" if e.where else where, expected=e.expected,
+                              found=e.found) from None
+    config = cls(**sections, source=source)
+    check_components(config)
+    return config
+
+
+def load_train_config(path: str | Path, kind: Kind, *, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a YAML train config; `overrides` are "section.key=value" strings (value parsed as YAML)."""
+    yaml = _yaml()
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("train config file not found", where=str(path)) from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"train config is not valid YAML ({e})", where=str(path)) from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError("a train config must be a mapping of sections", where=str(path),
+                          expected="a YAML mapping", found=type(data).__name__)
+    for item in overrides:
+        apply_override(data, item)
+    return train_config_from_dict(data, kind, source=str(path))
+
+
+def _yaml() -> Any:
+    """pyyaml, imported lazily (only training reads YAML), with an error that says how to get it."""
+    try:
+        import yaml
+    except ModuleNotFoundError:
+        raise ConfigError("reading a train config needs pyyaml", expected="pip install 'latentdiff[train]'",
+                          found="pyyaml not installed") from None
+    return yaml
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set data[section][key] from "section.key=value" (value parsed as YAML, so 3 is an int, [1, 2] a list)."""
+    yaml = _yaml()
+    key, sep, raw = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) < 2 or not all(parts):
+        raise ConfigError("an override must look like section.key=value", where="--set",
+                          expected="e.g. train.max_steps=100", found=item)
+    target = data
+    for part in parts[:-1]:
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise ConfigError("override path goes through a value that is not a mapping", where=item)
+    target[parts[-1]] = yaml.safe_load(raw)
+
+
+def check_components(config: TrainConfig) -> None:
+    """Check the nested component dicts against their own configs now, with the file and key in errors."""
+    where = f"{config.source}: model" if config.source else "model"
+    build_component_configs(config, where=where)
+
+
+def build_component_configs(config: TrainConfig, *, where: str = "model") -> dict[str, ComponentConfig | None]:
+    """The component configs named by the model section (architecture dicts -> typed configs)."""
+    model = config.model
+    if isinstance(config, AutoencoderTrainConfig):
+        from ..models.autoencoder_kl import AutoencoderKLConfig
+
+        if model.type == "vq_model":
+            from ..models.vq import VQModelConfig as architecture_class
+        else:
+            architecture_class = AutoencoderKLConfig
+        from .autoencoder_loss import AutoencoderLossConfig
+
+        return {"architecture": architecture_class.from_dict(model.architecture or {},
+                                                             source=f"{where}.architecture"),
+                "loss": AutoencoderLossConfig.from_dict(model.loss or {}, source=f"{where}.loss")}
+    from ..diffusion.noise_scheduler import NoiseSchedulerConfig
+
+    if model.unet_type == "unet2d":
+        from ..models.unet2d import UNet2DConfig as unet_class
+    else:
+        from ..models.unet import UNetConfig as unet_class
+    built: dict[str, ComponentConfig | None] = {
+        "unet": unet_class.from_dict(model.unet or {}, source=f"{where}.unet"),
+        "noise_scheduler": NoiseSchedulerConfig.from_dict(model.noise_scheduler or {},
+                                                          source=f"{where}.noise_scheduler"),
+        "text_encoder": None,
+    }
+    if model.text_encoder_config is not None:
+        from ..models.ldm_bert import LDMBertConfig
+
+        built["text_encoder"] = LDMBertConfig.from_dict(model.text_encoder_config,
+                                                        source=f"{where}.text_encoder_config")
+    check_conditioning(config, built["unet"], where=where)
+    return built
+
+
+def check_conditioning(config: DiffusionTrainConfig, unet: Any, *, where: str) -> None:
+    """The UNet must be able to take the conditioning the config asks for."""
+    mode, cross = config.model.conditioning, getattr(unet, "cross_attention_dim", None)
+    if mode == "text" and (config.model.unet_type != "unet" or cross is None):
+        raise ConfigError("text conditioning needs a cross-attention UNet", where=f"{where}.unet",
+                          expected="unet_type: unet with cross_attention_dim set", found=config.model.unet_type)
+    if mode != "text" and cross is not None and config.model.unet_type == "unet":
+        raise ConfigError(f"conditioning {mode!r} has no context for cross-attention", where=f"{where}.unet",
+                          expected="cross_attention_dim: null", found=cross)
+    class_conditional = getattr(unet, "num_class_embeds", None) is not None
+    if (mode == "class") != class_conditional:
+        raise ConfigError("class conditioning and the UNet's num_class_embeds go together", where=f"{where}.unet",
+                          expected="num_class_embeds = classes + 1 (the null class) iff conditioning: class",
+                          found=getattr(unet, "num_class_embeds", None))
+    if config.train.cache_latents and not config.data.center_crop:
+        raise ConfigError("cached latents need a fixed crop", where="train.cache_latents",
+                          expected="data.center_crop: true", found="center_crop: false")
+    if config.train.cache_latents and mode == "low_res":
+        raise ConfigError("low_res conditioning needs the images, not only their latents",
+                          where="train.cache_latents", expected="false with conditioning: low_res", found=True)
