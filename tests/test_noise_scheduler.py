@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from latentdiff.diffusion.noise_scheduler import NoiseScheduler, NoiseSchedulerConfig
-from latentdiff.diffusion.samplers import DDIMSampler, DDPMSampler
+from latentdiff.diffusion.samplers import (DDIMSampler, DDPMSampler, DPMSolverMultistepSampler,
+                                          DPMSolverMultistepSDESampler, EulerAncestralSampler, EulerSampler,
+                                          HeunSampler, LMSSampler, PLMSSampler)
 from latentdiff.diffusion.scheduler_io import (FOREIGN_CLASSES, load_scheduler_folder, read_scheduler_config,
                                                write_scheduler_folder)
 from latentdiff.errors import ConfigError, InputError
@@ -239,15 +241,24 @@ def _assert_same_as_diffusers_ddim(ns, sampler, ref):
         assert sampler.timesteps(ns, n).tolist() == ref.timesteps.tolist()
 
 
-def test_sd15_pndm_config_maps_to_ddim_with_one_warning(tmp_path):
+def test_sd15_pndm_config_maps_to_plms_without_warning(tmp_path):
     folder = _write(tmp_path / "scheduler", SD15_SCHEDULER)
     ns, sampler, caught = _load_quiet(folder)
-    assert len(caught) == 1 and "PNDMScheduler" in str(caught[0].message) and "DDIM" in str(caught[0].message)
-    assert sampler == DDIMSampler(steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+    assert caught == []
+    assert sampler == PLMSSampler(steps_offset=1, set_alpha_to_one=False)
     pndm = diffusers.PNDMScheduler.from_pretrained(folder)
     assert torch.equal(ns.alphas_cumprod, pndm.alphas_cumprod)
-    _assert_same_as_diffusers_ddim(ns, sampler, diffusers.DDIMScheduler.from_config(pndm.config))
+    assert sampler.final_alpha_cumprod(ns) == float(pndm.final_alpha_cumprod)
+    pndm.set_timesteps(50)   # PLMS visits t_1 twice (its warm-up step calls the model at t_1 and t_2)
+    assert sampler.timesteps(ns, 50).tolist() == torch.unique_consecutive(pndm.timesteps).tolist()
     assert NoiseScheduler.from_pretrained(tmp_path).config == ns.config   # subfolder="scheduler" by default
+
+
+def test_pndm_with_runge_kutta_warm_up_loads_as_plms_with_one_warning(tmp_path):
+    folder = _write(tmp_path / "scheduler", {**SD15_SCHEDULER, "skip_prk_steps": False})
+    _, sampler, caught = _load_quiet(folder)
+    assert sampler == PLMSSampler(steps_offset=1)
+    assert len(caught) == 1 and "skip_prk_steps" in str(caught[0].message)
 
 
 def test_sd21_ddim_config_loads_without_warning(tmp_path):
@@ -357,3 +368,132 @@ def test_unsupported_class_and_ddpm_variance_raise_config_error():
         read_scheduler_config({"_class_name": "DDPMScheduler", "variance_type": "learned"})
     _, sampler = read_scheduler_config({"_class_name": "DDPMScheduler", "variance_type": "fixed_small_log"})
     assert sampler.variance_type == "fixed_small"   # exp(log(v) / 2) = sqrt(v)
+
+
+# ---- scheduler_config.json of PLMS and the sigma-space samplers -------------------------------------------
+NUMPY_NOTICES = pytest.mark.filterwarnings("ignore::DeprecationWarning")   # numpy 2 notices from inside diffusers
+SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+EULER, EULER_A, HEUN, LMS, DPM, PNDM = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                                        "HeunDiscreteScheduler", "LMSDiscreteScheduler",
+                                        "DPMSolverMultistepScheduler", "PNDMScheduler")
+
+
+def _assert_same_grids(ns, sampler, ref):
+    end = -1 if ref.config.get("rescale_betas_zero_snr") else None   # diffusers puts 2^-24 at zero SNR
+    assert torch.equal(ns.alphas_cumprod[:end], ref.alphas_cumprod[:end])
+    assert ns.config.prediction_type == ref.config.prediction_type
+    for n in (10, 25):
+        ref.set_timesteps(n)
+        if isinstance(sampler, PLMSSampler):
+            assert sampler.timesteps(ns, n).tolist() == ref.timesteps[:1].tolist() + ref.timesteps[2:].tolist()
+            assert sampler.final_alpha_cumprod(ns) == float(ref.final_alpha_cumprod)
+            continue
+        plan = sampler.plan(ns, n)
+        step = 2 if isinstance(sampler, HeunSampler) else 1
+        assert plan.timesteps.tolist() == ref.timesteps[::step].tolist()
+        assert plan.sigmas == (torch.cat([ref.sigmas[:1], ref.sigmas[1::2]]) if step == 2 else ref.sigmas).tolist()
+
+
+FOLDERS = [
+    (PNDM, dict(skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False), PLMSSampler(steps_offset=1)),
+    (EULER, dict(use_karras_sigmas=True, sigma_min=0.05, final_sigmas_type="sigma_min", prediction_type="v_prediction",
+                 rescale_betas_zero_snr=True, timestep_spacing="trailing"),
+     EulerSampler(sigma_schedule="karras", sigma_min=0.05, final_sigmas_type="sigma_min", timestep_spacing="trailing")),
+    (EULER_A, dict(timestep_spacing="leading", steps_offset=1), EulerAncestralSampler(timestep_spacing="leading",
+                                                                                     steps_offset=1)),
+    (HEUN, dict(use_exponential_sigmas=True, clip_sample=True, prediction_type="sample"),
+     HeunSampler(sigma_schedule="exponential", clip_sample=True)),
+    (LMS, dict(use_karras_sigmas=True), LMSSampler(sigma_schedule="karras")),
+    (DPM, dict(), DPMSolverMultistepSampler()),
+    (DPM, dict(algorithm_type="sde-dpmsolver++", use_karras_sigmas=True, solver_type="heun", euler_at_final=True,
+               lower_order_final=False, solver_order=1, final_sigmas_type="sigma_min", lambda_min_clipped=-5.1),
+     DPMSolverMultistepSDESampler(sigma_schedule="karras", solver_type="heun", euler_at_final=True,
+                                  lower_order_final=False, solver_order=1, final_sigmas_type="sigma_min",
+                                  lambda_min_clipped=-5.1)),
+]
+
+
+@NUMPY_NOTICES
+@pytest.mark.parametrize("cls,options,expected", FOLDERS, ids=lambda v: v if isinstance(v, str) else None)
+def test_folder_saved_by_diffusers_loads_as_our_sampler(tmp_path, cls, options, expected):
+    ref = getattr(diffusers, cls)(**SD_BETAS, **options)
+    ref.save_pretrained(tmp_path)
+    ns, sampler, caught = _load_quiet(tmp_path)
+    assert caught == [] and sampler == expected
+    _assert_same_grids(ns, sampler, ref)
+
+
+ROUND_TRIPS = [PLMSSampler(), PLMSSampler(timestep_spacing="trailing", set_alpha_to_one=True),
+               EulerSampler(sigma_schedule="exponential", sigma_max=30.0), EulerAncestralSampler(steps_offset=1),
+               HeunSampler(sigma_schedule="karras", clip_sample=True, clip_sample_range=2.0), LMSSampler(),
+               DPMSolverMultistepSampler(sigma_schedule="karras", timestep_spacing="leading", steps_offset=1),
+               DPMSolverMultistepSDESampler(solver_type="heun", final_sigmas_type="sigma_min")]
+
+
+@NUMPY_NOTICES
+@pytest.mark.parametrize("sampler", ROUND_TRIPS, ids=lambda s: repr(s)[:50])
+@pytest.mark.parametrize("config", [NoiseSchedulerConfig(),
+                                    NoiseSchedulerConfig(beta_schedule="squaredcos_cap_v2", prediction_type="sample"),
+                                    NoiseSchedulerConfig(num_train_timesteps=40, trained_betas=tuple(
+                                        np.linspace(0.001, 0.2, 40).tolist()), prediction_type="v_prediction")])
+def test_sampler_round_trip_ours_to_diffusers_and_back(tmp_path, config, sampler):
+    ns = NoiseScheduler(config)
+    write_scheduler_folder(tmp_path, ns, sampler)
+    data = json.loads((tmp_path / "scheduler_config.json").read_text())
+    ref_cls = getattr(diffusers, data["_class_name"])
+    assert {k for k in data if not k.startswith("_")} == set(inspect.signature(ref_cls.__init__).parameters) - {"self"}
+    ns2, sampler2, caught = _load_quiet(tmp_path)
+    assert caught == [] and ns2.config == config and sampler2 == sampler
+    _assert_same_grids(ns, sampler, ref_cls.from_pretrained(tmp_path))
+
+
+@NUMPY_NOTICES
+def test_zero_terminal_snr_only_where_the_diffusers_class_has_it(tmp_path):
+    ns = NoiseScheduler(NoiseSchedulerConfig(prediction_type="v_prediction", rescale_zero_terminal_snr=True))
+    for sampler in (HeunSampler(), LMSSampler(), PLMSSampler()):
+        with pytest.raises(ConfigError, match="rescale_zero_terminal_snr"):
+            write_scheduler_folder(tmp_path, ns, sampler)
+        data = {"_class_name": {HeunSampler: HEUN, LMSSampler: LMS, PLMSSampler: PNDM}[type(sampler)],
+                "rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}
+        with pytest.raises(ConfigError, match="rescale_betas_zero_snr"):
+            read_scheduler_config(data, source="s/scheduler_config.json")
+    write_scheduler_folder(tmp_path, ns, DPMSolverMultistepSampler(timestep_spacing="trailing"))
+    ns2, sampler, _ = _load_quiet(tmp_path)
+    assert ns2.config.rescale_zero_terminal_snr and isinstance(sampler, DPMSolverMultistepSampler)
+
+
+@NUMPY_NOTICES
+@pytest.mark.parametrize("cls,key,value", [
+    (EULER, "interpolation_type", "log_linear"),
+    (EULER, "use_beta_sigmas", True),
+    (LMS, "use_exponential_sigmas", True),       # together with use_karras_sigmas below
+    (DPM, "use_lu_lambdas", True),
+    (DPM, "algorithm_type", "dpmsolver"),
+    (DPM, "algorithm_type", "sde-dpmsolver"),
+    (DPM, "solver_order", 3),
+    (DPM, "solver_type", "rk4"),
+    (DPM, "variance_type", "learned_range"),
+    (DPM, "thresholding", True),
+    (EULER, "timestep_type", "continuous"),
+    (HEUN, "clip_sample_range", -1.0),
+    (EULER_A, "steps_offset", "1"),
+    (LMS, "use_karras_sigmas", "yes"),
+    (PNDM, "skip_prk_steps", 1),
+    (EULER, "mystery_key", 1),
+])
+def test_unsupported_values_raise_config_error_naming_the_key(cls, key, value):
+    data = {"_class_name": cls, "use_karras_sigmas": True, key: value}
+    with pytest.raises(ConfigError, match=key) as e:
+        read_scheduler_config(data, source="x/scheduler_config.json")
+    assert "x/scheduler_config.json" in str(e.value)
+
+
+@NUMPY_NOTICES
+def test_diffusers_aliases_and_keys_of_other_classes():
+    """diffusers itself maps algorithm_type "deis" and solver types logrho / bh1 / bh2 (a UniPC config loaded as
+    DPM-Solver) to DPM-Solver++ midpoint; keys the class does not have are ignored, as diffusers ignores them."""
+    _, sampler = read_scheduler_config({"_class_name": DPM, "algorithm_type": "deis", "solver_type": "bh2"})
+    assert sampler == DPMSolverMultistepSampler()
+    _, sampler = read_scheduler_config({"_class_name": EULER, "clip_sample": True, "skip_prk_steps": True,
+                                        "set_alpha_to_one": False, "solver_order": 3})
+    assert sampler == EulerSampler()

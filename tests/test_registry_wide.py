@@ -118,7 +118,7 @@ def test_component_builds_runs_saves_loads(name, tmp_path):
         assert_parity(run(loaded), before, tol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["ddim", "ddpm"])
+@pytest.mark.parametrize("name", sorted(SAMPLERS.names()))
 def test_sampler_from_registry(name):
     from latentdiff import NoiseScheduler
 

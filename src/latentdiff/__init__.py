@@ -37,6 +37,13 @@ _LAZY = {
     "NoiseSchedulerConfig": "latentdiff.diffusion.noise_scheduler",
     "DDIMSampler": "latentdiff.diffusion.samplers",
     "DDPMSampler": "latentdiff.diffusion.samplers",
+    "PLMSSampler": "latentdiff.diffusion.samplers",
+    "EulerSampler": "latentdiff.diffusion.samplers",
+    "EulerAncestralSampler": "latentdiff.diffusion.samplers",
+    "HeunSampler": "latentdiff.diffusion.samplers",
+    "LMSSampler": "latentdiff.diffusion.samplers",
+    "DPMSolverMultistepSampler": "latentdiff.diffusion.samplers",
+    "DPMSolverMultistepSDESampler": "latentdiff.diffusion.samplers",
     "ClassifierFreeGuidance": "latentdiff.diffusion.guidance",
     "COMPONENTS": "latentdiff.registry",
     "SAMPLERS": "latentdiff.registry",
@@ -67,7 +74,9 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover
     from .diffusion.guidance import ClassifierFreeGuidance
     from .diffusion.noise_scheduler import NoiseScheduler, NoiseSchedulerConfig
-    from .diffusion.samplers import DDIMSampler, DDPMSampler
+    from .diffusion.samplers import (DDIMSampler, DDPMSampler, DPMSolverMultistepSampler,
+                                     DPMSolverMultistepSDESampler, EulerAncestralSampler, EulerSampler, HeunSampler,
+                                     LMSSampler, PLMSSampler)
     from .errors import CheckpointError, ConfigError, InputError, LatentDiffError, RegistryError
     from .models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
     from .models.identity import IdentityFirstStage, IdentityFirstStageConfig

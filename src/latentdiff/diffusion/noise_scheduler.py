@@ -175,8 +175,9 @@ class NoiseScheduler:
         return cls(config)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, sampler: Any = None) -> Path:
-        """Write `save_directory/scheduler_config.json` (atomically), loadable by diffusers' DDIMScheduler
-        (or DDPMScheduler when `sampler` is a DDPMSampler); `sampler` None writes the default DDIMSampler()."""
+        """Write `save_directory/scheduler_config.json` (atomically), loadable by the diffusers scheduler class
+        of `sampler` (DDIMScheduler for a DDIMSampler, PNDMScheduler for PLMS, EulerDiscreteScheduler ...:
+        see `scheduler_io`); `sampler` None writes the default DDIMSampler()."""
         from .. import hub
         from .samplers import DDIMSampler
         from .scheduler_io import write_scheduler_folder

@@ -14,6 +14,15 @@ They differ for "linspace" (N = 10: grid 999, 888, ..., 111, 0, diffusers steps 
 ..., so each sample reaches a noise level 11 steps below the t the model is next called with) and
 for "trailing" otherwise (N = 7: grid 999, 856, ..., 285, 142; diffusers steps 999 -> 857, ...,
 285 -> 143, and 142 -> 0, i.e. to abar_0 instead of the final abar). DDPMScheduler uses the list, as here.
+PLMSSampler steps along the list too; diffusers' PNDMScheduler takes the same stride as its DDIMScheduler.
+
+PLMS combines eps, as the PNDM paper (eq. 12) and the latent diffusion repository do: every prediction is
+turned into eps at its own (x_t, t) first. diffusers' PNDMScheduler combines the raw model outputs and
+converts the mixture at the current step: the same for epsilon prediction; for v_prediction it differs,
+and is not exact even for an exact denoiser (tests/test_k_samplers.py). PLMS also takes "sample" prediction.
+
+The sigma-space samplers (Euler, Euler ancestral, Heun, LMS, DPM-Solver++) are in `k_samplers.py`, with
+the same interface; they are re-exported here.
 """
 from __future__ import annotations
 
@@ -26,8 +35,8 @@ from ..config import ComponentConfig
 from ..errors import ConfigError, InputError
 from ..registry import SAMPLERS
 from .noise_scheduler import NoiseScheduler
-from .sampling import (Callback, Denoiser, Generator, check_generator, noise_sampler_from, sample_ddim, sample_ddpm,
-                       select_timesteps)
+from .sampling import (Callback, Denoiser, Generator, check_sample_call, noise_sampler_from, sample_ddim, sample_ddpm,
+                       sample_plms, select_timesteps)
 
 
 class SamplingPlan(NamedTuple):
@@ -85,16 +94,7 @@ class Sampler(ComponentConfig):
 
     def _check_call(self, denoise: Callable, x_T: torch.Tensor, generator: Generator,
                     callback: Callable | None) -> None:
-        if not callable(denoise):
-            raise InputError("denoise must be a callable denoise(x_t, t) -> model_output", where="denoise",
-                             expected="a callable", found=type(denoise).__name__)
-        if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point() or x_T.ndim < 1:
-            raise InputError("x_T must be a floating-point tensor (B, C, H, W)", where="x_T",
-                             expected="a float tensor", found=getattr(x_T, "dtype", type(x_T).__name__))
-        if callback is not None and not callable(callback):
-            raise InputError("callback must be callable", where="callback", expected="callback(i, t, x_t)",
-                             found=type(callback).__name__)
-        check_generator(generator, x_T.shape[0])
+        check_sample_call(denoise, x_T, generator, callback)
 
 
 @SAMPLERS.register("ddim")
@@ -150,3 +150,45 @@ class DDPMSampler(Sampler):
                            clip_sample_range=self._clip, noise_sampler=noise_sampler_from(generator),
                            callback=callback, progress=progress)
 
+
+@SAMPLERS.register("plms")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PLMSSampler(Sampler):
+    """PLMS (Liu et al. 2022, sec. 3.3), the sampler of the latent diffusion paper's text-to-image results:
+    a fourth-order linear multistep method on eps with DDIM's transfer, one model call per step after a
+    pseudo improved-Euler first step (two calls). diffusers: PNDMScheduler(skip_prk_steps=True)."""
+
+    set_alpha_to_one: bool = False     # the final abar: 1, or abar_0 (PNDMScheduler's default)
+    clip_sample: ClassVar[bool] = False        # PNDM never clips x0 (not settable: it works on eps)
+    clip_sample_range: ClassVar[float] = 1.0
+
+    def final_alpha_cumprod(self, noise_scheduler: NoiseScheduler) -> float:
+        return 1.0 if self.set_alpha_to_one else float(noise_scheduler.alphas_cumprod[0])
+
+    def plan(self, noise_scheduler: NoiseScheduler, num_inference_steps: int) -> SamplingPlan:
+        plan = super().plan(noise_scheduler, num_inference_steps)
+        if 0.0 in plan.alphas_cumprod[:-1]:
+            raise InputError("PLMS cannot start at a zero-SNR timestep (abar_t = 0): its eps-to-x0 transfer divides "
+                             "by sqrt(abar_t); use 'leading' spacing or another sampler", where="timestep_spacing",
+                             expected="timesteps with abar_t > 0", found=repr(self.timestep_spacing))
+        return plan
+
+    def sample(self, denoise: Denoiser, x_T: torch.Tensor, noise_scheduler: NoiseScheduler,
+               num_inference_steps: int, *, generator: Generator = None, callback: Callback | None = None,
+               progress: bool = False) -> torch.Tensor:
+        """x_T (B, C, H, W) -> x_0 in N steps (N + 1 model calls); arguments as DDIMSampler.sample
+        (deterministic: `generator` is checked but not used)."""
+        self._check_call(denoise, x_T, generator, callback)
+        plan = self.plan(noise_scheduler, num_inference_steps)
+        return sample_plms(denoise, x_T, plan.timesteps, plan.alphas_cumprod,
+                           prediction_type=noise_scheduler.config.prediction_type, callback=callback,
+                           progress=progress)
+
+
+# The sigma-space samplers live in their own module; importing them here registers them with SAMPLERS.
+from .k_samplers import (DPMSolverMultistepSampler, DPMSolverMultistepSDESampler, EulerAncestralSampler,  # noqa: E402
+                         EulerSampler, HeunSampler, LMSSampler, SigmaPlan, SigmaSampler)
+
+__all__ = ["SamplingPlan", "Sampler", "DDIMSampler", "DDPMSampler", "PLMSSampler", "SigmaPlan", "SigmaSampler",
+           "EulerSampler", "EulerAncestralSampler", "HeunSampler", "LMSSampler", "DPMSolverMultistepSampler",
+           "DPMSolverMultistepSDESampler"]

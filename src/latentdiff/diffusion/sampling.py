@@ -48,11 +48,7 @@ def select_timesteps(num_train_timesteps: int, num_inference_steps: int, *, spac
     round-half-to-even ties fall the same way; unlike diffusers, "trailing" never yields N + 1 steps
     (numpy's float `arange` does for e.g. T = 1000, N = 61, ending in timestep -1).
     """
-    T, N = num_train_timesteps, num_inference_steps
-    if isinstance(N, bool) or not isinstance(N, numbers.Integral) or not 1 <= N <= T:
-        raise InputError("num_inference_steps must be an integer between 1 and num_train_timesteps",
-                         where="num_inference_steps", expected=f"1 <= N <= {T}", found=repr(N))
-    N = int(N)
+    T, N = num_train_timesteps, check_num_inference_steps(num_inference_steps, num_train_timesteps)
     if spacing == "leading":
         step_ratio = T // N
         timesteps = [k * step_ratio + steps_offset for k in reversed(range(N))]
@@ -68,6 +64,15 @@ def select_timesteps(num_train_timesteps: int, num_inference_steps: int, *, spac
                          where="steps_offset", expected=f"timesteps < num_train_timesteps = {T}",
                          found=f"first timestep {timesteps[0]} for {N} steps")
     return timesteps
+
+
+def check_num_inference_steps(num_inference_steps: int, num_train_timesteps: int) -> int:
+    """N as a Python int, or an InputError unless it is an integer with 1 <= N <= T."""
+    N, T = num_inference_steps, num_train_timesteps
+    if isinstance(N, bool) or not isinstance(N, numbers.Integral) or not 1 <= N <= T:
+        raise InputError("num_inference_steps must be an integer between 1 and num_train_timesteps",
+                         where="num_inference_steps", expected=f"1 <= N <= {T}", found=repr(N))
+    return int(N)
 
 
 # ---- one step -------------------------------------------------------------------------------------
@@ -144,11 +149,13 @@ def ddpm_step(x_t: torch.Tensor, x0_pred: torch.Tensor, abar_t: float, abar_prev
 
 
 # ---- noise ----------------------------------------------------------------------------------------
-def noise_sampler_from(generator: Generator) -> NoiseSampler:
+def noise_sampler_from(generator: Generator, *, dtype: torch.dtype | None = None) -> NoiseSampler:
     """A `noise_sampler(x) -> z` drawing standard normal noise like x from `generator` (one, one per
-    sample, or None), on the generator's device, then moved to x's: see `diffusion.noise.randn`."""
+    sample, or None), on the generator's device, then moved to x's: see `diffusion.noise.randn`.
+    `dtype`: draw in this dtype, then cast to x's (None: x's own); a seed gives other numbers per dtype."""
     def sample_noise(x: torch.Tensor) -> torch.Tensor:
-        return randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        z = randn(x.shape, generator=generator, dtype=dtype or x.dtype, device=x.device)
+        return z.to(x.dtype)
 
     return sample_noise
 
@@ -163,6 +170,20 @@ def check_generator(generator: Generator, batch_size: int) -> None:
     if len(generator) != batch_size:
         raise InputError("one generator per sample is needed", where="generator",
                          expected=f"a list of {batch_size} generators", found=f"a list of {len(generator)}")
+
+
+def check_sample_call(denoise: Callable, x_T: torch.Tensor, generator: Generator, callback: Callable | None) -> None:
+    """The checks every `Sampler.sample` makes before any work: InputErrors naming the bad argument."""
+    if not callable(denoise):
+        raise InputError("denoise must be a callable denoise(x_t, t) -> model_output", where="denoise",
+                         expected="a callable", found=type(denoise).__name__)
+    if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point() or x_T.ndim < 1:
+        raise InputError("x_T must be a floating-point tensor (B, C, H, W)", where="x_T",
+                         expected="a float tensor", found=getattr(x_T, "dtype", type(x_T).__name__))
+    if callback is not None and not callable(callback):
+        raise InputError("callback must be callable", where="callback", expected="callback(i, t, x_t)",
+                         found=type(callback).__name__)
+    check_generator(generator, x_T.shape[0])
 
 
 # ---- sampler loops --------------------------------------------------------------------------------
@@ -214,6 +235,54 @@ def sample_ddpm(denoise: Denoiser, x: torch.Tensor, timesteps: Sequence[int], al
             x0_pred = x0_pred.clamp(-clip_sample_range, clip_sample_range)
         noise = noise_sampler(x) if i < last else None
         x = ddpm_step(x, x0_pred, abar_t, abar_prev, variance_type=variance_type, noise=noise)
+        if callback is not None:
+            callback(i, int(timesteps[i]), x)
+    return x
+
+
+# Adams-Bashforth coefficients of the linear multistep method on eps (Liu et al. 2022, eq. 12), by the
+# number of eps available (newest first): order 1 .. 4.
+PLMS_COEFFICIENTS: tuple[tuple[float, ...], ...] = (
+    (1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
+
+
+def plms_eps(eps_history: Sequence[torch.Tensor]) -> torch.Tensor:
+    """eps' = sum_j c_j eps_{i-j} over the last k <= 4 predictions (oldest first in `eps_history`):
+    (55 e_i - 59 e_{i-1} + 37 e_{i-2} - 9 e_{i-3}) / 24 with four (Liu et al. 2022, eq. 12), fewer below."""
+    coefficients = PLMS_COEFFICIENTS[len(eps_history) - 1]
+    return sum(c * e for c, e in zip(coefficients, reversed(eps_history)))
+
+
+def plms_transfer(x_t: torch.Tensor, eps: torch.Tensor, abar_t: float, abar_prev: float) -> torch.Tensor:
+    """The transfer phi(x_t, eps, t, t_prev) of PNDM (Liu et al. 2022, eq. 11): the deterministic DDIM step
+    x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps with x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+    x0_pred, _ = model_output_to_x0_eps(eps, x_t, abar_t, "epsilon")
+    return ddim_step(x0_pred, eps, abar_t, abar_prev)
+
+
+def sample_plms(denoise: Denoiser, x: torch.Tensor, timesteps: Sequence[int], alphas_cumprod: Sequence[float], *,
+                prediction_type: str = "epsilon", callback: Callback | None = None,
+                progress: bool = False) -> torch.Tensor:
+    """PLMS (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models", sec. 3.3), as the latent
+    diffusion repository runs it: the first step is a pseudo improved-Euler step (two model calls: at x_t
+    and at its DDIM guess at t_{i+1}); later steps combine the last 2, 3, then 4 eps (eq. 12), one call each.
+
+    Arguments as `sample_ddim`; every prediction type is turned into eps first (the method is on eps).
+    """
+    check_plan(timesteps, alphas_cumprod)
+    ts = torch.tensor(list(timesteps), dtype=torch.long, device=x.device)
+    n, eps_history = len(timesteps), []
+    for i in _steps(n, progress):
+        abar_t, abar_prev = alphas_cumprod[i], alphas_cumprod[i + 1]
+        _, eps = model_output_to_x0_eps(denoise(x, ts[i]), x, abar_t, prediction_type)
+        if not eps_history and i + 1 < n:
+            x_guess = plms_transfer(x, eps, abar_t, abar_prev)
+            _, eps_next = model_output_to_x0_eps(denoise(x_guess, ts[i + 1]), x_guess, abar_prev, prediction_type)
+            eps_prime = (eps + eps_next) / 2              # improved Euler: the mean slope of the step
+        else:
+            eps_prime = plms_eps(eps_history + [eps])     # the warm-up's second eps is not kept, as in LDM
+        eps_history = (eps_history + [eps])[-3:]
+        x = plms_transfer(x, eps_prime, abar_t, abar_prev)
         if callback is not None:
             callback(i, int(timesteps[i]), x)
     return x

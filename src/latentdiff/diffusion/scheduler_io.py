@@ -2,25 +2,35 @@
 
 A diffusers scheduler config mixes two things latentdiff keeps apart: the noise schedule (the forward
 process the model was trained with -> NoiseSchedulerConfig) and the settings of one sampler (timestep
-spacing, offset, clipping -> DDIMSampler / DDPMSampler). The mapping is strict:
+spacing, offset, clipping, sigma grid, solver order ... -> a Sampler). The mapping is strict:
 
-* `DDIMScheduler` -> DDIMSampler, `DDPMScheduler` -> DDPMSampler, with every key mapped.
-* Other diffusers samplers of the same (discrete, DDPM-family) forward process - PNDM (Stable
-  Diffusion v1's default), LMS, Euler, DPM-Solver, UniPC ... - give the same noise schedule and a
-  DDIMSampler built exactly as `DDIMScheduler.from_config(config)` would be, with ONE warning saying so.
-* A key missing from the file takes diffusers' default (DDIMScheduler's / DDPMScheduler's, which agree).
+* Classes latentdiff implements load as that sampler, with every key of the class mapped:
+  `DDIMScheduler` -> DDIMSampler, `DDPMScheduler` -> DDPMSampler, `PNDMScheduler` -> PLMSSampler,
+  `EulerDiscreteScheduler` -> EulerSampler, `EulerAncestralDiscreteScheduler` -> EulerAncestralSampler,
+  `HeunDiscreteScheduler` -> HeunSampler, `LMSDiscreteScheduler` -> LMSSampler,
+  `DPMSolverMultistepScheduler` -> DPMSolverMultistepSampler ("dpmsolver++") or
+  DPMSolverMultistepSDESampler ("sde-dpmsolver++").
+  A PNDM config without `skip_prk_steps` (diffusers' default: 3 pseudo Runge-Kutta warm-up steps,
+  which latentdiff does not implement) loads as PLMSSampler with ONE warning: its warm-up is the latent
+  diffusion repository's pseudo improved-Euler step instead.
+* Other diffusers samplers of the same (discrete, DDPM-family) forward process - DPM-Solver single-step,
+  KDPM2, UniPC, DEIS, LCM, TCD - give the same noise schedule and a DDIMSampler built exactly as
+  `DDIMScheduler.from_config(config)` would be, with ONE warning saying so.
+* A key missing from the file takes the default of diffusers' class. A key the class does not have is
+  ignored, as diffusers ignores it (SD 2.x's DDIM config carries PNDM's `skip_prk_steps`) - except
+  `rescale_betas_zero_snr: true`, which would silently give another schedule than the model's.
 * A key that would change the model's forward process or output to something latentdiff does not
-  implement (thresholding, continuous timesteps, flow sigmas, learned variance ...) at any value but
-  the implemented one, a key no supported diffusers scheduler knows, or an unsupported class is a
-  ConfigError naming it. Keys that only configure a foreign sampler are accepted and, for foreign
-  classes, listed in the warning (diffusers' own DDIMScheduler ignores them too: SD 2.x's DDIM config
-  carries PNDM's `skip_prk_steps`).
+  implement (thresholding, continuous timesteps, flow sigmas, learned variance, beta sigmas ...) at any
+  value but the implemented one, a key no supported diffusers scheduler knows, or an unsupported class
+  is a ConfigError naming it.
 
-Files written here are DDIMScheduler / DDPMScheduler configs that diffusers loads to the same schedule;
-DDIM's eta (a `step()` argument in diffusers, not a config key) is kept under `_latentdiff_sampler`.
+Files written here are configs of the diffusers class of the sampler, which diffusers loads to the same
+schedule and sampler; DDIM's eta (a `step()` argument in diffusers, not a config key) is kept under
+`_latentdiff_sampler`.
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -30,17 +40,23 @@ from .. import __version__, hub
 from ..config import read_json
 from ..errors import ConfigError
 from .noise_scheduler import NoiseScheduler, NoiseSchedulerConfig
-from .samplers import DDIMSampler, DDPMSampler, Sampler
+from .samplers import (DDIMSampler, DDPMSampler, DPMSolverMultistepSampler, DPMSolverMultistepSDESampler,
+                       EulerAncestralSampler, EulerSampler, HeunSampler, LMSSampler, PLMSSampler, Sampler,
+                       SigmaSampler)
 
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 
-# Classes whose noise schedule we read; the sampler of all but DDIM/DDPM is replaced by DDIM.
-NATIVE_CLASSES = {"DDIMScheduler": DDIMSampler, "DDPMScheduler": DDPMSampler}
+# diffusers classes whose sampler latentdiff implements (DPM-Solver: by algorithm_type, see DPM_ALGORITHMS).
+NATIVE_CLASSES: dict[str, type] = {
+    "DDIMScheduler": DDIMSampler, "DDPMScheduler": DDPMSampler, "PNDMScheduler": PLMSSampler,
+    "EulerDiscreteScheduler": EulerSampler, "EulerAncestralDiscreteScheduler": EulerAncestralSampler,
+    "HeunDiscreteScheduler": HeunSampler, "LMSDiscreteScheduler": LMSSampler,
+    "DPMSolverMultistepScheduler": DPMSolverMultistepSampler,
+}
+# Classes whose noise schedule we read and whose sampler is replaced by DDIM (with a warning).
 FOREIGN_CLASSES = (
-    "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-    "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler",
-    "KDPM2AncestralDiscreteScheduler", "HeunDiscreteScheduler", "UniPCMultistepScheduler",
-    "DEISMultistepScheduler", "LCMScheduler", "TCDScheduler",
+    "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+    "UniPCMultistepScheduler", "DEISMultistepScheduler", "LCMScheduler", "TCDScheduler",
 )
 
 # diffusers 0.42 key -> NoiseSchedulerConfig field
@@ -78,6 +94,55 @@ FOREIGN_SAMPLER_KEYS = (
 )
 KNOWN_KEYS = frozenset(SCHEDULE_KEYS) | frozenset(SAMPLER_KEYS) | frozenset(FIXED_KEYS) | frozenset(INERT_KEYS) \
     | frozenset(FOREIGN_SAMPLER_KEYS)
+# __init__ keys and defaults of diffusers 0.42's classes read by `_read_native` (all native ones but DDIM / DDPM).
+_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+          "trained_betas": None, "prediction_type": "epsilon"}
+_SPACING = {"timestep_spacing": "linspace", "steps_offset": 0}
+_SIGMAS = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
+CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "PNDMScheduler": {**_BETAS, "skip_prk_steps": False, "set_alpha_to_one": False, **_SPACING,
+                      "timestep_spacing": "leading"},
+    "EulerDiscreteScheduler": {**_BETAS, "interpolation_type": "linear", **_SIGMAS, "sigma_min": None,
+                               "sigma_max": None, **_SPACING, "timestep_type": "discrete",
+                               "rescale_betas_zero_snr": False, "final_sigmas_type": "zero"},
+    "EulerAncestralDiscreteScheduler": {**_BETAS, **_SPACING, "rescale_betas_zero_snr": False},
+    "HeunDiscreteScheduler": {**_BETAS, "beta_start": 0.00085, "beta_end": 0.012, **_SIGMAS, "clip_sample": False,
+                              "clip_sample_range": 1.0, **_SPACING},
+    "LMSDiscreteScheduler": {**_BETAS, **_SIGMAS, **_SPACING},
+    "DPMSolverMultistepScheduler": {
+        **_BETAS, "solver_order": 2, "thresholding": False, "dynamic_thresholding_ratio": 0.995,
+        "sample_max_value": 1.0, "algorithm_type": "dpmsolver++", "solver_type": "midpoint",
+        "lower_order_final": True, "euler_at_final": False, **_SIGMAS, "use_lu_lambdas": False,
+        "use_flow_sigmas": False, "flow_shift": 1.0, "final_sigmas_type": "zero", "lambda_min_clipped": -math.inf,
+        "variance_type": None, **_SPACING, "rescale_betas_zero_snr": False, "use_dynamic_shifting": False,
+        "time_shift_type": "exponential"},
+}
+# Sampler fields that hold the diffusers key of the same name, per class.
+CLASS_FIELDS: dict[str, tuple[str, ...]] = {
+    "PNDMScheduler": ("timestep_spacing", "steps_offset", "set_alpha_to_one"),
+    "EulerDiscreteScheduler": ("timestep_spacing", "steps_offset", "sigma_min", "sigma_max", "final_sigmas_type"),
+    "EulerAncestralDiscreteScheduler": ("timestep_spacing", "steps_offset"),
+    "HeunDiscreteScheduler": ("timestep_spacing", "steps_offset", "clip_sample", "clip_sample_range"),
+    "LMSDiscreteScheduler": ("timestep_spacing", "steps_offset"),
+    "DPMSolverMultistepScheduler": ("timestep_spacing", "steps_offset", "solver_order", "solver_type",
+                                    "lower_order_final", "euler_at_final", "final_sigmas_type", "lambda_min_clipped"),
+}
+# Keys of those classes accepted only at the value(s) latentdiff implements, checked where the class has them.
+CLASS_FIXED_KEYS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "interpolation_type": (("linear",), "log-linear sigma interpolation is not implemented"),
+    "use_beta_sigmas": ((False, None), "beta-distributed sigmas (Lee et al. 2024) are not implemented"),
+    "use_lu_lambdas": ((False, None), "uniform-lambda grids (Lu et al. 2024) are not implemented"),
+}
+# DPMSolverMultistepScheduler algorithm_type -> sampler; "deis" and the solver types below are what
+# diffusers itself turns them into. "dpmsolver" / "sde-dpmsolver" (deprecated, noise-prediction) are not here.
+DPM_ALGORITHMS = {"dpmsolver++": DPMSolverMultistepSampler, "deis": DPMSolverMultistepSampler,
+                  "sde-dpmsolver++": DPMSolverMultistepSDESampler}
+DPM_SOLVER_TYPES = {"midpoint": "midpoint", "heun": "heun", "logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"}
+# Our sampler class -> the diffusers class it is written as.
+WRITTEN_CLASS = {PLMSSampler: "PNDMScheduler", EulerSampler: "EulerDiscreteScheduler",
+                 EulerAncestralSampler: "EulerAncestralDiscreteScheduler", HeunSampler: "HeunDiscreteScheduler",
+                 LMSSampler: "LMSDiscreteScheduler", DPMSolverMultistepSampler: "DPMSolverMultistepScheduler",
+                 DPMSolverMultistepSDESampler: "DPMSolverMultistepScheduler"}
 DDPM_VARIANCE = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small",  # exp(log(v)/2) = sqrt(v)
                  "fixed_large": "fixed_large"}
 # variance_type values that other classes may carry: the model outputs no variance channels.
@@ -102,8 +167,8 @@ def read_scheduler_config(data: Mapping[str, Any], *, source: str | None = None,
                           _stacklevel: int = 2) -> tuple[NoiseSchedulerConfig, Sampler]:
     """Map a diffusers scheduler config dict to (NoiseSchedulerConfig, sampler); see the module docstring.
 
-    `warn`: emit the one warning when a foreign sampler class is replaced by DDIM (`_stacklevel` points
-    it at the user's call)."""
+    `warn`: emit the one warning when a foreign sampler class is replaced by DDIM, or PNDM's Runge-Kutta
+    warm-up by PLMS's (`_stacklevel` points it at the user's call)."""
     name = data.get("_class_name")
     if name not in NATIVE_CLASSES and name not in FOREIGN_CLASSES:
         raise ConfigError("unsupported scheduler class", where=_at(source, "_class_name"),
@@ -118,6 +183,12 @@ def read_scheduler_config(data: Mapping[str, Any], *, source: str | None = None,
         if key in keys and keys[key] not in allowed:
             raise ConfigError(f"scheduler config key {key!r} has a value latentdiff does not support ({why})",
                               where=_at(source, key), expected=list(allowed), found=repr(keys[key]))
+    if "variance_type" in keys and keys["variance_type"] not in NON_LEARNED_VARIANCE:
+        raise ConfigError("a learned variance (the model outputs 2C channels) is not supported",
+                          where=_at(source, "variance_type"), expected=list(NON_LEARNED_VARIANCE),
+                          found=repr(keys["variance_type"]))
+    if name in CLASS_DEFAULTS:
+        return _read_native(name, keys, data, source, warn=warn, stacklevel=_stacklevel + 1)
     values = {**DIFFUSERS_DEFAULTS, **keys}
     schedule = _build(NoiseSchedulerConfig, {ours: values[theirs] for theirs, ours in SCHEDULE_KEYS.items()},
                       source, reverse={v: k for k, v in SCHEDULE_KEYS.items()})
@@ -129,10 +200,6 @@ def read_scheduler_config(data: Mapping[str, Any], *, source: str | None = None,
                               where=_at(source, "variance_type"), expected=sorted(DDPM_VARIANCE), found=repr(variance))
         sampler: Sampler = _build(DDPMSampler, {**common, "variance_type": DDPM_VARIANCE[variance]}, source)
     else:
-        if "variance_type" in keys and keys["variance_type"] not in NON_LEARNED_VARIANCE:
-            raise ConfigError("a learned variance (the model outputs 2C channels) is not supported",
-                              where=_at(source, "variance_type"), expected=list(NON_LEARNED_VARIANCE),
-                              found=repr(keys["variance_type"]))
         extra = _latentdiff_options(data.get(LATENTDIFF_KEY), name, source)
         sampler = _build(DDIMSampler, {**common, "set_alpha_to_one": values["set_alpha_to_one"], **extra}, source)
     if name in FOREIGN_CLASSES and warn:
@@ -143,6 +210,67 @@ def read_scheduler_config(data: Mapping[str, Any], *, source: str | None = None,
             + (f"; its own settings {unused} are not used" if unused else "")
             + f" [{source or 'scheduler config'}]", UserWarning, stacklevel=_stacklevel)
     return schedule, sampler
+
+
+def _read_native(name: str, keys: dict[str, Any], data: Mapping[str, Any], source: str | None, *, warn: bool,
+                 stacklevel: int) -> tuple[NoiseSchedulerConfig, Sampler]:
+    """A config of PNDM, Euler, Euler ancestral, Heun, LMS or DPM-Solver multistep -> our sampler of that kind."""
+    defaults = CLASS_DEFAULTS[name]
+    values = {**defaults, **{k: v for k, v in keys.items() if k in defaults}}   # diffusers ignores the others
+    for key, (allowed, why) in CLASS_FIXED_KEYS.items():
+        if key in defaults and values[key] not in allowed:
+            raise ConfigError(f"scheduler config key {key!r} has a value latentdiff does not support ({why})",
+                              where=_at(source, key), expected=list(allowed), found=repr(values[key]))
+    if "rescale_betas_zero_snr" not in defaults and keys.get("rescale_betas_zero_snr"):
+        raise ConfigError(f"diffusers' {name} has no zero-terminal-SNR rescaling and ignores this key: the model "
+                          "would be sampled with another schedule than the file says", where=_at(
+                              source, "rescale_betas_zero_snr"), expected="false or absent", found=True)
+    _latentdiff_options(data.get(LATENTDIFF_KEY), name, source)     # none of these classes has extra settings
+    schedule = _build(NoiseSchedulerConfig, {ours: values.get(theirs, False)   # rescale: False where absent
+                                             for theirs, ours in SCHEDULE_KEYS.items()},
+                      source, reverse={v: k for k, v in SCHEDULE_KEYS.items()})
+    cls = NATIVE_CLASSES[name]
+    kwargs = {key: values[key] for key in CLASS_FIELDS[name]}
+    if "use_karras_sigmas" in defaults:
+        kwargs["sigma_schedule"] = _sigma_schedule(values, source)
+    if name == "DPMSolverMultistepScheduler":
+        cls = _lookup(DPM_ALGORITHMS, values, "algorithm_type", source,
+                      "noise-prediction DPM-Solver is not implemented")
+        kwargs["solver_type"] = _lookup(DPM_SOLVER_TYPES, values, "solver_type", source, "unknown solver type")
+    sampler = _build(cls, kwargs, source)
+    if name == "PNDMScheduler" and not _flag(values, "skip_prk_steps", source) and warn:
+        warnings.warn(
+            f"PNDMScheduler with skip_prk_steps=False warms up with 3 pseudo Runge-Kutta steps, which latentdiff does "
+            f"not implement: loaded as {sampler!r}, whose first step is the latent diffusion repository's pseudo "
+            f"improved-Euler step instead [{source or 'scheduler config'}]", UserWarning, stacklevel=stacklevel)
+    return schedule, sampler
+
+
+def _sigma_schedule(values: Mapping[str, Any], source: str | None) -> str:
+    """use_karras_sigmas / use_exponential_sigmas (None counts as false, as in diffusers) -> sigma_schedule."""
+    karras, exponential = _flag(values, "use_karras_sigmas", source), _flag(values, "use_exponential_sigmas", source)
+    if karras and exponential:
+        raise ConfigError("use_karras_sigmas and use_exponential_sigmas exclude each other",
+                          where=_at(source, "use_exponential_sigmas"), expected="at most one of them true",
+                          found="both true")
+    return "karras" if karras else "exponential" if exponential else "default"
+
+
+def _lookup(table: Mapping[Any, Any], values: Mapping[str, Any], key: str, source: str | None, why: str) -> Any:
+    try:
+        return table[values[key]]
+    except (KeyError, TypeError):
+        raise ConfigError(f"scheduler config key {key!r} has a value latentdiff does not support ({why})",
+                          where=_at(source, key), expected=sorted(table), found=repr(values[key])) from None
+
+
+def _flag(values: Mapping[str, Any], key: str, source: str | None) -> bool:
+    """A boolean config key (None counts as false, as in diffusers); another type is a ConfigError."""
+    value = values[key]
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError(f"scheduler config key {key!r} must be true or false", where=_at(source, key),
+                          expected="bool", found=repr(value))
+    return bool(value)
 
 
 def _latentdiff_options(options: Any, name: str, source: str | None) -> dict[str, Any]:
@@ -170,7 +298,36 @@ def _at(source: str | None, key: Any) -> str:
 
 
 # ---- writing ----------------------------------------------------------------------------------------
-def scheduler_file_config(noise_scheduler: NoiseScheduler, sampler: Sampler) -> dict[str, Any]:
+def scheduler_file_config(noise_scheduler: NoiseScheduler, sampler: Sampler | SigmaSampler) -> dict[str, Any]:
+    """The config dict of the diffusers scheduler class that describes (noise_scheduler, sampler)."""
+    if isinstance(sampler, (DDIMSampler, DDPMSampler)):
+        return _ddim_ddpm_file_config(noise_scheduler, sampler)
+    name = WRITTEN_CLASS.get(type(sampler))
+    if name is None:
+        raise ConfigError("this sampler has no diffusers scheduler config", where="sampler",
+                          expected=sorted(["DDIMSampler", "DDPMSampler"] + [c.__name__ for c in WRITTEN_CLASS]),
+                          found=type(sampler).__name__)
+    cfg, defaults = noise_scheduler.config, CLASS_DEFAULTS[name]
+    if cfg.rescale_zero_terminal_snr and "rescale_betas_zero_snr" not in defaults:
+        raise ConfigError(f"diffusers' {name} cannot express a zero-terminal-SNR schedule (it has no "
+                          "rescale_betas_zero_snr): it would load another schedule", where="rescale_zero_terminal_snr",
+                          expected=f"False with {type(sampler).__name__}", found=True)
+    data: dict[str, Any] = dict(defaults)
+    data.update({theirs: getattr(cfg, ours) for theirs, ours in SCHEDULE_KEYS.items() if theirs in defaults})
+    data["trained_betas"] = list(cfg.trained_betas) if cfg.trained_betas is not None else None
+    data.update({key: getattr(sampler, key) for key in CLASS_FIELDS[name]})
+    if "use_karras_sigmas" in defaults:
+        data.update(use_karras_sigmas=sampler.sigma_schedule == "karras",
+                    use_exponential_sigmas=sampler.sigma_schedule == "exponential")
+    if name == "PNDMScheduler":
+        data["skip_prk_steps"] = True
+    if name == "DPMSolverMultistepScheduler":
+        data["algorithm_type"] = sampler.algorithm_type
+    data.update(_class_name=name, _latentdiff_version=__version__)
+    return data
+
+
+def _ddim_ddpm_file_config(noise_scheduler: NoiseScheduler, sampler: Sampler) -> dict[str, Any]:
     """The diffusers DDIMScheduler / DDPMScheduler config dict describing (noise_scheduler, sampler)."""
     cfg = noise_scheduler.config
     data: dict[str, Any] = {theirs: getattr(cfg, ours) for theirs, ours in SCHEDULE_KEYS.items()}
@@ -183,11 +340,8 @@ def scheduler_file_config(noise_scheduler: NoiseScheduler, sampler: Sampler) -> 
         data.update(_class_name="DDIMScheduler", set_alpha_to_one=sampler.set_alpha_to_one)
         if sampler.eta != 0.0:
             data[LATENTDIFF_KEY] = {"name": "ddim", "eta": sampler.eta}
-    elif isinstance(sampler, DDPMSampler):
-        data.update(_class_name="DDPMScheduler", variance_type=sampler.variance_type)
     else:
-        raise ConfigError("this sampler has no diffusers scheduler config", where="sampler",
-                          expected="DDIMSampler or DDPMSampler", found=type(sampler).__name__)
+        data.update(_class_name="DDPMScheduler", variance_type=sampler.variance_type)
     return data
 
 

@@ -3,8 +3,9 @@
 A pipeline folder is the diffusers layout: `model_index.json` naming each component's class, and
 one subfolder per component. Loading maps the foreign class names to latentdiff's registered parts;
 a class latentdiff lacks is an error naming it. Scheduler classes are looser: the noise schedule is
-what matters, so the common diffusers samplers latentdiff lacks (PNDM, LMS, Euler, DPM-Solver ...) load
-their schedule with DDIM and a warning; see `diffusion.scheduler_io`.
+what matters, so PNDM, Euler, Euler ancestral, Heun, LMS and DPM-Solver
+multistep load as latentdiff's samplers of that kind; the classes latentdiff lacks (UniPC, KDPM2,
+DEIS, ...) load their schedule with DDIM and a warning; see `diffusion.scheduler_io`.
 """
 from __future__ import annotations
 
