@@ -147,12 +147,19 @@ def test_bad_input_is_a_clear_error_before_any_unet_call(setup, kwargs, match):
     assert info.value.where is not None
 
 
-def test_a_sampler_that_cannot_start_part_way_is_refused(setup):
+def test_every_sampler_starts_part_way_and_a_foreign_one_is_refused(setup):
     _, pipe, _ = setup
-    euler = ImageToImagePipeline(vae=pipe.vae, unet=pipe.unet, text_encoder=pipe.text_encoder,
-                                 noise_scheduler=pipe.noise_scheduler, sampler=EulerSampler())
-    with pytest.raises(InputError, match="part-way") as info:
-        euler(PROMPT, random_image(), strength=0.5, num_inference_steps=4, progress=False)
-    assert info.value.where == "sampler"
-    out = euler(PROMPT, random_image(), strength=1.0, num_inference_steps=2, output_type="latent", progress=False)
+    parts = dict(vae=pipe.vae, unet=pipe.unet, text_encoder=pipe.text_encoder, noise_scheduler=pipe.noise_scheduler)
+    euler = ImageToImagePipeline(**parts, sampler=EulerSampler())   # parity: tests/test_partial_sampling.py
+    out = euler(PROMPT, random_image(), strength=0.5, num_inference_steps=4, output_type="latent", progress=False)
     assert out.images.shape == (1, 4, 16, 16) and torch.isfinite(out.images).all()
+
+    class Foreign:   # runs a plain text-to-image call, but cannot noise an image to its start
+        init_noise_sigma = 1.0
+
+        def sample(self, *args, **kwargs):
+            raise AssertionError("not reached")
+
+    with pytest.raises(InputError, match="noised image") as info:
+        ImageToImagePipeline(**parts, sampler=Foreign())(PROMPT, random_image(), strength=0.5, progress=False)
+    assert info.value.where == "sampler"

@@ -15,6 +15,11 @@ _LAZY = {
     "PipelineOutput": "latentdiff.pipelines.base",
     "Pipeline": "latentdiff.pipelines.base",
     "ImageToImagePipeline": "latentdiff.pipelines.image_to_image",
+    "DenoisingPipeline": "latentdiff.pipelines.denoising",
+    "UnconditionalPipeline": "latentdiff.pipelines.unconditional",
+    "SuperResolutionPipeline": "latentdiff.pipelines.super_resolution",
+    "ClassConditionalPipeline": "latentdiff.pipelines.class_conditional",
+    "LayoutToImagePipeline": "latentdiff.pipelines.layout_to_image",
     "InpaintPipeline": "latentdiff.pipelines.inpaint",
     "AutoencoderKL": "latentdiff.models.autoencoder_kl",
     "AutoencoderKLConfig": "latentdiff.models.autoencoder_kl",
@@ -87,7 +92,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models.unet import UNet2DConditional, UNetConfig
     from .models.unet2d import UNet2D, UNet2DConfig
     from .pipelines.base import Pipeline, PipelineOutput
+    from .pipelines.class_conditional import ClassConditionalPipeline
+    from .pipelines.denoising import DenoisingPipeline
     from .pipelines.image_to_image import ImageToImagePipeline
+    from .pipelines.layout_to_image import LayoutToImagePipeline
+    from .pipelines.super_resolution import SuperResolutionPipeline
+    from .pipelines.unconditional import UnconditionalPipeline
     from .pipelines.inpaint import InpaintPipeline
     from .pipelines.latent_diffusion import LatentDiffusionPipeline
     from .registry import COMPONENTS, PIPELINES, SAMPLERS

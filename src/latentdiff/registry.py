@@ -30,6 +30,10 @@ _BUILTIN_MODULES = (
     "latentdiff.pipelines.latent_diffusion",
     "latentdiff.pipelines.image_to_image",
     "latentdiff.pipelines.inpaint",
+    "latentdiff.pipelines.unconditional",
+    "latentdiff.pipelines.super_resolution",
+    "latentdiff.pipelines.class_conditional",
+    "latentdiff.pipelines.layout_to_image",
 )
 
 

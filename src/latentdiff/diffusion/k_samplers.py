@@ -12,7 +12,13 @@ scales it to the first noise level itself (by `plan(...).init_scale`: the init_n
 Euler / Heun / LMS scheduler, which depends on the grid; sqrt(sigma_0^2 + 1) for DPM-Solver, which
 diffusers runs on x_t itself), so `init_noise_sigma` stays 1.0 for every sampler and a pipeline never
 has to know which sampler it runs. The state between steps is the variance-exploding sample
-x = x_t / sqrt(abar_t) (what diffusers' Euler-family schedulers hold); callback(i, t_i, x) sees it.
+x = x_t / sqrt(abar_t) (what diffusers' Euler-family schedulers hold); callback(i, t_i, x) sees it, and a
+tensor it returns replaces it.
+
+Started part-way (`sample(..., start_step=s)`: image-to-image, inpainting), a sampler runs the tail of its grid
+from sigma_s, LMS and DPM-Solver with an empty history (k-diffusion's img2img convention). Its x is then
+the sample x_t = (x0 + sigma_s n) / sqrt(sigma_s^2 + 1) on the network's scale, which `noise_to_start` makes:
+the state starts at x0 + sigma_s n, as diffusers' img2img `add_noise` with `set_begin_index` puts it.
 
 Differences from diffusers 0.42 (none changes a result on a grid diffusers builds as documented):
 * "trailing" grids never get N + 1 steps (numpy's float arange gives them for some N, ending at t = -1,
@@ -25,6 +31,10 @@ Differences from diffusers 0.42 (none changes a result on a grid diffusers build
   x_t form: x_t = x / sqrt(sigma^2 + 1), lambda = -log sigma.
 * Euler ancestral also takes "sample" prediction (diffusers raises NotImplementedError).
 * Euler's S_churn (a `step()` argument in diffusers, which adds the noise after the model call) is not offered.
+* Started part-way, LMS takes min(steps run, 4) slopes with the coefficients of that order. diffusers'
+  LMSDiscreteScheduler takes the order from its step index on the whole grid, min(s + i + 1, 4), and zips
+  those coefficients with the fewer slopes it has, so its first steps after s > 0 do not sum to the step
+  (huggingface/diffusers#5630 reports the leftover noise).
 """
 from __future__ import annotations
 
@@ -41,18 +51,27 @@ from ..registry import SAMPLERS
 from . import k_sampling, sigmas as grids
 from .noise_scheduler import NoiseScheduler
 from .sampling import (Callback, Denoiser, Generator, NoiseSampler, check_num_inference_steps, check_sample_call,
-                       noise_sampler_from)
+                       check_start_step, noise_sampler_from, noise_to_start)
 
 SigmaSchedule = Literal["default", "karras", "exponential"]
 
 
 class SigmaPlan(NamedTuple):
-    """One run: N timesteps, N + 1 sigmas, and the scales that map x_T to the first state and the last to x_0."""
+    """One run: N timesteps, N + 1 sigmas, and the scales that map x_T to the first state and the last to x_0.
+    A plan started part-way holds the tail of the N-step grid from index `start_step`."""
 
     timesteps: torch.Tensor      # (N,) CPU: the model's t at sigmas[i], float32 (int64 for DPM-Solver)
     sigmas: list[float]          # sigma_0 > ... > sigma_{N-1} > sigma_N >= 0 (float32 values)
-    init_scale: float            # state x = x_T * init_scale before the first step (diffusers' init_noise_sigma)
+    init_scale: float            # state x = x_T * init_scale before the first step (diffusers' init_noise_sigma;
+                                 # sqrt(sigma_s^2 + 1) from a start_step s > 0)
     final_scale: float = 1.0     # x_0 = x_N * final_scale (DPM-Solver returns x_t, not x / sqrt(abar))
+    start_step: int = 0
+
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, k: int) -> torch.Tensor:
+        """The forward process at the start of step k of this plan (k = len(timesteps): after the last step), in
+        the loops' variance-exploding scale: x = x0 + sigma_k noise (Karras et al. 2022, eq. 1; diffusers' Euler
+        `add_noise`). x0, noise: (B, C, H, W)."""
+        return x0 + noise * self.sigmas[k]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -78,28 +97,41 @@ class SigmaSampler(ComponentConfig):
         """The N timesteps the model is first called with at each step, descending: (N,) CPU tensor."""
         return self.plan(noise_scheduler, num_inference_steps).timesteps
 
-    def plan(self, noise_scheduler: NoiseScheduler, num_inference_steps: int) -> SigmaPlan:
-        """Timesteps, sigmas and scales of one run (for custom loops over `k_sampling.sample_*`)."""
+    def plan(self, noise_scheduler: NoiseScheduler, num_inference_steps: int, *, start_step: int = 0) -> SigmaPlan:
+        """Timesteps, sigmas and scales of one run (for custom loops over `k_sampling.sample_*`): steps
+        start_step .. N-1 of the N-step grid (0 <= start_step < N)."""
         if not isinstance(noise_scheduler, NoiseScheduler):
             raise InputError("a NoiseScheduler is needed", where="noise_scheduler", expected="NoiseScheduler",
                              found=type(noise_scheduler).__name__)
         table = grids.sigma_table(noise_scheduler.alphas_cumprod,
                                   zero_terminal_snr=noise_scheduler.config.rescale_zero_terminal_snr)
         timesteps, sigmas = self._grid(noise_scheduler, table, num_inference_steps)
-        return SigmaPlan(torch.from_numpy(np.ascontiguousarray(timesteps)), sigmas.tolist(),
-                         grids.init_noise_sigma(sigmas, self.timestep_spacing))
+        s = check_start_step(start_step, len(timesteps))
+        # From step s > 0, x is x_t on the network's scale: the state is x_t / sqrt(abar) = x_t sqrt(sigma_s^2 + 1).
+        init = grids.init_noise_sigma(sigmas, self.timestep_spacing) if s == 0 else (sigmas[s].item()**2 + 1) ** 0.5
+        return SigmaPlan(torch.from_numpy(np.ascontiguousarray(timesteps[s:])), sigmas[s:].tolist(), init,
+                         start_step=s)
+
+    def noise_to_start(self, x0: torch.Tensor, noise: torch.Tensor, noise_scheduler: NoiseScheduler,
+                       num_inference_steps: int, start_step: int = 0) -> torch.Tensor:
+        """x0 (B, C, H, W) noised by the forward process to step `start_step` of the N-step grid: the x that
+        `sample(..., start_step=start_step)` takes, so that its state starts at x0 + sigma_s noise (diffusers'
+        `add_noise` at the first timestep of image-to-image, and from step 0 too: x0 + sigma_0 noise)."""
+        return noise_to_start(self.plan(noise_scheduler, num_inference_steps, start_step=start_step), x0, noise)
 
     def sample(self, denoise: Denoiser, x_T: torch.Tensor, noise_scheduler: NoiseScheduler,
-               num_inference_steps: int, *, generator: Generator = None, callback: Callback | None = None,
-               progress: bool = False) -> torch.Tensor:
+               num_inference_steps: int, *, start_step: int = 0, generator: Generator = None,
+               callback: Callback | None = None, progress: bool = False) -> torch.Tensor:
         """x_T (B, C, H, W) standard normal -> x_0 in `num_inference_steps` steps, in x_T's dtype
         (a float16 / bfloat16 x_T is stepped in float32; the model still gets its input in x_T's dtype).
 
+        start_step = s > 0 runs steps s .. N-1 only, from x_T = the sample x_t at step s (`noise_to_start`).
         The noise of stochastic samplers is drawn per sample from `generator` (one, or a list of one per
-        sample) on the generator's device, then moved. callback(i, t_i, x) runs after step i.
+        sample) on the generator's device, then moved. callback(i, t_i, x) runs after step i (i counted
+        from 0 in the run); a tensor it returns replaces x.
         """
         check_sample_call(denoise, x_T, generator, callback)
-        plan = self.plan(noise_scheduler, num_inference_steps)
+        plan = self.plan(noise_scheduler, num_inference_steps, start_step=start_step)
         # A half-precision x_T (the model's dtype) is stepped in float32, as diffusers' schedulers upcast.
         state_dtype = torch.float32 if x_T.dtype in (torch.float16, torch.bfloat16) else x_T.dtype
         model = k_sampling.discrete_time_denoiser(denoise, plan.sigmas, plan.timesteps,
@@ -108,14 +140,14 @@ class SigmaSampler(ComponentConfig):
                                                   model_dtype=x_T.dtype if state_dtype != x_T.dtype else None)
         noise = noise_sampler_from(generator, dtype=self.noise_dtype or x_T.dtype)   # diffusers: the model's dtype
         x = x_T.to(state_dtype) * plan.init_scale
-        x = self._run(model, x, plan.sigmas, noise, _with_timesteps(callback, plan), progress)
+        x = self._run(model, x, plan, noise, _with_timesteps(callback, plan), progress)
         return (x * plan.final_scale if plan.final_scale != 1.0 else x).to(x_T.dtype)
 
     # ---- what subclasses define ---------------------------------------------------------------------
     _clip: ClassVar[float | None] = None                 # clamp of D(x; sigma), where a sampler offers one
     noise_dtype: ClassVar[torch.dtype | None] = None     # dtype noise is drawn in (None: x_T's)
 
-    def _run(self, model: k_sampling.SigmaDenoiser, x: torch.Tensor, sigmas: list[float], noise: NoiseSampler,
+    def _run(self, model: k_sampling.SigmaDenoiser, x: torch.Tensor, plan: SigmaPlan, noise: NoiseSampler,
              callback: Callable | None, progress: bool) -> torch.Tensor:
         raise NotImplementedError
 
@@ -141,7 +173,8 @@ class SigmaSampler(ComponentConfig):
 
 
 def _with_timesteps(callback: Callback | None, plan: SigmaPlan) -> k_sampling.StepCallback | None:
-    """callback(i, t_i, x) as the loops' callback(i, x); t_i a Python float (int for DPM-Solver)."""
+    """callback(i, t_i, x) as the loops' callback(i, x), its return value kept; t_i a Python float (int for
+    DPM-Solver)."""
     if callback is None:
         return None
     t_list = plan.timesteps.tolist()
@@ -177,8 +210,8 @@ class EulerSampler(_ScheduledSigmaSampler):
         return self._euler_family_grid(noise_scheduler, table, n, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
                                        final_sigma=final)
 
-    def _run(self, model, x, sigmas, noise, callback, progress):
-        return k_sampling.sample_euler(model, x, sigmas, callback=callback, progress=progress)
+    def _run(self, model, x, plan, noise, callback, progress):
+        return k_sampling.sample_euler(model, x, plan.sigmas, callback=callback, progress=progress)
 
 
 @SAMPLERS.register("euler_ancestral")
@@ -186,8 +219,8 @@ class EulerSampler(_ScheduledSigmaSampler):
 class EulerAncestralSampler(SigmaSampler):
     """Euler steps with fresh noise at each step (ancestral sampling). diffusers: EulerAncestralDiscreteScheduler."""
 
-    def _run(self, model, x, sigmas, noise, callback, progress):
-        return k_sampling.sample_euler_ancestral(model, x, sigmas, noise_sampler=noise, callback=callback,
+    def _run(self, model, x, plan, noise, callback, progress):
+        return k_sampling.sample_euler_ancestral(model, x, plan.sigmas, noise_sampler=noise, callback=callback,
                                                  progress=progress)
 
 
@@ -209,8 +242,8 @@ class HeunSampler(_ScheduledSigmaSampler):
     def _clip(self) -> float | None:
         return self.clip_sample_range if self.clip_sample else None
 
-    def _run(self, model, x, sigmas, noise, callback, progress):
-        return k_sampling.sample_heun(model, x, sigmas, callback=callback, progress=progress)
+    def _run(self, model, x, plan, noise, callback, progress):
+        return k_sampling.sample_heun(model, x, plan.sigmas, callback=callback, progress=progress)
 
 
 @SAMPLERS.register("lms")
@@ -220,8 +253,8 @@ class LMSSampler(_ScheduledSigmaSampler):
 
     order: ClassVar[int] = 4
 
-    def _run(self, model, x, sigmas, noise, callback, progress):
-        return k_sampling.sample_lms(model, x, sigmas, order=self.order, callback=callback, progress=progress)
+    def _run(self, model, x, plan, noise, callback, progress):
+        return k_sampling.sample_lms(model, x, plan.sigmas, order=self.order, callback=callback, progress=progress)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -243,8 +276,8 @@ class _DPMSolverSampler(_ScheduledSigmaSampler):
             raise ConfigError("solver_order must be 1 or 2 (third order is not implemented)", where="solver_order",
                               expected=[1, 2], found=self.solver_order)
 
-    def plan(self, noise_scheduler: NoiseScheduler, num_inference_steps: int) -> SigmaPlan:
-        plan = super().plan(noise_scheduler, num_inference_steps)
+    def plan(self, noise_scheduler: NoiseScheduler, num_inference_steps: int, *, start_step: int = 0) -> SigmaPlan:
+        plan = super().plan(noise_scheduler, num_inference_steps, start_step=start_step)
         # diffusers runs DPM-Solver on x_t itself: x_T starts at sigma_0 as x_T / sqrt(abar), and the last
         # state is returned as x_t = x / sqrt(sigma^2 + 1) (x itself when the final sigma is 0).
         first, last = plan.sigmas[0], plan.sigmas[-1]
@@ -270,10 +303,12 @@ class _DPMSolverSampler(_ScheduledSigmaSampler):
         final = 0.0 if self.final_sigmas_type == "zero" else table[0].item()
         return timesteps.astype(np.int64), np.concatenate([sigmas, [final]]).astype(np.float32)
 
-    def _run(self, model, x, sigmas, noise, callback, progress):
+    def _run(self, model, x, plan, noise, callback, progress):
+        # diffusers' "fewer than 15 steps" counts the whole grid, also for a run started part-way
+        few_steps = plan.start_step + len(plan.timesteps) < 15
         return k_sampling.sample_dpmpp_2m(
-            model, x, sigmas, solver_order=self.solver_order, solver_type=self.solver_type,
-            lower_order_final=self.lower_order_final, euler_at_final=self.euler_at_final,
+            model, x, plan.sigmas, solver_order=self.solver_order, solver_type=self.solver_type,
+            lower_order_final=self.lower_order_final and few_steps, euler_at_final=self.euler_at_final,
             noise_sampler=noise if self.algorithm_type == "sde-dpmsolver++" else None, callback=callback,
             progress=progress)
 

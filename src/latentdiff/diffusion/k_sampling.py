@@ -9,7 +9,9 @@ network's eps / v / x0 prediction into D. The loops know nothing of networks, ti
 types, and keep no state between calls: one set of settings can serve many threads.
 
 sigmas: N + 1 Python floats sigma_0 > ... > sigma_{N-1} > sigma_N >= 0; the loops make N steps and call
-`callback(i, x)` after step i. Step coefficients are computed on the host in float64.
+`callback(i, x)` after step i: a tensor it returns replaces x (see `sampling.after_step`). Step coefficients
+are computed on the host in float64. A run started part-way is a run over the tail of the grid: LMS and
+DPM-Solver start with an empty history there, as at sigma_0 (k-diffusion's img2img convention).
 """
 from __future__ import annotations
 
@@ -20,10 +22,10 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from .sampling import PREDICTION_TYPES, Denoiser, NoiseSampler, _steps
+from .sampling import PREDICTION_TYPES, Denoiser, NoiseSampler, _steps, after_step
 
 SigmaDenoiser = Callable[[torch.Tensor, float], torch.Tensor]    # D(x; sigma) -> x0 estimate, shaped like x
-StepCallback = Callable[[int, torch.Tensor], None]
+StepCallback = Callable[[int, torch.Tensor], "torch.Tensor | None"]   # may return a replacement x
 
 
 # ---- the model adapter ------------------------------------------------------------------------------
@@ -80,8 +82,7 @@ def sample_euler(model: SigmaDenoiser, x: torch.Tensor, sigmas: Sequence[float],
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         d = to_d(x, sigma, model(x, sigma))
         x = x + d * (sigma_next - sigma)                       # x_{i+1} = x_i + (sigma_{i+1} - sigma_i) d_i
-        if callback is not None:
-            callback(i, x)
+        x = after_step(callback, x, i)
     return x
 
 
@@ -104,8 +105,7 @@ def sample_euler_ancestral(model: SigmaDenoiser, x: torch.Tensor, sigmas: Sequen
         x = x + d * (sigma_down - sigma)
         if sigma_up > 0:                                       # 0 at the last step (sigma_to = 0): no draw
             x = x + noise_sampler(x) * sigma_up
-        if callback is not None:
-            callback(i, x)
+        x = after_step(callback, x, i)
     return x
 
 
@@ -124,8 +124,7 @@ def sample_heun(model: SigmaDenoiser, x: torch.Tensor, sigmas: Sequence[float], 
             x_2 = x + d * dt                                   # Algorithm 1, line 5
             d_2 = to_d(x_2, sigma_next, model(x_2, sigma_next))   # line 7
             x = x + ((d + d_2) / 2) * dt                       # line 8
-        if callback is not None:
-            callback(i, x)
+        x = after_step(callback, x, i)
     return x
 
 
@@ -158,8 +157,7 @@ def sample_lms(model: SigmaDenoiser, x: torch.Tensor, sigmas: Sequence[float], *
         current = min(i + 1, order)
         coefficients = [lms_coefficient(sigmas, i, j, current) for j in range(current)]
         x = x + sum(c * d for c, d in zip(coefficients, reversed(ds)))
-        if callback is not None:
-            callback(i, x)
+        x = after_step(callback, x, i)
     return x
 
 
@@ -204,8 +202,7 @@ def sample_dpmpp_2m(model: SigmaDenoiser, x: torch.Tensor, sigmas: Sequence[floa
             x = _dpmpp_update(x, denoised, old_denoised, sigma, sigma_next, h, h_prev if order == 2 else None,
                               solver_type, noise_sampler)
         old_denoised, h_prev = denoised, h
-        if callback is not None:
-            callback(i, x)
+        x = after_step(callback, x, i)
     return x
 
 

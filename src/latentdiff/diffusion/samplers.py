@@ -21,6 +21,11 @@ turned into eps at its own (x_t, t) first. diffusers' PNDMScheduler combines the
 converts the mixture at the current step: the same for epsilon prediction; for v_prediction it differs,
 and is not exact even for an exact denoiser (tests/test_k_samplers.py). PLMS also takes "sample" prediction.
 
+Every sampler can start part-way (image-to-image, inpainting): `sample(..., start_step=s)` runs steps
+s .. N-1 of its N-step plan from the sample at step s, which `noise_to_start(x0, noise, ...)` makes with the
+forward process, and multistep methods (PLMS) start with an empty history there. A callback may return a
+tensor that replaces the sample (see `sampling.after_step`).
+
 The sigma-space samplers (Euler, Euler ancestral, Heun, LMS, DPM-Solver++) are in `k_samplers.py`, with
 the same interface; they are re-exported here.
 """
@@ -35,15 +40,30 @@ from ..config import ComponentConfig
 from ..errors import ConfigError, InputError
 from ..registry import SAMPLERS
 from .noise_scheduler import NoiseScheduler
-from .sampling import (Callback, Denoiser, Generator, check_sample_call, noise_sampler_from, sample_ddim, sample_ddpm,
-                       sample_plms, select_timesteps)
+from .sampling import (Callback, Denoiser, Generator, check_sample_call, check_start_step, noise_sampler_from,
+                       noise_to_start, sample_ddim, sample_ddpm, sample_plms, select_timesteps)
 
 
 class SamplingPlan(NamedTuple):
-    """The steps of one run: timesteps t_1 > ... > t_N, and abar(t_1) .. abar(t_N), abar_final (N + 1 floats)."""
+    """The steps of one run: timesteps t_1 > ... > t_N, and abar(t_1) .. abar(t_N), abar_final (N + 1 floats).
+
+    A plan started part-way holds the tail of the N-step plan from index `start_step`."""
 
     timesteps: list[int]
     alphas_cumprod: list[float]
+    start_step: int = 0
+
+    @property
+    def init_scale(self) -> float:
+        """The scale `sample` applies to its x: 1, these loops run on x_t itself."""
+        return 1.0
+
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, k: int) -> torch.Tensor:
+        """The forward process at the start of step k of this plan (k = len(timesteps): after the last step),
+        in the loop's own scale: x_t = sqrt(abar_k) x0 + sqrt(1 - abar_k) noise (Ho et al. 2020, eq. 4).
+        x0, noise: (B, C, H, W)."""
+        abar = self.alphas_cumprod[k]
+        return abar**0.5 * x0 + (1 - abar) ** 0.5 * noise
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -74,15 +94,25 @@ class Sampler(ComponentConfig):
         """The N training timesteps visited, descending: (N,) int64 on the CPU."""
         return torch.tensor(self.plan(noise_scheduler, num_inference_steps).timesteps, dtype=torch.long)
 
-    def plan(self, noise_scheduler: NoiseScheduler, num_inference_steps: int) -> SamplingPlan:
-        """Timesteps and the abar values of each step (for custom loops over `sampling.sample_*`)."""
+    def plan(self, noise_scheduler: NoiseScheduler, num_inference_steps: int, *,
+             start_step: int = 0) -> SamplingPlan:
+        """Timesteps and the abar values of each step (for custom loops over `sampling.sample_*`): steps
+        start_step .. N-1 of the N-step plan (0 <= start_step < N)."""
         if not isinstance(noise_scheduler, NoiseScheduler):
             raise InputError("a NoiseScheduler is needed", where="noise_scheduler", expected="NoiseScheduler",
                              found=type(noise_scheduler).__name__)
         timesteps = select_timesteps(noise_scheduler.num_train_timesteps, num_inference_steps,
                                      spacing=self.timestep_spacing, steps_offset=self.steps_offset)
-        abar = noise_scheduler.alphas_cumprod[timesteps].tolist()   # CPU table: no device sync
-        return SamplingPlan(timesteps, abar + [self.final_alpha_cumprod(noise_scheduler)])
+        s = check_start_step(start_step, len(timesteps))
+        abar = noise_scheduler.alphas_cumprod[timesteps[s:]].tolist()   # CPU table: no device sync
+        return SamplingPlan(timesteps[s:], abar + [self.final_alpha_cumprod(noise_scheduler)], s)
+
+    def noise_to_start(self, x0: torch.Tensor, noise: torch.Tensor, noise_scheduler: NoiseScheduler,
+                       num_inference_steps: int, start_step: int = 0) -> torch.Tensor:
+        """x0 (B, C, H, W) noised by the forward process to step `start_step` of the N-step plan: the x that
+        `sample(..., start_step=start_step)` takes, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise at
+        t = timesteps[start_step] (as diffusers' `add_noise` at the first timestep of image-to-image)."""
+        return noise_to_start(self.plan(noise_scheduler, num_inference_steps, start_step=start_step), x0, noise)
 
     def final_alpha_cumprod(self, noise_scheduler: NoiseScheduler) -> float:
         """abar after the last step: 1 (a clean sample) unless a sampler says otherwise."""
@@ -115,17 +145,19 @@ class DDIMSampler(Sampler):
         return 1.0 if self.set_alpha_to_one else float(noise_scheduler.alphas_cumprod[0])
 
     def sample(self, denoise: Denoiser, x_T: torch.Tensor, noise_scheduler: NoiseScheduler,
-               num_inference_steps: int, *, generator: Generator = None, callback: Callback | None = None,
-               progress: bool = False) -> torch.Tensor:
+               num_inference_steps: int, *, start_step: int = 0, generator: Generator = None,
+               callback: Callback | None = None, progress: bool = False) -> torch.Tensor:
         """x_T (B, C, H, W) -> x_0 in `num_inference_steps` DDIM steps.
 
+        start_step = s > 0 runs steps s .. N-1 only, x_T being the sample at step s (`noise_to_start`).
         denoise(x_t, t) -> the raw prediction (noise_scheduler.config.prediction_type), t a 0-d int64
         tensor on x_T's device. With eta > 0, the noise of each step is drawn per sample from
         `generator` (one, or a list of one per sample) on the generator's device, then moved.
-        callback(i, t_i, x) runs after step i (t_i a Python int, x the new sample); progress shows tqdm.
+        callback(i, t_i, x) runs after step i (i counted from 0 in the run, t_i a Python int, x the new
+        sample; a tensor it returns replaces x); progress shows tqdm.
         """
         self._check_call(denoise, x_T, generator, callback)
-        plan = self.plan(noise_scheduler, num_inference_steps)
+        plan = self.plan(noise_scheduler, num_inference_steps, start_step=start_step)
         return sample_ddim(denoise, x_T, plan.timesteps, plan.alphas_cumprod,
                            prediction_type=noise_scheduler.config.prediction_type, eta=self.eta,
                            clip_sample_range=self._clip, noise_sampler=noise_sampler_from(generator),
@@ -140,11 +172,11 @@ class DDPMSampler(Sampler):
     variance_type: Literal["fixed_small", "fixed_large"] = "fixed_small"   # beta-tilde_t, or beta_t
 
     def sample(self, denoise: Denoiser, x_T: torch.Tensor, noise_scheduler: NoiseScheduler,
-               num_inference_steps: int, *, generator: Generator = None, callback: Callback | None = None,
-               progress: bool = False) -> torch.Tensor:
+               num_inference_steps: int, *, start_step: int = 0, generator: Generator = None,
+               callback: Callback | None = None, progress: bool = False) -> torch.Tensor:
         """x_T (B, C, H, W) -> x_0; arguments as DDIMSampler.sample. Noise is drawn at every step but the last."""
         self._check_call(denoise, x_T, generator, callback)
-        plan = self.plan(noise_scheduler, num_inference_steps)
+        plan = self.plan(noise_scheduler, num_inference_steps, start_step=start_step)
         return sample_ddpm(denoise, x_T, plan.timesteps, plan.alphas_cumprod,
                            prediction_type=noise_scheduler.config.prediction_type, variance_type=self.variance_type,
                            clip_sample_range=self._clip, noise_sampler=noise_sampler_from(generator),
@@ -165,8 +197,9 @@ class PLMSSampler(Sampler):
     def final_alpha_cumprod(self, noise_scheduler: NoiseScheduler) -> float:
         return 1.0 if self.set_alpha_to_one else float(noise_scheduler.alphas_cumprod[0])
 
-    def plan(self, noise_scheduler: NoiseScheduler, num_inference_steps: int) -> SamplingPlan:
-        plan = super().plan(noise_scheduler, num_inference_steps)
+    def plan(self, noise_scheduler: NoiseScheduler, num_inference_steps: int, *,
+             start_step: int = 0) -> SamplingPlan:
+        plan = super().plan(noise_scheduler, num_inference_steps, start_step=start_step)
         if 0.0 in plan.alphas_cumprod[:-1]:
             raise InputError("PLMS cannot start at a zero-SNR timestep (abar_t = 0): its eps-to-x0 transfer divides "
                              "by sqrt(abar_t); use 'leading' spacing or another sampler", where="timestep_spacing",
@@ -174,12 +207,12 @@ class PLMSSampler(Sampler):
         return plan
 
     def sample(self, denoise: Denoiser, x_T: torch.Tensor, noise_scheduler: NoiseScheduler,
-               num_inference_steps: int, *, generator: Generator = None, callback: Callback | None = None,
-               progress: bool = False) -> torch.Tensor:
-        """x_T (B, C, H, W) -> x_0 in N steps (N + 1 model calls); arguments as DDIMSampler.sample
-        (deterministic: `generator` is checked but not used)."""
+               num_inference_steps: int, *, start_step: int = 0, generator: Generator = None,
+               callback: Callback | None = None, progress: bool = False) -> torch.Tensor:
+        """x_T (B, C, H, W) -> x_0 in N - start_step steps (one more model call: the first step's warm-up, also
+        when started part-way); arguments as DDIMSampler.sample (deterministic: `generator` is checked, not used)."""
         self._check_call(denoise, x_T, generator, callback)
-        plan = self.plan(noise_scheduler, num_inference_steps)
+        plan = self.plan(noise_scheduler, num_inference_steps, start_step=start_step)
         return sample_plms(denoise, x_T, plan.timesteps, plan.alphas_cumprod,
                            prediction_type=noise_scheduler.config.prediction_type, callback=callback,
                            progress=progress)

@@ -12,11 +12,17 @@ abar(t_1), ..., abar(t_N), abar_final: step i goes from t_i to t_{i+1} (the next
 whatever the spacing), the last step to the "final" abar (1, or abar_0 for DDIM without
 `set_alpha_to_one`). The abar values are Python floats: the coefficients of each step are computed on
 the host in float64 once, so a step launches no extra device work and never synchronises.
+
+A loop started part-way (image-to-image, inpainting) is the same loop over the tail of a plan: the
+multistep methods start with an empty history there, as at t_1.
+
+Every loop calls `callback(i, t_i, x)` after step i with the new sample; a tensor the callback returns
+replaces x for the following steps (inpainting's blend of the known region), None leaves x as it is.
 """
 from __future__ import annotations
 
 import numbers
-from typing import Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -32,7 +38,7 @@ VarianceType = Literal["fixed_small", "fixed_large"]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseSampler = Callable[[torch.Tensor], torch.Tensor]
-Callback = Callable[[int, int, torch.Tensor], None]
+Callback = Callable[[int, int, torch.Tensor], "torch.Tensor | None"]   # may return a replacement x
 Generator = torch.Generator | Sequence[torch.Generator] | None
 
 
@@ -64,6 +70,15 @@ def select_timesteps(num_train_timesteps: int, num_inference_steps: int, *, spac
                          where="steps_offset", expected=f"timesteps < num_train_timesteps = {T}",
                          found=f"first timestep {timesteps[0]} for {N} steps")
     return timesteps
+
+
+def check_start_step(start_step: int, num_inference_steps: int) -> int:
+    """start_step as a Python int, or an InputError unless 0 <= start_step < N (one step at least must run)."""
+    s, N = start_step, num_inference_steps
+    if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 0 <= s < N:
+        raise InputError("start_step must be an integer index into the N-step plan, leaving a step to run",
+                         where="start_step", expected=f"0 <= start_step < {N}", found=repr(s))
+    return int(s)
 
 
 def check_num_inference_steps(num_inference_steps: int, num_train_timesteps: int) -> int:
@@ -186,6 +201,41 @@ def check_sample_call(denoise: Callable, x_T: torch.Tensor, generator: Generator
     check_generator(generator, x_T.shape[0])
 
 
+def noise_to_start(plan: Any, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The x a sampler's `sample` takes to run `plan` (a SamplingPlan or SigmaPlan) from the forward-process sample
+    plan.noised(x0, noise, 0): that state divided by the scale `sample` applies to x (plan.init_scale: 1 for the
+    loops on x_t, sqrt(sigma^2 + 1) in sigma space). x0, noise: (B, C, H, W)."""
+    if not isinstance(x0, torch.Tensor) or not isinstance(noise, torch.Tensor) or x0.shape != noise.shape:
+        raise InputError("x0 and noise must be tensors of one shape", where="noise",
+                         expected=tuple(x0.shape) if isinstance(x0, torch.Tensor) else "a tensor",
+                         found=_describe(noise))
+    state = plan.noised(x0, noise, 0)
+    return state if plan.init_scale == 1.0 else state / plan.init_scale
+
+
+def after_step(callback: Callable | None, x: torch.Tensor, *args: Any) -> torch.Tensor:
+    """x after `callback(*args, x)` ran: the tensor it returns (shaped and typed like x) replaces x, None keeps x.
+
+    A replacement is how a pipeline edits the sample between steps (inpainting's known region) without
+    writing into the tensor a loop holds, which a multistep method may still need."""
+    if callback is None:
+        return x
+    replacement = callback(*args, x)
+    if replacement is None:
+        return x
+    if not isinstance(replacement, torch.Tensor) or replacement.shape != x.shape or replacement.dtype != x.dtype:
+        raise InputError("a step callback must return None or a tensor like the sample it was given",
+                         where="callback", expected=f"None or a {x.dtype} tensor of shape {tuple(x.shape)}",
+                         found=_describe(replacement))
+    return replacement
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
 # ---- sampler loops --------------------------------------------------------------------------------
 def sample_ddim(denoise: Denoiser, x: torch.Tensor, timesteps: Sequence[int], alphas_cumprod: Sequence[float], *,
                 prediction_type: str = "epsilon", eta: float = 0.0, clip_sample_range: float | None = None,
@@ -197,7 +247,7 @@ def sample_ddim(denoise: Denoiser, x: torch.Tensor, timesteps: Sequence[int], al
     denoise(x_t, t) gets t as a 0-d int64 tensor on x's device. `clip_sample_range` clamps x0_pred
     (the model's eps is still used for the direction, as diffusers does by default). With eta > 0 a
     noise z is drawn at every step from `noise_sampler(x)` (default: the global RNG).
-    callback(i, t_i, x) is called after step i with the new sample.
+    callback(i, t_i, x) is called after step i with the new sample; a tensor it returns replaces x.
     """
     check_plan(timesteps, alphas_cumprod)
     if eta > 0 and noise_sampler is None:
@@ -210,8 +260,7 @@ def sample_ddim(denoise: Denoiser, x: torch.Tensor, timesteps: Sequence[int], al
             x0_pred = x0_pred.clamp(-clip_sample_range, clip_sample_range)
         noise = noise_sampler(x) if eta > 0 else None
         x = ddim_step(x0_pred, eps, abar_t, abar_prev, eta=eta, noise=noise)
-        if callback is not None:
-            callback(i, int(timesteps[i]), x)
+        x = after_step(callback, x, i, int(timesteps[i]))
     return x
 
 
@@ -235,8 +284,7 @@ def sample_ddpm(denoise: Denoiser, x: torch.Tensor, timesteps: Sequence[int], al
             x0_pred = x0_pred.clamp(-clip_sample_range, clip_sample_range)
         noise = noise_sampler(x) if i < last else None
         x = ddpm_step(x, x0_pred, abar_t, abar_prev, variance_type=variance_type, noise=noise)
-        if callback is not None:
-            callback(i, int(timesteps[i]), x)
+        x = after_step(callback, x, i, int(timesteps[i]))
     return x
 
 
@@ -283,8 +331,7 @@ def sample_plms(denoise: Denoiser, x: torch.Tensor, timesteps: Sequence[int], al
             eps_prime = plms_eps(eps_history + [eps])     # the warm-up's second eps is not kept, as in LDM
         eps_history = (eps_history + [eps])[-3:]
         x = plms_transfer(x, eps_prime, abar_t, abar_prev)
-        if callback is not None:
-            callback(i, int(timesteps[i]), x)
+        x = after_step(callback, x, i, int(timesteps[i]))
     return x
 
 

@@ -21,10 +21,10 @@ from ..diffusion.noise import randn
 from ..diffusion.sampling import check_generator
 from ..errors import InputError
 from ..registry import PIPELINES
-from .base import PipelineOutput, to_output
+from .base import PipelineOutput
 from .images import ImageInput, check_batch, expand_batch, image_to_tensor
 from .latent_diffusion import LAYOUTS, Generator, LatentDiffusionPipeline, Prompt
-from .sdedit import check_sampler, start_step, start_timestep
+from .sdedit import check_sampler, noise_to_start, start_step
 
 
 @PIPELINES.register("image-to-image")
@@ -40,12 +40,13 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
                  eta: float | None = None, num_images_per_prompt: int = 1, generator: Generator = None,
                  noise: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
                  negative_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil",
-                 callback: Callable[[int, int, torch.Tensor], None] | None = None,
+                 callback: Callable[[int, int, torch.Tensor], torch.Tensor | None] | None = None,
                  progress: bool = True) -> PipelineOutput:
         """Edit `image` (see `images` for the accepted kinds; H, W multiples of the autoencoder factor) towards
         `prompt`. strength in [0, 1]: 1 runs all num_inference_steps from an almost fully noised image,
-        smaller keeps more of it (int(N * strength) steps run). noise: (B, C, H/f, W/f), the eps mixed into
-        the image latent (drawn from `generator` when None). Returns PipelineOutput(images=...).
+        smaller keeps more of it (int(N * strength) steps run), with any sampler. noise: (B, C, H/f, W/f), the
+        eps mixed into the image latent (drawn from `generator` when None). callback(i, t_i, x) runs after each
+        step run (i from 0; a tensor it returns replaces x). Returns PipelineOutput(images=...).
         """
         x, sampler = self.preprocess_image(image), self.sampler_for(eta)
         batch, first = self.check_image_inputs(
@@ -57,14 +58,12 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
                                           guidance=guidance_scale > 1.0, prompt_embeds=prompt_embeds,
                                           negative_prompt_embeds=negative_prompt_embeds)
         z0 = self.encode_image(x, batch_size=batch, num_images_per_prompt=num_images_per_prompt, generator=generator)
-        t0 = start_timestep(sampler, self.noise_scheduler, num_inference_steps, first)
-        x_t0 = self.noise_scheduler.add_noise(z0, self.draw_noise(z0.shape, generator=generator, noise=noise), t0)
+        eps = self.draw_noise(z0.shape, generator=generator, noise=noise)
+        x_t0 = noise_to_start(sampler, z0, eps, self.noise_scheduler, num_inference_steps, first=first)
         z = self.denoise(x_t0, cond, uncond, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                          sampler=sampler, generator=generator, callback=callback, progress=progress,
                          start_step=first)
-        if output_type == "latent":
-            return PipelineOutput(images=z)
-        return PipelineOutput(images=to_output(self.decode(z), output_type))
+        return self.output(z, output_type)
 
     # ---- the stages ------------------------------------------------------------------------------
     def preprocess_image(self, image: ImageInput, *, name: str = "image") -> torch.Tensor:
@@ -82,7 +81,7 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
                                           num_images_per_prompt=num_images_per_prompt, output_type=output_type,
                                           prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
         first = start_step(num_inference_steps, strength)
-        check_sampler(sampler, first)
+        check_sampler(sampler)
         batch = self.prompt_count(prompt, prompt_embeds) * num_images_per_prompt
         check_batch(image.shape[0], batch, per_prompt=num_images_per_prompt, name="image")
         check_generator(generator, batch)

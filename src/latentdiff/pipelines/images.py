@@ -1,4 +1,4 @@
-"""Images and masks given to a pipeline -> tensors, with every size checked before any model runs.
+"""Images, masks and segmentation maps given to a pipeline -> tensors, with every size checked before any model runs.
 
 Accepted inputs (one image, or a list of them, which becomes a batch):
 
@@ -13,8 +13,13 @@ pipeline's own `output_type="np"` / `"pt"` output, so outputs feed back in uncha
 0/1. Anything else is an InputError naming the argument. A tensor in [-1, 1] is refused rather than
 guessed at (diffusers guesses from its minimum): pass `(x + 1) / 2`.
 
+A segmentation map (`layout_to_one_hot`) holds class ids - a PIL image of mode L, P, I or 1, or an integer
+array / tensor (H, W) or (B, H, W) - or is already one-hot: a float or bool array / tensor (K, H, W) or
+(B, K, H, W), channels first, K = the number of classes, values in [0, 1] (soft maps are allowed).
+
 Results: an image becomes (B, C, H, W) float32 in [-1, 1], the autoencoder's range; a mask becomes
-(B, 1, H, W) float32 in {0, 1}, binarized at 0.5 as diffusers' mask processor does (1 = repaint).
+(B, 1, H, W) float32 in {0, 1}, binarized at 0.5 as diffusers' mask processor does (1 = repaint); a
+segmentation map becomes (B, K, H, W) float32 one-hot.
 Nothing is resized: an image whose sides are not multiples of the autoencoder's factor f is an error
 (diffusers silently crops them down to a multiple).
 """
@@ -24,6 +29,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+import torch.nn.functional as F
 
 from ..errors import InputError
 
@@ -54,6 +61,13 @@ def mask_to_tensor(mask: ImageInput, *, name: str = "mask_image", size: tuple[in
                          expected=f"H, W = {tuple(size)}", found=f"H, W = {tuple(m.shape[-2:])}")
     check_size(m, name=name, factor=factor)
     return (m >= 0.5).to(torch.float32)
+
+
+def layout_to_one_hot(layout: ImageInput, *, num_classes: int, name: str = "layout") -> torch.Tensor:
+    """A segmentation map (or a batch) of class ids, or one-hot -> (B, num_classes, H, W) float32 on the CPU."""
+    parts = [_one_layout(item, name=f"{name}[{i}]" if _is_list(layout) else name, num_classes=num_classes)
+             for i, item in enumerate(_as_list(layout, name))]
+    return _stack(parts, name)
 
 
 def check_size(x: torch.Tensor, *, name: str, factor: int) -> None:
@@ -130,6 +144,36 @@ def _one_mask(item: Any, *, name: str) -> torch.Tensor:
         raise InputError("unsupported mask type", where=name, expected=KINDS, found=type(item).__name__)
     x = x[None] if x.ndim == 2 else x          # (H, W) -> (1, H, W); (1, H, W) and (B, H, W) stay
     return x[:, None]
+
+
+def _one_layout(item: Any, *, name: str, num_classes: int) -> torch.Tensor:
+    """-> (b, num_classes, H, W) float32: a one-hot map as it is (values checked), class ids one-hot encoded."""
+    if _is_pil(item):
+        if item.mode not in ("L", "P", "I", "I;16", "1"):
+            raise InputError("a PIL segmentation map must hold class ids (colour-coded maps: map colours to ids first)",
+                             where=name, expected="mode L, P, I or 1", found=f"mode {item.mode}")
+        item = np.asarray(item).astype(np.int64)
+    if isinstance(item, np.ndarray):
+        item = _from_numpy(item, name)
+    if not isinstance(item, torch.Tensor):
+        raise InputError("unsupported segmentation map type", where=name, expected=KINDS, found=type(item).__name__)
+    x = item.detach().cpu()
+    if x.is_floating_point() or x.dtype == torch.bool:  # one-hot (or soft) maps, channels first
+        if x.ndim not in (3, 4) or x.shape[-3] != num_classes:
+            raise InputError("a one-hot segmentation map must be (K, H, W) or (B, K, H, W), one channel per class",
+                             where=name, expected=f"K = {num_classes}", found=f"shape {tuple(x.shape)}")
+        x = _to_unit(x, name)
+        return x[None] if x.ndim == 3 else x
+    if x.is_complex() or x.ndim not in (2, 3):
+        raise InputError("a segmentation map of class ids must be an integer (H, W) or (B, H, W)", where=name,
+                         expected="integer ids (or a float one-hot (K, H, W))", found=f"{tuple(x.shape)} {x.dtype}")
+    if x.numel():
+        low, high = int(x.min()), int(x.max())  # one host check, before any work
+        if low < 0 or high >= num_classes:
+            raise InputError("class id out of range", where=name, expected=f"0 <= id < {num_classes}",
+                             found=low if low < 0 else high)
+    x = x[None] if x.ndim == 2 else x
+    return F.one_hot(x.long(), num_classes).permute(0, 3, 1, 2).to(torch.float32)
 
 
 def _from_numpy(item: np.ndarray, name: str) -> torch.Tensor:

@@ -7,7 +7,10 @@ Two kinds of UNet, as in diffusers' StableDiffusionInpaintPipeline:
   latents of the masked image, concatenated in that order ("concat" conditioning, sec. 3.3);
 * a plain text-to-image UNet (C channels) repaints by blending: after every step the known region
   is replaced by the image latent noised to the next timestep, q(x_{t_next} | z_0) with the run's
-  noise eps (RePaint-style replacement, Lugmayr et al. 2022, without resampling).
+  noise eps (RePaint-style replacement, Lugmayr et al. 2022, without resampling), in the sampler's own
+  scale (`plan.noised`), so every sampler blends. The blended sample is returned to the sampler (its
+  callback contract), never written into the tensor the sampler holds. Heun's mid-step guess is not
+  blended (diffusers' pipeline, which calls its scheduler twice per Heun step, blends it too).
 
 encode the image -> prepare x_T (pure noise at strength 1, else the image latent noised to t_0)
 -> prepare the mask latents -> denoise with classifier-free guidance -> decode once.
@@ -17,21 +20,20 @@ processor does, and the masked image is image * (mask < 0.5).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from ..diffusion.samplers import Sampler
-from ..errors import InputError
+from ..diffusion.sampling import after_step
 from ..registry import PIPELINES
-from .base import PipelineOutput, to_output
+from .base import PipelineOutput
 from .image_to_image import ImageToImagePipeline
 from .images import ImageInput, check_batch, expand_batch, mask_to_tensor
 from .latent_diffusion import LAYOUTS, Generator, Prompt
-from .sdedit import start_timestep
+from .sdedit import noise_to_start
 
-StepCallback = Callable[[int, int, torch.Tensor], None]
+StepCallback = Callable[[int, int, torch.Tensor], "torch.Tensor | None"]
 
 
 @PIPELINES.register("inpainting")
@@ -72,10 +74,6 @@ class InpaintPipeline(ImageToImagePipeline):
             generator=generator, noise=noise, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds)
         check_batch(mask.shape[0], batch, per_prompt=num_images_per_prompt, name="mask_image")
-        if not self.concat_inputs and not isinstance(sampler, Sampler):
-            raise InputError("blending the known region (a plain UNet) needs a sampler whose state is x_t",
-                             where="sampler", expected="DDIMSampler, DDPMSampler or PLMSSampler, or an inpainting UNet",
-                             found=type(sampler).__name__)
         cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt=num_images_per_prompt,
                                           guidance=guidance_scale > 1.0, prompt_embeds=prompt_embeds,
                                           negative_prompt_embeds=negative_prompt_embeds)
@@ -84,20 +82,19 @@ class InpaintPipeline(ImageToImagePipeline):
         z0 = self.encode_image(x, **per_prompt, generator=generator) \
             if strength < 1.0 or not self.concat_inputs else None
         eps = self.draw_noise(self.latent_shape(batch, *x.shape[-2:]), generator=generator, noise=noise)
-        t0 = start_timestep(sampler, self.noise_scheduler, num_inference_steps, first)
-        x_t0 = eps * sampler.init_noise_sigma if strength == 1.0 else self.noise_scheduler.add_noise(z0, eps, t0)
+        # diffusers' rule: pure noise at strength 1 (even for a plain UNet, which has z0), else the noised latent
+        x_t0 = eps * sampler.init_noise_sigma if strength == 1.0 else \
+            noise_to_start(sampler, z0, eps, self.noise_scheduler, num_inference_steps, first=first)
         mask_latents = self.prepare_mask_latents(mask, x, **per_prompt, generator=generator)
         run = dict(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, sampler=sampler,
                    generator=generator, progress=progress, start_step=first)
         if self.concat_inputs:
             z = self.denoise(x_t0, cond, uncond, concat=mask_latents, callback=callback, **run)
         else:
-            timesteps = sampler.plan(self.noise_scheduler, num_inference_steps).timesteps[first:]
-            keep_known = self.blend_known_region(z0, eps, mask_latents, timesteps, callback=callback)
+            plan = sampler.plan(self.noise_scheduler, num_inference_steps, start_step=first)
+            keep_known = self.blend_known_region(z0, eps, mask_latents, plan, callback=callback)
             z = self.denoise(x_t0, cond, uncond, callback=keep_known, **run)
-        if output_type == "latent":
-            return PipelineOutput(images=z)
-        return PipelineOutput(images=to_output(self.decode(z), output_type))
+        return self.output(z, output_type)
 
     # ---- the stages ------------------------------------------------------------------------------
     def preprocess_mask(self, mask_image: ImageInput, *, size: tuple[int, int]) -> torch.Tensor:
@@ -125,19 +122,17 @@ class InpaintPipeline(ImageToImagePipeline):
                                            generator=generator)
         return torch.cat([mask_latent, masked_latents], dim=1)
 
-    def blend_known_region(self, z0: torch.Tensor, eps: torch.Tensor, mask_latent: torch.Tensor,
-                           timesteps: list[int], *, callback: StepCallback | None = None) -> StepCallback:
-        """A step callback for a plain UNet: after step i, x <- m x + (1 - m) q(x_{t_{i+1}} | z_0), with z_0 itself
-        after the last step (diffusers' blending). z0, eps, x: (B, C, h, w); mask_latent (B, 1, h, w), 1 = repaint.
-
-        The sample is updated in place: the sampler loops continue from the tensor they hand their callback.
+    def blend_known_region(self, z0: torch.Tensor, eps: torch.Tensor, mask_latent: torch.Tensor, plan: Any, *,
+                           callback: StepCallback | None = None) -> StepCallback:
+        """A step callback for a plain UNet: after step i of `plan` (the sampler's plan of the steps run), it returns
+        x <- m x + (1 - m) known, known = plan.noised(z0, eps, i + 1), the forward process at the next step in the
+        sampler's own scale, and z0 itself after the last step (diffusers' blending). z0, eps, x: (B, C, h, w);
+        mask_latent (B, 1, h, w), 1 = repaint. `callback` then sees the blended x (and may replace it in turn).
         """
-        known_weight = 1 - mask_latent
+        known_weight, last = 1 - mask_latent, len(plan.timesteps) - 1
 
-        def keep_known(i: int, t: int, x: torch.Tensor) -> None:
-            known = self.noise_scheduler.add_noise(z0, eps, timesteps[i + 1]) if i + 1 < len(timesteps) else z0
-            x.mul_(mask_latent).add_(known_weight * known)
-            if callback is not None:
-                callback(i, t, x)
+        def keep_known(i: int, t: int, x: torch.Tensor) -> torch.Tensor:
+            known = z0 if i == last else plan.noised(z0, eps, i + 1)
+            return after_step(callback, torch.addcmul(known_weight * known, mask_latent, x), i, t)
 
         return keep_known

@@ -17,28 +17,21 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .. import hub
-from ..config import read_json
 from ..diffusion.guidance import classifier_free_guidance
-from ..diffusion.noise import randn
 from ..diffusion.noise_scheduler import NoiseScheduler
-from ..diffusion.samplers import DDIMSampler
-from ..diffusion.scheduler_io import load_scheduler_folder, write_scheduler_folder
 from ..errors import ConfigError, InputError
-from ..models.autoencoder_kl import AutoencoderKL
 from ..models.ldm_bert import LDMBertTextEncoder
 from ..models.text_encoder import TextEncoder
 from ..models.unet import UNet2DConditional
 from ..registry import PIPELINES
-from .base import MODEL_INDEX, Pipeline, PipelineOutput, check_output_type, concat_conditioning, to_output
+from .base import MODEL_INDEX, PipelineOutput, concat_conditioning
+from .denoising import FIRST_STAGES, DenoisingPipeline, Entry, FirstStage, Generator, load_schedule, write_parts
 from .sdedit import sample_from_step
 
 Prompt = str | Sequence[str]
-Generator = torch.Generator | Sequence[torch.Generator] | None
-Entry = tuple[str, str]
 
-# model_index.json (library, class) -> the latentdiff class that loads that part.
+# model_index.json (library, class) -> the latentdiff class that loads that part (FIRST_STAGES: KL, VQ, identity).
 UNETS: dict[Entry, type] = {("diffusers", "UNet2DConditionModel"): UNet2DConditional}
-FIRST_STAGES: dict[Entry, type] = {("diffusers", "AutoencoderKL"): AutoencoderKL}
 TEXT_ENCODERS: dict[Entry, type[TextEncoder]] = {("transformers", "CLIPTextModel"): TextEncoder,
                                                  ("latent_diffusion", "LDMBertModel"): LDMBertTextEncoder}
 
@@ -80,40 +73,30 @@ LAYOUTS: dict[str, FolderLayout] = {
 
 
 @PIPELINES.register("text-to-image")
-class LatentDiffusionPipeline(Pipeline):
-    """Text-conditioned latent diffusion: a first stage, a cross-attention UNet and a text encoder
-    (CLIP, as Stable Diffusion, or LDMBert, as LDM's text-to-image model)."""
+class LatentDiffusionPipeline(DenoisingPipeline):
+    """Text-conditioned latent diffusion: a first stage (KL, VQ or identity), a cross-attention UNet and a text
+    encoder (CLIP, as Stable Diffusion, or LDMBert, as LDM's text-to-image model)."""
 
     diffusers_class_names = ("StableDiffusionPipeline", LDM_TEXT_TO_IMAGE, "LatentDiffusionPipeline")
     loadable_class_names = tuple(LAYOUTS)
     component_names = ("vae", "unet", "text_encoder", "noise_scheduler", "sampler")
 
-    def __init__(self, *, vae: AutoencoderKL, unet: UNet2DConditional, text_encoder: TextEncoder,
+    def __init__(self, *, vae: FirstStage, unet: UNet2DConditional, text_encoder: TextEncoder,
                  noise_scheduler: NoiseScheduler | None = None, sampler: Any = None):
-        self.vae = vae
-        self.unet = unet
         self.text_encoder = text_encoder
-        self.noise_scheduler = noise_scheduler or NoiseScheduler()
-        self.sampler = sampler if sampler is not None else DDIMSampler()
-        self.check_parts()
+        super().__init__(vae=vae, unet=unet, noise_scheduler=noise_scheduler, sampler=sampler)
 
     def check_parts(self) -> None:
         """The UNet must take the first stage's latents (plus any concatenated inputs) and the text width."""
-        expected = self.unet_in_channels()
-        found = self.unet.config.in_channels
-        if found not in expected:
-            raise ConfigError(f"the UNet does not fit {type(self).__name__}", where="unet.config.in_channels",
-                              expected=" or ".join(map(str, expected)) + " (from the first stage's latent channels)",
-                              found=found)
+        super().check_parts()
         width = self.unet.config.cross_attention_dim
         if width is not None and width != self.text_encoder.hidden_size:
             raise ConfigError("the UNet's cross-attention width differs from the text encoder's hidden size",
                               where="unet.config.cross_attention_dim", expected=self.text_encoder.hidden_size,
                               found=width)
 
-    def unet_in_channels(self) -> tuple[int, ...]:
-        """The UNet input widths this pipeline drives: the latent channels (subclasses add concatenated inputs)."""
-        return (self.vae.latent_channels,)
+    def networks(self) -> tuple[torch.nn.Module, ...]:
+        return (self.unet, self.vae, self.text_encoder)
 
     # ---- loading and saving ---------------------------------------------------------------------
     @classmethod
@@ -121,7 +104,7 @@ class LatentDiffusionPipeline(Pipeline):
                         device: str | torch.device | None = None, variant: str | None = None,
                         revision: str | None = None, cache_dir: str | os.PathLike | None = None,
                         token: str | bool | None = None, local_files_only: bool | None = None,
-                        vae: AutoencoderKL | None = None, unet: UNet2DConditional | None = None,
+                        vae: FirstStage | None = None, unet: UNet2DConditional | None = None,
                         text_encoder: TextEncoder | None = None, noise_scheduler: NoiseScheduler | None = None,
                         sampler: Any = None) -> "LatentDiffusionPipeline":
         """Load a diffusers-format folder or Hub repo (Stable Diffusion v1/v2, LDM text-to-image, and their
@@ -149,10 +132,7 @@ class LatentDiffusionPipeline(Pipeline):
             encoder_class = TEXT_ENCODERS[tuple(index[layout.text_encoder])]
             text_encoder = encoder_class.from_pretrained(root, subfolder=layout.text_encoder,
                                                          tokenizer_subfolder="tokenizer", **load)
-        if noise_scheduler is None or sampler is None:
-            loaded_schedule, loaded_sampler = load_scheduler_folder(root / "scheduler")
-            noise_scheduler = noise_scheduler or loaded_schedule
-            sampler = sampler if sampler is not None else loaded_sampler
+        noise_scheduler, sampler = load_schedule(root, noise_scheduler, sampler)
         return cls(vae=vae, unet=unet, text_encoder=text_encoder, noise_scheduler=noise_scheduler, sampler=sampler)
 
     def layout(self) -> tuple[str, FolderLayout]:
@@ -163,31 +143,12 @@ class LatentDiffusionPipeline(Pipeline):
 
     def write_files(self, folder: Path, *, variant: str | None = None) -> None:
         class_name, layout = self.layout()
-        self.unet.write_files(folder / "unet", variant=variant)
-        self.vae.write_files(folder / layout.vae, variant=variant)
+        entries = write_parts(folder, {"unet": self.unet, layout.vae: self.vae}, noise_scheduler=self.noise_scheduler,
+                              sampler=self.sampler, variant=variant)
         self.text_encoder.write_files(folder / layout.text_encoder, folder / "tokenizer")
-        write_scheduler_folder(folder / "scheduler", self.noise_scheduler, self.sampler)
-        index = self.model_index() | {
-            "_class_name": class_name,
-            "unet": ["diffusers", self.unet.diffusers_class_name],
-            layout.vae: ["diffusers", self.vae.diffusers_class_name],
-            "scheduler": ["diffusers", read_json(folder / "scheduler" / "scheduler_config.json")["_class_name"]],
-        } | dict(layout.extra_entries) | self.text_encoder.diffusers_entries()
+        index = self.model_index() | {"_class_name": class_name} | entries | dict(layout.extra_entries) \
+            | self.text_encoder.diffusers_entries()
         hub.write_json(index, folder / MODEL_INDEX)
-
-    def to(self, device: str | torch.device | None = None,
-           dtype: torch.dtype | None = None) -> "LatentDiffusionPipeline":
-        for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device=device, dtype=dtype)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return self.vae.downsample_factor
 
     # ---- the algorithm ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -211,18 +172,7 @@ class LatentDiffusionPipeline(Pipeline):
         x_T = self.prepare_latents(cond.shape[0], height, width, generator=generator, latents=latents)
         z0 = self.denoise(x_T, cond, uncond, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                           sampler=sampler, generator=generator, callback=callback, progress=progress)
-        if output_type == "latent":
-            return PipelineOutput(images=z0)
-        return PipelineOutput(images=to_output(self.decode(z0), output_type))
-
-    def sampler_for(self, eta: float | None) -> Any:
-        """The pipeline's sampler, with `eta` set when given (only samplers that have an eta take one)."""
-        if eta is None:
-            return self.sampler
-        if not hasattr(self.sampler, "eta"):
-            raise InputError("this sampler has no eta", where="eta",
-                             expected=f"eta=None with {type(self.sampler).__name__}", found=eta)
-        return self.sampler.with_options(eta=eta)
+        return self.output(z0, output_type)
 
     def check_inputs(self, prompt: Prompt | None, negative_prompt: Prompt | None, *, height: int | None,
                      width: int | None, num_inference_steps: int, guidance_scale: float, num_images_per_prompt: int,
@@ -242,28 +192,14 @@ class LatentDiffusionPipeline(Pipeline):
             if len(negative_prompt) != n:
                 raise InputError("negative_prompt must have one entry per prompt", where="negative_prompt",
                                  expected=f"a string or a list of {n}", found=f"a list of {len(negative_prompt)}")
-        factor = self.vae_scale_factor
-        sample_size = self.unet.config.sample_size
-        if sample_size is None and (height is None or width is None):
-            raise InputError("this UNet's config has no sample_size, so height and width must be given",
-                             where="height/width", expected=f"multiples of {factor}", found=(height, width))
-        default = (sample_size or 0) * factor
-        height = default if height is None else height
-        width = default if width is None else width
-        for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value <= 0 or value % factor:
-                raise InputError(f"{name} must be a positive multiple of the autoencoder factor {factor}",
-                                 where=name, expected=f"a multiple of {factor}", found=value)
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise InputError("num_inference_steps must be at least 1", where="num_inference_steps",
-                             expected=">= 1", found=num_inference_steps)
+        height, width = self.image_size(height, width)
         if guidance_scale < 0:
             raise InputError("guidance_scale must be >= 0", where="guidance_scale", expected=">= 0",
                              found=guidance_scale)
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise InputError("num_images_per_prompt must be at least 1", where="num_images_per_prompt",
                              expected=">= 1", found=num_images_per_prompt)
-        check_output_type(output_type)
+        self.check_run(num_inference_steps=num_inference_steps, output_type=output_type)
         return height, width
 
     @staticmethod
@@ -290,25 +226,6 @@ class LatentDiffusionPipeline(Pipeline):
         cond = prompt_embeds.to(self.unet.dtype).repeat_interleave(num_images_per_prompt, dim=0)
         return cond, uncond
 
-    def prepare_latents(self, batch_size: int, height: int, width: int, *, generator: Generator = None,
-                        latents: torch.Tensor | None = None) -> torch.Tensor:
-        """x_T: (B, C, h, w) noise, drawn per sample from its generator on the generator's device (CPU by
-        default), so a seed gives the same image on CPU and GPU and image i of a batch equals its seed alone."""
-        shape = self.latent_shape(batch_size, height, width)
-        dtype, device = self.unet.dtype, self.unet.device
-        if latents is not None:
-            if tuple(latents.shape) != shape:
-                raise InputError("latents have the wrong shape", where="latents", expected=shape,
-                                 found=tuple(latents.shape))
-            return latents.to(device=device, dtype=dtype) * self.sampler.init_noise_sigma
-        noise = randn(shape, generator=generator, dtype=dtype, device=device)
-        return noise * self.sampler.init_noise_sigma
-
-    def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
-        """(B, C, h, w) of the diffusion latents for images of height x width."""
-        factor = self.vae_scale_factor
-        return (batch_size, self.vae.latent_channels, height // factor, width // factor)
-
     def denoise(self, x_T: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, *,
                 guidance_scale: float = 7.5, num_inference_steps: int = 50, sampler: Any = None,
                 generator: Generator = None, callback: Callable | None = None, progress: bool = True,
@@ -324,8 +241,3 @@ class LatentDiffusionPipeline(Pipeline):
                                               guidance_scale=guidance_scale)
         return sample_from_step(sampler or self.sampler, denoise_fn, x_T, self.noise_scheduler, num_inference_steps,
                                 first=start_step, generator=generator, callback=callback, progress=progress)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """z_0 (B, C, h, w), scaled -> images (B, 3, H, W) in [-1, 1]; the only autoencoder call of a run."""
-        return self.vae.decode_latents(latents.to(self.vae.dtype))
-

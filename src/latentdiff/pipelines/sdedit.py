@@ -8,6 +8,11 @@ equations"): noise the image latent z_0 to an intermediate time t_0 with the for
 then run the reverse process from t_0 instead of T. With the N-step plan t_1 > ... > t_N of a sampler,
 `strength` s in [0, 1] keeps the last int(N s) steps (diffusers' `get_timesteps`, so the same
 arguments visit the same timesteps): s = 1 runs every step, small s changes the image little.
+
+Every sampler starts part-way: `sampler.noise_to_start` noises the latent so that the sampler's state starts
+where the forward process puts it (x_{t0} above for DDIM / DDPM / PLMS; z_0 + sigma eps for the sigma-space
+samplers, diffusers' Euler-family `add_noise`), and `sampler.sample(..., start_step=)` runs the tail of its
+plan, so a pipeline never asks which sampler it has.
 """
 from __future__ import annotations
 
@@ -17,9 +22,7 @@ from typing import Any, Callable
 import torch
 
 from ..diffusion.noise_scheduler import NoiseScheduler
-from ..diffusion.samplers import DDIMSampler, DDPMSampler
-from ..diffusion.sampling import (Denoiser, Generator, check_generator, noise_sampler_from, sample_ddim,
-                                  sample_ddpm)
+from ..diffusion.sampling import Denoiser, Generator
 from ..errors import InputError
 
 
@@ -41,47 +44,35 @@ def start_step(num_inference_steps: int, strength: float) -> int:
     return num_inference_steps - kept
 
 
-# Samplers whose loops `sample_from_step` can start part-way (their plan is a list of integer timesteps).
-PARTIAL_SAMPLERS = (DDIMSampler, DDPMSampler)
-
-
-def check_sampler(sampler: Any, first: int) -> None:
-    """An InputError, before any work, for a sampler that cannot start at step `first` of its plan."""
-    if first > 0 and not isinstance(sampler, PARTIAL_SAMPLERS):
-        raise InputError("this sampler cannot start part-way through its plan (strength < 1)", where="sampler",
-                         expected=f"one of {[c.__name__ for c in PARTIAL_SAMPLERS]}, or strength=1.0",
+def check_sampler(sampler: Any) -> None:
+    """An InputError, before any work, for a sampler that cannot start from a noised image (a custom object
+    without latentdiff's `noise_to_start` / `sample(..., start_step=)`)."""
+    if not callable(getattr(sampler, "noise_to_start", None)):
+        raise InputError("this sampler cannot start from a noised image: it has no noise_to_start(x0, noise, ...)",
+                         where="sampler", expected="a latentdiff sampler (every registered one can)",
                          found=type(sampler).__name__)
 
 
-def start_timestep(sampler: Any, noise_scheduler: NoiseScheduler, num_inference_steps: int, first: int) -> int:
-    """t_0: the training timestep of step `first` of the sampler's N-step plan, where the run starts."""
-    t = float(sampler.plan(noise_scheduler, num_inference_steps).timesteps[first])
-    if not t.is_integer():  # e.g. a Karras sigma grid: the forward process is defined at trained timesteps only
-        raise InputError("this sampler's grid starts between trained timesteps, so the image cannot be noised to it",
-                         where="sampler", expected="a sampler whose first timestep is an integer",
-                         found=f"{type(sampler).__name__} starting at t = {t}")
-    return int(t)
+def noise_to_start(sampler: Any, x0: torch.Tensor, noise: torch.Tensor, noise_scheduler: NoiseScheduler,
+                   num_inference_steps: int, *, first: int) -> torch.Tensor:
+    """x0 (B, C, h, w) noised with `noise` by the forward process to step `first` of the sampler's N-step plan:
+    the x that `sample_from_step(..., first=first)` starts from (the sampler knows its own scale)."""
+    check_sampler(sampler)
+    return sampler.noise_to_start(x0, noise, noise_scheduler, num_inference_steps, first)
 
 
 def sample_from_step(sampler: Any, denoise: Denoiser, x: torch.Tensor, noise_scheduler: NoiseScheduler,
                      num_inference_steps: int, *, first: int, generator: Generator = None,
-                     callback: Callable[[int, int, torch.Tensor], None] | None = None,
+                     callback: Callable[[int, int, torch.Tensor], torch.Tensor | None] | None = None,
                      progress: bool = False) -> torch.Tensor:
-    """Run steps first .. N-1 of the sampler's N-step plan from x = x_{t_first} (B, C, h, w) to x_0.
+    """Run steps first .. N-1 of the sampler's N-step plan from x (B, C, h, w), made by `noise_to_start`, to x_0.
 
-    `first` = 0 is `sampler.sample` itself (any sampler). Otherwise the sampler's pure loop runs over the
-    tail of its plan; the DDIM and DDPM samplers are supported (callback indices start at 0).
+    `first` = 0 is a plain `sampler.sample` call (any sampler object); otherwise `sample(..., start_step=first)`,
+    which every latentdiff sampler takes. Callback indices start at 0; a tensor the callback returns replaces x.
     """
     if first == 0:
         return sampler.sample(denoise, x, noise_scheduler, num_inference_steps, generator=generator,
                               callback=callback, progress=progress)
-    check_sampler(sampler, first)
-    plan = sampler.plan(noise_scheduler, num_inference_steps)
-    timesteps, abar = plan.timesteps[first:], plan.alphas_cumprod[first:]
-    check_generator(generator, x.shape[0])
-    common = dict(prediction_type=noise_scheduler.config.prediction_type,
-                  clip_sample_range=sampler.clip_sample_range if sampler.clip_sample else None,
-                  noise_sampler=noise_sampler_from(generator), callback=callback, progress=progress)
-    if isinstance(sampler, DDIMSampler):
-        return sample_ddim(denoise, x, timesteps, abar, eta=sampler.eta, **common)
-    return sample_ddpm(denoise, x, timesteps, abar, variance_type=sampler.variance_type, **common)
+    check_sampler(sampler)
+    return sampler.sample(denoise, x, noise_scheduler, num_inference_steps, start_step=first, generator=generator,
+                          callback=callback, progress=progress)

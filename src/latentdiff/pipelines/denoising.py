@@ -1,0 +1,277 @@
+"""What every latent-diffusion pipeline shares: a first stage, a denoiser, a noise schedule and a sampler.
+
+    x_T ~ N(0, I)  (prepare_latents)  ->  the reverse process  (sample)  ->  decode once  (output)
+
+`DenoisingPipeline` holds the four parts - `vae`, the first stage (an AutoencoderKL, a VQModel, or the
+identity of pixel-space diffusion, LDM-1), `unet`, `noise_scheduler`, `sampler` - and those stages; each task
+pipeline adds its conditioning. It also reads and writes the diffusers folder of the LDM family
+(`vqvae/`, `unet/`, `scheduler/`, plus the parts a pipeline declares in `folder_parts`), the layout of
+diffusers' LDMPipeline and LDMSuperResolutionPipeline. The text-to-image pipelines have their own layouts
+(latent_diffusion.py) and share the rest.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .. import hub
+from ..config import read_json
+from ..diffusion.noise import randn
+from ..diffusion.noise_scheduler import NoiseScheduler
+from ..diffusion.samplers import DDIMSampler
+from ..diffusion.sampling import check_generator
+from ..diffusion.scheduler_io import SCHEDULER_CONFIG_NAME, load_scheduler_folder, write_scheduler_folder
+from ..errors import ConfigError, InputError
+from ..models.autoencoder_kl import AutoencoderKL
+from ..models.identity import IdentityFirstStage
+from ..models.unet import UNet2DConditional
+from ..models.unet2d import UNet2D
+from ..models.vq import VQModel
+from .base import MODEL_INDEX, Pipeline, PipelineOutput, check_output_type, to_output
+
+Entry = tuple[str, str]
+Generator = torch.Generator | Sequence[torch.Generator] | None
+StepCallback = Callable[[int, int, torch.Tensor], None]
+FirstStage = AutoencoderKL | VQModel | IdentityFirstStage
+
+# model_index.json (library, class) -> the latentdiff class that loads that part.
+FIRST_STAGES: dict[Entry, type] = {("diffusers", "AutoencoderKL"): AutoencoderKL, ("diffusers", "VQModel"): VQModel,
+                                   ("latentdiff", "IdentityFirstStage"): IdentityFirstStage}
+DENOISERS: dict[Entry, type] = {("diffusers", "UNet2DModel"): UNet2D,
+                                ("diffusers", "UNet2DConditionModel"): UNet2DConditional}
+
+
+def library_entry(module: nn.Module) -> list[str]:
+    """A part's model_index.json entry: ["diffusers", its diffusers class] where diffusers has one (so diffusers
+    loads the folder), else ["latentdiff", its class] (IdentityFirstStage, ClassEmbedder, SpatialRescaler)."""
+    name = getattr(type(module), "diffusers_class_name", None)
+    return ["diffusers", name] if name else ["latentdiff", type(module).__name__]
+
+
+def unet_conditioning(unet: nn.Module) -> tuple[str, ...]:
+    """The conditioning inputs a UNet's forward needs besides (x_t, t): "context" (it cross-attends), "class_labels"
+    (a class embedding added to the time embedding)."""
+    config = unet.config
+    needs = ("context",) if getattr(config, "uses_context", False) else ()
+    if getattr(config, "num_class_embeds", None) or getattr(config, "class_embed_type", None):
+        needs += ("class_labels",)
+    return needs
+
+
+def write_parts(folder: Path, parts: Mapping[str, nn.Module], *, noise_scheduler: NoiseScheduler, sampler: Any,
+                variant: str | None = None) -> dict[str, list[str]]:
+    """Write each part to folder/<key>/ and the scheduler to folder/scheduler/; -> their model_index.json entries."""
+    for key, module in parts.items():
+        module.write_files(folder / key, variant=variant)
+    write_scheduler_folder(folder / "scheduler", noise_scheduler, sampler)
+    scheduler_class = read_json(folder / "scheduler" / SCHEDULER_CONFIG_NAME)["_class_name"]
+    return {key: library_entry(module) for key, module in parts.items()} | {"scheduler": ["diffusers", scheduler_class]}
+
+
+def load_schedule(root: Path, noise_scheduler: NoiseScheduler | None, sampler: Any) -> tuple[NoiseScheduler, Any]:
+    """The parts given, the folder's scheduler/ for those that are None."""
+    if noise_scheduler is not None and sampler is not None:
+        return noise_scheduler, sampler
+    loaded_schedule, loaded_sampler = load_scheduler_folder(root / "scheduler")
+    return noise_scheduler or loaded_schedule, sampler if sampler is not None else loaded_sampler
+
+
+class DenoisingPipeline(Pipeline):
+    """A first stage `vae`, a `unet`, a `noise_scheduler` and a `sampler`, and the stages that use them."""
+
+    # model_index.json key -> (constructor argument, the (library, class) entries it loads). The first stage is
+    # `vqvae/` in diffusers' LDM folders and `vae` here, as in every pipeline.
+    folder_parts: ClassVar[dict[str, tuple[str, dict[Entry, type]]]] = {
+        "vqvae": ("vae", FIRST_STAGES), "unet": ("unet", DENOISERS)}
+    optional_parts: ClassVar[tuple[str, ...]] = ()   # keys a folder may lack (the constructor has a default)
+    option_names: ClassVar[tuple[str, ...]] = ()     # constructor options kept in model_index.json itself
+    # The conditioning inputs (see `unet_conditioning`) the pipeline gives the UNet; None: not checked here.
+    unet_inputs: ClassVar[tuple[str, ...] | None] = None
+
+    def __init__(self, *, vae: FirstStage, unet: UNet2D | UNet2DConditional,
+                 noise_scheduler: NoiseScheduler | None = None, sampler: Any = None):
+        self.vae = vae
+        self.unet = unet
+        self.noise_scheduler = noise_scheduler or NoiseScheduler()
+        self.sampler = sampler if sampler is not None else DDIMSampler()
+        self.check_parts()
+
+    def check_parts(self) -> None:
+        """The UNet must take the first stage's latents (plus any concatenated inputs) and predict for them."""
+        expected, found = self.unet_in_channels(), self.unet.config.in_channels
+        if found not in expected:
+            raise ConfigError(f"the UNet does not fit {type(self).__name__}", where="unet.config.in_channels",
+                              expected=" or ".join(map(str, expected)) + " (from the first stage's latent channels)",
+                              found=found)
+        missing = () if self.unet_inputs is None else \
+            tuple(need for need in unet_conditioning(self.unet) if need not in self.unet_inputs)
+        if missing:
+            raise ConfigError(f"the UNet needs {' and '.join(missing)}, which {type(self).__name__} does not give it",
+                              where="unet", expected=f"a UNet conditioned by {list(self.unet_inputs) or 'nothing'}",
+                              found=f"a UNet that needs {list(missing)}")
+        if self.unet.config.out_channels != self.vae.latent_channels:
+            raise ConfigError("the UNet's output must have the first stage's latent channels",
+                              where="unet.config.out_channels", expected=self.vae.latent_channels,
+                              found=self.unet.config.out_channels)
+
+    def unet_in_channels(self) -> tuple[int, ...]:
+        """The UNet input widths this pipeline drives: the latent channels (subclasses add concatenated inputs)."""
+        return (self.vae.latent_channels,)
+
+    def networks(self) -> tuple[nn.Module, ...]:
+        """The modules `to()` moves."""
+        return (self.unet, self.vae)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "DenoisingPipeline":
+        for module in self.networks():
+            module.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae.downsample_factor
+
+    # ---- the LDM family's folder ------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None, variant: str | None = None,
+                        revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                        token: str | bool | None = None, local_files_only: bool | None = None,
+                        **parts: Any) -> "DenoisingPipeline":
+        """Load a diffusers-layout folder or Hub repo. `parts`: constructor arguments (vae=, unet=,
+        noise_scheduler=, sampler= and the pipeline's own) that replace the folder's; any other is a TypeError."""
+        names = [attr for attr, _ in cls.folder_parts.values()] + ["noise_scheduler", "sampler", *cls.option_names]
+        unknown = sorted(set(parts) - set(names))
+        if unknown:
+            raise TypeError(f"{cls.__name__}.from_pretrained got unknown keyword(s) {unknown}; its parts: {names}")
+        where = dict(variant=variant, revision=revision, cache_dir=cache_dir, token=token,
+                     local_files_only=local_files_only)
+        root = cls.resolve_folder(path_or_id, subfolders=[], **where)
+        index, source = cls.read_model_index(root), str(root / MODEL_INDEX)
+        supported = {key: list(table) for key, (_, table) in cls.folder_parts.items()}
+        cls.check_model_index(index, source=source, supported=supported | {
+            "scheduler": [tuple(index.get("scheduler", (None, None)))]})  # any class: see scheduler_io
+        wanted = [key for key, (attr, _) in cls.folder_parts.items() if parts.get(attr) is None]
+        if parts.get("noise_scheduler") is None or parts.get("sampler") is None:
+            wanted.append("scheduler")
+        absent = [key for key in wanted if key not in index and key not in cls.optional_parts]
+        if absent:
+            raise ConfigError("model_index.json lacks a component the pipeline needs", where=source,
+                              expected=sorted(supported) + ["scheduler"], found=f"no entry for {absent}")
+        needed = [key for key in wanted if key in index]
+        root = cls.resolve_folder(path_or_id, subfolders=needed, **where)
+        for key in needed:
+            if key != "scheduler":
+                attr, table = cls.folder_parts[key]
+                parts[attr] = cls.load_part(key, table[tuple(index[key])], root, variant=variant,
+                                            torch_dtype=torch_dtype, device=device)
+        parts["noise_scheduler"], parts["sampler"] = load_schedule(root, parts.get("noise_scheduler"),
+                                                                   parts.get("sampler"))
+        return cls(**(cls.read_options(index, source=source) | parts))
+
+    @classmethod
+    def load_part(cls, key: str, part_class: type, root: Path, **load: Any) -> Any:
+        """The part in root/<key>/ (`load`: variant, torch_dtype, device)."""
+        return part_class.from_pretrained(root, subfolder=key, **load)
+
+    @classmethod
+    def read_options(cls, index: Mapping[str, Any], *, source: str) -> dict[str, Any]:
+        """Constructor options kept in model_index.json (`option_names`); subclasses check their values."""
+        return {name: index[name] for name in cls.option_names if name in index}
+
+    def options(self) -> dict[str, Any]:
+        """The options written to model_index.json (JSON values; None: not written)."""
+        return {}
+
+    def write_files(self, folder: Path, *, variant: str | None = None) -> None:
+        parts = {key: getattr(self, attr) for key, (attr, _) in self.folder_parts.items()
+                 if getattr(self, attr) is not None}
+        entries = write_parts(folder, parts, noise_scheduler=self.noise_scheduler, sampler=self.sampler,
+                              variant=variant)
+        options = {k: v for k, v in self.options().items() if v is not None}
+        index = self.model_index() | {"_class_name": self.diffusers_class_names[0]} | entries | options
+        hub.write_json(index, folder / MODEL_INDEX)
+
+    # ---- the stages ---------------------------------------------------------------------------------
+    def sampler_for(self, eta: float | None) -> Any:
+        """The pipeline's sampler, with `eta` set when given (only samplers that have an eta take one)."""
+        if eta is None:
+            return self.sampler
+        if not hasattr(self.sampler, "eta"):
+            raise InputError("this sampler has no eta", where="eta",
+                             expected=f"eta=None with {type(self.sampler).__name__}", found=eta)
+        return self.sampler.with_options(eta=eta)
+
+    def image_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """(height, width) of the images, checked: multiples of the first stage's factor f; None: the UNet's
+        sample_size times f."""
+        factor = self.vae_scale_factor
+        sample_size = self.unet.config.sample_size
+        if sample_size is None and (height is None or width is None):
+            raise InputError("this UNet's config has no sample_size, so height and width must be given",
+                             where="height/width", expected=f"multiples of {factor}", found=(height, width))
+        default = (sample_size or 0) * factor
+        height = default if height is None else height
+        width = default if width is None else width
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % factor:
+                raise InputError(f"{name} must be a positive multiple of the autoencoder factor {factor}",
+                                 where=name, expected=f"a multiple of {factor}", found=value)
+        return height, width
+
+    @staticmethod
+    def check_run(*, num_inference_steps: int, output_type: str, batch_size: int = 1,
+                  generator: Generator = None) -> None:
+        """The checks of the arguments every `__call__` has, before any model runs."""
+        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) \
+                or num_inference_steps < 1:
+            raise InputError("num_inference_steps must be at least 1", where="num_inference_steps",
+                             expected=">= 1", found=num_inference_steps)
+        check_output_type(output_type)
+        check_generator(generator, batch_size)
+
+    def prepare_latents(self, batch_size: int, height: int, width: int, *, generator: Generator = None,
+                        latents: torch.Tensor | None = None) -> torch.Tensor:
+        """x_T: (B, C, h, w) noise, drawn per sample from its generator on the generator's device (CPU by
+        default), so a seed gives the same image on CPU and GPU and image i of a batch equals its seed alone."""
+        shape = self.latent_shape(batch_size, height, width)
+        dtype, device = self.unet.dtype, self.unet.device
+        if latents is not None:
+            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
+                raise InputError("latents have the wrong shape", where="latents", expected=shape,
+                                 found=tuple(latents.shape) if isinstance(latents, torch.Tensor)
+                                 else type(latents).__name__)
+            return latents.to(device=device, dtype=dtype) * self.sampler.init_noise_sigma
+        noise = randn(shape, generator=generator, dtype=dtype, device=device)
+        return noise * self.sampler.init_noise_sigma
+
+    def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(B, C, h, w) of the diffusion latents for images of height x width."""
+        factor = self.vae_scale_factor
+        return (batch_size, self.vae.latent_channels, height // factor, width // factor)
+
+    def sample(self, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_T: torch.Tensor, *,
+               sampler: Any = None, num_inference_steps: int, generator: Generator = None,
+               callback: StepCallback | None = None, progress: bool = True) -> torch.Tensor:
+        """The reverse process from x_T (B, C, h, w) to z_0 with `denoise(x_t, t)` (the UNet, or a wrapper adding
+        the pipeline's conditioning) and the sampler (the pipeline's by default)."""
+        return (sampler or self.sampler).sample(denoise, x_T, self.noise_scheduler, num_inference_steps,
+                                                generator=generator, callback=callback, progress=progress)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """z_0 (B, C, h, w), scaled -> images (B, 3, H, W) in [-1, 1]; the only autoencoder call of a run."""
+        return self.vae.decode_latents(latents.to(self.vae.dtype))
+
+    def output(self, latents: torch.Tensor, output_type: str) -> PipelineOutput:
+        """z_0 -> PipelineOutput: the latents themselves for output_type "latent", else decoded images."""
+        if output_type == "latent":
+            return PipelineOutput(images=latents)
+        return PipelineOutput(images=to_output(self.decode(latents), output_type))
