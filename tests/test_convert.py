@@ -542,3 +542,104 @@ def test_truncated_and_foreign_files_name_the_file(tmp_path, sd1):
     torch.save({"state_dict": {"a": torch.ones(1)}, "x": 1}, tmp_path / "tiny.ckpt")
     with pytest.raises(CheckpointError, match="not a latent-diffusion checkpoint"):
         read_single_file(tmp_path / "tiny.ckpt")
+
+
+# ---- LSUN churches (LDM-KL-8): scale-shift norms, ResBlock up/downsampling, 8 heads at every level -----------------
+def churches_yaml(unet_params):
+    return {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": {
+        "linear_start": 0.0015, "linear_end": 0.0155, "image_size": 8,
+        "unet_config": {"params": unet_params},
+        "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
+            "embed_dim": 4, "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 32, "in_channels": 3,
+                                         "out_ch": 3, "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1,
+                                         "attn_resolutions": []}}},
+        "cond_stage_config": "__is_unconditional__"}}}
+
+
+TINY_CHURCHES_UNET = {"image_size": 8, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+                      "attention_resolutions": [1, 2], "num_res_blocks": 1, "channel_mult": [1, 2, 2], "num_heads": 2,
+                      "use_scale_shift_norm": True, "resblock_updown": True}
+
+
+def test_churches_yaml_builds_a_unet2d_with_the_original_keys():
+    """The shipped YAML's full-size UNet2D (meta device) has exactly the tensors the convert tables map to and from
+    the original layout; spot checks of original shapes that follow from openaimodel's constructor."""
+    from latentdiff.models.unet2d import UNet2D
+
+    layout = layout_from_original_config("lsun_churches-ldm-kl-8")
+    config = UNet2D.from_file_config(layout.configs()["unet"])
+    assert config.time_scale_shift and config.downsample_type == config.upsample_type == "resnet"
+    assert config.attention_head_dim == (24, 48, 48, 96, 96)  # 8 heads at every level
+    with torch.device("meta"):
+        ours = UNet2D(config)
+    flat = {"unet" + SEPARATOR + k: v for k, v in ours.state_dict().items()}
+    unet_keymap = tuple(r for r in layout.keymap() if "unet" in repr(r))
+    original = apply_keymap(flat, invert(unet_keymap), source="churches")
+    back = apply_keymap(original, unet_keymap, source="churches")
+    assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in flat.items()}
+    o = {k.removeprefix("model.diffusion_model."): tuple(v.shape) for k, v in original.items()}
+    assert o["input_blocks.1.0.emb_layers.1.weight"] == (2 * 192, 4 * 192)  # scale and shift
+    assert o["input_blocks.3.0.in_layers.0.weight"] == (192,)  # level 0's downsampler is a ResBlock
+    assert "input_blocks.3.0.op.weight" not in o and "output_blocks.2.2.in_layers.0.weight" not in o
+    assert o["output_blocks.2.1.out_layers.3.weight"] == (768, 768, 3, 3)  # last level (no attention): res, res-up
+    assert o["middle_block.1.norm.weight"] == (768,) and o["middle_block.1.qkv.weight"] == (3 * 768, 768, 1)
+    assert o["output_blocks.11.2.emb_layers.1.weight"] == (2 * 384, 4 * 192)  # level 1's upsampling ResBlock
+    assert "output_blocks.14.1.qkv.weight" in o and not any(k.startswith("output_blocks.14.2.") for k in o)
+
+
+def ldm_resblock(state, prefix, x, emb, *, resample=None):
+    """CompVis openaimodel.ResBlock(use_scale_shift_norm=True, up/down), written from the paper code's equations."""
+    gn = lambda h, name: torch.nn.functional.group_norm(h, 32, state[prefix + name + ".weight"],
+                                                       state[prefix + name + ".bias"], 1e-5)
+    conv = lambda h, name: torch.nn.functional.conv2d(h, state[prefix + name + ".weight"],
+                                                      state[prefix + name + ".bias"], padding=1)
+    h = torch.nn.functional.silu(gn(x, "in_layers.0"))
+    if resample == "down":
+        h, x = torch.nn.functional.avg_pool2d(h, 2, 2), torch.nn.functional.avg_pool2d(x, 2, 2)
+    elif resample == "up":
+        h, x = (torch.nn.functional.interpolate(v, scale_factor=2, mode="nearest") for v in (h, x))
+    h = conv(h, "in_layers.2")
+    emb_out = torch.nn.functional.linear(torch.nn.functional.silu(emb), state[prefix + "emb_layers.1.weight"],
+                                         state[prefix + "emb_layers.1.bias"])[:, :, None, None]
+    scale, shift = emb_out.chunk(2, dim=1)
+    h = conv(torch.nn.functional.silu(gn(h, "out_layers.0") * (1 + scale) + shift), "out_layers.3")
+    return x + h
+
+
+def test_tiny_churches_file_loads_runs_and_round_trips(tmp_path):
+    """A churches-like original file (written by the convert tables from a random UNet2D) loads with
+    UNet2D.from_single_file and the YAML, computes what the original equations compute on its tensors, and writes
+    back bit-exactly."""
+    from safetensors.torch import load_file
+
+    from latentdiff.models.unet2d import UNet2D
+    from tests.test_unet import randomize_
+
+    yaml = churches_yaml(TINY_CHURCHES_UNET)
+    unet_config = original_config_to_configs(yaml)["unet"]
+    torch.manual_seed(0)
+    source = randomize_(UNet2D(UNet2D.from_file_config(unet_config))).eval()
+    assert source.config.attention_head_dim == (16, 32, 32)
+    state = to_single_file({"unet": (unet_config, source.state_dict())})
+    save_file(state, tmp_path / "churches.safetensors")
+    loaded = UNet2D.from_single_file(tmp_path / "churches.safetensors", original_config=yaml)
+    assert loaded.config == source.config
+    same_tensors(loaded.state_dict(), source.state_dict())
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([5, 900])
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t), source(x, t))
+        # the original tensors, through openaimodel's equations, compute what our modules compute
+        emb = torch.randn(2, 128)
+        h = torch.randn(2, 32, 8, 8)
+        assert_parity(ldm_resblock(state, "model.diffusion_model.input_blocks.2.0.", h, emb, resample="down"),
+                      loaded.down_blocks[0].downsamplers[0](h, emb))
+        h = torch.randn(2, 64, 2, 2)
+        assert_parity(ldm_resblock(state, "model.diffusion_model.output_blocks.1.1.", h, emb, resample="up"),
+                      loaded.up_blocks[0].upsamplers[0](h, emb))
+        h = torch.randn(2, 64, 2, 2)
+        assert_parity(ldm_attention_block(state, "model.diffusion_model.middle_block.1.", h, heads=2),
+                      loaded.mid_block.attentions[0](h))
+    loaded.save_single_file(tmp_path / "back.safetensors")
+    back = load_file(tmp_path / "back.safetensors")
+    same_tensors({k: v for k, v in back.items() if k in state}, state)
+    assert set(back) == set(state)

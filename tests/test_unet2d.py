@@ -239,9 +239,12 @@ BAD_FILE_CONFIGS = [
     (tiny(cross_attention_dim=768), "cross_attention_dim"),
     (tiny(time_embedding_type="fourier"), "time_embedding_type"),
     (tiny(time_embedding_type="learned", num_train_timesteps=1000), "time_embedding_type"),
-    (tiny(resnet_time_scale_shift="scale_shift"), "resnet_time_scale_shift"),
-    (tiny(downsample_type="resnet"), "downsample_type"),
-    (tiny(upsample_type="resnet"), "upsample_type"),
+    (tiny(resnet_time_scale_shift="spatial"), "resnet_time_scale_shift"),
+    (tiny(downsample_type="resnet"), "downsample_type"),  # DownBlock2D (conv) and AttnDownBlock2D (resnet) mixed
+    (tiny(down_block_types=["ResnetDownsampleBlock2D", ATTN, ATTN]), "downsample_type"),  # resnet and conv mixed
+    (tiny(upsample_type="resnet", down_block_types=[ATTN, DOWN, ATTN], up_block_types=[ATTN_UP, UP, ATTN_UP]),
+     "upsample_type"),
+    (tiny(attention_head_dim=[16, 16]), "attention_head_dim"),
     (tiny(act_fn="gelu"), "act_fn"),
     (tiny(class_embed_type="projection"), "class_embed_type"),
     (tiny(mid_block_type="UNetMidBlock2DCrossAttn"), "mid_block_type"),
@@ -392,3 +395,84 @@ def test_class_labels_must_fit_the_class_embedding(changes, bad_labels):
         with pytest.raises(InputError) as info:
             ours(x, 5, class_labels=labels)
         assert info.value.where == "class_labels"
+
+
+# ---- scale-shift norms, ResnetBlock resampling, per-level head widths (LDM LSUN-churches) -------------------
+
+RES_DOWN, RES_UP = "ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D"
+# LSUN-churches-like: scale-shift norms, ResnetBlock up/downsampling, attention on the finer levels
+CHURCHES_LIKE = tiny(resnet_time_scale_shift="scale_shift", downsample_type="resnet", upsample_type="resnet",
+                     down_block_types=[ATTN, ATTN, RES_DOWN], up_block_types=[RES_UP, ATTN_UP, ATTN_UP])
+SCALE_SHIFT_RESAMPLE_CASES = {
+    # diffusers' mid-block attention has no GroupNorm with scale-shift and no attn_norm_num_groups
+    "scale_shift": tiny(resnet_time_scale_shift="scale_shift"),
+    "scale_shift_mid_norm": tiny(resnet_time_scale_shift="scale_shift", attn_norm_num_groups=4),
+    "resnet_down_conv_up": tiny(downsample_type="resnet", down_block_types=[RES_DOWN, ATTN, ATTN]),
+    "conv_down_resnet_up": tiny(upsample_type="resnet", up_block_types=[ATTN_UP, ATTN_UP, RES_UP]),
+    "churches_like": CHURCHES_LIKE,
+    "churches_like_mid_norm_scaled": {**CHURCHES_LIKE, "attn_norm_num_groups": 8, "mid_block_scale_factor": 2.0},
+}
+
+
+@pytest.mark.parametrize("name", list(SCALE_SHIFT_RESAMPLE_CASES))
+def test_scale_shift_and_resnet_resampling_parity(name):
+    kwargs = SCALE_SHIFT_RESAMPLE_CASES[name]
+    ref, ours = pair(kwargs)
+    check_parity(ref, ours, sample(kwargs), torch.tensor([3, 801]))
+    with torch.device("meta"):
+        file_config = UNet2D(ours.config).to_file_config()
+        assert set(UNet2DModel(**file_config).state_dict()) == set(ours.state_dict())
+
+
+def test_resnet_block_resamples_as_diffusers():
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from latentdiff.layers.resnet import ResnetBlock
+    for kind in ("up", "down"):
+        torch.manual_seed(0)
+        ref = randomize_(ResnetBlock2D(in_channels=16, out_channels=32, temb_channels=24, groups=4, eps=1e-5,
+                                       time_embedding_norm="scale_shift", **{kind: True})).eval()
+        ours = ResnetBlock(16, 32, temb_channels=24, groups=4, eps=1e-5, time_scale_shift=True, **{kind: True})
+        ours.load_state_dict(ref.state_dict(), strict=True)
+        x, temb = torch.randn(2, 16, 6, 6), torch.randn(2, 24)
+        with torch.no_grad():
+            assert_parity(ours(x, temb), ref(x, temb))
+    with pytest.raises(ConfigError):
+        ResnetBlock(8, temb_channels=8, groups=4, up=True, down=True)
+
+
+def test_per_level_head_widths_match_diffusers_with_heads_set_per_level():
+    """diffusers' UNet2DModel takes one head width; its Attention modules split by their `heads` attribute, so
+    setting it per level gives an independent oracle for per-level widths (8 heads everywhere, as in churches)."""
+    kwargs = {**CHURCHES_LIKE, "attention_head_dim": 8}
+    ref, _ = pair(kwargs)
+    config = UNet2D.from_file_config({**kwargs, "attention_head_dim": [4, 8, 12]})
+    assert config.attention_head_dim == (4, 8, 12)
+    ours = UNet2D.from_state_dict(config, ref.state_dict())
+    widths = {"down_blocks.0": 4, "down_blocks.1": 8, "up_blocks.1": 8, "up_blocks.2": 4, "mid_block": 12}
+    for name, module in ref.named_modules():
+        if type(module).__name__ == "Attention":
+            module.heads = module.inner_dim // widths[name.rsplit(".attentions.", 1)[0]]
+    heads = {name: m.heads for name, m in ours.named_modules() if isinstance(m, unet2d_module.AttentionBlock)}
+    assert heads["down_blocks.0.attentions.0"] == 8 and heads["mid_block.attentions.0"] == 8
+    check_parity(ref, ours, sample(kwargs), torch.tensor([3, 801]))
+    file_config = ours.to_file_config()
+    assert file_config["attention_head_dim"] == [4, 8, 12]  # written as a list: diffusers cannot build this one
+    assert UNet2D.from_file_config(json.loads(json.dumps(file_config))) == config
+
+
+@pytest.mark.parametrize("size", [(15, 13), (9, 10)])
+def test_resnet_resampling_odd_latent_sizes(size):
+    """Average pooling floors odd sides; the ResnetBlock upsamplers upsample to the skips' sizes (no diffusers
+    oracle: its UNet2DModel passes no sizes and fails at the concatenation)."""
+    _, ours = pair(CHURCHES_LIKE)
+    with torch.no_grad():
+        out = ours(sample(CHURCHES_LIKE, batch=1, size=size), 40)
+    assert out.shape == (1, 3, *size) and torch.isfinite(out).all()
+
+
+def test_mid_attention_without_norm_needs_scale_shift():
+    with pytest.raises(ConfigError) as info:
+        UNet2DConfig(mid_attention_norm=False)
+    assert info.value.where == "mid_attention_norm"
+    assert UNet2D.from_file_config(tiny(resnet_time_scale_shift="scale_shift")).mid_attention_norm is False

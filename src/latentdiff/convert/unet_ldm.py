@@ -205,7 +205,11 @@ class UNetArch:
         return {
             "_class_name": "UNet2DModel", **common,
             "down_block_types": down, "up_block_types": up, "mid_block_type": "UNetMidBlock2D",
-            "attention_head_dim": _compact(widths), "add_attention": True, "attn_norm_num_groups": None,
+            # a list (one width per level, e.g. LSUN churches' 8 heads everywhere) loads in latentdiff's UNet2D;
+            # diffusers' UNet2DModel takes only one width, so it cannot build such a model
+            "attention_head_dim": _compact(widths), "add_attention": True,
+            # the middle AttentionBlock has its GroupNorm; diffusers drops it with scale-shift norms unless set
+            "attn_norm_num_groups": 32 if self.resnet_time_scale_shift == "scale_shift" else None,
             "downsample_type": "resnet" if resnet else "conv", "upsample_type": "resnet" if resnet else "conv",
             "class_embed_type": None,
         }

@@ -9,38 +9,74 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
+
 
 class ResnetBlock(nn.Module):
-    """GroupNorm -> SiLU -> conv, (+ time embedding), GroupNorm -> SiLU -> dropout -> conv, + skip.
+    """GroupNorm -> SiLU -> (resample) -> conv, (+ time embedding), GroupNorm -> SiLU -> dropout -> conv, + skip.
 
-    x: (B, C_in, H, W), temb: (B, temb_channels) or None -> (B, C_out, H, W)
+    `time_scale_shift` (LDM use_scale_shift_norm, diffusers time_embedding_norm="scale_shift"): the time
+    embedding is projected to 2 * C_out and modulates the second norm, h = norm2(h) * (1 + scale) + shift,
+    instead of being added before it. `up` / `down` (LDM resblock_updown, diffusers ResnetBlock2D(up/down=True)):
+    the block resamples by 2, nearest-neighbour up or 2x2 average-pool down, on both the hidden path (after
+    norm1 and SiLU) and the skip input; these resamplers have no parameters.
+
+    x: (B, C_in, H, W), temb: (B, temb_channels) or None -> (B, C_out, H', W'), H' = 2H (up), H // 2 (down), else H
     """
 
     def __init__(self, in_channels: int, out_channels: int | None = None, *, temb_channels: int | None = 512,
-                 groups: int = 32, eps: float = 1e-6, dropout: float = 0.0, output_scale_factor: float = 1.0):
+                 groups: int = 32, eps: float = 1e-6, dropout: float = 0.0, output_scale_factor: float = 1.0,
+                 time_scale_shift: bool = False, up: bool = False, down: bool = False):
         super().__init__()
+        if up and down:
+            raise ConfigError("a ResnetBlock resamples one way", where="ResnetBlock(up, down)",
+                              expected="at most one of up / down", found=(up, down))
         out_channels = out_channels or in_channels
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
+        emb_width = 2 * out_channels if time_scale_shift else out_channels  # (scale, shift) or one shift
+        self.time_emb_proj = nn.Linear(temb_channels, emb_width) if temb_channels else None
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         # Dropout only where it can do something: in eval mode a p=0 Dropout is a wasted op per call.
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
         self.output_scale_factor = output_scale_factor
+        self.time_scale_shift = time_scale_shift
+        self.up, self.down = up, down
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None, *,
+                upsample_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """`upsample_size`: with `up`, the exact output size (odd skip shapes); None doubles H and W."""
+        h = F.silu(self.norm1(x))
+        if self.up:  # the skip input is resampled too, so that it still adds to h
+            h, x = _nearest_up(h, upsample_size), _nearest_up(x, upsample_size)
+        elif self.down:
+            h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)
+        h = self.conv1(h)
         if self.time_emb_proj is not None and temb is not None:
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = F.silu(self.norm2(h))
+            emb = self.time_emb_proj(F.silu(temb))[:, :, None, None]
+            if self.time_scale_shift:
+                scale, shift = emb.chunk(2, dim=1)
+                h = torch.addcmul(shift, self.norm2(h), 1 + scale)  # norm2(h) * (1 + scale) + shift
+            else:
+                h = self.norm2(h + emb)
+        else:
+            h = self.norm2(h)
+        h = F.silu(h)
         if self.dropout is not None:
             h = self.dropout(h)
         h = self.conv2(h)
         skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x
         out = skip + h
         return out / self.output_scale_factor if self.output_scale_factor != 1.0 else out
+
+
+def _nearest_up(x: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+    """Nearest-neighbour x2, or to an explicit size."""
+    if size is None:
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+    return F.interpolate(x, size=size, mode="nearest")
 
 
 class Downsample(nn.Module):
@@ -65,8 +101,4 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        if size is None:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        else:
-            x = F.interpolate(x, size=size, mode="nearest")
-        return self.conv(x)
+        return self.conv(_nearest_up(x, size))

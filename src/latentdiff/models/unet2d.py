@@ -5,7 +5,8 @@ bedrooms) and the x4 super-resolution LDM, which conditions by concatenating the
 z_t (6 input channels). Same UNet as unet.py (the level classes are shared), but its attention layers are
 LDM's AttentionBlock: GroupNorm, multi-head self-attention over pixels, + input (no transformer, no
 context). Parameter names are exactly those of diffusers' UNet2DModel, so its checkpoints load with no key
-map, and config.json is mapped both ways.
+map, and config.json is mapped both ways. The LSUN-churches LDM's options are implemented too: scale-shift
+norms (use_scale_shift_norm), ResnetBlock up/downsampling (resblock_updown) and a head width per level.
 
 `forward(x, t, context=None, class_labels=None)` has the signature of UNet2DConditional, so every sampler
 and pipeline runs either model; `context` must stay None.
@@ -32,6 +33,7 @@ from .unet import (DownLevel, UpLevel, attention_levels_of, check_timestep, key_
                    square_sample_size, timestep_batch, upsample_sizes)
 
 ClassEmbedType = Literal["timestep", "identity"]
+ResampleType = Literal["conv", "resnet"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +46,12 @@ class UNet2DConfig(ComponentConfig):
     channels: tuple[int, ...] = (224, 448, 672, 896)           # width per resolution level
     attention_levels: tuple[bool, ...] = (False, True, True, True)
     layers_per_level: int = 2                # ResnetBlocks per level on the way down (one more on the way up)
-    attention_head_dim: int | None = 8       # width of one head (LDM num_head_channels); None: one head per layer
+    # width of one head (LDM num_head_channels), or one width per level (the mid block takes the last level's);
+    # None: one head per layer. Per-level widths are latentdiff's: diffusers' UNet2DModel takes one int
+    attention_head_dim: int | tuple[int, ...] | None = 8
     norm_num_groups: int = 32
     attn_norm_num_groups: int | None = None  # GroupNorm groups of the mid-block attention; None: norm_num_groups
+    mid_attention_norm: bool = True          # False: no GroupNorm in the mid-block attention (a diffusers quirk)
     norm_eps: float = 1e-5
     flip_sin_to_cos: bool = True             # sinusoid order [cos, sin] (LDM) rather than [sin, cos]
     freq_shift: float = 0
@@ -59,6 +64,11 @@ class UNet2DConfig(ComponentConfig):
     mid_block_attention: bool = True         # resnet-attention-resnet, else resnet-resnet (diffusers add_attention)
     mid_block_scale_factor: float = 1.0      # mid-block resnets and attention divide their output by this
     downsample_padding: int = 1              # 0: pad right/bottom only, as the original LDM autoencoder
+    # LDM use_scale_shift_norm: the time embedding scales and shifts each ResnetBlock's second GroupNorm
+    time_scale_shift: bool = False
+    # LDM resblock_updown: "resnet" resamples with a ResnetBlock (avg-pool down / nearest up) instead of a conv
+    downsample_type: ResampleType = "conv"
+    upsample_type: ResampleType = "conv"
     dropout: float = 0.0                     # in the ResnetBlocks
     center_input_sample: bool = False        # map the input from [0, 1] to [-1, 1] first
 
@@ -71,18 +81,27 @@ class UNet2DConfig(ComponentConfig):
             raise ConfigError("attention_levels needs one entry per level of channels", where="attention_levels",
                               expected=f"{n} entries (len(channels))", found=self.attention_levels)
         for name in ("in_channels", "out_channels", "layers_per_level", "norm_num_groups", "sample_size",
-                     "attention_head_dim", "attn_norm_num_groups", "time_embedding_dim", "num_class_embeds"):
+                     "attn_norm_num_groups", "time_embedding_dim", "num_class_embeds"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be positive", where=name, expected=">= 1", found=value)
+        dims = self.attention_head_dim if isinstance(self.attention_head_dim, tuple) else (self.attention_head_dim,) * n
+        if len(dims) != n or any(d is not None and d < 1 for d in dims):
+            raise ConfigError("attention_head_dim must be positive, one int or one per level",
+                              where="attention_head_dim", expected=f"an int >= 1 or {n} of them",
+                              found=self.attention_head_dim)
         if any(c % self.norm_num_groups for c in self.channels):
             raise ConfigError("every level width must be divisible by norm_num_groups", where="norm_num_groups",
                               expected=f"a divisor of {self.channels}", found=self.norm_num_groups)
-        for width in self.attention_widths():
-            if self.attention_head_dim is not None and width % self.attention_head_dim:
-                raise ConfigError(f"attention width {width} is not a whole number of heads",
+        for width, head_dim in self.attention_widths():
+            if head_dim is not None and width % head_dim:
+                raise ConfigError(f"attention width {width} is not a whole number of {head_dim}-wide heads",
                                   where="attention_head_dim", expected=f"a divisor of {width}",
                                   found=self.attention_head_dim)
+        if not self.mid_attention_norm and not self.time_scale_shift:
+            raise ConfigError("a mid-block attention without GroupNorm exists only with scale-shift norms (as in "
+                              "diffusers, which drops it there alone)", where="mid_attention_norm",
+                              expected="True without time_scale_shift", found=self.mid_attention_norm)
         if self.has_mid_attention and self.channels[-1] % (self.attn_norm_num_groups or self.norm_num_groups):
             raise ConfigError("the mid-block width must be divisible by attn_norm_num_groups",
                               where="attn_norm_num_groups", expected=f"a divisor of {self.channels[-1]}",
@@ -105,10 +124,15 @@ class UNet2DConfig(ComponentConfig):
     def has_mid_attention(self) -> bool:
         return self.mid_block and self.mid_block_attention
 
-    def attention_widths(self) -> list[int]:
-        """Widths of the levels that hold attention layers (the last level again for the mid block's)."""
-        widths = [c for c, a in zip(self.channels, self.attention_levels) if a]
-        return widths + [self.channels[-1]] if self.has_mid_attention else widths
+    def head_dim(self, level: int) -> int | None:
+        """Head width at a level (-1: the last level, whose width the mid block takes too)."""
+        dims = self.attention_head_dim
+        return dims[level] if isinstance(dims, tuple) else dims
+
+    def attention_widths(self) -> list[tuple[int, int | None]]:
+        """(width, head width) of the levels that hold attention layers (the last level again for the mid block's)."""
+        widths = [(c, self.head_dim(lvl)) for lvl, (c, a) in enumerate(zip(self.channels, self.attention_levels)) if a]
+        return widths + [(self.channels[-1], self.head_dim(-1))] if self.has_mid_attention else widths
 
     @property
     def time_dim(self) -> int:
@@ -126,14 +150,17 @@ class AttentionBlock(SpatialSelfAttention):
     x: (B, C, H, W) -> (B, C, H, W). `context` is accepted only for the call protocol of the level classes.
     """
 
-    def __init__(self, channels: int, *, head_dim: int | None, groups: int, eps: float, rescale: float = 1.0):
-        super().__init__(channels, groups=groups, eps=eps)
+    def __init__(self, channels: int, *, head_dim: int | None, groups: int | None, eps: float, rescale: float = 1.0):
+        super().__init__(channels, groups=groups or 1, eps=eps)
+        if groups is None:  # diffusers' mid block with scale-shift norms and no attn_norm_num_groups: no norm
+            self.group_norm = None
         self.heads = channels // (head_dim or channels)  # head_dim None: one head as wide as the layer
         self.rescale = rescale if rescale != 1.0 else None  # a division by 1 is a wasted op per call
 
     def forward(self, x: torch.Tensor, context: None = None) -> torch.Tensor:
         b, c, h, w = x.shape
-        tokens = self.group_norm(x).view(b, c, h * w).transpose(1, 2)
+        normed = self.group_norm(x) if self.group_norm is not None else x
+        tokens = normed.reshape(b, c, h * w).transpose(1, 2)
         out = attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens), self.heads)
         out = self.to_out[0](out).transpose(1, 2).reshape(b, c, h, w) + x
         return out / self.rescale if self.rescale is not None else out
@@ -155,6 +182,53 @@ class MidBlock(nn.Module):
         return self.resnets[1](h, emb)
 
 
+class ResnetDownLevel(DownLevel):
+    """diffusers ResnetDownsampleBlock2D / AttnDownBlock2D(downsample_type="resnet"): DownLevel whose downsampler
+    is a ResnetBlock(down=True) (LDM resblock_updown), which takes the time embedding."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, layers: int, resnet: Callable[..., ResnetBlock],
+                 attend: Callable[[int], AttentionBlock] | None, downsample: bool):
+        super().__init__(in_channels, out_channels, layers=layers, resnet=resnet, attend=attend, downsample=False,
+                         padding=1)
+        if downsample:
+            self.downsamplers = nn.ModuleList([resnet(out_channels, out_channels, down=True)])
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: None, skips: list[torch.Tensor]) -> torch.Tensor:
+        """h: (B, C_in, H, W) -> (B, C_out, H', W'); appends every intermediate to `skips`."""
+        for i, resnet in enumerate(self.resnets):
+            h = resnet(h, emb)
+            if self.attentions is not None:
+                h = self.attentions[i](h)
+            skips.append(h)
+        if self.downsamplers is not None:
+            h = self.downsamplers[0](h, emb)
+            skips.append(h)
+        return h
+
+
+class ResnetUpLevel(UpLevel):
+    """diffusers ResnetUpsampleBlock2D / AttnUpBlock2D(upsample_type="resnet"): UpLevel whose upsampler is a
+    ResnetBlock(up=True) (LDM resblock_updown), which takes the time embedding."""
+
+    def __init__(self, in_channels: int, out_channels: int, skip_channels: int, *, layers: int,
+                 resnet: Callable[..., ResnetBlock], attend: Callable[[int], AttentionBlock] | None, upsample: bool):
+        super().__init__(in_channels, out_channels, skip_channels, layers=layers, resnet=resnet, attend=attend,
+                         upsample=False)
+        if upsample:
+            self.upsamplers = nn.ModuleList([resnet(out_channels, out_channels, up=True)])
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: None, skips: list[torch.Tensor],
+                upsample_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Pops one skip per resnet from the end of `skips`."""
+        for i, resnet in enumerate(self.resnets):
+            h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
+            if self.attentions is not None:
+                h = self.attentions[i](h)
+        if self.upsamplers is not None:
+            h = self.upsamplers[0](h, emb, upsample_size=upsample_size)
+        return h
+
+
 @COMPONENTS.register("unet2d")
 class UNet2D(ModelMixin):
     """eps_theta(x_t, t): the unconditional / concat-conditioned LDM denoiser (diffusers UNet2DModel layout)."""
@@ -167,26 +241,29 @@ class UNet2D(ModelMixin):
         super().__init__(config)
         cfg, ch, n = config, config.channels, len(config.channels)
         resnet = partial(ResnetBlock, temb_channels=cfg.time_dim, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
-                         dropout=cfg.dropout)
-        attend = partial(AttentionBlock, head_dim=cfg.attention_head_dim, groups=cfg.norm_num_groups,
-                         eps=cfg.norm_eps)
+                         dropout=cfg.dropout, time_scale_shift=cfg.time_scale_shift)
+        attend = partial(AttentionBlock, groups=cfg.norm_num_groups, eps=cfg.norm_eps)
 
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], cfg.time_dim)
         # "identity" needs no module: the labels are added as they are
         self.class_embedding = (nn.Embedding(cfg.num_class_embeds, cfg.time_dim) if cfg.num_class_embeds else
                                 TimestepEmbedding(ch[0], cfg.time_dim) if cfg.class_embed_type == "timestep" else None)
+        down_level = ResnetDownLevel if cfg.downsample_type == "resnet" else \
+            partial(DownLevel, padding=cfg.downsample_padding)
+        up_level = ResnetUpLevel if cfg.upsample_type == "resnet" else UpLevel
         self.down_blocks = nn.ModuleList(
-            DownLevel(ch[max(lvl - 1, 0)], ch[lvl], layers=cfg.layers_per_level, resnet=resnet,
-                      attend=attend if cfg.attention_levels[lvl] else None,
-                      downsample=lvl < n - 1, padding=cfg.downsample_padding) for lvl in range(n))
-        mid_attend = partial(attend, groups=cfg.attn_norm_num_groups or cfg.norm_num_groups,
-                             rescale=cfg.mid_block_scale_factor)
+            down_level(ch[max(lvl - 1, 0)], ch[lvl], layers=cfg.layers_per_level, resnet=resnet,
+                       attend=partial(attend, head_dim=cfg.head_dim(lvl)) if cfg.attention_levels[lvl] else None,
+                       downsample=lvl < n - 1) for lvl in range(n))
+        mid_groups = (cfg.attn_norm_num_groups or cfg.norm_num_groups) if cfg.mid_attention_norm else None
+        mid_attend = partial(attend, head_dim=cfg.head_dim(-1), groups=mid_groups, rescale=cfg.mid_block_scale_factor)
         self.mid_block = MidBlock(ch[-1], resnet=partial(resnet, output_scale_factor=cfg.mid_block_scale_factor),
                                   attend=mid_attend if cfg.mid_block_attention else None) if cfg.mid_block else None
         self.up_blocks = nn.ModuleList(
-            UpLevel(ch[min(lvl + 1, n - 1)], ch[lvl], ch[max(lvl - 1, 0)], layers=cfg.layers_per_level + 1,
-                    resnet=resnet, attend=attend if cfg.attention_levels[lvl] else None, upsample=lvl > 0)
+            up_level(ch[min(lvl + 1, n - 1)], ch[lvl], ch[max(lvl - 1, 0)], layers=cfg.layers_per_level + 1,
+                     resnet=resnet, attend=partial(attend, head_dim=cfg.head_dim(lvl)) if cfg.attention_levels[lvl]
+                     else None, upsample=lvl > 0)
             for lvl in reversed(range(n)))
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
@@ -249,7 +326,9 @@ class UNet2D(ModelMixin):
             raise InputError("this UNet is class-conditional: class_labels do not fit its class embedding",
                              where="class_labels", expected=f"{kind.get(cfg.class_embed_type, f'({b},) integer')} "
                              "tensor", found=shape_of(class_labels))
-        return upsample_sizes(tuple(x.shape[-2:]), levels=len(cfg.channels), downsample_padding=cfg.downsample_padding)
+        # a ResnetBlock downsamples by 2x2 average pooling, which floors odd sides as an unpadded conv does
+        padding = 0 if cfg.downsample_type == "resnet" else cfg.downsample_padding
+        return upsample_sizes(tuple(x.shape[-2:]), levels=len(cfg.channels), downsample_padding=padding)
 
     # ---- weights and config.json (diffusers UNet2DModel) ---------------------------------------------
     @classmethod
@@ -312,9 +391,10 @@ DIFFUSERS_DEFAULTS: dict[str, Any] = {
 # Keys diffusers implements at other values too; latentdiff implements only these. (None resamples by conv too.)
 _SUPPORTED: dict[str, Any] = {
     "time_embedding_type": "positional",  # "fourier" (score SDE, with skip blocks) and "learned" are not implemented
-    "downsample_type": ("conv", None), "upsample_type": ("conv", None), "act_fn": ("silu", "swish"),
-    "resnet_time_scale_shift": "default",
+    "downsample_type": ("conv", "resnet", None), "upsample_type": ("conv", "resnet", None),
+    "act_fn": ("silu", "swish"),
 }
+_TIME_SCALE_SHIFT = {"default": False, "scale_shift": True}  # "spatial" (ResnetBlockCondNorm2D) is not implemented
 # Read only for time_embedding_type "learned", which _SUPPORTED rejects: accepted and not kept.
 _INERT = ("num_train_timesteps",)
 # Keys mapped to UNet2DConfig fields by from_diffusers_config (with the two tables above: every key).
@@ -322,15 +402,23 @@ _MAPPED = ("sample_size", "in_channels", "out_channels", "center_input_sample", 
            "flip_sin_to_cos", "down_block_types", "mid_block_type", "up_block_types", "block_out_channels",
            "layers_per_block", "mid_block_scale_factor", "downsample_padding", "dropout", "attention_head_dim",
            "norm_num_groups", "attn_norm_num_groups", "norm_eps", "add_attention", "class_embed_type",
-           "num_class_embeds")
+           "num_class_embeds", "resnet_time_scale_shift")
 _DOWN = {True: "AttnDownBlock2D", False: "DownBlock2D"}
 _UP = {True: "AttnUpBlock2D", False: "UpBlock2D"}
 _MID_BLOCK = "UNetMidBlock2D"
+# Blocks without attention that always resample with a ResnetBlock; the attention blocks follow down/upsample_type
+_RESNET_DOWN, _RESNET_UP = "ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D"
 
 
 def from_diffusers_config(data: Mapping[str, Any], *, source: str | None = None) -> dict[str, Any]:
     """A diffusers UNet2DModel config dict -> UNet2DConfig fields. Metadata keys ("_...") are skipped."""
     d = read_diffusers_config(data, "UNet2DModel", DIFFUSERS_DEFAULTS, _SUPPORTED, source=source)
+    if d["resnet_time_scale_shift"] not in _TIME_SCALE_SHIFT:
+        raise ConfigError("resnet_time_scale_shift is not supported", where=key_at(source, "resnet_time_scale_shift"),
+                          expected=list(_TIME_SCALE_SHIFT), found=d["resnet_time_scale_shift"])
+    scale_shift = _TIME_SCALE_SHIFT[d["resnet_time_scale_shift"]]
+    d, downsample_type = _resampling(d, "down_block_types", "downsample_type", _RESNET_DOWN, _DOWN, source)
+    d, upsample_type = _resampling(d, "up_block_types", "upsample_type", _RESNET_UP, _UP, source)
     levels, channels = attention_levels_of(d, down=_DOWN, up=_UP, source=source)
     if d["mid_block_type"] not in (_MID_BLOCK, None):
         # diffusers builds a UNetMidBlock2D for any other string: a file naming another block is not this model
@@ -343,8 +431,14 @@ def from_diffusers_config(data: Mapping[str, Any], *, source: str | None = None)
     return {
         "in_channels": d["in_channels"], "out_channels": d["out_channels"],
         "sample_size": square_sample_size(d["sample_size"], source), "channels": channels,
-        "attention_levels": levels, "layers_per_level": layers, "attention_head_dim": d["attention_head_dim"],
-        "norm_num_groups": d["norm_num_groups"], "attn_norm_num_groups": d["attn_norm_num_groups"],
+        "attention_levels": levels, "layers_per_level": layers,
+        # a list (one width per level) is latentdiff's own: diffusers' UNet2DModel cannot build it
+        "attention_head_dim": d["attention_head_dim"], "norm_num_groups": d["norm_num_groups"],
+        "attn_norm_num_groups": d["attn_norm_num_groups"],
+        # diffusers' UNetMidBlock2D gives its attention no GroupNorm with scale-shift norms unless
+        # attn_norm_num_groups is set (a rule meant for "spatial" norms that catches "scale_shift" too)
+        "mid_attention_norm": not scale_shift or d["attn_norm_num_groups"] is not None,
+        "time_scale_shift": scale_shift, "downsample_type": downsample_type, "upsample_type": upsample_type,
         "norm_eps": d["norm_eps"], "flip_sin_to_cos": d["flip_sin_to_cos"], "freq_shift": d["freq_shift"],
         "time_embedding_dim": d["time_embedding_dim"], "class_embed_type": d["class_embed_type"],
         # diffusers reads num_class_embeds only without a class_embed_type
@@ -355,20 +449,54 @@ def from_diffusers_config(data: Mapping[str, Any], *, source: str | None = None)
     }
 
 
+def _resampling(d: dict[str, Any], key: str, type_key: str, resnet_block: str, plain: Mapping[bool, str],
+                source: str | None) -> tuple[dict[str, Any], ResampleType]:
+    """How the levels resample, as diffusers builds them: a `resnet_block` by ResnetBlock, an attention block by
+    `d[type_key]` (None: conv), a plain block by conv; the level without a resampler (the last down / first up
+    one) does not count. Returns `d` with `resnet_block` renamed to the plain block (attention_levels_of reads
+    those) and the one resampling type; levels that differ are a ConfigError."""
+    names = d[key]
+    if not isinstance(names, (list, tuple)):
+        return d, "conv"  # attention_levels_of reports it
+    names = [n[len("UNetRes"):] if isinstance(n, str) and n.startswith("UNetRes") else n for n in names]
+    skip = len(names) - 1 if key.startswith("down") else 0  # the level with no resampler
+    kinds = {"resnet" if name == resnet_block else (d[type_key] or "conv") if name == plain[True] else "conv"
+             for i, name in enumerate(names) if i != skip}
+    if len(kinds) > 1:
+        raise ConfigError(f"levels resample in different ways ({key} with {type_key}={d[type_key]!r}); "
+                          "latentdiff builds one kind per direction", where=key_at(source, type_key),
+                          expected=f"every level by conv, or every level by resnet ({resnet_block} / "
+                                   f"{plain[True]} with {type_key}='resnet')", found=names)
+    kind = kinds.pop() if kinds else (d[type_key] or "conv")
+    return {**d, key: [plain[False] if n == resnet_block else n for n in names]}, kind
+
+
 def to_diffusers_config(cfg: UNet2DConfig) -> dict[str, Any]:
-    """UNet2DConfig -> a complete diffusers UNet2DModel config dict (every __init__ argument)."""
+    """UNet2DConfig -> a complete diffusers UNet2DModel config dict (every __init__ argument).
+
+    Per-level head widths are written as a list, which diffusers' UNet2DModel cannot build (it takes one int):
+    such a folder loads in latentdiff only."""
     out = {k: list(v) if isinstance(v, list) else v for k, v in DIFFUSERS_DEFAULTS.items()}
+    down = {**_DOWN, False: _RESNET_DOWN} if cfg.downsample_type == "resnet" else _DOWN
+    up = {**_UP, False: _RESNET_UP} if cfg.upsample_type == "resnet" else _UP
+    head_dim = cfg.attention_head_dim
+    attn_groups = cfg.attn_norm_num_groups
+    if cfg.time_scale_shift and cfg.mid_attention_norm:  # diffusers drops the norm with scale-shift and None
+        attn_groups = attn_groups or cfg.norm_num_groups
     out.update({
         "sample_size": cfg.sample_size, "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
         "center_input_sample": cfg.center_input_sample, "time_embedding_dim": cfg.time_embedding_dim,
         "freq_shift": cfg.freq_shift, "flip_sin_to_cos": cfg.flip_sin_to_cos,
-        "down_block_types": [_DOWN[a] for a in cfg.attention_levels],
+        "down_block_types": [down[a] for a in cfg.attention_levels],
         "mid_block_type": _MID_BLOCK if cfg.mid_block else None,
-        "up_block_types": [_UP[a] for a in reversed(cfg.attention_levels)],
+        "up_block_types": [up[a] for a in reversed(cfg.attention_levels)],
+        "downsample_type": cfg.downsample_type, "upsample_type": cfg.upsample_type,
+        "resnet_time_scale_shift": "scale_shift" if cfg.time_scale_shift else "default",
         "block_out_channels": list(cfg.channels), "layers_per_block": cfg.layers_per_level,
         "mid_block_scale_factor": cfg.mid_block_scale_factor, "downsample_padding": cfg.downsample_padding,
-        "dropout": cfg.dropout, "attention_head_dim": cfg.attention_head_dim, "norm_num_groups": cfg.norm_num_groups,
-        "attn_norm_num_groups": cfg.attn_norm_num_groups, "norm_eps": cfg.norm_eps,
+        "dropout": cfg.dropout, "norm_num_groups": cfg.norm_num_groups,
+        "attention_head_dim": list(head_dim) if isinstance(head_dim, tuple) else head_dim,
+        "attn_norm_num_groups": attn_groups, "norm_eps": cfg.norm_eps,
         "add_attention": cfg.mid_block_attention, "class_embed_type": cfg.class_embed_type,
         "num_class_embeds": cfg.num_class_embeds,
     })
