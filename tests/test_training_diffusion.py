@@ -9,10 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from latentdiff import Pipeline
 from latentdiff.cli import main as cli_main
 from latentdiff.models.autoencoder_kl import AutoencoderKL
 from latentdiff.models.unet import UNet2DConditional
+from latentdiff.pipelines.class_conditional import ClassConditionalPipeline
 from latentdiff.pipelines.latent_diffusion import LatentDiffusionPipeline
+from latentdiff.pipelines.super_resolution import SuperResolutionPipeline
+from latentdiff.pipelines.unconditional import UnconditionalPipeline
 from latentdiff.training.config import train_config_from_dict
 from latentdiff.training.data import fixed_batches
 from latentdiff.training.diffusion_trainer import DiffusionTrainer
@@ -70,8 +74,8 @@ def test_class_conditional_ldm_loss_falls(tmp_path, parts):
         assert torch.equal(tensor, final[f"ema/unet.{name}"]), name
     assert not all(torch.equal(final[f"ema/unet.{n}"], final[f"unet/{n}"]) for n in exported.state_dict())
     index = json.loads((folder / "model_index.json").read_text())
-    assert index["_latentdiff_class_names"] == ["circle", "square", "triangle"]
-    assert index["_latentdiff_null_class"] == 3
+    assert index["id2label"] == {"0": "circle", "1": "square", "2": "triangle"}
+    assert index["null_class"] == 3
     assert (tmp_path / "run" / "samples" / "step-00000075.png").is_file()
 
 
@@ -139,6 +143,57 @@ def test_text_to_image_export_loads_and_samples(tmp_path, parts):
                   generator=torch.Generator().manual_seed(0), output_type="pt", progress=False).images
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
     assert (tmp_path / "run" / "samples" / "step-00000003.png").is_file()
+
+
+def _sample(pipe, mode):
+    run = dict(num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt", progress=False)
+    if mode == "class":
+        return pipe(["square", 0], guidance_scale=2.0, **run).images
+    if mode == "low_res":
+        return pipe(torch.rand(2, 3, 8, 8), **run).images   # 8 x 8 low-res images -> 16 x 16 (f = 2)
+    return pipe(batch_size=2, **run).images
+
+
+@pytest.mark.parametrize("mode, pipeline_class", [("class", ClassConditionalPipeline), ("none", UnconditionalPipeline),
+                                                  ("low_res", SuperResolutionPipeline)])
+def test_export_loads_as_its_pipeline_and_samples(tmp_path, parts, mode, pipeline_class):
+    """Each conditioning's export loads through `Pipeline.from_pretrained` (model_index.json dispatch) as the
+    pipeline of that task, holds the EMA weights, and samples 16 x 16 images."""
+    config = diffusion_config(parts["classes"], parts["vae"], tmp_path / "run", conditioning=mode,
+                              train={"max_steps": 2, "ema_decay": 0.5}, checkpoint={"every_n_steps": 2})
+    if mode == "low_res":
+        config["model"]["unet"]["in_channels"] = 4 + 3   # x_t and the RGB low-res image
+    folder = DiffusionTrainer(train_config_from_dict(config, "diffusion")).fit()
+    pipe = Pipeline.from_pretrained(folder)
+    assert type(pipe) is pipeline_class
+    final = state_of(tmp_path / "run" / "checkpoints" / "checkpoint-00000002")
+    for name, tensor in pipe.unet.state_dict().items():
+        assert torch.equal(tensor, final[f"ema/unet.{name}"]), name
+    assert not all(torch.equal(final[f"ema/unet.{n}"], final[f"unet/{n}"]) for n in pipe.unet.state_dict())
+    images = _sample(pipe, mode)
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+    if mode == "class":
+        assert pipe.null_class == 3 and pipe.label2id == {"circle": 0, "square": 1, "triangle": 2}
+
+
+def test_low_res_trains_on_the_latents_its_pipeline_decodes(tmp_path, parts):
+    """SuperResolutionPipeline decodes z0 unscaled (as LDM-SR): low_res mode diffuses unscaled latents, the
+    other modes latents times the first stage's scaling_factor (!= 1 for this autoencoder)."""
+    config = diffusion_config(parts["classes"], parts["vae"], tmp_path / "sr", conditioning="low_res")
+    config["model"]["unet"]["in_channels"] = 4 + 3
+    sr = DiffusionTrainer(train_config_from_dict(config, "diffusion"))
+    plain = DiffusionTrainer(train_config_from_dict(
+        diffusion_config(parts["classes"], parts["vae"], tmp_path / "none", conditioning="none"), "diffusion"))
+    batch = next(fixed_batches(sr.train_set, 4, 4))
+    with torch.no_grad():
+        moments = sr.vae.encode(batch["pixel_values"]).mean
+        z_sr, _ = sr.latents(batch, sr.random(0))
+        z_plain, _ = plain.latents(batch, plain.random(0))
+    assert sr.vae.config.scaling_factor != 1.0
+    torch.testing.assert_close(z_plain, z_sr * sr.vae.config.scaling_factor)   # the same draw, scaled or not
+    assert (z_sr - moments).abs().mean() < (z_plain - moments).abs().mean()
+    z0 = torch.randn(1, 4, 8, 8)
+    torch.testing.assert_close(sr.pipeline.decode(z0), sr.vae.decode(z0))
 
 
 def test_tiny_example_configs_run_from_the_command_line(tmp_path):

@@ -9,6 +9,12 @@ output), scaled by the autoencoder's scaling_factor. Conditioning y: a caption t
 z_t (x4 super-resolution); for classifier-free guidance (Ho & Salimans 2021) the caption is replaced by ""
 and the class by the null class with probability `conditioning_dropout`.
 
+The export is the pipeline that samples the trained model, written by that pipeline: LatentDiffusionPipeline
+(text: CLIP or LDM-BERT, KL or VQ first stage), ClassConditionalPipeline (class: id2label from the class
+folders, the null class for guidance), UnconditionalPipeline (none), SuperResolutionPipeline (low_res).
+SuperResolutionPipeline decodes z0 unscaled, as diffusers' LDMSuperResolutionPipeline and LDM-SR (trained on
+unscaled VQ latents), so low_res mode diffuses the first stage's unscaled latents whatever its scaling_factor.
+
     DiffusionTrainer(load_train_config("ldm.yaml", "diffusion")).fit()   # -> the exported pipeline folder
 """
 from __future__ import annotations
@@ -27,7 +33,6 @@ from .. import hub
 from ..diffusion.guidance import combine_guidance
 from ..diffusion.noise_scheduler import NoiseScheduler
 from ..diffusion.samplers import DDIMSampler
-from ..diffusion.scheduler_io import write_scheduler_folder
 from ..errors import CheckpointError, ConfigError
 from ..layers.attention import BasicTransformerBlock, SpatialSelfAttention
 from ..layers.resnet import ResnetBlock
@@ -37,12 +42,6 @@ from .ema import EMA
 from .loop import Trainer, enable_gradient_checkpointing, save_image_grid
 
 CACHE_FILE = "latent_cache.safetensors"
-# model_index.json of the exported folder, per conditioning: (pipeline class, autoencoder subfolder). diffusers'
-# names where diffusers has the pipeline; class conditioning through a label embedding has none. Text models
-# with a KL first stage are written by LatentDiffusionPipeline itself ("text" here: a VQ first stage).
-EXPORT_LAYOUT = {"none": ("LDMPipeline", "vqvae"), "low_res": ("LDMSuperResolutionPipeline", "vqvae"),
-                 "class": ("ClassConditionalLatentDiffusionPipeline", "vae"),
-                 "text": ("LDMTextToImagePipeline", "vqvae")}
 CHECKPOINTED_BLOCKS = (ResnetBlock, BasicTransformerBlock, SpatialSelfAttention)
 
 
@@ -69,6 +68,9 @@ class DiffusionTrainer(Trainer):
             self.text_encoder.model.requires_grad_(train.train_text_encoder).train(train.train_text_encoder)
             if train.train_text_encoder:
                 self.modules["text_encoder"] = self.text_encoder.model
+        # The pipeline the export writes; built now so parts it cannot take are an error before training. It holds
+        # the trainer's own modules, so what it samples and saves are the weights in them (the EMA's when applied).
+        self.pipeline = self.build_pipeline()
         trained = nn.ModuleDict(self.modules)
         if train.gradient_checkpointing:
             self._enable_gradient_checkpointing(trained)
@@ -142,12 +144,17 @@ class DiffusionTrainer(Trainer):
         return logs
 
     def latents(self, batch: dict[str, Any], rnd: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """-> (z0 (B, C, h, w) scaled, pixels (B, 3, H, W) or None with cached latents)."""
+        """-> (z0 (B, C, h, w) as the pipeline decodes it, pixels (B, 3, H, W) or None with cached latents)."""
         if self.cache is not None:
             moments = self.cache[batch["index"], batch["flip"].long()].to(self.device)
-            return self.vae.scale_latents(sample_moments(self.vae, moments, rnd)), None
+            return self.diffusion_latents(sample_moments(self.vae, moments, rnd)), None
         pixels = batch["pixel_values"].to(self.device, non_blocking=True)
-        return self.vae.scale_latents(sample_moments(self.vae, encode_moments(self.vae, pixels), rnd)), pixels
+        return self.diffusion_latents(sample_moments(self.vae, encode_moments(self.vae, pixels), rnd)), pixels
+
+    def diffusion_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """First-stage latents (B, C, h, w) -> z0 the model diffuses: scaled by the scaling_factor, except for
+        low_res, whose pipeline (SuperResolutionPipeline, as LDM-SR) decodes unscaled latents."""
+        return z if self.config.model.conditioning == "low_res" else self.vae.scale_latents(z)
 
     def condition(self, x_t: torch.Tensor, batch: dict[str, Any], pixels: torch.Tensor | None,
                   drop: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -209,7 +216,7 @@ class DiffusionTrainer(Trainer):
             with self.ema.applied() if (use_ema and self.ema is not None) else nullcontext():
                 denoise = self._denoiser(conditions, cfg.guidance_scale)
                 z0 = DDIMSampler().sample(denoise, x_T.to(self.device), self.noise_scheduler, cfg.num_inference_steps)
-                return self.vae.decode_latents(z0).clamp(-1, 1)
+                return self.pipeline.decode(z0).clamp(-1, 1)  # unscaled for low_res, as the export
         finally:
             for m, mode in zip(modules, was_training):
                 m.train(mode)
@@ -253,38 +260,28 @@ class DiffusionTrainer(Trainer):
         if self.accelerator.is_main_process:
             with self.ema.applied() if self.ema is not None else nullcontext():
                 with hub.atomic_folder(folder) as tmp:
-                    self.write_pipeline(tmp)
+                    self.pipeline.write_files(tmp)
         self.accelerator.wait_for_everyone()
         return folder
 
-    def write_pipeline(self, folder: Path) -> None:
-        from .. import __version__
-        from ..models.autoencoder_kl import AutoencoderKL
-        from ..pipelines.base import DIFFUSERS_FORMAT_VERSION, MODEL_INDEX
+    def build_pipeline(self) -> Any:
+        """The latentdiff pipeline of this conditioning over the trainer's first stage, UNet (and text encoder)."""
+        from ..pipelines.class_conditional import ClassConditionalPipeline
         from ..pipelines.latent_diffusion import LatentDiffusionPipeline
+        from ..pipelines.super_resolution import SuperResolutionPipeline
+        from ..pipelines.unconditional import UnconditionalPipeline
 
-        mode, sampler = self.config.model.conditioning, DDIMSampler()
-        te = self.text_encoder
-        if mode == "text" and isinstance(self.vae, AutoencoderKL):  # CLIP: Stable Diffusion's layout; LDMBert: LDM's
-            pipe = LatentDiffusionPipeline(vae=self.vae, unet=self.unet, text_encoder=te,
-                                           noise_scheduler=self.noise_scheduler, sampler=sampler)
-            pipe.write_files(folder)
-            return
-        class_name, vae_folder = EXPORT_LAYOUT[mode]
-        self.unet.write_files(folder / "unet")
-        self.vae.write_files(folder / vae_folder)
-        write_scheduler_folder(folder / "scheduler", self.noise_scheduler, sampler)
-        index = {"_diffusers_version": DIFFUSERS_FORMAT_VERSION, "_latentdiff_version": __version__,
-                 "_class_name": class_name, "unet": ["diffusers", self.unet.diffusers_class_name],
-                 vae_folder: ["diffusers", self.vae.diffusers_class_name], "scheduler": ["diffusers", "DDIMScheduler"]}
-        if te is not None:
-            entries = te.diffusers_entries()
-            te.write_files(folder / next(iter(entries)), folder / "tokenizer")
-            index |= entries
-        if mode == "class":
-            index |= {"_latentdiff_class_names": list(self.train_set.index.class_names),
-                      "_latentdiff_null_class": self.num_classes}
-        hub.write_json(index, folder / MODEL_INDEX)
+        mode = self.config.model.conditioning
+        parts = dict(vae=self.vae, unet=self.unet, noise_scheduler=self.noise_scheduler, sampler=DDIMSampler())
+        if mode == "text":  # CLIP: Stable Diffusion's folder layout; LDM-BERT: LDMTextToImagePipeline's
+            return LatentDiffusionPipeline(text_encoder=self.text_encoder, **parts)
+        if mode == "class":  # class ids are the sorted class folders' indices; the null class is the last row
+            names = list(self.train_set.index.class_names or ())[:self.num_classes]
+            return ClassConditionalPipeline(id2label=dict(enumerate(names)) or None, null_class=self.num_classes,
+                                            **parts)
+        if mode == "low_res":
+            return SuperResolutionPipeline(**parts)
+        return UnconditionalPipeline(**parts)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
