@@ -280,3 +280,32 @@ def test_registry_creates_it(monkeypatch):
     config = VQModelConfig(channels=(8, 16), norm_num_groups=4, num_vq_embeddings=8)
     model = registry.COMPONENTS.create("vq_model", config)
     assert isinstance(model, VQModel) and model.config == config and model.downsample_factor == 2
+
+
+def test_vq_folder_with_pre_0_14_attention_names_loads(tmp_path):
+    """Folders saved by old diffusers (e.g. CompVis/ldm-celebahq-256's vqvae/) name the mid-block attention
+    query/key/value/proj_attn; diffusers renames them on load, and so do we."""
+    import diffusers
+
+    from latentdiff import hub
+    from latentdiff.models.base import DEPRECATED_ATTENTION_NAMES
+    from latentdiff.models.vq import VQModel
+
+    torch.manual_seed(0)
+    ref = diffusers.VQModel(block_out_channels=(8, 16), norm_num_groups=4, num_vq_embeddings=16, vq_embed_dim=3,
+                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    ref.save_pretrained(tmp_path / "vq")
+    weights = tmp_path / "vq" / "diffusion_pytorch_model.safetensors"
+    state = hub.load_safetensors(weights)
+    to_old = {new: old for old, new in DEPRECATED_ATTENTION_NAMES.items()}
+    renamed = {}
+    for key, value in state.items():
+        for new, old in to_old.items():
+            key = key.replace(f".{new}.", f".{old}.")
+        renamed[key] = value
+    assert any(".query." in k for k in renamed)
+    hub.save_safetensors(renamed, weights)
+    ours = VQModel.from_pretrained(tmp_path / "vq")
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(ours(x), ref(x).sample, atol=1e-5)

@@ -12,6 +12,7 @@ layout (see `latentdiff.convert.api`).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
@@ -91,6 +92,7 @@ class ModelMixin(nn.Module):
                         torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                         source: str | None = None):
         """Build the model without initialising weights (meta device) and assign `state` to it, strictly."""
+        state = rename_deprecated_attention(state)
         with torch.device("meta"):
             model = cls(config)
         check_state_dict(model, state, source=source)
@@ -161,6 +163,20 @@ class ModelMixin(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+# Attention weights of autoencoder / UNet2DModel mid blocks as diffusers named them before 0.14; diffusers
+# renames them on load, so folders saved then (e.g. the CompVis LDM uploads) still load.
+DEPRECATED_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_DEPRECATED_KEY = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
+
+
+def rename_deprecated_attention(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Attention weights under their old names -> current names; every other key unchanged."""
+    def rename(key: str) -> str:
+        m = _DEPRECATED_KEY.match(key)
+        return f"{m[1]}.{DEPRECATED_ATTENTION_NAMES[m[2]]}.{m[3]}" if m else key
+    return {rename(k): v for k, v in state.items()}
 
 
 def load_weights(folder: Path, weights_name: str, *, variant: str | None = None) -> dict[str, torch.Tensor]:

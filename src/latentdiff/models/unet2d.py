@@ -14,7 +14,6 @@ and pipeline runs either model; `context` must stay None.
 from __future__ import annotations
 
 import dataclasses
-import re
 from functools import partial
 from typing import Any, Callable, Literal, Mapping
 
@@ -28,7 +27,7 @@ from ..layers.attention import SpatialSelfAttention, attention
 from ..layers.embeddings import TimestepEmbedding, timestep_embedding
 from ..layers.resnet import ResnetBlock
 from ..registry import COMPONENTS
-from .base import ModelMixin
+from .base import DEPRECATED_ATTENTION_NAMES, ModelMixin, rename_deprecated_attention  # noqa: F401 (re-exported)
 from .unet import (DownLevel, UpLevel, attention_levels_of, check_timestep, key_at, read_diffusers_config, shape_of,
                    square_sample_size, timestep_batch, upsample_sizes)
 
@@ -332,14 +331,6 @@ class UNet2D(ModelMixin):
 
     # ---- weights and config.json (diffusers UNet2DModel) ---------------------------------------------
     @classmethod
-    def from_state_dict(cls, config: UNet2DConfig, state: Mapping[str, torch.Tensor], *,
-                        torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                        source: str | None = None) -> UNet2D:
-        """As ModelMixin.from_state_dict; attention weights under their pre-0.14 diffusers names are renamed."""
-        return super().from_state_dict(config, rename_deprecated_attention(state), torch_dtype=torch_dtype,
-                                       device=device, source=source)
-
-    @classmethod
     def from_file_config(cls, data: Mapping[str, Any], *, source: str | None = None) -> UNet2DConfig:
         """diffusers config.json -> UNet2DConfig; keys we don't implement at the given value are a ConfigError."""
         return UNet2DConfig.from_dict(from_diffusers_config(data, source=source), source=source)
@@ -361,18 +352,6 @@ def _labels_fit(labels: Any, batch: int, cfg: UNet2DConfig) -> bool:
 
 # Checkpoints saved before diffusers 0.14 (the CompVis LDM uploads among them) name the attention projections
 # query / key / value / proj_attn; diffusers renames them on load (ModelMixin._fix_state_dict_keys_on_load).
-DEPRECATED_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-_DEPRECATED_KEY = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
-
-
-def rename_deprecated_attention(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Attention weights under their old names -> current names; every other key unchanged."""
-    def rename(key: str) -> str:
-        m = _DEPRECATED_KEY.match(key)
-        return f"{m[1]}.{DEPRECATED_ATTENTION_NAMES[m[2]]}.{m[3]}" if m else key
-    return {rename(k): v for k, v in state.items()}
-
-
 # ---- diffusers config.json <-> UNet2DConfig -----------------------------------------------------------------
 # Every argument of diffusers' UNet2DModel.__init__, at its default (diffusers 0.42). A key a file omits takes
 # this value; tests check the table against the signature, so a new diffusers key is caught.
