@@ -35,7 +35,8 @@ for _ in range({calls}):
                  height={size}, width={size}, latents=latents, output_type="np"{extra}).images
     calls.append(time.perf_counter() - t0)
 np.save({out!r}, np.asarray(image, dtype=np.float32))
-RESULT = dict(load_s=load_s, calls=calls, peak_after_load_mb=rss_after_load)
+gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else float("nan")
+RESULT = dict(load_s=load_s, calls=calls, peak_after_load_mb=rss_after_load, gpu_peak_mb=gpu_mb)
 """
 LIBS = {
     "latentdiff": ("from latentdiff import LatentDiffusionPipeline",
@@ -100,6 +101,14 @@ def sd15_rows(table: common.Table, args, device: str) -> None:
             table.compare(f"{what}: peak RSS after load", pick("ours", "peak_after_load_mb"),
                           pick("theirs", "peak_after_load_mb"), **mb)
             table.compare(f"{what}: peak RSS", pick("ours", "maxrss_mb"), pick("theirs", "maxrss_mb"), **mb)
+            if "theirs_low" in dtypes:
+                table.compare(f"{what}: peak RSS after load vs diffusers {low[6:]}", pick("ours", "peak_after_load_mb"),
+                              pick("theirs_low", "peak_after_load_mb"), **mb)
+                table.compare(f"{what}: peak RSS vs diffusers {low[6:]}", pick("ours", "maxrss_mb"),
+                              pick("theirs_low", "maxrss_mb"), **mb)
+            if device == "cuda":
+                table.compare(f"{what}: peak GPU memory allocated", pick("ours", "gpu_peak_mb"),
+                              pick("theirs", "gpu_peak_mb"), **mb)
 
 
 def tiny_rows(table: common.Table, reps: int, device: str) -> None:

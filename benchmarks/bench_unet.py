@@ -28,10 +28,6 @@ MEMORY_FORMAT = torch.contiguous_format
 
 def load_pair(folder: Path, dtype: torch.dtype, device: str):
     """(ours, diffusers') UNet from the same diffusers-format folder, in dtype on device, eval mode."""
-    import diffusers
-
-    from latentdiff import UNet2DConditional
-
     return load_one(folder, "latentdiff", dtype, device), load_one(folder, "diffusers", dtype, device)
 
 
@@ -121,10 +117,12 @@ def sd15_low(folder: Path, sizes: list[int], reps: int, device: str, table: comm
 def tiny(reps: int, device: str, table: common.Table) -> tuple:
     folder = common.folder("tiny")
     ours, theirs = load_pair(folder, torch.float32, device)
-    call_ours, call_theirs = callers(ours, theirs, *inputs(dict(theirs.config), 32, device=device))
-    error = common.max_rel_error(call_ours(), call_theirs())
-    times = common.alternate({"ours": call_ours, "theirs": call_theirs}, reps=reps, warmup=3, device=device)
-    table.compare("tiny UNet 32x32, fp32, per call", times["ours"], times["theirs"], error=error)
+    for size, note in ((4, "4x4: next to no arithmetic, so this is per-op overhead"), (32, "")):
+        call_ours, call_theirs = callers(ours, theirs, *inputs(dict(theirs.config), size, device=device))
+        error = common.max_rel_error(call_ours(), call_theirs())
+        times = common.alternate({"ours": call_ours, "theirs": call_theirs}, reps=reps, warmup=3, device=device)
+        table.compare(f"tiny UNet {size}x{size}, fp32, per call", times["ours"], times["theirs"], error=error,
+                      note=note)
     return call_ours, call_theirs
 
 

@@ -395,3 +395,13 @@ def test_sd15_parity(sd15):
     assert ours.num_parameters() == 859_520_964  # the published SD1.5 UNet size
     x, context = inputs(SD15, batch=2, size=(8, 8), tokens=77)
     check_parity(ref, ours, x, torch.tensor([981, 1]), context)
+
+
+@pytest.mark.parametrize("use_linear", [False, True])
+def test_spatial_transformer_output_is_contiguous(use_linear):
+    """A permuted (channels-last) output makes every later convolution copy its weights (benchmarks/RESULTS.md)."""
+    from latentdiff.layers.attention import SpatialTransformer
+
+    block = SpatialTransformer(8, 2, 4, context_dim=6, use_linear=use_linear, groups=4)
+    out = block(torch.randn(1, 8, 4, 4), torch.randn(1, 3, 6))
+    assert out.is_contiguous()

@@ -126,9 +126,10 @@ class SpatialTransformer(nn.Module):
         for block in self.transformer_blocks:
             x = block(x, context)
         if self.use_linear:
-            x = self.proj_out(x).reshape(b, h, w, c).permute(0, 3, 1, 2)
+            # contiguous: a permuted (channels-last) tensor makes every later conv copy its weights
+            x = self.proj_out(x).reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()
         else:
-            x = self.proj_out(x.reshape(b, h, w, -1).permute(0, 3, 1, 2))
+            x = self.proj_out(x.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous())
         return x + residual
 
 
