@@ -8,8 +8,8 @@ up_blocks.i.upsamplers.0 ...) so diffusers checkpoints load with no key map.
 Some first stages (kl-f16, kl-f32, vq-f16 ...) add single-head self-attention after every resnet of
 the levels listed in the original YAML's `attn_resolutions`; here that is `attention_levels`, one
 flag per level (level 0 = full resolution), used by encoder and decoder alike, as in the original.
-The second half of the file maps the architecture fields shared by AutoencoderKL and VQModel to and
-from diffusers' config.json.
+The second half of the file maps the architecture fields shared by AutoencoderKL and VQModel between
+our configs and the diffusers config.json format.
 """
 from __future__ import annotations
 
