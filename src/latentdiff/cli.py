@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .errors import InputError, LatentDiffError
-
-DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
-          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+from .cli_generate import DTYPES, add_generate_parser, cmd_generate
+from .errors import LatentDiffError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,20 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate images from a prompt")
-    gen.add_argument("prompt", nargs="?", help="the text prompt")
-    gen.add_argument("-o", "--output", default="out.png", help="PNG file to write (a grid when -n > 1)")
-    gen.add_argument("--model", required=True, help="a diffusers-format folder or a Hub id")
-    gen.add_argument("--negative", default=None, help="negative prompt")
-    gen.add_argument("--steps", type=int, default=50, help="number of sampling steps")
-    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    gen.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
-    gen.add_argument("-n", type=int, default=1, help="number of images (saved as one grid)")
-    gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--eta", type=float, default=None, help="DDIM eta (0: deterministic)")
-    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    gen.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    add_generate_parser(sub)
 
     train = sub.add_parser("train", help="train a stage from a YAML config (run under `accelerate launch` for many GPUs)")
     train.add_argument("stage", choices=["autoencoder", "diffusion"], help="first stage or latent diffusion")
@@ -47,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_parser(sub)
     add_eval_parser(sub)
     sub.add_parser("info", help="versions, devices and dtype support")
-    sub.add_parser("models", help="registered components, samplers and pipelines")
+    sub.add_parser("models", help="built-in models, registered components, samplers and pipelines")
     return parser
 
 
@@ -59,39 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LatentDiffError, OSError) as e:
         if args.debug:
             raise
-        hint = "run with --debug for the traceback"
+        hint = getattr(e, "hint", None) or "run with --debug for the traceback"
         print(f"latentdiff: error: {e}\nhint: {hint}", file=sys.stderr)
         return 2
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
-    from .pipelines.latent_diffusion import LatentDiffusionPipeline
-    from .utils.images import make_grid, save_png
-
-    if not args.prompt:
-        raise InputError("a prompt is required", where="prompt", expected="latentdiff generate \"a prompt\"")
-    if args.n < 1:
-        raise InputError("-n must be at least 1", where="-n", expected=">= 1", found=args.n)
-    output = Path(args.output)
-    if not output.parent.is_dir():
-        raise InputError("the output folder does not exist", where=str(output.parent))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, DTYPES[args.dtype])
-    pipe = LatentDiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, device=device)
-    generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.n)]
-    out = pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
-               guidance_scale=args.guidance, num_images_per_prompt=args.n, generator=generators,
-               height=args.height, width=args.width, eta=args.eta)
-    params = {"prompt": args.prompt, "negative": args.negative, "seed": args.seed, "steps": args.steps,
-              "guidance": args.guidance, "n": args.n, "height": args.height, "width": args.width, "eta": args.eta,
-              "sampler": getattr(pipe.sampler, "registry_name", type(pipe.sampler).__name__),
-              "model": args.model, "dtype": args.dtype, "latentdiff": __version__}
-    image = out.images[0] if args.n == 1 else make_grid(out.images)
-    save_png(image, output, params=params)
-    print(output)
-    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -201,8 +155,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from .builtin import BUILTIN_MODELS, ROOT, builtin_names, builtin_path
     from .registry import COMPONENTS, PIPELINES, SAMPLERS
 
+    for name in builtin_names():
+        folder = builtin_path(name)
+        where = f"installed at {folder}" if folder else f"not installed (no {ROOT / BUILTIN_MODELS[name]})"
+        print(f"built-in model {name}: {where}")
     for registry in (COMPONENTS, SAMPLERS, PIPELINES):
         print(f"{registry.kind}s: {', '.join(registry.names())}")
     return 0

@@ -29,7 +29,8 @@ def is_offline() -> bool:
 def resolve(path_or_id: str | os.PathLike, *, revision: str | None = None,
             allow_patterns: Sequence[str] | None = None, cache_dir: str | os.PathLike | None = None,
             token: str | bool | None = None, local_files_only: bool | None = None) -> Path:
-    """Return a local folder for `path_or_id`: the folder itself, or a Hub snapshot.
+    """Return a local folder for `path_or_id`: the folder itself, a built-in model's packaged folder
+    (`latentdiff.builtin`, e.g. "latentdiff/shapes-64"), or a Hub snapshot.
 
     A Hub id downloads only `allow_patterns`; with `HF_HUB_OFFLINE=1` (or
     `local_files_only=True`) only the local cache is consulted and the network is never used.
@@ -38,6 +39,11 @@ def resolve(path_or_id: str | os.PathLike, *, revision: str | None = None,
     if path.is_dir():
         return path
     name = str(path_or_id)
+    from .builtin import builtin_path
+
+    packaged = builtin_path(name)   # a model that ships inside the package: before any Hub look-up
+    if packaged is not None:
+        return packaged
     if path.exists():
         raise CheckpointError("expected a folder or a Hub id, got a file", where=name,
                               expected="a folder (or use from_single_file for single files)", found="a file")

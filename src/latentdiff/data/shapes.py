@@ -242,3 +242,34 @@ def write_imagefolder(folder: str | Path, n: int, seed: int = 0, *, overwrite: b
             rows.append(json.dumps({"file_name": name, "text": text}))
         (tmp / "metadata.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
     return folder
+
+
+# ---- the word-level tokenizer ------------------------------------------------------------------------------
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
+VOCABULARY = ("a", ",", "background", *COLORS, *SHAPES,
+              *dict.fromkeys(word for where in WHERE for word in where.split()))
+TOKENIZER_MAX_LENGTH = 16   # [CLS] + the longest caption's 10 words + [SEP], with room to spare
+
+
+def write_tokenizer(folder: str | Path) -> Path:
+    """Write a word-level tokenizer of the captions' words (the `tokenizers` library's `WordLevel` model) to
+    `folder`: tokenizer.json + tokenizer_config.json, loadable by transformers' `PreTrainedTokenizerFast`.
+
+    Lower-cased and NFKC-normalized, split on white space and punctuation, one id per word, `[UNK]` for any
+    other word, "[CLS] ... [SEP]" around each prompt and `[PAD]` (id 0) after it, 16 positions."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *VOCABULARY))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": TOKENIZER_MAX_LENGTH,
+                "pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
+                "padding_side": "right", "truncation_side": "right"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+    return folder

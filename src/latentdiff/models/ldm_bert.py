@@ -328,18 +328,28 @@ class LDMBertTextEncoder(TextEncoder):
     def diffusers_entries(self) -> dict[str, list[str]]:
         """model_index.json entries of diffusers' LDMTextToImagePipeline for these two parts."""
         return {"bert": ["latent_diffusion", ARCHITECTURE],
-                "tokenizer": [_library(self.tokenizer), type(self.tokenizer).__name__]}
+                "tokenizer": [_library(self.tokenizer), _tokenizer_class(self.tokenizer)]}
+
+
+def _tokenizer_class(tokenizer: Any) -> str:
+    """The class name model_index.json records: transformers 5 calls its generic fast tokenizer
+    TokenizersBackend, which older transformers (and diffusers loading through them) know as PreTrainedTokenizerFast."""
+    name = type(tokenizer).__name__
+    return "PreTrainedTokenizerFast" if name == "TokenizersBackend" else name
 
 
 def load_bert_tokenizer(folder: Path) -> Any:
-    """transformers' BertTokenizer from a local folder (vocab.txt or tokenizer.json), never the network."""
+    """BertTokenizer (vocab.txt) or a fast tokenizer (tokenizer.json) from a local folder, never the network."""
     present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     if not {"vocab.txt", "tokenizer.json"} & set(present):
         raise CheckpointError("no BERT tokenizer files in the tokenizer folder; pass tokenizer= to from_pretrained",
                               where=str(folder), expected="vocab.txt or tokenizer.json", found=present or "no folder")
-    from transformers import BertTokenizer
+    from transformers import BertTokenizer, PreTrainedTokenizerFast
 
+    # A folder with only tokenizer.json holds any `tokenizers` pipeline (e.g. the built-in model's word-level
+    # one): the fast tokenizer runs it as it is; a vocab.txt is BERT's word-piece vocabulary.
+    cls = BertTokenizer if "vocab.txt" in present else PreTrainedTokenizerFast
     try:
-        return BertTokenizer.from_pretrained(str(folder), local_files_only=True)
+        return cls.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"could not load the tokenizer ({type(e).__name__}: {e})", where=str(folder)) from None

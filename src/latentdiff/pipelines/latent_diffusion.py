@@ -18,6 +18,7 @@ import torch
 
 from .. import hub
 from ..diffusion.guidance import classifier_free_guidance
+from ..diffusion.noise import randn
 from ..diffusion.noise_scheduler import NoiseScheduler
 from ..errors import ConfigError, InputError
 from ..models.ldm_bert import LDMBertTextEncoder
@@ -26,7 +27,9 @@ from ..models.unet import UNet2DConditional
 from ..registry import PIPELINES
 from .base import MODEL_INDEX, PipelineOutput, concat_conditioning
 from .denoising import FIRST_STAGES, DenoisingPipeline, Entry, FirstStage, Generator, load_schedule, write_parts
-from .sdedit import sample_from_step
+from .sdedit import check_sampler, noise_to_start, sample_from_step, start_step
+from .tiled_sampling import LatentTiling, Size as TileSize
+from .tiled_sampling import check_upscale, latent_tiling, tiled_denoiser, upscale_latents
 
 Prompt = str | Sequence[str]
 
@@ -61,7 +64,8 @@ SD_LAYOUT = FolderLayout(
                    ("image_encoder", [None, None]), ("requires_safety_checker", False)))
 LDM_LAYOUT = FolderLayout(
     vae="vqvae", text_encoder="bert", text_encoders=(("latent_diffusion", "LDMBertModel"),),
-    tokenizers=(("transformers", "BertTokenizer"), ("transformers", "BertTokenizerFast")))
+    tokenizers=(("transformers", "BertTokenizer"), ("transformers", "BertTokenizerFast"),
+                ("transformers", "PreTrainedTokenizerFast")))   # any `tokenizers` pipeline (built-in models)
 LDM_TEXT_TO_IMAGE = "LDMTextToImagePipeline"
 # Every diffusers class whose folders hold these parts; each of the text-conditioned pipelines loads any of
 # them (diffusers does the same: StableDiffusionImg2ImgPipeline.from_pretrained on an SD folder).
@@ -158,12 +162,20 @@ class LatentDiffusionPipeline(DenoisingPipeline):
                  generator: Generator = None, latents: torch.Tensor | None = None,
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
                  output_type: str = "pil", callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-                 progress: bool = True) -> PipelineOutput:
-        """Generate images for `prompt` (a string or a list). Returns PipelineOutput(images=...)."""
+                 progress: bool = True, tile_size: TileSize | None = None,
+                 tile_overlap: TileSize | None = None) -> PipelineOutput:
+        """Generate images for `prompt` (a string or a list). Returns PipelineOutput(images=...).
+
+        tile_size: sample in overlapping windows of tile_size image pixels (an int or (h, w), multiples of the
+        autoencoder factor), blended at every step (MultiDiffusion, see `tiled_sampling`): images larger than
+        the training size, the UNet seeing windows of its own size. tile_overlap: pixels neighbouring windows
+        share (default half the tile).
+        """
         height, width = self.check_inputs(prompt, negative_prompt, height=height, width=width,
                                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                           num_images_per_prompt=num_images_per_prompt, output_type=output_type,
                                           prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
+        tiling = self.tiling(tile_size, tile_overlap)
         sampler = self.sampler_for(eta)
         use_cfg = guidance_scale > 1.0
         cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt=num_images_per_prompt,
@@ -171,7 +183,7 @@ class LatentDiffusionPipeline(DenoisingPipeline):
                                           negative_prompt_embeds=negative_prompt_embeds)
         x_T = self.prepare_latents(cond.shape[0], height, width, generator=generator, latents=latents)
         z0 = self.denoise(x_T, cond, uncond, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-                          sampler=sampler, generator=generator, callback=callback, progress=progress)
+                          sampler=sampler, generator=generator, callback=callback, progress=progress, tiling=tiling)
         return self.output(z0, output_type)
 
     def check_inputs(self, prompt: Prompt | None, negative_prompt: Prompt | None, *, height: int | None,
@@ -229,15 +241,76 @@ class LatentDiffusionPipeline(DenoisingPipeline):
     def denoise(self, x_T: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, *,
                 guidance_scale: float = 7.5, num_inference_steps: int = 50, sampler: Any = None,
                 generator: Generator = None, callback: Callable | None = None, progress: bool = True,
-                start_step: int = 0, concat: torch.Tensor | None = None) -> torch.Tensor:
+                start_step: int = 0, concat: torch.Tensor | None = None,
+                tiling: LatentTiling | None = None) -> torch.Tensor:
         """Run the reverse process from x_T to z_0 with the sampler, guided by the text embeddings.
 
         start_step > 0 runs only steps start_step .. N-1 of the N-step plan, x_T being the sample at that
         step's timestep (image-to-image, see `sdedit`); concat (B, C', h, w) is stacked onto the channels
-        of x_t at every step (the inpainting UNet's mask and masked-image latents).
+        of x_t at every step (the inpainting UNet's mask and masked-image latents). tiling: denoise in blended
+        windows (MultiDiffusion, `tiled_sampling`), each window guided.
         """
+        if tiling is not None and concat is not None:
+            raise InputError("tiled sampling does not slice concatenated conditioning", where="tiling",
+                             expected="tiling=None with concat (inpainting)", found=tiling)
         model = self.unet if concat is None else concat_conditioning(self.unet, concat)
         denoise_fn = classifier_free_guidance(model, context=cond, uncond_context=uncond,
                                               guidance_scale=guidance_scale)
+        if tiling is not None:
+            denoise_fn = tiled_denoiser(denoise_fn, tiling)
         return sample_from_step(sampler or self.sampler, denoise_fn, x_T, self.noise_scheduler, num_inference_steps,
                                 first=start_step, generator=generator, callback=callback, progress=progress)
+
+    # ---- beyond the training size ----------------------------------------------------------------
+    def tiling(self, tile_size: TileSize | None, tile_overlap: TileSize | None = None) -> LatentTiling | None:
+        """Pixel tile settings -> LatentTiling (checked), or None for tile_size None (plain sampling)."""
+        if tile_size is None:
+            if tile_overlap is not None:
+                raise InputError("tile_overlap needs a tile_size", where="tile_overlap",
+                                 expected="tile_size set, or tile_overlap=None", found=tile_overlap)
+            return None
+        return latent_tiling(tile_size, tile_overlap, factor=self.vae_scale_factor)
+
+    def upscale(self, z: torch.Tensor, height: int, width: int, *, mode: str = "latent") -> torch.Tensor:
+        """z_0 (B, C, h, w) -> (B, C, height/f, width/f): bicubic on the latents ("latent"), or decoded, resized
+        bicubically as an image and encoded again (the posterior's mode) ("image")."""
+        f = self.vae_scale_factor
+        if mode == "latent":
+            return upscale_latents(z, (height // f, width // f))
+        image = torch.nn.functional.interpolate(self.decode(z).float(), size=(height, width), mode="bicubic",
+                                                align_corners=False).clamp(-1, 1)
+        return self.vae.encode_latents(image.to(self.vae.dtype), sample=False).to(self.unet.dtype)
+
+    @torch.inference_mode()
+    def generate_refined(self, prompt: Prompt | None = None, negative_prompt: Prompt | None = None, *,
+                         height: int, width: int, refine_strength: float = 0.5, upscale: str = "latent",
+                         num_inference_steps: int = 50, guidance_scale: float = 7.5, eta: float | None = None,
+                         num_images_per_prompt: int = 1, generator: Generator = None,
+                         tile_size: TileSize | None = None, tile_overlap: TileSize | None = None,
+                         prompt_embeds: torch.Tensor | None = None,
+                         negative_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil",
+                         progress: bool = True) -> PipelineOutput:
+        """Generate small, refine large: an image at the training size (the UNet's sample_size x f), upscaled to
+        height x width (`upscale`: "latent" or "image"), noised to refine_strength (SDEdit) and denoised by the
+        last int(N * refine_strength) of the N steps in tiles (tile_size default: the training size). The
+        composition comes from the native-size pass, the detail from the large one. -> PipelineOutput."""
+        height, width = self.check_inputs(prompt, negative_prompt, height=height, width=width,
+                                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                          num_images_per_prompt=num_images_per_prompt, output_type=output_type,
+                                          prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
+        base = self.image_size(None, None)
+        first = start_step(num_inference_steps, refine_strength)
+        check_upscale(upscale)
+        sampler = self.sampler_for(eta)
+        check_sampler(sampler)
+        tiling = self.tiling(base if tile_size is None else tile_size, tile_overlap)
+        cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt=num_images_per_prompt,
+                                          guidance=guidance_scale > 1.0, prompt_embeds=prompt_embeds,
+                                          negative_prompt_embeds=negative_prompt_embeds)
+        run = dict(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, sampler=sampler,
+                   generator=generator, progress=progress)
+        z_small = self.denoise(self.prepare_latents(cond.shape[0], *base, generator=generator), cond, uncond, **run)
+        z_large = self.upscale(z_small, height, width, mode=upscale)
+        eps = randn(z_large.shape, generator=generator, dtype=z_large.dtype, device=z_large.device)
+        x = noise_to_start(sampler, z_large, eps, self.noise_scheduler, num_inference_steps, first=first)
+        return self.output(self.denoise(x, cond, uncond, start_step=first, tiling=tiling, **run), output_type)

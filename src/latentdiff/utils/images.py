@@ -34,7 +34,7 @@ def save_png(image: Image.Image, path: str | os.PathLike, *, params: dict[str, A
     if params is not None:
         info.add_text(PARAMS_KEY, json.dumps(params, sort_keys=True))
         if "prompt" in params:
-            info.add_text("parameters", str(params["prompt"]))
+            info.add_text("parameters", parameters_text(params))
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         image.save(tmp, format="PNG", pnginfo=info)
@@ -44,7 +44,22 @@ def save_png(image: Image.Image, path: str | os.PathLike, *, params: dict[str, A
     return path
 
 
+def parameters_text(params: dict[str, Any]) -> str:
+    """The `parameters` chunk in the layout of the AUTOMATIC1111 web UI, which image viewers and other tools
+    show: the prompt, a "Negative prompt:" line, then "Key: value" settings. For people; `latentdiff` is read."""
+    lines = [str(params["prompt"])]
+    if params.get("negative"):
+        lines.append(f"Negative prompt: {params['negative']}")
+    labels = {"steps": "Steps", "sampler": "Sampler", "guidance": "CFG scale", "seed": "Seed", "eta": "Eta",
+              "n": "Images", "model": "Model", "dtype": "Dtype", "latentdiff": "Version"}
+    settings = [f"{label}: {params[key]}" for key, label in labels.items() if params.get(key) is not None]
+    if params.get("width") and params.get("height"):
+        settings.insert(4, f"Size: {params['width']}x{params['height']}")
+    return "\n".join(lines + [", ".join(settings)])
+
+
 def read_png_params(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The `params` a PNG was saved with by `save_png`, or None when it holds none."""
     with Image.open(path) as image:
         text = getattr(image, "text", {}) or {}
         raw = text.get(PARAMS_KEY)
