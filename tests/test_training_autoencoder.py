@@ -99,3 +99,31 @@ def test_resumed_autoencoder_equals_uninterrupted(tmp_path, shapes):
     assert progress_of(tmp_path / "split" / "checkpoints" / "checkpoint-00000006")["batches"] == 6
     for name in ("loss", "disc_loss", "p_loss"):
         assert read_losses(tmp_path / "straight", name) == read_losses(tmp_path / "split", name), name
+
+
+def test_decoder_only_fine_tuning_keeps_the_latents(tmp_path, shapes):
+    from .training_helpers import tiny_autoencoder
+
+    start = tiny_autoencoder(tmp_path / "start")
+    config = autoencoder_config(shapes, tmp_path / "run", model={"pretrained": str(start), "architecture": None,
+                                                                 "loss": {"disc_start": 0, "disc_factor": 0.0,
+                                                                          "perceptual_weight": 0.0}},
+                                train={"max_steps": 4, "batch_size": 4, "train_encoder": False,
+                                       "scaling_factor_images": 0},
+                                checkpoint={"every_n_steps": 4}, sample={"every_n_steps": 0})
+    trainer = AutoencoderTrainer(train_config_from_dict(config, "autoencoder"))
+    folder = trainer.fit()
+    before, after = AutoencoderKL.from_pretrained(start), AutoencoderKL.from_pretrained(folder)
+    old, new = before.state_dict(), after.state_dict()
+    frozen = [k for k in old if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(old[k], new[k]) for k in frozen)
+    assert any(not torch.equal(old[k], new[k]) for k in old if k.startswith("decoder."))
+    assert after.config.scaling_factor == before.config.scaling_factor
+
+
+def test_decoder_only_fine_tuning_keeps_the_scaling_factor(tmp_path, shapes):
+    from latentdiff.errors import ConfigError
+
+    config = autoencoder_config(shapes, tmp_path / "run", train={"max_steps": 4, "train_encoder": False})
+    with pytest.raises(ConfigError, match="scaling_factor_images"):
+        train_config_from_dict(config, "autoencoder")

@@ -5,6 +5,8 @@
 1. the data: 20,000 shapes images (latentdiff.data.shapes, seed 0) and the captions' word-level tokenizer;
 2. `latentdiff train autoencoder examples/train/shapes-64-autoencoder.yaml`  (KL, f = 4: 64 px -> 4 x 16 x 16);
 3. `latentdiff train diffusion examples/train/shapes-64-ldm.yaml`  (UNet + LDM-BERT trained jointly);
+   `latentdiff train autoencoder examples/train/shapes-64-decoder.yaml`  (decoder-only fine-tuning: the
+   latents stay as they were, so it may run before, after or beside the LDM; it replaces the pipeline's VAE);
 4. the exported pipeline + its generate settings copied into src/latentdiff/builtin/shapes-64 (--install);
 5. the shapes checker on 200 images from held-out prompts and seeds, at those settings: a JSON report and a
    PNG grid in runs/shapes-64/ (latentdiff.data.shapes_eval).
@@ -50,7 +52,10 @@ def main() -> int:
         run("latentdiff", "train", "autoencoder", str(HERE / "shapes-64-autoencoder.yaml"), "--resume", "latest")
     if not (RUNS / "pipeline" / "model_index.json").is_file():
         run("latentdiff", "train", "diffusion", str(HERE / "shapes-64-ldm.yaml"), "--resume", "latest")
+    if not (RUNS / "autoencoder-ft" / "config.json").is_file():
+        run("latentdiff", "train", "autoencoder", str(HERE / "shapes-64-decoder.yaml"), "--resume", "latest")
     model = RUNS / "pipeline"
+    replace_decoder(model / "vqvae", RUNS / "autoencoder-ft")
     (model / "latentdiff_generate.json").write_text(json.dumps(GENERATE_SETTINGS, indent=2) + "\n")
     if args.install:
         install(model, Path(args.install))
@@ -62,6 +67,19 @@ def main() -> int:
     (RUNS / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report["accuracy"], indent=2))
     return 0
+
+
+def replace_decoder(vae_folder: Path, tuned: Path) -> None:
+    """Put the fine-tuned autoencoder into the pipeline: same encoder and scaling factor, better decoder."""
+    import torch
+    from latentdiff import AutoencoderKL
+
+    before, after = AutoencoderKL.from_pretrained(vae_folder), AutoencoderKL.from_pretrained(tuned)
+    old, new = before.state_dict(), after.state_dict()
+    if before.config.scaling_factor != after.config.scaling_factor or any(
+            not torch.equal(old[k], new[k]) for k in old if k.startswith(("encoder.", "quant_conv."))):
+        raise SystemExit(f"{tuned} is not a decoder-only fine-tuning of {vae_folder}")
+    after.save_pretrained(vae_folder)
 
 
 def install(source: Path, target: Path) -> None:

@@ -2,6 +2,13 @@
 
 Parameter names follow the diffusers layout (to_q, to_k, to_v, to_out.0; ff.net.0.proj, ff.net.2;
 proj_in, transformer_blocks.N, proj_out) so checkpoints in that layout load without a key map.
+
+Attention slicing: a kernel that materialises the (B, heads, N, M) score matrix (SDPA's math path: fp32 on
+GPUs without a fused kernel, old GPUs, upcast attention) needs B h N M floats at once, 4 GiB for one SD
+self-attention at 1024 px. Each query row attends independently of the others, so SDPA over chunks of the
+query rows, concatenated, is the same attention with a score buffer of B h chunk M. `set_attention_chunking`
+turns it on for every attention layer of a model: a fixed `chunk_size`, or a `max_bytes` budget that chunks
+only a call whose scores would exceed it, with the largest chunk that fits.
 """
 from __future__ import annotations
 
@@ -9,9 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *, upcast: bool = False) -> torch.Tensor:
-    """Multi-head attention. q: (B, N, h*d), k/v: (B, M, h*d) -> (B, N, h*d)."""
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *, upcast: bool = False,
+              chunk_size: int | None = None, max_bytes: int | None = None) -> torch.Tensor:
+    """Multi-head attention. q: (B, N, h*d), k/v: (B, M, h*d) -> (B, N, h*d).
+
+    chunk_size: SDPA over that many query rows at a time; max_bytes: the largest chunk whose scores
+    (B, h, chunk, M) fit the budget, only when all N rows would not (see the module docstring).
+    """
     b, n, inner = q.shape
     d = inner // heads
     q, k, v = (x.view(b, -1, heads, d).transpose(1, 2) for x in (q, k, v))
@@ -19,8 +33,37 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *, 
     if upcast and dtype in (torch.float16, torch.bfloat16):
         # SD 2.1 needs fp32 attention scores: in fp16 they overflow.
         q, k, v = q.float(), k.float(), v.float()
-    out = F.scaled_dot_product_attention(q, k, v)
+    chunk = query_chunk(b * heads, n, k.shape[2], q.element_size(), chunk_size=chunk_size, max_bytes=max_bytes)
+    if chunk >= n:
+        out = F.scaled_dot_product_attention(q, k, v)
+    else:
+        out = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + chunk], k, v) for i in range(0, n, chunk)],
+                        dim=2)
     return out.to(dtype).transpose(1, 2).reshape(b, n, inner)
+
+
+def query_chunk(rows: int, n: int, m: int, itemsize: int, *, chunk_size: int | None,
+                max_bytes: int | None) -> int:
+    """Query rows per SDPA call for `rows` = B * heads score matrices of N x M: chunk_size, else the most whose
+    scores fit max_bytes (at least 1), else all N. Python ints only: no device work, static under torch.compile."""
+    if chunk_size is not None:
+        return chunk_size
+    if max_bytes is not None and rows * n * m * itemsize > max_bytes:
+        return max(1, max_bytes // (rows * m * itemsize))
+    return n
+
+
+def set_attention_chunking(model: nn.Module, *, chunk_size: int | None = None, max_bytes: int | None = None) -> int:
+    """Chunk the queries of every attention layer of `model` (Attention, SpatialSelfAttention); both None:
+    unchunked again. chunk_size: query rows per SDPA call; max_bytes: score budget per call. -> layers set."""
+    for name, value in (("chunk_size", chunk_size), ("max_bytes", max_bytes)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise InputError(f"{name} must be a positive integer or None", where=name, expected="int >= 1 or None",
+                             found=repr(value))
+    layers = [m for m in model.modules() if isinstance(m, (Attention, SpatialSelfAttention))]
+    for layer in layers:
+        layer.chunk_size, layer.max_bytes = chunk_size, max_bytes
+    return len(layers)
 
 
 class Attention(nn.Module):
@@ -34,6 +77,8 @@ class Attention(nn.Module):
         super().__init__()
         inner = heads * dim_head
         self.heads, self.upcast = heads, upcast
+        self.chunk_size: int | None = None   # attention slicing (set_attention_chunking): off by default
+        self.max_bytes: int | None = None
         self.to_q = nn.Linear(query_dim, inner, bias=bias)
         self.to_k = nn.Linear(context_dim or query_dim, inner, bias=bias)
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=bias)
@@ -41,7 +86,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, upcast=self.upcast)
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, upcast=self.upcast,
+                        chunk_size=self.chunk_size, max_bytes=self.max_bytes)
         return self.to_out[0](out)
 
 
@@ -142,6 +188,8 @@ class SpatialSelfAttention(nn.Module):
     def __init__(self, channels: int, *, groups: int = 32, eps: float = 1e-6):
         super().__init__()
         self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
+        self.chunk_size: int | None = None   # attention slicing (set_attention_chunking): off by default
+        self.max_bytes: int | None = None
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
@@ -150,6 +198,7 @@ class SpatialSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         t = self.group_norm(x).view(b, c, h * w).transpose(1, 2)
-        out = attention(self.to_q(t), self.to_k(t), self.to_v(t), 1)
+        out = attention(self.to_q(t), self.to_k(t), self.to_v(t), 1, chunk_size=self.chunk_size,
+                        max_bytes=self.max_bytes)
         out = self.to_out[0](out).transpose(1, 2).reshape(b, c, h, w)
         return out + x

@@ -24,6 +24,7 @@ from ..registry import COMPONENTS
 from .autoencoder_parts import (Decoder, Encoder, Generator, check_image, config_from_file, config_to_file,
                                 validate_first_stage)
 from .base import ModelMixin
+from .vae_tiling import TilingMixin
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,10 +155,11 @@ def config_to_diffusers(config: AutoencoderKLConfig) -> dict[str, Any]:
 
 
 @COMPONENTS.register("autoencoder_kl")
-class AutoencoderKL(ModelMixin):
+class AutoencoderKL(TilingMixin, ModelMixin):
     """Image (B, in_channels, H, W) <-> posterior over latents (B, latent_channels, H/f, W/f).
 
     Parameter names are those of diffusers' AutoencoderKL, so its checkpoints load with no key map.
+    `enable_tiling()` / `enable_slicing()` (vae_tiling.TilingMixin) bound the memory of large images and batches.
     """
 
     config_class = AutoencoderKLConfig
@@ -202,16 +204,24 @@ class AutoencoderKL(ModelMixin):
         The posterior is over unscaled latents (B, latent_channels, H/f, W/f).
         """
         self._check_image(x)
-        moments = self.encoder(x)
-        if self.quant_conv is not None:
-            moments = self.quant_conv(moments)
-        return DiagonalGaussian(moments)
+        return DiagonalGaussian(self.run_encode(self._moments, x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z: (B, latent_channels, h, w), unscaled -> image (B, out_channels, h*f, w*f), roughly in [-1, 1]."""
         if z.ndim != 4 or z.shape[1] != self.config.latent_channels:
             raise InputError("latents have the wrong shape", where=f"{type(self).__name__}.decode(z)",
                              expected=f"(B, {self.config.latent_channels}, h, w)", found=tuple(z.shape))
+        return self.run_decode(self._decode, z)
+
+    # The plain paths, which `run_encode` / `run_decode` (vae_tiling.TilingMixin) call on the whole input, on
+    # one sample at a time (enable_slicing) or on overlapping tiles (enable_tiling).
+    def _moments(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, in_channels, H, W) -> posterior moments (B, 2 * latent_channels, H/f, W/f)."""
+        moments = self.encoder(x)
+        return self.quant_conv(moments) if self.quant_conv is not None else moments
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, latent_channels, h, w) -> image (B, out_channels, h*f, w*f)."""
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)

@@ -160,7 +160,8 @@ class AttentionBlock(SpatialSelfAttention):
         b, c, h, w = x.shape
         normed = self.group_norm(x) if self.group_norm is not None else x
         tokens = normed.reshape(b, c, h * w).transpose(1, 2)
-        out = attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens), self.heads)
+        out = attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens), self.heads,
+                        chunk_size=self.chunk_size, max_bytes=self.max_bytes)
         out = self.to_out[0](out).transpose(1, 2).reshape(b, c, h, w) + x
         return out / self.rescale if self.rescale is not None else out
 

@@ -12,6 +12,7 @@ diffusers' LDMPipeline and LDMSuperResolutionPipeline. The text-to-image pipelin
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
@@ -30,7 +31,9 @@ from ..models.autoencoder_kl import AutoencoderKL
 from ..models.identity import IdentityFirstStage
 from ..models.unet import UNet2DConditional
 from ..models.unet2d import UNet2D
+from ..models.vae_tiling import TileSettings, is_out_of_memory, sliced, tiled_decode
 from ..models.vq import VQModel
+from . import acceleration
 from .base import MODEL_INDEX, Pipeline, PipelineOutput, check_output_type, to_output
 
 Entry = tuple[str, str]
@@ -133,11 +136,44 @@ class DenoisingPipeline(Pipeline):
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        """Where the networks run: the UNet's device, or the execution device of CPU offload."""
+        return acceleration.execution_device(self) or self.unet.device
 
     @property
     def vae_scale_factor(self) -> int:
         return self.vae.downsample_factor
+
+    # ---- speed and memory (pipelines/acceleration.py) -----------------------------------------------
+    def enable_attention_slicing(self, chunk_size: int | str = "auto", *,
+                                 max_bytes: int = acceleration.DEFAULT_MAX_BYTES) -> None:
+        """Attention over chunks of chunk_size query rows in every network (same result, smaller score buffers);
+        "auto": only where one call's (B, heads, N, M) scores would exceed max_bytes."""
+        acceleration.enable_attention_slicing(self, chunk_size, max_bytes=max_bytes)
+
+    def disable_attention_slicing(self) -> None:
+        acceleration.disable_attention_slicing(self)
+
+    def enable_model_cpu_offload(self, *, device: str | torch.device | None = None) -> None:
+        """Keep the networks in CPU memory; each moves whole to `device` (None: the current accelerator) when
+        it runs, and the one before it back. Use instead of `to(device)`."""
+        acceleration.enable_cpu_offload(self, mode="model", device=device)
+
+    def enable_sequential_cpu_offload(self, *, device: str | torch.device | None = None) -> None:
+        """Keep the UNet's and the autoencoder's weights on the CPU and copy each layer's to `device` for its
+        own forward (accelerate hooks): the least device memory, the slowest. Use instead of `to(device)`."""
+        acceleration.enable_cpu_offload(self, mode="sequential", device=device)
+
+    def disable_cpu_offload(self) -> None:
+        """Remove the offload hooks; the networks are on the CPU afterwards."""
+        acceleration.disable_cpu_offload(self)
+
+    def compile(self, *, mode: str | None = None, backend: Any = "inductor", fullgraph: bool = True,
+                dynamic: bool = False, options: dict[str, Any] | None = None) -> "DenoisingPipeline":
+        """torch.compile the UNet's forward: one static graph per latent shape (no recompiling for a new prompt
+        or seed); mode="reduce-overhead" on CUDA also replays each step as a CUDA graph. Returns self."""
+        acceleration.compile_unet(self, mode=mode, backend=backend, fullgraph=fullgraph, dynamic=dynamic,
+                                  options=options)
+        return self
 
     # ---- the LDM family's folder ------------------------------------------------------------------
     @classmethod
@@ -243,7 +279,7 @@ class DenoisingPipeline(Pipeline):
         """x_T: (B, C, h, w) noise, drawn per sample from its generator on the generator's device (CPU by
         default), so a seed gives the same image on CPU and GPU and image i of a batch equals its seed alone."""
         shape = self.latent_shape(batch_size, height, width)
-        dtype, device = self.unet.dtype, self.unet.device
+        dtype, device = self.unet.dtype, self.device
         if latents is not None:
             if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
                 raise InputError("latents have the wrong shape", where="latents", expected=shape,
@@ -268,7 +304,73 @@ class DenoisingPipeline(Pipeline):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """z_0 (B, C, h, w), scaled -> images (B, 3, H, W) in [-1, 1]; the only autoencoder call of a run."""
-        return self.vae.decode_latents(latents.to(self.vae.dtype))
+        return self.decode_first_stage(latents, scaled=True)
+
+    # ---- the first stage's decode, with its safety nets --------------------------------------------
+    # Tiles of the out-of-memory fall-back; an instance attribute overrides it for one pipeline.
+    fallback_tiling: ClassVar[TileSettings] = TileSettings()
+
+    def decode_first_stage(self, latents: torch.Tensor, *, scaled: bool = True) -> torch.Tensor:
+        """latents (B, C, h, w) -> images (B, C_out, h*f, w*f) by `vae.decode_latents` (scaled: diffusion latents)
+        or `vae.decode` (unscaled), with two safety nets, each announced by a RuntimeWarning:
+
+        - out of memory: decoded again one sample at a time in overlapping tiles (`fallback_tiling`), which
+          differ slightly from one piece (see vae_tiling); not when the first stage already tiles.
+        - NaN/Inf from a half-precision first stage (fp16 overflows past 65504): decoded again with the first
+          stage in fp32, then cast back; those images are fp32. Not when the latents themselves are not finite.
+        """
+        images = self._decode_with_fallback(self.vae, latents, scaled=scaled)
+        dtype = self.vae.dtype
+        if dtype in (torch.float16, torch.bfloat16) and not bool(torch.isfinite(images).all()) \
+                and bool(torch.isfinite(latents).all()):
+            warnings.warn(f"the {dtype} first stage decoded NaN/Inf values (overflow); decoding again in float32",
+                          RuntimeWarning, stacklevel=2)
+            # Cast in place rather than a copy: CPU-offload hooks and wrapped methods stay bound to this module.
+            self.vae.to(dtype=torch.float32)
+            try:
+                images = self._decode_with_fallback(self.vae, latents, scaled=scaled)
+            finally:
+                self.vae.to(dtype=dtype)
+        return images
+
+    def _decode_with_fallback(self, vae: FirstStage, latents: torch.Tensor, *, scaled: bool) -> torch.Tensor:
+        decode = vae.decode_latents if scaled else vae.decode
+        z = latents.to(vae.dtype)
+        try:
+            return decode(z)
+        except RuntimeError as error:  # torch.OutOfMemoryError is one
+            if not is_out_of_memory(error) or getattr(vae, "tiling", None) is not None:
+                raise
+            warnings.warn(f"the first stage ran out of memory decoding {tuple(z.shape)} latents ({error}); "
+                          "decoding again one sample at a time in tiles", RuntimeWarning, stacklevel=3)
+        # Outside the except block, so the failed attempt's tensors (held by the traceback) are freed first.
+        if z.device.type == "cuda":
+            torch.cuda.empty_cache()
+        tile, overlap = self.fallback_tiling.in_latent_pixels(vae.downsample_factor)
+        return sliced(lambda one: tiled_decode(decode, one, tile=tile, overlap=overlap,
+                                               factor=vae.downsample_factor), z)
+
+    def enable_vae_tiling(self, *, tile_sample_size: int = 512, overlap: float = 0.25) -> None:
+        """Decode (and encode) images larger than `tile_sample_size` pixels in overlapping, blended tiles: bounded
+        memory for any image size, slightly different images (see latentdiff.models.vae_tiling)."""
+        self._tiling_vae("enable_tiling").enable_tiling(tile_sample_size=tile_sample_size, overlap=overlap)
+
+    def disable_vae_tiling(self) -> None:
+        self._tiling_vae("disable_tiling").disable_tiling()
+
+    def enable_vae_slicing(self) -> None:
+        """Decode (and encode) a batch one sample at a time: the same images, the peak memory of batch 1."""
+        self._tiling_vae("enable_slicing").enable_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        self._tiling_vae("disable_slicing").disable_slicing()
+
+    def _tiling_vae(self, method: str) -> Any:
+        if not hasattr(self.vae, method):
+            raise ConfigError(f"this pipeline's first stage has no {method}()", where="vae",
+                              expected="a first stage with tiling and slicing (AutoencoderKL)",
+                              found=type(self.vae).__name__)
+        return self.vae
 
     def output(self, latents: torch.Tensor, output_type: str) -> PipelineOutput:
         """z_0 -> PipelineOutput: the latents themselves for output_type "latent", else decoded images."""

@@ -98,7 +98,7 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
         One generator encodes the n distinct images once (one draw of shape (n, ...), as diffusers); a list
         of generators encodes one image per sample, each drawn from its own generator.
         """
-        image = image.to(device=self.vae.device, dtype=self.vae.dtype)
+        image = image.to(device=self.device, dtype=self.vae.dtype)
         if isinstance(generator, (list, tuple)):
             image = expand_batch(image, batch_size, per_prompt=num_images_per_prompt, name="image")
         z0 = self.vae.encode_latents(image, generator=generator)
@@ -107,7 +107,7 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
     def draw_noise(self, shape: tuple[int, ...], *, generator: Generator = None,
                    noise: torch.Tensor | None = None) -> torch.Tensor:
         """eps ~ N(0, I) of `shape` from `generator` (see `diffusion.noise.randn`), or the given `noise`."""
-        dtype, device = self.unet.dtype, self.unet.device
+        dtype, device = self.unet.dtype, self.device
         if noise is not None:
             return noise.to(device=device, dtype=dtype)
         return randn(shape, generator=generator, dtype=dtype, device=device)

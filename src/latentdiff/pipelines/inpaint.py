@@ -111,7 +111,7 @@ class InpaintPipeline(ImageToImagePipeline):
         per_prompt = dict(per_prompt=num_images_per_prompt)
         h, w = (s // self.vae_scale_factor for s in mask.shape[-2:])
         mask_latent = expand_batch(F.interpolate(mask, size=(h, w)), batch_size, name="mask_image", **per_prompt)
-        mask_latent = mask_latent.to(device=self.unet.device, dtype=self.unet.dtype)
+        mask_latent = mask_latent.to(device=self.device, dtype=self.unet.dtype)
         if not self.concat_inputs:
             return mask_latent
         if 1 not in (mask.shape[0], image.shape[0]) and mask.shape[0] != image.shape[0]:

@@ -60,7 +60,10 @@ class AutoencoderTrainer(Trainer):
         t = config.train
         self.ema = EMA(self.autoencoder, decay=t.ema_decay, warmup=t.ema_warmup) if t.ema else None
         optim = config.optim
-        self.add_optimizer("autoencoder", self.autoencoder.parameters(), optim)
+        if not t.train_encoder:
+            freeze_encoder(self.autoencoder, where=where)
+        trainable = [p for p in self.autoencoder.parameters() if p.requires_grad]
+        self.add_optimizer("autoencoder", trainable, optim)
         d_lr = optim.discriminator_learning_rate
         self.add_optimizer("discriminator", self.discriminator_params,
                            optim if d_lr is None else optim.replace(learning_rate=d_lr))
@@ -207,6 +210,16 @@ class AutoencoderTrainer(Trainer):
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
+def freeze_encoder(autoencoder: nn.Module, *, where: str) -> None:
+    """Decoder-only fine-tuning: the encoder (and quant_conv) stop learning, so q(z|x) stays what it was."""
+    if not getattr(autoencoder, "quant_conv", None) and not hasattr(autoencoder, "encoder"):
+        raise ConfigError("train_encoder: false needs an autoencoder with an encoder", where=where,
+                          expected="AutoencoderKL or VQModel", found=type(autoencoder).__name__)
+    for part in (autoencoder.encoder, getattr(autoencoder, "quant_conv", None)):
+        if part is not None:
+            part.requires_grad_(False)
+
+
 def build_loss(model: Any, loss_config: ComponentConfig) -> nn.Module:
     """AutoencoderLoss with the LPIPS network the model section names (published, random, or a file)."""
     from .autoencoder_loss import AutoencoderLoss

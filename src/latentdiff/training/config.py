@@ -118,10 +118,17 @@ class TrainSection(ComponentConfig):
 class AutoencoderTrainSection(TrainSection):
     ema: bool = False                  # LDM's first stages are trained without EMA
     scaling_factor_images: int = 256   # images whose latents give the scaling factor (0: keep the config's)
+    train_encoder: bool = True         # False: decoder-only fine-tuning from model.pretrained (encoder and
+                                       # quant_conv frozen, so the latents, and any LDM trained on them, stay
+                                       # valid; as Stability AI's ft-MSE decoders)
 
     def validate(self) -> None:
         super().validate()
         _positive(self, "scaling_factor_images", allow_zero=True)
+        if not self.train_encoder and self.scaling_factor_images:
+            raise ConfigError("decoder-only fine-tuning keeps the latents, so it keeps their scaling factor",
+                              where="scaling_factor_images", expected="0 with train_encoder: false",
+                              found=self.scaling_factor_images)
 
 
 @dataclasses.dataclass(frozen=True)
