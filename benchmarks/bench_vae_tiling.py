@@ -10,8 +10,9 @@
 
     python benchmarks/bench_vae_tiling.py [--quick] [--size 2048] [--no-diffusers] [--error-size 0]
 
-On 2 CPU cores one 512 px tile takes ~15 s: the 2048 px run decodes 25 tiles here and 36 in diffusers
-(diffusers' tiles overlap from the left only and its last row and column are narrower), ~15 min in all.
+The 2048 px run decodes 25 tiles of 512 px here and 36 in diffusers (6 x 6, the last row and column 128 px
+wide): ~15 s per tile on 2 idle cores, ~15 min in all; on a machine busy with other jobs, hours (one tile took
+394 s with one thread beside a training job). Run it on a quiet machine.
 """
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def memory_rows(table: common.Table, args, folder) -> None:
     size = args.size or (1024 if args.quick else 2048)
     libs = ["latentdiff"] + ([] if args.no_diffusers else ["diffusers"])
     for lib in libs:
-        result, wall, peak = common.run_child(child_code(lib, folder, size=size, tile=args.tile, overlap=args.overlap))
+        code = child_code(lib, folder, size=size, tile=args.tile, overlap=args.overlap)
+        result, wall, peak = common.run_child(code, timeout=args.child_timeout)
         tiles = len(tile_grid(size // 8, args.tile // 8, args.overlap, lib)) ** 2
         table.add(lib, f"{size} px", tiles, f"{result['rss_after_load_mb']:.0f} MB", f"{peak:.0f} MB",
                   common.fmt_time(result["seconds"]), "yes" if result["finite"] else "NO",
@@ -108,6 +110,8 @@ def main() -> None:
     p.add_argument("--overlap", type=float, default=0.25, help="overlap, a fraction of the tile (default 0.25)")
     p.add_argument("--no-diffusers", action="store_true", help="latentdiff only (diffusers' run is the longer one)")
     p.add_argument("--error-size", type=int, default=512, help="side of the tiled-vs-untiled check (0: skip)")
+    p.add_argument("--child-timeout", type=float, default=4 * 3600,
+                   help="seconds allowed to each library's process (default 4 h: a loaded machine is slow)")
     args = p.parse_args()
     if common.device_of(args) != "cpu":
         raise SystemExit("this benchmark measures CPU memory (RSS): run it with --device cpu")

@@ -56,6 +56,10 @@ def main() -> int:
         run("latentdiff", "train", "autoencoder", str(HERE / "shapes-64-decoder.yaml"), "--resume", "latest")
     model = RUNS / "pipeline"
     replace_decoder(model / "vqvae", RUNS / "autoencoder-ft")
+    # Zero terminal SNR: sample from t = T (trailing spacing), the one step where x_T holds no signal at all.
+    scheduler = model / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "timestep_spacing": "trailing"},
+                                    indent=2) + "\n")
     (model / "latentdiff_generate.json").write_text(json.dumps(GENERATE_SETTINGS, indent=2) + "\n")
     if args.install:
         install(model, Path(args.install))

@@ -1,5 +1,8 @@
 """A small procedural data set for the tiny training configs: one colored shape on a plain background.
 
+A quick, PIL-drawn variant for smoke runs at any size; the built-in model learns from `latentdiff.data.shapes`
+(exact geometry, the checker's regions), written by `latentdiff.data.shapes.write_imagefolder`.
+
     python examples/train/make_shapes.py data/shapes --count 512 --size 32                 # captions
     python examples/train/make_shapes.py data/shapes-classes --count 512 --labels classes  # class folders
     python examples/train/make_shapes.py data/shapes --count 512 --write-tokenizer data/shapes-tokenizer
@@ -7,7 +10,7 @@
 Captions follow the Hugging Face `imagefolder` convention (metadata.jsonl with file_name and text):
 "a red circle on the left, blue background". With --labels classes the images go to one folder per shape.
 --write-tokenizer writes a word-level BERT vocabulary of the caption words, for an LDM-BERT text encoder
-trained from scratch (examples/train/tiny-text2img-ldm-kl.yaml). Deterministic from --seed.
+trained from scratch (examples/train/tiny-text2img-ldm-bert.yaml). Deterministic from --seed.
 """
 from __future__ import annotations
 

@@ -38,8 +38,10 @@ def evaluate_shapes_model(model: Any = "latentdiff/shapes-64", *, count: int = 2
                           grid_count: int = 40, progress: bool = True) -> dict[str, Any]:
     """Generate `count` images from held-out prompts and score them with the shapes checker.
 
-    model: a pipeline, or anything `LatentDiffusionPipeline.from_pretrained` takes. settings: generate
-    settings (num_inference_steps, guidance_scale, sampler, eta, ...) replacing the model folder's.
+    model: a pipeline, or anything `LatentDiffusionPipeline.from_pretrained` takes (then its folder's
+    `latentdiff_generate.json` gives the defaults; a pipeline object has no folder, so only `settings` and the
+    pipeline's own defaults apply). settings: generate settings (num_inference_steps, guidance_scale, sampler,
+    eta, ...) replacing the folder's.
     grid: also write a PNG grid of the first `grid_count` images there. Returns {"accuracy", "settings",
     "prompts", "seeds", "failures"} (failures: index, prompt, what the checker found)."""
     import torch

@@ -21,6 +21,7 @@ from ..registry import COMPONENTS
 from .autoencoder_parts import (Decoder, Encoder, Generator, check_image, config_from_file, config_to_file,
                                 validate_first_stage)
 from .base import ModelMixin
+from .vae_tiling import TilingMixin
 
 
 class VectorQuantizer(nn.Module):
@@ -155,7 +156,7 @@ def config_to_diffusers(config: VQModelConfig) -> dict[str, Any]:
 
 
 @COMPONENTS.register("vq_model")
-class VQModel(ModelMixin):
+class VQModel(TilingMixin, ModelMixin):
     """Image (B, in_channels, H, W) <-> latents (B, embed_dim, H/f, W/f), quantized before decoding.
 
     Parameter names are those of diffusers' VQModel (encoder., quant_conv, quantize.embedding.weight,
@@ -201,7 +202,7 @@ class VQModel(ModelMixin):
         """x: (B, in_channels, H, W) in [-1, 1], H and W multiples of f -> h (B, embed_dim, H/f, W/f), not quantized."""
         check_image(x, channels=self.config.in_channels, factor=self.downsample_factor,
                     where=f"{type(self).__name__}.encode(x)")
-        return self.quant_conv(self.encoder(x))
+        return self.run_encode(self._encode, x)
 
     def decode(self, h: torch.Tensor, *, force_not_quantize: bool = False) -> torch.Tensor:
         """h: (B, embed_dim, h, w), unscaled -> image (B, out_channels, h*f, w*f), roughly in [-1, 1].
@@ -214,13 +215,23 @@ class VQModel(ModelMixin):
                 raise InputError("with lookup_from_codebook, force_not_quantize decodes codebook indices",
                                  where="VQModel.decode(h)", expected="(B, h, w) integer indices",
                                  found=tuple(h.shape))
-            z_q = self.quantize.get_codebook_entry(h)
-        else:
-            if h.ndim != 4 or h.shape[1] != self.config.embed_dim:
-                raise InputError("latents have the wrong shape", where="VQModel.decode(h)",
-                                 expected=f"(B, {self.config.embed_dim}, h, w)", found=tuple(h.shape))
-            z_q = h if force_not_quantize else self.quantize(h)[0]
+            return self.run_decode(self._decode, self.quantize.get_codebook_entry(h))
+        if h.ndim != 4 or h.shape[1] != self.config.embed_dim:
+            raise InputError("latents have the wrong shape", where="VQModel.decode(h)",
+                             expected=f"(B, {self.config.embed_dim}, h, w)", found=tuple(h.shape))
+        # Quantization looks at each latent pixel alone, so it runs inside each tile: the same codes, and a
+        # (pixels x codebook) distance matrix the size of one tile's.
+        return self.run_decode(self._decode if force_not_quantize else self._quantize_and_decode, h)
+
+    # The plain paths, which run_encode / run_decode (vae_tiling.TilingMixin) call whole, sliced or tiled.
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_conv(self.encoder(x))
+
+    def _decode(self, z_q: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z_q))
+
+    def _quantize_and_decode(self, h: torch.Tensor) -> torch.Tensor:
+        return self._decode(self.quantize(h)[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstruction: x (B, in_channels, H, W) -> decode(quantize(encode(x))), the same shape."""

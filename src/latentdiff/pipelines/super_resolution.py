@@ -80,4 +80,4 @@ class SuperResolutionPipeline(DenoisingPipeline):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """z_0 (B, C, h, w), unscaled (as LDM-SR was trained) -> images (B, 3, h f, w f) in [-1, 1]."""
-        return self.vae.decode(latents.to(self.vae.dtype))
+        return self.decode_first_stage(latents, scaled=False)
