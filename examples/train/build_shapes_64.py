@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 RUNS = Path("runs/shapes-64")
 INSTALL = HERE.parents[1] / "src" / "latentdiff" / "builtin" / "shapes-64"
 # What `latentdiff generate` uses for this model when no flag is given (chosen on DEV_SEED, see docs/builtin.md).
-GENERATE_SETTINGS = {"num_inference_steps": 50, "guidance_scale": 5.0, "sampler": "ddim", "height": 64, "width": 64}
+GENERATE_SETTINGS = {"num_inference_steps": 50, "guidance_scale": 2.0, "sampler": "ddim", "height": 64, "width": 64}
 
 
 def run(*command: str) -> None:
