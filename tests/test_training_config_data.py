@@ -78,11 +78,11 @@ def test_overrides_and_conditioning_checks(tmp_path, shapes):
 
 
 def test_example_configs_are_valid():
-    """Every example config loads (strictly) as the stage its name says."""
+    """Every example config loads (strictly) as the stage its name says (LDMs have "ldm" in their names)."""
     paths = sorted(EXAMPLES.glob("*.yaml"))
     assert len(paths) >= 6
     for path in paths:
-        kind = "autoencoder" if "autoencoder" in path.name else "diffusion"
+        kind = "diffusion" if "ldm" in path.name else "autoencoder"
         config = load_train_config(path, kind)
         assert config.kind == kind
 
