@@ -18,13 +18,7 @@ from latentdiff.metrics.inception_score import inception_score
 from latentdiff.metrics.precision_recall import knn_radii, precision_recall
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small linear algebra runs fastest on one thread while other test processes share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from .training_helpers import one_thread  # noqa: E402,F401 (an autouse fixture: one thread, cores are shared)
 
 
 # ---- FID ----------------------------------------------------------------------------------------------------

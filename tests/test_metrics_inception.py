@@ -34,13 +34,7 @@ from latentdiff.training.lpips import RemoteFile
 SMALL = 80
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Other test processes share the two cores: one thread avoids OpenMP spinning (several times faster)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from .training_helpers import one_thread  # noqa: E402,F401 (an autouse fixture: one thread, cores are shared)
 
 
 @pytest.fixture(scope="module")

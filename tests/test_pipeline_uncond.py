@@ -107,13 +107,7 @@ def no_unet_calls(pipe):
 
 
 # ---- fixtures ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and other test processes share the cores (no OpenMP spinning)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from .training_helpers import one_thread  # noqa: E402,F401 (an autouse fixture: one thread, cores are shared)
 
 
 @pytest.fixture(scope="module")
