@@ -11,11 +11,12 @@
 - FLOPs per call (torch.utils.flop_counter) and the measured GEMM rate, so the fp32 rows read as a fraction
   of what this machine can do.
 
-    python benchmarks/bench_unet.py [--quick] [--sizes 32 64]
+    python benchmarks/bench_unet.py [--quick] [--sizes 32 64] [--compile]
 """
 from __future__ import annotations
 
 import gc
+import time
 from pathlib import Path
 
 import torch
@@ -114,6 +115,35 @@ def sd15_low(folder: Path, sizes: list[int], reps: int, device: str, table: comm
         gc.collect()
 
 
+def sd15_compiled(folder: Path, sizes: list[int], reps: int, device: str, table: common.Table,
+                  references: dict) -> None:
+    """latentdiff's UNet under torch.compile (inductor, fullgraph, static shapes, freezing: weights become
+    constants, so oneDNN prepacks them once instead of reordering them at every call), as `pipe.compile(
+    options={"freezing": True})` does, in fp32 and in bf16 (CPU) / fp16 (CUDA), against diffusers fp32 eager."""
+    theirs32 = load_one(folder, "diffusers", torch.float32, device)
+    for dtype in [torch.float32, *common.low_precision_dtypes(device)]:
+        name = str(dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float16", "fp16") \
+            .replace("float32", "fp32")
+        ours = load_one(folder, "latentdiff", dtype, device)
+        ours.forward = torch.compile(ours.forward, fullgraph=True, dynamic=False, options={"freezing": True})
+        for size in sizes:
+            x, t, context = inputs(dict(theirs32.config), size, device=device)
+            call_ours, call_theirs32 = callers(ours, theirs32, x, t, context)
+            common.synchronize(device)
+            start = time.perf_counter()
+            first = call_ours()
+            common.synchronize(device)
+            compile_s = time.perf_counter() - start
+            error = common.max_rel_error(first.float().cpu(), references[size])
+            times = common.alternate({"ours": call_ours, "theirs": call_theirs32}, reps=reps, warmup=0, device=device)
+            table.compare(f"SD1.5 UNet {size}x{size}, ours {name} compiled (freezing) / diffusers fp32 eager",
+                          times["ours"], times["theirs"], error=error,
+                          note=f"first call (compile) {compile_s:.0f} s; error vs diffusers fp32")
+        del ours
+        torch._dynamo.reset()
+        gc.collect()
+
+
 def tiny(reps: int, device: str, table: common.Table) -> tuple:
     folder = common.folder("tiny")
     ours, theirs = load_pair(folder, torch.float32, device)
@@ -149,6 +179,8 @@ def main() -> None:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="latent sides (default 32 64; quick: 32)")
     p.add_argument("--channels-last", action="store_true", help="both models and inputs in channels-last format")
+    p.add_argument("--compile", action="store_true", help="also latentdiff compiled (inductor, freezing), fp32 and "
+                   "reduced precision, against diffusers fp32 eager (~2 min of compilation per size and dtype)")
     args = p.parse_args()
     global MEMORY_FORMAT
     MEMORY_FORMAT = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -164,6 +196,8 @@ def main() -> None:
     table = common.Table("UNet forward, batch 2, 77 context tokens", common.COMPARE_COLUMNS)
     references = sd15_fp32(folder, sizes, reps, device, table)
     sd15_low(folder, sizes, reps, device, table, references)
+    if args.compile:
+        sd15_compiled(folder, sizes, reps, device, table, references)
     tiny_calls = tiny(10 if args.quick else 30, device, table)
     table.print()
 

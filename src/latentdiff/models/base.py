@@ -22,6 +22,7 @@ from torch import nn
 from .. import __version__, hub
 from ..config import ComponentConfig, read_json
 from ..errors import CheckpointError, ConfigError
+from ..utils.memory import release_mapped
 
 CONFIG_NAME = "config.json"
 # The part of an original single file a model class is, by its diffusers class name (or its own name), for
@@ -98,8 +99,7 @@ class ModelMixin(nn.Module):
         check_state_dict(model, state, source=source)
         dtype = torch_dtype or torch.float32
         device = torch.device(device) if device is not None else torch.device("cpu")
-        state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
-        model.load_state_dict(state, strict=True, assign=True)
+        model.load_state_dict(_cast_streaming(state, device, dtype), strict=True, assign=True)
         return model.eval()
 
     # ---- original single files ------------------------------------------------------------------
@@ -201,6 +201,30 @@ def load_weights(folder: Path, weights_name: str, *, variant: str | None = None)
     found = sorted(p.name for p in folder.iterdir() if p.is_file())
     raise CheckpointError("no weights file in the model folder", where=str(folder),
                           expected=f"{single.name} (or a sharded index, or {pickle.name})", found=found)
+
+
+# Source bytes cast or moved before their pages are given back (see _cast_streaming).
+RELEASE_EVERY_BYTES = 256 * 2**20
+
+
+def _cast_streaming(state: Mapping[str, torch.Tensor], device: torch.device,
+                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """state cast to `dtype` (floating-point tensors) and moved to `device`, releasing the memory-mapped source
+    pages as it goes: loading an fp32 file into bf16 then peaks at the bf16 model plus RELEASE_EVERY_BYTES,
+    not at both whole models (every source page touched by the cast would otherwise stay resident)."""
+    out: dict[str, torch.Tensor] = {}
+    done: list[torch.Tensor] = []
+    pending = 0
+    for key, value in state.items():
+        out[key] = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+        if out[key] is not value:  # a copy: the source is no longer needed
+            done.append(value)
+            pending += value.nbytes
+            if pending >= RELEASE_EVERY_BYTES:
+                release_mapped(done)
+                done, pending = [], 0
+    release_mapped(done)
+    return out
 
 
 def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str | None = None) -> None:

@@ -236,6 +236,7 @@ class LatentDiffusionPipeline(DenoisingPipeline):
                 negative_prompt_embeds = self.text_encoder(negatives)
             uncond = negative_prompt_embeds.to(self.unet.dtype).repeat_interleave(num_images_per_prompt, dim=0)
         cond = prompt_embeds.to(self.unet.dtype).repeat_interleave(num_images_per_prompt, dim=0)
+        self.release(self.text_encoder)
         return cond, uncond
 
     def denoise(self, x_T: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, *,
