@@ -28,7 +28,8 @@ from ..errors import CheckpointError, ConfigError, InputError
 from ..layers.attention import attention
 from ..registry import COMPONENTS
 from .base import CONFIG_NAME, ModelMixin, check_supported, load_weights
-from .text_encoder import CONFIG_FILE, TOKENIZER_FILES, TextEncoder, TextEncoderConfig, _describe, _library
+from .text_encoder import (CONFIG_FILE, TOKENIZER_FILES, TextEncoder, TextEncoderConfig, _describe, library_entry,
+                           native_backend)
 
 MODEL_TYPE = "ldmbert"
 ARCHITECTURE = "LDMBertModel"
@@ -328,26 +329,36 @@ class LDMBertTextEncoder(TextEncoder):
     def diffusers_entries(self) -> dict[str, list[str]]:
         """model_index.json entries of diffusers' LDMTextToImagePipeline for these two parts."""
         return {"bert": ["latent_diffusion", ARCHITECTURE],
-                "tokenizer": [_library(self.tokenizer), _tokenizer_class(self.tokenizer)]}
+                "tokenizer": _tokenizer_entry(self.tokenizer)}
 
 
-def _tokenizer_class(tokenizer: Any) -> str:
-    """The class name model_index.json records: transformers 5 calls its generic fast tokenizer
+def _tokenizer_entry(tokenizer: Any) -> list[str]:
+    """The [library, class] model_index.json records: transformers 5 calls its generic fast tokenizer
     TokenizersBackend, which older transformers (and diffusers loading through them) know as PreTrainedTokenizerFast."""
-    name = type(tokenizer).__name__
-    return "PreTrainedTokenizerFast" if name == "TokenizersBackend" else name
+    library, name = library_entry(tokenizer)
+    return [library, "PreTrainedTokenizerFast" if name == "TokenizersBackend" else name]
 
 
-def load_bert_tokenizer(folder: Path) -> Any:
-    """BertTokenizer (vocab.txt) or a fast tokenizer (tokenizer.json) from a local folder, never the network."""
+def load_bert_tokenizer(folder: Path, *, backend: str | None = None) -> Any:
+    """BertTokenizer (vocab.txt) or a fast tokenizer (tokenizer.json) from a local folder, never the network.
+
+    A tokenizer.json alone loads as latentdiff's `tokenizers.FastTokenizer` (no transformers import) unless it
+    holds a setting that class does not reproduce, or backend="transformers" (see text_encoder.BACKEND_ENV)."""
     present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     if not {"vocab.txt", "tokenizer.json"} & set(present):
         raise CheckpointError("no BERT tokenizer files in the tokenizer folder; pass tokenizer= to from_pretrained",
                               where=str(folder), expected="vocab.txt or tokenizer.json", found=present or "no folder")
-    from transformers import BertTokenizer, PreTrainedTokenizerFast
-
     # A folder with only tokenizer.json holds any `tokenizers` pipeline (e.g. the built-in model's word-level
     # one): the fast tokenizer runs it as it is; a vocab.txt is BERT's word-piece vocabulary.
+    if "vocab.txt" not in present and native_backend(backend):
+        from .tokenizers import load_fast_tokenizer
+
+        try:
+            return load_fast_tokenizer(folder)
+        except ConfigError:  # a setting not reproduced natively: transformers' PreTrainedTokenizerFast runs it
+            pass
+    from transformers import BertTokenizer, PreTrainedTokenizerFast
+
     cls = BertTokenizer if "vocab.txt" in present else PreTrainedTokenizerFast
     try:
         return cls.from_pretrained(str(folder), local_files_only=True)

@@ -1,13 +1,16 @@
-"""The prompt encoder: a tokenizer and a transformers text model, returning what the UNet attends to.
+"""The prompt encoder: a tokenizer and a text model, returning what the UNet attends to.
 
 Latent diffusion conditions the denoiser on a sequence of token embeddings tau_theta(y) (Rombach et al.
 2022, sec. 3.3): Stable Diffusion 1.x uses CLIP ViT-L/14's last hidden states (after the final layer
-norm), SD 2.x OpenCLIP's penultimate ones. We do not re-implement the text transformer: the weights,
-the tokenizer and their file formats belong to transformers, so `TextEncoder` wraps its model and
-tokenizer and adds only what diffusion needs: fixed-length padding, the choice of layer, strict loading,
-and the diffusers folder layout (`text_encoder/` + `tokenizer/`).
+norm), SD 2.x OpenCLIP's penultimate ones. The file formats are transformers': `TextEncoder` wraps a
+text model and its tokenizer and adds only what diffusion needs: fixed-length padding, the choice of
+layer, strict loading, and the diffusers folder layout (`text_encoder/` + `tokenizer/`).
 
-transformers is imported inside functions only, so `import latentdiff` stays cheap.
+Loading a CLIP text model, a CLIP tokenizer or a plain tokenizer.json builds latentdiff's own classes
+(`clip_text.CLIPTextModel`, `tokenizers`), which compute the same thing without importing transformers
+(seconds of a cold start); any other text model or tokenizer loads through transformers, as do all of them
+with LATENTDIFF_TEXT_BACKEND=transformers (parity checks, debugging). `TextEncoder(model, tokenizer)` takes
+either kind. transformers is imported inside functions only, so `import latentdiff` stays cheap.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import torch
 from torch import nn
 
 from .. import __version__, hub
-from ..config import ComponentConfig
+from ..config import ComponentConfig, read_json
 from ..errors import CheckpointError, ConfigError, InputError
 from ..registry import COMPONENTS
 
@@ -40,6 +43,12 @@ LEGACY_WEIGHT_PREFIX = {"CLIPTextModel": "text_model."}
 # Base / encoder-only classes whose output has last_hidden_state and hidden_states; anything else -> AutoModel.
 ENCODER_CLASS_SUFFIXES = ("Model", "ModelWithProjection")
 MAX_SANE_LENGTH = 1_000_000  # tokenizers without a limit report model_max_length = 1e30
+# "transformers": load every text model and tokenizer with transformers; "auto" (default): the native classes
+# where they apply. Also the `backend=` argument of load_text_model / load_tokenizer.
+BACKEND_ENV = "LATENTDIFF_TEXT_BACKEND"
+BACKENDS = ("auto", "transformers")
+# tokenizer_config.json classes that are a tokenizer.json pipeline as it is (transformers 5 / 4 names).
+GENERIC_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,9 +72,9 @@ class TextEncoder(nn.Module):
         cond = encoder(["a photo of a cat"])          # (1, 77, 768) for SD 1.x
         cond = encoder.encode_ids(encoder.tokenize(["a photo of a cat"]))   # the same, in two steps
 
-    `model` is a transformers text model (CLIPTextModel for SD 1.x / 2.x, or any encoder whose output has
-    last_hidden_state and hidden_states), `tokenizer` its transformers tokenizer. Gradients flow as usual:
-    wrap calls in torch.no_grad() / inference_mode() for inference.
+    `model` is a text model whose output has last_hidden_state and hidden_states: latentdiff's or transformers'
+    CLIPTextModel for SD 1.x / 2.x, or any transformers encoder; `tokenizer` is latentdiff's or transformers'
+    tokenizer for it. Gradients flow as usual: wrap calls in torch.no_grad() / inference_mode() for inference.
     """
 
     config_class: ClassVar[type[ComponentConfig]] = TextEncoderConfig
@@ -78,11 +87,12 @@ class TextEncoder(nn.Module):
             raise ConfigError("TextEncoder needs a TextEncoderConfig", where="config",
                               expected="TextEncoderConfig", found=type(config).__name__)
         if not isinstance(model, nn.Module) or not hasattr(model, "config"):
-            raise ConfigError("model must be a transformers PreTrainedModel", where="model",
-                              expected="e.g. transformers.CLIPTextModel", found=type(model).__name__)
+            raise ConfigError("model must be a text model with a config", where="model",
+                              expected="e.g. latentdiff's or transformers' CLIPTextModel", found=type(model).__name__)
         if not callable(tokenizer):
-            raise ConfigError("tokenizer must be a transformers tokenizer", where="tokenizer",
-                              expected="e.g. transformers.CLIPTokenizer", found=type(tokenizer).__name__)
+            raise ConfigError("tokenizer must be a tokenizer", where="tokenizer",
+                              expected="e.g. latentdiff's or transformers' CLIPTokenizer",
+                              found=type(tokenizer).__name__)
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self._max_positions: int | None = getattr(model.config, "max_position_embeddings", None)
         self._max_length = self._resolve_max_length()
@@ -281,18 +291,25 @@ class TextEncoder(nn.Module):
         self.tokenizer.save_pretrained(tokenizer_dir)
 
     def diffusers_entries(self) -> dict[str, list[str]]:
-        """model_index.json entries for this part, e.g. {"text_encoder": ["transformers", "CLIPTextModel"], ...}."""
-        return {"text_encoder": [_library(self.model), type(self.model).__name__],
-                "tokenizer": [_library(self.tokenizer), type(self.tokenizer).__name__]}
+        """model_index.json entries for this part, e.g. {"text_encoder": ["transformers", "CLIPTextModel"], ...}
+        (latentdiff's own CLIP classes name the transformers classes that load their files)."""
+        return {"text_encoder": library_entry(self.model), "tokenizer": library_entry(self.tokenizer)}
 
 
 # ---- loading helpers ------------------------------------------------------------------------
-def load_tokenizer(folder: Path) -> Any:
-    """AutoTokenizer on a local folder, never the network; a CheckpointError when the folder has no tokenizer."""
+def load_tokenizer(folder: Path, *, backend: str | None = None) -> Any:
+    """The tokenizer of a local folder, never the network; a CheckpointError when the folder has no tokenizer.
+
+    A CLIP tokenizer (tokenizer_class CLIPTokenizer) or a plain tokenizer.json (PreTrainedTokenizerFast) loads
+    as latentdiff's equivalent (see `tokenizers`); anything else, or backend="transformers", with AutoTokenizer.
+    """
     present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     if not any(name in present for name in VOCAB_FILES):
         raise CheckpointError("no tokenizer files in the tokenizer folder; pass tokenizer= to from_pretrained",
                               where=str(folder), expected=f"one of {list(VOCAB_FILES)}", found=present or "no folder")
+    native = _native_tokenizer(folder, present) if native_backend(backend) else None
+    if native is not None:
+        return native
     from transformers import AutoTokenizer
 
     try:
@@ -301,8 +318,38 @@ def load_tokenizer(folder: Path) -> Any:
         raise CheckpointError(f"could not load the tokenizer ({type(e).__name__}: {e})", where=str(folder)) from None
 
 
-def load_text_model(folder: Path, *, variant: str | None = None, torch_dtype: torch.dtype | None = None) -> nn.Module:
-    """A transformers text model from a local folder: strict (every weight used, none missing), eval mode."""
+def _native_tokenizer(folder: Path, present: list[str]) -> Any:
+    """latentdiff's tokenizer for a CLIP or tokenizer.json folder; None when transformers must load it."""
+    from .tokenizers import CLIP_CLASSES, load_clip_tokenizer, load_fast_tokenizer
+
+    try:
+        config = read_json(folder / "tokenizer_config.json") if "tokenizer_config.json" in present else {}
+        name = config.get("tokenizer_class")
+        if name in CLIP_CLASSES:
+            return load_clip_tokenizer(folder)
+        if name in GENERIC_TOKENIZER_CLASSES and "tokenizer.json" in present:
+            return load_fast_tokenizer(folder)
+    except ConfigError:  # a setting the native classes do not reproduce: transformers' job
+        return None
+    return None
+
+
+def native_backend(backend: str | None = None) -> bool:
+    """Whether latentdiff's own text classes may load a folder: `backend`, else $LATENTDIFF_TEXT_BACKEND, else auto."""
+    value = backend if backend is not None else (os.environ.get(BACKEND_ENV) or "auto")
+    if value not in BACKENDS:
+        raise ConfigError("unknown text model backend", where="backend" if backend is not None else BACKEND_ENV,
+                          expected=list(BACKENDS), found=value)
+    return value == "auto"
+
+
+def load_text_model(folder: Path, *, variant: str | None = None, torch_dtype: torch.dtype | None = None,
+                    backend: str | None = None) -> nn.Module:
+    """A text model from a local folder: strict (every weight used, none missing), eval mode.
+
+    A CLIPTextModel folder loads as latentdiff's `clip_text.CLIPTextModel` (no transformers import) unless its
+    config holds a setting that class does not implement, or backend="transformers"; any other model with
+    transformers."""
     if not (folder / MODEL_CONFIG).is_file():
         raise CheckpointError(f"no {MODEL_CONFIG} in the text encoder folder", where=str(folder),
                               expected="a transformers model folder (config.json + weights)")
@@ -315,6 +362,16 @@ def load_text_model(folder: Path, *, variant: str | None = None, torch_dtype: to
         raise CheckpointError("no weights in the text encoder folder", where=str(folder),
                               expected=f"{stem}.safetensors (or pytorch_model.bin)",
                               found=sorted(p.name for p in folder.iterdir()))
+    config = _native_config(folder) if native_backend(backend) else None
+    if config is not None:
+        from .base import load_weights
+        from .clip_text import CLIPTextModel
+
+        try:
+            state = load_weights(folder, "model" if safetensors else "pytorch_model", variant=variant)
+            return CLIPTextModel.from_state_dict(config, state, torch_dtype=torch_dtype, source=str(folder))
+        except CheckpointError as e:  # worded as on the transformers path, whichever loaded it
+            raise CheckpointError(f"could not load the text encoder ({e.message})", where=str(folder)) from None
     import transformers
     from safetensors import SafetensorError
 
@@ -335,6 +392,18 @@ def load_text_model(folder: Path, *, variant: str | None = None, torch_dtype: to
             f"{k.replace('_', ' ')} ({len(v)}): {', '.join(map(str, v[:20]))}" for k, v in problems.items()),
             where=str(folder))
     return model.eval()
+
+
+def _native_config(folder: Path) -> Any:
+    """The CLIPTextConfig of a folder latentdiff's CLIPTextModel loads; None for any other model (or setting)."""
+    from .clip_text import MODEL_TYPE, CLIPTextModel
+
+    try:
+        data = read_json(folder / MODEL_CONFIG)
+        return CLIPTextModel.from_file_config(data, source=str(folder / MODEL_CONFIG)) \
+            if data.get("model_type") == MODEL_TYPE else None
+    except ConfigError:  # CLIPTextModelWithProjection, another activation ...: transformers implements (or rejects) it
+        return None
 
 
 def _model_class(model_config: Any) -> Any:
@@ -372,6 +441,13 @@ def _get_path(module: Any, path: str | None) -> Any:
 
 def _library(obj: Any) -> str:
     return type(obj).__module__.split(".")[0]
+
+
+def library_entry(obj: Any) -> list[str]:
+    """[library, class] of a model or tokenizer for model_index.json: latentdiff's own text classes give the
+    transformers class that loads their files (`library_entry`), other objects their own."""
+    entry = getattr(type(obj), "library_entry", None)
+    return list(entry) if entry is not None else [_library(obj), type(obj).__name__]
 
 
 def _check_prompts(prompts: Any) -> list[str]:

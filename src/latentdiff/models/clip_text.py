@@ -1,0 +1,254 @@
+"""CLIP's text transformer (Radford et al. 2021), the text encoder of Stable Diffusion 1.x and 2.x.
+
+Token + learned position embeddings, N pre-LN blocks [x + Attn(LN(x)), x + MLP(LN(x))] with a causal mask
+(each token attends to itself and the tokens before it), a final LayerNorm. The MLP's activation is
+`quick_gelu` (x * sigmoid(1.702 x), OpenAI's CLIP: SD 1.x) or exact `gelu` (OpenCLIP: SD 2.x).
+
+transformers' CLIPTextModel computes the same thing; this one exists so that loading Stable Diffusion
+does not import transformers (seconds of a cold start). The folder stays transformers': `config.json`
+(CLIPTextConfig keys, read here, strictly) + `model.safetensors`, with or without the `text_model.` key
+prefix that transformers 4 wrote; parameter names are transformers 5's, so `TextEncoder`, the single-file
+converter and diffusers' `clip_skip` find the parts where they look (`final_layer_norm`, `encoder.layers`).
+`CLIPTextModelWithProjection` (SDXL's second encoder) stays on the transformers path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import hub
+from ..config import ComponentConfig
+from ..errors import ConfigError
+from .base import ModelMixin, check_supported
+from .ldm_bert import MACHINERY_KEYS, check_input_ids
+
+MODEL_TYPE = "clip_text_model"
+ARCHITECTURE = "CLIPTextModel"
+WEIGHTS_PREFIX = "text_model."  # transformers 4 (and the released SD folders) nest the weights once more
+# transformers < 4.31 saved the position-id buffer (arange) with the weights; it is not a weight.
+POSITION_IDS_KEY = "embeddings.position_ids"
+ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu}
+
+# config.json keys that are fields of CLIPTextConfig (the same names as transformers').
+FILE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "max_position_embeddings", "hidden_act", "layer_norm_eps", "projection_dim", "bos_token_id",
+             "eos_token_id", "pad_token_id", "initializer_range", "initializer_factor")
+# Keys that change the model, accepted only at the value implemented here (an attention dropout would need
+# an SDPA dropout_p in training; the rest are not CLIP text models).
+FIXED_KEYS: dict[str, Any] = {"model_type": MODEL_TYPE, "architectures": ([ARCHITECTURE], None),
+                              "attention_dropout": (0.0, 0), "is_encoder_decoder": False, "is_decoder": False,
+                              "add_cross_attention": False, "tie_encoder_decoder": False, "pruned_heads": ({},)}
+# transformers 4's CLIPTextConfig had a `dropout` that no CLIP layer ever read; older files still carry it.
+UNREAD_KEYS = frozenset({"dropout"})
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextConfig(ComponentConfig):
+    """Defaults: transformers' CLIPTextConfig (SD 1.x: 49408 tokens, 768 wide, 12 layers, 12 heads, 77 positions)."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 512                   # width of the residual stream = the UNet's cross_attention_dim
+    intermediate_size: int = 2048            # MLP width
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77        # learned positions = tokens per prompt
+    hidden_act: Literal["quick_gelu", "gelu"] = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 512                # CLIP's joint space; kept for the file (no projection here)
+    bos_token_id: int = 49406
+    eos_token_id: int = 49407                # the pooled output's position (2: the highest token id, see pooled)
+    pad_token_id: int = 1
+    initializer_range: float = 0.02          # init settings: kept for the file only
+    initializer_factor: float = 1.0
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive", where=name, expected=">= 1", found=getattr(self, name))
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError("hidden_size must split evenly into the attention heads", where="num_attention_heads",
+                              expected=f"a divisor of hidden_size {self.hidden_size}", found=self.num_attention_heads)
+
+
+@dataclasses.dataclass
+class CLIPTextOutput:
+    """What transformers' BaseModelOutputWithPooling holds, for the code that reads it (TextEncoder, diffusers).
+
+    last_hidden_state: (B, L, D), after the final layer norm; pooler_output: (B, D), the end token's state;
+    hidden_states: None, or the embeddings then every layer's output (num_hidden_layers + 1 tensors, the last
+    one before the final layer norm), as transformers returns them with output_hidden_states=True.
+    """
+
+    last_hidden_state: torch.Tensor
+    pooler_output: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+    def __getitem__(self, index: int | str) -> Any:
+        """out[0] / out["last_hidden_state"], as on a transformers ModelOutput (diffusers indexes it)."""
+        if isinstance(index, str):
+            return getattr(self, index)
+        values = (self.last_hidden_state, self.pooler_output, self.hidden_states)
+        return tuple(v for v in values if v is not None)[index]
+
+
+class CLIPAttention(nn.Module):
+    """Multi-head self-attention with biases. x: (B, L, D), mask: None (causal) or bool (B, 1, L, L) -> (B, L, D)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        b, n, dim = x.shape
+        q, k, v = (p(x).view(b, n, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        # SDPA directly: layers.attention's helper takes no mask, and CLIP needs a causal one (plus padding).
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True) if mask is None else \
+            F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, dim))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.activation = ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    """Pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x)). x: (B, L, D) -> (B, L, D)."""
+
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.self_attn = CLIPAttention(config.hidden_size, config.num_attention_heads)
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = CLIPMLP(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), mask)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPTextEmbeddings(nn.Module):
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # Positions 0..L-1 are the first L rows: a slice, no index buffer (and none in the state dict).
+        return self.token_embedding(input_ids) + self.position_embedding.weight[: input_ids.shape[1]]
+
+
+class CLIPTextEncoder(nn.Module):
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers))
+
+
+class CLIPTextModel(ModelMixin):
+    """CLIP's text tower. input_ids: (B, L) token ids, L <= max_position_embeddings -> CLIPTextOutput.
+
+        model = CLIPTextModel.from_pretrained(sd_folder, subfolder="text_encoder")
+        context = model(input_ids).last_hidden_state            # (B, L, hidden_size)
+    """
+
+    config_class = CLIPTextConfig
+    weights_name = "model"  # transformers' file name: model.safetensors
+    # model_index.json entry of a folder it is saved in: transformers (and diffusers) load it as their own class
+    library_entry = ("transformers", ARCHITECTURE)
+
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__(config)
+        self.embeddings = CLIPTextEmbeddings(config)
+        self.encoder = CLIPTextEncoder(config)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                output_hidden_states: bool = False) -> CLIPTextOutput:
+        """attention_mask: None, or (B, L) with 0 at padding, which no token then attends to (besides the causal
+        mask); Stable Diffusion passes none."""
+        check_input_ids(input_ids, self.config.max_position_embeddings)
+        x = self.embeddings(input_ids)
+        mask = None
+        if attention_mask is not None:
+            n = input_ids.shape[1]
+            causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+            mask = causal & attention_mask.to(device=x.device, dtype=torch.bool)[:, None, None, :]
+        hidden = [x] if output_hidden_states else None
+        for layer in self.encoder.layers:
+            x = layer(x, mask)
+            if hidden is not None:
+                hidden.append(x)
+        x = self.final_layer_norm(x)
+        return CLIPTextOutput(last_hidden_state=x, pooler_output=self.pooled(x, input_ids),
+                              hidden_states=tuple(hidden) if hidden is not None else None)
+
+    def pooled(self, last_hidden_state: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The end token's state (B, D), by transformers' rule: configs from before its fix (eos_token_id 2)
+        take the highest token id (OpenAI's end token is the last of the vocabulary), others the first end token."""
+        ids = input_ids.to(device=last_hidden_state.device, dtype=torch.int)
+        end = ids.argmax(dim=-1) if self.config.eos_token_id == 2 else \
+            (ids == self.config.eos_token_id).int().argmax(dim=-1)
+        return last_hidden_state[torch.arange(ids.shape[0], device=ids.device), end]
+
+    # ---- config.json (transformers' CLIPTextConfig keys) ----------------------------------------
+    @classmethod
+    def from_file_config(cls, data: Mapping[str, Any], *, source: str | None = None) -> CLIPTextConfig:
+        known = set(FILE_KEYS) | set(FIXED_KEYS) | MACHINERY_KEYS | UNREAD_KEYS
+        unknown = sorted(k for k in data if k not in known and not k.startswith("_"))
+        if unknown:
+            raise ConfigError(f"unknown key(s) {unknown} in a CLIP text model config", where=source,
+                              expected=f"keys among {sorted(known)}", found=unknown)
+        check_supported(data, FIXED_KEYS, source=source)
+        fields = {key: data[key] for key in FILE_KEYS if key in data}
+        try:
+            return CLIPTextConfig(**fields)
+        except ConfigError as e:
+            raise ConfigError(e.message, where=f"{source}: {e.where}" if source else e.where, expected=e.expected,
+                              found=e.found) from None
+
+    def to_file_config(self) -> dict[str, Any]:
+        """A config.json that transformers' CLIPTextConfig reads to the same model."""
+        return {"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE, "attention_dropout": 0.0,
+                **self.config.to_dict()}
+
+    # ---- weights ----------------------------------------------------------------------------
+    @classmethod
+    def from_state_dict(cls, config: ComponentConfig, state: Mapping[str, torch.Tensor], *,
+                        torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                        source: str | None = None) -> "CLIPTextModel":
+        """Strict load of either key layout (with or without `text_model.`); an old position-id buffer is dropped."""
+        if state and all(k.startswith(WEIGHTS_PREFIX) for k in state):
+            state = {k[len(WEIGHTS_PREFIX):]: v for k, v in state.items()}
+        state = {k: v for k, v in state.items() if k != POSITION_IDS_KEY}
+        return super().from_state_dict(config, state, torch_dtype=torch_dtype, device=device, source=source)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *,
+                        state_dict: Mapping[str, torch.Tensor] | None = None, variant: str | None = None) -> Path:
+        """Write config.json + model.safetensors into `save_directory` (each file atomically), as transformers
+        does: the folder may hold other files (a tokenizer). `state_dict` replaces the model's own (e.g. with
+        `text_model.`-prefixed keys); transformers' CLIPTextModel loads the folder."""
+        folder = Path(save_directory)
+        self.write_files(folder, variant=variant, state_dict=state_dict)
+        return folder
+
+    def write_files(self, folder: Path, *, variant: str | None = None,
+                    state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        hub.write_json(self.to_file_config(), folder / "config.json")
+        name = f"{self.weights_name}.{variant}.safetensors" if variant else f"{self.weights_name}.safetensors"
+        state = dict(self.state_dict() if state_dict is None else state_dict)
+        hub.save_safetensors(state, folder / name, metadata={"format": "pt"})
