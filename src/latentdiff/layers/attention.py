@@ -30,8 +30,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *, 
     d = inner // heads
     q, k, v = (x.view(b, -1, heads, d).transpose(1, 2) for x in (q, k, v))
     dtype = q.dtype
-    if upcast and dtype in (torch.float16, torch.bfloat16):
-        # SD 2.1 needs fp32 attention scores: in fp16 they overflow.
+    upcast = upcast and dtype in (torch.float16, torch.bfloat16)
+    if upcast:  # SD 2.1 needs fp32 attention scores: in fp16 they overflow.
         q, k, v = q.float(), k.float(), v.float()
     chunk = query_chunk(b * heads, n, k.shape[2], q.element_size(), chunk_size=chunk_size, max_bytes=max_bytes)
     if chunk >= n:
@@ -39,7 +39,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *, 
     else:
         out = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + chunk], k, v) for i in range(0, n, chunk)],
                         dim=2)
-    return out.to(dtype).transpose(1, 2).reshape(b, n, inner)
+    if upcast:  # only then: a same-dtype .to() returns its input, but costs an op per call all the same
+        out = out.to(dtype)
+    return out.transpose(1, 2).reshape(b, n, inner)
 
 
 def query_chunk(rows: int, n: int, m: int, itemsize: int, *, chunk_size: int | None,
@@ -113,9 +115,10 @@ class FeedForward(nn.Module):
                                   nn.Linear(inner, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.net:
-            x = layer(x)
-        return x
+        x = self.net[0](x)
+        if self.training and isinstance(self.net[1], nn.Dropout):  # in eval mode dropout is a no-op call
+            x = self.net[1](x)
+        return self.net[2](x)
 
 
 class BasicTransformerBlock(nn.Module):

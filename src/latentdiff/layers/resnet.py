@@ -21,7 +21,9 @@ class ResnetBlock(nn.Module):
     the block resamples by 2, nearest-neighbour up or 2x2 average-pool down, on both the hidden path (after
     norm1 and SiLU) and the skip input; these resamplers have no parameters.
 
-    x: (B, C_in, H, W), temb: (B, temb_channels) or None -> (B, C_out, H', W'), H' = 2H (up), H // 2 (down), else H
+    x: (B, C_in, H, W), temb: (B, temb_channels) or None -> (B, C_out, H', W'), H' = 2H (up), H // 2 (down), else H.
+    The block applies SiLU to temb itself; a UNet, whose blocks all take the same embedding, passes SiLU(temb)
+    once with `temb_activated=True` instead (one SiLU per call, not one per block).
     """
 
     def __init__(self, in_channels: int, out_channels: int | None = None, *, temb_channels: int | None = 512,
@@ -46,8 +48,9 @@ class ResnetBlock(nn.Module):
         self.up, self.down = up, down
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None, *,
-                upsample_size: tuple[int, int] | None = None) -> torch.Tensor:
-        """`upsample_size`: with `up`, the exact output size (odd skip shapes); None doubles H and W."""
+                upsample_size: tuple[int, int] | None = None, temb_activated: bool = False) -> torch.Tensor:
+        """`upsample_size`: with `up`, the exact output size (odd skip shapes); None doubles H and W.
+        `temb_activated`: temb is already SiLU(time embedding)."""
         h = F.silu(self.norm1(x))
         if self.up:  # the skip input is resampled too, so that it still adds to h
             h, x = _nearest_up(h, upsample_size), _nearest_up(x, upsample_size)
@@ -55,7 +58,7 @@ class ResnetBlock(nn.Module):
             h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)
         h = self.conv1(h)
         if self.time_emb_proj is not None and temb is not None:
-            emb = self.time_emb_proj(F.silu(temb))[:, :, None, None]
+            emb = self.time_emb_proj(temb if temb_activated else F.silu(temb)).unflatten(1, (-1, 1, 1))
             if self.time_scale_shift:
                 scale, shift = emb.chunk(2, dim=1)
                 h = torch.addcmul(shift, self.norm2(h), 1 + scale)  # norm2(h) * (1 + scale) + shift
@@ -64,7 +67,7 @@ class ResnetBlock(nn.Module):
         else:
             h = self.norm2(h)
         h = F.silu(h)
-        if self.dropout is not None:
+        if self.dropout is not None and self.training:  # in eval mode dropout is a no-op call
             h = self.dropout(h)
         h = self.conv2(h)
         skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x

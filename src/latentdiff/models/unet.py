@@ -123,9 +123,10 @@ class DownLevel(nn.Module):
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None,
                 skips: list[torch.Tensor]) -> torch.Tensor:
-        """h: (B, C_in, H, W) -> (B, C_out, H', W'); appends every intermediate to `skips`."""
+        """h: (B, C_in, H, W) -> (B, C_out, H', W'); appends every intermediate to `skips`.
+        emb: SiLU(time embedding), (B, temb), as every level takes it (see UNet2DConditional.forward)."""
         for i, resnet in enumerate(self.resnets):
-            h = resnet(h, emb)
+            h = resnet(h, emb, temb_activated=True)
             if self.attentions is not None:
                 h = self.attentions[i](h, context)
             skips.append(h)
@@ -144,9 +145,9 @@ class MidLevel(nn.Module):
         self.attentions = nn.ModuleList([attend(channels)]) if attend else None
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        h = self.resnets[0](h, emb)
+        h = self.resnets[0](h, emb, temb_activated=True)
         if self.attentions is not None:
-            h = self.resnets[1](self.attentions[0](h, context), emb)
+            h = self.resnets[1](self.attentions[0](h, context), emb, temb_activated=True)
         return h
 
 
@@ -170,7 +171,7 @@ class UpLevel(nn.Module):
                 upsample_size: tuple[int, int] | None = None) -> torch.Tensor:
         """Pops one skip per resnet from the end of `skips`."""
         for i, resnet in enumerate(self.resnets):
-            h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
+            h = resnet(torch.cat([h, skips.pop()], dim=1), emb, temb_activated=True)
             if self.attentions is not None:
                 h = self.attentions[i](h, context)
         if self.upsamplers is not None:
@@ -221,9 +222,11 @@ class UNet2DConditional(ModelMixin):
         upsample_sizes = self._check_inputs(x, t, context, class_labels)
         t_features = timestep_embedding(timestep_batch(t, x), self.config.channels[0],
                                         flip_sin_to_cos=self.config.flip_sin_to_cos, freq_shift=self.config.freq_shift)
-        emb = self.time_embedding(t_features.to(x.dtype))
+        emb = self.time_embedding(cast(t_features, x.dtype))
         if self.class_embedding is not None:
-            emb = emb + self.class_embedding(class_labels).to(emb.dtype)
+            emb = emb + cast(self.class_embedding(class_labels), emb.dtype)
+        # every ResnetBlock projects SiLU(emb): activated once here rather than once per block
+        emb = F.silu(emb)
 
         h = self.conv_in(x)
         skips = [h]
@@ -308,10 +311,16 @@ def check_timestep(t: Any, batch: int) -> None:
 
 def timestep_batch(t: torch.Tensor | float | int, x: torch.Tensor) -> torch.Tensor:
     """A checked t as one timestep per sample of x: (B,), on x's device."""
-    if isinstance(t, torch.Tensor):
-        return t.to(device=x.device).reshape(-1).expand(x.shape[0])
+    if isinstance(t, torch.Tensor):  # no-op moves and views skipped: each is an op per UNet call
+        t = t if t.device == x.device else t.to(device=x.device)
+        return t if t.shape == (x.shape[0],) else t.expand(x.shape[0])  # from (), (1,) (check_timestep)
     # a full() on the device, not a host tensor copied over: no sync
     return torch.full((x.shape[0],), float(t), device=x.device, dtype=torch.float32)
+
+
+def cast(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """value in dtype; the .to() only when it changes something (a no-op .to() is still an op per call)."""
+    return value if value.dtype == dtype else value.to(dtype)
 
 
 def upsample_sizes(size: tuple[int, int], *, levels: int, downsample_padding: int) -> list[tuple[int, int] | None]:

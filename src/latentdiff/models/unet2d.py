@@ -28,8 +28,8 @@ from ..layers.embeddings import TimestepEmbedding, timestep_embedding
 from ..layers.resnet import ResnetBlock
 from ..registry import COMPONENTS
 from .base import DEPRECATED_ATTENTION_NAMES, ModelMixin, rename_deprecated_attention  # noqa: F401 (re-exported)
-from .unet import (DownLevel, UpLevel, attention_levels_of, check_timestep, key_at, read_diffusers_config, shape_of,
-                   square_sample_size, timestep_batch, upsample_sizes)
+from .unet import (DownLevel, UpLevel, attention_levels_of, cast, check_timestep, key_at, read_diffusers_config,
+                   shape_of, square_sample_size, timestep_batch, upsample_sizes)
 
 ClassEmbedType = Literal["timestep", "identity"]
 ResampleType = Literal["conv", "resnet"]
@@ -176,10 +176,10 @@ class MidBlock(nn.Module):
         self.attentions = nn.ModuleList([attend(channels)]) if attend else None
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.resnets[0](h, emb)
+        h = self.resnets[0](h, emb, temb_activated=True)
         if self.attentions is not None:
             h = self.attentions[0](h)
-        return self.resnets[1](h, emb)
+        return self.resnets[1](h, emb, temb_activated=True)
 
 
 class ResnetDownLevel(DownLevel):
@@ -196,12 +196,12 @@ class ResnetDownLevel(DownLevel):
     def forward(self, h: torch.Tensor, emb: torch.Tensor, context: None, skips: list[torch.Tensor]) -> torch.Tensor:
         """h: (B, C_in, H, W) -> (B, C_out, H', W'); appends every intermediate to `skips`."""
         for i, resnet in enumerate(self.resnets):
-            h = resnet(h, emb)
+            h = resnet(h, emb, temb_activated=True)
             if self.attentions is not None:
                 h = self.attentions[i](h)
             skips.append(h)
         if self.downsamplers is not None:
-            h = self.downsamplers[0](h, emb)
+            h = self.downsamplers[0](h, emb, temb_activated=True)
             skips.append(h)
         return h
 
@@ -221,11 +221,11 @@ class ResnetUpLevel(UpLevel):
                 upsample_size: tuple[int, int] | None = None) -> torch.Tensor:
         """Pops one skip per resnet from the end of `skips`."""
         for i, resnet in enumerate(self.resnets):
-            h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
+            h = resnet(torch.cat([h, skips.pop()], dim=1), emb, temb_activated=True)
             if self.attentions is not None:
                 h = self.attentions[i](h)
         if self.upsamplers is not None:
-            h = self.upsamplers[0](h, emb, upsample_size=upsample_size)
+            h = self.upsamplers[0](h, emb, upsample_size=upsample_size, temb_activated=True)
         return h
 
 
@@ -277,9 +277,10 @@ class UNet2D(ModelMixin):
         upsample_to = self._check_inputs(x, t, context, class_labels)
         if self.config.center_input_sample:
             x = 2 * x - 1.0
-        emb = self.time_embedding(self._sinusoid(timestep_batch(t, x)).to(x.dtype))
+        emb = self.time_embedding(cast(self._sinusoid(timestep_batch(t, x)), x.dtype))
         if class_labels is not None:  # _check_inputs: given exactly when the model is class-conditional
-            emb = emb + self._embed_classes(class_labels, emb.dtype).to(emb.dtype)
+            emb = emb + cast(self._embed_classes(class_labels, emb.dtype), emb.dtype)
+        emb = F.silu(emb)  # every ResnetBlock projects SiLU(emb): once here, not once per block
 
         h = self.conv_in(x)
         skips = [h]
@@ -302,7 +303,7 @@ class UNet2D(ModelMixin):
         if kind == "identity":
             return class_labels
         if kind == "timestep":
-            return self.class_embedding(self._sinusoid(class_labels).to(dtype))
+            return self.class_embedding(cast(self._sinusoid(class_labels), dtype))
         return self.class_embedding(class_labels)
 
     def _check_inputs(self, x: torch.Tensor, t: Any, context: Any,
