@@ -344,3 +344,31 @@ def test_builtin_model_loads_and_runs_without_transformers(tmp_path):
     ref = PreTrainedTokenizerFast.from_pretrained(tmp_path / "saved" / "tokenizer")
     assert ref(["a red circle"])["input_ids"] == load_bert_tokenizer(tmp_path / "saved" / "tokenizer")(
         ["a red circle"])["input_ids"]
+
+
+def test_from_pretrained_does_not_import_the_compiler():
+    # Building on the meta device used to run nn.Embedding's normal_ through torch's Python decompositions,
+    # which import torch._dynamo (~0.8 s of a cold load); init_skipped_on_meta() leaves meta tensors alone.
+    run_without_transformers("""
+        from latentdiff import LatentDiffusionPipeline
+        from latentdiff.builtin import DEFAULT_MODEL
+        pipe = LatentDiffusionPipeline.from_pretrained(DEFAULT_MODEL)
+        assert 'torch._dynamo' not in sys.modules, 'from_pretrained imported torch._dynamo'
+    """)
+
+
+def test_init_is_skipped_on_meta_only():
+    import torch
+    from torch import nn
+
+    from latentdiff.models.base import init_skipped_on_meta
+
+    original = nn.init.normal_
+    real = torch.zeros(64)
+    with init_skipped_on_meta():
+        meta = torch.empty(4, device="meta")
+        assert nn.init.normal_(meta) is meta
+        nn.init.normal_(real)                       # real tensors are initialised as usual
+        layer = nn.Linear(8, 8)                     # and so are real modules built inside the block
+    assert nn.init.normal_ is original
+    assert real.abs().sum() > 0 and layer.weight.abs().sum() > 0

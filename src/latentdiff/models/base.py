@@ -11,6 +11,8 @@ layout (see `latentdiff.convert.api`).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import re
 from pathlib import Path
@@ -94,7 +96,7 @@ class ModelMixin(nn.Module):
                         source: str | None = None):
         """Build the model without initialising weights (meta device) and assign `state` to it, strictly."""
         state = rename_deprecated_attention(state)
-        with torch.device("meta"):
+        with torch.device("meta"), init_skipped_on_meta():
             model = cls(config)
         check_state_dict(model, state, source=source)
         dtype = torch_dtype or torch.float32
@@ -201,6 +203,35 @@ def load_weights(folder: Path, weights_name: str, *, variant: str | None = None)
     found = sorted(p.name for p in folder.iterdir() if p.is_file())
     raise CheckpointError("no weights file in the model folder", where=str(folder),
                           expected=f"{single.name} (or a sharded index, or {pickle.name})", found=found)
+
+
+# torch.nn.init functions that modules call in reset_parameters(): on the meta device they have nothing to fill,
+# yet some run through torch's Python decompositions (nn.Embedding's normal_ imports torch._dynamo: ~0.8 s of a
+# cold from_pretrained). init_skipped_on_meta() makes them return meta tensors untouched.
+INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                  "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                  "sparse_")
+
+
+@contextlib.contextmanager
+def init_skipped_on_meta():
+    """Within the block, torch.nn.init's functions leave meta tensors as they are (and work as usual on real
+    ones: the wrappers check each tensor, so another thread initialising a real model is unaffected)."""
+    originals = {name: getattr(nn.init, name) for name in INIT_FUNCTIONS if hasattr(nn.init, name)}
+
+    def skipping(original):
+        @functools.wraps(original)
+        def init(tensor, *args, **kwargs):
+            return tensor if isinstance(tensor, torch.Tensor) and tensor.is_meta else original(tensor, *args, **kwargs)
+        return init
+
+    for name, original in originals.items():
+        setattr(nn.init, name, skipping(original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(nn.init, name, original)
 
 
 # Source bytes cast or moved before their pages are given back (see _cast_streaming).
