@@ -15,6 +15,7 @@ DPM-Solver start with an empty history there, as at sigma_0 (k-diffusion's img2i
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -129,7 +130,11 @@ def sample_heun(model: SigmaDenoiser, x: torch.Tensor, sigmas: Sequence[float], 
 
 
 # ---- linear multistep ----------------------------------------------------------------------------------
-_GAUSS_NODES, _GAUSS_WEIGHTS = np.polynomial.legendre.leggauss(4)   # exact for polynomials of degree <= 7
+@functools.cache
+def gauss_legendre_4() -> tuple[np.ndarray, np.ndarray]:
+    """4-point Gauss-Legendre nodes and weights, exact for polynomials of degree <= 7. Computed on first use:
+    importing numpy.polynomial costs ~50 ms, a third of `import latentdiff` beyond torch."""
+    return np.polynomial.legendre.leggauss(4)
 
 
 def lms_coefficient(sigmas: Sequence[float], i: int, j: int, order: int) -> float:
@@ -138,12 +143,13 @@ def lms_coefficient(sigmas: Sequence[float], i: int, j: int, order: int) -> floa
     `linear_multistep_coeff`). The integrand has degree order - 1 <= 3, so 4-point Gauss-Legendre
     quadrature is exact (up to rounding)."""
     a, b = sigmas[i], sigmas[i + 1]
-    taus = (b - a) / 2 * _GAUSS_NODES + (a + b) / 2
+    nodes, weights = gauss_legendre_4()
+    taus = (b - a) / 2 * nodes + (a + b) / 2
     basis = np.ones_like(taus)
     for k in range(order):
         if k != j:
             basis *= (taus - sigmas[i - k]) / (sigmas[i - j] - sigmas[i - k])
-    return float((b - a) / 2 * np.dot(_GAUSS_WEIGHTS, basis))
+    return float((b - a) / 2 * np.dot(weights, basis))
 
 
 def sample_lms(model: SigmaDenoiser, x: torch.Tensor, sigmas: Sequence[float], *, order: int = 4,
