@@ -103,3 +103,26 @@ def test_pipeline_releases_each_stage_and_images_do_not_change(tmp_path):
     mapped_unet = [p for p in pipe.unet.parameters() if p.nbytes >= 4 * mmap.PAGESIZE]
     assert mapped_unet and all(resident_pages(p) == 0 for p in mapped_unet)
     assert any(resident_pages(p) > 0 for p in keep.unet.parameters() if p.nbytes >= 4 * mmap.PAGESIZE)
+
+
+def test_per_block_release_same_images_and_hooks_removed(tmp_path):
+    from latentdiff import LatentDiffusionPipeline
+
+    from .sd_fixtures import tiny_diffusers_pipeline
+
+    tiny_diffusers_pipeline(tmp_path / "src").save_pretrained(tmp_path / "sd")
+    pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "sd")
+    run = dict(num_inference_steps=3, height=32, width=32, output_type="pt", progress=False)
+    want = pipe("a cat", generator=torch.Generator().manual_seed(0), **run).images
+    pipe.release_weights = "blocks"
+    released = []
+    original = memory.release_mapped
+    try:
+        memory.release_mapped = lambda module: released.append(type(module).__name__) or original(module)  # noqa: E731
+        got = pipe("a cat", generator=torch.Generator().manual_seed(0), **run).images
+    finally:
+        memory.release_mapped = original
+    assert torch.equal(got, want)
+    blocks = sum(len(c) if isinstance(c, torch.nn.ModuleList) else 1 for c in pipe.unet.children())
+    assert len(released) >= 3 * blocks                      # every block, at every step
+    assert all(not m._forward_hooks for m in pipe.unet.modules())   # hooks gone after the call

@@ -9,6 +9,7 @@ One class serves both diffusers folder layouts (`FolderLayout`): Stable Diffusio
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -25,6 +26,8 @@ from ..models.ldm_bert import LDMBertTextEncoder
 from ..models.text_encoder import TextEncoder
 from ..models.unet import UNet2DConditional
 from ..registry import PIPELINES
+from ..utils.memory import released_after_each_block
+from . import acceleration
 from .base import MODEL_INDEX, PipelineOutput, concat_conditioning
 from .denoising import FIRST_STAGES, DenoisingPipeline, Entry, FirstStage, Generator, load_schedule, write_parts
 from .sdedit import check_sampler, noise_to_start, sample_from_step, start_step
@@ -259,8 +262,11 @@ class LatentDiffusionPipeline(DenoisingPipeline):
                                               guidance_scale=guidance_scale)
         if tiling is not None:
             denoise_fn = tiled_denoiser(denoise_fn, tiling)
-        return sample_from_step(sampler or self.sampler, denoise_fn, x_T, self.noise_scheduler, num_inference_steps,
-                                first=start_step, generator=generator, callback=callback, progress=progress)
+        per_block = self.release_weights == "blocks" and not acceleration._is_compiled(self.unet)
+        with released_after_each_block(self.unet) if per_block else contextlib.nullcontext():
+            return sample_from_step(sampler or self.sampler, denoise_fn, x_T, self.noise_scheduler,
+                                    num_inference_steps, first=start_step, generator=generator, callback=callback,
+                                    progress=progress)
 
     # ---- beyond the training size ----------------------------------------------------------------
     def tiling(self, tile_size: TileSize | None, tile_overlap: TileSize | None = None) -> LatentTiling | None:

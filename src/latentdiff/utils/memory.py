@@ -15,10 +15,11 @@ Linux only; elsewhere every function here returns 0 and does nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import sys
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -99,3 +100,23 @@ def _madvise(start: int, end: int) -> int:
         _LIBC = ctypes.CDLL(None, use_errno=True)
         _LIBC.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     return end - start if _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED) == 0 else 0
+
+
+@contextlib.contextmanager
+def released_after_each_block(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, each top-level block of `model` (a child, or each entry of a child ModuleList: a UNet's
+    down, mid and up blocks) releases its mapped weights right after its forward. The resident weights of a
+    forward are then one block's, not the model's, at the cost of reading every weight back from the page cache
+    at every call (for SD 1.5's UNet ~3.3 GB per step: about 2 % of a 512 px CPU step). Forward hooks: not under
+    torch.compile (a compiled forward would trace them)."""
+    blocks = [block for child in model.children()
+              for block in (child if isinstance(child, torch.nn.ModuleList) else (child,))]
+    def release_after(module: torch.nn.Module, args: object, output: object) -> None:
+        release_mapped(module)  # returns None: a forward hook's return value would replace the block's output
+
+    handles = [block.register_forward_hook(release_after) for block in blocks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
