@@ -50,9 +50,12 @@ LIBS = {
 
 
 def child_code(lib: str, folder: Path, out: Path, *, size: int, steps: int, calls: int, dtype: str,
-               device: str) -> str:
+               device: str, release: str = "default") -> str:
     imports, load, extra = LIBS[lib]
-    return CHILD.format(imports=imports, load=load.format(folder=str(folder), dtype=dtype, device=device),
+    load = load.format(folder=str(folder), dtype=dtype, device=device)
+    if lib == "latentdiff" and release != "default":  # the pipeline's release_weights (docs/memory.md)
+        load += f"\npipe.release_weights = {dict(blocks='blocks', off=False)[release]!r}"
+    return CHILD.format(imports=imports, load=load,
                         dtype=dtype, size=size, calls=calls, prompt=common.PROMPT, negative=common.NEGATIVE, steps=steps,
                         out=str(out), extra=extra) + common.CHILD_EXIT
 
@@ -75,10 +78,11 @@ def sd15_rows(table: common.Table, args, device: str) -> None:
                     for name in (order if rep % 2 == 0 else order[::-1]):
                         lib = "latentdiff" if name == "ours" else "diffusers"
                         code = child_code(lib, folder, Path(tmp) / f"{name}.npy", size=size, steps=args.steps,
-                                          calls=args.calls, dtype=dtypes[name], device=device)
+                                          calls=args.calls, dtype=dtypes[name], device=device, release=args.release)
                         runs[name].append(common.run_child(code)[0])
                 images = {name: np.load(Path(tmp) / f"{name}.npy") for name in dtypes}
-            what = f"SD1.5 {size} px, {args.steps} steps, {label}"
+            what = f"SD1.5 {size} px, {args.steps} steps, {label}" + \
+                ("" if args.release == "default" else f" (ours: release_weights {args.release})")
             error = common.max_rel_error(images["ours"], images["theirs"])
 
             def pick(name, key):
@@ -152,6 +156,9 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=None, help="images per child process (default 1; full: 2)")
     p.add_argument("--children", type=int, default=None, help="processes per library (default 1; full: 2)")
     p.add_argument("--skip-sd15", action="store_true", help="only the tiny pipeline")
+    p.add_argument("--release", choices=("default", "blocks", "off"), default="default",
+                   help="latentdiff's release_weights in the SD1.5 rows: default (after each stage), blocks (after "
+                   "each UNet block, every step), off")
     args = p.parse_args()
     args.calls = args.calls or (1 if args.quick else 2)
     args.children = args.children or (1 if args.quick else 2)
