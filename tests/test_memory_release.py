@@ -126,3 +126,17 @@ def test_per_block_release_same_images_and_hooks_removed(tmp_path):
     blocks = sum(len(c) if isinstance(c, torch.nn.ModuleList) else 1 for c in pipe.unet.children())
     assert len(released) >= 3 * blocks                      # every block, at every step
     assert all(not m._forward_hooks for m in pipe.unet.modules())   # hooks gone after the call
+
+
+def test_pagemap_check_treats_swapped_and_anonymous_pages_as_modified():
+    import io
+
+    def pagemap(*entries):
+        return io.BytesIO(np.array(entries, dtype="<u8").tobytes())
+
+    span = (0, 3 * memory.PAGE)
+    file_page, absent = memory.PM_PRESENT | memory.PM_FILE, 0
+    assert memory._unmodified(pagemap(file_page, absent, file_page), *span)
+    assert not memory._unmodified(pagemap(file_page, memory.PM_PRESENT, file_page), *span)   # copy-on-written
+    assert not memory._unmodified(pagemap(file_page, memory.PM_SWAPPED, absent), *span)      # written, swapped out
+    assert not memory._unmodified(pagemap(file_page), *span)                                 # short read: unsure

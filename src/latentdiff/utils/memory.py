@@ -26,7 +26,8 @@ import torch
 
 MADV_DONTNEED = 4
 PAGE = mmap.PAGESIZE
-PM_PRESENT, PM_FILE = 1 << 63, 1 << 61  # /proc/self/pagemap bits: page present; file-backed (or shared anon)
+# /proc/self/pagemap bits: page present; swapped out; file-backed (or shared anonymous)
+PM_PRESENT, PM_SWAPPED, PM_FILE = 1 << 63, 1 << 62, 1 << 61
 _LIBC = None
 
 
@@ -82,7 +83,8 @@ def _safetensors_mappings() -> list[tuple[int, int]]:
 
 
 def _unmodified(pagemap, start: int, end: int) -> bool:
-    """True when no page of [start, end) is present as an anonymous (copy-on-written) page."""
+    """True when no page of [start, end) is an anonymous (copy-on-written) page, present or swapped out: a
+    file page is never swapped (it is dropped and re-read), so a swapped page in a file mapping was written."""
     try:
         pagemap.seek(start // PAGE * 8)
         raw = pagemap.read((end - start) // PAGE * 8)
@@ -91,7 +93,8 @@ def _unmodified(pagemap, start: int, end: int) -> bool:
     if len(raw) != (end - start) // PAGE * 8:
         return False
     entries = np.frombuffer(raw, dtype="<u8")
-    return not bool(np.any((entries & np.uint64(PM_PRESENT) != 0) & (entries & np.uint64(PM_FILE) == 0)))
+    anonymous = (entries & np.uint64(PM_PRESENT) != 0) & (entries & np.uint64(PM_FILE) == 0)
+    return not bool(np.any(anonymous | (entries & np.uint64(PM_SWAPPED) != 0)))
 
 
 def _madvise(start: int, end: int) -> int:
