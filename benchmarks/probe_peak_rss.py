@@ -3,14 +3,10 @@
 latentdiff's pipeline stages are run by hand (encode_prompt, prepare_latents, denoise, decode) in a fresh
 process, printing the resident set (VmRSS) and the peak so far (ru_maxrss) after each. Two processes:
 
-- `as is`: every part's weights stay resident once touched;
+- `as is`: every part's weights stay resident once touched (`release_weights = False`);
 - `release`: after the prompt is encoded, the text encoder's pages are dropped, and after denoising the
-  UNet's (madvise(MADV_DONTNEED) on their memory-mapped safetensors storage; the pages come back from the
-  page cache on next use, which is timed by denoising again). This is the change proposed for the pipeline.
-
-Only file-backed mappings may be released this way: on anonymous memory (weights that were cast, moved
-or trained) MADV_DONTNEED would zero the weights, so the probe checks that each storage lies in a mapping
-of a .safetensors file (/proc/self/maps) before releasing it.
+  UNet's (`latentdiff.utils.memory.release_mapped`, what the pipeline does by default; the pages come back
+  from the page cache on next use, which is timed by denoising again).
 
     python benchmarks/probe_peak_rss.py [--size 512] [--steps 1]
 """
@@ -19,31 +15,13 @@ from __future__ import annotations
 import common
 
 CHILD = """
-import ctypes, mmap, resource, time
+import resource, time
 import torch
 from latentdiff import LatentDiffusionPipeline
-
-libc = ctypes.CDLL("libc.so.6", use_errno=True)
-PAGE, MADV_DONTNEED = mmap.PAGESIZE, 4
-
-def file_mappings():
-    spans = []
-    for line in open("/proc/self/maps"):
-        fields = line.split()
-        if len(fields) >= 6 and fields[5].endswith(".safetensors"):
-            lo, hi = (int(v, 16) for v in fields[0].split("-"))
-            spans.append((lo, hi))
-    return spans
+from latentdiff.utils.memory import release_mapped
 
 def release(module):
-    spans, freed = file_mappings(), 0
-    for tensor in module.state_dict().values():
-        s = tensor.untyped_storage()
-        start, end = s.data_ptr() // PAGE * PAGE, -(-(s.data_ptr() + s.nbytes()) // PAGE) * PAGE
-        if any(lo <= start and end <= hi for lo, hi in spans):
-            if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED) == 0:
-                freed += end - start
-    return freed / 2**20
+    return release_mapped(module) / 2**20
 
 def rss():
     now = int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
@@ -52,6 +30,7 @@ def rss():
 stages = {{}}
 stages["import"] = rss()
 pipe = LatentDiffusionPipeline.from_pretrained({folder!r})
+pipe.release_weights = False  # the stages below release by hand, or not at all
 stages["from_pretrained"] = rss()
 released = {{}}
 with torch.inference_mode():

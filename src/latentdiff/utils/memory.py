@@ -110,10 +110,11 @@ def released_after_each_block(model: torch.nn.Module) -> Iterator[None]:
     """Within the block, each top-level block of `model` (a child, or each entry of a child ModuleList: a UNet's
     down, mid and up blocks) releases its mapped weights right after its forward. The resident weights of a
     forward are then one block's, not the model's, at the cost of reading every weight back from the page cache
-    at every call (for SD 1.5's UNet ~3.3 GB per step: about 2 % of a 512 px CPU step). Forward hooks: not under
+    at every call (for SD 1.5's UNet ~3.3 GB per step: measured +11 % denoising time at 512 px on 2 CPU cores). Forward hooks: not under
     torch.compile (a compiled forward would trace them)."""
     blocks = [block for child in model.children()
               for block in (child if isinstance(child, torch.nn.ModuleList) else (child,))]
+
     def release_after(module: torch.nn.Module, args: object, output: object) -> None:
         release_mapped(module)  # returns None: a forward hook's return value would replace the block's output
 
