@@ -15,8 +15,8 @@ networks run, never what they compute:
   class embedder) are offloaded whole, as in model offload: they read their weights' device to place token
   ids, and they run once per image.
 * compile: `torch.compile` of the UNet forward with fullgraph=True and dynamic=False (one static graph per
-  latent shape and batch: a new prompt or seed reuses it, a new size compiles another), and on CUDA with
-  mode="reduce-overhead" the step replays as a CUDA graph.
+  latent shape and batch: a new prompt or seed reuses it, a new size compiles another), and on CUDA
+  (mode="auto", the default, or "reduce-overhead") the step replays as a CUDA graph.
 """
 from __future__ import annotations
 
@@ -168,14 +168,18 @@ def _execution_device(device: str | torch.device | None) -> torch.device:
 
 
 # ---- torch.compile ----------------------------------------------------------------------------------------
-def compile_unet(pipe: Any, *, mode: str | None = None, backend: Any = "inductor", fullgraph: bool = True,
+def compile_unet(pipe: Any, *, mode: str | None = "auto", backend: Any = "inductor", fullgraph: bool = True,
                  dynamic: bool = False, options: dict[str, Any] | None = None) -> None:
-    """Compile the UNet's forward (see the module docstring). Compiling again replaces the compiled forward."""
+    """Compile the UNet's forward (see the module docstring). Compiling again replaces the compiled forward.
+    mode "auto": "reduce-overhead" (each step a CUDA-graph replay) for the inductor backend on a CUDA UNet,
+    else torch.compile's default."""
     if pipe.__dict__.get("_offload") is not None:
         raise InputError("an offloaded pipeline cannot be compiled: the hooks move weights inside the graph",
                          where="compile", expected="pipe.disable_cpu_offload() first, or no offload",
                          found=f"{pipe.__dict__['_offload'].mode} CPU offload")
     unet = pipe.unet
+    if mode == "auto":
+        mode = "reduce-overhead" if unet.device.type == "cuda" and backend == "inductor" and not options else None
     unet.__dict__.pop("forward", None)
     compiled = torch.compile(unet.forward, mode=mode, backend=backend, fullgraph=fullgraph, dynamic=dynamic,
                              options=options)

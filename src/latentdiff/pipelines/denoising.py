@@ -168,10 +168,11 @@ class DenoisingPipeline(Pipeline):
         """Remove the offload hooks; the networks are on the CPU afterwards."""
         acceleration.disable_cpu_offload(self)
 
-    def compile(self, *, mode: str | None = None, backend: Any = "inductor", fullgraph: bool = True,
+    def compile(self, *, mode: str | None = "auto", backend: Any = "inductor", fullgraph: bool = True,
                 dynamic: bool = False, options: dict[str, Any] | None = None) -> "DenoisingPipeline":
         """torch.compile the UNet's forward: one static graph per latent shape (no recompiling for a new prompt
-        or seed); mode="reduce-overhead" on CUDA also replays each step as a CUDA graph. Returns self."""
+        or seed); on CUDA (mode "auto", the default, or "reduce-overhead") each step replays as a CUDA graph.
+        Returns self."""
         acceleration.compile_unet(self, mode=mode, backend=backend, fullgraph=fullgraph, dynamic=dynamic,
                                   options=options)
         return self

@@ -42,6 +42,7 @@ from .ema import EMA
 from .loop import Trainer, enable_gradient_checkpointing, save_image_grid
 
 CACHE_FILE = "latent_cache.safetensors"
+CACHE_BATCH = 64  # images encoded per call while building the latent cache
 CHECKPOINTED_BLOCKS = (ResnetBlock, BasicTransformerBlock, SpatialSelfAttention)
 
 
@@ -182,10 +183,12 @@ class DiffusionTrainer(Trainer):
             flips = (False, True) if self.config.data.random_flip else (False,)
             data, rows = self.train_set, []
             with torch.no_grad():
-                for i in range(len(data)):
+                for start in range(0, len(data), CACHE_BATCH):
                     # an unreadable image is replaced (or an error) as the loader would do it
-                    images = torch.stack([data.load_readable(i, flip=f)[0] for f in flips]).to(self.device)
-                    rows.append(encode_moments(self.vae, images).cpu())
+                    images = torch.stack([data.load_readable(i, flip=f)[0]
+                                          for i in range(start, min(start + CACHE_BATCH, len(data))) for f in flips])
+                    moments = encode_moments(self.vae, images.to(self.device)).cpu()
+                    rows.extend(moments.unflatten(0, (-1, len(flips))))
             path.parent.mkdir(parents=True, exist_ok=True)
             hub.save_safetensors({"moments": torch.stack(rows)}, path, metadata={"key": key})
         acc.wait_for_everyone()
