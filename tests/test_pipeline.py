@@ -142,6 +142,27 @@ def test_saved_folder_loads_in_diffusers(pipe, tmp_path):
     assert_parity(again(**kw, num_inference_steps=5, output_type="np", progress=False).images, ours)
 
 
+def test_variant_save_loads_back_with_the_variant_in_both_libraries(pipe, tmp_path):
+    """save_pretrained(variant="fp16") names every weights file <name>.fp16.safetensors, the text encoder's too;
+    the folder loads back with variant="fp16" here and in diffusers, and nothing loads it without the variant."""
+    import diffusers
+
+    pipe.save_pretrained(tmp_path / "ours", variant="fp16")
+    weights = sorted(p.relative_to(tmp_path / "ours").as_posix() for p in (tmp_path / "ours").rglob("*.safetensors"))
+    assert weights == ["text_encoder/model.fp16.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+                       "vae/diffusion_pytorch_model.fp16.safetensors"]
+    kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=7.5, latents=fixed_latents(1, 5),
+              num_inference_steps=3, output_type="np")
+    expected = pipe(**kw, progress=False).images
+    again = LatentDiffusionPipeline.from_pretrained(tmp_path / "ours", variant="fp16")
+    assert np.array_equal(again(**kw, progress=False).images, expected)
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "ours", variant="fp16", safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    assert_parity(torch.from_numpy(run_ref(ref, **kw)), torch.from_numpy(expected))
+    with pytest.raises(CheckpointError):
+        LatentDiffusionPipeline.from_pretrained(tmp_path / "ours")
+
+
 def test_interrupted_save_keeps_previous(pipe, tmp_path, monkeypatch):
     from latentdiff import hub
 

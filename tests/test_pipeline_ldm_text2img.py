@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,6 +80,17 @@ def test_saved_folder_has_the_ldm_layout_and_loads_in_diffusers(setup, tmp_path)
         expected = back(PROMPT, output_type="np", **kw).images
     ours = pipe(PROMPT, output_type="np", progress=False, **kw).images
     assert_parity(torch.from_numpy(ours), torch.from_numpy(expected))
+
+
+def test_variant_save_names_the_bert_weights_too(setup, tmp_path):
+    _, pipe, _ = setup
+    pipe.save_pretrained(tmp_path / "ours", variant="fp16")
+    assert (tmp_path / "ours" / "bert" / "model.fp16.safetensors").is_file()
+    assert not (tmp_path / "ours" / "bert" / "model.safetensors").exists()
+    back = LatentDiffusionPipeline.from_pretrained(tmp_path / "ours", variant="fp16")
+    kw = dict(guidance_scale=3.0, latents=fixed_latents(seed=2), num_inference_steps=STEPS, output_type="np",
+              progress=False)
+    assert np.array_equal(back(PROMPT, **kw).images, pipe(PROMPT, **kw).images)
 
 
 def test_hub_repo_with_pickled_bert_weights_loads(setup, tmp_path, monkeypatch):

@@ -318,10 +318,10 @@ class LDMBertTextEncoder(TextEncoder):
             config = TextEncoderConfig.from_json_file(settings)
         return cls(model, tokenizer, config)
 
-    def write_files(self, model_dir: Path, tokenizer_dir: Path) -> None:
-        """Write the `bert/` folder (config.json + model.safetensors) and the tokenizer folder, in place."""
+    def write_files(self, model_dir: Path, tokenizer_dir: Path, *, variant: str | None = None) -> None:
+        """Write the `bert/` folder (config.json + model[.variant].safetensors) and the tokenizer folder, in place."""
         model_dir, tokenizer_dir = Path(model_dir), Path(tokenizer_dir)
-        self.model.write_files(model_dir)
+        self.model.write_files(model_dir, variant=variant)
         hub.write_json({**self.config.to_dict(), "_latentdiff_version": __version__}, model_dir / CONFIG_FILE)
         tokenizer_dir.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(tokenizer_dir)

@@ -262,8 +262,9 @@ class TextEncoder(nn.Module):
 
     # ---- saving -----------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, *,
-                        tokenizer_directory: str | os.PathLike | None = None) -> Path:
-        """Write model (safetensors) + config + tokenizer atomically; an interrupted save changes nothing."""
+                        tokenizer_directory: str | os.PathLike | None = None, variant: str | None = None) -> Path:
+        """Write model (safetensors) + config + tokenizer atomically; an interrupted save changes nothing.
+        variant: the weights file is model.<variant>.safetensors (load it back with the same variant)."""
         save_directory = Path(save_directory).absolute()
         tok_dir = Path(tokenizer_directory).absolute() if tokenizer_directory is not None else save_directory
         if save_directory != tok_dir and save_directory.is_relative_to(tok_dir):
@@ -272,13 +273,13 @@ class TextEncoder(nn.Module):
                              found=str(tok_dir))
         if tok_dir.is_relative_to(save_directory):  # the same folder, or one inside it
             with hub.atomic_folder(save_directory) as tmp:
-                self.write_files(tmp, tmp / tok_dir.relative_to(save_directory))
+                self.write_files(tmp, tmp / tok_dir.relative_to(save_directory), variant=variant)
         else:
             with hub.atomic_folder(save_directory) as tmp, hub.atomic_folder(tok_dir) as tok_tmp:
-                self.write_files(tmp, tok_tmp)
+                self.write_files(tmp, tok_tmp, variant=variant)
         return save_directory
 
-    def write_files(self, model_dir: Path, tokenizer_dir: Path) -> None:
+    def write_files(self, model_dir: Path, tokenizer_dir: Path, *, variant: str | None = None) -> None:
         """Write the model folder and the tokenizer folder in place (no atomicity: callers wrap it)."""
         model_dir, tokenizer_dir = Path(model_dir), Path(tokenizer_dir)
         model_dir.mkdir(parents=True, exist_ok=True)
@@ -286,7 +287,7 @@ class TextEncoder(nn.Module):
         legacy = not hasattr(self.model, "text_model")  # transformers 5's flat layout
         prefix = LEGACY_WEIGHT_PREFIX.get(type(self.model).__name__, "") if legacy else ""
         state = {prefix + k: v for k, v in self.model.state_dict().items()}
-        self.model.save_pretrained(model_dir, state_dict=state)
+        self.model.save_pretrained(model_dir, state_dict=state, variant=variant)
         hub.write_json({**self.config.to_dict(), "_latentdiff_version": __version__}, model_dir / CONFIG_FILE)
         self.tokenizer.save_pretrained(tokenizer_dir)
 

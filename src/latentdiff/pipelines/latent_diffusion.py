@@ -152,7 +152,7 @@ class LatentDiffusionPipeline(DenoisingPipeline):
         class_name, layout = self.layout()
         entries = write_parts(folder, {"unet": self.unet, layout.vae: self.vae}, noise_scheduler=self.noise_scheduler,
                               sampler=self.sampler, variant=variant)
-        self.text_encoder.write_files(folder / layout.text_encoder, folder / "tokenizer")
+        self.text_encoder.write_files(folder / layout.text_encoder, folder / "tokenizer", variant=variant)
         index = self.model_index() | {"_class_name": class_name} | entries | dict(layout.extra_entries) \
             | self.text_encoder.diffusers_entries()
         hub.write_json(index, folder / MODEL_INDEX)
