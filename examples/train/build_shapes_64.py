@@ -1,6 +1,6 @@
 """Build the built-in model latentdiff/shapes-64 from nothing, with latentdiff's own commands (one command):
 
-    python examples/train/build_shapes_64.py                      # ~2.5 h on 2 CPU cores
+    python examples/train/build_shapes_64.py                      # ~3.3 h on 2 CPU cores
     python examples/train/build_shapes_64.py --gpu                # CUDA: more data per step, ~25 min on an H200
 
 1. the data: 20,000 shapes images (latentdiff.data.shapes, seed 0) and the captions' word-level tokenizer;
@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 RUNS = Path("runs/shapes-64")
 INSTALL = HERE.parents[1] / "src" / "latentdiff" / "builtin" / "shapes-64"
 # What `latentdiff generate` uses for this model when no flag is given (chosen on DEV_SEED, see docs/builtin.md).
-GENERATE_SETTINGS = {"num_inference_steps": 50, "guidance_scale": 2.0, "sampler": "ddim", "height": 64, "width": 64}
+GENERATE_SETTINGS = {"num_inference_steps": 50, "guidance_scale": 1.5, "sampler": "ddim", "height": 64, "width": 64}
 
 
 # `--gpu`: the same configs on a CUDA device, with more data per step and more steps (what a GPU buys). Not yet
