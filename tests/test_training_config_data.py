@@ -77,6 +77,21 @@ def test_overrides_and_conditioning_checks(tmp_path, shapes):
         load_train_config(path, "diffusion", overrides=["train.cache_latents=true", "data.center_crop=false"])
 
 
+def test_yaml_boolean_words_are_read_as_the_choice_they_spell(tmp_path, shapes):
+    """YAML 1.1 reads `mixed_precision: no` (file or --set) as False: it means the choice "no"; a bool that
+    spells no choice is still a type error naming the field."""
+    config = diffusion_config(shapes, tmp_path / "ae", tmp_path / "out", conditioning="class")
+    path = write_yaml(tmp_path / "d.yaml", config)
+    assert load_train_config(path, "diffusion", overrides=["train.mixed_precision=no"]).train.mixed_precision == "no"
+    path.write_text(path.read_text().replace("train:\n", "train:\n  mixed_precision: no\n", 1))
+    assert "\n  mixed_precision: no\n" in path.read_text()
+    assert load_train_config(path, "diffusion").train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        load_train_config(path, "diffusion", overrides=["train.mixed_precision=yes"])
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        load_train_config(path, "diffusion", overrides=["optim.lr_schedule=off"])
+
+
 def test_example_configs_are_valid():
     """Every example config loads (strictly) as the stage its name says (LDMs have "ldm" in their names)."""
     paths = sorted(EXAMPLES.glob("*.yaml"))

@@ -84,10 +84,20 @@ def _plain(value: Any) -> Any:
     return value
 
 
+# YAML 1.1 (PyYAML) reads these words as booleans: `mixed_precision: no` arrives as False.
+YAML_BOOL_WORDS: dict[bool, tuple[str, ...]] = {False: ("no", "off", "false"), True: ("yes", "on", "true")}
+
+
 def _coerce(value: Any, hint: Any) -> Any:
-    """JSON has lists where configs have tuples; turn lists into tuples where a tuple is expected."""
+    """JSON has lists where configs have tuples; turn lists into tuples where a tuple is expected. A bool where
+    only string choices are allowed is the YAML word it was read from ("no" -> False): back to that choice."""
     if isinstance(value, list) and _allows_tuple(hint):
         return tuple(_coerce(v, _tuple_item(hint)) for v in value)
+    if isinstance(value, bool) and not any(h is bool for h in _options(hint)):
+        choices = [c for h in _options(hint) if typing.get_origin(h) is typing.Literal for c in typing.get_args(h)]
+        words = [c for c in choices if isinstance(c, str) and c.lower() in YAML_BOOL_WORDS[value]]
+        if len(words) == 1:
+            return words[0]
     return value
 
 
