@@ -35,6 +35,9 @@ def resolve(path_or_id: str | os.PathLike, *, revision: str | None = None,
     A Hub id downloads only `allow_patterns`; with `HF_HUB_OFFLINE=1` (or
     `local_files_only=True`) only the local cache is consulted and the network is never used.
     """
+    from .utils.startup import freeze_startup_objects
+
+    freeze_startup_objects()  # before the first load's burst of allocations (see there)
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path

@@ -25,6 +25,7 @@ from .. import __version__, hub
 from ..config import ComponentConfig, read_json
 from ..errors import CheckpointError, ConfigError
 from ..utils.memory import release_mapped
+from ..utils.startup import freeze_startup_objects
 
 CONFIG_NAME = "config.json"
 # The part of an original single file a model class is, by its diffusers class name (or its own name), for
@@ -96,6 +97,7 @@ class ModelMixin(nn.Module):
                         source: str | None = None):
         """Build the model without initialising weights (meta device) and assign `state` to it, strictly."""
         state = rename_deprecated_attention(state)
+        freeze_startup_objects()
         with torch.device("meta"), init_skipped_on_meta():
             model = cls(config)
         check_state_dict(model, state, source=source)
