@@ -68,7 +68,8 @@ def test_tiny_unet_call_stays_within_op_budget(models):
     ops = aten_ops(lambda: ours(x, t, context))
     assert sum(ops.values()) <= OP_BUDGET, f"{sum(ops.values())} ops > {OP_BUDGET}: {ops.most_common()}"
     # the no-op casts and per-block SiLU(temb) are gone: 12 resnets, SiLU twice each + time MLP + conv_norm_out
-    assert "aten::to" not in ops and ops["aten::silu"] == 2 * 12 + 3 and "aten::arange" not in ops
+    # (inference: the resnets' SiLUs run in place, aten::silu_)
+    assert "aten::to" not in ops and ops["aten::silu"] + ops["aten::silu_"] == 2 * 12 + 3 and "aten::arange" not in ops
 
 
 @pytest.mark.parametrize("side", [4, 32])

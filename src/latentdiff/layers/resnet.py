@@ -50,8 +50,11 @@ class ResnetBlock(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None, *,
                 upsample_size: tuple[int, int] | None = None, temb_activated: bool = False) -> torch.Tensor:
         """`upsample_size`: with `up`, the exact output size (odd skip shapes); None doubles H and W.
-        `temb_activated`: temb is already SiLU(time embedding)."""
-        h = F.silu(self.norm1(x))
+        `temb_activated`: temb is already SiLU(time embedding). Without autograd (inference) the SiLUs and the
+        residual sum work in place on the block's own temporaries: the same values, one activation fewer alive
+        at a time (SD 1.5's 960-channel blocks at 64 x 64: 31 MB each)."""
+        in_place = not torch.is_grad_enabled()
+        h = F.silu(self.norm1(x), inplace=in_place)
         if self.up:  # the skip input is resampled too, so that it still adds to h
             h, x = _nearest_up(h, upsample_size), _nearest_up(x, upsample_size)
         elif self.down:
@@ -66,13 +69,15 @@ class ResnetBlock(nn.Module):
                 h = self.norm2(h + emb)
         else:
             h = self.norm2(h)
-        h = F.silu(h)
+        h = F.silu(h, inplace=in_place)
         if self.dropout is not None and self.training:  # in eval mode dropout is a no-op call
             h = self.dropout(h)
         h = self.conv2(h)
         skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x
-        out = skip + h
-        return out / self.output_scale_factor if self.output_scale_factor != 1.0 else out
+        out = h.add_(skip) if in_place else skip + h
+        if self.output_scale_factor == 1.0:
+            return out
+        return out.div_(self.output_scale_factor) if in_place else out / self.output_scale_factor
 
 
 def _nearest_up(x: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
