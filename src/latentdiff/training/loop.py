@@ -89,7 +89,13 @@ def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
 
 
 def make_adamw(params: Sequence[nn.Parameter], optim: OptimConfig, lr: float) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=lr, betas=optim.betas, weight_decay=optim.weight_decay, eps=optim.eps)
+    """AdamW, fused (one kernel over all parameters) where every parameter is a float tensor on the CPU or a
+    CUDA device: the per-parameter loop it replaces was ~23 ms of host time per step for the built-in LDM
+    (356 tensors), which bounds small models on a GPU. Same update rule; torch's default elsewhere."""
+    params = list(params)
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=lr, betas=optim.betas, weight_decay=optim.weight_decay, eps=optim.eps,
+                             fused=True if fused else None)
 
 
 def average_gradients(params: Sequence[nn.Parameter], accelerator: Any) -> None:
