@@ -108,6 +108,9 @@ def test_release_layout_loads_strictly(tmp_path, fmt):
     model = InceptionV3.from_pretrained(path)
     loaded = model.state_dict()
     assert all(torch.equal(loaded[k], state[k]) for k in release_layout())
+    # built on the meta device without initialisation: every tensor is real now, frozen, and the net runs
+    assert not any(t.is_meta for t in loaded.values()) and not any(p.requires_grad for p in model.parameters())
+    assert torch.isfinite(model(torch.rand(1, 3, 80, 80))).all()
 
 
 def test_wrong_keys_and_shapes_are_checkpoint_errors(tmp_path):
