@@ -108,9 +108,17 @@ def test_release_layout_loads_strictly(tmp_path, fmt):
     model = InceptionV3.from_pretrained(path)
     loaded = model.state_dict()
     assert all(torch.equal(loaded[k], state[k]) for k in release_layout())
-    # built on the meta device without initialisation: every tensor is real now, frozen, and the net runs
+    # built on the meta device without initialisation: every tensor is real now, and frozen
     assert not any(t.is_meta for t in loaded.values()) and not any(p.requires_grad for p in model.parameters())
-    assert torch.isfinite(model(torch.rand(1, 3, 80, 80))).all()
+
+
+def test_loaded_network_computes_what_the_saved_one_did(tmp_path, net):
+    save_safetensors(net.state_dict(), tmp_path / "weights.safetensors")
+    loaded = InceptionV3.from_pretrained(tmp_path / "weights.safetensors")
+    loaded.input_size = net.input_size
+    x = torch.rand(2, 3, 80, 80, generator=torch.Generator().manual_seed(0))
+    expected = net(x)
+    assert torch.isfinite(expected).all() and torch.equal(loaded(x), expected)
 
 
 def test_wrong_keys_and_shapes_are_checkpoint_errors(tmp_path):
