@@ -26,7 +26,7 @@ from .. import hub
 from ..config import ComponentConfig
 from ..errors import ConfigError
 from .base import ModelMixin, check_supported
-from .ldm_bert import MACHINERY_KEYS, check_input_ids
+from .text_encoder import MACHINERY_KEYS, check_input_ids
 
 MODEL_TYPE = "clip_text_model"
 ARCHITECTURE = "CLIPTextModel"
