@@ -145,16 +145,24 @@ class ModelMixin(nn.Module):
             self.write_files(tmp, variant=variant)
         return Path(save_directory)
 
-    def write_files(self, folder: Path, *, variant: str | None = None) -> None:
+    def write_files(self, folder: Path, *, variant: str | None = None,
+                    state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Write config.json (`file_config()`) and <weights_name>[.variant].safetensors (`state_dict`, default the
+        model's own) into `folder`, in place: callers make it atomic."""
         folder.mkdir(parents=True, exist_ok=True)
-        config = {k: v for k, v in self.to_file_config().items()}
+        hub.write_json(self.file_config(), folder / CONFIG_NAME)
+        name = f"{self.weights_name}.{variant}.safetensors" if variant else f"{self.weights_name}.safetensors"
+        state = dict(self.state_dict() if state_dict is None else state_dict)
+        hub.save_safetensors(state, folder / name, metadata={"format": "pt"})
+
+    def file_config(self) -> dict[str, Any]:
+        """What config.json holds: the file config, plus the diffusers class and latentdiff's own entries."""
+        config = dict(self.to_file_config())
         if self.diffusers_class_name:
             config["_class_name"] = self.diffusers_class_name
         config["_latentdiff_version"] = __version__
         config["_latentdiff_component"] = self.registry_name
-        hub.write_json(config, folder / CONFIG_NAME)
-        name = f"{self.weights_name}.{variant}.safetensors" if variant else f"{self.weights_name}.safetensors"
-        hub.save_safetensors(self.state_dict(), folder / name, metadata={"format": "pt"})
+        return config
 
     # ---- conveniences -----------------------------------------------------------------------
     @property

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import hub
 from ..config import ComponentConfig
 from ..errors import ConfigError
 from .base import ModelMixin, check_supported
@@ -245,10 +244,6 @@ class CLIPTextModel(ModelMixin):
         self.write_files(folder, variant=variant, state_dict=state_dict)
         return folder
 
-    def write_files(self, folder: Path, *, variant: str | None = None,
-                    state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        hub.write_json(self.to_file_config(), folder / "config.json")
-        name = f"{self.weights_name}.{variant}.safetensors" if variant else f"{self.weights_name}.safetensors"
-        state = dict(self.state_dict() if state_dict is None else state_dict)
-        hub.save_safetensors(state, folder / name, metadata={"format": "pt"})
+    def file_config(self) -> dict[str, Any]:
+        """transformers' config.json as it is: no latentdiff entries (transformers loads the folder)."""
+        return dict(self.to_file_config())

@@ -14,7 +14,7 @@ from typing import Mapping
 
 import torch
 
-from .. import __version__, hub
+from .. import hub
 from ..config import ComponentConfig
 from ..errors import CheckpointError, ConfigError
 from ..registry import COMPONENTS
@@ -118,7 +118,5 @@ class IdentityFirstStage(ModelMixin):
     def write_files(self, folder: Path, *, variant: str | None = None) -> None:
         """Write config.json only (`variant` names a weights file, so it changes nothing here)."""
         folder.mkdir(parents=True, exist_ok=True)
-        config = {**self.to_file_config(), "_latentdiff_version": __version__,
-                  "_latentdiff_component": self.registry_name}
-        hub.write_json(config, folder / CONFIG_NAME)
+        hub.write_json(self.file_config(), folder / CONFIG_NAME)
 
