@@ -1,8 +1,8 @@
 """Inference-only memory savings in the layers (peak RSS of a 512 px SD 1.5 generation, benchmarks/RESULTS.md):
 
-* FeedForward runs over chunks of tokens when autograd is off and the GEGLU projection would exceed
-  FEED_FORWARD_CHUNK_BYTES: the same values as the whole-tensor path (to GEMM rounding), nothing chunked when
-  gradients are recorded;
+* FeedForward runs over chunks of tokens when autograd is off, the tensors are on the CPU and the GEGLU
+  projection would exceed FEED_FORWARD_CHUNK_BYTES: the same values as the whole-tensor path (to GEMM
+  rounding), nothing chunked when gradients are recorded or off the CPU;
 * ResnetBlock works in place on its own temporaries when autograd is off: bit-identical to the autograd path,
   with and without a shortcut conv, output scale and up/down resampling, and its input is left untouched.
 """
@@ -21,6 +21,7 @@ from .helpers import max_rel_error
 def test_feed_forward_chunks_give_the_whole_result(monkeypatch):
     torch.manual_seed(0)
     ff = FeedForward(32).eval()
+    state = {k: v.clone() for k, v in ff.state_dict().items()}
     x = torch.randn(2, 300, 32)
     whole = ff(x)                                       # autograd on: one pass (the parameters require grad)
     assert whole.requires_grad
@@ -32,6 +33,12 @@ def test_feed_forward_chunks_give_the_whole_result(monkeypatch):
         chunked = ff(x)
     assert calls == [64] * 9 + [600 - 9 * 64]
     assert chunked.shape == whole.shape and max_rel_error(chunked, whole.detach()) <= 1e-6
+    calls.clear()
+    ff.to("meta")                                       # not on the CPU (a GPU): whole GEMMs, never chunked
+    with torch.inference_mode():
+        ff(x.to("meta"))
+    assert calls == [600]
+    ff.to_empty(device="cpu").load_state_dict(state)
     calls.clear()
     with torch.no_grad():                               # small enough for one pass: not chunked
         monkeypatch.setattr(attention, "FEED_FORWARD_CHUNK_BYTES", 16 * 2**20)
