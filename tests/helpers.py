@@ -1,6 +1,8 @@
 """Shared test utilities."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 
@@ -17,7 +19,7 @@ def assert_parity(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-
     assert err <= tol, f"max relative error {err:.3e} > {tol:.0e}"
 
 
-def make_hub_cache(cache_dir, repo_id: str, src_folder, *, commit: str = "0" * 40) -> "Path":
+def make_hub_cache(cache_dir, repo_id: str, src_folder, *, commit: str = "0" * 40) -> Path:
     """Lay `src_folder` out as a huggingface_hub cache entry for `repo_id` (models--owner--name/...).
 
     Tests use it to prove that a Hub id loads from the local cache with HF_HUB_OFFLINE=1.

@@ -2,8 +2,6 @@
 look-up), small, and it draws what it is asked (a quick check; the full figures are in docs/builtin.md)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from latentdiff.builtin import BUILTIN_MODELS, DEFAULT_MODEL, ROOT, builtin_path, generate_settings

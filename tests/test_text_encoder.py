@@ -389,3 +389,24 @@ def test_sd15_text_encoder_parity(sd15_text_model, tiny, layer):
     assert actual.shape == (2, 77, 768)
     assert_same(actual, diffusers_encode(sd15_text_model, tokenizer, prompts,
                                          clip_skip=1 if layer == "penultimate" else None))
+
+
+def test_a_tokenizer_left_to_transformers_says_why_in_the_debug_log(tmp_path, caplog):
+    """A tokenizer.json the native classes do not reproduce (no post-processor) goes to transformers; a debug
+    line names the folder and the reason, so a user can see which setting sent it there."""
+    import json
+    import logging
+
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    from latentdiff.models.text_encoder import _native_tokenizer
+
+    backend = Tokenizer(WordLevel({"[UNK]": 0, "a": 1, "red": 2}, unk_token="[UNK]"))
+    backend.pre_tokenizer = Whitespace()
+    backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    with caplog.at_level(logging.DEBUG, logger="latentdiff.models.text_encoder"):
+        assert _native_tokenizer(tmp_path, ["tokenizer.json", "tokenizer_config.json"]) is None
+    assert str(tmp_path) in caplog.text and "post-processor" in caplog.text

@@ -166,7 +166,6 @@ class UNetArch:
 
     # ---- diffusers config.json ------------------------------------------------------------------------
     def to_diffusers_config(self) -> dict[str, Any]:
-        levels = len(self.channels)
         layers = _compact(self.layers_per_level)
         common = {
             "in_channels": self.in_channels, "out_channels": self.out_channels,

@@ -15,6 +15,7 @@ either kind. transformers is imported inside functions only, so `import latentdi
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -330,7 +331,8 @@ def _native_tokenizer(folder: Path, present: list[str]) -> Any:
             return load_clip_tokenizer(folder)
         if name in GENERIC_TOKENIZER_CLASSES and "tokenizer.json" in present:
             return load_fast_tokenizer(folder)
-    except ConfigError:  # a setting the native classes do not reproduce: transformers' job
+    except ConfigError as error:  # a setting the native classes do not reproduce: transformers' job
+        logging.getLogger(__name__).debug("tokenizer in %s goes to transformers: %s", folder, error)
         return None
     return None
 

@@ -23,7 +23,7 @@ from torch import nn
 from ..config import ComponentConfig
 from ..errors import ConfigError, InputError
 from ..layers.attention import SpatialTransformer
-from ..layers.embeddings import TimestepEmbedding, timestep_embedding
+from ..layers.embeddings import TimestepEmbedding, cast, timestep_embedding
 from ..layers.resnet import Downsample, ResnetBlock, Upsample
 from ..registry import COMPONENTS
 from .base import ModelMixin, check_supported
@@ -316,11 +316,6 @@ def timestep_batch(t: torch.Tensor | float | int, x: torch.Tensor) -> torch.Tens
         return t if t.shape == (x.shape[0],) else t.expand(x.shape[0])  # from (), (1,) (check_timestep)
     # a full() on the device, not a host tensor copied over: no sync
     return torch.full((x.shape[0],), float(t), device=x.device, dtype=torch.float32)
-
-
-def cast(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """value in dtype; the .to() only when it changes something (a no-op .to() is still an op per call)."""
-    return value if value.dtype == dtype else value.to(dtype)
 
 
 def upsample_sizes(size: tuple[int, int], *, levels: int, downsample_padding: int) -> list[tuple[int, int] | None]:

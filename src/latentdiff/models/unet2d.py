@@ -24,11 +24,11 @@ from torch import nn
 from ..config import ComponentConfig
 from ..errors import ConfigError, InputError
 from ..layers.attention import SpatialSelfAttention, attention
-from ..layers.embeddings import TimestepEmbedding, timestep_embedding
+from ..layers.embeddings import TimestepEmbedding, cast, timestep_embedding
 from ..layers.resnet import ResnetBlock
 from ..registry import COMPONENTS
 from .base import DEPRECATED_ATTENTION_NAMES, ModelMixin, rename_deprecated_attention  # noqa: F401 (re-exported)
-from .unet import (DownLevel, UpLevel, attention_levels_of, cast, check_timestep, key_at, read_diffusers_config,
+from .unet import (DownLevel, UpLevel, attention_levels_of, check_timestep, key_at, read_diffusers_config,
                    shape_of, square_sample_size, timestep_batch, upsample_sizes)
 
 ClassEmbedType = Literal["timestep", "identity"]
