@@ -345,8 +345,12 @@ def test_bad_inputs_raise_input_errors(tiny):
         encoder.encode_ids(torch.zeros(1, 77))
     with pytest.raises(InputError, match="integer token ids"):
         encoder.encode_ids(torch.zeros(77, dtype=torch.long))
-    with pytest.raises(InputError, match="positions"):
+    with pytest.raises(InputError, match="position embeddings"):
         encoder.encode_ids(torch.zeros(1, 78, dtype=torch.long))
+    with pytest.raises(InputError, match="position embeddings"):  # no tokens at all: not even the start token
+        encoder.encode_ids(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(InputError, match="integer token ids"):
+        encoder.encode_ids(torch.zeros(1, 77, dtype=torch.complex64))
 
 
 def test_registry_and_model_index_entries(tiny):

@@ -153,13 +153,7 @@ class TextEncoder(nn.Module):
 
     def encode_ids(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: (B, L) integer token ids -> (B, L, hidden_size), from the layer the config names."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point() \
-                or input_ids.dtype == torch.bool:
-            raise InputError("input_ids must be a 2-D tensor of integer token ids", where="input_ids",
-                             expected="(B, L) integer tensor", found=_describe(input_ids))
-        if self._max_positions is not None and input_ids.shape[1] > self._max_positions:
-            raise InputError("more tokens than the model has positions", where="input_ids",
-                             expected=f"L <= {self._max_positions}", found=f"L = {input_ids.shape[1]}")
+        check_input_ids(input_ids, self._max_positions)
         device = self.device
         if attention_mask is not None:
             attention_mask = attention_mask.to(device)
@@ -479,15 +473,18 @@ MACHINERY_KEYS = frozenset({
 })
 
 
-def check_input_ids(input_ids: Any, max_positions: int) -> None:
-    """input_ids must be (B, L) integer token ids with 1 <= L <= max_positions (checked without a host sync)."""
+def check_input_ids(input_ids: Any, max_positions: int | None) -> None:
+    """input_ids must be (B, L) integer token ids with 1 <= L <= max_positions (None: no upper bound known);
+    checked without a host sync."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point() \
             or input_ids.is_complex() or input_ids.dtype == torch.bool:
         raise InputError("input_ids must be a 2-D tensor of integer token ids", where="input_ids",
                          expected="(B, L) integer tensor", found=_describe(input_ids))
-    if not 1 <= input_ids.shape[1] <= max_positions:
+    length = input_ids.shape[1]
+    if length < 1 or (max_positions is not None and length > max_positions):
         raise InputError("token count out of range of the position embeddings", where="input_ids",
-                         expected=f"1 <= L <= {max_positions}", found=f"L = {input_ids.shape[1]}")
+                         expected=f"1 <= L <= {max_positions}" if max_positions is not None else "L >= 1",
+                         found=f"L = {length}")
 
 
 def _describe(value: Any) -> str:
