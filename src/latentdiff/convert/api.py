@@ -192,17 +192,25 @@ def text_encoder_from_part(cls: type, config: Mapping[str, Any], state: Mapping[
 def clip_text_model(config: Mapping[str, Any], state: Mapping[str, torch.Tensor], *,
                     torch_dtype: torch.dtype | None = None, device: Any = None,
                     source: str = "text_encoder") -> nn.Module:
-    """transformers' CLIPTextModel from a config dict and state: parameters built on the meta device (buffers
-    real), checked strictly, then assigned."""
-    import transformers
-    from accelerate import init_empty_weights
-
+    """A CLIPTextModel from a config dict and state, loaded strictly: latentdiff's own (`models.clip_text`, no
+    transformers import) when it implements every setting of the config, as for a folder (`load_text_model`),
+    else transformers' (parameters built on the meta device, buffers real, checked, then assigned)."""
     from ..models.base import check_state_dict
+    from ..models.text_encoder import native_backend, native_config_of
 
     architectures = config.get("architectures") or ["CLIPTextModel"]
     if list(architectures) != ["CLIPTextModel"]:
         raise CheckpointError("only CLIPTextModel text encoders have an original layout", where=source,
                               expected=["CLIPTextModel"], found=architectures)
+    native = native_config_of({"model_type": "clip_text_model", **config}, source=source) \
+        if native_backend() else None
+    if native is not None:
+        from ..models.clip_text import CLIPTextModel
+
+        return CLIPTextModel.from_state_dict(native, state, torch_dtype=torch_dtype, device=device, source=source)
+    import transformers
+    from accelerate import init_empty_weights
+
     model_config = transformers.CLIPTextConfig.from_dict({k: v for k, v in config.items() if not k.startswith("_")})
     with init_empty_weights(include_buffers=False):
         model = transformers.CLIPTextModel(model_config)

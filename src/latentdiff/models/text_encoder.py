@@ -19,7 +19,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -393,13 +393,24 @@ def load_text_model(folder: Path, *, variant: str | None = None, torch_dtype: to
 
 def _native_config(folder: Path) -> Any:
     """The CLIPTextConfig of a folder latentdiff's CLIPTextModel loads; None for any other model (or setting)."""
-    from .clip_text import MODEL_TYPE, CLIPTextModel
-
     try:
         data = read_json(folder / MODEL_CONFIG)
-        return CLIPTextModel.from_file_config(data, source=str(folder / MODEL_CONFIG)) \
-            if data.get("model_type") == MODEL_TYPE else None
-    except ConfigError:  # CLIPTextModelWithProjection, another activation ...: transformers implements (or rejects) it
+    except ConfigError:  # transformers reads (or rejects) it
+        return None
+    return native_config_of(data, source=str(folder / MODEL_CONFIG))
+
+
+def native_config_of(data: Mapping[str, Any], *, source: str | None = None) -> Any:
+    """The CLIPTextConfig of a transformers config dict latentdiff's CLIPTextModel implements; None for any other
+    model or setting (CLIPTextModelWithProjection, another activation ...: transformers implements or rejects it)."""
+    from .clip_text import MODEL_TYPE, CLIPTextModel
+
+    if data.get("model_type") != MODEL_TYPE:
+        return None
+    try:
+        return CLIPTextModel.from_file_config(data, source=source)
+    except ConfigError as error:
+        logging.getLogger(__name__).debug("text model %s goes to transformers: %s", source, error)
         return None
 
 
