@@ -113,8 +113,9 @@ def main() -> int:
     if args.fit_seconds and not (RUNS / "autoencoder" / "config.json").is_file():
         per_step, _ = seconds_per_step("autoencoder", "shapes-64-autoencoder.yaml", recipe["autoencoder"])
         left = args.fit_seconds - (time.monotonic() - start)
-        used["autoencoder"] = fitted("autoencoder", per_step, 0.30 * left)
-        used["decoder"] = fitted("decoder", per_step, 0.05 * left)
+        used["autoencoder"] = fitted("autoencoder", per_step, (0.30 if args.finetune_decoder else 0.35) * left)
+        if args.finetune_decoder:
+            used["decoder"] = fitted("decoder", per_step, 0.05 * left)
         print(f"autoencoder: {per_step * 1e3:.1f} ms per step; steps {used}", flush=True)
     for stage in used:
         recipe[stage] = with_steps(recipe[stage], used[stage])
