@@ -128,7 +128,15 @@ def test_unet_and_vae_from_single_file_match_diffusers(sd, fmt, original_config)
     assert vae.config.scaling_factor == ref_vae.config.scaling_factor
 
 
-def test_text_encoder_from_single_file_matches_transformers(sd):
+@pytest.mark.parametrize("backend", ["auto", "transformers"])
+def test_text_encoder_from_single_file_matches_transformers(sd, monkeypatch, backend):
+    """By default the file's CLIP loads as latentdiff's own CLIPTextModel, as a folder does (no transformers model
+    on the inference path); LATENTDIFF_TEXT_BACKEND=transformers asks for transformers' class. Same numbers."""
+    import transformers
+
+    from latentdiff.models.clip_text import CLIPTextModel
+
+    monkeypatch.setenv("LATENTDIFF_TEXT_BACKEND", backend)
     path = sd["root"] / "sd.safetensors"
     tokenizer = CLIPTokenizer.from_pretrained(sd["tokenizer"])
     by_folder = TextEncoder.from_single_file(path, tokenizer=sd["tokenizer"])
@@ -139,23 +147,8 @@ def test_text_encoder_from_single_file_matches_transformers(sd):
         assert_parity(by_folder([PROMPT, ""]), expected)
         assert_parity(by_object.encode_ids(ids), expected)
     assert by_object.tokenizer is tokenizer and by_folder.max_length == 77
-    # latentdiff's own CLIPTextModel, as for a folder (no transformers model on the inference path) ...
-    from latentdiff.models.clip_text import CLIPTextModel
-
-    assert isinstance(by_folder.model, CLIPTextModel) and isinstance(by_object.model, CLIPTextModel)
-
-
-def test_text_encoder_from_single_file_on_the_transformers_backend(sd, monkeypatch):
-    """... unless LATENTDIFF_TEXT_BACKEND=transformers asks for transformers' class: same numbers."""
-    import transformers
-
-    monkeypatch.setenv("LATENTDIFF_TEXT_BACKEND", "transformers")
-    encoder = TextEncoder.from_single_file(sd["root"] / "sd.safetensors", tokenizer=sd["tokenizer"])
-    assert isinstance(encoder.model, transformers.CLIPTextModel)
-    with torch.no_grad():
-        assert_parity(encoder([PROMPT, ""]), sd["models"]["text_encoder"](
-            CLIPTokenizer.from_pretrained(sd["tokenizer"])([PROMPT, ""], padding="max_length", max_length=77,
-                                                           return_tensors="pt").input_ids).last_hidden_state)
+    model_class = CLIPTextModel if backend == "auto" else transformers.CLIPTextModel
+    assert isinstance(by_folder.model, model_class) and isinstance(by_object.model, model_class)
 
 
 def test_ema_switch(sd, tmp_path):

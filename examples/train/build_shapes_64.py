@@ -100,6 +100,7 @@ def main() -> int:
                         help="with --gpu: measure each stage's speed and size its steps so that the whole build "
                              "ends within about this many seconds (the step counts used are printed)")
     args = parser.parse_args()
+    tune = args.finetune_decoder
     start = time.monotonic()
 
     from latentdiff.data.shapes import write_imagefolder, write_tokenizer
@@ -113,15 +114,14 @@ def main() -> int:
     if args.fit_seconds and not (RUNS / "autoencoder" / "config.json").is_file():
         per_step, _ = seconds_per_step("autoencoder", "shapes-64-autoencoder.yaml", recipe["autoencoder"])
         left = args.fit_seconds - (time.monotonic() - start)
-        used["autoencoder"] = fitted("autoencoder", per_step, (0.30 if args.finetune_decoder else 0.35) * left)
-        if args.finetune_decoder:
+        used["autoencoder"] = fitted("autoencoder", per_step, (0.30 if tune else 0.35) * left)
+        if tune:
             used["decoder"] = fitted("decoder", per_step, 0.05 * left)
         print(f"autoencoder: {per_step * 1e3:.1f} ms per step; steps {used}", flush=True)
     for stage in used:
         recipe[stage] = with_steps(recipe[stage], used[stage])
     if not (RUNS / "autoencoder" / "config.json").is_file():
         train("autoencoder", "shapes-64-autoencoder.yaml", recipe["autoencoder"])
-    tune = args.finetune_decoder
     if tune and args.gpu and not (RUNS / "autoencoder-ft" / "config.json").is_file():  # it does not need the LDM
         train("decoder", "shapes-64-decoder.yaml", recipe["decoder"])
     if args.fit_seconds and not (RUNS / "pipeline" / "model_index.json").is_file():

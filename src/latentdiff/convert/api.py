@@ -202,11 +202,10 @@ def clip_text_model(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]
     if list(architectures) != ["CLIPTextModel"]:
         raise CheckpointError("only CLIPTextModel text encoders have an original layout", where=source,
                               expected=["CLIPTextModel"], found=architectures)
-    native = native_config_of({"model_type": "clip_text_model", **config}, source=source) \
-        if native_backend() else None
-    if native is not None:
-        from ..models.clip_text import CLIPTextModel
+    from ..models.clip_text import MODEL_TYPE, CLIPTextModel
 
+    native = native_config_of({"model_type": MODEL_TYPE, **config}, source=source) if native_backend() else None
+    if native is not None:
         return CLIPTextModel.from_state_dict(native, state, torch_dtype=torch_dtype, device=device, source=source)
     import transformers
     from accelerate import init_empty_weights
