@@ -8,7 +8,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from . import __version__
+from .version import __version__
 from .cli_generate import DTYPES, add_generate_parser, cmd_generate
 from .errors import LatentDiffError
 

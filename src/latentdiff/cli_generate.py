@@ -28,7 +28,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__, builtin
+from . import builtin
+from .version import __version__
 from .builtin import DEFAULT_MODEL, GENERATE_SETTINGS, builtin_names, builtin_path
 from .errors import ConfigError, InputError
 

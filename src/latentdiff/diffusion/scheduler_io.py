@@ -36,7 +36,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
-from .. import __version__, hub
+from .. import hub
+from ..version import __version__
 from ..config import read_json
 from ..errors import ConfigError
 from .noise_scheduler import NoiseScheduler, NoiseSchedulerConfig

@@ -21,7 +21,8 @@ from typing import Any, ClassVar, Mapping
 import torch
 from torch import nn
 
-from .. import __version__, hub
+from .. import hub
+from ..version import __version__
 from ..config import ComponentConfig, read_json
 from ..errors import CheckpointError, ConfigError
 from ..utils.memory import release_mapped

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import __version__, hub
+from .. import hub
+from ..version import __version__
 from ..config import ComponentConfig
 from ..errors import CheckpointError, ConfigError, InputError
 from ..layers.attention import attention

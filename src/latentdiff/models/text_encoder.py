@@ -24,7 +24,8 @@ from typing import Any, ClassVar, Literal, Mapping, Sequence
 import torch
 from torch import nn
 
-from .. import __version__, hub
+from .. import hub
+from ..version import __version__
 from ..config import ComponentConfig, read_json
 from ..errors import CheckpointError, ConfigError, InputError
 from ..registry import COMPONENTS

@@ -18,7 +18,8 @@ from typing import Any, Callable, ClassVar, Sequence
 import numpy as np
 import torch
 
-from .. import __version__, hub
+from .. import hub
+from ..version import __version__
 from ..config import read_json
 from ..errors import CheckpointError, ConfigError, InputError, RegistryError
 from ..registry import PIPELINES

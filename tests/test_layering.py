@@ -1,0 +1,166 @@
+"""The package's layering, read from the source with `ast` (lazy, in-function imports included).
+
+    errors, config, registry, hub (+ version, utils, builtin)  <  layers  <  models | diffusion  <  pipelines
+        <  convert  <  training, metrics, data  <  cli
+
+A module may import its own layer or a lower one; `models` and `diffusion` never import each other; no two
+modules import each other through any chain (no cycle). The package root (`latentdiff/__init__.py`) is the
+public facade above every layer: it names its modules as strings and imports none of them eagerly.
+"""
+from __future__ import annotations
+
+import ast
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+# layer of each top-level part of the package; a part not listed here fails the test (give it a layer)
+LAYERS: dict[str, int] = {
+    "version": 0, "errors": 0, "config": 0, "registry": 0, "hub": 0, "utils": 0, "builtin": 0,
+    "layers": 1,
+    "models": 2, "diffusion": 2,
+    "pipelines": 3,
+    "convert": 4,
+    "training": 5, "metrics": 5, "data": 5,
+    "cli": 6, "cli_generate": 6, "__main__": 6,
+}
+# parts on one layer that must not import each other
+INDEPENDENT = [{"models", "diffusion"}]
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for path in (SRC / "latentdiff").rglob("*.py"):
+        parts = list(path.relative_to(SRC).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        mods[".".join(parts)] = path
+    return mods
+
+
+def _targets(module: str, node: ast.Import | ast.ImportFrom, is_package: bool, mods: dict[str, Path]) -> list[str]:
+    """The latentdiff modules an import statement loads (the deepest existing module of each name)."""
+    if isinstance(node, ast.ImportFrom):
+        if node.level:
+            base = module.split(".")[: len(module.split(".")) + (1 if is_package else 0) - node.level]
+            name = ".".join(base + ([node.module] if node.module else []))
+        else:
+            name = node.module or ""
+        names = [f"{name}.{alias.name}" if f"{name}.{alias.name}" in mods else name for alias in node.names]
+    else:
+        names = [alias.name for alias in node.names]
+    found = []
+    for name in names:
+        while name and name not in mods:
+            name = name.rpartition(".")[0]
+        if name.startswith("latentdiff") and name != module:
+            found.append(name)
+    return found
+
+
+def import_graph() -> tuple[dict[str, set[str]], dict[str, Path]]:
+    """module -> the latentdiff modules it imports anywhere in its source (top level or inside functions)."""
+    mods = _modules()
+    graph: dict[str, set[str]] = defaultdict(set)
+    for module, path in mods.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                graph[module].update(_targets(module, node, path.name == "__init__.py", mods))
+    return graph, mods
+
+
+def _part(module: str) -> str:
+    return module.split(".")[1] if "." in module else ""
+
+
+def upward_imports() -> list[str]:
+    graph, _ = import_graph()
+    bad = []
+    for module, targets in graph.items():
+        if module == "latentdiff":
+            continue
+        for target in targets:
+            mine, theirs = _part(module), _part(target)
+            if theirs == "":
+                bad.append(f"{module} -> {target} (the package root is the facade: import the module itself)")
+            elif LAYERS[theirs] > LAYERS[mine]:
+                bad.append(f"{module} -> {target} ({mine} is below {theirs})")
+            elif mine != theirs and any({mine, theirs} <= group for group in INDEPENDENT):
+                bad.append(f"{module} -> {target} ({mine} and {theirs} are independent)")
+    return sorted(bad)
+
+
+def import_cycles() -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan, iterative)."""
+    graph, mods = import_graph()
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles = []
+    for root in sorted(mods):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph.get(root, ()))))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    cycles.append(sorted(component))
+    return cycles
+
+
+def test_every_part_has_a_layer():
+    _, mods = import_graph()
+    parts = {_part(m) for m in mods if m != "latentdiff"}
+    assert parts <= set(LAYERS), f"give these parts a layer in tests/test_layering.py: {sorted(parts - set(LAYERS))}"
+
+
+def test_no_upward_imports():
+    bad = upward_imports()
+    assert not bad, "imports against the layering:\n" + "\n".join(bad)
+
+
+def test_no_import_cycles():
+    cycles = import_cycles()
+    assert not cycles, "import cycles (lazy imports included):\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+def test_the_checker_sees_lazy_and_relative_imports(tmp_path, monkeypatch):
+    """The analysis itself: an in-function relative import against the order, and a two-module cycle, are found."""
+    package = tmp_path / "latentdiff"
+    for sub in ("models", "convert"):
+        (package / sub).mkdir(parents=True)
+        (package / sub / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "models" / "base.py").write_text("def f():\n    from ..convert.api import g\n")
+    (package / "convert" / "api.py").write_text("from ..models.base import f\n")
+    monkeypatch.setattr(sys.modules[__name__], "SRC", tmp_path)
+    assert upward_imports() == ["latentdiff.models.base -> latentdiff.convert.api (models is below convert)"]
+    assert import_cycles() == [["latentdiff.convert.api", "latentdiff.models.base"]]
