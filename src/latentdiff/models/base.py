@@ -5,9 +5,10 @@ so a folder saved here loads in diffusers and the other way round. The config fi
 from the model's typed config by the model class (`from_file_config` / `to_file_config`): an unknown
 key, or a known key at a value latentdiff does not implement, is a ConfigError naming it.
 
-A model is also one *part* of an original single-file checkpoint (CompVis / Stability AI `.ckpt` /
+A model may also be one *part* of an original single-file checkpoint (CompVis / Stability AI `.ckpt` /
 `.safetensors`): `from_single_file` reads that part, `save_single_file` writes it back in the original
-layout (see `latentdiff.convert.api`).
+layout. Models know nothing of that format: both are hooks (`registry.SINGLE_FILE`) that
+`latentdiff.convert.api` provides.
 """
 from __future__ import annotations
 
@@ -25,14 +26,11 @@ from .. import hub
 from ..version import __version__
 from ..config import ComponentConfig, read_json
 from ..errors import CheckpointError, ConfigError
+from ..registry import SINGLE_FILE
 from ..utils.memory import release_mapped
 from ..utils.startup import freeze_startup_objects
 
 CONFIG_NAME = "config.json"
-# The part of an original single file a model class is, by its diffusers class name (or its own name), for
-# classes that do not set `single_file_part` themselves. The part's config must name the same class.
-SINGLE_FILE_PARTS = {"UNet2DConditionModel": "unet", "UNet2DModel": "unet", "AutoencoderKL": "vae",
-                     "VQModel": "vqvae", "LDMBert": "text_encoder", "ClassEmbedder": "class_embedder"}
 
 
 class ModelMixin(nn.Module):
@@ -42,7 +40,6 @@ class ModelMixin(nn.Module):
     registry_name: ClassVar[str]
     diffusers_class_name: ClassVar[str | None] = None  # written as `_class_name` in config.json
     weights_name: ClassVar[str] = hub.WEIGHTS_NAME
-    single_file_part: ClassVar[str | None] = None  # "unet", "vae", "vqvae" ... (None: from SINGLE_FILE_PARTS)
 
     def __init__(self, config: ComponentConfig):
         super().__init__()
@@ -107,12 +104,7 @@ class ModelMixin(nn.Module):
         model.load_state_dict(_cast_streaming(state, device, dtype), strict=True, assign=True)
         return model.eval()
 
-    # ---- original single files ------------------------------------------------------------------
-    @classmethod
-    def single_file_part_name(cls) -> str | None:
-        """The part of an original single file this class loads ("unet", "vae", "vqvae" ...), or None."""
-        return cls.single_file_part or SINGLE_FILE_PARTS.get(cls.diffusers_class_name or cls.__name__)
-
+    # ---- original single files (hooks provided by latentdiff.convert.api) ---------------------------
     @classmethod
     def from_single_file(cls, path: str | os.PathLike, *, original_config: Any = None, use_ema: bool = True,
                          prediction_type: str | None = None, torch_dtype: torch.dtype | None = None,
@@ -124,10 +116,9 @@ class ModelMixin(nn.Module):
         LitEma's weights when the file has them. A file without this part is a CheckpointError naming the
         parts it has.
         """
-        from ..convert.api import model_from_single_file
-
-        return model_from_single_file(cls, path, original_config=original_config, use_ema=use_ema,
-                                      prediction_type=prediction_type, torch_dtype=torch_dtype, device=device)
+        return SINGLE_FILE.get("model_from_single_file")(cls, path, original_config=original_config, use_ema=use_ema,
+                                                         prediction_type=prediction_type, torch_dtype=torch_dtype,
+                                                         device=device)
 
     def save_single_file(self, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
         """Write this model alone in the original layout (`.safetensors`, atomically), its config in the metadata.
@@ -135,9 +126,7 @@ class ModelMixin(nn.Module):
         `dtype` casts the floating-point tensors (None: as they are). A UNet gets `model.diffusion_model.`
         keys; an autoencoder gets the bare keys of CompVis' stand-alone first-stage files.
         """
-        from ..convert.api import model_to_single_file
-
-        return model_to_single_file(self, path, dtype=dtype)
+        return SINGLE_FILE.get("model_to_single_file")(self, path, dtype=dtype)
 
     # ---- saving -----------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, *, variant: str | None = None) -> Path:
