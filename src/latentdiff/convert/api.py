@@ -25,6 +25,7 @@ from torch import nn
 
 from .. import hub
 from ..errors import CheckpointError, InputError
+from ..models.base import cast_state_dict, check_state_dict
 from ..registry import SINGLE_FILE
 from .single_file import SINGLE_FILE_SETTINGS_KEY as SETTINGS_KEY
 from .single_file import (METADATA_KEY, NETWORK_PARTS, Parts, class_name, read_single_file, single_file_part,
@@ -125,7 +126,7 @@ def build_model(cls: type, config: Mapping[str, Any], state: Mapping[str, torch.
 def model_part(model: nn.Module, *, dtype: torch.dtype | None = None) -> tuple[dict[str, Any], dict]:
     """(diffusers-format config, state) of a ModelMixin: what `to_single_file` takes."""
     config = {**model.to_file_config(), "_class_name": class_name(type(model))}
-    return config, cast(model.state_dict(), dtype)
+    return config, cast_state_dict(model.state_dict(), dtype=dtype)
 
 
 @SINGLE_FILE.register("model_to_single_file")
@@ -135,13 +136,6 @@ def model_to_single_file(model: nn.Module, path: str | os.PathLike, *, dtype: to
     if part is None:
         raise InputError(f"{type(model).__name__} is no part of an original single file", where=type(model).__name__)
     return write_single_file(path, {part: model_part(model, dtype=dtype)})
-
-
-def cast(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Floating-point tensors in `dtype` (None: unchanged); integer buffers keep theirs."""
-    if dtype is None:
-        return dict(state)
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 
 # ---- text encoders ----------------------------------------------------------------------------------------
@@ -196,7 +190,6 @@ def clip_text_model(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]
     """A CLIPTextModel from a config dict and state, loaded strictly: latentdiff's own (`models.clip_text`, no
     transformers import) when it implements every setting of the config, as for a folder (`load_text_model`),
     else transformers' (parameters built on the meta device, buffers real, checked, then assigned)."""
-    from ..models.base import check_state_dict
     from ..models.text_encoder import native_backend, native_config_of
 
     architectures = config.get("architectures") or ["CLIPTextModel"]
@@ -224,8 +217,7 @@ def clip_text_model(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]
     check_state_dict(model, state, source=source)
     dtype = torch_dtype or torch.float32
     target = torch.device(device) if device is not None else torch.device("cpu")
-    model.load_state_dict({k: v.to(device=target, dtype=dtype if v.is_floating_point() else v.dtype)
-                           for k, v in state.items()}, strict=True, assign=True)
+    model.load_state_dict(cast_state_dict(state, dtype=dtype, device=target), strict=True, assign=True)
     return model.to(target).eval()
 
 
@@ -236,7 +228,7 @@ def text_encoder_part(encoder: Any, *, dtype: torch.dtype | None = None) -> tupl
     to_file = getattr(encoder.model, "to_file_config", None)  # LDMBert is a latentdiff model
     config = dict(to_file()) if to_file is not None else encoder.model.config.to_dict()
     config[SETTINGS_KEY] = encoder.config.to_dict()
-    return config, cast(encoder.model.state_dict(), dtype)
+    return config, cast_state_dict(encoder.model.state_dict(), dtype=dtype)
 
 
 # ---- pipelines --------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from torch import nn
 
 from ..config import ComponentConfig
 from ..errors import ConfigError, InputError
-from .base import ModelMixin, check_supported
+from .base import ModelMixin
+from .diffusers_config import check_supported
 
 MODEL_TYPE = "clip_text_model"
 ARCHITECTURE = "CLIPTextModel"
