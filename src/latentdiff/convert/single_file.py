@@ -169,9 +169,9 @@ def split_single_file(state: Mapping[str, torch.Tensor], *, original_config: Any
         part, _, rest = key.partition(SEPARATOR)
         by_part.setdefault(part, {})[rest] = value
     parts: Parts = {}
-    for part, config in layout.configs().items():
-        if configs is not None and part in configs and not (part == "scheduler" and prediction_type is not None):
-            config = dict(configs[part])  # saved by write_single_file: verbatim (the layout keeps only what shapes tensors)
+    # configs saved by write_single_file are taken verbatim (the layout keeps only what shapes tensors)
+    saved = {p: c for p, c in (configs or {}).items() if not (p == "scheduler" and prediction_type is not None)}
+    for part, config in layout.configs(saved=saved).items():
         if part == "scheduler":
             parts[part] = (config, {})
         elif part in by_part:  # a part the config names but the file lacks (e.g. a UNet-only file) is omitted

@@ -209,7 +209,10 @@ class UNetArch:
 
     def to_diffusers_config(self) -> dict[str, Any]:
         """The part config: the diffusers config.json of `to_config()`'s model, with `foreign_keys()`."""
-        config = self.to_config()
+        try:
+            config = self.to_config()
+        except ConfigError as e:  # a layout latentdiff's UNets cannot build with the original conventions
+            raise CheckpointError(f"unet: {e.message}", where=e.where, expected=e.expected, found=e.found) from None
         table = UNET_CONDITIONAL if self.conditional else UNET_2D
         return {"_class_name": table.class_name, **table.to_file(config), **self.foreign_keys()}
 

@@ -106,7 +106,12 @@ class VAEArch:
     def to_diffusers_config(self) -> dict[str, Any]:
         """The part config: the diffusers config.json of `to_config()`'s model."""
         table = AUTOENCODER_KL if self.kind == "kl" else VQ_MODEL
-        return {"_class_name": table.class_name, **table.to_file(self.to_config())}
+        try:
+            config = self.to_config()
+        except ConfigError as e:  # a layout latentdiff's autoencoders cannot build with the original conventions
+            raise CheckpointError(f"{self.part}: {e.message}", where=e.where, expected=e.expected,
+                                  found=e.found) from None
+        return {"_class_name": table.class_name, **table.to_file(config)}
 
     @classmethod
     def from_diffusers_config(cls, config: Mapping[str, Any], *, source: str = "vae config") -> "VAEArch":
