@@ -30,7 +30,7 @@ from ..errors import CheckpointError, ConfigError
 from ..registry import SINGLE_FILE
 from ..utils.memory import release_mapped
 from ..utils.startup import freeze_startup_objects
-from .diffusers_config import DiffusersConfigMap
+from .diffusers_config import DiffusersConfigMap, check_supported  # noqa: F401 (check_supported's old home)
 
 CONFIG_NAME = "config.json"
 
