@@ -390,3 +390,20 @@ def test_attention_levels_need_one_flag_per_level():
     with pytest.raises(ConfigError, match="attention_levels") as info:
         AutoencoderKLConfig(channels=(8, 16), norm_num_groups=4, attention_levels=(True,))
     assert info.value.where == "attention_levels"
+
+
+def test_defaults_table_matches_diffusers_signature():
+    from latentdiff.models.diffusers_tables import AUTOENCODER_KL
+
+    params = inspect.signature(DiffusersAutoencoderKL.__init__).parameters
+    plain = {k: list(p.default) if isinstance(p.default, tuple) else p.default for k, p in params.items() if k != "self"}
+    assert AUTOENCODER_KL.defaults == plain
+
+
+def test_a_table_that_misses_a_key_is_refused():
+    from latentdiff.models.diffusers_config import DiffusersConfigMap
+
+    with pytest.raises(ValueError, match="not accounted for"):
+        DiffusersConfigMap(class_name="X", defaults={"a": 1, "b": 2}, same=("a",))
+    with pytest.raises(ValueError, match="twice"):
+        DiffusersConfigMap(class_name="X", defaults={"a": 1}, same=("a",), inert=("a",))

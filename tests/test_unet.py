@@ -11,6 +11,7 @@ from diffusers import UNet2DConditionModel
 
 from latentdiff.errors import CheckpointError, ConfigError, InputError
 from latentdiff.models import unet as unet_module
+from latentdiff.models.diffusers_tables import UNET_CONDITIONAL
 from latentdiff.models.unet import UNet2DConditional, UNetConfig
 from latentdiff.registry import COMPONENTS
 from tests.helpers import assert_parity
@@ -182,11 +183,12 @@ def _diffusers_signature() -> dict:
 
 def test_defaults_table_matches_diffusers_signature():
     plain = {k: list(v) if isinstance(v, tuple) else v for k, v in _diffusers_signature().items()}
-    assert unet_module.DIFFUSERS_DEFAULTS == plain
+    assert UNET_CONDITIONAL.defaults == plain
 
 
 def test_every_diffusers_key_is_accounted_for():
-    mapped, supported, inert = set(unet_module._MAPPED), set(unet_module._SUPPORTED), set(unet_module._INERT)
+    table = UNET_CONDITIONAL
+    mapped, supported, inert = set(table.mapped), set(table.supported), set(table.inert)
     assert not (mapped & supported or mapped & inert or supported & inert)
     assert mapped | supported | inert == set(_diffusers_signature())
 

@@ -13,6 +13,7 @@ from diffusers import UNet2DModel
 from latentdiff import hub
 from latentdiff.errors import CheckpointError, ConfigError, InputError
 from latentdiff.models import unet2d as unet2d_module
+from latentdiff.models.diffusers_tables import UNET_2D
 from latentdiff.models.unet2d import UNet2D, UNet2DConfig
 from latentdiff.registry import COMPONENTS
 from tests.helpers import assert_parity
@@ -180,12 +181,12 @@ def _diffusers_signature() -> dict:
 
 def test_defaults_table_matches_diffusers_signature():
     plain = {k: list(v) if isinstance(v, tuple) else v for k, v in _diffusers_signature().items()}
-    assert unet2d_module.DIFFUSERS_DEFAULTS == plain
+    assert UNET_2D.defaults == plain
 
 
 def test_every_diffusers_key_is_accounted_for():
-    mapped, supported = set(unet2d_module._MAPPED), set(unet2d_module._SUPPORTED)
-    inert = set(unet2d_module._INERT)
+    mapped, supported = set(UNET_2D.mapped), set(UNET_2D.supported)
+    inert = set(UNET_2D.inert)
     assert not (mapped & supported or mapped & inert or supported & inert)
     assert mapped | supported | inert == set(_diffusers_signature())
 

@@ -4,6 +4,10 @@
     class UNet2DConditional(ModelMixin): ...
 
     COMPONENTS.create("unet", UNetConfig(...))
+
+`Hooks` are the same idea for functions: a lower layer calls a function that a higher layer provides
+(`ModelMixin.from_single_file` -> `SINGLE_FILE.get("model_from_single_file")`, registered by `convert.api`)
+without importing it; the providing module is imported by name on first use.
 """
 from __future__ import annotations
 
@@ -90,6 +94,37 @@ def _load_builtins() -> None:
             importlib.import_module(module)
 
 
+class Hooks:
+    """A name -> function table filled by one higher-layer module, imported by name on first look-up."""
+
+    def __init__(self, kind: str, module: str):
+        self.kind = kind
+        self.module = module  # the module whose import registers the hooks
+        self._entries: dict[str, Callable[..., Any]] = {}
+
+    def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        def add(function: Callable[..., Any]) -> Callable[..., Any]:
+            if name in self._entries and self._entries[name] is not function:
+                raise RegistryError(f"{self.kind} hook {name!r} is registered twice",
+                                    where=function.__qualname__, found=self._entries[name].__qualname__)
+            self._entries[name] = function
+            return function
+
+        return add
+
+    def get(self, name: str) -> Callable[..., Any]:
+        if name not in self._entries:
+            importlib.import_module(self.module)
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise RegistryError(f"unknown {self.kind} hook {name!r}", expected=f"one of {sorted(self._entries)}",
+                                found=name) from None
+
+
 COMPONENTS = Registry("component")
 SAMPLERS = Registry("sampler")
 PIPELINES = Registry("pipeline")
+# Original single-file checkpoints (CompVis / Stability AI): the models' and pipelines' from_single_file /
+# save_single_file call these; the file formats themselves live in `latentdiff.convert`.
+SINGLE_FILE = Hooks("single-file", "latentdiff.convert.api")

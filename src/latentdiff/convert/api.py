@@ -5,7 +5,8 @@
     pipe = pipeline_from_single_file("v1-5-pruned-emaonly.safetensors", sampler=DDIMSampler(eta=0.5))
     pipeline_to_single_file(pipe, "mine.safetensors", dtype=torch.float16)          # loads in A1111 / ComfyUI
 
-`ModelMixin.from_single_file` / `save_single_file` and `TextEncoder.from_single_file` delegate here. The
+`ModelMixin.from_single_file` / `save_single_file`, `TextEncoder.from_single_file` and the pipelines' reach
+this module through `registry.SINGLE_FILE`, where it registers its entry points at import. The
 file is read and split into parts by `single_file.read_single_file` (architecture from `original_config`,
 else from latentdiff's metadata, else inferred from the shapes: see `infer`); each part is then built
 strictly (every key used, every shape checked) on the meta device and assigned, so no weight is initialised
@@ -24,8 +25,11 @@ from torch import nn
 
 from .. import hub
 from ..errors import CheckpointError, InputError
-from ..models.text_encoder import SINGLE_FILE_SETTINGS_KEY as SETTINGS_KEY
-from .single_file import METADATA_KEY, NETWORK_PARTS, Parts, read_single_file, write_single_file
+from ..models.base import cast_state_dict, check_state_dict
+from ..registry import SINGLE_FILE
+from .single_file import SINGLE_FILE_SETTINGS_KEY as SETTINGS_KEY
+from .single_file import (METADATA_KEY, NETWORK_PARTS, Parts, class_name, read_single_file, single_file_part,
+                          write_single_file)
 from .text_ldm import TextArch
 from .tokenizers import resolve_tokenizer
 
@@ -72,14 +76,15 @@ def take_part(parts: Parts, part: str, *, source: str, wanted_by: str) -> tuple[
     return dict(config), state
 
 
+@SINGLE_FILE.register("model_from_single_file")
 def model_from_single_file(cls: type, path: str | os.PathLike, *, original_config: Any = None, use_ema: bool = True,
                            prediction_type: str | None = None, torch_dtype: torch.dtype | None = None,
                            device: str | torch.device | None = None) -> nn.Module:
     """`cls.from_single_file` of a ModelMixin: read the file, take the class's part, build it strictly."""
-    part = cls.single_file_part_name()
+    part = single_file_part(cls)
     if part is None:
         raise InputError(f"{cls.__name__} is no part of an original single file", where=cls.__name__,
-                         expected="a class with single_file_part set (UNet, autoencoder ...)")
+                         expected="a class with a part in SINGLE_FILE_PARTS (UNet, autoencoder ...)")
     parts = read_parts(path, use_ema=use_ema, original_config=original_config, prediction_type=prediction_type)
     config, state = take_part(parts, part, source=str(path), wanted_by=cls.__name__)
     check_class(cls, config, source=f"{path}: {part}")
@@ -89,7 +94,7 @@ def model_from_single_file(cls: type, path: str | os.PathLike, *, original_confi
 def check_class(cls: type, config: Mapping[str, Any], *, source: str) -> None:
     """The part's config must describe `cls` (a UNet2DModel part is not a UNet2DConditionModel)."""
     found = config.get("model_type") or config.get("_class_name")  # transformers' configs name the model type
-    want = "ldmbert" if cls.single_file_part_name() == "text_encoder" else class_name(cls)
+    want = "ldmbert" if single_file_part(cls) == "text_encoder" else class_name(cls)
     if found is None or found == want:
         return
     other = component_class(found)
@@ -97,11 +102,6 @@ def check_class(cls: type, config: Mapping[str, Any], *, source: str) -> None:
         if config.get("model_type") else "a class latentdiff does not have"
     raise CheckpointError(f"this part is a {found}, not what {cls.__name__} loads; use {hint}", where=source,
                           expected=want, found=found)
-
-
-def class_name(cls: type) -> str:
-    """The `_class_name` a part config gives a model class: its diffusers twin's, else its own name."""
-    return getattr(cls, "diffusers_class_name", None) or cls.__name__
 
 
 def component_class(name: str) -> type | None:
@@ -126,25 +126,20 @@ def build_model(cls: type, config: Mapping[str, Any], state: Mapping[str, torch.
 def model_part(model: nn.Module, *, dtype: torch.dtype | None = None) -> tuple[dict[str, Any], dict]:
     """(diffusers-format config, state) of a ModelMixin: what `to_single_file` takes."""
     config = {**model.to_file_config(), "_class_name": class_name(type(model))}
-    return config, cast(model.state_dict(), dtype)
+    return config, cast_state_dict(model.state_dict(), dtype=dtype)
 
 
+@SINGLE_FILE.register("model_to_single_file")
 def model_to_single_file(model: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
     """`model.save_single_file`: this one part, in the original layout, configs in the metadata."""
-    part = type(model).single_file_part_name()
+    part = single_file_part(type(model))
     if part is None:
         raise InputError(f"{type(model).__name__} is no part of an original single file", where=type(model).__name__)
     return write_single_file(path, {part: model_part(model, dtype=dtype)})
 
 
-def cast(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Floating-point tensors in `dtype` (None: unchanged); integer buffers keep theirs."""
-    if dtype is None:
-        return dict(state)
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-
-
 # ---- text encoders ----------------------------------------------------------------------------------------
+@SINGLE_FILE.register("text_encoder_from_single_file")
 def text_encoder_from_single_file(cls: type, path: str | os.PathLike, *, original_config: Any = None,
                                   tokenizer: Any = None, torch_dtype: torch.dtype | None = None,
                                   device: str | torch.device | None = None,
@@ -195,7 +190,6 @@ def clip_text_model(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]
     """A CLIPTextModel from a config dict and state, loaded strictly: latentdiff's own (`models.clip_text`, no
     transformers import) when it implements every setting of the config, as for a folder (`load_text_model`),
     else transformers' (parameters built on the meta device, buffers real, checked, then assigned)."""
-    from ..models.base import check_state_dict
     from ..models.text_encoder import native_backend, native_config_of
 
     architectures = config.get("architectures") or ["CLIPTextModel"]
@@ -223,12 +217,22 @@ def clip_text_model(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]
     check_state_dict(model, state, source=source)
     dtype = torch_dtype or torch.float32
     target = torch.device(device) if device is not None else torch.device("cpu")
-    model.load_state_dict({k: v.to(device=target, dtype=dtype if v.is_floating_point() else v.dtype)
-                           for k, v in state.items()}, strict=True, assign=True)
+    model.load_state_dict(cast_state_dict(state, dtype=dtype, device=target), strict=True, assign=True)
     return model.to(target).eval()
 
 
+def text_encoder_part(encoder: Any, *, dtype: torch.dtype | None = None) -> tuple[dict[str, Any], dict]:
+    """(config, state) of a TextEncoder's text model as an original single file's "text_encoder" part: the
+    transformers (or LDMBert) config dict, with the encoder's settings under SETTINGS_KEY, and its weights
+    (floating-point ones cast to `dtype` unless None)."""
+    to_file = getattr(encoder.model, "to_file_config", None)  # LDMBert is a latentdiff model
+    config = dict(to_file()) if to_file is not None else encoder.model.config.to_dict()
+    config[SETTINGS_KEY] = encoder.config.to_dict()
+    return config, cast_state_dict(encoder.model.state_dict(), dtype=dtype)
+
+
 # ---- pipelines --------------------------------------------------------------------------------------------
+@SINGLE_FILE.register("pipeline_from_single_file")
 def pipeline_from_single_file(path: str | os.PathLike, *, original_config: Any = None, use_ema: bool = True,
                               prediction_type: str | None = None, torch_dtype: torch.dtype | None = None,
                               device: str | torch.device | None = None, task: str | None = None,
@@ -389,9 +393,9 @@ def pipeline_parts(pipe: Any, *, dtype: torch.dtype | None = None) -> Parts:
     for attr in ("unet", "vae", "vqvae", "text_encoder", "class_embedder"):
         module = getattr(pipe, attr, None)
         if isinstance(module, TextEncoder):
-            parts["text_encoder"] = module.to_single_file_part(dtype=dtype)
-        elif isinstance(module, ModelMixin) and type(module).single_file_part_name() is not None:
-            parts[type(module).single_file_part_name()] = model_part(module, dtype=dtype)
+            parts["text_encoder"] = text_encoder_part(module, dtype=dtype)
+        elif isinstance(module, ModelMixin) and single_file_part(type(module)) is not None:
+            parts[single_file_part(type(module))] = model_part(module, dtype=dtype)
     if not parts:
         raise InputError("the pipeline has no network with an original layout", where=type(pipe).__name__)
     if getattr(pipe, "noise_scheduler", None) is not None:
@@ -412,6 +416,7 @@ def scheduler_part(noise_scheduler: Any, sampler: Any) -> dict[str, Any]:
         return scheduler_file_config(noise_scheduler, DDIMSampler())
 
 
+@SINGLE_FILE.register("pipeline_to_single_file")
 def pipeline_to_single_file(pipe: Any, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                             metadata: Mapping[str, str] | None = None) -> Path:
     """Write a pipeline as one original-layout `.safetensors` file (atomically), configs in the metadata.

@@ -19,9 +19,9 @@ import torch
 
 from ..errors import CheckpointError, InputError
 from ..models.text_encoder import CONFIG_FILE as TEXT_SETTINGS
-from ..models.text_encoder import SINGLE_FILE_SETTINGS_KEY as SETTINGS_KEY
 from .api import model_part, module_from_part, pipeline_from_parts, read_parts
-from .single_file import NETWORK_PARTS, Parts, write_single_file
+from .single_file import SINGLE_FILE_SETTINGS_KEY as SETTINGS_KEY
+from .single_file import NETWORK_PARTS, Parts, single_file_part, write_single_file
 
 DIRECTIONS = ("diffusers", "single-file")
 # model_index.json component -> single-file part (LDM text-to-image folders call their text encoder `bert`).
@@ -142,7 +142,7 @@ def _part_of_config(config: dict[str, Any], *, source: str) -> str:
     from .api import component_class
 
     cls = component_class(config.get("_class_name", ""))
-    part = cls.single_file_part_name() if cls is not None else "text_encoder" if config.get("model_type") else None
+    part = single_file_part(cls) if cls is not None else "text_encoder" if config.get("model_type") else None
     if part is None:
         raise CheckpointError("this model has no original single-file layout", where=source,
                               found=config.get("_class_name"))

@@ -15,7 +15,7 @@ output keys are `<part>/<diffusers key>`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Mapping
 
 from .keymap import Drop, Nest
 from .text_ldm import TextArch
@@ -77,13 +77,18 @@ class FileLayout:
             rules.append(Nest(prefix, part + SEPARATOR, arch.keymap()))
         return tuple(sorted(rules, key=lambda r: r.src == "")) + NON_NETWORK  # a bare prefix goes last
 
-    def configs(self) -> dict[str, dict[str, Any]]:
-        """part -> diffusers-format config dict (transformers' for text encoders), plus the scheduler's."""
+    def configs(self, *, saved: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+        """part -> diffusers-format config dict (transformers' for text encoders), plus the scheduler's.
+
+        `saved`: part configs to take verbatim instead (a latentdiff export's metadata: the layout keeps only
+        what shapes tensors, so it could not rebuild, say, GroupNorm(8))."""
+        saved = saved or {}
         out = {}
         for part, arch in self.parts().items():
-            out[part] = arch.to_config() if isinstance(arch, TextArch) else arch.to_diffusers_config()
+            out[part] = dict(saved[part]) if part in saved else \
+                arch.to_config() if isinstance(arch, TextArch) else arch.to_diffusers_config()
         if self.scheduler is not None:
-            out["scheduler"] = dict(self.scheduler)
+            out["scheduler"] = dict(saved.get("scheduler", self.scheduler))
         return out
 
     @classmethod

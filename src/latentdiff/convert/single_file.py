@@ -45,6 +45,11 @@ OTHER_PARTS = ("scheduler", "extras")
 LIGHTNING_CALLBACK_KEYS = ("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
                            "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint")
 Parts = dict[str, tuple[dict[str, Any], dict[str, torch.Tensor]]]
+# The part of an original single file a model class is, by its diffusers class name (or its own name).
+SINGLE_FILE_PARTS = {"UNet2DConditionModel": "unet", "UNet2DModel": "unet", "AutoencoderKL": "vae",
+                     "VQModel": "vqvae", "LDMBert": "text_encoder", "ClassEmbedder": "class_embedder"}
+# TextEncoderConfig (clip skip and the like) inside a single file's "text_encoder" part config
+SINGLE_FILE_SETTINGS_KEY = "_latentdiff_text_encoder"
 
 
 class CallbackKey:
@@ -52,6 +57,16 @@ class CallbackKey:
 
     def __init__(self, *args: Any, **kwargs: Any):
         pass
+
+
+def class_name(cls: type) -> str:
+    """The `_class_name` a part config gives a model class: its diffusers twin's, else its own name."""
+    return getattr(cls, "diffusers_class_name", None) or cls.__name__
+
+
+def single_file_part(cls: type) -> str | None:
+    """The part of an original single file model class `cls` loads ("unet", "vae", "vqvae" ...), or None."""
+    return SINGLE_FILE_PARTS.get(class_name(cls))
 
 
 # ---- reading ----------------------------------------------------------------------------------------------
@@ -154,9 +169,9 @@ def split_single_file(state: Mapping[str, torch.Tensor], *, original_config: Any
         part, _, rest = key.partition(SEPARATOR)
         by_part.setdefault(part, {})[rest] = value
     parts: Parts = {}
-    for part, config in layout.configs().items():
-        if configs is not None and part in configs and not (part == "scheduler" and prediction_type is not None):
-            config = dict(configs[part])  # saved by write_single_file: verbatim (the layout keeps only what shapes tensors)
+    # configs saved by write_single_file are taken verbatim (the layout keeps only what shapes tensors)
+    saved = {p: c for p, c in (configs or {}).items() if not (p == "scheduler" and prediction_type is not None)}
+    for part, config in layout.configs(saved=saved).items():
         if part == "scheduler":
             parts[part] = (config, {})
         elif part in by_part:  # a part the config names but the file lacks (e.g. a UNet-only file) is omitted

@@ -16,7 +16,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
+from ..models.diffusers_tables import UNET_2D, UNET_CONDITIONAL
+from ..models.unet import UNetConfig
+from ..models.unet2d import UNet2DConfig
 from .keymap import Keep, Nest, Rename, Reshape, Split
 
 # ---- sub-tables: original name -> diffusers name -----------------------------------------------------------
@@ -59,7 +62,7 @@ ATTENTION_KINDS = ("none", "transformer", "self")
 
 @dataclasses.dataclass(frozen=True)
 class UNetArch:
-    """What the key layout and the diffusers config of an original UNet depend on."""
+    """What the key layout of an original UNet depends on; `to_config()` is latentdiff's config of its model."""
 
     in_channels: int
     out_channels: int
@@ -164,112 +167,104 @@ class UNetArch:
                 n += 1
         return tuple(rules)
 
-    # ---- diffusers config.json ------------------------------------------------------------------------
-    def to_diffusers_config(self) -> dict[str, Any]:
-        layers = _compact(self.layers_per_level)
-        common = {
-            "in_channels": self.in_channels, "out_channels": self.out_channels,
-            "block_out_channels": list(self.channels), "layers_per_block": layers,
-            "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5, "flip_sin_to_cos": True, "freq_shift": 0,
-            "downsample_padding": 1, "mid_block_scale_factor": 1, "center_input_sample": False,
-            "resnet_time_scale_shift": self.resnet_time_scale_shift, "time_embedding_type": "positional",
-            "time_embedding_dim": self.time_embedding_dim, "num_class_embeds": self.num_class_embeds,
-            "sample_size": self.sample_size, "dropout": 0.0,
-        }
+    # ---- latentdiff's config (the diffusers config.json is the model's table's: models.diffusers_tables) ------
+    def to_config(self) -> UNetConfig | UNet2DConfig:
+        """The config of latentdiff's UNet for this layout: UNetConfig (SpatialTransformers) or UNet2DConfig."""
+        common = dict(in_channels=self.in_channels, out_channels=self.out_channels, sample_size=self.sample_size,
+                      channels=self.channels, attention_levels=tuple(a != "none" for a in self.attention),
+                      time_embedding_dim=self.time_embedding_dim, num_class_embeds=self.num_class_embeds)
         if self.conditional:
-            down = ["CrossAttnDownBlock2D" if a != "none" else "DownBlock2D" for a in self.attention]
-            return {
-                "_class_name": "UNet2DConditionModel", **common,
-                "down_block_types": down,
-                "up_block_types": [t.replace("Down", "Up") for t in reversed(down)],
-                "mid_block_type": "UNetMidBlock2DCrossAttn",
-                "attention_head_dim": _compact(self.heads),  # diffusers' name; for this class it is a head count
-                "transformer_layers_per_block": _compact(self.transformer_depth),
-                "cross_attention_dim": self.cross_attention_dim,
-                "use_linear_projection": self.use_linear_projection,
-                "upcast_attention": self.upcast_attention,
-                "only_cross_attention": self.only_cross_attention,
-                "class_embed_type": "projection" if self.projection_class_embeddings_input_dim else None,
-                "projection_class_embeddings_input_dim": self.projection_class_embeddings_input_dim,
-            }
-        resnet = self.resample == "resnet"
-        down = ["AttnDownBlock2D" if a != "none" else ("ResnetDownsampleBlock2D" if resnet else "DownBlock2D")
-                for a in self.attention]
-        up = ["AttnUpBlock2D" if a != "none" else ("ResnetUpsampleBlock2D" if resnet else "UpBlock2D")
-              for a in reversed(self.attention)]
-        widths = [c // h for c, h in zip(self.channels, self.heads)]  # UNet2DModel: width per head
+            return UNetConfig(**common, layers_per_level=_compact(self.layers_per_level),
+                              attention_heads=_compact(self.heads), transformer_depth=_compact(self.transformer_depth),
+                              cross_attention_dim=self.cross_attention_dim,
+                              use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention)
         if any(c % h for c, h in zip(self.channels, self.heads)):
             raise CheckpointError("attention heads do not divide the channels", where="heads",
                                   found=(self.channels, self.heads))
-        return {
-            "_class_name": "UNet2DModel", **common,
-            "down_block_types": down, "up_block_types": up, "mid_block_type": "UNetMidBlock2D",
-            # a list (one width per level, e.g. LSUN churches' 8 heads everywhere) loads in latentdiff's UNet2D;
-            # diffusers' UNet2DModel takes only one width, so it cannot build such a model
-            "attention_head_dim": _compact(widths), "add_attention": True,
-            # the middle AttentionBlock has its GroupNorm; diffusers drops it with scale-shift norms unless set
-            "attn_norm_num_groups": 32 if self.resnet_time_scale_shift == "scale_shift" else None,
-            "downsample_type": "resnet" if resnet else "conv", "upsample_type": "resnet" if resnet else "conv",
-            "class_embed_type": None,
-        }
+        if len(set(self.layers_per_level)) != 1:
+            raise CheckpointError("a UNet without SpatialTransformers takes one layer count for every level",
+                                  where="layers_per_level", found=self.layers_per_level)
+        resample = "resnet" if self.resample == "resnet" else "conv"
+        # one head width per level where they differ (e.g. LSUN churches' 8 heads everywhere): latentdiff's UNet2D
+        # builds it; diffusers' UNet2DModel takes only one width
+        return UNet2DConfig(**common, layers_per_level=self.layers_per_level[0],
+                            attention_head_dim=_compact(tuple(c // h for c, h in zip(self.channels, self.heads))),
+                            time_scale_shift=self.resnet_time_scale_shift == "scale_shift",
+                            downsample_type=resample, upsample_type=resample)
+
+    def foreign_keys(self) -> dict[str, Any]:
+        """What an original UNet may have that latentdiff's UNetConfig does not build, as diffusers spells it:
+        kept in the part config so such a file still splits (building its model then names the key)."""
+        if not self.conditional:
+            return {}
+        extra: dict[str, Any] = {}
+        if self.only_cross_attention:
+            extra["only_cross_attention"] = True
+        if self.projection_class_embeddings_input_dim:
+            extra.update(class_embed_type="projection",
+                         projection_class_embeddings_input_dim=self.projection_class_embeddings_input_dim)
+        if self.resnet_time_scale_shift != "default":
+            extra["resnet_time_scale_shift"] = self.resnet_time_scale_shift
+        return extra
+
+    def to_diffusers_config(self) -> dict[str, Any]:
+        """The part config: the diffusers config.json of `to_config()`'s model, with `foreign_keys()`."""
+        try:
+            config = self.to_config()
+        except ConfigError as e:  # a layout latentdiff's UNets cannot build with the original conventions
+            raise CheckpointError(f"unet: {e.message}", where=e.where, expected=e.expected, found=e.found) from None
+        table = UNET_CONDITIONAL if self.conditional else UNET_2D
+        return {"_class_name": table.class_name, **table.to_file(config), **self.foreign_keys()}
+
+    @classmethod
+    def from_config(cls, config: UNetConfig | UNet2DConfig, **foreign: Any) -> "UNetArch":
+        """The layout of latentdiff's UNet for `config` (`foreign`: what `foreign_keys` names, as fields)."""
+        n = len(config.channels)
+        common = dict(in_channels=config.in_channels, out_channels=config.out_channels, channels=config.channels,
+                      time_embedding_dim=config.time_embedding_dim, num_class_embeds=config.num_class_embeds,
+                      sample_size=config.sample_size)
+        if isinstance(config, UNetConfig):
+            return cls(**common, layers_per_level=config.per_level(config.layers_per_level),
+                       attention=tuple("transformer" if a else "none" for a in config.attention_levels),
+                       mid_attention="transformer", heads=config.per_level(config.attention_heads),
+                       transformer_depth=config.per_level(config.transformer_depth),
+                       cross_attention_dim=config.cross_attention_dim,
+                       use_linear_projection=config.use_linear_projection,
+                       upcast_attention=config.upcast_attention, **foreign)
+        widths = [config.head_dim(level) or c for level, c in enumerate(config.channels)]  # None: one head
+        return cls(**common, layers_per_level=(config.layers_per_level,) * n,
+                   attention=tuple("self" if a else "none" for a in config.attention_levels), mid_attention="self",
+                   heads=tuple(c // w for c, w in zip(config.channels, widths)),
+                   resnet_time_scale_shift="scale_shift" if config.time_scale_shift else "default",
+                   resample="resnet" if config.downsample_type == "resnet" else "conv", **foreign)
 
     @classmethod
     def from_diffusers_config(cls, config: Mapping[str, Any], *, source: str = "unet config") -> "UNetArch":
-        """The inverse of `to_diffusers_config` (diffusers defaults for absent keys)."""
-        get = config.get
-        down = list(_need(config, "down_block_types", source))
-        channels = tuple(get("block_out_channels", (320, 640, 1280, 1280) if "CrossAttnDownBlock2D" in down
-                             else (224, 448, 672, 896)))
-        levels = len(channels)
-        conditional = any("CrossAttn" in t for t in down) or get("_class_name") == "UNet2DConditionModel"
-        attention = tuple(("transformer" if conditional else "self") if "Attn" in t else "none" for t in down)
-        layers = _per_level(get("layers_per_block", 2), levels, "layers_per_block", source)
-        head_dim = _per_level(get("attention_head_dim", 8), levels, "attention_head_dim", source)
+        """The inverse of `to_diffusers_config`: through the model's table (diffusers defaults for absent keys)."""
+        conditional = config.get("_class_name") == UNET_CONDITIONAL.class_name or (
+            "_class_name" not in config and any("CrossAttn" in str(t) for t in config.get("down_block_types", ())))
+        data, foreign = dict(config), {}
         if conditional:
-            if get("num_attention_heads") is not None:
-                raise CheckpointError("num_attention_heads is not used by SD/LDM UNets", where=source,
-                                      found=get("num_attention_heads"))
-            heads = head_dim
-        else:
-            heads = tuple(c // w for c, w in zip(channels, head_dim))
-        kind = get("class_embed_type")
-        if kind not in (None, "projection"):
-            raise CheckpointError("unsupported class_embed_type for an original checkpoint", where=source,
-                                  expected="None or 'projection'", found=kind)
-        resample = "resnet" if get("downsample_type") == "resnet" else "conv"
-        return cls(
-            in_channels=get("in_channels", 4), out_channels=get("out_channels", 4), channels=channels,
-            layers_per_level=layers, attention=attention,
-            mid_attention="transformer" if conditional else "self", heads=heads,
-            transformer_depth=_per_level(get("transformer_layers_per_block", 1), levels,
-                                         "transformer_layers_per_block", source),
-            cross_attention_dim=get("cross_attention_dim", 1280) if conditional else None,
-            use_linear_projection=bool(get("use_linear_projection", False)),
-            num_class_embeds=get("num_class_embeds"),
-            projection_class_embeddings_input_dim=get("projection_class_embeddings_input_dim") if kind else None,
-            time_embedding_dim=get("time_embedding_dim"),
-            resnet_time_scale_shift=get("resnet_time_scale_shift", "default"), resample=resample,
-            upcast_attention=bool(get("upcast_attention", False)),
-            only_cross_attention=bool(get("only_cross_attention", False)), sample_size=get("sample_size"))
+            if data.get("only_cross_attention") is True:
+                foreign["only_cross_attention"] = data.pop("only_cross_attention")
+            if data.get("class_embed_type") == "projection":
+                data.pop("class_embed_type")
+                foreign["projection_class_embeddings_input_dim"] = data.pop("projection_class_embeddings_input_dim",
+                                                                            None)
+            if data.get("resnet_time_scale_shift", "default") != "default":
+                foreign["resnet_time_scale_shift"] = data.pop("resnet_time_scale_shift")
+        table, config_class = (UNET_CONDITIONAL, UNetConfig) if conditional else (UNET_2D, UNet2DConfig)
+        try:
+            typed = table.to_config({**data, "_class_name": table.class_name}, config_class, source=source)
+        except ConfigError as e:
+            raise CheckpointError(f"unet config: {e.message}", where=e.where, expected=e.expected,
+                                  found=e.found) from None
+        return cls.from_config(typed, **foreign)
 
 
-def _compact(values: tuple[int, ...]) -> int | list[int]:
-    """One value for all levels as an int (diffusers' usual form), else a list."""
-    return values[0] if len(set(values)) == 1 else list(values)
-
-
-def _per_level(value: Any, levels: int, name: str, source: str) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * levels
-    if isinstance(value, (list, tuple)) and len(value) == levels:
-        return tuple(value)
-    raise CheckpointError(f"{name} needs an int or one value per level", where=source, expected=levels, found=value)
-
-
-def _need(config: Mapping[str, Any], key: str, source: str) -> Any:
-    if key not in config:
-        raise CheckpointError(f"config lacks {key!r}", where=source)
-    return config[key]
+def _compact(values: tuple[int, ...]) -> int | tuple[int, ...]:
+    """One value for all levels as an int (diffusers' usual form), else one per level."""
+    return values[0] if len(set(values)) == 1 else tuple(values)
 
 
 # ---- EMA: LitEma stores a copy of every parameter under its name with the dots removed ---------------------

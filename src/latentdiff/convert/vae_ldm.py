@@ -10,7 +10,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
+from ..models.autoencoder_kl import AutoencoderKLConfig
+from ..models.diffusers_tables import AUTOENCODER_KL, VQ_MODEL
+from ..models.vq import VQModelConfig
 from .keymap import Drop, Keep, Nest, Rename, Reshape
 
 RESNET = (  # ResnetBlock: same names but the shortcut
@@ -31,7 +34,7 @@ TRAINING_ONLY = (Drop("loss.{rest*}", keep=False),)
 
 @dataclasses.dataclass(frozen=True)
 class VAEArch:
-    """What the key layout and the diffusers config of an original first stage depend on."""
+    """What the key layout of an original first stage depends on; `to_config()` is latentdiff's config of it."""
 
     kind: str                            # "kl" (AutoencoderKL) | "vq" (VQModel)
     in_channels: int
@@ -90,37 +93,46 @@ class VAEArch:
             rules.append(Keep("quantize.embedding.weight"))
         return tuple(rules) + TRAINING_ONLY
 
-    def to_diffusers_config(self) -> dict[str, Any]:
-        down = ["AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in self.attention_levels]
-        up = ["AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in reversed(self.attention_levels)]
-        config = {
-            "in_channels": self.in_channels, "out_channels": self.out_channels,
-            "down_block_types": down, "up_block_types": up, "block_out_channels": list(self.channels),
-            "layers_per_block": self.layers_per_block, "act_fn": "silu", "latent_channels": self.latent_channels,
-            "norm_num_groups": 32, "sample_size": self.sample_size, "scaling_factor": self.scaling_factor,
-            "mid_block_add_attention": True,
-        }
+    def to_config(self) -> AutoencoderKLConfig | VQModelConfig:
+        """The config of latentdiff's first stage for this layout (its diffusers config.json is the table's)."""
+        common = dict(in_channels=self.in_channels, out_channels=self.out_channels, channels=self.channels,
+                      layers_per_level=self.layers_per_block, latent_channels=self.latent_channels,
+                      attention_levels=self.attention_levels, sample_size=self.sample_size,
+                      scaling_factor=self.scaling_factor)
         if self.kind == "kl":
-            return {"_class_name": "AutoencoderKL", **config, "force_upcast": True,
-                    "use_quant_conv": True, "use_post_quant_conv": True}
-        return {"_class_name": "VQModel", **config, "num_vq_embeddings": self.num_vq_embeddings,
-                "vq_embed_dim": self.vq_embed_dim, "norm_type": "group", "lookup_from_codebook": False,
-                "force_upcast": False}
+            return AutoencoderKLConfig(**common)
+        return VQModelConfig(**common, num_vq_embeddings=self.num_vq_embeddings, vq_embed_dim=self.vq_embed_dim)
+
+    def to_diffusers_config(self) -> dict[str, Any]:
+        """The part config: the diffusers config.json of `to_config()`'s model."""
+        table = AUTOENCODER_KL if self.kind == "kl" else VQ_MODEL
+        try:
+            config = self.to_config()
+        except ConfigError as e:  # a layout latentdiff's autoencoders cannot build with the original conventions
+            raise CheckpointError(f"{self.part}: {e.message}", where=e.where, expected=e.expected,
+                                  found=e.found) from None
+        return {"_class_name": table.class_name, **table.to_file(config)}
 
     @classmethod
     def from_diffusers_config(cls, config: Mapping[str, Any], *, source: str = "vae config") -> "VAEArch":
-        get = config.get
-        vq = get("_class_name") == "VQModel" or "num_vq_embeddings" in config
-        down = list(get("down_block_types", ("DownEncoderBlock2D",)))
-        for key, want in (("use_quant_conv", True), ("use_post_quant_conv", True), ("mid_block_add_attention", True),
-                          ("norm_type", "group")):
-            if get(key, want) != want:
+        """The inverse of `to_diffusers_config`: through the model's table (diffusers defaults for absent keys)."""
+        vq = config.get("_class_name") == VQ_MODEL.class_name or "num_vq_embeddings" in config
+        table, config_class = (VQ_MODEL, VQModelConfig) if vq else (AUTOENCODER_KL, AutoencoderKLConfig)
+        try:
+            typed: Any = table.to_config({**config, "_class_name": table.class_name}, config_class, source=source)
+        except ConfigError as e:
+            raise CheckpointError(f"{'vqvae' if vq else 'vae'} config: {e.message}", where=e.where,
+                                  expected=e.expected, found=e.found) from None
+        fixed = {"mid_block_add_attention": ("mid_block_attention", True),  # file key: (field, value)
+                 **({"norm_type": ("norm_type", "group")} if vq else
+                    {"use_quant_conv": ("use_quant_conv", True), "use_post_quant_conv": ("use_post_quant_conv", True)})}
+        for key, (field, want) in fixed.items():
+            if getattr(typed, field) != want:
                 raise CheckpointError(f"an original first stage always has {key}={want}", where=source,
-                                      found=get(key))
-        return cls(kind="vq" if vq else "kl", in_channels=get("in_channels", 3), out_channels=get("out_channels", 3),
-                   channels=tuple(get("block_out_channels", (64,))), layers_per_block=get("layers_per_block", 1),
-                   latent_channels=get("latent_channels", 3 if vq else 4),
-                   attention_levels=tuple(t.startswith("Attn") for t in down),
-                   num_vq_embeddings=get("num_vq_embeddings", 256) if vq else None,
-                   vq_embed_dim=(get("vq_embed_dim") or get("latent_channels", 3)) if vq else None,
-                   scaling_factor=get("scaling_factor", 0.18215), sample_size=get("sample_size"))
+                                      found=getattr(typed, field))
+        return cls(kind="vq" if vq else "kl", in_channels=typed.in_channels, out_channels=typed.out_channels,
+                   channels=typed.channels, layers_per_block=typed.layers_per_level,
+                   latent_channels=typed.latent_channels, attention_levels=typed.attention_levels or (),
+                   num_vq_embeddings=typed.num_vq_embeddings if vq else None,
+                   vq_embed_dim=typed.embed_dim if vq else None,
+                   scaling_factor=typed.scaling_factor, sample_size=typed.sample_size)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from functools import cached_property
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,9 +21,8 @@ from torch import nn
 from ..config import ComponentConfig
 from ..errors import ConfigError, InputError
 from ..registry import COMPONENTS
-from .autoencoder_parts import (Decoder, Encoder, Generator, check_image, config_from_file, config_to_file,
-                                validate_first_stage)
-from .base import ModelMixin
+from .autoencoder_parts import Decoder, Encoder, FirstStage, Generator, validate_first_stage
+from .diffusers_tables import AUTOENCODER_KL
 from .vae_tiling import TilingMixin
 
 
@@ -126,36 +125,8 @@ def _noise_like(like: torch.Tensor, generator: Generator) -> torch.Tensor:
                       .to(like.device) for g in generator])
 
 
-# ---- diffusers config.json <-> AutoencoderKLConfig --------------------------------------------------
-# Every argument of diffusers' AutoencoderKL.__init__ (0.42) with its default: a key absent from a file
-# takes this value, a key not listed here is an error.
-_DIFFUSERS_DEFAULTS: dict[str, Any] = {
-    "in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D"], "block_out_channels": [64], "layers_per_block": 1, "act_fn": "silu",
-    "latent_channels": 4, "norm_num_groups": 32, "sample_size": 32, "scaling_factor": 0.18215,
-    "shift_factor": None, "latents_mean": None, "latents_std": None, "force_upcast": True,
-    "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True,
-}
-# diffusers key -> our field, where the names differ. down/up_block_types map to attention_levels.
-_RENAMED = {"block_out_channels": "channels", "layers_per_block": "layers_per_level",
-            "mid_block_add_attention": "mid_block_attention"}
-# Keys with one implemented value, so no field: any other value is a ConfigError.
-_CONSTANTS = {"act_fn": "silu"}
-
-
-def config_from_diffusers(data: Mapping[str, Any], *, source: str | None = None) -> AutoencoderKLConfig:
-    """Map a diffusers AutoencoderKL config.json dict to our config; '_'-prefixed metadata is ignored."""
-    return config_from_file(data, config_class=AutoencoderKLConfig, class_name="AutoencoderKL",
-                            defaults=_DIFFUSERS_DEFAULTS, renamed=_RENAMED, constants=_CONSTANTS, source=source)
-
-
-def config_to_diffusers(config: AutoencoderKLConfig) -> dict[str, Any]:
-    """The full diffusers AutoencoderKL config.json dict (every __init__ argument) for `config`."""
-    return config_to_file(config, renamed=_RENAMED, constants=_CONSTANTS)
-
-
 @COMPONENTS.register("autoencoder_kl")
-class AutoencoderKL(TilingMixin, ModelMixin):
+class AutoencoderKL(TilingMixin, FirstStage):
     """Image (B, in_channels, H, W) <-> posterior over latents (B, latent_channels, H/f, W/f).
 
     Parameter names are those of diffusers' AutoencoderKL, so its checkpoints load with no key map.
@@ -164,6 +135,7 @@ class AutoencoderKL(TilingMixin, ModelMixin):
 
     config_class = AutoencoderKLConfig
     diffusers_class_name = "AutoencoderKL"
+    diffusers_config = AUTOENCODER_KL
     config: AutoencoderKLConfig
 
     def __init__(self, config: AutoencoderKLConfig):
@@ -181,21 +153,9 @@ class AutoencoderKL(TilingMixin, ModelMixin):
         self.post_quant_conv = nn.Conv2d(c.latent_channels, c.latent_channels, 1) if c.use_post_quant_conv else None
 
     @property
-    def downsample_factor(self) -> int:
-        """f: the image is f times the latent's height and width."""
-        return 2 ** (len(self.config.channels) - 1)
-
-    @property
     def latent_channels(self) -> int:
         """Channels of the latent the diffusion model sees (the same attribute on every first stage)."""
         return self.config.latent_channels
-
-    @classmethod
-    def from_file_config(cls, data: Mapping[str, Any], *, source: str | None = None) -> AutoencoderKLConfig:
-        return config_from_diffusers(data, source=source)
-
-    def to_file_config(self) -> dict[str, Any]:
-        return config_to_diffusers(self.config)
 
     # ---- the autoencoder ------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
@@ -203,7 +163,7 @@ class AutoencoderKL(TilingMixin, ModelMixin):
 
         The posterior is over unscaled latents (B, latent_channels, H/f, W/f).
         """
-        self._check_image(x)
+        self.check_image(x)
         return DiagonalGaussian(self.run_encode(self._moments, x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -241,10 +201,6 @@ class AutoencoderKL(TilingMixin, ModelMixin):
         posterior = self.encode(x)
         return self.scale_latents(posterior.sample(generator) if sample else posterior.mode())
 
-    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """Scaled latent (B, latent_channels, h, w) -> image (B, out_channels, h*f, w*f)."""
-        return self.decode(self.unscale_latents(z))
-
     def scale_latents(self, latent: torch.Tensor) -> torch.Tensor:
         """Autoencoder latent -> diffusion latent: (latent - shift) * scaling_factor, or with per-channel
         statistics (latent - latents_mean) * scaling_factor / latents_std."""
@@ -272,7 +228,3 @@ class AutoencoderKL(TilingMixin, ModelMixin):
         mean = torch.tensor(c.latents_mean, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
         std = torch.tensor(c.latents_std, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
         return mean, std
-
-    def _check_image(self, x: torch.Tensor) -> None:
-        check_image(x, channels=self.config.in_channels, factor=self.downsample_factor,
-                    where=f"{type(self).__name__}.encode(x)")

@@ -8,23 +8,23 @@ up_blocks.i.upsamplers.0 ...) so diffusers checkpoints load with no key map.
 Some first stages (kl-f16, kl-f32, vq-f16 ...) add single-head self-attention after every resnet of
 the levels listed in the original YAML's `attn_resolutions`; here that is `attention_levels`, one
 flag per level (level 0 = full resolution), used by encoder and decoder alike, as in the original.
-The second half of the file maps the architecture fields shared by AutoencoderKL and VQModel between
-our configs and the diffusers config.json format.
+`FirstStage` is the base of every first stage (AutoencoderKL, VQModel, IdentityFirstStage): the
+downsampling factor, the image check and the scaled-latent decode, written once.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ComponentConfig
-from ..errors import ConfigError, InputError
+from ..errors import InputError
 from ..layers.attention import SpatialSelfAttention
 from ..layers.resnet import Downsample, ResnetBlock, Upsample
-from .base import check_supported
+from .base import ModelMixin
 
 # What the first stages' encode_latents take: one generator for the batch, or one per sample.
 Generator = torch.Generator | Sequence[torch.Generator] | None
@@ -192,6 +192,32 @@ def check_image(x: torch.Tensor, *, channels: int, factor: int, where: str) -> N
                          found=f"H={height}, W={width}")
 
 
+class FirstStage(ModelMixin):
+    """Base of the first stages: image (B, image_channels, H, W) <-> latent (B, latent_channels, H/f, W/f).
+
+    Subclasses give `encode`, `decode`, `encode_latents` and `scale_latents` / `unscale_latents`.
+    """
+
+    @property
+    def downsample_factor(self) -> int:
+        """f: the image is f times the latent's height and width (one halving per level after the first)."""
+        return 2 ** (len(self.config.channels) - 1)
+
+    @property
+    def image_channels(self) -> int:
+        """Channels of the images encode takes."""
+        return self.config.in_channels
+
+    def check_image(self, x: torch.Tensor, *, where: str | None = None) -> None:
+        """Refuse anything but (B, image_channels, H, W) with H and W positive multiples of f, before any work."""
+        check_image(x, channels=self.image_channels, factor=self.downsample_factor,
+                    where=where or f"{type(self).__name__}.encode(x)")
+
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latent (B, latent_channels, h, w) -> image (B, C, h*f, w*f)."""
+        return self.decode(self.unscale_latents(z))
+
+
 # ---- the architecture fields AutoencoderKLConfig and VQModelConfig share ----------------------------
 def validate_first_stage(config: ComponentConfig, bad: Callable[[str, str, Any], None]) -> None:
     """Check the fields both first-stage configs have; `bad(field, expected, found)` raises.
@@ -216,69 +242,3 @@ def validate_first_stage(config: ComponentConfig, bad: Callable[[str, str, Any],
             object.__setattr__(config, "attention_levels", None)
     if not (math.isfinite(c.scaling_factor) and c.scaling_factor > 0):
         bad("scaling_factor", "a finite positive number", c.scaling_factor)
-
-
-# ---- diffusers config.json <-> typed config ----------------------------------------------------------
-DOWN_BLOCK_TYPES = ("DownEncoderBlock2D", "AttnDownEncoderBlock2D")  # (plain, with attention)
-UP_BLOCK_TYPES = ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")
-_BLOCK_KEYS = ("down_block_types", "up_block_types")
-
-
-def block_types(attention_levels: tuple[bool, ...] | None, levels: int) -> dict[str, list[str]]:
-    """diffusers' down_block_types / up_block_types for `attention_levels` (up blocks run widest first)."""
-    flags = _level_flags(attention_levels, levels)
-    return {"down_block_types": [DOWN_BLOCK_TYPES[a] for a in flags],
-            "up_block_types": [UP_BLOCK_TYPES[a] for a in reversed(flags)]}
-
-
-def attention_levels_from_block_types(down: Any, up: Any, levels: int, *,
-                                      source: str | None) -> tuple[bool, ...] | None:
-    """The inverse of `block_types`; a list of another length or kind, or attention at a level of the
-    encoder but not of the decoder (never the case in LDM), is a ConfigError naming the key."""
-    for key, value, names in (("down_block_types", down, DOWN_BLOCK_TYPES), ("up_block_types", up, UP_BLOCK_TYPES)):
-        if not isinstance(value, (list, tuple)) or len(value) != levels or any(v not in names for v in value):
-            raise ConfigError(f"config key {key!r} has a value latentdiff does not support", where=source,
-                              expected=f"{levels} entries (one per entry of block_out_channels), each of {names}",
-                              found=repr(value))
-    flags = tuple(t == DOWN_BLOCK_TYPES[1] for t in down)
-    if tuple(t == UP_BLOCK_TYPES[1] for t in reversed(up)) != flags:
-        raise ConfigError("config keys 'down_block_types' and 'up_block_types' must put attention at the same "
-                          "resolutions", where=source, expected=repr(block_types(flags, levels)["up_block_types"]),
-                          found=repr(list(up)))
-    return flags if any(flags) else None
-
-
-def config_from_file(data: Mapping[str, Any], *, config_class: type[ComponentConfig], class_name: str,
-                     defaults: Mapping[str, Any], renamed: Mapping[str, str], constants: Mapping[str, Any],
-                     source: str | None) -> Any:
-    """Map a diffusers config.json dict to `config_class`, strictly; '_'-prefixed metadata is ignored.
-
-    defaults: every __init__ argument of the diffusers class with its default (a key absent from the file
-    takes it; a key not listed is an error). renamed: diffusers key -> our field. constants: keys that are
-    no field because latentdiff implements one value only (e.g. act_fn "silu").
-    """
-    data = {k: v for k, v in data.items() if not k.startswith("_")}
-    unknown = sorted(set(data) - set(defaults))
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in a diffusers {class_name} config", where=source,
-                          expected=f"keys among {sorted(defaults)}", found=unknown)
-    check_supported(data, {key: (value,) for key, value in constants.items()}, source=source)
-    values = {**defaults, **data}
-    fields = {renamed.get(k, k): v for k, v in values.items() if k not in _BLOCK_KEYS and k not in constants}
-    try:
-        config = config_class(**fields)
-    except ConfigError as e:  # name the key as the file spells it
-        key = {field: k for k, field in renamed.items()}.get(e.where, e.where)
-        raise ConfigError(f"config key {key!r}: {e.message}", where=source, expected=e.expected,
-                          found=e.found) from None
-    attention = attention_levels_from_block_types(values["down_block_types"], values["up_block_types"],
-                                                  len(config.channels), source=source)
-    return config.replace(attention_levels=attention) if attention else config
-
-
-def config_to_file(config: ComponentConfig, *, renamed: Mapping[str, str], constants: Mapping[str, Any]) -> dict:
-    """The full diffusers config.json dict (every __init__ argument) for `config`: the inverse of config_from_file."""
-    file_key = {field: key for key, field in renamed.items()}
-    data = {file_key.get(k, k): v for k, v in config.to_dict().items() if k != "attention_levels"}
-    data.update(block_types(config.attention_levels, len(config.channels)), **constants)
-    return data

@@ -2,12 +2,14 @@
 
 A model's folder is the diffusers layout (`config.json` + `diffusion_pytorch_model.safetensors`),
 so a folder saved here loads in diffusers and the other way round. The config file is mapped to and
-from the model's typed config by the model class (`from_file_config` / `to_file_config`): an unknown
-key, or a known key at a value latentdiff does not implement, is a ConfigError naming it.
+from the model's typed config by the model class (`from_file_config` / `to_file_config`, through its
+`diffusers_config` table, see `diffusers_config`): an unknown key, or a known key at a value latentdiff does
+not implement, is a ConfigError naming it.
 
-A model is also one *part* of an original single-file checkpoint (CompVis / Stability AI `.ckpt` /
+A model may also be one *part* of an original single-file checkpoint (CompVis / Stability AI `.ckpt` /
 `.safetensors`): `from_single_file` reads that part, `save_single_file` writes it back in the original
-layout (see `latentdiff.convert.api`).
+layout. Models know nothing of that format: both are hooks (`registry.SINGLE_FILE`) that
+`latentdiff.convert.api` provides.
 """
 from __future__ import annotations
 
@@ -25,14 +27,12 @@ from .. import hub
 from ..version import __version__
 from ..config import ComponentConfig, read_json
 from ..errors import CheckpointError, ConfigError
+from ..registry import SINGLE_FILE
 from ..utils.memory import release_mapped
 from ..utils.startup import freeze_startup_objects
+from .diffusers_config import DiffusersConfigMap, check_supported  # noqa: F401 (check_supported's old home)
 
 CONFIG_NAME = "config.json"
-# The part of an original single file a model class is, by its diffusers class name (or its own name), for
-# classes that do not set `single_file_part` themselves. The part's config must name the same class.
-SINGLE_FILE_PARTS = {"UNet2DConditionModel": "unet", "UNet2DModel": "unet", "AutoencoderKL": "vae",
-                     "VQModel": "vqvae", "LDMBert": "text_encoder", "ClassEmbedder": "class_embedder"}
 
 
 class ModelMixin(nn.Module):
@@ -42,7 +42,7 @@ class ModelMixin(nn.Module):
     registry_name: ClassVar[str]
     diffusers_class_name: ClassVar[str | None] = None  # written as `_class_name` in config.json
     weights_name: ClassVar[str] = hub.WEIGHTS_NAME
-    single_file_part: ClassVar[str | None] = None  # "unet", "vae", "vqvae" ... (None: from SINGLE_FILE_PARTS)
+    diffusers_config: ClassVar[DiffusersConfigMap | None] = None  # config.json table of the diffusers twin
 
     def __init__(self, config: ComponentConfig):
         super().__init__()
@@ -54,11 +54,16 @@ class ModelMixin(nn.Module):
     # ---- config files ---------------------------------------------------------------------
     @classmethod
     def from_file_config(cls, data: Mapping[str, Any], *, source: str | None = None) -> ComponentConfig:
-        """Map a config.json dict to the typed config. Subclasses with a diffusers twin override this."""
+        """Map a config.json dict to the typed config: through the `diffusers_config` table where the model has
+        a diffusers twin (keys we don't implement at the given value are a ConfigError), else the config's own."""
+        if cls.diffusers_config is not None:
+            return cls.diffusers_config.to_config(data, cls.config_class, source=source)
         return cls.config_class.from_dict(data, source=source)
 
     def to_file_config(self) -> dict[str, Any]:
-        """The config.json dict written by save_pretrained (diffusers keys where there is a twin)."""
+        """The config.json dict written by save_pretrained: the complete diffusers config where there is a twin."""
+        if self.diffusers_config is not None:
+            return self.diffusers_config.to_file(self.config)
         return self.config.to_dict()
 
     @classmethod
@@ -104,15 +109,10 @@ class ModelMixin(nn.Module):
         check_state_dict(model, state, source=source)
         dtype = torch_dtype or torch.float32
         device = torch.device(device) if device is not None else torch.device("cpu")
-        model.load_state_dict(_cast_streaming(state, device, dtype), strict=True, assign=True)
+        model.load_state_dict(cast_state_dict(state, dtype=dtype, device=device), strict=True, assign=True)
         return model.eval()
 
-    # ---- original single files ------------------------------------------------------------------
-    @classmethod
-    def single_file_part_name(cls) -> str | None:
-        """The part of an original single file this class loads ("unet", "vae", "vqvae" ...), or None."""
-        return cls.single_file_part or SINGLE_FILE_PARTS.get(cls.diffusers_class_name or cls.__name__)
-
+    # ---- original single files (hooks provided by latentdiff.convert.api) ---------------------------
     @classmethod
     def from_single_file(cls, path: str | os.PathLike, *, original_config: Any = None, use_ema: bool = True,
                          prediction_type: str | None = None, torch_dtype: torch.dtype | None = None,
@@ -124,10 +124,9 @@ class ModelMixin(nn.Module):
         LitEma's weights when the file has them. A file without this part is a CheckpointError naming the
         parts it has.
         """
-        from ..convert.api import model_from_single_file
-
-        return model_from_single_file(cls, path, original_config=original_config, use_ema=use_ema,
-                                      prediction_type=prediction_type, torch_dtype=torch_dtype, device=device)
+        return SINGLE_FILE.get("model_from_single_file")(cls, path, original_config=original_config, use_ema=use_ema,
+                                                         prediction_type=prediction_type, torch_dtype=torch_dtype,
+                                                         device=device)
 
     def save_single_file(self, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
         """Write this model alone in the original layout (`.safetensors`, atomically), its config in the metadata.
@@ -135,9 +134,7 @@ class ModelMixin(nn.Module):
         `dtype` casts the floating-point tensors (None: as they are). A UNet gets `model.diffusion_model.`
         keys; an autoencoder gets the bare keys of CompVis' stand-alone first-stage files.
         """
-        from ..convert.api import model_to_single_file
-
-        return model_to_single_file(self, path, dtype=dtype)
+        return SINGLE_FILE.get("model_to_single_file")(self, path, dtype=dtype)
 
     # ---- saving -----------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, *, variant: str | None = None) -> Path:
@@ -245,20 +242,24 @@ def init_skipped_on_meta():
             setattr(nn.init, name, original)
 
 
-# Source bytes cast or moved before their pages are given back (see _cast_streaming).
+# Source bytes cast or moved before their pages are given back (see cast_state_dict).
 RELEASE_EVERY_BYTES = 256 * 2**20
 
 
-def _cast_streaming(state: Mapping[str, torch.Tensor], device: torch.device,
-                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """state cast to `dtype` (floating-point tensors) and moved to `device`, releasing the memory-mapped source
-    pages as it goes: loading an fp32 file into bf16 then peaks at the bf16 model plus RELEASE_EVERY_BYTES,
-    not at both whole models (every source page touched by the cast would otherwise stay resident)."""
+def cast_state_dict(state: Mapping[str, torch.Tensor], *, dtype: torch.dtype | None = None,
+                    device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+    """The one state-dict cast: floating-point tensors in `dtype` (None: as they are; integer buffers keep
+    theirs), every tensor on `device` (None: where it is). Source pages memory-mapped from a .safetensors file
+    are given back as it goes: loading an fp32 file into bf16 then peaks at the bf16 model plus
+    RELEASE_EVERY_BYTES, not at both whole models (every source page touched would otherwise stay resident)."""
+    if dtype is None and device is None:
+        return dict(state)
     out: dict[str, torch.Tensor] = {}
     done: list[torch.Tensor] = []
     pending = 0
     for key, value in state.items():
-        out[key] = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+        out[key] = value.to(device=device, dtype=dtype if dtype is not None and value.is_floating_point()
+                            else value.dtype)
         if out[key] is not value:  # a copy: the source is no longer needed
             done.append(value)
             pending += value.nbytes
@@ -290,20 +291,3 @@ def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], *, sou
 def _cap(items: list[str], n: int = 20) -> str:
     shown = ", ".join(items[:n])
     return shown + (f", ... ({len(items) - n} more)" if len(items) > n else "")
-
-
-def check_supported(data: Mapping[str, Any], supported: Mapping[str, Any], *, source: str | None) -> None:
-    """Raise a ConfigError for a foreign config key whose value changes the model in a way we don't implement.
-
-    `supported` maps a key to the value(s) latentdiff implements (a tuple of allowed values, or a
-    predicate). Keys absent from `data` take the foreign library's default and are fine.
-    """
-    for key, allowed in supported.items():
-        if key not in data:
-            continue
-        value = data[key]
-        ok = allowed(value) if callable(allowed) else value in (allowed if isinstance(allowed, tuple) else (allowed,))
-        if not ok:
-            raise ConfigError(f"config key {key!r} has a value latentdiff does not support", where=source,
-                              expected=allowed if not callable(allowed) else getattr(allowed, "__doc__", "a supported value"),
-                              found=repr(value))

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ComponentConfig
-from ..errors import ConfigError
-from .base import ModelMixin, check_supported
-from .text_encoder import MACHINERY_KEYS, check_input_ids
+from ..errors import ConfigError, InputError
+from .base import ModelMixin
+from .diffusers_config import check_supported
 
 MODEL_TYPE = "clip_text_model"
 ARCHITECTURE = "CLIPTextModel"
@@ -247,3 +247,44 @@ class CLIPTextModel(ModelMixin):
     def file_config(self) -> dict[str, Any]:
         """transformers' config.json as it is: no latentdiff entries (transformers loads the folder)."""
         return dict(self.to_file_config())
+
+
+# Keys that only matter to transformers' machinery (class lookup, dtype on load, init, generation, task heads):
+# the encoder's output does not depend on them.
+MACHINERY_KEYS = frozenset({
+    "architectures", "transformers_version", "dtype", "torch_dtype", "init_std", "use_cache", "classifier_dropout",
+    "bos_token_id", "eos_token_id", "sep_token_id", "decoder_start_token_id", "output_attentions",
+    "output_hidden_states", "return_dict", "torchscript", "use_bfloat16", "tf_legacy_loss", "tie_word_embeddings",
+    "chunk_size_feed_forward", "cross_attention_hidden_size", "id2label", "label2id", "num_labels", "problem_type",
+    "finetuning_task", "task_specific_params", "tokenizer_class", "prefix",
+    # generation settings that transformers 4.x wrote into model configs
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty",
+    "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+})
+
+
+def check_input_ids(input_ids: Any, max_positions: int | None) -> None:
+    """input_ids must be (B, L) integer token ids with 1 <= L <= max_positions (None: no upper bound known);
+    checked without a host sync."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point() \
+            or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise InputError("input_ids must be a 2-D tensor of integer token ids", where="input_ids",
+                         expected="(B, L) integer tensor", found=_describe(input_ids))
+    length = input_ids.shape[1]
+    if length < 1 or (max_positions is not None and length > max_positions):
+        raise InputError("token count out of range of the position embeddings", where="input_ids",
+                         expected=f"1 <= L <= {max_positions}" if max_positions is not None else "L >= 1",
+                         found=f"L = {length}")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    if isinstance(value, (list, tuple)) and value:
+        return f"{type(value).__name__} of {[type(v).__name__ for v in value[:5]]}"
+    if isinstance(value, (list, tuple)):
+        return f"empty {type(value).__name__}"
+    return type(value).__name__

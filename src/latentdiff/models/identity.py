@@ -18,8 +18,8 @@ from .. import hub
 from ..config import ComponentConfig
 from ..errors import CheckpointError, ConfigError
 from ..registry import COMPONENTS
-from .autoencoder_parts import Generator, check_image
-from .base import CONFIG_NAME, ModelMixin
+from .autoencoder_parts import FirstStage, Generator
+from .base import CONFIG_NAME
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +33,7 @@ class IdentityFirstStageConfig(ComponentConfig):
 
 
 @COMPONENTS.register("identity_first_stage")
-class IdentityFirstStage(ModelMixin):
+class IdentityFirstStage(FirstStage):
     """x (B, channels, H, W) -> the same x, through the first-stage interface of AutoencoderKL / VQModel."""
 
     config_class = IdentityFirstStageConfig
@@ -54,6 +54,10 @@ class IdentityFirstStage(ModelMixin):
         return self.config.channels
 
     @property
+    def image_channels(self) -> int:
+        return self.config.channels
+
+    @property
     def dtype(self) -> torch.dtype:
         return self._anchor.dtype
 
@@ -64,12 +68,12 @@ class IdentityFirstStage(ModelMixin):
     # ---- the first-stage interface -------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, channels, H, W) -> x."""
-        check_image(x, channels=self.config.channels, factor=1, where=f"{type(self).__name__}.encode(x)")
+        self.check_image(x)
         return x
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z: (B, channels, H, W) -> z."""
-        check_image(z, channels=self.config.channels, factor=1, where=f"{type(self).__name__}.decode(z)")
+        self.check_image(z, where=f"{type(self).__name__}.decode(z)")
         return z
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,9 +82,6 @@ class IdentityFirstStage(ModelMixin):
     def encode_latents(self, x: torch.Tensor, *, generator: Generator = None, sample: bool = True) -> torch.Tensor:
         """x: (B, channels, H, W) -> x. `generator` and `sample` exist so every first stage is called alike."""
         return self.encode(x)
-
-    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decode(z)
 
     def scale_latents(self, latent: torch.Tensor) -> torch.Tensor:
         return latent

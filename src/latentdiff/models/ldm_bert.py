@@ -28,7 +28,8 @@ from ..config import ComponentConfig
 from ..errors import CheckpointError, ConfigError, InputError
 from ..layers.attention import attention
 from ..registry import COMPONENTS
-from .base import CONFIG_NAME, ModelMixin, check_supported, load_weights
+from .base import CONFIG_NAME, ModelMixin, load_weights
+from .diffusers_config import check_supported
 from .text_encoder import (CONFIG_FILE, MACHINERY_KEYS, TOKENIZER_FILES, TextEncoder, TextEncoderConfig, _describe,
                            check_input_ids, library_entry, native_backend)
 

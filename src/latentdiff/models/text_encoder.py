@@ -28,10 +28,10 @@ from .. import hub
 from ..version import __version__
 from ..config import ComponentConfig, read_json
 from ..errors import CheckpointError, ConfigError, InputError
-from ..registry import COMPONENTS
+from ..registry import COMPONENTS, SINGLE_FILE
+from .clip_text import MACHINERY_KEYS, MODEL_TYPE, CLIPTextModel, _describe, check_input_ids  # noqa: F401
 
 CONFIG_FILE = "latentdiff_text_encoder.json"  # beside the transformers files; absent -> defaults
-SINGLE_FILE_SETTINGS_KEY = "_latentdiff_text_encoder"  # TextEncoderConfig inside a single file's part config
 MODEL_CONFIG = "config.json"
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "tokenizer.model")
@@ -239,22 +239,9 @@ class TextEncoder(nn.Module):
         for SD 2.x), else the Hub unless offline (HF_HUB_OFFLINE=1 or local_files_only=True); failing all three,
         a CheckpointError says which (see latentdiff.convert.tokenizers).
         """
-        from ..convert.api import text_encoder_from_single_file
-
-        return text_encoder_from_single_file(cls, path, original_config=original_config, tokenizer=tokenizer,
-                                             torch_dtype=torch_dtype, device=device, cache_dir=cache_dir,
-                                             local_files_only=local_files_only)
-
-    def to_single_file_part(self, *, dtype: torch.dtype | None = None) -> tuple[dict[str, Any], dict]:
-        """(config, state) of the text model as an original single file's "text_encoder" part: the transformers
-        (or LDMBert) config dict, with this encoder's settings under `_latentdiff_text_encoder`, and its weights
-        (floating-point ones cast to `dtype` unless None)."""
-        to_file = getattr(self.model, "to_file_config", None)  # LDMBert is a latentdiff model
-        config = dict(to_file()) if to_file is not None else self.model.config.to_dict()
-        config[SINGLE_FILE_SETTINGS_KEY] = self.config.to_dict()
-        state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
-                 for k, v in self.model.state_dict().items()}
-        return config, state
+        return SINGLE_FILE.get("text_encoder_from_single_file")(
+            cls, path, original_config=original_config, tokenizer=tokenizer, torch_dtype=torch_dtype,
+            device=device, cache_dir=cache_dir, local_files_only=local_files_only)
 
     # ---- saving -----------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, *,
@@ -363,7 +350,6 @@ def load_text_model(folder: Path, *, variant: str | None = None, torch_dtype: to
     config = _native_config(folder) if native_backend(backend) else None
     if config is not None:
         from .base import load_weights
-        from .clip_text import CLIPTextModel
 
         try:
             state = load_weights(folder, "model" if safetensors else "pytorch_model", variant=variant)
@@ -404,8 +390,6 @@ def _native_config(folder: Path) -> Any:
 def native_config_of(data: Mapping[str, Any], *, source: str | None = None) -> Any:
     """The CLIPTextConfig of a transformers config dict latentdiff's CLIPTextModel implements; None for any other
     model or setting (CLIPTextModelWithProjection, another activation ...: transformers implements or rejects it)."""
-    from .clip_text import MODEL_TYPE, CLIPTextModel
-
     if data.get("model_type") != MODEL_TYPE:
         return None
     try:
@@ -466,44 +450,3 @@ def _check_prompts(prompts: Any) -> list[str]:
         return list(prompts)
     raise InputError("prompts must be a string or a non-empty list of strings", where="prompts",
                      expected="str | list[str]", found=_describe(prompts))
-
-
-# Keys that only matter to transformers' machinery (class lookup, dtype on load, init, generation, task heads):
-# the encoder's output does not depend on them.
-MACHINERY_KEYS = frozenset({
-    "architectures", "transformers_version", "dtype", "torch_dtype", "init_std", "use_cache", "classifier_dropout",
-    "bos_token_id", "eos_token_id", "sep_token_id", "decoder_start_token_id", "output_attentions",
-    "output_hidden_states", "return_dict", "torchscript", "use_bfloat16", "tf_legacy_loss", "tie_word_embeddings",
-    "chunk_size_feed_forward", "cross_attention_hidden_size", "id2label", "label2id", "num_labels", "problem_type",
-    "finetuning_task", "task_specific_params", "tokenizer_class", "prefix",
-    # generation settings that transformers 4.x wrote into model configs
-    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty",
-    "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
-    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
-    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
-    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
-})
-
-
-def check_input_ids(input_ids: Any, max_positions: int | None) -> None:
-    """input_ids must be (B, L) integer token ids with 1 <= L <= max_positions (None: no upper bound known);
-    checked without a host sync."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point() \
-            or input_ids.is_complex() or input_ids.dtype == torch.bool:
-        raise InputError("input_ids must be a 2-D tensor of integer token ids", where="input_ids",
-                         expected="(B, L) integer tensor", found=_describe(input_ids))
-    length = input_ids.shape[1]
-    if length < 1 or (max_positions is not None and length > max_positions):
-        raise InputError("token count out of range of the position embeddings", where="input_ids",
-                         expected=f"1 <= L <= {max_positions}" if max_positions is not None else "L >= 1",
-                         found=f"L = {length}")
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
-    if isinstance(value, (list, tuple)) and value:
-        return f"{type(value).__name__} of {[type(v).__name__ for v in value[:5]]}"
-    if isinstance(value, (list, tuple)):
-        return f"empty {type(value).__name__}"
-    return type(value).__name__

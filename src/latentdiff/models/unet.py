@@ -2,7 +2,8 @@
 
 Rombach et al. 2022 (LDM), sec. 3.3: eps_theta(z_t, t, tau_theta(y)), a time-conditional UNet whose
 intermediate layers attend to the conditioning tokens. Parameter names are exactly those of diffusers'
-UNet2DConditionModel, so its checkpoints load with no key map, and config.json is mapped both ways.
+UNet2DConditionModel, so its checkpoints load with no key map; config.json is mapped both ways by
+`diffusers_tables.UNET_CONDITIONAL`.
 
 Layout, per resolution level l (L levels): `layers[l]` ResnetBlocks, each followed by a
 SpatialTransformer where `attention_levels[l]`, then a stride-2 Downsample (not on the last level).
@@ -14,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from functools import partial
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,8 @@ from ..layers.attention import SpatialTransformer
 from ..layers.embeddings import TimestepEmbedding, cast, timestep_embedding
 from ..layers.resnet import Downsample, ResnetBlock, Upsample
 from ..registry import COMPONENTS
-from .base import ModelMixin, check_supported
+from .base import ModelMixin
+from .diffusers_tables import UNET_CONDITIONAL
 
 MidBlock = Literal["transformer", "resnet", "none"]
 
@@ -185,6 +187,7 @@ class UNet2DConditional(ModelMixin):
 
     config_class = UNetConfig
     diffusers_class_name = "UNet2DConditionModel"
+    diffusers_config = UNET_CONDITIONAL
     config: UNetConfig
 
     def __init__(self, config: UNetConfig):
@@ -267,16 +270,6 @@ class UNet2DConditional(ModelMixin):
                              where="class_labels", expected=None, found=shape_of(class_labels))
         return upsample_sizes(tuple(x.shape[-2:]), levels=len(cfg.channels), downsample_padding=cfg.downsample_padding)
 
-    # ---- config.json (diffusers UNet2DConditionModel) ------------------------------------------
-    @classmethod
-    def from_file_config(cls, data: Mapping[str, Any], *, source: str | None = None) -> UNetConfig:
-        """diffusers config.json -> UNetConfig; keys we don't implement at the given value are a ConfigError."""
-        return UNetConfig.from_dict(from_diffusers_config(data, source=source), source=source)
-
-    def to_file_config(self) -> dict[str, Any]:
-        """A complete diffusers UNet2DConditionModel config.json for this architecture."""
-        return to_diffusers_config(self.config)
-
 
 def _resnet(in_channels: int, out_channels: int, *, temb: int, groups: int, eps: float, dropout: float,
             output_scale_factor: float = 1.0) -> ResnetBlock:
@@ -331,203 +324,3 @@ def upsample_sizes(size: tuple[int, int], *, levels: int, downsample_padding: in
     # diffusers passes explicit sizes to every up level as soon as one side is not a multiple of 2^(L-1)
     odd = any(s % 2 ** (n - 1) for s in size)
     return [sizes[n - 2 - i] if odd and i < n - 1 else None for i in range(n)]
-
-
-# ---- diffusers config.json <-> UNetConfig ------------------------------------------------------------
-# Every argument of diffusers' UNet2DConditionModel.__init__, at its default (diffusers 0.42). A key a file
-# omits takes this value; tests check the table against the signature, so a new diffusers key is caught.
-DIFFUSERS_DEFAULTS: dict[str, Any] = {
-    "sample_size": None, "in_channels": 4, "out_channels": 4, "center_input_sample": False,
-    "flip_sin_to_cos": True, "freq_shift": 0,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "only_cross_attention": False, "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
-    "downsample_padding": 1, "mid_block_scale_factor": 1, "dropout": 0.0, "act_fn": "silu",
-    "norm_num_groups": 32, "norm_eps": 1e-5, "cross_attention_dim": 1280, "transformer_layers_per_block": 1,
-    "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
-    "attention_head_dim": 8, "num_attention_heads": None, "dual_cross_attention": False,
-    "use_linear_projection": False, "class_embed_type": None, "addition_embed_type": None,
-    "addition_time_embed_dim": None, "num_class_embeds": None, "upcast_attention": False,
-    "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
-    "time_embedding_type": "positional", "time_embedding_dim": None, "time_embedding_act_fn": None,
-    "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None, "attention_type": "default", "class_embeddings_concat": False,
-    "mid_block_only_cross_attention": None, "cross_attention_norm": None, "addition_embed_type_num_heads": 64,
-}
-
-
-def _all_false(value: Any) -> bool:
-    """False, or a list of False (one per level)"""
-    return value is False or (isinstance(value, (list, tuple)) and not any(value))
-
-
-# Keys diffusers implements at other values too; latentdiff implements only these (SD1.x/2.x, LDM).
-_SUPPORTED: dict[str, Any] = {
-    "center_input_sample": False, "act_fn": ("silu", "swish"), "only_cross_attention": _all_false,
-    "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
-    "num_attention_heads": None,  # diffusers itself refuses it: heads come from attention_head_dim
-    "dual_cross_attention": False, "class_embed_type": None, "addition_embed_type": None,
-    "resnet_time_scale_shift": "default", "time_embedding_type": "positional", "time_embedding_act_fn": None,
-    "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
-    "attention_type": "default", "class_embeddings_concat": False,
-}
-# Keys read only by block types (Simple*, ResnetDownsample*) or embeddings (projection, text_time ...) that
-# the checks above reject, so any value builds the same network: accepted and not kept.
-_INERT = ("resnet_skip_time_act", "resnet_out_scale_factor", "cross_attention_norm", "mid_block_only_cross_attention",
-          "addition_embed_type_num_heads", "addition_time_embed_dim", "projection_class_embeddings_input_dim")
-# Keys mapped to UNetConfig fields by from_diffusers_config (together with the two tables above: every key).
-_MAPPED = ("sample_size", "in_channels", "out_channels", "flip_sin_to_cos", "freq_shift", "down_block_types",
-           "mid_block_type", "up_block_types", "block_out_channels", "layers_per_block", "downsample_padding",
-           "mid_block_scale_factor", "dropout", "norm_num_groups", "norm_eps", "cross_attention_dim",
-           "transformer_layers_per_block", "attention_head_dim", "use_linear_projection", "num_class_embeds",
-           "upcast_attention", "time_embedding_dim")
-_DOWN = {True: "CrossAttnDownBlock2D", False: "DownBlock2D"}
-_UP = {True: "CrossAttnUpBlock2D", False: "UpBlock2D"}
-_MID: dict[str, str | None] = {"transformer": "UNetMidBlock2DCrossAttn", "resnet": "UNetMidBlock2D", "none": None}
-
-
-def from_diffusers_config(data: Mapping[str, Any], *, source: str | None = None) -> dict[str, Any]:
-    """A diffusers UNet2DConditionModel config dict -> UNetConfig fields. Metadata keys ("_...") are skipped."""
-    d = read_diffusers_config(data, "UNet2DConditionModel", DIFFUSERS_DEFAULTS, _SUPPORTED, source=source)
-    levels, channels = attention_levels_of(d, down=_DOWN, up=_UP, source=source)
-    n = len(levels)
-    mid = {v: k for k, v in _MID.items()}
-    if d["mid_block_type"] not in mid:
-        raise ConfigError("mid block type is not supported", where=key_at(source, "mid_block_type"),
-                          expected=list(_MID.values()), found=d["mid_block_type"])
-    return {
-        "in_channels": d["in_channels"], "out_channels": d["out_channels"],
-        "sample_size": square_sample_size(d["sample_size"], source), "channels": channels,
-        "attention_levels": levels,
-        "layers_per_level": _per_level(d, "layers_per_block", n, source),
-        # diffusers' naming quirk: with num_attention_heads None, attention_head_dim holds the head *count*
-        "attention_heads": _per_level(d, "attention_head_dim", n, source),
-        "transformer_depth": _per_level(d, "transformer_layers_per_block", n, source),
-        "cross_attention_dim": _cross_attention_dim(d["cross_attention_dim"], n, source),
-        "use_linear_projection": d["use_linear_projection"], "num_class_embeds": d["num_class_embeds"],
-        "upcast_attention": d["upcast_attention"], "norm_num_groups": d["norm_num_groups"],
-        "norm_eps": d["norm_eps"], "flip_sin_to_cos": d["flip_sin_to_cos"], "freq_shift": d["freq_shift"],
-        "dropout": d["dropout"], "mid_block": mid[d["mid_block_type"]],
-        "mid_block_scale_factor": d["mid_block_scale_factor"], "downsample_padding": d["downsample_padding"],
-        "time_embedding_dim": d["time_embedding_dim"],
-    }
-
-
-def to_diffusers_config(cfg: UNetConfig) -> dict[str, Any]:
-    """UNetConfig -> a complete diffusers UNet2DConditionModel config dict (every __init__ argument)."""
-    n = len(cfg.channels)
-
-    def plain(value: Any) -> Any:
-        return list(value) if isinstance(value, tuple) else value
-
-    out = {k: list(v) if isinstance(v, list) else v for k, v in DIFFUSERS_DEFAULTS.items()}
-    out.update({
-        "sample_size": cfg.sample_size, "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
-        "flip_sin_to_cos": cfg.flip_sin_to_cos, "freq_shift": cfg.freq_shift,
-        "down_block_types": [_DOWN[a] for a in cfg.attention_levels], "mid_block_type": _MID[cfg.mid_block],
-        "up_block_types": [_UP[a] for a in reversed(cfg.attention_levels)],
-        "block_out_channels": list(cfg.channels), "layers_per_block": plain(cfg.layers_per_level),
-        "downsample_padding": cfg.downsample_padding, "mid_block_scale_factor": cfg.mid_block_scale_factor,
-        "dropout": cfg.dropout, "norm_num_groups": cfg.norm_num_groups, "norm_eps": cfg.norm_eps,
-        # no cross-attention: one None per level (a bare None breaks diffusers' per-level indexing)
-        "cross_attention_dim": cfg.cross_attention_dim if cfg.cross_attention_dim is not None else [None] * n,
-        "transformer_layers_per_block": plain(cfg.transformer_depth), "attention_head_dim": plain(cfg.attention_heads),
-        "use_linear_projection": cfg.use_linear_projection, "num_class_embeds": cfg.num_class_embeds,
-        "upcast_attention": cfg.upcast_attention, "time_embedding_dim": cfg.time_embedding_dim,
-    })
-    return out
-
-
-def read_diffusers_config(data: Mapping[str, Any], class_name: str, defaults: Mapping[str, Any],
-                          supported: Mapping[str, Any], *, source: str | None) -> dict[str, Any]:
-    """A diffusers config.json dict over the class's defaults, after checking its class name, that every key is
-    an argument of the class (`defaults` holds them all), and that `supported` keys hold implemented values."""
-    if data.get("_class_name", class_name) != class_name:
-        raise ConfigError("config.json describes another model class", where=key_at(source, "_class_name"),
-                          expected=class_name, found=data["_class_name"])
-    unknown = sorted(k for k in data if not k.startswith("_") and k not in defaults)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in a {class_name} config", where=source,
-                          expected=f"keys of diffusers {class_name}", found=unknown)
-    check_supported(data, supported, source=source)
-    return {**defaults, **data}
-
-
-def attention_levels_of(d: Mapping[str, Any], *, down: Mapping[bool, str], up: Mapping[bool, str],
-                        source: str | None) -> tuple[tuple[bool, ...], tuple[int, ...]]:
-    """down_block_types -> (attention per level, block_out_channels). `down` / `up` name the block types without
-    (False) and with (True) attention; the up blocks must mirror the down blocks."""
-    names = [_block_name(b) for b in _list(d, "down_block_types", source)]
-    for i, name in enumerate(names):
-        if name not in down.values():
-            raise ConfigError(f"down block type {name!r} is not supported",
-                              where=key_at(source, f"down_block_types[{i}]"), expected=sorted(down.values()),
-                              found=name)
-    levels = tuple(name == down[True] for name in names)
-    mirror = [up[a] for a in reversed(levels)]
-    if [_block_name(b) for b in _list(d, "up_block_types", source)] != mirror:
-        raise ConfigError("up_block_types must mirror down_block_types", where=key_at(source, "up_block_types"),
-                          expected=mirror, found=d["up_block_types"])
-    channels = _list(d, "block_out_channels", source)
-    if len(channels) != len(levels):
-        raise ConfigError("block_out_channels needs one entry per down block",
-                          where=key_at(source, "block_out_channels"),
-                          expected=f"{len(levels)} entries (len(down_block_types))", found=channels)
-    return levels, tuple(channels)
-
-
-def key_at(source: str | None, key: str) -> str:
-    """Where a config error is: `key in path/to/config.json`."""
-    return f"{key} in {source}" if source else key
-
-
-def _block_name(name: Any) -> Any:
-    # diffusers accepts "UNetRes"-prefixed aliases of the same blocks
-    return name[len("UNetRes"):] if isinstance(name, str) and name.startswith("UNetRes") else name
-
-
-def _list(d: Mapping[str, Any], key: str, source: str | None) -> list[Any]:
-    if not isinstance(d[key], (list, tuple)) or not d[key]:
-        raise ConfigError(f"{key} must be a non-empty list", where=key_at(source, key), expected="list",
-                          found=repr(d[key]))
-    return list(d[key])
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _per_level(d: Mapping[str, Any], key: str, n: int, source: str | None) -> int | tuple[int, ...]:
-    """One int for every level, or a list of one int per level (kept as given, so files round-trip)."""
-    value = d[key]
-    if _is_int(value):
-        return value
-    if isinstance(value, (list, tuple)) and all(_is_int(v) for v in value):
-        if len(value) != n:
-            raise ConfigError(f"{key} needs one entry per down block", where=key_at(source, key),
-                              expected=f"{n} entries (len(down_block_types))", found=value)
-        return tuple(value)
-    raise ConfigError(f"{key} must be an int or one int per level", where=key_at(source, key),
-                      expected=f"int or list of {n} ints", found=repr(value))
-
-
-def _cross_attention_dim(value: Any, n: int, source: str | None) -> int | None:
-    """int, or per level: the same int everywhere, or None everywhere (no cross-attention)."""
-    if value is None or _is_int(value):
-        return value
-    if isinstance(value, (list, tuple)) and len(value) == n and len(set(value)) == 1 \
-            and (value[0] is None or _is_int(value[0])):
-        return value[0]
-    raise ConfigError("cross_attention_dim must be one int (or None) shared by every level",
-                      where=key_at(source, "cross_attention_dim"), expected=f"int, or a list of {n} equal ints or None",
-                      found=repr(value))
-
-
-def square_sample_size(value: Any, source: str | None) -> int | None:
-    if isinstance(value, (list, tuple)):
-        if len(value) != 2 or value[0] != value[1]:
-            raise ConfigError("only square sample sizes are supported", where=key_at(source, "sample_size"),
-                              expected="int or [s, s]", found=value)
-        return value[0]
-    return value

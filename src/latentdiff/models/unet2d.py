@@ -5,8 +5,9 @@ bedrooms) and the x4 super-resolution LDM, which conditions by concatenating the
 z_t (6 input channels). Same UNet as unet.py (the level classes are shared), but its attention layers are
 LDM's AttentionBlock: GroupNorm, multi-head self-attention over pixels, + input (no transformer, no
 context). Parameter names are exactly those of diffusers' UNet2DModel, so its checkpoints load with no key
-map, and config.json is mapped both ways. The LSUN-churches LDM's options are implemented too: scale-shift
-norms (use_scale_shift_norm), ResnetBlock up/downsampling (resblock_updown) and a head width per level.
+map; config.json is mapped both ways by `diffusers_tables.UNET_2D`. The LSUN-churches LDM's options are
+implemented too: scale-shift norms (use_scale_shift_norm), ResnetBlock up/downsampling (resblock_updown)
+and a head width per level.
 
 `forward(x, t, context=None, class_labels=None)` has the signature of UNet2DConditional, so every sampler
 and pipeline runs either model; `context` must stay None.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +29,8 @@ from ..layers.embeddings import TimestepEmbedding, cast, timestep_embedding
 from ..layers.resnet import ResnetBlock
 from ..registry import COMPONENTS
 from .base import DEPRECATED_ATTENTION_NAMES, ModelMixin, rename_deprecated_attention  # noqa: F401 (re-exported)
-from .unet import (DownLevel, UpLevel, attention_levels_of, check_timestep, key_at, read_diffusers_config,
-                   shape_of, square_sample_size, timestep_batch, upsample_sizes)
+from .diffusers_tables import UNET_2D
+from .unet import DownLevel, UpLevel, check_timestep, shape_of, timestep_batch, upsample_sizes
 
 ClassEmbedType = Literal["timestep", "identity"]
 ResampleType = Literal["conv", "resnet"]
@@ -235,6 +236,7 @@ class UNet2D(ModelMixin):
 
     config_class = UNet2DConfig
     diffusers_class_name = "UNet2DModel"
+    diffusers_config = UNET_2D
     config: UNet2DConfig
 
     def __init__(self, config: UNet2DConfig):
@@ -331,16 +333,6 @@ class UNet2D(ModelMixin):
         padding = 0 if cfg.downsample_type == "resnet" else cfg.downsample_padding
         return upsample_sizes(tuple(x.shape[-2:]), levels=len(cfg.channels), downsample_padding=padding)
 
-    # ---- weights and config.json (diffusers UNet2DModel) ---------------------------------------------
-    @classmethod
-    def from_file_config(cls, data: Mapping[str, Any], *, source: str | None = None) -> UNet2DConfig:
-        """diffusers config.json -> UNet2DConfig; keys we don't implement at the given value are a ConfigError."""
-        return UNet2DConfig.from_dict(from_diffusers_config(data, source=source), source=source)
-
-    def to_file_config(self) -> dict[str, Any]:
-        """A complete diffusers UNet2DModel config.json for this architecture."""
-        return to_diffusers_config(self.config)
-
 
 def _labels_fit(labels: Any, batch: int, cfg: UNet2DConfig) -> bool:
     if not isinstance(labels, torch.Tensor):
@@ -350,135 +342,3 @@ def _labels_fit(labels: Any, batch: int, cfg: UNet2DConfig) -> bool:
     if cfg.class_embed_type == "timestep":
         return labels.shape == (batch,) and not labels.is_complex()
     return labels.shape == (batch,) and not labels.is_floating_point() and not labels.is_complex()
-
-
-# Checkpoints saved before diffusers 0.14 (the CompVis LDM uploads among them) name the attention projections
-# query / key / value / proj_attn; diffusers renames them on load (ModelMixin._fix_state_dict_keys_on_load).
-# ---- diffusers config.json <-> UNet2DConfig -----------------------------------------------------------------
-# Every argument of diffusers' UNet2DModel.__init__, at its default (diffusers 0.42). A key a file omits takes
-# this value; tests check the table against the signature, so a new diffusers key is caught.
-DIFFUSERS_DEFAULTS: dict[str, Any] = {
-    "sample_size": None, "in_channels": 3, "out_channels": 3, "center_input_sample": False,
-    "time_embedding_type": "positional", "time_embedding_dim": None, "freq_shift": 0, "flip_sin_to_cos": True,
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
-    "mid_block_type": "UNetMidBlock2D",
-    "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [224, 448, 672, 896], "layers_per_block": 2, "mid_block_scale_factor": 1,
-    "downsample_padding": 1, "downsample_type": "conv", "upsample_type": "conv", "dropout": 0.0, "act_fn": "silu",
-    "attention_head_dim": 8, "norm_num_groups": 32, "attn_norm_num_groups": None, "norm_eps": 1e-5,
-    "resnet_time_scale_shift": "default", "add_attention": True, "class_embed_type": None, "num_class_embeds": None,
-    "num_train_timesteps": None,
-}
-# Keys diffusers implements at other values too; latentdiff implements only these. (None resamples by conv too.)
-_SUPPORTED: dict[str, Any] = {
-    "time_embedding_type": "positional",  # "fourier" (score SDE, with skip blocks) and "learned" are not implemented
-    "downsample_type": ("conv", "resnet", None), "upsample_type": ("conv", "resnet", None),
-    "act_fn": ("silu", "swish"),
-}
-_TIME_SCALE_SHIFT = {"default": False, "scale_shift": True}  # "spatial" (ResnetBlockCondNorm2D) is not implemented
-# Read only for time_embedding_type "learned", which _SUPPORTED rejects: accepted and not kept.
-_INERT = ("num_train_timesteps",)
-# Keys mapped to UNet2DConfig fields by from_diffusers_config (with the two tables above: every key).
-_MAPPED = ("sample_size", "in_channels", "out_channels", "center_input_sample", "time_embedding_dim", "freq_shift",
-           "flip_sin_to_cos", "down_block_types", "mid_block_type", "up_block_types", "block_out_channels",
-           "layers_per_block", "mid_block_scale_factor", "downsample_padding", "dropout", "attention_head_dim",
-           "norm_num_groups", "attn_norm_num_groups", "norm_eps", "add_attention", "class_embed_type",
-           "num_class_embeds", "resnet_time_scale_shift")
-_DOWN = {True: "AttnDownBlock2D", False: "DownBlock2D"}
-_UP = {True: "AttnUpBlock2D", False: "UpBlock2D"}
-_MID_BLOCK = "UNetMidBlock2D"
-# Blocks without attention that always resample with a ResnetBlock; the attention blocks follow down/upsample_type
-_RESNET_DOWN, _RESNET_UP = "ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D"
-
-
-def from_diffusers_config(data: Mapping[str, Any], *, source: str | None = None) -> dict[str, Any]:
-    """A diffusers UNet2DModel config dict -> UNet2DConfig fields. Metadata keys ("_...") are skipped."""
-    d = read_diffusers_config(data, "UNet2DModel", DIFFUSERS_DEFAULTS, _SUPPORTED, source=source)
-    if d["resnet_time_scale_shift"] not in _TIME_SCALE_SHIFT:
-        raise ConfigError("resnet_time_scale_shift is not supported", where=key_at(source, "resnet_time_scale_shift"),
-                          expected=list(_TIME_SCALE_SHIFT), found=d["resnet_time_scale_shift"])
-    scale_shift = _TIME_SCALE_SHIFT[d["resnet_time_scale_shift"]]
-    d, downsample_type = _resampling(d, "down_block_types", "downsample_type", _RESNET_DOWN, _DOWN, source)
-    d, upsample_type = _resampling(d, "up_block_types", "upsample_type", _RESNET_UP, _UP, source)
-    levels, channels = attention_levels_of(d, down=_DOWN, up=_UP, source=source)
-    if d["mid_block_type"] not in (_MID_BLOCK, None):
-        # diffusers builds a UNetMidBlock2D for any other string: a file naming another block is not this model
-        raise ConfigError("mid block type is not supported", where=key_at(source, "mid_block_type"),
-                          expected=[_MID_BLOCK, None], found=d["mid_block_type"])
-    layers = d["layers_per_block"]
-    if not isinstance(layers, int) or isinstance(layers, bool):
-        raise ConfigError("UNet2DModel takes one layers_per_block for every level", where=key_at(source,
-                          "layers_per_block"), expected="int", found=repr(layers))
-    return {
-        "in_channels": d["in_channels"], "out_channels": d["out_channels"],
-        "sample_size": square_sample_size(d["sample_size"], source), "channels": channels,
-        "attention_levels": levels, "layers_per_level": layers,
-        # a list (one width per level) is latentdiff's own: diffusers' UNet2DModel cannot build it
-        "attention_head_dim": d["attention_head_dim"], "norm_num_groups": d["norm_num_groups"],
-        "attn_norm_num_groups": d["attn_norm_num_groups"],
-        # diffusers' UNetMidBlock2D gives its attention no GroupNorm with scale-shift norms unless
-        # attn_norm_num_groups is set (a rule meant for "spatial" norms that catches "scale_shift" too)
-        "mid_attention_norm": not scale_shift or d["attn_norm_num_groups"] is not None,
-        "time_scale_shift": scale_shift, "downsample_type": downsample_type, "upsample_type": upsample_type,
-        "norm_eps": d["norm_eps"], "flip_sin_to_cos": d["flip_sin_to_cos"], "freq_shift": d["freq_shift"],
-        "time_embedding_dim": d["time_embedding_dim"], "class_embed_type": d["class_embed_type"],
-        # diffusers reads num_class_embeds only without a class_embed_type
-        "num_class_embeds": d["num_class_embeds"] if d["class_embed_type"] is None else None,
-        "mid_block": d["mid_block_type"] is not None, "mid_block_attention": d["add_attention"],
-        "mid_block_scale_factor": d["mid_block_scale_factor"], "downsample_padding": d["downsample_padding"],
-        "dropout": d["dropout"], "center_input_sample": d["center_input_sample"],
-    }
-
-
-def _resampling(d: dict[str, Any], key: str, type_key: str, resnet_block: str, plain: Mapping[bool, str],
-                source: str | None) -> tuple[dict[str, Any], ResampleType]:
-    """How the levels resample, as diffusers builds them: a `resnet_block` by ResnetBlock, an attention block by
-    `d[type_key]` (None: conv), a plain block by conv; the level without a resampler (the last down / first up
-    one) does not count. Returns `d` with `resnet_block` renamed to the plain block (attention_levels_of reads
-    those) and the one resampling type; levels that differ are a ConfigError."""
-    names = d[key]
-    if not isinstance(names, (list, tuple)):
-        return d, "conv"  # attention_levels_of reports it
-    names = [n[len("UNetRes"):] if isinstance(n, str) and n.startswith("UNetRes") else n for n in names]
-    skip = len(names) - 1 if key.startswith("down") else 0  # the level with no resampler
-    kinds = {"resnet" if name == resnet_block else (d[type_key] or "conv") if name == plain[True] else "conv"
-             for i, name in enumerate(names) if i != skip}
-    if len(kinds) > 1:
-        raise ConfigError(f"levels resample in different ways ({key} with {type_key}={d[type_key]!r}); "
-                          "latentdiff builds one kind per direction", where=key_at(source, type_key),
-                          expected=f"every level by conv, or every level by resnet ({resnet_block} / "
-                                   f"{plain[True]} with {type_key}='resnet')", found=names)
-    kind = kinds.pop() if kinds else (d[type_key] or "conv")
-    return {**d, key: [plain[False] if n == resnet_block else n for n in names]}, kind
-
-
-def to_diffusers_config(cfg: UNet2DConfig) -> dict[str, Any]:
-    """UNet2DConfig -> a complete diffusers UNet2DModel config dict (every __init__ argument).
-
-    Per-level head widths are written as a list, which diffusers' UNet2DModel cannot build (it takes one int):
-    such a folder loads in latentdiff only."""
-    out = {k: list(v) if isinstance(v, list) else v for k, v in DIFFUSERS_DEFAULTS.items()}
-    down = {**_DOWN, False: _RESNET_DOWN} if cfg.downsample_type == "resnet" else _DOWN
-    up = {**_UP, False: _RESNET_UP} if cfg.upsample_type == "resnet" else _UP
-    head_dim = cfg.attention_head_dim
-    attn_groups = cfg.attn_norm_num_groups
-    if cfg.time_scale_shift and cfg.mid_attention_norm:  # diffusers drops the norm with scale-shift and None
-        attn_groups = attn_groups or cfg.norm_num_groups
-    out.update({
-        "sample_size": cfg.sample_size, "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
-        "center_input_sample": cfg.center_input_sample, "time_embedding_dim": cfg.time_embedding_dim,
-        "freq_shift": cfg.freq_shift, "flip_sin_to_cos": cfg.flip_sin_to_cos,
-        "down_block_types": [down[a] for a in cfg.attention_levels],
-        "mid_block_type": _MID_BLOCK if cfg.mid_block else None,
-        "up_block_types": [up[a] for a in reversed(cfg.attention_levels)],
-        "downsample_type": cfg.downsample_type, "upsample_type": cfg.upsample_type,
-        "resnet_time_scale_shift": "scale_shift" if cfg.time_scale_shift else "default",
-        "block_out_channels": list(cfg.channels), "layers_per_block": cfg.layers_per_level,
-        "mid_block_scale_factor": cfg.mid_block_scale_factor, "downsample_padding": cfg.downsample_padding,
-        "dropout": cfg.dropout, "norm_num_groups": cfg.norm_num_groups,
-        "attention_head_dim": list(head_dim) if isinstance(head_dim, tuple) else head_dim,
-        "attn_norm_num_groups": attn_groups, "norm_eps": cfg.norm_eps,
-        "add_attention": cfg.mid_block_attention, "class_embed_type": cfg.class_embed_type,
-        "num_class_embeds": cfg.num_class_embeds,
-    })
-    return out

@@ -9,7 +9,7 @@ quantizes and decodes (diffusers' VQModel does the same). LDM's VQ models use sc
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +18,8 @@ from torch import nn
 from ..config import ComponentConfig
 from ..errors import ConfigError, InputError
 from ..registry import COMPONENTS
-from .autoencoder_parts import (Decoder, Encoder, Generator, check_image, config_from_file, config_to_file,
-                                validate_first_stage)
-from .base import ModelMixin
+from .autoencoder_parts import Decoder, Encoder, FirstStage, Generator, validate_first_stage
+from .diffusers_tables import VQ_MODEL
 from .vae_tiling import TilingMixin
 
 
@@ -129,34 +128,8 @@ def _bad(field: str, expected: str, found: Any) -> None:
     raise ConfigError(f"invalid VQModelConfig field {field!r}", where=field, expected=expected, found=repr(found))
 
 
-# ---- diffusers config.json <-> VQModelConfig ---------------------------------------------------------
-# Every argument of diffusers' VQModel.__init__ (0.42) with its default: a key absent from a file takes
-# this value, a key not listed here is an error.
-_DIFFUSERS_DEFAULTS: dict[str, Any] = {
-    "in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D"], "block_out_channels": [64], "layers_per_block": 1, "act_fn": "silu",
-    "latent_channels": 3, "sample_size": 32, "num_vq_embeddings": 256, "norm_num_groups": 32, "vq_embed_dim": None,
-    "scaling_factor": 0.18215, "norm_type": "group", "mid_block_add_attention": True,
-    "lookup_from_codebook": False, "force_upcast": False,
-}
-_RENAMED = {"block_out_channels": "channels", "layers_per_block": "layers_per_level",
-            "mid_block_add_attention": "mid_block_attention"}
-_CONSTANTS = {"act_fn": "silu"}
-
-
-def config_from_diffusers(data: Mapping[str, Any], *, source: str | None = None) -> VQModelConfig:
-    """Map a diffusers VQModel config.json dict to our config; '_'-prefixed metadata is ignored."""
-    return config_from_file(data, config_class=VQModelConfig, class_name="VQModel", defaults=_DIFFUSERS_DEFAULTS,
-                            renamed=_RENAMED, constants=_CONSTANTS, source=source)
-
-
-def config_to_diffusers(config: VQModelConfig) -> dict[str, Any]:
-    """The full diffusers VQModel config.json dict (every __init__ argument) for `config`."""
-    return config_to_file(config, renamed=_RENAMED, constants=_CONSTANTS)
-
-
 @COMPONENTS.register("vq_model")
-class VQModel(TilingMixin, ModelMixin):
+class VQModel(TilingMixin, FirstStage):
     """Image (B, in_channels, H, W) <-> latents (B, embed_dim, H/f, W/f), quantized before decoding.
 
     Parameter names are those of diffusers' VQModel (encoder., quant_conv, quantize.embedding.weight,
@@ -166,6 +139,7 @@ class VQModel(TilingMixin, ModelMixin):
 
     config_class = VQModelConfig
     diffusers_class_name = "VQModel"
+    diffusers_config = VQ_MODEL
     config: VQModelConfig
 
     def __init__(self, config: VQModelConfig):
@@ -180,28 +154,15 @@ class VQModel(TilingMixin, ModelMixin):
         self.decoder = Decoder(z_channels=c.latent_channels, out_channels=c.out_channels, **common)
 
     @property
-    def downsample_factor(self) -> int:
-        """f: the image is f times the latent's height and width."""
-        return 2 ** (len(self.config.channels) - 1)
-
-    @property
     def latent_channels(self) -> int:
         """Channels of the latent the diffusion model sees: the codebook width (`config.embed_dim`), which
         differs from `config.latent_channels` (the encoder's output width, diffusers' name) when vq_embed_dim is set."""
         return self.config.embed_dim
 
-    @classmethod
-    def from_file_config(cls, data: Mapping[str, Any], *, source: str | None = None) -> VQModelConfig:
-        return config_from_diffusers(data, source=source)
-
-    def to_file_config(self) -> dict[str, Any]:
-        return config_to_diffusers(self.config)
-
     # ---- the autoencoder ------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, in_channels, H, W) in [-1, 1], H and W multiples of f -> h (B, embed_dim, H/f, W/f), not quantized."""
-        check_image(x, channels=self.config.in_channels, factor=self.downsample_factor,
-                    where=f"{type(self).__name__}.encode(x)")
+        self.check_image(x)
         return self.run_encode(self._encode, x)
 
     def decode(self, h: torch.Tensor, *, force_not_quantize: bool = False) -> torch.Tensor:
@@ -245,10 +206,6 @@ class VQModel(TilingMixin, ModelMixin):
         called alike (AutoencoderKL draws from its posterior) and change nothing here.
         """
         return self.scale_latents(self.encode(x))
-
-    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """Scaled latent (B, embed_dim, h, w) -> image (B, out_channels, h*f, w*f), quantized on the way."""
-        return self.decode(self.unscale_latents(z))
 
     def scale_latents(self, latent: torch.Tensor) -> torch.Tensor:
         return latent * self.config.scaling_factor if self.config.scaling_factor != 1.0 else latent

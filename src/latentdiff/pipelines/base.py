@@ -22,7 +22,7 @@ from .. import hub
 from ..version import __version__
 from ..config import read_json
 from ..errors import CheckpointError, ConfigError, InputError, RegistryError
-from ..registry import PIPELINES
+from ..registry import PIPELINES, SINGLE_FILE
 
 MODEL_INDEX = "model_index.json"
 # The version of the diffusers folder format we write and test against (see pyproject's test pins).
@@ -141,17 +141,13 @@ class Pipeline:
         """An original single file (CompVis / Stability AI .ckpt / .safetensors). `Pipeline.from_single_file`
         picks the class from the file's family; `SomePipeline.from_single_file` checks the file fits it.
         Components passed as keywords replace the file's (e.g. `tokenizer=`); other options: see
-        `latentdiff.convert.api.pipeline_from_single_file`."""
-        from ..convert.api import pipeline_from_single_file
-
-        return pipeline_from_single_file(path, original_config=original_config,
-                                         pipeline_class=None if cls is Pipeline else cls, **options)
+        `latentdiff.convert.api.pipeline_from_single_file` (reached through `registry.SINGLE_FILE`)."""
+        return SINGLE_FILE.get("pipeline_from_single_file")(path, original_config=original_config,
+                                                            pipeline_class=None if cls is Pipeline else cls, **options)
 
     def save_single_file(self, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
         """Write the pipeline as one original-layout .safetensors file (atomic, configs in the metadata)."""
-        from ..convert.api import pipeline_to_single_file
-
-        return pipeline_to_single_file(self, path, dtype=dtype)
+        return SINGLE_FILE.get("pipeline_to_single_file")(self, path, dtype=dtype)
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     commit_message: str = "Upload pipeline with latentdiff", variant: str | None = None) -> str:
