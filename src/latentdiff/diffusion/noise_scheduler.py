@@ -195,7 +195,7 @@ class NoiseScheduler:
                                     token=token, local_files_only=local_files_only)
         return cls(config)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *, sampler: Any = None) -> Path:
+    def save_pretrained(self, save_directory: str | os.PathLike, *, sampler: object | None = None) -> Path:
         """Write `save_directory/scheduler_config.json` (atomically), loadable by the diffusers scheduler class
         of `sampler` (DDIMScheduler for a DDIMSampler, PNDMScheduler for PLMS, EulerDiscreteScheduler ...:
         see `scheduler_io`); `sampler` None writes the default DDIMSampler()."""

@@ -3,7 +3,7 @@ imports work. The code lives in `samplers/` (`samplers.discrete_loops`, `sampler
 `model_output_to_x0_eps`, in `schedules`."""
 from __future__ import annotations
 
-from .samplers.base import (TIMESTEP_SPACINGS, Callback, Denoiser, Generator, NoiseSampler, TimestepSpacing,
+from .samplers.base import (TIMESTEP_SPACINGS, Denoiser, Generator, NoiseSampler, StepCallback, TimestepSpacing,
                             VarianceType, _describe, after_step, check_generator, check_num_inference_steps,
                             check_sample_call, check_start_step, noise_sampler_from)
 from .samplers.base import initial_sample as noise_to_start   # its former name here: (plan, x0, noise) -> x
@@ -12,6 +12,8 @@ from .samplers.discrete_loops import (PLMS_COEFFICIENTS, check_plan, ddim_sigma,
                                       plms_transfer, sample_ddim, sample_ddpm, sample_plms)
 from .samplers.grids import timestep_grid
 from .schedules import PREDICTION_TYPES, PredictionType, model_output_to_x0_eps
+
+Callback = StepCallback   # its former name here
 
 
 def select_timesteps(num_train_timesteps: int, num_inference_steps: int, *, spacing: str = "leading",

@@ -17,7 +17,8 @@ NoiseScheduler passed to each call, so one sampler serves any model. Every sampl
     discrete.py        DDIMSampler, DDPMSampler, PLMSSampler
     sigma.py           EulerSampler, EulerAncestralSampler, HeunSampler, LMSSampler, DPMSolverMultistep(SDE)Sampler
 
-Importing this package registers every sampler with `registry.SAMPLERS`.
+`Sampler` is the base of the discrete samplers (its name since 0.1), `SigmaSampler` of the sigma-space ones,
+`SamplerSettings` of both. Importing this package registers every sampler with `registry.SAMPLERS`.
 """
 from __future__ import annotations
 

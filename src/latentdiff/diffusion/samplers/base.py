@@ -40,7 +40,6 @@ Generator: TypeAlias = "torch.Generator | Sequence[torch.Generator] | None"
 # form is accepted too (module docstring).
 StepCallback: TypeAlias = (Callable[[int, float, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
                            | Callable[[int, float, torch.Tensor], "torch.Tensor | None"])
-Callback = StepCallback   # the name `sampling` gave it
 
 
 @runtime_checkable
@@ -223,14 +222,14 @@ def check_sample_call(denoise: Callable, x_T: torch.Tensor, generator: Generator
     check_generator(generator, x_T.shape[0])
 
 
-def check_sampler(sampler: Any) -> SamplerProtocol:
+def check_sampler(sampler: object) -> SamplerProtocol:
     """`sampler`, or an InputError before any work if it cannot start from a noised image (a custom object without
     latentdiff's `noise_to_start` / `sample(..., start_step=)`)."""
     if not callable(getattr(sampler, "noise_to_start", None)):
         raise InputError("this sampler cannot start from a noised image: it has no noise_to_start(x0, noise, ...)",
                          where="sampler", expected="a latentdiff sampler (every registered one can)",
                          found=type(sampler).__name__)
-    return sampler
+    return sampler  # type: ignore[return-value]   # what start part-way needs is checked above
 
 
 def _describe(value: Any) -> str:
