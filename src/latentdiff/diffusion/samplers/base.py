@@ -35,7 +35,7 @@ VarianceType = Literal["fixed_small", "fixed_large"]
 
 Denoiser: TypeAlias = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseSampler: TypeAlias = Callable[[torch.Tensor], torch.Tensor]
-Generator: TypeAlias = "torch.Generator | Sequence[torch.Generator] | None"
+Generator: TypeAlias = torch.Generator | Sequence[torch.Generator] | None
 # The one step-callback signature, callback(i, t, x, denoised) -> None | a replacement x; the older (i, t, x)
 # form is accepted too (module docstring).
 StepCallback: TypeAlias = (Callable[[int, float, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
