@@ -46,7 +46,8 @@ StepCallback: TypeAlias = (Callable[[int, float, torch.Tensor, torch.Tensor], "t
 class SamplerProtocol(Protocol):
     """What a pipeline needs of a sampler. Every registered sampler satisfies it; a custom object needs only
     `init_noise_sigma` and `sample` for plain sampling, `noise_to_start` and `sample(..., start_step=)` to start
-    part-way (image-to-image, inpainting: `check_sampler`)."""
+    part-way (image-to-image, inpainting: `check_sampler`), and `plan` (a SamplingPlan or SigmaPlan: `timesteps`,
+    `noised(x0, noise, k)`) for inpainting with a plain UNet."""
 
     init_noise_sigma: float
 
@@ -56,6 +57,8 @@ class SamplerProtocol(Protocol):
 
     def noise_to_start(self, x0: torch.Tensor, noise: torch.Tensor, noise_scheduler: NoiseScheduler,
                        num_inference_steps: int, start_step: int = 0) -> torch.Tensor: ...
+
+    def plan(self, noise_scheduler: NoiseScheduler, num_inference_steps: int, *, start_step: int = 0) -> Any: ...
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
