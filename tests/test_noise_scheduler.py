@@ -497,3 +497,16 @@ def test_diffusers_aliases_and_keys_of_other_classes():
     _, sampler = read_scheduler_config({"_class_name": EULER, "clip_sample": True, "skip_prk_steps": True,
                                         "set_alpha_to_one": False, "solver_order": 3})
     assert sampler == EulerSampler()
+
+
+def test_file_methods_reach_scheduler_io_through_its_hook(tmp_path):
+    """noise_scheduler imports neither scheduler_io nor the samplers; its file methods load scheduler_io on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom latentdiff.diffusion.noise_scheduler import NoiseScheduler\n"
+            "assert not {'latentdiff.diffusion.scheduler_io', 'latentdiff.diffusion.samplers'} & set(sys.modules)\n"
+            "ns = NoiseScheduler()\nns.save_pretrained(sys.argv[1])\n"
+            "assert NoiseScheduler.from_pretrained(sys.argv[1], subfolder=None) == ns\n")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
+    assert json.loads((tmp_path / "scheduler_config.json").read_text())["_class_name"] == "DDIMScheduler"

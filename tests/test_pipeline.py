@@ -110,6 +110,17 @@ def test_callback_per_step(pipe):
     assert seen[0][1] > seen[-1][1]
 
 
+def test_callback_sees_the_x0_prediction(pipe):
+    """A callback naming `denoised` gets the step's x0 prediction, shaped like the latents; the result is the one a
+    three-argument callback sees (the callback's form changes nothing)."""
+    seen = []
+    kw = dict(num_inference_steps=3, output_type="latent", progress=False, latents=fixed_latents())
+    out = pipe(PROMPT, **kw, callback=lambda i, t, x, denoised: seen.append((x, denoised))).images
+    assert torch.equal(out, pipe(PROMPT, **kw, callback=lambda i, t, x: None).images)
+    assert len(seen) == 3 and all(d.shape == x.shape and torch.isfinite(d).all() for x, d in seen)
+    assert torch.equal(seen[-1][0], out)
+
+
 def test_two_threads_share_one_pipeline(pipe):
     kw = dict(output_type="latent", progress=False, latents=fixed_latents())
     expected = {n: pipe(PROMPT, num_inference_steps=n, **kw).images for n in (2, 4)}

@@ -439,6 +439,7 @@ def load_pipeline(source: ModelSource, values: dict[str, Any], *, device: Any) -
     """The text-to-image pipeline in the chosen dtype on the chosen device, with the chosen sampler."""
     import torch
 
+    from .diffusion.samplers import switch_sampler
     from .pipelines.latent_diffusion import LatentDiffusionPipeline
 
     if device is None:
@@ -451,18 +452,6 @@ def load_pipeline(source: ModelSource, values: dict[str, Any], *, device: Any) -
         pipe = LatentDiffusionPipeline.from_pretrained(source.name if source.kind == "hub" else source.path, **load)
     pipe.sampler = switch_sampler(pipe.sampler, values["sampler"])
     return pipe
-
-
-def switch_sampler(current: Any, name: str | None) -> Any:
-    """The sampler `name`, keeping the settings it shares with the model's (timestep spacing, offset ...), as
-    diffusers' `from_config` does; the model's own when name is None or the same."""
-    if name is None or name == getattr(current, "registry_name", None):
-        return current
-    from .registry import SAMPLERS
-
-    cls = SAMPLERS.get(name)
-    shared = {f.name for f in dataclasses.fields(cls)} & {f.name for f in dataclasses.fields(current)}
-    return cls(**{key: getattr(current, key) for key in shared})
 
 
 def finish(values: dict[str, Any], pipe: Any) -> dict[str, Any]:

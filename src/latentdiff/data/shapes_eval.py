@@ -94,7 +94,7 @@ def _call_settings(pipe: Any, settings: dict[str, Any]) -> dict[str, Any]:
         raise InputError("unknown generate settings", where="settings", expected=sorted(known), found=unknown)
     run = {k: v for k, v in settings.items() if k != "sampler" and v is not None}
     if settings.get("sampler"):
-        from ..cli_generate import switch_sampler
+        from ..diffusion.samplers import switch_sampler
 
         pipe.sampler = switch_sampler(pipe.sampler, settings["sampler"])   # as `latentdiff generate --sampler`
     return run

@@ -24,9 +24,9 @@ from typing import Any, Callable
 import torch
 
 from ..errors import ConfigError, InputError
+from .samplers.base import Denoiser
 
 Model = Callable[..., torch.Tensor]
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def combine_guidance(pred_uncond: torch.Tensor, pred_cond: torch.Tensor, guidance_scale: float, *,

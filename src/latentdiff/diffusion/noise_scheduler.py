@@ -1,10 +1,12 @@
 """The forward process of a diffusion model: the noise schedule and what training needs from it.
 
 `NoiseScheduler` holds beta_t and abar_t (`alphas_cumprod`) and maps (x_0, eps, t) to x_t, to the
-training target, to SNR(t), and a model's prediction back to (x0_pred, eps). It knows nothing of
-sampling: the reverse process lives in `samplers.py` / `sampling.py`, which read the schedule from it.
-Where a checkpoint's scheduler_config.json also carries sampler settings (timestep spacing, offset,
-clipping), those belong to the sampler and are read by `scheduler_io.load_scheduler_folder`.
+training target, to SNR(t), and a model's prediction back to (x0_pred, eps). It is pure math: it knows
+nothing of sampling (the reverse process lives in `samplers/`, which reads the schedule from it) and reads
+and writes no files. `from_pretrained` / `save_pretrained` are `scheduler_io`'s functions, which that module
+registers here (`register_folder_io`): scheduler_io imports this module, never the reverse. Where a
+checkpoint's scheduler_config.json also carries sampler settings (timestep spacing, offset, clipping), those
+belong to the sampler and are read by `scheduler_io.load_scheduler_folder`.
 
 A NoiseScheduler is immutable: attributes cannot be reassigned, and its tensors must not be modified
 in place, so one instance can be shared by threads. Per-device copies of the schedule are cached
@@ -13,9 +15,10 @@ in place, so one instance can be shared by threads. Per-device copies of the sch
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -23,7 +26,26 @@ from ..config import ComponentConfig
 from ..errors import ConfigError, InputError
 from ..registry import COMPONENTS
 from . import schedules
-from .sampling import model_output_to_x0_eps
+from .schedules import model_output_to_x0_eps
+
+# The module that reads and writes scheduler folders, and registers how in `_FOLDER_IO` when imported: it
+# imports this module, so this module names it as a string and imports it only on the first file call, as the
+# registry imports its built-in modules (registry._BUILTIN_MODULES).
+FOLDER_IO_MODULE = "latentdiff.diffusion.scheduler_io"
+_FOLDER_IO: dict[str, Callable[..., Any]] = {}
+
+
+def register_folder_io(*, load: Callable[..., NoiseSchedulerConfig], save: Callable[..., Path]) -> None:
+    """Set the functions behind NoiseScheduler.from_pretrained (`load(path_or_id, subfolder=, **location)` -> the
+    NoiseSchedulerConfig) and save_pretrained (`save(noise_scheduler, save_directory, sampler=)` -> the folder);
+    `scheduler_io` calls this when imported."""
+    _FOLDER_IO.update(load=load, save=save)
+
+
+def _folder_io(name: str) -> Callable[..., Any]:
+    if name not in _FOLDER_IO:
+        importlib.import_module(FOLDER_IO_MODULE)
+    return _FOLDER_IO[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +97,11 @@ class NoiseScheduler:
 
     config_class = NoiseSchedulerConfig
     __slots__ = ("config", "betas", "alphas_cumprod", "_abar64", "_cache")
+    config: NoiseSchedulerConfig
+    betas: torch.Tensor                # (T,) float32 CPU
+    alphas_cumprod: torch.Tensor       # (T,) float32 CPU
+    _abar64: torch.Tensor              # alphas_cumprod in float64, the source of the coefficient tables
+    _cache: dict[tuple[str, torch.device, torch.dtype], torch.Tensor]   # per-device tables (a pure memo)
 
     def __init__(self, config: NoiseSchedulerConfig | None = None):
         config = NoiseSchedulerConfig() if config is None else config
@@ -156,7 +183,7 @@ class NoiseScheduler:
         abar = self._table("abar", x_t.device, x_t.dtype)[t].reshape(shape)
         return model_output_to_x0_eps(model_output, x_t, abar, self.config.prediction_type)
 
-    # ---- files ---------------------------------------------------------------------------------
+    # ---- files: scheduler_io's, through the hook above ------------------------------------------------
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, *, subfolder: str | None = "scheduler",
                         revision: str | None = None, cache_dir: str | os.PathLike | None = None,
@@ -164,27 +191,15 @@ class NoiseScheduler:
         """Read the noise schedule from a diffusers `scheduler_config.json` (of a pipeline folder / Hub repo:
         `subfolder="scheduler"`; of a scheduler folder itself: `subfolder=None`). Sampler settings in the
         file are checked but not returned: use `scheduler_io.load_scheduler_folder` for both."""
-        from .. import hub
-        from .scheduler_io import SCHEDULER_CONFIG_NAME, read_scheduler_file
-
-        prefix = f"{subfolder}/" if subfolder else ""
-        root = hub.resolve(path_or_id, revision=revision, cache_dir=cache_dir, token=token,
-                           local_files_only=local_files_only, allow_patterns=[f"{prefix}{SCHEDULER_CONFIG_NAME}"])
-        folder = root / subfolder if subfolder else root
-        config, _ = read_scheduler_file(folder / SCHEDULER_CONFIG_NAME, warn=False)
+        config = _folder_io("load")(path_or_id, subfolder=subfolder, revision=revision, cache_dir=cache_dir,
+                                    token=token, local_files_only=local_files_only)
         return cls(config)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *, sampler: Any = None) -> Path:
+    def save_pretrained(self, save_directory: str | os.PathLike, *, sampler: object | None = None) -> Path:
         """Write `save_directory/scheduler_config.json` (atomically), loadable by the diffusers scheduler class
         of `sampler` (DDIMScheduler for a DDIMSampler, PNDMScheduler for PLMS, EulerDiscreteScheduler ...:
         see `scheduler_io`); `sampler` None writes the default DDIMSampler()."""
-        from .. import hub
-        from .samplers import DDIMSampler
-        from .scheduler_io import write_scheduler_folder
-
-        with hub.atomic_folder(save_directory) as tmp:
-            write_scheduler_folder(tmp, self, sampler if sampler is not None else DDIMSampler())
-        return Path(save_directory)
+        return _folder_io("save")(self, save_directory, sampler=sampler)
 
     # ---- helpers -----------------------------------------------------------------------------
     def _table(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -40,10 +40,10 @@ from .. import hub
 from ..version import __version__
 from ..config import read_json
 from ..errors import ConfigError
-from .noise_scheduler import NoiseScheduler, NoiseSchedulerConfig
+from .noise_scheduler import NoiseScheduler, NoiseSchedulerConfig, register_folder_io
 from .samplers import (DDIMSampler, DDPMSampler, DPMSolverMultistepSampler, DPMSolverMultistepSDESampler,
                        EulerAncestralSampler, EulerSampler, HeunSampler, LMSSampler, PLMSSampler, Sampler,
-                       SigmaSampler)
+                       SamplerSettings)
 
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 
@@ -152,20 +152,20 @@ LATENTDIFF_KEY = "_latentdiff_sampler"
 
 
 # ---- reading ----------------------------------------------------------------------------------------
-def load_scheduler_folder(folder: str | os.PathLike) -> tuple[NoiseScheduler, Sampler]:
+def load_scheduler_folder(folder: str | os.PathLike) -> tuple[NoiseScheduler, SamplerSettings]:
     """(NoiseScheduler, sampler) from `folder/scheduler_config.json` (a local folder)."""
     config, sampler = read_scheduler_file(Path(folder) / SCHEDULER_CONFIG_NAME, _stacklevel=4)
     return NoiseScheduler(config), sampler
 
 
 def read_scheduler_file(path: str | os.PathLike, *, warn: bool = True,
-                        _stacklevel: int = 3) -> tuple[NoiseSchedulerConfig, Sampler]:
+                        _stacklevel: int = 3) -> tuple[NoiseSchedulerConfig, SamplerSettings]:
     """(NoiseSchedulerConfig, sampler) from a scheduler_config.json file."""
     return read_scheduler_config(read_json(path), source=str(path), warn=warn, _stacklevel=_stacklevel)
 
 
 def read_scheduler_config(data: Mapping[str, Any], *, source: str | None = None, warn: bool = True,
-                          _stacklevel: int = 2) -> tuple[NoiseSchedulerConfig, Sampler]:
+                          _stacklevel: int = 2) -> tuple[NoiseSchedulerConfig, SamplerSettings]:
     """Map a diffusers scheduler config dict to (NoiseSchedulerConfig, sampler); see the module docstring.
 
     `warn`: emit the one warning when a foreign sampler class is replaced by DDIM, or PNDM's Runge-Kutta
@@ -199,7 +199,7 @@ def read_scheduler_config(data: Mapping[str, Any], *, source: str | None = None,
         if variance not in DDPM_VARIANCE:
             raise ConfigError("DDPM variance type not supported (learned variances need a model that outputs them)",
                               where=_at(source, "variance_type"), expected=sorted(DDPM_VARIANCE), found=repr(variance))
-        sampler: Sampler = _build(DDPMSampler, {**common, "variance_type": DDPM_VARIANCE[variance]}, source)
+        sampler: SamplerSettings = _build(DDPMSampler, {**common, "variance_type": DDPM_VARIANCE[variance]}, source)
     else:
         extra = _latentdiff_options(data.get(LATENTDIFF_KEY), name, source)
         sampler = _build(DDIMSampler, {**common, "set_alpha_to_one": values["set_alpha_to_one"], **extra}, source)
@@ -214,7 +214,7 @@ def read_scheduler_config(data: Mapping[str, Any], *, source: str | None = None,
 
 
 def _read_native(name: str, keys: dict[str, Any], data: Mapping[str, Any], source: str | None, *, warn: bool,
-                 stacklevel: int) -> tuple[NoiseSchedulerConfig, Sampler]:
+                 stacklevel: int) -> tuple[NoiseSchedulerConfig, SamplerSettings]:
     """A config of PNDM, Euler, Euler ancestral, Heun, LMS or DPM-Solver multistep -> our sampler of that kind."""
     defaults = CLASS_DEFAULTS[name]
     values = {**defaults, **{k: v for k, v in keys.items() if k in defaults}}   # diffusers ignores the others
@@ -299,7 +299,7 @@ def _at(source: str | None, key: Any) -> str:
 
 
 # ---- writing ----------------------------------------------------------------------------------------
-def scheduler_file_config(noise_scheduler: NoiseScheduler, sampler: Sampler | SigmaSampler) -> dict[str, Any]:
+def scheduler_file_config(noise_scheduler: NoiseScheduler, sampler: SamplerSettings) -> dict[str, Any]:
     """The config dict of the diffusers scheduler class that describes (noise_scheduler, sampler)."""
     if isinstance(sampler, (DDIMSampler, DDPMSampler)):
         return _ddim_ddpm_file_config(noise_scheduler, sampler)
@@ -346,10 +346,37 @@ def _ddim_ddpm_file_config(noise_scheduler: NoiseScheduler, sampler: Sampler) ->
     return data
 
 
-def write_scheduler_folder(folder: str | os.PathLike, noise_scheduler: NoiseScheduler, sampler: Sampler) -> Path:
+def write_scheduler_folder(folder: str | os.PathLike, noise_scheduler: NoiseScheduler,
+                           sampler: SamplerSettings) -> Path:
     """Write `folder/scheduler_config.json` (the file atomically; wrap in hub.atomic_folder for the folder)."""
     folder = Path(folder)
     data = scheduler_file_config(noise_scheduler, sampler)
     folder.mkdir(parents=True, exist_ok=True)
     hub.write_json(data, folder / SCHEDULER_CONFIG_NAME)
     return folder / SCHEDULER_CONFIG_NAME
+
+
+# ---- NoiseScheduler.from_pretrained / save_pretrained -----------------------------------------------------
+def read_noise_schedule(path_or_id: str | os.PathLike, *, subfolder: str | None = "scheduler",
+                        revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                        token: str | bool | None = None, local_files_only: bool | None = None) -> NoiseSchedulerConfig:
+    """The NoiseSchedulerConfig of `path_or_id`'s scheduler_config.json (a local folder or a Hub repo; under
+    `subfolder`), its sampler settings checked but not returned: NoiseScheduler.from_pretrained."""
+    prefix = f"{subfolder}/" if subfolder else ""
+    root = hub.resolve(path_or_id, revision=revision, cache_dir=cache_dir, token=token,
+                       local_files_only=local_files_only, allow_patterns=[f"{prefix}{SCHEDULER_CONFIG_NAME}"])
+    folder = root / subfolder if subfolder else root
+    config, _ = read_scheduler_file(folder / SCHEDULER_CONFIG_NAME, warn=False)
+    return config
+
+
+def save_noise_scheduler(noise_scheduler: NoiseScheduler, save_directory: str | os.PathLike, *,
+                         sampler: SamplerSettings | None = None) -> Path:
+    """Write `save_directory/scheduler_config.json` atomically for (noise_scheduler, sampler; None: DDIMSampler()):
+    NoiseScheduler.save_pretrained."""
+    with hub.atomic_folder(save_directory) as tmp:
+        write_scheduler_folder(tmp, noise_scheduler, sampler if sampler is not None else DDIMSampler())
+    return Path(save_directory)
+
+
+register_folder_io(load=read_noise_schedule, save=save_noise_scheduler)

@@ -2,8 +2,8 @@
 
 Ho et al. 2020 (DDPM) define the forward process by a variance schedule beta_1..beta_T; with
 alpha_t = 1 - beta_t and abar_t = prod_{s<=t} alpha_s (`alphas_cumprod`), x_t can be drawn from x_0 in
-one step. The functions here build beta schedules and derived quantities, nothing else: no state, no
-devices, no models.
+one step. The functions here build beta schedules and derived quantities (SNR, and the x0 / eps that a
+model's prediction implies at x_t), nothing else: no state, no devices, no models.
 
 Every schedule is computed with the same float32 torch operations diffusers uses, in the same order,
 so that a model trained with diffusers' schedulers sees bit-identical abar_t here: the schedule is
@@ -16,10 +16,12 @@ from typing import Literal, Sequence
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 BETA_SCHEDULES: tuple[str, ...] = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PredictionType = Literal["epsilon", "v_prediction", "sample"]
+PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
 
 
 def linear_betas(num_train_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
@@ -97,3 +99,24 @@ def check_betas(betas: torch.Tensor, *, where: str) -> None:
     if bad:
         raise ConfigError("every beta must lie in (0, 1]", where=where, expected="0 < beta_t <= 1",
                           found=f"beta[{bad[0]}] = {float(betas[bad[0]])}")
+
+
+def model_output_to_x0_eps(model_output: torch.Tensor, x_t: torch.Tensor, abar_t: float | torch.Tensor,
+                           prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (x0_pred, eps): the clean sample and the noise that the model's prediction implies at x_t.
+
+    epsilon (Ho et al. 2020):        x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
+    v_prediction (Salimans & Ho 2022, v = sqrt(abar) eps - sqrt(1 - abar) x0):
+                                     x0 = sqrt(abar) x_t - sqrt(1 - abar) v,  eps = sqrt(abar) v + sqrt(1 - abar) x_t
+    sample:                          eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)
+    model_output, x_t: (B, C, H, W); abar_t: a float, or a tensor broadcastable to x_t.
+    """
+    alpha, sigma = abar_t**0.5, (1 - abar_t) ** 0.5
+    if prediction_type == "epsilon":
+        return (x_t - sigma * model_output) / alpha, model_output
+    if prediction_type == "v_prediction":
+        return alpha * x_t - sigma * model_output, alpha * model_output + sigma * x_t
+    if prediction_type == "sample":
+        return model_output, (x_t - alpha * model_output) / sigma
+    raise InputError("unknown prediction type", where="prediction_type", expected=list(PREDICTION_TYPES),
+                     found=repr(prediction_type))

@@ -1,151 +1,28 @@
-"""Noise-level grids of the sigma-space samplers (Euler, Heun, LMS, DPM-Solver): pure math on the host.
-
-A discrete DDPM-family model trained on abar_t is also a denoiser of the variance-exploding process
-x = x_0 + sigma n with sigma_t = sqrt((1 - abar_t) / abar_t) (Karras et al. 2022, "Elucidating the Design
-Space of Diffusion-Based Generative Models", sec. 2 and app. C.1; k-diffusion's `DiscreteSchedule`). An
-N-step sampler walks a descending grid sigma_0 > ... > sigma_{N-1} and a final sigma_N (0, or the
-smallest trained sigma), and calls the model at each sigma_i with the timestep t_i that has this noise
-level (a fractional t where the grid falls between trained timesteps).
-
-Every grid is built with the numpy / float32 torch operations of diffusers 0.42's scheduler of the
-same name, in the same order, so sigmas and timesteps agree bit for bit: a sampler is part of what
-makes a seed reproduce an image. Each function names the diffusers method it mirrors.
-"""
+"""Former home of the sigma grids: a re-export, kept so that old imports work. The code lives in `samplers.grids`,
+where one function, `timestep_grid(..., kind=)`, builds the timesteps of every sampler."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
-import torch
 
-from ..errors import InputError
-from .sampling import TIMESTEP_SPACINGS, check_num_inference_steps
-
-# Where a zero-terminal-SNR schedule has abar_{T-1} = 0 (sigma = inf), diffusers' Euler / DPM-Solver
-# schedulers put the smallest positive float16 subnormal, so that the first sigma is finite (4096).
-ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
-KARRAS_RHO = 7.0   # Karras et al. 2022, eq. 5 and Table 1
-
-
-def sigma_table(alphas_cumprod: torch.Tensor, *, zero_terminal_snr: bool = False) -> np.ndarray:
-    """sigma_t = sqrt((1 - abar_t) / abar_t) for t = 0 .. T-1: (T,) float32, increasing in t.
-
-    alphas_cumprod: (T,) float32 CPU. `zero_terminal_snr`: replace abar_{T-1} = 0 by 2^-24 first.
-    """
-    abar = alphas_cumprod.detach().to("cpu", torch.float32).clone()
-    if zero_terminal_snr:
-        abar[-1] = ZERO_SNR_ALPHA_CUMPROD
-    return (((1 - abar) / abar) ** 0.5).numpy()
+from .samplers.grids import (KARRAS_RHO, ZERO_SNR_ALPHA_CUMPROD, exponential_sigmas, init_noise_sigma,
+                             interpolate_sigmas, karras_sigmas, lambda_clipped_last_timestep, sigma_table, sigma_to_t,
+                             timestep_grid)
 
 
 def spaced_timesteps(num_train_timesteps: int, num_inference_steps: int, *, spacing: str,
                      steps_offset: int = 0) -> np.ndarray:
-    """The N descending float32 timesteps of EulerDiscreteScheduler / Heun / LMS `set_timesteps`.
-
-    "linspace": linspace(0, T - 1, N) in float32, fractional where N - 1 does not divide T - 1;
-    "leading": k (T // N) + steps_offset; "trailing": round(T - k T / N) - 1 (cut to N entries where
-    numpy's float arange yields N + 1, as `sampling.select_timesteps` does).
-    """
-    T, N = num_train_timesteps, check_num_inference_steps(num_inference_steps, num_train_timesteps)
-    if spacing == "linspace":
-        timesteps = np.linspace(0, T - 1, N, dtype=np.float32)[::-1].copy()
-    elif spacing == "leading":
-        timesteps = (np.arange(0, N) * (T // N)).round()[::-1].copy().astype(np.float32)
-        timesteps += steps_offset
-    elif spacing == "trailing":
-        timesteps = np.arange(T, 0, -T / N).round().copy().astype(np.float32)[:N]
-        timesteps -= 1
-    else:
-        raise InputError("unknown timestep spacing", where="timestep_spacing", expected=list(TIMESTEP_SPACINGS),
-                         found=repr(spacing))
-    _check_range(timesteps, T, steps_offset)
-    return timesteps
+    """timestep_grid(..., kind="euler"): the float32 grid of EulerDiscreteScheduler / Heun / LMS."""
+    return timestep_grid(num_train_timesteps, num_inference_steps, kind="euler", spacing=spacing,
+                         steps_offset=steps_offset)
 
 
 def dpm_solver_timesteps(num_train_timesteps: int, num_inference_steps: int, *, spacing: str, steps_offset: int = 0,
                          last_timestep: int | None = None) -> np.ndarray:
-    """The N descending int64 timesteps of DPMSolverMultistepScheduler `set_timesteps`: its "linspace" and
-    "leading" grids have N + 1 points and drop t = 0, unlike the Euler family's.
-
-    `last_timestep` (default T) excludes the timesteps clipped by `lambda_min_clipped` (see below).
-    """
-    T, N = num_train_timesteps, check_num_inference_steps(num_inference_steps, num_train_timesteps)
-    last = T if last_timestep is None else last_timestep
-    if spacing == "linspace":
-        timesteps = np.linspace(0, last - 1, N + 1).round()[::-1][:-1].copy().astype(np.int64)
-    elif spacing == "leading":
-        step_ratio = last // (N + 1)
-        timesteps = (np.arange(0, N + 1) * step_ratio).round()[::-1][:-1].copy().astype(np.int64)
-        timesteps += steps_offset
-    elif spacing == "trailing":
-        timesteps = np.arange(last, 0, -T / N).round().copy().astype(np.int64)[:N]
-        timesteps -= 1
-    else:
-        raise InputError("unknown timestep spacing", where="timestep_spacing", expected=list(TIMESTEP_SPACINGS),
-                         found=repr(spacing))
-    _check_range(timesteps, T, steps_offset)
-    if len(timesteps) != N or (len(timesteps) > 1 and not (np.diff(timesteps) < 0).all()):
-        raise InputError(f"{N} steps do not fit the {spacing!r} grid of this schedule (timesteps would repeat)",
-                         where="num_inference_steps", expected=f"fewer steps than {last}", found=N)
-    return timesteps
+    """timestep_grid(..., kind="dpm_solver"): the int64 grid of DPMSolverMultistepScheduler."""
+    return timestep_grid(num_train_timesteps, num_inference_steps, kind="dpm_solver", spacing=spacing,
+                         steps_offset=steps_offset, last_timestep=last_timestep)
 
 
-def lambda_clipped_last_timestep(alphas_cumprod: torch.Tensor, lambda_min_clipped: float, *,
-                                 zero_terminal_snr: bool = False) -> int:
-    """T minus the number of timesteps whose half log-SNR lambda_t = log(alpha_t / sigma_t) lies below
-    `lambda_min_clipped` (DPM-Solver's clipping for the cosine schedule; -inf clips nothing)."""
-    abar = alphas_cumprod.detach().to("cpu", torch.float32).clone()
-    if zero_terminal_snr:
-        abar[-1] = ZERO_SNR_ALPHA_CUMPROD
-    lambdas = torch.log(torch.sqrt(abar)) - torch.log(torch.sqrt(1 - abar))
-    clipped = torch.searchsorted(torch.flip(lambdas, [0]), lambda_min_clipped)
-    return len(abar) - int(clipped)
-
-
-def interpolate_sigmas(timesteps: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """sigma(t) linearly interpolated in the (T,) table at (possibly fractional) timesteps -> float64."""
-    return np.interp(timesteps, np.arange(0, len(table)), table)
-
-
-def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = KARRAS_RHO) -> np.ndarray:
-    """sigma_i = (sigma_max^(1/rho) + i / (n - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i = 0 .. n-1
-    (Karras et al. 2022, eq. 5): steps shrink towards sigma_min, where they matter most. -> (n,) float64."""
-    ramp = np.linspace(0, 1, n)
-    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
-
-
-def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
-    """n sigmas evenly spaced in log sigma from sigma_max to sigma_min (k-diffusion's
-    `get_sigmas_exponential`). -> (n,) float64."""
-    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
-
-
-def sigma_to_t(sigmas: np.ndarray, log_table: np.ndarray) -> np.ndarray:
-    """The fractional timestep of each sigma: linear interpolation of log sigma between the two trained
-    timesteps around it (k-diffusion's `DiscreteSchedule.sigma_to_t`; diffusers' `_sigma_to_t`).
-
-    sigmas: (n,); log_table: (T,) float32 log sigma_t. -> (n,) float64 in [0, T - 1].
-    """
-    log_sigma = np.log(np.maximum(sigmas, 1e-10))
-    dists = log_sigma - log_table[:, np.newaxis]
-    low_idx = np.cumsum((dists >= 0), axis=0).argmax(axis=0).clip(max=log_table.shape[0] - 2)
-    high_idx = low_idx + 1
-    low, high = log_table[low_idx], log_table[high_idx]
-    w = np.clip((low - log_sigma) / (low - high), 0, 1)
-    return ((1 - w) * low_idx + w * high_idx).reshape(np.shape(sigmas))
-
-
-def init_noise_sigma(sigmas: np.ndarray, spacing: str) -> float:
-    """The standard deviation diffusers' Euler / Heun / LMS schedulers give x_T: sigma_max for "linspace" and
-    "trailing" grids, sqrt(sigma_max^2 + 1) for "leading" (the exact variance of x_T / sqrt(abar) is the latter;
-    diffusers keeps the former for the grids that start at t = T - 1, and so do we, for parity)."""
-    sigma_max = torch.from_numpy(np.asarray(sigmas, dtype=np.float32)).max()
-    return float(sigma_max if spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5)
-
-
-def _check_range(timesteps: np.ndarray, T: int, steps_offset: int) -> None:
-    if len(timesteps) and timesteps[0] >= T:
-        raise InputError(f"steps_offset {steps_offset} pushes the first timestep past the training range",
-                         where="steps_offset", expected=f"timesteps < num_train_timesteps = {T}",
-                         found=f"first timestep {timesteps[0]} for {len(timesteps)} steps")
+__all__ = ["ZERO_SNR_ALPHA_CUMPROD", "KARRAS_RHO", "sigma_table", "spaced_timesteps", "dpm_solver_timesteps",
+           "lambda_clipped_last_timestep", "interpolate_sigmas", "karras_sigmas", "exponential_sigmas", "sigma_to_t",
+           "init_noise_sigma"]

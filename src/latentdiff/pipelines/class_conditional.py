@@ -33,6 +33,7 @@ import torch
 
 from ..diffusion.guidance import classifier_free_guidance
 from ..diffusion.noise_scheduler import NoiseScheduler
+from ..diffusion.samplers import SamplerProtocol
 from ..errors import ConfigError, InputError
 from ..models.conditioners import ClassEmbedder
 from ..registry import PIPELINES
@@ -56,7 +57,7 @@ class ClassConditionalPipeline(DenoisingPipeline):
     unet_inputs = ("context", "class_labels")
 
     def __init__(self, *, vae: FirstStage, unet: Any, class_embedder: ClassEmbedder | None = None,
-                 noise_scheduler: NoiseScheduler | None = None, sampler: Any = None,
+                 noise_scheduler: NoiseScheduler | None = None, sampler: SamplerProtocol | None = None,
                  id2label: Mapping[int | str, str] | None = None, null_class: int | None = None):
         self.class_embedder = class_embedder
         embedder_null = class_embedder.config.null_class if class_embedder is not None else None

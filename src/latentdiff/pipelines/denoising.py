@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -23,8 +23,8 @@ from .. import hub
 from ..config import read_json
 from ..diffusion.noise import randn
 from ..diffusion.noise_scheduler import NoiseScheduler
-from ..diffusion.samplers import DDIMSampler
-from ..diffusion.sampling import check_generator
+from ..diffusion.samplers import DDIMSampler, Generator, SamplerProtocol, StepCallback
+from ..diffusion.samplers.base import check_generator
 from ..diffusion.scheduler_io import SCHEDULER_CONFIG_NAME, load_scheduler_folder, write_scheduler_folder
 from ..errors import ConfigError, InputError
 from ..models.autoencoder_kl import AutoencoderKL
@@ -38,8 +38,6 @@ from . import acceleration
 from .base import MODEL_INDEX, Pipeline, PipelineOutput, check_output_type, to_output
 
 Entry = tuple[str, str]
-Generator = torch.Generator | Sequence[torch.Generator] | None
-StepCallback = Callable[[int, int, torch.Tensor], None]
 FirstStage = AutoencoderKL | VQModel | IdentityFirstStage
 
 # model_index.json (library, class) -> the latentdiff class that loads that part.
@@ -66,8 +64,8 @@ def unet_conditioning(unet: nn.Module) -> tuple[str, ...]:
     return needs
 
 
-def write_parts(folder: Path, parts: Mapping[str, nn.Module], *, noise_scheduler: NoiseScheduler, sampler: Any,
-                variant: str | None = None) -> dict[str, list[str]]:
+def write_parts(folder: Path, parts: Mapping[str, nn.Module], *, noise_scheduler: NoiseScheduler,
+                sampler: SamplerProtocol, variant: str | None = None) -> dict[str, list[str]]:
     """Write each part to folder/<key>/ and the scheduler to folder/scheduler/; -> their model_index.json entries."""
     for key, module in parts.items():
         module.write_files(folder / key, variant=variant)
@@ -76,7 +74,8 @@ def write_parts(folder: Path, parts: Mapping[str, nn.Module], *, noise_scheduler
     return {key: library_entry(module) for key, module in parts.items()} | {"scheduler": ["diffusers", scheduler_class]}
 
 
-def load_schedule(root: Path, noise_scheduler: NoiseScheduler | None, sampler: Any) -> tuple[NoiseScheduler, Any]:
+def load_schedule(root: Path, noise_scheduler: NoiseScheduler | None,
+                  sampler: SamplerProtocol | None) -> tuple[NoiseScheduler, SamplerProtocol]:
     """The parts given, the folder's scheduler/ for those that are None."""
     if noise_scheduler is not None and sampler is not None:
         return noise_scheduler, sampler
@@ -97,7 +96,7 @@ class DenoisingPipeline(Pipeline):
     unet_inputs: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, *, vae: FirstStage, unet: UNet2D | UNet2DConditional,
-                 noise_scheduler: NoiseScheduler | None = None, sampler: Any = None):
+                 noise_scheduler: NoiseScheduler | None = None, sampler: SamplerProtocol | None = None):
         self.vae = vae
         self.unet = unet
         self.noise_scheduler = noise_scheduler or NoiseScheduler()
@@ -239,7 +238,7 @@ class DenoisingPipeline(Pipeline):
         hub.write_json(index, folder / MODEL_INDEX)
 
     # ---- the stages ---------------------------------------------------------------------------------
-    def sampler_for(self, eta: float | None) -> Any:
+    def sampler_for(self, eta: float | None) -> SamplerProtocol:
         """The pipeline's sampler, with `eta` set when given (only samplers that have an eta take one)."""
         if eta is None:
             return self.sampler
@@ -297,7 +296,7 @@ class DenoisingPipeline(Pipeline):
         return (batch_size, self.vae.latent_channels, height // factor, width // factor)
 
     def sample(self, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_T: torch.Tensor, *,
-               sampler: Any = None, num_inference_steps: int, generator: Generator = None,
+               sampler: SamplerProtocol | None = None, num_inference_steps: int, generator: Generator = None,
                callback: StepCallback | None = None, progress: bool = True) -> torch.Tensor:
         """The reverse process from x_T (B, C, h, w) to z_0 with `denoise(x_t, t)` (the UNet, or a wrapper adding
         the pipeline's conditioning) and the sampler (the pipeline's by default)."""

@@ -13,18 +13,17 @@ the same seed gives the same image.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import torch
 
 from ..diffusion.noise import randn
-from ..diffusion.sampling import check_generator
+from ..diffusion.samplers import SamplerProtocol, StepCallback, check_sampler
+from ..diffusion.samplers.base import check_generator
 from ..errors import InputError
 from ..registry import PIPELINES
 from .base import PipelineOutput
 from .images import ImageInput, check_batch, expand_batch, image_to_tensor
 from .latent_diffusion import LAYOUTS, Generator, LatentDiffusionPipeline, Prompt
-from .sdedit import check_sampler, noise_to_start, start_step
+from .sdedit import start_step
 
 
 @PIPELINES.register("image-to-image")
@@ -40,13 +39,12 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
                  eta: float | None = None, num_images_per_prompt: int = 1, generator: Generator = None,
                  noise: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
                  negative_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil",
-                 callback: Callable[[int, int, torch.Tensor], torch.Tensor | None] | None = None,
-                 progress: bool = True) -> PipelineOutput:
+                 callback: StepCallback | None = None, progress: bool = True) -> PipelineOutput:
         """Edit `image` (see `images` for the accepted kinds; H, W multiples of the autoencoder factor) towards
         `prompt`. strength in [0, 1]: 1 runs all num_inference_steps from an almost fully noised image,
         smaller keeps more of it (int(N * strength) steps run), with any sampler. noise: (B, C, H/f, W/f), the
-        eps mixed into the image latent (drawn from `generator` when None). callback(i, t_i, x) runs after each
-        step run (i from 0; a tensor it returns replaces x). Returns PipelineOutput(images=...).
+        eps mixed into the image latent (drawn from `generator` when None). callback(i, t_i, x, denoised) runs after
+        each step run (i from 0; denoised the step's x0 prediction; a tensor it returns replaces x). Returns PipelineOutput(images=...).
         """
         x, sampler = self.preprocess_image(image), self.sampler_for(eta)
         batch, first = self.check_image_inputs(
@@ -59,7 +57,7 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
                                           negative_prompt_embeds=negative_prompt_embeds)
         z0 = self.encode_image(x, batch_size=batch, num_images_per_prompt=num_images_per_prompt, generator=generator)
         eps = self.draw_noise(z0.shape, generator=generator, noise=noise)
-        x_t0 = noise_to_start(sampler, z0, eps, self.noise_scheduler, num_inference_steps, first=first)
+        x_t0 = sampler.noise_to_start(z0, eps, self.noise_scheduler, num_inference_steps, first)
         z = self.denoise(x_t0, cond, uncond, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                          sampler=sampler, generator=generator, callback=callback, progress=progress,
                          start_step=first)
@@ -71,7 +69,7 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
         return image_to_tensor(image, name=name, channels=self.vae.config.in_channels, factor=self.vae_scale_factor)
 
     def check_image_inputs(self, prompt: Prompt | None, negative_prompt: Prompt | None, image: torch.Tensor, *,
-                           sampler: Any, strength: float, num_inference_steps: int, guidance_scale: float,
+                           sampler: SamplerProtocol, strength: float, num_inference_steps: int, guidance_scale: float,
                            num_images_per_prompt: int, output_type: str, generator: Generator,
                            noise: torch.Tensor | None, prompt_embeds: torch.Tensor | None = None,
                            negative_prompt_embeds: torch.Tensor | None = None) -> tuple[int, int]:

@@ -20,20 +20,18 @@ processor does, and the masked image is image * (mask < 0.5).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..diffusion.sampling import after_step
+from ..diffusion.samplers import StepCallback
+from ..diffusion.samplers.base import after_step, as_step_callback
 from ..registry import PIPELINES
 from .base import PipelineOutput
 from .image_to_image import ImageToImagePipeline
 from .images import ImageInput, check_batch, expand_batch, mask_to_tensor
 from .latent_diffusion import LAYOUTS, Generator, Prompt
-from .sdedit import noise_to_start
-
-StepCallback = Callable[[int, int, torch.Tensor], "torch.Tensor | None"]
 
 
 @PIPELINES.register("inpainting")
@@ -84,7 +82,7 @@ class InpaintPipeline(ImageToImagePipeline):
         eps = self.draw_noise(self.latent_shape(batch, *x.shape[-2:]), generator=generator, noise=noise)
         # diffusers' rule: pure noise at strength 1 (even for a plain UNet, which has z0), else the noised latent
         x_t0 = eps * sampler.init_noise_sigma if strength == 1.0 else \
-            noise_to_start(sampler, z0, eps, self.noise_scheduler, num_inference_steps, first=first)
+            sampler.noise_to_start(z0, eps, self.noise_scheduler, num_inference_steps, first)
         mask_latents = self.prepare_mask_latents(mask, x, **per_prompt, generator=generator)
         run = dict(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, sampler=sampler,
                    generator=generator, progress=progress, start_step=first)
@@ -127,12 +125,14 @@ class InpaintPipeline(ImageToImagePipeline):
         """A step callback for a plain UNet: after step i of `plan` (the sampler's plan of the steps run), it returns
         x <- m x + (1 - m) known, known = plan.noised(z0, eps, i + 1), the forward process at the next step in the
         sampler's own scale, and z0 itself after the last step (diffusers' blending). z0, eps, x: (B, C, h, w);
-        mask_latent (B, 1, h, w), 1 = repaint. `callback` then sees the blended x (and may replace it in turn).
+        mask_latent (B, 1, h, w), 1 = repaint. `callback` then sees the blended x, with the sampler's `denoised`
+        (and may replace x in turn).
         """
         known_weight, last = 1 - mask_latent, len(plan.timesteps) - 1
+        callback = as_step_callback(callback)
 
-        def keep_known(i: int, t: int, x: torch.Tensor) -> torch.Tensor:
+        def keep_known(i: int, t: int, x: torch.Tensor, denoised: torch.Tensor | None = None) -> torch.Tensor:
             known = z0 if i == last else plan.noised(z0, eps, i + 1)
-            return after_step(callback, torch.addcmul(known_weight * known, mask_latent, x), i, t)
+            return after_step(callback, torch.addcmul(known_weight * known, mask_latent, x), i, t, denoised)
 
         return keep_known

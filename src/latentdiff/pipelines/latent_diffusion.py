@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -21,6 +21,7 @@ from .. import hub
 from ..diffusion.guidance import classifier_free_guidance
 from ..diffusion.noise import randn
 from ..diffusion.noise_scheduler import NoiseScheduler
+from ..diffusion.samplers import SamplerProtocol, StepCallback, check_sampler
 from ..errors import ConfigError, InputError
 from ..models.ldm_bert import LDMBertTextEncoder
 from ..models.text_encoder import TextEncoder
@@ -30,7 +31,7 @@ from ..utils.memory import released_after_each_block
 from . import acceleration
 from .base import MODEL_INDEX, PipelineOutput, concat_conditioning
 from .denoising import FIRST_STAGES, DenoisingPipeline, Entry, FirstStage, Generator, load_schedule, write_parts
-from .sdedit import check_sampler, noise_to_start, sample_from_step, start_step
+from .sdedit import sample_from_step, start_step
 from .tiled_sampling import LatentTiling, Size as TileSize
 from .tiled_sampling import check_upscale, latent_tiling, tiled_denoiser, upscale_latents
 
@@ -89,7 +90,7 @@ class LatentDiffusionPipeline(DenoisingPipeline):
     component_names = ("vae", "unet", "text_encoder", "noise_scheduler", "sampler")
 
     def __init__(self, *, vae: FirstStage, unet: UNet2DConditional, text_encoder: TextEncoder,
-                 noise_scheduler: NoiseScheduler | None = None, sampler: Any = None):
+                 noise_scheduler: NoiseScheduler | None = None, sampler: SamplerProtocol | None = None):
         self.text_encoder = text_encoder
         super().__init__(vae=vae, unet=unet, noise_scheduler=noise_scheduler, sampler=sampler)
 
@@ -113,7 +114,7 @@ class LatentDiffusionPipeline(DenoisingPipeline):
                         token: str | bool | None = None, local_files_only: bool | None = None,
                         vae: FirstStage | None = None, unet: UNet2DConditional | None = None,
                         text_encoder: TextEncoder | None = None, noise_scheduler: NoiseScheduler | None = None,
-                        sampler: Any = None) -> "LatentDiffusionPipeline":
+                        sampler: SamplerProtocol | None = None) -> "LatentDiffusionPipeline":
         """Load a diffusers-format folder or Hub repo (Stable Diffusion v1/v2, LDM text-to-image, and their
         image-to-image / inpainting folders); parts passed in replace the folder's."""
         where = dict(variant=variant, revision=revision, cache_dir=cache_dir, token=token,
@@ -164,7 +165,7 @@ class LatentDiffusionPipeline(DenoisingPipeline):
                  guidance_scale: float = 7.5, eta: float | None = None, num_images_per_prompt: int = 1,
                  generator: Generator = None, latents: torch.Tensor | None = None,
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
-                 output_type: str = "pil", callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+                 output_type: str = "pil", callback: StepCallback | None = None,
                  progress: bool = True, tile_size: TileSize | None = None,
                  tile_overlap: TileSize | None = None) -> PipelineOutput:
         """Generate images for `prompt` (a string or a list). Returns PipelineOutput(images=...).
@@ -243,8 +244,8 @@ class LatentDiffusionPipeline(DenoisingPipeline):
         return cond, uncond
 
     def denoise(self, x_T: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, *,
-                guidance_scale: float = 7.5, num_inference_steps: int = 50, sampler: Any = None,
-                generator: Generator = None, callback: Callable | None = None, progress: bool = True,
+                guidance_scale: float = 7.5, num_inference_steps: int = 50, sampler: SamplerProtocol | None = None,
+                generator: Generator = None, callback: StepCallback | None = None, progress: bool = True,
                 start_step: int = 0, concat: torch.Tensor | None = None,
                 tiling: LatentTiling | None = None) -> torch.Tensor:
         """Run the reverse process from x_T to z_0 with the sampler, guided by the text embeddings.
@@ -319,5 +320,5 @@ class LatentDiffusionPipeline(DenoisingPipeline):
         z_small = self.denoise(self.prepare_latents(cond.shape[0], *base, generator=generator), cond, uncond, **run)
         z_large = self.upscale(z_small, height, width, mode=upscale)
         eps = randn(z_large.shape, generator=generator, dtype=z_large.dtype, device=z_large.device)
-        x = noise_to_start(sampler, z_large, eps, self.noise_scheduler, num_inference_steps, first=first)
+        x = sampler.noise_to_start(z_large, eps, self.noise_scheduler, num_inference_steps, first)
         return self.output(self.denoise(x, cond, uncond, start_step=first, tiling=tiling, **run), output_type)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..diffusion.noise_scheduler import NoiseScheduler
+from ..diffusion.samplers import SamplerProtocol
 from ..errors import ConfigError, InputError
 from ..models.conditioners import SpatialRescaler, SpatialRescalerConfig
 from ..registry import PIPELINES
@@ -60,7 +61,7 @@ class LayoutToImagePipeline(DenoisingPipeline):
     unet_inputs = ()
 
     def __init__(self, *, vae: FirstStage, unet: Any, rescaler: SpatialRescaler | None = None,
-                 noise_scheduler: NoiseScheduler | None = None, sampler: Any = None):
+                 noise_scheduler: NoiseScheduler | None = None, sampler: SamplerProtocol | None = None):
         self.rescaler = rescaler if rescaler is not None else default_rescaler(vae, unet)
         super().__init__(vae=vae, unet=unet, noise_scheduler=noise_scheduler, sampler=sampler)
 

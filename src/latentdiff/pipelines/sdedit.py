@@ -9,7 +9,8 @@ then run the reverse process from t_0 instead of T. With the N-step plan t_1 > .
 `strength` s in [0, 1] keeps the last int(N s) steps (diffusers' `get_timesteps`, so the same
 arguments visit the same timesteps): s = 1 runs every step, small s changes the image little.
 
-Every sampler starts part-way: `sampler.noise_to_start` noises the latent so that the sampler's state starts
+Every sampler starts part-way (`check_sampler`, from `diffusion.samplers`, refuses an object that cannot):
+`sampler.noise_to_start` noises the latent so that the sampler's state starts
 where the forward process puts it (x_{t0} above for DDIM / DDPM / PLMS; z_0 + sigma eps for the sigma-space
 samplers, diffusers' Euler-family `add_noise`), and `sampler.sample(..., start_step=)` runs the tail of its
 plan, so a pipeline never asks which sampler it has.
@@ -17,12 +18,12 @@ plan, so a pipeline never asks which sampler it has.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from ..diffusion.noise_scheduler import NoiseScheduler
-from ..diffusion.sampling import Denoiser, Generator
+from ..diffusion.samplers import Denoiser, Generator, SamplerProtocol, StepCallback, check_sampler
 from ..errors import InputError
 
 
@@ -44,28 +45,11 @@ def start_step(num_inference_steps: int, strength: float) -> int:
     return num_inference_steps - kept
 
 
-def check_sampler(sampler: Any) -> None:
-    """An InputError, before any work, for a sampler that cannot start from a noised image (a custom object
-    without latentdiff's `noise_to_start` / `sample(..., start_step=)`)."""
-    if not callable(getattr(sampler, "noise_to_start", None)):
-        raise InputError("this sampler cannot start from a noised image: it has no noise_to_start(x0, noise, ...)",
-                         where="sampler", expected="a latentdiff sampler (every registered one can)",
-                         found=type(sampler).__name__)
-
-
-def noise_to_start(sampler: Any, x0: torch.Tensor, noise: torch.Tensor, noise_scheduler: NoiseScheduler,
-                   num_inference_steps: int, *, first: int) -> torch.Tensor:
-    """x0 (B, C, h, w) noised with `noise` by the forward process to step `first` of the sampler's N-step plan:
-    the x that `sample_from_step(..., first=first)` starts from (the sampler knows its own scale)."""
-    check_sampler(sampler)
-    return sampler.noise_to_start(x0, noise, noise_scheduler, num_inference_steps, first)
-
-
-def sample_from_step(sampler: Any, denoise: Denoiser, x: torch.Tensor, noise_scheduler: NoiseScheduler,
+def sample_from_step(sampler: SamplerProtocol, denoise: Denoiser, x: torch.Tensor, noise_scheduler: NoiseScheduler,
                      num_inference_steps: int, *, first: int, generator: Generator = None,
-                     callback: Callable[[int, int, torch.Tensor], torch.Tensor | None] | None = None,
-                     progress: bool = False) -> torch.Tensor:
-    """Run steps first .. N-1 of the sampler's N-step plan from x (B, C, h, w), made by `noise_to_start`, to x_0.
+                     callback: StepCallback | None = None, progress: bool = False) -> torch.Tensor:
+    """Run steps first .. N-1 of the sampler's N-step plan from x (B, C, h, w), made by the sampler's
+    `noise_to_start(x0, noise, noise_scheduler, N, first)`, to x_0.
 
     `first` = 0 is a plain `sampler.sample` call (any sampler object); otherwise `sample(..., start_step=first)`,
     which every latentdiff sampler takes. Callback indices start at 0; a tensor the callback returns replaces x.

@@ -26,7 +26,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..diffusion.sampling import Denoiser
+from ..diffusion.samplers import Denoiser
 from ..errors import InputError
 
 Blend = Literal["linear", "uniform"]

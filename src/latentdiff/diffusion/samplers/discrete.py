@@ -1,4 +1,5 @@
-"""Samplers as thin, immutable holders of settings over the pure loops in `sampling.py`.
+"""The discrete-time samplers (DDIM, DDPM, PLMS) as thin, immutable holders of settings over the pure loops in
+`discrete_loops.py`.
 
     sampler = DDIMSampler(eta=0.0, timestep_spacing="leading", steps_offset=1)
     x_0 = sampler.sample(denoise, x_T, noise_scheduler, 50, generator=torch.Generator().manual_seed(0))
@@ -24,24 +25,25 @@ and is not exact even for an exact denoiser (tests/test_k_samplers.py). PLMS als
 Every sampler can start part-way (image-to-image, inpainting): `sample(..., start_step=s)` runs steps
 s .. N-1 of its N-step plan from the sample at step s, which `noise_to_start(x0, noise, ...)` makes with the
 forward process, and multistep methods (PLMS) start with an empty history there. A callback may return a
-tensor that replaces the sample (see `sampling.after_step`).
+tensor that replaces the sample (see `base.after_step`).
 
-The sigma-space samplers (Euler, Euler ancestral, Heun, LMS, DPM-Solver++) are in `k_samplers.py`, with
-the same interface; they are re-exported here.
+The sigma-space samplers (Euler, Euler ancestral, Heun, LMS, DPM-Solver++) are in `sigma.py`, with the same
+interface (`base.SamplerProtocol`).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 
-from ..config import ComponentConfig
-from ..errors import ConfigError, InputError
-from ..registry import SAMPLERS
-from .noise_scheduler import NoiseScheduler
-from .sampling import (Callback, Denoiser, Generator, check_sample_call, check_start_step, noise_sampler_from,
-                       noise_to_start, sample_ddim, sample_ddpm, sample_plms, select_timesteps)
+from ...errors import ConfigError, InputError
+from ...registry import SAMPLERS
+from ..noise_scheduler import NoiseScheduler
+from .base import (Denoiser, Generator, SamplerSettings, StepCallback, check_sample_call, check_start_step,
+                   noise_sampler_from)
+from .discrete_loops import sample_ddim, sample_ddpm, sample_plms
+from .grids import timestep_grid
 
 
 class SamplingPlan(NamedTuple):
@@ -67,28 +69,17 @@ class SamplingPlan(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Sampler(ComponentConfig):
-    """Settings shared by the discrete-time samplers (DDIM, DDPM)."""
+class Sampler(SamplerSettings):
+    """Settings shared by the discrete-time samplers (DDIM, DDPM, PLMS)."""
 
-    timestep_spacing: Literal["leading", "trailing", "linspace"] = "leading"
-    steps_offset: int = 0              # added to "leading" timesteps (Stable Diffusion v1/v2 use 1)
     clip_sample: bool = False          # clamp x0_pred to [-clip_sample_range, clip_sample_range] (pixel models)
     clip_sample_range: float = 1.0
 
-    init_noise_sigma: ClassVar[float] = 1.0   # x_T ~ N(0, I): the initial noise is not scaled
-    registry_name: ClassVar[str]
-
     def validate(self) -> None:
-        if self.steps_offset < 0:
-            raise ConfigError("steps_offset must be >= 0", where="steps_offset", expected=">= 0",
-                              found=self.steps_offset)
+        super().validate()
         if not self.clip_sample_range > 0:
             raise ConfigError("clip_sample_range must be > 0", where="clip_sample_range", expected="> 0",
                               found=self.clip_sample_range)
-
-    def with_options(self, **changes: Any) -> "Sampler":
-        """A copy with some settings changed; an unknown name is a TypeError, a bad value a ConfigError."""
-        return dataclasses.replace(self, **changes)
 
     def timesteps(self, noise_scheduler: NoiseScheduler, num_inference_steps: int) -> torch.Tensor:
         """The N training timesteps visited, descending: (N,) int64 on the CPU."""
@@ -96,23 +87,16 @@ class Sampler(ComponentConfig):
 
     def plan(self, noise_scheduler: NoiseScheduler, num_inference_steps: int, *,
              start_step: int = 0) -> SamplingPlan:
-        """Timesteps and the abar values of each step (for custom loops over `sampling.sample_*`): steps
+        """Timesteps and the abar values of each step (for custom loops over `discrete_loops.sample_*`): steps
         start_step .. N-1 of the N-step plan (0 <= start_step < N)."""
         if not isinstance(noise_scheduler, NoiseScheduler):
             raise InputError("a NoiseScheduler is needed", where="noise_scheduler", expected="NoiseScheduler",
                              found=type(noise_scheduler).__name__)
-        timesteps = select_timesteps(noise_scheduler.num_train_timesteps, num_inference_steps,
-                                     spacing=self.timestep_spacing, steps_offset=self.steps_offset)
+        timesteps = timestep_grid(noise_scheduler.num_train_timesteps, num_inference_steps, kind="discrete",
+                                  spacing=self.timestep_spacing, steps_offset=self.steps_offset).tolist()
         s = check_start_step(start_step, len(timesteps))
         abar = noise_scheduler.alphas_cumprod[timesteps[s:]].tolist()   # CPU table: no device sync
         return SamplingPlan(timesteps[s:], abar + [self.final_alpha_cumprod(noise_scheduler)], s)
-
-    def noise_to_start(self, x0: torch.Tensor, noise: torch.Tensor, noise_scheduler: NoiseScheduler,
-                       num_inference_steps: int, start_step: int = 0) -> torch.Tensor:
-        """x0 (B, C, H, W) noised by the forward process to step `start_step` of the N-step plan: the x that
-        `sample(..., start_step=start_step)` takes, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise at
-        t = timesteps[start_step] (as diffusers' `add_noise` at the first timestep of image-to-image)."""
-        return noise_to_start(self.plan(noise_scheduler, num_inference_steps, start_step=start_step), x0, noise)
 
     def final_alpha_cumprod(self, noise_scheduler: NoiseScheduler) -> float:
         """abar after the last step: 1 (a clean sample) unless a sampler says otherwise."""
@@ -121,10 +105,6 @@ class Sampler(ComponentConfig):
     @property
     def _clip(self) -> float | None:
         return self.clip_sample_range if self.clip_sample else None
-
-    def _check_call(self, denoise: Callable, x_T: torch.Tensor, generator: Generator,
-                    callback: Callable | None) -> None:
-        check_sample_call(denoise, x_T, generator, callback)
 
 
 @SAMPLERS.register("ddim")
@@ -146,17 +126,18 @@ class DDIMSampler(Sampler):
 
     def sample(self, denoise: Denoiser, x_T: torch.Tensor, noise_scheduler: NoiseScheduler,
                num_inference_steps: int, *, start_step: int = 0, generator: Generator = None,
-               callback: Callback | None = None, progress: bool = False) -> torch.Tensor:
+               callback: StepCallback | None = None, progress: bool = False) -> torch.Tensor:
         """x_T (B, C, H, W) -> x_0 in `num_inference_steps` DDIM steps.
 
         start_step = s > 0 runs steps s .. N-1 only, x_T being the sample at step s (`noise_to_start`).
         denoise(x_t, t) -> the raw prediction (noise_scheduler.config.prediction_type), t a 0-d int64
         tensor on x_T's device. With eta > 0, the noise of each step is drawn per sample from
         `generator` (one, or a list of one per sample) on the generator's device, then moved.
-        callback(i, t_i, x) runs after step i (i counted from 0 in the run, t_i a Python int, x the new
-        sample; a tensor it returns replaces x); progress shows tqdm.
+        callback(i, t_i, x, denoised) runs after step i (i counted from 0 in the run, t_i a Python int, x the new
+        sample, denoised its x0 prediction; a tensor it returns replaces x; see `base.StepCallback`); progress
+        shows tqdm.
         """
-        self._check_call(denoise, x_T, generator, callback)
+        check_sample_call(denoise, x_T, generator, callback)
         plan = self.plan(noise_scheduler, num_inference_steps, start_step=start_step)
         return sample_ddim(denoise, x_T, plan.timesteps, plan.alphas_cumprod,
                            prediction_type=noise_scheduler.config.prediction_type, eta=self.eta,
@@ -173,9 +154,9 @@ class DDPMSampler(Sampler):
 
     def sample(self, denoise: Denoiser, x_T: torch.Tensor, noise_scheduler: NoiseScheduler,
                num_inference_steps: int, *, start_step: int = 0, generator: Generator = None,
-               callback: Callback | None = None, progress: bool = False) -> torch.Tensor:
+               callback: StepCallback | None = None, progress: bool = False) -> torch.Tensor:
         """x_T (B, C, H, W) -> x_0; arguments as DDIMSampler.sample. Noise is drawn at every step but the last."""
-        self._check_call(denoise, x_T, generator, callback)
+        check_sample_call(denoise, x_T, generator, callback)
         plan = self.plan(noise_scheduler, num_inference_steps, start_step=start_step)
         return sample_ddpm(denoise, x_T, plan.timesteps, plan.alphas_cumprod,
                            prediction_type=noise_scheduler.config.prediction_type, variance_type=self.variance_type,
@@ -208,20 +189,11 @@ class PLMSSampler(Sampler):
 
     def sample(self, denoise: Denoiser, x_T: torch.Tensor, noise_scheduler: NoiseScheduler,
                num_inference_steps: int, *, start_step: int = 0, generator: Generator = None,
-               callback: Callback | None = None, progress: bool = False) -> torch.Tensor:
+               callback: StepCallback | None = None, progress: bool = False) -> torch.Tensor:
         """x_T (B, C, H, W) -> x_0 in N - start_step steps (one more model call: the first step's warm-up, also
         when started part-way); arguments as DDIMSampler.sample (deterministic: `generator` is checked, not used)."""
-        self._check_call(denoise, x_T, generator, callback)
+        check_sample_call(denoise, x_T, generator, callback)
         plan = self.plan(noise_scheduler, num_inference_steps, start_step=start_step)
         return sample_plms(denoise, x_T, plan.timesteps, plan.alphas_cumprod,
                            prediction_type=noise_scheduler.config.prediction_type, callback=callback,
                            progress=progress)
-
-
-# The sigma-space samplers live in their own module; importing them here registers them with SAMPLERS.
-from .k_samplers import (DPMSolverMultistepSampler, DPMSolverMultistepSDESampler, EulerAncestralSampler,  # noqa: E402
-                         EulerSampler, HeunSampler, LMSSampler, SigmaPlan, SigmaSampler)
-
-__all__ = ["SamplingPlan", "Sampler", "DDIMSampler", "DDPMSampler", "PLMSSampler", "SigmaPlan", "SigmaSampler",
-           "EulerSampler", "EulerAncestralSampler", "HeunSampler", "LMSSampler", "DPMSolverMultistepSampler",
-           "DPMSolverMultistepSDESampler"]

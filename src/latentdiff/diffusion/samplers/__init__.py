@@ -1,0 +1,35 @@
+"""Samplers of the reverse process: pure loops per family, thin immutable classes over them, the grids they walk.
+
+    sampler = DDIMSampler(eta=0.0, timestep_spacing="leading", steps_offset=1)
+    x_0 = sampler.sample(denoise, x_T, noise_scheduler, 50, generator=torch.Generator().manual_seed(0))
+
+A sampler is a frozen dataclass (an unknown keyword is a TypeError, a bad value a ConfigError) with no state
+between calls: two threads can share one, with different step counts. The noise schedule comes from the
+NoiseScheduler passed to each call, so one sampler serves any model. Every sampler satisfies
+`SamplerProtocol`: `sample(denoise, x_T, noise_scheduler, N, *, start_step, generator, callback, progress)`,
+`noise_to_start(x0, noise, noise_scheduler, N, start_step)` and `init_noise_sigma`.
+
+    base.py            the shared types (Denoiser, Generator, StepCallback), the protocol, the step-callback
+                       contract, the checks, `switch_sampler`
+    grids.py           `timestep_grid(T, N, kind=...)` and the sigma grids
+    discrete_loops.py  DDIM, DDPM, PLMS as pure functions on alphas_cumprod
+    sigma_loops.py     Euler, Euler ancestral, Heun, LMS, DPM-Solver++ as pure functions on sigmas (k-diffusion)
+    discrete.py        DDIMSampler, DDPMSampler, PLMSSampler
+    sigma.py           EulerSampler, EulerAncestralSampler, HeunSampler, LMSSampler, DPMSolverMultistep(SDE)Sampler
+
+`Sampler` is the base of the discrete samplers (its name since 0.1), `SigmaSampler` of the sigma-space ones,
+`SamplerSettings` of both. Importing this package registers every sampler with `registry.SAMPLERS`.
+"""
+from __future__ import annotations
+
+from .base import (Denoiser, Generator, NoiseSampler, SamplerProtocol, SamplerSettings, StepCallback,
+                   as_step_callback, check_sampler, switch_sampler)
+from .discrete import DDIMSampler, DDPMSampler, PLMSSampler, Sampler, SamplingPlan
+from .grids import timestep_grid
+from .sigma import (DPMSolverMultistepSampler, DPMSolverMultistepSDESampler, EulerAncestralSampler, EulerSampler,
+                    HeunSampler, LMSSampler, SigmaPlan, SigmaSampler)
+
+__all__ = ["SamplingPlan", "Sampler", "DDIMSampler", "DDPMSampler", "PLMSSampler", "SigmaPlan", "SigmaSampler",
+           "EulerSampler", "EulerAncestralSampler", "HeunSampler", "LMSSampler", "DPMSolverMultistepSampler",
+           "DPMSolverMultistepSDESampler", "SamplerProtocol", "SamplerSettings", "Denoiser", "Generator",
+           "NoiseSampler", "StepCallback", "as_step_callback", "check_sampler", "switch_sampler", "timestep_grid"]

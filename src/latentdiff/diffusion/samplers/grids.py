@@ -1,0 +1,141 @@
+"""The grids samplers walk: the timesteps of every sampler (`timestep_grid`, one function for the three kinds of
+diffusers grid), and the noise levels of the sigma-space samplers (Euler, Heun, LMS, DPM-Solver). Pure math on the
+host.
+
+A discrete DDPM-family model trained on abar_t is also a denoiser of the variance-exploding process
+x = x_0 + sigma n with sigma_t = sqrt((1 - abar_t) / abar_t) (Karras et al. 2022, "Elucidating the Design
+Space of Diffusion-Based Generative Models", sec. 2 and app. C.1; k-diffusion's `DiscreteSchedule`). An
+N-step sampler walks a descending grid sigma_0 > ... > sigma_{N-1} and a final sigma_N (0, or the
+smallest trained sigma), and calls the model at each sigma_i with the timestep t_i that has this noise
+level (a fractional t where the grid falls between trained timesteps).
+
+Every grid is built with the numpy / float32 torch operations of diffusers 0.42's scheduler of the
+same name, in the same order, so sigmas and timesteps agree bit for bit: a sampler is part of what
+makes a seed reproduce an image. Each function names the diffusers method it mirrors.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ...errors import InputError
+from .base import TIMESTEP_SPACINGS, check_num_inference_steps
+
+# Where a zero-terminal-SNR schedule has abar_{T-1} = 0 (sigma = inf), diffusers' Euler / DPM-Solver
+# schedulers put the smallest positive float16 subnormal, so that the first sigma is finite (4096).
+ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
+KARRAS_RHO = 7.0   # Karras et al. 2022, eq. 5 and Table 1
+
+
+def sigma_table(alphas_cumprod: torch.Tensor, *, zero_terminal_snr: bool = False) -> np.ndarray:
+    """sigma_t = sqrt((1 - abar_t) / abar_t) for t = 0 .. T-1: (T,) float32, increasing in t.
+
+    alphas_cumprod: (T,) float32 CPU. `zero_terminal_snr`: replace abar_{T-1} = 0 by 2^-24 first.
+    """
+    abar = alphas_cumprod.detach().to("cpu", torch.float32).clone()
+    if zero_terminal_snr:
+        abar[-1] = ZERO_SNR_ALPHA_CUMPROD
+    return (((1 - abar) / abar) ** 0.5).numpy()
+
+
+GridKind = Literal["discrete", "euler", "dpm_solver"]
+GRID_KINDS: tuple[str, ...] = ("discrete", "euler", "dpm_solver")
+
+
+def timestep_grid(num_train_timesteps: int, num_inference_steps: int, *, kind: GridKind = "discrete",
+                  spacing: str = "leading", steps_offset: int = 0, last_timestep: int | None = None) -> np.ndarray:
+    """The N descending training timesteps an N-step sampler visits (Lin et al. 2023, Table 2), as the diffusers
+    0.42 scheduler of each `kind` builds them with numpy (so round-half-to-even ties fall the same way):
+
+    "leading":  k (T' // P) + steps_offset for k = P-1 .. 0 (DDIM's original grid; SD uses offset 1)
+    "trailing": round(T' - k T / N) - 1 for k = 0 .. N-1 (starts at T - 1: the zero-SNR step)
+    "linspace": round(linspace(0, T' - 1, P)) reversed
+
+    kind "discrete" (DDIM, DDPM, PNDM) and "euler" (Euler, Heun, LMS): P = N points over T' = T; "euler" keeps its
+    float32 "linspace" grid unrounded (fractional timesteps). "dpm_solver" (DPMSolverMultistepScheduler): P = N + 1
+    points over T' = `last_timestep` (default T; see `lambda_clipped_last_timestep`), the final t = 0 dropped.
+    -> (N,) int64 ("discrete", "dpm_solver") or float32 ("euler"). Unlike diffusers, "trailing" never yields
+    N + 1 steps (numpy's float `arange` does for e.g. T = 1000, N = 61, ending in timestep -1).
+    """
+    T, N = num_train_timesteps, check_num_inference_steps(num_inference_steps, num_train_timesteps)
+    if kind not in GRID_KINDS:
+        raise InputError("unknown timestep grid kind", where="kind", expected=list(GRID_KINDS), found=repr(kind))
+    last = T if last_timestep is None or kind != "dpm_solver" else last_timestep
+    points = N + 1 if kind == "dpm_solver" else N
+    if spacing == "linspace" and kind == "euler":
+        timesteps = np.linspace(0, T - 1, N, dtype=np.float32)[::-1]
+    elif spacing == "linspace":
+        timesteps = np.linspace(0, last - 1, points).round()[::-1][:N]
+    elif spacing == "leading":
+        timesteps = (np.arange(0, points) * (last // points)).round()[::-1][:N] + steps_offset
+    elif spacing == "trailing":
+        timesteps = np.arange(last, 0, -T / N).round()[:N] - 1
+    else:
+        raise InputError("unknown timestep spacing", where="timestep_spacing", expected=list(TIMESTEP_SPACINGS),
+                         found=repr(spacing))
+    timesteps = timesteps.astype(np.float32 if kind == "euler" else np.int64)   # a copy: no view of a reversal
+    if timesteps[0] >= T:
+        raise InputError(f"steps_offset {steps_offset} pushes the first timestep past the training range",
+                         where="steps_offset", expected=f"timesteps < num_train_timesteps = {T}",
+                         found=f"first timestep {timesteps[0]} for {len(timesteps)} steps")
+    if kind == "dpm_solver" and (len(timesteps) != N or (N > 1 and not (np.diff(timesteps) < 0).all())):
+        raise InputError(f"{N} steps do not fit the {spacing!r} grid of this schedule (timesteps would repeat)",
+                         where="num_inference_steps", expected=f"fewer steps than {last}", found=N)
+    return timesteps
+
+
+def lambda_clipped_last_timestep(alphas_cumprod: torch.Tensor, lambda_min_clipped: float, *,
+                                 zero_terminal_snr: bool = False) -> int:
+    """T minus the number of timesteps whose half log-SNR lambda_t = log(alpha_t / sigma_t) lies below
+    `lambda_min_clipped` (DPM-Solver's clipping for the cosine schedule; -inf clips nothing)."""
+    abar = alphas_cumprod.detach().to("cpu", torch.float32).clone()
+    if zero_terminal_snr:
+        abar[-1] = ZERO_SNR_ALPHA_CUMPROD
+    lambdas = torch.log(torch.sqrt(abar)) - torch.log(torch.sqrt(1 - abar))
+    clipped = torch.searchsorted(torch.flip(lambdas, [0]), lambda_min_clipped)
+    return len(abar) - int(clipped)
+
+
+def interpolate_sigmas(timesteps: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """sigma(t) linearly interpolated in the (T,) table at (possibly fractional) timesteps -> float64."""
+    return np.interp(timesteps, np.arange(0, len(table)), table)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = KARRAS_RHO) -> np.ndarray:
+    """sigma_i = (sigma_max^(1/rho) + i / (n - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i = 0 .. n-1
+    (Karras et al. 2022, eq. 5): steps shrink towards sigma_min, where they matter most. -> (n,) float64."""
+    ramp = np.linspace(0, 1, n)
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    """n sigmas evenly spaced in log sigma from sigma_max to sigma_min (k-diffusion's
+    `get_sigmas_exponential`). -> (n,) float64."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+
+
+def sigma_to_t(sigmas: np.ndarray, log_table: np.ndarray) -> np.ndarray:
+    """The fractional timestep of each sigma: linear interpolation of log sigma between the two trained
+    timesteps around it (k-diffusion's `DiscreteSchedule.sigma_to_t`; diffusers' `_sigma_to_t`).
+
+    sigmas: (n,); log_table: (T,) float32 log sigma_t. -> (n,) float64 in [0, T - 1].
+    """
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    dists = log_sigma - log_table[:, np.newaxis]
+    low_idx = np.cumsum((dists >= 0), axis=0).argmax(axis=0).clip(max=log_table.shape[0] - 2)
+    high_idx = low_idx + 1
+    low, high = log_table[low_idx], log_table[high_idx]
+    w = np.clip((low - log_sigma) / (low - high), 0, 1)
+    return ((1 - w) * low_idx + w * high_idx).reshape(np.shape(sigmas))
+
+
+def init_noise_sigma(sigmas: np.ndarray, spacing: str) -> float:
+    """The standard deviation diffusers' Euler / Heun / LMS schedulers give x_T: sigma_max for "linspace" and
+    "trailing" grids, sqrt(sigma_max^2 + 1) for "leading" (the exact variance of x_T / sqrt(abar) is the latter;
+    diffusers keeps the former for the grids that start at t = T - 1, and so do we, for parity)."""
+    sigma_max = torch.from_numpy(np.asarray(sigmas, dtype=np.float32)).max()
+    return float(sigma_max if spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5)
