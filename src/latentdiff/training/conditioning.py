@@ -68,7 +68,7 @@ class Conditioning:
         return UnconditionalPipeline(**parts)
 
 
-def _guided(guidance_scale: float) -> bool:
+def _with_uncond(guidance_scale: float) -> bool:
     """Whether a preview runs the unconditional branch too: at every scale but 1 (see the module doc)."""
     return guidance_scale != 1.0
 
@@ -89,7 +89,7 @@ class TextConditioning(Conditioning):
 
     def preview(self, pipeline: Any, conditions: Sequence[Any], x_T: torch.Tensor, *, guidance_scale: float,
                 num_inference_steps: int) -> torch.Tensor:
-        cond, uncond = pipeline.encode_prompt(list(conditions), guidance=_guided(guidance_scale))
+        cond, uncond = pipeline.encode_prompt(list(conditions), guidance=_with_uncond(guidance_scale))
         return pipeline.denoise(x_T, cond, uncond, guidance_scale=guidance_scale,
                                 num_inference_steps=num_inference_steps, progress=False)
 
@@ -113,7 +113,7 @@ class ClassConditioning(Conditioning):
 
     def preview(self, pipeline: Any, conditions: Sequence[Any], x_T: torch.Tensor, *, guidance_scale: float,
                 num_inference_steps: int) -> torch.Tensor:
-        cond, uncond = pipeline.encode_labels(pipeline.label_ids(list(conditions)), guidance=_guided(guidance_scale))
+        cond, uncond = pipeline.encode_labels(pipeline.label_ids(list(conditions)), guidance=_with_uncond(guidance_scale))
         denoise = pipeline.guided_denoiser(cond, uncond, guidance_scale=guidance_scale)
         return pipeline.sample(denoise, x_T, num_inference_steps=num_inference_steps, progress=False)
 
