@@ -113,7 +113,8 @@ class ClassConditioning(Conditioning):
 
     def preview(self, pipeline: Any, conditions: Sequence[Any], x_T: torch.Tensor, *, guidance_scale: float,
                 num_inference_steps: int) -> torch.Tensor:
-        cond, uncond = pipeline.encode_labels(pipeline.label_ids(list(conditions)), guidance=_with_uncond(guidance_scale))
+        labels = pipeline.label_ids(list(conditions))
+        cond, uncond = pipeline.encode_labels(labels, guidance=_with_uncond(guidance_scale))
         denoise = pipeline.guided_denoiser(cond, uncond, guidance_scale=guidance_scale)
         return pipeline.sample(denoise, x_T, num_inference_steps=num_inference_steps, progress=False)
 
