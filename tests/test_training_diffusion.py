@@ -227,3 +227,47 @@ def test_tiny_example_configs_run_from_the_command_line(tmp_path):
     images = pipe("a red circle on the left, blue background", num_inference_steps=2, guidance_scale=3.0,
                   generator=torch.Generator().manual_seed(0), output_type="pt", progress=False).images
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("mode", ["text", "class", "low_res", "none"])
+def test_preview_is_what_its_pipeline_computes(tmp_path, parts, mode):
+    """A training preview (sample section: conditions x seeds, guidance 2) equals the trainer's own pipeline
+    called on the same weights, conditions and per-sample seeds: previews run through the pipeline's stages."""
+    config = diffusion_config(parts["captions" if mode == "text" else "classes"], parts["vae"], tmp_path / "run",
+                              conditioning=mode, sample={"prompts": ["a red circle", "blue"], "class_labels": [0, 2],
+                                                         "guidance_scale": 2.0, "num_inference_steps": 3,
+                                                         "seeds": [0, 5]})
+    if mode == "text":
+        config["model"]["text_encoder"] = str(parts["clip"])
+    if mode == "low_res":
+        config["model"]["unet"]["in_channels"] = 4 + 3
+    trainer = DiffusionTrainer(train_config_from_dict(config, "diffusion"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in trainer.unet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)   # not the zero-initialised output layers: a non-trivial prediction
+    preview = trainer.sample(use_ema=False)
+
+    pipe, seeds = trainer.pipeline, [0, 0, 5, 5]
+    run = dict(num_inference_steps=3, output_type="latent", progress=False,
+               generator=[torch.Generator().manual_seed(s) for s in seeds])
+    if mode == "text":
+        z0 = pipe(["a red circle", "blue"] * 2, guidance_scale=2.0, **run).images
+    elif mode == "class":
+        z0 = pipe([0, 2] * 2, guidance_scale=2.0, **run).images
+    elif mode == "low_res":
+        from latentdiff.training.conditioning import low_res
+
+        images = trainer.preview_images(4).repeat(2, 1, 1, 1)          # 4 images x 2 seeds
+        seeds = [0] * 4 + [5] * 4
+        run["generator"] = [torch.Generator().manual_seed(s) for s in seeds]
+        z0 = pipe((low_res(images, (8, 8)) + 1) / 2, **run).images      # the pipeline takes [0, 1] images
+    else:
+        run["generator"] = run["generator"][::2]                        # one condition (none) x 2 seeds
+        z0 = pipe(batch_size=2, **run).images
+    expected = pipe.decode(z0).clamp(-1, 1)
+    assert preview.shape == expected.shape
+    if mode == "low_res":   # [-1, 1] -> [0, 1] -> [-1, 1] rounds
+        torch.testing.assert_close(preview, expected)
+    else:
+        assert torch.equal(preview, expected)

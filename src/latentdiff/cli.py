@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training.loop import train_from_file
+    from .training.run import train_from_file
 
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     folder, is_main = train_from_file(args.stage, args.config, overrides=overrides)

@@ -28,7 +28,7 @@ from torch import nn
 from ..config import ComponentConfig
 from ..errors import ConfigError, InputError
 from .discriminator import D_LOSSES, PatchDiscriminator
-from .lpips import LPIPS
+from ..metrics.lpips import LPIPS
 
 if TYPE_CHECKING:
     from ..models.autoencoder_kl import DiagonalGaussian

@@ -223,7 +223,7 @@ def freeze_encoder(autoencoder: nn.Module, *, where: str) -> None:
 def build_loss(model: Any, loss_config: ComponentConfig) -> nn.Module:
     """AutoencoderLoss with the LPIPS network the model section names (published, random, or a file)."""
     from .autoencoder_loss import AutoencoderLoss
-    from .lpips import LPIPS
+    from ..metrics.lpips import LPIPS
 
     perceptual = None
     if loss_config.perceptual_weight > 0:

@@ -170,8 +170,11 @@ class DiffusionModelSection(ComponentConfig):
     num_classes: int | None = None     # class conditioning; None: the number of class folders
 
     def validate(self) -> None:
-        if self.conditioning == "text" and self.text_encoder is None and self.text_encoder_config is None:
-            raise ConfigError("text conditioning needs a text encoder", where="text_encoder",
+        from .conditioning import CONDITIONINGS
+
+        mode = CONDITIONINGS[self.conditioning]
+        if mode.context and self.text_encoder is None and self.text_encoder_config is None:
+            raise ConfigError(f"{mode.name} conditioning needs a text encoder", where="text_encoder",
                               expected="a folder (text_encoder/ + tokenizer/), or text_encoder_config + tokenizer",
                               found=None)
         if self.text_encoder_config is not None:
@@ -401,21 +404,23 @@ def build_component_configs(config: TrainConfig, *, where: str = "model") -> dic
 
 def check_conditioning(config: DiffusionTrainConfig, unet: Any, *, where: str) -> None:
     """The UNet must be able to take the conditioning the config asks for."""
-    mode, cross = config.model.conditioning, getattr(unet, "cross_attention_dim", None)
-    if mode == "text" and (config.model.unet_type != "unet" or cross is None):
-        raise ConfigError("text conditioning needs a cross-attention UNet", where=f"{where}.unet",
+    from .conditioning import CONDITIONINGS
+
+    mode, cross = CONDITIONINGS[config.model.conditioning], getattr(unet, "cross_attention_dim", None)
+    if mode.context and (config.model.unet_type != "unet" or cross is None):
+        raise ConfigError(f"{mode.name} conditioning needs a cross-attention UNet", where=f"{where}.unet",
                           expected="unet_type: unet with cross_attention_dim set", found=config.model.unet_type)
-    if mode != "text" and cross is not None and config.model.unet_type == "unet":
-        raise ConfigError(f"conditioning {mode!r} has no context for cross-attention", where=f"{where}.unet",
+    if not mode.context and cross is not None and config.model.unet_type == "unet":
+        raise ConfigError(f"conditioning {mode.name!r} has no context for cross-attention", where=f"{where}.unet",
                           expected="cross_attention_dim: null", found=cross)
     class_conditional = getattr(unet, "num_class_embeds", None) is not None
-    if (mode == "class") != class_conditional:
+    if mode.class_embeds != class_conditional:
         raise ConfigError("class conditioning and the UNet's num_class_embeds go together", where=f"{where}.unet",
                           expected="num_class_embeds = classes + 1 (the null class) iff conditioning: class",
                           found=getattr(unet, "num_class_embeds", None))
     if config.train.cache_latents and not config.data.center_crop:
         raise ConfigError("cached latents need a fixed crop", where="train.cache_latents",
                           expected="data.center_crop: true", found="center_crop: false")
-    if config.train.cache_latents and mode == "low_res":
-        raise ConfigError("low_res conditioning needs the images, not only their latents",
-                          where="train.cache_latents", expected="false with conditioning: low_res", found=True)
+    if config.train.cache_latents and mode.needs_pixels:
+        raise ConfigError(f"{mode.name} conditioning needs the images, not only their latents",
+                          where="train.cache_latents", expected=f"false with conditioning: {mode.name}", found=True)

@@ -14,6 +14,7 @@ The export is the pipeline that samples the trained model, written by that pipel
 folders, the null class for guidance), UnconditionalPipeline (none), SuperResolutionPipeline (low_res).
 SuperResolutionPipeline decodes z0 unscaled, as diffusers' LDMSuperResolutionPipeline and LDM-SR (trained on
 unscaled VQ latents), so low_res mode diffuses the first stage's unscaled latents whatever its scaling_factor.
+Each mode is one strategy of `conditioning.py`, chosen once; previews run through the export's pipeline.
 
     DiffusionTrainer(load_train_config("ldm.yaml", "diffusion")).fit()   # -> the exported pipeline folder
 """
@@ -30,12 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import hub
-from ..diffusion.guidance import combine_guidance
 from ..diffusion.noise_scheduler import NoiseScheduler
 from ..diffusion.samplers import DDIMSampler
 from ..errors import CheckpointError, ConfigError
 from ..layers.attention import BasicTransformerBlock, SpatialSelfAttention
 from ..layers.resnet import ResnetBlock
+from .conditioning import CONDITIONINGS
+from .conditioning import low_res  # noqa: F401 (re-exported: its public path before it moved)
 from .config import DiffusionTrainConfig, build_component_configs
 from .data import build_datasets, fixed_batches
 from .ema import EMA
@@ -59,8 +61,9 @@ class DiffusionTrainer(Trainer):
         self.vae = load_first_stage(model.autoencoder, subfolder=model.autoencoder_subfolder).to(self.device)
         self.vae.requires_grad_(False)
         self.noise_scheduler = NoiseScheduler(built["noise_scheduler"])
+        self.conditioning = CONDITIONINGS[model.conditioning]
         self.unet = build_unet(config, built["unet"]).to(self.device).train()
-        self.text_encoder = load_text_encoder(config, built["text_encoder"]) if model.conditioning == "text" else None
+        self.text_encoder = load_text_encoder(config, built["text_encoder"]) if self.conditioning.context else None
         self.num_classes = self._check_labels()
         self._check_channels()
         self.modules = {"unet": self.unet}
@@ -72,6 +75,9 @@ class DiffusionTrainer(Trainer):
         # The pipeline the export writes; built now so parts it cannot take are an error before training. It holds
         # the trainer's own modules, so what it samples and saves are the weights in them (the EMA's when applied).
         self.pipeline = self.build_pipeline()
+        # Previews run through this pipeline's stages; the weights it holds are being trained, so its release of
+        # memory-mapped weights between stages (for inference) stays off.
+        self.pipeline.release_weights = False
         trained = nn.ModuleDict(self.modules)
         if train.gradient_checkpointing:
             self._enable_gradient_checkpointing(trained)
@@ -89,12 +95,11 @@ class DiffusionTrainer(Trainer):
 
     # ---- setup checks -----------------------------------------------------------------------------
     def _check_labels(self) -> int | None:
-        mode, labels = self.config.model.conditioning, self.train_set.index.labels
-        need = {"text": "captions", "class": "classes"}.get(mode)
-        if need is not None and labels != need:
-            raise ConfigError(f"{mode} conditioning needs {need} in the data", where="data.labels",
-                              expected=need, found=labels)
-        if mode != "class":
+        mode, labels = self.conditioning, self.train_set.index.labels
+        if mode.labels is not None and labels != mode.labels:
+            raise ConfigError(f"{mode.name} conditioning needs {mode.labels} in the data", where="data.labels",
+                              expected=mode.labels, found=labels)
+        if not mode.class_embeds:
             return None
         classes = self.config.model.num_classes or len(self.train_set.index.class_names)
         embeds = self.unet.config.num_class_embeds
@@ -105,7 +110,7 @@ class DiffusionTrainer(Trainer):
 
     def _check_channels(self) -> None:
         c = self.vae.latent_channels
-        extra = 3 if self.config.model.conditioning == "low_res" else 0
+        extra = self.conditioning.extra_channels
         unet = self.unet.config
         if unet.in_channels != c + extra or unet.out_channels != c:
             raise ConfigError("the UNet's channels do not fit the autoencoder's latents", where="model.unet",
@@ -155,22 +160,12 @@ class DiffusionTrainer(Trainer):
     def diffusion_latents(self, z: torch.Tensor) -> torch.Tensor:
         """First-stage latents (B, C, h, w) -> z0 the model diffuses: scaled by the scaling_factor, except for
         low_res, whose pipeline (SuperResolutionPipeline, as LDM-SR) decodes unscaled latents."""
-        return z if self.config.model.conditioning == "low_res" else self.vae.scale_latents(z)
+        return self.vae.scale_latents(z) if self.conditioning.scaled_latents else z
 
     def condition(self, x_t: torch.Tensor, batch: dict[str, Any], pixels: torch.Tensor | None,
                   drop: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """The UNet input and its conditioning keywords; dropped samples get the null condition."""
-        mode = self.config.model.conditioning
-        if mode == "text":
-            captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
-            with torch.set_grad_enabled(self.config.train.train_text_encoder):
-                return x_t, {"context": self.text_encoder(captions)}
-        if mode == "class":
-            labels = batch["class_label"].to(self.device)
-            return x_t, {"class_labels": torch.where(drop, torch.full_like(labels, self.num_classes), labels)}
-        if mode == "low_res":
-            return torch.cat([x_t, low_res(pixels, x_t.shape[-2:]).to(x_t.dtype)], dim=1), {}
-        return x_t, {}
+        return self.conditioning.unet_inputs(self, x_t, batch, pixels, drop)
 
     # ---- latent caching ---------------------------------------------------------------------------
     def _latent_cache(self) -> torch.Tensor:
@@ -203,54 +198,32 @@ class DiffusionTrainer(Trainer):
     # ---- samples and export -------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, *, use_ema: bool = True) -> torch.Tensor:
-        """Images (N, 3, H, W) in [-1, 1] for the sample section's conditions x seeds, by DDIM."""
+        """Images (N, 3, H, W) in [-1, 1] for the sample section's conditions x seeds, by the export's pipeline
+        (DDIM): x_T drawn per sample from its seed, the stages of the conditioning's pipeline, decoded once."""
         cfg = self.config.sample
-        conditions = self._sample_conditions()
+        conditions = self.conditioning.preview_conditions(self)
         seeds = [s for s in cfg.seeds for _ in range(len(conditions))]
         conditions = conditions * len(cfg.seeds)
-        size = self.config.data.resolution // self.vae.downsample_factor
-        shape = (len(seeds), self.vae.latent_channels, size, size)
-        x_T = torch.cat([torch.randn((1, *shape[1:]), generator=torch.Generator().manual_seed(s)) for s in seeds])
+        size = self.config.data.resolution
+        x_T = self.pipeline.prepare_latents(len(seeds), size, size,
+                                            generator=[torch.Generator().manual_seed(s) for s in seeds])
         modules = list(self.modules.values())
         was_training = [m.training for m in modules]
         for m in modules:
             m.eval()
         try:
             with self.ema.applied() if (use_ema and self.ema is not None) else nullcontext():
-                denoise = self._denoiser(conditions, cfg.guidance_scale)
-                z0 = DDIMSampler().sample(denoise, x_T.to(self.device), self.noise_scheduler, cfg.num_inference_steps)
+                z0 = self.conditioning.preview(self.pipeline, conditions, x_T, guidance_scale=cfg.guidance_scale,
+                                               num_inference_steps=cfg.num_inference_steps)
                 return self.pipeline.decode(z0).clamp(-1, 1)  # unscaled for low_res, as the export
         finally:
             for m, mode in zip(modules, was_training):
                 m.train(mode)
 
-    def _sample_conditions(self) -> list[Any]:
-        cfg, mode = self.config.sample, self.config.model.conditioning
-        if mode == "text":
-            return list(cfg.prompts) or [""]
-        if mode == "class":
-            return list(cfg.class_labels) or list(range(min(self.num_classes, 4)))
-        if mode == "low_res":
-            data = self.valid_set or self.train_set
-            pixels = next(fixed_batches(_with_pixels(data), 4, 4))["pixel_values"]
-            return list(pixels)
-        return [None]
-
-    def _denoiser(self, conditions: list[Any], scale: float):
-        mode, unet = self.config.model.conditioning, self.unet
-        if mode == "text":
-            cond = self.text_encoder(conditions)
-            uncond = self.text_encoder([""] * len(conditions))
-            return _guided(lambda x, t, c: unet(x, t, context=c), cond, uncond, scale)
-        if mode == "class":
-            labels = torch.tensor(conditions, device=self.device)
-            return _guided(lambda x, t, c: unet(x, t, class_labels=c), labels,
-                           torch.full_like(labels, self.num_classes), scale)
-        if mode == "low_res":
-            low = low_res(torch.stack(conditions).to(self.device), (self.config.data.resolution //
-                                                                    self.vae.downsample_factor,) * 2)
-            return lambda x, t: unet(torch.cat([x, low], dim=1), t)
-        return lambda x, t: unet(x, t)
+    def preview_images(self, count: int) -> torch.Tensor:
+        """The first `count` validation images (training images when none are held out): (count, 3, H, W)."""
+        data = self.valid_set or self.train_set
+        return next(fixed_batches(_with_pixels(data), count, count))["pixel_values"]
 
     def evaluate(self, step: int) -> None:
         images = self.sample(use_ema=self.config.sample.use_ema)
@@ -269,22 +242,8 @@ class DiffusionTrainer(Trainer):
 
     def build_pipeline(self) -> Any:
         """The latentdiff pipeline of this conditioning over the trainer's first stage, UNet (and text encoder)."""
-        from ..pipelines.class_conditional import ClassConditionalPipeline
-        from ..pipelines.latent_diffusion import LatentDiffusionPipeline
-        from ..pipelines.super_resolution import SuperResolutionPipeline
-        from ..pipelines.unconditional import UnconditionalPipeline
-
-        mode = self.config.model.conditioning
         parts = dict(vae=self.vae, unet=self.unet, noise_scheduler=self.noise_scheduler, sampler=DDIMSampler())
-        if mode == "text":  # CLIP: Stable Diffusion's folder layout; LDM-BERT: LDMTextToImagePipeline's
-            return LatentDiffusionPipeline(text_encoder=self.text_encoder, **parts)
-        if mode == "class":  # class ids are the sorted class folders' indices; the null class is the last row
-            names = list(self.train_set.index.class_names or ())[:self.num_classes]
-            return ClassConditionalPipeline(id2label=dict(enumerate(names)) or None, null_class=self.num_classes,
-                                            **parts)
-        if mode == "low_res":
-            return SuperResolutionPipeline(**parts)
-        return UnconditionalPipeline(**parts)
+        return self.conditioning.build_pipeline(self, parts)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -350,24 +309,6 @@ def sample_moments(vae: nn.Module, moments: torch.Tensor, rnd: Any) -> torch.Ten
         return moments
     mean, logvar = moments.chunk(2, dim=1)
     return mean + torch.exp(0.5 * logvar) * rnd.randn(mean.shape, stream=0)
-
-
-def low_res(pixels: torch.Tensor, size: Any) -> torch.Tensor:
-    """The image at the latent resolution (antialiased bicubic): the concatenated condition of x4 SR."""
-    return F.interpolate(pixels, size=tuple(size), mode="bicubic", align_corners=False, antialias=True).clamp(-1, 1)
-
-
-def _guided(model: Any, cond: torch.Tensor, uncond: torch.Tensor, scale: float):
-    """Classifier-free guidance over any conditioning tensor (context or class labels)."""
-    if scale == 1.0:
-        return lambda x, t: model(x, t, cond)
-    both = torch.cat([uncond, cond])
-
-    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        pred_uncond, pred_cond = model(torch.cat([x, x]), t, both).chunk(2)
-        return combine_guidance(pred_uncond, pred_cond, scale)
-
-    return denoise
 
 
 def _with_pixels(data: Any) -> Any:

@@ -10,7 +10,7 @@ last micro-batch of a step (`average_gradients`) rather than by DDP wrapping: th
 first stage's discriminator runs twice per backward, its adaptive weight calls autograd.grad), needs no
 no_sync bookkeeping for accumulation over several modules, and leaves model objects unwrapped. The cost is
 that communication does not overlap the backward pass.
-Checkpoints are in `checkpoints.py`.
+Checkpoints are in `checkpoints.py`; `run.train_from_file` (the CLI's entry) builds a stage's trainer.
 """
 from __future__ import annotations
 
@@ -33,20 +33,6 @@ from .ema import EMA
 
 BUCKET_BYTES = 64 * 2**20  # gradients are all-reduced in flat buckets of about this size
 _notes_shown: dict[str, bool] = {}  # one-time notes already printed by this process
-
-
-def train_from_file(kind: str, path: str | Path, *, overrides: Sequence[str] = ()) -> tuple[Path, bool]:
-    """`latentdiff train KIND CONFIG`: read the config, build the stage's trainer, fit.
-    -> (the export folder, whether this is the main process)."""
-    from .config import load_train_config
-
-    config = load_train_config(path, kind, overrides=overrides)  # type: ignore[arg-type]
-    if kind == "autoencoder":
-        from .autoencoder_trainer import AutoencoderTrainer as trainer_class
-    else:
-        from .diffusion_trainer import DiffusionTrainer as trainer_class
-    trainer = trainer_class(config)
-    return trainer.fit(), trainer.accelerator.is_main_process
 
 
 # ---- accelerate, optimizers, schedule ----------------------------------------------------------------
