@@ -30,8 +30,7 @@ from ..builtin import DEFAULT_MODEL, GENERATE_SETTINGS, builtin_names
 from ..errors import UsageError
 from ..version import __version__
 from .generate_model import ModelSource, locate_model, tokenizer_file
-from .generate_settings import (DTYPES, GenerateSettings, Job, note_from, plan_jobs, read_from_png, settle,
-                                warn)
+from .generate_settings import DTYPES, GenerateSettings, Job, note_from, plan_jobs, read_from_png, settle, warn
 
 
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -123,7 +122,7 @@ def warn_unknown_words(file: Path | None, texts: list[str]) -> bool:
     unknown: list[str] = []
     for text in texts:
         encoding = tokenizer.encode(text, add_special_tokens=False)
-        for token_id, (start, end) in zip(encoding.ids, encoding.offsets):
+        for token_id, (start, end) in zip(encoding.ids, encoding.offsets, strict=True):
             if token_id == unk_id and text[start:end] not in unknown:
                 unknown.append(text[start:end])
     if unknown:
@@ -147,7 +146,7 @@ class Processes:
         return self.index == 0
 
     @classmethod
-    def start(cls, *, cpu: bool) -> "Processes":
+    def start(cls, *, cpu: bool) -> Processes:
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             return cls()
         import torch

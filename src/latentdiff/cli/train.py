@@ -6,7 +6,8 @@ import argparse
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
-    train = sub.add_parser("train", help="train a stage from a YAML config (run under `accelerate launch` for many GPUs)")
+    train = sub.add_parser("train",
+                           help="train a stage from a YAML config (run under `accelerate launch` for many GPUs)")
     train.add_argument("stage", choices=["autoencoder", "diffusion"], help="first stage or latent diffusion")
     train.add_argument("config", help="the YAML train config (see examples/train/)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
