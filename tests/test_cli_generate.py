@@ -23,7 +23,7 @@ from PIL import Image
 
 from latentdiff import __version__
 from latentdiff.cli import main
-from latentdiff.cli_generate import UsageError
+from latentdiff.errors import UsageError
 from latentdiff.diffusion.samplers import EulerSampler
 from latentdiff.pipelines.latent_diffusion import LatentDiffusionPipeline
 from latentdiff.utils.images import make_grid, read_png_params
@@ -253,3 +253,10 @@ def test_debug_shows_the_exception(capsys):
         main(["--debug", "generate", "x", "-n", "0"])
     with pytest.raises(UsageError, match="-n"):
         main(["generate", "x", "-n", "0", "--debug"])
+
+
+def test_the_old_module_paths_still_import():
+    import latentdiff.cli_generate as old
+    from latentdiff.cli import generate
+
+    assert old.UsageError is UsageError and old.cmd_generate is generate.cmd_generate

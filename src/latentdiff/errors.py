@@ -37,3 +37,12 @@ class RegistryError(LatentDiffError, LookupError):
 
 class InputError(LatentDiffError, ValueError):
     """An argument to a call (prompt, size, step count ...) is invalid."""
+
+
+class UsageError(InputError):
+    """A command-line argument (or a value `latentdiff generate` reads back) is invalid; `hint` is the line
+    the command prints under the error."""
+
+    def __init__(self, message: str, *, hint: str | None = None, **details: Any):
+        super().__init__(message, **details)
+        self.hint = hint

@@ -1,0 +1,218 @@
+"""`latentdiff generate`: text-to-image from the command line, reproducible from the PNG it writes.
+
+    latentdiff generate "a red circle on the left, blue background" -o out.png     # the built-in model, offline
+    latentdiff generate --from out.png -o again.png                                # the same pixels again
+    latentdiff generate --prompts prompts.txt -o samples/ -n 4                     # one PNG (a grid) per prompt
+
+Where each setting comes from, first found wins: a flag given on the command line; the PNG of `--from`;
+the model folder's `latentdiff_generate.json` (the settings the model was evaluated at); the pipeline's
+defaults. The effective values are what every PNG records (text chunk `latentdiff`, JSON).
+
+Seeds: image i (0-based) of prompt k (0-based, blank lines not counted) has the seed `seed + k * n + i`,
+so every image of a run has its own seed; a single prompt is prompt 0 (seeds seed .. seed + n - 1). A PNG
+records the seed of its first image and n, so `--from` on any file of a `--prompts` run reproduces it (byte
+for byte when it was alone in its batch: the matrix products of a batch may round differently).
+
+Everything a user can get wrong is checked before the model is loaded (generate_model, generate_settings);
+under `accelerate launch` the prompts' batches are dealt out to the processes in turn (batch j to process
+j mod P), so each image is computed in the same batch as in a one-process run and the files are the same bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..builtin import DEFAULT_MODEL, GENERATE_SETTINGS, builtin_names
+from ..errors import UsageError
+from ..version import __version__
+from .generate_model import ModelSource, locate_model, tokenizer_file
+from .generate_settings import DTYPES, GenerateSettings, Job, note_from, plan_jobs, read_from_png, settle, warn
+
+
+def add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    gen = sub.add_parser("generate", help="generate images from a prompt (the built-in model by default)",
+                         description="Generate images; flags not given come from --from, then the model's "
+                                     f"{GENERATE_SETTINGS}, then the pipeline. See docs/cli.md.")
+    gen.add_argument("prompt", nargs="?", default=None, help="the text prompt")
+    gen.add_argument("-o", "--output", default=None,
+                     help="PNG to write (default out.png; a grid when -n > 1); with --prompts: an existing folder")
+    gen.add_argument("--model", default=None,
+                     help=f"built-in name ({', '.join(builtin_names())}; default {DEFAULT_MODEL}), a diffusers "
+                          "folder, a Hub id, or a single .safetensors/.ckpt file")
+    gen.add_argument("--tokenizer", default=None,
+                     help="tokenizer folder or Hub id for a single-file --model (single files carry none)")
+    gen.add_argument("--negative", default=None, help="negative prompt")
+    gen.add_argument("--steps", type=int, default=None, help="number of sampling steps")
+    gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    gen.add_argument("--seed", type=int, default=None, help="seed of the first image (default 0); see docs/cli.md")
+    gen.add_argument("-n", type=int, default=None, help="images per prompt, saved as one grid (default 1)")
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--sampler", default=None, help="a registered sampler name (`latentdiff models` lists them)")
+    gen.add_argument("--eta", type=float, default=None, help="DDIM eta (0: deterministic)")
+    gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    gen.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default float32")
+    gen.add_argument("--prompts", default=None, metavar="FILE", help="one prompt per line (blank lines ignored)")
+    gen.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call with --prompts")
+    gen.add_argument("--from", dest="from_png", default=None, metavar="PNG",
+                     help="reproduce a PNG written by latentdiff generate (flags given override its values)")
+    gen.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    device = check_device(args.device)
+    procs = Processes.start(cpu=device is not None and device.type == "cpu")
+    stored = read_from_png(args.from_png) if args.from_png else {}
+    source = locate_model(args.model or stored.get("model") or DEFAULT_MODEL)
+    settings = settle(args, stored, source)
+    jobs = plan_jobs(args, settings)
+    if args.from_png and procs.is_main:
+        note_from(args.from_png, stored)
+    texts = [job.prompt for job in jobs] + [settings.negative or ""]
+    checked = procs.is_main and warn_unknown_words(tokenizer_file(source, settings.tokenizer), texts)
+    pipe = load_pipeline(source, settings, device=device or procs.device)
+    if procs.is_main and not checked:   # a Hub model's tokenizer, now downloaded
+        warn_unknown_words(tokenizer_file(source, settings.tokenizer), texts)
+    settings = finish(settings, pipe)
+    batch_size = args.batch_size if args.prompts else 1
+    batches = [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)]
+    mine = batches[procs.index::procs.count]
+    run(pipe, mine, settings, show=procs.is_main)
+    if procs.count > 1:
+        print(f"latentdiff: process {procs.index} of {procs.count} wrote {sum(map(len, mine))} file(s)",
+              file=sys.stderr)
+    procs.finish()
+    if procs.is_main:
+        print(args.output if args.prompts else jobs[0].path)
+    return 0
+
+
+def check_device(spec: str | None) -> Any:
+    """The torch.device of --device (None: not given), checked to exist here."""
+    if spec is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise UsageError("not a device name", where="--device", expected="cpu, cuda, cuda:1, mps ...",
+                         found=spec) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("CUDA is not available on this machine", where="--device", expected="cpu", found=spec,
+                         hint="`latentdiff info` lists the devices torch sees")
+    return device
+
+
+def warn_unknown_words(file: Path | None, texts: list[str]) -> bool:
+    """Warn (one line) about words a word-level tokenizer maps to [UNK]; False when there is no tokenizer.json
+    here (yet: a Hub model before its download)."""
+    if file is None or not file.is_file():
+        return False
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(file))
+    if type(tokenizer.model).__name__ != "WordLevel":
+        return True   # sub-word tokenizers have no unknown words to speak of
+    unk_id = tokenizer.token_to_id(tokenizer.model.unk_token)
+    unknown: list[str] = []
+    for text in texts:
+        encoding = tokenizer.encode(text, add_special_tokens=False)
+        for token_id, (start, end) in zip(encoding.ids, encoding.offsets, strict=True):
+            if token_id == unk_id and text[start:end] not in unknown:
+                unknown.append(text[start:end])
+    if unknown:
+        warn(f"not in the model's vocabulary, mapped to {tokenizer.model.unk_token}: "
+             f"{', '.join(map(repr, unknown))}")
+    return True
+
+
+# ---- processes, the model, the run -------------------------------------------------------------------------
+@dataclasses.dataclass
+class Processes:
+    """This process's place among those `accelerate launch` started (index 0 of 1 when run alone)."""
+
+    index: int = 0
+    count: int = 1
+    device: Any = None
+    state: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.index == 0
+
+    @classmethod
+    def start(cls, *, cpu: bool) -> Processes:
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        import torch
+        from accelerate import PartialState
+
+        cpu = cpu or not torch.cuda.is_available()   # without cpu=True accelerate makes no CPU process group
+        state = PartialState(cpu=cpu)
+        return cls(state.process_index, state.num_processes, torch.device("cpu") if cpu else state.device, state)
+
+    def finish(self) -> None:
+        """Wait for every process, so the main one reports only once all files are written."""
+        if self.state is not None:
+            self.state.wait_for_everyone()
+            self.state.destroy_process_group()
+
+
+def load_pipeline(source: ModelSource, settings: GenerateSettings, *, device: Any) -> Any:
+    """The text-to-image pipeline in the chosen dtype on the chosen device, with the chosen sampler."""
+    import torch
+
+    from ..diffusion.samplers import switch_sampler
+    from ..pipelines.latent_diffusion import LatentDiffusionPipeline
+
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    load = dict(torch_dtype=getattr(torch, settings.dtype), device=device)
+    if source.kind == "single_file":
+        tokenizer = {} if settings.tokenizer is None else {"tokenizer": settings.tokenizer}
+        pipe = LatentDiffusionPipeline.from_single_file(source.path, **load, **tokenizer)
+    else:
+        pipe = LatentDiffusionPipeline.from_pretrained(source.name if source.kind == "hub" else source.path, **load)
+    pipe.sampler = switch_sampler(pipe.sampler, settings.sampler)
+    return pipe
+
+
+def finish(settings: GenerateSettings, pipe: Any) -> GenerateSettings:
+    """The pipeline's defaults for the settings still None; the effective values every PNG records."""
+    import inspect
+
+    defaults = inspect.signature(type(pipe).__call__).parameters
+    height, width = pipe.image_size(settings.height, settings.width)
+    sampler = pipe.sampler_for(None if settings.eta is None else float(settings.eta))
+    guidance = defaults["guidance_scale"].default if settings.guidance is None else settings.guidance
+    return dataclasses.replace(
+        settings, steps=settings.steps or defaults["num_inference_steps"].default, guidance=float(guidance),
+        sampler=sampler.registry_name, eta=getattr(sampler, "eta", None), height=height, width=width)
+
+
+def run(pipe: Any, batches: list[list[Job]], settings: GenerateSettings, *, show: bool) -> None:
+    """Generate and save each batch; one progress bar over this process's images."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..utils.images import make_grid, save_png
+
+    n = settings.n
+    with tqdm(total=sum(len(b) for b in batches) * n, unit="image", disable=None if show else True) as bar:
+        for batch in batches:
+            generators = [torch.Generator().manual_seed(job.seed + i) for job in batch for i in range(n)]
+            images = pipe([job.prompt for job in batch], negative_prompt=settings.negative, height=settings.height,
+                          width=settings.width, num_inference_steps=settings.steps,
+                          guidance_scale=settings.guidance, eta=settings.eta, num_images_per_prompt=n,
+                          generator=generators, progress=False).images
+            for k, job in enumerate(batch):
+                mine = images[k * n:(k + 1) * n]
+                params = settings.params() | {"prompt": job.prompt, "seed": job.seed, "latentdiff": __version__,
+                                              "batch": len(batch)}
+                save_png(mine[0] if n == 1 else make_grid(mine), job.path, params=params)
+                bar.update(n)

@@ -1,0 +1,100 @@
+"""Where `latentdiff generate`'s model is, found without loading it: a built-in name, a diffusers folder, a Hub id,
+or an original single file; with the settings its folder's `latentdiff_generate.json` holds."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+from .. import builtin
+from ..builtin import GENERATE_SETTINGS, builtin_names, builtin_path
+from ..errors import CheckpointError, ConfigError, UsageError
+
+# latentdiff_generate.json key -> the setting it gives ("_"-prefixed keys are comments)
+SETTINGS_KEYS = {"num_inference_steps": "steps", "guidance_scale": "guidance", "sampler": "sampler", "eta": "eta",
+                 "height": "height", "width": "width", "negative_prompt": "negative"}
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """Where the model comes from: kind is "builtin", "folder", "hub" or "single_file"."""
+
+    name: str               # as given (recorded in the PNG)
+    kind: str
+    path: Path              # the folder (a Hub snapshot), or the single file
+    settings: dict[str, Any]   # {setting: value} from its latentdiff_generate.json, as read (checked in `settle`)
+
+
+def locate_model(model: str) -> ModelSource:
+    """Find the model without loading it: a single file, a folder, a built-in name, or a Hub id."""
+    path = Path(model).expanduser()
+    if path.suffix in SINGLE_FILE_SUFFIXES:
+        if not path.is_file():
+            raise UsageError("no such checkpoint file", where="--model", expected="an existing .safetensors/.ckpt",
+                             found=model)
+        return ModelSource(model, "single_file", path, {})
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise UsageError("this folder is not a pipeline folder (no model_index.json)", where=model,
+                             expected="a diffusers-format folder")
+        return ModelSource(model, "folder", path, read_settings(path))
+    if model in builtin.BUILTIN_MODELS:
+        folder = builtin_path(model)
+        if folder is None:
+            missing = builtin.ROOT / builtin.BUILTIN_MODELS[model] / "model_index.json"
+            raise UsageError("the built-in model is not installed in this copy of latentdiff", where=model,
+                             expected=str(missing), found="no such file",
+                             hint="reinstall latentdiff, or pass --model FOLDER")
+        return ModelSource(model, "builtin", folder, read_settings(folder))
+    known = f"a built-in model ({', '.join(builtin_names())}), a folder, a .safetensors/.ckpt file, or a Hub id"
+    if path.exists() or not HUB_ID.match(model):
+        raise UsageError("no such model folder or file", where="--model", expected=known, found=model)
+    folder = find_on_hub(model, known)
+    return ModelSource(model, "hub", folder, read_settings(folder))
+
+
+def find_on_hub(model: str, known: str) -> Path:
+    """The Hub snapshot of `model` holding model_index.json (and the generate settings when the repo has them)."""
+    from .. import hub
+
+    hint = f"built-in models: {', '.join(builtin_names())}"
+    if hub.is_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(model, "model_index.json")
+        except ValueError:           # not a valid repo id
+            cached = None
+        if not isinstance(cached, str):
+            raise UsageError("unknown model: not built in, not a folder, and not in the Hub cache (offline)",
+                             where="--model", expected=known, found=model, hint=hint)
+        return Path(cached).parent
+    try:
+        return hub.resolve(model, allow_patterns=["model_index.json", GENERATE_SETTINGS])
+    except CheckpointError as e:
+        raise UsageError(f"unknown model ({e.message})", where="--model", expected=known, found=model,
+                         hint=hint) from None
+
+
+def read_settings(folder: Path) -> dict[str, Any]:
+    """latentdiff_generate.json as {setting: value} ({} when the folder has none); unknown keys are errors."""
+    where = str(folder / GENERATE_SETTINGS)
+    try:
+        data = builtin.generate_settings(folder)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"cannot read the model's generate settings ({e})", where=where) from None
+    unknown = sorted(k for k in data if k not in SETTINGS_KEYS and not k.startswith("_"))
+    if unknown:
+        raise ConfigError("unknown key(s) in the generate settings", where=where, expected=sorted(SETTINGS_KEYS),
+                          found=unknown)
+    return {SETTINGS_KEYS[k]: v for k, v in data.items() if k in SETTINGS_KEYS}
+
+
+def tokenizer_file(source: ModelSource, tokenizer: str | None) -> Path | None:
+    """Where the model's `tokenizers` file would be on this machine (None: a single file without --tokenizer)."""
+    if source.kind != "single_file":
+        return source.path / "tokenizer" / "tokenizer.json"
+    return None if tokenizer is None else Path(tokenizer) / "tokenizer.json"

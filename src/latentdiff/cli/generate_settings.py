@@ -1,0 +1,221 @@
+"""What `latentdiff generate` is asked to do, checked before the model is loaded: the settings (a typed, frozen
+`GenerateSettings`, settled from the flags, the PNG of `--from` and the model's `latentdiff_generate.json`), and
+the PNGs to write (`Job`s: prompts, seeds, output paths).
+
+The three sources are read as they are (JSON may hold anything); `settle` picks each setting from the first
+source that has it and checks its type and range, naming the flag or file key it came from, before it becomes
+a field of `GenerateSettings`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..builtin import GENERATE_SETTINGS
+from ..errors import UsageError
+from ..version import __version__
+from .generate_model import SINGLE_FILE_SUFFIXES, ModelSource
+
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+# The settings a PNG records and `--from` reads back; a flag given overrides the stored value.
+RECORDED = ("prompt", "negative", "seed", "steps", "guidance", "sampler", "eta", "height", "width", "n", "model",
+            "dtype", "tokenizer")
+MAX_SEED = 2**63 - 1
+FLAGS = {key: f"--{key}" for key in RECORDED} | {"prompt": "PROMPT", "n": "-n"}   # for messages
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateSettings:
+    """The settings of a run, in the order of RECORDED (what every PNG records). None: the pipeline's default,
+    filled in by `generate.finish` once the model is loaded."""
+
+    prompt: str | None          # None: --prompts FILE gives them
+    negative: str | None
+    seed: int                   # of the first image; image i of prompt k has seed + k * n + i
+    steps: int | None
+    guidance: float | None
+    sampler: str | None         # a registered name; None: the model folder's own
+    eta: float | None
+    height: int | None
+    width: int | None
+    n: int                      # images per prompt (one PNG grid)
+    model: str                  # as given
+    dtype: str                  # a torch dtype name: float32, float16, bfloat16
+    tokenizer: str | None       # single-file models only
+
+    def params(self) -> dict[str, Any]:
+        """The settings as the JSON a PNG records."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One PNG: a prompt, the seed of its first image, and where it goes."""
+
+    prompt: str
+    seed: int
+    path: Path
+
+
+# ---- the settings --------------------------------------------------------------------------------------------
+def read_from_png(path: str) -> dict[str, Any]:
+    """The generation parameters stored in a PNG written by `latentdiff generate` (values as stored)."""
+    from ..utils.images import read_png_params
+
+    if not Path(path).is_file():
+        raise UsageError("no such file", where="--from", expected="a PNG written by latentdiff generate", found=path)
+    try:
+        params = read_png_params(path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read the latentdiff parameters of this file ({type(e).__name__})", where=path,
+                         expected="a PNG written by latentdiff generate") from None
+    missing = [key for key in ("prompt", "seed", "n", "model") if key not in (params or {})]
+    if not isinstance(params, dict) or missing:
+        raise UsageError("this PNG holds no latentdiff generation parameters", where=path,
+                         expected="a PNG written by latentdiff generate", found=f"missing {missing}",
+                         hint="give the prompt and the flags yourself")
+    return {key: params[key] for key in (*RECORDED, "latentdiff", "batch") if key in params}
+
+
+def note_from(path: str, stored: dict[str, Any]) -> None:
+    """One line each when `--from` cannot promise the same bytes: another version, or a shared batch."""
+    if stored.get("latentdiff") not in (None, __version__):
+        warn(f"{path} was made with latentdiff {stored['latentdiff']}, this is {__version__}")
+    if isinstance(stored.get("batch"), int) and stored["batch"] > 1:
+        warn(f"{path} was made in a batch of {stored['batch']} prompts: the copy agrees to float rounding, "
+             "not byte for byte (see docs/cli.md)")
+
+
+def warn(message: str) -> None:
+    print(f"latentdiff: warning: {message}", file=sys.stderr)
+
+
+def settle(args: argparse.Namespace, stored: dict[str, Any], source: ModelSource) -> GenerateSettings:
+    """Each setting from the first place that has it: flag, --from PNG, the model's settings; then checked.
+    None: the pipeline's default (filled in by `finish`)."""
+    values: dict[str, Any] = dict.fromkeys(RECORDED)
+    origin = dict(FLAGS)
+    places = ((vars(args), FLAGS), (stored, {k: f"{args.from_png}: {k}" for k in RECORDED}),
+              (source.settings, {k: f"{source.path / GENERATE_SETTINGS}: {k}" for k in RECORDED}))
+    for key in RECORDED:
+        found = next(((place[key], where[key]) for place, where in places if place.get(key) is not None), None)
+        if found is not None:
+            values[key], origin[key] = found
+    defaults = {"seed": 0, "n": 1, "dtype": "float32"}
+    values |= {key: default for key, default in defaults.items() if values[key] is None}
+    values.update(model=source.name, dtype=DTYPES.get(values["dtype"], values["dtype"]))
+    check_values(values, origin)
+    return GenerateSettings(**values)
+
+
+def check_values(values: dict[str, Any], origin: dict[str, str]) -> None:
+    """Type and range of every setting, with the flag or file key it came from."""
+    def need(ok: bool, key: str, expected: str) -> None:
+        if not ok:
+            raise UsageError(f"bad value for {key}", where=origin.get(key, key), expected=expected,
+                             found=repr(values[key]))
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    need(values["prompt"] is None or isinstance(values["prompt"], str), "prompt", "a string")
+    need(values["negative"] is None or isinstance(values["negative"], str), "negative", "a string")
+    need(is_int(values["n"]) and values["n"] >= 1, "n", "an integer >= 1")
+    need(is_int(values["seed"]) and 0 <= values["seed"] <= MAX_SEED, "seed", f"an integer in [0, {MAX_SEED}]")
+    need(values["steps"] is None or is_int(values["steps"]) and values["steps"] >= 1, "steps", "an integer >= 1")
+    for key in ("height", "width"):
+        need(values[key] is None or is_int(values[key]) and values[key] > 0, key, "a positive integer")
+    for key in ("guidance", "eta"):
+        need(values[key] is None or isinstance(values[key], (int, float)) and not isinstance(values[key], bool)
+             and math.isfinite(values[key]) and values[key] >= 0, key, "a number >= 0")
+    need(values["dtype"] in DTYPES.values(), "dtype", f"one of {sorted(set(DTYPES.values()))}")
+    need(values["tokenizer"] is None or isinstance(values["tokenizer"], str), "tokenizer", "a string")
+    if values["tokenizer"] is not None and Path(values["model"]).suffix not in SINGLE_FILE_SUFFIXES:
+        raise UsageError("--tokenizer is for single-file models (a folder has its own tokenizer)",
+                         where=origin["tokenizer"], expected="a .safetensors/.ckpt --model", found=values["model"])
+    check_sampler(values, origin)
+
+
+def check_sampler(values: dict[str, Any], origin: dict[str, str]) -> None:
+    """A registered sampler name, that takes eta when one is given."""
+    from ..registry import SAMPLERS
+
+    name, eta = values["sampler"], values["eta"]
+    if name is None:
+        return              # the folder's own sampler: `finish` checks eta against it
+    if not isinstance(name, str) or name not in SAMPLERS:
+        raise UsageError("unknown sampler", where=origin["sampler"], expected=f"one of {SAMPLERS.names()}",
+                         found=repr(name), hint="`latentdiff models` lists the registered samplers")
+    cls = SAMPLERS.get(name)
+    if eta is not None:
+        if "eta" not in {f.name for f in dataclasses.fields(cls)}:
+            raise UsageError(f"the {name} sampler has no eta", where=origin["eta"],
+                             expected="no --eta, or a sampler with one (ddim)", found=eta)
+        cls(eta=float(eta))   # its own range check (a ConfigError)
+
+
+# ---- the PNGs to write ---------------------------------------------------------------------------------------
+def plan_jobs(args: argparse.Namespace, settings: GenerateSettings) -> list[Job]:
+    """The PNGs to write, in order, each with the seed of its first image; checks prompts and outputs."""
+    n, seed = settings.n, settings.seed
+    if args.prompts is None:
+        if not settings.prompt:
+            raise UsageError("no prompt given", where="prompt", expected='latentdiff generate "a prompt"',
+                             hint="or --prompts FILE (one prompt per line), or --from PNG")
+        return [Job(settings.prompt, seed, single_output(args))]
+    if args.prompt is not None or args.from_png is not None:
+        raise UsageError("--prompts cannot be combined with a prompt or --from", where="--prompts",
+                         expected="one of: PROMPT, --prompts FILE, --from PNG")
+    if args.batch_size < 1:
+        raise UsageError("bad value for --batch-size", where="--batch-size", expected=">= 1", found=args.batch_size)
+    folder = Path(args.output) if args.output else None
+    if folder is None or not folder.is_dir():
+        raise UsageError("with --prompts, -o must be an existing folder", where="-o", expected="an existing folder",
+                         found=args.output, hint="create it first (mkdir)")
+    prompts = read_prompts(args.prompts)
+    if seed + len(prompts) * n - 1 > MAX_SEED:
+        raise UsageError("the seeds of this run overflow", where="--seed", expected=f"seed + images <= {MAX_SEED}",
+                         found=seed)
+    return [Job(p, seed + k * n, folder / f"{k:05d}.png") for k, p in enumerate(prompts)]
+
+
+def single_output(args: argparse.Namespace) -> Path:
+    """-o of a one-prompt run: a .png in an existing folder (--from without -o: <name>-reproduced.png beside it)."""
+    if args.output is not None:
+        output = Path(args.output)
+    elif args.from_png is not None:
+        output = Path(args.from_png).with_name(Path(args.from_png).stem + "-reproduced.png")
+    else:
+        output = Path("out.png")
+    if output.suffix.lower() != ".png" or output.is_dir():
+        raise UsageError("the output must be a .png file", where="-o", expected="a path ending in .png",
+                         found=str(output), hint="use --prompts FILE to write a folder of images")
+    if not output.parent.is_dir():
+        raise UsageError("the output folder does not exist", where="-o", expected="an existing folder",
+                         found=str(output.parent), hint="create it first (mkdir)")
+    return output
+
+
+def read_prompts(path: str) -> list[str]:
+    """The non-blank lines of a UTF-8 file, stripped; errors name the file and the line (and byte)."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError("no such prompt file", where="--prompts", expected="a UTF-8 text file", found=path)
+    data = file.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UsageError("the prompt file is not UTF-8", where=f"{path}, line {line}, byte {e.start}",
+                         expected="UTF-8 text", found=f"byte 0x{data[e.start]:02x}",
+                         hint="save the file as UTF-8") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError("the prompt file has no prompts", where=path, expected="one prompt per line",
+                         found="only blank lines" if data.strip() == b"" and data else "an empty file")
+    return prompts
