@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import types
 import typing
 from pathlib import Path
@@ -62,6 +63,16 @@ class ComponentConfig:
     @classmethod
     def from_json_file(cls: type[C], path: str | Path) -> C:
         return cls.from_dict(read_json(path), source=str(path))
+
+
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool (`True` is an `int` to Python, never a count or a size to us)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: Any) -> bool:
+    """A real number that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def read_json(path: str | Path) -> dict[str, Any]:

@@ -8,6 +8,19 @@ from __future__ import annotations
 from typing import Any
 
 
+def describe(value: Any) -> str:
+    """A value as an error message's `found` names it: a tensor's dtype and shape, a sequence's item types, else its
+    type. (Duck-typed, so this module imports nothing heavy.)"""
+    if hasattr(value, "dtype") and hasattr(value, "shape") and not isinstance(value, type):
+        return f"a {value.dtype} {type(value).__name__} of shape {tuple(value.shape)}"
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return f"an empty {type(value).__name__}"
+        items = ", ".join(type(v).__name__ for v in value[:5]) + (", ..." if len(value) > 5 else "")
+        return f"a {type(value).__name__} of [{items}]"
+    return type(value).__name__
+
+
 class LatentDiffError(Exception):
     """Base class of every error latentdiff raises on purpose."""
 
