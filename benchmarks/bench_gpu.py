@@ -33,9 +33,8 @@ def main() -> None:
     p.add_argument("--backend", default="inductor", help="torch.compile backend (eager: a smoke test)")
     args = p.parse_args()
     started = time.perf_counter()
-    import torch
-
     import diffusers
+    import torch
 
     from latentdiff import LatentDiffusionPipeline
 

@@ -116,9 +116,8 @@ def sd15_rows(table: common.Table, args, device: str) -> None:
 
 
 def tiny_rows(table: common.Table, reps: int, device: str) -> None:
-    import torch
-
     import diffusers
+    import torch
 
     from latentdiff import LatentDiffusionPipeline
 

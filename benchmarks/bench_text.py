@@ -10,9 +10,8 @@ CLIPTextModel, so it should read 1.0x; the difference between the rows is each l
 """
 from __future__ import annotations
 
-import torch
-
 import common
+import torch
 
 
 def main() -> None:

@@ -19,9 +19,8 @@ import gc
 import time
 from pathlib import Path
 
-import torch
-
 import common
+import torch
 
 # --channels-last: both libraries' models and inputs in channels-last memory format (weights converted once).
 MEMORY_FORMAT = torch.contiguous_format

@@ -12,9 +12,8 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
-import torch
-
 import common
+import torch
 
 
 def load(folder: Path, lib: str, dtype: torch.dtype, device: str):

@@ -20,8 +20,9 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # tests.* holds the offline CLIP tokenizer and the model configs the tests use
@@ -292,11 +293,10 @@ def build_sd15(path: Path) -> None:
     zero-initialised parameters (output convs, norm biases) get random values so every weight matters."""
     import diffusers
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
     from tests.sd_fixtures import SD_SCHEDULER, randomize
     from tests.test_pipeline_sd15 import CLIP_L, SD15_UNET, SD_VAE
     from tests.tiny_clip import write_tiny_clip_tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(0)
     with torch.no_grad():

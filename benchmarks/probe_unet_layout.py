@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
-
 import common
+import torch
 from bench_unet import inputs, load_one
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -364,8 +364,14 @@ class StandIns:
 
 def tiny_stable_diffusion(folder: Path) -> Path:
     """Write a tiny Stable Diffusion v1 pipeline folder; -> the folder of its CLIP model and tokenizer."""
-    from latentdiff import (AutoencoderKL, DDIMSampler, LatentDiffusionPipeline, NoiseScheduler, TextEncoder,
-                            UNet2DConditional)
+    from latentdiff import (
+        AutoencoderKL,
+        DDIMSampler,
+        LatentDiffusionPipeline,
+        NoiseScheduler,
+        TextEncoder,
+        UNet2DConditional,
+    )
     from latentdiff.models.autoencoder_kl import AutoencoderKLConfig
     from latentdiff.models.unet import UNetConfig
 

@@ -23,8 +23,8 @@ from PIL import Image
 
 from latentdiff import __version__
 from latentdiff.cli import main
-from latentdiff.errors import UsageError
 from latentdiff.diffusion.samplers import EulerSampler
+from latentdiff.errors import UsageError
 from latentdiff.pipelines.latent_diffusion import LatentDiffusionPipeline
 from latentdiff.utils.images import make_grid, read_png_params
 

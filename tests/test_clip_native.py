@@ -218,7 +218,8 @@ def test_text_model_parity_with_transformers(clip_folder):
 def test_text_encoder_parity_native_against_transformers(clip_folder, layer):
     config = TextEncoderConfig(layer=layer)
     ours = TextEncoder.from_pretrained(clip_folder, "text_encoder", tokenizer_subfolder="tokenizer", config=config)
-    from transformers import CLIPTextModel as RefModel, CLIPTokenizer as RefTokenizer
+    from transformers import CLIPTextModel as RefModel
+    from transformers import CLIPTokenizer as RefTokenizer
 
     ref = TextEncoder(RefModel.from_pretrained(clip_folder / "text_encoder").eval(),
                       RefTokenizer.from_pretrained(clip_folder / "tokenizer"), config)

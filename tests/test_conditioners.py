@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from latentdiff.errors import ConfigError, InputError
-from latentdiff.models.conditioners import (ClassEmbedder, ClassEmbedderConfig, SpatialRescaler,
-                                            SpatialRescalerConfig)
+from latentdiff.models.conditioners import ClassEmbedder, ClassEmbedderConfig, SpatialRescaler, SpatialRescalerConfig
 
 
 def test_class_embedder_is_a_table_lookup_as_one_token():

@@ -18,9 +18,24 @@ import torch
 from diffusers.loaders import single_file_utils as su
 from safetensors.torch import save_file
 
-from latentdiff.convert import (SHIPPED_CONFIGS, Drop, Keep, Nest, Rename, Reshape, Split, apply_keymap, infer_configs,
-                                invert, load_original_config, original_config_to_configs, read_single_file,
-                                split_single_file, to_single_file, write_single_file)
+from latentdiff.convert import (
+    SHIPPED_CONFIGS,
+    Drop,
+    Keep,
+    Nest,
+    Rename,
+    Reshape,
+    Split,
+    apply_keymap,
+    infer_configs,
+    invert,
+    load_original_config,
+    original_config_to_configs,
+    read_single_file,
+    split_single_file,
+    to_single_file,
+    write_single_file,
+)
 from latentdiff.convert.infer import ldm_betas, schedule_from_betas
 from latentdiff.convert.layout import SEPARATOR
 from latentdiff.convert.original_config import layout_from_original_config
@@ -437,8 +452,8 @@ def test_shipped_yaml_matches_diffusers_reader(name):
 
 
 def meta_model(part, config):
-    from transformers import CLIPTextConfig, CLIPTextModel
     from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
+    from transformers import CLIPTextConfig, CLIPTextModel
     with torch.device("meta"):
         if part == "text_encoder":
             if config["model_type"] == "ldmbert":

@@ -85,10 +85,9 @@ def test_atomic_folder_keeps_old_on_failure(tmp_path):
     dest = tmp_path / "ckpt"
     with hub.atomic_folder(dest) as tmp:
         (tmp / "f.txt").write_text("old")
-    with pytest.raises(RuntimeError):
-        with hub.atomic_folder(dest) as tmp:
-            (tmp / "f.txt").write_text("new, half written")
-            raise RuntimeError("crash mid-save")
+    with pytest.raises(RuntimeError), hub.atomic_folder(dest) as tmp:
+        (tmp / "f.txt").write_text("new, half written")
+        raise RuntimeError("crash mid-save")
     assert (dest / "f.txt").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary leftovers
     with hub.atomic_folder(dest) as tmp:

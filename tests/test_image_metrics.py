@@ -6,12 +6,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from skimage import metrics as skimage_metrics  # in the `test` extra
 
 from latentdiff.errors import InputError
 from latentdiff.metrics.image import psnr, ssim
 from tests.helpers import assert_parity
-
-from skimage import metrics as skimage_metrics  # in the `test` extra
 
 # The evaluation setting latentdiff's default reproduces (Wang et al. 2004's window and constants).
 EVAL = dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=False)

@@ -13,8 +13,15 @@ import torch
 from latentdiff.diffusion import k_sampling
 from latentdiff.diffusion.noise import randn
 from latentdiff.diffusion.noise_scheduler import NoiseScheduler, NoiseSchedulerConfig
-from latentdiff.diffusion.samplers import (DPMSolverMultistepSampler, DPMSolverMultistepSDESampler,
-                                          EulerAncestralSampler, EulerSampler, HeunSampler, LMSSampler, PLMSSampler)
+from latentdiff.diffusion.samplers import (
+    DPMSolverMultistepSampler,
+    DPMSolverMultistepSDESampler,
+    EulerAncestralSampler,
+    EulerSampler,
+    HeunSampler,
+    LMSSampler,
+    PLMSSampler,
+)
 from latentdiff.errors import ConfigError, InputError
 from tests.helpers import assert_parity, max_rel_error
 

@@ -12,11 +12,15 @@ import scipy.linalg  # in the `test` extra
 import torch
 
 from latentdiff.errors import InputError
-from latentdiff.metrics.fid import (FeatureStats, fid_from_features, frechet_distance, kernel_inception_distance,
-                                    polynomial_mmd2)
+from latentdiff.metrics.fid import (
+    FeatureStats,
+    fid_from_features,
+    frechet_distance,
+    kernel_inception_distance,
+    polynomial_mmd2,
+)
 from latentdiff.metrics.inception_score import inception_score
 from latentdiff.metrics.precision_recall import knn_radii, precision_recall
-
 
 from .training_helpers import one_thread  # noqa: E402,F401 (an autouse fixture: one thread, cores are shared)
 

@@ -21,9 +21,17 @@ from latentdiff.cli import main
 from latentdiff.errors import CheckpointError, InputError
 from latentdiff.hub import save_safetensors
 from latentdiff.metrics import inception as inception_module
-from latentdiff.metrics.evaluate import (compute_fid, extract_features, folder_features, load_inception,
-                                         paired_metrics, pipeline_features, pipeline_images, read_image,
-                                         reconstruction_metrics)
+from latentdiff.metrics.evaluate import (
+    compute_fid,
+    extract_features,
+    folder_features,
+    load_inception,
+    paired_metrics,
+    pipeline_features,
+    pipeline_images,
+    read_image,
+    reconstruction_metrics,
+)
 from latentdiff.metrics.fid import FeatureStats, fid_from_features, kernel_inception_distance
 from latentdiff.metrics.image import psnr, ssim
 from latentdiff.metrics.inception import FID_WEIGHTS, InceptionA, InceptionV3

@@ -14,11 +14,23 @@ import pytest
 import torch
 
 from latentdiff.diffusion.noise_scheduler import NoiseScheduler, NoiseSchedulerConfig
-from latentdiff.diffusion.samplers import (DDIMSampler, DDPMSampler, DPMSolverMultistepSampler,
-                                          DPMSolverMultistepSDESampler, EulerAncestralSampler, EulerSampler,
-                                          HeunSampler, LMSSampler, PLMSSampler)
-from latentdiff.diffusion.scheduler_io import (FOREIGN_CLASSES, load_scheduler_folder, read_scheduler_config,
-                                               write_scheduler_folder)
+from latentdiff.diffusion.samplers import (
+    DDIMSampler,
+    DDPMSampler,
+    DPMSolverMultistepSampler,
+    DPMSolverMultistepSDESampler,
+    EulerAncestralSampler,
+    EulerSampler,
+    HeunSampler,
+    LMSSampler,
+    PLMSSampler,
+)
+from latentdiff.diffusion.scheduler_io import (
+    FOREIGN_CLASSES,
+    load_scheduler_folder,
+    read_scheduler_config,
+    write_scheduler_folder,
+)
 from latentdiff.errors import ConfigError, InputError
 from tests.helpers import assert_parity
 

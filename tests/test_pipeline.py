@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from latentdiff import (CheckpointError, ConfigError, DDIMSampler, DDPMSampler, InputError,
-                        LatentDiffusionPipeline)
+from latentdiff import CheckpointError, ConfigError, DDIMSampler, DDPMSampler, InputError, LatentDiffusionPipeline
 from latentdiff.diffusion.samplers import PLMSSampler
 
 from .helpers import assert_parity, make_hub_cache

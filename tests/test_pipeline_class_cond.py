@@ -23,9 +23,19 @@ from latentdiff.pipelines.base import Pipeline
 from latentdiff.pipelines.class_conditional import ClassConditionalPipeline
 
 from .helpers import assert_parity
-from .test_pipeline_uncond import one_thread  # noqa: F401 (the autouse module fixture, applied here too)
-from .test_pipeline_uncond import (decoded, ldm_scheduler, manual_ddim, no_unet_calls, noise, ours,
-                                   schedule, seeded, tiny_unet2d, tiny_vq)
+from .test_pipeline_uncond import (
+    decoded,
+    ldm_scheduler,
+    manual_ddim,
+    no_unet_calls,
+    noise,
+    one_thread,  # noqa: F401 (the autouse module fixture, applied here too)
+    ours,
+    schedule,
+    seeded,
+    tiny_unet2d,
+    tiny_vq,
+)
 
 CLASSES, NULL, WIDTH = 11, 10, 16
 ID2LABEL = {0: "tench, Tinca tinca", 3: "goldfish", 7: "great white shark"}

@@ -21,9 +21,18 @@ from latentdiff.pipelines.base import Pipeline
 from latentdiff.pipelines.layout_to_image import LayoutToImagePipeline
 
 from .helpers import assert_parity
-from .test_pipeline_uncond import one_thread  # noqa: F401 (the autouse module fixture, applied here too)
-from .test_pipeline_uncond import (decoded, ldm_scheduler, manual_ddim, no_unet_calls, noise, ours,
-                                   schedule, tiny_unet2d, tiny_vq)
+from .test_pipeline_uncond import (
+    decoded,
+    ldm_scheduler,
+    manual_ddim,
+    no_unet_calls,
+    noise,
+    one_thread,  # noqa: F401 (the autouse module fixture, applied here too)
+    ours,
+    schedule,
+    tiny_unet2d,
+    tiny_vq,
+)
 
 K = 5  # classes
 

@@ -96,8 +96,9 @@ def test_variant_save_names_the_bert_weights_too(setup, tmp_path):
 def test_hub_repo_with_pickled_bert_weights_loads(setup, tmp_path, monkeypatch):
     """The real repo's bert/ may hold only pytorch_model.bin: the pipeline asks the Hub for it (and for no other
     pickle), and loads it weights-only to the same model."""
-    from latentdiff import hub
     from safetensors.torch import load_file
+
+    from latentdiff import hub
 
     _, pipe, root = setup
     remote = tmp_path / "remote"

@@ -20,9 +20,15 @@ from latentdiff.pipelines.base import Pipeline
 from latentdiff.pipelines.super_resolution import SuperResolutionPipeline
 
 from .helpers import assert_parity
-from .test_pipeline_uncond import one_thread  # noqa: F401 (the autouse module fixture, applied here too)
-from .test_pipeline_uncond import STEPS, ldm_scheduler, no_unet_calls, seeded, tiny_unet2d, tiny_vq
-
+from .test_pipeline_uncond import (
+    STEPS,
+    ldm_scheduler,
+    no_unet_calls,
+    one_thread,  # noqa: F401 (the autouse module fixture, applied here too)
+    seeded,
+    tiny_unet2d,
+    tiny_vq,
+)
 
 
 def low_res(batch=1, size=8, seed=0) -> torch.Tensor:

@@ -61,3 +61,7 @@ def test_signature_kept(path):
 
 def test_the_reference_is_not_empty():
     assert len(REFERENCE["imports"]) > 40 and len(REFERENCE["modules"]) > 20 and len(REFERENCE["signatures"]) > 200
+
+
+def test_all_is_the_lazy_table():
+    assert sorted(latentdiff.__all__) == sorted([*latentdiff._LAZY, "__version__"])

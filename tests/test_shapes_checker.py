@@ -9,8 +9,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from latentdiff.data import shapes_checker
-from latentdiff.data.shapes import (COLORS, DIRECTIONS, PALETTE, SHAPES, WHERE, ShapesDataset, ShapeSpec, caption,
-                                    render)
+from latentdiff.data.shapes import COLORS, DIRECTIONS, PALETTE, SHAPES, WHERE, ShapesDataset, ShapeSpec, caption, render
 from latentdiff.data.shapes_checker import ATTRIBUTES, analyze, check, compare, score
 from latentdiff.errors import InputError
 

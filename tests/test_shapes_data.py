@@ -11,8 +11,21 @@ import torch
 from PIL import Image
 
 from latentdiff.data import shapes
-from latentdiff.data.shapes import (COLORS, PALETTE, SHAPES, WHERE, Attributes, ShapesDataset, ShapeSpec, caption,
-                                    parse_caption, render, sample_spec, where_of, write_imagefolder)
+from latentdiff.data.shapes import (
+    COLORS,
+    PALETTE,
+    SHAPES,
+    WHERE,
+    Attributes,
+    ShapesDataset,
+    ShapeSpec,
+    caption,
+    parse_caption,
+    render,
+    sample_spec,
+    where_of,
+    write_imagefolder,
+)
 from latentdiff.errors import InputError
 
 N_SPECS = 2000

@@ -17,8 +17,17 @@ import yaml
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTokenizer
 
-from latentdiff import (AutoencoderKL, CheckpointError, DDPMSampler, InputError, LatentDiffusionPipeline, RegistryError,
-                        TextEncoder, TextEncoderConfig, UNet2DConditional)
+from latentdiff import (
+    AutoencoderKL,
+    CheckpointError,
+    DDPMSampler,
+    InputError,
+    LatentDiffusionPipeline,
+    RegistryError,
+    TextEncoder,
+    TextEncoderConfig,
+    UNet2DConditional,
+)
 from latentdiff.cli import main
 from latentdiff.convert import single_file, to_single_file
 from latentdiff.convert.api import pipeline_from_single_file, pipeline_to_single_file

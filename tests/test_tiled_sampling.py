@@ -17,8 +17,13 @@ import torch
 from latentdiff import LatentDiffusionPipeline
 from latentdiff.diffusion.noise_scheduler import NoiseScheduler
 from latentdiff.errors import InputError
-from latentdiff.pipelines.tiled_sampling import (LatentTiling, blend_weights, latent_tiling, tiled_denoiser,
-                                                 window_layout)
+from latentdiff.pipelines.tiled_sampling import (
+    LatentTiling,
+    blend_weights,
+    latent_tiling,
+    tiled_denoiser,
+    window_layout,
+)
 from latentdiff.registry import SAMPLERS
 
 from .helpers import max_rel_error

@@ -18,7 +18,7 @@ def test_a_descending_grid_of_n_training_timesteps(kind, spacing):
     for n in (1, 2, 7, 10, 50, 333):
         grid = timestep_grid(1000, n, kind=kind, spacing=spacing)
         assert grid.shape == (n,) and grid.dtype == (np.float32 if kind == "euler" else np.int64)
-        assert (np.diff(grid) < 0).all() and 0 <= grid[-1] and grid[0] <= 999
+        assert (np.diff(grid) < 0).all() and grid[-1] >= 0 and grid[0] <= 999
 
 
 def test_the_analytic_grids():

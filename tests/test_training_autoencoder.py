@@ -13,10 +13,14 @@ from latentdiff.training.autoencoder_trainer import AutoencoderTrainer
 from latentdiff.training.config import train_config_from_dict
 from latentdiff.training.data import fixed_batches
 
-from .training_helpers import one_thread  # noqa: F401 (an autouse fixture)
-from .training_helpers import autoencoder_config, make_shapes, progress_of, read_losses, state_of
-
-
+from .training_helpers import (
+    autoencoder_config,
+    make_shapes,
+    one_thread,  # noqa: F401 (an autouse fixture)
+    progress_of,
+    read_losses,
+    state_of,
+)
 
 
 @pytest.fixture(scope="module")

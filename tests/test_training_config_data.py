@@ -12,8 +12,16 @@ from PIL import Image
 
 from latentdiff.errors import CheckpointError, ConfigError, InputError
 from latentdiff.training.config import DataConfig, OptimConfig, load_train_config, train_config_from_dict
-from latentdiff.training.data import (ImageDataset, ResumableBatchSampler, collate, crop_square, local_batch_size,
-                                      make_loader, scan_image_folder, split_validation)
+from latentdiff.training.data import (
+    ImageDataset,
+    ResumableBatchSampler,
+    collate,
+    crop_square,
+    local_batch_size,
+    make_loader,
+    scan_image_folder,
+    split_validation,
+)
 from latentdiff.training.ema import EMA
 from latentdiff.training.loop import StepRandom, lr_factor
 

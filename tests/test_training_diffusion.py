@@ -22,11 +22,16 @@ from latentdiff.training.data import fixed_batches
 from latentdiff.training.diffusion_trainer import DiffusionTrainer
 
 from .tiny_clip import make_tiny_clip
-from .training_helpers import one_thread  # noqa: F401 (an autouse fixture)
-from .training_helpers import (EXAMPLES, diffusion_config, make_shapes, read_losses, state_of, tiny_autoencoder,
-                               _example_module)
-
-
+from .training_helpers import (
+    EXAMPLES,
+    _example_module,
+    diffusion_config,
+    make_shapes,
+    one_thread,  # noqa: F401 (an autouse fixture)
+    read_losses,
+    state_of,
+    tiny_autoencoder,
+)
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,16 @@ import torch
 from latentdiff.training.config import train_config_from_dict
 from latentdiff.training.diffusion_trainer import DiffusionTrainer
 
-from .training_helpers import one_thread  # noqa: F401 (an autouse fixture)
-from .training_helpers import (diffusion_config, make_shapes, progress_of, read_losses, state_of, tiny_autoencoder,
-                               write_yaml)
+from .training_helpers import (
+    diffusion_config,
+    make_shapes,
+    one_thread,  # noqa: F401 (an autouse fixture)
+    progress_of,
+    read_losses,
+    state_of,
+    tiny_autoencoder,
+    write_yaml,
+)
 
 STEPS = 6
 

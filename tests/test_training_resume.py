@@ -13,13 +13,20 @@ import pytest
 import torch
 
 from latentdiff.errors import CheckpointError
+from latentdiff.training.checkpoints import Checkpoints
 from latentdiff.training.config import train_config_from_dict
 from latentdiff.training.diffusion_trainer import DiffusionTrainer
-from latentdiff.training.checkpoints import Checkpoints
 
-from .training_helpers import one_thread  # noqa: F401 (an autouse fixture)
-from .training_helpers import (diffusion_config, make_shapes, progress_of, read_losses, state_of, tiny_autoencoder,
-                               write_yaml)
+from .training_helpers import (
+    diffusion_config,
+    make_shapes,
+    one_thread,  # noqa: F401 (an autouse fixture)
+    progress_of,
+    read_losses,
+    state_of,
+    tiny_autoencoder,
+    write_yaml,
+)
 
 STEPS, EVERY = 32, 8
 

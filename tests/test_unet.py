@@ -10,7 +10,6 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from latentdiff.errors import CheckpointError, ConfigError, InputError
-from latentdiff.models import unet as unet_module
 from latentdiff.models.diffusers_tables import UNET_CONDITIONAL
 from latentdiff.models.unet import UNet2DConditional, UNetConfig
 from latentdiff.registry import COMPONENTS

@@ -166,6 +166,7 @@ def main() -> int:
 def replace_decoder(vae_folder: Path, tuned: Path) -> None:
     """Put the fine-tuned autoencoder into the pipeline: same encoder and scaling factor, better decoder."""
     import torch
+
     from latentdiff import AutoencoderKL
 
     before, after = AutoencoderKL.from_pretrained(vae_folder), AutoencoderKL.from_pretrained(tuned)

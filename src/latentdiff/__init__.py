@@ -60,7 +60,17 @@ _LAZY = {
     "InputError": "latentdiff.errors",
 }
 
-__all__ = sorted(_LAZY) + ["__version__"]
+__all__ = [  # literal, so linters and IDEs see the public names; the same as _LAZY's keys (tests/test_public_api.py)
+    "AutoencoderKL", "AutoencoderKLConfig", "COMPONENTS", "CheckpointError", "ClassConditionalPipeline",
+    "ClassEmbedder", "ClassifierFreeGuidance", "ConfigError", "DDIMSampler", "DDPMSampler",
+    "DPMSolverMultistepSDESampler", "DPMSolverMultistepSampler", "DenoisingPipeline", "EulerAncestralSampler",
+    "EulerSampler", "HeunSampler", "IdentityFirstStage", "IdentityFirstStageConfig", "ImageToImagePipeline",
+    "InpaintPipeline", "InputError", "LDMBert", "LDMBertConfig", "LDMBertTextEncoder", "LMSSampler",
+    "LatentDiffError", "LatentDiffusionPipeline", "LayoutToImagePipeline", "NoiseScheduler", "NoiseSchedulerConfig",
+    "PIPELINES", "PLMSSampler", "Pipeline", "PipelineOutput", "RegistryError", "SAMPLERS", "SpatialRescaler",
+    "SuperResolutionPipeline", "TextEncoder", "TextEncoderConfig", "UNet2D", "UNet2DConditional", "UNet2DConfig",
+    "UNetConfig", "UnconditionalPipeline", "VQModel", "VQModelConfig", "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -79,25 +89,33 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover
     from .diffusion.guidance import ClassifierFreeGuidance
     from .diffusion.noise_scheduler import NoiseScheduler, NoiseSchedulerConfig
-    from .diffusion.samplers import (DDIMSampler, DDPMSampler, DPMSolverMultistepSampler,
-                                     DPMSolverMultistepSDESampler, EulerAncestralSampler, EulerSampler, HeunSampler,
-                                     LMSSampler, PLMSSampler)
+    from .diffusion.samplers import (
+        DDIMSampler,
+        DDPMSampler,
+        DPMSolverMultistepSampler,
+        DPMSolverMultistepSDESampler,
+        EulerAncestralSampler,
+        EulerSampler,
+        HeunSampler,
+        LMSSampler,
+        PLMSSampler,
+    )
     from .errors import CheckpointError, ConfigError, InputError, LatentDiffError, RegistryError
     from .models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
-    from .models.identity import IdentityFirstStage, IdentityFirstStageConfig
-    from .models.vq import VQModel, VQModelConfig
     from .models.conditioners import ClassEmbedder, SpatialRescaler
+    from .models.identity import IdentityFirstStage, IdentityFirstStageConfig
     from .models.ldm_bert import LDMBert, LDMBertConfig, LDMBertTextEncoder
     from .models.text_encoder import TextEncoder, TextEncoderConfig
     from .models.unet import UNet2DConditional, UNetConfig
     from .models.unet2d import UNet2D, UNet2DConfig
+    from .models.vq import VQModel, VQModelConfig
     from .pipelines.base import Pipeline, PipelineOutput
     from .pipelines.class_conditional import ClassConditionalPipeline
     from .pipelines.denoising import DenoisingPipeline
     from .pipelines.image_to_image import ImageToImagePipeline
+    from .pipelines.inpaint import InpaintPipeline
+    from .pipelines.latent_diffusion import LatentDiffusionPipeline
     from .pipelines.layout_to_image import LayoutToImagePipeline
     from .pipelines.super_resolution import SuperResolutionPipeline
     from .pipelines.unconditional import UnconditionalPipeline
-    from .pipelines.inpaint import InpaintPipeline
-    from .pipelines.latent_diffusion import LatentDiffusionPipeline
     from .registry import COMPONENTS, PIPELINES, SAMPLERS

@@ -19,8 +19,9 @@ import tempfile
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from .errors import CheckpointError
 

@@ -12,7 +12,8 @@ without importing it; the providing module is imported by name on first use.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from .errors import RegistryError
 

@@ -11,8 +11,14 @@ from .infer import infer_configs, infer_layout
 from .keymap import Drop, Keep, Merge, Nest, Rename, Reshape, Split, apply_keymap, invert
 from .layout import FileLayout
 from .original_config import SHIPPED_CONFIGS, load_original_config, original_config_to_configs, shipped_config_path
-from .single_file import (file_layout, load_single_file, read_single_file, split_single_file, to_single_file,
-                          write_single_file)
+from .single_file import (
+                          file_layout,
+                          load_single_file,
+                          read_single_file,
+                          split_single_file,
+                          to_single_file,
+                          write_single_file,
+)
 
 __all__ = [
     "Drop", "Keep", "Merge", "Nest", "Rename", "Reshape", "Split", "apply_keymap", "invert",

@@ -17,8 +17,9 @@ from __future__ import annotations
 import inspect
 import json
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,9 +28,16 @@ from .. import hub
 from ..errors import CheckpointError, InputError
 from ..models.base import cast_state_dict, check_state_dict
 from ..registry import SINGLE_FILE
+from .single_file import (
+    METADATA_KEY,
+    NETWORK_PARTS,
+    Parts,
+    class_name,
+    read_single_file,
+    single_file_part,
+    write_single_file,
+)
 from .single_file import SINGLE_FILE_SETTINGS_KEY as SETTINGS_KEY
-from .single_file import (METADATA_KEY, NETWORK_PARTS, Parts, class_name, read_single_file, single_file_part,
-                          write_single_file)
 from .text_ldm import TextArch
 from .tokenizers import resolve_tokenizer
 

@@ -20,8 +20,8 @@ import torch
 from ..errors import CheckpointError, InputError
 from ..models.text_encoder import CONFIG_FILE as TEXT_SETTINGS
 from .api import model_part, module_from_part, pipeline_from_parts, read_parts
-from .single_file import SINGLE_FILE_SETTINGS_KEY as SETTINGS_KEY
 from .single_file import NETWORK_PARTS, Parts, single_file_part, write_single_file
+from .single_file import SINGLE_FILE_SETTINGS_KEY as SETTINGS_KEY
 
 DIRECTIONS = ("diffusers", "single-file")
 # model_index.json component -> single-file part (LDM text-to-image folders call their text encoder `bert`).

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -121,7 +122,7 @@ class Rename:
     def transform(self, key: str, value: torch.Tensor) -> list[torch.Tensor]:
         return [value]
 
-    def inverse(self) -> "Rename":
+    def inverse(self) -> Rename:
         return Rename(self.dst, self.src)
 
 
@@ -137,7 +138,7 @@ class Reshape(Rename):
     def transform(self, key: str, value: torch.Tensor) -> list[torch.Tensor]:
         return [to_ndim(value, self.ndim[1], key=key)]
 
-    def inverse(self) -> "Reshape":
+    def inverse(self) -> Reshape:
         return Reshape(self.dst, self.src, ndim=(self.ndim[1], self.ndim[0]))
 
 
@@ -176,7 +177,7 @@ class Split:
             pieces = list(value.chunk(n, dim=self.dim))
         return [to_ndim(p, self.ndim[1], key=key) for p in pieces] if self.ndim else pieces
 
-    def inverse(self) -> "Merge":
+    def inverse(self) -> Merge:
         return Merge(self.into, self.src, dim=self.dim, heads=self.heads,
                      ndim=(self.ndim[1], self.ndim[0]) if self.ndim else None)
 
@@ -245,7 +246,7 @@ class Nest:
         object.__setattr__(self, "_s", s)
         object.__setattr__(self, "_d", d)
 
-    def inverse(self) -> "Nest":
+    def inverse(self) -> Nest:
         return Nest(self.dst, self.src, invert(self.table))
 
 

@@ -15,7 +15,8 @@ output keys are `<part>/<diffusers key>`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .keymap import Drop, Nest
 from .text_ldm import TextArch
@@ -93,7 +94,7 @@ class FileLayout:
 
     @classmethod
     def from_configs(cls, configs: dict[str, dict[str, Any]], *, family: str | None = None,
-                     standalone_first_stage: bool | None = None) -> "FileLayout":
+                     standalone_first_stage: bool | None = None) -> FileLayout:
         """The inverse of `configs()`: from diffusers-format config dicts keyed by part name."""
         unet = UNetArch.from_diffusers_config(configs["unet"]) if "unet" in configs else None
         first = next((VAEArch.from_diffusers_config(configs[p], source=p) for p in ("vae", "vqvae") if p in configs),

@@ -17,7 +17,8 @@ diffusers' LDMBertModel names for LDMBert.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..errors import CheckpointError
 from .keymap import Drop, Keep, Nest, Rename, Split
@@ -104,7 +105,7 @@ class TextArch:
         return dict(self.config)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], *, source: str = "text encoder config") -> "TextArch":
+    def from_config(cls, config: Mapping[str, Any], *, source: str = "text encoder config") -> TextArch:
         """From a transformers config dict (CLIPTextModel / LDMBertModel) or a ClassEmbedder config."""
         kind = config.get("model_type") or config.get("_class_name")  # transformers configs / ours
         if kind in ("clip_text_model", "clip"):

@@ -14,7 +14,8 @@ with separate to_q/to_k/to_v linears), so converting it needs the head count.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..errors import CheckpointError, ConfigError
 from ..models.diffusers_tables import UNET_2D, UNET_CONDITIONAL
@@ -217,7 +218,7 @@ class UNetArch:
         return {"_class_name": table.class_name, **table.to_file(config), **self.foreign_keys()}
 
     @classmethod
-    def from_config(cls, config: UNetConfig | UNet2DConfig, **foreign: Any) -> "UNetArch":
+    def from_config(cls, config: UNetConfig | UNet2DConfig, **foreign: Any) -> UNetArch:
         """The layout of latentdiff's UNet for `config` (`foreign`: what `foreign_keys` names, as fields)."""
         n = len(config.channels)
         common = dict(in_channels=config.in_channels, out_channels=config.out_channels, channels=config.channels,
@@ -239,7 +240,7 @@ class UNetArch:
                    resample="resnet" if config.downsample_type == "resnet" else "conv", **foreign)
 
     @classmethod
-    def from_diffusers_config(cls, config: Mapping[str, Any], *, source: str = "unet config") -> "UNetArch":
+    def from_diffusers_config(cls, config: Mapping[str, Any], *, source: str = "unet config") -> UNetArch:
         """The inverse of `to_diffusers_config`: through the model's table (diffusers defaults for absent keys)."""
         conditional = config.get("_class_name") == UNET_CONDITIONAL.class_name or (
             "_class_name" not in config and any("CrossAttn" in str(t) for t in config.get("down_block_types", ())))

@@ -8,7 +8,8 @@ its levels from the lowest resolution up but stores them under the index of the 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..errors import CheckpointError, ConfigError
 from ..models.autoencoder_kl import AutoencoderKLConfig
@@ -114,7 +115,7 @@ class VAEArch:
         return {"_class_name": table.class_name, **table.to_file(config)}
 
     @classmethod
-    def from_diffusers_config(cls, config: Mapping[str, Any], *, source: str = "vae config") -> "VAEArch":
+    def from_diffusers_config(cls, config: Mapping[str, Any], *, source: str = "vae config") -> VAEArch:
         """The inverse of `to_diffusers_config`: through the model's table (diffusers defaults for absent keys)."""
         vq = config.get("_class_name") == VQ_MODEL.class_name or "num_vq_embeddings" in config
         table, config_class = (VQ_MODEL, VQModelConfig) if vq else (AUTOENCODER_KL, AutoencoderKLConfig)

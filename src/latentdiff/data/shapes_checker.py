@@ -22,7 +22,7 @@ no learned parts, the same answer on every machine.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image

@@ -12,8 +12,9 @@ settings: those were tuned on `DEV_SEED`.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -49,8 +50,8 @@ def evaluate_shapes_model(model: Any = "latentdiff/shapes-64", *, count: int = 2
     from ..builtin import generate_settings
     from ..pipelines.latent_diffusion import LatentDiffusionPipeline
     from ..utils.images import make_grid, save_png
-    from .shapes_checker import analyze, compare
     from .shapes import parse_caption
+    from .shapes_checker import analyze, compare
 
     prompts = held_out_prompts(count, seed if prompt_seed is None else prompt_seed)
     if isinstance(model, LatentDiffusionPipeline):

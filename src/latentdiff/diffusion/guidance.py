@@ -19,7 +19,8 @@ s = 1 (or no unconditional context) is exactly the conditional model: one forwar
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -2,8 +2,17 @@
 `samplers.sigma`."""
 from __future__ import annotations
 
-from .samplers.sigma import (DPMSolverMultistepSampler, DPMSolverMultistepSDESampler, EulerAncestralSampler,
-                             EulerSampler, HeunSampler, LMSSampler, SigmaPlan, SigmaSampler, SigmaSchedule)
+from .samplers.sigma import (
+                             DPMSolverMultistepSampler,
+                             DPMSolverMultistepSDESampler,
+                             EulerAncestralSampler,
+                             EulerSampler,
+                             HeunSampler,
+                             LMSSampler,
+                             SigmaPlan,
+                             SigmaSampler,
+                             SigmaSchedule,
+)
 
 __all__ = ["SigmaSchedule", "SigmaPlan", "SigmaSampler", "EulerSampler", "EulerAncestralSampler", "HeunSampler",
            "LMSSampler", "DPMSolverMultistepSampler", "DPMSolverMultistepSDESampler"]

@@ -17,8 +17,9 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 
@@ -187,7 +188,7 @@ class NoiseScheduler:
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, *, subfolder: str | None = "scheduler",
                         revision: str | None = None, cache_dir: str | os.PathLike | None = None,
-                        token: str | bool | None = None, local_files_only: bool | None = None) -> "NoiseScheduler":
+                        token: str | bool | None = None, local_files_only: bool | None = None) -> NoiseScheduler:
         """Read the noise schedule from a diffusers `scheduler_config.json` (of a pipeline folder / Hub repo:
         `subfolder="scheduler"`; of a scheduler folder itself: `subfolder=None`). Sampler settings in the
         file are checked but not returned: use `scheduler_io.load_scheduler_folder` for both."""

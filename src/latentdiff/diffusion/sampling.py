@@ -3,13 +3,34 @@ imports work. The code lives in `samplers/` (`samplers.discrete_loops`, `sampler
 `model_output_to_x0_eps`, in `schedules`."""
 from __future__ import annotations
 
-from .samplers.base import (TIMESTEP_SPACINGS, Denoiser, Generator, NoiseSampler, StepCallback, TimestepSpacing,
-                            VarianceType, _describe, after_step, check_generator, check_num_inference_steps,
-                            check_sample_call, check_start_step, noise_sampler_from)
-from .samplers.base import initial_sample as noise_to_start   # its former name here: (plan, x0, noise) -> x
-from .samplers.base import progress_range as _steps
-from .samplers.discrete_loops import (PLMS_COEFFICIENTS, check_plan, ddim_sigma, ddim_step, ddpm_step, plms_eps,
-                                      plms_transfer, sample_ddim, sample_ddpm, sample_plms)
+from .samplers.base import (
+    TIMESTEP_SPACINGS,
+    Denoiser,
+    Generator,
+    NoiseSampler,
+    StepCallback,
+    TimestepSpacing,
+    VarianceType,
+    after_step,
+    check_generator,
+    check_num_inference_steps,
+    check_sample_call,
+    check_start_step,
+    noise_sampler_from,
+)
+from .samplers.base import initial_sample as noise_to_start  # its former name here: (plan, x0, noise) -> x
+from .samplers.discrete_loops import (
+    PLMS_COEFFICIENTS,
+    check_plan,
+    ddim_sigma,
+    ddim_step,
+    ddpm_step,
+    plms_eps,
+    plms_transfer,
+    sample_ddim,
+    sample_ddpm,
+    sample_plms,
+)
 from .samplers.grids import timestep_grid
 from .schedules import PREDICTION_TYPES, PredictionType, model_output_to_x0_eps
 

@@ -33,17 +33,28 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .. import hub
-from ..version import __version__
 from ..config import read_json
 from ..errors import ConfigError
+from ..version import __version__
 from .noise_scheduler import NoiseScheduler, NoiseSchedulerConfig, register_folder_io
-from .samplers import (DDIMSampler, DDPMSampler, DPMSolverMultistepSampler, DPMSolverMultistepSDESampler,
-                       EulerAncestralSampler, EulerSampler, HeunSampler, LMSSampler, PLMSSampler, Sampler,
-                       SamplerSettings)
+from .samplers import (
+    DDIMSampler,
+    DDPMSampler,
+    DPMSolverMultistepSampler,
+    DPMSolverMultistepSDESampler,
+    EulerAncestralSampler,
+    EulerSampler,
+    HeunSampler,
+    LMSSampler,
+    PLMSSampler,
+    Sampler,
+    SamplerSettings,
+)
 
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 

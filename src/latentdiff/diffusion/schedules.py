@@ -12,7 +12,8 @@ part of what a checkpoint was trained for.
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 

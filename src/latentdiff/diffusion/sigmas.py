@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from .samplers.grids import (KARRAS_RHO, ZERO_SNR_ALPHA_CUMPROD, exponential_sigmas, init_noise_sigma,
-                             interpolate_sigmas, karras_sigmas, lambda_clipped_last_timestep, sigma_table, sigma_to_t,
-                             timestep_grid)
+from .samplers.grids import (
+    KARRAS_RHO,
+    ZERO_SNR_ALPHA_CUMPROD,
+    exponential_sigmas,
+    init_noise_sigma,
+    interpolate_sigmas,
+    karras_sigmas,
+    lambda_clipped_last_timestep,
+    sigma_table,
+    sigma_to_t,
+    timestep_grid,
+)
 
 
 def spaced_timesteps(num_train_timesteps: int, num_inference_steps: int, *, spacing: str,

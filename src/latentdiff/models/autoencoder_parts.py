@@ -14,7 +14,8 @@ downsampling factor, the image check and the scaled-latent decode, written once.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

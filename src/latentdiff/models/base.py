@@ -17,19 +17,20 @@ import contextlib
 import functools
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from .. import hub
-from ..version import __version__
 from ..config import ComponentConfig, read_json
 from ..errors import CheckpointError, ConfigError
 from ..registry import SINGLE_FILE
 from ..utils.memory import release_mapped
 from ..utils.startup import freeze_startup_objects
+from ..version import __version__
 from .diffusers_config import DiffusersConfigMap, check_supported  # noqa: F401 (check_supported's old home)
 
 CONFIG_NAME = "config.json"

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -228,7 +229,7 @@ class CLIPTextModel(ModelMixin):
     @classmethod
     def from_state_dict(cls, config: ComponentConfig, state: Mapping[str, torch.Tensor], *,
                         torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                        source: str | None = None) -> "CLIPTextModel":
+                        source: str | None = None) -> CLIPTextModel:
         """Strict load of either key layout (with or without `text_model.`); an old position-id buffer is dropped."""
         if state and all(k.startswith(WEIGHTS_PREFIX) for k in state):
             state = {k[len(WEIGHTS_PREFIX):]: v for k, v in state.items()}

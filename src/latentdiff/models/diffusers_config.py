@@ -19,7 +19,8 @@ is built, and against diffusers' signatures in the tests), so a new diffusers ke
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from ..config import ComponentConfig
 from ..errors import ConfigError

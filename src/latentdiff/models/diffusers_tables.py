@@ -9,7 +9,8 @@ Defaults are diffusers 0.42's __init__ signatures; the tests check them against 
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..errors import ConfigError
 from .diffusers_config import DiffusersConfigMap, as_list, is_int, key_at, per_level, square_sample_size

@@ -15,23 +15,33 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import hub
-from ..version import __version__
 from ..config import ComponentConfig
 from ..errors import CheckpointError, ConfigError, InputError
 from ..layers.attention import attention
 from ..registry import COMPONENTS
+from ..version import __version__
 from .base import CONFIG_NAME, ModelMixin, load_weights
 from .diffusers_config import check_supported
-from .text_encoder import (CONFIG_FILE, MACHINERY_KEYS, TOKENIZER_FILES, TextEncoder, TextEncoderConfig, _describe,
-                           check_input_ids, library_entry, native_backend)
+from .text_encoder import (
+    CONFIG_FILE,
+    MACHINERY_KEYS,
+    TOKENIZER_FILES,
+    TextEncoder,
+    TextEncoderConfig,
+    _describe,
+    check_input_ids,
+    library_entry,
+    native_backend,
+)
 
 MODEL_TYPE = "ldmbert"
 ARCHITECTURE = "LDMBertModel"
@@ -198,7 +208,7 @@ class LDMBert(ModelMixin):
                         revision: str | None = None, variant: str | None = None,
                         torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                         cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
-                        local_files_only: bool | None = None) -> "LDMBert":
+                        local_files_only: bool | None = None) -> LDMBert:
         """Load a `bert/` folder (local or Hub) strictly: model.safetensors, else an older pytorch_model.bin.
 
         The pickle is read with `weights_only=True`, and downloaded only when the folder has no safetensors.
@@ -222,7 +232,7 @@ class LDMBert(ModelMixin):
     @classmethod
     def from_state_dict(cls, config: ComponentConfig, state: Mapping[str, torch.Tensor], *,
                         torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                        source: str | None = None) -> "LDMBert":
+                        source: str | None = None) -> LDMBert:
         """Strict load; the pre-training LM head (to_logits), if present, must have its shape and is dropped."""
         if isinstance(config, LDMBertConfig):
             shapes = dict(zip(LM_HEAD_KEYS, ((config.vocab_size, config.d_model), (config.vocab_size,))))
@@ -273,7 +283,7 @@ class LDMBertTextEncoder(TextEncoder):
                         variant: str | None = None, torch_dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None, cache_dir: str | os.PathLike | None = None,
                         token: str | bool | None = None, local_files_only: bool | None = None,
-                        tokenizer: Any = None, config: TextEncoderConfig | None = None) -> "LDMBertTextEncoder":
+                        tokenizer: Any = None, config: TextEncoderConfig | None = None) -> LDMBertTextEncoder:
         """Load the `bert/` and `tokenizer/` folders of an LDM text-to-image repo (local or Hub).
 
         `tokenizer_subfolder=None` reads the tokenizer from the model's folder. `config` overrides the

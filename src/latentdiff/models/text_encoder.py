@@ -18,17 +18,18 @@ import dataclasses
 import logging
 import os
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from .. import hub
-from ..version import __version__
 from ..config import ComponentConfig, read_json
 from ..errors import CheckpointError, ConfigError, InputError
 from ..registry import COMPONENTS, SINGLE_FILE
+from ..version import __version__
 from .clip_text import MACHINERY_KEYS, MODEL_TYPE, CLIPTextModel, _describe, check_input_ids  # noqa: F401
 
 CONFIG_FILE = "latentdiff_text_encoder.json"  # beside the transformers files; absent -> defaults
@@ -194,7 +195,7 @@ class TextEncoder(nn.Module):
                         variant: str | None = None, torch_dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None, cache_dir: str | os.PathLike | None = None,
                         token: str | bool | None = None, local_files_only: bool | None = None,
-                        tokenizer: Any = None, config: TextEncoderConfig | None = None) -> "TextEncoder":
+                        tokenizer: Any = None, config: TextEncoderConfig | None = None) -> TextEncoder:
         """Load a transformers text model folder (+ tokenizer folder) from a local folder or a Hub id.
 
         `subfolder` holds the model (config.json + weights), `tokenizer_subfolder` the tokenizer (default: the
@@ -230,7 +231,7 @@ class TextEncoder(nn.Module):
     def from_single_file(cls, path: str | os.PathLike, *, original_config: Any = None, tokenizer: Any = None,
                          torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                          cache_dir: str | os.PathLike | None = None,
-                         local_files_only: bool | None = None) -> "TextEncoder":
+                         local_files_only: bool | None = None) -> TextEncoder:
         """The conditioning stage of an original single file (CLIP for SD 1.x, OpenCLIP for SD 2.x, LDMBert),
         built strictly, with its tokenizer.
 

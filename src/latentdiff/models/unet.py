@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F

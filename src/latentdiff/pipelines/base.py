@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from .. import hub
-from ..version import __version__
 from ..config import read_json
 from ..errors import CheckpointError, ConfigError, InputError, RegistryError
 from ..registry import PIPELINES, SINGLE_FILE
+from ..version import __version__
 
 MODEL_INDEX = "model_index.json"
 # The version of the diffusers folder format we write and test against (see pyproject's test pins).
@@ -52,7 +53,7 @@ class Pipeline:
 
     # ---- loading -------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path_or_id: str | os.PathLike, **kwargs: Any) -> "Pipeline":
+    def from_pretrained(cls, path_or_id: str | os.PathLike, **kwargs: Any) -> Pipeline:
         """Load a diffusers-layout folder or Hub repo as the pipeline class its model_index.json names.
 
         `Pipeline.from_pretrained(path)` reads `_class_name` and hands every keyword to that class's
@@ -137,7 +138,7 @@ class Pipeline:
         return {"_diffusers_version": DIFFUSERS_FORMAT_VERSION, "_latentdiff_version": __version__}
 
     @classmethod
-    def from_single_file(cls, path: str | os.PathLike, original_config: Any = None, **options: Any) -> "Pipeline":
+    def from_single_file(cls, path: str | os.PathLike, original_config: Any = None, **options: Any) -> Pipeline:
         """An original single file (CompVis / Stability AI .ckpt / .safetensors). `Pipeline.from_single_file`
         picks the class from the file's family; `SomePipeline.from_single_file` checks the file fits it.
         Components passed as keywords replace the file's (e.g. `tokenizer=`); other options: see

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -129,7 +130,7 @@ class DenoisingPipeline(Pipeline):
         """The modules `to()` moves."""
         return (self.unet, self.vae)
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "DenoisingPipeline":
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> DenoisingPipeline:
         for module in self.networks():
             module.to(device=device, dtype=dtype)
         return self
@@ -168,7 +169,7 @@ class DenoisingPipeline(Pipeline):
         acceleration.disable_cpu_offload(self)
 
     def compile(self, *, mode: str | None = "auto", backend: Any = "inductor", fullgraph: bool = True,
-                dynamic: bool = False, options: dict[str, Any] | None = None) -> "DenoisingPipeline":
+                dynamic: bool = False, options: dict[str, Any] | None = None) -> DenoisingPipeline:
         """torch.compile the UNet's forward: one static graph per latent shape (no recompiling for a new prompt
         or seed); on CUDA (mode "auto", the default, or "reduce-overhead") each step replays as a CUDA graph.
         Returns self."""
@@ -182,7 +183,7 @@ class DenoisingPipeline(Pipeline):
                         device: str | torch.device | None = None, variant: str | None = None,
                         revision: str | None = None, cache_dir: str | os.PathLike | None = None,
                         token: str | bool | None = None, local_files_only: bool | None = None,
-                        **parts: Any) -> "DenoisingPipeline":
+                        **parts: Any) -> DenoisingPipeline:
         """Load a diffusers-layout folder or Hub repo. `parts`: constructor arguments (vae=, unet=,
         noise_scheduler=, sampler= and the pipeline's own) that replace the folder's; any other is a TypeError."""
         names = [attr for attr, _ in cls.folder_parts.values()] + ["noise_scheduler", "sampler", *cls.option_names]

@@ -25,11 +25,11 @@ Nothing is resized: an image whose sides are not multiples of the autoencoder's 
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
-
 import torch.nn.functional as F
 
 from ..errors import InputError

@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -32,8 +33,8 @@ from . import acceleration
 from .base import MODEL_INDEX, PipelineOutput, concat_conditioning
 from .denoising import FIRST_STAGES, DenoisingPipeline, Entry, FirstStage, Generator, load_schedule, write_parts
 from .sdedit import sample_from_step, start_step
-from .tiled_sampling import LatentTiling, Size as TileSize
-from .tiled_sampling import check_upscale, latent_tiling, tiled_denoiser, upscale_latents
+from .tiled_sampling import LatentTiling, check_upscale, latent_tiling, tiled_denoiser, upscale_latents
+from .tiled_sampling import Size as TileSize
 
 Prompt = str | Sequence[str]
 
@@ -114,7 +115,7 @@ class LatentDiffusionPipeline(DenoisingPipeline):
                         token: str | bool | None = None, local_files_only: bool | None = None,
                         vae: FirstStage | None = None, unet: UNet2DConditional | None = None,
                         text_encoder: TextEncoder | None = None, noise_scheduler: NoiseScheduler | None = None,
-                        sampler: SamplerProtocol | None = None) -> "LatentDiffusionPipeline":
+                        sampler: SamplerProtocol | None = None) -> LatentDiffusionPipeline:
         """Load a diffusers-format folder or Hub repo (Stable Diffusion v1/v2, LDM text-to-image, and their
         image-to-image / inpainting folders); parts passed in replace the folder's."""
         where = dict(variant=variant, revision=revision, cache_dir=cache_dir, token=token,

@@ -27,8 +27,8 @@ from torch import nn
 
 from ..config import ComponentConfig
 from ..errors import ConfigError, InputError
-from .discriminator import D_LOSSES, PatchDiscriminator
 from ..metrics.lpips import LPIPS
+from .discriminator import D_LOSSES, PatchDiscriminator
 
 if TYPE_CHECKING:
     from ..models.autoencoder_kl import DiagonalGaussian

@@ -222,8 +222,8 @@ def freeze_encoder(autoencoder: nn.Module, *, where: str) -> None:
 
 def build_loss(model: Any, loss_config: ComponentConfig) -> nn.Module:
     """AutoencoderLoss with the LPIPS network the model section names (published, random, or a file)."""
-    from .autoencoder_loss import AutoencoderLoss
     from ..metrics.lpips import LPIPS
+    from .autoencoder_loss import AutoencoderLoss
 
     perceptual = None
     if loss_config.perceptual_weight > 0:

@@ -19,7 +19,8 @@ The trainer is passed in, not imported (it imports this module); it provides `te
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F

@@ -21,9 +21,10 @@ import dataclasses
 import json
 import random
 import warnings
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -36,8 +36,10 @@ from ..diffusion.samplers import DDIMSampler
 from ..errors import CheckpointError, ConfigError
 from ..layers.attention import BasicTransformerBlock, SpatialSelfAttention
 from ..layers.resnet import ResnetBlock
-from .conditioning import CONDITIONINGS
-from .conditioning import low_res  # noqa: F401 (re-exported: its public path before it moved)
+from .conditioning import (
+    CONDITIONINGS,
+    low_res,  # noqa: F401 (re-exported: its public path before it moved)
+)
 from .config import DiffusionTrainConfig, build_component_configs
 from .data import build_datasets, fixed_batches
 from .ema import EMA

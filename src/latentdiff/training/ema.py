@@ -13,7 +13,7 @@ The EMA lives beside the model, never inside it: models know nothing of training
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn

@@ -4,8 +4,8 @@ Above both trainers (which build on `loop.Trainer`), so the loop never imports a
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .config import load_train_config
 

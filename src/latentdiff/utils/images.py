@@ -5,8 +5,9 @@ import json
 import math
 import os
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from PIL import Image, PngImagePlugin
 

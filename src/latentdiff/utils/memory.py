@@ -19,7 +19,7 @@ import contextlib
 import ctypes
 import mmap
 import sys
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch

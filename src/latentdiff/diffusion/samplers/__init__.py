@@ -22,12 +22,29 @@ NoiseScheduler passed to each call, so one sampler serves any model. Every sampl
 """
 from __future__ import annotations
 
-from .base import (Denoiser, Generator, NoiseSampler, SamplerProtocol, SamplerSettings, StepCallback,
-                   as_step_callback, check_sampler, switch_sampler)
+from .base import (
+                   Denoiser,
+                   Generator,
+                   NoiseSampler,
+                   SamplerProtocol,
+                   SamplerSettings,
+                   StepCallback,
+                   as_step_callback,
+                   check_sampler,
+                   switch_sampler,
+)
 from .discrete import DDIMSampler, DDPMSampler, PLMSSampler, Sampler, SamplingPlan
 from .grids import timestep_grid
-from .sigma import (DPMSolverMultistepSampler, DPMSolverMultistepSDESampler, EulerAncestralSampler, EulerSampler,
-                    HeunSampler, LMSSampler, SigmaPlan, SigmaSampler)
+from .sigma import (
+                   DPMSolverMultistepSampler,
+                   DPMSolverMultistepSDESampler,
+                   EulerAncestralSampler,
+                   EulerSampler,
+                   HeunSampler,
+                   LMSSampler,
+                   SigmaPlan,
+                   SigmaSampler,
+)
 
 __all__ = ["SamplingPlan", "Sampler", "DDIMSampler", "DDPMSampler", "PLMSSampler", "SigmaPlan", "SigmaSampler",
            "EulerSampler", "EulerAncestralSampler", "HeunSampler", "LMSSampler", "DPMSolverMultistepSampler",

@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import numbers
-from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Literal, Protocol, Sequence, TypeAlias,
-                    runtime_checkable)
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeAlias, runtime_checkable
 
 import torch
 

@@ -40,8 +40,15 @@ import torch
 from ...errors import ConfigError, InputError
 from ...registry import SAMPLERS
 from ..noise_scheduler import NoiseScheduler
-from .base import (Denoiser, Generator, SamplerSettings, StepCallback, check_sample_call, check_start_step,
-                   noise_sampler_from)
+from .base import (
+    Denoiser,
+    Generator,
+    SamplerSettings,
+    StepCallback,
+    check_sample_call,
+    check_start_step,
+    noise_sampler_from,
+)
 from .discrete_loops import sample_ddim, sample_ddpm, sample_plms
 from .grids import timestep_grid
 

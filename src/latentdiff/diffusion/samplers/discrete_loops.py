@@ -22,7 +22,7 @@ following steps (inpainting's blend of the known region), None leaves x as it is
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -49,9 +49,19 @@ from ...errors import ConfigError, InputError
 from ...registry import SAMPLERS
 from ..noise_scheduler import NoiseScheduler
 from . import grids, sigma_loops
-from .base import (Denoiser, Generator, NoiseSampler, SamplerSettings, StepCallback, TimestepSpacing,
-                   as_step_callback, check_num_inference_steps, check_sample_call, check_start_step,
-                   noise_sampler_from)
+from .base import (
+    Denoiser,
+    Generator,
+    NoiseSampler,
+    SamplerSettings,
+    StepCallback,
+    TimestepSpacing,
+    as_step_callback,
+    check_num_inference_steps,
+    check_sample_call,
+    check_start_step,
+    noise_sampler_from,
+)
 
 SigmaSchedule = Literal["default", "karras", "exponential"]
 

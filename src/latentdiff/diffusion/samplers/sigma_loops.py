@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Sequence, TypeAlias
+from collections.abc import Callable, Sequence
+from typing import TypeAlias
 
 import numpy as np
 import torch
