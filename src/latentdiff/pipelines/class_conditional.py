@@ -40,6 +40,7 @@ from ..models.conditioners import ClassEmbedder
 from ..registry import PIPELINES
 from .base import PipelineOutput
 from .denoising import DenoisingPipeline, FirstStage, Generator, StepCallback, unet_conditioning
+from .folder import FolderPart
 
 ClassLabels = int | str | Sequence[int | str] | torch.Tensor | np.ndarray
 CLASS_CONDITIONAL = "LatentDiffusionClassConditionalPipeline"
@@ -51,9 +52,8 @@ class ClassConditionalPipeline(DenoisingPipeline):
 
     diffusers_class_names = (CLASS_CONDITIONAL,)
     component_names = ("vae", "unet", "class_embedder", "noise_scheduler", "sampler")
-    folder_parts = DenoisingPipeline.folder_parts | {
-        "class_embedder": ("class_embedder", {("latentdiff", "ClassEmbedder"): ClassEmbedder})}
-    optional_parts = ("class_embedder",)
+    folder_parts = (*DenoisingPipeline.folder_parts, FolderPart(
+        "class_embedder", "class_embedder", {("latentdiff", "ClassEmbedder"): ClassEmbedder}, optional=True))
     option_names = ("id2label", "null_class")
     unet_inputs = ("context", "class_labels")
 

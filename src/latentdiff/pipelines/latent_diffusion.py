@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +24,16 @@ from ..diffusion.noise import randn
 from ..diffusion.noise_scheduler import NoiseScheduler
 from ..diffusion.samplers import SamplerProtocol, StepCallback, check_sampler
 from ..errors import ConfigError, InputError
+from ..hub import HubLocation
 from ..models.ldm_bert import LDMBertTextEncoder
 from ..models.text_encoder import TextEncoder
 from ..models.unet import UNet2DConditional
 from ..registry import PIPELINES
 from ..utils.memory import released_after_each_block
 from . import acceleration
-from .base import MODEL_INDEX, PipelineOutput, concat_conditioning
-from .denoising import FIRST_STAGES, DenoisingPipeline, Entry, FirstStage, Generator, load_schedule, write_parts
+from .base import PipelineOutput, concat_conditioning
+from .denoising import FIRST_STAGES, DenoisingPipeline, FirstStage, Generator
+from .folder import MODEL_INDEX, Entry, FolderPart, load_folder, write_parts
 from .sdedit import sample_from_step, start_step
 from .tiled_sampling import LatentTiling, check_upscale, latent_tiling, tiled_denoiser, upscale_latents
 from .tiled_sampling import Size as TileSize
@@ -54,12 +56,12 @@ class FolderLayout:
     tokenizers: tuple[Entry, ...]
     extra_entries: tuple[tuple[str, Any], ...] = ()   # written as they are (SD's absent safety checker ...)
 
-    def supported(self, index: dict[str, Any]) -> dict[str, Any]:
-        """Folder key -> accepted (library, class) entries, for Pipeline.check_model_index."""
-        return {"unet": list(UNETS), self.vae: list(FIRST_STAGES), self.text_encoder: list(self.text_encoders),
-                "tokenizer": list(self.tokenizers),
-                # any diffusers scheduler class: its noise schedule is read, the sampler mapped (DDIM fallback)
-                "scheduler": [tuple(index.get("scheduler", (None, None)))]}
+    def parts(self) -> tuple[FolderPart, ...]:
+        """The folder's parts, for the loading engine (pipelines/folder.py); the text encoder reads the tokenizer."""
+        return (FolderPart("unet", "unet", UNETS), FolderPart(self.vae, "vae", FIRST_STAGES),
+                FolderPart(self.text_encoder, "text_encoder", {e: TEXT_ENCODERS[e] for e in self.text_encoders},
+                           load_options=(("tokenizer_subfolder", "tokenizer"),)),
+                FolderPart("tokenizer", "text_encoder", dict.fromkeys(self.tokenizers)))
 
 
 SD_LAYOUT = FolderLayout(
@@ -89,6 +91,7 @@ class LatentDiffusionPipeline(DenoisingPipeline):
     diffusers_class_names = ("StableDiffusionPipeline", LDM_TEXT_TO_IMAGE, "LatentDiffusionPipeline")
     loadable_class_names = tuple(LAYOUTS)
     component_names = ("vae", "unet", "text_encoder", "noise_scheduler", "sampler")
+    folder_parts = SD_LAYOUT.parts()   # the layout saved with a CLIP text encoder; `folder_layout` reads either
 
     def __init__(self, *, vae: FirstStage, unet: UNet2DConditional, text_encoder: TextEncoder,
                  noise_scheduler: NoiseScheduler | None = None, sampler: SamplerProtocol | None = None):
@@ -118,31 +121,15 @@ class LatentDiffusionPipeline(DenoisingPipeline):
                         sampler: SamplerProtocol | None = None) -> LatentDiffusionPipeline:
         """Load a diffusers-format folder or Hub repo (Stable Diffusion v1/v2, LDM text-to-image, and their
         image-to-image / inpainting folders); parts passed in replace the folder's."""
-        where = dict(variant=variant, revision=revision, cache_dir=cache_dir, token=token,
-                     local_files_only=local_files_only)
-        root = cls.resolve_folder(path_or_id, subfolders=[], **where)
-        index, source = cls.read_model_index(root), str(root / MODEL_INDEX)
-        layout = LAYOUTS.get(index.get("_class_name"), SD_LAYOUT)
-        cls.check_model_index(index, source=source, supported=layout.supported(index))
-        parts = {"unet": unet, layout.vae: vae, layout.text_encoder: text_encoder, "tokenizer": text_encoder,
-                 "scheduler": None if noise_scheduler is None or sampler is None else noise_scheduler}
-        needed = [key for key, given in parts.items() if given is None]
-        absent = [key for key in needed if key not in index]
-        if absent:
-            raise ConfigError("model_index.json lacks a component the pipeline needs", where=source,
-                              expected=sorted(parts), found=f"no entry for {absent}")
-        root = cls.resolve_folder(path_or_id, subfolders=needed, **where)
-        load = dict(variant=variant, torch_dtype=torch_dtype, device=device)
-        if unet is None:
-            unet = UNETS[tuple(index["unet"])].from_pretrained(root, subfolder="unet", **load)
-        if vae is None:
-            vae = FIRST_STAGES[tuple(index[layout.vae])].from_pretrained(root, subfolder=layout.vae, **load)
-        if text_encoder is None:
-            encoder_class = TEXT_ENCODERS[tuple(index[layout.text_encoder])]
-            text_encoder = encoder_class.from_pretrained(root, subfolder=layout.text_encoder,
-                                                         tokenizer_subfolder="tokenizer", **load)
-        noise_scheduler, sampler = load_schedule(root, noise_scheduler, sampler)
-        return cls(vae=vae, unet=unet, text_encoder=text_encoder, noise_scheduler=noise_scheduler, sampler=sampler)
+        location = HubLocation(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+        given = dict(vae=vae, unet=unet, text_encoder=text_encoder, noise_scheduler=noise_scheduler, sampler=sampler)
+        return cls(**load_folder(cls, path_or_id, given=given, variant=variant, torch_dtype=torch_dtype,
+                                 device=device, location=location))
+
+    @classmethod
+    def folder_layout(cls, index: Mapping[str, Any]) -> Sequence[FolderPart]:
+        """The parts of the index's layout: LDM's for LDMTextToImagePipeline, else Stable Diffusion's."""
+        return LAYOUTS.get(str(index.get("_class_name")), SD_LAYOUT).parts()
 
     def layout(self) -> tuple[str, FolderLayout]:
         """(model_index `_class_name`, layout) this pipeline saves as: LDM's with LDMBert, else Stable Diffusion's."""
