@@ -23,7 +23,6 @@ from typing import Any, Literal
 
 import torch
 
-from .. import hub
 from ..config import ComponentConfig
 from ..errors import ConfigError, InputError
 from ..registry import COMPONENTS
@@ -38,7 +37,7 @@ _FOLDER_IO: dict[str, Callable[..., Any]] = {}
 
 
 def register_folder_io(*, load: Callable[..., NoiseSchedulerConfig], save: Callable[..., Path]) -> None:
-    """Set the functions behind NoiseScheduler.from_pretrained (`load(path_or_id, subfolder=, location=)` -> the
+    """Set the functions behind NoiseScheduler.from_pretrained (`load(path_or_id, subfolder=, **location)` -> the
     NoiseSchedulerConfig) and save_pretrained (`save(noise_scheduler, save_directory, sampler=)` -> the folder);
     `scheduler_io` calls this when imported."""
     _FOLDER_IO.update(load=load, save=save)
@@ -193,9 +192,8 @@ class NoiseScheduler:
         """Read the noise schedule from a diffusers `scheduler_config.json` (of a pipeline folder / Hub repo:
         `subfolder="scheduler"`; of a scheduler folder itself: `subfolder=None`). Sampler settings in the
         file are checked but not returned: use `scheduler_io.load_scheduler_folder` for both."""
-        location = hub.HubLocation(revision=revision, cache_dir=cache_dir, token=token,
-                                   local_files_only=local_files_only)
-        config = _folder_io("load")(path_or_id, subfolder=subfolder, location=location)
+        config = _folder_io("load")(path_or_id, subfolder=subfolder, revision=revision, cache_dir=cache_dir,
+                                    token=token, local_files_only=local_files_only)
         return cls(config)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, sampler: object | None = None) -> Path:

@@ -369,11 +369,13 @@ def write_scheduler_folder(folder: str | os.PathLike, noise_scheduler: NoiseSche
 
 # ---- NoiseScheduler.from_pretrained / save_pretrained -----------------------------------------------------
 def read_noise_schedule(path_or_id: str | os.PathLike, *, subfolder: str | None = "scheduler",
-                        location: hub.HubLocation | None = None) -> NoiseSchedulerConfig:
-    """The NoiseSchedulerConfig of `path_or_id`'s scheduler_config.json (a local folder or a Hub repo at
-    `location`; under `subfolder`), its sampler settings checked but not returned: NoiseScheduler.from_pretrained."""
+                        revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                        token: str | bool | None = None, local_files_only: bool | None = None) -> NoiseSchedulerConfig:
+    """The NoiseSchedulerConfig of `path_or_id`'s scheduler_config.json (a local folder or a Hub repo; under
+    `subfolder`), its sampler settings checked but not returned: NoiseScheduler.from_pretrained."""
     prefix = f"{subfolder}/" if subfolder else ""
-    root = (location or hub.HubLocation()).resolve(path_or_id, allow_patterns=[f"{prefix}{SCHEDULER_CONFIG_NAME}"])
+    location = hub.HubLocation(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+    root = location.resolve(path_or_id, allow_patterns=[f"{prefix}{SCHEDULER_CONFIG_NAME}"])
     folder = root / subfolder if subfolder else root
     config, _ = read_scheduler_file(folder / SCHEDULER_CONFIG_NAME, warn=False)
     return config

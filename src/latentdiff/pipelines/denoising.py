@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, ClassVar, Literal, TypeAlias
 
 import torch
 from torch import nn
@@ -74,7 +74,7 @@ class DenoisingPipeline(Pipeline):
         self.vae = vae
         self.unet = unet
         self.noise_scheduler = noise_scheduler or NoiseScheduler()
-        self.sampler = sampler if sampler is not None else DDIMSampler()
+        self.sampler: SamplerProtocol = sampler if sampler is not None else DDIMSampler()
         self.check_parts()
 
     def check_parts(self) -> None:
@@ -84,11 +84,11 @@ class DenoisingPipeline(Pipeline):
             raise ConfigError(f"the UNet does not fit {type(self).__name__}", where="unet.config.in_channels",
                               expected=" or ".join(map(str, expected)) + " (from the first stage's latent channels)",
                               found=found)
-        missing = () if self.unet_inputs is None else \
-            tuple(need for need in unet_conditioning(self.unet) if need not in self.unet_inputs)
-        if missing:
+        given = self.unet_inputs
+        missing = () if given is None else tuple(need for need in unet_conditioning(self.unet) if need not in given)
+        if given is not None and missing:
             raise ConfigError(f"the UNet needs {' and '.join(missing)}, which {type(self).__name__} does not give it",
-                              where="unet", expected=f"a UNet conditioned by {list(self.unet_inputs) or 'nothing'}",
+                              where="unet", expected=f"a UNet conditioned by {list(given) or 'nothing'}",
                               found=f"a UNet that needs {list(missing)}")
         if self.unet.config.out_channels != self.vae.latent_channels:
             raise ConfigError("the UNet's output must have the first stage's latent channels",
@@ -118,7 +118,7 @@ class DenoisingPipeline(Pipeline):
         return self.vae.downsample_factor
 
     # ---- speed and memory (pipelines/acceleration.py) -----------------------------------------------
-    def enable_attention_slicing(self, chunk_size: int | str = "auto", *,
+    def enable_attention_slicing(self, chunk_size: int | Literal["auto"] = "auto", *,
                                  max_bytes: int = acceleration.DEFAULT_MAX_BYTES) -> None:
         """Attention over chunks of chunk_size query rows in every network (same result, smaller score buffers);
         "auto": only where one call's (B, heads, N, M) scores would exceed max_bytes."""
@@ -203,7 +203,8 @@ class DenoisingPipeline(Pipeline):
         if not hasattr(self.sampler, "eta"):
             raise InputError("this sampler has no eta", where="eta",
                              expected=f"eta=None with {type(self.sampler).__name__}", found=eta)
-        return self.sampler.with_options(eta=eta)
+        tunable: Any = self.sampler   # a sampler with an eta (a SamplerSettings) copies itself by with_options
+        return tunable.with_options(eta=eta)
 
     def image_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """(height, width) of the images, checked: multiples of the first stage's factor f; None: the UNet's

@@ -19,11 +19,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeAlias
 
-from torch import nn
-
 from ..config import read_json
 from ..diffusion.noise_scheduler import NoiseScheduler
-from ..diffusion.samplers import SamplerProtocol
+from ..diffusion.samplers import SamplerProtocol, SamplerSettings
 from ..diffusion.scheduler_io import SCHEDULER_CONFIG_NAME, load_scheduler_folder, write_scheduler_folder
 from ..errors import CheckpointError, ConfigError
 from ..hub import HubLocation
@@ -45,10 +43,14 @@ class FolderPart:
     load_options: tuple[tuple[str, Any], ...] = ()   # extra keywords of its from_pretrained
 
 
+class WritesFiles(Protocol):
+    """A part of a folder: a model (ModelMixin, IdentityFirstStage) writes its own subfolder."""
+
+    def write_files(self, folder: Path, *, variant: str | None = None) -> None: ...
+
+
 class LoadsFolders(Protocol):
     """What the engine asks of a pipeline class (DenoisingPipeline implements it)."""
-
-    __name__: str
 
     def folder_layout(self, index: Mapping[str, Any]) -> Sequence[FolderPart]: ...
 
@@ -132,7 +134,7 @@ def load_folder(pipeline: LoadsFolders, path_or_id: str | os.PathLike, *, given:
 
 
 def load_schedule(root: Path, noise_scheduler: NoiseScheduler | None,
-                  sampler: SamplerProtocol | None) -> tuple[NoiseScheduler, SamplerProtocol]:
+                  sampler: SamplerProtocol | None) -> tuple[NoiseScheduler, SamplerProtocol | SamplerSettings]:
     """The parts given, the folder's scheduler/ for those that are None."""
     if noise_scheduler is not None and sampler is not None:
         return noise_scheduler, sampler
@@ -141,18 +143,19 @@ def load_schedule(root: Path, noise_scheduler: NoiseScheduler | None,
 
 
 # ---- saving -------------------------------------------------------------------------------------------------
-def library_entry(module: nn.Module) -> list[str]:
+def library_entry(module: object) -> list[str]:
     """A part's model_index.json entry: ["diffusers", its diffusers class] where diffusers has one (so diffusers
     loads the folder), else ["latentdiff", its class] (IdentityFirstStage, ClassEmbedder, SpatialRescaler)."""
     name = getattr(type(module), "diffusers_class_name", None)
     return ["diffusers", name] if name else ["latentdiff", type(module).__name__]
 
 
-def write_parts(folder: Path, parts: Mapping[str, nn.Module], *, noise_scheduler: NoiseScheduler,
+def write_parts(folder: Path, parts: Mapping[str, WritesFiles], *, noise_scheduler: NoiseScheduler,
                 sampler: SamplerProtocol, variant: str | None = None) -> dict[str, list[str]]:
     """Write each part to folder/<key>/ and the scheduler to folder/scheduler/; -> their model_index.json entries."""
     for key, module in parts.items():
         module.write_files(folder / key, variant=variant)
-    write_scheduler_folder(folder / "scheduler", noise_scheduler, sampler)
+    # scheduler_io writes the registered samplers (SamplerSettings) and refuses others with a ConfigError
+    write_scheduler_folder(folder / "scheduler", noise_scheduler, sampler)  # type: ignore[arg-type]
     scheduler_class = read_json(folder / "scheduler" / SCHEDULER_CONFIG_NAME)["_class_name"]
     return {key: library_entry(module) for key, module in parts.items()} | {"scheduler": ["diffusers", scheduler_class]}

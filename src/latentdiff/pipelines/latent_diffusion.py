@@ -14,7 +14,7 @@ import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeAlias
 
 import torch
 
@@ -23,7 +23,7 @@ from ..diffusion.guidance import classifier_free_guidance
 from ..diffusion.noise import randn
 from ..diffusion.noise_scheduler import NoiseScheduler
 from ..diffusion.samplers import SamplerProtocol, StepCallback, check_sampler
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, describe
 from ..hub import HubLocation
 from ..models.ldm_bert import LDMBertTextEncoder
 from ..models.text_encoder import TextEncoder
@@ -38,12 +38,17 @@ from .sdedit import sample_from_step, start_step
 from .tiled_sampling import LatentTiling, check_upscale, latent_tiling, tiled_denoiser, upscale_latents
 from .tiled_sampling import Size as TileSize
 
-Prompt = str | Sequence[str]
+Prompt: TypeAlias = str | Sequence[str]
 
 # model_index.json (library, class) -> the latentdiff class that loads that part (FIRST_STAGES: KL, VQ, identity).
 UNETS: dict[Entry, type] = {("diffusers", "UNet2DConditionModel"): UNet2DConditional}
 TEXT_ENCODERS: dict[Entry, type[TextEncoder]] = {("transformers", "CLIPTextModel"): TextEncoder,
                                                  ("latent_diffusion", "LDMBertModel"): LDMBertTextEncoder}
+
+
+def no_prompt() -> InputError:
+    """The error of a call with neither a prompt nor prompt embeddings."""
+    return InputError("a prompt is required", where="prompt", expected="str or list of str", found=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,9 +93,11 @@ class LatentDiffusionPipeline(DenoisingPipeline):
     """Text-conditioned latent diffusion: a first stage (KL, VQ or identity), a cross-attention UNet and a text
     encoder (CLIP, as Stable Diffusion, or LDMBert, as LDM's text-to-image model)."""
 
-    diffusers_class_names = ("StableDiffusionPipeline", LDM_TEXT_TO_IMAGE, "LatentDiffusionPipeline")
+    diffusers_class_names: ClassVar[tuple[str, ...]] = (
+        "StableDiffusionPipeline", LDM_TEXT_TO_IMAGE, "LatentDiffusionPipeline")
     loadable_class_names = tuple(LAYOUTS)
     component_names = ("vae", "unet", "text_encoder", "noise_scheduler", "sampler")
+    unet: UNet2DConditional   # cross-attends to the text
     folder_parts = SD_LAYOUT.parts()   # the layout saved with a CLIP text encoder; `folder_layout` reads either
 
     def __init__(self, *, vae: FirstStage, unet: UNet2DConditional, text_encoder: TextEncoder,
@@ -112,13 +119,14 @@ class LatentDiffusionPipeline(DenoisingPipeline):
 
     # ---- loading and saving ---------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path_or_id: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
-                        device: str | torch.device | None = None, variant: str | None = None,
-                        revision: str | None = None, cache_dir: str | os.PathLike | None = None,
-                        token: str | bool | None = None, local_files_only: bool | None = None,
-                        vae: FirstStage | None = None, unet: UNet2DConditional | None = None,
-                        text_encoder: TextEncoder | None = None, noise_scheduler: NoiseScheduler | None = None,
-                        sampler: SamplerProtocol | None = None) -> LatentDiffusionPipeline:
+    def from_pretrained(  # type: ignore[override]  # its parts by name, where DenoisingPipeline takes **parts
+            cls, path_or_id: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
+            device: str | torch.device | None = None, variant: str | None = None,
+            revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+            token: str | bool | None = None, local_files_only: bool | None = None,
+            vae: FirstStage | None = None, unet: UNet2DConditional | None = None,
+            text_encoder: TextEncoder | None = None, noise_scheduler: NoiseScheduler | None = None,
+            sampler: SamplerProtocol | None = None) -> LatentDiffusionPipeline:
         """Load a diffusers-format folder or Hub repo (Stable Diffusion v1/v2, LDM text-to-image, and their
         image-to-image / inpainting folders); parts passed in replace the folder's."""
         location = HubLocation(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
@@ -184,17 +192,16 @@ class LatentDiffusionPipeline(DenoisingPipeline):
                      negative_prompt_embeds: torch.Tensor | None = None) -> tuple[int, int]:
         """Validate every argument before any heavy work; returns (height, width) with defaults filled in."""
         if prompt is None and prompt_embeds is None:
-            raise InputError("a prompt is required", where="prompt", expected="str or list of str", found=None)
+            raise no_prompt()
         if prompt is not None and not (isinstance(prompt, str) or
                                        (isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt))):
             raise InputError("prompt must be a string or a list of strings", where="prompt",
-                             expected="str | list[str]", found=type(prompt).__name__)
+                             expected="str | list[str]", found=describe(prompt))
         n = self.prompt_count(prompt, prompt_embeds)
         if n == 0:
             raise InputError("prompt list is empty", where="prompt", expected="at least one prompt", found=0)
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            if len(negative_prompt) != n:
-                raise InputError("negative_prompt must have one entry per prompt", where="negative_prompt",
+        if negative_prompt is not None and not isinstance(negative_prompt, str) and len(negative_prompt) != n:
+            raise InputError("negative_prompt must have one entry per prompt", where="negative_prompt",
                                  expected=f"a string or a list of {n}", found=f"a list of {len(negative_prompt)}")
         height, width = self.image_size(height, width)
         if guidance_scale < 0:
@@ -209,7 +216,11 @@ class LatentDiffusionPipeline(DenoisingPipeline):
     @staticmethod
     def prompt_count(prompt: Prompt | None, prompt_embeds: torch.Tensor | None = None) -> int:
         """How many prompts a call has (before num_images_per_prompt)."""
-        return 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        if prompt is not None:
+            return 1 if isinstance(prompt, str) else len(prompt)
+        if prompt_embeds is None:
+            raise no_prompt()
+        return prompt_embeds.shape[0]
 
     def encode_prompt(self, prompt: Prompt | None, negative_prompt: Prompt | None = None, *,
                       num_images_per_prompt: int = 1, guidance: bool = True,
@@ -217,8 +228,9 @@ class LatentDiffusionPipeline(DenoisingPipeline):
                       negative_prompt_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (cond, uncond): (B * num_images_per_prompt, L, D) each; uncond is None without guidance."""
         if prompt_embeds is None:
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            prompt_embeds = self.text_encoder(prompts)
+            if prompt is None:
+                raise no_prompt()
+            prompt_embeds = self.text_encoder([prompt] if isinstance(prompt, str) else list(prompt))
         uncond = None
         if guidance:
             if negative_prompt_embeds is None:
@@ -303,8 +315,8 @@ class LatentDiffusionPipeline(DenoisingPipeline):
         cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt=num_images_per_prompt,
                                           guidance=guidance_scale > 1.0, prompt_embeds=prompt_embeds,
                                           negative_prompt_embeds=negative_prompt_embeds)
-        run = dict(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, sampler=sampler,
-                   generator=generator, progress=progress)
+        run: dict[str, Any] = dict(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                                   sampler=sampler, generator=generator, progress=progress)
         z_small = self.denoise(self.prepare_latents(cond.shape[0], *base, generator=generator), cond, uncond, **run)
         z_large = self.upscale(z_small, height, width, mode=upscale)
         eps = randn(z_large.shape, generator=generator, dtype=z_large.dtype, device=z_large.device)
