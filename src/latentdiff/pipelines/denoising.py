@@ -302,10 +302,11 @@ class DenoisingPipeline(Pipeline):
 
     # ---- memory between stages -----------------------------------------------------------------
     # After a stage, drop the resident pages of its memory-mapped weights (utils.memory: only pages that still
-    # hold the file's bytes): a generation then holds one network's weights at a time (SD 1.5, 512 px: peak RSS
-    # -1.4 GB), and the next call reads them back from the page cache. False on an instance keeps them resident;
-    # "blocks" also releases each UNet block's weights right after its forward, at every step (text-to-image:
-    # one block's weights resident at a time, every weight read back from the page cache at every step).
+    # hold the file's bytes): a generation then holds one network's weights at a time (a lower peak RSS: see
+    # benchmarks/RESULTS.md), and the next call reads them back from the page cache. False on an instance keeps
+    # them resident; "blocks" also releases each UNet block's weights right after its forward, at every step
+    # (text-to-image: one block's weights resident at a time, every weight read back from the page cache at every
+    # step).
     release_weights: bool | str = True
 
     def release(self, *modules: nn.Module) -> int:
