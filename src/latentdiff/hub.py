@@ -19,7 +19,7 @@ import tempfile
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,30 @@ DOWNLOAD_TIMEOUT_S = 60
 
 def is_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+@dataclasses.dataclass(frozen=True)
+class HubLocation:
+    """Where a Hub id is looked up: the four keywords every `from_pretrained` takes, passed down as one value.
+
+    `HubLocation()` is the default everywhere: the main branch, the default cache, the saved token, and the
+    network unless HF_HUB_OFFLINE=1. Local folders ignore it.
+    """
+
+    revision: str | None = None                       # branch, tag or commit
+    cache_dir: str | os.PathLike | None = None        # None: the Hub's default cache
+    token: str | bool | None = None                   # None: the saved token
+    local_files_only: bool | None = None              # None: HF_HUB_OFFLINE decides
+
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping[str, Any]) -> HubLocation:
+        """The location among a call's keywords (`Pipeline.from_pretrained(path, **kwargs)`), the rest ignored."""
+        return cls(**{field.name: kwargs.get(field.name) for field in dataclasses.fields(cls)})
+
+    def resolve(self, path_or_id: str | os.PathLike, *, allow_patterns: Sequence[str] | None = None) -> Path:
+        """`resolve(path_or_id, allow_patterns=..., **this location)`."""
+        return resolve(path_or_id, allow_patterns=allow_patterns, revision=self.revision, cache_dir=self.cache_dir,
+                       token=self.token, local_files_only=self.local_files_only)
 
 
 def resolve(path_or_id: str | os.PathLike, *, revision: str | None = None,
@@ -64,7 +88,8 @@ def resolve(path_or_id: str | os.PathLike, *, revision: str | None = None,
     offline = is_offline() if local_files_only is None else local_files_only
     try:
         folder = snapshot_download(name, revision=revision, allow_patterns=list(allow_patterns or []) or None,
-                                   cache_dir=cache_dir, token=token, local_files_only=offline)
+                                   cache_dir=None if cache_dir is None else os.fspath(cache_dir), token=token,
+                                   local_files_only=offline)
     except LocalEntryNotFoundError:
         raise CheckpointError("not a local folder, and not in the local Hub cache (offline mode)", where=name,
                               expected="a folder, or a Hub id downloaded before", found="nothing in the cache") from None

@@ -374,8 +374,8 @@ def read_noise_schedule(path_or_id: str | os.PathLike, *, subfolder: str | None 
     """The NoiseSchedulerConfig of `path_or_id`'s scheduler_config.json (a local folder or a Hub repo; under
     `subfolder`), its sampler settings checked but not returned: NoiseScheduler.from_pretrained."""
     prefix = f"{subfolder}/" if subfolder else ""
-    root = hub.resolve(path_or_id, revision=revision, cache_dir=cache_dir, token=token,
-                       local_files_only=local_files_only, allow_patterns=[f"{prefix}{SCHEDULER_CONFIG_NAME}"])
+    location = hub.HubLocation(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+    root = location.resolve(path_or_id, allow_patterns=[f"{prefix}{SCHEDULER_CONFIG_NAME}"])
     folder = root / subfolder if subfolder else root
     config, _ = read_scheduler_file(folder / SCHEDULER_CONFIG_NAME, warn=False)
     return config

@@ -87,9 +87,9 @@ class ModelMixin(nn.Module):
                         local_files_only: bool | None = None):
         """Load from a local folder or a Hub id (diffusers layout), strictly: every key used, every shape checked."""
         prefix = f"{subfolder}/" if subfolder else ""
-        root = hub.resolve(path_or_id, revision=revision, cache_dir=cache_dir, token=token,
-                           local_files_only=local_files_only,
-                           allow_patterns=[f"{prefix}{CONFIG_NAME}", f"{prefix}{cls.weights_name}*"])
+        location = hub.HubLocation(revision=revision, cache_dir=cache_dir, token=token,
+                                   local_files_only=local_files_only)
+        root = location.resolve(path_or_id, allow_patterns=[f"{prefix}{CONFIG_NAME}", f"{prefix}{cls.weights_name}*"])
         folder = root / subfolder if subfolder else root
         if not (folder / CONFIG_NAME).is_file():
             raise CheckpointError(f"no {CONFIG_NAME} in the model folder", where=str(folder),

@@ -210,13 +210,14 @@ class TextEncoder(nn.Module):
                     *(f"{model_prefix}{name}" for name in _weight_names(stem))]
         if tokenizer is None:
             patterns += [f"{tok_prefix}{name}" for name in TOKENIZER_FILES]
-        where = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
-        root = hub.resolve(path_or_id, allow_patterns=patterns, **where)
+        location = hub.HubLocation(revision=revision, cache_dir=cache_dir, token=token,
+                                   local_files_only=local_files_only)
+        root = location.resolve(path_or_id, allow_patterns=patterns)
         folder = root / subfolder if subfolder else root
         if not _weight_files(folder, stem):  # an older repo without safetensors: its safe (weights-only) pickle
             stem = f"pytorch_model.{variant}" if variant else "pytorch_model"
-            root = hub.resolve(path_or_id, allow_patterns=[f"{model_prefix}{n}" for n in _weight_names(stem, ".bin")],
-                               **where)
+            pickles = [f"{model_prefix}{n}" for n in _weight_names(stem, ".bin")]
+            root = location.resolve(path_or_id, allow_patterns=pickles)
         if tokenizer is None:
             tokenizer = load_tokenizer(root / tok_sub if tok_sub else root)
         if config is None:

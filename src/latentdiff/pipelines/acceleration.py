@@ -133,7 +133,7 @@ def _loading(offload: Offload, module: nn.Module, method: Any) -> Any:
         offload.load(module)
         return method(*args, **kwargs)
 
-    call.offload_original = method
+    call.offload_original = method  # type: ignore[attr-defined]  # a marker on the wrapper, read by disable
     return call
 
 
@@ -185,7 +185,7 @@ def compile_unet(pipe: Any, *, mode: str | None = "auto", backend: Any = "induct
                              options=options)
     if mode in CUDA_GRAPH_MODES and unet.device.type == "cuda":
         compiled = _graph_safe(compiled)
-    compiled.latentdiff_compiled = True
+    compiled.latentdiff_compiled = True  # type: ignore[attr-defined]  # a marker, read by _is_compiled
     unet.forward = compiled
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,12 +20,11 @@ import numpy as np
 import torch
 
 from .. import hub
-from ..config import read_json
-from ..errors import CheckpointError, ConfigError, InputError, RegistryError
+from ..errors import ConfigError, InputError, RegistryError
 from ..registry import PIPELINES, SINGLE_FILE
 from ..version import __version__
+from .folder import Supported, open_folder
 
-MODEL_INDEX = "model_index.json"
 # The version of the diffusers folder format we write and test against (see pyproject's test pins).
 DIFFUSERS_FORMAT_VERSION = "0.42.1"
 
@@ -43,7 +42,8 @@ class Pipeline:
     Subclasses are registered in PIPELINES and declare `diffusers_class_names`, the model_index.json
     `_class_name` values they stand for (each name belongs to one class), and may load folders of
     further classes with compatible parts (`loadable_class_names`: an SD text-to-image folder loads as
-    image-to-image too, as in diffusers). They implement `from_pretrained` and `write_files`.
+    image-to-image too, as in diffusers). They implement `from_pretrained` (with `pipelines.folder`'s engine)
+    and `write_files`.
     """
 
     diffusers_class_names: ClassVar[tuple[str, ...]] = ()
@@ -61,24 +61,13 @@ class Pipeline:
         """
         if cls is not Pipeline:
             raise NotImplementedError(f"{cls.__name__} must implement from_pretrained")
-        where = {k: kwargs.get(k) for k in ("revision", "cache_dir", "token", "local_files_only")}
-        root = hub.resolve(path_or_id, allow_patterns=[MODEL_INDEX], **where)
-        index = cls.read_model_index(root)
-        target = pipeline_class(index.get("_class_name"), source=str(root / MODEL_INDEX))
+        _, index, source = open_folder(path_or_id, location=hub.HubLocation.from_kwargs(kwargs))
+        target = pipeline_class(index.get("_class_name"), source=source)
         return target.from_pretrained(path_or_id, **kwargs)
-
-    @staticmethod
-    def read_model_index(folder: Path) -> dict[str, Any]:
-        path = folder / MODEL_INDEX
-        if not path.is_file():
-            raise CheckpointError(f"no {MODEL_INDEX} in the pipeline folder", where=str(folder),
-                                  expected="a diffusers-format pipeline folder",
-                                  found=sorted(p.name for p in folder.iterdir()) if folder.is_dir() else None)
-        return read_json(path)
 
     @classmethod
     def check_model_index(cls, index: dict[str, Any], *, source: str,
-                          supported: dict[str, Sequence[tuple[str | None, str | None]]]) -> None:
+                          supported: Supported) -> None:
         """Check the pipeline class and each component's (library, class) entry against what we implement."""
         name = index.get("_class_name")
         loadable = cls.loadable_class_names or cls.diffusers_class_names
@@ -98,31 +87,6 @@ class Pipeline:
                 raise ConfigError(f"component {key!r} has a class latentdiff does not implement",
                                   where=f"{source}: {key}", expected=[list(e) for e in supported[key]],
                                   found=list(entry))
-
-    @staticmethod
-    def resolve_folder(path_or_id: str | os.PathLike, *, variant: str | None, revision: str | None,
-                       cache_dir: Any, token: Any, local_files_only: bool | None,
-                       subfolders: Sequence[str]) -> Path:
-        """A local folder, or a Hub snapshot of only the files a pipeline needs (configs, tokenizer, safetensors).
-
-        A model subfolder (one with a config.json) that has no safetensors on the Hub - older repos such as
-        CompVis/ldm-text2im-large-256's `bert/` - gets its pickled weights (`*.bin`, loaded weights-only).
-        """
-        suffix = f".{variant}" if variant else ""
-        patterns = [MODEL_INDEX]
-        for sub in subfolders:
-            patterns += [f"{sub}/*.json", f"{sub}/*.txt", f"{sub}/*.model",
-                         f"{sub}/*{suffix}.safetensors", f"{sub}/*{suffix}.safetensors.index.json"]
-        where = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
-        root = hub.resolve(path_or_id, allow_patterns=patterns, **where)
-        if Path(path_or_id).expanduser().is_dir():
-            return root
-        legacy = [sub for sub in subfolders if (root / sub / "config.json").is_file()
-                  and not any((root / sub).glob("*.safetensors"))]
-        if legacy:
-            pickles = [f"{sub}/*{suffix}.bin" for sub in legacy]
-            root = hub.resolve(path_or_id, allow_patterns=patterns + pickles, **where)
-        return root
 
     # ---- saving --------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, *, variant: str | None = None) -> Path:

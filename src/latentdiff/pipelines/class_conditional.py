@@ -32,14 +32,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import is_int, is_real
 from ..diffusion.guidance import classifier_free_guidance
 from ..diffusion.noise_scheduler import NoiseScheduler
 from ..diffusion.samplers import SamplerProtocol
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, describe
 from ..models.conditioners import ClassEmbedder
 from ..registry import PIPELINES
 from .base import PipelineOutput
 from .denoising import DenoisingPipeline, FirstStage, Generator, StepCallback, unet_conditioning
+from .folder import FolderPart
 
 ClassLabels = int | str | Sequence[int | str] | torch.Tensor | np.ndarray
 CLASS_CONDITIONAL = "LatentDiffusionClassConditionalPipeline"
@@ -51,9 +53,8 @@ class ClassConditionalPipeline(DenoisingPipeline):
 
     diffusers_class_names = (CLASS_CONDITIONAL,)
     component_names = ("vae", "unet", "class_embedder", "noise_scheduler", "sampler")
-    folder_parts = DenoisingPipeline.folder_parts | {
-        "class_embedder": ("class_embedder", {("latentdiff", "ClassEmbedder"): ClassEmbedder})}
-    optional_parts = ("class_embedder",)
+    folder_parts = (*DenoisingPipeline.folder_parts, FolderPart(
+        "class_embedder", "class_embedder", {("latentdiff", "ClassEmbedder"): ClassEmbedder}, optional=True))
     option_names = ("id2label", "null_class")
     unet_inputs = ("context", "class_labels")
 
@@ -72,18 +73,19 @@ class ClassConditionalPipeline(DenoisingPipeline):
     def check_parts(self) -> None:
         """The class must reach the UNet one way: the embedder's token by cross-attention, or the UNet's table."""
         super().check_parts()
-        needs, config = unet_conditioning(self.unet), self.unet.config
-        route = "context" if self.class_embedder is not None else "class_labels"
+        needs, config, embedder = unet_conditioning(self.unet), self.unet.config, self.class_embedder
+        route = "context" if embedder is not None else "class_labels"
         if needs != (route,) or (route == "class_labels" and not config.num_class_embeds):
             expected = (f"a UNet that cross-attends to the class token (cross_attention_dim "
-                        f"{self.class_embedder.config.embed_dim})" if self.class_embedder is not None else
+                        f"{embedder.config.embed_dim})" if embedder is not None else
                         "a UNet with a label table (num_class_embeds), or a class_embedder")
             raise ConfigError("the UNet does not take the class the way this pipeline gives it", where="unet",
                               expected=expected, found=f"a UNet that needs {list(needs) or 'no conditioning'}")
-        if route == "context" and config.cross_attention_dim != self.class_embedder.config.embed_dim:
+        width = getattr(config, "cross_attention_dim", None)   # a UNet that takes a context has one
+        if embedder is not None and width != embedder.config.embed_dim:
             raise ConfigError("the UNet's cross-attention width differs from the class embedding's",
-                              where="unet.config.cross_attention_dim", expected=self.class_embedder.config.embed_dim,
-                              found=config.cross_attention_dim)
+                              where="unet.config.cross_attention_dim", expected=embedder.config.embed_dim,
+                              found=width)
         if self.null_class is not None and not (isinstance(self.null_class, int) and
                                                 0 <= self.null_class < self.num_classes):
             raise ConfigError("null_class must be a class id", where="null_class",
@@ -95,7 +97,7 @@ class ClassConditionalPipeline(DenoisingPipeline):
             return {}, {}
         if not isinstance(id2label, Mapping):
             raise ConfigError("id2label must map class ids to names", where="id2label",
-                              expected="{0: 'tench, Tinca tinca', ...}", found=type(id2label).__name__)
+                              expected="{0: 'tench, Tinca tinca', ...}", found=describe(id2label))
         table: dict[int, str] = {}
         for key, name in id2label.items():
             ok = isinstance(name, str) and str(key).lstrip("-").isdigit() and 0 <= int(key) < self.num_classes
@@ -111,7 +113,7 @@ class ClassConditionalPipeline(DenoisingPipeline):
         """Rows of the label table (the null class among them)."""
         if self.class_embedder is not None:
             return self.class_embedder.config.num_classes
-        return self.unet.config.num_class_embeds
+        return self.unet.config.num_class_embeds or 0   # set: check_parts refuses a UNet without a table
 
     def networks(self) -> tuple[torch.nn.Module, ...]:
         return super().networks() + ((self.class_embedder,) if self.class_embedder is not None else ())
@@ -155,7 +157,7 @@ class ClassConditionalPipeline(DenoisingPipeline):
             if not isinstance(items, (list, tuple)):
                 raise InputError("unsupported class labels", where="class_labels",
                                  expected="an int, a class name, a list of them or an integer tensor",
-                                 found=type(class_labels).__name__)
+                                 found=describe(class_labels))
             ids = torch.tensor([self.label_id(item, where=f"class_labels[{i}]" if items is class_labels else
                                               "class_labels") for i, item in enumerate(items)], dtype=torch.long)
         if ids.numel() == 0:
@@ -168,11 +170,11 @@ class ClassConditionalPipeline(DenoisingPipeline):
 
     def label_id(self, label: int | str, *, where: str = "class_labels") -> int:
         """One label -> its class id: ints as they are, names through id2label."""
-        if isinstance(label, numbers.Integral) and not isinstance(label, bool):
+        if is_int(label):
             return int(label)
         if not isinstance(label, str):
             raise InputError("a class label must be an int or a class name", where=where, expected="int | str",
-                             found=type(label).__name__)
+                             found=describe(label))
         if not self.label2id:
             raise InputError("class names need an id2label mapping, and this pipeline has none (ImageNet's names are "
                              "not shipped)", where=where,
@@ -187,7 +189,7 @@ class ClassConditionalPipeline(DenoisingPipeline):
         return self.label2id[label]
 
     def check_guidance(self, guidance_scale: float) -> None:
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) or guidance_scale < 0:
+        if not is_real(guidance_scale) or guidance_scale < 0:
             raise InputError("guidance_scale must be a number >= 0", where="guidance_scale", expected=">= 0",
                              found=repr(guidance_scale))
         if guidance_scale > 1.0 and self.null_class is None:
@@ -200,7 +202,8 @@ class ClassConditionalPipeline(DenoisingPipeline):
         """(B,) class ids -> (cond, uncond): the context tokens (B, 1, D) of the labels and of the null class with a
         ClassEmbedder, else the ids themselves (B,) for the UNet's table; uncond is None without guidance."""
         labels = labels.to(self.device)
-        null = torch.full_like(labels, self.null_class) if guidance else None
+        # guidance has a null class: check_guidance
+        null = torch.full_like(labels, self.null_class) if guidance else None  # type: ignore[arg-type]
         if self.class_embedder is None:
             return labels, null
         embed = self.class_embedder

@@ -4,42 +4,42 @@
 
 `DenoisingPipeline` holds the four parts - `vae`, the first stage (an AutoencoderKL, a VQModel, or the
 identity of pixel-space diffusion, LDM-1), `unet`, `noise_scheduler`, `sampler` - and those stages; each task
-pipeline adds its conditioning. It also reads and writes the diffusers folder of the LDM family
-(`vqvae/`, `unet/`, `scheduler/`, plus the parts a pipeline declares in `folder_parts`), the layout of
-diffusers' LDMPipeline and LDMSuperResolutionPipeline. The text-to-image pipelines have their own layouts
-(latent_diffusion.py) and share the rest.
+pipeline adds its conditioning. Its folder is the diffusers folder of the LDM family (`vqvae/`, `unet/`,
+`scheduler/`, plus the parts a pipeline declares in `folder_parts`), the layout of diffusers' LDMPipeline and
+LDMSuperResolutionPipeline, read and written by `pipelines.folder`; the text-to-image pipelines have their own
+layouts (latent_diffusion.py). The first stage's decode and its switches are `pipelines.first_stage`'s, the
+speed and memory switches `pipelines.acceleration`'s: the methods here delegate.
 """
 from __future__ import annotations
 
 import os
-import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, TypeAlias
 
 import torch
 from torch import nn
 
 from .. import hub
-from ..config import read_json
+from ..config import is_int
 from ..diffusion.noise import randn
 from ..diffusion.noise_scheduler import NoiseScheduler
 from ..diffusion.samplers import DDIMSampler, Generator, SamplerProtocol, StepCallback
 from ..diffusion.samplers.base import check_generator
-from ..diffusion.scheduler_io import SCHEDULER_CONFIG_NAME, load_scheduler_folder, write_scheduler_folder
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, describe
+from ..hub import HubLocation
 from ..models.autoencoder_kl import AutoencoderKL
 from ..models.identity import IdentityFirstStage
 from ..models.unet import UNet2DConditional
 from ..models.unet2d import UNet2D
-from ..models.vae_tiling import TileSettings, is_out_of_memory, sliced, tiled_decode
+from ..models.vae_tiling import TileSettings
 from ..models.vq import VQModel
 from ..utils.memory import release_mapped
-from . import acceleration
-from .base import MODEL_INDEX, Pipeline, PipelineOutput, check_output_type, to_output
+from . import acceleration, first_stage
+from .base import Pipeline, PipelineOutput, check_output_type, to_output
+from .folder import MODEL_INDEX, Entry, FolderPart, load_folder, write_parts
 
-Entry = tuple[str, str]
-FirstStage = AutoencoderKL | VQModel | IdentityFirstStage
+FirstStage: TypeAlias = AutoencoderKL | VQModel | IdentityFirstStage
 
 # model_index.json (library, class) -> the latentdiff class that loads that part.
 FIRST_STAGES: dict[Entry, type] = {("diffusers", "AutoencoderKL"): AutoencoderKL, ("diffusers", "VQModel"): VQModel,
@@ -48,50 +48,23 @@ DENOISERS: dict[Entry, type] = {("diffusers", "UNet2DModel"): UNet2D,
                                 ("diffusers", "UNet2DConditionModel"): UNet2DConditional}
 
 
-def library_entry(module: nn.Module) -> list[str]:
-    """A part's model_index.json entry: ["diffusers", its diffusers class] where diffusers has one (so diffusers
-    loads the folder), else ["latentdiff", its class] (IdentityFirstStage, ClassEmbedder, SpatialRescaler)."""
-    name = getattr(type(module), "diffusers_class_name", None)
-    return ["diffusers", name] if name else ["latentdiff", type(module).__name__]
-
-
 def unet_conditioning(unet: nn.Module) -> tuple[str, ...]:
     """The conditioning inputs a UNet's forward needs besides (x_t, t): "context" (it cross-attends), "class_labels"
     (a class embedding added to the time embedding)."""
     config = unet.config
-    needs = ("context",) if getattr(config, "uses_context", False) else ()
+    needs: tuple[str, ...] = ("context",) if getattr(config, "uses_context", False) else ()
     if getattr(config, "num_class_embeds", None) or getattr(config, "class_embed_type", None):
         needs += ("class_labels",)
     return needs
 
 
-def write_parts(folder: Path, parts: Mapping[str, nn.Module], *, noise_scheduler: NoiseScheduler,
-                sampler: SamplerProtocol, variant: str | None = None) -> dict[str, list[str]]:
-    """Write each part to folder/<key>/ and the scheduler to folder/scheduler/; -> their model_index.json entries."""
-    for key, module in parts.items():
-        module.write_files(folder / key, variant=variant)
-    write_scheduler_folder(folder / "scheduler", noise_scheduler, sampler)
-    scheduler_class = read_json(folder / "scheduler" / SCHEDULER_CONFIG_NAME)["_class_name"]
-    return {key: library_entry(module) for key, module in parts.items()} | {"scheduler": ["diffusers", scheduler_class]}
-
-
-def load_schedule(root: Path, noise_scheduler: NoiseScheduler | None,
-                  sampler: SamplerProtocol | None) -> tuple[NoiseScheduler, SamplerProtocol]:
-    """The parts given, the folder's scheduler/ for those that are None."""
-    if noise_scheduler is not None and sampler is not None:
-        return noise_scheduler, sampler
-    loaded_schedule, loaded_sampler = load_scheduler_folder(root / "scheduler")
-    return noise_scheduler or loaded_schedule, sampler if sampler is not None else loaded_sampler
-
-
 class DenoisingPipeline(Pipeline):
     """A first stage `vae`, a `unet`, a `noise_scheduler` and a `sampler`, and the stages that use them."""
 
-    # model_index.json key -> (constructor argument, the (library, class) entries it loads). The first stage is
-    # `vqvae/` in diffusers' LDM folders and `vae` here, as in every pipeline.
-    folder_parts: ClassVar[dict[str, tuple[str, dict[Entry, type]]]] = {
-        "vqvae": ("vae", FIRST_STAGES), "unet": ("unet", DENOISERS)}
-    optional_parts: ClassVar[tuple[str, ...]] = ()   # keys a folder may lack (the constructor has a default)
+    # The parts of the folder (pipelines/folder.py). The first stage is `vqvae/` in diffusers' LDM folders and
+    # `vae` here, as in every pipeline.
+    folder_parts: ClassVar[tuple[FolderPart, ...]] = (FolderPart("vqvae", "vae", FIRST_STAGES),
+                                                      FolderPart("unet", "unet", DENOISERS))
     option_names: ClassVar[tuple[str, ...]] = ()     # constructor options kept in model_index.json itself
     # The conditioning inputs (see `unet_conditioning`) the pipeline gives the UNet; None: not checked here.
     unet_inputs: ClassVar[tuple[str, ...] | None] = None
@@ -101,7 +74,7 @@ class DenoisingPipeline(Pipeline):
         self.vae = vae
         self.unet = unet
         self.noise_scheduler = noise_scheduler or NoiseScheduler()
-        self.sampler = sampler if sampler is not None else DDIMSampler()
+        self.sampler: SamplerProtocol = sampler if sampler is not None else DDIMSampler()
         self.check_parts()
 
     def check_parts(self) -> None:
@@ -111,11 +84,11 @@ class DenoisingPipeline(Pipeline):
             raise ConfigError(f"the UNet does not fit {type(self).__name__}", where="unet.config.in_channels",
                               expected=" or ".join(map(str, expected)) + " (from the first stage's latent channels)",
                               found=found)
-        missing = () if self.unet_inputs is None else \
-            tuple(need for need in unet_conditioning(self.unet) if need not in self.unet_inputs)
-        if missing:
+        given = self.unet_inputs
+        missing = () if given is None else tuple(need for need in unet_conditioning(self.unet) if need not in given)
+        if given is not None and missing:
             raise ConfigError(f"the UNet needs {' and '.join(missing)}, which {type(self).__name__} does not give it",
-                              where="unet", expected=f"a UNet conditioned by {list(self.unet_inputs) or 'nothing'}",
+                              where="unet", expected=f"a UNet conditioned by {list(given) or 'nothing'}",
                               found=f"a UNet that needs {list(missing)}")
         if self.unet.config.out_channels != self.vae.latent_channels:
             raise ConfigError("the UNet's output must have the first stage's latent channels",
@@ -145,7 +118,7 @@ class DenoisingPipeline(Pipeline):
         return self.vae.downsample_factor
 
     # ---- speed and memory (pipelines/acceleration.py) -----------------------------------------------
-    def enable_attention_slicing(self, chunk_size: int | str = "auto", *,
+    def enable_attention_slicing(self, chunk_size: int | Literal["auto"] = "auto", *,
                                  max_bytes: int = acceleration.DEFAULT_MAX_BYTES) -> None:
         """Attention over chunks of chunk_size query rows in every network (same result, smaller score buffers);
         "auto": only where one call's (B, heads, N, M) scores would exceed max_bytes."""
@@ -177,7 +150,7 @@ class DenoisingPipeline(Pipeline):
                                   options=options)
         return self
 
-    # ---- the LDM family's folder ------------------------------------------------------------------
+    # ---- the LDM family's folder (pipelines/folder.py) ------------------------------------------------
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None, variant: str | None = None,
@@ -186,38 +159,22 @@ class DenoisingPipeline(Pipeline):
                         **parts: Any) -> DenoisingPipeline:
         """Load a diffusers-layout folder or Hub repo. `parts`: constructor arguments (vae=, unet=,
         noise_scheduler=, sampler= and the pipeline's own) that replace the folder's; any other is a TypeError."""
-        names = [attr for attr, _ in cls.folder_parts.values()] + ["noise_scheduler", "sampler", *cls.option_names]
+        names = [part.argument for part in cls.folder_parts] + ["noise_scheduler", "sampler", *cls.option_names]
         unknown = sorted(set(parts) - set(names))
         if unknown:
             raise TypeError(f"{cls.__name__}.from_pretrained got unknown keyword(s) {unknown}; its parts: {names}")
-        where = dict(variant=variant, revision=revision, cache_dir=cache_dir, token=token,
-                     local_files_only=local_files_only)
-        root = cls.resolve_folder(path_or_id, subfolders=[], **where)
-        index, source = cls.read_model_index(root), str(root / MODEL_INDEX)
-        supported = {key: list(table) for key, (_, table) in cls.folder_parts.items()}
-        cls.check_model_index(index, source=source, supported=supported | {
-            "scheduler": [tuple(index.get("scheduler", (None, None)))]})  # any class: see scheduler_io
-        wanted = [key for key, (attr, _) in cls.folder_parts.items() if parts.get(attr) is None]
-        if parts.get("noise_scheduler") is None or parts.get("sampler") is None:
-            wanted.append("scheduler")
-        absent = [key for key in wanted if key not in index and key not in cls.optional_parts]
-        if absent:
-            raise ConfigError("model_index.json lacks a component the pipeline needs", where=source,
-                              expected=sorted(supported) + ["scheduler"], found=f"no entry for {absent}")
-        needed = [key for key in wanted if key in index]
-        root = cls.resolve_folder(path_or_id, subfolders=needed, **where)
-        for key in needed:
-            if key != "scheduler":
-                attr, table = cls.folder_parts[key]
-                parts[attr] = cls.load_part(key, table[tuple(index[key])], root, variant=variant,
-                                            torch_dtype=torch_dtype, device=device)
-        parts["noise_scheduler"], parts["sampler"] = load_schedule(root, parts.get("noise_scheduler"),
-                                                                   parts.get("sampler"))
-        return cls(**(cls.read_options(index, source=source) | parts))
+        location = HubLocation(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+        return cls(**load_folder(cls, path_or_id, given=parts, variant=variant, torch_dtype=torch_dtype,
+                                 device=device, location=location))
 
     @classmethod
-    def load_part(cls, key: str, part_class: type, root: Path, **load: Any) -> Any:
-        """The part in root/<key>/ (`load`: variant, torch_dtype, device)."""
+    def folder_layout(cls, index: Mapping[str, Any]) -> Sequence[FolderPart]:
+        """The parts of this class's folders (`folder_parts`, whatever the index says)."""
+        return cls.folder_parts
+
+    @classmethod
+    def load_part(cls, key: str, part_class: Any, root: Path, **load: Any) -> Any:
+        """The part in root/<key>/ (`load`: variant, torch_dtype, device and the part's own options)."""
         return part_class.from_pretrained(root, subfolder=key, **load)
 
     @classmethod
@@ -230,8 +187,8 @@ class DenoisingPipeline(Pipeline):
         return {}
 
     def write_files(self, folder: Path, *, variant: str | None = None) -> None:
-        parts = {key: getattr(self, attr) for key, (attr, _) in self.folder_parts.items()
-                 if getattr(self, attr) is not None}
+        parts = {part.key: getattr(self, part.argument) for part in self.folder_parts
+                 if getattr(self, part.argument) is not None}
         entries = write_parts(folder, parts, noise_scheduler=self.noise_scheduler, sampler=self.sampler,
                               variant=variant)
         options = {k: v for k, v in self.options().items() if v is not None}
@@ -246,7 +203,8 @@ class DenoisingPipeline(Pipeline):
         if not hasattr(self.sampler, "eta"):
             raise InputError("this sampler has no eta", where="eta",
                              expected=f"eta=None with {type(self.sampler).__name__}", found=eta)
-        return self.sampler.with_options(eta=eta)
+        tunable: Any = self.sampler   # a sampler with an eta (a SamplerSettings) copies itself by with_options
+        return tunable.with_options(eta=eta)
 
     def image_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """(height, width) of the images, checked: multiples of the first stage's factor f; None: the UNet's
@@ -260,7 +218,7 @@ class DenoisingPipeline(Pipeline):
         height = default if height is None else height
         width = default if width is None else width
         for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % factor:
+            if not is_int(value) or value <= 0 or value % factor:
                 raise InputError(f"{name} must be a positive multiple of the autoencoder factor {factor}",
                                  where=name, expected=f"a multiple of {factor}", found=value)
         return height, width
@@ -269,8 +227,7 @@ class DenoisingPipeline(Pipeline):
     def check_run(*, num_inference_steps: int, output_type: str, batch_size: int = 1,
                   generator: Generator = None) -> None:
         """The checks of the arguments every `__call__` has, before any model runs."""
-        if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) \
-                or num_inference_steps < 1:
+        if not is_int(num_inference_steps) or num_inference_steps < 1:
             raise InputError("num_inference_steps must be at least 1", where="num_inference_steps",
                              expected=">= 1", found=num_inference_steps)
         check_output_type(output_type)
@@ -286,7 +243,7 @@ class DenoisingPipeline(Pipeline):
             if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
                 raise InputError("latents have the wrong shape", where="latents", expected=shape,
                                  found=tuple(latents.shape) if isinstance(latents, torch.Tensor)
-                                 else type(latents).__name__)
+                                 else describe(latents))
             return latents.to(device=device, dtype=dtype) * self.sampler.init_noise_sigma
         noise = randn(shape, generator=generator, dtype=dtype, device=device)
         return noise * self.sampler.init_noise_sigma
@@ -308,71 +265,32 @@ class DenoisingPipeline(Pipeline):
         """z_0 (B, C, h, w), scaled -> images (B, 3, H, W) in [-1, 1]; the only autoencoder call of a run."""
         return self.decode_first_stage(latents, scaled=True)
 
-    # ---- the first stage's decode, with its safety nets --------------------------------------------
+    # ---- the first stage (pipelines/first_stage.py) ----------------------------------------------------
     # Tiles of the out-of-memory fall-back; an instance attribute overrides it for one pipeline.
-    fallback_tiling: ClassVar[TileSettings] = TileSettings()
+    fallback_tiling: ClassVar[TileSettings] = first_stage.FALLBACK_TILING
 
     def decode_first_stage(self, latents: torch.Tensor, *, scaled: bool = True) -> torch.Tensor:
         """latents (B, C, h, w) -> images (B, C_out, h*f, w*f) by `vae.decode_latents` (scaled: diffusion latents)
-        or `vae.decode` (unscaled), with two safety nets, each announced by a RuntimeWarning:
-
-        - out of memory: decoded again one sample at a time in overlapping tiles (`fallback_tiling`), which
-          differ slightly from one piece (see vae_tiling); not when the first stage already tiles.
-        - NaN/Inf from a half-precision first stage (fp16 overflows past 65504): decoded again with the first
-          stage in fp32, then cast back; those images are fp32. Not when the latents themselves are not finite.
-        """
-        images = self._decode_with_fallback(self.vae, latents, scaled=scaled)
-        dtype = self.vae.dtype
-        if dtype in (torch.float16, torch.bfloat16) and not bool(torch.isfinite(images).all()) \
-                and bool(torch.isfinite(latents).all()):
-            warnings.warn(f"the {dtype} first stage decoded NaN/Inf values (overflow); decoding again in float32",
-                          RuntimeWarning, stacklevel=2)
-            # Cast in place rather than a copy: CPU-offload hooks and wrapped methods stay bound to this module.
-            self.vae.to(dtype=torch.float32)
-            try:
-                images = self._decode_with_fallback(self.vae, latents, scaled=scaled)
-            finally:
-                self.vae.to(dtype=dtype)
-        return images
-
-    def _decode_with_fallback(self, vae: FirstStage, latents: torch.Tensor, *, scaled: bool) -> torch.Tensor:
-        decode = vae.decode_latents if scaled else vae.decode
-        z = latents.to(vae.dtype)
-        try:
-            return decode(z)
-        except RuntimeError as error:  # torch.OutOfMemoryError is one
-            if not is_out_of_memory(error) or getattr(vae, "tiling", None) is not None:
-                raise
-            warnings.warn(f"the first stage ran out of memory decoding {tuple(z.shape)} latents ({error}); "
-                          "decoding again one sample at a time in tiles", RuntimeWarning, stacklevel=3)
-        # Outside the except block, so the failed attempt's tensors (held by the traceback) are freed first.
-        if z.device.type == "cuda":
-            torch.cuda.empty_cache()
-        tile, overlap = self.fallback_tiling.in_latent_pixels(vae.downsample_factor)
-        return sliced(lambda one: tiled_decode(decode, one, tile=tile, overlap=overlap,
-                                               factor=vae.downsample_factor), z)
+        or `vae.decode` (unscaled), with two safety nets, each announced by a RuntimeWarning (out of memory:
+        again in tiles, `fallback_tiling`; NaN/Inf from a half-precision first stage: again in fp32); see
+        `pipelines.first_stage`."""
+        return first_stage.decode(self.vae, latents, scaled=scaled, fallback_tiling=self.fallback_tiling,
+                                  stacklevel=3)
 
     def enable_vae_tiling(self, *, tile_sample_size: int = 512, overlap: float = 0.25) -> None:
         """Decode (and encode) images larger than `tile_sample_size` pixels in overlapping, blended tiles: bounded
         memory for any image size, slightly different images (see latentdiff.models.vae_tiling)."""
-        self._tiling_vae("enable_tiling").enable_tiling(tile_sample_size=tile_sample_size, overlap=overlap)
+        first_stage.enable_tiling(self.vae, tile_sample_size=tile_sample_size, overlap=overlap)
 
     def disable_vae_tiling(self) -> None:
-        self._tiling_vae("disable_tiling").disable_tiling()
+        first_stage.disable_tiling(self.vae)
 
     def enable_vae_slicing(self) -> None:
         """Decode (and encode) a batch one sample at a time: the same images, the peak memory of batch 1."""
-        self._tiling_vae("enable_slicing").enable_slicing()
+        first_stage.enable_slicing(self.vae)
 
     def disable_vae_slicing(self) -> None:
-        self._tiling_vae("disable_slicing").disable_slicing()
-
-    def _tiling_vae(self, method: str) -> Any:
-        if not hasattr(self.vae, method):
-            raise ConfigError(f"this pipeline's first stage has no {method}()", where="vae",
-                              expected="a first stage with tiling and slicing (AutoencoderKL)",
-                              found=type(self.vae).__name__)
-        return self.vae
+        first_stage.disable_slicing(self.vae)
 
     def output(self, latents: torch.Tensor, output_type: str) -> PipelineOutput:
         """z_0 -> PipelineOutput: the latents themselves for output_type "latent", else decoded images.
@@ -384,10 +302,11 @@ class DenoisingPipeline(Pipeline):
 
     # ---- memory between stages -----------------------------------------------------------------
     # After a stage, drop the resident pages of its memory-mapped weights (utils.memory: only pages that still
-    # hold the file's bytes): a generation then holds one network's weights at a time (SD 1.5, 512 px: peak RSS
-    # -1.4 GB), and the next call reads them back from the page cache. False on an instance keeps them resident;
-    # "blocks" also releases each UNet block's weights right after its forward, at every step (text-to-image:
-    # one block's weights resident at a time, every weight read back from the page cache at every step).
+    # hold the file's bytes): a generation then holds one network's weights at a time (a lower peak RSS: see
+    # benchmarks/RESULTS.md), and the next call reads them back from the page cache. False on an instance keeps
+    # them resident; "blocks" also releases each UNet block's weights right after its forward, at every step
+    # (text-to-image: one block's weights resident at a time, every weight read back from the page cache at every
+    # step).
     release_weights: bool | str = True
 
     def release(self, *modules: nn.Module) -> int:

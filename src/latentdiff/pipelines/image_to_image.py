@@ -18,7 +18,7 @@ import torch
 from ..diffusion.noise import randn
 from ..diffusion.samplers import SamplerProtocol, StepCallback, check_sampler
 from ..diffusion.samplers.base import check_generator
-from ..errors import InputError
+from ..errors import InputError, describe
 from ..registry import PIPELINES
 from .base import PipelineOutput
 from .images import ImageInput, check_batch, expand_batch, image_to_tensor
@@ -34,17 +34,19 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
     loadable_class_names = tuple(LAYOUTS)
 
     @torch.inference_mode()
-    def __call__(self, prompt: Prompt | None = None, image: ImageInput = None, negative_prompt: Prompt | None = None,
-                 *, strength: float = 0.8, num_inference_steps: int = 50, guidance_scale: float = 7.5,
-                 eta: float | None = None, num_images_per_prompt: int = 1, generator: Generator = None,
-                 noise: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
-                 negative_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil",
-                 callback: StepCallback | None = None, progress: bool = True) -> PipelineOutput:
+    def __call__(  # type: ignore[override]  # each task takes its own inputs, as in diffusers
+            self, prompt: Prompt | None = None, image: ImageInput = None, negative_prompt: Prompt | None = None,
+            *, strength: float = 0.8, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+            eta: float | None = None, num_images_per_prompt: int = 1, generator: Generator = None,
+            noise: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
+            negative_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil",
+            callback: StepCallback | None = None, progress: bool = True) -> PipelineOutput:
         """Edit `image` (see `images` for the accepted kinds; H, W multiples of the autoencoder factor) towards
         `prompt`. strength in [0, 1]: 1 runs all num_inference_steps from an almost fully noised image,
         smaller keeps more of it (int(N * strength) steps run), with any sampler. noise: (B, C, H/f, W/f), the
         eps mixed into the image latent (drawn from `generator` when None). callback(i, t_i, x, denoised) runs after
-        each step run (i from 0; denoised the step's x0 prediction; a tensor it returns replaces x). Returns PipelineOutput(images=...).
+        each step run (i from 0; denoised the step's x0 prediction; a tensor it returns replaces x).
+        Returns PipelineOutput(images=...).
         """
         x, sampler = self.preprocess_image(image), self.sampler_for(eta)
         batch, first = self.check_image_inputs(
@@ -66,7 +68,7 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
     # ---- the stages ------------------------------------------------------------------------------
     def preprocess_image(self, image: ImageInput, *, name: str = "image") -> torch.Tensor:
         """PIL / numpy / tensor image(s) -> (B, 3, H, W) float32 in [-1, 1] on the CPU; sizes checked."""
-        return image_to_tensor(image, name=name, channels=self.vae.config.in_channels, factor=self.vae_scale_factor)
+        return image_to_tensor(image, name=name, channels=self.vae.image_channels, factor=self.vae_scale_factor)
 
     def check_image_inputs(self, prompt: Prompt | None, negative_prompt: Prompt | None, image: torch.Tensor, *,
                            sampler: SamplerProtocol, strength: float, num_inference_steps: int, guidance_scale: float,
@@ -86,7 +88,7 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
         shape = self.latent_shape(batch, height, width)
         if noise is not None and (not isinstance(noise, torch.Tensor) or tuple(noise.shape) != shape):
             raise InputError("noise has the wrong shape", where="noise", expected=shape,
-                             found=tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__)
+                             found=tuple(noise.shape) if isinstance(noise, torch.Tensor) else describe(noise))
         return batch, first
 
     def encode_image(self, image: torch.Tensor, *, batch_size: int, num_images_per_prompt: int = 1,

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError
+from ..errors import InputError, describe
 
 ImageInput = Any  # PIL.Image.Image | np.ndarray | torch.Tensor | a list of one kind
 KINDS = "a PIL image, a numpy array or a torch tensor (or a list of one kind)"
@@ -115,7 +115,7 @@ def _one_image(item: Any, *, name: str, channels: int) -> torch.Tensor:
         x = _to_unit(item, name)
         x = x[None] if x.ndim == 3 else x
     else:
-        raise InputError("unsupported image type", where=name, expected=KINDS, found=type(item).__name__)
+        raise InputError("unsupported image type", where=name, expected=KINDS, found=describe(item))
     if x.shape[1] != channels:
         raise InputError(f"the image must have {channels} channels", where=name, expected=f"C = {channels}",
                          found=f"C = {x.shape[1]} (shape {tuple(x.shape)})")
@@ -141,7 +141,7 @@ def _one_mask(item: Any, *, name: str) -> torch.Tensor:
         x = _to_unit(item, name)
         x = x[:, 0] if x.ndim == 4 else x
     else:
-        raise InputError("unsupported mask type", where=name, expected=KINDS, found=type(item).__name__)
+        raise InputError("unsupported mask type", where=name, expected=KINDS, found=describe(item))
     x = x[None] if x.ndim == 2 else x          # (H, W) -> (1, H, W); (1, H, W) and (B, H, W) stay
     return x[:, None]
 
@@ -156,7 +156,7 @@ def _one_layout(item: Any, *, name: str, num_classes: int) -> torch.Tensor:
     if isinstance(item, np.ndarray):
         item = _from_numpy(item, name)
     if not isinstance(item, torch.Tensor):
-        raise InputError("unsupported segmentation map type", where=name, expected=KINDS, found=type(item).__name__)
+        raise InputError("unsupported segmentation map type", where=name, expected=KINDS, found=describe(item))
     x = item.detach().cpu()
     if x.is_floating_point() or x.dtype == torch.bool:  # one-hot (or soft) maps, channels first
         if x.ndim not in (3, 4) or x.shape[-3] != num_classes:

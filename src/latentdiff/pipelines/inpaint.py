@@ -51,13 +51,14 @@ class InpaintPipeline(ImageToImagePipeline):
         return self.unet.config.in_channels != self.vae.latent_channels
 
     @torch.inference_mode()
-    def __call__(self, prompt: Prompt | None = None, image: ImageInput = None, mask_image: ImageInput = None,
-                 negative_prompt: Prompt | None = None, *, strength: float = 1.0, num_inference_steps: int = 50,
-                 guidance_scale: float = 7.5, eta: float | None = None, num_images_per_prompt: int = 1,
-                 generator: Generator = None, noise: torch.Tensor | None = None,
-                 prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
-                 output_type: str = "pil", callback: StepCallback | None = None,
-                 progress: bool = True) -> PipelineOutput:
+    def __call__(  # type: ignore[override]  # each task takes its own inputs, as in diffusers
+            self, prompt: Prompt | None = None, image: ImageInput = None, mask_image: ImageInput = None,
+            negative_prompt: Prompt | None = None, *, strength: float = 1.0, num_inference_steps: int = 50,
+            guidance_scale: float = 7.5, eta: float | None = None, num_images_per_prompt: int = 1,
+            generator: Generator = None, noise: torch.Tensor | None = None,
+            prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+            output_type: str = "pil", callback: StepCallback | None = None,
+            progress: bool = True) -> PipelineOutput:
         """Repaint the white region of `mask_image` in `image` (same H, W; multiples of the autoencoder factor).
 
         strength 1 starts from pure noise x_T = noise; below 1 from the image latent noised to the strength's
@@ -65,7 +66,7 @@ class InpaintPipeline(ImageToImagePipeline):
         strength 1), drawn from `generator` when None. Returns PipelineOutput(images=...).
         """
         x, sampler = self.preprocess_image(image), self.sampler_for(eta)
-        mask = self.preprocess_mask(mask_image, size=tuple(x.shape[-2:]))
+        mask = self.preprocess_mask(mask_image, size=(x.shape[-2], x.shape[-1]))
         batch, first = self.check_image_inputs(
             prompt, negative_prompt, x, sampler=sampler, strength=strength, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, output_type=output_type,
@@ -81,14 +82,15 @@ class InpaintPipeline(ImageToImagePipeline):
             if strength < 1.0 or not self.concat_inputs else None
         eps = self.draw_noise(self.latent_shape(batch, *x.shape[-2:]), generator=generator, noise=noise)
         # diffusers' rule: pure noise at strength 1 (even for a plain UNet, which has z0), else the noised latent
-        x_t0 = eps * sampler.init_noise_sigma if strength == 1.0 else \
+        x_t0 = eps * sampler.init_noise_sigma if strength == 1.0 or z0 is None else \
             sampler.noise_to_start(z0, eps, self.noise_scheduler, num_inference_steps, first)
         mask_latents = self.prepare_mask_latents(mask, x, **per_prompt, generator=generator)
-        run = dict(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, sampler=sampler,
-                   generator=generator, progress=progress, start_step=first)
+        run: dict[str, Any] = dict(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                                   sampler=sampler, generator=generator, progress=progress, start_step=first)
         if self.concat_inputs:
             z = self.denoise(x_t0, cond, uncond, concat=mask_latents, callback=callback, **run)
         else:
+            assert z0 is not None  # encoded above for a plain UNet
             plan = sampler.plan(self.noise_scheduler, num_inference_steps, start_step=first)
             keep_known = self.blend_known_region(z0, eps, mask_latents, plan, callback=callback)
             z = self.denoise(x_t0, cond, uncond, callback=keep_known, **run)
@@ -131,7 +133,7 @@ class InpaintPipeline(ImageToImagePipeline):
         known_weight, last = 1 - mask_latent, len(plan.timesteps) - 1
         callback = as_step_callback(callback)
 
-        def keep_known(i: int, t: int, x: torch.Tensor, denoised: torch.Tensor | None = None) -> torch.Tensor:
+        def keep_known(i: int, t: float, x: torch.Tensor, denoised: torch.Tensor | None = None) -> torch.Tensor:
             known = z0 if i == last else plan.noised(z0, eps, i + 1)
             return after_step(callback, torch.addcmul(known_weight * known, mask_latent, x), i, t, denoised)
 

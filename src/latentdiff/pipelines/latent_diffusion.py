@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeAlias
 
 import torch
 
@@ -23,25 +23,32 @@ from ..diffusion.guidance import classifier_free_guidance
 from ..diffusion.noise import randn
 from ..diffusion.noise_scheduler import NoiseScheduler
 from ..diffusion.samplers import SamplerProtocol, StepCallback, check_sampler
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, describe
+from ..hub import HubLocation
 from ..models.ldm_bert import LDMBertTextEncoder
 from ..models.text_encoder import TextEncoder
 from ..models.unet import UNet2DConditional
 from ..registry import PIPELINES
 from ..utils.memory import released_after_each_block
 from . import acceleration
-from .base import MODEL_INDEX, PipelineOutput, concat_conditioning
-from .denoising import FIRST_STAGES, DenoisingPipeline, Entry, FirstStage, Generator, load_schedule, write_parts
+from .base import PipelineOutput, concat_conditioning
+from .denoising import FIRST_STAGES, DenoisingPipeline, FirstStage, Generator
+from .folder import MODEL_INDEX, Entry, FolderPart, load_folder, write_parts
 from .sdedit import sample_from_step, start_step
 from .tiled_sampling import LatentTiling, check_upscale, latent_tiling, tiled_denoiser, upscale_latents
 from .tiled_sampling import Size as TileSize
 
-Prompt = str | Sequence[str]
+Prompt: TypeAlias = str | Sequence[str]
 
 # model_index.json (library, class) -> the latentdiff class that loads that part (FIRST_STAGES: KL, VQ, identity).
 UNETS: dict[Entry, type] = {("diffusers", "UNet2DConditionModel"): UNet2DConditional}
 TEXT_ENCODERS: dict[Entry, type[TextEncoder]] = {("transformers", "CLIPTextModel"): TextEncoder,
                                                  ("latent_diffusion", "LDMBertModel"): LDMBertTextEncoder}
+
+
+def no_prompt() -> InputError:
+    """The error of a call with neither a prompt nor prompt embeddings."""
+    return InputError("a prompt is required", where="prompt", expected="str or list of str", found=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,12 +61,12 @@ class FolderLayout:
     tokenizers: tuple[Entry, ...]
     extra_entries: tuple[tuple[str, Any], ...] = ()   # written as they are (SD's absent safety checker ...)
 
-    def supported(self, index: dict[str, Any]) -> dict[str, Any]:
-        """Folder key -> accepted (library, class) entries, for Pipeline.check_model_index."""
-        return {"unet": list(UNETS), self.vae: list(FIRST_STAGES), self.text_encoder: list(self.text_encoders),
-                "tokenizer": list(self.tokenizers),
-                # any diffusers scheduler class: its noise schedule is read, the sampler mapped (DDIM fallback)
-                "scheduler": [tuple(index.get("scheduler", (None, None)))]}
+    def parts(self) -> tuple[FolderPart, ...]:
+        """The folder's parts, for the loading engine (pipelines/folder.py); the text encoder reads the tokenizer."""
+        return (FolderPart("unet", "unet", UNETS), FolderPart(self.vae, "vae", FIRST_STAGES),
+                FolderPart(self.text_encoder, "text_encoder", {e: TEXT_ENCODERS[e] for e in self.text_encoders},
+                           load_options=(("tokenizer_subfolder", "tokenizer"),)),
+                FolderPart("tokenizer", "text_encoder", dict.fromkeys(self.tokenizers)))
 
 
 SD_LAYOUT = FolderLayout(
@@ -86,9 +93,12 @@ class LatentDiffusionPipeline(DenoisingPipeline):
     """Text-conditioned latent diffusion: a first stage (KL, VQ or identity), a cross-attention UNet and a text
     encoder (CLIP, as Stable Diffusion, or LDMBert, as LDM's text-to-image model)."""
 
-    diffusers_class_names = ("StableDiffusionPipeline", LDM_TEXT_TO_IMAGE, "LatentDiffusionPipeline")
+    diffusers_class_names: ClassVar[tuple[str, ...]] = (
+        "StableDiffusionPipeline", LDM_TEXT_TO_IMAGE, "LatentDiffusionPipeline")
     loadable_class_names = tuple(LAYOUTS)
     component_names = ("vae", "unet", "text_encoder", "noise_scheduler", "sampler")
+    unet: UNet2DConditional   # cross-attends to the text
+    folder_parts = SD_LAYOUT.parts()   # the layout saved with a CLIP text encoder; `folder_layout` reads either
 
     def __init__(self, *, vae: FirstStage, unet: UNet2DConditional, text_encoder: TextEncoder,
                  noise_scheduler: NoiseScheduler | None = None, sampler: SamplerProtocol | None = None):
@@ -109,40 +119,25 @@ class LatentDiffusionPipeline(DenoisingPipeline):
 
     # ---- loading and saving ---------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path_or_id: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
-                        device: str | torch.device | None = None, variant: str | None = None,
-                        revision: str | None = None, cache_dir: str | os.PathLike | None = None,
-                        token: str | bool | None = None, local_files_only: bool | None = None,
-                        vae: FirstStage | None = None, unet: UNet2DConditional | None = None,
-                        text_encoder: TextEncoder | None = None, noise_scheduler: NoiseScheduler | None = None,
-                        sampler: SamplerProtocol | None = None) -> LatentDiffusionPipeline:
+    def from_pretrained(  # type: ignore[override]  # its parts by name, where DenoisingPipeline takes **parts
+            cls, path_or_id: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
+            device: str | torch.device | None = None, variant: str | None = None,
+            revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+            token: str | bool | None = None, local_files_only: bool | None = None,
+            vae: FirstStage | None = None, unet: UNet2DConditional | None = None,
+            text_encoder: TextEncoder | None = None, noise_scheduler: NoiseScheduler | None = None,
+            sampler: SamplerProtocol | None = None) -> LatentDiffusionPipeline:
         """Load a diffusers-format folder or Hub repo (Stable Diffusion v1/v2, LDM text-to-image, and their
         image-to-image / inpainting folders); parts passed in replace the folder's."""
-        where = dict(variant=variant, revision=revision, cache_dir=cache_dir, token=token,
-                     local_files_only=local_files_only)
-        root = cls.resolve_folder(path_or_id, subfolders=[], **where)
-        index, source = cls.read_model_index(root), str(root / MODEL_INDEX)
-        layout = LAYOUTS.get(index.get("_class_name"), SD_LAYOUT)
-        cls.check_model_index(index, source=source, supported=layout.supported(index))
-        parts = {"unet": unet, layout.vae: vae, layout.text_encoder: text_encoder, "tokenizer": text_encoder,
-                 "scheduler": None if noise_scheduler is None or sampler is None else noise_scheduler}
-        needed = [key for key, given in parts.items() if given is None]
-        absent = [key for key in needed if key not in index]
-        if absent:
-            raise ConfigError("model_index.json lacks a component the pipeline needs", where=source,
-                              expected=sorted(parts), found=f"no entry for {absent}")
-        root = cls.resolve_folder(path_or_id, subfolders=needed, **where)
-        load = dict(variant=variant, torch_dtype=torch_dtype, device=device)
-        if unet is None:
-            unet = UNETS[tuple(index["unet"])].from_pretrained(root, subfolder="unet", **load)
-        if vae is None:
-            vae = FIRST_STAGES[tuple(index[layout.vae])].from_pretrained(root, subfolder=layout.vae, **load)
-        if text_encoder is None:
-            encoder_class = TEXT_ENCODERS[tuple(index[layout.text_encoder])]
-            text_encoder = encoder_class.from_pretrained(root, subfolder=layout.text_encoder,
-                                                         tokenizer_subfolder="tokenizer", **load)
-        noise_scheduler, sampler = load_schedule(root, noise_scheduler, sampler)
-        return cls(vae=vae, unet=unet, text_encoder=text_encoder, noise_scheduler=noise_scheduler, sampler=sampler)
+        location = HubLocation(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+        given = dict(vae=vae, unet=unet, text_encoder=text_encoder, noise_scheduler=noise_scheduler, sampler=sampler)
+        return cls(**load_folder(cls, path_or_id, given=given, variant=variant, torch_dtype=torch_dtype,
+                                 device=device, location=location))
+
+    @classmethod
+    def folder_layout(cls, index: Mapping[str, Any]) -> Sequence[FolderPart]:
+        """The parts of the index's layout: LDM's for LDMTextToImagePipeline, else Stable Diffusion's."""
+        return LAYOUTS.get(str(index.get("_class_name")), SD_LAYOUT).parts()
 
     def layout(self) -> tuple[str, FolderLayout]:
         """(model_index `_class_name`, layout) this pipeline saves as: LDM's with LDMBert, else Stable Diffusion's."""
@@ -197,17 +192,16 @@ class LatentDiffusionPipeline(DenoisingPipeline):
                      negative_prompt_embeds: torch.Tensor | None = None) -> tuple[int, int]:
         """Validate every argument before any heavy work; returns (height, width) with defaults filled in."""
         if prompt is None and prompt_embeds is None:
-            raise InputError("a prompt is required", where="prompt", expected="str or list of str", found=None)
+            raise no_prompt()
         if prompt is not None and not (isinstance(prompt, str) or
                                        (isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt))):
             raise InputError("prompt must be a string or a list of strings", where="prompt",
-                             expected="str | list[str]", found=type(prompt).__name__)
+                             expected="str | list[str]", found=describe(prompt))
         n = self.prompt_count(prompt, prompt_embeds)
         if n == 0:
             raise InputError("prompt list is empty", where="prompt", expected="at least one prompt", found=0)
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            if len(negative_prompt) != n:
-                raise InputError("negative_prompt must have one entry per prompt", where="negative_prompt",
+        if negative_prompt is not None and not isinstance(negative_prompt, str) and len(negative_prompt) != n:
+            raise InputError("negative_prompt must have one entry per prompt", where="negative_prompt",
                                  expected=f"a string or a list of {n}", found=f"a list of {len(negative_prompt)}")
         height, width = self.image_size(height, width)
         if guidance_scale < 0:
@@ -222,7 +216,11 @@ class LatentDiffusionPipeline(DenoisingPipeline):
     @staticmethod
     def prompt_count(prompt: Prompt | None, prompt_embeds: torch.Tensor | None = None) -> int:
         """How many prompts a call has (before num_images_per_prompt)."""
-        return 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        if prompt is not None:
+            return 1 if isinstance(prompt, str) else len(prompt)
+        if prompt_embeds is None:
+            raise no_prompt()
+        return prompt_embeds.shape[0]
 
     def encode_prompt(self, prompt: Prompt | None, negative_prompt: Prompt | None = None, *,
                       num_images_per_prompt: int = 1, guidance: bool = True,
@@ -230,8 +228,9 @@ class LatentDiffusionPipeline(DenoisingPipeline):
                       negative_prompt_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (cond, uncond): (B * num_images_per_prompt, L, D) each; uncond is None without guidance."""
         if prompt_embeds is None:
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            prompt_embeds = self.text_encoder(prompts)
+            if prompt is None:
+                raise no_prompt()
+            prompt_embeds = self.text_encoder([prompt] if isinstance(prompt, str) else list(prompt))
         uncond = None
         if guidance:
             if negative_prompt_embeds is None:
@@ -316,8 +315,8 @@ class LatentDiffusionPipeline(DenoisingPipeline):
         cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt=num_images_per_prompt,
                                           guidance=guidance_scale > 1.0, prompt_embeds=prompt_embeds,
                                           negative_prompt_embeds=negative_prompt_embeds)
-        run = dict(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, sampler=sampler,
-                   generator=generator, progress=progress)
+        run: dict[str, Any] = dict(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                                   sampler=sampler, generator=generator, progress=progress)
         z_small = self.denoise(self.prepare_latents(cond.shape[0], *base, generator=generator), cond, uncond, **run)
         z_large = self.upscale(z_small, height, width, mode=upscale)
         eps = randn(z_large.shape, generator=generator, dtype=z_large.dtype, device=z_large.device)

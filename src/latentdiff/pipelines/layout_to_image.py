@@ -32,6 +32,7 @@ from ..models.conditioners import SpatialRescaler, SpatialRescalerConfig
 from ..registry import PIPELINES
 from .base import PipelineOutput, concat_conditioning
 from .denoising import DenoisingPipeline, FirstStage, Generator, StepCallback
+from .folder import FolderPart
 from .images import ImageInput, check_size, layout_to_one_hot
 
 LAYOUT_TO_IMAGE = "LatentDiffusionLayoutPipeline"
@@ -55,9 +56,8 @@ class LayoutToImagePipeline(DenoisingPipeline):
 
     diffusers_class_names = (LAYOUT_TO_IMAGE,)
     component_names = ("vae", "unet", "rescaler", "noise_scheduler", "sampler")
-    folder_parts = DenoisingPipeline.folder_parts | {
-        "rescaler": ("rescaler", {("latentdiff", "SpatialRescaler"): SpatialRescaler})}
-    optional_parts = ("rescaler",)
+    folder_parts = (*DenoisingPipeline.folder_parts, FolderPart(
+        "rescaler", "rescaler", {("latentdiff", "SpatialRescaler"): SpatialRescaler}, optional=True))
     unet_inputs = ()
 
     def __init__(self, *, vae: FirstStage, unet: Any, rescaler: SpatialRescaler | None = None,

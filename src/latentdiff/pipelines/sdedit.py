@@ -17,18 +17,18 @@ plan, so a pipeline never asks which sampler it has.
 """
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import torch
 
+from ..config import is_real
 from ..diffusion.noise_scheduler import NoiseScheduler
 from ..diffusion.samplers import Denoiser, Generator, SamplerProtocol, StepCallback, check_sampler
 from ..errors import InputError
 
 
 def check_strength(strength: Any) -> None:
-    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 <= float(strength) <= 1.0:
+    if not is_real(strength) or not 0.0 <= float(strength) <= 1.0:
         raise InputError("strength must be a number in [0, 1]", where="strength", expected="0 <= strength <= 1",
                          found=repr(strength))
 

@@ -26,6 +26,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ..config import is_int
 from ..diffusion.samplers import Denoiser
 from ..errors import InputError
 
@@ -94,14 +95,14 @@ def blend_weights(height: int, width: int, tiling: LatentTiling) -> tuple[list[W
     """-> (windows, each window's weight (h, w) divided by the sum over windows at each pixel). float64, CPU;
     the normalised weights of the windows covering a pixel sum to 1."""
     windows = window_layout(height, width, tiling)
-    overlap = [min(o, s - 1) for o, s in zip(tiling.overlap, (windows[0].height, windows[0].width))]
+    overlap = [min(o, s - 1) for o, s in zip(tiling.overlap, (windows[0].height, windows[0].width), strict=True)]
     raw = [torch.outer(ramp(height, win.height, win.top, overlap[0], tiling.blend),
                        ramp(width, win.width, win.left, overlap[1], tiling.blend)) for win in windows]
     total = torch.zeros(height, width, dtype=torch.float64)
-    for win, weight in zip(windows, raw):
+    for win, weight in zip(windows, raw, strict=True):
         total[win.top:win.top + win.height, win.left:win.left + win.width] += weight
     return windows, [weight / total[win.top:win.top + win.height, win.left:win.left + win.width]
-                     for win, weight in zip(windows, raw)]
+                     for win, weight in zip(windows, raw, strict=True)]
 
 
 def tiled_denoiser(denoise: Denoiser, tiling: LatentTiling) -> Denoiser:
@@ -119,12 +120,13 @@ def tiled_denoiser(denoise: Denoiser, tiling: LatentTiling) -> Denoiser:
             cache[key] = windows, [w.to(device=x_t.device, dtype=acc_dtype) for w in weights]
         windows, weights = cache[key]
         out = None
-        for win, weight in zip(windows, weights):
+        for win, weight in zip(windows, weights, strict=True):
             rows, cols = slice(win.top, win.top + win.height), slice(win.left, win.left + win.width)
             pred = denoise(x_t[..., rows, cols], t)
             if out is None:
                 out = torch.zeros((*pred.shape[:-2], height, width), dtype=acc_dtype, device=pred.device)
             out[..., rows, cols] += pred.to(acc_dtype) * weight
+        assert out is not None  # window_layout gives at least one window
         return out.to(pred.dtype)
 
     return denoise_tiled
@@ -132,9 +134,9 @@ def tiled_denoiser(denoise: Denoiser, tiling: LatentTiling) -> Denoiser:
 
 # ---- pixel-space settings as pipelines take them ----------------------------------------------------------
 def _pair(value: Size, name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    pair = (value, value) if isinstance(value, int) else value   # a bool: refused by is_int below
     if not (isinstance(pair, (tuple, list)) and len(pair) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in pair)):
+            and all(is_int(v) for v in pair)):
         raise InputError(f"{name} must be an int or a (height, width) pair of ints", where=name,
                          expected="int | (int, int)", found=repr(value))
     return int(pair[0]), int(pair[1])

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..config import read_json
+from ..config import is_int, read_json
 from ..errors import InputError
 from ..models.base import CONFIG_NAME, load_weights
 from ..models.vq import VQModel
@@ -50,7 +50,7 @@ class UnconditionalPipeline(DenoisingPipeline):
         """Generate `batch_size` images of height x width (default: the UNet's sample_size times the first stage's
         factor f). latents: x_T (batch_size, C, height/f, width/f), drawn from `generator` when None.
         Returns PipelineOutput(images=...)."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise InputError("batch_size must be a positive integer", where="batch_size", expected=">= 1",
                              found=batch_size)
         height, width = self.image_size(height, width)

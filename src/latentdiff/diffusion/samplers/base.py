@@ -49,7 +49,8 @@ class SamplerProtocol(Protocol):
     part-way (image-to-image, inpainting: `check_sampler`), and `plan` (a SamplingPlan or SigmaPlan: `timesteps`,
     `noised(x0, noise, k)`) for inpainting with a plain UNet."""
 
-    init_noise_sigma: float
+    @property
+    def init_noise_sigma(self) -> float: ...   # read-only: the samplers keep it as a class variable
 
     def sample(self, denoise: Denoiser, x_T: torch.Tensor, noise_scheduler: NoiseScheduler,
                num_inference_steps: int, *, start_step: int = 0, generator: Generator = None,
