@@ -31,10 +31,10 @@ SHIPPED_CONFIGS = ("v1-inference", "v1-inpainting-inference", "v2-inference", "v
 PARAMETERIZATION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 NO_CONDITIONING = ("__is_unconditional__", "__is_first_stage__", "torch.nn.Identity")
 # The text towers SD's YAMLs name by default (their widths are not in the YAML).
-CLIP_L14 = dict(vocab_size=49408, hidden_size=768, num_hidden_layers=12, intermediate_size=3072,
-                max_position_embeddings=77, hidden_act="quick_gelu")
-OPENCLIP_H14 = dict(vocab_size=49408, hidden_size=1024, num_hidden_layers=24, intermediate_size=4096,
-                    max_position_embeddings=77, hidden_act="gelu", projection_dim=1024)
+CLIP_L14: dict[str, Any] = dict(vocab_size=49408, hidden_size=768, num_hidden_layers=12, intermediate_size=3072,
+                                max_position_embeddings=77, hidden_act="quick_gelu")
+OPENCLIP_H14: dict[str, Any] = dict(vocab_size=49408, hidden_size=1024, num_hidden_layers=24, intermediate_size=4096,
+                                    max_position_embeddings=77, hidden_act="gelu", projection_dim=1024)
 BERT_VOCAB, BERT_HEADS, BERT_HEAD_WIDTH = 30522, 8, 64  # BERTEmbedder / x-transformers defaults
 
 

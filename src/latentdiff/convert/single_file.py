@@ -24,7 +24,7 @@ import dataclasses
 import json
 import os
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,8 @@ def load_single_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         header = hub.check_safetensors_header(path)
         return hub.load_safetensors(path), {"metadata": dict(header.get("__metadata__") or {}), "global_step": None}
     if zipfile.is_zipfile(path) or head[:1] == b"\x80":  # torch.save's zip format / the legacy pickle format
-        stand_ins = [(CallbackKey, name) for name in LIGHTNING_CALLBACK_KEYS]
+        stand_ins: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
+            (CallbackKey, name) for name in LIGHTNING_CALLBACK_KEYS]
         try:
             with torch.serialization.safe_globals(stand_ins):
                 obj = hub.load_torch_pickle(path)

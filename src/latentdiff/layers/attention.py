@@ -12,6 +12,8 @@ only a call whose scores would exceed it, with the largest chunk that fits.
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -121,7 +123,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and not torch.is_grad_enabled():
-            step = max(1, FEED_FORWARD_CHUNK_BYTES // (self.net[0].proj.out_features * x.element_size()))
+            geglu = cast(GEGLU, self.net[0])  # net is built in __init__: [GEGLU, Dropout | Identity, Linear]
+            step = max(1, FEED_FORWARD_CHUNK_BYTES // (geglu.proj.out_features * x.element_size()))
             if x.shape[:-1].numel() > step:
                 return self._chunked(x, step)
         x = self.net[0](x)
@@ -131,9 +134,9 @@ class FeedForward(nn.Module):
 
     def _chunked(self, x: torch.Tensor, step: int) -> torch.Tensor:
         """Inference over `step` tokens at a time: the GEGLU's (tokens, 2 x inner) projection, 8x the block's
-        width, never exists whole (SD 1.5 at 64 x 64 latents: 168 MB of transients -> ~40 MB). Each row's
-        result is the same computation (the reduction over features is unchanged); only GEMM blocking differs."""
-        geglu, out = self.net[0], self.net[2]
+        width, never exists whole (the transients this saves: benchmarks/RESULTS.md). Each row's result is the
+        same computation (the reduction over features is unchanged); only GEMM blocking differs."""
+        geglu, out = self.net[0], cast(nn.Linear, self.net[2])
         flat = x.reshape(-1, x.shape[-1])
         result = flat.new_empty(flat.shape[0], out.out_features)
         for start in range(0, flat.shape[0], step):
@@ -149,17 +152,17 @@ class BasicTransformerBlock(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = Attention(dim, heads=heads, dim_head=dim_head, upcast=upcast)
+        self.norm2: nn.LayerNorm | None = None  # None, both, without cross-attention
+        self.attn2: Attention | None = None
         if context_dim is not None:
             self.norm2 = nn.LayerNorm(dim)
             self.attn2 = Attention(dim, context_dim=context_dim, heads=heads, dim_head=dim_head, upcast=upcast)
-        else:
-            self.norm2 = self.attn2 = None
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, dropout=dropout)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         x = self.attn1(self.norm1(x)) + x
-        if self.attn2 is not None:
+        if self.attn2 is not None and self.norm2 is not None:
             x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
 

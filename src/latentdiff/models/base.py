@@ -19,7 +19,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import nn
@@ -33,19 +33,27 @@ from ..utils.startup import freeze_startup_objects
 from ..version import __version__
 from .diffusers_config import DiffusersConfigMap, check_supported  # noqa: F401 (check_supported's old home)
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 CONFIG_NAME = "config.json"
 
+# The typed config a model holds: `class UNet2DConditional(ModelMixin[UNetConfig])` makes `self.config.x` check.
+ConfigT = TypeVar("ConfigT", bound=ComponentConfig)
 
-class ModelMixin(nn.Module):
+
+class ModelMixin(nn.Module, Generic[ConfigT]):
     """Base of the registrable networks (UNet, autoencoders ...)."""
 
-    config_class: ClassVar[type[ComponentConfig]]
+    # Not a ClassVar only because a ClassVar cannot name a type variable: every subclass sets it in its body.
+    config_class: type[ConfigT]
+    config: ConfigT
     registry_name: ClassVar[str]
     diffusers_class_name: ClassVar[str | None] = None  # written as `_class_name` in config.json
     weights_name: ClassVar[str] = hub.WEIGHTS_NAME
     diffusers_config: ClassVar[DiffusersConfigMap | None] = None  # config.json table of the diffusers twin
 
-    def __init__(self, config: ComponentConfig):
+    def __init__(self, config: ConfigT):
         super().__init__()
         if not isinstance(config, self.config_class):
             raise ConfigError(f"{type(self).__name__} needs a {self.config_class.__name__}",
@@ -54,7 +62,7 @@ class ModelMixin(nn.Module):
 
     # ---- config files ---------------------------------------------------------------------
     @classmethod
-    def from_file_config(cls, data: Mapping[str, Any], *, source: str | None = None) -> ComponentConfig:
+    def from_file_config(cls, data: Mapping[str, Any], *, source: str | None = None) -> ConfigT:
         """Map a config.json dict to the typed config: through the `diffusers_config` table where the model has
         a diffusers twin (keys we don't implement at the given value are a ConfigError), else the config's own."""
         if cls.diffusers_config is not None:
@@ -68,13 +76,13 @@ class ModelMixin(nn.Module):
         return self.config.to_dict()
 
     @classmethod
-    def load_config(cls, folder: str | os.PathLike) -> ComponentConfig:
+    def load_config(cls, folder: str | os.PathLike) -> ConfigT:
         path = Path(folder) / CONFIG_NAME
         return cls.from_file_config(read_json(path), source=str(path))
 
     # ---- loading ----------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: ComponentConfig | Mapping[str, Any]):
+    def from_config(cls, config: ConfigT | Mapping[str, Any]) -> Self:
         if not isinstance(config, ComponentConfig):
             config = cls.config_class.from_dict(config)
         return cls(config)
@@ -99,9 +107,9 @@ class ModelMixin(nn.Module):
         return cls.from_state_dict(config, state, torch_dtype=torch_dtype, device=device, source=str(folder))
 
     @classmethod
-    def from_state_dict(cls, config: ComponentConfig, state: Mapping[str, torch.Tensor], *,
+    def from_state_dict(cls, config: ConfigT, state: Mapping[str, torch.Tensor], *,
                         torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                        source: str | None = None):
+                        source: str | None = None) -> Self:
         """Build the model without initialising weights (meta device) and assign `state` to it, strictly."""
         state = rename_deprecated_attention(state)
         freeze_startup_objects()
