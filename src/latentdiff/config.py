@@ -144,7 +144,7 @@ def _matches(value: Any, hint: Any) -> bool:
                 if len(args) == 2 and args[1] is Ellipsis:
                     if all(_matches(v, args[0]) for v in value):
                         return True
-                elif len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args)):
+                elif len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args, strict=True)):
                     return True
             continue
         if origin is typing.Literal:

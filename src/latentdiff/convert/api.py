@@ -85,8 +85,9 @@ def take_part(parts: Parts, part: str, *, source: str, wanted_by: str) -> tuple[
 
 
 @SINGLE_FILE.register("model_from_single_file")
-def model_from_single_file(cls: type[ModelMixin[Any]], path: str | os.PathLike, *, original_config: Any = None, use_ema: bool = True,
-                           prediction_type: str | None = None, torch_dtype: torch.dtype | None = None,
+def model_from_single_file(cls: type[ModelMixin[Any]], path: str | os.PathLike, *, original_config: Any = None,
+                           use_ema: bool = True, prediction_type: str | None = None,
+                           torch_dtype: torch.dtype | None = None,
                            device: str | torch.device | None = None) -> nn.Module:
     """`cls.from_single_file` of a ModelMixin: read the file, take the class's part, build it strictly."""
     part = single_file_part(cls)
@@ -295,7 +296,8 @@ def build_components(parts: Parts, names: list[str], *, required: list[str], tok
 
     built: dict[str, Any] = {}
     if "scheduler" in parts and {"noise_scheduler", "sampler"} & set(names):
-        schedule = dict(zip(("noise_scheduler", "sampler"), scheduler_from_part(parts["scheduler"][0], source=source)))
+        schedule = dict(zip(("noise_scheduler", "sampler"), scheduler_from_part(parts["scheduler"][0], source=source),
+                            strict=True))
         built.update({k: v for k, v in schedule.items() if k in names})
     load = dict(torch_dtype=torch_dtype, device=device)
     for name in (n for n in names if n not in built):

@@ -69,7 +69,7 @@ class UNetArch:
     out_channels: int
     channels: tuple[int, ...]           # block_out_channels: width per resolution level
     layers_per_level: tuple[int, ...]   # ResBlocks per down level (up levels have one more)
-    attention: tuple[str, ...]          # per level: "none" | "transformer" (SpatialTransformer) | "self" (AttentionBlock)
+    attention: tuple[str, ...]          # per level: "none", "transformer" (SpatialTransformer), "self" (AttentionBlock)
     mid_attention: str                  # "transformer" | "self"
     heads: tuple[int, ...]              # attention heads per level; the middle block uses heads[-1]
     transformer_depth: tuple[int, ...] = ()  # BasicTransformerBlocks per level; the middle block uses [-1]

@@ -4,11 +4,11 @@ Parameter names follow the diffusers layout (to_q, to_k, to_v, to_out.0; ff.net.
 proj_in, transformer_blocks.N, proj_out) so checkpoints in that layout load without a key map.
 
 Attention slicing: a kernel that materialises the (B, heads, N, M) score matrix (SDPA's math path: fp32 on
-GPUs without a fused kernel, old GPUs, upcast attention) needs B h N M floats at once, 4 GiB for one SD
-self-attention at 1024 px. Each query row attends independently of the others, so SDPA over chunks of the
-query rows, concatenated, is the same attention with a score buffer of B h chunk M. `set_attention_chunking`
-turns it on for every attention layer of a model: a fixed `chunk_size`, or a `max_bytes` budget that chunks
-only a call whose scores would exceed it, with the largest chunk that fits.
+GPUs without a fused kernel, old GPUs, upcast attention) needs B h N M floats at once (gigabytes for one SD
+self-attention at 1024 px: benchmarks/RESULTS.md). Each query row attends independently of the others, so SDPA
+over chunks of the query rows, concatenated, is the same attention with a score buffer of B h chunk M.
+`set_attention_chunking` turns it on for every attention layer of a model: a fixed `chunk_size`, or a `max_bytes`
+budget that chunks only a call whose scores would exceed it, with the largest chunk that fits.
 """
 from __future__ import annotations
 

@@ -223,8 +223,9 @@ def load_weights(folder: Path, weights_name: str, *, variant: str | None = None)
 
 
 # torch.nn.init functions that modules call in reset_parameters(): on the meta device they have nothing to fill,
-# yet some run through torch's Python decompositions (nn.Embedding's normal_ imports torch._dynamo: ~0.8 s of a
-# cold from_pretrained). init_skipped_on_meta() makes them return meta tensors untouched.
+# yet some run through torch's Python decompositions (nn.Embedding's normal_ imports torch._dynamo: a large part
+# of a cold from_pretrained, see benchmarks/RESULTS.md). init_skipped_on_meta() makes them return meta tensors
+# untouched.
 INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
                   "sparse_")

@@ -235,7 +235,7 @@ class LDMBert(ModelMixin[LDMBertConfig]):
                         source: str | None = None) -> LDMBert:
         """Strict load; the pre-training LM head (to_logits), if present, must have its shape and is dropped."""
         if isinstance(config, LDMBertConfig):
-            shapes = dict(zip(LM_HEAD_KEYS, ((config.vocab_size, config.d_model), (config.vocab_size,))))
+            shapes = dict(zip(LM_HEAD_KEYS, ((config.vocab_size, config.d_model), (config.vocab_size,)), strict=True))
             wrong = [f"{k}: expected {s}, found {tuple(state[k].shape)}" for k, s in shapes.items()
                      if k in state and tuple(state[k].shape) != s]
             if wrong:

@@ -176,11 +176,11 @@ class TextEncoder(nn.Module):
 
     def _warn_if_truncated(self, prompts: list[str], attention_mask: torch.Tensor) -> None:
         # Only a prompt that fills every position can have been cut; re-tokenize just those, unpadded.
-        full = [p for p, last in zip(prompts, attention_mask[:, -1].tolist()) if last]
+        full = [p for p, last in zip(prompts, attention_mask[:, -1].tolist(), strict=True) if last]
         if not full:
             return
         lengths = [len(ids) for ids in self.tokenizer(full, truncation=False, verbose=False)["input_ids"]]
-        dropped = [(n - self._max_length, p) for n, p in zip(lengths, full) if n > self._max_length]
+        dropped = [(n - self._max_length, p) for n, p in zip(lengths, full, strict=True) if n > self._max_length]
         if dropped:
             self._warned_truncation = True
             count, prompt = max(dropped)

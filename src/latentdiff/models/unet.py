@@ -81,7 +81,7 @@ class UNetConfig(ComponentConfig):
         if bad:
             raise ConfigError("every level width must be divisible by norm_num_groups", where="norm_num_groups",
                               expected=f"a divisor of {self.channels}", found=self.norm_num_groups)
-        for level, (c, h) in enumerate(zip(self.channels, self.per_level(self.attention_heads))):
+        for level, (c, h) in enumerate(zip(self.channels, self.per_level(self.attention_heads), strict=True)):
             if self.has_attention(level) and c % h:
                 raise ConfigError(f"level {level} width {c} is not divisible by its {h} attention heads",
                                   where="attention_heads", expected=f"a divisor of {c}", found=h)
@@ -247,7 +247,7 @@ class UNet2DConditional(ModelMixin[UNetConfig]):
             h = down(h, emb, context, skips)
         if self.mid_block is not None:
             h = self.mid_block(h, emb, context)
-        for up, size in zip(self.up_blocks, upsample_sizes):
+        for up, size in zip(self.up_blocks, upsample_sizes, strict=True):
             h = up(h, emb, context, skips, size)
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 

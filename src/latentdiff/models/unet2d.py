@@ -132,7 +132,8 @@ class UNet2DConfig(ComponentConfig):
 
     def attention_widths(self) -> list[tuple[int, int | None]]:
         """(width, head width) of the levels that hold attention layers (the last level again for the mid block's)."""
-        widths = [(c, self.head_dim(lvl)) for lvl, (c, a) in enumerate(zip(self.channels, self.attention_levels)) if a]
+        widths = [(c, self.head_dim(lvl))
+                  for lvl, (c, a) in enumerate(zip(self.channels, self.attention_levels, strict=True)) if a]
         return widths + [(self.channels[-1], self.head_dim(-1))] if self.has_mid_attention else widths
 
     @property
@@ -271,7 +272,7 @@ class UNet2D(ModelMixin[UNet2DConfig]):
             h = down(h, emb, None, skips)
         if self.mid_block is not None:
             h = self.mid_block(h, emb)
-        for up, size in zip(self.up_blocks, upsample_to):
+        for up, size in zip(self.up_blocks, upsample_to, strict=True):
             h = up(h, emb, None, skips, size)
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 

@@ -1,8 +1,8 @@
 """Tiled and sliced first-stage calls: encode and decode images larger than memory allows in one piece.
 
-A decode of 256x256 latents (2048 px) with the SD VAE holds activations of 128 channels at 2048x2048 (2 GiB
-each in fp32) and a 65536x65536 mid-block attention matrix; decoded one overlapping tile at a time, its peak
-is that of one tile (512 px by default) whatever the image size. The functions here work on any callable:
+A decode of 256x256 latents (2048 px) with the SD VAE holds activations of 128 channels at 2048x2048 and a
+65536x65536 mid-block attention matrix (their sizes: benchmarks/RESULTS.md); decoded one overlapping tile at a
+time, its peak is that of one tile (512 px by default) whatever the image size. The functions here work on any callable:
 
     tiled_decode(decode, z, tile=64, overlap=16, factor=8)   # z (B, C, h, w) -> (B, 3, 8h, 8w)
     tiled_encode(encode, x, tile=64, overlap=16, factor=8)   # x (B, 3, H, W) -> (B, 2C, H/8, W/8) moments

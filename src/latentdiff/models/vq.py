@@ -144,8 +144,9 @@ class VQModel(TilingMixin, FirstStage[VQModelConfig]):
     def __init__(self, config: VQModelConfig):
         super().__init__(config)
         c = config
-        common: dict[str, Any] = dict(channels=c.channels, layers_per_level=c.layers_per_level, groups=c.norm_num_groups,
-                      mid_block_attention=c.mid_block_attention, attention_levels=c.attention_levels)
+        common: dict[str, Any] = dict(
+            channels=c.channels, layers_per_level=c.layers_per_level, groups=c.norm_num_groups,
+            mid_block_attention=c.mid_block_attention, attention_levels=c.attention_levels)
         self.encoder = Encoder(in_channels=c.in_channels, z_channels=c.latent_channels, double_z=False, **common)
         self.quant_conv = nn.Conv2d(c.latent_channels, c.embed_dim, 1)
         self.quantize = VectorQuantizer(c.num_vq_embeddings, c.embed_dim, beta=0.25, legacy=True)
