@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import is_int
 from ..errors import InputError
 
 
@@ -61,7 +62,7 @@ def set_attention_chunking(model: nn.Module, *, chunk_size: int | None = None, m
     """Chunk the queries of every attention layer of `model` (Attention, SpatialSelfAttention); both None:
     unchunked again. chunk_size: query rows per SDPA call; max_bytes: score budget per call. -> layers set."""
     for name, value in (("chunk_size", chunk_size), ("max_bytes", max_bytes)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        if value is not None and (not is_int(value) or value < 1):
             raise InputError(f"{name} must be a positive integer or None", where=name, expected="int >= 1 or None",
                              found=repr(value))
     layers = [m for m in model.modules() if isinstance(m, (Attention, SpatialSelfAttention))]

@@ -22,7 +22,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, TypeAlias
 
-from ..config import C, ComponentConfig
+from ..config import C, ComponentConfig, is_int
 from ..errors import ConfigError
 
 ReadFields: TypeAlias = Callable[[Mapping[str, Any], "str | None"], dict[str, Any]]
@@ -120,11 +120,6 @@ def check_supported(data: Mapping[str, Any], supported: Mapping[str, Any], *, so
 def key_at(source: str | None, key: str) -> str:
     """Where a config error is: `key in path/to/config.json`."""
     return f"{key} in {source}" if source else key
-
-
-def is_int(value: Any) -> bool:
-    """An int that is not a bool (JSON's true/false are no counts)."""
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def as_list(d: Mapping[str, Any], key: str, source: str | None) -> list[Any]:
