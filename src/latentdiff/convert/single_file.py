@@ -31,7 +31,7 @@ from typing import Any, TypeAlias
 import torch
 
 from .. import hub
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError, describe
 from .infer import infer_layout
 from .keymap import apply_keymap, invert
 from .layout import SEPARATOR, FileLayout
@@ -104,7 +104,7 @@ def load_single_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
 
 def _unwrap(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if not isinstance(obj, dict):
-        raise CheckpointError("not a state dict", where=str(path), found=type(obj).__name__)
+        raise CheckpointError("not a state dict", where=str(path), found=describe(obj))
     step = obj.get("global_step")
     state = obj.get("state_dict", obj)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):

@@ -26,7 +26,7 @@ from torch import nn
 
 from .. import hub
 from ..config import ComponentConfig, read_json
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, describe
 from ..registry import SINGLE_FILE
 from ..utils.memory import release_mapped
 from ..utils.startup import freeze_startup_objects
@@ -57,7 +57,7 @@ class ModelMixin(nn.Module, Generic[ConfigT]):
         super().__init__()
         if not isinstance(config, self.config_class):
             raise ConfigError(f"{type(self).__name__} needs a {self.config_class.__name__}",
-                              expected=self.config_class.__name__, found=type(config).__name__)
+                              expected=self.config_class.__name__, found=describe(config))
         self.config = config
 
     # ---- config files ---------------------------------------------------------------------
@@ -215,7 +215,7 @@ def load_weights(folder: Path, weights_name: str, *, variant: str | None = None)
     if pickle.is_file():
         state = hub.load_torch_pickle(pickle)
         if not isinstance(state, dict):
-            raise CheckpointError("pickled weights are not a state dict", where=str(pickle), found=type(state).__name__)
+            raise CheckpointError("pickled weights are not a state dict", where=str(pickle), found=describe(state))
         return state
     found = sorted(p.name for p in folder.iterdir() if p.is_file())
     raise CheckpointError("no weights file in the model folder", where=str(folder),

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, describe
 
 TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP = "tokenizer_config.json", "special_tokens_map.json"
 TOKENIZER_JSON = "tokenizer.json"
@@ -144,7 +144,7 @@ class FastTokenizer:
         texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
         if texts is None or not all(isinstance(t, str) for t in texts):
             raise InputError("text must be a string or a list of strings", where="text", expected="str | list[str]",
-                             found=type(text).__name__)
+                             found=describe(text))
         pad_to, cut_to = self._lengths(padding, truncation, max_length)
         reserved = self.backend_tokenizer.num_special_tokens_to_add(False) if add_special_tokens else 0
         if cut_to is not None and cut_to < reserved:
@@ -323,7 +323,7 @@ def _json(files: Mapping[str, bytes], name: str, folder: Path) -> dict[str, Any]
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{name} is not valid JSON ({e})", where=str(folder / name)) from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{name} does not hold a JSON object", where=str(folder / name), found=type(data).__name__)
+        raise ConfigError(f"{name} does not hold a JSON object", where=str(folder / name), found=describe(data))
     return data
 
 
