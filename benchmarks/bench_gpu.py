@@ -22,7 +22,7 @@ import common
 
 def per_step(times_long: list[float], times_short: list[float], steps: int) -> list[float]:
     """Paired order statistics (fastest long run minus fastest short run, ...) over the step difference."""
-    return [(a - b) / steps for a, b in zip(sorted(times_long), sorted(times_short))]
+    return [(a - b) / steps for a, b in zip(sorted(times_long), sorted(times_short), strict=True)]
 
 
 def main() -> None:
@@ -44,7 +44,8 @@ def main() -> None:
     common.quiet_diffusers()
     dtype = getattr(torch, args.dtype)
     reps = args.reps or 3
-    table = common.Table(f"{args.model}, {512 if args.model == 'sd15' else 64} px, {args.dtype}, DDIM, guidance 7.5", common.COMPARE_COLUMNS)
+    image_px = 512 if args.model == 'sd15' else 64
+    table = common.Table(f"{args.model}, {image_px} px, {args.dtype}, DDIM, guidance 7.5", common.COMPARE_COLUMNS)
     rates = {name: common.gemm_rate(getattr(torch, name), n=8192 if device == "cuda" else 256, reps=10, device=device)
              for name in ("float16", "bfloat16")}
     print(f"measured matmul rate, 8192^3: fp16 {rates['float16'] / 1e3:.0f} TFLOP/s, "
@@ -75,7 +76,8 @@ def main() -> None:
     error = common.max_rel_error(call(ours, 50), call(theirs, 50))
     t = timed({(lib, s): (lambda pipe=pipe, s=s: call(pipe, s)) for lib, pipe in (("ours", ours), ("theirs", theirs))
                for s in (10, 50)}, reps)
-    eager_ours, eager_theirs = per_step(t["ours", 50], t["ours", 10], 40), per_step(t["theirs", 50], t["theirs", 10], 40)
+    eager_ours = per_step(t["ours", 50], t["ours", 10], 40)
+    eager_theirs = per_step(t["theirs", 50], t["theirs", 10], 40)
     its = dict(unit=lambda v: f"{1 / v:.1f} it/s")
     table.compare("batch 1: seconds per denoising step, both eager", eager_ours, eager_theirs, error=error,
                   note="cells: it/s; ratio: time ours / diffusers", **its)
@@ -105,7 +107,8 @@ def main() -> None:
     flops_b2 = unet_flops(ours, latents(2), ctx)
     step_flops = flops_b2 * 16                          # batch 16 with guidance: 32 UNet samples
     print(f"UNet FLOPs, 2 samples at {side}x{side} latents: {flops_b2 / 1e9:.0f} GFLOP\n", flush=True)
-    share = dict(unit=lambda v: f"{step_flops / v / 1e12:.0f} TFLOP/s ({step_flops / v / (rates['bfloat16'] * 1e9):.0%})")
+    share = dict(unit=lambda v: f"{step_flops / v / 1e12:.0f} TFLOP/s "
+                                f"({step_flops / v / (rates['bfloat16'] * 1e9):.0%})")
     uncompiled = LatentDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, device=device)
     uncompiled.release_weights = False
     t16 = timed({(lib, s): (lambda pipe=pipe, s=s: call(pipe, s, batch=16))

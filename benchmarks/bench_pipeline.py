@@ -56,8 +56,8 @@ def child_code(lib: str, folder: Path, out: Path, *, size: int, steps: int, call
     if lib == "latentdiff" and release != "default":  # the pipeline's release_weights (docs/memory.md)
         load += f"\npipe.release_weights = {dict(blocks='blocks', off=False)[release]!r}"
     return CHILD.format(imports=imports, load=load,
-                        dtype=dtype, size=size, calls=calls, prompt=common.PROMPT, negative=common.NEGATIVE, steps=steps,
-                        out=str(out), extra=extra) + common.CHILD_EXIT
+                        dtype=dtype, size=size, calls=calls, prompt=common.PROMPT, negative=common.NEGATIVE,
+                        steps=steps, out=str(out), extra=extra) + common.CHILD_EXIT
 
 
 def sd15_rows(table: common.Table, args, device: str) -> None:
@@ -85,10 +85,10 @@ def sd15_rows(table: common.Table, args, device: str) -> None:
                 ("" if args.release == "default" else f" (ours: release_weights {args.release})")
             error = common.max_rel_error(images["ours"], images["theirs"])
 
-            def pick(name, key):
+            def pick(name, key, runs=runs):
                 return [r[key] for r in runs[name]]
 
-            def call_times(name, index):
+            def call_times(name, index, runs=runs):
                 return [r["calls"][index] for r in runs[name]]
 
             note = "error: vs diffusers fp32 image" if "theirs_low" in dtypes else ""
@@ -139,7 +139,7 @@ def tiny_rows(table: common.Table, reps: int, device: str) -> None:
     times = common.alternate(cases, reps=reps, warmup=1, device=device)
     # Order statistics paired (fastest 12-step run minus fastest 2-step run, and so on): a difference of two noisy
     # runs taken at random can even come out negative on a busy machine; the fastest runs are the least disturbed.
-    per_step = {lib: [(a - b) / 10 for a, b in zip(sorted(times[lib, 12]), sorted(times[lib, 2]))]
+    per_step = {lib: [(a - b) / 10 for a, b in zip(sorted(times[lib, 12]), sorted(times[lib, 2]), strict=True)]
                 for lib in ("ours", "theirs")}
     ops = {lib: (sum(common.count_ops(cases[lib, 12])[0].values()) - sum(common.count_ops(cases[lib, 2])[0].values()))
            / 10 for lib in ("ours", "theirs")}

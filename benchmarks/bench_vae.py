@@ -1,7 +1,7 @@
 """The first stage: KL autoencoder encode and decode (Stable Diffusion's VAE), latentdiff against diffusers.
 
 Batch 1, the posterior's mode for encode, unscaled latents for decode; 256 px (32x32 latents) and 512 px
-(64x64; not in --quick: a 512 px decode is ~2.5 TFLOP, ~13 s on 2 cores). fp32 against fp32, then
+(64x64; not in --quick: a 512 px decode is slow on a few CPU cores, see RESULTS.md). fp32 against fp32, then
 latentdiff in reduced precision (bf16 on CPU, fp16/bf16 on CUDA) against diffusers in fp32 and in the same
 precision, at the smallest size, with the reduced-precision error against fp32.
 

@@ -4,15 +4,15 @@
   256x256 latent (2048 px; 128x128 = 1024 px with --quick) in fp32 with tiling on (512 px tiles, overlap 0.25,
   both libraries' defaults). Each library runs in its own fresh process, which reports its RSS after loading,
   its peak RSS (ru_maxrss) and the decode time. An untiled 2048 px decode would need a 65536 x 65536 mid-block
-  attention (16 GiB) and 2 GiB per 128-channel activation: it is not run.
+  attention and 128-channel activations at 2048 x 2048 (sizes in RESULTS.md): it is not run.
 - How far tiled is from untiled, where untiled fits (--error-size, default 512 px, in 256 px tiles): the max
   relative error of each library's tiled decode against the untiled decode (the same in both libraries).
 
     python benchmarks/bench_vae_tiling.py [--quick] [--size 2048] [--no-diffusers] [--error-size 0]
 
 The 2048 px run decodes 25 tiles of 512 px here and 36 in diffusers (6 x 6, the last row and column 128 px
-wide): ~15 s per tile on 2 idle cores, ~15 min in all; on a machine busy with other jobs, hours (one tile took
-394 s with one thread beside a training job). Run it on a quiet machine.
+wide): on 2 idle cores it takes a while, on a machine busy with other jobs many times longer (timings in
+RESULTS.md, "Figures moved from docstrings"). Run it on a quiet machine.
 """
 from __future__ import annotations
 

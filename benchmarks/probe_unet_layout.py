@@ -75,7 +75,7 @@ def main() -> None:
                                                                                           device=device))
             x_cl = x.contiguous(memory_format=torch.channels_last)
 
-            def run(model, sample, patched=False):
+            def run(model, sample, patched=False, t=t, context=context):
                 def call():
                     with torch.inference_mode(), (contiguous_proj_out() if patched else contextlib.nullcontext()):
                         return model(sample, t, context)
@@ -88,7 +88,7 @@ def main() -> None:
             # the reference is diffusers in the same dtype: bit-identical kernels show as 0.0
             errors = {k: common.max_rel_error(f().float(), expected) for k, f in cases.items()}
             copies = {k: common.weight_copies(f)[1] for k, f in cases.items()}
-            def call_theirs(model=theirs):
+            def call_theirs(model=theirs, x=x, t=t, context=context):
                 with torch.inference_mode():
                     return model(x, t, encoder_hidden_states=context).sample
 

@@ -35,8 +35,8 @@ GENERATE_SETTINGS = {"num_inference_steps": 50, "guidance_scale": 1.5, "sampler"
 
 # `--gpu`: the same configs on a CUDA device, with more data per step and more steps (what a GPU buys). Not
 # what the shipped weights were trained with (2 CPU cores, the configs as they are): on one H200 these small
-# models were host-bound, 34 ms a step for the autoencoder and 81 ms for the LDM, so this recipe takes about
-# 25 minutes there (docs/builtin.md). `--fit-seconds S` scales the step counts to a time budget instead.
+# models are host-bound, and the step times and this recipe's length there are in docs/builtin.md.
+# `--fit-seconds S` scales the step counts to a time budget instead.
 GPU_RECIPE = {
     "autoencoder": ["train.cpu=false", "data.num_workers=8", "train.batch_size=64", "train.max_steps=12000",
                     "optim.lr_schedule=cosine", "optim.warmup_steps=200", "optim.min_lr_ratio=0.05",

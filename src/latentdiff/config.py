@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import ConfigError
+from .errors import ConfigError, describe
 
 C = TypeVar("C", bound="ComponentConfig")
 
@@ -86,7 +86,7 @@ def read_json(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file is not valid JSON ({e})", where=str(path)) from None
     if not isinstance(data, dict):
         raise ConfigError("config file does not hold a JSON object", where=str(path),
-                          expected="object", found=type(data).__name__)
+                          expected="object", found=describe(data))
     return data
 
 
@@ -144,7 +144,7 @@ def _matches(value: Any, hint: Any) -> bool:
                 if len(args) == 2 and args[1] is Ellipsis:
                     if all(_matches(v, args[0]) for v in value):
                         return True
-                elif len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args)):
+                elif len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args, strict=True)):
                     return True
             continue
         if origin is typing.Literal:

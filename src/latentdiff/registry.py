@@ -55,7 +55,7 @@ class Registry:
                 raise RegistryError(f"{self.kind} name {name!r} is registered twice",
                                     where=cls.__qualname__, found=self._entries[name].__qualname__)
             self._entries[name] = cls
-            cls.registry_name = name  # type: ignore[attr-defined]
+            cls.registry_name = name  # type: ignore[attr-defined]  # a registered class gets its name here
             return cls
 
         return add

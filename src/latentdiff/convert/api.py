@@ -26,8 +26,8 @@ from torch import nn
 
 from .. import hub
 from ..errors import CheckpointError, InputError
-from ..models.base import cast_state_dict, check_state_dict
-from ..registry import SINGLE_FILE
+from ..models.base import ModelMixin, cast_state_dict, check_state_dict
+from ..registry import COMPONENTS, SINGLE_FILE
 from .single_file import (
     METADATA_KEY,
     NETWORK_PARTS,
@@ -85,8 +85,9 @@ def take_part(parts: Parts, part: str, *, source: str, wanted_by: str) -> tuple[
 
 
 @SINGLE_FILE.register("model_from_single_file")
-def model_from_single_file(cls: type, path: str | os.PathLike, *, original_config: Any = None, use_ema: bool = True,
-                           prediction_type: str | None = None, torch_dtype: torch.dtype | None = None,
+def model_from_single_file(cls: type[ModelMixin[Any]], path: str | os.PathLike, *, original_config: Any = None,
+                           use_ema: bool = True, prediction_type: str | None = None,
+                           torch_dtype: torch.dtype | None = None,
                            device: str | torch.device | None = None) -> nn.Module:
     """`cls.from_single_file` of a ModelMixin: read the file, take the class's part, build it strictly."""
     part = single_file_part(cls)
@@ -112,11 +113,8 @@ def check_class(cls: type, config: Mapping[str, Any], *, source: str) -> None:
                           expected=want, found=found)
 
 
-def component_class(name: str) -> type | None:
+def component_class(name: str) -> type[ModelMixin[Any]] | None:
     """The registered ModelMixin whose `class_name` is `name`, if any."""
-    from ..models.base import ModelMixin
-    from ..registry import COMPONENTS
-
     for key in COMPONENTS.names():
         cls = COMPONENTS.get(key)
         if isinstance(cls, type) and issubclass(cls, ModelMixin) and class_name(cls) == name:
@@ -124,21 +122,21 @@ def component_class(name: str) -> type | None:
     return None
 
 
-def build_model(cls: type, config: Mapping[str, Any], state: Mapping[str, torch.Tensor], *,
-                torch_dtype: torch.dtype | None, device: Any, source: str) -> nn.Module:
+def build_model(cls: type[ModelMixin[Any]], config: Mapping[str, Any], state: Mapping[str, torch.Tensor], *,
+                torch_dtype: torch.dtype | None, device: Any, source: str) -> ModelMixin[Any]:
     """A ModelMixin from a diffusers-format config dict and state, strictly."""
     typed = cls.from_file_config(config, source=source)
     return cls.from_state_dict(typed, state, torch_dtype=torch_dtype, device=device, source=source)
 
 
-def model_part(model: nn.Module, *, dtype: torch.dtype | None = None) -> tuple[dict[str, Any], dict]:
+def model_part(model: ModelMixin[Any], *, dtype: torch.dtype | None = None) -> tuple[dict[str, Any], dict]:
     """(diffusers-format config, state) of a ModelMixin: what `to_single_file` takes."""
     config = {**model.to_file_config(), "_class_name": class_name(type(model))}
     return config, cast_state_dict(model.state_dict(), dtype=dtype)
 
 
 @SINGLE_FILE.register("model_to_single_file")
-def model_to_single_file(model: nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
+def model_to_single_file(model: ModelMixin[Any], path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
     """`model.save_single_file`: this one part, in the original layout, configs in the metadata."""
     part = single_file_part(type(model))
     if part is None:
@@ -180,11 +178,13 @@ def text_encoder_from_part(cls: type, config: Mapping[str, Any], state: Mapping[
                               expected="TextEncoder.from_single_file", found=kind)
     tok = resolve_tokenizer(kind, tokenizer, cache_dir=cache_dir, local_files_only=local_files_only, source=source)
     where = f"{source}: text_encoder"
+    model: nn.Module
     if kind == "ldmbert":
         model = build_model(LDMBert, config, state, torch_dtype=torch_dtype, device=device, source=where)
     else:
         model = clip_text_model(config, state, torch_dtype=torch_dtype, device=device, source=where)
-    vocab = int(model.config.vocab_size)
+    model_config: Any = model.config  # LDMBert's, or latentdiff's or transformers' CLIPTextConfig
+    vocab = int(model_config.vocab_size)
     if len(tok) > vocab:
         raise CheckpointError("the tokenizer has more tokens than the text encoder has embeddings", where=where,
                               expected=f"at most {vocab} tokens", found=f"{type(tok).__name__} with {len(tok)}")
@@ -226,7 +226,8 @@ def clip_text_model(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]
     dtype = torch_dtype or torch.float32
     target = torch.device(device) if device is not None else torch.device("cpu")
     model.load_state_dict(cast_state_dict(state, dtype=dtype, device=target), strict=True, assign=True)
-    return model.to(target).eval()
+    module: nn.Module = model  # nn.Module's .to: transformers annotates PreTrainedModel.to as taking a model
+    return module.to(target).eval()
 
 
 def text_encoder_part(encoder: Any, *, dtype: torch.dtype | None = None) -> tuple[dict[str, Any], dict]:
@@ -295,7 +296,8 @@ def build_components(parts: Parts, names: list[str], *, required: list[str], tok
 
     built: dict[str, Any] = {}
     if "scheduler" in parts and {"noise_scheduler", "sampler"} & set(names):
-        schedule = dict(zip(("noise_scheduler", "sampler"), scheduler_from_part(parts["scheduler"][0], source=source)))
+        schedule = dict(zip(("noise_scheduler", "sampler"), scheduler_from_part(parts["scheduler"][0], source=source),
+                            strict=True))
         built.update({k: v for k, v in schedule.items() if k in names})
     load = dict(torch_dtype=torch_dtype, device=device)
     for name in (n for n in names if n not in built):
@@ -314,7 +316,8 @@ def build_components(parts: Parts, names: list[str], *, required: list[str], tok
     return built
 
 
-def find_pipeline_class(parts: Parts, *, task: str | None = None, wanted: type | None = None, source: str) -> type:
+def find_pipeline_class(parts: Parts, *, task: str | None = None, wanted: type | None = None,
+                        source: str) -> type[Any]:
     """The pipeline class for a file: PIPELINES[task] when given, else the one its family runs in. `wanted`
     (the class whose from_single_file was called) must be that class or a base of it; where the file alone
     cannot tell (a concat-conditioned LDM), `wanted` decides."""
@@ -394,7 +397,6 @@ def scheduler_from_part(config: Mapping[str, Any], *, source: str) -> tuple[Any,
 
 def pipeline_parts(pipe: Any, *, dtype: torch.dtype | None = None) -> Parts:
     """The parts of a pipeline (its networks and its noise schedule), as `write_single_file` takes them."""
-    from ..models.base import ModelMixin
     from ..models.text_encoder import TextEncoder
 
     parts: Parts = {}
@@ -402,8 +404,8 @@ def pipeline_parts(pipe: Any, *, dtype: torch.dtype | None = None) -> Parts:
         module = getattr(pipe, attr, None)
         if isinstance(module, TextEncoder):
             parts["text_encoder"] = text_encoder_part(module, dtype=dtype)
-        elif isinstance(module, ModelMixin) and single_file_part(type(module)) is not None:
-            parts[single_file_part(type(module))] = model_part(module, dtype=dtype)
+        elif isinstance(module, ModelMixin) and (part := single_file_part(type(module))) is not None:
+            parts[part] = model_part(module, dtype=dtype)
     if not parts:
         raise InputError("the pipeline has no network with an original layout", where=type(pipe).__name__)
     if getattr(pipe, "noise_scheduler", None) is not None:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, InputError
+from ..models.base import ModelMixin
 from ..models.text_encoder import CONFIG_FILE as TEXT_SETTINGS
 from .api import model_part, module_from_part, pipeline_from_parts, read_parts
 from .single_file import NETWORK_PARTS, Parts, single_file_part, write_single_file
@@ -78,6 +79,7 @@ def single_file_to_folder(parts: Parts, dst: Path, *, dtype: torch.dtype | None,
                           progress: bool = True) -> Path:
     """Parts of a single file -> a diffusers folder: the pipeline, or the autoencoder of a first-stage file."""
     dtype = dtype or float_dtype(parts)
+    model: Any  # the autoencoder, or the pipeline: both save_pretrained(folder)
     with _bar(parts, progress) as bar:
         if "unet" not in parts:
             networks = [p for p in parts if p in NETWORK_PARTS]
@@ -131,8 +133,11 @@ def read_diffusers_folder(folder: Path, *, dtype: torch.dtype | None = None, pro
         state = load_weights(sub, weights)
         model = module_from_part(part, config, state, torch_dtype=dtype or float_dtype({part: (config, state)}),
                                  source=str(sub))
-        parts[part] = model_part(model) if hasattr(model, "to_file_config") else \
-            (model.config.to_dict(), dict(model.state_dict()))
+        if isinstance(model, ModelMixin):
+            parts[part] = model_part(model)
+        else:  # transformers' CLIPTextModel
+            text_config: Any = model.config
+            parts[part] = (text_config.to_dict(), dict(model.state_dict()))
         if SETTINGS_KEY in config:
             parts[part][0][SETTINGS_KEY] = config[SETTINGS_KEY]
     return parts

@@ -104,17 +104,17 @@ def infer_unet(sd: Mapping[str, torch.Tensor], *, cond_kind: str | None = None, 
     resample, transformer = "conv", None
     for level in range(levels):
         first = ins.get(n, {})
-        kinds = set()
+        level_kinds: set[str] = set()
         for _ in range(layers[level]):
             block = ins.get(n, {})
             if _kind(block.get(0, {})) != "res":
                 raise CheckpointError("unknown layout: expected a ResBlock", where=f"{source}input_blocks.{n}.0")
-            kinds.add(_kind(block[1]) if 1 in block else "none")
+            level_kinds.add(_kind(block[1]) if 1 in block else "none")
             n += 1
-        if len(kinds) != 1:
+        if len(level_kinds) != 1:
             raise CheckpointError("attention on some but not all blocks of a level", where=f"{source}level {level}",
-                                  found=sorted(kinds))
-        attention.append(kinds.pop())
+                                  found=sorted(level_kinds))
+        attention.append(level_kinds.pop())
         channels.append(int(first[0]["out_layers.3.weight"].shape[0]))
         if attention[-1] == "transformer":
             transformer = transformer or first[1]
@@ -168,7 +168,8 @@ def _heads(channels: tuple[int, ...], *, mid_kind: str, sd2: bool, cond_kind: st
         raise CheckpointError(
             "this UNet uses LDM's AttentionBlock, whose fused qkv tensor interleaves heads; the head count is "
             "not stored in the file. Pass original_config= (the model's YAML; latentdiff ships the released "
-            "LDM ones, see latentdiff.convert.original_config.SHIPPED_CONFIGS)", where=f"{source}middle_block.1.qkv.weight")
+            "LDM ones, see latentdiff.convert.original_config.SHIPPED_CONFIGS)",
+            where=f"{source}middle_block.1.qkv.weight")
     if sd2:
         return tuple(c // 64 for c in channels)
     return tuple(1 if cond_kind == "class" else 8 for _ in channels)
@@ -182,7 +183,7 @@ def infer_vae(sd: Mapping[str, torch.Tensor], *, scaling_factor: float | None = 
     levels = _indices(sd, r"encoder\.down\.(\d+)\.")
     if levels != list(range(len(levels))) or not levels:
         raise CheckpointError("unknown layout of the encoder levels", where=source, found=levels)
-    channels = tuple(int(_get(sd, f"encoder.down.{l}.block.0.conv2.weight", source).shape[0]) for l in levels)
+    channels = tuple(int(_get(sd, f"encoder.down.{level}.block.0.conv2.weight", source).shape[0]) for level in levels)
     z = int(_get(sd, "decoder.conv_in.weight", source).shape[1])
     vq = "quantize.embedding.weight" in sd
     quant = _get(sd, "quant_conv.weight", source)
@@ -194,8 +195,9 @@ def infer_vae(sd: Mapping[str, torch.Tensor], *, scaling_factor: float | None = 
         kind="vq" if vq else "kl", in_channels=int(conv_in.shape[1]),
         out_channels=int(_get(sd, "decoder.conv_out.weight", source).shape[0]), channels=channels,
         layers_per_block=len(_indices(sd, r"encoder\.down\.0\.block\.(\d+)\.")), latent_channels=z,
-        attention_levels=tuple(any(k.startswith(f"encoder.down.{l}.attn.") for k in sd) for l in levels),
-        num_vq_embeddings=int(codebook.shape[0]) if vq else None, vq_embed_dim=int(codebook.shape[1]) if vq else None,
+        attention_levels=tuple(any(k.startswith(f"encoder.down.{level}.attn.") for k in sd) for level in levels),
+        num_vq_embeddings=int(codebook.shape[0]) if codebook is not None else None,
+        vq_embed_dim=int(codebook.shape[1]) if codebook is not None else None,
         scaling_factor=scaling_factor if scaling_factor is not None else (1.0 if vq else 0.18215))
 
 

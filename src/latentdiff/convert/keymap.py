@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 
@@ -37,6 +37,11 @@ from ..errors import CheckpointError
 
 _PLACEHOLDER = re.compile(r"\{(\w+)(\*)?(?::([^{}]*))?\}")
 MAX_LISTED = 400  # an error lists at most this many keys (a wrong file can have thousands)
+
+
+def _compiled() -> Any:
+    """A rule's compiled templates, set by its __post_init__: not an argument, and not part of its identity."""
+    return dataclasses.field(init=False, repr=False, compare=False)
 
 
 class Template:
@@ -107,6 +112,8 @@ def to_ndim(value: torch.Tensor, ndim: int, *, key: str) -> torch.Tensor:
 class Rename:
     src: str
     dst: str
+    _s: Template = _compiled()
+    _d: Template = _compiled()
 
     def __post_init__(self):
         s, (d,) = _pair(self.src, self.dst)
@@ -149,6 +156,8 @@ class Split:
     dim: int = 0
     heads: int = 1  # > 1: chunks interleaved per head along dim 0 (LDM's legacy QKV attention)
     ndim: tuple[int, int] | None = None  # (source ndim, destination ndim) of each piece
+    _s: Template = _compiled()
+    _d: list[Template] = _compiled()
 
     def __post_init__(self):
         object.__setattr__(self, "into", tuple(self.into))
@@ -189,6 +198,8 @@ class Merge:
     dim: int = 0
     heads: int = 1
     ndim: tuple[int, int] | None = None  # (ndim of each piece, ndim of the merged tensor)
+    _s: list[Template] = _compiled()
+    _d: Template = _compiled()
 
     def __post_init__(self):
         object.__setattr__(self, "srcs", tuple(self.srcs))
@@ -223,6 +234,7 @@ class Merge:
 class Drop:
     src: str
     keep: bool = True  # hand the tensor back in `dropped` (for a bit-exact rebuild); False: discard it
+    _s: Template = _compiled()
 
     def __post_init__(self):
         object.__setattr__(self, "_s", Template(self.src))
@@ -238,7 +250,9 @@ class Drop:
 class Nest:
     src: str
     dst: str
-    table: tuple
+    table: tuple[Rule, ...]
+    _s: Template = _compiled()
+    _d: Template = _compiled()
 
     def __post_init__(self):
         object.__setattr__(self, "table", tuple(self.table))
@@ -250,7 +264,7 @@ class Nest:
         return Nest(self.dst, self.src, invert(self.table))
 
 
-Rule = Rename | Split | Merge | Drop | Nest
+Rule: TypeAlias = Rename | Split | Merge | Drop | Nest
 
 
 def invert(table: Iterable[Rule]) -> tuple[Rule, ...]:
@@ -261,7 +275,7 @@ def invert(table: Iterable[Rule]) -> tuple[Rule, ...]:
 # ---- the engine -------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class _Hit:
-    rule: Rule
+    rule: Rename | Split | Merge | Drop  # a rule of the innermost table (a Nest only adds `prefix`)
     values: dict[str, str]
     index: int  # which source of a Merge
     prefix: str = ""
@@ -321,7 +335,7 @@ def apply_keymap(state: Mapping[str, torch.Tensor], table: Sequence[Rule], *, so
                 collisions.append(target)
             pieces[hit.index] = value
         else:
-            for new_key, new_value in zip(hit.outputs(), hit.rule.transform(key, value)):
+            for new_key, new_value in zip(hit.outputs(), hit.rule.transform(key, value), strict=True):
                 put(new_key, new_value)
     incomplete = []
     for target, (rule, pieces, first) in merges.items():

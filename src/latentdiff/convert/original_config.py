@@ -31,10 +31,10 @@ SHIPPED_CONFIGS = ("v1-inference", "v1-inpainting-inference", "v2-inference", "v
 PARAMETERIZATION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 NO_CONDITIONING = ("__is_unconditional__", "__is_first_stage__", "torch.nn.Identity")
 # The text towers SD's YAMLs name by default (their widths are not in the YAML).
-CLIP_L14 = dict(vocab_size=49408, hidden_size=768, num_hidden_layers=12, intermediate_size=3072,
-                max_position_embeddings=77, hidden_act="quick_gelu")
-OPENCLIP_H14 = dict(vocab_size=49408, hidden_size=1024, num_hidden_layers=24, intermediate_size=4096,
-                    max_position_embeddings=77, hidden_act="gelu", projection_dim=1024)
+CLIP_L14: dict[str, Any] = dict(vocab_size=49408, hidden_size=768, num_hidden_layers=12, intermediate_size=3072,
+                                max_position_embeddings=77, hidden_act="quick_gelu")
+OPENCLIP_H14: dict[str, Any] = dict(vocab_size=49408, hidden_size=1024, num_hidden_layers=24, intermediate_size=4096,
+                                    max_position_embeddings=77, hidden_act="gelu", projection_dim=1024)
 BERT_VOCAB, BERT_HEADS, BERT_HEAD_WIDTH = 30522, 8, 64  # BERTEmbedder / x-transformers defaults
 
 
@@ -124,7 +124,8 @@ def vae_from_original(section: Mapping[str, Any], *, scaling_factor: float, wher
         kind="vq" if vq else "kl", in_channels=dd.get("in_channels", 3), out_channels=dd.get("out_ch", 3),
         channels=tuple(dd["ch"] * m for m in dd["ch_mult"]), layers_per_block=dd["num_res_blocks"],
         latent_channels=dd["z_channels"],
-        attention_levels=tuple(resolution // 2 ** level in (dd.get("attn_resolutions") or []) for level in range(levels)),
+        attention_levels=tuple(resolution // 2 ** level in (dd.get("attn_resolutions") or [])
+                               for level in range(levels)),
         num_vq_embeddings=p.get("n_embed") if vq else None, vq_embed_dim=p.get("embed_dim") if vq else None,
         scaling_factor=scaling_factor, sample_size=resolution)
 
@@ -194,7 +195,8 @@ def layout_from_original_config(config: str | os.PathLike | Mapping[str, Any], *
     if params.get("beta_schedule", "linear") != "linear":
         raise ConfigError("unsupported beta_schedule", where="model.params.beta_schedule", expected="linear",
                           found=params.get("beta_schedule"))
-    schedule = {"beta_start": float(params.get("linear_start", 1e-4)), "beta_end": float(params.get("linear_end", 2e-2)),
+    schedule = {"beta_start": float(params.get("linear_start", 1e-4)),
+                "beta_end": float(params.get("linear_end", 2e-2)),
                 "num_train_timesteps": int(params.get("timesteps", 1000)), "beta_schedule": "scaled_linear"}
     scheduler = scheduler_config(prediction_type=prediction_type or PARAMETERIZATION[parameterization],
                                  schedule=schedule)

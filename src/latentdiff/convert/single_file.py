@@ -24,14 +24,14 @@ import dataclasses
 import json
 import os
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 
 from .. import hub
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError, describe
 from .infer import infer_layout
 from .keymap import apply_keymap, invert
 from .layout import SEPARATOR, FileLayout
@@ -45,7 +45,8 @@ OTHER_PARTS = ("scheduler", "extras")
 # Lightning <= 1.4 keyed callback states by the callback class; unpickling the key needs the name only.
 LIGHTNING_CALLBACK_KEYS = ("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
                            "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint")
-Parts = dict[str, tuple[dict[str, Any], dict[str, torch.Tensor]]]
+Parts: TypeAlias = dict[str, tuple[dict[str, Any], dict[str, torch.Tensor]]]
+PartOf: TypeAlias = tuple[Mapping[str, Any], Mapping[str, torch.Tensor]]  # (config, state) of one part, read-only
 # The part of an original single file a model class is, by its diffusers class name (or its own name).
 SINGLE_FILE_PARTS = {"UNet2DConditionModel": "unet", "UNet2DModel": "unet", "AutoencoderKL": "vae",
                      "VQModel": "vqvae", "LDMBert": "text_encoder", "ClassEmbedder": "class_embedder"}
@@ -85,7 +86,8 @@ def load_single_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         header = hub.check_safetensors_header(path)
         return hub.load_safetensors(path), {"metadata": dict(header.get("__metadata__") or {}), "global_step": None}
     if zipfile.is_zipfile(path) or head[:1] == b"\x80":  # torch.save's zip format / the legacy pickle format
-        stand_ins = [(CallbackKey, name) for name in LIGHTNING_CALLBACK_KEYS]
+        stand_ins: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
+            (CallbackKey, name) for name in LIGHTNING_CALLBACK_KEYS]
         try:
             with torch.serialization.safe_globals(stand_ins):
                 obj = hub.load_torch_pickle(path)
@@ -102,7 +104,7 @@ def load_single_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
 
 def _unwrap(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if not isinstance(obj, dict):
-        raise CheckpointError("not a state dict", where=str(path), found=type(obj).__name__)
+        raise CheckpointError("not a state dict", where=str(path), found=describe(obj))
     step = obj.get("global_step")
     state = obj.get("state_dict", obj)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -182,7 +184,7 @@ def split_single_file(state: Mapping[str, torch.Tensor], *, original_config: Any
 
 
 # ---- writing ----------------------------------------------------------------------------------------------
-def to_single_file(parts: Mapping[str, tuple[Mapping[str, Any], Mapping[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+def to_single_file(parts: Mapping[str, PartOf]) -> dict[str, torch.Tensor]:
     """Parts -> one state dict in the original layout (the inverse of `split_single_file`).
 
     Tensors are not copied except where fused ones are rebuilt (OpenCLIP in_proj, LDM qkv); dtypes are kept.
@@ -211,8 +213,8 @@ def to_single_file(parts: Mapping[str, tuple[Mapping[str, Any], Mapping[str, tor
     return out
 
 
-def write_single_file(path: str | os.PathLike, parts: Mapping[str, tuple[Mapping[str, Any], Mapping[str, torch.Tensor]]],
-                      *, metadata: Mapping[str, str] | None = None) -> Path:
+def write_single_file(path: str | os.PathLike, parts: Mapping[str, PartOf], *,
+                      metadata: Mapping[str, str] | None = None) -> Path:
     """Write parts as one original-layout `.safetensors` file (atomically), with latentdiff's configs as JSON
     in the metadata so that `read_single_file` needs neither a YAML nor shape inference to read it back."""
     path = Path(path)

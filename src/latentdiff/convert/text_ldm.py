@@ -36,7 +36,8 @@ CLIP = (
     Nest("transformer.", "", CLIP_LAYERS),  # files saved before transformers had `text_model.`
 )
 OPENCLIP_LAYER = (
-    Split("attn.in_proj_weight", into=("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")),
+    Split("attn.in_proj_weight",
+          into=("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")),
     Split("attn.in_proj_bias", into=("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")),
     Rename("attn.out_proj.{p}", "self_attn.out_proj.{p}"),
     Rename("ln_{n:1|2}.{p}", "layer_norm{n}.{p}"),

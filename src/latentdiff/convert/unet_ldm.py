@@ -20,8 +20,8 @@ from typing import Any
 from ..errors import CheckpointError, ConfigError
 from ..models.diffusers_tables import UNET_2D, UNET_CONDITIONAL
 from ..models.unet import UNetConfig
-from ..models.unet2d import UNet2DConfig
-from .keymap import Keep, Nest, Rename, Reshape, Split
+from ..models.unet2d import ResampleType, UNet2DConfig
+from .keymap import Keep, Nest, Rename, Reshape, Rule, Split
 
 # ---- sub-tables: original name -> diffusers name -----------------------------------------------------------
 RESNET = (  # ResBlock (in_layers = GroupNorm, SiLU, conv; out_layers = GroupNorm, SiLU, Dropout, conv)
@@ -47,7 +47,7 @@ SPATIAL_TRANSFORMER = (
 )
 
 
-def self_attention_table(heads: int) -> tuple:
+def self_attention_table(heads: int) -> tuple[Rule, ...]:
     """LDM AttentionBlock: GroupNorm, fused 1-D conv qkv (3C, C, 1), 1-D conv proj_out (C, C, 1)."""
     return (
         Rename("norm.{p}", "group_norm.{p}"),
@@ -69,7 +69,7 @@ class UNetArch:
     out_channels: int
     channels: tuple[int, ...]           # block_out_channels: width per resolution level
     layers_per_level: tuple[int, ...]   # ResBlocks per down level (up levels have one more)
-    attention: tuple[str, ...]          # per level: "none" | "transformer" (SpatialTransformer) | "self" (AttentionBlock)
+    attention: tuple[str, ...]          # per level: "none", "transformer" (SpatialTransformer), "self" (AttentionBlock)
     mid_attention: str                  # "transformer" | "self"
     heads: tuple[int, ...]              # attention heads per level; the middle block uses heads[-1]
     transformer_depth: tuple[int, ...] = ()  # BasicTransformerBlocks per level; the middle block uses [-1]
@@ -108,21 +108,21 @@ class UNetArch:
         return self.mid_attention == "transformer"
 
     # ---- the key table ----------------------------------------------------------------------------------
-    def attention_table(self, level: int | None) -> tuple:
+    def attention_table(self, level: int | None) -> tuple[Rule, ...]:
         if self.conditional:
             return SPATIAL_TRANSFORMER
         heads = self.heads[-1 if level is None else level]
         return self_attention_table(heads if self.legacy_qkv_order else 1)
 
-    def resampler(self, src: str, dst: str) -> tuple:
+    def resampler(self, src: str, dst: str) -> tuple[Rule, ...]:
         """A down/upsampler: a strided conv (`op` / `conv`), or with resblock_updown a ResBlock."""
         if self.resample == "resnet":
             return (Nest(src, dst, RESNET),)
         return (Rename(src + "{p}", dst + "conv.{p}"),)
 
-    def keymap(self) -> tuple:
+    def keymap(self) -> tuple[Rule, ...]:
         """Original (without `model.diffusion_model.`) -> diffusers keys; `invert()` it for the way back."""
-        rules: list = [
+        rules: list[Rule] = [
             Rename("time_embed.0.{p}", "time_embedding.linear_1.{p}"),
             Rename("time_embed.2.{p}", "time_embedding.linear_2.{p}"),
             Rename("input_blocks.0.0.{p}", "conv_in.{p}"),
@@ -171,25 +171,27 @@ class UNetArch:
     # ---- latentdiff's config (the diffusers config.json is the model's table's: models.diffusers_tables) ------
     def to_config(self) -> UNetConfig | UNet2DConfig:
         """The config of latentdiff's UNet for this layout: UNetConfig (SpatialTransformers) or UNet2DConfig."""
-        common = dict(in_channels=self.in_channels, out_channels=self.out_channels, sample_size=self.sample_size,
-                      channels=self.channels, attention_levels=tuple(a != "none" for a in self.attention),
-                      time_embedding_dim=self.time_embedding_dim, num_class_embeds=self.num_class_embeds)
+        common: dict[str, Any] = dict(
+            in_channels=self.in_channels, out_channels=self.out_channels, sample_size=self.sample_size,
+            channels=self.channels, attention_levels=tuple(a != "none" for a in self.attention),
+            time_embedding_dim=self.time_embedding_dim, num_class_embeds=self.num_class_embeds)
         if self.conditional:
             return UNetConfig(**common, layers_per_level=_compact(self.layers_per_level),
                               attention_heads=_compact(self.heads), transformer_depth=_compact(self.transformer_depth),
                               cross_attention_dim=self.cross_attention_dim,
                               use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention)
-        if any(c % h for c, h in zip(self.channels, self.heads)):
+        if any(c % h for c, h in zip(self.channels, self.heads, strict=True)):
             raise CheckpointError("attention heads do not divide the channels", where="heads",
                                   found=(self.channels, self.heads))
         if len(set(self.layers_per_level)) != 1:
             raise CheckpointError("a UNet without SpatialTransformers takes one layer count for every level",
                                   where="layers_per_level", found=self.layers_per_level)
-        resample = "resnet" if self.resample == "resnet" else "conv"
+        resample: ResampleType = "resnet" if self.resample == "resnet" else "conv"
         # one head width per level where they differ (e.g. LSUN churches' 8 heads everywhere): latentdiff's UNet2D
         # builds it; diffusers' UNet2DModel takes only one width
         return UNet2DConfig(**common, layers_per_level=self.layers_per_level[0],
-                            attention_head_dim=_compact(tuple(c // h for c, h in zip(self.channels, self.heads))),
+                            attention_head_dim=_compact(tuple(c // h for c, h in
+                                                              zip(self.channels, self.heads, strict=True))),
                             time_scale_shift=self.resnet_time_scale_shift == "scale_shift",
                             downsample_type=resample, upsample_type=resample)
 
@@ -221,9 +223,10 @@ class UNetArch:
     def from_config(cls, config: UNetConfig | UNet2DConfig, **foreign: Any) -> UNetArch:
         """The layout of latentdiff's UNet for `config` (`foreign`: what `foreign_keys` names, as fields)."""
         n = len(config.channels)
-        common = dict(in_channels=config.in_channels, out_channels=config.out_channels, channels=config.channels,
-                      time_embedding_dim=config.time_embedding_dim, num_class_embeds=config.num_class_embeds,
-                      sample_size=config.sample_size)
+        common: dict[str, Any] = dict(
+            in_channels=config.in_channels, out_channels=config.out_channels, channels=config.channels,
+            time_embedding_dim=config.time_embedding_dim, num_class_embeds=config.num_class_embeds,
+            sample_size=config.sample_size)
         if isinstance(config, UNetConfig):
             return cls(**common, layers_per_level=config.per_level(config.layers_per_level),
                        attention=tuple("transformer" if a else "none" for a in config.attention_levels),
@@ -235,7 +238,7 @@ class UNetArch:
         widths = [config.head_dim(level) or c for level, c in enumerate(config.channels)]  # None: one head
         return cls(**common, layers_per_level=(config.layers_per_level,) * n,
                    attention=tuple("self" if a else "none" for a in config.attention_levels), mid_attention="self",
-                   heads=tuple(c // w for c, w in zip(config.channels, widths)),
+                   heads=tuple(c // w for c, w in zip(config.channels, widths, strict=True)),
                    resnet_time_scale_shift="scale_shift" if config.time_scale_shift else "default",
                    resample="resnet" if config.downsample_type == "resnet" else "conv", **foreign)
 
@@ -254,6 +257,7 @@ class UNetArch:
                                                                             None)
             if data.get("resnet_time_scale_shift", "default") != "default":
                 foreign["resnet_time_scale_shift"] = data.pop("resnet_time_scale_shift")
+        config_class: type[UNetConfig | UNet2DConfig]
         table, config_class = (UNET_CONDITIONAL, UNetConfig) if conditional else (UNET_2D, UNet2DConfig)
         try:
             typed = table.to_config({**data, "_class_name": table.class_name}, config_class, source=source)

@@ -15,7 +15,7 @@ from ..errors import CheckpointError, ConfigError
 from ..models.autoencoder_kl import AutoencoderKLConfig
 from ..models.diffusers_tables import AUTOENCODER_KL, VQ_MODEL
 from ..models.vq import VQModelConfig
-from .keymap import Drop, Keep, Nest, Rename, Reshape
+from .keymap import Drop, Keep, Nest, Rename, Reshape, Rule
 
 RESNET = (  # ResnetBlock: same names but the shortcut
     Keep("norm{n:1|2}.{p}"),
@@ -61,9 +61,9 @@ class VAEArch:
         """The pipeline component name diffusers uses for it."""
         return "vae" if self.kind == "kl" else "vqvae"
 
-    def keymap(self) -> tuple:
+    def keymap(self) -> tuple[Rule, ...]:
         """Original (without `first_stage_model.`) -> diffusers keys; `invert()` it for the way back."""
-        rules: list = []
+        rules: list[Rule] = []
         for part in ("encoder", "decoder"):
             rules += [Keep(f"{part}.conv_in.{{p}}"), Keep(f"{part}.conv_out.{{p}}"),
                       Rename(f"{part}.norm_out.{{p}}", f"{part}.conv_norm_out.{{p}}"),
@@ -96,13 +96,15 @@ class VAEArch:
 
     def to_config(self) -> AutoencoderKLConfig | VQModelConfig:
         """The config of latentdiff's first stage for this layout (its diffusers config.json is the table's)."""
-        common = dict(in_channels=self.in_channels, out_channels=self.out_channels, channels=self.channels,
-                      layers_per_level=self.layers_per_block, latent_channels=self.latent_channels,
-                      attention_levels=self.attention_levels, sample_size=self.sample_size,
-                      scaling_factor=self.scaling_factor)
+        common: dict[str, Any] = dict(
+            in_channels=self.in_channels, out_channels=self.out_channels, channels=self.channels,
+            layers_per_level=self.layers_per_block, latent_channels=self.latent_channels,
+            attention_levels=self.attention_levels, sample_size=self.sample_size, scaling_factor=self.scaling_factor)
         if self.kind == "kl":
             return AutoencoderKLConfig(**common)
-        return VQModelConfig(**common, num_vq_embeddings=self.num_vq_embeddings, vq_embed_dim=self.vq_embed_dim)
+        # num_vq_embeddings None (a "vq" description without a codebook size): VQModelConfig's error names it
+        codebook: dict[str, Any] = dict(num_vq_embeddings=self.num_vq_embeddings, vq_embed_dim=self.vq_embed_dim)
+        return VQModelConfig(**common, **codebook)
 
     def to_diffusers_config(self) -> dict[str, Any]:
         """The part config: the diffusers config.json of `to_config()`'s model."""

@@ -4,18 +4,21 @@ Parameter names follow the diffusers layout (to_q, to_k, to_v, to_out.0; ff.net.
 proj_in, transformer_blocks.N, proj_out) so checkpoints in that layout load without a key map.
 
 Attention slicing: a kernel that materialises the (B, heads, N, M) score matrix (SDPA's math path: fp32 on
-GPUs without a fused kernel, old GPUs, upcast attention) needs B h N M floats at once, 4 GiB for one SD
-self-attention at 1024 px. Each query row attends independently of the others, so SDPA over chunks of the
-query rows, concatenated, is the same attention with a score buffer of B h chunk M. `set_attention_chunking`
-turns it on for every attention layer of a model: a fixed `chunk_size`, or a `max_bytes` budget that chunks
-only a call whose scores would exceed it, with the largest chunk that fits.
+GPUs without a fused kernel, old GPUs, upcast attention) needs B h N M floats at once (gigabytes for one SD
+self-attention at 1024 px: benchmarks/RESULTS.md). Each query row attends independently of the others, so SDPA
+over chunks of the query rows, concatenated, is the same attention with a score buffer of B h chunk M.
+`set_attention_chunking` turns it on for every attention layer of a model: a fixed `chunk_size`, or a `max_bytes`
+budget that chunks only a call whose scores would exceed it, with the largest chunk that fits.
 """
 from __future__ import annotations
+
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import is_int
 from ..errors import InputError
 
 
@@ -59,7 +62,7 @@ def set_attention_chunking(model: nn.Module, *, chunk_size: int | None = None, m
     """Chunk the queries of every attention layer of `model` (Attention, SpatialSelfAttention); both None:
     unchunked again. chunk_size: query rows per SDPA call; max_bytes: score budget per call. -> layers set."""
     for name, value in (("chunk_size", chunk_size), ("max_bytes", max_bytes)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        if value is not None and (not is_int(value) or value < 1):
             raise InputError(f"{name} must be a positive integer or None", where=name, expected="int >= 1 or None",
                              found=repr(value))
     layers = [m for m in model.modules() if isinstance(m, (Attention, SpatialSelfAttention))]
@@ -121,7 +124,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and not torch.is_grad_enabled():
-            step = max(1, FEED_FORWARD_CHUNK_BYTES // (self.net[0].proj.out_features * x.element_size()))
+            geglu = cast(GEGLU, self.net[0])  # net is built in __init__: [GEGLU, Dropout | Identity, Linear]
+            step = max(1, FEED_FORWARD_CHUNK_BYTES // (geglu.proj.out_features * x.element_size()))
             if x.shape[:-1].numel() > step:
                 return self._chunked(x, step)
         x = self.net[0](x)
@@ -131,9 +135,9 @@ class FeedForward(nn.Module):
 
     def _chunked(self, x: torch.Tensor, step: int) -> torch.Tensor:
         """Inference over `step` tokens at a time: the GEGLU's (tokens, 2 x inner) projection, 8x the block's
-        width, never exists whole (SD 1.5 at 64 x 64 latents: 168 MB of transients -> ~40 MB). Each row's
-        result is the same computation (the reduction over features is unchanged); only GEMM blocking differs."""
-        geglu, out = self.net[0], self.net[2]
+        width, never exists whole (the transients this saves: benchmarks/RESULTS.md). Each row's result is the
+        same computation (the reduction over features is unchanged); only GEMM blocking differs."""
+        geglu, out = self.net[0], cast(nn.Linear, self.net[2])
         flat = x.reshape(-1, x.shape[-1])
         result = flat.new_empty(flat.shape[0], out.out_features)
         for start in range(0, flat.shape[0], step):
@@ -149,17 +153,17 @@ class BasicTransformerBlock(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = Attention(dim, heads=heads, dim_head=dim_head, upcast=upcast)
+        self.norm2: nn.LayerNorm | None = None  # None, both, without cross-attention
+        self.attn2: Attention | None = None
         if context_dim is not None:
             self.norm2 = nn.LayerNorm(dim)
             self.attn2 = Attention(dim, context_dim=context_dim, heads=heads, dim_head=dim_head, upcast=upcast)
-        else:
-            self.norm2 = self.attn2 = None
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, dropout=dropout)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         x = self.attn1(self.norm1(x)) + x
-        if self.attn2 is not None:
+        if self.attn2 is not None and self.norm2 is not None:
             x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
 

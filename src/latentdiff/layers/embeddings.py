@@ -12,15 +12,16 @@ from torch import nn
 _FREQUENCIES: dict[tuple[int, float, float, torch.device], torch.Tensor] = {}
 
 
-def cast(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """value in dtype; the .to() only when it changes something (a no-op .to() is still an op per call)."""
+def to_dtype(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """value in dtype; the .to() only when it changes something (a no-op .to() is still an op per call).
+    (The one tensor dtype cast of the layers; a state dict's is models.base.cast_state_dict.)"""
     return value if value.dtype == dtype else value.to(dtype)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, *, flip_sin_to_cos: bool = True, freq_shift: float = 0.0,
                        max_period: float = 10000.0) -> torch.Tensor:
     """t: (B,) -> (B, dim) float32: [sin(t w_i), cos(t w_i)] with w_i = max_period^(-i / (half - freq_shift))."""
-    t = cast(t, torch.float32)
+    t = to_dtype(t, torch.float32)
     angles = t[:, None] * frequencies(dim // 2, freq_shift=freq_shift, max_period=max_period, device=t.device)
     emb = torch.cat([torch.cos(angles), torch.sin(angles)] if flip_sin_to_cos else
                     [torch.sin(angles), torch.cos(angles)], dim=-1)

@@ -52,7 +52,7 @@ class ResnetBlock(nn.Module):
         """`upsample_size`: with `up`, the exact output size (odd skip shapes); None doubles H and W.
         `temb_activated`: temb is already SiLU(time embedding). Without autograd (inference) the SiLUs and the
         residual sum work in place on the block's own temporaries: the same values, one activation fewer alive
-        at a time (SD 1.5's 960-channel blocks at 64 x 64: 31 MB each)."""
+        at a time (what that saves in SD 1.5's widest blocks: benchmarks/RESULTS.md)."""
         in_place = not torch.is_grad_enabled()
         h = F.silu(self.norm1(x), inplace=in_place)
         if self.up:  # the skip input is resampled too, so that it still adds to h

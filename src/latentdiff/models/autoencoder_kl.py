@@ -59,7 +59,7 @@ class AutoencoderKLConfig(ComponentConfig):
             for name in ("latents_mean", "latents_std"):
                 if len(getattr(self, name)) != self.latent_channels:
                     _bad(name, f"{self.latent_channels} values (one per latent channel)", getattr(self, name))
-            if not all(math.isfinite(s) and s > 0 for s in self.latents_std):
+            if self.latents_std is not None and not all(math.isfinite(s) and s > 0 for s in self.latents_std):
                 _bad("latents_std", "finite positive values", self.latents_std)
 
 
@@ -126,7 +126,7 @@ def _noise_like(like: torch.Tensor, generator: Generator) -> torch.Tensor:
 
 
 @COMPONENTS.register("autoencoder_kl")
-class AutoencoderKL(TilingMixin, FirstStage):
+class AutoencoderKL(TilingMixin, FirstStage[AutoencoderKLConfig]):
     """Image (B, in_channels, H, W) <-> posterior over latents (B, latent_channels, H/f, W/f).
 
     Parameter names are those of diffusers' AutoencoderKL, so its checkpoints load with no key map.
@@ -136,7 +136,6 @@ class AutoencoderKL(TilingMixin, FirstStage):
     config_class = AutoencoderKLConfig
     diffusers_class_name = "AutoencoderKL"
     diffusers_config = AUTOENCODER_KL
-    config: AutoencoderKLConfig
 
     def __init__(self, config: AutoencoderKLConfig):
         super().__init__(config)

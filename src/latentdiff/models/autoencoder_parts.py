@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from ..layers.resnet import Downsample, ResnetBlock, Upsample
 from .base import ModelMixin
 
 # What the first stages' encode_latents take: one generator for the batch, or one per sample.
-Generator = torch.Generator | Sequence[torch.Generator] | None
+Generator: TypeAlias = torch.Generator | Sequence[torch.Generator] | None
 
 # The autoencoder's GroupNorms all use eps=1e-6 (the original `Normalize`), not PyTorch's 1e-5.
 NORM_EPS = 1e-6
@@ -193,7 +193,25 @@ def check_image(x: torch.Tensor, *, channels: int, factor: int, where: str) -> N
                          found=f"H={height}, W={width}")
 
 
-class FirstStage(ModelMixin):
+class LevelsConfig(Protocol):
+    """The fields of a first stage's config that FirstStage reads (AutoencoderKLConfig and VQModelConfig have
+    them; IdentityFirstStage overrides the properties that read them)."""
+
+    @property
+    def channels(self) -> tuple[int, ...]: ...
+    @property
+    def in_channels(self) -> int: ...
+
+
+def _levels(config: ComponentConfig) -> LevelsConfig:
+    levels: Any = config  # AutoencoderKLConfig or VQModelConfig, both a LevelsConfig (not a common base class)
+    return levels
+
+
+FirstStageConfigT = TypeVar("FirstStageConfigT", bound=ComponentConfig)
+
+
+class FirstStage(ModelMixin[FirstStageConfigT]):
     """Base of the first stages: image (B, image_channels, H, W) <-> latent (B, latent_channels, H/f, W/f).
 
     Subclasses give `encode`, `decode`, `encode_latents` and `scale_latents` / `unscale_latents`.
@@ -202,12 +220,12 @@ class FirstStage(ModelMixin):
     @property
     def downsample_factor(self) -> int:
         """f: the image is f times the latent's height and width (one halving per level after the first)."""
-        return 2 ** (len(self.config.channels) - 1)
+        return 2 ** (len(_levels(self.config).channels) - 1)
 
     @property
     def image_channels(self) -> int:
         """Channels of the images encode takes."""
-        return self.config.in_channels
+        return _levels(self.config).in_channels
 
     def check_image(self, x: torch.Tensor, *, where: str | None = None) -> None:
         """Refuse anything but (B, image_channels, H, W) with H and W positive multiples of f, before any work."""
@@ -217,6 +235,23 @@ class FirstStage(ModelMixin):
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latent (B, latent_channels, h, w) -> image (B, C, h*f, w*f)."""
         return self.decode(self.unscale_latents(z))
+
+    # ---- what each first stage gives (`encode` too, whose result differs: a posterior, a latent) ----------
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Unscaled latent (B, latent_channels, h, w) -> image (B, C, h*f, w*f)."""
+        raise NotImplementedError
+
+    def encode_latents(self, x: torch.Tensor, *, generator: Generator = None, sample: bool = True) -> torch.Tensor:
+        """Image (B, image_channels, H, W) -> scaled latent (B, latent_channels, H/f, W/f)."""
+        raise NotImplementedError
+
+    def scale_latents(self, latent: torch.Tensor) -> torch.Tensor:
+        """The first stage's latent -> the diffusion model's."""
+        raise NotImplementedError
+
+    def unscale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """The inverse of `scale_latents`."""
+        raise NotImplementedError
 
 
 # ---- the architecture fields AutoencoderKLConfig and VQModelConfig share ----------------------------

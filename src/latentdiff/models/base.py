@@ -19,42 +19,50 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import nn
 
 from .. import hub
 from ..config import ComponentConfig, read_json
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, describe
 from ..registry import SINGLE_FILE
 from ..utils.memory import release_mapped
 from ..utils.startup import freeze_startup_objects
 from ..version import __version__
 from .diffusers_config import DiffusersConfigMap, check_supported  # noqa: F401 (check_supported's old home)
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 CONFIG_NAME = "config.json"
 
+# The typed config a model holds: `class UNet2DConditional(ModelMixin[UNetConfig])` makes `self.config.x` check.
+ConfigT = TypeVar("ConfigT", bound=ComponentConfig)
 
-class ModelMixin(nn.Module):
+
+class ModelMixin(nn.Module, Generic[ConfigT]):
     """Base of the registrable networks (UNet, autoencoders ...)."""
 
-    config_class: ClassVar[type[ComponentConfig]]
+    # Not a ClassVar only because a ClassVar cannot name a type variable: every subclass sets it in its body.
+    config_class: type[ConfigT]
+    config: ConfigT
     registry_name: ClassVar[str]
     diffusers_class_name: ClassVar[str | None] = None  # written as `_class_name` in config.json
     weights_name: ClassVar[str] = hub.WEIGHTS_NAME
     diffusers_config: ClassVar[DiffusersConfigMap | None] = None  # config.json table of the diffusers twin
 
-    def __init__(self, config: ComponentConfig):
+    def __init__(self, config: ConfigT):
         super().__init__()
         if not isinstance(config, self.config_class):
             raise ConfigError(f"{type(self).__name__} needs a {self.config_class.__name__}",
-                              expected=self.config_class.__name__, found=type(config).__name__)
+                              expected=self.config_class.__name__, found=describe(config))
         self.config = config
 
     # ---- config files ---------------------------------------------------------------------
     @classmethod
-    def from_file_config(cls, data: Mapping[str, Any], *, source: str | None = None) -> ComponentConfig:
+    def from_file_config(cls, data: Mapping[str, Any], *, source: str | None = None) -> ConfigT:
         """Map a config.json dict to the typed config: through the `diffusers_config` table where the model has
         a diffusers twin (keys we don't implement at the given value are a ConfigError), else the config's own."""
         if cls.diffusers_config is not None:
@@ -68,13 +76,13 @@ class ModelMixin(nn.Module):
         return self.config.to_dict()
 
     @classmethod
-    def load_config(cls, folder: str | os.PathLike) -> ComponentConfig:
+    def load_config(cls, folder: str | os.PathLike) -> ConfigT:
         path = Path(folder) / CONFIG_NAME
         return cls.from_file_config(read_json(path), source=str(path))
 
     # ---- loading ----------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: ComponentConfig | Mapping[str, Any]):
+    def from_config(cls, config: ConfigT | Mapping[str, Any]) -> Self:
         if not isinstance(config, ComponentConfig):
             config = cls.config_class.from_dict(config)
         return cls(config)
@@ -99,9 +107,9 @@ class ModelMixin(nn.Module):
         return cls.from_state_dict(config, state, torch_dtype=torch_dtype, device=device, source=str(folder))
 
     @classmethod
-    def from_state_dict(cls, config: ComponentConfig, state: Mapping[str, torch.Tensor], *,
+    def from_state_dict(cls, config: ConfigT, state: Mapping[str, torch.Tensor], *,
                         torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                        source: str | None = None):
+                        source: str | None = None) -> Self:
         """Build the model without initialising weights (meta device) and assign `state` to it, strictly."""
         state = rename_deprecated_attention(state)
         freeze_startup_objects()
@@ -207,7 +215,7 @@ def load_weights(folder: Path, weights_name: str, *, variant: str | None = None)
     if pickle.is_file():
         state = hub.load_torch_pickle(pickle)
         if not isinstance(state, dict):
-            raise CheckpointError("pickled weights are not a state dict", where=str(pickle), found=type(state).__name__)
+            raise CheckpointError("pickled weights are not a state dict", where=str(pickle), found=describe(state))
         return state
     found = sorted(p.name for p in folder.iterdir() if p.is_file())
     raise CheckpointError("no weights file in the model folder", where=str(folder),
@@ -215,8 +223,9 @@ def load_weights(folder: Path, weights_name: str, *, variant: str | None = None)
 
 
 # torch.nn.init functions that modules call in reset_parameters(): on the meta device they have nothing to fill,
-# yet some run through torch's Python decompositions (nn.Embedding's normal_ imports torch._dynamo: ~0.8 s of a
-# cold from_pretrained). init_skipped_on_meta() makes them return meta tensors untouched.
+# yet some run through torch's Python decompositions (nn.Embedding's normal_ imports torch._dynamo: a large part
+# of a cold from_pretrained, see benchmarks/RESULTS.md). init_skipped_on_meta() makes them return meta tensors
+# untouched.
 INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
                   "sparse_")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ComponentConfig
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, describe
 from .base import ModelMixin
 from .diffusers_config import check_supported
 
@@ -158,7 +158,7 @@ class CLIPTextEncoder(nn.Module):
         self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers))
 
 
-class CLIPTextModel(ModelMixin):
+class CLIPTextModel(ModelMixin[CLIPTextConfig]):
     """CLIP's text tower. input_ids: (B, L) token ids, L <= max_position_embeddings -> CLIPTextOutput.
 
         model = CLIPTextModel.from_pretrained(sd_folder, subfolder="text_encoder")
@@ -227,7 +227,7 @@ class CLIPTextModel(ModelMixin):
 
     # ---- weights ----------------------------------------------------------------------------
     @classmethod
-    def from_state_dict(cls, config: ComponentConfig, state: Mapping[str, torch.Tensor], *,
+    def from_state_dict(cls, config: CLIPTextConfig, state: Mapping[str, torch.Tensor], *,
                         torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                         source: str | None = None) -> CLIPTextModel:
         """Strict load of either key layout (with or without `text_model.`); an old position-id buffer is dropped."""
@@ -273,19 +273,9 @@ def check_input_ids(input_ids: Any, max_positions: int | None) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point() \
             or input_ids.is_complex() or input_ids.dtype == torch.bool:
         raise InputError("input_ids must be a 2-D tensor of integer token ids", where="input_ids",
-                         expected="(B, L) integer tensor", found=_describe(input_ids))
+                         expected="(B, L) integer tensor", found=describe(input_ids))
     length = input_ids.shape[1]
     if length < 1 or (max_positions is not None and length > max_positions):
         raise InputError("token count out of range of the position embeddings", where="input_ids",
                          expected=f"1 <= L <= {max_positions}" if max_positions is not None else "L >= 1",
                          found=f"L = {length}")
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
-    if isinstance(value, (list, tuple)) and value:
-        return f"{type(value).__name__} of {[type(v).__name__ for v in value[:5]]}"
-    if isinstance(value, (list, tuple)):
-        return f"empty {type(value).__name__}"
-    return type(value).__name__

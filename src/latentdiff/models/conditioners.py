@@ -38,7 +38,7 @@ class ClassEmbedderConfig(ComponentConfig):
 
 
 @COMPONENTS.register("class_embedder")
-class ClassEmbedder(ModelMixin):
+class ClassEmbedder(ModelMixin[ClassEmbedderConfig]):
     """class_labels: (B,) int -> context (B, 1, embed_dim)."""
 
     config_class = ClassEmbedderConfig
@@ -46,11 +46,6 @@ class ClassEmbedder(ModelMixin):
     def __init__(self, config: ClassEmbedderConfig):
         super().__init__(config)
         self.embedding = nn.Embedding(config.num_classes, config.embed_dim)
-
-    @classmethod
-    def from_file_config(cls, data, *, source=None):
-        data = {k: v for k, v in data.items() if k != "_class_name"}
-        return cls.config_class.from_dict(data, source=source)
 
     def forward(self, class_labels: torch.Tensor) -> torch.Tensor:
         return self.embedding(class_labels)[:, None, :]
@@ -82,7 +77,7 @@ class SpatialRescalerConfig(ComponentConfig):
 
 
 @COMPONENTS.register("spatial_rescaler")
-class SpatialRescaler(ModelMixin):
+class SpatialRescaler(ModelMixin[SpatialRescalerConfig]):
     """x: (B, in_channels, H, W) -> (B, out_channels or in_channels, H * m^n, W * m^n)."""
 
     config_class = SpatialRescalerConfig
@@ -91,11 +86,6 @@ class SpatialRescaler(ModelMixin):
         super().__init__(config)
         self.channel_mapper = (nn.Conv2d(config.in_channels, config.out_channels, 1, bias=config.bias)
                                if config.out_channels is not None else None)
-
-    @classmethod
-    def from_file_config(cls, data, *, source=None):
-        data = {k: v for k, v in data.items() if k != "_class_name"}
-        return cls.config_class.from_dict(data, source=source)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for _ in range(self.config.n_stages):

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeAlias
 
-from ..config import ComponentConfig
+from ..config import C, ComponentConfig, is_int
 from ..errors import ConfigError
 
-ReadFields = Callable[[Mapping[str, Any], "str | None"], dict[str, Any]]
-WriteKeys = Callable[[Any], dict[str, Any]]
+ReadFields: TypeAlias = Callable[[Mapping[str, Any], "str | None"], dict[str, Any]]
+WriteKeys: TypeAlias = Callable[[Any], dict[str, Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +78,7 @@ class DiffusersConfigMap:
             fields.update(self.read(values, source))
         return fields
 
-    def to_config(self, data: Mapping[str, Any], config_class: type[ComponentConfig], *,
-                  source: str | None = None) -> Any:
+    def to_config(self, data: Mapping[str, Any], config_class: type[C], *, source: str | None = None) -> C:
         """A config.json dict -> `config_class`, strictly; an invalid field is named as the file spells it."""
         fields = self.fields(data, source=source)
         try:
@@ -121,11 +120,6 @@ def check_supported(data: Mapping[str, Any], supported: Mapping[str, Any], *, so
 def key_at(source: str | None, key: str) -> str:
     """Where a config error is: `key in path/to/config.json`."""
     return f"{key} in {source}" if source else key
-
-
-def is_int(value: Any) -> bool:
-    """An int that is not a bool (JSON's true/false are no counts)."""
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def as_list(d: Mapping[str, Any], key: str, source: str | None) -> list[Any]:

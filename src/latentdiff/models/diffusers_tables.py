@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..config import is_int
 from ..errors import ConfigError
-from .diffusers_config import DiffusersConfigMap, as_list, is_int, key_at, per_level, square_sample_size
+from .diffusers_config import DiffusersConfigMap, as_list, key_at, per_level, square_sample_size
 
 
 def _all_false(value: Any) -> bool:

@@ -33,11 +33,11 @@ class IdentityFirstStageConfig(ComponentConfig):
 
 
 @COMPONENTS.register("identity_first_stage")
-class IdentityFirstStage(FirstStage):
+class IdentityFirstStage(FirstStage[IdentityFirstStageConfig]):
     """x (B, channels, H, W) -> the same x, through the first-stage interface of AutoencoderKL / VQModel."""
 
     config_class = IdentityFirstStageConfig
-    config: IdentityFirstStageConfig
+    _anchor: torch.Tensor
 
     def __init__(self, config: IdentityFirstStageConfig):
         super().__init__(config)
@@ -116,8 +116,13 @@ class IdentityFirstStage(FirstStage):
                                   found=sorted(state)[:20])
         return cls(config).to(device=device or "cpu", dtype=torch_dtype or torch.float32).eval()
 
-    def write_files(self, folder: Path, *, variant: str | None = None) -> None:
-        """Write config.json only (`variant` names a weights file, so it changes nothing here)."""
+    def write_files(self, folder: Path, *, variant: str | None = None,
+                    state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Write config.json only (`variant` names a weights file, so it changes nothing here; `state_dict`, as
+        ModelMixin.write_files takes it, can only be empty)."""
+        if state_dict:
+            raise CheckpointError(f"{type(self).__name__} has no weights", expected="an empty state dict",
+                                  found=sorted(state_dict)[:20])
         folder.mkdir(parents=True, exist_ok=True)
         hub.write_json(self.file_config(), folder / CONFIG_NAME)
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from .. import hub
 from ..config import ComponentConfig
-from ..errors import CheckpointError, ConfigError, InputError
+from ..errors import CheckpointError, ConfigError, InputError, describe
 from ..layers.attention import attention
 from ..registry import COMPONENTS
 from ..version import __version__
@@ -37,7 +37,6 @@ from .text_encoder import (
     TOKENIZER_FILES,
     TextEncoder,
     TextEncoderConfig,
-    _describe,
     check_input_ids,
     library_entry,
     native_backend,
@@ -157,7 +156,7 @@ def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 
 @COMPONENTS.register("ldm_bert")
-class LDMBert(ModelMixin):
+class LDMBert(ModelMixin[LDMBertConfig]):
     """LDM's text transformer. input_ids: (B, L) token ids, L <= max_position_embeddings -> (B, L, d_model)."""
 
     config_class = LDMBertConfig
@@ -214,7 +213,8 @@ class LDMBert(ModelMixin):
         The pickle is read with `weights_only=True`, and downloaded only when the folder has no safetensors.
         """
         prefix = f"{subfolder}/" if subfolder else ""
-        where = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+        where: dict[str, Any] = dict(revision=revision, cache_dir=cache_dir, token=token,
+                                     local_files_only=local_files_only)
         root = hub.resolve(path_or_id, allow_patterns=[f"{prefix}{CONFIG_NAME}", f"{prefix}{cls.weights_name}*"],
                            **where)
         folder = root / subfolder if subfolder else root
@@ -230,12 +230,12 @@ class LDMBert(ModelMixin):
         return cls.from_state_dict(config, state, torch_dtype=torch_dtype, device=device, source=str(folder))
 
     @classmethod
-    def from_state_dict(cls, config: ComponentConfig, state: Mapping[str, torch.Tensor], *,
+    def from_state_dict(cls, config: LDMBertConfig, state: Mapping[str, torch.Tensor], *,
                         torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                         source: str | None = None) -> LDMBert:
         """Strict load; the pre-training LM head (to_logits), if present, must have its shape and is dropped."""
         if isinstance(config, LDMBertConfig):
-            shapes = dict(zip(LM_HEAD_KEYS, ((config.vocab_size, config.d_model), (config.vocab_size,))))
+            shapes = dict(zip(LM_HEAD_KEYS, ((config.vocab_size, config.d_model), (config.vocab_size,)), strict=True))
             wrong = [f"{k}: expected {s}, found {tuple(state[k].shape)}" for k, s in shapes.items()
                      if k in state and tuple(state[k].shape) != s]
             if wrong:
@@ -253,10 +253,12 @@ class LDMBertTextEncoder(TextEncoder):
     mask, as in the released model's training. A `TextEncoder`, so the pipeline takes it as its text encoder.
     """
 
+    model: LDMBert
+
     def __init__(self, model: LDMBert, tokenizer: Any, config: TextEncoderConfig | None = None):
         if not isinstance(model, LDMBert):
             raise ConfigError("LDMBertTextEncoder needs an LDMBert model", where="model", expected="LDMBert",
-                              found=type(model).__name__)
+                              found=describe(model))
         config = TextEncoderConfig(max_length=LDM_MAX_LENGTH) if config is None else config
         if isinstance(config, TextEncoderConfig) and (config.layer != "last" or config.use_attention_mask):
             raise ConfigError("LDMBert conditions on its last layer, without an attention mask", where="config",
@@ -272,7 +274,7 @@ class LDMBertTextEncoder(TextEncoder):
         """input_ids: (B, L) token ids -> (B, L, d_model)."""
         if attention_mask is not None:
             raise InputError("LDMBert attends to every position and takes no attention mask", where="attention_mask",
-                             expected=None, found=_describe(attention_mask))
+                             expected=None, found=describe(attention_mask))
         check_input_ids(input_ids, self.model.config.max_position_embeddings)
         return self.model(input_ids.to(self.device))
 
@@ -289,7 +291,8 @@ class LDMBertTextEncoder(TextEncoder):
         `tokenizer_subfolder=None` reads the tokenizer from the model's folder. `config` overrides the
         folder's latentdiff_text_encoder.json (absent: 77 tokens, as diffusers).
         """
-        where = dict(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+        where: dict[str, Any] = dict(revision=revision, cache_dir=cache_dir, token=token,
+                                     local_files_only=local_files_only)
         tok_sub = tokenizer_subfolder if tokenizer_subfolder is not None else subfolder
         model_prefix, tok_prefix = (f"{s}/" if s else "" for s in (subfolder, tok_sub))
         patterns = [f"{model_prefix}{CONFIG_FILE}"] + ([] if tokenizer is not None else

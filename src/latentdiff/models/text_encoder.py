@@ -27,10 +27,10 @@ from torch import nn
 
 from .. import hub
 from ..config import ComponentConfig, read_json
-from ..errors import CheckpointError, ConfigError, InputError
+from ..errors import CheckpointError, ConfigError, InputError, describe
 from ..registry import COMPONENTS, SINGLE_FILE
 from ..version import __version__
-from .clip_text import MACHINERY_KEYS, MODEL_TYPE, CLIPTextModel, _describe, check_input_ids  # noqa: F401
+from .clip_text import MACHINERY_KEYS, MODEL_TYPE, CLIPTextModel, check_input_ids  # noqa: F401
 
 CONFIG_FILE = "latentdiff_text_encoder.json"  # beside the transformers files; absent -> defaults
 MODEL_CONFIG = "config.json"
@@ -88,14 +88,14 @@ class TextEncoder(nn.Module):
         config = TextEncoderConfig() if config is None else config
         if not isinstance(config, TextEncoderConfig):
             raise ConfigError("TextEncoder needs a TextEncoderConfig", where="config",
-                              expected="TextEncoderConfig", found=type(config).__name__)
+                              expected="TextEncoderConfig", found=describe(config))
         if not isinstance(model, nn.Module) or not hasattr(model, "config"):
             raise ConfigError("model must be a text model with a config", where="model",
-                              expected="e.g. latentdiff's or transformers' CLIPTextModel", found=type(model).__name__)
+                              expected="e.g. latentdiff's or transformers' CLIPTextModel", found=describe(model))
         if not callable(tokenizer):
             raise ConfigError("tokenizer must be a tokenizer", where="tokenizer",
                               expected="e.g. latentdiff's or transformers' CLIPTokenizer",
-                              found=type(tokenizer).__name__)
+                              found=describe(tokenizer))
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self._max_positions: int | None = getattr(model.config, "max_position_embeddings", None)
         self._max_length = self._resolve_max_length()
@@ -129,7 +129,8 @@ class TextEncoder(nn.Module):
     # ---- properties -------------------------------------------------------------------------
     @property
     def hidden_size(self) -> int:
-        return int(self.model.config.hidden_size)
+        config: Any = self.model.config  # latentdiff's or transformers' text model config
+        return int(config.hidden_size)
 
     @property
     def max_length(self) -> int:
@@ -175,11 +176,11 @@ class TextEncoder(nn.Module):
 
     def _warn_if_truncated(self, prompts: list[str], attention_mask: torch.Tensor) -> None:
         # Only a prompt that fills every position can have been cut; re-tokenize just those, unpadded.
-        full = [p for p, last in zip(prompts, attention_mask[:, -1].tolist()) if last]
+        full = [p for p, last in zip(prompts, attention_mask[:, -1].tolist(), strict=True) if last]
         if not full:
             return
         lengths = [len(ids) for ids in self.tokenizer(full, truncation=False, verbose=False)["input_ids"]]
-        dropped = [(n - self._max_length, p) for n, p in zip(lengths, full) if n > self._max_length]
+        dropped = [(n - self._max_length, p) for n, p in zip(lengths, full, strict=True) if n > self._max_length]
         if dropped:
             self._warned_truncation = True
             count, prompt = max(dropped)
@@ -272,7 +273,8 @@ class TextEncoder(nn.Module):
         legacy = not hasattr(self.model, "text_model")  # transformers 5's flat layout
         prefix = LEGACY_WEIGHT_PREFIX.get(type(self.model).__name__, "") if legacy else ""
         state = {prefix + k: v for k, v in self.model.state_dict().items()}
-        self.model.save_pretrained(model_dir, state_dict=state, variant=variant)
+        model: Any = self.model  # latentdiff's or transformers' text model: both have this save_pretrained
+        model.save_pretrained(model_dir, state_dict=state, variant=variant)
         hub.write_json({**self.config.to_dict(), "_latentdiff_version": __version__}, model_dir / CONFIG_FILE)
         self.tokenizer.save_pretrained(tokenizer_dir)
 
@@ -451,4 +453,4 @@ def _check_prompts(prompts: Any) -> list[str]:
     if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, str) for p in prompts):
         return list(prompts)
     raise InputError("prompts must be a string or a non-empty list of strings", where="prompts",
-                     expected="str | list[str]", found=_describe(prompts))
+                     expected="str | list[str]", found=describe(prompts))

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, describe
 
 TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP = "tokenizer_config.json", "special_tokens_map.json"
 TOKENIZER_JSON = "tokenizer.json"
@@ -144,7 +144,7 @@ class FastTokenizer:
         texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
         if texts is None or not all(isinstance(t, str) for t in texts):
             raise InputError("text must be a string or a list of strings", where="text", expected="str | list[str]",
-                             found=type(text).__name__)
+                             found=describe(text))
         pad_to, cut_to = self._lengths(padding, truncation, max_length)
         reserved = self.backend_tokenizer.num_special_tokens_to_add(False) if add_special_tokens else 0
         if cut_to is not None and cut_to < reserved:
@@ -155,11 +155,11 @@ class FastTokenizer:
             if cut_to is not None:  # what the backend's LongestFirst truncation does to one sequence
                 encoding.truncate(cut_to - reserved, direction=self.truncation_side)
             encodings.append(self.backend_tokenizer.post_process(encoding, add_special_tokens=add_special_tokens))
-        if pad_to == "longest":
-            pad_to = max(len(e.ids) for e in encodings)
-        keys = {"input_ids": True, "token_type_ids": return_token_type_ids, "attention_mask": return_attention_mask}
-        keys = [k for k, wanted in keys.items() if wanted or (wanted is None and k in self.model_input_names)]
-        columns = {k: [self._padded(e, k, pad_to) for e in encodings] for k in keys}
+        pad_length = max(len(e.ids) for e in encodings) if isinstance(pad_to, str) else pad_to  # str: "longest"
+        requested = {"input_ids": True, "token_type_ids": return_token_type_ids,
+                     "attention_mask": return_attention_mask}
+        keys = [k for k, wanted in requested.items() if wanted or (wanted is None and k in self.model_input_names)]
+        columns: dict[str, Any] = {k: [self._padded(e, k, pad_length) for e in encodings] for k in keys}
         if return_tensors is not None:
             columns = {k: self._tensor(v, return_tensors) for k, v in columns.items()}
         elif isinstance(text, str):
@@ -285,8 +285,9 @@ def load_clip_tokenizer(folder: str | Path) -> CLIPTokenizer:
     tokenizer = CLIPTokenizer(backend, special_tokens={k: str(v) for k, v in named.items()}, files=files,
                               **_call_settings(config))
     bos, eos = str(named["bos_token"]), str(named["eos_token"])
-    backend.post_processor = processors.RobertaProcessing((eos, tokenizer.token_id(eos)),
-                                                          (bos, tokenizer.token_id(bos)), False, False)
+    bos_id, eos_id = tokenizer.token_id(bos), tokenizer.token_id(eos)
+    assert bos_id is not None and eos_id is not None  # _add_special_tokens put both in the vocabulary
+    backend.post_processor = processors.RobertaProcessing((eos, eos_id), (bos, bos_id), False, False)
     return tokenizer
 
 
@@ -296,15 +297,16 @@ def _clip_vocabulary(folder: Path, files: Mapping[str, bytes]) -> tuple[dict[str
         if model.get("type", "BPE") != "BPE" or not isinstance(model.get("vocab"), dict):
             raise ConfigError("tokenizer.json does not hold a BPE vocabulary", where=str(folder / TOKENIZER_JSON),
                               expected="model.type BPE", found=model.get("type"))
-        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+        # pairs as the file spells them ("a b" or ["a", "b"]); BPE refuses anything else
+        merges: list[Any] = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
         return model["vocab"], merges
     if VOCAB_JSON not in files or MERGES_TXT not in files:
         raise ConfigError("a CLIP tokenizer needs vocab.json and merges.txt (or tokenizer.json)", where=str(folder),
                           expected=[VOCAB_JSON, MERGES_TXT], found=sorted(files))
     from tokenizers.models import BPE
 
-    vocab, merges = BPE.read_file(str(folder / VOCAB_JSON), str(folder / MERGES_TXT))
-    return vocab, merges
+    vocab, pairs = BPE.read_file(str(folder / VOCAB_JSON), str(folder / MERGES_TXT))
+    return vocab, pairs
 
 
 def _read_files(folder: Path, names: Sequence[str]) -> dict[str, bytes]:
@@ -321,7 +323,7 @@ def _json(files: Mapping[str, bytes], name: str, folder: Path) -> dict[str, Any]
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{name} is not valid JSON ({e})", where=str(folder / name)) from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{name} does not hold a JSON object", where=str(folder / name), found=type(data).__name__)
+        raise ConfigError(f"{name} does not hold a JSON object", where=str(folder / name), found=describe(data))
     return data
 
 

@@ -13,25 +13,24 @@ ResnetBlocks, each fed the concatenation of the running features and one skip fr
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from collections.abc import Callable
 from functools import partial
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, TypeAlias
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ComponentConfig
-from ..errors import ConfigError, InputError
+from ..config import ComponentConfig, is_real
+from ..errors import ConfigError, InputError, describe
 from ..layers.attention import SpatialTransformer
-from ..layers.embeddings import TimestepEmbedding, cast, timestep_embedding
+from ..layers.embeddings import TimestepEmbedding, timestep_embedding, to_dtype
 from ..layers.resnet import Downsample, ResnetBlock, Upsample
 from ..registry import COMPONENTS
 from .base import ModelMixin
 from .diffusers_tables import UNET_CONDITIONAL
 
-MidBlock = Literal["transformer", "resnet", "none"]
+MidBlock: TypeAlias = Literal["transformer", "resnet", "none"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +81,7 @@ class UNetConfig(ComponentConfig):
         if bad:
             raise ConfigError("every level width must be divisible by norm_num_groups", where="norm_num_groups",
                               expected=f"a divisor of {self.channels}", found=self.norm_num_groups)
-        for level, (c, h) in enumerate(zip(self.channels, self.per_level(self.attention_heads))):
+        for level, (c, h) in enumerate(zip(self.channels, self.per_level(self.attention_heads), strict=True)):
             if self.has_attention(level) and c % h:
                 raise ConfigError(f"level {level} width {c} is not divisible by its {h} attention heads",
                                   where="attention_heads", expected=f"a divisor of {c}", found=h)
@@ -110,11 +109,15 @@ class UNetConfig(ComponentConfig):
         return self.cross_attention_dim is not None and (any(self.attention_levels) or self.mid_block == "transformer")
 
 
-Attend = Callable[[int], nn.Module]  # channels -> SpatialTransformer
+Attend: TypeAlias = Callable[[int], nn.Module]  # channels -> SpatialTransformer
 
 
 class DownLevel(nn.Module):
     """diffusers CrossAttnDownBlock2D (with `attend`) / DownBlock2D: resnets (+ transformers) (+ downsample)."""
+
+    # The downsampler is a ResnetBlock(down=True), which takes the time embedding (unet2d.ResnetDownLevel);
+    # False: a strided conv (Downsample).
+    resnet_resampler: ClassVar[bool] = False
 
     def __init__(self, in_channels: int, out_channels: int, *, layers: int, resnet: Callable[..., ResnetBlock],
                  attend: Attend | None, downsample: bool, padding: int):
@@ -134,7 +137,8 @@ class DownLevel(nn.Module):
                 h = self.attentions[i](h, context)
             skips.append(h)
         if self.downsamplers is not None:
-            h = self.downsamplers[0](h)
+            down = self.downsamplers[0]
+            h = down(h, emb, temb_activated=True) if self.resnet_resampler else down(h)
             skips.append(h)
         return h
 
@@ -161,6 +165,10 @@ class UpLevel(nn.Module):
     next finer level, whose downsampler output (conv_in's output, for level 0) is this level's last skip.
     """
 
+    # The upsampler is a ResnetBlock(up=True), which takes the time embedding (unet2d.ResnetUpLevel); False:
+    # nearest x2 and a conv (Upsample).
+    resnet_resampler: ClassVar[bool] = False
+
     def __init__(self, in_channels: int, out_channels: int, skip_channels: int, *, layers: int,
                  resnet: Callable[..., ResnetBlock], attend: Attend | None, upsample: bool):
         super().__init__()
@@ -178,18 +186,19 @@ class UpLevel(nn.Module):
             if self.attentions is not None:
                 h = self.attentions[i](h, context)
         if self.upsamplers is not None:
-            h = self.upsamplers[0](h, upsample_size)
+            up = self.upsamplers[0]
+            h = up(h, emb, upsample_size=upsample_size, temb_activated=True) if self.resnet_resampler \
+                else up(h, upsample_size)
         return h
 
 
 @COMPONENTS.register("unet")
-class UNet2DConditional(ModelMixin):
+class UNet2DConditional(ModelMixin[UNetConfig]):
     """eps_theta(x_t, t, context): the LDM / Stable Diffusion denoiser (diffusers UNet2DConditionModel layout)."""
 
     config_class = UNetConfig
     diffusers_class_name = "UNet2DConditionModel"
     diffusers_config = UNET_CONDITIONAL
-    config: UNetConfig
 
     def __init__(self, config: UNetConfig):
         super().__init__(config)
@@ -226,9 +235,9 @@ class UNet2DConditional(ModelMixin):
         upsample_sizes = self._check_inputs(x, t, context, class_labels)
         t_features = timestep_embedding(timestep_batch(t, x), self.config.channels[0],
                                         flip_sin_to_cos=self.config.flip_sin_to_cos, freq_shift=self.config.freq_shift)
-        emb = self.time_embedding(cast(t_features, x.dtype))
+        emb = self.time_embedding(to_dtype(t_features, x.dtype))
         if self.class_embedding is not None:
-            emb = emb + cast(self.class_embedding(class_labels), emb.dtype)
+            emb = emb + to_dtype(self.class_embedding(class_labels), emb.dtype)
         # every ResnetBlock projects SiLU(emb): activated once here rather than once per block
         emb = F.silu(emb)
 
@@ -238,7 +247,7 @@ class UNet2DConditional(ModelMixin):
             h = down(h, emb, context, skips)
         if self.mid_block is not None:
             h = self.mid_block(h, emb, context)
-        for up, size in zip(self.up_blocks, upsample_sizes):
+        for up, size in zip(self.up_blocks, upsample_sizes, strict=True):
             h = up(h, emb, context, skips, size)
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
@@ -269,7 +278,8 @@ class UNet2DConditional(ModelMixin):
         elif class_labels is not None:
             raise InputError("this UNet is not class-conditional (num_class_embeds is None): pass no class_labels",
                              where="class_labels", expected=None, found=shape_of(class_labels))
-        return upsample_sizes(tuple(x.shape[-2:]), levels=len(cfg.channels), downsample_padding=cfg.downsample_padding)
+        return upsample_sizes((x.shape[-2], x.shape[-1]), levels=len(cfg.channels),
+                              downsample_padding=cfg.downsample_padding)
 
 
 def _resnet(in_channels: int, out_channels: int, *, temb: int, groups: int, eps: float, dropout: float,
@@ -298,9 +308,9 @@ def check_timestep(t: Any, batch: int) -> None:
         if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, batch)):
             raise InputError("t must be a number, a 0-d tensor or one timestep per sample", where="t",
                              expected=f"(), (1,) or ({batch},)", found=shape_of(t))
-    elif not isinstance(t, numbers.Real) or isinstance(t, bool):
+    elif not is_real(t):
         raise InputError("t must be a number or a tensor", where="t", expected="int | float | Tensor",
-                         found=type(t).__name__)
+                         found=describe(t))
 
 
 def timestep_batch(t: torch.Tensor | float | int, x: torch.Tensor) -> torch.Tensor:
@@ -318,7 +328,8 @@ def upsample_sizes(size: tuple[int, int], *, levels: int, downsample_padding: in
     n, pad = levels, downsample_padding
     sizes = [size]
     for _ in range(n - 1):  # the conv arithmetic of Downsample (stride 2, kernel 3)
-        sizes.append(tuple((s + 1) // 2 if pad else s // 2 for s in sizes[-1]))
+        height, width = sizes[-1]
+        sizes.append(((height + 1) // 2, (width + 1) // 2) if pad else (height // 2, width // 2))
     if min(sizes[-1]) < 1:
         raise InputError(f"latent too small for {n} levels", where="x", expected=f"H, W >= {2 ** (n - 1)}",
                          found=size)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 import torch
 import torch.nn.functional as F
@@ -26,15 +26,15 @@ from torch import nn
 from ..config import ComponentConfig
 from ..errors import ConfigError, InputError
 from ..layers.attention import SpatialSelfAttention, attention
-from ..layers.embeddings import TimestepEmbedding, cast, timestep_embedding
+from ..layers.embeddings import TimestepEmbedding, timestep_embedding, to_dtype
 from ..layers.resnet import ResnetBlock
 from ..registry import COMPONENTS
 from .base import DEPRECATED_ATTENTION_NAMES, ModelMixin, rename_deprecated_attention  # noqa: F401 (re-exported)
 from .diffusers_tables import UNET_2D
 from .unet import DownLevel, UpLevel, check_timestep, shape_of, timestep_batch, upsample_sizes
 
-ClassEmbedType = Literal["timestep", "identity"]
-ResampleType = Literal["conv", "resnet"]
+ClassEmbedType: TypeAlias = Literal["timestep", "identity"]
+ResampleType: TypeAlias = Literal["conv", "resnet"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +132,8 @@ class UNet2DConfig(ComponentConfig):
 
     def attention_widths(self) -> list[tuple[int, int | None]]:
         """(width, head width) of the levels that hold attention layers (the last level again for the mid block's)."""
-        widths = [(c, self.head_dim(lvl)) for lvl, (c, a) in enumerate(zip(self.channels, self.attention_levels)) if a]
+        widths = [(c, self.head_dim(lvl))
+                  for lvl, (c, a) in enumerate(zip(self.channels, self.attention_levels, strict=True)) if a]
         return widths + [(self.channels[-1], self.head_dim(-1))] if self.has_mid_attention else widths
 
     @property
@@ -154,7 +155,7 @@ class AttentionBlock(SpatialSelfAttention):
     def __init__(self, channels: int, *, head_dim: int | None, groups: int | None, eps: float, rescale: float = 1.0):
         super().__init__(channels, groups=groups or 1, eps=eps)
         if groups is None:  # diffusers' mid block with scale-shift norms and no attn_norm_num_groups: no norm
-            self.group_norm = None
+            self.group_norm = None  # type: ignore[assignment]  # only here: forward() below checks for None
         self.heads = channels // (head_dim or channels)  # head_dim None: one head as wide as the layer
         self.rescale = rescale if rescale != 1.0 else None  # a division by 1 is a wasted op per call
 
@@ -188,6 +189,8 @@ class ResnetDownLevel(DownLevel):
     """diffusers ResnetDownsampleBlock2D / AttnDownBlock2D(downsample_type="resnet"): DownLevel whose downsampler
     is a ResnetBlock(down=True) (LDM resblock_updown), which takes the time embedding."""
 
+    resnet_resampler = True
+
     def __init__(self, in_channels: int, out_channels: int, *, layers: int, resnet: Callable[..., ResnetBlock],
                  attend: Callable[[int], AttentionBlock] | None, downsample: bool):
         super().__init__(in_channels, out_channels, layers=layers, resnet=resnet, attend=attend, downsample=False,
@@ -195,22 +198,12 @@ class ResnetDownLevel(DownLevel):
         if downsample:
             self.downsamplers = nn.ModuleList([resnet(out_channels, out_channels, down=True)])
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: None, skips: list[torch.Tensor]) -> torch.Tensor:
-        """h: (B, C_in, H, W) -> (B, C_out, H', W'); appends every intermediate to `skips`."""
-        for i, resnet in enumerate(self.resnets):
-            h = resnet(h, emb, temb_activated=True)
-            if self.attentions is not None:
-                h = self.attentions[i](h)
-            skips.append(h)
-        if self.downsamplers is not None:
-            h = self.downsamplers[0](h, emb, temb_activated=True)
-            skips.append(h)
-        return h
-
 
 class ResnetUpLevel(UpLevel):
     """diffusers ResnetUpsampleBlock2D / AttnUpBlock2D(upsample_type="resnet"): UpLevel whose upsampler is a
     ResnetBlock(up=True) (LDM resblock_updown), which takes the time embedding."""
+
+    resnet_resampler = True
 
     def __init__(self, in_channels: int, out_channels: int, skip_channels: int, *, layers: int,
                  resnet: Callable[..., ResnetBlock], attend: Callable[[int], AttentionBlock] | None, upsample: bool):
@@ -219,26 +212,14 @@ class ResnetUpLevel(UpLevel):
         if upsample:
             self.upsamplers = nn.ModuleList([resnet(out_channels, out_channels, up=True)])
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: None, skips: list[torch.Tensor],
-                upsample_size: tuple[int, int] | None = None) -> torch.Tensor:
-        """Pops one skip per resnet from the end of `skips`."""
-        for i, resnet in enumerate(self.resnets):
-            h = resnet(torch.cat([h, skips.pop()], dim=1), emb, temb_activated=True)
-            if self.attentions is not None:
-                h = self.attentions[i](h)
-        if self.upsamplers is not None:
-            h = self.upsamplers[0](h, emb, upsample_size=upsample_size, temb_activated=True)
-        return h
-
 
 @COMPONENTS.register("unet2d")
-class UNet2D(ModelMixin):
+class UNet2D(ModelMixin[UNet2DConfig]):
     """eps_theta(x_t, t): the unconditional / concat-conditioned LDM denoiser (diffusers UNet2DModel layout)."""
 
     config_class = UNet2DConfig
     diffusers_class_name = "UNet2DModel"
     diffusers_config = UNET_2D
-    config: UNet2DConfig
 
     def __init__(self, config: UNet2DConfig):
         super().__init__(config)
@@ -280,9 +261,9 @@ class UNet2D(ModelMixin):
         upsample_to = self._check_inputs(x, t, context, class_labels)
         if self.config.center_input_sample:
             x = 2 * x - 1.0
-        emb = self.time_embedding(cast(self._sinusoid(timestep_batch(t, x)), x.dtype))
+        emb = self.time_embedding(to_dtype(self._sinusoid(timestep_batch(t, x)), x.dtype))
         if class_labels is not None:  # _check_inputs: given exactly when the model is class-conditional
-            emb = emb + cast(self._embed_classes(class_labels, emb.dtype), emb.dtype)
+            emb = emb + to_dtype(self._embed_classes(class_labels, emb.dtype), emb.dtype)
         emb = F.silu(emb)  # every ResnetBlock projects SiLU(emb): once here, not once per block
 
         h = self.conv_in(x)
@@ -291,7 +272,7 @@ class UNet2D(ModelMixin):
             h = down(h, emb, None, skips)
         if self.mid_block is not None:
             h = self.mid_block(h, emb)
-        for up, size in zip(self.up_blocks, upsample_to):
+        for up, size in zip(self.up_blocks, upsample_to, strict=True):
             h = up(h, emb, None, skips, size)
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
@@ -305,8 +286,9 @@ class UNet2D(ModelMixin):
         kind = self.config.class_embed_type
         if kind == "identity":
             return class_labels
+        assert self.class_embedding is not None  # class-conditional, not "identity": __init__ built the module
         if kind == "timestep":
-            return self.class_embedding(cast(self._sinusoid(class_labels), dtype))
+            return self.class_embedding(to_dtype(self._sinusoid(class_labels), dtype))
         return self.class_embedding(class_labels)
 
     def _check_inputs(self, x: torch.Tensor, t: Any, context: Any,
@@ -326,13 +308,13 @@ class UNet2D(ModelMixin):
                 raise InputError("this UNet is not class-conditional: pass no class_labels", where="class_labels",
                                  expected=None, found=shape_of(class_labels))
         elif not _labels_fit(class_labels, b, cfg):
-            kind = {"identity": f"({b}, {cfg.time_dim}) floating", "timestep": f"({b},)"}
+            kind: dict[str | None, str] = {"identity": f"({b}, {cfg.time_dim}) floating", "timestep": f"({b},)"}
             raise InputError("this UNet is class-conditional: class_labels do not fit its class embedding",
                              where="class_labels", expected=f"{kind.get(cfg.class_embed_type, f'({b},) integer')} "
                              "tensor", found=shape_of(class_labels))
         # a ResnetBlock downsamples by 2x2 average pooling, which floors odd sides as an unpadded conv does
         padding = 0 if cfg.downsample_type == "resnet" else cfg.downsample_padding
-        return upsample_sizes(tuple(x.shape[-2:]), levels=len(cfg.channels), downsample_padding=padding)
+        return upsample_sizes((x.shape[-2], x.shape[-1]), levels=len(cfg.channels), downsample_padding=padding)
 
 
 def _labels_fit(labels: Any, batch: int, cfg: UNet2DConfig) -> bool:

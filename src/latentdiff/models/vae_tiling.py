@@ -1,8 +1,8 @@
 """Tiled and sliced first-stage calls: encode and decode images larger than memory allows in one piece.
 
-A decode of 256x256 latents (2048 px) with the SD VAE holds activations of 128 channels at 2048x2048 (2 GiB
-each in fp32) and a 65536x65536 mid-block attention matrix; decoded one overlapping tile at a time, its peak
-is that of one tile (512 px by default) whatever the image size. The functions here work on any callable:
+A decode of 256x256 latents (2048 px) with the SD VAE holds activations of 128 channels at 2048x2048 and a
+65536x65536 mid-block attention matrix (their sizes: benchmarks/RESULTS.md); decoded one overlapping tile at a
+time, its peak is that of one tile (512 px by default) whatever the image size. The functions here work on any callable:
 
     tiled_decode(decode, z, tile=64, overlap=16, factor=8)   # z (B, C, h, w) -> (B, 3, 8h, 8w)
     tiled_encode(encode, x, tile=64, overlap=16, factor=8)   # x (B, 3, H, W) -> (B, 2C, H/8, W/8) moments
@@ -24,12 +24,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeAlias
 
 import torch
 
+from ..config import is_int, is_real
 from ..errors import InputError
 
-TensorFn = Callable[[torch.Tensor], torch.Tensor]
+TensorFn: TypeAlias = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,12 +45,11 @@ class TileSettings:
         """Refuse a tile that is not a positive multiple of the first stage's factor f, or an overlap outside
         [0, 0.5] (more than half would put three tiles over one pixel for no gain)."""
         size = self.tile_sample_size
-        if isinstance(size, bool) or not isinstance(size, int) or size < factor or size % factor:
+        if not is_int(size) or size < factor or size % factor:
             raise InputError("tile_sample_size must be a positive multiple of the first stage's factor",
                              where="tile_sample_size", expected=f"a multiple of {factor} (at least {factor})",
                              found=size)
-        if isinstance(self.overlap, bool) or not isinstance(self.overlap, (int, float)) \
-                or not 0.0 <= self.overlap <= 0.5:
+        if not is_real(self.overlap) or not 0.0 <= self.overlap <= 0.5:
             raise InputError("overlap is a fraction of the tile", where="overlap", expected="0 <= overlap <= 0.5",
                              found=self.overlap)
 
@@ -101,7 +102,9 @@ def tiled_map(fn: TensorFn, x: torch.Tensor, *, tile: int, overlap: int, in_scal
     height, width = x.shape[-2] // in_scale, x.shape[-1] // in_scale
     tile_h, tile_w = min(tile, height), min(tile, width)
     rows, cols = tile_starts(height, tile_h, overlap), tile_starts(width, tile_w, overlap)
-    out = row_w = col_w = None
+    out: torch.Tensor | None = None
+    row_w: list[torch.Tensor] = []
+    col_w: list[torch.Tensor] = []
     for i, top in enumerate(rows):
         for j, left in enumerate(cols):
             piece = fn(x[..., top * in_scale:(top + tile_h) * in_scale, left * in_scale:(left + tile_w) * in_scale])
@@ -113,6 +116,7 @@ def tiled_map(fn: TensorFn, x: torch.Tensor, *, tile: int, overlap: int, in_scal
             out[..., y:y + piece.shape[-2], x0:x0 + piece.shape[-1]].addcmul_(
                 piece, row_w[i][:, None] * col_w[j][None, :])
             del piece  # free this tile's output before the next tile is computed
+    assert out is not None  # for the type checker: rows and cols are never empty
     # The tiles form a grid, so sum_ij w_i(y) w_j(x) = (sum_i w_i(y)) (sum_j w_j(x)): normalise with 1-D sums.
     return out.div_(_weight_sum(rows, row_w, out_scale, tile_h, out.shape[-2])[:, None]
                     * _weight_sum(cols, col_w, out_scale, tile_w, out.shape[-1])[None, :])
@@ -120,7 +124,7 @@ def tiled_map(fn: TensorFn, x: torch.Tensor, *, tile: int, overlap: int, in_scal
 
 def _weight_sum(starts: list[int], weights: list[torch.Tensor], scale: int, tile: int, size: int) -> torch.Tensor:
     total = weights[0].new_zeros(size)
-    for start, w in zip(starts, weights):
+    for start, w in zip(starts, weights, strict=True):
         total[start * scale:(start + tile) * scale] += w
     return total
 
@@ -163,6 +167,10 @@ class TilingMixin:
 
     tiling: TileSettings | None = None   # class defaults, so the mixin needs no __init__
     slicing: bool = False
+
+    if TYPE_CHECKING:  # what the mixin needs of the first stage it is mixed into (FirstStage has it)
+        @property
+        def downsample_factor(self) -> int: ...
 
     def enable_tiling(self, *, tile_sample_size: int = 512, overlap: float = 0.25) -> None:
         """Encode and decode images larger than `tile_sample_size` pixels (a multiple of f) in overlapping tiles

@@ -129,7 +129,7 @@ def _bad(field: str, expected: str, found: Any) -> None:
 
 
 @COMPONENTS.register("vq_model")
-class VQModel(TilingMixin, FirstStage):
+class VQModel(TilingMixin, FirstStage[VQModelConfig]):
     """Image (B, in_channels, H, W) <-> latents (B, embed_dim, H/f, W/f), quantized before decoding.
 
     Parameter names are those of diffusers' VQModel (encoder., quant_conv, quantize.embedding.weight,
@@ -140,13 +140,13 @@ class VQModel(TilingMixin, FirstStage):
     config_class = VQModelConfig
     diffusers_class_name = "VQModel"
     diffusers_config = VQ_MODEL
-    config: VQModelConfig
 
     def __init__(self, config: VQModelConfig):
         super().__init__(config)
         c = config
-        common = dict(channels=c.channels, layers_per_level=c.layers_per_level, groups=c.norm_num_groups,
-                      mid_block_attention=c.mid_block_attention, attention_levels=c.attention_levels)
+        common: dict[str, Any] = dict(
+            channels=c.channels, layers_per_level=c.layers_per_level, groups=c.norm_num_groups,
+            mid_block_attention=c.mid_block_attention, attention_levels=c.attention_levels)
         self.encoder = Encoder(in_channels=c.in_channels, z_channels=c.latent_channels, double_z=False, **common)
         self.quant_conv = nn.Conv2d(c.latent_channels, c.embed_dim, 1)
         self.quantize = VectorQuantizer(c.num_vq_embeddings, c.embed_dim, beta=0.25, legacy=True)

@@ -4,7 +4,7 @@ Weights read from .safetensors are memory-mapped (hub.load_safetensors): a page 
 forward pass first touches it and then stays counted in the process's RSS, though the kernel could re-read
 it from the file at any time. A text-to-image call needs the text encoder only at the start and the UNet
 only until the decode, so after each stage its pages can be dropped with madvise(MADV_DONTNEED); the next
-call faults them back in from the page cache (for SD 1.5's 3.3 GB UNet: +0.4 to 0.8 s on a 20 s denoise).
+call faults them back in from the page cache (what that costs is in benchmarks/RESULTS.md).
 
 This is only safe for pages that still hold the file's bytes. The mappings are private (copy-on-write):
 a weight changed in place (fine-tuning, load_state_dict into the mapped tensors) lives in anonymous pages
@@ -110,7 +110,7 @@ def released_after_each_block(model: torch.nn.Module) -> Iterator[None]:
     """Within the block, each top-level block of `model` (a child, or each entry of a child ModuleList: a UNet's
     down, mid and up blocks) releases its mapped weights right after its forward. The resident weights of a
     forward are then one block's, not the model's, at the cost of reading every weight back from the page cache
-    at every call (for SD 1.5's UNet ~3.3 GB per step: measured +11 % denoising time at 512 px on 2 CPU cores). Forward hooks: not under
+    at every call (a few per cent of denoising time on the CPU: benchmarks/RESULTS.md). Forward hooks: not under
     torch.compile (a compiled forward would trace them)."""
     blocks = [block for child in model.children()
               for block in (child if isinstance(child, torch.nn.ModuleList) else (child,))]

@@ -12,7 +12,7 @@ def freeze_startup_objects() -> bool:
     """Once per process, before the first model is built: move every object alive now (torch's and
     latentdiff's modules, functions and classes: ~10^5 objects that live as long as the process) to the
     garbage collector's permanent generation (gc.freeze). Without it, the burst of allocations of the first
-    load triggers a full collection that walks all of them: ~100 ms of a cold start on this project's CPU
+    load triggers a full collection that walks all of them: a visible share of a cold start
     (benchmarks/RESULTS.md). Frozen objects are still freed by reference counting; only cyclic garbage that
     already exists at that moment is never collected. LATENTDIFF_GC_FREEZE=0 turns it off. Returns whether
     this call froze (not before torch is imported: its objects are most of what is worth freezing)."""
