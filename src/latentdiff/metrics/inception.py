@@ -289,7 +289,8 @@ class InceptionV3(nn.Module):
                         normalize_input: bool = True) -> InceptionV3:
         """The FID network with the weights of `path_or_url`: a local .safetensors / .pth file, a URL, or
         None for the published release (downloaded into `cache_dir`, default torch's hub cache, once)."""
-        # built on the meta device with no initialisation (0.2-0.35 s of random weights that the load replaces)
+        # built on the meta device with no initialisation (random weights that the load replaces would cost time:
+        # benchmarks/RESULTS.md)
         with torch.device("meta"), init_skipped_on_meta():
             model = cls(pretrained=False, resize_input=resize_input, normalize_input=normalize_input, seed=None)
         return model.load_weights(path_or_url, cache_dir=cache_dir)
