@@ -54,6 +54,11 @@ IGNORED_KEY_SUFFIXES = (".num_batches_tracked",)
 class FrozenBatchNorm2d(nn.Module):
     """Batch norm with fixed statistics: (x - running_mean) / sqrt(running_var + eps) * weight + bias."""
 
+    weight: torch.Tensor          # buffers, (C,) each
+    bias: torch.Tensor
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+
     def __init__(self, channels: int):
         super().__init__()
         for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
