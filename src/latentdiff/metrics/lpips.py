@@ -54,12 +54,12 @@ PUBLISHED = (LPIPS_VGG_V01, TORCHVISION_VGG16)  # a URL of either is cached unde
 class VGG16Features(nn.Module):
     """torchvision's `vgg16().features` up to relu5_3. x: (B, 3, H, W) -> five taps (B, C_l, H/2^l, W/2^l)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         channels = 3
         for width in VGG16_LAYOUT:
-            if width == "M":
+            if isinstance(width, str):        # "M": a max pool
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
             else:
                 layers += [nn.Conv2d(channels, width, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
