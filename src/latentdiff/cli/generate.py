@@ -24,7 +24,7 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ..builtin import DEFAULT_MODEL, GENERATE_SETTINGS, builtin_names
 from ..errors import UsageError
@@ -173,9 +173,11 @@ def load_pipeline(source: ModelSource, settings: GenerateSettings, *, device: An
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     load = dict(torch_dtype=getattr(torch, settings.dtype), device=device)
+    pipe: LatentDiffusionPipeline
     if source.kind == "single_file":
         tokenizer = {} if settings.tokenizer is None else {"tokenizer": settings.tokenizer}
-        pipe = LatentDiffusionPipeline.from_single_file(source.path, **load, **tokenizer)
+        # SomePipeline.from_single_file returns SomePipeline or a subclass (it checks the file fits the class)
+        pipe = cast(LatentDiffusionPipeline, LatentDiffusionPipeline.from_single_file(source.path, **load, **tokenizer))
     else:
         pipe = LatentDiffusionPipeline.from_pretrained(source.name if source.kind == "hub" else source.path, **load)
     pipe.sampler = switch_sampler(pipe.sampler, settings.sampler)

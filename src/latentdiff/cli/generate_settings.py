@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..builtin import GENERATE_SETTINGS
+from ..config import is_int, is_real
 from ..errors import UsageError
 from ..version import __version__
 from .generate_model import SINGLE_FILE_SUFFIXES, ModelSource
@@ -120,9 +121,6 @@ def check_values(values: dict[str, Any], origin: dict[str, str]) -> None:
             raise UsageError(f"bad value for {key}", where=origin.get(key, key), expected=expected,
                              found=repr(values[key]))
 
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
     need(values["prompt"] is None or isinstance(values["prompt"], str), "prompt", "a string")
     need(values["negative"] is None or isinstance(values["negative"], str), "negative", "a string")
     need(is_int(values["n"]) and values["n"] >= 1, "n", "an integer >= 1")
@@ -131,8 +129,8 @@ def check_values(values: dict[str, Any], origin: dict[str, str]) -> None:
     for key in ("height", "width"):
         need(values[key] is None or is_int(values[key]) and values[key] > 0, key, "a positive integer")
     for key in ("guidance", "eta"):
-        need(values[key] is None or isinstance(values[key], (int, float)) and not isinstance(values[key], bool)
-             and math.isfinite(values[key]) and values[key] >= 0, key, "a number >= 0")
+        need(values[key] is None or is_real(values[key]) and math.isfinite(values[key]) and values[key] >= 0, key,
+             "a number >= 0")
     need(values["dtype"] in DTYPES.values(), "dtype", f"one of {sorted(set(DTYPES.values()))}")
     need(values["tokenizer"] is None or isinstance(values["tokenizer"], str), "tokenizer", "a string")
     if values["tokenizer"] is not None and Path(values["model"]).suffix not in SINGLE_FILE_SUFFIXES:

@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import InputError
+from ..config import is_int
+from ..errors import InputError, describe
 from ..hub import atomic_folder
 
 IMAGE_SIZE = 64
@@ -168,7 +169,7 @@ def parse_caption(text: str) -> Attributes:
     """The attributes of a caption of the grammar (surrounding whitespace and letter case aside); anything
     else is an InputError that names the part that does not fit."""
     if not isinstance(text, str):
-        raise InputError("a caption must be a string", where="caption", found=type(text).__name__)
+        raise InputError("a caption must be a string", where="caption", found=describe(text))
     match = CAPTION_PATTERN.fullmatch(text.strip().lower())
     if match is None:
         raise InputError("the caption is outside the shapes grammar", where="caption",
@@ -187,7 +188,7 @@ def parse_caption(text: str) -> Attributes:
 
 # ---- data sets ---------------------------------------------------------------------------------------------
 def _check_count(name: str, value: int, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise InputError(f"{name} must be an integer >= {minimum}", where=name, expected=f">= {minimum}",
                          found=repr(value))
 
@@ -205,7 +206,7 @@ class ShapesDataset:
         return self.n
 
     def spec(self, i: int) -> ShapeSpec:
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+        if not is_int(i):                # an int or a NumPy integer, not a bool
             raise TypeError(f"ShapesDataset indices are integers, not {type(i).__name__}")
         if not -self.n <= i < self.n:
             raise IndexError(f"index {i} out of range for a ShapesDataset of {self.n} items")

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from ..errors import InputError
+from ..errors import InputError, describe
 from .shapes import IMAGE_SIZE, PALETTE, Attributes, parse_caption, where_of
 
 ROUGH_THRESHOLD = 50.0   # RGB distance from the background; the closest palette pair (green/black) is 150 apart
@@ -83,9 +83,8 @@ def _as_array(image: Image.Image | np.ndarray) -> np.ndarray:
     elif isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
         array = image
     else:
-        found = f"{type(image).__name__} {getattr(image, 'dtype', '')} {getattr(image, 'shape', '')}".strip()
         raise InputError("the checker takes an RGB image", where="image",
-                         expected="a PIL image or a uint8 (H, W, 3) array", found=found)
+                         expected="a PIL image or a uint8 (H, W, 3) array", found=describe(image))
     if array.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
         raise InputError("the checker measures 64x64 images", where="image",
                          expected=f"{IMAGE_SIZE}x{IMAGE_SIZE}", found=f"{array.shape[1]}x{array.shape[0]}")
@@ -236,7 +235,7 @@ def score(images: Sequence[Image.Image | np.ndarray], captions: Sequence[str]) -
     if not images:
         raise InputError("nothing to score", where="score", expected="at least one image", found=0)
     expected = [parse_caption(text) for text in captions]       # every caption checked before any image
-    results = [compare(analyze(image), attributes) for image, attributes in zip(images, expected)]
+    results = [compare(analyze(image), attributes) for image, attributes in zip(images, expected, strict=True)]
     accuracy = {name: sum(getattr(r, name) for r in results) / len(results) for name in ATTRIBUTES}
     accuracy["all"] = sum(r.all for r in results) / len(results)
     accuracy["count"] = len(results)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import is_int
 from ..errors import InputError
 from .shapes import caption, sample_spec
 from .shapes_checker import score
@@ -28,7 +29,7 @@ DEV_SEED = 500_000             # seeds used while tuning the built-in model's ge
 
 def held_out_prompts(count: int, prompt_seed: int = REPORT_SEED) -> list[str]:
     """`count` captions of the data set's grammar, drawn from a stream the training data never used."""
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+    if not is_int(count) or count < 1:
         raise InputError("count must be a positive integer", where="count", expected=">= 1", found=repr(count))
     return [caption(sample_spec(np.random.default_rng((prompt_seed, i)))) for i in range(count)]
 
@@ -74,7 +75,7 @@ def evaluate_shapes_model(model: Any = "latentdiff/shapes-64", *, count: int = 2
         images += pipe(chunk, generator=generators, progress=False, **run).images
     accuracy = score(images, prompts)
     failures = []
-    for i, (image, text) in enumerate(zip(images, prompts)):
+    for i, (image, text) in enumerate(zip(images, prompts, strict=True)):    # score checked the lengths
         result = compare(analyze(image), parse_caption(text))
         if not result.all:
             found = result.found

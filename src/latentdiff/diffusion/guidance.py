@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, InputError
+from ..config import is_real
+from ..errors import ConfigError, InputError, describe
 from .samplers.base import Denoiser
 
 Model = Callable[..., torch.Tensor]
@@ -54,7 +55,7 @@ def classifier_free_guidance(model: Model, *, context: torch.Tensor, uncond_cont
     _check_scale(guidance_scale, guidance_rescale)
     if not isinstance(context, torch.Tensor):
         raise InputError("context must be a tensor (B, L, D)", where="context", expected="torch.Tensor",
-                         found=type(context).__name__)
+                         found=describe(context))
     if uncond_context is None or guidance_scale == 1.0:
         def denoise_conditional(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             _check_batch(x_t, context.shape[0])
@@ -106,11 +107,10 @@ class ClassifierFreeGuidance:
 
 
 def _check_scale(guidance_scale: float, guidance_rescale: float, *, error: type = InputError) -> None:
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
+    if not is_real(guidance_scale) or guidance_scale < 0:
         raise error("guidance_scale must be a number >= 0", where="guidance_scale", expected=">= 0",
                     found=repr(guidance_scale))
-    if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)) \
-            or not 0 <= guidance_rescale <= 1:
+    if not is_real(guidance_rescale) or not 0 <= guidance_rescale <= 1:
         raise error("guidance_rescale must lie in [0, 1]", where="guidance_rescale", expected="0 <= phi <= 1",
                     found=repr(guidance_rescale))
 

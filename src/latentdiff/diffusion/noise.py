@@ -8,6 +8,7 @@ draws it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 
@@ -26,5 +27,6 @@ def randn(shape: Sequence[int], *, generator: torch.Generator | Sequence[torch.G
         samples = [torch.randn((1, *shape[1:]), generator=g, dtype=dtype, device=g.device) for g in generator]
         return torch.cat(samples).to(device)
     # One generator: one draw for the whole batch (as diffusers draws it, so the same seed gives the same image).
-    source = generator.device if generator is not None else "cpu"
-    return torch.randn(shape, generator=generator, dtype=dtype, device=source).to(device)
+    one = cast("torch.Generator | None", generator)    # not a list or tuple: one generator, or None
+    source = one.device if one is not None else "cpu"
+    return torch.randn(shape, generator=one, dtype=dtype, device=source).to(device)

@@ -23,8 +23,8 @@ from typing import Any, Literal
 
 import torch
 
-from ..config import ComponentConfig
-from ..errors import ConfigError, InputError
+from ..config import ComponentConfig, is_int
+from ..errors import ConfigError, InputError, describe
 from ..registry import COMPONENTS
 from . import schedules
 from .schedules import model_output_to_x0_eps
@@ -108,7 +108,7 @@ class NoiseScheduler:
         config = NoiseSchedulerConfig() if config is None else config
         if not isinstance(config, NoiseSchedulerConfig):
             raise ConfigError("NoiseScheduler needs a NoiseSchedulerConfig", where="config",
-                              expected="NoiseSchedulerConfig", found=type(config).__name__)
+                              expected="NoiseSchedulerConfig", found=describe(config))
         betas = schedules.make_betas(config.beta_schedule, config.num_train_timesteps, beta_start=config.beta_start,
                                      beta_end=config.beta_end, trained_betas=config.trained_betas)
         if config.rescale_zero_terminal_snr:
@@ -224,11 +224,11 @@ class NoiseScheduler:
 
     def _check_t(self, t: torch.Tensor | int, x: torch.Tensor | None) -> torch.Tensor:
         T = self.config.num_train_timesteps
-        if isinstance(t, int) and not isinstance(t, bool):
+        if is_int(t):
             t = torch.tensor(t, device=x.device if x is not None else None)
         if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise InputError("timesteps must be an integer tensor", where="t", expected="(B,) torch.long",
-                             found=getattr(t, "dtype", type(t).__name__))
+                             found=describe(t))
         if x is not None:
             if t.ndim > 1 or (t.ndim == 1 and x.ndim > 0 and t.shape[0] != x.shape[0]):
                 raise InputError("one timestep per sample is needed", where="t",

@@ -39,7 +39,7 @@ from typing import Any
 
 from .. import hub
 from ..config import read_json
-from ..errors import ConfigError
+from ..errors import ConfigError, describe
 from ..version import __version__
 from .noise_scheduler import NoiseScheduler, NoiseSchedulerConfig, register_folder_io
 from .samplers import (
@@ -52,7 +52,6 @@ from .samplers import (
     HeunSampler,
     LMSSampler,
     PLMSSampler,
-    Sampler,
     SamplerSettings,
 )
 
@@ -155,6 +154,8 @@ WRITTEN_CLASS = {PLMSSampler: "PNDMScheduler", EulerSampler: "EulerDiscreteSched
                  EulerAncestralSampler: "EulerAncestralDiscreteScheduler", HeunSampler: "HeunDiscreteScheduler",
                  LMSSampler: "LMSDiscreteScheduler", DPMSolverMultistepSampler: "DPMSolverMultistepScheduler",
                  DPMSolverMultistepSDESampler: "DPMSolverMultistepScheduler"}
+# The samplers with a `sigma_schedule` (written as use_karras_sigmas / use_exponential_sigmas).
+SIGMA_GRID_SAMPLERS = (EulerSampler, HeunSampler, LMSSampler, DPMSolverMultistepSampler, DPMSolverMultistepSDESampler)
 DDPM_VARIANCE = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small",  # exp(log(v)/2) = sqrt(v)
                  "fixed_large": "fixed_large"}
 # variance_type values that other classes may carry: the model outputs no variance channels.
@@ -172,7 +173,7 @@ def load_scheduler_folder(folder: str | os.PathLike) -> tuple[NoiseScheduler, Sa
 def read_scheduler_file(path: str | os.PathLike, *, warn: bool = True,
                         _stacklevel: int = 3) -> tuple[NoiseSchedulerConfig, SamplerSettings]:
     """(NoiseSchedulerConfig, sampler) from a scheduler_config.json file."""
-    return read_scheduler_config(read_json(path), source=str(path), warn=warn, _stacklevel=_stacklevel)
+    return read_scheduler_config(read_json(Path(path)), source=str(path), warn=warn, _stacklevel=_stacklevel)
 
 
 def read_scheduler_config(data: Mapping[str, Any], *, source: str | None = None, warn: bool = True,
@@ -318,7 +319,7 @@ def scheduler_file_config(noise_scheduler: NoiseScheduler, sampler: SamplerSetti
     if name is None:
         raise ConfigError("this sampler has no diffusers scheduler config", where="sampler",
                           expected=sorted(["DDIMSampler", "DDPMSampler"] + [c.__name__ for c in WRITTEN_CLASS]),
-                          found=type(sampler).__name__)
+                          found=describe(sampler))
     cfg, defaults = noise_scheduler.config, CLASS_DEFAULTS[name]
     if cfg.rescale_zero_terminal_snr and "rescale_betas_zero_snr" not in defaults:
         raise ConfigError(f"diffusers' {name} cannot express a zero-terminal-SNR schedule (it has no "
@@ -328,18 +329,18 @@ def scheduler_file_config(noise_scheduler: NoiseScheduler, sampler: SamplerSetti
     data.update({theirs: getattr(cfg, ours) for theirs, ours in SCHEDULE_KEYS.items() if theirs in defaults})
     data["trained_betas"] = list(cfg.trained_betas) if cfg.trained_betas is not None else None
     data.update({key: getattr(sampler, key) for key in CLASS_FIELDS[name]})
-    if "use_karras_sigmas" in defaults:
+    if "use_karras_sigmas" in defaults and isinstance(sampler, SIGMA_GRID_SAMPLERS):
         data.update(use_karras_sigmas=sampler.sigma_schedule == "karras",
                     use_exponential_sigmas=sampler.sigma_schedule == "exponential")
     if name == "PNDMScheduler":
         data["skip_prk_steps"] = True
-    if name == "DPMSolverMultistepScheduler":
+    if isinstance(sampler, (DPMSolverMultistepSampler, DPMSolverMultistepSDESampler)):  # DPMSolverMultistepScheduler
         data["algorithm_type"] = sampler.algorithm_type
     data.update(_class_name=name, _latentdiff_version=__version__)
     return data
 
 
-def _ddim_ddpm_file_config(noise_scheduler: NoiseScheduler, sampler: Sampler) -> dict[str, Any]:
+def _ddim_ddpm_file_config(noise_scheduler: NoiseScheduler, sampler: DDIMSampler | DDPMSampler) -> dict[str, Any]:
     """The diffusers DDIMScheduler / DDPMScheduler config dict describing (noise_scheduler, sampler)."""
     cfg = noise_scheduler.config
     data: dict[str, Any] = {theirs: getattr(cfg, ours) for theirs, ours in SCHEDULE_KEYS.items()}

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..config import is_int
 from ..errors import InputError
 from .fid import FeatureStats, fid_from_features, frechet_distance, kernel_inception_distance
 from .image import psnr, ssim
@@ -110,7 +111,7 @@ def image_batches(files: Sequence[Path], *, batch_size: int, num_workers: int = 
     """Decode `files` in batches (in `num_workers` processes): a stacked (B, 3, H, W) uint8 batch, or a
     list of (3, H, W) where the sizes differ."""
     _check_positive(batch_size, "batch_size")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+    if not is_int(num_workers) or num_workers < 0:
         raise InputError("num_workers must be 0 (decode in this process) or more", where="num_workers",
                          expected=">= 0", found=num_workers)
     loader = torch.utils.data.DataLoader(_ImageFiles(files), batch_size=batch_size, num_workers=num_workers,
@@ -278,7 +279,8 @@ def run_eval(args: argparse.Namespace) -> int:
               file=sys.stderr)
     options = dict(inception=inception, batch_size=args.batch_size, num_workers=args.workers)
     if args.metric == "fid":
-        sets = [FeatureStats.load(f) if n is None else folder_features(f, **options) for f, n in zip(folders, counts)]
+        sets = [FeatureStats.load(f) if n is None else folder_features(f, **options)
+                for f, n in zip(folders, counts, strict=True)]
         _print({"fid": compute_fid(*sets)})
         return 0
     features = [folder_features(folder, **options) for folder in folders]
@@ -341,5 +343,5 @@ def _as_batch(images: Images, inception: InceptionV3) -> torch.Tensor:
 
 
 def _check_positive(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise InputError(f"{name} must be a positive integer", where=name, expected=">= 1", found=value)

@@ -202,14 +202,14 @@ def kernel_inception_distance(real: torch.Tensor, fake: torch.Tensor, *, num_sub
     if num_subsets < 1:
         raise InputError("KID needs at least one subset", where="num_subsets", expected=">= 1", found=num_subsets)
     generator = torch.Generator().manual_seed(seed)
-    values = []
+    values: list[torch.Tensor] = []
     for _ in range(num_subsets):
         pick_real = torch.randperm(real.shape[0], generator=generator)[:subset_size].to(real.device)
         pick_fake = torch.randperm(fake.shape[0], generator=generator)[:subset_size].to(fake.device)
         values.append(polynomial_mmd2(real[pick_real].double(), fake[pick_fake].double(), degree=degree,
                                       gamma=gamma, coef0=coef0))
-    values = torch.stack(values)
-    return KID(float(values.mean()), float(values.std(correction=0)))
+    per_subset = torch.stack(values)
+    return KID(float(per_subset.mean()), float(per_subset.std(correction=0)))
 
 
 def feature_set(x: Any, name: str) -> torch.Tensor:

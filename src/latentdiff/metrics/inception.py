@@ -54,6 +54,11 @@ IGNORED_KEY_SUFFIXES = (".num_batches_tracked",)
 class FrozenBatchNorm2d(nn.Module):
     """Batch norm with fixed statistics: (x - running_mean) / sqrt(running_var + eps) * weight + bias."""
 
+    weight: torch.Tensor          # buffers, (C,) each
+    bias: torch.Tensor
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+
     def __init__(self, channels: int):
         super().__init__()
         for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
@@ -289,7 +294,8 @@ class InceptionV3(nn.Module):
                         normalize_input: bool = True) -> InceptionV3:
         """The FID network with the weights of `path_or_url`: a local .safetensors / .pth file, a URL, or
         None for the published release (downloaded into `cache_dir`, default torch's hub cache, once)."""
-        # built on the meta device with no initialisation (0.2-0.35 s of random weights that the load replaces)
+        # built on the meta device with no initialisation (random weights that the load replaces would cost time:
+        # benchmarks/RESULTS.md)
         with torch.device("meta"), init_skipped_on_meta():
             model = cls(pretrained=False, resize_input=resize_input, normalize_input=normalize_input, seed=None)
         return model.load_weights(path_or_url, cache_dir=cache_dir)

@@ -44,12 +44,12 @@ def inception_score(logits: Any, *, splits: int = IS_SPLITS, shuffle_seed: int |
     if shuffle_seed is not None:
         logits = logits[torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed)).to(logits.device)]
     log_p = torch.log_softmax(logits, dim=1)           # log p(y|x): (N, K)
-    scores = []
+    scores: list[torch.Tensor] = []
     for i in range(splits):
         part = log_p[i * n // splits:(i + 1) * n // splits]
         # log p(y) of the split: log of the mean of p(y|x), computed stably in log space
         log_marginal = torch.logsumexp(part, dim=0) - torch.log(torch.tensor(float(part.shape[0]), dtype=part.dtype))
         kl = (part.exp() * (part - log_marginal)).sum(dim=1)     # KL(p(y|x) || p(y)) per image
         scores.append(kl.mean().exp())
-    scores = torch.stack(scores)
-    return InceptionScore(float(scores.mean()), float(scores.std(correction=0)))
+    per_split = torch.stack(scores)
+    return InceptionScore(float(per_split.mean()), float(per_split.std(correction=0)))

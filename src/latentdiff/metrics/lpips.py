@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from typing import cast
 
 import torch
 from torch import nn
@@ -53,12 +54,12 @@ PUBLISHED = (LPIPS_VGG_V01, TORCHVISION_VGG16)  # a URL of either is cached unde
 class VGG16Features(nn.Module):
     """torchvision's `vgg16().features` up to relu5_3. x: (B, 3, H, W) -> five taps (B, C_l, H/2^l, W/2^l)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         channels = 3
         for width in VGG16_LAYOUT:
-            if width == "M":
+            if isinstance(width, str):        # "M": a max pool
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
             else:
                 layers += [nn.Conv2d(channels, width, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
@@ -84,7 +85,7 @@ class LinearHead(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.model[0].weight
+        return cast(nn.Conv2d, self.model[0]).weight     # the one layer __init__ put there
 
 
 class LPIPS(nn.Module):
@@ -94,6 +95,9 @@ class LPIPS(nn.Module):
     `pretrained=False` keeps a randomly initialised VGG with all heads w_l = 1 (the paper's unlearned
     "baseline" weighting), for tests and CPU smoke runs.
     """
+
+    shift: torch.Tensor           # buffers (1, 3, 1, 1): the input normalisation
+    scale: torch.Tensor
 
     def __init__(self, *, pretrained: bool):
         super().__init__()
@@ -127,7 +131,7 @@ class LPIPS(nn.Module):
         # One VGG pass over both batches: half the kernel launches of two passes.
         taps = self.net((torch.cat([x, y]) - self.shift) / self.scale)
         terms = []
-        for features, w in zip(taps, self.heads):
+        for features, w in zip(taps, self.heads, strict=True):      # one head per tap (TAP_CHANNELS)
             fx, fy = (features / (features.square().sum(dim=1, keepdim=True).sqrt() + EPS)).chunk(2)
             # The 1x1 conv is linear, so averaging over space first gives the same number with a
             # C_l-vector dot product instead of a convolution over every pixel.

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..config import ComponentConfig
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, describe
 from ..metrics.lpips import LPIPS
 from .discriminator import D_LOSSES, PatchDiscriminator
 
@@ -77,7 +77,7 @@ class AutoencoderLoss(nn.Module):
         super().__init__()
         if perceptual is not None and config.perceptual_weight == 0:
             raise InputError("an LPIPS network was given but perceptual_weight is 0", where="perceptual",
-                             expected="perceptual=None, or perceptual_weight > 0", found=type(perceptual).__name__)
+                             expected="perceptual=None, or perceptual_weight > 0", found=describe(perceptual))
         self.config = config
         self.logvar = nn.Parameter(torch.full((), float(config.logvar_init)))
         self.perceptual_loss = None

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..config import ComponentConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, describe
 from ..layers.attention import SpatialSelfAttention
 from ..layers.resnet import ResnetBlock
 from .config import AutoencoderTrainConfig, build_component_configs
@@ -31,12 +31,20 @@ from .data import build_datasets, fixed_batches
 from .ema import EMA
 from .loop import Trainer, enable_gradient_checkpointing, save_image_grid
 
+if TYPE_CHECKING:
+    from ..models.autoencoder_kl import AutoencoderKL
+    from ..models.vq import VQModel
+    from .autoencoder_loss import AutoencoderLossConfig
+    from .config import AutoencoderModelSection
+
 SCALE_BATCH = 16  # images per encoder call when measuring the latent std
 
 
 class AutoencoderTrainer(Trainer):
     stage = "autoencoder"
     config: AutoencoderTrainConfig
+    autoencoder: AutoencoderKL | VQModel
+    loss_fn: Any        # an AutoencoderLoss-like module: generator_loss, discriminator_loss (duck-typed)
 
     def __init__(self, config: AutoencoderTrainConfig, *, accelerator: Any = None, loss: nn.Module | None = None):
         """`loss`: an AutoencoderLoss-like module (default: built from model.loss)."""
@@ -108,8 +116,10 @@ class AutoencoderTrainer(Trainer):
     def reconstruct(self, x: torch.Tensor, rnd: Any = None) -> tuple[torch.Tensor, dict[str, Any]]:
         """x (B, 3, H, W) -> (reconstruction, generator_loss keywords). KL: decode z ~ q(z|x) drawn from the
         step's generator (the mode when rnd is None); VQ: decode the quantized code, return its loss."""
+        from ..models.autoencoder_kl import AutoencoderKL
+
         ae = self.autoencoder
-        if self.is_kl:
+        if isinstance(ae, AutoencoderKL):        # self.is_kl, spelled so that the type checker sees it
             posterior = ae.encode(x)
             z = posterior.mode() if rnd is None else posterior.mean + posterior.std * rnd.randn(
                 posterior.mean.shape, stream=0)
@@ -186,7 +196,7 @@ class AutoencoderTrainer(Trainer):
         for batch in fixed_batches(self.train_set, count, SCALE_BATCH):
             x = batch["pixel_values"].to(self.device)
             out = self.autoencoder.encode(x)
-            z = out.sample(generator) if self.is_kl else out
+            z = out if isinstance(out, torch.Tensor) else out.sample(generator)   # VQ: the encoder output
             z = z.double()
             total, total_sq, numel = total + float(z.sum()), total_sq + float((z * z).sum()), numel + z.numel()
         self.autoencoder.train()
@@ -214,13 +224,13 @@ def freeze_encoder(autoencoder: nn.Module, *, where: str) -> None:
     """Decoder-only fine-tuning: the encoder (and quant_conv) stop learning, so q(z|x) stays what it was."""
     if not getattr(autoencoder, "quant_conv", None) and not hasattr(autoencoder, "encoder"):
         raise ConfigError("train_encoder: false needs an autoencoder with an encoder", where=where,
-                          expected="AutoencoderKL or VQModel", found=type(autoencoder).__name__)
+                          expected="AutoencoderKL or VQModel", found=describe(autoencoder))
     for part in (autoencoder.encoder, getattr(autoencoder, "quant_conv", None)):
         if part is not None:
             part.requires_grad_(False)
 
 
-def build_loss(model: Any, loss_config: ComponentConfig) -> nn.Module:
+def build_loss(model: AutoencoderModelSection, loss_config: AutoencoderLossConfig) -> nn.Module:
     """AutoencoderLoss with the LPIPS network the model section names (published, random, or a file)."""
     from ..metrics.lpips import LPIPS
     from .autoencoder_loss import AutoencoderLoss
@@ -235,16 +245,19 @@ def build_loss(model: Any, loss_config: ComponentConfig) -> nn.Module:
     return AutoencoderLoss(loss_config, perceptual=perceptual)
 
 
-def build_autoencoder(config: AutoencoderTrainConfig, architecture: ComponentConfig) -> nn.Module:
+def build_autoencoder(config: AutoencoderTrainConfig, architecture: ComponentConfig) -> AutoencoderKL | VQModel:
     from ..models.autoencoder_kl import AutoencoderKL
 
+    cls: type[AutoencoderKL] | type[VQModel]
     if config.model.type == "vq_model":
-        from ..models.vq import VQModel as cls
+        from ..models.vq import VQModel
+
+        cls = VQModel
     else:
         cls = AutoencoderKL
     if config.model.pretrained:
         return cls.from_pretrained(config.model.pretrained)
-    return cls(architecture)
+    return cls.from_config(architecture)     # cls(architecture): the model checks the config's type
 
 
 def _accumulate(logs: dict[str, torch.Tensor], values: dict[str, Any], n: int, device: torch.device) -> None:

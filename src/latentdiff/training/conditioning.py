@@ -81,7 +81,7 @@ class TextConditioning(Conditioning):
 
     def unet_inputs(self, trainer: Any, x_t: torch.Tensor, batch: dict[str, Any], pixels: torch.Tensor | None,
                     drop: torch.Tensor) -> Inputs:
-        captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
+        captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist(), strict=True)]
         with torch.set_grad_enabled(trainer.config.train.train_text_encoder):
             return x_t, {"context": trainer.text_encoder(captions)}
 
@@ -136,6 +136,7 @@ class LowResConditioning(Conditioning):
 
     def unet_inputs(self, trainer: Any, x_t: torch.Tensor, batch: dict[str, Any], pixels: torch.Tensor | None,
                     drop: torch.Tensor) -> Inputs:
+        assert pixels is not None        # needs_pixels: check_conditioning rules out cached latents
         return torch.cat([x_t, low_res(pixels, x_t.shape[-2:]).to(x_t.dtype)], dim=1), {}
 
     def preview_conditions(self, trainer: Any) -> list[Any]:

@@ -24,12 +24,21 @@ import dataclasses
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypedDict, overload
 
 from ..config import ComponentConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, describe
 
-Kind = Literal["autoencoder", "diffusion"]
+if TYPE_CHECKING:
+    from ..diffusion.noise_scheduler import NoiseSchedulerConfig
+    from ..models.autoencoder_kl import AutoencoderKLConfig
+    from ..models.ldm_bert import LDMBertConfig
+    from ..models.unet import UNetConfig
+    from ..models.unet2d import UNet2DConfig
+    from ..models.vq import VQModelConfig
+    from .autoencoder_loss import AutoencoderLossConfig
+
+Kind: TypeAlias = Literal["autoencoder", "diffusion"]
 KINDS = ("autoencoder", "diffusion")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -178,12 +187,12 @@ class DiffusionModelSection(ComponentConfig):
             raise ConfigError(f"{mode.name} conditioning needs a text encoder", where="text_encoder",
                               expected="a folder (text_encoder/ + tokenizer/), or text_encoder_config + tokenizer",
                               found=None)
-        if self.text_encoder_config is not None:
-            if self.text_encoder_type != "ldm_bert" or self.tokenizer is None or self.text_encoder is not None:
-                raise ConfigError("a text encoder built from scratch is an ldm_bert with a tokenizer folder",
-                                  where="text_encoder_config",
-                                  expected="text_encoder_type: ldm_bert, tokenizer: FOLDER, no text_encoder",
-                                  found=f"type {self.text_encoder_type}, tokenizer {self.tokenizer}")
+        if self.text_encoder_config is not None and (
+                self.text_encoder_type != "ldm_bert" or self.tokenizer is None or self.text_encoder is not None):
+            raise ConfigError("a text encoder built from scratch is an ldm_bert with a tokenizer folder",
+                              where="text_encoder_config",
+                              expected="text_encoder_type: ldm_bert, tokenizer: FOLDER, no text_encoder",
+                              found=f"type {self.text_encoder_type}, tokenizer {self.tokenizer}")
         _positive(self, "num_classes")
 
 
@@ -240,8 +249,10 @@ class DiffusionSampleConfig(ComponentConfig):
                               found=self.seeds)
 
 
+@dataclasses.dataclass(frozen=True)
 class _Sections:
-    """What both run configs share: a plain-dict view (the sections, not the source file)."""
+    """What both run configs share: a plain-dict view (the sections, not the source file). A dataclass without
+    fields, so that `dataclasses.fields(self)` is typed; the run configs add the sections."""
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name).to_dict() for f in dataclasses.fields(self) if f.name != "source"}
@@ -275,7 +286,7 @@ class DiffusionTrainConfig(_Sections):
     kind = "diffusion"
 
 
-TrainConfig = AutoencoderTrainConfig | DiffusionTrainConfig
+TrainConfig: TypeAlias = AutoencoderTrainConfig | DiffusionTrainConfig
 _CLASSES: dict[str, type] = {"autoencoder": AutoencoderTrainConfig, "diffusion": DiffusionTrainConfig}
 
 
@@ -285,7 +296,7 @@ def train_config_from_dict(data: Mapping[str, Any], kind: Kind, *, source: str |
         raise ConfigError("unknown training stage", where="kind", expected=list(KINDS), found=kind)
     if not isinstance(data, Mapping):
         raise ConfigError("a train config must be a mapping of sections", where=source, expected="a YAML mapping",
-                          found=type(data).__name__)
+                          found=describe(data))
     cls = _CLASSES[kind]
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
     hints = typing.get_type_hints(cls)
@@ -302,7 +313,7 @@ def train_config_from_dict(data: Mapping[str, Any], kind: Kind, *, source: str |
                               expected=f"a {name}: mapping", found=sorted(data))
         if value is not None and not isinstance(value, Mapping):
             raise ConfigError(f"section {name!r} must be a mapping", where=f"{source}: {name}",
-                              expected="key: value pairs", found=type(value).__name__)
+                              expected="key: value pairs", found=describe(value))
         where = f"{source}: {name}" if source else name
         try:
             sections[name] = section_class.from_dict(value or {}, source=where)
@@ -329,7 +340,7 @@ def load_train_config(path: str | Path, kind: Kind, *, overrides: Sequence[str] 
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError("a train config must be a mapping of sections", where=str(path),
-                          expected="a YAML mapping", found=type(data).__name__)
+                          expected="a YAML mapping", found=describe(data))
     for item in overrides:
         apply_override(data, item)
     return train_config_from_dict(data, kind, source=str(path))
@@ -367,29 +378,67 @@ def check_components(config: TrainConfig) -> None:
     build_component_configs(config, where=where)
 
 
-def build_component_configs(config: TrainConfig, *, where: str = "model") -> dict[str, ComponentConfig | None]:
+class AutoencoderComponents(TypedDict):
+    """The autoencoder stage's component configs (`build_component_configs`)."""
+
+    architecture: AutoencoderKLConfig | VQModelConfig
+    loss: AutoencoderLossConfig
+
+
+class DiffusionComponents(TypedDict):
+    """The diffusion stage's component configs (`build_component_configs`); text_encoder: a new LDM-BERT's."""
+
+    unet: UNetConfig | UNet2DConfig
+    noise_scheduler: NoiseSchedulerConfig
+    text_encoder: LDMBertConfig | None
+
+
+@overload
+def build_component_configs(config: AutoencoderTrainConfig, *, where: str = "model") -> AutoencoderComponents: ...
+
+
+@overload
+def build_component_configs(config: DiffusionTrainConfig, *, where: str = "model") -> DiffusionComponents: ...
+
+
+def build_component_configs(config: TrainConfig, *,
+                            where: str = "model") -> AutoencoderComponents | DiffusionComponents:
     """The component configs named by the model section (architecture dicts -> typed configs)."""
-    model = config.model
     if isinstance(config, AutoencoderTrainConfig):
-        from ..models.autoencoder_kl import AutoencoderKLConfig
+        return _autoencoder_components(config.model, where)
+    return _diffusion_components(config, where)
 
-        if model.type == "vq_model":
-            from ..models.vq import VQModelConfig as architecture_class
-        else:
-            architecture_class = AutoencoderKLConfig
-        from .autoencoder_loss import AutoencoderLossConfig
 
-        return {"architecture": architecture_class.from_dict(model.architecture or {},
-                                                             source=f"{where}.architecture"),
-                "loss": AutoencoderLossConfig.from_dict(model.loss or {}, source=f"{where}.loss")}
+def _autoencoder_components(model: AutoencoderModelSection, where: str) -> AutoencoderComponents:
+    from ..models.autoencoder_kl import AutoencoderKLConfig
+    from .autoencoder_loss import AutoencoderLossConfig
+
+    architecture: AutoencoderKLConfig | VQModelConfig
+    if model.type == "vq_model":
+        from ..models.vq import VQModelConfig
+
+        architecture = VQModelConfig.from_dict(model.architecture or {}, source=f"{where}.architecture")
+    else:
+        architecture = AutoencoderKLConfig.from_dict(model.architecture or {}, source=f"{where}.architecture")
+    return {"architecture": architecture,
+            "loss": AutoencoderLossConfig.from_dict(model.loss or {}, source=f"{where}.loss")}
+
+
+def _diffusion_components(config: DiffusionTrainConfig, where: str) -> DiffusionComponents:
     from ..diffusion.noise_scheduler import NoiseSchedulerConfig
 
+    model = config.model
+    unet: UNetConfig | UNet2DConfig
     if model.unet_type == "unet2d":
-        from ..models.unet2d import UNet2DConfig as unet_class
+        from ..models.unet2d import UNet2DConfig
+
+        unet = UNet2DConfig.from_dict(model.unet or {}, source=f"{where}.unet")
     else:
-        from ..models.unet import UNetConfig as unet_class
-    built: dict[str, ComponentConfig | None] = {
-        "unet": unet_class.from_dict(model.unet or {}, source=f"{where}.unet"),
+        from ..models.unet import UNetConfig
+
+        unet = UNetConfig.from_dict(model.unet or {}, source=f"{where}.unet")
+    built: DiffusionComponents = {
+        "unet": unet,
         "noise_scheduler": NoiseSchedulerConfig.from_dict(model.noise_scheduler or {},
                                                           source=f"{where}.noise_scheduler"),
         "text_encoder": None,

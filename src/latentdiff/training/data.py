@@ -176,8 +176,9 @@ class ImageDataset(torch.utils.data.Dataset):
         crop = None if self.center_crop else (float(rng.random()), float(rng.random()))
         flip = bool(self.random_flip and rng.random() < 0.5)
         record = self.index.records[i]
-        item = {"caption": record.caption or "", "class_label": -1 if record.label is None else record.label,
-                "index": i, "flip": flip, "skipped": 0}
+        item: dict[str, Any] = {"caption": record.caption or "",
+                                "class_label": -1 if record.label is None else record.label,
+                                "index": i, "flip": flip, "skipped": 0}
         if self.load_pixels:
             item["pixel_values"], item["index"], item["skipped"] = self.load_readable(i, crop=crop, flip=flip)
             record = self.index.records[item["index"]]
@@ -323,10 +324,9 @@ def build_datasets(config: DataConfig, *, seed: int, load_pixels: bool = True
         validation = scan_image_folder(config, config.validation_path)
     elif config.validation_split:
         index, validation = split_validation(index, config.validation_split, seed=seed)
-    common = dict(resolution=config.resolution, seed=seed, on_corrupt=config.on_corrupt)
-    train = ImageDataset(index, center_crop=config.center_crop, random_flip=config.random_flip,
-                         load_pixels=load_pixels, **common)
-    valid = ImageDataset(validation, center_crop=True, random_flip=False, **common) if validation else None
+    dataset = partial(ImageDataset, resolution=config.resolution, seed=seed, on_corrupt=config.on_corrupt)
+    train = dataset(index, center_crop=config.center_crop, random_flip=config.random_flip, load_pixels=load_pixels)
+    valid = dataset(validation, center_crop=True, random_flip=False) if validation else None
     return train, valid
 
 

@@ -24,7 +24,7 @@ import hashlib
 import json
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,12 @@ from .data import build_datasets, fixed_batches
 from .ema import EMA
 from .loop import Trainer, enable_gradient_checkpointing, save_image_grid
 
+if TYPE_CHECKING:
+    from ..models.autoencoder_kl import AutoencoderKL
+    from ..models.unet import UNet2DConditional
+    from ..models.unet2d import UNet2D
+    from ..models.vq import VQModel
+
 CACHE_FILE = "latent_cache.safetensors"
 CACHE_BATCH = 64  # images encoded per call while building the latent cache
 CHECKPOINTED_BLOCKS = (ResnetBlock, BasicTransformerBlock, SpatialSelfAttention)
@@ -53,6 +59,8 @@ CHECKPOINTED_BLOCKS = (ResnetBlock, BasicTransformerBlock, SpatialSelfAttention)
 class DiffusionTrainer(Trainer):
     stage = "diffusion"
     config: DiffusionTrainConfig
+    vae: AutoencoderKL | VQModel
+    unet: UNet2DConditional | UNet2D
 
     def __init__(self, config: DiffusionTrainConfig, *, accelerator: Any = None):
         super().__init__(config, accelerator=accelerator)
@@ -92,8 +100,9 @@ class DiffusionTrainer(Trainer):
 
         enable_gradient_checkpointing(trained, CHECKPOINTED_BLOCKS + (LDMBertLayer,))
         text_model = self.modules.get("text_encoder")
-        if text_model is not None and hasattr(text_model, "gradient_checkpointing_enable"):
-            text_model.gradient_checkpointing_enable()  # a transformers model checkpoints its own layers
+        enable = getattr(text_model, "gradient_checkpointing_enable", None)
+        if text_model is not None and enable is not None:
+            enable()  # a transformers model checkpoints its own layers
 
     # ---- setup checks -----------------------------------------------------------------------------
     def _check_labels(self) -> int | None:
@@ -104,7 +113,7 @@ class DiffusionTrainer(Trainer):
         if not mode.class_embeds:
             return None
         classes = self.config.model.num_classes or len(self.train_set.index.class_names)
-        embeds = self.unet.config.num_class_embeds
+        embeds = getattr(self.unet.config, "num_class_embeds", None)   # a UNet2D has none: check_conditioning
         if embeds != classes + 1:
             raise ConfigError("the UNet needs one class embedding per class plus the null class",
                               where="model.unet.num_class_embeds", expected=classes + 1, found=embeds)
@@ -219,7 +228,7 @@ class DiffusionTrainer(Trainer):
                                                num_inference_steps=cfg.num_inference_steps)
                 return self.pipeline.decode(z0).clamp(-1, 1)  # unscaled for low_res, as the export
         finally:
-            for m, mode in zip(modules, was_training):
+            for m, mode in zip(modules, was_training, strict=True):
                 m.train(mode)
 
     def preview_images(self, count: int) -> torch.Tensor:
@@ -236,9 +245,8 @@ class DiffusionTrainer(Trainer):
         """The EMA weights (else the trained ones) as a pipeline folder; main process writes."""
         folder = Path(self.config.checkpoint.export_dir or self.output_dir / "pipeline")
         if self.accelerator.is_main_process:
-            with self.ema.applied() if self.ema is not None else nullcontext():
-                with hub.atomic_folder(folder) as tmp:
-                    self.pipeline.write_files(tmp)
+            with self.ema.applied() if self.ema is not None else nullcontext(), hub.atomic_folder(folder) as tmp:
+                self.pipeline.write_files(tmp)
         self.accelerator.wait_for_everyone()
         return folder
 
@@ -249,7 +257,7 @@ class DiffusionTrainer(Trainer):
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
-def load_first_stage(path: str, *, subfolder: str | None = None) -> nn.Module:
+def load_first_stage(path: str, *, subfolder: str | None = None) -> AutoencoderKL | VQModel:
     """An AutoencoderKL or VQModel folder (config.json's _class_name says which), in eval mode."""
     from ..config import read_json
     from ..models.autoencoder_kl import AutoencoderKL
@@ -263,21 +271,21 @@ def load_first_stage(path: str, *, subfolder: str | None = None) -> nn.Module:
         raise CheckpointError("no first-stage model folder", where=str(folder),
                               expected="config.json + weights of an AutoencoderKL or VQModel")
     name = read_json(folder / "config.json").get("_class_name")
-    classes = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}
+    classes: dict[str, type[AutoencoderKL] | type[VQModel]] = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}
     if name not in classes:
         raise CheckpointError("the first stage must be an AutoencoderKL or a VQModel", where=str(folder),
                               expected=sorted(classes), found=name)
     return classes[name].from_pretrained(root, subfolder=subfolder).eval()
 
 
-def build_unet(config: DiffusionTrainConfig, unet_config: Any) -> nn.Module:
+def build_unet(config: DiffusionTrainConfig, unet_config: Any) -> UNet2DConditional | UNet2D:
     from ..models.unet import UNet2DConditional
     from ..models.unet2d import UNet2D
 
-    cls = UNet2D if config.model.unet_type == "unet2d" else UNet2DConditional
+    cls: type[UNet2DConditional] | type[UNet2D] = UNet2D if config.model.unet_type == "unet2d" else UNet2DConditional
     if config.model.pretrained_unet:
         return cls.from_pretrained(config.model.pretrained_unet)
-    return cls(unet_config)
+    return cls.from_config(unet_config)     # cls(unet_config): the model checks the config's type
 
 
 def load_text_encoder(config: DiffusionTrainConfig, scratch_config: Any) -> Any:
@@ -290,7 +298,9 @@ def load_text_encoder(config: DiffusionTrainConfig, scratch_config: Any) -> Any:
         from ..models.text_encoder import TextEncoderConfig
 
         settings = TextEncoderConfig(max_length=scratch_config.max_position_embeddings)
+        assert model.tokenizer is not None      # DiffusionModelSection.validate: text_encoder_config needs one
         return LDMBertTextEncoder(LDMBert(scratch_config), load_bert_tokenizer(Path(model.tokenizer)), settings)
+    assert model.text_encoder is not None       # validate: a context conditioning needs a text encoder
     root = Path(model.text_encoder)
     if model.text_encoder_type == "ldm_bert":
         return LDMBertTextEncoder.from_pretrained(root)
@@ -299,13 +309,13 @@ def load_text_encoder(config: DiffusionTrainConfig, scratch_config: Any) -> Any:
                                        tokenizer_subfolder="tokenizer" if nested else None)
 
 
-def encode_moments(vae: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+def encode_moments(vae: AutoencoderKL | VQModel, pixels: torch.Tensor) -> torch.Tensor:
     """KL: the posterior's (mean, logvar) stacked on channels (B, 2C, h, w); VQ: the encoder output (B, C, h, w)."""
     out = vae.encode(pixels)
-    return torch.cat([out.mean, out.logvar], dim=1) if hasattr(out, "logvar") else out
+    return out if isinstance(out, torch.Tensor) else torch.cat([out.mean, out.logvar], dim=1)
 
 
-def sample_moments(vae: nn.Module, moments: torch.Tensor, rnd: Any) -> torch.Tensor:
+def sample_moments(vae: AutoencoderKL | VQModel, moments: torch.Tensor, rnd: Any) -> torch.Tensor:
     """z ~ q(z|x) = mean + exp(logvar / 2) eps, eps from the step's generator (stream 0); VQ: as it is."""
     if moments.shape[1] == vae.latent_channels:
         return moments

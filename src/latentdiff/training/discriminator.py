@@ -21,6 +21,10 @@ class ActNorm(nn.Module):
     """Per-channel affine y = scale * (x + loc) with data-dependent initialisation (Kingma & Dhariwal 2018):
     the first training batch sets loc = -mean and scale = 1 / std per channel. x: (B, C, H, W)."""
 
+    loc: nn.Parameter
+    scale: nn.Parameter
+    initialized: torch.Tensor                 # a uint8 buffer: 1 once the first batch set loc and scale
+
     def __init__(self, channels: int):
         super().__init__()
         self.loc = nn.Parameter(torch.zeros(1, channels, 1, 1))

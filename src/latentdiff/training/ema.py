@@ -13,12 +13,22 @@ The EMA lives beside the model, never inside it: models know nothing of training
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any, TypedDict
 
 import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+
+
+class EMAState(TypedDict):
+    """`EMA.state_dict()`: the settings, the update count and the shadow weights by parameter name."""
+
+    decay: float
+    warmup: bool
+    num_updates: int
+    shadow: dict[str, torch.Tensor]
 
 
 class EMA:
@@ -50,7 +60,7 @@ class EMA:
     def copy_to(self, module: nn.Module | None = None) -> None:
         """Write the averaged weights into `module` (default: the averaged module itself)."""
         params = self._params if module is None else self._matching(module)
-        for p, s in zip(params, self.shadow):
+        for p, s in zip(params, self.shadow, strict=True):   # one shadow per averaged parameter
             p.copy_(s)
 
     @contextlib.contextmanager
@@ -62,7 +72,7 @@ class EMA:
             yield
         finally:
             with torch.no_grad():
-                for p, s in zip(self._params, saved):
+                for p, s in zip(self._params, saved, strict=True):
                     p.copy_(s)
 
     def _matching(self, module: nn.Module) -> list[torch.Tensor]:
@@ -74,20 +84,21 @@ class EMA:
         return [named[n] for n in self.names]
 
     # ---- checkpoints -------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, object]:
+    def state_dict(self) -> EMAState:
         return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates,
-                "shadow": dict(zip(self.names, self.shadow))}
+                "shadow": dict(zip(self.names, self.shadow, strict=True))}
 
-    def load_state_dict(self, state: dict[str, object]) -> None:
-        """Strict: the same parameter names and shapes, else a CheckpointError naming the differences."""
-        shadow: dict[str, torch.Tensor] = state["shadow"]  # type: ignore[assignment]
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Strict: the same parameter names and shapes, else a CheckpointError naming the differences. `state`:
+        an `EMAState`, of which "shadow" and "num_updates" are read."""
+        shadow: dict[str, torch.Tensor] = state["shadow"]
         missing, unexpected = sorted(set(self.names) - set(shadow)), sorted(set(shadow) - set(self.names))
-        wrong = [n for n, s in zip(self.names, self.shadow) if n in shadow and shadow[n].shape != s.shape]
+        wrong = [n for n, s in zip(self.names, self.shadow, strict=True) if n in shadow and shadow[n].shape != s.shape]
         if missing or unexpected or wrong:
             raise CheckpointError("EMA state does not match the model", expected=f"{len(self.names)} parameters",
                                   found=f"missing {missing[:10]}, unexpected {unexpected[:10]}, "
                                         f"wrong shape {wrong[:10]}")
         with torch.no_grad():
-            for name, s in zip(self.names, self.shadow):
+            for name, s in zip(self.names, self.shadow, strict=True):
                 s.copy_(shadow[name])
-        self.num_updates = int(state["num_updates"])  # type: ignore[arg-type]
+        self.num_updates = int(state["num_updates"])

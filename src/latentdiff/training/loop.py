@@ -77,8 +77,8 @@ def lr_factor(step: int, optim: OptimConfig, max_steps: int) -> float:
 
 def make_adamw(params: Sequence[nn.Parameter], optim: OptimConfig, lr: float) -> torch.optim.AdamW:
     """AdamW, fused (one kernel over all parameters) where every parameter is a float tensor on the CPU or a
-    CUDA device: the per-parameter loop it replaces was ~23 ms of host time per step for the built-in LDM
-    (356 tensors), which bounds small models on a GPU. Same update rule; torch's default elsewhere."""
+    CUDA device: the per-parameter loop it replaces costs host time per step that bounds small models on a GPU
+    (the figure for the built-in LDM: benchmarks/RESULTS.md). Same update rule; torch's default elsewhere."""
     params = list(params)
     fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(params, lr=lr, betas=optim.betas, weight_decay=optim.weight_decay, eps=optim.eps,
@@ -92,19 +92,21 @@ def average_gradients(params: Sequence[nn.Parameter], accelerator: Any) -> None:
     import torch.distributed as dist
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+    grads: list[torch.Tensor] = []
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
     bucket: list[torch.Tensor] = []
     size = 0
-    for i, p in enumerate(params):
-        bucket.append(p.grad)
-        size += p.grad.numel() * p.grad.element_size()
-        if size >= BUCKET_BYTES or i == len(params) - 1:
+    for i, grad in enumerate(grads):
+        bucket.append(grad)
+        size += grad.numel() * grad.element_size()
+        if size >= BUCKET_BYTES or i == len(grads) - 1:
             flat = _flatten_dense_tensors(bucket)
             dist.all_reduce(flat)
             flat /= accelerator.num_processes
-            for g, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            for g, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
                 g.copy_(reduced)
             bucket, size = [], 0
 
@@ -159,8 +161,9 @@ class StepRandom:
 
 
 def enable_gradient_checkpointing(module: nn.Module, block_types: tuple[type, ...]) -> int:
-    """Recompute the activations of every block of `block_types` in the backward pass (less memory, ~30 %
-    more compute). Blocks must be pure functions of their inputs. -> the number of blocks wrapped."""
+    """Recompute the activations of every block of `block_types` in the backward pass (less memory; one more
+    forward pass of those blocks per step). Blocks must be pure functions of their inputs. -> the number of blocks
+    wrapped."""
     from functools import partial
 
     from torch.utils.checkpoint import checkpoint
@@ -377,7 +380,7 @@ class Trainer:
                        * self.accelerator.num_processes}  # the mean over processes times P: their sum
         names = sorted(logs)
         values = torch.stack([logs[n].detach().float().reshape(()).to(self.device) for n in names])
-        out = dict(zip(names, self.accelerator.reduce(values, "mean").tolist()))
+        out = dict(zip(names, self.accelerator.reduce(values, "mean").tolist(), strict=True))
         for name, (optimizer, _, _) in self.optimizers.items():
             out[f"lr/{name}"] = optimizer.param_groups[0]["lr"]
         return out

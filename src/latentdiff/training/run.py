@@ -6,17 +6,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .config import load_train_config
+from .config import AutoencoderTrainConfig, load_train_config
+
+if TYPE_CHECKING:
+    from .loop import Trainer
 
 
 def train_from_file(kind: str, path: str | Path, *, overrides: Sequence[str] = ()) -> tuple[Path, bool]:
     """Read the config, build the stage's trainer, fit. -> (the export folder, whether this is the main process)."""
+    # kind is checked there (an unknown one is a ConfigError naming the stages)
     config = load_train_config(path, kind, overrides=overrides)  # type: ignore[arg-type]
     # only the stage that runs is imported (the diffusion stage pulls in every pipeline)
-    if kind == "autoencoder":
-        from .autoencoder_trainer import AutoencoderTrainer as trainer_class
+    trainer: Trainer
+    if isinstance(config, AutoencoderTrainConfig):    # kind == "autoencoder"
+        from .autoencoder_trainer import AutoencoderTrainer
+
+        trainer = AutoencoderTrainer(config)
     else:
-        from .diffusion_trainer import DiffusionTrainer as trainer_class
-    trainer = trainer_class(config)
+        from .diffusion_trainer import DiffusionTrainer
+
+        trainer = DiffusionTrainer(config)
     return trainer.fit(), trainer.accelerator.is_main_process

@@ -15,23 +15,22 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import numbers
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeAlias, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeAlias, overload, runtime_checkable
 
 import torch
 
-from ...config import ComponentConfig
-from ...errors import ConfigError, InputError
+from ...config import ComponentConfig, is_int
+from ...errors import ConfigError, InputError, describe
 from ...registry import SAMPLERS
 from ..noise import randn
 
 if TYPE_CHECKING:
     from ..noise_scheduler import NoiseScheduler
 
-TimestepSpacing = Literal["leading", "trailing", "linspace"]
+TimestepSpacing: TypeAlias = Literal["leading", "trailing", "linspace"]
 TIMESTEP_SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace")
-VarianceType = Literal["fixed_small", "fixed_large"]
+VarianceType: TypeAlias = Literal["fixed_small", "fixed_large"]
 
 Denoiser: TypeAlias = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseSampler: TypeAlias = Callable[[torch.Tensor], torch.Tensor]
@@ -102,7 +101,7 @@ def initial_sample(plan: Any, x0: torch.Tensor, noise: torch.Tensor) -> torch.Te
     if not isinstance(x0, torch.Tensor) or not isinstance(noise, torch.Tensor) or x0.shape != noise.shape:
         raise InputError("x0 and noise must be tensors of one shape", where="noise",
                          expected=tuple(x0.shape) if isinstance(x0, torch.Tensor) else "a tensor",
-                         found=_describe(noise))
+                         found=describe(noise))
     state = plan.noised(x0, noise, 0)
     return state if plan.init_scale == 1.0 else state / plan.init_scale
 
@@ -134,7 +133,15 @@ class _Normalized:
         return self.callback(i, t, x)
 
 
-def as_step_callback(callback: Callable[..., Any] | None) -> Callable[..., Any] | None:
+@overload
+def as_step_callback(callback: None) -> None: ...
+
+
+@overload
+def as_step_callback(callback: Callable[..., Any]) -> _Normalized: ...
+
+
+def as_step_callback(callback: Callable[..., Any] | None) -> _Normalized | None:
     """`callback` as the loops call it, callback(i, t, x, denoised), its form read once from its signature: a
     parameter named `denoised` (or **kwargs) gets the prediction as that keyword; two positional parameters and no
     more is the sigma loops' former callback(i, x); anything else is called (i, t, x) as before."""
@@ -165,7 +172,7 @@ def after_step(callback: Callable[..., Any] | None, x: torch.Tensor, i: int, t: 
     if not isinstance(replacement, torch.Tensor) or replacement.shape != x.shape or replacement.dtype != x.dtype:
         raise InputError("a step callback must return None or a tensor like the sample it was given",
                          where="callback", expected=f"None or a {x.dtype} tensor of shape {tuple(x.shape)}",
-                         found=_describe(replacement))
+                         found=describe(replacement))
     return replacement
 
 
@@ -185,7 +192,7 @@ def noise_sampler_from(generator: Generator, *, dtype: torch.dtype | None = None
 def check_start_step(start_step: int, num_inference_steps: int) -> int:
     """start_step as a Python int, or an InputError unless 0 <= start_step < N (one step at least must run)."""
     s, N = start_step, num_inference_steps
-    if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 0 <= s < N:
+    if not is_int(s) or not 0 <= s < N:
         raise InputError("start_step must be an integer index into the N-step plan, leaving a step to run",
                          where="start_step", expected=f"0 <= start_step < {N}", found=repr(s))
     return int(s)
@@ -194,7 +201,7 @@ def check_start_step(start_step: int, num_inference_steps: int) -> int:
 def check_num_inference_steps(num_inference_steps: int, num_train_timesteps: int) -> int:
     """N as a Python int, or an InputError unless it is an integer with 1 <= N <= T."""
     N, T = num_inference_steps, num_train_timesteps
-    if isinstance(N, bool) or not isinstance(N, numbers.Integral) or not 1 <= N <= T:
+    if not is_int(N) or not 1 <= N <= T:
         raise InputError("num_inference_steps must be an integer between 1 and num_train_timesteps",
                          where="num_inference_steps", expected=f"1 <= N <= {T}", found=repr(N))
     return int(N)
@@ -206,7 +213,7 @@ def check_generator(generator: Generator, batch_size: int) -> None:
         return
     if not isinstance(generator, (list, tuple)) or not all(isinstance(g, torch.Generator) for g in generator):
         raise InputError("generator must be a torch.Generator or a list of them", where="generator",
-                         expected="torch.Generator | list[torch.Generator] | None", found=type(generator).__name__)
+                         expected="torch.Generator | list[torch.Generator] | None", found=describe(generator))
     if len(generator) != batch_size:
         raise InputError("one generator per sample is needed", where="generator",
                          expected=f"a list of {batch_size} generators", found=f"a list of {len(generator)}")
@@ -216,13 +223,13 @@ def check_sample_call(denoise: Callable, x_T: torch.Tensor, generator: Generator
     """The checks every sampler's `sample` makes before any work: InputErrors naming the bad argument."""
     if not callable(denoise):
         raise InputError("denoise must be a callable denoise(x_t, t) -> model_output", where="denoise",
-                         expected="a callable", found=type(denoise).__name__)
+                         expected="a callable", found=describe(denoise))
     if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point() or x_T.ndim < 1:
         raise InputError("x_T must be a floating-point tensor (B, C, H, W)", where="x_T",
-                         expected="a float tensor", found=getattr(x_T, "dtype", type(x_T).__name__))
+                         expected="a float tensor", found=describe(x_T))
     if callback is not None and not callable(callback):
         raise InputError("callback must be callable", where="callback", expected="callback(i, t, x_t, denoised)",
-                         found=type(callback).__name__)
+                         found=describe(callback))
     check_generator(generator, x_T.shape[0])
 
 
@@ -232,15 +239,8 @@ def check_sampler(sampler: object) -> SamplerProtocol:
     if not callable(getattr(sampler, "noise_to_start", None)):
         raise InputError("this sampler cannot start from a noised image: it has no noise_to_start(x0, noise, ...)",
                          where="sampler", expected="a latentdiff sampler (every registered one can)",
-                         found=type(sampler).__name__)
+                         found=describe(sampler))
     return sampler  # type: ignore[return-value]   # what start part-way needs is checked above
-
-
-def _describe(value: Any) -> str:
-    """A value as an error message names it: a tensor's dtype and shape, else its type."""
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-    return type(value).__name__
 
 
 def progress_range(n: int, progress: bool) -> Any:

@@ -37,7 +37,7 @@ from typing import ClassVar, Literal, NamedTuple
 
 import torch
 
-from ...errors import ConfigError, InputError
+from ...errors import ConfigError, InputError, describe
 from ...registry import SAMPLERS
 from ..noise_scheduler import NoiseScheduler
 from .base import (
@@ -98,7 +98,7 @@ class Sampler(SamplerSettings):
         start_step .. N-1 of the N-step plan (0 <= start_step < N)."""
         if not isinstance(noise_scheduler, NoiseScheduler):
             raise InputError("a NoiseScheduler is needed", where="noise_scheduler", expected="NoiseScheduler",
-                             found=type(noise_scheduler).__name__)
+                             found=describe(noise_scheduler))
         timesteps = timestep_grid(noise_scheduler.num_train_timesteps, num_inference_steps, kind="discrete",
                                   spacing=self.timestep_spacing, steps_offset=self.steps_offset).tolist()
         s = check_start_step(start_step, len(timesteps))
@@ -179,8 +179,10 @@ class PLMSSampler(Sampler):
     pseudo improved-Euler first step (two calls). diffusers: PNDMScheduler(skip_prk_steps=True)."""
 
     set_alpha_to_one: bool = False     # the final abar: 1, or abar_0 (PNDMScheduler's default)
-    clip_sample: ClassVar[bool] = False        # PNDM never clips x0 (not settable: it works on eps)
-    clip_sample_range: ClassVar[float] = 1.0
+    # PNDM never clips x0 (it works on eps): class constants replace the two inherited fields, so they cannot be
+    # set; mypy does not allow a field to become a ClassVar, which here is the point.
+    clip_sample: ClassVar[bool] = False  # type: ignore[misc]
+    clip_sample_range: ClassVar[float] = 1.0  # type: ignore[misc]
 
     def final_alpha_cumprod(self, noise_scheduler: NoiseScheduler) -> float:
         return 1.0 if self.set_alpha_to_one else float(noise_scheduler.alphas_cumprod[0])

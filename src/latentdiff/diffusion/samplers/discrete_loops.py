@@ -99,15 +99,14 @@ def sample_ddim(denoise: Denoiser, x: torch.Tensor, timesteps: Sequence[int], al
     """
     check_plan(timesteps, alphas_cumprod)
     callback = as_step_callback(callback)
-    if eta > 0 and noise_sampler is None:
-        noise_sampler = torch.randn_like
+    sample_noise: NoiseSampler = noise_sampler or torch.randn_like    # drawn only when eta > 0
     ts = torch.tensor(list(timesteps), dtype=torch.long, device=x.device)  # one copy, not one per step
     for i in progress_range(len(timesteps), progress):
         abar_t, abar_prev = alphas_cumprod[i], alphas_cumprod[i + 1]
         x0_pred, eps = model_output_to_x0_eps(denoise(x, ts[i]), x, abar_t, prediction_type)
         if clip_sample_range is not None:
             x0_pred = x0_pred.clamp(-clip_sample_range, clip_sample_range)
-        noise = noise_sampler(x) if eta > 0 else None
+        noise = sample_noise(x) if eta > 0 else None
         x = ddim_step(x0_pred, eps, abar_t, abar_prev, eta=eta, noise=noise)
         x = after_step(callback, x, i, int(timesteps[i]), x0_pred)
     return x
@@ -148,7 +147,8 @@ def plms_eps(eps_history: Sequence[torch.Tensor]) -> torch.Tensor:
     """eps' = sum_j c_j eps_{i-j} over the last k <= 4 predictions (oldest first in `eps_history`):
     (55 e_i - 59 e_{i-1} + 37 e_{i-2} - 9 e_{i-3}) / 24 with four (Liu et al. 2022, eq. 12), fewer below."""
     coefficients = PLMS_COEFFICIENTS[len(eps_history) - 1]
-    return sum(c * e for c, e in zip(coefficients, reversed(eps_history)))
+    terms = [c * e for c, e in zip(coefficients, reversed(eps_history), strict=True)]   # one c per eps
+    return sum(terms[1:], terms[0])
 
 
 def plms_transfer(x_t: torch.Tensor, eps: torch.Tensor, abar_t: float, abar_prev: float) -> torch.Tensor:
@@ -171,7 +171,8 @@ def sample_plms(denoise: Denoiser, x: torch.Tensor, timesteps: Sequence[int], al
     check_plan(timesteps, alphas_cumprod)
     callback = as_step_callback(callback)
     ts = torch.tensor(list(timesteps), dtype=torch.long, device=x.device)
-    n, eps_history = len(timesteps), []
+    n = len(timesteps)
+    eps_history: list[torch.Tensor] = []
     for i in progress_range(n, progress):
         abar_t, abar_prev = alphas_cumprod[i], alphas_cumprod[i + 1]
         x0_pred, eps = model_output_to_x0_eps(denoise(x, ts[i]), x, abar_t, prediction_type)

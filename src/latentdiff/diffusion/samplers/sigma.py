@@ -45,7 +45,7 @@ from typing import ClassVar, Literal, NamedTuple
 import numpy as np
 import torch
 
-from ...errors import ConfigError, InputError
+from ...errors import ConfigError, InputError, describe
 from ...registry import SAMPLERS
 from ..noise_scheduler import NoiseScheduler
 from . import grids, sigma_loops
@@ -99,7 +99,7 @@ class SigmaSampler(SamplerSettings):
         start_step .. N-1 of the N-step grid (0 <= start_step < N)."""
         if not isinstance(noise_scheduler, NoiseScheduler):
             raise InputError("a NoiseScheduler is needed", where="noise_scheduler", expected="NoiseScheduler",
-                             found=type(noise_scheduler).__name__)
+                             found=describe(noise_scheduler))
         table = grids.sigma_table(noise_scheduler.alphas_cumprod,
                                   zero_terminal_snr=noise_scheduler.config.rescale_zero_terminal_snr)
         timesteps, sigmas = self._grid(noise_scheduler, table, num_inference_steps)
@@ -134,7 +134,11 @@ class SigmaSampler(SamplerSettings):
         return (x * plan.final_scale if plan.final_scale != 1.0 else x).to(x_T.dtype)
 
     # ---- what subclasses define ---------------------------------------------------------------------
-    _clip: ClassVar[float | None] = None                 # clamp of D(x; sigma), where a sampler offers one
+    @property
+    def _clip(self) -> float | None:
+        """The clamp of D(x; sigma), where a sampler offers one (HeunSampler); None: no clamp."""
+        return None
+
     noise_dtype: ClassVar[torch.dtype | None] = None     # dtype noise is drawn in (None: x_T's)
 
     def _run(self, model: sigma_loops.SigmaDenoiser, x: torch.Tensor, plan: SigmaPlan, noise: NoiseSampler,

@@ -50,7 +50,7 @@ def discrete_time_denoiser(denoise: Denoiser, sigmas: Sequence[float], timesteps
     if prediction_type not in PREDICTION_TYPES:
         raise InputError("unknown prediction type", where="prediction_type", expected=list(PREDICTION_TYPES),
                          found=repr(prediction_type))
-    index = {}
+    index: dict[float, int] = {}
     for i, sigma in enumerate(sigmas[:len(timesteps)]):
         index.setdefault(sigma, i)
     on_device: dict[torch.device, torch.Tensor] = {}
@@ -174,8 +174,8 @@ def sample_lms(model: SigmaDenoiser, x: torch.Tensor, sigmas: Sequence[float], *
         denoised = model(x, sigma)
         ds = (ds + [to_d(x, sigma, denoised)])[-order:]
         current = min(i + 1, order)
-        coefficients = [lms_coefficient(sigmas, i, j, current) for j in range(current)]
-        x = x + sum(c * d for c, d in zip(coefficients, reversed(ds)))
+        coefficients = [lms_coefficient(sigmas, i, j, current) for j in range(current)]   # len(ds) == current
+        x = x + sum(c * d for c, d in zip(coefficients, reversed(ds), strict=True))
         x = after_step(callback, x, i, sigmas[i], denoised)
     return x
 
@@ -236,7 +236,7 @@ def _dpmpp_update(x: torch.Tensor, d0: torch.Tensor, d_prev: torch.Tensor | None
         phi = -math.expm1(-2 * h)                              # 1 - e^-2h
         x_next = (sigma_next / sigma * math.exp(-h)) * x + phi * d0 + (sigma_next * phi**0.5) * noise_sampler(x)
         c_mid, c_heun = phi / 2, phi / (-2 * h) + 1
-    if h_prev is not None:
+    if h_prev is not None and d_prev is not None:    # order 2: both set together
         d1 = (d0 - d_prev) * (h / h_prev)                      # (D_0 - D_prev) / r
         x_next = x_next + (c_mid if solver_type == "midpoint" else c_heun) * d1
     return x_next
