@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from . import docs_harness as harness
+from tests._support import docs_harness as harness
 
 PAGES = harness.pages()
 

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from latentdiff.registry import COMPONENTS, PIPELINES, SAMPLERS
-
-from .helpers import assert_parity
-from .tiny_clip import make_tiny_clip
+from tests._support.parity import assert_parity
+from tests._support.tiny_clip import make_tiny_clip
 
 
 def _unet():
