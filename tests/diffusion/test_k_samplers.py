@@ -25,7 +25,6 @@ from latentdiff.diffusion.samplers import (
 from latentdiff.errors import ConfigError, InputError
 from tests._support.parity import assert_parity, max_rel_error
 
-diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")   # numpy 2 notices inside diffusers
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -110,6 +109,8 @@ CASES = [
 
 
 def _setup(sampler, cls, ref_kw, prediction_type, rescale, cosine):
+    import diffusers
+
     schedule = dict(SD, beta_schedule="squaredcos_cap_v2") if cosine else SD
     ns = NoiseScheduler(NoiseSchedulerConfig(**schedule, prediction_type=prediction_type,
                                              rescale_zero_terminal_snr=rescale))
@@ -159,7 +160,7 @@ def _run_ref(ref, cls, model, x, calls, gens):
 
 
 @pytest.mark.parametrize("sampler,cls,ref_kw,preds,rescale,cosine,n", CASES)
-def test_every_step_and_whole_runs_match_diffusers(sampler, cls, ref_kw, preds, rescale, cosine, n):
+def test_every_step_and_whole_runs_match_diffusers(diffusers, sampler, cls, ref_kw, preds, rescale, cosine, n):
     for prediction_type in preds:
         ns, ref, as_eps = _setup(sampler, cls, ref_kw, prediction_type, rescale, cosine)
         x, plan = _x_T(), sampler.plan(ns, n)
@@ -205,7 +206,7 @@ STEP_COUNTS = [1, 2, 3, 7, 10, 25, 50, 61, 333, 999]
 
 @pytest.mark.parametrize("spacing,offset", [("linspace", 0), ("leading", 1), ("trailing", 0)])
 @pytest.mark.parametrize("cls,ref_cls,options,ref_options", GRID_CASES)
-def test_grids_match_diffusers_bit_for_bit(cls, ref_cls, options, ref_options, spacing, offset):
+def test_grids_match_diffusers_bit_for_bit(diffusers, cls, ref_cls, options, ref_options, spacing, offset):
     ns = NoiseScheduler()
     sampler = cls(timestep_spacing=spacing, steps_offset=offset, **options)
     ref = getattr(diffusers, ref_cls)(**SD, timestep_spacing=spacing, steps_offset=offset, **ref_options)
@@ -233,7 +234,7 @@ def test_grids_match_diffusers_bit_for_bit(cls, ref_cls, options, ref_options, s
             assert plan.init_scale == float(ref.init_noise_sigma)
 
 
-def test_dpm_solver_karras_grid_of_the_cosine_schedule():
+def test_dpm_solver_karras_grid_of_the_cosine_schedule(diffusers):
     """diffusers truncates (not rounds) karras timesteps for the cosine schedule; there its sigma_max (2e4) puts
     several sigmas on t = 998. We call the model with sigma_i at t_i; diffusers' step index starts at the second
     998 (its img2img rule for repeated timesteps), so there only the grid, not the run, can be compared."""
@@ -281,7 +282,7 @@ def test_lms_coefficients_match_numerical_integration():
         assert sum(coefficients) == pytest.approx(sigmas[i + 1] - sigmas[i], rel=1e-12)
 
 
-def test_plms_works_on_eps_where_diffusers_combines_raw_v_outputs():
+def test_plms_works_on_eps_where_diffusers_combines_raw_v_outputs(diffusers):
     """PNDM's multistep formula (Liu et al. 2022, eq. 12) is on eps; diffusers' PNDMScheduler combines the raw model
     outputs, so for v_prediction it combines v's taken at other x and t and converts the mixture at the current
     step. With an exact denoiser that is not exact, while PLMS on eps recovers x0 to rounding."""

@@ -34,8 +34,6 @@ from latentdiff.diffusion.scheduler_io import (
 from latentdiff.errors import ConfigError, InputError
 from tests._support.parity import assert_parity
 
-diffusers = pytest.importorskip("diffusers")
-
 SCHEDULES = ["linear", "scaled_linear", "squaredcos_cap_v2"]
 
 
@@ -47,6 +45,8 @@ def _config(schedule: str, rescale: bool = False, prediction_type: str = "epsilo
 
 
 def _diffusers_ddpm(schedule: str, rescale: bool = False, prediction_type: str = "epsilon", **kw):
+    import diffusers
+
     if rescale and prediction_type == "epsilon":
         prediction_type = "v_prediction"
     return diffusers.DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule=schedule,
@@ -76,7 +76,7 @@ def _zero_snr64(betas: np.ndarray) -> np.ndarray:
 # ---- the schedule -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("rescale", [False, True])
 @pytest.mark.parametrize("schedule", SCHEDULES)
-def test_schedule_matches_diffusers_and_float64(schedule, rescale):
+def test_schedule_matches_diffusers_and_float64(diffusers, schedule, rescale):
     ours = NoiseScheduler(_config(schedule, rescale))
     ref = _diffusers_ddpm(schedule, rescale)
     assert ours.betas.dtype == torch.float32 and ours.alphas_cumprod.dtype == torch.float32
@@ -98,7 +98,7 @@ def test_schedule_matches_diffusers_and_float64(schedule, rescale):
         assert math.isclose(float(ours.alphas_cumprod[0]), float(plain.alphas_cumprod[0]), rel_tol=1e-6)
 
 
-def test_linear_schedule_with_ddpm_defaults_and_trained_betas():
+def test_linear_schedule_with_ddpm_defaults_and_trained_betas(diffusers):
     cfg = NoiseSchedulerConfig(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", num_train_timesteps=50)
     ref = diffusers.DDPMScheduler(num_train_timesteps=50)
     assert torch.equal(NoiseScheduler(cfg).alphas_cumprod, ref.alphas_cumprod)
@@ -110,7 +110,7 @@ def test_linear_schedule_with_ddpm_defaults_and_trained_betas():
 
 # ---- the forward process ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("schedule,rescale", [("scaled_linear", False), ("linear", False), ("scaled_linear", True)])
-def test_add_noise_velocity_targets_snr(schedule, rescale):
+def test_add_noise_velocity_targets_snr(diffusers, schedule, rescale):
     ours = NoiseScheduler(_config(schedule, rescale))
     ref = _diffusers_ddpm(schedule, rescale)
     g = torch.Generator().manual_seed(0)
@@ -129,7 +129,7 @@ def test_add_noise_velocity_targets_snr(schedule, rescale):
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-def test_training_target_and_predict_x0_eps_invert_each_other(prediction_type):
+def test_training_target_and_predict_x0_eps_invert_each_other(diffusers, prediction_type):
     ns = NoiseScheduler(NoiseSchedulerConfig(prediction_type=prediction_type))
     ref = diffusers.DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     g = torch.Generator().manual_seed(1)
@@ -253,7 +253,7 @@ def _assert_same_as_diffusers_ddim(ns, sampler, ref):
         assert sampler.timesteps(ns, n).tolist() == ref.timesteps.tolist()
 
 
-def test_sd15_pndm_config_maps_to_plms_without_warning(tmp_path):
+def test_sd15_pndm_config_maps_to_plms_without_warning(diffusers, tmp_path):
     folder = _write(tmp_path / "scheduler", SD15_SCHEDULER)
     ns, sampler, caught = _load_quiet(folder)
     assert caught == []
@@ -273,7 +273,7 @@ def test_pndm_with_runge_kutta_warm_up_loads_as_plms_with_one_warning(tmp_path):
     assert len(caught) == 1 and "skip_prk_steps" in str(caught[0].message)
 
 
-def test_sd21_ddim_config_loads_without_warning(tmp_path):
+def test_sd21_ddim_config_loads_without_warning(diffusers, tmp_path):
     folder = _write(tmp_path / "s", SD21_SCHEDULER)
     ns, sampler, caught = _load_quiet(folder)
     assert caught == []
@@ -283,7 +283,7 @@ def test_sd21_ddim_config_loads_without_warning(tmp_path):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notices from inside diffusers
 @pytest.mark.parametrize("class_name", FOREIGN_CLASSES)
-def test_foreign_scheduler_saved_by_diffusers_maps_like_ddim_from_config(tmp_path, class_name):
+def test_foreign_scheduler_saved_by_diffusers_maps_like_ddim_from_config(diffusers, tmp_path, class_name):
     cls = getattr(diffusers, class_name)
     wanted = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
     accepted = inspect.signature(cls.__init__).parameters
@@ -301,7 +301,7 @@ def test_foreign_scheduler_saved_by_diffusers_maps_like_ddim_from_config(tmp_pat
     dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, clip_sample_range=2.0,
          timestep_spacing="linspace", prediction_type="sample"),
 ])
-def test_ddim_folder_saved_by_diffusers(tmp_path, kwargs):
+def test_ddim_folder_saved_by_diffusers(diffusers, tmp_path, kwargs):
     ref = diffusers.DDIMScheduler(**kwargs)
     ref.save_pretrained(tmp_path)
     ns, sampler, caught = _load_quiet(tmp_path)
@@ -309,7 +309,7 @@ def test_ddim_folder_saved_by_diffusers(tmp_path, kwargs):
     _assert_same_as_diffusers_ddim(ns, sampler, ref)
 
 
-def test_ddpm_folder_saved_by_diffusers(tmp_path):
+def test_ddpm_folder_saved_by_diffusers(diffusers, tmp_path):
     ref = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                   variance_type="fixed_large", timestep_spacing="trailing", prediction_type="sample")
     ref.save_pretrained(tmp_path)
@@ -331,7 +331,7 @@ def test_ddpm_folder_saved_by_diffusers(tmp_path):
                          rescale_zero_terminal_snr=True),
     NoiseSchedulerConfig(num_train_timesteps=4, trained_betas=(0.1, 0.2, 0.3, 0.4), prediction_type="sample"),
 ])
-def test_round_trip_ours_to_diffusers_and_back(tmp_path, config, sampler):
+def test_round_trip_ours_to_diffusers_and_back(diffusers, tmp_path, config, sampler):
     ns = NoiseScheduler(config)
     write_scheduler_folder(tmp_path, ns, sampler)
     ns2, sampler2, caught = _load_quiet(tmp_path)
@@ -427,7 +427,7 @@ FOLDERS = [
 
 @NUMPY_NOTICES
 @pytest.mark.parametrize("cls,options,expected", FOLDERS, ids=lambda v: v if isinstance(v, str) else None)
-def test_folder_saved_by_diffusers_loads_as_our_sampler(tmp_path, cls, options, expected):
+def test_folder_saved_by_diffusers_loads_as_our_sampler(diffusers, tmp_path, cls, options, expected):
     ref = getattr(diffusers, cls)(**SD_BETAS, **options)
     ref.save_pretrained(tmp_path)
     ns, sampler, caught = _load_quiet(tmp_path)
@@ -448,7 +448,7 @@ ROUND_TRIPS = [PLMSSampler(), PLMSSampler(timestep_spacing="trailing", set_alpha
                                     NoiseSchedulerConfig(beta_schedule="squaredcos_cap_v2", prediction_type="sample"),
                                     NoiseSchedulerConfig(num_train_timesteps=40, trained_betas=tuple(
                                         np.linspace(0.001, 0.2, 40).tolist()), prediction_type="v_prediction")])
-def test_sampler_round_trip_ours_to_diffusers_and_back(tmp_path, config, sampler):
+def test_sampler_round_trip_ours_to_diffusers_and_back(diffusers, tmp_path, config, sampler):
     ns = NoiseScheduler(config)
     write_scheduler_folder(tmp_path, ns, sampler)
     data = json.loads((tmp_path / "scheduler_config.json").read_text())

@@ -13,8 +13,6 @@ from latentdiff.diffusion.samplers import DDIMSampler, DDPMSampler
 from latentdiff.errors import ConfigError, InputError
 from tests._support.parity import assert_parity, max_rel_error
 
-diffusers = pytest.importorskip("diffusers")
-
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 SHAPE = (2, 4, 8, 8)
 
@@ -54,7 +52,7 @@ def _trajectory(sampler, ns, n, x, **kw):
 
 # ---- the timestep grid ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("spacing,offset", [("leading", 0), ("leading", 1), ("trailing", 0), ("linspace", 0)])
-def test_timesteps_match_diffusers_for_every_step_count(spacing, offset):
+def test_timesteps_match_diffusers_for_every_step_count(diffusers, spacing, offset):
     ns = NoiseScheduler()
     ddim, ddpm = DDIMSampler(timestep_spacing=spacing, steps_offset=offset), DDPMSampler(timestep_spacing=spacing,
                                                                                          steps_offset=offset)
@@ -93,7 +91,7 @@ def _ddim_cases():
 
 
 @pytest.mark.parametrize("spacing,offset,n,prediction_type,eta,clip,rescale", list(_ddim_cases()))
-def test_ddim_every_step_matches_diffusers(spacing, offset, n, prediction_type, eta, clip, rescale):
+def test_ddim_every_step_matches_diffusers(diffusers, spacing, offset, n, prediction_type, eta, clip, rescale):
     ns, ref_kw = _schedules(prediction_type, rescale)
     sampler = DDIMSampler(eta=eta, timestep_spacing=spacing, steps_offset=offset, clip_sample=clip,
                           clip_sample_range=1.5)
@@ -137,7 +135,7 @@ def _ddim_reference64(x, timesteps, abar, final, prediction_type, eta, gens):
 @pytest.mark.parametrize("prediction_type,rescale", [("epsilon", False), ("v_prediction", False),
                                                      ("v_prediction", True), ("sample", False)])
 @pytest.mark.parametrize("spacing,offset,n", ON_GRID + OFF_GRID)
-def test_ddim_matches_float64_reference(spacing, offset, n, prediction_type, rescale, eta):
+def test_ddim_matches_float64_reference(diffusers, spacing, offset, n, prediction_type, rescale, eta):
     """Also where diffusers cannot be the oracle: off its grid (see below), and at a zero-SNR first step with
     eta = 1, where diffusers' float32 sqrt(1 - abar_prev - sigma^2) cancels to sqrt(+-6e-8) (3e-4 off, or NaN)."""
     ns, ref_kw = _schedules(prediction_type, rescale)
@@ -152,7 +150,7 @@ def test_ddim_matches_float64_reference(spacing, offset, n, prediction_type, res
 
 
 @pytest.mark.parametrize("spacing,offset,n", OFF_GRID)
-def test_diffusers_ddim_steps_off_its_grid_where_we_follow_the_list(spacing, offset, n):
+def test_diffusers_ddim_steps_off_its_grid_where_we_follow_the_list(diffusers, spacing, offset, n):
     """Documents the discrepancy: diffusers 0.42 DDIMScheduler.step goes to t - T // N, not to the next grid
     entry. Our pure `ddim_step` reproduces diffusers exactly when fed diffusers' stride target, proving
     that the only difference is the choice of the previous timestep."""
@@ -181,7 +179,7 @@ DDPM_CASES = [("leading", 0, "fixed_small"), ("leading", 0, "fixed_large"), ("le
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("spacing,offset,variance_type", DDPM_CASES)
-def test_ddpm_ancestral_sampling_matches_diffusers(spacing, offset, variance_type, prediction_type):
+def test_ddpm_ancestral_sampling_matches_diffusers(diffusers, spacing, offset, variance_type, prediction_type):
     """diffusers adds noise when t > 0; we skip it at the last step (Algorithm 2). The two agree exactly for
     leading/offset 0 (last t = 0); elsewhere diffusers adds sqrt(1e-20) z at the last "fixed_small" step."""
     ns, ref_kw = _schedules(prediction_type)

@@ -16,8 +16,6 @@ from latentdiff.registry import SAMPLERS
 from tests._support.parity import assert_parity, max_rel_error
 from tests._support.sd import SD_SCHEDULER, random_image, random_mask, run_both, tiny_diffusers_pipeline
 
-diffusers = pytest.importorskip("diffusers")
-
 PROMPT = "a photo of a cat"
 STEPS = 5                # strength 0.6 keeps int(5 * 0.6) = 3 steps: the run starts at step 2 of 5
 # our sampler -> the diffusers scheduler (and config keys) that runs it
@@ -35,6 +33,8 @@ def lms_counting_its_slopes():
     """diffusers' LMSDiscreteScheduler takes its order from the step index on the whole grid, min(s + i + 1, 4),
     and zips those coefficients with the i + 1 slopes it has, so from s > 0 its first steps do not sum to the
     step (huggingface/diffusers#5630). This one takes the order of the slopes it has, as k-diffusion's img2img."""
+    import diffusers
+
     class LMS(diffusers.LMSDiscreteScheduler):
         def get_lms_coefficient(self, order, t, current_order):
             return super().get_lms_coefficient(min(order, t - (self.begin_index or 0) + 1), t, current_order)
@@ -42,20 +42,26 @@ def lms_counting_its_slopes():
     return LMS
 
 
-class Img2ImgWithPNDMWarmUp(diffusers.StableDiffusionImg2ImgPipeline):
+def img2img_with_pndm_warm_up():
     """diffusers' `get_timesteps` slices PNDM's list [t_0, t_1, t_1, t_2, ...] (the repeat is its warm-up's second
     call) at the start step s: from s = 2 the run starts at t_1 and, after the warm-up, calls the model at every
     sample with the next step's timestep. Here PNDM gets the list it builds for a run: the tail of its plan,
     second entry repeated."""
+    import diffusers
 
-    def get_timesteps(self, num_inference_steps, strength, device):
-        _, kept = super().get_timesteps(num_inference_steps, strength, device)
-        full = self.scheduler.timesteps
-        tail = torch.cat([full[:1], full[2:]])[-kept:]
-        return torch.cat([tail[:1], tail[1:2], tail[1:]]), kept
+    class Img2ImgWithPNDMWarmUp(diffusers.StableDiffusionImg2ImgPipeline):
+        def get_timesteps(self, num_inference_steps, strength, device):
+            _, kept = super().get_timesteps(num_inference_steps, strength, device)
+            full = self.scheduler.timesteps
+            tail = torch.cat([full[:1], full[2:]])[-kept:]
+            return torch.cat([tail[:1], tail[1:2], tail[1:]]), kept
+
+    return Img2ImgWithPNDMWarmUp
 
 
 def diffusers_scheduler(name: str):
+    import diffusers
+
     cls, options = SCHEDULERS[name]
     scheduler_class = lms_counting_its_slopes() if name == "lms" else getattr(diffusers, cls)
     return scheduler_class.from_config({**SD_SCHEDULER, **options})
@@ -63,6 +69,8 @@ def diffusers_scheduler(name: str):
 
 def our_schedule(name: str, folder) -> tuple[NoiseScheduler, object]:
     """Our (noise scheduler, sampler) read from the diffusers class's own config file."""
+    import diffusers
+
     cls, options = SCHEDULERS[name]
     getattr(diffusers, cls).from_config({**SD_SCHEDULER, **options}).save_config(folder / name)
     noise_scheduler, sampler = load_scheduler_folder(folder / name)
@@ -71,7 +79,7 @@ def our_schedule(name: str, folder) -> tuple[NoiseScheduler, object]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(diffusers, tmp_path_factory):
     root = tmp_path_factory.mktemp("partial")
     sds, ours = {}, {}
     for channels in (4, 9):
@@ -89,9 +97,9 @@ def with_sampler(pipe, name, root):
 
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))
-def test_image_to_image_parity_for_every_sampler(setup, name):
+def test_image_to_image_parity_for_every_sampler(diffusers, setup, name):
     sds, ours, root = setup
-    reference_class = Img2ImgWithPNDMWarmUp if name == "plms" else diffusers.StableDiffusionImg2ImgPipeline
+    reference_class = img2img_with_pndm_warm_up() if name == "plms" else diffusers.StableDiffusionImg2ImgPipeline
     ref = reference_class(**(sds[4].components | {"scheduler": diffusers_scheduler(name)}))
     ref.set_progress_bar_config(disable=True)
     (images, latents), (expected, expected_latents) = run_both(
@@ -103,7 +111,7 @@ def test_image_to_image_parity_for_every_sampler(setup, name):
 
 @pytest.mark.parametrize("name, channels, strength", [
     ("euler", 4, 0.6), ("euler", 4, 1.0), ("dpmpp_2m", 4, 0.6), ("euler_ancestral", 9, 0.6)])
-def test_inpainting_parity_with_a_sigma_space_sampler(setup, name, channels, strength):
+def test_inpainting_parity_with_a_sigma_space_sampler(diffusers, setup, name, channels, strength):
     """A plain UNet blends the known region in the sampler's own scale (z0 + sigma eps for Euler, where diffusers'
     DPM-Solver holds x_t); an inpainting UNet gets the mask after the sampler scaled x."""
     sds, ours, root = setup
@@ -220,7 +228,7 @@ def test_a_callback_returning_something_else_is_an_input_error():
             assert info.value.where == "callback"
 
 
-def test_the_inpaint_blend_returns_the_blended_sample(setup):
+def test_the_inpaint_blend_returns_the_blended_sample(diffusers, setup):
     """m x + (1 - m) plan.noised(z0, eps, i + 1) after step i (z0 after the last), without writing into x."""
     _, ours, _ = setup
     pipe = ours["inpaint"][4]
