@@ -171,10 +171,10 @@ def stub_parameters(stub: ast.FunctionDef) -> list[tuple[str, str, str | None]]:
     positional = args.posonlyargs + args.args
     defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
     params = [(a.arg, "POSITIONAL_ONLY" if a in args.posonlyargs else "POSITIONAL_OR_KEYWORD", d)
-              for a, d in zip(positional, defaults)]
+              for a, d in zip(positional, defaults, strict=True)]
     if args.vararg:
         params.append((args.vararg.arg, "VAR_POSITIONAL", None))
-    params += [(a.arg, "KEYWORD_ONLY", d) for a, d in zip(args.kwonlyargs, args.kw_defaults)]
+    params += [(a.arg, "KEYWORD_ONLY", d) for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True)]
     if args.kwarg:
         params.append((args.kwarg.arg, "VAR_KEYWORD", None))
     return [(name, kind, None if d is None else repr(ast.literal_eval(d))) for name, kind, d in params]
@@ -246,7 +246,8 @@ def run_command(argv: list[str], *, expect_error: str | None = None) -> None:
             assert rc == 0, f"`{shlex.join(argv)}` returned {rc}:\n{err.getvalue()[-2000:]}"
         else:
             assert rc == 2 and expect_error in err.getvalue().splitlines(), (
-                f"`{shlex.join(argv)}` returned {rc}; the page shows\n  {expect_error}\nstderr:\n{err.getvalue()[-2000:]}")
+                f"`{shlex.join(argv)}` returned {rc}; the page shows\n  {expect_error}\n"
+                f"stderr:\n{err.getvalue()[-2000:]}")
         return
     assert expect_error is None, f"`{shlex.join(argv)}`: only latentdiff commands may show an error"
     if argv[0] == "python" and len(argv) > 1 and argv[1] in RUNNABLE_SCRIPTS:

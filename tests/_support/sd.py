@@ -22,6 +22,15 @@ TINY_VAE_F8 = dict(block_out_channels=(8, 8, 16, 16), in_channels=3, out_channel
                    layers_per_block=1, norm_num_groups=4, sample_size=64)
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                     set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
+# The full Stable Diffusion v1.5 architecture (860M UNet, SD VAE, CLIP ViT-L/14), for the slow test and benchmarks.
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+                 layers_per_block=2, attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SD_VAE = dict(block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2, sample_size=512,
+              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", projection_dim=768)
 
 
 def tiny_diffusers_pipeline(folder: Path, *, scheduler_class: str = "DDIMScheduler", unet_in_channels: int = 4):

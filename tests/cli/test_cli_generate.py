@@ -161,7 +161,7 @@ def test_two_processes_write_each_image_once_with_the_same_bytes(tmp_path, model
     assert generate(*common, "-o", tmp_path / "one") == 0
     one, two = sorted((tmp_path / "one").iterdir()), sorted((tmp_path / "two").iterdir())
     assert [p.name for p in two] == [p.name for p in one] == [f"{k:05d}.png" for k in range(5)]
-    for a, b in zip(one, two):
+    for a, b in zip(one, two, strict=True):
         assert a.read_bytes() == b.read_bytes(), a.name
 
 

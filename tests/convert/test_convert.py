@@ -441,7 +441,8 @@ def test_shipped_yaml_tables_cover_full_size_models(name):
     assert apply_keymap(original, layout.keymap(), source=name).keys() == flat.keys()
     if name.startswith("v"):  # SD: the same keys diffusers' converters read
         yaml = load_original_config(name)
-        ref = su.convert_ldm_unet_checkpoint(original, su.create_unet_diffusers_config_from_ldm(yaml, {}, image_size=512))
+        unet_config = su.create_unet_diffusers_config_from_ldm(yaml, {}, image_size=512)
+        ref = su.convert_ldm_unet_checkpoint(original, unet_config)
         assert ref.keys() == models["unet"].state_dict().keys()
         text = su.convert_ldm_clip_checkpoint(original) if layout.cond_stage.kind == "clip" else \
             su.convert_open_clip_checkpoint(models["text_encoder"], original)
@@ -562,10 +563,14 @@ def test_churches_yaml_builds_a_unet2d_with_the_original_keys():
 
 def ldm_resblock(state, prefix, x, emb, *, resample=None):
     """CompVis openaimodel.ResBlock(use_scale_shift_norm=True, up/down), written from the paper code's equations."""
-    gn = lambda h, name: torch.nn.functional.group_norm(h, 32, state[prefix + name + ".weight"],
-                                                       state[prefix + name + ".bias"], 1e-5)
-    conv = lambda h, name: torch.nn.functional.conv2d(h, state[prefix + name + ".weight"],
-                                                      state[prefix + name + ".bias"], padding=1)
+    def gn(h, name):
+        return torch.nn.functional.group_norm(h, 32, state[prefix + name + ".weight"], state[prefix + name + ".bias"],
+                                              1e-5)
+
+    def conv(h, name):
+        return torch.nn.functional.conv2d(h, state[prefix + name + ".weight"], state[prefix + name + ".bias"],
+                                          padding=1)
+
     h = torch.nn.functional.silu(gn(x, "in_layers.0"))
     if resample == "down":
         h, x = torch.nn.functional.avg_pool2d(h, 2, 2), torch.nn.functional.avg_pool2d(x, 2, 2)

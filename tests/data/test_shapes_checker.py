@@ -34,7 +34,7 @@ def degrade(image: Image.Image, rng: np.random.Generator, *, blur: bool, noise: 
 def test_ground_truth_is_read_exactly(ground_truth):
     specs, images, captions = ground_truth
     assert score(images, captions) == {**{name: 1.0 for name in ATTRIBUTES}, "all": 1.0, "count": N_IMAGES}
-    for spec, image in zip(specs[:100], images):
+    for spec, image in zip(specs[:100], images, strict=False):
         found = analyze(image)
         # the measurement, against the spec that drew the image (4x4 supersampling: edges within 1/8 px)
         assert math.dist(found.centroid, spec.center) < 0.2
@@ -63,7 +63,7 @@ def test_wrong_captions_are_caught(ground_truth):
     specs, images, _ = ground_truth
     rng = np.random.default_rng(0)
     caught = {name: 0 for name in ATTRIBUTES}
-    for spec, image in zip(specs, images):
+    for spec, image in zip(specs, images, strict=True):
         found = analyze(image)
         for attribute in ATTRIBUTES:
             result = compare(found, wrong(spec, attribute, rng).attributes)
@@ -130,6 +130,6 @@ def test_components_and_holes_against_scipy():
         four, _ = ndimage.label(mask)
         ours = shapes_checker.component_labels(mask, diagonal=False)
         # the same partition: a one-to-one map between their labels and ours
-        pairs = {(a, b) for a, b in zip(four[mask], ours[mask])}
+        pairs = {(a, b) for a, b in zip(four[mask], ours[mask], strict=True)}
         assert len(pairs) == len(np.unique(four[mask])) == len(np.unique(ours[mask]))
         assert np.array_equal(shapes_checker.fill_holes(mask), ndimage.binary_fill_holes(mask))

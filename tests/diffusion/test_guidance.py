@@ -1,6 +1,8 @@
 """Classifier-free guidance as a denoise wrapper: one batched forward, the combination rule, the rescale."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -94,7 +96,7 @@ def test_class_wraps_the_function_and_works_inside_a_sampler():
     model.calls.clear()
     out = DDIMSampler().sample(cfg.wrap(model, context=cond, uncond_context=uncond), x, NoiseScheduler(), 4)
     assert out.shape == x.shape and [c["batch"] for c in model.calls] == [2 * B] * 4
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.guidance_scale = 2.0
     with pytest.raises(ConfigError, match="guidance_scale"):
         ClassifierFreeGuidance(guidance_scale=-1.0)

@@ -3,6 +3,7 @@ step-by-step parity with diffusers' schedulers of the same name in float64, grid
 per-sample noise, threads, an oracle denoiser. Their scheduler_config.json io: tests/test_noise_scheduler.py."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 
@@ -166,7 +167,7 @@ def test_every_step_and_whole_runs_match_diffusers(diffusers, sampler, cls, ref_
         x, plan = _x_T(), sampler.plan(ns, n)
         traj, seen = [x * getattr(plan, "init_scale", 1.0)], []   # PLMS: a SamplingPlan, on x_t itself
 
-        def callback(i, t, x_new):
+        def callback(i, t, x_new, *, seen=seen, traj=traj):
             seen.append((i, t))
             traj.append(x_new)
 
@@ -271,7 +272,7 @@ def test_lms_coefficients_match_numerical_integration():
     for i in range(len(sigmas) - 1):
         order = min(i + 1, 4)
         for j in range(order):
-            def basis(tau):
+            def basis(tau, *, i=i, j=j, order=order):
                 return math.prod((tau - sigmas[i - k]) / (sigmas[i - j] - sigmas[i - k])
                                  for k in range(order) if k != j)
 
@@ -308,7 +309,7 @@ def _oracle(ns, sampler, n, x0, prediction_type):
         abar_of = {t: ns.alphas_cumprod.double()[t] for t in range(ns.num_train_timesteps)}
     else:
         abar_of = {t: torch.tensor(1 / (s**2 + 1), dtype=torch.float64) for t, s in zip(plan.timesteps.tolist(),
-                                                                                       plan.sigmas)}
+                                                                                       plan.sigmas, strict=False)}
 
     def denoise(x_t, t):
         assert t.ndim == 0 and t.device == x_t.device
@@ -410,7 +411,7 @@ def test_registered_frozen_and_strict(name):
     sampler = SAMPLERS.create(name, timestep_spacing="trailing")
     assert sampler == cls(timestep_spacing="trailing") and sampler.init_noise_sigma == 1.0
     assert sampler.with_options(steps_offset=1) == cls(timestep_spacing="trailing", steps_offset=1)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         sampler.steps_offset = 2
     for bad in (dict(bogus_option=1), dict(eta=1.0), dict(clip_sample=True) if cls is PLMSSampler else dict(order=3)):
         with pytest.raises(TypeError):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import json
 import math
@@ -59,7 +60,10 @@ def _betas64(schedule: str, T: int = 1000, start: float = 0.00085, end: float = 
         return np.linspace(start, end, T, dtype=np.float64)
     if schedule == "scaled_linear":
         return np.linspace(start**0.5, end**0.5, T, dtype=np.float64) ** 2
-    f = lambda u: np.cos((u + 0.008) / 1.008 * np.pi / 2) ** 2  # Nichol & Dhariwal 2021, eq. 17
+
+    def f(u):  # Nichol & Dhariwal 2021, eq. 17
+        return np.cos((u + 0.008) / 1.008 * np.pi / 2) ** 2
+
     i = np.arange(T, dtype=np.float64)
     return np.minimum(1 - f((i + 1) / T) / f(i / T), 0.999)
 
@@ -192,7 +196,7 @@ def test_immutable_and_registered():
     ns = NoiseScheduler()
     with pytest.raises(AttributeError, match="immutable"):
         ns.betas = torch.zeros(1000)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         ns.config.beta_start = 0.1
     assert NoiseScheduler.registry_name == "noise_scheduler"
     clone = pickle.loads(pickle.dumps(ns))
@@ -512,7 +516,8 @@ def test_diffusers_aliases_and_keys_of_other_classes():
 
 
 def test_file_methods_reach_scheduler_io_through_its_hook(tmp_path):
-    """noise_scheduler imports neither scheduler_io nor the samplers; its file methods load scheduler_io on first use."""
+    """noise_scheduler imports neither scheduler_io nor the samplers; its file methods load scheduler_io on first
+    use."""
     import subprocess
     import sys
 

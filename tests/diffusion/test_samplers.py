@@ -1,6 +1,7 @@
 """DDIM / DDPM samplers: parity with diffusers' schedulers step by step, float64 references, analytic tests."""
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -163,7 +164,7 @@ def test_diffusers_ddim_steps_off_its_grid_where_we_follow_the_list(diffusers, s
     stride_prev = [t - 1000 // n for t in grid]
     assert stride_prev != grid[1:] + [stride_prev[-1]], "diffusers' stride leaves the grid it set"
     x = _x_T()
-    for t, prev in zip(grid, stride_prev):
+    for t, prev in zip(grid, stride_prev, strict=True):
         abar_prev = abar[prev] if prev >= 0 else abar[0]
         x0, eps = sampling.model_output_to_x0_eps(toy_model(x, torch.tensor(t)), x, abar[t], "epsilon")
         ours = sampling.ddim_step(x0, eps, abar[t], abar_prev)
@@ -300,7 +301,7 @@ def test_samplers_are_frozen_registered_and_strict():
     assert SAMPLERS.get("ddim") is DDIMSampler and SAMPLERS.get("ddpm") is DDPMSampler
     assert SAMPLERS.create("ddim", eta=0.3) == s and isinstance(COMPONENTS.create("noise_scheduler"), NoiseScheduler)
     assert s.init_noise_sigma == 1.0 and DDPMSampler().init_noise_sigma == 1.0
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         s.eta = 0.5
     assert s.with_options(eta=0.5) == DDIMSampler(eta=0.5) and s.eta == 0.3
     with pytest.raises(TypeError):

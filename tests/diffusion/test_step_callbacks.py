@@ -24,7 +24,7 @@ def oracle(sampler, ns: NoiseScheduler, n: int, x0: torch.Tensor):
     """denoise(x_t, t) returning the exact eps of x_t for the known x0: discrete samplers from abar_t at the integer
     t, sigma-space ones from the sigma the plan pairs with t (x_t = (x0 + sigma eps) / sqrt(sigma^2 + 1))."""
     plan = sampler.plan(ns, n)
-    sigma_of = dict(zip(plan.timesteps.tolist(), plan.sigmas)) if hasattr(plan, "sigmas") else None
+    sigma_of = dict(zip(plan.timesteps.tolist(), plan.sigmas, strict=False)) if hasattr(plan, "sigmas") else None
 
     def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if sigma_of is None:
@@ -59,7 +59,8 @@ def test_every_sampler_passes_the_x0_prediction(name):
 
 @pytest.mark.parametrize("name", ["ddim", "plms", "euler", "dpmpp_2m"])
 def test_the_prediction_is_the_models_own(name):
-    """Not an oracle: denoised is the x0 the raw prediction implies at the step's input (DDIM's x0_pred, D(x; sigma))."""
+    """Not an oracle: denoised is the x0 the raw prediction implies at the step's input (DDIM's x0_pred,
+    D(x; sigma))."""
     sampler, ns, n = SAMPLERS.get(name)(), NoiseScheduler(), 4
     calls, seen = [], []
 
@@ -72,9 +73,9 @@ def test_the_prediction_is_the_models_own(name):
     plan = sampler.plan(ns, n)
     firsts = [calls[0]] + calls[2:] if name == "plms" else calls    # PLMS's warm-up calls twice at step 0
     assert len(firsts) == len(seen) == n
-    for (x_t, t, out), denoised in zip(firsts, seen):
+    for (x_t, t, out), denoised in zip(firsts, seen, strict=True):
         if hasattr(plan, "sigmas"):     # sigma space: the state is x_t sqrt(sigma^2 + 1), D = state - sigma eps
-            sigma = dict(zip(plan.timesteps.tolist(), plan.sigmas))[t.item()]
+            sigma = dict(zip(plan.timesteps.tolist(), plan.sigmas, strict=False))[t.item()]
             expected = x_t * (sigma**2 + 1) ** 0.5 - sigma * out
         else:                           # x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
             abar = float(ns.alphas_cumprod[int(t)])

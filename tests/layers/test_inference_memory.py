@@ -26,7 +26,8 @@ def test_feed_forward_chunks_give_the_whole_result(monkeypatch):
     assert whole.requires_grad
     calls = []
     proj = ff.net[0].proj
-    monkeypatch.setattr(proj, "forward", lambda t: calls.append(t.shape[:-1].numel()) or torch.nn.Linear.forward(proj, t))
+    monkeypatch.setattr(proj, "forward",
+                        lambda t: calls.append(t.shape[:-1].numel()) or torch.nn.Linear.forward(proj, t))
     monkeypatch.setattr(attention, "FEED_FORWARD_CHUNK_BYTES", 256 * 4 * 64)   # 64 rows of 2 x 128 floats
     with torch.inference_mode():
         chunked = ff(x)

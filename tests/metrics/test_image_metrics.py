@@ -20,12 +20,13 @@ def sk_ssim(x: torch.Tensor, y: torch.Tensor, *, data_range: float, **options) -
     """scikit-image per image; (B, C, H, W) -> (B,), channels last as it expects."""
     return torch.tensor([skimage_metrics.structural_similarity(
         a.permute(1, 2, 0).double().numpy(), b.permute(1, 2, 0).double().numpy(), data_range=data_range,
-        channel_axis=-1, **options) for a, b in zip(x, y)])
+        channel_axis=-1, **options) for a, b in zip(x, y, strict=False)])
 
 
 def sk_psnr(x: torch.Tensor, y: torch.Tensor, *, data_range: float) -> torch.Tensor:
     return torch.tensor([skimage_metrics.peak_signal_noise_ratio(a.double().numpy(), b.double().numpy(),
-                                                                 data_range=data_range) for a, b in zip(x, y)])
+                                                                 data_range=data_range)
+                         for a, b in zip(x, y, strict=False)])
 
 
 def random_pair(seed: int, shape=(3, 3, 37, 29), noise: float = 0.1):

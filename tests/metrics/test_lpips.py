@@ -41,7 +41,7 @@ def reference_lpips(vgg: dict[str, torch.Tensor], heads: list[torch.Tensor], x, 
         return f / (torch.sqrt(torch.sum(f ** 2, dim=1, keepdim=True)) + eps)
 
     total = 0
-    for fx, fy, w in zip(taps(x), taps(y), heads):
+    for fx, fy, w in zip(taps(x), taps(y), heads, strict=True):
         diff = (normalize_tensor(fx) - normalize_tensor(fy)) ** 2
         total = total + F.conv2d(diff, w).mean(dim=(2, 3))
     return total.flatten()

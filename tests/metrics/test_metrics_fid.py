@@ -188,7 +188,7 @@ def brute_force_precision_recall(real: np.ndarray, fake: np.ndarray, k: int) -> 
                 for i, p in enumerate(points)]
 
     def covered(points, centers, r):
-        return np.mean([any(np.linalg.norm(p - c) <= r_c for c, r_c in zip(centers, r)) for p in points])
+        return np.mean([any(np.linalg.norm(p - c) <= r_c for c, r_c in zip(centers, r, strict=True)) for p in points])
 
     return covered(fake, real, radii(real)), covered(real, fake, radii(fake))
 

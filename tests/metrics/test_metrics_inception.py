@@ -301,7 +301,10 @@ def test_pipeline_images_seed_per_image(net):
         assert torch.allclose(features.pool3, net(torch.cat(batches)), rtol=1e-4, atol=1e-6)
 
     calls = []
-    fake_pipe = lambda **kw: calls.append(kw) or type("Out", (), {"images": torch.rand(len(kw["prompt"]), 3, 8, 8)})
+    def fake_pipe(**kw):
+        calls.append(kw)
+        return type("Out", (), {"images": torch.rand(len(kw["prompt"]), 3, 8, 8)})
+
     list(pipeline_images(fake_pipe, prompts=["a", "b", "c"], batch_size=2))
     assert [c["prompt"] for c in calls] == [["a", "b"], ["c"]] and calls[0]["output_type"] == "pt"
     with pytest.raises(InputError, match="how many"):

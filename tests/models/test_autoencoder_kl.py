@@ -361,7 +361,8 @@ def test_defaults_table_matches_diffusers_signature():
     from latentdiff.models.diffusers_tables import AUTOENCODER_KL
 
     params = inspect.signature(DiffusersAutoencoderKL.__init__).parameters
-    plain = {k: list(p.default) if isinstance(p.default, tuple) else p.default for k, p in params.items() if k != "self"}
+    plain = {k: list(p.default) if isinstance(p.default, tuple) else p.default
+             for k, p in params.items() if k != "self"}
     assert AUTOENCODER_KL.defaults == plain
 
 

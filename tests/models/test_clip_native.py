@@ -214,7 +214,7 @@ def test_text_model_parity_with_transformers(clip_folder):
             assert_parity(a.last_hidden_state, b.last_hidden_state)
             assert_parity(a.pooler_output, b.pooler_output)
             assert len(a.hidden_states) == len(b.hidden_states) == ours.config.num_hidden_layers + 1
-            for x, y in zip(a.hidden_states, b.hidden_states):
+            for x, y in zip(a.hidden_states, b.hidden_states, strict=True):
                 assert_parity(x, y)
             assert a[0] is a.last_hidden_state and ours(ids).hidden_states is None
 

@@ -52,8 +52,8 @@ def latents(*shape, seed=0):
 def test_tile_starts_cover_the_axis_with_the_overlap(size, tile, overlap):
     starts = tile_starts(size, tile, overlap)
     assert starts[0] == 0 and starts[-1] + min(tile, size) == size
-    assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))  # overlap at least `overlap`
-    assert all(b > a for a, b in zip(starts, starts[1:]))
+    assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:], strict=False))  # overlap at least `overlap`
+    assert all(b > a for a, b in zip(starts, starts[1:], strict=False))
     # the fewest tiles: one less could not cover the axis with that overlap
     assert (len(starts) - 2) * (tile - overlap) + tile < size or len(starts) == 1
 

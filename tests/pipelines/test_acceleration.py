@@ -158,7 +158,7 @@ def test_compile_traces_one_full_graph_reused_across_prompts_and_seeds(pipe):
     pipe.compile(backend=counter)
     compiled = [run(pipe, "a red circle", 0, output_type="latent"), run(pipe, "a blue square", 1, output_type="latent")]
     assert counter.frame_count == 1
-    for got, expected in zip(compiled, eager):
+    for got, expected in zip(compiled, eager, strict=True):
         assert max_rel_error(got, expected) <= COMPILE_TOL
 
 
@@ -179,7 +179,7 @@ def test_compiled_pipeline_matches_eager(pipe):
     pipe.compile(backend=counter)
     compiled = [run(pipe, "a red circle", 0), run(pipe, "a blue square", 1)]
     assert counter.frame_count == 1
-    for got, expected in zip(compiled, eager):
+    for got, expected in zip(compiled, eager, strict=True):
         assert max_rel_error(got, expected) <= COMPILE_TOL
 
 
@@ -245,5 +245,5 @@ def test_cuda_graph_compile_matches_eager(pipe, monkeypatch):
     compiled = [run(pipe, "a red circle", 0, output_type="latent")]
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     compiled.append(run(pipe, "a blue square", 1, output_type="latent"))
-    errors = [max_rel_error(got, expected) for got, expected in zip(compiled, eager)]
+    errors = [max_rel_error(got, expected) for got, expected in zip(compiled, eager, strict=True)]
     assert max(errors) <= 1e-4, f"compiled vs eager latents: {errors}"

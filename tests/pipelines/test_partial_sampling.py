@@ -224,7 +224,7 @@ def test_a_callback_returning_something_else_is_an_input_error():
     for sampler in (SAMPLERS.get("ddim")(), SAMPLERS.get("euler")()):
         for bad in (torch.zeros(1, 4, 8, 8, dtype=torch.float64), torch.zeros(SHAPE, dtype=torch.float32), 3):
             with pytest.raises(InputError) as info:
-                sampler.sample(toy_model, _randn(0), NoiseScheduler(), 3, callback=lambda i, t, x: bad)
+                sampler.sample(toy_model, _randn(0), NoiseScheduler(), 3, callback=lambda i, t, x, *, bad=bad: bad)
             assert info.value.where == "callback"
 
 

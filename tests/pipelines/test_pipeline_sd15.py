@@ -8,19 +8,10 @@ import torch
 from latentdiff import AutoencoderKL, LatentDiffusionPipeline, NoiseScheduler, TextEncoder, UNet2DConditional
 from latentdiff.diffusion.scheduler_io import load_scheduler_folder
 from tests._support.parity import assert_parity
-from tests._support.sd import SD_SCHEDULER
+from tests._support.sd import CLIP_L, SD15_UNET, SD_SCHEDULER, SD_VAE
 from tests._support.tiny_clip import write_tiny_clip_tokenizer
 
 pytestmark = pytest.mark.slow
-
-SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
-                 layers_per_block=2, attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32,
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-SD_VAE = dict(block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2, sample_size=512,
-              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", projection_dim=768)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +36,8 @@ def pipes(tmp_path_factory):
     scheduler.save_pretrained(tmp / "scheduler")
     noise_scheduler, sampler = load_scheduler_folder(tmp / "scheduler")
     ours = LatentDiffusionPipeline(
-        unet=UNet2DConditional.from_state_dict(UNet2DConditional.from_file_config(dict(unet.config)), unet.state_dict()),
+        unet=UNet2DConditional.from_state_dict(UNet2DConditional.from_file_config(dict(unet.config)),
+                                               unet.state_dict()),
         vae=AutoencoderKL.from_state_dict(AutoencoderKL.from_file_config(dict(vae.config)), vae.state_dict()),
         text_encoder=TextEncoder(text_model, tokenizer), noise_scheduler=noise_scheduler, sampler=sampler)
     return ref, ours

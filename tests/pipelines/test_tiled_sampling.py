@@ -57,7 +57,7 @@ def test_windows_cover_the_latent_and_weights_sum_to_one(height, width, size, ov
     tiling = LatentTiling(size=size, overlap=overlap, blend=blend)
     windows, weights = blend_weights(height, width, tiling)
     total = torch.zeros(height, width, dtype=torch.float64)
-    for win, weight in zip(windows, weights):
+    for win, weight in zip(windows, weights, strict=True):
         assert win.top >= 0 and win.left >= 0 and win.top + win.height <= height and win.left + win.width <= width
         assert (win.height, win.width) == (min(size[0], height), min(size[1], width))
         assert weight.shape == (win.height, win.width) and bool((weight > 0).all())

@@ -188,9 +188,9 @@ def test_per_sample_randomness_is_seeded_not_worker_bound(shapes):
     flips = [data[(i, e)]["flip"] for i in range(8) for e in range(4)]
     assert 0 < sum(flips) < len(flips)
     sampler = ResumableBatchSampler(len(data), global_batch=4, seed=3)
-    serial = [b for _, b in zip(range(3), make_loader(data, sampler, num_workers=0))]
-    parallel = [b for _, b in zip(range(3), make_loader(data, sampler, num_workers=2))]
-    for x, y in zip(serial, parallel):
+    serial = [b for _, b in zip(range(3), make_loader(data, sampler, num_workers=0), strict=False)]
+    parallel = [b for _, b in zip(range(3), make_loader(data, sampler, num_workers=2), strict=False)]
+    for x, y in zip(serial, parallel, strict=True):
         assert torch.equal(x["pixel_values"], y["pixel_values"]) and x["caption"] == y["caption"]
 
 
@@ -221,7 +221,7 @@ def test_sampler_shards_the_global_batch_and_resumes_without_iterating():
     one = _take(iter(ResumableBatchSampler(10, global_batch=4, seed=7)), 7)  # 2 batches an epoch: 3+ epochs
     shards = [_take(iter(ResumableBatchSampler(10, global_batch=4, num_processes=2, process_index=p, seed=7)), 7)
               for p in range(2)]
-    assert [a + b for a, b in zip(*shards)] == one
+    assert [a + b for a, b in zip(*shards, strict=True)] == one
     epochs = [batch[0][1] for batch in one]
     assert epochs == [0, 0, 1, 1, 2, 2, 3]
     for batch in one:
@@ -244,16 +244,16 @@ def test_ema_matches_direct_formula_and_round_trips():
                 p.add_(torch.randn_like(p))
         ema.update()
         d = min(0.99, (1 + n) / (10 + n))
-        expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, net.parameters())]
-    for e, s in zip(expected, ema.shadow):
+        expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, net.parameters(), strict=True)]
+    for e, s in zip(expected, ema.shadow, strict=True):
         torch.testing.assert_close(s, e, rtol=1e-6, atol=1e-7)
     before = [p.detach().clone() for p in net.parameters()]
     with ema.applied():
-        assert all(torch.equal(p, s) for p, s in zip(net.parameters(), ema.shadow))
-    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+        assert all(torch.equal(p, s) for p, s in zip(net.parameters(), ema.shadow, strict=True))
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before, strict=True))
     other = EMA(torch.nn.Linear(3, 2), decay=0.99)
     other.load_state_dict(ema.state_dict())
-    assert other.num_updates == 5 and all(torch.equal(a, b) for a, b in zip(other.shadow, ema.shadow))
+    assert other.num_updates == 5 and all(torch.equal(a, b) for a, b in zip(other.shadow, ema.shadow, strict=True))
     with pytest.raises(CheckpointError, match="does not match"):
         EMA(torch.nn.Linear(4, 2)).load_state_dict(ema.state_dict())
 
@@ -264,7 +264,7 @@ def test_lr_schedule_warmup_then_cosine():
     assert values[:4] == [0.25, 0.5, 0.75, 1.0]
     assert values[4] == pytest.approx(1.0)
     assert values[9] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert all(a >= b for a, b in zip(values[4:], values[5:]))
+    assert all(a >= b for a, b in zip(values[4:], values[5:], strict=False))
     assert lr_factor(100, OptimConfig(), 10) == 1.0
 
 
@@ -302,6 +302,6 @@ def test_adamw_is_fused_on_cpu_and_steps_like_the_loop():
             opt.zero_grad()
             model(x).square().mean().backward()
             opt.step()
-    for pa, pb, p0 in zip(a.parameters(), b.parameters(), start):
+    for pa, pb, p0 in zip(a.parameters(), b.parameters(), start, strict=True):
         assert not torch.equal(pa, p0)                  # the steps moved the weights
         assert torch.allclose(pa, pb, rtol=1e-6, atol=1e-7)

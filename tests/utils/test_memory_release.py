@@ -80,7 +80,7 @@ def test_streaming_cast_equals_plain_cast(tmp_path, monkeypatch):
     monkeypatch.setattr(base, "release_mapped", lambda ts: calls.append(len(ts)) or memory.release_mapped(ts))
     loaded = UNet2DConditional.from_pretrained(tmp_path / "unet", torch_dtype=torch.bfloat16)
     assert len(calls) > 10 and sum(calls) == sum(1 for v in unet.state_dict().values() if v.is_floating_point())
-    for (k, want), got in zip(unet.state_dict().items(), loaded.state_dict().values()):
+    for (k, want), got in zip(unet.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(got, want.to(torch.bfloat16) if want.is_floating_point() else want), k
     calls.clear()
     UNet2DConditional.from_pretrained(tmp_path / "unet")  # fp32 from an fp32 file: nothing copied, nothing released
