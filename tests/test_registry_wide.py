@@ -87,9 +87,9 @@ FACTORIES = {"unet": _unet, "unet2d": _unet2d, "class_embedder": _class_embedder
              "identity_first_stage": _identity_first_stage, "autoencoder_kl": _vae, "ldm_bert": _ldm_bert}
 # Parts that wrap a foreign model + tokenizer, or hold no weights, are covered by their own test files:
 ELSEWHERE = {
-    "text_encoder": "tests/test_text_encoder.py (needs a transformers model and tokenizer)",
-    "ldm_bert_text_encoder": "tests/test_ldm_bert.py (needs a tokenizer)",
-    "noise_scheduler": "tests/test_noise_scheduler.py (no weights; save/load round trip there)",
+    "text_encoder": "tests/models/test_text_encoder.py (needs a transformers model and tokenizer)",
+    "ldm_bert_text_encoder": "tests/models/test_ldm_bert.py (needs a tokenizer)",
+    "noise_scheduler": "tests/diffusion/test_noise_scheduler.py (no weights; save/load round trip there)",
 }
 
 

@@ -68,7 +68,7 @@ def substitute(code: str) -> str:
 NOT_RUN: tuple[tuple[tuple[str, ...], str], ...] = (
     (("pip", "install"), "installs packages"),
     (("python", "-m", "pytest"), "the test suite itself"),
-    (("accelerate", "launch"), "a multi-process launch (tests/test_training_distributed.py runs one)"),
+    (("accelerate", "launch"), "a multi-process launch (tests/training/test_training_distributed.py runs one)"),
     (("curl",), "a download"),
     (("python", "examples/train/build_shapes_64.py"), "trains the built-in model: hours"),
 )
@@ -261,7 +261,8 @@ def run_command(argv: list[str], *, expect_error: str | None = None) -> None:
             sys.argv = saved
     else:
         raise AssertionError(f"`{shlex.join(argv)}`: not a command the docs may show (latentdiff ..., "
-                             f"python {' | '.join(RUNNABLE_SCRIPTS)}, or one of NOT_RUN in tests/docs_harness.py)")
+                             f"python {' | '.join(RUNNABLE_SCRIPTS)}, "
+                             "or one of NOT_RUN in tests/_support/docs_harness.py)")
 
 
 def check_yaml(block: Block, namespace: dict[str, Any]) -> None:
@@ -319,7 +320,7 @@ def run_page(path: Path, *, skip_languages: tuple[str, ...] = ()) -> list[tuple[
 #                                                (CLIP with 64-wide heads, 8 UNet heads, GroupNorm(32)), f = 2
 #   openai/clip-vit-large-patch14                its CLIP text model and tokenizer
 #   CompVis/ldm-text2im-large-256               an LDMTextToImagePipeline folder (the built-in stand-in's)
-# The built-in name "latentdiff/shapes-64" resolves to tests/tiny_builtin.py's stand-in (random weights).
+# The built-in name "latentdiff/shapes-64" resolves to tests/_support/tiny_builtin.py's stand-in (random weights).
 # FILES: put into a page's working directory when the page names them (folders copied, files linked):
 #   v1-5-pruned-emaonly.safetensors      the SD stand-in as an original single file (no latentdiff metadata)
 #   vae-ft-mse-840000-ema-pruned.ckpt    its autoencoder as a stand-alone Lightning .ckpt

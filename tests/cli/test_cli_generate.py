@@ -1,4 +1,4 @@
-"""`latentdiff generate` on a tiny random stand-in for the built-in model (tests/tiny_builtin.py).
+"""`latentdiff generate` on a tiny random stand-in for the built-in model (tests/_support/tiny_builtin.py).
 
 The images are checked against direct pipeline calls with the same settings and seeds (the same batch
 composition: a batch's matrix products may round differently from a lone image's), `--from` against the

@@ -1,6 +1,7 @@
 """PLMS and the sigma-space samplers (Euler, Euler ancestral, Heun, LMS, DPM-Solver++ 2M / 2M SDE):
 step-by-step parity with diffusers' schedulers of the same name in float64, grids bit for bit, whole runs,
-per-sample noise, threads, an oracle denoiser. Their scheduler_config.json io: tests/test_noise_scheduler.py."""
+per-sample noise, threads, an oracle denoiser. Their scheduler_config.json io:
+tests/diffusion/test_noise_scheduler.py."""
 from __future__ import annotations
 
 import dataclasses

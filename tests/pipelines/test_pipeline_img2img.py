@@ -122,7 +122,7 @@ def test_bad_input_is_a_clear_error_before_any_unet_call(setup, kwargs, match):
 def test_every_sampler_starts_part_way_and_a_foreign_one_is_refused(setup):
     _, pipe, _ = setup
     parts = dict(vae=pipe.vae, unet=pipe.unet, text_encoder=pipe.text_encoder, noise_scheduler=pipe.noise_scheduler)
-    euler = ImageToImagePipeline(**parts, sampler=EulerSampler())   # parity: tests/test_partial_sampling.py
+    euler = ImageToImagePipeline(**parts, sampler=EulerSampler())   # parity: tests/pipelines/test_partial_sampling.py
     out = euler(PROMPT, random_image(), strength=0.5, num_inference_steps=4, output_type="latent", progress=False)
     assert out.images.shape == (1, 4, 16, 16) and torch.isfinite(out.images).all()
 

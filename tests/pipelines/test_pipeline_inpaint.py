@@ -146,7 +146,7 @@ def test_unet_must_fit_and_every_sampler_blends(setup):
     euler = InpaintPipeline(vae=plain.vae, unet=plain.unet, text_encoder=plain.text_encoder,
                             noise_scheduler=plain.noise_scheduler, sampler=EulerSampler())
     out = euler(PROMPT, random_image(), random_mask(), num_inference_steps=2, output_type="latent", progress=False)
-    assert torch.isfinite(out.images).all()   # parity: tests/test_partial_sampling.py
+    assert torch.isfinite(out.images).all()   # parity: tests/pipelines/test_partial_sampling.py
     from latentdiff.models.unet import UNet2DConditional
 
     five = UNet2DConditional(dataclasses.replace(plain.unet.config, in_channels=5))
