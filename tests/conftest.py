@@ -15,7 +15,6 @@ import torch
 
 if TYPE_CHECKING:  # imported in the fixtures, so that collecting the suite does not import latentdiff's models
     from latentdiff.models.autoencoder_kl import AutoencoderKLConfig
-    from latentdiff.models.unet import UNetConfig
 
 
 @pytest.fixture
@@ -38,17 +37,8 @@ def diffusers() -> ModuleType:
 
 
 @pytest.fixture
-def tiny_kl_config() -> AutoencoderKLConfig:
-    """The smallest KL autoencoder the tests build: two levels (f = 2), 8 and 16 channels."""
-    from latentdiff.models.autoencoder_kl import AutoencoderKLConfig
+def tiny_kl() -> AutoencoderKLConfig:
+    """The smallest KL autoencoder config the tests build (tests/_support/tiny.py: two levels, f = 2)."""
+    from tests._support.tiny import tiny_kl_config
 
-    return AutoencoderKLConfig(channels=(8, 16), norm_num_groups=4)
-
-
-@pytest.fixture
-def tiny_unet_config() -> UNetConfig:
-    """A tiny text-conditioned UNet for 8 x 8 latents: two levels, cross-attention in the second."""
-    from latentdiff.models.unet import UNetConfig
-
-    return UNetConfig(in_channels=4, out_channels=4, sample_size=8, channels=(16, 32), attention_levels=(False, True),
-                      layers_per_level=1, attention_heads=2, cross_attention_dim=32, norm_num_groups=8)
+    return tiny_kl_config()

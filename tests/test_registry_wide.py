@@ -10,6 +10,7 @@ import torch
 
 from latentdiff.registry import COMPONENTS, PIPELINES, SAMPLERS
 from tests._support.parity import assert_parity
+from tests._support.tiny import tiny_kl_config
 from tests._support.tiny_clip import make_tiny_clip
 
 
@@ -24,9 +25,7 @@ def _unet():
 
 
 def _vae():
-    from latentdiff.models.autoencoder_kl import AutoencoderKLConfig
-
-    model = COMPONENTS.create("autoencoder_kl", AutoencoderKLConfig(channels=(8, 16), norm_num_groups=4))
+    model = COMPONENTS.create("autoencoder_kl", tiny_kl_config())
     x = torch.randn(1, 3, 8, 8)
     return model, lambda m: m.decode(m.encode(x).mode())
 

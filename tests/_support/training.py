@@ -14,18 +14,9 @@ from typing import Any
 import torch
 
 from tests._support import ROOT
+from tests._support.tiny import TINY_KL, TINY_UNET
 
 EXAMPLES = ROOT / "examples" / "train"
-
-TINY_KL = {"channels": [8, 16], "layers_per_level": 1, "latent_channels": 4, "norm_num_groups": 4,
-           "sample_size": 16, "mid_block_attention": False}
-TINY_UNET = {"in_channels": 4, "out_channels": 4, "sample_size": 8, "channels": [16, 32],
-             "attention_levels": [False, True], "layers_per_level": 1, "attention_heads": 2,
-             "cross_attention_dim": 32, "norm_num_groups": 8}
-TINY_UNET2D = {"in_channels": 4, "out_channels": 4, "sample_size": 8, "channels": [16, 32],
-               "attention_levels": [False, True], "layers_per_level": 1, "attention_head_dim": 8,
-               "norm_num_groups": 8}
-
 
 def _example_module(name: str) -> Any:
     spec = importlib.util.spec_from_file_location(f"examples_train_{name}", EXAMPLES / f"{name}.py")

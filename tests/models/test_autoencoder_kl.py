@@ -14,6 +14,7 @@ from latentdiff.errors import CheckpointError, ConfigError, InputError
 from latentdiff.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian
 from tests._support.first_stage import assert_same_state, make_pair, tiny_config
 from tests._support.parity import assert_parity
+from tests._support.tiny import tiny_kl_config
 
 # The VAE config.json of Stable Diffusion v1.5 (scaling_factor absent: diffusers' default 0.18215 applies).
 SD_VAE_CONFIG = {
@@ -122,8 +123,8 @@ def test_sd_vae_parity(sd_pair):
 
 # ---- config.json mapping ------------------------------------------------------------------------
 def test_written_config_has_every_diffusers_argument_and_round_trips():
-    config = AutoencoderKLConfig(channels=(8, 16), norm_num_groups=4, latent_channels=16, shift_factor=0.1,
-                                 scaling_factor=0.3, use_quant_conv=False, mid_block_attention=False)
+    config = tiny_kl_config(latent_channels=16, shift_factor=0.1, scaling_factor=0.3, use_quant_conv=False,
+                            mid_block_attention=False)
     data = AutoencoderKL(config).to_file_config()
     arguments = set(inspect.signature(DiffusersAutoencoderKL.__init__).parameters) - {"self"}
     assert set(data) == arguments
@@ -172,7 +173,7 @@ def test_bad_file_config_names_the_key(overrides, key):
 ])
 def test_bad_config_names_the_field(changes, field):
     with pytest.raises(ConfigError, match=field) as info:
-        AutoencoderKLConfig(**{"norm_num_groups": 4, "channels": (8, 16)} | changes)
+        tiny_kl_config(**changes)
     assert info.value.where == field
 
 
@@ -276,11 +277,11 @@ def test_state_dict_with_a_wrong_shape_lists_the_key(tiny_pair):
     assert "quant_conv.bias" in str(info.value)
 
 
-def test_registry_creates_it(monkeypatch):
+def test_registry_creates_it(monkeypatch, tiny_kl):
     # Load only this module's registrations: the other built-in parts are tested in their own files.
     monkeypatch.setattr(registry, "_BUILTIN_MODULES", ("latentdiff.models.autoencoder_kl",))
     monkeypatch.setattr(registry, "_loaded", False)
-    config = AutoencoderKLConfig(channels=(8, 16), norm_num_groups=4)
+    config = tiny_kl
     model = registry.COMPONENTS.create("autoencoder_kl", config)
     assert isinstance(model, AutoencoderKL) and model.config == config and model.downsample_factor == 2
 
@@ -324,8 +325,8 @@ def test_attention_levels_map_to_diffusers_block_types():
     assert AutoencoderKL.from_file_config(dict(theirs.config)) == config
     assert sorted(AutoencoderKL(config).state_dict()) == sorted(theirs.state_dict())
     # No attention outside the mid block has one spelling, None, whatever the flags said.
-    plain = AutoencoderKLConfig(channels=(8, 16), norm_num_groups=4, attention_levels=(False, False))
-    assert plain.attention_levels is None and plain == AutoencoderKLConfig(channels=(8, 16), norm_num_groups=4)
+    plain = tiny_kl_config(attention_levels=(False, False))
+    assert plain.attention_levels is None and plain == tiny_kl_config()
     assert AutoencoderKL.from_file_config(AutoencoderKL(plain).to_file_config()) == plain
 
 
@@ -353,7 +354,7 @@ def test_unsupported_block_types_name_the_key(overrides, key):
 
 def test_attention_levels_need_one_flag_per_level():
     with pytest.raises(ConfigError, match="attention_levels") as info:
-        AutoencoderKLConfig(channels=(8, 16), norm_num_groups=4, attention_levels=(True,))
+        tiny_kl_config(attention_levels=(True,))
     assert info.value.where == "attention_levels"
 
 
