@@ -132,8 +132,8 @@ def median(values: Sequence[float]) -> float:
 
 
 def max_rel_error(actual: Any, expected: Any) -> float:
-    """max |actual - expected| / max |expected| (the tests' parity measure, tests/helpers.py)."""
-    from tests.helpers import max_rel_error as measure
+    """max |actual - expected| / max |expected| (the tests' parity measure, tests/_support/parity.py)."""
+    from tests._support.parity import max_rel_error as measure
 
     return measure(actual, expected)
 
@@ -282,7 +282,7 @@ def folder(name: str) -> Path:
 
 def build_tiny(path: Path) -> None:
     """The tests' tiny StableDiffusionPipeline (CLIP hidden 32, UNet 32/64, VAE f=2), random weights."""
-    from tests.sd_fixtures import tiny_diffusers_pipeline
+    from tests._support.sd import tiny_diffusers_pipeline
 
     pipe = tiny_diffusers_pipeline(path / "_build")
     pipe.save_pretrained(path)
@@ -293,9 +293,9 @@ def build_sd15(path: Path) -> None:
     zero-initialised parameters (output convs, norm biases) get random values so every weight matters."""
     import diffusers
     import torch
-    from tests.sd_fixtures import SD_SCHEDULER, randomize
-    from tests.test_pipeline_sd15 import CLIP_L, SD15_UNET, SD_VAE
-    from tests.tiny_clip import write_tiny_clip_tokenizer
+    from tests._support.parity import randomize
+    from tests._support.sd import CLIP_L, SD15_UNET, SD_SCHEDULER, SD_VAE
+    from tests._support.tiny_clip import write_tiny_clip_tokenizer
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(0)

@@ -16,8 +16,8 @@ fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, transformers.__version__)"
-timeout 120 python3 -m pytest -q -p no:cacheprovider -rA tests/test_acceleration.py tests/test_samplers.py \
-  tests/test_k_samplers.py tests/test_autoencoder_kl.py -k "cuda or gpu" 2>&1 | tee "$out/cuda-tests.log" | tail -15
+timeout 120 python3 -m pytest -q -p no:cacheprovider -rA tests/pipelines/test_acceleration.py tests/diffusion/test_samplers.py \
+  tests/diffusion/test_k_samplers.py tests/models/test_autoencoder_kl.py -k "cuda or gpu" 2>&1 | tee "$out/cuda-tests.log" | tail -15
 timeout 330 python3 benchmarks/bench_gpu.py --reps 3 --deadline 200 --json "$out/gpu.json" > "$out/bench.log" 2>&1
 echo "bench_gpu exit $?"
 grep -v -i "warn\|deprecat\|Writing model" "$out/bench.log" | tail -20

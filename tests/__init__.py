@@ -1,0 +1,1 @@
+"""Tests of latentdiff; the subpackages mirror src/latentdiff/ (see CONTRIBUTING.md)."""

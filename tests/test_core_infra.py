@@ -15,8 +15,7 @@ from latentdiff import hub
 from latentdiff.config import ComponentConfig
 from latentdiff.errors import CheckpointError, ConfigError, RegistryError
 from latentdiff.registry import COMPONENTS, PIPELINES, SAMPLERS, Registry
-
-from .helpers import make_hub_cache
+from tests._support.hub_cache import make_hub_cache
 
 
 @dataclasses.dataclass(frozen=True)

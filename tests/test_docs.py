@@ -1,4 +1,4 @@
-"""The documentation site builds with no warning, and every code block in it runs (see tests/docs_harness.py).
+"""The documentation site builds with no warning, and every code block in it runs (see tests/_support/docs_harness.py).
 
 The README's Python blocks run in tests/test_readme.py; its other blocks (shell) run here.
 """
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from . import docs_harness as harness
+from tests._support import docs_harness as harness
 
 PAGES = harness.pages()
 

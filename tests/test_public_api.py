@@ -26,7 +26,8 @@ def test_every_name_in_all_imports(name):
 @pytest.mark.parametrize("module,name", REFERENCE["imports"], ids=lambda v: str(v))
 def test_documented_import_still_works(module, name):
     mod = importlib.import_module(module)
-    assert hasattr(mod, name) or importlib.util.find_spec(f"{module}.{name}") is not None, f"from {module} import {name}"
+    found = hasattr(mod, name) or importlib.util.find_spec(f"{module}.{name}") is not None
+    assert found, f"from {module} import {name}"
 
 
 @pytest.mark.parametrize("module", REFERENCE["modules"])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from .sd_fixtures import tiny_diffusers_pipeline
+from tests._support.sd import tiny_diffusers_pipeline
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"

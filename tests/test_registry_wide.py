@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from latentdiff.registry import COMPONENTS, PIPELINES, SAMPLERS
-
-from .helpers import assert_parity
-from .tiny_clip import make_tiny_clip
+from tests._support.parity import assert_parity
+from tests._support.tiny import tiny_kl_config
+from tests._support.tiny_clip import make_tiny_clip
 
 
 def _unet():
@@ -25,9 +25,7 @@ def _unet():
 
 
 def _vae():
-    from latentdiff.models.autoencoder_kl import AutoencoderKLConfig
-
-    model = COMPONENTS.create("autoencoder_kl", AutoencoderKLConfig(channels=(8, 16), norm_num_groups=4))
+    model = COMPONENTS.create("autoencoder_kl", tiny_kl_config())
     x = torch.randn(1, 3, 8, 8)
     return model, lambda m: m.decode(m.encode(x).mode())
 
@@ -88,9 +86,9 @@ FACTORIES = {"unet": _unet, "unet2d": _unet2d, "class_embedder": _class_embedder
              "identity_first_stage": _identity_first_stage, "autoencoder_kl": _vae, "ldm_bert": _ldm_bert}
 # Parts that wrap a foreign model + tokenizer, or hold no weights, are covered by their own test files:
 ELSEWHERE = {
-    "text_encoder": "tests/test_text_encoder.py (needs a transformers model and tokenizer)",
-    "ldm_bert_text_encoder": "tests/test_ldm_bert.py (needs a tokenizer)",
-    "noise_scheduler": "tests/test_noise_scheduler.py (no weights; save/load round trip there)",
+    "text_encoder": "tests/models/test_text_encoder.py (needs a transformers model and tokenizer)",
+    "ldm_bert_text_encoder": "tests/models/test_ldm_bert.py (needs a tokenizer)",
+    "noise_scheduler": "tests/diffusion/test_noise_scheduler.py (no weights; save/load round trip there)",
 }
 
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from .tiny_builtin import make_tiny_shapes_model
+from tests._support.tiny_builtin import make_tiny_shapes_model
 
 CHILD = """
 import gc, json, sys

@@ -10,7 +10,7 @@ tr((S_1 S_2)^(1/2)) is the sum of the square roots of M's eigenvalues, from a sy
 float64. L is the Cholesky factor of S_1 or, where S_1 is singular (fewer samples than dimensions),
 V diag(lambda)^(1/2) from its eigendecomposition; eigenvalues that rounding pushes below zero count as
 zero. Near-singular covariances need no epsilon added, and the result agrees with the sqrtm formula to
-rounding (tests/test_metrics_fid.py).
+rounding (tests/metrics/test_metrics_fid.py).
 
 KID (Binkowski et al. 2018) is the unbiased estimate of the squared MMD under the cubic polynomial kernel
 k(x, y) = (x.y / d + 1)^3, averaged over random subsets of both sets (100 subsets of 1000, as torch-fidelity

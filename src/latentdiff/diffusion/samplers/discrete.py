@@ -20,7 +20,7 @@ PLMSSampler steps along the list too; diffusers' PNDMScheduler takes the same st
 PLMS combines eps, as the PNDM paper (eq. 12) and the latent diffusion repository do: every prediction is
 turned into eps at its own (x_t, t) first. diffusers' PNDMScheduler combines the raw model outputs and
 converts the mixture at the current step: the same for epsilon prediction; for v_prediction it differs,
-and is not exact even for an exact denoiser (tests/test_k_samplers.py). PLMS also takes "sample" prediction.
+and is not exact even for an exact denoiser (tests/diffusion/test_k_samplers.py). PLMS also takes "sample" prediction.
 
 Every sampler can start part-way (image-to-image, inpainting): `sample(..., start_step=s)` runs steps
 s .. N-1 of its N-step plan from the sample at step s, which `noise_to_start(x0, noise, ...)` makes with the

@@ -1,0 +1,110 @@
+"""Shared pieces of the training tests: the procedural data set, tiny configs, a tiny first stage.
+
+The data set is the one the tiny example configs use (examples/train/make_shapes.py), loaded by path
+so the tests exercise the same generator.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tests._support import ROOT
+from tests._support.tiny import TINY_KL, TINY_UNET
+
+EXAMPLES = ROOT / "examples" / "train"
+
+def _example_module(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(f"examples_train_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_shapes(folder: Path, **kwargs: Any) -> Path:
+    return _example_module("make_shapes").make_shapes(folder, **kwargs)
+
+
+def write_yaml(path: Path, data: dict[str, Any]) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def autoencoder_config(folder: Path, out: Path, /, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A tiny KL first-stage config (16 x 16 images, f = 2); `sections` update the defaults section-wise."""
+    config = {
+        "data": {"path": str(folder), "resolution": 16, "validation_split": 8},
+        "model": {"type": "autoencoder_kl", "architecture": copy.deepcopy(TINY_KL),
+                  "loss": {"disc_start": 1000}},
+        "optim": {"learning_rate": 2e-3, "max_grad_norm": 1.0},
+        "train": {"output_dir": str(out), "max_steps": 10, "batch_size": 8, "seed": 0},
+        "checkpoint": {"every_n_steps": 5, "keep_last": 2},
+        "logging": {"every_n_steps": 1, "progress_bar": False},
+        "sample": {"every_n_steps": 0, "num_images": 4, "max_validation_images": 8},
+    }
+    return _merge(config, sections)
+
+
+def diffusion_config(folder: Path, autoencoder: Path, out: Path, /, *, conditioning: str = "class",
+                     **sections: dict[str, Any]) -> dict[str, Any]:
+    unet = copy.deepcopy(TINY_UNET)
+    if conditioning != "text":
+        unet["cross_attention_dim"] = None
+    if conditioning == "class":
+        unet["num_class_embeds"] = 4  # 3 shapes + the null class
+    config = {
+        "data": {"path": str(folder), "resolution": 16},
+        "model": {"autoencoder": str(autoencoder), "conditioning": conditioning, "unet": unet},
+        "optim": {"learning_rate": 1e-3, "warmup_steps": 2, "lr_schedule": "cosine"},
+        "train": {"output_dir": str(out), "max_steps": 12, "batch_size": 8, "seed": 0, "ema_decay": 0.9},
+        "checkpoint": {"every_n_steps": 4, "keep_last": 2},
+        "logging": {"every_n_steps": 1, "progress_bar": False},
+        "sample": {"every_n_steps": 0, "num_inference_steps": 3, "seeds": [0, 1]},
+    }
+    return _merge(config, sections)
+
+
+def _merge(config: dict[str, Any], sections: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    return config
+
+
+def tiny_autoencoder(folder: Path, *, seed: int = 0) -> Path:
+    """A random tiny AutoencoderKL folder whose scaling factor makes its latents roughly unit-variance."""
+    from latentdiff.models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+
+    torch.manual_seed(seed)
+    config = AutoencoderKLConfig.from_dict(TINY_KL)
+    model = AutoencoderKL(config)
+    with torch.no_grad():
+        std = model.encode(torch.rand(4, 3, 16, 16) * 2 - 1).mean.std().item()
+    AutoencoderKL.from_state_dict(config.replace(scaling_factor=1.0 / std), model.state_dict()).save_pretrained(folder)
+    return folder
+
+
+def read_losses(run: Path, name: str = "loss") -> list[tuple[int, float]]:
+    import csv
+
+    with open(run / "logs" / "losses.csv", newline="") as f:
+        return [(int(r["step"]), float(r["value"])) for r in csv.DictReader(f) if r["name"] == name]
+
+
+def state_of(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint's safetensors files (modules and EMA), keyed by file/name."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        out |= {f"{path.stem}/{k}": v for k, v in load_file(str(path)).items()}
+    return out
+
+
+def progress_of(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "progress.json").read_text())
