@@ -92,7 +92,8 @@ def resolve(path_or_id: str | os.PathLike, *, revision: str | None = None,
                                    local_files_only=offline)
     except LocalEntryNotFoundError:
         raise CheckpointError("not a local folder, and not in the local Hub cache (offline mode)", where=name,
-                              expected="a folder, or a Hub id downloaded before", found="nothing in the cache") from None
+                              expected="a folder, or a Hub id downloaded before",
+                              found="nothing in the cache") from None
     except RepositoryNotFoundError:
         raise CheckpointError("no such Hub repository (or it is private: pass token=)", where=name) from None
     except (HfHubHTTPError, OSError) as e:
@@ -126,7 +127,8 @@ def check_safetensors_header(path: Path) -> dict[str, Any]:
             n = int.from_bytes(raw, "little")
             if n > min(SAFETENSORS_HEADER_LIMIT, size - 8):
                 raise CheckpointError("not a safetensors file, or truncated (header length past the end)",
-                                      where=str(path), expected=f"header of at most {size - 8} bytes", found=f"{n} bytes")
+                                      where=str(path), expected=f"header of at most {size - 8} bytes",
+                                      found=f"{n} bytes")
             header = json.loads(f.read(n))
     except FileNotFoundError:
         raise CheckpointError("checkpoint file not found", where=str(path)) from None
@@ -156,7 +158,8 @@ def load_torch_pickle(path: str | os.PathLike) -> Any:
         raise CheckpointError(
             "refusing to unpickle: the file asks for more than tensors and plain containers; nothing in it was run. "
             "If you trust its source, convert it to safetensors outside latentdiff", where=str(path),
-            expected="tensors, dicts, lists, numbers, strings", found=wanted.group(1) if wanted else str(e).split("\n")[0]) from None
+            expected="tensors, dicts, lists, numbers, strings",
+            found=wanted.group(1) if wanted else str(e).split("\n")[0]) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"corrupt or truncated checkpoint ({e})", where=str(path)) from None
 

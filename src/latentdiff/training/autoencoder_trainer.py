@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from ..config import ComponentConfig
 from ..errors import ConfigError, describe
 from ..layers.attention import SpatialSelfAttention
 from ..layers.resnet import ResnetBlock
+from ..models.base import ModelMixin
 from .config import AutoencoderTrainConfig, build_component_configs
 from .data import build_datasets, fixed_batches
 from .ema import EMA
@@ -211,7 +212,8 @@ class AutoencoderTrainer(Trainer):
                 scale = self.scaling_factor()
                 config = self.autoencoder.config if scale is None else \
                     self.autoencoder.config.replace(scaling_factor=scale)
-                model = type(self.autoencoder).from_state_dict(config, self.autoencoder.state_dict())
+                cls: type[ModelMixin[Any]] = type(self.autoencoder)   # KL or VQ, with its own config type
+                model = cls.from_state_dict(config, self.autoencoder.state_dict())
             model.save_pretrained(folder)
             if scale is not None:
                 self.accelerator.print(f"latentdiff: latent scaling factor {scale:.5f} (1 / std of the latents)")
@@ -257,7 +259,8 @@ def build_autoencoder(config: AutoencoderTrainConfig, architecture: ComponentCon
         cls = AutoencoderKL
     if config.model.pretrained:
         return cls.from_pretrained(config.model.pretrained)
-    return cls.from_config(architecture)     # cls(architecture): the model checks the config's type
+    # from_config checks that the architecture is this class's own config (a ConfigError otherwise)
+    return cls.from_config(cast(Any, architecture))
 
 
 def _accumulate(logs: dict[str, torch.Tensor], values: dict[str, Any], n: int, device: torch.device) -> None:
