@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 
-import huggingface_hub
+import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
