@@ -8,7 +8,7 @@ from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src" / "latentdiff"
-NOT_MIRRORS = {"_support"}  # plain helper modules, no tests
+NOT_MIRRORS = {"_support", "adversarial"}  # plain helpers, no tests; the hardening suite (across all layers)
 
 
 def folders() -> list[Path]:

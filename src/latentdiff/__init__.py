@@ -58,6 +58,7 @@ _LAZY = {
     "CheckpointError": "latentdiff.errors",
     "RegistryError": "latentdiff.errors",
     "InputError": "latentdiff.errors",
+    "NumericalError": "latentdiff.errors",
 }
 
 __all__ = [  # literal, so linters and IDEs see the public names; the same as _LAZY's keys (tests/test_public_api.py)
@@ -67,6 +68,7 @@ __all__ = [  # literal, so linters and IDEs see the public names; the same as _L
     "EulerSampler", "HeunSampler", "IdentityFirstStage", "IdentityFirstStageConfig", "ImageToImagePipeline",
     "InpaintPipeline", "InputError", "LDMBert", "LDMBertConfig", "LDMBertTextEncoder", "LMSSampler",
     "LatentDiffError", "LatentDiffusionPipeline", "LayoutToImagePipeline", "NoiseScheduler", "NoiseSchedulerConfig",
+    "NumericalError",
     "PIPELINES", "PLMSSampler", "Pipeline", "PipelineOutput", "RegistryError", "SAMPLERS", "SpatialRescaler",
     "SuperResolutionPipeline", "TextEncoder", "TextEncoderConfig", "UNet2D", "UNet2DConditional", "UNet2DConfig",
     "UNetConfig", "UnconditionalPipeline", "VQModel", "VQModelConfig", "__version__",

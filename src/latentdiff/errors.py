@@ -59,3 +59,13 @@ class UsageError(InputError):
     def __init__(self, message: str, *, hint: str | None = None, **details: Any):
         super().__init__(message, **details)
         self.hint = hint
+
+
+class NumericalError(LatentDiffError, ArithmeticError):
+    """A computation produced NaN or Inf (fp16 overflow, NaN weights or inputs): raised instead of returning a
+    black or NaN image. `stage` and `step` say where it was caught; `hint` is the likely cause and the fix."""
+
+    def __init__(self, message: str, *, stage: str | None = None, step: int | None = None,
+                 hint: str | None = None, **details: Any):
+        super().__init__(message, **details)
+        self.stage, self.step, self.hint = stage, step, hint

@@ -30,6 +30,29 @@ SAFETENSORS_HEADER_LIMIT = 100 * 1024 * 1024  # a sane header is far smaller
 DOWNLOAD_TIMEOUT_S = 60
 
 
+def contained(root: str | os.PathLike, name: str | os.PathLike, *, file: str | os.PathLike, entry: str,
+              plain_name: bool = False) -> Path:
+    """`root / name` resolved, refused unless it stays inside `root` (symlinks are followed: a link is fine while
+    its target stays inside). Every path that comes from a file or a request goes through here: a shard name in a
+    `*.safetensors.index.json`, a subfolder in `model_index.json`, a YAML or metadata reference, a name in a
+    request. `plain_name=True`: a bare file or folder name is expected (no separators at all).
+
+    -> the resolved path; CheckpointError naming `file`, `entry` and the resolved path otherwise."""
+    text = os.fspath(name)
+    if not isinstance(text, str) or not text or "\x00" in text:
+        raise CheckpointError("a path in a file is empty or not text", where=f"{file}: {entry}",
+                              expected="a relative path inside the folder", found=repr(name))
+    if plain_name and (text in {".", ".."} or "/" in text or "\\" in text):
+        raise CheckpointError("expected a plain name, found a path", where=f"{file}: {entry}",
+                              expected="a file or folder name without separators", found=text)
+    base = Path(root).resolve()
+    target = (base / text).resolve()
+    if Path(text).is_absolute() or (target != base and base not in target.parents):
+        raise CheckpointError("a path in a file points outside its folder; refusing to read it",
+                              where=f"{file}: {entry}", expected=f"a path inside {base}", found=str(target))
+    return target
+
+
 def is_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").upper() in {"1", "ON", "YES", "TRUE"}
 
