@@ -48,7 +48,8 @@ def run_bounded(code: str, *, timeout_s: float = 60, address_space_gb: float = 1
     allocation fails instead of taking the machine) and a timeout (TimeoutExpired fails the test)."""
     program = _WRAPPER.format(code=textwrap.dedent(code), address_space=int(address_space_gb * 1024**3))
     run_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
-    run_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), run_env.get("PYTHONPATH", "")) if p)
+    paths = (str(REPO / "src"), str(REPO), run_env.get("PYTHONPATH", ""))  # this checkout's latentdiff first
+    run_env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=timeout_s,
                           cwd=cwd, env=run_env)
     marker = done.stdout.rfind("@@BOUNDED@@")
