@@ -331,8 +331,6 @@ def _settings(folder: Path, files: Mapping[str, bytes], *, defaults: Mapping[str
     """(tokenizer_config, named special tokens, added tokens by id), resolved as transformers'
     PreTrainedTokenizerBase.from_pretrained does: a config's added_tokens_decoder wins; without one,
     special_tokens_map.json overrides the config and tokenizer.json's added tokens are the decoder."""
-    from tokenizers import AddedToken
-
     config = _json(files, TOKENIZER_CONFIG, folder)
     where = str(folder / TOKENIZER_CONFIG)
     # add_bos_token / add_eos_token among them: transformers then rebuilds the post-processor.
@@ -347,9 +345,7 @@ def _settings(folder: Path, files: Mapping[str, bytes], *, defaults: Mapping[str
                               found=repr(config[key]))
 
     def token(value: Any) -> Any:  # "__type": "AddedToken" dicts (and special_tokens_map's dicts) -> AddedToken
-        if isinstance(value, dict):
-            return AddedToken(**{k: v for k, v in value.items() if k != "__type"})
-        return value
+        return added_token(value, where=where) if isinstance(value, dict) else value
 
     named = {**defaults, **{k: token(config[k]) for k in SPECIAL_TOKENS if k in config}}
     if "added_tokens_decoder" in config:
@@ -361,13 +357,33 @@ def _settings(folder: Path, files: Mapping[str, bytes], *, defaults: Mapping[str
                     raise ConfigError(f"special token list {key!r} not reproduced here",
                                       where=str(folder / SPECIAL_TOKENS_MAP), found=value)
                 continue
-            named[key] = AddedToken(**{k: v for k, v in value.items() if k != "special"}, special=True) \
+            named[key] = added_token(value, where=str(folder / SPECIAL_TOKENS_MAP), special=True) \
                 if isinstance(value, dict) else value
         added = json.loads(files[TOKENIZER_JSON]).get("added_tokens", []) if TOKENIZER_JSON in files else []
-        decoder = {t["id"]: AddedToken(**{k: v for k, v in t.items() if k != "id"}) for t in added}
+        decoder = {t["id"]: added_token(t, where=str(folder / TOKENIZER_JSON)) for t in added}
     by_content = {str(t): t for t in decoder.values()}
     named = {k: by_content.get(str(named[k]), named[k]) for k in SPECIAL_TOKENS if named.get(k) is not None}
     return config, named, decoder
+
+
+# The fields of an added token; the files' bookkeeping keys ("__type": "AddedToken" in tokenizer_config.json,
+# "id" in tokenizer.json) are dropped here, so that `tokenizers` never prints "Ignored unknown kwarg option".
+ADDED_TOKEN_FIELDS = ("content", "single_word", "lstrip", "rstrip", "normalized", "special")
+ADDED_TOKEN_BOOKKEEPING = ("__type", "id")
+
+
+def added_token(value: Mapping[str, Any], *, where: str, special: bool | None = None) -> Any:
+    """An AddedToken from its JSON object (`special`: forced to that value); an unknown field is a ConfigError."""
+    from tokenizers import AddedToken
+
+    unknown = sorted(k for k in value if k not in ADDED_TOKEN_FIELDS and k not in ADDED_TOKEN_BOOKKEEPING)
+    if unknown or not isinstance(value.get("content"), str):
+        raise ConfigError("malformed added token", where=where, expected=f"a content string and fields among "
+                          f"{list(ADDED_TOKEN_FIELDS)}", found=unknown or describe(value.get("content")))
+    fields = {k: v for k, v in value.items() if k in ADDED_TOKEN_FIELDS}
+    if special is not None:
+        fields["special"] = special
+    return AddedToken(**fields)
 
 
 def _add_special_tokens(backend: Any, named: Mapping[str, Any], decoder: Mapping[int, Any]) -> None:

@@ -23,7 +23,7 @@ from .. import hub
 from ..errors import ConfigError, InputError, RegistryError
 from ..registry import PIPELINES, SINGLE_FILE
 from ..version import __version__
-from .folder import Supported, open_folder
+from .folder import IGNORED_PARTS, Supported, open_folder
 
 # The version of the diffusers folder format we write and test against (see pyproject's test pins).
 DIFFUSERS_FORMAT_VERSION = "0.42.1"
@@ -79,8 +79,8 @@ class Pipeline:
                 continue
             entry = tuple(value)
             if key not in supported:
-                if entry == (None, None):
-                    continue  # an absent optional part (safety_checker, feature_extractor ...)
+                if entry == (None, None) or entry in IGNORED_PARTS.get(key, ()):
+                    continue  # an absent optional part, or one latentdiff does not run (a safety checker ...)
                 raise ConfigError(f"pipeline component {key!r} is not supported by {cls.__name__}",
                                   where=f"{source}: {key}", expected=sorted(supported), found=list(entry))
             if entry not in supported[key]:

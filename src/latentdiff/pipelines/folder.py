@@ -14,6 +14,7 @@ reverse (`write_parts`). Any diffusers scheduler class loads (see `diffusion.sch
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,12 +24,23 @@ from ..config import read_json
 from ..diffusion.noise_scheduler import NoiseScheduler
 from ..diffusion.samplers import SamplerProtocol, SamplerSettings
 from ..diffusion.scheduler_io import SCHEDULER_CONFIG_NAME, load_scheduler_folder, write_scheduler_folder
-from ..errors import CheckpointError, ConfigError
-from ..hub import HubLocation
+from ..errors import CheckpointError, ConfigError, describe
+from ..hub import HubLocation, contained
 
 MODEL_INDEX = "model_index.json"
 Entry: TypeAlias = tuple[str, str]   # a model_index.json (library, class) entry
 Supported: TypeAlias = dict[str, Sequence[tuple[str | None, str | None]]]
+
+# Parts of the real Hub folders that change no image latentdiff makes, by model_index.json key -> the classes they
+# are known as: recognised by name, never downloaded, reported once (logging, info level), written back as null.
+# Stable Diffusion v1's safety checker and its feature extractor (SD 2.x lists the extractor too), and the
+# IP-Adapter image encoder diffusers saves with a pipeline. Any other class under these keys is still an error.
+IGNORED_PARTS: dict[str, tuple[Entry, ...]] = {
+    "safety_checker": (("stable_diffusion", "StableDiffusionSafetyChecker"),),
+    "feature_extractor": (("transformers", "CLIPImageProcessor"), ("transformers", "CLIPFeatureExtractor")),
+    "image_encoder": (("transformers", "CLIPVisionModelWithProjection"),),
+}
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,12 +75,39 @@ class LoadsFolders(Protocol):
 
 # ---- finding the files ----------------------------------------------------------------------------------
 def read_model_index(folder: Path) -> dict[str, Any]:
+    """folder/model_index.json, its structure checked: `_class_name` a string, every component entry a
+    [library, class] pair of strings (or nulls) under a plain name."""
     path = folder / MODEL_INDEX
     if not path.is_file():
         raise CheckpointError(f"no {MODEL_INDEX} in the pipeline folder", where=str(folder),
                               expected="a diffusers-format pipeline folder",
                               found=sorted(p.name for p in folder.iterdir()) if folder.is_dir() else None)
-    return read_json(path)
+    index = read_json(path)
+    name = index.get("_class_name")
+    if not isinstance(name, str):
+        raise ConfigError("the pipeline class must be one name", where=f"{path}: _class_name",
+                          expected="a string (a diffusers pipeline class)", found=describe(name))
+    for key, value in index.items():
+        if isinstance(value, list):
+            check_entry(index, key, source=str(path))
+            contained(folder, key, file=path, entry=key, plain_name=True)   # its subfolder: a name inside
+    return index
+
+
+def check_entry(index: Mapping[str, Any], key: str, *, source: str) -> tuple[str | None, str | None]:
+    """index[key] as a component entry: a [library, class] pair of strings, or [null, null]."""
+    value = index[key]
+    if not (isinstance(value, list) and len(value) == 2 and all(v is None or isinstance(v, str) for v in value)):
+        raise ConfigError(f"component {key!r} is not a [library, class] entry", where=f"{source}: {key}",
+                          expected='a pair such as ["diffusers", "UNet2DConditionModel"] (or [null, null])',
+                          found=describe(value))
+    return value[0], value[1]
+
+
+def ignored_parts(index: Mapping[str, Any], *, supported: Supported) -> list[str]:
+    """The index's parts latentdiff recognises and does not run (IGNORED_PARTS with a known class)."""
+    return [key for key, value in index.items() if key not in supported and key in IGNORED_PARTS
+            and isinstance(value, list) and tuple(value) in IGNORED_PARTS[key]]
 
 
 def open_folder(path_or_id: str | os.PathLike, *, location: HubLocation) -> tuple[Path, dict[str, Any], str]:
@@ -107,10 +146,20 @@ def load_folder(pipeline: LoadsFolders, path_or_id: str | os.PathLike, *, given:
     folder's options (`read_options`), each missing part loaded from its subfolder, and the scheduler."""
     root, index, source = open_folder(path_or_id, location=location)
     parts = pipeline.folder_layout(index)
+    for key in [part.key for part in parts] + ["scheduler", *IGNORED_PARTS]:
+        if key in index:   # a component's entry: a pair, also where a string or a number stands
+            check_entry(index, key, source=source)
     supported: Supported = {part.key: list(part.classes) for part in parts}
+    # the caller's own part: any class (a registered custom UNet saved with the pipeline, passed as unet=)
+    supported |= {part.key: [tuple(index[part.key])] for part in parts
+                  if given.get(part.argument) is not None and part.key in index}
     # any diffusers scheduler class: its noise schedule is read, the sampler mapped (DDIM fallback)
     pipeline.check_model_index(index, source=source, supported=supported | {
         "scheduler": [tuple(index.get("scheduler", (None, None)))]})
+    ignored = ignored_parts(index, supported=supported)
+    if ignored:
+        logger.info("%s: not loaded: %s (latentdiff does not run them; their folders are not downloaded)",
+                    source, ", ".join(f"{key} ({index[key][1]})" for key in ignored))
     wanted = [part for part in parts if given.get(part.argument) is None]
     keys = [part.key for part in wanted]
     if given.get("noise_scheduler") is None or given.get("sampler") is None:
@@ -122,6 +171,9 @@ def load_folder(pipeline: LoadsFolders, path_or_id: str | os.PathLike, *, given:
                           expected=sorted(supported) + ["scheduler"], found=f"no entry for {absent}")
     root = resolve_folder(path_or_id, subfolders=[key for key in keys if key in index], variant=variant,
                           location=location)
+    for key in keys:   # a subfolder (or a link) that leads out of the folder is refused
+        if key in index:
+            contained(root, key, file=source, entry=key, plain_name=True)
     arguments = pipeline.read_options(index, source=source) | dict(given)
     for part in wanted:
         part_class = part.classes[tuple(index[part.key])] if part.key in index else None
