@@ -171,7 +171,9 @@ def test_single_file_model_gives_the_folder_model_images(tmp_path, model, pipe):
     assert generate(PROMPT, "-o", "file.png", "--model", "shapes.safetensors", "--tokenizer", model / "tokenizer",
                     *flags) == 0
     assert np.array_equal(pixels("file.png"), reference(pipe, [PROMPT], [0])[0])
-    assert read_png_params("file.png")["model"] == "shapes.safetensors"
+    # stored as what resolves from anywhere (`--from` in another folder): the absolute path
+    assert read_png_params("file.png")["model"] == str((tmp_path / "shapes.safetensors").resolve())
+    assert read_png_params("file.png")["tokenizer"] == str((model / "tokenizer").resolve())
 
 
 def test_a_hub_model_in_the_cache_works_offline(tmp_path, model, pipe):

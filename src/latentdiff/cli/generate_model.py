@@ -22,7 +22,8 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 class ModelSource:
     """Where the model comes from: kind is "builtin", "folder", "hub" or "single_file"."""
 
-    name: str               # as given (recorded in the PNG)
+    name: str               # what resolves from anywhere (recorded in the PNG): a local file or folder as an
+                            # absolute path, a built-in name or a Hub id as given
     kind: str
     path: Path              # the folder (a Hub snapshot), or the single file
     settings: dict[str, Any]   # {setting: value} from its latentdiff_generate.json, as read (checked in `settle`)
@@ -35,12 +36,12 @@ def locate_model(model: str) -> ModelSource:
         if not path.is_file():
             raise UsageError("no such checkpoint file", where="--model", expected="an existing .safetensors/.ckpt",
                              found=model)
-        return ModelSource(model, "single_file", path, {})
+        return ModelSource(str(path.resolve()), "single_file", path, {})
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise UsageError("this folder is not a pipeline folder (no model_index.json)", where=model,
                              expected="a diffusers-format folder")
-        return ModelSource(model, "folder", path, read_settings(path))
+        return ModelSource(str(path.resolve()), "folder", path, read_settings(path))
     if model in builtin.BUILTIN_MODELS:
         folder = builtin_path(model)
         if folder is None:

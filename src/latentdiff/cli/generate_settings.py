@@ -110,6 +110,8 @@ def settle(args: argparse.Namespace, stored: dict[str, Any], source: ModelSource
     defaults = {"seed": 0, "n": 1, "dtype": "float32"}
     values |= {key: default for key, default in defaults.items() if values[key] is None}
     values.update(model=source.name, dtype=DTYPES.get(values["dtype"], values["dtype"]))
+    if isinstance(values["tokenizer"], str) and Path(values["tokenizer"]).expanduser().is_dir():
+        values["tokenizer"] = str(Path(values["tokenizer"]).expanduser().resolve())   # --from works from anywhere
     check_values(values, origin)
     return GenerateSettings(**values)
 

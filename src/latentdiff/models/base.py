@@ -17,7 +17,8 @@ import contextlib
 import functools
 import os
 import re
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
@@ -231,25 +232,46 @@ INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", 
                   "sparse_")
 
 
+_INIT_LOCK = threading.Lock()
+_init_users = 0                                     # blocks inside init_skipped_on_meta, in every thread
+_init_originals: dict[str, Any] = {}                # torch's own functions while the wrappers are installed
+_init_wrappers: dict[str, Any] = {}
+
+
+def _skipping(original: Any) -> Any:
+    @functools.wraps(original)
+    def init(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        return tensor if isinstance(tensor, torch.Tensor) and tensor.is_meta else original(tensor, *args, **kwargs)
+    return init
+
+
 @contextlib.contextmanager
-def init_skipped_on_meta():
+def init_skipped_on_meta() -> Iterator[None]:
     """Within the block, torch.nn.init's functions leave meta tensors as they are (and work as usual on real
-    ones: the wrappers check each tensor, so another thread initialising a real model is unaffected)."""
-    originals = {name: getattr(nn.init, name) for name in INIT_FUNCTIONS if hasattr(nn.init, name)}
+    ones: the wrappers check each tensor, so another thread initialising a real model is unaffected).
 
-    def skipping(original):
-        @functools.wraps(original)
-        def init(tensor, *args, **kwargs):
-            return tensor if isinstance(tensor, torch.Tensor) and tensor.is_meta else original(tensor, *args, **kwargs)
-        return init
-
-    for name, original in originals.items():
-        setattr(nn.init, name, skipping(original))
+    Concurrent blocks share one installation, counted under a lock: the first installs the wrappers over torch's
+    own functions, the last out puts torch's back, so overlapping loads in threads never leave a wrapper behind
+    (each block saving and restoring what it found did: a later block saved the earlier one's wrappers)."""
+    global _init_users
+    with _INIT_LOCK:
+        if _init_users == 0:
+            _init_originals.update({name: getattr(nn.init, name) for name in INIT_FUNCTIONS if hasattr(nn.init, name)})
+            _init_wrappers.update({name: _skipping(original) for name, original in _init_originals.items()})
+            for name, wrapper in _init_wrappers.items():
+                setattr(nn.init, name, wrapper)
+        _init_users += 1
     try:
         yield
     finally:
-        for name, original in originals.items():
-            setattr(nn.init, name, original)
+        with _INIT_LOCK:
+            _init_users -= 1
+            if _init_users == 0:
+                for name, original in _init_originals.items():
+                    if getattr(nn.init, name) is _init_wrappers[name]:   # not patched again by someone else
+                        setattr(nn.init, name, original)
+                _init_originals.clear()
+                _init_wrappers.clear()
 
 
 # Source bytes cast or moved before their pages are given back (see cast_state_dict).
