@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +50,15 @@ FIRST_STAGE_ALIASES = {"vae": "vqvae", "vqvae": "vae"}
 
 # ---- reading ------------------------------------------------------------------------------------------------
 def read_parts(path: str | os.PathLike, *, use_ema: bool = True, original_config: Any = None,
-               prediction_type: str | None = None) -> Parts:
-    """`read_single_file`, with the part configs a latentdiff export saved taken verbatim.
+               prediction_type: str | None = None, only: Collection[str] | None = None) -> Parts:
+    """`read_single_file`, with the part configs a latentdiff export saved taken verbatim; `only`: the network
+    parts to read (None: all), the others neither inferred nor converted.
 
     The engine rebuilds saved configs through the key layout, which records only what shapes tensors; a
     model trained with, say, GroupNorm(8) or 2 attention heads must come back as it was saved.
     """
-    parts = read_single_file(path, use_ema=use_ema, original_config=original_config, prediction_type=prediction_type)
+    parts = read_single_file(path, use_ema=use_ema, original_config=original_config, prediction_type=prediction_type,
+                             parts=only)
     if original_config is None:
         for name, config in saved_configs(path).items():
             if name in parts and name != "extras" and not (name == "scheduler" and prediction_type is not None):
@@ -94,7 +96,12 @@ def model_from_single_file(cls: type[ModelMixin[Any]], path: str | os.PathLike, 
     if part is None:
         raise InputError(f"{cls.__name__} is no part of an original single file", where=cls.__name__,
                          expected="a class with a part in SINGLE_FILE_PARTS (UNet, autoencoder ...)")
-    parts = read_parts(path, use_ema=use_ema, original_config=original_config, prediction_type=prediction_type)
+    # the parts read: this one (a KL class asked of a VQ file is named below); an autoencoder's sample size
+    # follows the UNet's (its shapes are read, its tensors renamed, nothing built); a conditioning stage's file
+    # is read whole (what it conditions tells its kind)
+    only = {"unet": ("unet",), "vae": ("vae", "vqvae", "unet"), "vqvae": ("vae", "vqvae", "unet")}.get(part)
+    parts = read_parts(path, use_ema=use_ema, original_config=original_config, prediction_type=prediction_type,
+                       only=only)
     config, state = take_part(parts, part, source=str(path), wanted_by=cls.__name__)
     check_class(cls, config, source=f"{path}: {part}")
     return build_model(cls, config, state, torch_dtype=torch_dtype, device=device, source=f"{path}: {part}")
@@ -126,7 +133,8 @@ def build_model(cls: type[ModelMixin[Any]], config: Mapping[str, Any], state: Ma
                 torch_dtype: torch.dtype | None, device: Any, source: str) -> ModelMixin[Any]:
     """A ModelMixin from a diffusers-format config dict and state, strictly."""
     typed = cls.from_file_config(config, source=source)
-    return cls.from_state_dict(typed, state, torch_dtype=torch_dtype, device=device, source=source)
+    return cls.from_state_dict(typed, state, torch_dtype=torch_dtype, device=device, source=source,
+                               key_names=getattr(state, "origins", None))
 
 
 def model_part(model: ModelMixin[Any], *, dtype: torch.dtype | None = None) -> tuple[dict[str, Any], dict]:
@@ -206,9 +214,11 @@ def clip_text_model(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]
                               expected=["CLIPTextModel"], found=architectures)
     from ..models.clip_text import MODEL_TYPE, CLIPTextModel
 
+    names: dict[str, str] = dict(getattr(state, "origins", None) or {})   # each key's name in the file
     native = native_config_of({"model_type": MODEL_TYPE, **config}, source=source) if native_backend() else None
     if native is not None:
-        return CLIPTextModel.from_state_dict(native, state, torch_dtype=torch_dtype, device=device, source=source)
+        return CLIPTextModel.from_state_dict(native, state, torch_dtype=torch_dtype, device=device, source=source,
+                                             key_names=names)
     import transformers
     from accelerate import init_empty_weights
 
@@ -222,7 +232,9 @@ def clip_text_model(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]
     expected = model.state_dict()
     # a buffer, not a weight, that transformers < 4.31 saved: drop it where the model no longer persists it
     state = {k: v for k, v in state.items() if k in expected or not k.endswith("embeddings.position_ids")}
-    check_state_dict(model, state, source=source)
+    names |= {"text_model." + k: v for k, v in names.items()} | {k.removeprefix("text_model."): v
+                                                               for k, v in names.items()}
+    check_state_dict(model, state, source=source, key_names=names)
     dtype = torch_dtype or torch.float32
     target = torch.device(device) if device is not None else torch.device("cpu")
     model.load_state_dict(cast_state_dict(state, dtype=dtype, device=target), strict=True, assign=True)
@@ -255,7 +267,11 @@ def pipeline_from_single_file(path: str | os.PathLike, *, original_config: Any =
     `noise_scheduler=`, `sampler=` ... (the pipeline's constructor arguments), and `tokenizer=` for the text
     encoder built from the file. An unknown name is a TypeError.
     """
-    parts = read_parts(path, use_ema=use_ema, original_config=original_config, prediction_type=prediction_type)
+    given = {FIRST_STAGE_ALIASES.get(name, name) for name, value in components.items() if value is not None} \
+        | {name for name, value in components.items() if value is not None}
+    only = [part for part in NETWORK_PARTS if part not in given]   # a part passed in is not even read
+    parts = read_parts(path, use_ema=use_ema, original_config=original_config, prediction_type=prediction_type,
+                       only=only)
     return pipeline_from_parts(parts, source=str(path), torch_dtype=torch_dtype, device=device, task=task,
                                pipeline_class=pipeline_class,
                                cache_dir=cache_dir, local_files_only=local_files_only, **components)
@@ -356,9 +372,10 @@ def detect_task(parts: Parts, *, source: str) -> str:
         raise CheckpointError("the file holds no denoiser, so no pipeline: load its parts with their classes' "
                               "from_single_file", where=source, found=sorted(p for p in parts if p in NETWORK_PARTS))
     unet = parts["unet"][0]
-    if "text_encoder" in parts:
+    conditioning = dict(parts.get("extras", ({}, {}))[0]).get("conditioning")   # of a part not read
+    if "text_encoder" in parts or conditioning in ("clip", "openclip", "ldmbert"):
         return "text-to-image"
-    if "class_embedder" in parts:
+    if "class_embedder" in parts or conditioning == "class":
         return "class-conditional"
     if unet.get("in_channels") == unet.get("out_channels"):
         return "unconditional"

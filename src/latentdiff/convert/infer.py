@@ -291,8 +291,10 @@ def scheduler_config(*, prediction_type: str, schedule: Mapping[str, Any] | None
 
 # ---- the whole file ----------------------------------------------------------------------------------------
 def infer_layout(state: Mapping[str, torch.Tensor], *, prediction_type: str | None = None,
-                 global_step: int | None = None, source: str = "checkpoint") -> FileLayout:
-    """The FileLayout of an original checkpoint from its keys and shapes (no YAML)."""
+                 global_step: int | None = None, source: str = "checkpoint",
+                 conditioning: str | None = None) -> FileLayout:
+    """The FileLayout of an original checkpoint from its keys and shapes (no YAML). `conditioning`: the kind of
+    a conditioning stage left out of `state` (see `single_file.only_parts`)."""
     unet_sd = prefixed(UNET_PREFIX, state)
     first_sd = prefixed(FIRST_STAGE_PREFIX, state)
     cond_sd = prefixed(COND_STAGE_PREFIX, state)
@@ -305,11 +307,12 @@ def infer_layout(state: Mapping[str, torch.Tensor], *, prediction_type: str | No
                                        "autoencoder (encoder.*, decoder.*)", found=sorted(state)[:20])
     scale = state.get("scale_factor")
     text = infer_text(cond_sd, source=source + ":" + COND_STAGE_PREFIX)
-    unet = infer_unet(unet_sd, cond_kind=text.kind if text else None,
+    conditioning = text.kind if text else conditioning
+    unet = infer_unet(unet_sd, cond_kind=conditioning,
                       source=source + ":" + UNET_PREFIX) if unet_sd else None
     first = infer_vae(first_sd, scaling_factor=float(scale) if scale is not None else None,
                       source=source + ":" + ("" if standalone else FIRST_STAGE_PREFIX)) if first_sd else None
-    family = _family(unet, first, text)
+    family = _family(unet, first, text, conditioning=conditioning)
     if unet is None:
         return FileLayout(family=family, first_stage=first, cond_stage=text, standalone_first_stage=standalone)
     if prediction_type is None:
@@ -318,7 +321,7 @@ def infer_layout(state: Mapping[str, torch.Tensor], *, prediction_type: str | No
     latent = {"sd2": 96 if prediction_type == "v_prediction" else 64}.get(family, 64)
     if family == "ldm" and first is not None:
         latent = 256 // 2 ** (len(first.channels) - 1)  # the LDM releases are 256px models
-    unet = with_conventions(dataclasses.replace(unet, sample_size=latent), text)
+    unet = with_conventions(dataclasses.replace(unet, sample_size=latent), text, conditioning=conditioning)
     if first is not None:
         factor = 2 ** (len(first.channels) - 1)
         first = dataclasses.replace(first, sample_size=latent * factor)

@@ -305,21 +305,26 @@ def resolve(table: Sequence[Rule], key: str) -> _Hit | None:
 
 
 def apply_keymap(state: Mapping[str, torch.Tensor], table: Sequence[Rule], *, source: str,
-                 dropped: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                 dropped: dict[str, torch.Tensor] | None = None,
+                 origins: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """Rename every tensor of `state` through `table`; tensors are not copied (dtype and bits preserved).
 
     Raises a CheckpointError listing every key that no rule matched, every key two tensors were mapped
     to, and every fused tensor that lacks a piece. Tensors matched by `Drop(keep=True)` go to `dropped`.
+    `origins` (when given) gets each new key's name in `state` (a fused tensor: its first piece's), so that a
+    later error can name the key as it is in the file.
     """
     out: dict[str, torch.Tensor] = {}
     unmatched: list[str] = []
     collisions: list[str] = []
     merges: dict[str, tuple[Merge, dict[int, torch.Tensor], str]] = {}
+    names: dict[str, str] = origins if origins is not None else {}
 
-    def put(key: str, value: torch.Tensor) -> None:
+    def put(key: str, value: torch.Tensor, src: str) -> None:
         if key in out:
             collisions.append(key)
         out[key] = value
+        names[key] = src
 
     for key, value in state.items():
         hit = resolve(table, key)
@@ -336,13 +341,13 @@ def apply_keymap(state: Mapping[str, torch.Tensor], table: Sequence[Rule], *, so
             pieces[hit.index] = value
         else:
             for new_key, new_value in zip(hit.outputs(), hit.rule.transform(key, value), strict=True):
-                put(new_key, new_value)
+                put(new_key, new_value, key)
     incomplete = []
     for target, (rule, pieces, first) in merges.items():
         if len(pieces) != len(rule.srcs):
             incomplete.append(f"{target} (has {len(pieces)} of {len(rule.srcs)} pieces, e.g. {first})")
         else:
-            put(target, rule.combine(target, [pieces[i] for i in range(len(rule.srcs))]))
+            put(target, rule.combine(target, [pieces[i] for i in range(len(rule.srcs))]), first)
     if unmatched:
         raise CheckpointError(f"{len(unmatched)} key(s) fit no conversion rule (unknown layout, or a part "
                               "latentdiff does not convert)", where=source, found=_listing(unmatched))

@@ -109,15 +109,17 @@ class FileLayout:
                    standalone_first_stage=standalone_first_stage)
 
 
-def _family(unet: UNetArch | None, first: VAEArch | None, cond: TextArch | None) -> str:
-    """The family name of a set of parts (see FAMILIES)."""
+def _family(unet: UNetArch | None, first: VAEArch | None, cond: TextArch | None, *,
+            conditioning: str | None = None) -> str:
+    """The family name of a set of parts (see FAMILIES); `conditioning`: the kind of a conditioning stage left
+    out of `cond` (a part not read)."""
     if unet is None:
         return first.part if first is not None else "ldm"
     if unet.in_channels == 9 and unet.conditional:
         return "sd-inpaint"
     if unet.in_channels == 7 and unet.num_class_embeds:
         return "sd-upscale"
-    kind = cond.kind if cond is not None else None
+    kind = cond.kind if cond is not None else conditioning
     if kind == "openclip" or (kind is None and unet.cross_attention_dim == 1024):
         return "sd2"
     if kind == "clip" or (kind is None and unet.cross_attention_dim == 768):
@@ -125,7 +127,8 @@ def _family(unet: UNetArch | None, first: VAEArch | None, cond: TextArch | None)
     return "ldm"
 
 
-def with_conventions(unet: UNetArch, text: TextArch | None) -> UNetArch:
+def with_conventions(unet: UNetArch, text: TextArch | None, *, conditioning: str | None = None) -> UNetArch:
     """What the original code does but no weight records: Stability AI's SD 2.x code (OpenCLIP models)
     computes attention in float32 (ATTN_PRECISION="fp32"), diffusers' `upcast_attention`."""
-    return dataclasses.replace(unet, upcast_attention=text is not None and text.kind == "openclip")
+    kind = text.kind if text is not None else conditioning
+    return dataclasses.replace(unet, upcast_attention=kind == "openclip")

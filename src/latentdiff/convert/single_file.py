@@ -24,7 +24,7 @@ import dataclasses
 import json
 import os
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -32,11 +32,11 @@ import torch
 
 from .. import hub
 from ..errors import CheckpointError, InputError, describe
-from .infer import infer_layout
-from .keymap import apply_keymap, invert
-from .layout import SEPARATOR, FileLayout
+from .infer import cond_kind, infer_layout
+from .keymap import apply_keymap, invert, prefixed
+from .layout import COND_STAGE_PREFIX, FIRST_STAGE_PREFIX, SEPARATOR, FileLayout
 from .original_config import layout_from_original_config
-from .unet_ldm import select_ema
+from .unet_ldm import UNET_PREFIX, select_ema
 
 METADATA_KEY = "latentdiff"  # safetensors metadata entry holding the configs (JSON)
 FORMAT_VERSION = 1
@@ -52,6 +52,21 @@ SINGLE_FILE_PARTS = {"UNet2DConditionModel": "unet", "UNet2DModel": "unet", "Aut
                      "VQModel": "vqvae", "LDMBert": "text_encoder", "ClassEmbedder": "class_embedder"}
 # TextEncoderConfig (clip skip and the like) inside a single file's "text_encoder" part config
 SINGLE_FILE_SETTINGS_KEY = "_latentdiff_text_encoder"
+
+
+# Where each network part's tensors are in an original file (a stand-alone autoencoder has no prefix).
+PART_PREFIXES = {"unet": UNET_PREFIX, "vae": FIRST_STAGE_PREFIX, "vqvae": FIRST_STAGE_PREFIX,
+                 "text_encoder": COND_STAGE_PREFIX, "class_embedder": COND_STAGE_PREFIX}
+
+
+class PartState(dict):  # type: ignore[type-arg]
+    """A part's state dict (latentdiff's names), with `origins`: each key's name in the file, for error messages."""
+
+    origins: dict[str, str]
+
+    def __init__(self, *args: Any, origins: Mapping[str, str] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.origins = dict(origins or {})
 
 
 class CallbackKey:
@@ -118,11 +133,12 @@ def _unwrap(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
 
 def read_single_file(path: str | os.PathLike, *, use_ema: bool = True,
                      original_config: str | os.PathLike | Mapping[str, Any] | None = None,
-                     prediction_type: str | None = None) -> Parts:
+                     prediction_type: str | None = None, parts: Collection[str] | None = None) -> Parts:
     """Read an original checkpoint and split it into parts (see the module doc).
 
     The architecture comes from `original_config` if given, else from latentdiff's configs in the file's
-    metadata (files written by `write_single_file`), else from the tensor shapes (see `infer`).
+    metadata (files written by `write_single_file`), else from the tensor shapes (see `infer`). `parts`: the
+    network parts wanted (None: all); the others are neither inferred nor converted.
     """
     state, info = load_single_file(path)
     configs = family = None
@@ -133,13 +149,14 @@ def read_single_file(path: str | os.PathLike, *, use_ema: bool = True,
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"unreadable latentdiff metadata ({e})", where=str(path)) from None
     return split_single_file(state, original_config=original_config, use_ema=use_ema, prediction_type=prediction_type,
-                             global_step=info["global_step"], configs=configs, family=family, source=str(path))
+                             global_step=info["global_step"], configs=configs, family=family, source=str(path),
+                             parts=parts)
 
 
 def file_layout(state: Mapping[str, torch.Tensor], *, original_config: Any = None,
                 configs: Mapping[str, dict] | None = None, family: str | None = None,
                 prediction_type: str | None = None, global_step: int | None = None,
-                source: str = "checkpoint") -> FileLayout:
+                source: str = "checkpoint", conditioning: str | None = None) -> FileLayout:
     """The layout of `state`: from a YAML, else from saved configs, else inferred from the shapes."""
     if original_config is not None:
         scale = state.get("scale_factor")
@@ -150,27 +167,36 @@ def file_layout(state: Mapping[str, torch.Tensor], *, original_config: Any = Non
         if prediction_type is not None and layout.scheduler is not None:
             layout = dataclasses.replace(layout, scheduler={**layout.scheduler, "prediction_type": prediction_type})
         return layout
-    return infer_layout(state, prediction_type=prediction_type, global_step=global_step, source=source)
+    return infer_layout(state, prediction_type=prediction_type, global_step=global_step, source=source,
+                        conditioning=conditioning)
 
 
 def split_single_file(state: Mapping[str, torch.Tensor], *, original_config: Any = None, use_ema: bool = True,
                       prediction_type: str | None = None, global_step: int | None = None,
                       configs: Mapping[str, dict] | None = None, family: str | None = None,
-                      source: str = "checkpoint") -> Parts:
+                      source: str = "checkpoint", parts: Collection[str] | None = None) -> Parts:
     """An original-layout state dict -> parts. Every tensor lands in a part; an unknown key is an error.
 
     `use_ema`: when the file has LitEma weights (`model_ema.*`), the UNet gets them (default) or the live
-    weights; the other copy is left out.
+    weights; the other copy is left out. `parts`: the network parts wanted (None: all); the tensors of the
+    others are left out before anything is inferred or converted (a UNet loads from a file whose text encoder
+    latentdiff cannot read), only the kind of conditioning is kept (it sets UNet conventions and the task).
     """
     state = select_ema(state, use_ema=use_ema, source=source)
+    conditioning = None
+    if parts is not None:
+        state, conditioning = only_parts(state, parts)
     layout = file_layout(state, original_config=original_config, configs=configs, family=family,
-                         prediction_type=prediction_type, global_step=global_step, source=source)
+                         prediction_type=prediction_type, global_step=global_step, source=source,
+                         conditioning=conditioning)
     extras: dict[str, torch.Tensor] = {}
-    mapped = apply_keymap(state, layout.keymap(), source=source, dropped=extras)
-    by_part: dict[str, dict[str, torch.Tensor]] = {}
+    origins: dict[str, str] = {}
+    mapped = apply_keymap(state, layout.keymap(), source=source, dropped=extras, origins=origins)
+    by_part: dict[str, PartState] = {}
     for key, value in mapped.items():
         part, _, rest = key.partition(SEPARATOR)
-        by_part.setdefault(part, {})[rest] = value
+        by_part.setdefault(part, PartState()).update({rest: value})
+        by_part[part].origins[rest] = origins[key]
     parts: Parts = {}
     # configs saved by write_single_file are taken verbatim (the layout keeps only what shapes tensors)
     saved = {p: c for p, c in (configs or {}).items() if not (p == "scheduler" and prediction_type is not None)}
@@ -179,8 +205,22 @@ def split_single_file(state: Mapping[str, torch.Tensor], *, original_config: Any
             parts[part] = (config, {})
         elif part in by_part:  # a part the config names but the file lacks (e.g. a UNet-only file) is omitted
             parts[part] = (config, by_part[part])
-    parts["extras"] = ({"family": layout.family}, extras)
+    parts["extras"] = ({"family": layout.family} | ({"conditioning": conditioning} if conditioning else {}),
+                       extras)
     return parts
+
+
+def only_parts(state: Mapping[str, torch.Tensor], parts: Collection[str]) -> tuple[dict[str, torch.Tensor],
+                                                                                  str | None]:
+    """(`state` without the tensors of the network parts not in `parts`, the kind of its conditioning stage:
+    "clip", "openclip", "ldmbert", "class", or None when it has none or one latentdiff cannot tell)."""
+    try:
+        kind = cond_kind(prefixed(COND_STAGE_PREFIX, state))
+    except CheckpointError:
+        kind = None
+    keep = {PART_PREFIXES[p] for p in parts if p in PART_PREFIXES}
+    drop = tuple({PART_PREFIXES[p] for p in NETWORK_PARTS if p not in parts} - keep)
+    return {k: v for k, v in state.items() if not k.startswith(drop)}, kind
 
 
 # ---- writing ----------------------------------------------------------------------------------------------

@@ -110,13 +110,14 @@ class ModelMixin(nn.Module, Generic[ConfigT]):
     @classmethod
     def from_state_dict(cls, config: ConfigT, state: Mapping[str, torch.Tensor], *,
                         torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                        source: str | None = None) -> Self:
-        """Build the model without initialising weights (meta device) and assign `state` to it, strictly."""
+                        source: str | None = None, key_names: Mapping[str, str] | None = None) -> Self:
+        """Build the model without initialising weights (meta device) and assign `state` to it, strictly.
+        `key_names`: each key's name in the source file (a converted single file), for the error messages."""
         state = rename_deprecated_attention(state)
         freeze_startup_objects()
         with torch.device("meta"), init_skipped_on_meta():
             model = cls(config)
-        check_state_dict(model, state, source=source)
+        check_state_dict(model, state, source=source, key_names=key_names)
         dtype = torch_dtype or torch.float32
         device = torch.device(device) if device is not None else torch.device("cpu")
         model.load_state_dict(cast_state_dict(state, dtype=dtype, device=device), strict=True, assign=True)
@@ -302,12 +303,19 @@ def cast_state_dict(state: Mapping[str, torch.Tensor], *, dtype: torch.dtype | N
     return out
 
 
-def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str | None = None) -> None:
-    """Raise a CheckpointError listing every missing, unexpected or mis-shaped key."""
+def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str | None = None,
+                     key_names: Mapping[str, str] | None = None) -> None:
+    """Raise a CheckpointError listing every missing, unexpected or mis-shaped key; `key_names`: a key's name in
+    the file it came from (a converted single file), shown beside latentdiff's."""
+    names = key_names or {}
+
+    def in_file(key: str) -> str:
+        return f" (in the file: {names[key]})" if key in names and names[key] != key else ""
+
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(f"{k}: expected {expected[k]}, found {tuple(state[k].shape)}"
+    unexpected = sorted(k + in_file(k) for k in set(state) - set(expected))
+    wrong = sorted(f"{k}: expected {expected[k]}, found {tuple(state[k].shape)}{in_file(k)}"
                    for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
     if missing or unexpected or wrong:
         lines = []

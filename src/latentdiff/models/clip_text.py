@@ -229,12 +229,14 @@ class CLIPTextModel(ModelMixin[CLIPTextConfig]):
     @classmethod
     def from_state_dict(cls, config: CLIPTextConfig, state: Mapping[str, torch.Tensor], *,
                         torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                        source: str | None = None) -> CLIPTextModel:
+                        source: str | None = None, key_names: Mapping[str, str] | None = None) -> CLIPTextModel:
         """Strict load of either key layout (with or without `text_model.`); an old position-id buffer is dropped."""
         if state and all(k.startswith(WEIGHTS_PREFIX) for k in state):
             state = {k[len(WEIGHTS_PREFIX):]: v for k, v in state.items()}
+            key_names = {k.removeprefix(WEIGHTS_PREFIX): v for k, v in (key_names or {}).items()}
         state = {k: v for k, v in state.items() if k != POSITION_IDS_KEY}
-        return super().from_state_dict(config, state, torch_dtype=torch_dtype, device=device, source=source)
+        return super().from_state_dict(config, state, torch_dtype=torch_dtype, device=device, source=source,
+                                       key_names=key_names)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *,
                         state_dict: Mapping[str, torch.Tensor] | None = None, variant: str | None = None) -> Path:

@@ -110,7 +110,7 @@ class IdentityFirstStage(FirstStage[IdentityFirstStageConfig]):
     @classmethod
     def from_state_dict(cls, config: IdentityFirstStageConfig, state: Mapping[str, torch.Tensor], *,
                         torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                        source: str | None = None) -> IdentityFirstStage:
+                        source: str | None = None, key_names: Mapping[str, str] | None = None) -> IdentityFirstStage:
         if state:
             raise CheckpointError(f"{cls.__name__} has no weights", where=source, expected="an empty state dict",
                                   found=sorted(state)[:20])

@@ -232,7 +232,7 @@ class LDMBert(ModelMixin[LDMBertConfig]):
     @classmethod
     def from_state_dict(cls, config: LDMBertConfig, state: Mapping[str, torch.Tensor], *,
                         torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                        source: str | None = None) -> LDMBert:
+                        source: str | None = None, key_names: Mapping[str, str] | None = None) -> LDMBert:
         """Strict load; the pre-training LM head (to_logits), if present, must have its shape and is dropped."""
         if isinstance(config, LDMBertConfig):
             shapes = dict(zip(LM_HEAD_KEYS, ((config.vocab_size, config.d_model), (config.vocab_size,)), strict=True))
@@ -242,7 +242,8 @@ class LDMBert(ModelMixin[LDMBertConfig]):
                 raise CheckpointError("checkpoint does not match LDMBert: wrong shapes " + ", ".join(wrong),
                                       where=source)
             state = {k: v for k, v in state.items() if k not in LM_HEAD_KEYS}
-        return super().from_state_dict(config, state, torch_dtype=torch_dtype, device=device, source=source)
+        return super().from_state_dict(config, state, torch_dtype=torch_dtype, device=device, source=source,
+                                       key_names=key_names)
 
 
 @COMPONENTS.register("ldm_bert_text_encoder")
