@@ -218,8 +218,9 @@ def only_parts(state: Mapping[str, torch.Tensor], parts: Collection[str]) -> tup
         kind = cond_kind(prefixed(COND_STAGE_PREFIX, state))
     except CheckpointError:
         kind = None
-    keep = {PART_PREFIXES[p] for p in parts if p in PART_PREFIXES}
-    drop = tuple({PART_PREFIXES[p] for p in NETWORK_PARTS if p not in parts} - keep)
+    # a prefix two parts share (the conditioning stage: text encoder or class embedder; the first stage: KL or
+    # VQ) is read when both are wanted
+    drop = tuple({PART_PREFIXES[p] for p in NETWORK_PARTS if p not in parts})
     return {k: v for k, v in state.items() if not k.startswith(drop)}, kind
 
 

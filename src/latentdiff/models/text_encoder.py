@@ -273,10 +273,30 @@ class TextEncoder(nn.Module):
         legacy = not hasattr(self.model, "text_model")  # transformers 5's flat layout
         prefix = LEGACY_WEIGHT_PREFIX.get(type(self.model).__name__, "") if legacy else ""
         state = {prefix + k: v for k, v in self.model.state_dict().items()}
+        settings, layers = self.config, None
+        if self.config.layer == "penultimate":   # written as diffusers' SD 2.x folders are: the tower truncated
+            state, layers = self._truncated(state)
+            settings = dataclasses.replace(self.config, layer="last")
         model: Any = self.model  # latentdiff's or transformers' text model: both have this save_pretrained
         model.save_pretrained(model_dir, state_dict=state, variant=variant)
-        hub.write_json({**self.config.to_dict(), "_latentdiff_version": __version__}, model_dir / CONFIG_FILE)
+        if layers is not None:
+            hub.write_json(read_json(model_dir / MODEL_CONFIG) | {"num_hidden_layers": layers}, model_dir / MODEL_CONFIG)
+        hub.write_json({**settings.to_dict(), "_latentdiff_version": __version__}, model_dir / CONFIG_FILE)
         self.tokenizer.save_pretrained(tokenizer_dir)
+
+    def _truncated(self, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+        """(state without the last layer, the layer count left): a tower whose last hidden state is this encoder's
+        penultimate one through the final layer norm, which every library reads as the text model's output
+        (diffusers, and latentdiff with layer="last"), so no reader of the folder conditions on the last layer."""
+        layers = getattr(self.model.config, "num_hidden_layers", None)
+        last = [k for k in state if f"encoder.layers.{layers - 1}." in k] if isinstance(layers, int) else []
+        if not last or layers < 2 or not self.config.apply_final_norm:
+            raise ConfigError("layer='penultimate' cannot be written as a diffusers folder for this text model",
+                              where="text_encoder.config.layer", expected="a CLIP tower of >= 2 layers, with "
+                              "apply_final_norm=True (diffusers reads the last hidden state through the final norm)",
+                              found=f"{type(self.model).__name__}, {layers} layers, "
+                                    f"apply_final_norm={self.config.apply_final_norm}")
+        return {k: v for k, v in state.items() if k not in set(last)}, layers - 1
 
     def diffusers_entries(self) -> dict[str, list[str]]:
         """model_index.json entries for this part, e.g. {"text_encoder": ["transformers", "CLIPTextModel"], ...}
