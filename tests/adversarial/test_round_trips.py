@@ -4,6 +4,7 @@ CLI records a model path that resolves from anywhere, concurrent loads leave tor
 tokenizer folder loads silently, and the docs say VQModel tiles."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from pathlib import Path
@@ -252,3 +253,34 @@ def test_docs_say_vqmodel_tiles_and_it_does():
     vq.enable_tiling(tile_sample_size=16, overlap=0.25)
     with torch.no_grad():
         assert vq.decode(torch.randn(1, 3, 16, 16)).shape == (1, 3, 32, 32)
+
+
+# ---- a custom sampler -------------------------------------------------------------------------------------------
+@pytest.mark.outcome("correct", fails_as="crash")
+def test_pipeline_with_a_registered_custom_sampler_saves_and_loads_back(tiny, tmp_path, monkeypatch, diffusers):
+    from latentdiff import DDIMSampler
+    from latentdiff.registry import SAMPLERS
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class QuietDDIM(DDIMSampler):
+        """DDIM with a setting of its own (diffusers has no class for it)."""
+
+        quietness: float = 0.5
+
+    SAMPLERS.names()   # the built-in samplers first
+    monkeypatch.setitem(SAMPLERS._entries, "test_quiet_ddim", QuietDDIM)
+    monkeypatch.setattr(QuietDDIM, "registry_name", "test_quiet_ddim", raising=False)
+    pipe = LatentDiffusionPipeline.from_pretrained(tiny["root"] / "diffusers")
+    pipe.sampler = QuietDDIM(quietness=0.25, timestep_spacing="trailing", steps_offset=1)
+    pipe.save_pretrained(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "scheduler" / "scheduler_config.json").read_text())
+    assert config["_latentdiff_sampler"]["name"] == "test_quiet_ddim" and "diffusers" in config["_latentdiff_note"]
+    loaded = LatentDiffusionPipeline.from_pretrained(tmp_path / "saved")
+    assert loaded.sampler == pipe.sampler and type(loaded.sampler) is QuietDDIM
+    assert loaded.noise_scheduler.config == pipe.noise_scheduler.config
+    schedule = diffusers.DDIMScheduler.from_pretrained(tmp_path / "saved" / "scheduler")   # diffusers reads it
+    assert schedule.config.timestep_spacing == "trailing"
+    monkeypatch.delitem(SAMPLERS._entries, "test_quiet_ddim")
+    with pytest.raises(ConfigError, match="not registered") as info:   # loading it where it is not registered
+        LatentDiffusionPipeline.from_pretrained(tmp_path / "saved")
+    assert "_latentdiff_sampler" in str(info.value) and "test_quiet_ddim" in str(info.value)

@@ -30,6 +30,7 @@ schedule and sampler; DDIM's eta (a `step()` argument in diffusers, not a config
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
@@ -40,6 +41,7 @@ from typing import Any
 from .. import hub
 from ..config import read_json
 from ..errors import ConfigError, describe
+from ..registry import SAMPLERS
 from ..version import __version__
 from .noise_scheduler import NoiseScheduler, NoiseSchedulerConfig, register_folder_io
 from .samplers import (
@@ -161,6 +163,7 @@ DDPM_VARIANCE = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small",
 # variance_type values that other classes may carry: the model outputs no variance channels.
 NON_LEARNED_VARIANCE = (None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
 LATENTDIFF_KEY = "_latentdiff_sampler"
+NOTE_KEY = "_latentdiff_note"
 
 
 # ---- reading ----------------------------------------------------------------------------------------
@@ -213,6 +216,9 @@ def read_scheduler_config(data: Mapping[str, Any], *, source: str | None = None,
                               where=_at(source, "variance_type"), expected=sorted(DDPM_VARIANCE), found=repr(variance))
         sampler: SamplerSettings = _build(DDPMSampler, {**common, "variance_type": DDPM_VARIANCE[variance]}, source)
     else:
+        custom = _registered_sampler(data.get(LATENTDIFF_KEY), name, source)
+        if custom is not None:   # a registered sampler diffusers has no class for (see scheduler_file_config)
+            return schedule, custom
         extra = _latentdiff_options(data.get(LATENTDIFF_KEY), name, source)
         sampler = _build(DDIMSampler, {**common, "set_alpha_to_one": values["set_alpha_to_one"], **extra}, source)
     if name in FOREIGN_CLASSES and warn:
@@ -297,6 +303,19 @@ def _latentdiff_options(options: Any, name: str, source: str | None) -> dict[str
     return {k: v for k, v in options.items() if k != "name"}
 
 
+def _registered_sampler(options: Any, name: str, source: str | None) -> SamplerSettings | None:
+    """The registered sampler a DDIMScheduler config names under LATENTDIFF_KEY with its settings (None: DDIM's)."""
+    if not isinstance(options, dict) or options.get("name") in (None, "ddim") or name != "DDIMScheduler":
+        return None
+    registered = options["name"]
+    if not isinstance(registered, str) or registered not in SAMPLERS.names():
+        raise ConfigError("the folder's sampler is not registered in this process", where=_at(source, LATENTDIFF_KEY),
+                          expected=f"a registered sampler name ({sorted(SAMPLERS.names())}; register yours "
+                                   "before loading, or pass sampler=)", found=repr(registered))
+    cls = SAMPLERS.get(registered)
+    return cls.from_dict({k: v for k, v in options.items() if k != "name"}, source=_at(source, LATENTDIFF_KEY))
+
+
 def _build(cls: type, kwargs: dict[str, Any], source: str | None, reverse: Mapping[str, str] | None = None) -> Any:
     """cls(**kwargs), with a type or value error re-raised naming the file and its key."""
     try:
@@ -313,12 +332,15 @@ def _at(source: str | None, key: Any) -> str:
 # ---- writing ----------------------------------------------------------------------------------------
 def scheduler_file_config(noise_scheduler: NoiseScheduler, sampler: SamplerSettings) -> dict[str, Any]:
     """The config dict of the diffusers scheduler class that describes (noise_scheduler, sampler)."""
-    if isinstance(sampler, (DDIMSampler, DDPMSampler)):
+    if isinstance(sampler, (DDIMSampler, DDPMSampler)) and type(sampler) in (DDIMSampler, DDPMSampler):
         return _ddim_ddpm_file_config(noise_scheduler, sampler)
     name = WRITTEN_CLASS.get(type(sampler))
+    if name is None and _is_registered(sampler):
+        return _registered_file_config(noise_scheduler, sampler)
     if name is None:
         raise ConfigError("this sampler has no diffusers scheduler config", where="sampler",
-                          expected=sorted(["DDIMSampler", "DDPMSampler"] + [c.__name__ for c in WRITTEN_CLASS]),
+                          expected=sorted(["DDIMSampler", "DDPMSampler"] + [c.__name__ for c in WRITTEN_CLASS])
+                          + ["a SamplerSettings dataclass registered with SAMPLERS.register (its settings are saved)"],
                           found=describe(sampler))
     cfg, defaults = noise_scheduler.config, CLASS_DEFAULTS[name]
     if cfg.rescale_zero_terminal_snr and "rescale_betas_zero_snr" not in defaults:
@@ -337,6 +359,25 @@ def scheduler_file_config(noise_scheduler: NoiseScheduler, sampler: SamplerSetti
     if isinstance(sampler, (DPMSolverMultistepSampler, DPMSolverMultistepSDESampler)):  # DPMSolverMultistepScheduler
         data["algorithm_type"] = sampler.algorithm_type
     data.update(_class_name=name, _latentdiff_version=__version__)
+    return data
+
+
+def _is_registered(sampler: Any) -> bool:
+    name = getattr(type(sampler), "registry_name", None)
+    return isinstance(sampler, SamplerSettings) and isinstance(name, str) and name in SAMPLERS.names() \
+        and SAMPLERS.get(name) is type(sampler)
+
+
+def _registered_file_config(noise_scheduler: NoiseScheduler, sampler: SamplerSettings) -> dict[str, Any]:
+    """A registered sampler diffusers has no class for: the noise schedule as a DDIMScheduler config (what diffusers
+    reads), the sampler's own settings under LATENTDIFF_KEY (what latentdiff reads back), and a note saying so."""
+    shared = {f.name for f in dataclasses.fields(DDIMSampler)} & {f.name for f in dataclasses.fields(sampler)}
+    ddim = DDIMSampler(**{k: getattr(sampler, k) for k in shared if k != "eta"})
+    data = _ddim_ddpm_file_config(noise_scheduler, ddim)
+    name = type(sampler).registry_name
+    data[LATENTDIFF_KEY] = {"name": name, **sampler.to_dict()}
+    data[NOTE_KEY] = (f"latentdiff samples with its registered sampler {name!r} ({LATENTDIFF_KEY}); diffusers does "
+                      "not read it and samples this noise schedule with DDIM")
     return data
 
 
