@@ -206,10 +206,9 @@ def load_weights(folder: Path, weights_name: str, *, variant: str | None = None)
     if single.is_file():
         return hub.load_safetensors(single)
     if index.is_file():
-        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
         state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(hub.load_safetensors(folder / shard))
+        for shard in index_shards(index):
+            state.update(hub.load_safetensors(shard))
         return state
     pickle = folder / f"{stem}.bin"
     if pickle.is_file():
@@ -220,6 +219,22 @@ def load_weights(folder: Path, weights_name: str, *, variant: str | None = None)
     found = sorted(p.name for p in folder.iterdir() if p.is_file())
     raise CheckpointError("no weights file in the model folder", where=str(folder),
                           expected=f"{single.name} (or a sharded index, or {pickle.name})", found=found)
+
+
+def index_shards(index: Path) -> list[Path]:
+    """The shard files a `*.safetensors.index.json` names, each resolved inside the index's folder (a name like
+    `../../x.safetensors` or an absolute path is a CheckpointError naming the index, the entry and where it
+    points: an index must not read weights from elsewhere on the machine)."""
+    data = read_json(index)
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise CheckpointError("a sharded weights index needs a weight_map of tensor name -> shard file",
+                              where=f"{index}: weight_map", expected="an object of string -> string",
+                              found=describe(weight_map))
+    first_key = {name: key for key, name in reversed(list(weight_map.items()))}  # a tensor naming each shard
+    return [hub.contained(index.parent, name, file=index, entry=f"weight_map[{first_key[name]!r}]")
+            for name in sorted(first_key)]
 
 
 # torch.nn.init functions that modules call in reset_parameters(): on the meta device they have nothing to fill,
