@@ -10,6 +10,7 @@ then renamed).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import json
@@ -127,13 +128,80 @@ def resolve(path_or_id: str | os.PathLike, *, revision: str | None = None,
     return Path(folder)
 
 
+# ---- weights read from a file: copied (the default) or memory-mapped -----------------------------------
+@dataclasses.dataclass(frozen=True)
+class MappedFile:
+    """A weights file as it was when its weights were mapped: what `check` compares it with."""
+
+    path: str
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: str | os.PathLike) -> MappedFile:
+        st = os.stat(path)
+        return cls(os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def check(self) -> None:
+        """CheckpointError when the file was rewritten or truncated in place since it was mapped (reading a mapped
+        page of a truncated file kills the process with SIGBUS; a same-size rewrite changes the weights). A file
+        replaced by a rename, or deleted, is fine: the mapping keeps the old file's bytes."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return
+        if (st.st_dev, st.st_ino) == (self.dev, self.ino) and (st.st_size, st.st_mtime_ns) != (self.size,
+                                                                                                 self.mtime_ns):
+            raise CheckpointError(
+                "the weights file changed on disk under a model that reads its weights from it (mmap_weights=True); "
+                "refusing to read it again (a truncated file would kill the process, a rewritten one change the "
+                "weights): load the model again", where=self.path,
+                expected=f"{self.size} bytes, modified at {self.mtime_ns} ns",
+                found=f"{st.st_size} bytes, modified at {st.st_mtime_ns} ns")
+
+
+_MAPPED: contextvars.ContextVar[list[MappedFile] | None] = contextvars.ContextVar("latentdiff_mapped", default=None)
+
+
+@contextlib.contextmanager
+def mapped_weights(enabled: bool | None = True) -> Iterator[list[MappedFile]]:
+    """Within the block, models loaded keep their weights memory-mapped from the files (zero copy: pages can be
+    released and re-read, `utils.memory`); each file read is appended to the list yielded. Outside (the default),
+    loads copy the weights into the process's own memory, as diffusers does, and the file is closed after the load:
+    rewriting or truncating it later changes nothing. `enabled=None`: as the enclosing block says."""
+    if enabled is None:
+        yield _MAPPED.get() or []
+        return
+    files: list[MappedFile] = []
+    token = _MAPPED.set(files if enabled else None)
+    try:
+        yield files
+    finally:
+        _MAPPED.reset(token)
+
+
+def weights_mapped() -> bool:
+    """Whether loads here keep weights mapped from their files (`mapped_weights`), else copy them."""
+    return _MAPPED.get() is not None
+
+
+def _note_mapped(path: Path) -> None:
+    files = _MAPPED.get()
+    if files is not None:
+        files.append(MappedFile.of(path))
+
+
 def load_safetensors(path: str | os.PathLike, *, device: str = "cpu") -> dict[str, Any]:
-    """Read a safetensors file (memory-mapped), with a CheckpointError naming the file if it is bad."""
+    """Read a safetensors file (memory-mapped: the model loaders copy the tensors unless `mapped_weights`), with a
+    CheckpointError naming the file if it is bad."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     check_safetensors_header(path)
+    _note_mapped(path)
     try:
         return load_file(str(path), device=device)
     except (SafetensorError, OSError, RuntimeError) as e:
@@ -173,6 +241,7 @@ def load_torch_pickle(path: str | os.PathLike) -> Any:
 
     import torch
 
+    _note_mapped(Path(path))
     try:
         # mmap (no copy of the whole file into memory) works for the zip format torch.save writes since 1.6.
         return torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
