@@ -266,6 +266,7 @@ def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike, metadata:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        tmp.chmod(0o666 & ~current_umask())   # safetensors creates its files 0600: the usual modes instead
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
