@@ -53,8 +53,9 @@ def child_code(lib: str, folder: Path, out: Path, *, size: int, steps: int, call
                device: str, release: str = "default") -> str:
     imports, load, extra = LIBS[lib]
     load = load.format(folder=str(folder), dtype=dtype, device=device)
-    if lib == "latentdiff" and release != "default":  # the pipeline's release_weights (docs/memory.md)
-        load += f"\npipe.release_weights = {dict(blocks='blocks', off=False)[release]!r}"
+    if lib == "latentdiff" and release != "default":  # mapped weights and release_weights (docs/memory.md)
+        load = load[:load.rindex(")")] + ", mmap_weights=True)"
+        load += f"\npipe.release_weights = {dict(stages=True, blocks='blocks', off=False)[release]!r}"
     return CHILD.format(imports=imports, load=load,
                         dtype=dtype, size=size, calls=calls, prompt=common.PROMPT, negative=common.NEGATIVE,
                         steps=steps, out=str(out), extra=extra) + common.CHILD_EXIT
@@ -155,9 +156,10 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=None, help="images per child process (default 1; full: 2)")
     p.add_argument("--children", type=int, default=None, help="processes per library (default 1; full: 2)")
     p.add_argument("--skip-sd15", action="store_true", help="only the tiny pipeline")
-    p.add_argument("--release", choices=("default", "blocks", "off"), default="default",
-                   help="latentdiff's release_weights in the SD1.5 rows: default (after each stage), blocks (after "
-                   "each UNet block, every step), off")
+    p.add_argument("--release", choices=("default", "stages", "blocks", "off"), default="default",
+                   help="latentdiff's weights in the SD1.5 rows: default (copied into memory), or memory-mapped "
+                   "(mmap_weights=True) and released: stages (after each stage; the default until issue 14), "
+                   "blocks (after each UNet block, every step), off (never)")
     args = p.parse_args()
     args.calls = args.calls or (1 if args.quick else 2)
     args.children = args.children or (1 if args.quick else 2)

@@ -5,8 +5,8 @@ process, printing the resident set (VmRSS) and the peak so far (ru_maxrss) after
 
 - `as is`: every part's weights stay resident once touched (`release_weights = False`);
 - `release`: after the prompt is encoded, the text encoder's pages are dropped, and after denoising the
-  UNet's (`latentdiff.utils.memory.release_mapped`, what the pipeline does by default; the pages come back
-  from the page cache on next use, which is timed by denoising again).
+  UNet's (`latentdiff.utils.memory.release_mapped`, what a pipeline loaded with `mmap_weights=True` does; the
+  pages come back from the page cache on next use, which is timed by denoising again).
 
     python benchmarks/probe_peak_rss.py [--size 512] [--steps 1]
 """
@@ -29,7 +29,7 @@ def rss():
 
 stages = {{}}
 stages["import"] = rss()
-pipe = LatentDiffusionPipeline.from_pretrained({folder!r})
+pipe = LatentDiffusionPipeline.from_pretrained({folder!r}, mmap_weights=True)
 pipe.release_weights = False  # the stages below release by hand, or not at all
 stages["from_pretrained"] = rss()
 released = {{}}

@@ -10,12 +10,13 @@ then renamed).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
-import tempfile
 import urllib.parse
 import urllib.request
 import uuid
@@ -93,6 +94,8 @@ def resolve(path_or_id: str | os.PathLike, *, revision: str | None = None,
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
+    if not path.exists() and path.parent.is_dir() and recover_folder(path):  # a save killed mid-swap
+        return path
     name = str(path_or_id)
     from .builtin import builtin_path
 
@@ -125,13 +128,80 @@ def resolve(path_or_id: str | os.PathLike, *, revision: str | None = None,
     return Path(folder)
 
 
+# ---- weights read from a file: copied (the default) or memory-mapped -----------------------------------
+@dataclasses.dataclass(frozen=True)
+class MappedFile:
+    """A weights file as it was when its weights were mapped: what `check` compares it with."""
+
+    path: str
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: str | os.PathLike) -> MappedFile:
+        st = os.stat(path)
+        return cls(os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def check(self) -> None:
+        """CheckpointError when the file was rewritten or truncated in place since it was mapped (reading a mapped
+        page of a truncated file kills the process with SIGBUS; a same-size rewrite changes the weights). A file
+        replaced by a rename, or deleted, is fine: the mapping keeps the old file's bytes."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return
+        if (st.st_dev, st.st_ino) == (self.dev, self.ino) and (st.st_size, st.st_mtime_ns) != (self.size,
+                                                                                                 self.mtime_ns):
+            raise CheckpointError(
+                "the weights file changed on disk under a model that reads its weights from it (mmap_weights=True); "
+                "refusing to read it again (a truncated file would kill the process, a rewritten one change the "
+                "weights): load the model again", where=self.path,
+                expected=f"{self.size} bytes, modified at {self.mtime_ns} ns",
+                found=f"{st.st_size} bytes, modified at {st.st_mtime_ns} ns")
+
+
+_MAPPED: contextvars.ContextVar[list[MappedFile] | None] = contextvars.ContextVar("latentdiff_mapped", default=None)
+
+
+@contextlib.contextmanager
+def mapped_weights(enabled: bool | None = True) -> Iterator[list[MappedFile]]:
+    """Within the block, models loaded keep their weights memory-mapped from the files (zero copy: pages can be
+    released and re-read, `utils.memory`); each file read is appended to the list yielded. Outside (the default),
+    loads copy the weights into the process's own memory, as diffusers does, and the file is closed after the load:
+    rewriting or truncating it later changes nothing. `enabled=None`: as the enclosing block says."""
+    if enabled is None:
+        yield _MAPPED.get() or []
+        return
+    files: list[MappedFile] = []
+    token = _MAPPED.set(files if enabled else None)
+    try:
+        yield files
+    finally:
+        _MAPPED.reset(token)
+
+
+def weights_mapped() -> bool:
+    """Whether loads here keep weights mapped from their files (`mapped_weights`), else copy them."""
+    return _MAPPED.get() is not None
+
+
+def _note_mapped(path: Path) -> None:
+    files = _MAPPED.get()
+    if files is not None:
+        files.append(MappedFile.of(path))
+
+
 def load_safetensors(path: str | os.PathLike, *, device: str = "cpu") -> dict[str, Any]:
-    """Read a safetensors file (memory-mapped), with a CheckpointError naming the file if it is bad."""
+    """Read a safetensors file (memory-mapped: the model loaders copy the tensors unless `mapped_weights`), with a
+    CheckpointError naming the file if it is bad."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     check_safetensors_header(path)
+    _note_mapped(path)
     try:
         return load_file(str(path), device=device)
     except (SafetensorError, OSError, RuntimeError) as e:
@@ -171,6 +241,7 @@ def load_torch_pickle(path: str | os.PathLike) -> Any:
 
     import torch
 
+    _note_mapped(Path(path))
     try:
         # mmap (no copy of the whole file into memory) works for the zip format torch.save writes since 1.6.
         return torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
@@ -195,6 +266,7 @@ def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike, metadata:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        tmp.chmod(0o666 & ~current_umask())   # safetensors creates its files 0600: the usual modes instead
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -212,24 +284,159 @@ def write_json(data: dict[str, Any], path: str | os.PathLike) -> None:
 
 @contextlib.contextmanager
 def atomic_folder(dest: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside `dest`; on success it replaces `dest` by renames.
+    """Yield a temporary folder beside `dest`; on success it replaces `dest` in one step (`replace_folder`).
 
-    If the body raises (or the process dies), `dest` is untouched and the temporary folder is removed
-    (or left under a hidden `.name.*.tmp` name, never mistaken for the checkpoint).
+    If the body raises (or the process dies), `dest` is untouched and the temporary folder is removed (or left
+    under a hidden `.name.ld-<pid>-*.tmp` name, never mistaken for the checkpoint, and removed by the next save of
+    the same `dest` once its writer is gone: `recover_folder`). The folder gets the usual modes (0755 / 0644 under
+    a 022 umask), not the 0700 of a private temporary folder: a re-saved shared model stays readable by the
+    accounts that read it before.
     """
     dest = Path(dest).absolute()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    recover_folder(dest)
+    tmp = dest.with_name(_sibling_name(dest, "tmp"))
+    tmp.mkdir()
     try:
         yield tmp
-        old = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.old")
-        if dest.exists():
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
+        tmp.chmod(0o777 & ~current_umask())
+        replace_folder(tmp, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# renameat2(2) flag: swap two paths atomically (Linux 3.15+, glibc 2.28+; not every file system)
+RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap `a` and `b` in one atomic step (renameat2 RENAME_EXCHANGE). -> False where that is not available
+    (another OS, an old libc or kernel, a file system without it): the caller falls back to two renames."""
+    import ctypes
+    import errno
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def replace_folder(new: Path, dest: Path) -> None:
+    """Put the finished folder `new` at `dest`, deleting what was there. Where the OS can, the two are exchanged
+    in one atomic step (a crash leaves the old or the new folder at `dest`, never nothing); elsewhere the old one
+    is renamed aside to `.dest.ld-<pid>-*.old` first, and `recover_folder` brings it back after a crash between
+    the two renames."""
+    if dest.exists() or dest.is_symlink():
+        if exchange(new, dest):
+            shutil.rmtree(new, ignore_errors=True)   # `new` now holds the old folder
+            return
+        old = dest.with_name(_sibling_name(dest, "old"))
+        os.replace(dest, old)
+        os.replace(new, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, dest)
+
+
+# A hidden sibling of a save: `.dest.ld-<pid>-<random>.tmp|old` (the writer's pid in the name), or the names of
+# latentdiff before (`.dest.<mkdtemp>.tmp`, `.dest.<uuid hex>.old`), which count as abandoned after a day.
+_SIBLING = re.compile(r"^ld-(?P<pid>\d+)-[A-Za-z0-9_]+\.(?:tmp|old)$|^(?:[A-Za-z0-9_]{8}\.tmp|[0-9a-f]{32}\.old)$")
+STALE_WITHOUT_PID_S = 24 * 3600
+
+
+def _sibling_name(dest: Path, kind: str) -> str:
+    return f".{dest.name}.ld-{os.getpid()}-{uuid.uuid4().hex[:12]}.{kind}"
+
+
+def _save_siblings(dest: Path) -> dict[Path, int | None]:
+    """The hidden leftovers of saves of `dest` beside it -> their writer's pid (None: an older name)."""
+    prefix = f".{dest.name}."
+    try:
+        names = [n for n in os.listdir(dest.parent) if n.startswith(prefix)]
+    except OSError:
+        return {}
+    found = {}
+    for name in names:
+        m = _SIBLING.match(name[len(prefix):])
+        if m:
+            found[dest.parent / name] = int(m["pid"]) if m["pid"] else None
+    return found
+
+
+def _writer_gone(path: Path, pid: int | None) -> bool:
+    """Whether the save that left `path` is over: its process is not running (a name without a pid: a day old)."""
+    if pid is None:
+        import time
+
+        try:
+            return time.time() - path.lstat().st_mtime > STALE_WITHOUT_PID_S
+        except FileNotFoundError:
+            return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another account's process: running
+        return False
+    return False
+
+
+def recover_folder(dest: str | os.PathLike) -> bool:
+    """Tidy what a killed save of `dest` left beside it: when `dest` is missing, the newest `.dest.*.old` (the
+    previous folder, renamed aside just before the crash) is renamed back; hidden `.tmp` / `.old` siblings whose
+    writer is gone are deleted. Called by every save (`atomic_folder`) and every load of a local folder
+    (`resolve`). -> whether a folder was restored."""
+    dest = Path(dest).absolute()
+    siblings = _save_siblings(dest)
+    if not siblings:
+        return False
+    restored = False
+    if not dest.exists() and not dest.is_symlink():
+        olds = sorted((p for p in siblings if p.name.endswith(".old")), key=lambda p: p.lstat().st_mtime,
+                      reverse=True)
+        for old in olds:   # an old folder is the only copy left: restored whatever its age
+            if siblings[old] is None or _writer_gone(old, siblings[old]):
+                try:
+                    os.rename(old, dest)
+                except OSError:
+                    continue
+                restored = True
+                break
+    for path, pid in siblings.items():
+        if (dest.exists() or path.name.endswith(".tmp")) and os.path.lexists(path) and _writer_gone(path, pid):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+    return restored
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc/self/status)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read by setting (not thread-safe, but only on the save path)
+    os.umask(mask)
+    return mask
 
 
 def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None,

@@ -83,7 +83,8 @@ def test_streaming_cast_equals_plain_cast(tmp_path, monkeypatch):
     for (k, want), got in zip(unet.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(got, want.to(torch.bfloat16) if want.is_floating_point() else want), k
     calls.clear()
-    UNet2DConditional.from_pretrained(tmp_path / "unet")  # fp32 from an fp32 file: nothing copied, nothing released
+    # fp32 from an fp32 file, weights kept mapped (opt-in): nothing copied, nothing released
+    UNet2DConditional.from_pretrained(tmp_path / "unet", mmap_weights=True)
     assert calls == [0]
 
 
@@ -92,8 +93,8 @@ def test_pipeline_releases_each_stage_and_images_do_not_change(tmp_path):
     from tests._support.sd import tiny_diffusers_pipeline
 
     tiny_diffusers_pipeline(tmp_path / "src").save_pretrained(tmp_path / "sd")
-    pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "sd")
-    keep = LatentDiffusionPipeline.from_pretrained(tmp_path / "sd")
+    pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "sd", mmap_weights=True)  # releases (opt-in)
+    keep = LatentDiffusionPipeline.from_pretrained(tmp_path / "sd", mmap_weights=True)
     keep.release_weights = False
     run = dict(num_inference_steps=3, height=32, width=32, output_type="pt", progress=False)
     images = [pipe("a cat", generator=torch.Generator().manual_seed(0), **run).images for _ in range(2)]
@@ -109,7 +110,7 @@ def test_per_block_release_same_images_and_hooks_removed(tmp_path):
     from tests._support.sd import tiny_diffusers_pipeline
 
     tiny_diffusers_pipeline(tmp_path / "src").save_pretrained(tmp_path / "sd")
-    pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "sd")
+    pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "sd", mmap_weights=True)
     run = dict(num_inference_steps=3, height=32, width=32, output_type="pt", progress=False)
     want = pipe("a cat", generator=torch.Generator().manual_seed(0), **run).images
     pipe.release_weights = "blocks"

@@ -71,7 +71,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings = settle(args, stored, source)
     jobs = plan_jobs(args, settings)
     if args.from_png and procs.is_main:
-        note_from(args.from_png, stored)
+        note_from(args.from_png, stored, args)
     texts = [job.prompt for job in jobs] + [settings.negative or ""]
     checked = procs.is_main and warn_unknown_words(tokenizer_file(source, settings.tokenizer), texts)
     pipe = load_pipeline(source, settings, device=device or procs.device)

@@ -27,6 +27,8 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16":
 RECORDED = ("prompt", "negative", "seed", "steps", "guidance", "sampler", "eta", "height", "width", "n", "model",
             "dtype", "tokenizer")
 MAX_SEED = 2**63 - 1
+PATH_VALUES = ("model", "tokenizer")    # recorded values that name files or folders
+MAX_PATH_CHARS = 4096
 FLAGS = {key: f"--{key}" for key in RECORDED} | {"prompt": "PROMPT", "n": "-n"}   # for messages
 
 
@@ -80,11 +82,25 @@ def read_from_png(path: str) -> dict[str, Any]:
         raise UsageError("this PNG holds no latentdiff generation parameters", where=path,
                          expected="a PNG written by latentdiff generate", found=f"missing {missing}",
                          hint="give the prompt and the flags yourself")
+    for key in PATH_VALUES:   # a PNG is untrusted input: what names a file must be a plain path or name
+        value = params.get(key)
+        if value is not None and (not isinstance(value, str) or not value.strip() or len(value) > MAX_PATH_CHARS
+                                  or any(ord(c) < 32 for c in value)):
+            raise UsageError(f"the PNG's {key} is not a model name or path", where=f"{path}: {key}",
+                             expected="a built-in model name, a Hub id, or a path", found=repr(value)[:200],
+                             hint=f"give --{key} yourself")
     return {key: params[key] for key in (*RECORDED, "latentdiff", "batch") if key in params}
 
 
-def note_from(path: str, stored: dict[str, Any]) -> None:
-    """One line each when `--from` cannot promise the same bytes: another version, or a shared batch."""
+def note_from(path: str, stored: dict[str, Any], args: argparse.Namespace | None = None) -> None:
+    """One line each when `--from` cannot promise the same bytes: another version, or a shared batch; and one
+    naming each local path the PNG (not a flag) chose, before anything is read from it: an image from elsewhere
+    never makes latentdiff read a file on this machine silently."""
+    for key in PATH_VALUES:
+        value = stored.get(key)
+        if isinstance(value, str) and getattr(args, key, None) is None and Path(value).expanduser().exists():
+            warn(f"{path} names the local {key} {Path(value).expanduser().resolve()}: using it "
+                 f"(pass --{key} to choose another)")
     if stored.get("latentdiff") not in (None, __version__):
         warn(f"{path} was made with latentdiff {stored['latentdiff']}, this is {__version__}")
     if isinstance(stored.get("batch"), int) and stored["batch"] > 1:

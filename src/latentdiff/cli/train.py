@@ -13,12 +13,16 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
     train.add_argument("--resume", default=None, help="'latest' or a checkpoint folder (= --set checkpoint.resume=...)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="let a fresh run replace the model an earlier run exported to its output folder "
+                            "(= --set train.overwrite=true)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ..training.run import train_from_file
 
-    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else []) \
+        + (["train.overwrite=true"] if args.overwrite else [])
     folder, is_main = train_from_file(args.stage, args.config, overrides=overrides)
     if is_main:
         print(folder)

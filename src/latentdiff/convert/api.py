@@ -237,7 +237,8 @@ def clip_text_model(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]
     check_state_dict(model, state, source=source, key_names=names)
     dtype = torch_dtype or torch.float32
     target = torch.device(device) if device is not None else torch.device("cpu")
-    model.load_state_dict(cast_state_dict(state, dtype=dtype, device=target), strict=True, assign=True)
+    model.load_state_dict(cast_state_dict(state, dtype=dtype, device=target, copy=not hub.weights_mapped()),
+                          strict=True, assign=True)
     module: nn.Module = model  # nn.Module's .to: transformers annotates PreTrainedModel.to as taking a model
     return module.to(target).eval()
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError, UsageError
 from ..models.base import ModelMixin
 from ..models.text_encoder import CONFIG_FILE as TEXT_SETTINGS
 from .api import model_part, module_from_part, pipeline_from_parts, read_parts
@@ -70,8 +70,17 @@ def check_arguments(src: Path, dst: Path, *, to: str | None, overwrite: bool) ->
         raise InputError("single files are written as safetensors", where=str(dst), expected="DST ending .safetensors")
     if dst.exists() and not overwrite:
         raise InputError("the destination exists", where=str(dst), expected="a new path (or --overwrite)")
-    if dst.resolve() == src.resolve():
+    source, target = src.resolve(), dst.resolve()
+    if target == source:
         raise InputError("source and destination are the same", where=str(dst))
+    if target in source.parents:   # replacing DST would delete SRC with it
+        raise UsageError("the destination contains the source: writing it would delete the source",
+                         where=str(dst), expected="a destination outside the source's folders", found=str(source),
+                         hint="choose a new DST, e.g. beside the source")
+    if source in target.parents:
+        raise UsageError("the destination lies inside the source folder", where=str(dst),
+                         expected="a destination outside the source", found=str(source),
+                         hint="choose a DST outside SRC")
     return direction
 
 

@@ -93,8 +93,13 @@ class ModelMixin(nn.Module, Generic[ConfigT]):
                         revision: str | None = None, variant: str | None = None,
                         torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                         cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
-                        local_files_only: bool | None = None):
-        """Load from a local folder or a Hub id (diffusers layout), strictly: every key used, every shape checked."""
+                        local_files_only: bool | None = None, mmap_weights: bool | None = None):
+        """Load from a local folder or a Hub id (diffusers layout), strictly: every key used, every shape checked.
+
+        The weights are copied into memory (default), or with `mmap_weights=True` kept memory-mapped from the file
+        (no copy; pages can be released, see docs/memory.md); the file must then not be rewritten in place: each
+        forward first checks it and raises a CheckpointError if it was. None: as the enclosing `hub.mapped_weights`
+        block says (a pipeline's load)."""
         prefix = f"{subfolder}/" if subfolder else ""
         location = hub.HubLocation(revision=revision, cache_dir=cache_dir, token=token,
                                    local_files_only=local_files_only)
@@ -104,8 +109,12 @@ class ModelMixin(nn.Module, Generic[ConfigT]):
             raise CheckpointError(f"no {CONFIG_NAME} in the model folder", where=str(folder),
                                   expected=f"{cls.__name__} folder with {CONFIG_NAME} and weights")
         config = cls.load_config(folder)
-        state = load_weights(folder, cls.weights_name, variant=variant)
-        return cls.from_state_dict(config, state, torch_dtype=torch_dtype, device=device, source=str(folder))
+        with hub.mapped_weights(mmap_weights) as files:
+            state = load_weights(folder, cls.weights_name, variant=variant)
+            model = cls.from_state_dict(config, state, torch_dtype=torch_dtype, device=device, source=str(folder))
+        if mmap_weights:
+            watch_mapped_files(model, files)
+        return model
 
     @classmethod
     def from_state_dict(cls, config: ConfigT, state: Mapping[str, torch.Tensor], *,
@@ -120,7 +129,8 @@ class ModelMixin(nn.Module, Generic[ConfigT]):
         check_state_dict(model, state, source=source, key_names=key_names)
         dtype = torch_dtype or torch.float32
         device = torch.device(device) if device is not None else torch.device("cpu")
-        model.load_state_dict(cast_state_dict(state, dtype=dtype, device=device), strict=True, assign=True)
+        model.load_state_dict(cast_state_dict(state, dtype=dtype, device=device, copy=not hub.weights_mapped()),
+                              strict=True, assign=True)
         return model.eval()
 
     # ---- original single files (hooks provided by latentdiff.convert.api) ---------------------------
@@ -208,10 +218,9 @@ def load_weights(folder: Path, weights_name: str, *, variant: str | None = None)
     if single.is_file():
         return hub.load_safetensors(single)
     if index.is_file():
-        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
         state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(hub.load_safetensors(folder / shard))
+        for shard in index_shards(index):
+            state.update(hub.load_safetensors(shard))
         return state
     pickle = folder / f"{stem}.bin"
     if pickle.is_file():
@@ -222,6 +231,22 @@ def load_weights(folder: Path, weights_name: str, *, variant: str | None = None)
     found = sorted(p.name for p in folder.iterdir() if p.is_file())
     raise CheckpointError("no weights file in the model folder", where=str(folder),
                           expected=f"{single.name} (or a sharded index, or {pickle.name})", found=found)
+
+
+def index_shards(index: Path) -> list[Path]:
+    """The shard files a `*.safetensors.index.json` names, each resolved inside the index's folder (a name like
+    `../../x.safetensors` or an absolute path is a CheckpointError naming the index, the entry and where it
+    points: an index must not read weights from elsewhere on the machine)."""
+    data = read_json(index)
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise CheckpointError("a sharded weights index needs a weight_map of tensor name -> shard file",
+                              where=f"{index}: weight_map", expected="an object of string -> string",
+                              found=describe(weight_map))
+    first_key = {name: key for key, name in reversed(list(weight_map.items()))}  # a tensor naming each shard
+    return [hub.contained(index.parent, name, file=index, entry=f"weight_map[{first_key[name]!r}]")
+            for name in sorted(first_key)]
 
 
 # torch.nn.init functions that modules call in reset_parameters(): on the meta device they have nothing to fill,
@@ -280,12 +305,14 @@ RELEASE_EVERY_BYTES = 256 * 2**20
 
 
 def cast_state_dict(state: Mapping[str, torch.Tensor], *, dtype: torch.dtype | None = None,
-                    device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+                    device: str | torch.device | None = None, copy: bool = False) -> dict[str, torch.Tensor]:
     """The one state-dict cast: floating-point tensors in `dtype` (None: as they are; integer buffers keep
-    theirs), every tensor on `device` (None: where it is). Source pages memory-mapped from a .safetensors file
-    are given back as it goes: loading an fp32 file into bf16 then peaks at the bf16 model plus
-    RELEASE_EVERY_BYTES, not at both whole models (every source page touched would otherwise stay resident)."""
-    if dtype is None and device is None:
+    theirs), every tensor on `device` (None: where it is); `copy`: every tensor a copy in the process's own memory
+    even where it needs no cast (weights memory-mapped from a file then no longer depend on it). Source pages
+    memory-mapped from a .safetensors file are given back as it goes: loading an fp32 file into bf16 (or copying
+    it) then peaks at the new model plus RELEASE_EVERY_BYTES, not at both whole models (every source page touched
+    would otherwise stay resident)."""
+    if dtype is None and device is None and not copy:
         return dict(state)
     out: dict[str, torch.Tensor] = {}
     done: list[torch.Tensor] = []
@@ -293,6 +320,8 @@ def cast_state_dict(state: Mapping[str, torch.Tensor], *, dtype: torch.dtype | N
     for key, value in state.items():
         out[key] = value.to(device=device, dtype=dtype if dtype is not None and value.is_floating_point()
                             else value.dtype)
+        if copy and out[key] is value:
+            out[key] = value.clone()
         if out[key] is not value:  # a copy: the source is no longer needed
             done.append(value)
             pending += value.nbytes
@@ -301,6 +330,20 @@ def cast_state_dict(state: Mapping[str, torch.Tensor], *, dtype: torch.dtype | N
                 done, pending = [], 0
     release_mapped(done)
     return out
+
+
+def watch_mapped_files(module: nn.Module, files: list[hub.MappedFile]) -> None:
+    """Before each forward of `module`, check that the files its weights are mapped from were not changed in place
+    (`hub.MappedFile.check`: a CheckpointError, where the read would otherwise crash with SIGBUS or silently use
+    other weights). One stat per file per forward; the hook stays outside a compiled forward."""
+    watched = tuple(dict.fromkeys(files))
+
+    def check_files(_module: nn.Module, _args: Any) -> None:
+        for file in watched:
+            file.check()
+
+    if watched:
+        module.register_forward_pre_hook(check_files)
 
 
 def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str | None = None,

@@ -29,7 +29,7 @@ from ..errors import CheckpointError, ConfigError, InputError, describe
 from ..layers.attention import attention
 from ..registry import COMPONENTS
 from ..version import __version__
-from .base import CONFIG_NAME, ModelMixin, load_weights
+from .base import CONFIG_NAME, ModelMixin, load_weights, watch_mapped_files
 from .diffusers_config import check_supported
 from .text_encoder import (
     CONFIG_FILE,
@@ -207,10 +207,11 @@ class LDMBert(ModelMixin[LDMBertConfig]):
                         revision: str | None = None, variant: str | None = None,
                         torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                         cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
-                        local_files_only: bool | None = None) -> LDMBert:
+                        local_files_only: bool | None = None, mmap_weights: bool | None = None) -> LDMBert:
         """Load a `bert/` folder (local or Hub) strictly: model.safetensors, else an older pytorch_model.bin.
 
         The pickle is read with `weights_only=True`, and downloaded only when the folder has no safetensors.
+        `mmap_weights`: as for every model (`ModelMixin.from_pretrained`).
         """
         prefix = f"{subfolder}/" if subfolder else ""
         where: dict[str, Any] = dict(revision=revision, cache_dir=cache_dir, token=token,
@@ -226,8 +227,12 @@ class LDMBert(ModelMixin[LDMBertConfig]):
             name = LEGACY_WEIGHTS_NAME
             hub.resolve(path_or_id, allow_patterns=[f"{prefix}{name}*.bin"], **where)
         config = cls.load_config(folder)
-        state = load_weights(folder, name, variant=variant)
-        return cls.from_state_dict(config, state, torch_dtype=torch_dtype, device=device, source=str(folder))
+        with hub.mapped_weights(mmap_weights) as files:
+            state = load_weights(folder, name, variant=variant)
+            model = cls.from_state_dict(config, state, torch_dtype=torch_dtype, device=device, source=str(folder))
+        if mmap_weights:
+            watch_mapped_files(model, files)
+        return model
 
     @classmethod
     def from_state_dict(cls, config: LDMBertConfig, state: Mapping[str, torch.Tensor], *,

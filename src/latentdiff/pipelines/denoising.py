@@ -29,6 +29,7 @@ from ..diffusion.samplers.base import check_generator
 from ..errors import ConfigError, InputError, describe
 from ..hub import HubLocation
 from ..models.autoencoder_kl import AutoencoderKL
+from ..models.base import watch_mapped_files
 from ..models.identity import IdentityFirstStage
 from ..models.unet import UNet2DConditional
 from ..models.unet2d import UNet2D
@@ -156,16 +157,35 @@ class DenoisingPipeline(Pipeline):
                         device: str | torch.device | None = None, variant: str | None = None,
                         revision: str | None = None, cache_dir: str | os.PathLike | None = None,
                         token: str | bool | None = None, local_files_only: bool | None = None,
-                        **parts: Any) -> DenoisingPipeline:
+                        mmap_weights: bool = False, **parts: Any) -> DenoisingPipeline:
         """Load a diffusers-layout folder or Hub repo. `parts`: constructor arguments (vae=, unet=,
-        noise_scheduler=, sampler= and the pipeline's own) that replace the folder's; any other is a TypeError."""
+        noise_scheduler=, sampler= and the pipeline's own) that replace the folder's; any other is a TypeError.
+        `mmap_weights`: see `load_pipeline_folder`."""
         names = [part.argument for part in cls.folder_parts] + ["noise_scheduler", "sampler", *cls.option_names]
         unknown = sorted(set(parts) - set(names))
         if unknown:
             raise TypeError(f"{cls.__name__}.from_pretrained got unknown keyword(s) {unknown}; its parts: {names}")
         location = HubLocation(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
-        return cls(**load_folder(cls, path_or_id, given=parts, variant=variant, torch_dtype=torch_dtype,
-                                 device=device, location=location))
+        return cls.load_pipeline_folder(path_or_id, given=parts, variant=variant, torch_dtype=torch_dtype,
+                                        device=device, location=location, mmap_weights=mmap_weights)
+
+    @classmethod
+    def load_pipeline_folder(cls, path_or_id: str | os.PathLike, *, given: Mapping[str, Any], variant: str | None,
+                             torch_dtype: torch.dtype | None, device: str | torch.device | None,
+                             location: HubLocation, mmap_weights: bool = False) -> Any:
+        """The pipeline of a folder (`load_folder`). The weights are copied into the process's memory (default,
+        as diffusers does: the files can then be rewritten or deleted without effect), or with
+        `mmap_weights=True` kept memory-mapped from the files (no copy: lower peak memory) and released after each
+        stage (`release_weights = True`); each forward then first checks that no file was rewritten in place (a
+        CheckpointError, where reading a truncated file would kill the process). docs/memory.md has the trade."""
+        with hub.mapped_weights(mmap_weights) as files:
+            pipe = cls(**load_folder(cls, path_or_id, given=given, variant=variant, torch_dtype=torch_dtype,
+                                     device=device, location=location))
+        if mmap_weights:
+            pipe.release_weights = True
+            for network in pipe.networks():
+                watch_mapped_files(network, files)
+        return pipe
 
     @classmethod
     def folder_layout(cls, index: Mapping[str, Any]) -> Sequence[FolderPart]:
@@ -301,13 +321,14 @@ class DenoisingPipeline(Pipeline):
         return PipelineOutput(images=to_output(self.decode(latents), output_type))
 
     # ---- memory between stages -----------------------------------------------------------------
-    # After a stage, drop the resident pages of its memory-mapped weights (utils.memory: only pages that still
-    # hold the file's bytes): a generation then holds one network's weights at a time (a lower peak RSS: see
-    # benchmarks/RESULTS.md), and the next call reads them back from the page cache. False on an instance keeps
-    # them resident; "blocks" also releases each UNet block's weights right after its forward, at every step
-    # (text-to-image: one block's weights resident at a time, every weight read back from the page cache at every
-    # step).
-    release_weights: bool | str = True
+    # With weights memory-mapped from their files (`from_pretrained(..., mmap_weights=True)`, which also sets this
+    # to True), after a stage drop the resident pages of its weights (utils.memory: only pages that still hold the
+    # file's bytes): a generation then holds one network's weights at a time (a lower peak RSS: see
+    # benchmarks/RESULTS.md), and the next call reads them back from the page cache. "blocks" also releases each
+    # UNet block's weights right after its forward, at every step (text-to-image: one block's weights resident at a
+    # time, every weight read back from the page cache at every step). Off by default: weights loaded by default
+    # are copies in memory, which nothing can release (and which a rewritten file cannot change).
+    release_weights: bool | str = False
 
     def release(self, *modules: nn.Module) -> int:
         """Release the mapped weights of `modules` when `release_weights` is set; returns the bytes released."""

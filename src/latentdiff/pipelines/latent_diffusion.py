@@ -33,7 +33,7 @@ from ..utils.memory import released_after_each_block
 from . import acceleration
 from .base import PipelineOutput, concat_conditioning
 from .denoising import FIRST_STAGES, DenoisingPipeline, FirstStage, Generator
-from .folder import MODEL_INDEX, Entry, FolderPart, load_folder, write_parts
+from .folder import MODEL_INDEX, Entry, FolderPart, write_parts
 from .sdedit import sample_from_step, start_step
 from .tiled_sampling import LatentTiling, check_upscale, latent_tiling, tiled_denoiser, upscale_latents
 from .tiled_sampling import Size as TileSize
@@ -126,13 +126,14 @@ class LatentDiffusionPipeline(DenoisingPipeline):
             token: str | bool | None = None, local_files_only: bool | None = None,
             vae: FirstStage | None = None, unet: UNet2DConditional | None = None,
             text_encoder: TextEncoder | None = None, noise_scheduler: NoiseScheduler | None = None,
-            sampler: SamplerProtocol | None = None) -> LatentDiffusionPipeline:
+            sampler: SamplerProtocol | None = None, mmap_weights: bool = False) -> LatentDiffusionPipeline:
         """Load a diffusers-format folder or Hub repo (Stable Diffusion v1/v2, LDM text-to-image, and their
-        image-to-image / inpainting folders); parts passed in replace the folder's."""
+        image-to-image / inpainting folders); parts passed in replace the folder's. `mmap_weights`: weights
+        memory-mapped and released between stages instead of copied (`load_pipeline_folder`, docs/memory.md)."""
         location = HubLocation(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
         given = dict(vae=vae, unet=unet, text_encoder=text_encoder, noise_scheduler=noise_scheduler, sampler=sampler)
-        return cls(**load_folder(cls, path_or_id, given=given, variant=variant, torch_dtype=torch_dtype,
-                                 device=device, location=location))
+        return cls.load_pipeline_folder(path_or_id, given=given, variant=variant, torch_dtype=torch_dtype,
+                                        device=device, location=location, mmap_weights=mmap_weights)
 
     @classmethod
     def folder_layout(cls, index: Mapping[str, Any]) -> Sequence[FolderPart]:

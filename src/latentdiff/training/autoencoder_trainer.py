@@ -43,6 +43,7 @@ SCALE_BATCH = 16  # images per encoder call when measuring the latent std
 
 class AutoencoderTrainer(Trainer):
     stage = "autoencoder"
+    export_name = "autoencoder"
     config: AutoencoderTrainConfig
     autoencoder: AutoencoderKL | VQModel
     loss_fn: Any        # an AutoencoderLoss-like module: generator_loss, discriminator_loss (duck-typed)
@@ -206,7 +207,7 @@ class AutoencoderTrainer(Trainer):
 
     def export(self) -> Path:
         """The (EMA) autoencoder with the measured scaling factor, as a model folder; main process writes."""
-        folder = Path(self.config.checkpoint.export_dir or self.output_dir / "autoencoder")
+        folder = self.export_folder()
         if self.accelerator.is_main_process:
             with self.ema.applied() if self.ema is not None else nullcontext():
                 scale = self.scaling_factor()

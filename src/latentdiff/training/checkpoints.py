@@ -73,22 +73,26 @@ class Checkpoints:
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
             write(tmp)
-            old = self.root / f".{final.name}.old"
-            if final.exists():
-                os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            hub.replace_folder(tmp, final)   # atomic where the OS can; else clean_partial restores the old one
             for stale in self.complete()[:-self.keep_last]:
                 shutil.rmtree(stale, ignore_errors=True)
         accelerator.wait_for_everyone()
         return final
 
     def clean_partial(self) -> None:
-        """Remove hidden folders left by a save that was killed (main process, before training)."""
-        if self.root.is_dir():
-            for p in self.root.iterdir():
-                if p.name.startswith(f".{CHECKPOINT_PREFIX}"):
-                    shutil.rmtree(p, ignore_errors=True)
+        """Tidy the hidden folders a killed save left (main process, before training): a checkpoint renamed aside
+        just before the crash (`.checkpoint-N.*.old`, its folder missing) is put back; every other leftover
+        (unfinished `.checkpoint-N.tmp`, old copies whose checkpoint is in place) is removed."""
+        if not self.root.is_dir():
+            return
+        for p in sorted(self.root.iterdir()):
+            if not p.name.startswith(f".{CHECKPOINT_PREFIX}"):
+                continue
+            final = self.root / p.name[1:].split(".")[0]
+            if p.name.endswith(".old") and not final.exists():
+                os.rename(p, final)   # the only copy of that checkpoint: an error here must not delete it
+                continue
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def save_modules(folder: Path, modules: dict[str, nn.Module], ema: EMA | None, progress: dict[str, Any],

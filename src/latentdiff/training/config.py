@@ -115,6 +115,7 @@ class TrainSection(ComponentConfig):
     ema: bool = True
     ema_decay: float = 0.9999
     ema_warmup: bool = True            # LDM: decay_n = min(decay, (1 + n) / (10 + n))
+    overwrite: bool = False            # a fresh run may replace an earlier run's export in output_dir
 
     def validate(self) -> None:
         _positive(self, "max_steps", "batch_size", "gradient_accumulation_steps")

@@ -58,6 +58,7 @@ CHECKPOINTED_BLOCKS = (ResnetBlock, BasicTransformerBlock, SpatialSelfAttention)
 
 class DiffusionTrainer(Trainer):
     stage = "diffusion"
+    export_name = "pipeline"
     config: DiffusionTrainConfig
     vae: AutoencoderKL | VQModel
     unet: UNet2DConditional | UNet2D
@@ -243,7 +244,7 @@ class DiffusionTrainer(Trainer):
 
     def export(self) -> Path:
         """The EMA weights (else the trained ones) as a pipeline folder; main process writes."""
-        folder = Path(self.config.checkpoint.export_dir or self.output_dir / "pipeline")
+        folder = self.export_folder()
         if self.accelerator.is_main_process:
             with self.ema.applied() if self.ema is not None else nullcontext(), hub.atomic_folder(folder) as tmp:
                 self.pipeline.write_files(tmp)

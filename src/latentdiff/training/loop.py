@@ -14,12 +14,13 @@ Checkpoints are in `checkpoints.py`; `run.train_from_file` (the CLI's entry) bui
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +182,42 @@ def enable_gradient_checkpointing(module: nn.Module, block_types: tuple[type, ..
     return count
 
 
+# ---- the output folder ------------------------------------------------------------------------------
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def output_lock(folder: Path, *, enabled: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on `folder`/.lock (flock: released when the process ends, however it ends): two runs
+    writing one output folder at once would interleave checkpoints and replace each other's export. Where flock
+    is missing (Windows) this does nothing."""
+    try:
+        import fcntl
+    except ImportError:
+        enabled = False
+    if not enabled:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise CheckpointError("another training run is writing to this output folder", where=str(folder),
+                                  expected="one run per train.output_dir (wait for it, or choose another folder)",
+                                  found=f"{folder / LOCK_FILE} held by {holder}") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}\n")
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 # ---- logging --------------------------------------------------------------------------------------
 class MetricLog:
     """Loss curves to `logs/losses.csv` (step, wall time, name, value) and to TensorBoard when installed."""
@@ -296,19 +333,26 @@ class Trainer:
         raise NotImplementedError
 
     # ---- the loop -------------------------------------------------------------------------------
+    def export_folder(self) -> Path:
+        """Where `export` writes: checkpoint.export_dir, else OUTPUT_DIR/<export_name>."""
+        return Path(self.config.checkpoint.export_dir or self.output_dir / self.export_name)
+
+    export_name = "model"   # the stages name their export folder ("pipeline", "autoencoder")
+
     def fit(self) -> Path:
-        """Train to train.max_steps (resuming when asked), checkpoint, evaluate, export. -> the export folder."""
-        self._start()
-        self._train()
-        return self._finish()
+        """Train to train.max_steps (resuming when asked), checkpoint, evaluate, export. -> the export folder.
+        The main process holds OUTPUT_DIR/.lock throughout: a second run into the same folder is refused."""
+        with output_lock(self.output_dir, enabled=self.accelerator.is_main_process):
+            self._start()
+            self._train()
+            return self._finish()
 
     def _start(self) -> None:
-        """Prepare the output folder and resume: from the checkpoint asked for, or fresh in a folder with none."""
+        """Prepare the output folder and resume: from the checkpoint asked for, or fresh in a folder with none
+        (and no earlier export, unless train.overwrite)."""
         acc, cfg = self.accelerator, self.config
         if acc.is_main_process:
             self.checkpoints.clean_partial()
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            hub.write_json(cfg.to_dict(), self.output_dir / CONFIG_FILE)
         acc.wait_for_everyone()
         resume = self.checkpoints.resolve(cfg.checkpoint.resume)
         earlier = self.checkpoints.complete()
@@ -317,6 +361,16 @@ class Trainer:
                                   "with them", where=str(self.checkpoints.root),
                                   expected="checkpoint.resume: latest (to continue), or another train.output_dir",
                                   found=[p.name for p in earlier])
+        export = self.export_folder()
+        if resume is None and export.exists() and not cfg.train.overwrite:
+            raise CheckpointError("the output folder holds the exported model of an earlier run; a fresh run would "
+                                  "replace it", where=str(export),
+                                  expected="another train.output_dir, or --overwrite (train.overwrite: true) to "
+                                           "replace it", found="an existing export")
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            hub.write_json(cfg.to_dict(), self.output_dir / CONFIG_FILE)
+        acc.wait_for_everyone()
         if resume is not None:
             self.load_checkpoint(resume)
         self.log.truncate_after(self.step)
