@@ -84,7 +84,7 @@ class DiffusersConfigMap:
         try:
             return config_class.from_dict(fields, source=source)
         except ConfigError as e:
-            key = {field: k for k, field in self.renamed.items()}.get(e.where, e.where)
+            key = {field: k for k, field in self.renamed.items()}.get(e.where) or FILE_KEYS.get(e.where, e.where)
             raise ConfigError(f"config key {key!r}: {e.message}", where=source, expected=e.expected,
                               found=e.found) from None
 
@@ -98,6 +98,12 @@ class DiffusersConfigMap:
         if self.write is not None:
             out.update(self.write(config))
         return out
+
+
+# A config field the structural keys fill, as a config.json spells it (an error names the file's key)
+FILE_KEYS = {"channels": "block_out_channels", "layers_per_level": "layers_per_block",
+             "transformer_depth": "transformer_layers_per_block", "attention_heads": "attention_head_dim",
+             "attention_levels": "down_block_types"}
 
 
 def check_supported(data: Mapping[str, Any], supported: Mapping[str, Any], *, source: str | None) -> None:
