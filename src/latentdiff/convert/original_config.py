@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import limits
+from ..config import parse_yaml
 from ..errors import ConfigError
 from .infer import scheduler_config
 from .layout import FileLayout, _family, with_conventions
@@ -54,7 +55,7 @@ def load_original_config(config: str | os.PathLike | Mapping[str, Any]) -> dict[
 
     path = shipped_config_path(str(config)) if str(config) in SHIPPED_CONFIGS else Path(config)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text(), where=str(path))
     except FileNotFoundError:
         raise ConfigError("original config not found", where=str(path),
                           expected=f"a YAML file or one of {SHIPPED_CONFIGS}") from None

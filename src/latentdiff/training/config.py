@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypedDict, overload
 
-from ..config import ComponentConfig
+from ..config import ComponentConfig, parse_yaml
 from ..errors import ConfigError, describe
 
 if TYPE_CHECKING:
@@ -332,7 +332,7 @@ def load_train_config(path: str | Path, kind: Kind, *, overrides: Sequence[str] 
     yaml = _yaml()
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = parse_yaml(path.read_text(encoding="utf-8"), where=str(path))
     except FileNotFoundError:
         raise ConfigError("train config file not found", where=str(path)) from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
