@@ -30,11 +30,11 @@ from typing import Any, TypeAlias
 
 import torch
 
-from .. import hub
+from .. import hub, limits
 from ..errors import CheckpointError, InputError, describe
 from .infer import infer_layout
 from .keymap import apply_keymap, invert
-from .layout import SEPARATOR, FileLayout
+from .layout import SCHEDULE_BUFFERS, SEPARATOR, FileLayout
 from .original_config import layout_from_original_config
 from .unet_ldm import select_ema
 
@@ -153,6 +153,18 @@ def file_layout(state: Mapping[str, torch.Tensor], *, original_config: Any = Non
     return infer_layout(state, prediction_type=prediction_type, global_step=global_step, source=source)
 
 
+def check_schedule_buffers(state: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """The schedule buffers (`betas`, `alphas_cumprod` ...) hold one value per training step: checked by shape
+    before any is read (a 200 MB `betas` would cost 3.3 GB and half a minute in `tolist()`)."""
+    for name in SCHEDULE_BUFFERS:
+        value = state.get(name)
+        if isinstance(value, torch.Tensor) and (value.ndim != 1 or value.numel() > limits.MAX_TRAIN_TIMESTEPS):
+            raise CheckpointError(f"the schedule buffer {name!r} must hold one value per training timestep",
+                                  where=f"{name} in {source}",
+                                  expected=f"a 1-D tensor of at most {limits.MAX_TRAIN_TIMESTEPS} values "
+                                           "(limits.MAX_TRAIN_TIMESTEPS)", found=f"shape {tuple(value.shape)}")
+
+
 def split_single_file(state: Mapping[str, torch.Tensor], *, original_config: Any = None, use_ema: bool = True,
                       prediction_type: str | None = None, global_step: int | None = None,
                       configs: Mapping[str, dict] | None = None, family: str | None = None,
@@ -162,6 +174,7 @@ def split_single_file(state: Mapping[str, torch.Tensor], *, original_config: Any
     `use_ema`: when the file has LitEma weights (`model_ema.*`), the UNet gets them (default) or the live
     weights; the other copy is left out.
     """
+    check_schedule_buffers(state, source=source)
     state = select_ema(state, use_ema=use_ema, source=source)
     layout = file_layout(state, original_config=original_config, configs=configs, family=family,
                          prediction_type=prediction_type, global_step=global_step, source=source)

@@ -60,6 +60,12 @@ def estimate_autoencoder_parameters(channels: Sequence[int], layers: int) -> int
     return total + 4 * _resnet(channels[-1], channels[-1])
 
 
+def estimate_text_parameters(vocab: int, width: int, ffn: int, layers: int) -> int:
+    """A lower estimate of a transformer text encoder's parameters: the token table, and per layer attention
+    (4 width^2) and the MLP (2 width ffn)."""
+    return vocab * width + layers * (4 * width * width + 2 * width * ffn)
+
+
 def check_parameters(estimate: int, *, what: str, key: str) -> None:
     """Refuse a config whose parameter estimate passes MAX_PARAMETERS (a model no machine would hold)."""
     if estimate > limits.MAX_PARAMETERS:

@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypedDict, overload
 
+from .. import limits
 from ..config import ComponentConfig, parse_yaml
 from ..errors import ConfigError, describe
 
@@ -73,6 +74,7 @@ class DataConfig(ComponentConfig):
             raise ConfigError("data.path must name an image folder", where="path", expected="a folder", found="''")
         _positive(self, "resolution")
         _positive(self, "validation_split", "num_workers", allow_zero=True)
+        limits.check_count(self.resolution, key="resolution", at_least=1, at_most=limits.MAX_SIDE, where="resolution")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,6 +196,9 @@ class DiffusionModelSection(ComponentConfig):
                               expected="text_encoder_type: ldm_bert, tokenizer: FOLDER, no text_encoder",
                               found=f"type {self.text_encoder_type}, tokenizer {self.tokenizer}")
         _positive(self, "num_classes")
+        if self.num_classes is not None:
+            limits.check_count(self.num_classes, key="num_classes", at_least=1, at_most=limits.MAX_VOCAB,
+                               where="num_classes")
 
 
 @dataclasses.dataclass(frozen=True)
