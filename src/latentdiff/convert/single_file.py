@@ -31,6 +31,7 @@ from typing import Any, TypeAlias
 import torch
 
 from .. import hub, limits
+from ..diffusion.scheduler_io import read_scheduler_config
 from ..errors import CheckpointError, InputError, describe
 from .infer import infer_layout
 from .keymap import apply_keymap, invert
@@ -189,6 +190,8 @@ def split_single_file(state: Mapping[str, torch.Tensor], *, original_config: Any
     saved = {p: c for p, c in (configs or {}).items() if not (p == "scheduler" and prediction_type is not None)}
     for part, config in layout.configs(saved=saved).items():
         if part == "scheduler":
+            # checked now (num_train_timesteps bounded ...), not when a pipeline is finally built from it
+            read_scheduler_config(config, source=f"{source}: scheduler", warn=False)
             parts[part] = (config, {})
         elif part in by_part:  # a part the config names but the file lacks (e.g. a UNet-only file) is omitted
             parts[part] = (config, by_part[part])
