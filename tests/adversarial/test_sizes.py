@@ -76,6 +76,7 @@ MODEL_CASES = {  # name: (error, what the message must name: key, bound, value)
 def model_cases(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sizes-model")
     unet = "from latentdiff.models.unet import UNet2DConditional as M; M.from_pretrained(r'{}')"
+    vae = "from latentdiff.models.autoencoder_kl import AutoencoderKL as M; M.from_pretrained(r'{}')"
     folders = {}
     for name, config in (("deep_unet", {"_class_name": "UNet2DConditionModel", "layers_per_block": BIG_LAYERS}),
                          ("wide_unet", {"_class_name": "UNet2DConditionModel", "block_out_channels": [BIG_WIDTH] * 4}),
@@ -85,7 +86,8 @@ def model_cases(tmp_path_factory):
     write(tmp / "nested" / "config.json", nested_json(100_000))
     for name, config in (("t_big", {"num_train_timesteps": BIG_T}),
                          ("t_cos", {"num_train_timesteps": 10**9, "beta_schedule": "squaredcos_cap_v2"})):
-        write(tmp / name / "scheduler" / "scheduler_config.json", json.dumps({"_class_name": "DDIMScheduler", **config}))
+        config = {"_class_name": "DDIMScheduler", **config}
+        write(tmp / name / "scheduler" / "scheduler_config.json", json.dumps(config))
     unet_yaml = lambda **kw: lambda p: p["unet_config"]["params"].update(kw)  # noqa: E731
     yamls = {
         "res_blocks": _yaml_with(tmp, "res_blocks", unet_yaml(num_res_blocks=10**8)),
@@ -106,8 +108,7 @@ def model_cases(tmp_path_factory):
         "unet_config_layers_per_block_1e9": unet.format(folders["deep_unet"]),
         "unet_config_block_out_channels_2e30": unet.format(folders["wide_unet"]),
         "unet_config_parameter_estimate": unet.format(folders["huge_unet"]),
-        "vae_config_layers_per_block_1e8":
-            f"from latentdiff.models.autoencoder_kl import AutoencoderKL as M; M.from_pretrained(r'{folders['deep_vae']}')",
+        "vae_config_layers_per_block_1e8": vae.format(folders["deep_vae"]),
         "text_config_num_hidden_layers_1e9":
             f"from latentdiff.models.clip_text import CLIPTextConfig as C; C(num_hidden_layers={BIG_LAYERS})",
         "yaml_num_res_blocks_1e8": convert.format(yamls["res_blocks"]),
@@ -151,7 +152,7 @@ def single_file_cases(tmp_path_factory):
     good = LatentDiffusionPipeline.from_pretrained("latentdiff/shapes-64").save_single_file(tmp / "good.safetensors")
     with safe_open(str(good), "pt") as f:
         metadata = f.metadata()
-        state = {k: f.get_tensor(k) for k in f.keys()}
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open, no __iter__)
     saved = json.loads(metadata["latentdiff"])
     saved["configs"]["scheduler"]["num_train_timesteps"] = BIG_T
     save_file(state, str(tmp / "big_t.safetensors"), metadata={**metadata, "latentdiff": json.dumps(saved)})
@@ -180,12 +181,13 @@ GENERATE_CASES = {
     "api_num_images_per_prompt_1e6": ("InputError", ("num_images_per_prompt", "1024", "1000000")),
     "api_pixels_over_default_limit": ("InputError", ("max_pixels", str(64 * 1024 * 1024), "8192 x 8192 x 2")),
     "api_max_pixels_lowered": ("InputError", ("max_pixels", "4096", "64 x 64 x 2")),
-    "api_unconditional_batch_size": ("InputError", ("batch_size", "100000 x 100000")),
+    "api_unconditional_height_100000": ("InputError", ("height", "16384", "100000")),
+    "api_unconditional_batch_size_1e6": ("InputError", ("batch_size=1000000", "65536")),
     "cli_n_1e6": ("UsageError", ("-n", "1024", "1000000")),
     "cli_height_100000": ("UsageError", ("--height", "16384", "100000")),
     "cli_pixels_over_default_limit": ("UsageError", ("--height", str(64 * 1024 * 1024), "16384 x 16384 x 1")),
     "from_png_height_1e30": ("UsageError", ("from.png: height", "16384", str(10**30))),
-    "from_png_n_1e6": ("UsageError", ("from.png: n", "1024", "1000000")),
+    "from_png_n_1e6": ("UsageError", ("from_n.png: n", "1024", "1000000")),
     "from_png_params_nested_100000_deep": ("UsageError", ("deep.png", "ConfigError")),
     "generate_json_height_100000": ("UsageError", ("latentdiff_generate.json: height", "16384", "100000")),
     "generate_json_steps_1e9": ("UsageError", ("latentdiff_generate.json: steps", "10000", "1000000000")),
@@ -214,16 +216,20 @@ def generate_cases(tmp_path_factory):
     cli = "from latentdiff.cli.main import main; main(['--debug', 'generate', {}])"
     return run_cases(setup="""
         from latentdiff.pipelines.latent_diffusion import LatentDiffusionPipeline
-        from latentdiff.pipelines.unconditional import LDMPipeline
+        from latentdiff.pipelines.unconditional import UnconditionalPipeline
+        from latentdiff.models.unet2d import UNet2D, UNet2DConfig
         pipe = LatentDiffusionPipeline.from_pretrained("latentdiff/shapes-64")
+        unet = UNet2D(UNet2DConfig(in_channels=pipe.vae.latent_channels, out_channels=pipe.vae.latent_channels,
+                                   channels=(32,), attention_levels=(False,), sample_size=8))
+        uncond = UnconditionalPipeline(vae=pipe.vae, unet=unet, noise_scheduler=pipe.noise_scheduler,
+                                       sampler=pipe.sampler)
         """, cases={
         "api_height_width_100000": "pipe('x', height=100_000, width=100_000, num_inference_steps=1)",
         "api_num_images_per_prompt_1e6": "pipe('x', num_images_per_prompt=10**6, num_inference_steps=1)",
         "api_pixels_over_default_limit": "pipe('x', height=8192, width=8192, num_images_per_prompt=2)",
         "api_max_pixels_lowered": "pipe('x', num_images_per_prompt=2, max_pixels=4096, num_inference_steps=1)",
-        "api_unconditional_batch_size":
-            "LDMPipeline(vae=pipe.vae, unet=pipe.unet, noise_scheduler=pipe.noise_scheduler, sampler=pipe.sampler)"
-            "(batch_size=2, height=100_000, width=100_000, max_pixels=2**62)",
+        "api_unconditional_height_100000": "uncond(batch_size=2, height=100_000, width=100_000, max_pixels=2**62)",
+        "api_unconditional_batch_size_1e6": "uncond(batch_size=10**6, num_inference_steps=1)",
         "cli_n_1e6": cli.format(f"'x', '-n', '1000000', '-o', r'{out}'"),
         "cli_height_100000": cli.format(f"'x', '--height', '100000', '-o', r'{out}'"),
         "cli_pixels_over_default_limit": cli.format(f"'x', '--height', '16384', '--width', '16384', '-o', r'{out}'"),
