@@ -134,14 +134,14 @@ def check_values(values: dict[str, Any], origin: dict[str, str]) -> None:
     need(values["negative"] is None or isinstance(values["negative"], str), "negative", "a string")
     # sizes within latentdiff.limits before anything is allocated (-n 10^6 or a PNG's height 10**30)
     need(is_int(values["n"]) and 1 <= values["n"] <= limits.MAX_IMAGES_PER_PROMPT, "n",
-         f"an integer in [1, {limits.MAX_IMAGES_PER_PROMPT}] (limits.MAX_IMAGES_PER_PROMPT)")
+         f"an integer >= 1, at most {limits.MAX_IMAGES_PER_PROMPT} (limits.MAX_IMAGES_PER_PROMPT)")
     need(is_int(values["seed"]) and 0 <= values["seed"] <= MAX_SEED - values["n"] + 1, "seed",
          f"an integer in [0, {MAX_SEED} - n + 1]")
     need(values["steps"] is None or is_int(values["steps"]) and 1 <= values["steps"] <= limits.MAX_STEPS, "steps",
-         f"an integer in [1, {limits.MAX_STEPS}] (limits.MAX_STEPS)")
+         f"an integer >= 1, at most {limits.MAX_STEPS} (limits.MAX_STEPS)")
     for key in ("height", "width"):
         need(values[key] is None or is_int(values[key]) and 0 < values[key] <= limits.MAX_SIDE, key,
-             f"an integer in [1, {limits.MAX_SIDE}] (limits.MAX_SIDE)")
+             f"a positive integer, at most {limits.MAX_SIDE} (limits.MAX_SIDE)")
     if values["height"] is not None and values["width"] is not None:
         pixels = values["height"] * values["width"] * values["n"]
         if pixels > limits.DEFAULT_MAX_PIXELS:

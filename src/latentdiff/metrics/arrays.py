@@ -34,7 +34,7 @@ def read_header(f: IO[bytes], *, where: str) -> tuple[tuple[int, ...], np.dtype]
     except (ValueError, EOFError, SyntaxError, TypeError) as e:
         raise InputError(f"not a readable .npy array ({e})", where=where, expected="an .npy array header") from None
     if dtype.hasobject:
-        raise InputError("the array holds Python objects (pickles), which are never loaded", where=where,
+        raise InputError("not a readable array: it holds Python objects (pickles), which are never loaded", where=where,
                          expected="a numeric array", found=str(dtype))
     return tuple(shape), dtype
 

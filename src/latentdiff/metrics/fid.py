@@ -110,8 +110,8 @@ def _check_stats_headers(headers: Headers, *, where: str) -> None:
         raise InputError("statistics file lacks mu or sigma", where=where, expected="arrays mu, sigma",
                          found=sorted(headers))
     (mu, _), (sigma, _) = headers["mu"], headers["sigma"]
-    if len(mu) != 1 or sigma != (mu[0], mu[0]) or not 1 <= mu[0] <= limits.MAX_FEATURE_DIM:
-        raise InputError("statistics must be mu (D,) and sigma (D, D)", where=where,
+    if len(mu) != 1 or len(sigma) != 2 or max(*mu, *sigma) > limits.MAX_FEATURE_DIM:
+        raise InputError("statistics must be mu (D,) and sigma (D, D) of a bounded width D", where=where,
                          expected=f"D <= {limits.MAX_FEATURE_DIM} (limits.MAX_FEATURE_DIM)",
                          found=f"mu {mu}, sigma {sigma}")
     if "num_samples" in headers and headers["num_samples"][0] != ():

@@ -84,8 +84,11 @@ class DiffusersConfigMap:
         try:
             return config_class.from_dict(fields, source=source)
         except ConfigError as e:
-            key = {field: k for k, field in self.renamed.items()}.get(e.where) or FILE_KEYS.get(e.where, e.where)
-            raise ConfigError(f"config key {key!r}: {e.message}", where=source, expected=e.expected,
+            key = {field: k for k, field in self.renamed.items()}.get(e.where, e.where)
+            label = repr(key)
+            if key in FILE_KEYS and key not in self.same:   # a structural key's field: name both
+                label = f"{FILE_KEYS[key]!r} (field {key!r})"
+            raise ConfigError(f"config key {label}: {e.message}", where=source, expected=e.expected,
                               found=e.found) from None
 
     # ---- config -> file ---------------------------------------------------------------------------------
