@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from . import limits
 from .errors import ConfigError, describe
 
 C = TypeVar("C", bound="ComponentConfig")
@@ -79,7 +80,7 @@ def is_real(value: Any) -> bool:
 def read_json(path: str | Path) -> dict[str, Any]:
     """Read a JSON object, with an error naming the file when it is not one."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = parse_json(Path(path).read_text(), where=str(path))
     except FileNotFoundError:
         raise ConfigError("config file not found", where=str(path)) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -88,6 +89,47 @@ def read_json(path: str | Path) -> dict[str, Any]:
         raise ConfigError("config file does not hold a JSON object", where=str(path),
                           expected="object", found=describe(data))
     return data
+
+
+def parse_json(text: str | bytes, *, where: str) -> Any:
+    """json.loads, with nesting bounded by limits.MAX_CONFIG_DEPTH: a config nested 100,000 deep is a ConfigError
+    naming the file, never a RecursionError. (json.JSONDecodeError passes through for the caller to word.)"""
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise _too_deep(where, "more than the parser's recursion limit") from None
+    check_depth(data, where=where)
+    return data
+
+
+def parse_yaml(text: str, *, where: str) -> Any:
+    """yaml.safe_load with the same bound on nesting as `parse_json` (yaml.YAMLError passes through)."""
+    import yaml  # pyyaml
+
+    try:
+        data = yaml.safe_load(text)
+    except RecursionError:
+        raise _too_deep(where, "more than the parser's recursion limit") from None
+    check_depth(data, where=where)
+    return data
+
+
+def check_depth(data: Any, *, where: str) -> None:
+    """Refuse lists / dicts nested deeper than limits.MAX_CONFIG_DEPTH (walked without recursion)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > limits.MAX_CONFIG_DEPTH:
+                raise _too_deep(where, f"more than {limits.MAX_CONFIG_DEPTH} levels")
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+
+
+def _too_deep(where: str, found: str) -> ConfigError:
+    return ConfigError("the config is nested too deeply", where=where,
+                       expected=f"at most {limits.MAX_CONFIG_DEPTH} levels of lists / objects "
+                                "(limits.MAX_CONFIG_DEPTH)",
+                       found=found)
 
 
 def _plain(value: Any) -> Any:

@@ -244,7 +244,7 @@ def load_torch_pickle(path: str | os.PathLike) -> Any:
     _note_mapped(Path(path))
     try:
         # mmap (no copy of the whole file into memory) works for the zip format torch.save writes since 1.6.
-        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         import re
 
@@ -256,6 +256,30 @@ def load_torch_pickle(path: str | os.PathLike) -> Any:
             found=wanted.group(1) if wanted else str(e).split("\n")[0]) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"corrupt or truncated checkpoint ({e})", where=str(path)) from None
+    check_tensor_extents(obj, where=str(path))
+    return obj
+
+
+def check_tensor_extents(obj: Any, *, where: str, _key: str = "", _depth: int = 0) -> None:
+    """Refuse a tensor that claims more elements than its storage holds: a pickle can store a stride-0 view of
+    10^10 elements in 4 bytes, which `.double()`, `.tolist()` or a copy would then materialise (80 GB)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type == "meta" or obj.numel() == 0:
+            return
+        held = obj.untyped_storage().nbytes() // max(obj.element_size(), 1)
+        if obj.numel() > held:
+            raise CheckpointError("a tensor claims more elements than its storage holds (an overlapping, e.g. "
+                                  "stride-0, view): refused before it is materialised", where=f"{_key} in {where}",
+                                  expected=f"at most {held} elements (its storage)",
+                                  found=f"shape {tuple(obj.shape)}, stride {obj.stride()}, {obj.numel()} elements")
+    elif _depth < 8 and isinstance(obj, dict):
+        for k, v in obj.items():
+            check_tensor_extents(v, where=where, _key=f"{_key}.{k}" if _key else str(k), _depth=_depth + 1)
+    elif _depth < 8 and isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            check_tensor_extents(v, where=where, _key=f"{_key}[{i}]", _depth=_depth + 1)
 
 
 def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:

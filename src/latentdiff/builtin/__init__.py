@@ -9,9 +9,10 @@ How shapes-64 was trained, and how well it does: docs/builtin.md.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from ..config import parse_json
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = "latentdiff/shapes-64"
@@ -39,4 +40,4 @@ def generate_settings(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / GENERATE_SETTINGS
     if not path.is_file():
         return {}
-    return json.loads(path.read_text(encoding="utf-8"))
+    return parse_json(path.read_text(encoding="utf-8"), where=str(path))

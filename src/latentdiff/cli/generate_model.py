@@ -85,8 +85,13 @@ def read_settings(folder: Path) -> dict[str, Any]:
     where = str(folder / GENERATE_SETTINGS)
     try:
         data = builtin.generate_settings(folder)
+    except ConfigError:
+        raise
     except (ValueError, OSError) as e:
         raise ConfigError(f"cannot read the model's generate settings ({e})", where=where) from None
+    if not isinstance(data, dict):
+        raise ConfigError("the model's generate settings are not a JSON object", where=where,
+                          expected="an object of settings", found=type(data).__name__)
     unknown = sorted(k for k in data if k not in SETTINGS_KEYS and not k.startswith("_"))
     if unknown:
         raise ConfigError("unknown key(s) in the generate settings", where=where, expected=sorted(SETTINGS_KEYS),

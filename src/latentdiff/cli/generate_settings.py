@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .. import limits
 from ..builtin import GENERATE_SETTINGS
 from ..config import is_int, is_real
 from ..errors import UsageError
@@ -72,12 +73,15 @@ def read_from_png(path: str) -> dict[str, Any]:
 
     if not Path(path).is_file():
         raise UsageError("no such file", where="--from", expected="a PNG written by latentdiff generate", found=path)
+    from PIL import Image
+
     try:
         params = read_png_params(path)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, Image.DecompressionBombError) as e:   # a ConfigError (nested too deep) is one
         raise UsageError(f"cannot read the latentdiff parameters of this file ({type(e).__name__})", where=path,
                          expected="a PNG written by latentdiff generate") from None
-    missing = [key for key in ("prompt", "seed", "n", "model") if key not in (params or {})]
+    missing = [key for key in ("prompt", "seed", "n", "model") if key not in params] if isinstance(params, dict) \
+        else ["prompt", "seed", "n", "model"]
     if not isinstance(params, dict) or missing:
         raise UsageError("this PNG holds no latentdiff generation parameters", where=path,
                          expected="a PNG written by latentdiff generate", found=f"missing {missing}",
@@ -125,7 +129,9 @@ def settle(args: argparse.Namespace, stored: dict[str, Any], source: ModelSource
             values[key], origin[key] = found
     defaults = {"seed": 0, "n": 1, "dtype": "float32"}
     values |= {key: default for key, default in defaults.items() if values[key] is None}
-    values.update(model=source.name, dtype=DTYPES.get(values["dtype"], values["dtype"]))
+    if isinstance(values["dtype"], str):
+        values["dtype"] = DTYPES.get(values["dtype"], values["dtype"])
+    values.update(model=source.name)
     if isinstance(values["tokenizer"], str) and Path(values["tokenizer"]).expanduser().is_dir():
         values["tokenizer"] = str(Path(values["tokenizer"]).expanduser().resolve())   # --from works from anywhere
     check_values(values, origin)
@@ -141,11 +147,24 @@ def check_values(values: dict[str, Any], origin: dict[str, str]) -> None:
 
     need(values["prompt"] is None or isinstance(values["prompt"], str), "prompt", "a string")
     need(values["negative"] is None or isinstance(values["negative"], str), "negative", "a string")
-    need(is_int(values["n"]) and values["n"] >= 1, "n", "an integer >= 1")
-    need(is_int(values["seed"]) and 0 <= values["seed"] <= MAX_SEED, "seed", f"an integer in [0, {MAX_SEED}]")
-    need(values["steps"] is None or is_int(values["steps"]) and values["steps"] >= 1, "steps", "an integer >= 1")
+    # sizes within latentdiff.limits before anything is allocated (-n 10^6 or a PNG's height 10**30)
+    need(is_int(values["n"]) and 1 <= values["n"] <= limits.MAX_IMAGES_PER_PROMPT, "n",
+         f"an integer >= 1, at most {limits.MAX_IMAGES_PER_PROMPT} (limits.MAX_IMAGES_PER_PROMPT)")
+    need(is_int(values["seed"]) and 0 <= values["seed"] <= MAX_SEED - values["n"] + 1, "seed",
+         f"an integer in [0, {MAX_SEED} - n + 1]")
+    need(values["steps"] is None or is_int(values["steps"]) and 1 <= values["steps"] <= limits.MAX_STEPS, "steps",
+         f"an integer >= 1, at most {limits.MAX_STEPS} (limits.MAX_STEPS)")
     for key in ("height", "width"):
-        need(values[key] is None or is_int(values[key]) and values[key] > 0, key, "a positive integer")
+        need(values[key] is None or is_int(values[key]) and 0 < values[key] <= limits.MAX_SIDE, key,
+             f"a positive integer, at most {limits.MAX_SIDE} (limits.MAX_SIDE)")
+    if values["height"] is not None and values["width"] is not None:
+        pixels = values["height"] * values["width"] * values["n"]
+        if pixels > limits.DEFAULT_MAX_PIXELS:
+            raise UsageError("height x width x n is more pixels than one call may generate",
+                             where=f"{origin['height']}, {origin['width']}, {origin['n']}",
+                             expected=f"at most {limits.DEFAULT_MAX_PIXELS} (limits.DEFAULT_MAX_PIXELS)",
+                             found=f"{values['height']} x {values['width']} x {values['n']} = {pixels}",
+                             hint="lower -n or the size (the Python API takes max_pixels= to raise the limit)")
     for key in ("guidance", "eta"):
         need(values[key] is None or is_real(values[key]) and math.isfinite(values[key]) and values[key] >= 0, key,
              "a number >= 0")

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from .. import limits
 from ..errors import CheckpointError
 from .keymap import prefixed
 from .layout import COND_STAGE_PREFIX, FIRST_STAGE_PREFIX, FileLayout, _family, with_conventions
@@ -265,7 +266,12 @@ def ldm_betas(beta_start: float, beta_end: float, steps: int) -> torch.Tensor:
 
 
 def schedule_from_betas(betas: torch.Tensor) -> dict[str, Any]:
-    """diffusers schedule keys reproducing a stored `betas` buffer (float32 in LDM files)."""
+    """diffusers schedule keys reproducing a stored `betas` buffer (float32 in LDM files). Its shape is checked
+    before any value is read: one beta per training step, at most limits.MAX_TRAIN_TIMESTEPS of them."""
+    if betas.ndim != 1 or not 2 <= betas.numel() <= limits.MAX_TRAIN_TIMESTEPS:
+        raise CheckpointError("the betas buffer must hold one beta per training timestep", where="betas",
+                              expected=f"a 1-D tensor of 2 to {limits.MAX_TRAIN_TIMESTEPS} values "
+                                       "(limits.MAX_TRAIN_TIMESTEPS)", found=f"shape {tuple(betas.shape)}")
     b = betas.double()
     steps = int(b.numel())
     for start, end in ((float(f"{float(b[0]):.6g}"), float(f"{float(b[-1]):.6g}")), (float(b[0]), float(b[-1]))):

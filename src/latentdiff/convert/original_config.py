@@ -19,6 +19,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .. import limits
+from ..config import parse_yaml
 from ..errors import ConfigError
 from .infer import scheduler_config
 from .layout import FileLayout, _family, with_conventions
@@ -53,7 +55,7 @@ def load_original_config(config: str | os.PathLike | Mapping[str, Any]) -> dict[
 
     path = shipped_config_path(str(config)) if str(config) in SHIPPED_CONFIGS else Path(config)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text(), where=str(path))
     except FileNotFoundError:
         raise ConfigError("original config not found", where=str(path),
                           expected=f"a YAML file or one of {SHIPPED_CONFIGS}") from None
@@ -76,6 +78,9 @@ def unet_from_original(p: Mapping[str, Any], *, image_size: int | None = None) -
     if p.get("dims", 2) != 2 or not p.get("conv_resample", True) or p.get("disable_self_attentions"):
         raise ConfigError("unsupported UNet options", where=where,
                           found={k: p.get(k) for k in ("dims", "conv_resample", "disable_self_attentions")})
+    _check_sizes(p, where, widths=("model_channels", "context_dim", "in_channels", "out_channels"),
+                 counts={"num_res_blocks": limits.MAX_LAYERS_PER_LEVEL, "channel_mult": limits.MAX_CHANNELS,
+                         "transformer_depth": limits.MAX_TRANSFORMER_DEPTH, "num_heads": limits.MAX_HEADS})
     channels = tuple(p["model_channels"] * m for m in p["channel_mult"])
     levels = len(channels)
     res_blocks = p["num_res_blocks"]
@@ -106,6 +111,22 @@ def unet_from_original(p: Mapping[str, Any], *, image_size: int | None = None) -
         legacy_qkv_order=not p.get("use_new_attention_order", False), sample_size=image_size)
 
 
+def _check_sizes(p: Mapping[str, Any], where: str, *, widths: tuple[str, ...], counts: Mapping[str, int]) -> None:
+    """The YAML's sizes within latentdiff.limits before anything loops over them (`num_res_blocks: 1e8` must not
+    build a 10^8-entry key table): widths and per-level counts (an int or a list of them), and the level count."""
+    for key in widths:
+        if p.get(key) is not None and not isinstance(p.get(key), (list, tuple)):
+            limits.check_count(p[key], key=key, at_least=1, at_most=limits.MAX_CHANNELS, where=f"{where}.{key}")
+    for key, bound in counts.items():
+        value = p.get(key)
+        values = value if isinstance(value, (list, tuple)) else () if value is None or value == -1 else (value,)
+        if len(values) > limits.MAX_LEVELS:
+            raise ConfigError(f"{key} lists too many levels", where=f"{where}.{key}",
+                              expected=f"at most {limits.MAX_LEVELS} entries", found=f"{len(values)} entries")
+        for v in values:
+            limits.check_count(v, key=key, at_least=1, at_most=bound, where=f"{where}.{key}")
+
+
 def vae_from_original(section: Mapping[str, Any], *, scaling_factor: float, where: str) -> VAEArch:
     """VAEArch from a first-stage section (`target` AutoencoderKL / VQModel[Interface], `params.ddconfig`)."""
     target = str(section.get("target", ""))
@@ -118,6 +139,8 @@ def vae_from_original(section: Mapping[str, Any], *, scaling_factor: float, wher
     if not vq and p.get("embed_dim", dd["z_channels"]) != dd["z_channels"]:
         raise ConfigError("KL autoencoder with embed_dim != z_channels is not supported", where=where,
                           found=(p.get("embed_dim"), dd["z_channels"]))
+    _check_sizes(dd, f"{where}.params.ddconfig", widths=("ch", "z_channels", "in_channels", "out_ch"),
+                 counts={"num_res_blocks": limits.MAX_LAYERS_PER_LEVEL, "ch_mult": limits.MAX_CHANNELS})
     levels = len(dd["ch_mult"])
     resolution = dd.get("resolution", 256)
     return VAEArch(
@@ -195,9 +218,11 @@ def layout_from_original_config(config: str | os.PathLike | Mapping[str, Any], *
     if params.get("beta_schedule", "linear") != "linear":
         raise ConfigError("unsupported beta_schedule", where="model.params.beta_schedule", expected="linear",
                           found=params.get("beta_schedule"))
+    timesteps = limits.check_count(params.get("timesteps", 1000), key="timesteps", at_least=1,
+                                   at_most=limits.MAX_TRAIN_TIMESTEPS, where="model.params.timesteps")
     schedule = {"beta_start": float(params.get("linear_start", 1e-4)),
                 "beta_end": float(params.get("linear_end", 2e-2)),
-                "num_train_timesteps": int(params.get("timesteps", 1000)), "beta_schedule": "scaled_linear"}
+                "num_train_timesteps": timesteps, "beta_schedule": "scaled_linear"}
     scheduler = scheduler_config(prediction_type=prediction_type or PARAMETERIZATION[parameterization],
                                  schedule=schedule)
     return FileLayout(family=_family(unet, first, text), unet=unet, first_stage=first, cond_stage=text,

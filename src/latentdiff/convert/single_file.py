@@ -30,11 +30,12 @@ from typing import Any, TypeAlias
 
 import torch
 
-from .. import hub
+from .. import hub, limits
+from ..diffusion.scheduler_io import read_scheduler_config
 from ..errors import CheckpointError, InputError, describe
 from .infer import cond_kind, infer_layout
 from .keymap import apply_keymap, invert, prefixed
-from .layout import COND_STAGE_PREFIX, FIRST_STAGE_PREFIX, SEPARATOR, FileLayout
+from .layout import COND_STAGE_PREFIX, FIRST_STAGE_PREFIX, SCHEDULE_BUFFERS, SEPARATOR, FileLayout
 from .original_config import layout_from_original_config
 from .unet_ldm import UNET_PREFIX, select_ema
 
@@ -171,6 +172,18 @@ def file_layout(state: Mapping[str, torch.Tensor], *, original_config: Any = Non
                         conditioning=conditioning)
 
 
+def check_schedule_buffers(state: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """The schedule buffers (`betas`, `alphas_cumprod` ...) hold one value per training step: checked by shape
+    before any is read (a 200 MB `betas` would cost 3.3 GB and half a minute in `tolist()`)."""
+    for name in SCHEDULE_BUFFERS:
+        value = state.get(name)
+        if isinstance(value, torch.Tensor) and (value.ndim != 1 or value.numel() > limits.MAX_TRAIN_TIMESTEPS):
+            raise CheckpointError(f"the schedule buffer {name!r} must hold one value per training timestep",
+                                  where=f"{name} in {source}",
+                                  expected=f"a 1-D tensor of at most {limits.MAX_TRAIN_TIMESTEPS} values "
+                                           "(limits.MAX_TRAIN_TIMESTEPS)", found=f"shape {tuple(value.shape)}")
+
+
 def split_single_file(state: Mapping[str, torch.Tensor], *, original_config: Any = None, use_ema: bool = True,
                       prediction_type: str | None = None, global_step: int | None = None,
                       configs: Mapping[str, dict] | None = None, family: str | None = None,
@@ -182,6 +195,7 @@ def split_single_file(state: Mapping[str, torch.Tensor], *, original_config: Any
     others are left out before anything is inferred or converted (a UNet loads from a file whose text encoder
     latentdiff cannot read), only the kind of conditioning is kept (it sets UNet conventions and the task).
     """
+    check_schedule_buffers(state, source=source)
     state = select_ema(state, use_ema=use_ema, source=source)
     conditioning = None
     if parts is not None:
@@ -202,6 +216,8 @@ def split_single_file(state: Mapping[str, torch.Tensor], *, original_config: Any
     saved = {p: c for p, c in (configs or {}).items() if not (p == "scheduler" and prediction_type is not None)}
     for part, config in layout.configs(saved=saved).items():
         if part == "scheduler":
+            # checked now (num_train_timesteps bounded ...), not when a pipeline is finally built from it
+            read_scheduler_config(config, source=f"{source}: scheduler", warn=False)
             parts[part] = (config, {})
         elif part in by_part:  # a part the config names but the file lacks (e.g. a UNet-only file) is omitted
             parts[part] = (config, by_part[part])

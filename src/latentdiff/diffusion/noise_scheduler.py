@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import torch
 
+from .. import limits
 from ..config import ComponentConfig, is_int
 from ..errors import ConfigError, InputError, describe
 from ..registry import COMPONENTS
@@ -70,6 +71,9 @@ class NoiseSchedulerConfig(ComponentConfig):
         if self.num_train_timesteps < 2:
             raise ConfigError("a diffusion process needs at least 2 timesteps", where="num_train_timesteps",
                               expected=">= 2", found=self.num_train_timesteps)
+        # bounded before any table is built (10^11 steps: a 400 GB linspace; 10^9 cosine steps: a Python loop)
+        limits.check_count(self.num_train_timesteps, key="num_train_timesteps", at_least=2,
+                           at_most=limits.MAX_TRAIN_TIMESTEPS, where="num_train_timesteps")
         if self.trained_betas is not None:
             if len(self.trained_betas) != self.num_train_timesteps:
                 raise ConfigError("trained_betas must have one beta per training timestep", where="trained_betas",

@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 
+from .. import limits
 from ..errors import ConfigError, InputError
 
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
@@ -52,6 +53,8 @@ def squaredcos_cap_v2_betas(num_train_timesteps: int, max_beta: float = 0.999) -
 def make_betas(beta_schedule: str, num_train_timesteps: int, *, beta_start: float, beta_end: float,
                trained_betas: Sequence[float] | None = None) -> torch.Tensor:
     """The (T,) float32 betas of a named schedule; `trained_betas`, when given, are used as they are."""
+    limits.check_count(num_train_timesteps, key="num_train_timesteps", at_least=1,
+                       at_most=limits.MAX_TRAIN_TIMESTEPS, where="num_train_timesteps")
     if trained_betas is not None:
         return torch.tensor(list(trained_betas), dtype=torch.float32)
     if beta_schedule == "linear":

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ..config import is_int
 from ..errors import InputError
+from ..utils.images import check_image_pixels
 from .fid import FeatureStats, fid_from_features, frechet_distance, kernel_inception_distance
 from .image import psnr, ssim
 from .inception import InceptionV3
@@ -89,10 +90,11 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as image:     # reads the header only: the size is checked before decoding
+            check_image_pixels(image.size, where=str(path))
             array = np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise InputError(f"cannot read the image ({e})", where=str(path)) from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise InputError(f"cannot read the image ({type(e).__name__}: {e})", where=str(path)) from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 

@@ -25,13 +25,16 @@ import io
 import os
 import uuid
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from .. import limits
 from ..errors import InputError
+from .arrays import Headers, load_arrays
 
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
@@ -84,12 +87,11 @@ class FeatureStats:
         """Read an .npz with arrays `mu` (D,) and `sigma` (D, D) (pytorch-fid's format); nothing is unpickled."""
         path = Path(path)
         try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
+            arrays = load_arrays(path, check=partial(_check_stats_headers, where=str(path)))
         except FileNotFoundError:
             raise InputError("statistics file not found", where=str(path),
                              expected="an .npz with mu and sigma") from None
-        except (OSError, ValueError) as e:
+        except OSError as e:
             raise InputError(f"not a readable .npz file ({e})", where=str(path),
                              expected="an .npz with arrays mu and sigma") from None
         if "mu" not in arrays or "sigma" not in arrays:
@@ -99,6 +101,22 @@ class FeatureStats:
         _check_stats(mu, sigma, where=str(path))
         n = int(arrays["num_samples"]) if "num_samples" in arrays else None
         return cls(mu, sigma, n)
+
+
+def _check_stats_headers(headers: Headers, *, where: str) -> None:
+    """Before any array is read: mu (D,) and sigma (D, D) with D <= limits.MAX_FEATURE_DIM (a forged sigma of
+    (17000, 17000) would inflate a 2 MB file to 2.3 GB)."""
+    if "mu" not in headers or "sigma" not in headers:
+        raise InputError("statistics file lacks mu or sigma", where=where, expected="arrays mu, sigma",
+                         found=sorted(headers))
+    (mu, _), (sigma, _) = headers["mu"], headers["sigma"]
+    if len(mu) != 1 or len(sigma) != 2 or max(*mu, *sigma) > limits.MAX_FEATURE_DIM:
+        raise InputError("statistics must be mu (D,) and sigma (D, D) of a bounded width D", where=where,
+                         expected=f"D <= {limits.MAX_FEATURE_DIM} (limits.MAX_FEATURE_DIM)",
+                         found=f"mu {mu}, sigma {sigma}")
+    if "num_samples" in headers and headers["num_samples"][0] != ():
+        raise InputError("num_samples must be a single number", where=where, expected="shape ()",
+                         found=headers["num_samples"][0])
 
 
 def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:

@@ -21,10 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import limits
 from ..config import ComponentConfig
 from ..errors import InputError
 from ..layers.attention import SpatialSelfAttention
 from ..layers.resnet import Downsample, ResnetBlock, Upsample
+from . import structure
 from .base import ModelMixin
 
 # What the first stages' encode_latents take: one generator for the batch, or one per sample.
@@ -269,6 +271,12 @@ def validate_first_stage(config: ComponentConfig, bad: Callable[[str, str, Any],
         bad("sample_size", "a positive integer or None", c.sample_size)
     if not c.channels or any(w < 1 for w in c.channels):
         bad("channels", "one positive width per level (at least one level)", c.channels)
+    structure.check_levels(c.channels)
+    structure.check_counts([("layers_per_level", c.layers_per_level, limits.MAX_LAYERS_PER_LEVEL),
+                            *((name, getattr(c, name), limits.MAX_CHANNELS)
+                              for name in ("in_channels", "out_channels", "latent_channels"))])
+    structure.check_parameters(structure.estimate_autoencoder_parameters(c.channels, c.layers_per_level),
+                               what=f"this {type(config).__name__}", key="channels")
     if any(w % c.norm_num_groups for w in c.channels):
         bad("channels", f"widths divisible by norm_num_groups={c.norm_num_groups}", c.channels)
     if c.attention_levels is not None:

@@ -23,8 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import limits
 from ..config import ComponentConfig
 from ..errors import ConfigError, InputError, describe
+from . import structure
 from .base import ModelMixin
 from .diffusers_config import check_supported
 
@@ -72,6 +74,15 @@ class CLIPTextConfig(ComponentConfig):
                      "max_position_embeddings"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive", where=name, expected=">= 1", found=getattr(self, name))
+        structure.check_counts([("vocab_size", self.vocab_size, limits.MAX_VOCAB),
+                                ("hidden_size", self.hidden_size, limits.MAX_CHANNELS),
+                                ("intermediate_size", self.intermediate_size, 4 * limits.MAX_CHANNELS),
+                                ("num_hidden_layers", self.num_hidden_layers, limits.MAX_TEXT_LAYERS),
+                                ("num_attention_heads", self.num_attention_heads, limits.MAX_HEADS),
+                                ("max_position_embeddings", self.max_position_embeddings, limits.MAX_TEXT_LENGTH)])
+        structure.check_parameters(structure.estimate_text_parameters(
+            self.vocab_size, self.hidden_size, self.intermediate_size, self.num_hidden_layers),
+            what="this text encoder", key="hidden_size")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError("hidden_size must split evenly into the attention heads", where="num_attention_heads",
                               expected=f"a divisor of hidden_size {self.hidden_size}", found=self.num_attention_heads)

@@ -85,7 +85,10 @@ class DiffusersConfigMap:
             return config_class.from_dict(fields, source=source)
         except ConfigError as e:
             key = {field: k for k, field in self.renamed.items()}.get(e.where, e.where)
-            raise ConfigError(f"config key {key!r}: {e.message}", where=source, expected=e.expected,
+            label = repr(key)
+            if key in FILE_KEYS and key not in self.same:   # a structural key's field: name both
+                label = f"{FILE_KEYS[key]!r} (field {key!r})"
+            raise ConfigError(f"config key {label}: {e.message}", where=source, expected=e.expected,
                               found=e.found) from None
 
     # ---- config -> file ---------------------------------------------------------------------------------
@@ -98,6 +101,12 @@ class DiffusersConfigMap:
         if self.write is not None:
             out.update(self.write(config))
         return out
+
+
+# A config field the structural keys fill, as a config.json spells it (an error names the file's key)
+FILE_KEYS = {"channels": "block_out_channels", "layers_per_level": "layers_per_block",
+             "transformer_depth": "transformer_layers_per_block", "attention_heads": "attention_head_dim",
+             "attention_levels": "down_block_types"}
 
 
 def check_supported(data: Mapping[str, Any], supported: Mapping[str, Any], *, source: str | None) -> None:

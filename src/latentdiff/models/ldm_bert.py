@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import hub
+from .. import hub, limits
 from ..config import ComponentConfig
 from ..errors import CheckpointError, ConfigError, InputError, describe
 from ..layers.attention import attention
 from ..registry import COMPONENTS
 from ..version import __version__
+from . import structure
 from .base import CONFIG_NAME, ModelMixin, load_weights, watch_mapped_files
 from .diffusers_config import check_supported
 from .text_encoder import (
@@ -87,6 +88,16 @@ class LDMBertConfig(ComponentConfig):
                      "encoder_attention_heads", "head_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive", where=name, expected=">= 1", found=getattr(self, name))
+        structure.check_counts([("vocab_size", self.vocab_size, limits.MAX_VOCAB),
+                                ("d_model", self.d_model, limits.MAX_CHANNELS),
+                                ("encoder_ffn_dim", self.encoder_ffn_dim, 4 * limits.MAX_CHANNELS),
+                                ("encoder_layers", self.encoder_layers, limits.MAX_TEXT_LAYERS),
+                                ("encoder_attention_heads", self.encoder_attention_heads, limits.MAX_HEADS),
+                                ("head_dim", self.head_dim, limits.MAX_CHANNELS),
+                                ("max_position_embeddings", self.max_position_embeddings, limits.MAX_TEXT_LENGTH)])
+        structure.check_parameters(structure.estimate_text_parameters(
+            self.vocab_size, self.d_model, self.encoder_ffn_dim, self.encoder_layers),
+            what="this text encoder", key="d_model")
         for name in ("dropout", "activation_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be a probability", where=name, expected="0 <= p < 1",

@@ -21,12 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import limits
 from ..config import ComponentConfig, is_real
 from ..errors import ConfigError, InputError, describe
 from ..layers.attention import SpatialTransformer
 from ..layers.embeddings import TimestepEmbedding, timestep_embedding, to_dtype
 from ..layers.resnet import Downsample, ResnetBlock, Upsample
 from ..registry import COMPONENTS
+from . import structure
 from .base import ModelMixin
 from .diffusers_tables import UNET_CONDITIONAL
 
@@ -69,6 +71,7 @@ class UNetConfig(ComponentConfig):
             if isinstance(value, tuple) and len(value) != n:
                 raise ConfigError(f"{name} needs one entry per level of channels", where=name,
                                   expected=f"{n} entries (len(channels))", found=value)
+        self._check_size()
         for name in ("layers_per_level", "attention_heads", "transformer_depth"):
             if any(v < 1 for v in self.per_level(getattr(self, name))):
                 raise ConfigError(f"{name} must be >= 1", where=name, expected=">= 1", found=getattr(self, name))
@@ -94,6 +97,24 @@ class UNetConfig(ComponentConfig):
             raise ConfigError("norm_eps and mid_block_scale_factor must be positive",
                               where="norm_eps/mid_block_scale_factor", expected="> 0",
                               found=(self.norm_eps, self.mid_block_scale_factor))
+
+    def _check_size(self) -> None:
+        """Counts and widths within latentdiff.limits, and a buildable parameter count (before any module)."""
+        structure.check_levels(self.channels)
+        structure.check_counts([
+            ("layers_per_level", self.layers_per_level, limits.MAX_LAYERS_PER_LEVEL),
+            ("transformer_depth", self.transformer_depth, limits.MAX_TRANSFORMER_DEPTH),
+            ("attention_heads", self.attention_heads, limits.MAX_HEADS),
+            ("cross_attention_dim", self.cross_attention_dim, limits.MAX_CHANNELS),
+            ("time_embedding_dim", self.time_embedding_dim, limits.MAX_CHANNELS),
+            ("in_channels", self.in_channels, limits.MAX_CHANNELS),
+            ("out_channels", self.out_channels, limits.MAX_CHANNELS),
+            ("num_class_embeds", self.num_class_embeds, limits.MAX_VOCAB)])
+        estimate = structure.estimate_unet_parameters(
+            self.channels, self.per_level(self.layers_per_level),
+            attention=[self.has_attention(i) for i in range(len(self.channels))],
+            transformer_depth=self.per_level(self.transformer_depth), context_dim=self.cross_attention_dim)
+        structure.check_parameters(estimate, what="this UNet", key="channels")
 
     def per_level(self, value: int | tuple[int, ...]) -> tuple[int, ...]:
         """A per-level setting as one value per level."""

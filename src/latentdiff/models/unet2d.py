@@ -23,12 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import limits
 from ..config import ComponentConfig
 from ..errors import ConfigError, InputError
 from ..layers.attention import SpatialSelfAttention, attention
 from ..layers.embeddings import TimestepEmbedding, timestep_embedding, to_dtype
 from ..layers.resnet import ResnetBlock
 from ..registry import COMPONENTS
+from . import structure
 from .base import DEPRECATED_ATTENTION_NAMES, ModelMixin, rename_deprecated_attention  # noqa: F401 (re-exported)
 from .diffusers_tables import UNET_2D
 from .unet import DownLevel, UpLevel, check_timestep, shape_of, timestep_batch, upsample_sizes
@@ -81,6 +83,15 @@ class UNet2DConfig(ComponentConfig):
         if len(self.attention_levels) != n:
             raise ConfigError("attention_levels needs one entry per level of channels", where="attention_levels",
                               expected=f"{n} entries (len(channels))", found=self.attention_levels)
+        structure.check_levels(self.channels)
+        structure.check_counts([("layers_per_level", self.layers_per_level, limits.MAX_LAYERS_PER_LEVEL),
+                                ("in_channels", self.in_channels, limits.MAX_CHANNELS),
+                                ("out_channels", self.out_channels, limits.MAX_CHANNELS),
+                                ("time_embedding_dim", self.time_embedding_dim, limits.MAX_CHANNELS),
+                                ("num_class_embeds", self.num_class_embeds, limits.MAX_VOCAB)])
+        structure.check_parameters(structure.estimate_unet_parameters(
+            self.channels, (self.layers_per_level,) * n, attention=self.attention_levels), what="this UNet",
+            key="channels")
         for name in ("in_channels", "out_channels", "layers_per_level", "norm_num_groups", "sample_size",
                      "attn_norm_num_groups", "time_embedding_dim", "num_class_embeds"):
             value = getattr(self, name)

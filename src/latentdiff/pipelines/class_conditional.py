@@ -127,12 +127,15 @@ class ClassConditionalPipeline(DenoisingPipeline):
     def __call__(self, class_labels: ClassLabels, *, guidance_scale: float = 1.0, height: int | None = None,
                  width: int | None = None, num_inference_steps: int = 50, eta: float | None = None,
                  generator: Generator = None, latents: torch.Tensor | None = None, output_type: str = "pil",
-                 callback: StepCallback | None = None, progress: bool = True) -> PipelineOutput:
+                 callback: StepCallback | None = None, progress: bool = True,
+                 max_pixels: int | None = None) -> PipelineOutput:
         """One image per label of `class_labels` (an int, a name, a list of them, or a (B,) integer tensor).
         guidance_scale > 1 guides against the null class. latents: x_T (B, C, height/f, width/f), drawn from
-        `generator` when None. Returns PipelineOutput(images=...)."""
+        `generator` when None. max_pixels: the largest height x width x labels a call may generate (default
+        limits.DEFAULT_MAX_PIXELS). Returns PipelineOutput(images=...)."""
         labels = self.label_ids(class_labels)
         height, width = self.image_size(height, width)
+        self.check_pixels(height, width, labels.shape[0], max_pixels=max_pixels, images_argument="class_labels")
         self.check_guidance(guidance_scale)
         self.check_run(num_inference_steps=num_inference_steps, output_type=output_type,
                        batch_size=labels.shape[0], generator=generator)

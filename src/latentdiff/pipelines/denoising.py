@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal, TypeAlias
 import torch
 from torch import nn
 
-from .. import hub
+from .. import hub, limits
 from ..config import is_int
 from ..diffusion.noise import randn
 from ..diffusion.noise_scheduler import NoiseScheduler
@@ -242,6 +242,16 @@ class DenoisingPipeline(Pipeline):
                 raise InputError(f"{name} must be a positive multiple of the autoencoder factor {factor}",
                                  where=name, expected=f"a multiple of {factor}", found=value)
         return height, width
+
+    def check_pixels(self, height: int, width: int, images: int, *, max_pixels: int | None = None,
+                     images_argument: str = "batch_size") -> None:
+        """Refuse a call whose height x width x images passes `max_pixels` (default limits.DEFAULT_MAX_PIXELS, see
+        docs/limits.md), before any latent is allocated: `height=width=100000` must not cost gigabytes first."""
+        if max_pixels is not None:
+            limits.check_count(max_pixels, key="max_pixels", at_least=1, at_most=2**62, where="max_pixels",
+                               error=InputError)
+        limits.check_pixels(height, width, images, max_pixels=max_pixels,
+                            where=f"{type(self).__name__}(height={height}, width={width}, {images_argument}={images})")
 
     @staticmethod
     def check_run(*, num_inference_steps: int, output_type: str, batch_size: int = 1,

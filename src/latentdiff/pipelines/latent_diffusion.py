@@ -18,7 +18,7 @@ from typing import Any, ClassVar, TypeAlias
 
 import torch
 
-from .. import hub
+from .. import hub, limits
 from ..diffusion.guidance import classifier_free_guidance
 from ..diffusion.noise import randn
 from ..diffusion.noise_scheduler import NoiseScheduler
@@ -164,18 +164,20 @@ class LatentDiffusionPipeline(DenoisingPipeline):
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
                  output_type: str = "pil", callback: StepCallback | None = None,
                  progress: bool = True, tile_size: TileSize | None = None,
-                 tile_overlap: TileSize | None = None) -> PipelineOutput:
+                 tile_overlap: TileSize | None = None, max_pixels: int | None = None) -> PipelineOutput:
         """Generate images for `prompt` (a string or a list). Returns PipelineOutput(images=...).
 
         tile_size: sample in overlapping windows of tile_size image pixels (an int or (h, w), multiples of the
         autoencoder factor), blended at every step (MultiDiffusion, see `tiled_sampling`): images larger than
         the training size, the UNet seeing windows of its own size. tile_overlap: pixels neighbouring windows
-        share (default half the tile).
+        share (default half the tile). max_pixels: the largest height x width x images a call may generate
+        (default limits.DEFAULT_MAX_PIXELS, see docs/limits.md); a larger request is refused before any work.
         """
         height, width = self.check_inputs(prompt, negative_prompt, height=height, width=width,
                                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                           num_images_per_prompt=num_images_per_prompt, output_type=output_type,
-                                          prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
+                                          prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                                          max_pixels=max_pixels)
         tiling = self.tiling(tile_size, tile_overlap)
         sampler = self.sampler_for(eta)
         use_cfg = guidance_scale > 1.0
@@ -190,7 +192,8 @@ class LatentDiffusionPipeline(DenoisingPipeline):
     def check_inputs(self, prompt: Prompt | None, negative_prompt: Prompt | None, *, height: int | None,
                      width: int | None, num_inference_steps: int, guidance_scale: float, num_images_per_prompt: int,
                      output_type: str, prompt_embeds: torch.Tensor | None = None,
-                     negative_prompt_embeds: torch.Tensor | None = None) -> tuple[int, int]:
+                     negative_prompt_embeds: torch.Tensor | None = None,
+                     max_pixels: int | None = None) -> tuple[int, int]:
         """Validate every argument before any heavy work; returns (height, width) with defaults filled in."""
         if prompt is None and prompt_embeds is None:
             raise no_prompt()
@@ -211,6 +214,10 @@ class LatentDiffusionPipeline(DenoisingPipeline):
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise InputError("num_images_per_prompt must be at least 1", where="num_images_per_prompt",
                              expected=">= 1", found=num_images_per_prompt)
+        limits.check_count(num_images_per_prompt, key="num_images_per_prompt", at_least=1,
+                           at_most=limits.MAX_IMAGES_PER_PROMPT, where="num_images_per_prompt", error=InputError)
+        self.check_pixels(height, width, n * num_images_per_prompt, max_pixels=max_pixels,
+                          images_argument="prompts x num_images_per_prompt")
         self.check_run(num_inference_steps=num_inference_steps, output_type=output_type)
         return height, width
 
@@ -298,15 +305,17 @@ class LatentDiffusionPipeline(DenoisingPipeline):
                          tile_size: TileSize | None = None, tile_overlap: TileSize | None = None,
                          prompt_embeds: torch.Tensor | None = None,
                          negative_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil",
-                         progress: bool = True) -> PipelineOutput:
+                         progress: bool = True, max_pixels: int | None = None) -> PipelineOutput:
         """Generate small, refine large: an image at the training size (the UNet's sample_size x f), upscaled to
         height x width (`upscale`: "latent" or "image"), noised to refine_strength (SDEdit) and denoised by the
         last int(N * refine_strength) of the N steps in tiles (tile_size default: the training size). The
-        composition comes from the native-size pass, the detail from the large one. -> PipelineOutput."""
+        composition comes from the native-size pass, the detail from the large one. max_pixels: as in __call__.
+        -> PipelineOutput."""
         height, width = self.check_inputs(prompt, negative_prompt, height=height, width=width,
                                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                           num_images_per_prompt=num_images_per_prompt, output_type=output_type,
-                                          prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
+                                          prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                                          max_pixels=max_pixels)
         base = self.image_size(None, None)
         first = start_step(num_inference_steps, refine_strength)
         check_upscale(upscale)

@@ -99,13 +99,15 @@ class LayoutToImagePipeline(DenoisingPipeline):
     def __call__(self, layout: ImageInput, *, height: int | None = None, width: int | None = None,
                  num_inference_steps: int = 50, eta: float | None = None, generator: Generator = None,
                  latents: torch.Tensor | None = None, output_type: str = "pil", callback: StepCallback | None = None,
-                 progress: bool = True) -> PipelineOutput:
+                 progress: bool = True, max_pixels: int | None = None) -> PipelineOutput:
         """One image per segmentation map of `layout` (class ids (H, W) / (B, H, W), or one-hot (K, H, W) /
         (B, K, H, W); PIL, numpy, tensor or a list): images of the map's size, whose sides must be multiples of
         the first stage's factor f (height / width, when given, must equal them). latents: x_T (B, C, H/f, W/f),
-        drawn from `generator` when None. Returns PipelineOutput(images=...)."""
+        drawn from `generator` when None. max_pixels: the largest H x W x B a call may generate (default
+        limits.DEFAULT_MAX_PIXELS). Returns PipelineOutput(images=...)."""
         one_hot = self.preprocess_layout(layout, height=height, width=width)
         batch, (height, width) = one_hot.shape[0], one_hot.shape[-2:]
+        self.check_pixels(height, width, batch, max_pixels=max_pixels, images_argument="layout batch")
         self.check_run(num_inference_steps=num_inference_steps, output_type=output_type, batch_size=batch,
                        generator=generator)
         sampler = self.sampler_for(eta)

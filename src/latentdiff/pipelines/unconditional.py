@@ -46,14 +46,16 @@ class UnconditionalPipeline(DenoisingPipeline):
     def __call__(self, *, batch_size: int = 1, height: int | None = None, width: int | None = None,
                  num_inference_steps: int = 50, eta: float | None = None, generator: Generator = None,
                  latents: torch.Tensor | None = None, output_type: str = "pil", callback: StepCallback | None = None,
-                 progress: bool = True) -> PipelineOutput:
+                 progress: bool = True, max_pixels: int | None = None) -> PipelineOutput:
         """Generate `batch_size` images of height x width (default: the UNet's sample_size times the first stage's
         factor f). latents: x_T (batch_size, C, height/f, width/f), drawn from `generator` when None.
-        Returns PipelineOutput(images=...)."""
+        max_pixels: the largest height x width x batch_size a call may generate (default
+        limits.DEFAULT_MAX_PIXELS). Returns PipelineOutput(images=...)."""
         if not is_int(batch_size) or batch_size < 1:
             raise InputError("batch_size must be a positive integer", where="batch_size", expected=">= 1",
                              found=batch_size)
         height, width = self.image_size(height, width)
+        self.check_pixels(height, width, batch_size, max_pixels=max_pixels)
         self.check_run(num_inference_steps=num_inference_steps, output_type=output_type, batch_size=batch_size,
                        generator=generator)
         sampler = self.sampler_for(eta)

@@ -26,7 +26,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypedDict, overload
 
-from ..config import ComponentConfig
+from .. import limits
+from ..config import ComponentConfig, parse_yaml
 from ..errors import ConfigError, describe
 
 if TYPE_CHECKING:
@@ -73,6 +74,7 @@ class DataConfig(ComponentConfig):
             raise ConfigError("data.path must name an image folder", where="path", expected="a folder", found="''")
         _positive(self, "resolution")
         _positive(self, "validation_split", "num_workers", allow_zero=True)
+        limits.check_count(self.resolution, key="resolution", at_least=1, at_most=limits.MAX_SIDE, where="resolution")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +197,9 @@ class DiffusionModelSection(ComponentConfig):
                               expected="text_encoder_type: ldm_bert, tokenizer: FOLDER, no text_encoder",
                               found=f"type {self.text_encoder_type}, tokenizer {self.tokenizer}")
         _positive(self, "num_classes")
+        if self.num_classes is not None:
+            limits.check_count(self.num_classes, key="num_classes", at_least=1, at_most=limits.MAX_VOCAB,
+                               where="num_classes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,7 +338,7 @@ def load_train_config(path: str | Path, kind: Kind, *, overrides: Sequence[str] 
     yaml = _yaml()
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = parse_yaml(path.read_text(encoding="utf-8"), where=str(path))
     except FileNotFoundError:
         raise ConfigError("train config file not found", where=str(path)) from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:

@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from ..errors import ConfigError, InputError
+from ..utils.images import check_image_pixels
 from .config import DataConfig
 
 MAX_LISTED = 20  # names shown in an error that lists files
@@ -191,6 +192,7 @@ class ImageDataset(torch.utils.data.Dataset):
         path = self.index.records[i].path
         try:
             with Image.open(path) as image:
+                check_image_pixels(image.size, where=str(path))
                 image = image.convert("RGB")
         except UNREADABLE as e:
             raise InputError(f"unreadable image ({type(e).__name__}: {e})", where=str(path),

@@ -11,6 +11,10 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
+from .. import limits
+from ..config import parse_json
+from ..errors import InputError
+
 PARAMS_KEY = "latentdiff"
 
 
@@ -64,4 +68,15 @@ def read_png_params(path: str | os.PathLike) -> dict[str, Any] | None:
     with Image.open(path) as image:
         text = getattr(image, "text", {}) or {}
         raw = text.get(PARAMS_KEY)
-    return json.loads(raw) if raw else None
+    return parse_json(raw, where=str(path)) if raw else None
+
+
+def check_image_pixels(size: tuple[int, int], *, where: str) -> None:
+    """Refuse to decode an image of more than limits.MAX_IMAGE_PIXELS pixels (PIL's own decompression-bomb
+    limit, checked here too so that it holds even where `Image.MAX_IMAGE_PIXELS` was switched off): `size` is
+    (width, height) from the header, read before any pixel is."""
+    width, height = size
+    if width * height > limits.MAX_IMAGE_PIXELS:
+        raise InputError("the image is too large to decode (a decompression bomb?)", where=where,
+                         expected=f"at most {limits.MAX_IMAGE_PIXELS} pixels (limits.MAX_IMAGE_PIXELS)",
+                         found=f"{width} x {height} = {width * height} pixels")
