@@ -282,12 +282,21 @@ def cast_state_dict(state: Mapping[str, torch.Tensor], *, dtype: torch.dtype | N
 
 def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str | None = None) -> None:
     """Raise a CheckpointError listing every missing, unexpected or mis-shaped key."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    own = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in own.items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
+    not_tensors = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor) or v.is_meta)
+    if not_tensors:
+        raise CheckpointError("checkpoint entries are not tensors with data", where=source,
+                              expected="name -> tensor (not on the meta device)",
+                              found=_cap([f"{k}: {describe(state[k])}" for k in not_tensors], 5))
     wrong = sorted(f"{k}: expected {expected[k]}, found {tuple(state[k].shape)}"
                    for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
-    if missing or unexpected or wrong:
+    wanted = {k: v.dtype for k, v in own.items()}
+    bad_dtypes = sorted(f"{k}: expected {_dtype_kind(wanted[k])}, found {state[k].dtype}"
+                        for k in set(wanted) & set(state) if not _dtype_fits(wanted[k], state[k]))
+    if missing or unexpected or wrong or bad_dtypes:
         lines = []
         if missing:
             lines.append(f"missing keys ({len(missing)}): {_cap(missing)}")
@@ -295,7 +304,26 @@ def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], *, sou
             lines.append(f"unexpected keys ({len(unexpected)}): {_cap(unexpected)}")
         if wrong:
             lines.append(f"wrong shapes ({len(wrong)}): {_cap(wrong)}")
+        if bad_dtypes:
+            lines.append(f"wrong dtypes ({len(bad_dtypes)}): {_cap(bad_dtypes)}")
         raise CheckpointError(f"checkpoint does not match {type(model).__name__}: " + "; ".join(lines), where=source)
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    return "a real floating-point tensor" if dtype.is_floating_point else "an integer tensor"
+
+
+def _dtype_fits(wanted: torch.dtype, value: Any) -> bool:
+    """Whether a tensor of `value`'s dtype can fill a parameter or buffer of dtype `wanted`: floating point for
+    floating point (int / bool / complex weights are refused: a cast would silently drop or invent values),
+    integer for integer buffers (position ids)."""
+    if not isinstance(value, torch.Tensor):
+        return False
+    if wanted.is_floating_point:
+        return value.is_floating_point()
+    if wanted == torch.bool:
+        return value.dtype == torch.bool
+    return not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool
 
 
 def _cap(items: list[str], n: int = 20) -> str:
