@@ -283,6 +283,7 @@ def check_no_meta_tensors(obj: Any, *, where: str, key: str = "", depth: int = 0
 
 def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """Write tensors to `path` atomically (temporary name in the same folder, then rename)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -290,6 +291,9 @@ def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike, metadata:
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         os.replace(tmp, path)
+    except SafetensorError as e:  # the library's I/O errors (a full disk ...) are not OSErrors
+        raise CheckpointError(f"could not write the weights file ({e})", where=str(path),
+                              expected="a writable folder with free space for it") from None
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .. import limits
 from ..builtin import GENERATE_SETTINGS
 from ..config import is_int, is_real
 from ..errors import UsageError
@@ -80,6 +81,9 @@ def read_from_png(path: str) -> dict[str, Any]:
         raise UsageError("this PNG holds no latentdiff generation parameters", where=path,
                          expected="a PNG written by latentdiff generate", found=f"missing {missing}",
                          hint="give the prompt and the flags yourself")
+    if not isinstance(params["model"], str) or not params["model"]:
+        raise UsageError("bad value for model", where=f"{path}: model", expected="a model name, folder or file",
+                         found=repr(params["model"])[:80], hint="pass --model yourself")
     return {key: params[key] for key in (*RECORDED, "latentdiff", "batch") if key in params}
 
 
@@ -123,11 +127,14 @@ def check_values(values: dict[str, Any], origin: dict[str, str]) -> None:
 
     need(values["prompt"] is None or isinstance(values["prompt"], str), "prompt", "a string")
     need(values["negative"] is None or isinstance(values["negative"], str), "negative", "a string")
-    need(is_int(values["n"]) and values["n"] >= 1, "n", "an integer >= 1")
+    need(is_int(values["n"]) and 1 <= values["n"] <= limits.MAX_IMAGES_PER_PROMPT, "n",
+         f"an integer in [1, {limits.MAX_IMAGES_PER_PROMPT}]")
     need(is_int(values["seed"]) and 0 <= values["seed"] <= MAX_SEED, "seed", f"an integer in [0, {MAX_SEED}]")
-    need(values["steps"] is None or is_int(values["steps"]) and values["steps"] >= 1, "steps", "an integer >= 1")
-    for key in ("height", "width"):
-        need(values[key] is None or is_int(values[key]) and values[key] > 0, key, "a positive integer")
+    need(values["steps"] is None or is_int(values["steps"]) and 1 <= values["steps"] <= limits.MAX_STEPS, "steps",
+         f"an integer in [1, {limits.MAX_STEPS}]")
+    for key in ("height", "width"):  # bounded here too: a PNG's 10**30 must not reach torch
+        need(values[key] is None or is_int(values[key]) and 0 < values[key] <= limits.MAX_SIDE, key,
+             f"an integer in [1, {limits.MAX_SIDE}]")
     for key in ("guidance", "eta"):
         need(values[key] is None or is_real(values[key]) and math.isfinite(values[key]) and values[key] >= 0, key,
              "a number >= 0")
