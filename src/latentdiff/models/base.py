@@ -28,6 +28,7 @@ from .. import hub
 from ..config import ComponentConfig, read_json
 from ..errors import CheckpointError, ConfigError, describe
 from ..registry import SINGLE_FILE
+from ..utils.devices import check_device
 from ..utils.memory import release_mapped
 from ..utils.startup import freeze_startup_objects
 from ..version import __version__
@@ -94,6 +95,7 @@ class ModelMixin(nn.Module, Generic[ConfigT]):
                         cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
                         local_files_only: bool | None = None):
         """Load from a local folder or a Hub id (diffusers layout), strictly: every key used, every shape checked."""
+        check_device(device)  # before any file is read
         prefix = f"{subfolder}/" if subfolder else ""
         location = hub.HubLocation(revision=revision, cache_dir=cache_dir, token=token,
                                    local_files_only=local_files_only)
@@ -117,7 +119,7 @@ class ModelMixin(nn.Module, Generic[ConfigT]):
             model = cls(config)
         check_state_dict(model, state, source=source)
         dtype = torch_dtype or torch.float32
-        device = torch.device(device) if device is not None else torch.device("cpu")
+        device = check_device(device) or torch.device("cpu")
         model.load_state_dict(cast_state_dict(state, dtype=dtype, device=device), strict=True, assign=True)
         return model.eval()
 

@@ -30,6 +30,7 @@ from .. import hub
 from ..config import ComponentConfig, read_json
 from ..errors import CheckpointError, ConfigError, InputError, describe
 from ..registry import COMPONENTS, SINGLE_FILE
+from ..utils.devices import check_device
 from ..version import __version__
 from .clip_text import MACHINERY_KEYS, MODEL_TYPE, CLIPTextModel, check_input_ids  # noqa: F401
 
@@ -228,7 +229,7 @@ class TextEncoder(nn.Module):
                 else TextEncoderConfig()
         model = load_text_model(folder, variant=variant, torch_dtype=torch_dtype)
         if device is not None:
-            model.to(device)
+            model.to(check_device(device))
         return cls(model, tokenizer, config)
 
     @classmethod
