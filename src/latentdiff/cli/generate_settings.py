@@ -128,13 +128,13 @@ def check_values(values: dict[str, Any], origin: dict[str, str]) -> None:
     need(values["prompt"] is None or isinstance(values["prompt"], str), "prompt", "a string")
     need(values["negative"] is None or isinstance(values["negative"], str), "negative", "a string")
     need(is_int(values["n"]) and 1 <= values["n"] <= limits.MAX_IMAGES_PER_PROMPT, "n",
-         f"an integer in [1, {limits.MAX_IMAGES_PER_PROMPT}]")
+         f"an integer >= 1 (at most {limits.MAX_IMAGES_PER_PROMPT})")
     need(is_int(values["seed"]) and 0 <= values["seed"] <= MAX_SEED, "seed", f"an integer in [0, {MAX_SEED}]")
     need(values["steps"] is None or is_int(values["steps"]) and 1 <= values["steps"] <= limits.MAX_STEPS, "steps",
-         f"an integer in [1, {limits.MAX_STEPS}]")
+         f"an integer >= 1 (at most {limits.MAX_STEPS})")
     for key in ("height", "width"):  # bounded here too: a PNG's 10**30 must not reach torch
         need(values[key] is None or is_int(values[key]) and 0 < values[key] <= limits.MAX_SIDE, key,
-             f"an integer in [1, {limits.MAX_SIDE}]")
+             f"a positive integer (at most {limits.MAX_SIDE})")
     for key in ("guidance", "eta"):
         need(values[key] is None or is_real(values[key]) and math.isfinite(values[key]) and values[key] >= 0, key,
              "a number >= 0")
