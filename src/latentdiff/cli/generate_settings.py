@@ -67,13 +67,15 @@ class Job:
 # ---- the settings --------------------------------------------------------------------------------------------
 def read_from_png(path: str) -> dict[str, Any]:
     """The generation parameters stored in a PNG written by `latentdiff generate` (values as stored)."""
+    from PIL import Image
+
     from ..utils.images import read_png_params
 
     if not Path(path).is_file():
         raise UsageError("no such file", where="--from", expected="a PNG written by latentdiff generate", found=path)
     try:
         params = read_png_params(path)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SyntaxError, RecursionError, Image.DecompressionBombError) as e:
         raise UsageError(f"cannot read the latentdiff parameters of this file ({type(e).__name__})", where=path,
                          expected="a PNG written by latentdiff generate") from None
     missing = [key for key in ("prompt", "seed", "n", "model") if key not in (params or {})]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -160,8 +161,10 @@ def restore_accelerate_state(accelerator: Any, folder: Path) -> None:
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:  # noqa: BLE001 -- torch / pickle / zip errors of every kind, all meaning a bad file
-        raise CheckpointError(f"cannot restore the training state ({type(e).__name__}: "
-                              f"{(str(e).splitlines() or [''])[0][:200]})", where=_failing_state_file(folder),
+        wanted = re.search(r"GLOBAL ([\w.]+)", str(e))  # a weights-only unpickler's refusal names what was asked
+        what = f"refusing to unpickle {wanted.group(1)}; nothing in it was run" if wanted else \
+            f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+        raise CheckpointError(f"cannot restore the training state ({what})", where=_failing_state_file(folder),
                               expected="the files accelerate wrote (resume only from checkpoints you trust)") from None
 
 
