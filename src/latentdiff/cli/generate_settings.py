@@ -115,7 +115,8 @@ def settle(args: argparse.Namespace, stored: dict[str, Any], source: ModelSource
             values[key], origin[key] = found
     defaults = {"seed": 0, "n": 1, "dtype": "float32"}
     values |= {key: default for key, default in defaults.items() if values[key] is None}
-    values.update(model=source.name, dtype=DTYPES.get(values["dtype"], values["dtype"]))
+    dtype = values["dtype"]  # a PNG may hold any JSON here: only a name is looked up
+    values.update(model=source.name, dtype=DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype)
     check_values(values, origin)
     return GenerateSettings(**values)
 
