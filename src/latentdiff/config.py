@@ -131,6 +131,15 @@ def _too_deep(where: str, found: str) -> ConfigError:
                                 "(limits.MAX_CONFIG_DEPTH)",
                        found=found)
 
+def yaml_problem(error: BaseException) -> str:
+    """A pyyaml error as one line with its position ("line 3, column 7: mapping values are not allowed here");
+    pyyaml's own text spans several lines and quotes the source. (Duck-typed: this module imports no yaml.)"""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None) or getattr(error, "context", None) or \
+        " ".join(str(error).split()) or type(error).__name__
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
+
 
 def _plain(value: Any) -> Any:
     if isinstance(value, tuple):

@@ -108,8 +108,14 @@ def resolve(path_or_id: str | os.PathLike, *, revision: str | None = None,
     if name.count("/") > 1 or name.startswith((".", "/", "~")) or not name.strip():
         raise CheckpointError("no such folder", where=name, expected="an existing folder or a Hub id 'owner/name'",
                               found="nothing at that path")
+    check_hub_id(name)
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     offline = is_offline() if local_files_only is None else local_files_only
     try:
@@ -122,6 +128,9 @@ def resolve(path_or_id: str | os.PathLike, *, revision: str | None = None,
                               found="nothing in the cache") from None
     except RepositoryNotFoundError:
         raise CheckpointError("no such Hub repository (or it is private: pass token=)", where=name) from None
+    except HFValidationError as e:  # the revision, or an id the Hub's own rules refuse
+        raise CheckpointError(f"not a valid Hub id or revision ({e})", where=name, expected=HUB_ID_RULE,
+                              found=repr(name) if revision is None else f"{name!r} at revision {revision!r}") from None
     except (HfHubHTTPError, OSError) as e:
         raise CheckpointError(f"could not download from the Hub ({type(e).__name__}: {e})", where=name,
                               expected="network access, or HF_HUB_OFFLINE=1 with a cached copy") from None
@@ -193,6 +202,20 @@ def _note_mapped(path: Path) -> None:
         files.append(MappedFile.of(path))
 
 
+# A Hub id as the Hub spells them: [owner/]name, each part letters, digits, '-', '_', '.', not starting or ending
+# with '-' or '.', no '--' or '..', at most 96 characters.
+HUB_ID_RULE = "a folder, or a Hub id 'owner/name' (letters, digits, '-', '_', '.'; no '..' or '--')"
+_HUB_ID_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?")
+
+
+def check_hub_id(name: str) -> None:
+    """Refuse a string that is neither an existing folder nor a valid Hub id, before the Hub is asked."""
+    parts = name.split("/")
+    if len(parts) > 2 or "--" in name or ".." in name or not all(_HUB_ID_PART.fullmatch(p) for p in parts):
+        raise CheckpointError("no such folder, and not a valid Hub id", where=name, expected=HUB_ID_RULE,
+                              found=repr(name))
+
+
 def load_safetensors(path: str | os.PathLike, *, device: str = "cpu") -> dict[str, Any]:
     """Read a safetensors file (memory-mapped: the model loaders copy the tensors unless `mapped_weights`), with a
     CheckpointError naming the file if it is bad."""
@@ -225,13 +248,63 @@ def check_safetensors_header(path: Path) -> dict[str, Any]:
             header = json.loads(f.read(n))
     except FileNotFoundError:
         raise CheckpointError("checkpoint file not found", where=str(path)) from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise CheckpointError("not a safetensors file (header is not JSON)", where=str(path)) from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    end = check_header_structure(header, where=str(path))
     if 8 + n + end > size:
         raise CheckpointError("truncated safetensors file", where=str(path), expected=f"{8 + n + end} bytes",
                               found=f"{size} bytes")
     return header
+
+
+def check_header_structure(header: Any, *, where: str) -> int:
+    """A safetensors header's structure, fully, before the library (or anything) reads it: a dict of
+    name -> {dtype: str, shape: [int >= 0, ...], data_offsets: [begin, end] ordered ints}, and `__metadata__`
+    a dict of str -> str. -> the end of the data the entries claim (the caller checks it against the file)."""
+    if not isinstance(header, dict):
+        raise CheckpointError("corrupt safetensors header: not a JSON object", where=where,
+                              expected="a JSON object of tensor name -> {dtype, shape, data_offsets}",
+                              found=type(header).__name__)
+    end = 0
+    for name, entry in header.items():
+        key = f"{where}: header[{name!r}]"
+        if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise CheckpointError("corrupt safetensors header: __metadata__ must map text to text", where=key,
+                                      expected="a JSON object of str -> str", found=_describe_json(entry))
+            continue
+        if not isinstance(entry, dict):
+            raise CheckpointError("corrupt safetensors header: a tensor entry is not an object", where=key,
+                                  expected="{dtype, shape, data_offsets}", found=_describe_json(entry))
+        missing = sorted({"dtype", "shape", "data_offsets"} - set(entry))
+        if missing:
+            raise CheckpointError("corrupt safetensors header: a tensor entry lacks keys", where=key,
+                                  expected="dtype, shape, data_offsets", found=f"missing {', '.join(missing)}")
+        if not isinstance(entry["dtype"], str):
+            raise CheckpointError("corrupt safetensors header: dtype is not a name", where=f"{key}.dtype",
+                                  expected="a dtype name such as F32", found=_describe_json(entry["dtype"]))
+        shape, offsets = entry["shape"], entry["data_offsets"]
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise CheckpointError("corrupt safetensors header: shape is not a list of sizes", where=f"{key}.shape",
+                                  expected="a list of ints >= 0", found=_describe_json(shape))
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise CheckpointError("corrupt safetensors header: data_offsets is not an ordered pair",
+                                  where=f"{key}.data_offsets", expected="[begin, end] with 0 <= begin <= end",
+                                  found=_describe_json(offsets))
+        end = max(end, offsets[1])
+    return end
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _describe_json(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
+    if isinstance(value, list):
+        text = f"list {json.dumps(value)[:60]}"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def load_torch_pickle(path: str | os.PathLike) -> Any:
@@ -254,8 +327,10 @@ def load_torch_pickle(path: str | os.PathLike) -> Any:
             "If you trust its source, convert it to safetensors outside latentdiff", where=str(path),
             expected="tensors, dicts, lists, numbers, strings",
             found=wanted.group(1) if wanted else str(e).split("\n")[0]) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"corrupt or truncated checkpoint ({e})", where=str(path)) from None
+    except (RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+        # a malformed pickle fails in many ways (a zip without its records, a wrong storage size ...)
+        raise CheckpointError(f"corrupt or truncated checkpoint ({type(e).__name__}: {e})", where=str(path)) from None
+    check_no_meta_tensors(obj, where=str(path))
     check_tensor_extents(obj, where=str(path))
     return obj
 
@@ -282,8 +357,26 @@ def check_tensor_extents(obj: Any, *, where: str, _key: str = "", _depth: int = 
             check_tensor_extents(v, where=where, _key=f"{_key}[{i}]", _depth=_depth + 1)
 
 
+def check_no_meta_tensors(obj: Any, *, where: str, key: str = "", depth: int = 0) -> None:
+    """Refuse a loaded pickle holding a tensor without data (meta device): it would fail at the first copy."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        if obj.is_meta:
+            raise CheckpointError("a tensor in the checkpoint has no data (meta device)", where=f"{where}: {key}",
+                                  expected="tensors with data",
+                                  found=f"a meta tensor of shape {tuple(obj.shape)}")
+    elif depth < 8 and isinstance(obj, dict):
+        for k, v in obj.items():
+            check_no_meta_tensors(v, where=where, key=f"{key}.{k}" if key else str(k), depth=depth + 1)
+    elif depth < 8 and isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            check_no_meta_tensors(v, where=where, key=f"{key}[{i}]", depth=depth + 1)
+
+
 def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """Write tensors to `path` atomically (temporary name in the same folder, then rename)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -292,6 +385,9 @@ def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike, metadata:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         tmp.chmod(0o666 & ~current_umask())   # safetensors creates its files 0600: the usual modes instead
         os.replace(tmp, path)
+    except SafetensorError as e:  # the library's I/O errors (a full disk ...) are not OSErrors
+        raise CheckpointError(f"could not write the weights file ({e})", where=str(path),
+                              expected="a writable folder with free space for it") from None
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -69,6 +69,8 @@ class Job:
 # ---- the settings --------------------------------------------------------------------------------------------
 def read_from_png(path: str) -> dict[str, Any]:
     """The generation parameters stored in a PNG written by `latentdiff generate` (values as stored)."""
+    from PIL import Image
+
     from ..utils.images import read_png_params
 
     if not Path(path).is_file():
@@ -77,7 +79,7 @@ def read_from_png(path: str) -> dict[str, Any]:
 
     try:
         params = read_png_params(path)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:   # a ConfigError (nested too deep) is one
+    except (OSError, ValueError, SyntaxError, RecursionError, Image.DecompressionBombError) as e:
         raise UsageError(f"cannot read the latentdiff parameters of this file ({type(e).__name__})", where=path,
                          expected="a PNG written by latentdiff generate") from None
     missing = [key for key in ("prompt", "seed", "n", "model") if key not in params] if isinstance(params, dict) \

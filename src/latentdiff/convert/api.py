@@ -28,6 +28,7 @@ from .. import hub
 from ..errors import CheckpointError, InputError
 from ..models.base import ModelMixin, cast_state_dict, check_state_dict
 from ..registry import COMPONENTS, SINGLE_FILE
+from ..utils.devices import check_device
 from .single_file import (
     METADATA_KEY,
     NETWORK_PARTS,
@@ -236,7 +237,7 @@ def clip_text_model(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]
                                                                for k, v in names.items()}
     check_state_dict(model, state, source=source, key_names=names)
     dtype = torch_dtype or torch.float32
-    target = torch.device(device) if device is not None else torch.device("cpu")
+    target = check_device(device) or torch.device("cpu")
     model.load_state_dict(cast_state_dict(state, dtype=dtype, device=target, copy=not hub.weights_mapped()),
                           strict=True, assign=True)
     module: nn.Module = model  # nn.Module's .to: transformers annotates PreTrainedModel.to as taking a model

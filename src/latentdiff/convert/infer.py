@@ -26,6 +26,7 @@ AUTOMATIC1111's loaders do); pass `original_config=` (a YAML, several ship with 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 
 from .. import limits
-from ..errors import CheckpointError
+from ..errors import CheckpointError, describe
 from .keymap import prefixed
 from .layout import COND_STAGE_PREFIX, FIRST_STAGE_PREFIX, FileLayout, _family, with_conventions
 from .text_ldm import TextArch, class_embedder_config, clip_config, ldmbert_config
@@ -311,12 +312,12 @@ def infer_layout(state: Mapping[str, torch.Tensor], *, prediction_type: str | No
         raise CheckpointError("not a latent-diffusion checkpoint: no UNet and no autoencoder", where=source,
                               expected=f"keys under {UNET_PREFIX!r} or {FIRST_STAGE_PREFIX!r}, or a stand-alone "
                                        "autoencoder (encoder.*, decoder.*)", found=sorted(state)[:20])
-    scale = state.get("scale_factor")
+    scale = scale_factor_of(state, source=source)
     text = infer_text(cond_sd, source=source + ":" + COND_STAGE_PREFIX)
     conditioning = text.kind if text else conditioning
     unet = infer_unet(unet_sd, cond_kind=conditioning,
                       source=source + ":" + UNET_PREFIX) if unet_sd else None
-    first = infer_vae(first_sd, scaling_factor=float(scale) if scale is not None else None,
+    first = infer_vae(first_sd, scaling_factor=scale,
                       source=source + ":" + ("" if standalone else FIRST_STAGE_PREFIX)) if first_sd else None
     family = _family(unet, first, text, conditioning=conditioning)
     if unet is None:
@@ -334,6 +335,18 @@ def infer_layout(state: Mapping[str, torch.Tensor], *, prediction_type: str | No
     schedule = schedule_from_betas(state["betas"]) if "betas" in state else None
     return FileLayout(family=family, unet=unet, first_stage=first, cond_stage=text,
                       scheduler=scheduler_config(prediction_type=prediction_type, schedule=schedule))
+
+
+def scale_factor_of(state: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> float | None:
+    """The file's `scale_factor` buffer (LatentDiffusion's latent scale) as a finite float; None when absent."""
+    scale = state.get("scale_factor")
+    if scale is None:
+        return None
+    if not isinstance(scale, torch.Tensor) or scale.numel() != 1 or scale.is_complex() or \
+            not math.isfinite(float(scale)):
+        raise CheckpointError("scale_factor is not one finite number", where=f"{source}: scale_factor",
+                              expected="a one-element real tensor", found=describe(scale))
+    return float(scale)
 
 
 def infer_configs(state: Mapping[str, torch.Tensor], *, prediction_type: str | None = None,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import limits
-from ..config import parse_yaml
+from ..config import parse_yaml, yaml_problem
 from ..errors import ConfigError
 from .infer import scheduler_config
 from .layout import FileLayout, _family, with_conventions
@@ -59,8 +59,8 @@ def load_original_config(config: str | os.PathLike | Mapping[str, Any]) -> dict[
     except FileNotFoundError:
         raise ConfigError("original config not found", where=str(path),
                           expected=f"a YAML file or one of {SHIPPED_CONFIGS}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"not a valid YAML file ({e})", where=str(path)) from None
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
+        raise ConfigError(f"not a valid YAML file ({yaml_problem(e)})", where=str(path)) from None
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
         raise ConfigError("not an LDM config: no `model:` section", where=str(path))
     return data

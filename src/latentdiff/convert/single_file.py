@@ -32,10 +32,10 @@ import torch
 
 from .. import hub, limits
 from ..diffusion.scheduler_io import read_scheduler_config
-from ..errors import CheckpointError, InputError, describe
-from .infer import cond_kind, infer_layout
+from ..errors import CheckpointError, ConfigError, InputError, describe
+from .infer import cond_kind, infer_layout, scale_factor_of
 from .keymap import apply_keymap, invert, prefixed
-from .layout import COND_STAGE_PREFIX, FIRST_STAGE_PREFIX, SCHEDULE_BUFFERS, SEPARATOR, FileLayout
+from .layout import COND_STAGE_PREFIX, FAMILIES, FIRST_STAGE_PREFIX, SCHEDULE_BUFFERS, SEPARATOR, FileLayout
 from .original_config import layout_from_original_config
 from .unet_ldm import UNET_PREFIX, select_ema
 
@@ -125,6 +125,9 @@ def _unwrap(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     state = obj.get("state_dict", obj)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # some trainers nest it twice
+    if not isinstance(state, dict):
+        raise CheckpointError("the checkpoint's state_dict is not a dict of tensors", where=f"{path}: state_dict",
+                              expected="a dict of name -> tensor", found=describe(state))
     bad = sorted(str(k) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor))
     if bad:
         raise CheckpointError("the state dict holds entries that are not named tensors", where=str(path),
@@ -144,14 +147,39 @@ def read_single_file(path: str | os.PathLike, *, use_ema: bool = True,
     state, info = load_single_file(path)
     configs = family = None
     if original_config is None and METADATA_KEY in info["metadata"]:
-        try:
-            saved = json.loads(info["metadata"][METADATA_KEY])
-            configs, family = saved["configs"], saved.get("family")
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"unreadable latentdiff metadata ({e})", where=str(path)) from None
+        configs, family = saved_metadata(info["metadata"][METADATA_KEY], where=f"{path}: __metadata__.{METADATA_KEY}")
     return split_single_file(state, original_config=original_config, use_ema=use_ema, prediction_type=prediction_type,
                              global_step=info["global_step"], configs=configs, family=family, source=str(path),
                              parts=parts)
+
+
+def saved_metadata(text: str, *, where: str) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """(configs, family) of latentdiff's metadata entry in a file, its structure checked: a JSON object whose
+    `configs` maps part names to config objects and whose `family` is a name (or absent)."""
+    try:
+        saved = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"unreadable latentdiff metadata ({e})", where=where, expected="JSON") from None
+    if not isinstance(saved, dict) or "configs" not in saved:
+        raise CheckpointError("latentdiff metadata without configs", where=where,
+                              expected='a JSON object {"configs": {...}, "family": ...}', found=describe(saved))
+    configs, family = saved["configs"], saved.get("family")
+    if not isinstance(configs, dict) or not configs:
+        raise CheckpointError("latentdiff metadata: configs is not an object of part configs", where=f"{where}.configs",
+                              expected=f"a JSON object of part name ({', '.join(NETWORK_PARTS + OTHER_PARTS[:1])}) "
+                                       "-> config object", found=describe(configs))
+    for part, config in configs.items():
+        if part not in NETWORK_PARTS + OTHER_PARTS[:1]:
+            raise CheckpointError("latentdiff metadata names an unknown part", where=f"{where}.configs",
+                                  expected=list(NETWORK_PARTS + OTHER_PARTS[:1]), found=part)
+        if not isinstance(config, dict):
+            raise CheckpointError("latentdiff metadata: a part config is not an object",
+                                  where=f"{where}.configs.{part}", expected="a JSON object", found=describe(config))
+    if family is not None and family not in FAMILIES:
+        raise CheckpointError("latentdiff metadata: unknown family", where=f"{where}.family",
+                              expected=f"one of {', '.join(FAMILIES)}, or null",
+                              found=family if isinstance(family, str) else describe(family))
+    return configs, family
 
 
 def file_layout(state: Mapping[str, torch.Tensor], *, original_config: Any = None,
@@ -160,11 +188,14 @@ def file_layout(state: Mapping[str, torch.Tensor], *, original_config: Any = Non
                 source: str = "checkpoint", conditioning: str | None = None) -> FileLayout:
     """The layout of `state`: from a YAML, else from saved configs, else inferred from the shapes."""
     if original_config is not None:
-        scale = state.get("scale_factor")
         return layout_from_original_config(original_config, prediction_type=prediction_type,
-                                           scale_factor=float(scale) if scale is not None else None)
+                                           scale_factor=scale_factor_of(state, source=source))
     if configs is not None:
-        layout = FileLayout.from_configs(dict(configs), family=family)
+        try:
+            layout = FileLayout.from_configs(dict(configs), family=family)
+        except (CheckpointError, ConfigError) as e:  # name the file and the metadata entry, not just the part
+            raise CheckpointError(f"latentdiff metadata: {e.message}", where=f"{source}: __metadata__.{METADATA_KEY}"
+                                  f".configs.{e.where}", expected=e.expected, found=e.found) from None
         if prediction_type is not None and layout.scheduler is not None:
             layout = dataclasses.replace(layout, scheduler={**layout.scheduler, "prediction_type": prediction_type})
         return layout

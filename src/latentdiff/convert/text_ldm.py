@@ -57,6 +57,7 @@ LDMBERT_FEEDFORWARD = (  # attn_layers.layers.2i+1 = [LayerNorm, FeedForward(Seq
 CLASS_EMBEDDER = (Keep("embedding.weight"),)
 
 TEXT_KINDS = ("clip", "openclip", "ldmbert", "class")
+CLIP_ACTIVATIONS = ("quick_gelu", "gelu")  # OpenAI CLIP, OpenCLIP: the only ones the original layouts use
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +109,16 @@ class TextArch:
     @classmethod
     def from_config(cls, config: Mapping[str, Any], *, source: str = "text encoder config") -> TextArch:
         """From a transformers config dict (CLIPTextModel / LDMBertModel) or a ClassEmbedder config."""
+        if not isinstance(config, Mapping):
+            raise CheckpointError("the text encoder config is not an object", where=source,
+                                  expected="a config dict", found=type(config).__name__)
         kind = config.get("model_type") or config.get("_class_name")  # transformers configs / ours
         if kind in ("clip_text_model", "clip"):
+            act = config.get("hidden_act", "quick_gelu")
+            if act not in CLIP_ACTIVATIONS:
+                raise CheckpointError("unsupported text encoder activation", where=f"{source}: hidden_act",
+                                      expected=f"one of {', '.join(CLIP_ACTIVATIONS)} (the original CLIP layouts)",
+                                      found=repr(act))
             # OpenAI's CLIP uses quick_gelu; OpenCLIP (SD 2.x) uses exact gelu: the two original layouts.
             # An OpenCLIP file may hold one layer more than the text model (SD 2.x: penultimate layer).
             if config.get("hidden_act") == "gelu":

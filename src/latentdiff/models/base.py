@@ -29,6 +29,7 @@ from .. import hub
 from ..config import ComponentConfig, read_json
 from ..errors import CheckpointError, ConfigError, describe
 from ..registry import SINGLE_FILE
+from ..utils.devices import check_device
 from ..utils.memory import release_mapped
 from ..utils.startup import freeze_startup_objects
 from ..version import __version__
@@ -100,6 +101,7 @@ class ModelMixin(nn.Module, Generic[ConfigT]):
         (no copy; pages can be released, see docs/memory.md); the file must then not be rewritten in place: each
         forward first checks it and raises a CheckpointError if it was. None: as the enclosing `hub.mapped_weights`
         block says (a pipeline's load)."""
+        check_device(device)  # before any file is read
         prefix = f"{subfolder}/" if subfolder else ""
         location = hub.HubLocation(revision=revision, cache_dir=cache_dir, token=token,
                                    local_files_only=local_files_only)
@@ -128,7 +130,7 @@ class ModelMixin(nn.Module, Generic[ConfigT]):
             model = cls(config)
         check_state_dict(model, state, source=source, key_names=key_names)
         dtype = torch_dtype or torch.float32
-        device = torch.device(device) if device is not None else torch.device("cpu")
+        device = check_device(device) or torch.device("cpu")
         model.load_state_dict(cast_state_dict(state, dtype=dtype, device=device, copy=not hub.weights_mapped()),
                               strict=True, assign=True)
         return model.eval()
@@ -348,19 +350,28 @@ def watch_mapped_files(module: nn.Module, files: list[hub.MappedFile]) -> None:
 
 def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str | None = None,
                      key_names: Mapping[str, str] | None = None) -> None:
-    """Raise a CheckpointError listing every missing, unexpected or mis-shaped key; `key_names`: a key's name in
-    the file it came from (a converted single file), shown beside latentdiff's."""
+    """Raise a CheckpointError listing every missing, unexpected, mis-shaped or wrong-dtype key; `key_names`: a
+    key's name in the file it came from (a converted single file), shown beside latentdiff's."""
     names = key_names or {}
 
     def in_file(key: str) -> str:
         return f" (in the file: {names[key]})" if key in names and names[key] != key else ""
 
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    own = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in own.items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(k + in_file(k) for k in set(state) - set(expected))
+    not_tensors = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor) or v.is_meta)
+    if not_tensors:
+        raise CheckpointError("checkpoint entries are not tensors with data", where=source,
+                              expected="name -> tensor (not on the meta device)",
+                              found=_cap([f"{k}{in_file(k)}: {describe(state[k])}" for k in not_tensors], 5))
     wrong = sorted(f"{k}: expected {expected[k]}, found {tuple(state[k].shape)}{in_file(k)}"
                    for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
-    if missing or unexpected or wrong:
+    wanted = {k: v.dtype for k, v in own.items()}
+    bad_dtypes = sorted(f"{k}: expected {_dtype_kind(wanted[k])}, found {state[k].dtype}"
+                        for k in set(wanted) & set(state) if not _dtype_fits(wanted[k], state[k]))
+    if missing or unexpected or wrong or bad_dtypes:
         lines = []
         if missing:
             lines.append(f"missing keys ({len(missing)}): {_cap(missing)}")
@@ -368,7 +379,26 @@ def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], *, sou
             lines.append(f"unexpected keys ({len(unexpected)}): {_cap(unexpected)}")
         if wrong:
             lines.append(f"wrong shapes ({len(wrong)}): {_cap(wrong)}")
+        if bad_dtypes:
+            lines.append(f"wrong dtypes ({len(bad_dtypes)}): {_cap(bad_dtypes)}")
         raise CheckpointError(f"checkpoint does not match {type(model).__name__}: " + "; ".join(lines), where=source)
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    return "a real floating-point tensor" if dtype.is_floating_point else "an integer tensor"
+
+
+def _dtype_fits(wanted: torch.dtype, value: Any) -> bool:
+    """Whether a tensor of `value`'s dtype can fill a parameter or buffer of dtype `wanted`: floating point for
+    floating point (int / bool / complex weights are refused: a cast would silently drop or invent values),
+    integer for integer buffers (position ids)."""
+    if not isinstance(value, torch.Tensor):
+        return False
+    if wanted.is_floating_point:
+        return value.is_floating_point()
+    if wanted == torch.bool:
+        return value.dtype == torch.bool
+    return not value.is_floating_point() and not value.is_complex() and value.dtype != torch.bool
 
 
 def _cap(items: list[str], n: int = 20) -> str:

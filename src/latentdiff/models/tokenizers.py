@@ -20,14 +20,15 @@ backend, so two threads can share one tokenizer.
 """
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from ..errors import ConfigError, InputError, describe
+from ..errors import CheckpointError, ConfigError, InputError, LatentDiffError, describe
 
 TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP = "tokenizer_config.json", "special_tokens_map.json"
 TOKENIZER_JSON = "tokenizer.json"
@@ -57,6 +58,26 @@ SETTING_KEYS = frozenset({"model_max_length", "padding_side", "truncation_side",
 FIXED_SETTINGS: dict[str, tuple[Any, ...]] = {
     "add_prefix_space": (False,), "split_special_tokens": (False,), "additional_special_tokens": ([], None),
     "extra_special_tokens": ([], {}, None), "padding_side": ("right", "left"), "truncation_side": ("right", "left")}
+
+
+@contextlib.contextmanager
+def tokenizer_errors(where: str, *, doing: str = "reading the tokenizer") -> Iterator[None]:
+    """Errors of the `tokenizers` library (and of malformed files) as a CheckpointError naming `where`.
+
+    The library raises plain Exceptions for bad files and, for a pre-tokenizer regex that backtracks past
+    Oniguruma's retry limit, a pyo3 PanicException, which derives from BaseException: caught by name, so that
+    KeyboardInterrupt and SystemExit still go through."""
+    try:
+        yield
+    except LatentDiffError:
+        raise
+    except BaseException as e:
+        if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+            raise
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise CheckpointError(f"malformed tokenizer: {doing} failed ({type(e).__name__}: {first})", where=where,
+                              expected="a well-formed tokenizer folder (vocab.json + merges.txt, or tokenizer.json; "
+                                       "pre-tokenizer patterns that match in bounded time)") from None
 
 
 class BatchEncoding(dict):
@@ -91,7 +112,7 @@ class FastTokenizer:
     def __init__(self, backend: Any, *, special_tokens: Mapping[str, str], model_max_length: int = NO_LIMIT,
                  padding_side: str = "right", truncation_side: str = "right",
                  model_input_names: Sequence[str] = ("input_ids", "attention_mask"),
-                 files: Mapping[str, bytes] | None = None):
+                 files: Mapping[str, bytes] | None = None, source: str | None = None):
         backend.no_truncation()  # a tokenizer.json may carry both; here each call sets its own
         backend.no_padding()
         self.backend_tokenizer = backend
@@ -99,6 +120,7 @@ class FastTokenizer:
         self.model_max_length, self.padding_side, self.truncation_side = model_max_length, padding_side, truncation_side
         self.model_input_names = list(model_input_names)
         self.files = dict(files or {})
+        self.source = source or type(self).__name__  # the folder it was read from: named by errors
 
     bos_token, eos_token, unk_token, pad_token = map(_special, ("bos_token", "eos_token", "unk_token", "pad_token"))
     sep_token, cls_token, mask_token = map(_special, ("sep_token", "cls_token", "mask_token"))
@@ -151,10 +173,11 @@ class FastTokenizer:
             raise InputError("max_length leaves no room for the special tokens", where="max_length",
                              expected=f">= {reserved}", found=cut_to)
         encodings = []
-        for encoding in self.backend_tokenizer.encode_batch(texts, add_special_tokens=False):
-            if cut_to is not None:  # what the backend's LongestFirst truncation does to one sequence
-                encoding.truncate(cut_to - reserved, direction=self.truncation_side)
-            encodings.append(self.backend_tokenizer.post_process(encoding, add_special_tokens=add_special_tokens))
+        with tokenizer_errors(self.source, doing="tokenizing"):
+            for encoding in self.backend_tokenizer.encode_batch(texts, add_special_tokens=False):
+                if cut_to is not None:  # what the backend's LongestFirst truncation does to one sequence
+                    encoding.truncate(cut_to - reserved, direction=self.truncation_side)
+                encodings.append(self.backend_tokenizer.post_process(encoding, add_special_tokens=add_special_tokens))
         pad_length = max(len(e.ids) for e in encodings) if isinstance(pad_to, str) else pad_to  # str: "longest"
         requested = {"input_ids": True, "token_type_ids": return_token_type_ids,
                      "attention_mask": return_attention_mask}
@@ -240,29 +263,40 @@ class CLIPTokenizer(FastTokenizer):
 def load_fast_tokenizer(folder: str | Path) -> FastTokenizer:
     """The `tokenizers` pipeline of folder/tokenizer.json with tokenizer_config.json's settings, as transformers'
     PreTrainedTokenizerFast.from_pretrained(folder) builds it. ConfigError: a setting not reproduced here."""
+    folder = Path(folder)
+    with tokenizer_errors(str(folder)):
+        return _load_fast_tokenizer(folder)
+
+
+def _load_fast_tokenizer(folder: Path) -> FastTokenizer:
     from tokenizers import Tokenizer
 
-    folder = Path(folder)
     files = _read_files(folder, (TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP))
     if TOKENIZER_JSON not in files:
         raise ConfigError(f"no {TOKENIZER_JSON} in the tokenizer folder", where=str(folder))
     config, named, decoder = _settings(folder, files, defaults={})
-    backend = Tokenizer.from_str(files[TOKENIZER_JSON].decode("utf-8"))
+    with tokenizer_errors(str(folder / TOKENIZER_JSON)):
+        backend = Tokenizer.from_str(files[TOKENIZER_JSON].decode("utf-8"))
     if backend.post_processor is None:  # transformers then installs a template of its own
         raise ConfigError("a tokenizer.json without a post-processor is not reproduced here",
                           where=str(folder / TOKENIZER_JSON), expected="a post_processor")
     _add_special_tokens(backend, named, decoder)
     return FastTokenizer(backend, special_tokens={k: str(v) for k, v in named.items()}, files=files,
-                         **_call_settings(config))
+                         source=str(folder), **_call_settings(config))
 
 
 def load_clip_tokenizer(folder: str | Path) -> CLIPTokenizer:
     """CLIP's tokenizer from vocab.json + merges.txt (or the vocabulary and merges of tokenizer.json, which
     transformers prefers when both are there) and tokenizer_config.json, as transformers' CLIPTokenizer."""
+    folder = Path(folder)
+    with tokenizer_errors(str(folder)):
+        return _load_clip_tokenizer(folder)
+
+
+def _load_clip_tokenizer(folder: Path) -> CLIPTokenizer:
     from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import BPE
 
-    folder = Path(folder)
     files = _read_files(folder, (TOKENIZER_JSON, VOCAB_JSON, MERGES_TXT, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP))
     config, named, decoder = _settings(folder, files, defaults=CLIP_DEFAULTS)
     if config.get("tokenizer_class") not in CLIP_CLASSES:
@@ -283,7 +317,7 @@ def load_clip_tokenizer(folder: str | Path) -> CLIPTokenizer:
     backend.decoder = decoders.ByteLevel()
     _add_special_tokens(backend, named, decoder)
     tokenizer = CLIPTokenizer(backend, special_tokens={k: str(v) for k, v in named.items()}, files=files,
-                              **_call_settings(config))
+                              source=str(folder), **_call_settings(config))
     bos, eos = str(named["bos_token"]), str(named["eos_token"])
     bos_id, eos_id = tokenizer.token_id(bos), tokenizer.token_id(eos)
     assert bos_id is not None and eos_id is not None  # _add_special_tokens put both in the vocabulary
@@ -305,7 +339,8 @@ def _clip_vocabulary(folder: Path, files: Mapping[str, bytes]) -> tuple[dict[str
                           expected=[VOCAB_JSON, MERGES_TXT], found=sorted(files))
     from tokenizers.models import BPE
 
-    vocab, pairs = BPE.read_file(str(folder / VOCAB_JSON), str(folder / MERGES_TXT))
+    with tokenizer_errors(f"{folder / VOCAB_JSON}, {folder / MERGES_TXT}"):
+        vocab, pairs = BPE.read_file(str(folder / VOCAB_JSON), str(folder / MERGES_TXT))
     return vocab, pairs
 
 

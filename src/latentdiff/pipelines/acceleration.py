@@ -29,6 +29,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..layers.attention import set_attention_chunking
+from ..utils.devices import check_device
 
 # Score-matrix budget of attention slicing "auto": 512 MiB per SDPA call (a 1024 px SD self-attention at
 # batch 2 needs 2 x 8 x 16384^2 x 2 bytes = 8 GiB without it).
@@ -160,11 +161,7 @@ def _execution_device(device: str | torch.device | None) -> torch.device:
             raise InputError("CPU offload needs a device to run on, and there is no accelerator", where="device",
                              expected='device="cuda" (or any torch device)', found=None)
         return accelerator
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise InputError("not a torch device", where="device", expected='e.g. "cuda", "cuda:1", "cpu"',
-                         found=repr(device)) from err
+    return check_device(device)
 
 
 # ---- torch.compile ----------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from ..models.unet import UNet2DConditional
 from ..models.unet2d import UNet2D
 from ..models.vae_tiling import TileSettings
 from ..models.vq import VQModel
+from ..utils.devices import check_device
 from ..utils.memory import release_mapped
 from . import acceleration, first_stage
 from .base import Pipeline, PipelineOutput, check_output_type, to_output
@@ -105,6 +106,7 @@ class DenoisingPipeline(Pipeline):
         return (self.unet, self.vae)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> DenoisingPipeline:
+        device = check_device(device)
         for module in self.networks():
             module.to(device=device, dtype=dtype)
         return self

@@ -26,6 +26,7 @@ from ..diffusion.samplers import SamplerProtocol, SamplerSettings
 from ..diffusion.scheduler_io import SCHEDULER_CONFIG_NAME, load_scheduler_folder, write_scheduler_folder
 from ..errors import CheckpointError, ConfigError, describe
 from ..hub import HubLocation, contained
+from ..utils.devices import check_device
 
 MODEL_INDEX = "model_index.json"
 Entry: TypeAlias = tuple[str, str]   # a model_index.json (library, class) entry
@@ -144,6 +145,7 @@ def load_folder(pipeline: LoadsFolders, path_or_id: str | os.PathLike, *, given:
                 variant: str | None, torch_dtype: Any, device: Any, location: HubLocation) -> dict[str, Any]:
     """The constructor arguments of `pipeline` for a folder: `given` as passed (a None part is loaded), the
     folder's options (`read_options`), each missing part loaded from its subfolder, and the scheduler."""
+    check_device(device)  # before anything is read or downloaded
     root, index, source = open_folder(path_or_id, location=location)
     parts = pipeline.folder_layout(index)
     for key in [part.key for part in parts] + ["scheduler", *IGNORED_PARTS]:

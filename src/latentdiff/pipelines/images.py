@@ -101,7 +101,7 @@ def expand_batch(x: torch.Tensor, batch_size: int, *, per_prompt: int, name: str
 def _one_image(item: Any, *, name: str, channels: int) -> torch.Tensor:
     """-> (b, channels, H, W) float32 in [0, 1]."""
     if _is_pil(item):
-        item = np.asarray(item.convert("RGB" if channels == 3 else "L"))
+        item = _pil_array(item, name=name, mode="RGB" if channels == 3 else "L")
     if isinstance(item, np.ndarray):
         if item.ndim not in (3, 4) or (item.ndim == 3 and channels == 1 and item.shape[-1] != 1):
             raise InputError("a numpy image must be (H, W, C) or (B, H, W, C)", where=name,
@@ -125,7 +125,7 @@ def _one_image(item: Any, *, name: str, channels: int) -> torch.Tensor:
 def _one_mask(item: Any, *, name: str) -> torch.Tensor:
     """-> (b, 1, H, W) float32 in [0, 1]."""
     if _is_pil(item):
-        item = np.asarray(item.convert("L"))
+        item = _pil_array(item, name=name, mode="L")
     if isinstance(item, np.ndarray):
         if item.ndim in (3, 4) and item.shape[-1] == 1:  # (B, H, W, 1) or (H, W, 1): drop C
             item = item[..., 0]
@@ -152,7 +152,7 @@ def _one_layout(item: Any, *, name: str, num_classes: int) -> torch.Tensor:
         if item.mode not in ("L", "P", "I", "I;16", "1"):
             raise InputError("a PIL segmentation map must hold class ids (colour-coded maps: map colours to ids first)",
                              where=name, expected="mode L, P, I or 1", found=f"mode {item.mode}")
-        item = np.asarray(item).astype(np.int64)
+        item = _pil_array(item, name=name).astype(np.int64)
     if isinstance(item, np.ndarray):
         item = _from_numpy(item, name)
     if not isinstance(item, torch.Tensor):
@@ -174,6 +174,17 @@ def _one_layout(item: Any, *, name: str, num_classes: int) -> torch.Tensor:
                              found=low if low < 0 else high)
     x = x[None] if x.ndim == 2 else x
     return F.one_hot(x.long(), num_classes).permute(0, 3, 1, 2).to(torch.float32)
+
+
+def _pil_array(item: Any, *, name: str, mode: str | None = None) -> np.ndarray:
+    """The pixels of a PIL image, decoded now: `Image.open` is lazy, so a truncated or corrupt file fails here,
+    as an InputError naming the argument (PIL raises OSError, SyntaxError, ValueError ... by format)."""
+    try:
+        return np.asarray(item.convert(mode) if mode is not None else item)
+    except Exception as e:  # noqa: BLE001 -- every decoder failure of every format
+        source = getattr(item, "filename", None) or "an image"
+        raise InputError("the image cannot be decoded (a truncated or corrupt file?)", where=name,
+                         expected="a complete image", found=f"{source}: {type(e).__name__}: {e}") from None
 
 
 def _from_numpy(item: np.ndarray, name: str) -> torch.Tensor:

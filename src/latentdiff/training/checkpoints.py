@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,7 @@ CONFIG_FILE = "train_config.json"
 # loader's worker count and the corrupt-image policy, the model section, and these train keys).
 RESUME_FREE_DATA = ("num_workers", "on_corrupt")
 RESUME_FIXED_TRAIN = ("seed", "batch_size", "gradient_accumulation_steps")
+PROGRESS_COUNTERS = ("step", "batches", "skipped")
 
 
 class Checkpoints:
@@ -120,24 +122,83 @@ def load_modules(folder: Path, modules: dict[str, nn.Module], ema: EMA | None) -
         path = folder / "ema.safetensors"
         if not path.is_file():
             raise CheckpointError("the checkpoint has no EMA weights but this run keeps an EMA", where=str(folder))
-        from safetensors import safe_open
+        meta = hub.check_safetensors_header(path).get("__metadata__") or {}
+        updates = meta.get("num_updates", "0")
+        if not updates.isdigit():
+            raise CheckpointError("corrupt EMA metadata", where=f"{path}: num_updates", expected="a whole number",
+                                  found=repr(updates)[:60])
+        ema.load_state_dict({"shadow": hub.load_safetensors(path), "num_updates": int(updates)})
+    return read_progress(folder)
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        ema.load_state_dict({"shadow": hub.load_safetensors(path), "num_updates": int(meta.get("num_updates", 0))})
-    return json.loads((folder / PROGRESS_FILE).read_text())
+
+def read_json_file(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON file as a dict, or a CheckpointError naming it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError("a checkpoint file is missing", where=str(path)) from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"corrupt checkpoint file: not JSON ({e})", where=str(path)) from None
+    if not isinstance(data, dict):
+        raise CheckpointError("corrupt checkpoint file: not a JSON object", where=str(path),
+                              expected="a JSON object", found=type(data).__name__)
+    return data
+
+
+def read_progress(folder: Path) -> dict[str, Any]:
+    """progress.json, its counters checked (whole numbers >= 0)."""
+    path = folder / PROGRESS_FILE
+    progress = read_json_file(path)
+    for key in PROGRESS_COUNTERS:
+        value = progress.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CheckpointError("corrupt progress file", where=f"{path}: {key}", expected="a whole number >= 0",
+                                  found=repr(value)[:60])
+    return progress
+
+
+def restore_accelerate_state(accelerator: Any, folder: Path) -> None:
+    """accelerate's `load_state` (optimizers, schedulers, scaler, RNG states), any failure a CheckpointError
+    naming the file that fails to load (a truncated optimizer.bin, a pickle asking for more than tensors ...)."""
+    try:
+        accelerator.load_state(str(folder))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # noqa: BLE001 -- torch / pickle / zip errors of every kind, all meaning a bad file
+        wanted = re.search(r"GLOBAL ([\w.]+)", str(e))  # a weights-only unpickler's refusal names what was asked
+        what = f"refusing to unpickle {wanted.group(1)}; nothing in it was run" if wanted else \
+            f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+        raise CheckpointError(f"cannot restore the training state ({what})", where=_failing_state_file(folder),
+                              expected="the files accelerate wrote (resume only from checkpoints you trust)") from None
+
+
+def _failing_state_file(folder: Path) -> str:
+    """The first of accelerate's pickled files in `folder` that does not load (only called after a failure)."""
+    from accelerate.utils import load
+
+    for path in sorted(folder.iterdir()):
+        if path.suffix in (".bin", ".pkl", ".pt", ".pth"):
+            try:
+                load(str(path), map_location="cpu")
+            except Exception:  # noqa: BLE001 -- this is the one
+                return str(path)
+    return str(folder)
 
 
 def check_resumable(saved: dict[str, Any], current: dict[str, Any], *, where: str) -> None:
     """A resumed run must train the same model on the same data with the same batches."""
-    def data(config: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in config.get("data", {}).items() if k not in RESUME_FREE_DATA}
+    def section(config: dict[str, Any], name: str) -> dict[str, Any]:
+        value = config.get(name, {})
+        return value if isinstance(value, dict) else {"<not a mapping>": repr(value)[:40]}
 
-    pairs = {"data": (data(saved), data(current)), "model": (saved.get("model", {}), current.get("model", {}))}
-    changed = [f"{section}.{k}" for section, (a, b) in pairs.items() for k in sorted(set(a) | set(b))
+    def data(config: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in section(config, "data").items() if k not in RESUME_FREE_DATA}
+
+    pairs = {"data": (data(saved), data(current)), "model": (section(saved, "model"), section(current, "model"))}
+    changed = [f"{name}.{k}" for name, (a, b) in pairs.items() for k in sorted(set(a) | set(b))
                if a.get(k) != b.get(k)]
     changed += [f"train.{k}" for k in RESUME_FIXED_TRAIN
-                if saved.get("train", {}).get(k) != current.get("train", {}).get(k)]
+                if section(saved, "train").get(k) != section(current, "train").get(k)]
     if changed:
         raise CheckpointError("the config differs from the checkpoint's in settings a resumed run cannot change",
                               where=where, expected="the same data, model, seed and batch settings", found=changed)

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypedDict, overload
 
 from .. import limits
-from ..config import ComponentConfig, parse_yaml
+from ..config import ComponentConfig, parse_yaml, yaml_problem
 from ..errors import ConfigError, describe
+from ..limits import check_finite
 
 if TYPE_CHECKING:
     from ..diffusion.noise_scheduler import NoiseSchedulerConfig
@@ -47,6 +48,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 def _positive(config: ComponentConfig, *names: str, allow_zero: bool = False) -> None:
     for name in names:
         value = getattr(config, name)
+        if isinstance(value, float):  # NaN passes every comparison below; inf trains to NaN
+            check_finite(value, key=name, where=name, error=ConfigError)
         if value is not None and (value < 0 or (value == 0 and not allow_zero)):
             raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}", where=name,
                               expected=">= 0" if allow_zero else "> 0", found=value)
@@ -95,6 +98,9 @@ class OptimConfig(ComponentConfig):
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError("min_lr_ratio must lie in [0, 1]", where="min_lr_ratio", expected="[0, 1]",
                               found=self.min_lr_ratio)
+        if not all(0.0 <= b < 1.0 for b in self.betas):  # NaN fails this too
+            raise ConfigError("betas must lie in [0, 1)", where="betas", expected="two numbers in [0, 1)",
+                              found=list(self.betas))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +108,10 @@ class AutoencoderOptimConfig(OptimConfig):
     betas: tuple[float, float] = (0.5, 0.9)              # LDM's first stage (taming-transformers)
     weight_decay: float = 0.0                            # LDM trains the first stage with Adam
     discriminator_learning_rate: float | None = None     # None: learning_rate
+
+    def validate(self) -> None:
+        super().validate()
+        _positive(self, "discriminator_learning_rate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,8 +351,8 @@ def load_train_config(path: str | Path, kind: Kind, *, overrides: Sequence[str] 
         data = parse_yaml(path.read_text(encoding="utf-8"), where=str(path))
     except FileNotFoundError:
         raise ConfigError("train config file not found", where=str(path)) from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"train config is not valid YAML ({e})", where=str(path)) from None
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
+        raise ConfigError(f"train config is not valid YAML ({yaml_problem(e)})", where=str(path)) from None
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError("a train config must be a mapping of sections", where=str(path),
@@ -375,7 +385,11 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         target = target.setdefault(part, {})
         if not isinstance(target, dict):
             raise ConfigError("override path goes through a value that is not a mapping", where=item)
-    target[parts[-1]] = yaml.safe_load(raw)
+    try:
+        target[parts[-1]] = yaml.safe_load(raw)
+    except (yaml.YAMLError, RecursionError) as e:
+        raise ConfigError(f"override value is not valid YAML ({yaml_problem(e)})", where="--set",
+                          expected="e.g. train.max_steps=100", found=item) from None
 
 
 def check_components(config: TrainConfig) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import math
 import os
 import time
@@ -29,7 +28,16 @@ from torch import nn
 
 from .. import hub
 from ..errors import CheckpointError, ConfigError
-from .checkpoints import CONFIG_FILE, Checkpoints, check_resumable, load_modules, save_modules
+from .checkpoints import (
+    CONFIG_FILE,
+    Checkpoints,
+    check_resumable,
+    load_modules,
+    read_json_file,
+    read_progress,
+    restore_accelerate_state,
+    save_modules,
+)
 from .config import OptimConfig, TrainConfig
 from .ema import EMA
 
@@ -455,9 +463,10 @@ class Trainer:
             folder, self.modules, self.ema, self.progress(), self.config.to_dict()))
 
     def load_checkpoint(self, folder: Path) -> None:
-        saved = json.loads((folder / CONFIG_FILE).read_text()) if (folder / CONFIG_FILE).is_file() else {}
+        saved = read_json_file(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else {}
         check_resumable(saved, self.config.to_dict(), where=str(folder))
-        self.accelerator.load_state(str(folder))
+        read_progress(folder)  # a corrupt progress.json is named before anything is restored
+        restore_accelerate_state(self.accelerator, folder)
         progress = load_modules(folder, self.modules, self.ema)
         self.step, self.batches, self.skipped = progress["step"], progress["batches"], progress["skipped"]
         self.accelerator.print(f"latentdiff: resumed from {folder} at step {self.step}")
