@@ -75,8 +75,6 @@ def read_from_png(path: str) -> dict[str, Any]:
 
     if not Path(path).is_file():
         raise UsageError("no such file", where="--from", expected="a PNG written by latentdiff generate", found=path)
-    from PIL import Image
-
     try:
         params = read_png_params(path)
     except (OSError, ValueError, SyntaxError, RecursionError, Image.DecompressionBombError) as e:
