@@ -34,7 +34,8 @@ from tests._support.tiny_clip import random_clip_text_model, tiny_clip_config, w
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "a photo of a cat"
 FILE_KEY = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
-SD1_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+SD1_UNET = dict(block_out_channels=(32, 64), layers_per_block=1,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64, attention_head_dim=8,
                 sample_size=8)
 SD1_VAE = dict(block_out_channels=(32, 64), layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,

@@ -59,7 +59,7 @@ def read_parts(path: str | os.PathLike, *, use_ema: bool = True, original_config
     model trained with, say, GroupNorm(8) or 2 attention heads must come back as it was saved.
     """
     parts = read_single_file(path, use_ema=use_ema, original_config=original_config, prediction_type=prediction_type,
-                             parts=only)
+                             only=only)
     if original_config is None:
         for name, config in saved_configs(path).items():
             if name in parts and name != "extras" and not (name == "scheduler" and prediction_type is not None):

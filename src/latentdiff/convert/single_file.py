@@ -137,11 +137,11 @@ def _unwrap(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
 
 def read_single_file(path: str | os.PathLike, *, use_ema: bool = True,
                      original_config: str | os.PathLike | Mapping[str, Any] | None = None,
-                     prediction_type: str | None = None, parts: Collection[str] | None = None) -> Parts:
+                     prediction_type: str | None = None, only: Collection[str] | None = None) -> Parts:
     """Read an original checkpoint and split it into parts (see the module doc).
 
     The architecture comes from `original_config` if given, else from latentdiff's configs in the file's
-    metadata (files written by `write_single_file`), else from the tensor shapes (see `infer`). `parts`: the
+    metadata (files written by `write_single_file`), else from the tensor shapes (see `infer`). `only`: the
     network parts wanted (None: all); the others are neither inferred nor converted.
     """
     state, info = load_single_file(path)
@@ -150,7 +150,7 @@ def read_single_file(path: str | os.PathLike, *, use_ema: bool = True,
         configs, family = saved_metadata(info["metadata"][METADATA_KEY], where=f"{path}: __metadata__.{METADATA_KEY}")
     return split_single_file(state, original_config=original_config, use_ema=use_ema, prediction_type=prediction_type,
                              global_step=info["global_step"], configs=configs, family=family, source=str(path),
-                             parts=parts)
+                             only=only)
 
 
 def saved_metadata(text: str, *, where: str) -> tuple[dict[str, dict[str, Any]], str | None]:
@@ -218,19 +218,19 @@ def check_schedule_buffers(state: Mapping[str, torch.Tensor], *, source: str) ->
 def split_single_file(state: Mapping[str, torch.Tensor], *, original_config: Any = None, use_ema: bool = True,
                       prediction_type: str | None = None, global_step: int | None = None,
                       configs: Mapping[str, dict] | None = None, family: str | None = None,
-                      source: str = "checkpoint", parts: Collection[str] | None = None) -> Parts:
+                      source: str = "checkpoint", only: Collection[str] | None = None) -> Parts:
     """An original-layout state dict -> parts. Every tensor lands in a part; an unknown key is an error.
 
     `use_ema`: when the file has LitEma weights (`model_ema.*`), the UNet gets them (default) or the live
-    weights; the other copy is left out. `parts`: the network parts wanted (None: all); the tensors of the
+    weights; the other copy is left out. `only`: the network parts wanted (None: all); the tensors of the
     others are left out before anything is inferred or converted (a UNet loads from a file whose text encoder
     latentdiff cannot read), only the kind of conditioning is kept (it sets UNet conventions and the task).
     """
     check_schedule_buffers(state, source=source)
     state = select_ema(state, use_ema=use_ema, source=source)
     conditioning = None
-    if parts is not None:
-        state, conditioning = only_parts(state, parts)
+    if only is not None:
+        state, conditioning = only_parts(state, only)
     layout = file_layout(state, original_config=original_config, configs=configs, family=family,
                          prediction_type=prediction_type, global_step=global_step, source=source,
                          conditioning=conditioning)

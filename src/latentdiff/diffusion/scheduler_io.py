@@ -312,7 +312,7 @@ def _registered_sampler(options: Any, name: str, source: str | None) -> SamplerS
         raise ConfigError("the folder's sampler is not registered in this process", where=_at(source, LATENTDIFF_KEY),
                           expected=f"a registered sampler name ({sorted(SAMPLERS.names())}; register yours "
                                    "before loading, or pass sampler=)", found=repr(registered))
-    cls = SAMPLERS.get(registered)
+    cls: Any = SAMPLERS.get(registered)
     return cls.from_dict({k: v for k, v in options.items() if k != "name"}, source=_at(source, LATENTDIFF_KEY))
 
 

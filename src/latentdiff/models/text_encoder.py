@@ -283,7 +283,8 @@ class TextEncoder(nn.Module):
         model: Any = self.model  # latentdiff's or transformers' text model: both have this save_pretrained
         model.save_pretrained(model_dir, state_dict=state, variant=variant)
         if layers is not None:
-            hub.write_json(read_json(model_dir / MODEL_CONFIG) | {"num_hidden_layers": layers}, model_dir / MODEL_CONFIG)
+            written = read_json(model_dir / MODEL_CONFIG) | {"num_hidden_layers": layers}
+            hub.write_json(written, model_dir / MODEL_CONFIG)
         hub.write_json({**settings.to_dict(), "_latentdiff_version": __version__}, model_dir / CONFIG_FILE)
         self.tokenizer.save_pretrained(tokenizer_dir)
 
@@ -292,7 +293,8 @@ class TextEncoder(nn.Module):
         penultimate one through the final layer norm, which every library reads as the text model's output
         (diffusers, and latentdiff with layer="last"), so no reader of the folder conditions on the last layer."""
         layers = getattr(self.model.config, "num_hidden_layers", None)
-        last = [k for k in state if f"encoder.layers.{layers - 1}." in k] if isinstance(layers, int) else []
+        layers = layers if isinstance(layers, int) else 0
+        last = [k for k in state if f"encoder.layers.{layers - 1}." in k]
         if not last or layers < 2 or not self.config.apply_final_norm:
             raise ConfigError("layer='penultimate' cannot be written as a diffusers folder for this text model",
                               where="text_encoder.config.layer", expected="a CLIP tower of >= 2 layers, with "
