@@ -166,14 +166,21 @@ def check_values(values: dict[str, Any], origin: dict[str, str]) -> None:
                              found=f"{values['height']} x {values['width']} x {values['n']} = {pixels}",
                              hint="lower -n or the size (the Python API takes max_pixels= to raise the limit)")
     for key in ("guidance", "eta"):
-        need(values[key] is None or is_real(values[key]) and math.isfinite(values[key]) and values[key] >= 0, key,
-             "a number >= 0")
+        need(values[key] is None or _finite(values[key]) and values[key] >= 0, key, "a number >= 0")
     need(values["dtype"] in DTYPES.values(), "dtype", f"one of {sorted(set(DTYPES.values()))}")
     need(values["tokenizer"] is None or isinstance(values["tokenizer"], str), "tokenizer", "a string")
     if values["tokenizer"] is not None and Path(values["model"]).suffix not in SINGLE_FILE_SUFFIXES:
         raise UsageError("--tokenizer is for single-file models (a folder has its own tokenizer)",
                          where=origin["tokenizer"], expected="a .safetensors/.ckpt --model", found=values["model"])
     check_sampler(values, origin)
+
+
+def _finite(value: Any) -> bool:
+    """A real number that a float holds, and not NaN or Inf (an int of 400 digits does not fit a float)."""
+    try:
+        return is_real(value) and math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def check_sampler(values: dict[str, Any], origin: dict[str, str]) -> None:
