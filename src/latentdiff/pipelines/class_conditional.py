@@ -39,6 +39,7 @@ from ..diffusion.samplers import SamplerProtocol
 from ..errors import ConfigError, InputError, describe
 from ..models.conditioners import ClassEmbedder
 from ..registry import PIPELINES
+from .arguments import check_call
 from .base import PipelineOutput
 from .denoising import DenoisingPipeline, FirstStage, Generator, StepCallback, unet_conditioning
 from .folder import FolderPart
@@ -131,6 +132,7 @@ class ClassConditionalPipeline(DenoisingPipeline):
         """One image per label of `class_labels` (an int, a name, a list of them, or a (B,) integer tensor).
         guidance_scale > 1 guides against the null class. latents: x_T (B, C, height/f, width/f), drawn from
         `generator` when None. Returns PipelineOutput(images=...)."""
+        check_call(self, locals())
         labels = self.label_ids(class_labels)
         height, width = self.image_size(height, width)
         self.check_guidance(guidance_scale)

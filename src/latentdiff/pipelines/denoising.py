@@ -35,6 +35,7 @@ from ..models.unet2d import UNet2D
 from ..models.vae_tiling import TileSettings
 from ..models.vq import VQModel
 from ..utils.memory import release_mapped
+from ..utils.numerics import check_finite_output, check_finite_weights
 from . import acceleration, first_stage
 from .base import Pipeline, PipelineOutput, check_output_type, to_output
 from .folder import MODEL_INDEX, Entry, FolderPart, load_folder, write_parts
@@ -103,6 +104,14 @@ class DenoisingPipeline(Pipeline):
         """The modules `to()` moves."""
         return (self.unet, self.vae)
 
+    def check_weights(self, *, source: str | None = None) -> None:
+        """Scan every network's weights once: a NumericalError (stage "load") naming the part (`vae`, `unet`,
+        `text_encoder` ...) and its first tensor holding NaN or Inf. What `check_finite_weights=True` runs."""
+        for name in self.component_names:
+            module = getattr(self, name, None)
+            if isinstance(module, nn.Module):
+                check_finite_weights(module, part=name, source=source)
+
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> DenoisingPipeline:
         for module in self.networks():
             module.to(device=device, dtype=dtype)
@@ -156,16 +165,21 @@ class DenoisingPipeline(Pipeline):
                         device: str | torch.device | None = None, variant: str | None = None,
                         revision: str | None = None, cache_dir: str | os.PathLike | None = None,
                         token: str | bool | None = None, local_files_only: bool | None = None,
-                        **parts: Any) -> DenoisingPipeline:
+                        check_finite_weights: bool = False, **parts: Any) -> DenoisingPipeline:
         """Load a diffusers-layout folder or Hub repo. `parts`: constructor arguments (vae=, unet=,
-        noise_scheduler=, sampler= and the pipeline's own) that replace the folder's; any other is a TypeError."""
+        noise_scheduler=, sampler= and the pipeline's own) that replace the folder's; any other is a TypeError.
+        check_finite_weights: scan every part's weights once (`check_weights`): a NumericalError naming the part
+        and the first tensor holding NaN or Inf."""
         names = [part.argument for part in cls.folder_parts] + ["noise_scheduler", "sampler", *cls.option_names]
         unknown = sorted(set(parts) - set(names))
         if unknown:
             raise TypeError(f"{cls.__name__}.from_pretrained got unknown keyword(s) {unknown}; its parts: {names}")
         location = HubLocation(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
-        return cls(**load_folder(cls, path_or_id, given=parts, variant=variant, torch_dtype=torch_dtype,
-                                 device=device, location=location))
+        pipeline = cls(**load_folder(cls, path_or_id, given=parts, variant=variant, torch_dtype=torch_dtype,
+                                     device=device, location=location))
+        if check_finite_weights:
+            pipeline.check_weights(source=str(path_or_id))
+        return pipeline
 
     @classmethod
     def folder_layout(cls, index: Mapping[str, Any]) -> Sequence[FolderPart]:
@@ -258,8 +272,11 @@ class DenoisingPipeline(Pipeline):
                callback: StepCallback | None = None, progress: bool = True) -> torch.Tensor:
         """The reverse process from x_T (B, C, h, w) to z_0 with `denoise(x_t, t)` (the UNet, or a wrapper adding
         the pipeline's conditioning) and the sampler (the pipeline's by default)."""
-        return (sampler or self.sampler).sample(denoise, x_T, self.noise_scheduler, num_inference_steps,
-                                                generator=generator, callback=callback, progress=progress)
+        z0 = (sampler or self.sampler).sample(denoise, x_T, self.noise_scheduler, num_inference_steps,
+                                              generator=generator, callback=callback, progress=progress)
+        # one reduction after the loop, never per step (on CUDA a check is a host sync)
+        return check_finite_output(z0, stage="denoising", step=num_inference_steps, steps=num_inference_steps,
+                                   dtype=self.unet.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """z_0 (B, C, h, w), scaled -> images (B, 3, H, W) in [-1, 1]; the only autoencoder call of a run."""

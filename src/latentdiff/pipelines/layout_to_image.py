@@ -30,6 +30,7 @@ from ..diffusion.samplers import SamplerProtocol
 from ..errors import ConfigError, InputError
 from ..models.conditioners import SpatialRescaler, SpatialRescalerConfig
 from ..registry import PIPELINES
+from .arguments import check_call
 from .base import PipelineOutput, concat_conditioning
 from .denoising import DenoisingPipeline, FirstStage, Generator, StepCallback
 from .folder import FolderPart
@@ -104,6 +105,7 @@ class LayoutToImagePipeline(DenoisingPipeline):
         (B, K, H, W); PIL, numpy, tensor or a list): images of the map's size, whose sides must be multiples of
         the first stage's factor f (height / width, when given, must equal them). latents: x_T (B, C, H/f, W/f),
         drawn from `generator` when None. Returns PipelineOutput(images=...)."""
+        check_call(self, locals())
         one_hot = self.preprocess_layout(layout, height=height, width=width)
         batch, (height, width) = one_hot.shape[0], one_hot.shape[-2:]
         self.check_run(num_inference_steps=num_inference_steps, output_type=output_type, batch_size=batch,

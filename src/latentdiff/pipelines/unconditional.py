@@ -30,6 +30,7 @@ from ..errors import InputError
 from ..models.base import CONFIG_NAME, load_weights
 from ..models.vq import VQModel
 from ..registry import PIPELINES
+from .arguments import check_call
 from .base import PipelineOutput
 from .denoising import DenoisingPipeline, Generator, StepCallback
 
@@ -50,6 +51,7 @@ class UnconditionalPipeline(DenoisingPipeline):
         """Generate `batch_size` images of height x width (default: the UNet's sample_size times the first stage's
         factor f). latents: x_T (batch_size, C, height/f, width/f), drawn from `generator` when None.
         Returns PipelineOutput(images=...)."""
+        check_call(self, locals())
         if not is_int(batch_size) or batch_size < 1:
             raise InputError("batch_size must be a positive integer", where="batch_size", expected=">= 1",
                              found=batch_size)
