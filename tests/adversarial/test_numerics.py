@@ -21,6 +21,7 @@ from tests._support.numerics import (
     tiny_text_model,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: one thread is faster
 clear = pytest.mark.outcome("clear_error", fails_as="unclear")
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .. import hub
-from ..config import is_int
+from ..config import is_int, is_real
 from ..diffusion.noise import randn
 from ..diffusion.noise_scheduler import NoiseScheduler
 from ..diffusion.samplers import DDIMSampler, Generator, SamplerProtocol, StepCallback
@@ -218,7 +218,7 @@ class DenoisingPipeline(Pipeline):
             raise InputError("this sampler has no eta", where="eta",
                              expected=f"eta=None with {type(self.sampler).__name__}", found=eta)
         tunable: Any = self.sampler   # a sampler with an eta (a SamplerSettings) copies itself by with_options
-        return tunable.with_options(eta=eta)
+        return tunable.with_options(eta=float(eta) if is_real(eta) else eta)   # eta=1 is 1.0
 
     def image_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """(height, width) of the images, checked: multiples of the first stage's factor f; None: the UNet's
