@@ -28,6 +28,7 @@ from ..config import ComponentConfig
 from ..errors import CheckpointError, ConfigError, InputError, describe
 from ..layers.attention import attention
 from ..registry import COMPONENTS
+from ..utils import numerics
 from ..version import __version__
 from .base import CONFIG_NAME, ModelMixin, load_weights
 from .diffusers_config import check_supported
@@ -207,8 +208,9 @@ class LDMBert(ModelMixin[LDMBertConfig]):
                         revision: str | None = None, variant: str | None = None,
                         torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                         cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
-                        local_files_only: bool | None = None) -> LDMBert:
+                        local_files_only: bool | None = None, check_finite_weights: bool = False) -> LDMBert:
         """Load a `bert/` folder (local or Hub) strictly: model.safetensors, else an older pytorch_model.bin.
+        check_finite_weights: scan every tensor once, a NumericalError naming the first holding NaN or Inf.
 
         The pickle is read with `weights_only=True`, and downloaded only when the folder has no safetensors.
         """
@@ -227,7 +229,10 @@ class LDMBert(ModelMixin[LDMBertConfig]):
             hub.resolve(path_or_id, allow_patterns=[f"{prefix}{name}*.bin"], **where)
         config = cls.load_config(folder)
         state = load_weights(folder, name, variant=variant)
-        return cls.from_state_dict(config, state, torch_dtype=torch_dtype, device=device, source=str(folder))
+        model = cls.from_state_dict(config, state, torch_dtype=torch_dtype, device=device, source=str(folder))
+        if check_finite_weights:
+            numerics.check_finite_weights(model, part=subfolder or cls.__name__, source=str(folder))
+        return model
 
     @classmethod
     def from_state_dict(cls, config: LDMBertConfig, state: Mapping[str, torch.Tensor], *,
