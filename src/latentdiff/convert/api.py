@@ -261,22 +261,26 @@ def pipeline_from_single_file(path: str | os.PathLike, *, original_config: Any =
                               device: str | torch.device | None = None, task: str | None = None,
                               pipeline_class: type | None = None,
                               cache_dir: str | os.PathLike | None = None, local_files_only: bool | None = None,
-                              **components: Any) -> Any:
+                              check_finite_weights: bool = False, **components: Any) -> Any:
     """The pipeline an original single file describes: its class from PIPELINES by the file's family, or by
     `task=` (a PIPELINES name); `pipeline_class=` (what `SomePipeline.from_single_file` passes) must fit the file.
 
     `components` replace the file's parts and are not built from it: `unet=`, `vae=`, `text_encoder=`,
     `noise_scheduler=`, `sampler=` ... (the pipeline's constructor arguments), and `tokenizer=` for the text
-    encoder built from the file. An unknown name is a TypeError.
+    encoder built from the file. An unknown name is a TypeError. check_finite_weights: scan every part's weights
+    once (the pipeline's `check_weights`): a NumericalError naming the part and the first tensor holding NaN or Inf.
     """
     given = {FIRST_STAGE_ALIASES.get(name, name) for name, value in components.items() if value is not None} \
         | {name for name, value in components.items() if value is not None}
     only = [part for part in NETWORK_PARTS if part not in given]   # a part passed in is not even read
     parts = read_parts(path, use_ema=use_ema, original_config=original_config, prediction_type=prediction_type,
                        only=only)
-    return pipeline_from_parts(parts, source=str(path), torch_dtype=torch_dtype, device=device, task=task,
-                               pipeline_class=pipeline_class,
-                               cache_dir=cache_dir, local_files_only=local_files_only, **components)
+    pipeline = pipeline_from_parts(parts, source=str(path), torch_dtype=torch_dtype, device=device, task=task,
+                                   pipeline_class=pipeline_class,
+                                   cache_dir=cache_dir, local_files_only=local_files_only, **components)
+    if check_finite_weights:
+        pipeline.check_weights(source=str(path))
+    return pipeline
 
 
 def pipeline_from_parts(parts: Parts, *, source: str, torch_dtype: torch.dtype | None = None, device: Any = None,

@@ -29,6 +29,7 @@ from .. import hub
 from ..config import ComponentConfig, read_json
 from ..errors import CheckpointError, ConfigError, describe
 from ..registry import SINGLE_FILE
+from ..utils import numerics
 from ..utils.devices import check_device
 from ..utils.memory import release_mapped
 from ..utils.startup import freeze_startup_objects
@@ -94,13 +95,15 @@ class ModelMixin(nn.Module, Generic[ConfigT]):
                         revision: str | None = None, variant: str | None = None,
                         torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                         cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
-                        local_files_only: bool | None = None, mmap_weights: bool | None = None):
+                        local_files_only: bool | None = None, mmap_weights: bool | None = None,
+                        check_finite_weights: bool = False):
         """Load from a local folder or a Hub id (diffusers layout), strictly: every key used, every shape checked.
 
         The weights are copied into memory (default), or with `mmap_weights=True` kept memory-mapped from the file
         (no copy; pages can be released, see docs/memory.md); the file must then not be rewritten in place: each
         forward first checks it and raises a CheckpointError if it was. None: as the enclosing `hub.mapped_weights`
-        block says (a pipeline's load)."""
+        block says (a pipeline's load). check_finite_weights: scan every tensor once and raise a NumericalError
+        naming the first that holds NaN or Inf (off by default: one pass over the weights)."""
         check_device(device)  # before any file is read
         prefix = f"{subfolder}/" if subfolder else ""
         location = hub.HubLocation(revision=revision, cache_dir=cache_dir, token=token,
@@ -116,6 +119,8 @@ class ModelMixin(nn.Module, Generic[ConfigT]):
             model = cls.from_state_dict(config, state, torch_dtype=torch_dtype, device=device, source=str(folder))
         if mmap_weights:
             watch_mapped_files(model, files)
+        if check_finite_weights:
+            numerics.check_finite_weights(model, part=subfolder or cls.__name__, source=str(folder))
         return model
 
     @classmethod
@@ -139,17 +144,20 @@ class ModelMixin(nn.Module, Generic[ConfigT]):
     @classmethod
     def from_single_file(cls, path: str | os.PathLike, *, original_config: Any = None, use_ema: bool = True,
                          prediction_type: str | None = None, torch_dtype: torch.dtype | None = None,
-                         device: str | torch.device | None = None):
+                         device: str | torch.device | None = None, check_finite_weights: bool = False):
         """Load this model's part of an original single file (`.safetensors` or `.ckpt`), strictly.
 
         The architecture comes from `original_config` (a YAML path, a dict, or the name of a shipped one),
         else from latentdiff's metadata in the file, else from the tensor shapes. `use_ema`: the UNet gets
         LitEma's weights when the file has them. A file without this part is a CheckpointError naming the
-        parts it has.
+        parts it has. check_finite_weights: as in `from_pretrained`.
         """
-        return SINGLE_FILE.get("model_from_single_file")(cls, path, original_config=original_config, use_ema=use_ema,
-                                                         prediction_type=prediction_type, torch_dtype=torch_dtype,
-                                                         device=device)
+        model = SINGLE_FILE.get("model_from_single_file")(cls, path, original_config=original_config, use_ema=use_ema,
+                                                          prediction_type=prediction_type, torch_dtype=torch_dtype,
+                                                          device=device)
+        if check_finite_weights:
+            numerics.check_finite_weights(model, part=cls.__name__, source=str(path))
+        return model
 
     def save_single_file(self, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
         """Write this model alone in the original layout (`.safetensors`, atomically), its config in the metadata.

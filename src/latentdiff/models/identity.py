@@ -95,9 +95,10 @@ class IdentityFirstStage(FirstStage[IdentityFirstStageConfig]):
                         revision: str | None = None, variant: str | None = None,
                         torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                         cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
-                        local_files_only: bool | None = None, mmap_weights: bool | None = None) -> IdentityFirstStage:
-        """Read config.json from a folder or Hub id. `variant` and `mmap_weights` concern weights files, so they
-        change nothing here."""
+                        local_files_only: bool | None = None, mmap_weights: bool | None = None,
+                        check_finite_weights: bool = False) -> IdentityFirstStage:
+        """Read config.json from a folder or Hub id. `variant`, `mmap_weights` and `check_finite_weights` concern
+        weights, so they change nothing here."""
         prefix = f"{subfolder}/" if subfolder else ""
         root = hub.resolve(path_or_id, revision=revision, cache_dir=cache_dir, token=token,
                            local_files_only=local_files_only, allow_patterns=[f"{prefix}{CONFIG_NAME}"])

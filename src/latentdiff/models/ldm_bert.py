@@ -28,6 +28,7 @@ from ..config import ComponentConfig
 from ..errors import CheckpointError, ConfigError, InputError, describe
 from ..layers.attention import attention
 from ..registry import COMPONENTS
+from ..utils import numerics
 from ..version import __version__
 from . import structure
 from .base import CONFIG_NAME, ModelMixin, load_weights, watch_mapped_files
@@ -218,8 +219,10 @@ class LDMBert(ModelMixin[LDMBertConfig]):
                         revision: str | None = None, variant: str | None = None,
                         torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                         cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
-                        local_files_only: bool | None = None, mmap_weights: bool | None = None) -> LDMBert:
+                        local_files_only: bool | None = None, mmap_weights: bool | None = None,
+                        check_finite_weights: bool = False) -> LDMBert:
         """Load a `bert/` folder (local or Hub) strictly: model.safetensors, else an older pytorch_model.bin.
+        check_finite_weights: scan every tensor once, a NumericalError naming the first holding NaN or Inf.
 
         The pickle is read with `weights_only=True`, and downloaded only when the folder has no safetensors.
         `mmap_weights`: as for every model (`ModelMixin.from_pretrained`).
@@ -243,6 +246,8 @@ class LDMBert(ModelMixin[LDMBertConfig]):
             model = cls.from_state_dict(config, state, torch_dtype=torch_dtype, device=device, source=str(folder))
         if mmap_weights:
             watch_mapped_files(model, files)
+        if check_finite_weights:
+            numerics.check_finite_weights(model, part=subfolder or cls.__name__, source=str(folder))
         return model
 
     @classmethod

@@ -39,6 +39,7 @@ from ..diffusion.samplers import SamplerProtocol
 from ..errors import ConfigError, InputError, describe
 from ..models.conditioners import ClassEmbedder
 from ..registry import PIPELINES
+from .arguments import check_call
 from .base import PipelineOutput
 from .denoising import DenoisingPipeline, FirstStage, Generator, StepCallback, unet_conditioning
 from .folder import FolderPart
@@ -133,6 +134,7 @@ class ClassConditionalPipeline(DenoisingPipeline):
         guidance_scale > 1 guides against the null class. latents: x_T (B, C, height/f, width/f), drawn from
         `generator` when None. max_pixels: the largest height x width x labels a call may generate (default
         limits.DEFAULT_MAX_PIXELS). Returns PipelineOutput(images=...)."""
+        check_call(self, locals())
         labels = self.label_ids(class_labels)
         height, width = self.image_size(height, width)
         self.check_pixels(height, width, labels.shape[0], max_pixels=max_pixels, images_argument="class_labels")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .. import hub, limits
-from ..config import is_int
+from ..config import is_int, is_real
 from ..diffusion.noise import randn
 from ..diffusion.noise_scheduler import NoiseScheduler
 from ..diffusion.samplers import DDIMSampler, Generator, SamplerProtocol, StepCallback
@@ -37,6 +37,7 @@ from ..models.vae_tiling import TileSettings
 from ..models.vq import VQModel
 from ..utils.devices import check_device
 from ..utils.memory import release_mapped
+from ..utils.numerics import check_finite_output, check_finite_weights
 from . import acceleration, first_stage
 from .base import Pipeline, PipelineOutput, check_output_type, to_output
 from .folder import MODEL_INDEX, Entry, FolderPart, load_folder, write_parts
@@ -105,6 +106,14 @@ class DenoisingPipeline(Pipeline):
         """The modules `to()` moves."""
         return (self.unet, self.vae)
 
+    def check_weights(self, *, source: str | None = None) -> None:
+        """Scan every network's weights once: a NumericalError (stage "load") naming the part (`vae`, `unet`,
+        `text_encoder` ...) and its first tensor holding NaN or Inf. What `check_finite_weights=True` runs."""
+        for name in self.component_names:
+            module = getattr(self, name, None)
+            if isinstance(module, nn.Module):
+                check_finite_weights(module, part=name, source=source)
+
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> DenoisingPipeline:
         device = check_device(device)
         for module in self.networks():
@@ -159,17 +168,22 @@ class DenoisingPipeline(Pipeline):
                         device: str | torch.device | None = None, variant: str | None = None,
                         revision: str | None = None, cache_dir: str | os.PathLike | None = None,
                         token: str | bool | None = None, local_files_only: bool | None = None,
-                        mmap_weights: bool = False, **parts: Any) -> DenoisingPipeline:
+                        mmap_weights: bool = False, check_finite_weights: bool = False,
+                        **parts: Any) -> DenoisingPipeline:
         """Load a diffusers-layout folder or Hub repo. `parts`: constructor arguments (vae=, unet=,
         noise_scheduler=, sampler= and the pipeline's own) that replace the folder's; any other is a TypeError.
-        `mmap_weights`: see `load_pipeline_folder`."""
+        `mmap_weights`: see `load_pipeline_folder`. check_finite_weights: scan every part's weights once
+        (`check_weights`): a NumericalError naming the part and the first tensor holding NaN or Inf."""
         names = [part.argument for part in cls.folder_parts] + ["noise_scheduler", "sampler", *cls.option_names]
         unknown = sorted(set(parts) - set(names))
         if unknown:
             raise TypeError(f"{cls.__name__}.from_pretrained got unknown keyword(s) {unknown}; its parts: {names}")
         location = HubLocation(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
-        return cls.load_pipeline_folder(path_or_id, given=parts, variant=variant, torch_dtype=torch_dtype,
-                                        device=device, location=location, mmap_weights=mmap_weights)
+        pipeline = cls.load_pipeline_folder(path_or_id, given=parts, variant=variant, torch_dtype=torch_dtype,
+                                            device=device, location=location, mmap_weights=mmap_weights)
+        if check_finite_weights:
+            pipeline.check_weights(source=str(path_or_id))
+        return pipeline
 
     @classmethod
     def load_pipeline_folder(cls, path_or_id: str | os.PathLike, *, given: Mapping[str, Any], variant: str | None,
@@ -226,7 +240,7 @@ class DenoisingPipeline(Pipeline):
             raise InputError("this sampler has no eta", where="eta",
                              expected=f"eta=None with {type(self.sampler).__name__}", found=eta)
         tunable: Any = self.sampler   # a sampler with an eta (a SamplerSettings) copies itself by with_options
-        return tunable.with_options(eta=eta)
+        return tunable.with_options(eta=float(eta) if is_real(eta) else eta)   # eta=1 is 1.0
 
     def image_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """(height, width) of the images, checked: multiples of the first stage's factor f; None: the UNet's
@@ -290,8 +304,11 @@ class DenoisingPipeline(Pipeline):
                callback: StepCallback | None = None, progress: bool = True) -> torch.Tensor:
         """The reverse process from x_T (B, C, h, w) to z_0 with `denoise(x_t, t)` (the UNet, or a wrapper adding
         the pipeline's conditioning) and the sampler (the pipeline's by default)."""
-        return (sampler or self.sampler).sample(denoise, x_T, self.noise_scheduler, num_inference_steps,
-                                                generator=generator, callback=callback, progress=progress)
+        z0 = (sampler or self.sampler).sample(denoise, x_T, self.noise_scheduler, num_inference_steps,
+                                              generator=generator, callback=callback, progress=progress)
+        # one reduction after the loop, never per step (on CUDA a check is a host sync)
+        return check_finite_output(z0, stage="denoising", step=num_inference_steps, steps=num_inference_steps,
+                                   dtype=self.unet.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """z_0 (B, C, h, w), scaled -> images (B, 3, H, W) in [-1, 1]; the only autoencoder call of a run."""

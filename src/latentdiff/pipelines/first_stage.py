@@ -10,6 +10,9 @@ the tiles themselves are `models.vae_tiling`'s. The safety nets, each announced 
 - NaN/Inf from a half-precision first stage (fp16 overflows past 65504): decoded again with the first stage in
   fp32, then cast back; those images are fp32. Not when the latents themselves are not finite.
 
+Images still not finite after that (NaN/Inf first-stage weights, non-finite latents) are a `NumericalError`
+of stage "decode" (`utils.numerics`), never a black image.
+
 This module imports nothing from the pipelines: it works on any first stage with `decode` / `decode_latents`,
 `dtype` and `downsample_factor` (AutoencoderKL, VQModel, IdentityFirstStage).
 """
@@ -22,6 +25,7 @@ import torch
 
 from ..errors import ConfigError
 from ..models.vae_tiling import TileSettings, is_out_of_memory, sliced, tiled_decode
+from ..utils.numerics import check_finite_output
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 # Tiles of the out-of-memory fall-back (diffusers' tiling defaults).
@@ -45,7 +49,8 @@ def decode(vae: Any, latents: torch.Tensor, *, scaled: bool = True, fallback_til
                                      stacklevel=stacklevel + 1)
         finally:
             vae.to(dtype=dtype)
-    return images
+    # after the fp32 retry: what is still not finite is the weights' or the latents' fault
+    return check_finite_output(images, stage="decode", where="vae", dtype=images.dtype)
 
 
 def _decode_or_tile(vae: Any, latents: torch.Tensor, *, scaled: bool, fallback_tiling: TileSettings,

@@ -20,6 +20,7 @@ from ..diffusion.samplers import SamplerProtocol, StepCallback, check_sampler
 from ..diffusion.samplers.base import check_generator
 from ..errors import InputError, describe
 from ..registry import PIPELINES
+from .arguments import check_call
 from .base import PipelineOutput
 from .images import ImageInput, check_batch, expand_batch, image_to_tensor
 from .latent_diffusion import LAYOUTS, Generator, LatentDiffusionPipeline, Prompt
@@ -48,6 +49,7 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
         each step run (i from 0; denoised the step's x0 prediction; a tensor it returns replaces x).
         Returns PipelineOutput(images=...).
         """
+        check_call(self, locals())
         x, sampler = self.preprocess_image(image), self.sampler_for(eta)
         batch, first = self.check_image_inputs(
             prompt, negative_prompt, x, sampler=sampler, strength=strength, num_inference_steps=num_inference_steps,

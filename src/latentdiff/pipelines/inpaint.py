@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from ..diffusion.samplers import StepCallback
 from ..diffusion.samplers.base import after_step, as_step_callback
 from ..registry import PIPELINES
+from .arguments import check_call
 from .base import PipelineOutput
 from .image_to_image import ImageToImagePipeline
 from .images import ImageInput, check_batch, expand_batch, mask_to_tensor
@@ -65,6 +66,7 @@ class InpaintPipeline(ImageToImagePipeline):
         timestep (as image-to-image). noise: (B, C, H/f, W/f), the run's eps (diffusers' `latents` at
         strength 1), drawn from `generator` when None. Returns PipelineOutput(images=...).
         """
+        check_call(self, locals())
         x, sampler = self.preprocess_image(image), self.sampler_for(eta)
         mask = self.preprocess_mask(mask_image, size=(x.shape[-2], x.shape[-1]))
         batch, first = self.check_image_inputs(

@@ -30,7 +30,9 @@ from ..models.text_encoder import TextEncoder
 from ..models.unet import UNet2DConditional
 from ..registry import PIPELINES
 from ..utils.memory import released_after_each_block
+from ..utils.numerics import check_finite_output
 from . import acceleration
+from .arguments import check_call
 from .base import PipelineOutput, concat_conditioning
 from .denoising import FIRST_STAGES, DenoisingPipeline, FirstStage, Generator
 from .folder import MODEL_INDEX, Entry, FolderPart, write_parts
@@ -126,14 +128,20 @@ class LatentDiffusionPipeline(DenoisingPipeline):
             token: str | bool | None = None, local_files_only: bool | None = None,
             vae: FirstStage | None = None, unet: UNet2DConditional | None = None,
             text_encoder: TextEncoder | None = None, noise_scheduler: NoiseScheduler | None = None,
-            sampler: SamplerProtocol | None = None, mmap_weights: bool = False) -> LatentDiffusionPipeline:
+            sampler: SamplerProtocol | None = None, mmap_weights: bool = False,
+            check_finite_weights: bool = False) -> LatentDiffusionPipeline:
         """Load a diffusers-format folder or Hub repo (Stable Diffusion v1/v2, LDM text-to-image, and their
         image-to-image / inpainting folders); parts passed in replace the folder's. `mmap_weights`: weights
-        memory-mapped and released between stages instead of copied (`load_pipeline_folder`, docs/memory.md)."""
+        memory-mapped and released between stages instead of copied (`load_pipeline_folder`, docs/memory.md).
+        check_finite_weights: scan every part's weights once (`check_weights`), a NumericalError naming the part
+        and the first bad tensor."""
         location = HubLocation(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
         given = dict(vae=vae, unet=unet, text_encoder=text_encoder, noise_scheduler=noise_scheduler, sampler=sampler)
-        return cls.load_pipeline_folder(path_or_id, given=given, variant=variant, torch_dtype=torch_dtype,
-                                        device=device, location=location, mmap_weights=mmap_weights)
+        pipeline = cls.load_pipeline_folder(path_or_id, given=given, variant=variant, torch_dtype=torch_dtype,
+                                            device=device, location=location, mmap_weights=mmap_weights)
+        if check_finite_weights:
+            pipeline.check_weights(source=str(path_or_id))
+        return pipeline
 
     @classmethod
     def folder_layout(cls, index: Mapping[str, Any]) -> Sequence[FolderPart]:
@@ -173,6 +181,7 @@ class LatentDiffusionPipeline(DenoisingPipeline):
         share (default half the tile). max_pixels: the largest height x width x images a call may generate
         (default limits.DEFAULT_MAX_PIXELS, see docs/limits.md); a larger request is refused before any work.
         """
+        check_call(self, locals())
         height, width = self.check_inputs(prompt, negative_prompt, height=height, width=width,
                                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                           num_images_per_prompt=num_images_per_prompt, output_type=output_type,
@@ -249,6 +258,9 @@ class LatentDiffusionPipeline(DenoisingPipeline):
             uncond = negative_prompt_embeds.to(self.unet.dtype).repeat_interleave(num_images_per_prompt, dim=0)
         cond = prompt_embeds.to(self.unet.dtype).repeat_interleave(num_images_per_prompt, dim=0)
         self.release(self.text_encoder)
+        dtype = getattr(self.text_encoder, "dtype", None)
+        for embeddings in (cond, uncond) if uncond is not None else (cond,):   # small: (B, L, D)
+            check_finite_output(embeddings, stage="text encoding", where="text_encoder", dtype=dtype)
         return cond, uncond
 
     def denoise(self, x_T: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, *,
@@ -273,9 +285,12 @@ class LatentDiffusionPipeline(DenoisingPipeline):
             denoise_fn = tiled_denoiser(denoise_fn, tiling)
         per_block = self.release_weights == "blocks" and not acceleration._is_compiled(self.unet)
         with released_after_each_block(self.unet) if per_block else contextlib.nullcontext():
-            return sample_from_step(sampler or self.sampler, denoise_fn, x_T, self.noise_scheduler,
-                                    num_inference_steps, first=start_step, generator=generator, callback=callback,
-                                    progress=progress)
+            z0 = sample_from_step(sampler or self.sampler, denoise_fn, x_T, self.noise_scheduler,
+                                  num_inference_steps, first=start_step, generator=generator, callback=callback,
+                                  progress=progress)
+        # one reduction after the loop, never per step (on CUDA a check is a host sync)
+        return check_finite_output(z0, stage="denoising", step=num_inference_steps, steps=num_inference_steps,
+                                   dtype=self.unet.dtype)
 
     # ---- beyond the training size ----------------------------------------------------------------
     def tiling(self, tile_size: TileSize | None, tile_overlap: TileSize | None = None) -> LatentTiling | None:
@@ -311,6 +326,7 @@ class LatentDiffusionPipeline(DenoisingPipeline):
         last int(N * refine_strength) of the N steps in tiles (tile_size default: the training size). The
         composition comes from the native-size pass, the detail from the large one. max_pixels: as in __call__.
         -> PipelineOutput."""
+        check_call(self, locals())
         height, width = self.check_inputs(prompt, negative_prompt, height=height, width=width,
                                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                           num_images_per_prompt=num_images_per_prompt, output_type=output_type,

@@ -30,6 +30,7 @@ from ..diffusion.samplers import SamplerProtocol
 from ..errors import ConfigError, InputError
 from ..models.conditioners import SpatialRescaler, SpatialRescalerConfig
 from ..registry import PIPELINES
+from .arguments import check_call
 from .base import PipelineOutput, concat_conditioning
 from .denoising import DenoisingPipeline, FirstStage, Generator, StepCallback
 from .folder import FolderPart
@@ -105,6 +106,7 @@ class LayoutToImagePipeline(DenoisingPipeline):
         the first stage's factor f (height / width, when given, must equal them). latents: x_T (B, C, H/f, W/f),
         drawn from `generator` when None. max_pixels: the largest H x W x B a call may generate (default
         limits.DEFAULT_MAX_PIXELS). Returns PipelineOutput(images=...)."""
+        check_call(self, locals())
         one_hot = self.preprocess_layout(layout, height=height, width=width)
         batch, (height, width) = one_hot.shape[0], one_hot.shape[-2:]
         self.check_pixels(height, width, batch, max_pixels=max_pixels, images_argument="layout batch")

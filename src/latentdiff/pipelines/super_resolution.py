@@ -28,6 +28,7 @@ import torch
 
 from ..errors import ConfigError
 from ..registry import PIPELINES
+from .arguments import check_call
 from .base import PipelineOutput, concat_conditioning
 from .denoising import DenoisingPipeline, Generator, StepCallback, unet_conditioning
 from .images import ImageInput, image_to_tensor
@@ -63,6 +64,7 @@ class SuperResolutionPipeline(DenoisingPipeline):
         """Upscale `image` (B low-res images of h x w: PIL, numpy, tensor or a list, see `images`) by the first
         stage's factor f. latents: x_T (B, C, h, w), drawn from `generator` when None.
         Returns PipelineOutput(images=...) of (B, 3, h f, w f)."""
+        check_call(self, locals())
         low_res = self.preprocess_image(image)
         batch, (height, width) = low_res.shape[0], low_res.shape[-2:]
         self.check_run(num_inference_steps=num_inference_steps, output_type=output_type, batch_size=batch,

@@ -30,6 +30,7 @@ from ..errors import InputError
 from ..models.base import CONFIG_NAME, load_weights
 from ..models.vq import VQModel
 from ..registry import PIPELINES
+from .arguments import check_call
 from .base import PipelineOutput
 from .denoising import DenoisingPipeline, Generator, StepCallback
 
@@ -51,6 +52,7 @@ class UnconditionalPipeline(DenoisingPipeline):
         factor f). latents: x_T (batch_size, C, height/f, width/f), drawn from `generator` when None.
         max_pixels: the largest height x width x batch_size a call may generate (default
         limits.DEFAULT_MAX_PIXELS). Returns PipelineOutput(images=...)."""
+        check_call(self, locals())
         if not is_int(batch_size) or batch_size < 1:
             raise InputError("batch_size must be a positive integer", where="batch_size", expected=">= 1",
                              found=batch_size)
