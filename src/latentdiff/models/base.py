@@ -247,7 +247,10 @@ def index_shards(index: Path) -> list[Path]:
     """The shard files a `*.safetensors.index.json` names, each resolved inside the index's folder (a name like
     `../../x.safetensors` or an absolute path is a CheckpointError naming the index, the entry and where it
     points: an index must not read weights from elsewhere on the machine)."""
-    data = read_json(index)
+    try:
+        data = read_json(index)
+    except ConfigError as e:   # not JSON, or not an object: a broken checkpoint, like a bad weights file
+        raise CheckpointError(f"unreadable sharded weights index: {e}", where=str(index)) from None
     weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                    for k, v in weight_map.items()):
