@@ -29,15 +29,26 @@ class ModelSource:
     settings: dict[str, Any]   # {setting: value} from its latentdiff_generate.json, as read (checked in `settle`)
 
 
+def local_kind(path: str | Path) -> str | None:
+    """"file", "dir" or None (nothing there, or a name the OS refuses: too long, a NUL byte ...), never raising:
+    the value may come from an untrusted PNG."""
+    try:
+        path = Path(path).expanduser()
+        return "file" if path.is_file() else "dir" if path.is_dir() else "other" if path.exists() else None
+    except (OSError, ValueError, RuntimeError):   # ENAMETOOLONG, embedded NUL, ~user that does not exist
+        return None
+
+
 def locate_model(model: str) -> ModelSource:
     """Find the model without loading it: a single file, a folder, a built-in name, or a Hub id."""
-    path = Path(model).expanduser()
+    kind = local_kind(model)
+    path = Path(model).expanduser() if kind else Path(model)
     if path.suffix in SINGLE_FILE_SUFFIXES:
-        if not path.is_file():
+        if kind != "file":
             raise UsageError("no such checkpoint file", where="--model", expected="an existing .safetensors/.ckpt",
                              found=model)
         return ModelSource(str(path.resolve()), "single_file", path, {})
-    if path.is_dir():
+    if kind == "dir":
         if not (path / "model_index.json").is_file():
             raise UsageError("this folder is not a pipeline folder (no model_index.json)", where=model,
                              expected="a diffusers-format folder")
@@ -51,7 +62,7 @@ def locate_model(model: str) -> ModelSource:
                              hint="reinstall latentdiff, or pass --model FOLDER")
         return ModelSource(model, "builtin", folder, read_settings(folder))
     known = f"a built-in model ({', '.join(builtin_names())}), a folder, a .safetensors/.ckpt file, or a Hub id"
-    if path.exists() or not HUB_ID.match(model):
+    if kind is not None or not HUB_ID.match(model):
         raise UsageError("no such model folder or file", where="--model", expected=known, found=model)
     folder = find_on_hub(model, known)
     return ModelSource(model, "hub", folder, read_settings(folder))

@@ -20,7 +20,7 @@ from ..builtin import GENERATE_SETTINGS
 from ..config import is_int, is_real
 from ..errors import UsageError
 from ..version import __version__
-from .generate_model import SINGLE_FILE_SUFFIXES, ModelSource
+from .generate_model import SINGLE_FILE_SUFFIXES, ModelSource, local_kind
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -88,8 +88,9 @@ def read_from_png(path: str) -> dict[str, Any]:
                          hint="give the prompt and the flags yourself")
     for key in PATH_VALUES:   # a PNG is untrusted input: what names a file must be a plain path or name
         value = params.get(key)
-        if value is not None and (not isinstance(value, str) or not value.strip() or len(value) > MAX_PATH_CHARS
-                                  or any(ord(c) < 32 for c in value)):
+        required = key == "model"
+        if (value is not None or required) and (not isinstance(value, str) or not value.strip()
+                                                or len(value) > MAX_PATH_CHARS or any(ord(c) < 32 for c in value)):
             raise UsageError(f"the PNG's {key} is not a model name or path", where=f"{path}: {key}",
                              expected="a built-in model name, a Hub id, or a path", found=repr(value)[:200],
                              hint=f"give --{key} yourself")
@@ -102,7 +103,7 @@ def note_from(path: str, stored: dict[str, Any], args: argparse.Namespace | None
     never makes latentdiff read a file on this machine silently."""
     for key in PATH_VALUES:
         value = stored.get(key)
-        if isinstance(value, str) and getattr(args, key, None) is None and Path(value).expanduser().exists():
+        if isinstance(value, str) and getattr(args, key, None) is None and local_kind(value) is not None:
             warn(f"{path} names the local {key} {Path(value).expanduser().resolve()}: using it "
                  f"(pass --{key} to choose another)")
     if stored.get("latentdiff") not in (None, __version__):
@@ -132,7 +133,7 @@ def settle(args: argparse.Namespace, stored: dict[str, Any], source: ModelSource
     if isinstance(values["dtype"], str):
         values["dtype"] = DTYPES.get(values["dtype"], values["dtype"])
     values.update(model=source.name)
-    if isinstance(values["tokenizer"], str) and Path(values["tokenizer"]).expanduser().is_dir():
+    if isinstance(values["tokenizer"], str) and local_kind(values["tokenizer"]) == "dir":
         values["tokenizer"] = str(Path(values["tokenizer"]).expanduser().resolve())   # --from works from anywhere
     check_values(values, origin)
     return GenerateSettings(**values)
