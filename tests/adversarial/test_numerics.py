@@ -129,6 +129,17 @@ def test_single_file_check_finite_weights(pipe, tmp_path):
     assert info.value.stage == "load" and "conv_out.bias" in info.value.where and str(path) in info.value.where
 
 
+@clear
+def test_pipeline_from_single_file_check_finite_weights(model, tmp_path):
+    pipe = LatentDiffusionPipeline.from_pretrained(model)
+    with torch.no_grad():
+        pipe.vae.decoder.conv_out.bias[0] = float("inf")
+    path = pipe.save_single_file(tmp_path / "model.safetensors")
+    with pytest.raises(NumericalError) as info:
+        LatentDiffusionPipeline.from_single_file(path, check_finite_weights=True, tokenizer=str(model / "tokenizer"))
+    assert info.value.where == f"{path}: vae.decoder.conv_out.bias" and "1 Inf" in str(info.value)
+
+
 @pytest.mark.outcome("correct")
 def test_finite_weights_pass_the_check_and_generate(model):
     pipe = LatentDiffusionPipeline.from_pretrained(model, check_finite_weights=True)
