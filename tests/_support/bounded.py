@@ -23,7 +23,14 @@ try:
 except BaseException as e:
     result.update(raised=type(e).__name__, module=type(e).__module__, message=str(e)[:2000],
                   traceback=traceback.format_exc()[-4000:])
-result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM: this process's own peak (ru_maxrss keeps the forking parent's peak across exec on Linux, so a large
+# pytest process would show as the child's peak)
+try:
+    with open("/proc/self/status") as status:
+        peak_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+except (OSError, StopIteration, ValueError):
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+result["peak_rss_mb"] = peak_kb / 1024
 print("\\n@@BOUNDED@@" + json.dumps(result))
 """
 

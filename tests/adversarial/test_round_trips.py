@@ -214,6 +214,30 @@ def test_concurrent_from_pretrained_leaves_torch_nn_init_as_it_was(tiny):
     assert not errors and len(results) == 12
     assert {name: getattr(torch.nn.init, name) for name in originals} == originals
     assert all(torch.equal(r[k], serial[k]) for r in results for k in serial)
+    # the interleaving that left the wrappers behind, forced: A enters, B enters, A leaves, B leaves
+    from latentdiff.models.base import init_skipped_on_meta
+
+    steps = [threading.Event() for _ in range(3)]
+
+    def first():
+        with init_skipped_on_meta():
+            steps[0].set()
+            steps[1].wait(10)
+        steps[2].set()
+
+    def second():
+        steps[0].wait(10)
+        with init_skipped_on_meta():
+            steps[1].set()
+            steps[2].wait(10)
+            assert torch.nn.init.normal_(torch.empty(2, device="meta")).is_meta   # still skipping on meta
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {name: getattr(torch.nn.init, name) for name in originals} == originals
 
 
 # ---- the real repo's tokenizer folder loads silently -----------------------------------------------------------

@@ -89,7 +89,7 @@ def read_model_index(folder: Path) -> dict[str, Any]:
         raise ConfigError("the pipeline class must be one name", where=f"{path}: _class_name",
                           expected="a string (a diffusers pipeline class)", found=describe(name))
     for key, value in index.items():
-        if isinstance(value, list):
+        if isinstance(value, list) and not key.startswith("_"):
             check_entry(index, key, source=str(path))
             contained(folder, key, file=path, entry=key, plain_name=True)   # its subfolder: a name inside
     return index
@@ -148,8 +148,11 @@ def load_folder(pipeline: LoadsFolders, path_or_id: str | os.PathLike, *, given:
     check_device(device)  # before anything is read or downloaded
     root, index, source = open_folder(path_or_id, location=location)
     parts = pipeline.folder_layout(index)
-    for key in [part.key for part in parts] + ["scheduler", *IGNORED_PARTS]:
+    for key in [part.key for part in parts] + ["scheduler"]:
         if key in index:   # a component's entry: a pair, also where a string or a number stands
+            check_entry(index, key, source=source)
+    for key in IGNORED_PARTS:
+        if index.get(key) is not None:   # null: absent, as [null, null]
             check_entry(index, key, source=source)
     supported: Supported = {part.key: list(part.classes) for part in parts}
     # the caller's own part: any class (a registered custom UNet saved with the pipeline, passed as unet=)
