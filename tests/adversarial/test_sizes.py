@@ -143,6 +143,7 @@ def test_model_structure_and_schedule_sizes_are_bounded_before_building(cases, n
 SINGLE_FILE_CASES = {
     "metadata_num_train_timesteps_1e11": ("ConfigError", ("num_train_timesteps", "100000", str(BIG_T))),
     "yaml_num_res_blocks_1e8_with_weights": ("ConfigError", ("num_res_blocks", "64", "100000000")),
+    "yaml_layer_counts_against_the_weight_keys": ("CheckpointError", ("input_blocks", "16 input blocks", "6 input")),
     "stride0_betas_1e10_in_4_bytes": ("CheckpointError", ("betas", "at most 1 elements", "10000000000")),
     "betas_of_200_mb": ("CheckpointError", ("betas", "100000", "50000000")),
 }
@@ -166,10 +167,12 @@ def single_file_cases(tmp) -> dict[str, str]:
     save_file({**state, "betas": torch.full((50_000_000,), 0.01)}, str(tmp / "betas200.safetensors"),
               metadata=metadata)
     yaml = _yaml_with(tmp, "res_blocks", lambda p: p["unet_config"]["params"].update(num_res_blocks=10**8))
+    three = _yaml_with(tmp, "three_blocks", lambda p: p["unet_config"]["params"].update(num_res_blocks=3))
     load = "from latentdiff.pipelines.base import Pipeline; Pipeline.from_single_file(r'{}'{})"
     return {
         "metadata_num_train_timesteps_1e11": load.format(tmp / "big_t.safetensors", ""),
         "yaml_num_res_blocks_1e8_with_weights": load.format(good, f", original_config=r'{yaml}'"),
+        "yaml_layer_counts_against_the_weight_keys": load.format(good, f", original_config=r'{three}'"),
         "stride0_betas_1e10_in_4_bytes": load.format(tmp / "stride0.ckpt", ""),
         "betas_of_200_mb": load.format(tmp / "betas200.safetensors", ""),
     }
