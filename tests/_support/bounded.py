@@ -23,7 +23,14 @@ try:
 except BaseException as e:
     result.update(raised=type(e).__name__, module=type(e).__module__, message=str(e)[:2000],
                   traceback=traceback.format_exc()[-4000:])
-result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM: this process's own peak since exec. ru_maxrss also counts the parent's pages, which a vfork-ed child
+# shares until exec (so it read 600 MB for a bare `import latentdiff.errors` under a large pytest process).
+try:
+    with open("/proc/self/status") as _status:
+        _hwm = [line for line in _status if line.startswith("VmHWM:")]
+    result["peak_rss_mb"] = int(_hwm[0].split()[1]) / 1024
+except (OSError, IndexError, ValueError):
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print("\\n@@BOUNDED@@" + json.dumps(result))
 """
 
