@@ -99,24 +99,86 @@ def npy_claiming(path: Path, shape: tuple[int, ...]) -> Path:
 
 
 def npz_deflate_bomb(path: Path, side: int = 17_000) -> Path:
-    """A few-MB .npz whose `sigma` (side x side float64, 2.3 GB for 17,000) is zeros that deflate ~1000:1."""
-    import zipfile
+    """A ~2 MB .npz whose `sigma` (side x side float64: 2.3 GB for 17,000) is zeros that deflate 1000:1.
 
-    import numpy as np
+    Written without compressing 2.3 GB: after a full flush a deflate stream restarts on a byte boundary with no
+    back-references, so the compressed bytes of one 16 MB block of zeros can be repeated."""
+    import io
+
     from numpy.lib import format as npy_format
 
-    zeros = b"\0" * (1 << 24)
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
-        with archive.open("sigma.npy", "w", force_zip64=True) as member:
-            npy_format.write_array_header_1_0(member, {"descr": "<f8", "fortran_order": False,
-                                                       "shape": (side, side)})
-            left = side * side * 8
-            while left > 0:
-                member.write(zeros[:min(left, len(zeros))])
-                left -= len(zeros)
-        with archive.open("mu.npy", "w") as member:
-            npy_format.write_array(member, np.zeros(side))
+    def member(name: str, header: bytes, zeros: int) -> tuple[bytes, bytes]:
+        block = 1 << 24
+        deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+        head = deflate.compress(header) + deflate.flush(zlib.Z_FULL_FLUSH)
+        full = deflate.compress(b"\0" * block) + deflate.flush(zlib.Z_FULL_FLUSH)
+        tail = deflate.compress(b"\0" * (zeros % block)) + deflate.flush()
+        data = head + full * (zeros // block) + tail
+        crc = crc32_zeros(zeros, start=zlib.crc32(header))
+        size = len(header) + zeros
+        fields = (20, 0, 8, 0, 0x21, crc, len(data), size, len(name))
+        local = struct.pack("<IHHHHHIIIHH", 0x04034B50, *fields, 0) + name.encode()
+        return local + data, struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, *fields, 0, 0, 0, 0, 0, 0)
+
+    def npy_header(shape: tuple[int, ...]) -> bytes:
+        buffer = io.BytesIO()
+        npy_format.write_array_header_1_0(buffer, {"descr": "<f8", "fortran_order": False, "shape": shape})
+        return buffer.getvalue()
+
+    parts = [("sigma.npy", npy_header((side, side)), side * side * 8), ("mu.npy", npy_header((side,)), side * 8)]
+    body, directory = b"", b""
+    for name, header, zeros in parts:
+        local, central = member(name, header, zeros)
+        directory += central[:-4] + struct.pack("<I", len(body)) + name.encode()
+        body += local
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(parts), len(parts), len(directory), len(body), 0)
+    path.write_bytes(body + directory + end)
     return path
+
+
+def _gf2_times(matrix: list[int], vector: int) -> int:
+    out, i = 0, 0
+    while vector:
+        if vector & 1:
+            out ^= matrix[i]
+        vector >>= 1
+        i += 1
+    return out
+
+
+def _gf2_square(matrix: list[int]) -> list[int]:
+    return [_gf2_times(matrix, row) for row in matrix]
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """CRC-32 of A + B from crc32(A), crc32(B) and len(B): zeros are appended to A by squaring the GF(2)
+    operator of one zero bit (the method of zlib's crc32_combine)."""
+    odd = [0xEDB88320] + [1 << n for n in range(31)]   # one zero bit
+    odd = _gf2_square(_gf2_square(odd))                  # four zero bits
+    while len2:
+        even = _gf2_square(odd)
+        if len2 & 1:
+            crc1 = _gf2_times(even, crc1)
+        len2 >>= 1
+        if not len2:
+            break
+        odd = _gf2_square(even)
+        if len2 & 1:
+            crc1 = _gf2_times(odd, crc1)
+        len2 >>= 1
+    return crc1 ^ crc2
+
+
+def crc32_zeros(n: int, *, start: int = 0) -> int:
+    """crc32(data + n zero bytes) from crc32(data) = start, in O(log n) (checksumming 2.3 GB takes seconds)."""
+    length, zeros, out = 1, zlib.crc32(b"\0"), start
+    while n:
+        if n & 1:
+            out = crc32_combine(out, zeros, length)
+        zeros = crc32_combine(zeros, zeros, length)
+        length *= 2
+        n >>= 1
+    return out
 
 
 def copy_builtin(dest: Path, *, settings: dict | None = None) -> Path:

@@ -2,8 +2,9 @@
 hours or a RecursionError. Each case is refused by a latentdiff error naming the key, the bound and the value,
 with the peak RSS of its process under a stated bound and within seconds.
 
-The inputs of one kind run together in one bounded subprocess (`run_cases`: a torch import costs seconds), each
-checked as its own case; the measured peak RSS is the whole group's, so it bounds every case of the group.
+All inputs run in one bounded subprocess (`run_cases`: a torch import costs seconds), each checked as its own
+case; the measured peak RSS is that process's, so it bounds every case (the tiny model and a 200 MB file
+included).
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ from tests._support.training import autoencoder_config, write_yaml
 
 pytestmark = pytest.mark.outcome("clear_error", fails_as="crash")
 
-RSS_MB = 1500          # peak RSS of a case group's process (torch and the tiny model included)
-SECONDS = 10           # per case; measured: well under a second each once torch is imported
+RSS_MB = 1000          # peak RSS of the one process running every case (torch, the tiny model): measured 272 MB
+SECONDS = 10           # per case; measured: at most 1-2 s (a 100,000-deep YAML), most under 0.2 s
 
 BIG_LAYERS, BIG_WIDTH, BIG_T = 10**9, 2**30, 10**11
 
@@ -36,6 +37,15 @@ def write(path, text: str):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    """Every input of this module, run in one bounded subprocess (one torch import for all of them)."""
+    code: dict[str, str] = {}
+    for build in (model_cases, single_file_cases, generate_cases, eval_cases):
+        code |= build(tmp_path_factory.mktemp(build.__name__))
+    return run_cases(code, setup=GENERATE_SETUP)
 
 
 # ---- model structure, schedules and config nesting, from files ----------------------------------------------
@@ -72,9 +82,7 @@ MODEL_CASES = {  # name: (error, what the message must name: key, bound, value)
 }
 
 
-@pytest.fixture(scope="module")
-def model_cases(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sizes-model")
+def model_cases(tmp) -> dict[str, str]:
     unet = "from latentdiff.models.unet import UNet2DConditional as M; M.from_pretrained(r'{}')"
     vae = "from latentdiff.models.autoencoder_kl import AutoencoderKL as M; M.from_pretrained(r'{}')"
     folders = {}
@@ -122,33 +130,32 @@ def model_cases(tmp_path_factory):
         "config_json_nested_100000_deep": unet.format(tmp / "nested"),
         "train_yaml_nested_100000_deep": load_train.format(deep_yaml),
     }
-    return run_cases(cases)
+    return cases
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_CASES))
-def test_model_structure_and_schedule_sizes_are_bounded_before_building(model_cases, name):
+def test_model_structure_and_schedule_sizes_are_bounded_before_building(cases, name):
     error, names = MODEL_CASES[name]
-    assert_refused(model_cases[name], error=error, names=names, rss_mb=RSS_MB, seconds=SECONDS)
+    assert_refused(cases[name], error=error, names=names, rss_mb=RSS_MB, seconds=SECONDS)
 
 
 # ---- single files: schedule buffers and tensors checked before they are materialised ----------------------------
 SINGLE_FILE_CASES = {
     "metadata_num_train_timesteps_1e11": ("ConfigError", ("num_train_timesteps", "100000", str(BIG_T))),
     "yaml_num_res_blocks_1e8_with_weights": ("ConfigError", ("num_res_blocks", "64", "100000000")),
+    "yaml_layer_counts_against_the_weight_keys": ("CheckpointError", ("input_blocks", "16 input blocks", "6 input")),
     "stride0_betas_1e10_in_4_bytes": ("CheckpointError", ("betas", "at most 1 elements", "10000000000")),
     "betas_of_200_mb": ("CheckpointError", ("betas", "100000", "50000000")),
 }
 
 
-@pytest.fixture(scope="module")
-def single_file_cases(tmp_path_factory):
+def single_file_cases(tmp) -> dict[str, str]:
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     from latentdiff.pipelines.latent_diffusion import LatentDiffusionPipeline
 
-    tmp = tmp_path_factory.mktemp("sizes-single-file")
     good = LatentDiffusionPipeline.from_pretrained("latentdiff/shapes-64").save_single_file(tmp / "good.safetensors")
     with safe_open(str(good), "pt") as f:
         metadata = f.metadata()
@@ -160,19 +167,21 @@ def single_file_cases(tmp_path_factory):
     save_file({**state, "betas": torch.full((50_000_000,), 0.01)}, str(tmp / "betas200.safetensors"),
               metadata=metadata)
     yaml = _yaml_with(tmp, "res_blocks", lambda p: p["unet_config"]["params"].update(num_res_blocks=10**8))
+    three = _yaml_with(tmp, "three_blocks", lambda p: p["unet_config"]["params"].update(num_res_blocks=3))
     load = "from latentdiff.pipelines.base import Pipeline; Pipeline.from_single_file(r'{}'{})"
-    return run_cases({
+    return {
         "metadata_num_train_timesteps_1e11": load.format(tmp / "big_t.safetensors", ""),
         "yaml_num_res_blocks_1e8_with_weights": load.format(good, f", original_config=r'{yaml}'"),
+        "yaml_layer_counts_against_the_weight_keys": load.format(good, f", original_config=r'{three}'"),
         "stride0_betas_1e10_in_4_bytes": load.format(tmp / "stride0.ckpt", ""),
         "betas_of_200_mb": load.format(tmp / "betas200.safetensors", ""),
-    })
+    }
 
 
 @pytest.mark.parametrize("name", sorted(SINGLE_FILE_CASES))
-def test_single_file_sizes_are_checked_before_tensors_are_materialised(single_file_cases, name):
+def test_single_file_sizes_are_checked_before_tensors_are_materialised(cases, name):
     error, names = SINGLE_FILE_CASES[name]
-    assert_refused(single_file_cases[name], error=error, names=names, rss_mb=RSS_MB, seconds=SECONDS)
+    assert_refused(cases[name], error=error, names=names, rss_mb=RSS_MB, seconds=SECONDS)
 
 
 # ---- generation sizes: the Python API, the CLI, a --from PNG, a model folder's latentdiff_generate.json --------
@@ -194,13 +203,22 @@ GENERATE_CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def generate_cases(tmp_path_factory):
+GENERATE_SETUP = """
+from latentdiff.pipelines.latent_diffusion import LatentDiffusionPipeline
+from latentdiff.pipelines.unconditional import UnconditionalPipeline
+from latentdiff.models.unet2d import UNet2D, UNet2DConfig
+pipe = LatentDiffusionPipeline.from_pretrained("latentdiff/shapes-64")
+unet = UNet2D(UNet2DConfig(in_channels=pipe.vae.latent_channels, out_channels=pipe.vae.latent_channels,
+                           channels=(32,), attention_levels=(False,), sample_size=8))
+uncond = UnconditionalPipeline(vae=pipe.vae, unet=unet, noise_scheduler=pipe.noise_scheduler, sampler=pipe.sampler)
+"""
+
+
+def generate_cases(tmp) -> dict[str, str]:
     from PIL import Image
 
     from latentdiff.utils.images import PARAMS_KEY, save_png
 
-    tmp = tmp_path_factory.mktemp("sizes-generate")
     image = Image.new("RGB", (8, 8))
     base = {"prompt": "a red circle", "seed": 0, "n": 1, "model": "latentdiff/shapes-64"}
     save_png(image, tmp / "from.png", params={**base, "height": 10**30})
@@ -214,16 +232,7 @@ def generate_cases(tmp_path_factory):
     slow = copy_builtin(tmp / "slow", settings={"num_inference_steps": 10**9})
     out = tmp / "out.png"
     cli = "from latentdiff.cli.main import main; main(['--debug', 'generate', {}])"
-    return run_cases(setup="""
-        from latentdiff.pipelines.latent_diffusion import LatentDiffusionPipeline
-        from latentdiff.pipelines.unconditional import UnconditionalPipeline
-        from latentdiff.models.unet2d import UNet2D, UNet2DConfig
-        pipe = LatentDiffusionPipeline.from_pretrained("latentdiff/shapes-64")
-        unet = UNet2D(UNet2DConfig(in_channels=pipe.vae.latent_channels, out_channels=pipe.vae.latent_channels,
-                                   channels=(32,), attention_levels=(False,), sample_size=8))
-        uncond = UnconditionalPipeline(vae=pipe.vae, unet=unet, noise_scheduler=pipe.noise_scheduler,
-                                       sampler=pipe.sampler)
-        """, cases={
+    return {
         "api_height_width_100000": "pipe('x', height=100_000, width=100_000, num_inference_steps=1)",
         "api_num_images_per_prompt_1e6": "pipe('x', num_images_per_prompt=10**6, num_inference_steps=1)",
         "api_pixels_over_default_limit": "pipe('x', height=8192, width=8192, num_images_per_prompt=2)",
@@ -238,13 +247,13 @@ def generate_cases(tmp_path_factory):
         "from_png_params_nested_100000_deep": cli.format(f"'--from', r'{tmp / 'deep.png'}', '-o', r'{out}'"),
         "generate_json_height_100000": cli.format(f"'x', '--model', r'{tall}', '-o', r'{out}'"),
         "generate_json_steps_1e9": cli.format(f"'x', '--model', r'{slow}', '-o', r'{out}'"),
-    })
+    }
 
 
 @pytest.mark.parametrize("name", sorted(GENERATE_CASES))
-def test_generation_sizes_are_refused_before_any_allocation(generate_cases, name):
+def test_generation_sizes_are_refused_before_any_allocation(cases, name):
     error, names = GENERATE_CASES[name]
-    assert_refused(generate_cases[name], error=error, names=names, rss_mb=RSS_MB, seconds=SECONDS)
+    assert_refused(cases[name], error=error, names=names, rss_mb=RSS_MB, seconds=SECONDS)
 
 
 # ---- latentdiff eval: .npy / .npz headers and image headers checked before reading ------------------------------
@@ -256,13 +265,11 @@ EVAL_CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def eval_cases(tmp_path_factory):
+def eval_cases(tmp) -> dict[str, str]:
     import zipfile
 
     from numpy.lib import format as npy_format
 
-    tmp = tmp_path_factory.mktemp("sizes-eval")
     npy_claiming(tmp / "stats.npz", (10**11,))
     npz_deflate_bomb(tmp / "bomb.npz")
     with zipfile.ZipFile(tmp / "forged.npz", "w") as archive:
@@ -275,15 +282,15 @@ def eval_cases(tmp_path_factory):
     png_header_only(tmp / "bombs" / "bomb.png", 40_000, 40_000)
     png_header_only(tmp / "fine" / "bomb.png", 8, 8)
     ev = "from latentdiff.cli.main import main; main(['--debug', 'eval', {}])"
-    return run_cases({
+    return {
         "npy_header_claiming_1e11_values": ev.format(f"'fid', r'{tmp / 'stats.npz'}', r'{tmp / 'fine'}'"),
         "npz_deflate_bomb_2_3_gb": ev.format(f"'fid', r'{tmp / 'bomb.npz'}', r'{tmp / 'fine'}'"),
         "npz_member_claiming_more_than_it_holds": ev.format(f"'fid', r'{tmp / 'forged.npz'}', r'{tmp / 'fine'}'"),
         "png_decompression_bomb": ev.format(f"'psnr', r'{tmp / 'bombs'}', r'{tmp / 'fine'}'"),
-    })
+    }
 
 
 @pytest.mark.parametrize("name", sorted(EVAL_CASES))
-def test_eval_inputs_are_bounded_before_reading(eval_cases, name):
+def test_eval_inputs_are_bounded_before_reading(cases, name):
     error, names = EVAL_CASES[name]
-    assert_refused(eval_cases[name], error=error, names=names, rss_mb=RSS_MB, seconds=SECONDS)
+    assert_refused(cases[name], error=error, names=names, rss_mb=RSS_MB, seconds=SECONDS)

@@ -39,6 +39,7 @@ from .layout import COND_STAGE_PREFIX, FAMILIES, FIRST_STAGE_PREFIX, SCHEDULE_BU
 from .original_config import layout_from_original_config
 from .unet_ldm import UNET_PREFIX, select_ema
 
+INPUT_BLOCKS = UNET_PREFIX + "input_blocks."
 METADATA_KEY = "latentdiff"  # safetensors metadata entry holding the configs (JSON)
 FORMAT_VERSION = 1
 NETWORK_PARTS = ("unet", "vae", "vqvae", "text_encoder", "class_embedder")
@@ -215,6 +216,21 @@ def check_schedule_buffers(state: Mapping[str, torch.Tensor], *, source: str) ->
                                            "(limits.MAX_TRAIN_TIMESTEPS)", found=f"shape {tuple(value.shape)}")
 
 
+def check_unet_blocks(state: Mapping[str, torch.Tensor], layout: FileLayout, *, source: str) -> None:
+    """The UNet a YAML or metadata describes has as many `input_blocks` as the file's weights (counted from the
+    keys), checked before its key table is built: a layer count is never trusted beyond the weights present."""
+    if layout.unet is None:
+        return
+    found = {key[len(INPUT_BLOCKS):].split(".", 1)[0] for key in state if key.startswith(INPUT_BLOCKS)}
+    expected = 1 + sum(layout.unet.layers_per_level) + len(layout.unet.channels) - 1
+    if found and len(found) != expected:
+        raise CheckpointError("the UNet's description does not match its weights (num_res_blocks / channel_mult)",
+                              where=f"{INPUT_BLOCKS}* in {source}",
+                              expected=f"{expected} input blocks (1 + layers per level {layout.unet.layers_per_level}"
+                                       f" + {len(layout.unet.channels) - 1} downsamplers)",
+                              found=f"{len(found)} input blocks in the file")
+
+
 def split_single_file(state: Mapping[str, torch.Tensor], *, original_config: Any = None, use_ema: bool = True,
                       prediction_type: str | None = None, global_step: int | None = None,
                       configs: Mapping[str, dict] | None = None, family: str | None = None,
@@ -234,6 +250,7 @@ def split_single_file(state: Mapping[str, torch.Tensor], *, original_config: Any
     layout = file_layout(state, original_config=original_config, configs=configs, family=family,
                          prediction_type=prediction_type, global_step=global_step, source=source,
                          conditioning=conditioning)
+    check_unet_blocks(state, layout, source=source)
     extras: dict[str, torch.Tensor] = {}
     origins: dict[str, str] = {}
     mapped = apply_keymap(state, layout.keymap(), source=source, dropped=extras, origins=origins)
