@@ -41,13 +41,15 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
             eta: float | None = None, num_images_per_prompt: int = 1, generator: Generator = None,
             noise: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
             negative_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil",
-            callback: StepCallback | None = None, progress: bool = True) -> PipelineOutput:
+            callback: StepCallback | None = None, progress: bool = True,
+            max_pixels: int | None = None) -> PipelineOutput:
         """Edit `image` (see `images` for the accepted kinds; H, W multiples of the autoencoder factor) towards
         `prompt`. strength in [0, 1]: 1 runs all num_inference_steps from an almost fully noised image,
         smaller keeps more of it (int(N * strength) steps run), with any sampler. noise: (B, C, H/f, W/f), the
         eps mixed into the image latent (drawn from `generator` when None). callback(i, t_i, x, denoised) runs after
         each step run (i from 0; denoised the step's x0 prediction; a tensor it returns replaces x).
-        Returns PipelineOutput(images=...).
+        max_pixels: the largest H x W x images a call may generate (default limits.DEFAULT_MAX_PIXELS, see
+        docs/limits.md). Returns PipelineOutput(images=...).
         """
         check_call(self, locals())
         x, sampler = self.preprocess_image(image), self.sampler_for(eta)
@@ -55,7 +57,7 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
             prompt, negative_prompt, x, sampler=sampler, strength=strength, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, output_type=output_type,
             generator=generator, noise=noise, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds)
+            negative_prompt_embeds=negative_prompt_embeds, max_pixels=max_pixels)
         cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt=num_images_per_prompt,
                                           guidance=guidance_scale > 1.0, prompt_embeds=prompt_embeds,
                                           negative_prompt_embeds=negative_prompt_embeds)
@@ -76,12 +78,14 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
                            sampler: SamplerProtocol, strength: float, num_inference_steps: int, guidance_scale: float,
                            num_images_per_prompt: int, output_type: str, generator: Generator,
                            noise: torch.Tensor | None, prompt_embeds: torch.Tensor | None = None,
-                           negative_prompt_embeds: torch.Tensor | None = None) -> tuple[int, int]:
+                           negative_prompt_embeds: torch.Tensor | None = None,
+                           max_pixels: int | None = None) -> tuple[int, int]:
         """Validate every argument before any model runs; -> (batch size, index of the first step run)."""
         height, width = self.check_inputs(prompt, negative_prompt, height=image.shape[-2], width=image.shape[-1],
                                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                           num_images_per_prompt=num_images_per_prompt, output_type=output_type,
-                                          prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
+                                          prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                                          max_pixels=max_pixels)
         first = start_step(num_inference_steps, strength)
         check_sampler(sampler)
         batch = self.prompt_count(prompt, prompt_embeds) * num_images_per_prompt

@@ -59,12 +59,13 @@ class InpaintPipeline(ImageToImagePipeline):
             generator: Generator = None, noise: torch.Tensor | None = None,
             prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
             output_type: str = "pil", callback: StepCallback | None = None,
-            progress: bool = True) -> PipelineOutput:
+            progress: bool = True, max_pixels: int | None = None) -> PipelineOutput:
         """Repaint the white region of `mask_image` in `image` (same H, W; multiples of the autoencoder factor).
 
         strength 1 starts from pure noise x_T = noise; below 1 from the image latent noised to the strength's
         timestep (as image-to-image). noise: (B, C, H/f, W/f), the run's eps (diffusers' `latents` at
-        strength 1), drawn from `generator` when None. Returns PipelineOutput(images=...).
+        strength 1), drawn from `generator` when None. max_pixels: the largest H x W x images a call may generate
+        (default limits.DEFAULT_MAX_PIXELS). Returns PipelineOutput(images=...).
         """
         check_call(self, locals())
         x, sampler = self.preprocess_image(image), self.sampler_for(eta)
@@ -73,7 +74,7 @@ class InpaintPipeline(ImageToImagePipeline):
             prompt, negative_prompt, x, sampler=sampler, strength=strength, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, output_type=output_type,
             generator=generator, noise=noise, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds)
+            negative_prompt_embeds=negative_prompt_embeds, max_pixels=max_pixels)
         check_batch(mask.shape[0], batch, per_prompt=num_images_per_prompt, name="mask_image")
         cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt=num_images_per_prompt,
                                           guidance=guidance_scale > 1.0, prompt_embeds=prompt_embeds,

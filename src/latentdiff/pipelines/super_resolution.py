@@ -60,13 +60,17 @@ class SuperResolutionPipeline(DenoisingPipeline):
     @torch.inference_mode()
     def __call__(self, image: ImageInput, *, num_inference_steps: int = 100, eta: float | None = None,
                  generator: Generator = None, latents: torch.Tensor | None = None, output_type: str = "pil",
-                 callback: StepCallback | None = None, progress: bool = True) -> PipelineOutput:
+                 callback: StepCallback | None = None, progress: bool = True,
+                 max_pixels: int | None = None) -> PipelineOutput:
         """Upscale `image` (B low-res images of h x w: PIL, numpy, tensor or a list, see `images`) by the first
-        stage's factor f. latents: x_T (B, C, h, w), drawn from `generator` when None.
+        stage's factor f. latents: x_T (B, C, h, w), drawn from `generator` when None. max_pixels: the largest
+        (h f) x (w f) x B a call may generate (default limits.DEFAULT_MAX_PIXELS), checked before any latent exists.
         Returns PipelineOutput(images=...) of (B, 3, h f, w f)."""
         check_call(self, locals())
         low_res = self.preprocess_image(image)
         batch, (height, width) = low_res.shape[0], low_res.shape[-2:]
+        self.check_pixels(height * self.vae_scale_factor, width * self.vae_scale_factor, batch,
+                          max_pixels=max_pixels, images_argument="image batch")
         self.check_run(num_inference_steps=num_inference_steps, output_type=output_type, batch_size=batch,
                        generator=generator)
         sampler, factor = self.sampler_for(eta), self.vae_scale_factor
