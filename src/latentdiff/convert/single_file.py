@@ -95,6 +95,10 @@ def load_single_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     A Lightning checkpoint is unwrapped (`state_dict`); anything else that is not tensors is refused.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError("expected a single checkpoint file, found a folder", where=str(path),
+                              expected="a .safetensors or .ckpt file (a diffusers folder loads with from_pretrained)",
+                              found="a folder")
     if not path.is_file():
         raise CheckpointError("checkpoint file not found", where=str(path))
     with open(path, "rb") as f:
