@@ -51,6 +51,27 @@ DENOISERS: dict[Entry, type] = {("diffusers", "UNet2DModel"): UNet2D,
                                 ("diffusers", "UNet2DConditionModel"): UNet2DConditional}
 
 
+def device_and_dtype(args: Sequence[Any], *, device: Any = None, dtype: Any = None) -> tuple[Any, Any]:
+    """The (torch.device | None, torch.dtype | None) of a `pipe.to(*args, device=, dtype=)` call: positional
+    arguments are told apart by kind (a torch.dtype, else a device), so either order works; an InputError names
+    the argument that is neither, given twice, or a dtype weights cannot have."""
+    given = {"device": device, "dtype": dtype}
+    if len(args) > 2:
+        raise InputError("to() takes at most a device and a dtype", where="to(*args)",
+                         expected="to(device), to(dtype), to(device, dtype) or keywords", found=len(args))
+    for position, value in enumerate(args):
+        name = "dtype" if isinstance(value, torch.dtype) else "device"
+        if given[name] is not None:
+            raise InputError(f"to() got the {name} twice", where=f"to(): argument {position + 1}",
+                             expected=f"one {name}", found=f"{given[name]!r} and {value!r}")
+        given[name] = value
+    dtype = given["dtype"]
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise InputError("dtype must be a floating-point torch.dtype", where="dtype",
+                         expected="torch.float32, torch.float16 or torch.bfloat16", found=describe(dtype))
+    return check_device(given["device"]), dtype
+
+
 def unet_conditioning(unet: nn.Module) -> tuple[str, ...]:
     """The conditioning inputs a UNet's forward needs besides (x_t, t): "context" (it cross-attends), "class_labels"
     (a class embedding added to the time embedding)."""
@@ -114,8 +135,12 @@ class DenoisingPipeline(Pipeline):
             if isinstance(module, nn.Module):
                 check_finite_weights(module, part=name, source=source)
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> DenoisingPipeline:
-        device = check_device(device)
+    def to(self, *args: Any, device: str | torch.device | None = None,
+           dtype: torch.dtype | None = None) -> DenoisingPipeline:
+        """Move and/or cast every network, as diffusers' `pipe.to` does: a device, a dtype or both, positional in
+        either order or by keyword (`to("cuda")`, `to(torch.float16)`, `to("cuda", torch.float16)`,
+        `to(device=..., dtype=...)`). Returns self."""
+        device, dtype = device_and_dtype(args, device=device, dtype=dtype)
         for module in self.networks():
             module.to(device=device, dtype=dtype)
         return self
@@ -124,6 +149,35 @@ class DenoisingPipeline(Pipeline):
     def device(self) -> torch.device:
         """Where the networks run: the UNet's device, or the execution device of CPU offload."""
         return acceleration.execution_device(self) or self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the denoising runs in: the UNet's (diffusers' `pipe.dtype`)."""
+        return self.unet.dtype
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """The constructor's arguments as a dict, name -> part (`component_names`, then the options): the same
+        objects, not copies, so `OtherPipeline(**pipe.components)` shares them without reloading, as in diffusers
+        (text-to-image, image-to-image and inpainting take the same parts); `from_pipe` takes only the ones a
+        class accepts."""
+        return {name: getattr(self, name) for name in (*self.component_names, *self.option_names)}
+
+    @classmethod
+    def from_pipe(cls, pipeline: DenoisingPipeline, **changes: Any) -> Any:
+        """A `cls` pipeline on the parts of `pipeline` (shared, not copied), as diffusers' `from_pipe`: the
+        components this class takes, `changes` (constructor arguments) replacing them; an unknown name in
+        `changes` is a TypeError, parts that do not fit this class a ConfigError."""
+        if not isinstance(pipeline, DenoisingPipeline):
+            raise InputError("from_pipe takes a latentdiff pipeline", where="pipeline",
+                             expected="a DenoisingPipeline (LatentDiffusionPipeline, ImageToImagePipeline ...)",
+                             found=describe(pipeline))
+        accepted = (*cls.component_names, *cls.option_names)
+        unknown = sorted(set(changes) - set(accepted))
+        if unknown:
+            raise TypeError(f"{cls.__name__}.from_pipe got unknown keyword(s) {unknown}; its parts: {list(accepted)}")
+        shared = {name: part for name, part in pipeline.components.items() if name in accepted}
+        return cls(**(shared | changes))
 
     @property
     def vae_scale_factor(self) -> int:

@@ -1,0 +1,109 @@
+"""The pipeline idioms diffusers users type (issue 15): `pipe.to(dtype)` / `pipe.to(device, dtype)` in any order,
+`pipe.dtype`, `pipe.device`, `pipe.components` shared across the text pipelines, and the scheduler swap
+`pipe.scheduler = Sampler.from_config(pipe.scheduler.config)`; side by side with diffusers where it has the idiom."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from latentdiff import InputError
+from latentdiff.diffusion.samplers import EulerSampler
+from latentdiff.pipelines.image_to_image import ImageToImagePipeline
+from latentdiff.pipelines.inpaint import InpaintPipeline
+from latentdiff.pipelines.latent_diffusion import LatentDiffusionPipeline
+from tests._support.sd import seeds, tiny_diffusers_pipeline
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROMPT = "a photo of a cat"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """(diffusers' tiny SD pipeline, its folder), the scheduler PNDM as in the SD v1 folders."""
+    root = tmp_path_factory.mktemp("idioms")
+    ref = tiny_diffusers_pipeline(root, scheduler_class="PNDMScheduler")
+    ref.scheduler = type(ref.scheduler).from_config(ref.scheduler.config, skip_prk_steps=True)   # as SD v1's
+    ref.save_pretrained(root / "sd")
+    return ref, root / "sd"
+
+
+@pytest.fixture
+def pipe(folders):
+    return LatentDiffusionPipeline.from_pretrained(folders[1])
+
+
+def parameter_dtypes(pipe) -> set[torch.dtype]:
+    return {p.dtype for network in pipe.networks() for p in network.parameters()}
+
+
+# ---- pipe.to, pipe.dtype, pipe.device -------------------------------------------------------------------
+@pytest.mark.parametrize("args, kwargs", [
+    ((torch.bfloat16,), {}),
+    (("cpu", torch.bfloat16), {}),
+    ((torch.bfloat16, "cpu"), {}),          # either order (diffusers wants the device first)
+    ((), dict(device="cpu", dtype=torch.bfloat16)),
+    ((torch.device("cpu"),), dict(dtype=torch.bfloat16)),
+    ((), dict(dtype=torch.bfloat16)),
+])
+def test_to_takes_a_dtype_a_device_or_both(pipe, args, kwargs):
+    assert pipe.dtype == torch.float32 and pipe.device == torch.device("cpu")
+    assert pipe.to(*args, **kwargs) is pipe
+    assert pipe.dtype == torch.bfloat16 and parameter_dtypes(pipe) == {torch.bfloat16}
+    assert pipe.device == torch.device("cpu")
+    pipe.to("cpu")                            # a device alone keeps the dtype
+    assert pipe.dtype == torch.bfloat16
+
+
+def test_to_and_dtype_as_in_diffusers(folders, diffusers):
+    ref, _ = folders
+    ref = diffusers.StableDiffusionPipeline(**ref.components)
+    ours = LatentDiffusionPipeline.from_pretrained(folders[1])
+    for args in [(torch.bfloat16,), ("cpu", torch.float16), ("cpu",), (torch.float32,)]:
+        ref.to(*args)
+        ours.to(*args)
+        assert ours.dtype == ref.dtype and ours.device == ref.device
+
+
+@pytest.mark.parametrize("args, kwargs, where", [
+    ((3.5,), {}, "device"),
+    (("float16",), {}, "device"),
+    ((torch.float16, torch.bfloat16), {}, "argument 2"),
+    (("cpu",), dict(device="cpu"), "argument 1"),
+    ((), dict(dtype="float16"), "dtype"),
+    ((torch.int8,), {}, "dtype"),
+    (("cpu", torch.float16, 1), {}, "to(*args)"),
+])
+def test_to_refuses_what_is_neither_device_nor_dtype(pipe, args, kwargs, where):
+    with pytest.raises(InputError) as info:
+        pipe.to(*args, **kwargs)
+    assert where in str(info.value)
+    assert pipe.dtype == torch.float32
+
+
+# ---- pipe.components --------------------------------------------------------------------------------
+def test_components_are_shared_across_the_text_pipelines(pipe, diffusers, folders):
+    parts = pipe.components
+    assert set(parts) == {"vae", "unet", "text_encoder", "noise_scheduler", "sampler"}
+    same = LatentDiffusionPipeline(**parts)
+    img2img = ImageToImagePipeline(**parts)           # diffusers: StableDiffusionImg2ImgPipeline(**pipe.components)
+    inpaint = InpaintPipeline(**img2img.components)
+    for other in (same, img2img, inpaint, ImageToImagePipeline.from_pipe(inpaint)):
+        assert all(getattr(other, name) is part for name, part in parts.items())   # shared, not reloaded
+    # the diffusers idiom the test mirrors
+    ref = folders[0]
+    assert diffusers.StableDiffusionImg2ImgPipeline(**ref.components).unet is ref.unet
+    # the same images from the shared parts
+    kw = dict(num_inference_steps=2, output_type="latent", progress=False)
+    a = pipe(PROMPT, generator=seeds(0), **kw).images
+    b = same(PROMPT, generator=seeds(0), **kw).images
+    assert torch.equal(a, b)
+
+
+def test_from_pipe_takes_the_parts_a_class_needs_and_changes(pipe):
+    sampler = EulerSampler()
+    img2img = ImageToImagePipeline.from_pipe(pipe, sampler=sampler)
+    assert img2img.unet is pipe.unet and img2img.sampler is sampler and pipe.sampler is not sampler
+    with pytest.raises(TypeError, match="controlnet"):
+        ImageToImagePipeline.from_pipe(pipe, controlnet=None)
+    with pytest.raises(InputError, match="pipeline"):
+        ImageToImagePipeline.from_pipe(object())
