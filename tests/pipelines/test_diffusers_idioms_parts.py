@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from latentdiff import InputError
-from latentdiff.diffusion.samplers import EulerSampler
+from latentdiff import ConfigError, InputError
+from latentdiff.diffusion.samplers import DDIMSampler, DPMSolverMultistepSampler, EulerSampler
 from latentdiff.pipelines.image_to_image import ImageToImagePipeline
 from latentdiff.pipelines.inpaint import InpaintPipeline
 from latentdiff.pipelines.latent_diffusion import LatentDiffusionPipeline
+from tests._support.parity import assert_parity, max_rel_error
 from tests._support.sd import seeds, tiny_diffusers_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -107,3 +108,70 @@ def test_from_pipe_takes_the_parts_a_class_needs_and_changes(pipe):
         ImageToImagePipeline.from_pipe(pipe, controlnet=None)
     with pytest.raises(InputError, match="pipeline"):
         ImageToImagePipeline.from_pipe(object())
+
+
+# ---- the scheduler swap -------------------------------------------------------------------------------
+def test_scheduler_is_the_sampler(pipe):
+    assert pipe.scheduler is pipe.sampler
+    euler = EulerSampler()
+    pipe.scheduler = euler
+    assert pipe.sampler is euler
+    pipe.sampler = DDIMSampler()
+    assert isinstance(pipe.scheduler, DDIMSampler)
+
+
+@pytest.mark.parametrize("attribute", ["scheduler", "sampler"])
+def test_from_config_swap_matches_diffusers(folders, diffusers, attribute):
+    folder = folders[1]
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(folder)   # the folder's file: spacing "leading", offset 1
+    ref.set_progress_bar_config(disable=True)
+    ref.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(ref.scheduler.config)
+    pipe = LatentDiffusionPipeline.from_pretrained(folder)
+    setattr(pipe, attribute, DPMSolverMultistepSampler.from_config(getattr(pipe, attribute).config))
+    assert (pipe.sampler.timestep_spacing, pipe.sampler.steps_offset) == ("leading", 1)   # the folder's
+    kw = dict(num_inference_steps=4, guidance_scale=7.5, output_type="np")
+    with torch.no_grad():
+        expected = torch.from_numpy(ref(PROMPT, generator=seeds(0), **kw).images)
+    ours = torch.from_numpy(pipe(PROMPT, generator=seeds(0), progress=False, **kw).images)
+    assert_parity(ours, expected)
+    # the naive swap (the sampler's own defaults, offset 0) differs: the test can fail
+    pipe.sampler = DPMSolverMultistepSampler()
+    naive = torch.from_numpy(pipe(PROMPT, generator=seeds(0), progress=False, **kw).images)
+    assert max_rel_error(naive, expected) > 1e-3
+
+
+def test_from_config_reads_samplers_and_diffusers_configs(diffusers):
+    ddim = DDIMSampler(timestep_spacing="trailing", steps_offset=1, eta=0.5)
+    assert ddim.config["steps_offset"] == 1 and ddim.config["_class_name"] == "DDIMSampler"
+    for source in (ddim, ddim.config):
+        euler = EulerSampler.from_config(source)
+        assert (euler.timestep_spacing, euler.steps_offset) == ("trailing", 1)
+    assert DDIMSampler.from_config(ddim.config) == ddim
+    assert DPMSolverMultistepSampler.from_config(ddim.config, steps_offset=0).steps_offset == 0
+    # a diffusers config: its keys this sampler has, and its sigma grid flags
+    config = diffusers.DPMSolverMultistepScheduler(use_karras_sigmas=True, timestep_spacing="trailing",
+                                                   solver_order=2).config
+    dpm = DPMSolverMultistepSampler.from_config(config)
+    assert (dpm.sigma_schedule, dpm.timestep_spacing, dpm.solver_order) == ("karras", "trailing", 2)
+    with pytest.raises(ConfigError, match="steps_offset"):
+        DDIMSampler.from_config({"steps_offset": -1})
+    with pytest.raises(InputError, match="config"):
+        DDIMSampler.from_config("ddim")
+
+
+@pytest.mark.parametrize("attribute", ["scheduler", "sampler"])
+def test_a_diffusers_scheduler_is_refused_naming_its_sampler(pipe, diffusers, attribute):
+    before = pipe.sampler
+    cases = [(diffusers.DPMSolverMultistepScheduler(), "DPMSolverMultistepSampler"),
+             (diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"), "DPMSolverMultistepSDESampler"),
+             (diffusers.EulerAncestralDiscreteScheduler(), "EulerAncestralSampler"),
+             (diffusers.UniPCMultistepScheduler(), "implements none")]
+    for scheduler, named in cases:
+        with pytest.raises(InputError, match=named) as info:
+            setattr(pipe, attribute, scheduler)
+        assert info.value.where == attribute and type(scheduler).__name__ in str(info.value)
+    with pytest.raises(InputError, match="latentdiff sampler"):
+        setattr(pipe, attribute, "dpmpp_2m")
+    assert pipe.sampler is before
+    with pytest.raises(InputError, match="DDIMSampler"):     # in the constructor too, before any call
+        LatentDiffusionPipeline(**(pipe.components | dict(sampler=diffusers.DDIMScheduler())))

@@ -166,6 +166,14 @@ LATENTDIFF_KEY = "_latentdiff_sampler"
 NOTE_KEY = "_latentdiff_note"
 
 
+def matching_sampler(class_name: str, config: Mapping[str, Any] | None = None) -> type | None:
+    """The latentdiff sampler class that a diffusers scheduler class stands for (DPM-Solver multistep by its
+    `algorithm_type`), None where latentdiff implements none (FOREIGN_CLASSES and unknown names)."""
+    if class_name == "DPMSolverMultistepScheduler":
+        return DPM_ALGORITHMS.get(str((config or {}).get("algorithm_type", "dpmsolver++")))
+    return NATIVE_CLASSES.get(class_name)
+
+
 # ---- reading ----------------------------------------------------------------------------------------
 def load_scheduler_folder(folder: str | os.PathLike) -> tuple[NoiseScheduler, SamplerSettings]:
     """(NoiseScheduler, sampler) from `folder/scheduler_config.json` (a local folder)."""

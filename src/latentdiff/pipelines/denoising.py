@@ -26,6 +26,7 @@ from ..diffusion.noise import randn
 from ..diffusion.noise_scheduler import NoiseScheduler
 from ..diffusion.samplers import DDIMSampler, Generator, SamplerProtocol, StepCallback
 from ..diffusion.samplers.base import check_generator
+from ..diffusion.scheduler_io import FOREIGN_CLASSES, NATIVE_CLASSES, matching_sampler
 from ..errors import ConfigError, InputError, describe
 from ..hub import HubLocation
 from ..models.autoencoder_kl import AutoencoderKL
@@ -35,6 +36,7 @@ from ..models.unet import UNet2DConditional
 from ..models.unet2d import UNet2D
 from ..models.vae_tiling import TileSettings
 from ..models.vq import VQModel
+from ..registry import SAMPLERS
 from ..utils.devices import check_device
 from ..utils.memory import release_mapped
 from ..utils.numerics import check_finite_output, check_finite_weights
@@ -72,6 +74,27 @@ def device_and_dtype(args: Sequence[Any], *, device: Any = None, dtype: Any = No
     return check_device(given["device"]), dtype
 
 
+def check_sampler_part(value: Any, *, where: str) -> Any:
+    """`value` if it can be a pipeline's sampler (a latentdiff sampler, or a custom object with `init_noise_sigma`
+    and `sample`: `SamplerProtocol`), else an InputError; for a diffusers scheduler, one naming the latentdiff
+    sampler of its class and the `from_config` line that makes it."""
+    name = type(value).__name__
+    foreign = type(value).__module__.split(".")[0] == "diffusers" or name in NATIVE_CLASSES or name in FOREIGN_CLASSES
+    if not foreign and callable(getattr(value, "sample", None)) and hasattr(value, "init_noise_sigma"):
+        return value
+    if not foreign:
+        raise InputError(f"pipe.{where} must be a latentdiff sampler", where=where,
+                         expected="a sampler such as DDIMSampler() or SAMPLERS.create(name)", found=describe(value))
+    config = getattr(value, "config", None)
+    match = matching_sampler(name, config if isinstance(config, Mapping) else None)
+    if match is None:
+        raise InputError(f"a diffusers {name} is not a latentdiff sampler, and latentdiff implements none for it",
+                         where=where, expected=f"a latentdiff sampler: one of {SAMPLERS.names()}", found=name)
+    raise InputError(f"a diffusers {name} is not a latentdiff sampler: its latentdiff sampler is {match.__name__}, "
+                     f"e.g. pipe.{where} = {match.__name__}.from_config(pipe.{where}.config)", where=where,
+                     expected=f"a latentdiff sampler ({match.__name__} for diffusers' {name})", found=name)
+
+
 def unet_conditioning(unet: nn.Module) -> tuple[str, ...]:
     """The conditioning inputs a UNet's forward needs besides (x_t, t): "context" (it cross-attends), "class_labels"
     (a class embedding added to the time embedding)."""
@@ -98,7 +121,7 @@ class DenoisingPipeline(Pipeline):
         self.vae = vae
         self.unet = unet
         self.noise_scheduler = noise_scheduler or NoiseScheduler()
-        self.sampler: SamplerProtocol = sampler if sampler is not None else DDIMSampler()
+        self.sampler = sampler if sampler is not None else DDIMSampler()
         self.check_parts()
 
     def check_parts(self) -> None:
@@ -149,6 +172,26 @@ class DenoisingPipeline(Pipeline):
     def device(self) -> torch.device:
         """Where the networks run: the UNet's device, or the execution device of CPU offload."""
         return acceleration.execution_device(self) or self.unet.device
+
+    @property
+    def sampler(self) -> SamplerProtocol:
+        """The sampler that runs the reverse process. An assignment is checked at once: anything but a sampler (a
+        diffusers scheduler, say) is an InputError naming the latentdiff sampler that matches it."""
+        return self._sampler
+
+    @sampler.setter
+    def sampler(self, value: SamplerProtocol) -> None:
+        self._sampler = check_sampler_part(value, where="sampler")
+
+    @property
+    def scheduler(self) -> SamplerProtocol:
+        """diffusers' name of `sampler` (the same object): `pipe.scheduler = DPMSolverMultistepSampler.from_config(
+        pipe.scheduler.config)` swaps the sampler keeping the folder's timestep spacing and offset."""
+        return self._sampler
+
+    @scheduler.setter
+    def scheduler(self, value: SamplerProtocol) -> None:
+        self._sampler = check_sampler_part(value, where="scheduler")
 
     @property
     def dtype(self) -> torch.dtype:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeAlias, overload, runtime_checkable
 
 import torch
@@ -81,6 +81,33 @@ class SamplerSettings(ComponentConfig):
         """A copy with some settings changed; an unknown name is a TypeError, a bad value a ConfigError."""
         return dataclasses.replace(self, **changes)
 
+    @property
+    def config(self) -> dict[str, Any]:
+        """The settings as a dict (diffusers' `scheduler.config`), what `from_config` reads: `_class_name` and
+        every field, so `OtherSampler.from_config(pipe.sampler.config)` keeps the ones both share."""
+        return {"_class_name": type(self).__name__, **self.to_dict()}
+
+    @classmethod
+    def from_config(cls, config: Any, **changes: Any) -> Any:
+        """This sampler with the settings it shares with `config` (a sampler, its `.config`, or a diffusers
+        scheduler's config), as diffusers' `from_config`: `pipe.scheduler = DPMSolverMultistepSampler.from_config(
+        pipe.scheduler.config)` keeps the folder's timestep spacing and offset. Keys this sampler does not have are
+        ignored (diffusers ignores them too); the ones it has are checked (a ConfigError naming a bad one);
+        `changes` override them. diffusers' use_karras_sigmas / use_exponential_sigmas give `sigma_schedule`."""
+        if isinstance(config, SamplerSettings):
+            config = config.config
+        if not isinstance(config, Mapping):
+            raise InputError("from_config takes a sampler's or a scheduler's config", where="config",
+                             expected="a mapping such as pipe.scheduler.config, or a sampler",
+                             found=describe(config))
+        names = {f.name for f in dataclasses.fields(cls)}
+        settings = {key: value for key, value in config.items() if key in names}
+        if "sigma_schedule" in names and "sigma_schedule" not in settings:
+            flags = [name for name in ("karras", "exponential") if config.get(f"use_{name}_sigmas")]
+            if flags:
+                settings["sigma_schedule"] = flags[0]
+        return cls(**(settings | changes))
+
     def plan(self, noise_scheduler: NoiseScheduler, num_inference_steps: int, *, start_step: int = 0) -> Any:
         raise NotImplementedError
 
@@ -111,7 +138,9 @@ def switch_sampler(current: Any, name: str | None) -> Any:
     diffusers' `from_config` does; the model's own when name is None or the same."""
     if name is None or name == getattr(current, "registry_name", None):
         return current
-    cls = SAMPLERS.get(name)
+    cls: Any = SAMPLERS.get(name)
+    if isinstance(current, SamplerSettings):
+        return cls.from_config(current)
     shared = {f.name for f in dataclasses.fields(cls)} & {f.name for f in dataclasses.fields(current)}
     return cls(**{key: getattr(current, key) for key in shared})
 
