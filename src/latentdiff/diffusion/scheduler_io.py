@@ -212,8 +212,8 @@ def read_scheduler_config(data: Mapping[str, Any], *, source: str | None = None,
                           where=_at(source, "variance_type"), expected=list(NON_LEARNED_VARIANCE),
                           found=repr(keys["variance_type"]))
     if name in CLASS_DEFAULTS:
-        schedule, sampler = _read_native(name, keys, data, source, warn=warn, stacklevel=_stacklevel + 1)
-        return schedule, defaults_used(sampler, keys)
+        native_schedule, native = _read_native(name, keys, data, source, warn=warn, stacklevel=_stacklevel + 1)
+        return native_schedule, defaults_used(native, keys)
     values = {**DIFFUSERS_DEFAULTS, **keys}
     schedule = _build(NoiseSchedulerConfig, {ours: values[theirs] for theirs, ours in SCHEDULE_KEYS.items()},
                       source, reverse={v: k for k, v in SCHEDULE_KEYS.items()})
