@@ -53,25 +53,38 @@ DENOISERS: dict[Entry, type] = {("diffusers", "UNet2DModel"): UNet2D,
                                 ("diffusers", "UNet2DConditionModel"): UNet2DConditional}
 
 
-def device_and_dtype(args: Sequence[Any], *, device: Any = None, dtype: Any = None) -> tuple[Any, Any]:
-    """The (torch.device | None, torch.dtype | None) of a `pipe.to(*args, device=, dtype=)` call: positional
-    arguments are told apart by kind (a torch.dtype, else a device), so either order works; an InputError names
-    the argument that is neither, given twice, or a dtype weights cannot have."""
-    given = {"device": device, "dtype": dtype}
-    if len(args) > 2:
-        raise InputError("to() takes at most a device and a dtype", where="to(*args)",
-                         expected="to(device), to(dtype), to(device, dtype) or keywords", found=len(args))
-    for position, value in enumerate(args):
-        name = "dtype" if isinstance(value, torch.dtype) else "device"
-        if given[name] is not None:
-            raise InputError(f"to() got the {name} twice", where=f"to(): argument {position + 1}",
-                             expected=f"one {name}", found=f"{given[name]!r} and {value!r}")
-        given[name] = value
-    dtype = given["dtype"]
-    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+def device_and_dtype(device: Any = None, dtype: Any = None) -> tuple[Any, Any]:
+    """The (torch.device | None, torch.dtype | None) of a `pipe.to(device, dtype)` call, its two values told apart
+    by kind (a torch.dtype, else a device), so `to(torch.float16)` and `to(torch.float16, "cpu")` work as well; an
+    InputError names the argument that is neither, a kind given twice, or a dtype weights cannot have."""
+    found: dict[str, Any] = {}
+    for argument, value in (("device", device), ("dtype", dtype)):
+        if value is None:
+            continue
+        kind = "dtype" if isinstance(value, torch.dtype) else "device"
+        if argument == "dtype" and kind == "device" and not isinstance(value, torch.device) and not (
+                isinstance(value, str) and is_device_name(value)):
+            raise InputError("dtype must be a floating-point torch.dtype", where="dtype",
+                             expected="torch.float32, torch.float16 or torch.bfloat16", found=describe(value))
+        if kind in found:
+            raise InputError(f"to() got two values that are each a {kind}", where=f"to({argument}=...)",
+                             expected=f"one {kind} (and one {'device' if kind == 'dtype' else 'dtype'})",
+                             found=f"{found[kind]!r} and {value!r}")
+        found[kind] = value
+    dtype = found.get("dtype")
+    if dtype is not None and not dtype.is_floating_point:
         raise InputError("dtype must be a floating-point torch.dtype", where="dtype",
                          expected="torch.float32, torch.float16 or torch.bfloat16", found=describe(dtype))
-    return check_device(given["device"]), dtype
+    return check_device(found.get("device")), dtype
+
+
+def is_device_name(name: str) -> bool:
+    """Whether torch reads `name` as a device ("cpu", "cuda:1" ...)."""
+    try:
+        torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return True
 
 
 def check_sampler_part(value: Any, *, where: str) -> Any:
@@ -158,12 +171,12 @@ class DenoisingPipeline(Pipeline):
             if isinstance(module, nn.Module):
                 check_finite_weights(module, part=name, source=source)
 
-    def to(self, *args: Any, device: str | torch.device | None = None,
-           dtype: torch.dtype | None = None) -> DenoisingPipeline:
+    def to(self, device: str | torch.device | torch.dtype | None = None,
+           dtype: torch.dtype | str | torch.device | None = None) -> DenoisingPipeline:
         """Move and/or cast every network, as diffusers' `pipe.to` does: a device, a dtype or both, positional in
         either order or by keyword (`to("cuda")`, `to(torch.float16)`, `to("cuda", torch.float16)`,
-        `to(device=..., dtype=...)`). Returns self."""
-        device, dtype = device_and_dtype(args, device=device, dtype=dtype)
+        `to(torch.float16, "cuda")`, `to(device=..., dtype=...)`). Returns self."""
+        device, dtype = device_and_dtype(device, dtype)
         for module in self.networks():
             module.to(device=device, dtype=dtype)
         return self
