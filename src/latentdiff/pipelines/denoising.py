@@ -176,9 +176,9 @@ class DenoisingPipeline(Pipeline):
         """Move and/or cast every network, as diffusers' `pipe.to` does: a device, a dtype or both, positional in
         either order or by keyword (`to("cuda")`, `to(torch.float16)`, `to("cuda", torch.float16)`,
         `to(torch.float16, "cuda")`, `to(device=..., dtype=...)`). Returns self."""
-        device, dtype = device_and_dtype(device, dtype)
+        target, cast = device_and_dtype(device, dtype)
         for module in self.networks():
-            module.to(device=device, dtype=dtype)
+            module.to(device=target, dtype=cast)
         return self
 
     @property
