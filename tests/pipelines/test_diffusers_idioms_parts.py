@@ -199,3 +199,21 @@ def test_a_diffusers_scheduler_is_refused_naming_its_sampler(pipe, diffusers, at
     assert pipe.sampler is before
     with pytest.raises(InputError, match="DDIMSampler"):     # in the constructor too, before any call
         LatentDiffusionPipeline(**(pipe.components | dict(sampler=diffusers.DDIMScheduler())))
+
+
+def test_components_rebuild_the_ldm_family_pipelines(tmp_path, diffusers):
+    from latentdiff.models.unet2d import UNet2D
+    from latentdiff.models.vq import VQModel
+    from latentdiff.pipelines.class_conditional import ClassConditionalPipeline
+    from latentdiff.pipelines.unconditional import UnconditionalPipeline
+    from tests._support.ldm import ours, tiny_unet2d, tiny_vq
+
+    vq = ours(tiny_vq(), VQModel, tmp_path / "vq")
+    uncond = UnconditionalPipeline(vae=vq, unet=ours(tiny_unet2d(), UNet2D, tmp_path / "unet"))
+    again = UnconditionalPipeline(**uncond.components)
+    assert again.unet is uncond.unet and again.vae is vq and again.sampler is uncond.sampler
+    labels = {0: "cat", 1: "dog", 2: "fox", 3: "owl"}
+    classes = ClassConditionalPipeline(vae=vq, unet=ours(tiny_unet2d(num_class_embeds=5), UNet2D, tmp_path / "cls"),
+                                       id2label=labels, null_class=4)
+    rebuilt = ClassConditionalPipeline(**classes.components)            # the options travel too
+    assert rebuilt.unet is classes.unet and rebuilt.id2label == classes.id2label and rebuilt.null_class == 4
