@@ -166,6 +166,14 @@ LATENTDIFF_KEY = "_latentdiff_sampler"
 NOTE_KEY = "_latentdiff_note"
 
 
+def matching_sampler(class_name: str, config: Mapping[str, Any] | None = None) -> type | None:
+    """The latentdiff sampler class that a diffusers scheduler class stands for (DPM-Solver multistep by its
+    `algorithm_type`), None where latentdiff implements none (FOREIGN_CLASSES and unknown names)."""
+    if class_name == "DPMSolverMultistepScheduler":
+        return DPM_ALGORITHMS.get(str((config or {}).get("algorithm_type", "dpmsolver++")))
+    return NATIVE_CLASSES.get(class_name)
+
+
 # ---- reading ----------------------------------------------------------------------------------------
 def load_scheduler_folder(folder: str | os.PathLike) -> tuple[NoiseScheduler, SamplerSettings]:
     """(NoiseScheduler, sampler) from `folder/scheduler_config.json` (a local folder)."""
@@ -204,7 +212,8 @@ def read_scheduler_config(data: Mapping[str, Any], *, source: str | None = None,
                           where=_at(source, "variance_type"), expected=list(NON_LEARNED_VARIANCE),
                           found=repr(keys["variance_type"]))
     if name in CLASS_DEFAULTS:
-        return _read_native(name, keys, data, source, warn=warn, stacklevel=_stacklevel + 1)
+        native_schedule, native = _read_native(name, keys, data, source, warn=warn, stacklevel=_stacklevel + 1)
+        return native_schedule, defaults_used(native, keys)
     values = {**DIFFUSERS_DEFAULTS, **keys}
     schedule = _build(NoiseSchedulerConfig, {ours: values[theirs] for theirs, ours in SCHEDULE_KEYS.items()},
                       source, reverse={v: k for k, v in SCHEDULE_KEYS.items()})
@@ -228,7 +237,20 @@ def read_scheduler_config(data: Mapping[str, Any], *, source: str | None = None,
             f"(the sampler diffusers' DDIMScheduler.from_config gives for this config)"
             + (f"; its own settings {unused} are not used" if unused else "")
             + f" [{source or 'scheduler config'}]", UserWarning, stacklevel=_stacklevel)
-    return schedule, sampler
+    return schedule, defaults_used(sampler, keys)
+
+
+def defaults_used(sampler: SamplerSettings, keys: Mapping[str, Any]) -> SamplerSettings:
+    """`sampler`, noting the settings whose diffusers key the file left out (diffusers' `_use_default_values`), so
+    that `OtherSampler.from_config(sampler.config)` gives them the other sampler's defaults, as diffusers'
+    `from_config` does (Stable Diffusion v1's PNDM file has no timestep_spacing: DPM-Solver gets "linspace")."""
+    diffusers_keys = set(SAMPLER_KEYS) | set(FOREIGN_SAMPLER_KEYS)
+    left_out = [f.name for f in dataclasses.fields(sampler) if f.name in diffusers_keys and f.name not in keys]
+    flags = ("use_karras_sigmas", "use_exponential_sigmas")
+    if hasattr(sampler, "sigma_schedule") and not any(key in keys for key in flags):
+        left_out.append("sigma_schedule")
+    object.__setattr__(sampler, "_use_default_values", tuple(left_out))   # not a field: equality is unchanged
+    return sampler
 
 
 def _read_native(name: str, keys: dict[str, Any], data: Mapping[str, Any], source: str | None, *, warn: bool,

@@ -26,6 +26,7 @@ from ..diffusion.noise import randn
 from ..diffusion.noise_scheduler import NoiseScheduler
 from ..diffusion.samplers import DDIMSampler, Generator, SamplerProtocol, StepCallback
 from ..diffusion.samplers.base import check_generator
+from ..diffusion.scheduler_io import FOREIGN_CLASSES, NATIVE_CLASSES, matching_sampler
 from ..errors import ConfigError, InputError, describe
 from ..hub import HubLocation
 from ..models.autoencoder_kl import AutoencoderKL
@@ -35,6 +36,7 @@ from ..models.unet import UNet2DConditional
 from ..models.unet2d import UNet2D
 from ..models.vae_tiling import TileSettings
 from ..models.vq import VQModel
+from ..registry import SAMPLERS
 from ..utils.devices import check_device
 from ..utils.memory import release_mapped
 from ..utils.numerics import check_finite_output, check_finite_weights
@@ -49,6 +51,61 @@ FIRST_STAGES: dict[Entry, type] = {("diffusers", "AutoencoderKL"): AutoencoderKL
                                    ("latentdiff", "IdentityFirstStage"): IdentityFirstStage}
 DENOISERS: dict[Entry, type] = {("diffusers", "UNet2DModel"): UNet2D,
                                 ("diffusers", "UNet2DConditionModel"): UNet2DConditional}
+
+
+def device_and_dtype(device: Any = None, dtype: Any = None) -> tuple[Any, Any]:
+    """The (torch.device | None, torch.dtype | None) of a `pipe.to(device, dtype)` call, its two values told apart
+    by kind (a torch.dtype, else a device), so `to(torch.float16)` and `to(torch.float16, "cpu")` work as well; an
+    InputError names the argument that is neither, a kind given twice, or a dtype weights cannot have."""
+    found: dict[str, Any] = {}
+    for argument, value in (("device", device), ("dtype", dtype)):
+        if value is None:
+            continue
+        kind = "dtype" if isinstance(value, torch.dtype) else "device"
+        if argument == "dtype" and kind == "device" and not isinstance(value, torch.device) and not (
+                isinstance(value, str) and is_device_name(value)):
+            raise InputError("dtype must be a floating-point torch.dtype", where="dtype",
+                             expected="torch.float32, torch.float16 or torch.bfloat16", found=describe(value))
+        if kind in found:
+            raise InputError(f"to() got two values that are each a {kind}", where=f"to({argument}=...)",
+                             expected=f"one {kind} (and one {'device' if kind == 'dtype' else 'dtype'})",
+                             found=f"{found[kind]!r} and {value!r}")
+        found[kind] = value
+    dtype = found.get("dtype")
+    if dtype is not None and not dtype.is_floating_point:
+        raise InputError("dtype must be a floating-point torch.dtype", where="dtype",
+                         expected="torch.float32, torch.float16 or torch.bfloat16", found=describe(dtype))
+    return check_device(found.get("device")), dtype
+
+
+def is_device_name(name: str) -> bool:
+    """Whether torch reads `name` as a device ("cpu", "cuda:1" ...)."""
+    try:
+        torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return True
+
+
+def check_sampler_part(value: Any, *, where: str) -> Any:
+    """`value` if it can be a pipeline's sampler (a latentdiff sampler, or a custom object with `init_noise_sigma`
+    and `sample`: `SamplerProtocol`), else an InputError; for a diffusers scheduler, one naming the latentdiff
+    sampler of its class and the `from_config` line that makes it."""
+    name = type(value).__name__
+    foreign = type(value).__module__.split(".")[0] == "diffusers" or name in NATIVE_CLASSES or name in FOREIGN_CLASSES
+    if not foreign and callable(getattr(value, "sample", None)) and hasattr(value, "init_noise_sigma"):
+        return value
+    if not foreign:
+        raise InputError(f"pipe.{where} must be a latentdiff sampler", where=where,
+                         expected="a sampler such as DDIMSampler() or SAMPLERS.create(name)", found=describe(value))
+    config = getattr(value, "config", None)
+    match = matching_sampler(name, config if isinstance(config, Mapping) else None)
+    if match is None:
+        raise InputError(f"a diffusers {name} is not a latentdiff sampler, and latentdiff implements none for it",
+                         where=where, expected=f"a latentdiff sampler: one of {SAMPLERS.names()}", found=name)
+    raise InputError(f"a diffusers {name} is not a latentdiff sampler: its latentdiff sampler is {match.__name__}, "
+                     f"e.g. pipe.{where} = {match.__name__}.from_config(pipe.{where}.config)", where=where,
+                     expected=f"a latentdiff sampler ({match.__name__} for diffusers' {name})", found=name)
 
 
 def unet_conditioning(unet: nn.Module) -> tuple[str, ...]:
@@ -77,7 +134,7 @@ class DenoisingPipeline(Pipeline):
         self.vae = vae
         self.unet = unet
         self.noise_scheduler = noise_scheduler or NoiseScheduler()
-        self.sampler: SamplerProtocol = sampler if sampler is not None else DDIMSampler()
+        self.sampler = sampler if sampler is not None else DDIMSampler()
         self.check_parts()
 
     def check_parts(self) -> None:
@@ -114,16 +171,69 @@ class DenoisingPipeline(Pipeline):
             if isinstance(module, nn.Module):
                 check_finite_weights(module, part=name, source=source)
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> DenoisingPipeline:
-        device = check_device(device)
+    def to(self, device: str | torch.device | torch.dtype | None = None,
+           dtype: torch.dtype | str | torch.device | None = None) -> DenoisingPipeline:
+        """Move and/or cast every network, as diffusers' `pipe.to` does: a device, a dtype or both, positional in
+        either order or by keyword (`to("cuda")`, `to(torch.float16)`, `to("cuda", torch.float16)`,
+        `to(torch.float16, "cuda")`, `to(device=..., dtype=...)`). Returns self."""
+        target, cast = device_and_dtype(device, dtype)
         for module in self.networks():
-            module.to(device=device, dtype=dtype)
+            module.to(device=target, dtype=cast)
         return self
 
     @property
     def device(self) -> torch.device:
         """Where the networks run: the UNet's device, or the execution device of CPU offload."""
         return acceleration.execution_device(self) or self.unet.device
+
+    @property
+    def sampler(self) -> SamplerProtocol:
+        """The sampler that runs the reverse process. An assignment is checked at once: anything but a sampler (a
+        diffusers scheduler, say) is an InputError naming the latentdiff sampler that matches it."""
+        return self._sampler
+
+    @sampler.setter
+    def sampler(self, value: SamplerProtocol) -> None:
+        self._sampler = check_sampler_part(value, where="sampler")
+
+    @property
+    def scheduler(self) -> SamplerProtocol:
+        """diffusers' name of `sampler` (the same object): `pipe.scheduler = DPMSolverMultistepSampler.from_config(
+        pipe.scheduler.config)` swaps the sampler keeping the folder's timestep spacing and offset."""
+        return self._sampler
+
+    @scheduler.setter
+    def scheduler(self, value: SamplerProtocol) -> None:
+        self._sampler = check_sampler_part(value, where="scheduler")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the denoising runs in: the UNet's (diffusers' `pipe.dtype`)."""
+        return self.unet.dtype
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """The constructor's arguments as a dict, name -> part (`component_names`, then the options): the same
+        objects, not copies, so `OtherPipeline(**pipe.components)` shares them without reloading, as in diffusers
+        (text-to-image, image-to-image and inpainting take the same parts); `from_pipe` takes only the ones a
+        class accepts."""
+        return {name: getattr(self, name) for name in (*self.component_names, *self.option_names)}
+
+    @classmethod
+    def from_pipe(cls, pipeline: DenoisingPipeline, **changes: Any) -> Any:
+        """A `cls` pipeline on the parts of `pipeline` (shared, not copied), as diffusers' `from_pipe`: the
+        components this class takes, `changes` (constructor arguments) replacing them; an unknown name in
+        `changes` is a TypeError, parts that do not fit this class a ConfigError."""
+        if not isinstance(pipeline, DenoisingPipeline):
+            raise InputError("from_pipe takes a latentdiff pipeline", where="pipeline",
+                             expected="a DenoisingPipeline (LatentDiffusionPipeline, ImageToImagePipeline ...)",
+                             found=describe(pipeline))
+        accepted = (*cls.component_names, *cls.option_names)
+        unknown = sorted(set(changes) - set(accepted))
+        if unknown:
+            raise TypeError(f"{cls.__name__}.from_pipe got unknown keyword(s) {unknown}; its parts: {list(accepted)}")
+        shared = {name: part for name, part in pipeline.components.items() if name in accepted}
+        return cls(**(shared | changes))
 
     @property
     def vae_scale_factor(self) -> int:

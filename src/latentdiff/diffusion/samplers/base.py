@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeAlias, overload, runtime_checkable
 
 import torch
@@ -70,6 +70,9 @@ class SamplerSettings(ComponentConfig):
     steps_offset: int = 0              # added to "leading" timesteps (Stable Diffusion v1/v2 use 1)
 
     init_noise_sigma: ClassVar[float] = 1.0   # x_T ~ N(0, I): `sample` scales it itself where it must
+    # The settings a diffusers scheduler file left out (diffusers' `_use_default_values`), set on a sampler read from
+    # one (diffusion.scheduler_io): `from_config` gives those the new sampler's own defaults, as diffusers does.
+    _use_default_values: ClassVar[tuple[str, ...]] = ()
     registry_name: ClassVar[str]
 
     def validate(self) -> None:
@@ -80,6 +83,36 @@ class SamplerSettings(ComponentConfig):
     def with_options(self, **changes: Any) -> Any:
         """A copy with some settings changed; an unknown name is a TypeError, a bad value a ConfigError."""
         return dataclasses.replace(self, **changes)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The settings as a dict (diffusers' `scheduler.config`), what `from_config` reads: `_class_name` and
+        every field, so `OtherSampler.from_config(pipe.sampler.config)` keeps the ones both share."""
+        defaulted = {"_use_default_values": list(self._use_default_values)} if self._use_default_values else {}
+        return {"_class_name": type(self).__name__, **defaulted, **self.to_dict()}
+
+    @classmethod
+    def from_config(cls, config: Any, **changes: Any) -> Any:
+        """This sampler with the settings it shares with `config` (a sampler, its `.config`, or a diffusers
+        scheduler's config), as diffusers' `from_config`: `pipe.scheduler = DPMSolverMultistepSampler.from_config(
+        pipe.scheduler.config)` keeps the folder's timestep spacing and offset. Keys this sampler does not have are
+        ignored (diffusers ignores them too), and so are those the config lists under `_use_default_values` (settings
+        its scheduler file left out: they take this sampler's defaults, which are its diffusers class's, as in
+        diffusers); the ones it has are checked (a ConfigError naming a bad one); `changes` override them.
+        diffusers' use_karras_sigmas / use_exponential_sigmas give `sigma_schedule`."""
+        if isinstance(config, SamplerSettings):
+            config = config.config
+        if not isinstance(config, Mapping):
+            raise InputError("from_config takes a sampler's or a scheduler's config", where="config",
+                             expected="a mapping such as pipe.scheduler.config, or a sampler",
+                             found=describe(config))
+        names = {f.name for f in dataclasses.fields(cls)} - set(config.get("_use_default_values") or ())
+        settings = {key: value for key, value in config.items() if key in names}
+        if "sigma_schedule" in names and "sigma_schedule" not in settings:
+            flags = [name for name in ("karras", "exponential") if config.get(f"use_{name}_sigmas")]
+            if flags:
+                settings["sigma_schedule"] = flags[0]
+        return cls(**(settings | changes))
 
     def plan(self, noise_scheduler: NoiseScheduler, num_inference_steps: int, *, start_step: int = 0) -> Any:
         raise NotImplementedError
@@ -111,7 +144,9 @@ def switch_sampler(current: Any, name: str | None) -> Any:
     diffusers' `from_config` does; the model's own when name is None or the same."""
     if name is None or name == getattr(current, "registry_name", None):
         return current
-    cls = SAMPLERS.get(name)
+    cls: Any = SAMPLERS.get(name)
+    if isinstance(current, SamplerSettings):
+        return cls.from_config(current)
     shared = {f.name for f in dataclasses.fields(cls)} & {f.name for f in dataclasses.fields(current)}
     return cls(**{key: getattr(current, key) for key in shared})
 
