@@ -41,6 +41,7 @@ from ..utils.numerics import check_finite_output, check_finite_weights
 from . import acceleration, first_stage
 from .base import Pipeline, PipelineOutput, check_output_type, to_output
 from .folder import MODEL_INDEX, Entry, FolderPart, load_folder, write_parts
+from .stages import stage
 
 FirstStage: TypeAlias = AutoencoderKL | VQModel | IdentityFirstStage
 
@@ -279,8 +280,9 @@ class DenoisingPipeline(Pipeline):
         check_output_type(output_type)
         check_generator(generator, batch_size)
 
+    @stage
     def prepare_latents(self, batch_size: int, height: int, width: int, *, generator: Generator = None,
-                        latents: torch.Tensor | None = None) -> torch.Tensor:
+                        latents: torch.Tensor | None = None, grad: bool = False) -> torch.Tensor:
         """x_T: (B, C, h, w) noise, drawn per sample from its generator on the generator's device (CPU by
         default), so a seed gives the same image on CPU and GPU and image i of a batch equals its seed alone."""
         shape = self.latent_shape(batch_size, height, width)
@@ -299,9 +301,10 @@ class DenoisingPipeline(Pipeline):
         factor = self.vae_scale_factor
         return (batch_size, self.vae.latent_channels, height // factor, width // factor)
 
+    @stage
     def sample(self, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_T: torch.Tensor, *,
                sampler: SamplerProtocol | None = None, num_inference_steps: int, generator: Generator = None,
-               callback: StepCallback | None = None, progress: bool = True) -> torch.Tensor:
+               callback: StepCallback | None = None, progress: bool = True, grad: bool = False) -> torch.Tensor:
         """The reverse process from x_T (B, C, h, w) to z_0 with `denoise(x_t, t)` (the UNet, or a wrapper adding
         the pipeline's conditioning) and the sampler (the pipeline's by default)."""
         z0 = (sampler or self.sampler).sample(denoise, x_T, self.noise_scheduler, num_inference_steps,
@@ -310,8 +313,10 @@ class DenoisingPipeline(Pipeline):
         return check_finite_output(z0, stage="denoising", step=num_inference_steps, steps=num_inference_steps,
                                    dtype=self.unet.dtype)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """z_0 (B, C, h, w), scaled -> images (B, 3, H, W) in [-1, 1]; the only autoencoder call of a run."""
+    @stage
+    def decode(self, latents: torch.Tensor, *, grad: bool = False) -> torch.Tensor:
+        """z_0 (B, C, h, w), scaled -> images (B, 3, H, W) in [-1, 1]; the only autoencoder call of a run.
+        grad: with autograd (every stage runs without by default, `pipelines.stages`)."""
         return self.decode_first_stage(latents, scaled=True)
 
     # ---- the first stage (pipelines/first_stage.py) ----------------------------------------------------

@@ -25,6 +25,7 @@ from .base import PipelineOutput
 from .images import ImageInput, check_batch, expand_batch, image_to_tensor
 from .latent_diffusion import LAYOUTS, Generator, LatentDiffusionPipeline, Prompt
 from .sdedit import start_step
+from .stages import stage
 
 
 @PIPELINES.register("image-to-image")
@@ -97,8 +98,9 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
                              found=tuple(noise.shape) if isinstance(noise, torch.Tensor) else describe(noise))
         return batch, first
 
+    @stage
     def encode_image(self, image: torch.Tensor, *, batch_size: int, num_images_per_prompt: int = 1,
-                     generator: Generator = None) -> torch.Tensor:
+                     generator: Generator = None, grad: bool = False) -> torch.Tensor:
         """image (n, 3, H, W) in [-1, 1] -> z_0 (batch_size, C, H/f, W/f): a scaled posterior sample.
 
         One generator encodes the n distinct images once (one draw of shape (n, ...), as diffusers); a list

@@ -37,6 +37,7 @@ from .base import PipelineOutput, concat_conditioning
 from .denoising import FIRST_STAGES, DenoisingPipeline, FirstStage, Generator
 from .folder import MODEL_INDEX, Entry, FolderPart, write_parts
 from .sdedit import sample_from_step, start_step
+from .stages import stage
 from .tiled_sampling import LatentTiling, check_upscale, latent_tiling, tiled_denoiser, upscale_latents
 from .tiled_sampling import Size as TileSize
 
@@ -239,10 +240,11 @@ class LatentDiffusionPipeline(DenoisingPipeline):
             raise no_prompt()
         return prompt_embeds.shape[0]
 
+    @stage
     def encode_prompt(self, prompt: Prompt | None, negative_prompt: Prompt | None = None, *,
                       num_images_per_prompt: int = 1, guidance: bool = True,
-                      prompt_embeds: torch.Tensor | None = None,
-                      negative_prompt_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                      grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (cond, uncond): (B * num_images_per_prompt, L, D) each; uncond is None without guidance."""
         if prompt_embeds is None:
             if prompt is None:
@@ -263,17 +265,19 @@ class LatentDiffusionPipeline(DenoisingPipeline):
             check_finite_output(embeddings, stage="text encoding", where="text_encoder", dtype=dtype)
         return cond, uncond
 
+    @stage
     def denoise(self, x_T: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, *,
                 guidance_scale: float = 7.5, num_inference_steps: int = 50, sampler: SamplerProtocol | None = None,
                 generator: Generator = None, callback: StepCallback | None = None, progress: bool = True,
                 start_step: int = 0, concat: torch.Tensor | None = None,
-                tiling: LatentTiling | None = None) -> torch.Tensor:
+                tiling: LatentTiling | None = None, grad: bool = False) -> torch.Tensor:
         """Run the reverse process from x_T to z_0 with the sampler, guided by the text embeddings.
 
         start_step > 0 runs only steps start_step .. N-1 of the N-step plan, x_T being the sample at that
         step's timestep (image-to-image, see `sdedit`); concat (B, C', h, w) is stacked onto the channels
         of x_t at every step (the inpainting UNet's mask and masked-image latents). tiling: denoise in blended
-        windows (MultiDiffusion, `tiled_sampling`), each window guided.
+        windows (MultiDiffusion, `tiled_sampling`), each window guided. grad: with autograd, for training uses
+        (every stage runs without by default: `pipelines.stages`).
         """
         if tiling is not None and concat is not None:
             raise InputError("tiled sampling does not slice concatenated conditioning", where="tiling",

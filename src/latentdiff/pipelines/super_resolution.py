@@ -32,6 +32,7 @@ from .arguments import check_call
 from .base import PipelineOutput, concat_conditioning
 from .denoising import DenoisingPipeline, Generator, StepCallback, unet_conditioning
 from .images import ImageInput, image_to_tensor
+from .stages import stage
 
 LOW_RES_CHANNELS = 3  # RGB
 
@@ -84,6 +85,7 @@ class SuperResolutionPipeline(DenoisingPipeline):
         """PIL / numpy / tensor low-res image(s) -> y (B, 3, h, w) float32 in [-1, 1] on the CPU (nothing resized)."""
         return image_to_tensor(image, name="image", channels=LOW_RES_CHANNELS)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    @stage
+    def decode(self, latents: torch.Tensor, *, grad: bool = False) -> torch.Tensor:
         """z_0 (B, C, h, w), unscaled (as LDM-SR was trained) -> images (B, 3, h f, w f) in [-1, 1]."""
         return self.decode_first_stage(latents, scaled=False)
