@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from latentdiff import InputError
 from latentdiff.pipelines.image_to_image import ImageToImagePipeline
 from latentdiff.pipelines.latent_diffusion import LatentDiffusionPipeline
+from tests._support.parity import assert_parity
 from tests._support.sd import tiny_diffusers_pipeline
 
 PROMPT = "a photo of a cat"
@@ -60,3 +62,153 @@ def test_grad_must_be_a_bool(setup):
     _, pipe, _ = setup
     with pytest.raises(TypeError, match="grad"):
         pipe.prepare_latents(1, 32, 32, grad="yes")
+
+
+# ---- diffusers' __call__ keywords, side by side ------------------------------------------------------------
+STEPS = 3
+
+
+def both(ref, pipe, **kw):
+    """(ours, diffusers') "pt" images of one run each with the same seed and keywords."""
+    run = dict(prompt=PROMPT, num_inference_steps=STEPS, guidance_scale=7.5, output_type="pt") | kw
+    with torch.no_grad():
+        expected = ref(**run, generator=torch.Generator().manual_seed(0)).images
+    ours = pipe(**run, generator=torch.Generator().manual_seed(0), progress=False).images
+    return ours, expected
+
+
+def test_callback_on_step_end_sees_and_replaces_the_latents_as_in_diffusers(setup):
+    ref, pipe, _ = setup
+    seen = {"ours": [], "ref": []}
+
+    def halve_at_1(who):
+        def on_step_end(p, i, t, kwargs):
+            assert set(kwargs) == {"latents"}
+            seen[who].append(kwargs["latents"].clone())
+            return {"latents": kwargs["latents"] * 0.5} if i == 1 else kwargs
+        return on_step_end
+
+    with torch.no_grad():
+        expected = ref(PROMPT, num_inference_steps=STEPS, output_type="pt", generator=torch.Generator().manual_seed(0),
+                       callback_on_step_end=halve_at_1("ref")).images
+    ours = pipe(PROMPT, num_inference_steps=STEPS, output_type="pt", generator=torch.Generator().manual_seed(0),
+                callback_on_step_end=halve_at_1("ours"), progress=False).images
+    assert len(seen["ours"]) == len(seen["ref"]) == STEPS
+    for a, b in zip(seen["ours"], seen["ref"]):
+        assert_parity(a, b)
+    assert_parity(ours, expected)
+
+
+def test_the_old_callback_and_callback_on_step_end_both_run(setup):
+    _, pipe, _ = setup
+    calls = []
+    pipe(PROMPT, num_inference_steps=2, output_type="latent", progress=False,
+         callback=lambda i, t, x: calls.append(("old", i)),
+         callback_on_step_end=lambda p, i, t, kw: calls.append(("new", i)) or kw,
+         callback_on_step_end_tensor_inputs=["latents", "prompt_embeds", "negative_prompt_embeds"])
+    assert calls == [("old", 0), ("new", 0), ("old", 1), ("new", 1)]
+
+
+def test_guidance_rescale_matches_diffusers(setup):
+    ref, pipe, _ = setup
+    ours, expected = both(ref, pipe, guidance_rescale=0.7)
+    plain, _ = both(ref, pipe)
+    assert_parity(ours, expected)
+    assert (ours - plain).abs().max() > 1e-4     # it changed something
+
+
+def test_return_dict_false_is_diffusers_tuple(setup):
+    ref, pipe, _ = setup
+    with torch.no_grad():
+        expected = ref(PROMPT, num_inference_steps=1, output_type="pt", return_dict=False)
+    got = pipe(PROMPT, num_inference_steps=1, output_type="pt", return_dict=False, progress=False)
+    assert isinstance(got, tuple) and isinstance(expected, tuple) and len(got) == len(expected) == 2
+    assert got[1] is None and expected[1] is None      # no safety checker
+    assert got[0].shape == expected[0].shape
+
+
+def test_interrupt_from_a_callback_skips_the_remaining_steps_as_in_diffusers(setup):
+    ref, pipe, _ = setup
+    steps = {"ours": [], "ref": []}
+
+    def stop_after_0(who):
+        def on_step_end(p, i, t, kwargs):
+            steps[who].append(i)
+            p._interrupt = True
+            return kwargs
+        return on_step_end
+
+    ours, expected = both(ref, pipe, callback_on_step_end=None)
+    ours_cut = pipe(PROMPT, num_inference_steps=STEPS, output_type="pt", generator=torch.Generator().manual_seed(0),
+                    callback_on_step_end=stop_after_0("ours"), progress=False).images
+    with torch.no_grad():
+        expected_cut = ref(PROMPT, num_inference_steps=STEPS, output_type="pt",
+                           generator=torch.Generator().manual_seed(0), callback_on_step_end=stop_after_0("ref")).images
+    assert steps["ours"] == steps["ref"] == [0]
+    assert pipe.interrupt and ref.interrupt
+    assert_parity(ours_cut, expected_cut)
+    assert (ours_cut - ours).abs().max() > 1e-3
+    pipe(PROMPT, num_inference_steps=1, output_type="latent", progress=False)
+    assert not pipe.interrupt                           # each call starts uninterrupted
+
+
+def test_set_progress_bar_config(setup, capsys):
+    _, pipe, _ = setup
+    try:
+        pipe.set_progress_bar_config(desc="idiom-bar", ascii=True)
+        pipe(PROMPT, num_inference_steps=2, output_type="latent")
+        assert "idiom-bar" in capsys.readouterr().err
+        pipe.set_progress_bar_config(disable=True)
+        pipe(PROMPT, num_inference_steps=2, output_type="latent")
+        assert capsys.readouterr().err == ""
+    finally:
+        pipe.set_progress_bar_config()
+
+
+@pytest.mark.parametrize("keyword, value, fragment", [
+    ("callback_on_step_end", "print", "callable"),
+    ("callback_on_step_end_tensor_inputs", ["latents", "noise_pred"], "callback_on_step_end_tensor_inputs"),
+    ("guidance_rescale", 1.5, "[0, 1]"),
+    ("guidance_rescale", float("nan"), "finite"),
+    ("return_dict", "no", "return_dict"),
+])
+def test_bad_idiom_arguments_are_refused_before_any_work(setup, keyword, value, fragment):
+    _, pipe, _ = setup
+    with pytest.raises(InputError) as caught:
+        pipe(PROMPT, num_inference_steps=1, progress=False, **{keyword: value})
+    assert fragment in str(caught.value) and keyword in str(caught.value)
+
+
+def test_a_callback_returning_no_dict_or_other_embeddings_is_refused(setup):
+    _, pipe, _ = setup
+    with pytest.raises(InputError, match="dict"):
+        pipe(PROMPT, num_inference_steps=1, progress=False, output_type="latent",
+             callback_on_step_end=lambda p, i, t, kw: None)
+    with pytest.raises(InputError, match="prompt_embeds"):
+        pipe(PROMPT, num_inference_steps=1, progress=False, output_type="latent",
+             callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+             callback_on_step_end=lambda p, i, t, kw: kw | {"prompt_embeds": kw["prompt_embeds"] * 2})
+
+
+def test_unknown_keywords_stay_a_type_error(setup):
+    _, pipe, _ = setup
+    with pytest.raises(TypeError):
+        pipe(PROMPT, num_inference_steps=1, callback_steps=1)
+
+
+def test_img2img_and_inpainting_take_the_idioms(setup):
+    import numpy as np
+
+    from latentdiff.pipelines.inpaint import InpaintPipeline
+    _, _, root = setup
+    image = np.random.default_rng(0).random((32, 32, 3)).astype(np.float32)
+    mask = np.zeros((32, 32), np.float32)
+    mask[8:24] = 1
+    seen = []
+    for cls, extra in ((ImageToImagePipeline, {}), (InpaintPipeline, {"mask_image": mask})):
+        pipe = cls.from_pretrained(root / "sd")
+        images, nsfw = pipe(PROMPT, image, **extra, strength=1.0, num_inference_steps=2, output_type="pt",
+                            guidance_rescale=0.5, return_dict=False, progress=False,
+                            callback_on_step_end=lambda p, i, t, kw: seen.append(i) or kw)
+        assert images.shape == (1, 3, 32, 32) and nsfw is None
+    assert seen == [0, 1, 0, 1]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, ClassVar, Literal, TypeAlias
 
 import torch
@@ -40,6 +41,7 @@ from ..utils.memory import release_mapped
 from ..utils.numerics import check_finite_output, check_finite_weights
 from . import acceleration, first_stage
 from .base import Pipeline, PipelineOutput, check_output_type, to_output
+from .call_options import Interrupted
 from .folder import MODEL_INDEX, Entry, FolderPart, load_folder, write_parts
 from .stages import stage
 
@@ -129,6 +131,21 @@ class DenoisingPipeline(Pipeline):
     @property
     def vae_scale_factor(self) -> int:
         return self.vae.downsample_factor
+
+    # ---- diffusers' run-time idioms (pipelines/call_options.py) -----------------------------------------
+    _interrupt: bool = False     # set from a step callback: the remaining steps are skipped (diffusers' interrupt)
+    _progress_bar_config: Mapping[str, Any] = MappingProxyType({})
+
+    @property
+    def interrupt(self) -> bool:
+        """Whether the running call was interrupted: a callback sets `pipe._interrupt = True`, as in diffusers; the
+        steps left are skipped and the sample of that step decoded. Each `__call__` starts with it False."""
+        return self._interrupt
+
+    def set_progress_bar_config(self, **options: Any) -> None:
+        """tqdm options of the sampling progress bar, as diffusers' (disable=True, desc=, leave=, position= ...);
+        each call replaces the previous options. `progress=False` on a call still shows no bar."""
+        self._progress_bar_config = dict(options)
 
     # ---- speed and memory (pipelines/acceleration.py) -----------------------------------------------
     def enable_attention_slicing(self, chunk_size: int | Literal["auto"] = "auto", *,
@@ -307,8 +324,11 @@ class DenoisingPipeline(Pipeline):
                callback: StepCallback | None = None, progress: bool = True, grad: bool = False) -> torch.Tensor:
         """The reverse process from x_T (B, C, h, w) to z_0 with `denoise(x_t, t)` (the UNet, or a wrapper adding
         the pipeline's conditioning) and the sampler (the pipeline's by default)."""
-        z0 = (sampler or self.sampler).sample(denoise, x_T, self.noise_scheduler, num_inference_steps,
-                                              generator=generator, callback=callback, progress=progress)
+        try:
+            z0 = (sampler or self.sampler).sample(denoise, x_T, self.noise_scheduler, num_inference_steps,
+                                                  generator=generator, callback=callback, progress=progress)
+        except Interrupted as stop:    # `pipe._interrupt` set by a callback: the sample of that step
+            z0 = stop.x
         # one reduction after the loop, never per step (on CUDA a check is a host sync)
         return check_finite_output(z0, stage="denoising", step=num_inference_steps, steps=num_inference_steps,
                                    dtype=self.unet.dtype)

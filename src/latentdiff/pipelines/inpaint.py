@@ -20,6 +20,7 @@ processor does, and the masked image is image * (mask < 0.5).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ from ..diffusion.samplers import StepCallback
 from ..diffusion.samplers.base import after_step, as_step_callback
 from ..registry import PIPELINES
 from .arguments import check_call
-from .base import PipelineOutput
+from .call_options import CallbackOnStepEnd, finish, step_callback
 from .image_to_image import ImageToImagePipeline
 from .images import ImageInput, check_batch, expand_batch, mask_to_tensor
 from .latent_diffusion import LAYOUTS, Generator, Prompt
@@ -59,13 +60,16 @@ class InpaintPipeline(ImageToImagePipeline):
             generator: Generator = None, noise: torch.Tensor | None = None,
             prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
             output_type: str = "pil", callback: StepCallback | None = None,
-            progress: bool = True, max_pixels: int | None = None) -> PipelineOutput:
+            progress: bool = True, max_pixels: int | None = None, guidance_rescale: float = 0.0,
+            callback_on_step_end: CallbackOnStepEnd | None = None,
+            callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), return_dict: bool = True) -> Any:
         """Repaint the white region of `mask_image` in `image` (same H, W; multiples of the autoencoder factor).
 
         strength 1 starts from pure noise x_T = noise; below 1 from the image latent noised to the strength's
         timestep (as image-to-image). noise: (B, C, H/f, W/f), the run's eps (diffusers' `latents` at
         strength 1), drawn from `generator` when None. max_pixels: the largest H x W x images a call may generate
-        (default limits.DEFAULT_MAX_PIXELS). Returns PipelineOutput(images=...).
+        (default limits.DEFAULT_MAX_PIXELS). guidance_rescale, callback_on_step_end(_tensor_inputs), return_dict,
+        `pipe._interrupt`: as diffusers' (`call_options`). Returns PipelineOutput(images=...) or (images, None).
         """
         check_call(self, locals())
         x, sampler = self.preprocess_image(image), self.sampler_for(eta)
@@ -79,7 +83,7 @@ class InpaintPipeline(ImageToImagePipeline):
         cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt=num_images_per_prompt,
                                           guidance=guidance_scale > 1.0, prompt_embeds=prompt_embeds,
                                           negative_prompt_embeds=negative_prompt_embeds)
-        per_prompt = dict(batch_size=batch, num_images_per_prompt=num_images_per_prompt)
+        per_prompt: dict[str, Any] = dict(batch_size=batch, num_images_per_prompt=num_images_per_prompt)
         # The image latent is needed to start below strength 1, and by a plain UNet for blending.
         z0 = self.encode_image(x, **per_prompt, generator=generator) \
             if strength < 1.0 or not self.concat_inputs else None
@@ -89,15 +93,18 @@ class InpaintPipeline(ImageToImagePipeline):
             sampler.noise_to_start(z0, eps, self.noise_scheduler, num_inference_steps, first)
         mask_latents = self.prepare_mask_latents(mask, x, **per_prompt, generator=generator)
         run: dict[str, Any] = dict(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-                                   sampler=sampler, generator=generator, progress=progress, start_step=first)
+                                   sampler=sampler, generator=generator, progress=progress, start_step=first,
+                                   guidance_rescale=guidance_rescale)
+        on_step = step_callback(self, callback, callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                embeddings={"prompt_embeds": cond, "negative_prompt_embeds": uncond})
         if self.concat_inputs:
-            z = self.denoise(x_t0, cond, uncond, concat=mask_latents, callback=callback, **run)
+            z = self.denoise(x_t0, cond, uncond, concat=mask_latents, callback=on_step, **run)
         else:
             assert z0 is not None  # encoded above for a plain UNet
             plan = sampler.plan(self.noise_scheduler, num_inference_steps, start_step=first)
-            keep_known = self.blend_known_region(z0, eps, mask_latents, plan, callback=callback)
+            keep_known = self.blend_known_region(z0, eps, mask_latents, plan, callback=on_step)
             z = self.denoise(x_t0, cond, uncond, callback=keep_known, **run)
-        return self.output(z, output_type)
+        return finish(self.output(z, output_type), return_dict)
 
     # ---- the stages ------------------------------------------------------------------------------
     def preprocess_mask(self, mask_image: ImageInput, *, size: tuple[int, int]) -> torch.Tensor:
