@@ -94,7 +94,7 @@ def test_callback_on_step_end_sees_and_replaces_the_latents_as_in_diffusers(setu
     ours = pipe(PROMPT, num_inference_steps=STEPS, output_type="pt", generator=torch.Generator().manual_seed(0),
                 callback_on_step_end=halve_at_1("ours"), progress=False).images
     assert len(seen["ours"]) == len(seen["ref"]) == STEPS
-    for a, b in zip(seen["ours"], seen["ref"]):
+    for a, b in zip(seen["ours"], seen["ref"], strict=True):
         assert_parity(a, b)
     assert_parity(ours, expected)
 
