@@ -212,3 +212,59 @@ def test_img2img_and_inpainting_take_the_idioms(setup):
                             callback_on_step_end=lambda p, i, t, kw: seen.append(i) or kw)
         assert images.shape == (1, 3, 32, 32) and nsfw is None
     assert seen == [0, 1, 0, 1]
+
+
+# ---- img2img and inpainting inputs, as diffusers takes them ---------------------------------------------------
+def img2img_pair(setup):
+    import diffusers
+    sd, _, root = setup
+    ref = diffusers.StableDiffusionImg2ImgPipeline(**sd.components)
+    ref.set_progress_bar_config(disable=True)
+    return ref, ImageToImagePipeline.from_pretrained(root / "sd")
+
+
+def test_img2img_takes_tensors_in_minus_one_one_as_diffusers(setup):
+    from tests._support.sd import random_image, run_both
+    ref, pipe = img2img_pair(setup)
+    unit = torch.from_numpy(random_image()).permute(2, 0, 1)[None].float() / 255
+    kw = dict(strength=0.6, num_inference_steps=STEPS)
+    (ours, _), (expected, _) = run_both(ref, pipe, PROMPT, image=unit * 2 - 1, **kw)
+    (ours_unit, _), _ = run_both(ref, pipe, PROMPT, image=unit, **kw)
+    assert_parity(ours, expected)
+    assert_parity(ours, ours_unit)
+
+
+@pytest.mark.parametrize("kind", ["pil", "tensor"])
+def test_img2img_resizes_sizes_off_the_factor_as_diffusers(setup, kind):
+    import numpy as np
+    from PIL import Image
+
+    from tests._support.sd import run_both
+    ref, pipe = img2img_pair(setup)
+    array = np.random.default_rng(1).integers(0, 256, (33, 35, 3), dtype=np.uint8)
+    image = Image.fromarray(array) if kind == "pil" else torch.from_numpy(array).permute(2, 0, 1)[None] / 255.0
+    with pytest.warns(UserWarning, match="33 x 35 .* resized to 32 x 34"):
+        (ours, _), (expected, _) = run_both(ref, pipe, PROMPT, image=image, strength=0.6, num_inference_steps=STEPS)
+    assert ours.shape == expected.shape == (1, 32, 34, 3)
+    assert_parity(ours, expected)
+
+
+def test_inpainting_takes_height_and_width_as_diffusers(setup):
+    import diffusers
+    from PIL import Image
+
+    from latentdiff.pipelines.inpaint import InpaintPipeline
+    from tests._support.sd import random_image, random_mask, run_both
+    sd, _, root = setup
+    ref = diffusers.StableDiffusionInpaintPipeline(**sd.components)
+    ref.set_progress_bar_config(disable=True)
+    pipe = InpaintPipeline.from_pretrained(root / "sd")
+    image, mask = Image.fromarray(random_image()), Image.fromarray(random_mask())
+    (ours, _), (expected, _) = run_both(ref, pipe, PROMPT, image=image, mask_image=mask, height=24, width=28,
+                                        strength=0.7, num_inference_steps=STEPS)
+    assert ours.shape == expected.shape == (1, 24, 28, 3)
+    assert_parity(ours, expected)
+    with pytest.raises(InputError, match="height"):
+        pipe(PROMPT, image, mask, height=25, num_inference_steps=1, progress=False)   # diffusers: a ValueError
+    with pytest.raises(InputError, match="size of the image"):    # without height / width, sizes must agree
+        pipe(PROMPT, image, mask.resize((16, 16)), num_inference_steps=1, progress=False)

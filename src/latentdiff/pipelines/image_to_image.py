@@ -80,9 +80,13 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
         return finish(self.output(z, output_type), return_dict)
 
     # ---- the stages ------------------------------------------------------------------------------
-    def preprocess_image(self, image: ImageInput, *, name: str = "image") -> torch.Tensor:
-        """PIL / numpy / tensor image(s) -> (B, 3, H, W) float32 in [-1, 1] on the CPU; sizes checked."""
-        return image_to_tensor(image, name=name, channels=self.vae.image_channels, factor=self.vae_scale_factor)
+    def preprocess_image(self, image: ImageInput, *, name: str = "image",
+                         size: tuple[int | None, int | None] | None = None) -> torch.Tensor:
+        """PIL / numpy / tensor image(s) -> (B, 3, H, W) float32 in [-1, 1] on the CPU, as diffusers' VaeImageProcessor:
+        resized to `size` (H, W; a None side: the image's own) or its own size, rounded down to multiples of the
+        autoencoder factor (see `images`)."""
+        return image_to_tensor(image, name=name, channels=self.vae.image_channels, factor=self.vae_scale_factor,
+                               size=size)
 
     def check_image_inputs(self, prompt: Prompt | None, negative_prompt: Prompt | None, image: torch.Tensor, *,
                            sampler: SamplerProtocol, strength: float, num_inference_steps: int, guidance_scale: float,

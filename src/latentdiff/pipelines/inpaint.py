@@ -26,8 +26,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..config import is_int
 from ..diffusion.samplers import StepCallback
 from ..diffusion.samplers.base import after_step, as_step_callback
+from ..errors import InputError
 from ..registry import PIPELINES
 from .arguments import check_call
 from .call_options import CallbackOnStepEnd, finish, step_callback
@@ -55,7 +57,8 @@ class InpaintPipeline(ImageToImagePipeline):
     @torch.inference_mode()
     def __call__(  # type: ignore[override]  # each task takes its own inputs, as in diffusers
             self, prompt: Prompt | None = None, image: ImageInput = None, mask_image: ImageInput = None,
-            negative_prompt: Prompt | None = None, *, strength: float = 1.0, num_inference_steps: int = 50,
+            negative_prompt: Prompt | None = None, *, height: int | None = None, width: int | None = None,
+            strength: float = 1.0, num_inference_steps: int = 50,
             guidance_scale: float = 7.5, eta: float | None = None, num_images_per_prompt: int = 1,
             generator: Generator = None, noise: torch.Tensor | None = None,
             prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
@@ -63,7 +66,9 @@ class InpaintPipeline(ImageToImagePipeline):
             progress: bool = True, max_pixels: int | None = None, guidance_rescale: float = 0.0,
             callback_on_step_end: CallbackOnStepEnd | None = None,
             callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), return_dict: bool = True) -> Any:
-        """Repaint the white region of `mask_image` in `image` (same H, W; multiples of the autoencoder factor).
+        """Repaint the white region of `mask_image` in `image` (same H, W). height / width (multiples of the
+        autoencoder factor): resize the image and the mask to them, as diffusers; default: the image's size (rounded
+        down to multiples of the factor).
 
         strength 1 starts from pure noise x_T = noise; below 1 from the image latent noised to the strength's
         timestep (as image-to-image). noise: (B, C, H/f, W/f), the run's eps (diffusers' `latents` at
@@ -72,8 +77,9 @@ class InpaintPipeline(ImageToImagePipeline):
         `pipe._interrupt`: as diffusers' (`call_options`). Returns PipelineOutput(images=...) or (images, None).
         """
         check_call(self, locals())
-        x, sampler = self.preprocess_image(image), self.sampler_for(eta)
-        mask = self.preprocess_mask(mask_image, size=(x.shape[-2], x.shape[-1]))
+        size = self.check_size_arguments(height, width, max_pixels=max_pixels)
+        x, sampler = self.preprocess_image(image, size=size), self.sampler_for(eta)
+        mask = self.preprocess_mask(mask_image, size=(x.shape[-2], x.shape[-1]), resize=size is not None)
         batch, first = self.check_image_inputs(
             prompt, negative_prompt, x, sampler=sampler, strength=strength, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, output_type=output_type,
@@ -107,9 +113,25 @@ class InpaintPipeline(ImageToImagePipeline):
         return finish(self.output(z, output_type), return_dict)
 
     # ---- the stages ------------------------------------------------------------------------------
-    def preprocess_mask(self, mask_image: ImageInput, *, size: tuple[int, int]) -> torch.Tensor:
-        """PIL / numpy / tensor mask(s) -> (B, 1, H, W) float32 in {0, 1} on the CPU; must have the image's size."""
-        return mask_to_tensor(mask_image, name="mask_image", size=size, factor=self.vae_scale_factor)
+    def check_size_arguments(self, height: Any, width: Any, *,
+                             max_pixels: int | None = None) -> tuple[int | None, int | None] | None:
+        """(height, width) to resize to (None: the image's size), checked and bounded before any resizing."""
+        if height is None and width is None:
+            return None
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and (not is_int(value) or value <= 0 or value % self.vae_scale_factor):
+                raise InputError(f"{name} must be a positive multiple of the autoencoder factor {self.vae_scale_factor}"
+                                 " (as diffusers requires)", where=name,
+                                 expected=f"a multiple of {self.vae_scale_factor}", found=value)
+        f = self.vae_scale_factor
+        self.check_pixels(height or f, width or f, 1, max_pixels=max_pixels)
+        return (height, width)
+
+    def preprocess_mask(self, mask_image: ImageInput, *, size: tuple[int, int], resize: bool = False) -> torch.Tensor:
+        """PIL / numpy / tensor mask(s) -> (B, 1, H, W) float32 in {0, 1} on the CPU: the image's `size` (H, W) after
+        its resizing; resize: resized to it (height / width given), else its own size must round down to it."""
+        return mask_to_tensor(mask_image, name="mask_image", size=None if resize else size,
+                              resize_to=size if resize else None, factor=self.vae_scale_factor)
 
     def prepare_mask_latents(self, mask: torch.Tensor, image: torch.Tensor, *, batch_size: int,
                              num_images_per_prompt: int = 1, generator: Generator = None) -> torch.Tensor:
