@@ -14,7 +14,8 @@ generator, and the folder layout is the same (vqvae/ + unet/ + scheduler/), both
 
 * an image is never resized: diffusers shrinks a PIL image to a multiple of 32 (lanczos); here any size the
   UNet takes is used as it is (multiples of 32 give diffusers' result);
-* float tensors are in [0, 1], as in every latentdiff pipeline (diffusers takes tensors in [-1, 1]);
+* float tensors are in [0, 1], or in [-1, 1] when their minimum is below 0, as in every latentdiff pipeline
+  (diffusers' VaeImageProcessor rule; its LDMSuperResolutionPipeline takes tensors in [-1, 1] always);
   numpy arrays and lists are accepted too (see `images`);
 * with a sigma-space sampler (Euler, DPM-Solver ...) diffusers' `scale_model_input` divides the
   concatenated low-res image by sqrt(sigma^2 + 1) as well; here the UNet sees y as it was trained.
