@@ -269,3 +269,19 @@ def test_inpainting_takes_height_and_width_as_diffusers(setup):
         pipe(PROMPT, image, mask, height=25, num_inference_steps=1, progress=False)   # diffusers: a ValueError
     with pytest.raises(InputError, match="size of the image"):    # without height / width, sizes must agree
         pipe(PROMPT, image, mask.resize((16, 16)), num_inference_steps=1, progress=False)
+
+
+def test_return_dict_false_without_a_safety_checker_is_a_one_tuple_as_diffusers(tmp_path):
+    import diffusers
+
+    from latentdiff.pipelines.base import Pipeline
+    from tests._support.ldm import ldm_scheduler, tiny_unet2d, tiny_vq
+    ref = diffusers.LDMPipeline(vqvae=tiny_vq(), unet=tiny_unet2d(), scheduler=ldm_scheduler())
+    ref.set_progress_bar_config(disable=True)
+    ref.save_pretrained(tmp_path / "ldm")
+    with torch.no_grad():
+        expected = ref(num_inference_steps=1, output_type="np", return_dict=False)
+    got = Pipeline.from_pretrained(tmp_path / "ldm")(num_inference_steps=1, output_type="np", return_dict=False,
+                                                      progress=False)
+    assert isinstance(got, tuple) and len(got) == len(expected) == 1
+    assert got[0].shape == expected[0].shape

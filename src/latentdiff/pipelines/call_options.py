@@ -105,7 +105,10 @@ def check_call_options(given: Mapping[str, Any]) -> None:
                          found=describe(given["return_dict"]))
 
 
-def finish(output: PipelineOutput, return_dict: bool) -> PipelineOutput | tuple[Any, None]:
-    """PipelineOutput, or with return_dict=False diffusers' tuple (images, nsfw_content_detected): latentdiff has no
-    safety checker, so the second item is None, as diffusers' is for a pipeline without one."""
-    return output if return_dict else (output.images, None)
+def finish(output: PipelineOutput, return_dict: bool, *, nsfw_item: bool = True) -> PipelineOutput | tuple[Any, ...]:
+    """PipelineOutput, or with return_dict=False diffusers' tuple: (images, nsfw_content_detected) for the Stable
+    Diffusion pipelines (latentdiff has no safety checker: None, as diffusers' is for a pipeline without one), and
+    (images,) for the others (nsfw_item=False: diffusers' LDMPipeline, DiTPipeline, LDMSuperResolutionPipeline)."""
+    if return_dict:
+        return output
+    return (output.images, None) if nsfw_item else (output.images,)
