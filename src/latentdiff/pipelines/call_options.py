@@ -41,11 +41,14 @@ class Interrupted(Exception):  # noqa: N818  # a signal, not an error: denoise r
 
 def step_callback(pipeline: Any, callback: StepCallback | None, callback_on_step_end: CallbackOnStepEnd | None,
                   tensor_inputs: Sequence[str] | None,
-                  embeddings: Mapping[str, torch.Tensor | None] | None = None) -> StepCallback:
+                  embeddings: Mapping[str, torch.Tensor | None] | None = None) -> StepCallback | None:
     """The one step callback of a `__call__`: the old `callback`, then `callback_on_step_end(pipeline, i, t,
-    callback_kwargs)` (its returned dict's "latents" replaces x), then the interrupt check. Resets
-    `pipeline._interrupt` (each call starts uninterrupted, as in diffusers)."""
+    callback_kwargs)` (its returned dict's "latents" replaces x), then the interrupt check; None without either
+    callback (nothing could set the interrupt: the loops run as before). Resets `pipeline._interrupt` (each call
+    starts uninterrupted, as in diffusers)."""
     pipeline._interrupt = False
+    if callback is None and callback_on_step_end is None:
+        return None
     names = tuple(tensor_inputs if tensor_inputs is not None else ("latents",))
     given = dict(embeddings or {})
 
