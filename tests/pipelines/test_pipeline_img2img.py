@@ -90,10 +90,11 @@ def test_saved_folder_is_an_img2img_folder_diffusers_loads(setup, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(image=np.zeros((33, 32, 3), np.uint8)), "multiples of the autoencoder factor 2"),
+    (dict(image=np.zeros((1, 32, 3), np.uint8)), "at least the autoencoder factor 2"),   # 33 is resized to 32
     (dict(image="cat.png"), "unsupported image type"),
     (dict(image=[np.zeros((32, 32, 3), np.uint8), np.zeros((16, 16, 3), np.uint8)]), "same size"),
-    (dict(image=torch.full((1, 3, 32, 32), -1.0)), r"\[0, 1\]"),
+    (dict(image=torch.full((1, 3, 32, 32), -1.5)), r"\[-1, 1\]"),   # [-1, 1] is diffusers' (min < 0)
+    (dict(image=torch.full((1, 3, 32, 32), 1.5)), r"\[0, 1\]"),
     (dict(image=np.zeros((32, 32, 4), np.uint8)), "3 channels"),
     (dict(image=np.zeros((3, 32, 32, 3), np.uint8), prompt=["a", "b"]), "one per prompt"),
     (dict(image=None), "image is required"),

@@ -18,6 +18,10 @@ from deep inside a stage:
 | `latents`, `noise` | a floating-point tensor with finite values (shapes: checked where they are known) |
 | `prompt_embeds`, `negative_prompt_embeds` | finite float (B, L, D) tensors of one shape, D = `cross_attention_dim` |
 | `callback` | None or a callable |
+| `callback_on_step_end` | None or a callable (pipe, i, t, callback_kwargs) -> dict |
+| `callback_on_step_end_tensor_inputs` | a list of names from `call_options.CALLBACK_TENSOR_INPUTS` |
+| `guidance_rescale` | a finite real number in [0, 1] |
+| `return_dict` | True or False |
 
 A tensor holding NaN or Inf is a `NumericalError` naming the argument (stage "input"). Sizes (height, width,
 images per call) are `limits.check_pixels`'s.
@@ -35,6 +39,7 @@ from ..diffusion.samplers.base import check_generator
 from ..errors import InputError, describe
 from ..utils.numerics import check_finite_input
 from .base import OUTPUT_TYPES
+from .call_options import check_call_options
 
 TENSOR_INPUTS = ("latents", "noise", "prompt_embeds", "negative_prompt_embeds")
 
@@ -64,6 +69,7 @@ def check_call(pipeline: Any, arguments: Mapping[str, Any]) -> None:
         if given.get(name) is not None:
             check_tensor(given[name], argument=name)
     check_embeddings(pipeline, given)
+    check_call_options(given)
     check_generator_type(given.get("generator"), batch_size(given))
 
 

@@ -40,7 +40,7 @@ from ..errors import ConfigError, InputError, describe
 from ..models.conditioners import ClassEmbedder
 from ..registry import PIPELINES
 from .arguments import check_call
-from .base import PipelineOutput
+from .call_options import finish
 from .denoising import DenoisingPipeline, FirstStage, Generator, StepCallback, unet_conditioning
 from .folder import FolderPart
 
@@ -129,11 +129,11 @@ class ClassConditionalPipeline(DenoisingPipeline):
                  width: int | None = None, num_inference_steps: int = 50, eta: float | None = None,
                  generator: Generator = None, latents: torch.Tensor | None = None, output_type: str = "pil",
                  callback: StepCallback | None = None, progress: bool = True,
-                 max_pixels: int | None = None) -> PipelineOutput:
+                 max_pixels: int | None = None, return_dict: bool = True) -> Any:
         """One image per label of `class_labels` (an int, a name, a list of them, or a (B,) integer tensor).
         guidance_scale > 1 guides against the null class. latents: x_T (B, C, height/f, width/f), drawn from
         `generator` when None. max_pixels: the largest height x width x labels a call may generate (default
-        limits.DEFAULT_MAX_PIXELS). Returns PipelineOutput(images=...)."""
+        limits.DEFAULT_MAX_PIXELS). Returns PipelineOutput(images=...), or (images,) with return_dict=False."""
         check_call(self, locals())
         labels = self.label_ids(class_labels)
         height, width = self.image_size(height, width)
@@ -147,7 +147,7 @@ class ClassConditionalPipeline(DenoisingPipeline):
         z0 = self.sample(self.guided_denoiser(cond, uncond, guidance_scale=guidance_scale), x_T, sampler=sampler,
                          num_inference_steps=num_inference_steps, generator=generator, callback=callback,
                          progress=progress)
-        return self.output(z0, output_type)
+        return finish(self.output(z0, output_type), return_dict, nsfw_item=False)
 
     def label_ids(self, class_labels: ClassLabels) -> torch.Tensor:
         """Labels as given -> (B,) int64 class ids on the CPU, each checked to be a row of the table."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, ClassVar, Literal, TypeAlias
 
 import torch
@@ -42,7 +43,9 @@ from ..utils.memory import release_mapped
 from ..utils.numerics import check_finite_output, check_finite_weights
 from . import acceleration, first_stage
 from .base import Pipeline, PipelineOutput, check_output_type, to_output
+from .call_options import Interrupted
 from .folder import MODEL_INDEX, Entry, FolderPart, load_folder, write_parts
+from .stages import stage
 
 FirstStage: TypeAlias = AutoencoderKL | VQModel | IdentityFirstStage
 
@@ -239,6 +242,21 @@ class DenoisingPipeline(Pipeline):
     def vae_scale_factor(self) -> int:
         return self.vae.downsample_factor
 
+    # ---- diffusers' run-time idioms (pipelines/call_options.py) -----------------------------------------
+    _interrupt: bool = False     # set from a step callback: the remaining steps are skipped (diffusers' interrupt)
+    _progress_bar_config: Mapping[str, Any] = MappingProxyType({})
+
+    @property
+    def interrupt(self) -> bool:
+        """Whether the running call was interrupted: a callback sets `pipe._interrupt = True`, as in diffusers; the
+        steps left are skipped and the sample of that step decoded. Each `__call__` starts with it False."""
+        return self._interrupt
+
+    def set_progress_bar_config(self, **options: Any) -> None:
+        """tqdm options of the sampling progress bar, as diffusers' (disable=True, desc=, leave=, position= ...);
+        each call replaces the previous options. `progress=False` on a call still shows no bar."""
+        self._progress_bar_config = dict(options)
+
     # ---- speed and memory (pipelines/acceleration.py) -----------------------------------------------
     def enable_attention_slicing(self, chunk_size: int | Literal["auto"] = "auto", *,
                                  max_bytes: int = acceleration.DEFAULT_MAX_BYTES) -> None:
@@ -389,8 +407,9 @@ class DenoisingPipeline(Pipeline):
         check_output_type(output_type)
         check_generator(generator, batch_size)
 
+    @stage
     def prepare_latents(self, batch_size: int, height: int, width: int, *, generator: Generator = None,
-                        latents: torch.Tensor | None = None) -> torch.Tensor:
+                        latents: torch.Tensor | None = None, grad: bool = False) -> torch.Tensor:
         """x_T: (B, C, h, w) noise, drawn per sample from its generator on the generator's device (CPU by
         default), so a seed gives the same image on CPU and GPU and image i of a batch equals its seed alone."""
         shape = self.latent_shape(batch_size, height, width)
@@ -409,19 +428,25 @@ class DenoisingPipeline(Pipeline):
         factor = self.vae_scale_factor
         return (batch_size, self.vae.latent_channels, height // factor, width // factor)
 
+    @stage
     def sample(self, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_T: torch.Tensor, *,
                sampler: SamplerProtocol | None = None, num_inference_steps: int, generator: Generator = None,
-               callback: StepCallback | None = None, progress: bool = True) -> torch.Tensor:
+               callback: StepCallback | None = None, progress: bool = True, grad: bool = False) -> torch.Tensor:
         """The reverse process from x_T (B, C, h, w) to z_0 with `denoise(x_t, t)` (the UNet, or a wrapper adding
         the pipeline's conditioning) and the sampler (the pipeline's by default)."""
-        z0 = (sampler or self.sampler).sample(denoise, x_T, self.noise_scheduler, num_inference_steps,
-                                              generator=generator, callback=callback, progress=progress)
+        try:
+            z0 = (sampler or self.sampler).sample(denoise, x_T, self.noise_scheduler, num_inference_steps,
+                                                  generator=generator, callback=callback, progress=progress)
+        except Interrupted as stop:    # `pipe._interrupt` set by a callback: the sample of that step
+            z0 = stop.x
         # one reduction after the loop, never per step (on CUDA a check is a host sync)
         return check_finite_output(z0, stage="denoising", step=num_inference_steps, steps=num_inference_steps,
                                    dtype=self.unet.dtype)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """z_0 (B, C, h, w), scaled -> images (B, 3, H, W) in [-1, 1]; the only autoencoder call of a run."""
+    @stage
+    def decode(self, latents: torch.Tensor, *, grad: bool = False) -> torch.Tensor:
+        """z_0 (B, C, h, w), scaled -> images (B, 3, H, W) in [-1, 1]; the only autoencoder call of a run.
+        grad: with autograd (every stage runs without by default, `pipelines.stages`)."""
         return self.decode_first_stage(latents, scaled=True)
 
     # ---- the first stage (pipelines/first_stage.py) ----------------------------------------------------

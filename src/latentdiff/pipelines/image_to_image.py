@@ -13,6 +13,9 @@ the same seed gives the same image.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 
 from ..diffusion.noise import randn
@@ -21,10 +24,11 @@ from ..diffusion.samplers.base import check_generator
 from ..errors import InputError, describe
 from ..registry import PIPELINES
 from .arguments import check_call
-from .base import PipelineOutput
+from .call_options import CallbackOnStepEnd, finish, step_callback
 from .images import ImageInput, check_batch, expand_batch, image_to_tensor
 from .latent_diffusion import LAYOUTS, Generator, LatentDiffusionPipeline, Prompt
 from .sdedit import start_step
+from .stages import stage
 
 
 @PIPELINES.register("image-to-image")
@@ -42,14 +46,18 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
             noise: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
             negative_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil",
             callback: StepCallback | None = None, progress: bool = True,
-            max_pixels: int | None = None) -> PipelineOutput:
+            max_pixels: int | None = None, guidance_rescale: float = 0.0,
+            callback_on_step_end: CallbackOnStepEnd | None = None,
+            callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), return_dict: bool = True) -> Any:
         """Edit `image` (see `images` for the accepted kinds; H, W multiples of the autoencoder factor) towards
         `prompt`. strength in [0, 1]: 1 runs all num_inference_steps from an almost fully noised image,
         smaller keeps more of it (int(N * strength) steps run), with any sampler. noise: (B, C, H/f, W/f), the
         eps mixed into the image latent (drawn from `generator` when None). callback(i, t_i, x, denoised) runs after
         each step run (i from 0; denoised the step's x0 prediction; a tensor it returns replaces x).
         max_pixels: the largest H x W x images a call may generate (default limits.DEFAULT_MAX_PIXELS, see
-        docs/limits.md). Returns PipelineOutput(images=...).
+        docs/limits.md). guidance_rescale, callback_on_step_end, callback_on_step_end_tensor_inputs, return_dict,
+        `pipe._interrupt`: as diffusers' (`call_options`). Returns PipelineOutput(images=...) (return_dict=False:
+        the tuple (images, None)).
         """
         check_call(self, locals())
         x, sampler = self.preprocess_image(image), self.sampler_for(eta)
@@ -64,15 +72,21 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
         z0 = self.encode_image(x, batch_size=batch, num_images_per_prompt=num_images_per_prompt, generator=generator)
         eps = self.draw_noise(z0.shape, generator=generator, noise=noise)
         x_t0 = sampler.noise_to_start(z0, eps, self.noise_scheduler, num_inference_steps, first)
+        on_step = step_callback(self, callback, callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                embeddings={"prompt_embeds": cond, "negative_prompt_embeds": uncond})
         z = self.denoise(x_t0, cond, uncond, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-                         sampler=sampler, generator=generator, callback=callback, progress=progress,
-                         start_step=first)
-        return self.output(z, output_type)
+                         sampler=sampler, generator=generator, callback=on_step, progress=progress,
+                         start_step=first, guidance_rescale=guidance_rescale)
+        return finish(self.output(z, output_type), return_dict)
 
     # ---- the stages ------------------------------------------------------------------------------
-    def preprocess_image(self, image: ImageInput, *, name: str = "image") -> torch.Tensor:
-        """PIL / numpy / tensor image(s) -> (B, 3, H, W) float32 in [-1, 1] on the CPU; sizes checked."""
-        return image_to_tensor(image, name=name, channels=self.vae.image_channels, factor=self.vae_scale_factor)
+    def preprocess_image(self, image: ImageInput, *, name: str = "image",
+                         size: tuple[int | None, int | None] | None = None) -> torch.Tensor:
+        """PIL / numpy / tensor image(s) -> (B, 3, H, W) float32 in [-1, 1] on the CPU, as diffusers' VaeImageProcessor:
+        resized to `size` (H, W; a None side: the image's own) or its own size, rounded down to multiples of the
+        autoencoder factor (see `images`)."""
+        return image_to_tensor(image, name=name, channels=self.vae.image_channels, factor=self.vae_scale_factor,
+                               size=size)
 
     def check_image_inputs(self, prompt: Prompt | None, negative_prompt: Prompt | None, image: torch.Tensor, *,
                            sampler: SamplerProtocol, strength: float, num_inference_steps: int, guidance_scale: float,
@@ -97,8 +111,9 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
                              found=tuple(noise.shape) if isinstance(noise, torch.Tensor) else describe(noise))
         return batch, first
 
+    @stage
     def encode_image(self, image: torch.Tensor, *, batch_size: int, num_images_per_prompt: int = 1,
-                     generator: Generator = None) -> torch.Tensor:
+                     generator: Generator = None, grad: bool = False) -> torch.Tensor:
         """image (n, 3, H, W) in [-1, 1] -> z_0 (batch_size, C, H/f, W/f): a scaled posterior sample.
 
         One generator encodes the n distinct images once (one draw of shape (n, ...), as diffusers); a list

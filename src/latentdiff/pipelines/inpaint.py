@@ -20,16 +20,19 @@ processor does, and the masked image is image * (mask < 0.5).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ..config import is_int
 from ..diffusion.samplers import StepCallback
 from ..diffusion.samplers.base import after_step, as_step_callback
+from ..errors import InputError
 from ..registry import PIPELINES
 from .arguments import check_call
-from .base import PipelineOutput
+from .call_options import CallbackOnStepEnd, finish, step_callback
 from .image_to_image import ImageToImagePipeline
 from .images import ImageInput, check_batch, expand_batch, mask_to_tensor
 from .latent_diffusion import LAYOUTS, Generator, Prompt
@@ -54,22 +57,29 @@ class InpaintPipeline(ImageToImagePipeline):
     @torch.inference_mode()
     def __call__(  # type: ignore[override]  # each task takes its own inputs, as in diffusers
             self, prompt: Prompt | None = None, image: ImageInput = None, mask_image: ImageInput = None,
-            negative_prompt: Prompt | None = None, *, strength: float = 1.0, num_inference_steps: int = 50,
+            negative_prompt: Prompt | None = None, *, height: int | None = None, width: int | None = None,
+            strength: float = 1.0, num_inference_steps: int = 50,
             guidance_scale: float = 7.5, eta: float | None = None, num_images_per_prompt: int = 1,
             generator: Generator = None, noise: torch.Tensor | None = None,
             prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
             output_type: str = "pil", callback: StepCallback | None = None,
-            progress: bool = True, max_pixels: int | None = None) -> PipelineOutput:
-        """Repaint the white region of `mask_image` in `image` (same H, W; multiples of the autoencoder factor).
+            progress: bool = True, max_pixels: int | None = None, guidance_rescale: float = 0.0,
+            callback_on_step_end: CallbackOnStepEnd | None = None,
+            callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), return_dict: bool = True) -> Any:
+        """Repaint the white region of `mask_image` in `image` (same H, W). height / width (multiples of the
+        autoencoder factor): resize the image and the mask to them, as diffusers; default: the image's size (rounded
+        down to multiples of the factor).
 
         strength 1 starts from pure noise x_T = noise; below 1 from the image latent noised to the strength's
         timestep (as image-to-image). noise: (B, C, H/f, W/f), the run's eps (diffusers' `latents` at
         strength 1), drawn from `generator` when None. max_pixels: the largest H x W x images a call may generate
-        (default limits.DEFAULT_MAX_PIXELS). Returns PipelineOutput(images=...).
+        (default limits.DEFAULT_MAX_PIXELS). guidance_rescale, callback_on_step_end(_tensor_inputs), return_dict,
+        `pipe._interrupt`: as diffusers' (`call_options`). Returns PipelineOutput(images=...) or (images, None).
         """
         check_call(self, locals())
-        x, sampler = self.preprocess_image(image), self.sampler_for(eta)
-        mask = self.preprocess_mask(mask_image, size=(x.shape[-2], x.shape[-1]))
+        size = self.check_size_arguments(height, width, max_pixels=max_pixels)
+        x, sampler = self.preprocess_image(image, size=size), self.sampler_for(eta)
+        mask = self.preprocess_mask(mask_image, size=(x.shape[-2], x.shape[-1]), resize=size is not None)
         batch, first = self.check_image_inputs(
             prompt, negative_prompt, x, sampler=sampler, strength=strength, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, output_type=output_type,
@@ -79,7 +89,7 @@ class InpaintPipeline(ImageToImagePipeline):
         cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt=num_images_per_prompt,
                                           guidance=guidance_scale > 1.0, prompt_embeds=prompt_embeds,
                                           negative_prompt_embeds=negative_prompt_embeds)
-        per_prompt = dict(batch_size=batch, num_images_per_prompt=num_images_per_prompt)
+        per_prompt: dict[str, Any] = dict(batch_size=batch, num_images_per_prompt=num_images_per_prompt)
         # The image latent is needed to start below strength 1, and by a plain UNet for blending.
         z0 = self.encode_image(x, **per_prompt, generator=generator) \
             if strength < 1.0 or not self.concat_inputs else None
@@ -89,20 +99,39 @@ class InpaintPipeline(ImageToImagePipeline):
             sampler.noise_to_start(z0, eps, self.noise_scheduler, num_inference_steps, first)
         mask_latents = self.prepare_mask_latents(mask, x, **per_prompt, generator=generator)
         run: dict[str, Any] = dict(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-                                   sampler=sampler, generator=generator, progress=progress, start_step=first)
+                                   sampler=sampler, generator=generator, progress=progress, start_step=first,
+                                   guidance_rescale=guidance_rescale)
+        on_step = step_callback(self, callback, callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                embeddings={"prompt_embeds": cond, "negative_prompt_embeds": uncond})
         if self.concat_inputs:
-            z = self.denoise(x_t0, cond, uncond, concat=mask_latents, callback=callback, **run)
+            z = self.denoise(x_t0, cond, uncond, concat=mask_latents, callback=on_step, **run)
         else:
             assert z0 is not None  # encoded above for a plain UNet
             plan = sampler.plan(self.noise_scheduler, num_inference_steps, start_step=first)
-            keep_known = self.blend_known_region(z0, eps, mask_latents, plan, callback=callback)
+            keep_known = self.blend_known_region(z0, eps, mask_latents, plan, callback=on_step)
             z = self.denoise(x_t0, cond, uncond, callback=keep_known, **run)
-        return self.output(z, output_type)
+        return finish(self.output(z, output_type), return_dict)
 
     # ---- the stages ------------------------------------------------------------------------------
-    def preprocess_mask(self, mask_image: ImageInput, *, size: tuple[int, int]) -> torch.Tensor:
-        """PIL / numpy / tensor mask(s) -> (B, 1, H, W) float32 in {0, 1} on the CPU; must have the image's size."""
-        return mask_to_tensor(mask_image, name="mask_image", size=size, factor=self.vae_scale_factor)
+    def check_size_arguments(self, height: Any, width: Any, *,
+                             max_pixels: int | None = None) -> tuple[int | None, int | None] | None:
+        """(height, width) to resize to (None: the image's size), checked and bounded before any resizing."""
+        if height is None and width is None:
+            return None
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and (not is_int(value) or value <= 0 or value % self.vae_scale_factor):
+                raise InputError(f"{name} must be a positive multiple of the autoencoder factor {self.vae_scale_factor}"
+                                 " (as diffusers requires)", where=name,
+                                 expected=f"a multiple of {self.vae_scale_factor}", found=value)
+        f = self.vae_scale_factor
+        self.check_pixels(height or f, width or f, 1, max_pixels=max_pixels)
+        return (height, width)
+
+    def preprocess_mask(self, mask_image: ImageInput, *, size: tuple[int, int], resize: bool = False) -> torch.Tensor:
+        """PIL / numpy / tensor mask(s) -> (B, 1, H, W) float32 in {0, 1} on the CPU: the image's `size` (H, W) after
+        its resizing; resize: resized to it (height / width given), else its own size must round down to it."""
+        return mask_to_tensor(mask_image, name="mask_image", size=None if resize else size,
+                              resize_to=size if resize else None, factor=self.vae_scale_factor)
 
     def prepare_mask_latents(self, mask: torch.Tensor, image: torch.Tensor, *, batch_size: int,
                              num_images_per_prompt: int = 1, generator: Generator = None) -> torch.Tensor:

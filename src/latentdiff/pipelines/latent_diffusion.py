@@ -34,9 +34,11 @@ from ..utils.numerics import check_finite_output
 from . import acceleration
 from .arguments import check_call
 from .base import PipelineOutput, concat_conditioning
+from .call_options import CallbackOnStepEnd, Interrupted, finish, step_callback
 from .denoising import FIRST_STAGES, DenoisingPipeline, FirstStage, Generator
 from .folder import MODEL_INDEX, Entry, FolderPart, write_parts
 from .sdedit import sample_from_step, start_step
+from .stages import stage
 from .tiled_sampling import LatentTiling, check_upscale, latent_tiling, tiled_denoiser, upscale_latents
 from .tiled_sampling import Size as TileSize
 
@@ -172,14 +174,20 @@ class LatentDiffusionPipeline(DenoisingPipeline):
                  prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
                  output_type: str = "pil", callback: StepCallback | None = None,
                  progress: bool = True, tile_size: TileSize | None = None,
-                 tile_overlap: TileSize | None = None, max_pixels: int | None = None) -> PipelineOutput:
-        """Generate images for `prompt` (a string or a list). Returns PipelineOutput(images=...).
+                 tile_overlap: TileSize | None = None, max_pixels: int | None = None, guidance_rescale: float = 0.0,
+                 callback_on_step_end: CallbackOnStepEnd | None = None,
+                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+                 return_dict: bool = True) -> Any:
+        """Generate images for `prompt` (a string or a list). Returns PipelineOutput(images=...), or with
+        return_dict=False diffusers' tuple (images, None) (no safety checker: nothing flagged).
 
         tile_size: sample in overlapping windows of tile_size image pixels (an int or (h, w), multiples of the
         autoencoder factor), blended at every step (MultiDiffusion, see `tiled_sampling`): images larger than
         the training size, the UNet seeing windows of its own size. tile_overlap: pixels neighbouring windows
         share (default half the tile). max_pixels: the largest height x width x images a call may generate
         (default limits.DEFAULT_MAX_PIXELS, see docs/limits.md); a larger request is refused before any work.
+        guidance_rescale, callback_on_step_end(pipe, i, t, callback_kwargs) -> dict with
+        callback_on_step_end_tensor_inputs, return_dict, `pipe._interrupt`: as diffusers' (`call_options`).
         """
         check_call(self, locals())
         height, width = self.check_inputs(prompt, negative_prompt, height=height, width=width,
@@ -194,9 +202,12 @@ class LatentDiffusionPipeline(DenoisingPipeline):
                                           guidance=use_cfg, prompt_embeds=prompt_embeds,
                                           negative_prompt_embeds=negative_prompt_embeds)
         x_T = self.prepare_latents(cond.shape[0], height, width, generator=generator, latents=latents)
+        on_step = step_callback(self, callback, callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                embeddings={"prompt_embeds": cond, "negative_prompt_embeds": uncond})
         z0 = self.denoise(x_T, cond, uncond, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-                          sampler=sampler, generator=generator, callback=callback, progress=progress, tiling=tiling)
-        return self.output(z0, output_type)
+                          sampler=sampler, generator=generator, callback=on_step, progress=progress, tiling=tiling,
+                          guidance_rescale=guidance_rescale)
+        return finish(self.output(z0, output_type), return_dict)
 
     def check_inputs(self, prompt: Prompt | None, negative_prompt: Prompt | None, *, height: int | None,
                      width: int | None, num_inference_steps: int, guidance_scale: float, num_images_per_prompt: int,
@@ -239,10 +250,11 @@ class LatentDiffusionPipeline(DenoisingPipeline):
             raise no_prompt()
         return prompt_embeds.shape[0]
 
+    @stage
     def encode_prompt(self, prompt: Prompt | None, negative_prompt: Prompt | None = None, *,
                       num_images_per_prompt: int = 1, guidance: bool = True,
-                      prompt_embeds: torch.Tensor | None = None,
-                      negative_prompt_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                      grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (cond, uncond): (B * num_images_per_prompt, L, D) each; uncond is None without guidance."""
         if prompt_embeds is None:
             if prompt is None:
@@ -263,31 +275,38 @@ class LatentDiffusionPipeline(DenoisingPipeline):
             check_finite_output(embeddings, stage="text encoding", where="text_encoder", dtype=dtype)
         return cond, uncond
 
+    @stage
     def denoise(self, x_T: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, *,
                 guidance_scale: float = 7.5, num_inference_steps: int = 50, sampler: SamplerProtocol | None = None,
                 generator: Generator = None, callback: StepCallback | None = None, progress: bool = True,
-                start_step: int = 0, concat: torch.Tensor | None = None,
-                tiling: LatentTiling | None = None) -> torch.Tensor:
+                start_step: int = 0, concat: torch.Tensor | None = None, tiling: LatentTiling | None = None,
+                guidance_rescale: float = 0.0, grad: bool = False) -> torch.Tensor:
         """Run the reverse process from x_T to z_0 with the sampler, guided by the text embeddings.
 
         start_step > 0 runs only steps start_step .. N-1 of the N-step plan, x_T being the sample at that
         step's timestep (image-to-image, see `sdedit`); concat (B, C', h, w) is stacked onto the channels
         of x_t at every step (the inpainting UNet's mask and masked-image latents). tiling: denoise in blended
-        windows (MultiDiffusion, `tiled_sampling`), each window guided.
+        windows (MultiDiffusion, `tiled_sampling`), each window guided. guidance_rescale: the std rescale of the
+        guided prediction (Lin et al. 2023, sec. 3.4; diffusers' guidance_rescale). A callback that sets
+        `pipe._interrupt` ends the loop after its step: the sample of that step is returned. grad: with autograd,
+        for training uses (every stage runs without by default: `pipelines.stages`).
         """
         if tiling is not None and concat is not None:
             raise InputError("tiled sampling does not slice concatenated conditioning", where="tiling",
                              expected="tiling=None with concat (inpainting)", found=tiling)
         model = self.unet if concat is None else concat_conditioning(self.unet, concat)
         denoise_fn = classifier_free_guidance(model, context=cond, uncond_context=uncond,
-                                              guidance_scale=guidance_scale)
+                                              guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
         if tiling is not None:
             denoise_fn = tiled_denoiser(denoise_fn, tiling)
         per_block = self.release_weights == "blocks" and not acceleration._is_compiled(self.unet)
         with released_after_each_block(self.unet) if per_block else contextlib.nullcontext():
-            z0 = sample_from_step(sampler or self.sampler, denoise_fn, x_T, self.noise_scheduler,
-                                  num_inference_steps, first=start_step, generator=generator, callback=callback,
-                                  progress=progress)
+            try:
+                z0 = sample_from_step(sampler or self.sampler, denoise_fn, x_T, self.noise_scheduler,
+                                      num_inference_steps, first=start_step, generator=generator, callback=callback,
+                                      progress=progress)
+            except Interrupted as stop:    # `pipe._interrupt` set by a callback: the sample of that step
+                z0 = stop.x
         # one reduction after the loop, never per step (on CUDA a check is a host sync)
         return check_finite_output(z0, stage="denoising", step=num_inference_steps, steps=num_inference_steps,
                                    dtype=self.unet.dtype)

@@ -31,7 +31,8 @@ from ..errors import ConfigError, InputError
 from ..models.conditioners import SpatialRescaler, SpatialRescalerConfig
 from ..registry import PIPELINES
 from .arguments import check_call
-from .base import PipelineOutput, concat_conditioning
+from .base import concat_conditioning
+from .call_options import finish
 from .denoising import DenoisingPipeline, FirstStage, Generator, StepCallback
 from .folder import FolderPart
 from .images import ImageInput, check_size, layout_to_one_hot
@@ -100,12 +101,12 @@ class LayoutToImagePipeline(DenoisingPipeline):
     def __call__(self, layout: ImageInput, *, height: int | None = None, width: int | None = None,
                  num_inference_steps: int = 50, eta: float | None = None, generator: Generator = None,
                  latents: torch.Tensor | None = None, output_type: str = "pil", callback: StepCallback | None = None,
-                 progress: bool = True, max_pixels: int | None = None) -> PipelineOutput:
+                 progress: bool = True, max_pixels: int | None = None, return_dict: bool = True) -> Any:
         """One image per segmentation map of `layout` (class ids (H, W) / (B, H, W), or one-hot (K, H, W) /
         (B, K, H, W); PIL, numpy, tensor or a list): images of the map's size, whose sides must be multiples of
         the first stage's factor f (height / width, when given, must equal them). latents: x_T (B, C, H/f, W/f),
         drawn from `generator` when None. max_pixels: the largest H x W x B a call may generate (default
-        limits.DEFAULT_MAX_PIXELS). Returns PipelineOutput(images=...)."""
+        limits.DEFAULT_MAX_PIXELS). Returns PipelineOutput(images=...), or (images,) with return_dict=False."""
         check_call(self, locals())
         one_hot = self.preprocess_layout(layout, height=height, width=width)
         batch, (height, width) = one_hot.shape[0], one_hot.shape[-2:]
@@ -117,7 +118,7 @@ class LayoutToImagePipeline(DenoisingPipeline):
         denoise = concat_conditioning(self.unet, self.encode_layout(one_hot))
         z0 = self.sample(denoise, x_T, sampler=sampler, num_inference_steps=num_inference_steps,
                          generator=generator, callback=callback, progress=progress)
-        return self.output(z0, output_type)
+        return finish(self.output(z0, output_type), return_dict, nsfw_item=False)
 
     def preprocess_layout(self, layout: ImageInput, *, height: int | None = None,
                           width: int | None = None) -> torch.Tensor:

@@ -14,7 +14,8 @@ generator, and the folder layout is the same (vqvae/ + unet/ + scheduler/), both
 
 * an image is never resized: diffusers shrinks a PIL image to a multiple of 32 (lanczos); here any size the
   UNet takes is used as it is (multiples of 32 give diffusers' result);
-* float tensors are in [0, 1], as in every latentdiff pipeline (diffusers takes tensors in [-1, 1]);
+* float tensors are in [0, 1], or in [-1, 1] when their minimum is below 0, as in every latentdiff pipeline
+  (diffusers' VaeImageProcessor rule; its LDMSuperResolutionPipeline takes tensors in [-1, 1] always);
   numpy arrays and lists are accepted too (see `images`);
 * with a sigma-space sampler (Euler, DPM-Solver ...) diffusers' `scale_model_input` divides the
   concatenated low-res image by sqrt(sigma^2 + 1) as well; here the UNet sees y as it was trained.
@@ -24,14 +25,18 @@ embedding, 7 input channels and a KL first stage) is another model; it is refuse
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..errors import ConfigError
 from ..registry import PIPELINES
 from .arguments import check_call
-from .base import PipelineOutput, concat_conditioning
+from .base import concat_conditioning
+from .call_options import finish
 from .denoising import DenoisingPipeline, Generator, StepCallback, unet_conditioning
 from .images import ImageInput, image_to_tensor
+from .stages import stage
 
 LOW_RES_CHANNELS = 3  # RGB
 
@@ -61,11 +66,11 @@ class SuperResolutionPipeline(DenoisingPipeline):
     def __call__(self, image: ImageInput, *, num_inference_steps: int = 100, eta: float | None = None,
                  generator: Generator = None, latents: torch.Tensor | None = None, output_type: str = "pil",
                  callback: StepCallback | None = None, progress: bool = True,
-                 max_pixels: int | None = None) -> PipelineOutput:
+                 max_pixels: int | None = None, return_dict: bool = True) -> Any:
         """Upscale `image` (B low-res images of h x w: PIL, numpy, tensor or a list, see `images`) by the first
         stage's factor f. latents: x_T (B, C, h, w), drawn from `generator` when None. max_pixels: the largest
         (h f) x (w f) x B a call may generate (default limits.DEFAULT_MAX_PIXELS), checked before any latent exists.
-        Returns PipelineOutput(images=...) of (B, 3, h f, w f)."""
+        Returns PipelineOutput(images=...) of (B, 3, h f, w f), or (images,) with return_dict=False."""
         check_call(self, locals())
         low_res = self.preprocess_image(image)
         batch, (height, width) = low_res.shape[0], low_res.shape[-2:]
@@ -78,12 +83,13 @@ class SuperResolutionPipeline(DenoisingPipeline):
         denoise = concat_conditioning(self.unet, low_res.to(device=x_T.device, dtype=x_T.dtype))
         z0 = self.sample(denoise, x_T, sampler=sampler, num_inference_steps=num_inference_steps,
                          generator=generator, callback=callback, progress=progress)
-        return self.output(z0, output_type)
+        return finish(self.output(z0, output_type), return_dict, nsfw_item=False)
 
     def preprocess_image(self, image: ImageInput) -> torch.Tensor:
         """PIL / numpy / tensor low-res image(s) -> y (B, 3, h, w) float32 in [-1, 1] on the CPU (nothing resized)."""
         return image_to_tensor(image, name="image", channels=LOW_RES_CHANNELS)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    @stage
+    def decode(self, latents: torch.Tensor, *, grad: bool = False) -> torch.Tensor:
         """z_0 (B, C, h, w), unscaled (as LDM-SR was trained) -> images (B, 3, h f, w f) in [-1, 1]."""
         return self.decode_first_stage(latents, scaled=False)

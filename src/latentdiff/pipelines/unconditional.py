@@ -31,7 +31,7 @@ from ..models.base import CONFIG_NAME, load_weights
 from ..models.vq import VQModel
 from ..registry import PIPELINES
 from .arguments import check_call
-from .base import PipelineOutput
+from .call_options import finish
 from .denoising import DenoisingPipeline, Generator, StepCallback
 
 
@@ -47,11 +47,11 @@ class UnconditionalPipeline(DenoisingPipeline):
     def __call__(self, *, batch_size: int = 1, height: int | None = None, width: int | None = None,
                  num_inference_steps: int = 50, eta: float | None = None, generator: Generator = None,
                  latents: torch.Tensor | None = None, output_type: str = "pil", callback: StepCallback | None = None,
-                 progress: bool = True, max_pixels: int | None = None) -> PipelineOutput:
+                 progress: bool = True, max_pixels: int | None = None, return_dict: bool = True) -> Any:
         """Generate `batch_size` images of height x width (default: the UNet's sample_size times the first stage's
         factor f). latents: x_T (batch_size, C, height/f, width/f), drawn from `generator` when None.
         max_pixels: the largest height x width x batch_size a call may generate (default
-        limits.DEFAULT_MAX_PIXELS). Returns PipelineOutput(images=...)."""
+        limits.DEFAULT_MAX_PIXELS). Returns PipelineOutput(images=...), or (images,) with return_dict=False."""
         check_call(self, locals())
         if not is_int(batch_size) or batch_size < 1:
             raise InputError("batch_size must be a positive integer", where="batch_size", expected=">= 1",
@@ -64,7 +64,7 @@ class UnconditionalPipeline(DenoisingPipeline):
         x_T = self.prepare_latents(batch_size, height, width, generator=generator, latents=latents)
         z0 = self.sample(self.unet, x_T, sampler=sampler, num_inference_steps=num_inference_steps,
                          generator=generator, callback=callback, progress=progress)
-        return self.output(z0, output_type)
+        return finish(self.output(z0, output_type), return_dict, nsfw_item=False)
 
     @classmethod
     def load_part(cls, key: str, part_class: type, root: Path, **load: Any) -> Any:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeAlias, overload, runtime_checkable
 
 import torch
@@ -278,10 +280,15 @@ def check_sampler(sampler: object) -> SamplerProtocol:
     return sampler  # type: ignore[return-value]   # what start part-way needs is checked above
 
 
+# tqdm options of the progress bars of the sampling loops in this context (a pipeline's `set_progress_bar_config`,
+# set around its stages): a context variable, so two threads sharing a pipeline each see their own.
+PROGRESS_BAR_OPTIONS: ContextVar[Mapping[str, Any]] = ContextVar("PROGRESS_BAR_OPTIONS", default=MappingProxyType({}))
+
+
 def progress_range(n: int, progress: bool) -> Any:
-    """range(n), shown as a tqdm bar when `progress`."""
+    """range(n), shown as a tqdm bar when `progress` (with the options of PROGRESS_BAR_OPTIONS: disable=True ...)."""
     if not progress:
         return range(n)
     from tqdm.auto import tqdm
 
-    return tqdm(range(n), total=n)
+    return tqdm(range(n), **({"total": n} | dict(PROGRESS_BAR_OPTIONS.get())))
