@@ -123,9 +123,15 @@ def resolve(path_or_id: str | os.PathLike, *, revision: str | None = None,
                                    cache_dir=None if cache_dir is None else os.fspath(cache_dir), token=token,
                                    local_files_only=offline)
     except LocalEntryNotFoundError:
-        raise CheckpointError("not a local folder, and not in the local Hub cache (offline mode)", where=name,
-                              expected="a folder, or a Hub id downloaded before",
-                              found="nothing in the cache") from None
+        if offline:   # HF_HUB_OFFLINE=1 or local_files_only=True: the cache was the only place looked at
+            raise CheckpointError("not a local folder, and not in the local Hub cache (offline mode)", where=name,
+                                  expected="a folder, or a Hub id downloaded before",
+                                  found="nothing in the cache") from None
+        # online, yet the Hub could not be reached (huggingface_hub then falls back to the cache, which lacks it)
+        raise CheckpointError("could not reach the Hub (no network?), and the repository is not in the local "
+                              "cache", where=name, expected="network access to huggingface.co, or a copy "
+                              "downloaded before (HF_HUB_OFFLINE=1 then uses only the cache)",
+                              found="no network, nothing in the cache") from None
     except RepositoryNotFoundError:
         raise CheckpointError("no such Hub repository (or it is private: pass token=)", where=name) from None
     except HFValidationError as e:  # the revision, or an id the Hub's own rules refuse
