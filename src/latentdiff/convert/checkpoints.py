@@ -39,9 +39,13 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, to: st
     """Convert `src` (a single file or a diffusers folder) to `dst` in the other format; returns `dst`.
 
     `to` defaults to the other format than `src`'s. `original_config`, `use_ema`, `prediction_type` and
-    `tokenizer` apply to reading a single file. `dst` must not exist unless `overwrite`.
+    `tokenizer` apply to reading a single file. `dst` must not exist unless `overwrite`. `src` may also name a
+    built-in model ("latentdiff/shapes-64"): its packaged folder is converted.
     """
-    src, dst = Path(src), Path(dst)
+    from ..builtin import builtin_path
+
+    packaged = None if Path(src).exists() else builtin_path(str(src))
+    src, dst = (packaged or Path(src)), Path(dst)
     direction = check_arguments(src, dst, to=to, overwrite=overwrite)
     if direction == "diffusers":
         if not src.is_file() and src.exists():
@@ -134,6 +138,8 @@ def read_diffusers_folder(folder: Path, *, dtype: torch.dtype | None = None, pro
             continue
         config = read_json(sub / CONFIG_NAME)
         part = FOLDER_PARTS.get(name) or _part_of_config(config, source=str(sub))
+        if part in ("vae", "vqvae"):   # the class decides, not the folder's name (LDM folders keep a KL in vqvae/)
+            part = _part_of_config(config, source=str(sub))
         if part == "text_encoder" and (sub / TEXT_SETTINGS).is_file():  # clip skip and the like
             settings = read_json(sub / TEXT_SETTINGS)
             config[SETTINGS_KEY] = {k: v for k, v in settings.items() if not k.startswith("_")}

@@ -36,7 +36,7 @@ import torch
 from ..errors import CheckpointError
 
 _PLACEHOLDER = re.compile(r"\{(\w+)(\*)?(?::([^{}]*))?\}")
-MAX_LISTED = 400  # an error lists at most this many keys (a wrong file can have thousands)
+MAX_LISTED = 8  # an error lists the first few keys and a count (a wrong file can have thousands)
 
 
 def _compiled() -> Any:
