@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import TextIO
 
 from ..errors import LatentDiffError
 from ..version import __version__
@@ -49,7 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"generate": cmd_generate, "info": cmd_info, "models": cmd_models,
                 "train": cmd_train, "convert": cmd_convert, "eval": cmd_eval}
     try:
-        return commands[args.command](args)
+        with warnings.catch_warnings():   # restored after the command (main() also runs in-process, in tests)
+            if not debug:
+                warnings.showwarning = show_warning
+            return commands[args.command](args)
     except KeyboardInterrupt:
         if debug:
             raise
@@ -70,6 +75,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         report(f"unexpected {type(e).__module__}.{type(e).__qualname__}: {e}",
                f"this is a bug or an input latentdiff does not check yet; {DEBUG_HINT}")
         return EXIT_UNEXPECTED
+
+
+def show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: TextIO | None = None, line: str | None = None) -> None:
+    """A warning in the command's one-line format, `latentdiff: warning: ...` (no file path or source line: those
+    are for --debug, which shows Python's own format)."""
+    print(f"latentdiff: warning: {one_line(str(message))}", file=file or sys.stderr)
 
 
 def report(message: str, hint: str) -> None:
