@@ -336,48 +336,43 @@ def load_torch_pickle(path: str | os.PathLike) -> Any:
     except (RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
         # a malformed pickle fails in many ways (a zip without its records, a wrong storage size ...)
         raise CheckpointError(f"corrupt or truncated checkpoint ({type(e).__name__}: {e})", where=str(path)) from None
-    check_no_meta_tensors(obj, where=str(path))
-    check_tensor_extents(obj, where=str(path))
+    check_pickled_tensors(obj, where=str(path))
     return obj
 
 
-def check_tensor_extents(obj: Any, *, where: str, _key: str = "", _depth: int = 0) -> None:
-    """Refuse a tensor that claims more elements than its storage holds: a pickle can store a stride-0 view of
-    10^10 elements in 4 bytes, which `.double()`, `.tolist()` or a copy would then materialise (80 GB)."""
+def pickled_tensors(obj: Any, *, key: str = "", depth: int = 0) -> Iterator[tuple[str, Any]]:
+    """(dotted key, tensor) for every tensor in a loaded pickle's dicts, lists and tuples (8 levels deep)."""
     import torch
 
     if isinstance(obj, torch.Tensor):
-        if obj.device.type == "meta" or obj.numel() == 0:
-            return
-        held = obj.untyped_storage().nbytes() // max(obj.element_size(), 1)
-        if obj.numel() > held:
-            raise CheckpointError("a tensor claims more elements than its storage holds (an overlapping, e.g. "
-                                  "stride-0, view): refused before it is materialised", where=f"{_key} in {where}",
-                                  expected=f"at most {held} elements (its storage)",
-                                  found=f"shape {tuple(obj.shape)}, stride {obj.stride()}, {obj.numel()} elements")
-    elif _depth < 8 and isinstance(obj, dict):
-        for k, v in obj.items():
-            check_tensor_extents(v, where=where, _key=f"{_key}.{k}" if _key else str(k), _depth=_depth + 1)
-    elif _depth < 8 and isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            check_tensor_extents(v, where=where, _key=f"{_key}[{i}]", _depth=_depth + 1)
-
-
-def check_no_meta_tensors(obj: Any, *, where: str, key: str = "", depth: int = 0) -> None:
-    """Refuse a loaded pickle holding a tensor without data (meta device): it would fail at the first copy."""
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        if obj.is_meta:
-            raise CheckpointError("a tensor in the checkpoint has no data (meta device)", where=f"{where}: {key}",
-                                  expected="tensors with data",
-                                  found=f"a meta tensor of shape {tuple(obj.shape)}")
+        yield key, obj
     elif depth < 8 and isinstance(obj, dict):
         for k, v in obj.items():
-            check_no_meta_tensors(v, where=where, key=f"{key}.{k}" if key else str(k), depth=depth + 1)
+            yield from pickled_tensors(v, key=f"{key}.{k}" if key else str(k), depth=depth + 1)
     elif depth < 8 and isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
-            check_no_meta_tensors(v, where=where, key=f"{key}[{i}]", depth=depth + 1)
+            yield from pickled_tensors(v, key=f"{key}[{i}]", depth=depth + 1)
+
+
+def check_pickled_tensors(obj: Any, *, where: str) -> None:
+    """Refuse a loaded pickle holding a tensor without data (meta device: it would fail at the first copy), then
+    one that claims more elements than its storage holds: a pickle can store a stride-0 view of 10^10 elements in
+    4 bytes, which `.double()`, `.tolist()` or a copy would then materialise (80 GB)."""
+    tensors = list(pickled_tensors(obj))
+    for key, tensor in tensors:
+        if tensor.is_meta:
+            raise CheckpointError("a tensor in the checkpoint has no data (meta device)", where=f"{where}: {key}",
+                                  expected="tensors with data", found=f"a meta tensor of shape {tuple(tensor.shape)}")
+    for key, tensor in tensors:
+        if tensor.numel() == 0:
+            continue
+        held = tensor.untyped_storage().nbytes() // max(tensor.element_size(), 1)
+        if tensor.numel() > held:
+            raise CheckpointError("a tensor claims more elements than its storage holds (an overlapping, e.g. "
+                                  "stride-0, view): refused before it is materialised", where=f"{key} in {where}",
+                                  expected=f"at most {held} elements (its storage)",
+                                  found=f"shape {tuple(tensor.shape)}, stride {tensor.stride()}, "
+                                        f"{tensor.numel()} elements")
 
 
 def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
