@@ -1,5 +1,6 @@
-"""Where checkpoints come from and go to: local folders, the Hugging Face Hub, published weight files
-(`RemoteFile`: LPIPS, VGG16, FID's Inception), safetensors files.
+"""Where checkpoints come from and go to: local folders, the Hugging Face Hub, safetensors and pickle files
+(published weight files, `RemoteFile`, are in `latentdiff.remote_weights`; a safetensors header's checks in
+`latentdiff.safetensors_header`).
 
 Everything that touches the file system or the network for weights goes through here, so the
 rules hold everywhere: safetensors first, pickles only through `torch.load(weights_only=True)`,
@@ -12,23 +13,19 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import hashlib
 import json
 import os
 import re
 import shutil
-import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError
+from .safetensors_header import check_safetensors_header
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
-SAFETENSORS_HEADER_LIMIT = 100 * 1024 * 1024  # a sane header is far smaller
-DOWNLOAD_TIMEOUT_S = 60
 
 
 def contained(root: str | os.PathLike, name: str | os.PathLike, *, file: str | os.PathLike, entry: str,
@@ -235,82 +232,6 @@ def load_safetensors(path: str | os.PathLike, *, device: str = "cpu") -> dict[st
         return load_file(str(path), device=device)
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"corrupt safetensors file ({e})", where=str(path)) from None
-
-
-def check_safetensors_header(path: Path) -> dict[str, Any]:
-    """Validate the header and the data length before any tensor is read: catches truncated files."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError("not a safetensors file (shorter than its 8-byte header length)",
-                                      where=str(path), found=f"{size} bytes")
-            n = int.from_bytes(raw, "little")
-            if n > min(SAFETENSORS_HEADER_LIMIT, size - 8):
-                raise CheckpointError("not a safetensors file, or truncated (header length past the end)",
-                                      where=str(path), expected=f"header of at most {size - 8} bytes",
-                                      found=f"{n} bytes")
-            header = json.loads(f.read(n))
-    except FileNotFoundError:
-        raise CheckpointError("checkpoint file not found", where=str(path)) from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise CheckpointError("not a safetensors file (header is not JSON)", where=str(path)) from None
-    end = check_header_structure(header, where=str(path))
-    if 8 + n + end > size:
-        raise CheckpointError("truncated safetensors file", where=str(path), expected=f"{8 + n + end} bytes",
-                              found=f"{size} bytes")
-    return header
-
-
-def check_header_structure(header: Any, *, where: str) -> int:
-    """A safetensors header's structure, fully, before the library (or anything) reads it: a dict of
-    name -> {dtype: str, shape: [int >= 0, ...], data_offsets: [begin, end] ordered ints}, and `__metadata__`
-    a dict of str -> str. -> the end of the data the entries claim (the caller checks it against the file)."""
-    if not isinstance(header, dict):
-        raise CheckpointError("corrupt safetensors header: not a JSON object", where=where,
-                              expected="a JSON object of tensor name -> {dtype, shape, data_offsets}",
-                              found=type(header).__name__)
-    end = 0
-    for name, entry in header.items():
-        key = f"{where}: header[{name!r}]"
-        if name == "__metadata__":
-            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
-                raise CheckpointError("corrupt safetensors header: __metadata__ must map text to text", where=key,
-                                      expected="a JSON object of str -> str", found=_describe_json(entry))
-            continue
-        if not isinstance(entry, dict):
-            raise CheckpointError("corrupt safetensors header: a tensor entry is not an object", where=key,
-                                  expected="{dtype, shape, data_offsets}", found=_describe_json(entry))
-        missing = sorted({"dtype", "shape", "data_offsets"} - set(entry))
-        if missing:
-            raise CheckpointError("corrupt safetensors header: a tensor entry lacks keys", where=key,
-                                  expected="dtype, shape, data_offsets", found=f"missing {', '.join(missing)}")
-        if not isinstance(entry["dtype"], str):
-            raise CheckpointError("corrupt safetensors header: dtype is not a name", where=f"{key}.dtype",
-                                  expected="a dtype name such as F32", found=_describe_json(entry["dtype"]))
-        shape, offsets = entry["shape"], entry["data_offsets"]
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise CheckpointError("corrupt safetensors header: shape is not a list of sizes", where=f"{key}.shape",
-                                  expected="a list of ints >= 0", found=_describe_json(shape))
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)
-                and offsets[0] <= offsets[1]):
-            raise CheckpointError("corrupt safetensors header: data_offsets is not an ordered pair",
-                                  where=f"{key}.data_offsets", expected="[begin, end] with 0 <= begin <= end",
-                                  found=_describe_json(offsets))
-        end = max(end, offsets[1])
-    return end
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _describe_json(value: Any) -> str:
-    text = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
-    if isinstance(value, list):
-        text = f"list {json.dumps(value)[:60]}"
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def load_torch_pickle(path: str | os.PathLike) -> Any:
@@ -573,81 +494,3 @@ def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool
     info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message,
                              revision=revision)
     return str(getattr(info, "commit_url", info))
-
-
-# ---- published weight files (not Hub repos) ------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class RemoteFile:
-    """A published weights file: its cache name, where to get it, and the sha256 it must have."""
-
-    filename: str
-    urls: tuple[str, ...]
-    sha256: str | None  # None: a URL the caller chose, no published checksum
-
-
-def read_state_dict(source: str | os.PathLike | None, *, default: RemoteFile,
-                    cache_dir: str | os.PathLike | None = None,
-                    known: Sequence[RemoteFile] = ()) -> tuple[dict[str, Any], str]:
-    """Read a state dict from a local file, a URL, or (source None) the `default` release. A URL of one of the
-    `known` files is cached under its name and checked against its sha256. -> (state, where)"""
-    import torch
-
-    if source is None:
-        path = download_weights(default, cache_dir=cache_dir)
-    elif str(source).startswith(("https://", "http://", "file://")):
-        url = str(source)
-        match = next((f for f in known if url in f.urls), None)
-        suffix = ".safetensors" if urllib.parse.urlparse(url).path.endswith(".safetensors") else ".pth"
-        remote = match or RemoteFile(f"url-{hashlib.sha256(url.encode()).hexdigest()[:16]}{suffix}", (url,), None)
-        path = download_weights(remote, cache_dir=cache_dir)
-    else:
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise CheckpointError("weights file not found", where=str(path),
-                                  expected="an existing .safetensors or .pth file")
-    state = load_safetensors(path) if path.suffix == ".safetensors" else load_torch_pickle(path)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError("weights file is not a flat state dict", where=str(path),
-                              expected="a dict of name -> tensor", found=type(state).__name__)
-    return state, str(path)
-
-
-def download_weights(remote: RemoteFile, *, cache_dir: str | os.PathLike | None = None) -> Path:
-    """The cached copy of `remote` (default folder: torch's hub cache), downloaded first if missing (never with
-    HF_HUB_OFFLINE=1). -> local path"""
-    import torch
-
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else Path(torch.hub.get_dir()) / "checkpoints"
-    path = folder / remote.filename
-    if path.is_file():
-        return path
-    how = f"download {remote.urls[0]} yourself and pass its local path, or place it at {path}"
-    if is_offline():
-        raise CheckpointError("weights are not in the cache and HF_HUB_OFFLINE=1 forbids downloading them",
-                              where=remote.urls[0], expected=how)
-    failures = []
-    for url in remote.urls:
-        try:
-            _download(url, path, sha256=remote.sha256)
-            return path
-        except (OSError, CheckpointError) as e:  # URLError, HTTPError and timeouts are OSErrors
-            failures.append(f"{url}: {e}")
-    raise CheckpointError("could not download weights", where=str(path), expected=how, found="; ".join(failures))
-
-
-def _download(url: str, path: Path, *, sha256: str | None) -> None:
-    """Stream `url` to `path` under a temporary name, hashing as it goes; rename only if the sha256 matches."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    digest = hashlib.sha256()
-    try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(tmp, "wb") as f:
-            while chunk := response.read(1 << 20):
-                digest.update(chunk)
-                f.write(chunk)
-        if sha256 is not None and digest.hexdigest() != sha256:
-            raise CheckpointError("downloaded file has the wrong sha256 (corrupt or changed upstream)", where=url,
-                                  expected=sha256, found=digest.hexdigest())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, InputError
-from ..hub import RemoteFile, read_state_dict
 from ..models.base import check_state_dict, init_skipped_on_meta
+from ..remote_weights import RemoteFile, read_state_dict
 
 # sha256 of the release file: as pinned by public code that downloads this URL and by notes recording the
 # file (95,628,359 bytes); its first 8 hex digits are the `6726825d` in the file name (torch.hub's convention),

@@ -11,7 +11,7 @@ Weights come as two files, both in their publishers' layouts so they load strict
 the torchvision `vgg16` state dict (`features.N.weight/bias`, the `classifier.*` head unused here)
 and the LPIPS v0.1 heads (`lin0..lin4.model.1.weight`; taming-transformers' `vgg.pth` is the same file,
 md5 d507d734...). They are read from local files, or downloaded once into torch's hub cache with a
-sha256 check (`hub.read_state_dict`); `HF_HUB_OFFLINE=1` forbids any download. A metric, used by the first
+sha256 check (`remote_weights.read_state_dict`); `HF_HUB_OFFLINE=1` forbids any download. A metric, used by the first
 stage's training as a loss (training.autoencoder_loss).
 """
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..hub import RemoteFile, read_state_dict
 from ..models.base import check_state_dict
+from ..remote_weights import RemoteFile, read_state_dict
 
 # The ScalingLayer: maps images in [-1, 1] to roughly ImageNet-normalised inputs for VGG.
 SHIFT = (-0.030, -0.088, -0.188)
