@@ -45,7 +45,7 @@ def estimate_unet_parameters(channels: Sequence[int], layers: Sequence[int], *, 
     a transformer where the level attends), and a middle block of two resnets and one attention."""
     depth = transformer_depth or (1,) * len(channels)
     total, previous = 0, channels[0]
-    for c, n, attends, d in zip(channels, layers, attention, depth, strict=False):
+    for c, n, attends, d in zip(channels, layers, attention, depth, strict=True):  # callers check lengths first
         total += n * _resnet(previous, c) + (n + 1) * _resnet(2 * c, c)
         if attends:
             total += (2 * n + 1) * _transformer(c, d, context_dim)
