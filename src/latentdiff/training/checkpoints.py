@@ -9,11 +9,12 @@ reads them back with weights_only=False): resume only from checkpoints you trust
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -202,3 +203,39 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], *, where: st
     if changed:
         raise CheckpointError("the config differs from the checkpoint's in settings a resumed run cannot change",
                               where=where, expected="the same data, model, seed and batch settings", found=changed)
+
+
+# ---- the output folder ------------------------------------------------------------------------------
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def output_lock(folder: Path, *, enabled: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on `folder`/.lock (flock: released when the process ends, however it ends): two runs
+    writing one output folder at once would interleave checkpoints and replace each other's export. Where flock
+    is missing (Windows) this does nothing."""
+    try:
+        import fcntl
+    except ImportError:
+        enabled = False
+    if not enabled:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise CheckpointError("another training run is writing to this output folder", where=str(folder),
+                                  expected="one run per train.output_dir (wait for it, or choose another folder)",
+                                  found=f"{folder / LOCK_FILE} held by {holder}") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}\n")
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -14,12 +14,11 @@ Checkpoints are in `checkpoints.py`; `run.train_from_file` (the CLI's entry) bui
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from .checkpoints import (
     Checkpoints,
     check_resumable,
     load_modules,
+    output_lock,
     read_json_file,
     read_progress,
     restore_accelerate_state,
@@ -188,42 +188,6 @@ def enable_gradient_checkpointing(module: nn.Module, block_types: tuple[type, ..
             block.forward = partial(run, block.forward)  # an instance attribute: the class stays untouched
             count += 1
     return count
-
-
-# ---- the output folder ------------------------------------------------------------------------------
-LOCK_FILE = ".lock"
-
-
-@contextlib.contextmanager
-def output_lock(folder: Path, *, enabled: bool = True) -> Iterator[None]:
-    """Hold an exclusive lock on `folder`/.lock (flock: released when the process ends, however it ends): two runs
-    writing one output folder at once would interleave checkpoints and replace each other's export. Where flock
-    is missing (Windows) this does nothing."""
-    try:
-        import fcntl
-    except ImportError:
-        enabled = False
-    if not enabled:
-        yield
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK_FILE, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "another process"
-            raise CheckpointError("another training run is writing to this output folder", where=str(folder),
-                                  expected="one run per train.output_dir (wait for it, or choose another folder)",
-                                  found=f"{folder / LOCK_FILE} held by {holder}") from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"pid {os.getpid()}\n")
-        lock.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 # ---- logging --------------------------------------------------------------------------------------
