@@ -14,7 +14,6 @@ either kind. transformers is imported inside functions only, so `import latentdi
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -33,6 +32,7 @@ from ..registry import COMPONENTS, SINGLE_FILE
 from ..utils.devices import check_device
 from ..version import __version__
 from .clip_text import MACHINERY_KEYS, MODEL_TYPE, CLIPTextModel, check_input_ids  # noqa: F401
+from .tokenizers import check_token_ids
 
 CONFIG_FILE = "latentdiff_text_encoder.json"  # beside the transformers files; absent -> defaults
 MODEL_CONFIG = "config.json"
@@ -99,7 +99,7 @@ class TextEncoder(nn.Module):
                               expected="e.g. latentdiff's or transformers' CLIPTokenizer",
                               found=describe(tokenizer))
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        self._vocab_size = check_token_ids(tokenizer, model)
+        check_token_ids(tokenizer, model)
         self._max_positions: int | None = getattr(model.config, "max_position_embeddings", None)
         self._max_length = self._resolve_max_length()
         self._use_mask = bool(getattr(model.config, "use_attention_mask", False)
@@ -470,30 +470,6 @@ def library_entry(obj: Any) -> list[str]:
     transformers class that loads their files (`library_entry`), other objects their own."""
     entry = getattr(type(obj), "library_entry", None)
     return list(entry) if entry is not None else [_library(obj), type(obj).__name__]
-
-
-def check_token_ids(tokenizer: Any, model: nn.Module) -> int | None:
-    """Every id the tokenizer can produce must index the text model's token embedding (else an IndexError, or a
-    device-side assert on CUDA, at the first prompt that uses it): checked once, when the two meet.
-    -> the embedding's row count (None when the model does not say)."""
-    rows = getattr(getattr(model, "config", None), "vocab_size", None)
-    embeddings = getattr(model, "get_input_embeddings", None)
-    with contextlib.suppress(Exception):  # transformers' models raise NotImplementedError where there is none
-        table = embeddings() if callable(embeddings) else None
-        rows = getattr(table, "num_embeddings", rows)
-    get_vocab = getattr(tokenizer, "get_vocab", None)
-    if not isinstance(rows, int) or not callable(get_vocab):
-        return rows if isinstance(rows, int) else None
-    vocab = get_vocab()
-    if not vocab:
-        return rows
-    token, top = max(vocab.items(), key=lambda item: item[1])
-    if top >= rows or min(vocab.values()) < 0:
-        raise CheckpointError("the tokenizer has token ids past the text encoder's embedding table",
-                              where=f"tokenizer {getattr(tokenizer, 'source', type(tokenizer).__name__)}",
-                              expected=f"ids in [0, {rows}) (the embedding's rows)",
-                              found=f"token {token!r} with id {top}")
-    return rows
 
 
 def _check_prompts(prompts: Any) -> list[str]:

@@ -452,3 +452,26 @@ def _call_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     if config.get("model_input_names"):
         settings["model_input_names"] = tuple(config["model_input_names"])
     return settings
+
+
+def check_token_ids(tokenizer: Any, model: torch.nn.Module) -> None:
+    """Every id the tokenizer can produce must index the text model's token embedding (else an IndexError, or a
+    device-side assert on CUDA, at the first prompt that uses it): checked once, when the two meet (a
+    `TextEncoder` is built). Nothing to check where the model does not say its rows or the tokenizer its vocab."""
+    rows = getattr(getattr(model, "config", None), "vocab_size", None)
+    embeddings = getattr(model, "get_input_embeddings", None)
+    with contextlib.suppress(Exception):  # transformers' models raise NotImplementedError where there is none
+        table = embeddings() if callable(embeddings) else None
+        rows = getattr(table, "num_embeddings", rows)
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    if not isinstance(rows, int) or not callable(get_vocab):
+        return
+    vocab = get_vocab()
+    if not vocab:
+        return
+    token, top = max(vocab.items(), key=lambda item: item[1])
+    if top >= rows or min(vocab.values()) < 0:
+        raise CheckpointError("the tokenizer has token ids past the text encoder's embedding table",
+                              where=f"tokenizer {getattr(tokenizer, 'source', type(tokenizer).__name__)}",
+                              expected=f"ids in [0, {rows}) (the embedding's rows)",
+                              found=f"token {token!r} with id {top}")
