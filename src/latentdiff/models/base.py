@@ -113,14 +113,24 @@ class ModelMixin(nn.Module, Generic[ConfigT]):
         if not (folder / CONFIG_NAME).is_file():
             raise CheckpointError(f"no {CONFIG_NAME} in the model folder", where=str(folder),
                                   expected=f"{cls.__name__} folder with {CONFIG_NAME} and weights")
+        return cls.from_folder_weights(folder, cls.weights_name, variant=variant, torch_dtype=torch_dtype,
+                                       device=device, mmap_weights=mmap_weights,
+                                       check_finite_weights=check_finite_weights, part=subfolder or cls.__name__)
+
+    @classmethod
+    def from_folder_weights(cls, folder: Path, weights_name: str, *, variant: str | None,
+                            torch_dtype: torch.dtype | None, device: str | torch.device | None,
+                            mmap_weights: bool | None, check_finite_weights: bool, part: str) -> Any:
+        """The model of a resolved local folder: its config, its weights `weights_name` (copied, or kept mapped
+        and watched with `mmap_weights`), loaded strictly, then scanned for NaN / Inf when asked."""
         config = cls.load_config(folder)
         with hub.mapped_weights(mmap_weights) as files:
-            state = load_weights(folder, cls.weights_name, variant=variant)
+            state = load_weights(folder, weights_name, variant=variant)
             model = cls.from_state_dict(config, state, torch_dtype=torch_dtype, device=device, source=str(folder))
         if mmap_weights:
             watch_mapped_files(model, files)
         if check_finite_weights:
-            numerics.check_finite_weights(model, part=subfolder or cls.__name__, source=str(folder))
+            numerics.check_finite_weights(model, part=part, source=str(folder))
         return model
 
     @classmethod

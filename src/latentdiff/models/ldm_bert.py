@@ -28,10 +28,9 @@ from ..config import ComponentConfig
 from ..errors import CheckpointError, ConfigError, InputError, describe
 from ..layers.attention import attention
 from ..registry import COMPONENTS
-from ..utils import numerics
 from ..version import __version__
 from . import structure
-from .base import CONFIG_NAME, ModelMixin, load_weights, watch_mapped_files
+from .base import CONFIG_NAME, ModelMixin
 from .diffusers_config import check_supported
 from .text_encoder import (
     CONFIG_FILE,
@@ -240,15 +239,9 @@ class LDMBert(ModelMixin[LDMBertConfig]):
         if not any(folder.glob(f"{cls.weights_name}*.safetensors*")):
             name = LEGACY_WEIGHTS_NAME
             hub.resolve(path_or_id, allow_patterns=[f"{prefix}{name}*.bin"], **where)
-        config = cls.load_config(folder)
-        with hub.mapped_weights(mmap_weights) as files:
-            state = load_weights(folder, name, variant=variant)
-            model = cls.from_state_dict(config, state, torch_dtype=torch_dtype, device=device, source=str(folder))
-        if mmap_weights:
-            watch_mapped_files(model, files)
-        if check_finite_weights:
-            numerics.check_finite_weights(model, part=subfolder or cls.__name__, source=str(folder))
-        return model
+        return cls.from_folder_weights(folder, name, variant=variant, torch_dtype=torch_dtype, device=device,
+                                       mmap_weights=mmap_weights, check_finite_weights=check_finite_weights,
+                                       part=subfolder or cls.__name__)
 
     @classmethod
     def from_state_dict(cls, config: LDMBertConfig, state: Mapping[str, torch.Tensor], *,
