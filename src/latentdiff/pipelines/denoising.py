@@ -307,21 +307,21 @@ class DenoisingPipeline(Pipeline):
         if unknown:
             raise TypeError(f"{cls.__name__}.from_pretrained got unknown keyword(s) {unknown}; its parts: {names}")
         location = HubLocation(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
-        pipeline = cls.load_pipeline_folder(path_or_id, given=parts, variant=variant, torch_dtype=torch_dtype,
-                                            device=device, location=location, mmap_weights=mmap_weights)
-        if check_finite_weights:
-            pipeline.check_weights(source=str(path_or_id))
-        return pipeline
+        return cls.load_pipeline_folder(path_or_id, given=parts, variant=variant, torch_dtype=torch_dtype,
+                                        device=device, location=location, mmap_weights=mmap_weights,
+                                        check_finite_weights=check_finite_weights)
 
     @classmethod
     def load_pipeline_folder(cls, path_or_id: str | os.PathLike, *, given: Mapping[str, Any], variant: str | None,
                              torch_dtype: torch.dtype | None, device: str | torch.device | None,
-                             location: HubLocation, mmap_weights: bool = False) -> Any:
+                             location: HubLocation, mmap_weights: bool = False,
+                             check_finite_weights: bool = False) -> Any:
         """The pipeline of a folder (`load_folder`). The weights are copied into the process's memory (default,
         as diffusers does: the files can then be rewritten or deleted without effect), or with
         `mmap_weights=True` kept memory-mapped from the files (no copy: lower peak memory) and released after each
         stage (`release_weights = True`); each forward then first checks that no file was rewritten in place (a
-        CheckpointError, where reading a truncated file would kill the process). docs/memory.md has the trade."""
+        CheckpointError, where reading a truncated file would kill the process). docs/memory.md has the trade.
+        check_finite_weights: then scan every part's weights once (`check_weights`)."""
         with hub.mapped_weights(mmap_weights) as files:
             pipe = cls(**load_folder(cls, path_or_id, given=given, variant=variant, torch_dtype=torch_dtype,
                                      device=device, location=location))
@@ -329,6 +329,8 @@ class DenoisingPipeline(Pipeline):
             pipe.release_weights = True
             for network in pipe.networks():
                 watch_mapped_files(network, files)
+        if check_finite_weights:
+            pipe.check_weights(source=str(path_or_id))
         return pipe
 
     @classmethod

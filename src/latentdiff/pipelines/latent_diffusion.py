@@ -139,11 +139,9 @@ class LatentDiffusionPipeline(DenoisingPipeline):
         and the first bad tensor."""
         location = HubLocation(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
         given = dict(vae=vae, unet=unet, text_encoder=text_encoder, noise_scheduler=noise_scheduler, sampler=sampler)
-        pipeline = cls.load_pipeline_folder(path_or_id, given=given, variant=variant, torch_dtype=torch_dtype,
-                                            device=device, location=location, mmap_weights=mmap_weights)
-        if check_finite_weights:
-            pipeline.check_weights(source=str(path_or_id))
-        return pipeline
+        return cls.load_pipeline_folder(path_or_id, given=given, variant=variant, torch_dtype=torch_dtype,
+                                        device=device, location=location, mmap_weights=mmap_weights,
+                                        check_finite_weights=check_finite_weights)
 
     @classmethod
     def folder_layout(cls, index: Mapping[str, Any]) -> Sequence[FolderPart]:
