@@ -211,10 +211,15 @@ HUB_ID_RULE = "a folder, or a Hub id 'owner/name' (letters, digits, '-', '_', '.
 _HUB_ID_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?")
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether `name` is spelled as a Hub id (HUB_ID_RULE); it may still not exist."""
+    parts = name.split("/")
+    return len(parts) <= 2 and "--" not in name and ".." not in name and all(_HUB_ID_PART.fullmatch(p) for p in parts)
+
+
 def check_hub_id(name: str) -> None:
     """Refuse a string that is neither an existing folder nor a valid Hub id, before the Hub is asked."""
-    parts = name.split("/")
-    if len(parts) > 2 or "--" in name or ".." in name or not all(_HUB_ID_PART.fullmatch(p) for p in parts):
+    if not is_hub_id(name):
         raise CheckpointError("no such folder, and not a valid Hub id", where=name, expected=HUB_ID_RULE,
                               found=repr(name))
 

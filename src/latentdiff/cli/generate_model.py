@@ -3,11 +3,10 @@ or an original single file; with the settings its folder's `latentdiff_generate.
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 from typing import Any
 
-from .. import builtin
+from .. import builtin, hub
 from ..builtin import GENERATE_SETTINGS, builtin_names, builtin_path
 from ..errors import CheckpointError, ConfigError, UsageError
 
@@ -15,7 +14,6 @@ from ..errors import CheckpointError, ConfigError, UsageError
 SETTINGS_KEYS = {"num_inference_steps": "steps", "guidance_scale": "guidance", "sampler": "sampler", "eta": "eta",
                  "height": "height", "width": "width", "negative_prompt": "negative"}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +60,7 @@ def locate_model(model: str) -> ModelSource:
                              hint="reinstall latentdiff, or pass --model FOLDER")
         return ModelSource(model, "builtin", folder, read_settings(folder))
     known = f"a built-in model ({', '.join(builtin_names())}), a folder, a .safetensors/.ckpt file, or a Hub id"
-    if kind is not None or not HUB_ID.match(model):
+    if kind is not None or not hub.is_hub_id(model):
         raise UsageError("no such model folder or file", where="--model", expected=known, found=model)
     folder = find_on_hub(model, known)
     return ModelSource(model, "hub", folder, read_settings(folder))
@@ -70,7 +68,6 @@ def locate_model(model: str) -> ModelSource:
 
 def find_on_hub(model: str, known: str) -> Path:
     """The Hub snapshot of `model` holding model_index.json (and the generate settings when the repo has them)."""
-    from .. import hub
 
     hint = f"built-in models: {', '.join(builtin_names())}"
     if hub.is_offline():
