@@ -68,7 +68,6 @@ def locate_model(model: str) -> ModelSource:
 
 def find_on_hub(model: str, known: str) -> Path:
     """The Hub snapshot of `model` holding model_index.json (and the generate settings when the repo has them)."""
-
     hint = f"built-in models: {', '.join(builtin_names())}"
     if hub.is_offline():
         from huggingface_hub import try_to_load_from_cache
