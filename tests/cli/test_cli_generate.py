@@ -76,7 +76,7 @@ def reference(pipe, prompts: list[str], seeds: list[int], n: int = 1, **settings
 
 
 def test_out_of_the_box_uses_the_builtin_model_and_its_settings(tmp_path, pipe, capsys):
-    assert generate(PROMPT, "-o", "out.png") == 0
+    assert generate(PROMPT, "-o", "out.png", "--seed", 0) == 0
     assert capsys.readouterr().out.strip() == "out.png"
     params = read_png_params("out.png")
     assert params == {"prompt": PROMPT, "negative": None, "seed": 0, "steps": 4, "guidance": 3.0, "sampler": "ddim",
@@ -93,8 +93,9 @@ def test_out_of_the_box_uses_the_builtin_model_and_its_settings(tmp_path, pipe, 
 
 def test_flags_override_settings_and_from_reproduces_a_grid(pipe):
     flags = ["-n", 3, "--seed", 7, "--negative", "green", "--steps", 3, "--guidance", 2.5, "--sampler", "euler"]
-    assert generate(PROMPT, "-o", "grid.png", *flags) == 0
+    assert generate(PROMPT, "-o", "grid.png", "--grid", *flags) == 0
     params = read_png_params("grid.png")
+    assert [read_png_params(f"grid-{i}.png")["seed"] for i in range(3)] == [7, 8, 9]   # and each image alone
     assert {k: params[k] for k in ("n", "seed", "negative", "steps", "guidance", "sampler", "eta")} == \
         {"n": 3, "seed": 7, "negative": "green", "steps": 3, "guidance": 2.5, "sampler": "euler", "eta": None}
     # seeds seed .. seed + n - 1; euler keeps the timestep settings of the model's sampler (as diffusers' from_config)
@@ -105,35 +106,44 @@ def test_flags_override_settings_and_from_reproduces_a_grid(pipe):
                          guidance_scale=2.5)
     assert np.array_equal(pixels("grid.png"), expected[0])
 
-    assert generate("--from", "grid.png", "-o", "again.png") == 0
+    assert generate("--from", "grid.png", "-o", "again.png", "--grid") == 0
     assert np.array_equal(pixels("again.png"), pixels("grid.png"))
     assert read_png_params("again.png") == params
-    assert generate("--from", "grid.png", "-o", "fewer.png", "--steps", 2) == 0   # a flag given wins
+    assert generate("--from", "grid.png", "-o", "fewer.png", "--steps", 2, "--grid") == 0   # a flag given wins
     assert read_png_params("fewer.png") == params | {"steps": 2}
     assert not np.array_equal(pixels("fewer.png"), pixels("grid.png"))
 
 
-def test_prompt_file_one_png_per_prompt_with_its_own_seeds(tmp_path, pipe, capsys):
+def test_prompt_file_one_png_per_image_with_its_own_seed(tmp_path, pipe, capsys):
     prompts = ["a red circle", "a blue square on the left", "green triangle"]
     (tmp_path / "prompts.txt").write_text(f"\n{prompts[0]}\n\n  {prompts[1]}  \n{prompts[2]}\n", encoding="utf-8")
     (tmp_path / "samples").mkdir()
-    assert generate("--prompts", "prompts.txt", "-o", "samples", "-n", 2, "--seed", 10, "--batch-size", 2) == 0
+    argv = ["--prompts", "prompts.txt", "-o", "samples", "-n", 2, "--seed", 10, "--batch-size", 4, "--grid"]
+    assert generate(*argv) == 0
     files = sorted(p.name for p in (tmp_path / "samples").iterdir())
-    assert files == ["00000.png", "00001.png", "00002.png"]
-    for k, prompt in enumerate(prompts):     # image i of prompt k: seed + k * n + i
-        params = read_png_params(tmp_path / "samples" / files[k])
-        assert (params["prompt"], params["seed"], params["n"], params["batch"]) == (prompt, 10 + 2 * k, 2,
-                                                                                    2 if k < 2 else 1)
-    first_batch = reference(pipe, prompts[:2], [10, 11, 12, 13], n=2)
-    assert np.array_equal(pixels("samples/00000.png"), first_batch[0])
-    assert np.array_equal(pixels("samples/00001.png"), first_batch[1])
-    capsys.readouterr()
+    assert capsys.readouterr().out.split() == [f"samples/{name}" for name in files]   # every file, in order
+    # prompt k: its images (seeds seed + k * n + i), then its grid; a call holds at most 4 images: prompts 0 and 1
+    assert files == ["00000-10.png", "00001-11.png", "00002-grid-10.png", "00003-12.png", "00004-13.png",
+                     "00005-grid-12.png", "00006-14.png", "00007-15.png", "00008-grid-14.png"]
+    for k, prompt in enumerate(prompts):
+        for i in range(2):
+            params = read_png_params(tmp_path / "samples" / files[3 * k + i])
+            assert (params["prompt"], params["seed"], params["n"], params["batch"]) == (prompt, 10 + 2 * k + i, 1,
+                                                                                        4 if k < 2 else 2)
+        params = read_png_params(tmp_path / "samples" / files[3 * k + 2])
+        assert (params["prompt"], params["seed"], params["n"]) == (prompt, 10 + 2 * k, 2)
+    generators = [torch.Generator().manual_seed(s) for s in (10, 11, 12, 13)]
+    first_call = pipe(prompts[:2], num_images_per_prompt=2, generator=generators, progress=False,
+                      num_inference_steps=4, guidance_scale=3.0).images
+    for name, image in zip(files[:2] + files[3:5], first_call, strict=True):
+        assert np.array_equal(pixels(f"samples/{name}"), np.asarray(image)), name
+    assert np.array_equal(pixels("samples/00002-grid-10.png"), np.asarray(make_grid(first_call[:2])))
 
-    assert generate("--from", "samples/00002.png", "-o", "two.png") == 0      # made alone: exact
-    assert np.array_equal(pixels("two.png"), pixels("samples/00002.png"))
-    assert generate("--from", "samples/00000.png", "-o", "zero.png") == 0     # made in a batch of 2: a note
-    assert "batch of 2 prompts" in capsys.readouterr().err
-    assert read_png_params("zero.png")["seed"] == 10
+    assert generate("--from", "samples/00008-grid-14.png", "-o", "two.png", "--grid") == 0   # made alone: exact
+    assert np.array_equal(pixels("two.png"), pixels("samples/00008-grid-14.png"))
+    assert generate("--from", "samples/00002-grid-10.png", "-o", "zero.png") == 0   # a batch of 4 images: a note
+    assert "batch of 4 images" in capsys.readouterr().err
+    assert [read_png_params(f"zero-{i}.png")["seed"] for i in range(2)] == [10, 11]
 
 
 def free_port() -> int:
@@ -160,7 +170,8 @@ def test_two_processes_write_each_image_once_with_the_same_bytes(tmp_path, model
 
     assert generate(*common, "-o", tmp_path / "one") == 0
     one, two = sorted((tmp_path / "one").iterdir()), sorted((tmp_path / "two").iterdir())
-    assert [p.name for p in two] == [p.name for p in one] == [f"{k:05d}.png" for k in range(5)]
+    assert [p.name for p in two] == [p.name for p in one] == [f"{k:05d}-{3 + k}.png" for k in range(5)]
+    assert result.stdout.split() == [str(path) for path in two]     # the main process names every file
     for a, b in zip(one, two, strict=True):
         assert a.read_bytes() == b.read_bytes(), a.name
 
@@ -169,7 +180,7 @@ def test_single_file_model_gives_the_folder_model_images(tmp_path, model, pipe):
     pipe.save_single_file(tmp_path / "shapes.safetensors")
     flags = ["--steps", 4, "--guidance", 3.0, "--height", 64, "--width", 64]   # a single file has no settings
     assert generate(PROMPT, "-o", "file.png", "--model", "shapes.safetensors", "--tokenizer", model / "tokenizer",
-                    *flags) == 0
+                    "--seed", 0, *flags) == 0
     assert np.array_equal(pixels("file.png"), reference(pipe, [PROMPT], [0])[0])
     # stored as what resolves from anywhere (`--from` in another folder): the absolute path
     assert read_png_params("file.png")["model"] == str((tmp_path / "shapes.safetensors").resolve())
@@ -181,7 +192,7 @@ def test_a_hub_model_in_the_cache_works_offline(tmp_path, model, pipe):
     shutil.copytree(model, repo / "snapshots" / ("0" * 40))
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0" * 40)
-    assert generate(PROMPT, "-o", "hub.png", "--model", "someone/shapes") == 0
+    assert generate(PROMPT, "-o", "hub.png", "--model", "someone/shapes", "--seed", 0) == 0
     assert np.array_equal(pixels("hub.png"), reference(pipe, [PROMPT], [0])[0])   # its generate settings too
     assert read_png_params("hub.png")["model"] == "someone/shapes"
 

@@ -23,14 +23,18 @@ import argparse
 import dataclasses
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from ..builtin import DEFAULT_MODEL, GENERATE_SETTINGS, builtin_names
 from ..errors import UsageError
 from ..version import __version__
+from . import generate_outputs as outputs
 from .generate_model import ModelSource, locate_model, tokenizer_file
 from .generate_settings import DTYPES, GenerateSettings, Job, note_from, plan_jobs, read_from_png, settle, warn
+
+T = TypeVar("T")
 
 
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -39,7 +43,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                                      f"{GENERATE_SETTINGS}, then the pipeline. See docs/cli.md.")
     gen.add_argument("prompt", nargs="?", default=None, help="the text prompt")
     gen.add_argument("-o", "--output", default=None,
-                     help="PNG to write (default out.png; a grid when -n > 1); with --prompts: an existing folder")
+                     help="an existing folder (default ./outputs/): auto-numbered NNNNN-SEED.png files; or one "
+                          "FILE.png (several images: FILE-0.png ...); never over a file without --overwrite")
     gen.add_argument("--model", default=None,
                      help=f"built-in name ({', '.join(builtin_names())}; default {DEFAULT_MODEL}), a diffusers "
                           "folder, a Hub id, or a single .safetensors/.ckpt file")
@@ -48,8 +53,10 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--negative", default=None, help="negative prompt")
     gen.add_argument("--steps", type=int, default=None, help="number of sampling steps")
     gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    gen.add_argument("--seed", type=int, default=None, help="seed of the first image (default 0); see docs/cli.md")
-    gen.add_argument("-n", type=int, default=None, help="images per prompt, saved as one grid (default 1)")
+    gen.add_argument("--seed", type=int, default=None,
+                     help="seed of the first image (-1 or not given: a random one, printed); see docs/cli.md")
+    gen.add_argument("-n", type=int, default=None,
+                     help="images per prompt, each its own file (default 1; batch size x batch count)")
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--sampler", default=None, help="a registered sampler name (`latentdiff models` lists them)")
@@ -57,10 +64,14 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     gen.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default float32")
     gen.add_argument("--prompts", default=None, metavar="FILE", help="one prompt per line (blank lines ignored)")
-    gen.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call with --prompts")
+    gen.add_argument("--batch-size", type=int, default=None,
+                     help=f"images per pipeline call (A1111's batch size; default {outputs.DEFAULT_BATCH_SIZE}, "
+                          "1 with --batch-count)")
     gen.add_argument("--from", dest="from_png", default=None, metavar="PNG",
                      help="reproduce a PNG written by latentdiff generate (flags given override its values)")
     gen.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+    # ---- outputs ----
+    outputs.add_output_flags(gen)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -68,8 +79,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     procs = Processes.start(cpu=device is not None and device.type == "cpu")
     stored = read_from_png(args.from_png) if args.from_png else {}
     source = locate_model(args.model or stored.get("model") or DEFAULT_MODEL)
+    n, batch_size = outputs.images_per_prompt(args)
+    seed = outputs.choose_seed(args, stored, procs.share)
+    drawn = seed is not None and seed != args.seed      # --seed -1 or none: a random seed, printed once checked
+    args = argparse.Namespace(**vars(args) | {"n": n, "seed": args.seed if seed is None else seed})
     settings = settle(args, stored, source)
-    jobs = plan_jobs(args, settings)
+    jobs = plan_jobs(args, settings, procs.share)
+    if procs.is_main and drawn:
+        print(f"latentdiff: seed {seed}", file=sys.stderr)
     if args.from_png and procs.is_main:
         note_from(args.from_png, stored, args)
     texts = [job.prompt for job in jobs] + [settings.negative or ""]
@@ -78,16 +95,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if procs.is_main and not checked:   # a Hub model's tokenizer, now downloaded
         warn_unknown_words(tokenizer_file(source, settings.tokenizer), texts)
     settings = finish(settings, pipe)
-    batch_size = args.batch_size if args.prompts else 1
-    batches = [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)]
-    mine = batches[procs.index::procs.count]
-    run(pipe, mine, settings, show=procs.is_main)
-    if procs.count > 1:
-        print(f"latentdiff: process {procs.index} of {procs.count} wrote {sum(map(len, mine))} file(s)",
-              file=sys.stderr)
+    mine = outputs.plan_calls(len(jobs), settings.n, batch_size)[procs.index::procs.count]
+    alone = procs.count == 1
+    written = run(pipe, [call for group in mine for call in group], jobs, settings, show=procs.is_main,
+                  overwrite=args.overwrite, on_written=print if alone else None)
+    if not alone:
+        print(f"latentdiff: process {procs.index} of {procs.count} wrote {len(written)} file(s)", file=sys.stderr)
     procs.finish()
-    if procs.is_main:
-        print(args.output if args.prompts else jobs[0].path)
+    if procs.is_main and not alone:   # every file of the run, in order, once all are written
+        for job in jobs:
+            print(*job.images, *([job.grid] if job.grid else []), sep="\n")
     return 0
 
 
@@ -156,6 +173,16 @@ class Processes:
         state = PartialState(cpu=cpu)
         return cls(state.process_index, state.num_processes, torch.device("cpu") if cpu else state.device, state)
 
+    def share(self, value: T) -> T:
+        """The main process's `value`, on every process (a collective call: every process makes it)."""
+        if self.state is None:
+            return value
+        import torch.distributed as dist
+
+        box = [value if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return cast(T, box[0])
+
     def finish(self) -> None:
         """Wait for every process, so the main one reports only once all files are written."""
         if self.state is not None:
@@ -197,24 +224,42 @@ def finish(settings: GenerateSettings, pipe: Any) -> GenerateSettings:
         sampler=sampler.registry_name, eta=getattr(sampler, "eta", None), height=height, width=width)
 
 
-def run(pipe: Any, batches: list[list[Job]], settings: GenerateSettings, *, show: bool) -> None:
-    """Generate and save each batch; one progress bar over this process's images."""
+def run(pipe: Any, calls: list[outputs.Call], jobs: list[Job], settings: GenerateSettings, *, show: bool,
+        overwrite: bool = False, on_written: Callable[[Path], Any] | None = None) -> list[Path]:
+    """Make the calls and save each image (and each grid once its prompt's images are all made); a progress bar
+    over every denoising step. Returns the files written, in order."""
     import torch
-    from tqdm.auto import tqdm
 
-    from ..utils.images import make_grid, save_png
+    from ..utils.images import make_grid
 
-    n = settings.n
-    with tqdm(total=sum(len(b) for b in batches) * n, unit="image", disable=None if show else True) as bar:
-        for batch in batches:
-            generators = [torch.Generator().manual_seed(job.seed + i) for job in batch for i in range(n)]
-            images = pipe([job.prompt for job in batch], negative_prompt=settings.negative, height=settings.height,
-                          width=settings.width, num_inference_steps=settings.steps,
-                          guidance_scale=settings.guidance, eta=settings.eta, num_images_per_prompt=n,
-                          generator=generators, progress=False).images
-            for k, job in enumerate(batch):
-                mine = images[k * n:(k + 1) * n]
-                params = settings.params() | {"prompt": job.prompt, "seed": job.seed, "latentdiff": __version__,
-                                              "batch": len(batch)}
-                save_png(mine[0] if n == 1 else make_grid(mine), job.path, params=params)
-                bar.update(n)
+    n, steps, written = settings.n, outputs.denoising_steps(settings), []
+    made: dict[int, list[Any]] = {}        # a prompt's images so far, for its grid
+
+    def save(image: Any, path: Path, params: dict[str, Any]) -> None:
+        outputs.write(image, path, params, overwrite=overwrite)
+        written.append(path)
+        if on_written is not None:
+            on_written(path)
+
+    progress = outputs.StepProgress(steps * len(calls), len(jobs) * n, enabled=show)
+    try:
+        for call in calls:
+            progress.start(call.prompts[0] * n + call.first, len(call.prompts) * call.count, steps)
+            generators = [torch.Generator().manual_seed(jobs[k].seed + call.first + i)
+                          for k in call.prompts for i in range(call.count)]
+            images = pipe([jobs[k].prompt for k in call.prompts], negative_prompt=settings.negative,
+                          height=settings.height, width=settings.width, num_inference_steps=settings.steps,
+                          guidance_scale=settings.guidance, eta=settings.eta, num_images_per_prompt=call.count,
+                          generator=generators, progress=False, callback=progress.step).images
+            for j, k in enumerate(call.prompts):
+                job, mine = jobs[k], images[j * call.count:(j + 1) * call.count]
+                params = settings.params() | {"prompt": job.prompt, "latentdiff": __version__, "batch": len(images)}
+                for i, image in enumerate(mine, start=call.first):
+                    save(image, job.images[i], params | {"seed": job.seed + i, "n": 1})
+                if job.grid is not None:
+                    made.setdefault(k, []).extend(mine)
+                    if len(made[k]) == n:
+                        save(make_grid(made.pop(k)), job.grid, params | {"seed": job.seed})
+    finally:
+        progress.close()
+    return written

@@ -1,6 +1,6 @@
 """What `latentdiff generate` is asked to do, checked before the model is loaded: the settings (a typed, frozen
 `GenerateSettings`, settled from the flags, the PNG of `--from` and the model's `latentdiff_generate.json`), and
-the PNGs to write (`Job`s: prompts, seeds, output paths).
+the images to write (`Job`s: prompts, seeds, output paths).
 
 The three sources are read as they are (JSON may hold anything); `settle` picks each setting from the first
 source that has it and checks its type and range, naming the flag or file key it came from, before it becomes
@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from ..config import is_int, is_real
 from ..errors import UsageError
 from ..version import __version__
 from .generate_model import SINGLE_FILE_SUFFIXES, ModelSource, local_kind
+from .generate_outputs import name_files, read_outputs
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -47,7 +49,7 @@ class GenerateSettings:
     eta: float | None
     height: int | None
     width: int | None
-    n: int                      # images per prompt (one PNG grid)
+    n: int                      # images per prompt (each its own file; a grid with --grid)
     model: str                  # as given
     dtype: str                  # a torch dtype name: float32, float16, bfloat16
     tokenizer: str | None       # single-file models only
@@ -59,11 +61,17 @@ class GenerateSettings:
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """One PNG: a prompt, the seed of its first image, and where it goes."""
+    """One prompt: its text, the seed of its first image, and where its images (and grid) go."""
 
     prompt: str
     seed: int
-    path: Path
+    images: tuple[Path, ...]    # image i (seed + i)
+    grid: Path | None = None    # --grid with n > 1
+
+    @property
+    def path(self) -> Path:
+        """The file that shows the whole prompt: its grid, else its first image."""
+        return self.grid or self.images[0]
 
 
 # ---- the settings --------------------------------------------------------------------------------------------
@@ -108,8 +116,9 @@ def note_from(path: str, stored: dict[str, Any], args: argparse.Namespace | None
                  f"(pass --{key} to choose another)")
     if stored.get("latentdiff") not in (None, __version__):
         warn(f"{path} was made with latentdiff {stored['latentdiff']}, this is {__version__}")
-    if isinstance(stored.get("batch"), int) and stored["batch"] > 1:
-        warn(f"{path} was made in a batch of {stored['batch']} prompts: the copy agrees to float rounding, "
+    n = stored["n"] if isinstance(stored.get("n"), int) else 1
+    if isinstance(stored.get("batch"), int) and stored["batch"] > n:   # its images shared a call with others
+        warn(f"{path} was made in a batch of {stored['batch']} images: the copy agrees to float rounding, "
              "not byte for byte (see docs/cli.md)")
 
 
@@ -202,46 +211,29 @@ def check_sampler(values: dict[str, Any], origin: dict[str, str]) -> None:
         cls(eta=float(eta))   # its own range check (a ConfigError)
 
 
-# ---- the PNGs to write ---------------------------------------------------------------------------------------
-def plan_jobs(args: argparse.Namespace, settings: GenerateSettings) -> list[Job]:
-    """The PNGs to write, in order, each with the seed of its first image; checks prompts and outputs."""
+# ---- the images to write -------------------------------------------------------------------------------------
+def plan_jobs(args: argparse.Namespace, settings: GenerateSettings,
+              share: Callable[[Any], Any] = lambda value: value) -> list[Job]:
+    """The prompts, in order, each with the seed of its first image and its files (`generate_outputs`); checks
+    prompts and outputs. `share`: the main process's value to every process (the folder's next number)."""
     n, seed = settings.n, settings.seed
     if args.prompts is None:
         if not settings.prompt:
             raise UsageError("no prompt given", where="prompt", expected='latentdiff generate "a prompt"',
                              hint="or --prompts FILE (one prompt per line), or --from PNG")
-        return [Job(settings.prompt, seed, single_output(args))]
-    if args.prompt is not None or args.from_png is not None:
+        prompts = [settings.prompt]
+    elif args.prompt is not None or args.from_png is not None:
         raise UsageError("--prompts cannot be combined with a prompt or --from", where="--prompts",
                          expected="one of: PROMPT, --prompts FILE, --from PNG")
-    if args.batch_size < 1:
-        raise UsageError("bad value for --batch-size", where="--batch-size", expected=">= 1", found=args.batch_size)
-    folder = Path(args.output) if args.output else None
-    if folder is None or not folder.is_dir():
-        raise UsageError("with --prompts, -o must be an existing folder", where="-o", expected="an existing folder",
-                         found=args.output, hint="create it first (mkdir)")
-    prompts = read_prompts(args.prompts)
+    outputs = read_outputs(args, many_prompts=args.prompts is not None)
+    if args.prompts is not None:
+        prompts = read_prompts(args.prompts)
     if seed + len(prompts) * n - 1 > MAX_SEED:
         raise UsageError("the seeds of this run overflow", where="--seed", expected=f"seed + images <= {MAX_SEED}",
                          found=seed)
-    return [Job(p, seed + k * n, folder / f"{k:05d}.png") for k, p in enumerate(prompts)]
-
-
-def single_output(args: argparse.Namespace) -> Path:
-    """-o of a one-prompt run: a .png in an existing folder (--from without -o: <name>-reproduced.png beside it)."""
-    if args.output is not None:
-        output = Path(args.output)
-    elif args.from_png is not None:
-        output = Path(args.from_png).with_name(Path(args.from_png).stem + "-reproduced.png")
-    else:
-        output = Path("out.png")
-    if output.suffix.lower() != ".png" or output.is_dir():
-        raise UsageError("the output must be a .png file", where="-o", expected="a path ending in .png",
-                         found=str(output), hint="use --prompts FILE to write a folder of images")
-    if not output.parent.is_dir():
-        raise UsageError("the output folder does not exist", where="-o", expected="an existing folder",
-                         found=str(output.parent), hint="create it first (mkdir)")
-    return output
+    seeds = [seed + k * n for k in range(len(prompts))]
+    files = name_files(outputs, seeds, n, share)
+    return [Job(p, s, images, grid) for p, s, (images, grid) in zip(prompts, seeds, files, strict=True)]
 
 
 def read_prompts(path: str) -> list[str]:

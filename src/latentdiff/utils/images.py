@@ -1,4 +1,4 @@
-"""Images people can look at: PNG grids, with the generation parameters kept in the file."""
+"""Images people can look at: PNG grids, with the generation parameters kept in the file; JPEG and WebP."""
 from __future__ import annotations
 
 import json
@@ -40,13 +40,37 @@ def save_png(image: Image.Image, path: str | os.PathLike, *, params: dict[str, A
         info.add_text(PARAMS_KEY, json.dumps(params, sort_keys=True))
         if "prompt" in params:
             info.add_text("parameters", parameters_text(params))
+    _save_atomic(image, path, format="PNG", pnginfo=info)
+    return path
+
+
+# the file suffix -> PIL's format for `save_image`
+SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+LOSSY_QUALITY = 95
+
+
+def save_image(image: Image.Image, path: Path, params: dict[str, Any]) -> None:
+    """Save in the format of path's suffix (.png, .jpg/.jpeg, .webp) atomically: PNG with `params` in its text
+    chunks (`save_png`); JPEG and WebP at quality 95."""
+    path = Path(path)
+    kind = SAVE_FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise InputError("no image format for this suffix", where=str(path), expected=sorted(SAVE_FORMATS),
+                         found=path.suffix or "no suffix")
+    if kind == "PNG":
+        save_png(image, path, params=params)
+        return
+    _save_atomic(image.convert("RGB"), path, format=kind, quality=LOSSY_QUALITY)
+
+
+def _save_atomic(image: Image.Image, path: Path, **options: Any) -> None:
+    """image.save(path, **options) under a temporary name, then renamed: never a half-written file at path."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        image.save(tmp, format="PNG", pnginfo=info)
+        image.save(tmp, **options)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
 
 
 def parameters_text(params: dict[str, Any]) -> str:
