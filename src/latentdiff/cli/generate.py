@@ -1,21 +1,28 @@
 """`latentdiff generate`: text-to-image from the command line, reproducible from the PNG it writes.
 
-    latentdiff generate "a red circle on the left, blue background" -o out.png     # the built-in model, offline
+    latentdiff generate "a red circle on the left, blue background" -o out.png --seed 0   # the built-in model
     latentdiff generate --from out.png -o again.png                                # the same pixels again
-    latentdiff generate --prompts prompts.txt -o samples/ -n 4                     # one PNG (a grid) per prompt
+    latentdiff generate "a red circle" -n 4 --grid                 # ./outputs/00000-<seed>.png ... and a grid
+    latentdiff generate --prompts prompts.txt -o samples/ -n 4     # samples/NNNNN-<seed>.png, one per image
 
 Where each setting comes from, first found wins: a flag given on the command line; the PNG of `--from`;
 the model folder's `latentdiff_generate.json` (the settings the model was evaluated at); the pipeline's
 defaults. The effective values are what every PNG records (text chunk `latentdiff`, JSON).
 
-Seeds: image i (0-based) of prompt k (0-based, blank lines not counted) has the seed `seed + k * n + i`,
-so every image of a run has its own seed; a single prompt is prompt 0 (seeds seed .. seed + n - 1). A PNG
-records the seed of its first image and n, so `--from` on any file of a `--prompts` run reproduces it (byte
-for byte when it was alone in its batch: the matrix products of a batch may round differently).
+Seeds: `--seed -1` or no `--seed` (and no `--from` PNG's) draws a random seed in [0, 2**32), printed
+(`latentdiff: seed N`) and recorded. Image i (0-based) of prompt k (0-based, blank lines not counted) has the seed
+`seed + k * n + i`, whatever the batching (`--batch-size`, `--batch-count`), so every image of a run has its own
+seed; a single prompt is prompt 0 (seeds seed .. seed + n - 1). Each image is its own file, recording its own
+seed (and n = 1); a grid (`--grid`) records the seed of its first image and n. So `--from` on any file reproduces
+it (byte for byte when its images were alone in their call: the matrix products of a batch may round differently).
 
-Everything a user can get wrong is checked before the model is loaded (generate_model, generate_settings);
-under `accelerate launch` the prompts' batches are dealt out to the processes in turn (batch j to process
-j mod P), so each image is computed in the same batch as in a one-process run and the files are the same bytes.
+Files are never replaced without `--overwrite`: auto-numbered names in a folder, and an error for an existing
+`-o FILE` (generate_outputs). Progress is a bar per denoising step on a terminal, plain lines in logs.
+
+Everything a user can get wrong is checked before the model is loaded (generate_model, generate_settings,
+generate_outputs); under `accelerate launch` the random seed and the folder's next number are the main process's,
+and the groups of calls are dealt out to the processes in turn (group j to process j mod P), so each image is
+computed in the same call as in a one-process run and the files are the same bytes.
 """
 from __future__ import annotations
 

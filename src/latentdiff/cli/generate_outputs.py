@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from .. import limits
 from ..errors import UsageError
 
 T = TypeVar("T")
@@ -64,17 +65,24 @@ def choose_seed(args: argparse.Namespace, stored: dict[str, Any], share: Callabl
 def images_per_prompt(args: argparse.Namespace) -> tuple[int | None, int]:
     """(n from the flags, None when none sets it; the most images a call holds), from -n, --batch-size and
     --batch-count; flags that disagree are an error naming them."""
-    for flag, value in (("-n", args.n), ("--batch-size", args.batch_size), ("--batch-count", args.batch_count)):
-        if value is not None and value < 1:
-            raise UsageError(f"bad value for {flag}", where=flag, expected="an integer >= 1", found=value)
+    for flag, value in (("--batch-size", args.batch_size), ("--batch-count", args.batch_count)):
+        if value is not None and not 1 <= value <= limits.MAX_IMAGES_PER_PROMPT:
+            raise UsageError(f"bad value for {flag}", where=flag, found=value,
+                             expected=f"an integer >= 1, at most {limits.MAX_IMAGES_PER_PROMPT} "
+                                      "(limits.MAX_IMAGES_PER_PROMPT)")
     n, size, count = args.n, args.batch_size, args.batch_count
-    if count is None:
-        return n, size or DEFAULT_BATCH_SIZE
-    size = size or (n // count if n is not None and n % count == 0 else 1 if n is None else None)
+    if count is None or n is not None and n < 1:    # a bad -n is named by the settings' check
+        return n, size or (DEFAULT_BATCH_SIZE if count is None else 1)
+    size = size or (1 if n is None else n // count if n % count == 0 else None)
     if size is None or n is not None and n != size * count:
         flags = f"-n {n}, --batch-count {count}" + ("" if args.batch_size is None else f", --batch-size {size}")
         raise UsageError("-n, --batch-size and --batch-count disagree", where="-n, --batch-size, --batch-count",
                          expected="-n = batch size x batch count (or give only two of them)", found=flags)
+    if size * count > limits.MAX_IMAGES_PER_PROMPT:
+        raise UsageError("batch size x batch count is more images per prompt than allowed",
+                         where="--batch-size, --batch-count",
+                         expected=f"at most {limits.MAX_IMAGES_PER_PROMPT} (limits.MAX_IMAGES_PER_PROMPT)",
+                         found=f"{size} x {count} = {size * count}")
     return size * count, size
 
 
@@ -218,7 +226,9 @@ class StepProgress:
 
     def start(self, first_image: int, count: int, steps: int) -> None:
         """A call begins: images first_image + 1 .. first_image + count (1-based, of the run's), `steps` steps."""
-        self.images = f"images {first_image + 1}-{first_image + count}/{self.total_images}"
+        last = first_image + count
+        self.images = (f"image {last}/{self.total_images}" if count == 1
+                       else f"images {first_image + 1}-{last}/{self.total_images}")
         self.steps, self.done, self.started = steps, 0, time.perf_counter()
         if self.bar is not None:
             self.bar.set_description(self.images)
