@@ -214,7 +214,7 @@ class StepProgress:
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled
         self.tty = enabled and (self.stream.isatty() if tty is None else tty)
-        self.total_images = total_images
+        self.total_steps, self.total_images = total_steps, total_images
         self.steps = self.done = 0
         self.images = ""
         self.started = 0.0
