@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -247,3 +248,29 @@ def test_the_installed_console_script_writes_the_named_file(tmp_path, model):
     done = subprocess.run(argv, capture_output=True, text=True, env=environment(model), timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == ["c.png"] and read_png_params(tmp_path / "c.png")["seed"] == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_share_the_random_seed_and_the_numbers(tmp_path, model):
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\ngreen triangle\n")
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / "00004-1.png").write_bytes(b"an earlier image")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "-m", "latentdiff.cli", "generate",
+               "--prompts", str(tmp_path / "prompts.txt"), "--model", str(model), "--batch-size", "1",
+               "--steps", "1", "-o", str(tmp_path / "two")]
+    env = environment(model) | {"CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [seed] = [int(line.split()[-1]) for line in done.stderr.splitlines() if line.startswith("latentdiff: seed ")]
+    names = [f"{5 + k:05d}-{seed + k}.png" for k in range(3)]     # one seed, one numbering, for both processes
+    assert files(tmp_path / "two") == ["00004-1.png", *names]
+    assert done.stdout.splitlines() == [str(tmp_path / "two" / name) for name in names]
+    assert [read_png_params(tmp_path / "two" / name)["seed"] for name in names] == [seed, seed + 1, seed + 2]
+    assert "process 0 of 2 wrote 2 file(s)" in done.stderr and "process 1 of 2 wrote 1 file(s)" in done.stderr
