@@ -50,13 +50,25 @@ def test_the_terminal_bar_counts_every_step_and_shows_the_images_and_speed():
         progress.start(first, 4, 10)
         for i in range(10):
             progress.step(i, 999 - i, None)
+        with progress.above():                  # a file name printed mid-run goes on its own line
+            print("outputs/00000-1.png", file=stream)
     progress.close()
     text = stream.getvalue()
     assert progress.bar.n == progress.bar.total == 20
+    assert "\routputs/00000-1.png\n" in text     # the bar cleared (back to the line's start), then the name
     assert "images 5-8/16" in text and "images 9-12/16" in text
     last = text.replace("\n", "\r").split("\r")
     assert any("20/20" in part and "it/s" in part for part in last), text[-500:]
     assert "latentdiff: step" not in text       # no plain lines on a terminal
+
+
+def test_steps_a_sampler_did_not_report_still_end_the_bar_at_its_total():
+    progress = StepProgress(8, 2, stream=io.StringIO(), tty=True)
+    for first in (0, 1):
+        progress.start(first, 1, 4)
+        progress.step(0, 0.0, None)         # one step of four reported
+    progress.close()
+    assert progress.bar.n == 8
 
 
 def test_a_process_that_does_not_show_prints_nothing():

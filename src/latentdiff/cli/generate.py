@@ -246,7 +246,8 @@ def run(pipe: Any, calls: list[outputs.Call], jobs: list[Job], settings: Generat
         outputs.write(image, path, params, overwrite=overwrite)
         written.append(path)
         if on_written is not None:
-            on_written(path)
+            with progress.above():
+                on_written(path)
 
     progress = outputs.StepProgress(steps * len(calls), len(jobs) * n, enabled=show)
     try:

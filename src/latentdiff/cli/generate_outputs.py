@@ -17,13 +17,14 @@ same process (the grid needs every image), and groups are dealt out in turn.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import re
 import secrets
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -226,6 +227,7 @@ class StepProgress:
 
     def start(self, first_image: int, count: int, steps: int) -> None:
         """A call begins: images first_image + 1 .. first_image + count (1-based, of the run's), `steps` steps."""
+        self.catch_up()
         last = first_image + count
         self.images = (f"image {last}/{self.total_images}" if count == 1
                        else f"images {first_image + 1}-{last}/{self.total_images}")
@@ -248,6 +250,24 @@ class StepProgress:
         every = max(1, math.ceil(self.steps / self.LINES_PER_CALL))
         return self.done % every == 0 or self.done == self.steps
 
+    @contextlib.contextmanager
+    def above(self) -> Iterator[None]:
+        """Print inside: the lines go above the bar (which is cleared, then drawn again), not into it."""
+        if self.bar is not None:
+            self.bar.clear()
+        try:
+            yield
+        finally:
+            if self.bar is not None:
+                self.bar.refresh()
+
+    def catch_up(self) -> None:
+        """Count the steps of the call that ended that its sampler did not report, so the bar ends at its total."""
+        if self.bar is not None and self.done < self.steps:
+            self.bar.update(self.steps - self.done)
+        self.done = self.steps
+
     def close(self) -> None:
+        self.catch_up()
         if self.bar is not None:
             self.bar.close()
