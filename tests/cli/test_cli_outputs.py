@@ -132,6 +132,16 @@ def test_prompt_files_keep_prompts_per_call_at_one_image_each(tmp_path, capsys, 
     assert len(out) == 12 and read_png_params("outputs/00014-grid-9.png")["n"] == 3
 
 
+def test_from_on_a_split_grid_makes_it_again_in_calls_of_the_same_size(capsys, calls):
+    flags = ["--steps", 1, "--seed", 8, "-n", 5, "--batch-size", 2, "--grid"]
+    code, _, _ = generate(capsys, PROMPT, *flags, "-o", "g.png")
+    assert code == 0 and calls == [2, 2, 1] and read_png_params("g.png")["batch"] == 2
+    calls.clear()
+    code, _, err = generate(capsys, "--from", "g.png", "--grid", "-o", "again.png")
+    assert code == 0 and calls == [2, 2, 1] and "batch of" not in err   # the same calls: the same pixels
+    assert np.array_equal(pixels("again.png"), pixels("g.png"))
+
+
 @pytest.mark.parametrize("flags, words", [
     (["-n", 5, "--batch-count", 2], ["-n, --batch-size, --batch-count", "-n 5, --batch-count 2"]),
     (["-n", 6, "--batch-count", 2, "--batch-size", 4], ["disagree", "--batch-size 4"]),

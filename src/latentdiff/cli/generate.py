@@ -86,7 +86,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     procs = Processes.start(cpu=device is not None and device.type == "cpu")
     stored = read_from_png(args.from_png) if args.from_png else {}
     source = locate_model(args.model or stored.get("model") or DEFAULT_MODEL)
-    n, batch_size = outputs.images_per_prompt(args)
+    n, batch_size = outputs.images_per_prompt(args, stored)
     seed = outputs.choose_seed(args, stored, procs.share)
     drawn = seed is not None and seed != args.seed      # --seed -1 or none: a random seed, printed once checked
     args = argparse.Namespace(**vars(args) | {"n": n, "seed": args.seed if seed is None else seed})
@@ -241,6 +241,7 @@ def run(pipe: Any, calls: list[outputs.Call], jobs: list[Job], settings: Generat
 
     n, steps, written = settings.n, outputs.denoising_steps(settings), []
     made: dict[int, list[Any]] = {}        # a prompt's images so far, for its grid
+    calls_of: dict[int, int] = {}          # the most images of a call that made them
 
     def save(image: Any, path: Path, params: dict[str, Any]) -> None:
         outputs.write(image, path, params, overwrite=overwrite)
@@ -264,10 +265,11 @@ def run(pipe: Any, calls: list[outputs.Call], jobs: list[Job], settings: Generat
                 params = settings.params() | {"prompt": job.prompt, "latentdiff": __version__, "batch": len(images)}
                 for i, image in enumerate(mine, start=call.first):
                     save(image, job.images[i], params | {"seed": job.seed + i, "n": 1})
-                if job.grid is not None:
+                if job.grid is not None:     # its batch: the largest call its images were made in
                     made.setdefault(k, []).extend(mine)
+                    calls_of[k] = max(calls_of.get(k, 0), len(images))
                     if len(made[k]) == n:
-                        save(make_grid(made.pop(k)), job.grid, params | {"seed": job.seed})
+                        save(make_grid(made.pop(k)), job.grid, params | {"seed": job.seed, "batch": calls_of[k]})
     finally:
         progress.close()
     return written

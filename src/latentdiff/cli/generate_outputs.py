@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from .. import limits
+from ..config import is_int
 from ..errors import UsageError
 
 T = TypeVar("T")
@@ -63,15 +64,21 @@ def choose_seed(args: argparse.Namespace, stored: dict[str, Any], share: Callabl
 
 
 # ---- the calls -----------------------------------------------------------------------------------------------
-def images_per_prompt(args: argparse.Namespace) -> tuple[int | None, int]:
+def images_per_prompt(args: argparse.Namespace, stored: dict[str, Any] | None = None) -> tuple[int | None, int]:
     """(n from the flags, None when none sets it; the most images a call holds), from -n, --batch-size and
-    --batch-count; flags that disagree are an error naming them."""
+    --batch-count; flags that disagree are an error naming them. A `--from` grid made in calls of `batch` <= n
+    images (a split prompt) is made in calls of that size again, when no flag says otherwise: the same bytes."""
     for flag, value in (("--batch-size", args.batch_size), ("--batch-count", args.batch_count)):
         if value is not None and not 1 <= value <= limits.MAX_IMAGES_PER_PROMPT:
             raise UsageError(f"bad value for {flag}", where=flag, found=value,
                              expected=f"an integer >= 1, at most {limits.MAX_IMAGES_PER_PROMPT} "
                                       "(limits.MAX_IMAGES_PER_PROMPT)")
     n, size, count = args.n, args.batch_size, args.batch_count
+    batch: Any = (stored or {}).get("batch")
+    stored_n: Any = (stored or {}).get("n")
+    if size is None and n is None and count is None and is_int(batch) and is_int(stored_n) \
+            and 1 <= batch <= min(stored_n, limits.MAX_IMAGES_PER_PROMPT):   # a PNG's values: untrusted
+        size = int(batch)
     if count is None or n is not None and n < 1:    # a bad -n is named by the settings' check
         return n, size or (DEFAULT_BATCH_SIZE if count is None else 1)
     size = size or (1 if n is None else n // count if n % count == 0 else None)
