@@ -228,8 +228,10 @@ def test_format_from_the_flag_or_the_suffix(capsys, argv, kind, suffix):
     (["-o", "x.jpg", "--format", "webp"], ["--format, -o", "-o FILE.webp"]),
     (["-o", "x.gif"], ["neither an existing folder nor an image file", "x.gif"]),
     (["-o", "no-such-folder"], ["neither an existing folder", "no-such-folder"]),
+    ([], ["./outputs", "not a folder"]),
 ])
 def test_outputs_that_cannot_be_written_are_named(capsys, argv, words):
+    Path("outputs").write_text("a file where the default folder would be")
     code, out, err = generate(capsys, PROMPT, *argv)
     first = err.splitlines()[0]
     assert code == 2 and out == [] and all(word in first for word in words), first

@@ -138,6 +138,10 @@ def read_outputs(args: argparse.Namespace, *, many_prompts: bool) -> Outputs:
     if output is None and args.from_png is not None and not many_prompts:
         source = Path(args.from_png)   # --from without -o: beside the source, never over it
         output = source.with_name(source.stem + "-reproduced" + FORMATS[chosen or "png"])
+    if output is None and Path(DEFAULT_FOLDER).exists() and not Path(DEFAULT_FOLDER).is_dir():
+        raise UsageError(f"./{DEFAULT_FOLDER} (where images go without -o) is not a folder", where="-o",
+                         expected="a folder", found=f"a file {Path(DEFAULT_FOLDER).resolve()}",
+                         hint="pass -o FOLDER or -o FILE.png")
     if output is None or output.is_dir():
         return Outputs(output or Path(DEFAULT_FOLDER), None, FORMATS[chosen or "png"], args.grid, args.overwrite)
     suffix = output.suffix.lower()
