@@ -217,7 +217,8 @@ def settings_from_infotext(info: Infotext, *, known: Collection[str], where: str
             continue
         read = _read(field, value, where=f"{where}: {label}")
         if read is None:
-            ignored.append(label)
+            if field.kind != "version":    # another program's version: not a setting
+                ignored.append(label)
             continue
         settings.update(zip(names, read, strict=True))
     return settings, ignored

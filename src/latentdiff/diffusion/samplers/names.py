@@ -101,7 +101,7 @@ def _table() -> dict[str, _Entry]:
     for missing in (*FOREIGN_CLASSES, *DIFFUSERS_MISSING):
         table[key(missing)] = _Entry(None, None, "diffusers", missing, DIFFUSERS_MISSING[missing])
     for name, label in A1111_SAMPLER_LABELS.items():
-        schedule = A1111_AUTOMATIC.get(name, "default") if _has_schedule(name) else None
+        schedule = A1111_AUTOMATIC.get(name, "default") if has_schedule(name) else None
         table[key(label)] = _Entry(name, schedule, "a1111", label)
     for label, closest in A1111_MISSING.items():
         table[key(label)] = _Entry(None, None, "a1111", label, closest)
@@ -110,7 +110,8 @@ def _table() -> dict[str, _Entry]:
     return table
 
 
-def _has_schedule(name: str) -> bool:
+def has_schedule(name: str) -> bool:
+    """Whether the registered sampler `name` has a `sigma_schedule` setting."""
     return "sigma_schedule" in {f.name for f in dataclasses.fields(SAMPLERS.get(name))}
 
 
@@ -175,9 +176,9 @@ def _samplers_expected() -> str:
 
 def check_schedule(name: str, schedule: str | None, *, where: str) -> None:
     """A UsageError naming `where` when `schedule` is karras / exponential and sampler `name` has no schedule."""
-    if schedule in (None, "default") or _has_schedule(name):
+    if schedule in (None, "default") or has_schedule(name):
         return
-    with_one = [n for n in SAMPLERS.names() if _has_schedule(n)]
+    with_one = [n for n in SAMPLERS.names() if has_schedule(n)]
     raise UsageError(f"the {name} sampler has no schedule to set ({schedule} is not implemented for it yet)",
                      where=where, expected=f"no schedule, or a sampler with one ({', '.join(with_one)})",
                      found=schedule)
@@ -190,7 +191,7 @@ def sampler_from_name(text: str, *, schedule: str | None = None, base: Any = Non
     resolved = resolve_sampler(text, schedule=schedule)
     check_schedule(resolved.name, resolved.schedule, where="schedule")
     sampler = switch_sampler(base, resolved.name) if base is not None else SAMPLERS.get(resolved.name)()
-    if resolved.schedule is not None and _has_schedule(resolved.name):
+    if resolved.schedule is not None and has_schedule(resolved.name):
         sampler = sampler.with_options(sigma_schedule=resolved.schedule)
     return sampler
 
@@ -200,7 +201,7 @@ def accepted_names() -> dict[str, list[str]]:
     names known but not implemented yet."""
     table = _table().values()
     a1111 = [label for label in A1111_SAMPLER_LABELS.values()]
-    scheduled = [label for name, label in A1111_SAMPLER_LABELS.items() if _has_schedule(name)]
+    scheduled = [label for name, label in A1111_SAMPLER_LABELS.items() if has_schedule(name)]
     return {
         "registered": SAMPLERS.names(),
         "A1111": a1111 + [f"{label} Karras" for label in scheduled] + [f"{label} Exponential" for label in scheduled],
