@@ -81,7 +81,8 @@ def test_out_of_the_box_uses_the_builtin_model_and_its_settings(tmp_path, pipe, 
     params = read_png_params("out.png")
     assert params == {"prompt": PROMPT, "negative": None, "seed": 0, "steps": 4, "guidance": 3.0, "sampler": "ddim",
                       "eta": 0.0, "height": 64, "width": 64, "n": 1, "model": BUILTIN, "dtype": "float32",
-                      "tokenizer": None, "latentdiff": __version__, "batch": 1}
+                      "tokenizer": None, "latentdiff": __version__, "batch": 1,
+                      "schedule": None}
     assert np.array_equal(pixels("out.png"), reference(pipe, [PROMPT], [0])[0])
     with Image.open("out.png") as image:           # the human-readable chunk other tools show
         assert image.text["parameters"].startswith(PROMPT + "\nSteps: 4, Sampler: DDIM, CFG scale: 3, Seed: 0")
