@@ -28,9 +28,10 @@ def stored_from_infotext(text: str, *, where: str, recorded: tuple[str, ...]) ->
     """The settings `--from` takes from an A1111 parameters text: those of `recorded` (the rest are listed under
     A1111_IGNORED, for one warning); the model only when it names a built-in one (else under A1111_MODEL)."""
     info = parse_infotext(text, where=where)
-    settings, ignored = settings_from_infotext(info, known=recorded, where=where)
+    known = (*recorded, "latentdiff")             # "Version: latentdiff X": note_from compares it with this one
+    settings, ignored = settings_from_infotext(info, known=known, where=where)
     model = settings.pop("model", None)
-    stored = {key: value for key, value in settings.items() if key in recorded and value is not None}
+    stored = {key: value for key, value in settings.items() if key in known and value is not None}
     if model is not None and model in builtin_names():
         stored["model"] = model
     elif model is not None:
