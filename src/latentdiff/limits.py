@@ -36,6 +36,7 @@ MAX_INFOTEXT_CHARS = 65_536        # an A1111 "parameters" text read back (PNG c
 # ---- data (eval folders / .npy / images) -------------------------------------------------------------------------
 MAX_ARRAY_BYTES = 8 * 1024**3      # one .npy array read by `latentdiff eval`
 MAX_IMAGE_PIXELS = 178_956_970     # PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS), kept on
+MAX_XMP_BYTES = 1024 * 1024        # an image's XMP packet read for latentdiff's parameters (PIL's PNG text chunk bound)
 MAX_FEATURE_DIM = 8192             # width D of FID statistics (mu (D,), sigma (D, D)); Inception's pool3: 2048
 
 

@@ -59,7 +59,8 @@ def settle_sampler(values: dict[str, Any], origin: dict[str, str], warn: Any) ->
     file's, when --sampler is given) belonged to the sampler replaced and is dropped; a file's schedule on a
     sampler that has none (A1111 writes its Schedule type for DDIM too, and ignores it) is dropped with a warning."""
     name, schedule = values["sampler"], values.get("schedule")
-    sampler_flag, schedule_flag = origin.get("sampler") == "--sampler", origin.get("schedule") == "--schedule"
+    sampler_flag = name is not None and origin.get("sampler") == "--sampler"
+    schedule_flag = schedule is not None and origin.get("schedule") == "--schedule"
     if schedule is not None and sampler_flag and not schedule_flag:
         schedule = None
     if name is None:        # the folder's own sampler: its schedule is checked once it is loaded
@@ -68,11 +69,12 @@ def settle_sampler(values: dict[str, Any], origin: dict[str, str], warn: Any) ->
     resolved = resolve_sampler(name, schedule=schedule, where=origin["sampler"], schedule_where=origin["schedule"])
     chosen = resolved.schedule
     try:
-        check_schedule(resolved.name, chosen, where=f"{origin['schedule']}, {origin['sampler']}")
+        check_schedule(resolved.name, chosen, where=f"{origin['schedule']}, {origin['sampler']}" if schedule
+                       is not None else origin["sampler"])
     except UsageError:
         if schedule_flag or sampler_flag:
             raise
-        warn(f"{origin['schedule']}: the {chosen} schedule is not implemented for the {resolved.name} sampler: "
+        warn(f"{origin['schedule'] if schedule is not None else origin['sampler']}: the {chosen} schedule is not implemented for the {resolved.name} sampler: "
              "using its own timesteps")
         chosen = None
     values["sampler"], values["schedule"] = resolved.name, chosen if has_schedule(resolved.name) else None

@@ -112,6 +112,8 @@ def read_image_params(path: str | os.PathLike) -> tuple[Any, str | None]:
         raw, infotext = text.get(PARAMS_KEY), text.get(INFOTEXT_KEY)
         if raw is None and image.info.get("xmp"):
             xmp = image.info["xmp"]
+            if len(xmp) > limits.MAX_XMP_BYTES:
+                raise ValueError(f"an XMP packet of {len(xmp)} bytes (at most {limits.MAX_XMP_BYTES} are read)")
             match = _XMP_PARAMS.search(xmp.decode("utf-8", "replace") if isinstance(xmp, bytes) else str(xmp))
             raw = html.unescape(match.group(1)) if match else None
         if infotext is None:
@@ -135,7 +137,8 @@ def user_comment(value: Any) -> str | None:
         return value or None
     if not isinstance(value, bytes) or not value:
         return None
-    code, data = value[:8], value[8:]
+    # a longer text is refused by utils.infotext.parse_infotext: decode no more than it reads
+    code, data = value[:8], value[8:8 + 4 * (limits.MAX_INFOTEXT_CHARS + 1)]
     if code == UNICODE_PREFIX:
         little = data[1::2].count(0) > data[0::2].count(0)
         text = data.decode("utf-16-le" if little else "utf-16-be", "replace")
