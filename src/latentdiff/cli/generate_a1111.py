@@ -68,14 +68,14 @@ def settle_sampler(values: dict[str, Any], origin: dict[str, str], warn: Any) ->
         return
     resolved = resolve_sampler(name, schedule=schedule, where=origin["sampler"], schedule_where=origin["schedule"])
     chosen = resolved.schedule
+    where = origin["sampler"] if schedule is None else f"{origin['schedule']}, {origin['sampler']}"
     try:
-        check_schedule(resolved.name, chosen, where=f"{origin['schedule']}, {origin['sampler']}" if schedule
-                       is not None else origin["sampler"])
+        check_schedule(resolved.name, chosen, where=where)
     except UsageError:
         if schedule_flag or sampler_flag:
             raise
-        warn(f"{origin['schedule'] if schedule is not None else origin['sampler']}: the {chosen} schedule is not implemented for the {resolved.name} sampler: "
-             "using its own timesteps")
+        warn(f"{where}: the {chosen} schedule is not implemented for the {resolved.name} sampler: using its own "
+             "timesteps")
         chosen = None
     values["sampler"], values["schedule"] = resolved.name, chosen if has_schedule(resolved.name) else None
 
