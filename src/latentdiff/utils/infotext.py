@@ -140,7 +140,9 @@ def parse_infotext(text: Any, *, where: str) -> Infotext:
                          expected="text", found=repr(text[:80]))
     *lines, last = text.replace("\r\n", "\n").strip().split("\n")
     fields = _settings_line(last, where=where)
-    prompt, negative, in_negative = [], [], False
+    prompt: list[str] = []
+    negative: list[str] = []
+    in_negative = False
     for line in lines:
         line = line.strip()
         if line.startswith(NEGATIVE):

@@ -97,7 +97,8 @@ def _table() -> dict[str, _Entry]:
         table[key(name)] = _Entry(name, None, "registered", name)
         table[key(SAMPLERS.get(name).__name__)] = _Entry(name, None, "class", SAMPLERS.get(name).__name__)
     for diffusers_class, cls in NATIVE_CLASSES.items():
-        table[key(diffusers_class)] = _Entry(cls.registry_name, None, "diffusers", diffusers_class)
+        registered: str = getattr(cls, "registry_name")   # noqa: B009 -- set by SAMPLERS.register, unknown to mypy
+        table[key(diffusers_class)] = _Entry(registered, None, "diffusers", diffusers_class)
     for missing in (*FOREIGN_CLASSES, *DIFFUSERS_MISSING):
         table[key(missing)] = _Entry(None, None, "diffusers", missing, DIFFUSERS_MISSING[missing])
     for name, label in A1111_SAMPLER_LABELS.items():
