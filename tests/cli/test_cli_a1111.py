@@ -244,3 +244,11 @@ def test_the_installed_console_script_lists_the_samplers():
     out = subprocess.run([script, "models"], capture_output=True, text=True, env=_env(), timeout=120)
     assert out.returncode == 0, out.stderr
     assert "samplers: ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, euler, euler_ancestral, heun, lms, plms" in out.stdout
+
+
+def test_the_command_starts_without_torch():
+    """The sampler tables import torch: they are imported where a sampler is named, not when the command starts
+    (an argument error stays instant)."""
+    code = "import sys, latentdiff.cli.main, latentdiff.cli.generate_a1111; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr

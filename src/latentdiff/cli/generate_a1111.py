@@ -3,6 +3,7 @@ A1111, diffusers: `diffusion.samplers.names`), and `--from` on an image that hol
 (a PNG, JPEG or WebP file made by the AUTOMATIC1111 web UI: `utils.infotext`).
 
 A PNG records the canonical names (the registered sampler, its `sigma_schedule`), whatever name was typed.
+The sampler tables import torch, so they are imported where a sampler is named, not when the command starts.
 """
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import argparse
 from typing import Any
 
 from ..builtin import DEFAULT_MODEL, builtin_names
-from ..diffusion.samplers.names import check_schedule, has_schedule, resolve_sampler, resolve_schedule
 from ..errors import UsageError
 from ..utils.infotext import parse_infotext, settings_from_infotext
 
@@ -58,6 +58,8 @@ def settle_sampler(values: dict[str, Any], origin: dict[str, str], warn: Any) ->
     in place; UsageErrors name the flag or file key. A schedule from a lower place than the sampler's (a --from
     file's, when --sampler is given) belonged to the sampler replaced and is dropped; a file's schedule on a
     sampler that has none (A1111 writes its Schedule type for DDIM too, and ignores it) is dropped with a warning."""
+    from ..diffusion.samplers.names import check_schedule, has_schedule, resolve_sampler, resolve_schedule  # torch
+
     name, schedule = values["sampler"], values.get("schedule")
     sampler_flag = name is not None and origin.get("sampler") == "--sampler"
     schedule_flag = schedule is not None and origin.get("schedule") == "--schedule"
