@@ -178,6 +178,8 @@ def _settings_line(line: str, *, where: str) -> dict[str, str]:
             except ValueError:
                 raise UsageError(f"the A1111 setting {key!r} has a broken quoted value", where=f"{where}: {key}",
                                  expected="a JSON string", found=line[j:j + 80]) from None
+            while j < n and line[j] == " ":
+                j += 1
             if not isinstance(value, str) or line[j:j + 1] not in ("", ","):
                 raise UsageError(f"the A1111 setting {key!r} has a broken quoted value", where=f"{where}: {key}",
                                  expected='"text", then a comma', found=line[colon + 1:j + 20].strip())
