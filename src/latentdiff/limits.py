@@ -31,10 +31,12 @@ MAX_SIDE = 16_384                  # height or width in pixels
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # height x width x images per call; `max_pixels=` raises it
 MAX_STEPS = 10_000                 # sampling steps
 MAX_IMAGES_PER_PROMPT = 1024
+MAX_INFOTEXT_CHARS = 65_536        # an A1111 "parameters" text read back (PNG chunk, EXIF UserComment); real: < 4 KB
 
 # ---- data (eval folders / .npy / images) -------------------------------------------------------------------------
 MAX_ARRAY_BYTES = 8 * 1024**3      # one .npy array read by `latentdiff eval`
 MAX_IMAGE_PIXELS = 178_956_970     # PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS), kept on
+MAX_XMP_BYTES = 1024 * 1024        # an image's XMP packet read for latentdiff's parameters (PIL's PNG text chunk bound)
 MAX_FEATURE_DIM = 8192             # width D of FID statistics (mu (D,), sigma (D, D)); Inception's pool3: 2048
 
 

@@ -81,10 +81,11 @@ def test_out_of_the_box_uses_the_builtin_model_and_its_settings(tmp_path, pipe, 
     params = read_png_params("out.png")
     assert params == {"prompt": PROMPT, "negative": None, "seed": 0, "steps": 4, "guidance": 3.0, "sampler": "ddim",
                       "eta": 0.0, "height": 64, "width": 64, "n": 1, "model": BUILTIN, "dtype": "float32",
-                      "tokenizer": None, "latentdiff": __version__, "batch": 1}
+                      "tokenizer": None, "latentdiff": __version__, "batch": 1,
+                      "schedule": None}
     assert np.array_equal(pixels("out.png"), reference(pipe, [PROMPT], [0])[0])
     with Image.open("out.png") as image:           # the human-readable chunk other tools show
-        assert image.text["parameters"].startswith(PROMPT + "\nSteps: 4, Sampler: ddim, CFG scale: 3.0, Seed: 0")
+        assert image.text["parameters"].startswith(PROMPT + "\nSteps: 4, Sampler: DDIM, CFG scale: 3, Seed: 0")
 
     assert generate("--from", "out.png") == 0      # no -o: beside the source, never over it
     assert np.array_equal(pixels("out-reproduced.png"), pixels("out.png"))
@@ -220,7 +221,7 @@ def bad_cases(tmp_path):
         "no parameters": (["--from", "plain.png"], ["no latentdiff generation parameters", "plain.png"]),
         "no --from file": (["--from", "gone.png"], ["no such file", "gone.png"]),
         "no prompt": ([], ["no prompt given"]),
-        "unknown sampler": (["x", "--sampler", "dpm_fast"], ["unknown sampler", "euler_ancestral"]),
+        "unknown sampler": (["x", "--sampler", "warp_drive"], ["unknown sampler", "euler_ancestral"]),
         "eta without eta": (["x", "--sampler", "euler", "--eta", "0.5"], ["no eta"]),
         "tokenizer for a folder": (["x", "--tokenizer", "tok"], ["single-file"]),
     }

@@ -38,6 +38,7 @@ from ..builtin import DEFAULT_MODEL, GENERATE_SETTINGS, builtin_names
 from ..errors import UsageError
 from ..version import __version__
 from . import generate_outputs as outputs
+from .generate_a1111 import add_schedule_flag, with_schedule
 from .generate_model import ModelSource, locate_model, tokenizer_file
 from .generate_settings import DTYPES, GenerateSettings, Job, note_from, plan_jobs, read_from_png, settle, warn
 
@@ -66,7 +67,9 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                      help="images per prompt, each its own file (default 1; batch size x batch count)")
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--sampler", default=None, help="a registered sampler name (`latentdiff models` lists them)")
+    gen.add_argument("--sampler", default=None, help='a sampler: registered (dpmpp_2m), A1111 ("DPM++ 2M Karras", '
+                                                    '"Euler a") or diffusers (EulerDiscreteScheduler) name; '
+                                                    '`latentdiff models` lists them')
     gen.add_argument("--eta", type=float, default=None, help="DDIM eta (0: deterministic)")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     gen.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default float32")
@@ -79,6 +82,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
     # ---- outputs ----
     outputs.add_output_flags(gen)
+    # ---- names (part B) ----
+    add_schedule_flag(gen)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -214,7 +219,7 @@ def load_pipeline(source: ModelSource, settings: GenerateSettings, *, device: An
         pipe = cast(LatentDiffusionPipeline, LatentDiffusionPipeline.from_single_file(source.path, **load, **tokenizer))
     else:
         pipe = LatentDiffusionPipeline.from_pretrained(source.name if source.kind == "hub" else source.path, **load)
-    pipe.sampler = switch_sampler(pipe.sampler, settings.sampler)
+    pipe.sampler = with_schedule(switch_sampler(pipe.sampler, settings.sampler), settings.schedule)
     return pipe
 
 
@@ -228,7 +233,8 @@ def finish(settings: GenerateSettings, pipe: Any) -> GenerateSettings:
     guidance = defaults["guidance_scale"].default if settings.guidance is None else settings.guidance
     return dataclasses.replace(
         settings, steps=settings.steps or defaults["num_inference_steps"].default, guidance=float(guidance),
-        sampler=sampler.registry_name, eta=getattr(sampler, "eta", None), height=height, width=width)
+        sampler=sampler.registry_name, eta=getattr(sampler, "eta", None), height=height, width=width,
+        schedule=getattr(sampler, "sigma_schedule", None))
 
 
 def run(pipe: Any, calls: list[outputs.Call], jobs: list[Job], settings: GenerateSettings, *, show: bool,

@@ -21,6 +21,7 @@ from ..builtin import GENERATE_SETTINGS
 from ..config import is_int, is_real
 from ..errors import UsageError
 from ..version import __version__
+from .generate_a1111 import a1111_notes, settle_sampler, stored_from_infotext
 from .generate_model import SINGLE_FILE_SUFFIXES, ModelSource, local_kind
 from .generate_outputs import name_files, read_outputs
 
@@ -28,7 +29,7 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16":
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 # The settings a PNG records and `--from` reads back; a flag given overrides the stored value.
 RECORDED = ("prompt", "negative", "seed", "steps", "guidance", "sampler", "eta", "height", "width", "n", "model",
-            "dtype", "tokenizer")
+            "dtype", "tokenizer", "schedule")
 MAX_SEED = 2**63 - 1
 PATH_VALUES = ("model", "tokenizer")    # recorded values that name files or folders
 MAX_PATH_CHARS = 4096
@@ -53,6 +54,7 @@ class GenerateSettings:
     model: str                  # as given
     dtype: str                  # a torch dtype name: float32, float16, bfloat16
     tokenizer: str | None       # single-file models only
+    schedule: str | None = None  # the sampler's sigma_schedule (default, karras, exponential); None: its own
 
     def params(self) -> dict[str, Any]:
         """The settings as the JSON a PNG records."""
@@ -76,23 +78,27 @@ class Job:
 
 # ---- the settings --------------------------------------------------------------------------------------------
 def read_from_png(path: str) -> dict[str, Any]:
-    """The generation parameters stored in a PNG written by `latentdiff generate` (values as stored)."""
+    """The generation parameters stored in an image written by `latentdiff generate` (PNG, JPEG, WebP; values as
+    stored), or the settings of the A1111 parameters text of an image without latentdiff's (generate_a1111)."""
     from PIL import Image
 
-    from ..utils.images import read_png_params
+    from ..utils.images import read_image_params
 
     if not Path(path).is_file():
         raise UsageError("no such file", where="--from", expected="a PNG written by latentdiff generate", found=path)
     try:
-        params = read_png_params(path)
+        params, infotext = read_image_params(path)
     except (OSError, ValueError, SyntaxError, RecursionError, Image.DecompressionBombError) as e:
         raise UsageError(f"cannot read the latentdiff parameters of this file ({type(e).__name__})", where=path,
                          expected="a PNG written by latentdiff generate") from None
+    if params is None and infotext is not None:
+        return stored_from_infotext(infotext, where=f"{path}: parameters", recorded=RECORDED)
     missing = [key for key in ("prompt", "seed", "n", "model") if key not in params] if isinstance(params, dict) \
         else ["prompt", "seed", "n", "model"]
     if not isinstance(params, dict) or missing:
         raise UsageError("this PNG holds no latentdiff generation parameters", where=path,
-                         expected="a PNG written by latentdiff generate", found=f"missing {missing}",
+                         expected="a PNG written by latentdiff generate, or an image with A1111's parameters",
+                         found=f"missing {missing}",
                          hint="give the prompt and the flags yourself")
     for key in PATH_VALUES:   # a PNG is untrusted input: what names a file must be a plain path or name
         value = params.get(key)
@@ -109,6 +115,8 @@ def note_from(path: str, stored: dict[str, Any], args: argparse.Namespace | None
     """One line each when `--from` cannot promise the same bytes: another version, or a shared batch; and one
     naming each local path the PNG (not a flag) chose, before anything is read from it: an image from elsewhere
     never makes latentdiff read a file on this machine silently."""
+    for note in a1111_notes(path, stored, args):
+        warn(note)
     for key in PATH_VALUES:
         value = stored.get(key)
         if isinstance(value, str) and getattr(args, key, None) is None and local_kind(value) is not None:
@@ -194,15 +202,14 @@ def _finite(value: Any) -> bool:
 
 
 def check_sampler(values: dict[str, Any], origin: dict[str, str]) -> None:
-    """A registered sampler name, that takes eta when one is given."""
+    """A sampler by any accepted name (made the registered one, with its schedule: generate_a1111), that takes eta
+    when one is given."""
     from ..registry import SAMPLERS
 
+    settle_sampler(values, origin, warn)
     name, eta = values["sampler"], values["eta"]
     if name is None:
         return              # the folder's own sampler: `finish` checks eta against it
-    if not isinstance(name, str) or name not in SAMPLERS:
-        raise UsageError("unknown sampler", where=origin["sampler"], expected=f"one of {SAMPLERS.names()}",
-                         found=repr(name), hint="`latentdiff models` lists the registered samplers")
     cls = SAMPLERS.get(name)
     if eta is not None:
         if "eta" not in {f.name for f in dataclasses.fields(cls)}:

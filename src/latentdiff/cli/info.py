@@ -1,5 +1,5 @@
 """`latentdiff info` (versions, devices, dtype support) and `latentdiff models` (built-in models, registered
-components, samplers and pipelines)."""
+components, samplers and pipelines, and every sampler name and schedule `generate` accepts)."""
 from __future__ import annotations
 
 import argparse
@@ -90,6 +90,11 @@ def cmd_models(args: argparse.Namespace) -> int:
         folder = builtin_path(name)
         where = f"installed at {folder}" if folder else f"not installed (no {ROOT / BUILTIN_MODELS[name]})"
         print(f"built-in model {name}: {where}")
+    from ..diffusion.samplers.names import accepted_names
+
     for registry in (COMPONENTS, SAMPLERS, PIPELINES):
         print(f"{registry.kind}s: {', '.join(registry.names())}")
+    print("sampler names `generate --sampler` accepts (any case, spaces and punctuation ignored):")
+    for group, names in accepted_names().items():
+        print(f"  {group}: {', '.join(names)}")
     return 0

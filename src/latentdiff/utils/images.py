@@ -1,9 +1,19 @@
-"""Images people can look at: PNG grids, with the generation parameters kept in the file; JPEG and WebP."""
+"""Images people can look at: PNG grids, with the generation parameters kept in the file.
+
+Every file `latentdiff generate` writes carries its settings twice: latentdiff's JSON (read back by `--from`) and
+the AUTOMATIC1111 web UI's "parameters" text (`utils.infotext`), which A1111, its extensions and image viewers
+read. In a PNG they are the text chunks `latentdiff` and `parameters`; in a JPEG or WebP file the A1111 text is the
+EXIF UserComment, as A1111 writes it ("UNICODE\\0" then UTF-16 big-endian, piexif's "unicode" encoding), and the
+JSON an XMP packet (`latentdiff:params`).
+"""
 from __future__ import annotations
 
+import html
 import json
 import math
 import os
+import re
+import struct
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,8 +24,16 @@ from PIL import Image, PngImagePlugin
 from .. import limits
 from ..config import parse_json
 from ..errors import InputError
+from .infotext import format_infotext
 
 PARAMS_KEY = "latentdiff"
+INFOTEXT_KEY = "parameters"
+EXIF_IFD, USER_COMMENT = 0x8769, 0x9286          # the Exif sub-IFD and its UserComment tag
+UNICODE_PREFIX = b"UNICODE\0"                    # EXIF 2.3 character code of a UserComment in Unicode
+JPEG_QUALITY = 95
+XMP_NAMESPACE = "https://latentdiff.invalid/ns/1.0/"
+_XMP_PARAMS = re.compile(r"<latentdiff:params>(.*?)</latentdiff:params>", re.DOTALL)
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 
 def make_grid(images: Sequence[Image.Image], *, cols: int | None = None, pad: int = 2,
@@ -39,52 +57,96 @@ def save_png(image: Image.Image, path: str | os.PathLike, *, params: dict[str, A
     if params is not None:
         info.add_text(PARAMS_KEY, json.dumps(params, sort_keys=True))
         if "prompt" in params:
-            info.add_text("parameters", parameters_text(params))
-    _save_atomic(image, path, format="PNG", pnginfo=info)
+            info.add_text(INFOTEXT_KEY, parameters_text(params))   # iTXt (UTF-8) where Latin-1 cannot hold it
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
-# the file suffix -> PIL's format for `save_image`
-SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
-LOSSY_QUALITY = 95
+def parameters_text(params: dict[str, Any]) -> str:
+    """The `parameters` chunk in the layout of the AUTOMATIC1111 web UI (`utils.infotext.format_infotext`), which
+    A1111, image viewers and other tools read; `latentdiff generate --from` reads it back from images A1111 made."""
+    return format_infotext(params)
 
 
-def save_image(image: Image.Image, path: Path, params: dict[str, Any]) -> None:
-    """Save in the format of path's suffix (.png, .jpg/.jpeg, .webp) atomically: PNG with `params` in its text
-    chunks (`save_png`); JPEG and WebP at quality 95."""
+def save_image(image: Image.Image, path: Path, params: dict) -> None:
+    """Save as PNG, JPEG or WebP (by the suffix of `path`) atomically, with `params` in the file: PNG text chunks
+    (`save_png`), or for JPEG / WebP (quality 95) the A1111 text in the EXIF UserComment and the JSON in XMP."""
     path = Path(path)
-    kind = SAVE_FORMATS.get(path.suffix.lower())
-    if kind is None:
-        raise InputError("no image format for this suffix", where=str(path), expected=sorted(SAVE_FORMATS),
-                         found=path.suffix or "no suffix")
-    if kind == "PNG":
+    image_format = FORMATS.get(path.suffix.lower())
+    if image_format is None:
+        raise InputError("unknown image format", where=str(path), expected=sorted(FORMATS), found=path.suffix)
+    if image_format == "PNG":
         save_png(image, path, params=params)
         return
-    _save_atomic(image.convert("RGB"), path, format=kind, quality=LOSSY_QUALITY)
-
-
-def _save_atomic(image: Image.Image, path: Path, **options: Any) -> None:
-    """image.save(path, **options) under a temporary name, then renamed: never a half-written file at path."""
+    options: dict[str, Any] = {"quality": JPEG_QUALITY}
+    if params is not None:
+        exif = Image.Exif()
+        exif[EXIF_IFD] = {USER_COMMENT: UNICODE_PREFIX + parameters_text(params).encode("utf-16-be")}
+        options.update(exif=exif.tobytes(), xmp=_xmp_packet(json.dumps(params, sort_keys=True)))
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        image.save(tmp, **options)
+        image.convert("RGB").save(tmp, format=image_format, **options)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def parameters_text(params: dict[str, Any]) -> str:
-    """The `parameters` chunk in the layout of the AUTOMATIC1111 web UI, which image viewers and other tools
-    show: the prompt, a "Negative prompt:" line, then "Key: value" settings. For people; `latentdiff` is read."""
-    lines = [str(params["prompt"])]
-    if params.get("negative"):
-        lines.append(f"Negative prompt: {params['negative']}")
-    labels = {"steps": "Steps", "sampler": "Sampler", "guidance": "CFG scale", "seed": "Seed", "eta": "Eta",
-              "n": "Images", "model": "Model", "dtype": "Dtype", "latentdiff": "Version"}
-    settings = [f"{label}: {params[key]}" for key, label in labels.items() if params.get(key) is not None]
-    if params.get("width") and params.get("height"):
-        settings.insert(4, f"Size: {params['width']}x{params['height']}")
-    return "\n".join(lines + [", ".join(settings)])
+def _xmp_packet(text: str) -> bytes:
+    body = (f'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+            f'<rdf:Description rdf:about="" xmlns:latentdiff="{XMP_NAMESPACE}"><latentdiff:params>'
+            f'{html.escape(text, quote=False)}</latentdiff:params></rdf:Description></rdf:RDF></x:xmpmeta>')
+    return f'<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>{body}<?xpacket end="w"?>'.encode()
+
+
+def read_image_params(path: str | os.PathLike) -> tuple[Any, str | None]:
+    """(latentdiff's JSON params or None, the A1111 parameters text or None) of a PNG, JPEG or WebP file: what
+    `save_image` writes, or what A1111 writes (its `parameters` chunk, its EXIF UserComment). The JSON is
+    parsed (nesting bounded: config.parse_json); the text is returned as stored."""
+    with Image.open(path) as image:
+        text = getattr(image, "text", None) or {}
+        raw, infotext = text.get(PARAMS_KEY), text.get(INFOTEXT_KEY)
+        if raw is None and image.info.get("xmp"):
+            xmp = image.info["xmp"]
+            if len(xmp) > limits.MAX_XMP_BYTES:
+                raise ValueError(f"an XMP packet of {len(xmp)} bytes (at most {limits.MAX_XMP_BYTES} are read)")
+            match = _XMP_PARAMS.search(xmp.decode("utf-8", "replace") if isinstance(xmp, bytes) else str(xmp))
+            raw = html.unescape(match.group(1)) if match else None
+        if infotext is None:
+            infotext = user_comment(_exif_comment(image))
+    return (parse_json(raw, where=str(path)) if raw else None), infotext
+
+
+def _exif_comment(image: Image.Image) -> Any:
+    """The raw EXIF UserComment of an open image, None where it has none or its EXIF does not read."""
+    try:
+        return image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error):
+        return None
+
+
+def user_comment(value: Any) -> str | None:
+    """An EXIF UserComment as text: "UNICODE\\0" + UTF-16 (big-endian as piexif writes it; little-endian as some
+    tools do, told apart by where the zero bytes of ASCII characters fall), "ASCII\\0\\0\\0" + ASCII, or bytes without
+    a character code read as UTF-8. None when there is none."""
+    if isinstance(value, str):
+        return value or None
+    if not isinstance(value, bytes) or not value:
+        return None
+    # a longer text is refused by utils.infotext.parse_infotext: decode no more than it reads
+    code, data = value[:8], value[8:8 + 4 * (limits.MAX_INFOTEXT_CHARS + 1)]
+    if code == UNICODE_PREFIX:
+        little = data[1::2].count(0) > data[0::2].count(0)
+        text = data.decode("utf-16-le" if little else "utf-16-be", "replace")
+    elif code.rstrip(b"\0") in (b"ASCII", b""):     # ASCII, or the undefined code (eight zero bytes)
+        text = data.decode("utf-8", "replace")
+    else:
+        text = value.decode("utf-8", "replace")
+    return text.rstrip("\0") or None
 
 
 def read_png_params(path: str | os.PathLike) -> dict[str, Any] | None:

@@ -1,0 +1,212 @@
+"""Samplers by the names people type: latentdiff's registered names, the AUTOMATIC1111 web UI's labels (its
+k-diffusion aliases and the older combined labels such as "DPM++ 2M Karras" too), diffusers' scheduler class names,
+and the sigma schedules by A1111's "Schedule type" names.
+
+    resolve_sampler("DPM++ 2M Karras")                  SamplerName(name='dpmpp_2m', schedule='karras', ...)
+    resolve_sampler("DPM++ 2M", schedule="Exponential") SamplerName(name='dpmpp_2m', schedule='exponential', ...)
+    resolve_sampler("EulerAncestralDiscreteScheduler")  SamplerName(name='euler_ancestral', schedule=None, ...)
+    sampler_from_name("Euler a", base=pipe.sampler)     EulerAncestralSampler keeping the folder's spacing, offset
+
+Matching ignores case, spaces and punctuation ("dpm++ 2m" = "DPMPP_2M" = "dpmpp_2m"; "++" reads as "pp"). What
+each name means is what the tool it comes from computes:
+
+* an A1111 label is A1111's sampler with A1111's "Automatic" schedule, that sampler's own default (since A1111 1.9:
+  karras for DPM++ 2M, exponential for DPM++ 2M SDE, k-diffusion's uniform grid for the others); a schedule suffix
+  ("DPM++ 2M Karras", A1111 before 1.9) or `schedule=` chooses another;
+* a diffusers class name, a registered name as spelled (`euler`, while "Euler" is A1111's) or a latentdiff class
+  name is that sampler with the schedule it is
+  switched from (diffusers' `from_config`: a folder's `use_karras_sigmas` is kept) unless `schedule=` says;
+* a name A1111 or diffusers has and latentdiff does not implement yet (DPM2, DPM++ SDE, UniPC, LCM ...) is a
+  UsageError saying so and naming the closest sampler latentdiff has; any other name is a UsageError listing the
+  accepted ones (`accepted_names`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from typing import Any
+
+from ...errors import UsageError
+from ...registry import SAMPLERS
+from ...utils.infotext import A1111_SAMPLER_LABELS, A1111_SCHEDULE_LABELS
+from ..scheduler_io import FOREIGN_CLASSES, NATIVE_CLASSES
+from .base import switch_sampler
+
+# The schedule A1111's "Automatic" gives a sampler (its sampler options in A1111 >= 1.9); the others: "default".
+A1111_AUTOMATIC: dict[str, str] = {"dpmpp_2m": "karras", "dpmpp_2m_sde": "exponential"}
+# A1111 labels latentdiff does not implement yet -> the closest sampler it has.
+A1111_MISSING: dict[str, str] = {
+    "DPM++ SDE": "dpmpp_2m_sde", "DPM++ 2M SDE Heun": "dpmpp_2m_sde", "DPM++ 3M SDE": "dpmpp_2m_sde",
+    "DPM++ 2S a": "euler_ancestral", "DPM2": "heun", "DPM2 a": "euler_ancestral", "DPM fast": "dpmpp_2m",
+    "DPM adaptive": "dpmpp_2m", "Restart": "heun", "DDIM CFG++": "ddim", "UniPC": "dpmpp_2m", "LCM": "ddim",
+}
+# A1111's k-diffusion aliases (with "_ka": the karras variant, A1111 before 1.9).
+A1111_ALIASES: dict[str, str] = {
+    "k_euler_a": "Euler a", "k_euler_ancestral": "Euler a", "k_euler": "Euler", "k_lms": "LMS", "k_heun": "Heun",
+    "k_dpmpp_2m": "DPM++ 2M", "k_dpmpp_2m_sde": "DPM++ 2M SDE", "k_dpm_2": "DPM2", "k_dpm_2_a": "DPM2 a",
+    "k_dpmpp_2s_a": "DPM++ 2S a", "k_dpmpp_sde": "DPM++ SDE", "k_dpmpp_3m_sde": "DPM++ 3M SDE",
+    "k_dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun", "k_dpm_fast": "DPM fast", "k_dpm_ad": "DPM adaptive",
+}
+# diffusers classes latentdiff does not implement (scheduler_io.FOREIGN_CLASSES and more) -> the closest it has.
+DIFFUSERS_MISSING: dict[str, str] = {
+    "DPMSolverSinglestepScheduler": "dpmpp_2m", "KDPM2DiscreteScheduler": "heun",
+    "KDPM2AncestralDiscreteScheduler": "euler_ancestral", "UniPCMultistepScheduler": "dpmpp_2m",
+    "DEISMultistepScheduler": "dpmpp_2m", "LCMScheduler": "ddim", "TCDScheduler": "ddim",
+    "DPMSolverSDEScheduler": "dpmpp_2m_sde", "EDMEulerScheduler": "euler", "EDMDPMSolverMultistepScheduler": "dpmpp_2m",
+    "IPNDMScheduler": "plms", "DDIMParallelScheduler": "ddim", "DDPMParallelScheduler": "ddpm",
+}
+# Schedules: latentdiff's `sigma_schedule` values and A1111's "Schedule type" labels; "automatic" = none chosen.
+SCHEDULES = ("default", "karras", "exponential")
+SCHEDULE_ALIASES: dict[str, str | None] = {
+    **{name: name for name in SCHEDULES}, **{label: name for name, label in A1111_SCHEDULE_LABELS.items()},
+    "automatic": None,
+}
+SCHEDULES_MISSING = ("Polyexponential", "SGM Uniform", "KL Optimal", "Align Your Steps", "Align Your Steps GITS",
+                     "Align Your Steps 11", "Align Your Steps 32", "Simple", "Normal", "DDIM", "Beta", "Turbo")
+MAX_NAME_CHARS = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerName:
+    """What a name resolved to: the registered sampler, the schedule it asks for (None: keep the one switched from),
+    and the kind of name it was (registered, a1111, diffusers, class)."""
+
+    name: str
+    schedule: str | None
+    kind: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    name: str | None          # None: not implemented yet
+    schedule: str | None
+    kind: str
+    spelling: str             # as the tool spells it, for messages
+    closest: str | None = None
+
+
+def key(text: str) -> str:
+    """The form names are compared in: lower case, "++" as "pp", letters and digits only."""
+    return re.sub(r"[^a-z0-9]", "", text.lower().replace("++", "pp"))
+
+
+def _table() -> dict[str, _Entry]:
+    table: dict[str, _Entry] = {}
+    for name in SAMPLERS.names():
+        table[key(name)] = _Entry(name, None, "registered", name)
+        table[key(SAMPLERS.get(name).__name__)] = _Entry(name, None, "class", SAMPLERS.get(name).__name__)
+    for diffusers_class, cls in NATIVE_CLASSES.items():
+        registered: str = getattr(cls, "registry_name")   # noqa: B009 -- set by SAMPLERS.register, unknown to mypy
+        table[key(diffusers_class)] = _Entry(registered, None, "diffusers", diffusers_class)
+    for missing in (*FOREIGN_CLASSES, *DIFFUSERS_MISSING):
+        table[key(missing)] = _Entry(None, None, "diffusers", missing, DIFFUSERS_MISSING[missing])
+    for name, label in A1111_SAMPLER_LABELS.items():
+        schedule = A1111_AUTOMATIC.get(name, "default") if has_schedule(name) else None
+        table[key(label)] = _Entry(name, schedule, "a1111", label)
+    for label, closest in A1111_MISSING.items():
+        table[key(label)] = _Entry(None, None, "a1111", label, closest)
+    for alias, label in A1111_ALIASES.items():
+        table[key(alias)] = dataclasses.replace(table[key(label)], spelling=f"{alias} ({label})")
+    return table
+
+
+def has_schedule(name: str) -> bool:
+    """Whether the registered sampler `name` has a `sigma_schedule` setting."""
+    return "sigma_schedule" in {f.name for f in dataclasses.fields(SAMPLERS.get(name))}
+
+
+def resolve_schedule(text: Any, *, where: str = "schedule") -> str | None:
+    """A schedule name (latentdiff's or A1111's "Schedule type", any case) -> "default" | "karras" | "exponential",
+    or None for "Automatic"; a UsageError naming `where` otherwise ("not implemented yet" for A1111's others)."""
+    if not isinstance(text, str) or len(text) > MAX_NAME_CHARS:
+        raise UsageError("a schedule must be a name", where=where, expected=_schedules_expected(),
+                         found=repr(text)[:120])
+    aliases = {key(alias): name for alias, name in SCHEDULE_ALIASES.items()}
+    if key(text) in aliases:
+        return aliases[key(text)]
+    if key(text) in {key(label) for label in SCHEDULES_MISSING}:
+        raise UsageError(f"the {text!r} schedule is not implemented yet in latentdiff", where=where,
+                         expected=_schedules_expected(), found=repr(text), hint="the closest: karras")
+    raise UsageError("unknown schedule", where=where, expected=_schedules_expected(), found=repr(text))
+
+
+def _schedules_expected() -> str:
+    return "one of default (A1111: Uniform), karras, exponential, automatic"
+
+
+def resolve_sampler(text: Any, *, schedule: Any = None, where: str = "sampler",
+                    schedule_where: str = "schedule") -> SamplerName:
+    """The registered sampler and schedule a name stands for (module docstring); `schedule` (a name, None:
+    not given) overrides the one the name implies. UsageErrors name `where` / `schedule_where`."""
+    if not isinstance(text, str) or not text.strip() or len(text) > MAX_NAME_CHARS:
+        raise UsageError("a sampler must be a name", where=where, expected=_samplers_expected(),
+                         found=repr(text)[:120], hint="`latentdiff models` lists every accepted name")
+    table, wanted = _table(), key(text)
+    entry, suffix = table.get(wanted), None
+    if text.strip() in SAMPLERS.names():     # a registered name as spelled: itself, whatever A1111 means by it
+        entry = _Entry(text.strip(), None, "registered", text.strip())
+    if entry is None:    # A1111 before 1.9: "<sampler> <schedule>", and the "_ka" aliases
+        for alias in sorted({*SCHEDULE_ALIASES, *SCHEDULES_MISSING, "ka"}, key=len, reverse=True):
+            stem = wanted[:-len(key(alias))] if wanted.endswith(key(alias)) else ""
+            if stem in table and table[stem].kind == "a1111" and (alias != "ka" or wanted.startswith("k")):
+                entry, suffix = table[stem], "karras" if alias == "ka" else alias
+                break
+    if entry is None:
+        close = difflib.get_close_matches(wanted, table, n=3, cutoff=0.6)
+        raise UsageError("unknown sampler", where=where, expected=_samplers_expected(), found=repr(text),
+                         hint=(f"did you mean {', '.join(table[k].spelling for k in close)}? " if close else "")
+                         + "`latentdiff models` lists every accepted name")
+    if entry.name is None:
+        raise UsageError(f"the sampler {entry.spelling!r} is not implemented yet in latentdiff", where=where,
+                         expected=f"an implemented sampler; the closest: {entry.closest} "
+                                  f"({A1111_SAMPLER_LABELS.get(str(entry.closest), entry.closest)})",
+                         found=repr(text), hint="`latentdiff models` lists the samplers latentdiff has")
+    chosen = entry.schedule
+    if suffix is not None:
+        chosen = resolve_schedule(suffix, where=where)
+    if schedule is not None:
+        explicit = resolve_schedule(schedule, where=schedule_where)
+        chosen = explicit if explicit is not None else chosen
+    return SamplerName(entry.name, chosen, entry.kind)
+
+
+def _samplers_expected() -> str:
+    return f"a registered sampler ({', '.join(SAMPLERS.names())}), an A1111 name or a diffusers scheduler class"
+
+
+def check_schedule(name: str, schedule: str | None, *, where: str) -> None:
+    """A UsageError naming `where` when `schedule` is karras / exponential and sampler `name` has no schedule."""
+    if schedule in (None, "default") or has_schedule(name):
+        return
+    with_one = [n for n in SAMPLERS.names() if has_schedule(n)]
+    raise UsageError(f"the {name} sampler has no schedule to set ({schedule} is not implemented for it yet)",
+                     where=where, expected=f"no schedule, or a sampler with one ({', '.join(with_one)})",
+                     found=schedule)
+
+
+def sampler_from_name(text: str, *, schedule: str | None = None, base: Any = None) -> Any:
+    """The sampler a name stands for, built as `switch_sampler` builds it from `base` (a pipeline's sampler: its
+    timestep spacing and offset are kept, as diffusers' from_config keeps them; None: the sampler's defaults),
+    with its schedule set; a UsageError for a name or schedule it cannot be."""
+    resolved = resolve_sampler(text, schedule=schedule)
+    check_schedule(resolved.name, resolved.schedule, where="schedule")
+    sampler = switch_sampler(base, resolved.name) if base is not None else SAMPLERS.get(resolved.name)()
+    if resolved.schedule is not None and has_schedule(resolved.name):
+        sampler = sampler.with_options(sigma_schedule=resolved.schedule)
+    return sampler
+
+
+def accepted_names() -> dict[str, list[str]]:
+    """Every accepted name, grouped for `latentdiff models`: registered, A1111, diffusers, schedules, and the
+    names known but not implemented yet."""
+    table = _table().values()
+    a1111 = [label for label in A1111_SAMPLER_LABELS.values()]
+    scheduled = [label for name, label in A1111_SAMPLER_LABELS.items() if has_schedule(name)]
+    return {
+        "registered": SAMPLERS.names(),
+        "A1111": a1111 + [f"{label} Karras" for label in scheduled] + [f"{label} Exponential" for label in scheduled],
+        "diffusers": sorted(e.spelling for e in table if e.kind == "diffusers" and e.name is not None),
+        "schedules": [*SCHEDULES, "uniform (= default)", "automatic (the sampler's A1111 default)"],
+        "not implemented yet": sorted({e.spelling for e in table if e.name is None and "(" not in e.spelling}),
+    }

@@ -1,0 +1,254 @@
+"""`latentdiff generate` as A1111 users type it (cli/generate_a1111.py): samplers by A1111 / diffusers names and
+`--schedule`, recorded as the registered name and schedule and read back by `--from`; the A1111 `parameters` text
+in every image, and `--from` on images A1111 made (PNG chunk, JPEG / WebP EXIF UserComment); `latentdiff models`
+listing every name. On a tiny stand-in for the built-in model (tests/_support/tiny_builtin.py), except the
+subprocess runs, which use the real one."""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import torch
+from PIL import Image, PngImagePlugin
+
+from latentdiff.cli import main
+from latentdiff.diffusion.samplers import DPMSolverMultistepSampler
+from latentdiff.pipelines.latent_diffusion import LatentDiffusionPipeline
+from latentdiff.utils.images import read_image_params, read_png_params, save_image
+from tests._support.tiny_builtin import make_tiny_shapes_model, use_as_builtin
+
+PROMPT = "a red circle on the left, blue background"
+BUILTIN = "latentdiff/shapes-64"
+SETTINGS = {"num_inference_steps": 4, "guidance_scale": 3.0, "sampler": "ddim", "height": 64, "width": 64}
+SRC = Path(__file__).resolve().parents[2] / "src"
+A1111_TEXT = (f"{PROMPT}\nNegative prompt: green, (blurry:1.3)\nSteps: 3, Sampler: DPM++ 2M, Schedule type: Karras, "
+              "CFG scale: 2.5, Seed: 42, Size: 64x64, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, "
+              'Lora hashes: "detail: 2a3f9b1c7d0e", Version: v1.10.1')
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_tiny_shapes_model(tmp_path_factory.mktemp("builtin") / "shapes-64", settings=SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def pipe(model):
+    return LatentDiffusionPipeline.from_pretrained(model)
+
+
+@pytest.fixture(autouse=True)
+def offline_builtin(monkeypatch, tmp_path, model):
+    use_as_builtin(monkeypatch, model, BUILTIN)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def generate(*argv) -> int:
+    return main(["generate", *map(str, argv)])
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def dpm_image(pipe, schedule: str, *, seed: int, steps: int, guidance: float, negative=None) -> np.ndarray:
+    """What the pipeline makes with DPM-Solver++ 2M switched from its own sampler (as --sampler does)."""
+    dpm_pipe = copy.copy(pipe)
+    dpm_pipe.sampler = DPMSolverMultistepSampler.from_config(pipe.sampler, sigma_schedule=schedule)
+    image = dpm_pipe(PROMPT, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
+                     generator=torch.Generator().manual_seed(seed), progress=False).images[0]
+    return np.asarray(image)
+
+
+def a1111_png(path: Path, text: str) -> Path:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    Image.new("RGB", (64, 64)).save(path, pnginfo=info)
+    return path
+
+
+def a1111_exif(path: Path, text: str, image_format: str) -> Path:
+    """A JPEG / WebP file as A1111 writes it: the text as EXIF UserComment, piexif's "unicode" encoding."""
+    exif = Image.Exif()
+    exif[0x8769] = {0x9286: b"UNICODE\0" + text.encode("utf-16-be")}
+    Image.new("RGB", (64, 64)).save(path, format=image_format, exif=exif.tobytes())
+    return path
+
+
+def never_load(monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(LatentDiffusionPipeline, "from_pretrained", never)
+
+
+# ---- sampler names and --schedule -------------------------------------------------------------------------------
+def test_an_a1111_sampler_name_is_recorded_by_its_registered_name_and_schedule(pipe, capsys):
+    assert generate(PROMPT, "--sampler", "DPM++ 2M Karras", "--steps", 3, "--seed", 5, "-o", "a.png") == 0
+    params = read_png_params("a.png")
+    assert (params["sampler"], params["schedule"]) == ("dpmpp_2m", "karras")
+    assert np.array_equal(pixels("a.png"), dpm_image(pipe, "karras", seed=5, steps=3, guidance=3.0))
+    with Image.open("a.png") as image:
+        assert image.text["parameters"].endswith(f"{PROMPT}\nSteps: 3, Sampler: DPM++ 2M, Schedule type: Karras, "
+                                                 f"CFG scale: 3, Seed: 5, Size: 64x64, Model: {BUILTIN}, "
+                                                 f"Version: latentdiff {params['latentdiff']}")
+    assert generate("--from", "a.png", "-o", "again.png") == 0
+    assert np.array_equal(pixels("again.png"), pixels("a.png")) and read_png_params("again.png") == params
+
+
+def test_a_diffusers_class_name_and_the_schedule_flag(pipe):
+    assert generate(PROMPT, "--sampler", "DPMSolverMultistepScheduler", "--schedule", "exponential", "--steps", 3,
+                    "-o", "b.png") == 0
+    params = read_png_params("b.png")
+    assert (params["sampler"], params["schedule"]) == ("dpmpp_2m", "exponential")
+    assert np.array_equal(pixels("b.png"), dpm_image(pipe, "exponential", seed=0, steps=3, guidance=3.0))
+    # --from with another --sampler: the stored schedule belonged to the sampler replaced
+    assert generate("--from", "b.png", "--sampler", "ddim", "-o", "c.png") == 0
+    assert (read_png_params("c.png")["sampler"], read_png_params("c.png")["schedule"]) == ("ddim", None)
+    # ... and with --schedule alone, the stored sampler takes the new schedule
+    assert generate("--from", "b.png", "--schedule", "Karras", "-o", "d.png") == 0
+    assert np.array_equal(pixels("d.png"), dpm_image(pipe, "karras", seed=0, steps=3, guidance=3.0))
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--sampler", "ddim", "--schedule", "karras"], ["--schedule", "--sampler", "ddim", "karras"]),
+    (["--schedule", "karras"], ["--schedule", "sampler", "ddim"]),            # the model's own (ddim)
+    (["--sampler", "Euler a Karras"], ["euler_ancestral", "karras"]),
+    (["--sampler", "DPM2 a"], ["not implemented yet", "--sampler", "euler_ancestral"]),
+    (["--sampler", "UniPCMultistepScheduler"], ["not implemented yet", "dpmpp_2m"]),
+    (["--sampler", "DPM++ 2M", "--schedule", "Align Your Steps"], ["not implemented yet", "--schedule"]),
+    (["--sampler", "euler", "--schedule", "rho7"], ["unknown schedule", "--schedule"]),
+])
+def test_bad_names_are_one_line_before_any_loading(argv, words, monkeypatch, capsys):
+    never_load(monkeypatch)
+    assert generate(PROMPT, *argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[0].startswith("latentdiff: error: "), err
+    for word in words:
+        assert word in err[0], (word, err[0])
+
+
+# ---- --from on images A1111 made ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["png", "jpg", "webp"])
+def test_from_reads_a1111_parameters(kind, pipe, capsys):
+    path = Path(f"a1111.{kind}")
+    if kind == "png":
+        a1111_png(path, A1111_TEXT)
+    else:
+        a1111_exif(path, A1111_TEXT, {"jpg": "JPEG", "webp": "WEBP"}[kind])
+    assert generate("--from", path, "-o", "made.png") == 0
+    params = read_png_params("made.png")
+    assert {k: params[k] for k in ("prompt", "negative", "steps", "sampler", "schedule", "guidance", "seed",
+                                   "width", "height", "model")} == {
+        "prompt": PROMPT, "negative": "green, (blurry:1.3)", "steps": 3, "sampler": "dpmpp_2m",
+        "schedule": "karras", "guidance": 2.5, "seed": 42, "width": 64, "height": 64, "model": BUILTIN}
+    assert np.array_equal(pixels("made.png"), dpm_image(pipe, "karras", seed=42, steps=3, guidance=2.5,
+                                                        negative="green, (blurry:1.3)"))
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "vocabulary" not in line]
+    assert warnings == [
+        f"latentdiff: warning: {path}: A1111 settings latentdiff does not use, ignored: Model hash, Lora hashes",
+        f"latentdiff: warning: {path} was made with the A1111 model 'v1-5-pruned-emaonly', not a latentdiff model: "
+        f"using the default model {BUILTIN} (pass --model to choose one)"]
+
+
+def test_from_an_a1111_text_a1111_ignores_the_schedule_of_ddim(capsys):
+    a1111_png(Path("ddim.png"), f"{PROMPT}\nSteps: 2, Sampler: DDIM, Schedule type: Karras, CFG scale: 2, Seed: 3, "
+                                f"Size: 64x64, Model: {BUILTIN}")
+    assert generate("--from", "ddim.png", "-o", "made.png") == 0
+    params = read_png_params("made.png")
+    assert (params["sampler"], params["schedule"], params["model"]) == ("ddim", None, BUILTIN)
+    assert "the karras schedule is not implemented for the ddim sampler" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, words", [
+    ("a prompt only", ["no A1111 settings line", "bad.png: parameters"]),
+    (f"{PROMPT}\nSteps: 3, Sampler: DPM2 a, CFG scale: 7, Seed: 1", ["not implemented yet", "bad.png: sampler"]),
+    (f"{PROMPT}\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 10x10000000",
+     ["bad.png: height", "16384", "10000000"]),
+    (f"{PROMPT}\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: -5", ["seed", "-5"]),
+    (f"{PROMPT}\nSteps: 3, Sampler: Euler, CFG scale: nan, Seed: 1", ["CFG scale", "a number"]),
+])
+def test_bad_a1111_parameters_are_one_line_before_any_loading(text, words, monkeypatch, capsys):
+    never_load(monkeypatch)
+    a1111_png(Path("bad.png"), text)
+    assert generate("--from", "bad.png", "-o", "out.png") == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[0].startswith("latentdiff: error: "), err
+    for word in words:
+        assert word in err[0], (word, err[0])
+    assert not Path("out.png").exists()
+
+
+# ---- JPEG / WebP written by latentdiff ------------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".jpg", ".webp"])
+def test_jpeg_and_webp_carry_both_texts_and_from_reads_them(suffix, pipe):
+    assert generate(PROMPT, "--sampler", "Euler a", "--steps", 2, "--seed", 9, "-o", "ref.png") == 0
+    params = read_png_params("ref.png")
+    with Image.open("ref.png") as image:
+        save_image(image, Path(f"copy{suffix}"), params)
+        infotext = image.text["parameters"]
+    stored, text = read_image_params(f"copy{suffix}")
+    assert stored == params and text == infotext            # the JSON in XMP, A1111's text in EXIF UserComment
+    with Image.open(f"copy{suffix}") as image:              # as A1111 (piexif) reads a UserComment
+        comment = image.getexif().get_ifd(0x8769)[0x9286]
+    assert comment[:8] == b"UNICODE\0" and comment[8:].decode("utf-16-be") == infotext
+    assert generate("--from", f"copy{suffix}", "-o", "again.png") == 0
+    assert np.array_equal(pixels("again.png"), pixels("ref.png")) and read_png_params("again.png") == params
+
+
+# ---- latentdiff models, and the entry point -----------------------------------------------------------------------
+def test_models_lists_every_accepted_name(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for words in (["registered: ddim", "euler_ancestral"], ["A1111: DDIM", "Euler a", "DPM++ 2M Karras"],
+                  ["diffusers: DDIMScheduler", "DPMSolverMultistepScheduler"], ["schedules: default, karras"],
+                  ["not implemented yet:", "UniPC", "DPM2 a"]):
+        line = next(line for line in out.splitlines() if words[0] in line)
+        assert all(word in line for word in words), (words, line)
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_the_entry_point_with_a1111_names_on_the_real_builtin_model(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "latentdiff", "generate", PROMPT, "--sampler", "Euler a",
+                          "--steps", "2", "-o", str(tmp_path / "e.png")], capture_output=True, text=True,
+                         env=_env(), timeout=120)
+    assert out.returncode == 0, out.stderr
+    params = read_png_params(tmp_path / "e.png")
+    assert (params["sampler"], params["schedule"]) == ("euler_ancestral", None)
+    with Image.open(tmp_path / "e.png") as image:
+        assert "Sampler: Euler a, CFG scale: 1.5" in image.text["parameters"]
+
+
+def test_the_installed_console_script_lists_the_samplers():
+    """The `latentdiff` console script of the installed package (what CI installs): behaviour it has had since
+    before this change."""
+    script = shutil.which("latentdiff")
+    assert script is not None, "the latentdiff console script is not installed"
+    out = subprocess.run([script, "models"], capture_output=True, text=True, env=_env(), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "samplers: ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, euler, euler_ancestral, heun, lms, plms" in out.stdout
+
+
+def test_the_command_starts_without_torch():
+    """The sampler tables import torch: they are imported where a sampler is named, not when the command starts
+    (an argument error stays instant)."""
+    code = "import sys, latentdiff.cli.main, latentdiff.cli.generate_a1111; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
