@@ -31,6 +31,7 @@ MAX_SIDE = 16_384                  # height or width in pixels
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # height x width x images per call; `max_pixels=` raises it
 MAX_STEPS = 10_000                 # sampling steps
 MAX_IMAGES_PER_PROMPT = 1024
+MAX_THREADS = 4096                 # torch threads (`latentdiff generate --threads`)
 MAX_HIRES_SCALE = 8                # hires fix: the second pass's size / the first's (A1111's slider: 1-4)
 
 # ---- data (eval folders / .npy / images) -------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from typing import Any, cast
 from ..builtin import DEFAULT_MODEL, GENERATE_SETTINGS, builtin_names
 from ..errors import UsageError
 from ..version import __version__
+from .generate_inputs import add_input_flags, load_vae, prepare_run, set_threads, settle_inputs, size_from_image
 from .generate_model import ModelSource, locate_model, tokenizer_file
 from .generate_settings import DTYPES, GenerateSettings, Job, note_from, plan_jobs, read_from_png, settle, warn
 
@@ -61,14 +62,18 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--from", dest="from_png", default=None, metavar="PNG",
                      help="reproduce a PNG written by latentdiff generate (flags given override its values)")
     gen.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+    # ---- part C: image inputs, hires fix, performance flags, clip skip (generate_inputs) ----
+    add_input_flags(gen)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    set_threads(args.threads)
     device = check_device(args.device)
     procs = Processes.start(cpu=device is not None and device.type == "cpu")
     stored = read_from_png(args.from_png) if args.from_png else {}
     source = locate_model(args.model or stored.get("model") or DEFAULT_MODEL)
     settings = settle(args, stored, source)
+    settings, images = settle_inputs(args, settings)
     jobs = plan_jobs(args, settings)
     if args.from_png and procs.is_main:
         note_from(args.from_png, stored, args)
@@ -77,7 +82,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = load_pipeline(source, settings, device=device or procs.device)
     if procs.is_main and not checked:   # a Hub model's tokenizer, now downloaded
         warn_unknown_words(tokenizer_file(source, settings.tokenizer), texts)
-    settings = finish(settings, pipe)
+    settings = finish(size_from_image(settings, images, pipe), pipe)
+    pipe = prepare_run(pipe, settings, images, args)
     batch_size = args.batch_size if args.prompts else 1
     batches = [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)]
     mine = batches[procs.index::procs.count]
@@ -178,8 +184,11 @@ def load_pipeline(source: ModelSource, settings: GenerateSettings, *, device: An
         tokenizer = {} if settings.tokenizer is None else {"tokenizer": settings.tokenizer}
         # SomePipeline.from_single_file returns SomePipeline or a subclass (it checks the file fits the class)
         pipe = cast(LatentDiffusionPipeline, LatentDiffusionPipeline.from_single_file(source.path, **load, **tokenizer))
+        if settings.vae is not None:
+            pipe = type(pipe).from_pipe(pipe, **load_vae(settings, **load))
     else:
-        pipe = LatentDiffusionPipeline.from_pretrained(source.name if source.kind == "hub" else source.path, **load)
+        pipe = LatentDiffusionPipeline.from_pretrained(source.name if source.kind == "hub" else source.path, **load,
+                                                       **load_vae(settings, **load))
     pipe.sampler = switch_sampler(pipe.sampler, settings.sampler)
     return pipe
 
