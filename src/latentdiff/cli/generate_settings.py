@@ -30,6 +30,7 @@ RECORDED = ("prompt", "negative", "seed", "steps", "guidance", "sampler", "eta",
             # image inputs, hires fix, tiles, VAE, clip skip (generate_inputs)
             "clip_skip", "init_image", "init_image_sha256", "strength", "mask", "mask_sha256", "hires_scale",
             "hires_steps", "hires_strength", "hires_upscaler", "tile_size", "vae", "vae_tiling")
+OPTIONAL = RECORDED[RECORDED.index("clip_skip"):]   # recorded only when set
 MAX_SEED = 2**63 - 1
 PATH_VALUES = ("model", "tokenizer", "init_image", "mask", "vae")    # recorded values that name files or folders
 MAX_PATH_CHARS = 4096
@@ -70,8 +71,8 @@ class GenerateSettings:
     vae_tiling: bool | None
 
     def params(self) -> dict[str, Any]:
-        """The settings as the JSON a PNG records."""
-        return dataclasses.asdict(self)
+        """The settings as the JSON a PNG records (the image input, hires, tile and VAE settings only when used)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k not in OPTIONAL}
 
 
 @dataclasses.dataclass(frozen=True)
