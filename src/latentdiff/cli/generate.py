@@ -73,7 +73,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     stored = read_from_png(args.from_png) if args.from_png else {}
     source = locate_model(args.model or stored.get("model") or DEFAULT_MODEL)
     settings = settle(args, stored, source)
-    settings, images = settle_inputs(args, settings)
+    settings, images = settle_inputs(args, stored, settings)
     jobs = plan_jobs(args, settings)
     if args.from_png and procs.is_main:
         note_from(args.from_png, stored, args)

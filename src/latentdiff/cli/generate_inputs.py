@@ -90,9 +90,11 @@ class InputImages:
     mask: Any = None
 
 
-def settle_inputs(args: argparse.Namespace, settings: GenerateSettings) -> tuple[GenerateSettings, InputImages]:
-    """This module's settings (already picked from flag / --from by `settle`) checked, their defaults filled in, the
-    image files read; a UsageError naming the flag or PNG key before the model loads."""
+def settle_inputs(args: argparse.Namespace, stored: dict[str, Any],
+                  settings: GenerateSettings) -> tuple[GenerateSettings, InputImages]:
+    """This module's settings (already picked from flag / --from PNG `stored` by `settle`) checked, their defaults
+    filled in, the image files read; a UsageError naming the flag or PNG key before the model loads. With an init
+    image, a size only the model's settings gave is dropped: the image's own size is the default."""
     origin = {key: FLAGS[key] if getattr(args, key, None) is not None else f"{args.from_png}: {key}"
               for key in FLAGS}
     values = dataclasses.asdict(settings)
@@ -102,8 +104,8 @@ def settle_inputs(args: argparse.Namespace, settings: GenerateSettings) -> tuple
         if values[key] is not None:
             path = Path(values[key]).expanduser().resolve()
             images[key], digest = read_image(path, where=origin[key], mode="RGB" if key == "init_image" else "L")
-            stored = values[f"{key}_sha256"]
-            if getattr(args, key, None) is None and isinstance(stored, str) and stored != digest:
+            recorded = values[f"{key}_sha256"]
+            if getattr(args, key, None) is None and isinstance(recorded, str) and recorded != digest:
                 warn(f"{path} changed since {args.from_png} was made (its sha256 differs): the image will differ")
             values |= {key: str(path), f"{key}_sha256": digest}
         else:
@@ -114,6 +116,9 @@ def settle_inputs(args: argparse.Namespace, settings: GenerateSettings) -> tuple
                          expected=f"{init.size[0]} x {init.size[1]} (width x height of --init-image)",
                          found=f"{mask.size[0]} x {mask.size[1]}")
     if init is not None:
+        for key in ("height", "width"):
+            if getattr(args, key, None) is None and stored.get(key) is None:
+                values[key] = None
         values["strength"] = DEFAULT_STRENGTH if values["strength"] is None else float(values["strength"])
     if values["hires_scale"] is not None:
         values["hires_strength"] = DEFAULT_HIRES_STRENGTH if values["hires_strength"] is None \
@@ -266,9 +271,7 @@ def prepare_run(pipe: Any, settings: GenerateSettings, images: InputImages, args
                              expected=f"1 .. {layers} (A1111's numbering)" if layers else "--clip-skip 1 (or none)",
                              found=f"{settings.clip_skip} ({type(pipe.text_encoder).__name__})")
     if args.offload is not None:
-        import torch
-
-        if pipe.device.type == "cpu" and not torch.cuda.is_available():
+        if pipe.device.type != "cuda":
             warn(f"--offload {args.offload} is for CUDA; ignored on the CPU (the weights are in memory already)")
         else:
             getattr(pipe, f"enable_{'model' if args.offload == 'model' else 'sequential'}_cpu_offload")()
