@@ -158,16 +158,14 @@ def test_clip_skip_counts_as_a1111(tmp_path, diffusers, capsys):
 
     tiny_diffusers_pipeline(tmp_path / "build", clip_layers=3).save_pretrained(tmp_path / "sd")
     sd = LatentDiffusionPipeline.from_pretrained(tmp_path / "sd")
-    run = ["--model", tmp_path / "sd", "--height", 32, "--width", 32, "--steps", 2]
+    run = ["--model", tmp_path / "sd", "--height", 32, "--width", 32, "--steps", 1]
     assert generate(PROMPT, *run, "--clip-skip", 2, "-o", "skip2.png") == 0
     assert generate(PROMPT, *run, "--clip-skip", 1, "-o", "skip1.png") == 0
     for name, clip_skip in (("skip2.png", 1), ("skip1.png", None)):
-        expected = sd(PROMPT, height=32, width=32, num_inference_steps=2, clip_skip=clip_skip, generator=seed(),
+        expected = sd(PROMPT, height=32, width=32, num_inference_steps=1, clip_skip=clip_skip, generator=seed(),
                       progress=False).images
         assert np.array_equal(pixels(name), api(expected)), name
-    assert read_png_params("skip2.png")["clip_skip"] == 2
-    assert generate("--from", "skip2.png", "-o", "skip2-again.png") == 0
-    assert np.array_equal(pixels("skip2-again.png"), pixels("skip2.png"))
+    assert (read_png_params("skip2.png")["clip_skip"], read_png_params("skip1.png")["clip_skip"]) == (2, 1)
     capsys.readouterr()
     assert generate(PROMPT, "--clip-skip", 2, "-o", "bert.png") == 2
     err = capsys.readouterr().err
@@ -200,10 +198,10 @@ def test_speed_flags_reach_the_pipeline(monkeypatch, capsys):
         original = getattr(DenoisingPipeline, name)
         monkeypatch.setattr(DenoisingPipeline, name, lambda self, *a, _o=original, _n=name, **k:
                             (calls.append(_n), _o(self, *a, **k))[1])
-    assert generate(PROMPT, "--steps", 2, "-o", "plain.png") == 0
+    assert generate(PROMPT, "--steps", 1, "-o", "plain.png") == 0
     assert calls == []
     flags = ["--threads", 2, "--attention-slicing", "--vae-tiling", "--offload", "model"]
-    assert generate(PROMPT, "--steps", 2, *flags, "-o", "fast.png") == 0
+    assert generate(PROMPT, "--steps", 1, *flags, "-o", "fast.png") == 0
     assert sorted(calls) == ["enable_attention_slicing", "enable_vae_tiling"]
     assert torch.get_num_threads() == 2
     assert "--offload model is for CUDA; ignored" in capsys.readouterr().err
@@ -284,7 +282,7 @@ def cli_env(tmp_path) -> dict[str, str]:
 def test_python_m_latentdiff_runs_img2img_and_from(tmp_path):
     """The real built-in model through `python -m latentdiff`: img2img, then --from gives the same bytes."""
     run = [sys.executable, "-m", "latentdiff", "generate"]
-    first = subprocess.run([*run, "a blue square", "--init-image", "init.png", "--strength", "0.5", "--steps", "4",
+    first = subprocess.run([*run, "a blue square", "--init-image", "init.png", "--strength", "0.5", "--steps", "2",
                             "--mask", "mask.png", "-o", "cli.png"], capture_output=True, text=True,
                            env=cli_env(tmp_path), timeout=120)
     assert first.returncode == 0, first.stderr
