@@ -52,7 +52,7 @@ def test_image_hires_is_txt2img_lanczos_img2img_by_hand(pipe):
                      **RUN).images
     generator = seed()
     small = pipe(PROMPT, generator=generator, **RUN).images
-    large = [image.resize((128, 128), Image.LANCZOS) for image in small]
+    large = [image.resize((128, 128), Image.Resampling.LANCZOS) for image in small]
     expected = ImageToImagePipeline.from_pipe(pipe)(PROMPT, large, strength=0.6, generator=generator,
                                                     output_type="pt", **RUN).images
     assert ours.shape == (1, 3, 128, 128)

@@ -304,8 +304,9 @@ class InputsRun:
         if s.hires_scale is not None:
             from ..pipelines.hires import hires_fix
 
-            return hires_fix(self.pipe, prompt, scale=s.hires_scale, steps=s.hires_steps, strength=s.hires_strength,
-                             upscaler=s.hires_upscaler, height=height, width=width, tile_size=s.tile_size, **common)
+            return hires_fix(self.pipe, prompt, scale=s.hires_scale, steps=s.hires_steps,
+                             strength=s.hires_strength or DEFAULT_HIRES_STRENGTH, upscaler=s.hires_upscaler or "latent",
+                             height=height, width=width, tile_size=s.tile_size, **common)
         if images.mask is not None:
             from ..pipelines.inpaint import InpaintPipeline
 

@@ -140,5 +140,5 @@ def upscale(pipe: LatentDiffusionPipeline, z: torch.Tensor, size: tuple[int, int
     from PIL import Image
 
     img2img = ImageToImagePipeline.from_pipe(pipe)
-    resized = [image.resize((size[1], size[0]), Image.LANCZOS) for image in to_output(pipe.decode(z), "pil")]
+    resized = [image.resize((size[1], size[0]), Image.Resampling.LANCZOS) for image in to_output(pipe.decode(z), "pil")]
     return img2img.encode_image(img2img.preprocess_image(resized), batch_size=z.shape[0], generator=generator)
