@@ -68,6 +68,12 @@ def test_nearest_latents_and_every_step_reach_the_callback(pipe):
     assert len(steps) == denoising_steps(3, scale=1.5, strength=0.7) == 3 + 2
 
 
+def test_a1111_upscaler_names_map_to_ours():
+    from latentdiff.pipelines.hires import A1111_UPSCALERS, UPSCALERS
+
+    assert sorted(A1111_UPSCALERS.values()) == sorted(UPSCALERS)
+
+
 def test_the_size_rounds_down_to_the_factor():
     assert hires_size(64, 64, 1.3, 8) == (80, 80)
     assert hires_size(64, 48, 2, 8) == (128, 96)

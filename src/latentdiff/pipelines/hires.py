@@ -41,6 +41,8 @@ from .tiled_sampling import Size as TileSize
 
 UPSCALERS = ("latent", "latent-nearest", "image")
 LATENT_MODES = {"latent": "bilinear", "latent-nearest": "nearest"}   # torch interpolate modes
+# A1111's "Hires upscaler" names (its infotext) -> ours
+A1111_UPSCALERS = {"Latent": "latent", "Latent (nearest)": "latent-nearest", "Lanczos": "image"}
 DEFAULT_STRENGTH = 0.7     # A1111's default denoising strength of the hires pass
 
 
