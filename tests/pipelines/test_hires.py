@@ -68,6 +68,24 @@ def test_nearest_latents_and_every_step_reach_the_callback(pipe):
     assert len(steps) == denoising_steps(3, scale=1.5, strength=0.7) == 3 + 2
 
 
+def test_diffusers_idioms_reach_both_passes(pipe):
+    seen = []
+
+    def on_step_end(p, i, t, kwargs):
+        seen.append(tuple(kwargs["latents"].shape))
+        if len(seen) == 2:
+            p._interrupt = True            # in the first pass: the second is skipped
+        return kwargs
+
+    images, nsfw = hires_fix(pipe, PROMPT, scale=2, generator=seed(), output_type="pt", return_dict=False,
+                             callback_on_step_end=on_step_end, **RUN)
+    assert seen == [(1, 4, 16, 16)] * 2 and images.shape == (1, 3, 64, 64) and nsfw is None
+    seen.clear()
+    out = hires_fix(pipe, PROMPT, scale=2, generator=seed(), output_type="pt", guidance_rescale=0.5,
+                    callback_on_step_end=lambda p, i, t, kw: seen.append(tuple(kw["latents"].shape)) or kw, **RUN)
+    assert seen == [(1, 4, 16, 16)] * 3 + [(1, 4, 32, 32)] * 2 and out.images.shape == (1, 3, 128, 128)
+
+
 def test_a1111_upscaler_names_map_to_ours():
     from latentdiff.pipelines.hires import A1111_UPSCALERS, UPSCALERS
 

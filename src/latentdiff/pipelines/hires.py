@@ -22,6 +22,7 @@ numbers: the first pass's x_T, then (image) the posterior sample, then the secon
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -33,7 +34,8 @@ from ..diffusion.noise import randn
 from ..diffusion.samplers import StepCallback, check_sampler
 from ..errors import InputError, describe
 from .arguments import check_call
-from .base import PipelineOutput, to_output
+from .base import to_output
+from .call_options import CallbackOnStepEnd, finish, step_callback
 from .image_to_image import ImageToImagePipeline
 from .latent_diffusion import Generator, LatentDiffusionPipeline, Prompt
 from .sdedit import start_step
@@ -94,17 +96,22 @@ def hires_fix(pipe: LatentDiffusionPipeline, prompt: Prompt | None = None, negat
               num_inference_steps: int = 50, guidance_scale: float = 7.5, eta: float | None = None,
               num_images_per_prompt: int = 1, generator: Generator = None, clip_skip: int | None = None,
               tile_size: TileSize | None = None, tile_overlap: TileSize | None = None, output_type: str = "pil",
-              callback: StepCallback | None = None, progress: bool = True,
-              max_pixels: int | None = None) -> PipelineOutput:
+              callback: StepCallback | None = None, progress: bool = True, max_pixels: int | None = None,
+              guidance_rescale: float = 0.0, callback_on_step_end: CallbackOnStepEnd | None = None,
+              callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), return_dict: bool = True) -> Any:
     """Images of `prompt` at (height x scale, width x scale) by A1111's hires fix with the parts of `pipe` (a
     text-to-image pipeline): a first pass at height x width (default: the model's size), `upscaler` (UPSCALERS),
     then image-to-image at `strength` with `steps` (None/0: num_inference_steps) in the step plan. tile_size /
-    tile_overlap: the second pass in blended tiles (`tiled_sampling`). callback: every step of both passes.
-    Everything else as `pipe.__call__`. -> PipelineOutput at the scaled size."""
+    tile_overlap: the second pass in blended tiles (`tiled_sampling`). callback, callback_on_step_end: every step of
+    both passes (the step index starts at 0 again in the second); `pipe._interrupt` set in the first pass skips the
+    second (the first pass's images are returned). Everything else as `pipe.__call__`. -> PipelineOutput at the
+    scaled size (return_dict=False: diffusers' tuple)."""
     check_call(pipe, dict(prompt=prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
                           num_inference_steps=num_inference_steps, eta=eta, output_type=output_type,
                           callback=callback, generator=generator, clip_skip=clip_skip,
-                          num_images_per_prompt=num_images_per_prompt))
+                          num_images_per_prompt=num_images_per_prompt, guidance_rescale=guidance_rescale,
+                          callback_on_step_end=callback_on_step_end, return_dict=return_dict,
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs))
     height, width = pipe.check_inputs(prompt, negative_prompt, height=height, width=width,
                                       num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                       num_images_per_prompt=num_images_per_prompt, output_type=output_type,
@@ -120,15 +127,19 @@ def hires_fix(pipe: LatentDiffusionPipeline, prompt: Prompt | None = None, negat
     check_sampler(sampler)
     cond, uncond = pipe.encode_prompt(prompt, negative_prompt, num_images_per_prompt=num_images_per_prompt,
                                       guidance=guidance_scale > 1.0, clip_skip=clip_skip)
+    on_step = step_callback(pipe, callback, callback_on_step_end, callback_on_step_end_tensor_inputs,
+                            embeddings={"prompt_embeds": cond, "negative_prompt_embeds": uncond})
     run: dict[str, Any] = dict(guidance_scale=guidance_scale, sampler=sampler, generator=generator,
-                               callback=callback, progress=progress)
+                               callback=on_step, progress=progress, guidance_rescale=guidance_rescale)
     x_T = pipe.prepare_latents(cond.shape[0], height, width, generator=generator)
     z = pipe.denoise(x_T, cond, uncond, num_inference_steps=num_inference_steps, **run)
+    if pipe.interrupt:
+        return finish(pipe.output(z, output_type), return_dict)
     z_big = upscale(pipe, z, big, upscaler=upscaler, generator=generator)
     eps = randn(z_big.shape, generator=generator, dtype=z_big.dtype, device=z_big.device)
     x = sampler.noise_to_start(z_big, eps, pipe.noise_scheduler, hires_steps, first)
     z = pipe.denoise(x, cond, uncond, num_inference_steps=hires_steps, start_step=first, tiling=tiling, **run)
-    return pipe.output(z, output_type)
+    return finish(pipe.output(z, output_type), return_dict)
 
 
 def upscale(pipe: LatentDiffusionPipeline, z: torch.Tensor, size: tuple[int, int], *, upscaler: str,
