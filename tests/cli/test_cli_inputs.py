@@ -145,6 +145,12 @@ def test_hires_defaults_are_a1111s():
     assert pixels("h.png").shape == (80, 80, 3)
 
 
+def test_a_tile_size_off_the_factor_names_the_flag(capsys):
+    assert generate(PROMPT, "--tile-size", 30, "-o", "t.png") == 2
+    err = capsys.readouterr().err
+    assert "where: --tile-size" in err and "multiples of 4" in err
+
+
 def test_tile_size_is_tiled_sampling(pipe):
     assert generate(PROMPT, "--tile-size", 32, "--width", 96, "-o", "tiles.png") == 0
     expected = pipe(PROMPT, height=64, width=96, tile_size=32, generator=seed(), **RUN).images

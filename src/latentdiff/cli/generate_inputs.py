@@ -28,7 +28,7 @@ from typing import Any
 
 from .. import hub, limits
 from ..config import is_int, is_real
-from ..errors import UsageError
+from ..errors import InputError, UsageError
 from .generate_model import SINGLE_FILE_SUFFIXES, local_kind
 from .generate_settings import FLAGS, GenerateSettings, warn
 
@@ -253,8 +253,9 @@ def size_from_image(settings: GenerateSettings, images: InputImages, pipe: Any) 
         return settings
     f = pipe.vae_scale_factor
     width, height = images.init.size
-    size = (settings.height or max(f, height // f * f), settings.width or max(f, width // f * f))
-    if size != (height, width):
+    rounded = (max(f, height // f * f), max(f, width // f * f))
+    size = (settings.height or rounded[0], settings.width or rounded[1])
+    if (settings.height is None and rounded[0] != height) or (settings.width is None and rounded[1] != width):
         print(f"latentdiff: note: the init image is {width} x {height}; generating {size[1]} x {size[0]} "
               f"(multiples of the autoencoder factor {f})", file=sys.stderr)
     return dataclasses.replace(settings, height=size[0], width=size[1])
@@ -270,6 +271,12 @@ def prepare_run(pipe: Any, settings: GenerateSettings, images: InputImages, args
                              "this model's text encoder has no layers to skip", where=origin_of(args, "clip_skip"),
                              expected=f"1 .. {layers} (A1111's numbering)" if layers else "--clip-skip 1 (or none)",
                              found=f"{settings.clip_skip} ({type(pipe.text_encoder).__name__})")
+    if settings.tile_size is not None:
+        try:
+            pipe.tiling(settings.tile_size)
+        except InputError as e:
+            raise UsageError(e.message, where=origin_of(args, "tile_size"), expected=e.expected,
+                             found=settings.tile_size) from None
     if args.offload is not None:
         if pipe.device.type != "cuda":
             warn(f"--offload {args.offload} is for CUDA; ignored on the CPU (the weights are in memory already)")
