@@ -32,6 +32,8 @@ DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # height x width x images per call; `max_
 MAX_STEPS = 10_000                 # sampling steps
 MAX_IMAGES_PER_PROMPT = 1024
 MAX_INFOTEXT_CHARS = 65_536        # an A1111 "parameters" text read back (PNG chunk, EXIF UserComment); real: < 4 KB
+MAX_THREADS = 4096                 # torch threads (`latentdiff generate --threads`)
+MAX_HIRES_SCALE = 8                # hires fix: the second pass's size / the first's (A1111's slider: 1-4)
 
 # ---- data (eval folders / .npy / images) -------------------------------------------------------------------------
 MAX_ARRAY_BYTES = 8 * 1024**3      # one .npy array read by `latentdiff eval`

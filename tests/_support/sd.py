@@ -33,14 +33,16 @@ CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num
               max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", projection_dim=768)
 
 
-def tiny_diffusers_pipeline(folder: Path, *, scheduler_class: str = "DDIMScheduler", unet_in_channels: int = 4):
+def tiny_diffusers_pipeline(folder: Path, *, scheduler_class: str = "DDIMScheduler", unet_in_channels: int = 4,
+                            clip_layers: int = 2):
     """A diffusers StableDiffusionPipeline with tiny random parts (CLIP hidden 32, UNet 32/64, VAE f=2).
 
-    unet_in_channels=9 gives an inpainting UNet (latents + mask + masked-image latents)."""
+    unet_in_channels=9 gives an inpainting UNet (latents + mask + masked-image latents); clip_layers: the CLIP
+    tower's layers (clip_skip tests need more than 2)."""
     import diffusers
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    text_dir, tok_dir = make_tiny_clip(folder / "_clip")
+    text_dir, tok_dir = make_tiny_clip(folder / "_clip", num_hidden_layers=clip_layers)
     torch.manual_seed(0)
     unet = randomize(diffusers.UNet2DConditionModel(**(TINY_UNET | dict(in_channels=unet_in_channels))), 1)
     vae = randomize(diffusers.AutoencoderKL(**TINY_VAE), 2)

@@ -39,6 +39,7 @@ from ..errors import UsageError
 from ..version import __version__
 from . import generate_outputs as outputs
 from .generate_a1111 import add_schedule_flag, with_schedule
+from .generate_inputs import add_input_flags, load_vae, prepare_run, set_threads, settle_inputs, size_from_image
 from .generate_model import ModelSource, locate_model, tokenizer_file
 from .generate_settings import DTYPES, GenerateSettings, Job, note_from, plan_jobs, read_from_png, settle, warn
 
@@ -84,9 +85,12 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     outputs.add_output_flags(gen)
     # ---- names (part B) ----
     add_schedule_flag(gen)
+    # ---- part C: image inputs, hires fix, performance flags, clip skip (generate_inputs) ----
+    add_input_flags(gen)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    set_threads(args.threads)
     device = check_device(args.device)
     procs = Processes.start(cpu=device is not None and device.type == "cpu")
     stored = read_from_png(args.from_png) if args.from_png else {}
@@ -96,6 +100,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     drawn = seed is not None and seed != args.seed      # --seed -1 or none: a random seed, printed once checked
     args = argparse.Namespace(**vars(args) | {"n": n, "seed": args.seed if seed is None else seed})
     settings = settle(args, stored, source)
+    settings, images = settle_inputs(args, stored, settings)
     jobs = plan_jobs(args, settings, procs.share)
     if procs.is_main and drawn:
         print(f"latentdiff: seed {seed}", file=sys.stderr)
@@ -106,7 +111,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = load_pipeline(source, settings, device=device or procs.device)
     if procs.is_main and not checked:   # a Hub model's tokenizer, now downloaded
         warn_unknown_words(tokenizer_file(source, settings.tokenizer), texts)
-    settings = finish(settings, pipe)
+    settings = finish(size_from_image(settings, images, pipe), pipe)
+    pipe = prepare_run(pipe, settings, images, args)
     mine = outputs.plan_calls(len(jobs), settings.n, batch_size)[procs.index::procs.count]
     alone = procs.count == 1
     written = run(pipe, [call for group in mine for call in group], jobs, settings, show=procs.is_main,
@@ -217,8 +223,11 @@ def load_pipeline(source: ModelSource, settings: GenerateSettings, *, device: An
         tokenizer = {} if settings.tokenizer is None else {"tokenizer": settings.tokenizer}
         # SomePipeline.from_single_file returns SomePipeline or a subclass (it checks the file fits the class)
         pipe = cast(LatentDiffusionPipeline, LatentDiffusionPipeline.from_single_file(source.path, **load, **tokenizer))
+        if settings.vae is not None:
+            pipe = type(pipe).from_pipe(pipe, **load_vae(settings, **load))
     else:
-        pipe = LatentDiffusionPipeline.from_pretrained(source.name if source.kind == "hub" else source.path, **load)
+        pipe = LatentDiffusionPipeline.from_pretrained(source.name if source.kind == "hub" else source.path, **load,
+                                                       **load_vae(settings, **load))
     pipe.sampler = with_schedule(switch_sampler(pipe.sampler, settings.sampler), settings.schedule)
     return pipe
 

@@ -116,7 +116,18 @@ def plan_calls(prompts: int, n: int, batch_size: int) -> list[list[Call]]:
 def denoising_steps(settings: Any) -> int:
     """The denoising steps of one pipeline call: the progress bar's unit (a second pass, such as a hires fix, or
     an img2img strength that skips steps, is counted here)."""
-    return int(settings.steps)
+    steps = int(settings.steps)
+    if getattr(settings, "hires_scale", None) is not None:
+        from ..pipelines.hires import DEFAULT_STRENGTH, denoising_steps as with_hires
+
+        return with_hires(steps, scale=settings.hires_scale, steps=settings.hires_steps,
+                          strength=settings.hires_strength or DEFAULT_STRENGTH)
+    if getattr(settings, "init_image", None) is not None:
+        from ..pipelines.sdedit import start_step
+        from .generate_inputs import DEFAULT_STRENGTH as IMG2IMG_STRENGTH
+
+        return steps - start_step(steps, settings.strength or IMG2IMG_STRENGTH)
+    return steps
 
 
 # ---- the files -----------------------------------------------------------------------------------------------

@@ -29,11 +29,15 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16":
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 # The settings a PNG records and `--from` reads back; a flag given overrides the stored value.
 RECORDED = ("prompt", "negative", "seed", "steps", "guidance", "sampler", "eta", "height", "width", "n", "model",
-            "dtype", "tokenizer", "schedule")
+            "dtype", "tokenizer", "schedule",
+            # image inputs, hires fix, tiles, VAE, clip skip (generate_inputs)
+            "clip_skip", "init_image", "init_image_sha256", "strength", "mask", "mask_sha256", "hires_scale",
+            "hires_steps", "hires_strength", "hires_upscaler", "tile_size", "vae", "vae_tiling")
+OPTIONAL = RECORDED[RECORDED.index("clip_skip"):]   # recorded only when set
 MAX_SEED = 2**63 - 1
-PATH_VALUES = ("model", "tokenizer")    # recorded values that name files or folders
+PATH_VALUES = ("model", "tokenizer", "init_image", "mask", "vae")    # recorded values that name files or folders
 MAX_PATH_CHARS = 4096
-FLAGS = {key: f"--{key}" for key in RECORDED} | {"prompt": "PROMPT", "n": "-n"}   # for messages
+FLAGS = {key: f"--{key.replace('_', '-')}" for key in RECORDED} | {"prompt": "PROMPT", "n": "-n"}   # for messages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +59,25 @@ class GenerateSettings:
     dtype: str                  # a torch dtype name: float32, float16, bfloat16
     tokenizer: str | None       # single-file models only
     schedule: str | None = None  # the sampler's sigma_schedule (default, karras, exponential); None: its own
+    # generate_inputs: None = not used
+    clip_skip: int | None = None       # A1111's numbering: 1 = the last layer, 2 = the penultimate
+                                       # (diffusers' clip_skip 1)
+    init_image: str | None = None      # img2img / inpainting: absolute path
+    init_image_sha256: str | None = None
+    strength: float | None = None      # img2img / inpainting denoising strength
+    mask: str | None = None            # inpainting: absolute path, white = repaint
+    mask_sha256: str | None = None
+    hires_scale: float | None = None   # hires fix: the second pass at height, width x scale
+    hires_steps: int | None = None     # None / 0: as steps
+    hires_strength: float | None = None
+    hires_upscaler: str | None = None  # latent | latent-nearest | image
+    tile_size: int | None = None       # tiled sampling (pixels)
+    vae: str | None = None             # the autoencoder that replaces the model's: absolute path or Hub id
+    vae_tiling: bool | None = None
 
     def params(self) -> dict[str, Any]:
-        """The settings as the JSON a PNG records."""
-        return dataclasses.asdict(self)
+        """The settings as the JSON a PNG records (the image input, hires, tile and VAE settings only when used)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k not in OPTIONAL}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +126,7 @@ def read_from_png(path: str) -> dict[str, Any]:
                                                 or len(value) > MAX_PATH_CHARS or any(ord(c) < 32 for c in value)):
             raise UsageError(f"the PNG's {key} is not a model name or path", where=f"{path}: {key}",
                              expected="a built-in model name, a Hub id, or a path", found=repr(value)[:200],
-                             hint=f"give --{key} yourself")
+                             hint=f"give {FLAGS[key]} yourself")
     return {key: params[key] for key in (*RECORDED, "latentdiff", "batch") if key in params}
 
 
@@ -121,7 +140,7 @@ def note_from(path: str, stored: dict[str, Any], args: argparse.Namespace | None
         value = stored.get(key)
         if isinstance(value, str) and getattr(args, key, None) is None and local_kind(value) is not None:
             warn(f"{path} names the local {key} {Path(value).expanduser().resolve()}: using it "
-                 f"(pass --{key} to choose another)")
+                 f"(pass {FLAGS[key]} to choose another)")
     if stored.get("latentdiff") not in (None, __version__):
         warn(f"{path} was made with latentdiff {stored['latentdiff']}, this is {__version__}")
     n = stored["n"] if isinstance(stored.get("n"), int) else 1

@@ -285,8 +285,15 @@ class LDMBertTextEncoder(TextEncoder):
     def hidden_size(self) -> int:
         return self.model.config.d_model
 
-    def encode_ids(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids: (B, L) token ids -> (B, L, d_model)."""
+    @property
+    def clip_skip_layers(self) -> None:
+        """None: LDMBert conditions on its last layer only (clip_skip is for CLIP text encoders)."""
+        return None
+
+    def encode_ids(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                   clip_skip: int | None = None) -> torch.Tensor:
+        """input_ids: (B, L) token ids -> (B, L, d_model). clip_skip: None only (an InputError otherwise)."""
+        self.check_clip_skip(clip_skip)
         if attention_mask is not None:
             raise InputError("LDMBert attends to every position and takes no attention mask", where="attention_mask",
                              expected=None, found=describe(attention_mask))

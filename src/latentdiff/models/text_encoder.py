@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .. import hub
-from ..config import ComponentConfig, read_json
+from ..config import ComponentConfig, is_int, read_json
 from ..errors import CheckpointError, ConfigError, InputError, describe
 from ..registry import COMPONENTS, SINGLE_FILE
 from ..utils.devices import check_device
@@ -148,26 +148,61 @@ class TextEncoder(nn.Module):
         return next(self.model.parameters()).dtype
 
     # ---- encoding ---------------------------------------------------------------------------
-    def forward(self, prompts: str | Sequence[str]) -> torch.Tensor:
-        """prompts: a string or B strings -> (B, max_length, hidden_size) on the model's device and dtype."""
+    def forward(self, prompts: str | Sequence[str], *, clip_skip: int | None = None) -> torch.Tensor:
+        """prompts: a string or B strings -> (B, max_length, hidden_size) on the model's device and dtype.
+        clip_skip: see `encode_ids`."""
+        self.check_clip_skip(clip_skip)
         input_ids, attention_mask = self._tokenize(prompts)
-        return self.encode_ids(input_ids, attention_mask=attention_mask if self._use_mask else None)
+        mask = attention_mask if self._use_mask else None
+        if clip_skip:
+            return self.encode_ids(input_ids, attention_mask=mask, clip_skip=clip_skip)
+        return self.encode_ids(input_ids, attention_mask=mask)
 
     def tokenize(self, prompts: str | Sequence[str]) -> torch.Tensor:
         """prompts -> input_ids (B, max_length) int64 on the CPU: padded, and truncated with a warning."""
         return self._tokenize(prompts)[0]
 
-    def encode_ids(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids: (B, L) integer token ids -> (B, L, hidden_size), from the layer the config names."""
+    def encode_ids(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                   clip_skip: int | None = None) -> torch.Tensor:
+        """input_ids: (B, L) integer token ids -> (B, L, hidden_size), from the layer the config names.
+
+        clip_skip: that many more layers skipped, the hidden states then passed through the final layer norm, as
+        diffusers' clip_skip (1: the penultimate layer; A1111's "Clip skip: 2"); None or 0: the config's layer."""
+        self.check_clip_skip(clip_skip)
         check_input_ids(input_ids, self._max_positions)
         device = self.device
         if attention_mask is not None:
             attention_mask = attention_mask.to(device)
-        if self.config.layer == "last":
+        skip = int(clip_skip or 0) + (self.config.layer == "penultimate")
+        if skip == 0:
             return self.model(input_ids=input_ids.to(device), attention_mask=attention_mask).last_hidden_state
         hidden = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask,
-                            output_hidden_states=True).hidden_states[-2]
-        return _get_path(self.model, self._norm_path)(hidden) if self._norm_path else hidden
+                            output_hidden_states=True).hidden_states[-(skip + 1)]
+        norm = self._norm_path or (self._find_final_norm() if self.config.apply_final_norm else None)
+        return _get_path(self.model, norm)(hidden) if norm else hidden
+
+    @property
+    def clip_skip_layers(self) -> int | None:
+        """How many layers the output comes after (clip_skip counts back from it: 0 <= clip_skip < this); None: a
+        model without layers to skip (no hidden states per layer, or no final layer norm to pass them through)."""
+        layers = getattr(self.model.config, "num_hidden_layers", None)
+        if not isinstance(layers, int) or (self.config.apply_final_norm and not any(
+                _get_path(self.model, path) is not None for path in FINAL_NORM_PATHS)):
+            return None
+        return layers - (self.config.layer == "penultimate")
+
+    def check_clip_skip(self, clip_skip: Any) -> None:
+        """An InputError naming clip_skip unless it is None or an int in [0, clip_skip_layers)."""
+        if clip_skip is None:
+            return
+        layers = self.clip_skip_layers
+        if layers is None:
+            raise InputError("this text encoder has no layers to skip", where="clip_skip",
+                             expected="clip_skip=None (it is for CLIP text encoders)", found=type(self.model).__name__)
+        if not is_int(clip_skip) or not 0 <= clip_skip < layers:
+            raise InputError("clip_skip must be a number of layers to skip", where="clip_skip",
+                             expected=f"an int in [0, {layers}) (1: the penultimate layer; this text encoder has "
+                                      f"{layers} layers)", found=repr(clip_skip))
 
     def _tokenize(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         prompts = _check_prompts(prompts)

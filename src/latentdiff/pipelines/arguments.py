@@ -22,6 +22,7 @@ from deep inside a stage:
 | `callback_on_step_end_tensor_inputs` | a list of names from `call_options.CALLBACK_TENSOR_INPUTS` |
 | `guidance_rescale` | a finite real number in [0, 1] |
 | `return_dict` | True or False |
+| `clip_skip` | None, or an int in [0, the CLIP text encoder's layers) (1: the penultimate layer, as diffusers) |
 
 A tensor holding NaN or Inf is a `NumericalError` naming the argument (stage "input"). Sizes (height, width,
 images per call) are `limits.check_pixels`'s.
@@ -69,6 +70,8 @@ def check_call(pipeline: Any, arguments: Mapping[str, Any]) -> None:
         if given.get(name) is not None:
             check_tensor(given[name], argument=name)
     check_embeddings(pipeline, given)
+    if given.get("clip_skip") is not None:
+        check_clip_skip(pipeline, given["clip_skip"])
     check_call_options(given)
     check_generator_type(given.get("generator"), batch_size(given))
 
@@ -109,6 +112,16 @@ def check_tensor(value: Any, *, argument: str) -> None:
         raise InputError(f"{argument} must be a floating-point tensor", where=argument,
                          expected="a float torch.Tensor", found=describe(value))
     check_finite_input(value, argument=argument)
+
+
+def check_clip_skip(pipeline: Any, value: Any) -> None:
+    """clip_skip for the pipeline's text encoder (`TextEncoder.check_clip_skip`); a pipeline without a text encoder
+    (class labels, layouts) has no layers to skip: an InputError naming clip_skip."""
+    check = getattr(getattr(pipeline, "text_encoder", None), "check_clip_skip", None)
+    if check is None:
+        raise InputError(f"{type(pipeline).__name__} has no text encoder, so no layers to skip", where="clip_skip",
+                         expected="clip_skip=None (it is for CLIP text encoders)", found=describe(value))
+    check(value)
 
 
 def check_embeddings(pipeline: Any, given: Mapping[str, Any]) -> None:

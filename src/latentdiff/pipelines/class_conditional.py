@@ -129,11 +129,12 @@ class ClassConditionalPipeline(DenoisingPipeline):
                  width: int | None = None, num_inference_steps: int = 50, eta: float | None = None,
                  generator: Generator = None, latents: torch.Tensor | None = None, output_type: str = "pil",
                  callback: StepCallback | None = None, progress: bool = True,
-                 max_pixels: int | None = None, return_dict: bool = True) -> Any:
+                 max_pixels: int | None = None, return_dict: bool = True, clip_skip: int | None = None) -> Any:
         """One image per label of `class_labels` (an int, a name, a list of them, or a (B,) integer tensor).
         guidance_scale > 1 guides against the null class. latents: x_T (B, C, height/f, width/f), drawn from
         `generator` when None. max_pixels: the largest height x width x labels a call may generate (default
-        limits.DEFAULT_MAX_PIXELS). Returns PipelineOutput(images=...), or (images,) with return_dict=False."""
+        limits.DEFAULT_MAX_PIXELS). Returns PipelineOutput(images=...), or (images,) with return_dict=False.
+        clip_skip: None only (class labels have no text encoder layers to skip: an InputError names it)."""
         check_call(self, locals())
         labels = self.label_ids(class_labels)
         height, width = self.image_size(height, width)

@@ -48,7 +48,8 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
             callback: StepCallback | None = None, progress: bool = True,
             max_pixels: int | None = None, guidance_rescale: float = 0.0,
             callback_on_step_end: CallbackOnStepEnd | None = None,
-            callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), return_dict: bool = True) -> Any:
+            callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), return_dict: bool = True,
+            clip_skip: int | None = None) -> Any:
         """Edit `image` (see `images` for the accepted kinds; H, W multiples of the autoencoder factor) towards
         `prompt`. strength in [0, 1]: 1 runs all num_inference_steps from an almost fully noised image,
         smaller keeps more of it (int(N * strength) steps run), with any sampler. noise: (B, C, H/f, W/f), the
@@ -56,7 +57,8 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
         each step run (i from 0; denoised the step's x0 prediction; a tensor it returns replaces x).
         max_pixels: the largest H x W x images a call may generate (default limits.DEFAULT_MAX_PIXELS, see
         docs/limits.md). guidance_rescale, callback_on_step_end, callback_on_step_end_tensor_inputs, return_dict,
-        `pipe._interrupt`: as diffusers' (`call_options`). Returns PipelineOutput(images=...) (return_dict=False:
+        `pipe._interrupt`: as diffusers' (`call_options`).
+        clip_skip: as text-to-image's. Returns PipelineOutput(images=...) (return_dict=False:
         the tuple (images, None)).
         """
         check_call(self, locals())
@@ -68,7 +70,7 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
             negative_prompt_embeds=negative_prompt_embeds, max_pixels=max_pixels)
         cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt=num_images_per_prompt,
                                           guidance=guidance_scale > 1.0, prompt_embeds=prompt_embeds,
-                                          negative_prompt_embeds=negative_prompt_embeds)
+                                          negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip)
         z0 = self.encode_image(x, batch_size=batch, num_images_per_prompt=num_images_per_prompt, generator=generator)
         eps = self.draw_noise(z0.shape, generator=generator, noise=noise)
         x_t0 = sampler.noise_to_start(z0, eps, self.noise_scheduler, num_inference_steps, first)

@@ -65,7 +65,8 @@ class InpaintPipeline(ImageToImagePipeline):
             output_type: str = "pil", callback: StepCallback | None = None,
             progress: bool = True, max_pixels: int | None = None, guidance_rescale: float = 0.0,
             callback_on_step_end: CallbackOnStepEnd | None = None,
-            callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), return_dict: bool = True) -> Any:
+            callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), return_dict: bool = True,
+            clip_skip: int | None = None) -> Any:
         """Repaint the white region of `mask_image` in `image` (same H, W). height / width (multiples of the
         autoencoder factor): resize the image and the mask to them, as diffusers; default: the image's size (rounded
         down to multiples of the factor).
@@ -74,7 +75,8 @@ class InpaintPipeline(ImageToImagePipeline):
         timestep (as image-to-image). noise: (B, C, H/f, W/f), the run's eps (diffusers' `latents` at
         strength 1), drawn from `generator` when None. max_pixels: the largest H x W x images a call may generate
         (default limits.DEFAULT_MAX_PIXELS). guidance_rescale, callback_on_step_end(_tensor_inputs), return_dict,
-        `pipe._interrupt`: as diffusers' (`call_options`). Returns PipelineOutput(images=...) or (images, None).
+        `pipe._interrupt`: as diffusers' (`call_options`).
+        clip_skip: as text-to-image's. Returns PipelineOutput(images=...) or (images, None).
         """
         check_call(self, locals())
         size = self.check_size_arguments(height, width, max_pixels=max_pixels)
@@ -88,7 +90,7 @@ class InpaintPipeline(ImageToImagePipeline):
         check_batch(mask.shape[0], batch, per_prompt=num_images_per_prompt, name="mask_image")
         cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt=num_images_per_prompt,
                                           guidance=guidance_scale > 1.0, prompt_embeds=prompt_embeds,
-                                          negative_prompt_embeds=negative_prompt_embeds)
+                                          negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip)
         per_prompt: dict[str, Any] = dict(batch_size=batch, num_images_per_prompt=num_images_per_prompt)
         # The image latent is needed to start below strength 1, and by a plain UNet for blending.
         z0 = self.encode_image(x, **per_prompt, generator=generator) \

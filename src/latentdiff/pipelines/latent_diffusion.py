@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,7 +33,7 @@ from ..registry import PIPELINES
 from ..utils.memory import released_after_each_block
 from ..utils.numerics import check_finite_output
 from . import acceleration
-from .arguments import check_call
+from .arguments import check_call, check_clip_skip
 from .base import PipelineOutput, concat_conditioning
 from .call_options import CallbackOnStepEnd, Interrupted, finish, step_callback
 from .denoising import FIRST_STAGES, DenoisingPipeline, FirstStage, Generator
@@ -175,7 +176,7 @@ class LatentDiffusionPipeline(DenoisingPipeline):
                  tile_overlap: TileSize | None = None, max_pixels: int | None = None, guidance_rescale: float = 0.0,
                  callback_on_step_end: CallbackOnStepEnd | None = None,
                  callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-                 return_dict: bool = True) -> Any:
+                 return_dict: bool = True, clip_skip: int | None = None) -> Any:
         """Generate images for `prompt` (a string or a list). Returns PipelineOutput(images=...), or with
         return_dict=False diffusers' tuple (images, None) (no safety checker: nothing flagged).
 
@@ -186,6 +187,7 @@ class LatentDiffusionPipeline(DenoisingPipeline):
         (default limits.DEFAULT_MAX_PIXELS, see docs/limits.md); a larger request is refused before any work.
         guidance_rescale, callback_on_step_end(pipe, i, t, callback_kwargs) -> dict with
         callback_on_step_end_tensor_inputs, return_dict, `pipe._interrupt`: as diffusers' (`call_options`).
+        clip_skip: CLIP layers skipped (`encode_prompt`).
         """
         check_call(self, locals())
         height, width = self.check_inputs(prompt, negative_prompt, height=height, width=width,
@@ -198,7 +200,7 @@ class LatentDiffusionPipeline(DenoisingPipeline):
         use_cfg = guidance_scale > 1.0
         cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt=num_images_per_prompt,
                                           guidance=use_cfg, prompt_embeds=prompt_embeds,
-                                          negative_prompt_embeds=negative_prompt_embeds)
+                                          negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip)
         x_T = self.prepare_latents(cond.shape[0], height, width, generator=generator, latents=latents)
         on_step = step_callback(self, callback, callback_on_step_end, callback_on_step_end_tensor_inputs,
                                 embeddings={"prompt_embeds": cond, "negative_prompt_embeds": uncond})
@@ -252,19 +254,27 @@ class LatentDiffusionPipeline(DenoisingPipeline):
     def encode_prompt(self, prompt: Prompt | None, negative_prompt: Prompt | None = None, *,
                       num_images_per_prompt: int = 1, guidance: bool = True,
                       prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
-                      grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """-> (cond, uncond): (B * num_images_per_prompt, L, D) each; uncond is None without guidance."""
+                      grad: bool = False, clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (cond, uncond): (B * num_images_per_prompt, L, D) each; uncond is None without guidance.
+
+        clip_skip: the CLIP text encoder's hidden states that many layers before its last, through its final layer
+        norm, as diffusers' clip_skip (1: the penultimate layer = A1111's "Clip skip: 2"); for the prompt and the
+        negative prompt both, as A1111 (diffusers' StableDiffusionPipeline skips layers for the prompt only).
+        A text encoder without layers to skip (LDMBert) refuses it (an InputError)."""
+        if clip_skip is not None:
+            check_clip_skip(self, clip_skip)
+        encode = functools.partial(self.text_encoder, clip_skip=clip_skip) if clip_skip else self.text_encoder
         if prompt_embeds is None:
             if prompt is None:
                 raise no_prompt()
-            prompt_embeds = self.text_encoder([prompt] if isinstance(prompt, str) else list(prompt))
+            prompt_embeds = encode([prompt] if isinstance(prompt, str) else list(prompt))
         uncond = None
         if guidance:
             if negative_prompt_embeds is None:
                 n = prompt_embeds.shape[0]
                 negatives = [negative_prompt or ""] * n if negative_prompt is None or isinstance(negative_prompt, str) \
                     else list(negative_prompt)
-                negative_prompt_embeds = self.text_encoder(negatives)
+                negative_prompt_embeds = encode(negatives)
             uncond = negative_prompt_embeds.to(self.unet.dtype).repeat_interleave(num_images_per_prompt, dim=0)
         cond = prompt_embeds.to(self.unet.dtype).repeat_interleave(num_images_per_prompt, dim=0)
         self.release(self.text_encoder)
