@@ -118,7 +118,8 @@ def denoising_steps(settings: Any) -> int:
     an img2img strength that skips steps, is counted here)."""
     steps = int(settings.steps)
     if getattr(settings, "hires_scale", None) is not None:
-        from ..pipelines.hires import DEFAULT_STRENGTH, denoising_steps as with_hires
+        from ..pipelines.hires import DEFAULT_STRENGTH
+        from ..pipelines.hires import denoising_steps as with_hires
 
         return with_hires(steps, scale=settings.hires_scale, steps=settings.hires_steps,
                           strength=settings.hires_strength or DEFAULT_STRENGTH)
