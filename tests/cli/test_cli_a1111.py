@@ -56,7 +56,10 @@ def offline_builtin(monkeypatch, tmp_path, model):
 
 
 def generate(*argv) -> int:
-    return main(["generate", *map(str, argv)])
+    """`latentdiff generate` in-process, at seed 0 unless the arguments choose (--seed, --from)."""
+    args = [*map(str, argv)]
+    seed = [] if "--seed" in args or "--from" in args else ["--seed", "0"]
+    return main(["generate", *args, *seed])
 
 
 def pixels(path) -> np.ndarray:
@@ -157,7 +160,8 @@ def test_from_reads_a1111_parameters(kind, pipe, capsys):
         "schedule": "karras", "guidance": 2.5, "seed": 42, "width": 64, "height": 64, "model": BUILTIN}
     assert np.array_equal(pixels("made.png"), dpm_image(pipe, "karras", seed=42, steps=3, guidance=2.5,
                                                         negative="green, (blurry:1.3)"))
-    warnings = [line for line in capsys.readouterr().err.splitlines() if "vocabulary" not in line]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "vocabulary" not in line
+                and not line.startswith("latentdiff: step ")]
     assert warnings == [
         f"latentdiff: warning: {path}: A1111 settings latentdiff does not use, ignored: Model hash, Lora hashes",
         f"latentdiff: warning: {path} was made with the A1111 model 'v1-5-pruned-emaonly', not a latentdiff model: "

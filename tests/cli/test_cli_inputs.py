@@ -60,7 +60,10 @@ def offline_builtin(monkeypatch, tmp_path, model):
 
 
 def generate(*argv) -> int:
-    return main(["generate", *map(str, argv)])
+    """`latentdiff generate` in-process, at seed 0 unless the arguments choose (--seed, --from)."""
+    args = [*map(str, argv)]
+    seed = [] if "--seed" in args or "--from" in args else ["--seed", "0"]
+    return main(["generate", *args, *seed])
 
 
 def pixels(path) -> np.ndarray:

@@ -94,6 +94,8 @@ def format_infotext(params: Mapping[str, Any]) -> str:
     if params.get("negative"):
         lines.append(f"{NEGATIVE} {params['negative']}")
     settings = []
+    if params.get("hires_scale") is not None and params.get("strength") is None:
+        params = {**params, "strength": params.get("hires_strength")}   # A1111's one "Denoising strength"
     for field in FIELDS:
         values = [params.get(name) for name in field.settings]
         if any(value is None for value in values) or (field.label == "Eta DDIM" and values[0] == 0):
@@ -106,6 +108,8 @@ def format_infotext(params: Mapping[str, Any]) -> str:
             text = A1111_SCHEDULE_LABELS.get(str(values[0]), str(values[0]))
         elif field.kind == "version":
             text = f"{VERSION_PREFIX}{values[0]}"
+        elif field.label == "Hires upscaler":
+            text = next((label for label, name in HIRES_UPSCALERS.items() if name == values[0]), str(values[0]))
         else:
             text = _number(values[0])
         settings.append(f"{field.label}: {quote(text)}")
