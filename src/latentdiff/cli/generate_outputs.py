@@ -125,9 +125,8 @@ def denoising_steps(settings: Any) -> int:
                           strength=settings.hires_strength or DEFAULT_STRENGTH)
     if getattr(settings, "init_image", None) is not None:
         from ..pipelines.sdedit import start_step
-        from .generate_inputs import DEFAULT_STRENGTH as IMG2IMG_STRENGTH
 
-        return steps - start_step(steps, settings.strength or IMG2IMG_STRENGTH)
+        return steps - start_step(steps, settings.strength)   # settle_inputs gave it its default
     return steps
 
 
