@@ -320,7 +320,9 @@ def run_page(path: Path, *, skip_languages: tuple[str, ...] = ()) -> list[tuple[
 #   stable-diffusion-v1-5/stable-diffusion-v1-5  a Stable Diffusion v1 folder, tiny but by SD's conventions
 #                                                (CLIP with 64-wide heads, 8 UNet heads, GroupNorm(32)), f = 2
 #   openai/clip-vit-large-patch14                its CLIP text model and tokenizer
-#   CompVis/ldm-text2im-large-256               an LDMTextToImagePipeline folder (the built-in stand-in's)
+#   CompVis/ldm-text2im-large-256               an LDM-layout folder (the built-in stand-in's; its index names
+#                                                latentdiff's class where the real one names LDMTextToImagePipeline:
+#                                                latentdiff loads both alike)
 # The built-in name "latentdiff/shapes-64" resolves to tests/_support/tiny_builtin.py's stand-in (random weights).
 # FILES: put into a page's working directory when the page names them (folders copied, files linked):
 #   v1-5-pruned-emaonly.safetensors      the SD stand-in as an original single file (no latentdiff metadata)
