@@ -77,8 +77,8 @@ def test_substitutions_touch_only_what_they_name():
     assert harness.substitute("latentdiff generate x --height 512 --width 512 --max-height 512\n"
                               "pipe(p, height=512, width=512, num_inference_steps=50)\n"
                               "latentdiff train diffusion a.yaml --resume latest\n"
-                              "python examples/train/make_shapes.py d --count 512 --size 32\n") == (
+                              "latentdiff data shapes d -n 512 --size 32\n") == (
         "latentdiff generate x --height 16 --width 16 --max-height 512\n"
         "pipe(p, height=16, width=16, num_inference_steps=50)\n"
         "latentdiff train diffusion a.yaml --set train.max_steps=2 --set logging.progress_bar=false --resume latest\n"
-        "python examples/train/make_shapes.py d --count 64 --size 32\n")
+        "latentdiff data shapes d -n 64 --size 32\n")

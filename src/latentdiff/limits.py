@@ -40,6 +40,8 @@ MAX_ARRAY_BYTES = 8 * 1024**3      # one .npy array read by `latentdiff eval`
 MAX_IMAGE_PIXELS = 178_956_970     # PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS), kept on
 MAX_XMP_BYTES = 1024 * 1024        # an image's XMP packet read for latentdiff's parameters (PIL's PNG text chunk bound)
 MAX_FEATURE_DIM = 8192             # width D of FID statistics (mu (D,), sigma (D, D)); Inception's pool3: 2048
+MAX_SHAPES_IMAGES = 1_000_000      # `latentdiff data shapes -n`: images of one data set (the examples: 512)
+MIN_SHAPES_SIZE, MAX_SHAPES_SIZE = 8, 1024  # `latentdiff data shapes --size`: the image side in pixels (examples: 32)
 
 
 def check_count(value: Any, *, key: str, at_most: int, at_least: int = 0, where: Any = None,

@@ -50,7 +50,7 @@ BUILTIN_NAME = "latentdiff/shapes-64"
 SUBSTITUTIONS: tuple[tuple[str, str, str], ...] = (
     (r"^(latentdiff train \S+ \S+)", r"\1 --set train.max_steps=2 --set logging.progress_bar=false",
      "a training command trains 2 steps (the configs' own max_steps run for minutes)"),
-    (r"(make_shapes\.py \S+ --count) \d+", r"\1 64", "the tiny training data sets have 64 images, not 512"),
+    (r"^(latentdiff data shapes \S+ -n) \d+", r"\1 64", "the tiny training data sets have 64 images, not 512"),
     (r"--subsets \d+ --subset-size \d+", "--subsets 2 --subset-size 4", "KID on the 4-image folders below"),
     (r"(--splits |splits=)\d+", r"\g<1>2", "the Inception Score of a 4-image folder"),
     (r"(?<![\w-])(--height |--width |height=|width=)512\b", r"\g<1>16",
@@ -72,8 +72,9 @@ NOT_RUN: tuple[tuple[tuple[str, ...], str], ...] = (
     (("curl",), "a download"),
     (("python", "examples/train/build_shapes_64.py"), "trains the built-in model: hours"),
 )
-# scripts under examples/ that a page may run (`python SCRIPT ARGS`), in-process
-RUNNABLE_SCRIPTS = ("examples/train/make_shapes.py",)
+# scripts under examples/ that a page may run (`python SCRIPT ARGS`), in-process (none now: the data the tiny
+# training examples need comes from `latentdiff data shapes`, which a pip user has)
+RUNNABLE_SCRIPTS: tuple[str, ...] = ()
 
 
 # ---- fenced blocks ---------------------------------------------------------------------------------------
@@ -261,7 +262,7 @@ def run_command(argv: list[str], *, expect_error: str | None = None) -> None:
             sys.argv = saved
     else:
         raise AssertionError(f"`{shlex.join(argv)}`: not a command the docs may show (latentdiff ..., "
-                             f"python {' | '.join(RUNNABLE_SCRIPTS)}, "
+                             f"python {' | '.join(RUNNABLE_SCRIPTS) or '(no scripts at present)'}, "
                              "or one of NOT_RUN in tests/_support/docs_harness.py)")
 
 
@@ -319,7 +320,9 @@ def run_page(path: Path, *, skip_languages: tuple[str, ...] = ()) -> list[tuple[
 #   stable-diffusion-v1-5/stable-diffusion-v1-5  a Stable Diffusion v1 folder, tiny but by SD's conventions
 #                                                (CLIP with 64-wide heads, 8 UNet heads, GroupNorm(32)), f = 2
 #   openai/clip-vit-large-patch14                its CLIP text model and tokenizer
-#   CompVis/ldm-text2im-large-256               an LDMTextToImagePipeline folder (the built-in stand-in's)
+#   CompVis/ldm-text2im-large-256               an LDM-layout folder (the built-in stand-in's; its index names
+#                                                latentdiff's class where the real one names LDMTextToImagePipeline:
+#                                                latentdiff loads both alike)
 # The built-in name "latentdiff/shapes-64" resolves to tests/_support/tiny_builtin.py's stand-in (random weights).
 # FILES: put into a page's working directory when the page names them (folders copied, files linked):
 #   v1-5-pruned-emaonly.safetensors      the SD stand-in as an original single file (no latentdiff metadata)

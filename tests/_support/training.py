@@ -1,32 +1,25 @@
 """Shared pieces of the training tests: the procedural data set, tiny configs, a tiny first stage.
 
-The data set is the one the tiny example configs use (examples/train/make_shapes.py), loaded by path
-so the tests exercise the same generator.
+The data set is the one the tiny example configs use (`latentdiff data shapes`,
+latentdiff.data.quick_shapes), so the tests exercise the same generator.
 """
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from latentdiff.data.quick_shapes import write_shapes_folder
 from tests._support import ROOT
 from tests._support.tiny import TINY_KL, TINY_UNET
 
 EXAMPLES = ROOT / "examples" / "train"
 
-def _example_module(name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(f"examples_train_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def make_shapes(folder: Path, **kwargs: Any) -> Path:
-    return _example_module("make_shapes").make_shapes(folder, **kwargs)
+def make_shapes(folder: Path, *, count: int = 256, **kwargs: Any) -> Path:
+    return write_shapes_folder(folder, count, **kwargs)
 
 
 def write_yaml(path: Path, data: dict[str, Any]) -> Path:

@@ -1,5 +1,5 @@
 """The `latentdiff` command: its parser and the dispatch to one module per command (generate, train, convert,
-eval, info, models).
+eval, info, models, data).
 
 Errors print one line `latentdiff: error: ...` and a `hint: ...` line, and never a traceback unless asked for
 (`--debug`, or LATENTDIFF_DEBUG=1). Exit codes:
@@ -22,6 +22,7 @@ from typing import TextIO
 from ..errors import LatentDiffError
 from ..version import __version__
 from .convert import add_convert_parser, cmd_convert
+from .data import add_data_parser, cmd_data
 from .eval import add_eval_parser, cmd_eval
 from .generate import add_generate_parser, cmd_generate
 from .info import add_info_parsers, cmd_info, cmd_models
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_parser(sub)
     add_eval_parser(sub)
     add_info_parsers(sub)
+    add_data_parser(sub)
     return parser
 
 
@@ -49,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
     commands = {"generate": cmd_generate, "info": cmd_info, "models": cmd_models,
-                "train": cmd_train, "convert": cmd_convert, "eval": cmd_eval}
+                "train": cmd_train, "convert": cmd_convert, "eval": cmd_eval, "data": cmd_data}
     try:
         with warnings.catch_warnings():   # restored after the command (main() also runs in-process, in tests)
             if not debug:

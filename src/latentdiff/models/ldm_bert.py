@@ -337,6 +337,12 @@ class LDMBertTextEncoder(TextEncoder):
         tokenizer_dir.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(tokenizer_dir)
 
+    def runs_in_diffusers(self) -> bool:
+        """Whether diffusers' LDMTextToImagePipeline runs this encoder as latentdiff does: it pads every prompt to
+        77 tokens, so the model needs >= 77 positions (the built-in model's has 16: diffusers would fail at its
+        first call) and latentdiff must tokenize to 77 too."""
+        return self.model.config.max_position_embeddings >= LDM_MAX_LENGTH and self._max_length == LDM_MAX_LENGTH
+
     def diffusers_entries(self) -> dict[str, list[str]]:
         """model_index.json entries of diffusers' LDMTextToImagePipeline for these two parts."""
         return {"bert": ["latent_diffusion", ARCHITECTURE],

@@ -5,7 +5,10 @@ Each stage is a public method, so a custom pipeline is a few lines of plain Pyth
 
 One class serves both diffusers folder layouts (`FolderLayout`): Stable Diffusion's (`vae/`,
 `text_encoder/` = CLIP) and LDM's `LDMTextToImagePipeline` (CompVis/ldm-text2im-large-256: `vqvae/`,
-`bert/` = LDMBert). The text encoder decides which layout a pipeline saves.
+`bert/` = LDMBert). The text encoder decides which layout a pipeline saves. An LDM-layout folder claims
+diffusers' class only where diffusers can run it (`LDMBertTextEncoder.runs_in_diffusers`: 77 text positions);
+else latentdiff's own `_class_name`, "LatentDiffusionPipeline", whose layout is read from its parts
+(`bert` / `vqvae`: LDM's), as the built-in model's folder does.
 """
 from __future__ import annotations
 
@@ -84,11 +87,12 @@ LDM_LAYOUT = FolderLayout(
     tokenizers=(("transformers", "BertTokenizer"), ("transformers", "BertTokenizerFast"),
                 ("transformers", "PreTrainedTokenizerFast")))   # any `tokenizers` pipeline (built-in models)
 LDM_TEXT_TO_IMAGE = "LDMTextToImagePipeline"
+OWN_CLASS = "LatentDiffusionPipeline"   # latentdiff's own `_class_name`: diffusers has no class of that name
 # Every diffusers class whose folders hold these parts; each of the text-conditioned pipelines loads any of
 # them (diffusers does the same: StableDiffusionImg2ImgPipeline.from_pretrained on an SD folder).
 LAYOUTS: dict[str, FolderLayout] = {
     "StableDiffusionPipeline": SD_LAYOUT, "StableDiffusionImg2ImgPipeline": SD_LAYOUT,
-    "StableDiffusionInpaintPipeline": SD_LAYOUT, "LatentDiffusionPipeline": SD_LAYOUT,
+    "StableDiffusionInpaintPipeline": SD_LAYOUT, OWN_CLASS: SD_LAYOUT,   # OWN_CLASS: LDM's with `bert`/`vqvae`
     LDM_TEXT_TO_IMAGE: LDM_LAYOUT,
 }
 
@@ -99,7 +103,7 @@ class LatentDiffusionPipeline(DenoisingPipeline):
     encoder (CLIP, as Stable Diffusion, or LDMBert, as LDM's text-to-image model)."""
 
     diffusers_class_names: ClassVar[tuple[str, ...]] = (
-        "StableDiffusionPipeline", LDM_TEXT_TO_IMAGE, "LatentDiffusionPipeline")
+        "StableDiffusionPipeline", LDM_TEXT_TO_IMAGE, OWN_CLASS)
     loadable_class_names = tuple(LAYOUTS)
     component_names = ("vae", "unet", "text_encoder", "noise_scheduler", "sampler")
     unet: UNet2DConditional   # cross-attends to the text
@@ -146,13 +150,18 @@ class LatentDiffusionPipeline(DenoisingPipeline):
 
     @classmethod
     def folder_layout(cls, index: Mapping[str, Any]) -> Sequence[FolderPart]:
-        """The parts of the index's layout: LDM's for LDMTextToImagePipeline, else Stable Diffusion's."""
-        return LAYOUTS.get(str(index.get("_class_name")), SD_LAYOUT).parts()
+        """The parts of the index's layout: LDM's for LDMTextToImagePipeline, and for latentdiff's own class
+        name when the index has LDM's parts (`bert` or `vqvae`); else Stable Diffusion's."""
+        name = str(index.get("_class_name"))
+        if name == OWN_CLASS and (LDM_LAYOUT.text_encoder in index or LDM_LAYOUT.vae in index):
+            return LDM_LAYOUT.parts()
+        return LAYOUTS.get(name, SD_LAYOUT).parts()
 
     def layout(self) -> tuple[str, FolderLayout]:
-        """(model_index `_class_name`, layout) this pipeline saves as: LDM's with LDMBert, else Stable Diffusion's."""
+        """(model_index `_class_name`, layout) this pipeline saves as: LDM's with LDMBert (diffusers' class name
+        only where diffusers runs the text encoder as latentdiff does, else latentdiff's), else Stable Diffusion's."""
         if isinstance(self.text_encoder, LDMBertTextEncoder):
-            return LDM_TEXT_TO_IMAGE, LDM_LAYOUT
+            return (LDM_TEXT_TO_IMAGE if self.text_encoder.runs_in_diffusers() else OWN_CLASS), LDM_LAYOUT
         return self.diffusers_class_names[0], SD_LAYOUT
 
     def write_files(self, folder: Path, *, variant: str | None = None) -> None:
