@@ -23,7 +23,7 @@ LAYERS: dict[str, int] = {
     "layers": 1,
     "models": 2, "diffusion": 2,
     "pipelines": 3,
-    "convert": 4,
+    "convert": 4, "adapters": 4,
     "training": 5, "metrics": 5, "data": 5,
     "cli": 6, "cli_generate": 6, "__main__": 6,
 }

@@ -129,3 +129,6 @@ PIPELINES = Registry("pipeline")
 # Original single-file checkpoints (CompVis / Stability AI): the models' and pipelines' from_single_file /
 # save_single_file call these; the file formats themselves live in `latentdiff.convert`.
 SINGLE_FILE = Hooks("single-file", "latentdiff.convert.api")
+# Adapters (LoRA / LyCORIS files, textual inversion): the pipelines' load_lora_weights, set_adapters ... call these;
+# the file formats and the module patching live in `latentdiff.adapters` (above `convert`, whose key tables it uses).
+ADAPTERS = Hooks("adapters", "latentdiff.adapters.api")

@@ -1,0 +1,157 @@
+"""The one internal form of every adapter: a `Delta` per module of the UNet or the text encoder.
+
+A file's keys are grouped per module (`lora_unet_..._to_q.lora_down.weight`, `.lora_up.weight`, `.alpha` -> one
+group); `delta_from_group` turns a group into a `Delta` by the builder of its kind (the first registered marker
+key found in the group: "lora_down" for LoRA / LoCon, "hada_w1_a" for LoHa, "lokr_w1" for LoKr, "diff" for a full
+delta ...). A Delta says two things:
+
+    weight(W, scale) -> W'          the module's weight with the adapter merged at `scale` (fusing; DoRA needs W)
+    forward(x, W, scale) -> dy      what the adapter adds to the module's output, unfused (runtime adapters:
+                                    y = module(x) + sum of each active delta's dy)
+
+`forward` defaults to running the layer with weight(W, scale) - W; a low-rank delta overrides it with the cheap
+path (x -> down -> up), which is why runtime adapters cost little per step. Scale is the user's weight w times the
+file's own alpha / rank, as A1111 computes it (`LoRA.scale`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import CheckpointError
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerKind:
+    """How a module computes y from x and its weight: "linear", or "conv" with its stride / padding / dilation /
+    groups (a LoCon delta runs with the module's own)."""
+
+    kind: str                          # "linear" | "conv"
+    stride: Any = 1
+    padding: Any = 0
+    dilation: Any = 1
+    groups: int = 1
+
+    @classmethod
+    def of(cls, module: torch.nn.Module) -> LayerKind:
+        if isinstance(module, torch.nn.Conv2d):
+            return cls("conv", module.stride, module.padding, module.dilation, module.groups)
+        return cls("linear")
+
+    def run(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kind == "conv":
+            return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.linear(x, weight, bias)
+
+
+class Delta:
+    """One adapter's change to one module (see the module docstring). Subclasses are frozen dataclasses holding
+    their tensors; `shape` is the module weight's shape the delta was made for (checked at load)."""
+
+    shape: tuple[int, ...]
+
+    def weight_delta(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
+        """What merging adds to `weight` at `scale`: weight(W, scale) - W. Additive kinds implement this."""
+        raise NotImplementedError
+
+    def weight(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
+        """The merged weight (non-additive kinds, DoRA, override this)."""
+        return weight + self.weight_delta(weight, scale).to(weight.dtype)
+
+    def bias_delta(self, scale: float) -> torch.Tensor | None:
+        """What merging adds to the module's bias (None: nothing; full-weight deltas may carry `diff_b`)."""
+        return None
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, layer: LayerKind, scale: float) -> torch.Tensor:
+        """What the delta adds to the module's output for input x, unfused."""
+        dw = (self.weight(weight, scale) - weight).to(x.dtype)
+        db = self.bias_delta(scale)
+        return layer.run(x, dw, None if db is None else db.to(x.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA(Delta):
+    """Low rank: dW = up @ down * alpha / rank (Hu et al. 2021; kohya's `lora_down` / `lora_up` / `alpha`).
+    Linear: down (r, in), up (out, r). Conv (LoCon): down (r, in, kh, kw), up (out, r, 1, 1)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float | None                # None: alpha = rank (scale 1), as A1111 when the file has no alpha
+    shape: tuple[int, ...]
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank, A1111's and kohya's factor."""
+        return 1.0 if self.alpha is None else float(self.alpha) / self.rank
+
+    def weight_delta(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
+        down, up = self.down.to(weight.device, torch.float32), self.up.to(weight.device, torch.float32)
+        # linear: (out, r) @ (r, in); conv: (out, r, 1, 1) x (r, in, kh, kw) -> (out, in, kh, kw)
+        dw = up @ down if down.dim() == 2 else torch.einsum("or,rikl->oikl", up.flatten(1), down)
+        return (dw * (scale * self.scale)).reshape(self.shape)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, layer: LayerKind, scale: float) -> torch.Tensor:
+        down, up = self.down.to(x), self.up.to(x)
+        if layer.kind == "linear":
+            return F.linear(F.linear(x, down), up) * (scale * self.scale)
+        hidden = F.conv2d(x, down, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+        return F.conv2d(hidden, up) * (scale * self.scale)
+
+
+# ---- the builders of each file kind ----------------------------------------------------------------------------
+Builder = Callable[[Mapping[str, torch.Tensor], tuple[int, ...], str], Delta]
+KINDS: dict[str, Builder] = {}      # marker key (suffix without ".weight") -> builder, first found wins
+
+
+def register_kind(marker: str) -> Callable[[Builder], Builder]:
+    """Register the builder of the groups holding `marker` (e.g. "hada_w1_a")."""
+    def add(build: Builder) -> Builder:
+        KINDS[marker] = build
+        return build
+    return add
+
+
+def delta_from_group(group: Mapping[str, torch.Tensor], shape: tuple[int, ...], *, where: str) -> Delta:
+    """The Delta of one module's keys (`group`: suffix -> tensor, e.g. {"lora_down.weight": ..., "alpha": ...}),
+    for a module whose weight has `shape`. `where`: the file and key prefix, for errors."""
+    names = {key.removesuffix(".weight") for key in group}
+    for marker, build in KINDS.items():
+        if marker in names:
+            return build(group, shape, where)
+    raise CheckpointError("an adapter key group of no known kind", where=where,
+                          expected=f"keys with one of {sorted(KINDS)}", found=sorted(group))
+
+
+def _alpha(group: Mapping[str, torch.Tensor]) -> float | None:
+    alpha = group.get("alpha")
+    return None if alpha is None else float(alpha.float().reshape(-1)[0])
+
+
+@register_kind("lora_down")
+def build_lora(group: Mapping[str, torch.Tensor], shape: tuple[int, ...], where: str) -> Delta:
+    """kohya LoRA / LoCon (no Tucker core): lora_down, lora_up, optional alpha."""
+    down, up = group.get("lora_down.weight"), group.get("lora_up.weight")
+    if down is None or up is None:
+        raise CheckpointError("a LoRA key group without both lora_down and lora_up", where=where,
+                              expected="lora_down.weight and lora_up.weight", found=sorted(group))
+    rank = down.shape[0]
+    expected_out, expected_in = shape[0], shape[1]
+    if up.shape[0] != expected_out or up.shape[1] != rank or down.shape[1] != expected_in \
+            or (len(shape) == 4 and tuple(down.shape[2:]) != tuple(shape[2:])):
+        raise CheckpointError("LoRA shapes do not fit the module", where=where,
+                              expected=f"up ({expected_out}, r), down (r, {expected_in}, ...) for a weight of shape "
+                                       f"{tuple(shape)}",
+                              found=f"up {tuple(up.shape)}, down {tuple(down.shape)}")
+    return LoRA(down.reshape(rank, *shape[1:]) if len(shape) == 4 else down.reshape(rank, -1),
+                up.reshape(expected_out, rank, *([1, 1] if len(shape) == 4 else [])), _alpha(group), tuple(shape))
+
+
+__all__ = ["Delta", "LoRA", "LayerKind", "KINDS", "register_kind", "delta_from_group", "build_lora"]
