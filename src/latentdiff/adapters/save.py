@@ -130,6 +130,7 @@ def save_lora_weights(deltas: Any, path: str | os.PathLike, *, metadata: Mapping
     if not isinstance(deltas, Mapping):
         pipe, deltas = deltas, _deltas_of_pipeline(deltas, adapter_name)
     tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()   # (storage, offset): safetensors refuses tensors that share memory
     for component, per_module in deltas.items():
         if not isinstance(per_module, Mapping):
             raise InputError("deltas maps a component to its modules' deltas", where=f"deltas[{component!r}]",
@@ -140,7 +141,12 @@ def save_lora_weights(deltas: Any, path: str | os.PathLike, *, metadata: Mapping
                                  expected="a latentdiff.adapters.delta.Delta", found=type(delta).__name__)
             prefix = kohya_key(component, name)
             for suffix, tensor in group_of(delta).items():
-                tensors[f"{prefix}.{suffix}"] = tensor.detach().to("cpu").contiguous()
+                tensor = tensor.detach().to("cpu").contiguous()
+                ptr = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+                if ptr in seen or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+                    tensor = tensor.clone()
+                seen.add((tensor.untyped_storage().data_ptr(), tensor.storage_offset()))
+                tensors[f"{prefix}.{suffix}"] = tensor
     if not tensors:
         raise InputError("nothing to save", where="deltas", expected="at least one module's delta", found="none")
     save_safetensors(tensors, path, metadata=_metadata(deltas, pipe, metadata))
