@@ -54,13 +54,14 @@ def group_of(delta: Delta) -> dict[str, torch.Tensor]:
             group["lora_mid.weight"] = delta.mid
         return group
     if isinstance(delta, LoHa):
-        group = {"hada_w1_a": delta.w1a, "hada_w1_b": delta.w1b, "hada_w2_a": delta.w2a, "hada_w2_b": delta.w2b,
-                 "hada_t1": delta.t1, "hada_t2": delta.t2, **_alpha(delta.alpha, None)}
-        return {k: v for k, v in group.items() if v is not None}
+        optional: dict[str, torch.Tensor | None] = {
+            "hada_w1_a": delta.w1a, "hada_w1_b": delta.w1b, "hada_w2_a": delta.w2a, "hada_w2_b": delta.w2b,
+            "hada_t1": delta.t1, "hada_t2": delta.t2, **_alpha(delta.alpha, None)}
+        return {k: v for k, v in optional.items() if v is not None}
     if isinstance(delta, LoKr):
-        group = {"lokr_w1": delta.w1, "lokr_w1_a": delta.w1a, "lokr_w1_b": delta.w1b, "lokr_w2": delta.w2,
-                 "lokr_w2_a": delta.w2a, "lokr_w2_b": delta.w2b, "lokr_t2": delta.t2, **_alpha(delta.alpha, None)}
-        return {k: v for k, v in group.items() if v is not None}
+        optional = {"lokr_w1": delta.w1, "lokr_w1_a": delta.w1a, "lokr_w1_b": delta.w1b, "lokr_w2": delta.w2,
+                    "lokr_w2_a": delta.w2a, "lokr_w2_b": delta.w2b, "lokr_t2": delta.t2, **_alpha(delta.alpha, None)}
+        return {k: v for k, v in optional.items() if v is not None}
     if isinstance(delta, Full):
         w_key, b_key = ("w_norm", "b_norm") if len(delta.shape) == 1 else ("diff", "diff_b")
         return {w_key: delta.diff, **({} if delta.diff_b is None else {b_key: delta.diff_b})}
@@ -130,7 +131,7 @@ def save_lora_weights(deltas: Any, path: str | os.PathLike, *, metadata: Mapping
     if not isinstance(deltas, Mapping):
         pipe, deltas = deltas, _deltas_of_pipeline(deltas, adapter_name)
     tensors: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int]] = set()   # (storage, offset): safetensors refuses tensors that share memory
+    seen: set[tuple[int, object]] = set()   # (storage, offset): safetensors refuses tensors that share memory
     for component, per_module in deltas.items():
         if not isinstance(per_module, Mapping):
             raise InputError("deltas maps a component to its modules' deltas", where=f"deltas[{component!r}]",
