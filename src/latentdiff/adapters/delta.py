@@ -16,6 +16,7 @@ file's own alpha / rank, as A1111 computes it (`LoRA.scale`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -152,11 +153,15 @@ def with_dora(group: Mapping[str, torch.Tensor], delta: Delta, shape: tuple[int,
     if m is None:
         return delta
     out, inputs = shape[0], shape[1] if len(shape) > 1 else 1
-    if m.dim() >= 2 and m.shape[0] == 1 and m.numel() == inputs:
+    if m.dim() == 0:
+        axis = -1
+    elif m.dim() >= 2 and m.shape[0] == 1 and m.numel() == inputs:
         axis = 1
     elif m.shape[0] == out and m.numel() == out:
         axis = 0
     else:
+        axis = -1
+    if axis < 0:
         raise CheckpointError("a dora_scale that fits neither axis of the module's weight", where=f"{where}.dora_scale",
                               expected=f"(1, {inputs}, 1, ...) (per input channel) or ({out}, 1, ...) (per output "
                                        f"channel) for a weight of shape {tuple(shape)}", found=tuple(m.shape))
@@ -187,9 +192,16 @@ def delta_from_group(group: Mapping[str, torch.Tensor], shape: tuple[int, ...], 
                           expected=f"keys with one of {sorted(KINDS)}", found=sorted(group))
 
 
-def _alpha(group: Mapping[str, torch.Tensor]) -> float | None:
+def _alpha(group: Mapping[str, torch.Tensor], where: str = "") -> float | None:
     alpha = group.get("alpha")
-    return None if alpha is None else float(alpha.float().reshape(-1)[0])
+    if alpha is None:
+        return None
+    value = float(alpha.float().reshape(-1)[0]) if alpha.numel() == 1 else None
+    if value is None or not math.isfinite(value):
+        raise CheckpointError("an adapter's alpha is one finite number", where=f"{where}.alpha",
+                              expected="a scalar tensor (kohya: alpha = rank or less)",
+                              found=f"shape {tuple(alpha.shape)}" if value is None else value)
+    return value
 
 
 @register_kind("lora_down")
@@ -200,6 +212,11 @@ def build_lora(group: Mapping[str, torch.Tensor], shape: tuple[int, ...], where:
     if down is None or up is None:
         raise CheckpointError("a LoRA key group without both lora_down and lora_up", where=where,
                               expected="lora_down.weight and lora_up.weight", found=sorted(group))
+    if down.dim() not in (2, 4) or up.dim() not in (2, 4) or down.shape[0] < 1:
+        raise CheckpointError("LoRA tensors are matrices or conv kernels of rank >= 1",
+                              where=f"{where}.lora_down.weight",
+                              expected="lora_down (r, in[, kh, kw]), lora_up (out, r[, 1, 1]), r >= 1",
+                              found=f"up {tuple(up.shape)}, down {tuple(down.shape)}")
     mid = group.get("lora_mid.weight")
     if mid is not None:
         return with_dora(group, _build_tucker_lora(down, up, mid, group, shape, where), shape, where)
@@ -212,7 +229,8 @@ def build_lora(group: Mapping[str, torch.Tensor], shape: tuple[int, ...], where:
                                        f"{tuple(shape)}",
                               found=f"up {tuple(up.shape)}, down {tuple(down.shape)}")
     lora = LoRA(down.reshape(rank, *shape[1:]) if len(shape) == 4 else down.reshape(rank, -1),
-                up.reshape(expected_out, rank, *([1, 1] if len(shape) == 4 else [])), _alpha(group), tuple(shape))
+                up.reshape(expected_out, rank, *([1, 1] if len(shape) == 4 else [])), _alpha(group, where),
+                tuple(shape))
     return with_dora(group, lora, shape, where)
 
 
@@ -230,7 +248,7 @@ def _build_tucker_lora(down: torch.Tensor, up: torch.Tensor, mid: torch.Tensor, 
                               if len(shape) == 4 else f"no lora_mid: a Tucker core needs a conv module, this weight "
                                                       f"has shape {tuple(shape)}",
                               found=f"down {tuple(down.shape)}, mid {tuple(mid.shape)}, up {tuple(up.shape)}")
-    return LoRA(down, up, _alpha(group), tuple(shape), mid)
+    return LoRA(down, up, _alpha(group, where), tuple(shape), mid)
 
 
 __all__ = ["Delta", "LoRA", "DoRA", "with_dora", "LayerKind", "KINDS", "register_kind", "delta_from_group",

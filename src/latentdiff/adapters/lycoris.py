@@ -58,12 +58,12 @@ def _check_factor(group: Group, names: tuple[str, str, str], shape: tuple[int, .
     a_key, b_key, t_key = names
     a, b, t = _need(group, a_key, where, kind), _need(group, b_key, where, kind), group.get(t_key)
     if t is None:
-        _fit(a.dim() == 2 and b.dim() >= 2 and a.shape[1] == b.shape[0], f"{kind} factors", where, a_key,
+        _fit(a.dim() == 2 and b.dim() >= 2 and a.shape[1] == b.shape[0] >= 1, f"{kind} factors", where, a_key,
              f"{a_key} (rows, r) and {b_key} (r, cols)", f"{a_key} {tuple(a.shape)}, {b_key} {tuple(b.shape)}")
         return int(a.shape[0]), int(b[0].numel())
-    r = t.shape[0]
-    _fit(t.dim() == 4 and t.shape[1] == r and a.dim() == 2 and a.shape[0] == r and b.dim() == 2 and b.shape[0] == r
-         and tuple(t.shape[2:]) == tuple(shape[2:]), f"{kind} Tucker factors", where, t_key,
+    r = t.shape[0] if t.dim() else 0
+    _fit(r >= 1 and t.dim() == 4 and t.shape[1] == r and a.dim() == 2 and a.shape[0] == r and b.dim() == 2
+         and b.shape[0] == r and tuple(t.shape[2:]) == tuple(shape[2:]), f"{kind} Tucker factors", where, t_key,
          f"{t_key} (r, r, {tuple(shape[2:])}), {a_key} (r, out), {b_key} (r, in) for a conv weight of shape "
          f"{tuple(shape)}", f"{t_key} {tuple(t.shape)}, {a_key} {tuple(a.shape)}, {b_key} {tuple(b.shape)}")
     return int(a.shape[1]), int(b.shape[1]) * math.prod(shape[2:])
@@ -106,7 +106,7 @@ def build_loha(group: Group, shape: tuple[int, ...], where: str) -> Delta:
              f"a product of shape ({shape[0]}, {cols}) for a weight of shape {shape}",
              f"({out}, {got}) from {', '.join(f'{k} {tuple(group[k].shape)}' for k in names if k in group)}")
     loha = LoHa(group["hada_w1_a"], group["hada_w1_b"], group["hada_w2_a"], group["hada_w2_b"],
-                group.get("hada_t1"), group.get("hada_t2"), _alpha(group), shape)
+                group.get("hada_t1"), group.get("hada_t2"), _alpha(group, where), shape)
     return with_dora(group, loha, shape, where)
 
 
@@ -188,7 +188,7 @@ def build_lokr(group: Group, shape: tuple[int, ...], where: str) -> Delta:
          f"kron(w1, w2) of shape ({shape[0]}, {math.prod(shape[1:])}) or {shape} for a weight of shape {shape}",
          f"{produced} from {present}")
     lokr = LoKr(group.get("lokr_w1"), group.get("lokr_w1_a"), group.get("lokr_w1_b"), group.get("lokr_w2"),
-                group.get("lokr_w2_a"), group.get("lokr_w2_b"), group.get("lokr_t2"), _alpha(group), shape)
+                group.get("lokr_w2_a"), group.get("lokr_w2_b"), group.get("lokr_t2"), _alpha(group, where), shape)
     return with_dora(group, lokr, shape, where)
 
 
