@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import CheckpointError
-from .delta import Delta, _alpha, register_kind, with_dora
+from .delta import Delta, LayerKind, _alpha, register_kind, with_dora
 
 Group = Mapping[str, torch.Tensor]
 
@@ -152,6 +152,16 @@ class LoKr(Delta):
         if w2.dim() == 4:
             w1 = w1[:, :, None, None]
         return torch.kron(w1.contiguous(), w2.contiguous()).to(weight.device).reshape(self.shape) * (scale * self.scale)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, layer: LayerKind, scale: float) -> torch.Tensor:
+        """Linear: x (..., b*d) as X (..., b, d); kron(w1, w2) x = vec(w1 X w2^T), without forming the product."""
+        w1, w2 = self.factors()
+        if layer.kind != "linear" or w2.dim() != 2:
+            return super().forward(x, weight, layer, scale)
+        w1, w2 = w1.to(x), w2.to(x)
+        grid = x.reshape(*x.shape[:-1], w1.shape[1], w2.shape[1])
+        out = torch.einsum("ij,...jq,pq->...ip", w1, grid, w2)
+        return out.reshape(*x.shape[:-1], w1.shape[0] * w2.shape[0]) * (scale * self.scale)
 
 
 @register_kind("lokr_w1")
