@@ -91,3 +91,16 @@ def test_malformed_lycoris_groups(group, key):
 def test_a_group_of_no_known_kind_lists_the_known_markers():
     with pytest.raises(CheckpointError, match=r"hada_w1_a.*lokr_w1.*lora_down.*found: \['oft_blocks'\]"):
         delta_from_group({"oft_blocks": torch.randn(2, 2)}, (10, 12), where=WHERE)
+
+
+@pytest.mark.outcome("clear_error", fails_as="data_loss")
+@pytest.mark.parametrize("group, key", [
+    ({"lora_down.weight": torch.randn(2, 12), "lora_up.weight": torch.randn(10, 2), "scale": torch.tensor(2.0)},
+     "scale"),
+    ({"hada_w1_a": torch.randn(10, 2), "hada_w1_b": torch.randn(2, 12), "hada_w2_a": torch.randn(10, 2),
+      "hada_w2_b": torch.randn(2, 12), "hada_w3_a": torch.randn(10, 2)}, "hada_w3_a"),
+    ({"lokr_w1": torch.randn(2, 3), "lokr_w2": torch.randn(5, 4), "lokr_w2_c": torch.randn(1)}, "lokr_w2_c"),
+    ({"diff": torch.randn(10, 12), "bias": torch.randn(10)}, "bias"),
+], ids=["lora-scale", "loha", "lokr", "full"])
+def test_a_key_the_kind_does_not_read_is_not_silently_dropped(group, key):
+    _raises(group, (10, 12), key, "expected: only")

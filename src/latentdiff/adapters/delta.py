@@ -192,6 +192,14 @@ def delta_from_group(group: Mapping[str, torch.Tensor], shape: tuple[int, ...], 
                           expected=f"keys with one of {sorted(KINDS)}", found=sorted(group))
 
 
+def check_keys(group: Mapping[str, torch.Tensor], allowed: set[str], where: str, kind: str) -> None:
+    """A key a kind does not read is an error, not silently dropped (A1111's per-module `scale`, a bias ...)."""
+    extra = sorted(set(group) - allowed)
+    if extra:
+        raise CheckpointError(f"keys a {kind} group does not have", where=f"{where}.{extra[0]}",
+                              expected=f"only {sorted(allowed)}", found=extra)
+
+
 def _alpha(group: Mapping[str, torch.Tensor], where: str = "") -> float | None:
     alpha = group.get("alpha")
     if alpha is None:
@@ -217,6 +225,8 @@ def build_lora(group: Mapping[str, torch.Tensor], shape: tuple[int, ...], where:
                               where=f"{where}.lora_down.weight",
                               expected="lora_down (r, in[, kh, kw]), lora_up (out, r[, 1, 1]), r >= 1",
                               found=f"up {tuple(up.shape)}, down {tuple(down.shape)}")
+    check_keys(group, {"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale"}, where,
+               "LoRA")
     mid = group.get("lora_mid.weight")
     if mid is not None:
         return with_dora(group, _build_tucker_lora(down, up, mid, group, shape, where), shape, where)
@@ -252,4 +262,4 @@ def _build_tucker_lora(down: torch.Tensor, up: torch.Tensor, mid: torch.Tensor, 
 
 
 __all__ = ["Delta", "LoRA", "DoRA", "with_dora", "LayerKind", "KINDS", "register_kind", "delta_from_group",
-           "build_lora"]
+           "build_lora", "check_keys"]

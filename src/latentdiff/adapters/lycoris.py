@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import torch
 
 from ..errors import CheckpointError
-from .delta import Delta, LayerKind, _alpha, register_kind, with_dora
+from .delta import Delta, LayerKind, _alpha, check_keys, register_kind, with_dora
 
 Group = Mapping[str, torch.Tensor]
 
@@ -98,6 +98,8 @@ class LoHa(Delta):
 def build_loha(group: Group, shape: tuple[int, ...], where: str) -> Delta:
     """LoHa: hada_w1_a / hada_w1_b / hada_w2_a / hada_w2_b, optional hada_t1 / hada_t2, alpha, dora_scale."""
     shape = tuple(shape)
+    check_keys(group, {f"hada_{p}{i}{s}" for p, s in (("w", "_a"), ("w", "_b"), ("t", "")) for i in "12"}
+               | {"alpha", "dora_scale"}, where, "LoHa")
     cols = math.prod(shape[1:])
     for i in ("1", "2"):
         names = (f"hada_w{i}_a", f"hada_w{i}_b", f"hada_t{i}")
@@ -170,6 +172,8 @@ def build_lokr(group: Group, shape: tuple[int, ...], where: str) -> Delta:
     """LoKr: lokr_w1 or lokr_w1_a / lokr_w1_b; lokr_w2, or lokr_w2_a / lokr_w2_b, optional lokr_t2; alpha;
     dora_scale."""
     shape = tuple(shape)
+    check_keys(group, {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha",
+                       "dora_scale"}, where, "LoKr")
     if "lokr_w1" in group:
         w1 = group["lokr_w1"]
         _fit(w1.dim() == 2, "LoKr factors", where, "lokr_w1", "a matrix (a, b)", tuple(w1.shape))
@@ -221,6 +225,8 @@ class Full(Delta):
 
 def _build_full(group: Group, shape: tuple[int, ...], where: str, w_key: str, b_key: str) -> Delta:
     shape = tuple(shape)
+    # alpha: LyCORIS writes one for every module; A1111 has no rank here to divide by, so it changes nothing
+    check_keys(group, {w_key, b_key, "alpha", "dora_scale"}, where, "full-delta")
     diff, diff_b = _need(group, w_key, where, "full-delta"), group.get(b_key)
     _fit(diff.numel() == math.prod(shape), "full-delta shapes", where, w_key, f"a tensor of shape {shape}",
          tuple(diff.shape))
