@@ -268,3 +268,24 @@ def test_norm_delta_changes_weight_and_bias():
     delta = delta_from_group(g, (8,), where="f")
     torch.testing.assert_close(delta.weight(norm.weight.detach(), W), norm.weight.detach() + g["w_norm"] * W)
     torch.testing.assert_close(delta.bias_delta(W), g["b_norm"] * W)
+
+
+# ---- parity with PEFT's own LoHa / LoKr (same tensors, its merge) ---------------------------------------------------
+@pytest.mark.parametrize("kind, make, options", [
+    ("LoHaConfig", _linear, dict(r=3, alpha=6)),
+    ("LoHaConfig", _conv, dict(r=2, alpha=3, use_effective_conv2d=True)),
+    ("LoKrConfig", lambda: nn.Linear(24, 20), dict(r=1, alpha=3)),
+], ids=["loha-linear", "loha-conv-tucker", "lokr-linear"])
+def test_parity_with_peft(kind, make, options):
+    peft = pytest.importorskip("peft")
+    base = nn.Sequential()
+    base.add_module("m", make())
+    model = peft.get_peft_model(base, getattr(peft, kind)(target_modules=["m"], init_weights=False, **options))
+    layer = model.base_model.model.m
+    weight = layer.base_layer.weight.detach().clone()
+    group = {name.removesuffix(".default"): p.detach().clone() for name, p in layer.named_parameters()
+             if name.endswith(".default")}
+    group["alpha"] = torch.tensor(float(options["alpha"]))
+    delta = delta_from_group(group, tuple(weight.shape), where="f")
+    merged = model.merge_and_unload().m.weight.detach()
+    torch.testing.assert_close(delta.weight(weight, 1.0), merged, rtol=1e-5, atol=1e-5)
