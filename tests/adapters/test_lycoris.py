@@ -289,3 +289,17 @@ def test_parity_with_peft(kind, make, options):
     delta = delta_from_group(group, tuple(weight.shape), where="f")
     merged = model.merge_and_unload().m.weight.detach()
     torch.testing.assert_close(delta.weight(weight, 1.0), merged, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("group", [
+    {"hada_w1_a": _r(10, 2), "hada_w1_b": _r(2, 12), "hada_w2_a": _r(10, 2), "hada_w2_b": _r(2, 12)},
+    {"lokr_w1": _r(2, 3), "lokr_w2": _r(5, 4)},
+    {"lora_down.weight": _r(2, 12), "lora_up.weight": _r(10, 2), "dora_scale": _r(1, 12).abs() + 0.5},
+], ids=["loha", "lokr", "dora"])
+def test_half_precision_weights_stay_half_and_merge_in_float32(group):
+    weight = _r(10, 12)
+    delta = delta_from_group({k: v.half() for k, v in group.items()}, (10, 12), where="f")
+    merged = delta.weight(weight.half(), W)
+    assert merged.dtype == torch.float16
+    reference = delta_from_group({k: v.half().float() for k, v in group.items()}, (10, 12), where="f")
+    torch.testing.assert_close(merged.float(), reference.weight(weight.half().float(), W), rtol=2e-3, atol=2e-3)
