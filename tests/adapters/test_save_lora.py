@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from latentdiff.adapters.delta import Delta, DoRA, LoRA, delta_from_group
 from latentdiff.adapters.lycoris import Full, LoHa, LoKr
 from latentdiff.adapters.save import extract_lora, kohya_key, save_lora_weights
-from latentdiff.errors import CheckpointError, InputError, UsageError
+from latentdiff.errors import InputError, UsageError
 
 Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 Q_KEY = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
@@ -139,10 +139,11 @@ def test_non_text_metadata_is_an_input_error(tmp_path):
                           metadata={"ss_network_dim": 4})
 
 
-def test_a_missing_folder_is_a_clear_error(tmp_path):
-    with pytest.raises((CheckpointError, OSError)):
-        save_lora_weights({"unet": {Q: LoRA(_r(1, 12), _r(10, 1), None, (10, 12))}},
-                          tmp_path / "no" / "x.safetensors")
+@pytest.mark.parametrize("name, found", [("no/x.safetensors", "no folder"), (".", "a folder")])
+def test_a_missing_folder_or_a_folder_as_the_path_is_a_clear_error(tmp_path, name, found):
+    with pytest.raises(InputError, match=f"where: path: .*found: {found}"):
+        save_lora_weights({"unet": {Q: LoRA(_r(1, 12), _r(10, 1), None, (10, 12))}}, tmp_path / name)
+    assert not list(tmp_path.iterdir())
 
 
 def test_diffusers_reads_the_saved_file_to_the_same_merged_weights(tmp_path, diffusers):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -127,6 +128,11 @@ def save_lora_weights(deltas: Any, path: str | os.PathLike, *, metadata: Mapping
     only one when None). metadata: extra `ss_*` (or any) text entries, over the ones written (ss_network_module
     "networks.lora" for plain LoRA, "lycoris.kohya" otherwise; ss_network_dim / ss_network_alpha;
     ss_base_model_version "sd_v1" / "sd_v2" from a pipeline's text-encoder width)."""
+    target = Path(path)
+    if target.is_dir() or not target.parent.is_dir():
+        raise InputError("save_lora_weights writes one file into an existing folder", where=f"path: {target}",
+                         expected="a file name in an existing folder",
+                         found="a folder" if target.is_dir() else f"no folder {target.parent}")
     pipe = None
     if not isinstance(deltas, Mapping):
         pipe, deltas = deltas, _deltas_of_pipeline(deltas, adapter_name)
