@@ -33,7 +33,7 @@ import torch
 
 from ..errors import CheckpointError, InputError, describe
 from ..hub import contained, is_hub_id, load_safetensors, load_torch_pickle, resolve
-from ..limits import MAX_EMBEDDING_VECTORS, MAX_EMBEDDING_WIDTH
+from ..limits import MAX_EMBEDDING_FILE_BYTES, MAX_EMBEDDING_VECTORS, MAX_EMBEDDING_WIDTH
 from ..registry import ADAPTERS
 from ..safetensors_header import check_safetensors_header
 
@@ -94,6 +94,11 @@ def find_file(source: str | os.PathLike, *, weight_name: str | None = None, revi
 def read_state(path: Path) -> Any:
     """A file's contents: safetensors (shapes checked from the header before any tensor is read) or a pickle read
     with weights_only=True (nothing in it runs)."""
+    size = path.stat().st_size
+    if size > MAX_EMBEDDING_FILE_BYTES:
+        raise CheckpointError("too large for an embedding file", where=str(path),
+                              expected=f"at most {MAX_EMBEDDING_FILE_BYTES} bytes (limits.MAX_EMBEDDING_FILE_BYTES)",
+                              found=f"{size} bytes")
     if path.suffix == ".safetensors":
         header = check_safetensors_header(path)
         for key, info in header.items():
