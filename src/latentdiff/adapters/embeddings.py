@@ -181,7 +181,7 @@ class Loaded:
     """What a text encoder held before any embedding was loaded, and the embeddings loaded since, in order."""
 
     tokenizer: Any
-    weight: torch.nn.Parameter
+    weight: torch.Tensor             # the original Parameter itself
     embeddings: dict[str, Embedding]
     files: dict[str, str] = dataclasses.field(default_factory=dict)     # token -> file (for the CLI's record)
 
@@ -252,7 +252,7 @@ def apply(text_encoder: Any, embeddings: Sequence[Embedding], *, files: Mapping[
              {**(state.files if state else {}), **(files or {})})
 
 
-def _install(text_encoder: Any, table: torch.nn.Embedding, tokenizer: Any, weight: torch.nn.Parameter,
+def _install(text_encoder: Any, table: torch.nn.Embedding, tokenizer: Any, weight: torch.Tensor,
              embeddings: dict[str, Embedding], files: dict[str, str]) -> None:
     """Build the tokenizer and table for `embeddings` from the originals, then swap them in (or restore the
     originals exactly when there are none)."""
@@ -317,6 +317,7 @@ def load_textual_inversion(pipe: Any, pretrained_model_name_or_path: Any, token:
                          expected="a text-conditioned pipeline")
     many = isinstance(pretrained_model_name_or_path, (list, tuple))
     sources = list(pretrained_model_name_or_path) if many else [pretrained_model_name_or_path]
+    tokens: list[str | None]
     if many:
         tokens = [None] * len(sources) if token is None else [token] if isinstance(token, str) else list(token)
         if len(tokens) != len(sources):

@@ -76,7 +76,9 @@ def settle_embeddings(args: argparse.Namespace, settings: GenerateSettings) -> t
         return settings, []
     from_flag = getattr(args, KEY, None) is not None
     where = FLAGS.get(KEY, "--embedding") if from_flag else f"{args.from_png}: {KEY}"
-    recorded, embeddings, tokens = [], [], set()
+    recorded: list[dict[str, Any]] = []
+    embeddings: list[Any] = []
+    tokens: set[str] = set()
     for entry in _entries(value, where=where):
         path = Path(entry["path"]).expanduser().resolve()
         if not path.is_file():
@@ -102,7 +104,7 @@ def settle_embeddings(args: argparse.Namespace, settings: GenerateSettings) -> t
         tokens.add(embedding.token)
         embeddings.append(embedding)
         recorded.append({"path": str(path), "token": embedding.token, "sha256": digest})
-    return dataclasses.replace(settings, **{KEY: recorded}), embeddings
+    return dataclasses.replace(settings, embedding=recorded), embeddings
 
 
 def apply_embeddings(pipe: Any, settings: GenerateSettings, embeddings: list[Any]) -> None:
