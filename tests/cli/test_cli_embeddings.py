@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from latentdiff.cli import main
 from latentdiff.pipelines.latent_diffusion import LatentDiffusionPipeline
-from latentdiff.utils.images import read_png_params
+from latentdiff.utils.images import read_image_params, read_png_params, save_png
 from tests._support.tiny_builtin import make_tiny_shapes_model, use_as_builtin
 
 PROMPT = "a red circle on the left, blue background"
@@ -69,6 +69,8 @@ def test_embedding_flags_are_the_api_recorded_and_reproduced(model, tmp_path):
     assert [(e["path"], e["token"]) for e in recorded] == [(str(tmp_path / "Sparkle.safetensors"), "sparkle"),
                                                            (str(tmp_path / "learned_embeds.bin"), "<star>")]
     assert all(len(e["sha256"]) == 64 for e in recorded)
+    short = [e["sha256"][:10] for e in recorded]
+    assert f'TI hashes: "sparkle: {short[0]}, <star>: {short[1]}"' in read_image_params("a.png")[1]   # as A1111
     assert generate("--from", "a.png", "-o", "again.png") == 0
     assert np.array_equal(pixels("again.png"), pixels("a.png"))
     assert read_png_params("again.png")["embedding"] == recorded
@@ -89,3 +91,12 @@ def test_bad_embeddings_name_the_flag(capsys, flag, words):
     assert generate(PROMPT, "--embedding", flag, "--steps", 2, "-o", "bad.png") == 2
     err = capsys.readouterr().err
     assert all(w in err for w in words), err
+
+
+@pytest.mark.parametrize("value", ["Sparkle.safetensors", [{"path": "x\x00.pt"}], [{"token": "t"}], [{}] * 65])
+def test_a_png_with_a_bad_embedding_record_names_the_key(capsys, value):
+    params = {"prompt": PROMPT, "seed": 0, "n": 1, "model": BUILTIN, "steps": 2, "embedding": value}
+    save_png(Image.new("RGB", (64, 64)), "tampered.png", params=params)
+    assert generate("--from", "tampered.png", "-o", "out.png") == 2
+    err = capsys.readouterr().err
+    assert "tampered.png: embedding" in err, err
