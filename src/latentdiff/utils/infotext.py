@@ -110,7 +110,8 @@ def format_infotext(params: Mapping[str, Any]) -> str:
         elif field.kind == "version":
             text = f"{VERSION_PREFIX}{values[0]}"
         elif field.kind == "hashes":   # A1111's "name: shorthash, ..." (a hash finds no file here: not read back)
-            text = ", ".join(f"{e.get('token')}: {str(e.get('sha256'))[:10]}" for e in values[0] if isinstance(e, dict))
+            entries = values[0] if isinstance(values[0], (list, tuple)) else ()
+            text = ", ".join(f"{e.get('token')}: {str(e.get('sha256'))[:10]}" for e in entries if isinstance(e, dict))
         elif field.label == "Hires upscaler":
             text = next((label for label, name in HIRES_UPSCALERS.items() if name == values[0]), str(values[0]))
         else:
