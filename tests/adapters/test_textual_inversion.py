@@ -12,6 +12,7 @@ from latentdiff.pipelines.latent_diffusion import LatentDiffusionPipeline
 from tests._support.parity import assert_parity
 from tests._support.sd import tiny_diffusers_pipeline
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 WIDTH = 32      # the tiny CLIP's hidden size
 RUN = dict(num_inference_steps=2, output_type="pt")
 
@@ -122,3 +123,26 @@ def test_sdxl_embedding_is_refused(clean, tmp_path):
     with pytest.raises(CheckpointError, match="SDXL") as error:
         pipe.load_textual_inversion(path)
     assert "xl.safetensors" in str(error.value)
+
+
+def test_a_hub_repo_a_folder_and_a_state_dict(clean, files, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from tests._support.hub_cache import make_hub_cache
+
+    _, pipe = clean
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "learned_embeds.bin").write_bytes(files["diffusers"].read_bytes())
+    make_hub_cache(tmp_path / "cache", "sd-concepts-library/cat-toy", repo)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    pipe.load_textual_inversion("sd-concepts-library/cat-toy")
+    from_hub = images(pipe, "a photo of <cat-toy>")
+    pipe.unload_textual_inversion()
+    pipe.load_textual_inversion(repo, token="<cat-toy>")                        # the folder's learned_embeds.bin
+    assert torch.equal(images(pipe, "a photo of <cat-toy>"), from_hub)
+    pipe.unload_textual_inversion()
+    pipe.load_textual_inversion(torch.load(files["diffusers"], weights_only=True))   # {"<cat-toy>": tensor}
+    assert torch.equal(images(pipe, "a photo of <cat-toy>"), from_hub)
