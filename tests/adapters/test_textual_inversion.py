@@ -146,3 +146,13 @@ def test_a_hub_repo_a_folder_and_a_state_dict(clean, files, tmp_path, monkeypatc
     pipe.unload_textual_inversion()
     pipe.load_textual_inversion(torch.load(files["diffusers"], weights_only=True))   # {"<cat-toy>": tensor}
     assert torch.equal(images(pipe, "a photo of <cat-toy>"), from_hub)
+
+
+def test_saving_with_embeddings_loaded_is_refused_before_writing(clean, files, tmp_path):
+    from latentdiff.errors import UsageError
+
+    _, pipe = clean
+    pipe.load_textual_inversion(files["diffusers"])
+    with pytest.raises(UsageError, match="unload_textual_inversion") as error:
+        pipe.save_pretrained(tmp_path / "saved")
+    assert "<cat-toy>" in str(error.value) and not (tmp_path / "saved").exists()

@@ -210,6 +210,7 @@ def token_table(model: torch.nn.Module, *, where: str = "text_encoder") -> torch
     return table
 
 
+@ADAPTERS.register("loaded_tokens")
 def loaded_tokens(text_encoder: Any) -> list[str]:
     """The tokens of the embeddings loaded into `text_encoder` (base tokens, in load order)."""
     state = getattr(text_encoder, STATE, None)

@@ -27,7 +27,7 @@ from ..diffusion.guidance import classifier_free_guidance
 from ..diffusion.noise import randn
 from ..diffusion.noise_scheduler import NoiseScheduler
 from ..diffusion.samplers import SamplerProtocol, StepCallback, check_sampler
-from ..errors import ConfigError, InputError, describe
+from ..errors import ConfigError, InputError, UsageError, describe
 from ..hub import HubLocation
 from ..models.ldm_bert import LDMBertTextEncoder
 from ..models.text_encoder import TextEncoder
@@ -180,6 +180,10 @@ class LatentDiffusionPipeline(DenoisingPipeline):
         return self.diffusers_class_names[0], SD_LAYOUT
 
     def write_files(self, folder: Path, *, variant: str | None = None) -> None:
+        loaded = ADAPTERS.get("loaded_tokens")(self.text_encoder)
+        if loaded:   # the tokenizer's files would not hold the added tokens: refused before anything is written
+            raise UsageError("saving a pipeline with textual-inversion embeddings loaded is not supported yet",
+                             where="text_encoder", expected="unload_textual_inversion() first", found=loaded)
         class_name, layout = self.layout()
         entries = write_parts(folder, {"unet": self.unet, layout.vae: self.vae}, noise_scheduler=self.noise_scheduler,
                               sampler=self.sampler, variant=variant)
