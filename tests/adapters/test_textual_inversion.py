@@ -138,7 +138,10 @@ def test_a_hub_repo_a_folder_and_a_state_dict(clean, files, tmp_path, monkeypatc
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
-    pipe.load_textual_inversion("sd-concepts-library/cat-toy")
+    with pytest.raises(InputError, match="unknown option") as error:
+        pipe.load_textual_inversion("sd-concepts-library/cat-toy", proxies={})
+    assert "proxies" in str(error.value) and "hf_token" in str(error.value)
+    pipe.load_textual_inversion("sd-concepts-library/cat-toy", local_files_only=True)
     from_hub = images(pipe, "a photo of <cat-toy>")
     pipe.unload_textual_inversion()
     pipe.load_textual_inversion(repo, token="<cat-toy>")                        # the folder's learned_embeds.bin

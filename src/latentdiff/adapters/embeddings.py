@@ -186,6 +186,9 @@ class Loaded:
     files: dict[str, str] = dataclasses.field(default_factory=dict)     # token -> file (for the CLI's record)
 
 
+# diffusers' Hub keywords of load_textual_inversion -> find_file's (`token` there is the embedding's token)
+HUB_OPTIONS = {"revision": "revision", "cache_dir": "cache_dir", "local_files_only": "local_files_only",
+               "hf_token": "hub_token"}
 STATE = "_textual_inversion"     # the TextEncoder attribute holding its `Loaded`
 
 
@@ -329,9 +332,14 @@ def load_textual_inversion(pipe: Any, pretrained_model_name_or_path: Any, token:
             raise InputError("token must be a string for one embedding", where="token", expected="str | None",
                              found=describe(token))
         tokens = [token]
+    unknown = sorted(set(hub) - set(HUB_OPTIONS))
+    if unknown:
+        raise InputError("unknown option of load_textual_inversion", where=unknown[0],
+                         expected=f"weight_name or one of {list(HUB_OPTIONS)}", found=unknown)
+    options = {HUB_OPTIONS[k]: v for k, v in hub.items()}
     embeddings, files = [], {}
     for source, name in zip(sources, tokens, strict=True):
-        embedding = read_embedding(source, token=name, weight_name=weight_name, **hub)
+        embedding = read_embedding(source, token=name, weight_name=weight_name, **options)
         embeddings.append(embedding)
         if isinstance(source, (str, os.PathLike)):
             files[embedding.token] = os.fspath(source)
