@@ -34,6 +34,10 @@ MAX_IMAGES_PER_PROMPT = 1024
 MAX_INFOTEXT_CHARS = 65_536        # an A1111 "parameters" text read back (PNG chunk, EXIF UserComment); real: < 4 KB
 MAX_THREADS = 4096                 # torch threads (`latentdiff generate --threads`)
 MAX_HIRES_SCALE = 8                # hires fix: the second pass's size / the first's (A1111's slider: 1-4)
+MAX_EMBEDDING_VECTORS = 75         # vectors of one textual-inversion embedding (a prompt chunk: 75 tokens)
+MAX_EMBEDDING_WIDTH = 8192         # an embedding vector's width (CLIP-L 768, OpenCLIP-G 1280)
+MAX_EMBEDDING_FILE_BYTES = 64 * 1024**2  # an embedding file (real: a few KB; A1111 .pt with extras: < 1 MB)
+MAX_EMBEDDING_FILES = 64           # `latentdiff generate --embedding` files of one run
 
 # ---- data (eval folders / .npy / images) -------------------------------------------------------------------------
 MAX_ARRAY_BYTES = 8 * 1024**3      # one .npy array read by `latentdiff eval`

@@ -106,6 +106,8 @@ class TextEncoder(nn.Module):
                               if config.use_attention_mask is None else config.use_attention_mask)
         self._norm_path = self._find_final_norm() if config.layer == "penultimate" and config.apply_final_norm else None
         self._warned_truncation = False
+        # a multi-vector textual-inversion token -> "tok tok_1 ... tok_{n-1}" (latentdiff.adapters.embeddings)
+        self.token_expansions: dict[str, str] = {}
 
     def _resolve_max_length(self) -> int:
         length = self.config.max_length
@@ -204,8 +206,24 @@ class TextEncoder(nn.Module):
                              expected=f"an int in [0, {layers}) (1: the penultimate layer; this text encoder has "
                                       f"{layers} layers)", found=repr(clip_skip))
 
+    def expand_tokens(self, prompts: list[str]) -> list[str]:
+        """Each multi-vector embedding token of a prompt replaced by its n tokens (`tok` -> `tok tok_1 tok_2`), as
+        diffusers' maybe_convert_prompt: where the prompt's tokens include the embedding's first token."""
+        expansions = getattr(self, "token_expansions", None)
+        if not expansions:
+            return prompts
+        vocab = self.tokenizer.get_vocab()
+        ids = {vocab[t]: (t, text) for t, text in expansions.items() if t in vocab}
+        out = []
+        for prompt, found in zip(prompts, self.tokenizer(prompts, add_special_tokens=False)["input_ids"], strict=True):
+            for index in sorted(set(found) & set(ids)):
+                token, text = ids[index]
+                prompt = prompt.replace(token, text)
+            out.append(prompt)
+        return out
+
     def _tokenize(self, prompts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        prompts = _check_prompts(prompts)
+        prompts = self.expand_tokens(_check_prompts(prompts))
         tokens = self.tokenizer(prompts, padding="max_length", max_length=self._max_length, truncation=True,
                                 return_attention_mask=True, return_tensors="pt")
         if not self._warned_truncation:

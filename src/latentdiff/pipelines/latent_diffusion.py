@@ -27,12 +27,12 @@ from ..diffusion.guidance import classifier_free_guidance
 from ..diffusion.noise import randn
 from ..diffusion.noise_scheduler import NoiseScheduler
 from ..diffusion.samplers import SamplerProtocol, StepCallback, check_sampler
-from ..errors import ConfigError, InputError, describe
+from ..errors import ConfigError, InputError, UsageError, describe
 from ..hub import HubLocation
 from ..models.ldm_bert import LDMBertTextEncoder
 from ..models.text_encoder import TextEncoder
 from ..models.unet import UNet2DConditional
-from ..registry import PIPELINES
+from ..registry import ADAPTERS, PIPELINES
 from ..utils.memory import released_after_each_block
 from ..utils.numerics import check_finite_output
 from . import acceleration
@@ -126,6 +126,21 @@ class LatentDiffusionPipeline(DenoisingPipeline):
     def networks(self) -> tuple[torch.nn.Module, ...]:
         return (self.unet, self.vae, self.text_encoder)
 
+    # ---- textual inversion (latentdiff.adapters.embeddings, through registry.ADAPTERS) ----
+    def load_textual_inversion(self, pretrained_model_name_or_path: Any, token: str | list[str] | None = None, *,
+                               weight_name: str | None = None, **hub_options: Any) -> None:
+        """Add a textual-inversion embedding's token(s) to the tokenizer and its vectors to the text encoder, as
+        diffusers' load_textual_inversion: a file (A1111 .pt / .safetensors, diffusers learned_embeds), a folder, a
+        Hub id, a state dict, or a list of them (with a list of tokens). token: default the diffusers file's key,
+        else the file's stem (A1111's token). All or nothing: after an error nothing has changed."""
+        ADAPTERS.get("load_textual_inversion")(self, pretrained_model_name_or_path, token, weight_name=weight_name,
+                                               **hub_options)
+
+    def unload_textual_inversion(self, tokens: str | list[str] | None = None) -> None:
+        """Remove loaded embeddings (None: all); with none left, the tokenizer and the token-embedding table are
+        the originals again, bit for bit."""
+        ADAPTERS.get("unload_textual_inversion")(self, tokens)
+
     # ---- loading and saving ---------------------------------------------------------------------
     @classmethod
     def from_pretrained(  # type: ignore[override]  # its parts by name, where DenoisingPipeline takes **parts
@@ -165,6 +180,10 @@ class LatentDiffusionPipeline(DenoisingPipeline):
         return self.diffusers_class_names[0], SD_LAYOUT
 
     def write_files(self, folder: Path, *, variant: str | None = None) -> None:
+        loaded = ADAPTERS.get("loaded_tokens")(self.text_encoder)
+        if loaded:   # the tokenizer's files would not hold the added tokens: refused before anything is written
+            raise UsageError("saving a pipeline with textual-inversion embeddings loaded is not supported yet",
+                             where="text_encoder", expected="unload_textual_inversion() first", found=loaded)
         class_name, layout = self.layout()
         entries = write_parts(folder, {"unet": self.unet, layout.vae: self.vae}, noise_scheduler=self.noise_scheduler,
                               sampler=self.sampler, variant=variant)

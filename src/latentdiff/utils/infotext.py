@@ -41,7 +41,7 @@ class Field:
 
     label: str
     settings: tuple[str, ...]    # "Size" fills two: width, height
-    kind: str                    # int | float | text | size | version
+    kind: str                    # int | float | text | size | version | hashes
 
 
 # The table, in the order A1111 writes its settings. A setting named here that `latentdiff generate` does not
@@ -62,6 +62,7 @@ FIELDS: tuple[Field, ...] = (
     Field("Hires upscale", ("hires_scale",), "float"),
     Field("Hires steps", ("hires_steps",), "int"),
     Field("Hires upscaler", ("hires_upscaler",), "text"),
+    Field("TI hashes", ("embedding",), "hashes"),   # written (token: sha256[:10], as A1111); read: ignored
     Field("Version", ("latentdiff",), "version"),
 )
 FIELD_BY_LABEL = {field.label: field for field in FIELDS}
@@ -108,6 +109,9 @@ def format_infotext(params: Mapping[str, Any]) -> str:
             text = A1111_SCHEDULE_LABELS.get(str(values[0]), str(values[0]))
         elif field.kind == "version":
             text = f"{VERSION_PREFIX}{values[0]}"
+        elif field.kind == "hashes":   # A1111's "name: shorthash, ..." (a hash finds no file here: not read back)
+            entries = values[0] if isinstance(values[0], (list, tuple)) else ()
+            text = ", ".join(f"{e.get('token')}: {str(e.get('sha256'))[:10]}" for e in entries if isinstance(e, dict))
         elif field.label == "Hires upscaler":
             text = next((label for label, name in HIRES_UPSCALERS.items() if name == values[0]), str(values[0]))
         else:
@@ -253,6 +257,8 @@ def _read(field: Field, value: str, *, where: str) -> tuple[Any, ...] | None:
         return int(match.group(1)), int(match.group(2))
     if field.kind == "version":
         return (value[len(VERSION_PREFIX):],) if value.startswith(VERSION_PREFIX) else None
+    if field.kind == "hashes":
+        return None
     if field.label == "Hires upscaler":
         upscaler = HIRES_UPSCALERS.get(value)
         return None if upscaler is None else (upscaler,)
