@@ -37,7 +37,8 @@ def kohya(found: list[tuple[str, str, tuple[int, ...]]], *, rank: int = 4, alpha
     """kohya / A1111 keys; `unet_names`: module name -> the name spelled in the file (e.g. CompVis')."""
     state = {}
     for i, (component, name, shape) in enumerate(found):
-        spelled = (unet_names or {}).get(name, name) if component == "unet" else "text_model." + name.removeprefix("text_model.")
+        text_name = "text_model." + name.removeprefix("text_model.")
+        spelled = (unet_names or {}).get(name, name) if component == "unet" else text_name
         key = ("lora_unet_" if component == "unet" else "lora_te_") + spelled.replace(".", "_")
         down, up = factors(shape, rank, seed + i)
         state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"] = down, up
