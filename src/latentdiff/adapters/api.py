@@ -87,7 +87,7 @@ def build_adapter(pipe: Any, state: Mapping[str, torch.Tensor], metadata: Mappin
     parts = components(pipe)
     deltas: dict[Target, Delta] = {}
     for target, (spelled, group) in group_keys(state, module_table(pipe), source=source).items():
-        module = parts[target.component].get_submodule(target.name)
+        module: Any = parts[target.component].get_submodule(target.name)
         deltas[target] = delta_from_group(group, tuple(module.weight.shape),
                                           where=f"{source}: {spelled} (module {target.component}.{target.name})")
     return Adapter(name, deltas, source)

@@ -22,6 +22,7 @@ import dataclasses
 import difflib
 import re
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,7 +43,7 @@ class Target:
     name: str
 
 
-def components(pipe: object) -> dict[str, nn.Module]:
+def components(pipe: object) -> dict[str, Any]:
     """The networks adapters patch: the UNet and the text encoder's model (the transformer inside TextEncoder)."""
     text = getattr(pipe, "text_encoder", None)
     return {"unet": pipe.unet,  # type: ignore[attr-defined]  # every pipeline with adapters has a UNet

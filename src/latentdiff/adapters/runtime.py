@@ -57,12 +57,13 @@ def state_of(pipe: Any, *, create: bool = True) -> AdapterState:
     return state
 
 
-def _module(pipe: Any, target: Target) -> nn.Module:
+def _module(pipe: Any, target: Target) -> Any:
+    """The nn.Linear / nn.Conv2d a target names."""
     return components(pipe)[target.component].get_submodule(target.name)
 
 
 def _hook(state: AdapterState, target: Target, layer: LayerKind) -> Any:
-    def add_deltas(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    def add_deltas(module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor:
         for delta, scale in state.running.get(target, ()):
             output = output + delta.forward(args[0], module.weight, layer, scale)
         return output
