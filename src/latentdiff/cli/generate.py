@@ -39,6 +39,7 @@ from ..errors import UsageError
 from ..version import __version__
 from . import generate_outputs as outputs
 from .generate_a1111 import add_schedule_flag, with_schedule
+from .generate_adapters import add_lora_flags, apply_loras, settle_loras
 from .generate_inputs import add_input_flags, load_vae, prepare_run, set_threads, settle_inputs, size_from_image
 from .generate_model import ModelSource, locate_model, tokenizer_file
 from .generate_settings import DTYPES, GenerateSettings, Job, note_from, plan_jobs, read_from_png, settle, warn
@@ -87,6 +88,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     add_schedule_flag(gen)
     # ---- part C: image inputs, hires fix, performance flags, clip skip (generate_inputs) ----
     add_input_flags(gen)
+    # ---- LoRA (generate_adapters) ----
+    add_lora_flags(gen)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -101,6 +104,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     args = argparse.Namespace(**vars(args) | {"n": n, "seed": args.seed if seed is None else seed})
     settings = settle(args, stored, source)
     settings, images = settle_inputs(args, stored, settings)
+    settings = settle_loras(args, stored, settings)
     jobs = plan_jobs(args, settings, procs.share)
     if procs.is_main and drawn:
         print(f"latentdiff: seed {seed}", file=sys.stderr)
@@ -109,6 +113,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     texts = [job.prompt for job in jobs] + [settings.negative or ""]
     checked = procs.is_main and warn_unknown_words(tokenizer_file(source, settings.tokenizer), texts)
     pipe = load_pipeline(source, settings, device=device or procs.device)
+    apply_loras(pipe, settings)
     if procs.is_main and not checked:   # a Hub model's tokenizer, now downloaded
         warn_unknown_words(tokenizer_file(source, settings.tokenizer), texts)
     settings = finish(size_from_image(settings, images, pipe), pipe)
