@@ -175,3 +175,19 @@ def test_bad_tag_weights(setup, pipe, tag):
         images(pipe, "a castle " + tag)
     assert tag in str(e.value)
     assert pipe.get_active_adapters() == ["one"]
+
+
+def test_hub_repo_offline(setup, pipe, tmp_path, monkeypatch):
+    """A Hub repo holding pytorch_lora_weights.safetensors (diffusers' layout), from the offline cache."""
+    import huggingface_hub.constants
+
+    from tests._support.hub_cache import make_hub_cache
+
+    root, _, found = setup
+    (tmp_path / "repo").mkdir()
+    save_file(peft(found, seed=8), tmp_path / "repo" / "pytorch_lora_weights.safetensors")
+    make_hub_cache(tmp_path / "cache", "someone/style-lora", tmp_path / "repo")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    assert pipe.load_lora_weights("someone/style-lora") == "style-lora"
+    assert pipe.get_active_adapters() == ["style-lora"]
