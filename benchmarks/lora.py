@@ -3,9 +3,9 @@ rank-16 LoRA on every attention linear fused into the weights (should cost nothi
 (forward hooks: x -> down -> up per module); and the time to load a ~150 MB kohya LoRA (fp16, attention, feed-forward
 and projection linears) onto the UNet: read + match every key + build every delta + hook.
 
-    python benchmarks/lora.py [--size 32] [--batch 2] [--reps 3]
+    python benchmarks/lora.py [--size 32] [--batch 1] [--reps 2]
 
---size: the latent side (32 = 256 px images, to keep the run short on 2 cores); --batch 2 is one guided step.
+--size: the latent side (32 = 256 px images, to keep the run short on 2 cores); --batch 1 (2 is one guided step).
 """
 from __future__ import annotations
 
@@ -40,23 +40,20 @@ def lora_file(unet: torch.nn.Module, suffixes: tuple[str, ...], rank: int, dtype
     return state
 
 
-def step_time(unet, x, t, context, reps: int) -> float:
+def step_time(unet, x, t, context) -> float:
     with torch.inference_mode():
-        unet(x, t, context)     # warm-up
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            out = unet(x, t, context)
-            times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        out = unet(x, t, context)
+        seconds = time.perf_counter() - start
     step_time.last = out  # type: ignore[attr-defined]
-    return min(times)
+    return seconds
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=32)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--reps", type=int, default=2)
     args = p.parse_args()
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown")
@@ -71,15 +68,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         small = Path(tmp) / "rank16.safetensors"
         save_file(lora_file(unet, ATTENTION, 16, torch.float32), small)
-        base = step_time(unet, x, t, context, args.reps)
-        reference = step_time.last  # type: ignore[attr-defined]
         api.load_lora_weights(pipe, small, adapter_name="r16")
-        runtime = step_time(unet, x, t, context, args.reps)
-        runtime_out = step_time.last  # type: ignore[attr-defined]
-        api.fuse_lora(pipe)
-        fused = step_time(unet, x, t, context, args.reps)
-        fused_out = step_time.last  # type: ignore[attr-defined]
+        times: dict[str, list[float]] = {"base": [], "fused": [], "runtime": []}
+        outputs = {}
+        step_time(unet, x, t, context)   # warm-up
+        for _ in range(args.reps):      # the three alternate, so that a busy machine slows each alike
+            api.enable_lora(pipe, False)
+            times["base"].append(step_time(unet, x, t, context))
+            outputs["base"] = step_time.last  # type: ignore[attr-defined]
+            api.enable_lora(pipe, True)
+            times["runtime"].append(step_time(unet, x, t, context))
+            outputs["runtime"] = step_time.last  # type: ignore[attr-defined]
+            api.fuse_lora(pipe)
+            times["fused"].append(step_time(unet, x, t, context))
+            outputs["fused"] = step_time.last  # type: ignore[attr-defined]
+            api.unfuse_lora(pipe)
         api.unload_lora_weights(pipe)
+        base, fused, runtime = (min(times[k]) for k in ("base", "fused", "runtime"))
+        reference, runtime_out, fused_out = outputs["base"], outputs["runtime"], outputs["fused"]
         error = float((runtime_out - fused_out).abs().max() / fused_out.abs().max())
         changed = float((runtime_out - reference).abs().max() / reference.abs().max())
         print(f"UNet step, batch {args.batch}, latents {args.size}x{args.size} (min of {args.reps}):")
@@ -94,14 +100,14 @@ def main() -> None:
         large = Path(tmp) / "large.safetensors"
         save_file(lora_file(unet, LARGE, rank, torch.float16), large)
         mb = large.stat().st_size / 1e6
-        times = []
+        loads = []
         for i in range(3):
             start = time.perf_counter()
             api.load_lora_weights(pipe, large, adapter_name=f"large{i}")
-            times.append(time.perf_counter() - start)
+            loads.append(time.perf_counter() - start)
             api.unload_lora_weights(pipe)
-        print(f"load a {mb:.0f} MB LoRA (fp16, rank {rank}, attention + ff + proj linears) onto the UNet: "
-              f"{min(times):.3f} s (min of 3; page cache warm)")
+        print(f"load a {mb:.0f} MB LoRA (fp16, rank {rank}, attention + ff + proj linears) onto the fp32 UNet "
+              f"(read, match, convert to fp32, build, hook): {min(loads):.3f} s (min of 3; page cache warm)")
 
 
 if __name__ == "__main__":

@@ -88,6 +88,9 @@ def build_adapter(pipe: Any, state: Mapping[str, torch.Tensor], metadata: Mappin
     deltas: dict[Target, Delta] = {}
     for target, (spelled, group) in group_keys(state, module_table(pipe), source=source).items():
         module: Any = parts[target.component].get_submodule(target.name)
+        # copies in the module's dtype and device: nothing stays mapped to the file, no conversion per step
+        group = {k: v.to(module.weight.device, module.weight.dtype if v.is_floating_point() else v.dtype, copy=True)
+                 for k, v in group.items()}
         deltas[target] = delta_from_group(group, tuple(module.weight.shape),
                                           where=f"{source}: {spelled} (module {target.component}.{target.name})")
     return Adapter(name, deltas, source)
