@@ -12,6 +12,8 @@ from tests._support.lora import kohya, peft, targets
 from tests._support.parity import assert_parity
 from tests._support.sd import tiny_diffusers_pipeline
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 pytest.importorskip("peft")
 PROMPT = "a photo of a cat"
 

@@ -12,6 +12,8 @@ from tests._support.lora import kohya, merge_kohya, parameters, same_parameters
 from tests._support.parity import assert_parity
 from tests._support.sd import tiny_diffusers_pipeline
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # diffusers name -> the CompVis (openaimodel) name of the same module in the tiny UNet (levels 32 / 64+attention,
 # two ResBlocks per level): written out here from the original layout, independently of convert.unet_ldm
 COMPVIS = {

@@ -13,6 +13,8 @@ from tests._support.lora import kohya, merge_kohya, parameters, peft, same_param
 from tests._support.parity import assert_parity
 from tests._support.sd import tiny_diffusers_pipeline
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, diffusers):

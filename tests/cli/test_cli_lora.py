@@ -15,6 +15,8 @@ from latentdiff.utils.images import read_png_params
 from tests._support.lora import kohya, targets
 from tests._support.sd import tiny_diffusers_pipeline
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROMPT = "a red circle"
 
 
