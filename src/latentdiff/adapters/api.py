@@ -91,8 +91,17 @@ def build_adapter(pipe: Any, state: Mapping[str, torch.Tensor], metadata: Mappin
         # copies in the module's dtype and device: nothing stays mapped to the file, no conversion per step
         group = {k: v.to(module.weight.device, module.weight.dtype if v.is_floating_point() else v.dtype, copy=True)
                  for k, v in group.items()}
-        deltas[target] = delta_from_group(group, tuple(module.weight.shape),
-                                          where=f"{source}: {spelled} (module {target.component}.{target.name})")
+        where = f"{source}: {spelled} (module {target.component}.{target.name})"
+        bad = [k for k, v in group.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise CheckpointError("NaN or Inf in an adapter's tensors", where=f"{where}.{bad[0]}",
+                                  expected="finite values", found="NaN / Inf")
+        try:
+            deltas[target] = delta_from_group(group, tuple(module.weight.shape), where=where)
+        except (IndexError, RuntimeError, ValueError, TypeError) as e:   # tensors of a shape no builder expects
+            raise CheckpointError(f"an adapter's tensors do not fit the module ({type(e).__name__}: {e})",
+                                  where=where, expected=f"tensors for a weight of shape {tuple(module.weight.shape)}",
+                                  found={k: tuple(v.shape) for k, v in group.items()}) from None
     return Adapter(name, deltas, source)
 
 
