@@ -193,3 +193,25 @@ def test_hub_repo_offline(setup, pipe, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     assert pipe.load_lora_weights("someone/style-lora") == "style-lora"
     assert pipe.get_active_adapters() == ["style-lora"]
+
+
+def test_img2img_and_inpaint_take_the_methods_and_tags(setup):
+    from latentdiff.pipelines.image_to_image import ImageToImagePipeline
+    from latentdiff.pipelines.inpaint import InpaintPipeline
+    from tests._support.sd import random_image
+
+    root, _, _ = setup
+    assert hasattr(InpaintPipeline, "load_lora_weights") and hasattr(InpaintPipeline, "fuse_lora")
+    pipe = ImageToImagePipeline.from_pretrained(root / "sd")
+    image = random_image()
+
+    def run(prompt):
+        return pipe(prompt, image, strength=0.75, num_inference_steps=2, output_type="pt",
+                    generator=torch.Generator().manual_seed(0), progress=False).images
+
+    pipe.load_lora_weights(root / "one.safetensors")
+    pipe.set_adapters("one", adapter_weights=0.5)
+    expected = run("a castle")
+    pipe.set_adapters([])
+    assert_parity(run("a castle <lora:one:0.5>"), expected, 1e-6)
+    assert (run("a castle") - expected).abs().max() > 1e-4
