@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from latentdiff.cli import main
 from latentdiff.pipelines.latent_diffusion import LatentDiffusionPipeline
-from latentdiff.utils.images import read_png_params
+from latentdiff.utils.images import read_image_params, read_png_params
 from tests._support.lora import kohya, targets
 from tests._support.sd import tiny_diffusers_pipeline
 
@@ -56,6 +56,9 @@ def test_lora_flags_match_the_api_and_from_reproduces(setup, capsys):
     assert [(r["path"], r["weight"]) for r in recorded] == [(str(root / "one.safetensors"), 0.8),
                                                             (str(root / "two.safetensors"), 1.0)]
     assert all(len(r["sha256"]) == 64 for r in recorded)
+    infotext = read_image_params("a.png")[1]     # A1111's text: tags in the prompt, "Lora hashes"
+    assert infotext.startswith(f"{PROMPT} <lora:one:0.8> <lora:two:1>\n")
+    assert f'Lora hashes: "one: {recorded[0]["sha256"][:12]}, two: {recorded[1]["sha256"][:12]}"' in infotext
     assert generate("--from", "a.png", "-o", "b.png") == 0
     assert np.array_equal(pixels("b.png"), pixels("a.png"))
     capsys.readouterr()
