@@ -215,3 +215,47 @@ def test_img2img_and_inpaint_take_the_methods_and_tags(setup):
     pipe.set_adapters([])
     assert_parity(run("a castle <lora:one:0.5>"), expected, 1e-6)
     assert (run("a castle") - expected).abs().max() > 1e-4
+
+
+def test_base_model_metadata_of_another_family(setup, tmp_path):
+    """An SD 1.x pipeline (CLIP width 768, stood in for by the tiny one's modules) refuses a file whose kohya
+    metadata says SDXL or SD 2.x, naming the file and the metadata key, before reading a tensor into it."""
+    import types
+
+    from latentdiff.adapters import api
+
+    _, pipe, found = setup
+    sd1 = types.SimpleNamespace(unet=pipe.unet, text_encoder=types.SimpleNamespace(model=pipe.text_encoder.model,
+                                                                                   hidden_size=768))
+    for version in ("sdxl_base_v1-0", "sd_v2_768_v"):
+        save_file(kohya(found, seed=9), tmp_path / "x.safetensors", metadata={"ss_base_model_version": version})
+        with pytest.raises(CheckpointError, match="another base model") as e:
+            api.load_lora_weights(sd1, tmp_path / "x.safetensors")
+        assert "x.safetensors" in str(e.value) and "ss_base_model_version" in str(e.value) and version in str(e.value)
+    save_file(kohya(found, seed=9), tmp_path / "ok.safetensors", metadata={"ss_base_model_version": "sd_v1"})
+    assert api.load_lora_weights(sd1, tmp_path / "ok.safetensors") == "ok"
+    api.unload_lora_weights(sd1)
+
+
+def test_older_diffusers_spellings(setup, pipe, tmp_path):
+    """`...attn1.processor.to_q_lora.up.weight` (UNet) and `...q_proj.lora_linear_layer.up.weight` (text encoder),
+    diffusers' older names, load the same deltas as the PEFT spelling of the same tensors."""
+    _, _, found = setup
+    new = peft(found, seed=10)
+    old = {}
+    for key, value in new.items():
+        module, _, part = key.rpartition(".lora_")
+        updown = "down" if part.startswith("A") else "up"
+        head, _, last = module.rpartition(".")
+        if module.startswith("unet.") and last in ("to_q", "to_k", "to_v"):
+            old[f"{head}.processor.{last}_lora.{updown}.weight"] = value
+        elif module.startswith("unet.") and module.endswith("to_out.0"):
+            old[f"{module.removesuffix('.to_out.0')}.processor.to_out_lora.{updown}.weight"] = value
+        else:
+            old[f"{module}.lora_linear_layer.{updown}.weight"] = value
+    save_file(new, tmp_path / "new.safetensors")
+    save_file(old, tmp_path / "old.safetensors")
+    pipe.load_lora_weights(tmp_path / "new.safetensors")
+    expected = images(pipe)
+    pipe.load_lora_weights(tmp_path / "old.safetensors")
+    assert torch.equal(images(pipe), expected)

@@ -90,6 +90,9 @@ def refresh(pipe: Any, state: AdapterState) -> None:
 
 
 def check_names(state: AdapterState, names: Sequence[str], *, argument: str) -> None:
+    if not all(isinstance(n, str) for n in names):
+        raise InputError("adapter names are strings", where=argument, expected="str or a list of str",
+                         found=[type(n).__name__ for n in names])
     unknown = [n for n in names if n not in state.adapters]
     if unknown:
         raise InputError("no adapter of that name is loaded", where=argument,
