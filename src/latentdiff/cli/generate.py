@@ -39,6 +39,7 @@ from ..errors import UsageError
 from ..version import __version__
 from . import generate_outputs as outputs
 from .generate_a1111 import add_schedule_flag, with_schedule
+from .generate_adapters import add_lora_flags, apply_loras, settle_loras
 from .generate_embeddings import add_embedding_flags, apply_embeddings, settle_embeddings
 from .generate_inputs import add_input_flags, load_vae, prepare_run, set_threads, settle_inputs, size_from_image
 from .generate_model import ModelSource, locate_model, tokenizer_file
@@ -90,6 +91,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     add_input_flags(gen)
     # ---- textual inversion (generate_embeddings) ----
     add_embedding_flags(gen)
+    # ---- LoRA (generate_adapters) ----
+    add_lora_flags(gen)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -105,6 +108,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings = settle(args, stored, source)
     settings, images = settle_inputs(args, stored, settings)
     settings, embeddings = settle_embeddings(args, settings)
+    settings = settle_loras(args, stored, settings)
     jobs = plan_jobs(args, settings, procs.share)
     if procs.is_main and drawn:
         print(f"latentdiff: seed {seed}", file=sys.stderr)
@@ -114,6 +118,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     checked = procs.is_main and warn_unknown_words(tokenizer_file(source, settings.tokenizer), texts)
     pipe = load_pipeline(source, settings, device=device or procs.device)
     apply_embeddings(pipe, settings, embeddings)
+    apply_loras(pipe, settings)
     if procs.is_main and not checked:   # a Hub model's tokenizer, now downloaded
         warn_unknown_words(tokenizer_file(source, settings.tokenizer), texts)
     settings = finish(size_from_image(settings, images, pipe), pipe)

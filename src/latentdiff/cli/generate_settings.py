@@ -34,7 +34,10 @@ RECORDED = ("prompt", "negative", "seed", "steps", "guidance", "sampler", "eta",
             "clip_skip", "init_image", "init_image_sha256", "strength", "mask", "mask_sha256", "hires_scale",
             "hires_steps", "hires_strength", "hires_upscaler", "tile_size", "vae", "vae_tiling",
             # textual inversion (generate_embeddings)
-            "embedding")
+            "embedding",
+
+            # LoRA files (generate_adapters)
+            "lora")
 OPTIONAL = RECORDED[RECORDED.index("clip_skip"):]   # recorded only when set
 MAX_SEED = 2**63 - 1
 PATH_VALUES = ("model", "tokenizer", "init_image", "mask", "vae")    # recorded values that name files or folders
@@ -78,6 +81,8 @@ class GenerateSettings:
     vae_tiling: bool | None = None
     # generate_embeddings: [{"path": absolute path, "token": ..., "sha256": ...}, ...]; None = none
     embedding: list[dict[str, Any]] | None = None
+    # generate_adapters: [{"path": absolute path, "weight": W, "sha256": ...}] of --lora FILE[:W]
+    lora: list[dict[str, Any]] | None = None
 
     def params(self) -> dict[str, Any]:
         """The settings as the JSON a PNG records (the image input, hires, tile and VAE settings only when used)."""

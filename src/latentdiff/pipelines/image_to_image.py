@@ -13,6 +13,7 @@ the same seed gives the same image.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ from ..diffusion.samplers import SamplerProtocol, StepCallback, check_sampler
 from ..diffusion.samplers.base import check_generator
 from ..errors import InputError, describe
 from ..registry import PIPELINES
+from .adapter_methods import with_prompt_adapters
 from .arguments import check_call
 from .call_options import CallbackOnStepEnd, finish, step_callback
 from .images import ImageInput, check_batch, expand_batch, image_to_tensor
@@ -38,6 +40,7 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
     diffusers_class_names = ("StableDiffusionImg2ImgPipeline",)
     loadable_class_names = tuple(LAYOUTS)
 
+    @with_prompt_adapters
     @torch.inference_mode()
     def __call__(  # type: ignore[override]  # each task takes its own inputs, as in diffusers
             self, prompt: Prompt | None = None, image: ImageInput = None, negative_prompt: Prompt | None = None,
@@ -49,7 +52,7 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
             max_pixels: int | None = None, guidance_rescale: float = 0.0,
             callback_on_step_end: CallbackOnStepEnd | None = None,
             callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), return_dict: bool = True,
-            clip_skip: int | None = None) -> Any:
+            clip_skip: int | None = None, lora_dirs: Sequence[str | os.PathLike] | None = None) -> Any:
         """Edit `image` (see `images` for the accepted kinds; H, W multiples of the autoencoder factor) towards
         `prompt`. strength in [0, 1]: 1 runs all num_inference_steps from an almost fully noised image,
         smaller keeps more of it (int(N * strength) steps run), with any sampler. noise: (B, C, H/f, W/f), the

@@ -20,6 +20,7 @@ processor does, and the masked image is image * (mask < 0.5).
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +32,7 @@ from ..diffusion.samplers import StepCallback
 from ..diffusion.samplers.base import after_step, as_step_callback
 from ..errors import InputError
 from ..registry import PIPELINES
+from .adapter_methods import with_prompt_adapters
 from .arguments import check_call
 from .call_options import CallbackOnStepEnd, finish, step_callback
 from .image_to_image import ImageToImagePipeline
@@ -54,6 +56,7 @@ class InpaintPipeline(ImageToImagePipeline):
         """Whether the UNet takes the mask and masked-image latents as inputs (else the known region is blended)."""
         return self.unet.config.in_channels != self.vae.latent_channels
 
+    @with_prompt_adapters
     @torch.inference_mode()
     def __call__(  # type: ignore[override]  # each task takes its own inputs, as in diffusers
             self, prompt: Prompt | None = None, image: ImageInput = None, mask_image: ImageInput = None,
@@ -66,7 +69,7 @@ class InpaintPipeline(ImageToImagePipeline):
             progress: bool = True, max_pixels: int | None = None, guidance_rescale: float = 0.0,
             callback_on_step_end: CallbackOnStepEnd | None = None,
             callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), return_dict: bool = True,
-            clip_skip: int | None = None) -> Any:
+            clip_skip: int | None = None, lora_dirs: Sequence[str | os.PathLike] | None = None) -> Any:
         """Repaint the white region of `mask_image` in `image` (same H, W). height / width (multiples of the
         autoencoder factor): resize the image and the mask to them, as diffusers; default: the image's size (rounded
         down to multiples of the factor).

@@ -36,6 +36,7 @@ from ..registry import ADAPTERS, PIPELINES
 from ..utils.memory import released_after_each_block
 from ..utils.numerics import check_finite_output
 from . import acceleration
+from .adapter_methods import LoraMixin, with_prompt_adapters
 from .arguments import check_call, check_clip_skip
 from .base import PipelineOutput, concat_conditioning
 from .call_options import CallbackOnStepEnd, Interrupted, finish, step_callback
@@ -98,7 +99,7 @@ LAYOUTS: dict[str, FolderLayout] = {
 
 
 @PIPELINES.register("text-to-image")
-class LatentDiffusionPipeline(DenoisingPipeline):
+class LatentDiffusionPipeline(LoraMixin, DenoisingPipeline):
     """Text-conditioned latent diffusion: a first stage (KL, VQ or identity), a cross-attention UNet and a text
     encoder (CLIP, as Stable Diffusion, or LDMBert, as LDM's text-to-image model)."""
 
@@ -193,6 +194,7 @@ class LatentDiffusionPipeline(DenoisingPipeline):
         hub.write_json(index, folder / MODEL_INDEX)
 
     # ---- the algorithm ---------------------------------------------------------------------------
+    @with_prompt_adapters
     @torch.inference_mode()
     def __call__(self, prompt: Prompt | None = None, negative_prompt: Prompt | None = None, *,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
@@ -204,7 +206,8 @@ class LatentDiffusionPipeline(DenoisingPipeline):
                  tile_overlap: TileSize | None = None, max_pixels: int | None = None, guidance_rescale: float = 0.0,
                  callback_on_step_end: CallbackOnStepEnd | None = None,
                  callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-                 return_dict: bool = True, clip_skip: int | None = None) -> Any:
+                 return_dict: bool = True, clip_skip: int | None = None,
+                 lora_dirs: Sequence[str | os.PathLike] | None = None) -> Any:
         """Generate images for `prompt` (a string or a list). Returns PipelineOutput(images=...), or with
         return_dict=False diffusers' tuple (images, None) (no safety checker: nothing flagged).
 
@@ -216,6 +219,7 @@ class LatentDiffusionPipeline(DenoisingPipeline):
         guidance_rescale, callback_on_step_end(pipe, i, t, callback_kwargs) -> dict with
         callback_on_step_end_tensor_inputs, return_dict, `pipe._interrupt`: as diffusers' (`call_options`).
         clip_skip: CLIP layers skipped (`encode_prompt`).
+        lora_dirs: folders where `<lora:NAME:W>` tags of the prompts find NAME.safetensors (`LoraMixin`).
         """
         check_call(self, locals())
         height, width = self.check_inputs(prompt, negative_prompt, height=height, width=width,

@@ -19,6 +19,7 @@ import math
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .. import limits
@@ -91,7 +92,7 @@ def format_infotext(params: Mapping[str, Any]) -> str:
     """latentdiff's settings (`GenerateSettings` names: prompt, negative, steps, sampler, schedule, guidance, seed,
     width, height, model, eta, ..., latentdiff = the version) as A1111's parameters text. Settings that are None
     are left out, as A1111 leaves them out; eta 0 too (A1111 writes "Eta DDIM" only when it is not 0)."""
-    lines = [str(params.get("prompt") or "")]
+    lines = [str(params.get("prompt") or "") + lora_tags(params.get("lora"))]
     if params.get("negative"):
         lines.append(f"{NEGATIVE} {params['negative']}")
     settings = []
@@ -117,7 +118,26 @@ def format_infotext(params: Mapping[str, Any]) -> str:
         else:
             text = _number(values[0])
         settings.append(f"{field.label}: {quote(text)}")
-    return "\n".join(lines + [", ".join(settings)])
+    return "\n".join(lines + [", ".join(settings + lora_hashes(params.get("lora")))])
+
+
+def _loras(value: Any) -> list[tuple[str, float, str]]:
+    """`latentdiff generate --lora`'s record ([{"path", "weight", "sha256"}]) -> [(file stem, weight, sha256)]."""
+    if not isinstance(value, list):
+        return []
+    return [(Path(str(e["path"])).stem, float(e["weight"]), str(e.get("sha256") or "")) for e in value
+            if isinstance(e, dict) and "path" in e and isinstance(e.get("weight"), (int, float))]
+
+
+def lora_tags(value: Any) -> str:
+    """A1111 writes the LoRAs of a generation as `<lora:NAME:W>` tags in the prompt itself."""
+    return "".join(f" <lora:{stem}:{_number(weight)}>" for stem, weight, _ in _loras(value))
+
+
+def lora_hashes(value: Any) -> list[str]:
+    """A1111's "Lora hashes" setting: NAME: the first 12 hex digits of the file's sha256, for each LoRA."""
+    hashes = ", ".join(f"{stem}: {digest[:12]}" for stem, _, digest in _loras(value) if digest)
+    return [f"Lora hashes: {quote(hashes)}"] if hashes else []
 
 
 def _number(value: Any) -> str:
