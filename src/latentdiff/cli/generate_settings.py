@@ -35,7 +35,6 @@ RECORDED = ("prompt", "negative", "seed", "steps", "guidance", "sampler", "eta",
             "hires_steps", "hires_strength", "hires_upscaler", "tile_size", "vae", "vae_tiling",
             # textual inversion (generate_embeddings)
             "embedding",
-
             # LoRA files (generate_adapters)
             "lora")
 OPTIONAL = RECORDED[RECORDED.index("clip_skip"):]   # recorded only when set
