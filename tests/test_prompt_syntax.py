@@ -6,8 +6,16 @@ from __future__ import annotations
 import pytest
 
 from latentdiff import InputError
-from latentdiff.prompt_syntax import (BREAK, BREAK_WEIGHT, chunk_tokens, conditioning_plan, has_syntax,
-                                      parse_attention, prompt_schedule, split_and)
+from latentdiff.prompt_syntax import (
+    BREAK,
+    BREAK_WEIGHT,
+    chunk_tokens,
+    conditioning_plan,
+    has_syntax,
+    parse_attention,
+    prompt_schedule,
+    split_and,
+)
 
 # parse_prompt_attention's doctests (A1111 modules/prompt_parser.py), results as documented there.
 ATTENTION = [

@@ -41,6 +41,7 @@ from . import generate_outputs as outputs
 from .generate_a1111 import add_schedule_flag, with_schedule
 from .generate_inputs import add_input_flags, load_vae, prepare_run, set_threads, settle_inputs, size_from_image
 from .generate_model import ModelSource, locate_model, tokenizer_file
+from .generate_prompts import add_prompt_flags, settle_prompts
 from .generate_settings import DTYPES, GenerateSettings, Job, note_from, plan_jobs, read_from_png, settle, warn
 
 T = TypeVar("T")
@@ -87,6 +88,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     add_schedule_flag(gen)
     # ---- part C: image inputs, hires fix, performance flags, clip skip (generate_inputs) ----
     add_input_flags(gen)
+    # ---- prompt syntax (issue 16, generate_prompts) ----
+    add_prompt_flags(gen)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -101,6 +104,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     args = argparse.Namespace(**vars(args) | {"n": n, "seed": args.seed if seed is None else seed})
     settings = settle(args, stored, source)
     settings, images = settle_inputs(args, stored, settings)
+    settings = settle_prompts(args, settings)
     jobs = plan_jobs(args, settings, procs.share)
     if procs.is_main and drawn:
         print(f"latentdiff: seed {seed}", file=sys.stderr)

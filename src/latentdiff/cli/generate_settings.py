@@ -32,7 +32,8 @@ RECORDED = ("prompt", "negative", "seed", "steps", "guidance", "sampler", "eta",
             "dtype", "tokenizer", "schedule",
             # image inputs, hires fix, tiles, VAE, clip skip (generate_inputs)
             "clip_skip", "init_image", "init_image_sha256", "strength", "mask", "mask_sha256", "hires_scale",
-            "hires_steps", "hires_strength", "hires_upscaler", "tile_size", "vae", "vae_tiling")
+            "hires_steps", "hires_strength", "hires_upscaler", "tile_size", "vae", "vae_tiling",
+            "prompt_syntax")   # generate_prompts
 OPTIONAL = RECORDED[RECORDED.index("clip_skip"):]   # recorded only when set
 MAX_SEED = 2**63 - 1
 PATH_VALUES = ("model", "tokenizer", "init_image", "mask", "vae")    # recorded values that name files or folders
@@ -74,6 +75,7 @@ class GenerateSettings:
     tile_size: int | None = None       # tiled sampling (pixels)
     vae: str | None = None             # the autoencoder that replaces the model's: absolute path or Hub id
     vae_tiling: bool | None = None
+    prompt_syntax: str | None = None   # generate_prompts: a1111 | plain; None: a1111
 
     def params(self) -> dict[str, Any]:
         """The settings as the JSON a PNG records (the image input, hires, tile and VAE settings only when used)."""

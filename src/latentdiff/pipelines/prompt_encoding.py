@@ -217,14 +217,15 @@ class PromptSchedule:
             if uncond is None:
                 return model(x_t, t, context=conds[0])
             tt = torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.ndim == 1 else t
-            composed, pred_uncond = None, None
+            pred_uncond: torch.Tensor | None = None
+            composed = torch.zeros(())
             for cond, weight in zip(conds, self.weights, strict=True):
                 pred_u, pred_c = model(torch.cat([x_t, x_t]), tt, context=torch.cat([uncond, cond])).chunk(2)
                 if pred_uncond is None:
-                    pred_uncond, composed = pred_u, pred_u.clone()
-                w = weight.to(pred_c.dtype).view(-1, *([1] * (pred_c.ndim - 1)))
+                    pred_uncond, composed = pred_u, pred_u
+                w = weight.to(device=pred_c.device, dtype=pred_c.dtype).view(-1, *([1] * (pred_c.ndim - 1)))
                 composed = composed + w * (pred_c - pred_uncond)
-            assert pred_uncond is not None and composed is not None
+            assert pred_uncond is not None
             return combine_guidance(pred_uncond, composed, guidance_scale, guidance_rescale=guidance_rescale)
 
         return denoise
@@ -244,7 +245,8 @@ def build_schedule(text_encoder: TextEncoder, prompts: Sequence[str], negatives:
     positive = plans(prompts, steps, composable=True)
     if guidance and negatives is None and negative_embeds is None:
         negatives = [""] * len(prompts)
-    negative = plans(negatives, steps, composable=False) if guidance and negative_embeds is None else None
+    negative = plans(negatives, steps, composable=False) if guidance and negative_embeds is None \
+        and negatives is not None else None
     if not guidance and any(len(plan) > 1 for plan in positive):
         raise InputError("AND (composable diffusion) needs classifier-free guidance", where="guidance_scale",
                          expected="> 1 with AND in the prompt", found="guidance off")
