@@ -177,11 +177,15 @@ def test_image_to_image_takes_scheduled_prompts(setup):
     assert out.shape == (1, 4, 16, 16) and torch.isfinite(out).all()
 
 
-def test_ldm_bert_reads_syntax_free_prompts_and_refuses_weights(tmp_path, diffusers):
+def test_ldm_bert_reads_syntax_free_prompts_and_warns_on_weights(tmp_path, diffusers):
+    """LDMBert has no chunks: a syntax-free prompt is exactly "plain"; a weighted one is encoded as written, with a
+    warning (A1111 PNGs still run on the built-in model)."""
     tiny_ldm_text2im_pipeline(tmp_path / "ldm").save_pretrained(tmp_path / "ldm")
     pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "ldm")
     a1111, _ = pipe.encode_prompt("a photo of a cat", guidance=False)
     assert torch.equal(a1111, pipe.encode_prompt("a photo of a cat", guidance=False, prompt_syntax="plain")[0])
-    with pytest.raises(InputError, match="weights") as caught:
-        pipe.encode_prompt("a (photo:1.3) of a cat", guidance=False)
-    assert "prompt_syntax='plain'" in str(caught.value)
+    weighted = "a (photo:1.3) of a [cat:dog:2]"
+    with pytest.warns(UserWarning, match="LDMBert") as caught:
+        a1111, _ = pipe.encode_prompt(weighted, guidance=False)
+    assert "encoded as written" in str(caught[0].message)
+    assert torch.equal(a1111, pipe.encode_prompt(weighted, guidance=False, prompt_syntax="plain")[0])

@@ -309,7 +309,7 @@ class InputsRun:
     def __call__(self, prompt: Any, *, height: int, width: int, **common: Any) -> Any:
         s, images = self.settings, self.images
         common["clip_skip"] = self.clip_skip
-        common |= prompt_options(s)
+        common |= prompt_options(s, self.pipe)
         if s.hires_scale is not None:
             from ..pipelines.hires import hires_fix
 

@@ -5,7 +5,8 @@
 
 "a1111" (the library's default) reads AUTOMATIC1111's syntax: weights, BREAK, prompts past 75 tokens, AND,
 [from:to:when], [a|b] (docs/prompts.md); "plain" gives the text as it is, as diffusers does. The PNG records the
-flag when given, and `--from` reads it back; a PNG without it (A1111's own included) runs with "a1111".
+flag when given, and `--from` reads it back; a PNG without it (A1111's own included) runs with "a1111", or with
+"plain" on a model whose text encoder does not read A1111's weights (LDMBert: the built-in model).
 """
 from __future__ import annotations
 
@@ -37,6 +38,12 @@ def settle_prompts(args: argparse.Namespace, settings: GenerateSettings) -> Gene
     return dataclasses.replace(settings, prompt_syntax=value)
 
 
-def prompt_options(settings: GenerateSettings) -> dict[str, Any]:
-    """The pipeline keyword of the settings: prompt_syntax= (the default when not given)."""
-    return {"prompt_syntax": settings.prompt_syntax or DEFAULT_PROMPT_SYNTAX}
+def prompt_options(settings: GenerateSettings, pipe: Any) -> dict[str, Any]:
+    """The pipeline keyword of the settings: prompt_syntax=. Not given: "a1111", or "plain" for a text encoder
+    that does not read A1111's weights (LDMBert: the built-in model), so prompts written for A1111 (an A1111 PNG's
+    through --from) still run there, their brackets as text, as before."""
+    if settings.prompt_syntax is not None:
+        return {"prompt_syntax": settings.prompt_syntax}
+    from ..pipelines.prompt_encoding import chunks_supported
+
+    return {"prompt_syntax": DEFAULT_PROMPT_SYNTAX if chunks_supported(pipe.text_encoder) else "plain"}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -142,15 +143,14 @@ def encode_a1111(text_encoder: Any, prompts: Sequence[str], *, clip_skip: int | 
                  composable: bool = True) -> Encoded:
     """Prompts whose conditioning is the same at every step -> (B, 77 * k, D); an InputError for AND, prompt
     editing or alternation (they change per step: `PromptSchedule`). A text encoder that does not read chunks
-    (LDMBert) encodes syntax-free prompts as they are, and refuses weights, BREAK and long prompts."""
+    (LDMBert) encodes syntax-free prompts as they are (escapes read), and any other as "plain" with a warning."""
+    if not chunks_supported(text_encoder):
+        return _plain_only(text_encoder, prompts, clip_skip)
     static = plans(prompts, 1, composable=composable)
     for prompt, plan in zip(prompts, static, strict=True):
         if not is_static(plan) or len(plans([prompt], 2, composable=composable)[0][0].schedule) > 1:
             raise per_step_error(prompt)
-    pieces = [list(plan[0].schedule[0][1]) for plan in static]
-    if not chunks_supported(text_encoder):
-        return _plain_only(text_encoder, prompts, pieces, clip_skip)
-    return encode_weighted(text_encoder, pieces, clip_skip=clip_skip)
+    return encode_weighted(text_encoder, [list(plan[0].schedule[0][1]) for plan in static], clip_skip=clip_skip)
 
 
 def per_step_error(prompt: str) -> InputError:
@@ -159,13 +159,20 @@ def per_step_error(prompt: str) -> InputError:
                       "__call__ runs them), or prompt_syntax='plain'", found=repr(prompt[:80]))
 
 
-def _plain_only(text_encoder: Any, prompts: Sequence[str], pieces: list[Pieces], clip_skip: int | None) -> Encoded:
-    for prompt, piece in zip(prompts, pieces, strict=True):
-        if len(piece) != 1 or piece[0][1] != 1.0:
-            raise InputError(f"{type(text_encoder).__name__} does not read A1111's weights, BREAK or chunks",
-                             where="prompt", expected="a prompt without weights or BREAK, or prompt_syntax='plain'",
-                             found=repr(prompt[:80]))
-    texts = [piece[0][0] for piece in pieces]
+def _plain_only(text_encoder: Any, prompts: Sequence[str], clip_skip: int | None) -> Encoded:
+    """A1111's syntax on an encoder without chunks: prompts whose only syntax is escapes, read; else the prompts
+    as written ("plain"), with a warning naming the first."""
+    texts = []
+    for prompt in prompts:
+        plan = conditioning_plan(prompt, 2, composable=False)
+        pieces = plan[0].schedule[0][1]
+        if len(plan[0].schedule) > 1 or len(pieces) != 1 or pieces[0][1] != 1.0:
+            warnings.warn(f"{type(text_encoder).__name__} does not read A1111's weights, BREAK or per-step syntax: "
+                          f"prompt {prompt[:60]!r} encoded as written (prompt_syntax='plain' says so, silently)",
+                          UserWarning, stacklevel=4)
+            texts = list(prompts)
+            break
+        texts.append(pieces[0][0])
     return text_encoder(texts, clip_skip=clip_skip) if clip_skip else text_encoder(texts)
 
 
@@ -283,7 +290,7 @@ def encode_for_call(pipe: Any, prompt: str | Sequence[str] | None, negative_prom
         ([prompt] if isinstance(prompt, str) else list(prompt))
     negatives = None if negative_prompt is None or negative_prompt_embeds is not None else \
         ([negative_prompt] * len(prompts or [0]) if isinstance(negative_prompt, str) else list(negative_prompt))
-    scheduled = prompt_syntax == "a1111" and prompts is not None and (
+    scheduled = prompt_syntax == "a1111" and prompts is not None and chunks_supported(pipe.text_encoder) and (
         needs_schedule(prompts, steps, composable=True)
         or (guidance and needs_schedule(negatives, steps, composable=False)))
     if not scheduled:
