@@ -34,6 +34,8 @@ MAX_IMAGES_PER_PROMPT = 1024
 MAX_INFOTEXT_CHARS = 65_536        # an A1111 "parameters" text read back (PNG chunk, EXIF UserComment); real: < 4 KB
 MAX_THREADS = 4096                 # torch threads (`latentdiff generate --threads`)
 MAX_HIRES_SCALE = 8                # hires fix: the second pass's size / the first's (A1111's slider: 1-4)
+MAX_PROMPT_CHUNKS = 32             # A1111 syntax: 75-token chunks per prompt (2,400 tokens); A1111: none, real: < 10
+MAX_PROMPT_NESTING = 64            # A1111 syntax: bracket depth prompt editing follows; deeper: used as written
 
 # ---- data (eval folders / .npy / images) -------------------------------------------------------------------------
 MAX_ARRAY_BYTES = 8 * 1024**3      # one .npy array read by `latentdiff eval`

@@ -28,6 +28,7 @@ import re
 from collections.abc import Sequence
 
 from .errors import InputError
+from .limits import MAX_PROMPT_NESTING
 
 ROUND = 1.1          # (text): attention x1.1
 SQUARE = 1 / 1.1     # [text]: attention /1.1
@@ -64,6 +65,11 @@ def parse_attention(text: str) -> Pieces:
         token, weight = match.group(0), match.group(1)
         if token.startswith("\\"):
             pieces.append([token[1:], 1.0])       # an escaped character; a lone backslash is dropped
+        elif token in "([" and len(open_round) + len(open_square) >= MAX_PROMPT_NESTING:
+            raise InputError("the prompt's brackets are nested too deep", where="prompt",
+                             expected=f"at most {MAX_PROMPT_NESTING} open at once (limits.MAX_PROMPT_NESTING; each "
+                             "multiplies the attention by 1.1)", found=f"{MAX_PROMPT_NESTING + 1} open at character "
+                             f"{match.start()} of {_short(text)}")
         elif token == "(":
             open_round.append(len(pieces))
         elif token == "[":
@@ -83,6 +89,10 @@ def parse_attention(text: str) -> Pieces:
         scale(start, ROUND)
     for start in open_square:
         scale(start, SQUARE)
+    bad = next((w for _, w in pieces if not math.isfinite(w)), None)
+    if bad is not None:
+        raise InputError("an attention weight overflows", where="prompt", expected="weights whose products are "
+                         "finite", found=f"{bad} in {_short(text)}")
     merged: list[list] = []
     for piece in pieces or [["", 1.0]]:
         if merged and merged[-1][1] == piece[1]:
@@ -136,8 +146,11 @@ class _NoParse(Exception):
     pass
 
 
-def _parse_nodes(text: str, pos: int, stops: str, top: bool) -> tuple[list, int]:
-    """Nodes (str | _Edit | _Alternate) from `pos` up to a character of `stops` (not consumed) or the end."""
+def _parse_nodes(text: str, pos: int, stops: str, top: bool, depth: int = 0) -> tuple[list, int]:
+    """Nodes (str | _Edit | _Alternate) from `pos` up to a character of `stops` (not consumed) or the end;
+    brackets nested deeper than MAX_PROMPT_NESTING do not parse (the prompt is then used as written)."""
+    if depth > MAX_PROMPT_NESTING:
+        raise _NoParse
     nodes: list = []
     while pos < len(text):
         char = text[pos]
@@ -148,7 +161,7 @@ def _parse_nodes(text: str, pos: int, stops: str, top: bool) -> tuple[list, int]
             pos += 2
         elif char in "([":
             try:
-                node, pos = _parse_group(text, pos)
+                node, pos = _parse_group(text, pos, depth + 1)
                 nodes.extend(node if isinstance(node, list) else [node])
             except _NoParse:
                 if not top:
@@ -170,19 +183,19 @@ def _parse_nodes(text: str, pos: int, stops: str, top: bool) -> tuple[list, int]
     return nodes, pos
 
 
-def _parse_group(text: str, pos: int) -> tuple[list | _Edit | _Alternate, int]:
+def _parse_group(text: str, pos: int, depth: int) -> tuple[list | _Edit | _Alternate, int]:
     """A construct opening at text[pos] ("(" or "["): emphasis (kept as text), an edit or an alternation."""
     if text[pos] == "(":
-        inner, end = _parse_nodes(text, pos + 1, "):", top=False)
+        inner, end = _parse_nodes(text, pos + 1, "):", False, depth)
         if end < len(text) and text[end] == ":":
-            weight, end = _parse_nodes(text, end + 1, ")", top=False)
+            weight, end = _parse_nodes(text, end + 1, ")", False, depth)
             inner = [*inner, ":", *weight]
         if end >= len(text) or text[end] != ")":
             raise _NoParse
         return ["(", *inner, ")"], end + 1
     segments, separators, end = [], [], pos + 1
     while True:
-        segment, end = _parse_nodes(text, end, ":|]", top=False)
+        segment, end = _parse_nodes(text, end, ":|]", False, depth)
         segments.append(segment)
         if end >= len(text):
             raise _NoParse

@@ -28,6 +28,7 @@ import torch
 from ..diffusion.guidance import combine_guidance
 from ..diffusion.samplers.base import as_step_callback
 from ..errors import InputError, describe
+from ..limits import MAX_PROMPT_CHUNKS
 from ..models.text_encoder import TextEncoder
 from ..prompt_syntax import BREAK_WEIGHT, CHUNK_TOKENS, Pieces, SubPrompt, chunk_tokens, conditioning_plan, has_syntax
 
@@ -77,8 +78,13 @@ def token_chunks(text_encoder: TextEncoder, pieces: Pieces) -> tuple[torch.Tenso
     texts = [text for text, weight in pieces if weight != BREAK_WEIGHT]
     tokens = iter(_ids(text_encoder.tokenizer, texts, bos, eos)) if texts else iter(())
     tokenized = [([], weight) if weight == BREAK_WEIGHT else (next(tokens), weight) for _, weight in pieces]
+    chunks = chunk_tokens(tokenized, comma_id=comma)
+    if len(chunks) > MAX_PROMPT_CHUNKS:
+        raise InputError("the prompt is longer than the chunks one prompt may have", where="prompt",
+                         expected=f"at most {MAX_PROMPT_CHUNKS} chunks of 75 tokens (limits.MAX_PROMPT_CHUNKS)",
+                         found=f"{len(chunks)} chunks ({sum(len(c[0]) for c in chunks)} tokens)")
     rows, weights, masks = [], [], []
-    for ids, mults in chunk_tokens(tokenized, comma_id=comma):
+    for ids, mults in chunks:
         fill = CHUNK_TOKENS - len(ids)
         rows.append([bos, *ids, eos] + [pad] * fill)
         weights.append([1.0, *mults, 1.0] + [1.0] * fill)
@@ -261,12 +267,18 @@ def build_schedule(text_encoder: TextEncoder, prompts: Sequence[str], negatives:
     count = max(len(plan) for plan in positive)
     weights = [torch.tensor([plan[j].weight if j < len(plan) else 0.0 for plan in positive])
                .repeat_interleave(num_images_per_prompt) for j in range(count)]
+    cache: dict[tuple, torch.Tensor] = {}
+
+    def encode(batch: list[tuple[tuple[str, float], ...]]) -> torch.Tensor:   # each text once ([a|b] repeats)
+        key = tuple(batch)
+        if key not in cache:
+            cache[key] = encode_weighted(text_encoder, [list(pieces) for pieces in batch], clip_skip=clip_skip)
+        return cache[key]
+
     raw = []
     for end in ends:
-        conds = [encode_weighted(text_encoder, [list(plan[min(j, len(plan) - 1)].pieces_at(end)) for plan in positive],
-                                 clip_skip=clip_skip) for j in range(count)]
-        uncond = negative_embeds if negative is None else encode_weighted(
-            text_encoder, [list(plan[0].pieces_at(end)) for plan in negative], clip_skip=clip_skip)
+        conds = [encode([plan[min(j, len(plan) - 1)].pieces_at(end) for plan in positive]) for j in range(count)]
+        uncond = negative_embeds if negative is None else encode([plan[0].pieces_at(end) for plan in negative])
         raw.append((conds, uncond if guidance else None))
     chunks = max(t.shape[1] for conds, uncond in raw for t in [*conds, *([uncond] if uncond is not None else [])])
     empty = empty_chunk(text_encoder, clip_skip=clip_skip)
