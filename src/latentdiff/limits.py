@@ -38,6 +38,8 @@ MAX_EMBEDDING_VECTORS = 75         # vectors of one textual-inversion embedding 
 MAX_EMBEDDING_WIDTH = 8192         # an embedding vector's width (CLIP-L 768, OpenCLIP-G 1280)
 MAX_EMBEDDING_FILE_BYTES = 64 * 1024**2  # an embedding file (real: a few KB; A1111 .pt with extras: < 1 MB)
 MAX_EMBEDDING_FILES = 64           # `latentdiff generate --embedding` files of one run
+MAX_PROMPT_CHUNKS = 32             # A1111 syntax: 75-token chunks per prompt (2,400 tokens); A1111: none, real: < 10
+MAX_PROMPT_NESTING = 64            # A1111 syntax: bracket depth prompt editing follows; deeper: used as written
 
 # ---- data (eval folders / .npy / images) -------------------------------------------------------------------------
 MAX_ARRAY_BYTES = 8 * 1024**3      # one .npy array read by `latentdiff eval`

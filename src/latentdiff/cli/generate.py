@@ -43,6 +43,7 @@ from .generate_adapters import add_lora_flags, apply_loras, settle_loras
 from .generate_embeddings import add_embedding_flags, apply_embeddings, settle_embeddings
 from .generate_inputs import add_input_flags, load_vae, prepare_run, set_threads, settle_inputs, size_from_image
 from .generate_model import ModelSource, locate_model, tokenizer_file
+from .generate_prompts import add_prompt_flags, settle_prompts
 from .generate_settings import DTYPES, GenerateSettings, Job, note_from, plan_jobs, read_from_png, settle, warn
 
 T = TypeVar("T")
@@ -93,6 +94,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     add_embedding_flags(gen)
     # ---- LoRA (generate_adapters) ----
     add_lora_flags(gen)
+    # ---- prompt syntax (issue 16, generate_prompts) ----
+    add_prompt_flags(gen)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -109,6 +112,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings, images = settle_inputs(args, stored, settings)
     settings, embeddings = settle_embeddings(args, settings)
     settings = settle_loras(args, stored, settings)
+    settings = settle_prompts(args, settings)
     jobs = plan_jobs(args, settings, procs.share)
     if procs.is_main and drawn:
         print(f"latentdiff: seed {seed}", file=sys.stderr)

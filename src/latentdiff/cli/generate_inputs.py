@@ -30,6 +30,7 @@ from .. import hub, limits
 from ..config import is_int, is_real
 from ..errors import InputError, UsageError
 from .generate_model import SINGLE_FILE_SUFFIXES, local_kind
+from .generate_prompts import prompt_options
 from .generate_settings import FLAGS, GenerateSettings, warn
 
 DEFAULT_STRENGTH = 0.75          # A1111's denoising strength of img2img and inpainting
@@ -308,6 +309,7 @@ class InputsRun:
     def __call__(self, prompt: Any, *, height: int, width: int, **common: Any) -> Any:
         s, images = self.settings, self.images
         common["clip_skip"] = self.clip_skip
+        common |= prompt_options(s, self.pipe)
         if s.hires_scale is not None:
             from ..pipelines.hires import hires_fix
 

@@ -36,7 +36,9 @@ RECORDED = ("prompt", "negative", "seed", "steps", "guidance", "sampler", "eta",
             # textual inversion (generate_embeddings)
             "embedding",
             # LoRA files (generate_adapters)
-            "lora")
+            "lora",
+
+            "prompt_syntax")   # generate_prompts
 OPTIONAL = RECORDED[RECORDED.index("clip_skip"):]   # recorded only when set
 MAX_SEED = 2**63 - 1
 PATH_VALUES = ("model", "tokenizer", "init_image", "mask", "vae")    # recorded values that name files or folders
@@ -82,6 +84,7 @@ class GenerateSettings:
     embedding: list[dict[str, Any]] | None = None
     # generate_adapters: [{"path": absolute path, "weight": W, "sha256": ...}] of --lora FILE[:W]
     lora: list[dict[str, Any]] | None = None
+    prompt_syntax: str | None = None   # generate_prompts: a1111 | plain; None: a1111
 
     def params(self) -> dict[str, Any]:
         """The settings as the JSON a PNG records (the image input, hires, tile and VAE settings only when used)."""

@@ -41,6 +41,7 @@ from ..errors import InputError, describe
 from ..utils.numerics import check_finite_input
 from .base import OUTPUT_TYPES
 from .call_options import check_call_options
+from .prompt_encoding import check_prompt_syntax
 
 TENSOR_INPUTS = ("latents", "noise", "prompt_embeds", "negative_prompt_embeds")
 
@@ -72,6 +73,8 @@ def check_call(pipeline: Any, arguments: Mapping[str, Any]) -> None:
     check_embeddings(pipeline, given)
     if given.get("clip_skip") is not None:
         check_clip_skip(pipeline, given["clip_skip"])
+    if "prompt_syntax" in given:
+        check_prompt_syntax(given["prompt_syntax"])
     check_call_options(given)
     check_generator_type(given.get("generator"), batch_size(given))
 

@@ -33,6 +33,7 @@ from ..config import is_int, is_real
 from ..diffusion.noise import randn
 from ..diffusion.samplers import StepCallback, check_sampler
 from ..errors import InputError, describe
+from . import prompt_encoding
 from .arguments import check_call
 from .base import to_output
 from .call_options import CallbackOnStepEnd, finish, step_callback
@@ -98,7 +99,8 @@ def hires_fix(pipe: LatentDiffusionPipeline, prompt: Prompt | None = None, negat
               tile_size: TileSize | None = None, tile_overlap: TileSize | None = None, output_type: str = "pil",
               callback: StepCallback | None = None, progress: bool = True, max_pixels: int | None = None,
               guidance_rescale: float = 0.0, callback_on_step_end: CallbackOnStepEnd | None = None,
-              callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), return_dict: bool = True) -> Any:
+              callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), return_dict: bool = True,
+              prompt_syntax: str = "a1111") -> Any:
     """Images of `prompt` at (height x scale, width x scale) by A1111's hires fix with the parts of `pipe` (a
     text-to-image pipeline): a first pass at height x width (default: the model's size), `upscaler` (UPSCALERS),
     then image-to-image at `strength` with `steps` (None/0: num_inference_steps) in the step plan. tile_size /
@@ -111,7 +113,8 @@ def hires_fix(pipe: LatentDiffusionPipeline, prompt: Prompt | None = None, negat
                           callback=callback, generator=generator, clip_skip=clip_skip,
                           num_images_per_prompt=num_images_per_prompt, guidance_rescale=guidance_rescale,
                           callback_on_step_end=callback_on_step_end, return_dict=return_dict,
-                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs))
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                          prompt_syntax=prompt_syntax))
     height, width = pipe.check_inputs(prompt, negative_prompt, height=height, width=width,
                                       num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                       num_images_per_prompt=num_images_per_prompt, output_type=output_type,
@@ -125,20 +128,26 @@ def hires_fix(pipe: LatentDiffusionPipeline, prompt: Prompt | None = None, negat
     tiling = pipe.tiling(tile_size, tile_overlap)
     sampler = pipe.sampler_for(eta)
     check_sampler(sampler)
-    cond, uncond = pipe.encode_prompt(prompt, negative_prompt, num_images_per_prompt=num_images_per_prompt,
-                                      guidance=guidance_scale > 1.0, clip_skip=clip_skip)
+    texts: dict[str, Any] = dict(num_images_per_prompt=num_images_per_prompt, guidance=guidance_scale > 1.0,
+                                 prompt_embeds=None, negative_prompt_embeds=None, clip_skip=clip_skip,
+                                 prompt_syntax=prompt_syntax)
+    cond, uncond, schedule = prompt_encoding.encode_for_call(pipe, prompt, negative_prompt,
+                                                             steps=num_inference_steps, **texts)
     on_step = step_callback(pipe, callback, callback_on_step_end, callback_on_step_end_tensor_inputs,
                             embeddings={"prompt_embeds": cond, "negative_prompt_embeds": uncond})
     run: dict[str, Any] = dict(guidance_scale=guidance_scale, sampler=sampler, generator=generator,
                                callback=on_step, progress=progress, guidance_rescale=guidance_rescale)
     x_T = pipe.prepare_latents(cond.shape[0], height, width, generator=generator)
-    z = pipe.denoise(x_T, cond, uncond, num_inference_steps=num_inference_steps, **run)
+    z = pipe.denoise(x_T, cond, uncond, num_inference_steps=num_inference_steps, schedule=schedule, **run)
     if pipe.interrupt:
         return finish(pipe.output(z, output_type), return_dict)
     z_big = upscale(pipe, z, big, upscaler=upscaler, generator=generator)
     eps = randn(z_big.shape, generator=generator, dtype=z_big.dtype, device=z_big.device)
     x = sampler.noise_to_start(z_big, eps, pipe.noise_scheduler, hires_steps, first)
-    z = pipe.denoise(x, cond, uncond, num_inference_steps=hires_steps, start_step=first, tiling=tiling, **run)
+    if schedule is not None:    # the edits and alternations over the second pass's steps, as A1111
+        schedule = prompt_encoding.encode_for_call(pipe, prompt, negative_prompt, steps=hires_steps, **texts)[2]
+    z = pipe.denoise(x, cond, uncond, num_inference_steps=hires_steps, start_step=first, tiling=tiling,
+                     schedule=schedule, **run)
     return finish(pipe.output(z, output_type), return_dict)
 
 

@@ -24,6 +24,7 @@ from ..diffusion.samplers import SamplerProtocol, StepCallback, check_sampler
 from ..diffusion.samplers.base import check_generator
 from ..errors import InputError, describe
 from ..registry import PIPELINES
+from . import prompt_encoding
 from .adapter_methods import with_prompt_adapters
 from .arguments import check_call
 from .call_options import CallbackOnStepEnd, finish, step_callback
@@ -52,7 +53,8 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
             max_pixels: int | None = None, guidance_rescale: float = 0.0,
             callback_on_step_end: CallbackOnStepEnd | None = None,
             callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), return_dict: bool = True,
-            clip_skip: int | None = None, lora_dirs: Sequence[str | os.PathLike] | None = None) -> Any:
+            clip_skip: int | None = None, prompt_syntax: str = "a1111",
+            lora_dirs: Sequence[str | os.PathLike] | None = None) -> Any:
         """Edit `image` (see `images` for the accepted kinds; H, W multiples of the autoencoder factor) towards
         `prompt`. strength in [0, 1]: 1 runs all num_inference_steps from an almost fully noised image,
         smaller keeps more of it (int(N * strength) steps run), with any sampler. noise: (B, C, H/f, W/f), the
@@ -61,7 +63,7 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
         max_pixels: the largest H x W x images a call may generate (default limits.DEFAULT_MAX_PIXELS, see
         docs/limits.md). guidance_rescale, callback_on_step_end, callback_on_step_end_tensor_inputs, return_dict,
         `pipe._interrupt`: as diffusers' (`call_options`).
-        clip_skip: as text-to-image's. Returns PipelineOutput(images=...) (return_dict=False:
+        clip_skip, prompt_syntax: as text-to-image's. Returns PipelineOutput(images=...) (return_dict=False:
         the tuple (images, None)).
         """
         check_call(self, locals())
@@ -71,9 +73,10 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
             guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, output_type=output_type,
             generator=generator, noise=noise, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds, max_pixels=max_pixels)
-        cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt=num_images_per_prompt,
-                                          guidance=guidance_scale > 1.0, prompt_embeds=prompt_embeds,
-                                          negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip)
+        cond, uncond, schedule = prompt_encoding.encode_for_call(
+            self, prompt, negative_prompt, steps=num_inference_steps, num_images_per_prompt=num_images_per_prompt,
+            guidance=guidance_scale > 1.0, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            clip_skip=clip_skip, prompt_syntax=prompt_syntax)
         z0 = self.encode_image(x, batch_size=batch, num_images_per_prompt=num_images_per_prompt, generator=generator)
         eps = self.draw_noise(z0.shape, generator=generator, noise=noise)
         x_t0 = sampler.noise_to_start(z0, eps, self.noise_scheduler, num_inference_steps, first)
@@ -81,7 +84,7 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
                                 embeddings={"prompt_embeds": cond, "negative_prompt_embeds": uncond})
         z = self.denoise(x_t0, cond, uncond, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                          sampler=sampler, generator=generator, callback=on_step, progress=progress,
-                         start_step=first, guidance_rescale=guidance_rescale)
+                         start_step=first, guidance_rescale=guidance_rescale, schedule=schedule)
         return finish(self.output(z, output_type), return_dict)
 
     # ---- the stages ------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from ..diffusion.samplers import StepCallback
 from ..diffusion.samplers.base import after_step, as_step_callback
 from ..errors import InputError
 from ..registry import PIPELINES
+from . import prompt_encoding
 from .adapter_methods import with_prompt_adapters
 from .arguments import check_call
 from .call_options import CallbackOnStepEnd, finish, step_callback
@@ -69,7 +70,8 @@ class InpaintPipeline(ImageToImagePipeline):
             progress: bool = True, max_pixels: int | None = None, guidance_rescale: float = 0.0,
             callback_on_step_end: CallbackOnStepEnd | None = None,
             callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), return_dict: bool = True,
-            clip_skip: int | None = None, lora_dirs: Sequence[str | os.PathLike] | None = None) -> Any:
+            clip_skip: int | None = None, prompt_syntax: str = "a1111",
+            lora_dirs: Sequence[str | os.PathLike] | None = None) -> Any:
         """Repaint the white region of `mask_image` in `image` (same H, W). height / width (multiples of the
         autoencoder factor): resize the image and the mask to them, as diffusers; default: the image's size (rounded
         down to multiples of the factor).
@@ -79,7 +81,7 @@ class InpaintPipeline(ImageToImagePipeline):
         strength 1), drawn from `generator` when None. max_pixels: the largest H x W x images a call may generate
         (default limits.DEFAULT_MAX_PIXELS). guidance_rescale, callback_on_step_end(_tensor_inputs), return_dict,
         `pipe._interrupt`: as diffusers' (`call_options`).
-        clip_skip: as text-to-image's. Returns PipelineOutput(images=...) or (images, None).
+        clip_skip, prompt_syntax: as text-to-image's. Returns PipelineOutput(images=...) or (images, None).
         """
         check_call(self, locals())
         size = self.check_size_arguments(height, width, max_pixels=max_pixels)
@@ -91,9 +93,10 @@ class InpaintPipeline(ImageToImagePipeline):
             generator=generator, noise=noise, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds, max_pixels=max_pixels)
         check_batch(mask.shape[0], batch, per_prompt=num_images_per_prompt, name="mask_image")
-        cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt=num_images_per_prompt,
-                                          guidance=guidance_scale > 1.0, prompt_embeds=prompt_embeds,
-                                          negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip)
+        cond, uncond, schedule = prompt_encoding.encode_for_call(
+            self, prompt, negative_prompt, steps=num_inference_steps, num_images_per_prompt=num_images_per_prompt,
+            guidance=guidance_scale > 1.0, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            clip_skip=clip_skip, prompt_syntax=prompt_syntax)
         per_prompt: dict[str, Any] = dict(batch_size=batch, num_images_per_prompt=num_images_per_prompt)
         # The image latent is needed to start below strength 1, and by a plain UNet for blending.
         z0 = self.encode_image(x, **per_prompt, generator=generator) \
@@ -105,7 +108,7 @@ class InpaintPipeline(ImageToImagePipeline):
         mask_latents = self.prepare_mask_latents(mask, x, **per_prompt, generator=generator)
         run: dict[str, Any] = dict(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                                    sampler=sampler, generator=generator, progress=progress, start_step=first,
-                                   guidance_rescale=guidance_rescale)
+                                   guidance_rescale=guidance_rescale, schedule=schedule)
         on_step = step_callback(self, callback, callback_on_step_end, callback_on_step_end_tensor_inputs,
                                 embeddings={"prompt_embeds": cond, "negative_prompt_embeds": uncond})
         if self.concat_inputs:

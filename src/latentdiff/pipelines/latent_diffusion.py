@@ -35,7 +35,7 @@ from ..models.unet import UNet2DConditional
 from ..registry import ADAPTERS, PIPELINES
 from ..utils.memory import released_after_each_block
 from ..utils.numerics import check_finite_output
-from . import acceleration
+from . import acceleration, prompt_encoding
 from .adapter_methods import LoraMixin, with_prompt_adapters
 from .arguments import check_call, check_clip_skip
 from .base import PipelineOutput, concat_conditioning
@@ -207,7 +207,7 @@ class LatentDiffusionPipeline(LoraMixin, DenoisingPipeline):
                  callback_on_step_end: CallbackOnStepEnd | None = None,
                  callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
                  return_dict: bool = True, clip_skip: int | None = None,
-                 lora_dirs: Sequence[str | os.PathLike] | None = None) -> Any:
+                 prompt_syntax: str = "a1111", lora_dirs: Sequence[str | os.PathLike] | None = None) -> Any:
         """Generate images for `prompt` (a string or a list). Returns PipelineOutput(images=...), or with
         return_dict=False diffusers' tuple (images, None) (no safety checker: nothing flagged).
 
@@ -218,7 +218,8 @@ class LatentDiffusionPipeline(LoraMixin, DenoisingPipeline):
         (default limits.DEFAULT_MAX_PIXELS, see docs/limits.md); a larger request is refused before any work.
         guidance_rescale, callback_on_step_end(pipe, i, t, callback_kwargs) -> dict with
         callback_on_step_end_tensor_inputs, return_dict, `pipe._interrupt`: as diffusers' (`call_options`).
-        clip_skip: CLIP layers skipped (`encode_prompt`).
+        clip_skip: CLIP layers skipped (`encode_prompt`). prompt_syntax: "a1111" (weights, BREAK, long prompts, AND,
+        [from:to:when], [a|b]: docs/prompts.md) or "plain" (the text as it is, as diffusers).
         lora_dirs: folders where `<lora:NAME:W>` tags of the prompts find NAME.safetensors (`LoraMixin`).
         """
         check_call(self, locals())
@@ -230,15 +231,16 @@ class LatentDiffusionPipeline(LoraMixin, DenoisingPipeline):
         tiling = self.tiling(tile_size, tile_overlap)
         sampler = self.sampler_for(eta)
         use_cfg = guidance_scale > 1.0
-        cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt=num_images_per_prompt,
-                                          guidance=use_cfg, prompt_embeds=prompt_embeds,
-                                          negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip)
+        cond, uncond, schedule = prompt_encoding.encode_for_call(
+            self, prompt, negative_prompt, steps=num_inference_steps, num_images_per_prompt=num_images_per_prompt,
+            guidance=use_cfg, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            clip_skip=clip_skip, prompt_syntax=prompt_syntax)
         x_T = self.prepare_latents(cond.shape[0], height, width, generator=generator, latents=latents)
         on_step = step_callback(self, callback, callback_on_step_end, callback_on_step_end_tensor_inputs,
                                 embeddings={"prompt_embeds": cond, "negative_prompt_embeds": uncond})
         z0 = self.denoise(x_T, cond, uncond, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                           sampler=sampler, generator=generator, callback=on_step, progress=progress, tiling=tiling,
-                          guidance_rescale=guidance_rescale)
+                          guidance_rescale=guidance_rescale, schedule=schedule)
         return finish(self.output(z0, output_type), return_dict)
 
     def check_inputs(self, prompt: Prompt | None, negative_prompt: Prompt | None, *, height: int | None,
@@ -286,16 +288,26 @@ class LatentDiffusionPipeline(LoraMixin, DenoisingPipeline):
     def encode_prompt(self, prompt: Prompt | None, negative_prompt: Prompt | None = None, *,
                       num_images_per_prompt: int = 1, guidance: bool = True,
                       prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
-                      grad: bool = False, clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      grad: bool = False, clip_skip: int | None = None,
+                      prompt_syntax: str = "a1111") -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (cond, uncond): (B * num_images_per_prompt, L, D) each; uncond is None without guidance.
 
         clip_skip: the CLIP text encoder's hidden states that many layers before its last, through its final layer
         norm, as diffusers' clip_skip (1: the penultimate layer = A1111's "Clip skip: 2"); for the prompt and the
         negative prompt both, as A1111 (diffusers' StableDiffusionPipeline skips layers for the prompt only).
-        A text encoder without layers to skip (LDMBert) refuses it (an InputError)."""
+        A text encoder without layers to skip (LDMBert) refuses it (an InputError).
+        prompt_syntax: "a1111" reads weights, BREAK and prompts past 75 tokens (77 * k tokens; a prompt without
+        them is encoded exactly as "plain", which gives the text as it is, as diffusers); AND, [from:to:when] and
+        [a|b] change per step, which one tensor cannot hold: an InputError here (`__call__` runs them); see
+        docs/prompts.md."""
+        prompt_encoding.check_prompt_syntax(prompt_syntax)
         if clip_skip is not None:
             check_clip_skip(self, clip_skip)
-        encode = functools.partial(self.text_encoder, clip_skip=clip_skip) if clip_skip else self.text_encoder
+        encode: Any = functools.partial(self.text_encoder, clip_skip=clip_skip) if clip_skip else self.text_encoder
+        negative_encode = encode
+        if prompt_syntax == "a1111":
+            encode = functools.partial(prompt_encoding.encode_a1111, self.text_encoder, clip_skip=clip_skip)
+            negative_encode = functools.partial(encode, composable=False)
         if prompt_embeds is None:
             if prompt is None:
                 raise no_prompt()
@@ -306,7 +318,10 @@ class LatentDiffusionPipeline(LoraMixin, DenoisingPipeline):
                 n = prompt_embeds.shape[0]
                 negatives = [negative_prompt or ""] * n if negative_prompt is None or isinstance(negative_prompt, str) \
                     else list(negative_prompt)
-                negative_prompt_embeds = encode(negatives)
+                negative_prompt_embeds = negative_encode(negatives)
+            if prompt_syntax == "a1111":
+                prompt_embeds, negative_prompt_embeds = prompt_encoding.same_chunks(
+                    self.text_encoder, prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip)
             uncond = negative_prompt_embeds.to(self.unet.dtype).repeat_interleave(num_images_per_prompt, dim=0)
         cond = prompt_embeds.to(self.unet.dtype).repeat_interleave(num_images_per_prompt, dim=0)
         self.release(self.text_encoder)
@@ -320,7 +335,8 @@ class LatentDiffusionPipeline(LoraMixin, DenoisingPipeline):
                 guidance_scale: float = 7.5, num_inference_steps: int = 50, sampler: SamplerProtocol | None = None,
                 generator: Generator = None, callback: StepCallback | None = None, progress: bool = True,
                 start_step: int = 0, concat: torch.Tensor | None = None, tiling: LatentTiling | None = None,
-                guidance_rescale: float = 0.0, grad: bool = False) -> torch.Tensor:
+                guidance_rescale: float = 0.0, grad: bool = False,
+                schedule: prompt_encoding.PromptSchedule | None = None) -> torch.Tensor:
         """Run the reverse process from x_T to z_0 with the sampler, guided by the text embeddings.
 
         start_step > 0 runs only steps start_step .. N-1 of the N-step plan, x_T being the sample at that
@@ -329,14 +345,19 @@ class LatentDiffusionPipeline(LoraMixin, DenoisingPipeline):
         windows (MultiDiffusion, `tiled_sampling`), each window guided. guidance_rescale: the std rescale of the
         guided prediction (Lin et al. 2023, sec. 3.4; diffusers' guidance_rescale). A callback that sets
         `pipe._interrupt` ends the loop after its step: the sample of that step is returned. grad: with autograd,
-        for training uses (every stage runs without by default: `pipelines.stages`).
+        for training uses (every stage runs without by default: `pipelines.stages`). schedule: conditioning that
+        changes per step (A1111's AND, [from:to:when], [a|b]: `prompt_encoding`), in place of cond / uncond.
         """
         if tiling is not None and concat is not None:
             raise InputError("tiled sampling does not slice concatenated conditioning", where="tiling",
                              expected="tiling=None with concat (inpainting)", found=tiling)
         model = self.unet if concat is None else concat_conditioning(self.unet, concat)
-        denoise_fn = classifier_free_guidance(model, context=cond, uncond_context=uncond,
-                                              guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
+        if schedule is None:
+            denoise_fn = classifier_free_guidance(model, context=cond, uncond_context=uncond,
+                                                  guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
+        else:
+            denoise_fn = schedule.denoiser(model, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
+            callback = schedule.counting(callback, start_step)
         if tiling is not None:
             denoise_fn = tiled_denoiser(denoise_fn, tiling)
         per_block = self.release_weights == "blocks" and not acceleration._is_compiled(self.unet)
