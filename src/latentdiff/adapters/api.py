@@ -18,7 +18,7 @@ import torch
 from .. import hub
 from ..errors import CheckpointError, InputError, UsageError, describe
 from ..registry import ADAPTERS
-from . import embeddings  # noqa: F401  (registers the textual-inversion hooks)
+from . import embeddings, save  # noqa: F401  (register the textual-inversion hooks and save_lora_weights)
 from .delta import Delta, delta_from_group
 from .names import Target, base_family, components, group_keys, module_table, pipeline_family
 from .runtime import Adapter, AdapterState, check_names, fuse, refresh, state_of, unfuse, weights_of

@@ -19,6 +19,7 @@ import torch
 
 from ..errors import InputError, UsageError
 from ..hub import save_safetensors
+from ..registry import ADAPTERS
 from .delta import Delta, DoRA, LoRA
 from .lycoris import Full, LoHa, LoKr
 
@@ -116,6 +117,7 @@ def _metadata(deltas: Mapping[str, Mapping[str, Delta]], pipe: Any, metadata: Ma
     return info
 
 
+@ADAPTERS.register("save_lora_weights")
 def save_lora_weights(deltas: Any, path: str | os.PathLike, *, metadata: Mapping[str, str] | None = None,
                       adapter_name: str | None = None) -> None:
     """Write adapters as one kohya-format safetensors file at `path` (atomic: a temporary name, then rename).

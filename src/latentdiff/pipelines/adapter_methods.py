@@ -85,6 +85,12 @@ class LoraMixin:
         """Back to the base model, bit for bit."""
         ADAPTERS.get("unload_lora_weights")(self)
 
+    def save_lora_weights(self, path: str | os.PathLike, *, adapter_name: str | None = None,
+                          metadata: dict[str, str] | None = None) -> None:
+        """Write the loaded adapter `adapter_name` (the only one when None) as a kohya-format .safetensors file
+        (`lora_unet_*` / `lora_te_*` keys, alpha, ss_* metadata) that A1111 and ComfyUI load (atomic write)."""
+        ADAPTERS.get("save_lora_weights")(self, path, adapter_name=adapter_name, metadata=metadata)
+
     def disable_lora(self) -> None:
         ADAPTERS.get("enable_lora")(self, False)
 
