@@ -259,3 +259,17 @@ def test_older_diffusers_spellings(setup, pipe, tmp_path):
     expected = images(pipe)
     pipe.load_lora_weights(tmp_path / "old.safetensors")
     assert torch.equal(images(pipe), expected)
+
+
+def test_pipe_save_lora_weights_round_trips(setup, pipe, tmp_path):
+    """pipe.save_lora_weights writes the loaded adapter as a kohya file that loads back to the same images."""
+    root, _, _ = setup
+    pipe.load_lora_weights(root / "one.safetensors", adapter_name="one")
+    pipe.set_adapters(["one"], adapter_weights=[0.7])
+    loaded = images(pipe)
+    pipe.save_lora_weights(tmp_path / "again.safetensors", adapter_name="one")
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(tmp_path / "again.safetensors")
+    assert pipe.get_active_adapters() == ["again"]
+    pipe.set_adapters(["again"], adapter_weights=[0.7])
+    torch.testing.assert_close(images(pipe), loaded, rtol=1e-4, atol=1e-6)
