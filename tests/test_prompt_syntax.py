@@ -120,3 +120,18 @@ def test_break_starts_a_chunk():
     chunks = chunk_tokens([([1, 2], 1.0), ([], BREAK_WEIGHT), ([3], 1.5)], comma_id=COMMA)
     assert chunks == [([1, 2], [1.0, 1.0]), ([3], [1.5])]
     assert chunk_tokens([([], BREAK_WEIGHT), ([3], 1.0)], comma_id=COMMA)[0] == ([], [])
+
+
+def test_a_multi_vector_embedding_is_never_split_across_chunks():
+    # A1111 moves an embedding that does not fit into the next chunk (the chunk before it ends short)
+    filler = list(range(100, 173))                       # 73 tokens, no comma
+    embedding = [900, 901, 902]                          # tok tok_1 tok_2
+    chunks = chunk_tokens([(filler + embedding + [5], 1.0)], comma_id=None, atomic={900: embedding})
+    assert [len(ids) for ids, _ in chunks] == [73, 4]
+    assert chunks[1][0] == embedding + [5]
+    # without the embedding table the ids are cut at 75, as plain tokens
+    plain = chunk_tokens([(filler + embedding + [5], 1.0)], comma_id=None)
+    assert [len(ids) for ids, _ in plain] == [75, 2]
+    # an embedding that fits stays where it is; its weight is the piece's
+    fits = chunk_tokens([(filler[:10], 1.0), (embedding, 1.2)], comma_id=None, atomic={900: embedding})
+    assert fits == [(filler[:10] + embedding, [1.0] * 10 + [1.2] * 3)]

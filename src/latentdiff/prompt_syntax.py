@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from .errors import InputError
 from .limits import MAX_PROMPT_NESTING
@@ -297,15 +297,19 @@ COMMA_BACKTRACK = 20     # a chunk full within this many tokens after its last c
 
 def chunk_tokens(pieces: Sequence[tuple[Sequence[int], float]], *, comma_id: int | None,
                  chunk_tokens: int = CHUNK_TOKENS, backtrack: int = COMMA_BACKTRACK,
+                 atomic: Mapping[int, Sequence[int]] | None = None,
                  ) -> list[tuple[list[int], list[float]]]:
     """Token ids of weighted pieces (a piece of weight BREAK_WEIGHT is a BREAK) -> chunks of at most
     `chunk_tokens` (ids, weights), without BOS / EOS / padding, as A1111 cuts them: a full chunk whose last comma
     is at most `backtrack` tokens back moves the tokens after that comma into the next chunk; BREAK ends the
-    chunk; a comma that opens a chunk is not remembered as one. At least one (maybe empty) chunk."""
+    chunk; a comma that opens a chunk is not remembered as one. `atomic`: {first id: the ids of a multi-vector
+    embedding}: such an embedding is never split, a chunk it does not fit in ends before it (A1111 moves it to the
+    next chunk). At least one (maybe empty) chunk."""
     chunks: list[tuple[list[int], list[float]]] = []
     ids: list[int] = []
     weights: list[float] = []
     last_comma = -1
+    atomic = atomic or {}
 
     def close() -> None:
         nonlocal ids, weights, last_comma
@@ -316,7 +320,10 @@ def chunk_tokens(pieces: Sequence[tuple[Sequence[int], float]], *, comma_id: int
         if weight == BREAK_WEIGHT:
             close()
             continue
-        for token in tokens:
+        tokens = [int(token) for token in tokens]
+        position = 0
+        while position < len(tokens):
+            token = tokens[position]
             if token == comma_id:
                 last_comma = len(ids)
             elif len(ids) == chunk_tokens and last_comma != -1 and len(ids) - last_comma <= backtrack:
@@ -327,8 +334,17 @@ def chunk_tokens(pieces: Sequence[tuple[Sequence[int], float]], *, comma_id: int
                 ids, weights = list(moved[0]), list(moved[1])
             if len(ids) == chunk_tokens:
                 close()
-            ids.append(int(token))
+            unit = list(atomic.get(token, ()))
+            if len(unit) > 1 and tokens[position:position + len(unit)] == unit and len(unit) <= chunk_tokens:
+                if len(ids) + len(unit) > chunk_tokens:
+                    close()
+                ids.extend(unit)
+                weights.extend([float(weight)] * len(unit))
+                position += len(unit)
+                continue
+            ids.append(token)
             weights.append(float(weight))
+            position += 1
     if ids or not chunks:
         close()
     return chunks

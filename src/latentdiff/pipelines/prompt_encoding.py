@@ -71,6 +71,13 @@ def _ids(tokenizer: Any, texts: list[str], bos: int, eos: int) -> list[list[int]
     return out
 
 
+def _embedding_units(text_encoder: TextEncoder, bos: int, eos: int) -> dict[int, list[int]]:
+    """{first id: ids} of each multi-vector textual-inversion embedding (`tok tok_1 ...`): kept in one chunk."""
+    expansions = getattr(text_encoder, "token_expansions", None) or {}
+    texts = list(expansions.values())
+    return {ids[0]: ids for ids in _ids(text_encoder.tokenizer, texts, bos, eos) if len(ids) > 1} if texts else {}
+
+
 def token_chunks(text_encoder: TextEncoder, pieces: Pieces) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Weighted pieces -> (ids (k, 77) int64, weights (k, 77), attention mask (k, 77)): each chunk BOS + tokens +
     EOS + padding, the special tokens and padding of weight 1."""
@@ -79,7 +86,7 @@ def token_chunks(text_encoder: TextEncoder, pieces: Pieces) -> tuple[torch.Tenso
     texts = text_encoder.expand_tokens(texts) if texts else texts   # multi-vector embeddings: tok -> tok tok_1 ...
     tokens = iter(_ids(text_encoder.tokenizer, texts, bos, eos)) if texts else iter(())
     tokenized = [([], weight) if weight == BREAK_WEIGHT else (next(tokens), weight) for _, weight in pieces]
-    chunks = chunk_tokens(tokenized, comma_id=comma)
+    chunks = chunk_tokens(tokenized, comma_id=comma, atomic=_embedding_units(text_encoder, bos, eos))
     if len(chunks) > MAX_PROMPT_CHUNKS:
         raise InputError("the prompt is longer than the chunks one prompt may have", where="prompt",
                          expected=f"at most {MAX_PROMPT_CHUNKS} chunks of 75 tokens (limits.MAX_PROMPT_CHUNKS)",
