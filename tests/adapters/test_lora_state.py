@@ -273,3 +273,24 @@ def test_pipe_save_lora_weights_round_trips(setup, pipe, tmp_path):
     assert pipe.get_active_adapters() == ["again"]
     pipe.set_adapters(["again"], adapter_weights=[0.7])
     torch.testing.assert_close(images(pipe), loaded, rtol=1e-4, atol=1e-6)
+
+
+def test_a_fused_lora_compiles_in_one_graph(setup):
+    """fuse_lora leaves plain weights (no hooks): pipe.compile() captures the UNet whole, and the compiled UNet
+    gives the fused images (dynamo with its eager backend: what is captured, without inductor's kernel build)."""
+    from torch._dynamo.testing import CompileCounter
+
+    root, _, _ = setup
+    fresh = LatentDiffusionPipeline.from_pretrained(root / "sd")
+    fresh.load_lora_weights(root / "one.safetensors")
+    fresh.fuse_lora(lora_scale=0.8)
+    eager = images(fresh)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    fresh.compile(backend=counter)
+    try:
+        compiled = images(fresh)
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == 1
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
