@@ -221,7 +221,11 @@ def write(image: Any, path: Path, params: dict[str, Any], *, overwrite: bool) ->
     if not overwrite:
         refuse_existing(path)
     path.parent.mkdir(exist_ok=True)
-    save_image(image, path, params)
+    try:
+        save_image(image, path, params, replace=overwrite)
+    except FileExistsError:      # appeared since the check: still never replaced
+        refuse_existing(path)
+        raise
 
 
 # ---- progress ------------------------------------------------------------------------------------------------

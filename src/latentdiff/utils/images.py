@@ -8,6 +8,7 @@ JSON an XMP packet (`latentdiff:params`).
 """
 from __future__ import annotations
 
+import errno
 import html
 import json
 import math
@@ -50,7 +51,25 @@ def make_grid(images: Sequence[Image.Image], *, cols: int | None = None, pad: in
     return grid
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, *, params: dict[str, Any] | None = None) -> Path:
+def _commit(tmp: Path, path: Path, *, replace: bool) -> None:
+    """Move the finished temporary file to `path`: replacing what is there (os.replace), or, with replace=False,
+    never over a file (a hard link fails with FileExistsError if `path` exists: no window between a check and
+    the rename; where the file system has no hard links, a check and a rename)."""
+    if replace:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:      # no hard links here (some network / FAT file systems)
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "file exists", str(path)) from None
+        os.replace(tmp, path)
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, *, params: dict[str, Any] | None = None,
+             replace: bool = True) -> Path:
     """Save as PNG atomically, with `params` as JSON in a text chunk (read back by `read_png_params`)."""
     path = Path(path)
     info = PngImagePlugin.PngInfo()
@@ -61,7 +80,7 @@ def save_png(image: Image.Image, path: str | os.PathLike, *, params: dict[str, A
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
+        _commit(tmp, path, replace=replace)
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -73,7 +92,7 @@ def parameters_text(params: dict[str, Any]) -> str:
     return format_infotext(params)
 
 
-def save_image(image: Image.Image, path: Path, params: dict) -> None:
+def save_image(image: Image.Image, path: Path, params: dict, *, replace: bool = True) -> None:
     """Save as PNG, JPEG or WebP (by the suffix of `path`) atomically, with `params` in the file: PNG text chunks
     (`save_png`), or for JPEG / WebP (quality 95) the A1111 text in the EXIF UserComment and the JSON in XMP."""
     path = Path(path)
@@ -81,7 +100,7 @@ def save_image(image: Image.Image, path: Path, params: dict) -> None:
     if image_format is None:
         raise InputError("unknown image format", where=str(path), expected=sorted(FORMATS), found=path.suffix)
     if image_format == "PNG":
-        save_png(image, path, params=params)
+        save_png(image, path, params=params, replace=replace)
         return
     options: dict[str, Any] = {"quality": JPEG_QUALITY}
     if params is not None:
@@ -91,7 +110,7 @@ def save_image(image: Image.Image, path: Path, params: dict) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         image.convert("RGB").save(tmp, format=image_format, **options)
-        os.replace(tmp, path)
+        _commit(tmp, path, replace=replace)
     finally:
         tmp.unlink(missing_ok=True)
 
