@@ -25,7 +25,7 @@ LAYERS: dict[str, int] = {
     "pipelines": 3,
     "convert": 4, "adapters": 4,
     "training": 5, "metrics": 5, "data": 5,
-    "cli": 6, "cli_generate": 6, "__main__": 6,
+    "cli": 6, "cli_generate": 6, "__main__": 6, "serve": 6, "integrations": 6,
 }
 # parts on one layer that must not import each other
 INDEPENDENT = [{"models", "diffusion"}]

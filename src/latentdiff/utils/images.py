@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import html
+import io
 import json
 import math
 import os
@@ -72,18 +73,29 @@ def save_png(image: Image.Image, path: str | os.PathLike, *, params: dict[str, A
              replace: bool = True) -> Path:
     """Save as PNG atomically, with `params` as JSON in a text chunk (read back by `read_png_params`)."""
     path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        image.save(tmp, format="PNG", pnginfo=_png_info(params))
+        _commit(tmp, path, replace=replace)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _png_info(params: dict[str, Any] | None) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
     if params is not None:
         info.add_text(PARAMS_KEY, json.dumps(params, sort_keys=True))
         if "prompt" in params:
             info.add_text(INFOTEXT_KEY, parameters_text(params))   # iTXt (UTF-8) where Latin-1 cannot hold it
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        _commit(tmp, path, replace=replace)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return info
+
+
+def png_bytes(image: Image.Image, params: dict[str, Any] | None = None) -> bytes:
+    """The PNG file `save_png` writes, in memory (the server's responses): the same two text chunks."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=_png_info(params))
+    return buffer.getvalue()
 
 
 def parameters_text(params: dict[str, Any]) -> str:
