@@ -51,7 +51,7 @@ class ImageRequest:
     height: int = 64
     steps: int = 20
     guidance: float = 7.0
-    sampler: str = "euler"          # latentdiff registry name (diffusion.samplers.names.resolve_sampler)
+    sampler: str | None = None      # latentdiff registry name (names.resolve_sampler); None: the model's own
     schedule: str | None = None     # sigma schedule name, None: the sampler's own
     eta: float | None = None
     seed: int = 0                   # the first image's seed, never -1 (drawn by the API layer)
