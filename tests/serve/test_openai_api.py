@@ -135,7 +135,8 @@ def test_errors_are_openai_errors(client, arguments, param, code):
 
 
 def test_malformed_json_is_a_400(url):
-    answer = httpx.post(url + "/v1/images/generations", content=b"{not json", headers={"content-type": "application/json"})
+    answer = httpx.post(url + "/v1/images/generations", content=b"{not json",
+                        headers={"content-type": "application/json"})
     assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_json"
     answer = httpx.post(url + "/v1/images/generations", json=["a list"])
     assert answer.status_code == 400 and answer.json()["error"]["param"] == "body"
