@@ -1,5 +1,5 @@
 """The `latentdiff` command: its parser and the dispatch to one module per command (generate, train, convert,
-eval, info, models, data).
+eval, info, models, data, serve).
 
 Errors print one line `latentdiff: error: ...` and a `hint: ...` line, and never a traceback unless asked for
 (`--debug`, or LATENTDIFF_DEBUG=1). Exit codes:
@@ -26,6 +26,7 @@ from .data import add_data_parser, cmd_data
 from .eval import add_eval_parser, cmd_eval
 from .generate import add_generate_parser, cmd_generate
 from .info import add_info_parsers, cmd_info, cmd_models
+from .serve import add_serve_parser, cmd_serve
 from .train import add_train_parser, cmd_train
 
 EXIT_UNEXPECTED, EXIT_ERROR, EXIT_INTERRUPTED = 1, 2, 130
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_info_parsers(sub)
     add_data_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 
@@ -51,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
     commands = {"generate": cmd_generate, "info": cmd_info, "models": cmd_models,
-                "train": cmd_train, "convert": cmd_convert, "eval": cmd_eval, "data": cmd_data}
+                "train": cmd_train, "convert": cmd_convert, "eval": cmd_eval, "data": cmd_data,
+                "serve": cmd_serve}
     try:
         with warnings.catch_warnings():   # restored after the command (main() also runs in-process, in tests)
             if not debug:

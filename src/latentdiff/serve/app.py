@@ -151,6 +151,11 @@ def create_app(settings: ServeSettings | None = None, *, engine: Any = None, cat
         return JSONResponse({"error": "RequestError", "detail": f"the body is not JSON: {exc.msg} at {exc.pos}",
                              "field": "body"}, status_code=422)
 
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:   # a bug: its name, never a traceback
+        return JSONResponse({"error": "InternalError", "detail": f"{type(exc).__name__}: {exc}"[:2000]},
+                            status_code=500)
+
     app.include_router(routes_a1111.router)
     app.include_router(openai_api.router)
     app.include_router(web.router)

@@ -1,0 +1,157 @@
+"""`latentdiff serve`: the HTTP server (AUTOMATIC1111's /sdapi/v1 subset, OpenAI's /v1/images/generations, a web
+page at /), on uvicorn (docs/serving.md).
+
+    latentdiff serve                                    # the built-in model, http://127.0.0.1:7860
+    latentdiff serve --models-dir models/Stable-diffusion --lora-dir models/Lora --port 7861
+    latentdiff serve --host 0.0.0.0 --api-auth me:secret # reachable from other machines: only with auth
+
+Every flag is checked, and the startup model loaded, before the server listens: a mistake is an error line here,
+not a failing first request. Without --api-auth the server binds to loopback only; another host needs --api-auth
+(or --insecure-no-auth, said out loud).
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..builtin import DEFAULT_MODEL
+from ..errors import UsageError
+from ..limits import MAX_SIDE, MAX_STEPS
+
+MAX_PORT = 65_535
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    from ..serve import settings as defaults
+
+    serve = sub.add_parser("serve", help="an HTTP server: A1111's /sdapi/v1 API, OpenAI's images API, a web page",
+                           description="Serve the model over HTTP (docs/serving.md): AUTOMATIC1111's /sdapi/v1 "
+                                       "subset, OpenAI's /v1/images/generations, and a page at /.")
+    serve.add_argument("--model", default=DEFAULT_MODEL,
+                       help=f"the model loaded at start (default {DEFAULT_MODEL}): a built-in name, a diffusers "
+                            "folder, a Hub id or a single file")
+    serve.add_argument("--models-dir", default=None, metavar="DIR",
+                       help="checkpoints clients may switch to (sd_model_checkpoint): single files and folders")
+    serve.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
+                       help="where <lora:NAME:W> tags find NAME (repeatable)")
+    serve.add_argument("--embeddings-dir", default=None, metavar="DIR",
+                       help="textual-inversion files, loaded with every model (the token is the file's stem)")
+    serve.add_argument("--vae-dir", default=None, metavar="DIR", help="VAE files clients may pick (sd_vae)")
+    serve.add_argument("--outputs-dir", default=None, metavar="DIR",
+                       help="where requests with save_images=true are written (default: nothing is written)")
+    serve.add_argument("--host", default=defaults.DEFAULT_HOST,
+                       help=f"address to bind (default {defaults.DEFAULT_HOST}: this machine only)")
+    serve.add_argument("--port", type=int, default=defaults.DEFAULT_PORT, help=f"default {defaults.DEFAULT_PORT}")
+    serve.add_argument("--api-auth", default=None, metavar="USER:PASS[,USER:PASS]",
+                       help="HTTP basic auth on every route, as A1111's --api-auth")
+    serve.add_argument("--insecure-no-auth", action="store_true",
+                       help="allow a non-loopback --host without --api-auth (anyone who reaches it can use it)")
+    serve.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    serve.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    serve.add_argument("--max-batch", type=int, default=defaults.DEFAULT_MAX_BATCH,
+                       help=f"images one pipeline call makes, across requests (default {defaults.DEFAULT_MAX_BATCH}; "
+                            "1: every image exactly the one the Python API gives alone)")
+    serve.add_argument("--max-pixels", type=int, default=defaults.DEFAULT_MAX_PIXELS,
+                       help="width x height x images of one request")
+    serve.add_argument("--max-steps", type=int, default=defaults.DEFAULT_MAX_STEPS)
+    serve.add_argument("--max-side", type=int, default=defaults.DEFAULT_MAX_SIDE, help="width or height")
+    serve.add_argument("--max-images", type=int, default=defaults.DEFAULT_MAX_IMAGES,
+                       help="batch_size x n_iter of one request")
+    serve.add_argument("--max-queue", type=int, default=defaults.DEFAULT_MAX_QUEUE,
+                       help="requests waiting; more are refused with 503")
+    serve.add_argument("--model-budget-gb", type=float, default=defaults.DEFAULT_MODEL_BUDGET_BYTES / 1024**3,
+                       help="weights of the models kept loaded (least recently used ones are dropped)")
+
+
+def parse_auth(text: str | None) -> tuple[tuple[str, str], ...]:
+    if text is None:
+        return ()
+    pairs = []
+    for item in text.split(","):
+        user, sep, password = item.strip().partition(":")
+        if not sep or not user or not password:
+            raise UsageError("--api-auth takes user:password pairs", where="--api-auth",
+                             expected="USER:PASS[,USER:PASS]", found="an item without user or password")
+        pairs.append((user, password))
+    return tuple(pairs)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def folder(value: str | None, flag: str) -> Path | None:
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise UsageError("no such folder", where=flag, expected="an existing folder", found=value)
+    return path.resolve()
+
+
+def settings_from(args: argparse.Namespace) -> Any:
+    """ServeSettings from the flags, every value checked."""
+    from ..serve.settings import ServeSettings
+
+    def at_least(value: float, flag: str, low: float, high: float | None = None) -> None:
+        if not value >= low or (high is not None and value > high):
+            raise UsageError(f"{flag} is out of range", where=flag,
+                             expected=f">= {low}" + (f" and <= {high}" if high is not None else ""), found=value)
+
+    at_least(args.port, "--port", 0, MAX_PORT)
+    at_least(args.max_batch, "--max-batch", 1, 1024)
+    at_least(args.max_pixels, "--max-pixels", 64)
+    at_least(args.max_steps, "--max-steps", 1, MAX_STEPS)
+    at_least(args.max_side, "--max-side", 8, MAX_SIDE)
+    at_least(args.max_images, "--max-images", 1, 4096)
+    at_least(args.max_queue, "--max-queue", 1)
+    at_least(args.model_budget_gb, "--model-budget-gb", 0)
+    auth = parse_auth(args.api_auth)
+    if not auth and not is_loopback(args.host) and not args.insecure_no_auth:
+        raise UsageError("a server reachable from other machines needs --api-auth", where="--host",
+                         expected="a loopback address (127.0.0.1, ::1, localhost), or --api-auth USER:PASS",
+                         found=args.host, hint="add --api-auth user:password (or --insecure-no-auth on a trusted "
+                                               "network)")
+    if args.device is not None:
+        from .generate import check_device
+
+        check_device(args.device)
+    return ServeSettings(
+        model=args.model, models_dir=folder(args.models_dir, "--models-dir"),
+        lora_dirs=tuple(p for p in (folder(d, "--lora-dir") for d in args.lora_dir) if p is not None),
+        embeddings_dir=folder(args.embeddings_dir, "--embeddings-dir"), vae_dir=folder(args.vae_dir, "--vae-dir"),
+        outputs_dir=folder(args.outputs_dir, "--outputs-dir"), host=args.host, port=args.port, api_auth=auth,
+        device=args.device, dtype=args.dtype, max_batch=args.max_batch, max_pixels=args.max_pixels,
+        max_steps=args.max_steps, max_side=args.max_side, max_images=args.max_images, max_queue=args.max_queue,
+        model_budget_bytes=int(args.model_budget_gb * 1024**3))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise UsageError("the server needs the optional packages of latentdiff[serve]", where="latentdiff serve",
+                         expected="fastapi and uvicorn installed", found=f"not installed ({e.name})",
+                         hint='pip install "latentdiff[serve]"') from None
+    from ..serve.app import create_app
+    from ..serve.engine import Engine
+    from ..serve.models import ModelCatalog
+
+    settings = settings_from(args)
+    catalog = ModelCatalog(settings)
+    catalog.pipeline(catalog.current)          # load (and check) the startup model before listening
+    app = create_app(settings, catalog=catalog, engine=Engine(catalog, settings))
+    shown = f"[{settings.host}]" if ":" in settings.host else settings.host
+    print(f"latentdiff: serving {catalog.current} on http://{shown}:{settings.port} "
+          f"(A1111 API /sdapi/v1, OpenAI /v1, page /)", file=sys.stderr)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    return 0

@@ -1,0 +1,223 @@
+"""render(pipe, units): the pipeline calls that make the images of a batch of units, and the settings each image's
+PNG records.
+
+A unit alone is made by exactly the call a Python user would write for it, so a served image is the image the
+library gives for that seed:
+
+    pipe.sampler = <request.sampler with request.schedule>      # the model's own when None
+    pipe(prompt, negative_prompt=..., num_images_per_prompt=batch_size,
+         generator=[torch.Generator().manual_seed(s) for s in seeds], height=..., width=...,
+         num_inference_steps=..., guidance_scale=..., eta=..., clip_skip=<A1111's - 1>, lora_dirs=..., progress=False)
+
+(`pipelines.hires.hires_fix`, `ImageToImagePipeline`, `InpaintPipeline` for requests with a hires fix or input
+images). Units of several requests sharing a batch key are one call with a prompt per image (the pipeline draws
+each image's noise from its own generator, so only the matrix products' rounding can differ from the unit alone).
+
+Variation seeds (A1111's subseed / subseed_strength): the starting noise is A1111's spherical interpolation
+between the seed's noise and the subseed's, `slerp(strength, noise(seed), noise(subseed))`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..diffusion.noise import randn
+from ..diffusion.samplers.base import switch_sampler
+from ..diffusion.samplers.names import has_schedule
+from ..version import __version__
+from .requests import GeneratedImage, ImageRequest, Unit
+
+StepCallback = Callable[..., Any]
+
+
+def sampler_for(pipe: Any, request: ImageRequest) -> Any:
+    """The pipeline's sampler switched to the request's (its timestep settings kept) with its schedule set."""
+    sampler = switch_sampler(pipe.sampler, request.sampler)
+    if request.schedule is not None and has_schedule(sampler.registry_name) \
+            and getattr(sampler, "sigma_schedule", None) != request.schedule:
+        sampler = sampler.with_options(sigma_schedule=request.schedule)
+    return sampler
+
+
+def diffusers_clip_skip(a1111: int | None) -> int | None:
+    """A1111's "Clip skip" (1: the last layer, 2: the penultimate) -> the pipelines' clip_skip (layers skipped)."""
+    return None if a1111 is None or a1111 <= 1 else a1111 - 1
+
+
+def render(pipe: Any, units: Sequence[Unit], *, lora_dirs: Sequence[Path] = (),
+           callback: StepCallback | None = None) -> list[list[GeneratedImage]]:
+    """The images of `units` (which share `request.batch_key()`, or are one unit), one list per unit."""
+    request = units[0].request
+    base = pipe.sampler
+    pipe.sampler = sampler_for(pipe, request)
+    try:
+        sampler_name = pipe.sampler.registry_name
+        schedule = getattr(pipe.sampler, "sigma_schedule", None)
+        eta = getattr(pipe.sampler, "eta", None) if request.eta is None else request.eta
+        images = _call(pipe, units, lora_dirs=lora_dirs, callback=callback)
+    finally:
+        pipe.sampler = base
+    out: list[list[GeneratedImage]] = []
+    start = 0
+    for unit in units:
+        mine = images[start:start + unit.count]
+        start += unit.count
+        params = image_params(unit.request, sampler=sampler_name, schedule=schedule, eta=eta, batch=len(images))
+        out.append([GeneratedImage(image, seed, subseed, params | {"seed": seed} | variation(unit.request, subseed))
+                    for image, seed, subseed in zip(mine, unit.seeds(), unit.subseeds(), strict=True)])
+    return out
+
+
+def _call(pipe: Any, units: Sequence[Unit], *, lora_dirs: Sequence[Path],
+          callback: StepCallback | None) -> list[Any]:
+    request = units[0].request
+    seeds = [s for unit in units for s in unit.seeds()]
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    if len(units) == 1:
+        prompt: Any = request.prompt
+        negative: Any = request.negative_prompt
+        per_prompt = units[0].count
+    else:
+        prompt = [unit.request.prompt for unit in units for _ in range(unit.count)]
+        negative = [unit.request.negative_prompt for unit in units for _ in range(unit.count)]
+        per_prompt = 1
+    common: dict[str, Any] = dict(
+        negative_prompt=negative, num_inference_steps=request.steps, guidance_scale=request.guidance,
+        eta=request.eta, num_images_per_prompt=per_prompt, generator=generators, callback=callback, progress=False,
+        clip_skip=diffusers_clip_skip(request.clip_skip), lora_dirs=list(lora_dirs) or None)
+    if request.hires is not None:
+        from ..pipelines.hires import hires_fix
+
+        hires = request.hires
+        return list(hires_fix(pipe, prompt, scale=hires.scale, steps=hires.steps, strength=hires.strength,
+                              upscaler=hires.upscaler, height=request.height, width=request.width, **common).images)
+    if request.init is not None:
+        return _with_images(pipe, units[0], prompt, common)
+    if request.subseed_strength > 0:
+        common["latents"] = variation_noise(pipe, units[0])
+    return list(pipe(prompt, height=request.height, width=request.width, **common).images)
+
+
+def _with_images(pipe: Any, unit: Unit, prompt: str, common: dict[str, Any]) -> list[Any]:
+    """img2img, or inpainting with a mask; image i of the unit starts from init image (first + i) mod count."""
+    request = unit.request
+    init = request.init
+    assert init is not None
+    size = (request.height, request.width)
+    pictures = [fit(init.images[(unit.first + i) % len(init.images)], size, init.resize_mode)
+                for i in range(unit.count)]
+    if len({id(p) for p in pictures}) == 1 or len(init.images) == 1:
+        images: Any = pictures[0]
+    else:
+        images, prompt = pictures, [prompt] * unit.count     # type: ignore[assignment]
+        common = common | {"negative_prompt": [request.negative_prompt] * unit.count, "num_images_per_prompt": 1}
+    if init.mask is not None:
+        from ..pipelines.inpaint import InpaintPipeline
+
+        inpaint = InpaintPipeline.from_pipe(pipe)
+        mask = fit(init.mask, size, init.resize_mode)
+        return list(inpaint(prompt, images, mask, height=request.height, width=request.width,
+                            strength=init.strength, **common).images)
+    from ..pipelines.image_to_image import ImageToImagePipeline
+
+    img2img = ImageToImagePipeline.from_pipe(pipe)
+    tensor = img2img.preprocess_image(images, size=size)
+    return list(img2img(prompt, tensor, strength=init.strength, **common).images)
+
+
+def fit(image: Any, size: tuple[int, int], resize_mode: int) -> Any:
+    """A1111's resize modes to (height, width): 0 just resize, 1 crop and resize (cover, centre crop), 2 resize
+    and fill (contain, the borders filled by stretching the edge rows / columns)."""
+    from PIL import Image
+
+    height, width = size
+    if resize_mode == 0 or image.size == (width, height):
+        return image.resize((width, height), Image.Resampling.LANCZOS) if image.size != (width, height) else image
+    ratio = width / height
+    src_ratio = image.width / image.height
+    cover = resize_mode == 1
+    if (ratio > src_ratio) == cover:
+        w, h = width, max(1, round(width / src_ratio))
+    else:
+        w, h = max(1, round(height * src_ratio)), height
+    resized = image.resize((w, h), Image.Resampling.LANCZOS)
+    canvas = Image.new(image.mode, (width, height))
+    left, top = (width - w) // 2, (height - h) // 2
+    canvas.paste(resized, (left, top))
+    if not cover:     # fill the borders with the nearest edge of the picture, stretched
+        if top > 0:
+            canvas.paste(resized.crop((0, 0, w, 1)).resize((w, top)), (left, 0))
+            canvas.paste(resized.crop((0, h - 1, w, h)).resize((w, height - top - h)), (left, top + h))
+        if left > 0:
+            canvas.paste(resized.crop((0, 0, 1, h)).resize((left, h)), (0, top))
+            canvas.paste(resized.crop((w - 1, 0, w, h)).resize((width - left - w, h)), (left + w, top))
+    return canvas
+
+
+def slerp(strength: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """A1111's variation-seed interpolation of two noises (C, H, W): per column along dim 1 the spherical
+    interpolation sin((1-v)w)/sin(w) low + sin(v w)/sin(w) high, w the angle between them; nearly parallel noises
+    (mean cosine > 0.9995) are mixed as A1111 mixes them: low * v + high * (1 - v)."""
+    low_unit = low / torch.norm(low, dim=1, keepdim=True)
+    high_unit = high / torch.norm(high, dim=1, keepdim=True)
+    dot = (low_unit * high_unit).sum(1)
+    if dot.mean() > 0.9995:
+        return low * strength + high * (1 - strength)
+    omega = torch.acos(dot)
+    so = torch.sin(omega)
+    return (torch.sin((1.0 - strength) * omega) / so).unsqueeze(1) * low \
+        + (torch.sin(strength * omega) / so).unsqueeze(1) * high
+
+
+def variation_noise(pipe: Any, unit: Unit) -> torch.Tensor:
+    """x_T / init_noise_sigma of each image of the unit: its seed's noise moved towards its subseed's."""
+    request = unit.request
+    shape = pipe.latent_shape(1, request.height, request.width)[1:]
+    rows = []
+    for seed, subseed in zip(unit.seeds(), unit.subseeds(), strict=True):
+        noise = randn(shape, generator=torch.Generator().manual_seed(seed))
+        sub = randn(shape, generator=torch.Generator().manual_seed(subseed))
+        rows.append(slerp(request.subseed_strength, noise, sub))
+    return torch.stack(rows)
+
+
+def variation(request: ImageRequest, subseed: int) -> dict[str, Any]:
+    return {"subseed": subseed, "subseed_strength": request.subseed_strength} if request.subseed_strength > 0 else {}
+
+
+def image_params(request: ImageRequest, *, sampler: str, schedule: str | None, eta: float | None,
+                 batch: int) -> dict[str, Any]:
+    """The settings a served PNG records, with the keys `latentdiff generate` records (so `--from` reads them):
+    no server path (the model is the catalog's name)."""
+    params: dict[str, Any] = {
+        "prompt": request.prompt, "negative": request.negative_prompt, "steps": request.steps,
+        "guidance": request.guidance, "sampler": sampler, "eta": eta, "height": request.height,
+        "width": request.width, "n": 1, "model": request.model, "schedule": schedule, "latentdiff": __version__,
+        "batch": batch}
+    if request.clip_skip is not None and request.clip_skip > 1:
+        params["clip_skip"] = request.clip_skip
+    if request.vae is not None:
+        params["vae"] = request.vae
+    if request.hires is not None:
+        params |= {"hires_scale": request.hires.scale, "hires_steps": request.hires.steps,
+                   "hires_strength": request.hires.strength, "hires_upscaler": request.hires.upscaler}
+    if request.init is not None:
+        params["strength"] = request.init.strength
+    return params
+
+
+def unit_steps(request: ImageRequest) -> int:
+    """The denoising steps a unit of `request` runs (the progress total): both hires passes, the steps an
+    img2img strength leaves."""
+    from ..pipelines.hires import denoising_steps, start_step
+
+    if request.hires is not None:
+        return denoising_steps(request.steps, scale=request.hires.scale, steps=request.hires.steps,
+                               strength=request.hires.strength)
+    if request.init is not None:
+        return request.steps - start_step(request.steps, request.init.strength)
+    return request.steps
+
