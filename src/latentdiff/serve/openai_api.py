@@ -280,7 +280,8 @@ async def image_file(name: str, http_request: Request) -> Response:
 
 
 def model_entry(item: dict[str, Any]) -> dict[str, Any]:
-    return {"id": item["model_name"], "object": "model", "created": STARTED, "owned_by": "latentdiff"}
+    """A checkpoint as OpenAI's model: its id is the catalog's canonical name (what `model` resolves to)."""
+    return {"id": item["filename"], "object": "model", "created": STARTED, "owned_by": "latentdiff"}
 
 
 @router.get("/v1/models")
@@ -298,5 +299,5 @@ async def model(model_id: str, http_request: Request) -> JSONResponse:
     except RequestError as exc:
         raise HTTPException(404, f"the model {model_id!r} does not exist here") from exc
     items = await asyncio.to_thread(catalog.checkpoints)
-    item = next((i for i in items if name in (i.get("model_name"), i.get("title"))), {"model_name": name})
+    item = next((i for i in items if i.get("filename") == name), {"filename": name})
     return JSONResponse(model_entry(item))
