@@ -7,6 +7,7 @@ import base64
 import io
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -72,13 +73,19 @@ def fill(driver, element_id, value):
     element.send_keys(str(value))
 
 
-def reference(seed):
+def reference(seed, steps=STEPS):
     from latentdiff import LatentDiffusionPipeline
 
     pipe = LatentDiffusionPipeline.from_pretrained(MODEL)
-    image = pipe(PROMPT, height=64, width=64, num_inference_steps=STEPS, guidance_scale=3.0,
+    image = pipe(PROMPT, height=64, width=64, num_inference_steps=steps, guidance_scale=3.0,
                  generator=[torch.Generator().manual_seed(seed)]).images[0]
     return np.asarray(image.convert("RGB"))
+
+
+def shown_pixels(image):
+    source = image.get_attribute("src")
+    assert source.startswith("data:image/png;base64,")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1]))).convert("RGB"))
 
 
 def test_generate_shows_the_image_and_its_parameters_and_reuse_fills_the_form(page):
@@ -93,10 +100,7 @@ def test_generate_shows_the_image_and_its_parameters_and_reuse_fills_the_form(pa
     wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) == 64)
     params = page.find_element(By.CSS_SELECTOR, "#gallery .result .params").text
     assert PROMPT in params and f"Seed: {SEED}" in params and f"Steps: {STEPS}" in params
-    source = image.get_attribute("src")
-    assert source.startswith("data:image/png;base64,")
-    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1]))).convert("RGB"))
-    np.testing.assert_array_equal(shown, reference(SEED))
+    np.testing.assert_array_equal(shown_pixels(image), reference(SEED))
     assert float(page.find_element(By.ID, "progress").get_attribute("value")) == 1.0
     assert not page.find_element(By.ID, "error").is_displayed()
 
@@ -107,6 +111,42 @@ def test_generate_shows_the_image_and_its_parameters_and_reuse_fills_the_form(pa
     assert page.find_element(By.ID, "seed").get_attribute("value") == str(SEED)
     assert page.find_element(By.ID, "prompt").get_attribute("value") == PROMPT
     assert page.find_element(By.ID, "steps").get_attribute("value") == str(STEPS)
+
+
+def test_progress_preview_and_interrupt(page, monkeypatch):
+    """A slowed-down call (each step waits SLOW_STEP_S): the bar moves, the live preview shows, and Interrupt stops
+    the call early: the image that arrives is the partly denoised one, not the full run's."""
+    from latentdiff.serve import engine
+
+    steps, seed, slow_step_s = 30, 77, 0.25
+    render = engine.render
+
+    def slowed(pipe, units, *, callback, **options):
+        def step(*args):
+            time.sleep(slow_step_s)
+            callback(*args)
+        return render(pipe, units, callback=step, **options)
+
+    monkeypatch.setattr(engine, "render", slowed)
+    before = len(page.find_elements(By.CSS_SELECTOR, "#gallery .result"))
+    fill(page, "prompt", PROMPT)
+    fill(page, "steps", steps)
+    fill(page, "cfg", 3)
+    fill(page, "seed", seed)
+    page.find_element(By.ID, "generate").click()
+    wait = WebDriverWait(page, WAIT_S, poll_frequency=0.05)
+    wait.until(lambda d: d.find_element(By.ID, "preview").is_displayed())
+    progress = float(page.find_element(By.ID, "progress").get_attribute("value"))
+    assert 0 < progress < 1 and page.find_element(By.ID, "status").text.startswith("step ")
+    assert page.find_element(By.ID, "preview").get_attribute("src").startswith("data:image/png;base64,")
+    assert not page.find_element(By.ID, "generate").is_enabled()
+    page.find_element(By.ID, "interrupt").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery .result")) == before + 1)
+    image = page.find_element(By.CSS_SELECTOR, "#gallery .result img")
+    wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) == 64)
+    assert f"Seed: {seed}" in page.find_element(By.CSS_SELECTOR, "#gallery .result .params").text
+    assert not np.array_equal(shown_pixels(image), reference(seed, steps))   # stopped before the last step
+    assert page.find_element(By.ID, "generate").is_enabled() and not page.find_element(By.ID, "interrupt").is_enabled()
 
 
 def test_an_error_shows_in_the_error_box(page):
