@@ -73,10 +73,13 @@ def fill(driver, element_id, value):
     element.send_keys(str(value))
 
 
-def reference(seed, steps=STEPS):
+def reference(seed, steps=STEPS, *, sampler=None, schedule=None):
     from latentdiff import LatentDiffusionPipeline
+    from latentdiff.diffusion.samplers.names import sampler_from_name
 
     pipe = LatentDiffusionPipeline.from_pretrained(MODEL)
+    if sampler is not None:
+        pipe.sampler = sampler_from_name(sampler, schedule=schedule, base=pipe.sampler)
     image = pipe(PROMPT, height=64, width=64, num_inference_steps=steps, guidance_scale=3.0,
                  generator=[torch.Generator().manual_seed(seed)]).images[0]
     return np.asarray(image.convert("RGB"))
@@ -93,6 +96,8 @@ def test_generate_shows_the_image_and_its_parameters_and_reuse_fills_the_form(pa
     fill(page, "steps", STEPS)
     fill(page, "cfg", 3)
     fill(page, "seed", SEED)
+    Select(page.find_element(By.ID, "sampler")).select_by_value("DPM++ 2M")
+    Select(page.find_element(By.ID, "scheduler")).select_by_value("exponential")
     page.find_element(By.ID, "generate").click()
     wait = WebDriverWait(page, WAIT_S)
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .result img"))
@@ -100,17 +105,22 @@ def test_generate_shows_the_image_and_its_parameters_and_reuse_fills_the_form(pa
     wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) == 64)
     params = page.find_element(By.CSS_SELECTOR, "#gallery .result .params").text
     assert PROMPT in params and f"Seed: {SEED}" in params and f"Steps: {STEPS}" in params
-    np.testing.assert_array_equal(shown_pixels(image), reference(SEED))
+    assert "Sampler: DPM++ 2M" in params and "Schedule type: Exponential" in params
+    np.testing.assert_array_equal(shown_pixels(image), reference(SEED, sampler="DPM++ 2M", schedule="exponential"))
     assert float(page.find_element(By.ID, "progress").get_attribute("value")) == 1.0
     assert not page.find_element(By.ID, "error").is_displayed()
 
     fill(page, "seed", -1)
     fill(page, "prompt", "something else")
     fill(page, "steps", 9)
+    Select(page.find_element(By.ID, "sampler")).select_by_value("")
+    Select(page.find_element(By.ID, "scheduler")).select_by_value("")
     page.find_element(By.CSS_SELECTOR, "#gallery .result .reuse").click()
     assert page.find_element(By.ID, "seed").get_attribute("value") == str(SEED)
     assert page.find_element(By.ID, "prompt").get_attribute("value") == PROMPT
     assert page.find_element(By.ID, "steps").get_attribute("value") == str(STEPS)
+    assert page.find_element(By.ID, "sampler").get_attribute("value") == "DPM++ 2M"
+    assert page.find_element(By.ID, "scheduler").get_attribute("value") == "exponential"
 
 
 def test_progress_preview_and_interrupt(page, monkeypatch):
@@ -133,6 +143,8 @@ def test_progress_preview_and_interrupt(page, monkeypatch):
     fill(page, "steps", steps)
     fill(page, "cfg", 3)
     fill(page, "seed", seed)
+    Select(page.find_element(By.ID, "sampler")).select_by_value("")
+    Select(page.find_element(By.ID, "scheduler")).select_by_value("")
     page.find_element(By.ID, "generate").click()
     wait = WebDriverWait(page, WAIT_S, poll_frequency=0.05)
     wait.until(lambda d: d.find_element(By.ID, "preview").is_displayed())
@@ -165,7 +177,8 @@ def test_lora_picker_inserts_the_tag_and_every_control_has_a_label(page):
     fill(page, "prompt", PROMPT)
     Select(page.find_element(By.ID, "lora")).select_by_value("tinystyle")
     assert page.find_element(By.ID, "prompt").get_attribute("value") == f"{PROMPT} <lora:tinystyle:1>"
-    for element_id in ("prompt", "negative", "width", "height", "steps", "cfg", "sampler", "seed", "lora"):
+    for element_id in ("prompt", "negative", "width", "height", "steps", "cfg", "sampler", "scheduler", "seed",
+                       "lora"):
         labels = page.find_elements(By.CSS_SELECTOR, f"label[for='{element_id}']")
         assert len(labels) == 1 and labels[0].text.strip(), element_id
     for element_id in ("generate", "interrupt", "progress", "preview", "gallery", "error"):

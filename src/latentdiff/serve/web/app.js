@@ -44,10 +44,13 @@ function option(select, value, text) {
 }
 
 async function loadChoices() {
-  const [samplers, loras, defaults] = await Promise.all([
-    getJSON(`${API}/samplers`), getJSON(`${API}/loras`), getJSON("/web/defaults"),
+  const [samplers, schedulers, loras, defaults] = await Promise.all([
+    getJSON(`${API}/samplers`), getJSON(`${API}/schedulers`), getJSON(`${API}/loras`), getJSON("/web/defaults"),
   ]);
   for (const sampler of samplers) option($("sampler"), sampler.name, sampler.name);
+  for (const schedule of schedulers) {
+    if (schedule.name !== "automatic") option($("scheduler"), schedule.name, schedule.label || schedule.name);
+  }
   for (const lora of loras) option($("lora"), lora.name, lora.alias && lora.alias !== lora.name
     ? `${lora.name} (${lora.alias})` : lora.name);
   $("width").value = defaults.width;
@@ -79,6 +82,7 @@ function formRequest() {
     n_iter: 1,
   };
   if ($("sampler").value) request.sampler_name = $("sampler").value;
+  if ($("scheduler").value) request.scheduler = $("scheduler").value;
   return request;
 }
 
@@ -125,6 +129,7 @@ function imageSettings(info, i) {
     negative: pick(info.all_negative_prompts, info.negative_prompt),
     seed: pick(info.all_seeds, info.seed),
     width: info.width, height: info.height, steps: info.steps, cfg: info.cfg_scale, sampler: info.sampler_name,
+    scheduler: info.scheduler,
   };
 }
 
@@ -152,6 +157,11 @@ function reuse(settings) {
     if (!known) option($("sampler"), settings.sampler, settings.sampler);
     $("sampler").value = settings.sampler;
   }
+  // the answer names the schedule by its label ("Karras"); the picker's values are the names ("karras")
+  const wanted = (settings.scheduler || "").toLowerCase();
+  const schedule = Array.from($("scheduler").options).find(
+    (o) => o.value && (o.value.toLowerCase() === wanted || o.textContent.toLowerCase() === wanted));
+  $("scheduler").value = schedule ? schedule.value : "";
   $("prompt").focus();
 }
 
