@@ -142,11 +142,15 @@ def test_malformed_json_is_a_400(url):
     assert answer.status_code == 400 and answer.json()["error"]["param"] == "body"
 
 
-def test_auth_applies_to_the_openai_routes():
-    with running_server(ServeSettings(api_auth=(("user", "secret"),))) as base:
+def test_auth_applies_to_the_openai_routes_and_a_full_queue_is_a_503():
+    with running_server(ServeSettings(api_auth=(("user", "secret"),), max_queue=0)) as base:
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0).models.list()
         token = base64.b64encode(b"user:secret").decode()
         allowed = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0,
                                 default_headers={"Authorization": f"Basic {token}"})
         assert MODEL in [m.id for m in allowed.models.list().data]
+        with pytest.raises(openai.InternalServerError) as caught:   # the package's class for 5xx
+            allowed.images.generate(prompt=PROMPT, size="64x64")
+        assert caught.value.status_code == 503 and caught.value.code == "server_busy"
+        assert caught.value.type == "server_error" and caught.value.param == "queue"
