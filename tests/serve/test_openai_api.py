@@ -8,15 +8,13 @@ import io
 
 import httpx
 import numpy as np
+import openai
 import pytest
 import torch
 from PIL import Image
 
-openai = pytest.importorskip("openai")
-pytest.importorskip("uvicorn")
-
-from latentdiff.serve.settings import ServeSettings  # noqa: E402
-from tests._support.server import running_server  # noqa: E402
+from latentdiff.serve.settings import ServeSettings
+from tests._support.server import running_server
 
 MODEL = "latentdiff/shapes-64"
 PROMPT = "a red circle on the left, blue background"

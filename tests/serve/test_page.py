@@ -13,15 +13,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
-webdriver = pytest.importorskip("selenium.webdriver")
-pytest.importorskip("uvicorn")
-
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
-
-from latentdiff.serve.settings import ServeSettings  # noqa: E402
-from tests._support.server import running_server  # noqa: E402
+from latentdiff.serve.settings import ServeSettings
+from tests._support.server import running_server
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 MODEL = "latentdiff/shapes-64"
