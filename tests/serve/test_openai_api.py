@@ -123,10 +123,13 @@ def test_models_list(client):
     (dict(extra_body={"sampler": "Euler b"}), "sampler", "invalid_value"),
     (dict(extra_body={"seed": "seven"}), "seed", "invalid_value"),
     (dict(n=11), "n", "invalid_value"),
-], ids=["unknown-key", "size", "traversal", "format", "max-steps", "sampler", "seed", "n"])
+    (dict(prompt="a red circle <lora:../../etc/passwd:1>"), "prompt", "invalid_value"),
+    (dict(size="63x64", extra_body={"steps": STEPS}), "width", "invalid_value"),
+], ids=["unknown-key", "size", "traversal", "format", "max-steps", "sampler", "seed", "n", "lora-traversal",
+        "size-multiple"])
 def test_errors_are_openai_errors(client, arguments, param, code):
     with pytest.raises(openai.BadRequestError) as caught:
-        client.images.generate(prompt=PROMPT, **{"size": "64x64", **arguments})
+        client.images.generate(**{"prompt": PROMPT, "size": "64x64", **arguments})
     error = caught.value
     assert error.status_code == 400 and error.param == param and error.code == code
     assert error.type == "invalid_request_error" and param in error.message

@@ -8,6 +8,8 @@ What OpenAI's request means here (docs/serving.md):
   names (dall-e-*, gpt-image-*: clients send them by default), the server's current model.
 * `n` images, image i with the seed `seed + i`, each its own unit of the queue (as A1111's n_iter), so with
   `--max-batch 1` each is exactly the image the Python API gives for its seed alone.
+* the defaults are the A1111 routes' (steps 50, guidance 7, the model's own sampler, a random seed), and
+  `<lora:NAME:W>` tags in the prompts must name a LoRA the catalog lists, as there.
 * `size` "WxH", or "auto" (the model's own size); `response_format` "b64_json" (the default, as for gpt-image-1:
   no file to fetch) or "url" (the PNG is kept in a small in-memory store, under a random id, for later GETs).
 * OpenAI's settings a diffusion model has no use for (quality, style, user, background, output_format, ...) are
@@ -38,6 +40,7 @@ from starlette.exceptions import HTTPException
 
 from ..errors import LatentDiffError
 from ..utils.images import png_bytes
+from .a1111 import DEFAULT_CFG_SCALE, DEFAULT_STEPS, MAX_CFG_SCALE, MAX_SEED, RANDOM_SEEDS, check_lora_tags
 from .requests import ImageRequest, JobResult, RequestError
 
 IGNORED = ("quality", "style", "user", "background", "output_format", "output_compression", "moderation",
@@ -47,7 +50,6 @@ KNOWN = ("model", "prompt", "n", "size", "response_format", *IGNORED, *EXTRAS)
 OPENAI_MODELS = re.compile(r"^(dall-e|gpt-image)", re.IGNORECASE)   # OpenAI's own names: the current model
 MAX_N = 10                                        # OpenAI's bound on n (the server's --max-images applies too)
 MAX_PROMPT_CHARS = 32000                          # gpt-image-1's bound
-MAX_SEED = 2**32 - 1
 FILE_ID = re.compile(r"^[A-Za-z0-9_-]{22}$")      # secrets.token_urlsafe(16): no dots, no slashes, no paths
 MAX_FILES = 256                                   # PNGs the url store keeps (least recently used go first)
 MAX_FILE_BYTES = 256 * 1024**2                    # ... and their bytes together
@@ -178,9 +180,11 @@ async def image_request(body: Any, catalog: Any) -> tuple[ImageRequest, str]:
     for key in body:
         if key not in KNOWN:
             raise unknown(key)
-    prompt = text(body, "prompt")
+    prompt, negative = text(body, "prompt"), text(body, "negative_prompt") or ""
     if not prompt:
         raise RequestError("prompt is required", field="prompt", expected="a non-empty string", found=repr(prompt))
+    check_lora_tags(prompt, catalog=catalog, field="prompt")
+    check_lora_tags(negative, catalog=catalog, field="negative_prompt")
     response_format = body.get("response_format") or "b64_json"
     if response_format not in ("b64_json", "url"):
         raise RequestError("unknown response_format", field="response_format", expected='"b64_json" or "url"',
@@ -193,18 +197,15 @@ async def image_request(body: Any, catalog: Any) -> tuple[ImageRequest, str]:
         height, width = await asyncio.to_thread(lambda: catalog.pipeline(model).image_size(None, None))
         size = (width, height)
     sampler, schedule = sampler_settings(text(body, "sampler", limit=200), text(body, "scheduler", limit=200))
-    seed = integer(body, "seed", low=-1, high=MAX_SEED)
-    options: dict[str, Any] = {"sampler": sampler, "schedule": schedule}
-    steps, guidance = integer(body, "steps", low=1, high=10**6), number(body, "guidance_scale", low=0, high=100)
-    if steps is not None:
-        options["steps"] = steps
-    if guidance is not None:
-        options["guidance"] = guidance
+    n = integer(body, "n", low=1, high=MAX_N) or 1
+    seed = integer(body, "seed", low=-1, high=MAX_SEED - n + 1)   # the last image's seed is seed + n - 1
+    steps = integer(body, "steps", low=1, high=10**6)             # the engine checks --max-steps
+    guidance = number(body, "guidance_scale", low=0, high=MAX_CFG_SCALE)
     request = ImageRequest(
-        model=model, prompt=prompt, negative_prompt=text(body, "negative_prompt") or "", width=size[0],
-        height=size[1], seed=secrets.randbelow(MAX_SEED + 1) if seed in (None, -1) else seed, batch_size=1,
-        n_iter=integer(body, "n", low=1, high=MAX_N) or 1, ignored=tuple(k for k in IGNORED if k in body),
-        origin="openai", **options)
+        model=model, prompt=prompt, negative_prompt=negative, width=size[0], height=size[1],
+        steps=DEFAULT_STEPS if steps is None else steps, guidance=DEFAULT_CFG_SCALE if guidance is None else guidance,
+        sampler=sampler, schedule=schedule, seed=secrets.randbelow(RANDOM_SEEDS) if seed in (None, -1) else seed,
+        batch_size=1, n_iter=n, ignored=tuple(k for k in IGNORED if k in body), origin="openai")
     return request, response_format
 
 
