@@ -69,3 +69,15 @@ def test_an_error_body_names_field_expected_and_found():
     assert body["field"] == "steps" and body["expected"] == "1 <= steps <= 150" and body["found"] == "400"
     assert "steps is out of range" in body["detail"]
     assert error_body(InputError("bad", where="prompt"))["where"] == "prompt"
+
+
+def test_errors_name_the_flag_of_a_server_folder_never_its_path(tmp_path):
+    from latentdiff.serve.settings import ServeSettings
+
+    loras = tmp_path / "secret" / "loras"
+    settings = ServeSettings(lora_dirs=(loras,), models_dir=tmp_path / "models")
+    error = InputError("a <lora:...> tag names no file", where="<lora:x>", expected=f"a file in {[str(loras)]}",
+                       found=f"{tmp_path / 'models' / 'x.safetensors'}")
+    body = error_body(error, settings)
+    assert str(tmp_path) not in str(body)
+    assert "<--lora-dir>" in body["expected"] and "<--models-dir>/x.safetensors" in body["found"]
