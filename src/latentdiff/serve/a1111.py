@@ -61,9 +61,10 @@ TXT2IMG_KEYS = frozenset({
     "override_settings_restore_afterwards", "enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps",
     "hr_resize_x", "hr_resize_y", "denoising_strength", "send_images", "save_images"})
 IMG2IMG_KEYS = (TXT2IMG_KEYS - {"enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
-                                "hr_resize_y"}) | {"init_images", "mask", "mask_blur", "inpainting_fill",
-                                                   "inpaint_full_res", "inpainting_mask_invert", "resize_mode",
-                                                   "include_init_images"}
+                                "hr_resize_y"}) | {"init_images", "mask", "mask_blur", "inpainting_mask_invert",
+                                                   "resize_mode", "include_init_images"}
+# img2img keys checked and passed on, but listed as ignored: render's inpainting always starts from the original
+# image (A1111's inpainting_fill 1) over the whole picture (inpaint_full_res false).
 
 # (model, vae) -> (height, width, the model's own sampler's registered name): asked only when a default is needed.
 ModelDefaults = Callable[[str, "str | None"], tuple[int, int, str]]
@@ -329,7 +330,7 @@ def check_lora_tags(text: str, *, catalog: Any, field: str) -> None:
     names = [m.group(1).strip() for m in TAG.finditer(text)]
     if not names:
         return
-    listed = {str(item.get("name")) for item in catalog.loras()} | {str(item.get("alias")) for item in catalog.loras()}
+    listed = {str(item.get(key)) for item in catalog.loras() for key in ("name", "alias")}
     for name in names:
         if name not in listed or any(c in name for c in "/\\\x00") or name in (".", ".."):
             raise RequestError("a <lora:...> tag names no LoRA this server has", field=field,
