@@ -31,9 +31,11 @@ def test_site_builds_strict(tmp_path):
 
 @pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
 def test_page_blocks_run(page, stand_ins, tmp_path, monkeypatch):
-    harness.docs_environment(monkeypatch, stand_ins, tmp_path / "work", page.read_text(encoding="utf-8"))
-    # The README's Python blocks: tests/test_readme.py.
-    timings = harness.run_page(page, skip_languages=("python",) if page == harness.README else ())
+    text = page.read_text(encoding="utf-8")
+    harness.docs_environment(monkeypatch, stand_ins, tmp_path / "work", text)
+    with harness.page_server(monkeypatch, text):   # a page whose clients talk to `latentdiff serve` gets one
+        # The README's Python blocks: tests/test_readme.py.
+        timings = harness.run_page(page, skip_languages=("python",) if page == harness.README else ())
     print("".join(f"\n{wall:6.2f} s wall {cpu:6.2f} s cpu  {where}" for where, wall, cpu in timings))
 
 

@@ -34,7 +34,7 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,8 @@ SUBSTITUTIONS: tuple[tuple[str, str, str], ...] = (
 def substitute(code: str) -> str:
     for pattern, replacement, _ in SUBSTITUTIONS:
         code = re.sub(pattern, replacement, code, flags=re.MULTILINE)
+    if _served:   # a page's clients talk to the server page_server started, on a free port
+        code = code.replace(SERVED, _served[-1])
     return code
 
 
@@ -71,6 +73,7 @@ NOT_RUN: tuple[tuple[tuple[str, ...], str], ...] = (
     (("accelerate", "launch"), "a multi-process launch (tests/training/test_training_distributed.py runs one)"),
     (("curl",), "a download"),
     (("python", "examples/train/build_shapes_64.py"), "trains the built-in model: hours"),
+    (("latentdiff", "serve"), "serves until stopped (the page's client blocks talk to the server page_server starts)"),
 )
 # scripts under examples/ that a page may run (`python SCRIPT ARGS`), in-process (none now: the data the tiny
 # training examples need comes from `latentdiff data shapes`, which a pip user has)
@@ -520,3 +523,36 @@ def docs_environment(monkeypatch: Any, stand_ins: StandIns, workdir: Path, page_
 
 def _no_network(*args: Any, **kwargs: Any) -> None:
     raise OSError("the docs tests run offline: a block tried to open a network connection")
+
+
+# ---- a server for the pages whose client blocks talk to one (docs/serving.md) ----------------------------
+SERVED = "127.0.0.1:7860"        # `latentdiff serve`'s default address, as a page's client blocks write it
+_CONNECT = socket.socket.connect
+_served: list[str] = []          # the address that replaces SERVED while page_server runs
+
+
+@contextlib.contextmanager
+def page_server(monkeypatch: Any, page_text: str) -> Iterator[None]:
+    """For a page that names SERVED: a real `latentdiff serve` (uvicorn, the stand-in built-in model) on a free
+    loopback port while its blocks run, its address in place of SERVED, and connections to it, and only to it,
+    let through. Call after `docs_environment` (which turns the network off)."""
+    if SERVED not in page_text:
+        yield
+        return
+    from tests._support.server import running_server
+
+    with running_server() as url:
+        address = url.removeprefix("http://")
+        host, port = address.rsplit(":", 1)
+
+        def loopback_only(sock: socket.socket, target: Any, *args: Any, **kwargs: Any) -> Any:
+            if isinstance(target, tuple) and target[:2] in ((host, int(port)), ("localhost", int(port))):
+                return _CONNECT(sock, target)
+            return _no_network()
+
+        monkeypatch.setattr(socket.socket, "connect", loopback_only)
+        _served.append(address)
+        try:
+            yield
+        finally:
+            _served.remove(address)

@@ -89,11 +89,15 @@ def _call(pipe: Any, units: Sequence[Unit], *, lora_dirs: Sequence[Path],
         eta=request.eta, num_images_per_prompt=per_prompt, generator=generators, callback=callback, progress=False,
         clip_skip=diffusers_clip_skip(request.clip_skip), lora_dirs=list(lora_dirs) or None)
     if request.hires is not None:
+        from ..adapters.api import prompt_adapters
         from ..pipelines.hires import hires_fix
 
-        hires = request.hires
-        return list(hires_fix(pipe, prompt, scale=hires.scale, steps=hires.steps, strength=hires.strength,
-                              upscaler=hires.upscaler, height=request.height, width=request.width, **common).images)
+        hires, dirs = request.hires, common.pop("lora_dirs")
+        with prompt_adapters(pipe, {"prompt": prompt, "negative_prompt": negative}, dirs) as texts:
+            common["negative_prompt"] = texts["negative_prompt"]
+            return list(hires_fix(pipe, texts["prompt"], scale=hires.scale, steps=hires.steps,
+                                  strength=hires.strength, upscaler=hires.upscaler, height=request.height,
+                                  width=request.width, **common).images)
     if request.init is not None:
         return _with_images(pipe, units[0], prompt, common)
     if request.subseed_strength > 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ..adapters.tags import TAG
 from ..errors import InputError
 
 
@@ -86,8 +87,10 @@ class ImageRequest:
         seeds: run alone, as the Python API would)."""
         if self.init is not None or self.hires is not None or self.subseed_strength > 0:
             return None
+        # a call activates the <lora:...> tags of all its prompts: only requests with the same tags share one
+        loras = tuple(TAG.findall(self.prompt)), tuple(TAG.findall(self.negative_prompt))
         return (self.model, self.vae, self.width, self.height, self.steps, self.guidance, self.sampler,
-                self.schedule, self.eta, self.clip_skip)
+                self.schedule, self.eta, self.clip_skip, loras)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -1,0 +1,152 @@
+"""OpenAI's images API, driven by the real `openai` package against a running server: the images are the ones the
+Python API gives for the same seed and settings (bit-identical pixels, max_batch=1), the url format serves them,
+models.list lists the catalog, and errors arrive as the package's typed exceptions."""
+from __future__ import annotations
+
+import base64
+import io
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("uvicorn")
+
+from latentdiff.serve.settings import ServeSettings  # noqa: E402
+from tests._support.server import running_server  # noqa: E402
+
+MODEL = "latentdiff/shapes-64"
+PROMPT = "a red circle on the left, blue background"
+NEGATIVE = "a green square"
+STEPS, GUIDANCE = 5, 2.0
+
+
+@pytest.fixture(scope="module")
+def url():
+    with running_server(ServeSettings(max_batch=1, max_steps=30)) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from latentdiff import LatentDiffusionPipeline
+
+    return LatentDiffusionPipeline.from_pretrained(MODEL)
+
+
+def reference(pipe, seed, *, sampler=None):
+    """The image the Python API gives for `seed` (the server's settings, one image per call)."""
+    from latentdiff.diffusion.samplers.names import sampler_from_name
+
+    base = pipe.sampler
+    if sampler is not None:
+        pipe.sampler = sampler_from_name(sampler, base=base)
+    try:
+        image = pipe(PROMPT, negative_prompt=NEGATIVE, height=64, width=64, num_inference_steps=STEPS,
+                     guidance_scale=GUIDANCE, generator=[torch.Generator().manual_seed(seed)]).images[0]
+    finally:
+        pipe.sampler = base
+    return np.asarray(image.convert("RGB"))
+
+
+def pixels(png: bytes) -> np.ndarray:
+    image = Image.open(io.BytesIO(png))
+    assert image.format == "PNG"
+    return np.asarray(image.convert("RGB"))
+
+
+def extras(seed, **more):
+    return {"seed": seed, "steps": STEPS, "guidance_scale": GUIDANCE, "negative_prompt": NEGATIVE, **more}
+
+
+def test_b64_json_images_are_the_python_api_images(client, pipe):
+    response = client.images.generate(model=MODEL, prompt=PROMPT, n=2, size="64x64", response_format="b64_json",
+                                      quality="hd", style="vivid", extra_body=extras(11))
+    assert len(response.data) == 2 and response.created > 0
+    for i, item in enumerate(response.data):
+        assert item.url is None and item.revised_prompt == PROMPT
+        png = base64.b64decode(item.b64_json)
+        np.testing.assert_array_equal(pixels(png), reference(pipe, 11 + i))
+        text = Image.open(io.BytesIO(png)).text
+        assert f"Seed: {11 + i}" in text["parameters"] and PROMPT in text["parameters"]
+        assert "/root" not in png.decode("latin-1") and "/tmp" not in png.decode("latin-1")
+    extra = response.model_extra["latentdiff"]
+    assert extra["seeds"] == [11, 12] and extra["ignored"] == ["quality", "style"] and extra["model"] == MODEL
+
+
+def test_a1111_sampler_name_and_the_default_model(client, pipe):
+    """`sampler` takes A1111's names; OpenAI's own model names mean the server's current model."""
+    response = client.images.generate(model="dall-e-3", prompt=PROMPT, size="64x64",
+                                      extra_body=extras(5, sampler="Euler a"))
+    np.testing.assert_array_equal(pixels(base64.b64decode(response.data[0].b64_json)),
+                                  reference(pipe, 5, sampler="Euler a"))
+    assert "Sampler: Euler a" in Image.open(io.BytesIO(base64.b64decode(response.data[0].b64_json))).text[
+        "parameters"]
+
+
+def test_url_format_serves_the_png(client, url, pipe):
+    response = client.images.generate(prompt=PROMPT, size="auto", response_format="url", extra_body=extras(3))
+    link = response.data[0].url
+    assert response.data[0].b64_json is None and link.startswith(url + "/v1/images/files/") and link.endswith(".png")
+    fetched = httpx.get(link)
+    assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
+    np.testing.assert_array_equal(pixels(fetched.content), reference(pipe, 3))   # "auto": the model's 64 x 64
+    file_id = link.rsplit("/", 1)[1].removesuffix(".png")
+    for wrong in (file_id[:-1] + ("A" if file_id[-1] != "A" else "B") + ".png", file_id + ".txt", "..png"):
+        missing = httpx.get(f"{url}/v1/images/files/{wrong}")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert httpx.get(f"{url}/v1/images/files/..%2F..%2Fetc%2Fpasswd").status_code == 404   # no route: ids only
+
+
+def test_models_list(client):
+    models = client.models.list()
+    assert MODEL in [m.id for m in models.data]
+    entry = next(m for m in models.data if m.id == MODEL)
+    assert entry.object == "model" and entry.owned_by == "latentdiff" and entry.created > 0
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+@pytest.mark.parametrize("arguments, param, code", [
+    (dict(extra_body={"frobnicate": 1}), "frobnicate", "unknown_parameter"),
+    (dict(size="64 by 64"), "size", "invalid_value"),
+    (dict(model="../../etc/passwd"), "model", "invalid_value"),
+    (dict(response_format="jpeg"), "response_format", "invalid_value"),
+    (dict(extra_body={"steps": 31}), "steps", "invalid_value"),
+    (dict(extra_body={"sampler": "Euler b"}), "sampler", "invalid_value"),
+    (dict(extra_body={"seed": "seven"}), "seed", "invalid_value"),
+    (dict(n=11), "n", "invalid_value"),
+], ids=["unknown-key", "size", "traversal", "format", "max-steps", "sampler", "seed", "n"])
+def test_errors_are_openai_errors(client, arguments, param, code):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.generate(prompt=PROMPT, **{"size": "64x64", **arguments})
+    error = caught.value
+    assert error.status_code == 400 and error.param == param and error.code == code
+    assert error.type == "invalid_request_error" and param in error.message
+
+
+def test_malformed_json_is_a_400(url):
+    answer = httpx.post(url + "/v1/images/generations", content=b"{not json",
+                        headers={"content-type": "application/json"})
+    assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_json"
+    answer = httpx.post(url + "/v1/images/generations", json=["a list"])
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "body"
+
+
+def test_auth_applies_to_the_openai_routes():
+    with running_server(ServeSettings(api_auth=(("user", "secret"),))) as base:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0).models.list()
+        token = base64.b64encode(b"user:secret").decode()
+        allowed = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0,
+                                default_headers={"Authorization": f"Basic {token}"})
+        assert MODEL in [m.id for m in allowed.models.list().data]
