@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from ..config import parse_json
 from ..version import __version__
 from . import a1111_results
-from .a1111 import Body, Options, img2img_request, option_clip_skip, txt2img_request
+from .a1111 import Body, ModelFacts, Options, img2img_request, option_clip_skip, txt2img_request
 from .a1111_images import png_info
 from .requests import RequestError
 
@@ -59,12 +59,13 @@ def current_options(request: Request) -> Options:
 
 
 def model_defaults(catalog: Any) -> Any:
-    """(model, vae) -> (height, width, the model's own sampler): read from the loaded pipeline (the catalog loads
-    it once; the engine would load it for the request anyway)."""
-    def defaults(model: str, vae: str | None) -> tuple[int, int, str]:
+    """(model, vae) -> ModelFacts read from the loaded pipeline (the catalog loads it once; the engine would load
+    it for the request anyway)."""
+    def defaults(model: str, vae: str | None) -> ModelFacts:
         pipe = catalog.pipeline(model, vae)
         height, width = pipe.image_size(None, None)
-        return height, width, str(getattr(type(pipe.sampler), "registry_name", "ddim"))
+        return ModelFacts(height, width, str(getattr(type(pipe.sampler), "registry_name", "ddim")),
+                          getattr(getattr(pipe, "text_encoder", None), "clip_skip_layers", None))
 
     return defaults
 
