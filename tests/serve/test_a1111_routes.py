@@ -105,6 +105,41 @@ def test_txt2img_gives_the_python_apis_images_with_their_parameters(client, pipe
     assert (png["info"], png["parameters"]["Seed"], png["parameters"]["Size-1"]) == (info["infotexts"][0], "21", "64")
 
 
+def test_hires_fix_and_inpainting_give_the_python_apis_images(client, pipe):
+    from latentdiff.pipelines.hires import hires_fix
+    from latentdiff.pipelines.inpaint import InpaintPipeline
+
+    body = {"prompt": PROMPT, "steps": STEPS, "seed": 31, "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent",
+            "hr_second_pass_steps": 3, "denoising_strength": 0.5}
+    answer = post(client, "txt2img", body)
+    assert answer.status_code == 200, answer.text
+    got, text = pixels(answer.json()["images"][0])
+    want = hires_fix(pipe, PROMPT, scale=1.5, steps=3, strength=0.5, upscaler="latent", height=64, width=64,
+                     num_inference_steps=STEPS, guidance_scale=7.0, generator=[torch.Generator().manual_seed(31)],
+                     progress=False).images[0]
+    assert got.shape == (96, 96, 3) and np.array_equal(got, np.asarray(want))
+    fields = parse_infotext(text["parameters"], where="hires").fields
+    assert (fields["Hires upscale"], fields["Hires steps"], fields["Denoising strength"]) == ("1.5", "3", "0.5")
+
+    init = Image.fromarray(reference(pipe, PROMPT, 1))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    encode = {k: base64.b64encode(_png(v)).decode() for k, v in (("init", init), ("mask", mask))}
+    answer = post(client, "img2img", {"prompt": PROMPT, "steps": STEPS, "seed": 9, "init_images": [encode["init"]],
+                                      "mask": encode["mask"], "mask_blur": 0, "denoising_strength": 0.8})
+    assert answer.status_code == 200, answer.text
+    want = InpaintPipeline.from_pipe(pipe)(PROMPT, init, mask, height=64, width=64, strength=0.8,
+                                           num_inference_steps=STEPS, guidance_scale=7.0, progress=False,
+                                           generator=[torch.Generator().manual_seed(9)]).images[0]
+    assert np.array_equal(pixels(answer.json()["images"][0])[0], np.asarray(want))
+
+
+def _png(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def test_options_are_echoed_and_switch_the_model(client, pipe):
     options = client.get("/sdapi/v1/options").json()
     assert (options["sd_model_checkpoint"], options["CLIP_stop_at_last_layers"], options["sd_vae"]) == (
