@@ -14,14 +14,17 @@ Defaults, where the request leaves a value out (A1111's API defaults where they 
 * sampler_name: the model's own sampler, its folder's scheduler config (its author chose it; A1111: "Euler");
 * seed, subseed -1: drawn in [0, 2**32), as A1111 draws them;
 * denoising_strength: 0.7 for the hires pass (pipelines.hires.DEFAULT_STRENGTH), 0.75 for img2img (A1111's UI);
-* hr_upscaler "Latent", mask_blur 4, inpainting_fill 0 with a mask (A1111).
+* hr_upscaler "Latent", mask_blur 4 (A1111). inpainting_fill and inpaint_full_res are checked and listed as
+  ignored: serve.render inpaints the whole picture, starting from the original image.
 
 `sampler_name` wins over `sampler_index` (A1111: `sampler_name or sampler_index`); both take A1111 labels
 ("DPM++ 2M Karras", "Euler a", "k_lms" ...), diffusers class names and latentdiff names, with `scheduler`
 ("Automatic", "Karras", "Exponential", "Uniform") choosing the sigma schedule (diffusion.samplers.names). `eta`
 is used by samplers that have one (DDIM); with the others it is listed as ignored (A1111's Euler a has eta 1,
 latentdiff's too). `<lora:NAME:W>` tags must name a LoRA the catalog lists (`/sdapi/v1/loras`): a name with a
-path in it (`../../etc/passwd`) names none.
+path in it (`../../etc/passwd`) names none. subseed / subseed_strength are A1111's variation seeds (serve.render).
+CLIP_stop_at_last_layers beyond the model's text encoder (the built-in LDMBert has no layers to skip) is refused in
+a request's override_settings and, as the server-wide option an A1111 client set once, listed as ignored.
 """
 from __future__ import annotations
 
