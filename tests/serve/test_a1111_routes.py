@@ -189,6 +189,14 @@ def test_bad_requests_are_json_errors_naming_the_field(client, path, body, statu
         assert answer.json()["field"] == field
 
 
+def test_stored_options_are_bounded(client):
+    assert post(client, "options", {f"a{i}": "v" * 1000 for i in range(600)}).status_code == 200
+    answer = post(client, "options", {f"b{i}": "v" * 1000 for i in range(600)})
+    assert (answer.status_code, answer.json()["field"]) == (422, "body")
+    assert "b0" not in client.get("/sdapi/v1/options").json()
+    assert post(client, "options", {f"a{i}": None for i in range(600)}).status_code == 200
+
+
 def test_nan_in_the_json_is_refused(client):
     answer = client.post("/sdapi/v1/txt2img", content=b'{"cfg_scale": NaN}',
                          headers={"content-type": "application/json"})
@@ -255,6 +263,7 @@ def test_webuiapi_drives_a_real_server(settings, pipe, folders):
         assert parsed.prompt == prompt and (parsed.fields["Sampler"], parsed.fields["Schedule type"]) == (
             "DPM++ 2M", "Karras")
         assert result.info["all_seeds"] == [5] and "eta" in result.info["ignored"]   # webuiapi sends eta 1
+        assert api.png_info(result.image).info == result.image.info["parameters"]
 
         init = Image.fromarray(expected)
         again = api.img2img(images=[init], prompt=PROMPT, seed=8, width=64, height=64, denoising_strength=0.6,
@@ -283,11 +292,13 @@ def _interrupt_a_running_job(api):
     seen = None
     while time.monotonic() - started < 60:
         progress = api.get_progress()
-        if progress["state"]["sampling_step"] > 0:
+        if progress["state"]["sampling_step"] > 0 and progress["current_image"]:
             seen = progress
             break
         time.sleep(0.02)
     assert seen is not None and seen["state"]["job_count"] >= 1 and 0 < seen["progress"] < 1
+    with Image.open(io.BytesIO(base64.b64decode(seen["current_image"]))) as preview:   # the live preview
+        assert preview.format == "PNG" and min(preview.size) > 0
     api.interrupt()
     worker.join(timeout=60)
     result = answer["r"]

@@ -5,7 +5,7 @@ to learn its default size), never on the event loop.
 The server-wide A1111 options (`/sdapi/v1/options`) live on `app.state.a1111_options`: sd_model_checkpoint
 switches the catalog's current model (loaded in a thread before the POST answers), CLIP_stop_at_last_layers and
 sd_vae are the defaults of later requests, any other key is stored and echoed (A1111 clients set many), up to
-MAX_OPTIONS keys.
+MAX_OPTIONS keys and MAX_OPTIONS_BYTES of JSON.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from .requests import RequestError
 
 router = APIRouter(prefix="/sdapi/v1")
 MAX_OPTIONS = 4096            # keys kept by POST /options
+MAX_OPTIONS_BYTES = 1024**2   # their JSON, all together
 AUTOMATIC = ("Automatic", "None", None)
 
 
@@ -122,9 +123,11 @@ async def set_options(request: Request) -> None:
         catalog.resolve_vae(vae, field="sd_vae")
     others = {k: v for k, v in body.data.items() if k not in ("sd_model_checkpoint", "CLIP_stop_at_last_layers",
                                                              "sd_vae", "sd_checkpoint_hash")}
-    if len({**store, **others}) > MAX_OPTIONS:
-        raise RequestError("too many options", field="body", expected=f"at most {MAX_OPTIONS} keys in all",
-                           found=len({**store, **others}))
+    merged = {**store, **others}
+    if len(merged) > MAX_OPTIONS or len(json.dumps(merged)) > MAX_OPTIONS_BYTES:
+        raise RequestError("more options than this server keeps", field="body",
+                           expected=f"at most {MAX_OPTIONS} keys and {MAX_OPTIONS_BYTES} bytes of JSON in all",
+                           found=f"{len(merged)} keys, {len(json.dumps(merged))} bytes")
     if model is not None:
         await run_in_threadpool(catalog.set_current, model)
     store.update(others)
