@@ -168,7 +168,8 @@ def test_options_are_echoed_and_switch_the_model(client, pipe):
 
 @pytest.mark.parametrize("path, body, status, field", [
     ("txt2img", b"{not json", 422, "body"), ("txt2img", b"\xff\xfe{}", 422, "body"),
-    ("txt2img", b"[" * 5000 + b"]" * 5000, 422, None), ("txt2img", b"x" * 1_100_000, 413, "body"),
+    ("txt2img", b"[" * 5000 + b"]" * 5000, 422, None),
+    ("txt2img", b'{"seed": 1' + b"0" * 5000 + b"}", 422, "body"), ("txt2img", b"x" * 1_100_000, 413, "body"),
     ("txt2img", {"override_settings": {"sd_model_checkpoint": "../../etc/passwd"}}, 422,
      "override_settings.sd_model_checkpoint"),
     ("txt2img", {"prompt": "x <lora:../../etc/passwd:0.8>"}, 422, "prompt"),

@@ -129,8 +129,8 @@ class Body:
         value = self.raw(key)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or not low <= value <= high:
+        # the range test also refuses NaN and infinities, and compares a huge int without making it a float
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
             raise self.bad(key, f"a finite number in [{low:g}, {high:g}]", value)
         return float(value)
 

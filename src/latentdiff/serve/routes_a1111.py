@@ -40,6 +40,8 @@ async def read_json(request: Request) -> Any:
         raise RequestError(f"the body is not JSON: {exc.msg} at {exc.pos}", field="body") from None
     except UnicodeDecodeError:
         raise RequestError("the body is not UTF-8 text", field="body", expected="JSON in UTF-8") from None
+    except ValueError as exc:     # an integer of more than 4,300 digits (Python's int parsing bound)
+        raise RequestError(f"the body is not JSON this server reads: {str(exc)[:120]}", field="body") from None
 
 
 def _options(request: Request) -> dict[str, Any]:
