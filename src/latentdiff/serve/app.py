@@ -11,6 +11,7 @@ import base64
 import binascii
 import hmac
 import json
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -24,8 +25,9 @@ from .requests import RequestError
 from .settings import ServeSettings
 
 
-def error_body(exc: LatentDiffError) -> dict[str, Any]:
-    """A latentdiff error as the JSON a client reads (A1111 clients show `detail`)."""
+def error_body(exc: LatentDiffError, settings: ServeSettings | None = None) -> dict[str, Any]:
+    """A latentdiff error as the JSON a client reads (A1111 clients show `detail`), the server's folders named by
+    their flag instead of their path (`redact`)."""
     body: dict[str, Any] = {"error": type(exc).__name__, "detail": str(exc), "message": exc.message}
     for key in ("where", "expected", "found"):
         value = getattr(exc, key, None)
@@ -34,7 +36,28 @@ def error_body(exc: LatentDiffError) -> dict[str, Any]:
     field = getattr(exc, "field", None)
     if field is not None:
         body["field"] = field
-    return body
+    return {key: redact(value, settings) if isinstance(value, str) else value for key, value in body.items()}
+
+
+def server_folders(settings: ServeSettings | None) -> list[tuple[str, str]]:
+    """(path, what a client is told instead), longest paths first: the folders of the flags, the package, home."""
+    import latentdiff
+
+    pairs = [(str(Path(latentdiff.__file__).resolve().parent), "<latentdiff>"), (str(Path.home()), "~")]
+    if settings is not None:
+        pairs += [(str(d), "<--lora-dir>") for d in settings.lora_dirs]
+        for flag, folder in (("--models-dir", settings.models_dir), ("--vae-dir", settings.vae_dir),
+                             ("--embeddings-dir", settings.embeddings_dir), ("--outputs-dir", settings.outputs_dir)):
+            if folder is not None:
+                pairs.append((str(folder), f"<{flag}>"))
+    return sorted(((path, name) for path, name in pairs if len(path) > 1), key=lambda pair: -len(pair[0]))
+
+
+def redact(text: str, settings: ServeSettings | None) -> str:
+    """`text` without the server's own paths: a client learns which flag's folder, never where it is."""
+    for path, name in server_folders(settings):
+        text = text.replace(path, name)
+    return text
 
 
 class BodyLimit:
@@ -135,7 +158,7 @@ def create_app(settings: ServeSettings | None = None, *, engine: Any = None, cat
     @app.exception_handler(LatentDiffError)
     async def latentdiff_error(request: Request, exc: LatentDiffError) -> JSONResponse:
         status = exc.status if isinstance(exc, RequestError) else 422
-        return JSONResponse(error_body(exc), status_code=status)
+        return JSONResponse(error_body(exc, settings), status_code=status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -153,8 +176,8 @@ def create_app(settings: ServeSettings | None = None, *, engine: Any = None, cat
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:   # a bug: its name, never a traceback
-        return JSONResponse({"error": "InternalError", "detail": f"{type(exc).__name__}: {exc}"[:2000]},
-                            status_code=500)
+        detail = redact(f"{type(exc).__name__}: {exc}"[:2000], settings)
+        return JSONResponse({"error": "InternalError", "detail": detail}, status_code=500)
 
     app.include_router(routes_a1111.router)
     app.include_router(openai_api.router)
