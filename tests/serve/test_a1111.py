@@ -17,7 +17,7 @@ from PIL import Image
 
 from latentdiff.diffusion.samplers.names import resolve_sampler, resolve_schedule
 from latentdiff.serve import a1111_results
-from latentdiff.serve.a1111 import Options, img2img_request, txt2img_request
+from latentdiff.serve.a1111 import ModelFacts, Options, img2img_request, txt2img_request
 from latentdiff.serve.a1111_images import decode_image, encode_png, png_info, public_params, save_outputs
 from latentdiff.serve.requests import GeneratedImage, Hires, JobResult, RequestError
 from latentdiff.serve.settings import ServeSettings
@@ -48,12 +48,12 @@ class Catalog:
 
 
 class Defaults:
-    def __init__(self):
-        self.calls = []
+    def __init__(self, clip_layers=12):
+        self.calls, self.clip_layers = [], clip_layers
 
     def __call__(self, model, vae):
         self.calls.append((model, vae))
-        return 48, 64, "ddim"      # height, width, the model's own sampler
+        return ModelFacts(height=48, width=64, sampler="ddim", clip_layers=self.clip_layers)
 
 
 def txt(body, **kw):
@@ -109,7 +109,8 @@ def test_a_webuiapi_payload_maps_every_key_and_lists_the_rest_as_ignored():
         body["prompt"], "blue", 64, 32, 7, 5.5, 123, 9)
     assert (r.sampler, r.schedule, r.eta, r.batch_size, r.n_iter) == ("dpmpp_2m", "karras", None, 2, 3)
     assert (r.model, r.vae, r.clip_skip) == ("other", "good", 2)
-    assert r.seeds() == list(range(123, 129)) and r.hires is None and defaults.calls == []
+    assert r.seeds() == list(range(123, 129)) and r.hires is None
+    assert defaults.calls == [("other", "good")]     # only to check the clip skip against its text encoder
     assert set(r.ignored) == {"alwayson_scripts", "do_not_save_grid", "eta", "my_extension_key", "restore_faces",
                               "s_churn", "script_args", "script_name", "styles", "tiling", "denoising_strength",
                               "override_settings.samples_format"}
@@ -151,7 +152,9 @@ def test_an_unknown_sampler_is_a_422_listing_the_accepted_names():
     ([1, 2], "body"), ({"width": "64"}, "width"), ({"width": 65}, "width"), ({"width": 0}, "width"),
     ({"width": 4096}, "width"), ({"height": 64.5}, "height"), ({"steps": 0}, "steps"), ({"steps": 151}, "steps"),
     ({"steps": True}, "steps"), ({"cfg_scale": math.nan}, "cfg_scale"), ({"cfg_scale": math.inf}, "cfg_scale"),
-    ({"cfg_scale": "7"}, "cfg_scale"), ({"cfg_scale": -1}, "cfg_scale"), ({"seed": -2}, "seed"),
+    ({"cfg_scale": "7"}, "cfg_scale"), ({"cfg_scale": -1}, "cfg_scale"), ({"cfg_scale": 10**400}, "cfg_scale"),
+    ({"steps": 10**400}, "steps"), ({"subseed_strength": -math.inf}, "subseed_strength"),
+    ({"seed": math.nan}, "seed"), ({"seed": -2}, "seed"),
     ({"seed": 2**63}, "seed"), ({"seed": "1"}, "seed"), ({"subseed": 1.5}, "subseed"),
     ({"subseed_strength": 1.5}, "subseed_strength"), ({"batch_size": 0}, "batch_size"), ({"n_iter": 17}, "n_iter"),
     ({"batch_size": 4, "n_iter": 5}, "n_iter"), ({"prompt": 5}, "prompt"), ({"prompt": "a\x00b"}, "prompt"),
@@ -172,7 +175,7 @@ def test_an_unknown_sampler_is_a_422_listing_the_accepted_names():
     ({"negative_prompt": "<lora:/etc/passwd>"}, "negative_prompt"),
 ])
 def test_every_bad_value_is_a_422_naming_its_key(body, field):
-    refused(lambda b: txt(b, defaults=lambda m, v: (64, 64, "ddim")), body, field)
+    refused(lambda b: txt(b, defaults=lambda m, v: ModelFacts(64, 64, "ddim", 12)), body, field)
 
 
 def test_hires_keys_make_a_hires_request():
@@ -260,7 +263,8 @@ def test_a_bad_init_image_is_refused_naming_it(value, status):
 
 
 @pytest.mark.parametrize("body, field", [
-    ({"init_images": None}, "init_images"), ({"init_images": []}, "init_images"), ({"init_images": "abc"}, "init_images"),
+    ({"init_images": None}, "init_images"), ({"init_images": []}, "init_images"),
+    ({"init_images": "abc"}, "init_images"),
     ({"mask": "@@"}, "mask"), ({"resize_mode": 3}, "resize_mode"), ({"inpainting_fill": 4}, "inpainting_fill"),
     ({"mask_blur": -1, "mask": "m"}, "mask_blur"), ({"denoising_strength": -0.5}, "denoising_strength"),
 ])
@@ -382,3 +386,13 @@ def test_sampler_and_scheduler_lists_hold_names_the_parser_accepts():
         assert resolve_schedule(row["name"]) == resolve_schedule(row["label"])
     assert {m["name"] for m in a1111_results.latent_upscale_modes()} == {"Latent", "Latent (nearest)"}
     assert [u["name"] for u in a1111_results.upscalers()] == ["None", "Lanczos"]
+
+
+def test_clip_skip_beyond_the_text_encoder_is_ignored_as_an_option_and_refused_as_an_override():
+    options = Options(model="shapes-64", clip_skip=2)
+    r = txt({"width": 64, "height": 64}, options=options, defaults=Defaults(clip_layers=None))
+    assert (r.clip_skip, r.ignored) == (None, ("options.CLIP_stop_at_last_layers",))
+    assert txt({"width": 64, "height": 64}, options=options, defaults=Defaults(clip_layers=12)).clip_skip == 2
+    body = {"width": 64, "height": 64, "override_settings": {"CLIP_stop_at_last_layers": 3}}
+    refused(lambda b: txt(b, defaults=Defaults(clip_layers=2)), body, "override_settings.CLIP_stop_at_last_layers")
+    refused(lambda b: txt(b, defaults=Defaults(clip_layers=None)), body, "override_settings.CLIP_stop_at_last_layers")

@@ -14,14 +14,17 @@ Defaults, where the request leaves a value out (A1111's API defaults where they 
 * sampler_name: the model's own sampler, its folder's scheduler config (its author chose it; A1111: "Euler");
 * seed, subseed -1: drawn in [0, 2**32), as A1111 draws them;
 * denoising_strength: 0.7 for the hires pass (pipelines.hires.DEFAULT_STRENGTH), 0.75 for img2img (A1111's UI);
-* hr_upscaler "Latent", mask_blur 4, inpainting_fill 0 with a mask (A1111).
+* hr_upscaler "Latent", mask_blur 4 (A1111). inpainting_fill and inpaint_full_res are checked and listed as
+  ignored: serve.render inpaints the whole picture, starting from the original image.
 
 `sampler_name` wins over `sampler_index` (A1111: `sampler_name or sampler_index`); both take A1111 labels
 ("DPM++ 2M Karras", "Euler a", "k_lms" ...), diffusers class names and latentdiff names, with `scheduler`
 ("Automatic", "Karras", "Exponential", "Uniform") choosing the sigma schedule (diffusion.samplers.names). `eta`
 is used by samplers that have one (DDIM); with the others it is listed as ignored (A1111's Euler a has eta 1,
 latentdiff's too). `<lora:NAME:W>` tags must name a LoRA the catalog lists (`/sdapi/v1/loras`): a name with a
-path in it (`../../etc/passwd`) names none.
+path in it (`../../etc/passwd`) names none. subseed / subseed_strength are A1111's variation seeds (serve.render).
+CLIP_stop_at_last_layers beyond the model's text encoder (the built-in LDMBert has no layers to skip) is refused in
+a request's override_settings and, as the server-wide option an A1111 client set once, listed as ignored.
 """
 from __future__ import annotations
 
@@ -61,12 +64,24 @@ TXT2IMG_KEYS = frozenset({
     "override_settings_restore_afterwards", "enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps",
     "hr_resize_x", "hr_resize_y", "denoising_strength", "send_images", "save_images"})
 IMG2IMG_KEYS = (TXT2IMG_KEYS - {"enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
-                                "hr_resize_y"}) | {"init_images", "mask", "mask_blur", "inpainting_fill",
-                                                   "inpaint_full_res", "inpainting_mask_invert", "resize_mode",
-                                                   "include_init_images"}
+                                "hr_resize_y"}) | {"init_images", "mask", "mask_blur", "inpainting_mask_invert",
+                                                   "resize_mode", "include_init_images"}
+# img2img keys checked and passed on, but listed as ignored: render's inpainting always starts from the original
+# image (A1111's inpainting_fill 1) over the whole picture (inpaint_full_res false).
 
-# (model, vae) -> (height, width, the model's own sampler's registered name): asked only when a default is needed.
-ModelDefaults = Callable[[str, "str | None"], tuple[int, int, str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFacts:
+    """What parsing needs to know of a model (asked only when a default or a check needs it: it loads the model)."""
+
+    height: int                       # its own image size
+    width: int
+    sampler: str                      # its own sampler's registered name
+    clip_layers: int | None = None    # text encoder layers clip skip can drop (None: not a CLIP, none)
+
+
+ModelDefaults = Callable[[str, "str | None"], ModelFacts]   # (model, vae) -> its facts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,8 +129,8 @@ class Body:
         value = self.raw(key)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or not low <= value <= high:
+        # the range test also refuses NaN and infinities, and compares a huge int without making it a float
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
             raise self.bad(key, f"a finite number in [{low:g}, {high:g}]", value)
         return float(value)
 
@@ -178,12 +193,14 @@ def _common(body: Body, *, options: Options, catalog: Any, settings: ServeSettin
     """The ImageRequest fields txt2img and img2img share, plus "ignored" (keys read and not used)."""
     ignored: list[str] = []
     model, vae, clip_skip = _overrides(body, options, catalog, ignored)
-    known: dict[str, tuple[int, int, str]] = {}
+    known: dict[str, ModelFacts] = {}
 
-    def model_default(i: int) -> Any:
+    def facts() -> ModelFacts:
         if not known:
-            known["v"] = defaults(model, vae)
-        return known["v"][i]
+            known["facts"] = defaults(model, vae)
+        return known["facts"]
+
+    clip_skip = _clip_skip(body, clip_skip, facts, ignored)
 
     prompt = body.text("prompt", "", MAX_PROMPT_CHARS)
     negative = body.text("negative_prompt", "", MAX_PROMPT_CHARS)
@@ -202,9 +219,9 @@ def _common(body: Body, *, options: Options, catalog: Any, settings: ServeSettin
                            expected=f"batch_size x n_iter <= {settings.max_images} (--max-images)",
                            found=f"{batch_size} x {n_iter}")
     images = batch_size * n_iter
-    sampler, schedule = _sampler(body, model_default)
+    sampler, schedule = _sampler(body, facts)
     eta = body.number("eta", None, 0.0, 1.0)
-    if eta is not None and not _has_eta(sampler if sampler is not None else model_default(2)):
+    if eta is not None and not _has_eta(sampler if sampler is not None else facts().sampler):
         eta = None
         ignored.append("eta")
     save_images = body.flag("save_images", False)
@@ -213,8 +230,8 @@ def _common(body: Body, *, options: Options, catalog: Any, settings: ServeSettin
     subseed_strength = body.number("subseed_strength", 0.0, 0.0, 1.0)
     return dict(
         model=model, vae=vae, clip_skip=clip_skip, prompt=prompt, negative_prompt=negative,
-        width=width if width is not None else model_default(1),
-        height=height if height is not None else model_default(0),
+        width=width if width is not None else facts().width,
+        height=height if height is not None else facts().height,
         steps=body.integer("steps", DEFAULT_STEPS, 1, settings.max_steps),
         guidance=body.number("cfg_scale", DEFAULT_CFG_SCALE, 0.0, MAX_CFG_SCALE),
         sampler=sampler, schedule=schedule, eta=eta,
@@ -232,7 +249,7 @@ def _seed(body: Body, key: str, images: int, rng: random.Random | None) -> int:
     return int(value)
 
 
-def _sampler(body: Body, model_default: Callable[[int], Any]) -> tuple[str | None, str | None]:
+def _sampler(body: Body, facts: Callable[[], ModelFacts]) -> tuple[str | None, str | None]:
     """(registered sampler or None = the model's own, schedule or None) from sampler_name / sampler_index /
     scheduler; an unknown name is a 422 listing the accepted ones."""
     name_key = "sampler_name" if body.data.get("sampler_name") not in (None, "") else "sampler_index"
@@ -244,7 +261,8 @@ def _sampler(body: Body, model_default: Callable[[int], Any]) -> tuple[str | Non
         if name is None or not name.strip():
             if scheduler is None:
                 return None, None
-            resolved = resolve_sampler(model_default(2), schedule=scheduler, where=name_key, schedule_where="scheduler")
+            resolved = resolve_sampler(facts().sampler, schedule=scheduler, where=name_key,
+                                       schedule_where="scheduler")
         else:
             resolved = resolve_sampler(name, schedule=scheduler, where=name_key, schedule_where="scheduler")
         check_schedule(resolved.name, resolved.schedule, where="scheduler")
@@ -282,6 +300,24 @@ def _overrides(body: Body, options: Options, catalog: Any, ignored: list[str]) -
 def _last_layer(clip_skip: int | None) -> int | None:
     """A1111's 1 (the last layer) is None, as every other API sends it: the same batch key."""
     return None if clip_skip == 1 else clip_skip
+
+
+def _clip_skip(body: Body, clip_skip: int | None, facts: Callable[[], ModelFacts], ignored: list[str]) -> int | None:
+    """Clip skip beyond the model's text encoder: a 422 when this request's override_settings asks for it, and
+    listed as ignored when it is the server-wide option (set for another model, as A1111 clients do once)."""
+    if clip_skip is None:
+        return None
+    layers = facts().clip_layers
+    if layers is not None and clip_skip <= layers:
+        return clip_skip
+    overrides = body.data.get("override_settings")
+    if isinstance(overrides, dict) and overrides.get("CLIP_stop_at_last_layers") is not None:
+        raise RequestError("clip skip beyond this model's text encoder layers" if layers else
+                           "this model's text encoder has no layers to skip",
+                           field="override_settings.CLIP_stop_at_last_layers",
+                           expected=f"1 .. {layers} (A1111's numbering)" if layers else "1", found=clip_skip)
+    ignored.append("options.CLIP_stop_at_last_layers")
+    return None
 
 
 def option_clip_skip(body: Body, default: int | None) -> int | None:
@@ -329,7 +365,7 @@ def check_lora_tags(text: str, *, catalog: Any, field: str) -> None:
     names = [m.group(1).strip() for m in TAG.finditer(text)]
     if not names:
         return
-    listed = {str(item.get("name")) for item in catalog.loras()} | {str(item.get("alias")) for item in catalog.loras()}
+    listed = {str(item.get(key)) for item in catalog.loras() for key in ("name", "alias")}
     for name in names:
         if name not in listed or any(c in name for c in "/\\\x00") or name in (".", ".."):
             raise RequestError("a <lora:...> tag names no LoRA this server has", field=field,

@@ -128,7 +128,8 @@ def samplers() -> list[dict[str, Any]]:
 
 def schedulers() -> list[dict[str, Any]]:
     """/sdapi/v1/schedulers: A1111's "Schedule type" entries latentdiff implements."""
-    rows = [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False}]
+    rows: list[dict[str, Any]] = [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1,
+                                   "need_inner_model": False}]
     for name, label in A1111_SCHEDULE_LABELS.items():
         rows.append({"name": label.lower(), "label": label, "aliases": [name] if name != label.lower() else None,
                      "default_rho": 7.0 if name == "karras" else 1.0 if name == "exponential" else -1,

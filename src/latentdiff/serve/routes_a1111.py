@@ -5,7 +5,7 @@ to learn its default size), never on the event loop.
 The server-wide A1111 options (`/sdapi/v1/options`) live on `app.state.a1111_options`: sd_model_checkpoint
 switches the catalog's current model (loaded in a thread before the POST answers), CLIP_stop_at_last_layers and
 sd_vae are the defaults of later requests, any other key is stored and echoed (A1111 clients set many), up to
-MAX_OPTIONS keys.
+MAX_OPTIONS keys and MAX_OPTIONS_BYTES of JSON.
 """
 from __future__ import annotations
 
@@ -20,12 +20,13 @@ from starlette.concurrency import run_in_threadpool
 from ..config import parse_json
 from ..version import __version__
 from . import a1111_results
-from .a1111 import Body, Options, img2img_request, option_clip_skip, txt2img_request
+from .a1111 import Body, ModelFacts, Options, img2img_request, option_clip_skip, txt2img_request
 from .a1111_images import png_info
 from .requests import RequestError
 
 router = APIRouter(prefix="/sdapi/v1")
 MAX_OPTIONS = 4096            # keys kept by POST /options
+MAX_OPTIONS_BYTES = 1024**2   # their JSON, all together
 AUTOMATIC = ("Automatic", "None", None)
 
 
@@ -39,6 +40,8 @@ async def read_json(request: Request) -> Any:
         raise RequestError(f"the body is not JSON: {exc.msg} at {exc.pos}", field="body") from None
     except UnicodeDecodeError:
         raise RequestError("the body is not UTF-8 text", field="body", expected="JSON in UTF-8") from None
+    except ValueError as exc:     # an integer of more than 4,300 digits (Python's int parsing bound)
+        raise RequestError(f"the body is not JSON this server reads: {str(exc)[:120]}", field="body") from None
 
 
 def _options(request: Request) -> dict[str, Any]:
@@ -59,12 +62,13 @@ def current_options(request: Request) -> Options:
 
 
 def model_defaults(catalog: Any) -> Any:
-    """(model, vae) -> (height, width, the model's own sampler): read from the loaded pipeline (the catalog loads
-    it once; the engine would load it for the request anyway)."""
-    def defaults(model: str, vae: str | None) -> tuple[int, int, str]:
+    """(model, vae) -> ModelFacts read from the loaded pipeline (the catalog loads it once; the engine would load
+    it for the request anyway)."""
+    def defaults(model: str, vae: str | None) -> ModelFacts:
         pipe = catalog.pipeline(model, vae)
         height, width = pipe.image_size(None, None)
-        return height, width, str(getattr(type(pipe.sampler), "registry_name", "ddim"))
+        return ModelFacts(height, width, str(getattr(type(pipe.sampler), "registry_name", "ddim")),
+                          getattr(getattr(pipe, "text_encoder", None), "clip_skip_layers", None))
 
     return defaults
 
@@ -121,9 +125,11 @@ async def set_options(request: Request) -> None:
         catalog.resolve_vae(vae, field="sd_vae")
     others = {k: v for k, v in body.data.items() if k not in ("sd_model_checkpoint", "CLIP_stop_at_last_layers",
                                                              "sd_vae", "sd_checkpoint_hash")}
-    if len({**store, **others}) > MAX_OPTIONS:
-        raise RequestError("too many options", field="body", expected=f"at most {MAX_OPTIONS} keys in all",
-                           found=len({**store, **others}))
+    merged = {**store, **others}
+    if len(merged) > MAX_OPTIONS or len(json.dumps(merged)) > MAX_OPTIONS_BYTES:
+        raise RequestError("more options than this server keeps", field="body",
+                           expected=f"at most {MAX_OPTIONS} keys and {MAX_OPTIONS_BYTES} bytes of JSON in all",
+                           found=f"{len(merged)} keys, {len(json.dumps(merged))} bytes")
     if model is not None:
         await run_in_threadpool(catalog.set_current, model)
     store.update(others)
