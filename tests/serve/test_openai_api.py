@@ -135,6 +135,21 @@ def test_errors_are_openai_errors(client, arguments, param, code):
     assert error.type == "invalid_request_error" and param in error.message
 
 
+def test_error_messages_name_server_folders_by_their_flag(tmp_path):
+    import json
+
+    from latentdiff.errors import InputError
+    from latentdiff.serve.openai_api import error_response
+    from latentdiff.serve.requests import RequestError
+
+    settings = ServeSettings(models_dir=tmp_path / "models", lora_dirs=(tmp_path / "loras",))
+    for exc in (RequestError(f"cannot read {tmp_path}/models/a.safetensors", field="model"),
+                InputError("no such file", where=f"{tmp_path}/loras/b.safetensors")):
+        body = json.loads(error_response(exc, settings).body)["error"]
+        assert str(tmp_path) not in json.dumps(body)
+        assert "<--models-dir>/a.safetensors" in body["message"] or body["param"] == "<--lora-dir>/b.safetensors"
+
+
 def test_malformed_json_is_a_400(url):
     answer = httpx.post(url + "/v1/images/generations", content=b"{not json",
                         headers={"content-type": "application/json"})

@@ -11,7 +11,6 @@ import base64
 import binascii
 import hmac
 import json
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -21,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import LatentDiffError
 from ..version import __version__
-from .requests import RequestError
+from .requests import RequestError, redact
 from .settings import ServeSettings
 
 
@@ -37,27 +36,6 @@ def error_body(exc: LatentDiffError, settings: ServeSettings | None = None) -> d
     if field is not None:
         body["field"] = field
     return {key: redact(value, settings) if isinstance(value, str) else value for key, value in body.items()}
-
-
-def server_folders(settings: ServeSettings | None) -> list[tuple[str, str]]:
-    """(path, what a client is told instead), longest paths first: the folders of the flags, the package, home."""
-    import latentdiff
-
-    pairs = [(str(Path(latentdiff.__file__).resolve().parent), "<latentdiff>"), (str(Path.home()), "~")]
-    if settings is not None:
-        pairs += [(str(d), "<--lora-dir>") for d in settings.lora_dirs]
-        for flag, folder in (("--models-dir", settings.models_dir), ("--vae-dir", settings.vae_dir),
-                             ("--embeddings-dir", settings.embeddings_dir), ("--outputs-dir", settings.outputs_dir)):
-            if folder is not None:
-                pairs.append((str(folder), f"<{flag}>"))
-    return sorted(((path, name) for path, name in pairs if len(path) > 1), key=lambda pair: -len(pair[0]))
-
-
-def redact(text: str, settings: ServeSettings | None) -> str:
-    """`text` without the server's own paths: a client learns which flag's folder, never where it is."""
-    for path, name in server_folders(settings):
-        text = text.replace(path, name)
-    return text
 
 
 class BodyLimit:

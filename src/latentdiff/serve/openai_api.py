@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException
 from ..errors import LatentDiffError
 from ..utils.images import png_bytes
 from .a1111 import DEFAULT_CFG_SCALE, DEFAULT_STEPS, MAX_CFG_SCALE, MAX_SEED, RANDOM_SEEDS, check_lora_tags
-from .requests import ImageRequest, JobResult, RequestError
+from .requests import ImageRequest, JobResult, RequestError, redact
 
 IGNORED = ("quality", "style", "user", "background", "output_format", "output_compression", "moderation",
            "partial_images", "stream")           # OpenAI's settings accepted and not used (stream: only false)
@@ -65,15 +65,17 @@ def openai_error(status: int, message: str, *, param: str | None = None, code: s
                         status_code=status)
 
 
-def error_response(exc: Exception) -> JSONResponse:
-    """A latentdiff error, an HTTP error or a malformed body as OpenAI's error JSON. A request problem is a 400
-    (OpenAI's status for a bad parameter; A1111 routes answer 422), a full queue 503 (the client retries)."""
+def error_response(exc: Exception, settings: Any = None) -> JSONResponse:
+    """A latentdiff error, an HTTP error or a malformed body as OpenAI's error JSON, the server's folders named by
+    their flag, never their path (`redact`). A request problem is a 400 (OpenAI's status for a bad parameter; A1111
+    routes answer 422), a full queue 503 (the client retries)."""
     if isinstance(exc, RequestError):
         status = 400 if exc.status == 422 else exc.status
         code = getattr(exc, "openai_code", None) or ("invalid_value" if status == 400 else "server_busy")
-        return openai_error(status, str(exc), param=exc.field, code=code)
+        return openai_error(status, redact(str(exc), settings), param=exc.field, code=code)
     if isinstance(exc, LatentDiffError):   # a setting the pipeline refused (a size not a multiple of its factor)
-        return openai_error(400, str(exc), param=None if exc.where is None else str(exc.where), code="invalid_value")
+        where = None if exc.where is None else redact(str(exc.where), settings)
+        return openai_error(400, redact(str(exc), settings), param=where, code="invalid_value")
     if isinstance(exc, HTTPException):
         return openai_error(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
     if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError)):
@@ -91,7 +93,7 @@ class OpenAIRoute(APIRoute):
             try:
                 return await handler(request)
             except (LatentDiffError, HTTPException, json.JSONDecodeError, UnicodeDecodeError) as exc:
-                return error_response(exc)
+                return error_response(exc, getattr(request.app.state, "settings", None))
 
         return handle
 

@@ -7,10 +7,12 @@ A1111's seeds: image i (0-based, over batch_size x n_iter) has the seed `seed + 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from ..adapters.tags import TAG
 from ..errors import InputError
+from .settings import ServeSettings
 
 
 class RequestError(InputError):
@@ -129,3 +131,25 @@ class JobResult:
     images: list[GeneratedImage]
     interrupted: bool = False       # stopped by /interrupt (the images are the partly denoised ones, as A1111)
     skipped: int = 0                # units skipped by /skip
+
+
+# ---- what error messages may show (app.py's A1111-style errors, openai_api.py's OpenAI-style ones) ----------------
+def server_folders(settings: ServeSettings | None) -> list[tuple[str, str]]:
+    """(path, what a client is told instead), longest paths first: the folders of the flags, the package, home."""
+    import latentdiff
+
+    pairs = [(str(Path(latentdiff.__file__).resolve().parent), "<latentdiff>"), (str(Path.home()), "~")]
+    if settings is not None:
+        pairs += [(str(d), "<--lora-dir>") for d in settings.lora_dirs]
+        for flag, folder in (("--models-dir", settings.models_dir), ("--vae-dir", settings.vae_dir),
+                             ("--embeddings-dir", settings.embeddings_dir), ("--outputs-dir", settings.outputs_dir)):
+            if folder is not None:
+                pairs.append((str(folder), f"<{flag}>"))
+    return sorted(((path, name) for path, name in pairs if len(path) > 1), key=lambda pair: -len(pair[0]))
+
+
+def redact(text: str, settings: ServeSettings | None) -> str:
+    """`text` without the server's own paths: a client learns which flag's folder, never where it is."""
+    for path, name in server_folders(settings):
+        text = text.replace(path, name)
+    return text
