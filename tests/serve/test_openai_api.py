@@ -23,8 +23,19 @@ STEPS, GUIDANCE = 5, 2.0
 
 
 @pytest.fixture(scope="module")
-def url():
-    with running_server(ServeSettings(max_batch=1, max_steps=30)) as base:
+def loras(tmp_path_factory, pipe):
+    from safetensors.torch import save_file
+
+    from tests._support.lora import kohya, targets
+
+    folder = tmp_path_factory.mktemp("loras")
+    save_file(kohya(targets(pipe.unet), seed=1), folder / "detail.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def url(loras):
+    with running_server(ServeSettings(max_batch=1, max_steps=30, lora_dirs=(loras,))) as base:
         yield base
 
 
@@ -40,7 +51,7 @@ def pipe():
     return LatentDiffusionPipeline.from_pretrained(MODEL)
 
 
-def reference(pipe, seed, *, sampler=None):
+def reference(pipe, seed, *, sampler=None, prompt=PROMPT, lora_dirs=None):
     """The image the Python API gives for `seed` (the server's settings, one image per call)."""
     from latentdiff.diffusion.samplers.names import sampler_from_name
 
@@ -48,8 +59,9 @@ def reference(pipe, seed, *, sampler=None):
     if sampler is not None:
         pipe.sampler = sampler_from_name(sampler, base=base)
     try:
-        image = pipe(PROMPT, negative_prompt=NEGATIVE, height=64, width=64, num_inference_steps=STEPS,
-                     guidance_scale=GUIDANCE, generator=[torch.Generator().manual_seed(seed)]).images[0]
+        image = pipe(prompt, negative_prompt=NEGATIVE, height=64, width=64, num_inference_steps=STEPS,
+                     guidance_scale=GUIDANCE, generator=[torch.Generator().manual_seed(seed)],
+                     lora_dirs=lora_dirs).images[0]
     finally:
         pipe.sampler = base
     return np.asarray(image.convert("RGB"))
@@ -88,6 +100,16 @@ def test_a1111_sampler_name_and_the_default_model(client, pipe):
                                   reference(pipe, 5, sampler="Euler a"))
     assert "Sampler: Euler a" in Image.open(io.BytesIO(base64.b64decode(response.data[0].b64_json))).text[
         "parameters"]
+
+
+def test_a_lora_tag_in_the_prompt(client, pipe, loras):
+    """`<lora:NAME:W>` as A1111 clients write it: the Python API's image with that LoRA; no server path in the PNG."""
+    prompt = f"{PROMPT} <lora:detail:0.8>"
+    png = base64.b64decode(client.images.generate(prompt=prompt, size="64x64", extra_body=extras(9)).data[0].b64_json)
+    expected = reference(pipe, 9, prompt=prompt, lora_dirs=[loras])
+    np.testing.assert_array_equal(pixels(png), expected)
+    assert not np.array_equal(expected, reference(pipe, 9))   # the LoRA changes the image
+    assert str(loras) not in png.decode("latin-1") and "detail" in Image.open(io.BytesIO(png)).text["parameters"]
 
 
 def test_url_format_serves_the_png(client, url, pipe):

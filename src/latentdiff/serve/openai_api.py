@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException
 from ..errors import LatentDiffError
 from ..utils.images import png_bytes
 from .a1111 import DEFAULT_CFG_SCALE, DEFAULT_STEPS, MAX_CFG_SCALE, MAX_SEED, RANDOM_SEEDS, check_lora_tags
+from .a1111_images import public_params
 from .requests import ImageRequest, JobResult, RequestError, redact
 
 IGNORED = ("quality", "style", "user", "background", "output_format", "output_compression", "moderation",
@@ -257,7 +258,7 @@ async def generations(http_request: Request) -> JSONResponse:
     request, response_format = await image_request(body, http_request.app.state.catalog)
     result: JobResult = await http_request.app.state.engine.generate(
         request, is_disconnected=http_request.is_disconnected)
-    pngs = await asyncio.to_thread(lambda: [png_bytes(g.image, g.params) for g in result.images])
+    pngs = await asyncio.to_thread(lambda: [png_bytes(g.image, public_params(g.params)) for g in result.images])
     data: list[dict[str, Any]] = []
     for png in pngs:
         if response_format == "url":
