@@ -136,9 +136,8 @@ class JobResult:
 # ---- what error messages may show (app.py's A1111-style errors, openai_api.py's OpenAI-style ones) ----------------
 def server_folders(settings: ServeSettings | None) -> list[tuple[str, str]]:
     """(path, what a client is told instead), longest paths first: the folders of the flags, the package, home."""
-    import latentdiff
-
-    pairs = [(str(Path(latentdiff.__file__).resolve().parent), "<latentdiff>"), (str(Path.home()), "~")]
+    package = Path(__file__).resolve().parents[1]    # src/latentdiff (or site-packages/latentdiff)
+    pairs = [(str(package), "<latentdiff>"), (str(Path.home()), "~")]
     if settings is not None:
         pairs += [(str(d), "<--lora-dir>") for d in settings.lora_dirs]
         for flag, folder in (("--models-dir", settings.models_dir), ("--vae-dir", settings.vae_dir),
