@@ -63,8 +63,11 @@ def _children(folder: Path | None) -> list[tuple[str, Path]]:
             continue
         found.append((child.name, child))
         if child.is_dir() and not (child / "model_index.json").is_file():
-            found += [(f"{child.name}/{sub.name}", sub) for sub in sorted(child.iterdir())
-                      if not sub.name.startswith(".")]
+            try:
+                found += [(f"{child.name}/{sub.name}", sub) for sub in sorted(child.iterdir())
+                          if not sub.name.startswith(".")]
+            except OSError:         # a sub-folder this process may not read: not listed
+                continue
     return found
 
 
@@ -252,7 +255,7 @@ class ModelCatalog:
             entries = list(self._checkpoints.values())
         items = []
         for entry in entries:
-            sha = self._facts.sha256(entry.path) if entry.is_file else None   # type: ignore[arg-type]
+            sha = self._sha256(entry)
             short = sha[:10] if sha else None
             items.append({"title": f"{entry.name} [{short}]" if short else entry.name,
                           "model_name": _model_name(entry.name), "hash": short, "sha256": sha,
@@ -300,11 +303,20 @@ class ModelCatalog:
         if entry is None:
             raise _unknown("checkpoint", name, names, field=field)
         if match is not None:
-            sha = self._facts.sha256(entry.path) if entry.is_file else None   # type: ignore[arg-type]
+            sha = self._sha256(entry)
             if sha is None or sha[:10] != match["hash"]:
                 raise RequestError("the checkpoint's hash differs from the title's", field=field,
                                    expected=f"{entry.name} [{sha[:10]}]" if sha else entry.name, found=name)
         return entry.name
+
+    def _sha256(self, entry: Entry) -> str | None:
+        """A single file's sha256 (None for a folder, a Hub id, or a file gone or unreadable since the scan)."""
+        if entry.path is None or not entry.is_file:
+            return None
+        try:
+            return self._facts.sha256(entry.path)
+        except OSError:
+            return None
 
     def resolve_vae(self, name: str | None, *, field: str) -> str | None:
         """None for the model's own autoencoder (None, "", "Automatic", "None"), else a listed VAE's name."""
