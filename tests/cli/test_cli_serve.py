@@ -71,7 +71,8 @@ def test_the_command_serves_the_built_in_model_offline(tmp_path):
                 break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"the server did not start: {server.stdout.read() if server.stdout else ''}") from None
+                    output = server.stdout.read() if server.stdout else ""
+                    raise AssertionError(f"the server did not start: {output}") from None
                 time.sleep(0.3)
         assert any("shapes-64" in m["title"] for m in models)
         body = json.dumps({"prompt": "a red circle", "steps": 4, "seed": 3}).encode()
