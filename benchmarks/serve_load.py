@@ -179,14 +179,15 @@ def run_clients(url: str, seeds: list[int], *, clients: int, steps: int, disconn
 
 def interrupter(url: str, stop: threading.Event, rng: random.Random, counts: dict[str, int]) -> None:
     """Post /interrupt (and every third time /skip) at random intervals until stopped."""
+    sent = 0
     while not stop.wait(rng.uniform(0.3, 1.0)):
-        route = "skip" if counts["interrupt"] % 3 == 2 else "interrupt"
+        route = "skip" if sent % 3 == 2 else "interrupt"
+        sent += 1
         try:
             ok = requests.post(f"{url}/sdapi/v1/{route}", timeout=10).status_code == 200
         except requests.RequestException:
             ok = False
         counts[route if ok else "failed"] += 1
-        counts["interrupt"] += route == "interrupt"
 
 
 # ---- checks ---------------------------------------------------------------------------------------------
@@ -276,10 +277,10 @@ def chaos(url: str, pid: int, args: Any, seeds: list[int], reference: dict[int, 
     wait_idle(url)
     before = memory_mb(pid)
     memory = tables["memory"]
-    memory.add("after phase 2 (steady state)", f"{before['VmRSS']:.0f}", f"{before['VmHWM']:.0f}", "-",
+    memory.add("after phases 1-2 (steady state)", f"{before['VmRSS']:.0f}", f"{before['VmHWM']:.0f}", "-",
                data=dict(what="before", **before))
     for round_no in range(1, args.rounds + 1):
-        counts = {"interrupt": 0, "skip": 0, "failed": 0}
+        counts = {"interrupt": 0, "skip": 0, "failed": 0}      # answered 200; failed: any other answer
         stop = threading.Event()
         thread = threading.Thread(target=interrupter, args=(url, stop, rng, counts))
         thread.start()
@@ -292,15 +293,18 @@ def chaos(url: str, pid: int, args: Any, seeds: list[int], reference: dict[int, 
         final_ok = final.status == "ok" and np.array_equal(final.pixels, reference[seeds[0]])
         after = memory_mb(pid)
         statuses = {s: sum(a.status == s for a in answers) for s in sorted({a.status for a in answers})}
-        tables["chaos"].add(round_no, len(answers), statuses.get("ok", 0), statuses.get("disconnected", 0),
+        cut = sum(a.status == "ok" and not np.array_equal(a.pixels, reference[a.seed]) for a in answers)
+        wrong = sum(a.status == "ok" and a.got_seed != a.seed for a in answers)
+        tables["chaos"].add(round_no, len(answers), statuses.get("ok", 0), cut, statuses.get("disconnected", 0),
                             ", ".join(f"{k}: {v}" for k, v in statuses.items() if k not in ("ok", "disconnected"))
                             or "-", f"{counts['interrupt']} / {counts['skip']}", f"{wall:.1f} s",
                             "yes" if final_ok else f"NO ({final.status})",
-                            data=dict(round=round_no, statuses=statuses, wall_s=wall, final_ok=final_ok, **counts))
+                            data=dict(round=round_no, statuses=statuses, wall_s=wall, final_ok=final_ok,
+                                      ok_but_cut_short=cut, wrong_seed=wrong, **counts))
         memory.add(f"after round {round_no}", f"{after['VmRSS']:.0f}", f"{after['VmHWM']:.0f}",
                    f"{after['VmRSS'] - before['VmRSS']:+.0f}", data=dict(what=f"round {round_no}", **after))
         errors = [s for s in statuses if s.startswith("error") or s in ("http 500", "http 502")]
-        if not final_ok or errors or counts["failed"]:
+        if not final_ok or errors or wrong or counts["failed"]:
             args.failures.append(f"phase 3 round {round_no}")
 
 
@@ -331,7 +335,8 @@ def main() -> int:
                               ["client", "requests", "answered", "wall", "images/s", "vs sequential", "p50", "p95"]),
         "checks": common.Table("Correctness (phase 2 against phase 1)", ["check", "result"]),
         "chaos": common.Table("Hang-ups, interrupts and skips (phase 3)",
-                              ["round", "requests", "ok", "hung up", "other", "interrupts / skips", "wall",
+                              ["round", "requests", "ok", "of which cut short", "hung up", "other",
+                               "interrupts / skips", "wall",
                                "final request = sequential image"]),
         "memory": common.Table("Server memory (MB)", ["when", "RSS", "peak RSS (VmHWM)", "RSS change"]),
     }
@@ -342,6 +347,9 @@ def main() -> int:
     print(f"- machine: {common.cpu_model()}, {os.cpu_count()} cores; server threads: "
           f"{args.threads or 'torch default'}; load average at start: {common.load()}\n", flush=True)
     proc, url = start_server(args)
+    started = memory_mb(proc.pid)
+    tables["memory"].add("after start", f"{started['VmRSS']:.0f}", f"{started['VmHWM']:.0f}", "-",
+                         data=dict(what="start", **started))
     try:
         reference = sequential_and_concurrent(url, args, seeds, tables)
         chaos(url, proc.pid, args, seeds, reference, tables)
