@@ -103,6 +103,15 @@ def test_bad_batches_are_refused_by_name(predictor, batch, message):
         predictor(batch)
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"dtype": "float8"}, "unknown dtype"), ({"model": "/no/such/folder"}, "no such model"),
+    ({"seed": -3}, "0 <= seed"),
+], ids=["dtype", "model", "seed"])
+def test_bad_options_are_refused_before_loading(options, message):
+    with pytest.raises(InputError, match=message):
+        LatentDiffusionPredictor(**options)
+
+
 def test_missing_ray_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)     # `import ray` raises ImportError
     with pytest.raises(ConfigError, match=r'pip install "latentdiff\[ray\]"'):
@@ -158,11 +167,15 @@ def test_example_rows_are_the_python_api_images(local_ray, example, pipe, tmp_pa
     assert len(list((tmp_path / "png").iterdir())) == 4
 
 
-def test_batched_rows_within_one_level(local_ray, example, pipe, tmp_path):
-    """batch_images=True (one call per Ray batch of 4): each image within 1/255 of its seed's image alone."""
-    images = example.generate(tmp_path, count=5, steps=STEPS, seed=70, batch_size=4)
+def test_batched_rows_within_one_level(local_ray, pipe, tmp_path):
+    """generate_dataset, batch_images=True (one call per Ray batch of up to 4 rows): each image within 1/255 of its
+    seed's image alone; the Parquet files hold the same rows."""
+    prompts = PROMPTS + PROMPTS[:2]
+    images = ray_integration.generate_dataset(prompts, output=tmp_path / "parquet", seed=70, batch_size=4,
+                                              steps=STEPS)
     rows = sorted(images.take_all(), key=lambda row: row["id"])
-    assert [row["seed"] for row in rows] == list(range(70, 75))
+    assert [(row["prompt"], row["seed"]) for row in rows] == [(p, 70 + i) for i, p in enumerate(prompts)]
+    assert [row["image"] for row in read_rows(tmp_path / "parquet")] == [row["image"] for row in rows]
     differing = 0
     for row in rows:
         diff = np.abs(pixels(row["image"]).astype(int) - reference(pipe, row["prompt"], row["seed"]).astype(int))
@@ -170,7 +183,7 @@ def test_batched_rows_within_one_level(local_ray, example, pipe, tmp_path):
         differing += int((diff > 0).sum())
     batches = [recorded(row["image"])["batch"] for row in rows]
     assert max(batches) > 1, batches     # some rows were made together
-    print(f"{differing} pixel values of {5 * 64 * 64 * 3} off by one")
+    print(f"{differing} pixel values of {len(rows) * 64 * 64 * 3} off by one")
 
 
 def test_a_missing_column_fails_the_ray_job_with_the_message(local_ray):

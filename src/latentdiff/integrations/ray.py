@@ -78,8 +78,16 @@ def actor_device() -> str:
 
 
 class LatentDiffusionPredictor:
-    """One pipeline per Ray actor; `__call__` maps a batch of rows (prompt, ...) to their images. See the module
-    docstring for the columns; every option is keyword-only and is the default of the per-row columns."""
+    """One pipeline per Ray actor; `__call__` maps a batch of rows (prompt, ...) to their images (the columns: see
+    the module docstring).
+
+    model: a built-in name, a pipeline folder, a Hub id or a single .safetensors/.ckpt file (as `latentdiff
+    generate --model`); steps, guidance_scale, negative_prompt, height, width: the defaults of the per-row columns
+    (None: the model folder's latentdiff_generate.json, else the pipeline's own); sampler: a registered latentdiff
+    sampler name (None: as the model folder says); seed: the base seed of rows without a seed; device: None = the
+    GPU Ray gave this actor, else the CPU; dtype: float32 | float16 | bfloat16; batch_images: one pipeline call for
+    the compatible rows of a batch (False: one call per row, bit-identical to the Python API); output_dir: also
+    write each PNG there."""
 
     def __init__(self, model: str = DEFAULT_MODEL, *, steps: int | None = None, guidance_scale: float | None = None,
                  negative_prompt: str | None = None, height: int | None = None, width: int | None = None,
@@ -91,12 +99,16 @@ class LatentDiffusionPredictor:
         from ..diffusion.samplers import switch_sampler
         from ..pipelines.latent_diffusion import LatentDiffusionPipeline
 
+        check_seed(seed, where="seed")
         try:
             source = locate_model(model)
         except UsageError as e:     # its messages name the CLI's --model flag
             raise InputError(e.message, where="model", expected=e.expected, found=e.found) from None
+        torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else None
+        if not isinstance(torch_dtype, torch.dtype):
+            raise InputError("unknown dtype", where="dtype", expected="float32, float16 or bfloat16", found=dtype)
         self.device = device or actor_device()
-        load = {"torch_dtype": getattr(torch, dtype), "device": self.device}
+        load = {"torch_dtype": torch_dtype, "device": self.device}
         where = source.name if source.kind == "hub" else source.path
         self.pipe: Any      # a LatentDiffusionPipeline (or the subclass a single file makes)
         if source.kind == "single_file":
@@ -110,7 +122,6 @@ class LatentDiffusionPredictor:
             "steps": int(steps or stored.get("steps") or 50),
             "guidance_scale": float(guidance_scale if guidance_scale is not None else stored.get("guidance", 7.5)),
             "height": height or stored.get("height"), "width": width or stored.get("width")}
-        check_seed(seed, where="seed")
         self.model, self.dtype, self.base_seed, self.id_column = source.name, dtype, seed, id_column
         self.batch_images = batch_images
         self.output_dir = None if output_dir is None else Path(output_dir)
