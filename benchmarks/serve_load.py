@@ -50,7 +50,8 @@ SERVER = """
 import sys, uvicorn
 from latentdiff.serve.app import create_app
 from latentdiff.serve.settings import ServeSettings
-settings = ServeSettings(host="127.0.0.1", port={port}, max_batch={max_batch}, max_queue={max_queue})
+settings = ServeSettings(host="127.0.0.1", port={port}, max_batch={max_batch}, max_queue={max_queue},
+                         device={device!r})
 uvicorn.run(create_app(settings), host="127.0.0.1", port={port}, log_level="warning")
 """
 
@@ -81,7 +82,8 @@ def free_port() -> int:
 def start_server(args: Any) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
-    code = SERVER.format(port=port, max_batch=args.max_batch, max_queue=max(256, 2 * args.clients * args.requests))
+    code = SERVER.format(port=port, max_batch=args.max_batch, max_queue=max(256, 2 * args.clients * args.requests),
+                         device=common.device_of(args))
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=str(common.REPO), env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -213,13 +215,13 @@ def compare(answers: list[Answer], reference: dict[int, np.ndarray], seeds: list
     return result
 
 
-def python_api_check(reference: dict[int, np.ndarray], steps: int, count: int) -> tuple[int, int]:
+def python_api_check(reference: dict[int, np.ndarray], steps: int, count: int, device: str) -> tuple[int, int]:
     """How many of the first `count` sequential images equal the Python API's for their seed, bit for bit."""
     import torch
 
     from latentdiff import LatentDiffusionPipeline
 
-    pipe = LatentDiffusionPipeline.from_pretrained("latentdiff/shapes-64")
+    pipe = LatentDiffusionPipeline.from_pretrained("latentdiff/shapes-64", device=device)
     same = 0
     for seed in sorted(reference)[:count]:
         image = pipe(PROMPTS[seed % len(PROMPTS)], negative_prompt="", num_inference_steps=steps,
@@ -264,7 +266,7 @@ def sequential_and_concurrent(url: str, args: Any, seeds: list[int],
     base = throughput_row(speed, "1 client, sequential", sequential, seq_wall, None)
     throughput_row(speed, f"{args.clients} clients x {args.requests}, concurrent", concurrent, wall, base)
     result = compare(concurrent, reference, seeds)
-    same, checked = python_api_check(reference, args.steps, args.api_checks)
+    same, checked = python_api_check(reference, args.steps, args.api_checks, common.device_of(args))
     checks = tables["checks"]
     checks.add("answered / sent", f"{result['answered']} / {result['sent']}", data=result)
     checks.add("lost / duplicated / answered with another seed",
@@ -320,6 +322,27 @@ def chaos(url: str, pid: int, args: Any, seeds: list[int], reference: dict[int, 
             args.failures.append(f"phase 3 round {round_no}")
 
 
+def make_tables() -> dict[str, common.Table]:
+    return {
+        "speed": common.Table("Throughput and latency (phases 1-2)",
+                              ["client", "requests", "answered", "wall", "images/s", "vs sequential", "p50", "p95"]),
+        "checks": common.Table("Correctness (phase 2 against phase 1)", ["check", "result"]),
+        "chaos": common.Table("Hang-ups, interrupts and skips (phase 3)",
+                              ["round", "requests", "ok", "of which cut short (differ by > 1/255)", "hung up", "other",
+                               "interrupts / skips", "wall",
+                               "final request = sequential image"]),
+        "memory": common.Table("Server memory (MB)", ["when", "RSS", "peak RSS (VmHWM)", "RSS change"]),
+    }
+
+
+def versions() -> str:
+    import platform
+    from importlib.metadata import version
+
+    return ", ".join([f"python {platform.python_version()}"] + [f"{name} {version(name)}" for name in
+                                                                  ("torch", "latentdiff", "fastapi", "uvicorn")])
+
+
 def main() -> int:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=None, help="concurrent clients (default 16; --quick 4)")
@@ -342,22 +365,14 @@ def main() -> int:
 
         torch.set_num_threads(args.threads)
     seeds = list(range(args.seed, args.seed + args.clients * args.requests))
-    tables = {
-        "speed": common.Table("Throughput and latency (phases 1-2)",
-                              ["client", "requests", "answered", "wall", "images/s", "vs sequential", "p50", "p95"]),
-        "checks": common.Table("Correctness (phase 2 against phase 1)", ["check", "result"]),
-        "chaos": common.Table("Hang-ups, interrupts and skips (phase 3)",
-                              ["round", "requests", "ok", "of which cut short (differ by > 1/255)", "hung up", "other",
-                               "interrupts / skips", "wall",
-                               "final request = sequential image"]),
-        "memory": common.Table("Server memory (MB)", ["when", "RSS", "peak RSS (VmHWM)", "RSS change"]),
-    }
+    tables = make_tables()
     print("## latentdiff serve under load (benchmarks/serve_load.py)\n")
     print(f"- mode: {'quick' if quick else 'full'}; {args.clients} clients x {args.requests} requests, "
           f"{args.steps} steps, {SIZE} px, latentdiff/shapes-64, server --max-batch {args.max_batch}; "
           f"{args.rounds} chaos round(s), {args.disconnect:.0%} hang-ups")
-    print(f"- machine: {common.cpu_model()}, {os.cpu_count()} cores; server threads: "
-          f"{args.threads or 'torch default'}; load average at start: {common.load()}\n", flush=True)
+    print(f"- machine: {common.cpu_model()}, {os.cpu_count()} cores; device {common.device_of(args)}; server threads: "
+          f"{args.threads or 'torch default'}; load average at start: {common.load()}", flush=True)
+    print(f"- {versions()}; date {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n", flush=True)
     proc, url = start_server(args)
     started = memory_mb(proc.pid)
     tables["memory"].add("after start", f"{started['VmRSS']:.0f}", f"{started['VmHWM']:.0f}", "-",
