@@ -297,11 +297,13 @@ def chaos(url: str, pid: int, args: Any, seeds: list[int], reference: dict[int, 
         counts = {"interrupt": 0, "skip": 0, "failed": 0}      # answered 200; failed: any other answer
         stop = threading.Event()
         thread = threading.Thread(target=interrupter, args=(url, stop, rng, counts))
-        thread.start()
+        if not args.no_interrupts:
+            thread.start()
         answers, wall = run_clients(url, seeds, clients=args.clients, steps=args.steps, disconnect=args.disconnect,
                                     rng=rng)
         stop.set()
-        thread.join()
+        if thread.is_alive():
+            thread.join()
         wait_idle(url)
         final = post(requests.Session(), url, seeds[0], args.steps)
         final_ok = final.status == "ok" and np.array_equal(final.pixels, reference[seeds[0]])
@@ -351,6 +353,8 @@ def main() -> int:
     p.add_argument("--max-batch", type=int, default=4, help="the server's --max-batch")
     p.add_argument("--rounds", type=int, default=None, help="disconnect/interrupt rounds (default 2; --quick 1)")
     p.add_argument("--disconnect", type=float, default=0.3, help="fraction of requests that hang up mid-request")
+    p.add_argument("--no-interrupts", action="store_true",
+                   help="phase 3 without interrupts and skips (with --disconnect 0: a control for the RSS trend)")
     p.add_argument("--api-checks", type=int, default=8, help="sequential images checked against the Python API")
     p.add_argument("--seed", type=int, default=1000, help="first request seed (and the random plan's seed)")
     args = p.parse_args()
@@ -369,7 +373,8 @@ def main() -> int:
     print("## latentdiff serve under load (benchmarks/serve_load.py)\n")
     print(f"- mode: {'quick' if quick else 'full'}; {args.clients} clients x {args.requests} requests, "
           f"{args.steps} steps, {SIZE} px, latentdiff/shapes-64, server --max-batch {args.max_batch}; "
-          f"{args.rounds} chaos round(s), {args.disconnect:.0%} hang-ups")
+          f"{args.rounds} chaos round(s), {args.disconnect:.0%} hang-ups, "
+          f"{'no interrupts' if args.no_interrupts else 'interrupts and skips every 0.5-2 s'}")
     print(f"- machine: {common.cpu_model()}, {os.cpu_count()} cores; device {common.device_of(args)}; server threads: "
           f"{args.threads or 'torch default'}; load average at start: {common.load()}", flush=True)
     print(f"- {versions()}; date {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n", flush=True)
