@@ -108,7 +108,7 @@ class LatentDiffusionPredictor:
         if not isinstance(torch_dtype, torch.dtype):
             raise InputError("unknown dtype", where="dtype", expected="float32, float16 or bfloat16", found=dtype)
         self.device = device or actor_device()
-        load = {"torch_dtype": torch_dtype, "device": self.device}
+        load: dict[str, Any] = {"torch_dtype": torch_dtype, "device": self.device}
         where = source.name if source.kind == "hub" else source.path
         self.pipe: Any      # a LatentDiffusionPipeline (or the subclass a single file makes)
         if source.kind == "single_file":
