@@ -7,7 +7,8 @@
     render.py     render(pipe, units): the pipeline calls that make a batch of units' images
     preview.py    LatentPreview: a cheap latent -> RGB projection for the live preview
     engine.py     Engine: the queue, the batching worker, progress, interrupt / skip / cancel
-    a1111.py      A1111 JSON <-> ImageRequest / results; routes_a1111.py its routes
+    a1111.py      A1111 JSON -> ImageRequest; a1111_images.py base64 images in and PNGs out (no server paths);
+                  a1111_results.py the {images, parameters, info} answers and the lists; routes_a1111.py its routes
     openai_api.py OpenAI's images endpoint and /v1/models
     app.py        create_app(settings): the FastAPI app (auth, body limits, errors as 422 JSON, the page)
     web/          the page served at / (plain HTML + JS, no build step)
