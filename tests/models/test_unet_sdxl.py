@@ -229,10 +229,11 @@ def _bad_added_cond(added):
         ({**added, "text_embeds": added["text_embeds"].long()}, "added_cond['text_embeds']"),
         ({**added, "time_ids": added["time_ids"] > 0}, "added_cond['time_ids']"),
         ({**added, "time_ids": [[1024, 1024, 0, 0, 1024, 1024]] * 2}, "added_cond['time_ids']"),
+        ({**added, "image_embeds": added["text_embeds"]}, "added_cond['image_embeds']"),
     ]
 
 
-@pytest.mark.parametrize("case", range(11))
+@pytest.mark.parametrize("case", range(12))
 def test_bad_added_cond_names_what_and_expected(base, case):
     x, t, context, added = inputs(TINY_BASE)
     bad, where = _bad_added_cond(added)[case]

@@ -364,6 +364,11 @@ class UNet2DConditional(ModelMixin[UNetConfig]):
         if missing:
             raise InputError(f"added_cond lacks {', '.join(missing)}", where=f"added_cond[{missing[0]!r}]",
                              expected=expected, found=describe_cond(added_cond))
+        unknown = sorted(str(key) for key in added_cond if key not in TEXT_TIME_KEYS)
+        if unknown:  # e.g. IP-Adapter's image_embeds, or a misspelt key: not silently ignored
+            raise InputError(f"added_cond has entries this UNet does not read: {', '.join(unknown)}",
+                             where=f"added_cond[{unknown[0]!r}]", expected=expected,
+                             found=describe_cond(added_cond))
         text, ids = added_cond["text_embeds"], added_cond["time_ids"]
         for key, value in (("text_embeds", text), ("time_ids", ids)):
             if not (isinstance(value, torch.Tensor) and value.ndim == 2 and value.shape[0] == batch):
