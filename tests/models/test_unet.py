@@ -214,7 +214,8 @@ def test_sample_size_pair_and_unet_res_aliases():
 
 BAD_FILE_CONFIGS = [
     (tiny(not_a_key=1), "not_a_key"),
-    (tiny(addition_embed_type="text_time"), "addition_embed_type"),
+    (tiny(addition_embed_type="text_image"), "addition_embed_type"),
+    (tiny(addition_embed_type="text_time"), "addition_time_embed_dim"),  # text_time needs its widths
     (tiny(class_embed_type="timestep"), "class_embed_type"),
     (tiny(act_fn="gelu"), "act_fn"),
     (tiny(only_cross_attention=[True, False]), "only_cross_attention"),

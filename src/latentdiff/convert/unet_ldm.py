@@ -222,6 +222,11 @@ class UNetArch:
     @classmethod
     def from_config(cls, config: UNetConfig | UNet2DConfig, **foreign: Any) -> UNetArch:
         """The layout of latentdiff's UNet for `config` (`foreign`: what `foreign_keys` names, as fields)."""
+        if isinstance(config, UNetConfig) and config.addition_embed_type is not None:
+            # SDXL's label_emb.0.0 / .0.2: the original layout of the text_time embedding is not mapped yet
+            raise CheckpointError("the original single-file layout of a UNet with a text_time embedding (SDXL) "
+                                  "is not supported yet: save it as a diffusers folder",
+                                  where="addition_embed_type", expected=None, found=config.addition_embed_type)
         n = len(config.channels)
         common: dict[str, Any] = dict(
             in_channels=config.in_channels, out_channels=config.out_channels, channels=config.channels,

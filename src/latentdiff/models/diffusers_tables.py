@@ -102,7 +102,21 @@ def _read_unet_conditional(d: Mapping[str, Any], source: str | None) -> dict[str
         "transformer_depth": per_level(d, "transformer_layers_per_block", n, source),
         "cross_attention_dim": _cross_attention_dim(d["cross_attention_dim"], n, source),
         "mid_block": mid[d["mid_block_type"]],
+        **_read_addition_embed(d, source),
     }
+
+
+def _read_addition_embed(d: Mapping[str, Any], source: str | None) -> dict[str, Any]:
+    """SDXL's text_time embedding: its two widths are read only with it, as diffusers does. The other addition
+    embeddings (Kandinsky's "text", "text_image", "image", "image_hint") are not built."""
+    kind = d["addition_embed_type"]
+    if kind is None:
+        return {}
+    if kind != "text_time":
+        raise ConfigError("config key 'addition_embed_type' has a value latentdiff does not support",
+                          where=key_at(source, "addition_embed_type"), expected=[None, "text_time"], found=repr(kind))
+    return {"addition_embed_type": "text_time", "addition_time_embed_dim": d["addition_time_embed_dim"],
+            "projection_class_embeddings_input_dim": d["projection_class_embeddings_input_dim"]}
 
 
 def _write_unet_conditional(cfg: Any) -> dict[str, Any]:
@@ -116,6 +130,8 @@ def _write_unet_conditional(cfg: Any) -> dict[str, Any]:
         # no cross-attention: one None per level (a bare None breaks diffusers' per-level indexing)
         "cross_attention_dim": cfg.cross_attention_dim if cfg.cross_attention_dim is not None
         else [None] * len(cfg.channels),
+        "addition_embed_type": cfg.addition_embed_type, "addition_time_embed_dim": cfg.addition_time_embed_dim,
+        "projection_class_embeddings_input_dim": cfg.projection_class_embeddings_input_dim,
     }
 
 
@@ -129,18 +145,19 @@ UNET_CONDITIONAL = DiffusersConfigMap(
         "center_input_sample": False, "act_fn": ("silu", "swish"), "only_cross_attention": _all_false,
         "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
         "num_attention_heads": None,  # diffusers itself refuses it: heads come from attention_head_dim
-        "dual_cross_attention": False, "class_embed_type": None, "addition_embed_type": None,
+        "dual_cross_attention": False, "class_embed_type": None,
         "resnet_time_scale_shift": "default", "time_embedding_type": "positional", "time_embedding_act_fn": None,
         "timestep_post_act": None, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
         "attention_type": "default", "class_embeddings_concat": False,
     },
-    # read only by block types (Simple*, ResnetDownsample*) or embeddings (projection, text_time ...) that the
+    # read only by block types (Simple*, ResnetDownsample*) or embeddings (text, projection ...) that the
     # checks above reject, so any value builds the same network
     inert=("resnet_skip_time_act", "resnet_out_scale_factor", "cross_attention_norm",
-           "mid_block_only_cross_attention", "addition_embed_type_num_heads", "addition_time_embed_dim",
-           "projection_class_embeddings_input_dim"),
+           "mid_block_only_cross_attention", "addition_embed_type_num_heads"),
     structural=("sample_size", "down_block_types", "mid_block_type", "up_block_types", "block_out_channels",
-                "layers_per_block", "attention_head_dim", "transformer_layers_per_block", "cross_attention_dim"),
+                "layers_per_block", "attention_head_dim", "transformer_layers_per_block", "cross_attention_dim",
+                # text_time's widths mean something only with it (read and written together)
+                "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim"),
     read=_read_unet_conditional, write=_write_unet_conditional)
 
 

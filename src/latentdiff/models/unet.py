@@ -9,11 +9,14 @@ Layout, per resolution level l (L levels): `layers[l]` ResnetBlocks, each follow
 SpatialTransformer where `attention_levels[l]`, then a stride-2 Downsample (not on the last level).
 The middle is ResnetBlock, SpatialTransformer, ResnetBlock. Going up, each level has `layers[l] + 1`
 ResnetBlocks, each fed the concatenation of the running features and one skip from the way down.
+
+SDXL (Podell et al. 2023) is this layout configured: no attention on the first level, transformer depths
+(1, 2, 10), and its size/crop micro-conditioning as an additional embedding of the time embedding (`text_time`).
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, ClassVar, Literal, TypeAlias
 
@@ -33,6 +36,9 @@ from .base import ModelMixin
 from .diffusers_tables import UNET_CONDITIONAL
 
 MidBlock: TypeAlias = Literal["transformer", "resnet", "none"]
+AdditionEmbed: TypeAlias = Literal["text_time"]
+# the keys of forward's `added_cond` for addition_embed_type "text_time" (diffusers' added_cond_kwargs)
+TEXT_TIME_KEYS = ("text_embeds", "time_ids")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +66,15 @@ class UNetConfig(ComponentConfig):
     mid_block_scale_factor: float = 1.0      # mid-block resnets divide their output by this
     downsample_padding: int = 1              # 0: pad right/bottom only, as the original LDM autoencoder
     time_embedding_dim: int | None = None    # None: 4 * channels[0]
+    # SDXL's micro-conditioning (diffusers addition_embed_type "text_time"): forward's added_cond carries the
+    # pooled text embedding (B, P) and K numbers per sample (B, K); each number becomes a sinusoidal embedding of
+    # addition_time_embed_dim features (the time embedding's flip_sin_to_cos / freq_shift), and
+    # [text_embeds, features of the K numbers] (P + K * addition_time_embed_dim =
+    # projection_class_embeddings_input_dim wide) goes through Linear-SiLU-Linear into the time embedding.
+    # SDXL base: 256 and 1280 + 6 * 256 = 2816; refiner: 256 and 1280 + 5 * 256 = 2560 (aesthetic score).
+    addition_embed_type: AdditionEmbed | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     def validate(self) -> None:
         n = len(self.channels)
@@ -76,7 +91,8 @@ class UNetConfig(ComponentConfig):
             if any(v < 1 for v in self.per_level(getattr(self, name))):
                 raise ConfigError(f"{name} must be >= 1", where=name, expected=">= 1", found=getattr(self, name))
         for name in ("in_channels", "out_channels", "norm_num_groups", "sample_size", "cross_attention_dim",
-                     "num_class_embeds", "time_embedding_dim"):
+                     "num_class_embeds", "time_embedding_dim", "addition_time_embed_dim",
+                     "projection_class_embeddings_input_dim"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be positive", where=name, expected=">= 1", found=value)
@@ -88,6 +104,7 @@ class UNetConfig(ComponentConfig):
             if self.has_attention(level) and c % h:
                 raise ConfigError(f"level {level} width {c} is not divisible by its {h} attention heads",
                                   where="attention_heads", expected=f"a divisor of {c}", found=h)
+        self._check_addition_embed()
         if self.downsample_padding not in (0, 1):
             raise ConfigError("downsample_padding must be 0 or 1", where="downsample_padding",
                               expected="0 or 1", found=self.downsample_padding)
@@ -97,6 +114,32 @@ class UNetConfig(ComponentConfig):
             raise ConfigError("norm_eps and mid_block_scale_factor must be positive",
                               where="norm_eps/mid_block_scale_factor", expected="> 0",
                               found=(self.norm_eps, self.mid_block_scale_factor))
+
+    def _check_addition_embed(self) -> None:
+        """text_time needs both of its widths, and the input width room for the time features of one number
+        and a pooled text embedding; without it neither width means anything and must be None."""
+        dims = {"addition_time_embed_dim": self.addition_time_embed_dim,
+                "projection_class_embeddings_input_dim": self.projection_class_embeddings_input_dim}
+        if self.addition_embed_type is None:
+            for name, value in dims.items():
+                if value is not None:
+                    raise ConfigError(f"{name} is read only with addition_embed_type 'text_time'", where=name,
+                                      expected="None (or addition_embed_type='text_time')", found=value)
+            return
+        if self.addition_embed_type != "text_time":
+            raise ConfigError("addition_embed_type is not supported", where="addition_embed_type",
+                              expected=["text_time", None], found=self.addition_embed_type)
+        for name, value in dims.items():
+            if value is None:
+                raise ConfigError(f"addition_embed_type 'text_time' needs {name}", where=name,
+                                  expected="a positive int (SDXL: 256 and 2816)", found=None)
+        time_dim, input_dim = self.addition_time_embed_dim, self.projection_class_embeddings_input_dim
+        assert time_dim is not None and input_dim is not None  # checked just above
+        if input_dim <= time_dim:
+            raise ConfigError("projection_class_embeddings_input_dim must exceed addition_time_embed_dim: it is "
+                              "the pooled text width plus addition_time_embed_dim per micro-conditioning number",
+                              where="projection_class_embeddings_input_dim",
+                              expected=f"> {time_dim}", found=input_dim)
 
     def _check_size(self) -> None:
         """Counts and widths within latentdiff.limits, and a buildable parameter count (before any module)."""
@@ -109,11 +152,17 @@ class UNetConfig(ComponentConfig):
             ("time_embedding_dim", self.time_embedding_dim, limits.MAX_CHANNELS),
             ("in_channels", self.in_channels, limits.MAX_CHANNELS),
             ("out_channels", self.out_channels, limits.MAX_CHANNELS),
-            ("num_class_embeds", self.num_class_embeds, limits.MAX_VOCAB)])
+            ("num_class_embeds", self.num_class_embeds, limits.MAX_VOCAB),
+            ("addition_time_embed_dim", self.addition_time_embed_dim, limits.MAX_CHANNELS),
+            ("projection_class_embeddings_input_dim", self.projection_class_embeddings_input_dim,
+             limits.MAX_CHANNELS)])
         estimate = structure.estimate_unet_parameters(
             self.channels, self.per_level(self.layers_per_level),
             attention=[self.has_attention(i) for i in range(len(self.channels))],
             transformer_depth=self.per_level(self.transformer_depth), context_dim=self.cross_attention_dim)
+        if self.projection_class_embeddings_input_dim:  # the add embedding's Linear-SiLU-Linear
+            temb = self.time_embedding_dim or 4 * self.channels[0]
+            estimate += (self.projection_class_embeddings_input_dim + temb) * temb
         structure.check_parameters(estimate, what="this UNet", key="channels")
 
     def per_level(self, value: int | tuple[int, ...]) -> tuple[int, ...]:
@@ -235,6 +284,10 @@ class UNet2DConditional(ModelMixin[UNetConfig]):
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb)
         self.class_embedding = nn.Embedding(cfg.num_class_embeds, temb) if cfg.num_class_embeds else None
+        # diffusers' name for the text_time MLP (add_embedding.linear_1 / linear_2); its sinusoids have no weights
+        # (validate(): text_time has its input width, and only text_time has one)
+        self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb) \
+            if cfg.projection_class_embeddings_input_dim else None
         self.down_blocks = nn.ModuleList(
             DownLevel(ch[max(lvl - 1, 0)], ch[lvl], layers=layers[lvl], resnet=resnet,
                       attend=attend(lvl) if cfg.attention_levels[lvl] else None,
@@ -250,15 +303,21 @@ class UNet2DConditional(ModelMixin[UNetConfig]):
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float | int, context: torch.Tensor | None = None,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+                class_labels: torch.Tensor | None = None, *,
+                added_cond: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """x: (B, in_channels, H, W); t: number, 0-d, (1,) or (B,); context: (B, M, cross_attention_dim);
-        class_labels: (B,) integers -> (B, out_channels, H, W), the prediction (eps, v or x0, as trained)."""
+        class_labels: (B,) integers; added_cond (addition_embed_type "text_time" only, diffusers'
+        added_cond_kwargs): {"text_embeds": (B, P) pooled text embedding, "time_ids": (B, K) micro-conditioning
+        numbers} -> (B, out_channels, H, W), the prediction (eps, v or x0, as trained)."""
         upsample_sizes = self._check_inputs(x, t, context, class_labels)
+        self._check_added_cond(added_cond, x.shape[0])
         t_features = timestep_embedding(timestep_batch(t, x), self.config.channels[0],
                                         flip_sin_to_cos=self.config.flip_sin_to_cos, freq_shift=self.config.freq_shift)
         emb = self.time_embedding(to_dtype(t_features, x.dtype))
         if self.class_embedding is not None:
             emb = emb + to_dtype(self.class_embedding(class_labels), emb.dtype)
+        if self.add_embedding is not None and added_cond is not None:
+            emb = emb + self.add_embedding(self._text_time_features(added_cond, emb.dtype))
         # every ResnetBlock projects SiLU(emb): activated once here rather than once per block
         emb = F.silu(emb)
 
@@ -271,6 +330,62 @@ class UNet2DConditional(ModelMixin[UNetConfig]):
         for up, size in zip(self.up_blocks, upsample_sizes, strict=True):
             h = up(h, emb, context, skips, size)
         return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+    def _text_time_features(self, added_cond: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """(B, P + K * addition_time_embed_dim): the pooled text embedding, then the sinusoids of each of the K
+        numbers in order (computed in fp32, as the timestep's: pixel sizes up to thousands need the precision)."""
+        cfg = self.config
+        text, ids = added_cond["text_embeds"], added_cond["time_ids"]
+        assert cfg.addition_time_embed_dim is not None  # validate(): text_time has its widths
+        ids = ids if ids.device == text.device else ids.to(device=text.device)
+        features = timestep_embedding(ids.reshape(-1), cfg.addition_time_embed_dim,
+                                      flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
+        features = features.reshape(text.shape[0], -1)
+        return torch.cat([to_dtype(text, dtype), to_dtype(features, dtype)], dim=-1)
+
+    def _check_added_cond(self, added_cond: Any, batch: int) -> None:
+        """text_time: added_cond holds "text_embeds" (B, P) and "time_ids" (B, K) with P + K * time width equal to
+        the add embedding's input; no text_time: no added_cond. InputError naming what is missing or off."""
+        cfg = self.config
+        if cfg.addition_embed_type is None:
+            if added_cond is not None:
+                raise InputError("this UNet has no additional embedding (addition_embed_type is None): pass no "
+                                 "added_cond", where="added_cond", expected=None, found=describe_cond(added_cond))
+            return
+        time_dim, input_dim = cfg.addition_time_embed_dim, cfg.projection_class_embeddings_input_dim
+        assert time_dim is not None and input_dim is not None  # validate()
+        expected = (f'{{"text_embeds": ({batch}, P), "time_ids": ({batch}, K)}} with P + K * {time_dim} == '
+                    f"{input_dim} (SDXL base: P 1280, K 6 = original size, crop top-left, target size)")
+        if not isinstance(added_cond, Mapping):
+            raise InputError("this UNet takes SDXL micro-conditioning (addition_embed_type 'text_time'): pass "
+                             "added_cond with the pooled text embedding and the time ids", where="added_cond",
+                             expected=expected, found=describe_cond(added_cond))
+        missing = [key for key in TEXT_TIME_KEYS if key not in added_cond]
+        if missing:
+            raise InputError(f"added_cond lacks {', '.join(missing)}", where=f"added_cond[{missing[0]!r}]",
+                             expected=expected, found=describe_cond(added_cond))
+        unknown = sorted(str(key) for key in added_cond if key not in TEXT_TIME_KEYS)
+        if unknown:  # e.g. IP-Adapter's image_embeds, or a misspelt key: not silently ignored
+            raise InputError(f"added_cond has entries this UNet does not read: {', '.join(unknown)}",
+                             where=f"added_cond[{unknown[0]!r}]", expected=expected,
+                             found=describe_cond(added_cond))
+        text, ids = added_cond["text_embeds"], added_cond["time_ids"]
+        for key, value in (("text_embeds", text), ("time_ids", ids)):
+            if not (isinstance(value, torch.Tensor) and value.ndim == 2 and value.shape[0] == batch):
+                raise InputError(f"added_cond[{key!r}] must be one row per sample", where=f"added_cond[{key!r}]",
+                                 expected=expected, found=shape_of(value))
+        if not text.is_floating_point():
+            raise InputError("added_cond['text_embeds'] must be floating point", where="added_cond['text_embeds']",
+                             expected=f"a float tensor: {expected}", found=text.dtype)
+        if ids.is_complex() or ids.dtype == torch.bool:
+            raise InputError("added_cond['time_ids'] must hold real numbers", where="added_cond['time_ids']",
+                             expected=f"a real (float or integer) tensor: {expected}", found=ids.dtype)
+        width = text.shape[1] + ids.shape[1] * time_dim
+        if width != input_dim:
+            raise InputError(f"added_cond widths give {text.shape[1]} + {ids.shape[1]} * {time_dim} = {width} "
+                             f"features, not the add embedding's {input_dim}",
+                             where="added_cond", expected=expected,
+                             found={"text_embeds": shape_of(text), "time_ids": shape_of(ids)})
 
     def _check_inputs(self, x: torch.Tensor, t: Any, context: torch.Tensor | None,
                       class_labels: torch.Tensor | None) -> list[tuple[int, int] | None]:
@@ -314,6 +429,15 @@ def _transformer(cfg: UNetConfig, channels: int, *, heads: int, depth: int) -> S
     return SpatialTransformer(channels, heads, channels // heads, depth=depth, context_dim=cfg.cross_attention_dim,
                               use_linear=cfg.use_linear_projection, groups=cfg.norm_num_groups,
                               upcast=cfg.upcast_attention)
+
+
+def describe_cond(value: Any) -> Any:
+    """What an InputError reports for added_cond: each entry's shape, None, or the value's type."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): shape_of(v) for k, v in value.items()}
+    return describe(value)
 
 
 def shape_of(value: Any) -> Any:
