@@ -80,12 +80,13 @@ def tiny_clip_config(*, hidden_size: int = 32, num_hidden_layers: int = 2, num_a
                           bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab[EOS])
 
 
-def random_clip_text_model(config, *, seed: int = 0):
-    """A CLIPTextModel with random weights from `seed` (layer norms' weight and bias randomised too), in eval mode."""
-    from transformers import CLIPTextModel
+def random_clip_text_model(config, *, seed: int = 0, architecture: str = "CLIPTextModel"):
+    """A transformers CLIPTextModel (or `architecture`, e.g. CLIPTextModelWithProjection) with random weights from
+    `seed` (layer norms' weight and bias randomised too), in eval mode."""
+    import transformers
 
     torch.manual_seed(seed)
-    model = CLIPTextModel(config)
+    model = getattr(transformers, architecture)(config)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.LayerNorm):

@@ -9,7 +9,11 @@ does not import transformers (seconds of a cold start). The folder stays transfo
 (CLIPTextConfig keys, read here, strictly) + `model.safetensors`, with or without the `text_model.` key
 prefix that transformers 4 wrote; parameter names are transformers 5's, so `TextEncoder`, the single-file
 converter and diffusers' `clip_skip` find the parts where they look (`final_layer_norm`, `encoder.layers`).
-`CLIPTextModelWithProjection` (SDXL's second encoder) stays on the transformers path.
+
+`CLIPTextModelWithProjection` is the same tower plus CLIP's text projection (a bias-free Linear hidden_size ->
+projection_dim applied to the pooled state): SDXL's second encoder (OpenCLIP ViT-bigG/14) and the refiner's only
+one, whose projected pooled output conditions the UNet's `text_time` embedding. Its folder is transformers' too
+(architectures ["CLIPTextModelWithProjection"], keys `text_model.*` + `text_projection.weight`).
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +36,8 @@ from .diffusers_config import check_supported
 
 MODEL_TYPE = "clip_text_model"
 ARCHITECTURE = "CLIPTextModel"
+PROJECTION_ARCHITECTURE = "CLIPTextModelWithProjection"
+PROJECTION_KEY = "text_projection."  # the projection's weight sits beside the tower, never under `text_model.`
 WEIGHTS_PREFIX = "text_model."  # transformers 4 (and the released SD folders) nest the weights once more
 # transformers < 4.31 saved the position-id buffer (arange) with the weights; it is not a weight.
 POSITION_IDS_KEY = "embeddings.position_ids"
@@ -62,7 +68,7 @@ class CLIPTextConfig(ComponentConfig):
     max_position_embeddings: int = 77        # learned positions = tokens per prompt
     hidden_act: Literal["quick_gelu", "gelu"] = "quick_gelu"
     layer_norm_eps: float = 1e-5
-    projection_dim: int = 512                # CLIP's joint space; kept for the file (no projection here)
+    projection_dim: int = 512                # CLIP's joint space: CLIPTextModelWithProjection's output width
     bos_token_id: int = 49406
     eos_token_id: int = 49407                # the pooled output's position (2: the highest token id, see pooled)
     pad_token_id: int = 1
@@ -79,7 +85,8 @@ class CLIPTextConfig(ComponentConfig):
                                 ("intermediate_size", self.intermediate_size, 4 * limits.MAX_CHANNELS),
                                 ("num_hidden_layers", self.num_hidden_layers, limits.MAX_TEXT_LAYERS),
                                 ("num_attention_heads", self.num_attention_heads, limits.MAX_HEADS),
-                                ("max_position_embeddings", self.max_position_embeddings, limits.MAX_TEXT_LENGTH)])
+                                ("max_position_embeddings", self.max_position_embeddings, limits.MAX_TEXT_LENGTH),
+                                ("projection_dim", self.projection_dim, limits.MAX_CHANNELS)])
         structure.check_parameters(structure.estimate_text_parameters(
             self.vocab_size, self.hidden_size, self.intermediate_size, self.num_hidden_layers),
             what="this text encoder", key="hidden_size")
@@ -169,7 +176,60 @@ class CLIPTextEncoder(nn.Module):
         self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers))
 
 
-class CLIPTextModel(ModelMixin[CLIPTextConfig]):
+class TransformersTextFolder:
+    """config.json and folder I/O shared by the CLIP text classes: transformers' CLIPTextConfig keys, strictly read,
+    the class's transformers name as `architectures`, and transformers' file layout on save (no latentdiff keys)."""
+
+    architecture: ClassVar[str]  # the transformers class that loads the folder (config.json `architectures`)
+
+    @classmethod
+    def from_file_config(cls, data: Mapping[str, Any], *, source: str | None = None) -> CLIPTextConfig:
+        known = set(FILE_KEYS) | set(FIXED_KEYS) | MACHINERY_KEYS | UNREAD_KEYS
+        unknown = sorted(k for k in data if k not in known and not k.startswith("_"))
+        if unknown:
+            raise ConfigError(f"unknown key(s) {unknown} in a CLIP text model config", where=source,
+                              expected=f"keys among {sorted(known)}", found=unknown)
+        check_supported(data, fixed_keys(cls.architecture), source=source)
+        if cls.architecture != ARCHITECTURE and data.get("architectures") != [cls.architecture]:
+            raise ConfigError(f"a {cls.architecture} config must name its class", where=source,
+                              expected=f"architectures: [{cls.architecture!r}] (else the file holds the tower alone)",
+                              found=repr(data.get("architectures")))
+        fields = {key: data[key] for key in FILE_KEYS if key in data}
+        try:
+            return CLIPTextConfig(**fields)
+        except ConfigError as e:
+            raise ConfigError(e.message, where=f"{source}: {e.where}" if source else e.where, expected=e.expected,
+                              found=e.found) from None
+
+    def to_file_config(self) -> dict[str, Any]:
+        """A config.json that transformers' CLIPTextConfig reads to the same model."""
+        config: Any = self.config  # type: ignore[attr-defined]  # the ModelMixin's CLIPTextConfig
+        return {"architectures": [self.architecture], "model_type": MODEL_TYPE, "attention_dropout": 0.0,
+                **config.to_dict()}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *,
+                        state_dict: Mapping[str, torch.Tensor] | None = None, variant: str | None = None) -> Path:
+        """Write config.json + model.safetensors into `save_directory` (each file atomically), as transformers
+        does: the folder may hold other files (a tokenizer). `state_dict` replaces the model's own (e.g. with
+        `text_model.`-prefixed keys); transformers' class of the same name loads the folder."""
+        folder = Path(save_directory)
+        self.write_files(folder, variant=variant, state_dict=state_dict)  # type: ignore[attr-defined]
+        return folder
+
+    def file_config(self) -> dict[str, Any]:
+        """transformers' config.json as it is: no latentdiff entries (transformers loads the folder)."""
+        return dict(self.to_file_config())
+
+
+def fixed_keys(architecture: str) -> dict[str, Any]:
+    """FIXED_KEYS for one class: a CLIPTextModel folder may leave `architectures` out (transformers' default), a
+    CLIPTextModelWithProjection folder must name it (checked in from_file_config: an absent key passes here)."""
+    if architecture == ARCHITECTURE:
+        return FIXED_KEYS
+    return {**FIXED_KEYS, "architectures": ([architecture],)}
+
+
+class CLIPTextModel(TransformersTextFolder, ModelMixin[CLIPTextConfig]):
     """CLIP's text tower. input_ids: (B, L) token ids, L <= max_position_embeddings -> CLIPTextOutput.
 
         model = CLIPTextModel.from_pretrained(sd_folder, subfolder="text_encoder")
@@ -180,6 +240,7 @@ class CLIPTextModel(ModelMixin[CLIPTextConfig]):
     weights_name = "model"  # transformers' file name: model.safetensors
     # model_index.json entry of a folder it is saved in: transformers (and diffusers) load it as their own class
     library_entry = ("transformers", ARCHITECTURE)
+    architecture = ARCHITECTURE
 
     def __init__(self, config: CLIPTextConfig):
         super().__init__(config)
@@ -215,27 +276,6 @@ class CLIPTextModel(ModelMixin[CLIPTextConfig]):
             (ids == self.config.eos_token_id).int().argmax(dim=-1)
         return last_hidden_state[torch.arange(ids.shape[0], device=ids.device), end]
 
-    # ---- config.json (transformers' CLIPTextConfig keys) ----------------------------------------
-    @classmethod
-    def from_file_config(cls, data: Mapping[str, Any], *, source: str | None = None) -> CLIPTextConfig:
-        known = set(FILE_KEYS) | set(FIXED_KEYS) | MACHINERY_KEYS | UNREAD_KEYS
-        unknown = sorted(k for k in data if k not in known and not k.startswith("_"))
-        if unknown:
-            raise ConfigError(f"unknown key(s) {unknown} in a CLIP text model config", where=source,
-                              expected=f"keys among {sorted(known)}", found=unknown)
-        check_supported(data, FIXED_KEYS, source=source)
-        fields = {key: data[key] for key in FILE_KEYS if key in data}
-        try:
-            return CLIPTextConfig(**fields)
-        except ConfigError as e:
-            raise ConfigError(e.message, where=f"{source}: {e.where}" if source else e.where, expected=e.expected,
-                              found=e.found) from None
-
-    def to_file_config(self) -> dict[str, Any]:
-        """A config.json that transformers' CLIPTextConfig reads to the same model."""
-        return {"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE, "attention_dropout": 0.0,
-                **self.config.to_dict()}
-
     # ---- weights ----------------------------------------------------------------------------
     @classmethod
     def from_state_dict(cls, config: CLIPTextConfig, state: Mapping[str, torch.Tensor], *,
@@ -249,18 +289,74 @@ class CLIPTextModel(ModelMixin[CLIPTextConfig]):
         return super().from_state_dict(config, state, torch_dtype=torch_dtype, device=device, source=source,
                                        key_names=key_names)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *,
-                        state_dict: Mapping[str, torch.Tensor] | None = None, variant: str | None = None) -> Path:
-        """Write config.json + model.safetensors into `save_directory` (each file atomically), as transformers
-        does: the folder may hold other files (a tokenizer). `state_dict` replaces the model's own (e.g. with
-        `text_model.`-prefixed keys); transformers' CLIPTextModel loads the folder."""
-        folder = Path(save_directory)
-        self.write_files(folder, variant=variant, state_dict=state_dict)
-        return folder
 
-    def file_config(self) -> dict[str, Any]:
-        """transformers' config.json as it is: no latentdiff entries (transformers loads the folder)."""
-        return dict(self.to_file_config())
+@dataclasses.dataclass
+class CLIPTextProjectionOutput:
+    """What transformers' CLIPTextModelOutput holds: text_embeds (B, projection_dim), the projected pooled state;
+    last_hidden_state (B, L, D) and hidden_states as in CLIPTextOutput. out[0] is text_embeds, as there (diffusers'
+    SDXL encode_prompt takes the pooled embedding as `out[0]` when it is 2-D)."""
+
+    text_embeds: torch.Tensor
+    last_hidden_state: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+    def __getitem__(self, index: int | str) -> Any:
+        if isinstance(index, str):
+            return getattr(self, index)
+        values = (self.text_embeds, self.last_hidden_state, self.hidden_states)
+        return tuple(v for v in values if v is not None)[index]
+
+
+class CLIPTextModelWithProjection(TransformersTextFolder, ModelMixin[CLIPTextConfig]):
+    """CLIP's text tower and its projection into the joint image-text space: SDXL's OpenCLIP ViT-bigG/14 encoder.
+
+        model = CLIPTextModelWithProjection.from_pretrained(sdxl_folder, subfolder="text_encoder_2")
+        out = model(input_ids, output_hidden_states=True)
+        context, pooled = out.hidden_states[-2], out.text_embeds     # SDXL: (B, L, 1280), (B, 1280)
+
+    The tower sits under `text_model` (transformers' parameter names: `text_model.encoder.layers.0...`,
+    `text_projection.weight`), so its state dict is transformers' file as it is.
+    """
+
+    config_class = CLIPTextConfig
+    weights_name = "model"
+    library_entry = ("transformers", PROJECTION_ARCHITECTURE)
+    architecture = PROJECTION_ARCHITECTURE
+
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__(config)
+        self.text_model = CLIPTextModel(config)
+        self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token table (check_token_ids reads its rows, as on transformers' model)."""
+        return self.text_model.embeddings.token_embedding
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                output_hidden_states: bool = False) -> CLIPTextProjectionOutput:
+        """input_ids: (B, L); attention_mask as CLIPTextModel's. text_embeds: the pooled state (the end token's,
+        after the final layer norm) times the projection, (B, projection_dim)."""
+        out = self.text_model(input_ids, attention_mask, output_hidden_states=output_hidden_states)
+        return CLIPTextProjectionOutput(text_embeds=self.text_projection(out.pooler_output),
+                                        last_hidden_state=out.last_hidden_state, hidden_states=out.hidden_states)
+
+    @classmethod
+    def from_state_dict(cls, config: CLIPTextConfig, state: Mapping[str, torch.Tensor], *,
+                        torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                        source: str | None = None,
+                        key_names: Mapping[str, str] | None = None) -> CLIPTextModelWithProjection:
+        """Strict load of transformers' layout (`text_model.*` + `text_projection.weight`) or the flat one (the
+        tower's keys without `text_model.`); an old position-id buffer is dropped."""
+        def ours(key: str) -> str:
+            return key if key.startswith((WEIGHTS_PREFIX, PROJECTION_KEY)) else WEIGHTS_PREFIX + key
+
+        flat = not any(k.startswith(WEIGHTS_PREFIX) for k in state)
+        if flat:
+            state = {ours(k): v for k, v in state.items()}
+            key_names = {ours(k): v for k, v in (key_names or {}).items()} if key_names else key_names
+        state = {k: v for k, v in state.items() if k != WEIGHTS_PREFIX + POSITION_IDS_KEY}
+        return super().from_state_dict(config, state, torch_dtype=torch_dtype, device=device, source=source,
+                                       key_names=key_names)
 
 
 # Keys that only matter to transformers' machinery (class lookup, dtype on load, init, generation, task heads):

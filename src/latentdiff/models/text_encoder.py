@@ -6,11 +6,12 @@ norm), SD 2.x OpenCLIP's penultimate ones. The file formats are transformers': `
 text model and its tokenizer and adds only what diffusion needs: fixed-length padding, the choice of
 layer, strict loading, and the diffusers folder layout (`text_encoder/` + `tokenizer/`).
 
-Loading a CLIP text model, a CLIP tokenizer or a plain tokenizer.json builds latentdiff's own classes
-(`clip_text.CLIPTextModel`, `tokenizers`), which compute the same thing without importing transformers
-(seconds of a cold start); any other text model or tokenizer loads through transformers, as do all of them
-with LATENTDIFF_TEXT_BACKEND=transformers (parity checks, debugging). `TextEncoder(model, tokenizer)` takes
-either kind. transformers is imported inside functions only, so `import latentdiff` stays cheap.
+Loading a CLIP text model (with or without projection), a CLIP tokenizer or a plain tokenizer.json builds
+latentdiff's own classes (`clip_text.CLIPTextModel` / `CLIPTextModelWithProjection`, `tokenizers`), which
+compute the same thing without importing transformers (seconds of a cold start); any other text model or
+tokenizer loads through transformers, as do all of them with LATENTDIFF_TEXT_BACKEND=transformers (parity
+checks, debugging). `TextEncoder(model, tokenizer)` takes either kind. transformers is imported inside functions
+only, so `import latentdiff` stays cheap.
 """
 from __future__ import annotations
 
@@ -31,7 +32,14 @@ from ..errors import CheckpointError, ConfigError, InputError, describe
 from ..registry import COMPONENTS, SINGLE_FILE
 from ..utils.devices import check_device
 from ..version import __version__
-from .clip_text import MACHINERY_KEYS, MODEL_TYPE, CLIPTextModel, check_input_ids  # noqa: F401
+from .clip_text import (  # noqa: F401
+    MACHINERY_KEYS,
+    MODEL_TYPE,
+    PROJECTION_ARCHITECTURE,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    check_input_ids,
+)
 from .tokenizers import check_token_ids
 
 CONFIG_FILE = "latentdiff_text_encoder.json"  # beside the transformers files; absent -> defaults
@@ -171,40 +179,85 @@ class TextEncoder(nn.Module):
         clip_skip: that many more layers skipped, the hidden states then passed through the final layer norm, as
         diffusers' clip_skip (1: the penultimate layer; A1111's "Clip skip: 2"); None or 0: the config's layer."""
         self.check_clip_skip(clip_skip)
-        check_input_ids(input_ids, self._max_positions)
-        device = self.device
-        if attention_mask is not None:
-            attention_mask = attention_mask.to(device)
         skip = int(clip_skip or 0) + (self.config.layer == "penultimate")
         if skip == 0:
-            return self.model(input_ids=input_ids.to(device), attention_mask=attention_mask).last_hidden_state
-        hidden = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask,
-                            output_hidden_states=True).hidden_states[-(skip + 1)]
-        norm = self._norm_path or (self._find_final_norm() if self.config.apply_final_norm else None)
-        return _get_path(self.model, norm)(hidden) if norm else hidden
+            check_input_ids(input_ids, self._max_positions)
+            mask = attention_mask.to(self.device) if attention_mask is not None else None
+            return self.model(input_ids=input_ids.to(self.device), attention_mask=mask).last_hidden_state
+        return self._encode(input_ids, attention_mask, skip, self.config.apply_final_norm)[0]
+
+    def encode_with_pooled(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                           layer: Literal["last", "penultimate"] | None = None,
+                           apply_final_norm: bool | None = None,
+                           clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids: (B, L) -> (hidden (B, L, hidden_size), pooled (B, P)), from one forward pass: what SDXL
+        conditions on. pooled is the end-of-text token's final (layer-normed) state, projected where the model has
+        a projection (CLIPTextModelWithProjection's `text_embeds`: P = projection_dim; else `pooler_output`:
+        P = hidden_size). It does not depend on the layer or clip_skip, as in diffusers.
+
+        layer / apply_final_norm: this call's choice of hidden states, in place of the config's (None: the
+        config's). SDXL takes both encoders' penultimate layer WITHOUT the final norm: layer="penultimate",
+        apply_final_norm=False, i.e. hidden_states[-2]. clip_skip counts further back from that layer, so with
+        SDXL's choice clip_skip=c is hidden_states[-(c + 2)], diffusers' StableDiffusionXLPipeline numbering
+        (its clip_skip=1 is the third-to-last hidden state; the SD 1.x meaning of clip_skip=1, the penultimate
+        layer, is SDXL's default)."""
+        layer = self.config.layer if layer is None else layer
+        norm = self.config.apply_final_norm if apply_final_norm is None else apply_final_norm
+        if layer not in ("last", "penultimate") or not isinstance(norm, bool):
+            raise InputError("unknown choice of hidden states", where="layer" if layer not in (
+                "last", "penultimate") else "apply_final_norm", expected="layer 'last' | 'penultimate', "
+                "apply_final_norm a bool", found=f"layer={layer!r}, apply_final_norm={norm!r}")
+        self._check_clip_skip(clip_skip, self._skip_layers(layer, norm))
+        skip = int(clip_skip or 0) + (layer == "penultimate")
+        hidden, out = self._encode(input_ids, attention_mask, skip, norm)
+        pooled = getattr(out, "text_embeds", None)
+        pooled = out.pooler_output if pooled is None else pooled
+        return hidden, pooled
+
+    def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, skip: int,
+                norm: bool) -> tuple[torch.Tensor, Any]:
+        """(the hidden states `skip` layers before the last, through the final norm if `norm`, the model's whole
+        output). skip 0 is last_hidden_state whatever `norm` says: the norm is the tower's own there, and
+        `apply_final_norm` is about the layers before it (as TextEncoderConfig's)."""
+        check_input_ids(input_ids, self._max_positions)
+        device = self.device
+        mask = attention_mask.to(device) if attention_mask is not None else None
+        out = self.model(input_ids=input_ids.to(device), attention_mask=mask, output_hidden_states=True)
+        if skip == 0:
+            return out.last_hidden_state, out
+        hidden = out.hidden_states[-(skip + 1)]
+        if not norm:
+            return hidden, out
+        path = self._norm_path or self._find_final_norm()
+        return _get_path(self.model, path)(hidden), out
 
     @property
     def clip_skip_layers(self) -> int | None:
         """How many layers the output comes after (clip_skip counts back from it: 0 <= clip_skip < this); None: a
         model without layers to skip (no hidden states per layer, or no final layer norm to pass them through)."""
+        return self._skip_layers(self.config.layer, self.config.apply_final_norm)
+
+    def _skip_layers(self, layer: str, apply_final_norm: bool) -> int | None:
         layers = getattr(self.model.config, "num_hidden_layers", None)
-        if not isinstance(layers, int) or (self.config.apply_final_norm and not any(
+        if not isinstance(layers, int) or (apply_final_norm and not any(
                 _get_path(self.model, path) is not None for path in FINAL_NORM_PATHS)):
             return None
-        return layers - (self.config.layer == "penultimate")
+        return layers - (layer == "penultimate")
 
     def check_clip_skip(self, clip_skip: Any) -> None:
         """An InputError naming clip_skip unless it is None or an int in [0, clip_skip_layers)."""
+        self._check_clip_skip(clip_skip, self.clip_skip_layers)
+
+    def _check_clip_skip(self, clip_skip: Any, layers: int | None) -> None:
         if clip_skip is None:
             return
-        layers = self.clip_skip_layers
         if layers is None:
             raise InputError("this text encoder has no layers to skip", where="clip_skip",
                              expected="clip_skip=None (it is for CLIP text encoders)", found=type(self.model).__name__)
         if not is_int(clip_skip) or not 0 <= clip_skip < layers:
             raise InputError("clip_skip must be a number of layers to skip", where="clip_skip",
-                             expected=f"an int in [0, {layers}) (1: the penultimate layer; this text encoder has "
-                                      f"{layers} layers)", found=repr(clip_skip))
+                             expected=f"an int in [0, {layers}) (layers counted back from the chosen layer; with "
+                                      "the last one chosen, 1 is the penultimate)", found=repr(clip_skip))
 
     def expand_tokens(self, prompts: list[str]) -> list[str]:
         """Each multi-vector embedding token of a prompt replaced by its n tokens (`tok` -> `tok tok_1 tok_2`), as
@@ -414,9 +467,9 @@ def load_text_model(folder: Path, *, variant: str | None = None, torch_dtype: to
                     backend: str | None = None) -> nn.Module:
     """A text model from a local folder: strict (every weight used, none missing), eval mode.
 
-    A CLIPTextModel folder loads as latentdiff's `clip_text.CLIPTextModel` (no transformers import) unless its
-    config holds a setting that class does not implement, or backend="transformers"; any other model with
-    transformers."""
+    A CLIPTextModel or CLIPTextModelWithProjection folder loads as latentdiff's class of that name
+    (`clip_text`, no transformers import) unless its config holds a setting that class does not implement, or
+    backend="transformers"; any other model with transformers."""
     if not (folder / MODEL_CONFIG).is_file():
         raise CheckpointError(f"no {MODEL_CONFIG} in the text encoder folder", where=str(folder),
                               expected="a transformers model folder (config.json + weights)")
@@ -429,13 +482,14 @@ def load_text_model(folder: Path, *, variant: str | None = None, torch_dtype: to
         raise CheckpointError("no weights in the text encoder folder", where=str(folder),
                               expected=f"{stem}.safetensors (or pytorch_model.bin)",
                               found=sorted(p.name for p in folder.iterdir()))
-    config = _native_config(folder) if native_backend(backend) else None
-    if config is not None:
+    native = _native_config(folder) if native_backend(backend) else None
+    if native is not None:
+        model_class, config = native
         from .base import load_weights
 
         try:
             state = load_weights(folder, "model" if safetensors else "pytorch_model", variant=variant)
-            return CLIPTextModel.from_state_dict(config, state, torch_dtype=torch_dtype, source=str(folder))
+            return model_class.from_state_dict(config, state, torch_dtype=torch_dtype, source=str(folder))
         except CheckpointError as e:  # worded as on the transformers path, whichever loaded it
             raise CheckpointError(f"could not load the text encoder ({e.message})", where=str(folder)) from None
     import transformers
@@ -460,22 +514,29 @@ def load_text_model(folder: Path, *, variant: str | None = None, torch_dtype: to
     return model.eval()
 
 
-def _native_config(folder: Path) -> Any:
-    """The CLIPTextConfig of a folder latentdiff's CLIPTextModel loads; None for any other model (or setting)."""
+def _native_config(folder: Path) -> tuple[type[CLIPTextModel] | type[CLIPTextModelWithProjection], Any] | None:
+    """(latentdiff's CLIP class, its CLIPTextConfig) for a folder it loads; None for any other model (or setting)."""
     try:
         data = read_json(folder / MODEL_CONFIG)
     except ConfigError:  # transformers reads (or rejects) it
         return None
-    return native_config_of(data, source=str(folder / MODEL_CONFIG))
+    config = native_config_of(data, source=str(folder / MODEL_CONFIG))
+    return None if config is None else (native_class_of(data), config)
+
+
+def native_class_of(data: Mapping[str, Any]) -> type[CLIPTextModel] | type[CLIPTextModelWithProjection]:
+    """latentdiff's class for a CLIP text config dict: the projection model where `architectures` names it."""
+    return CLIPTextModelWithProjection if data.get("architectures") == [PROJECTION_ARCHITECTURE] else CLIPTextModel
 
 
 def native_config_of(data: Mapping[str, Any], *, source: str | None = None) -> Any:
-    """The CLIPTextConfig of a transformers config dict latentdiff's CLIPTextModel implements; None for any other
-    model or setting (CLIPTextModelWithProjection, another activation ...: transformers implements or rejects it)."""
+    """The CLIPTextConfig of a transformers config dict latentdiff's CLIPTextModel or CLIPTextModelWithProjection
+    (`native_class_of`) implements; None for any other model or setting (another activation, several
+    architectures ...: transformers implements or rejects it)."""
     if data.get("model_type") != MODEL_TYPE:
         return None
     try:
-        return CLIPTextModel.from_file_config(data, source=source)
+        return native_class_of(data).from_file_config(data, source=source)
     except ConfigError as error:
         logging.getLogger(__name__).debug("text model %s goes to transformers: %s", source, error)
         return None
