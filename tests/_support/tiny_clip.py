@@ -113,3 +113,16 @@ def make_tiny_clip(path: str | Path, *, seed: int = 0, hidden_size: int = 32, nu
     random_clip_text_model(config, seed=seed).save_pretrained(text_encoder_dir)
     tokenizer_dir = write_tiny_clip_tokenizer(path / tokenizer_subfolder, model_max_length=max_position_embeddings)
     return text_encoder_dir, tokenizer_dir
+
+
+def run_without_transformers(code: str) -> None:
+    """Run `code` in a fresh interpreter and fail if it imported transformers (the native CLIP path's promise)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(code) + "\nassert 'transformers' not in sys.modules, 'transformers was imported'\n"
+    result = subprocess.run([sys.executable, "-c", "import sys\n" + code], capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -4,11 +4,7 @@ import transformers."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -26,6 +22,7 @@ from tests._support.tiny_clip import (
     EOS,
     make_tiny_clip,
     random_clip_text_model,
+    run_without_transformers,
     tiny_clip_config,
     write_tiny_clip_tokenizer,
 )
@@ -311,13 +308,6 @@ def test_saved_folder_loads_in_transformers(clip_folder, tmp_path):
 
 
 # ---- cold loads ---------------------------------------------------------------------------------------------
-def run_without_transformers(code: str) -> None:
-    code = textwrap.dedent(code) + "\nassert 'transformers' not in sys.modules, 'transformers was imported'\n"
-    result = subprocess.run([sys.executable, "-c", "import sys\n" + code], capture_output=True, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
 def test_stable_diffusion_loads_and_runs_without_transformers(tmp_path):
     from tests._support.sd import tiny_diffusers_pipeline
 

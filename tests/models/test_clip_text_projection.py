@@ -18,10 +18,10 @@ from tests._support.parity import assert_parity
 from tests._support.tiny_clip import (
     TINY_VOCAB_SIZE,
     random_clip_text_model,
+    run_without_transformers,
     tiny_clip_config,
     write_tiny_clip_tokenizer,
 )
-from tests.models.test_clip_native import run_without_transformers
 
 PROJECTION_DIM = 24  # != hidden_size, so a transposed projection cannot pass
 # (hidden_act, eos rule): bigG is gelu with a modern eos id; transformers' pre-fix configs say eos_token_id 2.
