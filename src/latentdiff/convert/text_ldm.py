@@ -10,6 +10,10 @@
 - LDM text-to-image `BERTEmbedder`: x-transformers' pre-norm encoder (LDMBert), where layer i is stored
   as two entries, attention at 2i and feed-forward at 2i + 1.
 - LDM class-conditional `ClassEmbedder`: one embedding table.
+- SDXL (Stability's generative-models) `conditioner.embedders.N.`: the base model's CLIP ViT-L
+  (`FrozenCLIPEmbedder`, transformers layout, as SD 1.x) at 0 and OpenCLIP ViT-bigG (`FrozenOpenCLIPEmbedder2`)
+  at 1; the refiner holds only bigG, at 0. SDXL reads bigG's penultimate hidden states *and* its projected pooled
+  state, so unlike SD 2.x every layer and `text_projection` are converted (to our CLIPTextModelWithProjection).
 
 Our side is transformers' CLIPTextModel state dict as transformers 5 names it (no `text_model.`);
 diffusers' LDMBertModel names for LDMBert.
@@ -20,8 +24,10 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from ..errors import CheckpointError
-from .keymap import Drop, Keep, Nest, Rename, Split
+from .keymap import Drop, Keep, Nest, Rename, Split, apply_keymap, invert
 
 CLIP_LAYERS = (  # transformers CLIPTextModel, relative to the model (identical on both sides)
     Keep("embeddings.{x:token|position}_embedding.weight"),
@@ -55,6 +61,82 @@ LDMBERT_FEEDFORWARD = (  # attn_layers.layers.2i+1 = [LayerNorm, FeedForward(Seq
     Rename("1.net.2.{p}", "fc2.{p}"),
 )
 CLASS_EMBEDDER = (Keep("embedding.weight"),)
+
+
+@dataclasses.dataclass(frozen=True)
+class Transpose(Rename):
+    """New name, and the 2-D tensor transposed: OpenCLIP stores `text_projection` as the (hidden, proj) matrix it
+    right-multiplies (`x @ P`); an nn.Linear holds its weight as (out, in) = P.T. Transposing twice is the identity,
+    so a round trip is bit for bit (the result is made contiguous: safetensors writes only contiguous tensors)."""
+
+    def transform(self, key: str, value: torch.Tensor) -> list[torch.Tensor]:
+        if value.ndim != 2:
+            raise CheckpointError("cannot transpose: not a matrix", where=key, expected="a 2-D tensor",
+                                  found=tuple(value.shape))
+        return [value.t().contiguous()]
+
+    def inverse(self) -> Transpose:
+        return Transpose(self.dst, self.src)
+
+
+# SDXL's text encoders, relative to their `conditioner.embedders.N.` prefix; our side is the state dict of
+# latentdiff's CLIPTextModel (flat, as CLIP above) and CLIPTextModelWithProjection (`text_model.*` +
+# `text_projection.weight`, transformers' names). `position_ids` / `logit_scale` are kept aside (`dropped`).
+SDXL_CLIP_L = (Nest("transformer.text_model.", "", CLIP_LAYERS),)
+SDXL_OPENCLIP_BIGG = (
+    Rename("model.token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
+    Rename("model.positional_embedding", "text_model.embeddings.position_embedding.weight"),
+    Rename("model.ln_final.{p}", "text_model.final_layer_norm.{p}"),
+    Transpose("model.text_projection", "text_projection.weight"),
+    Drop("model.logit_scale"),  # CLIP's contrastive temperature: no part of the text tower
+    Nest("model.transformer.resblocks.{i}.", "text_model.encoder.layers.{i}.", OPENCLIP_LAYER),  # all layers
+)
+# diffusers' folder names -> (prefix in the single file, table): the base model and the refiner.
+SDXL_TEXT_PARTS = {"text_encoder": ("conditioner.embedders.0.", SDXL_CLIP_L),
+                   "text_encoder_2": ("conditioner.embedders.1.", SDXL_OPENCLIP_BIGG)}
+SDXL_REFINER_TEXT_PARTS = {"text_encoder_2": ("conditioner.embedders.0.", SDXL_OPENCLIP_BIGG)}
+
+
+def sdxl_text_from_original(state: Mapping[str, torch.Tensor], part: str, *, refiner: bool = False,
+                            source: str = "SDXL checkpoint",
+                            dropped: dict[str, torch.Tensor] | None = None,
+                            origins: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """One SDXL text encoder's tensors out of a whole single file (keys under its `conditioner.embedders.N.`
+    prefix; the rest of the file is left alone), renamed to our model's state dict. Every key under the prefix
+    must fit a rule (CheckpointError naming the ones that do not); `dropped` gets the tensors kept aside, under
+    their names in the file, so that `sdxl_text_to_original` can rebuild the file's part bit for bit.
+    `origins` gets each new key's name in the file (pass it as the model's `key_names`, so that a strict-load
+    error names the file's key). Tensors are not copied, except the transposed projection."""
+    prefix, table = _sdxl_part(part, refiner=refiner, source=source)
+    sub = {k: v for k, v in state.items() if k.startswith(prefix)}
+    if not sub:
+        raise CheckpointError("the file holds no tensors of this SDXL text encoder", where=source,
+                              expected=f"keys under {prefix!r} ({part})", found="none")
+    return apply_keymap(sub, (Nest(prefix, "", table),), source=f"{source}: {prefix}", dropped=dropped,
+                        origins=origins)
+
+
+def sdxl_text_to_original(state: Mapping[str, torch.Tensor], part: str, *, refiner: bool = False,
+                          source: str = "text encoder",
+                          dropped: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The way back: our model's state dict -> the file's keys (with the `conditioner.embedders.N.` prefix):
+    q, k and v fused into `in_proj` in that order, the projection transposed back, and the tensors that
+    `sdxl_text_from_original` kept aside (`dropped`) returned verbatim."""
+    prefix, table = _sdxl_part(part, refiner=refiner, source=source)
+    out = apply_keymap(state, invert((Nest(prefix, "", table),)), source=source)
+    for key, value in (dropped or {}).items():
+        if not key.startswith(prefix) or key in out:
+            raise CheckpointError("a kept-aside tensor does not belong to this text encoder", where=key,
+                                  expected=f"a key under {prefix!r} that conversion does not produce", found=key)
+        out[key] = value
+    return out
+
+
+def _sdxl_part(part: str, *, refiner: bool, source: str) -> tuple[str, tuple]:
+    parts = SDXL_REFINER_TEXT_PARTS if refiner else SDXL_TEXT_PARTS
+    if part not in parts:
+        raise CheckpointError("no such text encoder in an SDXL file", where=source, expected=tuple(parts), found=part)
+    return parts[part]
 
 TEXT_KINDS = ("clip", "openclip", "ldmbert", "class")
 CLIP_ACTIVATIONS = ("quick_gelu", "gelu")  # OpenAI CLIP, OpenCLIP: the only ones the original layouts use
