@@ -251,13 +251,3 @@ def test_added_cond_on_a_unet_without_text_time():
         ours(x, t, context, added_cond=added)
     assert info.value.where == "added_cond" and "addition_embed_type" in str(info.value)
     assert ours(x, t, context).shape == x.shape
-
-
-def test_original_single_file_layout_is_refused_by_name():
-    """The original layout of the add embedding (label_emb.0.*) is not mapped yet: converting says so, rather
-    than writing a file without it."""
-    from latentdiff.convert.unet_ldm import UNetArch
-
-    with pytest.raises(CheckpointError) as info:
-        UNetArch.from_config(UNet2DConditional.from_file_config(TINY_BASE))
-    assert info.value.where == "addition_embed_type"

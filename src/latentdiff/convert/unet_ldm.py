@@ -77,6 +77,10 @@ class UNetArch:
     use_linear_projection: bool = False
     num_class_embeds: int | None = None              # label_emb = nn.Embedding (class / noise-level id)
     projection_class_embeddings_input_dim: int | None = None  # label_emb = Sequential(Linear, SiLU, Linear)
+    # SDXL's micro-conditioning: with "text_time", label_emb.0 (projection_class_embeddings_input_dim wide) is
+    # diffusers' add_embedding, not a class embedding; addition_time_embed_dim has no weights (sinusoids)
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
     time_embedding_dim: int | None = None            # None: 4 * channels[0]
     resnet_time_scale_shift: str = "default"         # "scale_shift": use_scale_shift_norm
     resample: str = "conv"                           # "resnet": resblock_updown (ResBlocks resample)
@@ -107,6 +111,11 @@ class UNetArch:
         """True: SpatialTransformer blocks (diffusers UNet2DConditionModel); False: UNet2DModel."""
         return self.mid_attention == "transformer"
 
+    @property
+    def text_time(self) -> bool:
+        """True: SDXL's text_time additional embedding (label_emb.0 is diffusers' add_embedding)."""
+        return self.addition_embed_type == "text_time"
+
     # ---- the key table ----------------------------------------------------------------------------------
     def attention_table(self, level: int | None) -> tuple[Rule, ...]:
         if self.conditional:
@@ -132,8 +141,11 @@ class UNetArch:
         if self.num_class_embeds is not None:
             rules.append(Rename("label_emb.weight", "class_embedding.weight"))
         if self.projection_class_embeddings_input_dim is not None:
-            rules += [Rename("label_emb.0.0.{p}", "class_embedding.linear_1.{p}"),
-                      Rename("label_emb.0.2.{p}", "class_embedding.linear_2.{p}")]
+            # the same original Sequential holds either the text_time embedding (SDXL) or a projection class
+            # embedding; the two are told apart by addition_embed_type, not by the file's keys
+            target = "add_embedding" if self.text_time else "class_embedding"
+            rules += [Rename("label_emb.0.0.{p}", target + ".linear_1.{p}"),
+                      Rename("label_emb.0.2.{p}", target + ".linear_2.{p}")]
         levels = len(self.channels)
         n = 1
         for level in range(levels):
@@ -179,7 +191,8 @@ class UNetArch:
             return UNetConfig(**common, layers_per_level=_compact(self.layers_per_level),
                               attention_heads=_compact(self.heads), transformer_depth=_compact(self.transformer_depth),
                               cross_attention_dim=self.cross_attention_dim,
-                              use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention)
+                              use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention,
+                              **self._addition_embed())
         if any(c % h for c, h in zip(self.channels, self.heads, strict=True)):
             raise CheckpointError("attention heads do not divide the channels", where="heads",
                                   found=(self.channels, self.heads))
@@ -195,6 +208,14 @@ class UNetArch:
                             time_scale_shift=self.resnet_time_scale_shift == "scale_shift",
                             downsample_type=resample, upsample_type=resample)
 
+    def _addition_embed(self) -> dict[str, Any]:
+        """UNetConfig's text_time fields (empty without it: its projection width is then a class embedding's)."""
+        if self.addition_embed_type is None:
+            return {}
+        return {"addition_embed_type": self.addition_embed_type,
+                "addition_time_embed_dim": self.addition_time_embed_dim,
+                "projection_class_embeddings_input_dim": self.projection_class_embeddings_input_dim}
+
     def foreign_keys(self) -> dict[str, Any]:
         """What an original UNet may have that latentdiff's UNetConfig does not build, as diffusers spells it:
         kept in the part config so such a file still splits (building its model then names the key)."""
@@ -203,7 +224,7 @@ class UNetArch:
         extra: dict[str, Any] = {}
         if self.only_cross_attention:
             extra["only_cross_attention"] = True
-        if self.projection_class_embeddings_input_dim:
+        if self.projection_class_embeddings_input_dim and not self.text_time:
             extra.update(class_embed_type="projection",
                          projection_class_embeddings_input_dim=self.projection_class_embeddings_input_dim)
         if self.resnet_time_scale_shift != "default":
@@ -223,10 +244,14 @@ class UNetArch:
     def from_config(cls, config: UNetConfig | UNet2DConfig, **foreign: Any) -> UNetArch:
         """The layout of latentdiff's UNet for `config` (`foreign`: what `foreign_keys` names, as fields)."""
         if isinstance(config, UNetConfig) and config.addition_embed_type is not None:
-            # SDXL's label_emb.0.0 / .0.2: the original layout of the text_time embedding is not mapped yet
-            raise CheckpointError("the original single-file layout of a UNet with a text_time embedding (SDXL) "
-                                  "is not supported yet: save it as a diffusers folder",
-                                  where="addition_embed_type", expected=None, found=config.addition_embed_type)
+            if foreign.get("projection_class_embeddings_input_dim") is not None:
+                # both would be label_emb.0 in the original layout
+                raise CheckpointError("a UNet with both a text_time embedding and a projection class embedding "
+                                      "has no original single-file layout", where="class_embed_type",
+                                      expected=None, found="projection")
+            foreign = {**foreign, "addition_embed_type": config.addition_embed_type,
+                       "addition_time_embed_dim": config.addition_time_embed_dim,
+                       "projection_class_embeddings_input_dim": config.projection_class_embeddings_input_dim}
         n = len(config.channels)
         common: dict[str, Any] = dict(
             in_channels=config.in_channels, out_channels=config.out_channels, channels=config.channels,
