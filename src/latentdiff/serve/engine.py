@@ -165,9 +165,7 @@ class Engine:
             if job.future.done() or job.cancelled:
                 return
             job.cancelled = True
-            job.pending.clear()
-            if job in self._jobs:
-                self._jobs.remove(job)
+            self._dequeue(job)
             self._counts["cancelled"] += 1
             if not job.running:
                 job.future.cancel()
@@ -244,23 +242,25 @@ class Engine:
             for index, (job, unit) in enumerate(taken):
                 job.running -= 1
                 if isinstance(outcome, BaseException):
-                    job.pending.clear()
-                    if job in self._jobs:
-                        self._jobs.remove(job)
+                    self._dequeue(job)
                     _fail(job, outcome)
                     self._counts["failed"] += 1
                     continue
                 job.results[unit.index] = outcome[index]
                 if interrupted:
                     job.interrupted = True
-                    job.pending.clear()
-                    if job in self._jobs:
-                        self._jobs.remove(job)
+                    self._dequeue(job)
                 elif skipped:
                     job.skipped += 1
                 if job.finished() and not job.future.done():
                     self._finish(job)
             self._cond.notify_all()
+
+    def _dequeue(self, job: Job) -> None:
+        """Drop the job's units still queued (under the lock)."""
+        job.pending.clear()
+        if job in self._jobs:
+            self._jobs.remove(job)
 
     def _finish(self, job: Job) -> None:
         images = [image for index in sorted(job.results) for image in job.results[index]]
