@@ -44,6 +44,7 @@ from .generate_embeddings import add_embedding_flags, apply_embeddings, settle_e
 from .generate_inputs import add_input_flags, load_vae, prepare_run, set_threads, settle_inputs, size_from_image
 from .generate_model import ModelSource, locate_model, tokenizer_file
 from .generate_prompts import add_prompt_flags, settle_prompts
+from .generate_sdxl import add_sdxl_flags, check_loaded, is_sdxl, model_family, settle_sdxl
 from .generate_settings import DTYPES, GenerateSettings, Job, note_from, plan_jobs, read_from_png, settle, warn
 
 T = TypeVar("T")
@@ -96,6 +97,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     add_lora_flags(gen)
     # ---- prompt syntax (issue 16, generate_prompts) ----
     add_prompt_flags(gen)
+    # ---- SDXL: refiner, micro-conditioning (issue 18, generate_sdxl) ----
+    add_sdxl_flags(gen)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -113,6 +116,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings, embeddings = settle_embeddings(args, settings)
     settings = settle_loras(args, stored, settings)
     settings = settle_prompts(args, settings)
+    settings = settle_sdxl(args, stored, settings, source)
     jobs = plan_jobs(args, settings, procs.share)
     if procs.is_main and drawn:
         print(f"latentdiff: seed {seed}", file=sys.stderr)
@@ -121,12 +125,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     texts = [job.prompt for job in jobs] + [settings.negative or ""]
     checked = procs.is_main and warn_unknown_words(tokenizer_file(source, settings.tokenizer), texts)
     pipe = load_pipeline(source, settings, device=device or procs.device)
+    check_loaded(pipe, settings)
     apply_embeddings(pipe, settings, embeddings)
     apply_loras(pipe, settings)
     if procs.is_main and not checked:   # a Hub model's tokenizer, now downloaded
         warn_unknown_words(tokenizer_file(source, settings.tokenizer), texts)
     settings = finish(size_from_image(settings, images, pipe), pipe)
-    pipe = prepare_run(pipe, settings, images, args)
+    refiner = load_refiner(settings, device=pipe.device) if settings.refiner is not None else None
+    pipe = prepare_run(pipe, settings, images, args, refiner=refiner)
     mine = outputs.plan_calls(len(jobs), settings.n, batch_size)[procs.index::procs.count]
     alone = procs.count == 1
     written = run(pipe, [call for group in mine for call in group], jobs, settings, show=procs.is_main,
@@ -223,39 +229,62 @@ class Processes:
 
 
 def load_pipeline(source: ModelSource, settings: GenerateSettings, *, device: Any) -> Any:
-    """The text-to-image pipeline in the chosen dtype on the chosen device, with the chosen sampler."""
+    """The text-to-image pipeline of the model's family (StableDiffusionXLPipeline for SDXL, whose base, refiner
+    and inpainting folders it loads; else LatentDiffusionPipeline) in the chosen dtype on the chosen device, with
+    the chosen sampler."""
     import torch
 
     from ..diffusion.samplers import switch_sampler
+    from ..pipelines.denoising import DenoisingPipeline
     from ..pipelines.latent_diffusion import LatentDiffusionPipeline
+    from ..pipelines.sdxl import StableDiffusionXLPipeline
 
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     load = dict(torch_dtype=getattr(torch, settings.dtype), device=device)
-    pipe: LatentDiffusionPipeline
+    cls: Any = StableDiffusionXLPipeline if model_family(source) == "sdxl" else LatentDiffusionPipeline
+    pipe: DenoisingPipeline
     if source.kind == "single_file":
         tokenizer = {} if settings.tokenizer is None else {"tokenizer": settings.tokenizer}
         # SomePipeline.from_single_file returns SomePipeline or a subclass (it checks the file fits the class)
-        pipe = cast(LatentDiffusionPipeline, LatentDiffusionPipeline.from_single_file(source.path, **load, **tokenizer))
+        pipe = cast(DenoisingPipeline, cls.from_single_file(source.path, **load, **tokenizer))
         if settings.vae is not None:
             pipe = type(pipe).from_pipe(pipe, **load_vae(settings, **load))
     else:
-        pipe = LatentDiffusionPipeline.from_pretrained(source.name if source.kind == "hub" else source.path, **load,
-                                                       **load_vae(settings, **load))
+        pipe = cls.from_pretrained(source.name if source.kind == "hub" else source.path, **load,
+                                   **load_vae(settings, **load))
     pipe.sampler = with_schedule(switch_sampler(pipe.sampler, settings.sampler), settings.schedule)
     return pipe
 
 
+def load_refiner(settings: GenerateSettings, *, device: Any) -> Any:
+    """The --refiner model as a StableDiffusionXLImg2ImgPipeline with the run's dtype, VAE and sampler (`finish`
+    has made the sampler the base's: the refiner carries on with it, as A1111's does)."""
+    from ..pipelines.sdxl_image import StableDiffusionXLImg2ImgPipeline
+
+    assert settings.refiner is not None
+    pipe = load_pipeline(locate_model(settings.refiner), settings, device=device)
+    if not is_sdxl(pipe):
+        raise UsageError("the refiner must be an SDXL model", where="--refiner", expected="an SDXL refiner",
+                         found=settings.refiner)
+    return StableDiffusionXLImg2ImgPipeline.from_pipe(pipe)
+
+
 def finish(settings: GenerateSettings, pipe: Any) -> GenerateSettings:
-    """The pipeline's defaults for the settings still None; the effective values every PNG records."""
+    """The pipeline's defaults for the settings still None (SDXL's, Turbo's: its `default_call`); the effective
+    values every PNG records."""
     import inspect
 
     defaults = inspect.signature(type(pipe).__call__).parameters
     height, width = pipe.image_size(settings.height, settings.width)
     sampler = pipe.sampler_for(None if settings.eta is None else float(settings.eta))
-    guidance = defaults["guidance_scale"].default if settings.guidance is None else settings.guidance
+    if hasattr(pipe, "default_call"):
+        steps, guidance = pipe.default_call(settings.steps, settings.guidance)
+    else:
+        steps = settings.steps or defaults["num_inference_steps"].default
+        guidance = defaults["guidance_scale"].default if settings.guidance is None else settings.guidance
     return dataclasses.replace(
-        settings, steps=settings.steps or defaults["num_inference_steps"].default, guidance=float(guidance),
+        settings, steps=steps, guidance=float(guidance),
         sampler=sampler.registry_name, eta=getattr(sampler, "eta", None), height=height, width=width,
         schedule=getattr(sampler, "sigma_schedule", None))
 

@@ -16,6 +16,7 @@ from ..utils.infotext import parse_infotext, settings_from_infotext
 
 A1111_MODEL = "_a1111_model"        # keys of the dict `read_from_png` returns that are not settings
 A1111_IGNORED = "_a1111_ignored"
+A1111_REFINER = "_a1111_refiner"    # an A1111 PNG's "Refiner": a model of that machine, never a path here
 
 
 def add_schedule_flag(gen: argparse.ArgumentParser) -> None:
@@ -31,11 +32,14 @@ def stored_from_infotext(text: str, *, where: str, recorded: tuple[str, ...]) ->
     known = (*recorded, "latentdiff")             # "Version: latentdiff X": note_from compares it with this one
     settings, ignored = settings_from_infotext(info, known=known, where=where)
     model = settings.pop("model", None)
+    refiner = settings.pop("refiner", None)
     stored = {key: value for key, value in settings.items() if key in known and value is not None}
     if model is not None and model in builtin_names():
         stored["model"] = model
     elif model is not None:
         stored[A1111_MODEL] = model
+    if refiner is not None:
+        stored[A1111_REFINER] = refiner
     stored[A1111_IGNORED] = ignored
     return stored
 

@@ -12,7 +12,8 @@ absolute paths with their sha256, strength, the hires settings, tile size, the V
 speed is not (threads, offload, attention slicing).
 
 `--clip-skip` counts as A1111 does: 1 = the last layer (no skip), 2 = the penultimate layer, and so on; the
-library's `clip_skip=` (diffusers' numbering) is one less. The PNG records A1111's number (`clip_skip`), the
+library's `clip_skip=` (diffusers' numbering) is one less (SDXL, which encodes from the penultimate layer: two
+less, see generate_sdxl). The PNG records A1111's number (`clip_skip`), the
 number A1111's infotext "Clip skip: 2" holds.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..config import is_int, is_real
 from ..errors import InputError, UsageError
 from .generate_model import SINGLE_FILE_SUFFIXES, local_kind
 from .generate_prompts import prompt_options
+from .generate_sdxl import a1111_clip_layers, a1111_clip_skip, call_sdxl, is_sdxl
 from .generate_settings import FLAGS, GenerateSettings, warn
 
 DEFAULT_STRENGTH = 0.75          # A1111's denoising strength of img2img and inpainting
@@ -262,11 +264,13 @@ def size_from_image(settings: GenerateSettings, images: InputImages, pipe: Any) 
     return dataclasses.replace(settings, height=size[0], width=size[1])
 
 
-def prepare_run(pipe: Any, settings: GenerateSettings, images: InputImages, args: argparse.Namespace) -> Any:
-    """The pipeline's switches set, clip skip checked against its text encoder, and the callable `run` calls:
-    text-to-image, img2img, inpainting or the hires fix with this run's settings."""
+def prepare_run(pipe: Any, settings: GenerateSettings, images: InputImages, args: argparse.Namespace, *,
+                refiner: Any = None) -> Any:
+    """The pipeline's switches set, clip skip checked against its text encoder(s), and the callable `run` calls:
+    text-to-image, img2img, inpainting or the hires fix with this run's settings (SDXL's, with its `refiner`:
+    generate_sdxl)."""
     if settings.clip_skip is not None and settings.clip_skip > 1:
-        layers = getattr(pipe.text_encoder, "clip_skip_layers", None)
+        layers = a1111_clip_layers(pipe)
         if layers is None or settings.clip_skip > layers:
             raise UsageError("clip skip beyond the text encoder's layers" if layers else
                              "this model's text encoder has no layers to skip", where=origin_of(args, "clip_skip"),
@@ -287,7 +291,7 @@ def prepare_run(pipe: Any, settings: GenerateSettings, images: InputImages, args
         pipe.enable_attention_slicing()
     if settings.vae_tiling:
         pipe.enable_vae_tiling()
-    return InputsRun(pipe, settings, images)
+    return InputsRun(pipe, settings, images, refiner=refiner)
 
 
 def origin_of(args: argparse.Namespace, key: str) -> str:
@@ -298,10 +302,9 @@ class InputsRun:
     """`pipe(prompts, **common)` as `run` calls it, routed to the task of the settings; other attributes are the
     pipeline's."""
 
-    def __init__(self, pipe: Any, settings: GenerateSettings, images: InputImages):
-        self.pipe, self.settings, self.images = pipe, settings, images
-        skip = settings.clip_skip
-        self.clip_skip = None if skip is None or skip <= 1 else skip - 1   # A1111's numbering -> diffusers'
+    def __init__(self, pipe: Any, settings: GenerateSettings, images: InputImages, *, refiner: Any = None):
+        self.pipe, self.settings, self.images, self.refiner = pipe, settings, images, refiner
+        self.clip_skip = a1111_clip_skip(pipe, settings.clip_skip)   # A1111's numbering -> the pipeline's
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.pipe, name)
@@ -310,6 +313,8 @@ class InputsRun:
         s, images = self.settings, self.images
         common["clip_skip"] = self.clip_skip
         common |= prompt_options(s, self.pipe)
+        if is_sdxl(self.pipe):
+            return call_sdxl(self.pipe, self.refiner, s, images, prompt, height=height, width=width, **common)
         if s.hires_scale is not None:
             from ..pipelines.hires import hires_fix
 

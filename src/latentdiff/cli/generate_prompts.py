@@ -46,4 +46,5 @@ def prompt_options(settings: GenerateSettings, pipe: Any) -> dict[str, Any]:
         return {"prompt_syntax": settings.prompt_syntax}
     from ..pipelines.prompt_encoding import chunks_supported
 
-    return {"prompt_syntax": DEFAULT_PROMPT_SYNTAX if chunks_supported(pipe.text_encoder) else "plain"}
+    encoder = pipe.text_encoder if getattr(pipe, "text_encoder", None) is not None else pipe.text_encoder_2   # SDXL's
+    return {"prompt_syntax": DEFAULT_PROMPT_SYNTAX if chunks_supported(encoder) else "plain"}

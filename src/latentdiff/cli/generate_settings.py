@@ -38,10 +38,12 @@ RECORDED = ("prompt", "negative", "seed", "steps", "guidance", "sampler", "eta",
             # LoRA files (generate_adapters)
             "lora",
 
-            "prompt_syntax")   # generate_prompts
+            "prompt_syntax",   # generate_prompts
+            # SDXL (generate_sdxl)
+            "refiner", "refiner_switch", "original_size", "target_size", "crop_top_left")
 OPTIONAL = RECORDED[RECORDED.index("clip_skip"):]   # recorded only when set
 MAX_SEED = 2**63 - 1
-PATH_VALUES = ("model", "tokenizer", "init_image", "mask", "vae")    # recorded values that name files or folders
+PATH_VALUES = ("model", "tokenizer", "init_image", "mask", "vae", "refiner")   # recorded values naming files
 MAX_PATH_CHARS = 4096
 FLAGS = {key: f"--{key.replace('_', '-')}" for key in RECORDED} | {"prompt": "PROMPT", "n": "-n"}   # for messages
 
@@ -85,6 +87,12 @@ class GenerateSettings:
     # generate_adapters: [{"path": absolute path, "weight": W, "sha256": ...}] of --lora FILE[:W]
     lora: list[dict[str, Any]] | None = None
     prompt_syntax: str | None = None   # generate_prompts: a1111 | plain; None: a1111
+    # generate_sdxl: None = not used
+    refiner: str | None = None         # the SDXL refiner: absolute path or Hub id
+    refiner_switch: float | None = None   # the fraction of the schedule the base denoises (denoising_end)
+    original_size: str | None = None   # micro-conditioning, as written: "WxH" (original, target), "TOP,LEFT"
+    target_size: str | None = None
+    crop_top_left: str | None = None
 
     def params(self) -> dict[str, Any]:
         """The settings as the JSON a PNG records (the image input, hires, tile and VAE settings only when used)."""

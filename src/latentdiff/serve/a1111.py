@@ -23,6 +23,8 @@ Defaults, where the request leaves a value out (A1111's API defaults where they 
 is used by samplers that have one (DDIM); with the others it is listed as ignored (A1111's Euler a has eta 1,
 latentdiff's too). `<lora:NAME:W>` tags must name a LoRA the catalog lists (`/sdapi/v1/loras`): a name with a
 path in it (`../../etc/passwd`) names none. subseed / subseed_strength are A1111's variation seeds (serve.render).
+refiner_checkpoint with refiner_switch_at in (0, 1) hands an SDXL base's latents to an SDXL refiner (as `latentdiff
+generate --refiner`); the hires fix and inpainting with SDXL are refused (a 422) until they are wired here.
 CLIP_stop_at_last_layers beyond the model's text encoder (the built-in LDMBert has no layers to skip) is refused in
 a request's override_settings and, as the server-wide option an A1111 client set once, listed as ignored.
 """
@@ -62,7 +64,8 @@ TXT2IMG_KEYS = frozenset({
     "prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "seed", "subseed", "subseed_strength",
     "sampler_name", "sampler_index", "scheduler", "batch_size", "n_iter", "eta", "override_settings",
     "override_settings_restore_afterwards", "enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps",
-    "hr_resize_x", "hr_resize_y", "denoising_strength", "send_images", "save_images"})
+    "hr_resize_x", "hr_resize_y", "denoising_strength", "send_images", "save_images", "refiner_checkpoint",
+    "refiner_switch_at"})
 IMG2IMG_KEYS = (TXT2IMG_KEYS - {"enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
                                 "hr_resize_y"}) | {"init_images", "mask", "mask_blur", "inpainting_mask_invert",
                                                    "resize_mode", "include_init_images"}
@@ -78,7 +81,8 @@ class ModelFacts:
     height: int                       # its own image size
     width: int
     sampler: str                      # its own sampler's registered name
-    clip_layers: int | None = None    # text encoder layers clip skip can drop (None: not a CLIP, none)
+    clip_layers: int | None = None    # the largest A1111 clip skip its text encoders take (None: none)
+    sdxl: bool = False                # an SDXL pipeline (its refiner fields; no hires fix, no inpainting yet)
 
 
 ModelDefaults = Callable[[str, "str | None"], ModelFacts]   # (model, vae) -> its facts
@@ -165,6 +169,13 @@ def txt2img_request(data: Any, *, options: Options, catalog: Any, settings: Serv
     body = Body(data)
     common = _common(body, options=options, catalog=catalog, settings=settings, defaults=defaults, rng=rng)
     hires = _hires(body, common, settings=settings)
+    facts = common.pop("facts")
+    if hires is not None and facts().sdxl:
+        raise RequestError("the hires fix with SDXL models is not in the server yet", field="enable_hr",
+                           expected="false with an SDXL checkpoint", found=True)
+    if hires is not None and common["refiner"] is not None:
+        raise RequestError("the hires fix with a refiner is not in the server yet", field="refiner_checkpoint",
+                           expected="no refiner with enable_hr", found=common["refiner"])
     ignored = body.ignored(TXT2IMG_KEYS) + common.pop("ignored")
     if not hires and body.data.get("denoising_strength") is not None:
         ignored.append("denoising_strength")   # A1111 uses it only for the hires pass in txt2img
@@ -182,6 +193,10 @@ def img2img_request(data: Any, *, options: Options, catalog: Any, settings: Serv
         body.data = {**body.data, "width": body.data.get("width") or width,
                      "height": body.data.get("height") or height}
     common = _common(body, options=options, catalog=catalog, settings=settings, defaults=defaults, rng=rng)
+    facts = common.pop("facts")
+    if init.mask is not None and (facts().sdxl or common["refiner"] is not None):
+        raise RequestError("inpainting with SDXL models is not in the server yet", field="mask",
+                           expected="no mask with an SDXL checkpoint", found="a mask")
     ignored = body.ignored(IMG2IMG_KEYS) + common.pop("ignored")
     if body.flag("include_init_images", False):
         ignored.append("include_init_images")   # the response never carries the inputs back
@@ -228,6 +243,7 @@ def _common(body: Body, *, options: Options, catalog: Any, settings: ServeSettin
     if save_images and settings.outputs_dir is None:
         ignored.append("save_images")
     subseed_strength = body.number("subseed_strength", 0.0, 0.0, 1.0)
+    refiner, switch = _refiner(body, catalog=catalog, facts=facts, defaults=defaults, vae=vae, ignored=ignored)
     return dict(
         model=model, vae=vae, clip_skip=clip_skip, prompt=prompt, negative_prompt=negative,
         width=width if width is not None else facts().width,
@@ -238,7 +254,32 @@ def _common(body: Body, *, options: Options, catalog: Any, settings: ServeSettin
         seed=_seed(body, "seed", images, rng), subseed=_seed(body, "subseed", images, rng),
         subseed_strength=subseed_strength, batch_size=batch_size, n_iter=n_iter,
         save_images=save_images and settings.outputs_dir is not None, send_images=body.flag("send_images", True),
-        ignored=ignored)
+        refiner=refiner, refiner_switch=switch, ignored=ignored, facts=facts)
+
+
+def _refiner(body: Body, *, catalog: Any, facts: Callable[[], ModelFacts], defaults: ModelDefaults, vae: str | None,
+             ignored: list[str]) -> tuple[str | None, float | None]:
+    """(refiner, switch) of A1111's refiner_checkpoint / refiner_switch_at: both given, the switch in (0, 1) and
+    both models SDXL; as A1111, no refiner without a switch below 1 (the fields listed as ignored then)."""
+    name = body.text("refiner_checkpoint", None)
+    switch = body.number("refiner_switch_at", None, 0.0, 1.0)
+    if name is None or name.strip() in ("", "None", "none"):
+        if switch is not None:
+            ignored.append("refiner_switch_at")
+        return None, None
+    if switch is None or switch >= 1.0:
+        ignored.extend(key for key in ("refiner_checkpoint", "refiner_switch_at") if body.data.get(key) is not None)
+        return None, None
+    if switch <= 0.0:
+        raise body.bad("refiner_switch_at", "a number strictly between 0 and 1 (the base's share of the schedule)",
+                       switch)
+    refiner = catalog.resolve(name, field="refiner_checkpoint")
+    if not facts().sdxl:
+        raise RequestError("a refiner follows an SDXL model", field="refiner_checkpoint",
+                           expected="no refiner with this (not SDXL) checkpoint", found=name)
+    if not defaults(refiner, vae).sdxl:
+        raise body.bad("refiner_checkpoint", "an SDXL refiner (or base) checkpoint", name, "not an SDXL checkpoint")
+    return refiner, switch
 
 
 def _seed(body: Body, key: str, images: int, rng: random.Random | None) -> int:

@@ -281,8 +281,9 @@ class Engine:
 
         try:
             pipe = self.catalog.pipeline(request.model, request.vae)
+            refiner = None if request.refiner is None else self.catalog.pipeline(request.refiner, request.vae)
             self._counts["calls"] += 1
-            return render(pipe, units, lora_dirs=tuple(self.catalog.lora_dirs), callback=on_step)
+            return render(pipe, units, lora_dirs=tuple(self.catalog.lora_dirs), callback=on_step, refiner=refiner)
         except Exception as exc:    # noqa: BLE001  # a job's failure is its own: reported to its client
             return exc
 

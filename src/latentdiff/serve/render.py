@@ -10,8 +10,11 @@ library gives for that seed:
          num_inference_steps=..., guidance_scale=..., eta=..., clip_skip=<A1111's - 1>, lora_dirs=..., progress=False)
 
 (`pipelines.hires.hires_fix`, `ImageToImagePipeline`, `InpaintPipeline` for requests with a hires fix or input
-images). Units of several requests sharing a batch key are one call with a prompt per image (the pipeline draws
-each image's noise from its own generator, so only the matrix products' rounding can differ from the unit alone).
+images; an SDXL model's own classes: `StableDiffusionXLPipeline`, `StableDiffusionXLImg2ImgPipeline`, and with a
+refiner the base's `denoising_end` hand-off to the refiner's `denoising_start`, as `latentdiff generate --refiner`;
+clip skip in A1111's numbering as `cli.generate_sdxl.a1111_clip_skip` translates it). Units of several requests
+sharing a batch key are one call with a prompt per image (the pipeline draws each image's noise from its own
+generator, so only the matrix products' rounding can differ from the unit alone).
 
 Variation seeds (A1111's subseed / subseed_strength): the starting noise is A1111's spherical interpolation
 between the seed's noise and the subseed's, `slerp(strength, noise(seed), noise(subseed))`.
@@ -24,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ..cli.generate_sdxl import a1111_clip_skip, is_sdxl, refiner_sampler
 from ..diffusion.noise import randn
 from ..diffusion.samplers.base import switch_sampler
 from ..diffusion.samplers.names import has_schedule
@@ -42,14 +46,10 @@ def sampler_for(pipe: Any, request: ImageRequest) -> Any:
     return sampler
 
 
-def diffusers_clip_skip(a1111: int | None) -> int | None:
-    """A1111's "Clip skip" (1: the last layer, 2: the penultimate) -> the pipelines' clip_skip (layers skipped)."""
-    return None if a1111 is None or a1111 <= 1 else a1111 - 1
-
-
 def render(pipe: Any, units: Sequence[Unit], *, lora_dirs: Sequence[Path] = (),
-           callback: StepCallback | None = None) -> list[list[GeneratedImage]]:
-    """The images of `units` (which share `request.batch_key()`, or are one unit), one list per unit."""
+           callback: StepCallback | None = None, refiner: Any = None) -> list[list[GeneratedImage]]:
+    """The images of `units` (which share `request.batch_key()`, or are one unit), one list per unit; `refiner`:
+    the SDXL pipeline of `request.refiner` (None without one)."""
     request = units[0].request
     base = pipe.sampler
     pipe.sampler = sampler_for(pipe, request)
@@ -57,7 +57,10 @@ def render(pipe: Any, units: Sequence[Unit], *, lora_dirs: Sequence[Path] = (),
         sampler_name = pipe.sampler.registry_name
         schedule = getattr(pipe.sampler, "sigma_schedule", None)
         eta = getattr(pipe.sampler, "eta", None) if request.eta is None else request.eta
-        images = _call(pipe, units, lora_dirs=lora_dirs, callback=callback)
+        generators = [torch.Generator().manual_seed(s) for unit in units for s in unit.seeds()]
+        images = _call(pipe, units, lora_dirs=lora_dirs, callback=callback, generators=generators)
+        if request.refiner is not None:   # the generators carry on from where the base left them
+            images = _refine(pipe, refiner, units, images, callback=callback, generators=generators)
     finally:
         pipe.sampler = base
     out: list[list[GeneratedImage]] = []
@@ -71,11 +74,9 @@ def render(pipe: Any, units: Sequence[Unit], *, lora_dirs: Sequence[Path] = (),
     return out
 
 
-def _call(pipe: Any, units: Sequence[Unit], *, lora_dirs: Sequence[Path],
-          callback: StepCallback | None) -> list[Any]:
+def _call(pipe: Any, units: Sequence[Unit], *, lora_dirs: Sequence[Path], callback: StepCallback | None,
+          generators: list[torch.Generator]) -> Any:
     request = units[0].request
-    seeds = [s for unit in units for s in unit.seeds()]
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
     if len(units) == 1:
         prompt: Any = request.prompt
         negative: Any = request.negative_prompt
@@ -87,7 +88,9 @@ def _call(pipe: Any, units: Sequence[Unit], *, lora_dirs: Sequence[Path],
     common: dict[str, Any] = dict(
         negative_prompt=negative, num_inference_steps=request.steps, guidance_scale=request.guidance,
         eta=request.eta, num_images_per_prompt=per_prompt, generator=generators, callback=callback, progress=False,
-        clip_skip=diffusers_clip_skip(request.clip_skip), lora_dirs=list(lora_dirs) or None)
+        clip_skip=a1111_clip_skip(pipe, request.clip_skip), lora_dirs=list(lora_dirs) or None)
+    if request.refiner is not None:   # the base's share of the schedule, as latents for the refiner (_refine)
+        common |= {"denoising_end": request.refiner_switch, "output_type": "latent"}
     if request.hires is not None:
         from ..adapters.api import prompt_adapters
         from ..pipelines.hires import hires_fix
@@ -102,7 +105,41 @@ def _call(pipe: Any, units: Sequence[Unit], *, lora_dirs: Sequence[Path],
         return _with_images(pipe, units[0], prompt, common)
     if request.subseed_strength > 0:
         common["latents"] = variation_noise(pipe, units[0])
-    return list(pipe(prompt, height=request.height, width=request.width, **common).images)
+    out = pipe(prompt, height=request.height, width=request.width, **common).images
+    return out if request.refiner is not None else list(out)
+
+
+def _refine(pipe: Any, refiner: Any, units: Sequence[Unit], latents: Any, *, callback: StepCallback | None,
+            generators: list[torch.Generator]) -> list[Any]:
+    """The SDXL refiner's share of the schedule from the base's latents (its `denoising_start`), with the base's
+    sampler, prompts and generators; an interrupted base is decoded as it is. LoRA tags are the base's (the
+    refiner's networks differ): left out of the refiner's prompts."""
+    from ..adapters.tags import TAG
+    from ..pipelines.sdxl_image import StableDiffusionXLImg2ImgPipeline
+
+    request = units[0].request
+    if pipe.interrupt:
+        return list(pipe.output(latents, "pil").images)
+    expert = StableDiffusionXLImg2ImgPipeline.from_pipe(refiner, sampler=refiner_sampler(refiner, pipe.sampler))
+
+    def on_step(i: int, t: float, x: Any, denoised: Any = None) -> Any:
+        out = None if callback is None else callback(i, t, x, denoised)
+        if pipe.interrupt:      # the engine interrupts the base pipeline it knows
+            expert._interrupt = True
+        return out
+
+    if len(units) == 1:
+        prompt: Any = TAG.sub("", request.prompt)
+        negative: Any = TAG.sub("", request.negative_prompt)
+        per_prompt = units[0].count
+    else:
+        prompt = [TAG.sub("", unit.request.prompt) for unit in units for _ in range(unit.count)]
+        negative = [TAG.sub("", unit.request.negative_prompt) for unit in units for _ in range(unit.count)]
+        per_prompt = 1
+    return list(expert(prompt, image=latents, denoising_start=request.refiner_switch, negative_prompt=negative,
+                       num_inference_steps=request.steps, guidance_scale=request.guidance, eta=request.eta,
+                       num_images_per_prompt=per_prompt, generator=generators, callback=on_step, progress=False,
+                       clip_skip=a1111_clip_skip(expert, request.clip_skip)).images)
 
 
 def _with_images(pipe: Any, unit: Unit, prompt: str, common: dict[str, Any]) -> list[Any]:
@@ -118,6 +155,13 @@ def _with_images(pipe: Any, unit: Unit, prompt: str, common: dict[str, Any]) -> 
     else:
         images, prompt = pictures, [prompt] * unit.count     # type: ignore[assignment]
         common = common | {"negative_prompt": [request.negative_prompt] * unit.count, "num_images_per_prompt": 1}
+    if is_sdxl(pipe):
+        from ..pipelines.sdxl_image import StableDiffusionXLImg2ImgPipeline
+
+        xl = StableDiffusionXLImg2ImgPipeline.from_pipe(pipe)
+        tensor = xl.preprocess_image(images, size=size)
+        out = xl(prompt, image=tensor, strength=init.strength, **common).images
+        return out if request.refiner is not None else list(out)
     if init.mask is not None:
         from ..pipelines.inpaint import InpaintPipeline
 
@@ -210,6 +254,8 @@ def image_params(request: ImageRequest, *, sampler: str, schedule: str | None, e
                    "hires_strength": request.hires.strength, "hires_upscaler": request.hires.upscaler}
     if request.init is not None:
         params["strength"] = request.init.strength
+    if request.refiner is not None:
+        params |= {"refiner": request.refiner, "refiner_switch": request.refiner_switch}
     return params
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
+from ..cli.generate_sdxl import a1111_clip_layers, is_sdxl
 from ..config import parse_json
 from ..version import __version__
 from . import a1111_results
@@ -68,7 +69,7 @@ def model_defaults(catalog: Any) -> Any:
         pipe = catalog.pipeline(model, vae)
         height, width = pipe.image_size(None, None)
         return ModelFacts(height, width, str(getattr(type(pipe.sampler), "registry_name", "ddim")),
-                          getattr(getattr(pipe, "text_encoder", None), "clip_skip_layers", None))
+                          a1111_clip_layers(pipe), sdxl=is_sdxl(pipe))
 
     return defaults
 

@@ -63,6 +63,8 @@ FIELDS: tuple[Field, ...] = (
     Field("Hires upscale", ("hires_scale",), "float"),
     Field("Hires steps", ("hires_steps",), "int"),
     Field("Hires upscaler", ("hires_upscaler",), "text"),
+    Field("Refiner", ("refiner",), "text"),                     # SDXL: A1111 writes "name [hash]"
+    Field("Refiner switch at", ("refiner_switch",), "float"),
     Field("TI hashes", ("embedding",), "hashes"),   # written (token: sha256[:10], as A1111); read: ignored
     Field("Version", ("latentdiff",), "version"),
 )

@@ -1,0 +1,238 @@
+"""`latentdiff generate` with Stable Diffusion XL models (issue 18): the refiner hand-off, the micro-conditioning
+flags, A1111's clip skip on SDXL, and the SDXL pipeline classes where the command runs image-to-image.
+
+    latentdiff generate "a church at dusk" --model sdxl-base/                        # 1024 px, guidance 5, 50 steps
+    latentdiff generate "a church at dusk" --model sdxl-base/ --refiner sdxl-refiner/ --refiner-switch 0.8
+    latentdiff generate "a church at dusk" --model sdxl-base/ --original-size 4096x4096 --crop-top-left 0,0
+
+The model's family is read before anything loads (model_index.json's `_class_name`, a single file's tensor names),
+so a flag of the other family is an error naming it before the weights are read: the SDXL flags on an SD model,
+`--mask` and `--hires-scale` on SDXL (their SDXL pipelines are not wired to the command yet).
+
+The refiner: the base denoises the first `--refiner-switch` of the noise schedule (`denoising_end`) and returns
+latents; the refiner (`StableDiffusionXLImg2ImgPipeline`, the same sampler, steps, guidance, prompts and
+generators, which carry on from where the base left them) denoises the rest (`denoising_start`): diffusers'
+"ensemble of expert denoisers". A1111 records it as "Refiner" and "Refiner switch at"; its own hand-off counts
+steps, not the schedule's fraction, so its pixels differ from these.
+
+Clip skip: A1111's number N picks the N-th hidden state from the end. SD encodes from the last layer (library
+clip_skip = N - 1); SDXL from the penultimate one, so N = 1 and N = 2 are SDXL's own conditioning and N > 2 skips
+N - 2 layers more in both text encoders (library clip_skip = N - 2). A1111 itself ignores clip skip on SDXL unless
+its "sdxl_clip_l_skip" option is on (and then only in CLIP-L): a PNG's "Clip skip: 2" reproduces either way.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from ..config import is_real
+from ..errors import UsageError
+from .generate_a1111 import A1111_REFINER
+from .generate_model import ModelSource, local_kind, locate_model
+from .generate_settings import FLAGS, GenerateSettings, warn
+
+# pipelines.sdxl.SDXL_CLASSES (not imported: no torch before the checks)
+SDXL_CLASS_NAMES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
+SDXL_FILE_PREFIX = "conditioner.embedders."    # the original SDXL single files' text encoders
+SDXL_KEYS = ("refiner", "refiner_switch", "original_size", "target_size", "crop_top_left")
+DEFAULT_REFINER_SWITCH = 0.8                   # A1111's and diffusers' examples'
+_SIZE = re.compile(r"(\d{1,6})x(\d{1,6})")
+_PAIR = re.compile(r"(\d{1,6}),(\d{1,6})")
+
+
+def add_sdxl_flags(gen: argparse.ArgumentParser) -> None:
+    group = gen.add_argument_group("SDXL (docs/sdxl.md)")
+    add = group.add_argument
+    add("--refiner", default=None, metavar="PATH|HUB_ID|FILE",
+        help="an SDXL refiner (or any SDXL model) that denoises the end of the schedule: a folder, Hub id or file")
+    add("--refiner-switch", type=float, default=None, metavar="F",
+        help=f"the fraction of the noise schedule the base denoises before the refiner (default "
+             f"{DEFAULT_REFINER_SWITCH}; A1111's 'Refiner switch at')")
+    add("--original-size", default=None, metavar="WxH",
+        help="SDXL micro-conditioning: the size the image 'was' before cropping (default: the image size)")
+    add("--target-size", default=None, metavar="WxH", help="SDXL micro-conditioning: the target size (default: "
+                                                           "the image size)")
+    add("--crop-top-left", default=None, metavar="TOP,LEFT",
+        help="SDXL micro-conditioning: the crop's top-left corner (default 0,0: an uncropped image)")
+
+
+# ---- before the model loads --------------------------------------------------------------------------------------
+def model_family(source: ModelSource) -> str | None:
+    """"sdxl" or "sd" (every other family) from the files, without loading; None when it cannot tell cheaply
+    (a .ckpt file, an unreadable index: the load says what is wrong)."""
+    if source.kind == "single_file":
+        if source.path.suffix != ".safetensors":
+            return None
+        from ..errors import LatentDiffError
+        from ..safetensors_header import check_safetensors_header
+
+        try:
+            header = check_safetensors_header(source.path)
+        except (LatentDiffError, OSError):
+            return None
+        return "sdxl" if any(key.startswith(SDXL_FILE_PREFIX) for key in header) else "sd"
+    try:
+        index = json.loads((source.path / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return "sdxl" if isinstance(index, dict) and index.get("_class_name") in SDXL_CLASS_NAMES else "sd"
+
+
+def settle_sdxl(args: argparse.Namespace, stored: dict[str, Any], settings: GenerateSettings,
+                source: ModelSource) -> GenerateSettings:
+    """The SDXL settings checked (values, and against the model's family when the files tell it); defaults
+    filled in; the refiner located. A refiner switch a --from PNG holds without its refiner is dropped (an A1111
+    PNG's refiner names a model of that machine)."""
+    origin = {key: FLAGS[key] if getattr(args, key, None) is not None else f"{args.from_png}: {key}"
+              for key in SDXL_KEYS}
+    values = {key: getattr(settings, key) for key in SDXL_KEYS}
+    if values["refiner_switch"] is not None and values["refiner"] is None:
+        if getattr(args, "refiner_switch", None) is not None:
+            raise UsageError("--refiner-switch needs --refiner", where="--refiner-switch", expected="--refiner PATH",
+                             found=values["refiner_switch"])
+        name = stored.get(A1111_REFINER)
+        warn(f"{args.from_png} was refined by {'the A1111 model ' + repr(name) if name else 'a model not named'}"
+             f", switching at {values['refiner_switch']}: pass --refiner to refine it too")
+        values["refiner_switch"] = None
+    for key in ("original_size", "target_size"):
+        if values[key] is not None:
+            parse_pair(values[key], _SIZE, where=origin[key], expected="WIDTHxHEIGHT, e.g. 1024x1024")
+    if values["crop_top_left"] is not None:
+        parse_pair(values["crop_top_left"], _PAIR, where=origin["crop_top_left"], expected="TOP,LEFT, e.g. 0,0")
+    switch = values["refiner_switch"]
+    if values["refiner"] is not None:
+        refiner = values["refiner"]
+        if not isinstance(refiner, str) or not refiner or len(refiner) > 4096:
+            raise UsageError("bad value for refiner", where=origin["refiner"], expected="a path or Hub id",
+                             found=repr(refiner)[:200])
+        found = locate_model(refiner)
+        if model_family(found) == "sd":
+            raise UsageError("the refiner must be an SDXL model", where=origin["refiner"],
+                             expected="an SDXL refiner (or base) folder, file or Hub id", found=refiner)
+        values["refiner"] = found.name if local_kind(refiner) is None else str(Path(refiner).expanduser().resolve())
+        if switch is None:
+            switch = DEFAULT_REFINER_SWITCH
+        if not is_real(switch) or not 0.0 < float(switch) < 1.0:
+            raise UsageError("bad value for refiner_switch", where=origin["refiner_switch"],
+                             expected="a number strictly between 0 and 1", found=repr(switch))
+        values["refiner_switch"] = float(switch)
+        for key in ("hires_scale", "mask", "tile_size"):
+            if getattr(settings, key) is not None:
+                raise UsageError(f"{FLAGS[key]} cannot be combined with --refiner yet", where=FLAGS[key],
+                                 expected=f"no {FLAGS[key]} with --refiner", found=repr(getattr(settings, key)))
+    check_family(model_family(source), settings, values, origin)
+    return dataclasses.replace(settings, **values)
+
+
+def check_family(family: str | None, settings: GenerateSettings, values: dict[str, Any],
+                 origin: dict[str, str]) -> None:
+    """The flags of one family refused on the other (None: not known before loading; `check_loaded` then)."""
+    if family == "sd":
+        used = [key for key in SDXL_KEYS if values[key] is not None]
+        if used:
+            raise UsageError(f"{FLAGS[used[0]]} is for SDXL models", where=origin[used[0]],
+                             expected="an SDXL --model (its model_index.json names StableDiffusionXLPipeline)",
+                             found=settings.model)
+    elif family == "sdxl":
+        for key in ("mask", "hires_scale"):
+            value = getattr(settings, key)
+            if value is not None:
+                what = "inpainting" if key == "mask" else "the hires fix"
+                raise UsageError(f"{what} with SDXL models is not in `latentdiff generate` yet", where=FLAGS[key],
+                                 expected=f"no {FLAGS[key]} with an SDXL --model (the Python API: docs/sdxl.md)",
+                                 found=settings.model)
+
+
+def parse_pair(text: Any, pattern: re.Pattern[str], *, where: str, expected: str) -> tuple[int, int]:
+    """"1024x768" or "0,0" -> (1024, 768), (0, 0): the numbers in the order written."""
+    match = pattern.fullmatch(text.strip()) if isinstance(text, str) else None
+    if match is None:
+        raise UsageError("bad value", where=where, expected=expected, found=repr(text)[:80])
+    return int(match.group(1)), int(match.group(2))
+
+
+# ---- once the model is loaded --------------------------------------------------------------------------------------
+def is_sdxl(pipe: Any) -> bool:
+    from ..pipelines.sdxl import StableDiffusionXLPipeline
+
+    return isinstance(pipe, StableDiffusionXLPipeline)
+
+
+def check_loaded(pipe: Any, settings: GenerateSettings) -> None:
+    """The checks `settle_sdxl` could not make before loading (a .ckpt model), and a refiner as --model without
+    an image to refine."""
+    sdxl = is_sdxl(pipe)
+    values = {key: getattr(settings, key) for key in SDXL_KEYS}
+    check_family("sdxl" if sdxl else "sd", settings, values, {key: FLAGS[key] for key in SDXL_KEYS})
+    if sdxl and pipe.requires_aesthetics_score and settings.init_image is None:
+        raise UsageError("this is an SDXL refiner: it refines an image, it does not start from noise",
+                         where="--model", expected="an SDXL base with --refiner REFINER, or --init-image",
+                         found=settings.model)
+
+
+def a1111_clip_skip(pipe: Any, clip_skip: int | None) -> int | None:
+    """A1111's clip skip (the N-th hidden state from the end) -> the pipeline's clip_skip (layers skipped before the
+    one it encodes from: the last for SD, the penultimate for SDXL; see the module docstring)."""
+    own = 2 if is_sdxl(pipe) else 1
+    return None if clip_skip is None or clip_skip <= own else clip_skip - own
+
+
+def a1111_clip_layers(pipe: Any) -> int | None:
+    """The largest A1111 clip skip the pipeline's text encoders take (None: none to skip, e.g. LDMBert)."""
+    if not is_sdxl(pipe):
+        return getattr(getattr(pipe, "text_encoder", None), "clip_skip_layers", None)
+    counts = [getattr(encoder.model.config, "num_hidden_layers", None)
+              for encoder in (pipe.text_encoder, pipe.text_encoder_2) if encoder is not None]
+    return min(counts) if counts and all(isinstance(n, int) for n in counts) else None
+
+
+def refiner_sampler(refiner: Any, sampler: Any) -> Any:
+    """The refiner's sampler switched to the base's method and schedule (its own timestep settings kept), as A1111
+    carries on with the base's sampler."""
+    from ..diffusion.samplers import switch_sampler
+
+    switched = switch_sampler(refiner.sampler, sampler.registry_name)
+    schedule = getattr(sampler, "sigma_schedule", None)
+    if schedule is not None and getattr(switched, "sigma_schedule", schedule) != schedule:
+        switched = switched.with_options(sigma_schedule=schedule)
+    return switched
+
+
+def micro_conditioning(settings: GenerateSettings) -> dict[str, Any]:
+    """The SDXL pipeline keywords of the micro-conditioning flags given (diffusers' (height, width) / (top, left))."""
+    options: dict[str, Any] = {}
+    for key in ("original_size", "target_size"):
+        if getattr(settings, key) is not None:
+            width, height = parse_pair(getattr(settings, key), _SIZE, where=FLAGS[key], expected="WIDTHxHEIGHT")
+            options[key] = (height, width)
+    if settings.crop_top_left is not None:
+        options["crops_coords_top_left"] = parse_pair(settings.crop_top_left, _PAIR, where=FLAGS["crop_top_left"],
+                                                      expected="TOP,LEFT")
+    return options
+
+
+def call_sdxl(pipe: Any, refiner: Any, settings: GenerateSettings, images: Any, prompt: Any, *, height: int,
+              width: int, **common: Any) -> Any:
+    """One call of `latentdiff generate` on an SDXL pipeline: text-to-image or image-to-image, then the refiner
+    from the base's latents when there is one."""
+    from ..pipelines.sdxl_image import StableDiffusionXLImg2ImgPipeline
+
+    common |= micro_conditioning(settings)
+    if images.init is not None:
+        img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(pipe)
+        image = img2img.preprocess_image(images.init, size=(height, width))
+
+        def first(**extra: Any) -> Any:
+            return img2img(prompt, image=image, strength=settings.strength, **common, **extra)
+    else:
+        def first(**extra: Any) -> Any:
+            return pipe(prompt, height=height, width=width, tile_size=settings.tile_size, **common, **extra)
+    if refiner is None:
+        return first()
+    switch = settings.refiner_switch
+    latents = first(denoising_end=switch, output_type="latent").images
+    return refiner(prompt, image=latents, denoising_start=switch, **common)
