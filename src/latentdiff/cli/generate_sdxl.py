@@ -185,9 +185,9 @@ def a1111_clip_layers(pipe: Any) -> int | None:
     """The largest A1111 clip skip the pipeline's text encoders take (None: none to skip, e.g. LDMBert)."""
     if not is_sdxl(pipe):
         return getattr(getattr(pipe, "text_encoder", None), "clip_skip_layers", None)
-    counts = [getattr(encoder.model.config, "num_hidden_layers", None)
-              for encoder in (pipe.text_encoder, pipe.text_encoder_2) if encoder is not None]
-    return min(counts) if counts and all(isinstance(n, int) for n in counts) else None
+    encoders = [encoder for encoder in (pipe.text_encoder, pipe.text_encoder_2) if encoder is not None]
+    counts = [n for n in (getattr(e.model.config, "num_hidden_layers", None) for e in encoders) if isinstance(n, int)]
+    return min(counts) if counts and len(counts) == len(encoders) else None
 
 
 def refiner_sampler(refiner: Any, sampler: Any) -> Any:
