@@ -471,15 +471,6 @@ def _inception_weights(stand_ins: StandIns, path: Path) -> Path:
     return path
 
 
-def _sdxl(kind: str) -> Callable[[StandIns, Path], Path]:
-    """A tiny SDXL base or refiner folder (tests/_support/sdxl_native.py), for the pages' `--model sdxl-base`."""
-    def build(stand_ins: StandIns, path: Path) -> Path:
-        from tests._support.sdxl_native import write_tiny_sdxl
-
-        return write_tiny_sdxl(path, kind=kind, seed=0 if kind == "base" else 5)
-    return build
-
-
 FILES: dict[str, Callable[[StandIns, Path], Path]] = {
     "v1-5-pruned-emaonly.safetensors": _single_file,
     "vae-ft-mse-840000-ema-pruned.ckpt": _vae_ckpt,
@@ -489,8 +480,6 @@ FILES: dict[str, Callable[[StandIns, Path], Path]] = {
     "originals": _image_folder(seed=3),
     "reconstructions": _image_folder(seed=4),
     "prompts.txt": _prompts,
-    "sdxl-base": _sdxl("base"),
-    "sdxl-refiner": _sdxl("refiner"),
     "pt_inception-2015-12-05-6726825d.pth": _inception_weights,
 }
 METRICS_WORDS = ("pt_inception", "latentdiff eval", "load_inception")   # pages that need the Inception stand-in

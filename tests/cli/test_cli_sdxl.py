@@ -1,7 +1,7 @@
 """`latentdiff generate` with SDXL models (cli/generate_sdxl.py, issue 18) on tiny SDXL folders: the command's
 images are the Python API's for the same settings and seed, pixel for pixel (defaults, clip skip in A1111's
-numbering, micro-conditioning, the refiner hand-off, img2img); the family's flags are refused on the other
-family before anything loads."""
+numbering, micro-conditioning, the refiner hand-off, img2img, the hires fix); the family's flags are refused on
+the other family before anything loads."""
 from __future__ import annotations
 
 import numpy as np
@@ -106,6 +106,24 @@ def test_img2img_runs_the_sdxl_image_to_image_pipeline(folders, base):
     assert np.array_equal(pixels("i.png"), api(expected))
 
 
+@pytest.mark.parametrize("upscaler", ["latent", "image"])
+def test_the_hires_fix_is_the_first_pass_upscaled_then_image_to_image(folders, base, upscaler):
+    assert main(["generate", PROMPT, "--model", str(folders[0]), "--hires-scale", "1.5", "--hires-steps", "3",
+                 "--hires-strength", "0.6", "--hires-upscaler", upscaler, "--steps", "2", "--seed", "5",
+                 "-o", "h.png"]) == 0
+    gens = generators(5)
+    z = base([PROMPT], num_inference_steps=2, generator=gens, progress=False, output_type="latent").images
+    img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(base)
+    if upscaler == "latent":
+        start = torch.nn.functional.interpolate(z, size=(24, 24), mode="bilinear", align_corners=False)
+    else:
+        start = [image.resize((48, 48), Image.Resampling.LANCZOS) for image in base.output(z, "pil").images]
+    expected = img2img([PROMPT], image=start, strength=0.6, num_inference_steps=3, generator=gens,
+                       progress=False).images
+    assert pixels("h.png").shape == (48, 48, 3)
+    assert np.array_equal(pixels("h.png"), api(expected))
+
+
 @pytest.fixture
 def sd_builtin(monkeypatch, tmp_path_factory):
     folder = make_tiny_shapes_model(tmp_path_factory.mktemp("builtin") / "shapes-64")
@@ -121,7 +139,7 @@ def test_one_familys_flags_are_refused_on_the_other_before_loading(folders, sd_b
     cases = [
         (["x", "--refiner", refiner], ["--refiner is for SDXL models"]),                 # the built-in SD model
         (["x", "--original-size", "64x64"], ["--original-size is for SDXL models"]),
-        (["x", "--model", base, "--hires-scale", "2"], ["hires fix with SDXL", "--hires-scale"]),
+        (["x", "--model", base, "--hires-scale", "2", "--tile-size", "16"], ["--tile-size", "hires"]),
         (["x", "--model", base, "--init-image", "init.png", "--mask", "init.png"], ["inpainting with SDXL"]),
         (["x", "--model", base, "--refiner-switch", "0.5"], ["--refiner-switch needs --refiner"]),
         (["x", "--model", base, "--refiner", refiner, "--refiner-switch", "1.5"], ["refiner_switch", "between 0"]),

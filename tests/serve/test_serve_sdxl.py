@@ -1,7 +1,7 @@
 """`latentdiff serve` with an SDXL checkpoint (issue 18): A1111's txt2img / img2img and the OpenAI endpoint run the
 SDXL pipeline classes, and the served pixels are the Python API's for the same seed and settings; A1111's
 refiner_checkpoint / refiner_switch_at hand the base's latents to the refiner as the Python API does; what the
-server does not do with SDXL yet is a 422 naming the field."""
+server does not do with SDXL yet is a 422 naming the field; the hires fix is the command's composition."""
 from __future__ import annotations
 
 import base64
@@ -111,8 +111,21 @@ def test_the_openai_endpoint_runs_the_sdxl_model(client, base):
     assert np.array_equal(image, expected(base(PROMPT, height=32, width=32, **call(9, 2)).images))
 
 
+def test_the_hires_fix_runs_the_sdxl_composition(client, base):
+    body = {"prompt": PROMPT, "seed": 3, "steps": 2, "cfg_scale": 5, "enable_hr": True, "hr_scale": 1.5,
+            "hr_second_pass_steps": 3, "denoising_strength": 0.6}
+    response = client.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 200, response.text
+    gens = call(3, 2)["generator"]
+    z = base(PROMPT, height=32, width=32, output_type="latent", **call(3, 2) | {"generator": gens}).images
+    start = torch.nn.functional.interpolate(z, size=(24, 24), mode="bilinear", align_corners=False)
+    img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(base)
+    reference = img2img(PROMPT, image=start, strength=0.6, **call(3, 3) | {"generator": gens}).images
+    assert np.array_equal(decoded(response.json()["images"][0])[0], expected(reference))
+
+
 @pytest.mark.parametrize(("body", "field"), [
-    ({"enable_hr": True}, "enable_hr"),
+    ({"enable_hr": True, "refiner_checkpoint": "refiner", "refiner_switch_at": 0.5}, "refiner_checkpoint"),
     ({"refiner_checkpoint": "refiner", "refiner_switch_at": 0.0}, "refiner_switch_at"),
     ({"refiner_checkpoint": "nowhere", "refiner_switch_at": 0.5}, "refiner_checkpoint"),
 ])

@@ -7,7 +7,8 @@ flags, A1111's clip skip on SDXL, and the SDXL pipeline classes where the comman
 
 The model's family is read before anything loads (model_index.json's `_class_name`, a single file's tensor names),
 so a flag of the other family is an error naming it before the weights are read: the SDXL flags on an SD model,
-`--mask` and `--hires-scale` on SDXL (their SDXL pipelines are not wired to the command yet).
+`--mask` on SDXL (the SDXL inpainting pipeline is not wired to the command yet). The hires fix on SDXL is
+`sdxl_hires_fix`, composed as `pipelines.hires.hires_fix` composes SD's.
 
 The refiner: the base denoises the first `--refiner-switch` of the noise schedule (`denoising_end`) and returns
 latents; the refiner (`StableDiffusionXLImg2ImgPipeline`, the same sampler, steps, guidance, prompts and
@@ -138,13 +139,13 @@ def check_family(family: str | None, settings: GenerateSettings, values: dict[st
                              expected="an SDXL --model (its model_index.json names StableDiffusionXLPipeline)",
                              found=settings.model)
     elif family == "sdxl":
-        for key in ("mask", "hires_scale"):
-            value = getattr(settings, key)
-            if value is not None:
-                what = "inpainting" if key == "mask" else "the hires fix"
-                raise UsageError(f"{what} with SDXL models is not in `latentdiff generate` yet", where=FLAGS[key],
-                                 expected=f"no {FLAGS[key]} with an SDXL --model (the Python API: docs/sdxl.md)",
-                                 found=settings.model)
+        if settings.mask is not None:
+            raise UsageError("inpainting with SDXL models is not in `latentdiff generate` yet", where=FLAGS["mask"],
+                             expected="no --mask with an SDXL --model", found=settings.model)
+        if settings.hires_scale is not None and settings.tile_size is not None:
+            raise UsageError("--tile-size with the SDXL hires fix is not in `latentdiff generate` yet",
+                             where=FLAGS["tile_size"], expected="no --tile-size with --hires-scale on SDXL",
+                             found=settings.tile_size)
 
 
 def parse_pair(text: Any, pattern: re.Pattern[str], *, where: str, expected: str) -> tuple[int, int]:
@@ -222,6 +223,10 @@ def call_sdxl(pipe: Any, refiner: Any, settings: GenerateSettings, images: Any, 
     from ..pipelines.sdxl_image import StableDiffusionXLImg2ImgPipeline
 
     common |= micro_conditioning(settings)
+    if settings.hires_scale is not None:
+        return sdxl_hires_fix(pipe, prompt, scale=settings.hires_scale, steps=settings.hires_steps,
+                              strength=settings.hires_strength, upscaler=settings.hires_upscaler or "latent",
+                              height=height, width=width, **common)
     if images.init is not None:
         img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(pipe)
         image = img2img.preprocess_image(images.init, size=(height, width))
@@ -236,3 +241,42 @@ def call_sdxl(pipe: Any, refiner: Any, settings: GenerateSettings, images: Any, 
     switch = settings.refiner_switch
     latents = first(denoising_end=switch, output_type="latent").images
     return refiner(prompt, image=latents, denoising_start=switch, **common)
+
+
+def sdxl_hires_fix(pipe: Any, prompt: Any, *, scale: float, steps: int | None, strength: float | None,
+                   upscaler: str, height: int, width: int, num_inference_steps: int, **common: Any) -> Any:
+    """A1111's hires fix with an SDXL pipeline, composed as `pipelines.hires.hires_fix` composes SD's: the first
+    pass's latents at (height, width), upscaled (`hires.upscale`: the latents interpolated, or decoded, resized
+    with Lanczos and encoded), then `StableDiffusionXLImg2ImgPipeline` at `strength` over `steps` (None / 0: the
+    first pass's) at the scaled size, its micro-conditioning that size's. Random numbers in hires_fix's order:
+    x_T, (the posterior sample), the second pass's eps, from the same generators."""
+    from ..pipelines.base import to_output
+    from ..pipelines.hires import (
+        DEFAULT_STRENGTH,
+        LATENT_MODES,
+        check_upscaler,
+        hires_size,
+        second_pass_steps,
+        upscale,
+    )
+    from ..pipelines.sdxl_image import StableDiffusionXLImg2ImgPipeline
+
+    check_upscaler(upscaler)
+    big = hires_size(height, width, scale, pipe.vae_scale_factor)
+    pipe.check_pixels(*big, pipe.prompt_count(prompt) * common.get("num_images_per_prompt", 1))
+    second = second_pass_steps(steps, num_inference_steps)
+    output_type = common.pop("output_type", "pil")
+    first = pipe(prompt, height=height, width=width, num_inference_steps=num_inference_steps,
+                 output_type="latent", **common).images
+    if pipe.interrupt:
+        return pipe.output(first, output_type)
+    img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(pipe)
+    if upscaler in LATENT_MODES:
+        start: Any = upscale(pipe, first, big, upscaler=upscaler)
+    else:     # decoded, resized with Lanczos; the image-to-image call encodes them (the posterior sample)
+        from PIL import Image
+
+        start = [image.resize((big[1], big[0]), Image.Resampling.LANCZOS)
+                 for image in to_output(pipe.decode(first), "pil")]
+    return img2img(prompt, image=start, strength=DEFAULT_STRENGTH if strength is None else strength,
+                   num_inference_steps=second, output_type=output_type, **common)

@@ -24,7 +24,8 @@ is used by samplers that have one (DDIM); with the others it is listed as ignore
 latentdiff's too). `<lora:NAME:W>` tags must name a LoRA the catalog lists (`/sdapi/v1/loras`): a name with a
 path in it (`../../etc/passwd`) names none. subseed / subseed_strength are A1111's variation seeds (serve.render).
 refiner_checkpoint with refiner_switch_at in (0, 1) hands an SDXL base's latents to an SDXL refiner (as `latentdiff
-generate --refiner`); the hires fix and inpainting with SDXL are refused (a 422) until they are wired here.
+generate --refiner`; not with the hires fix, which SDXL models run as `latentdiff generate` does); inpainting with
+SDXL is refused (a 422) until it is wired here.
 CLIP_stop_at_last_layers beyond the model's text encoder (the built-in LDMBert has no layers to skip) is refused in
 a request's override_settings and, as the server-wide option an A1111 client set once, listed as ignored.
 """
@@ -169,10 +170,7 @@ def txt2img_request(data: Any, *, options: Options, catalog: Any, settings: Serv
     body = Body(data)
     common = _common(body, options=options, catalog=catalog, settings=settings, defaults=defaults, rng=rng)
     hires = _hires(body, common, settings=settings)
-    facts = common.pop("facts")
-    if hires is not None and facts().sdxl:
-        raise RequestError("the hires fix with SDXL models is not in the server yet", field="enable_hr",
-                           expected="false with an SDXL checkpoint", found=True)
+    common.pop("facts")
     if hires is not None and common["refiner"] is not None:
         raise RequestError("the hires fix with a refiner is not in the server yet", field="refiner_checkpoint",
                            expected="no refiner with enable_hr", found=common["refiner"])

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..cli.generate_sdxl import a1111_clip_skip, is_sdxl, refiner_sampler
+from ..cli.generate_sdxl import a1111_clip_skip, is_sdxl, refiner_sampler, sdxl_hires_fix
 from ..diffusion.noise import randn
 from ..diffusion.samplers.base import switch_sampler
 from ..diffusion.samplers.names import has_schedule
@@ -91,6 +91,11 @@ def _call(pipe: Any, units: Sequence[Unit], *, lora_dirs: Sequence[Path], callba
         clip_skip=a1111_clip_skip(pipe, request.clip_skip), lora_dirs=list(lora_dirs) or None)
     if request.refiner is not None:   # the base's share of the schedule, as latents for the refiner (_refine)
         common |= {"denoising_end": request.refiner_switch, "output_type": "latent"}
+    if request.hires is not None and is_sdxl(pipe):   # the same composition as `latentdiff generate`'s
+        hires = request.hires
+        return list(sdxl_hires_fix(pipe, prompt, scale=hires.scale, steps=hires.steps, strength=hires.strength,
+                                   upscaler=hires.upscaler, height=request.height, width=request.width,
+                                   **common).images)
     if request.hires is not None:
         from ..adapters.api import prompt_adapters
         from ..pipelines.hires import hires_fix
