@@ -144,6 +144,7 @@ def test_one_familys_flags_are_refused_on_the_other_before_loading(folders, sd_b
         (["x", "--model", base, "--refiner-switch", "0.5"], ["--refiner-switch needs --refiner"]),
         (["x", "--model", base, "--refiner", refiner, "--refiner-switch", "1.5"], ["refiner_switch", "between 0"]),
         (["x", "--model", base, "--original-size", "64"], ["--original-size", "WIDTHxHEIGHT"]),
+        (["x", "--model", base, "--refiner", "no/such/refiner"], ["no such model folder", "--refiner"]),
     ]
     with monkeypatch.context() as patch:
         patch.setattr(StableDiffusionXLPipeline, "from_pretrained", never)

@@ -27,13 +27,12 @@ import argparse
 import dataclasses
 import json
 import re
-from pathlib import Path
 from typing import Any
 
 from ..config import is_real
 from ..errors import UsageError
 from .generate_a1111 import A1111_REFINER
-from .generate_model import ModelSource, local_kind, locate_model
+from .generate_model import ModelSource, locate_model
 from .generate_settings import FLAGS, GenerateSettings, warn
 
 # pipelines.sdxl.SDXL_CLASSES (not imported: no torch before the checks)
@@ -104,17 +103,21 @@ def settle_sdxl(args: argparse.Namespace, stored: dict[str, Any], settings: Gene
             parse_pair(values[key], _SIZE, where=origin[key], expected="WIDTHxHEIGHT, e.g. 1024x1024")
     if values["crop_top_left"] is not None:
         parse_pair(values["crop_top_left"], _PAIR, where=origin["crop_top_left"], expected="TOP,LEFT, e.g. 0,0")
+    check_family(model_family(source), settings, values, origin)
     switch = values["refiner_switch"]
     if values["refiner"] is not None:
         refiner = values["refiner"]
         if not isinstance(refiner, str) or not refiner or len(refiner) > 4096:
             raise UsageError("bad value for refiner", where=origin["refiner"], expected="a path or Hub id",
                              found=repr(refiner)[:200])
-        found = locate_model(refiner)
+        try:
+            found = locate_model(refiner)
+        except UsageError as e:
+            raise UsageError(e.message, where=origin["refiner"], expected=e.expected, found=refiner) from None
         if model_family(found) == "sd":
             raise UsageError("the refiner must be an SDXL model", where=origin["refiner"],
                              expected="an SDXL refiner (or base) folder, file or Hub id", found=refiner)
-        values["refiner"] = found.name if local_kind(refiner) is None else str(Path(refiner).expanduser().resolve())
+        values["refiner"] = found.name     # a local folder or file as its absolute path, a Hub id as given
         if switch is None:
             switch = DEFAULT_REFINER_SWITCH
         if not is_real(switch) or not 0.0 < float(switch) < 1.0:
@@ -125,7 +128,6 @@ def settle_sdxl(args: argparse.Namespace, stored: dict[str, Any], settings: Gene
             if getattr(settings, key) is not None:
                 raise UsageError(f"{FLAGS[key]} cannot be combined with --refiner yet", where=FLAGS[key],
                                  expected=f"no {FLAGS[key]} with --refiner", found=repr(getattr(settings, key)))
-    check_family(model_family(source), settings, values, origin)
     return dataclasses.replace(settings, **values)
 
 
