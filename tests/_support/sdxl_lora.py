@@ -1,0 +1,96 @@
+"""SDXL LoRA files for the tiny SDXL of sdxl.py, in the spellings people download: kohya's (`lora_unet_*` with the
+original SGM block numbers, `lora_te1_*` for CLIP-L, `lora_te2_*` for bigG) and diffusers / PEFT's (`unet.`,
+`text_encoder.`, `text_encoder_2.` with lora_A / lora_B).
+
+The kohya UNet names are spelled from latentdiff's original-layout key table (convert.unet_ldm) and each one is
+checked against diffusers' own kohya conversion (`kohya_unet_names`): diffusers is the oracle of the mapping, the
+parity tests then compare what both libraries do with the same file.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from tests._support.lora import factors
+
+# the modules a kohya SDXL LoRA (+ LoCon) changes: the transformer blocks, the resnets' convs and time projections,
+# the resamplers; the text encoders' attention and MLP
+UNET_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                 "conv2", "time_emb_proj", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv")
+TEXT_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1",
+                 "mlp.fc2")
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+Found = list[tuple[str, str, tuple[int, ...]]]
+
+
+def sdxl_targets(unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Module | None], *,
+                 unet_suffixes: Iterable[str] = UNET_SUFFIXES,
+                 text_suffixes: Iterable[str] = TEXT_SUFFIXES) -> Found:
+    """[(component, module name, weight shape)]: UNet modules by diffusers' names, text modules by transformers'
+    (`text_model.encoder.layers.0.self_attn.q_proj`) whichever model holds them."""
+    found = []
+    unet_suffixes, text_suffixes = tuple(unet_suffixes), tuple(text_suffixes)
+    for name, m in unet.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and name.endswith(unet_suffixes):
+            found.append(("unet", name, tuple(m.weight.shape)))
+    for component, model in text_encoders.items():
+        for name, m in (model.named_modules() if model is not None else ()):
+            if isinstance(m, torch.nn.Linear) and name.endswith(text_suffixes):
+                full = name if name.startswith("text_model.") else "text_model." + name
+                found.append((component, full, tuple(m.weight.shape)))
+    return found
+
+
+def diffusers_unet_name(kohya_prefix: str, unet_config: Any) -> str:
+    """The diffusers module a kohya UNet key prefix names, by diffusers' own conversion (SGM block renumbering
+    from the UNet config, then its kohya renames), spelled as the module's name."""
+    from diffusers.loaders.lora_conversion_utils import _convert_unet_lora_key, _maybe_map_sgm_blocks_to_diffusers
+
+    (key,) = _maybe_map_sgm_blocks_to_diffusers({kohya_prefix + ".lora_down.weight": None}, unet_config)
+    name = _convert_unet_lora_key(key)
+    for suffix in ("_lora.down.weight", ".lora.down.weight"):
+        name = name.removesuffix(suffix)
+    name = name.replace(".processor.", ".")
+    return name + ".0" if name.endswith("to_out") else name
+
+
+def kohya_unet_names(unet: torch.nn.Module, names: Iterable[str], diffusers_config: Any) -> dict[str, str]:
+    """{diffusers module name: kohya key prefix in the original SGM numbering} for `names` of latentdiff's UNet,
+    each checked to be what diffusers' conversion (with the diffusers UNet's `diffusers_config`) maps back to the
+    same module (AssertionError otherwise)."""
+    from latentdiff.convert.keymap import invert, resolve
+    from latentdiff.convert.unet_ldm import UNetArch
+
+    table = invert(UNetArch.from_config(unet.config).keymap())
+    out = {}
+    for name in names:
+        hit = resolve(table, name + ".weight")
+        (original,) = hit.outputs()
+        prefix = "lora_unet_" + original.removesuffix(".weight").replace(".", "_")
+        out[name] = prefix
+        assert diffusers_unet_name(prefix, diffusers_config) == name, (prefix, name)
+    return out
+
+
+def kohya_sdxl(found: Found, unet_names: dict[str, str], *, rank: int = 4, alpha: float | None = 2.0,
+               seed: int = 0, std: float = 0.2) -> dict[str, torch.Tensor]:
+    """A kohya SDXL file: lora_unet_<SGM name> (`unet_names`), lora_te1_ / lora_te2_ + transformers' name."""
+    state = {}
+    for i, (component, name, shape) in enumerate(found):
+        key = unet_names[name] if component == "unet" else KOHYA_PREFIXES[component] + name.replace(".", "_")
+        down, up = factors(shape, rank, seed + i, std)
+        state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"] = down, up
+        if alpha is not None:
+            state[f"{key}.alpha"] = torch.tensor(alpha)
+    return state
+
+
+def peft_sdxl(found: Found, *, rank: int = 4, seed: int = 0, std: float = 0.2) -> dict[str, torch.Tensor]:
+    """A diffusers / PEFT SDXL file: `<component>.<module>.lora_A.weight` / `.lora_B.weight`."""
+    state = {}
+    for i, (component, name, shape) in enumerate(found):
+        down, up = factors(shape, rank, seed + i, std)
+        state[f"{component}.{name}.lora_A.weight"], state[f"{component}.{name}.lora_B.weight"] = down, up
+    return state
