@@ -137,10 +137,11 @@ def save_lora_weights(deltas: Any, path: str | os.PathLike, *, metadata: Mapping
     deltas: {"unet": {module name: Delta}, "text_encoder": {...}, "text_encoder_2": {...}} with diffusers /
     latentdiff module names ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
     "text_model.encoder.layers.0.self_attn.q_proj" or without `text_model.`), or a pipeline: its adapter
-    `adapter_name` loaded by `load_lora_weights` (the only one when None). metadata: extra `ss_*` (or any) text entries, over the ones written (ss_network_module
-    "networks.lora" for plain LoRA, "lycoris.kohya" otherwise; ss_network_dim / ss_network_alpha;
-    ss_base_model_version "sd_v1" / "sd_v2" from a pipeline's text-encoder width, "sdxl_base_v1-0" from an SDXL
-    base pipeline, whose UNet keys are written with the original block names)."""
+    `adapter_name` loaded by `load_lora_weights` (the only one when None). metadata: extra `ss_*` (or any) text
+    entries, over the ones written (ss_network_module "networks.lora" for plain LoRA, "lycoris.kohya" otherwise;
+    ss_network_dim / ss_network_alpha; ss_base_model_version "sd_v1" / "sd_v2" from a pipeline's text-encoder
+    width, "sdxl_base_v1-0" from an SDXL base pipeline, whose UNet keys are written with the original block
+    names)."""
     target = Path(path)
     if target.is_dir() or not target.parent.is_dir():
         raise InputError("save_lora_weights writes one file into an existing folder", where=f"path: {target}",
