@@ -94,3 +94,55 @@ def peft_sdxl(found: Found, *, rank: int = 4, seed: int = 0, std: float = 0.2) -
         down, up = factors(shape, rank, seed + i, std)
         state[f"{component}.{name}.lora_A.weight"], state[f"{component}.{name}.lora_B.weight"] = down, up
     return state
+
+
+# ---- latentdiff's SDXL parts, and what both libraries compute from them -----------------------------------------
+def load_parts(folder: Any, *, refiner: bool = False) -> Any:
+    """latentdiff's UNet and text encoders of a tiny SDXL folder, on an object with the pipelines' adapter methods
+    (LoraMixin): what the adapters patch, without the pipeline around them."""
+    from latentdiff.models.text_encoder import TextEncoder
+    from latentdiff.models.unet import UNet2DConditional
+    from latentdiff.pipelines.adapter_methods import LoraMixin
+
+    class SDXLParts(LoraMixin):
+        def __init__(self, **parts: Any) -> None:
+            self.__dict__.update(parts)
+
+    te1 = None if refiner else TextEncoder.from_pretrained(folder, subfolder="text_encoder",
+                                                           tokenizer_subfolder="tokenizer")
+    te2 = TextEncoder.from_pretrained(folder, subfolder="text_encoder_2", tokenizer_subfolder="tokenizer_2")
+    return SDXLParts(unet=UNet2DConditional.from_pretrained(folder, subfolder="unet"), text_encoder=te1,
+                     text_encoder_2=te2)
+
+
+def unet_inputs(unet: Any, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """x, t, context and added_cond for the tiny SDXL UNet (6 time ids, or the refiner's 5)."""
+    g = torch.Generator().manual_seed(seed)
+    config = unet.config
+    numbers = (config.projection_class_embeddings_input_dim - 24) // config.addition_time_embed_dim
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    context = torch.randn(2, 7, config.cross_attention_dim, generator=g)
+    ids = torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0], [24.0, 32.0, 4.0, 2.0, 32.0, 28.0]])[:, :numbers]
+    return x, torch.tensor([999, 17]), context, {"text_embeds": torch.randn(2, 24, generator=g), "time_ids": ids}
+
+
+@torch.no_grad()
+def conditioning(parts: Any, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """latentdiff's SDXL text conditioning: both encoders' penultimate states (without the final norm)
+    concatenated, and bigG's projected pooled output (the refiner: bigG alone)."""
+    states, pooled = [], None
+    for encoder in (parts.text_encoder, parts.text_encoder_2):
+        if encoder is not None:
+            hidden, pooled = encoder.encode_with_pooled(encoder.tokenize([prompt]), layer="penultimate",
+                                                        apply_final_norm=False)
+            states.append(hidden)
+    assert pooled is not None
+    return torch.cat(states, dim=-1), pooled
+
+
+@torch.no_grad()
+def diffusers_conditioning(ref: Any, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """diffusers' SDXL encode_prompt (one prompt, no guidance): (prompt_embeds, pooled_prompt_embeds)."""
+    embeds, _, pooled, _ = ref.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
+                                             do_classifier_free_guidance=False)
+    return embeds, pooled
