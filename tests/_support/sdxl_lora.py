@@ -146,3 +146,14 @@ def diffusers_conditioning(ref: Any, prompt: str) -> tuple[torch.Tensor, torch.T
     embeds, _, pooled, _ = ref.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
                                              do_classifier_free_guidance=False)
     return embeds, pooled
+
+
+def old_diffusers_sdxl(found: Found, *, rank: int = 4, seed: int = 0, std: float = 0.2) -> dict[str, torch.Tensor]:
+    """diffusers' older LoRA names (before PEFT): `unet.<module>.lora.down.weight` / `.lora.up.weight`, the text
+    encoders' `<component>.<module>.lora_linear_layer.down.weight`."""
+    state = {}
+    for i, (component, name, shape) in enumerate(found):
+        down, up = factors(shape, rank, seed + i, std)
+        part = "lora" if component == "unet" else "lora_linear_layer"
+        state[f"{component}.{name}.{part}.down.weight"], state[f"{component}.{name}.{part}.up.weight"] = down, up
+    return state

@@ -1,5 +1,6 @@
 """SDXL LoRAs on the tiny SDXL, against diffusers' StableDiffusionXLPipeline with peft (the oracle): kohya files
-(lora_unet_* in the original SGM block numbering, lora_te1_* / lora_te2_*) and diffusers / PEFT files give the same
+(lora_unet_* in the original SGM block numbering, lora_te1_* / lora_te2_*), diffusers / PEFT files and diffusers'
+older names (lora.down / lora.up, lora_linear_layer) give the same
 UNet outputs and the same text conditioning (both encoders' hidden states, bigG's pooled output) at weight 1, 0.5
 and per-component weights, runtime and fused; unloading gives the base bit for bit; the refiner (bigG only) takes
 UNet and lora_te2_ keys and refuses lora_te1_ ones; a LoRA of the other family (SDXL on SD 1.x, SD 1.x on SDXL)
@@ -24,6 +25,7 @@ from tests._support.sdxl_lora import (
     kohya_sdxl,
     kohya_unet_names,
     load_parts,
+    old_diffusers_sdxl,
     peft_sdxl,
     sdxl_targets,
     unet_inputs,
@@ -50,6 +52,7 @@ def base(tmp_path_factory, diffusers):
     save_file(kohya_sdxl(found, names, seed=1, alpha=2.0), root / "kohya.safetensors")
     (root / "peft").mkdir()
     save_file(peft_sdxl(found, seed=2, std=0.1), root / "peft" / "pytorch_lora_weights.safetensors")
+    save_file(old_diffusers_sdxl(found, seed=6, std=0.1), root / "old_diffusers.safetensors")
     return root, ref, parts, found, names
 
 
@@ -84,7 +87,7 @@ def test_kohya_names_are_the_original_layout_and_diffusers_agrees(base):
     assert original_unet_names(parts.unet)["down_blocks.1.attentions.0.proj_in"] == "input_blocks.4.1.proj_in"
 
 
-@pytest.mark.parametrize("file", ["kohya.safetensors", "peft"])
+@pytest.mark.parametrize("file", ["kohya.safetensors", "peft", "old_diffusers.safetensors"])
 def test_same_outputs_as_diffusers(base, file):
     root, ref, parts, _, _ = base
     before = parameters(parts.unet, parts.text_encoder.model, parts.text_encoder_2.model)
