@@ -204,6 +204,16 @@ def sdxl_embeddings(state: Any, *, where: str, token: str | None, stem: str | No
             for component, key in SDXL_ENCODERS.items()}
 
 
+def read_any(source: Any, *, token: str | None = None, weight_name: str | None = None,
+             **hub: Any) -> Embedding | dict[str, Embedding]:
+    """An SDXL file's two vector sets ({component: Embedding}, `sdxl_embeddings`), else the one Embedding of any
+    other format: read and checked before it is known which pipeline takes it (`for_pipeline` then says)."""
+    state, where, stem = read_source(source, weight_name=weight_name, **hub)
+    if isinstance(state, Mapping) and any(k in state for k in SDXL_KEYS):
+        return sdxl_embeddings(state, where=where, token=token, stem=stem)
+    return embedding_from_state(state, where=where, token=token, stem=stem)
+
+
 # ---- applying ------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Loaded:
@@ -387,17 +397,39 @@ def load_textual_inversion(pipe: Any, pretrained_model_name_or_path: Any, token:
         raise InputError("unknown option of load_textual_inversion", where=unknown[0],
                          expected=f"weight_name or one of {list(HUB_OPTIONS)}", found=unknown)
     options = {HUB_OPTIONS[k]: v for k, v in hub.items()}
-    per: dict[str, list[Embedding]] = {c: [] for c in encoders}
-    files: dict[str, str] = {}
+    sets, files = [], {}
     for source, name in zip(sources, tokens, strict=True):
-        state, where, stem = read_source(source, weight_name=weight_name, **options)
-        sets = sdxl_embeddings(state, where=where, token=name, stem=stem) if sdxl else \
-            {"text_encoder": embedding_from_state(state, where=where, token=name, stem=stem)}
-        for component in encoders:
-            per[component].append(sets[component])
+        found = for_pipeline(pipe, read_any(source, token=name, weight_name=weight_name, **options))
+        sets.append(found)
         if isinstance(source, (str, os.PathLike)):
-            files[next(iter(sets.values())).token] = os.fspath(source)
-    plans = {c: plan(encoders[c], per[c], files=files) for c in encoders}   # every check, for every encoder, first
+            files[next(iter(found.values())).token] = os.fspath(source)
+    add_to_pipeline(pipe, sets, files=files)
+
+
+def for_pipeline(pipe: Any, found: Embedding | dict[str, Embedding]) -> dict[str, Embedding]:
+    """What `read_any` found, per text encoder of `pipe` ({component: Embedding}): an SDXL file's sets on SDXL
+    (the refiner: clip_g), one set on a pipeline with one text encoder; the other pairings are CheckpointErrors."""
+    encoders, sdxl = text_encoders(pipe)
+    if sdxl and isinstance(found, Embedding):
+        raise CheckpointError("an SDXL pipeline takes SDXL embeddings: one vector set per text encoder",
+                              where=found.where, expected=f"a file with the keys {list(SDXL_KEYS)} (CLIP-L (n, 768) "
+                              "and bigG (n, 1280) vectors)", found=f"one vector set of shape "
+                              f"{tuple(found.vectors.shape)} (an SD 1.x / 2.x embedding)")
+    if not sdxl and isinstance(found, dict):
+        where = found["text_encoder"].where.rsplit(": ", 1)[0]
+        raise CheckpointError("an SDXL embedding (one vector set per text encoder) on a pipeline with one text "
+                              "encoder", where=where, expected=f"an SD 1.x / 2.x embedding ({A1111_KEY!r}, "
+                              f"{KOHYA_KEY!r} or one token)", found=list(SDXL_KEYS))
+    return {c: e for c, e in found.items() if c in encoders} if isinstance(found, dict) else {"text_encoder": found}
+
+
+def add_to_pipeline(pipe: Any, sets: Sequence[Mapping[str, Embedding]], *,
+                    files: Mapping[str, str] | None = None) -> None:
+    """Add embeddings ({component: Embedding} each, `for_pipeline`) to the pipeline's text encoders: every check
+    for every encoder first, then the swaps (all or nothing)."""
+    encoders, _ = text_encoders(pipe)
+    per = {c: [s[c] for s in sets if c in s] for c in encoders}
+    plans = {c: plan(encoders[c], per[c], files=files) for c in encoders if per[c]}
     done: list[str] = []
     try:
         for component, args in plans.items():
