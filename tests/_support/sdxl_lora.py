@@ -22,6 +22,19 @@ UNET_SUFFIXES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.
 TEXT_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1",
                  "mlp.fc2")
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+# The released UNets' config.json entries that shape the original block numbering (stabilityai/stable-diffusion-xl-
+# base-1.0 and -refiner-1.0; the same values as tests/models/test_unet_sdxl.py's, which builds them for parity)
+_CROSS, _DOWN, _CROSS_UP, _UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
+SDXL_BASE_UNET = dict(
+    sample_size=128, block_out_channels=[320, 640, 1280], down_block_types=[_DOWN, _CROSS, _CROSS],
+    up_block_types=[_CROSS_UP, _CROSS_UP, _UP], transformer_layers_per_block=[1, 2, 10],
+    attention_head_dim=[5, 10, 20], cross_attention_dim=2048, addition_embed_type="text_time",
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, use_linear_projection=True)
+SDXL_REFINER_UNET = dict(
+    sample_size=128, block_out_channels=[384, 768, 1536, 1536], down_block_types=[_DOWN, _CROSS, _CROSS, _DOWN],
+    up_block_types=[_UP, _CROSS_UP, _CROSS_UP, _UP], transformer_layers_per_block=4,
+    attention_head_dim=[6, 12, 24, 24], cross_attention_dim=1280, addition_embed_type="text_time",
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2560, use_linear_projection=True)
 Found = list[tuple[str, str, tuple[int, ...]]]
 
 
