@@ -109,23 +109,13 @@ def peft_sdxl(found: Found, *, rank: int = 4, seed: int = 0, std: float = 0.2) -
     return state
 
 
-# ---- latentdiff's SDXL parts, and what both libraries compute from them -----------------------------------------
+# ---- latentdiff's SDXL pipelines, and what both libraries compute -------------------------------------------------
 def load_parts(folder: Any, *, refiner: bool = False) -> Any:
-    """latentdiff's UNet and text encoders of a tiny SDXL folder, on an object with the pipelines' adapter methods
-    (LoraMixin): what the adapters patch, without the pipeline around them."""
-    from latentdiff.models.text_encoder import TextEncoder
-    from latentdiff.models.unet import UNet2DConditional
-    from latentdiff.pipelines.adapter_methods import LoraMixin
+    """latentdiff's StableDiffusionXLPipeline (the refiner: StableDiffusionXLImg2ImgPipeline) of a tiny SDXL
+    folder: the UNet and text encoders the adapters patch, with the adapter methods."""
+    from latentdiff import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    class SDXLParts(LoraMixin):
-        def __init__(self, **parts: Any) -> None:
-            self.__dict__.update(parts)
-
-    te1 = None if refiner else TextEncoder.from_pretrained(folder, subfolder="text_encoder",
-                                                           tokenizer_subfolder="tokenizer")
-    te2 = TextEncoder.from_pretrained(folder, subfolder="text_encoder_2", tokenizer_subfolder="tokenizer_2")
-    return SDXLParts(unet=UNet2DConditional.from_pretrained(folder, subfolder="unet"), text_encoder=te1,
-                     text_encoder_2=te2)
+    return (StableDiffusionXLImg2ImgPipeline if refiner else StableDiffusionXLPipeline).from_pretrained(folder)
 
 
 def unet_inputs(unet: Any, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -140,17 +130,11 @@ def unet_inputs(unet: Any, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor
 
 
 @torch.no_grad()
-def conditioning(parts: Any, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """latentdiff's SDXL text conditioning: both encoders' penultimate states (without the final norm)
-    concatenated, and bigG's projected pooled output (the refiner: bigG alone)."""
-    states, pooled = [], None
-    for encoder in (parts.text_encoder, parts.text_encoder_2):
-        if encoder is not None:
-            hidden, pooled = encoder.encode_with_pooled(encoder.tokenize([prompt]), layer="penultimate",
-                                                        apply_final_norm=False)
-            states.append(hidden)
-    assert pooled is not None
-    return torch.cat(states, dim=-1), pooled
+def conditioning(pipe: Any, prompt: str, *, prompt_syntax: str = "plain") -> tuple[torch.Tensor, torch.Tensor]:
+    """latentdiff's SDXL text conditioning of one prompt without guidance (`encode_prompt`): both encoders'
+    penultimate states concatenated (the refiner: bigG's) and bigG's projected pooled output."""
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt, guidance=False, prompt_syntax=prompt_syntax)
+    return embeds, pooled
 
 
 @torch.no_grad()
