@@ -64,7 +64,9 @@ def test_lora_images(setup):
         # a tag weighs the UNet by 0.8 and both text encoders by 0.3, for this call only
         ref.set_adapters(["style"], adapter_weights=[{"unet": 0.8, "text_encoder": 0.3, "text_encoder_2": 0.3}])
         pipe.set_adapters([], adapter_weights=[])
-        assert_parity(images(pipe, PROMPT + " <lora:style:0.8:0.3>", lora_dirs=[root]), images(ref), 1e-4)
+        tagged = images(pipe, PROMPT + " <lora:style:0.8:0.3>", prompt_2=PROMPT + " <lora:style:0.8:0.3>",
+                        lora_dirs=[root])
+        assert_parity(tagged, images(ref, prompt_2=PROMPT + " "), 1e-4)
         assert pipe.get_active_adapters() == []
     finally:
         ref.unload_lora_weights()
