@@ -1,8 +1,8 @@
 """SDXL textual-inversion embeddings ({"clip_l": (n, d1), "clip_g": (n, d2)} in one file) on the tiny SDXL: one
 `load_textual_inversion` call gives diffusers' text conditioning after its two calls (text_encoder= / tokenizer=
-per encoder), hidden states and pooled output, multi-vector tokens included, in both prompt syntaxes; unloading restores both tokenizers and
-tables (the very objects); the refiner takes clip_g; an SD 1.x embedding on SDXL, an SDXL embedding on SD 1.x, and
-a vector set of the wrong width are CheckpointErrors with neither encoder changed."""
+per encoder), hidden states and pooled output, multi-vector tokens included, in both prompt syntaxes; unloading
+restores both tokenizers and tables (the very objects); the refiner takes clip_g; an SD 1.x embedding on SDXL, an
+SDXL embedding on SD 1.x, and a vector set of the wrong width are CheckpointErrors with neither encoder changed."""
 from __future__ import annotations
 
 import pytest
