@@ -118,21 +118,6 @@ class LatentDiffusionPipeline(LoraMixin, TextGuidedPipeline):
     def networks(self) -> tuple[torch.nn.Module, ...]:
         return (self.unet, self.vae, self.text_encoder)
 
-    # ---- textual inversion (latentdiff.adapters.embeddings, through registry.ADAPTERS) ----
-    def load_textual_inversion(self, pretrained_model_name_or_path: Any, token: str | list[str] | None = None, *,
-                               weight_name: str | None = None, **hub_options: Any) -> None:
-        """Add a textual-inversion embedding's token(s) to the tokenizer and its vectors to the text encoder, as
-        diffusers' load_textual_inversion: a file (A1111 .pt / .safetensors, diffusers learned_embeds), a folder, a
-        Hub id, a state dict, or a list of them (with a list of tokens). token: default the diffusers file's key,
-        else the file's stem (A1111's token). All or nothing: after an error nothing has changed."""
-        ADAPTERS.get("load_textual_inversion")(self, pretrained_model_name_or_path, token, weight_name=weight_name,
-                                               **hub_options)
-
-    def unload_textual_inversion(self, tokens: str | list[str] | None = None) -> None:
-        """Remove loaded embeddings (None: all); with none left, the tokenizer and the token-embedding table are
-        the originals again, bit for bit."""
-        ADAPTERS.get("unload_textual_inversion")(self, tokens)
-
     # ---- loading and saving ---------------------------------------------------------------------
     @classmethod
     def from_pretrained(  # type: ignore[override]  # its parts by name, where DenoisingPipeline takes **parts
