@@ -329,7 +329,7 @@ def run_page(path: Path, *, skip_languages: tuple[str, ...] = ()) -> list[tuple[
 #                                                latentdiff's class where the real one names LDMTextToImagePipeline:
 #                                                latentdiff loads both alike)
 #   stabilityai/stable-diffusion-xl-base-1.0    tests/_support/sdxl.py's tiny diffusers SDXL base (32 x 32 images),
-#                                                built on first use by a page that names it
+#   stabilityai/stable-diffusion-xl-refiner-1.0  and refiner, each built on first use by a page that names it
 # The built-in name "latentdiff/shapes-64" resolves to tests/_support/tiny_builtin.py's stand-in (random weights).
 # FILES: put into a page's working directory when the page names them (folders copied, files linked):
 #   v1-5-pruned-emaonly.safetensors      the SD stand-in as an original single file (no latentdiff metadata)
@@ -343,7 +343,6 @@ def run_page(path: Path, *, skip_languages: tuple[str, ...] = ()) -> list[tuple[
 # 16 times less work, the same code path.
 # examples/ is linked into every working directory, so pages can name the shipped configs and scripts.
 SD_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-SDXL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 SD_TEXT_WIDTH = 64
 
 
@@ -366,18 +365,6 @@ class StandIns:
         make_hub_cache(self.hub_cache, "openai/clip-vit-large-patch14", clip)
         make_hub_cache(self.hub_cache, "CompVis/ldm-text2im-large-256", self.builtin)
         return self
-
-    def sdxl(self) -> Path:
-        """The SDXL base stand-in, put into the Hub cache on first use (diffusers builds it: only pages that name
-        SDXL pay for it)."""
-        folder = self.root / "sdxl"
-        if not folder.is_dir():
-            from tests._support.hub_cache import make_hub_cache
-            from tests._support.sdxl import tiny_sdxl
-
-            tiny_sdxl(folder)
-            make_hub_cache(self.hub_cache, SDXL_ID, folder)
-        return folder
 
     def file(self, name: str) -> Path:
         """The stand-in for FILES[name], built on first use."""
@@ -537,8 +524,6 @@ def docs_environment(monkeypatch: Any, stand_ins: StandIns, workdir: Path, page_
         monkeypatch.setattr(registry, "_entries", dict(registry._entries))
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "examples").symlink_to(ROOT / "examples")
-    if SDXL_ID in page_text:
-        stand_ins.sdxl()
     for name in FILES:
         if name in page_text:
             source, target = stand_ins.file(name), workdir / name
