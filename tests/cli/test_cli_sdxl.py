@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from latentdiff.cli import main
+from latentdiff.pipelines.images import image_to_tensor
 from latentdiff.pipelines.sdxl import StableDiffusionXLPipeline
 from latentdiff.pipelines.sdxl_image import StableDiffusionXLImg2ImgPipeline
 from latentdiff.utils.images import read_png_params
@@ -100,7 +101,7 @@ def test_img2img_runs_the_sdxl_image_to_image_pipeline(folders, base):
                  "--steps", "4", "--seed", "2", "-o", "i.png"]) == 0
     img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(base)
     with Image.open("init.png") as init:
-        image = img2img.preprocess_image(init.convert("RGB"), size=(32, 32))
+        image = image_to_tensor(init.convert("RGB"), channels=3, factor=base.vae_scale_factor, size=(32, 32))
     expected = img2img([PROMPT], image=image, strength=0.5, num_inference_steps=4, generator=generators(2),
                        progress=False).images
     assert np.array_equal(pixels("i.png"), api(expected))

@@ -14,6 +14,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from latentdiff.pipelines.images import image_to_tensor
 from latentdiff.pipelines.sdxl import StableDiffusionXLPipeline
 from latentdiff.pipelines.sdxl_image import StableDiffusionXLImg2ImgPipeline
 from latentdiff.serve.app import create_app
@@ -98,7 +99,7 @@ def test_img2img_is_the_sdxl_image_to_image_pipeline(client, base):
     response = client.post("/sdapi/v1/img2img", json=body)
     assert response.status_code == 200, response.text
     img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(base)
-    tensor = img2img.preprocess_image(init, size=(32, 32))
+    tensor = image_to_tensor(init, channels=3, factor=base.vae_scale_factor, size=(32, 32))
     reference = img2img(PROMPT, image=tensor, strength=0.5, **call(2, 4)).images
     assert np.array_equal(decoded(response.json()["images"][0])[0], expected(reference))
 

@@ -193,6 +193,15 @@ def a1111_clip_layers(pipe: Any) -> int | None:
     return min(counts) if counts and len(counts) == len(encoders) else None
 
 
+def init_tensor(pipe: Any, image: Any, *, size: tuple[int, int]) -> Any:
+    """Init image(s) -> (B, 3, H, W) in [-1, 1] resized to size (H, W), as `ImageToImagePipeline.preprocess_image(
+    size=)` makes them for SD (`pipelines.images.image_to_tensor`), for the SDXL image-to-image call."""
+    from ..pipelines.images import image_to_tensor
+
+    return image_to_tensor(image, name="image", channels=pipe.vae.image_channels, factor=pipe.vae_scale_factor,
+                           size=size)
+
+
 def refiner_sampler(refiner: Any, sampler: Any) -> Any:
     """The refiner's sampler switched to the base's method and schedule (its own timestep settings kept), as A1111
     carries on with the base's sampler."""
@@ -231,7 +240,7 @@ def call_sdxl(pipe: Any, refiner: Any, settings: GenerateSettings, images: Any, 
                               height=height, width=width, **common)
     if images.init is not None:
         img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(pipe)
-        image = img2img.preprocess_image(images.init, size=(height, width))
+        image = init_tensor(img2img, images.init, size=(height, width))
 
         def first(**extra: Any) -> Any:
             return img2img(prompt, image=image, strength=settings.strength, **common, **extra)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..cli.generate_sdxl import a1111_clip_skip, is_sdxl, refiner_sampler, sdxl_hires_fix
+from ..cli.generate_sdxl import a1111_clip_skip, init_tensor, is_sdxl, refiner_sampler, sdxl_hires_fix
 from ..diffusion.noise import randn
 from ..diffusion.samplers.base import switch_sampler
 from ..diffusion.samplers.names import has_schedule
@@ -164,7 +164,7 @@ def _with_images(pipe: Any, unit: Unit, prompt: str, common: dict[str, Any]) -> 
         from ..pipelines.sdxl_image import StableDiffusionXLImg2ImgPipeline
 
         xl = StableDiffusionXLImg2ImgPipeline.from_pipe(pipe)
-        tensor = xl.preprocess_image(images, size=size)
+        tensor = init_tensor(xl, images, size=size)
         out = xl(prompt, image=tensor, strength=init.strength, **common).images
         return out if request.refiner is not None else list(out)
     if init.mask is not None:
