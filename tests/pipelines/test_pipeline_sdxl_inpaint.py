@@ -77,6 +77,22 @@ def test_parity_with_diffusers(pipes, channels, strength):
     assert_parity(lat, lat_ref)
 
 
+@pytest.mark.parametrize("channels", [9, 4])
+def test_batch_parity(pipes, channels):
+    """Two prompts, two images each: the image, mask and masked-image latents expanded to
+    the batch as diffusers expands them."""
+    ref, ours = pipes[channels]
+    image, mask = images()
+    kw = dict(image=image, mask_image=mask, negative_prompt=["x", "y"], num_images_per_prompt=2, num_inference_steps=3,
+              guidance_scale=4.0, strength=0.7, output_type="np")
+    with torch.no_grad():
+        b = ref([PROMPT, "the dog"], **kw, generator=torch.Generator().manual_seed(5)).images
+    a = ours([PROMPT, "the dog"], **kw, generator=torch.Generator().manual_seed(5),
+             prompt_syntax="plain", progress=False).images
+    assert a.shape == (4, 32, 32, 3)
+    assert_parity(torch.from_numpy(a), torch.from_numpy(b))
+
+
 def test_the_mask_and_the_image_matter(pipes):
     """A different mask, or a different image under the mask, changes the result (so parity cannot pass by
     ignoring them); with a plain UNet the known region is the image's own latents after the last step."""

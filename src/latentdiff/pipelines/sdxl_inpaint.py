@@ -20,7 +20,9 @@ known region without noise at the last step run, and so does this pipeline.
 Random numbers are drawn in diffusers' order: the image's posterior sample (below strength 1, for a plain UNet, or
 with denoising_start), the noise, the masked image's posterior sample (9-channel UNet), then the sampler's. (For a
 plain UNet diffusers also encodes the masked image it does not use; that draw is skipped here, so an ancestral
-sampler's noise differs from diffusers' with a plain UNet, as in SD's `InpaintPipeline`.)
+sampler's noise differs from diffusers' with a plain UNet, as in SD's `InpaintPipeline`. A list of generators
+encodes one posterior sample per generated image, each from its own generator, where diffusers encodes the images
+given once each, from the first generators: the same as SD's `InpaintPipeline` again.)
 """
 from __future__ import annotations
 
