@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ..diffusion.noise import randn
 from ..diffusion.samplers import StepCallback, check_sampler
 from ..diffusion.samplers.base import check_generator
 from ..errors import InputError, describe
@@ -39,11 +40,12 @@ from ..registry import PIPELINES
 from .adapter_methods import with_prompt_adapters
 from .arguments import check_call
 from .call_options import CallbackOnStepEnd, finish, step_callback
-from .images import ImageInput, check_batch, expand_batch
+from .denoising import Generator
+from .images import ImageInput, check_batch, expand_batch, image_to_tensor
 from .inpaint import InpaintStages
-from .latent_diffusion import Generator, Prompt
 from .sdxl import DEFAULT_AESTHETIC, DEFAULT_NEGATIVE_AESTHETIC, check_fraction, stop_after
 from .sdxl_image import StableDiffusionXLImg2ImgPipeline
+from .text_guided import Prompt
 
 DEFAULT_INPAINT_GUIDANCE = 7.5   # diffusers' StableDiffusionXLInpaintPipeline (its text-to-image's is 5.0)
 
@@ -69,6 +71,12 @@ class StableDiffusionXLInpaintPipeline(InpaintStages, StableDiffusionXLImg2ImgPi
         masked = expand_batch(masked_image_latents, batch_size, per_prompt=num_images_per_prompt,
                               name="masked_image_latents")
         return torch.cat([mask_latent, masked.to(device=self.device, dtype=self.unet.dtype)], dim=1)
+
+    def preprocess_image(self, image: ImageInput, *, size: tuple[int | None, int | None] | None = None) -> torch.Tensor:
+        """As StableDiffusionXLImg2ImgPipeline's, resized to `size` (H, W; a None side: the image's own) when height /
+        width are given (as InpaintPipeline's)."""
+        return image_to_tensor(image, name="image", channels=self.vae.image_channels, factor=self.vae_scale_factor,
+                               size=size)
 
     def inpaint_inputs(self, image: ImageInput, mask_image: ImageInput, *, height: Any, width: Any,
                        masked_image_latents: Any, max_pixels: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +183,8 @@ class StableDiffusionXLInpaintPipeline(InpaintStages, StableDiffusionXLImg2ImgPi
         # diffusers' draws: the image latent (needed below strength 1, from denoising_start, and for blending)
         z0 = self.encode_image(x, **per_prompt, generator=generator) if latent or strength < 1.0 or \
             not self.concat_inputs or start is not None else None
-        eps = self.draw_noise(shape, generator=generator, noise=noise)
+        eps = noise.to(device=self.device, dtype=self.unet.dtype) if noise is not None else \
+            randn(shape, generator=generator, dtype=self.unet.dtype, device=self.device)
         plan = sampler.plan(self.noise_scheduler, steps, start_step=first)
         if start is not None:   # the base's state at this step: no noise added (diffusers' add_noise=False)
             assert z0 is not None
