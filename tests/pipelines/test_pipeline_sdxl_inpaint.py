@@ -116,6 +116,21 @@ def test_the_mask_and_the_image_matter(pipes):
     assert known.any() and torch.equal(torch.where(known, z, 0), torch.where(known, z0, 0))
 
 
+def test_a1111_per_step_syntax(pipes):
+    """A1111's prompt editing reaches both kinds of UNet: editing a prompt into itself is the plain prompt, editing
+    cat into dog half-way is neither."""
+    image, mask = images()
+    run = dict(image=image, mask_image=mask, negative_prompt="blurry", num_inference_steps=4, guidance_scale=5.0,
+               output_type="latent", progress=False)
+    for channels in (9, 4):
+        pipe = pipes[channels][1]
+        out = {p: pipe(p, generator=torch.Generator().manual_seed(0), **run).images for p in (
+            PROMPT, f"[{PROMPT}:{PROMPT}:0.5]", "a photo of a [cat:dog:0.5]", "a photo of a dog")}
+        plain, same, edited, dog = out.values()
+        assert_parity(same, plain)
+        assert max_rel_error(edited, plain) > 1e-3 and max_rel_error(edited, dog) > 1e-3, channels
+
+
 def test_hand_off_to_an_inpainting_refiner(pipes):
     """diffusers' inpainting ensemble: the inpainting model to denoising_end as latents, then a refiner (4 channels,
     aesthetic score) inpainting from denoising_start with those latents as the image."""

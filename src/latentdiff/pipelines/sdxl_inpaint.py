@@ -174,11 +174,12 @@ class StableDiffusionXLInpaintPipeline(InpaintStages, StableDiffusionXLImg2ImgPi
         shape = self.latent_shape(batch, height, width)
         if noise is not None and tuple(noise.shape) != shape:
             raise InputError("noise has the wrong shape", where="noise", expected=shape, found=tuple(noise.shape))
-        cond, uncond, pooled, negative_pooled = self.encode_prompt(
-            prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt=num_images_per_prompt,
-            guidance=scale > 1.0, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            clip_skip=clip_skip, prompt_syntax=prompt_syntax)
+        c = self.conditioning_for_call(
+            prompt, prompt_2, negative_prompt, negative_prompt_2, steps=steps, guidance_scale=scale,
+            num_images_per_prompt=num_images_per_prompt, ids=ids, negative_ids=negative_ids,
+            prompt_syntax=prompt_syntax, clip_skip=clip_skip, embeds=dict(
+                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds))
         per_prompt: dict[str, Any] = dict(batch_size=batch, num_images_per_prompt=num_images_per_prompt)
         # diffusers' draws: the image latent (needed below strength 1, from denoising_start, and for blending)
         z0 = self.encode_image(x, **per_prompt, generator=generator) if latent or strength < 1.0 or \
@@ -196,15 +197,15 @@ class StableDiffusionXLInpaintPipeline(InpaintStages, StableDiffusionXLImg2ImgPi
         mask_latents = self.prepare_mask_latents(mask, x, **per_prompt, generator=generator,
                                                  masked_image_latents=masked_image_latents)
         on_step = step_callback(self, callback, callback_on_step_end, callback_on_step_end_tensor_inputs,
-                                embeddings={"prompt_embeds": cond, "negative_prompt_embeds": uncond,
-                                            "add_text_embeds": pooled})
+                                embeddings={"prompt_embeds": c["cond"], "negative_prompt_embeds": c["uncond"],
+                                            "add_text_embeds": c["pooled"]})
         if kept < steps:
             on_step = stop_after(on_step, kept - 1 - first)
         if not self.concat_inputs:
             assert z0 is not None
             on_step = self.blend_known_region(z0, eps, mask_latents, plan, callback=on_step, last=kept - 1 - first)
-        z = self.denoise(x_t, cond, uncond, guidance_scale=scale, num_inference_steps=steps, sampler=sampler,
-                         generator=generator, callback=on_step, progress=progress, start_step=first,
+        z = self.denoise(x_t, c["cond"], c["uncond"], guidance_scale=scale, num_inference_steps=steps,
+                         sampler=sampler, generator=generator, callback=on_step, progress=progress, start_step=first,
                          guidance_rescale=guidance_rescale, concat=mask_latents if self.concat_inputs else None,
-                         model=self.conditioned_unet(pooled, negative_pooled, ids, negative_ids))
+                         model=c["model"], schedule=c["schedule"])
         return finish(self.output(z, output_type), return_dict)
