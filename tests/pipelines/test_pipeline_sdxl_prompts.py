@@ -12,6 +12,7 @@ from latentdiff.errors import InputError
 from tests._support.parity import assert_parity, max_rel_error
 from tests._support.sdxl import tiny_sdxl
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 RUN = dict(num_inference_steps=4, guidance_scale=5.0, output_type="np")
 
 
