@@ -40,14 +40,16 @@ def clip_config(*, hidden: int, heads: int, layers: int, act: str, projection: i
 
 def write_tiny_sdxl(folder: str | Path, *, kind: str = "base", layers: int = 3, seed: int = 0) -> Path:
     """A diffusers SDXL folder ("base": StableDiffusionXLPipeline; "refiner": StableDiffusionXLImg2ImgPipeline,
-    bigG only, requires_aesthetics_score) with random weights drawn from `seed`."""
+    bigG only, requires_aesthetics_score; "inpaint": StableDiffusionXLInpaintPipeline, a 9-channel UNet) with
+    random weights drawn from `seed`."""
     from latentdiff.models.autoencoder_kl import AutoencoderKL
     from latentdiff.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection
     from latentdiff.models.unet import UNet2DConditional
 
     torch.manual_seed(seed)    # the networks' own initialisation; randomize fills the zero-initialised parameters
     folder = Path(folder)
-    unet = UNet2DConditional(UNet2DConditional.from_file_config(tiny_unet_config(kind)))
+    unet = UNet2DConditional(UNet2DConditional.from_file_config(
+        tiny_unet_config(kind, in_channels=9 if kind == "inpaint" else 4)))
     randomize(unet, seed + 1).save_pretrained(folder / "unet")
     randomize(AutoencoderKL(AutoencoderKL.from_file_config(SDXL_VAE)), seed + 2).save_pretrained(folder / "vae")
     two = CLIPTextModelWithProjection(CLIPTextModelWithProjection.from_file_config(
@@ -55,7 +57,7 @@ def write_tiny_sdxl(folder: str | Path, *, kind: str = "base", layers: int = 3, 
     randomize(two, seed + 12).save_pretrained(folder / "text_encoder_2")
     write_tokenizer_2(folder / "tokenizer_2")
     entries: dict = {"text_encoder": [None, None], "tokenizer": [None, None]}
-    if kind == "base":
+    if kind != "refiner":
         one = CLIPTextModel(CLIPTextModel.from_file_config(
             clip_config(hidden=TE1_HIDDEN, heads=2, layers=layers, act="quick_gelu")))
         randomize(one, seed + 11).save_pretrained(folder / "text_encoder")
@@ -65,7 +67,9 @@ def write_tiny_sdxl(folder: str | Path, *, kind: str = "base", layers: int = 3, 
     scheduler = {"_class_name": "EulerDiscreteScheduler", **SDXL_SCHEDULER}
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
     refiner = kind == "refiner"
-    index = {"_class_name": "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline",
+    names = {"base": "StableDiffusionXLPipeline", "refiner": "StableDiffusionXLImg2ImgPipeline",
+             "inpaint": "StableDiffusionXLInpaintPipeline"}
+    index = {"_class_name": names[kind],
              "_diffusers_version": "0.42.1", "vae": ["diffusers", "AutoencoderKL"],
              "unet": ["diffusers", "UNet2DConditionModel"], "scheduler": ["diffusers", "EulerDiscreteScheduler"],
              "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],

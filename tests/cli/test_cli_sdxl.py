@@ -1,8 +1,10 @@
 """`latentdiff generate` with SDXL models (cli/generate_sdxl.py, issue 18) on tiny SDXL folders: the command's
 images are the Python API's for the same settings and seed, pixel for pixel (defaults, clip skip in A1111's
-numbering, micro-conditioning, the refiner hand-off, img2img, the hires fix); the family's flags are refused on
-the other family before anything loads."""
+numbering, micro-conditioning, the refiner hand-off, img2img, inpainting, the hires fix); the family's flags are
+refused on the other family before anything loads."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,6 +109,26 @@ def test_img2img_runs_the_sdxl_image_to_image_pipeline(folders, base):
     assert np.array_equal(pixels("i.png"), api(expected))
 
 
+@pytest.mark.parametrize("kind", ["base", "inpaint"])
+def test_a_mask_runs_the_sdxl_inpainting_pipeline(folders, kind, tmp_path_factory):
+    from latentdiff.pipelines.sdxl_inpaint import StableDiffusionXLInpaintPipeline
+
+    model = folders[0] if kind == "base" else write_tiny_sdxl(tmp_path_factory.mktemp("inpaint") / "m", kind=kind)
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save("init.png")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[4:20, 8:28] = 255
+    Image.fromarray(mask).save("mask.png")
+    assert main(["generate", PROMPT, "--model", str(model), "--init-image", "init.png", "--mask", "mask.png",
+                 "--steps", "3", "--seed", "4", "-o", "p.png"]) == 0
+    inpaint = StableDiffusionXLInpaintPipeline.from_pretrained(model)
+    with Image.open("init.png") as init, Image.open("mask.png") as painted:
+        expected = inpaint([PROMPT], image=init.convert("RGB"), mask_image=painted.convert("L"), height=32, width=32,
+                           strength=0.75, num_inference_steps=3, guidance_scale=read_png_params("p.png")["guidance"],
+                           generator=generators(4), progress=False).images
+    assert np.array_equal(pixels("p.png"), api(expected))
+
+
 @pytest.mark.parametrize("upscaler", ["latent", "image"])
 def test_the_hires_fix_is_the_first_pass_upscaled_then_image_to_image(folders, base, upscaler):
     assert main(["generate", PROMPT, "--model", str(folders[0]), "--hires-scale", "1.5", "--hires-steps", "3",
@@ -141,7 +163,8 @@ def test_one_familys_flags_are_refused_on_the_other_before_loading(folders, sd_b
         (["x", "--refiner", refiner], ["--refiner is for SDXL models"]),                 # the built-in SD model
         (["x", "--original-size", "64x64"], ["--original-size is for SDXL models"]),
         (["x", "--model", base, "--hires-scale", "2", "--tile-size", "16"], ["--tile-size", "hires"]),
-        (["x", "--model", base, "--init-image", "init.png", "--mask", "init.png"], ["inpainting with SDXL"]),
+        (["x", "--model", base, "--init-image", "init.png", "--mask", "init.png", "--refiner", refiner],
+         ["--mask cannot be combined with --refiner"]),
         (["x", "--model", base, "--refiner-switch", "0.5"], ["--refiner-switch needs --refiner"]),
         (["x", "--model", base, "--refiner", refiner, "--refiner-switch", "1.5"], ["refiner_switch", "between 0"]),
         (["x", "--model", base, "--original-size", "64"], ["--original-size", "WIDTHxHEIGHT"]),
@@ -156,3 +179,6 @@ def test_one_familys_flags_are_refused_on_the_other_before_loading(folders, sd_b
                 assert word in err, (word, err)
     assert main(["generate", "x", "--model", refiner, "-o", "x.png"]) == 2    # a refiner needs an image
     assert "SDXL refiner" in capsys.readouterr().err
+    painter = write_tiny_sdxl(Path("painter"), kind="inpaint")
+    assert main(["generate", "x", "--model", str(painter), "-o", "x.png"]) == 2    # an inpainting model: a mask
+    assert "SDXL inpainting model" in capsys.readouterr().err

@@ -104,6 +104,28 @@ def test_img2img_is_the_sdxl_image_to_image_pipeline(client, base):
     assert np.array_equal(decoded(response.json()["images"][0])[0], expected(reference))
 
 
+def test_a_mask_runs_the_sdxl_inpainting_pipeline(client, base):
+    from latentdiff.pipelines.sdxl_inpaint import StableDiffusionXLInpaintPipeline
+
+    rng = np.random.default_rng(1)
+    init = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    mask = np.zeros((32, 32), np.uint8)
+    mask[4:20, 8:28] = 255
+    encoded = []
+    for picture in (init, Image.fromarray(mask)):
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        encoded.append(base64.b64encode(buffer.getvalue()).decode())
+    body = {"prompt": PROMPT, "seed": 8, "steps": 3, "cfg_scale": 5, "init_images": [encoded[0]], "mask": encoded[1],
+            "mask_blur": 0}
+    response = client.post("/sdapi/v1/img2img", json=body)
+    assert response.status_code == 200, response.text
+    inpaint = StableDiffusionXLInpaintPipeline.from_pipe(base)
+    reference = inpaint(PROMPT, image=init, mask_image=Image.fromarray(mask), height=32, width=32, strength=0.75,
+                        **call(8, 3)).images
+    assert np.array_equal(decoded(response.json()["images"][0])[0], expected(reference))
+
+
 def test_the_openai_endpoint_runs_the_sdxl_model(client, base):
     response = client.post("/v1/images/generations", json={"prompt": PROMPT, "model": "base", "seed": 9,
                                                             "steps": 2, "guidance_scale": 5.0})

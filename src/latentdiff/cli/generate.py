@@ -44,7 +44,7 @@ from .generate_embeddings import add_embedding_flags, apply_embeddings, settle_e
 from .generate_inputs import add_input_flags, load_vae, prepare_run, set_threads, settle_inputs, size_from_image
 from .generate_model import ModelSource, locate_model, tokenizer_file
 from .generate_prompts import add_prompt_flags, settle_prompts
-from .generate_sdxl import add_sdxl_flags, check_loaded, is_sdxl, model_family, settle_sdxl
+from .generate_sdxl import add_sdxl_flags, check_loaded, inpainting_folder, is_sdxl, model_family, settle_sdxl
 from .generate_settings import DTYPES, GenerateSettings, Job, note_from, plan_jobs, read_from_png, settle, warn
 
 T = TypeVar("T")
@@ -229,9 +229,9 @@ class Processes:
 
 
 def load_pipeline(source: ModelSource, settings: GenerateSettings, *, device: Any) -> Any:
-    """The text-to-image pipeline of the model's family (StableDiffusionXLPipeline for SDXL, whose base, refiner
-    and inpainting folders it loads; else LatentDiffusionPipeline) in the chosen dtype on the chosen device, with
-    the chosen sampler."""
+    """The text-to-image pipeline of the model's family (StableDiffusionXLPipeline for SDXL base and refiner
+    folders, StableDiffusionXLInpaintPipeline for SDXL inpainting ones; else LatentDiffusionPipeline) in the
+    chosen dtype on the chosen device, with the chosen sampler."""
     import torch
 
     from ..diffusion.samplers import switch_sampler
@@ -242,7 +242,11 @@ def load_pipeline(source: ModelSource, settings: GenerateSettings, *, device: An
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     load = dict(torch_dtype=getattr(torch, settings.dtype), device=device)
-    cls: Any = StableDiffusionXLPipeline if model_family(source) == "sdxl" else LatentDiffusionPipeline
+    cls: Any = LatentDiffusionPipeline
+    if model_family(source) == "sdxl":
+        from ..pipelines.sdxl_inpaint import StableDiffusionXLInpaintPipeline
+
+        cls = StableDiffusionXLInpaintPipeline if inpainting_folder(source) else StableDiffusionXLPipeline
     pipe: DenoisingPipeline
     if source.kind == "single_file":
         tokenizer = {} if settings.tokenizer is None else {"tokenizer": settings.tokenizer}

@@ -6,9 +6,9 @@ flags, A1111's clip skip on SDXL, and the SDXL pipeline classes where the comman
     latentdiff generate "a church at dusk" --model sdxl-base/ --original-size 4096x4096 --crop-top-left 0,0
 
 The model's family is read before anything loads (model_index.json's `_class_name`, a single file's tensor names),
-so a flag of the other family is an error naming it before the weights are read: the SDXL flags on an SD model,
-`--mask` on SDXL (the SDXL inpainting pipeline is not wired to the command yet). The hires fix on SDXL is
-`sdxl_hires_fix`, composed as `pipelines.hires.hires_fix` composes SD's.
+so a flag of the other family is an error naming it before the weights are read (the SDXL flags on an SD model).
+`--mask` runs `StableDiffusionXLInpaintPipeline`; the hires fix on SDXL is `sdxl_hires_fix`, composed as
+`pipelines.hires.hires_fix` composes SD's.
 
 The refiner: the base denoises the first `--refiner-switch` of the noise schedule (`denoising_end`) and returns
 latents; the refiner (`StableDiffusionXLImg2ImgPipeline`, the same sampler, steps, guidance, prompts and
@@ -61,6 +61,18 @@ def add_sdxl_flags(gen: argparse.ArgumentParser) -> None:
 
 
 # ---- before the model loads --------------------------------------------------------------------------------------
+def inpainting_folder(source: ModelSource) -> bool:
+    """Whether the model folder's class is SDXL's inpainting pipeline (its UNet may take 9 channels: it loads as
+    that class; single files are recognised by their tensors when they load)."""
+    if source.kind == "single_file":
+        return False
+    try:
+        index = json.loads((source.path / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(index, dict) and index.get("_class_name") == SDXL_CLASS_NAMES[2]
+
+
 def model_family(source: ModelSource) -> str | None:
     """"sdxl" or "sd" (every other family) from the files, without loading; None when it cannot tell cheaply
     (a .ckpt file, an unreadable index: the load says what is wrong)."""
@@ -140,14 +152,10 @@ def check_family(family: str | None, settings: GenerateSettings, values: dict[st
             raise UsageError(f"{FLAGS[used[0]]} is for SDXL models", where=origin[used[0]],
                              expected="an SDXL --model (its model_index.json names StableDiffusionXLPipeline)",
                              found=settings.model)
-    elif family == "sdxl":
-        if settings.mask is not None:
-            raise UsageError("inpainting with SDXL models is not in `latentdiff generate` yet", where=FLAGS["mask"],
-                             expected="no --mask with an SDXL --model", found=settings.model)
-        if settings.hires_scale is not None and settings.tile_size is not None:
-            raise UsageError("--tile-size with the SDXL hires fix is not in `latentdiff generate` yet",
-                             where=FLAGS["tile_size"], expected="no --tile-size with --hires-scale on SDXL",
-                             found=settings.tile_size)
+    elif family == "sdxl" and settings.hires_scale is not None and settings.tile_size is not None:
+        raise UsageError("--tile-size with the SDXL hires fix is not in `latentdiff generate` yet",
+                         where=FLAGS["tile_size"], expected="no --tile-size with --hires-scale on SDXL",
+                         found=settings.tile_size)
 
 
 def parse_pair(text: Any, pattern: re.Pattern[str], *, where: str, expected: str) -> tuple[int, int]:
@@ -174,6 +182,10 @@ def check_loaded(pipe: Any, settings: GenerateSettings) -> None:
     if sdxl and pipe.requires_aesthetics_score and settings.init_image is None:
         raise UsageError("this is an SDXL refiner: it refines an image, it does not start from noise",
                          where="--model", expected="an SDXL base with --refiner REFINER, or --init-image",
+                         found=settings.model)
+    if sdxl and pipe.unet.config.in_channels != pipe.vae.latent_channels and settings.mask is None:
+        raise UsageError("this is an SDXL inpainting model: it repaints the masked part of an image",
+                         where="--model", expected="--init-image IMAGE --mask MASK (or an SDXL base model)",
                          found=settings.model)
 
 
@@ -238,6 +250,12 @@ def call_sdxl(pipe: Any, refiner: Any, settings: GenerateSettings, images: Any, 
         return sdxl_hires_fix(pipe, prompt, scale=settings.hires_scale, steps=settings.hires_steps,
                               strength=settings.hires_strength, upscaler=settings.hires_upscaler or "latent",
                               height=height, width=width, **common)
+    if images.mask is not None:     # --refiner is refused with --mask (settle_sdxl)
+        from ..pipelines.sdxl_inpaint import StableDiffusionXLInpaintPipeline
+
+        inpaint = StableDiffusionXLInpaintPipeline.from_pipe(pipe)
+        return inpaint(prompt, image=images.init, mask_image=images.mask, height=height, width=width,
+                       strength=settings.strength, **common)
     if images.init is not None:
         img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(pipe)
         image = init_tensor(img2img, images.init, size=(height, width))

@@ -24,8 +24,8 @@ is used by samplers that have one (DDIM); with the others it is listed as ignore
 latentdiff's too). `<lora:NAME:W>` tags must name a LoRA the catalog lists (`/sdapi/v1/loras`): a name with a
 path in it (`../../etc/passwd`) names none. subseed / subseed_strength are A1111's variation seeds (serve.render).
 refiner_checkpoint with refiner_switch_at in (0, 1) hands an SDXL base's latents to an SDXL refiner (as `latentdiff
-generate --refiner`; not with the hires fix, which SDXL models run as `latentdiff generate` does); inpainting with
-SDXL is refused (a 422) until it is wired here.
+generate --refiner`; not with the hires fix or a mask: a 422). SDXL models run the hires fix and inpainting as
+`latentdiff generate` does.
 CLIP_stop_at_last_layers beyond the model's text encoder (the built-in LDMBert has no layers to skip) is refused in
 a request's override_settings and, as the server-wide option an A1111 client set once, listed as ignored.
 """
@@ -83,7 +83,7 @@ class ModelFacts:
     width: int
     sampler: str                      # its own sampler's registered name
     clip_layers: int | None = None    # the largest A1111 clip skip its text encoders take (None: none)
-    sdxl: bool = False                # an SDXL pipeline (its refiner fields; no hires fix, no inpainting yet)
+    sdxl: bool = False                # an SDXL pipeline (the refiner fields take only SDXL models)
 
 
 ModelDefaults = Callable[[str, "str | None"], ModelFacts]   # (model, vae) -> its facts
@@ -191,10 +191,10 @@ def img2img_request(data: Any, *, options: Options, catalog: Any, settings: Serv
         body.data = {**body.data, "width": body.data.get("width") or width,
                      "height": body.data.get("height") or height}
     common = _common(body, options=options, catalog=catalog, settings=settings, defaults=defaults, rng=rng)
-    facts = common.pop("facts")
-    if init.mask is not None and (facts().sdxl or common["refiner"] is not None):
-        raise RequestError("inpainting with SDXL models is not in the server yet", field="mask",
-                           expected="no mask with an SDXL checkpoint", found="a mask")
+    common.pop("facts")
+    if init.mask is not None and common["refiner"] is not None:
+        raise RequestError("inpainting with a refiner is not in the server yet", field="refiner_checkpoint",
+                           expected="no refiner with a mask", found=common["refiner"])
     ignored = body.ignored(IMG2IMG_KEYS) + common.pop("ignored")
     if body.flag("include_init_images", False):
         ignored.append("include_init_images")   # the response never carries the inputs back

@@ -160,6 +160,12 @@ def _with_images(pipe: Any, unit: Unit, prompt: str, common: dict[str, Any]) -> 
     else:
         images, prompt = pictures, [prompt] * unit.count     # type: ignore[assignment]
         common = common | {"negative_prompt": [request.negative_prompt] * unit.count, "num_images_per_prompt": 1}
+    if is_sdxl(pipe) and init.mask is not None:    # a refiner is refused with a mask (serve.a1111)
+        from ..pipelines.sdxl_inpaint import StableDiffusionXLInpaintPipeline
+
+        painter = StableDiffusionXLInpaintPipeline.from_pipe(pipe)
+        return list(painter(prompt, image=images, mask_image=fit(init.mask, size, init.resize_mode),
+                            height=request.height, width=request.width, strength=init.strength, **common).images)
     if is_sdxl(pipe):
         from ..pipelines.sdxl_image import StableDiffusionXLImg2ImgPipeline
 
