@@ -263,6 +263,8 @@ class StableDiffusionXLPipeline(LoraMixin, DenoisingPipeline):
             return None if t is None else t.to(dtype).repeat_interleave(num_images_per_prompt, dim=0)
 
         out = tuple(ready(t) for t in (prompt_embeds, uncond, pooled_prompt_embeds, pooled_uncond))
+        # the text encoders' mapped weights go back once encoded (release_weights), as LatentDiffusionPipeline's
+        self.release(*(e for e in (self.text_encoder, self.text_encoder_2) if e is not None))
         for embeddings in out:
             if embeddings is not None:
                 check_finite_output(embeddings, stage="text encoding", where="text_encoder_2", dtype=dtype)
