@@ -98,6 +98,18 @@ def child(lib: str, folder: str, dtype_name: str, size: int, steps: int, calls: 
     return dict(load_s=load_s, calls=times, peak_after_load_mb=after_load, gpu_peak_mb=gpu_mb)
 
 
+def alone(title: str, runs: list[dict], lib: str) -> None:
+    """One library's figures (medians over its processes), without a comparison."""
+    table = common.Table(f"{title}: {lib} alone", ("what", lib, "n"))
+    for key, label, unit in (("calls", "first call", common.fmt_time), ("load_s", "from_pretrained", common.fmt_time),
+                             ("peak_after_load_mb", "peak RSS after load", lambda v: f"{v:.0f} MB"),
+                             ("maxrss_mb", "peak RSS", lambda v: f"{v:.0f} MB")):
+        values = [r[key][0] if key == "calls" else r[key] for r in runs]
+        table.add(label, unit(common.median(values)), len(values))
+    table.print()
+    common.footer()
+
+
 def run(lib: str, folder: Path, out: Path, args: Any) -> dict:
     """`child` in a fresh interpreter (its own peak RSS in the result as maxrss_mb)."""
     call = json.dumps([lib, str(folder), args.dtype, args.size, args.steps, args.calls, args.device,
@@ -118,6 +130,8 @@ def main() -> None:
     p.add_argument("--release", choices=sorted(RELEASE), default=None,
                    help="memory options (module docstring): latentdiff mmap_weights + release_weights, VAE tiling and "
                    "slicing in both")
+    p.add_argument("--libs", nargs="+", choices=("latentdiff", "diffusers"), default=["latentdiff", "diffusers"],
+                   help="one library alone: its figures, no comparison (a re-run after a change on one side)")
     p.add_argument("--compile", action="store_true", help="CUDA only: latentdiff pipe.compile(), diffusers' UNet "
                    "under torch.compile")
     args = p.parse_args()
@@ -146,7 +160,7 @@ def main() -> None:
     title = (f"SDXL base text-to-image, {args.size} px, {args.steps} Euler steps, guidance {GUIDANCE}, batch 1, "
              f"{args.dtype}{', compiled' if args.compile else ''}{options}")
     table = common.Table(title, common.COMPARE_COLUMNS)
-    libs = ("latentdiff", "diffusers")
+    libs = tuple(lib for lib in ("latentdiff", "diffusers") if lib in args.libs)
     runs: dict[str, list[dict]] = {lib: [] for lib in libs}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.children):
@@ -158,6 +172,9 @@ def main() -> None:
         import numpy as np
 
         images = {lib: np.load(Path(tmp) / f"{lib}.npy") for lib in libs}
+    if len(libs) == 1:
+        alone(title, runs[libs[0]], libs[0])
+        return
     error = common.max_rel_error(images["latentdiff"], images["diffusers"])
 
     def pick(key: str, index: int | None = None) -> list[list[float]]:
