@@ -35,6 +35,7 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
           "float16": "float16", "fp16": "float16"}
 RELEASE = {"blocks": "blocks", "stages": True}  # --release -> latentdiff's pipe.release_weights
 GUIDANCE = 5.0
+SYNTAX = "plain"  # latentdiff's prompt_syntax: diffusers reads prompts as plain text
 
 
 def load(lib: str, folder: Path, dtype: Any, device: str, release: str | None) -> Any:
@@ -83,7 +84,7 @@ def child(lib: str, folder: str, dtype_name: str, size: int, steps: int, calls: 
     # in the pipeline's dtype: diffusers uses given latents as they are
     latents = torch.randn((1, 4, size // 8, size // 8), generator=torch.Generator().manual_seed(0))
     latents = latents.to(device, dtype)
-    extra = {"progress": False} if lib == "latentdiff" else {}
+    extra = {"progress": False, "prompt_syntax": SYNTAX} if lib == "latentdiff" else {}
     times = []
     for _ in range(calls):
         common.synchronize(device)
@@ -96,6 +97,30 @@ def child(lib: str, folder: str, dtype_name: str, size: int, steps: int, calls: 
     np.save(out, np.asarray(images, dtype=np.float32))
     gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
     return dict(load_s=load_s, calls=times, peak_after_load_mb=after_load, gpu_peak_mb=gpu_mb)
+
+
+def prompt_stage(folder: Path, dtype_name: str, device: str, syntax: str) -> list[float]:
+    """Both libraries' encode_prompt in this process (text encoders only: the UNet and VAE are not loaded; ours gets
+    meta-device stand-ins, diffusers None) -> max rel err of (prompt_embeds, negative, pooled, negative pooled)."""
+    import diffusers
+    import torch
+
+    from latentdiff import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditional
+
+    dtype = getattr(torch, DTYPES[dtype_name])
+    with torch.device("meta"):
+        unet = UNet2DConditional(UNet2DConditional.load_config(folder / "unet")).to(dtype)
+        vae = AutoencoderKL(AutoencoderKL.load_config(folder / "vae")).to(dtype)
+    ours = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=dtype, device=device, unet=unet, vae=vae)
+    mine = ours.encode_prompt(common.PROMPT, negative_prompt=common.NEGATIVE, prompt_syntax=syntax)
+    del ours
+    common.quiet_diffusers()
+    theirs = diffusers.StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=dtype, unet=None, vae=None,
+                                                                 add_watermarker=False).to(device)
+    with torch.inference_mode():
+        want = theirs.encode_prompt(common.PROMPT, device=torch.device(device), num_images_per_prompt=1,
+                                    do_classifier_free_guidance=True, negative_prompt=common.NEGATIVE)
+    return [common.max_rel_error(a.float().cpu(), b.float().cpu()) for a, b in zip(mine, want, strict=True)]
 
 
 def alone(title: str, runs: list[dict], lib: str) -> None:
@@ -134,8 +159,21 @@ def main() -> None:
                    help="one library alone: its figures, no comparison (a re-run after a change on one side)")
     p.add_argument("--compile", action="store_true", help="CUDA only: latentdiff pipe.compile(), diffusers' UNet "
                    "under torch.compile")
+    p.add_argument("--prompt-stage", action="store_true", help="instead: both libraries' encode_prompt in this process "
+                   "(text encoders only), fp32 and bf16, the four outputs compared")
     args = p.parse_args()
     import torch
+
+    if args.prompt_stage:
+        common.header("SDXL prompt stage", args)
+        folder = common.folder("sdxl")
+        table = common.Table("SDXL encode_prompt, latentdiff against diffusers (max rel err)",
+                             ("dtype", "prompt_embeds", "negative", "pooled", "negative pooled"))
+        for name in ("float32", "bfloat16"):
+            table.add(name, *(f"{e:.1e}" for e in prompt_stage(folder, name, common.device_of(args), SYNTAX)))
+        table.print()
+        common.footer()
+        return
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("sdxl_pipeline: skipped, --device cuda asked and no CUDA device is available")
