@@ -55,6 +55,8 @@ SUBSTITUTIONS: tuple[tuple[str, str, str], ...] = (
     (r"(--splits |splits=)\d+", r"\g<1>2", "the Inception Score of a 4-image folder"),
     (r"(?<![\w-])(--height |--width |height=|width=)512\b", r"\g<1>16",
      "the Stable Diffusion stand-in draws 16 x 16 images, not 512 x 512"),
+    (r"(?<![\w-])(--height |--width |height=|width=)1024\b", r"\g<1>32",
+     "the SDXL stand-ins draw 32 x 32 images, not 1024 x 1024"),
 )
 
 
@@ -326,6 +328,8 @@ def run_page(path: Path, *, skip_languages: tuple[str, ...] = ()) -> list[tuple[
 #   CompVis/ldm-text2im-large-256               an LDM-layout folder (the built-in stand-in's; its index names
 #                                                latentdiff's class where the real one names LDMTextToImagePipeline:
 #                                                latentdiff loads both alike)
+#   stabilityai/stable-diffusion-xl-base-1.0    tests/_support/sdxl.py's tiny diffusers SDXL base (32 x 32 images),
+#   stabilityai/stable-diffusion-xl-refiner-1.0  and refiner, each built on first use by a page that names it
 # The built-in name "latentdiff/shapes-64" resolves to tests/_support/tiny_builtin.py's stand-in (random weights).
 # FILES: put into a page's working directory when the page names them (folders copied, files linked):
 #   v1-5-pruned-emaonly.safetensors      the SD stand-in as an original single file (no latentdiff metadata)
@@ -481,6 +485,21 @@ FILES: dict[str, Callable[[StandIns, Path], Path]] = {
     "pt_inception-2015-12-05-6726825d.pth": _inception_weights,
 }
 METRICS_WORDS = ("pt_inception", "latentdiff eval", "load_inception")   # pages that need the Inception stand-in
+# Hub ids of SDXL pages -> the tiny diffusers SDXL kind (tests/_support/sdxl.py) put in the Hub cache for them
+SDXL_IDS = {"stabilityai/stable-diffusion-xl-base-1.0": "base",
+            "stabilityai/stable-diffusion-xl-refiner-1.0": "refiner"}
+
+
+def sdxl_hub_entries(stand_ins: StandIns, page_text: str) -> None:
+    """The tiny SDXL base / refiner in the stand-ins' Hub cache under the real ids a page names (built once)."""
+    from tests._support.hub_cache import make_hub_cache
+    from tests._support.sdxl import tiny_sdxl
+
+    for repo_id, kind in SDXL_IDS.items():
+        folder = stand_ins.root / "sdxl" / kind
+        if repo_id in page_text and not folder.is_dir():
+            tiny_sdxl(folder, kind=kind)
+            make_hub_cache(stand_ins.hub_cache, repo_id, folder)
 
 
 def docs_environment(monkeypatch: Any, stand_ins: StandIns, workdir: Path, page_text: str) -> None:
@@ -513,6 +532,7 @@ def docs_environment(monkeypatch: Any, stand_ins: StandIns, workdir: Path, page_
                 shutil.copytree(source, target)   # a page may write into it: its own copy
             else:
                 target.symlink_to(source)
+    sdxl_hub_entries(stand_ins, page_text)
     if any(word in page_text for word in METRICS_WORDS):
         from latentdiff.metrics import inception
 

@@ -38,10 +38,11 @@ from . import sdxl_conditioning as conditioning
 from .adapter_methods import LoraMixin, with_prompt_adapters
 from .arguments import check_call
 from .call_options import CallbackOnStepEnd, Interrupted, finish, step_callback
-from .denoising import FIRST_STAGES, DenoisingPipeline, FirstStage, Generator
+from .denoising import FIRST_STAGES, FirstStage, Generator
 from .folder import MODEL_INDEX, Entry, FolderPart, write_parts
-from .latent_diffusion import UNETS, LatentDiffusionPipeline, Prompt
+from .latent_diffusion import UNETS
 from .stages import stage
+from .text_guided import Prompt, TextGuidedPipeline
 from .tiled_sampling import Size as TileSize
 
 TOKENIZERS: dict[Entry, None] = {("transformers", "CLIPTokenizer"): None, ("transformers", "CLIPTokenizerFast"): None}
@@ -88,7 +89,7 @@ def stop_after(callback: StepCallback | None, last: int) -> StepCallback:
 
 
 @PIPELINES.register("sdxl-text-to-image")
-class StableDiffusionXLPipeline(LoraMixin, DenoisingPipeline):
+class StableDiffusionXLPipeline(LoraMixin, TextGuidedPipeline):
     """SDXL text-to-image: a first stage, a `text_time` UNet, CLIP-L (`text_encoder`, None in the refiner) and bigG
     with its projection (`text_encoder_2`)."""
 
@@ -112,12 +113,6 @@ class StableDiffusionXLPipeline(LoraMixin, DenoisingPipeline):
         self.requires_aesthetics_score = requires_aesthetics_score
         super().__init__(vae=vae, unet=unet, noise_scheduler=noise_scheduler, sampler=sampler)
 
-    # the argument checks and stages SDXL shares with the text-to-image pipeline of SD
-    check_inputs = LatentDiffusionPipeline.check_inputs
-    prompt_count = staticmethod(LatentDiffusionPipeline.prompt_count)
-    denoise = LatentDiffusionPipeline.denoise
-    tiling = LatentDiffusionPipeline.tiling
-
     def check_parts(self) -> None:
         """The UNet must read the text encoders' concatenated width, and its add embedding the pooled width plus
         6 micro-conditioning numbers (5 with `requires_aesthetics_score`, the refiner)."""
@@ -134,9 +129,9 @@ class StableDiffusionXLPipeline(LoraMixin, DenoisingPipeline):
                               found=config.cross_attention_dim)
         pooled = getattr(self.text_encoder_2.model.config, "projection_dim", None)
         numbers = 5 if self.requires_aesthetics_score else 6
-        if isinstance(pooled, int) and config.addition_time_embed_dim is not None and \
-                config.projection_class_embeddings_input_dim != pooled + numbers * config.addition_time_embed_dim:
-            other = (config.projection_class_embeddings_input_dim - pooled) / config.addition_time_embed_dim
+        per, total = config.addition_time_embed_dim, config.projection_class_embeddings_input_dim
+        if isinstance(pooled, int) and per is not None and total is not None and total != pooled + numbers * per:
+            other = (total - pooled) / per
             raise ConfigError(f"the UNet's add embedding takes {other:g} micro-conditioning numbers, the pipeline "
                               f"gives {numbers}", where="requires_aesthetics_score",
                               expected=f"{other == 5} (5 numbers: a refiner, with an aesthetic score; 6: a base)",
@@ -144,17 +139,6 @@ class StableDiffusionXLPipeline(LoraMixin, DenoisingPipeline):
 
     def networks(self) -> tuple[torch.nn.Module, ...]:
         return tuple(m for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2) if m is not None)
-
-    # ---- textual inversion (latentdiff.adapters.embeddings, through registry.ADAPTERS) ----
-    def load_textual_inversion(self, pretrained_model_name_or_path: Any, token: str | list[str] | None = None, *,
-                               weight_name: str | None = None, **hub_options: Any) -> None:
-        """An SDXL embedding (`clip_l` and `clip_g` tensors in one file) into both text encoders, as two diffusers
-        calls would (see docs/sdxl.md)."""
-        ADAPTERS.get("load_textual_inversion")(self, pretrained_model_name_or_path, token, weight_name=weight_name,
-                                               **hub_options)
-
-    def unload_textual_inversion(self, tokens: str | list[str] | None = None) -> None:
-        ADAPTERS.get("unload_textual_inversion")(self, tokens)
 
     # ---- loading and saving ---------------------------------------------------------------------
     @classmethod
@@ -221,8 +205,8 @@ class StableDiffusionXLPipeline(LoraMixin, DenoisingPipeline):
         diffusers' StableDiffusionXLPipeline.encode_prompt: contexts (B * n, L, D1 + D2), pooled (B * n, P); the
         negatives None without guidance. prompt_2 / negative_prompt_2: bigG's text (default: prompt /
         negative_prompt). clip_skip: SDXL's numbering (diffusers'): layers skipped before the penultimate one.
-        prompt_syntax: "a1111" or "plain" (see `sdxl_conditioning`); AND, [from:to:when] and [a|b] are not read for
-        SDXL yet (an InputError)."""
+        prompt_syntax: "a1111" or "plain" (see `sdxl_conditioning`); AND, [from:to:when] and [a|b] change per step,
+        which one tensor cannot hold: an InputError here (`__call__` runs them)."""
         prompt_encoding.check_prompt_syntax(prompt_syntax)
         encode = conditioning.encode_a1111 if prompt_syntax == "a1111" else conditioning.encode_plain
         if prompt_embeds is None:
@@ -262,13 +246,13 @@ class StableDiffusionXLPipeline(LoraMixin, DenoisingPipeline):
         def ready(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(dtype).repeat_interleave(num_images_per_prompt, dim=0)
 
-        out = tuple(ready(t) for t in (prompt_embeds, uncond, pooled_prompt_embeds, pooled_uncond))
+        out = [ready(t) for t in (prompt_embeds, uncond, pooled_prompt_embeds, pooled_uncond)]
         # the text encoders' mapped weights go back once encoded (release_weights), as LatentDiffusionPipeline's
         self.release(*(e for e in (self.text_encoder, self.text_encoder_2) if e is not None))
         for embeddings in out:
             if embeddings is not None:
                 check_finite_output(embeddings, stage="text encoding", where="text_encoder_2", dtype=dtype)
-        return out
+        return out[0], out[1], out[2], out[3]
 
     def micro_conditioning(self, height: int, width: int, *, original_size: Any, crops_coords_top_left: Any,
                            target_size: Any, negative_original_size: Any = None,
@@ -298,6 +282,41 @@ class StableDiffusionXLPipeline(LoraMixin, DenoisingPipeline):
                     conditioning.time_ids(n_original, n_crop, n_target))
         return (conditioning.time_ids(original, crop, target, aesthetic_score=score),
                 conditioning.time_ids(n_original, n_crop, n_target, aesthetic_score=n_score))
+
+    def conditioning_for_call(self, prompt: Prompt | None, prompt_2: Prompt | None, negative_prompt: Prompt | None,
+                              negative_prompt_2: Prompt | None, *, steps: int, guidance_scale: float,
+                              num_images_per_prompt: int, ids: list[float], negative_ids: list[float],
+                              prompt_syntax: str, clip_skip: int | None,
+                              embeds: dict[str, Any]) -> dict[str, Any]:
+        """A call's conditioning: {"cond", "uncond", "pooled", "model" (the UNet call for `denoise`), "schedule"}.
+        Prompts with A1111's per-step syntax (AND, [from:to:when], [a|b]) get a PromptSchedule
+        (`sdxl_conditioning.build_schedule`), others `encode_prompt` once."""
+        guided = guidance_scale > 1.0
+        prompts = None if prompt is None or embeds.get("prompt_embeds") is not None else \
+            [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = None if negative_prompt is None or prompts is None else \
+            [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if prompt_syntax == "a1111" and prompts is not None and conditioning.needs_schedule(
+                prompts, negatives, steps=steps, guidance=guided):
+            extra = [name for name, value in (("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2),
+                                              ("negative_prompt_embeds", embeds.get("negative_prompt_embeds")))
+                     if value is not None]
+            if extra:
+                raise InputError("AND, [from:to:when] and [a|b] read one prompt for both text encoders",
+                                 where=extra[0], expected=f"{extra[0]}=None with per-step prompt syntax",
+                                 found="given")
+            schedule = conditioning.build_schedule(self, prompts, negatives, steps=steps,
+                                                   num_images_per_prompt=num_images_per_prompt, clip_skip=clip_skip,
+                                                   guidance=guided, ids=ids, negative_ids=negative_ids)
+            cond, uncond = schedule.first()
+            assert schedule.added_conds is not None
+            return dict(cond=cond, uncond=uncond, pooled=schedule.added_conds[0][0]["text_embeds"],
+                        model=self.unet, schedule=schedule)
+        cond, uncond, pooled, negative_pooled = self.encode_prompt(
+            prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt=num_images_per_prompt,
+            guidance=guided, clip_skip=clip_skip, prompt_syntax=prompt_syntax, **embeds)
+        return dict(cond=cond, uncond=uncond, pooled=pooled, schedule=None,
+                    model=self.conditioned_unet(pooled, negative_pooled, ids, negative_ids))
 
     def conditioned_unet(self, pooled: torch.Tensor, negative_pooled: torch.Tensor | None, ids: list[float],
                          negative_ids: list[float]) -> Any:
@@ -398,21 +417,21 @@ class StableDiffusionXLPipeline(LoraMixin, DenoisingPipeline):
         sampler = self.sampler_for(eta)
         tiling = self.tiling(tile_size, tile_overlap)
         kept = self.steps_to_run(sampler, steps, end)
-        cond, uncond, pooled, negative_pooled = self.encode_prompt(
-            prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt=num_images_per_prompt,
-            guidance=scale > 1.0, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            clip_skip=clip_skip, prompt_syntax=prompt_syntax)
-        x_T = self.prepare_latents(cond.shape[0], height, width, generator=generator, latents=latents)
+        c = self.conditioning_for_call(
+            prompt, prompt_2, negative_prompt, negative_prompt_2, steps=steps, guidance_scale=scale,
+            num_images_per_prompt=num_images_per_prompt, ids=ids, negative_ids=negative_ids,
+            prompt_syntax=prompt_syntax, clip_skip=clip_skip, embeds=dict(
+                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds))
+        x_T = self.prepare_latents(c["cond"].shape[0], height, width, generator=generator, latents=latents)
         on_step = step_callback(self, callback, callback_on_step_end, callback_on_step_end_tensor_inputs,
-                                embeddings={"prompt_embeds": cond, "negative_prompt_embeds": uncond,
-                                            "add_text_embeds": pooled})
+                                embeddings={"prompt_embeds": c["cond"], "negative_prompt_embeds": c["uncond"],
+                                            "add_text_embeds": c["pooled"]})
         if kept < steps:
             on_step = stop_after(on_step, kept - 1)
-        z0 = self.denoise(x_T, cond, uncond, guidance_scale=scale, num_inference_steps=steps, sampler=sampler,
-                          generator=generator, callback=on_step, progress=progress, tiling=tiling,
-                          guidance_rescale=guidance_rescale,
-                          model=self.conditioned_unet(pooled, negative_pooled, ids, negative_ids))
+        z0 = self.denoise(x_T, c["cond"], c["uncond"], guidance_scale=scale, num_inference_steps=steps,
+                          sampler=sampler, generator=generator, callback=on_step, progress=progress, tiling=tiling,
+                          guidance_rescale=guidance_rescale, model=c["model"], schedule=c["schedule"])
         return finish(self.output(z0, output_type), return_dict)
 
     def default_call(self, num_inference_steps: int | None, guidance_scale: float | None) -> tuple[int, float]:
