@@ -178,10 +178,10 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("sdxl_pipeline: skipped, --device cuda asked and no CUDA device is available")
         return
+    args.device = common.device_of(args)
     if args.compile and args.device != "cuda":
         p.error("--compile is measured on CUDA only: add --device cuda (CPU compilation of the 2.6 B UNet takes "
                 "longer than the runs it would speed up here)")
-    args.device = common.device_of(args)
     args.dtype = DTYPES[args.dtype or ("float16" if args.device == "cuda" else "bfloat16")]
     args.size = args.size or (256 if args.quick else 512)
     if args.compile and args.calls < 2:
