@@ -23,6 +23,7 @@ _LAZY = {
     "InpaintPipeline": "latentdiff.pipelines.inpaint",
     "StableDiffusionXLPipeline": "latentdiff.pipelines.sdxl",
     "StableDiffusionXLImg2ImgPipeline": "latentdiff.pipelines.sdxl_image",
+    "StableDiffusionXLInpaintPipeline": "latentdiff.pipelines.sdxl_inpaint",
     "AutoencoderKL": "latentdiff.models.autoencoder_kl",
     "AutoencoderKLConfig": "latentdiff.models.autoencoder_kl",
     "VQModel": "latentdiff.models.vq",
@@ -72,7 +73,7 @@ __all__ = [  # literal, so linters and IDEs see the public names; the same as _L
     "LatentDiffError", "LatentDiffusionPipeline", "LayoutToImagePipeline", "NoiseScheduler", "NoiseSchedulerConfig",
     "NumericalError",
     "PIPELINES", "PLMSSampler", "Pipeline", "PipelineOutput", "RegistryError", "SAMPLERS", "SpatialRescaler",
-    "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline", "StableDiffusionXLPipeline",
     "SuperResolutionPipeline", "TextEncoder", "TextEncoderConfig", "UNet2D", "UNet2DConditional", "UNet2DConfig",
     "UNetConfig", "UnconditionalPipeline", "VQModel", "VQModelConfig", "__version__",
 ]
@@ -123,6 +124,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .pipelines.layout_to_image import LayoutToImagePipeline
     from .pipelines.sdxl import StableDiffusionXLPipeline
     from .pipelines.sdxl_image import StableDiffusionXLImg2ImgPipeline
+    from .pipelines.sdxl_inpaint import StableDiffusionXLInpaintPipeline
     from .pipelines.super_resolution import SuperResolutionPipeline
     from .pipelines.unconditional import UnconditionalPipeline
     from .registry import COMPONENTS, PIPELINES, SAMPLERS

@@ -41,6 +41,7 @@ _BUILTIN_MODULES = (
     "latentdiff.pipelines.layout_to_image",
     "latentdiff.pipelines.sdxl",
     "latentdiff.pipelines.sdxl_image",
+    "latentdiff.pipelines.sdxl_inpaint",
 )
 
 

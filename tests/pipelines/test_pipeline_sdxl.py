@@ -20,6 +20,7 @@ from latentdiff.errors import ConfigError, InputError, UsageError
 from tests._support.parity import assert_parity, max_rel_error
 from tests._support.sdxl import tiny_sdxl
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = "a photo of a cat"
 
 

@@ -21,7 +21,7 @@ processor does, and the masked image is image * (mask < 0.5).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -36,17 +36,18 @@ from . import prompt_encoding
 from .adapter_methods import with_prompt_adapters
 from .arguments import check_call
 from .call_options import CallbackOnStepEnd, finish, step_callback
+from .denoising import DenoisingPipeline
 from .image_to_image import ImageToImagePipeline
 from .images import ImageInput, check_batch, expand_batch, mask_to_tensor
 from .latent_diffusion import LAYOUTS, Generator, Prompt
 
 
-@PIPELINES.register("inpainting")
-class InpaintPipeline(ImageToImagePipeline):
-    """Inpainting with a (2C + 1)-channel inpainting UNet, or a plain C-channel UNet by blending."""
+class InpaintStages(DenoisingPipeline):
+    """The stages of inpainting that do not depend on the conditioning: the size arguments, the mask, the inputs of
+    an inpainting UNet and the blending for a plain one. InpaintPipeline (SD) and StableDiffusionXLInpaintPipeline
+    share them; each brings its own `encode_image` (SDXL's upcasts a float16 VAE)."""
 
-    diffusers_class_names = ("StableDiffusionInpaintPipeline",)
-    loadable_class_names = tuple(LAYOUTS)
+    encode_image: Callable[..., torch.Tensor]
 
     def unet_in_channels(self) -> tuple[int, ...]:
         c = self.vae.latent_channels
@@ -56,6 +57,79 @@ class InpaintPipeline(ImageToImagePipeline):
     def concat_inputs(self) -> bool:
         """Whether the UNet takes the mask and masked-image latents as inputs (else the known region is blended)."""
         return self.unet.config.in_channels != self.vae.latent_channels
+
+    def check_size_arguments(self, height: Any, width: Any, *,
+                             max_pixels: int | None = None) -> tuple[int | None, int | None] | None:
+        """(height, width) to resize to (None: the image's size), checked and bounded before any resizing."""
+        if height is None and width is None:
+            return None
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and (not is_int(value) or value <= 0 or value % self.vae_scale_factor):
+                raise InputError(f"{name} must be a positive multiple of the autoencoder factor {self.vae_scale_factor}"
+                                 " (as diffusers requires)", where=name,
+                                 expected=f"a multiple of {self.vae_scale_factor}", found=value)
+        f = self.vae_scale_factor
+        self.check_pixels(height or f, width or f, 1, max_pixels=max_pixels)
+        return (height, width)
+
+    def preprocess_mask(self, mask_image: ImageInput, *, size: tuple[int, int], resize: bool = False) -> torch.Tensor:
+        """PIL / numpy / tensor mask(s) -> (B, 1, H, W) float32 in {0, 1} on the CPU: the image's `size` (H, W) after
+        its resizing; resize: resized to it (height / width given), else its own size must round down to it."""
+        return mask_to_tensor(mask_image, name="mask_image", size=None if resize else size,
+                              resize_to=size if resize else None, factor=self.vae_scale_factor)
+
+    def prepare_mask_latents(self, mask: torch.Tensor, image: torch.Tensor, *, batch_size: int,
+                             num_images_per_prompt: int = 1, generator: Generator = None) -> torch.Tensor:
+        """mask (m, 1, H, W) in {0, 1}, image (n, 3, H, W) -> (batch_size, 1 [+ C], H/f, W/f).
+
+        The mask at latent resolution (nearest, as diffusers), followed for an inpainting UNet by the scaled
+        latents of the masked image image * (mask < 0.5) (a posterior sample from `generator`).
+        """
+        per_prompt = dict(per_prompt=num_images_per_prompt)
+        mask_latent = self.latent_mask(mask, batch_size=batch_size, num_images_per_prompt=num_images_per_prompt)
+        if not self.concat_inputs:
+            return mask_latent
+        if 1 not in (mask.shape[0], image.shape[0]) and mask.shape[0] != image.shape[0]:
+            mask = expand_batch(mask, batch_size, name="mask_image", **per_prompt)
+            image = expand_batch(image, batch_size, name="image", **per_prompt)
+        masked = image * (mask < 0.5)
+        masked_latents = self.encode_image(masked, batch_size=batch_size, num_images_per_prompt=num_images_per_prompt,
+                                           generator=generator)
+        return torch.cat([mask_latent, masked_latents], dim=1)
+
+    def latent_mask(self, mask: torch.Tensor, *, batch_size: int, num_images_per_prompt: int = 1) -> torch.Tensor:
+        """mask (m, 1, H, W) -> (batch_size, 1, H/f, W/f) in the UNet's dtype: nearest-neighbour, as diffusers."""
+        h, w = (s // self.vae_scale_factor for s in mask.shape[-2:])
+        mask_latent = expand_batch(F.interpolate(mask, size=(h, w)), batch_size, name="mask_image",
+                                   per_prompt=num_images_per_prompt)
+        return mask_latent.to(device=self.device, dtype=self.unet.dtype)
+
+    def blend_known_region(self, z0: torch.Tensor, eps: torch.Tensor, mask_latent: torch.Tensor, plan: Any, *,
+                           callback: StepCallback | None = None, last: int | None = None) -> StepCallback:
+        """A step callback for a plain UNet: after step i of `plan` (the sampler's plan of the steps run), it returns
+        x <- m x + (1 - m) known, known = plan.noised(z0, eps, i + 1), the forward process at the next step in the
+        sampler's own scale, and z0 itself after the last step (diffusers' blending). z0, eps, x: (B, C, h, w);
+        mask_latent (B, 1, h, w), 1 = repaint. `callback` then sees the blended x, with the sampler's `denoised`
+        (and may replace x in turn). last: the index of the last step run when the loop stops early (SDXL's
+        denoising_end: diffusers blends z0 itself there); default the plan's last.
+        """
+        known_weight = 1 - mask_latent
+        last = len(plan.timesteps) - 1 if last is None else last
+        callback = as_step_callback(callback)
+
+        def keep_known(i: int, t: float, x: torch.Tensor, denoised: torch.Tensor | None = None) -> torch.Tensor:
+            known = z0 if i == last else plan.noised(z0, eps, i + 1)
+            return after_step(callback, torch.addcmul(known_weight * known, mask_latent, x), i, t, denoised)
+
+        return keep_known
+
+
+@PIPELINES.register("inpainting")
+class InpaintPipeline(InpaintStages, ImageToImagePipeline):
+    """Inpainting with a (2C + 1)-channel inpainting UNet, or a plain C-channel UNet by blending."""
+
+    diffusers_class_names = ("StableDiffusionInpaintPipeline",)
+    loadable_class_names = tuple(LAYOUTS)
 
     @with_prompt_adapters
     @torch.inference_mode()
@@ -119,62 +193,3 @@ class InpaintPipeline(ImageToImagePipeline):
             keep_known = self.blend_known_region(z0, eps, mask_latents, plan, callback=on_step)
             z = self.denoise(x_t0, cond, uncond, callback=keep_known, **run)
         return finish(self.output(z, output_type), return_dict)
-
-    # ---- the stages ------------------------------------------------------------------------------
-    def check_size_arguments(self, height: Any, width: Any, *,
-                             max_pixels: int | None = None) -> tuple[int | None, int | None] | None:
-        """(height, width) to resize to (None: the image's size), checked and bounded before any resizing."""
-        if height is None and width is None:
-            return None
-        for name, value in (("height", height), ("width", width)):
-            if value is not None and (not is_int(value) or value <= 0 or value % self.vae_scale_factor):
-                raise InputError(f"{name} must be a positive multiple of the autoencoder factor {self.vae_scale_factor}"
-                                 " (as diffusers requires)", where=name,
-                                 expected=f"a multiple of {self.vae_scale_factor}", found=value)
-        f = self.vae_scale_factor
-        self.check_pixels(height or f, width or f, 1, max_pixels=max_pixels)
-        return (height, width)
-
-    def preprocess_mask(self, mask_image: ImageInput, *, size: tuple[int, int], resize: bool = False) -> torch.Tensor:
-        """PIL / numpy / tensor mask(s) -> (B, 1, H, W) float32 in {0, 1} on the CPU: the image's `size` (H, W) after
-        its resizing; resize: resized to it (height / width given), else its own size must round down to it."""
-        return mask_to_tensor(mask_image, name="mask_image", size=None if resize else size,
-                              resize_to=size if resize else None, factor=self.vae_scale_factor)
-
-    def prepare_mask_latents(self, mask: torch.Tensor, image: torch.Tensor, *, batch_size: int,
-                             num_images_per_prompt: int = 1, generator: Generator = None) -> torch.Tensor:
-        """mask (m, 1, H, W) in {0, 1}, image (n, 3, H, W) -> (batch_size, 1 [+ C], H/f, W/f).
-
-        The mask at latent resolution (nearest, as diffusers), followed for an inpainting UNet by the scaled
-        latents of the masked image image * (mask < 0.5) (a posterior sample from `generator`).
-        """
-        per_prompt = dict(per_prompt=num_images_per_prompt)
-        h, w = (s // self.vae_scale_factor for s in mask.shape[-2:])
-        mask_latent = expand_batch(F.interpolate(mask, size=(h, w)), batch_size, name="mask_image", **per_prompt)
-        mask_latent = mask_latent.to(device=self.device, dtype=self.unet.dtype)
-        if not self.concat_inputs:
-            return mask_latent
-        if 1 not in (mask.shape[0], image.shape[0]) and mask.shape[0] != image.shape[0]:
-            mask = expand_batch(mask, batch_size, name="mask_image", **per_prompt)
-            image = expand_batch(image, batch_size, name="image", **per_prompt)
-        masked = image * (mask < 0.5)
-        masked_latents = self.encode_image(masked, batch_size=batch_size, num_images_per_prompt=num_images_per_prompt,
-                                           generator=generator)
-        return torch.cat([mask_latent, masked_latents], dim=1)
-
-    def blend_known_region(self, z0: torch.Tensor, eps: torch.Tensor, mask_latent: torch.Tensor, plan: Any, *,
-                           callback: StepCallback | None = None) -> StepCallback:
-        """A step callback for a plain UNet: after step i of `plan` (the sampler's plan of the steps run), it returns
-        x <- m x + (1 - m) known, known = plan.noised(z0, eps, i + 1), the forward process at the next step in the
-        sampler's own scale, and z0 itself after the last step (diffusers' blending). z0, eps, x: (B, C, h, w);
-        mask_latent (B, 1, h, w), 1 = repaint. `callback` then sees the blended x, with the sampler's `denoised`
-        (and may replace x in turn).
-        """
-        known_weight, last = 1 - mask_latent, len(plan.timesteps) - 1
-        callback = as_step_callback(callback)
-
-        def keep_known(i: int, t: float, x: torch.Tensor, denoised: torch.Tensor | None = None) -> torch.Tensor:
-            known = z0 if i == last else plan.noised(z0, eps, i + 1)
-            return after_step(callback, torch.addcmul(known_weight * known, mask_latent, x), i, t, denoised)
-
-        return keep_known
