@@ -27,9 +27,9 @@ from .single_file import SINGLE_FILE_SETTINGS_KEY as SETTINGS_KEY
 DIRECTIONS = ("diffusers", "single-file")
 # model_index.json component -> single-file part (LDM text-to-image folders call their text encoder `bert`).
 FOLDER_PARTS = {"unet": "unet", "vae": "vae", "vqvae": "vqvae", "text_encoder": "text_encoder", "bert": "text_encoder",
-                "scheduler": "scheduler"}
+                "text_encoder_2": "text_encoder_2", "scheduler": "scheduler"}
 # Components with no place in an original file (the original code builds them itself, or has none).
-NOT_IN_SINGLE_FILES = ("tokenizer", "safety_checker", "feature_extractor", "image_encoder")
+NOT_IN_SINGLE_FILES = ("tokenizer", "tokenizer_2", "safety_checker", "feature_extractor", "image_encoder")
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = None,
@@ -140,10 +140,11 @@ def read_diffusers_folder(folder: Path, *, dtype: torch.dtype | None = None, pro
         part = FOLDER_PARTS.get(name) or _part_of_config(config, source=str(sub))
         if part in ("vae", "vqvae"):   # the class decides, not the folder's name (LDM folders keep a KL in vqvae/)
             part = _part_of_config(config, source=str(sub))
-        if part == "text_encoder" and (sub / TEXT_SETTINGS).is_file():  # clip skip and the like
+        text = part in ("text_encoder", "text_encoder_2")
+        if text and (sub / TEXT_SETTINGS).is_file():  # clip skip and the like
             settings = read_json(sub / TEXT_SETTINGS)
             config[SETTINGS_KEY] = {k: v for k, v in settings.items() if not k.startswith("_")}
-        weights = "diffusion_pytorch_model" if part != "text_encoder" else \
+        weights = "diffusion_pytorch_model" if not text else \
             "model" if any(sub.glob("model*.safetensors*")) else "pytorch_model"
         state = load_weights(sub, weights)
         model = module_from_part(part, config, state, torch_dtype=dtype or float_dtype({part: (config, state)}),

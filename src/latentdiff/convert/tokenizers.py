@@ -7,6 +7,9 @@ code downloads it by name at start-up). The conventional sources, in the order t
                                               stable-diffusion-v1-5/stable-diffusion-v1-5, tokenizer/
     openclip  SD 2.x, FrozenOpenCLIPEmbedder  stabilityai/stable-diffusion-2, tokenizer/ (diffusers' single-file
                                               loader), stabilityai/stable-diffusion-2-1, tokenizer/
+    openclip-projection  SDXL's bigG          stabilityai/stable-diffusion-xl-base-1.0, tokenizer_2/ (diffusers'
+              (FrozenOpenCLIPEmbedder2)       single-file loader), stabilityai/stable-diffusion-xl-refiner-1.0,
+                                              tokenizer_2/ (SDXL's CLIP-L is "clip" above)
     ldmbert   LDM text-to-image, BERTEmbedder CompVis/ldm-text2im-large-256, tokenizer/;
                                               google-bert/bert-base-uncased (formerly bert-base-uncased)
 
@@ -30,6 +33,8 @@ from ..errors import CheckpointError
 TOKENIZER_REPOS: dict[str, tuple[tuple[str, str | None], ...]] = {
     "clip": (("openai/clip-vit-large-patch14", None), ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer")),
     "openclip": (("stabilityai/stable-diffusion-2", "tokenizer"), ("stabilityai/stable-diffusion-2-1", "tokenizer")),
+    "openclip-projection": (("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer_2"),
+                            ("stabilityai/stable-diffusion-xl-refiner-1.0", "tokenizer_2")),
     "ldmbert": (("CompVis/ldm-text2im-large-256", "tokenizer"), ("google-bert/bert-base-uncased", None),
                 ("bert-base-uncased", None)),
 }
@@ -37,7 +42,8 @@ TOKENIZER_REPOS: dict[str, tuple[tuple[str, str | None], ...]] = {
 
 def resolve_tokenizer(kind: str, tokenizer: Any = None, *, cache_dir: str | os.PathLike | None = None,
                       local_files_only: bool | None = None, source: str = "single file") -> Any:
-    """The tokenizer for a text encoder of `kind` ("clip", "openclip", "ldmbert"); see the module doc."""
+    """The tokenizer for a text encoder of `kind` ("clip", "openclip", "openclip-projection", "ldmbert"); see the
+    module doc."""
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
     load = _loader(kind)
