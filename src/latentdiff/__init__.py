@@ -21,6 +21,8 @@ _LAZY = {
     "ClassConditionalPipeline": "latentdiff.pipelines.class_conditional",
     "LayoutToImagePipeline": "latentdiff.pipelines.layout_to_image",
     "InpaintPipeline": "latentdiff.pipelines.inpaint",
+    "StableDiffusionXLPipeline": "latentdiff.pipelines.sdxl",
+    "StableDiffusionXLImg2ImgPipeline": "latentdiff.pipelines.sdxl_image",
     "AutoencoderKL": "latentdiff.models.autoencoder_kl",
     "AutoencoderKLConfig": "latentdiff.models.autoencoder_kl",
     "VQModel": "latentdiff.models.vq",
@@ -70,6 +72,7 @@ __all__ = [  # literal, so linters and IDEs see the public names; the same as _L
     "LatentDiffError", "LatentDiffusionPipeline", "LayoutToImagePipeline", "NoiseScheduler", "NoiseSchedulerConfig",
     "NumericalError",
     "PIPELINES", "PLMSSampler", "Pipeline", "PipelineOutput", "RegistryError", "SAMPLERS", "SpatialRescaler",
+    "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLPipeline",
     "SuperResolutionPipeline", "TextEncoder", "TextEncoderConfig", "UNet2D", "UNet2DConditional", "UNet2DConfig",
     "UNetConfig", "UnconditionalPipeline", "VQModel", "VQModelConfig", "__version__",
 ]
@@ -118,6 +121,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .pipelines.inpaint import InpaintPipeline
     from .pipelines.latent_diffusion import LatentDiffusionPipeline
     from .pipelines.layout_to_image import LayoutToImagePipeline
+    from .pipelines.sdxl import StableDiffusionXLPipeline
+    from .pipelines.sdxl_image import StableDiffusionXLImg2ImgPipeline
     from .pipelines.super_resolution import SuperResolutionPipeline
     from .pipelines.unconditional import UnconditionalPipeline
     from .registry import COMPONENTS, PIPELINES, SAMPLERS

@@ -39,6 +39,8 @@ _BUILTIN_MODULES = (
     "latentdiff.pipelines.super_resolution",
     "latentdiff.pipelines.class_conditional",
     "latentdiff.pipelines.layout_to_image",
+    "latentdiff.pipelines.sdxl",
+    "latentdiff.pipelines.sdxl_image",
 )
 
 

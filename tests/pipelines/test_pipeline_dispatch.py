@@ -38,7 +38,7 @@ def folders(tmp_path_factory):
     tiny_diffusers_pipeline(root / "parts").save_pretrained(root / "sd")
     tiny_ldm_text2im_pipeline(root / "ldm_parts").save_pretrained(root / "LDMTextToImagePipeline")
     out = {"StableDiffusionPipeline": root / "sd", "LDMTextToImagePipeline": root / "LDMTextToImagePipeline"}
-    for name in ("StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionXLPipeline"):
+    for name in ("StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline", "StableDiffusion3Pipeline"):
         out[name] = with_class_name(root / "sd", root / name, name)
     return out
 
@@ -70,8 +70,8 @@ def test_an_explicit_class_loads_any_compatible_folder(folders):
 
 
 def test_unknown_class_is_a_config_error_listing_the_supported(folders):
-    with pytest.raises(ConfigError, match="StableDiffusionXLPipeline") as info:
-        Pipeline.from_pretrained(folders["StableDiffusionXLPipeline"])
+    with pytest.raises(ConfigError, match="StableDiffusion3Pipeline") as info:
+        Pipeline.from_pretrained(folders["StableDiffusion3Pipeline"])
     assert info.value.where.endswith("model_index.json: _class_name")
     assert set(EXPECTED) <= set(info.value.expected)
 

@@ -10,7 +10,8 @@
 one `StepCallback` the samplers call; an interrupt raises `Interrupted`, which the `denoise` stage turns into the
 sample of that step. `callback_kwargs` holds the names of `callback_on_step_end_tensor_inputs` (default
 ["latents"]) among `CALLBACK_TENSOR_INPUTS`: "latents" the sample x after the step (in the sampler's scale, what
-diffusers passes), "prompt_embeds" / "negative_prompt_embeds" the (B, L, D) embeddings (to read: the guidance was
+diffusers passes), "prompt_embeds" / "negative_prompt_embeds" the (B, L, D) embeddings, "add_text_embeds" SDXL's
+pooled ones (B, P) (None elsewhere) (to read: the guidance was
 built from them, so a callback that returns other embeddings is refused rather than silently ignored).
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ..diffusion.samplers.base import StepCallback, after_step
 from ..errors import InputError, describe
 from .base import PipelineOutput
 
-CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds")
+CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds", "add_text_embeds")
 # callback_on_step_end(pipe, i, t, callback_kwargs) -> callback_kwargs (diffusers' form)
 CallbackOnStepEnd: TypeAlias = Callable[[Any, int, Any, dict[str, Any]], Mapping[str, Any]]
 

@@ -33,12 +33,21 @@ FALLBACK_TILING = TileSettings()
 
 
 def decode(vae: Any, latents: torch.Tensor, *, scaled: bool = True, fallback_tiling: TileSettings = FALLBACK_TILING,
-           stacklevel: int = 2) -> torch.Tensor:
+           stacklevel: int = 2, upcast: bool = False) -> torch.Tensor:
     """latents (B, C, h, w) -> images (B, C_out, h*f, w*f) by `vae.decode_latents` (scaled: diffusion latents) or
     `vae.decode` (unscaled), with the two safety nets of the module doc. `stacklevel`: the warnings' caller frame,
-    counted from this function."""
-    images = _decode_or_tile(vae, latents, scaled=scaled, fallback_tiling=fallback_tiling, stacklevel=stacklevel + 1)
+    counted from this function. upcast: a float16 first stage decodes in float32 from the start (SDXL's VAE
+    overflows in float16: diffusers' `force_upcast` policy; the images are float32)."""
     dtype = vae.dtype
+    if upcast and dtype == torch.float16:
+        vae.to(dtype=torch.float32)
+        try:
+            images = _decode_or_tile(vae, latents, scaled=scaled, fallback_tiling=fallback_tiling,
+                                     stacklevel=stacklevel + 1)
+        finally:
+            vae.to(dtype=dtype)
+        return check_finite_output(images, stage="decode", where="vae", dtype=images.dtype)
+    images = _decode_or_tile(vae, latents, scaled=scaled, fallback_tiling=fallback_tiling, stacklevel=stacklevel + 1)
     if dtype in HALF_DTYPES and not bool(torch.isfinite(images).all()) and bool(torch.isfinite(latents).all()):
         warnings.warn(f"the {dtype} first stage decoded NaN/Inf values (overflow); decoding again in float32",
                       RuntimeWarning, stacklevel=stacklevel)

@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeAlias
 
@@ -336,7 +336,8 @@ class LatentDiffusionPipeline(LoraMixin, DenoisingPipeline):
                 generator: Generator = None, callback: StepCallback | None = None, progress: bool = True,
                 start_step: int = 0, concat: torch.Tensor | None = None, tiling: LatentTiling | None = None,
                 guidance_rescale: float = 0.0, grad: bool = False,
-                schedule: prompt_encoding.PromptSchedule | None = None) -> torch.Tensor:
+                schedule: prompt_encoding.PromptSchedule | None = None,
+                model: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
         """Run the reverse process from x_T to z_0 with the sampler, guided by the text embeddings.
 
         start_step > 0 runs only steps start_step .. N-1 of the N-step plan, x_T being the sample at that
@@ -347,11 +348,13 @@ class LatentDiffusionPipeline(LoraMixin, DenoisingPipeline):
         `pipe._interrupt` ends the loop after its step: the sample of that step is returned. grad: with autograd,
         for training uses (every stage runs without by default: `pipelines.stages`). schedule: conditioning that
         changes per step (A1111's AND, [from:to:when], [a|b]: `prompt_encoding`), in place of cond / uncond.
+        model: the UNet call with the pipeline's other conditioning bound (SDXL's added_cond); default the UNet.
         """
         if tiling is not None and concat is not None:
             raise InputError("tiled sampling does not slice concatenated conditioning", where="tiling",
                              expected="tiling=None with concat (inpainting)", found=tiling)
-        model = self.unet if concat is None else concat_conditioning(self.unet, concat)
+        model = self.unet if model is None else model
+        model = model if concat is None else concat_conditioning(model, concat)
         if schedule is None:
             denoise_fn = classifier_free_guidance(model, context=cond, uncond_context=uncond,
                                                   guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)

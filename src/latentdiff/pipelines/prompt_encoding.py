@@ -106,6 +106,12 @@ def encode_chunk(text_encoder: TextEncoder, ids: torch.Tensor, weights: torch.Te
     attention = mask if text_encoder._use_mask else None
     z = text_encoder.encode_ids(ids, attention_mask=attention, clip_skip=clip_skip) if clip_skip else \
         text_encoder.encode_ids(ids, attention_mask=attention)
+    return weighted(z, weights)
+
+
+def weighted(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Encoded chunks z (B, 77, D) with their tokens' weights (B, 77): each token's state multiplied by its weight,
+    each row rescaled to its original mean (A1111's "Original" emphasis); all weights 1: z itself."""
     if bool((weights == 1).all()):
         return z
     w = weights.to(device=z.device, dtype=z.dtype)[..., None]
