@@ -44,7 +44,12 @@ from .tokenizers import resolve_tokenizer
 
 # What pipeline each family of checkpoints runs in (names in latentdiff.registry.PIPELINES).
 FAMILY_TASKS = {"sd1": "text-to-image", "sd2": "text-to-image", "sd-inpaint": "inpainting",
-                "sd-upscale": "super-resolution"}
+                "sd-upscale": "super-resolution", "sdxl": "sdxl-text-to-image", "sdxl-refiner": "sdxl-image-to-image",
+                "sdxl-inpaint": "sdxl-inpainting"}
+# Pipeline options a family implies (a folder's model_index.json holds them; a single file does not): the SDXL
+# refiner's add embedding reads an aesthetic score, and it conditions an empty prompt on its encoding.
+FAMILY_OPTIONS: dict[str, dict[str, Any]] = {
+    "sdxl-refiner": {"requires_aesthetics_score": True, "force_zeros_for_empty_prompt": False}}
 # The tokenizer argument of each text encoder part (a single file holds none).
 TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 # Pipeline constructor arguments that may be given a part of the other kind of first stage.
@@ -315,7 +320,9 @@ def pipeline_from_parts(parts: Parts, *, source: str, torch_dtype: torch.dtype |
     required = [n for n in from_file if params[n].default is inspect.Parameter.empty]
     built = build_components(parts, from_file, required=required, tokenizers=tokenizers, source=source,
                              on_part=on_part, torch_dtype=torch_dtype, device=device, wanted_by=cls.__name__)
-    return cls(**components, **built)
+    family = dict(parts.get("extras", ({}, {}))[0]).get("family")
+    options = {k: v for k, v in FAMILY_OPTIONS.get(family, {}).items() if k in params and k not in components}
+    return cls(**components, **built, **options)
 
 
 def build_components(parts: Parts, names: list[str], *, required: list[str], tokenizers: Mapping[str, Any],
@@ -371,6 +378,9 @@ def find_pipeline_class(parts: Parts, *, task: str | None = None, wanted: type |
                                   "have yet; load its parts with their classes' from_single_file", where=source,
                                   expected=PIPELINES.names(), found=name)
         cls = PIPELINES.get(name)
+    if wanted is not None and issubclass(wanted, cls) and set(getattr(wanted, "component_names", ())) == \
+            set(getattr(cls, "component_names", ())):
+        return wanted   # a task over the same parts (SDXL's base in its image-to-image pipeline)
     if wanted is not None and not issubclass(cls, wanted):
         raise CheckpointError(f"this checkpoint runs in {cls.__name__}, not {wanted.__name__}; use "
                               f"{cls.__name__}.from_single_file", where=source, expected=wanted.__name__,
