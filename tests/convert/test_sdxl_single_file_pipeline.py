@@ -17,6 +17,7 @@ from latentdiff import (
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
 )
+from latentdiff.cli import main
 from latentdiff.convert import to_single_file
 from latentdiff.convert.checkpoints import convert_checkpoint
 from tests._support.parity import assert_parity
@@ -102,12 +103,13 @@ def test_save_single_file_writes_the_same_file(files, base, tmp_path):
 
 
 def test_convert_both_ways(files, tmp_path):
-    """file -> diffusers folder (loads in diffusers' StableDiffusionXLPipeline) -> file: the same tensors."""
+    """`latentdiff convert` file -> diffusers folder (loads in diffusers' StableDiffusionXLImg2ImgPipeline, the
+    refiner's options set) -> file: the same tensors."""
     import diffusers
 
-    _, _, path, _ = files["refiner"]
-    folder = convert_checkpoint(path, tmp_path / "folder", tokenizer_2=files["refiner"][3] / "tokenizer_2",
-                                progress=False)
+    _, _, path, sources = files["refiner"]
+    folder = tmp_path / "folder"
+    assert main(["convert", str(path), str(folder), "--tokenizer-2", str(sources / "tokenizer_2")]) == 0
     theirs = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(folder)
     assert theirs.text_encoder is None and theirs.config.requires_aesthetics_score
     back = convert_checkpoint(folder, tmp_path / "back.safetensors", progress=False)

@@ -321,7 +321,7 @@ def pipeline_from_parts(parts: Parts, *, source: str, torch_dtype: torch.dtype |
     built = build_components(parts, from_file, required=required, tokenizers=tokenizers, source=source,
                              on_part=on_part, torch_dtype=torch_dtype, device=device, wanted_by=cls.__name__)
     family = dict(parts.get("extras", ({}, {}))[0]).get("family")
-    options = {k: v for k, v in FAMILY_OPTIONS.get(family, {}).items() if k in params and k not in components}
+    options = {k: v for k, v in FAMILY_OPTIONS.get(str(family), {}).items() if k in params and k not in components}
     return cls(**components, **built, **options)
 
 

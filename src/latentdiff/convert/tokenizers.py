@@ -30,6 +30,8 @@ from typing import Any
 from .. import hub
 from ..errors import CheckpointError
 
+# The folder of a pipeline (a Hub id or a local folder given as tokenizer=) that holds the tokenizer of a kind.
+SUBFOLDERS = {"openclip-projection": "tokenizer_2"}
 TOKENIZER_REPOS: dict[str, tuple[tuple[str, str | None], ...]] = {
     "clip": (("openai/clip-vit-large-patch14", None), ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer")),
     "openclip": (("stabilityai/stable-diffusion-2", "tokenizer"), ("stabilityai/stable-diffusion-2-1", "tokenizer")),
@@ -48,7 +50,8 @@ def resolve_tokenizer(kind: str, tokenizer: Any = None, *, cache_dir: str | os.P
         return tokenizer
     load = _loader(kind)
     if tokenizer is not None:
-        return _from_name(tokenizer, load, cache_dir=cache_dir, local_files_only=local_files_only)
+        return _from_name(tokenizer, load, cache_dir=cache_dir, local_files_only=local_files_only,
+                          sub=SUBFOLDERS.get(kind, "tokenizer"))
     if kind not in TOKENIZER_REPOS:
         raise CheckpointError("no known tokenizer for this text encoder; pass tokenizer=", where=source,
                               expected=f"one of {sorted(TOKENIZER_REPOS)}", found=kind)
@@ -87,15 +90,17 @@ def _loader(kind: str) -> Any:
     return load_tokenizer
 
 
-def _from_name(name: str | os.PathLike, load: Any, *, cache_dir: Any, local_files_only: bool | None) -> Any:
-    """A tokenizer from a local folder, or a Hub id (its root or its `tokenizer/` folder)."""
+def _from_name(name: str | os.PathLike, load: Any, *, cache_dir: Any, local_files_only: bool | None,
+               sub: str = "tokenizer") -> Any:
+    """A tokenizer from a local folder, or a Hub id (its root or its `sub` folder: a pipeline's `tokenizer/`, or
+    SDXL's `tokenizer_2/` for its second encoder)."""
     path = Path(name).expanduser()
     if path.is_dir():
-        sub = path / "tokenizer"
-        return load(sub if sub.is_dir() and not _has_vocab(path) else path)
-    folder = hub.resolve(str(name), allow_patterns=_patterns(None) + _patterns("tokenizer"), cache_dir=cache_dir,
+        inner = path / sub
+        return load(inner if inner.is_dir() and not _has_vocab(path) else path)
+    folder = hub.resolve(str(name), allow_patterns=_patterns(None) + _patterns(sub), cache_dir=cache_dir,
                          local_files_only=local_files_only)
-    return load(folder if _has_vocab(folder) else folder / "tokenizer")
+    return load(folder if _has_vocab(folder) else folder / sub)
 
 
 def _cached(repo: str, sub: str | None, load: Any, *, cache_dir: Any) -> Any:
