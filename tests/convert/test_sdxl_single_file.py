@@ -273,3 +273,18 @@ def test_truncated_file_is_a_checkpoint_error(files, tmp_path):
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError):
         read_single_file(cut)
+
+
+def test_v_prediction_markers(files):
+    """Fine-tunes that predict v mark it with empty `v_pred` / `ztsnr` tensors: the scheduler follows, and the
+    markers are written back."""
+    from latentdiff.convert import split_single_file
+
+    state = {**load_file(files["refiner"][2]), "v_pred": torch.tensor([]), "ztsnr": torch.tensor([])}
+    parts = split_single_file(state, source="vpred.safetensors")
+    assert parts["scheduler"][0]["prediction_type"] == "v_prediction"
+    assert parts["scheduler"][0]["rescale_betas_zero_snr"] is True
+    same(to_single_file(parts), state)
+    plain = split_single_file(load_file(files["refiner"][2]))
+    assert plain["scheduler"][0]["prediction_type"] == "epsilon" and "rescale_betas_zero_snr" not in \
+        plain["scheduler"][0]

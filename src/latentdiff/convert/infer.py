@@ -382,8 +382,11 @@ def infer_sdxl_layout(state: Mapping[str, torch.Tensor], *, prediction_type: str
         first = dataclasses.replace(first, sample_size=SDXL_LATENT_SIZE * 2 ** (len(first.channels) - 1))
     family = _family(unet, first, None, conditioning=conditioning) if unet is not None else \
         conditioning or "sdxl"
+    # v-prediction fine-tunes mark themselves with empty `v_pred` (and `ztsnr`: zero terminal SNR) tensors
+    prediction_type = prediction_type or ("v_prediction" if "v_pred" in state else "epsilon")
+    schedule = {"rescale_betas_zero_snr": True} if "ztsnr" in state else None
     return FileLayout(family=family, unet=unet, first_stage=first, embedders=embedders,
-                      scheduler=sdxl_scheduler_config(prediction_type=prediction_type or "epsilon")
+                      scheduler=sdxl_scheduler_config(prediction_type=prediction_type, schedule=schedule)
                       if unet is not None else None)
 
 

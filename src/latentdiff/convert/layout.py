@@ -45,6 +45,7 @@ NON_NETWORK = (
     *(Drop(name) for name in EMA_BOOKKEEPING),
     Drop("low_scale_model.{rest*}"),
     Drop("denoiser.sigmas"),  # generative-models' DiscreteDenoiser buffer (the schedule's sigmas)
+    Drop("v_pred"), Drop("ztsnr"),  # empty markers of v-prediction (zero-terminal-SNR) SDXL fine-tunes (ComfyUI's)
 )
 
 SDXL_FAMILIES = ("sdxl", "sdxl-refiner", "sdxl-inpaint")

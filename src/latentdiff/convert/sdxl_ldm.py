@@ -16,7 +16,8 @@ diffusers' SDXL folders):
   outdim 256 in every SDXL YAML), and 5 numbers where the pooled width this leaves equals the context width
   (the refiner: bigG's pooled and hidden widths are both 1280), else 6.
 - the schedule: SD's (scaled_linear 0.00085 .. 0.012, 1000 steps, LegacyDDPMDiscretization), sampled with
-  Euler, "leading" spacing and steps_offset 1 (diffusers' SDXL scheduler config); eps prediction.
+  Euler, "leading" spacing and steps_offset 1 (diffusers' SDXL scheduler config); eps prediction, unless the file
+  holds the empty `v_pred` marker of v-prediction fine-tunes (and `ztsnr`: zero terminal SNR), as ComfyUI reads it.
 - 1024-pixel images (128 x 128 latents); the VAE's scaling factor 0.13025 and `force_upcast` (its fp16
   activations overflow).
 """
