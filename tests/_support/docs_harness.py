@@ -55,6 +55,8 @@ SUBSTITUTIONS: tuple[tuple[str, str, str], ...] = (
     (r"(--splits |splits=)\d+", r"\g<1>2", "the Inception Score of a 4-image folder"),
     (r"(?<![\w-])(--height |--width |height=|width=)512\b", r"\g<1>16",
      "the Stable Diffusion stand-in draws 16 x 16 images, not 512 x 512"),
+    (r"(?<![\w-])(--height |--width |height=|width=)1024\b", r"\g<1>32",
+     "the SDXL stand-ins draw 32 x 32 images, not 1024 x 1024"),
 )
 
 
@@ -481,6 +483,21 @@ FILES: dict[str, Callable[[StandIns, Path], Path]] = {
     "pt_inception-2015-12-05-6726825d.pth": _inception_weights,
 }
 METRICS_WORDS = ("pt_inception", "latentdiff eval", "load_inception")   # pages that need the Inception stand-in
+# Hub ids of SDXL pages -> the tiny diffusers SDXL kind (tests/_support/sdxl.py) put in the Hub cache for them
+SDXL_IDS = {"stabilityai/stable-diffusion-xl-base-1.0": "base",
+            "stabilityai/stable-diffusion-xl-refiner-1.0": "refiner"}
+
+
+def sdxl_hub_entries(stand_ins: StandIns, page_text: str) -> None:
+    """The tiny SDXL base / refiner in the stand-ins' Hub cache under the real ids a page names (built once)."""
+    from tests._support.hub_cache import make_hub_cache
+    from tests._support.sdxl import tiny_sdxl
+
+    for repo_id, kind in SDXL_IDS.items():
+        folder = stand_ins.root / "sdxl" / kind
+        if repo_id in page_text and not folder.is_dir():
+            tiny_sdxl(folder, kind=kind)
+            make_hub_cache(stand_ins.hub_cache, repo_id, folder)
 
 
 def docs_environment(monkeypatch: Any, stand_ins: StandIns, workdir: Path, page_text: str) -> None:
@@ -513,6 +530,7 @@ def docs_environment(monkeypatch: Any, stand_ins: StandIns, workdir: Path, page_
                 shutil.copytree(source, target)   # a page may write into it: its own copy
             else:
                 target.symlink_to(source)
+    sdxl_hub_entries(stand_ins, page_text)
     if any(word in page_text for word in METRICS_WORDS):
         from latentdiff.metrics import inception
 

@@ -214,10 +214,27 @@ class PromptSchedule:
     weights: list[torch.Tensor]
     unconds: list[torch.Tensor | None]
     step: int = 0          # the sampler step (0-based) the next denoise call belongs to
+    # the UNet's added conditioning of each range's sub-prompts and negative, as conds / unconds (SDXL's
+    # {"text_embeds": pooled, "time_ids": ...}, `encode` of build_schedule); None: the UNet takes none
+    added_conds: list[list[dict[str, torch.Tensor]]] | None = None
+    added_unconds: list[dict[str, torch.Tensor] | None] | None = None
+
+    def range_of(self, step: int) -> int:
+        return min(bisect.bisect_left(self.ends, step + 1), len(self.ends) - 1)
 
     def at(self, step: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        r = min(bisect.bisect_left(self.ends, step + 1), len(self.ends) - 1)
+        r = self.range_of(step)
         return self.conds[r], self.unconds[r]
+
+    def added(self, r: int, j: int, *, guided: bool) -> dict[str, Any]:
+        """The model keywords of range r, sub-prompt j: {"added_cond": ...} ([uncond; cond] rows when guided)."""
+        if self.added_conds is None:
+            return {}
+        cond = self.added_conds[r][j]
+        uncond = self.added_unconds[r] if self.added_unconds is not None else None
+        if not guided or uncond is None:
+            return {"added_cond": cond}
+        return {"added_cond": {k: torch.cat([uncond[k], cond[k]]) for k in cond}}
 
     def first(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         conds, uncond = self.at(0)
@@ -240,14 +257,16 @@ class PromptSchedule:
         (composable diffusion, Liu et al. 2022), then the optional rescale; without an uncond, the
         conditional model of the one sub-prompt."""
         def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            conds, uncond = self.at(self.step)
+            r = self.range_of(self.step)
+            conds, uncond = self.conds[r], self.unconds[r]
             if uncond is None:
-                return model(x_t, t, context=conds[0])
+                return model(x_t, t, context=conds[0], **self.added(r, 0, guided=False))
             tt = torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.ndim == 1 else t
             pred_uncond: torch.Tensor | None = None
             composed = torch.zeros(())
-            for cond, weight in zip(conds, self.weights, strict=True):
-                pred_u, pred_c = model(torch.cat([x_t, x_t]), tt, context=torch.cat([uncond, cond])).chunk(2)
+            for j, (cond, weight) in enumerate(zip(conds, self.weights, strict=True)):
+                pred_u, pred_c = model(torch.cat([x_t, x_t]), tt, context=torch.cat([uncond, cond]),
+                                       **self.added(r, j, guided=True)).chunk(2)
                 if pred_uncond is None:
                     pred_uncond, composed = pred_u, pred_u
                 w = weight.to(device=pred_c.device, dtype=pred_c.dtype).view(-1, *([1] * (pred_c.ndim - 1)))
@@ -258,14 +277,21 @@ class PromptSchedule:
         return denoise
 
 
-def build_schedule(text_encoder: TextEncoder, prompts: Sequence[str], negatives: Sequence[str] | None, *,
+Encoder = Callable[[list[list[tuple[str, float]]]], tuple[torch.Tensor, "dict[str, torch.Tensor] | None"]]
+
+
+def build_schedule(text_encoder: TextEncoder | None, prompts: Sequence[str], negatives: Sequence[str] | None, *,
                    steps: int, num_images_per_prompt: int = 1, clip_skip: int | None = None,
                    dtype: torch.dtype | None = None, guidance: bool = True,
-                   negative_embeds: torch.Tensor | None = None) -> PromptSchedule:
+                   negative_embeds: torch.Tensor | None = None, encode_pieces: Encoder | None = None,
+                   empty: torch.Tensor | None = None) -> PromptSchedule:
     """Encode every step range of the prompts (AND sub-prompts, edits, alternation) and of the negative prompts
     (edits and alternation; AND is text there, as in A1111; `negative_embeds` (B, L, D) instead: the same at
-    every step; "" when neither), all padded to one chunk count. guidance=False: no negative (AND refused)."""
-    if not chunks_supported(text_encoder):
+    every step; "" when neither), all padded to one chunk count. guidance=False: no negative (AND refused).
+    encode_pieces, empty: a pipeline's own encoding of B prompts' weighted pieces -> (context, its added
+    conditioning per row or None) and its empty chunk (1, 77, D) (SDXL's two encoders), in place of
+    `encode_weighted` on `text_encoder`."""
+    if encode_pieces is None and not chunks_supported(text_encoder):
         raise InputError(f"{type(text_encoder).__name__} does not read A1111's per-step syntax", where="prompt",
                          expected="a prompt without AND, [from:to:when] or [a|b], or prompt_syntax='plain'",
                          found=repr(prompts[0][:80]))
@@ -281,28 +307,40 @@ def build_schedule(text_encoder: TextEncoder, prompts: Sequence[str], negatives:
     count = max(len(plan) for plan in positive)
     weights = [torch.tensor([plan[j].weight if j < len(plan) else 0.0 for plan in positive])
                .repeat_interleave(num_images_per_prompt) for j in range(count)]
-    cache: dict[tuple, torch.Tensor] = {}
+    cache: dict[tuple, tuple[torch.Tensor, dict[str, torch.Tensor] | None]] = {}
+    own = encode_pieces if encode_pieces is not None else \
+        lambda batch: (encode_weighted(text_encoder, batch, clip_skip=clip_skip), None)
 
-    def encode(batch: list[tuple[tuple[str, float], ...]]) -> torch.Tensor:   # each text once ([a|b] repeats)
-        key = tuple(batch)
+    def encode(batch: list[tuple[tuple[str, float], ...]]) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        key = tuple(batch)   # each text once ([a|b] repeats)
         if key not in cache:
-            cache[key] = encode_weighted(text_encoder, [list(pieces) for pieces in batch], clip_skip=clip_skip)
+            cache[key] = own([list(pieces) for pieces in batch])
         return cache[key]
 
     raw = []
     for end in ends:
         conds = [encode([plan[min(j, len(plan) - 1)].pieces_at(end) for plan in positive]) for j in range(count)]
-        uncond = negative_embeds if negative is None else encode([plan[0].pieces_at(end) for plan in negative])
+        uncond = (negative_embeds, None) if negative is None else \
+            encode([plan[0].pieces_at(end) for plan in negative])
         raw.append((conds, uncond if guidance else None))
-    chunks = max(t.shape[1] for conds, uncond in raw for t in [*conds, *([uncond] if uncond is not None else [])])
-    empty = empty_chunk(text_encoder, clip_skip=clip_skip)
+    chunks = max(t.shape[1] for conds, uncond in raw
+                 for t, _ in [*conds, *([uncond] if uncond is not None and uncond[0] is not None else [])])
+    empty = empty if empty is not None else empty_chunk(text_encoder, clip_skip=clip_skip)
 
     def ready(t: torch.Tensor) -> torch.Tensor:
         t = pad_chunks(t, chunks // empty.shape[1], empty).repeat_interleave(num_images_per_prompt, dim=0)
         return t if dtype is None else t.to(dtype)
 
-    return PromptSchedule(ends=ends, conds=[[ready(c) for c in conds] for conds, _ in raw], weights=weights,
-                          unconds=[None if u is None else ready(u) for _, u in raw])
+    def ready_added(added: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        rows = {k: v.repeat_interleave(num_images_per_prompt, dim=0) for k, v in (added or {}).items()}
+        return rows if dtype is None else {k: v.to(dtype) for k, v in rows.items()}
+
+    schedule = PromptSchedule(ends=ends, conds=[[ready(c) for c, _ in conds] for conds, _ in raw], weights=weights,
+                              unconds=[None if u is None or u[0] is None else ready(u[0]) for _, u in raw])
+    if encode_pieces is not None:
+        schedule.added_conds = [[ready_added(a) for _, a in conds] for conds, _ in raw]
+        schedule.added_unconds = [None if u is None else ready_added(u[1]) for _, u in raw]
+    return schedule
 
 
 def encode_for_call(pipe: Any, prompt: str | Sequence[str] | None, negative_prompt: str | Sequence[str] | None, *,

@@ -221,8 +221,8 @@ class StableDiffusionXLPipeline(LoraMixin, DenoisingPipeline):
         diffusers' StableDiffusionXLPipeline.encode_prompt: contexts (B * n, L, D1 + D2), pooled (B * n, P); the
         negatives None without guidance. prompt_2 / negative_prompt_2: bigG's text (default: prompt /
         negative_prompt). clip_skip: SDXL's numbering (diffusers'): layers skipped before the penultimate one.
-        prompt_syntax: "a1111" or "plain" (see `sdxl_conditioning`); AND, [from:to:when] and [a|b] are not read for
-        SDXL yet (an InputError)."""
+        prompt_syntax: "a1111" or "plain" (see `sdxl_conditioning`); AND, [from:to:when] and [a|b] change per step,
+        which one tensor cannot hold: an InputError here (`__call__` runs them)."""
         prompt_encoding.check_prompt_syntax(prompt_syntax)
         encode = conditioning.encode_a1111 if prompt_syntax == "a1111" else conditioning.encode_plain
         if prompt_embeds is None:
@@ -296,6 +296,41 @@ class StableDiffusionXLPipeline(LoraMixin, DenoisingPipeline):
                     conditioning.time_ids(n_original, n_crop, n_target))
         return (conditioning.time_ids(original, crop, target, aesthetic_score=score),
                 conditioning.time_ids(n_original, n_crop, n_target, aesthetic_score=n_score))
+
+    def conditioning_for_call(self, prompt: Prompt | None, prompt_2: Prompt | None, negative_prompt: Prompt | None,
+                              negative_prompt_2: Prompt | None, *, steps: int, guidance_scale: float,
+                              num_images_per_prompt: int, ids: list[float], negative_ids: list[float],
+                              prompt_syntax: str, clip_skip: int | None,
+                              embeds: dict[str, torch.Tensor | None]) -> dict[str, Any]:
+        """A call's conditioning: {"cond", "uncond", "pooled", "model" (the UNet call for `denoise`), "schedule"}.
+        Prompts with A1111's per-step syntax (AND, [from:to:when], [a|b]) get a PromptSchedule
+        (`sdxl_conditioning.build_schedule`), others `encode_prompt` once."""
+        guided = guidance_scale > 1.0
+        prompts = None if prompt is None or embeds.get("prompt_embeds") is not None else \
+            [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = None if negative_prompt is None or prompts is None else \
+            [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if prompt_syntax == "a1111" and prompts is not None and conditioning.needs_schedule(
+                prompts, negatives, steps=steps, guidance=guided):
+            extra = [name for name, value in (("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2),
+                                              ("negative_prompt_embeds", embeds.get("negative_prompt_embeds")))
+                     if value is not None]
+            if extra:
+                raise InputError("AND, [from:to:when] and [a|b] read one prompt for both text encoders",
+                                 where=extra[0], expected=f"{extra[0]}=None with per-step prompt syntax",
+                                 found="given")
+            schedule = conditioning.build_schedule(self, prompts, negatives, steps=steps,
+                                                   num_images_per_prompt=num_images_per_prompt, clip_skip=clip_skip,
+                                                   guidance=guided, ids=ids, negative_ids=negative_ids)
+            cond, uncond = schedule.first()
+            assert schedule.added_conds is not None
+            return dict(cond=cond, uncond=uncond, pooled=schedule.added_conds[0][0]["text_embeds"],
+                        model=self.unet, schedule=schedule)
+        cond, uncond, pooled, negative_pooled = self.encode_prompt(
+            prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt=num_images_per_prompt,
+            guidance=guided, clip_skip=clip_skip, prompt_syntax=prompt_syntax, **embeds)
+        return dict(cond=cond, uncond=uncond, pooled=pooled, schedule=None,
+                    model=self.conditioned_unet(pooled, negative_pooled, ids, negative_ids))
 
     def conditioned_unet(self, pooled: torch.Tensor, negative_pooled: torch.Tensor | None, ids: list[float],
                          negative_ids: list[float]) -> Any:
@@ -396,21 +431,21 @@ class StableDiffusionXLPipeline(LoraMixin, DenoisingPipeline):
         sampler = self.sampler_for(eta)
         tiling = self.tiling(tile_size, tile_overlap)
         kept = self.steps_to_run(sampler, steps, end)
-        cond, uncond, pooled, negative_pooled = self.encode_prompt(
-            prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt=num_images_per_prompt,
-            guidance=scale > 1.0, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            clip_skip=clip_skip, prompt_syntax=prompt_syntax)
-        x_T = self.prepare_latents(cond.shape[0], height, width, generator=generator, latents=latents)
+        c = self.conditioning_for_call(
+            prompt, prompt_2, negative_prompt, negative_prompt_2, steps=steps, guidance_scale=scale,
+            num_images_per_prompt=num_images_per_prompt, ids=ids, negative_ids=negative_ids,
+            prompt_syntax=prompt_syntax, clip_skip=clip_skip, embeds=dict(
+                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds))
+        x_T = self.prepare_latents(c["cond"].shape[0], height, width, generator=generator, latents=latents)
         on_step = step_callback(self, callback, callback_on_step_end, callback_on_step_end_tensor_inputs,
-                                embeddings={"prompt_embeds": cond, "negative_prompt_embeds": uncond,
-                                            "add_text_embeds": pooled})
+                                embeddings={"prompt_embeds": c["cond"], "negative_prompt_embeds": c["uncond"],
+                                            "add_text_embeds": c["pooled"]})
         if kept < steps:
             on_step = stop_after(on_step, kept - 1)
-        z0 = self.denoise(x_T, cond, uncond, guidance_scale=scale, num_inference_steps=steps, sampler=sampler,
-                          generator=generator, callback=on_step, progress=progress, tiling=tiling,
-                          guidance_rescale=guidance_rescale,
-                          model=self.conditioned_unet(pooled, negative_pooled, ids, negative_ids))
+        z0 = self.denoise(x_T, c["cond"], c["uncond"], guidance_scale=scale, num_inference_steps=steps,
+                          sampler=sampler, generator=generator, callback=on_step, progress=progress, tiling=tiling,
+                          guidance_rescale=guidance_rescale, model=c["model"], schedule=c["schedule"])
         return finish(self.output(z0, output_type), return_dict)
 
     def default_call(self, num_inference_steps: int | None, guidance_scale: float | None) -> tuple[int, float]:

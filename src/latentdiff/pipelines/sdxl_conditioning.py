@@ -115,14 +115,27 @@ def static_pieces(prompts: Sequence[str]) -> list[Pieces]:
 
 def encode_a1111(pipe: Any, prompts: list[str], prompts_2: list[str], *,
                  clip_skip: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A1111's encoding for SDXL -> (context (B, 77 k, D1 + D2), pooled (B, P)): per encoder, the prompts' 75-token
-    chunks (`prompt_encoding.token_chunks`: BREAK, comma backtrack, embeddings kept whole) each encoded at SDXL's
-    layer, weighted and rescaled to its mean; shorter prompts padded with the empty prompt's chunk; pooled: the
-    bigG's pooled output of each prompt's first chunk (weights do not touch it, as in A1111)."""
+    """A1111's encoding for SDXL of prompts whose conditioning is the same at every step -> (context (B, 77 k,
+    D1 + D2), pooled (B, P)); `encode_pieces` on each prompt's weighted pieces (AND, [from:to:when] and [a|b]
+    refused: `build_schedule` runs them)."""
+    if prompts_2 == prompts or pipe.text_encoder is None:
+        context, added = encode_pieces(pipe, static_pieces(prompts), clip_skip=clip_skip)
+        return context, added["text_embeds"]
+    context, added = encode_pieces(pipe, static_pieces(prompts), static_pieces(prompts_2), clip_skip=clip_skip)
+    return context, added["text_embeds"]
+
+
+def encode_pieces(pipe: Any, pieces: Sequence[Pieces], pieces_2: Sequence[Pieces] | None = None, *,
+                  clip_skip: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """B prompts' weighted pieces (`pieces_2`: bigG's, default the same) -> (context (B, 77 k, D1 + D2),
+    {"text_embeds": pooled (B, P)}): per encoder, the 75-token chunks (`prompt_encoding.token_chunks`: BREAK,
+    comma backtrack, embeddings kept whole) each encoded at SDXL's layer, weighted and rescaled to its own mean;
+    shorter prompts padded with the empty prompt's chunk; pooled: the bigG's output of each prompt's first chunk,
+    unweighted (A1111)."""
     hidden, pooled = [], None
-    texts = [prompts, prompts_2] if pipe.text_encoder is not None else [prompts]
+    texts = [pieces, pieces_2 if pieces_2 is not None else pieces] if pipe.text_encoder is not None else [pieces]
     for encoder, batch in zip(encoders(pipe), texts, strict=True):
-        cut = [token_chunks(encoder, pieces) for pieces in static_pieces(batch)]
+        cut = [token_chunks(encoder, list(p)) for p in batch]
         empty = token_chunks(encoder, [("", 1.0)])
         chunks = []
         for i in range(max(len(c[0]) for c in cut)):
@@ -133,7 +146,7 @@ def encode_a1111(pipe: Any, prompts: list[str], prompts_2: list[str], *,
             pooled = p if i == 0 else pooled
         hidden.append(torch.cat(chunks, dim=1))
     assert pooled is not None
-    return torch.cat(hidden, dim=-1), pooled
+    return torch.cat(hidden, dim=-1), {"text_embeds": pooled}
 
 
 def empty_chunk(pipe: Any, *, clip_skip: int | None) -> torch.Tensor:
@@ -154,3 +167,39 @@ def same_chunks(pipe: Any, cond: torch.Tensor, uncond: torch.Tensor, *,
 def is_empty(prompts: Sequence[str] | None) -> bool:
     return prompts is None or all(p == "" for p in prompts)
 
+
+
+def build_schedule(pipe: Any, prompts: list[str], negatives: list[str] | None, *, steps: int,
+                   num_images_per_prompt: int, clip_skip: int | None, guidance: bool, ids: Sequence[float],
+                   negative_ids: Sequence[float]) -> prompt_encoding.PromptSchedule:
+    """A1111's per-step syntax (AND, [from:to:when], [a|b]) for SDXL: `prompt_encoding.build_schedule` with both
+    encoders (`encode_pieces`): each range's sub-prompts get their own context and pooled embedding (A1111's
+    SDXL conditioning is one dict of both per sub-prompt), the time ids added to every one; an empty negative is
+    zeros where the model says force_zeros_for_empty_prompt."""
+    dtype = pipe.unet.dtype
+    schedule = prompt_encoding.build_schedule(
+        None, prompts, negatives, steps=steps, num_images_per_prompt=num_images_per_prompt, dtype=dtype,
+        guidance=guidance, encode_pieces=lambda batch: encode_pieces(pipe, batch, clip_skip=clip_skip),
+        empty=empty_chunk(pipe, clip_skip=clip_skip))
+    zeros = pipe.force_zeros_for_empty_prompt and is_empty(negatives)
+    assert schedule.added_conds is not None and schedule.added_unconds is not None
+    for r, conds in enumerate(schedule.added_conds):
+        for added in conds:
+            pooled = added["text_embeds"]
+            added["time_ids"] = torch.tensor([list(ids)], dtype=dtype, device=pooled.device).repeat(len(pooled), 1)
+        uncond = schedule.added_unconds[r]
+        if uncond is None:
+            continue
+        if zeros:
+            schedule.unconds[r] = torch.zeros_like(schedule.conds[r][0])
+            uncond["text_embeds"] = torch.zeros_like(uncond["text_embeds"])
+        pooled = uncond["text_embeds"]
+        uncond["time_ids"] = torch.tensor([list(negative_ids)], dtype=dtype, device=pooled.device).repeat(
+            len(pooled), 1)
+    return schedule
+
+
+def needs_schedule(prompts: list[str] | None, negatives: list[str] | None, *, steps: int, guidance: bool) -> bool:
+    """Whether a call's prompts (or, with guidance, its negatives) change the conditioning per step."""
+    return prompt_encoding.needs_schedule(prompts, steps, composable=True) or (
+        guidance and prompt_encoding.needs_schedule(negatives, steps, composable=False))

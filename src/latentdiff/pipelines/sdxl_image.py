@@ -167,11 +167,12 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
         shape = self.latent_shape(batch, height, width)
         if noise is not None and tuple(noise.shape) != shape:
             raise InputError("noise has the wrong shape", where="noise", expected=shape, found=tuple(noise.shape))
-        cond, uncond, pooled, negative_pooled = self.encode_prompt(
-            prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt=num_images_per_prompt,
-            guidance=scale > 1.0, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            clip_skip=clip_skip, prompt_syntax=prompt_syntax)
+        c = self.conditioning_for_call(
+            prompt, prompt_2, negative_prompt, negative_prompt_2, steps=steps, guidance_scale=scale,
+            num_images_per_prompt=num_images_per_prompt, ids=ids, negative_ids=negative_ids,
+            prompt_syntax=prompt_syntax, clip_skip=clip_skip, embeds=dict(
+                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds))
         z0 = self.encode_image(x, batch_size=batch, num_images_per_prompt=num_images_per_prompt, generator=generator)
         plan = sampler.plan(self.noise_scheduler, steps, start_step=first)
         if start is not None:   # the base's state at this step: no noise added (diffusers' add_noise=False)
@@ -180,12 +181,11 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
             eps = self.draw_noise(z0.shape, generator=generator, noise=noise)
             x_t = sampler.noise_to_start(z0, eps, self.noise_scheduler, steps, first)
         on_step = step_callback(self, callback, callback_on_step_end, callback_on_step_end_tensor_inputs,
-                                embeddings={"prompt_embeds": cond, "negative_prompt_embeds": uncond,
-                                            "add_text_embeds": pooled})
+                                embeddings={"prompt_embeds": c["cond"], "negative_prompt_embeds": c["uncond"],
+                                            "add_text_embeds": c["pooled"]})
         if kept < steps:
             on_step = stop_after(on_step, kept - 1 - first)
-        z = self.denoise(x_t, cond, uncond, guidance_scale=scale, num_inference_steps=steps, sampler=sampler,
-                         generator=generator, callback=on_step, progress=progress, start_step=first,
-                         guidance_rescale=guidance_rescale,
-                         model=self.conditioned_unet(pooled, negative_pooled, ids, negative_ids))
+        z = self.denoise(x_t, c["cond"], c["uncond"], guidance_scale=scale, num_inference_steps=steps,
+                         sampler=sampler, generator=generator, callback=on_step, progress=progress, start_step=first,
+                         guidance_rescale=guidance_rescale, model=c["model"], schedule=c["schedule"])
         return finish(self.output(z, output_type), return_dict)
