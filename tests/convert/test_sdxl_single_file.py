@@ -288,3 +288,23 @@ def test_v_prediction_markers(files):
     plain = split_single_file(load_file(files["refiner"][2]))
     assert plain["scheduler"][0]["prediction_type"] == "epsilon" and "rescale_betas_zero_snr" not in \
         plain["scheduler"][0]
+
+
+def test_narrow_model_round_trips_through_its_metadata(tmp_path):
+    """A model off the released conventions (tiny_sdxl: 16-wide text heads, GroupNorm(8)) is written with its configs
+    in the metadata and read back through them, also part by part (its shapes alone could not describe it)."""
+    from latentdiff import Pipeline
+    from tests._support.sdxl import tiny_sdxl
+
+    tiny_sdxl(tmp_path / "narrow")
+    pipe = Pipeline.from_pretrained(tmp_path / "narrow")
+    path = pipe.save_single_file(tmp_path / "narrow.safetensors")
+    sources = tmp_path / "narrow_sources"
+    again = Pipeline.from_single_file(path, tokenizer=sources / "tokenizer", tokenizer_2=sources / "tokenizer_2")
+    assert type(again) is type(pipe)
+    for name in ("unet", "vae"):
+        same(dict(getattr(again, name).state_dict()), dict(getattr(pipe, name).state_dict()))
+    for name in ("text_encoder", "text_encoder_2"):
+        same(dict(getattr(again, name).model.state_dict()), dict(getattr(pipe, name).model.state_dict()))
+    unet = UNet2DConditional.from_single_file(path)
+    assert unet.config == pipe.unet.config

@@ -87,12 +87,19 @@ def _embedder_kind(sd: Mapping[str, torch.Tensor]) -> str:
     return "unknown (" + ", ".join(sorted(sd)[:3]) + ")"
 
 
+def embedder_indices(conditioning: str | None) -> dict[str, int]:
+    """part -> embedder index of an SDXL file with this conditioning ({} for none)."""
+    if conditioning is None:
+        return {}
+    return dict(SDXL_EMBEDDERS["refiner" if conditioning == "sdxl-refiner" else "base"])
+
+
 def infer_embedders(state: Mapping[str, torch.Tensor], *, conditioning: str,
                     source: str) -> tuple[Embedder, ...]:
     """The text encoders of an SDXL file with the given conditioning (`sdxl_conditioning`), those present."""
     embedders = embedder_states(state)
     out = []
-    for part, index in SDXL_EMBEDDERS["refiner" if conditioning == "sdxl-refiner" else "base"].items():
+    for part, index in embedder_indices(conditioning).items():
         if index in embedders:
             where = f"{source}: {CONDITIONER_PREFIX}{index}."
             sd = embedders[index]

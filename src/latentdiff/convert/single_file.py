@@ -47,7 +47,7 @@ from .layout import (
     FileLayout,
 )
 from .original_config import layout_from_original_config
-from .sdxl_ldm import infer_embedders, is_sdxl_file, pooled_width, sdxl_conditioning
+from .sdxl_ldm import embedder_indices, is_sdxl_file, sdxl_conditioning
 from .unet_ldm import UNET_PREFIX, select_ema
 
 INPUT_BLOCKS = UNET_PREFIX + "input_blocks."
@@ -313,10 +313,13 @@ def sdxl_only_parts(state: Mapping[str, torch.Tensor], parts: Collection[str], *
     """`only_parts` of an SDXL file: its text encoders are told apart by their embedder index, and the file's
     conditioner is checked whole (a UNet of a file with a broken conditioner is not read as the base's)."""
     conditioning = sdxl_conditioning(state, source=source)
-    embedders = infer_embedders(state, conditioning=conditioning, source=source) if conditioning else ()
+    index = embedder_indices(conditioning)
     drop = tuple({PART_PREFIXES[p] for p in ("unet", "vae", "vqvae") if p not in parts} |
-                 {f"{CONDITIONER_PREFIX}{e.index}." for e in embedders if e.part not in parts})
-    return {k: v for k, v in state.items() if not k.startswith(drop)}, conditioning, pooled_width(embedders)
+                 {f"{CONDITIONER_PREFIX}{i}." for part, i in index.items() if part not in parts})
+    # the pooled width from its tensor's shape: the encoders' configs may be the file's metadata, not the shapes'
+    projection = state.get(f"{CONDITIONER_PREFIX}{index.get('text_encoder_2')}.model.text_projection")
+    pooled = int(projection.shape[-1]) if isinstance(projection, torch.Tensor) and projection.ndim == 2 else None
+    return {k: v for k, v in state.items() if not k.startswith(drop)}, conditioning, pooled
 
 
 # ---- writing ----------------------------------------------------------------------------------------------
