@@ -308,3 +308,15 @@ def test_narrow_model_round_trips_through_its_metadata(tmp_path):
         same(dict(getattr(again, name).model.state_dict()), dict(getattr(pipe, name).model.state_dict()))
     unet = UNet2DConditional.from_single_file(path)
     assert unet.config == pipe.unet.config
+
+
+def test_writing_refuses_text_encoders_without_sdxls_layout(files):
+    """SDXL's first encoder is written in transformers' CLIP layout, its second in OpenCLIP's: a first encoder
+    that would take OpenCLIP's (gelu), or a refiner given a CLIP-L, is refused rather than written wrongly."""
+    parts = read_single_file(files["base"][2])
+    gelu = dict(parts, text_encoder=({**parts["text_encoder"][0], "hidden_act": "gelu"}, parts["text_encoder"][1]))
+    with pytest.raises(CheckpointError, match="CLIP-L"):
+        to_single_file(gelu)
+    refiner = dict(read_single_file(files["refiner"][2]), text_encoder=parts["text_encoder"])
+    with pytest.raises(CheckpointError, match="CLIP-L"):
+        to_single_file(refiner)

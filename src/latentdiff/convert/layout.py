@@ -52,6 +52,7 @@ SDXL_FAMILIES = ("sdxl", "sdxl-refiner", "sdxl-inpaint")
 FAMILIES = ("sd1", "sd2", "sd-inpaint", "sd-upscale", "ldm", "vae", "vqvae", *SDXL_FAMILIES)
 # SDXL's conditioner: embedder index -> part, by family (the refiner has bigG alone, at 0)
 SDXL_EMBEDDERS = {"base": {"text_encoder": 0, "text_encoder_2": 1}, "refiner": {"text_encoder_2": 0}}
+SDXL_TEXT_KINDS = {"text_encoder": "clip", "text_encoder_2": "openclip-projection"}  # their original layouts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +141,7 @@ class FileLayout:
                      {**configs["text_encoder_2"], "architectures": list(PROJECTION_ARCHITECTURES)}}
             embedders = tuple(Embedder(index[p], p, TextArch.from_config(c, source=p))
                               for p, c in named.items() if c is not None)
-            stray = [e.part for e in embedders if e.part != e.arch.part]
+            stray = [e.part for e in embedders if e.arch.kind != SDXL_TEXT_KINDS[e.part]]
             if stray or any(p not in index for p in ("text_encoder", "text_encoder_2") if p in configs):
                 raise CheckpointError("an SDXL file's text encoders are CLIP-L (text_encoder, not in the refiner) and "
                                       "OpenCLIP with its projection (text_encoder_2)", where="configs",
