@@ -328,6 +328,8 @@ def run_page(path: Path, *, skip_languages: tuple[str, ...] = ()) -> list[tuple[
 #   CompVis/ldm-text2im-large-256               an LDM-layout folder (the built-in stand-in's; its index names
 #                                                latentdiff's class where the real one names LDMTextToImagePipeline:
 #                                                latentdiff loads both alike)
+#   stabilityai/stable-diffusion-xl-base-1.0    tests/_support/sdxl.py's tiny diffusers SDXL base (32 x 32 images),
+#   stabilityai/stable-diffusion-xl-refiner-1.0  and refiner, each built on first use by a page that names it
 # The built-in name "latentdiff/shapes-64" resolves to tests/_support/tiny_builtin.py's stand-in (random weights).
 # FILES: put into a page's working directory when the page names them (folders copied, files linked):
 #   v1-5-pruned-emaonly.safetensors      the SD stand-in as an original single file (no latentdiff metadata)

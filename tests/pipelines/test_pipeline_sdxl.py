@@ -252,3 +252,34 @@ def test_refiner_errors(refiner, base):
     with pytest.raises(InputError) as late:
         pipe(PROMPT, image=latents, num_inference_steps=4, denoising_start=0.5, denoising_end=0.4)
     assert late.value.where == "denoising_end"
+
+
+def test_float16_vae_decodes_in_float32(ours):
+    """force_upcast (SDXL's VAE config): a float16 VAE decodes in float32 from the start, so the images are those
+    of the float16-rounded weights in float32, and the VAE is float16 again afterwards."""
+    import copy
+
+    assert ours.vae.config.force_upcast and ours.vae.config.scaling_factor == 0.13025
+    latents = torch.randn(1, 4, 16, 16, generator=seed(3))
+    reference = copy.deepcopy(ours.vae).to(torch.float16).to(torch.float32)
+    saved = ours.vae
+    ours.vae = copy.deepcopy(saved).to(torch.float16)
+    try:
+        images = ours.decode(latents)
+        assert images.dtype == torch.float32 and ours.vae.dtype == torch.float16
+        with torch.no_grad():
+            expected = reference.decode_latents(latents)
+        assert torch.equal(images, expected)
+    finally:
+        ours.vae = saved
+
+
+def test_tiled_sampling_passes_the_added_conditioning(ours):
+    """MultiDiffusion windows over an SDXL UNet: one window covering the image is plain sampling, bit for bit; a
+    larger image in windows runs."""
+    run = dict(num_inference_steps=2, output_type="np", progress=False, negative_prompt="x")
+    plain = ours(PROMPT, generator=seed(), **run).images
+    one = ours(PROMPT, generator=seed(), tile_size=32, tile_overlap=0, **run).images
+    assert np.array_equal(plain, one)
+    wide = ours(PROMPT, generator=seed(), height=32, width=64, tile_size=32, tile_overlap=16, **run).images
+    assert wide.shape == (1, 32, 64, 3) and np.isfinite(wide).all()

@@ -74,3 +74,19 @@ def test_alternation_and_refusals(base):
     assert info.value.where == "prompt_2"
     with pytest.raises(InputError, match="per step"):
         ours.encode_prompt(["a [cat|dog]"], guidance=False)
+
+
+def test_sdxl_runs_without_transformers(base, tmp_path):
+    """Both text encoders and tokenizers load natively: an SDXL folder generates without importing transformers."""
+    from tests._support.tiny_clip import run_without_transformers
+
+    _, ours = base
+    ours.save_pretrained(tmp_path / "sdxl")
+    run_without_transformers(f"""
+        import torch
+        from latentdiff import StableDiffusionXLPipeline
+        pipe = StableDiffusionXLPipeline.from_pretrained({str(tmp_path / "sdxl")!r})
+        image = pipe("a (cat:1.2)", negative_prompt="x", num_inference_steps=1, output_type="np",
+                     progress=False).images
+        assert image.shape == (1, 32, 32, 3)
+    """)

@@ -20,7 +20,7 @@ from ..errors import CheckpointError, InputError, UsageError, describe
 from ..registry import ADAPTERS
 from . import embeddings, save  # noqa: F401  (register the textual-inversion hooks and save_lora_weights)
 from .delta import Delta, delta_from_group
-from .names import Target, base_family, components, group_keys, module_table, pipeline_family
+from .names import Target, check_family, components, describe_pipeline, group_keys, module_table
 from .runtime import Adapter, AdapterState, check_names, fuse, refresh, state_of, unfuse, weights_of
 from .tags import Tag, has_tags, strip_tags
 
@@ -78,16 +78,14 @@ def read_file(source: Any, *, weight_name: str | None = None,
 def build_adapter(pipe: Any, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str], *, name: str,
                   source: str) -> Adapter:
     """Every Delta of the file, checked against the pipeline's modules; the pipeline is not touched."""
-    wanted, have = base_family(metadata), pipeline_family(pipe)
-    if wanted is not None and have is not None and wanted != have:
-        raise CheckpointError("the LoRA was trained for another base model", where=f"{source}: ss_base_model_version",
-                              expected=f"a LoRA for {have}", found=metadata.get("ss_base_model_version"))
     if not state:
         raise CheckpointError("the LoRA file holds no tensors", where=source, expected="lora_* / unet.* keys",
                               found="nothing")
+    check_family(state, metadata, pipe, source=source)
     parts = components(pipe)
     deltas: dict[Target, Delta] = {}
-    for target, (spelled, group) in group_keys(state, module_table(pipe), source=source).items():
+    grouped = group_keys(state, module_table(pipe), source=source, pipeline=describe_pipeline(pipe))
+    for target, (spelled, group) in grouped.items():
         module: Any = parts[target.component].get_submodule(target.name)
         # copies in the module's dtype and device: nothing stays mapped to the file, no conversion per step
         group = {k: v.to(module.weight.device, module.weight.dtype if v.is_floating_point() else v.dtype, copy=True)
@@ -129,7 +127,7 @@ def load_lora_weights(pipe: Any, source: Any, *, adapter_name: str | None = None
         raise UsageError("an adapter of that name is loaded already", where="adapter_name", found=name,
                          hint="pass adapter_name= to load the file under another name")
     state.adapters[name] = build_adapter(pipe, tensors, metadata, name=name, source=source_name)
-    state.active = {name: {"unet": 1.0, "text_encoder": 1.0}}
+    state.active = {name: weights_of(1.0, argument="adapter_weights")}
     refresh(pipe, state)
     return name
 
@@ -288,7 +286,10 @@ def prompt_adapters(pipe: Any, prompts: Mapping[str, Any], lora_dirs: Any = None
     if any(name in state.fused for name in tags):
         raise UsageError("a <lora:...> tag names a fused adapter", where="prompt", found=state.fused,
                          hint="call pipe.unfuse_lora() first")
-    state.active = {**before, **{n: {"unet": t.unet, "text_encoder": t.text_encoder} for n, t in tags.items()}}
+    # A1111's text-encoder weight applies to every text encoder (both of SDXL's)
+    state.active = {**before, **{n: weights_of({"unet": t.unet, "text_encoder": t.text_encoder,
+                                                "text_encoder_2": t.text_encoder}, argument=f"<lora:{n}>")
+                                 for n, t in tags.items()}}
     refresh(pipe, state)
     try:
         yield stripped

@@ -10,7 +10,9 @@ Formats (Gal et al. 2022; the files A1111, kohya and diffusers write):
     A1111 .pt            {"string_to_param": {"*": (n, d)}, "name": ..., ...}  read only with weights_only=True
     A1111 / kohya .safetensors   {"emb_params": (n, d)}
     diffusers learned_embeds.bin / .safetensors   {"<token>": (d,) or (n, d)}
-    SDXL {"clip_l": ..., "clip_g": ...}   refused (a CheckpointError: two text encoders are not supported yet)
+    SDXL .safetensors    {"clip_l": (n, 768), "clip_g": (n, 1280)}: one vector set per text encoder, loaded into
+                         both of an SDXL pipeline's at once (the refiner, bigG only: clip_g); an SDXL file on a
+                         pipeline with one text encoder, or a one-set file on SDXL, is a CheckpointError
 
 The token is `token=`, else the diffusers file's own key, else (A1111 files, whose token is their file name in
 A1111) the file's stem. An embedding of n > 1 vectors adds the tokens `tok`, `tok_1` ... `tok_{n-1}`, as diffusers
@@ -43,6 +45,8 @@ SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 DIFFUSERS_NAMES = ("learned_embeds.safetensors", "learned_embeds.bin")
 A1111_KEY, KOHYA_KEY = "string_to_param", "emb_params"
 SDXL_KEYS = ("clip_l", "clip_g")
+# which SDXL pipeline component each vector set of an SDXL file goes to (CLIP ViT-L, OpenCLIP ViT-bigG)
+SDXL_ENCODERS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
 # Where a text model keeps its token embedding (latentdiff's CLIP, transformers' CLIP / BERT); the first found.
 TABLE_PATHS = ("embeddings.token_embedding", "text_model.embeddings.token_embedding", "embeddings.word_embeddings",
                "model.embed_tokens", "embed_tokens")
@@ -118,7 +122,8 @@ def embedding_from_state(state: Any, *, where: str, token: str | None, stem: str
     elif not isinstance(state, Mapping):
         raise CheckpointError("not an embedding", where=where, expected="a dict of tensors", found=describe(state))
     elif any(k in state for k in SDXL_KEYS):
-        raise CheckpointError("an SDXL embedding (one vector set per text encoder) is not supported yet", where=where,
+        raise CheckpointError("an SDXL embedding (one vector set per text encoder) on a pipeline with one text "
+                              "encoder", where=where,
                               expected=f"an SD 1.x / 2.x embedding ({A1111_KEY!r}, {KOHYA_KEY!r} or one token)",
                               found=sorted(str(k) for k in state)[:10])
     elif A1111_KEY in state:
@@ -163,16 +168,50 @@ def _check_shape(shape: tuple[int, ...], *, where: str) -> None:
                                        f"{MAX_EMBEDDING_WIDTH}", found=f"shape {shape}")
 
 
-def read_embedding(source: Any, *, token: str | None = None, weight_name: str | None = None,
-                   **hub: Any) -> Embedding:
-    """The Embedding of a file, folder, Hub id or state dict (see the module docstring)."""
+def read_source(source: Any, *, weight_name: str | None = None, **hub: Any) -> tuple[Any, str, str | None]:
+    """(contents, where (for errors), stem (the A1111 token; None for a state dict)) of a file, folder, Hub id or
+    state dict."""
     if isinstance(source, (Mapping, torch.Tensor)):
-        return embedding_from_state(source, where="state dict", token=token, stem=None)
+        return source, "state dict", None
     if not isinstance(source, (str, os.PathLike)):
         raise InputError("an embedding is a path, a Hub id or a state dict", where="pretrained_model_name_or_path",
                          expected="str | os.PathLike | dict[str, Tensor]", found=describe(source))
     path = find_file(source, weight_name=weight_name, **hub)
-    return embedding_from_state(read_state(path), where=str(path), token=token, stem=path.stem)
+    return read_state(path), str(path), path.stem
+
+
+def read_embedding(source: Any, *, token: str | None = None, weight_name: str | None = None,
+                   **hub: Any) -> Embedding:
+    """The Embedding of a file, folder, Hub id or state dict (see the module docstring)."""
+    state, where, stem = read_source(source, weight_name=weight_name, **hub)
+    return embedding_from_state(state, where=where, token=token, stem=stem)
+
+
+def sdxl_embeddings(state: Any, *, where: str, token: str | None, stem: str | None) -> dict[str, Embedding]:
+    """An SDXL file's two vector sets -> {"text_encoder": Embedding (clip_l), "text_encoder_2": Embedding
+    (clip_g)}, both under one token (`token`, else the file's stem, as A1111). A file of one vector set (SD 1.x /
+    2.x) or with other keys is a CheckpointError naming the file and its keys."""
+    keys = sorted(str(k) for k in state)[:10] if isinstance(state, Mapping) else describe(state)
+    if not isinstance(state, Mapping) or set(state) != set(SDXL_KEYS):
+        raise CheckpointError("an SDXL pipeline takes SDXL embeddings: one vector set per text encoder", where=where,
+                              expected=f"exactly the keys {list(SDXL_KEYS)} (CLIP-L (n, 768) and bigG (n, 1280) "
+                                       "vectors; an SD 1.x / 2.x embedding has one set, for one text encoder)",
+                              found=keys)
+    if token is None and stem is None:
+        raise InputError("an SDXL state dict has no token of its own", where="token",
+                         expected="load_textual_inversion(state, token='<name>')", found=None)
+    return {component: embedding_from_state(state[key], where=f"{where}: {key}", token=token, stem=stem)
+            for component, key in SDXL_ENCODERS.items()}
+
+
+def read_any(source: Any, *, token: str | None = None, weight_name: str | None = None,
+             **hub: Any) -> Embedding | dict[str, Embedding]:
+    """An SDXL file's two vector sets ({component: Embedding}, `sdxl_embeddings`), else the one Embedding of any
+    other format: read and checked before it is known which pipeline takes it (`for_pipeline` then says)."""
+    state, where, stem = read_source(source, weight_name=weight_name, **hub)
+    if isinstance(state, Mapping) and any(k in state for k in SDXL_KEYS):
+        return sdxl_embeddings(state, where=where, token=token, stem=stem)
+    return embedding_from_state(state, where=where, token=token, stem=stem)
 
 
 # ---- applying ------------------------------------------------------------------------------------------------------
@@ -232,6 +271,13 @@ def _add_tokens(tokenizer: Any, tokens: list[str]) -> Any:
 
 def apply(text_encoder: Any, embeddings: Sequence[Embedding], *, files: Mapping[str, str] | None = None) -> None:
     """Add `embeddings` to the text encoder (tokenizer + token table): all or nothing."""
+    _install(text_encoder, *plan(text_encoder, embeddings, files=files))
+
+
+def plan(text_encoder: Any, embeddings: Sequence[Embedding], *, files: Mapping[str, str] | None = None,
+         ) -> tuple[torch.nn.Embedding, Any, torch.Tensor, dict[str, Embedding], dict[str, str]]:
+    """Every check of adding `embeddings` (width, tokens), changing nothing: -> `_install`'s arguments (the
+    table, the original tokenizer and weight, the embeddings then loaded, their files)."""
     state: Loaded | None = getattr(text_encoder, STATE, None)
     table = token_table(text_encoder.model)
     base_tokenizer = text_encoder.tokenizer if state is None else state.tokenizer
@@ -251,9 +297,8 @@ def apply(text_encoder: Any, embeddings: Sequence[Embedding], *, files: Mapping[
                              expected="a token not in the vocabulary", found=clash[0])
         taken.update(embedding.tokens)
         current[embedding.token] = embedding
-    _install(text_encoder, table, base_tokenizer if state is None else state.tokenizer,
-             table.weight if state is None else state.weight, current,
-             {**(state.files if state else {}), **(files or {})})
+    return (table, base_tokenizer, table.weight if state is None else state.weight, current,
+            {**(state.files if state else {}), **(files or {})})
 
 
 def _install(text_encoder: Any, table: torch.nn.Embedding, tokenizer: Any, weight: torch.Tensor,
@@ -311,44 +356,109 @@ def remove(text_encoder: Any, tokens: str | Sequence[str] | None = None) -> None
 
 
 # ---- the pipeline hooks (registry.ADAPTERS) ------------------------------------------------------------------------
+def text_encoders(pipe: Any) -> tuple[dict[str, Any], bool]:
+    """({component: TextEncoder} that take embeddings, whether the pipeline is SDXL): SDXL's two (the refiner's
+    text_encoder_2 only), else the one text encoder."""
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    names = ("text_encoder", "text_encoder_2") if sdxl else ("text_encoder",)
+    found = {n: getattr(pipe, n, None) for n in names}
+    return {n: e for n, e in found.items() if e is not None and hasattr(e, "tokenizer")}, sdxl
+
+
+def _tokens_of(token: str | Sequence[str] | None, count: int, many: bool) -> list[str | None]:
+    if many:
+        tokens: list[str | None] = [None] * count if token is None else [token] if isinstance(token, str) \
+            else list(token)
+        if len(tokens) != count:
+            raise InputError("one token per embedding", where="token", expected=f"a list of {count} tokens",
+                             found=len(tokens))
+        return tokens
+    if token is not None and not isinstance(token, str):
+        raise InputError("token must be a string for one embedding", where="token", expected="str | None",
+                         found=describe(token))
+    return [token]
+
+
 @ADAPTERS.register("load_textual_inversion")
 def load_textual_inversion(pipe: Any, pretrained_model_name_or_path: Any, token: str | Sequence[str] | None = None,
                            *, weight_name: str | None = None, **hub: Any) -> None:
-    """`pipe.load_textual_inversion`: one source or a list (with a list of tokens, or None), all or nothing."""
-    text_encoder = getattr(pipe, "text_encoder", None)
-    if text_encoder is None or not hasattr(text_encoder, "tokenizer"):
+    """`pipe.load_textual_inversion`: one source or a list (with a list of tokens, or None), all or nothing. On
+    SDXL each file's clip_l vectors go to text_encoder and its clip_g vectors to text_encoder_2 under one token
+    (diffusers takes two calls with text_encoder= / tokenizer= for this), both checked before either changes."""
+    encoders, sdxl = text_encoders(pipe)
+    if not encoders:
         raise InputError("this pipeline has no text encoder to add embeddings to", where=type(pipe).__name__,
                          expected="a text-conditioned pipeline")
     many = isinstance(pretrained_model_name_or_path, (list, tuple))
     sources = list(pretrained_model_name_or_path) if many else [pretrained_model_name_or_path]
-    tokens: list[str | None]
-    if many:
-        tokens = [None] * len(sources) if token is None else [token] if isinstance(token, str) else list(token)
-        if len(tokens) != len(sources):
-            raise InputError("one token per embedding", where="token", expected=f"a list of {len(sources)} tokens",
-                             found=len(tokens))
-    else:
-        if token is not None and not isinstance(token, str):
-            raise InputError("token must be a string for one embedding", where="token", expected="str | None",
-                             found=describe(token))
-        tokens = [token]
+    tokens = _tokens_of(token, len(sources), many)
     unknown = sorted(set(hub) - set(HUB_OPTIONS))
     if unknown:
         raise InputError("unknown option of load_textual_inversion", where=unknown[0],
                          expected=f"weight_name or one of {list(HUB_OPTIONS)}", found=unknown)
     options = {HUB_OPTIONS[k]: v for k, v in hub.items()}
-    embeddings, files = [], {}
+    sets, files = [], {}
     for source, name in zip(sources, tokens, strict=True):
-        embedding = read_embedding(source, token=name, weight_name=weight_name, **options)
-        embeddings.append(embedding)
+        found = for_pipeline(pipe, read_any(source, token=name, weight_name=weight_name, **options))
+        sets.append(found)
         if isinstance(source, (str, os.PathLike)):
-            files[embedding.token] = os.fspath(source)
-    apply(text_encoder, embeddings, files=files)
+            files[next(iter(found.values())).token] = os.fspath(source)
+    add_to_pipeline(pipe, sets, files=files)
+
+
+def for_pipeline(pipe: Any, found: Embedding | dict[str, Embedding]) -> dict[str, Embedding]:
+    """What `read_any` found, per text encoder of `pipe` ({component: Embedding}): an SDXL file's sets on SDXL
+    (the refiner: clip_g), one set on a pipeline with one text encoder; the other pairings are CheckpointErrors."""
+    encoders, sdxl = text_encoders(pipe)
+    if sdxl and isinstance(found, Embedding):
+        raise CheckpointError("an SDXL pipeline takes SDXL embeddings: one vector set per text encoder",
+                              where=found.where, expected=f"a file with the keys {list(SDXL_KEYS)} (CLIP-L (n, 768) "
+                              "and bigG (n, 1280) vectors)", found=f"one vector set of shape "
+                              f"{tuple(found.vectors.shape)} (an SD 1.x / 2.x embedding)")
+    if not sdxl and isinstance(found, dict):
+        where = found["text_encoder"].where.rsplit(": ", 1)[0]
+        raise CheckpointError("an SDXL embedding (one vector set per text encoder) on a pipeline with one text "
+                              "encoder", where=where, expected=f"an SD 1.x / 2.x embedding ({A1111_KEY!r}, "
+                              f"{KOHYA_KEY!r} or one token)", found=list(SDXL_KEYS))
+    return {c: e for c, e in found.items() if c in encoders} if isinstance(found, dict) else {"text_encoder": found}
+
+
+def add_to_pipeline(pipe: Any, sets: Sequence[Mapping[str, Embedding]], *,
+                    files: Mapping[str, str] | None = None) -> None:
+    """Add embeddings ({component: Embedding} each, `for_pipeline`) to the pipeline's text encoders: every check
+    for every encoder first, then the swaps (all or nothing)."""
+    encoders, _ = text_encoders(pipe)
+    per = {c: [s[c] for s in sets if c in s] for c in encoders}
+    plans = {c: plan(encoders[c], per[c], files=files) for c in encoders if per[c]}
+    done: list[str] = []
+    try:
+        for component, args in plans.items():
+            _install(encoders[component], *args)
+            done.append(component)
+    except Exception:
+        for component in done:   # the first encoder took them, the second could not: none keeps them
+            remove(encoders[component], [e.token for e in per[component]])
+        raise
 
 
 @ADAPTERS.register("unload_textual_inversion")
 def unload_textual_inversion(pipe: Any, tokens: str | Sequence[str] | None = None) -> None:
-    """`pipe.unload_textual_inversion`: the tokenizer and embedding table back as they were (tokens=None: all)."""
-    text_encoder = getattr(pipe, "text_encoder", None)
-    if text_encoder is not None:
-        remove(text_encoder, tokens)
+    """`pipe.unload_textual_inversion`: the tokenizer and embedding table back as they were (tokens=None: all),
+    in every text encoder (both of SDXL's)."""
+    encoders, _ = text_encoders(pipe)
+    if tokens is None:
+        for encoder in encoders.values():
+            remove(encoder, None)
+        return
+    names = [tokens] if isinstance(tokens, str) else list(tokens)
+    loaded = {c: loaded_tokens(e) for c, e in encoders.items()}
+    held = sorted({t for tokens_held in loaded.values() for t in tokens_held})
+    unknown = [t for t in names if t not in held]
+    if unknown:
+        raise InputError("no embedding is loaded with that token" if held else
+                         "no textual-inversion embedding is loaded", where="tokens",
+                         expected=f"one of {held}" if held else "None", found=unknown)
+    for component, encoder in encoders.items():
+        mine = [t for t in names if t in loaded[component]]
+        if mine:
+            remove(encoder, mine)

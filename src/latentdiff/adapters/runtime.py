@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import InputError, UsageError
 from .delta import Delta, LayerKind
-from .names import Target, components
+from .names import COMPONENTS, Target, components
 
 
 @dataclasses.dataclass
@@ -38,7 +38,7 @@ class AdapterState:
     """What a pipeline's adapters are: loaded, active with their weights (per component), fused, hooked."""
 
     adapters: dict[str, Adapter] = dataclasses.field(default_factory=dict)
-    # name -> {"unet": w, "text_encoder": w}, in activation order
+    # name -> {"unet": w, "text_encoder": w, "text_encoder_2": w}, in activation order
     active: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     fused: list[str] = dataclasses.field(default_factory=list)
     backups: dict[Target, tuple[torch.Tensor, torch.Tensor | None]] = dataclasses.field(default_factory=dict)
@@ -100,15 +100,16 @@ def check_names(state: AdapterState, names: Sequence[str], *, argument: str) -> 
 
 
 def weights_of(value: Any, *, argument: str) -> dict[str, float]:
-    """A number (both components) or {"unet": w, "text_encoder": w} -> per-component weights."""
+    """A number (every component) or {"unet": w, "text_encoder": w, "text_encoder_2": w} (SDXL's second text
+    encoder; a component left out: 1.0, as diffusers) -> per-component weights."""
     if isinstance(value, Mapping):
-        unknown = set(value) - {"unet", "text_encoder"}
+        unknown = set(value) - set(COMPONENTS)
         if unknown:
-            raise InputError("adapter weights per component take the keys unet and text_encoder", where=argument,
-                             expected="unet, text_encoder", found=sorted(unknown))
-        return {c: _number(value.get(c, 1.0), argument=argument) for c in ("unet", "text_encoder")}
+            raise InputError("adapter weights per component take the keys " + ", ".join(COMPONENTS),
+                             where=argument, expected=", ".join(COMPONENTS), found=sorted(unknown))
+        return {c: _number(value.get(c, 1.0), argument=argument) for c in COMPONENTS}
     w = _number(value, argument=argument)
-    return {"unet": w, "text_encoder": w}
+    return dict.fromkeys(COMPONENTS, w)
 
 
 def _number(value: Any, *, argument: str) -> float:
@@ -127,7 +128,7 @@ def fuse(pipe: Any, state: AdapterState, names: Sequence[str], lora_scale: float
                          hint="call pipe.unfuse_lora() first")
     merged: dict[Target, list[tuple[Delta, float]]] = {}
     for name in names:
-        weights = state.active.get(name, {"unet": 1.0, "text_encoder": 1.0})
+        weights = state.active.get(name) or weights_of(1.0, argument="adapter_weights")
         for target, delta in state.adapters[name].deltas.items():
             merged.setdefault(target, []).append((delta, weights[target.component] * lora_scale))
     new: dict[Target, tuple[torch.Tensor, torch.Tensor | None]] = {}

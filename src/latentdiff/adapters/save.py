@@ -2,6 +2,7 @@
 
     lora_unet_<module, "." -> "_">.lora_down.weight / .lora_up.weight / .alpha      (LoRA, LoCon; + .lora_mid.weight)
     lora_te_text_model_<module>.…                                                   (the text encoder)
+    SDXL: lora_unet_<original SGM name> (input_blocks_4_1_…), lora_te1_… (CLIP-L), lora_te2_… (bigG), as kohya
     LoHa: .hada_w1_a … ; LoKr: .lokr_w1 … ; full: .diff / .diff_b (norm layers: .w_norm / .b_norm); DoRA: .dora_scale
 
 with kohya's `ss_*` metadata (ss_network_module, ss_network_dim, ss_network_alpha, ss_base_model_version when
@@ -22,22 +23,28 @@ from ..hub import save_safetensors
 from ..registry import ADAPTERS
 from .delta import Delta, DoRA, LoRA
 from .lycoris import Full, LoHa, LoKr
+from .names import is_sdxl, original_unet_names
 
-PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+SDXL_PREFIXES = {**PREFIXES, "text_encoder": "lora_te1_"}   # kohya's SDXL files: lora_te1_ (CLIP-L), lora_te2_
 # kohya's ss_base_model_version by the text encoder's width (what A1111's metadata readers and ComfyUI show)
 BASE_VERSIONS = {768: "sd_v1", 1024: "sd_v2"}
+SDXL_VERSION = "sdxl_base_v1-0"
 
 
-def kohya_key(component: str, name: str) -> str:
+def kohya_key(component: str, name: str, *, sdxl: bool = False, unet_names: Mapping[str, str] | None = None) -> str:
     """The kohya key prefix of a module: ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q") ->
-    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"; text-encoder names with or without
-    transformers' `text_model.` level -> "lora_te_text_model_encoder_layers_0_self_attn_q_proj"."""
-    if component == "text_encoder":
-        return "lora_te_text_model_" + name.removeprefix("text_model.").replace(".", "_")
-    if component not in PREFIXES:
-        raise InputError("adapters are saved for the UNet and the text encoder only", where="deltas",
-                         expected=f"components {sorted(PREFIXES)}", found=repr(component))
-    return PREFIXES[component] + name.replace(".", "_")
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" (or its original name from
+    `unet_names`: "lora_unet_input_blocks_1_1_..."); text-encoder names with or without transformers'
+    `text_model.` level -> "lora_te_text_model_encoder_layers_0_self_attn_q_proj" (sdxl: lora_te1_ / lora_te2_)."""
+    prefixes = SDXL_PREFIXES if sdxl else PREFIXES
+    if component not in prefixes:
+        raise InputError("adapters are saved for the UNet and the text encoders only", where="deltas",
+                         expected=f"components {sorted(prefixes)}", found=repr(component))
+    if component != "unet":
+        bare = name.removeprefix("text_model.")
+        return prefixes[component] + ("" if bare == "text_projection" else "text_model_") + bare.replace(".", "_")
+    return prefixes[component] + (unet_names or {}).get(name, name).replace(".", "_")
 
 
 def _alpha(value: float | None, rank: int | None) -> dict[str, torch.Tensor]:
@@ -106,7 +113,10 @@ def _metadata(deltas: Mapping[str, Mapping[str, Delta]], pipe: Any, metadata: Ma
         args = {"algo": algo, **({"dora_wd": "True"} if any(isinstance(d, DoRA) for d in flat) else {})}
         info["ss_network_args"] = json.dumps(args)
     width = getattr(getattr(pipe, "text_encoder", None), "hidden_size", None)
-    if isinstance(width, int) and width in BASE_VERSIONS:
+    if pipe is not None and is_sdxl(pipe):
+        if getattr(pipe, "text_encoder", None) is not None:   # the base (kohya trains no refiner LoRAs)
+            info["ss_base_model_version"] = SDXL_VERSION
+    elif isinstance(width, int) and width in BASE_VERSIONS:
         info["ss_base_model_version"] = BASE_VERSIONS[width]
         info["ss_v2"] = str(width == 1024)
     for key, value in (metadata or {}).items():
@@ -124,12 +134,14 @@ def save_lora_weights(deltas: Any, path: str | os.PathLike, *, metadata: Mapping
 
     save_lora_weights(deltas: dict[str, dict[str, Delta]] | pipeline, path, *, metadata=None, adapter_name=None)
 
-    deltas: {"unet": {module name: Delta}, "text_encoder": {module name: Delta}} with diffusers / latentdiff module
-    names ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "text_model.encoder.layers.0.self_attn.
-    q_proj" or without `text_model.`), or a pipeline: its adapter `adapter_name` loaded by `load_lora_weights` (the
-    only one when None). metadata: extra `ss_*` (or any) text entries, over the ones written (ss_network_module
-    "networks.lora" for plain LoRA, "lycoris.kohya" otherwise; ss_network_dim / ss_network_alpha;
-    ss_base_model_version "sd_v1" / "sd_v2" from a pipeline's text-encoder width)."""
+    deltas: {"unet": {module name: Delta}, "text_encoder": {...}, "text_encoder_2": {...}} with diffusers /
+    latentdiff module names ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+    "text_model.encoder.layers.0.self_attn.q_proj" or without `text_model.`), or a pipeline: its adapter
+    `adapter_name` loaded by `load_lora_weights` (the only one when None). metadata: extra `ss_*` (or any) text
+    entries, over the ones written (ss_network_module "networks.lora" for plain LoRA, "lycoris.kohya" otherwise;
+    ss_network_dim / ss_network_alpha; ss_base_model_version "sd_v1" / "sd_v2" from a pipeline's text-encoder
+    width, "sdxl_base_v1-0" from an SDXL base pipeline, whose UNet keys are written with the original block
+    names)."""
     target = Path(path)
     if target.is_dir() or not target.parent.is_dir():
         raise InputError("save_lora_weights writes one file into an existing folder", where=f"path: {target}",
@@ -138,6 +150,9 @@ def save_lora_weights(deltas: Any, path: str | os.PathLike, *, metadata: Mapping
     pipe = None
     if not isinstance(deltas, Mapping):
         pipe, deltas = deltas, _deltas_of_pipeline(deltas, adapter_name)
+    # SDXL as kohya writes it: the UNet by its original block names, the text encoders as lora_te1_ / lora_te2_
+    sdxl = "text_encoder_2" in deltas or (pipe is not None and is_sdxl(pipe))
+    unet_names = original_unet_names(pipe.unet) if pipe is not None and is_sdxl(pipe) else {}
     tensors: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, object]] = set()   # (storage, offset): safetensors refuses tensors that share memory
     for component, per_module in deltas.items():
@@ -148,7 +163,7 @@ def save_lora_weights(deltas: Any, path: str | os.PathLike, *, metadata: Mapping
             if not isinstance(delta, Delta):
                 raise InputError("not an adapter delta", where=f"deltas[{component!r}][{name!r}]",
                                  expected="a latentdiff.adapters.delta.Delta", found=type(delta).__name__)
-            prefix = kohya_key(component, name)
+            prefix = kohya_key(component, name, sdxl=sdxl, unet_names=unet_names)
             for suffix, tensor in group_of(delta).items():
                 tensor = tensor.detach().to("cpu").contiguous()
                 ptr = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())

@@ -69,7 +69,7 @@ def _entries(value: Any, *, where: str) -> list[dict[str, Any]]:
 def settle_embeddings(args: argparse.Namespace, settings: GenerateSettings) -> tuple[GenerateSettings, list[Any]]:
     """The run's embeddings read and checked (format, shape, tokens) before the model loads; the settings with each
     recorded as {"path", "token", "sha256"}. -> (settings, the Embeddings to apply once the model is loaded)."""
-    from ..adapters.embeddings import read_embedding
+    from ..adapters.embeddings import read_any
 
     value = getattr(settings, KEY)
     if value is None:
@@ -95,25 +95,28 @@ def settle_embeddings(args: argparse.Namespace, settings: GenerateSettings) -> t
             print(f"latentdiff: warning: {path} changed since {args.from_png} was made (its sha256 differs): the "
                   "image will differ", file=sys.stderr)
         try:
-            embedding = read_embedding(path, token=entry["token"])
+            embedding = read_any(path, token=entry["token"])   # one vector set, or SDXL's two
         except LatentDiffError as e:
             raise UsageError(f"cannot use this embedding: {e}", where=where, found=str(path)) from None
-        if embedding.token in tokens:
+        token = next(iter(embedding.values())).token if isinstance(embedding, dict) else embedding.token
+        if token in tokens:
             raise UsageError("two embeddings with one token", where=where, expected="a token per embedding "
-                             "(FILE:TOKEN)", found=embedding.token)
-        tokens.add(embedding.token)
+                             "(FILE:TOKEN)", found=token)
+        tokens.add(token)
         embeddings.append(embedding)
-        recorded.append({"path": str(path), "token": embedding.token, "sha256": digest})
+        recorded.append({"path": str(path), "token": token, "sha256": digest})
     return dataclasses.replace(settings, embedding=recorded), embeddings
 
 
 def apply_embeddings(pipe: Any, settings: GenerateSettings, embeddings: list[Any]) -> None:
-    """Add the run's embeddings to the loaded pipeline's text encoder (a UsageError for a width it does not take)."""
+    """Add the run's embeddings to the loaded pipeline's text encoders (a UsageError for a width or a model family
+    it does not take: an SDXL file on SD 1.x, an SD 1.x file on SDXL)."""
     if not embeddings:
         return
-    from ..adapters.embeddings import apply
+    from ..adapters.embeddings import add_to_pipeline, for_pipeline
 
     try:
-        apply(pipe.text_encoder, embeddings, files={e["token"]: e["path"] for e in getattr(settings, KEY) or ()})
+        add_to_pipeline(pipe, [for_pipeline(pipe, e) for e in embeddings],
+                        files={e["token"]: e["path"] for e in getattr(settings, KEY) or ()})
     except LatentDiffError as e:
         raise UsageError(f"cannot use this embedding with this model: {e}", where="--embedding") from None

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from ..registry import ADAPTERS
 
 F = TypeVar("F", bound=Callable[..., Any])
-TAGGED_ARGUMENTS = ("prompt", "negative_prompt")
+TAGGED_ARGUMENTS = ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2")   # SDXL: the second encoder's
 
 
 def _tagged(value: Any) -> bool:
@@ -47,7 +47,8 @@ def with_prompt_adapters(call: F) -> F:
 
 
 class LoraMixin:
-    """diffusers' LoRA methods (`StableDiffusionLoraLoaderMixin`), on a pipeline with `unet` and `text_encoder`."""
+    """diffusers' LoRA and textual-inversion methods (`StableDiffusionLoraLoaderMixin`,
+    `TextualInversionLoaderMixin`), on a pipeline with `unet` and `text_encoder` (and SDXL's `text_encoder_2`)."""
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict, *,
                           adapter_name: str | None = None, weight_name: str | None = None) -> str:
@@ -59,8 +60,8 @@ class LoraMixin:
                                                  adapter_name=adapter_name, weight_name=weight_name)
 
     def set_adapters(self, adapter_names: str | Sequence[str], adapter_weights: Any = None) -> None:
-        """The active adapters and their weights (a number, or {"unet": w, "text_encoder": w}, per adapter; 1.0
-        when left out). Runtime: switching copies no weight."""
+        """The active adapters and their weights (a number, or {"unet": w, "text_encoder": w, "text_encoder_2": w},
+        per adapter; 1.0 when left out). Runtime: switching copies no weight."""
         ADAPTERS.get("set_adapters")(self, adapter_names, adapter_weights)
 
     def get_active_adapters(self) -> list[str]:
@@ -90,6 +91,22 @@ class LoraMixin:
         """Write the loaded adapter `adapter_name` (the only one when None) as a kohya-format .safetensors file
         (`lora_unet_*` / `lora_te_*` keys, alpha, ss_* metadata) that A1111 and ComfyUI load (atomic write)."""
         ADAPTERS.get("save_lora_weights")(self, path, adapter_name=adapter_name, metadata=metadata)
+
+    # ---- textual inversion (latentdiff.adapters.embeddings) ----
+    def load_textual_inversion(self, pretrained_model_name_or_path: Any, token: str | list[str] | None = None, *,
+                               weight_name: str | None = None, **hub_options: Any) -> None:
+        """Add a textual-inversion embedding's token(s) to the tokenizer and its vectors to the text encoder, as
+        diffusers' load_textual_inversion: a file (A1111 .pt / .safetensors, diffusers learned_embeds), a folder, a
+        Hub id, a state dict, or a list of them (with a list of tokens). token: default the diffusers file's key,
+        else the file's stem (A1111's token). SDXL: a file's `clip_l` and `clip_g` vectors go into both text
+        encoders in one call. All or nothing: after an error nothing has changed."""
+        ADAPTERS.get("load_textual_inversion")(self, pretrained_model_name_or_path, token, weight_name=weight_name,
+                                               **hub_options)
+
+    def unload_textual_inversion(self, tokens: str | list[str] | None = None) -> None:
+        """Remove loaded embeddings (None: all); with none left, the tokenizer and the token-embedding table are
+        the originals again, bit for bit (every text encoder's)."""
+        ADAPTERS.get("unload_textual_inversion")(self, tokens)
 
     def disable_lora(self) -> None:
         ADAPTERS.get("enable_lora")(self, False)

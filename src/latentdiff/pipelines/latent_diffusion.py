@@ -12,52 +12,43 @@ else latentdiff's own `_class_name`, "LatentDiffusionPipeline", whose layout is 
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, ClassVar
 
 import torch
 
-from .. import hub, limits
-from ..diffusion.guidance import classifier_free_guidance
+from .. import hub
 from ..diffusion.noise import randn
 from ..diffusion.noise_scheduler import NoiseScheduler
 from ..diffusion.samplers import SamplerProtocol, StepCallback, check_sampler
-from ..errors import ConfigError, InputError, UsageError, describe
+from ..errors import ConfigError, UsageError
 from ..hub import HubLocation
 from ..models.ldm_bert import LDMBertTextEncoder
 from ..models.text_encoder import TextEncoder
 from ..models.unet import UNet2DConditional
 from ..registry import ADAPTERS, PIPELINES
-from ..utils.memory import released_after_each_block
 from ..utils.numerics import check_finite_output
-from . import acceleration, prompt_encoding
+from . import prompt_encoding
 from .adapter_methods import LoraMixin, with_prompt_adapters
 from .arguments import check_call, check_clip_skip
-from .base import PipelineOutput, concat_conditioning
-from .call_options import CallbackOnStepEnd, Interrupted, finish, step_callback
-from .denoising import FIRST_STAGES, DenoisingPipeline, FirstStage, Generator
+from .base import PipelineOutput
+from .call_options import CallbackOnStepEnd, finish, step_callback
+from .denoising import FIRST_STAGES, FirstStage, Generator
 from .folder import MODEL_INDEX, Entry, FolderPart, write_parts
-from .sdedit import sample_from_step, start_step
+from .sdedit import start_step
 from .stages import stage
-from .tiled_sampling import LatentTiling, check_upscale, latent_tiling, tiled_denoiser, upscale_latents
+from .text_guided import Prompt, TextGuidedPipeline, no_prompt
 from .tiled_sampling import Size as TileSize
-
-Prompt: TypeAlias = str | Sequence[str]
+from .tiled_sampling import check_upscale, upscale_latents
 
 # model_index.json (library, class) -> the latentdiff class that loads that part (FIRST_STAGES: KL, VQ, identity).
 UNETS: dict[Entry, type] = {("diffusers", "UNet2DConditionModel"): UNet2DConditional}
 TEXT_ENCODERS: dict[Entry, type[TextEncoder]] = {("transformers", "CLIPTextModel"): TextEncoder,
                                                  ("latent_diffusion", "LDMBertModel"): LDMBertTextEncoder}
-
-
-def no_prompt() -> InputError:
-    """The error of a call with neither a prompt nor prompt embeddings."""
-    return InputError("a prompt is required", where="prompt", expected="str or list of str", found=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +90,7 @@ LAYOUTS: dict[str, FolderLayout] = {
 
 
 @PIPELINES.register("text-to-image")
-class LatentDiffusionPipeline(LoraMixin, DenoisingPipeline):
+class LatentDiffusionPipeline(LoraMixin, TextGuidedPipeline):
     """Text-conditioned latent diffusion: a first stage (KL, VQ or identity), a cross-attention UNet and a text
     encoder (CLIP, as Stable Diffusion, or LDMBert, as LDM's text-to-image model)."""
 
@@ -126,21 +117,6 @@ class LatentDiffusionPipeline(LoraMixin, DenoisingPipeline):
 
     def networks(self) -> tuple[torch.nn.Module, ...]:
         return (self.unet, self.vae, self.text_encoder)
-
-    # ---- textual inversion (latentdiff.adapters.embeddings, through registry.ADAPTERS) ----
-    def load_textual_inversion(self, pretrained_model_name_or_path: Any, token: str | list[str] | None = None, *,
-                               weight_name: str | None = None, **hub_options: Any) -> None:
-        """Add a textual-inversion embedding's token(s) to the tokenizer and its vectors to the text encoder, as
-        diffusers' load_textual_inversion: a file (A1111 .pt / .safetensors, diffusers learned_embeds), a folder, a
-        Hub id, a state dict, or a list of them (with a list of tokens). token: default the diffusers file's key,
-        else the file's stem (A1111's token). All or nothing: after an error nothing has changed."""
-        ADAPTERS.get("load_textual_inversion")(self, pretrained_model_name_or_path, token, weight_name=weight_name,
-                                               **hub_options)
-
-    def unload_textual_inversion(self, tokens: str | list[str] | None = None) -> None:
-        """Remove loaded embeddings (None: all); with none left, the tokenizer and the token-embedding table are
-        the originals again, bit for bit."""
-        ADAPTERS.get("unload_textual_inversion")(self, tokens)
 
     # ---- loading and saving ---------------------------------------------------------------------
     @classmethod
@@ -243,47 +219,6 @@ class LatentDiffusionPipeline(LoraMixin, DenoisingPipeline):
                           guidance_rescale=guidance_rescale, schedule=schedule)
         return finish(self.output(z0, output_type), return_dict)
 
-    def check_inputs(self, prompt: Prompt | None, negative_prompt: Prompt | None, *, height: int | None,
-                     width: int | None, num_inference_steps: int, guidance_scale: float, num_images_per_prompt: int,
-                     output_type: str, prompt_embeds: torch.Tensor | None = None,
-                     negative_prompt_embeds: torch.Tensor | None = None,
-                     max_pixels: int | None = None) -> tuple[int, int]:
-        """Validate every argument before any heavy work; returns (height, width) with defaults filled in."""
-        if prompt is None and prompt_embeds is None:
-            raise no_prompt()
-        if prompt is not None and not (isinstance(prompt, str) or
-                                       (isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt))):
-            raise InputError("prompt must be a string or a list of strings", where="prompt",
-                             expected="str | list[str]", found=describe(prompt))
-        n = self.prompt_count(prompt, prompt_embeds)
-        if n == 0:
-            raise InputError("prompt list is empty", where="prompt", expected="at least one prompt", found=0)
-        if negative_prompt is not None and not isinstance(negative_prompt, str) and len(negative_prompt) != n:
-            raise InputError("negative_prompt must have one entry per prompt", where="negative_prompt",
-                                 expected=f"a string or a list of {n}", found=f"a list of {len(negative_prompt)}")
-        height, width = self.image_size(height, width)
-        if guidance_scale < 0:
-            raise InputError("guidance_scale must be >= 0", where="guidance_scale", expected=">= 0",
-                             found=guidance_scale)
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise InputError("num_images_per_prompt must be at least 1", where="num_images_per_prompt",
-                             expected=">= 1", found=num_images_per_prompt)
-        limits.check_count(num_images_per_prompt, key="num_images_per_prompt", at_least=1,
-                           at_most=limits.MAX_IMAGES_PER_PROMPT, where="num_images_per_prompt", error=InputError)
-        self.check_pixels(height, width, n * num_images_per_prompt, max_pixels=max_pixels,
-                          images_argument="prompts x num_images_per_prompt")
-        self.check_run(num_inference_steps=num_inference_steps, output_type=output_type)
-        return height, width
-
-    @staticmethod
-    def prompt_count(prompt: Prompt | None, prompt_embeds: torch.Tensor | None = None) -> int:
-        """How many prompts a call has (before num_images_per_prompt)."""
-        if prompt is not None:
-            return 1 if isinstance(prompt, str) else len(prompt)
-        if prompt_embeds is None:
-            raise no_prompt()
-        return prompt_embeds.shape[0]
-
     @stage
     def encode_prompt(self, prompt: Prompt | None, negative_prompt: Prompt | None = None, *,
                       num_images_per_prompt: int = 1, guidance: bool = True,
@@ -329,61 +264,6 @@ class LatentDiffusionPipeline(LoraMixin, DenoisingPipeline):
         for embeddings in (cond, uncond) if uncond is not None else (cond,):   # small: (B, L, D)
             check_finite_output(embeddings, stage="text encoding", where="text_encoder", dtype=dtype)
         return cond, uncond
-
-    @stage
-    def denoise(self, x_T: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, *,
-                guidance_scale: float = 7.5, num_inference_steps: int = 50, sampler: SamplerProtocol | None = None,
-                generator: Generator = None, callback: StepCallback | None = None, progress: bool = True,
-                start_step: int = 0, concat: torch.Tensor | None = None, tiling: LatentTiling | None = None,
-                guidance_rescale: float = 0.0, grad: bool = False,
-                schedule: prompt_encoding.PromptSchedule | None = None,
-                model: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
-        """Run the reverse process from x_T to z_0 with the sampler, guided by the text embeddings.
-
-        start_step > 0 runs only steps start_step .. N-1 of the N-step plan, x_T being the sample at that
-        step's timestep (image-to-image, see `sdedit`); concat (B, C', h, w) is stacked onto the channels
-        of x_t at every step (the inpainting UNet's mask and masked-image latents). tiling: denoise in blended
-        windows (MultiDiffusion, `tiled_sampling`), each window guided. guidance_rescale: the std rescale of the
-        guided prediction (Lin et al. 2023, sec. 3.4; diffusers' guidance_rescale). A callback that sets
-        `pipe._interrupt` ends the loop after its step: the sample of that step is returned. grad: with autograd,
-        for training uses (every stage runs without by default: `pipelines.stages`). schedule: conditioning that
-        changes per step (A1111's AND, [from:to:when], [a|b]: `prompt_encoding`), in place of cond / uncond.
-        model: the UNet call with the pipeline's other conditioning bound (SDXL's added_cond); default the UNet.
-        """
-        if tiling is not None and concat is not None:
-            raise InputError("tiled sampling does not slice concatenated conditioning", where="tiling",
-                             expected="tiling=None with concat (inpainting)", found=tiling)
-        model = self.unet if model is None else model
-        model = model if concat is None else concat_conditioning(model, concat)
-        if schedule is None:
-            denoise_fn = classifier_free_guidance(model, context=cond, uncond_context=uncond,
-                                                  guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
-        else:
-            denoise_fn = schedule.denoiser(model, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
-            callback = schedule.counting(callback, start_step)
-        if tiling is not None:
-            denoise_fn = tiled_denoiser(denoise_fn, tiling)
-        per_block = self.release_weights == "blocks" and not acceleration._is_compiled(self.unet)
-        with released_after_each_block(self.unet) if per_block else contextlib.nullcontext():
-            try:
-                z0 = sample_from_step(sampler or self.sampler, denoise_fn, x_T, self.noise_scheduler,
-                                      num_inference_steps, first=start_step, generator=generator, callback=callback,
-                                      progress=progress)
-            except Interrupted as stop:    # `pipe._interrupt` set by a callback: the sample of that step
-                z0 = stop.x
-        # one reduction after the loop, never per step (on CUDA a check is a host sync)
-        return check_finite_output(z0, stage="denoising", step=num_inference_steps, steps=num_inference_steps,
-                                   dtype=self.unet.dtype)
-
-    # ---- beyond the training size ----------------------------------------------------------------
-    def tiling(self, tile_size: TileSize | None, tile_overlap: TileSize | None = None) -> LatentTiling | None:
-        """Pixel tile settings -> LatentTiling (checked), or None for tile_size None (plain sampling)."""
-        if tile_size is None:
-            if tile_overlap is not None:
-                raise InputError("tile_overlap needs a tile_size", where="tile_overlap",
-                                 expected="tile_size set, or tile_overlap=None", found=tile_overlap)
-            return None
-        return latent_tiling(tile_size, tile_overlap, factor=self.vae_scale_factor)
 
     def upscale(self, z: torch.Tensor, height: int, width: int, *, mode: str = "latent") -> torch.Tensor:
         """z_0 (B, C, h, w) -> (B, C, height/f, width/f): bicubic on the latents ("latent"), or decoded, resized

@@ -308,8 +308,11 @@ def build_schedule(text_encoder: TextEncoder | None, prompts: Sequence[str], neg
     weights = [torch.tensor([plan[j].weight if j < len(plan) else 0.0 for plan in positive])
                .repeat_interleave(num_images_per_prompt) for j in range(count)]
     cache: dict[tuple, tuple[torch.Tensor, dict[str, torch.Tensor] | None]] = {}
-    own = encode_pieces if encode_pieces is not None else \
-        lambda batch: (encode_weighted(text_encoder, batch, clip_skip=clip_skip), None)
+    def weighted_only(batch: list[list[tuple[str, float]]]) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        assert text_encoder is not None   # checked above: chunks_supported
+        return encode_weighted(text_encoder, batch, clip_skip=clip_skip), None
+
+    own = encode_pieces if encode_pieces is not None else weighted_only
 
     def encode(batch: list[tuple[tuple[str, float], ...]]) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         key = tuple(batch)   # each text once ([a|b] repeats)
@@ -323,12 +326,16 @@ def build_schedule(text_encoder: TextEncoder | None, prompts: Sequence[str], neg
         uncond = (negative_embeds, None) if negative is None else \
             encode([plan[0].pieces_at(end) for plan in negative])
         raw.append((conds, uncond if guidance else None))
-    chunks = max(t.shape[1] for conds, uncond in raw
-                 for t, _ in [*conds, *([uncond] if uncond is not None and uncond[0] is not None else [])])
-    empty = empty if empty is not None else empty_chunk(text_encoder, clip_skip=clip_skip)
+    encoded = [c for conds, _ in raw for c, _ in conds]
+    encoded += [u[0] for _, u in raw if u is not None and u[0] is not None]
+    chunks = max(t.shape[1] for t in encoded)
+    if empty is None:
+        assert text_encoder is not None
+        empty = empty_chunk(text_encoder, clip_skip=clip_skip)
+    pad = empty
 
     def ready(t: torch.Tensor) -> torch.Tensor:
-        t = pad_chunks(t, chunks // empty.shape[1], empty).repeat_interleave(num_images_per_prompt, dim=0)
+        t = pad_chunks(t, chunks // pad.shape[1], pad).repeat_interleave(num_images_per_prompt, dim=0)
         return t if dtype is None else t.to(dtype)
 
     def ready_added(added: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:

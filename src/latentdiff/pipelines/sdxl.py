@@ -38,10 +38,11 @@ from . import sdxl_conditioning as conditioning
 from .adapter_methods import LoraMixin, with_prompt_adapters
 from .arguments import check_call
 from .call_options import CallbackOnStepEnd, Interrupted, finish, step_callback
-from .denoising import FIRST_STAGES, DenoisingPipeline, FirstStage, Generator
+from .denoising import FIRST_STAGES, FirstStage, Generator
 from .folder import MODEL_INDEX, Entry, FolderPart, write_parts
-from .latent_diffusion import UNETS, LatentDiffusionPipeline, Prompt
+from .latent_diffusion import UNETS
 from .stages import stage
+from .text_guided import Prompt, TextGuidedPipeline
 from .tiled_sampling import Size as TileSize
 
 TOKENIZERS: dict[Entry, None] = {("transformers", "CLIPTokenizer"): None, ("transformers", "CLIPTokenizerFast"): None}
@@ -88,7 +89,7 @@ def stop_after(callback: StepCallback | None, last: int) -> StepCallback:
 
 
 @PIPELINES.register("sdxl-text-to-image")
-class StableDiffusionXLPipeline(LoraMixin, DenoisingPipeline):
+class StableDiffusionXLPipeline(LoraMixin, TextGuidedPipeline):
     """SDXL text-to-image: a first stage, a `text_time` UNet, CLIP-L (`text_encoder`, None in the refiner) and bigG
     with its projection (`text_encoder_2`)."""
 
@@ -112,12 +113,6 @@ class StableDiffusionXLPipeline(LoraMixin, DenoisingPipeline):
         self.requires_aesthetics_score = requires_aesthetics_score
         super().__init__(vae=vae, unet=unet, noise_scheduler=noise_scheduler, sampler=sampler)
 
-    # the argument checks and stages SDXL shares with the text-to-image pipeline of SD
-    check_inputs = LatentDiffusionPipeline.check_inputs
-    prompt_count = staticmethod(LatentDiffusionPipeline.prompt_count)
-    denoise = LatentDiffusionPipeline.denoise
-    tiling = LatentDiffusionPipeline.tiling
-
     def check_parts(self) -> None:
         """The UNet must read the text encoders' concatenated width, and its add embedding the pooled width plus
         6 micro-conditioning numbers (5 with `requires_aesthetics_score`, the refiner)."""
@@ -134,9 +129,9 @@ class StableDiffusionXLPipeline(LoraMixin, DenoisingPipeline):
                               found=config.cross_attention_dim)
         pooled = getattr(self.text_encoder_2.model.config, "projection_dim", None)
         numbers = 5 if self.requires_aesthetics_score else 6
-        if isinstance(pooled, int) and config.addition_time_embed_dim is not None and \
-                config.projection_class_embeddings_input_dim != pooled + numbers * config.addition_time_embed_dim:
-            other = (config.projection_class_embeddings_input_dim - pooled) / config.addition_time_embed_dim
+        per, total = config.addition_time_embed_dim, config.projection_class_embeddings_input_dim
+        if isinstance(pooled, int) and per is not None and total is not None and total != pooled + numbers * per:
+            other = (total - pooled) / per
             raise ConfigError(f"the UNet's add embedding takes {other:g} micro-conditioning numbers, the pipeline "
                               f"gives {numbers}", where="requires_aesthetics_score",
                               expected=f"{other == 5} (5 numbers: a refiner, with an aesthetic score; 6: a base)",
@@ -144,17 +139,6 @@ class StableDiffusionXLPipeline(LoraMixin, DenoisingPipeline):
 
     def networks(self) -> tuple[torch.nn.Module, ...]:
         return tuple(m for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2) if m is not None)
-
-    # ---- textual inversion (latentdiff.adapters.embeddings, through registry.ADAPTERS) ----
-    def load_textual_inversion(self, pretrained_model_name_or_path: Any, token: str | list[str] | None = None, *,
-                               weight_name: str | None = None, **hub_options: Any) -> None:
-        """An SDXL embedding (`clip_l` and `clip_g` tensors in one file) into both text encoders, as two diffusers
-        calls would (see docs/sdxl.md)."""
-        ADAPTERS.get("load_textual_inversion")(self, pretrained_model_name_or_path, token, weight_name=weight_name,
-                                               **hub_options)
-
-    def unload_textual_inversion(self, tokens: str | list[str] | None = None) -> None:
-        ADAPTERS.get("unload_textual_inversion")(self, tokens)
 
     # ---- loading and saving ---------------------------------------------------------------------
     @classmethod
@@ -262,11 +246,11 @@ class StableDiffusionXLPipeline(LoraMixin, DenoisingPipeline):
         def ready(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(dtype).repeat_interleave(num_images_per_prompt, dim=0)
 
-        out = tuple(ready(t) for t in (prompt_embeds, uncond, pooled_prompt_embeds, pooled_uncond))
+        out = [ready(t) for t in (prompt_embeds, uncond, pooled_prompt_embeds, pooled_uncond)]
         for embeddings in out:
             if embeddings is not None:
                 check_finite_output(embeddings, stage="text encoding", where="text_encoder_2", dtype=dtype)
-        return out
+        return out[0], out[1], out[2], out[3]
 
     def micro_conditioning(self, height: int, width: int, *, original_size: Any, crops_coords_top_left: Any,
                            target_size: Any, negative_original_size: Any = None,
@@ -301,7 +285,7 @@ class StableDiffusionXLPipeline(LoraMixin, DenoisingPipeline):
                               negative_prompt_2: Prompt | None, *, steps: int, guidance_scale: float,
                               num_images_per_prompt: int, ids: list[float], negative_ids: list[float],
                               prompt_syntax: str, clip_skip: int | None,
-                              embeds: dict[str, torch.Tensor | None]) -> dict[str, Any]:
+                              embeds: dict[str, Any]) -> dict[str, Any]:
         """A call's conditioning: {"cond", "uncond", "pooled", "model" (the UNet call for `denoise`), "schedule"}.
         Prompts with A1111's per-step syntax (AND, [from:to:when], [a|b]) get a PromptSchedule
         (`sdxl_conditioning.build_schedule`), others `encode_prompt` once."""

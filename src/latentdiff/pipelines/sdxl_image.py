@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..diffusion.noise import randn
 from ..diffusion.samplers import SamplerProtocol, StepCallback, check_sampler
 from ..diffusion.samplers.base import check_generator
 from ..errors import InputError, describe
@@ -29,9 +30,8 @@ from ..registry import PIPELINES
 from .adapter_methods import with_prompt_adapters
 from .arguments import check_call
 from .call_options import CallbackOnStepEnd, finish, step_callback
-from .image_to_image import ImageToImagePipeline
-from .images import ImageInput, check_batch, expand_batch
-from .latent_diffusion import Generator, Prompt
+from .denoising import Generator
+from .images import ImageInput, check_batch, expand_batch, image_to_tensor
 from .sdedit import start_step
 from .sdxl import (
     DEFAULT_AESTHETIC,
@@ -42,6 +42,7 @@ from .sdxl import (
     stop_after,
 )
 from .stages import stage
+from .text_guided import Prompt
 
 
 @PIPELINES.register("sdxl-image-to-image")
@@ -51,8 +52,9 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
 
     diffusers_class_names = ("StableDiffusionXLImg2ImgPipeline",)
 
-    preprocess_image = ImageToImagePipeline.preprocess_image
-    draw_noise = ImageToImagePipeline.draw_noise
+    def preprocess_image(self, image: ImageInput) -> torch.Tensor:
+        """PIL / numpy / tensor image(s) -> (B, 3, H, W) float32 in [-1, 1] (as ImageToImagePipeline's)."""
+        return image_to_tensor(image, name="image", channels=self.vae.image_channels, factor=self.vae_scale_factor)
 
     def first_step(self, sampler: SamplerProtocol, num_inference_steps: int, *, strength: float,
                    denoising_start: float | None) -> int:
@@ -178,7 +180,8 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
         if start is not None:   # the base's state at this step: no noise added (diffusers' add_noise=False)
             x_t = z0 if plan.init_scale == 1.0 else z0 / plan.init_scale
         else:
-            eps = self.draw_noise(z0.shape, generator=generator, noise=noise)
+            eps = noise.to(device=z0.device, dtype=z0.dtype) if noise is not None else \
+                randn(z0.shape, generator=generator, dtype=z0.dtype, device=z0.device)
             x_t = sampler.noise_to_start(z0, eps, self.noise_scheduler, steps, first)
         on_step = step_callback(self, callback, callback_on_step_end, callback_on_step_end_tensor_inputs,
                                 embeddings={"prompt_embeds": c["cond"], "negative_prompt_embeds": c["uncond"],
