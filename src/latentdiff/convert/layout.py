@@ -139,13 +139,13 @@ class FileLayout:
             # text_encoder_2 is the projection model by its name (a config built in memory may not say so)
             named = {"text_encoder": configs.get("text_encoder"), "text_encoder_2": configs.get("text_encoder_2") and
                      {**configs["text_encoder_2"], "architectures": list(PROJECTION_ARCHITECTURES)}}
-            embedders = tuple(Embedder(index[p], p, TextArch.from_config(c, source=p))
-                              for p, c in named.items() if c is not None)
-            stray = [e.part for e in embedders if e.arch.kind != SDXL_TEXT_KINDS[e.part]]
-            if stray or any(p not in index for p in ("text_encoder", "text_encoder_2") if p in configs):
+            archs = {p: TextArch.from_config(c, source=p) for p, c in named.items() if c is not None}
+            if any(p not in index or arch.kind != SDXL_TEXT_KINDS[p] for p, arch in archs.items()):
                 raise CheckpointError("an SDXL file's text encoders are CLIP-L (text_encoder, not in the refiner) and "
                                       "OpenCLIP with its projection (text_encoder_2)", where="configs",
-                                      expected=sorted(index), found=[(e.part, e.arch.kind) for e in embedders])
+                                      expected={p: SDXL_TEXT_KINDS[p] for p in index},
+                                      found={p: arch.kind for p, arch in archs.items()})
+            embedders = tuple(Embedder(index[p], p, arch) for p, arch in archs.items())
             cond = None
         elif family is None:
             family = _family(unet, first, cond)
