@@ -125,3 +125,24 @@ def test_tokenizers_are_asked_for_by_name(files, tmp_path):
         StableDiffusionXLPipeline.from_single_file(files["refiner"][2], tokenizer=files["refiner"][3] / "tokenizer_2")
     with pytest.raises(CheckpointError, match="stable-diffusion-xl-base-1.0"):
         StableDiffusionXLPipeline.from_single_file(files["refiner"][2], cache_dir=tmp_path, local_files_only=True)
+
+
+def test_inpainting_file_runs_as_the_inpainting_pipeline(tmp_path):
+    """A 9-channel SDXL file opens as StableDiffusionXLInpaintPipeline and inpaints as diffusers does."""
+    import numpy as np
+    from PIL import Image
+
+    from latentdiff import StableDiffusionXLInpaintPipeline
+
+    ref = released_sdxl(tmp_path / "inpaint", kind="inpaint")
+    save_file(original_file(tmp_path / "inpaint", to_single_file), tmp_path / "inpaint.safetensors")
+    sources = tmp_path / "inpaint_sources"
+    pipe = Pipeline.from_single_file(tmp_path / "inpaint.safetensors", tokenizer=sources / "tokenizer",
+                                     tokenizer_2=sources / "tokenizer_2")
+    assert type(pipe) is StableDiffusionXLInpaintPipeline and pipe.unet.config.in_channels == 9
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 4:20] = 255
+    a, b = run_both(ref, pipe, prompt=PROMPT, negative_prompt=NEGATIVE, image=image, mask_image=Image.fromarray(mask),
+                    num_inference_steps=3, guidance_scale=5.0, strength=1.0, output_type="np")
+    assert_parity(a, b)
