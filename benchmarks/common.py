@@ -5,7 +5,7 @@ The folders are written once by diffusers' `save_pretrained` into a cache (LATEN
 /tmp/latentdiff-bench) and then loaded by each library's own `from_pretrained`: the weights are the same bytes
 on both sides. They are built in a child process, so a benchmark's own memory never held diffusers' copy.
 
-    python benchmarks/common.py build sd15|tiny      # build a folder now (the benchmarks do it on demand)
+    python benchmarks/common.py build sd15|tiny|sdxl     # build a folder now (the benchmarks do it on demand)
 """
 from __future__ import annotations
 
@@ -270,7 +270,8 @@ def drop_page_cache() -> bool:
 
 # ---- the model folders ----------------------------------------------------------------------------------
 def folder(name: str) -> Path:
-    """The cached diffusers-format pipeline folder `name` ("tiny" or "sd15"), built by a child if absent."""
+    """The cached diffusers-format pipeline folder `name` ("tiny", "sd15" or "sdxl": benchmarks/sdxl_folder.py),
+    built by a child if absent."""
     path = CACHE / f"{name}-v{FOLDER_VERSION}"
     if not (path / "COMPLETE").is_file():
         print(f"(building the {name} folder in {path} ...)", file=sys.stderr, flush=True)
@@ -315,7 +316,12 @@ def _build(name: str, path: Path) -> None:
 
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
-    {"tiny": build_tiny, "sd15": build_sd15}[name](path)
+    if name == "sdxl":  # its own module: the SDXL configs and builder (benchmarks/sdxl_folder.py)
+        from sdxl_folder import build_sdxl
+
+        build_sdxl(path)
+    else:
+        {"tiny": build_tiny, "sd15": build_sd15}[name](path)
     shutil.rmtree(path / "_build", ignore_errors=True)
     (path / "COMPLETE").write_text(FOLDER_VERSION)
 

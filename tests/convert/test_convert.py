@@ -411,8 +411,10 @@ def test_shipped_yaml_matches_diffusers_reader(name):
 
 def meta_model(part, config):
     from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     with torch.device("meta"):
+        if part == "text_encoder_2":  # SDXL's bigG
+            return CLIPTextModelWithProjection(CLIPTextConfig(**config))
         if part == "text_encoder":
             if config["model_type"] == "ldmbert":
                 return LDMBertModel(LDMBertConfig(**config))

@@ -284,3 +284,14 @@ def test_tiled_sampling_passes_the_added_conditioning(ours):
     assert np.array_equal(plain, one)
     wide = ours(PROMPT, generator=seed(), height=32, width=64, tile_size=32, tile_overlap=16, **run).images
     assert wide.shape == (1, 32, 64, 3) and np.isfinite(wide).all()
+
+
+@pytest.mark.parametrize("kw", [
+    dict(crops_coords_top_left=(4, 2), negative_original_size=(16, 16), negative_target_size=(8, 8)),
+    dict(crops_coords_top_left=(4, 2)),
+], ids=["negative-crop-defaults-to-zero", "no-negative-uses-the-positive"])
+def test_negative_micro_conditioning_defaults_as_diffusers(base, ours, kw):
+    ref, _ = base
+    a, b = both(ref, ours, PROMPT, num_inference_steps=3, guidance_scale=5.0, negative_prompt="x",
+                output_type="np", **kw)
+    assert_parity(a, b)

@@ -139,3 +139,22 @@ def test_pagemap_check_treats_swapped_and_anonymous_pages_as_modified():
     assert not memory._unmodified(pagemap(file_page, memory.PM_PRESENT, file_page), *span)   # copy-on-written
     assert not memory._unmodified(pagemap(file_page, memory.PM_SWAPPED, absent), *span)      # written, swapped out
     assert not memory._unmodified(pagemap(file_page), *span)                                 # short read: unsure
+
+
+def test_sdxl_pipeline_releases_both_text_encoders(tmp_path):
+    """SDXL's encode_prompt gives back both text encoders' mapped pages once encoded, as SD's does (a 1024 px SDXL
+    generation with release_weights then holds neither CLIP-L nor bigG through denoising; benchmarks/RESULTS.md)."""
+    from latentdiff import StableDiffusionXLPipeline
+    from tests._support.sdxl import tiny_sdxl
+
+    tiny_sdxl(tmp_path / "xl")
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "xl", mmap_weights=True)  # releases (opt-in)
+    keep = StableDiffusionXLPipeline.from_pretrained(tmp_path / "xl", mmap_weights=True)
+    keep.release_weights = False
+    run = dict(num_inference_steps=2, height=32, width=32, output_type="pt", progress=False)
+    got = pipe("a cat", generator=torch.Generator().manual_seed(0), **run).images
+    assert torch.equal(got, keep("a cat", generator=torch.Generator().manual_seed(0), **run).images)
+    for released, kept in ((pipe.text_encoder, keep.text_encoder), (pipe.text_encoder_2, keep.text_encoder_2)):
+        big = [p for p in released.parameters() if p.nbytes >= 4 * mmap.PAGESIZE]
+        assert big and all(resident_pages(p) == 0 for p in big)
+        assert any(resident_pages(p) > 0 for p in kept.parameters() if p.nbytes >= 4 * mmap.PAGESIZE)

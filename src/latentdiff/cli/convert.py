@@ -23,6 +23,8 @@ def add_convert_parser(sub: argparse._SubParsersAction) -> None:
     conv.add_argument("--prediction-type", choices=("epsilon", "v_prediction", "sample"), default=None,
                       help="override the inferred prediction type (SD 2.x 512px base files: epsilon)")
     conv.add_argument("--tokenizer", default=None, help="tokenizer folder or Hub id (single files carry none)")
+    conv.add_argument("--tokenizer-2", default=None,
+                      help="SDXL's second tokenizer (OpenCLIP bigG's) folder or Hub id, as --tokenizer")
     conv.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
 
 
@@ -34,6 +36,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     dst = convert_checkpoint(args.src, args.dst, to=args.to, dtype=dtype, original_config=args.original_config,
                              use_ema=not args.no_ema, prediction_type=args.prediction_type, tokenizer=args.tokenizer,
-                             overwrite=args.overwrite)
+                             tokenizer_2=args.tokenizer_2, overwrite=args.overwrite)
     print(dst)
     return 0

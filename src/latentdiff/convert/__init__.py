@@ -4,7 +4,8 @@
     parts = read_single_file("sd-v1-5.ckpt")      # {"unet": (config, state), "vae": ..., "text_encoder": ...}
 
 Modules: `keymap` (the engine), `unet_ldm` / `vae_ldm` / `text_ldm` (the tables of CompVis' layout),
-`layout` (a whole file), `infer` (architecture from shapes), `original_config` (CompVis YAMLs),
+`layout` (a whole file), `infer` (architecture from shapes), `sdxl_ldm` (what SDXL files add, and its
+conventions), `original_config` (CompVis and generative-models YAMLs),
 `single_file` (file I/O).
 """
 from .infer import infer_configs, infer_layout

@@ -44,7 +44,14 @@ from .tokenizers import resolve_tokenizer
 
 # What pipeline each family of checkpoints runs in (names in latentdiff.registry.PIPELINES).
 FAMILY_TASKS = {"sd1": "text-to-image", "sd2": "text-to-image", "sd-inpaint": "inpainting",
-                "sd-upscale": "super-resolution"}
+                "sd-upscale": "super-resolution", "sdxl": "sdxl-text-to-image", "sdxl-refiner": "sdxl-image-to-image",
+                "sdxl-inpaint": "sdxl-inpainting"}
+# Pipeline options a family implies (a folder's model_index.json holds them; a single file does not): the SDXL
+# refiner's add embedding reads an aesthetic score, and it conditions an empty prompt on its encoding.
+FAMILY_OPTIONS: dict[str, dict[str, Any]] = {
+    "sdxl-refiner": {"requires_aesthetics_score": True, "force_zeros_for_empty_prompt": False}}
+# The tokenizer argument of each text encoder part (a single file holds none).
+TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 # Pipeline constructor arguments that may be given a part of the other kind of first stage.
 FIRST_STAGE_ALIASES = {"vae": "vqvae", "vqvae": "vae"}
 
@@ -207,27 +214,30 @@ def clip_text_model(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]
     """A CLIPTextModel from a config dict and state, loaded strictly: latentdiff's own (`models.clip_text`, no
     transformers import) when it implements every setting of the config, as for a folder (`load_text_model`),
     else transformers' (parameters built on the meta device, buffers real, checked, then assigned)."""
-    from ..models.text_encoder import native_backend, native_config_of
+    from ..models.text_encoder import native_backend, native_class_of, native_config_of
 
-    architectures = config.get("architectures") or ["CLIPTextModel"]
-    if list(architectures) != ["CLIPTextModel"]:
-        raise CheckpointError("only CLIPTextModel text encoders have an original layout", where=source,
-                              expected=["CLIPTextModel"], found=architectures)
-    from ..models.clip_text import MODEL_TYPE, CLIPTextModel
+    architectures = list(config.get("architectures") or ["CLIPTextModel"])
+    if architectures not in (["CLIPTextModel"], ["CLIPTextModelWithProjection"]):
+        raise CheckpointError("only CLIPTextModel(WithProjection) text encoders have an original layout",
+                              where=source, expected="CLIPTextModel or CLIPTextModelWithProjection (SDXL's bigG)",
+                              found=architectures)
+    from ..models.clip_text import MODEL_TYPE
 
     names: dict[str, str] = dict(getattr(state, "origins", None) or {})   # each key's name in the file
-    native = native_config_of({"model_type": MODEL_TYPE, **config}, source=source) if native_backend() else None
+    data = {"model_type": MODEL_TYPE, **config, "architectures": architectures}
+    native = native_config_of(data, source=source) if native_backend() else None
     if native is not None:
-        return CLIPTextModel.from_state_dict(native, state, torch_dtype=torch_dtype, device=device, source=source,
-                                             key_names=names)
+        return native_class_of(data).from_state_dict(native, state, torch_dtype=torch_dtype, device=device,
+                                                     source=source, key_names=names)
     import transformers
     from accelerate import init_empty_weights
 
     model_config = transformers.CLIPTextConfig.from_dict({k: v for k, v in config.items() if not k.startswith("_")})
     with init_empty_weights(include_buffers=False):
-        model = transformers.CLIPTextModel(model_config)
+        model = getattr(transformers, architectures[0])(model_config)
+    projection = architectures == ["CLIPTextModelWithProjection"]   # text_model.* + text_projection.weight as is
     nested = all(k.startswith("text_model.") for k in state)
-    if hasattr(model, "text_model") != nested:  # transformers 4 (and files it wrote) nest the model once more
+    if not projection and hasattr(model, "text_model") != nested:  # transformers 4 (and its files) nest once more
         state = {"text_model." + k: v for k, v in state.items()} if not nested else \
             {k[len("text_model."):]: v for k, v in state.items()}
     expected = model.state_dict()
@@ -291,28 +301,33 @@ def pipeline_from_parts(parts: Parts, *, source: str, torch_dtype: torch.dtype |
     cls = find_pipeline_class(parts, task=task, wanted=pipeline_class, source=source)
     params = inspect.signature(cls.__init__).parameters
     names = [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY]
-    unknown = sorted(set(components) - set(names) - {"tokenizer"})
+    takes = ["tokenizer"] + [TOKENIZERS[n] for n in names if n in TOKENIZERS and n != "text_encoder"]
+    unknown = sorted(set(components) - set(names) - set(takes))
     if unknown:
         raise TypeError(f"{cls.__name__}.from_single_file got unknown component(s) {unknown}; it takes {names} "
-                        "and tokenizer=")
-    tokenizer = components.pop("tokenizer", None)
+                        f"and {', '.join(t + '=' for t in takes)}")
+    given = {part: components.pop(TOKENIZERS[part], None) for part in TOKENIZERS if TOKENIZERS[part] in takes}
     from_file = [n for n in names if n not in components]
-    if "text_encoder" in from_file and "text_encoder" in parts:  # before any weight is touched
-        kind = TextArch.from_config(parts["text_encoder"][0], source=f"{source}: text_encoder").kind
-        tokenizer = resolve_tokenizer(kind, tokenizer, cache_dir=cache_dir, local_files_only=local_files_only,
-                                      source=source)
-    elif tokenizer is not None:
-        raise InputError("tokenizer= is for the text encoder built from the file, and none is", where="tokenizer",
-                         expected="text_encoder=TextEncoder(model, tokenizer) instead")
+    tokenizers: dict[str, Any] = {}
+    for part, tokenizer in given.items():
+        if part in from_file and part in parts:  # before any weight is touched
+            kind = TextArch.from_config(parts[part][0], source=f"{source}: {part}").kind
+            tokenizers[part] = resolve_tokenizer(kind, tokenizer, cache_dir=cache_dir,
+                                                 local_files_only=local_files_only, source=source)
+        elif tokenizer is not None:
+            raise InputError(f"{TOKENIZERS[part]}= is for the text encoder built from the file, and none is",
+                             where=TOKENIZERS[part], expected=f"{part}=TextEncoder(model, tokenizer) instead")
     required = [n for n in from_file if params[n].default is inspect.Parameter.empty]
-    built = build_components(parts, from_file, required=required, tokenizer=tokenizer, source=source, on_part=on_part,
-                             torch_dtype=torch_dtype, device=device, wanted_by=cls.__name__)
-    return cls(**components, **built)
+    built = build_components(parts, from_file, required=required, tokenizers=tokenizers, source=source,
+                             on_part=on_part, torch_dtype=torch_dtype, device=device, wanted_by=cls.__name__)
+    family = dict(parts.get("extras", ({}, {}))[0]).get("family")
+    options = {k: v for k, v in FAMILY_OPTIONS.get(str(family), {}).items() if k in params and k not in components}
+    return cls(**components, **built, **options)
 
 
-def build_components(parts: Parts, names: list[str], *, required: list[str], tokenizer: Any, source: str,
-                     on_part: Callable[[str, int], None] | None, torch_dtype: torch.dtype | None, device: Any,
-                     wanted_by: str) -> dict[str, Any]:
+def build_components(parts: Parts, names: list[str], *, required: list[str], tokenizers: Mapping[str, Any],
+                     source: str, on_part: Callable[[str, int], None] | None, torch_dtype: torch.dtype | None,
+                     device: Any, wanted_by: str) -> dict[str, Any]:
     """Pipeline constructor arguments `names` built from the file's parts; a `required` one it lacks is an error."""
     from ..models.text_encoder import TextEncoder
 
@@ -324,8 +339,9 @@ def build_components(parts: Parts, names: list[str], *, required: list[str], tok
     load = dict(torch_dtype=torch_dtype, device=device)
     for name in (n for n in names if n not in built):
         part = name if name in parts else FIRST_STAGE_ALIASES.get(name)
-        if part == "text_encoder" and part in parts:
-            built[name] = text_encoder_from_part(TextEncoder, *parts[part], tokenizer=tokenizer, source=source, **load)
+        if part in TOKENIZERS and part in parts:
+            built[name] = text_encoder_from_part(TextEncoder, *parts[part], tokenizer=tokenizers.get(part),
+                                                 source=source, **load)
         elif part in parts and part in NETWORK_PARTS:
             built[name] = module_from_part(part, *parts[part], source=f"{source}: {part}", **load)
         elif name in required:
@@ -362,6 +378,9 @@ def find_pipeline_class(parts: Parts, *, task: str | None = None, wanted: type |
                                   "have yet; load its parts with their classes' from_single_file", where=source,
                                   expected=PIPELINES.names(), found=name)
         cls = PIPELINES.get(name)
+    if wanted is not None and issubclass(wanted, cls) and set(getattr(wanted, "component_names", ())) == \
+            set(getattr(cls, "component_names", ())):
+        return wanted   # a task over the same parts (SDXL's base in its image-to-image pipeline)
     if wanted is not None and not issubclass(cls, wanted):
         raise CheckpointError(f"this checkpoint runs in {cls.__name__}, not {wanted.__name__}; use "
                               f"{cls.__name__}.from_single_file", where=source, expected=wanted.__name__,
@@ -394,7 +413,7 @@ def module_from_part(part: str, config: Mapping[str, Any], state: Mapping[str, t
                      torch_dtype: torch.dtype | None = None, device: Any = None, source: str = "part") -> nn.Module:
     """The network of one part, without tokenizer: a ModelMixin (by its config's _class_name), CLIPTextModel
     or LDMBert."""
-    if part == "text_encoder":
+    if part in ("text_encoder", "text_encoder_2"):
         if config.get("model_type") == "ldmbert":
             from ..models.ldm_bert import LDMBert
 
@@ -423,10 +442,10 @@ def pipeline_parts(pipe: Any, *, dtype: torch.dtype | None = None) -> Parts:
     from ..models.text_encoder import TextEncoder
 
     parts: Parts = {}
-    for attr in ("unet", "vae", "vqvae", "text_encoder", "class_embedder"):
+    for attr in ("unet", "vae", "vqvae", "text_encoder", "text_encoder_2", "class_embedder"):
         module = getattr(pipe, attr, None)
         if isinstance(module, TextEncoder):
-            parts["text_encoder"] = text_encoder_part(module, dtype=dtype)
+            parts[attr] = text_encoder_part(module, dtype=dtype)
         elif isinstance(module, ModelMixin) and (part := single_file_part(type(module))) is not None:
             parts[part] = model_part(module, dtype=dtype)
     if not parts:

@@ -27,20 +27,20 @@ from .single_file import SINGLE_FILE_SETTINGS_KEY as SETTINGS_KEY
 DIRECTIONS = ("diffusers", "single-file")
 # model_index.json component -> single-file part (LDM text-to-image folders call their text encoder `bert`).
 FOLDER_PARTS = {"unet": "unet", "vae": "vae", "vqvae": "vqvae", "text_encoder": "text_encoder", "bert": "text_encoder",
-                "scheduler": "scheduler"}
+                "text_encoder_2": "text_encoder_2", "scheduler": "scheduler"}
 # Components with no place in an original file (the original code builds them itself, or has none).
-NOT_IN_SINGLE_FILES = ("tokenizer", "safety_checker", "feature_extractor", "image_encoder")
+NOT_IN_SINGLE_FILES = ("tokenizer", "tokenizer_2", "safety_checker", "feature_extractor", "image_encoder")
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = None,
                        dtype: torch.dtype | None = None, original_config: Any = None, use_ema: bool = True,
-                       prediction_type: str | None = None, tokenizer: Any = None, overwrite: bool = False,
-                       progress: bool = True) -> Path:
+                       prediction_type: str | None = None, tokenizer: Any = None, tokenizer_2: Any = None,
+                       overwrite: bool = False, progress: bool = True) -> Path:
     """Convert `src` (a single file or a diffusers folder) to `dst` in the other format; returns `dst`.
 
-    `to` defaults to the other format than `src`'s. `original_config`, `use_ema`, `prediction_type` and
-    `tokenizer` apply to reading a single file. `dst` must not exist unless `overwrite`. `src` may also name a
-    built-in model ("latentdiff/shapes-64"): its packaged folder is converted.
+    `to` defaults to the other format than `src`'s. `original_config`, `use_ema`, `prediction_type`, `tokenizer`
+    and `tokenizer_2` (SDXL's second) apply to reading a single file. `dst` must not exist unless `overwrite`.
+    `src` may also name a built-in model ("latentdiff/shapes-64"): its packaged folder is converted.
     """
     from ..builtin import builtin_path
 
@@ -51,9 +51,10 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, to: st
         if not src.is_file() and src.exists():
             raise InputError("--to diffusers converts a single file, not a folder", where=str(src))
         parts = read_parts(src, use_ema=use_ema, original_config=original_config, prediction_type=prediction_type)
-        return single_file_to_folder(parts, dst, dtype=dtype, tokenizer=tokenizer, source=str(src), progress=progress)
-    if any(x is not None for x in (original_config, prediction_type, tokenizer)) or not use_ema:
-        raise InputError("original_config, prediction_type, tokenizer and use_ema are for reading single files",
+        return single_file_to_folder(parts, dst, dtype=dtype, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+                                     source=str(src), progress=progress)
+    if any(x is not None for x in (original_config, prediction_type, tokenizer, tokenizer_2)) or not use_ema:
+        raise InputError("original_config, prediction_type, tokenizer(_2) and use_ema are for reading single files",
                          where=str(src), expected="a single file as the source, or none of these options")
     parts = read_diffusers_folder(src, dtype=dtype, progress=progress)
     return write_single_file(dst, parts, metadata={"converted_from": src.name})
@@ -89,7 +90,7 @@ def check_arguments(src: Path, dst: Path, *, to: str | None, overwrite: bool) ->
 
 
 def single_file_to_folder(parts: Parts, dst: Path, *, dtype: torch.dtype | None, tokenizer: Any, source: str,
-                          progress: bool = True) -> Path:
+                          tokenizer_2: Any = None, progress: bool = True) -> Path:
     """Parts of a single file -> a diffusers folder: the pipeline, or the autoencoder of a first-stage file."""
     dtype = dtype or float_dtype(parts)
     model: Any  # the autoencoder, or the pipeline: both save_pretrained(folder)
@@ -102,8 +103,9 @@ def single_file_to_folder(parts: Parts, dst: Path, *, dtype: torch.dtype | None,
             model = module_from_part(networks[0], *parts[networks[0]], torch_dtype=dtype, source=source)
             bar.update(len(parts[networks[0]][1]))
         else:
+            given = {"tokenizer_2": tokenizer_2} if tokenizer_2 is not None else {}   # SDXL's second
             model = pipeline_from_parts(parts, source=source, torch_dtype=dtype, tokenizer=tokenizer,
-                                        on_part=lambda name, n: bar.update(n))
+                                        on_part=lambda name, n: bar.update(n), **given)
         bar.set_description("writing")
         model.save_pretrained(dst)
     return dst
@@ -140,10 +142,11 @@ def read_diffusers_folder(folder: Path, *, dtype: torch.dtype | None = None, pro
         part = FOLDER_PARTS.get(name) or _part_of_config(config, source=str(sub))
         if part in ("vae", "vqvae"):   # the class decides, not the folder's name (LDM folders keep a KL in vqvae/)
             part = _part_of_config(config, source=str(sub))
-        if part == "text_encoder" and (sub / TEXT_SETTINGS).is_file():  # clip skip and the like
+        text = part in ("text_encoder", "text_encoder_2")
+        if text and (sub / TEXT_SETTINGS).is_file():  # clip skip and the like
             settings = read_json(sub / TEXT_SETTINGS)
             config[SETTINGS_KEY] = {k: v for k, v in settings.items() if not k.startswith("_")}
-        weights = "diffusion_pytorch_model" if part != "text_encoder" else \
+        weights = "diffusion_pytorch_model" if not text else \
             "model" if any(sub.glob("model*.safetensors*")) else "pytorch_model"
         state = load_weights(sub, weights)
         model = module_from_part(part, config, state, torch_dtype=dtype or float_dtype({part: (config, state)}),

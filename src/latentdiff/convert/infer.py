@@ -36,7 +36,19 @@ import torch
 from .. import limits
 from ..errors import CheckpointError, describe
 from .keymap import prefixed
-from .layout import COND_STAGE_PREFIX, FIRST_STAGE_PREFIX, FileLayout, _family, with_conventions
+from .layout import COND_STAGE_PREFIX, CONDITIONER_PREFIX, FIRST_STAGE_PREFIX, FileLayout, _family, with_conventions
+from .sdxl_ldm import (
+    SDXL_LATENT_SIZE,
+    SDXL_VAE_SCALE,
+    check_context,
+    infer_embedders,
+    is_sdxl_file,
+    pooled_width,
+    sdxl_conditioning,
+    sdxl_scheduler_config,
+    unet_only_conditioning,
+    with_text_time,
+)
 from .text_ldm import TextArch, class_embedder_config, clip_config, ldmbert_config
 from .unet_ldm import UNET_PREFIX, UNetArch
 from .vae_ldm import VAEArch
@@ -299,9 +311,13 @@ def scheduler_config(*, prediction_type: str, schedule: Mapping[str, Any] | None
 # ---- the whole file ----------------------------------------------------------------------------------------
 def infer_layout(state: Mapping[str, torch.Tensor], *, prediction_type: str | None = None,
                  global_step: int | None = None, source: str = "checkpoint",
-                 conditioning: str | None = None) -> FileLayout:
+                 conditioning: str | None = None, pooled: int | None = None) -> FileLayout:
     """The FileLayout of an original checkpoint from its keys and shapes (no YAML). `conditioning`: the kind of
-    a conditioning stage left out of `state` (see `single_file.only_parts`)."""
+    a conditioning stage left out of `state` (see `single_file.only_parts`); `pooled`: SDXL's pooled text width
+    when its bigG encoder is left out."""
+    if is_sdxl_file(state, conditioning=conditioning):
+        return infer_sdxl_layout(state, prediction_type=prediction_type, source=source, conditioning=conditioning,
+                                 pooled=pooled)
     unet_sd = prefixed(UNET_PREFIX, state)
     first_sd = prefixed(FIRST_STAGE_PREFIX, state)
     cond_sd = prefixed(COND_STAGE_PREFIX, state)
@@ -335,6 +351,43 @@ def infer_layout(state: Mapping[str, torch.Tensor], *, prediction_type: str | No
     schedule = schedule_from_betas(state["betas"]) if "betas" in state else None
     return FileLayout(family=family, unet=unet, first_stage=first, cond_stage=text,
                       scheduler=scheduler_config(prediction_type=prediction_type, schedule=schedule))
+
+
+def infer_sdxl_layout(state: Mapping[str, torch.Tensor], *, prediction_type: str | None = None,
+                      source: str = "checkpoint", conditioning: str | None = None,
+                      pooled: int | None = None) -> FileLayout:
+    """The FileLayout of an SDXL (generative-models) file from its keys and shapes: see `sdxl_ldm`."""
+    unet_sd, first_sd = prefixed(UNET_PREFIX, state), prefixed(FIRST_STAGE_PREFIX, state)
+    if any(k.startswith(COND_STAGE_PREFIX) for k in state):
+        raise CheckpointError("an SDXL file with an SD conditioning stage (cond_stage_model.*) beside its "
+                              "conditioner: parts of different models", where=source,
+                              expected=f"text encoders under {CONDITIONER_PREFIX!r} only",
+                              found=sorted(k for k in state if k.startswith(COND_STAGE_PREFIX))[:5])
+    conditioning = sdxl_conditioning(state, source=source) or conditioning
+    embedders = infer_embedders(state, conditioning=conditioning, source=source) if conditioning else ()
+    unet = None
+    if unet_sd:
+        where = f"{source}:{UNET_PREFIX}"
+        unet = infer_unet(unet_sd, cond_kind="sdxl", source=where)
+        conditioning = conditioning or unet_only_conditioning(unet)
+        check_context(unet, embedders, conditioning=conditioning, source=where)
+        unet = with_text_time(unet, conditioning=conditioning, pooled=pooled_width(embedders) or pooled, source=where)
+        unet = dataclasses.replace(unet, sample_size=SDXL_LATENT_SIZE)
+    elif not embedders and not first_sd:
+        raise CheckpointError("not a latent-diffusion checkpoint: no UNet, autoencoder or text encoder", where=source)
+    scale = scale_factor_of(state, source=source)
+    first = infer_vae(first_sd, scaling_factor=SDXL_VAE_SCALE if scale is None else scale,
+                      source=f"{source}:{FIRST_STAGE_PREFIX}") if first_sd else None
+    if first is not None:
+        first = dataclasses.replace(first, sample_size=SDXL_LATENT_SIZE * 2 ** (len(first.channels) - 1))
+    family = _family(unet, first, None, conditioning=conditioning) if unet is not None else \
+        conditioning or "sdxl"
+    # v-prediction fine-tunes mark themselves with empty `v_pred` (and `ztsnr`: zero terminal SNR) tensors
+    prediction_type = prediction_type or ("v_prediction" if "v_pred" in state else "epsilon")
+    schedule = {"rescale_betas_zero_snr": True} if "ztsnr" in state else None
+    return FileLayout(family=family, unet=unet, first_stage=first, embedders=embedders,
+                      scheduler=sdxl_scheduler_config(prediction_type=prediction_type, schedule=schedule)
+                      if unet is not None else None)
 
 
 def scale_factor_of(state: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> float | None:

@@ -6,7 +6,11 @@ The YAML structure is CompVis':
             scale_factor, image_size, unet_config: {params: ...}, first_stage_config: {target, params},
             cond_stage_config: {target, params} | "__is_unconditional__"}}
 
-(a stand-alone autoencoder YAML has the AutoencoderKL / VQModel as `model` itself). The released
+(a stand-alone autoencoder YAML has the AutoencoderKL / VQModel as `model` itself). SDXL's YAMLs are
+Stability AI's generative-models `DiffusionEngine` (`network_config`, `conditioner_config`, `first_stage_config`,
+`denoiser_config`; `layout_from_sgm_config`); `sd_xl_base.yaml` and `sd_xl_refiner.yaml` are its
+configs/inference files verbatim (generative-models has no inpainting YAML: SDXL inpainting files are the base's
+layout with a 9-channel UNet, read from their tensors). The released
 inference configs ship with latentdiff (`SHIPPED_CONFIGS`), so `original_config="v2-inference-v"` works
 offline. Only the keys that shape the network or the schedule are read; training-only keys are ignored.
 """
@@ -23,13 +27,15 @@ from .. import limits
 from ..config import parse_yaml, yaml_problem
 from ..errors import ConfigError
 from .infer import scheduler_config
-from .layout import FileLayout, _family, with_conventions
-from .text_ldm import TextArch, class_embedder_config, clip_config, ldmbert_config
+from .layout import SDXL_EMBEDDERS, Embedder, FileLayout, _family, with_conventions
+from .sdxl_ldm import MICRO_CONDITIONING, SDXL_LATENT_SIZE, SDXL_VAE_SCALE, sdxl_scheduler_config, with_text_time
+from .text_ldm import PROJECTION_ARCHITECTURES, TextArch, class_embedder_config, clip_config, ldmbert_config
 from .unet_ldm import UNetArch
 from .vae_ldm import VAEArch
 
 SHIPPED_CONFIGS = ("v1-inference", "v1-inpainting-inference", "v2-inference", "v2-inference-v",
-                   "celebahq-ldm-vq-4", "cin256-v2", "txt2img-1p4B-eval", "bsr_sr", "lsun_churches-ldm-kl-8")
+                   "celebahq-ldm-vq-4", "cin256-v2", "txt2img-1p4B-eval", "bsr_sr", "lsun_churches-ldm-kl-8",
+                   "sd_xl_base", "sd_xl_refiner")
 PARAMETERIZATION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 NO_CONDITIONING = ("__is_unconditional__", "__is_first_stage__", "torch.nn.Identity")
 # The text towers SD's YAMLs name by default (their widths are not in the YAML).
@@ -37,6 +43,11 @@ CLIP_L14: dict[str, Any] = dict(vocab_size=49408, hidden_size=768, num_hidden_la
                                 max_position_embeddings=77, hidden_act="quick_gelu")
 OPENCLIP_H14: dict[str, Any] = dict(vocab_size=49408, hidden_size=1024, num_hidden_layers=24, intermediate_size=4096,
                                     max_position_embeddings=77, hidden_act="gelu", projection_dim=1024)
+OPENCLIP_BIGG14: dict[str, Any] = dict(vocab_size=49408, hidden_size=1280, num_hidden_layers=32,
+                                       intermediate_size=5120, max_position_embeddings=77, hidden_act="gelu",
+                                       projection_dim=1280)
+SGM_TEXT = ("FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder2")   # SDXL's text embedders in generative-models
+SGM_SCALINGS = {"EpsScaling": "epsilon", "VScaling": "v_prediction"}
 BERT_VOCAB, BERT_HEADS, BERT_HEAD_WIDTH = 30522, 8, 64  # BERTEmbedder / x-transformers defaults
 
 
@@ -199,6 +210,8 @@ def layout_from_original_config(config: str | os.PathLike | Mapping[str, Any], *
     if target.rsplit(".", 1)[-1] in ("AutoencoderKL", "VQModel", "VQModelInterface"):
         first = vae_from_original(model, scaling_factor=1.0 if scale_factor is None else scale_factor, where="model")
         return FileLayout(family=first.part, first_stage=first, standalone_first_stage=True)
+    if "network_config" in params or target.rsplit(".", 1)[-1] == "DiffusionEngine":
+        return layout_from_sgm_config(params, prediction_type=prediction_type, scale_factor=scale_factor)
     if "unet_config" not in params or "first_stage_config" not in params:
         raise ConfigError("not a latent-diffusion config: no unet_config / first_stage_config",
                           where="model.params", found=sorted(params))
@@ -227,6 +240,69 @@ def layout_from_original_config(config: str | os.PathLike | Mapping[str, Any], *
                                  schedule=schedule)
     return FileLayout(family=_family(unet, first, text), unet=unet, first_stage=first, cond_stage=text,
                       scheduler=scheduler)
+
+
+def layout_from_sgm_config(params: Mapping[str, Any], *, prediction_type: str | None = None,
+                           scale_factor: float | None = None) -> FileLayout:
+    """The FileLayout of a generative-models `DiffusionEngine` YAML (SDXL base / refiner: `sd_xl_base`,
+    `sd_xl_refiner`): `network_config` (always SpatialTransformers), `conditioner_config.params.emb_models` (the
+    text embedders in order, then one ConcatTimestepEmbedderND per micro-conditioning input), `first_stage_config`,
+    `denoiser_config` (EpsScaling / VScaling, LegacyDDPMDiscretization)."""
+    where = "model.params"
+    for key in ("network_config", "first_stage_config", "conditioner_config"):
+        if key not in params:
+            raise ConfigError(f"not an SDXL DiffusionEngine config: no {key}", where=where, found=sorted(params))
+    unet = unet_from_original({**_params(params["network_config"], f"{where}.network_config"),
+                               "use_spatial_transformer": True})
+    scale = scale_factor if scale_factor is not None else float(params.get("scale_factor", SDXL_VAE_SCALE))
+    first = vae_from_original(params["first_stage_config"], scaling_factor=scale, where=f"{where}.first_stage_config")
+    models = _params(params["conditioner_config"], f"{where}.conditioner_config").get("emb_models") or []
+    texts, time_dims = [], set()
+    for i, entry in enumerate(models):
+        name = str(entry.get("target", "")).rsplit(".", 1)[-1] if isinstance(entry, Mapping) else ""
+        p = _params(entry, f"{where}.conditioner_config.params.emb_models[{i}]")
+        if name in SGM_TEXT:
+            if name == "FrozenOpenCLIPEmbedder2" and p.get("arch", "ViT-bigG-14") != "ViT-bigG-14":
+                raise ConfigError("unsupported OpenCLIP tower", where=f"{where}.conditioner_config.emb_models[{i}]",
+                                  expected="ViT-bigG-14", found=p.get("arch"))
+            texts.append(name)
+        elif name == "ConcatTimestepEmbedderND":
+            time_dims.add(p.get("outdim"))
+        else:
+            raise ConfigError("unsupported SDXL embedder", where=f"{where}.conditioner_config.emb_models[{i}]",
+                              expected=("FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder2", "ConcatTimestepEmbedderND"),
+                              found=entry.get("target") if isinstance(entry, Mapping) else entry)
+    conditioning = {("FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder2"): "sdxl",
+                    ("FrozenOpenCLIPEmbedder2",): "sdxl-refiner"}.get(tuple(texts))
+    if conditioning is None or len(time_dims) != 1:
+        raise ConfigError("an SDXL conditioner is CLIP-L then bigG (base) or bigG alone (refiner), then the "
+                          "micro-conditioning embedders of one outdim", where=f"{where}.conditioner_config",
+                          found={"text": texts, "outdim": sorted(map(str, time_dims))})
+    index = SDXL_EMBEDDERS["refiner" if conditioning == "sdxl-refiner" else "base"]
+    embedders = tuple(Embedder(index[part], part, arch) for part, arch in
+                      (("text_encoder", TextArch("clip", clip_config(**CLIP_L14))),
+                       ("text_encoder_2", TextArch("openclip-projection", {**clip_config(**OPENCLIP_BIGG14),
+                                                   "architectures": list(PROJECTION_ARCHITECTURES)})))
+                      if part in index)
+    # label_emb.0.0 reads the pooled text embedding and `numbers` Fourier features of `outdim` each; the text towers'
+    # widths are the released ones the YAML names (a file's own are checked when its encoders load, strictly)
+    outdim = time_dims.pop()
+    numbers = MICRO_CONDITIONING[conditioning]
+    unet = with_text_time(unet, conditioning=conditioning,
+                          pooled=(unet.projection_class_embeddings_input_dim or 0) - numbers * limits.check_count(
+                              outdim, key="outdim", at_least=1, at_most=limits.MAX_CHANNELS,
+                              where=f"{where}.conditioner_config.params.emb_models: outdim"),
+                          source=f"{where}.network_config.params.adm_in_channels: ")
+    unet = dataclasses.replace(unet, sample_size=SDXL_LATENT_SIZE)
+    first = dataclasses.replace(first, sample_size=SDXL_LATENT_SIZE * 2 ** (len(first.channels) - 1))
+    scaling = _params(params.get("denoiser_config") or {}, f"{where}.denoiser_config").get("scaling_config") or {}
+    scaling_name = str(scaling.get("target", "EpsScaling")).rsplit(".", 1)[-1]
+    if scaling_name not in SGM_SCALINGS:
+        raise ConfigError("unsupported denoiser scaling", where=f"{where}.denoiser_config.params.scaling_config",
+                          expected=tuple(SGM_SCALINGS), found=scaling.get("target"))
+    return FileLayout(family=_family(unet, first, None, conditioning=conditioning), unet=unet, first_stage=first,
+                      embedders=embedders,
+                      scheduler=sdxl_scheduler_config(prediction_type=prediction_type or SGM_SCALINGS[scaling_name]))
 
 
 def original_config_to_configs(config: str | os.PathLike | Mapping[str, Any], *,

@@ -8,7 +8,9 @@ A *parts* dict maps a part name to `(config, state_dict)`:
 
     "unet"            diffusers UNet2DConditionModel (SD, text/class LDMs) or UNet2DModel (other LDMs)
     "vae" / "vqvae"   diffusers AutoencoderKL / VQModel
-    "text_encoder"    transformers CLIPTextModel (SD 1.x / 2.x), diffusers LDMBertModel (LDM text-to-image)
+    "text_encoder"    transformers CLIPTextModel (SD 1.x / 2.x, SDXL's CLIP-L), diffusers LDMBertModel (LDM
+                      text-to-image)
+    "text_encoder_2"  transformers CLIPTextModelWithProjection (SDXL's OpenCLIP bigG, every layer)
     "class_embedder"  LDM's ClassEmbedder: {"embedding.weight": (classes, width)}
     "scheduler"       (DDIMScheduler config, {})
     "extras"          ({"family": ...}, tensors of the file that are no network's weights: schedule buffers,
@@ -35,14 +37,23 @@ from ..diffusion.scheduler_io import read_scheduler_config
 from ..errors import CheckpointError, ConfigError, InputError, describe
 from .infer import cond_kind, infer_layout, scale_factor_of
 from .keymap import apply_keymap, invert, prefixed
-from .layout import COND_STAGE_PREFIX, FAMILIES, FIRST_STAGE_PREFIX, SCHEDULE_BUFFERS, SEPARATOR, FileLayout
+from .layout import (
+    COND_STAGE_PREFIX,
+    CONDITIONER_PREFIX,
+    FAMILIES,
+    FIRST_STAGE_PREFIX,
+    SCHEDULE_BUFFERS,
+    SEPARATOR,
+    FileLayout,
+)
 from .original_config import layout_from_original_config
+from .sdxl_ldm import embedder_indices, is_sdxl_file, sdxl_conditioning
 from .unet_ldm import UNET_PREFIX, select_ema
 
 INPUT_BLOCKS = UNET_PREFIX + "input_blocks."
 METADATA_KEY = "latentdiff"  # safetensors metadata entry holding the configs (JSON)
 FORMAT_VERSION = 1
-NETWORK_PARTS = ("unet", "vae", "vqvae", "text_encoder", "class_embedder")
+NETWORK_PARTS = ("unet", "vae", "vqvae", "text_encoder", "text_encoder_2", "class_embedder")
 OTHER_PARTS = ("scheduler", "extras")
 # Lightning <= 1.4 keyed callback states by the callback class; unpickling the key needs the name only.
 LIGHTNING_CALLBACK_KEYS = ("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
@@ -58,7 +69,8 @@ SINGLE_FILE_SETTINGS_KEY = "_latentdiff_text_encoder"
 
 # Where each network part's tensors are in an original file (a stand-alone autoencoder has no prefix).
 PART_PREFIXES = {"unet": UNET_PREFIX, "vae": FIRST_STAGE_PREFIX, "vqvae": FIRST_STAGE_PREFIX,
-                 "text_encoder": COND_STAGE_PREFIX, "class_embedder": COND_STAGE_PREFIX}
+                 "text_encoder": COND_STAGE_PREFIX, "class_embedder": COND_STAGE_PREFIX,
+                 "text_encoder_2": CONDITIONER_PREFIX}  # SDXL's text encoders: `sdxl_only_parts`
 
 
 class PartState(dict):  # type: ignore[type-arg]
@@ -190,7 +202,8 @@ def saved_metadata(text: str, *, where: str) -> tuple[dict[str, dict[str, Any]],
 def file_layout(state: Mapping[str, torch.Tensor], *, original_config: Any = None,
                 configs: Mapping[str, dict] | None = None, family: str | None = None,
                 prediction_type: str | None = None, global_step: int | None = None,
-                source: str = "checkpoint", conditioning: str | None = None) -> FileLayout:
+                source: str = "checkpoint", conditioning: str | None = None,
+                pooled: int | None = None) -> FileLayout:
     """The layout of `state`: from a YAML, else from saved configs, else inferred from the shapes."""
     if original_config is not None:
         return layout_from_original_config(original_config, prediction_type=prediction_type,
@@ -205,7 +218,7 @@ def file_layout(state: Mapping[str, torch.Tensor], *, original_config: Any = Non
             layout = dataclasses.replace(layout, scheduler={**layout.scheduler, "prediction_type": prediction_type})
         return layout
     return infer_layout(state, prediction_type=prediction_type, global_step=global_step, source=source,
-                        conditioning=conditioning)
+                        conditioning=conditioning, pooled=pooled)
 
 
 def check_schedule_buffers(state: Mapping[str, torch.Tensor], *, source: str) -> None:
@@ -248,12 +261,12 @@ def split_single_file(state: Mapping[str, torch.Tensor], *, original_config: Any
     """
     check_schedule_buffers(state, source=source)
     state = select_ema(state, use_ema=use_ema, source=source)
-    conditioning = None
+    conditioning = pooled = None
     if only is not None:
-        state, conditioning = only_parts(state, only)
+        state, conditioning, pooled = only_parts(state, only, source=source)
     layout = file_layout(state, original_config=original_config, configs=configs, family=family,
                          prediction_type=prediction_type, global_step=global_step, source=source,
-                         conditioning=conditioning)
+                         conditioning=conditioning, pooled=pooled)
     check_unet_blocks(state, layout, source=source)
     extras: dict[str, torch.Tensor] = {}
     origins: dict[str, str] = {}
@@ -278,18 +291,35 @@ def split_single_file(state: Mapping[str, torch.Tensor], *, original_config: Any
     return parts
 
 
-def only_parts(state: Mapping[str, torch.Tensor], parts: Collection[str]) -> tuple[dict[str, torch.Tensor],
-                                                                                  str | None]:
+def only_parts(state: Mapping[str, torch.Tensor], parts: Collection[str], *, source: str = "checkpoint",
+               ) -> tuple[dict[str, torch.Tensor], str | None, int | None]:
     """(`state` without the tensors of the network parts not in `parts`, the kind of its conditioning stage:
-    "clip", "openclip", "ldmbert", "class", or None when it has none or one latentdiff cannot tell)."""
+    "clip", "openclip", "ldmbert", "class", SDXL's "sdxl" / "sdxl-refiner", or None when it has none or one
+    latentdiff cannot tell; SDXL's pooled text width, which shapes its UNet, or None)."""
+    if is_sdxl_file(state):
+        return sdxl_only_parts(state, parts, source=source)
     try:
         kind = cond_kind(prefixed(COND_STAGE_PREFIX, state))
     except CheckpointError:
         kind = None
     # a prefix two parts share (the conditioning stage: text encoder or class embedder; the first stage: KL or
     # VQ) is read when both are wanted
-    drop = tuple({PART_PREFIXES[p] for p in NETWORK_PARTS if p not in parts})
-    return {k: v for k, v in state.items() if not k.startswith(drop)}, kind
+    drop = tuple({PART_PREFIXES[p] for p in NETWORK_PARTS if p not in parts and p != "text_encoder_2"})
+    return {k: v for k, v in state.items() if not k.startswith(drop)}, kind, None
+
+
+def sdxl_only_parts(state: Mapping[str, torch.Tensor], parts: Collection[str], *,
+                    source: str) -> tuple[dict[str, torch.Tensor], str | None, int | None]:
+    """`only_parts` of an SDXL file: its text encoders are told apart by their embedder index, and the file's
+    conditioner is checked whole (a UNet of a file with a broken conditioner is not read as the base's)."""
+    conditioning = sdxl_conditioning(state, source=source)
+    index = embedder_indices(conditioning)
+    drop = tuple({PART_PREFIXES[p] for p in ("unet", "vae", "vqvae") if p not in parts} |
+                 {f"{CONDITIONER_PREFIX}{i}." for part, i in index.items() if part not in parts})
+    # the pooled width from its tensor's shape: the encoders' configs may be the file's metadata, not the shapes'
+    projection = state.get(f"{CONDITIONER_PREFIX}{index.get('text_encoder_2')}.model.text_projection")
+    pooled = int(projection.shape[-1]) if isinstance(projection, torch.Tensor) and projection.ndim == 2 else None
+    return {k: v for k, v in state.items() if not k.startswith(drop)}, conditioning, pooled
 
 
 # ---- writing ----------------------------------------------------------------------------------------------

@@ -138,7 +138,9 @@ def _sdxl_part(part: str, *, refiner: bool, source: str) -> tuple[str, tuple]:
         raise CheckpointError("no such text encoder in an SDXL file", where=source, expected=tuple(parts), found=part)
     return parts[part]
 
-TEXT_KINDS = ("clip", "openclip", "ldmbert", "class")
+# "openclip-projection": a whole OpenCLIP tower with its projection (SDXL's bigG) as CLIPTextModelWithProjection
+TEXT_KINDS = ("clip", "openclip", "ldmbert", "class", "openclip-projection")
+PROJECTION_ARCHITECTURES = ["CLIPTextModelWithProjection"]
 CLIP_ACTIVATIONS = ("quick_gelu", "gelu")  # OpenAI CLIP, OpenCLIP: the only ones the original layouts use
 
 
@@ -146,7 +148,7 @@ CLIP_ACTIVATIONS = ("quick_gelu", "gelu")  # OpenAI CLIP, OpenCLIP: the only one
 class TextArch:
     """What the key layout and the config of an original conditioning stage depend on."""
 
-    kind: str                 # "clip" | "openclip" | "ldmbert" | "class"
+    kind: str                 # one of TEXT_KINDS
     config: dict              # transformers config dict (clip / openclip / ldmbert), or ClassEmbedder's
     skipped_layers: int = 0   # OpenCLIP layers in the file beyond the text model (1 for "penultimate")
 
@@ -157,7 +159,7 @@ class TextArch:
 
     @property
     def part(self) -> str:
-        return "class_embedder" if self.kind == "class" else "text_encoder"
+        return {"class": "class_embedder", "openclip-projection": "text_encoder_2"}.get(self.kind, "text_encoder")
 
     def keymap(self) -> tuple:
         """Original (without `cond_stage_model.`) -> our keys; `invert()` it for the way back."""
@@ -165,6 +167,8 @@ class TextArch:
             return CLIP
         if self.kind == "class":
             return CLASS_EMBEDDER
+        if self.kind == "openclip-projection":
+            return SDXL_OPENCLIP_BIGG
         if self.kind == "ldmbert":
             layers = self.config["encoder_layers"]
             rules: list = [Rename("transformer.token_emb.weight", "model.embed_tokens.weight"),
@@ -201,6 +205,8 @@ class TextArch:
                 raise CheckpointError("unsupported text encoder activation", where=f"{source}: hidden_act",
                                       expected=f"one of {', '.join(CLIP_ACTIVATIONS)} (the original CLIP layouts)",
                                       found=repr(act))
+            if config.get("architectures") == PROJECTION_ARCHITECTURES:  # every layer and the projection (SDXL)
+                return cls("openclip-projection", dict(config))
             # OpenAI's CLIP uses quick_gelu; OpenCLIP (SD 2.x) uses exact gelu: the two original layouts.
             # An OpenCLIP file may hold one layer more than the text model (SD 2.x: penultimate layer).
             if config.get("hidden_act") == "gelu":
@@ -211,7 +217,8 @@ class TextArch:
         if kind == "ClassEmbedder":
             return cls("class", dict(config))
         raise CheckpointError("no original layout for this text encoder", where=source,
-                              expected="a CLIPTextModel, LDMBertModel or ClassEmbedder config", found=kind)
+                              expected="a CLIPTextModel(WithProjection), LDMBertModel or ClassEmbedder config",
+                              found=kind)
 
 
 def clip_config(*, vocab_size: int, hidden_size: int, num_hidden_layers: int, intermediate_size: int,

@@ -7,6 +7,9 @@ code downloads it by name at start-up). The conventional sources, in the order t
                                               stable-diffusion-v1-5/stable-diffusion-v1-5, tokenizer/
     openclip  SD 2.x, FrozenOpenCLIPEmbedder  stabilityai/stable-diffusion-2, tokenizer/ (diffusers' single-file
                                               loader), stabilityai/stable-diffusion-2-1, tokenizer/
+    openclip-projection  SDXL's bigG          stabilityai/stable-diffusion-xl-base-1.0, tokenizer_2/ (diffusers'
+              (FrozenOpenCLIPEmbedder2)       single-file loader), stabilityai/stable-diffusion-xl-refiner-1.0,
+                                              tokenizer_2/ (SDXL's CLIP-L is "clip" above)
     ldmbert   LDM text-to-image, BERTEmbedder CompVis/ldm-text2im-large-256, tokenizer/;
                                               google-bert/bert-base-uncased (formerly bert-base-uncased)
 
@@ -27,9 +30,13 @@ from typing import Any
 from .. import hub
 from ..errors import CheckpointError
 
+# The folder of a pipeline (a Hub id or a local folder given as tokenizer=) that holds the tokenizer of a kind.
+SUBFOLDERS = {"openclip-projection": "tokenizer_2"}
 TOKENIZER_REPOS: dict[str, tuple[tuple[str, str | None], ...]] = {
     "clip": (("openai/clip-vit-large-patch14", None), ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer")),
     "openclip": (("stabilityai/stable-diffusion-2", "tokenizer"), ("stabilityai/stable-diffusion-2-1", "tokenizer")),
+    "openclip-projection": (("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer_2"),
+                            ("stabilityai/stable-diffusion-xl-refiner-1.0", "tokenizer_2")),
     "ldmbert": (("CompVis/ldm-text2im-large-256", "tokenizer"), ("google-bert/bert-base-uncased", None),
                 ("bert-base-uncased", None)),
 }
@@ -37,12 +44,14 @@ TOKENIZER_REPOS: dict[str, tuple[tuple[str, str | None], ...]] = {
 
 def resolve_tokenizer(kind: str, tokenizer: Any = None, *, cache_dir: str | os.PathLike | None = None,
                       local_files_only: bool | None = None, source: str = "single file") -> Any:
-    """The tokenizer for a text encoder of `kind` ("clip", "openclip", "ldmbert"); see the module doc."""
+    """The tokenizer for a text encoder of `kind` ("clip", "openclip", "openclip-projection", "ldmbert"); see the
+    module doc."""
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
     load = _loader(kind)
     if tokenizer is not None:
-        return _from_name(tokenizer, load, cache_dir=cache_dir, local_files_only=local_files_only)
+        return _from_name(tokenizer, load, cache_dir=cache_dir, local_files_only=local_files_only,
+                          sub=SUBFOLDERS.get(kind, "tokenizer"))
     if kind not in TOKENIZER_REPOS:
         raise CheckpointError("no known tokenizer for this text encoder; pass tokenizer=", where=source,
                               expected=f"one of {sorted(TOKENIZER_REPOS)}", found=kind)
@@ -81,15 +90,17 @@ def _loader(kind: str) -> Any:
     return load_tokenizer
 
 
-def _from_name(name: str | os.PathLike, load: Any, *, cache_dir: Any, local_files_only: bool | None) -> Any:
-    """A tokenizer from a local folder, or a Hub id (its root or its `tokenizer/` folder)."""
+def _from_name(name: str | os.PathLike, load: Any, *, cache_dir: Any, local_files_only: bool | None,
+               sub: str = "tokenizer") -> Any:
+    """A tokenizer from a local folder, or a Hub id (its root or its `sub` folder: a pipeline's `tokenizer/`, or
+    SDXL's `tokenizer_2/` for its second encoder)."""
     path = Path(name).expanduser()
     if path.is_dir():
-        sub = path / "tokenizer"
-        return load(sub if sub.is_dir() and not _has_vocab(path) else path)
-    folder = hub.resolve(str(name), allow_patterns=_patterns(None) + _patterns("tokenizer"), cache_dir=cache_dir,
+        inner = path / sub
+        return load(inner if inner.is_dir() and not _has_vocab(path) else path)
+    folder = hub.resolve(str(name), allow_patterns=_patterns(None) + _patterns(sub), cache_dir=cache_dir,
                          local_files_only=local_files_only)
-    return load(folder if _has_vocab(folder) else folder / "tokenizer")
+    return load(folder if _has_vocab(folder) else folder / sub)
 
 
 def _cached(repo: str, sub: str | None, load: Any, *, cache_dir: Any) -> Any:

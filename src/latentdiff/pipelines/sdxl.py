@@ -99,6 +99,7 @@ class StableDiffusionXLPipeline(LoraMixin, TextGuidedPipeline):
     option_names = ("force_zeros_for_empty_prompt", "requires_aesthetics_score")
     folder_parts = SDXL_PARTS
     unet: UNet2DConditional
+    negative_crop_zero: ClassVar[bool] = False   # the negative crop's default: (0, 0) (diffusers' img2img, inpaint)
 
     def __init__(self, *, vae: FirstStage, unet: UNet2DConditional, text_encoder: TextEncoder | None = None,
                  text_encoder_2: TextEncoder, noise_scheduler: NoiseScheduler | None = None,
@@ -247,6 +248,8 @@ class StableDiffusionXLPipeline(LoraMixin, TextGuidedPipeline):
             return None if t is None else t.to(dtype).repeat_interleave(num_images_per_prompt, dim=0)
 
         out = [ready(t) for t in (prompt_embeds, uncond, pooled_prompt_embeds, pooled_uncond)]
+        # the text encoders' mapped weights go back once encoded (release_weights), as LatentDiffusionPipeline's
+        self.release(*(e for e in (self.text_encoder, self.text_encoder_2) if e is not None))
         for embeddings in out:
             if embeddings is not None:
                 check_finite_output(embeddings, stage="text encoding", where="text_encoder_2", dtype=dtype)
@@ -259,9 +262,12 @@ class StableDiffusionXLPipeline(LoraMixin, TextGuidedPipeline):
                            negative_aesthetic_score: Any = DEFAULT_NEGATIVE_AESTHETIC) -> tuple[list[float],
                                                                                                list[float]]:
         """(time ids, negative time ids), each argument checked (an InputError naming it). Sizes default to the
-        image's (height, width), the crop to (0, 0), each negative to its positive (diffusers' txt2img uses the
-        negatives only when both negative sizes are given; here each one given counts). The refiner
-        (requires_aesthetics_score) conditions on an aesthetic score in place of the target size."""
+        image's (height, width), the crop to (0, 0), the negative sizes to the positive ones. The negative crop
+        defaults as in diffusers: to the positive crop while no negative micro-conditioning is given (diffusers'
+        text-to-image then reuses the positive time ids), else to (0, 0) (diffusers' image-to-image and inpainting
+        always: `negative_crop_zero`). Where diffusers' text-to-image ignores one negative size given alone, it
+        counts here. The refiner (requires_aesthetics_score) conditions on an aesthetic score in place of the
+        target size."""
         size = (height, width)
         original = conditioning.check_pair(size if original_size is None else original_size, name="original_size")
         crop = conditioning.check_pair((0, 0) if crops_coords_top_left is None else crops_coords_top_left,
@@ -269,7 +275,8 @@ class StableDiffusionXLPipeline(LoraMixin, TextGuidedPipeline):
         target = conditioning.check_pair(size if target_size is None else target_size, name="target_size")
         n_original = original if negative_original_size is None else conditioning.check_pair(
             negative_original_size, name="negative_original_size")
-        n_crop = crop if negative_crops_coords_top_left is None else conditioning.check_pair(
+        zero = self.negative_crop_zero or negative_original_size is not None or negative_target_size is not None
+        n_crop = ((0, 0) if zero else crop) if negative_crops_coords_top_left is None else conditioning.check_pair(
             negative_crops_coords_top_left, name="negative_crops_coords_top_left")
         n_target = target if negative_target_size is None else conditioning.check_pair(
             negative_target_size, name="negative_target_size")

@@ -51,6 +51,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
     image."""
 
     diffusers_class_names = ("StableDiffusionXLImg2ImgPipeline",)
+    negative_crop_zero = True
 
     def preprocess_image(self, image: ImageInput) -> torch.Tensor:
         """PIL / numpy / tensor image(s) -> (B, 3, H, W) float32 in [-1, 1] (as ImageToImagePipeline's)."""

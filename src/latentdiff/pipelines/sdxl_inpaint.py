@@ -50,7 +50,7 @@ from .text_guided import Prompt
 DEFAULT_INPAINT_GUIDANCE = 7.5   # diffusers' StableDiffusionXLInpaintPipeline (its text-to-image's is 5.0)
 
 
-@PIPELINES.register("sdxl-inpaint")
+@PIPELINES.register("sdxl-inpainting")
 class StableDiffusionXLInpaintPipeline(InpaintStages, StableDiffusionXLImg2ImgPipeline):
     """SDXL inpainting with a 9-channel inpainting UNet, or a plain 4-channel one (base, refiner) by blending: SD
     inpainting's stages (`InpaintStages`, reaching SDXL's upcasting `encode_image` through self), SDXL's
