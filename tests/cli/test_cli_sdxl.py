@@ -96,6 +96,16 @@ def test_the_refiner_takes_over_the_base_latents_and_from_reproduces(folders, ba
     assert np.array_equal(pixels("again.png"), pixels("r.png"))
 
 
+def test_an_sdxl_single_file_gives_the_folders_images(folders, base, tmp_path):
+    base.save_single_file(tmp_path / "xl.safetensors")
+    argv = ["generate", PROMPT, "--seed", "2", "--steps", "2"]
+    assert main([*argv, "--model", str(folders[0]), "-o", "folder.png"]) == 0
+    assert main([*argv, "--model", str(tmp_path / "xl.safetensors"), "--tokenizer", str(folders[0] / "tokenizer"),
+                 "--tokenizer-2", str(folders[0] / "tokenizer_2"), "-o", "file.png"]) == 0
+    assert np.array_equal(pixels("file.png"), pixels("folder.png"))
+    assert read_png_params("file.png")["tokenizer_2"] == str((folders[0] / "tokenizer_2").resolve())
+
+
 def test_img2img_runs_the_sdxl_image_to_image_pipeline(folders, base):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save("init.png")

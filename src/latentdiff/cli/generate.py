@@ -63,6 +63,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                           "folder, a Hub id, or a single .safetensors/.ckpt file")
     gen.add_argument("--tokenizer", default=None,
                      help="tokenizer folder or Hub id for a single-file --model (single files carry none)")
+    gen.add_argument("--tokenizer-2", default=None,
+                     help="an SDXL single file's second (OpenCLIP bigG) tokenizer: folder or Hub id")
     gen.add_argument("--negative", default=None, help="negative prompt")
     gen.add_argument("--steps", type=int, default=None, help="number of sampling steps")
     gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
@@ -249,7 +251,8 @@ def load_pipeline(source: ModelSource, settings: GenerateSettings, *, device: An
         cls = StableDiffusionXLInpaintPipeline if inpainting_folder(source) else StableDiffusionXLPipeline
     pipe: DenoisingPipeline
     if source.kind == "single_file":
-        tokenizer = {} if settings.tokenizer is None else {"tokenizer": settings.tokenizer}
+        tokenizer = {key: value for key, value in (("tokenizer", settings.tokenizer),
+                                                   ("tokenizer_2", settings.tokenizer_2)) if value is not None}
         # SomePipeline.from_single_file returns SomePipeline or a subclass (it checks the file fits the class)
         pipe = cast(DenoisingPipeline, cls.from_single_file(source.path, **load, **tokenizer))
         if settings.vae is not None:

@@ -40,10 +40,10 @@ RECORDED = ("prompt", "negative", "seed", "steps", "guidance", "sampler", "eta",
 
             "prompt_syntax",   # generate_prompts
             # SDXL (generate_sdxl)
-            "refiner", "refiner_switch", "original_size", "target_size", "crop_top_left")
+            "refiner", "refiner_switch", "original_size", "target_size", "crop_top_left", "tokenizer_2")
 OPTIONAL = RECORDED[RECORDED.index("clip_skip"):]   # recorded only when set
 MAX_SEED = 2**63 - 1
-PATH_VALUES = ("model", "tokenizer", "init_image", "mask", "vae", "refiner")   # recorded values naming files
+PATH_VALUES = ("model", "tokenizer", "init_image", "mask", "vae", "refiner", "tokenizer_2")   # naming files
 MAX_PATH_CHARS = 4096
 FLAGS = {key: f"--{key.replace('_', '-')}" for key in RECORDED} | {"prompt": "PROMPT", "n": "-n"}   # for messages
 
@@ -93,6 +93,7 @@ class GenerateSettings:
     original_size: str | None = None   # micro-conditioning, as written: "WxH" (original, target), "TOP,LEFT"
     target_size: str | None = None
     crop_top_left: str | None = None
+    tokenizer_2: str | None = None     # an SDXL single file's second (bigG) tokenizer, as `tokenizer`
 
     def params(self) -> dict[str, Any]:
         """The settings as the JSON a PNG records (the image input, hires, tile and VAE settings only when used)."""
@@ -188,8 +189,9 @@ def settle(args: argparse.Namespace, stored: dict[str, Any], source: ModelSource
     if isinstance(values["dtype"], str):
         values["dtype"] = DTYPES.get(values["dtype"], values["dtype"])
     values.update(model=source.name)
-    if isinstance(values["tokenizer"], str) and local_kind(values["tokenizer"]) == "dir":
-        values["tokenizer"] = str(Path(values["tokenizer"]).expanduser().resolve())   # --from works from anywhere
+    for key in ("tokenizer", "tokenizer_2"):
+        if isinstance(values[key], str) and local_kind(values[key]) == "dir":
+            values[key] = str(Path(values[key]).expanduser().resolve())   # --from works from anywhere
     check_values(values, origin)
     return GenerateSettings(**values)
 
@@ -224,10 +226,11 @@ def check_values(values: dict[str, Any], origin: dict[str, str]) -> None:
     for key in ("guidance", "eta"):
         need(values[key] is None or _finite(values[key]) and values[key] >= 0, key, "a number >= 0")
     need(values["dtype"] in DTYPES.values(), "dtype", f"one of {sorted(set(DTYPES.values()))}")
-    need(values["tokenizer"] is None or isinstance(values["tokenizer"], str), "tokenizer", "a string")
-    if values["tokenizer"] is not None and Path(values["model"]).suffix not in SINGLE_FILE_SUFFIXES:
-        raise UsageError("--tokenizer is for single-file models (a folder has its own tokenizer)",
-                         where=origin["tokenizer"], expected="a .safetensors/.ckpt --model", found=values["model"])
+    for key in ("tokenizer", "tokenizer_2"):
+        need(values[key] is None or isinstance(values[key], str), key, "a string")
+        if values[key] is not None and Path(values["model"]).suffix not in SINGLE_FILE_SUFFIXES:
+            raise UsageError(f"{FLAGS[key]} is for single-file models (a folder has its own tokenizer)",
+                             where=origin[key], expected="a .safetensors/.ckpt --model", found=values["model"])
     check_sampler(values, origin)
 
 
