@@ -270,7 +270,8 @@ def load_refiner(settings: GenerateSettings, *, device: Any) -> Any:
     from ..pipelines.sdxl_image import StableDiffusionXLImg2ImgPipeline
 
     assert settings.refiner is not None
-    pipe = load_pipeline(locate_model(settings.refiner), settings, device=device)
+    # a refiner file has no CLIP-L: only the bigG tokenizer (--tokenizer-2) serves it
+    pipe = load_pipeline(locate_model(settings.refiner), dataclasses.replace(settings, tokenizer=None), device=device)
     if not is_sdxl(pipe):
         raise UsageError("the refiner must be an SDXL model", where="--refiner", expected="an SDXL refiner",
                          found=settings.refiner)
