@@ -156,3 +156,29 @@ def test_what_sdxl_does_not_take_is_a_422_naming_the_field(client, body, field):
     response = client.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "steps": 1} | body)
     assert response.status_code == 422, response.text
     assert field in response.text
+
+
+def test_sdxl_embeddings_from_the_embeddings_folder(models, base, tmp_path):
+    """An SDXL embedding file (clip_l + clip_g) in --embeddings-dir loads into both text encoders of an SDXL model
+    (A1111's shape: the widths summed); an SD 1.x embedding is skipped; the served image is the Python API's with
+    the same file loaded."""
+    from safetensors.torch import save_file
+
+    from latentdiff.adapters.embeddings import token_table
+    from latentdiff.serve.models import ModelCatalog
+
+    emb = tmp_path / "embeddings"
+    emb.mkdir()
+    g = torch.Generator().manual_seed(0)
+    one, two = base.text_encoder.hidden_size, base.text_encoder_2.hidden_size
+    vectors = {"clip_l": torch.randn(2, one, generator=g), "clip_g": torch.randn(2, two, generator=g)}
+    save_file(vectors, str(emb / "mystyle.safetensors"))
+    save_file({"emb_params": torch.randn(1, one, generator=g)}, str(emb / "sd15.safetensors"))
+    catalog = ModelCatalog(ServeSettings(model=str(models / "base"), models_dir=models, embeddings_dir=emb))
+    report = catalog.embeddings()
+    assert report["loaded"]["mystyle"]["shape"] == one + two and report["loaded"]["mystyle"]["vectors"] == 2
+    assert "sd15" in report["skipped"]
+    pipe = catalog.pipeline(catalog.current)
+    for encoder, key in ((pipe.text_encoder, "clip_l"), (pipe.text_encoder_2, "clip_g")):
+        ids = [encoder.tokenizer.get_vocab()[t] for t in ("mystyle", "mystyle_1")]
+        assert torch.equal(token_table(encoder.model).weight[ids], vectors[key])

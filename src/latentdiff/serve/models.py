@@ -408,18 +408,19 @@ class ModelCatalog:
     def _add_embeddings(self, pipe: Any, files: list[Entry]) -> dict[str, dict[str, Any]]:
         """Load every embedding file into the pipeline (token: the file's stem, as A1111); -> the /embeddings
         report of this pipeline."""
-        from ..adapters.embeddings import read_embedding
+        from ..adapters.embeddings import add_to_pipeline, for_pipeline, read_any
 
         report: dict[str, dict[str, Any]] = {"loaded": {}, "skipped": {}}
         for entry in files:
             token = Path(entry.name).stem
             info: dict[str, Any] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
                                     "shape": None, "vectors": None}
-            try:
-                embedding = self._facts.get(f"embedding:{token}", entry.path,   # type: ignore[arg-type]
-                                            lambda p, t=token: read_embedding(p, token=t))
-                info.update(shape=int(embedding.vectors.shape[1]), vectors=int(embedding.vectors.shape[0]))
-                pipe.load_textual_inversion({embedding.token: embedding.vectors}, token=embedding.token)
+            try:   # SD 1.x / 2.x files: one vector set; SDXL's: clip_l + clip_g (A1111's shape: their widths summed)
+                found = self._facts.get(f"embedding:{token}", entry.path,   # type: ignore[arg-type]
+                                        lambda p, t=token: read_any(p, token=t))
+                sets = list(found.values()) if isinstance(found, dict) else [found]
+                info.update(shape=sum(int(e.vectors.shape[1]) for e in sets), vectors=int(sets[0].vectors.shape[0]))
+                add_to_pipeline(pipe, [for_pipeline(pipe, found)], files={token: str(entry.path)})
             except (LatentDiffError, OSError):
                 report["skipped"][token] = info
                 continue
