@@ -192,3 +192,23 @@ def test_one_familys_flags_are_refused_on_the_other_before_loading(folders, sd_b
     painter = write_tiny_sdxl(Path("painter"), kind="inpaint")
     assert main(["generate", "x", "--model", str(painter), "-o", "x.png"]) == 2    # an inpainting model: a mask
     assert "SDXL inpainting model" in capsys.readouterr().err
+
+
+def test_an_sd_turbo_folder_generates_with_turbo_defaults(tmp_path):
+    """SD-Turbo's convention (ancestral Euler on trailing timesteps in its scheduler folder) on an SD-layout text
+    pipeline: `generate` without --steps / --guidance runs 1 step without guidance, the Python call
+    `pipe(..., **dict(zip(("num_inference_steps", "guidance_scale"), pipe.default_call(None, None))))`."""
+    from latentdiff import EulerAncestralSampler, LatentDiffusionPipeline
+
+    make_tiny_shapes_model(tmp_path / "src")
+    pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "src")
+    pipe.sampler = EulerAncestralSampler(timestep_spacing="trailing")
+    pipe.save_pretrained(tmp_path / "turbo")
+    turbo = LatentDiffusionPipeline.from_pretrained(tmp_path / "turbo")
+    assert turbo.default_call(None, None) == (1, 0.0) and pipe.default_call(None, 3.0) == (1, 3.0)
+    assert main(["generate", "a red circle", "--model", str(tmp_path / "turbo"), "-o", "t.png", "--seed", "2"]) == 0
+    params = read_png_params("t.png")
+    assert (params["steps"], params["guidance"]) == (1, 0.0)
+    expected = turbo(["a red circle"], num_inference_steps=1, guidance_scale=0.0, generator=generators(2),
+                     progress=False).images
+    assert np.array_equal(pixels("t.png"), api(expected))

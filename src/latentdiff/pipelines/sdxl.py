@@ -100,6 +100,7 @@ class StableDiffusionXLPipeline(LoraMixin, TextGuidedPipeline):
     folder_parts = SDXL_PARTS
     unet: UNet2DConditional
     negative_crop_zero: ClassVar[bool] = False   # the negative crop's default: (0, 0) (diffusers' img2img, inpaint)
+    default_guidance: ClassVar[float] = 5.0      # diffusers' SDXL default
 
     def __init__(self, *, vae: FirstStage, unet: UNet2DConditional, text_encoder: TextEncoder | None = None,
                  text_encoder_2: TextEncoder, noise_scheduler: NoiseScheduler | None = None,
@@ -438,13 +439,3 @@ class StableDiffusionXLPipeline(LoraMixin, TextGuidedPipeline):
                           sampler=sampler, generator=generator, callback=on_step, progress=progress, tiling=tiling,
                           guidance_rescale=guidance_rescale, model=c["model"], schedule=c["schedule"])
         return finish(self.output(z0, output_type), return_dict)
-
-    def default_call(self, num_inference_steps: int | None, guidance_scale: float | None) -> tuple[int, float]:
-        """(steps, guidance) with the model's defaults for those not given: SDXL's 50 and 5.0, or a distilled model's
-        1 and 0.0 (SDXL-Turbo / SD-Turbo: their scheduler samples ancestral Euler on trailing timesteps)."""
-        sampler = self.sampler
-        turbo = getattr(sampler, "timestep_spacing", None) == "trailing" and \
-            getattr(sampler, "registry_name", None) == "euler_ancestral"
-        steps = (1 if turbo else 50) if num_inference_steps is None else num_inference_steps
-        scale = (0.0 if turbo else 5.0) if guidance_scale is None else guidance_scale
-        return steps, scale

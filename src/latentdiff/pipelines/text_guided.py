@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import TypeAlias
+from typing import ClassVar, TypeAlias
 
 import torch
 
@@ -41,6 +41,26 @@ def no_prompt() -> InputError:
 class TextGuidedPipeline(DenoisingPipeline):
     """A DenoisingPipeline conditioned by text through classifier-free guidance: the checks and stages the
     text-to-image pipelines share."""
+
+    default_steps: ClassVar[int] = 50
+    default_guidance: ClassVar[float] = 7.5
+
+    def is_distilled(self) -> bool:
+        """Whether the model is a Turbo-style distilled one (SDXL-Turbo, SD-Turbo): its folder's scheduler samples
+        ancestral Euler on trailing timesteps, as theirs do."""
+        sampler = self.sampler
+        return getattr(sampler, "timestep_spacing", None) == "trailing" and \
+            getattr(sampler, "registry_name", None) == "euler_ancestral"
+
+    def default_call(self, num_inference_steps: int | None, guidance_scale: float | None) -> tuple[int, float]:
+        """(steps, guidance) with the model's defaults for those not given: the class's (SD 50 and 7.5, SDXL 50 and
+        5.0), or a distilled model's 1 and 0.0 (`is_distilled`). SDXL's `__call__` reads it for arguments left
+        None; `latentdiff generate` and `serve` for every text pipeline (SD's `__call__` keeps its own signature
+        defaults: pass SD-Turbo's steps and guidance, or `pipe.default_call(None, None)`)."""
+        turbo = self.is_distilled()
+        steps = (1 if turbo else self.default_steps) if num_inference_steps is None else num_inference_steps
+        scale = (0.0 if turbo else self.default_guidance) if guidance_scale is None else guidance_scale
+        return steps, scale
 
     def check_inputs(self, prompt: Prompt | None, negative_prompt: Prompt | None, *, height: int | None,
                      width: int | None, num_inference_steps: int, guidance_scale: float, num_images_per_prompt: int,
