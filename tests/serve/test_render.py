@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from latentdiff.serve.render import fit, render, slerp, unit_steps, variation_noise
+from latentdiff.control import fit
+from latentdiff.serve.render import render, slerp, unit_steps, variation_noise
 from latentdiff.serve.requests import Hires, ImageRequest, InitImages, Unit
 
 MODEL = "latentdiff/shapes-64"
@@ -111,7 +112,7 @@ def test_variation_seeds_follow_a1111_interpolation(pipe):
 @pytest.mark.parametrize("mode", [0, 1, 2])
 def test_resize_modes_give_the_requested_size(mode):
     tall = Image.new("RGB", (20, 40), (200, 10, 10))
-    out = fit(tall, (32, 64), mode)
+    out = fit(tall, (32, 64), mode=mode)
     assert out.size == (64, 32)
     if mode == 1:            # crop and resize: covered, no border
         assert np.array(out)[:, :, 0].min() > 150

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ..cli.generate_sdxl import a1111_clip_skip, init_tensor, is_sdxl, refiner_sampler, sdxl_hires_fix
+from ..control.resize import fit
 from ..diffusion.noise import randn
 from ..diffusion.samplers.base import switch_sampler
 from ..diffusion.samplers.names import has_schedule
@@ -153,7 +154,7 @@ def _with_images(pipe: Any, unit: Unit, prompt: str, common: dict[str, Any]) -> 
     init = request.init
     assert init is not None
     size = (request.height, request.width)
-    pictures = [fit(init.images[(unit.first + i) % len(init.images)], size, init.resize_mode)
+    pictures = [fit(init.images[(unit.first + i) % len(init.images)], size, mode=init.resize_mode)
                 for i in range(unit.count)]
     if len({id(p) for p in pictures}) == 1 or len(init.images) == 1:
         images: Any = pictures[0]
@@ -164,7 +165,7 @@ def _with_images(pipe: Any, unit: Unit, prompt: str, common: dict[str, Any]) -> 
         from ..pipelines.sdxl_inpaint import StableDiffusionXLInpaintPipeline
 
         painter = StableDiffusionXLInpaintPipeline.from_pipe(pipe)
-        return list(painter(prompt, image=images, mask_image=fit(init.mask, size, init.resize_mode),
+        return list(painter(prompt, image=images, mask_image=fit(init.mask, size, mode=init.resize_mode),
                             height=request.height, width=request.width, strength=init.strength, **common).images)
     if is_sdxl(pipe):
         from ..pipelines.sdxl_image import StableDiffusionXLImg2ImgPipeline
@@ -177,7 +178,7 @@ def _with_images(pipe: Any, unit: Unit, prompt: str, common: dict[str, Any]) -> 
         from ..pipelines.inpaint import InpaintPipeline
 
         inpaint = InpaintPipeline.from_pipe(pipe)
-        mask = fit(init.mask, size, init.resize_mode)
+        mask = fit(init.mask, size, mode=init.resize_mode)
         return list(inpaint(prompt, images, mask, height=request.height, width=request.width,
                             strength=init.strength, **common).images)
     from ..pipelines.image_to_image import ImageToImagePipeline
@@ -185,35 +186,6 @@ def _with_images(pipe: Any, unit: Unit, prompt: str, common: dict[str, Any]) -> 
     img2img = ImageToImagePipeline.from_pipe(pipe)
     tensor = img2img.preprocess_image(images, size=size)
     return list(img2img(prompt, tensor, strength=init.strength, **common).images)
-
-
-def fit(image: Any, size: tuple[int, int], resize_mode: int) -> Any:
-    """A1111's resize modes to (height, width): 0 just resize, 1 crop and resize (cover, centre crop), 2 resize
-    and fill (contain, the borders filled by stretching the edge rows / columns)."""
-    from PIL import Image
-
-    height, width = size
-    if resize_mode == 0 or image.size == (width, height):
-        return image.resize((width, height), Image.Resampling.LANCZOS) if image.size != (width, height) else image
-    ratio = width / height
-    src_ratio = image.width / image.height
-    cover = resize_mode == 1
-    if (ratio > src_ratio) == cover:
-        w, h = width, max(1, round(width / src_ratio))
-    else:
-        w, h = max(1, round(height * src_ratio)), height
-    resized = image.resize((w, h), Image.Resampling.LANCZOS)
-    canvas = Image.new(image.mode, (width, height))
-    left, top = (width - w) // 2, (height - h) // 2
-    canvas.paste(resized, (left, top))
-    if not cover:     # fill the borders with the nearest edge of the picture, stretched
-        if top > 0:
-            canvas.paste(resized.crop((0, 0, w, 1)).resize((w, top)), (left, 0))
-            canvas.paste(resized.crop((0, h - 1, w, h)).resize((w, height - top - h)), (left, top + h))
-        if left > 0:
-            canvas.paste(resized.crop((0, 0, 1, h)).resize((left, h)), (0, top))
-            canvas.paste(resized.crop((w - 1, 0, w, h)).resize((width - left - w, h)), (left + w, top))
-    return canvas
 
 
 def slerp(strength: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
