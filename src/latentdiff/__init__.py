@@ -79,7 +79,12 @@ __all__ = [  # literal, so linters and IDEs see the public names; the same as _L
 ]
 
 
+SUBPACKAGES = ("control",)   # `latentdiff.control.canny(...)` after a plain `import latentdiff`
+
+
 def __getattr__(name: str) -> Any:
+    if name in SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'latentdiff' has no attribute {name!r}")

@@ -147,3 +147,13 @@ def test_fit_without_a_mode_only_accepts_the_right_size():
     assert "64 x 64" in str(caught.value.expected) and caught.value.found == "20 x 40"
     with pytest.raises(InputError, match="unknown resize mode"):
         fit(image, (64, 64), mode=3)
+
+
+def test_the_package_is_reachable_from_a_plain_import():
+    """`import latentdiff; latentdiff.control.canny(...)`, as the issue writes it."""
+    import subprocess
+    import sys
+
+    code = "import latentdiff, numpy as np; print(latentdiff.control.canny(np.zeros((8, 8), np.uint8)).size)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "(8, 8)", done.stderr[-2000:]
