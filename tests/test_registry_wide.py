@@ -81,7 +81,21 @@ def _spatial_rescaler():
     return model, lambda m: m(x)
 
 
-FACTORIES = {"unet": _unet, "unet2d": _unet2d, "class_embedder": _class_embedder,
+def _controlnet():
+    from latentdiff.models.controlnet import ControlNetConfig
+
+    cfg = ControlNetConfig(channels=(8, 16), attention_levels=(False, True), attention_heads=2, cross_attention_dim=12,
+                           norm_num_groups=4, conditioning_embedding_out_channels=(4, 8))
+    model = COMPONENTS.create("controlnet", cfg)
+    inputs = (torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 3, 12), torch.rand(1, 3, 16, 16))
+
+    def run(m):   # every residual, one tensor
+        down, mid = m(*inputs)
+        return torch.cat([r.flatten() for r in (*down, mid)])
+    return model, run
+
+
+FACTORIES = {"unet": _unet, "controlnet": _controlnet, "unet2d": _unet2d, "class_embedder": _class_embedder,
              "spatial_rescaler": _spatial_rescaler, "vq_model": _vq_model,
              "identity_first_stage": _identity_first_stage, "autoencoder_kl": _vae, "ldm_bert": _ldm_bert}
 # Parts that wrap a foreign model + tokenizer, or hold no weights, are covered by their own test files:

@@ -27,6 +27,7 @@ _BUILTIN_MODULES = (
     "latentdiff.models.identity",
     "latentdiff.models.unet",
     "latentdiff.models.unet2d",
+    "latentdiff.models.controlnet",
     "latentdiff.models.text_encoder",
     "latentdiff.models.ldm_bert",
     "latentdiff.models.conditioners",

@@ -4,6 +4,7 @@
     UNET_2D            diffusers UNet2DModel          <-> unet2d.UNet2DConfig
     AUTOENCODER_KL     diffusers AutoencoderKL        <-> autoencoder_kl.AutoencoderKLConfig
     VQ_MODEL           diffusers VQModel              <-> vq.VQModelConfig
+    CONTROLNET         diffusers ControlNetModel      <-> controlnet.ControlNetConfig
 
 Defaults are diffusers 0.42's __init__ signatures; the tests check them against the installed diffusers.
 """
@@ -335,3 +336,58 @@ VQ_MODEL = _first_stage("VQModel", {
     "lookup_from_codebook": False, "force_upcast": False,
 }, same=("in_channels", "out_channels", "latent_channels", "sample_size", "num_vq_embeddings", "norm_num_groups",
          "vq_embed_dim", "scaling_factor", "norm_type", "lookup_from_codebook", "force_upcast"))
+
+
+# ---- ControlNetModel <-> controlnet.ControlNetConfig ------------------------------------------------------
+CONTROLNET_DEFAULTS: dict[str, Any] = {
+    "in_channels": 4, "conditioning_channels": 3, "flip_sin_to_cos": True, "freq_shift": 0,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False,
+    "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "downsample_padding": 1,
+    "mid_block_scale_factor": 1, "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5,
+    "cross_attention_dim": 1280, "transformer_layers_per_block": 1, "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None, "attention_head_dim": 8, "num_attention_heads": None,
+    "use_linear_projection": False, "class_embed_type": None, "addition_embed_type": None,
+    "addition_time_embed_dim": None, "num_class_embeds": None, "upcast_attention": False,
+    "resnet_time_scale_shift": "default", "projection_class_embeddings_input_dim": None,
+    "controlnet_conditioning_channel_order": "rgb", "conditioning_embedding_out_channels": [16, 32, 96, 256],
+    "global_pool_conditions": False, "addition_embed_type_num_heads": 64,
+}
+
+
+def _read_controlnet(d: Mapping[str, Any], source: str | None) -> dict[str, Any]:
+    """The UNet's down half read as the UNet's keys are (a ControlNet has no up blocks: they are taken as the
+    mirror the UNet reader checks for), plus the hint embedding's widths."""
+    names = d["down_block_types"]
+    up = [CROSS_UP[_block_name(b) == CROSS_DOWN[True]] for b in reversed(names)] \
+        if isinstance(names, (list, tuple)) else names
+    fields = _read_unet_conditional({**d, "up_block_types": up, "sample_size": None}, source)
+    del fields["sample_size"]
+    widths = as_list(d, "conditioning_embedding_out_channels", source)
+    return {**fields, "conditioning_embedding_out_channels": tuple(widths)}
+
+
+def _write_controlnet(cfg: Any) -> dict[str, Any]:
+    keys = _write_unet_conditional(cfg)
+    for key in ("sample_size", "up_block_types"):
+        del keys[key]
+    return {**keys, "conditioning_embedding_out_channels": list(cfg.conditioning_embedding_out_channels)}
+
+
+CONTROLNET = DiffusersConfigMap(
+    class_name="ControlNetModel", defaults=CONTROLNET_DEFAULTS,
+    same=("in_channels", "conditioning_channels", "flip_sin_to_cos", "freq_shift", "downsample_padding",
+          "mid_block_scale_factor", "norm_num_groups", "norm_eps", "use_linear_projection", "num_class_embeds",
+          "upcast_attention"),
+    supported={
+        "only_cross_attention": _all_false, "act_fn": ("silu", "swish"), "encoder_hid_dim": None,
+        "encoder_hid_dim_type": None, "num_attention_heads": None, "class_embed_type": None,
+        "resnet_time_scale_shift": "default", "controlnet_conditioning_channel_order": "rgb",
+        "global_pool_conditions": False,
+    },
+    inert=("addition_embed_type_num_heads",),   # read only by addition_embed_type "text", which is rejected
+    structural=("down_block_types", "mid_block_type", "block_out_channels", "layers_per_block", "attention_head_dim",
+                "transformer_layers_per_block", "cross_attention_dim", "addition_embed_type",
+                "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+                "conditioning_embedding_out_channels"),
+    read=_read_controlnet, write=_write_controlnet)

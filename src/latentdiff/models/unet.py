@@ -16,9 +16,9 @@ SDXL (Podell et al. 2023) is this layout configured: no attention on the first l
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from functools import partial
-from typing import Any, ClassVar, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +29,12 @@ from ..config import ComponentConfig, is_real
 from ..errors import ConfigError, InputError, describe
 from ..layers.attention import SpatialTransformer
 from ..layers.embeddings import TimestepEmbedding, timestep_embedding, to_dtype
-from ..layers.resnet import Downsample, ResnetBlock, Upsample
+from ..layers.resnet import ResnetBlock
 from ..registry import COMPONENTS
 from . import structure
 from .base import ModelMixin
 from .diffusers_tables import UNET_CONDITIONAL
+from .unet_levels import Attend, DownLevel, MidLevel, UpLevel  # noqa: F401 (DownLevel, UpLevel: unet2d's import)
 
 MidBlock: TypeAlias = Literal["transformer", "resnet", "none"]
 AdditionEmbed: TypeAlias = Literal["text_time"]
@@ -179,108 +180,26 @@ class UNetConfig(ComponentConfig):
         return self.cross_attention_dim is not None and (any(self.attention_levels) or self.mid_block == "transformer")
 
 
-Attend: TypeAlias = Callable[[int], nn.Module]  # channels -> SpatialTransformer
+# The config of a network built on the UNet's trunk: UNetConfig, or a config that extends it (ControlNetConfig)
+TrunkConfigT = TypeVar("TrunkConfigT", bound=UNetConfig)
 
 
-class DownLevel(nn.Module):
-    """diffusers CrossAttnDownBlock2D (with `attend`) / DownBlock2D: resnets (+ transformers) (+ downsample)."""
+class UNetTrunk(ModelMixin[TrunkConfigT]):
+    """What the UNet shares with its ControlNet (Zhang et al. 2023, which copies this half of the UNet): conv_in, the
+    time / class / text_time embeddings, the down levels and the mid level, under diffusers' names."""
 
-    # The downsampler is a ResnetBlock(down=True), which takes the time embedding (unet2d.ResnetDownLevel);
-    # False: a strided conv (Downsample).
-    resnet_resampler: ClassVar[bool] = False
-
-    def __init__(self, in_channels: int, out_channels: int, *, layers: int, resnet: Callable[..., ResnetBlock],
-                 attend: Attend | None, downsample: bool, padding: int):
-        super().__init__()
-        self.resnets = nn.ModuleList(resnet(in_channels if i == 0 else out_channels, out_channels)
-                                     for i in range(layers))
-        self.attentions = nn.ModuleList(attend(out_channels) for _ in range(layers)) if attend else None
-        self.downsamplers = nn.ModuleList([Downsample(out_channels, padding=padding)]) if downsample else None
-
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None,
-                skips: list[torch.Tensor]) -> torch.Tensor:
-        """h: (B, C_in, H, W) -> (B, C_out, H', W'); appends every intermediate to `skips`.
-        emb: SiLU(time embedding), (B, temb), as every level takes it (see UNet2DConditional.forward)."""
-        for i, resnet in enumerate(self.resnets):
-            h = resnet(h, emb, temb_activated=True)
-            if self.attentions is not None:
-                h = self.attentions[i](h, context)
-            skips.append(h)
-        if self.downsamplers is not None:
-            down = self.downsamplers[0]
-            h = down(h, emb, temb_activated=True) if self.resnet_resampler else down(h)
-            skips.append(h)
-        return h
-
-
-class MidLevel(nn.Module):
-    """diffusers UNetMidBlock2DCrossAttn (resnet, transformer, resnet) or UNetMidBlock2D (one resnet)."""
-
-    def __init__(self, channels: int, *, resnet: Callable[..., ResnetBlock], attend: Attend | None):
-        super().__init__()
-        self.resnets = nn.ModuleList([resnet(channels, channels)] + ([resnet(channels, channels)] if attend else []))
-        self.attentions = nn.ModuleList([attend(channels)]) if attend else None
-
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        h = self.resnets[0](h, emb, temb_activated=True)
-        if self.attentions is not None:
-            h = self.resnets[1](self.attentions[0](h, context), emb, temb_activated=True)
-        return h
-
-
-class UpLevel(nn.Module):
-    """diffusers CrossAttnUpBlock2D / UpBlock2D: (resnet on [h, skip]) (+ transformer), x layers, (+ upsample).
-
-    `in_channels` is the width coming up from the previous (coarser) level; `skip_channels` the width of the
-    next finer level, whose downsampler output (conv_in's output, for level 0) is this level's last skip.
-    """
-
-    # The upsampler is a ResnetBlock(up=True), which takes the time embedding (unet2d.ResnetUpLevel); False:
-    # nearest x2 and a conv (Upsample).
-    resnet_resampler: ClassVar[bool] = False
-
-    def __init__(self, in_channels: int, out_channels: int, skip_channels: int, *, layers: int,
-                 resnet: Callable[..., ResnetBlock], attend: Attend | None, upsample: bool):
-        super().__init__()
-        self.resnets = nn.ModuleList(
-            resnet((in_channels if i == 0 else out_channels) + (skip_channels if i == layers - 1 else out_channels),
-                   out_channels) for i in range(layers))
-        self.attentions = nn.ModuleList(attend(out_channels) for _ in range(layers)) if attend else None
-        self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if upsample else None
-
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None, skips: list[torch.Tensor],
-                upsample_size: tuple[int, int] | None = None) -> torch.Tensor:
-        """Pops one skip per resnet from the end of `skips`."""
-        for i, resnet in enumerate(self.resnets):
-            h = resnet(torch.cat([h, skips.pop()], dim=1), emb, temb_activated=True)
-            if self.attentions is not None:
-                h = self.attentions[i](h, context)
-        if self.upsamplers is not None:
-            up = self.upsamplers[0]
-            h = up(h, emb, upsample_size=upsample_size, temb_activated=True) if self.resnet_resampler \
-                else up(h, upsample_size)
-        return h
-
-
-@COMPONENTS.register("unet")
-class UNet2DConditional(ModelMixin[UNetConfig]):
-    """eps_theta(x_t, t, context): the LDM / Stable Diffusion denoiser (diffusers UNet2DConditionModel layout)."""
-
-    config_class = UNetConfig
-    diffusers_class_name = "UNet2DConditionModel"
-    diffusers_config = UNET_CONDITIONAL
-
-    def __init__(self, config: UNetConfig):
+    def __init__(self, config: TrunkConfigT):
         super().__init__(config)
         cfg, ch, n = config, config.channels, len(config.channels)
         layers, heads, depth = (cfg.per_level(v) for v in
                                 (cfg.layers_per_level, cfg.attention_heads, cfg.transformer_depth))
         temb = cfg.time_embedding_dim or 4 * ch[0]
-        resnet = partial(_resnet, temb=temb, groups=cfg.norm_num_groups, eps=cfg.norm_eps, dropout=cfg.dropout)
+        self.resnet = partial(_resnet, temb=temb, groups=cfg.norm_num_groups, eps=cfg.norm_eps, dropout=cfg.dropout)
 
         def attend(level: int) -> Attend:
             return partial(_transformer, cfg, heads=heads[level], depth=depth[level])
 
+        self.attend = attend
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb)
         self.class_embedding = nn.Embedding(cfg.num_class_embeds, temb) if cfg.num_class_embeds else None
@@ -289,28 +208,18 @@ class UNet2DConditional(ModelMixin[UNetConfig]):
         self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb) \
             if cfg.projection_class_embeddings_input_dim else None
         self.down_blocks = nn.ModuleList(
-            DownLevel(ch[max(lvl - 1, 0)], ch[lvl], layers=layers[lvl], resnet=resnet,
+            DownLevel(ch[max(lvl - 1, 0)], ch[lvl], layers=layers[lvl], resnet=self.resnet,
                       attend=attend(lvl) if cfg.attention_levels[lvl] else None,
                       downsample=lvl < n - 1, padding=cfg.downsample_padding) for lvl in range(n))
-        mid_resnet = partial(resnet, output_scale_factor=cfg.mid_block_scale_factor)
+        mid_resnet = partial(self.resnet, output_scale_factor=cfg.mid_block_scale_factor)
         self.mid_block = None if cfg.mid_block == "none" else MidLevel(
             ch[-1], resnet=mid_resnet, attend=attend(n - 1) if cfg.mid_block == "transformer" else None)
-        self.up_blocks = nn.ModuleList(
-            UpLevel(ch[min(lvl + 1, n - 1)], ch[lvl], ch[max(lvl - 1, 0)], layers=layers[lvl] + 1, resnet=resnet,
-                    attend=attend(lvl) if cfg.attention_levels[lvl] else None, upsample=lvl > 0)
-            for lvl in reversed(range(n)))
-        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
-        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float | int, context: torch.Tensor | None = None,
-                class_labels: torch.Tensor | None = None, *,
-                added_cond: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """x: (B, in_channels, H, W); t: number, 0-d, (1,) or (B,); context: (B, M, cross_attention_dim);
-        class_labels: (B,) integers; added_cond (addition_embed_type "text_time" only, diffusers'
-        added_cond_kwargs): {"text_embeds": (B, P) pooled text embedding, "time_ids": (B, K) micro-conditioning
-        numbers} -> (B, out_channels, H, W), the prediction (eps, v or x0, as trained)."""
-        upsample_sizes = self._check_inputs(x, t, context, class_labels)
-        self._check_added_cond(added_cond, x.shape[0])
+    def embed(self, x: torch.Tensor, t: torch.Tensor | float | int, class_labels: torch.Tensor | None,
+              added_cond: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+        """SiLU(time embedding (+ class embedding) (+ text_time embedding)), (B, temb), in x's dtype: every
+        ResnetBlock projects the activated embedding, so it is activated once here rather than once per block.
+        Inputs already checked."""
         t_features = timestep_embedding(timestep_batch(t, x), self.config.channels[0],
                                         flip_sin_to_cos=self.config.flip_sin_to_cos, freq_shift=self.config.freq_shift)
         emb = self.time_embedding(to_dtype(t_features, x.dtype))
@@ -318,18 +227,7 @@ class UNet2DConditional(ModelMixin[UNetConfig]):
             emb = emb + to_dtype(self.class_embedding(class_labels), emb.dtype)
         if self.add_embedding is not None and added_cond is not None:
             emb = emb + self.add_embedding(self._text_time_features(added_cond, emb.dtype))
-        # every ResnetBlock projects SiLU(emb): activated once here rather than once per block
-        emb = F.silu(emb)
-
-        h = self.conv_in(x)
-        skips = [h]
-        for down in self.down_blocks:
-            h = down(h, emb, context, skips)
-        if self.mid_block is not None:
-            h = self.mid_block(h, emb, context)
-        for up, size in zip(self.up_blocks, upsample_sizes, strict=True):
-            h = up(h, emb, context, skips, size)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return F.silu(emb)
 
     def _text_time_features(self, added_cond: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """(B, P + K * addition_time_embed_dim): the pooled text embedding, then the sinusoids of each of the K
@@ -416,6 +314,47 @@ class UNet2DConditional(ModelMixin[UNetConfig]):
                              where="class_labels", expected=None, found=shape_of(class_labels))
         return upsample_sizes((x.shape[-2], x.shape[-1]), levels=len(cfg.channels),
                               downsample_padding=cfg.downsample_padding)
+
+
+@COMPONENTS.register("unet")
+class UNet2DConditional(UNetTrunk[UNetConfig]):
+    """eps_theta(x_t, t, context): the LDM / Stable Diffusion denoiser (diffusers UNet2DConditionModel layout)."""
+
+    config_class = UNetConfig
+    diffusers_class_name = "UNet2DConditionModel"
+    diffusers_config = UNET_CONDITIONAL
+
+    def __init__(self, config: UNetConfig):
+        super().__init__(config)
+        cfg, ch, n = config, config.channels, len(config.channels)
+        layers = cfg.per_level(cfg.layers_per_level)
+        self.up_blocks = nn.ModuleList(
+            UpLevel(ch[min(lvl + 1, n - 1)], ch[lvl], ch[max(lvl - 1, 0)], layers=layers[lvl] + 1,
+                    resnet=self.resnet, attend=self.attend(lvl) if cfg.attention_levels[lvl] else None,
+                    upsample=lvl > 0)
+            for lvl in reversed(range(n)))
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float | int, context: torch.Tensor | None = None,
+                class_labels: torch.Tensor | None = None, *,
+                added_cond: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """x: (B, in_channels, H, W); t: number, 0-d, (1,) or (B,); context: (B, M, cross_attention_dim);
+        class_labels: (B,) integers; added_cond (addition_embed_type "text_time" only, diffusers'
+        added_cond_kwargs): {"text_embeds": (B, P) pooled text embedding, "time_ids": (B, K) micro-conditioning
+        numbers} -> (B, out_channels, H, W), the prediction (eps, v or x0, as trained)."""
+        upsample_sizes = self._check_inputs(x, t, context, class_labels)
+        self._check_added_cond(added_cond, x.shape[0])
+        emb = self.embed(x, t, class_labels, added_cond)
+        h = self.conv_in(x)
+        skips = [h]
+        for down in self.down_blocks:
+            h = down(h, emb, context, skips)
+        if self.mid_block is not None:
+            h = self.mid_block(h, emb, context)
+        for up, size in zip(self.up_blocks, upsample_sizes, strict=True):
+            h = up(h, emb, context, skips, size)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
 
 
 def _resnet(in_channels: int, out_channels: int, *, temb: int, groups: int, eps: float, dropout: float,
