@@ -16,7 +16,7 @@ SDXL (Podell et al. 2023) is this layout configured: no attention on the first l
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, Literal, TypeAlias, TypeVar
 
@@ -191,15 +191,8 @@ class UNetTrunk(ModelMixin[TrunkConfigT]):
     def __init__(self, config: TrunkConfigT):
         super().__init__(config)
         cfg, ch, n = config, config.channels, len(config.channels)
-        layers, heads, depth = (cfg.per_level(v) for v in
-                                (cfg.layers_per_level, cfg.attention_heads, cfg.transformer_depth))
+        layers, resnet, attend = cfg.per_level(cfg.layers_per_level), self.level_resnet(), self.level_attend
         temb = cfg.time_embedding_dim or 4 * ch[0]
-        self.resnet = partial(_resnet, temb=temb, groups=cfg.norm_num_groups, eps=cfg.norm_eps, dropout=cfg.dropout)
-
-        def attend(level: int) -> Attend:
-            return partial(_transformer, cfg, heads=heads[level], depth=depth[level])
-
-        self.attend = attend
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb)
         self.class_embedding = nn.Embedding(cfg.num_class_embeds, temb) if cfg.num_class_embeds else None
@@ -208,12 +201,24 @@ class UNetTrunk(ModelMixin[TrunkConfigT]):
         self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb) \
             if cfg.projection_class_embeddings_input_dim else None
         self.down_blocks = nn.ModuleList(
-            DownLevel(ch[max(lvl - 1, 0)], ch[lvl], layers=layers[lvl], resnet=self.resnet,
+            DownLevel(ch[max(lvl - 1, 0)], ch[lvl], layers=layers[lvl], resnet=resnet,
                       attend=attend(lvl) if cfg.attention_levels[lvl] else None,
                       downsample=lvl < n - 1, padding=cfg.downsample_padding) for lvl in range(n))
-        mid_resnet = partial(self.resnet, output_scale_factor=cfg.mid_block_scale_factor)
+        mid_resnet = partial(resnet, output_scale_factor=cfg.mid_block_scale_factor)
         self.mid_block = None if cfg.mid_block == "none" else MidLevel(
             ch[-1], resnet=mid_resnet, attend=attend(n - 1) if cfg.mid_block == "transformer" else None)
+
+    def level_resnet(self) -> Callable[..., ResnetBlock]:
+        """(in_channels, out_channels) -> the ResnetBlock every level of this network is built of."""
+        cfg = self.config
+        return partial(_resnet, temb=cfg.time_embedding_dim or 4 * cfg.channels[0], groups=cfg.norm_num_groups,
+                       eps=cfg.norm_eps, dropout=cfg.dropout)
+
+    def level_attend(self, level: int) -> Attend:
+        """channels -> the SpatialTransformer of level `level` (its heads and depth)."""
+        cfg = self.config
+        heads, depth = cfg.per_level(cfg.attention_heads)[level], cfg.per_level(cfg.transformer_depth)[level]
+        return partial(_transformer, cfg, heads=heads, depth=depth)
 
     def embed(self, x: torch.Tensor, t: torch.Tensor | float | int, class_labels: torch.Tensor | None,
               added_cond: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
@@ -330,7 +335,7 @@ class UNet2DConditional(UNetTrunk[UNetConfig]):
         layers = cfg.per_level(cfg.layers_per_level)
         self.up_blocks = nn.ModuleList(
             UpLevel(ch[min(lvl + 1, n - 1)], ch[lvl], ch[max(lvl - 1, 0)], layers=layers[lvl] + 1,
-                    resnet=self.resnet, attend=self.attend(lvl) if cfg.attention_levels[lvl] else None,
+                    resnet=self.level_resnet(), attend=self.level_attend(lvl) if cfg.attention_levels[lvl] else None,
                     upsample=lvl > 0)
             for lvl in reversed(range(n)))
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
