@@ -31,6 +31,8 @@ _LAZY = {
     "IdentityFirstStage": "latentdiff.models.identity",
     "IdentityFirstStageConfig": "latentdiff.models.identity",
     "UNet2DConditional": "latentdiff.models.unet",
+    "ControlNet": "latentdiff.models.controlnet",
+    "ControlNetConfig": "latentdiff.models.controlnet",
     "UNetConfig": "latentdiff.models.unet",
     "UNet2D": "latentdiff.models.unet2d",
     "UNet2DConfig": "latentdiff.models.unet2d",
@@ -66,6 +68,7 @@ _LAZY = {
 
 __all__ = [  # literal, so linters and IDEs see the public names; the same as _LAZY's keys (tests/test_public_api.py)
     "AutoencoderKL", "AutoencoderKLConfig", "COMPONENTS", "CheckpointError", "ClassConditionalPipeline",
+    "ControlNet", "ControlNetConfig",
     "ClassEmbedder", "ClassifierFreeGuidance", "ConfigError", "DDIMSampler", "DDPMSampler",
     "DPMSolverMultistepSDESampler", "DPMSolverMultistepSampler", "DenoisingPipeline", "EulerAncestralSampler",
     "EulerSampler", "HeunSampler", "IdentityFirstStage", "IdentityFirstStageConfig", "ImageToImagePipeline",
@@ -114,6 +117,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .errors import CheckpointError, ConfigError, InputError, LatentDiffError, RegistryError
     from .models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
     from .models.conditioners import ClassEmbedder, SpatialRescaler
+    from .models.controlnet import ControlNet, ControlNetConfig
     from .models.identity import IdentityFirstStage, IdentityFirstStageConfig
     from .models.ldm_bert import LDMBert, LDMBertConfig, LDMBertTextEncoder
     from .models.text_encoder import TextEncoder, TextEncoderConfig
