@@ -18,7 +18,9 @@ This module imports nothing from the pipelines: it works on any first stage with
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -39,27 +41,33 @@ def decode(vae: Any, latents: torch.Tensor, *, scaled: bool = True, fallback_til
     counted from this function. upcast: a float16 first stage decodes in float32 from the start (SDXL's VAE
     overflows in float16: diffusers' `force_upcast` policy; the images are float32)."""
     dtype = vae.dtype
-    if upcast and dtype == torch.float16:
-        vae.to(dtype=torch.float32)
-        try:
-            images = _decode_or_tile(vae, latents, scaled=scaled, fallback_tiling=fallback_tiling,
-                                     stacklevel=stacklevel + 1)
-        finally:
-            vae.to(dtype=dtype)
-        return check_finite_output(images, stage="decode", where="vae", dtype=images.dtype)
-    images = _decode_or_tile(vae, latents, scaled=scaled, fallback_tiling=fallback_tiling, stacklevel=stacklevel + 1)
-    if dtype in HALF_DTYPES and not bool(torch.isfinite(images).all()) and bool(torch.isfinite(latents).all()):
+    upcast = upcast and dtype == torch.float16
+    with in_float32(vae, upcast):
+        images = _decode_or_tile(vae, latents, scaled=scaled, fallback_tiling=fallback_tiling,
+                                 stacklevel=stacklevel + 1)
+    if not upcast and dtype in HALF_DTYPES and not bool(torch.isfinite(images).all()) and \
+            bool(torch.isfinite(latents).all()):
         warnings.warn(f"the {dtype} first stage decoded NaN/Inf values (overflow); decoding again in float32",
                       RuntimeWarning, stacklevel=stacklevel)
-        # Cast in place rather than a copy: CPU-offload hooks and wrapped methods stay bound to this module.
-        vae.to(dtype=torch.float32)
-        try:
+        with in_float32(vae):
             images = _decode_or_tile(vae, latents, scaled=scaled, fallback_tiling=fallback_tiling,
                                      stacklevel=stacklevel + 1)
-        finally:
-            vae.to(dtype=dtype)
     # after the fp32 retry: what is still not finite is the weights' or the latents' fault
     return check_finite_output(images, stage="decode", where="vae", dtype=images.dtype)
+
+
+@contextlib.contextmanager
+def in_float32(vae: Any, cast: bool = True) -> Iterator[None]:
+    """The first stage in float32 for the block (`cast`), its own dtype again afterwards. Cast in place rather than
+    a copy: CPU-offload hooks and wrapped methods stay bound to this module."""
+    dtype = vae.dtype
+    if cast:
+        vae.to(dtype=torch.float32)
+    try:
+        yield
+    finally:
+        if cast:
+            vae.to(dtype=dtype)
 
 
 def _decode_or_tile(vae: Any, latents: torch.Tensor, *, scaled: bool, fallback_tiling: TileSettings,

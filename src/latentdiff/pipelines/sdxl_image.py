@@ -17,7 +17,7 @@ of the target size; random numbers are drawn as diffusers draws them (the poster
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,8 +27,8 @@ from ..diffusion.samplers import SamplerProtocol, StepCallback, check_sampler
 from ..diffusion.samplers.base import check_generator
 from ..errors import InputError, describe
 from ..registry import PIPELINES
+from . import first_stage
 from .adapter_methods import with_prompt_adapters
-from .arguments import check_call
 from .call_options import CallbackOnStepEnd, finish, step_callback
 from .denoising import Generator
 from .images import ImageInput, check_batch, expand_batch, image_to_tensor
@@ -71,6 +71,29 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
                              found=denoising_start)
         return num_inference_steps - kept
 
+    def image_steps(self, arguments: Mapping[str, Any], height: int,
+                    width: int) -> tuple[list[float], list[float], SamplerProtocol, float | None, int, int]:
+        """An image-to-image call's (time ids, negative time ids, sampler, denoising_start, first step run, steps
+        run before denoising_end), its micro-conditioning and step range checked (InputErrors naming them)."""
+        start, end = (check_fraction(arguments["denoising_start"], name="denoising_start"),
+                      check_fraction(arguments["denoising_end"], name="denoising_end"))
+        if start is not None and end is not None and end <= start:
+            raise InputError("denoising_end must come after denoising_start", where="denoising_end",
+                             expected=f"> denoising_start ({start})", found=end)
+        names = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+                 "negative_crops_coords_top_left", "negative_target_size", "aesthetic_score",
+                 "negative_aesthetic_score")
+        ids, negative_ids = self.micro_conditioning(height, width, **{name: arguments[name] for name in names})
+        sampler = self.sampler_for(arguments["eta"])
+        check_sampler(sampler)
+        steps = arguments["num_inference_steps"]
+        first = self.first_step(sampler, steps, strength=arguments["strength"], denoising_start=start)
+        kept = self.steps_to_run(sampler, steps, end)
+        if kept <= first:
+            raise InputError("denoising_end leaves no step after the start", where="denoising_end",
+                             expected="a later denoising_end", found=end)
+        return ids, negative_ids, sampler, start, first, kept
+
     @stage
     def encode_image(self, image: torch.Tensor, *, batch_size: int, num_images_per_prompt: int = 1,
                      generator: Generator = None, grad: bool = False) -> torch.Tensor:
@@ -81,17 +104,11 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
             z = image.to(device=self.device, dtype=self.unet.dtype)
             return expand_batch(z, batch_size, per_prompt=num_images_per_prompt, name="image")
         upcast = self.vae.dtype == torch.float16 and bool(getattr(self.vae.config, "force_upcast", False))
-        dtype = self.vae.dtype
-        if upcast:
-            self.vae.to(dtype=torch.float32)
-        try:
+        with first_stage.in_float32(self.vae, upcast):
             pixels = image.to(device=self.device, dtype=self.vae.dtype)
             if isinstance(generator, (list, tuple)):
                 pixels = expand_batch(pixels, batch_size, per_prompt=num_images_per_prompt, name="image")
             z0 = self.vae.encode_latents(pixels, generator=generator)
-        finally:
-            if upcast:
-                self.vae.to(dtype=dtype)
         return expand_batch(z0, batch_size, per_prompt=num_images_per_prompt, name="image").to(self.unet.dtype)
 
     def image_tensor(self, image: ImageInput) -> torch.Tensor:
@@ -134,10 +151,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
         (drawn from `generator` when None). The other arguments: as StableDiffusionXLPipeline's."""
         steps, scale = self.default_call(num_inference_steps, guidance_scale)
         arguments = dict(locals(), num_inference_steps=steps, guidance_scale=scale)
-        check_call(self, {k: v for k, v in arguments.items() if k != "clip_skip"})
-        self.check_sdxl_inputs(clip_skip=clip_skip, pooled_prompt_embeds=pooled_prompt_embeds,
-                               negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, prompt_2=prompt_2,
-                               negative_prompt_2=negative_prompt_2)
+        self.check_sdxl_call(arguments)
         x = self.image_tensor(image)
         latent = x.shape[1] != self.vae.image_channels
         factor = 1 if latent else self.vae_scale_factor
@@ -147,35 +161,14 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
                                           num_images_per_prompt=num_images_per_prompt, output_type=output_type,
                                           prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                                           max_pixels=max_pixels)
-        start, end = (check_fraction(denoising_start, name="denoising_start"),
-                      check_fraction(denoising_end, name="denoising_end"))
-        if start is not None and end is not None and end <= start:
-            raise InputError("denoising_end must come after denoising_start", where="denoising_end",
-                             expected=f"> denoising_start ({start})", found=end)
-        ids, negative_ids = self.micro_conditioning(
-            height, width, original_size=original_size, crops_coords_top_left=crops_coords_top_left,
-            target_size=target_size, negative_original_size=negative_original_size,
-            negative_crops_coords_top_left=negative_crops_coords_top_left, negative_target_size=negative_target_size,
-            aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score)
-        sampler = self.sampler_for(eta)
-        check_sampler(sampler)
-        first = self.first_step(sampler, steps, strength=strength, denoising_start=start)
-        kept = self.steps_to_run(sampler, steps, end)
-        if kept <= first:
-            raise InputError("denoising_end leaves no step after the start", where="denoising_end",
-                             expected="a later denoising_end", found=end)
+        ids, negative_ids, sampler, start, first, kept = self.image_steps(arguments, height, width)
         batch = self.prompt_count(prompt, prompt_embeds) * num_images_per_prompt
         check_batch(x.shape[0], batch, per_prompt=num_images_per_prompt, name="image")
         check_generator(generator, batch)
         shape = self.latent_shape(batch, height, width)
         if noise is not None and tuple(noise.shape) != shape:
             raise InputError("noise has the wrong shape", where="noise", expected=shape, found=tuple(noise.shape))
-        c = self.conditioning_for_call(
-            prompt, prompt_2, negative_prompt, negative_prompt_2, steps=steps, guidance_scale=scale,
-            num_images_per_prompt=num_images_per_prompt, ids=ids, negative_ids=negative_ids,
-            prompt_syntax=prompt_syntax, clip_skip=clip_skip, embeds=dict(
-                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds))
+        c = self.conditioning_of(arguments, ids=ids, negative_ids=negative_ids)
         z0 = self.encode_image(x, batch_size=batch, num_images_per_prompt=num_images_per_prompt, generator=generator)
         plan = sampler.plan(self.noise_scheduler, steps, start_step=first)
         if start is not None:   # the base's state at this step: no noise added (diffusers' add_noise=False)
