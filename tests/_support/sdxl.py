@@ -78,14 +78,26 @@ def tiny_sdxl(folder: str | Path, *, kind: str = "base", scheduler_class: str = 
     kind: "base" (StableDiffusionXLPipeline, both encoders, force_zeros_for_empty_prompt), "refiner"
     (StableDiffusionXLImg2ImgPipeline, bigG only, requires_aesthetics_score) or "inpaint"
     (StableDiffusionXLInpaintPipeline with a 9-channel UNet)."""
-    import diffusers
 
     folder = Path(folder)
-    one, tok1, two, tok2 = text_encoders(folder, layers=layers)
+    encoders = text_encoders(folder, layers=layers)
+    pipe = assemble(kind, encoders, unet_config=tiny_unet_config(kind, in_channels=9 if kind == "inpaint" else 4),
+                    vae_config=SDXL_VAE, scheduler_class=scheduler_class)
+    if save:
+        pipe.save_pretrained(folder)
+    return pipe
+
+
+def assemble(kind: str, encoders: tuple[Any, Any, Any, Any], *, unet_config: dict[str, Any],
+             vae_config: dict[str, Any], scheduler_class: str) -> Any:
+    """The diffusers SDXL pipeline of `kind` over the text `encoders` (`text_encoders`' four) and a UNet and VAE of
+    these configs with random weights (seeded: the same configs give the same weights)."""
+    import diffusers
+
+    one, tok1, two, tok2 = encoders
     torch.manual_seed(0)
-    unet = randomize(diffusers.UNet2DConditionModel(**tiny_unet_config(
-        kind, in_channels=9 if kind == "inpaint" else 4)), 1).eval()
-    vae = randomize(diffusers.AutoencoderKL(**SDXL_VAE), 2).eval()
+    unet = randomize(diffusers.UNet2DConditionModel(**unet_config), 1).eval()
+    vae = randomize(diffusers.AutoencoderKL(**vae_config), 2).eval()
     scheduler = getattr(diffusers, scheduler_class).from_config(SDXL_SCHEDULER)
     if kind == "refiner":
         pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
@@ -96,6 +108,4 @@ def tiny_sdxl(folder: str | Path, *, kind: str = "base", scheduler_class: str = 
         pipe = cls(vae=vae, text_encoder=one, tokenizer=tok1, text_encoder_2=two, tokenizer_2=tok2, unet=unet,
                    scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
-    if save:
-        pipe.save_pretrained(folder)
     return pipe

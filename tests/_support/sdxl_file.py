@@ -21,8 +21,7 @@ from typing import Any
 
 import torch
 
-from tests._support.parity import randomize
-from tests._support.sdxl import SDXL_SCHEDULER, tiny_unet_config, write_tokenizer_2
+from tests._support.sdxl import assemble, tiny_unet_config, write_tokenizer_2
 from tests._support.tiny_clip import random_clip_text_model, tiny_clip_config, write_tiny_clip_tokenizer
 
 TE1, TE2, POOLED, TIME_DIM = 64, 128, 96, 8   # hidden widths (64-wide heads), bigG's projection != its width
@@ -43,7 +42,6 @@ def released_unet_config(kind: str = "base") -> dict[str, Any]:
 def released_sdxl(folder: str | Path, *, kind: str = "base", scheduler_class: str = "EulerDiscreteScheduler") -> Any:
     """A diffusers SDXL pipeline ("base", "refiner" or "inpaint") of tiny random parts by the released
     conventions, saved to `folder` (tokenizers beside it, in `<folder>_sources`)."""
-    import diffusers
     from transformers import CLIPTokenizer
 
     folder = Path(folder)
@@ -56,19 +54,8 @@ def released_sdxl(folder: str | Path, *, kind: str = "base", scheduler_class: st
     sources = folder.with_name(folder.name + "_sources")
     tok1 = CLIPTokenizer.from_pretrained(write_tiny_clip_tokenizer(sources / "tokenizer"))
     tok2 = CLIPTokenizer.from_pretrained(write_tokenizer_2(sources / "tokenizer_2"))
-    torch.manual_seed(0)
-    unet = randomize(diffusers.UNet2DConditionModel(**released_unet_config(kind)), 1).eval()
-    vae = randomize(diffusers.AutoencoderKL(**RELEASED_VAE), 2).eval()
-    scheduler = getattr(diffusers, scheduler_class).from_config(SDXL_SCHEDULER)
-    if kind == "refiner":
-        pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
-            vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=two, tokenizer_2=tok2, unet=unet,
-            scheduler=scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
-    else:
-        cls = diffusers.StableDiffusionXLInpaintPipeline if kind == "inpaint" else diffusers.StableDiffusionXLPipeline
-        pipe = cls(vae=vae, text_encoder=one, tokenizer=tok1, text_encoder_2=two, tokenizer_2=tok2, unet=unet,
-                   scheduler=scheduler)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = assemble(kind, (one, tok1, two, tok2), unet_config=released_unet_config(kind), vae_config=RELEASED_VAE,
+                    scheduler_class=scheduler_class)
     pipe.save_pretrained(folder)
     return pipe
 

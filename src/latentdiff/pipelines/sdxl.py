@@ -17,7 +17,7 @@ The folder is diffusers' SDXL layout (`text_encoder` + `tokenizer`: CLIP ViT-L/1
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -36,7 +36,7 @@ from ..utils.numerics import check_finite_output
 from . import first_stage, prompt_encoding
 from . import sdxl_conditioning as conditioning
 from .adapter_methods import LoraMixin, with_prompt_adapters
-from .arguments import check_call
+from .arguments import check_call, check_prompt
 from .call_options import CallbackOnStepEnd, Interrupted, finish, step_callback
 from .denoising import FIRST_STAGES, FirstStage, Generator
 from .folder import MODEL_INDEX, Entry, FolderPart, write_parts
@@ -333,21 +333,31 @@ class StableDiffusionXLPipeline(LoraMixin, TextGuidedPipeline):
                                                                               dtype=dtype)
         return conditioning.with_added_cond(self.unet, cond, uncond)
 
-    def check_sdxl_inputs(self, *, clip_skip: Any, pooled_prompt_embeds: Any,
-                          negative_pooled_prompt_embeds: Any, prompt_2: Any, negative_prompt_2: Any) -> None:
-        """What `check_call` does not know of SDXL's arguments."""
-        for name, value in (("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2)):
-            if value is not None:
-                from .arguments import check_prompt
-
-                check_prompt(value, argument=name)
+    def check_sdxl_call(self, arguments: Mapping[str, Any]) -> None:
+        """A call's arguments (`locals()` with the defaults resolved) checked before any work: what `check_call`
+        checks of every pipeline (clip_skip aside: SDXL numbers it from the penultimate layer), then SDXL's own."""
+        check_call(self, {k: v for k, v in arguments.items() if k != "clip_skip"})
+        for name in ("prompt_2", "negative_prompt_2"):
+            if arguments.get(name) is not None:
+                check_prompt(arguments[name], argument=name)
         for encoder in conditioning.encoders(self):
-            encoder._check_clip_skip(clip_skip, encoder._skip_layers("penultimate", False))
-        for name, value in (("pooled_prompt_embeds", pooled_prompt_embeds),
-                            ("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds)):
+            encoder._check_clip_skip(arguments.get("clip_skip"), encoder._skip_layers("penultimate", False))
+        for name in ("pooled_prompt_embeds", "negative_pooled_prompt_embeds"):
+            value = arguments.get(name)
             if value is not None and (not isinstance(value, torch.Tensor) or value.ndim != 2):
                 raise InputError(f"{name} must be (batch, width)", where=name, expected="a 2-d tensor (B, P)",
                                  found=describe(value))
+
+    def conditioning_of(self, arguments: Mapping[str, Any], *, ids: list[float],
+                        negative_ids: list[float]) -> dict[str, Any]:
+        """`conditioning_for_call` on a call's arguments (its prompts, embeddings and options by their names)."""
+        names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+        return self.conditioning_for_call(
+            arguments["prompt"], arguments["prompt_2"], arguments["negative_prompt"], arguments["negative_prompt_2"],
+            steps=arguments["num_inference_steps"], guidance_scale=arguments["guidance_scale"],
+            num_images_per_prompt=arguments["num_images_per_prompt"], ids=ids, negative_ids=negative_ids,
+            prompt_syntax=arguments["prompt_syntax"], clip_skip=arguments["clip_skip"],
+            embeds={name: arguments[name] for name in names})
 
     def steps_to_run(self, sampler: SamplerProtocol, num_inference_steps: int, denoising_end: float | None) -> int:
         """How many steps of the N-step plan run before `denoising_end` (all N without one): those whose timestep
@@ -402,10 +412,7 @@ class StableDiffusionXLPipeline(LoraMixin, TextGuidedPipeline):
         progress, prompt_syntax, lora_dirs: as LatentDiffusionPipeline's."""
         steps, scale = self.default_call(num_inference_steps, guidance_scale)
         arguments = dict(locals(), num_inference_steps=steps, guidance_scale=scale)
-        check_call(self, {k: v for k, v in arguments.items() if k != "clip_skip"})
-        self.check_sdxl_inputs(clip_skip=clip_skip, pooled_prompt_embeds=pooled_prompt_embeds,
-                               negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, prompt_2=prompt_2,
-                               negative_prompt_2=negative_prompt_2)
+        self.check_sdxl_call(arguments)
         if self.requires_aesthetics_score:
             raise UsageError("this is a refiner: it denoises an image (it conditions on an aesthetic score, not a "
                              "target size)", where="image", expected="StableDiffusionXLImg2ImgPipeline with image= "
@@ -423,12 +430,7 @@ class StableDiffusionXLPipeline(LoraMixin, TextGuidedPipeline):
         sampler = self.sampler_for(eta)
         tiling = self.tiling(tile_size, tile_overlap)
         kept = self.steps_to_run(sampler, steps, end)
-        c = self.conditioning_for_call(
-            prompt, prompt_2, negative_prompt, negative_prompt_2, steps=steps, guidance_scale=scale,
-            num_images_per_prompt=num_images_per_prompt, ids=ids, negative_ids=negative_ids,
-            prompt_syntax=prompt_syntax, clip_skip=clip_skip, embeds=dict(
-                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds))
+        c = self.conditioning_of(arguments, ids=ids, negative_ids=negative_ids)
         x_T = self.prepare_latents(c["cond"].shape[0], height, width, generator=generator, latents=latents)
         on_step = step_callback(self, callback, callback_on_step_end, callback_on_step_end_tensor_inputs,
                                 embeddings={"prompt_embeds": c["cond"], "negative_prompt_embeds": c["uncond"],

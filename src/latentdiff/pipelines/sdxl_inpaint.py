@@ -33,17 +33,16 @@ from typing import Any
 import torch
 
 from ..diffusion.noise import randn
-from ..diffusion.samplers import StepCallback, check_sampler
+from ..diffusion.samplers import StepCallback
 from ..diffusion.samplers.base import check_generator
 from ..errors import InputError, describe
 from ..registry import PIPELINES
 from .adapter_methods import with_prompt_adapters
-from .arguments import check_call
 from .call_options import CallbackOnStepEnd, finish, step_callback
 from .denoising import Generator
 from .images import ImageInput, check_batch, expand_batch, image_to_tensor
 from .inpaint import InpaintStages
-from .sdxl import DEFAULT_AESTHETIC, DEFAULT_NEGATIVE_AESTHETIC, check_fraction, stop_after
+from .sdxl import DEFAULT_AESTHETIC, DEFAULT_NEGATIVE_AESTHETIC, stop_after
 from .sdxl_image import StableDiffusionXLImg2ImgPipeline
 from .text_guided import Prompt
 
@@ -136,10 +135,7 @@ class StableDiffusionXLInpaintPipeline(InpaintStages, StableDiffusionXLImg2ImgPi
         steps, scale = self.default_call(num_inference_steps, guidance_scale)
         scale = DEFAULT_INPAINT_GUIDANCE if guidance_scale is None and scale > 0 else scale
         arguments = dict(locals(), num_inference_steps=steps, guidance_scale=scale)
-        check_call(self, {k: v for k, v in arguments.items() if k != "clip_skip"})
-        self.check_sdxl_inputs(clip_skip=clip_skip, pooled_prompt_embeds=pooled_prompt_embeds,
-                               negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, prompt_2=prompt_2,
-                               negative_prompt_2=negative_prompt_2)
+        self.check_sdxl_call(arguments)
         x, mask = self.inpaint_inputs(image, mask_image, height=height, width=width,
                                       masked_image_latents=masked_image_latents, max_pixels=max_pixels)
         latent = x.shape[1] != self.vae.image_channels
@@ -149,23 +145,7 @@ class StableDiffusionXLInpaintPipeline(InpaintStages, StableDiffusionXLImg2ImgPi
                                           num_images_per_prompt=num_images_per_prompt, output_type=output_type,
                                           prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                                           max_pixels=max_pixels)
-        start, end = (check_fraction(denoising_start, name="denoising_start"),
-                      check_fraction(denoising_end, name="denoising_end"))
-        if start is not None and end is not None and end <= start:
-            raise InputError("denoising_end must come after denoising_start", where="denoising_end",
-                             expected=f"> denoising_start ({start})", found=end)
-        ids, negative_ids = self.micro_conditioning(
-            height, width, original_size=original_size, crops_coords_top_left=crops_coords_top_left,
-            target_size=target_size, negative_original_size=negative_original_size,
-            negative_crops_coords_top_left=negative_crops_coords_top_left, negative_target_size=negative_target_size,
-            aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score)
-        sampler = self.sampler_for(eta)
-        check_sampler(sampler)
-        first = self.first_step(sampler, steps, strength=strength, denoising_start=start)
-        kept = self.steps_to_run(sampler, steps, end)
-        if kept <= first:
-            raise InputError("denoising_end leaves no step after the start", where="denoising_end",
-                             expected="a later denoising_end", found=end)
+        ids, negative_ids, sampler, start, first, kept = self.image_steps(arguments, height, width)
         batch = self.prompt_count(prompt, prompt_embeds) * num_images_per_prompt
         for name, n in (("image", x.shape[0]), ("mask_image", mask.shape[0])) + (
                 (("masked_image_latents", masked_image_latents.shape[0]),) if masked_image_latents is not None else ()):
@@ -174,12 +154,7 @@ class StableDiffusionXLInpaintPipeline(InpaintStages, StableDiffusionXLImg2ImgPi
         shape = self.latent_shape(batch, height, width)
         if noise is not None and tuple(noise.shape) != shape:
             raise InputError("noise has the wrong shape", where="noise", expected=shape, found=tuple(noise.shape))
-        c = self.conditioning_for_call(
-            prompt, prompt_2, negative_prompt, negative_prompt_2, steps=steps, guidance_scale=scale,
-            num_images_per_prompt=num_images_per_prompt, ids=ids, negative_ids=negative_ids,
-            prompt_syntax=prompt_syntax, clip_skip=clip_skip, embeds=dict(
-                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds))
+        c = self.conditioning_of(arguments, ids=ids, negative_ids=negative_ids)
         per_prompt: dict[str, Any] = dict(batch_size=batch, num_images_per_prompt=num_images_per_prompt)
         # diffusers' draws: the image latent (needed below strength 1, from denoising_start, and for blending)
         z0 = self.encode_image(x, **per_prompt, generator=generator) if latent or strength < 1.0 or \
