@@ -118,6 +118,8 @@ class ControlNet(UNetTrunk[ControlNetConfig]):
                                   conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels))
         model = cls(config)
         state = {k: v for k, v in unet.state_dict().items() if k.split(".")[0] in SHARED_WITH_UNET}
+        # strict=False: only the half shared with the UNet is copied (the hint embedding and the zero convolutions
+        # keep their initialisation); that half's keys are checked right below, both ways
         missing, unexpected = model.load_state_dict(state, strict=False)
         own = [k for k in missing if k.split(".")[0] in SHARED_WITH_UNET]
         assert not own and not unexpected, (own, unexpected)   # same config, same classes: same keys
