@@ -34,6 +34,7 @@ from ..registry import COMPONENTS
 from . import structure
 from .base import ModelMixin
 from .diffusers_tables import UNET_CONDITIONAL
+from .residuals import Residuals
 from .unet_levels import Attend, DownLevel, MidLevel, UpLevel  # noqa: F401 (DownLevel, UpLevel: unet2d's import)
 
 MidBlock: TypeAlias = Literal["transformer", "resnet", "none"]
@@ -343,20 +344,33 @@ class UNet2DConditional(UNetTrunk[UNetConfig]):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float | int, context: torch.Tensor | None = None,
                 class_labels: torch.Tensor | None = None, *,
-                added_cond: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+                added_cond: Mapping[str, torch.Tensor] | None = None,
+                residuals: Residuals | None = None) -> torch.Tensor:
         """x: (B, in_channels, H, W); t: number, 0-d, (1,) or (B,); context: (B, M, cross_attention_dim);
         class_labels: (B,) integers; added_cond (addition_embed_type "text_time" only, diffusers'
         added_cond_kwargs): {"text_embeds": (B, P) pooled text embedding, "time_ids": (B, K) micro-conditioning
-        numbers} -> (B, out_channels, H, W), the prediction (eps, v or x0, as trained)."""
+        numbers}; residuals: what ControlNets / T2I-Adapters add (`residuals.Residuals`)
+        -> (B, out_channels, H, W), the prediction (eps, v or x0, as trained)."""
         upsample_sizes = self._check_inputs(x, t, context, class_labels)
         self._check_added_cond(added_cond, x.shape[0])
         emb = self.embed(x, t, class_labels, added_cond)
         h = self.conv_in(x)
         skips = [h]
+        intrablock = list(residuals.intrablock or ()) if residuals is not None else []
         for down in self.down_blocks:
-            h = down(h, emb, context, skips)
+            h = down(h, emb, context, skips, intrablock.pop(0) if intrablock else None)
+        if residuals is not None and residuals.down is not None:
+            residuals.check(skips)
+            skips = [s + r for s, r in zip(skips, residuals.down, strict=True)]
         if self.mid_block is not None:
             h = self.mid_block(h, emb, context)
+            if intrablock and intrablock[0].shape == h.shape:   # SDXL T2I-Adapters: one for the mid level
+                h = h + intrablock.pop(0)
+        if intrablock:
+            raise InputError("more T2I-Adapter features than this UNet has down levels", where="residuals.intrablock",
+                             expected=len(self.down_blocks), found=len(residuals.intrablock or ()) if residuals else 0)
+        if residuals is not None and residuals.mid is not None:
+            h = h + residuals.mid
         for up, size in zip(self.up_blocks, upsample_sizes, strict=True):
             h = up(h, emb, context, skips, size)
         return self.conv_out(F.silu(self.conv_norm_out(h)))

@@ -8,6 +8,7 @@ from typing import ClassVar, TypeAlias
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..layers.resnet import Downsample, ResnetBlock, Upsample
 
 Attend: TypeAlias = Callable[[int], nn.Module]  # channels -> SpatialTransformer
@@ -29,19 +30,35 @@ class DownLevel(nn.Module):
         self.downsamplers = nn.ModuleList([Downsample(out_channels, padding=padding)]) if downsample else None
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None,
-                skips: list[torch.Tensor]) -> torch.Tensor:
+                skips: list[torch.Tensor], intrablock: torch.Tensor | None = None) -> torch.Tensor:
         """h: (B, C_in, H, W) -> (B, C_out, H', W'); appends every intermediate to `skips`.
-        emb: SiLU(time embedding), (B, temb), as every level takes it (see UNet2DConditional.forward)."""
+        emb: SiLU(time embedding), (B, temb), as every level takes it (see UNet2DConditional.forward).
+        intrablock: a T2I-Adapter's feature for this level (`residuals.Residuals`), added where diffusers adds it:
+        after the last resnet + transformer pair of a cross-attention level, after a plain level's downsampler
+        (both times the last skip carries it)."""
+        last = len(self.resnets) - 1
         for i, resnet in enumerate(self.resnets):
             h = resnet(h, emb, temb_activated=True)
             if self.attentions is not None:
                 h = self.attentions[i](h, context)
+                if i == last and intrablock is not None:
+                    h = h + _checked(intrablock, h)
             skips.append(h)
         if self.downsamplers is not None:
             down = self.downsamplers[0]
             h = down(h, emb, temb_activated=True) if self.resnet_resampler else down(h)
             skips.append(h)
+        if self.attentions is None and intrablock is not None:
+            h = skips[-1] = h + _checked(intrablock, h)
         return h
+
+
+def _checked(residual: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """An intrablock residual must have the features' shape where it is added: InputError, not a broadcast."""
+    if residual.shape != h.shape:
+        raise InputError("a T2I-Adapter feature does not match the UNet level it is added to",
+                         where="residuals.intrablock", expected=tuple(h.shape), found=tuple(residual.shape))
+    return residual
 
 
 class MidLevel(nn.Module):
