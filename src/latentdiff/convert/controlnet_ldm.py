@@ -47,10 +47,9 @@ from .infer import _blocks, _get, _heads, _indices, _kind
 from .keymap import Rename, Rule, apply_keymap, invert, prefixed
 from .original_config import _params, load_original_config, unet_from_original
 from .sdxl_ldm import with_text_time
-from .single_file import PartState, load_single_file
+from .single_file import CONTROL_PREFIX, PartState, load_single_file
 from .unet_ldm import UNET_PREFIX, UNetArch
 
-CONTROL_PREFIX = "control_model."
 DIFFERENCE_KEY = "difference"       # the marker tensor of webui's difference files
 LAYOUTS = {"v1.1": CONTROL_PREFIX, "bare": ""}   # what `write_controlnet_file` writes: the key prefix
 METADATA_KEY = "latentdiff_controlnet"   # the ControlNet's diffusers config (JSON) in files written here
@@ -202,6 +201,14 @@ def arch_from_original_config(config: Any, sd: Mapping[str, torch.Tensor], *, so
     if "hint_channels" not in p or "in_channels" not in p:
         raise ConfigError("control_stage_config needs hint_channels and in_channels",
                           where="model.params.control_stage_config.params", found=sorted(p))
+    if p.get("global_average_pooling"):   # v1.1's shuffle: diffusers' global_pool_conditions
+        raise ConfigError("ControlNets that pool their residuals (global_average_pooling, v1.1 shuffle) are not "
+                          "supported", where="model.params.control_stage_config.params.global_average_pooling",
+                          expected=False, found=True)
+    if p.get("global_average_pooling"):   # v1.1's shuffle: diffusers' global_pool_conditions
+        raise ConfigError("ControlNets that pool their residuals (global_average_pooling, v1.1 shuffle) are not "
+                          "supported", where="model.params.control_stage_config.params.global_average_pooling",
+                          expected=False, found=True)
     trunk = unet_from_original({**p, "out_channels": p["in_channels"]})
     if trunk.projection_class_embeddings_input_dim is not None and trunk.cross_attention_dim in SDXL_CONTEXTS:
         trunk = with_text_time(trunk, conditioning="sdxl", pooled=None, source=source)
@@ -236,11 +243,14 @@ def read_controlnet_file(path: str | os.PathLike, *, original_config: Any = None
     source = str(path)
     raw, info = load_single_file(path)
     sd, prefix = controlnet_keys(raw, source=source)
-    difference = sd.pop(DIFFERENCE_KEY, None) is not None
+    # the marker at the root or under the prefix (webui strips the prefix before it looks)
+    marker = [name for name in (DIFFERENCE_KEY, prefix + DIFFERENCE_KEY) if name in raw]
+    sd.pop(DIFFERENCE_KEY, None)
+    difference = bool(marker)
     if difference and unet is None:
         raise CheckpointError("a 'difference' ControlNet: the weights it copied from the UNet are stored as "
                               "differences from the base model it was made from, which is needed to load it",
-                              where=f"{source}: {prefix}{DIFFERENCE_KEY}",
+                              where=f"{source}: {marker[0]}",
                               expected="ControlNet.from_single_file(path, unet=<the base model's UNet>)",
                               found="no unet=")
     if unet is not None and not difference:
