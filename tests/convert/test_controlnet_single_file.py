@@ -72,9 +72,10 @@ def unet_keys(unet: UNet2DConditional) -> dict[str, torch.Tensor]:
 def tiny_yaml(kwargs: dict, *, hint_channels: int = 3) -> dict:
     """A ControlLDM YAML of the tiny structure (cldm_v15 / cldm_v21 at reduced width)."""
     widths = kwargs["block_out_channels"]
-    net = dict(in_channels=4, model_channels=widths[0], attention_resolutions=[1], num_res_blocks=kwargs["layers_per_block"],
-               channel_mult=[w // widths[0] for w in widths], use_spatial_transformer=True, transformer_depth=1,
-               context_dim=kwargs["cross_attention_dim"], legacy=False)
+    net = dict(in_channels=4, model_channels=widths[0], attention_resolutions=[1],
+               num_res_blocks=kwargs["layers_per_block"], channel_mult=[w // widths[0] for w in widths],
+               use_spatial_transformer=True, transformer_depth=1, context_dim=kwargs["cross_attention_dim"],
+               legacy=False)
     if kwargs.get("use_linear_projection"):
         net.update(num_head_channels=64, use_linear_in_transformer=True)
     else:
@@ -201,9 +202,12 @@ def test_yaml_reads_as_diffusers_reads_it(kind, tmp_path):
     theirs = create_unet_diffusers_config_from_ldm(data, load_file(path))
     for key in ("block_out_channels", "down_block_types", "layers_per_block", "cross_attention_dim",
                 "use_linear_projection", "in_channels"):
-        assert list(ours[key]) == list(theirs[key]) if isinstance(ours[key], (list, tuple)) else ours[key] == theirs[key]
-    heads = theirs["attention_head_dim"]
-    assert ours["attention_head_dim"] == (list(heads) if isinstance(heads, (list, tuple)) else heads)
+        assert plain(ours[key]) == plain(theirs[key]), key
+    assert plain(ours["attention_head_dim"]) == plain(theirs["attention_head_dim"])
+
+
+def plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def test_shipped_yamls_describe_the_released_networks():
@@ -231,7 +235,8 @@ def test_fp16_repack_loads_and_round_trips(sd1, tmp_path):
     out = ControlNet.from_single_file(path, torch_dtype=torch.float16).save_single_file(tmp_path / "o.safetensors",
                                                                                        layout="bare")
     back = load_file(out)
-    assert set(back) == set(half) and all(back[k].dtype == torch.float16 and torch.equal(back[k], half[k]) for k in half)
+    assert set(back) == set(half)
+    assert all(back[k].dtype == torch.float16 and torch.equal(back[k], half[k]) for k in half)
 
 
 @pytest.mark.parametrize("layout", ["v1.1", "bare"])
@@ -303,8 +308,8 @@ def test_bad_files_name_file_key_expected_found(sd1, tmp_path):
         ControlNet.from_single_file(unet_only)
     assert str(unet_only) in str(e.value.where)
 
-    missing = write(tmp_path / "missing.safetensors", {k: v for k, v in state.items() if not k.startswith("zero_convs.3.")},
-                    layout="v1.1")
+    kept = {k: v for k, v in state.items() if not k.startswith("zero_convs.3.")}
+    missing = write(tmp_path / "missing.safetensors", kept, layout="v1.1")
     with pytest.raises(CheckpointError, match=r"controlnet_down_blocks\.3\.weight") as e:
         ControlNet.from_single_file(missing)
     assert str(missing) in str(e.value.where)

@@ -38,7 +38,7 @@ import torch
 
 from .. import hub
 from ..errors import CheckpointError, ConfigError, InputError
-from ..models.base import cast_state_dict
+from ..models.base import ModelMixin, cast_state_dict
 from ..models.controlnet import SHARED_WITH_UNET, UNREAD, ControlNetConfig
 from ..models.diffusers_tables import CONTROLNET
 from ..models.unet import UNetConfig
@@ -346,8 +346,8 @@ def is_controlnet_file(path: str | os.PathLike) -> bool:
 
 # ---- the hooks ControlNet.from_single_file / save_single_file call ------------------------------------------
 @SINGLE_FILE.register("controlnet_from_single_file")
-def controlnet_from_single_file(cls: type, path: str | os.PathLike, *, original_config: Any = None, unet: Any = None,
-                                torch_dtype: torch.dtype | None = None, device: Any = None) -> Any:
+def controlnet_from_single_file(cls: type[ModelMixin[Any]], path: str | os.PathLike, *, original_config: Any = None,
+                                unet: Any = None, torch_dtype: torch.dtype | None = None, device: Any = None) -> Any:
     """`ControlNet.from_single_file`: the file read and converted, then built strictly on the meta device."""
     config, state = read_controlnet_file(path, original_config=original_config, unet=unet)
     return cls.from_state_dict(config, state, torch_dtype=torch_dtype, device=device, source=str(path),
