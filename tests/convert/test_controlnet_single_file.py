@@ -347,6 +347,8 @@ def test_latentdiff_convert_both_ways(sd1, tmp_path):
     assert main(["convert", str(src), str(folder)]) == 0
     loaded = ControlNetModel.from_pretrained(folder)
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in loaded.state_dict().items())
+    with pytest.raises(InputError, match="not ControlNets"):
+        convert_checkpoint(src, tmp_path / "other", tokenizer="openai/clip-vit-large-patch14", progress=False)
     back = convert_checkpoint(folder, tmp_path / "canny.safetensors", progress=False)
     written = load_file(back)
     assert set(written) == {"control_model." + k for k in state}

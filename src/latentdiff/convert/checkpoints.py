@@ -52,6 +52,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, to: st
         if not src.is_file() and src.exists():
             raise InputError("--to diffusers converts a single file, not a folder", where=str(src))
         if is_controlnet_file(src):   # v1.0 / v1.1 / bare ControlNet files: the ControlNet's folder
+            if any(x is not None for x in (prediction_type, tokenizer, tokenizer_2)) or not use_ema:
+                raise InputError("prediction_type, tokenizer(_2) and use_ema are for SD files, not ControlNets",
+                                 where=str(src), expected="none of these options for a ControlNet file")
             return controlnet_to_folder(src, dst, dtype=dtype, original_config=original_config)
         parts = read_parts(src, use_ema=use_ema, original_config=original_config, prediction_type=prediction_type)
         return single_file_to_folder(parts, dst, dtype=dtype, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
