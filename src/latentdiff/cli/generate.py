@@ -39,8 +39,8 @@ from ..errors import UsageError
 from ..version import __version__
 from . import generate_outputs as outputs
 from .generate_a1111 import add_schedule_flag, with_schedule
-from .generate_control import add_control_flags, settle_control
 from .generate_adapters import add_lora_flags, apply_loras, settle_loras
+from .generate_control import add_control_flags, settle_control
 from .generate_embeddings import add_embedding_flags, apply_embeddings, settle_embeddings
 from .generate_inputs import add_input_flags, load_vae, prepare_run, set_threads, settle_inputs, size_from_image
 from .generate_model import ModelSource, locate_model, tokenizer_file

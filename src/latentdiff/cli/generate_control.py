@@ -164,7 +164,7 @@ def settle_control(args: argparse.Namespace, stored: dict[str, Any], settings: G
             raise UsageError("too many ControlNets", where="--controlnet", expected=f"at most {MAX_CONTROLS}",
                              found=len(models))
         control = []
-        for i, (model, text) in enumerate(zip(models, controls, strict=True)):
+        for model, text in zip(models, controls, strict=True):
             spec = parse_control(text, where=f"--control {text}")
             image, digest = _image(spec.image, where=f"--control {text}")
             control.append({"model": _model_name(model, where=f"--controlnet {model}"), "kind": spec.kind,
