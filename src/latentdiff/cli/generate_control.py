@@ -152,14 +152,15 @@ def _stored_controls(value: Any, *, where: str) -> list[dict[str, Any]]:
 def settle_control(args: argparse.Namespace, stored: dict[str, Any], settings: GenerateSettings) -> GenerateSettings:
     """--controlnet / --control / --ip-adapter (or the --from PNG's records when no such flag is given) checked:
     the pairs match, the numbers are in range, every file exists; recorded with absolute paths and sha256s."""
-    models, controls = getattr(args, "controlnet", None), getattr(args, "control", None)
+    models: list[str] = getattr(args, "controlnet", None) or []
+    controls: list[str] = getattr(args, "control", None) or []
     control: list[dict[str, Any]] | None = None
     if models or controls:
-        if len(models or ()) != len(controls or ()):
+        if len(models) != len(controls):
             raise UsageError("each --controlnet needs its --control (paired in order)",
                              where="--control" if models else "--controlnet",
-                             expected=f"{len(models or ())} --control flag(s)",
-                             found=f"{len(controls or ())} --control, {len(models or ())} --controlnet")
+                             expected=f"{len(models)} --control flag(s)",
+                             found=f"{len(controls)} --control, {len(models)} --controlnet")
         if len(models) > MAX_CONTROLS:
             raise UsageError("too many ControlNets", where="--controlnet", expected=f"at most {MAX_CONTROLS}",
                              found=len(models))
