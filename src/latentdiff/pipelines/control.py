@@ -216,16 +216,27 @@ def _per_net(value: Any, n: int, name: str) -> list[Any]:
 
 
 def control_settings(count: int, control_image: Any, scale: float | Sequence[float],
-                     start: float | Sequence[float], end: float | Sequence[float]) -> list[ControlSetting]:
-    """The call's control arguments per ControlNet (`count` of them), checked before any work: with several, one
-    control image per ControlNet (each an image or a batch), and scales / starts / ends as one number for all or a
-    list of one each (diffusers' broadcasting); 0 <= start < end <= 1."""
-    if count > 1 and not (isinstance(control_image, (list, tuple)) and len(control_image) == count):
-        found = f"a list of {len(control_image)}" if isinstance(control_image, (list, tuple)) \
-            else type(control_image).__name__
-        raise InputError("with several ControlNets, control_image must be a list of one image (or batch) each",
-                         where="control_image", expected=f"a list of {count}", found=found)
-    images = list(control_image) if count > 1 else [control_image]
+                     start: float | Sequence[float], end: float | Sequence[float], *,
+                     multi: bool | None = None) -> list[ControlSetting]:
+    """The call's control arguments per ControlNet (`count` of them; `multi`: given as a list, default count > 1),
+    checked before any work. Several: control_image is a list of one image (or batch) per ControlNet, or, as
+    diffusers reads a list of lists, one list per prompt of one image per ControlNet; scales / starts / ends are
+    one number for all or a list of one each (diffusers' broadcasting); 0 <= start < end <= 1."""
+    multi = count > 1 if multi is None else multi
+    images = [control_image]
+    if multi:
+        listed = isinstance(control_image, (list, tuple))
+        if listed and control_image and any(isinstance(i, (list, tuple)) for i in control_image):
+            if not all(isinstance(i, (list, tuple)) and len(i) == count for i in control_image):
+                raise InputError("a list of lists of control images must hold one image per ControlNet in each "
+                                 "list (one list per prompt)", where="control_image",
+                                 expected=f"lists of {count}", found=[describe(i) for i in control_image])
+            control_image = [list(t) for t in zip(*control_image, strict=True)]
+        if not (listed and len(control_image) == count):
+            found = f"a list of {len(control_image)}" if listed else type(control_image).__name__
+            raise InputError("with several ControlNets, control_image must be a list of one image (or batch) each",
+                             where="control_image", expected=f"a list of {count}", found=found)
+        images = list(control_image)
     scales = _per_net(scale, count, "controlnet_conditioning_scale")
     starts = _per_net(start, count, "control_guidance_start")
     ends = _per_net(end, count, "control_guidance_end")

@@ -64,6 +64,9 @@ class ControlNetParts:
     controlnet: ControlNet | tuple[ControlNet, ...] | None = None
     # diffusers' pipeline class of this task with a ControlNet: the `_class_name` saved when one is set
     controlnet_class_name: ClassVar[str] = "StableDiffusionControlNetPipeline"
+    # the task's default controlnet_conditioning_scale (its `__call__`'s, diffusers': text-to-image 1.0,
+    # image-to-image 0.8, inpainting 0.5)
+    default_control_scale: ClassVar[float] = 1.0
 
     @property
     def controlnets(self) -> tuple[ControlNet, ...]:
@@ -88,7 +91,7 @@ class ControlNetParts:
         batch = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else \
             (embeds.shape[0] if embeds is not None else 1)
         return self.prepare_control(
-            a.get("control_image"), scale=a.get("controlnet_conditioning_scale", 1.0),
+            a.get("control_image"), scale=a.get("controlnet_conditioning_scale", self.default_control_scale),
             start=a.get("control_guidance_start", 0.0), end=a.get("control_guidance_end", 1.0),
             guess_mode=a.get("guess_mode", False), resize_mode=a.get("control_resize_mode", 0), height=height,
             width=width, batch=batch, num_images_per_prompt=a.get("num_images_per_prompt", 1))
@@ -101,7 +104,7 @@ class ControlNetParts:
         nets = self.controlnets
         if not nets:
             given = {"control_image": control_image is not None, "guess_mode": bool(guess_mode),
-                     "controlnet_conditioning_scale": scale != 1.0, "control_guidance_start": start != 0.0,
+                     "controlnet_conditioning_scale": scale != self.default_control_scale, "control_guidance_start": start != 0.0,
                      "control_guidance_end": end != 1.0}
             named = [k for k, v in given.items() if v]
             if named:
@@ -115,9 +118,9 @@ class ControlNetParts:
         if not isinstance(guess_mode, bool):
             raise InputError("guess_mode must be True or False", where="guess_mode", expected="bool",
                              found=repr(guess_mode))
-        settings = control_settings(len(nets), control_image, scale, start, end)
-        pipe: Any = self
         many = not isinstance(self.controlnet, ControlNet)
+        settings = control_settings(len(nets), control_image, scale, start, end, multi=many)
+        pipe: Any = self
         units = []
         for i, (cn, s) in enumerate(zip(nets, settings, strict=True)):
             hint = prepare_hint(s.image, height=height, width=width, batch=batch,

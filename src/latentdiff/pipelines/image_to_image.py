@@ -39,6 +39,7 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
     """Text-guided image-to-image: the parts of `LatentDiffusionPipeline`, started from a noised image."""
 
     diffusers_class_names = ("StableDiffusionImg2ImgPipeline", "StableDiffusionControlNetImg2ImgPipeline")
+    default_control_scale = 0.8   # diffusers' default for the task
     controlnet_class_name = "StableDiffusionControlNetImg2ImgPipeline"
     loadable_class_names = tuple(LAYOUTS)
 
@@ -56,7 +57,7 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
             callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), return_dict: bool = True,
             clip_skip: int | None = None, prompt_syntax: str = "a1111",
             lora_dirs: Sequence[str | os.PathLike] | None = None, control_image: Any = None,
-            controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+            controlnet_conditioning_scale: float | Sequence[float] = 0.8,
             control_guidance_start: float | Sequence[float] = 0.0, control_guidance_end: float | Sequence[float] = 1.0,
             guess_mode: bool = False, control_resize_mode: int | None = 0) -> Any:
         """Edit `image` (see `images` for the accepted kinds; H, W multiples of the autoencoder factor) towards

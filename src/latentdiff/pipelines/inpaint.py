@@ -129,6 +129,7 @@ class InpaintPipeline(InpaintStages, ImageToImagePipeline):
     """Inpainting with a (2C + 1)-channel inpainting UNet, or a plain C-channel UNet by blending."""
 
     diffusers_class_names = ("StableDiffusionInpaintPipeline", "StableDiffusionControlNetInpaintPipeline")
+    default_control_scale = 0.5   # diffusers' default for the task
     controlnet_class_name = "StableDiffusionControlNetInpaintPipeline"
     loadable_class_names = tuple(LAYOUTS)
 
@@ -147,7 +148,7 @@ class InpaintPipeline(InpaintStages, ImageToImagePipeline):
             callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), return_dict: bool = True,
             clip_skip: int | None = None, prompt_syntax: str = "a1111",
             lora_dirs: Sequence[str | os.PathLike] | None = None, control_image: Any = None,
-            controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+            controlnet_conditioning_scale: float | Sequence[float] = 0.5,
             control_guidance_start: float | Sequence[float] = 0.0, control_guidance_end: float | Sequence[float] = 1.0,
             guess_mode: bool = False, control_resize_mode: int | None = 0) -> Any:
         """Repaint the white region of `mask_image` in `image` (same H, W). height / width (multiples of the
