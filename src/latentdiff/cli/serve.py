@@ -40,6 +40,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--embeddings-dir", default=None, metavar="DIR",
                        help="textual-inversion files, loaded with every model (the token is the file's stem)")
     serve.add_argument("--vae-dir", default=None, metavar="DIR", help="VAE files clients may pick (sd_vae)")
+    serve.add_argument("--controlnet-dir", action="append", default=[], metavar="DIR",
+                       help="ControlNet files and folders that sd-webui-controlnet units (alwayson_scripts) can "
+                            "name; /controlnet/model_list lists them (repeatable)")
     serve.add_argument("--outputs-dir", default=None, metavar="DIR",
                        help="where requests with save_images=true are written (default: nothing is written)")
     serve.add_argument("--host", default=defaults.DEFAULT_HOST,
@@ -128,6 +131,7 @@ def settings_from(args: argparse.Namespace) -> Any:
         model=args.model, models_dir=folder(args.models_dir, "--models-dir"),
         lora_dirs=tuple(p for p in (folder(d, "--lora-dir") for d in args.lora_dir) if p is not None),
         embeddings_dir=folder(args.embeddings_dir, "--embeddings-dir"), vae_dir=folder(args.vae_dir, "--vae-dir"),
+        controlnet_dirs=tuple(p for p in (folder(d, "--controlnet-dir") for d in args.controlnet_dir) if p is not None),
         outputs_dir=folder(args.outputs_dir, "--outputs-dir"), host=args.host, port=args.port, api_auth=auth,
         device=args.device, dtype=args.dtype, max_batch=args.max_batch, max_pixels=args.max_pixels,
         max_steps=args.max_steps, max_side=args.max_side, max_images=args.max_images, max_queue=args.max_queue,

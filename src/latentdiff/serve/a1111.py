@@ -2,9 +2,10 @@
 
 Every value is checked for its type and range and a bad one is a `RequestError` (HTTP 422) naming the JSON key
 (`override_settings.sd_vae`, `init_images[1]`), what was expected and what was found, never a 500. `null` is "not
-given", as A1111's API models read it. Keys A1111 has and latentdiff does not act on (alwayson_scripts,
-restore_faces, styles, script_name, tiling, s_churn ...), and unknown keys, are accepted and listed in the
-request's `ignored`, which the response's `info` reports: nothing is dropped silently.
+given", as A1111's API models read it. `alwayson_scripts.controlnet` holds sd-webui-controlnet's units
+(serve.controlnet_units). Keys A1111 has and latentdiff does not act on (other alwayson_scripts, restore_faces,
+styles, script_name, tiling, s_churn ...), and unknown keys, are accepted and listed in the request's
+`ignored`, which the response's `info` reports: nothing is dropped silently.
 
 Defaults, where the request leaves a value out (A1111's API defaults where they make sense for latentdiff):
 
@@ -174,10 +175,15 @@ def txt2img_request(data: Any, *, options: Options, catalog: Any, settings: Serv
     if hires is not None and common["refiner"] is not None:
         raise RequestError("the hires fix with a refiner is not in the server yet", field="refiner_checkpoint",
                            expected="no refiner with enable_hr", found=common["refiner"])
-    ignored = body.ignored(TXT2IMG_KEYS) + common.pop("ignored")
+    control = _control(body, common, catalog=catalog, settings=settings, init_image=None)
+    if control and hires is not None:
+        raise RequestError("the hires fix with ControlNet units is not in the server yet", field="enable_hr",
+                           expected="false with alwayson_scripts.controlnet units", found=True)
+    ignored = _ignored(body, TXT2IMG_KEYS, control) + common.pop("ignored")
     if not hires and body.data.get("denoising_strength") is not None:
         ignored.append("denoising_strength")   # A1111 uses it only for the hires pass in txt2img
-    return ImageRequest(**common, hires=hires, ignored=tuple(sorted(set(ignored))), origin="a1111")
+    return ImageRequest(**common, hires=hires, control=control, ignored=tuple(sorted(set(ignored))),
+                        origin="a1111")
 
 
 def img2img_request(data: Any, *, options: Options, catalog: Any, settings: ServeSettings,
@@ -195,10 +201,38 @@ def img2img_request(data: Any, *, options: Options, catalog: Any, settings: Serv
     if init.mask is not None and common["refiner"] is not None:
         raise RequestError("inpainting with a refiner is not in the server yet", field="refiner_checkpoint",
                            expected="no refiner with a mask", found=common["refiner"])
-    ignored = body.ignored(IMG2IMG_KEYS) + common.pop("ignored")
+    control = _control(body, common, catalog=catalog, settings=settings, init_image=init.images[0])
+    ignored = _ignored(body, IMG2IMG_KEYS, control) + common.pop("ignored")
     if body.flag("include_init_images", False):
         ignored.append("include_init_images")   # the response never carries the inputs back
-    return ImageRequest(**common, init=init, ignored=tuple(sorted(set(ignored))), origin="a1111")
+    return ImageRequest(**common, init=init, control=control, ignored=tuple(sorted(set(ignored))), origin="a1111")
+
+
+def _control(body: Body, common: dict[str, Any], *, catalog: Any, settings: ServeSettings,
+             init_image: Any) -> tuple[Any, ...]:
+    """The enabled ControlNet units of alwayson_scripts (serve.controlnet_units), checked against the request's
+    model before it is queued; no refiner with them (SDXL pipelines take no ControlNet here)."""
+    from .controlnet_units import parse_units
+
+    units = parse_units(body.raw("alwayson_scripts"), catalog=catalog, width=common["width"],
+                        height=common["height"], init_image=init_image, max_bytes=settings.max_image_bytes,
+                        pipeline=lambda: catalog.pipeline(common["model"], common["vae"]), ignored=common["ignored"])
+    if units and common["refiner"] is not None:
+        raise RequestError("a refiner with ControlNet units is not in the server yet", field="refiner_checkpoint",
+                           expected="no refiner with alwayson_scripts.controlnet units", found=common["refiner"])
+    return units
+
+
+def _ignored(body: Body, accepted: frozenset[str], control: tuple[Any, ...]) -> list[str]:
+    """The body's keys not acted on; with ControlNet units, the other always-on scripts by name."""
+    from .controlnet_units import script_args
+
+    ignored = body.ignored(accepted)
+    scripts = body.data.get("alwayson_scripts")
+    if control or script_args(scripts) is not None:
+        ignored.remove("alwayson_scripts")
+        ignored += [f"alwayson_scripts.{k}" for k in scripts if str(k).lower() != "controlnet"]
+    return ignored
 
 
 def _common(body: Body, *, options: Options, catalog: Any, settings: ServeSettings, defaults: ModelDefaults,

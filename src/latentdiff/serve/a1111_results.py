@@ -5,7 +5,8 @@
 
 `info` is a JSON *string* (A1111 writes it so; clients json.loads it) with A1111's keys (seed, all_seeds,
 all_prompts, infotexts, sd_model_name, ...) plus `ignored`: the request keys accepted and not acted on, and
-`interrupted` / `skipped` when /interrupt or /skip cut the job short.
+`interrupted` / `skipped` when /interrupt or /skip cut the job short. With ControlNet units the images are
+followed by each unit's hint, as sd-webui-controlnet appends its detected maps.
 """
 from __future__ import annotations
 
@@ -66,6 +67,10 @@ def response_json(result: JobResult, body: Mapping[str, Any], *, kind: str, chec
     if request.save_images and outputs_dir is not None:
         save_outputs([(g.image, g.params, g.seed) for g in result.images], outputs_dir)
     images = [encode_png(g.image, g.params) for g in result.images] if request.send_images else []
+    if request.send_images and request.control:   # sd-webui-controlnet appends each unit's hint ("detected map")
+        from .controlnet_units import hint_png
+
+        images += [hint_png(unit.hint) for unit in request.control if unit.send_hint]
     return {"images": images, "parameters": echo_parameters(body, kind=kind),
             "info": json.dumps(info(result, body, checkpoint=checkpoint), ensure_ascii=False)}
 

@@ -114,7 +114,7 @@ def create_app(settings: ServeSettings | None = None, *, engine: Any = None, cat
     lifespan, so a TestClient used as a context manager, or uvicorn, runs it)."""
     from contextlib import asynccontextmanager
 
-    from . import openai_api, routes_a1111, web
+    from . import openai_api, routes_a1111, routes_controlnet, web
     from .engine import Engine
     from .models import ModelCatalog
 
@@ -158,6 +158,7 @@ def create_app(settings: ServeSettings | None = None, *, engine: Any = None, cat
         return JSONResponse({"error": "InternalError", "detail": detail}, status_code=500)
 
     app.include_router(routes_a1111.router)
+    app.include_router(routes_controlnet.router)
     app.include_router(openai_api.router)
     app.include_router(web.router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)

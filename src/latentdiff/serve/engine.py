@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..utils.images import png_bytes
+from .controlnet_units import controlnets_for
 from .render import render, unit_steps
 from .requests import GeneratedImage, ImageRequest, JobResult, RequestError, Unit
 from .settings import ServeSettings
@@ -282,8 +283,10 @@ class Engine:
         try:
             pipe = self.catalog.pipeline(request.model, request.vae)
             refiner = None if request.refiner is None else self.catalog.pipeline(request.refiner, request.vae)
+            controlnets = controlnets_for(self.catalog, request.control, pipe) if request.control else []
             self._counts["calls"] += 1
-            return render(pipe, units, lora_dirs=tuple(self.catalog.lora_dirs), callback=on_step, refiner=refiner)
+            return render(pipe, units, lora_dirs=tuple(self.catalog.lora_dirs), callback=on_step, refiner=refiner,
+                          controlnets=controlnets)
         except Exception as exc:    # noqa: BLE001  # a job's failure is its own: reported to its client
             return exc
 

@@ -14,7 +14,6 @@ wait on the loader's Future; a failure reaches every waiter and is not remembere
 from __future__ import annotations
 
 import collections
-import dataclasses
 import hashlib
 import json
 import re
@@ -27,6 +26,8 @@ from ..cli.generate import load_pipeline
 from ..cli.generate_model import SINGLE_FILE_SUFFIXES, locate_model
 from ..cli.generate_settings import GenerateSettings
 from ..errors import LatentDiffError
+from .controlnet import ControlNetCatalog
+from .folders import Entry, refuse_path, scan_files
 from .preview import LatentPreview
 from .requests import RequestError
 from .settings import ServeSettings
@@ -37,48 +38,6 @@ EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
 NO_VAE = {"", "automatic", "none"}                  # sd_vae values meaning "the model's own" (A1111)
 TITLE_HASH = re.compile(r"^(?P<name>.+) \[(?P<hash>[0-9a-f]{10})\]$")
 HASH_CHUNK = 1024 * 1024
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """A listed file or folder: `name` is what clients see and send, `path` where it is (never shown)."""
-
-    name: str
-    path: Path | None               # None: a built-in model or Hub id (located by `model`)
-    model: str                      # what locate_model / vae_source take
-
-    @property
-    def is_file(self) -> bool:
-        return self.path is not None and self.path.is_file()
-
-
-# ---- scanning folders (one level of sub-folders, as A1111 lists models/Stable-diffusion/sub/x.safetensors) -------
-def _children(folder: Path | None) -> list[tuple[str, Path]]:
-    """(name relative to folder, path) of the folder's entries and those of its sub-folders, sorted, hidden skipped."""
-    if folder is None or not folder.is_dir():
-        return []
-    found = []
-    for child in sorted(folder.iterdir()):
-        if child.name.startswith("."):
-            continue
-        found.append((child.name, child))
-        if child.is_dir() and not (child / "model_index.json").is_file():
-            try:
-                found += [(f"{child.name}/{sub.name}", sub) for sub in sorted(child.iterdir())
-                          if not sub.name.startswith(".")]
-            except OSError:         # a sub-folder this process may not read: not listed
-                continue
-    return found
-
-
-def scan_files(folder: Path | None, suffixes: tuple[str, ...], *, folders_with: str | None = None) -> list[Entry]:
-    """The files of `folder` ending in `suffixes`, and the folders holding a `folders_with` file."""
-    entries = []
-    for name, path in _children(folder):
-        if (path.is_file() and path.suffix.lower() in suffixes) or \
-                (folders_with is not None and path.is_dir() and (path / folders_with).is_file()):
-            entries.append(Entry(name, path, str(path.resolve())))
-    return entries
 
 
 def startup_entry(model: str, models_dir: Path | None) -> Entry:
@@ -94,17 +53,6 @@ def startup_entry(model: str, models_dir: Path | None) -> Entry:
         except ValueError:
             pass
     return Entry(path.name, path, source.name)
-
-
-def refuse_path(name: Any, *, field: str, what: str) -> str:
-    """`name` if it is a plain relative name; RequestError for an absolute path, `..`, a NUL or a non-string."""
-    if not isinstance(name, str) or not name or len(name) > 1024:
-        raise RequestError(f"{what} must be a name", field=field, expected="a name from the list", found=repr(name))
-    parts = re.split(r"[\\/]", name)
-    if "\x00" in name or name.startswith(("/", "\\", "~")) or re.match(r"^[A-Za-z]:", name) or ".." in parts:
-        raise RequestError(f"{what} names a path outside the server's folders; refused", field=field,
-                           expected="a name from the list", found=name)
-    return name
 
 
 # ---- file facts: hashes and safetensors metadata, cached per (path, mtime, size) ------------------------------------
@@ -205,6 +153,7 @@ class ModelCatalog:
     def __init__(self, settings: ServeSettings):
         self.settings = settings
         self.lora_dirs: tuple[Path, ...] = tuple(Path(d) for d in settings.lora_dirs)
+        self.controlnets = ControlNetCatalog(settings.controlnet_dirs)   # --controlnet-dir (serve.controlnet)
         self._lock = threading.Lock()
         self._facts = FileFacts()
         self._startup = startup_entry(settings.model, settings.models_dir)

@@ -48,9 +48,11 @@ def sampler_for(pipe: Any, request: ImageRequest) -> Any:
 
 
 def render(pipe: Any, units: Sequence[Unit], *, lora_dirs: Sequence[Path] = (),
-           callback: StepCallback | None = None, refiner: Any = None) -> list[list[GeneratedImage]]:
+           callback: StepCallback | None = None, refiner: Any = None,
+           controlnets: Sequence[Any] = ()) -> list[list[GeneratedImage]]:
     """The images of `units` (which share `request.batch_key()`, or are one unit), one list per unit; `refiner`:
-    the SDXL pipeline of `request.refiner` (None without one)."""
+    the SDXL pipeline of `request.refiner` (None without one); `controlnets`: the loaded ControlNet of each of
+    `request.control`'s units."""
     request = units[0].request
     base = pipe.sampler
     pipe.sampler = sampler_for(pipe, request)
@@ -59,7 +61,8 @@ def render(pipe: Any, units: Sequence[Unit], *, lora_dirs: Sequence[Path] = (),
         schedule = getattr(pipe.sampler, "sigma_schedule", None)
         eta = getattr(pipe.sampler, "eta", None) if request.eta is None else request.eta
         generators = [torch.Generator().manual_seed(s) for unit in units for s in unit.seeds()]
-        images = _call(pipe, units, lora_dirs=lora_dirs, callback=callback, generators=generators)
+        images = _call(pipe, units, lora_dirs=lora_dirs, callback=callback, generators=generators,
+                       controlnets=controlnets)
         if request.refiner is not None:   # the generators carry on from where the base left them
             images = _refine(pipe, refiner, units, images, callback=callback, generators=generators)
     finally:
@@ -76,7 +79,7 @@ def render(pipe: Any, units: Sequence[Unit], *, lora_dirs: Sequence[Path] = (),
 
 
 def _call(pipe: Any, units: Sequence[Unit], *, lora_dirs: Sequence[Path], callback: StepCallback | None,
-          generators: list[torch.Generator]) -> Any:
+          generators: list[torch.Generator], controlnets: Sequence[Any] = ()) -> Any:
     request = units[0].request
     if len(units) == 1:
         prompt: Any = request.prompt
@@ -108,10 +111,11 @@ def _call(pipe: Any, units: Sequence[Unit], *, lora_dirs: Sequence[Path], callba
                                   strength=hires.strength, upscaler=hires.upscaler, height=request.height,
                                   width=request.width, **common).images)
     if request.init is not None:
-        return _with_images(pipe, units[0], prompt, common)
+        return _with_images(pipe, units[0], prompt, common, controlnets=controlnets)
     if request.subseed_strength > 0:
         common["latents"] = variation_noise(pipe, units[0])
-    out = pipe(prompt, height=request.height, width=request.width, **common).images
+    runner, common = with_control(pipe, type(pipe), request, controlnets, common)
+    out = runner(prompt, height=request.height, width=request.width, **common).images
     return out if request.refiner is not None else list(out)
 
 
@@ -148,7 +152,38 @@ def _refine(pipe: Any, refiner: Any, units: Sequence[Unit], latents: Any, *, cal
                        clip_skip=a1111_clip_skip(expert, request.clip_skip)).images)
 
 
-def _with_images(pipe: Any, unit: Unit, prompt: str, common: dict[str, Any]) -> list[Any]:
+def with_control(pipe: Any, cls: Any, request: ImageRequest, controlnets: Sequence[Any],
+                 common: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """(the `cls` pipeline to call, its arguments): `pipe` itself, or its `cls.from_pipe` copy (with the request's
+    ControlNets: one, or a list for several units) and the units' call arguments. The hints are at the generation
+    size already (controlnet_units). The engine interrupts `pipe`: the step callback passes that on to the copy."""
+    units = request.control
+    if not units:
+        return (pipe if cls is type(pipe) else cls.from_pipe(pipe)), common
+    one = len(units) == 1
+    runner = cls.from_pipe(pipe, controlnet=controlnets[0] if one else list(controlnets))
+
+    def each(key: str) -> Any:
+        values = [getattr(u, key) for u in units]
+        return values[0] if one else values
+
+    inner = common.get("callback")
+    pipe._interrupt = False
+
+    def on_step(i: int, t: float, x: Any, denoised: Any = None) -> Any:
+        out = None if inner is None else inner(i, t, x, denoised)
+        if pipe._interrupt:
+            runner._interrupt = True
+        return out
+
+    return runner, common | {
+        "callback": on_step, "control_image": each("hint"), "controlnet_conditioning_scale": each("weight"),
+        "control_guidance_start": each("start"), "control_guidance_end": each("end"),
+        "guess_mode": units[0].guess_mode, "control_resize_mode": None}
+
+
+def _with_images(pipe: Any, unit: Unit, prompt: str, common: dict[str, Any], *,
+                 controlnets: Sequence[Any] = ()) -> list[Any]:
     """img2img, or inpainting with a mask; image i of the unit starts from init image (first + i) mod count."""
     request = unit.request
     init = request.init
@@ -177,13 +212,13 @@ def _with_images(pipe: Any, unit: Unit, prompt: str, common: dict[str, Any]) -> 
     if init.mask is not None:
         from ..pipelines.inpaint import InpaintPipeline
 
-        inpaint = InpaintPipeline.from_pipe(pipe)
+        inpaint, common = with_control(pipe, InpaintPipeline, request, controlnets, common)
         mask = fit(init.mask, size, mode=init.resize_mode)
         return list(inpaint(prompt, images, mask, height=request.height, width=request.width,
                             strength=init.strength, **common).images)
     from ..pipelines.image_to_image import ImageToImagePipeline
 
-    img2img = ImageToImagePipeline.from_pipe(pipe)
+    img2img, common = with_control(pipe, ImageToImagePipeline, request, controlnets, common)
     tensor = img2img.preprocess_image(images, size=size)
     return list(img2img(prompt, tensor, strength=init.strength, **common).images)
 
@@ -239,6 +274,8 @@ def image_params(request: ImageRequest, *, sampler: str, schedule: str | None, e
         params["strength"] = request.init.strength
     if request.refiner is not None:
         params |= {"refiner": request.refiner, "refiner_switch": request.refiner_switch}
+    if request.control:
+        params["controlnet"] = [unit.record() for unit in request.control]
     return params
 
 

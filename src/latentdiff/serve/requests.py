@@ -68,6 +68,7 @@ class ImageRequest:
     init: InitImages | None = None
     refiner: str | None = None      # SDXL: the catalog name of the refiner that denoises after refiner_switch
     refiner_switch: float | None = None   # A1111's refiner_switch_at: the base's denoising_end, in (0, 1)
+    control: tuple[Any, ...] = ()   # controlnet_units.ControlRequest of each enabled ControlNet unit
     save_images: bool = False
     send_images: bool = True
     ignored: tuple[str, ...] = ()   # request keys accepted and not used (the response's info lists them)
@@ -88,8 +89,8 @@ class ImageRequest:
 
     def batch_key(self) -> tuple[Any, ...] | None:
         """Requests with equal keys can share one pipeline call; None: never shared (inputs images, hires, variation
-        seeds: run alone, as the Python API would)."""
-        if self.init is not None or self.hires is not None or self.subseed_strength > 0:
+        seeds, ControlNet units: run alone, as the Python API would)."""
+        if self.init is not None or self.hires is not None or self.subseed_strength > 0 or self.control:
             return None
         # a call activates the <lora:...> tags of all its prompts: only requests with the same tags share one
         loras = tuple(TAG.findall(self.prompt)), tuple(TAG.findall(self.negative_prompt))
@@ -142,6 +143,7 @@ def server_folders(settings: ServeSettings | None) -> list[tuple[str, str]]:
     pairs = [(str(package), "<latentdiff>"), (str(Path.home()), "~")]
     if settings is not None:
         pairs += [(str(d), "<--lora-dir>") for d in settings.lora_dirs]
+        pairs += [(str(d), "<--controlnet-dir>") for d in settings.controlnet_dirs]
         for flag, folder in (("--models-dir", settings.models_dir), ("--vae-dir", settings.vae_dir),
                              ("--embeddings-dir", settings.embeddings_dir), ("--outputs-dir", settings.outputs_dir)):
             if folder is not None:

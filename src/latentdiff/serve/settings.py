@@ -24,6 +24,7 @@ class ServeSettings:
     lora_dirs: tuple[Path, ...] = ()           # where <lora:NAME:W> finds NAME
     embeddings_dir: Path | None = None         # textual-inversion files, loaded with every model (token = stem)
     vae_dir: Path | None = None                # VAEs sd_vae can name
+    controlnet_dirs: tuple[Path, ...] = ()     # ControlNets alwayson_scripts.controlnet units can name
     outputs_dir: Path | None = None            # where save_images=true writes (None: nothing is written)
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT

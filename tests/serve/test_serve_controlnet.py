@@ -1,0 +1,196 @@
+"""ControlNet through `latentdiff serve` as sd-webui-controlnet exposes it (serve/controlnet.py, controlnet_units.py,
+routes_controlnet.py), driven by the real `webuiapi` client and plain HTTP on a tiny Stable Diffusion with tiny
+random ControlNets in --controlnet-dir: the served pixels are the Python API's with the same hint, scale, step
+range and seed; the extension's routes answer in its shapes; what is wrong is a 422 naming the field."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import requests
+import torch
+import webuiapi
+from PIL import Image
+
+from latentdiff import ControlNet, LatentDiffusionPipeline, control
+from latentdiff.diffusion.samplers import switch_sampler
+from latentdiff.serve.settings import ServeSettings
+from tests._support.parity import randomize_
+from tests._support.sd import tiny_diffusers_pipeline
+from tests._support.server import running_server
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROMPT = "a red circle"
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    import diffusers
+
+    root = tmp_path_factory.mktemp("serve-cn")
+    sd = tiny_diffusers_pipeline(root / "build")
+    sd.save_pretrained(root / "sd")
+    for seed, name in ((0, "cn_edges"), (1, "cn_file")):
+        torch.manual_seed(seed)
+        cn = randomize_(diffusers.ControlNetModel.from_unet(sd.unet, conditioning_embedding_out_channels=(16, 32)))
+        cn.save_pretrained(root / "controlnets" / name)
+    one = ControlNet.from_pretrained(root / "controlnets" / "cn_file")   # an original single file too
+    one.save_single_file(root / "controlnets" / "cn_file.safetensors")
+    import shutil
+
+    shutil.rmtree(root / "controlnets" / "cn_file")
+    other = diffusers.ControlNetModel(block_out_channels=(32, 64), down_block_types=(
+        "CrossAttnDownBlock2D", "DownBlock2D"), cross_attention_dim=24, norm_num_groups=8,
+        conditioning_embedding_out_channels=(16, 32), attention_head_dim=2)
+    other.save_pretrained(root / "controlnets" / "cn_other_base")
+    photo = Image.fromarray((torch.rand(40, 48, 3, generator=torch.Generator().manual_seed(5)) * 255).byte().numpy())
+    return root, photo
+
+
+@pytest.fixture(scope="module")
+def server(models):
+    root, _ = models
+    settings = ServeSettings(model=str(root / "sd"), controlnet_dirs=(root / "controlnets",), max_batch=1,
+                             batch_wait_s=0.0)
+    with running_server(settings) as url:
+        yield url
+
+
+def api(root, nets, *, init=None, **call):
+    """The Python API's image for the same settings as the requests below (DDIM, 3 steps, seed 3, cfg 7)."""
+    cns = [ControlNet.from_pretrained(root / "controlnets" / n) if (root / "controlnets" / n).is_dir()
+           else ControlNet.from_single_file(root / "controlnets" / n) for n in nets]
+    pipe = LatentDiffusionPipeline.from_pretrained(root / "sd", controlnet=cns[0] if len(cns) == 1 else cns)
+    pipe.sampler = switch_sampler(pipe.sampler, "ddim")
+    common = dict(num_inference_steps=3, guidance_scale=7.0, generator=[torch.Generator().manual_seed(3)],
+                  progress=False, negative_prompt="")
+    if init is not None:
+        from latentdiff.pipelines.image_to_image import ImageToImagePipeline
+
+        img2img = ImageToImagePipeline.from_pipe(pipe)
+        tensor = img2img.preprocess_image(init, size=(SIZE, SIZE))
+        return np.asarray(img2img(PROMPT, tensor, strength=0.75, **common, **call).images[0])
+    return np.asarray(pipe(PROMPT, height=SIZE, width=SIZE, **common, **call).images[0])
+
+
+def b64(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def pixels(encoded: str) -> np.ndarray:
+    with Image.open(io.BytesIO(base64.b64decode(encoded))) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+BODY = {"prompt": PROMPT, "width": SIZE, "height": SIZE, "steps": 3, "seed": 3, "cfg_scale": 7,
+        "sampler_name": "DDIM"}
+
+
+def test_webuiapi_unit_is_the_python_apis_image(server, models):
+    root, photo = models
+    client = webuiapi.WebUIApi(baseurl=f"{server}/sdapi/v1")
+    listed = client.controlnet_model_list()
+    assert "cn_edges" in listed and any(n.startswith("cn_file [") for n in listed)
+    unit = webuiapi.ControlNetUnit(image=photo, module="canny", model="cn_edges", weight=0.8, threshold_a=100,
+                                   threshold_b=200, guidance_start=0.0, guidance_end=0.5, resize_mode="Just Resize")
+    result = client.txt2img(**BODY, eta=0.0, controlnet_units=[unit])     # webuiapi's default eta is 1
+    hint = control.canny(control.fit(photo, (SIZE, SIZE), mode=0), low=100, high=200, grayscale=False)
+    expected = api(root, ["cn_edges"], control_image=hint, controlnet_conditioning_scale=0.8,
+                   control_guidance_end=0.5)
+    assert np.array_equal(np.asarray(result.image.convert("RGB")), expected)
+    assert len(result.images) == 2          # the unit's hint follows, as the extension appends its detected map
+    assert np.array_equal(np.asarray(result.images[1].convert("RGB")), np.asarray(hint))
+    recorded = json.loads(result.image.info["latentdiff"])["controlnet"]
+    assert recorded == [{"model": "cn_edges", "module": "canny", "weight": 0.8, "guidance_start": 0.0,
+                         "guidance_end": 0.5, "guess_mode": False, "resize_mode": 0}]
+    assert "alwayson_scripts.ControlNet.args[0].processor_res" in result.info["ignored"]
+    plain = requests.post(f"{server}/sdapi/v1/txt2img", json=BODY, timeout=60).json()
+    assert not np.array_equal(pixels(plain["images"][0]), expected)      # the ControlNet acted
+
+
+def test_two_units_guess_mode_hash_names_and_dict_images(server, models):
+    root, photo = models
+    names = requests.get(f"{server}/controlnet/model_list", timeout=10).json()["model_list"]
+    titled = next(n for n in names if n.startswith("cn_file ["))
+    units = [{"enabled": True, "image": {"image": b64(photo), "mask": None}, "module": "threshold",
+              "threshold_a": 100, "model": "cn_edges", "resize_mode": "Crop and Resize",
+              "control_mode": "ControlNet is more important"},
+             {"enabled": False, "image": "not even an image", "model": "nothing"},        # disabled: skipped
+             {"enabled": True, "image": b64(photo), "model": titled, "weight": 0.5, "guidance_start": 0.2,
+              "resize_mode": 2, "control_mode": 2, "save_detected_map": False}]
+    response = requests.post(f"{server}/sdapi/v1/txt2img", timeout=60,
+                             json=BODY | {"alwayson_scripts": {"controlnet": {"args": units}}})
+    assert response.status_code == 200, response.text
+    images = response.json()["images"]
+    assert len(images) == 2                  # the second unit's hint is not sent (save_detected_map false)
+    rgb = np.asarray(control.fit(photo, (SIZE, SIZE), mode=1))
+    binary = Image.fromarray(np.repeat(((rgb.min(axis=2) > 100) * np.uint8(255))[:, :, None], 3, axis=2))
+    expected = api(root, ["cn_edges", "cn_file.safetensors"],
+                   control_image=[binary, control.fit(photo, (SIZE, SIZE), mode=2)],
+                   controlnet_conditioning_scale=[1.0, 0.5], control_guidance_start=[0.0, 0.2],
+                   control_guidance_end=[1.0, 1.0], guess_mode=True)
+    assert np.array_equal(pixels(images[0]), expected)
+    assert np.array_equal(pixels(images[1]), np.asarray(binary))
+
+
+def test_img2img_unit_without_an_image_uses_the_init_image(server, models):
+    root, photo = models
+    unit = {"enabled": True, "model": "cn_edges", "module": "none", "resize_mode": "Just Resize"}
+    response = requests.post(f"{server}/sdapi/v1/img2img", timeout=60, json=BODY | {
+        "init_images": [b64(photo)], "alwayson_scripts": {"ControlNet": {"args": [unit]}}})
+    assert response.status_code == 200, response.text
+    init = control.fit(photo, (SIZE, SIZE), mode=0)
+    expected = api(root, ["cn_edges"], init=init, control_image=init, controlnet_conditioning_scale=1.0)
+    assert np.array_equal(pixels(response.json()["images"][0]), expected)
+
+
+def test_the_extensions_routes(server, models):
+    _, photo = models
+    client = webuiapi.WebUIApi(baseurl=f"{server}/sdapi/v1")
+    assert client.controlnet_version() == 3
+    assert {"none", "canny", "threshold", "invert"} <= set(client.controlnet_module_list())
+    detail = requests.get(f"{server}/controlnet/module_list", timeout=10).json()["module_detail"]
+    assert [s["name"] for s in detail["canny"]["sliders"]] == ["Resolution", "Low Threshold", "High Threshold"]
+    detected = client.controlnet_detect([photo], module="canny", threshold_a=50, threshold_b=150)
+    assert detected.info == "Success" or detected.json.get("info") == "Success"
+    edges = np.asarray(detected.images[0].convert("RGB"))
+    assert np.array_equal(edges, np.asarray(control.canny(photo, low=50, high=150, grayscale=False)))
+    inverted = requests.post(f"{server}/controlnet/detect", timeout=10, json={
+        "controlnet_module": "invert", "controlnet_input_images": [b64(photo)]}).json()
+    assert np.array_equal(pixels(inverted["images"][0]), 255 - np.asarray(photo))
+
+
+@pytest.mark.parametrize("unit, field, words", [
+    ({"model": "no_such_model"}, "model", "unknown ControlNet model"),
+    ({"model": "cn_file [00000000]"}, "model", "hash"),
+    ({"model": "../sd"}, "model", "path"),
+    ({"module": "openpose_full"}, "module", "unknown ControlNet module"),
+    ({"image": "bm90IGFuIGltYWdl"}, "image", "not"),
+    ({"guidance_start": 0.6, "guidance_end": 0.6}, "guidance_end", "guidance_start"),
+    ({"control_mode": "My prompt is more important"}, "control_mode", "not reproduced"),
+    ({"resize_mode": "Stretch"}, "resize_mode", "bad value"),
+    ({"weight": 3}, "weight", "bad value"),
+    ({"model": "cn_other_base"}, "model", "cross_attention_dim"),
+])
+def test_bad_units_are_422s_naming_the_field(server, models, unit, field, words):
+    _, photo = models
+    body = {"enabled": True, "image": b64(photo), "model": "cn_edges"} | unit
+    response = requests.post(f"{server}/sdapi/v1/txt2img", timeout=60,
+                             json=BODY | {"alwayson_scripts": {"controlnet": {"args": [body]}}})
+    assert response.status_code == 422, response.text
+    error = response.json()
+    assert error["field"] == f"alwayson_scripts.controlnet.args[0].{field}", error
+    assert words in error["detail"], error
+    assert "Traceback" not in response.text and "/tmp" not in response.text
+
+
+def test_detect_refuses_an_unknown_module(server):
+    response = requests.post(f"{server}/controlnet/detect", timeout=10,
+                             json={"controlnet_module": "depth_midas", "controlnet_input_images": []})
+    assert response.status_code == 422 and response.json()["field"] == "controlnet_module"
