@@ -44,13 +44,15 @@ from ..errors import InputError
 from ..limits import MAX_HIRES_SCALE, MAX_TEXT_LAYERS
 from ..pipelines.hires import A1111_UPSCALERS, DEFAULT_STRENGTH, UPSCALERS
 from .a1111_images import decode_image
+from .body import Body
+from .body import show as _show
+from .controlnet_units import parse_units, script_args
 from .requests import Hires, ImageRequest, InitImages, RequestError
 from .settings import ServeSettings
 
 MAX_SEED = 2**63 - 1                 # torch's manual_seed takes any int64; A1111 draws in [0, 2**32)
 RANDOM_SEEDS = 2**32
 MAX_PROMPT_CHARS = 65_536            # A1111: none; the prompt syntax bounds its chunks further (limits)
-MAX_NAME_CHARS = 1024
 MAX_CFG_SCALE = 100.0                # A1111's slider: 1-30
 DEFAULT_STEPS = 50                   # A1111's API default
 DEFAULT_CFG_SCALE = 7.0
@@ -100,71 +102,6 @@ class Options:
     clip_skip: int | None = None      # CLIP_stop_at_last_layers (1 or None: the last layer)
 
 
-class Body:
-    """The request JSON, read key by key: every getter checks type and range, naming the key; the keys read are
-    remembered so the rest can be listed as ignored."""
-
-    def __init__(self, data: Any, *, prefix: str = ""):
-        if not isinstance(data, dict):
-            raise RequestError("the request body must be a JSON object", field=prefix or "body",
-                               expected="{...}", found=type(data).__name__)
-        self.data, self.prefix, self.read = data, prefix, set[str]()
-
-    def raw(self, key: str) -> Any:
-        self.read.add(key)
-        return self.data.get(key)
-
-    def field(self, key: str) -> str:
-        return f"{self.prefix}{key}"
-
-    def bad(self, key: str, expected: str, value: Any, message: str | None = None) -> RequestError:
-        return RequestError(message or f"bad value for {self.field(key)}", field=self.field(key), expected=expected,
-                            found=_show(value))
-
-    def integer(self, key: str, default: Any, low: int, high: int) -> Any:
-        value = self.raw(key)
-        if value is None:
-            return default
-        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-            value = int(value)      # 20.0 is 20, as A1111's API models read it
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise self.bad(key, f"an integer in [{low}, {high}]", value)
-        return value
-
-    def number(self, key: str, default: Any, low: float, high: float) -> Any:
-        value = self.raw(key)
-        if value is None:
-            return default
-        # the range test also refuses NaN and infinities, and compares a huge int without making it a float
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-            raise self.bad(key, f"a finite number in [{low:g}, {high:g}]", value)
-        return float(value)
-
-    def flag(self, key: str, default: bool) -> bool:
-        value = self.raw(key)
-        if value is None:
-            return default
-        if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
-            return bool(value)
-        raise self.bad(key, "true or false (or 0 / 1)", value)
-
-    def text(self, key: str, default: str | None, limit: int = MAX_NAME_CHARS) -> Any:
-        value = self.raw(key)
-        if value is None:
-            return default
-        if not isinstance(value, str) or len(value) > limit or "\x00" in value:
-            raise self.bad(key, f"a string of at most {limit} characters, without NUL", value)
-        return value
-
-    def ignored(self, accepted: frozenset[str]) -> list[str]:
-        return sorted(self.field(k) for k in self.data if k not in accepted)
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 120 else text[:117] + "..."
-
-
 def txt2img_request(data: Any, *, options: Options, catalog: Any, settings: ServeSettings,
                     defaults: ModelDefaults, rng: random.Random | None = None) -> ImageRequest:
     """`/sdapi/v1/txt2img`'s JSON -> ImageRequest (module docstring: defaults, names, what is ignored)."""
@@ -212,8 +149,6 @@ def _control(body: Body, common: dict[str, Any], *, catalog: Any, settings: Serv
              init_image: Any) -> tuple[Any, ...]:
     """The enabled ControlNet units of alwayson_scripts (serve.controlnet_units), checked against the request's
     model before it is queued; no refiner with them (SDXL pipelines take no ControlNet here)."""
-    from .controlnet_units import parse_units
-
     units = parse_units(body.raw("alwayson_scripts"), catalog=catalog, width=common["width"],
                         height=common["height"], init_image=init_image, max_bytes=settings.max_image_bytes,
                         pipeline=lambda: catalog.pipeline(common["model"], common["vae"]), ignored=common["ignored"])
@@ -225,11 +160,9 @@ def _control(body: Body, common: dict[str, Any], *, catalog: Any, settings: Serv
 
 def _ignored(body: Body, accepted: frozenset[str], control: tuple[Any, ...]) -> list[str]:
     """The body's keys not acted on; with ControlNet units, the other always-on scripts by name."""
-    from .controlnet_units import script_args
-
     ignored = body.ignored(accepted)
     scripts = body.data.get("alwayson_scripts")
-    if control or script_args(scripts) is not None:
+    if isinstance(scripts, dict) and (control or script_args(scripts) is not None):
         ignored.remove("alwayson_scripts")
         ignored += [f"alwayson_scripts.{k}" for k in scripts if str(k).lower() != "controlnet"]
     return ignored

@@ -33,6 +33,7 @@ from typing import Any
 
 from ..utils.images import png_bytes
 from .a1111_images import decode_image
+from .body import Body
 from .controlnet import MODULES, RESOLUTION, ControlNetCatalog, module_named, run_module
 from .requests import RequestError
 
@@ -92,8 +93,6 @@ def parse_units(alwayson: Any, *, catalog: Any, width: int, height: int, init_im
     if found is None:
         return ()
     where, args = found
-    from .a1111 import Body
-
     units: list[ControlRequest] = []
     for i, raw in enumerate(args):
         body = Body(raw, prefix=f"{where}[{i}].")
@@ -119,7 +118,7 @@ def _controlnets(catalog: Any, field: str) -> ControlNetCatalog:
     return controlnets
 
 
-def _unit(body: Any, *, catalog: Any, size: tuple[int, int], init_image: Any, max_bytes: int,
+def _unit(body: Body, *, catalog: Any, size: tuple[int, int], init_image: Any, max_bytes: int,
           ignored: list[str]) -> ControlRequest:
     from ..control import fit
 
@@ -145,7 +144,7 @@ def _unit(body: Any, *, catalog: Any, size: tuple[int, int], init_image: Any, ma
     image = _image(body, init_image=init_image, max_bytes=max_bytes)
     thresholds = [body.number(k, None, -1e9, 1e9) for k in ("threshold_a", "threshold_b")]
     body.flag("pixel_perfect", False)
-    body.integer("processor_res", None, -1, RESOLUTION.maximum * 4)
+    body.integer("processor_res", None, -1, int(RESOLUTION.maximum) * 4)
     mode_index = 0 if resize == 3 else resize
     hint = run_module(module, fit(image, size, mode=mode_index, name=body.field("image")),
                       threshold_a=thresholds[0], threshold_b=thresholds[1])
@@ -156,7 +155,7 @@ def _unit(body: Any, *, catalog: Any, size: tuple[int, int], init_image: Any, ma
                           resize_mode=mode_index, send_hint=body.flag("save_detected_map", True))
 
 
-def _choice(body: Any, key: str, names: dict[str, int], default: int, *, allowed: tuple[int, ...]) -> int:
+def _choice(body: Body, key: str, names: dict[str, int], default: int, *, allowed: tuple[int, ...]) -> int:
     value = body.raw(key)
     if value is None:
         return default
@@ -168,7 +167,7 @@ def _choice(body: Any, key: str, names: dict[str, int], default: int, *, allowed
     raise body.bad(key, f"one of {shown} or {list(allowed)}", value)
 
 
-def _image(body: Any, *, init_image: Any, max_bytes: int) -> Any:
+def _image(body: Body, *, init_image: Any, max_bytes: int) -> Any:
     """The unit's RGB image from `image` (module docstring's forms); img2img's first init image without one."""
     raw = body.raw("image")
     field = body.field("image")
@@ -229,8 +228,6 @@ def detect(data: Any, *, max_bytes: int, max_pixels: int) -> dict[str, Any]:
     """The extension's /controlnet/detect: {controlnet_module, controlnet_input_images (webuiapi sends
     controlnet_images), controlnet_threshold_a / _b, controlnet_processor_res, controlnet_masks, low_vram} ->
     {"images": [base64 PNG], "info": "Success"}. The module runs on each image at its own size."""
-    from .a1111 import Body
-
     body = Body(data)
     module = module_named(body.text("controlnet_module", "none"), field="controlnet_module")
     key = "controlnet_input_images" if body.data.get("controlnet_input_images") is not None else "controlnet_images"
@@ -238,7 +235,7 @@ def detect(data: Any, *, max_bytes: int, max_pixels: int) -> dict[str, Any]:
     if not isinstance(images, list) or not images or len(images) > MAX_UNITS * 8:
         raise body.bad(key, "a list of 1 to 64 base64 images", images, "no image to run the module on")
     a, b = (body.number(k, None, -1e9, 1e9) for k in ("controlnet_threshold_a", "controlnet_threshold_b"))
-    body.integer("controlnet_processor_res", None, -1, RESOLUTION.maximum * 4)
+    body.integer("controlnet_processor_res", None, -1, int(RESOLUTION.maximum) * 4)
     body.raw("controlnet_masks")
     body.flag("low_vram", False)
     out = []
