@@ -5,6 +5,7 @@ range and seed; the extension's routes answer in its shapes; what is wrong is a 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 
@@ -96,7 +97,9 @@ def test_webuiapi_unit_is_the_python_apis_image(server, models):
     root, photo = models
     client = webuiapi.WebUIApi(baseurl=f"{server}/sdapi/v1")
     listed = client.controlnet_model_list()
-    assert "cn_edges" in listed and any(n.startswith("cn_file [") for n in listed)
+    assert sorted(n.split(" [")[0] for n in listed) == ["cn_edges", "cn_file", "cn_other_base"]   # folders: whole
+    data = (root / "controlnets" / "cn_file.safetensors").read_bytes()   # A1111's short hash: 64 KiB at 1 MiB
+    assert f"cn_file [{hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]}]" in listed
     unit = webuiapi.ControlNetUnit(image=photo, module="canny", model="cn_edges", weight=0.8, threshold_a=100,
                                    threshold_b=200, guidance_start=0.0, guidance_end=0.5, resize_mode="Just Resize")
     result = client.txt2img(**BODY, eta=0.0, controlnet_units=[unit])     # webuiapi's default eta is 1

@@ -144,6 +144,8 @@ class ControlNetCatalog:
             for entry in scan_files(folder, CONTROLNET_SUFFIXES, folders_with="config.json"):
                 path = entry.path
                 assert path is not None
+                if path.is_file() and path.parent != folder and (path.parent / "config.json").is_file():
+                    continue           # the weights of a diffusers folder (listed as the folder)
                 name = Path(entry.name).stem if path.is_file() else Path(entry.name).name
                 if name == "None" or name in found:
                     continue
