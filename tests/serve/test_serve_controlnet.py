@@ -102,7 +102,8 @@ def test_webuiapi_unit_is_the_python_apis_image(server, models):
     assert f"cn_file [{hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]}]" in listed
     unit = webuiapi.ControlNetUnit(image=photo, module="canny", model="cn_edges", weight=0.8, threshold_a=100,
                                    threshold_b=200, guidance_start=0.0, guidance_end=0.5, resize_mode="Just Resize")
-    result = client.txt2img(**BODY, eta=0.0, controlnet_units=[unit])     # webuiapi's default eta is 1
+    # webuiapi's default eta is 1; its default alwayson_scripts dict is shared by every call: pass a fresh one
+    result = client.txt2img(**BODY, eta=0.0, controlnet_units=[unit], alwayson_scripts={})
     hint = control.canny(control.fit(photo, (SIZE, SIZE), mode=0), low=100, high=200, grayscale=False)
     expected = api(root, ["cn_edges"], control_image=hint, controlnet_conditioning_scale=0.8,
                    control_guidance_end=0.5)
@@ -197,3 +198,32 @@ def test_detect_refuses_an_unknown_module(server):
     response = requests.post(f"{server}/controlnet/detect", timeout=10,
                              json={"controlnet_module": "depth_midas", "controlnet_input_images": []})
     assert response.status_code == 422 and response.json()["field"] == "controlnet_module"
+
+
+def test_inpainting_takes_units_and_scripts_lists_controlnet(server, models):
+    _, photo = models
+    mask = Image.new("L", photo.size)
+    mask.paste(255, (8, 8, 30, 30))
+    unit = {"enabled": True, "image": b64(photo), "model": "cn_edges", "module": "canny"}
+    response = requests.post(f"{server}/sdapi/v1/img2img", timeout=60, json=BODY | {
+        "init_images": [b64(photo)], "mask": b64(mask), "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["images"]) == 2
+    assert requests.get(f"{server}/sdapi/v1/scripts", timeout=10).json() == {"txt2img": ["controlnet"],
+                                                                           "img2img": ["controlnet"]}
+
+
+def test_the_flag_sets_the_folders(monkeypatch, tmp_path, capsys):
+    import uvicorn
+
+    from latentdiff.cli.main import main
+    from latentdiff.serve import models
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    monkeypatch.setattr(models.ModelCatalog, "pipeline", lambda self, name, vae=None: None)
+    (tmp_path / "b").mkdir()
+    assert main(["serve", "--controlnet-dir", str(tmp_path), "--controlnet-dir", str(tmp_path / "b")]) == 0
+    assert apps[0].state.settings.controlnet_dirs == (tmp_path.resolve(), (tmp_path / "b").resolve())
+    assert main(["serve", "--controlnet-dir", str(tmp_path / "none")]) == 2
+    assert "no such folder" in capsys.readouterr().err and len(apps) == 1

@@ -257,5 +257,8 @@ async def empty_list() -> list[Any]:
 
 
 @router.get("/scripts")
-async def scripts() -> dict[str, list[str]]:
-    return {"txt2img": [], "img2img": []}
+async def scripts(request: Request) -> dict[str, list[str]]:
+    """The always-on scripts: "controlnet" with --controlnet-dir (clients look for it to offer ControlNet)."""
+    controlnets = getattr(request.app.state.catalog, "controlnets", None)
+    names = ["controlnet"] if controlnets is not None and controlnets.folders else []
+    return {"txt2img": list(names), "img2img": list(names)}

@@ -31,8 +31,8 @@ async def version() -> dict[str, int]:
 
 @router.get("/model_list")
 async def model_list(request: Request, update: bool = True) -> dict[str, list[str]]:
-    controlnets = request.app.state.catalog.controlnets
-    return {"model_list": await run_in_threadpool(controlnets.model_list)}
+    controlnets = getattr(request.app.state.catalog, "controlnets", None)
+    return {"model_list": [] if controlnets is None else await run_in_threadpool(controlnets.model_list)}
 
 
 @router.get("/module_list")
