@@ -227,3 +227,30 @@ def test_the_flag_sets_the_folders(monkeypatch, tmp_path, capsys):
     assert apps[0].state.settings.controlnet_dirs == (tmp_path.resolve(), (tmp_path / "b").resolve())
     assert main(["serve", "--controlnet-dir", str(tmp_path / "none")]) == 2
     assert "no such folder" in capsys.readouterr().err and len(apps) == 1
+
+
+def test_an_interrupt_of_the_served_pipeline_reaches_its_controlled_copy():
+    from latentdiff.serve.controlnet_units import ControlRequest
+    from latentdiff.serve.render import with_control
+    from latentdiff.serve.requests import ImageRequest
+
+    class Pipe:
+        _interrupt = True           # left over from an earlier interrupted call: reset before this one
+
+        @classmethod
+        def from_pipe(cls, pipe, **changes):
+            copy = cls()
+            copy.changes, copy._interrupt = changes, False
+            return copy
+
+    base = Pipe()
+    unit = ControlRequest("cn", "none", Image.new("RGB", (8, 8)), 0.5, 0.0, 0.8, guess_mode=True, resize_mode=0)
+    request = ImageRequest(model="m", prompt="p", control=(unit,))
+    runner, args = with_control(base, Pipe, request, ["net"], {"callback": None})
+    assert runner.changes == {"controlnet": "net"} and not base._interrupt
+    assert (args["controlnet_conditioning_scale"], args["control_guidance_end"], args["guess_mode"]) == (0.5, 0.8, True)
+    args["callback"](0, 1.0, None)
+    assert not runner._interrupt
+    base._interrupt = True          # what the engine's step callback does on /interrupt
+    args["callback"](1, 0.5, None)
+    assert runner._interrupt
