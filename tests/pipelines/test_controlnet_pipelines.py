@@ -51,7 +51,8 @@ def setup(tmp_path_factory):
 def reference(setup, kind: str, controlnet):
     import diffusers
 
-    cls = {"t2i": diffusers.StableDiffusionControlNetPipeline, "i2i": diffusers.StableDiffusionControlNetImg2ImgPipeline,
+    cls = {"t2i": diffusers.StableDiffusionControlNetPipeline,
+           "i2i": diffusers.StableDiffusionControlNetImg2ImgPipeline,
            "inpaint": diffusers.StableDiffusionControlNetInpaintPipeline}[kind]
     parts = (setup["sd9"] if kind == "inpaint" else setup["sd"]).components
     ref = cls(**parts, controlnet=controlnet)

@@ -104,8 +104,8 @@ class ControlNetParts:
         nets = self.controlnets
         if not nets:
             given = {"control_image": control_image is not None, "guess_mode": bool(guess_mode),
-                     "controlnet_conditioning_scale": scale != self.default_control_scale, "control_guidance_start": start != 0.0,
-                     "control_guidance_end": end != 1.0}
+                     "controlnet_conditioning_scale": scale != self.default_control_scale,
+                     "control_guidance_start": start != 0.0, "control_guidance_end": end != 1.0}
             named = [k for k, v in given.items() if v]
             if named:
                 raise InputError("control arguments need a ControlNet: load the pipeline with controlnet=",
