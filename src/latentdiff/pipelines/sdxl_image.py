@@ -51,6 +51,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
     image."""
 
     diffusers_class_names = ("StableDiffusionXLImg2ImgPipeline",)
+    takes_control = False   # no ControlNet in its call yet: a pipeline with one is refused (ConfigError)
     negative_crop_zero = True
 
     def preprocess_image(self, image: ImageInput) -> torch.Tensor:
