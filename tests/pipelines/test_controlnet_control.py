@@ -225,3 +225,16 @@ def test_residuals_of_guess_mode_leave_the_unconditional_half_alone(pipes):
         r = unit.residuals(x, torch.tensor(500), context, added_cond=None, step=0, steps=1)
     assert isinstance(r, Residuals) and r.down is not None and r.mid is not None
     assert not r.mid[0].any() and r.mid[1].any() and all(not d[0].any() for d in r.down)
+
+
+def test_a_compiled_unet_takes_the_residuals(pipes):
+    """pipe.compile() (fullgraph) compiles the UNet's forward, residuals= included; the ControlNet runs eagerly."""
+    plain, _, nets, _ = pipes
+    eager = LatentDiffusionPipeline.from_pipe(plain, controlnet=nets[0])
+    kw = dict(RUN, control_image=hint(), latents=latents(eager), num_inference_steps=2)
+    expected = eager("a", **kw).images
+    compiled = LatentDiffusionPipeline(**(eager.components | dict(unet=UNet2DConditional.from_config(
+        plain.unet.config.to_dict()))))
+    compiled.unet.load_state_dict(plain.unet.state_dict())
+    compiled.compile(backend="eager")
+    assert torch.allclose(compiled("a", **kw).images, expected, atol=1e-5)
