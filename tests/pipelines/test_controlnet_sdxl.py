@@ -1,6 +1,7 @@
 """SDXL ControlNets in StableDiffusionXLPipeline against diffusers' StableDiffusionXLControlNetPipeline on the tiny
 SDXL of tests/_support/sdxl.py (the ControlNet takes SDXL's added_cond too; guess mode gets the conditional rows of
-it), folders both ways, and the SDXL pipelines whose call takes no ControlNet yet refused."""
+it), StableDiffusionXLControlNetImg2ImgPipeline, folders both ways, and SDXL inpainting (whose call takes no
+ControlNet yet) refused."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from latentdiff import ConfigError, ControlNet, Pipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from latentdiff import (
+    ConfigError,
+    ControlNet,
+    Pipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+)
 from tests._support.parity import assert_parity, randomize_
 from tests._support.sdxl import tiny_sdxl
 
@@ -101,6 +109,24 @@ def test_a_prompt_schedule_hands_the_controlnet_its_added_cond(setup):
     assert torch.isfinite(out).all()
 
 
-def test_sdxl_image_pipelines_refuse_a_controlnet_they_cannot_run(setup):
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+def test_sdxl_image_to_image_parity(setup, strength):
+    """StableDiffusionXLImg2ImgPipeline against StableDiffusionXLControlNetImg2ImgPipeline (its default scale 0.8)."""
+    import diffusers
+
+    parts = {k: v for k, v in setup["base"].components.items() if k not in ("feature_extractor", "image_encoder")}
+    ref = diffusers.StableDiffusionXLControlNetImg2ImgPipeline(**parts, controlnet=setup["refs"][1],
+                                                               add_watermarker=False)
+    ref.set_progress_bar_config(disable=True)
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(setup["root"] / "base", controlnet=setup["ours"][1])
+    run = dict(prompt=PROMPT, image=hint_image(7), control_image=hint_image(4), strength=strength,
+               num_inference_steps=4, control_guidance_end=0.8, output_type="np")
+    with torch.no_grad():
+        expected = ref(**run, generator=torch.Generator().manual_seed(2)).images
+    ours = pipe(**run, generator=torch.Generator().manual_seed(2), prompt_syntax="plain", progress=False).images
+    assert_parity(torch.from_numpy(ours), torch.from_numpy(expected))
+
+
+def test_sdxl_inpainting_refuses_a_controlnet_it_cannot_run(setup):
     with pytest.raises(ConfigError, match="does not run ControlNets yet"):
-        StableDiffusionXLImg2ImgPipeline.from_pretrained(setup["root"] / "base", controlnet=setup["ours"][0])
+        StableDiffusionXLInpaintPipeline.from_pretrained(setup["root"] / "base", controlnet=setup["ours"][0])

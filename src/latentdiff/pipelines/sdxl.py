@@ -57,7 +57,7 @@ SDXL_PARTS = (
                load_options=(("tokenizer_subfolder", "tokenizer_2"),)),
     FolderPart("tokenizer_2", "text_encoder_2", dict(TOKENIZERS)), CONTROLNET_PART)
 SDXL_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
-                "StableDiffusionXLControlNetPipeline")
+                "StableDiffusionXLControlNetPipeline", "StableDiffusionXLControlNetImg2ImgPipeline")
 DEFAULT_AESTHETIC, DEFAULT_NEGATIVE_AESTHETIC = 6.0, 2.5   # diffusers' and A1111's refiner defaults
 
 

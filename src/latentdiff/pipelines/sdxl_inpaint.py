@@ -56,6 +56,7 @@ class StableDiffusionXLInpaintPipeline(InpaintStages, StableDiffusionXLImg2ImgPi
     conditioning and start."""
 
     diffusers_class_names = ("StableDiffusionXLInpaintPipeline",)
+    takes_control = False   # no ControlNet in its call yet: a pipeline with one is refused (ConfigError)
 
     def prepare_mask_latents(self, mask: torch.Tensor, image: torch.Tensor, *, batch_size: int,
                              num_images_per_prompt: int = 1, generator: Generator = None,
