@@ -1,7 +1,6 @@
 """SDXL ControlNets in StableDiffusionXLPipeline against diffusers' StableDiffusionXLControlNetPipeline on the tiny
 SDXL of tests/_support/sdxl.py (the ControlNet takes SDXL's added_cond too; guess mode gets the conditional rows of
-it), StableDiffusionXLControlNetImg2ImgPipeline, folders both ways, and SDXL inpainting (whose call takes no
-ControlNet yet) refused."""
+it), StableDiffusionXLControlNetImg2ImgPipeline and ...InpaintPipeline, folders both ways."""
 from __future__ import annotations
 
 import json
@@ -11,7 +10,6 @@ import torch
 from PIL import Image
 
 from latentdiff import (
-    ConfigError,
     ControlNet,
     Pipeline,
     StableDiffusionXLImg2ImgPipeline,
@@ -127,6 +125,22 @@ def test_sdxl_image_to_image_parity(setup, strength):
     assert_parity(torch.from_numpy(ours), torch.from_numpy(expected))
 
 
-def test_sdxl_inpainting_refuses_a_controlnet_it_cannot_run(setup):
-    with pytest.raises(ConfigError, match="does not run ControlNets yet"):
-        StableDiffusionXLInpaintPipeline.from_pretrained(setup["root"] / "base", controlnet=setup["ours"][0])
+@pytest.mark.parametrize("strength", [0.9999, 0.7])
+def test_sdxl_inpainting_parity(setup, strength, tmp_path):
+    """StableDiffusionXLInpaintPipeline (9-channel UNet) against StableDiffusionXLControlNetInpaintPipeline."""
+    import diffusers
+
+    inpaint = tiny_sdxl(tmp_path / "inpaint", kind="inpaint")
+    parts = {k: v for k, v in inpaint.components.items() if k not in ("feature_extractor", "image_encoder")}
+    ref = diffusers.StableDiffusionXLControlNetInpaintPipeline(**parts, controlnet=setup["refs"][0],
+                                                               add_watermarker=False)
+    ref.set_progress_bar_config(disable=True)
+    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(tmp_path / "inpaint", controlnet=setup["ours"][0])
+    mask = Image.fromarray(((torch.arange(32)[:, None] + torch.arange(32)[None]) > 30).byte().numpy() * 255)
+    run = dict(prompt=PROMPT, image=hint_image(8), mask_image=mask, control_image=hint_image(5), strength=strength,
+               num_inference_steps=4, control_guidance_start=0.25, output_type="np", height=32, width=32,
+               guidance_scale=6.0)   # diffusers: 7.5 in SDXL inpainting, 5.0 in its ControlNet twin
+    with torch.no_grad():
+        expected = ref(**run, generator=torch.Generator().manual_seed(3)).images
+    ours = pipe(**run, generator=torch.Generator().manual_seed(3), prompt_syntax="plain", progress=False).images
+    assert_parity(torch.from_numpy(ours), torch.from_numpy(expected))
