@@ -120,12 +120,18 @@ class TowerShape(Protocol):
     """What a CLIP transformer layer reads from its config: the text and the vision towers (clip_vision) share
     the layers, each with its own config class."""
 
-    hidden_size: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_hidden_layers: int
-    hidden_act: Literal["quick_gelu", "gelu"]
-    layer_norm_eps: float
+    @property
+    def hidden_size(self) -> int: ...
+    @property
+    def intermediate_size(self) -> int: ...
+    @property
+    def num_attention_heads(self) -> int: ...
+    @property
+    def num_hidden_layers(self) -> int: ...
+    @property
+    def hidden_act(self) -> Literal["quick_gelu", "gelu"]: ...
+    @property
+    def layer_norm_eps(self) -> float: ...
 
 
 class CLIPAttention(nn.Module):

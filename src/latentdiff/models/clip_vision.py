@@ -204,9 +204,9 @@ class CLIPVisionModelWithProjection(ModelMixin[CLIPVisionConfig]):
                                        key_names=key_names)
 
     @classmethod
-    def from_transformers(cls, model: nn.Module) -> CLIPVisionModelWithProjection:
+    def from_transformers(cls, model: Any) -> CLIPVisionModelWithProjection:
         """The same weights from a transformers CLIPVisionModelWithProjection object (its config read strictly)."""
-        config = cls.from_file_config(model.config.to_dict(), source=type(model).__name__)   # type: ignore[operator]
+        config = cls.from_file_config(model.config.to_dict(), source=type(model).__name__)
         first = next(model.parameters())
         return cls.from_state_dict(config, model.state_dict(), torch_dtype=first.dtype, device=first.device,
                                    source=type(model).__name__)

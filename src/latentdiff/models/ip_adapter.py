@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator, Mapping
+from typing import cast
 
 import torch
 from torch import nn
@@ -110,7 +111,8 @@ class Resampler(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         x = self.proj_in(hidden_states.to(self.proj_in.weight.dtype))
         latents = self.latents.repeat(x.shape[0], 1, 1)
-        for attn, ff in self.layers:   # type: ignore[misc]  # each layer is the ModuleList [attention, FF]
+        for layer in self.layers:   # each is the ModuleList [attention, feed-forward]
+            attn, ff = cast(nn.ModuleList, layer)
             latents = attn(x, latents) + latents
             latents = ff(latents) + latents
         return self.norm_out(self.proj_out(latents))
