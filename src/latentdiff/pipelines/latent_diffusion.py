@@ -39,6 +39,7 @@ from .base import PipelineOutput
 from .call_options import CallbackOnStepEnd, finish, step_callback
 from .denoising import FIRST_STAGES, FirstStage, Generator
 from .folder import MODEL_INDEX, Entry, FolderPart, write_parts
+from .ip_adapter import IPAdapterMixin
 from .sdedit import start_step
 from .stages import stage
 from .text_guided import Prompt, TextGuidedPipeline, no_prompt
@@ -90,7 +91,7 @@ LAYOUTS: dict[str, FolderLayout] = {
 
 
 @PIPELINES.register("text-to-image")
-class LatentDiffusionPipeline(LoraMixin, TextGuidedPipeline):
+class LatentDiffusionPipeline(IPAdapterMixin, LoraMixin, TextGuidedPipeline):
     """Text-conditioned latent diffusion: a first stage (KL, VQ or identity), a cross-attention UNet and a text
     encoder (CLIP, as Stable Diffusion, or LDMBert, as LDM's text-to-image model)."""
 
@@ -116,7 +117,7 @@ class LatentDiffusionPipeline(LoraMixin, TextGuidedPipeline):
                               found=width)
 
     def networks(self) -> tuple[torch.nn.Module, ...]:
-        return (self.unet, self.vae, self.text_encoder)
+        return (self.unet, self.vae, self.text_encoder, *self.ip_adapter_networks())
 
     # ---- loading and saving ---------------------------------------------------------------------
     @classmethod
@@ -183,7 +184,8 @@ class LatentDiffusionPipeline(LoraMixin, TextGuidedPipeline):
                  callback_on_step_end: CallbackOnStepEnd | None = None,
                  callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
                  return_dict: bool = True, clip_skip: int | None = None,
-                 prompt_syntax: str = "a1111", lora_dirs: Sequence[str | os.PathLike] | None = None) -> Any:
+                 prompt_syntax: str = "a1111", lora_dirs: Sequence[str | os.PathLike] | None = None,
+                 ip_adapter_image: Any = None, ip_adapter_image_embeds: list[torch.Tensor] | None = None) -> Any:
         """Generate images for `prompt` (a string or a list). Returns PipelineOutput(images=...), or with
         return_dict=False diffusers' tuple (images, None) (no safety checker: nothing flagged).
 
@@ -197,8 +199,10 @@ class LatentDiffusionPipeline(LoraMixin, TextGuidedPipeline):
         clip_skip: CLIP layers skipped (`encode_prompt`). prompt_syntax: "a1111" (weights, BREAK, long prompts, AND,
         [from:to:when], [a|b]: docs/prompts.md) or "plain" (the text as it is, as diffusers).
         lora_dirs: folders where `<lora:NAME:W>` tags of the prompts find NAME.safetensors (`LoraMixin`).
+        ip_adapter_image / ip_adapter_image_embeds: the image prompt of a loaded IP-Adapter (`IPAdapterMixin`).
         """
         check_call(self, locals())
+        self.check_ip_adapter_inputs(ip_adapter_image, ip_adapter_image_embeds)
         height, width = self.check_inputs(prompt, negative_prompt, height=height, width=width,
                                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                           num_images_per_prompt=num_images_per_prompt, output_type=output_type,
@@ -214,9 +218,11 @@ class LatentDiffusionPipeline(LoraMixin, TextGuidedPipeline):
         x_T = self.prepare_latents(cond.shape[0], height, width, generator=generator, latents=latents)
         on_step = step_callback(self, callback, callback_on_step_end, callback_on_step_end_tensor_inputs,
                                 embeddings={"prompt_embeds": cond, "negative_prompt_embeds": uncond})
+        model = self.ip_adapter_model(self.unet, ip_adapter_image, ip_adapter_image_embeds, rows=cond.shape[0],
+                                      num_images_per_prompt=num_images_per_prompt, guidance=use_cfg)
         z0 = self.denoise(x_T, cond, uncond, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                           sampler=sampler, generator=generator, callback=on_step, progress=progress, tiling=tiling,
-                          guidance_rescale=guidance_rescale, schedule=schedule)
+                          guidance_rescale=guidance_rescale, schedule=schedule, model=model)
         return finish(self.output(z0, output_type), return_dict)
 
     @stage
