@@ -74,6 +74,22 @@ def test_parity_with_diffusers(setup, weight_name):
     pipe.unload_ip_adapter()
 
 
+def test_parity_several_images_and_images_per_prompt(setup):
+    """Two images for the adapter ([[a, b]]: 8 tokens) and num_images_per_prompt=2, as diffusers lays them out."""
+    root, pipe, _ = setup
+    ref = reference(root, PLUS_NAME)
+    pipe.load_ip_adapter(root / "ip", subfolder="models", weight_name=PLUS_NAME)
+    pipe.set_ip_adapter_scale(0.6)
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(6))
+    kw = dict(num_inference_steps=2, guidance_scale=5.0, output_type="np", num_images_per_prompt=2)
+    images = [[photo(7), photo(8, (33, 61))]]
+    with torch.no_grad():
+        expected = ref(PROMPT, ip_adapter_image=images, latents=noise, **kw).images
+    got = pipe(PROMPT, ip_adapter_image=images, latents=noise, progress=False, **kw).images
+    assert_parity(torch.from_numpy(got), torch.from_numpy(expected))
+    pipe.unload_ip_adapter()
+
+
 def test_native_encoder_and_preprocessing_match_transformers(setup):
     from transformers import CLIPImageProcessor
     from transformers import CLIPVisionModelWithProjection as Reference

@@ -173,6 +173,33 @@ class IPAdapter(nn.Module):
             module.scale = scale
 
     @classmethod
+    @torch.no_grad()
+    def for_unet(cls, unet: nn.Module, *, image_embed_dim: int, plus: bool = False, queries: int = 16,
+                 depth: int = 4) -> IPAdapter:
+        """An untrained adapter for `unet`, as IP-Adapter's training starts one: the image keys and values copied
+        from each layer's text ones (to_k, to_v), the projection freshly initialised. image_embed_dim: the
+        encoder's projection_dim (plain) or hidden_size (plus); plus: a resampler of the released shape (width and
+        output the UNet's context width, 64-wide heads, `queries` tokens, `depth` layers)."""
+        layers = [layer for _, layer in cross_attentions(unet)]
+        if not layers:
+            raise InputError("this UNet has no cross-attention for an IP-Adapter", where="unet",
+                             expected="a UNet with cross_attention_dim", found=type(unet).__name__)
+        cross = layers[0].to_k.in_features
+        proj: ImageProjection | Resampler
+        if plus:
+            proj = Resampler(embed_dim=image_embed_dim, width=cross, output_dim=cross, queries=queries, depth=depth,
+                             heads=max(1, cross // DIM_HEAD), ff_inner=4 * cross)
+            proj.latents.copy_(torch.randn(1, queries, cross) / cross**0.5)
+        else:
+            proj = ImageProjection(image_embed_dim, cross)
+        attentions = {}
+        for i, layer in enumerate(layers):
+            attentions[2 * i + 1] = ImageAttention(layer.to_k.in_features, layer.to_k.out_features)
+            attentions[2 * i + 1].to_k_ip.weight.copy_(layer.to_k.weight)
+            attentions[2 * i + 1].to_v_ip.weight.copy_(layer.to_v.weight)
+        return cls(proj, attentions).to(layers[0].to_k.weight.device)
+
+    @classmethod
     def from_state_dict(cls, state: Mapping[str, torch.Tensor], *, source: str) -> IPAdapter:
         """The module of a released file's tensors (`image_proj.*`, `ip_adapter.N.to_k_ip.weight` /
         `to_v_ip.weight`; a .bin's nested {"image_proj": ..., "ip_adapter": ...} flattened first), shapes read from
