@@ -174,3 +174,24 @@ def test_errors_change_nothing(setup, tmp_path):
     with pytest.raises(InputError, match="one finite number"):
         pipe.set_ip_adapter_scale({"up": {"block_0": [0.0, 1.0, 0.0]}})
     pipe.unload_ip_adapter()
+
+
+def test_compiled_unet_reads_the_image_token_count():
+    """torch.compile(fullgraph=True) cannot read the context variable: the compiled path reads its global twin."""
+    from latentdiff.models.ip_adapter import IPAdapter, image_tokens
+    from latentdiff.models.unet import UNet2DConditional, UNetConfig
+
+    torch.manual_seed(0)
+    unet = UNet2DConditional(UNetConfig(channels=(32, 64), attention_levels=(True, False), attention_heads=2,
+                                        cross_attention_dim=16, norm_num_groups=8, sample_size=8)).eval()
+    adapter = IPAdapter.for_unet(unet, image_embed_dim=8)
+    for (_, layer), attention in zip(cross_attentions(unet), adapter.attentions(), strict=True):
+        layer.extra = (attention,)
+    compiled = torch.compile(unet.forward, backend="eager", fullgraph=True)
+    x, context = torch.randn(1, 4, 8, 8), torch.randn(1, 9, 16)
+    with torch.no_grad():
+        with image_tokens(4):
+            eager, fast = unet(x, 10, context), compiled(x, 10, context)
+        text_only = unet(x, 10, context[:, :5])
+        assert torch.equal(compiled(x, 10, context[:, :5]), text_only)
+    assert torch.equal(fast, eager) and not torch.equal(eager, text_only)

@@ -37,6 +37,10 @@ from ..layers.attention import Attention, attention
 # How many image tokens the context of the current UNet call ends with (0: none). A context variable, not module
 # state: two threads sharing one pipeline each see their own call's count.
 IMAGE_TOKENS: contextvars.ContextVar[int] = contextvars.ContextVar("ip_adapter_image_tokens", default=0)
+# The same count as a plain global for a compiled UNet (`pipe.compile()`): torch.compile cannot read a context
+# variable, but it reads (and guards on) a module global, recompiling when it changes. Compiled and threaded with
+# different image counts at once is the one case where calls could see each other's count.
+_COMPILED_TOKENS = 0
 PLAIN_TOKENS = 4           # the plain projection's tokens per image (`proj` is E -> 4 x D)
 DIM_HEAD = 64              # the resampler's head width (the released files' to_q rows = heads x 64)
 
@@ -44,11 +48,14 @@ DIM_HEAD = 64              # the resampler's head width (the released files' to_
 @contextlib.contextmanager
 def image_tokens(count: int) -> Iterator[None]:
     """Within the block, UNet calls' contexts end with `count` image tokens."""
-    token = IMAGE_TOKENS.set(count)
+    global _COMPILED_TOKENS
+    token, before = IMAGE_TOKENS.set(count), _COMPILED_TOKENS
+    _COMPILED_TOKENS = count
     try:
         yield
     finally:
         IMAGE_TOKENS.reset(token)
+        _COMPILED_TOKENS = before
 
 
 class ImageProjection(nn.Module):
@@ -129,7 +136,7 @@ class ImageAttention(nn.Module):
         self.scale = 1.0   # set_ip_adapter_scale: a plain float, read at each call
 
     def count(self) -> int:
-        return IMAGE_TOKENS.get()
+        return _COMPILED_TOKENS if torch.compiler.is_compiling() else IMAGE_TOKENS.get()
 
     def forward(self, q: torch.Tensor, tokens: torch.Tensor, layer: Attention) -> torch.Tensor:
         tokens = tokens.to(self.to_k_ip.weight.dtype)
