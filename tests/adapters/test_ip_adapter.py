@@ -195,3 +195,34 @@ def test_compiled_unet_reads_the_image_token_count():
         text_only = unet(x, 10, context[:, :5])
         assert torch.equal(compiled(x, 10, context[:, :5]), text_only)
     assert torch.equal(fast, eager) and not torch.equal(eager, text_only)
+
+
+def test_parity_with_a_controlnet(setup):
+    """IP-Adapter and a ControlNet together, against diffusers' StableDiffusionControlNetPipeline + load_ip_adapter:
+    the ControlNet sees the text context alone, the UNet the text and image tokens."""
+    import diffusers
+
+    from latentdiff import ControlNet
+    from tests._support.parity import randomize_
+
+    root, _, _ = setup
+    torch.manual_seed(3)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(root / "sd", subfolder="unet")
+    cn = randomize_(diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))).eval()
+    cn.save_pretrained(root / "cn")
+    ref = diffusers.StableDiffusionControlNetPipeline.from_pretrained(root / "sd", controlnet=cn, safety_checker=None,
+                                                                      requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_ip_adapter(str(root / "ip"), subfolder="models", weight_name=PLUS_NAME)
+    ref.set_ip_adapter_scale(0.6)
+    pipe = LatentDiffusionPipeline.from_pretrained(root / "sd", controlnet=ControlNet.from_pretrained(root / "cn"))
+    pipe.load_ip_adapter(root / "ip", subfolder="models", weight_name=PLUS_NAME)
+    pipe.set_ip_adapter_scale(0.6)
+    hint = photo(9, (32, 32))
+    kw = dict(num_inference_steps=STEPS, guidance_scale=7.5, output_type="np", controlnet_conditioning_scale=0.8)
+    with torch.no_grad():
+        expected = ref(PROMPT, image=hint, ip_adapter_image=photo(), latents=latents(), **kw).images
+    got = pipe(PROMPT, control_image=hint, ip_adapter_image=photo(), latents=latents(), progress=False, **kw).images
+    assert_parity(torch.from_numpy(got), torch.from_numpy(expected))
+    without = pipe(PROMPT, control_image=hint, latents=latents(), progress=False, **kw).images
+    assert np.abs(without - got).max() > 1e-3
