@@ -74,6 +74,23 @@ def test_parity_with_diffusers(setup, weight_name):
     pipe.unload_ip_adapter()
 
 
+def test_parity_per_block_scales(setup):
+    """diffusers' InstantStyle-type scale dict: per block, per transformer, the rest 0."""
+    root, pipe, _ = setup
+    ref = reference(root, PLAIN_NAME)
+    pipe.load_ip_adapter(root / "ip", subfolder="models", weight_name=PLAIN_NAME)
+    scales = {"down": {"block_1": [0.0, 1.0]}, "up": {"block_0": [0.0, 1.5, 0.5]}}
+    ref.set_ip_adapter_scale(scales)
+    pipe.set_ip_adapter_scale(scales)
+    assert [a.scale for a in pipe.ip_adapter.attentions()] == [0.0, 1.0, 0.0, 1.5, 0.5, 0.0]   # down, up, mid
+    kw = dict(num_inference_steps=2, guidance_scale=7.5, output_type="np")
+    with torch.no_grad():
+        expected = ref(PROMPT, ip_adapter_image=photo(), latents=latents(), **kw).images
+    got = pipe(PROMPT, ip_adapter_image=photo(), latents=latents(), progress=False, **kw).images
+    assert_parity(torch.from_numpy(got), torch.from_numpy(expected))
+    pipe.unload_ip_adapter()
+
+
 def test_parity_several_images_and_images_per_prompt(setup):
     """Two images for the adapter ([[a, b]]: 8 tokens) and num_images_per_prompt=2, as diffusers lays them out."""
     root, pipe, _ = setup
@@ -171,8 +188,14 @@ def test_errors_change_nothing(setup, tmp_path):
         pipe(PROMPT, ip_adapter_image=photo(), num_inference_steps=1, progress=False)
     with pytest.raises(InputError, match="wrong shape"):
         pipe(PROMPT, ip_adapter_image_embeds=[torch.zeros(2, 1, 7)], num_inference_steps=1, progress=False)
-    with pytest.raises(InputError, match="one finite number"):
-        pipe.set_ip_adapter_scale({"up": {"block_0": [0.0, 1.0, 0.0]}})
+    with pytest.raises(InputError, match="finite number"):
+        pipe.set_ip_adapter_scale(float("nan"))
+    with pytest.raises(InputError, match="keys down, mid, up"):
+        pipe.set_ip_adapter_scale({"left": 1.0})
+    with pytest.raises(InputError, match="no such up block"):
+        pipe.set_ip_adapter_scale({"up": {"block_1": 1.0}})      # up block 1 has no attention
+    with pytest.raises(InputError, match="one scale per transformer"):
+        pipe.set_ip_adapter_scale({"up": {"block_0": [1.0, 0.0]}})
     pipe.unload_ip_adapter()
 
 

@@ -175,10 +175,6 @@ class IPAdapter(nn.Module):
         out = self.image_proj(embeds.reshape(b * k, *embeds.shape[2:]))
         return out.reshape(b, k * out.shape[1], out.shape[2])
 
-    def set_scale(self, scale: float) -> None:
-        for module in self.attentions():
-            module.scale = scale
-
     @classmethod
     @torch.no_grad()
     def for_unet(cls, unet: nn.Module, *, image_embed_dim: int, plus: bool = False, queries: int = 16,

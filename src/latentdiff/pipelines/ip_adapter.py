@@ -32,7 +32,7 @@ from ..config import is_real
 from ..errors import CheckpointError, InputError, describe
 from ..layers.attention import Attention
 from ..models.clip_vision import CLIPVisionModelWithProjection
-from ..models.ip_adapter import IPAdapter, check_fits, check_image_features, image_tokens
+from ..models.ip_adapter import IPAdapter, check_fits, check_image_features, cross_attentions, image_tokens
 from .clip_image import clip_pixels
 
 IMAGE_ENCODER_FOLDER = "image_encoder"   # where h94/IP-Adapter keeps it: beside the weights (models/image_encoder)
@@ -84,15 +84,17 @@ class IPAdapterMixin:
         self.__dict__["_ip_adapter"] = LoadedIPAdapter(adapter, layers, source)
         self.image_encoder = encoder
 
-    def set_ip_adapter_scale(self, scale: float | list[float]) -> None:
-        """The weight of the image attention in every layer (diffusers' `scale`: 1.0 as loaded; 0.6 the usual
-        text-and-image balance; 0 turns the image prompt off). A one-element list is read as its element."""
+    def set_ip_adapter_scale(self, scale: float | dict[str, Any] | list[Any]) -> None:
+        """The weight of the image attention (diffusers' `scale`: 1.0 as loaded; 0.6 the usual text-and-image
+        balance; 0 turns the image prompt off): one number for every layer, or diffusers' per-block dict (InstantStyle:
+        `{"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": [0.0, 1.0, 0.0]}}`, a number or one per transformer
+        of the block; blocks and "mid" left out get 0). A one-element list is read as its element."""
         loaded = self._loaded_ip_adapter(where="set_ip_adapter_scale")
         value: Any = scale[0] if isinstance(scale, (list, tuple)) and len(scale) == 1 else scale
-        if not is_real(value) or not math.isfinite(value):
-            raise InputError("an IP-Adapter scale is one finite number (per-block scale dicts and several adapters "
-                             "are not supported yet)", where="scale", expected="a float", found=describe(scale))
-        loaded.adapter.set_scale(float(value))
+        names = [name for name, _ in cross_attentions(self.unet)]
+        scales = block_scales(value, names) if isinstance(value, dict) else [_scale(value, scale)] * len(names)
+        for attention, s in zip(loaded.adapter.attentions(), scales, strict=True):
+            attention.scale = s
 
     def unload_ip_adapter(self, *, keep_encoder: bool = False) -> None:
         """Remove the IP-Adapter from the UNet's layers (the UNet computes the base model again, bit for bit) and
@@ -305,3 +307,51 @@ def _to_rows(tokens: torch.Tensor, rows: int, prompts: int, per_prompt: int) -> 
         return tokens.repeat_interleave(per_prompt, dim=0)
     raise InputError("IP-Adapter features for 1 image, one per prompt or one per generated image",
                      where="ip_adapter_image_embeds", expected=f"B in (1, {prompts}, {rows})", found=b)
+
+
+def _scale(value: Any, given: Any, *, where: str = "scale") -> float:
+    if not is_real(value) or not math.isfinite(value):
+        raise InputError("an IP-Adapter scale is a finite number or diffusers' per-block dict (several adapters are "
+                         "not supported yet)", where=where, expected="a float, or {'down': ..., 'mid': ..., 'up': ...}",
+                         found=describe(given))
+    return float(value)
+
+
+def block_scales(scale: dict[str, Any], names: list[str]) -> list[float]:
+    """diffusers' per-block IP-Adapter scales -> one per cross-attention `names` (the UNet's module names:
+    `down_blocks.I.attentions.J...`, `mid_block...`, `up_blocks.I.attentions.J...`). Under "down" / "up": a number
+    for every block, or {"block_I": a number, or a list with one per transformer of block I}; "mid": a number.
+    What is left out is 0 (diffusers' default); an unknown key, or a list of the wrong length, is an InputError."""
+    unknown = sorted(set(scale) - {"down", "mid", "up"})
+    if unknown:
+        raise InputError("per-block IP-Adapter scales take the keys down, mid, up", where="scale",
+                         expected="down, mid, up", found=unknown)
+    counts: dict[tuple[str, int], int] = {}
+    for name in names:
+        parts = name.split(".")
+        if parts[0] in ("down_blocks", "up_blocks"):
+            key = (parts[0][:-7], int(parts[1]))
+            counts[key] = max(counts.get(key, 0), int(parts[3]) + 1)
+    per_name: list[float] = []
+    for name in names:
+        parts = name.split(".")
+        if parts[0] == "mid_block":
+            mid = scale.get("mid", 0.0)
+            per_name.append(_scale(mid[0] if isinstance(mid, list) and len(mid) == 1 else mid, mid, where="mid"))
+            continue
+        updown, block, index = parts[0][:-7], int(parts[1]), int(parts[3])
+        value = scale.get(updown, 0.0)
+        if isinstance(value, dict):
+            wrong = sorted(set(value) - {f"block_{b}" for (u, b) in counts if u == updown})
+            if wrong:
+                raise InputError(f"no such {updown} block with attention in this UNet", where=f"scale[{updown!r}]",
+                                 expected=sorted(f"block_{b}" for (u, b) in counts if u == updown), found=wrong)
+            value = value.get(f"block_{block}", 0.0)
+        if isinstance(value, (list, tuple)):
+            n = counts[(updown, block)]
+            if len(value) not in (1, n):
+                raise InputError("one scale per transformer of the block", where=f"scale[{updown!r}][block_{block}]",
+                                 expected=f"1 or {n} numbers", found=len(value))
+            value = value[0] if len(value) == 1 else value[index]
+        per_name.append(_scale(value, value, where=f"scale[{updown!r}]"))
+    return per_name
