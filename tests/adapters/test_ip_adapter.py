@@ -249,3 +249,19 @@ def test_parity_with_a_controlnet(setup):
     assert_parity(torch.from_numpy(got), torch.from_numpy(expected))
     without = pipe(PROMPT, control_image=hint, latents=latents(), progress=False, **kw).images
     assert np.abs(without - got).max() > 1e-3
+
+
+def test_pipelines_sharing_a_unet_hold_one_adapter(setup):
+    """from_pipe shares the UNet: a second pipeline's load replaces the first's adapter in it (never two sets of
+    image attentions reading one token count), and the first pipeline then says so instead of running without."""
+    root, pipe, _ = setup
+    pipe.load_ip_adapter(root / "ip", subfolder="models", weight_name=PLAIN_NAME)
+    other = LatentDiffusionPipeline.from_pipe(pipe)
+    other.load_ip_adapter(root / "ip", subfolder="models", weight_name=PLUS_NAME)
+    assert all(len(layer.extra) == 1 for _, layer in cross_attentions(pipe.unet))
+    with pytest.raises(InputError, match="no longer in its UNet"):
+        pipe(PROMPT, ip_adapter_image=photo(), num_inference_steps=1, progress=False)
+    pipe.unload_ip_adapter()                      # removes only its own (none left): other's stays
+    assert all(len(layer.extra) == 1 for _, layer in cross_attentions(pipe.unet))
+    other.unload_ip_adapter()
+    assert all(layer.extra == () for _, layer in cross_attentions(pipe.unet))

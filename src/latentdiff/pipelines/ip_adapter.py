@@ -29,10 +29,17 @@ from torch import nn
 
 from .. import hub
 from ..config import is_real
-from ..errors import CheckpointError, InputError, describe
+from ..errors import CheckpointError, InputError, UsageError, describe
 from ..layers.attention import Attention
 from ..models.clip_vision import CLIPVisionModelWithProjection
-from ..models.ip_adapter import IPAdapter, check_fits, check_image_features, cross_attentions, image_tokens
+from ..models.ip_adapter import (
+    ImageAttention,
+    IPAdapter,
+    check_fits,
+    check_image_features,
+    cross_attentions,
+    image_tokens,
+)
 from .clip_image import clip_pixels
 
 IMAGE_ENCODER_FOLDER = "image_encoder"   # where h94/IP-Adapter keeps it: beside the weights (models/image_encoder)
@@ -80,7 +87,8 @@ class IPAdapterMixin:
         self.unload_ip_adapter(keep_encoder=True)
         adapter.to(device=self.unet.device, dtype=self.unet.dtype)
         for layer, attention in zip(layers, adapter.attentions(), strict=True):
-            layer.extra = (*layer.extra, attention)
+            # one adapter at a time per UNet: also one another pipeline sharing this UNet (`from_pipe`) put there
+            layer.extra = (*(e for e in layer.extra if not isinstance(e, ImageAttention)), attention)
         self.__dict__["_ip_adapter"] = LoadedIPAdapter(adapter, layers, source)
         self.image_encoder = encoder
 
@@ -186,6 +194,11 @@ class IPAdapterMixin:
         if loaded is None:
             raise InputError("no IP-Adapter is loaded", where=where, expected="pipe.load_ip_adapter(...) first",
                              found=None)
+        if not all(any(e is a for e in layer.extra) for layer, a in zip(loaded.layers, loaded.adapter.attentions(),
+                                                                          strict=True)):
+            raise UsageError("this pipeline's IP-Adapter is no longer in its UNet: another pipeline sharing the UNet "
+                             "(from_pipe, components) loaded or unloaded one", where=where,
+                             expected="load_ip_adapter on this pipeline again", found=loaded.source)
         return loaded
 
     def _image_encoder_for(self, given: Any, beside: Path | None, location: hub.HubLocation, *,
