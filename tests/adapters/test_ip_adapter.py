@@ -91,6 +91,35 @@ def test_parity_per_block_scales(setup):
     pipe.unload_ip_adapter()
 
 
+def test_parity_two_adapters(setup):
+    """Plain and plus loaded together (a list of weight names), one scale each, one image each, as diffusers."""
+    import diffusers
+
+    root, pipe, _ = setup
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(root / "sd", safety_checker=None,
+                                                            requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    for p in (ref, pipe):
+        p.load_ip_adapter(str(root / "ip"), subfolder="models", weight_name=[PLAIN_NAME, PLUS_NAME])
+        p.set_ip_adapter_scale([0.6, {"up": {"block_0": [0.0, 1.0, 0.5]}}])
+    assert [a.is_plus for a in pipe.ip_adapters] == [False, True]
+    kw = dict(num_inference_steps=2, guidance_scale=7.5, output_type="np")
+    images = [photo(10), [photo(11), photo(12)]]
+    with torch.no_grad():
+        expected = ref(PROMPT, ip_adapter_image=images, latents=latents(), **kw).images
+        embeds = ref.prepare_ip_adapter_image_embeds(images, None, torch.device("cpu"), 1, True)
+    got = pipe(PROMPT, ip_adapter_image=images, latents=latents(), progress=False, **kw).images
+    assert_parity(torch.from_numpy(got), torch.from_numpy(expected))
+    from_embeds = pipe(PROMPT, ip_adapter_image_embeds=embeds, latents=latents(), progress=False, **kw).images
+    assert_parity(torch.from_numpy(from_embeds), torch.from_numpy(expected))
+    with pytest.raises(InputError, match="one entry per loaded IP-Adapter"):
+        pipe(PROMPT, ip_adapter_image=photo(), num_inference_steps=1, progress=False)
+    with pytest.raises(InputError, match="one IP-Adapter scale per loaded adapter"):
+        pipe.set_ip_adapter_scale([0.1, 0.2, 0.3])
+    pipe.unload_ip_adapter()
+    assert all(layer.extra == () for _, layer in cross_attentions(pipe.unet))
+
+
 def test_parity_several_images_and_images_per_prompt(setup):
     """Two images for the adapter ([[a, b]]: 8 tokens) and num_images_per_prompt=2, as diffusers lays them out."""
     root, pipe, _ = setup
@@ -213,7 +242,7 @@ def test_compiled_unet_reads_the_image_token_count():
     compiled = torch.compile(unet.forward, backend="eager", fullgraph=True)
     x, context = torch.randn(1, 4, 8, 8), torch.randn(1, 9, 16)
     with torch.no_grad():
-        with image_tokens(4):
+        with image_tokens((4,)):
             eager, fast = unet(x, 10, context), compiled(x, 10, context)
         text_only = unet(x, 10, context[:, :5])
         assert torch.equal(compiled(x, 10, context[:, :5]), text_only)

@@ -34,23 +34,24 @@ from torch import nn
 from ..errors import CheckpointError, InputError
 from ..layers.attention import Attention, attention
 
-# How many image tokens the context of the current UNet call ends with (0: none). A context variable, not module
-# state: two threads sharing one pipeline each see their own call's count.
-IMAGE_TOKENS: contextvars.ContextVar[int] = contextvars.ContextVar("ip_adapter_image_tokens", default=0)
+# How many image tokens the context of the current UNet call ends with, per loaded adapter in order (its `slot`;
+# () or 0: none). A context variable, not module state: two threads sharing one pipeline see their own call's.
+IMAGE_TOKENS: contextvars.ContextVar[tuple[int, ...]] = contextvars.ContextVar("ip_adapter_image_tokens", default=())
 # The same count as a plain global for a compiled UNet (`pipe.compile()`): torch.compile cannot read a context
 # variable, but it reads (and guards on) a module global, recompiling when it changes. Compiled and threaded with
 # different image counts at once is the one case where calls could see each other's count.
-_COMPILED_TOKENS = 0
+_COMPILED_TOKENS: tuple[int, ...] = ()
 PLAIN_TOKENS = 4           # the plain projection's tokens per image (`proj` is E -> 4 x D)
 DIM_HEAD = 64              # the resampler's head width (the released files' to_q rows = heads x 64)
 
 
 @contextlib.contextmanager
-def image_tokens(count: int) -> Iterator[None]:
-    """Within the block, UNet calls' contexts end with `count` image tokens."""
+def image_tokens(counts: tuple[int, ...]) -> Iterator[None]:
+    """Within the block, UNet calls' contexts end with counts[0] image tokens of the first adapter, then counts[1]
+    of the second ..."""
     global _COMPILED_TOKENS
-    token, before = IMAGE_TOKENS.set(count), _COMPILED_TOKENS
-    _COMPILED_TOKENS = count
+    token, before = IMAGE_TOKENS.set(counts), _COMPILED_TOKENS
+    _COMPILED_TOKENS = counts
     try:
         yield
     finally:
@@ -129,14 +130,16 @@ class ImageAttention(nn.Module):
     """The image half of one decoupled cross-attention: scale x Attention(q, to_k_ip(tokens), to_v_ip(tokens)),
     with the layer's heads and attention settings (`layers.attention.ExtraTokens`)."""
 
-    def __init__(self, context_dim: int, inner: int):
+    def __init__(self, context_dim: int, inner: int, *, slot: int = 0):
         super().__init__()
         self.to_k_ip = nn.Linear(context_dim, inner, bias=False)
         self.to_v_ip = nn.Linear(context_dim, inner, bias=False)
         self.scale = 1.0   # set_ip_adapter_scale: a plain float, read at each call
+        self.slot = slot   # which adapter of the pipeline's it belongs to: its place among the appended tokens
 
     def count(self) -> int:
-        return _COMPILED_TOKENS if torch.compiler.is_compiling() else IMAGE_TOKENS.get()
+        counts = _COMPILED_TOKENS if torch.compiler.is_compiling() else IMAGE_TOKENS.get()
+        return counts[self.slot] if self.slot < len(counts) else 0
 
     def forward(self, q: torch.Tensor, tokens: torch.Tensor, layer: Attention) -> torch.Tensor:
         tokens = tokens.to(self.to_k_ip.weight.dtype)

@@ -43,6 +43,9 @@ from ..models.ip_adapter import (
 from .clip_image import clip_pixels
 
 IMAGE_ENCODER_FOLDER = "image_encoder"   # where h94/IP-Adapter keeps it: beside the weights (models/image_encoder)
+Source = str | os.PathLike | Mapping[str, Any]                       # a file, folder, Hub id or state dict
+Scale = float | dict[str, Any]                                        # one number, or diffusers' per-block dict
+ImageTokens = tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]
 
 
 @dataclasses.dataclass
@@ -60,74 +63,94 @@ class IPAdapterMixin:
     unet: Any
     image_encoder: Any = None   # a CLIP vision model with projection (ours or transformers'), once loaded
 
-    def load_ip_adapter(self, pretrained_model_name_or_path_or_dict: str | os.PathLike | Mapping[str, Any],
-                        subfolder: str | None = None, weight_name: str | None = None, *,
-                        image_encoder: str | os.PathLike | nn.Module | bool | None = None,
+    def load_ip_adapter(self, pretrained_model_name_or_path_or_dict: Source | list[Source],
+                        subfolder: str | None | list[str | None] = None, weight_name: str | None | list[str] = None,
+                        *, image_encoder: str | os.PathLike | nn.Module | bool | None = None,
                         image_encoder_folder: str = IMAGE_ENCODER_FOLDER, revision: str | None = None,
                         cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
                         local_files_only: bool | None = None) -> None:
-        """Load an IP-Adapter (plain or plus, the released `image_proj.*` / `ip_adapter.N.*` layout) from a file
+        """Load IP-Adapters (plain or plus, the released `image_proj.*` / `ip_adapter.N.*` layout) from a file
         (.safetensors, or .bin read with weights_only), a folder or Hub id with `subfolder` / `weight_name`, or a
-        state dict, and install it (replacing one loaded before), at scale 1.0.
+        state dict, and install them (replacing any loaded before), at scale 1.0. Several at once as diffusers: a
+        list of weight names (and of sources / subfolders, or one for all); each call's image prompt then has one
+        entry per adapter, in this order.
 
         image_encoder: None - the pipeline's encoder if it has one, else the transformers folder
-        `image_encoder_folder` beside the weights (diffusers' default); a folder / Hub id; a model (latentdiff's
-        or transformers' CLIPVisionModelWithProjection, used as given); False - none (then only
+        `image_encoder_folder` beside the (first) weights (diffusers' default); a folder / Hub id; a model
+        (latentdiff's or transformers' CLIPVisionModelWithProjection, used as given); False - none (then only
         `ip_adapter_image_embeds` work). Errors (CheckpointError / InputError) come before anything changes."""
         location = hub.HubLocation(revision=revision, cache_dir=cache_dir, token=token,
                                    local_files_only=local_files_only)
-        state, source, beside = _read(pretrained_model_name_or_path_or_dict, subfolder, weight_name, location,
-                                      image_encoder_folder)
-        adapter = IPAdapter.from_state_dict(state, source=source)
-        layers = check_fits(adapter, self.unet, source=source)
-        encoder = self._image_encoder_for(image_encoder, beside, location, source=source)
+        loaded: list[LoadedIPAdapter] = []
+        beside: Path | None = None
+        for source, folder, name in _adapter_list(pretrained_model_name_or_path_or_dict, subfolder, weight_name):
+            state, where, next_to = _read(source, folder, name, location, image_encoder_folder)
+            adapter = IPAdapter.from_state_dict(state, source=where)
+            loaded.append(LoadedIPAdapter(adapter, check_fits(adapter, self.unet, source=where), where))
+            beside = next_to if beside is None else beside
+        encoder = self._image_encoder_for(image_encoder, beside, location, source=loaded[0].source)
         if encoder is not None:
-            _check_encoder(adapter, encoder, source=source)
+            for entry in loaded:
+                _check_encoder(entry.adapter, encoder, source=entry.source)
         # ---- nothing changed before this line ----
         self.unload_ip_adapter(keep_encoder=True)
-        adapter.to(device=self.unet.device, dtype=self.unet.dtype)
-        for layer, attention in zip(layers, adapter.attentions(), strict=True):
-            # one adapter at a time per UNet: also one another pipeline sharing this UNet (`from_pipe`) put there
-            layer.extra = (*(e for e in layer.extra if not isinstance(e, ImageAttention)), attention)
-        self.__dict__["_ip_adapter"] = LoadedIPAdapter(adapter, layers, source)
+        for layer in loaded[0].layers:   # also what another pipeline sharing this UNet (`from_pipe`) put there
+            layer.extra = tuple(e for e in layer.extra if not isinstance(e, ImageAttention))
+        for slot, entry in enumerate(loaded):
+            entry.adapter.to(device=self.unet.device, dtype=self.unet.dtype)
+            for layer, attention in zip(entry.layers, entry.adapter.attentions(), strict=True):
+                attention.slot = slot
+                layer.extra = (*layer.extra, attention)
+        self.__dict__["_ip_adapters"] = loaded
         self.image_encoder = encoder
 
-    def set_ip_adapter_scale(self, scale: float | dict[str, Any] | list[Any]) -> None:
+    def set_ip_adapter_scale(self, scale: Scale | list[Scale]) -> None:
         """The weight of the image attention (diffusers' `scale`: 1.0 as loaded; 0.6 the usual text-and-image
         balance; 0 turns the image prompt off): one number for every layer, or diffusers' per-block dict (InstantStyle:
         `{"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": [0.0, 1.0, 0.0]}}`, a number or one per transformer
-        of the block; blocks and "mid" left out get 0). A one-element list is read as its element."""
-        loaded = self._loaded_ip_adapter(where="set_ip_adapter_scale")
-        value: Any = scale[0] if isinstance(scale, (list, tuple)) and len(scale) == 1 else scale
+        of the block; blocks and "mid" left out get 0). With several adapters, a list of those (one per adapter), or
+        one for all."""
+        loaded = self._loaded_ip_adapters(where="set_ip_adapter_scale")
+        scales = list(scale) if isinstance(scale, (list, tuple)) else [scale]
+        if len(scales) == 1:
+            scales = scales * len(loaded)
+        if len(scales) != len(loaded):
+            raise InputError("one IP-Adapter scale per loaded adapter, or one for all", where="scale",
+                             expected=f"1 or {len(loaded)} scales", found=len(scales))
         names = [name for name, _ in cross_attentions(self.unet)]
-        scales = block_scales(value, names) if isinstance(value, dict) else [_scale(value, scale)] * len(names)
-        for attention, s in zip(loaded.adapter.attentions(), scales, strict=True):
-            attention.scale = s
+        for entry, value in zip(loaded, scales, strict=True):
+            per_layer = block_scales(value, names) if isinstance(value, dict) else [_scale(value, scale)] * len(names)
+            for attention, s in zip(entry.adapter.attentions(), per_layer, strict=True):
+                attention.scale = s
 
     def unload_ip_adapter(self, *, keep_encoder: bool = False) -> None:
-        """Remove the IP-Adapter from the UNet's layers (the UNet computes the base model again, bit for bit) and
+        """Remove the IP-Adapters from the UNet's layers (the UNet computes the base model again, bit for bit) and
         drop the image encoder (kept with keep_encoder=True)."""
-        loaded = self.__dict__.pop("_ip_adapter", None)
-        if loaded is not None:
-            own = set(map(id, loaded.adapter.attentions()))
-            for layer in loaded.layers:
+        for entry in self.__dict__.pop("_ip_adapters", []):
+            own = set(map(id, entry.adapter.attentions()))
+            for layer in entry.layers:
                 layer.extra = tuple(e for e in layer.extra if id(e) not in own)
         if not keep_encoder:
             self.image_encoder = None
 
     @property
+    def ip_adapters(self) -> list[IPAdapter]:
+        """The loaded IP-Adapter modules, in their order."""
+        return [entry.adapter for entry in self.__dict__.get("_ip_adapters", [])]
+
+    @property
     def ip_adapter(self) -> IPAdapter | None:
-        """The loaded IP-Adapter module, or None."""
-        loaded = self.__dict__.get("_ip_adapter")
-        return None if loaded is None else loaded.adapter
+        """The loaded IP-Adapter module (the first of several: `ip_adapters`), or None."""
+        return next(iter(self.ip_adapters), None)
 
     def ip_adapter_networks(self) -> tuple[nn.Module, ...]:
-        """What `to()` moves besides the pipeline's own networks: the adapter and the image encoder."""
-        return tuple(m for m in (self.ip_adapter, self.image_encoder) if isinstance(m, nn.Module))
+        """What `to()` moves besides the pipeline's own networks: the adapters and the image encoder."""
+        return tuple(m for m in (*self.ip_adapters, self.image_encoder) if isinstance(m, nn.Module))
 
     # ---- a call ---------------------------------------------------------------------------------------------
     def check_ip_adapter_inputs(self, ip_adapter_image: Any, ip_adapter_image_embeds: Any) -> None:
-        """Before any model runs: at most one of the two, an adapter loaded, an encoder for images."""
+        """Before any model runs: at most one of the two, adapters loaded, one entry per adapter, an encoder for
+        images."""
         if ip_adapter_image is None and ip_adapter_image_embeds is None:
             return
         if ip_adapter_image is not None and ip_adapter_image_embeds is not None:
@@ -135,15 +158,16 @@ class IPAdapterMixin:
                              where="ip_adapter_image_embeds", expected="None with ip_adapter_image",
                              found=describe(ip_adapter_image_embeds))
         where = "ip_adapter_image" if ip_adapter_image is not None else "ip_adapter_image_embeds"
-        self._loaded_ip_adapter(where=where)
+        loaded = self._loaded_ip_adapters(where=where)
+        _per_adapter(ip_adapter_image if ip_adapter_image is not None else ip_adapter_image_embeds, len(loaded),
+                     name=where, tensors=ip_adapter_image is None)
         if ip_adapter_image is not None and self.image_encoder is None:
             raise InputError("this IP-Adapter was loaded without an image encoder", where="ip_adapter_image",
                              expected="load_ip_adapter(..., image_encoder=folder or model), or "
                              "ip_adapter_image_embeds", found="no image encoder")
 
-    def encode_ip_adapter_image(self, image: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_ip_adapter_image(self, image: Any, adapter: IPAdapter) -> tuple[torch.Tensor, torch.Tensor]:
         """One adapter's image(s) -> (features, negative features), (1, K, E) plain / (1, K, L, E) plus, K images."""
-        adapter = self._loaded_ip_adapter(where="ip_adapter_image").adapter
         encoder = self.image_encoder
         first = next(encoder.parameters())
         size = _config_value(encoder, "image_size")
@@ -157,26 +181,34 @@ class IPAdapterMixin:
         return features[None], negative[None]
 
     def image_prompt_tokens(self, ip_adapter_image: Any, ip_adapter_image_embeds: Any, *, rows: int,
-                            num_images_per_prompt: int, guidance: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The image tokens (cond, uncond): (rows, K x tokens, D) each, uncond None without guidance. `rows` =
-        prompts x num_images_per_prompt, the batch of the text context; features for one image (B = 1), one per
-        prompt or one per generated image."""
-        adapter = self._loaded_ip_adapter(where="ip_adapter_image").adapter
-        if ip_adapter_image is not None:
-            features, negative = self.encode_ip_adapter_image(_one_adapter(ip_adapter_image))
-        else:
-            embeds = _one_adapter(ip_adapter_image_embeds, name="ip_adapter_image_embeds", tensors=True)
-            check_image_features(adapter, embeds, where="ip_adapter_image_embeds")
-            if guidance and embeds.shape[0] % 2:
-                raise InputError("under classifier-free guidance ip_adapter_image_embeds holds the negative rows "
-                                 "then the positive ones", where="ip_adapter_image_embeds",
-                                 expected="an even first dimension (2B)", found=tuple(embeds.shape))
-            negative, features = embeds.chunk(2) if guidance else (torch.zeros_like(embeds), embeds)
-        param = next(adapter.parameters())
-        cond, uncond = (adapter.project(f.to(device=param.device, dtype=param.dtype)) for f in (features, negative))
-        prompts = rows // num_images_per_prompt
-        cond, uncond = (_to_rows(t, rows, prompts, num_images_per_prompt) for t in (cond, uncond))
-        return cond.to(self.unet.dtype), (uncond.to(self.unet.dtype) if guidance else None)
+                            num_images_per_prompt: int, guidance: bool) -> ImageTokens:
+        """The image tokens of every adapter, appended in order: (cond, uncond, counts), cond / uncond (rows,
+        sum(counts), D), uncond None without guidance. `rows` = prompts x num_images_per_prompt, the batch of the
+        text context; features for one image (B = 1), one per prompt or one per generated image."""
+        loaded = self._loaded_ip_adapters(where="ip_adapter_image")
+        given = ip_adapter_image if ip_adapter_image is not None else ip_adapter_image_embeds
+        name = "ip_adapter_image" if ip_adapter_image is not None else "ip_adapter_image_embeds"
+        conds, unconds = [], []
+        for entry, item in zip(loaded, _per_adapter(given, len(loaded), name=name, tensors=ip_adapter_image is None),
+                               strict=True):
+            adapter = entry.adapter
+            if ip_adapter_image is not None:
+                features, negative = self.encode_ip_adapter_image(item, adapter)
+            else:
+                check_image_features(adapter, item, where=name)
+                if guidance and item.shape[0] % 2:
+                    raise InputError("under classifier-free guidance ip_adapter_image_embeds holds the negative "
+                                     "rows then the positive ones", where=name,
+                                     expected="an even first dimension (2B)", found=tuple(item.shape))
+                negative, features = item.chunk(2) if guidance else (torch.zeros_like(item), item)
+            param = next(adapter.parameters())
+            cond, uncond = (adapter.project(f.to(device=param.device, dtype=param.dtype)) for f in (features, negative))
+            prompts = rows // num_images_per_prompt
+            conds.append(_to_rows(cond, rows, prompts, num_images_per_prompt))
+            unconds.append(_to_rows(uncond, rows, prompts, num_images_per_prompt))
+        counts = tuple(c.shape[1] for c in conds)
+        cond_all = torch.cat(conds, dim=1).to(self.unet.dtype)
+        return cond_all, (torch.cat(unconds, dim=1).to(self.unet.dtype) if guidance else None), counts
 
     def ip_adapter_model(self, model: Callable[..., torch.Tensor], ip_adapter_image: Any, ip_adapter_image_embeds: Any,
                          *, rows: int, num_images_per_prompt: int, guidance: bool) -> Callable[..., torch.Tensor]:
@@ -184,21 +216,23 @@ class IPAdapterMixin:
         prompt."""
         if ip_adapter_image is None and ip_adapter_image_embeds is None:
             return model
-        cond, uncond = self.image_prompt_tokens(ip_adapter_image, ip_adapter_image_embeds, rows=rows,
-                                                num_images_per_prompt=num_images_per_prompt, guidance=guidance)
-        return with_image_tokens(model, cond, uncond)
+        cond, uncond, counts = self.image_prompt_tokens(ip_adapter_image, ip_adapter_image_embeds, rows=rows,
+                                                        num_images_per_prompt=num_images_per_prompt,
+                                                        guidance=guidance)
+        return with_image_tokens(model, cond, uncond, counts)
 
     # ---- helpers ---------------------------------------------------------------------------------------------
-    def _loaded_ip_adapter(self, *, where: str) -> LoadedIPAdapter:
-        loaded = self.__dict__.get("_ip_adapter")
-        if loaded is None:
+    def _loaded_ip_adapters(self, *, where: str) -> list[LoadedIPAdapter]:
+        loaded: list[LoadedIPAdapter] = self.__dict__.get("_ip_adapters", [])
+        if not loaded:
             raise InputError("no IP-Adapter is loaded", where=where, expected="pipe.load_ip_adapter(...) first",
                              found=None)
-        if not all(any(e is a for e in layer.extra) for layer, a in zip(loaded.layers, loaded.adapter.attentions(),
-                                                                          strict=True)):
-            raise UsageError("this pipeline's IP-Adapter is no longer in its UNet: another pipeline sharing the UNet "
-                             "(from_pipe, components) loaded or unloaded one", where=where,
-                             expected="load_ip_adapter on this pipeline again", found=loaded.source)
+        for entry in loaded:
+            if not all(any(e is a for e in layer.extra)
+                       for layer, a in zip(entry.layers, entry.adapter.attentions(), strict=True)):
+                raise UsageError("this pipeline's IP-Adapter is no longer in its UNet: another pipeline sharing the "
+                                 "UNet (from_pipe, components) loaded or unloaded one", where=where,
+                                 expected="load_ip_adapter on this pipeline again", found=entry.source)
         return loaded
 
     def _image_encoder_for(self, given: Any, beside: Path | None, location: hub.HubLocation, *,
@@ -230,12 +264,13 @@ class IPAdapterMixin:
                          expected="str | PathLike | nn.Module | None | False", found=describe(given))
 
 
-def with_image_tokens(model: Callable[..., torch.Tensor], cond: torch.Tensor,
-                      uncond: torch.Tensor | None) -> Callable[..., torch.Tensor]:
+def with_image_tokens(model: Callable[..., torch.Tensor], cond: torch.Tensor, uncond: torch.Tensor | None,
+                      counts: tuple[int, ...]) -> Callable[..., torch.Tensor]:
     """model(x, t, context=...) -> the same call with the image tokens appended to the context: `cond` for a batch
-    of its rows, [uncond; cond ...] for a batch of k x rows (classifier-free guidance: k = 2), and the count said
-    to the IP attentions (`models.ip_adapter.image_tokens`). The innermost wrapper: what wraps it sees the text."""
-    rows, count = cond.shape[0], cond.shape[1]
+    of its rows, [uncond; cond ...] for a batch of k x rows (classifier-free guidance: k = 2), and the counts (per
+    adapter, in order) said to the IP attentions (`models.ip_adapter.image_tokens`). The innermost wrapper: what
+    wraps it sees the text."""
+    rows = cond.shape[0]
 
     def run(x: torch.Tensor, t: Any, *, context: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         groups = x.shape[0] // rows
@@ -243,7 +278,7 @@ def with_image_tokens(model: Callable[..., torch.Tensor], cond: torch.Tensor,
             raise InputError("a UNet batch that is no multiple of the image prompt's rows", where="x",
                              expected=f"a multiple of {rows}", found=x.shape[0])
         tokens = cond if groups == 1 else torch.cat([uncond if uncond is not None else cond] + [cond] * (groups - 1))
-        with image_tokens(count):
+        with image_tokens(counts):
             return model(x, t, context=torch.cat([context, tokens.to(context)], dim=1), **kwargs)
 
     return run
@@ -294,19 +329,35 @@ def _config_value(model: Any, key: str, *default: Any) -> Any:
     return getattr(model.config, key, *default)
 
 
-def _one_adapter(value: Any, *, name: str = "ip_adapter_image", tensors: bool = False) -> Any:
-    """diffusers' per-adapter list, for the one adapter loaded: `x` or `[x]` (x: an image, a list of K images, or
-    a tensor of features)."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != 1:
-            raise InputError("one IP-Adapter is loaded: one entry per adapter", where=name,
-                             expected="x or [x] (several images for the adapter: [[img1, img2]])",
-                             found=f"a list of {len(value)}")
-        value = value[0]
-    if tensors and not isinstance(value, torch.Tensor):
-        raise InputError("ip_adapter_image_embeds holds tensors", where=name, expected="[tensor]",
-                         found=describe(value))
-    return value
+def _per_adapter(value: Any, n: int, *, name: str, tensors: bool) -> list[Any]:
+    """diffusers' per-adapter list -> one entry per loaded adapter (each an image, a list of K images, or a tensor
+    of features); with one adapter, the entry alone is accepted too."""
+    if not isinstance(value, (list, tuple)) or (n == 1 and tensors and isinstance(value, torch.Tensor)):
+        value = [value]
+    if len(value) != n:
+        several = " (several images for one adapter: [[img1, img2]])" if not tensors else ""
+        raise InputError(f"one entry per loaded IP-Adapter{several}", where=name, expected=f"a list of {n}",
+                         found=f"a list of {len(value)}")
+    if tensors and not all(isinstance(v, torch.Tensor) for v in value):
+        raise InputError("ip_adapter_image_embeds holds tensors", where=name, expected="[tensor, ...]",
+                         found=[describe(v) for v in value])
+    return list(value)
+
+
+def _adapter_list(source: Any, subfolder: Any, weight_name: Any) -> list[tuple[Any, str | None, str | None]]:
+    """load_ip_adapter's arguments as diffusers broadcasts them: lists of one length, a single value for all."""
+    names = weight_name if isinstance(weight_name, list) else [weight_name]
+    sources = source if isinstance(source, list) else [source]
+    folders = subfolder if isinstance(subfolder, list) else [subfolder]
+    n = max(len(names), len(sources), len(folders))
+    columns = []
+    for label, column in (("pretrained_model_name_or_path_or_dict", sources), ("subfolder", folders),
+                          ("weight_name", names)):
+        if len(column) not in (1, n) or not column:
+            raise InputError("load_ip_adapter's lists must have one length (or one entry for all)", where=label,
+                             expected=f"1 or {n} entries", found=len(column))
+        columns.append(column * n if len(column) == 1 else column)
+    return list(zip(*columns, strict=True))
 
 
 def _to_rows(tokens: torch.Tensor, rows: int, prompts: int, per_prompt: int) -> torch.Tensor:
