@@ -1,4 +1,5 @@
-"""IP-Adapter on the text-to-image pipelines, with diffusers' names (`IPAdapterMixin`).
+"""IP-Adapter on the Stable Diffusion pipelines (text-to-image, image-to-image, inpainting), with diffusers' names
+(`IPAdapterMixin`).
 
     pipe.load_ip_adapter("h94/IP-Adapter", subfolder="models", weight_name="ip-adapter_sd15.safetensors")
     pipe.set_ip_adapter_scale(0.6)
@@ -375,9 +376,8 @@ def _to_rows(tokens: torch.Tensor, rows: int, prompts: int, per_prompt: int) -> 
 
 def _scale(value: Any, given: Any, *, where: str = "scale") -> float:
     if not is_real(value) or not math.isfinite(value):
-        raise InputError("an IP-Adapter scale is a finite number or diffusers' per-block dict (several adapters are "
-                         "not supported yet)", where=where, expected="a float, or {'down': ..., 'mid': ..., 'up': ...}",
-                         found=describe(given))
+        raise InputError("an IP-Adapter scale is a finite number or diffusers' per-block dict", where=where,
+                         expected="a float, or {'down': ..., 'mid': ..., 'up': ...}", found=describe(given))
     return float(value)
 
 
