@@ -76,3 +76,43 @@ def write_tiny_ip_adapter(root: Path, *, plus: bool, inner: list[int], context_d
     if not (models / "image_encoder" / "config.json").is_file():
         write_tiny_image_encoder(models / "image_encoder")
     return Path(root)
+
+
+# ---- what the IP-Adapter test modules share ------------------------------------------------------------------
+def ip_setup(root: Path):
+    """(root, our pipeline, inner widths): the tiny SD folder `root/sd` (diffusers-built) loaded by latentdiff, and
+    both tiny IP-Adapter files under `root/ip/models` with the image encoder beside them."""
+    from latentdiff import LatentDiffusionPipeline
+    from latentdiff.models.ip_adapter import cross_attentions
+    from tests._support.sd import tiny_diffusers_pipeline
+
+    tiny_diffusers_pipeline(root).save_pretrained(root / "sd")
+    pipe = LatentDiffusionPipeline.from_pretrained(root / "sd")
+    inner = [layer.to_k.out_features for _, layer in cross_attentions(pipe.unet)]
+    for plus in (False, True):
+        write_tiny_ip_adapter(root / "ip", plus=plus, inner=inner, context_dim=32, seed=int(plus))
+    return root, pipe, inner
+
+
+def photo(seed: int = 0, size: tuple[int, int] = (40, 52)):
+    """A random RGB PIL image (the image prompt)."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8))
+
+
+def reference(root: Path, weight_name: str, *, scale: float = 0.6):
+    """diffusers' StableDiffusionPipeline on `root/sd` with `load_ip_adapter` of `root/ip/models/<weight_name>`."""
+    import diffusers
+
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(root / "sd", safety_checker=None,
+                                                            requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_ip_adapter(str(root / "ip"), subfolder="models", weight_name=weight_name)
+    ref.set_ip_adapter_scale(scale)
+    return ref
+
+
+def fixed_latents(seed: int = 5, batch: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 4, 16, 16, generator=torch.Generator().manual_seed(seed))
