@@ -254,3 +254,33 @@ def test_an_interrupt_of_the_served_pipeline_reaches_its_controlled_copy():
     base._interrupt = True          # what the engine's step callback does on /interrupt
     args["callback"](1, 0.5, None)
     assert runner._interrupt
+
+
+def test_sdxl_units_are_the_sdxl_pipelines_image(tmp_path):
+    import diffusers
+    from fastapi.testclient import TestClient
+
+    from latentdiff import StableDiffusionXLPipeline
+    from latentdiff.serve.app import create_app
+    from tests._support.sdxl import tiny_sdxl
+
+    base = tiny_sdxl(tmp_path / "xl")
+    torch.manual_seed(2)
+    cn = randomize_(diffusers.ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(16, 32)))
+    cn.save_pretrained(tmp_path / "controlnets" / "xl_edges")
+    hint = Image.fromarray((torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(1)) * 255).byte().numpy())
+    unit = {"enabled": True, "image": b64(hint), "model": "xl_edges", "weight": 0.7, "guidance_end": 0.75}
+    settings = ServeSettings(model=str(tmp_path / "xl"), controlnet_dirs=(tmp_path / "controlnets",), max_batch=1,
+                             batch_wait_s=0.0)
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "seed": 4, "steps": 3, "cfg_scale": 5,
+                                                          "width": SIZE, "height": SIZE,
+                                                          "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+    assert response.status_code == 200, response.text
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "xl",
+                                                     controlnet=ControlNet.from_pretrained(tmp_path / "controlnets"
+                                                                                           / "xl_edges"))
+    expected = pipe(PROMPT, height=SIZE, width=SIZE, negative_prompt="", num_inference_steps=3, guidance_scale=5.0,
+                    generator=[torch.Generator().manual_seed(4)], progress=False, control_image=hint,
+                    controlnet_conditioning_scale=0.7, control_guidance_end=0.75).images[0]
+    assert np.array_equal(pixels(response.json()["images"][0]), np.asarray(expected))

@@ -148,7 +148,7 @@ def img2img_request(data: Any, *, options: Options, catalog: Any, settings: Serv
 def _control(body: Body, common: dict[str, Any], *, catalog: Any, settings: ServeSettings,
              init_image: Any) -> tuple[Any, ...]:
     """The enabled ControlNet units of alwayson_scripts (serve.controlnet_units), checked against the request's
-    model before it is queued; no refiner with them (SDXL pipelines take no ControlNet here)."""
+    model before it is queued; no refiner with them (not composed yet)."""
     units = parse_units(body.raw("alwayson_scripts"), catalog=catalog, width=common["width"],
                         height=common["height"], init_image=init_image, max_bytes=settings.max_image_bytes,
                         pipeline=lambda: catalog.pipeline(common["model"], common["vae"]), ignored=common["ignored"])

@@ -197,7 +197,7 @@ def _check_models(units: list[ControlRequest], *, catalog: Any, pipe: Any, where
 
     if not hasattr(pipe, "controlnets"):
         raise RequestError("this model's pipeline takes no ControlNet", field=where,
-                           expected="a Stable Diffusion 1.x / 2.x checkpoint", found=type(pipe).__name__)
+                           expected="a Stable Diffusion (1.x, 2.x, XL) checkpoint", found=type(pipe).__name__)
     controlnets = _controlnets(catalog, where)
     enabled = [i for i, raw in enumerate(args) if isinstance(raw, dict) and raw.get("enabled")]
     for unit, index in zip(units, enabled, strict=True):

@@ -199,13 +199,13 @@ def _with_images(pipe: Any, unit: Unit, prompt: str, common: dict[str, Any], *,
     if is_sdxl(pipe) and init.mask is not None:    # a refiner is refused with a mask (serve.a1111)
         from ..pipelines.sdxl_inpaint import StableDiffusionXLInpaintPipeline
 
-        painter = StableDiffusionXLInpaintPipeline.from_pipe(pipe)
+        painter, common = with_control(pipe, StableDiffusionXLInpaintPipeline, request, controlnets, common)
         return list(painter(prompt, image=images, mask_image=fit(init.mask, size, mode=init.resize_mode),
                             height=request.height, width=request.width, strength=init.strength, **common).images)
     if is_sdxl(pipe):
         from ..pipelines.sdxl_image import StableDiffusionXLImg2ImgPipeline
 
-        xl = StableDiffusionXLImg2ImgPipeline.from_pipe(pipe)
+        xl, common = with_control(pipe, StableDiffusionXLImg2ImgPipeline, request, controlnets, common)
         tensor = init_tensor(xl, images, size=size)
         out = xl(prompt, image=tensor, strength=init.strength, **common).images
         return out if request.refiner is not None else list(out)
