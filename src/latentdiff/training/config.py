@@ -40,8 +40,8 @@ if TYPE_CHECKING:
     from ..models.vq import VQModelConfig
     from .autoencoder_loss import AutoencoderLossConfig
 
-Kind: TypeAlias = Literal["autoencoder", "diffusion"]
-KINDS = ("autoencoder", "diffusion")
+Kind: TypeAlias = Literal["autoencoder", "diffusion", "controlnet"]
+KINDS = ("autoencoder", "diffusion", "controlnet")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -302,8 +302,67 @@ class DiffusionTrainConfig(_Sections):
     kind = "diffusion"
 
 
-TrainConfig: TypeAlias = AutoencoderTrainConfig | DiffusionTrainConfig
-_CLASSES: dict[str, type] = {"autoencoder": AutoencoderTrainConfig, "diffusion": DiffusionTrainConfig}
+@dataclasses.dataclass(frozen=True)
+class ControlDataConfig(DataConfig):
+    conditioning_image_column: str = "conditioning_image"  # metadata column: each image's control image
+    random_flip: bool = False          # a flipped image keeps its control image aligned, not its caption's words
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlNetModelSection(ComponentConfig):
+    pipeline: str                      # the frozen base: a LatentDiffusionPipeline folder or built-in name
+    pretrained_controlnet: str | None = None   # continue from this ControlNet folder, else ControlNet.from_unet
+    conditioning_channels: int = 3
+    # the hint encoder's widths; None: (16, 32, 96, 256) cut to the autoencoder's factor (one level per halving)
+    conditioning_embedding_out_channels: tuple[int, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlNetTrainSection(TrainSection):
+    conditioning_dropout: float = 0.1  # p of training on the empty prompt (the control image stays): guidance
+    cache_latents: bool = False        # encode the data set once (needs center_crop)
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.conditioning_dropout < 1.0:
+            raise ConfigError("conditioning_dropout must lie in [0, 1)", where="conditioning_dropout",
+                              expected="[0, 1)", found=self.conditioning_dropout)
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlNetSampleConfig(ComponentConfig):
+    every_n_steps: int = 1000          # a PNG grid of control images beside samples; 0: only at the end
+    num_images: int = 4                # the first validation (else training) images' control images and captions
+    seeds: tuple[int, ...] = (0,)
+    num_inference_steps: int = 25
+    guidance_scale: float = 1.5
+    use_ema: bool = True
+
+    def validate(self) -> None:
+        _positive(self, "every_n_steps", allow_zero=True)
+        _positive(self, "num_images", "num_inference_steps")
+        if not self.seeds:
+            raise ConfigError("sample.seeds needs at least one seed", where="seeds", expected="a list of ints",
+                              found=self.seeds)
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlNetTrainConfig(_Sections):
+    data: ControlDataConfig
+    model: ControlNetModelSection
+    train: ControlNetTrainSection
+    optim: OptimConfig = OptimConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+    sample: ControlNetSampleConfig = ControlNetSampleConfig()
+    source: str | None = None
+
+    kind = "controlnet"
+
+
+TrainConfig: TypeAlias = AutoencoderTrainConfig | DiffusionTrainConfig | ControlNetTrainConfig
+_CLASSES: dict[str, type] = {"autoencoder": AutoencoderTrainConfig, "diffusion": DiffusionTrainConfig,
+                             "controlnet": ControlNetTrainConfig}
 
 
 def train_config_from_dict(data: Mapping[str, Any], kind: Kind, *, source: str | None = None) -> TrainConfig:
@@ -395,6 +454,11 @@ def apply_override(data: dict[str, Any], item: str) -> None:
 def check_components(config: TrainConfig) -> None:
     """Check the nested component dicts against their own configs now, with the file and key in errors."""
     where = f"{config.source}: model" if config.source else "model"
+    if isinstance(config, ControlNetTrainConfig):   # its networks come from the base pipeline, checked at load
+        if config.train.cache_latents and not config.data.center_crop:
+            raise ConfigError("cached latents need a fixed crop", where="train.cache_latents",
+                              expected="data.center_crop: true", found="center_crop: false")
+        return
     build_component_configs(config, where=where)
 
 
