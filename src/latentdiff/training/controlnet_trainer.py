@@ -29,7 +29,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .. import hub
 from ..errors import ConfigError
 from ..models.controlnet import ControlNet
 from ..models.residuals import Residuals
@@ -108,7 +107,7 @@ class ControlNetTrainer(DiffusionTrainer):
         unet_config = self.unet.config
         for name in ("in_channels", "channels", "cross_attention_dim"):
             if getattr(controlnet.config, name) != getattr(unet_config, name):
-                raise ConfigError("the ControlNet was made for another UNet", where=f"model.pretrained_controlnet",
+                raise ConfigError("the ControlNet was made for another UNet", where="model.pretrained_controlnet",
                                   expected=f"{name} {getattr(unet_config, name)}",
                                   found=getattr(controlnet.config, name))
         return controlnet
