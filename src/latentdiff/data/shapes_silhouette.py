@@ -98,7 +98,7 @@ def evaluate_silhouette_controlnet(controlnet: Any = "latentdiff/shapes-64-silho
             x_T = pipe.prepare_latents(len(chunk), IMAGE_SIZE, IMAGE_SIZE, generator=generators)
             cond, uncond = pipe.encode_prompt([caption(spec) for spec in chunk], guidance=scale > 1.0)
             model = None
-            if net is not None:
+            if net is not None and conditioning_scale is not None:
                 control = torch.stack([torch.from_numpy(silhouette_mask(spec)).float().expand(3, -1, -1)
                                        for spec in chunk])
                 model = controlled_unet(pipe.unet, net, control, conditioning_scale=conditioning_scale)

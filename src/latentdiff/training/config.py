@@ -385,7 +385,7 @@ def build_component_configs(config: AutoencoderTrainConfig, *, where: str = "mod
 def build_component_configs(config: DiffusionTrainConfig, *, where: str = "model") -> DiffusionComponents: ...
 
 
-def build_component_configs(config: TrainConfig, *,
+def build_component_configs(config: AutoencoderTrainConfig | DiffusionTrainConfig, *,
                             where: str = "model") -> AutoencoderComponents | DiffusionComponents:
     """The component configs named by the model section (architecture dicts -> typed configs)."""
     if isinstance(config, AutoencoderTrainConfig):

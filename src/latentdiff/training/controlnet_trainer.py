@@ -74,7 +74,8 @@ class ControlNetTrainer(DiffusionTrainer):
                                                         hint_column=config.data.conditioning_image_column)
         self.pipeline = LatentDiffusionPipeline.from_pretrained(model.pipeline)
         self.pipeline.release_weights = False   # previews run while the ControlNet trains
-        self.vae, self.unet, self.text_encoder = self.pipeline.vae, self.pipeline.unet, self.pipeline.text_encoder
+        self.base_unet, self.base_text_encoder = self.pipeline.unet, self.pipeline.text_encoder  # typed as loaded
+        self.vae, self.unet, self.text_encoder = self.pipeline.vae, self.base_unet, self.base_text_encoder
         for frozen in (self.vae, self.unet, self.text_encoder):
             frozen.to(self.device).requires_grad_(False).eval()
         self.noise_scheduler = self.pipeline.noise_scheduler
@@ -97,7 +98,7 @@ class ControlNetTrainer(DiffusionTrainer):
         else:
             levels = factor.bit_length()          # one level, then one per halving: factor 4 -> 3 levels
             widths = model.conditioning_embedding_out_channels or HINT_WIDTHS[:levels]
-            controlnet = ControlNet.from_unet(self.unet, conditioning_embedding_out_channels=tuple(widths),
+            controlnet = ControlNet.from_unet(self.base_unet, conditioning_embedding_out_channels=tuple(widths),
                                               conditioning_channels=model.conditioning_channels)
         if controlnet.config.hint_factor != factor:
             raise ConfigError("the ControlNet's hint encoder must shrink the control image to the latent's size",
@@ -131,8 +132,8 @@ class ControlNetTrainer(DiffusionTrainer):
                 drop = rnd.rand(z0.shape[0], stream=3) < self.config.train.conditioning_dropout
                 x_t = self.noise_scheduler.add_noise(z0, noise, t)
                 target = self.noise_scheduler.training_target(z0, noise, t)
-                context = self.text_encoder(["" if d else c for c, d in zip(batch["caption"], drop.tolist(),
-                                                                            strict=True)])
+                captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist(), strict=True)]
+                context = self.base_text_encoder(captions)
             hint = batch["control_image"].to(self.device, non_blocking=True)
             with acc.autocast():
                 prediction = controlled_unet(self.unet, self.controlnet, hint)(x_t, t, context=context)
