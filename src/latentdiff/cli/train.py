@@ -1,5 +1,5 @@
-"""`latentdiff train autoencoder|diffusion|controlnet CONFIG.yaml`: one stage from a YAML config (docs/training.md); under
-`accelerate launch` on many processes, the main one prints the run's folder."""
+"""`latentdiff train autoencoder|diffusion|controlnet CONFIG.yaml`: one stage from a YAML config
+(docs/training.md); under `accelerate launch` on many processes, the main one prints the run's folder."""
 from __future__ import annotations
 
 import argparse
