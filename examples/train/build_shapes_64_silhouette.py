@@ -6,8 +6,8 @@
    silhouettes (white shape on black, from the generator's geometry) as control images;
 2. `latentdiff train controlnet examples/train/shapes-64-silhouette.yaml`: a ControlNet initialised from
    latentdiff/shapes-64's UNet, the base frozen;
-3. the export (a diffusers ControlNetModel folder) copied into src/latentdiff/builtin/shapes-64-silhouette
-   (--install, '' to skip);
+3. the export (a diffusers ControlNetModel folder) written with fp16 weights into
+   src/latentdiff/builtin/shapes-64-silhouette (--install, '' to skip);
 4. the evaluation on --eval-count held-out captions and seeds (`shapes_silhouette.evaluate_silhouette_controlnet`):
    mean IoU of the checker's mask against the silhouette, the checker's accuracy, with and without the ControlNet;
    runs/shapes-64-silhouette/eval.json and a grid of (silhouette, image) pairs (--grid).
@@ -40,10 +40,15 @@ def run(*command: str) -> None:
 
 
 def install(source: Path, target: Path) -> None:
-    """Copy the exported ControlNet folder into the package (a temporary copy renamed in place)."""
+    """Write the exported ControlNet into the package with fp16 weights (4.5 MB instead of 9; loaded as fp32, and
+    the figures are measured on these weights), as a temporary folder renamed in place."""
+    import torch
+
+    from latentdiff import ControlNet
+
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
+    ControlNet.from_pretrained(source).to(torch.float16).save_pretrained(tmp)
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)

@@ -97,8 +97,20 @@ def test_bad_setups_are_clear_errors(tmp_path, parts):
                                "controlnet")
 
 
-def test_shipped_silhouette_controlnet_fits_the_builtin_unet():
+def test_shipped_silhouette_controlnet_fits_the_builtin_unet(monkeypatch):
+    import huggingface_hub
+
+    from latentdiff.builtin import builtin_path
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Hub was consulted for a built-in ControlNet")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    folder = builtin_path("latentdiff/shapes-64-silhouette")
+    assert sum(p.stat().st_size for p in folder.glob("*.safetensors")) <= 6 * 2**20    # a few MB (fp16)
     controlnet = ControlNet.from_pretrained("latentdiff/shapes-64-silhouette")
+    assert controlnet.dtype == torch.float32                                          # loads as fp32
     pipe = LatentDiffusionPipeline.from_pretrained("latentdiff/shapes-64")
     unet = pipe.unet
     for name in ("in_channels", "channels", "attention_levels", "layers_per_level", "cross_attention_dim",
