@@ -3,6 +3,7 @@ changes, a resumed run ends bit for bit where an uninterrupted one does, the exp
 loads; and the shipped silhouette ControlNet fits the built-in model's UNet."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -123,3 +124,29 @@ def test_shipped_silhouette_controlnet_fits_the_builtin_unet(monkeypatch):
         down, mid = controlnet(x, torch.tensor([500]), context, hint)
         unet(x, torch.tensor([500]), context, residuals=Residuals(down=down, mid=mid))   # shapes fit the skips
     assert any(p.abs().sum() > 0 for p in controlnet.controlnet_down_blocks.parameters())   # trained, not zero
+
+
+def test_previews_compute_what_the_pipeline_call_does(parts):
+    """controlled_unet through `denoise(model=)` (the trainer's previews) = the pipeline's call with controlnet=."""
+    from latentdiff.data.shapes import ShapesDataset, caption
+    from latentdiff.training.controlnet_trainer import controlled_unet
+    from tests._support.parity import randomize_
+
+    base = LatentDiffusionPipeline.from_pretrained(parts[1])
+    controlnet = ControlNet.from_unet(base.unet, conditioning_embedding_out_channels=(8, 16))
+    torch.manual_seed(3)
+    randomize_(controlnet)       # the zero convolutions too: a ControlNet that adds nothing could not fail this
+    pipe = LatentDiffusionPipeline.from_pretrained(parts[1], controlnet=controlnet)
+    specs = [ShapesDataset(2, seed=5).spec(i) for i in range(2)]
+    prompts, hints = [caption(s) for s in specs], [silhouette(s).resize((16, 16)) for s in specs]
+    run = dict(guidance_scale=1.5, num_inference_steps=3)
+    called = pipe(prompts, control_image=hints, height=16, width=16, output_type="pt", progress=False,
+                  generator=[torch.Generator().manual_seed(i) for i in range(2)], **run).images
+    x_T = pipe.prepare_latents(2, 16, 16, generator=[torch.Generator().manual_seed(i) for i in range(2)])
+    cond, uncond = pipe.encode_prompt(prompts)
+    control = torch.stack([torch.from_numpy(np.asarray(h)).permute(2, 0, 1).float() / 255 for h in hints])
+    with torch.no_grad():
+        z0 = pipe.denoise(x_T, cond, uncond, progress=False, model=controlled_unet(pipe.unet, controlnet, control),
+                          **run)
+        staged = (pipe.decode(z0).clamp(-1, 1) + 1) / 2
+    torch.testing.assert_close(staged, called, rtol=1e-4, atol=1e-5)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .shapes import IMAGE_SIZE, ShapeSpec, caption, coverage, sample_spec
+from .shapes import ShapeSpec, caption, coverage, sample_spec
 from .shapes_checker import score
 from .shapes_eval import REPORT_SEED, _call_settings, held_out_prompts
 
@@ -49,67 +49,55 @@ def held_out_specs(count: int, prompt_seed: int = REPORT_SEED) -> list[ShapeSpec
 
 
 def evaluate_silhouette_controlnet(controlnet: Any = "latentdiff/shapes-64-silhouette",
-                                   base: Any = "latentdiff/shapes-64", *, count: int = 100, seed: int = REPORT_SEED,
-                                   batch_size: int = 25, conditioning_scale: float | None = 1.0,
-                                   settings: dict[str, Any] | None = None, grid: str | os.PathLike | None = None,
-                                   grid_count: int = 20, progress: bool = True) -> dict[str, Any]:
+                                   base: str | os.PathLike = "latentdiff/shapes-64", *, count: int = 100,
+                                   seed: int = REPORT_SEED, batch_size: int = 25,
+                                   conditioning_scale: float | None = 1.0, settings: dict[str, Any] | None = None,
+                                   grid: str | os.PathLike | None = None, grid_count: int = 20,
+                                   progress: bool = True) -> dict[str, Any]:
     """Generate `count` images from held-out captions with their silhouettes as control images, and judge them.
 
-    Image i: the caption and silhouette of held-out spec i (`held_out_specs`), seed `seed + i`, at the base
-    folder's `latentdiff_generate.json` settings unless `settings` replace them (a pipeline object: `settings`
-    only). conditioning_scale None runs the base model alone (what the ControlNet adds is the difference).
+    Image i: the caption and silhouette of held-out spec i (`held_out_specs`), seed `seed + i`, by the base
+    pipeline's call with the ControlNet (`controlnet=` / `control_image=`), at the base folder's
+    `latentdiff_generate.json` settings unless `settings` replace them. conditioning_scale None: the base model
+    alone, the same captions and seeds (what the ControlNet adds is the difference).
     Returns {"iou": mean IoU of the checker's mask against the silhouette, "accuracy": the checker's score
     (color, background, shape, position, all, count), "ious": per image, "settings", "seeds"}; grid: a PNG of
     the first `grid_count` (silhouette, image) pairs, five pairs a row."""
     import torch
 
+    from .. import hub
     from ..builtin import generate_settings
     from ..models.controlnet import ControlNet
-    from ..pipelines.base import to_output
     from ..pipelines.latent_diffusion import LatentDiffusionPipeline
-    from ..training.controlnet_trainer import controlled_unet
     from ..utils.images import make_grid, save_png
     from .shapes_checker import analyze
 
     specs = held_out_specs(count, seed)
-    if isinstance(base, LatentDiffusionPipeline):
-        pipe = base
-    else:
-        from .. import hub
-
-        pipe = LatentDiffusionPipeline.from_pretrained(base)
-        settings = {**generate_settings(hub.resolve(base, allow_patterns=["*.json"])), **(settings or {})}
-    run = _call_settings(pipe, settings or {})
-    steps, scale = run.get("num_inference_steps", 50), run.get("guidance_scale", 1.5)
-    net = None
+    control: dict[str, Any] = {}
     if conditioning_scale is not None:
         net = controlnet if isinstance(controlnet, ControlNet) else ControlNet.from_pretrained(controlnet)
-        net.eval()
-    images, hints = [], [silhouette(spec) for spec in specs]
+        control = {"controlnet": net}
+    pipe = LatentDiffusionPipeline.from_pretrained(base, **control)
+    settings = {**generate_settings(hub.resolve(base, allow_patterns=["*.json"])), **(settings or {})}
+    run = _call_settings(pipe, settings)
+    hints, images = [silhouette(spec) for spec in specs], []
     batches = range(0, count, batch_size)
     if progress:
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc="silhouette eval", unit="batch")
-    with torch.no_grad():
-        for start in batches:
-            chunk = specs[start:start + batch_size]
-            generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
-            x_T = pipe.prepare_latents(len(chunk), IMAGE_SIZE, IMAGE_SIZE, generator=generators)
-            cond, uncond = pipe.encode_prompt([caption(spec) for spec in chunk], guidance=scale > 1.0)
-            model = None
-            if net is not None and conditioning_scale is not None:
-                control = torch.stack([torch.from_numpy(silhouette_mask(spec)).float().expand(3, -1, -1)
-                                       for spec in chunk])
-                model = controlled_unet(pipe.unet, net, control, conditioning_scale=conditioning_scale)
-            z0 = pipe.denoise(x_T, cond, uncond, guidance_scale=scale, num_inference_steps=steps, progress=False,
-                              model=model)
-            images += to_output(pipe.decode(z0).clamp(-1, 1).float().cpu(), "pil")
+    for start in batches:
+        chunk = slice(start, start + batch_size)
+        generators = [torch.Generator().manual_seed(seed + i) for i in range(start, min(start + batch_size, count))]
+        extra = {"control_image": hints[chunk], "controlnet_conditioning_scale": conditioning_scale} if control \
+            else {}
+        images += pipe([caption(spec) for spec in specs[chunk]], generator=generators, progress=False, **run,
+                       **extra).images
     ious = [mask_iou(analyze(image).mask, silhouette_mask(spec)) for image, spec in zip(images, specs, strict=True)]
     if grid is not None:
         pairs = [im for pair in zip(hints[:grid_count], images[:grid_count], strict=False) for im in pair]
         save_png(make_grid(pairs, cols=10), Path(grid),
-                 params={"controlnet": str(controlnet) if net is not None else "none",
+                 params={"controlnet": str(controlnet) if control else "none",
                          "seeds": f"{seed}..{seed + min(count, grid_count) - 1}", **run})
     return {"iou": float(np.mean(ious)), "accuracy": score(images, [caption(spec) for spec in specs]),
             "ious": ious, "settings": run, "seeds": [seed, seed + count - 1]}
