@@ -77,12 +77,12 @@ def test_a_missing_part_is_named(tmp_path):
 def test_text_to_image_layouts_are_folder_parts():
     for layout in (SD_LAYOUT, LDM_LAYOUT):
         parts = layout.parts()
-        assert [p.key for p in parts] == ["unet", layout.vae, layout.text_encoder, "tokenizer"]
-        tokenizer = parts[-1]
+        assert [p.key for p in parts] == ["unet", layout.vae, layout.text_encoder, "tokenizer", "controlnet"]
+        tokenizer = parts[3]
         assert tokenizer.argument == "text_encoder" and set(tokenizer.classes.values()) == {None}
         assert dict(parts[2].load_options) == {"tokenizer_subfolder": "tokenizer"}
     chosen = LatentDiffusionPipeline.folder_layout({"_class_name": "LDMTextToImagePipeline"})
-    assert [p.key for p in chosen] == ["unet", "vqvae", "bert", "tokenizer"]
+    assert [p.key for p in chosen] == ["unet", "vqvae", "bert", "tokenizer", "controlnet"]
     assert LatentDiffusionPipeline.folder_layout({}) == SD_LAYOUT.parts()
     assert all(isinstance(p, FolderPart) for p in UnconditionalPipeline.folder_parts)
 
