@@ -89,8 +89,9 @@ def evaluate_silhouette_controlnet(controlnet: Any = "latentdiff/shapes-64-silho
     for start in batches:
         chunk = slice(start, start + batch_size)
         generators = [torch.Generator().manual_seed(seed + i) for i in range(start, min(start + batch_size, count))]
-        extra = {"control_image": hints[chunk], "controlnet_conditioning_scale": conditioning_scale} if control \
-            else {}
+        extra: dict[str, Any] = {}
+        if control:
+            extra = {"control_image": hints[chunk], "controlnet_conditioning_scale": conditioning_scale}
         images += pipe([caption(spec) for spec in specs[chunk]], generator=generators, progress=False, **run,
                        **extra).images
     ious = [mask_iou(analyze(image).mask, silhouette_mask(spec)) for image, spec in zip(images, specs, strict=True)]
