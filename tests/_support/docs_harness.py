@@ -75,6 +75,7 @@ NOT_RUN: tuple[tuple[tuple[str, ...], str], ...] = (
     (("accelerate", "launch"), "a multi-process launch (tests/training/test_training_distributed.py runs one)"),
     (("curl",), "a download"),
     (("python", "examples/train/build_shapes_64.py"), "trains the built-in model: hours"),
+    (("python", "examples/train/build_shapes_64_silhouette.py"), "trains the built-in silhouette ControlNet: an hour"),
     (("latentdiff", "serve"), "serves until stopped (the page's client blocks talk to the server page_server starts)"),
 )
 # scripts under examples/ that a page may run (`python SCRIPT ARGS`), in-process (none now: the data the tiny
@@ -278,7 +279,8 @@ def check_yaml(block: Block, namespace: dict[str, Any]) -> None:
     if isinstance(data, dict) and "train" in data:
         from latentdiff.training.config import train_config_from_dict
 
-        kind = "diffusion" if "autoencoder" in (data.get("model") or {}) else "autoencoder"
+        model = data.get("model") or {}
+        kind = "controlnet" if "pipeline" in model else "diffusion" if "autoencoder" in model else "autoencoder"
         train_config_from_dict(data, kind, source=block.where)
 
 
@@ -332,7 +334,8 @@ def run_page(path: Path, *, skip_languages: tuple[str, ...] = ()) -> list[tuple[
 #   stabilityai/stable-diffusion-xl-refiner-1.0  and refiner, each built on first use by a page that names it
 #   lllyasviel/sd-controlnet-canny, lllyasviel/sd-controlnet-scribble   ControlNets of the SD stand-in (hint
 #                                                factor 2, every zero convolution randomised), built on first use
-# The built-in name "latentdiff/shapes-64" resolves to tests/_support/tiny_builtin.py's stand-in (random weights).
+# The built-in name "latentdiff/shapes-64" resolves to tests/_support/tiny_builtin.py's stand-in (random weights),
+# "latentdiff/shapes-64-silhouette" to a ControlNet made from that stand-in's UNet (ControlNet.from_unet).
 # FILES: put into a page's working directory when the page names them (folders copied, files linked):
 #   v1-5-pruned-emaonly.safetensors      the SD stand-in as an original single file (no latentdiff metadata)
 #   vae-ft-mse-840000-ema-pruned.ckpt    its autoencoder as a stand-alone Lightning .ckpt
@@ -359,9 +362,10 @@ class StandIns:
 
     def build(self) -> StandIns:
         from tests._support.hub_cache import make_hub_cache
-        from tests._support.tiny_builtin import make_tiny_shapes_model
+        from tests._support.tiny_builtin import make_tiny_shapes_model, make_tiny_silhouette_controlnet
 
         make_tiny_shapes_model(self.builtin)
+        make_tiny_silhouette_controlnet(self.builtin.with_name("shapes-64-silhouette"), self.builtin)
         clip = tiny_stable_diffusion(self.sd)
         make_hub_cache(self.hub_cache, SD_ID, self.sd)
         make_hub_cache(self.hub_cache, "openai/clip-vit-large-patch14", clip)
