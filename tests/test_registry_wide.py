@@ -103,7 +103,8 @@ def _t2i_adapter():
     return model, lambda m: torch.cat([f.flatten() for f in m(hint).intrablock])
 
 
-FACTORIES = {"unet": _unet, "controlnet": _controlnet, "t2i_adapter": _t2i_adapter, "unet2d": _unet2d, "class_embedder": _class_embedder,
+FACTORIES = {"unet": _unet, "controlnet": _controlnet, "t2i_adapter": _t2i_adapter, "unet2d": _unet2d,
+             "class_embedder": _class_embedder,
              "spatial_rescaler": _spatial_rescaler, "vq_model": _vq_model,
              "identity_first_stage": _identity_first_stage, "autoencoder_kl": _vae, "ldm_bert": _ldm_bert}
 # Parts that wrap a foreign model + tokenizer, or hold no weights, are covered by their own test files:
