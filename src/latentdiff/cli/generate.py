@@ -40,6 +40,7 @@ from ..version import __version__
 from . import generate_outputs as outputs
 from .generate_a1111 import add_schedule_flag, with_schedule
 from .generate_adapters import add_lora_flags, apply_loras, settle_loras
+from .generate_control import add_control_flags, settle_control
 from .generate_embeddings import add_embedding_flags, apply_embeddings, settle_embeddings
 from .generate_inputs import add_input_flags, load_vae, prepare_run, set_threads, settle_inputs, size_from_image
 from .generate_model import ModelSource, locate_model, tokenizer_file
@@ -101,6 +102,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     add_prompt_flags(gen)
     # ---- SDXL: refiner, micro-conditioning (issue 18, generate_sdxl) ----
     add_sdxl_flags(gen)
+    # ---- ControlNet, T2I-Adapter, IP-Adapter (issue 19, generate_control) ----
+    add_control_flags(gen)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -119,6 +122,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings = settle_loras(args, stored, settings)
     settings = settle_prompts(args, settings)
     settings = settle_sdxl(args, stored, settings, source)
+    settings = settle_control(args, stored, settings)
     jobs = plan_jobs(args, settings, procs.share)
     if procs.is_main and drawn:
         print(f"latentdiff: seed {seed}", file=sys.stderr)

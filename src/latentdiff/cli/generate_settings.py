@@ -40,7 +40,9 @@ RECORDED = ("prompt", "negative", "seed", "steps", "guidance", "sampler", "eta",
 
             "prompt_syntax",   # generate_prompts
             # SDXL (generate_sdxl)
-            "refiner", "refiner_switch", "original_size", "target_size", "crop_top_left", "tokenizer_2")
+            "refiner", "refiner_switch", "original_size", "target_size", "crop_top_left", "tokenizer_2",
+            # ControlNet / T2I-Adapter / IP-Adapter (generate_control)
+            "control", "control_resize", "guess_mode", "ip_adapter")
 OPTIONAL = RECORDED[RECORDED.index("clip_skip"):]   # recorded only when set
 MAX_SEED = 2**63 - 1
 PATH_VALUES = ("model", "tokenizer", "init_image", "mask", "vae", "refiner", "tokenizer_2")   # naming files
@@ -94,6 +96,13 @@ class GenerateSettings:
     target_size: str | None = None
     crop_top_left: str | None = None
     tokenizer_2: str | None = None     # an SDXL single file's second (bigG) tokenizer, as `tokenizer`
+    # generate_control: [{"model", "kind", "image", "image_sha256", "scale", "start", "end"}] of --controlnet /
+    # --control pairs; the resize mode name; guess mode; {"path", "sha256", "image", "image_sha256", "scale",
+    # "image_encoder"} of --ip-adapter
+    control: list[dict[str, Any]] | None = None
+    control_resize: str | None = None
+    guess_mode: bool | None = None
+    ip_adapter: dict[str, Any] | None = None
 
     def params(self) -> dict[str, Any]:
         """The settings as the JSON a PNG records (the image input, hires, tile and VAE settings only when used)."""

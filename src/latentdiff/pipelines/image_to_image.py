@@ -38,7 +38,9 @@ from .stages import stage
 class ImageToImagePipeline(LatentDiffusionPipeline):
     """Text-guided image-to-image: the parts of `LatentDiffusionPipeline`, started from a noised image."""
 
-    diffusers_class_names = ("StableDiffusionImg2ImgPipeline",)
+    diffusers_class_names = ("StableDiffusionImg2ImgPipeline", "StableDiffusionControlNetImg2ImgPipeline")
+    default_control_scale = 0.8   # diffusers' default for the task
+    controlnet_class_name = "StableDiffusionControlNetImg2ImgPipeline"
     loadable_class_names = tuple(LAYOUTS)
 
     @with_prompt_adapters
@@ -54,7 +56,10 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
             callback_on_step_end: CallbackOnStepEnd | None = None,
             callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), return_dict: bool = True,
             clip_skip: int | None = None, prompt_syntax: str = "a1111",
-            lora_dirs: Sequence[str | os.PathLike] | None = None) -> Any:
+            lora_dirs: Sequence[str | os.PathLike] | None = None, control_image: Any = None,
+            controlnet_conditioning_scale: float | Sequence[float] = 0.8,
+            control_guidance_start: float | Sequence[float] = 0.0, control_guidance_end: float | Sequence[float] = 1.0,
+            guess_mode: bool = False, control_resize_mode: int | None = 0) -> Any:
         """Edit `image` (see `images` for the accepted kinds; H, W multiples of the autoencoder factor) towards
         `prompt`. strength in [0, 1]: 1 runs all num_inference_steps from an almost fully noised image,
         smaller keeps more of it (int(N * strength) steps run), with any sampler. noise: (B, C, H/f, W/f), the
@@ -64,7 +69,8 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
         docs/limits.md). guidance_rescale, callback_on_step_end, callback_on_step_end_tensor_inputs, return_dict,
         `pipe._interrupt`: as diffusers' (`call_options`).
         clip_skip, prompt_syntax: as text-to-image's. Returns PipelineOutput(images=...) (return_dict=False:
-        the tuple (images, None)).
+        the tuple (images, None)). control_image ... control_resize_mode: as text-to-image's, the hints at the
+        image's size (diffusers' StableDiffusionControlNetImg2ImgPipeline; the step ranges over the steps run).
         """
         check_call(self, locals())
         x, sampler = self.preprocess_image(image), self.sampler_for(eta)
@@ -73,6 +79,7 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
             guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, output_type=output_type,
             generator=generator, noise=noise, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds, max_pixels=max_pixels)
+        control = self.control_for_call(locals(), height=x.shape[-2], width=x.shape[-1])
         cond, uncond, schedule = prompt_encoding.encode_for_call(
             self, prompt, negative_prompt, steps=num_inference_steps, num_images_per_prompt=num_images_per_prompt,
             guidance=guidance_scale > 1.0, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
@@ -84,7 +91,7 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
                                 embeddings={"prompt_embeds": cond, "negative_prompt_embeds": uncond})
         z = self.denoise(x_t0, cond, uncond, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                          sampler=sampler, generator=generator, callback=on_step, progress=progress,
-                         start_step=first, guidance_rescale=guidance_rescale, schedule=schedule)
+                         start_step=first, guidance_rescale=guidance_rescale, schedule=schedule, control=control)
         return finish(self.output(z, output_type), return_dict)
 
     # ---- the stages ------------------------------------------------------------------------------

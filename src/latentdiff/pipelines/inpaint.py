@@ -128,7 +128,9 @@ class InpaintStages(DenoisingPipeline):
 class InpaintPipeline(InpaintStages, ImageToImagePipeline):
     """Inpainting with a (2C + 1)-channel inpainting UNet, or a plain C-channel UNet by blending."""
 
-    diffusers_class_names = ("StableDiffusionInpaintPipeline",)
+    diffusers_class_names = ("StableDiffusionInpaintPipeline", "StableDiffusionControlNetInpaintPipeline")
+    default_control_scale = 0.5   # diffusers' default for the task
+    controlnet_class_name = "StableDiffusionControlNetInpaintPipeline"
     loadable_class_names = tuple(LAYOUTS)
 
     @with_prompt_adapters
@@ -145,7 +147,10 @@ class InpaintPipeline(InpaintStages, ImageToImagePipeline):
             callback_on_step_end: CallbackOnStepEnd | None = None,
             callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), return_dict: bool = True,
             clip_skip: int | None = None, prompt_syntax: str = "a1111",
-            lora_dirs: Sequence[str | os.PathLike] | None = None) -> Any:
+            lora_dirs: Sequence[str | os.PathLike] | None = None, control_image: Any = None,
+            controlnet_conditioning_scale: float | Sequence[float] = 0.5,
+            control_guidance_start: float | Sequence[float] = 0.0, control_guidance_end: float | Sequence[float] = 1.0,
+            guess_mode: bool = False, control_resize_mode: int | None = 0) -> Any:
         """Repaint the white region of `mask_image` in `image` (same H, W). height / width (multiples of the
         autoencoder factor): resize the image and the mask to them, as diffusers; default: the image's size (rounded
         down to multiples of the factor).
@@ -156,6 +161,8 @@ class InpaintPipeline(InpaintStages, ImageToImagePipeline):
         (default limits.DEFAULT_MAX_PIXELS). guidance_rescale, callback_on_step_end(_tensor_inputs), return_dict,
         `pipe._interrupt`: as diffusers' (`call_options`).
         clip_skip, prompt_syntax: as text-to-image's. Returns PipelineOutput(images=...) or (images, None).
+        control_image ... control_resize_mode: as text-to-image's, the hints at the image's size after its resizing
+        (diffusers' StableDiffusionControlNetInpaintPipeline: the ControlNets see the latents, not the mask inputs).
         """
         check_call(self, locals())
         size = self.check_size_arguments(height, width, max_pixels=max_pixels)
@@ -167,6 +174,7 @@ class InpaintPipeline(InpaintStages, ImageToImagePipeline):
             generator=generator, noise=noise, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds, max_pixels=max_pixels)
         check_batch(mask.shape[0], batch, per_prompt=num_images_per_prompt, name="mask_image")
+        control = self.control_for_call(locals(), height=x.shape[-2], width=x.shape[-1])
         cond, uncond, schedule = prompt_encoding.encode_for_call(
             self, prompt, negative_prompt, steps=num_inference_steps, num_images_per_prompt=num_images_per_prompt,
             guidance=guidance_scale > 1.0, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
@@ -182,7 +190,7 @@ class InpaintPipeline(InpaintStages, ImageToImagePipeline):
         mask_latents = self.prepare_mask_latents(mask, x, **per_prompt, generator=generator)
         run: dict[str, Any] = dict(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                                    sampler=sampler, generator=generator, progress=progress, start_step=first,
-                                   guidance_rescale=guidance_rescale, schedule=schedule)
+                                   guidance_rescale=guidance_rescale, schedule=schedule, control=control)
         on_step = step_callback(self, callback, callback_on_step_end, callback_on_step_end_tensor_inputs,
                                 embeddings={"prompt_embeds": cond, "negative_prompt_embeds": uncond})
         if self.concat_inputs:

@@ -37,6 +37,7 @@ from .adapter_methods import LoraMixin, with_prompt_adapters
 from .arguments import check_call, check_clip_skip
 from .base import PipelineOutput
 from .call_options import CallbackOnStepEnd, finish, step_callback
+from .control_pipeline import CONTROLNET_PART, ControlNetParts, ControlNets, as_controlnet
 from .denoising import FIRST_STAGES, FirstStage, Generator
 from .folder import MODEL_INDEX, Entry, FolderPart, write_parts
 from .sdedit import start_step
@@ -66,7 +67,7 @@ class FolderLayout:
         return (FolderPart("unet", "unet", UNETS), FolderPart(self.vae, "vae", FIRST_STAGES),
                 FolderPart(self.text_encoder, "text_encoder", {e: TEXT_ENCODERS[e] for e in self.text_encoders},
                            load_options=(("tokenizer_subfolder", "tokenizer"),)),
-                FolderPart("tokenizer", "text_encoder", dict.fromkeys(self.tokenizers)))
+                FolderPart("tokenizer", "text_encoder", dict.fromkeys(self.tokenizers)), CONTROLNET_PART)
 
 
 SD_LAYOUT = FolderLayout(
@@ -85,25 +86,30 @@ OWN_CLASS = "LatentDiffusionPipeline"   # latentdiff's own `_class_name`: diffus
 LAYOUTS: dict[str, FolderLayout] = {
     "StableDiffusionPipeline": SD_LAYOUT, "StableDiffusionImg2ImgPipeline": SD_LAYOUT,
     "StableDiffusionInpaintPipeline": SD_LAYOUT, OWN_CLASS: SD_LAYOUT,   # OWN_CLASS: LDM's with `bert`/`vqvae`
+    "StableDiffusionControlNetPipeline": SD_LAYOUT, "StableDiffusionControlNetImg2ImgPipeline": SD_LAYOUT,
+    "StableDiffusionControlNetInpaintPipeline": SD_LAYOUT,
     LDM_TEXT_TO_IMAGE: LDM_LAYOUT,
 }
 
 
 @PIPELINES.register("text-to-image")
-class LatentDiffusionPipeline(LoraMixin, TextGuidedPipeline):
+class LatentDiffusionPipeline(ControlNetParts, LoraMixin, TextGuidedPipeline):
     """Text-conditioned latent diffusion: a first stage (KL, VQ or identity), a cross-attention UNet and a text
-    encoder (CLIP, as Stable Diffusion, or LDMBert, as LDM's text-to-image model)."""
+    encoder (CLIP, as Stable Diffusion, or LDMBert, as LDM's text-to-image model); optionally ControlNets
+    (`control_pipeline`)."""
 
     diffusers_class_names: ClassVar[tuple[str, ...]] = (
-        "StableDiffusionPipeline", LDM_TEXT_TO_IMAGE, OWN_CLASS)
+        "StableDiffusionPipeline", LDM_TEXT_TO_IMAGE, OWN_CLASS, "StableDiffusionControlNetPipeline")
     loadable_class_names = tuple(LAYOUTS)
-    component_names = ("vae", "unet", "text_encoder", "noise_scheduler", "sampler")
+    component_names = ("vae", "unet", "text_encoder", "noise_scheduler", "sampler", "controlnet")
     unet: UNet2DConditional   # cross-attends to the text
     folder_parts = SD_LAYOUT.parts()   # the layout saved with a CLIP text encoder; `folder_layout` reads either
 
     def __init__(self, *, vae: FirstStage, unet: UNet2DConditional, text_encoder: TextEncoder,
-                 noise_scheduler: NoiseScheduler | None = None, sampler: SamplerProtocol | None = None):
+                 noise_scheduler: NoiseScheduler | None = None, sampler: SamplerProtocol | None = None,
+                 controlnet: ControlNets = None):
         self.text_encoder = text_encoder
+        self.controlnet = as_controlnet(controlnet)
         super().__init__(vae=vae, unet=unet, noise_scheduler=noise_scheduler, sampler=sampler)
 
     def check_parts(self) -> None:
@@ -114,9 +120,10 @@ class LatentDiffusionPipeline(LoraMixin, TextGuidedPipeline):
             raise ConfigError("the UNet's cross-attention width differs from the text encoder's hidden size",
                               where="unet.config.cross_attention_dim", expected=self.text_encoder.hidden_size,
                               found=width)
+        self.check_controlnets()
 
     def networks(self) -> tuple[torch.nn.Module, ...]:
-        return (self.unet, self.vae, self.text_encoder)
+        return (self.unet, self.vae, self.text_encoder, *self.controlnets)
 
     # ---- loading and saving ---------------------------------------------------------------------
     @classmethod
@@ -128,14 +135,16 @@ class LatentDiffusionPipeline(LoraMixin, TextGuidedPipeline):
             vae: FirstStage | None = None, unet: UNet2DConditional | None = None,
             text_encoder: TextEncoder | None = None, noise_scheduler: NoiseScheduler | None = None,
             sampler: SamplerProtocol | None = None, mmap_weights: bool = False,
-            check_finite_weights: bool = False) -> LatentDiffusionPipeline:
+            check_finite_weights: bool = False, controlnet: ControlNets = None) -> LatentDiffusionPipeline:
         """Load a diffusers-format folder or Hub repo (Stable Diffusion v1/v2, LDM text-to-image, and their
         image-to-image / inpainting folders); parts passed in replace the folder's. `mmap_weights`: weights
         memory-mapped and released between stages instead of copied (`load_pipeline_folder`, docs/memory.md).
         check_finite_weights: scan every part's weights once (`check_weights`), a NumericalError naming the part
-        and the first bad tensor."""
+        and the first bad tensor. controlnet: a ControlNet or a list (multi-ControlNet) in place of the folder's
+        (`controlnet/`, absent in plain folders)."""
         location = HubLocation(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
-        given = dict(vae=vae, unet=unet, text_encoder=text_encoder, noise_scheduler=noise_scheduler, sampler=sampler)
+        given = dict(vae=vae, unet=unet, text_encoder=text_encoder, noise_scheduler=noise_scheduler, sampler=sampler,
+                     controlnet=controlnet)
         return cls.load_pipeline_folder(path_or_id, given=given, variant=variant, torch_dtype=torch_dtype,
                                         device=device, location=location, mmap_weights=mmap_weights,
                                         check_finite_weights=check_finite_weights)
@@ -165,7 +174,10 @@ class LatentDiffusionPipeline(LoraMixin, TextGuidedPipeline):
         entries = write_parts(folder, {"unet": self.unet, layout.vae: self.vae}, noise_scheduler=self.noise_scheduler,
                               sampler=self.sampler, variant=variant)
         self.text_encoder.write_files(folder / layout.text_encoder, folder / "tokenizer", variant=variant)
-        index = self.model_index() | {"_class_name": class_name} | entries | dict(layout.extra_entries) \
+        control = self.write_controlnets(folder, variant=variant)
+        if control:   # diffusers' ControlNet pipeline of the task; LDM's layout has none: latentdiff's own name
+            class_name = self.controlnet_class_name if layout is SD_LAYOUT else OWN_CLASS
+        index = self.model_index() | {"_class_name": class_name} | entries | control | dict(layout.extra_entries) \
             | self.text_encoder.diffusers_entries()
         hub.write_json(index, folder / MODEL_INDEX)
 
@@ -183,7 +195,11 @@ class LatentDiffusionPipeline(LoraMixin, TextGuidedPipeline):
                  callback_on_step_end: CallbackOnStepEnd | None = None,
                  callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
                  return_dict: bool = True, clip_skip: int | None = None,
-                 prompt_syntax: str = "a1111", lora_dirs: Sequence[str | os.PathLike] | None = None) -> Any:
+                 prompt_syntax: str = "a1111", lora_dirs: Sequence[str | os.PathLike] | None = None,
+                 control_image: Any = None, controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+                 control_guidance_start: float | Sequence[float] = 0.0,
+                 control_guidance_end: float | Sequence[float] = 1.0, guess_mode: bool = False,
+                 control_resize_mode: int | None = 0) -> Any:
         """Generate images for `prompt` (a string or a list). Returns PipelineOutput(images=...), or with
         return_dict=False diffusers' tuple (images, None) (no safety checker: nothing flagged).
 
@@ -197,6 +213,10 @@ class LatentDiffusionPipeline(LoraMixin, TextGuidedPipeline):
         clip_skip: CLIP layers skipped (`encode_prompt`). prompt_syntax: "a1111" (weights, BREAK, long prompts, AND,
         [from:to:when], [a|b]: docs/prompts.md) or "plain" (the text as it is, as diffusers).
         lora_dirs: folders where `<lora:NAME:W>` tags of the prompts find NAME.safetensors (`LoraMixin`).
+        control_image (one per ControlNet: a list), controlnet_conditioning_scale, control_guidance_start / end (one
+        number, or one per ControlNet), guess_mode: as diffusers' ControlNet pipelines (`control_pipeline`);
+        control_resize_mode: how a hint of another size is brought to height x width (`latentdiff.control.fit`:
+        0 resize, as diffusers; 1 crop; 2 fill; None: an error).
         """
         check_call(self, locals())
         height, width = self.check_inputs(prompt, negative_prompt, height=height, width=width,
@@ -204,6 +224,7 @@ class LatentDiffusionPipeline(LoraMixin, TextGuidedPipeline):
                                           num_images_per_prompt=num_images_per_prompt, output_type=output_type,
                                           prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                                           max_pixels=max_pixels)
+        control = self.control_for_call(locals(), height=height, width=width)
         tiling = self.tiling(tile_size, tile_overlap)
         sampler = self.sampler_for(eta)
         use_cfg = guidance_scale > 1.0
@@ -216,7 +237,7 @@ class LatentDiffusionPipeline(LoraMixin, TextGuidedPipeline):
                                 embeddings={"prompt_embeds": cond, "negative_prompt_embeds": uncond})
         z0 = self.denoise(x_T, cond, uncond, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                           sampler=sampler, generator=generator, callback=on_step, progress=progress, tiling=tiling,
-                          guidance_rescale=guidance_rescale, schedule=schedule)
+                          guidance_rescale=guidance_rescale, schedule=schedule, control=control)
         return finish(self.output(z0, output_type), return_dict)
 
     @stage

@@ -24,6 +24,7 @@ from ..utils.numerics import check_finite_output
 from . import acceleration, prompt_encoding
 from .base import concat_conditioning
 from .call_options import Interrupted
+from .control import Control
 from .denoising import DenoisingPipeline, Generator
 from .sdedit import sample_from_step
 from .stages import stage
@@ -110,7 +111,7 @@ class TextGuidedPipeline(DenoisingPipeline):
                 start_step: int = 0, concat: torch.Tensor | None = None, tiling: LatentTiling | None = None,
                 guidance_rescale: float = 0.0, grad: bool = False,
                 schedule: prompt_encoding.PromptSchedule | None = None,
-                model: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+                model: Callable[..., torch.Tensor] | None = None, control: Control | None = None) -> torch.Tensor:
         """Run the reverse process from x_T to z_0 with the sampler, guided by the text embeddings.
 
         start_step > 0 runs only steps start_step .. N-1 of the N-step plan, x_T being the sample at that
@@ -122,20 +123,28 @@ class TextGuidedPipeline(DenoisingPipeline):
         for training uses (every stage runs without by default: `pipelines.stages`). schedule: conditioning that
         changes per step (A1111's AND, [from:to:when], [a|b]: `prompt_encoding`), in place of cond / uncond.
         model: the UNet call with the pipeline's other conditioning bound (SDXL's added_cond); default the UNet.
+        control: ControlNets (or adapters) bound to their hints (`control.Control`): the outermost model wrapper
+        (outside `concat`), its step counted by the callback over the steps run (start_step .. N-1); with tiling,
+        each window's hint is cropped to it.
         """
         if tiling is not None and concat is not None:
             raise InputError("tiled sampling does not slice concatenated conditioning", where="tiling",
                              expected="tiling=None with concat (inpainting)", found=tiling)
         model = self.unet if model is None else model
         model = model if concat is None else concat_conditioning(model, concat)
+        controller = None if control is None else control.bind(model, steps=num_inference_steps - start_step)
+        model = model if controller is None else controller
         if schedule is None:
             denoise_fn = classifier_free_guidance(model, context=cond, uncond_context=uncond,
                                                   guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
         else:
             denoise_fn = schedule.denoiser(model, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
             callback = schedule.counting(callback, start_step)
+        if controller is not None:
+            callback = controller.counting(callback)
         if tiling is not None:
-            denoise_fn = tiled_denoiser(denoise_fn, tiling)
+            denoise_fn = tiled_denoiser(denoise_fn, tiling,
+                                        on_window=None if controller is None else controller.on_window)
         per_block = self.release_weights == "blocks" and not acceleration._is_compiled(self.unet)
         with released_after_each_block(self.unet) if per_block else contextlib.nullcontext():
             try:

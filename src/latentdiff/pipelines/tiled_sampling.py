@@ -21,6 +21,7 @@ up across its overlap with a neighbour, so no window's border is a hard edge in 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import torch
@@ -105,10 +106,13 @@ def blend_weights(height: int, width: int, tiling: LatentTiling) -> tuple[list[W
                      for win, weight in zip(windows, raw, strict=True)]
 
 
-def tiled_denoiser(denoise: Denoiser, tiling: LatentTiling) -> Denoiser:
+def tiled_denoiser(denoise: Denoiser, tiling: LatentTiling, *,
+                   on_window: Callable[[tuple[slice, slice] | None], None] | None = None) -> Denoiser:
     """Wrap `denoise(x_t, t)` into MultiDiffusion over the windows of `tiling`: x_t (B, C, H, W) -> the
     blended prediction (B, C', H, W). Windows run one after another (memory of one window's forward); the
-    weights are built once per latent size, device and dtype, and the blend accumulates in float32 at least."""
+    weights are built once per latent size, device and dtype, and the blend accumulates in float32 at least.
+    on_window(rows, cols) is told each window before its call, and None after the last (control hints cropped
+    per window: `control.Controlled.on_window`)."""
     cache: dict[tuple, tuple[list[Window], list[torch.Tensor]]] = {}
 
     def denoise_tiled(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -122,11 +126,15 @@ def tiled_denoiser(denoise: Denoiser, tiling: LatentTiling) -> Denoiser:
         out = None
         for win, weight in zip(windows, weights, strict=True):
             rows, cols = slice(win.top, win.top + win.height), slice(win.left, win.left + win.width)
+            if on_window is not None:
+                on_window((rows, cols))
             pred = denoise(x_t[..., rows, cols], t)
             if out is None:
                 out = torch.zeros((*pred.shape[:-2], height, width), dtype=acc_dtype, device=pred.device)
             out[..., rows, cols] += pred.to(acc_dtype) * weight
         assert out is not None  # window_layout gives at least one window
+        if on_window is not None:
+            on_window(None)
         return out.to(pred.dtype)
 
     return denoise_tiled
