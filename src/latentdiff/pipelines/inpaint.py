@@ -150,7 +150,8 @@ class InpaintPipeline(InpaintStages, ImageToImagePipeline):
             lora_dirs: Sequence[str | os.PathLike] | None = None, control_image: Any = None,
             controlnet_conditioning_scale: float | Sequence[float] = 0.5,
             control_guidance_start: float | Sequence[float] = 0.0, control_guidance_end: float | Sequence[float] = 1.0,
-            guess_mode: bool = False, control_resize_mode: int | None = 0) -> Any:
+            guess_mode: bool = False, control_resize_mode: int | None = 0,
+            adapter_conditioning_scale: float | Sequence[float] = 1.0) -> Any:
         """Repaint the white region of `mask_image` in `image` (same H, W). height / width (multiples of the
         autoencoder factor): resize the image and the mask to them, as diffusers; default: the image's size (rounded
         down to multiples of the factor).
@@ -163,6 +164,7 @@ class InpaintPipeline(InpaintStages, ImageToImagePipeline):
         clip_skip, prompt_syntax: as text-to-image's. Returns PipelineOutput(images=...) or (images, None).
         control_image ... control_resize_mode: as text-to-image's, the hints at the image's size after its resizing
         (diffusers' StableDiffusionControlNetInpaintPipeline: the ControlNets see the latents, not the mask inputs).
+        adapter_conditioning_scale: the T2I-Adapters', as text-to-image's (`t2i_adapters`).
         """
         check_call(self, locals())
         size = self.check_size_arguments(height, width, max_pixels=max_pixels)
