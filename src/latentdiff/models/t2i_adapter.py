@@ -217,8 +217,9 @@ class T2IAdapter(ModelMixin[T2IAdapterConfig]):
                          device: str | torch.device | None = None, check_finite_weights: bool = False) -> T2IAdapter:
         """Load a TencentARC T2I-Adapter file (`t2iadapter_*_sd14v1.pth` / `.safetensors`: full or light
         adapters, the architecture read from the tensor shapes; pickles only through weights_only loading), or
-        a file `save_single_file` wrote, strictly. `original_config`, `use_ema`, `prediction_type`: refused
-        (an adapter file has no YAML, EMA or schedule)."""
+        a file `save_single_file` wrote, strictly. `original_config`, `prediction_type`: refused (an adapter file
+        has no YAML or schedule); `use_ema`: kept for the shared signature, without effect (an adapter file holds
+        one set of weights)."""
         for name, value in (("original_config", original_config), ("prediction_type", prediction_type)):
             if value is not None:
                 raise InputError(f"a T2I-Adapter file takes no {name}", where=name, expected=None, found=repr(value))
