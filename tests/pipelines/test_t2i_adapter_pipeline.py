@@ -83,6 +83,19 @@ def test_one_adapter_matches_diffusers(setup, name, kw):
     assert np.abs(plain - ours.numpy()).max() > 1e-3   # the adapter changed the image: the test can fail
 
 
+def test_several_images_per_prompt_without_guidance_match_diffusers(setup):
+    """The features' rows repeated per image, and the unguided batch (no doubling)."""
+    pipe = LatentDiffusionPipeline.from_pretrained(setup["root"] / "folder", adapter=setup["ours"]["rgb"])
+    latents = torch.randn(2, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(6))
+    kw = dict(height=SIZE, width=SIZE, num_inference_steps=STEPS, latents=latents, output_type="np",
+              num_images_per_prompt=2, guidance_scale=1.0, adapter_conditioning_scale=0.9)
+    with torch.no_grad():
+        expected = reference(setup, setup["refs"]["rgb"])(PROMPT, image=hint(8), **kw).images
+    ours = pipe(PROMPT, control_image=hint(8), progress=False, **kw).images
+    assert ours.shape[0] == 2
+    assert_parity(torch.from_numpy(ours), torch.from_numpy(expected))
+
+
 def test_two_adapters_with_weights_match_diffusers_multi_adapter(setup):
     refs, ours = setup["refs"], setup["ours"]
     pipe = LatentDiffusionPipeline.from_pretrained(setup["root"] / "folder", adapter=[ours["rgb"], ours["rgb2"]])
