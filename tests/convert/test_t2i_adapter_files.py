@@ -75,6 +75,28 @@ def test_any_config_reads_back_from_its_own_file(tmp_path):
     assert T2IAdapter.from_single_file(tmp_path / "three.safetensors").config == ours.config
 
 
+@pytest.mark.parametrize("kwargs", [FULL, dict(FULL, downscale_factor=16, adapter_type="full_adapter_xl"),
+                                    dict(SKETCH, downscale_factor=16, adapter_type="full_adapter_xl"), LIGHT],
+                         ids=["full", "xl", "xl-sketch", "light"])
+def test_diffusers_weights_files_load_alone(kwargs, tmp_path):
+    """diffusers' weights file without its config.json (how ComfyUI / A1111 users hold the SDXL adapters): the
+    type from the input width (x 256: full_adapter_xl), the rest from the shapes; SDXL adapters are written back
+    with diffusers' keys (TencentARC's layout has none for them)."""
+    ref = reference(kwargs, seed=5)
+    ref.save_pretrained(tmp_path / "folder")
+    ours = T2IAdapter.from_single_file(tmp_path / "folder" / "diffusion_pytorch_model.safetensors")
+    assert ours.config == T2IAdapter.from_file_config(kwargs)
+    side = 64 if kwargs.get("downscale_factor", 8) == 8 else 128
+    x = torch.rand(1, kwargs["in_channels"], side, side, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for a, b in zip(ours(x).intrablock, ref(x), strict=True):
+            assert_parity(a, b)
+    ours.save_single_file(tmp_path / "back.safetensors")
+    keys = set(load_file(str(tmp_path / "back.safetensors")))
+    assert keys == set(ref.state_dict()) if kwargs.get("adapter_type") == "full_adapter_xl" else \
+        not any(k.startswith("adapter.") for k in keys)
+
+
 @pytest.mark.parametrize("light", [False, True], ids=["full", "light"])
 @pytest.mark.parametrize("cin", [192, 64], ids=["rgb", "sketch"])
 def test_released_sizes_map_onto_diffusers(light, cin):

@@ -38,6 +38,10 @@ from .single_file import load_single_file
 
 ORIGINAL_LEVELS = 4          # TencentARC's full adapters: one feature per SD UNet level
 ORIGINAL_UNSHUFFLE = 8       # nn.PixelUnshuffle(8) in both original networks
+XL_UNSHUFFLE = 16            # diffusers' full_adapter_xl (TencentARC's SDXL adapters)
+# diffusers' own keys in one file (TencentARC's SDXL adapters ship only as diffusers folders; ComfyUI and A1111 load
+# their weights file alone): kept as they are
+DIFFUSERS_KEYS = (Rename("adapter.{key*}", "adapter.{key}"),)
 METADATA_KEY = "latentdiff_t2i_adapter"   # the config (diffusers config.json keys), JSON, in files written here
 # keys of TencentARC networks that are no spatial adapter of these layouts
 OTHER_NETWORKS = {"style_embedding": "a style adapter (CLIP image tokens, not spatial features)",
@@ -63,6 +67,44 @@ def original_table(config: T2IAdapterConfig) -> tuple[Rule, ...]:
                                 f"adapter.body.{level}.resnets.{unit}.{{conv}}.{{p}}"))
         rules.append(Rename(f"body.{level * n}.in_conv.{{p}}", f"adapter.body.{level}.in_conv.{{p}}"))
     return tuple(rules)
+
+
+def file_table(config: T2IAdapterConfig, *, diffusers_keys: bool) -> tuple[Rule, ...]:
+    """The file -> diffusers key table: diffusers' own keys kept, else TencentARC's layout (`original_table`)."""
+    return DIFFUSERS_KEYS if diffusers_keys else original_table(config)
+
+
+def infer_diffusers_config(state: Mapping[str, torch.Tensor], *, source: str) -> T2IAdapterConfig:
+    """The config of a diffusers T2IAdapter weights file without its config.json, from the shapes: light with an
+    out_conv; a full adapter's unshuffle factor from its input width, as ComfyUI reads it (1 or 3 hint channels:
+    x 256 is full_adapter_xl, by 16; otherwise x 64, by 8). Light adapters unshuffle by 8."""
+    light = "adapter.body.0.out_conv.weight" in state
+    first = "adapter.body.0.in_conv.weight" if light else "adapter.conv_in.weight"
+    if first not in state or state[first].ndim != 4:
+        raise CheckpointError("not a T2I-Adapter file (diffusers' keys without adapter.conv_in or a light "
+                              "adapter's adapter.body.0.in_conv)", where=source, found=sorted(state)[:8])
+    cin = int(state[first].shape[1])
+    xl = not light and cin in (XL_UNSHUFFLE ** 2, 3 * XL_UNSHUFFLE ** 2)
+    factor = XL_UNSHUFFLE if xl else ORIGINAL_UNSHUFFLE
+    if cin % factor ** 2:
+        raise CheckpointError(f"the adapter's input width is no multiple of {factor ** 2}", where=first,
+                              expected=f"in_channels x {factor ** 2}", found=cin)
+    blocks = sorted({int(k.split(".")[2]) for k in state if k.startswith("adapter.body.")})
+    try:
+        units = len({k.split(".")[4] for k in state if k.startswith("adapter.body.0.resnets.")})
+        if light:
+            outs = [int(state[f"adapter.body.{i}.out_conv.weight"].shape[0]) for i in blocks]
+            widths = tuple(outs[:-1])
+        else:
+            widths = tuple(int(state[f"adapter.body.{i}.resnets.0.block1.weight"].shape[0]) for i in blocks)
+        return T2IAdapterConfig(in_channels=cin // factor ** 2, channels=widths, num_res_blocks=units,
+                                downscale_factor=factor, adapter_type="light_adapter" if light else
+                                "full_adapter_xl" if xl else "full_adapter")
+    except KeyError as e:
+        raise CheckpointError(f"incomplete T2I-Adapter file: no {e.args[0]}", where=source) from None
+    except ConfigError as e:
+        raise CheckpointError(f"the file's shapes make no valid T2I-Adapter: {e.message}", where=source,
+                              expected=e.expected, found=e.found) from None
 
 
 def infer_config(state: Mapping[str, torch.Tensor], *, source: str) -> T2IAdapterConfig:
@@ -115,15 +157,16 @@ def t2i_adapter_from_single_file(cls: type[T2IAdapter], path: str | os.PathLike,
     raw, info = load_single_file(path)
     source = str(path)
     saved = info["metadata"].get(METADATA_KEY)
-    if saved is not None:
+    diffusers_keys = any(k.startswith("adapter.") for k in raw)
+    if saved is not None:   # a file written here: its config, which the shapes need not pin down
         try:
             config = cls.from_file_config(json.loads(saved), source=f"{source}: __metadata__.{METADATA_KEY}")
         except json.JSONDecodeError as e:
             raise CheckpointError(f"unreadable adapter config in the metadata ({e})", where=source) from None
     else:
-        config = infer_config(raw, source=source)
+        config = (infer_diffusers_config if diffusers_keys else infer_config)(raw, source=source)
     origins: dict[str, str] = {}
-    table = original_table(config)
+    table = file_table(config, diffusers_keys=diffusers_keys)
     state = apply_keymap(raw, table, source=source, origins=origins)
     with torch.device("meta"):
         wanted = cls(config).state_dict()
@@ -140,8 +183,9 @@ def t2i_adapter_from_single_file(cls: type[T2IAdapter], path: str | os.PathLike,
 @SINGLE_FILE.register("t2i_adapter_to_single_file")
 def t2i_adapter_to_single_file(model: T2IAdapter, path: str | os.PathLike, *,
                                dtype: torch.dtype | None = None) -> Path:
-    """`T2IAdapter.save_single_file`: the original key layout, the config in the metadata, written atomically."""
-    table = invert(original_table(model.config))
+    """`T2IAdapter.save_single_file`: TencentARC's key layout (SDXL adapters, which have none: diffusers' keys),
+    the config in the metadata, written atomically."""
+    table = invert(file_table(model.config, diffusers_keys=model.config.adapter_type == "full_adapter_xl"))
     state = apply_keymap(cast_state_dict(model.state_dict(), dtype=dtype), table, source=type(model).__name__)
     path = Path(path)
     hub.save_safetensors(state, path, metadata={"format": "pt",
