@@ -84,7 +84,8 @@ def test_to_refuses_what_is_neither_device_nor_dtype(pipe, args, kwargs, where):
 # ---- pipe.components --------------------------------------------------------------------------------
 def test_components_are_shared_across_the_text_pipelines(pipe, diffusers, folders):
     parts = pipe.components
-    assert set(parts) == {"vae", "unet", "text_encoder", "noise_scheduler", "sampler"}
+    # the optional control parts are components too (None here), as diffusers lists its None parts
+    assert set(parts) == {"vae", "unet", "text_encoder", "noise_scheduler", "sampler", "controlnet", "adapter"}
     same = LatentDiffusionPipeline(**parts)
     img2img = ImageToImagePipeline(**parts)           # diffusers: StableDiffusionImg2ImgPipeline(**pipe.components)
     inpaint = InpaintPipeline(**img2img.components)
@@ -104,8 +105,8 @@ def test_from_pipe_takes_the_parts_a_class_needs_and_changes(pipe):
     sampler = EulerSampler()
     img2img = ImageToImagePipeline.from_pipe(pipe, sampler=sampler)
     assert img2img.unet is pipe.unet and img2img.sampler is sampler and pipe.sampler is not sampler
-    with pytest.raises(TypeError, match="controlnet"):
-        ImageToImagePipeline.from_pipe(pipe, controlnet=None)
+    with pytest.raises(TypeError, match="refiner"):
+        ImageToImagePipeline.from_pipe(pipe, refiner=None)
     with pytest.raises(InputError, match="pipeline"):
         ImageToImagePipeline.from_pipe(object())
 
