@@ -40,7 +40,7 @@ from ..version import __version__
 from . import generate_outputs as outputs
 from .generate_a1111 import add_schedule_flag, with_schedule
 from .generate_adapters import add_lora_flags, apply_loras, settle_loras
-from .generate_control import add_control_flags, settle_control
+from .generate_control import add_control_flags, apply_control, settle_control
 from .generate_embeddings import add_embedding_flags, apply_embeddings, settle_embeddings
 from .generate_inputs import add_input_flags, load_vae, prepare_run, set_threads, settle_inputs, size_from_image
 from .generate_model import ModelSource, locate_model, tokenizer_file
@@ -134,6 +134,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_loaded(pipe, settings)
     apply_embeddings(pipe, settings, embeddings)
     apply_loras(pipe, settings)
+    pipe = apply_control(pipe, settings)
     if procs.is_main and not checked:   # a Hub model's tokenizer, now downloaded
         warn_unknown_words(tokenizer_file(source, settings.tokenizer), texts)
     settings = finish(size_from_image(settings, images, pipe), pipe)

@@ -193,8 +193,12 @@ def settle_control(args: argparse.Namespace, stored: dict[str, Any], settings: G
     if (resize is not None or guess) and control is None:
         raise UsageError("--control-resize / --guess-mode need a --controlnet", where="--controlnet",
                          expected="--controlnet MODEL --control KIND:IMAGE", found=None)
+    ip_adapter = settle_ip(args, stored)
+    if (control or ip_adapter) and settings.hires_scale is not None:
+        raise UsageError("the hires fix does not take control yet", where="--hires-scale",
+                         expected="no --hires-scale with --controlnet / --ip-adapter", found=settings.hires_scale)
     return dataclasses.replace(settings, control=control, control_resize=resize if control else None,
-                               guess_mode=True if guess else None, ip_adapter=settle_ip(args, stored))
+                               guess_mode=True if guess else None, ip_adapter=ip_adapter)
 
 
 def settle_ip(args: argparse.Namespace, stored: dict[str, Any]) -> dict[str, Any] | None:
@@ -232,3 +236,76 @@ def settle_ip(args: argparse.Namespace, stored: dict[str, Any]) -> dict[str, Any
         encoder = _model_name(encoder, where="--ip-image-encoder")
     return {"path": str(path), "sha256": _sha256(path), "image": image, "image_sha256": digest,
             "scale": float(entry["scale"]), "image_encoder": encoder}
+
+
+# ---- the run: models loaded onto the pipeline, hints made once, the call's arguments --------------------------
+def hint_of(entry: dict[str, Any]) -> Any:
+    """The hint image of a recorded control entry: its image made into the hint its kind says."""
+    from PIL import Image
+
+    from .. import control
+
+    with Image.open(entry["image"]) as image:
+        rgb = image.convert("RGB")
+    if entry["kind"] == "canny":
+        return control.canny(rgb)
+    if entry["kind"] == "threshold":
+        return control.threshold(rgb)
+    return rgb
+
+
+def load_control_model(name: str, *, where: str, **load: Any) -> Any:
+    """A ControlNet (or a T2I-Adapter) from a folder, a Hub id, a built-in name or an original single file."""
+    from ..errors import LatentDiffError
+    from ..models.controlnet import ControlNet
+
+    try:
+        if local_kind(name) == "file":
+            return ControlNet.from_single_file(name, **load)
+        return ControlNet.from_pretrained(name, **load)
+    except LatentDiffError as e:
+        raise UsageError(e.message, where=f"{where}: {e.where}" if e.where else where, expected=e.expected,
+                         found=e.found) from None
+
+
+def apply_control(pipe: Any, settings: GenerateSettings) -> Any:
+    """The pipeline with the run's ControlNets (the same parts otherwise), and its IP-Adapter loaded."""
+    if settings.control:
+        load = dict(torch_dtype=pipe.unet.dtype, device=pipe.device)
+        nets = [load_control_model(entry["model"], where=f"--controlnet {entry['model']}", **load)
+                for entry in settings.control]
+        try:
+            pipe = type(pipe).from_pipe(pipe, controlnet=nets[0] if len(nets) == 1 else nets)
+        except TypeError:
+            raise UsageError("this model's pipeline takes no ControlNet", where="--controlnet",
+                             expected="a Stable Diffusion (1.x / 2.x) model", found=type(pipe).__name__) from None
+    if settings.ip_adapter:
+        if not hasattr(pipe, "load_ip_adapter"):
+            raise UsageError("this model's pipeline takes no IP-Adapter", where="--ip-adapter",
+                             expected="a Stable Diffusion 1.x model", found=type(pipe).__name__)
+        entry = settings.ip_adapter
+        encoder = entry["image_encoder"]
+        pipe.load_ip_adapter(entry["path"], **({} if encoder is None else {"image_encoder": encoder}))
+        pipe.set_ip_adapter_scale(entry["scale"])
+    return pipe
+
+
+def control_options(settings: GenerateSettings) -> dict[str, Any]:
+    """The pipeline call's control arguments of the run (none without control)."""
+    out: dict[str, Any] = {}
+    if settings.control:
+        entries = settings.control
+        one = len(entries) == 1
+        hints = [hint_of(e) for e in entries]
+        out |= {"control_image": hints[0] if one else hints,
+                "controlnet_conditioning_scale": entries[0]["scale"] if one else [e["scale"] for e in entries],
+                "control_guidance_start": entries[0]["start"] if one else [e["start"] for e in entries],
+                "control_guidance_end": entries[0]["end"] if one else [e["end"] for e in entries],
+                "guess_mode": bool(settings.guess_mode),
+                "control_resize_mode": RESIZE[settings.control_resize or "just-resize"]}
+    if settings.ip_adapter:
+        from PIL import Image
+
+        with Image.open(settings.ip_adapter["image"]) as image:
+            out["ip_adapter_image"] = image.convert("RGB")
+    return out

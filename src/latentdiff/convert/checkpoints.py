@@ -21,6 +21,7 @@ from ..errors import CheckpointError, InputError, UsageError
 from ..models.base import ModelMixin
 from ..models.text_encoder import CONFIG_FILE as TEXT_SETTINGS
 from .api import model_part, module_from_part, pipeline_from_parts, read_parts
+from .controlnet_ldm import is_controlnet_file
 from .single_file import NETWORK_PARTS, Parts, single_file_part, write_single_file
 from .single_file import SINGLE_FILE_SETTINGS_KEY as SETTINGS_KEY
 
@@ -50,12 +51,19 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, to: st
     if direction == "diffusers":
         if not src.is_file() and src.exists():
             raise InputError("--to diffusers converts a single file, not a folder", where=str(src))
+        if is_controlnet_file(src):   # v1.0 / v1.1 / bare ControlNet files: the ControlNet's folder
+            if any(x is not None for x in (prediction_type, tokenizer, tokenizer_2)) or not use_ema:
+                raise InputError("prediction_type, tokenizer(_2) and use_ema are for SD files, not ControlNets",
+                                 where=str(src), expected="none of these options for a ControlNet file")
+            return controlnet_to_folder(src, dst, dtype=dtype, original_config=original_config)
         parts = read_parts(src, use_ema=use_ema, original_config=original_config, prediction_type=prediction_type)
         return single_file_to_folder(parts, dst, dtype=dtype, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
                                      source=str(src), progress=progress)
     if any(x is not None for x in (original_config, prediction_type, tokenizer, tokenizer_2)) or not use_ema:
         raise InputError("original_config, prediction_type, tokenizer(_2) and use_ema are for reading single files",
                          where=str(src), expected="a single file as the source, or none of these options")
+    if is_controlnet_folder(src):
+        return controlnet_folder_to_file(src, dst, dtype=dtype)
     parts = read_diffusers_folder(src, dtype=dtype, progress=progress)
     return write_single_file(dst, parts, metadata={"converted_from": src.name})
 
@@ -87,6 +95,40 @@ def check_arguments(src: Path, dst: Path, *, to: str | None, overwrite: bool) ->
                          expected="a destination outside the source", found=str(source),
                          hint="choose a DST outside SRC")
     return direction
+
+
+def controlnet_to_folder(src: Path, dst: Path, *, dtype: torch.dtype | None, original_config: Any) -> Path:
+    """An original ControlNet file -> a diffusers ControlNetModel folder (the SD model beside a v1.0 file's
+    ControlNet is not converted: convert it with the pipeline of a plain SD file). Floating-point weights keep the
+    file's dtype unless `dtype` is given."""
+    from ..models.controlnet import ControlNet
+    from .single_file import load_single_file
+
+    if dtype is None:
+        dtype = next((v.dtype for v in load_single_file(src)[0].values() if v.is_floating_point()), torch.float32)
+    ControlNet.from_single_file(src, original_config=original_config, torch_dtype=dtype).save_pretrained(dst)
+    return dst
+
+
+def is_controlnet_folder(src: Path) -> bool:
+    """A diffusers ControlNetModel folder (config.json naming the class)."""
+    from ..config import read_json
+    from ..models.base import CONFIG_NAME
+
+    config = src / CONFIG_NAME
+    return config.is_file() and read_json(config).get("_class_name") == "ControlNetModel"
+
+
+def controlnet_folder_to_file(src: Path, dst: Path, *, dtype: torch.dtype | None) -> Path:
+    """A diffusers ControlNetModel folder -> one original v1.1 file (`control_model.*`), atomically; the weights
+    keep their dtype unless `dtype` is given."""
+    from ..models.base import load_weights
+    from ..models.controlnet import ControlNet
+
+    if dtype is None:
+        dtype = next((v.dtype for v in load_weights(src, ControlNet.weights_name).values() if v.is_floating_point()),
+                     torch.float32)
+    return ControlNet.from_pretrained(src, torch_dtype=dtype).save_single_file(dst)
 
 
 def single_file_to_folder(parts: Parts, dst: Path, *, dtype: torch.dtype | None, tokenizer: Any, source: str,

@@ -63,6 +63,8 @@ PartOf: TypeAlias = tuple[Mapping[str, Any], Mapping[str, torch.Tensor]]  # (con
 # The part of an original single file a model class is, by its diffusers class name (or its own name).
 SINGLE_FILE_PARTS = {"UNet2DConditionModel": "unet", "UNet2DModel": "unet", "AutoencoderKL": "vae",
                      "VQModel": "vqvae", "LDMBert": "text_encoder", "ClassEmbedder": "class_embedder"}
+# lllyasviel's ControlNet files: the ControlNet's keys (beside the SD model in v1.0 files, alone in v1.1 files)
+CONTROL_PREFIX = "control_model."
 # TextEncoderConfig (clip skip and the like) inside a single file's "text_encoder" part config
 SINGLE_FILE_SETTINGS_KEY = "_latentdiff_text_encoder"
 
@@ -260,6 +262,7 @@ def split_single_file(state: Mapping[str, torch.Tensor], *, original_config: Any
     latentdiff cannot read), only the kind of conditioning is kept (it sets UNet conventions and the task).
     """
     check_schedule_buffers(state, source=source)
+    state = without_controlnet(state, source=source)
     state = select_ema(state, use_ema=use_ema, source=source)
     conditioning = pooled = None
     if only is not None:
@@ -289,6 +292,19 @@ def split_single_file(state: Mapping[str, torch.Tensor], *, original_config: Any
     parts["extras"] = ({"family": layout.family} | ({"conditioning": conditioning} if conditioning else {}),
                        extras)
     return parts
+
+
+def without_controlnet(state: Mapping[str, torch.Tensor], *, source: str) -> Mapping[str, torch.Tensor]:
+    """`state` without the ControlNet a v1.0 ControlNet file holds beside its SD model (`control_model.*`: read by
+    ControlNet.from_single_file); a file holding a ControlNet alone is a CheckpointError saying how to load it."""
+    control = [k for k in state if k.startswith(CONTROL_PREFIX)]
+    if not control:
+        return state
+    if not any(k.startswith(UNET_PREFIX) for k in state):
+        raise CheckpointError("a ControlNet file holds no Stable Diffusion model: load it with "
+                              "ControlNet.from_single_file", where=source, expected=f"{UNET_PREFIX}* keys",
+                              found=control[:3])
+    return {k: v for k, v in state.items() if not k.startswith(CONTROL_PREFIX)}
 
 
 def only_parts(state: Mapping[str, torch.Tensor], parts: Collection[str], *, source: str = "checkpoint",

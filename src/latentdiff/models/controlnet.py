@@ -12,7 +12,9 @@ folders load with no key map and ours load in diffusers.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +23,8 @@ from torch import nn
 
 from .. import limits
 from ..errors import ConfigError, InputError
-from ..registry import COMPONENTS
+from ..registry import COMPONENTS, SINGLE_FILE
+from ..utils import numerics
 from . import structure
 from .diffusers_tables import CONTROLNET
 from .unet import UNet2DConditional, UNetConfig, UNetTrunk, shape_of
@@ -124,6 +127,35 @@ class ControlNet(UNetTrunk[ControlNetConfig]):
         own = [k for k in missing if k.split(".")[0] in SHARED_WITH_UNET]
         assert not own and not unexpected, (own, unexpected)   # same config, same classes: same keys
         return model.to(device=unet.device, dtype=unet.dtype).train(unet.training)
+
+    # ---- lllyasviel's original files (hooks provided by latentdiff.convert.controlnet_ldm) ---------------------
+    @classmethod
+    def from_single_file(cls, path: str | os.PathLike, *, original_config: Any = None, use_ema: bool = True,
+                         prediction_type: str | None = None, torch_dtype: torch.dtype | None = None,
+                         device: str | torch.device | None = None, check_finite_weights: bool = False,
+                         unet: UNet2DConditional | None = None) -> ControlNet:
+        """An original ControlNet file (`.pth` / `.ckpt` read with weights_only, or `.safetensors`), strictly: v1.0
+        (`control_model.*` beside a whole SD model: only the ControlNet is read), v1.1 (`control_model.*` alone,
+        fp16 repacks too), bare cldm keys, and "difference" files, which need `unet=` (the base model's UNet
+        they were made from). The architecture comes from `original_config` (the ControlLDM YAML: a path, a
+        dict, or the shipped "cldm_v15" / "cldm_v21"), else from latentdiff's metadata in the file, else from the
+        tensor shapes (docs/control.md). `use_ema`: no ControlNet file holds an EMA copy (kept for the base's
+        signature); a ControlNet has no `prediction_type` (an InputError if one is given)."""
+        if prediction_type is not None:
+            raise InputError("a ControlNet has no prediction type (its UNet's pipeline has)", where="prediction_type",
+                             expected=None, found=prediction_type)
+        model = SINGLE_FILE.get("controlnet_from_single_file")(cls, path, original_config=original_config, unet=unet,
+                                                               torch_dtype=torch_dtype, device=device)
+        if check_finite_weights:
+            numerics.check_finite_weights(model, part=cls.__name__, source=str(path))
+        return model
+
+    def save_single_file(self, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                         layout: str = "v1.1") -> Path:
+        """Write this ControlNet as an original file (`.safetensors`, atomically): `layout` "v1.1" (the
+        `control_model.*` keys of lllyasviel's v1.1 files, what A1111 / ComfyUI read) or "bare" (no prefix).
+        `dtype` casts the floating-point tensors (None: as they are). Its config goes in the metadata."""
+        return SINGLE_FILE.get("controlnet_to_single_file")(self, path, layout=layout, dtype=dtype)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float | int, context: torch.Tensor | None,
                 controlnet_cond: torch.Tensor, *, conditioning_scale: float = 1.0, guess_mode: bool = False,
