@@ -75,6 +75,7 @@ NOT_RUN: tuple[tuple[tuple[str, ...], str], ...] = (
     (("accelerate", "launch"), "a multi-process launch (tests/training/test_training_distributed.py runs one)"),
     (("curl",), "a download"),
     (("python", "examples/train/build_shapes_64.py"), "trains the built-in model: hours"),
+    (("python", "examples/train/build_shapes_64_silhouette.py"), "trains the built-in silhouette ControlNet: an hour"),
     (("latentdiff", "serve"), "serves until stopped (the page's client blocks talk to the server page_server starts)"),
 )
 # scripts under examples/ that a page may run (`python SCRIPT ARGS`), in-process (none now: the data the tiny
@@ -278,7 +279,8 @@ def check_yaml(block: Block, namespace: dict[str, Any]) -> None:
     if isinstance(data, dict) and "train" in data:
         from latentdiff.training.config import train_config_from_dict
 
-        kind = "diffusion" if "autoencoder" in (data.get("model") or {}) else "autoencoder"
+        model = data.get("model") or {}
+        kind = "controlnet" if "pipeline" in model else "diffusion" if "autoencoder" in model else "autoencoder"
         train_config_from_dict(data, kind, source=block.where)
 
 
@@ -330,7 +332,10 @@ def run_page(path: Path, *, skip_languages: tuple[str, ...] = ()) -> list[tuple[
 #                                                latentdiff loads both alike)
 #   stabilityai/stable-diffusion-xl-base-1.0    tests/_support/sdxl.py's tiny diffusers SDXL base (32 x 32 images),
 #   stabilityai/stable-diffusion-xl-refiner-1.0  and refiner, each built on first use by a page that names it
-# The built-in name "latentdiff/shapes-64" resolves to tests/_support/tiny_builtin.py's stand-in (random weights).
+#   lllyasviel/sd-controlnet-canny, lllyasviel/sd-controlnet-scribble   ControlNets of the SD stand-in (hint
+#                                                factor 2, every zero convolution randomised), built on first use
+# The built-in name "latentdiff/shapes-64" resolves to tests/_support/tiny_builtin.py's stand-in (random weights),
+# "latentdiff/shapes-64-silhouette" to a ControlNet made from that stand-in's UNet (ControlNet.from_unet).
 # FILES: put into a page's working directory when the page names them (folders copied, files linked):
 #   v1-5-pruned-emaonly.safetensors      the SD stand-in as an original single file (no latentdiff metadata)
 #   vae-ft-mse-840000-ema-pruned.ckpt    its autoencoder as a stand-alone Lightning .ckpt
@@ -357,9 +362,10 @@ class StandIns:
 
     def build(self) -> StandIns:
         from tests._support.hub_cache import make_hub_cache
-        from tests._support.tiny_builtin import make_tiny_shapes_model
+        from tests._support.tiny_builtin import make_tiny_shapes_model, make_tiny_silhouette_controlnet
 
         make_tiny_shapes_model(self.builtin)
+        make_tiny_silhouette_controlnet(self.builtin.with_name("shapes-64-silhouette"), self.builtin)
         clip = tiny_stable_diffusion(self.sd)
         make_hub_cache(self.hub_cache, SD_ID, self.sd)
         make_hub_cache(self.hub_cache, "openai/clip-vit-large-patch14", clip)
@@ -502,6 +508,25 @@ def sdxl_hub_entries(stand_ins: StandIns, page_text: str) -> None:
             make_hub_cache(stand_ins.hub_cache, repo_id, folder)
 
 
+# Hub ids of ControlNet pages -> the seed of a tiny ControlNet of the SD stand-in put in the Hub cache for them
+CONTROLNET_IDS = {"lllyasviel/sd-controlnet-canny": 1, "lllyasviel/sd-controlnet-scribble": 2}
+
+
+def controlnet_hub_entries(stand_ins: StandIns, page_text: str) -> None:
+    """Tiny diffusers-layout ControlNets of the SD stand-in under the real ids a page names (built once)."""
+    from latentdiff import ControlNet, UNet2DConditional
+    from tests._support.hub_cache import make_hub_cache
+    from tests._support.parity import randomize_
+
+    for repo_id, seed in CONTROLNET_IDS.items():
+        folder = stand_ins.root / "controlnet" / str(seed)
+        if repo_id in page_text and not folder.is_dir():
+            torch.manual_seed(seed)
+            unet = UNet2DConditional.from_pretrained(stand_ins.sd, subfolder="unet")
+            randomize_(ControlNet.from_unet(unet, conditioning_embedding_out_channels=(16, 32))).save_pretrained(folder)
+            make_hub_cache(stand_ins.hub_cache, repo_id, folder)
+
+
 def docs_environment(monkeypatch: Any, stand_ins: StandIns, workdir: Path, page_text: str) -> None:
     """Make `workdir` the current directory with what the page names in it; the stand-ins in place of the
     Hub, the built-in model and downloads; the network off. Undone by `monkeypatch`."""
@@ -533,6 +558,7 @@ def docs_environment(monkeypatch: Any, stand_ins: StandIns, workdir: Path, page_
             else:
                 target.symlink_to(source)
     sdxl_hub_entries(stand_ins, page_text)
+    controlnet_hub_entries(stand_ins, page_text)
     if any(word in page_text for word in METRICS_WORDS):
         from latentdiff.metrics import inception
 

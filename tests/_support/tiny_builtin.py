@@ -48,3 +48,13 @@ def use_as_builtin(monkeypatch, folder: Path, name: str = "latentdiff/shapes-64"
 
     monkeypatch.setattr(builtin, "ROOT", Path(folder).parent)
     monkeypatch.setattr(builtin, "BUILTIN_MODELS", {**builtin.BUILTIN_MODELS, name: Path(folder).name})
+
+
+def make_tiny_silhouette_controlnet(folder: Path, base: Path) -> Path:
+    """A stand-in for latentdiff/shapes-64-silhouette: a ControlNet made from `base`'s UNet (its zero convolutions
+    zero, so it adds nothing), hint encoder 64 px -> 16 x 16 like the shipped one."""
+    from latentdiff import ControlNet, UNet2DConditional
+
+    unet = UNet2DConditional.from_pretrained(base, subfolder="unet")
+    ControlNet.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 96)).save_pretrained(folder)
+    return folder

@@ -101,3 +101,28 @@ def state_of(folder: Path) -> dict[str, torch.Tensor]:
 
 def progress_of(folder: Path) -> dict[str, Any]:
     return json.loads((folder / "progress.json").read_text())
+
+
+def tiny_text_pipeline(folder: Path, *, seed: int = 0) -> Path:
+    """A random tiny text-to-image LatentDiffusionPipeline folder (the tiny KL first stage, f = 2; the tiny
+    cross-attention UNet; a 1-layer LDM-BERT over the shapes captions' tokenizer): a base for ControlNet training."""
+    from latentdiff.data.shapes import write_tokenizer
+    from latentdiff.diffusion.noise_scheduler import NoiseScheduler, NoiseSchedulerConfig
+    from latentdiff.diffusion.samplers import DDIMSampler
+    from latentdiff.models.autoencoder_kl import AutoencoderKL
+    from latentdiff.models.ldm_bert import LDMBert, LDMBertConfig, LDMBertTextEncoder, load_bert_tokenizer
+    from latentdiff.models.text_encoder import TextEncoderConfig
+    from latentdiff.models.unet import UNet2DConditional, UNetConfig
+    from latentdiff.pipelines.latent_diffusion import LatentDiffusionPipeline
+
+    vae = AutoencoderKL.from_pretrained(tiny_autoencoder(folder.parent / f"{folder.name}-vae", seed=seed))
+    torch.manual_seed(seed)
+    unet = UNet2DConditional(UNetConfig.from_dict(TINY_UNET))
+    bert = LDMBert(LDMBertConfig(vocab_size=25, max_position_embeddings=16, d_model=32, encoder_layers=1,
+                                 encoder_ffn_dim=64, encoder_attention_heads=2, head_dim=16, dropout=0.0))
+    tokenizer = load_bert_tokenizer(write_tokenizer(folder.parent / f"{folder.name}-tokenizer"))
+    text_encoder = LDMBertTextEncoder(bert, tokenizer, TextEncoderConfig(max_length=16))
+    scheduler = NoiseScheduler(NoiseSchedulerConfig(prediction_type="v_prediction", rescale_zero_terminal_snr=True))
+    LatentDiffusionPipeline(vae=vae, unet=unet, text_encoder=text_encoder, noise_scheduler=scheduler,
+                            sampler=DDIMSampler()).save_pretrained(folder)
+    return folder

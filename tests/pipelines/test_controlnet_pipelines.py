@@ -51,8 +51,10 @@ def setup(tmp_path_factory):
 def reference(setup, kind: str, controlnet):
     import diffusers
 
-    cls = {"t2i": diffusers.StableDiffusionControlNetPipeline, "i2i": diffusers.StableDiffusionControlNetImg2ImgPipeline,
-           "inpaint": diffusers.StableDiffusionControlNetInpaintPipeline}[kind]
+    cls = {"t2i": diffusers.StableDiffusionControlNetPipeline,
+           "i2i": diffusers.StableDiffusionControlNetImg2ImgPipeline,
+           "inpaint": diffusers.StableDiffusionControlNetInpaintPipeline,
+           "inpaint4": diffusers.StableDiffusionControlNetInpaintPipeline}[kind]
     parts = (setup["sd9"] if kind == "inpaint" else setup["sd"]).components
     ref = cls(**parts, controlnet=controlnet)
     ref.set_progress_bar_config(disable=True)
@@ -129,10 +131,12 @@ def test_image_to_image_parity(setup, strength):
     check(run_pair(ref, pipe, kw | dict(control_image=hint_image(3)), kw | dict(control_image=hint_image(3))))
 
 
-@pytest.mark.parametrize("strength", [1.0, 0.7])
-def test_inpaint_parity(setup, strength):
-    ref = reference(setup, "inpaint", setup["refs_cn"][0])
-    pipe = InpaintPipeline.from_pretrained(setup["root"] / "sd9", controlnet=setup["ours_cn"][0])
+@pytest.mark.parametrize("channels, strength", [(9, 1.0), (9, 0.7), (4, 0.8)])
+def test_inpaint_parity(setup, channels, strength):
+    """An inpainting UNet (mask inputs the ControlNet does not see) and a plain one (the known region blended)."""
+    ref = reference(setup, "inpaint" if channels == 9 else "inpaint4", setup["refs_cn"][0])
+    pipe = InpaintPipeline.from_pretrained(setup["root"] / ("sd9" if channels == 9 else "sd"),
+                                           controlnet=setup["ours_cn"][0])
     kw = dict(prompt=PROMPT, image=Image.fromarray(random_image()), mask_image=Image.fromarray(random_mask()),
               strength=strength, control_guidance_start=0.2)
     check(run_pair(ref, pipe, kw | dict(control_image=hint_image(4)), kw | dict(control_image=hint_image(4))))

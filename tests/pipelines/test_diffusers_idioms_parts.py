@@ -105,8 +105,8 @@ def test_from_pipe_takes_the_parts_a_class_needs_and_changes(pipe):
     sampler = EulerSampler()
     img2img = ImageToImagePipeline.from_pipe(pipe, sampler=sampler)
     assert img2img.unet is pipe.unet and img2img.sampler is sampler and pipe.sampler is not sampler
-    with pytest.raises(TypeError, match="refiner"):
-        ImageToImagePipeline.from_pipe(pipe, refiner=None)
+    with pytest.raises(TypeError, match="safety_checker"):
+        ImageToImagePipeline.from_pipe(pipe, safety_checker=None)
     with pytest.raises(InputError, match="pipeline"):
         ImageToImagePipeline.from_pipe(object())
 

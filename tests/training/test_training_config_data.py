@@ -100,11 +100,12 @@ def test_yaml_boolean_words_are_read_as_the_choice_they_spell(tmp_path, shapes):
 
 
 def test_example_configs_are_valid():
-    """Every example config loads (strictly) as the stage its name says (LDMs have "ldm" in their names)."""
+    """Every example config loads (strictly) as the stage its name says (LDMs have "ldm" in their names, ControlNets
+    "silhouette")."""
     paths = sorted(EXAMPLES.glob("*.yaml"))
     assert len(paths) >= 6
     for path in paths:
-        kind = "diffusion" if "ldm" in path.name else "autoencoder"
+        kind = "diffusion" if "ldm" in path.name else "controlnet" if "silhouette" in path.name else "autoencoder"
         config = load_train_config(path, kind)
         assert config.kind == kind
 

@@ -1,11 +1,13 @@
 """Models that ship inside the package: trained by latentdiff itself, loadable offline by a short name.
 
     LatentDiffusionPipeline.from_pretrained("latentdiff/shapes-64")   # the packaged folder, never the Hub
+    ControlNet.from_pretrained("latentdiff/shapes-64-silhouette")     # a component folder, the same way
 
 A built-in name resolves to its folder here before any Hub look-up (`hub.resolve`), so it works with the
-network off. Each folder is an ordinary pipeline folder (model_index.json + one subfolder per part) plus
-`latentdiff_generate.json`, the settings the model was evaluated at (the `latentdiff generate` defaults).
-How shapes-64 was trained, and how well it does: docs/builtin.md.
+network off. A pipeline's folder is an ordinary pipeline folder (model_index.json + one subfolder per part)
+plus `latentdiff_generate.json`, the settings the model was evaluated at (the `latentdiff generate` defaults);
+a component's (the silhouette ControlNet for shapes-64) is a diffusers component folder (config.json + weights).
+How they were trained, and how well they do: docs/builtin.md, docs/control.md.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = "latentdiff/shapes-64"
 # short name -> folder under this package
 BUILTIN_MODELS: dict[str, str] = {"latentdiff/shapes-64": "shapes-64"}
+# short name -> folder of a built-in component (no pipeline of its own: `latentdiff generate` does not list it)
+BUILTIN_COMPONENTS: dict[str, str] = {"latentdiff/shapes-64-silhouette": "shapes-64-silhouette"}
 GENERATE_SETTINGS = "latentdiff_generate.json"
 
 
@@ -27,12 +31,13 @@ def builtin_names() -> list[str]:
 
 
 def builtin_path(name: str) -> Path | None:
-    """The packaged folder of a built-in model name (case as given), or None when `name` is not one."""
-    folder = BUILTIN_MODELS.get(str(name))
-    if folder is None:
-        return None
-    path = ROOT / folder
-    return path if (path / "model_index.json").is_file() else None
+    """The packaged folder of a built-in model or component name (case as given), or None when `name` is not one."""
+    for table, marker in ((BUILTIN_MODELS, "model_index.json"), (BUILTIN_COMPONENTS, "config.json")):
+        folder = table.get(str(name))
+        if folder is not None:
+            path = ROOT / folder
+            return path if (path / marker).is_file() else None
+    return None
 
 
 def generate_settings(folder: str | Path) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +62,8 @@ SQRT3 = math.sqrt(3.0)
 CAPTION_PATTERN = re.compile(r"a (?P<color>\w+) (?P<shape>\w+) (?P<where>(?:on|at|in) the \w+), "
                              r"(?P<background>\w+) background")
 CAPTION_FORMAT = "a {color} {shape} {where}, {background} background"
+CONDITIONING_FOLDER = "conditioning"        # write_imagefolder's control images, and their metadata column:
+CONDITIONING_COLUMN = "conditioning_image"  # the names of diffusers' ControlNet training data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,11 +222,16 @@ class ShapesDataset:
         return (self[i] for i in range(self.n))
 
 
-def write_imagefolder(folder: str | Path, n: int, seed: int = 0, *, overwrite: bool = False) -> Path:
+def write_imagefolder(folder: str | Path, n: int, seed: int = 0, *, overwrite: bool = False,
+                      conditioning: Callable[[ShapeSpec], Image.Image] | None = None) -> Path:
     """Write n items as PNGs ("00000.png", ...) and `metadata.jsonl` ({"file_name", "text"} a line: the
     Hugging Face `imagefolder` convention that latentdiff's training data reads). The folder is built
     under a temporary name and renamed into place, so a crash leaves no half-written data set; an
     existing folder is replaced only with overwrite=True.
+
+    conditioning: a control image per item, drawn from the item's geometry (e.g. `shapes_silhouette.silhouette`):
+    written as "conditioning/00000.png" and named in a "conditioning_image" column, the layout of diffusers'
+    ControlNet training data that `latentdiff train controlnet` reads.
 
     Train on it with `data.random_flip: false`: a horizontal flip swaps left and right under a fixed caption."""
     _check_count("n", n, minimum=1)
@@ -236,11 +243,17 @@ def write_imagefolder(folder: str | Path, n: int, seed: int = 0, *, overwrite: b
     width = max(5, len(str(n - 1)))
     rows = []
     with atomic_folder(folder) as tmp:
+        if conditioning is not None:
+            (tmp / CONDITIONING_FOLDER).mkdir()
         for i in range(n):
-            image, text = dataset[i]
+            spec = dataset.spec(i)
             name = f"{i:0{width}d}.png"
-            image.save(tmp / name, format="PNG")
-            rows.append(json.dumps({"file_name": name, "text": text}))
+            render(spec).save(tmp / name, format="PNG")
+            row = {"file_name": name, "text": caption(spec)}
+            if conditioning is not None:
+                row[CONDITIONING_COLUMN] = f"{CONDITIONING_FOLDER}/{name}"
+                conditioning(spec).save(tmp / row[CONDITIONING_COLUMN], format="PNG")
+            rows.append(json.dumps(row))
         (tmp / "metadata.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
     return folder
 

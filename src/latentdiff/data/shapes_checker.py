@@ -57,6 +57,9 @@ class Findings:
     area: float = 0.0
     fill_ratio: float = 0.0
     skewness: float = 0.0
+    # (64, 64) bool: the refined mask of step 3 (None when no shape was found); what a silhouette ControlNet is
+    # judged by (`shapes_silhouette.mask_iou`). Not compared: findings are equal when their measurements are.
+    mask: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +212,7 @@ def analyze(image: Image.Image | np.ndarray) -> Findings:
     fill_ratio, skewness = shape_features(weight)
     return Findings(background=background, color=color,
                     shape=classify_shape(fill_ratio, skewness), where=where_of(centroid), centroid=centroid,
-                    area=area, fill_ratio=fill_ratio, skewness=skewness)
+                    area=area, fill_ratio=fill_ratio, skewness=skewness, mask=mask)
 
 
 # ---- findings -> verdicts ----------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ budget that chunks only a call whose scores would exceed it, with the largest ch
 """
 from __future__ import annotations
 
-from typing import cast
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +71,19 @@ def set_attention_chunking(model: nn.Module, *, chunk_size: int | None = None, m
     return len(layers)
 
 
+class ExtraTokens(Protocol):
+    """Attention over tokens a caller appended to the context (IP-Adapter's image tokens, Ye et al. 2023): the
+    layer splits the last `count()` tokens off its context (0: none this call), attends over the rest as usual, and
+    adds what this returns to the attention output before `to_out`. Installed in `Attention.extra` (a tuple, not a
+    submodule: the UNet's state dict and saved files stay the base model's)."""
+
+    def count(self) -> int: ...
+
+    def __call__(self, q: torch.Tensor, tokens: torch.Tensor, layer: Attention) -> torch.Tensor:
+        """q: (B, N, h*d) the layer's queries, tokens: (B, count, context_dim) -> (B, N, h*d)."""
+        ...
+
+
 class Attention(nn.Module):
     """Self-attention (context=None) or cross-attention over a context sequence.
 
@@ -88,11 +101,22 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim or query_dim, inner, bias=bias)
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
+        self.extra: tuple[ExtraTokens, ...] = ()   # attention over appended context tokens (`ExtraTokens`)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        counts = [e.count() for e in self.extra] if context is not None else []
+        pieces: list[torch.Tensor] = []
+        if any(counts) and context is not None:
+            total = sum(counts)
+            context, appended = context[:, : context.shape[1] - total], context[:, context.shape[1] - total:]
+            pieces = list(appended.split(counts, dim=1))
         context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, upcast=self.upcast,
+        q = self.to_q(x)
+        out = attention(q, self.to_k(context), self.to_v(context), self.heads, upcast=self.upcast,
                         chunk_size=self.chunk_size, max_bytes=self.max_bytes)
+        for extra, tokens in zip(self.extra, pieces, strict=True) if pieces else ():
+            if tokens.shape[1]:
+                out = out + extra(q, tokens, self)
         return self.to_out[0](out)
 
 

@@ -21,7 +21,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -116,25 +116,46 @@ class CLIPTextOutput:
         return tuple(v for v in values if v is not None)[index]
 
 
-class CLIPAttention(nn.Module):
-    """Multi-head self-attention with biases. x: (B, L, D), mask: None (causal) or bool (B, 1, L, L) -> (B, L, D)."""
+class TowerShape(Protocol):
+    """What a CLIP transformer layer reads from its config: the text and the vision towers (clip_vision) share
+    the layers, each with its own config class."""
 
-    def __init__(self, dim: int, heads: int):
+    @property
+    def hidden_size(self) -> int: ...
+    @property
+    def intermediate_size(self) -> int: ...
+    @property
+    def num_attention_heads(self) -> int: ...
+    @property
+    def num_hidden_layers(self) -> int: ...
+    @property
+    def hidden_act(self) -> Literal["quick_gelu", "gelu"]: ...
+    @property
+    def layer_norm_eps(self) -> float: ...
+
+
+class CLIPAttention(nn.Module):
+    """Multi-head self-attention with biases. x: (B, L, D), mask: None or bool (B, 1, L, L) -> (B, L, D).
+
+    causal: with mask None, each token attends to itself and the ones before it (the text tower); False: to every
+    token (the vision tower's patches)."""
+
+    def __init__(self, dim: int, heads: int, *, causal: bool = True):
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         b, n, dim = x.shape
         q, k, v = (p(x).view(b, n, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         # SDPA directly: layers.attention's helper takes no mask, and CLIP needs a causal one (plus padding).
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True) if mask is None else \
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal) if mask is None else \
             F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, dim))
 
 
 class CLIPMLP(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
+    def __init__(self, config: TowerShape):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
@@ -145,11 +166,11 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    """Pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x)). x: (B, L, D) -> (B, L, D)."""
+    """Pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x)). x: (B, L, D) -> (B, L, D). causal: as CLIPAttention's."""
 
-    def __init__(self, config: CLIPTextConfig):
+    def __init__(self, config: TowerShape, *, causal: bool = True):
         super().__init__()
-        self.self_attn = CLIPAttention(config.hidden_size, config.num_attention_heads)
+        self.self_attn = CLIPAttention(config.hidden_size, config.num_attention_heads, causal=causal)
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = CLIPMLP(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -171,9 +192,11 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPTextEncoder(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
+    """The stack of layers (`encoder.layers.N`, transformers' names); causal for text, not for image patches."""
+
+    def __init__(self, config: TowerShape, *, causal: bool = True):
         super().__init__()
-        self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(CLIPEncoderLayer(config, causal=causal) for _ in range(config.num_hidden_layers))
 
 
 class TransformersTextFolder:

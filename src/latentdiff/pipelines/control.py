@@ -142,7 +142,8 @@ class Controlled:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, *, context: torch.Tensor | None = None,
                  **kwargs: Any) -> torch.Tensor:
-        added = self.added_cond_for(x.shape[0])
+        # SDXL's added_cond: the model's own keyword where a caller passes one (a PromptSchedule's per range)
+        added = kwargs["added_cond"] if kwargs.get("added_cond") is not None else self.added_cond_for(x.shape[0])
         total: Residuals | None = None
         for unit in self.units:
             r = unit.residuals(x, t, context, added_cond=added, step=self.step, steps=self.steps,

@@ -12,6 +12,7 @@ diffusers' ControlNet pipeline class of its task (`controlnet_class_name`), so d
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -58,6 +59,14 @@ CONTROLNET_PART = FolderPart("controlnet", "controlnet", {("diffusers", "Control
                                                           MULTI_ENTRY: MultiControlNetFolders}, optional=True)
 
 
+def with_added(control: Control | None, added: tuple[Any, Any] | None) -> Control | None:
+    """`control` with SDXL's added_cond of the conditional and unconditional rows (`added`), which ControlNets
+    take as the UNet does; unchanged without either (a PromptSchedule hands the UNet its own per step)."""
+    if control is None or added is None:
+        return control
+    return dataclasses.replace(control, added_cond=added[0], added_uncond=added[1])
+
+
 class ControlNetParts:
     """The ControlNet side of a pipeline with a `unet` and a `vae` (mixed into LatentDiffusionPipeline)."""
 
@@ -67,6 +76,7 @@ class ControlNetParts:
     # the task's default controlnet_conditioning_scale (its `__call__`'s, diffusers': text-to-image 1.0,
     # image-to-image 0.8, inpainting 0.5)
     default_control_scale: ClassVar[float] = 1.0
+    takes_control: ClassVar[bool] = True     # False: a class whose call does not run ControlNets yet
 
     @property
     def controlnets(self) -> tuple[ControlNet, ...]:
@@ -77,6 +87,10 @@ class ControlNetParts:
     def check_controlnets(self) -> None:
         """Each ControlNet must be made for this base model (`control.check_controlnet_fits`): a ConfigError."""
         pipe: Any = self   # a DenoisingPipeline: its unet, vae and factor
+        if self.controlnets and not self.takes_control:
+            raise ConfigError(f"{type(self).__name__} does not run ControlNets yet", where="controlnet",
+                              expected="controlnet=None (text-to-image runs them)",
+                              found=f"{len(self.controlnets)} ControlNet(s)")
         many = not isinstance(self.controlnet, ControlNet)
         for i, cn in enumerate(self.controlnets):
             check_controlnet_fits(cn, pipe.unet, latent_channels=pipe.vae.latent_channels,
@@ -104,8 +118,8 @@ class ControlNetParts:
         nets = self.controlnets
         if not nets:
             given = {"control_image": control_image is not None, "guess_mode": bool(guess_mode),
-                     "controlnet_conditioning_scale": scale != self.default_control_scale, "control_guidance_start": start != 0.0,
-                     "control_guidance_end": end != 1.0}
+                     "controlnet_conditioning_scale": scale != self.default_control_scale,
+                     "control_guidance_start": start != 0.0, "control_guidance_end": end != 1.0}
             named = [k for k, v in given.items() if v]
             if named:
                 raise InputError("control arguments need a ControlNet: load the pipeline with controlnet=",

@@ -59,7 +59,8 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
             lora_dirs: Sequence[str | os.PathLike] | None = None, control_image: Any = None,
             controlnet_conditioning_scale: float | Sequence[float] = 0.8,
             control_guidance_start: float | Sequence[float] = 0.0, control_guidance_end: float | Sequence[float] = 1.0,
-            guess_mode: bool = False, control_resize_mode: int | None = 0,
+            guess_mode: bool = False, control_resize_mode: int | None = 0, ip_adapter_image: Any = None,
+            ip_adapter_image_embeds: list[torch.Tensor] | None = None,
             adapter_conditioning_scale: float | Sequence[float] = 1.0) -> Any:
         """Edit `image` (see `images` for the accepted kinds; H, W multiples of the autoencoder factor) towards
         `prompt`. strength in [0, 1]: 1 runs all num_inference_steps from an almost fully noised image,
@@ -72,9 +73,11 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
         clip_skip, prompt_syntax: as text-to-image's. Returns PipelineOutput(images=...) (return_dict=False:
         the tuple (images, None)). control_image ... control_resize_mode: as text-to-image's, the hints at the
         image's size (diffusers' StableDiffusionControlNetImg2ImgPipeline; the step ranges over the steps run).
+        ip_adapter_image / ip_adapter_image_embeds: as text-to-image's (a loaded IP-Adapter's image prompt).
         adapter_conditioning_scale: the T2I-Adapters', as text-to-image's (`t2i_adapters`).
         """
         check_call(self, locals())
+        self.check_ip_adapter_inputs(ip_adapter_image, ip_adapter_image_embeds)
         x, sampler = self.preprocess_image(image), self.sampler_for(eta)
         batch, first = self.check_image_inputs(
             prompt, negative_prompt, x, sampler=sampler, strength=strength, num_inference_steps=num_inference_steps,
@@ -91,9 +94,12 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
         x_t0 = sampler.noise_to_start(z0, eps, self.noise_scheduler, num_inference_steps, first)
         on_step = step_callback(self, callback, callback_on_step_end, callback_on_step_end_tensor_inputs,
                                 embeddings={"prompt_embeds": cond, "negative_prompt_embeds": uncond})
+        model = self.ip_adapter_model(self.unet, ip_adapter_image, ip_adapter_image_embeds, rows=cond.shape[0],
+                                      num_images_per_prompt=num_images_per_prompt, guidance=guidance_scale > 1.0)
         z = self.denoise(x_t0, cond, uncond, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                          sampler=sampler, generator=generator, callback=on_step, progress=progress,
-                         start_step=first, guidance_rescale=guidance_rescale, schedule=schedule, control=control)
+                         start_step=first, guidance_rescale=guidance_rescale, schedule=schedule, control=control,
+                         model=model)
         return finish(self.output(z, output_type), return_dict)
 
     # ---- the stages ------------------------------------------------------------------------------

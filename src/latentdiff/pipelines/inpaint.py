@@ -150,7 +150,8 @@ class InpaintPipeline(InpaintStages, ImageToImagePipeline):
             lora_dirs: Sequence[str | os.PathLike] | None = None, control_image: Any = None,
             controlnet_conditioning_scale: float | Sequence[float] = 0.5,
             control_guidance_start: float | Sequence[float] = 0.0, control_guidance_end: float | Sequence[float] = 1.0,
-            guess_mode: bool = False, control_resize_mode: int | None = 0,
+            guess_mode: bool = False, control_resize_mode: int | None = 0, ip_adapter_image: Any = None,
+            ip_adapter_image_embeds: list[torch.Tensor] | None = None,
             adapter_conditioning_scale: float | Sequence[float] = 1.0) -> Any:
         """Repaint the white region of `mask_image` in `image` (same H, W). height / width (multiples of the
         autoencoder factor): resize the image and the mask to them, as diffusers; default: the image's size (rounded
@@ -164,9 +165,11 @@ class InpaintPipeline(InpaintStages, ImageToImagePipeline):
         clip_skip, prompt_syntax: as text-to-image's. Returns PipelineOutput(images=...) or (images, None).
         control_image ... control_resize_mode: as text-to-image's, the hints at the image's size after its resizing
         (diffusers' StableDiffusionControlNetInpaintPipeline: the ControlNets see the latents, not the mask inputs).
+        ip_adapter_image / ip_adapter_image_embeds: as text-to-image's (a loaded IP-Adapter's image prompt).
         adapter_conditioning_scale: the T2I-Adapters', as text-to-image's (`t2i_adapters`).
         """
         check_call(self, locals())
+        self.check_ip_adapter_inputs(ip_adapter_image, ip_adapter_image_embeds)
         size = self.check_size_arguments(height, width, max_pixels=max_pixels)
         x, sampler = self.preprocess_image(image, size=size), self.sampler_for(eta)
         mask = self.preprocess_mask(mask_image, size=(x.shape[-2], x.shape[-1]), resize=size is not None)
@@ -192,7 +195,10 @@ class InpaintPipeline(InpaintStages, ImageToImagePipeline):
         mask_latents = self.prepare_mask_latents(mask, x, **per_prompt, generator=generator)
         run: dict[str, Any] = dict(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                                    sampler=sampler, generator=generator, progress=progress, start_step=first,
-                                   guidance_rescale=guidance_rescale, schedule=schedule, control=control)
+                                   guidance_rescale=guidance_rescale, schedule=schedule, control=control,
+                                   model=self.ip_adapter_model(self.unet, ip_adapter_image, ip_adapter_image_embeds,
+                                                               rows=cond.shape[0], guidance=guidance_scale > 1.0,
+                                                               num_images_per_prompt=num_images_per_prompt))
         on_step = step_callback(self, callback, callback_on_step_end, callback_on_step_end_tensor_inputs,
                                 embeddings={"prompt_embeds": cond, "negative_prompt_embeds": uncond})
         if self.concat_inputs:

@@ -25,7 +25,7 @@ from .. import hub
 from ..diffusion.noise import randn
 from ..diffusion.noise_scheduler import NoiseScheduler
 from ..diffusion.samplers import SamplerProtocol, StepCallback, check_sampler
-from ..errors import ConfigError, UsageError
+from ..errors import ConfigError, InputError, UsageError
 from ..hub import HubLocation
 from ..models.ldm_bert import LDMBertTextEncoder
 from ..models.text_encoder import TextEncoder
@@ -40,6 +40,7 @@ from .call_options import CallbackOnStepEnd, finish, step_callback
 from .control_pipeline import CONTROLNET_PART, ControlNetParts, ControlNets, as_controlnet
 from .denoising import FIRST_STAGES, FirstStage, Generator
 from .folder import MODEL_INDEX, Entry, FolderPart, write_parts
+from .ip_adapter import IPAdapterMixin
 from .sdedit import start_step
 from .stages import stage
 from .t2i_adapters import ADAPTER_PART, AdapterParts, Adapters, as_adapter
@@ -95,7 +96,7 @@ LAYOUTS: dict[str, FolderLayout] = {
 
 
 @PIPELINES.register("text-to-image")
-class LatentDiffusionPipeline(AdapterParts, ControlNetParts, LoraMixin, TextGuidedPipeline):
+class LatentDiffusionPipeline(AdapterParts, IPAdapterMixin, ControlNetParts, LoraMixin, TextGuidedPipeline):
     """Text-conditioned latent diffusion: a first stage (KL, VQ or identity), a cross-attention UNet and a text
     encoder (CLIP, as Stable Diffusion, or LDMBert, as LDM's text-to-image model); optionally ControlNets
     (`control_pipeline`) and T2I-Adapters (`t2i_adapters`)."""
@@ -128,7 +129,7 @@ class LatentDiffusionPipeline(AdapterParts, ControlNetParts, LoraMixin, TextGuid
         self.check_adapters()
 
     def networks(self) -> tuple[torch.nn.Module, ...]:
-        return (self.unet, self.vae, self.text_encoder, *self.controlnets, *self.adapters)
+        return (self.unet, self.vae, self.text_encoder, *self.controlnets, *self.adapters, *self.ip_adapter_networks())
 
     # ---- loading and saving ---------------------------------------------------------------------
     @classmethod
@@ -209,7 +210,8 @@ class LatentDiffusionPipeline(AdapterParts, ControlNetParts, LoraMixin, TextGuid
                  control_image: Any = None, controlnet_conditioning_scale: float | Sequence[float] = 1.0,
                  control_guidance_start: float | Sequence[float] = 0.0,
                  control_guidance_end: float | Sequence[float] = 1.0, guess_mode: bool = False,
-                 control_resize_mode: int | None = 0,
+                 control_resize_mode: int | None = 0, ip_adapter_image: Any = None,
+                 ip_adapter_image_embeds: list[torch.Tensor] | None = None,
                  adapter_conditioning_scale: float | Sequence[float] = 1.0) -> Any:
         """Generate images for `prompt` (a string or a list). Returns PipelineOutput(images=...), or with
         return_dict=False diffusers' tuple (images, None) (no safety checker: nothing flagged).
@@ -228,10 +230,12 @@ class LatentDiffusionPipeline(AdapterParts, ControlNetParts, LoraMixin, TextGuid
         number, or one per ControlNet), guess_mode: as diffusers' ControlNet pipelines (`control_pipeline`);
         control_resize_mode: how a hint of another size is brought to height x width (`latentdiff.control.fit`:
         0 resize, as diffusers; 1 crop; 2 fill; None: an error).
+        ip_adapter_image / ip_adapter_image_embeds: the image prompt of a loaded IP-Adapter (`IPAdapterMixin`).
         adapter_conditioning_scale: the T2I-Adapters' (one number, or one per adapter; their hints in control_image,
         after the ControlNets'): `t2i_adapters`.
         """
         check_call(self, locals())
+        self.check_ip_adapter_inputs(ip_adapter_image, ip_adapter_image_embeds)
         height, width = self.check_inputs(prompt, negative_prompt, height=height, width=width,
                                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                           num_images_per_prompt=num_images_per_prompt, output_type=output_type,
@@ -248,9 +252,11 @@ class LatentDiffusionPipeline(AdapterParts, ControlNetParts, LoraMixin, TextGuid
         x_T = self.prepare_latents(cond.shape[0], height, width, generator=generator, latents=latents)
         on_step = step_callback(self, callback, callback_on_step_end, callback_on_step_end_tensor_inputs,
                                 embeddings={"prompt_embeds": cond, "negative_prompt_embeds": uncond})
+        model = self.ip_adapter_model(self.unet, ip_adapter_image, ip_adapter_image_embeds, rows=cond.shape[0],
+                                      num_images_per_prompt=num_images_per_prompt, guidance=use_cfg)
         z0 = self.denoise(x_T, cond, uncond, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                           sampler=sampler, generator=generator, callback=on_step, progress=progress, tiling=tiling,
-                          guidance_rescale=guidance_rescale, schedule=schedule, control=control)
+                          guidance_rescale=guidance_rescale, schedule=schedule, model=model, control=control)
         return finish(self.output(z0, output_type), return_dict)
 
     @stage
@@ -324,6 +330,10 @@ class LatentDiffusionPipeline(AdapterParts, ControlNetParts, LoraMixin, TextGuid
         composition comes from the native-size pass, the detail from the large one. max_pixels: as in __call__.
         -> PipelineOutput."""
         check_call(self, locals())
+        if self.controlnets:   # its two passes take no hint yet: refused rather than run without the ControlNet
+            raise InputError("generate_refined does not run ControlNets yet", where="controlnet",
+                             expected="LatentDiffusionPipeline.from_pipe(pipe, controlnet=None)",
+                             found=f"{len(self.controlnets)} ControlNet(s)")
         height, width = self.check_inputs(prompt, negative_prompt, height=height, width=width,
                                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                           num_images_per_prompt=num_images_per_prompt, output_type=output_type,

@@ -38,6 +38,7 @@ from . import sdxl_conditioning as conditioning
 from .adapter_methods import LoraMixin, with_prompt_adapters
 from .arguments import check_call, check_prompt
 from .call_options import CallbackOnStepEnd, Interrupted, finish, step_callback
+from .control_pipeline import CONTROLNET_PART, ControlNetParts, ControlNets, as_controlnet, with_added
 from .denoising import FIRST_STAGES, FirstStage, Generator
 from .folder import MODEL_INDEX, Entry, FolderPart, write_parts
 from .latent_diffusion import UNETS
@@ -54,8 +55,9 @@ SDXL_PARTS = (
     FolderPart("tokenizer", "text_encoder", {**TOKENIZERS, **ABSENT}, optional=True),
     FolderPart("text_encoder_2", "text_encoder_2", {("transformers", "CLIPTextModelWithProjection"): TextEncoder},
                load_options=(("tokenizer_subfolder", "tokenizer_2"),)),
-    FolderPart("tokenizer_2", "text_encoder_2", dict(TOKENIZERS)))
-SDXL_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
+    FolderPart("tokenizer_2", "text_encoder_2", dict(TOKENIZERS)), CONTROLNET_PART)
+SDXL_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
+                "StableDiffusionXLControlNetPipeline", "StableDiffusionXLControlNetImg2ImgPipeline")
 DEFAULT_AESTHETIC, DEFAULT_NEGATIVE_AESTHETIC = 6.0, 2.5   # diffusers' and A1111's refiner defaults
 
 
@@ -89,13 +91,15 @@ def stop_after(callback: StepCallback | None, last: int) -> StepCallback:
 
 
 @PIPELINES.register("sdxl-text-to-image")
-class StableDiffusionXLPipeline(LoraMixin, TextGuidedPipeline):
+class StableDiffusionXLPipeline(ControlNetParts, LoraMixin, TextGuidedPipeline):
     """SDXL text-to-image: a first stage, a `text_time` UNet, CLIP-L (`text_encoder`, None in the refiner) and bigG
-    with its projection (`text_encoder_2`)."""
+    with its projection (`text_encoder_2`); optionally SDXL ControlNets (`control_pipeline`)."""
 
-    diffusers_class_names: ClassVar[tuple[str, ...]] = ("StableDiffusionXLPipeline",)
+    diffusers_class_names: ClassVar[tuple[str, ...]] = ("StableDiffusionXLPipeline",
+                                                        "StableDiffusionXLControlNetPipeline")
     loadable_class_names = SDXL_CLASSES
-    component_names = ("vae", "unet", "text_encoder", "text_encoder_2", "noise_scheduler", "sampler")
+    component_names = ("vae", "unet", "text_encoder", "text_encoder_2", "noise_scheduler", "sampler", "controlnet")
+    controlnet_class_name = "StableDiffusionXLControlNetPipeline"
     option_names = ("force_zeros_for_empty_prompt", "requires_aesthetics_score")
     folder_parts = SDXL_PARTS
     unet: UNet2DConditional
@@ -105,8 +109,9 @@ class StableDiffusionXLPipeline(LoraMixin, TextGuidedPipeline):
     def __init__(self, *, vae: FirstStage, unet: UNet2DConditional, text_encoder: TextEncoder | None = None,
                  text_encoder_2: TextEncoder, noise_scheduler: NoiseScheduler | None = None,
                  sampler: SamplerProtocol | None = None, force_zeros_for_empty_prompt: bool = True,
-                 requires_aesthetics_score: bool = False):
+                 requires_aesthetics_score: bool = False, controlnet: ControlNets = None):
         self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+        self.controlnet = as_controlnet(controlnet)
         for name, value in (("force_zeros_for_empty_prompt", force_zeros_for_empty_prompt),
                             ("requires_aesthetics_score", requires_aesthetics_score)):
             if not isinstance(value, bool):
@@ -138,9 +143,11 @@ class StableDiffusionXLPipeline(LoraMixin, TextGuidedPipeline):
                               f"gives {numbers}", where="requires_aesthetics_score",
                               expected=f"{other == 5} (5 numbers: a refiner, with an aesthetic score; 6: a base)",
                               found=self.requires_aesthetics_score)
+        self.check_controlnets()
 
     def networks(self) -> tuple[torch.nn.Module, ...]:
-        return tuple(m for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2) if m is not None)
+        return tuple(m for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2, *self.controlnets)
+                     if m is not None)
 
     # ---- loading and saving ---------------------------------------------------------------------
     @classmethod
@@ -152,12 +159,12 @@ class StableDiffusionXLPipeline(LoraMixin, TextGuidedPipeline):
             vae: FirstStage | None = None, unet: UNet2DConditional | None = None,
             text_encoder: TextEncoder | None = None, text_encoder_2: TextEncoder | None = None,
             noise_scheduler: NoiseScheduler | None = None, sampler: SamplerProtocol | None = None,
-            mmap_weights: bool = False, check_finite_weights: bool = False) -> Any:
+            mmap_weights: bool = False, check_finite_weights: bool = False, controlnet: ControlNets = None) -> Any:
         """Load a diffusers SDXL folder or Hub repo (base, refiner, inpainting; fp16 `variant`s); parts passed in
-        replace the folder's. mmap_weights, check_finite_weights: as LatentDiffusionPipeline.from_pretrained."""
+        replace the folder's. mmap_weights, check_finite_weights, controlnet: as LatentDiffusionPipeline's."""
         location = HubLocation(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
         given = dict(vae=vae, unet=unet, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                     noise_scheduler=noise_scheduler, sampler=sampler)
+                     noise_scheduler=noise_scheduler, sampler=sampler, controlnet=controlnet)
         return cls.load_pipeline_folder(path_or_id, given=given, variant=variant, torch_dtype=torch_dtype,
                                         device=device, location=location, mmap_weights=mmap_weights,
                                         check_finite_weights=check_finite_weights)
@@ -190,7 +197,9 @@ class StableDiffusionXLPipeline(LoraMixin, TextGuidedPipeline):
         self.text_encoder_2.write_files(folder / "text_encoder_2", folder / "tokenizer_2", variant=variant)
         second = self.text_encoder_2.diffusers_entries()
         encoders |= {"text_encoder_2": second["text_encoder"], "tokenizer_2": second["tokenizer"]}
-        index = self.model_index() | {"_class_name": self.diffusers_class_names[0]} | entries | encoders \
+        control = self.write_controlnets(folder, variant=variant)
+        name = self.controlnet_class_name if control else self.diffusers_class_names[0]
+        index = self.model_index() | {"_class_name": name} | entries | encoders | control \
             | {"feature_extractor": [None, None], "image_encoder": [None, None]} | self.options()
         hub.write_json(index, folder / MODEL_INDEX)
 
@@ -321,17 +330,23 @@ class StableDiffusionXLPipeline(LoraMixin, TextGuidedPipeline):
         cond, uncond, pooled, negative_pooled = self.encode_prompt(
             prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt=num_images_per_prompt,
             guidance=guided, clip_skip=clip_skip, prompt_syntax=prompt_syntax, **embeds)
-        return dict(cond=cond, uncond=uncond, pooled=pooled, schedule=None,
-                    model=self.conditioned_unet(pooled, negative_pooled, ids, negative_ids))
+        added = self.added_conds(pooled, negative_pooled, ids, negative_ids)
+        return dict(cond=cond, uncond=uncond, pooled=pooled, schedule=None, added=added,
+                    model=conditioning.with_added_cond(self.unet, *added))
 
-    def conditioned_unet(self, pooled: torch.Tensor, negative_pooled: torch.Tensor | None, ids: list[float],
-                         negative_ids: list[float]) -> Any:
-        """The UNet with SDXL's added_cond bound (`sdxl_conditioning.with_added_cond`)."""
+    def added_conds(self, pooled: torch.Tensor, negative_pooled: torch.Tensor | None, ids: list[float],
+                    negative_ids: list[float]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """SDXL's added_cond of the conditional and the unconditional rows (None without guidance)."""
         dtype = pooled.dtype
         cond = conditioning.added_cond(pooled, ids, dtype=dtype)
         uncond = None if negative_pooled is None else conditioning.added_cond(negative_pooled, negative_ids,
                                                                               dtype=dtype)
-        return conditioning.with_added_cond(self.unet, cond, uncond)
+        return cond, uncond
+
+    def conditioned_unet(self, pooled: torch.Tensor, negative_pooled: torch.Tensor | None, ids: list[float],
+                         negative_ids: list[float]) -> Any:
+        """The UNet with SDXL's added_cond bound (`sdxl_conditioning.with_added_cond`)."""
+        return conditioning.with_added_cond(self.unet, *self.added_conds(pooled, negative_pooled, ids, negative_ids))
 
     def check_sdxl_call(self, arguments: Mapping[str, Any]) -> None:
         """A call's arguments (`locals()` with the defaults resolved) checked before any work: what `check_call`
@@ -401,7 +416,11 @@ class StableDiffusionXLPipeline(LoraMixin, TextGuidedPipeline):
                  callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
                  callback: StepCallback | None = None, progress: bool = True, tile_size: TileSize | None = None,
                  tile_overlap: TileSize | None = None, max_pixels: int | None = None, prompt_syntax: str = "a1111",
-                 lora_dirs: Sequence[str | os.PathLike] | None = None) -> Any:
+                 lora_dirs: Sequence[str | os.PathLike] | None = None, control_image: Any = None,
+                 controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+                 control_guidance_start: float | Sequence[float] = 0.0,
+                 control_guidance_end: float | Sequence[float] = 1.0, guess_mode: bool = False,
+                 control_resize_mode: int | None = 0) -> Any:
         """Generate images for `prompt`, diffusers' StableDiffusionXLPipeline arguments and meanings (returns
         PipelineOutput(images=...), or the tuple (images,) with return_dict=False). num_inference_steps and
         guidance_scale default to the model's (`default_call`: 50 and 5.0; a distilled Turbo-style model, whose
@@ -409,7 +428,8 @@ class StableDiffusionXLPipeline(LoraMixin, TextGuidedPipeline):
         when that fraction of the schedule is denoised (output_type="latent" hands the latents to the refiner's
         `denoising_start`). original_size, crops_coords_top_left, target_size and their negative_* twins: the
         micro-conditioning (defaults: the image size, (0, 0)). tile_size, tile_overlap, max_pixels, callback,
-        progress, prompt_syntax, lora_dirs: as LatentDiffusionPipeline's."""
+        progress, prompt_syntax, lora_dirs, control_image ... control_resize_mode: as LatentDiffusionPipeline's
+        (diffusers' StableDiffusionXLControlNetPipeline; the ControlNets get the added_cond too)."""
         steps, scale = self.default_call(num_inference_steps, guidance_scale)
         arguments = dict(locals(), num_inference_steps=steps, guidance_scale=scale)
         self.check_sdxl_call(arguments)
@@ -423,6 +443,7 @@ class StableDiffusionXLPipeline(LoraMixin, TextGuidedPipeline):
                                           prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                                           max_pixels=max_pixels)
         end = check_fraction(denoising_end, name="denoising_end")
+        control = self.control_for_call(arguments, height=height, width=width)
         ids, negative_ids = self.micro_conditioning(
             height, width, original_size=original_size, crops_coords_top_left=crops_coords_top_left,
             target_size=target_size, negative_original_size=negative_original_size,
@@ -439,5 +460,6 @@ class StableDiffusionXLPipeline(LoraMixin, TextGuidedPipeline):
             on_step = stop_after(on_step, kept - 1)
         z0 = self.denoise(x_T, c["cond"], c["uncond"], guidance_scale=scale, num_inference_steps=steps,
                           sampler=sampler, generator=generator, callback=on_step, progress=progress, tiling=tiling,
-                          guidance_rescale=guidance_rescale, model=c["model"], schedule=c["schedule"])
+                          guidance_rescale=guidance_rescale, model=c["model"], schedule=c["schedule"],
+                          control=with_added(control, c.get("added")))
         return finish(self.output(z0, output_type), return_dict)

@@ -30,6 +30,7 @@ from ..registry import PIPELINES
 from . import first_stage
 from .adapter_methods import with_prompt_adapters
 from .call_options import CallbackOnStepEnd, finish, step_callback
+from .control_pipeline import with_added
 from .denoising import Generator
 from .images import ImageInput, check_batch, expand_batch, image_to_tensor
 from .sdedit import start_step
@@ -50,7 +51,9 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
     """SDXL image-to-image (the refiner's pipeline): the parts of StableDiffusionXLPipeline, started from an
     image."""
 
-    diffusers_class_names = ("StableDiffusionXLImg2ImgPipeline",)
+    diffusers_class_names = ("StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLControlNetImg2ImgPipeline")
+    controlnet_class_name = "StableDiffusionXLControlNetImg2ImgPipeline"
+    default_control_scale = 0.8   # diffusers' default for the task
     negative_crop_zero = True
 
     def preprocess_image(self, image: ImageInput) -> torch.Tensor:
@@ -144,11 +147,15 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
             callback_on_step_end: CallbackOnStepEnd | None = None,
             callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), callback: StepCallback | None = None,
             progress: bool = True, max_pixels: int | None = None, prompt_syntax: str = "a1111",
-            lora_dirs: Sequence[str | os.PathLike] | None = None) -> Any:
+            lora_dirs: Sequence[str | os.PathLike] | None = None, control_image: Any = None,
+            controlnet_conditioning_scale: float | Sequence[float] = 0.8,
+            control_guidance_start: float | Sequence[float] = 0.0, control_guidance_end: float | Sequence[float] = 1.0,
+            guess_mode: bool = False, control_resize_mode: int | None = 0) -> Any:
         """Denoise `image` towards `prompt`: diffusers' StableDiffusionXLImg2ImgPipeline arguments and meanings
         (`strength` default 0.3; `denoising_start` for the base's latents; `aesthetic_score` /
         `negative_aesthetic_score` for the refiner). noise: (B, C, h, w), the eps mixed into the image latent
-        (drawn from `generator` when None). The other arguments: as StableDiffusionXLPipeline's."""
+        (drawn from `generator` when None). The other arguments: as StableDiffusionXLPipeline's (control_image ...:
+        diffusers' StableDiffusionXLControlNetImg2ImgPipeline, the hints at the image's size)."""
         steps, scale = self.default_call(num_inference_steps, guidance_scale)
         arguments = dict(locals(), num_inference_steps=steps, guidance_scale=scale)
         self.check_sdxl_call(arguments)
@@ -161,6 +168,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
                                           num_images_per_prompt=num_images_per_prompt, output_type=output_type,
                                           prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                                           max_pixels=max_pixels)
+        control = self.control_for_call(arguments, height=height, width=width)
         ids, negative_ids, sampler, start, first, kept = self.image_steps(arguments, height, width)
         batch = self.prompt_count(prompt, prompt_embeds) * num_images_per_prompt
         check_batch(x.shape[0], batch, per_prompt=num_images_per_prompt, name="image")
@@ -184,5 +192,6 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
             on_step = stop_after(on_step, kept - 1 - first)
         z = self.denoise(x_t, c["cond"], c["uncond"], guidance_scale=scale, num_inference_steps=steps,
                          sampler=sampler, generator=generator, callback=on_step, progress=progress, start_step=first,
-                         guidance_rescale=guidance_rescale, model=c["model"], schedule=c["schedule"])
+                         guidance_rescale=guidance_rescale, model=c["model"], schedule=c["schedule"],
+                         control=with_added(control, c.get("added")))
         return finish(self.output(z, output_type), return_dict)

@@ -39,6 +39,7 @@ from ..errors import InputError, describe
 from ..registry import PIPELINES
 from .adapter_methods import with_prompt_adapters
 from .call_options import CallbackOnStepEnd, finish, step_callback
+from .control_pipeline import with_added
 from .denoising import Generator
 from .images import ImageInput, check_batch, expand_batch, image_to_tensor
 from .inpaint import InpaintStages
@@ -55,7 +56,9 @@ class StableDiffusionXLInpaintPipeline(InpaintStages, StableDiffusionXLImg2ImgPi
     inpainting's stages (`InpaintStages`, reaching SDXL's upcasting `encode_image` through self), SDXL's
     conditioning and start."""
 
-    diffusers_class_names = ("StableDiffusionXLInpaintPipeline",)
+    diffusers_class_names = ("StableDiffusionXLInpaintPipeline", "StableDiffusionXLControlNetInpaintPipeline")
+    controlnet_class_name = "StableDiffusionXLControlNetInpaintPipeline"
+    default_control_scale = 1.0   # diffusers' default for the task
 
     def prepare_mask_latents(self, mask: torch.Tensor, image: torch.Tensor, *, batch_size: int,
                              num_images_per_prompt: int = 1, generator: Generator = None,
@@ -124,14 +127,18 @@ class StableDiffusionXLInpaintPipeline(InpaintStages, StableDiffusionXLImg2ImgPi
             callback_on_step_end: CallbackOnStepEnd | None = None,
             callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), callback: StepCallback | None = None,
             progress: bool = True, max_pixels: int | None = None, prompt_syntax: str = "a1111",
-            lora_dirs: Sequence[str | os.PathLike] | None = None) -> Any:
+            lora_dirs: Sequence[str | os.PathLike] | None = None, control_image: Any = None,
+            controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+            control_guidance_start: float | Sequence[float] = 0.0, control_guidance_end: float | Sequence[float] = 1.0,
+            guess_mode: bool = False, control_resize_mode: int | None = 0) -> Any:
         """Repaint the white region of `mask_image` in `image`: diffusers' StableDiffusionXLInpaintPipeline
         arguments and meanings (strength 0.9999, guidance_scale 7.5, 50 steps by default). height / width: resize
         the image and mask to them (default: the image's size rounded down to multiples of the autoencoder factor,
         where diffusers resizes to the UNet's sample size). image may be latents (B, C, h, w) with denoising_start;
         masked_image_latents: the 9-channel UNet's masked-image latents, in place of encoding image * (mask < 0.5).
         noise: (B, C, h, w), the run's eps (diffusers' `latents` at strength 1). The other arguments: as
-        StableDiffusionXLImg2ImgPipeline's."""
+        StableDiffusionXLImg2ImgPipeline's (control_image ...: diffusers' StableDiffusionXLControlNetInpaintPipeline,
+        the ControlNets seeing the latents, not the mask inputs)."""
         steps, scale = self.default_call(num_inference_steps, guidance_scale)
         scale = DEFAULT_INPAINT_GUIDANCE if guidance_scale is None and scale > 0 else scale
         arguments = dict(locals(), num_inference_steps=steps, guidance_scale=scale)
@@ -145,6 +152,7 @@ class StableDiffusionXLInpaintPipeline(InpaintStages, StableDiffusionXLImg2ImgPi
                                           num_images_per_prompt=num_images_per_prompt, output_type=output_type,
                                           prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                                           max_pixels=max_pixels)
+        control = self.control_for_call(arguments, height=height, width=width)
         ids, negative_ids, sampler, start, first, kept = self.image_steps(arguments, height, width)
         batch = self.prompt_count(prompt, prompt_embeds) * num_images_per_prompt
         for name, n in (("image", x.shape[0]), ("mask_image", mask.shape[0])) + (
@@ -182,5 +190,5 @@ class StableDiffusionXLInpaintPipeline(InpaintStages, StableDiffusionXLImg2ImgPi
         z = self.denoise(x_t, c["cond"], c["uncond"], guidance_scale=scale, num_inference_steps=steps,
                          sampler=sampler, generator=generator, callback=on_step, progress=progress, start_step=first,
                          guidance_rescale=guidance_rescale, concat=mask_latents if self.concat_inputs else None,
-                         model=c["model"], schedule=c["schedule"])
+                         model=c["model"], schedule=c["schedule"], control=with_added(control, c.get("added")))
         return finish(self.output(z, output_type), return_dict)

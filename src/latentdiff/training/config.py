@@ -29,7 +29,15 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypedDict, overload
 from .. import limits
 from ..config import ComponentConfig, parse_yaml, yaml_problem
 from ..errors import ConfigError, describe
-from ..limits import check_finite
+from .sections import (  # noqa: F401 (re-exported: the sections' public path)
+    IMAGE_EXTENSIONS,
+    CheckpointConfig,
+    DataConfig,
+    LoggingConfig,
+    OptimConfig,
+    TrainSection,
+    _positive,
+)
 
 if TYPE_CHECKING:
     from ..diffusion.noise_scheduler import NoiseSchedulerConfig
@@ -40,69 +48,8 @@ if TYPE_CHECKING:
     from ..models.vq import VQModelConfig
     from .autoencoder_loss import AutoencoderLossConfig
 
-Kind: TypeAlias = Literal["autoencoder", "diffusion"]
-KINDS = ("autoencoder", "diffusion")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-def _positive(config: ComponentConfig, *names: str, allow_zero: bool = False) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if isinstance(value, float):  # NaN passes every comparison below; inf trains to NaN
-            check_finite(value, key=name, where=name, error=ConfigError)
-        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-            raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}", where=name,
-                              expected=">= 0" if allow_zero else "> 0", found=value)
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig(ComponentConfig):
-    path: str                                            # image folder (metadata.jsonl captions, or class folders)
-    labels: Literal["auto", "captions", "classes", "none"] = "auto"   # auto: metadata file > subfolders > none
-    metadata_file: str = "metadata.jsonl"                # Hugging Face `imagefolder` convention
-    image_column: str = "file_name"
-    caption_column: str = "text"
-    resolution: int = 256                                # resize the short side, then crop a square of this side
-    center_crop: bool = True                             # False: a random crop (seeded per sample)
-    random_flip: bool = True                             # horizontal flip with p = 0.5 (seeded per sample)
-    on_corrupt: Literal["skip", "error"] = "skip"        # skip: warn, count, and take the next image instead
-    on_missing_caption: Literal["error", "skip", "empty"] = "error"  # image without a caption: error / drop / ""
-    validation_path: str | None = None                   # a separate validation folder, or
-    validation_split: int = 0                            # this many images of `path` held out (a seeded choice)
-    num_workers: int = 0
-    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
-
-    def validate(self) -> None:
-        if not self.path:
-            raise ConfigError("data.path must name an image folder", where="path", expected="a folder", found="''")
-        _positive(self, "resolution")
-        _positive(self, "validation_split", "num_workers", allow_zero=True)
-        limits.check_count(self.resolution, key="resolution", at_least=1, at_most=limits.MAX_SIDE, where="resolution")
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig(ComponentConfig):
-    learning_rate: float = 1e-4
-    scale_lr: bool = False             # LDM: lr = learning_rate * batch_size * accumulation (its "base lr")
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.01         # torch's AdamW default, as LDM uses it
-    eps: float = 1e-8
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    warmup_steps: int = 0              # linear from 0 to the full rate over these steps, then the schedule
-    min_lr_ratio: float = 0.0          # cosine ends at learning_rate * min_lr_ratio
-    max_grad_norm: float | None = 1.0  # clip the global gradient norm of each optimizer; None: no clipping
-
-    def validate(self) -> None:
-        _positive(self, "learning_rate", "max_grad_norm")
-        _positive(self, "weight_decay", "warmup_steps", "eps", allow_zero=True)
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError("min_lr_ratio must lie in [0, 1]", where="min_lr_ratio", expected="[0, 1]",
-                              found=self.min_lr_ratio)
-        if not all(0.0 <= b < 1.0 for b in self.betas):  # NaN fails this too
-            raise ConfigError("betas must lie in [0, 1)", where="betas", expected="two numbers in [0, 1)",
-                              found=list(self.betas))
-
-
+Kind: TypeAlias = Literal["autoencoder", "diffusion", "controlnet"]
+KINDS = ("autoencoder", "diffusion", "controlnet")
 @dataclasses.dataclass(frozen=True)
 class AutoencoderOptimConfig(OptimConfig):
     betas: tuple[float, float] = (0.5, 0.9)              # LDM's first stage (taming-transformers)
@@ -112,29 +59,6 @@ class AutoencoderOptimConfig(OptimConfig):
     def validate(self) -> None:
         super().validate()
         _positive(self, "discriminator_learning_rate")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainSection(ComponentConfig):
-    output_dir: str
-    max_steps: int
-    seed: int = 0
-    batch_size: int = 8                # global: images per micro-step summed over all processes
-    gradient_accumulation_steps: int = 1
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"   # autocast; master weights stay fp32
-    gradient_checkpointing: bool = False
-    cpu: bool = False                  # force the CPU even where an accelerator is present
-    ema: bool = True
-    ema_decay: float = 0.9999
-    ema_warmup: bool = True            # LDM: decay_n = min(decay, (1 + n) / (10 + n))
-    overwrite: bool = False            # a fresh run may replace an earlier run's export in output_dir
-
-    def validate(self) -> None:
-        _positive(self, "max_steps", "batch_size", "gradient_accumulation_steps")
-        _positive(self, "seed", allow_zero=True)
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError("ema_decay must lie in [0, 1)", where="ema_decay", expected="[0, 1)",
-                              found=self.ema_decay)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,30 +137,6 @@ class DiffusionModelSection(ComponentConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class CheckpointConfig(ComponentConfig):
-    every_n_steps: int = 1000
-    keep_last: int = 3
-    resume: str | None = None          # "latest" (start fresh when there is none) or a checkpoint folder
-    export_dir: str | None = None      # default: OUTPUT_DIR/autoencoder or OUTPUT_DIR/pipeline
-    push_to_hub: str | None = None     # Hub repo id to upload the export to
-    hub_private: bool = True
-
-    def validate(self) -> None:
-        _positive(self, "every_n_steps", "keep_last")
-
-
-@dataclasses.dataclass(frozen=True)
-class LoggingConfig(ComponentConfig):
-    every_n_steps: int = 10
-    progress_bar: bool = True
-    tensorboard: bool = True           # only if tensorboard is installed (else a note, and the CSV)
-    csv: bool = True
-
-    def validate(self) -> None:
-        _positive(self, "every_n_steps")
-
-
-@dataclasses.dataclass(frozen=True)
 class AutoencoderSampleConfig(ComponentConfig):
     every_n_steps: int = 1000          # validation PSNR / SSIM and a reconstruction grid; 0: only at the end
     num_images: int = 8                # images in the reconstruction grid
@@ -302,8 +202,67 @@ class DiffusionTrainConfig(_Sections):
     kind = "diffusion"
 
 
-TrainConfig: TypeAlias = AutoencoderTrainConfig | DiffusionTrainConfig
-_CLASSES: dict[str, type] = {"autoencoder": AutoencoderTrainConfig, "diffusion": DiffusionTrainConfig}
+@dataclasses.dataclass(frozen=True)
+class ControlDataConfig(DataConfig):
+    conditioning_image_column: str = "conditioning_image"  # metadata column: each image's control image
+    random_flip: bool = False          # a flipped image keeps its control image aligned, not its caption's words
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlNetModelSection(ComponentConfig):
+    pipeline: str                      # the frozen base: a LatentDiffusionPipeline folder or built-in name
+    pretrained_controlnet: str | None = None   # continue from this ControlNet folder, else ControlNet.from_unet
+    conditioning_channels: int = 3
+    # the hint encoder's widths; None: (16, 32, 96, 256) cut to the autoencoder's factor (one level per halving)
+    conditioning_embedding_out_channels: tuple[int, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlNetTrainSection(TrainSection):
+    conditioning_dropout: float = 0.1  # p of training on the empty prompt (the control image stays): guidance
+    cache_latents: bool = False        # encode the data set once (needs center_crop)
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.conditioning_dropout < 1.0:
+            raise ConfigError("conditioning_dropout must lie in [0, 1)", where="conditioning_dropout",
+                              expected="[0, 1)", found=self.conditioning_dropout)
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlNetSampleConfig(ComponentConfig):
+    every_n_steps: int = 1000          # a PNG grid of control images beside samples; 0: only at the end
+    num_images: int = 4                # the first validation (else training) images' control images and captions
+    seeds: tuple[int, ...] = (0,)
+    num_inference_steps: int = 25
+    guidance_scale: float = 1.5
+    use_ema: bool = True
+
+    def validate(self) -> None:
+        _positive(self, "every_n_steps", allow_zero=True)
+        _positive(self, "num_images", "num_inference_steps")
+        if not self.seeds:
+            raise ConfigError("sample.seeds needs at least one seed", where="seeds", expected="a list of ints",
+                              found=self.seeds)
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlNetTrainConfig(_Sections):
+    data: ControlDataConfig
+    model: ControlNetModelSection
+    train: ControlNetTrainSection
+    optim: OptimConfig = OptimConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+    sample: ControlNetSampleConfig = ControlNetSampleConfig()
+    source: str | None = None
+
+    kind = "controlnet"
+
+
+TrainConfig: TypeAlias = AutoencoderTrainConfig | DiffusionTrainConfig | ControlNetTrainConfig
+_CLASSES: dict[str, type] = {"autoencoder": AutoencoderTrainConfig, "diffusion": DiffusionTrainConfig,
+                             "controlnet": ControlNetTrainConfig}
 
 
 def train_config_from_dict(data: Mapping[str, Any], kind: Kind, *, source: str | None = None) -> TrainConfig:
@@ -395,6 +354,11 @@ def apply_override(data: dict[str, Any], item: str) -> None:
 def check_components(config: TrainConfig) -> None:
     """Check the nested component dicts against their own configs now, with the file and key in errors."""
     where = f"{config.source}: model" if config.source else "model"
+    if isinstance(config, ControlNetTrainConfig):   # its networks come from the base pipeline, checked at load
+        if config.train.cache_latents and not config.data.center_crop:
+            raise ConfigError("cached latents need a fixed crop", where="train.cache_latents",
+                              expected="data.center_crop: true", found="center_crop: false")
+        return
     build_component_configs(config, where=where)
 
 
@@ -421,7 +385,7 @@ def build_component_configs(config: AutoencoderTrainConfig, *, where: str = "mod
 def build_component_configs(config: DiffusionTrainConfig, *, where: str = "model") -> DiffusionComponents: ...
 
 
-def build_component_configs(config: TrainConfig, *,
+def build_component_configs(config: AutoencoderTrainConfig | DiffusionTrainConfig, *,
                             where: str = "model") -> AutoencoderComponents | DiffusionComponents:
     """The component configs named by the model section (architecture dicts -> typed configs)."""
     if isinstance(config, AutoencoderTrainConfig):

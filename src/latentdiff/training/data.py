@@ -43,6 +43,7 @@ class ImageRecord:
     path: Path
     caption: str | None = None
     label: int | None = None
+    hint: Path | None = None         # the control image of ControlNet training (`hint_column`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +60,10 @@ class ImageIndex:
 
 
 # ---- scanning a folder ------------------------------------------------------------------------------
-def scan_image_folder(config: DataConfig, path: str | Path | None = None) -> ImageIndex:
-    """List the images of `path` (default config.path) with their labels; every problem is a clear error."""
+def scan_image_folder(config: DataConfig, path: str | Path | None = None, *,
+                      hint_column: str | None = None) -> ImageIndex:
+    """List the images of `path` (default config.path) with their labels; every problem is a clear error.
+    hint_column: the metadata column naming each image's control image (ControlNet training: captions needed)."""
     root = Path(path if path is not None else config.path)
     if not root.is_dir():
         raise InputError("the data folder does not exist", where=str(root), expected="a folder of images")
@@ -77,19 +80,24 @@ def scan_image_folder(config: DataConfig, path: str | Path | None = None) -> Ima
     if labels == "auto":
         nested = [p for p in files if len(p.relative_to(root).parts) > 1]
         labels = "captions" if metadata.is_file() else "classes" if nested and len(nested) == len(files) else "none"
+    if hint_column is not None and labels != "captions":
+        raise ConfigError("control images are named in the captions' metadata file", where="data.labels",
+                          expected=f"captions ({config.metadata_file} with a {hint_column!r} column)", found=labels)
     if labels == "captions":
-        return _with_captions(root, files, metadata, config)
+        return _with_captions(root, files, metadata, config, hint_column)
     if labels == "classes":
         return _with_classes(root, files)
     return ImageIndex(root, tuple(ImageRecord(p) for p in files), "none")
 
 
-def _with_captions(root: Path, files: list[Path], metadata: Path, config: DataConfig) -> ImageIndex:
+def _with_captions(root: Path, files: list[Path], metadata: Path, config: DataConfig,
+                   hint_column: str | None = None) -> ImageIndex:
     if not metadata.is_file():
         raise InputError("captions need a metadata file", where=str(metadata),
                          expected=f'one JSON object a line: {{"{config.image_column}": ..., '
                                   f'"{config.caption_column}": ...}}', found="no such file")
     captions: dict[str, str | None] = {}
+    hints: dict[str, str] = {}
     for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -106,7 +114,16 @@ def _with_captions(root: Path, files: list[Path], metadata: Path, config: DataCo
                              found=name)
         caption = row.get(config.caption_column)
         captions[name] = caption if isinstance(caption, str) else None
-    present = {p.relative_to(root).as_posix(): p for p in files}
+        if hint_column is not None:
+            hint = row.get(hint_column)
+            if not isinstance(hint, str) or not (root / hint).is_file():
+                raise InputError(f"metadata line names no control image in {hint_column!r}",
+                                 where=f"{metadata}:{number}", expected="the path of an image under the data folder",
+                                 found=repr(hint))
+            hints[name] = hint
+    # control images live in the folder too: they are not training images
+    hint_files = set(hints.values())
+    present = {p.relative_to(root).as_posix(): p for p in files if p.relative_to(root).as_posix() not in hint_files}
     unknown = sorted(set(captions) - set(present))
     if unknown:
         raise InputError(f"{len(unknown)} metadata entries name no image in the folder", where=str(metadata),
@@ -126,7 +143,8 @@ def _with_captions(root: Path, files: list[Path], metadata: Path, config: DataCo
         caption = captions.get(name)
         if caption is None and config.on_missing_caption == "skip":
             continue
-        records.append(ImageRecord(path, caption=caption if caption is not None else ""))
+        records.append(ImageRecord(path, caption=caption if caption is not None else "",
+                                   hint=root / hints[name] if name in hints else None))
     if not records:
         raise InputError("no captioned images left", where=str(metadata))
     return ImageIndex(root, tuple(records), "captions")
@@ -185,11 +203,15 @@ class ImageDataset(torch.utils.data.Dataset):
             record = self.index.records[item["index"]]
             item["caption"] = record.caption or ""
             item["class_label"] = -1 if record.label is None else record.label
+        if record.hint is not None:   # cropped and flipped as its image; [0, 1], as a ControlNet takes it
+            item["control_image"] = self.load(item["index"], crop=crop, flip=flip, hint=True).add_(1.0).mul_(0.5)
         return item
 
-    def load(self, i: int, *, flip: bool = False, crop: tuple[float, float] | None = None) -> torch.Tensor:
-        """Image i as (3, R, R) in [-1, 1]; an unreadable file raises InputError."""
-        path = self.index.records[i].path
+    def load(self, i: int, *, flip: bool = False, crop: tuple[float, float] | None = None,
+             hint: bool = False) -> torch.Tensor:
+        """Image i (its control image with hint=True) as (3, R, R) in [-1, 1]; an unreadable file: InputError."""
+        record = self.index.records[i]
+        path = record.hint if hint and record.hint is not None else record.path
         try:
             with Image.open(path) as image:
                 check_image_pixels(image.size, where=str(path))
@@ -243,8 +265,9 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
                              "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
                              "flip": torch.tensor([it["flip"] for it in items], dtype=torch.bool),
                              "skipped": sum(it["skipped"] for it in items)}
-    if "pixel_values" in items[0]:
-        batch["pixel_values"] = torch.stack([it["pixel_values"] for it in items])
+    for key in ("pixel_values", "control_image"):
+        if key in items[0]:
+            batch[key] = torch.stack([it[key] for it in items])
     return batch
 
 
@@ -317,13 +340,14 @@ def make_loader(dataset: ImageDataset, sampler: ResumableBatchSampler, *, num_wo
         generator=torch.Generator().manual_seed(sampler.seed), prefetch_factor=2 if num_workers else None)
 
 
-def build_datasets(config: DataConfig, *, seed: int, load_pixels: bool = True
+def build_datasets(config: DataConfig, *, seed: int, load_pixels: bool = True, hint_column: str | None = None
                    ) -> tuple[ImageDataset, ImageDataset | None]:
-    """The training set and the validation set (None without one) the data section describes."""
-    index = scan_image_folder(config)
+    """The training set and the validation set (None without one) the data section describes; with
+    hint_column, each item also has its "control_image" (3, R, R) in [0, 1]."""
+    index = scan_image_folder(config, hint_column=hint_column)
     validation = None
     if config.validation_path is not None:
-        validation = scan_image_folder(config, config.validation_path)
+        validation = scan_image_folder(config, config.validation_path, hint_column=hint_column)
     elif config.validation_split:
         index, validation = split_validation(index, config.validation_split, seed=seed)
     dataset = partial(ImageDataset, resolution=config.resolution, seed=seed, on_corrupt=config.on_corrupt)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import AutoencoderTrainConfig, load_train_config
+from .config import AutoencoderTrainConfig, ControlNetTrainConfig, load_train_config
 
 if TYPE_CHECKING:
     from .loop import Trainer
@@ -24,6 +24,10 @@ def train_from_file(kind: str, path: str | Path, *, overrides: Sequence[str] = (
         from .autoencoder_trainer import AutoencoderTrainer
 
         trainer = AutoencoderTrainer(config)
+    elif isinstance(config, ControlNetTrainConfig):
+        from .controlnet_trainer import ControlNetTrainer
+
+        trainer = ControlNetTrainer(config)
     else:
         from .diffusion_trainer import DiffusionTrainer
 
