@@ -95,7 +95,16 @@ def _controlnet():
     return model, run
 
 
-FACTORIES = {"unet": _unet, "controlnet": _controlnet, "unet2d": _unet2d, "class_embedder": _class_embedder,
+def _t2i_adapter():
+    from latentdiff.models.t2i_adapter import T2IAdapterConfig
+
+    model = COMPONENTS.create("t2i_adapter", T2IAdapterConfig(channels=(8, 16), num_res_blocks=1))
+    hint = torch.rand(1, 3, 16, 16)
+    return model, lambda m: torch.cat([f.flatten() for f in m(hint).intrablock])
+
+
+FACTORIES = {"unet": _unet, "controlnet": _controlnet, "t2i_adapter": _t2i_adapter, "unet2d": _unet2d,
+             "class_embedder": _class_embedder,
              "spatial_rescaler": _spatial_rescaler, "vq_model": _vq_model,
              "identity_first_stage": _identity_first_stage, "autoencoder_kl": _vae, "ldm_bert": _ldm_bert}
 # Parts that wrap a foreign model + tokenizer, or hold no weights, are covered by their own test files:

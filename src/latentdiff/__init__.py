@@ -33,6 +33,8 @@ _LAZY = {
     "UNet2DConditional": "latentdiff.models.unet",
     "ControlNet": "latentdiff.models.controlnet",
     "ControlNetConfig": "latentdiff.models.controlnet",
+    "T2IAdapter": "latentdiff.models.t2i_adapter",
+    "T2IAdapterConfig": "latentdiff.models.t2i_adapter",
     "UNetConfig": "latentdiff.models.unet",
     "UNet2D": "latentdiff.models.unet2d",
     "UNet2DConfig": "latentdiff.models.unet2d",
@@ -68,7 +70,7 @@ _LAZY = {
 
 __all__ = [  # literal, so linters and IDEs see the public names; the same as _LAZY's keys (tests/test_public_api.py)
     "AutoencoderKL", "AutoencoderKLConfig", "COMPONENTS", "CheckpointError", "ClassConditionalPipeline",
-    "ControlNet", "ControlNetConfig",
+    "ControlNet", "ControlNetConfig", "T2IAdapter", "T2IAdapterConfig",
     "ClassEmbedder", "ClassifierFreeGuidance", "ConfigError", "DDIMSampler", "DDPMSampler",
     "DPMSolverMultistepSDESampler", "DPMSolverMultistepSampler", "DenoisingPipeline", "EulerAncestralSampler",
     "EulerSampler", "HeunSampler", "IdentityFirstStage", "IdentityFirstStageConfig", "ImageToImagePipeline",
@@ -120,6 +122,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models.controlnet import ControlNet, ControlNetConfig
     from .models.identity import IdentityFirstStage, IdentityFirstStageConfig
     from .models.ldm_bert import LDMBert, LDMBertConfig, LDMBertTextEncoder
+    from .models.t2i_adapter import T2IAdapter, T2IAdapterConfig
     from .models.text_encoder import TextEncoder, TextEncoderConfig
     from .models.unet import UNet2DConditional, UNetConfig
     from .models.unet2d import UNet2D, UNet2DConfig

@@ -28,6 +28,7 @@ _BUILTIN_MODULES = (
     "latentdiff.models.unet",
     "latentdiff.models.unet2d",
     "latentdiff.models.controlnet",
+    "latentdiff.models.t2i_adapter",
     "latentdiff.models.text_encoder",
     "latentdiff.models.ldm_bert",
     "latentdiff.models.conditioners",

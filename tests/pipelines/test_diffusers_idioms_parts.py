@@ -84,7 +84,8 @@ def test_to_refuses_what_is_neither_device_nor_dtype(pipe, args, kwargs, where):
 # ---- pipe.components --------------------------------------------------------------------------------
 def test_components_are_shared_across_the_text_pipelines(pipe, diffusers, folders):
     parts = pipe.components
-    assert set(parts) == {"vae", "unet", "text_encoder", "noise_scheduler", "sampler", "controlnet"}   # None here
+    # the optional control parts are components too (None here), as diffusers lists its None parts
+    assert set(parts) == {"vae", "unet", "text_encoder", "noise_scheduler", "sampler", "controlnet", "adapter"}
     same = LatentDiffusionPipeline(**parts)
     img2img = ImageToImagePipeline(**parts)           # diffusers: StableDiffusionImg2ImgPipeline(**pipe.components)
     inpaint = InpaintPipeline(**img2img.components)

@@ -77,12 +77,15 @@ def test_a_missing_part_is_named(tmp_path):
 def test_text_to_image_layouts_are_folder_parts():
     for layout in (SD_LAYOUT, LDM_LAYOUT):
         parts = layout.parts()
-        assert [p.key for p in parts] == ["unet", layout.vae, layout.text_encoder, "tokenizer", "controlnet"]
+        # the optional control parts last (absent from plain folders)
+        assert [p.key for p in parts] == ["unet", layout.vae, layout.text_encoder, "tokenizer", "controlnet",
+                                          "adapter"]
+        assert all(p.optional for p in parts[4:])
         tokenizer = parts[3]
         assert tokenizer.argument == "text_encoder" and set(tokenizer.classes.values()) == {None}
         assert dict(parts[2].load_options) == {"tokenizer_subfolder": "tokenizer"}
     chosen = LatentDiffusionPipeline.folder_layout({"_class_name": "LDMTextToImagePipeline"})
-    assert [p.key for p in chosen] == ["unet", "vqvae", "bert", "tokenizer", "controlnet"]
+    assert [p.key for p in chosen] == ["unet", "vqvae", "bert", "tokenizer", "controlnet", "adapter"]
     assert LatentDiffusionPipeline.folder_layout({}) == SD_LAYOUT.parts()
     assert all(isinstance(p, FolderPart) for p in UnconditionalPipeline.folder_parts)
 

@@ -134,7 +134,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_loaded(pipe, settings)
     apply_embeddings(pipe, settings, embeddings)
     apply_loras(pipe, settings)
-    pipe = apply_control(pipe, settings)
+    pipe, settings = apply_control(pipe, settings)
     if procs.is_main and not checked:   # a Hub model's tokenizer, now downloaded
         warn_unknown_words(tokenizer_file(source, settings.tokenizer), texts)
     settings = finish(size_from_image(settings, images, pipe), pipe)

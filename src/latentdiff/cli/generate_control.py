@@ -139,7 +139,7 @@ def _stored_controls(value: Any, *, where: str) -> list[dict[str, Any]]:
                          found=repr(value)[:200])
     keys = {"model", "kind", "image", "image_sha256", "scale", "start", "end"}
     for i, entry in enumerate(value):
-        ok = isinstance(entry, dict) and set(entry) == keys and entry["kind"] in KINDS \
+        ok = isinstance(entry, dict) and set(entry) - {"type"} == keys and entry["kind"] in KINDS \
             and all(isinstance(entry[k], str) and 0 < len(entry[k]) <= 4096 for k in ("model", "image")) \
             and all(isinstance(entry[k], (int, float)) and not isinstance(entry[k], bool)
                     for k in ("scale", "start", "end"))
@@ -254,31 +254,76 @@ def hint_of(entry: dict[str, Any]) -> Any:
     return rgb
 
 
+def _is_adapter_folder(name: str) -> bool:
+    """Whether a local folder holds a T2I-Adapter (its config.json's class), not a ControlNet."""
+    import json
+
+    config = Path(name) / "config.json"
+    try:
+        return json.loads(config.read_text()).get("_class_name") in ("T2IAdapter", "MultiAdapter")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def load_control_model(name: str, *, where: str, **load: Any) -> Any:
-    """A ControlNet (or a T2I-Adapter) from a folder, a Hub id, a built-in name or an original single file."""
+    """A ControlNet or a T2I-Adapter from a folder, a Hub id, a built-in name or an original single file. A folder
+    says which by its config.json; a file or Hub id is read as a ControlNet first, then as a T2I-Adapter (the two
+    layouts share no keys), and the ControlNet's error is the one reported when neither reads it."""
     from ..errors import LatentDiffError
     from ..models.controlnet import ControlNet
+    from ..models.t2i_adapter import T2IAdapter
 
+    kind = local_kind(name)
     try:
-        if local_kind(name) == "file":
-            return ControlNet.from_single_file(name, **load)
-        return ControlNet.from_pretrained(name, **load)
+        if kind == "dir" and _is_adapter_folder(name):
+            return T2IAdapter.from_pretrained(name, **load)
+        read = (lambda cls: cls.from_single_file(name, **load)) if kind == "file" else \
+            (lambda cls: cls.from_pretrained(name, **load))
+        try:
+            return read(ControlNet)
+        except LatentDiffError as first:
+            if kind == "dir":
+                raise
+            try:
+                return read(T2IAdapter)
+            except LatentDiffError:
+                raise first from None
     except LatentDiffError as e:
         raise UsageError(e.message, where=f"{where}: {e.where}" if e.where else where, expected=e.expected,
                          found=e.found) from None
 
 
-def apply_control(pipe: Any, settings: GenerateSettings) -> Any:
-    """The pipeline with the run's ControlNets (the same parts otherwise), and its IP-Adapter loaded."""
+def apply_control(pipe: Any, settings: GenerateSettings) -> tuple[Any, GenerateSettings]:
+    """(The pipeline with the run's ControlNets and T2I-Adapters (the same parts otherwise) and its IP-Adapter
+    loaded; the settings with each control entry's model type, which the PNG records). A T2I-Adapter acts on every
+    step (it has no step range): a range given to one is refused."""
+    from ..models.t2i_adapter import T2IAdapter
+
     if settings.control:
         load = dict(torch_dtype=pipe.unet.dtype, device=pipe.device)
-        nets = [load_control_model(entry["model"], where=f"--controlnet {entry['model']}", **load)
-                for entry in settings.control]
+        models = [load_control_model(entry["model"], where=f"--controlnet {entry['model']}", **load)
+                  for entry in settings.control]
+        for model, entry in zip(models, settings.control, strict=True):
+            if isinstance(model, T2IAdapter) and (entry["start"], entry["end"]) != (0.0, 1.0):
+                raise UsageError("a T2I-Adapter acts on every step: it takes no START:END", where=f"--control "
+                                 f"{entry['kind']}:{entry['image']}", expected="KIND:IMAGE[:SCALE]",
+                                 found=f"{entry['start']}:{entry['end']}")
+        nets = [m for m in models if not isinstance(m, T2IAdapter)]
+        adapters = [m for m in models if isinstance(m, T2IAdapter)]
+        parts: dict[str, Any] = {}
+        if nets:
+            parts["controlnet"] = nets[0] if len(nets) == 1 else nets
+        if adapters:
+            parts["adapter"] = adapters[0] if len(adapters) == 1 else adapters
         try:
-            pipe = type(pipe).from_pipe(pipe, controlnet=nets[0] if len(nets) == 1 else nets)
+            pipe = type(pipe).from_pipe(pipe, **parts)
         except TypeError:
-            raise UsageError("this model's pipeline takes no ControlNet", where="--controlnet",
-                             expected="a Stable Diffusion (1.x / 2.x) model", found=type(pipe).__name__) from None
+            raise UsageError("this model's pipeline takes no " + ("T2I-Adapter" if adapters else "ControlNet"),
+                             where="--controlnet", expected="a Stable Diffusion model (SDXL: ControlNets only)",
+                             found=type(pipe).__name__) from None
+        settings = dataclasses.replace(settings, control=[
+            dict(entry, type="t2i_adapter" if isinstance(m, T2IAdapter) else "controlnet")
+            for m, entry in zip(models, settings.control, strict=True)])
     if settings.ip_adapter:
         if not hasattr(pipe, "load_ip_adapter"):
             raise UsageError("this model's pipeline takes no IP-Adapter", where="--ip-adapter",
@@ -287,22 +332,29 @@ def apply_control(pipe: Any, settings: GenerateSettings) -> Any:
         encoder = entry["image_encoder"]
         pipe.load_ip_adapter(entry["path"], **({} if encoder is None else {"image_encoder": encoder}))
         pipe.set_ip_adapter_scale(entry["scale"])
-    return pipe
+    return pipe, settings
 
 
 def control_options(settings: GenerateSettings) -> dict[str, Any]:
-    """The pipeline call's control arguments of the run (none without control)."""
+    """The pipeline call's control arguments of the run (none without control): the ControlNets' hints first, then
+    the T2I-Adapters' (the pipelines' order), each kind with its scales."""
     out: dict[str, Any] = {}
     if settings.control:
-        entries = settings.control
-        one = len(entries) == 1
-        hints = [hint_of(e) for e in entries]
-        out |= {"control_image": hints[0] if one else hints,
-                "controlnet_conditioning_scale": entries[0]["scale"] if one else [e["scale"] for e in entries],
-                "control_guidance_start": entries[0]["start"] if one else [e["start"] for e in entries],
-                "control_guidance_end": entries[0]["end"] if one else [e["end"] for e in entries],
-                "guess_mode": bool(settings.guess_mode),
-                "control_resize_mode": RESIZE[settings.control_resize or "just-resize"]}
+        nets = [e for e in settings.control if e.get("type", "controlnet") == "controlnet"]
+        adapters = [e for e in settings.control if e.get("type") == "t2i_adapter"]
+
+        def each(entries: list[dict[str, Any]], key: str) -> Any:
+            return entries[0][key] if len(entries) == 1 else [e[key] for e in entries]
+
+        hints = [hint_of(e) for e in nets + adapters]
+        out["control_image"] = hints[0] if len(hints) == 1 else hints
+        out["control_resize_mode"] = RESIZE[settings.control_resize or "just-resize"]
+        if nets:
+            out |= {"controlnet_conditioning_scale": each(nets, "scale"),
+                    "control_guidance_start": each(nets, "start"), "control_guidance_end": each(nets, "end"),
+                    "guess_mode": bool(settings.guess_mode)}
+        if adapters:
+            out["adapter_conditioning_scale"] = each(adapters, "scale")
     if settings.ip_adapter:
         from PIL import Image
 

@@ -239,6 +239,11 @@ def micro_conditioning(settings: GenerateSettings) -> dict[str, Any]:
     return options
 
 
+# the pipeline call's control arguments (generate_control.control_options) the refiner does not take
+CONTROL_ARGUMENTS = ("control_image", "control_resize_mode", "controlnet_conditioning_scale", "control_guidance_start",
+                     "control_guidance_end", "guess_mode", "adapter_conditioning_scale")
+
+
 def call_sdxl(pipe: Any, refiner: Any, settings: GenerateSettings, images: Any, prompt: Any, *, height: int,
               width: int, **common: Any) -> Any:
     """One call of `latentdiff generate` on an SDXL pipeline: text-to-image or image-to-image, then the refiner
@@ -269,7 +274,9 @@ def call_sdxl(pipe: Any, refiner: Any, settings: GenerateSettings, images: Any, 
         return first()
     switch = settings.refiner_switch
     latents = first(denoising_end=switch, output_type="latent").images
-    return refiner(prompt, image=latents, denoising_start=switch, **common)
+    # control steers the base's layout; the refiner (no ControlNet of its own) takes the prompt alone, as A1111's
+    return refiner(prompt, image=latents, denoising_start=switch,
+                   **{k: v for k, v in common.items() if k not in CONTROL_ARGUMENTS})
 
 
 def sdxl_hires_fix(pipe: Any, prompt: Any, *, scale: float, steps: int | None, strength: float | None,

@@ -30,6 +30,7 @@ from ..models.base import ModelMixin, cast_state_dict, check_state_dict
 from ..registry import COMPONENTS, SINGLE_FILE
 from ..utils.devices import check_device
 from . import controlnet_ldm  # noqa: F401 (registers ControlNet.from_single_file / save_single_file's hooks)
+from . import t2i_adapter as _t2i_adapter  # noqa: F401  (registers T2IAdapter's single-file hooks)
 from .single_file import (
     METADATA_KEY,
     NETWORK_PARTS,

@@ -5,6 +5,7 @@
     AUTOENCODER_KL     diffusers AutoencoderKL        <-> autoencoder_kl.AutoencoderKLConfig
     VQ_MODEL           diffusers VQModel              <-> vq.VQModelConfig
     CONTROLNET         diffusers ControlNetModel      <-> controlnet.ControlNetConfig
+    T2I_ADAPTER        diffusers T2IAdapter           <-> t2i_adapter.T2IAdapterConfig
 
 Defaults are diffusers 0.42's __init__ signatures; the tests check them against the installed diffusers.
 """
@@ -391,3 +392,11 @@ CONTROLNET = DiffusersConfigMap(
                 "addition_time_embed_dim", "projection_class_embeddings_input_dim",
                 "conditioning_embedding_out_channels"),
     read=_read_controlnet, write=_write_controlnet)
+
+
+# ---- T2IAdapter <-> t2i_adapter.T2IAdapterConfig: the config's fields are diffusers' arguments -------------------
+T2I_ADAPTER = DiffusersConfigMap(
+    class_name="T2IAdapter",
+    defaults={"in_channels": 3, "channels": [320, 640, 1280, 1280], "num_res_blocks": 2, "downscale_factor": 8,
+              "adapter_type": "full_adapter"},
+    same=("in_channels", "channels", "num_res_blocks", "downscale_factor", "adapter_type"))

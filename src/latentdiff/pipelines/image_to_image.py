@@ -60,7 +60,8 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
             controlnet_conditioning_scale: float | Sequence[float] = 0.8,
             control_guidance_start: float | Sequence[float] = 0.0, control_guidance_end: float | Sequence[float] = 1.0,
             guess_mode: bool = False, control_resize_mode: int | None = 0, ip_adapter_image: Any = None,
-            ip_adapter_image_embeds: list[torch.Tensor] | None = None) -> Any:
+            ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+            adapter_conditioning_scale: float | Sequence[float] = 1.0) -> Any:
         """Edit `image` (see `images` for the accepted kinds; H, W multiples of the autoencoder factor) towards
         `prompt`. strength in [0, 1]: 1 runs all num_inference_steps from an almost fully noised image,
         smaller keeps more of it (int(N * strength) steps run), with any sampler. noise: (B, C, H/f, W/f), the
@@ -73,6 +74,7 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
         the tuple (images, None)). control_image ... control_resize_mode: as text-to-image's, the hints at the
         image's size (diffusers' StableDiffusionControlNetImg2ImgPipeline; the step ranges over the steps run).
         ip_adapter_image / ip_adapter_image_embeds: as text-to-image's (a loaded IP-Adapter's image prompt).
+        adapter_conditioning_scale: the T2I-Adapters', as text-to-image's (`t2i_adapters`).
         """
         check_call(self, locals())
         self.check_ip_adapter_inputs(ip_adapter_image, ip_adapter_image_embeds)

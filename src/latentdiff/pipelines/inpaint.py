@@ -151,7 +151,8 @@ class InpaintPipeline(InpaintStages, ImageToImagePipeline):
             controlnet_conditioning_scale: float | Sequence[float] = 0.5,
             control_guidance_start: float | Sequence[float] = 0.0, control_guidance_end: float | Sequence[float] = 1.0,
             guess_mode: bool = False, control_resize_mode: int | None = 0, ip_adapter_image: Any = None,
-            ip_adapter_image_embeds: list[torch.Tensor] | None = None) -> Any:
+            ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+            adapter_conditioning_scale: float | Sequence[float] = 1.0) -> Any:
         """Repaint the white region of `mask_image` in `image` (same H, W). height / width (multiples of the
         autoencoder factor): resize the image and the mask to them, as diffusers; default: the image's size (rounded
         down to multiples of the factor).
@@ -165,6 +166,7 @@ class InpaintPipeline(InpaintStages, ImageToImagePipeline):
         control_image ... control_resize_mode: as text-to-image's, the hints at the image's size after its resizing
         (diffusers' StableDiffusionControlNetInpaintPipeline: the ControlNets see the latents, not the mask inputs).
         ip_adapter_image / ip_adapter_image_embeds: as text-to-image's (a loaded IP-Adapter's image prompt).
+        adapter_conditioning_scale: the T2I-Adapters', as text-to-image's (`t2i_adapters`).
         """
         check_call(self, locals())
         self.check_ip_adapter_inputs(ip_adapter_image, ip_adapter_image_embeds)

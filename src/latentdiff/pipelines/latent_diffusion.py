@@ -43,6 +43,7 @@ from .folder import MODEL_INDEX, Entry, FolderPart, write_parts
 from .ip_adapter import IPAdapterMixin
 from .sdedit import start_step
 from .stages import stage
+from .t2i_adapters import ADAPTER_PART, AdapterParts, Adapters, as_adapter
 from .text_guided import Prompt, TextGuidedPipeline, no_prompt
 from .tiled_sampling import Size as TileSize
 from .tiled_sampling import check_upscale, upscale_latents
@@ -68,7 +69,8 @@ class FolderLayout:
         return (FolderPart("unet", "unet", UNETS), FolderPart(self.vae, "vae", FIRST_STAGES),
                 FolderPart(self.text_encoder, "text_encoder", {e: TEXT_ENCODERS[e] for e in self.text_encoders},
                            load_options=(("tokenizer_subfolder", "tokenizer"),)),
-                FolderPart("tokenizer", "text_encoder", dict.fromkeys(self.tokenizers)), CONTROLNET_PART)
+                FolderPart("tokenizer", "text_encoder", dict.fromkeys(self.tokenizers)), CONTROLNET_PART,
+                ADAPTER_PART)
 
 
 SD_LAYOUT = FolderLayout(
@@ -88,29 +90,31 @@ LAYOUTS: dict[str, FolderLayout] = {
     "StableDiffusionPipeline": SD_LAYOUT, "StableDiffusionImg2ImgPipeline": SD_LAYOUT,
     "StableDiffusionInpaintPipeline": SD_LAYOUT, OWN_CLASS: SD_LAYOUT,   # OWN_CLASS: LDM's with `bert`/`vqvae`
     "StableDiffusionControlNetPipeline": SD_LAYOUT, "StableDiffusionControlNetImg2ImgPipeline": SD_LAYOUT,
-    "StableDiffusionControlNetInpaintPipeline": SD_LAYOUT,
+    "StableDiffusionControlNetInpaintPipeline": SD_LAYOUT, "StableDiffusionAdapterPipeline": SD_LAYOUT,
     LDM_TEXT_TO_IMAGE: LDM_LAYOUT,
 }
 
 
 @PIPELINES.register("text-to-image")
-class LatentDiffusionPipeline(IPAdapterMixin, ControlNetParts, LoraMixin, TextGuidedPipeline):
+class LatentDiffusionPipeline(AdapterParts, IPAdapterMixin, ControlNetParts, LoraMixin, TextGuidedPipeline):
     """Text-conditioned latent diffusion: a first stage (KL, VQ or identity), a cross-attention UNet and a text
     encoder (CLIP, as Stable Diffusion, or LDMBert, as LDM's text-to-image model); optionally ControlNets
-    (`control_pipeline`)."""
+    (`control_pipeline`) and T2I-Adapters (`t2i_adapters`)."""
 
     diffusers_class_names: ClassVar[tuple[str, ...]] = (
-        "StableDiffusionPipeline", LDM_TEXT_TO_IMAGE, OWN_CLASS, "StableDiffusionControlNetPipeline")
+        "StableDiffusionPipeline", LDM_TEXT_TO_IMAGE, OWN_CLASS, "StableDiffusionControlNetPipeline",
+        "StableDiffusionAdapterPipeline")
     loadable_class_names = tuple(LAYOUTS)
-    component_names = ("vae", "unet", "text_encoder", "noise_scheduler", "sampler", "controlnet")
+    component_names = ("vae", "unet", "text_encoder", "noise_scheduler", "sampler", "controlnet", "adapter")
     unet: UNet2DConditional   # cross-attends to the text
     folder_parts = SD_LAYOUT.parts()   # the layout saved with a CLIP text encoder; `folder_layout` reads either
 
     def __init__(self, *, vae: FirstStage, unet: UNet2DConditional, text_encoder: TextEncoder,
                  noise_scheduler: NoiseScheduler | None = None, sampler: SamplerProtocol | None = None,
-                 controlnet: ControlNets = None):
+                 controlnet: ControlNets = None, adapter: Adapters = None):
         self.text_encoder = text_encoder
         self.controlnet = as_controlnet(controlnet)
+        self.adapter = as_adapter(adapter)
         super().__init__(vae=vae, unet=unet, noise_scheduler=noise_scheduler, sampler=sampler)
 
     def check_parts(self) -> None:
@@ -122,9 +126,10 @@ class LatentDiffusionPipeline(IPAdapterMixin, ControlNetParts, LoraMixin, TextGu
                               where="unet.config.cross_attention_dim", expected=self.text_encoder.hidden_size,
                               found=width)
         self.check_controlnets()
+        self.check_adapters()
 
     def networks(self) -> tuple[torch.nn.Module, ...]:
-        return (self.unet, self.vae, self.text_encoder, *self.controlnets, *self.ip_adapter_networks())
+        return (self.unet, self.vae, self.text_encoder, *self.controlnets, *self.adapters, *self.ip_adapter_networks())
 
     # ---- loading and saving ---------------------------------------------------------------------
     @classmethod
@@ -136,16 +141,17 @@ class LatentDiffusionPipeline(IPAdapterMixin, ControlNetParts, LoraMixin, TextGu
             vae: FirstStage | None = None, unet: UNet2DConditional | None = None,
             text_encoder: TextEncoder | None = None, noise_scheduler: NoiseScheduler | None = None,
             sampler: SamplerProtocol | None = None, mmap_weights: bool = False,
-            check_finite_weights: bool = False, controlnet: ControlNets = None) -> LatentDiffusionPipeline:
+            check_finite_weights: bool = False, controlnet: ControlNets = None,
+            adapter: Adapters = None) -> LatentDiffusionPipeline:
         """Load a diffusers-format folder or Hub repo (Stable Diffusion v1/v2, LDM text-to-image, and their
         image-to-image / inpainting folders); parts passed in replace the folder's. `mmap_weights`: weights
         memory-mapped and released between stages instead of copied (`load_pipeline_folder`, docs/memory.md).
         check_finite_weights: scan every part's weights once (`check_weights`), a NumericalError naming the part
         and the first bad tensor. controlnet: a ControlNet or a list (multi-ControlNet) in place of the folder's
-        (`controlnet/`, absent in plain folders)."""
+        (`controlnet/`, absent in plain folders); adapter: a T2IAdapter or a list, likewise (`adapter/`)."""
         location = HubLocation(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
         given = dict(vae=vae, unet=unet, text_encoder=text_encoder, noise_scheduler=noise_scheduler, sampler=sampler,
-                     controlnet=controlnet)
+                     controlnet=controlnet, adapter=adapter)
         return cls.load_pipeline_folder(path_or_id, given=given, variant=variant, torch_dtype=torch_dtype,
                                         device=device, location=location, mmap_weights=mmap_weights,
                                         check_finite_weights=check_finite_weights)
@@ -178,8 +184,12 @@ class LatentDiffusionPipeline(IPAdapterMixin, ControlNetParts, LoraMixin, TextGu
         control = self.write_controlnets(folder, variant=variant)
         if control:   # diffusers' ControlNet pipeline of the task; LDM's layout has none: latentdiff's own name
             class_name = self.controlnet_class_name if layout is SD_LAYOUT else OWN_CLASS
-        index = self.model_index() | {"_class_name": class_name} | entries | control | dict(layout.extra_entries) \
-            | self.text_encoder.diffusers_entries()
+        adapters = self.write_adapters(folder, variant=variant)
+        if adapters:   # diffusers' adapter pipeline (text-to-image only); with ControlNets too: latentdiff's name
+            class_name = self.adapter_class_name if layout is SD_LAYOUT and not control and \
+                type(self) is LatentDiffusionPipeline else OWN_CLASS
+        index = self.model_index() | {"_class_name": class_name} | entries | control | adapters \
+            | dict(layout.extra_entries) | self.text_encoder.diffusers_entries()
         hub.write_json(index, folder / MODEL_INDEX)
 
     # ---- the algorithm ---------------------------------------------------------------------------
@@ -201,7 +211,8 @@ class LatentDiffusionPipeline(IPAdapterMixin, ControlNetParts, LoraMixin, TextGu
                  control_guidance_start: float | Sequence[float] = 0.0,
                  control_guidance_end: float | Sequence[float] = 1.0, guess_mode: bool = False,
                  control_resize_mode: int | None = 0, ip_adapter_image: Any = None,
-                 ip_adapter_image_embeds: list[torch.Tensor] | None = None) -> Any:
+                 ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+                 adapter_conditioning_scale: float | Sequence[float] = 1.0) -> Any:
         """Generate images for `prompt` (a string or a list). Returns PipelineOutput(images=...), or with
         return_dict=False diffusers' tuple (images, None) (no safety checker: nothing flagged).
 
@@ -220,6 +231,8 @@ class LatentDiffusionPipeline(IPAdapterMixin, ControlNetParts, LoraMixin, TextGu
         control_resize_mode: how a hint of another size is brought to height x width (`latentdiff.control.fit`:
         0 resize, as diffusers; 1 crop; 2 fill; None: an error).
         ip_adapter_image / ip_adapter_image_embeds: the image prompt of a loaded IP-Adapter (`IPAdapterMixin`).
+        adapter_conditioning_scale: the T2I-Adapters' (one number, or one per adapter; their hints in control_image,
+        after the ControlNets'): `t2i_adapters`.
         """
         check_call(self, locals())
         self.check_ip_adapter_inputs(ip_adapter_image, ip_adapter_image_embeds)
