@@ -137,10 +137,11 @@ def test_an_unknown_class_under_a_known_side_part_is_refused(tiny, tmp_path):
 
 @pytest.mark.outcome("clear_error")
 def test_an_unknown_component_is_refused(tiny, tmp_path):
-    folder = index_with(tiny, tmp_path, controlnet=["diffusers", "ControlNetModel"])
-    with pytest.raises(ConfigError, match="controlnet") as info:
+    # (controlnet and adapter are parts since issue 19: an AnimateDiff motion adapter is still unknown)
+    folder = index_with(tiny, tmp_path, motion_adapter=["diffusers", "MotionAdapter"])
+    with pytest.raises(ConfigError, match="motion_adapter") as info:
         LatentDiffusionPipeline.from_pretrained(folder)
-    assert "model_index.json" in str(info.value) and "ControlNetModel" in str(info.value)
+    assert "model_index.json" in str(info.value) and "MotionAdapter" in str(info.value)
 
 
 # ---- the structure of model_index.json ------------------------------------------------------------------------
