@@ -28,6 +28,7 @@ from torch import nn
 from .. import hub
 from ..config import ComponentConfig, read_json
 from ..errors import CheckpointError, ConfigError, describe
+from ..hub_files import local_file
 from ..registry import SINGLE_FILE
 from ..utils import numerics
 from ..utils.devices import check_device
@@ -162,6 +163,7 @@ class ModelMixin(nn.Module, Generic[ConfigT]):
         LitEma's weights when the file has them. A file without this part is a CheckpointError naming the
         parts it has. check_finite_weights: as in `from_pretrained`.
         """
+        path = local_file(path)   # a Hub file URL or "owner/repo/file": the cached download
         model = SINGLE_FILE.get("model_from_single_file")(cls, path, original_config=original_config, use_ema=use_ema,
                                                           prediction_type=prediction_type, torch_dtype=torch_dtype,
                                                           device=device)

@@ -23,6 +23,7 @@ from torch import nn
 
 from .. import limits
 from ..errors import ConfigError, InputError
+from ..hub_files import local_file
 from ..registry import COMPONENTS, SINGLE_FILE
 from ..utils import numerics
 from . import structure
@@ -144,6 +145,7 @@ class ControlNet(UNetTrunk[ControlNetConfig]):
         if prediction_type is not None:
             raise InputError("a ControlNet has no prediction type (its UNet's pipeline has)", where="prediction_type",
                              expected=None, found=prediction_type)
+        path = local_file(path)   # a Hub file URL or "owner/repo/file": the cached download
         model = SINGLE_FILE.get("controlnet_from_single_file")(cls, path, original_config=original_config, unet=unet,
                                                                torch_dtype=torch_dtype, device=device)
         if check_finite_weights:

@@ -33,6 +33,7 @@ from torch import nn
 from .. import limits
 from ..config import ComponentConfig
 from ..errors import ConfigError, InputError
+from ..hub_files import local_file
 from ..registry import COMPONENTS, SINGLE_FILE
 from ..utils import numerics
 from . import structure
@@ -223,6 +224,7 @@ class T2IAdapter(ModelMixin[T2IAdapterConfig]):
         for name, value in (("original_config", original_config), ("prediction_type", prediction_type)):
             if value is not None:
                 raise InputError(f"a T2I-Adapter file takes no {name}", where=name, expected=None, found=repr(value))
+        path = local_file(path)   # a Hub file URL or "owner/repo/file": the cached download
         model = SINGLE_FILE.get("t2i_adapter_from_single_file")(cls, path, torch_dtype=torch_dtype, device=device)
         if check_finite_weights:
             numerics.check_finite_weights(model, part=cls.__name__, source=str(path))

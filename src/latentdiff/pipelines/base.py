@@ -21,6 +21,7 @@ import torch
 
 from .. import hub
 from ..errors import ConfigError, InputError, RegistryError
+from ..hub_files import local_file
 from ..registry import PIPELINES, SINGLE_FILE
 from ..version import __version__
 from .folder import IGNORED_PARTS, Supported, open_folder
@@ -107,6 +108,8 @@ class Pipeline:
         picks the class from the file's family; `SomePipeline.from_single_file` checks the file fits it.
         Components passed as keywords replace the file's (e.g. `tokenizer=`); other options: see
         `latentdiff.convert.api.pipeline_from_single_file` (reached through `registry.SINGLE_FILE`)."""
+        path = local_file(path, **{k: options[k] for k in ("revision", "cache_dir", "token", "local_files_only")
+                                   if k in options})
         return SINGLE_FILE.get("pipeline_from_single_file")(path, original_config=original_config,
                                                             pipeline_class=None if cls is Pipeline else cls, **options)
 
