@@ -23,7 +23,8 @@ def add_lora_flags(gen: argparse.ArgumentParser) -> None:
                           "repeat for several")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The file's sha256 (hex), read in 1 MiB blocks: what the PNGs record of every input file."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -73,7 +74,7 @@ def settle_loras(args: argparse.Namespace, stored: dict[str, Any], settings: Gen
         if not math.isfinite(weight):
             raise UsageError("a LoRA weight must be a finite number", where=f"{where}[{i}]", expected="W in FILE:W",
                              found=weight)
-        digest = _sha256(path)
+        digest = file_sha256(path)
         if old is not None and old != digest:
             warn(f"{path} changed since {args.from_png} was made (its sha256 differs): the image will differ")
         recorded.append({"path": str(path), "weight": weight, "sha256": digest})

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import math
 from pathlib import Path
 from typing import Any
 
 from .. import builtin, hub
 from ..errors import UsageError
+from .generate_adapters import file_sha256
 from .generate_model import local_kind
 from .generate_settings import GenerateSettings
 
@@ -104,14 +104,6 @@ def check_spec(spec: ControlSpec, *, where: str) -> None:
                          expected="0 <= START < END <= 1", found=f"{spec.start}:{spec.end}")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _model_name(model: str, *, where: str) -> str:
     """A local file or folder as its absolute path (so --from works from anywhere); a built-in name or Hub id as
     given."""
@@ -129,7 +121,7 @@ def _image(path_text: str, *, where: str) -> tuple[str, str]:
     if not path.is_file():
         raise UsageError("no such image file", where=where, expected="an image file (PNG, JPEG, WebP ...)",
                          found=str(path))
-    return str(path), _sha256(path)
+    return str(path), file_sha256(path)
 
 
 def _stored_controls(value: Any, *, where: str) -> list[dict[str, Any]]:
@@ -234,7 +226,7 @@ def settle_ip(args: argparse.Namespace, stored: dict[str, Any]) -> dict[str, Any
     encoder = entry.get("image_encoder")
     if encoder is not None:
         encoder = _model_name(encoder, where="--ip-image-encoder")
-    return {"path": str(path), "sha256": _sha256(path), "image": image, "image_sha256": digest,
+    return {"path": str(path), "sha256": file_sha256(path), "image": image, "image_sha256": digest,
             "scale": float(entry["scale"]), "image_encoder": encoder}
 
 
@@ -254,40 +246,13 @@ def hint_of(entry: dict[str, Any]) -> Any:
     return rgb
 
 
-def _is_adapter_folder(name: str) -> bool:
-    """Whether a local folder holds a T2I-Adapter (its config.json's class), not a ControlNet."""
-    import json
-
-    config = Path(name) / "config.json"
-    try:
-        return json.loads(config.read_text()).get("_class_name") in ("T2IAdapter", "MultiAdapter")
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def load_control_model(name: str, *, where: str, **load: Any) -> Any:
-    """A ControlNet or a T2I-Adapter from a folder, a Hub id, a built-in name or an original single file. A folder
-    says which by its config.json; a file or Hub id is read as a ControlNet first, then as a T2I-Adapter (the two
-    layouts share no keys), and the ControlNet's error is the one reported when neither reads it."""
+    """`control_pipeline.load_control_network` with its error told as the flag's (a one-line UsageError)."""
     from ..errors import LatentDiffError
-    from ..models.controlnet import ControlNet
-    from ..models.t2i_adapter import T2IAdapter
+    from ..pipelines.control_pipeline import load_control_network
 
-    kind = local_kind(name)
     try:
-        if kind == "dir" and _is_adapter_folder(name):
-            return T2IAdapter.from_pretrained(name, **load)
-        read = (lambda cls: cls.from_single_file(name, **load)) if kind == "file" else \
-            (lambda cls: cls.from_pretrained(name, **load))
-        try:
-            return read(ControlNet)
-        except LatentDiffError as first:
-            if kind == "dir":
-                raise
-            try:
-                return read(T2IAdapter)
-            except LatentDiffError:
-                raise first from None
+        return load_control_network(name, **load)
     except LatentDiffError as e:
         raise UsageError(e.message, where=f"{where}: {e.where}" if e.where else where, expected=e.expected,
                          found=e.found) from None

@@ -155,3 +155,44 @@ class ControlNetParts:
         for i, cn in enumerate(nets):
             cn.write_files(folder / ("controlnet" if i == 0 else f"controlnet_{i}"), variant=variant)
         return {"controlnet": list(MULTI_ENTRY)}
+
+
+def _is_adapter_folder(folder: Path) -> bool:
+    """Whether a local folder holds a T2I-Adapter (its config.json's class), not a ControlNet."""
+    import json
+
+    try:
+        return json.loads((folder / "config.json").read_text()).get("_class_name") in ("T2IAdapter", "MultiAdapter")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_control_network(name: str, **load: Any) -> Any:
+    """A ControlNet or a T2I-Adapter from a folder, a Hub id, a built-in name or an original single file (`load`:
+    from_pretrained / from_single_file keywords, e.g. torch_dtype, device). A folder says which by its config.json;
+    a file or Hub id is read as a ControlNet first, then as a T2I-Adapter (the two layouts share no keys), and the
+    ControlNet's error is the one raised when neither reads it. The CLI's `--controlnet` and the server's
+    `--controlnet-dir` load through it."""
+    from ..errors import LatentDiffError
+    from ..models.t2i_adapter import T2IAdapter
+
+    path = Path(name).expanduser()
+    try:
+        kind = "file" if path.is_file() else "dir" if path.is_dir() else None
+    except OSError:   # a name the OS refuses (too long ...): not local
+        kind = None
+    if kind == "dir" and _is_adapter_folder(path):
+        return T2IAdapter.from_pretrained(name, **load)
+
+    def read(cls: Any) -> Any:
+        return cls.from_single_file(name, **load) if kind == "file" else cls.from_pretrained(name, **load)
+
+    try:
+        return read(ControlNet)
+    except LatentDiffError as first:
+        if kind == "dir":
+            raise
+        try:
+            return read(T2IAdapter)
+        except LatentDiffError:
+            raise first from None

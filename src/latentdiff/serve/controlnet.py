@@ -7,7 +7,7 @@ extension lists them: `"<stem> [<hash>]"`, the hash being A1111's short model ha
 sha256 of 64 KiB at offset 1 MiB: cheap on multi-GB files; folders have none). A request names a model with or
 without its "[hash]" (case-insensitive, as the extension looks names up); a hash that differs from the file's, a
 path, or an unknown name is a RequestError naming the field. Models load on first use
-(`cli.generate_control.load_control_model`: folders and original single files), in the pipeline's dtype and
+(`pipelines.control_pipeline.load_control_network`: folders and original single files), in the pipeline's dtype and
 device, and the MAX_LOADED used last stay loaded.
 
 Modules: the extension's model-free preprocessors latentdiff reproduces (`MODULES`), each with the extension's
@@ -180,8 +180,8 @@ class ControlNetCatalog:
     def load(self, name: str, *, dtype: Any, device: Any, field: str) -> Any:
         """The ControlNet `name` (a resolved name) in `dtype` on `device`, loaded once while it stays among the
         MAX_LOADED used last."""
-        from ..cli.generate_control import load_control_model
         from ..errors import LatentDiffError
+        from ..pipelines.control_pipeline import load_control_network
 
         key = (name, str(dtype), str(device))
         with self._lock:
@@ -190,7 +190,7 @@ class ControlNetCatalog:
                 return self._loaded[key]
         path = self.entries()[name][0]
         try:
-            model = load_control_model(str(path), where=field, torch_dtype=dtype, device=device)
+            model = load_control_network(str(path), torch_dtype=dtype, device=device)
         except LatentDiffError as e:
             raise RequestError(f"the ControlNet model does not load: {e.message}", field=field,
                                expected=e.expected, found=e.found) from None
