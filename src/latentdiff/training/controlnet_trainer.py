@@ -140,13 +140,7 @@ class ControlNetTrainer(DiffusionTrainer):
             loss = F.mse_loss(prediction.float(), target.float())
             acc.backward(loss / n)
             total += loss.detach()
-        norm = self.step_optimizer("model", max_grad_norm=self.config.optim.max_grad_norm)
-        if self.ema is not None:
-            self.ema.update()
-        logs = {"loss": total / n}
-        if norm is not None:
-            logs["grad_norm"] = norm
-        return logs
+        return self.finish_step(total, n)
 
     # ---- previews and export ------------------------------------------------------------------------
     def preview_batch(self) -> dict[str, Any]:

@@ -153,6 +153,11 @@ class DiffusionTrainer(Trainer):
             loss = F.mse_loss(prediction.float(), target.float())
             acc.backward(loss / n)
             total += loss.detach()
+        return self.finish_step(total, n)
+
+    def finish_step(self, total: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
+        """The optimizer step after `n` micro-batches whose losses sum to `total` (clipped, then the EMA), and the
+        step's logs: the mean loss and the gradient norm (when clipping measured one)."""
         norm = self.step_optimizer("model", max_grad_norm=self.config.optim.max_grad_norm)
         if self.ema is not None:
             self.ema.update()
