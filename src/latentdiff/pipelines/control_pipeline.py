@@ -46,13 +46,21 @@ class MultiControlNetFolders:
 
     @classmethod
     def from_pretrained(cls, root: Path, *, subfolder: str, **load: Any) -> tuple[ControlNet, ...]:
-        folders = [subfolder] + list(itertools.takewhile(lambda name: (Path(root) / name).is_dir(),
-                                                         (f"{subfolder}_{i}" for i in itertools.count(1))))
-        if len(folders) < 2:   # a Hub snapshot holds the index's subfolders only: the numbered ones are missing
-            raise CheckpointError("a MultiControlNetModel folder needs its numbered ControlNet folders",
-                                  where=str(Path(root) / subfolder), expected=f"{subfolder}_1/ beside {subfolder}/",
-                                  found=f"{subfolder}/ only (download the whole folder, or pass controlnet=)")
+        folders = numbered_folders(root, subfolder, entry="MultiControlNetModel", noun="ControlNet",
+                                   argument="controlnet")
         return tuple(ControlNet.from_pretrained(root, subfolder=name, **load) for name in folders)
+
+
+def numbered_folders(root: Path, subfolder: str, *, entry: str, noun: str, argument: str) -> list[str]:
+    """`subfolder`, `subfolder_1`, `subfolder_2` ... as long as they exist (diffusers' layout of several
+    ControlNets or adapters under one model_index entry); fewer than two is a CheckpointError naming `entry`."""
+    folders = [subfolder] + list(itertools.takewhile(lambda name: (Path(root) / name).is_dir(),
+                                                     (f"{subfolder}_{i}" for i in itertools.count(1))))
+    if len(folders) < 2:   # a Hub snapshot holds the index's subfolders only: the numbered ones are missing
+        raise CheckpointError(f"a {entry} folder needs its numbered {noun} folders",
+                              where=str(Path(root) / subfolder), expected=f"{subfolder}_1/ beside {subfolder}/",
+                              found=f"{subfolder}/ only (download the whole folder, or pass {argument}=)")
+    return folders
 
 
 CONTROLNET_PART = FolderPart("controlnet", "controlnet", {("diffusers", "ControlNetModel"): ControlNet,

@@ -20,7 +20,6 @@ no ControlNet) saves as diffusers' `StableDiffusionAdapterPipeline`, which loads
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,10 +27,11 @@ from typing import Any, ClassVar
 import torch
 
 from ..config import is_real
-from ..errors import CheckpointError, ConfigError, InputError
+from ..errors import ConfigError, InputError
 from ..models.residuals import Residuals
 from ..models.t2i_adapter import T2IAdapter
 from .control import Control, Region, prepare_hint
+from .control_pipeline import numbered_folders
 from .folder import FolderPart, library_entry
 
 Adapters = T2IAdapter | Sequence[T2IAdapter] | None
@@ -98,12 +98,7 @@ class MultiAdapterFolders:
 
     @classmethod
     def from_pretrained(cls, root: Path, *, subfolder: str, **load: Any) -> tuple[T2IAdapter, ...]:
-        folders = [subfolder] + list(itertools.takewhile(lambda name: (Path(root) / name).is_dir(),
-                                                         (f"{subfolder}_{i}" for i in itertools.count(1))))
-        if len(folders) < 2:
-            raise CheckpointError("a MultiAdapter folder needs its numbered adapter folders",
-                                  where=str(Path(root) / subfolder), expected=f"{subfolder}_1/ beside {subfolder}/",
-                                  found=f"{subfolder}/ only (download the whole folder, or pass adapter=)")
+        folders = numbered_folders(root, subfolder, entry="MultiAdapter", noun="adapter", argument="adapter")
         return tuple(T2IAdapter.from_pretrained(root, subfolder=name, **load) for name in folders)
 
 
