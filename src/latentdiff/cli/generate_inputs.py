@@ -306,6 +306,7 @@ class InputsRun:
     def __init__(self, pipe: Any, settings: GenerateSettings, images: InputImages, *, refiner: Any = None):
         self.pipe, self.settings, self.images, self.refiner = pipe, settings, images, refiner
         self.clip_skip = a1111_clip_skip(pipe, settings.clip_skip)   # A1111's numbering -> the pipeline's
+        self.control = control_options(settings)   # hints made (Canny ...) and images read once per run, not per call
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.pipe, name)
@@ -313,7 +314,7 @@ class InputsRun:
     def __call__(self, prompt: Any, *, height: int, width: int, **common: Any) -> Any:
         s, images = self.settings, self.images
         common["clip_skip"] = self.clip_skip
-        common |= prompt_options(s, self.pipe) | control_options(s)
+        common |= prompt_options(s, self.pipe) | self.control
         if is_sdxl(self.pipe):
             return call_sdxl(self.pipe, self.refiner, s, images, prompt, height=height, width=width, **common)
         if s.hires_scale is not None:
