@@ -16,6 +16,9 @@ NoiseScheduler passed to each call, so one sampler serves any model. Every sampl
     sigma_loops.py     Euler, Euler ancestral, Heun, LMS, DPM-Solver++ as pure functions on sigmas (k-diffusion)
     discrete.py        DDIMSampler, DDPMSampler, PLMSSampler
     sigma.py           EulerSampler, EulerAncestralSampler, HeunSampler, LMSSampler, DPMSolverMultistep(SDE)Sampler
+    multistep_loops.py UniPC and DEIS as pure functions on sigmas
+    multistep.py       UniPCSampler (and its ComfyUI-named variants), DEISSampler, on DPM-Solver's grid
+    tcd.py             TCD (trajectory consistency distillation): its loop on alphas_cumprod and TCDSampler
 
 `Sampler` is the base of the discrete samplers (its name since 0.1), `SigmaSampler` of the sigma-space ones,
 `SamplerSettings` of both. Importing this package registers every sampler with `registry.SAMPLERS`.
@@ -35,6 +38,7 @@ from .base import (
 )
 from .discrete import DDIMSampler, DDPMSampler, PLMSSampler, Sampler, SamplingPlan
 from .grids import timestep_grid
+from .multistep import DEISSampler, UniPCBH1Sampler, UniPCBH2Sampler, UniPCSampler
 from .sigma import (
                    DPMSolverMultistepSampler,
                    DPMSolverMultistepSDESampler,
@@ -45,8 +49,10 @@ from .sigma import (
                    SigmaPlan,
                    SigmaSampler,
 )
+from .tcd import TCDSampler
 
 __all__ = ["SamplingPlan", "Sampler", "DDIMSampler", "DDPMSampler", "PLMSSampler", "SigmaPlan", "SigmaSampler",
            "EulerSampler", "EulerAncestralSampler", "HeunSampler", "LMSSampler", "DPMSolverMultistepSampler",
-           "DPMSolverMultistepSDESampler", "SamplerProtocol", "SamplerSettings", "Denoiser", "Generator",
+           "DPMSolverMultistepSDESampler", "UniPCSampler", "UniPCBH1Sampler", "UniPCBH2Sampler", "DEISSampler",
+           "TCDSampler", "SamplerProtocol", "SamplerSettings", "Denoiser", "Generator",
            "NoiseSampler", "StepCallback", "as_step_callback", "check_sampler", "switch_sampler", "timestep_grid"]
