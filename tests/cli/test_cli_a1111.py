@@ -126,12 +126,31 @@ def test_a_diffusers_class_name_and_the_schedule_flag(pipe):
     assert np.array_equal(pixels("d.png"), dpm_image(pipe, "karras", seed=0, steps=3, guidance=3.0))
 
 
+def test_unipc_by_its_a1111_name(pipe):
+    """A1111's "UniPC" is uni_pc (bh1, third order), recorded by that name and read back by --from."""
+    from latentdiff.diffusion.samplers.names import sampler_from_name
+
+    assert generate(PROMPT, "--sampler", "UniPC", "--steps", 3, "-o", "u.png") == 0
+    params = read_png_params("u.png")
+    assert (params["sampler"], params["schedule"]) == ("uni_pc", "default")
+    unipc_pipe = copy.copy(pipe)
+    unipc_pipe.sampler = sampler_from_name("UniPC", base=pipe.sampler)
+    assert (unipc_pipe.sampler.solver_type, unipc_pipe.sampler.solver_order) == ("bh1", 3)
+    expected = unipc_pipe(PROMPT, num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
+                          progress=False).images[0]
+    assert np.array_equal(pixels("u.png"), np.asarray(expected))
+    with Image.open("u.png") as image:
+        assert "Sampler: UniPC, Schedule type: Uniform" in image.text["parameters"]
+    assert generate("--from", "u.png", "-o", "u2.png") == 0
+    assert np.array_equal(pixels("u2.png"), pixels("u.png"))
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--sampler", "ddim", "--schedule", "karras"], ["--schedule", "--sampler", "ddim", "karras"]),
     (["--schedule", "karras"], ["--schedule", "sampler", "ddim"]),            # the model's own (ddim)
     (["--sampler", "Euler a Karras"], ["euler_ancestral", "karras"]),
     (["--sampler", "DPM2 a"], ["not implemented yet", "--sampler", "euler_ancestral"]),
-    (["--sampler", "UniPCMultistepScheduler"], ["not implemented yet", "dpmpp_2m"]),
+    (["--sampler", "DPMSolverSinglestepScheduler"], ["not implemented yet", "dpmpp_2m"]),
     (["--sampler", "DPM++ 2M", "--schedule", "Align Your Steps"], ["not implemented yet", "--schedule"]),
     (["--sampler", "euler", "--schedule", "rho7"], ["unknown schedule", "--schedule"]),
 ])
@@ -219,7 +238,7 @@ def test_models_lists_every_accepted_name(capsys):
     out = capsys.readouterr().out
     for words in (["registered: ddim", "euler_ancestral"], ["A1111: DDIM", "Euler a", "DPM++ 2M Karras"],
                   ["diffusers: DDIMScheduler", "DPMSolverMultistepScheduler"], ["schedules: default, karras"],
-                  ["not implemented yet:", "UniPC", "DPM2 a"]):
+                  ["not implemented yet:", "DPM fast", "DPM2 a"]):
         line = next(line for line in out.splitlines() if words[0] in line)
         assert all(word in line for word in words), (words, line)
 
