@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ...errors import InputError, describe
+from ...errors import ConfigError, InputError, describe
 from .base import Generator
 
 TOL = 1e-6          # torchsde.BrownianTree's default: query points are rounded to 6 decimals
@@ -197,3 +197,12 @@ def brownian_noise_from(generator: Generator, x: torch.Tensor, sigmas: Sequence[
     positive = [s for s in sigmas if s > 0]
     seeds: int | list[int] = entropy if entropy is not None else entropies_from(generator, x.shape[0])
     return BrownianNoise(x, min(positive), max(positive), entropy=seeds, dtype=dtype, device="cpu")
+
+
+NOISE_TYPES = ("gaussian", "brownian")
+
+
+def check_noise_type(noise_type: object) -> None:
+    """A ConfigError unless `noise_type` is "gaussian" (fresh noise per step) or "brownian" (a Brownian tree)."""
+    if noise_type not in NOISE_TYPES:
+        raise ConfigError("unknown noise type", where="noise_type", expected=list(NOISE_TYPES), found=repr(noise_type))

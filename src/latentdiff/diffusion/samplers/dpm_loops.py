@@ -9,7 +9,9 @@
     sample_dpmpp_sde         DPM++ SDE: two stochastic DPM-Solver++ substeps per step (k-diffusion `sample_dpmpp_sde`)
     sample_dpmpp_3m_sde      DPM++ 3M SDE: third-order multistep SDE-DPM-Solver++ (k-diffusion `sample_dpmpp_3m_sde`)
 
-The stochastic loops take k-diffusion's interval noise, `noise(sigma, sigma_next) -> z` standard normal like x:
+`midpoint_model` (default: model) is called at the intermediate noise levels of a step, which are not on the grid
+(the sampler classes pass the network adapter's off-grid form: fractional timesteps there, as diffusers). The
+stochastic loops take k-diffusion's interval noise, `noise(sigma, sigma_next) -> z` standard normal like x:
 `brownian.BrownianNoise` (a Brownian tree) or, for fresh Gaussian noise, `gaussian_interval_noise`. With
 lambda = -log sigma (the half log-SNR of the variance-exploding process), a DPM-Solver++ first-order step from sigma
 to sigma' is x' = (sigma'/sigma) x - (e^-h - 1) D, h = lambda' - lambda: `_dpmpp_1`.
@@ -17,15 +19,12 @@ to sigma' is x' = (sigma'/sigma) x - (e^-h - 1) D, h = lambda' - lambda: `_dpmpp
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import TypeAlias
+from collections.abc import Sequence
 
 import torch
 
-from .base import NoiseSampler, StepCallback, after_step, as_step_callback, progress_range
+from .base import IntervalNoise, NoiseSampler, StepCallback, after_step, as_step_callback, progress_range
 from .sigma_loops import SigmaDenoiser, ancestral_step, to_d
-
-IntervalNoise: TypeAlias = Callable[[float, float], torch.Tensor]   # noise(sigma, sigma_next) -> z ~ N(0, I)
 
 
 def gaussian_interval_noise(noise_sampler: NoiseSampler, x: torch.Tensor) -> IntervalNoise:
@@ -38,7 +37,8 @@ def _dpmpp_1(x: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_to: fl
     return (sigma_to / sigma) * x - math.expm1(-math.log(sigma / sigma_to)) * denoised
 
 
-def _dpm_2_step(model: SigmaDenoiser, x: torch.Tensor, d: torch.Tensor, sigma: float, sigma_to: float) -> torch.Tensor:
+def _dpm_2_step(model: SigmaDenoiser, x: torch.Tensor, d: torch.Tensor, sigma: float,
+                sigma_to: float) -> torch.Tensor:
     """DPM-Solver-2 in Karras et al.'s form: an Euler half step to the log-midpoint sigma_mid = sqrt(sigma sigma_to),
     then the whole step with the slope there."""
     sigma_mid = math.sqrt(sigma * sigma_to)
@@ -48,25 +48,27 @@ def _dpm_2_step(model: SigmaDenoiser, x: torch.Tensor, d: torch.Tensor, sigma: f
 
 
 def sample_dpm_2(model: SigmaDenoiser, x: torch.Tensor, sigmas: Sequence[float], *,
+                 midpoint_model: SigmaDenoiser | None = None,
                  callback: StepCallback | None = None, progress: bool = False) -> torch.Tensor:
     """DPM2 (k-diffusion `sample_dpm_2` without churn; diffusers KDPM2DiscreteScheduler): `_dpm_2_step` to each
     sigma, an Euler step to sigma = 0 (the midpoint would be 0). 2N - 1 model calls."""
-    callback = as_step_callback(callback)
+    callback, mid = as_step_callback(callback), midpoint_model or model
     for i in progress_range(len(sigmas) - 1, progress):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma)
         d = to_d(x, sigma, denoised)
-        x = x + d * (sigma_next - sigma) if sigma_next == 0 else _dpm_2_step(model, x, d, sigma, sigma_next)
+        x = x + d * (sigma_next - sigma) if sigma_next == 0 else _dpm_2_step(mid, x, d, sigma, sigma_next)
         x = after_step(callback, x, i, sigma, denoised)
     return x
 
 
 def sample_dpm_2_ancestral(model: SigmaDenoiser, x: torch.Tensor, sigmas: Sequence[float], *,
-                           noise_sampler: IntervalNoise, callback: StepCallback | None = None,
+                           noise_sampler: IntervalNoise, midpoint_model: SigmaDenoiser | None = None,
+                           callback: StepCallback | None = None,
                            progress: bool = False) -> torch.Tensor:
     """DPM2 a (k-diffusion `sample_dpm_2_ancestral`, eta = 1; diffusers KDPM2AncestralDiscreteScheduler): the DPM2
     step to sigma_down, then noise of std sigma_up (`sigma_loops.ancestral_step`)."""
-    callback = as_step_callback(callback)
+    callback, mid = as_step_callback(callback), midpoint_model or model
     for i in progress_range(len(sigmas) - 1, progress):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma)
@@ -75,18 +77,19 @@ def sample_dpm_2_ancestral(model: SigmaDenoiser, x: torch.Tensor, sigmas: Sequen
         if sigma_down == 0:
             x = x + d * (sigma_down - sigma)
         else:
-            x = _dpm_2_step(model, x, d, sigma, sigma_down) + noise_sampler(sigma, sigma_next) * sigma_up
+            x = _dpm_2_step(mid, x, d, sigma, sigma_down) + noise_sampler(sigma, sigma_next) * sigma_up
         x = after_step(callback, x, i, sigma, denoised)
     return x
 
 
 def sample_dpmpp_2s_ancestral(model: SigmaDenoiser, x: torch.Tensor, sigmas: Sequence[float], *,
-                              noise_sampler: IntervalNoise, callback: StepCallback | None = None,
+                              noise_sampler: IntervalNoise, midpoint_model: SigmaDenoiser | None = None,
+                              callback: StepCallback | None = None,
                               progress: bool = False) -> torch.Tensor:
     """DPM++ 2S a (k-diffusion `sample_dpmpp_2s_ancestral`, eta = 1): DPM-Solver++(2S) with r = 1/2 to sigma_down,
     i.e. a first-order step to sigma_s = sqrt(sigma sigma_down) (lambda halfway) and the whole step with D there
     (Lu et al. 2022, "DPM-Solver++", Algorithm 1), then noise of std sigma_up; an Euler step to sigma = 0."""
-    callback = as_step_callback(callback)
+    callback, mid = as_step_callback(callback), midpoint_model or model
     for i in progress_range(len(sigmas) - 1, progress):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma)
@@ -96,7 +99,7 @@ def sample_dpmpp_2s_ancestral(model: SigmaDenoiser, x: torch.Tensor, sigmas: Seq
         else:
             sigma_s = math.sqrt(sigma * sigma_down)
             x_2 = _dpmpp_1(x, denoised, sigma, sigma_s)
-            x = _dpmpp_1(x, model(x_2, sigma_s), sigma, sigma_down)
+            x = _dpmpp_1(x, mid(x_2, sigma_s), sigma, sigma_down)
         if sigma_next > 0:
             x = x + noise_sampler(sigma, sigma_next) * sigma_up
         x = after_step(callback, x, i, sigma, denoised)
@@ -104,14 +107,15 @@ def sample_dpmpp_2s_ancestral(model: SigmaDenoiser, x: torch.Tensor, sigmas: Seq
 
 
 def sample_dpmpp_sde(model: SigmaDenoiser, x: torch.Tensor, sigmas: Sequence[float], *,
-                     noise_sampler: IntervalNoise, r: float = 0.5, callback: StepCallback | None = None,
+                     noise_sampler: IntervalNoise, r: float = 0.5, midpoint_model: SigmaDenoiser | None = None,
+                     callback: StepCallback | None = None,
                      progress: bool = False) -> torch.Tensor:
     """DPM++ SDE (k-diffusion `sample_dpmpp_sde`, eta = 1; diffusers DPMSolverSDEScheduler for r = 1/2): per step,
     with lambda = -log sigma and h = lambda_{i+1} - lambda_i, an ancestral first-order step to the noise level of
     lambda_i + r h (sigma_s), then an ancestral first-order step from x_i to sigma_{i+1} with
     D = (1 - 1/2r) D(x_i) + 1/2r D(x_s) (r = 1/2: the second prediction alone). An Euler step to sigma = 0.
     2N - 1 model calls; noise(sigma_i, sigma_s) and noise(sigma_i, sigma_{i+1}) per step."""
-    callback = as_step_callback(callback)
+    callback, mid = as_step_callback(callback), midpoint_model or model
     for i in progress_range(len(sigmas) - 1, progress):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma)
@@ -123,7 +127,7 @@ def sample_dpmpp_sde(model: SigmaDenoiser, x: torch.Tensor, sigmas: Sequence[flo
             down, up = ancestral_step(sigma, sigma_s)
             x_2 = _dpmpp_1(x, denoised, sigma, down) + noise_sampler(sigma, sigma_s) * up
             fac = 1 / (2 * r)
-            denoised_d = (1 - fac) * denoised + fac * model(x_2, sigma_s)
+            denoised_d = (1 - fac) * denoised + fac * mid(x_2, sigma_s)
             down, up = ancestral_step(sigma, sigma_next)
             x = _dpmpp_1(x, denoised_d, sigma, down) + noise_sampler(sigma, sigma_next) * up
         x = after_step(callback, x, i, sigma, denoised)
