@@ -56,7 +56,8 @@ class _StochasticDPMSampler(_ScheduledSigmaSampler):
     def _noise(self, generator, x, plan, dtype):
         """k-diffusion's interval noise(sigma, sigma_next): a Brownian tree's, or fresh Gaussian noise."""
         if self.noise_type == "brownian":
-            return brownian.brownian_noise_from(generator, x, plan.sigmas, dtype=dtype,
+            # in the state's dtype (float32 for a half-precision x_T), as k-diffusion's trees take x's
+            return brownian.brownian_noise_from(generator, x, plan.sigmas,
                                                 entropy=getattr(self, "noise_sampler_seed", None))
         return dpm_loops.gaussian_interval_noise(super()._noise(generator, x, plan, dtype), x)
 

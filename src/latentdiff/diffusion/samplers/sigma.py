@@ -346,5 +346,5 @@ class DPMSolverMultistepSDESampler(_DPMSolverSampler):
 
     def _noise(self, generator, x, plan, dtype):
         if self.noise_type == "brownian":
-            return brownian.brownian_noise_from(generator, x, plan.sigmas, dtype=dtype)
+            return brownian.brownian_noise_from(generator, x, plan.sigmas)   # in the state's dtype, as k-diffusion
         return super()._noise(generator, x, plan, dtype)
