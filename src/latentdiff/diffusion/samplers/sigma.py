@@ -62,7 +62,11 @@ from .base import (
     noise_sampler_from,
 )
 
-SigmaSchedule = Literal["default", "karras", "exponential"]
+# "default": the spaced grid's own sigmas; the others replace them (grids.schedule_sigmas): karras (Karras et al.
+# 2022, eq. 5, rho = 7), exponential (even in log sigma), and A1111 / ComfyUI's sgm_uniform, simple, beta and
+# align_your_steps (NVIDIA's published table for `ays_model`)
+SigmaSchedule = Literal["default", "karras", "exponential", "sgm_uniform", "simple", "beta", "align_your_steps"]
+AYSModel = Literal["sd15", "sdxl"]
 
 
 class SigmaPlan(NamedTuple):
@@ -164,11 +168,11 @@ class SigmaSampler(SamplerSettings):
                                         spacing=self.timestep_spacing, steps_offset=self.steps_offset)
         sigmas = grids.interpolate_sigmas(timesteps, table)
         schedule = getattr(self, "sigma_schedule", "default")
-        if schedule != "default":      # the new grid spans the interpolated one unless sigma_min/max are set
+        if schedule != "default":      # karras / exponential span the interpolated grid unless sigma_min/max are set
             low = sigma_min if sigma_min is not None else sigmas[-1].item()
             high = sigma_max if sigma_max is not None else sigmas[0].item()
-            make = grids.karras_sigmas if schedule == "karras" else grids.exponential_sigmas
-            sigmas = make(low, high, n)
+            sigmas = grids.schedule_sigmas(schedule, table, n, low=low, high=high,
+                                           ays_model=getattr(self, "ays_model", "sd15"))
             timesteps = grids.sigma_to_t(sigmas, np.log(table))
             if round_karras and schedule == "karras":
                 timesteps = timesteps.round()
@@ -188,7 +192,10 @@ def _with_timesteps(callback: StepCallback | None, plan: SigmaPlan) -> StepCallb
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _ScheduledSigmaSampler(SigmaSampler):
-    sigma_schedule: SigmaSchedule = "default"   # "karras": Karras et al. 2022 eq. 5 (rho = 7); "exponential"
+    sigma_schedule: SigmaSchedule = "default"   # see SigmaSchedule
+    # the Align Your Steps table: NVIDIA published one per model family (SD 1.x / 2.x and SDXL share the training
+    # schedule but not the optimised steps); pipelines of SDXL set "sdxl" where the sampler has the default
+    ays_model: AYSModel = "sd15"
 
 
 @SAMPLERS.register("euler")
@@ -301,10 +308,12 @@ class _DPMSolverSampler(_ScheduledSigmaSampler):
             sigmas = grids.interpolate_sigmas(timesteps, table)
         else:                          # the spaced grid is not used: the sigmas alone give the timesteps
             check_num_inference_steps(n, cfg.num_train_timesteps)
-            make = grids.karras_sigmas if self.sigma_schedule == "karras" else grids.exponential_sigmas
-            sigmas = make(table[0].item(), table[-1].item(), n)
+            sigmas = grids.schedule_sigmas(self.sigma_schedule, table, n, low=table[0].item(), high=table[-1].item(),
+                                           ays_model=self.ays_model)
             timesteps = grids.sigma_to_t(sigmas, np.log(table))
-            if self.sigma_schedule == "karras" and cfg.beta_schedule != "squaredcos_cap_v2":
+            # integer timesteps: karras ones rounded as diffusers rounds them, the table schedules' to the nearest
+            karras = self.sigma_schedule == "karras" and cfg.beta_schedule != "squaredcos_cap_v2"
+            if karras or self.sigma_schedule in grids.TABLE_SCHEDULES:
                 timesteps = timesteps.round()
         final = 0.0 if self.final_sigmas_type == "zero" else table[0].item()
         return timesteps.astype(np.int64), np.concatenate([sigmas, [final]]).astype(np.float32)
