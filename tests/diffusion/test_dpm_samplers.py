@@ -4,6 +4,11 @@ diffusers' KDPM2 / KDPM2Ancestral / DPMSolverSDE schedulers in float64, whole ru
 denoiser, per-sample noise."""
 from __future__ import annotations
 
+import inspect
+import json
+import warnings
+
+import numpy as np
 import pytest
 import torch
 
@@ -20,6 +25,7 @@ from latentdiff.diffusion.samplers import (
     dpm_loops,
     grids,
 )
+from latentdiff.diffusion.scheduler_io import read_scheduler_file, write_scheduler_folder
 from latentdiff.errors import ConfigError
 from tests._support.kdiffusion import k_sampling
 from tests._support.parity import assert_parity, max_rel_error
@@ -242,3 +248,43 @@ def test_bad_settings_raise_config_error():
         DPMSolverSDESampler(noise_sampler_seed=-1)
     with pytest.raises(TypeError):
         DPM2Sampler(eta=0.5)
+
+
+# ---- scheduler_config.json ------------------------------------------------------------------------------------
+def _read_back(tmp_path, ns, sampler):
+    write_scheduler_folder(tmp_path, ns, sampler)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config, loaded = read_scheduler_file(tmp_path / "scheduler_config.json")
+    assert [w for w in caught if not issubclass(w.category, DeprecationWarning)] == []
+    return json.loads((tmp_path / "scheduler_config.json").read_text()), config, loaded
+
+
+@pytest.mark.parametrize("sampler,cls", [
+    (DPM2Sampler(sigma_schedule="karras", timestep_spacing="leading", steps_offset=1), KDPM2),
+    (DPM2AncestralSampler(sigma_schedule="exponential"), KDPM2A),
+    (DPMSolverSDESampler(noise_sampler_seed=42, timestep_spacing="trailing"), SDE),
+], ids=lambda v: repr(v)[:40])
+def test_native_diffusers_classes_round_trip(diffusers, tmp_path, sampler, cls):
+    ns = NoiseScheduler(NoiseSchedulerConfig(**SD, prediction_type="v_prediction"))
+    data, config, loaded = _read_back(tmp_path, ns, sampler)
+    ref_cls = getattr(diffusers, cls)
+    assert data["_class_name"] == cls and loaded == sampler and config == ns.config
+    assert {k for k in data if not k.startswith("_")} == set(inspect.signature(ref_cls.__init__).parameters) - {"self"}
+    ref = ref_cls.from_pretrained(tmp_path)           # diffusers reads the file to the same grid
+    ref.set_timesteps(9)
+    assert np.allclose(sampler.plan(ns, 9).timesteps.numpy(), ref.timesteps[::2].numpy(), rtol=1e-6)
+    ref_cls(**SD, use_karras_sigmas=True).save_pretrained(tmp_path / "saved")    # and a diffusers folder reads back
+    _, from_diffusers = read_scheduler_file(tmp_path / "saved" / "scheduler_config.json")
+    assert from_diffusers == type(sampler)(sigma_schedule="karras")
+
+
+@pytest.mark.parametrize("sampler", [
+    DPMPP3MSDESampler(sigma_schedule="karras"), DPMPP2SAncestralSampler(noise_type="brownian"),
+    DPMSolverMultistepSDESampler(noise_type="brownian", sigma_schedule="exponential"),
+    DPMSolverSDESampler(noise_type="gaussian"), DPM2Sampler(sigma_schedule="align_your_steps", ays_model="sdxl"),
+], ids=lambda s: repr(s)[:40])
+def test_settings_diffusers_has_no_key_for_are_kept_for_latentdiff(tmp_path, sampler):
+    data, _, loaded = _read_back(tmp_path, NoiseScheduler(), sampler)
+    assert data["_class_name"] == "DDIMScheduler" and data["_latentdiff_sampler"]["name"] == sampler.registry_name
+    assert loaded == sampler
