@@ -21,8 +21,10 @@ A1111_REFINER = "_a1111_refiner"    # an A1111 PNG's "Refiner": a model of that 
 
 def add_schedule_flag(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--schedule", default=None,
-                     help="sigma schedule of the sampler: default, karras, exponential (A1111: Uniform, Karras, "
-                          "Exponential, Automatic); only samplers with one (euler, heun, lms, dpmpp_2m, dpmpp_2m_sde)")
+                     help="sigma schedule of the sampler: default, karras, exponential, sgm_uniform, simple, beta, "
+                          "align_your_steps (A1111: Uniform, Karras, Exponential, SGM Uniform, Simple, Beta, Align "
+                          "Your Steps, Automatic); only the sigma-space samplers have one (euler, heun, lms, dpm_2, "
+                          "dpmpp_2m, dpmpp_sde ...: `latentdiff models`)")
 
 
 def stored_from_infotext(text: str, *, where: str, recorded: tuple[str, ...]) -> dict[str, Any]:
@@ -95,6 +97,6 @@ def with_schedule(sampler: Any, schedule: str | None) -> Any:
         if schedule == "default":
             return sampler
         raise UsageError(f"the model's sampler {type(sampler).__name__} has no schedule to set", where="--schedule",
-                         expected="no --schedule, or --sampler with a schedule (euler, heun, lms, dpmpp_2m, "
-                                  "dpmpp_2m_sde)", found=schedule)
+                         expected="no --schedule, or --sampler with a schedule (euler, heun, lms, dpm_2, dpmpp_2m, "
+                                  "dpmpp_sde ...)", found=schedule)
     return sampler.with_options(sigma_schedule=schedule)
