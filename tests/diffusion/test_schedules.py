@@ -109,3 +109,17 @@ def test_bad_schedule_and_model():
         EulerSampler(sigma_schedule="align_your_steps", ays_model="svd")
     with pytest.raises(InputError, match="ays_model"):
         grids.ays_sigmas("flux", 10)
+
+
+def test_align_your_steps_takes_the_table_of_the_pipelines_model_family():
+    from types import SimpleNamespace
+
+    from latentdiff.diffusion.samplers.names import schedule_options
+
+    sdxl = SimpleNamespace(component_names=("vae", "unet", "text_encoder", "text_encoder_2"))
+    sd15 = SimpleNamespace(component_names=("vae", "unet", "text_encoder"))
+    assert schedule_options("align_your_steps", pipeline=sdxl) == {"sigma_schedule": "align_your_steps",
+                                                                   "ays_model": "sdxl"}
+    assert schedule_options("align_your_steps", pipeline=sd15)["ays_model"] == "sd15"
+    assert schedule_options("align_your_steps")["ays_model"] == "sd15"
+    assert schedule_options("karras", pipeline=sdxl) == {"sigma_schedule": "karras"}

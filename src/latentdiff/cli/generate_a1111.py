@@ -88,10 +88,13 @@ def settle_sampler(values: dict[str, Any], origin: dict[str, str], warn: Any) ->
     values["sampler"], values["schedule"] = resolved.name, chosen if has_schedule(resolved.name) else None
 
 
-def with_schedule(sampler: Any, schedule: str | None) -> Any:
+def with_schedule(sampler: Any, schedule: str | None, *, pipe: Any = None) -> Any:
     """The pipeline's sampler with `schedule` set (None: as it is); a UsageError naming --schedule when it has
-    none (the folder's own sampler, known only once loaded)."""
-    if schedule is None or getattr(sampler, "sigma_schedule", None) == schedule:
+    none (the folder's own sampler, known only once loaded). Align Your Steps takes `pipe`'s table (SDXL or SD 1.5:
+    names.schedule_options)."""
+    from ..diffusion.samplers.names import schedule_options  # torch: where a schedule is set
+
+    if schedule is None or (getattr(sampler, "sigma_schedule", None) == schedule and schedule != "align_your_steps"):
         return sampler
     if not hasattr(sampler, "sigma_schedule"):
         if schedule == "default":
@@ -99,4 +102,4 @@ def with_schedule(sampler: Any, schedule: str | None) -> Any:
         raise UsageError(f"the model's sampler {type(sampler).__name__} has no schedule to set", where="--schedule",
                          expected="no --schedule, or --sampler with a schedule (euler, heun, lms, dpm_2, dpmpp_2m, "
                                   "dpmpp_sde ...)", found=schedule)
-    return sampler.with_options(sigma_schedule=schedule)
+    return sampler.with_options(**schedule_options(schedule, pipeline=pipe))

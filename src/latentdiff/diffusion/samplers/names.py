@@ -198,6 +198,17 @@ def sampler_from_name(text: str, *, schedule: str | None = None, base: Any = Non
     return sampler
 
 
+def schedule_options(schedule: str, *, pipeline: Any = None) -> dict[str, Any]:
+    """The sampler settings a schedule chosen by name stands for: `sigma_schedule`, and for align_your_steps the
+    table of `pipeline`'s model family, as A1111 picks it: "sdxl" for an SDXL pipeline (one with a second text
+    encoder, `text_encoder_2`), "sd15" otherwise (NVIDIA published tables for SD 1.5 and SDXL only)."""
+    options: dict[str, Any] = {"sigma_schedule": schedule}
+    if schedule == "align_your_steps":
+        sdxl = "text_encoder_2" in getattr(pipeline, "component_names", ())
+        options["ays_model"] = "sdxl" if sdxl else "sd15"
+    return options
+
+
 def accepted_names() -> dict[str, list[str]]:
     """Every accepted name, grouped for `latentdiff models`: registered, A1111, diffusers, schedules, and the
     names known but not implemented yet."""
