@@ -184,9 +184,9 @@ def entropies_from(generator: Generator, batch_size: int) -> list[int]:
         device = g.device if g is not None else "cpu"
         return torch.randint(0, 2**63 - 1, (n,), generator=g, device=device).tolist()
 
-    if isinstance(generator, (list, tuple)):
-        return [draw(g, 1)[0] for g in generator]
-    return draw(generator, batch_size)
+    if generator is None or isinstance(generator, torch.Generator):
+        return draw(generator, batch_size)
+    return [draw(g, 1)[0] for g in generator]
 
 
 def brownian_noise_from(generator: Generator, x: torch.Tensor, sigmas: Sequence[float], *,

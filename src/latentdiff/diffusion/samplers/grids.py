@@ -157,7 +157,7 @@ TABLE_SCHEDULES: tuple[str, ...] = ("sgm_uniform", "simple", "beta", "align_your
 BETA_SCHEDULE_AB = (0.6, 0.6)     # ComfyUI / A1111's "Beta" schedule: Beta(0.6, 0.6) quantiles (Lee et al. 2024)
 
 
-def loglinear_resample(levels: Sequence[float], n: int) -> np.ndarray:
+def loglinear_resample(levels: Sequence[float] | np.ndarray, n: int) -> np.ndarray:
     """n values through the descending `levels`, linear in log sigma over evenly spaced positions (the resampling
     the AYS authors give for other step counts). -> (n,) float64, levels[0] first and levels[-1] last."""
     ys = np.log(np.asarray(levels, dtype=np.float64)[::-1])
