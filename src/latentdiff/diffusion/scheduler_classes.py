@@ -1,28 +1,30 @@
 """diffusers 0.42's scheduler classes latentdiff reads natively since issue 20 (UniPC, DEIS, TCD): the defaults of
 their __init__ and the keys that hold a setting of the sampler each loads as. Data for `scheduler_io`, which merges
-these tables into its own (CLASS_DEFAULTS, CLASS_FIELDS); kept apart so that module stays one screenful of logic."""
+these tables into its own (CLASS_DEFAULTS, CLASS_FIELDS); kept apart so that module stays one screenful of logic.
+BETAS, SIGMAS, SPACING: the key groups most diffusers classes share, with their defaults (scheduler_io uses them
+too)."""
 from __future__ import annotations
 
 from typing import Any
 
-_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
-          "trained_betas": None, "prediction_type": "epsilon"}
+BETAS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+         "trained_betas": None, "prediction_type": "epsilon"}
 _THRESHOLD = {"thresholding": False, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0}
 _FLOW = {"use_flow_sigmas": False, "flow_shift": 1.0, "use_dynamic_shifting": False, "time_shift_type": "exponential"}
-_SIGMAS = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
-_SPACING = {"timestep_spacing": "linspace", "steps_offset": 0}
+SIGMAS = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
+SPACING = {"timestep_spacing": "linspace", "steps_offset": 0}
 
 MULTISTEP_CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
     "UniPCMultistepScheduler": {
-        **_BETAS, **_THRESHOLD, **_FLOW, **_SIGMAS, **_SPACING, "solver_order": 2, "predict_x0": True,
+        **BETAS, **_THRESHOLD, **_FLOW, **SIGMAS, **SPACING, "solver_order": 2, "predict_x0": True,
         "solver_type": "bh2", "lower_order_final": True, "disable_corrector": [], "solver_p": None,
         "final_sigmas_type": "zero", "rescale_betas_zero_snr": False, "sigma_min": None, "sigma_max": None,
         "shift_terminal": None},
     "DEISMultistepScheduler": {
-        **_BETAS, **_THRESHOLD, **_FLOW, **_SIGMAS, **_SPACING, "solver_order": 2, "algorithm_type": "deis",
+        **BETAS, **_THRESHOLD, **_FLOW, **SIGMAS, **SPACING, "solver_order": 2, "algorithm_type": "deis",
         "solver_type": "logrho", "lower_order_final": True},
     "TCDScheduler": {
-        **_BETAS, **_THRESHOLD, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        **BETAS, **_THRESHOLD, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
         "original_inference_steps": 50, "clip_sample": False, "clip_sample_range": 1.0, "set_alpha_to_one": True,
         "steps_offset": 0, "timestep_spacing": "leading", "timestep_scaling": 10.0, "rescale_betas_zero_snr": False},
 }

@@ -69,7 +69,7 @@ from .samplers import (
     UniPCBH2Sampler,
     UniPCSampler,
 )
-from .scheduler_classes import MULTISTEP_CLASS_DEFAULTS, MULTISTEP_CLASS_FIELDS, SOLVER_KEYS
+from .scheduler_classes import BETAS, MULTISTEP_CLASS_DEFAULTS, MULTISTEP_CLASS_FIELDS, SIGMAS, SOLVER_KEYS, SPACING
 
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 
@@ -124,10 +124,7 @@ FOREIGN_SAMPLER_KEYS = (
 KNOWN_KEYS = frozenset(SCHEDULE_KEYS) | frozenset(SAMPLER_KEYS) | frozenset(FIXED_KEYS) | frozenset(INERT_KEYS) \
     | frozenset(FOREIGN_SAMPLER_KEYS)
 # __init__ keys and defaults of diffusers 0.42's classes read by `_read_native` (all native ones but DDIM / DDPM).
-_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
-          "trained_betas": None, "prediction_type": "epsilon"}
-_SPACING = {"timestep_spacing": "linspace", "steps_offset": 0}
-_SIGMAS = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
+_BETAS, _SPACING, _SIGMAS = BETAS, SPACING, SIGMAS      # shared with scheduler_classes
 CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
     "PNDMScheduler": {**_BETAS, "skip_prk_steps": False, "set_alpha_to_one": False, **_SPACING,
                       "timestep_spacing": "leading"},
