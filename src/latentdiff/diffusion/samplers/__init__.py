@@ -15,6 +15,7 @@ NoiseScheduler passed to each call, so one sampler serves any model. Every sampl
     discrete_loops.py  DDIM, DDPM, PLMS as pure functions on alphas_cumprod
     sigma_loops.py     Euler, Euler ancestral, Heun, LMS, DPM-Solver++ as pure functions on sigmas (k-diffusion)
     discrete.py        DDIMSampler, DDPMSampler, PLMSSampler
+    consistency.py     LCMSampler: multistep consistency sampling (LCM), its loop and boundary scalings
     sigma.py           EulerSampler, EulerAncestralSampler, HeunSampler, LMSSampler, DPMSolverMultistep(SDE)Sampler
 
 `Sampler` is the base of the discrete samplers (its name since 0.1), `SigmaSampler` of the sigma-space ones,
@@ -33,6 +34,7 @@ from .base import (
                    check_sampler,
                    switch_sampler,
 )
+from .consistency import LCMSampler
 from .discrete import DDIMSampler, DDPMSampler, PLMSSampler, Sampler, SamplingPlan
 from .grids import timestep_grid
 from .sigma import (
@@ -46,7 +48,7 @@ from .sigma import (
                    SigmaSampler,
 )
 
-__all__ = ["SamplingPlan", "Sampler", "DDIMSampler", "DDPMSampler", "PLMSSampler", "SigmaPlan", "SigmaSampler",
+__all__ = ["SamplingPlan", "Sampler", "DDIMSampler", "DDPMSampler", "PLMSSampler", "LCMSampler", "SigmaPlan", "SigmaSampler",
            "EulerSampler", "EulerAncestralSampler", "HeunSampler", "LMSSampler", "DPMSolverMultistepSampler",
            "DPMSolverMultistepSDESampler", "SamplerProtocol", "SamplerSettings", "Denoiser", "Generator",
            "NoiseSampler", "StepCallback", "as_step_callback", "check_sampler", "switch_sampler", "timestep_grid"]
