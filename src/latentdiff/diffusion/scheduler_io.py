@@ -7,14 +7,14 @@ spacing, offset, clipping, sigma grid, solver order ... -> a Sampler). The mappi
 * Classes latentdiff implements load as that sampler, with every key of the class mapped:
   `DDIMScheduler` -> DDIMSampler, `DDPMScheduler` -> DDPMSampler, `PNDMScheduler` -> PLMSSampler,
   `EulerDiscreteScheduler` -> EulerSampler, `EulerAncestralDiscreteScheduler` -> EulerAncestralSampler,
-  `HeunDiscreteScheduler` -> HeunSampler, `LMSDiscreteScheduler` -> LMSSampler,
+  `HeunDiscreteScheduler` -> HeunSampler, `LMSDiscreteScheduler` -> LMSSampler, `LCMScheduler` -> LCMSampler,
   `DPMSolverMultistepScheduler` -> DPMSolverMultistepSampler ("dpmsolver++") or
   DPMSolverMultistepSDESampler ("sde-dpmsolver++").
   A PNDM config without `skip_prk_steps` (diffusers' default: 3 pseudo Runge-Kutta warm-up steps,
   which latentdiff does not implement) loads as PLMSSampler with ONE warning: its warm-up is the latent
   diffusion repository's pseudo improved-Euler step instead.
 * Other diffusers samplers of the same (discrete, DDPM-family) forward process - DPM-Solver single-step,
-  KDPM2, UniPC, DEIS, LCM, TCD - give the same noise schedule and a DDIMSampler built exactly as
+  KDPM2, UniPC, DEIS, TCD - give the same noise schedule and a DDIMSampler built exactly as
   `DDIMScheduler.from_config(config)` would be, with ONE warning saying so.
 * A key missing from the file takes the default of diffusers' class. A key the class does not have is
   ignored, as diffusers ignores it (SD 2.x's DDIM config carries PNDM's `skip_prk_steps`) - except
@@ -52,6 +52,7 @@ from .samplers import (
     EulerAncestralSampler,
     EulerSampler,
     HeunSampler,
+    LCMSampler,
     LMSSampler,
     PLMSSampler,
     SamplerSettings,
@@ -64,12 +65,12 @@ NATIVE_CLASSES: dict[str, type] = {
     "DDIMScheduler": DDIMSampler, "DDPMScheduler": DDPMSampler, "PNDMScheduler": PLMSSampler,
     "EulerDiscreteScheduler": EulerSampler, "EulerAncestralDiscreteScheduler": EulerAncestralSampler,
     "HeunDiscreteScheduler": HeunSampler, "LMSDiscreteScheduler": LMSSampler,
-    "DPMSolverMultistepScheduler": DPMSolverMultistepSampler,
+    "DPMSolverMultistepScheduler": DPMSolverMultistepSampler, "LCMScheduler": LCMSampler,
 }
 # Classes whose noise schedule we read and whose sampler is replaced by DDIM (with a warning).
 FOREIGN_CLASSES = (
     "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
-    "UniPCMultistepScheduler", "DEISMultistepScheduler", "LCMScheduler", "TCDScheduler",
+    "UniPCMultistepScheduler", "DEISMultistepScheduler", "TCDScheduler",
 )
 
 # diffusers 0.42 key -> NoiseSchedulerConfig field
@@ -129,6 +130,11 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
         "use_flow_sigmas": False, "flow_shift": 1.0, "final_sigmas_type": "zero", "lambda_min_clipped": -math.inf,
         "variance_type": None, **_SPACING, "rescale_betas_zero_snr": False, "use_dynamic_shifting": False,
         "time_shift_type": "exponential"},
+    "LCMScheduler": {**_BETAS, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                     "original_inference_steps": 50, "clip_sample": False, "clip_sample_range": 1.0,
+                     "set_alpha_to_one": True, "steps_offset": 0, "thresholding": False,
+                     "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0, "timestep_spacing": "leading",
+                     "timestep_scaling": 10.0, "rescale_betas_zero_snr": False},
 }
 # Sampler fields that hold the diffusers key of the same name, per class.
 CLASS_FIELDS: dict[str, tuple[str, ...]] = {
@@ -139,6 +145,8 @@ CLASS_FIELDS: dict[str, tuple[str, ...]] = {
     "LMSDiscreteScheduler": ("timestep_spacing", "steps_offset"),
     "DPMSolverMultistepScheduler": ("timestep_spacing", "steps_offset", "solver_order", "solver_type",
                                     "lower_order_final", "euler_at_final", "final_sigmas_type", "lambda_min_clipped"),
+    "LCMScheduler": ("timestep_spacing", "steps_offset", "original_inference_steps", "timestep_scaling", "clip_sample",
+                     "clip_sample_range"),
 }
 # Keys of those classes accepted only at the value(s) latentdiff implements, checked where the class has them.
 CLASS_FIXED_KEYS: dict[str, tuple[tuple[Any, ...], str]] = {
@@ -155,7 +163,7 @@ DPM_SOLVER_TYPES = {"midpoint": "midpoint", "heun": "heun", "logrho": "midpoint"
 WRITTEN_CLASS = {PLMSSampler: "PNDMScheduler", EulerSampler: "EulerDiscreteScheduler",
                  EulerAncestralSampler: "EulerAncestralDiscreteScheduler", HeunSampler: "HeunDiscreteScheduler",
                  LMSSampler: "LMSDiscreteScheduler", DPMSolverMultistepSampler: "DPMSolverMultistepScheduler",
-                 DPMSolverMultistepSDESampler: "DPMSolverMultistepScheduler"}
+                 DPMSolverMultistepSDESampler: "DPMSolverMultistepScheduler", LCMSampler: "LCMScheduler"}
 # The samplers with a `sigma_schedule` (written as use_karras_sigmas / use_exponential_sigmas).
 SIGMA_GRID_SAMPLERS = (EulerSampler, HeunSampler, LMSSampler, DPMSolverMultistepSampler, DPMSolverMultistepSDESampler)
 DDPM_VARIANCE = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small",  # exp(log(v)/2) = sqrt(v)

@@ -30,7 +30,7 @@ NEGATIVE = "Negative prompt:"
 # this table the other way: the one table of A1111 labels of implemented samplers). DDPM has no A1111 label.
 A1111_SAMPLER_LABELS: dict[str, str] = {
     "ddim": "DDIM", "ddpm": "DDPM", "plms": "PLMS", "euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun",
-    "lms": "LMS", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "lms": "LMS", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE", "lcm": "LCM",
 }
 # a sampler's `sigma_schedule` -> A1111's "Schedule type" ("Uniform" is k-diffusion's own grid, the default one)
 A1111_SCHEDULE_LABELS: dict[str, str] = {"default": "Uniform", "karras": "Karras", "exponential": "Exponential"}

@@ -110,3 +110,28 @@ def test_start_step_runs_the_tail_of_the_plan():
     sampler.sample(toy_model, x, ns, 4, start_step=2, generator=torch.Generator().manual_seed(0),
                    callback=lambda i, t, x: seen.append(t))
     assert seen == [499, 259]
+
+
+@pytest.mark.parametrize("text", ["LCM", "lcm", "LCMScheduler", "LCMSampler"])
+def test_a1111_comfyui_and_diffusers_names_resolve(text):
+    from latentdiff.diffusion.samplers.names import resolve_sampler, sampler_from_name
+
+    assert resolve_sampler(text).name == "lcm"
+    assert isinstance(sampler_from_name(text), LCMSampler)
+
+
+def test_scheduler_config_round_trip(diffusers, tmp_path):
+    """Our LCMScheduler file loads in diffusers with the same settings, and diffusers' file loads as LCMSampler."""
+    from latentdiff.diffusion.scheduler_io import read_scheduler_config, scheduler_file_config
+
+    ns = NoiseScheduler(NoiseSchedulerConfig(prediction_type="v_prediction", rescale_zero_terminal_snr=True))
+    sampler = LCMSampler(original_inference_steps=25, timestep_scaling=5.0)
+    data = scheduler_file_config(ns, sampler)
+    assert data["_class_name"] == "LCMScheduler"
+    ref = diffusers.LCMScheduler.from_config(data)
+    assert ref.config.original_inference_steps == 25 and ref.config.timestep_scaling == 5.0
+    assert ref.config.prediction_type == "v_prediction" and ref.config.rescale_betas_zero_snr
+    schedule, back = read_scheduler_config(dict(ref.config))
+    assert back == sampler and schedule == ns.config
+    _, default = read_scheduler_config({"_class_name": "LCMScheduler"})
+    assert default == LCMSampler()

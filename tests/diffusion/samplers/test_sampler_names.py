@@ -74,7 +74,7 @@ def test_the_split_form_and_schedule_names():
 
 @pytest.mark.parametrize("text, closest", [
     ("DPM2", "heun"), ("DPM2 a", "euler_ancestral"), ("DPM++ 2S a", "euler_ancestral"), ("DPM++ SDE Karras", None),
-    ("DPM++ 3M SDE", "dpmpp_2m_sde"), ("UniPC", "dpmpp_2m"), ("LCM", "ddim"), ("dpm_fast", "dpmpp_2m"),
+    ("DPM++ 3M SDE", "dpmpp_2m_sde"), ("UniPC", "dpmpp_2m"), ("DDIM CFG++", "ddim"), ("dpm_fast", "dpmpp_2m"),
     ("UniPCMultistepScheduler", "dpmpp_2m"), ("KDPM2DiscreteScheduler", "heun"), ("DPMSolverSDEScheduler", None),
     ("DPM++ 2M SDE Heun", "dpmpp_2m_sde"),
 ])

@@ -16,7 +16,7 @@ each name means is what the tool it comes from computes:
 * a diffusers class name, a registered name as spelled (`euler`, while "Euler" is A1111's) or a latentdiff class
   name is that sampler with the schedule it is
   switched from (diffusers' `from_config`: a folder's `use_karras_sigmas` is kept) unless `schedule=` says;
-* a name A1111 or diffusers has and latentdiff does not implement yet (DPM2, DPM++ SDE, UniPC, LCM ...) is a
+* a name A1111 or diffusers has and latentdiff does not implement yet (DPM2, DPM++ SDE, UniPC, TCD ...) is a
   UsageError saying so and naming the closest sampler latentdiff has; any other name is a UsageError listing the
   accepted ones (`accepted_names`).
 """
@@ -39,7 +39,7 @@ A1111_AUTOMATIC: dict[str, str] = {"dpmpp_2m": "karras", "dpmpp_2m_sde": "expone
 A1111_MISSING: dict[str, str] = {
     "DPM++ SDE": "dpmpp_2m_sde", "DPM++ 2M SDE Heun": "dpmpp_2m_sde", "DPM++ 3M SDE": "dpmpp_2m_sde",
     "DPM++ 2S a": "euler_ancestral", "DPM2": "heun", "DPM2 a": "euler_ancestral", "DPM fast": "dpmpp_2m",
-    "DPM adaptive": "dpmpp_2m", "Restart": "heun", "DDIM CFG++": "ddim", "UniPC": "dpmpp_2m", "LCM": "ddim",
+    "DPM adaptive": "dpmpp_2m", "Restart": "heun", "DDIM CFG++": "ddim", "UniPC": "dpmpp_2m",
 }
 # A1111's k-diffusion aliases (with "_ka": the karras variant, A1111 before 1.9).
 A1111_ALIASES: dict[str, str] = {
@@ -52,7 +52,7 @@ A1111_ALIASES: dict[str, str] = {
 DIFFUSERS_MISSING: dict[str, str] = {
     "DPMSolverSinglestepScheduler": "dpmpp_2m", "KDPM2DiscreteScheduler": "heun",
     "KDPM2AncestralDiscreteScheduler": "euler_ancestral", "UniPCMultistepScheduler": "dpmpp_2m",
-    "DEISMultistepScheduler": "dpmpp_2m", "LCMScheduler": "ddim", "TCDScheduler": "ddim",
+    "DEISMultistepScheduler": "dpmpp_2m", "TCDScheduler": "ddim",
     "DPMSolverSDEScheduler": "dpmpp_2m_sde", "EDMEulerScheduler": "euler", "EDMDPMSolverMultistepScheduler": "dpmpp_2m",
     "IPNDMScheduler": "plms", "DDIMParallelScheduler": "ddim", "DDPMParallelScheduler": "ddpm",
 }
