@@ -88,7 +88,7 @@ def test_loss_falls_on_a_fixed_batch(tmp_path, parts):
     trainer = LCMTrainer(train_config_from_dict(config, "lcm"))
     batch = next(fixed_batches(trainer.train_set, 4, 4))
     losses = [float(trainer.train_step([batch])["loss"]) for _ in range(6)]   # step 0's noise, t, w each time
-    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.95 * losses[0], losses
+    assert all(b < a for a, b in zip(losses, losses[1:], strict=False)) and losses[-1] < 0.95 * losses[0], losses
 
 
 def test_only_the_lora_trains_and_the_export_loads_and_changes_images(tmp_path, parts):

@@ -156,6 +156,7 @@ class LCMTrainer(DiffusionTrainer):
                 noise = rnd.randn(z0.shape, stream=1)
                 index = rnd.randint(len(self.grid), b, stream=2)
                 w = train.w_min + (train.w_max - train.w_min) * rnd.rand(b, stream=3)
+                assert self.text_encoder is not None     # the pipeline's (a LatentDiffusionPipeline has one)
                 context = self.text_encoder(list(batch["caption"]))
             z_t, t, abar_t, target = self.targets(z0, noise, index, w, context)
             with acc.autocast():

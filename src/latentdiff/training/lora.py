@@ -48,12 +48,13 @@ class TrainableLoRA(nn.Module):
         for name, module in patchable(unet):
             if not matches(name, targets):
                 continue
-            weight = module.weight
+            weight: torch.Tensor = module.weight   # type: ignore[assignment]  # nn.Linear / nn.Conv2d
             shape = tuple(weight.shape)
             r = min(rank, shape[0], math.prod(shape[1:]))
             down = torch.empty((r, *shape[1:]), device=weight.device)
             nn.init.kaiming_uniform_(down.flatten(1), a=math.sqrt(5))
-            up = torch.zeros((shape[0], r) + ((1, 1) if weight.dim() == 4 else ()), device=weight.device)
+            kernel: tuple[int, ...] = (1, 1) if weight.dim() == 4 else ()
+            up = torch.zeros((shape[0], r, *kernel), device=weight.device)
             key = self.key(name)
             self.down[key], self.up[key] = nn.Parameter(down), nn.Parameter(up)
             self.names.append(name)

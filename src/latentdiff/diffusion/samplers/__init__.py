@@ -48,7 +48,8 @@ from .sigma import (
                    SigmaSampler,
 )
 
-__all__ = ["SamplingPlan", "Sampler", "DDIMSampler", "DDPMSampler", "PLMSSampler", "LCMSampler", "SigmaPlan", "SigmaSampler",
+__all__ = ["SamplingPlan", "Sampler", "DDIMSampler", "DDPMSampler", "PLMSSampler", "LCMSampler", "SigmaPlan",
+           "SigmaSampler",
            "EulerSampler", "EulerAncestralSampler", "HeunSampler", "LMSSampler", "DPMSolverMultistepSampler",
            "DPMSolverMultistepSDESampler", "SamplerProtocol", "SamplerSettings", "Denoiser", "Generator",
            "NoiseSampler", "StepCallback", "as_step_callback", "check_sampler", "switch_sampler", "timestep_grid"]
