@@ -151,3 +151,20 @@ def test_config_errors(tmp_path, parts):
     bad["model"]["lora"] = {"rank": 4, "targets": ["no_such_module"]}
     with pytest.raises(ConfigError, match="targets"):
         LCMTrainer(train_config_from_dict(bad, "lcm"))
+
+
+def test_the_shipped_lcm_lora_fits_the_builtin_model():
+    from latentdiff.builtin import builtin_path
+
+    folder = builtin_path("latentdiff/shapes-64-lcm-lora")
+    assert folder is not None and (folder / LORA_FILE).is_file()
+    pipe = LatentDiffusionPipeline.from_pretrained("latentdiff/shapes-64")
+    pipe.sampler = LCMSampler()
+
+    def image():
+        return pipe(["a red circle on the left, blue background"], num_inference_steps=1, guidance_scale=1.0,
+                    output_type="pt", generator=torch.Generator().manual_seed(0), progress=False).images
+
+    before = image()
+    pipe.load_lora_weights("latentdiff/shapes-64-lcm-lora")   # every key matched to a module of the UNet (strict)
+    assert (image() - before).abs().max() > 0
