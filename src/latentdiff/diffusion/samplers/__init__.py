@@ -17,6 +17,10 @@ NoiseScheduler passed to each call, so one sampler serves any model. Every sampl
     discrete.py        DDIMSampler, DDPMSampler, PLMSSampler
     consistency.py     LCMSampler: multistep consistency sampling (LCM), its loop and boundary scalings
     sigma.py           EulerSampler, EulerAncestralSampler, HeunSampler, LMSSampler, DPMSolverMultistep(SDE)Sampler
+    dpm_loops.py       DPM2, DPM2 a, DPM++ 2S a, DPM++ SDE, DPM++ 3M SDE as pure functions on sigmas (k-diffusion)
+    dpm.py             DPM2Sampler, DPM2AncestralSampler, DPMPP2SAncestralSampler, DPMSolverSDESampler,
+                       DPMPP3MSDESampler
+    brownian.py        Brownian-tree noise of the SDE samplers (torchsde's BrownianTree, without torchsde)
 
 `Sampler` is the base of the discrete samplers (its name since 0.1), `SigmaSampler` of the sigma-space ones,
 `SamplerSettings` of both. Importing this package registers every sampler with `registry.SAMPLERS`.
@@ -34,8 +38,10 @@ from .base import (
                    check_sampler,
                    switch_sampler,
 )
+from .brownian import BrownianNoise, BrownianTree
 from .consistency import LCMSampler
 from .discrete import DDIMSampler, DDPMSampler, PLMSSampler, Sampler, SamplingPlan
+from .dpm import DPM2AncestralSampler, DPM2Sampler, DPMPP2SAncestralSampler, DPMPP3MSDESampler, DPMSolverSDESampler
 from .grids import timestep_grid
 from .sigma import (
                    DPMSolverMultistepSampler,
@@ -51,5 +57,7 @@ from .sigma import (
 __all__ = ["SamplingPlan", "Sampler", "DDIMSampler", "DDPMSampler", "PLMSSampler", "LCMSampler", "SigmaPlan",
            "SigmaSampler",
            "EulerSampler", "EulerAncestralSampler", "HeunSampler", "LMSSampler", "DPMSolverMultistepSampler",
-           "DPMSolverMultistepSDESampler", "SamplerProtocol", "SamplerSettings", "Denoiser", "Generator",
-           "NoiseSampler", "StepCallback", "as_step_callback", "check_sampler", "switch_sampler", "timestep_grid"]
+           "DPMSolverMultistepSDESampler", "DPM2Sampler", "DPM2AncestralSampler", "DPMPP2SAncestralSampler",
+           "DPMSolverSDESampler", "DPMPP3MSDESampler", "BrownianTree", "BrownianNoise", "SamplerProtocol",
+           "SamplerSettings", "Denoiser", "Generator", "NoiseSampler", "StepCallback", "as_step_callback",
+           "check_sampler", "switch_sampler", "timestep_grid"]
