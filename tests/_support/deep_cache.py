@@ -41,7 +41,7 @@ def run(unet: Any, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | Non
     skips = [h]
     for block in unet.down_blocks:
         attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
-        for resnet, attn in zip(block.resnets, attentions):
+        for resnet, attn in zip(block.resnets, attentions, strict=True):
             if stored is not None and len(skips) > branch:
                 break
             h = resnet(h, emb)
@@ -51,7 +51,7 @@ def run(unet: Any, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | Non
             h = block.downsamplers[0](h)
             skips.append(h)
     if down_residuals is not None:
-        skips = [s + r for s, r in zip(skips, down_residuals)]
+        skips = [s + r for s, r in zip(skips, down_residuals, strict=False)]
     if stored is None:
         h = unet.mid_block(h, emb, encoder_hidden_states=context) if context is not None else unet.mid_block(h, emb)
         if mid_residual is not None:
@@ -60,7 +60,7 @@ def run(unet: Any, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | Non
     pops, feature = 0, stored
     for block in unet.up_blocks:
         attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
-        for resnet, attn in zip(block.resnets, attentions):
+        for resnet, attn in zip(block.resnets, attentions, strict=True):
             if pops == total - 1 - branch:       # the resnet that takes skip `branch`
                 if stored is None:
                     feature = h
