@@ -24,7 +24,8 @@ adapter features of the levels that run to their point of addition; the mid resi
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -32,6 +33,7 @@ from torch import nn
 from ..errors import InputError
 from .freeu import FreeU
 from .residuals import Residuals
+from .unet_levels import DownLevel, UpLevel
 
 Features = dict[int, tuple[tuple[int, ...], torch.Tensor]]
 
@@ -50,6 +52,19 @@ class DeepCacheState:
     shallow_passes: int = 0
 
 
+class LevelledUNet(Protocol):
+    """What `run_levels` walks: the levels of UNet2DConditional and UNet2D, under diffusers' names."""
+
+    @property
+    def down_blocks(self) -> nn.ModuleList: ...
+
+    @property
+    def mid_block(self) -> nn.Module | None: ...
+
+    @property
+    def up_blocks(self) -> nn.ModuleList: ...
+
+
 @dataclasses.dataclass(frozen=True)
 class BranchPoint:
     """Where skip branch b leaves the way down and joins the way up: the last down level that runs (-1: none,
@@ -61,20 +76,20 @@ class BranchPoint:
     up_start: int
 
 
-def skip_count(down_blocks: Sequence[nn.Module]) -> int:
+def skip_count(down_blocks: Iterable[nn.Module]) -> int:
     """How many skips a UNet keeps: conv_in's output and every part of every down level. DeepCache's branches are
     0 .. skip_count - 1."""
-    return 1 + sum(down.skip_count for down in down_blocks)
+    return 1 + sum(cast(DownLevel, down).skip_count for down in down_blocks)
 
 
-def branch_point(down_blocks: Sequence[nn.Module], up_blocks: Sequence[nn.Module], branch: int) -> BranchPoint:
+def branch_point(down_blocks: Iterable[nn.Module], up_blocks: Iterable[nn.Module], branch: int) -> BranchPoint:
     """The BranchPoint of skip branch `branch`; InputError outside 0 .. skip_count - 1."""
     total = skip_count(down_blocks)
     if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch < total:
         raise InputError("DeepCache's branch must be one of the UNet's skips", where="cache_branch_id",
                          expected=f"an int in 0 .. {total - 1}", found=branch)
     down_level, down_stop, remaining = -1, 0, branch
-    for level, down in enumerate(down_blocks):
+    for level, down in enumerate(cast(Iterable[DownLevel], down_blocks)):
         if remaining == 0:
             break
         if remaining <= down.skip_count:
@@ -82,19 +97,19 @@ def branch_point(down_blocks: Sequence[nn.Module], up_blocks: Sequence[nn.Module
             break
         remaining -= down.skip_count
     pops = total - 1 - branch           # the skips the way up takes before skip `branch` (it pops from the end)
-    for level, up in enumerate(up_blocks):
+    for level, up in enumerate(cast(Iterable[UpLevel], up_blocks)):
         if pops < len(up.resnets):
             return BranchPoint(down_level, down_stop, level, pops)
         pops -= len(up.resnets)
     raise AssertionError("the up levels take every skip")  # UNet construction: as many up resnets as skips
 
 
-def run_levels(unet: nn.Module, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None,
-               upsample_sizes: Sequence[tuple[int, int] | None], *, mid: Callable[[torch.Tensor], torch.Tensor],
+def run_levels(unet: LevelledUNet, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None,
+               upsample_sizes: Sequence[tuple[int, int] | None], *, mid_args: tuple[Any, ...],
                residuals: Residuals | None = None, cache: DeepCacheState | None = None,
                freeu: FreeU | None = None) -> torch.Tensor:
     """conv_in's output h (B, C0, H, W) -> the way up's output (B, C0, H, W), through `unet`'s down_blocks,
-    mid (the mid level bound to emb / context; its absence is `unet.mid_block is None`) and up_blocks.
+    mid_block (if any; called as mid_block(h, *mid_args): (emb, context), or (emb,) for UNet2D's) and up_blocks.
     residuals: ControlNet / T2I-Adapter features (`residuals.Residuals`); cache: a DeepCache run (module
     docstring), None: the plain walk; freeu: FreeU's factors on the way up (`freeu.FreeU`), None: off."""
     point = None if cache is None else branch_point(unet.down_blocks, unet.up_blocks, cache.branch)
@@ -112,7 +127,7 @@ def run_levels(unet: nn.Module, h: torch.Tensor, emb: torch.Tensor, context: tor
         residuals.check(skips)
         skips = [s + r for s, r in zip(skips, residuals.down, strict=True)]
     if unet.mid_block is not None:
-        h = mid(h)
+        h = unet.mid_block(h, *mid_args)
         if intrablock and intrablock[0].shape == h.shape:   # SDXL T2I-Adapters: one for the mid level
             h = h + intrablock.pop(0)
     if intrablock:
@@ -133,7 +148,7 @@ def run_levels(unet: nn.Module, h: torch.Tensor, emb: torch.Tensor, context: tor
     return h
 
 
-def _shallow(unet: nn.Module, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None,
+def _shallow(unet: LevelledUNet, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None,
              upsample_sizes: Sequence[tuple[int, int] | None], point: BranchPoint, stored: torch.Tensor, *,
              residuals: Residuals | None, freeu: FreeU | None) -> torch.Tensor:
     """DeepCache's shallow pass: the parts of the way down that give skips 0 .. b, then the way up from the

@@ -358,9 +358,8 @@ class UNet2DConditional(UNetTrunk[UNetConfig]):
         upsample_sizes = self._check_inputs(x, t, context, class_labels)
         self._check_added_cond(added_cond, x.shape[0])
         emb = self.embed(x, t, class_labels, added_cond)
-        mid = self.mid_block
-        h = run_levels(self, self.conv_in(x), emb, context, upsample_sizes, residuals=residuals, cache=cache,
-                       freeu=freeu, mid=lambda h: mid(h, emb, context))
+        h = run_levels(self, self.conv_in(x), emb, context, upsample_sizes, mid_args=(emb, context),
+                       residuals=residuals, cache=cache, freeu=freeu)
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
 

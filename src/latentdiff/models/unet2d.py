@@ -281,9 +281,7 @@ class UNet2D(ModelMixin[UNet2DConfig]):
             emb = emb + to_dtype(self._embed_classes(class_labels, emb.dtype), emb.dtype)
         emb = F.silu(emb)  # every ResnetBlock projects SiLU(emb): once here, not once per block
 
-        mid = self.mid_block
-        h = run_levels(self, self.conv_in(x), emb, None, upsample_to, cache=cache, freeu=freeu,
-                       mid=lambda h: mid(h, emb))
+        h = run_levels(self, self.conv_in(x), emb, None, upsample_to, mid_args=(emb,), cache=cache, freeu=freeu)
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
     def _sinusoid(self, t: torch.Tensor) -> torch.Tensor:
