@@ -78,8 +78,11 @@ def test_bad_values_name_the_flag(capsys, argv, words):
     assert all(str(w) in err for w in words), err
 
 
-def test_a_png_with_a_bad_record_names_the_key(capsys):
-    params = {"prompt": PROMPT, "seed": 0, "n": 1, "model": BUILTIN, "steps": 2, "freeu": [0.9, 0.2, -1, 1.6]}
+@pytest.mark.parametrize(("key", "value"), [("freeu", [0.9, 0.2, -1, 1.6]), ("freeu", [10**400, 1, 1, 1]),
+                                            ("freeu", {"s1": 1}), ("deepcache", 2.5), ("deepcache", 10**400),
+                                            ("deepcache_branch", 1)])
+def test_a_png_with_a_bad_record_names_the_key(capsys, key, value):
+    params = {"prompt": PROMPT, "seed": 0, "n": 1, "model": BUILTIN, "steps": 2, key: value}
     save_png(Image.new("RGB", (64, 64)), "tampered.png", params=params)
     assert generate("--from", "tampered.png", "-o", "out.png") == 2
-    assert "tampered.png: freeu" in capsys.readouterr().err
+    assert f"tampered.png: {key}" in capsys.readouterr().err

@@ -57,11 +57,18 @@ def settle_fast(args: argparse.Namespace, settings: GenerateSettings) -> Generat
             freeu = [float(part) for part in freeu.split(",")]
         except ValueError:
             freeu = values["freeu"]
-    if freeu is not None and not (isinstance(freeu, list) and len(freeu) == 4 and
-                                  all(is_real(f) and math.isfinite(f) and f > 0 for f in freeu)):
+    if freeu is not None and not (isinstance(freeu, list) and len(freeu) == 4 and all(map(_positive, freeu))):
         raise UsageError("bad value for freeu", where=_origin(args, "freeu"),
                          expected="four positive numbers S1,S2,B1,B2 (e.g. 0.9,0.2,1.5,1.6)", found=repr(freeu))
     return dataclasses.replace(settings, freeu=freeu)
+
+
+def _positive(value: Any) -> bool:
+    """A finite positive number (an int too large for a float is not one)."""
+    try:
+        return is_real(value) and 0 < float(value) < math.inf
+    except OverflowError:
+        return False
 
 
 def apply_fast(pipe: Any, settings: GenerateSettings, args: argparse.Namespace) -> None:
