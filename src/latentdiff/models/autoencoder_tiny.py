@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from .. import hub
-from ..config import ComponentConfig
+from ..builtin import builtin_path
+from ..config import ComponentConfig, read_json
 from ..errors import CheckpointError, ConfigError, InputError
 from ..registry import COMPONENTS
 from .autoencoder_parts import FirstStage, Generator
@@ -348,3 +349,14 @@ def load_tiny_autoencoder(path: str | os.PathLike, *, torch_dtype: torch.dtype |
             halves.append(found[0])
         return AutoencoderTiny.from_taesd_files(halves[0], halves[1], torch_dtype=torch_dtype, device=device)
     return AutoencoderTiny.from_pretrained(path, torch_dtype=torch_dtype, device=device)
+
+
+def is_tiny_autoencoder(path: str | os.PathLike) -> bool:
+    """Whether `path` (a local folder or a built-in name) holds a tiny autoencoder: a config.json of class
+    AutoencoderTiny, or madebyollin's `*_decoder` file(s). Hub ids are not looked up (False)."""
+    folder = builtin_path(str(path)) or Path(path).expanduser()
+    if not folder.is_dir():
+        return False
+    if (folder / "config.json").is_file():
+        return read_json(folder / "config.json").get("_class_name") == AUTOENCODER_TINY.class_name
+    return any(folder.glob("*_decoder.safetensors")) or any(folder.glob("*_decoder.pth"))
