@@ -134,8 +134,9 @@ class TinyBlock(nn.Module):
 def tiny_encoder(config: AutoencoderTinyConfig) -> nn.Sequential:
     """[0, 1] image (B, in_channels, H, W) -> raw latent (B, latent_channels, H/f, W/f). Level i: a conv (stride 2
     and no bias after the first level), then its blocks; a last conv to the latent."""
-    c, layers, width = config, [], config.in_channels
-    for i, (channels, count) in enumerate(zip(c.encoder_channels, c.encoder_blocks)):
+    c, width = config, config.in_channels
+    layers: list[nn.Module] = []
+    for i, (channels, count) in enumerate(zip(c.encoder_channels, c.encoder_blocks, strict=True)):
         layers.append(_conv(width, channels) if i == 0 else _conv(width, channels, stride=2, bias=False))
         layers += [TinyBlock(channels, channels) for _ in range(count)]
         width = channels
@@ -150,7 +151,7 @@ def tiny_decoder(config: AutoencoderTinyConfig) -> nn.Sequential:
     c = config
     layers: list[nn.Module] = [_conv(c.latent_channels, c.decoder_channels[0]), nn.ReLU()]
     last = len(c.decoder_channels) - 1
-    for i, (channels, count) in enumerate(zip(c.decoder_channels, c.decoder_blocks)):
+    for i, (channels, count) in enumerate(zip(c.decoder_channels, c.decoder_blocks, strict=True)):
         layers += [TinyBlock(channels, channels) for _ in range(count)]
         if i < last:
             layers += [nn.Upsample(scale_factor=2, mode="nearest"),

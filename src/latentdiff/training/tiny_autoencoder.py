@@ -90,7 +90,7 @@ def load_teacher(model: TinyAutoencoderModelSection) -> Any:
                           expected="an AutoencoderKL / VQModel folder, or teacher_subfolder inside a pipeline",
                           found=str(folder))
     name = read_json(folder / "config.json").get("_class_name")
-    cls = FIRST_STAGES.get(("diffusers", str(name)))
+    cls: Any = FIRST_STAGES.get(("diffusers", str(name)))
     if cls is None or cls is AutoencoderTiny:
         raise ConfigError("the teacher's class cannot be distilled", where=str(folder / "config.json"),
                           expected="AutoencoderKL or VQModel", found=name)
@@ -118,10 +118,11 @@ def student_config(model: TinyAutoencoderModelSection, teacher: Any) -> Autoenco
 class TinyAutoencoderTrainer(Trainer):
     stage = KIND
     export_name = "tiny_autoencoder"
-    config: TinyAutoencoderTrainConfig
 
     def __init__(self, config: TinyAutoencoderTrainConfig, *, accelerator: Any = None):
+        # the loop reads only the sections every stage has (train, optim, checkpoint, logging, data)
         super().__init__(config, accelerator=accelerator)  # type: ignore[arg-type]
+        self.run_config = config
         self.train_set, self.valid_set = build_datasets(config.data, seed=config.train.seed)
         self.teacher = load_teacher(config.model).to(self.device)
         if config.model.pretrained:
@@ -146,7 +147,7 @@ class TinyAutoencoderTrainer(Trainer):
         return z, self.teacher.decode_latents(z).float()
 
     def losses(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        m = self.config.model
+        m = self.run_config.model
         z, image = self.targets(x)
         with self.accelerator.autocast():
             decoded = self.student.decode_latents(z)
@@ -178,7 +179,7 @@ class TinyAutoencoderTrainer(Trainer):
         from ..metrics.image import psnr
 
         data = self.valid_set or self.train_set
-        count = min(limit or self.config.sample.max_validation_images, len(data))
+        count = min(limit or self.run_config.sample.max_validation_images, len(data))
         was_training = self.student.training
         self.student.eval()
         scores = {"val/psnr_vs_teacher": 0.0, "val/latent_mse": 0.0}
@@ -203,7 +204,7 @@ class TinyAutoencoderTrainer(Trainer):
         with self.ema.applied() if self.ema is not None else nullcontext():
             scores, teacher_images, tiny_images = self.validate()
         self.log.log(step, scores)
-        k = self.config.sample.num_images
+        k = self.run_config.sample.num_images
         save_image_grid(torch.cat([teacher_images[:k], tiny_images[:k]]),
                         self.output_dir / "decodes" / f"step-{step:08d}.png", rows=2, params={"step": step, **scores})
 
