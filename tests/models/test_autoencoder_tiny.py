@@ -176,3 +176,20 @@ def test_pipeline_decodes_with_the_tiny_autoencoder():
         expected = (tiny.decode_latents(latents).clamp(-1, 1) + 1) / 2
     assert_parity(images.images, expected, tol=1e-5)
     assert pipe.vae.downsample_factor == fast.vae.downsample_factor
+
+
+def test_img2img_encodes_with_the_tiny_autoencoder():
+    from latentdiff.pipelines.image_to_image import ImageToImagePipeline
+
+    torch.manual_seed(0)
+    tiny = AutoencoderTiny(AutoencoderTinyConfig(encoder_channels=(8, 8, 8), decoder_channels=(8, 8, 8),
+                                                 encoder_blocks=(1, 1, 1), decoder_blocks=(1, 1, 1))).eval()
+    pipe = ImageToImagePipeline.from_pretrained("latentdiff/shapes-64", vae=tiny)
+    image = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        z0 = pipe.encode_image(image, batch_size=2, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(z0, tiny.encode_latents(image).expand(2, -1, -1, -1))
+    out = pipe("a red circle", image=image, strength=0.5, num_inference_steps=2, output_type="pt",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 3, 64, 64)
+
