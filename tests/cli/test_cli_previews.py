@@ -84,6 +84,8 @@ def test_fast_decode_is_the_tiny_vae_and_is_recorded(model, tiny_dir):
     (["--preview-vae", "x"], "--preview-vae needs --preview-every"),
     (["--tiny-vae", "x"], "--tiny-vae"),
     (["--fast-decode", "--vae", "x"], "--fast-decode"),
+    (["--fast-decode", "--tiny-vae", "no/such/folder/x"], "no such tiny autoencoder"),
+    (["--fast-decode", "--tiny-vae", "."], "not a tiny autoencoder"),
 ])
 def test_bad_flags_are_usage_errors(flags, message, capsys):
     assert generate(PROMPT, "-o", "bad.png", *flags) == 2

@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..builtin import BUILTIN_TINY_AUTOENCODERS
+from .. import hub
+from ..builtin import BUILTIN_TINY_AUTOENCODERS, builtin_path
 from ..errors import UsageError
 from .generate_settings import GenerateSettings
 
@@ -40,7 +41,18 @@ def add_preview_flags(gen: argparse.ArgumentParser) -> None:
 def tiny_vae_of(path: str | None, model: str, *, flag: str) -> str:
     """The tiny autoencoder to use: `path` when given, else the built-in one of a built-in `model`."""
     if path is not None:
-        return str(Path(path).expanduser().resolve()) if Path(path).expanduser().exists() else path
+        from ..models.autoencoder_tiny import is_tiny_autoencoder   # torch: only when a path is given
+
+        local = Path(path).expanduser()
+        if local.exists():
+            if not is_tiny_autoencoder(local):
+                raise UsageError("not a tiny autoencoder", where=flag, expected="an AutoencoderTiny folder, or a "
+                                 "folder with taesd_encoder / taesd_decoder files", found=path)
+            return str(local.resolve())
+        if builtin_path(path) is None and not hub.is_hub_id(path):
+            raise UsageError("no such tiny autoencoder", where=flag, expected="a folder, a Hub id or a built-in name",
+                             found=path)
+        return path
     if model in BUILTIN_TINY_AUTOENCODERS:
         return BUILTIN_TINY_AUTOENCODERS[model]
     raise UsageError(f"{flag} needs a tiny autoencoder for this model", where=flag,

@@ -50,7 +50,8 @@ class TinyAutoencoderModelSection(ComponentConfig):
     encoder_weight: float = 1.0
 
     def validate(self) -> None:
-        _positive(self, "width", "decoder_weight", "encoder_weight", allow_zero=False)
+        _positive(self, "width")
+        _positive(self, "decoder_weight", "encoder_weight", allow_zero=True)
 
 
 @dataclasses.dataclass(frozen=True)
