@@ -27,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RUNS = Path("runs/shapes-64-tiny-autoencoder")
 INSTALL = HERE.parents[1] / "src" / "latentdiff" / "builtin" / "shapes-64-tiny-vae"
-FIGURE = HERE.parents[1] / "docs" / "fast-tiny-vae.png"
+FIGURE = HERE.parents[1] / "docs" / "images" / "fast-tiny-vae.png"
 LATENTDIFF = (sys.executable, "-m", "latentdiff")
 
 
