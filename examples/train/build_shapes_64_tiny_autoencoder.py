@@ -78,6 +78,7 @@ def evaluate(tiny_path: Path, *, count: int, figure: Path | None) -> dict:
         chunk = prompts[start:start + 50]
         generators = [torch.Generator().manual_seed(REPORT_SEED + start + i) for i in range(len(chunk))]
         latents.append(pipe(chunk, generator=generators, output_type="latent", progress=False, **call).images)
+        print(f"generated {start + len(chunk)} / {count} latents", flush=True)
     z = torch.cat(latents)
     with torch.no_grad():
         started = time.perf_counter()

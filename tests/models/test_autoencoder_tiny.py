@@ -193,3 +193,27 @@ def test_img2img_encodes_with_the_tiny_autoencoder():
                generator=torch.Generator().manual_seed(0)).images
     assert out.shape == (1, 3, 64, 64)
 
+
+
+def test_builtin_tiny_autoencoder_fits_the_builtin_model():
+    """The shipped latentdiff/shapes-64-tiny-vae: the built-in model's latent space, fp16 on disk and small, and
+    its decode of the built-in autoencoder's latents of shapes images close to the full decode."""
+    import numpy as np
+
+    from latentdiff.builtin import builtin_path
+    from latentdiff.data.shapes import ShapesDataset
+    from latentdiff.pipelines.latent_diffusion import LatentDiffusionPipeline
+
+    tiny = AutoencoderTiny.from_pretrained("latentdiff/shapes-64-tiny-vae").eval()
+    vae = LatentDiffusionPipeline.from_pretrained("latentdiff/shapes-64").vae
+    assert (tiny.latent_channels, tiny.downsample_factor) == (vae.latent_channels, vae.downsample_factor)
+    weights = builtin_path("latentdiff/shapes-64-tiny-vae") / "diffusion_pytorch_model.safetensors"
+    assert weights.stat().st_size < 2 * 1024**2
+    data = ShapesDataset(8, seed=123)
+    x = torch.stack([torch.from_numpy(np.asarray(data[i][0], dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+                     for i in range(8)])
+    with torch.no_grad():
+        z = vae.encode_latents(x, sample=False)
+        full, fast = vae.decode_latents(z).clamp(-1, 1), tiny.decode_latents(z).clamp(-1, 1)
+    mse = ((full - fast) / 2).pow(2).mean()
+    assert 10 * torch.log10(1 / mse) > 25.0
