@@ -1,6 +1,6 @@
 """Build the built-in tiny autoencoder latentdiff/shapes-64-tiny-vae from the built-in model (one command):
 
-    OMP_NUM_THREADS=1 python examples/train/build_shapes_64_tiny_autoencoder.py    # ~20 min on 2 shared CPU cores
+    OMP_NUM_THREADS=1 python examples/train/build_shapes_64_tiny_autoencoder.py    # ~25 min on 2 loaded CPU cores
 
 1. the data: 4,000 shapes images (latentdiff.data.shapes, seed 0, the base model's training stream);
 2. `latentdiff train tiny-autoencoder examples/train/shapes-64-tiny-autoencoder.yaml`: an AutoencoderTiny (TAESD

@@ -4,9 +4,9 @@
     pipe(prompt, callback=preview)                  # decodes the step's denoised prediction x0 (the clearest)
     pipe(prompt, callback_on_step_end=preview.on_step_end)   # diffusers' form: decodes callback_kwargs["latents"]
 
-The full first stage would cost as much as a few UNet steps per preview; the tiny one a few percent of one (TAESD
-is ~1 M parameters of plain convolutions). A preview never changes the sample: the callbacks return nothing
-(`callback`) or the kwargs unchanged (`on_step_end`). The latest preview is kept on the object (`images`,
+Decoding every few steps with a large first stage (SD's VAE, 84 M parameters) is expensive; TAESD (2.4 M
+parameters of plain convolutions) is the cheap way to look (benchmarks/tiny_autoencoder.py measures it). A preview
+never changes the sample: the callbacks return nothing (`callback`) or the kwargs unchanged (`on_step_end`). The latest preview is kept on the object (`images`,
 `step`), which is what a server's progress route reads from another thread.
 
 `tiny_autoencoder_for(folder)` finds the tiny autoencoder a pipeline folder ships (the built-in model's

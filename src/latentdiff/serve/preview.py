@@ -102,8 +102,8 @@ class LatentPreview:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TinyDecoderPreview:
-    """The live preview decoded by a tiny autoencoder (TAESD): the image itself, not a projection, for a few
-    percent of a UNet step. The same `image(z, grid=)` as LatentPreview; `lock` serialises the decodes (one
+    """The live preview decoded by a tiny autoencoder (TAESD): the image itself, not a projection, at a fraction
+    of the full decoder's cost. The same `image(z, grid=)` as LatentPreview; `lock` serialises the decodes (one
     autoencoder, the progress route's threads)."""
 
     vae: Any
