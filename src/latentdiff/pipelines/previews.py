@@ -6,8 +6,9 @@
 
 Decoding every few steps with a large first stage (SD's VAE, 84 M parameters) is expensive; TAESD (2.4 M
 parameters of plain convolutions) is the cheap way to look (benchmarks/tiny_autoencoder.py measures it). A preview
-never changes the sample: the callbacks return nothing (`callback`) or the kwargs unchanged (`on_step_end`). The latest preview is kept on the object (`images`,
-`step`), which is what a server's progress route reads from another thread.
+never changes the sample: the callbacks return nothing (`callback`) or the kwargs unchanged (`on_step_end`). The
+latest preview is kept on the object (`images`, `step`), which is what a server's progress route reads from
+another thread.
 
 `tiny_autoencoder_for(folder)` finds the tiny autoencoder a pipeline folder ships (the built-in model's
 `latentdiff/shapes-64-tiny-vae`), so previews work offline with no path given.
