@@ -10,8 +10,8 @@ never changes the sample: the callbacks return nothing (`callback`) or the kwarg
 latest preview is kept on the object (`images`, `step`), which is what a server's progress route reads from
 another thread.
 
-`tiny_autoencoder_for(folder)` finds the tiny autoencoder a pipeline folder ships (the built-in model's
-`latentdiff/shapes-64-tiny-vae`), so previews work offline with no path given.
+The built-in model has its own (`latentdiff/shapes-64-tiny-vae`, `builtin.BUILTIN_TINY_AUTOENCODERS`), so its
+previews work offline.
 """
 from __future__ import annotations
 
@@ -21,9 +21,7 @@ from typing import Any
 
 import torch
 
-from ..builtin import BUILTIN_TINY_AUTOENCODERS
 from ..errors import InputError, describe
-from ..models.autoencoder_tiny import AutoencoderTiny, load_tiny_autoencoder
 from .base import to_output
 
 OnPreview = Callable[[int, list[Any]], None]   # (step index, PIL images of the batch)
@@ -78,8 +76,3 @@ class TinyPreview:
             self.show(i, callback_kwargs["latents"])
         return callback_kwargs
 
-
-def tiny_autoencoder_for(model: str, *, torch_dtype: torch.dtype | None = None) -> AutoencoderTiny | None:
-    """The tiny autoencoder shipped for a built-in model name (`builtin.BUILTIN_TINY_AUTOENCODERS`), else None."""
-    name = BUILTIN_TINY_AUTOENCODERS.get(str(model))
-    return None if name is None else load_tiny_autoencoder(name, torch_dtype=torch_dtype)
