@@ -71,7 +71,8 @@ _LAZY = {
 }
 
 __all__ = [  # literal, so linters and IDEs see the public names; the same as _LAZY's keys (tests/test_public_api.py)
-    "AutoencoderKL", "AutoencoderKLConfig", "AutoencoderTiny", "AutoencoderTinyConfig", "COMPONENTS", "CheckpointError", "ClassConditionalPipeline",
+    "AutoencoderKL", "AutoencoderKLConfig", "AutoencoderTiny", "AutoencoderTinyConfig", "COMPONENTS", "CheckpointError",
+    "ClassConditionalPipeline",
     "ControlNet", "ControlNetConfig", "T2IAdapter", "T2IAdapterConfig",
     "ClassEmbedder", "ClassifierFreeGuidance", "ConfigError", "DDIMSampler", "DDPMSampler",
     "DPMSolverMultistepSDESampler", "DPMSolverMultistepSampler", "DenoisingPipeline", "EulerAncestralSampler",

@@ -41,7 +41,7 @@ def add_preview_flags(gen: argparse.ArgumentParser) -> None:
 def tiny_vae_of(path: str | None, model: str, *, flag: str) -> str:
     """The tiny autoencoder to use: `path` when given, else the built-in one of a built-in `model`."""
     if path is not None:
-        from ..models.autoencoder_tiny import is_tiny_autoencoder   # torch: only when a path is given
+        from ..models.autoencoder_tiny import is_tiny_autoencoder  # torch: only when a path is given
 
         local = Path(path).expanduser()
         if local.exists():
