@@ -152,6 +152,25 @@ def test_a_dpm_family_name_and_an_a1111_schedule(pipe):
     assert np.array_equal(pixels("ays.png"), np.asarray(expected))
 
 
+def test_unipc_by_its_a1111_name(pipe):
+    """A1111's "UniPC" is uni_pc (bh1, third order), recorded by that name and read back by --from."""
+    from latentdiff.diffusion.samplers.names import sampler_from_name
+
+    assert generate(PROMPT, "--sampler", "UniPC", "--steps", 3, "-o", "u.png") == 0
+    params = read_png_params("u.png")
+    assert (params["sampler"], params["schedule"]) == ("uni_pc", "default")
+    unipc_pipe = copy.copy(pipe)
+    unipc_pipe.sampler = sampler_from_name("UniPC", base=pipe.sampler)
+    assert (unipc_pipe.sampler.solver_type, unipc_pipe.sampler.solver_order) == ("bh1", 3)
+    expected = unipc_pipe(PROMPT, num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
+                          progress=False).images[0]
+    assert np.array_equal(pixels("u.png"), np.asarray(expected))
+    with Image.open("u.png") as image:
+        assert "Sampler: UniPC, Schedule type: Uniform" in image.text["parameters"]
+    assert generate("--from", "u.png", "-o", "u2.png") == 0
+    assert np.array_equal(pixels("u2.png"), pixels("u.png"))
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--sampler", "ddim", "--schedule", "karras"], ["--schedule", "--sampler", "ddim", "karras"]),
     (["--schedule", "karras"], ["--schedule", "sampler", "ddim"]),            # the model's own (ddim)

@@ -69,6 +69,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")   # numpy 
     ("KDPM2DiscreteScheduler", "dpm_2", None),
     ("KDPM2AncestralDiscreteScheduler", "dpm_2_ancestral", None),
     ("DPMSolverSDEScheduler", "dpmpp_sde", None),
+    ("UniPC", "uni_pc", "default"),                             # A1111's: bh1, third order (ComfyUI's uni_pc)
+    ("uni_pc", "uni_pc", None), ("uni_pc_bh2", "uni_pc_bh2", None), ("deis", "deis", None),   # ComfyUI's
+    ("unipc", "unipc", None),                                # as spelled: diffusers' UniPCMultistepScheduler
+    ("UniPCMultistepScheduler", "unipc", None), ("DEISMultistepScheduler", "deis", None),
+    ("TCDScheduler", "tcd", None), ("UniPCSampler", "unipc", None),
 ])
 def test_names_resolve_to_the_sampler_and_schedule_their_tool_means(text, name, schedule):
     resolved = resolve_sampler(text)
@@ -89,8 +94,7 @@ def test_the_split_form_and_schedule_names():
 
 
 @pytest.mark.parametrize("text, closest", [
-    ("UniPC", "dpmpp_2m"), ("LCM", "ddim"), ("dpm_fast", "dpmpp_2m"), ("UniPCMultistepScheduler", "dpmpp_2m"),
-    ("DPM++ 2M SDE Heun", "dpmpp_2m_sde"), ("DPM adaptive", None),
+    ("LCM", "ddim"), ("dpm_fast", "dpmpp_2m"), ("DPM++ 2M SDE Heun", "dpmpp_2m_sde"), ("DPM adaptive", None),
 ])
 def test_names_not_implemented_yet_say_so_and_name_the_closest(text, closest):
     with pytest.raises(UsageError) as info:
@@ -134,7 +138,9 @@ def test_a_schedule_on_a_sampler_without_one_names_both_flags():
 
 
 def test_one_table_covers_every_registered_sampler_and_diffusers_class():
-    assert set(A1111_SAMPLER_LABELS) == set(SAMPLERS.names())
+    # A1111 has no DEIS, TCD or diffusers-default UniPC: those are written (infotext) and read as their own names
+    assert set(SAMPLERS.names()) - set(A1111_SAMPLER_LABELS) <= {"unipc", "uni_pc_bh2", "deis", "tcd"}
+    assert set(A1111_SAMPLER_LABELS) <= set(SAMPLERS.names())
     for diffusers_class in NATIVE_CLASSES:
         assert resolve_sampler(diffusers_class).name == matching_sampler(diffusers_class).registry_name
     assert set(FOREIGN_CLASSES) <= set(DIFFUSERS_MISSING)
@@ -142,7 +148,7 @@ def test_one_table_covers_every_registered_sampler_and_diffusers_class():
         assert closest in SAMPLERS.names()
     groups = accepted_names()
     assert groups["registered"] == SAMPLERS.names() and "DPM++ 2M Karras" in groups["A1111"]
-    assert "DPMSolverMultistepScheduler" in groups["diffusers"] and "UniPC" in groups["not implemented yet"]
+    assert "DPMSolverMultistepScheduler" in groups["diffusers"] and "DPM adaptive" in groups["not implemented yet"]
     for label in groups["A1111"] + groups["diffusers"] + groups["registered"]:
         resolve_sampler(label)                            # every listed name resolves
 

@@ -1,4 +1,5 @@
-"""Sigma-space samplers (Euler, Euler ancestral, Heun, LMS, DPM-Solver++) as thin immutable classes.
+"""Sigma-space samplers (Euler, Euler ancestral, Heun, LMS, DPM-Solver++) as thin immutable classes; UniPC and DEIS,
+which share DPM-Solver's grid (`MultistepSigmaSampler`), are in `multistep.py`.
 
     sampler = EulerSampler(sigma_schedule="karras")
     x_0 = sampler.sample(denoise, x_T, noise_scheduler, 30, generator=torch.Generator().manual_seed(0))
@@ -270,7 +271,62 @@ class LMSSampler(_ScheduledSigmaSampler):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class _DPMSolverSampler(_ScheduledSigmaSampler):
+class MultistepSigmaSampler(_ScheduledSigmaSampler):
+    """The multistep solvers diffusers runs on x_t itself (DPM-Solver++, and UniPC and DEIS in `multistep.py`): one
+    timestep grid (N + 1 points over the trained range, the last dropped), karras / exponential sigmas spanning the
+    whole trained range, and x_T started at sigma_0 as x_T sqrt(sigma_0^2 + 1). Subclasses say where their grids
+    differ through the hooks below (the diffusers class of each differs there, and only there)."""
+
+    def plan(self, noise_scheduler: NoiseScheduler, num_inference_steps: int, *, start_step: int = 0) -> SigmaPlan:
+        plan = super().plan(noise_scheduler, num_inference_steps, start_step=start_step)
+        # diffusers runs these solvers on x_t itself: x_T starts at sigma_0 as x_T / sqrt(abar), and the last
+        # state is returned as x_t = x / sqrt(sigma^2 + 1) (x itself when the final sigma is 0).
+        first, last = plan.sigmas[0], plan.sigmas[-1]
+        return plan._replace(init_scale=(first**2 + 1) ** 0.5, final_scale=1 / (last**2 + 1) ** 0.5)
+
+    def _grid(self, noise_scheduler: NoiseScheduler, table: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The `set_timesteps` of DPMSolverMultistepScheduler, UniPCMultistepScheduler, DEISMultistepScheduler: their
+        own timestep grid; karras / exponential span the whole trained range whatever the spacing, and karras
+        timesteps are rounded (`_round_karras`)."""
+        cfg = noise_scheduler.config
+        if self.sigma_schedule == "default":
+            timesteps = grids.timestep_grid(cfg.num_train_timesteps, n, kind="dpm_solver",
+                                            spacing=self.timestep_spacing, steps_offset=self.steps_offset,
+                                            last_timestep=self._last_timestep(noise_scheduler))
+            sigmas = grids.interpolate_sigmas(timesteps, table)
+        else:                          # the spaced grid is not used: the sigmas alone give the timesteps
+            check_num_inference_steps(n, cfg.num_train_timesteps)
+            low, high = self._sigma_range(table)
+            sigmas = grids.schedule_sigmas(self.sigma_schedule, table, n, low=low, high=high,
+                                           ays_model=self.ays_model)
+            timesteps = grids.sigma_to_t(sigmas, np.log(table))
+            # integer timesteps: karras ones rounded as diffusers rounds them, the table schedules' to the nearest
+            karras = self.sigma_schedule == "karras" and self._round_karras(noise_scheduler)
+            if karras or self.sigma_schedule in grids.TABLE_SCHEDULES:
+                timesteps = timesteps.round()
+        final = self._final_sigma(table, sigmas)
+        return timesteps.astype(np.int64), np.concatenate([sigmas, [final]]).astype(np.float32)
+
+    # ---- the hooks: where the diffusers classes differ ------------------------------------------------
+    def _last_timestep(self, noise_scheduler: NoiseScheduler) -> int | None:
+        """The end of the spaced grid (None: T)."""
+        return None
+
+    def _sigma_range(self, table: np.ndarray) -> tuple[float, float]:
+        """(sigma_min, sigma_max) of a karras / exponential grid: the trained range."""
+        return table[0].item(), table[-1].item()
+
+    def _round_karras(self, noise_scheduler: NoiseScheduler) -> bool:
+        """Whether karras timesteps are rounded (else truncated to int64)."""
+        return True
+
+    def _final_sigma(self, table: np.ndarray, sigmas: np.ndarray) -> float:
+        """sigma_N, where the last step goes: 0, or the smallest trained sigma (final_sigmas_type "sigma_min")."""
+        return 0.0 if getattr(self, "final_sigmas_type", "zero") == "zero" else table[0].item()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _DPMSolverSampler(MultistepSigmaSampler):
     """Settings of DPMSolverMultistepScheduler that latentdiff implements (solver orders 1 and 2)."""
 
     solver_order: int = 2              # 2: DPM-Solver++(2M); 1: DPM-Solver++(1), i.e. DDIM
@@ -288,35 +344,12 @@ class _DPMSolverSampler(_ScheduledSigmaSampler):
             raise ConfigError("solver_order must be 1 or 2 (third order is not implemented)", where="solver_order",
                               expected=[1, 2], found=self.solver_order)
 
-    def plan(self, noise_scheduler: NoiseScheduler, num_inference_steps: int, *, start_step: int = 0) -> SigmaPlan:
-        plan = super().plan(noise_scheduler, num_inference_steps, start_step=start_step)
-        # diffusers runs DPM-Solver on x_t itself: x_T starts at sigma_0 as x_T / sqrt(abar), and the last
-        # state is returned as x_t = x / sqrt(sigma^2 + 1) (x itself when the final sigma is 0).
-        first, last = plan.sigmas[0], plan.sigmas[-1]
-        return plan._replace(init_scale=(first**2 + 1) ** 0.5, final_scale=1 / (last**2 + 1) ** 0.5)
+    def _last_timestep(self, noise_scheduler: NoiseScheduler) -> int | None:
+        return grids.lambda_clipped_last_timestep(noise_scheduler.alphas_cumprod, self.lambda_min_clipped,
+                                                  zero_terminal_snr=noise_scheduler.config.rescale_zero_terminal_snr)
 
-    def _grid(self, noise_scheduler: NoiseScheduler, table: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """DPMSolverMultistepScheduler.set_timesteps: its own timestep grid; karras / exponential span the whole
-        trained range whatever the spacing, and karras timesteps are rounded (except for the cosine schedule)."""
-        cfg = noise_scheduler.config
-        if self.sigma_schedule == "default":
-            last = grids.lambda_clipped_last_timestep(noise_scheduler.alphas_cumprod, self.lambda_min_clipped,
-                                                      zero_terminal_snr=cfg.rescale_zero_terminal_snr)
-            timesteps = grids.timestep_grid(cfg.num_train_timesteps, n, kind="dpm_solver",
-                                            spacing=self.timestep_spacing, steps_offset=self.steps_offset,
-                                            last_timestep=last)
-            sigmas = grids.interpolate_sigmas(timesteps, table)
-        else:                          # the spaced grid is not used: the sigmas alone give the timesteps
-            check_num_inference_steps(n, cfg.num_train_timesteps)
-            sigmas = grids.schedule_sigmas(self.sigma_schedule, table, n, low=table[0].item(), high=table[-1].item(),
-                                           ays_model=self.ays_model)
-            timesteps = grids.sigma_to_t(sigmas, np.log(table))
-            # integer timesteps: karras ones rounded as diffusers rounds them, the table schedules' to the nearest
-            karras = self.sigma_schedule == "karras" and cfg.beta_schedule != "squaredcos_cap_v2"
-            if karras or self.sigma_schedule in grids.TABLE_SCHEDULES:
-                timesteps = timesteps.round()
-        final = 0.0 if self.final_sigmas_type == "zero" else table[0].item()
-        return timesteps.astype(np.int64), np.concatenate([sigmas, [final]]).astype(np.float32)
+    def _round_karras(self, noise_scheduler: NoiseScheduler) -> bool:
+        return noise_scheduler.config.beta_schedule != "squaredcos_cap_v2"   # diffusers truncates there
 
     def _run(self, model, x, plan, noise, callback, progress):
         # diffusers' "fewer than 15 steps" counts the whole grid, also for a run started part-way
