@@ -10,7 +10,8 @@ image, a 1-step image, an S-step image (`--steps`, default 5); seconds per CFG s
 in which prompt encoding and VAE decoding cancel. Euler (the folder's schedule, diffusers' EulerDiscreteScheduler
 and latentdiff's EulerSampler from that config), guidance 7.5, batch 1, the same latents (torch seed 0). sd-cli
 is run once with 1 step and once with S steps per size; per CFG step = difference of its own "sampling completed"
-times / (S - 1) (the process wall times when the log lacks them). Cold start: process spawn to the first image.
+times / (S - 1), and per image its "generate_image completed" time (the process wall times when the log lacks
+them). Cold start: process spawn to the first image (sd-cli: to the exit of the first 1-step run).
 
     python benchmarks/cpu_peers.py setup                # build the weights, the single file, GGUF, OpenVINO IR
     python benchmarks/cpu_peers.py run --sizes 256,512 --threads 2 --json peers.json
@@ -35,7 +36,7 @@ SDCPP = Path(os.environ.get("LATENTDIFF_PEERS_SDCPP", "/work/peers/sdcpp/build/b
 OV_PYTHON = Path(os.environ.get("LATENTDIFF_PEERS_OV_PYTHON", "/work/peers/ov-venv/bin/python"))
 PEERS = ("latentdiff-fp32", "latentdiff-bf16", "diffusers-fp32", "diffusers-bf16", "openvino-fp32",
          "openvino-bf16", "openvino-int8", "sdcpp-f16", "sdcpp-q8_0")
-KEY_PEERS = "latentdiff-bf16,openvino-bf16,openvino-int8,latentdiff-fp32,openvino-fp32"
+KEY_PEERS = "latentdiff-bf16,openvino-bf16,openvino-int8"
 
 # ---- the Python children --------------------------------------------------------------------------------
 CHILD = r'''
@@ -199,7 +200,9 @@ def sdcpp_run(model: Path, *, size: int, steps: int, threads: int, out: Path, ti
     if os.waitstatus_to_exitcode(status) != 0 or not out.is_file():
         raise RuntimeError(f"sd-cli failed:\n{text[-3000:]}")
     sampling = re.findall(r"sampling completed, taking ([\d.]+) ?s", text)
-    return dict(wall_s=wall, maxrss_mb=usage.ru_maxrss / 1024, sampling_s=float(sampling[-1]) if sampling else None)
+    image = re.findall(r"generate_image completed in ([\d.]+) ?s", text)
+    return dict(wall_s=wall, maxrss_mb=usage.ru_maxrss / 1024, sampling_s=float(sampling[-1]) if sampling else None,
+                image_s=float(image[-1]) if image else wall)
 
 
 def sdcpp_case(peer: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -214,7 +217,7 @@ def sdcpp_case(peer: str, args: argparse.Namespace, out: Path) -> dict[str, Any]
                          timeout=args.timeout)
         own = one["sampling_s"] is not None and many["sampling_s"] is not None
         key = "sampling_s" if own else "wall_s"
-        rows.append(dict(size=size, one_step_s=one["wall_s"], image_s=many["wall_s"],
+        rows.append(dict(size=size, one_step_s=one["image_s"], image_s=many["image_s"],
                          per_step_s=(many[key] - one[key]) / (args.steps - 1)))
         rss = max(rss, one["maxrss_mb"], many["maxrss_mb"])
     version = subprocess.run([str(SDCPP), "--version"], capture_output=True, text=True).stdout.strip()[:80]
@@ -318,7 +321,8 @@ def run(args: argparse.Namespace) -> None:
                     result = measure(peer, args, images)
                 except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as error:
                     result = dict(skipped=f"failed: {str(error).strip().splitlines()[-1][:200]}")
-                print(f"({peer}: {time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+                print(f"({peer}: {time.perf_counter() - start:.0f} s: {json.dumps(result)})", file=sys.stderr,
+                      flush=True)  # each result as it comes: a run cut short still leaves its rows
                 results.append((peer if round_ == 0 else f"{peer} (again)", result))
         rows = report(results, args, images)
     print(f"\nload at end: {common.load()}")

@@ -5,7 +5,7 @@
     sd15-f16.gguf            stable-diffusion.cpp's conversion of that file (`sd-cli -M convert --type f16`)
     sd15-q8_0.gguf           the same, q8_0
     openvino-fp32/           optimum-intel's export of sd15/ to OpenVINO IR, weights uncompressed
-    openvino-int8/           the same export with 8-bit weight compression (OVWeightQuantizationConfig(bits=8))
+    openvino-int8/           that IR with 8-bit weight compression (NNCF, OVWeightQuantizationConfig(bits=8))
 
 Each step is skipped when its output exists, and each runs in a child process so that no two copies of the
 weights are in memory at once. Steps whose tool is missing are skipped with a message.
@@ -27,8 +27,11 @@ print(pipe.save_single_file({path!r}))
 # load_in_8bit=False: optimum-intel compresses the weights of large models to 8 bits by default on export.
 OV_EXPORT = """
 from optimum.intel import OVStableDiffusionPipeline, OVWeightQuantizationConfig
-options = dict(quantization_config=OVWeightQuantizationConfig(bits=8)) if {int8!r} else dict(load_in_8bit=False)
-pipe = OVStableDiffusionPipeline.from_pretrained({folder!r}, export=True, compile=False, **options)
+if {int8!r}:  # the fp32 IR's weights compressed by NNCF: no second PyTorch export
+    options = dict(quantization_config=OVWeightQuantizationConfig(bits=8))
+    pipe = OVStableDiffusionPipeline.from_pretrained({folder!r}, compile=False, **options)
+else:
+    pipe = OVStableDiffusionPipeline.from_pretrained({folder!r}, export=True, compile=False, load_in_8bit=False)
 pipe.save_pretrained({path!r})
 """
 
@@ -57,9 +60,9 @@ def setup(weights: Path, *, sdcpp: Path, ov_python: Path) -> None:
     else:
         print(f"stable-diffusion.cpp: no {sdcpp}, GGUF files skipped (benchmarks/PEERS.md)")
     if ov_python.is_file():
-        for name, int8 in (("openvino-fp32", False), ("openvino-int8", True)):
+        for name, source in (("openvino-fp32", folder), ("openvino-int8", weights / "openvino-fp32")):
             path = weights / name
             step(f"OpenVINO IR {name}", path / "model_index.json",
-                 [str(ov_python), "-c", OV_EXPORT.format(folder=str(folder), path=str(path), int8=int8)])
+                 [str(ov_python), "-c", OV_EXPORT.format(folder=str(source), path=str(path), int8=name.endswith("8"))])
     else:
         print(f"OpenVINO: no {ov_python}, IR skipped (benchmarks/PEERS.md)")
