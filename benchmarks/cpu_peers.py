@@ -34,8 +34,8 @@ import common
 WEIGHTS = Path(os.environ.get("LATENTDIFF_PEERS_WEIGHTS", "/work/peers/weights"))
 SDCPP = Path(os.environ.get("LATENTDIFF_PEERS_SDCPP", "/work/peers/sdcpp/build/bin/sd-cli"))
 OV_PYTHON = Path(os.environ.get("LATENTDIFF_PEERS_OV_PYTHON", "/work/peers/ov-venv/bin/python"))
-PEERS = ("latentdiff-fp32", "latentdiff-bf16", "diffusers-fp32", "diffusers-bf16", "openvino-fp32",
-         "openvino-bf16", "openvino-int8", "sdcpp-f16", "sdcpp-q8_0")
+PEERS = ("latentdiff-bf16", "openvino-bf16", "openvino-int8", "openvino-fp32", "latentdiff-fp32", "diffusers-bf16",
+         "diffusers-fp32", "sdcpp-q8_0", "sdcpp-f16")
 KEY_PEERS = "latentdiff-bf16,openvino-bf16,openvino-int8"
 
 # ---- the Python children --------------------------------------------------------------------------------
@@ -177,11 +177,12 @@ def run_python(python: str, code: str, *, threads: int, timeout: float) -> dict[
 
 
 # ---- stable-diffusion.cpp ---------------------------------------------------------------------------------
-def sdcpp_run(model: Path, *, size: int, steps: int, threads: int, out: Path, timeout: float) -> dict[str, Any]:
+def sdcpp_run(model: Path, *, size: int, steps: int, threads: int, out: Path, timeout: float,
+              extra: list[str]) -> dict[str, Any]:
     """One sd-cli image as a subprocess: wall seconds, its own peak RSS (wait4) and the times its log prints."""
     cmd = [str(SDCPP), "-m", str(model), "-p", common.PROMPT, "-n", common.NEGATIVE, "--cfg-scale", "7.5",
            "--sampling-method", "euler", "--steps", str(steps), "-H", str(size), "-W", str(size), "-s", "0",
-           "-t", str(threads), "-o", str(out)]
+           "-t", str(threads), "-o", str(out), *extra]
     start = time.time()
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -207,22 +208,25 @@ def sdcpp_run(model: Path, *, size: int, steps: int, threads: int, out: Path, ti
 
 def sdcpp_case(peer: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     kind = peer.split("-", 1)[1]
-    model = WEIGHTS / f"sd15-{kind}.gguf"
+    model, convert = WEIGHTS / f"sd15-{kind}.gguf", []
+    if not model.is_file():  # sd-cli converts the single file while loading: per-step times are the same
+        model, convert = WEIGHTS / "sd15.safetensors", ["--type", kind]
     rows, cold, rss = [], None, 0.0
     for size in args.sizes:
         one = sdcpp_run(model, size=size, steps=1, threads=args.threads, out=out / f"{size}-1.png",
-                        timeout=args.timeout)
+                        timeout=args.timeout, extra=convert)
         cold = cold if cold is not None else one["wall_s"]
         many = sdcpp_run(model, size=size, steps=args.steps, threads=args.threads, out=out / f"{size}.png",
-                         timeout=args.timeout)
+                         timeout=args.timeout, extra=convert)
         own = one["sampling_s"] is not None and many["sampling_s"] is not None
         key = "sampling_s" if own else "wall_s"
         rows.append(dict(size=size, one_step_s=one["image_s"], image_s=many["image_s"],
                          per_step_s=(many[key] - one[key]) / (args.steps - 1)))
         rss = max(rss, one["maxrss_mb"], many["maxrss_mb"])
     version = subprocess.run([str(SDCPP), "--version"], capture_output=True, text=True).stdout.strip()[:80]
+    notes = "per step from its 'sampling completed' log" if own else "per step from process wall times"
     return dict(load_s=None, cold_s=cold, rows=rows, maxrss_mb=rss, versions={"sd.cpp": version},
-                notes="per step from its 'sampling completed' log" if own else "per step from process wall times")
+                notes=notes + ("; converted at load from the fp32 file" if convert else ""))
 
 
 # ---- the run --------------------------------------------------------------------------------------------
@@ -231,7 +235,8 @@ def skip_reason(peer: str) -> str | None:
         model = WEIGHTS / f"sd15-{peer.split('-', 1)[1]}.gguf"
         if not SDCPP.is_file():
             return f"no sd-cli at {SDCPP} (benchmarks/PEERS.md)"
-        return None if model.is_file() else f"no {model} (run: python benchmarks/cpu_peers.py setup)"
+        ready = model.is_file() or (WEIGHTS / "sd15.safetensors").is_file()
+        return None if ready else f"no {model} (run: python benchmarks/cpu_peers.py setup)"
     if peer.startswith("diffusers"):
         try:
             import diffusers  # noqa: F401
