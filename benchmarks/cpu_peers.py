@@ -56,18 +56,19 @@ for size in {sizes!r}:
     latents = torch.randn((1, 4, size // 8, size // 8), generator=torch.Generator().manual_seed(0)).to(LATENT_DTYPE)
 
     def gen(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         image = pipe({prompt!r}, negative_prompt={negative!r}, num_inference_steps=steps, guidance_scale=7.5,
                      height=size, width=size, latents=latents, output_type="np", **EXTRA).images
-        return time.perf_counter() - t0, image
+        return time.perf_counter() - t0, time.process_time() - c0, image
 
-    warm_s, _ = gen(1)
+    warm_s, _, _ = gen(1)
     cold = cold if cold is not None else time.time() - SPAWN
-    one_s, _ = gen(1)
-    image_s, image = gen({steps})
+    one_s, one_cpu, _ = gen(1)
+    image_s, image_cpu, image = gen({steps})
     np.save(f"{{OUT}}/{{size}}.npy", np.asarray(image, dtype=np.float32))
     rows.append(dict(size=size, prepare_s=prepare_s, warm_s=warm_s, one_step_s=one_s, image_s=image_s,
-                     per_step_s=(image_s - one_s) / ({steps} - 1)))
+                     per_step_s=(image_s - one_s) / ({steps} - 1),
+                     cpu_per_step_s=(image_cpu - one_cpu) / ({steps} - 1)))
 RESULT = dict(load_s=load_s, cold_s=cold, rows=rows, versions=VERSIONS, notes=NOTES,
               maxrss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 print(json.dumps(RESULT))
@@ -202,8 +203,8 @@ def sdcpp_run(model: Path, *, size: int, steps: int, threads: int, out: Path, ti
         raise RuntimeError(f"sd-cli failed:\n{text[-3000:]}")
     sampling = re.findall(r"sampling completed, taking ([\d.]+) ?s", text)
     image = re.findall(r"generate_image completed in ([\d.]+) ?s", text)
-    return dict(wall_s=wall, maxrss_mb=usage.ru_maxrss / 1024, sampling_s=float(sampling[-1]) if sampling else None,
-                image_s=float(image[-1]) if image else wall)
+    return dict(wall_s=wall, maxrss_mb=usage.ru_maxrss / 1024, cpu_s=usage.ru_utime + usage.ru_stime,
+                sampling_s=float(sampling[-1]) if sampling else None, image_s=float(image[-1]) if image else wall)
 
 
 def sdcpp_case(peer: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -221,7 +222,8 @@ def sdcpp_case(peer: str, args: argparse.Namespace, out: Path) -> dict[str, Any]
         own = one["sampling_s"] is not None and many["sampling_s"] is not None
         key = "sampling_s" if own else "wall_s"
         rows.append(dict(size=size, one_step_s=one["image_s"], image_s=many["image_s"],
-                         per_step_s=(many[key] - one[key]) / (args.steps - 1)))
+                         per_step_s=(many[key] - one[key]) / (args.steps - 1),
+                         cpu_per_step_s=(many["cpu_s"] - one["cpu_s"]) / (args.steps - 1)))
         rss = max(rss, one["maxrss_mb"], many["maxrss_mb"])
     version = subprocess.run([str(SDCPP), "--version"], capture_output=True, text=True).stdout.strip()[:80]
     notes = "per step from its 'sampling completed' log" if own else "per step from process wall times"
@@ -282,9 +284,10 @@ def report(results: list[tuple[str, dict[str, Any]]], args: argparse.Namespace, 
             rows.append(dict(peer=peer, **row, cold_s=result["cold_s"], maxrss_mb=result["maxrss_mb"],
                              notes=result.get("notes", ""), versions=result.get("versions", {}),
                              image_diff=image_difference(images, peer, row["size"])))
-    print(f"| peer | size | s / CFG step | vs latentdiff best | {args.steps}-step image | est. 20-step image "
-          "| cold start to 1st image | peak RSS | image diff to latentdiff fp32 (mean / max, 0-255) | note |")
-    print("|" + "---|" * 10)
+    print(f"| peer | size | s / CFG step | vs latentdiff best | CPU s / CFG step | {args.steps}-step image "
+          "| est. 20-step image | cold start to 1st image | peak RSS | image diff to latentdiff fp32 "
+          "(mean / max, 0-255) | note |")
+    print("|" + "---|" * 11)
     for size in args.sizes:
         ours = [r["per_step_s"] for r in rows if r.get("size") == size and r["peer"].startswith("latentdiff")]
         best = min(ours) if ours else float("nan")
@@ -294,13 +297,15 @@ def report(results: list[tuple[str, dict[str, Any]]], args: argparse.Namespace, 
             r["vs_latentdiff_best"] = r["per_step_s"] / best
             est = r["one_step_s"] + 19 * r["per_step_s"]
             print(f"| {r['peer']} | {size} | {r['per_step_s']:.2f} | {r['vs_latentdiff_best']:.2f}x "
-                  f"| {r['image_s']:.1f} s | {est:.1f} s | {r['cold_s']:.1f} s | {r['maxrss_mb']:.0f} MB "
+                  f"| {r.get('cpu_per_step_s', float('nan')):.2f} | {r['image_s']:.1f} s | {est:.1f} s "
+                  f"| {r['cold_s']:.1f} s | {r['maxrss_mb']:.0f} MB "
                   f"| {r['image_diff']} | {r['notes']} |")
     for r in rows:
         if "skipped" in r:
-            print(f"| {r['peer']} | - | skipped: {r['skipped']} | | | | | | | |")
+            print(f"| {r['peer']} | - | skipped: {r['skipped']} | | | | | | | | |")
     print("\nvs latentdiff best: the peer's seconds per CFG step / latentdiff's fastest path's at that size "
-          "(below 1: the peer is faster). Peak RSS: the whole process, all sizes.", flush=True)
+          "(below 1: the peer is faster). CPU s: the process's CPU time per step, all threads (less sensitive to "
+          "a loaded machine than wall time). Peak RSS: the whole process, all sizes.", flush=True)
     return rows
 
 
