@@ -60,6 +60,7 @@ print(json.dumps(dict(cpu_s=cpu, types=by_type.most_common(12), kernels=by_kerne
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=256, help="image side (latent side = size / 8)")
+    p.add_argument("--only", choices=("latentdiff", "openvino"), default=None, help="one side only")
     args = p.parse_args()
     side = args.size // 8
     env = {"PYTHONPATH": str(cpu_peers.common.REPO / "src"), "OMP_NUM_THREADS": "1"}
@@ -68,6 +69,8 @@ def main() -> None:
              TORCH.format(folder=str(cpu_peers.WEIGHTS / "sd15"), side=side)),
             ("OpenVINO bf16 (profiling counters, s by node type and kernel)", str(cpu_peers.OV_PYTHON),
              OPENVINO.format(xml=str(cpu_peers.WEIGHTS / "openvino-fp32" / "unet" / "openvino_model.xml"), side=side))):
+        if args.only and not name.lower().startswith(args.only):
+            continue
         done = subprocess.run([python, "-c", code], capture_output=True, text=True, env={**__import__("os").environ,
                                                                                           **env})
         if done.returncode:
