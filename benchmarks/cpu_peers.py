@@ -322,7 +322,7 @@ def run(args: argparse.Namespace) -> None:
     repeat = [p for p in args.repeat.split(",") if p in peers]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        images = Path(tmp)
+        images = args.images or Path(tmp)  # --images: kept, so runs sharing it compare with each other's images
         for round_, names in enumerate((peers, repeat[::-1])):
             for peer in names:
                 print(f"(round {round_ + 1}: {peer} ...)", file=sys.stderr, flush=True)
@@ -355,6 +355,8 @@ def main(argv: list[str] | None = None) -> None:
                    "peers, as Python source, e.g. ', some_option=True'")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per peer process")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    p.add_argument("--images", type=Path, default=None, help="keep each peer's images here (default: a temporary "
+                   "folder); runs given the same folder compare with latentdiff fp32's image from either")
     args = p.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",") if s]
     if args.steps < 2:
