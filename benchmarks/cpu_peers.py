@@ -296,7 +296,8 @@ def report(results: list[tuple[str, dict[str, Any]]], args: argparse.Namespace, 
                 continue
             r["vs_latentdiff_best"] = r["per_step_s"] / best
             est = r["one_step_s"] + 19 * r["per_step_s"]
-            print(f"| {r['peer']} | {size} | {r['per_step_s']:.2f} | {r['vs_latentdiff_best']:.2f}x "
+            ratio = "-" if best != best else f"{r['vs_latentdiff_best']:.2f}x"  # no latentdiff row in this run
+            print(f"| {r['peer']} | {size} | {r['per_step_s']:.2f} | {ratio} "
                   f"| {r.get('cpu_per_step_s', float('nan')):.2f} | {r['image_s']:.1f} s | {est:.1f} s "
                   f"| {r['cold_s']:.1f} s | {r['maxrss_mb']:.0f} MB "
                   f"| {r['image_diff']} | {r['notes']} |")
