@@ -126,25 +126,6 @@ def test_a_diffusers_class_name_and_the_schedule_flag(pipe):
     assert np.array_equal(pixels("d.png"), dpm_image(pipe, "karras", seed=0, steps=3, guidance=3.0))
 
 
-def test_unipc_by_its_a1111_name(pipe):
-    """A1111's "UniPC" is uni_pc (bh1, third order), recorded by that name and read back by --from."""
-    from latentdiff.diffusion.samplers.names import sampler_from_name
-
-    assert generate(PROMPT, "--sampler", "UniPC", "--steps", 3, "-o", "u.png") == 0
-    params = read_png_params("u.png")
-    assert (params["sampler"], params["schedule"]) == ("uni_pc", "default")
-    unipc_pipe = copy.copy(pipe)
-    unipc_pipe.sampler = sampler_from_name("UniPC", base=pipe.sampler)
-    assert (unipc_pipe.sampler.solver_type, unipc_pipe.sampler.solver_order) == ("bh1", 3)
-    expected = unipc_pipe(PROMPT, num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
-                          progress=False).images[0]
-    assert np.array_equal(pixels("u.png"), np.asarray(expected))
-    with Image.open("u.png") as image:
-        assert "Sampler: UniPC, Schedule type: Uniform" in image.text["parameters"]
-    assert generate("--from", "u.png", "-o", "u2.png") == 0
-    assert np.array_equal(pixels("u2.png"), pixels("u.png"))
-
-
 def test_a_dpm_family_name_and_an_a1111_schedule(pipe):
     """DPM++ SDE (A1111's Automatic schedule: karras) on its Brownian tree, recorded and reproduced by --from; and
     A1111's "Align Your Steps" schedule on DPM2 a."""
@@ -169,6 +150,25 @@ def test_a_dpm_family_name_and_an_a1111_schedule(pipe):
     expected = ays_pipe(PROMPT, num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
                         progress=False).images[0]
     assert np.array_equal(pixels("ays.png"), np.asarray(expected))
+
+
+def test_unipc_by_its_a1111_name(pipe):
+    """A1111's "UniPC" is uni_pc (bh1, third order), recorded by that name and read back by --from."""
+    from latentdiff.diffusion.samplers.names import sampler_from_name
+
+    assert generate(PROMPT, "--sampler", "UniPC", "--steps", 3, "-o", "u.png") == 0
+    params = read_png_params("u.png")
+    assert (params["sampler"], params["schedule"]) == ("uni_pc", "default")
+    unipc_pipe = copy.copy(pipe)
+    unipc_pipe.sampler = sampler_from_name("UniPC", base=pipe.sampler)
+    assert (unipc_pipe.sampler.solver_type, unipc_pipe.sampler.solver_order) == ("bh1", 3)
+    expected = unipc_pipe(PROMPT, num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
+                          progress=False).images[0]
+    assert np.array_equal(pixels("u.png"), np.asarray(expected))
+    with Image.open("u.png") as image:
+        assert "Sampler: UniPC, Schedule type: Uniform" in image.text["parameters"]
+    assert generate("--from", "u.png", "-o", "u2.png") == 0
+    assert np.array_equal(pixels("u2.png"), pixels("u.png"))
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypedDict, overload
 from .. import limits
 from ..config import ComponentConfig, parse_yaml, yaml_problem
 from ..errors import ConfigError, describe
+from .lcm_config import LCMModelSection, LCMSampleConfig, LCMTrainSection
 from .sections import (  # noqa: F401 (re-exported: the sections' public path)
     IMAGE_EXTENSIONS,
     CheckpointConfig,
@@ -48,8 +49,8 @@ if TYPE_CHECKING:
     from ..models.vq import VQModelConfig
     from .autoencoder_loss import AutoencoderLossConfig
 
-Kind: TypeAlias = Literal["autoencoder", "diffusion", "controlnet"]
-KINDS = ("autoencoder", "diffusion", "controlnet")
+Kind: TypeAlias = Literal["autoencoder", "diffusion", "controlnet", "lcm"]
+KINDS = ("autoencoder", "diffusion", "controlnet", "lcm")
 @dataclasses.dataclass(frozen=True)
 class AutoencoderOptimConfig(OptimConfig):
     betas: tuple[float, float] = (0.5, 0.9)              # LDM's first stage (taming-transformers)
@@ -260,19 +261,43 @@ class ControlNetTrainConfig(_Sections):
     kind = "controlnet"
 
 
-TrainConfig: TypeAlias = AutoencoderTrainConfig | DiffusionTrainConfig | ControlNetTrainConfig
+@dataclasses.dataclass(frozen=True)
+class LCMTrainConfig(_Sections):
+    """`latentdiff train lcm`: latent consistency distillation of a pipeline (lcm_config.py, lcm_trainer.py)."""
+
+    data: DataConfig
+    model: LCMModelSection
+    train: LCMTrainSection
+    optim: OptimConfig = OptimConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+    sample: LCMSampleConfig = LCMSampleConfig()
+    source: str | None = None
+
+    kind = "lcm"
+
+
+TrainConfig: TypeAlias = AutoencoderTrainConfig | DiffusionTrainConfig | ControlNetTrainConfig | LCMTrainConfig
 _CLASSES: dict[str, type] = {"autoencoder": AutoencoderTrainConfig, "diffusion": DiffusionTrainConfig,
-                             "controlnet": ControlNetTrainConfig}
+                             "controlnet": ControlNetTrainConfig, "lcm": LCMTrainConfig}
 
 
 def train_config_from_dict(data: Mapping[str, Any], kind: Kind, *, source: str | None = None) -> TrainConfig:
     """Build a train config from a {section: {key: value}} mapping; strict, errors name `source` and the key."""
     if kind not in _CLASSES:
         raise ConfigError("unknown training stage", where="kind", expected=list(KINDS), found=kind)
+    config = sections_from_dict(data, _CLASSES[kind], source=source)
+    check_components(config)
+    return config
+
+
+def sections_from_dict(data: Mapping[str, Any], cls: Any, *, source: str | None = None) -> Any:
+    """A run config of class `cls` (a dataclass of sections, with `kind`) from a {section: {key: value}} mapping,
+    strictly; the one parser of every stage's file, also for stages defined outside this module."""
+    kind = cls.kind
     if not isinstance(data, Mapping):
         raise ConfigError("a train config must be a mapping of sections", where=source, expected="a YAML mapping",
                           found=describe(data))
-    cls = _CLASSES[kind]
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
     hints = typing.get_type_hints(cls)
     unknown = sorted(k for k in data if k not in fields)
@@ -297,13 +322,16 @@ def train_config_from_dict(data: Mapping[str, Any], kind: Kind, *, source: str |
                 raise
             raise ConfigError(e.message, where=f"{where}.{e.where}" if e.where else where, expected=e.expected,
                               found=e.found) from None
-    config = cls(**sections, source=source)
-    check_components(config)
-    return config
+    return cls(**sections, source=source)
 
 
 def load_train_config(path: str | Path, kind: Kind, *, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a YAML train config; `overrides` are "section.key=value" strings (value parsed as YAML)."""
+    return train_config_from_dict(read_train_file(path, overrides=overrides), kind, source=str(path))
+
+
+def read_train_file(path: str | Path, *, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The {section: {key: value}} mapping of a YAML train file, with the overrides applied."""
     yaml = _yaml()
     path = Path(path)
     try:
@@ -318,7 +346,7 @@ def load_train_config(path: str | Path, kind: Kind, *, overrides: Sequence[str] 
                           expected="a YAML mapping", found=describe(data))
     for item in overrides:
         apply_override(data, item)
-    return train_config_from_dict(data, kind, source=str(path))
+    return data
 
 
 def _yaml() -> Any:
@@ -354,7 +382,7 @@ def apply_override(data: dict[str, Any], item: str) -> None:
 def check_components(config: TrainConfig) -> None:
     """Check the nested component dicts against their own configs now, with the file and key in errors."""
     where = f"{config.source}: model" if config.source else "model"
-    if isinstance(config, ControlNetTrainConfig):   # its networks come from the base pipeline, checked at load
+    if isinstance(config, (ControlNetTrainConfig, LCMTrainConfig)):   # networks from the base pipeline, checked at load
         if config.train.cache_latents and not config.data.center_crop:
             raise ConfigError("cached latents need a fixed crop", where="train.cache_latents",
                               expected="data.center_crop: true", found="center_crop: false")

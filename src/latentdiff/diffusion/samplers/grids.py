@@ -142,25 +142,6 @@ def init_noise_sigma(sigmas: np.ndarray, spacing: str) -> float:
     return float(sigma_max if spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5)
 
 
-def consistency_timesteps(num_train_timesteps: int, num_inference_steps: int, *,
-                          original_inference_steps: int = 50) -> np.ndarray:
-    """The N timesteps of a consistency-distilled model (LCM, Luo et al. 2023; TCD, Zheng et al. 2024), as diffusers
-    0.42's LCMScheduler / TCDScheduler `set_timesteps` select them: the distillation's own grid of
-    P = `original_inference_steps` timesteps k (T // P) - 1, k = P .. 1 (the model was only trained there), of which
-    N are taken at the floored indices floor(j P / N), j = 0 .. N-1 (so the first is always T - 1 for T = P (T // P)).
-    -> (N,) int64, descending. An InputError when N > P or P > T."""
-    T, N = num_train_timesteps, check_num_inference_steps(num_inference_steps, num_train_timesteps)
-    P = original_inference_steps
-    if not isinstance(P, int) or isinstance(P, bool) or not 1 <= P <= T:
-        raise InputError("original_inference_steps must be an integer between 1 and num_train_timesteps",
-                         where="original_inference_steps", expected=f"1 <= P <= {T}", found=repr(P))
-    if N > P:
-        raise InputError("a consistency model samples a subset of its distillation grid: at most that many steps",
-                         where="num_inference_steps", expected=f"<= original_inference_steps = {P}", found=N)
-    origin = (np.arange(1, P + 1) * (T // P) - 1)[::-1]
-    return origin[np.floor(np.linspace(0, P, num=N, endpoint=False)).astype(np.int64)].astype(np.int64)
-
-
 # ---- the schedules of A1111 / ComfyUI ("Schedule type") -----------------------------------------------
 # Align Your Steps (Sabour, Fidler & Kreis 2024, "Align Your Steps: Optimizing Sampling Schedules in Diffusion
 # Models"): NVIDIA's published 10-step noise levels (11 sigmas, sigma_max first) for Stable Diffusion 1.5 and SDXL,
@@ -283,3 +264,20 @@ def schedule_sigmas(schedule: str, table: np.ndarray, n: int, *, low: float, hig
         return ays_sigmas(ays_model, n)
     raise InputError("unknown sigma schedule", where="sigma_schedule",
                      expected=["default", "karras", "exponential", *TABLE_SCHEDULES], found=repr(schedule))
+def consistency_timesteps(num_train_timesteps: int, num_inference_steps: int, *,
+                          original_inference_steps: int = 50) -> np.ndarray:
+    """The N timesteps of a consistency-distilled model (LCM, Luo et al. 2023; TCD, Zheng et al. 2024), as diffusers
+    0.42's LCMScheduler / TCDScheduler `set_timesteps` select them: the distillation's own grid of
+    P = `original_inference_steps` timesteps k (T // P) - 1, k = P .. 1 (the model was only trained there), of which
+    N are taken at the floored indices floor(j P / N), j = 0 .. N-1 (so the first is always T - 1 for T = P (T // P)).
+    -> (N,) int64, descending. An InputError when N > P or P > T."""
+    T, N = num_train_timesteps, check_num_inference_steps(num_inference_steps, num_train_timesteps)
+    P = original_inference_steps
+    if not isinstance(P, int) or isinstance(P, bool) or not 1 <= P <= T:
+        raise InputError("original_inference_steps must be an integer between 1 and num_train_timesteps",
+                         where="original_inference_steps", expected=f"1 <= P <= {T}", found=repr(P))
+    if N > P:
+        raise InputError("a consistency model samples a subset of its distillation grid: at most that many steps",
+                         where="num_inference_steps", expected=f"<= original_inference_steps = {P}", found=N)
+    origin = (np.arange(1, P + 1) * (T // P) - 1)[::-1]
+    return origin[np.floor(np.linspace(0, P, num=N, endpoint=False)).astype(np.int64)].astype(np.int64)

@@ -297,7 +297,8 @@ class MultistepSigmaSampler(_ScheduledSigmaSampler):
         else:                          # the spaced grid is not used: the sigmas alone give the timesteps
             check_num_inference_steps(n, cfg.num_train_timesteps)
             low, high = self._sigma_range(table)
-            sigmas = grids.schedule_sigmas(self.sigma_schedule, table, n, low=low, high=high, ays_model=self.ays_model)
+            sigmas = grids.schedule_sigmas(self.sigma_schedule, table, n, low=low, high=high,
+                                           ays_model=self.ays_model)
             timesteps = grids.sigma_to_t(sigmas, np.log(table))
             # integer timesteps: karras ones rounded as diffusers rounds them, the table schedules' to the nearest
             karras = self.sigma_schedule == "karras" and self._round_karras(noise_scheduler)
