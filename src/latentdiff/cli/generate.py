@@ -42,6 +42,7 @@ from .generate_a1111 import add_schedule_flag, with_schedule
 from .generate_adapters import add_lora_flags, apply_loras, settle_loras
 from .generate_control import add_control_flags, apply_control, settle_control
 from .generate_embeddings import add_embedding_flags, apply_embeddings, settle_embeddings
+from .generate_fast import add_fast_flags
 from .generate_inputs import add_input_flags, load_vae, prepare_run, set_threads, settle_inputs, size_from_image
 from .generate_model import ModelSource, locate_model, tokenizer_file
 from .generate_prompts import add_prompt_flags, settle_prompts
@@ -104,6 +105,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     add_sdxl_flags(gen)
     # ---- ControlNet, T2I-Adapter, IP-Adapter (issue 19, generate_control) ----
     add_control_flags(gen)
+    # ---- cheaper steps: ToMe, CFG truncation (issue 20, generate_fast) ----
+    add_fast_flags(gen)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
