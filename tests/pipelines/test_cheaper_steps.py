@@ -10,6 +10,7 @@ from latentdiff import InputError
 from latentdiff.diffusion.samplers import DDIMSampler, HeunSampler
 from latentdiff.layers.attention import BasicTransformerBlock
 from latentdiff.pipelines.image_to_image import ImageToImagePipeline
+from latentdiff.pipelines.inpaint import InpaintPipeline
 from latentdiff.pipelines.latent_diffusion import LatentDiffusionPipeline
 from tests._support.parity import assert_parity
 from tests._support.sd import tiny_diffusers_pipeline
@@ -152,3 +153,12 @@ def test_cfg_truncation_with_and_prompts_is_refused(tmp_path, batches):
     assert seen == []
     clip("a [red:blue:2] circle", **run)       # a prompt edit at step 2: a schedule with one sub-prompt
     assert seen == [2, 2, 1, 1]
+
+
+def test_cfg_truncation_in_inpainting(pipe, batches):
+    inpaint = InpaintPipeline.from_pipe(pipe)
+    image, mask = torch.rand(1, 3, 64, 64), torch.zeros(1, 1, 64, 64)
+    mask[..., 16:48, 8:40] = 1.0
+    inpaint(PROMPT, image, mask, strength=1.0, num_inference_steps=4, guidance_scale=5.0, cfg_truncation=0.75,
+            progress=False, output_type="latent")
+    assert batches == [2, 2, 2, 1]
