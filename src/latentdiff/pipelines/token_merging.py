@@ -17,6 +17,7 @@ The random destination choice draws from a generator seeded with `seed` at the s
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Protocol
 
 from torch import nn
 
@@ -81,12 +82,15 @@ def restart(unet: nn.Module) -> None:
         settings.restart()
 
 
+class HasUNet(Protocol):
+    @property
+    def unet(self) -> nn.Module: ...
+
+
 class TokenMergingMixin:
     """`enable_tome` / `disable_tome` on a pipeline with a `unet` (the text-guided pipelines)."""
 
-    unet: nn.Module
-
-    def enable_tome(self, ratio: float = 0.5, *, max_downsample: int = 1, sx: int = 2, sy: int = 2,
+    def enable_tome(self: HasUNet, ratio: float = 0.5, *, max_downsample: int = 1, sx: int = 2, sy: int = 2,
                     use_rand: bool = True, merge_attn: bool = True, merge_crossattn: bool = False,
                     merge_mlp: bool = False, seed: int = 0) -> int:
         """Token merging in the UNet's self-attention (tomesd's `apply_patch` arguments; `pipelines.token_merging`).
@@ -94,5 +98,5 @@ class TokenMergingMixin:
         return enable_tome(self.unet, ratio, max_downsample=max_downsample, sx=sx, sy=sy, use_rand=use_rand,
                            merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, seed=seed)
 
-    def disable_tome(self) -> None:
+    def disable_tome(self: HasUNet) -> None:
         disable_tome(self.unet)
