@@ -268,7 +268,7 @@ def load_pipeline(source: ModelSource, settings: GenerateSettings, *, device: An
     else:
         pipe = cls.from_pretrained(source.name if source.kind == "hub" else source.path, **load,
                                    **load_vae(settings, **load))
-    pipe.sampler = with_schedule(switch_sampler(pipe.sampler, settings.sampler), settings.schedule)
+    pipe.sampler = with_schedule(switch_sampler(pipe.sampler, settings.sampler), settings.schedule, pipe=pipe)
     return pipe
 
 

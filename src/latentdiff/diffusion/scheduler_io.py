@@ -9,12 +9,13 @@ spacing, offset, clipping, sigma grid, solver order ... -> a Sampler). The mappi
   `EulerDiscreteScheduler` -> EulerSampler, `EulerAncestralDiscreteScheduler` -> EulerAncestralSampler,
   `HeunDiscreteScheduler` -> HeunSampler, `LMSDiscreteScheduler` -> LMSSampler,
   `DPMSolverMultistepScheduler` -> DPMSolverMultistepSampler ("dpmsolver++") or
-  DPMSolverMultistepSDESampler ("sde-dpmsolver++").
+  DPMSolverMultistepSDESampler ("sde-dpmsolver++"), `KDPM2DiscreteScheduler` -> DPM2Sampler,
+  `KDPM2AncestralDiscreteScheduler` -> DPM2AncestralSampler, `DPMSolverSDEScheduler` -> DPMSolverSDESampler.
   A PNDM config without `skip_prk_steps` (diffusers' default: 3 pseudo Runge-Kutta warm-up steps,
   which latentdiff does not implement) loads as PLMSSampler with ONE warning: its warm-up is the latent
   diffusion repository's pseudo improved-Euler step instead.
 * Other diffusers samplers of the same (discrete, DDPM-family) forward process - DPM-Solver single-step,
-  KDPM2, UniPC, DEIS, LCM, TCD - give the same noise schedule and a DDIMSampler built exactly as
+  UniPC, DEIS, LCM, TCD - give the same noise schedule and a DDIMSampler built exactly as
   `DDIMScheduler.from_config(config)` would be, with ONE warning saying so.
 * A key missing from the file takes the default of diffusers' class. A key the class does not have is
   ignored, as diffusers ignores it (SD 2.x's DDIM config carries PNDM's `skip_prk_steps`) - except
@@ -25,7 +26,9 @@ spacing, offset, clipping, sigma grid, solver order ... -> a Sampler). The mappi
   is a ConfigError naming it.
 
 Files written here are configs of the diffusers class of the sampler, which diffusers loads to the same
-schedule and sampler; DDIM's eta (a `step()` argument in diffusers, not a config key) is kept under
+schedule and sampler (a setting the class has no key for - an A1111 schedule such as sgm_uniform, Brownian noise
+where the class draws Gaussian noise - makes it a registered sampler's file: DDIM for diffusers, every setting under
+`_latentdiff_sampler` for latentdiff); DDIM's eta (a `step()` argument in diffusers, not a config key) is kept under
 `_latentdiff_sampler`.
 """
 from __future__ import annotations
@@ -47,8 +50,11 @@ from .noise_scheduler import NoiseScheduler, NoiseSchedulerConfig, register_fold
 from .samplers import (
     DDIMSampler,
     DDPMSampler,
+    DPM2AncestralSampler,
+    DPM2Sampler,
     DPMSolverMultistepSampler,
     DPMSolverMultistepSDESampler,
+    DPMSolverSDESampler,
     EulerAncestralSampler,
     EulerSampler,
     HeunSampler,
@@ -64,12 +70,13 @@ NATIVE_CLASSES: dict[str, type] = {
     "DDIMScheduler": DDIMSampler, "DDPMScheduler": DDPMSampler, "PNDMScheduler": PLMSSampler,
     "EulerDiscreteScheduler": EulerSampler, "EulerAncestralDiscreteScheduler": EulerAncestralSampler,
     "HeunDiscreteScheduler": HeunSampler, "LMSDiscreteScheduler": LMSSampler,
-    "DPMSolverMultistepScheduler": DPMSolverMultistepSampler,
+    "DPMSolverMultistepScheduler": DPMSolverMultistepSampler, "KDPM2DiscreteScheduler": DPM2Sampler,
+    "KDPM2AncestralDiscreteScheduler": DPM2AncestralSampler, "DPMSolverSDEScheduler": DPMSolverSDESampler,
 }
 # Classes whose noise schedule we read and whose sampler is replaced by DDIM (with a warning).
 FOREIGN_CLASSES = (
-    "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
-    "UniPCMultistepScheduler", "DEISMultistepScheduler", "LCMScheduler", "TCDScheduler",
+    "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler", "LCMScheduler",
+    "TCDScheduler",
 )
 
 # diffusers 0.42 key -> NoiseSchedulerConfig field
@@ -103,7 +110,7 @@ FOREIGN_SAMPLER_KEYS = (
     "skip_prk_steps", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "interpolation_type",
     "sigma_min", "sigma_max", "final_sigmas_type", "solver_order", "algorithm_type", "solver_type",
     "lower_order_final", "euler_at_final", "use_lu_lambdas", "lambda_min_clipped", "predict_x0",
-    "disable_corrector", "solver_p", "original_inference_steps", "timestep_scaling",
+    "disable_corrector", "solver_p", "original_inference_steps", "timestep_scaling", "noise_sampler_seed",
 )
 KNOWN_KEYS = frozenset(SCHEDULE_KEYS) | frozenset(SAMPLER_KEYS) | frozenset(FIXED_KEYS) | frozenset(INERT_KEYS) \
     | frozenset(FOREIGN_SAMPLER_KEYS)
@@ -122,6 +129,10 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
     "HeunDiscreteScheduler": {**_BETAS, "beta_start": 0.00085, "beta_end": 0.012, **_SIGMAS, "clip_sample": False,
                               "clip_sample_range": 1.0, **_SPACING},
     "LMSDiscreteScheduler": {**_BETAS, **_SIGMAS, **_SPACING},
+    "KDPM2DiscreteScheduler": {**_BETAS, "beta_start": 0.00085, "beta_end": 0.012, **_SIGMAS, **_SPACING},
+    "KDPM2AncestralDiscreteScheduler": {**_BETAS, "beta_start": 0.00085, "beta_end": 0.012, **_SIGMAS, **_SPACING},
+    "DPMSolverSDEScheduler": {**_BETAS, "beta_start": 0.00085, "beta_end": 0.012, **_SIGMAS,
+                              "noise_sampler_seed": None, **_SPACING},
     "DPMSolverMultistepScheduler": {
         **_BETAS, "solver_order": 2, "thresholding": False, "dynamic_thresholding_ratio": 0.995,
         "sample_max_value": 1.0, "algorithm_type": "dpmsolver++", "solver_type": "midpoint",
@@ -137,6 +148,9 @@ CLASS_FIELDS: dict[str, tuple[str, ...]] = {
     "EulerAncestralDiscreteScheduler": ("timestep_spacing", "steps_offset"),
     "HeunDiscreteScheduler": ("timestep_spacing", "steps_offset", "clip_sample", "clip_sample_range"),
     "LMSDiscreteScheduler": ("timestep_spacing", "steps_offset"),
+    "KDPM2DiscreteScheduler": ("timestep_spacing", "steps_offset"),
+    "KDPM2AncestralDiscreteScheduler": ("timestep_spacing", "steps_offset"),
+    "DPMSolverSDEScheduler": ("timestep_spacing", "steps_offset", "noise_sampler_seed"),
     "DPMSolverMultistepScheduler": ("timestep_spacing", "steps_offset", "solver_order", "solver_type",
                                     "lower_order_final", "euler_at_final", "final_sigmas_type", "lambda_min_clipped"),
 }
@@ -155,9 +169,16 @@ DPM_SOLVER_TYPES = {"midpoint": "midpoint", "heun": "heun", "logrho": "midpoint"
 WRITTEN_CLASS = {PLMSSampler: "PNDMScheduler", EulerSampler: "EulerDiscreteScheduler",
                  EulerAncestralSampler: "EulerAncestralDiscreteScheduler", HeunSampler: "HeunDiscreteScheduler",
                  LMSSampler: "LMSDiscreteScheduler", DPMSolverMultistepSampler: "DPMSolverMultistepScheduler",
-                 DPMSolverMultistepSDESampler: "DPMSolverMultistepScheduler"}
+                 DPMSolverMultistepSDESampler: "DPMSolverMultistepScheduler", DPM2Sampler: "KDPM2DiscreteScheduler",
+                 DPM2AncestralSampler: "KDPM2AncestralDiscreteScheduler", DPMSolverSDESampler: "DPMSolverSDEScheduler"}
 # The samplers with a `sigma_schedule` (written as use_karras_sigmas / use_exponential_sigmas).
-SIGMA_GRID_SAMPLERS = (EulerSampler, HeunSampler, LMSSampler, DPMSolverMultistepSampler, DPMSolverMultistepSDESampler)
+SIGMA_GRID_SAMPLERS = (EulerSampler, HeunSampler, LMSSampler, DPMSolverMultistepSampler, DPMSolverMultistepSDESampler,
+                       DPM2Sampler, DPM2AncestralSampler, DPMSolverSDESampler)
+# What a diffusers class cannot say: a sampler with one of these settings is written as a registered sampler
+# (`_registered_file_config`: the schedule as DDIM for diffusers, the settings for latentdiff) instead.
+DIFFUSERS_SIGMA_SCHEDULES = ("default", "karras", "exponential")
+DIFFUSERS_NOISE = {DPM2AncestralSampler: "gaussian", DPMSolverMultistepSDESampler: "gaussian",
+                   DPMSolverSDESampler: "brownian"}
 DDPM_VARIANCE = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small",  # exp(log(v)/2) = sqrt(v)
                  "fixed_large": "fixed_large"}
 # variance_type values that other classes may carry: the model outputs no variance channels.
@@ -357,6 +378,8 @@ def scheduler_file_config(noise_scheduler: NoiseScheduler, sampler: SamplerSetti
     if isinstance(sampler, (DDIMSampler, DDPMSampler)) and type(sampler) in (DDIMSampler, DDPMSampler):
         return _ddim_ddpm_file_config(noise_scheduler, sampler)
     name = WRITTEN_CLASS.get(type(sampler))
+    if name is not None and not _diffusers_can_say(sampler) and _is_registered(sampler):
+        return _registered_file_config(noise_scheduler, sampler)
     if name is None and _is_registered(sampler):
         return _registered_file_config(noise_scheduler, sampler)
     if name is None:
@@ -382,6 +405,17 @@ def scheduler_file_config(noise_scheduler: NoiseScheduler, sampler: SamplerSetti
         data["algorithm_type"] = sampler.algorithm_type
     data.update(_class_name=name, _latentdiff_version=__version__)
     return data
+
+
+def _diffusers_can_say(sampler: Any) -> bool:
+    """Whether the diffusers class of `sampler` has keys for all of its settings (not an A1111 schedule such as
+    sgm_uniform, nor the other kind of noise than the class draws)."""
+    if getattr(sampler, "sigma_schedule", "default") not in DIFFUSERS_SIGMA_SCHEDULES:
+        return False
+    if getattr(sampler, "ays_model", "sd15") != "sd15":
+        return False
+    noise = DIFFUSERS_NOISE.get(type(sampler))
+    return noise is None or getattr(sampler, "noise_type", noise) == noise
 
 
 def _is_registered(sampler: Any) -> bool:

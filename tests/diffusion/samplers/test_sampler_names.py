@@ -56,6 +56,19 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")   # numpy 
     ("euler", "euler", None),                                # a registered name as spelled: itself
     ("dpmpp_2m", "dpmpp_2m", None),
     ("dpmpp_2m_sde", "dpmpp_2m_sde", None),
+    ("DPM2", "dpm_2", "karras"),                             # A1111 >= 1.9's Automatic for the DPM family
+    ("DPM2 a", "dpm_2_ancestral", "karras"),
+    ("DPM2 a Uniform", "dpm_2_ancestral", "default"),
+    ("DPM++ 2S a", "dpmpp_2s_ancestral", "karras"),
+    ("DPM++ SDE", "dpmpp_sde", "karras"),
+    ("DPM++ SDE Simple", "dpmpp_sde", "simple"),
+    ("DPM++ 3M SDE", "dpmpp_3m_sde", "exponential"),
+    ("DPM++ 3M SDE SGM Uniform", "dpmpp_3m_sde", "sgm_uniform"),
+    ("k_dpm_2_a", "dpm_2_ancestral", "karras"),
+    ("k_dpmpp_sde_ka", "dpmpp_sde", "karras"),
+    ("KDPM2DiscreteScheduler", "dpm_2", None),
+    ("KDPM2AncestralDiscreteScheduler", "dpm_2_ancestral", None),
+    ("DPMSolverSDEScheduler", "dpmpp_sde", None),
 ])
 def test_names_resolve_to_the_sampler_and_schedule_their_tool_means(text, name, schedule):
     resolved = resolve_sampler(text)
@@ -70,13 +83,14 @@ def test_the_split_form_and_schedule_names():
     assert resolve_sampler("DPM++ 2M Karras", schedule="exponential").schedule == "exponential"   # the flag wins
     assert [resolve_schedule(s) for s in ("default", "KARRAS", "exponential", "uniform", "Automatic")] == \
         ["default", "karras", "exponential", "default", None]
+    assert [resolve_schedule(s) for s in ("SGM Uniform", "Simple", "Beta", "Align Your Steps", "sgm_uniform")] == \
+        ["sgm_uniform", "simple", "beta", "align_your_steps", "sgm_uniform"]
+    assert resolve_sampler("Euler", schedule="Align Your Steps").schedule == "align_your_steps"
 
 
 @pytest.mark.parametrize("text, closest", [
-    ("DPM2", "heun"), ("DPM2 a", "euler_ancestral"), ("DPM++ 2S a", "euler_ancestral"), ("DPM++ SDE Karras", None),
-    ("DPM++ 3M SDE", "dpmpp_2m_sde"), ("UniPC", "dpmpp_2m"), ("LCM", "ddim"), ("dpm_fast", "dpmpp_2m"),
-    ("UniPCMultistepScheduler", "dpmpp_2m"), ("KDPM2DiscreteScheduler", "heun"), ("DPMSolverSDEScheduler", None),
-    ("DPM++ 2M SDE Heun", "dpmpp_2m_sde"),
+    ("UniPC", "dpmpp_2m"), ("LCM", "ddim"), ("dpm_fast", "dpmpp_2m"), ("UniPCMultistepScheduler", "dpmpp_2m"),
+    ("DPM++ 2M SDE Heun", "dpmpp_2m_sde"), ("DPM adaptive", None),
 ])
 def test_names_not_implemented_yet_say_so_and_name_the_closest(text, closest):
     with pytest.raises(UsageError) as info:
@@ -100,7 +114,7 @@ def test_a_close_misspelling_is_suggested():
 
 
 @pytest.mark.parametrize("text, words", [
-    ("SGM Uniform", ["not implemented yet", "SGM Uniform"]), ("Align Your Steps", ["not implemented yet"]),
+    ("KL Optimal", ["not implemented yet", "KL Optimal"]), ("Align Your Steps GITS", ["not implemented yet"]),
     ("rho", ["unknown schedule"]), (7, ["a schedule must be a name"]),
 ])
 def test_bad_schedules(text, words):
@@ -159,6 +173,8 @@ def toy_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     ("Euler a", "EulerAncestralDiscreteScheduler", dict()),
     ("LMS Karras", "LMSDiscreteScheduler", dict(use_karras_sigmas=True)),
     ("EulerDiscreteScheduler", "EulerDiscreteScheduler", dict()),
+    ("DPM2", "KDPM2DiscreteScheduler", dict(use_karras_sigmas=True)),
+    ("DPM2 a", "KDPM2AncestralDiscreteScheduler", dict(use_karras_sigmas=True)),
 ])
 def test_a_name_samples_as_the_diffusers_scheduler_it_stands_for(diffusers, text, ref_cls, ref_kw):
     n, shape = 16, (1, 4, 8, 8)

@@ -16,6 +16,10 @@ NoiseScheduler passed to each call, so one sampler serves any model. Every sampl
     sigma_loops.py     Euler, Euler ancestral, Heun, LMS, DPM-Solver++ as pure functions on sigmas (k-diffusion)
     discrete.py        DDIMSampler, DDPMSampler, PLMSSampler
     sigma.py           EulerSampler, EulerAncestralSampler, HeunSampler, LMSSampler, DPMSolverMultistep(SDE)Sampler
+    dpm_loops.py       DPM2, DPM2 a, DPM++ 2S a, DPM++ SDE, DPM++ 3M SDE as pure functions on sigmas (k-diffusion)
+    dpm.py             DPM2Sampler, DPM2AncestralSampler, DPMPP2SAncestralSampler, DPMSolverSDESampler,
+                       DPMPP3MSDESampler
+    brownian.py        Brownian-tree noise of the SDE samplers (torchsde's BrownianTree, without torchsde)
 
 `Sampler` is the base of the discrete samplers (its name since 0.1), `SigmaSampler` of the sigma-space ones,
 `SamplerSettings` of both. Importing this package registers every sampler with `registry.SAMPLERS`.
@@ -33,7 +37,9 @@ from .base import (
                    check_sampler,
                    switch_sampler,
 )
+from .brownian import BrownianNoise, BrownianTree
 from .discrete import DDIMSampler, DDPMSampler, PLMSSampler, Sampler, SamplingPlan
+from .dpm import DPM2AncestralSampler, DPM2Sampler, DPMPP2SAncestralSampler, DPMPP3MSDESampler, DPMSolverSDESampler
 from .grids import timestep_grid
 from .sigma import (
                    DPMSolverMultistepSampler,
@@ -48,5 +54,7 @@ from .sigma import (
 
 __all__ = ["SamplingPlan", "Sampler", "DDIMSampler", "DDPMSampler", "PLMSSampler", "SigmaPlan", "SigmaSampler",
            "EulerSampler", "EulerAncestralSampler", "HeunSampler", "LMSSampler", "DPMSolverMultistepSampler",
-           "DPMSolverMultistepSDESampler", "SamplerProtocol", "SamplerSettings", "Denoiser", "Generator",
-           "NoiseSampler", "StepCallback", "as_step_callback", "check_sampler", "switch_sampler", "timestep_grid"]
+           "DPMSolverMultistepSDESampler", "DPM2Sampler", "DPM2AncestralSampler", "DPMPP2SAncestralSampler",
+           "DPMSolverSDESampler", "DPMPP3MSDESampler", "BrownianTree", "BrownianNoise", "SamplerProtocol",
+           "SamplerSettings", "Denoiser", "Generator", "NoiseSampler", "StepCallback", "as_step_callback",
+           "check_sampler", "switch_sampler", "timestep_grid"]

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -48,11 +48,10 @@ import torch
 from ...errors import ConfigError, InputError, describe
 from ...registry import SAMPLERS
 from ..noise_scheduler import NoiseScheduler
-from . import grids, sigma_loops
+from . import brownian, grids, sigma_loops
 from .base import (
     Denoiser,
     Generator,
-    NoiseSampler,
     SamplerSettings,
     StepCallback,
     TimestepSpacing,
@@ -63,7 +62,11 @@ from .base import (
     noise_sampler_from,
 )
 
-SigmaSchedule = Literal["default", "karras", "exponential"]
+# "default": the spaced grid's own sigmas; the others replace them (grids.schedule_sigmas): karras (Karras et al.
+# 2022, eq. 5, rho = 7), exponential (even in log sigma), and A1111 / ComfyUI's sgm_uniform, simple, beta and
+# align_your_steps (NVIDIA's published table for `ays_model`)
+SigmaSchedule = Literal["default", "karras", "exponential", "sgm_uniform", "simple", "beta", "align_your_steps"]
+AYSModel = Literal["sd15", "sdxl"]
 
 
 class SigmaPlan(NamedTuple):
@@ -124,12 +127,15 @@ class SigmaSampler(SamplerSettings):
         plan = self.plan(noise_scheduler, num_inference_steps, start_step=start_step)
         # A half-precision x_T (the model's dtype) is stepped in float32, as diffusers' schedulers upcast.
         state_dtype = torch.float32 if x_T.dtype in (torch.float16, torch.bfloat16) else x_T.dtype
+        table = grids.sigma_table(noise_scheduler.alphas_cumprod,
+                                  zero_terminal_snr=noise_scheduler.config.rescale_zero_terminal_snr)
         model = sigma_loops.discrete_time_denoiser(denoise, plan.sigmas, plan.timesteps,
                                                   prediction_type=noise_scheduler.config.prediction_type,
                                                   clip_sample_range=self._clip,
-                                                  model_dtype=x_T.dtype if state_dtype != x_T.dtype else None)
-        noise = noise_sampler_from(generator, dtype=self.noise_dtype or x_T.dtype)   # diffusers: the model's dtype
+                                                  model_dtype=x_T.dtype if state_dtype != x_T.dtype else None,
+                                                  log_table=np.log(table))
         x = x_T.to(state_dtype) * plan.init_scale
+        noise = self._noise(generator, x, plan, self.noise_dtype or x_T.dtype)   # diffusers: the model's dtype
         x = self._run(model, x, plan, noise, _with_timesteps(callback, plan), progress)
         return (x * plan.final_scale if plan.final_scale != 1.0 else x).to(x_T.dtype)
 
@@ -141,9 +147,14 @@ class SigmaSampler(SamplerSettings):
 
     noise_dtype: ClassVar[torch.dtype | None] = None     # dtype noise is drawn in (None: x_T's)
 
-    def _run(self, model: sigma_loops.SigmaDenoiser, x: torch.Tensor, plan: SigmaPlan, noise: NoiseSampler,
+    def _run(self, model: sigma_loops.SigmaDenoiser, x: torch.Tensor, plan: SigmaPlan, noise: Any,
              callback: StepCallback | None, progress: bool) -> torch.Tensor:
         raise NotImplementedError
+
+    def _noise(self, generator: Generator, x: torch.Tensor, plan: SigmaPlan, dtype: torch.dtype) -> Any:
+        """The noise `_run` gets: a `noise_sampler(x)` drawing from `generator` in `dtype` (the stochastic samplers
+        with a Brownian tree override it: `samplers.brownian`)."""
+        return noise_sampler_from(generator, dtype=dtype)
 
     def _grid(self, noise_scheduler: NoiseScheduler, table: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """-> (timesteps (N,), sigmas (N + 1,) float32) as diffusers' Euler-family `set_timesteps` builds them."""
@@ -151,17 +162,20 @@ class SigmaSampler(SamplerSettings):
 
     def _euler_family_grid(self, noise_scheduler: NoiseScheduler, table: np.ndarray, n: int, *,
                            sigma_min: float | None = None, sigma_max: float | None = None,
-                           final_sigma: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+                           final_sigma: float = 0.0, round_karras: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """`round_karras`: karras timesteps rounded to integers (diffusers' KDPM2 schedulers)."""
         timesteps = grids.timestep_grid(noise_scheduler.num_train_timesteps, n, kind="euler",
                                         spacing=self.timestep_spacing, steps_offset=self.steps_offset)
         sigmas = grids.interpolate_sigmas(timesteps, table)
         schedule = getattr(self, "sigma_schedule", "default")
-        if schedule != "default":      # the new grid spans the interpolated one unless sigma_min/max are set
+        if schedule != "default":      # karras / exponential span the interpolated grid unless sigma_min/max are set
             low = sigma_min if sigma_min is not None else sigmas[-1].item()
             high = sigma_max if sigma_max is not None else sigmas[0].item()
-            make = grids.karras_sigmas if schedule == "karras" else grids.exponential_sigmas
-            sigmas = make(low, high, n)
+            sigmas = grids.schedule_sigmas(schedule, table, n, low=low, high=high,
+                                           ays_model=getattr(self, "ays_model", "sd15"))
             timesteps = grids.sigma_to_t(sigmas, np.log(table))
+            if round_karras and schedule == "karras":
+                timesteps = timesteps.round()
         sigmas = np.concatenate([sigmas, [final_sigma]]).astype(np.float32)
         return timesteps.astype(np.float32), sigmas
 
@@ -178,7 +192,10 @@ def _with_timesteps(callback: StepCallback | None, plan: SigmaPlan) -> StepCallb
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _ScheduledSigmaSampler(SigmaSampler):
-    sigma_schedule: SigmaSchedule = "default"   # "karras": Karras et al. 2022 eq. 5 (rho = 7); "exponential"
+    sigma_schedule: SigmaSchedule = "default"   # see SigmaSchedule
+    # the Align Your Steps table: NVIDIA published one per model family (SD 1.x / 2.x and SDXL share the training
+    # schedule but not the optimised steps); pipelines of SDXL set "sdxl" where the sampler has the default
+    ays_model: AYSModel = "sd15"
 
 
 @SAMPLERS.register("euler")
@@ -291,10 +308,12 @@ class _DPMSolverSampler(_ScheduledSigmaSampler):
             sigmas = grids.interpolate_sigmas(timesteps, table)
         else:                          # the spaced grid is not used: the sigmas alone give the timesteps
             check_num_inference_steps(n, cfg.num_train_timesteps)
-            make = grids.karras_sigmas if self.sigma_schedule == "karras" else grids.exponential_sigmas
-            sigmas = make(table[0].item(), table[-1].item(), n)
+            sigmas = grids.schedule_sigmas(self.sigma_schedule, table, n, low=table[0].item(), high=table[-1].item(),
+                                           ays_model=self.ays_model)
             timesteps = grids.sigma_to_t(sigmas, np.log(table))
-            if self.sigma_schedule == "karras" and cfg.beta_schedule != "squaredcos_cap_v2":
+            # integer timesteps: karras ones rounded as diffusers rounds them, the table schedules' to the nearest
+            karras = self.sigma_schedule == "karras" and cfg.beta_schedule != "squaredcos_cap_v2"
+            if karras or self.sigma_schedule in grids.TABLE_SCHEDULES:
                 timesteps = timesteps.round()
         final = 0.0 if self.final_sigmas_type == "zero" else table[0].item()
         return timesteps.astype(np.int64), np.concatenate([sigmas, [final]]).astype(np.float32)
@@ -302,11 +321,12 @@ class _DPMSolverSampler(_ScheduledSigmaSampler):
     def _run(self, model, x, plan, noise, callback, progress):
         # diffusers' "fewer than 15 steps" counts the whole grid, also for a run started part-way
         few_steps = plan.start_step + len(plan.timesteps) < 15
+        sde, tree = self.algorithm_type == "sde-dpmsolver++", isinstance(noise, brownian.BrownianNoise)
         return sigma_loops.sample_dpmpp_2m(
             model, x, plan.sigmas, solver_order=self.solver_order, solver_type=self.solver_type,
             lower_order_final=self.lower_order_final and few_steps, euler_at_final=self.euler_at_final,
-            noise_sampler=noise if self.algorithm_type == "sde-dpmsolver++" else None, callback=callback,
-            progress=progress)
+            noise_sampler=noise if sde and not tree else None, interval_noise=noise if sde and tree else None,
+            callback=callback, progress=progress)
 
 
 @SAMPLERS.register("dpmpp_2m")
@@ -325,3 +345,15 @@ class DPMSolverMultistepSDESampler(_DPMSolverSampler):
 
     algorithm_type: ClassVar[str] = "sde-dpmsolver++"
     noise_dtype: ClassVar[torch.dtype | None] = torch.float32
+    # "gaussian": fresh noise per step (diffusers); "brownian": a Brownian tree's increments (k-diffusion, A1111 and
+    # ComfyUI's DPM++ 2M SDE; one tree per sample, its entropy drawn from the generator: samplers.brownian)
+    noise_type: Literal["gaussian", "brownian"] = "gaussian"
+
+    def validate(self) -> None:
+        super().validate()
+        brownian.check_noise_type(self.noise_type)
+
+    def _noise(self, generator, x, plan, dtype):
+        if self.noise_type == "brownian":
+            return brownian.brownian_noise_from(generator, x, plan.sigmas)   # in the state's dtype, as k-diffusion
+        return super()._noise(generator, x, plan, dtype)
