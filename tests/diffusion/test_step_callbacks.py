@@ -58,7 +58,8 @@ def test_every_sampler_passes_the_x0_prediction(name):
     assert [s[1] for s in seen] == sampler.timesteps(ns, n).tolist()
     for i, _, x, denoised in seen:
         assert denoised.shape == x.shape and denoised.dtype == x.dtype
-        assert max_rel_error(denoised, x0) < 1e-9, i
+        # LCM's prediction is the boundary-conditioned c_skip(t) x_t + c_out(t) x0 (c_skip(t) <= 7e-6 for t >= 19)
+        assert max_rel_error(denoised, x0) < (1e-6 if name == "lcm" else 1e-9), i
     final_scale = getattr(sampler.plan(ns, n), "final_scale", 1.0)   # DEIS ends at sigma_min > 0, on x_t
     assert torch.equal(out, seen[-1][2] if final_scale == 1.0 else seen[-1][2] * final_scale)
 

@@ -43,6 +43,7 @@ from .generate_adapters import add_lora_flags, apply_loras, settle_loras
 from .generate_control import add_control_flags, apply_control, settle_control
 from .generate_embeddings import add_embedding_flags, apply_embeddings, settle_embeddings
 from .generate_fast import add_fast_flags, apply_fast, settle_fast
+from .generate_tome import add_tome_flags
 from .generate_inputs import add_input_flags, load_vae, prepare_run, set_threads, settle_inputs, size_from_image
 from .generate_model import ModelSource, locate_model, tokenizer_file
 from .generate_previews import add_preview_flags, check_preview_flags, make_preview, settle_fast_decode
@@ -110,6 +111,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     add_fast_flags(gen)
     # ---- tiny autoencoder: previews, --fast-decode (issue 20, generate_previews) ----
     add_preview_flags(gen)
+    # ---- cheaper steps: ToMe, CFG truncation (issue 20, generate_tome) ----
+    add_tome_flags(gen)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ from .. import hub, limits
 from ..config import is_int, is_real
 from ..errors import InputError, UsageError
 from .generate_control import control_options
+from .generate_tome import apply_tome, fast_call_options
 from .generate_model import SINGLE_FILE_SUFFIXES, local_kind
 from .generate_prompts import prompt_options
 from .generate_sdxl import a1111_clip_layers, a1111_clip_skip, call_sdxl, is_sdxl
@@ -295,6 +296,7 @@ def prepare_run(pipe: Any, settings: GenerateSettings, images: InputImages, args
         pipe.enable_attention_slicing()
     if settings.vae_tiling:
         pipe.enable_vae_tiling()
+    apply_tome(pipe, settings.tome, warn)
     return InputsRun(pipe, settings, images, refiner=refiner)
 
 
@@ -317,7 +319,7 @@ class InputsRun:
     def __call__(self, prompt: Any, *, height: int, width: int, **common: Any) -> Any:
         s, images = self.settings, self.images
         common["clip_skip"] = self.clip_skip
-        common |= prompt_options(s, self.pipe) | self.control
+        common |= prompt_options(s, self.pipe) | self.control | fast_call_options(s)
         if is_sdxl(self.pipe):
             return call_sdxl(self.pipe, self.refiner, s, images, prompt, height=height, width=width, **common)
         if s.hires_scale is not None:

@@ -22,6 +22,7 @@ from ..config import is_int, is_real
 from ..errors import UsageError
 from ..version import __version__
 from .generate_a1111 import a1111_notes, settle_sampler, stored_from_infotext
+from .generate_tome import check_fast_values
 from .generate_model import SINGLE_FILE_SUFFIXES, ModelSource, local_kind
 from .generate_outputs import name_files, read_outputs
 
@@ -43,7 +44,8 @@ RECORDED = ("prompt", "negative", "seed", "steps", "guidance", "sampler", "eta",
             "refiner", "refiner_switch", "original_size", "target_size", "crop_top_left", "tokenizer_2",
             # ControlNet / T2I-Adapter / IP-Adapter (generate_control)
             "control", "control_resize", "guess_mode", "ip_adapter",
-            "deepcache", "deepcache_branch", "freeu")   # step switches (generate_fast)
+            "deepcache", "deepcache_branch", "freeu",   # step switches (generate_fast)
+            "tome", "cfg_truncation")   # cheaper steps (generate_tome)
 OPTIONAL = RECORDED[RECORDED.index("clip_skip"):]   # recorded only when set
 MAX_SEED = 2**63 - 1
 PATH_VALUES = ("model", "tokenizer", "init_image", "mask", "vae", "refiner", "tokenizer_2")   # naming files
@@ -108,6 +110,8 @@ class GenerateSettings:
     deepcache: int | None = None
     deepcache_branch: int | None = None
     freeu: list[float] | None = None
+    tome: float | None = None            # generate_tome: token merging ratio; None = off
+    cfg_truncation: float | None = None  # generate_tome: fraction of the steps with guidance; None = all
 
     def params(self) -> dict[str, Any]:
         """The settings as the JSON a PNG records (the image input, hires, tile and VAE settings only when used)."""
@@ -246,6 +250,7 @@ def check_values(values: dict[str, Any], origin: dict[str, str]) -> None:
             raise UsageError(f"{FLAGS[key]} is for single-file models (a folder has its own tokenizer)",
                              where=origin[key], expected="a .safetensors/.ckpt --model", found=values["model"])
     check_sampler(values, origin)
+    check_fast_values(values, origin)
 
 
 def _finite(value: Any) -> bool:

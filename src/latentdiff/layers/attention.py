@@ -12,6 +12,8 @@ budget that chunks only a call whose scores would exceed it, with the largest ch
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Protocol, cast
 
 import torch
@@ -20,6 +22,7 @@ from torch import nn
 
 from ..config import is_int
 from ..errors import InputError
+from .token_merging import Matching, TokenMerging
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *, upcast: bool = False,
@@ -184,12 +187,31 @@ class BasicTransformerBlock(nn.Module):
             self.attn2 = Attention(dim, context_dim=context_dim, heads=heads, dim_head=dim_head, upcast=upcast)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, dropout=dropout)
+        self.token_merging: TokenMerging | None = None   # ToMe (`layers.token_merging`): off by default
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.attn1(self.norm1(x)) + x
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,
+                size: tuple[int, int] | None = None) -> torch.Tensor:
+        """x: (B, N, dim); size: the (h, w) grid of the N tokens, which token merging needs (without it, or
+        without `token_merging`, no merging)."""
+        tome = self.token_merging
+        matching = tome.matching(x, size) if tome is not None and size is not None else None
+        if matching is None:
+            x = self.attn1(self.norm1(x)) + x
+            if self.attn2 is not None and self.norm2 is not None:
+                x = self.attn2(self.norm2(x), context) + x
+            return self.ff(self.norm3(x)) + x
+        assert tome is not None
+        x = _merged(self.attn1, self.norm1(x), matching, tome.merge_attn) + x
         if self.attn2 is not None and self.norm2 is not None:
-            x = self.attn2(self.norm2(x), context) + x
-        return self.ff(self.norm3(x)) + x
+            x = _merged(functools.partial(self.attn2, context=context), self.norm2(x), matching,
+                        tome.merge_crossattn) + x
+        return _merged(self.ff, self.norm3(x), matching, tome.merge_mlp) + x
+
+
+def _merged(layer: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, matching: Matching,
+            merge: bool) -> torch.Tensor:
+    """layer(x), over the merged tokens when `merge` (merged before, unmerged after: `layers.token_merging`)."""
+    return matching.unmerge(layer(matching.merge(x))) if merge else layer(x)
 
 
 class SpatialTransformer(nn.Module):
@@ -221,7 +243,7 @@ class SpatialTransformer(nn.Module):
             x = self.proj_in(x)
             x = x.permute(0, 2, 3, 1).reshape(b, h * w, x.shape[1])
         for block in self.transformer_blocks:
-            x = block(x, context)
+            x = block(x, context, size=(h, w))
         if self.use_linear:
             # contiguous: a permuted (channels-last) tensor makes every later conv copy its weights
             x = self.proj_out(x).reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()

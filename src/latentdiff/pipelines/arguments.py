@@ -21,6 +21,7 @@ from deep inside a stage:
 | `callback_on_step_end` | None or a callable (pipe, i, t, callback_kwargs) -> dict |
 | `callback_on_step_end_tensor_inputs` | a list of names from `call_options.CALLBACK_TENSOR_INPUTS` |
 | `guidance_rescale` | a finite real number in [0, 1] |
+| `cfg_truncation` | None, or a fraction of the steps in [0, 1] (`cfg_truncation`) |
 | `return_dict` | True or False |
 | `clip_skip` | None, or an int in [0, the CLIP text encoder's layers) (1: the penultimate layer, as diffusers) |
 
@@ -41,6 +42,7 @@ from ..errors import InputError, describe
 from ..utils.numerics import check_finite_input
 from .base import OUTPUT_TYPES
 from .call_options import check_call_options
+from .cfg_truncation import check_cfg_truncation
 from .prompt_encoding import check_prompt_syntax
 
 TENSOR_INPUTS = ("latents", "noise", "prompt_embeds", "negative_prompt_embeds")
@@ -76,6 +78,7 @@ def check_call(pipeline: Any, arguments: Mapping[str, Any]) -> None:
     if "prompt_syntax" in given:
         check_prompt_syntax(given["prompt_syntax"])
     check_call_options(given)
+    check_cfg_truncation(given.get("cfg_truncation"))
     check_generator_type(given.get("generator"), batch_size(given))
 
 

@@ -100,13 +100,14 @@ def hires_fix(pipe: LatentDiffusionPipeline, prompt: Prompt | None = None, negat
               callback: StepCallback | None = None, progress: bool = True, max_pixels: int | None = None,
               guidance_rescale: float = 0.0, callback_on_step_end: CallbackOnStepEnd | None = None,
               callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), return_dict: bool = True,
-              prompt_syntax: str = "a1111") -> Any:
+              prompt_syntax: str = "a1111", cfg_truncation: float | None = None) -> Any:
     """Images of `prompt` at (height x scale, width x scale) by A1111's hires fix with the parts of `pipe` (a
     text-to-image pipeline): a first pass at height x width (default: the model's size), `upscaler` (UPSCALERS),
     then image-to-image at `strength` with `steps` (None/0: num_inference_steps) in the step plan. tile_size /
     tile_overlap: the second pass in blended tiles (`tiled_sampling`). callback, callback_on_step_end: every step of
     both passes (the step index starts at 0 again in the second); `pipe._interrupt` set in the first pass skips the
-    second (the first pass's images are returned). Everything else as `pipe.__call__`. -> PipelineOutput at the
+    second (the first pass's images are returned). cfg_truncation: in each pass, of its own steps. Everything else
+    as `pipe.__call__`. -> PipelineOutput at the
     scaled size (return_dict=False: diffusers' tuple)."""
     check_call(pipe, dict(prompt=prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
                           num_inference_steps=num_inference_steps, eta=eta, output_type=output_type,
@@ -114,7 +115,7 @@ def hires_fix(pipe: LatentDiffusionPipeline, prompt: Prompt | None = None, negat
                           num_images_per_prompt=num_images_per_prompt, guidance_rescale=guidance_rescale,
                           callback_on_step_end=callback_on_step_end, return_dict=return_dict,
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-                          prompt_syntax=prompt_syntax))
+                          prompt_syntax=prompt_syntax, cfg_truncation=cfg_truncation))
     height, width = pipe.check_inputs(prompt, negative_prompt, height=height, width=width,
                                       num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                       num_images_per_prompt=num_images_per_prompt, output_type=output_type,
@@ -136,7 +137,8 @@ def hires_fix(pipe: LatentDiffusionPipeline, prompt: Prompt | None = None, negat
     on_step = step_callback(pipe, callback, callback_on_step_end, callback_on_step_end_tensor_inputs,
                             embeddings={"prompt_embeds": cond, "negative_prompt_embeds": uncond})
     run: dict[str, Any] = dict(guidance_scale=guidance_scale, sampler=sampler, generator=generator,
-                               callback=on_step, progress=progress, guidance_rescale=guidance_rescale)
+                               callback=on_step, progress=progress, guidance_rescale=guidance_rescale,
+                               cfg_truncation=cfg_truncation)
     x_T = pipe.prepare_latents(cond.shape[0], height, width, generator=generator)
     z = pipe.denoise(x_T, cond, uncond, num_inference_steps=num_inference_steps, schedule=schedule, **run)
     if pipe.interrupt:

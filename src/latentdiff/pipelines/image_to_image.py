@@ -52,7 +52,7 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
             noise: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
             negative_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil",
             callback: StepCallback | None = None, progress: bool = True,
-            max_pixels: int | None = None, guidance_rescale: float = 0.0,
+            max_pixels: int | None = None, guidance_rescale: float = 0.0, cfg_truncation: float | None = None,
             callback_on_step_end: CallbackOnStepEnd | None = None,
             callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), return_dict: bool = True,
             clip_skip: int | None = None, prompt_syntax: str = "a1111",
@@ -98,7 +98,8 @@ class ImageToImagePipeline(LatentDiffusionPipeline):
                                       num_images_per_prompt=num_images_per_prompt, guidance=guidance_scale > 1.0)
         z = self.denoise(x_t0, cond, uncond, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                          sampler=sampler, generator=generator, callback=on_step, progress=progress,
-                         start_step=first, guidance_rescale=guidance_rescale, schedule=schedule, control=control,
+                         start_step=first, guidance_rescale=guidance_rescale,
+                         cfg_truncation=cfg_truncation, schedule=schedule, control=control,
                          model=model)
         return finish(self.output(z, output_type), return_dict)
 

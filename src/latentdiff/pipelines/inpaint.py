@@ -144,6 +144,7 @@ class InpaintPipeline(InpaintStages, ImageToImagePipeline):
             prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
             output_type: str = "pil", callback: StepCallback | None = None,
             progress: bool = True, max_pixels: int | None = None, guidance_rescale: float = 0.0,
+            cfg_truncation: float | None = None,
             callback_on_step_end: CallbackOnStepEnd | None = None,
             callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), return_dict: bool = True,
             clip_skip: int | None = None, prompt_syntax: str = "a1111",
@@ -195,7 +196,8 @@ class InpaintPipeline(InpaintStages, ImageToImagePipeline):
         mask_latents = self.prepare_mask_latents(mask, x, **per_prompt, generator=generator)
         run: dict[str, Any] = dict(guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                                    sampler=sampler, generator=generator, progress=progress, start_step=first,
-                                   guidance_rescale=guidance_rescale, schedule=schedule, control=control,
+                                   guidance_rescale=guidance_rescale,
+                                   cfg_truncation=cfg_truncation, schedule=schedule, control=control,
                                    model=self.ip_adapter_model(self.unet, ip_adapter_image, ip_adapter_image_embeds,
                                                                rows=cond.shape[0], guidance=guidance_scale > 1.0,
                                                                num_images_per_prompt=num_images_per_prompt))

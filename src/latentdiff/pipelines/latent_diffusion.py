@@ -203,6 +203,7 @@ class LatentDiffusionPipeline(AdapterParts, IPAdapterMixin, ControlNetParts, Lor
                  output_type: str = "pil", callback: StepCallback | None = None,
                  progress: bool = True, tile_size: TileSize | None = None,
                  tile_overlap: TileSize | None = None, max_pixels: int | None = None, guidance_rescale: float = 0.0,
+                 cfg_truncation: float | None = None,
                  callback_on_step_end: CallbackOnStepEnd | None = None,
                  callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
                  return_dict: bool = True, clip_skip: int | None = None,
@@ -223,6 +224,8 @@ class LatentDiffusionPipeline(AdapterParts, IPAdapterMixin, ControlNetParts, Lor
         (default limits.DEFAULT_MAX_PIXELS, see docs/limits.md); a larger request is refused before any work.
         guidance_rescale, callback_on_step_end(pipe, i, t, callback_kwargs) -> dict with
         callback_on_step_end_tensor_inputs, return_dict, `pipe._interrupt`: as diffusers' (`call_options`).
+        cfg_truncation: guidance for that fraction of the steps only, then one conditional UNet pass per step
+        (`cfg_truncation`; None: every step guided).
         clip_skip: CLIP layers skipped (`encode_prompt`). prompt_syntax: "a1111" (weights, BREAK, long prompts, AND,
         [from:to:when], [a|b]: docs/prompts.md) or "plain" (the text as it is, as diffusers).
         lora_dirs: folders where `<lora:NAME:W>` tags of the prompts find NAME.safetensors (`LoraMixin`).
@@ -256,7 +259,8 @@ class LatentDiffusionPipeline(AdapterParts, IPAdapterMixin, ControlNetParts, Lor
                                       num_images_per_prompt=num_images_per_prompt, guidance=use_cfg)
         z0 = self.denoise(x_T, cond, uncond, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                           sampler=sampler, generator=generator, callback=on_step, progress=progress, tiling=tiling,
-                          guidance_rescale=guidance_rescale, schedule=schedule, model=model, control=control)
+                          guidance_rescale=guidance_rescale,
+                          cfg_truncation=cfg_truncation, schedule=schedule, model=model, control=control)
         return finish(self.output(z0, output_type), return_dict)
 
     @stage

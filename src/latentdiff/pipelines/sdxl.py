@@ -407,7 +407,7 @@ class StableDiffusionXLPipeline(ControlNetParts, LoraMixin, TextGuidedPipeline):
                  negative_prompt_embeds: torch.Tensor | None = None,
                  pooled_prompt_embeds: torch.Tensor | None = None,
                  negative_pooled_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil",
-                 return_dict: bool = True, guidance_rescale: float = 0.0,
+                 return_dict: bool = True, guidance_rescale: float = 0.0, cfg_truncation: float | None = None,
                  original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
                  target_size: tuple[int, int] | None = None, negative_original_size: tuple[int, int] | None = None,
                  negative_crops_coords_top_left: tuple[int, int] | None = None,
@@ -460,6 +460,7 @@ class StableDiffusionXLPipeline(ControlNetParts, LoraMixin, TextGuidedPipeline):
             on_step = stop_after(on_step, kept - 1)
         z0 = self.denoise(x_T, c["cond"], c["uncond"], guidance_scale=scale, num_inference_steps=steps,
                           sampler=sampler, generator=generator, callback=on_step, progress=progress, tiling=tiling,
-                          guidance_rescale=guidance_rescale, model=c["model"], schedule=c["schedule"],
+                          guidance_rescale=guidance_rescale,
+                          cfg_truncation=cfg_truncation, model=c["model"], schedule=c["schedule"],
                           control=with_added(control, c.get("added")))
         return finish(self.output(z0, output_type), return_dict)

@@ -138,7 +138,8 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
             noise: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
             negative_prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None,
             negative_pooled_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil",
-            return_dict: bool = True, guidance_rescale: float = 0.0, original_size: tuple[int, int] | None = None,
+            return_dict: bool = True, guidance_rescale: float = 0.0,
+            cfg_truncation: float | None = None, original_size: tuple[int, int] | None = None,
             crops_coords_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
             negative_original_size: tuple[int, int] | None = None,
             negative_crops_coords_top_left: tuple[int, int] | None = None,
@@ -192,6 +193,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
             on_step = stop_after(on_step, kept - 1 - first)
         z = self.denoise(x_t, c["cond"], c["uncond"], guidance_scale=scale, num_inference_steps=steps,
                          sampler=sampler, generator=generator, callback=on_step, progress=progress, start_step=first,
-                         guidance_rescale=guidance_rescale, model=c["model"], schedule=c["schedule"],
+                         guidance_rescale=guidance_rescale,
+                         cfg_truncation=cfg_truncation, model=c["model"], schedule=c["schedule"],
                          control=with_added(control, c.get("added")))
         return finish(self.output(z, output_type), return_dict)

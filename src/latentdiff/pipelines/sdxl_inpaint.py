@@ -118,7 +118,8 @@ class StableDiffusionXLInpaintPipeline(InpaintStages, StableDiffusionXLImg2ImgPi
             noise: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
             negative_prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None,
             negative_pooled_prompt_embeds: torch.Tensor | None = None, output_type: str = "pil",
-            return_dict: bool = True, guidance_rescale: float = 0.0, original_size: tuple[int, int] | None = None,
+            return_dict: bool = True, guidance_rescale: float = 0.0,
+            cfg_truncation: float | None = None, original_size: tuple[int, int] | None = None,
             crops_coords_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
             negative_original_size: tuple[int, int] | None = None,
             negative_crops_coords_top_left: tuple[int, int] | None = None,
@@ -189,6 +190,7 @@ class StableDiffusionXLInpaintPipeline(InpaintStages, StableDiffusionXLImg2ImgPi
             on_step = self.blend_known_region(z0, eps, mask_latents, plan, callback=on_step, last=kept - 1 - first)
         z = self.denoise(x_t, c["cond"], c["uncond"], guidance_scale=scale, num_inference_steps=steps,
                          sampler=sampler, generator=generator, callback=on_step, progress=progress, start_step=first,
-                         guidance_rescale=guidance_rescale, concat=mask_latents if self.concat_inputs else None,
+                         guidance_rescale=guidance_rescale,
+                         cfg_truncation=cfg_truncation, concat=mask_latents if self.concat_inputs else None,
                          model=c["model"], schedule=c["schedule"], control=with_added(control, c.get("added")))
         return finish(self.output(z, output_type), return_dict)

@@ -21,9 +21,10 @@ from ..diffusion.samplers import SamplerProtocol, StepCallback
 from ..errors import InputError, describe
 from ..utils.memory import released_after_each_block
 from ..utils.numerics import check_finite_output
-from . import acceleration, prompt_encoding
+from . import acceleration, prompt_encoding, token_merging
 from .base import concat_conditioning
 from .call_options import Interrupted
+from .cfg_truncation import TruncatedGuidance, check_cfg_truncation, conditional_of_schedule
 from .control import Control
 from .denoising import DenoisingPipeline, Generator
 from .sdedit import sample_from_step
@@ -40,7 +41,7 @@ def no_prompt() -> InputError:
     return InputError("a prompt is required", where="prompt", expected="str or list of str", found=None)
 
 
-class TextGuidedPipeline(StepSwitches, DenoisingPipeline):
+class TextGuidedPipeline(StepSwitches, token_merging.TokenMergingMixin, DenoisingPipeline):
     """A DenoisingPipeline conditioned by text through classifier-free guidance: the checks and stages the
     text-to-image pipelines share."""
 
@@ -112,7 +113,8 @@ class TextGuidedPipeline(StepSwitches, DenoisingPipeline):
                 start_step: int = 0, concat: torch.Tensor | None = None, tiling: LatentTiling | None = None,
                 guidance_rescale: float = 0.0, grad: bool = False,
                 schedule: prompt_encoding.PromptSchedule | None = None,
-                model: Callable[..., torch.Tensor] | None = None, control: Control | None = None) -> torch.Tensor:
+                model: Callable[..., torch.Tensor] | None = None, control: Control | None = None,
+                cfg_truncation: float | None = None) -> torch.Tensor:
         """Run the reverse process from x_T to z_0 with the sampler, guided by the text embeddings.
 
         start_step > 0 runs only steps start_step .. N-1 of the N-step plan, x_T being the sample at that
@@ -126,8 +128,10 @@ class TextGuidedPipeline(StepSwitches, DenoisingPipeline):
         model: the UNet call with the pipeline's other conditioning bound (SDXL's added_cond); default the UNet.
         control: ControlNets (or adapters) bound to their hints (`control.Control`): the outermost model wrapper
         (outside `concat`), its step counted by the callback over the steps run (start_step .. N-1); with tiling,
-        each window's hint is cropped to it.
+        each window's hint is cropped to it. cfg_truncation: guidance for that fraction of the steps run only,
+        then one conditional pass per step (`cfg_truncation`; None: every step).
         """
+        fraction = check_cfg_truncation(cfg_truncation)
         if tiling is not None and concat is not None:
             raise InputError("tiled sampling does not slice concatenated conditioning", where="tiling",
                              expected="tiling=None with concat (inpainting)", found=tiling)
@@ -145,9 +149,16 @@ class TextGuidedPipeline(StepSwitches, DenoisingPipeline):
             callback = schedule.counting(callback, start_step)
         if controller is not None:
             callback = controller.counting(callback)
+        if fraction is not None and fraction < 1.0 and uncond is not None and guidance_scale != 1.0:
+            conditional = classifier_free_guidance(model, context=cond, guidance_scale=guidance_scale) \
+                if schedule is None else conditional_of_schedule(model, schedule)
+            truncated = TruncatedGuidance(denoise_fn, conditional, steps=num_inference_steps - start_step,
+                                          fraction=fraction)
+            denoise_fn, callback = truncated, truncated.counting(callback)
         if tiling is not None:
             denoise_fn = tiled_denoiser(denoise_fn, tiling,
                                         on_window=None if controller is None else controller.on_window)
+        token_merging.restart(self.unet)     # ToMe's random choices: the same for the same call
         per_block = self.release_weights == "blocks" and not acceleration._is_compiled(self.unet)
         with released_after_each_block(self.unet) if per_block else contextlib.nullcontext():
             try:
