@@ -43,13 +43,13 @@ from .generate_adapters import add_lora_flags, apply_loras, settle_loras
 from .generate_control import add_control_flags, apply_control, settle_control
 from .generate_embeddings import add_embedding_flags, apply_embeddings, settle_embeddings
 from .generate_fast import add_fast_flags, apply_fast, settle_fast
-from .generate_tome import add_tome_flags
 from .generate_inputs import add_input_flags, load_vae, prepare_run, set_threads, settle_inputs, size_from_image
 from .generate_model import ModelSource, locate_model, tokenizer_file
 from .generate_previews import add_preview_flags, check_preview_flags, make_preview, settle_fast_decode
 from .generate_prompts import add_prompt_flags, settle_prompts
 from .generate_sdxl import add_sdxl_flags, check_loaded, inpainting_folder, is_sdxl, model_family, settle_sdxl
 from .generate_settings import DTYPES, GenerateSettings, Job, note_from, plan_jobs, read_from_png, settle, warn
+from .generate_tome import add_tome_flags
 
 T = TypeVar("T")
 

@@ -31,11 +31,11 @@ from .. import hub, limits
 from ..config import is_int, is_real
 from ..errors import InputError, UsageError
 from .generate_control import control_options
-from .generate_tome import apply_tome, fast_call_options
 from .generate_model import SINGLE_FILE_SUFFIXES, local_kind
 from .generate_prompts import prompt_options
 from .generate_sdxl import a1111_clip_layers, a1111_clip_skip, call_sdxl, is_sdxl
 from .generate_settings import FLAGS, GenerateSettings, warn
+from .generate_tome import apply_tome, fast_call_options
 
 DEFAULT_STRENGTH = 0.75          # A1111's denoising strength of img2img and inpainting
 DEFAULT_HIRES_STRENGTH = 0.7     # A1111's denoising strength of the hires pass (pipelines.hires.DEFAULT_STRENGTH)

@@ -22,9 +22,9 @@ from ..config import is_int, is_real
 from ..errors import UsageError
 from ..version import __version__
 from .generate_a1111 import a1111_notes, settle_sampler, stored_from_infotext
-from .generate_tome import check_fast_values
 from .generate_model import SINGLE_FILE_SUFFIXES, ModelSource, local_kind
 from .generate_outputs import name_files, read_outputs
+from .generate_tome import check_fast_values
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
