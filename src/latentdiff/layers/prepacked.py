@@ -39,7 +39,8 @@ class PackedForward:
 
     def weight(self) -> torch.Tensor:
         w = self.conv.weight
-        key = (w._version, w.data_ptr(), w.dtype, w.device)
+        # an inference tensor keeps no version counter: its storage, dtype and device still tell a move or a swap
+        key = (None if w.is_inference() else w._version, w.data_ptr(), w.dtype, w.device)
         if key != self.key or self.packed is None:
             conv = self.conv
             self.packed = torch.ops.mkldnn._reorder_convolution_weight(
