@@ -19,8 +19,8 @@ from torch import nn
 from latentdiff import LatentDiffusionPipeline, UNet2DConditional
 from latentdiff.errors import InputError, UsageError
 from latentdiff.layers.prepacked import is_prepacked, prepack_convolutions, unpack_convolutions
-from latentdiff.pipelines import compile_cache, cpu_paths
 from latentdiff.models.unet import UNetConfig
+from latentdiff.pipelines import compile_cache, cpu_paths
 from tests._support.parity import max_rel_error
 from tests._support.tiny_builtin import make_tiny_shapes_model
 

@@ -46,8 +46,17 @@ from .generate_inputs import add_input_flags, load_vae, prepare_run, set_threads
 from .generate_model import ModelSource, locate_model, tokenizer_file
 from .generate_prompts import add_prompt_flags, settle_prompts
 from .generate_sdxl import add_sdxl_flags, check_loaded, inpainting_folder, is_sdxl, model_family, settle_sdxl
-from .generate_settings import (DTYPES, GenerateSettings, Job, note_from, plan_jobs, read_from_png, settle,
-                               settle_dtype, warn)
+from .generate_settings import (
+    DTYPES,
+    GenerateSettings,
+    Job,
+    note_from,
+    plan_jobs,
+    read_from_png,
+    settle,
+    settle_dtype,
+    warn,
+)
 
 T = TypeVar("T")
 
@@ -81,8 +90,9 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                                                     '`latentdiff models` lists them')
     gen.add_argument("--eta", type=float, default=None, help="DDIM eta (0: deterministic)")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    gen.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default auto: bfloat16 on a CPU with AMX-BF16 / AVX512-BF16 or a GPU with bf16, "
-                          "else float32 (printed with the reason; docs/fast.md)")
+    gen.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                     help="default auto: bfloat16 on a CPU with AMX-BF16 / AVX512-BF16 or a GPU with bf16, else "
+                          "float32 (printed with the reason; docs/fast.md)")
     gen.add_argument("--prompts", default=None, metavar="FILE", help="one prompt per line (blank lines ignored)")
     gen.add_argument("--batch-size", type=int, default=None,
                      help=f"images per pipeline call (A1111's batch size; default {outputs.DEFAULT_BATCH_SIZE}, "
