@@ -62,8 +62,8 @@ def prepack_convolutions(module: nn.Module) -> int:
     """Give every CPU Conv2d inside `module` a prepacked forward (see the module docstring); -> how many."""
     count = 0
     for conv in module.modules():
-        if can_prepack(conv) and not is_prepacked(conv):
-            conv.forward = PackedForward(conv)  # type: ignore[method-assign]
+        if isinstance(conv, nn.Conv2d) and can_prepack(conv) and not is_prepacked(conv):
+            conv.forward = PackedForward(conv)  # type: ignore[method-assign,assignment]
             count += 1
     return count
 
