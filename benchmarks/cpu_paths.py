@@ -88,8 +88,7 @@ import cpu_paths as bench
 from latentdiff.pipelines.acceleration import compile_unet
 torch.set_num_threads({threads})
 dtype = bench.DTYPES['{dtype}']
-unet = bench.ours('{folder}', dtype)
-x, t, context = bench.inputs({size}, dtype)
+unet, (x, t, context) = bench.compile_subject('{model}', '{folder}', {size}, dtype)
 with torch.inference_mode():
     eager = bench.time_calls(lambda: unet(x, t, context), {reps})[0]
     compile_unet(types.SimpleNamespace(unet=unet))
@@ -99,27 +98,46 @@ RESULT = dict(first=first, eager=eager, compiled=compiled)
 """
 
 
+def compile_subject(model: str, folder: Any, size: int, dtype: torch.dtype) -> tuple[Any, tuple[torch.Tensor, ...]]:
+    """The UNet the compile rows time and its inputs: "sd15" (the folder's, at `size`) or "builtin"
+    (latentdiff/shapes-64's, at its 16 x 16 latents, 16-token context)."""
+    if model == "sd15":
+        return ours(folder, dtype), inputs(size, dtype)
+    from latentdiff import LatentDiffusionPipeline
+
+    unet = LatentDiffusionPipeline.from_pretrained("latentdiff/shapes-64", torch_dtype=dtype).unet
+    cfg = unet.config
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, cfg.in_channels, 16, 16, generator=g).to(dtype)
+    return unet, (x, torch.tensor(500), torch.randn(2, 16, cfg.cross_attention_dim, generator=g).to(dtype))
+
+
 def compile_rows(folder: Any, args: Any, table: common.Table) -> None:
+    """Cold then warm child processes per dtype, sharing one fresh cache folder per dtype."""
     threads = args.threads or torch.get_num_threads()
     with tempfile.TemporaryDirectory() as cache:
-        for name in ("bf16", "fp32"):
+        for name in args.dtype:
             for run in ("cold", "warm"):
                 code = COMPILE_CHILD.format(threads=threads, dtype=name, folder=folder, size=args.size,
-                                            reps=args.reps) + common.CHILD_EXIT
+                                            reps=args.reps, model=args.compile) + common.CHILD_EXIT
                 result, wall, _ = common.run_child(code, env={"TORCHINDUCTOR_CACHE_DIR": f"{cache}/{name}"})
                 eager, compiled = result["eager"], result["compiled"]
-                table.add(f"compile {name}, {run} cache: first call", common.fmt_time(result["first"]), "-", "-",
-                          "-", f"process {wall:.0f} s", data=dict(what=f"compile {name} {run}", **result, wall=wall))
-                table.add(f"compiled {name} step ({run} process) vs eager", common.fmt_time(common.median(compiled)),
-                          common.fmt_time(min(compiled)), f"{min(compiled) / min(eager):.2f}x eager", "-",
-                          f"eager {common.fmt_time(min(eager))}")
+                table.add(f"{args.compile} UNet compile {name}, {run} cache: first call",
+                          common.fmt_time(result["first"]), "-", "-", "-", f"process {wall:.0f} s",
+                          data=dict(what=f"compile {name} {run}", **result, wall=wall))
+                table.add(f"{args.compile} UNet compiled {name} step ({run} process)",
+                          common.fmt_time(common.median(compiled)), common.fmt_time(min(compiled)),
+                          f"{min(compiled) / min(eager):.2f}x eager", "-", f"eager min {common.fmt_time(min(eager))}",
+                          data=dict(what=f"compiled {name} {run}", eager=eager, compiled=compiled))
 
 
 def main() -> None:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=32, help="latent side (32: 256 px images)")
     p.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    p.add_argument("--compile", action="store_true", help="also the compile rows (child processes, minutes)")
+    p.add_argument("--compile", choices=("builtin", "sd15"), default=None,
+                   help="also the compile rows for this UNet (child processes; sd15 takes many minutes)")
+    p.add_argument("--no-eager", action="store_true", help="only the compile rows")
     args = p.parse_args()
     args.reps = args.reps or 3
     common.header("CPU paths: SD 1.5-size UNet, one CFG step (batch 2)", args)
@@ -127,7 +145,7 @@ def main() -> None:
     folder = common.folder("sd15")
     table = common.Table(f"seconds per CFG step at {args.size * 8} px (ratio: against diffusers, same dtype)",
                          ("what", "median", "min", "ratio vs diffusers (mins)", "max rel err vs diffusers", "note"))
-    for name in args.dtype:
+    for name in [] if args.no_eager else args.dtype:
         results = cases_for(name, folder, args.size, args.reps)
         base_times, base_out = results[f"diffusers {name}"]
         for what, (times, out) in results.items():
