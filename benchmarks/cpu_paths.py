@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import json
+import sys
 import tempfile
 import types
 from collections.abc import Callable
@@ -37,10 +38,14 @@ def inputs(size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, t
     return x, torch.tensor(500), torch.randn(2, 77, 768, generator=g).to(dtype)
 
 
-def time_calls(call: Callable[[], torch.Tensor], reps: int) -> tuple[list[float], torch.Tensor]:
+def time_calls(call: Callable[[], torch.Tensor], reps: int, what: str = "") -> tuple[list[float], torch.Tensor]:
+    """One untimed call, then `reps` timed ones; each case's times go to stderr as soon as they are known (a run
+    on a loaded machine can take an hour: a stopped one still leaves its rows)."""
     with torch.inference_mode():
         out = call()
         times = common.alternate({"case": call}, reps=reps, warmup=0)["case"]
+    if what:
+        print(f"{what}: {' '.join(f'{t:.2f}' for t in times)} s", file=sys.stderr, flush=True)
     return times, out.float()
 
 
@@ -64,18 +69,20 @@ def cases_for(name: str, folder: Any, size: int, reps: int) -> dict[str, tuple[l
     x, t, context = inputs(size, dtype)
     results = {}
     model = theirs(folder, dtype)
-    results[f"diffusers {name}"] = time_calls(lambda m=model: m(x, t, encoder_hidden_states=context).sample, reps)
+    results[f"diffusers {name}"] = time_calls(lambda m=model: m(x, t, encoder_hidden_states=context).sample, reps,
+                                              f"diffusers {name}")
     del model
     gc.collect()
     unet = ours(folder, dtype)
     pipe = types.SimpleNamespace(unet=unet, networks=lambda u=unet: [u])   # what cpu_paths reads of a pipeline
-    results[f"latentdiff {name}"] = time_calls(lambda u=unet: u(x, t, context), reps)
+    results[f"latentdiff {name}"] = time_calls(lambda u=unet: u(x, t, context), reps, f"latentdiff {name}")
     cpu_paths.optimize_for_cpu(pipe)
-    results[f"latentdiff {name} + optimize_for_cpu"] = time_calls(lambda u=unet: u(x, t, context), reps)
+    results[f"latentdiff {name} + optimize_for_cpu"] = time_calls(lambda u=unet: u(x, t, context), reps,
+                                                                   f"latentdiff {name} + optimize_for_cpu")
     cpu_paths.undo_cpu_optimization(pipe)
     if dtype == torch.float32:
         cpu_paths.quantize(pipe, "int8")
-        results["latentdiff int8 (Linear) + fp32"] = time_calls(lambda u=unet: u(x, t, context), reps)
+        results["latentdiff int8 (Linear) + fp32"] = time_calls(lambda u=unet: u(x, t, context), reps, "int8")
     del unet, pipe
     gc.collect()
     return results
@@ -134,7 +141,7 @@ def compile_rows(folder: Any, args: Any, table: common.Table) -> None:
 def main() -> None:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=32, help="latent side (32: 256 px images)")
-    p.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
     p.add_argument("--compile", choices=("builtin", "sd15"), default=None,
                    help="also the compile rows for this UNet (child processes; sd15 takes many minutes)")
     p.add_argument("--no-eager", action="store_true", help="only the compile rows")

@@ -128,7 +128,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     seed = outputs.choose_seed(args, stored, procs.share)
     drawn = seed is not None and seed != args.seed      # --seed -1 or none: a random seed, printed once checked
     args = argparse.Namespace(**vars(args) | {"n": n, "seed": args.seed if seed is None else seed})
-    settings = settle_dtype(settle(args, stored, source), device=device or procs.device, show=procs.is_main)
+    settings = settle(args, stored, source)
     settings, images = settle_inputs(args, stored, settings)
     settings, embeddings = settle_embeddings(args, settings)
     settings = settle_loras(args, stored, settings)
@@ -142,6 +142,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         note_from(args.from_png, stored, args)
     texts = [job.prompt for job in jobs] + [settings.negative or ""]
     checked = procs.is_main and warn_unknown_words(tokenizer_file(source, settings.tokenizer), texts)
+    # after every input check: the choice is printed only for a run that goes on to load the model
+    settings = settle_dtype(settings, device=device or procs.device, show=procs.is_main)
     pipe = load_pipeline(source, settings, device=device or procs.device)
     check_loaded(pipe, settings)
     apply_embeddings(pipe, settings, embeddings)
