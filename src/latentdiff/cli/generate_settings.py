@@ -207,7 +207,8 @@ def settle(args: argparse.Namespace, stored: dict[str, Any], source: ModelSource
 
 def settle_dtype(settings: GenerateSettings, *, device: Any, show: bool) -> GenerateSettings:
     """--dtype auto (the default) -> the dtype `utils.dtypes.resolve_torch_dtype` picks for the device and model,
-    printed with its reason; the PNGs then record the dtype used, so --from repeats it on another machine."""
+    printed with its reason unless it is float32 (the default before "auto"); the PNGs then record the dtype used,
+    so --from repeats it on another machine."""
     if settings.dtype != "auto":
         return settings
     import torch
@@ -217,7 +218,7 @@ def settle_dtype(settings: GenerateSettings, *, device: Any, show: bool) -> Gene
     if device is None:   # as load_pipeline chooses
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype, reason = resolve_torch_dtype("auto", device=device, model=settings.model)
-    if show:
+    if show and dtype != torch.float32:   # float32, the old default, goes unsaid (the PNG records it either way)
         print(f"latentdiff: --dtype auto -> {reason}", file=sys.stderr)
     return dataclasses.replace(settings, dtype=str(dtype).removeprefix("torch."))
 
