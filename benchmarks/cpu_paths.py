@@ -110,6 +110,9 @@ def compile_subject(model: str, folder: Any, size: int, dtype: torch.dtype) -> t
     (latentdiff/shapes-64's, at its 16 x 16 latents, 16-token context)."""
     if model == "sd15":
         return ours(folder, dtype), inputs(size, dtype)
+    if model == "tiny":   # the tests' tiny SD UNet (32 / 64 channels): compile time without the minutes of SD 1.5
+        return ours(common.folder("tiny"), dtype), (inputs(8, dtype)[0], torch.tensor(500),
+                                                    torch.randn(2, 77, 32).to(dtype))
     from latentdiff import LatentDiffusionPipeline
 
     unet = LatentDiffusionPipeline.from_pretrained("latentdiff/shapes-64", torch_dtype=dtype).unet
@@ -129,6 +132,8 @@ def compile_rows(folder: Any, args: Any, table: common.Table) -> None:
                                             reps=args.reps, model=args.compile) + common.CHILD_EXIT
                 result, wall, _ = common.run_child(code, env={"TORCHINDUCTOR_CACHE_DIR": f"{cache}/{name}"})
                 eager, compiled = result["eager"], result["compiled"]
+                print(f"compile {name} {run}: first call {result['first']:.1f} s, process {wall:.0f} s, eager "
+                      f"{min(eager):.3f} s, compiled {min(compiled):.3f} s", file=sys.stderr, flush=True)
                 table.add(f"{args.compile} UNet compile {name}, {run} cache: first call",
                           common.fmt_time(result["first"]), "-", "-", "-", f"process {wall:.0f} s",
                           data=dict(what=f"compile {name} {run}", **result, wall=wall))
@@ -142,7 +147,7 @@ def main() -> None:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=32, help="latent side (32: 256 px images)")
     p.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
-    p.add_argument("--compile", choices=("builtin", "sd15"), default=None,
+    p.add_argument("--compile", choices=("tiny", "builtin", "sd15"), default=None,
                    help="also the compile rows for this UNet (child processes; sd15 takes many minutes)")
     p.add_argument("--no-eager", action="store_true", help="only the compile rows")
     args = p.parse_args()
