@@ -60,6 +60,16 @@ def _vq_model():
     return model, lambda m: m(x)
 
 
+def _autoencoder_tiny():
+    from latentdiff.models.autoencoder_tiny import AutoencoderTinyConfig
+
+    cfg = AutoencoderTinyConfig(latent_channels=4, encoder_channels=(8, 8), decoder_channels=(8, 8),
+                                encoder_blocks=(1, 1), decoder_blocks=(1, 1))
+    model = COMPONENTS.create("autoencoder_tiny", cfg)
+    x = torch.randn(1, 3, 8, 8)
+    return model, lambda m: m.decode_latents(m.encode_latents(x))
+
+
 def _identity_first_stage():
     model = COMPONENTS.create("identity_first_stage")  # no weights: the test checks its config-only folder
     x = torch.randn(1, 3, 8, 8)
@@ -106,7 +116,8 @@ def _t2i_adapter():
 FACTORIES = {"unet": _unet, "controlnet": _controlnet, "t2i_adapter": _t2i_adapter, "unet2d": _unet2d,
              "class_embedder": _class_embedder,
              "spatial_rescaler": _spatial_rescaler, "vq_model": _vq_model,
-             "identity_first_stage": _identity_first_stage, "autoencoder_kl": _vae, "ldm_bert": _ldm_bert}
+             "identity_first_stage": _identity_first_stage, "autoencoder_kl": _vae, "ldm_bert": _ldm_bert,
+             "autoencoder_tiny": _autoencoder_tiny}
 # Parts that wrap a foreign model + tokenizer, or hold no weights, are covered by their own test files:
 ELSEWHERE = {
     "text_encoder": "tests/models/test_text_encoder.py (needs a transformers model and tokenizer)",

@@ -26,6 +26,8 @@ _LAZY = {
     "StableDiffusionXLInpaintPipeline": "latentdiff.pipelines.sdxl_inpaint",
     "AutoencoderKL": "latentdiff.models.autoencoder_kl",
     "AutoencoderKLConfig": "latentdiff.models.autoencoder_kl",
+    "AutoencoderTiny": "latentdiff.models.autoencoder_tiny",
+    "AutoencoderTinyConfig": "latentdiff.models.autoencoder_tiny",
     "VQModel": "latentdiff.models.vq",
     "VQModelConfig": "latentdiff.models.vq",
     "IdentityFirstStage": "latentdiff.models.identity",
@@ -69,7 +71,8 @@ _LAZY = {
 }
 
 __all__ = [  # literal, so linters and IDEs see the public names; the same as _LAZY's keys (tests/test_public_api.py)
-    "AutoencoderKL", "AutoencoderKLConfig", "COMPONENTS", "CheckpointError", "ClassConditionalPipeline",
+    "AutoencoderKL", "AutoencoderKLConfig", "AutoencoderTiny", "AutoencoderTinyConfig", "COMPONENTS", "CheckpointError",
+    "ClassConditionalPipeline",
     "ControlNet", "ControlNetConfig", "T2IAdapter", "T2IAdapterConfig",
     "ClassEmbedder", "ClassifierFreeGuidance", "ConfigError", "DDIMSampler", "DDPMSampler",
     "DPMSolverMultistepSDESampler", "DPMSolverMultistepSampler", "DenoisingPipeline", "EulerAncestralSampler",
@@ -118,6 +121,7 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from .errors import CheckpointError, ConfigError, InputError, LatentDiffError, RegistryError
     from .models.autoencoder_kl import AutoencoderKL, AutoencoderKLConfig
+    from .models.autoencoder_tiny import AutoencoderTiny, AutoencoderTinyConfig
     from .models.conditioners import ClassEmbedder, SpatialRescaler
     from .models.controlnet import ControlNet, ControlNetConfig
     from .models.identity import IdentityFirstStage, IdentityFirstStageConfig

@@ -23,6 +23,7 @@ T = TypeVar("T")
 # `import latentdiff` stays cheap.
 _BUILTIN_MODULES = (
     "latentdiff.models.autoencoder_kl",
+    "latentdiff.models.autoencoder_tiny",
     "latentdiff.models.vq",
     "latentdiff.models.identity",
     "latentdiff.models.unet",

@@ -76,6 +76,7 @@ NOT_RUN: tuple[tuple[tuple[str, ...], str], ...] = (
     (("curl",), "a download"),
     (("python", "examples/train/build_shapes_64.py"), "trains the built-in model: hours"),
     (("python", "examples/train/build_shapes_64_silhouette.py"), "trains the built-in silhouette ControlNet: an hour"),
+    (("python", "examples/train/build_shapes_64_tiny_autoencoder.py"), "trains the built-in tiny autoencoder: 20 min"),
     (("latentdiff", "serve"), "serves until stopped (the page's client blocks talk to the server page_server starts)"),
 )
 # scripts under examples/ that a page may run (`python SCRIPT ARGS`), in-process (none now: the data the tiny
@@ -335,7 +336,8 @@ def run_page(path: Path, *, skip_languages: tuple[str, ...] = ()) -> list[tuple[
 #   lllyasviel/sd-controlnet-canny, lllyasviel/sd-controlnet-scribble   ControlNets of the SD stand-in (hint
 #                                                factor 2, every zero convolution randomised), built on first use
 # The built-in name "latentdiff/shapes-64" resolves to tests/_support/tiny_builtin.py's stand-in (random weights),
-# "latentdiff/shapes-64-silhouette" to a ControlNet made from that stand-in's UNet (ControlNet.from_unet).
+# "latentdiff/shapes-64-silhouette" to a ControlNet made from that stand-in's UNet (ControlNet.from_unet),
+# "latentdiff/shapes-64-tiny-vae" to a random AutoencoderTiny in that stand-in's latent space.
 # FILES: put into a page's working directory when the page names them (folders copied, files linked):
 #   v1-5-pruned-emaonly.safetensors      the SD stand-in as an original single file (no latentdiff metadata)
 #   vae-ft-mse-840000-ema-pruned.ckpt    its autoencoder as a stand-alone Lightning .ckpt
@@ -362,10 +364,15 @@ class StandIns:
 
     def build(self) -> StandIns:
         from tests._support.hub_cache import make_hub_cache
-        from tests._support.tiny_builtin import make_tiny_shapes_model, make_tiny_silhouette_controlnet
+        from tests._support.tiny_builtin import (
+            make_tiny_shapes_model,
+            make_tiny_shapes_tiny_vae,
+            make_tiny_silhouette_controlnet,
+        )
 
         make_tiny_shapes_model(self.builtin)
         make_tiny_silhouette_controlnet(self.builtin.with_name("shapes-64-silhouette"), self.builtin)
+        make_tiny_shapes_tiny_vae(self.builtin.with_name("shapes-64-tiny-vae"), self.builtin)
         clip = tiny_stable_diffusion(self.sd)
         make_hub_cache(self.hub_cache, SD_ID, self.sd)
         make_hub_cache(self.hub_cache, "openai/clip-vit-large-patch14", clip)

@@ -50,6 +50,21 @@ def use_as_builtin(monkeypatch, folder: Path, name: str = "latentdiff/shapes-64"
     monkeypatch.setattr(builtin, "BUILTIN_MODELS", {**builtin.BUILTIN_MODELS, name: Path(folder).name})
 
 
+def make_tiny_shapes_tiny_vae(folder: Path, base: Path) -> Path:
+    """A stand-in for latentdiff/shapes-64-tiny-vae: a random AutoencoderTiny in `base`'s latent space (its first
+    stage's latent channels and factor), 8 channels wide."""
+    from latentdiff import AutoencoderKL, AutoencoderTiny, AutoencoderTinyConfig
+
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vqvae")
+    levels = vae.downsample_factor.bit_length()
+    config = AutoencoderTinyConfig(latent_channels=vae.latent_channels, encoder_channels=(8,) * levels,
+                                   decoder_channels=(8,) * levels, encoder_blocks=(1,) * levels,
+                                   decoder_blocks=(1,) * levels)
+    torch.manual_seed(1)
+    AutoencoderTiny(config).save_pretrained(folder)
+    return folder
+
+
 def make_tiny_silhouette_controlnet(folder: Path, base: Path) -> Path:
     """A stand-in for latentdiff/shapes-64-silhouette: a ControlNet made from `base`'s UNet (its zero convolutions
     zero, so it adds nothing), hint encoder 64 px -> 16 x 16 like the shipped one."""

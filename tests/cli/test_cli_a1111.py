@@ -126,13 +126,58 @@ def test_a_diffusers_class_name_and_the_schedule_flag(pipe):
     assert np.array_equal(pixels("d.png"), dpm_image(pipe, "karras", seed=0, steps=3, guidance=3.0))
 
 
+def test_a_dpm_family_name_and_an_a1111_schedule(pipe):
+    """DPM++ SDE (A1111's Automatic schedule: karras) on its Brownian tree, recorded and reproduced by --from; and
+    A1111's "Align Your Steps" schedule on DPM2 a."""
+    from latentdiff.diffusion.samplers import DPM2AncestralSampler, DPMSolverSDESampler
+
+    assert generate(PROMPT, "--sampler", "DPM++ SDE", "--steps", 3, "--seed", 5, "-o", "sde.png") == 0
+    params = read_png_params("sde.png")
+    assert (params["sampler"], params["schedule"]) == ("dpmpp_sde", "karras")
+    sde_pipe = copy.copy(pipe)
+    sde_pipe.sampler = DPMSolverSDESampler.from_config(pipe.sampler, sigma_schedule="karras")
+    expected = sde_pipe(PROMPT, num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(5),
+                        progress=False).images[0]
+    assert np.array_equal(pixels("sde.png"), np.asarray(expected))
+    with Image.open("sde.png") as image:
+        assert "Sampler: DPM++ SDE, Schedule type: Karras" in image.text["parameters"]
+    assert generate("--from", "sde.png", "-o", "sde2.png") == 0
+    assert np.array_equal(pixels("sde2.png"), pixels("sde.png"))
+    assert generate(PROMPT, "--sampler", "DPM2 a", "--schedule", "Align Your Steps", "--steps", 3, "-o", "ays.png") == 0
+    assert read_png_params("ays.png")["schedule"] == "align_your_steps"
+    ays_pipe = copy.copy(pipe)
+    ays_pipe.sampler = DPM2AncestralSampler.from_config(pipe.sampler, sigma_schedule="align_your_steps")
+    expected = ays_pipe(PROMPT, num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
+                        progress=False).images[0]
+    assert np.array_equal(pixels("ays.png"), np.asarray(expected))
+
+
+def test_unipc_by_its_a1111_name(pipe):
+    """A1111's "UniPC" is uni_pc (bh1, third order), recorded by that name and read back by --from."""
+    from latentdiff.diffusion.samplers.names import sampler_from_name
+
+    assert generate(PROMPT, "--sampler", "UniPC", "--steps", 3, "-o", "u.png") == 0
+    params = read_png_params("u.png")
+    assert (params["sampler"], params["schedule"]) == ("uni_pc", "default")
+    unipc_pipe = copy.copy(pipe)
+    unipc_pipe.sampler = sampler_from_name("UniPC", base=pipe.sampler)
+    assert (unipc_pipe.sampler.solver_type, unipc_pipe.sampler.solver_order) == ("bh1", 3)
+    expected = unipc_pipe(PROMPT, num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
+                          progress=False).images[0]
+    assert np.array_equal(pixels("u.png"), np.asarray(expected))
+    with Image.open("u.png") as image:
+        assert "Sampler: UniPC, Schedule type: Uniform" in image.text["parameters"]
+    assert generate("--from", "u.png", "-o", "u2.png") == 0
+    assert np.array_equal(pixels("u2.png"), pixels("u.png"))
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--sampler", "ddim", "--schedule", "karras"], ["--schedule", "--sampler", "ddim", "karras"]),
     (["--schedule", "karras"], ["--schedule", "sampler", "ddim"]),            # the model's own (ddim)
     (["--sampler", "Euler a Karras"], ["euler_ancestral", "karras"]),
-    (["--sampler", "DPM2 a"], ["not implemented yet", "--sampler", "euler_ancestral"]),
-    (["--sampler", "UniPCMultistepScheduler"], ["not implemented yet", "dpmpp_2m"]),
-    (["--sampler", "DPM++ 2M", "--schedule", "Align Your Steps"], ["not implemented yet", "--schedule"]),
+    (["--sampler", "DPM++ 2M SDE Heun"], ["not implemented yet", "--sampler", "dpmpp_2m_sde"]),
+    (["--sampler", "DPM fast"], ["not implemented yet", "dpmpp_2m"]),
+    (["--sampler", "DPM++ 2M", "--schedule", "KL Optimal"], ["not implemented yet", "--schedule"]),
     (["--sampler", "euler", "--schedule", "rho7"], ["unknown schedule", "--schedule"]),
 ])
 def test_bad_names_are_one_line_before_any_loading(argv, words, monkeypatch, capsys):
@@ -179,7 +224,7 @@ def test_from_an_a1111_text_a1111_ignores_the_schedule_of_ddim(capsys):
 
 @pytest.mark.parametrize("text, words", [
     ("a prompt only", ["no A1111 settings line", "bad.png: parameters"]),
-    (f"{PROMPT}\nSteps: 3, Sampler: DPM2 a, CFG scale: 7, Seed: 1", ["not implemented yet", "bad.png: sampler"]),
+    (f"{PROMPT}\nSteps: 3, Sampler: DPM fast, CFG scale: 7, Seed: 1", ["not implemented yet", "bad.png: sampler"]),
     (f"{PROMPT}\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 10x10000000",
      ["bad.png: height", "16384", "10000000"]),
     (f"{PROMPT}\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: -5", ["seed", "-5"]),
@@ -219,7 +264,8 @@ def test_models_lists_every_accepted_name(capsys):
     out = capsys.readouterr().out
     for words in (["registered: ddim", "euler_ancestral"], ["A1111: DDIM", "Euler a", "DPM++ 2M Karras"],
                   ["diffusers: DDIMScheduler", "DPMSolverMultistepScheduler"], ["schedules: default, karras"],
-                  ["not implemented yet:", "UniPC", "DPM2 a"]):
+                  ["not implemented yet:", "DPM fast", "DPM++ 2M SDE Heun"], ["A1111: DDIM", "DPM2 a", "DPM++ SDE"],
+                  ["schedules: default, karras", "sgm_uniform", "align_your_steps"]):
         line = next(line for line in out.splitlines() if words[0] in line)
         assert all(word in line for word in words), (words, line)
 
@@ -247,7 +293,9 @@ def test_the_installed_console_script_lists_the_samplers():
     assert script is not None, "the latentdiff console script is not installed"
     out = subprocess.run([script, "models"], capture_output=True, text=True, env=_env(), timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "samplers: ddim, ddpm, dpmpp_2m, dpmpp_2m_sde, euler, euler_ancestral, heun, lms, plms" in out.stdout
+    line = next(line for line in out.stdout.splitlines() if line.startswith("samplers: "))
+    assert {"ddim", "ddpm", "dpmpp_2m", "dpmpp_2m_sde", "euler", "euler_ancestral", "heun", "lms", "plms", "dpm_2",
+            "dpmpp_sde", "dpmpp_3m_sde"} <= set(line.removeprefix("samplers: ").split(", "))
 
 
 def test_the_command_starts_without_torch():

@@ -426,7 +426,7 @@ def test_registered_frozen_and_strict(name):
 
 
 def test_bad_settings_raise_config_error():
-    for make, match in [(lambda: EulerSampler(sigma_schedule="beta"), "sigma_schedule"),
+    for make, match in [(lambda: EulerSampler(sigma_schedule="polyexponential"), "sigma_schedule"),
                         (lambda: EulerSampler(sigma_min=-1.0), "sigma_min"),
                         (lambda: EulerSampler(sigma_min=2.0, sigma_max=1.0), "sigma_min"),
                         (lambda: EulerSampler(final_sigmas_type="one"), "final_sigmas_type"),

@@ -190,7 +190,8 @@ def test_a_diffusers_scheduler_is_refused_naming_its_sampler(pipe, diffusers, at
     cases = [(diffusers.DPMSolverMultistepScheduler(), "DPMSolverMultistepSampler"),
              (diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"), "DPMSolverMultistepSDESampler"),
              (diffusers.EulerAncestralDiscreteScheduler(), "EulerAncestralSampler"),
-             (diffusers.UniPCMultistepScheduler(), "implements none")]
+             (diffusers.UniPCMultistepScheduler(), "UniPCSampler"),
+             (diffusers.DPMSolverSinglestepScheduler(), "implements none")]
     for scheduler, named in cases:
         with pytest.raises(InputError, match=named) as info:
             setattr(pipe, attribute, scheduler)

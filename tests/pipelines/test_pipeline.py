@@ -283,12 +283,12 @@ def test_sigma_samplers_in_the_pipeline_match_diffusers(folders, pipe, tmp_path,
 
 
 def test_scheduler_class_latentdiff_lacks_falls_back_to_ddim(folders, tmp_path):
-    _with_scheduler(folders[0], "UniPCMultistepScheduler").save_pretrained(tmp_path / "unipc")
+    _with_scheduler(folders[0], "DPMSolverSinglestepScheduler").save_pretrained(tmp_path / "single")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "unipc")
+        pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "single")
     assert isinstance(pipe.sampler, DDIMSampler)
-    assert sum("UniPCMultistepScheduler" in str(w.message) for w in caught) == 1
+    assert sum("DPMSolverSinglestepScheduler" in str(w.message) for w in caught) == 1
 
 
 def test_components_replace_loaded_ones(folders, pipe):

@@ -105,6 +105,16 @@ def test_txt2img_gives_the_python_apis_images_with_their_parameters(client, pipe
     assert (png["info"], png["parameters"]["Seed"], png["parameters"]["Size-1"]) == (info["infotexts"][0], "21", "64")
 
 
+def test_txt2img_with_unipc(client, pipe):
+    """A1111's "UniPC" sampler (latentdiff's uni_pc: bh1, third order) gives the Python API's image."""
+    body = {"prompt": PROMPT, "steps": STEPS, "seed": 4, "width": 64, "height": 64, "sampler_name": "UniPC"}
+    answer = post(client, "txt2img", body)
+    assert answer.status_code == 200, answer.text
+    got, text = pixels(answer.json()["images"][0])
+    assert np.array_equal(got, reference(pipe, PROMPT, 4, sampler="UniPC"))
+    assert parse_infotext(text["parameters"], where="test").fields["Sampler"] == "UniPC"
+
+
 def test_hires_fix_and_inpainting_give_the_python_apis_images(client, pipe):
     from latentdiff.pipelines.hires import hires_fix
     from latentdiff.pipelines.inpaint import InpaintPipeline

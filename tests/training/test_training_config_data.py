@@ -101,10 +101,15 @@ def test_yaml_boolean_words_are_read_as_the_choice_they_spell(tmp_path, shapes):
 
 def test_example_configs_are_valid():
     """Every example config loads (strictly) as the stage its name says (LDMs have "ldm" in their names, ControlNets
-    "silhouette")."""
+    "silhouette", tiny autoencoders end in "-tiny-autoencoder")."""
+    from latentdiff.training.tiny_autoencoder import load_tiny_autoencoder_config
+
     paths = sorted(EXAMPLES.glob("*.yaml"))
     assert len(paths) >= 6
     for path in paths:
+        if path.name.endswith("-tiny-autoencoder.yaml"):
+            assert load_tiny_autoencoder_config(path).kind == "tiny-autoencoder"
+            continue
         kind = "diffusion" if "ldm" in path.name else "controlnet" if "silhouette" in path.name else "autoencoder"
         config = load_train_config(path, kind)
         assert config.kind == kind

@@ -2,6 +2,7 @@
 
     LatentDiffusionPipeline.from_pretrained("latentdiff/shapes-64")   # the packaged folder, never the Hub
     ControlNet.from_pretrained("latentdiff/shapes-64-silhouette")     # a component folder, the same way
+    AutoencoderTiny.from_pretrained("latentdiff/shapes-64-tiny-vae")  # its tiny autoencoder (TAESD), for previews
 
 A built-in name resolves to its folder here before any Hub look-up (`hub.resolve`), so it works with the
 network off. A pipeline's folder is an ordinary pipeline folder (model_index.json + one subfolder per part)
@@ -21,7 +22,10 @@ DEFAULT_MODEL = "latentdiff/shapes-64"
 # short name -> folder under this package
 BUILTIN_MODELS: dict[str, str] = {"latentdiff/shapes-64": "shapes-64"}
 # short name -> folder of a built-in component (no pipeline of its own: `latentdiff generate` does not list it)
-BUILTIN_COMPONENTS: dict[str, str] = {"latentdiff/shapes-64-silhouette": "shapes-64-silhouette"}
+BUILTIN_COMPONENTS: dict[str, str] = {"latentdiff/shapes-64-silhouette": "shapes-64-silhouette",
+                                      "latentdiff/shapes-64-tiny-vae": "shapes-64-tiny-vae"}
+# built-in model -> the built-in tiny autoencoder (TAESD) of its latent space: previews and `--fast-decode`
+BUILTIN_TINY_AUTOENCODERS: dict[str, str] = {"latentdiff/shapes-64": "latentdiff/shapes-64-tiny-vae"}
 GENERATE_SETTINGS = "latentdiff_generate.json"
 
 

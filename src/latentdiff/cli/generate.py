@@ -42,8 +42,10 @@ from .generate_a1111 import add_schedule_flag, with_schedule
 from .generate_adapters import add_lora_flags, apply_loras, settle_loras
 from .generate_control import add_control_flags, apply_control, settle_control
 from .generate_embeddings import add_embedding_flags, apply_embeddings, settle_embeddings
+from .generate_fast import add_fast_flags, apply_fast, settle_fast
 from .generate_inputs import add_input_flags, load_vae, prepare_run, set_threads, settle_inputs, size_from_image
 from .generate_model import ModelSource, locate_model, tokenizer_file
+from .generate_previews import add_preview_flags, check_preview_flags, make_preview, settle_fast_decode
 from .generate_prompts import add_prompt_flags, settle_prompts
 from .generate_sdxl import add_sdxl_flags, check_loaded, inpainting_folder, is_sdxl, model_family, settle_sdxl
 from .generate_settings import (
@@ -116,6 +118,10 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     add_sdxl_flags(gen)
     # ---- ControlNet, T2I-Adapter, IP-Adapter (issue 19, generate_control) ----
     add_control_flags(gen)
+    # ---- DeepCache, FreeU (issue 20, generate_fast) ----
+    add_fast_flags(gen)
+    # ---- tiny autoencoder: previews, --fast-decode (issue 20, generate_previews) ----
+    add_preview_flags(gen)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -135,6 +141,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings = settle_prompts(args, settings)
     settings = settle_sdxl(args, stored, settings, source)
     settings = settle_control(args, stored, settings)
+    settings = settle_fast(args, settings)
+    settings = settle_fast_decode(args, settings)
+    check_preview_flags(args, settings.model)
     jobs = plan_jobs(args, settings, procs.share)
     if procs.is_main and drawn:
         print(f"latentdiff: seed {seed}", file=sys.stderr)
@@ -153,11 +162,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         warn_unknown_words(tokenizer_file(source, settings.tokenizer), texts)
     settings = finish(size_from_image(settings, images, pipe), pipe)
     refiner = load_refiner(settings, device=pipe.device) if settings.refiner is not None else None
+    apply_fast(pipe, settings, args)
     pipe = prepare_run(pipe, settings, images, args, refiner=refiner)
+    preview = make_preview(args, settings, pipe) if procs.is_main else None
     mine = outputs.plan_calls(len(jobs), settings.n, batch_size)[procs.index::procs.count]
     alone = procs.count == 1
     written = run(pipe, [call for group in mine for call in group], jobs, settings, show=procs.is_main,
-                  overwrite=args.overwrite, on_written=print if alone else None)
+                  overwrite=args.overwrite, on_written=print if alone else None, preview=preview)
     if not alone:
         print(f"latentdiff: process {procs.index} of {procs.count} wrote {len(written)} file(s)", file=sys.stderr)
     procs.finish()
@@ -279,7 +290,7 @@ def load_pipeline(source: ModelSource, settings: GenerateSettings, *, device: An
     else:
         pipe = cls.from_pretrained(source.name if source.kind == "hub" else source.path, **load,
                                    **load_vae(settings, **load))
-    pipe.sampler = with_schedule(switch_sampler(pipe.sampler, settings.sampler), settings.schedule)
+    pipe.sampler = with_schedule(switch_sampler(pipe.sampler, settings.sampler), settings.schedule, pipe=pipe)
     return pipe
 
 
@@ -317,9 +328,10 @@ def finish(settings: GenerateSettings, pipe: Any) -> GenerateSettings:
 
 
 def run(pipe: Any, calls: list[outputs.Call], jobs: list[Job], settings: GenerateSettings, *, show: bool,
-        overwrite: bool = False, on_written: Callable[[Path], Any] | None = None) -> list[Path]:
+        overwrite: bool = False, on_written: Callable[[Path], Any] | None = None, preview: Any = None) -> list[Path]:
     """Make the calls and save each image (and each grid once its prompt's images are all made); a progress bar
-    over every denoising step. Returns the files written, in order."""
+    over every denoising step, and the step previews of `preview` (generate_previews.PreviewWriter). Returns the
+    files written, in order."""
     import torch
 
     from ..utils.images import make_grid
@@ -336,15 +348,18 @@ def run(pipe: Any, calls: list[outputs.Call], jobs: list[Job], settings: Generat
                 on_written(path)
 
     progress = outputs.StepProgress(steps * len(calls), len(jobs) * n, enabled=show)
+    callback = progress.step if preview is None else with_preview(progress.step, preview.preview)
     try:
-        for call in calls:
+        for number, call in enumerate(calls):
+            if preview is not None:
+                preview.call = number
             progress.start(call.prompts[0] * n + call.first, len(call.prompts) * call.count, steps)
             generators = [torch.Generator().manual_seed(jobs[k].seed + call.first + i)
                           for k in call.prompts for i in range(call.count)]
             images = pipe([jobs[k].prompt for k in call.prompts], negative_prompt=settings.negative,
                           height=settings.height, width=settings.width, num_inference_steps=settings.steps,
                           guidance_scale=settings.guidance, eta=settings.eta, num_images_per_prompt=call.count,
-                          generator=generators, progress=False, callback=progress.step).images
+                          generator=generators, progress=False, callback=callback).images
             for j, k in enumerate(call.prompts):
                 job, mine = jobs[k], images[j * call.count:(j + 1) * call.count]
                 params = settings.params() | {"prompt": job.prompt, "latentdiff": __version__, "batch": len(images)}
@@ -358,3 +373,11 @@ def run(pipe: Any, calls: list[outputs.Call], jobs: list[Job], settings: Generat
     finally:
         progress.close()
     return written
+
+
+def with_preview(step: Callable[..., Any], preview: Any) -> Callable[..., None]:
+    """The progress callback, then the preview callback (which reads the step's denoised prediction)."""
+    def both(i: int, t: Any, x: Any, denoised: Any = None) -> None:
+        step(i, t, x)
+        preview(i, t, x, denoised)
+    return both

@@ -21,8 +21,10 @@ A1111_REFINER = "_a1111_refiner"    # an A1111 PNG's "Refiner": a model of that 
 
 def add_schedule_flag(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--schedule", default=None,
-                     help="sigma schedule of the sampler: default, karras, exponential (A1111: Uniform, Karras, "
-                          "Exponential, Automatic); only samplers with one (euler, heun, lms, dpmpp_2m, dpmpp_2m_sde)")
+                     help="sigma schedule of the sampler: default, karras, exponential, sgm_uniform, simple, beta, "
+                          "align_your_steps (A1111: Uniform, Karras, Exponential, SGM Uniform, Simple, Beta, Align "
+                          "Your Steps, Automatic); only the sigma-space samplers have one (euler, heun, lms, dpm_2, "
+                          "dpmpp_2m, dpmpp_sde ...: `latentdiff models`)")
 
 
 def stored_from_infotext(text: str, *, where: str, recorded: tuple[str, ...]) -> dict[str, Any]:
@@ -86,15 +88,18 @@ def settle_sampler(values: dict[str, Any], origin: dict[str, str], warn: Any) ->
     values["sampler"], values["schedule"] = resolved.name, chosen if has_schedule(resolved.name) else None
 
 
-def with_schedule(sampler: Any, schedule: str | None) -> Any:
+def with_schedule(sampler: Any, schedule: str | None, *, pipe: Any = None) -> Any:
     """The pipeline's sampler with `schedule` set (None: as it is); a UsageError naming --schedule when it has
-    none (the folder's own sampler, known only once loaded)."""
-    if schedule is None or getattr(sampler, "sigma_schedule", None) == schedule:
+    none (the folder's own sampler, known only once loaded). Align Your Steps takes `pipe`'s table (SDXL or SD 1.5:
+    names.schedule_options)."""
+    from ..diffusion.samplers.names import schedule_options  # torch: where a schedule is set
+
+    if schedule is None or (getattr(sampler, "sigma_schedule", None) == schedule and schedule != "align_your_steps"):
         return sampler
     if not hasattr(sampler, "sigma_schedule"):
         if schedule == "default":
             return sampler
         raise UsageError(f"the model's sampler {type(sampler).__name__} has no schedule to set", where="--schedule",
-                         expected="no --schedule, or --sampler with a schedule (euler, heun, lms, dpmpp_2m, "
-                                  "dpmpp_2m_sde)", found=schedule)
-    return sampler.with_options(sigma_schedule=schedule)
+                         expected="no --schedule, or --sampler with a schedule (euler, heun, lms, dpm_2, dpmpp_2m, "
+                                  "dpmpp_sde ...)", found=schedule)
+    return sampler.with_options(**schedule_options(schedule, pipeline=pipe))

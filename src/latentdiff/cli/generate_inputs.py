@@ -243,8 +243,11 @@ def load_vae(settings: GenerateSettings, *, torch_dtype: Any, device: Any) -> di
     if settings.vae is None:
         return {}
     from ..models.autoencoder_kl import AutoencoderKL
+    from ..models.autoencoder_tiny import is_tiny_autoencoder, load_tiny_autoencoder
 
     path, subfolder, kind = vae_source(settings)
+    if kind != "single_file" and subfolder is None and is_tiny_autoencoder(path):   # --fast-decode, or --vae taesd/
+        return {"vae": load_tiny_autoencoder(path, torch_dtype=torch_dtype, device=device)}
     if kind == "single_file":
         return {"vae": AutoencoderKL.from_single_file(path, torch_dtype=torch_dtype, device=device)}
     return {"vae": AutoencoderKL.from_pretrained(path, subfolder=subfolder, torch_dtype=torch_dtype, device=device)}

@@ -220,9 +220,9 @@ def refiner_sampler(refiner: Any, sampler: Any) -> Any:
     from ..diffusion.samplers import switch_sampler
 
     switched = switch_sampler(refiner.sampler, sampler.registry_name)
-    schedule = getattr(sampler, "sigma_schedule", None)
-    if schedule is not None and getattr(switched, "sigma_schedule", schedule) != schedule:
-        switched = switched.with_options(sigma_schedule=schedule)
+    grid = {key: getattr(sampler, key) for key in ("sigma_schedule", "ays_model") if hasattr(sampler, key)}
+    if any(getattr(switched, key, value) != value for key, value in grid.items()):
+        switched = switched.with_options(**grid)
     return switched
 
 

@@ -42,7 +42,8 @@ RECORDED = ("prompt", "negative", "seed", "steps", "guidance", "sampler", "eta",
             # SDXL (generate_sdxl)
             "refiner", "refiner_switch", "original_size", "target_size", "crop_top_left", "tokenizer_2",
             # ControlNet / T2I-Adapter / IP-Adapter (generate_control)
-            "control", "control_resize", "guess_mode", "ip_adapter")
+            "control", "control_resize", "guess_mode", "ip_adapter",
+            "deepcache", "deepcache_branch", "freeu")   # step switches (generate_fast)
 OPTIONAL = RECORDED[RECORDED.index("clip_skip"):]   # recorded only when set
 MAX_SEED = 2**63 - 1
 PATH_VALUES = ("model", "tokenizer", "init_image", "mask", "vae", "refiner", "tokenizer_2")   # naming files
@@ -103,6 +104,10 @@ class GenerateSettings:
     control_resize: str | None = None
     guess_mode: bool | None = None
     ip_adapter: dict[str, Any] | None = None
+    # generate_fast: DeepCache's interval and branch, FreeU's [s1, s2, b1, b2]; None = off
+    deepcache: int | None = None
+    deepcache_branch: int | None = None
+    freeu: list[float] | None = None
 
     def params(self) -> dict[str, Any]:
         """The settings as the JSON a PNG records (the image input, hires, tile and VAE settings only when used)."""

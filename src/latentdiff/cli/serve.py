@@ -54,6 +54,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                        help="allow a non-loopback --host without --api-auth (anyone who reaches it can use it)")
     serve.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     serve.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    serve.add_argument("--preview-vae", default=None, metavar="PATH",
+                       help="a tiny autoencoder (TAESD folder or files) for the live preview of /sdapi/v1/progress "
+                            "(default: the built-in model's; else a linear latent -> RGB map)")
     serve.add_argument("--max-batch", type=int, default=defaults.DEFAULT_MAX_BATCH,
                        help=f"images one pipeline call makes, across requests (default {defaults.DEFAULT_MAX_BATCH}; "
                             "1: every image exactly the one the Python API gives alone)")
@@ -135,7 +138,21 @@ def settings_from(args: argparse.Namespace) -> Any:
         outputs_dir=folder(args.outputs_dir, "--outputs-dir"), host=args.host, port=args.port, api_auth=auth,
         device=args.device, dtype=args.dtype, max_batch=args.max_batch, max_pixels=args.max_pixels,
         max_steps=args.max_steps, max_side=args.max_side, max_images=args.max_images, max_queue=args.max_queue,
-        model_budget_bytes=int(args.model_budget_gb * 1024**3))
+        model_budget_bytes=int(args.model_budget_gb * 1024**3), preview_vae=preview_vae(args.preview_vae))
+
+
+def preview_vae(path: str | None) -> str | None:
+    """--preview-vae as an absolute path (or a Hub id / built-in name as given), checked to be a tiny autoencoder."""
+    if path is None:
+        return None
+    from ..models.autoencoder_tiny import is_tiny_autoencoder
+
+    local = Path(path).expanduser()
+    if local.exists() and not is_tiny_autoencoder(local):
+        raise UsageError("not a tiny autoencoder", where="--preview-vae",
+                         expected="an AutoencoderTiny folder, or a folder with taesd_encoder/taesd_decoder files",
+                         found=path)
+    return str(local.resolve()) if local.exists() else path
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -9,12 +9,15 @@ spacing, offset, clipping, sigma grid, solver order ... -> a Sampler). The mappi
   `EulerDiscreteScheduler` -> EulerSampler, `EulerAncestralDiscreteScheduler` -> EulerAncestralSampler,
   `HeunDiscreteScheduler` -> HeunSampler, `LMSDiscreteScheduler` -> LMSSampler,
   `DPMSolverMultistepScheduler` -> DPMSolverMultistepSampler ("dpmsolver++") or
-  DPMSolverMultistepSDESampler ("sde-dpmsolver++").
+  DPMSolverMultistepSDESampler ("sde-dpmsolver++"), `KDPM2DiscreteScheduler` -> DPM2Sampler,
+  `KDPM2AncestralDiscreteScheduler` -> DPM2AncestralSampler, `DPMSolverSDEScheduler` -> DPMSolverSDESampler,
+  `UniPCMultistepScheduler` -> UniPCSampler, `DEISMultistepScheduler` -> DEISSampler, `TCDScheduler` -> TCDSampler
+  (whose `eta`, a `step()` argument in diffusers, is kept under `_latentdiff_sampler` as DDIM's).
   A PNDM config without `skip_prk_steps` (diffusers' default: 3 pseudo Runge-Kutta warm-up steps,
   which latentdiff does not implement) loads as PLMSSampler with ONE warning: its warm-up is the latent
   diffusion repository's pseudo improved-Euler step instead.
 * Other diffusers samplers of the same (discrete, DDPM-family) forward process - DPM-Solver single-step,
-  KDPM2, UniPC, DEIS, LCM, TCD - give the same noise schedule and a DDIMSampler built exactly as
+  LCM - give the same noise schedule and a DDIMSampler built exactly as
   `DDIMScheduler.from_config(config)` would be, with ONE warning saying so.
 * A key missing from the file takes the default of diffusers' class. A key the class does not have is
   ignored, as diffusers ignores it (SD 2.x's DDIM config carries PNDM's `skip_prk_steps`) - except
@@ -25,7 +28,9 @@ spacing, offset, clipping, sigma grid, solver order ... -> a Sampler). The mappi
   is a ConfigError naming it.
 
 Files written here are configs of the diffusers class of the sampler, which diffusers loads to the same
-schedule and sampler; DDIM's eta (a `step()` argument in diffusers, not a config key) is kept under
+schedule and sampler (a setting the class has no key for - an A1111 schedule such as sgm_uniform, Brownian noise
+where the class draws Gaussian noise - makes it a registered sampler's file: DDIM for diffusers, every setting under
+`_latentdiff_sampler` for latentdiff); DDIM's eta (a `step()` argument in diffusers, not a config key) is kept under
 `_latentdiff_sampler`.
 """
 from __future__ import annotations
@@ -47,15 +52,24 @@ from .noise_scheduler import NoiseScheduler, NoiseSchedulerConfig, register_fold
 from .samplers import (
     DDIMSampler,
     DDPMSampler,
+    DEISSampler,
+    DPM2AncestralSampler,
+    DPM2Sampler,
     DPMSolverMultistepSampler,
     DPMSolverMultistepSDESampler,
+    DPMSolverSDESampler,
     EulerAncestralSampler,
     EulerSampler,
     HeunSampler,
     LMSSampler,
     PLMSSampler,
     SamplerSettings,
+    TCDSampler,
+    UniPCBH1Sampler,
+    UniPCBH2Sampler,
+    UniPCSampler,
 )
+from .scheduler_classes import MULTISTEP_CLASS_DEFAULTS, MULTISTEP_CLASS_FIELDS, SOLVER_KEYS
 
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 
@@ -64,12 +78,13 @@ NATIVE_CLASSES: dict[str, type] = {
     "DDIMScheduler": DDIMSampler, "DDPMScheduler": DDPMSampler, "PNDMScheduler": PLMSSampler,
     "EulerDiscreteScheduler": EulerSampler, "EulerAncestralDiscreteScheduler": EulerAncestralSampler,
     "HeunDiscreteScheduler": HeunSampler, "LMSDiscreteScheduler": LMSSampler,
-    "DPMSolverMultistepScheduler": DPMSolverMultistepSampler,
+    "DPMSolverMultistepScheduler": DPMSolverMultistepSampler, "KDPM2DiscreteScheduler": DPM2Sampler,
+    "KDPM2AncestralDiscreteScheduler": DPM2AncestralSampler, "DPMSolverSDEScheduler": DPMSolverSDESampler,
+    "UniPCMultistepScheduler": UniPCSampler, "DEISMultistepScheduler": DEISSampler, "TCDScheduler": TCDSampler,
 }
 # Classes whose noise schedule we read and whose sampler is replaced by DDIM (with a warning).
 FOREIGN_CLASSES = (
-    "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
-    "UniPCMultistepScheduler", "DEISMultistepScheduler", "LCMScheduler", "TCDScheduler",
+    "DPMSolverSinglestepScheduler", "LCMScheduler",
 )
 
 # diffusers 0.42 key -> NoiseSchedulerConfig field
@@ -95,6 +110,7 @@ FIXED_KEYS: dict[str, tuple[tuple[Any, ...], str]] = {
     "use_flow_sigmas": ((False, None), "flow-matching schedules are a different forward process"),
     "use_dynamic_shifting": ((False,), "resolution-dependent shifting is for flow-matching models"),
     "shift_terminal": ((None,), "terminal shifting is for flow-matching models"),
+    "solver_p": ((None,), "another scheduler as UniPC's predictor is not implemented"),
 }
 # Keys read only when a FIXED_KEYS feature is on (it cannot be), so any value is fine.
 INERT_KEYS = ("dynamic_thresholding_ratio", "sample_max_value", "flow_shift", "time_shift_type")
@@ -103,7 +119,7 @@ FOREIGN_SAMPLER_KEYS = (
     "skip_prk_steps", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "interpolation_type",
     "sigma_min", "sigma_max", "final_sigmas_type", "solver_order", "algorithm_type", "solver_type",
     "lower_order_final", "euler_at_final", "use_lu_lambdas", "lambda_min_clipped", "predict_x0",
-    "disable_corrector", "solver_p", "original_inference_steps", "timestep_scaling",
+    "disable_corrector", "solver_p", "original_inference_steps", "timestep_scaling", "noise_sampler_seed",
 )
 KNOWN_KEYS = frozenset(SCHEDULE_KEYS) | frozenset(SAMPLER_KEYS) | frozenset(FIXED_KEYS) | frozenset(INERT_KEYS) \
     | frozenset(FOREIGN_SAMPLER_KEYS)
@@ -122,6 +138,10 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
     "HeunDiscreteScheduler": {**_BETAS, "beta_start": 0.00085, "beta_end": 0.012, **_SIGMAS, "clip_sample": False,
                               "clip_sample_range": 1.0, **_SPACING},
     "LMSDiscreteScheduler": {**_BETAS, **_SIGMAS, **_SPACING},
+    "KDPM2DiscreteScheduler": {**_BETAS, "beta_start": 0.00085, "beta_end": 0.012, **_SIGMAS, **_SPACING},
+    "KDPM2AncestralDiscreteScheduler": {**_BETAS, "beta_start": 0.00085, "beta_end": 0.012, **_SIGMAS, **_SPACING},
+    "DPMSolverSDEScheduler": {**_BETAS, "beta_start": 0.00085, "beta_end": 0.012, **_SIGMAS,
+                              "noise_sampler_seed": None, **_SPACING},
     "DPMSolverMultistepScheduler": {
         **_BETAS, "solver_order": 2, "thresholding": False, "dynamic_thresholding_ratio": 0.995,
         "sample_max_value": 1.0, "algorithm_type": "dpmsolver++", "solver_type": "midpoint",
@@ -129,6 +149,7 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
         "use_flow_sigmas": False, "flow_shift": 1.0, "final_sigmas_type": "zero", "lambda_min_clipped": -math.inf,
         "variance_type": None, **_SPACING, "rescale_betas_zero_snr": False, "use_dynamic_shifting": False,
         "time_shift_type": "exponential"},
+    **MULTISTEP_CLASS_DEFAULTS,
 }
 # Sampler fields that hold the diffusers key of the same name, per class.
 CLASS_FIELDS: dict[str, tuple[str, ...]] = {
@@ -137,8 +158,12 @@ CLASS_FIELDS: dict[str, tuple[str, ...]] = {
     "EulerAncestralDiscreteScheduler": ("timestep_spacing", "steps_offset"),
     "HeunDiscreteScheduler": ("timestep_spacing", "steps_offset", "clip_sample", "clip_sample_range"),
     "LMSDiscreteScheduler": ("timestep_spacing", "steps_offset"),
+    "KDPM2DiscreteScheduler": ("timestep_spacing", "steps_offset"),
+    "KDPM2AncestralDiscreteScheduler": ("timestep_spacing", "steps_offset"),
+    "DPMSolverSDEScheduler": ("timestep_spacing", "steps_offset", "noise_sampler_seed"),
     "DPMSolverMultistepScheduler": ("timestep_spacing", "steps_offset", "solver_order", "solver_type",
                                     "lower_order_final", "euler_at_final", "final_sigmas_type", "lambda_min_clipped"),
+    **MULTISTEP_CLASS_FIELDS,
 }
 # Keys of those classes accepted only at the value(s) latentdiff implements, checked where the class has them.
 CLASS_FIXED_KEYS: dict[str, tuple[tuple[Any, ...], str]] = {
@@ -151,13 +176,25 @@ CLASS_FIXED_KEYS: dict[str, tuple[tuple[Any, ...], str]] = {
 DPM_ALGORITHMS = {"dpmsolver++": DPMSolverMultistepSampler, "deis": DPMSolverMultistepSampler,
                   "sde-dpmsolver++": DPMSolverMultistepSDESampler}
 DPM_SOLVER_TYPES = {"midpoint": "midpoint", "heun": "heun", "logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"}
+# The classes whose `step()` settings latentdiff keeps under LATENTDIFF_KEY, and the registered sampler of each.
+STEP_OPTIONS = {"DDIMScheduler": "ddim", "TCDScheduler": "tcd"}
 # Our sampler class -> the diffusers class it is written as.
 WRITTEN_CLASS = {PLMSSampler: "PNDMScheduler", EulerSampler: "EulerDiscreteScheduler",
                  EulerAncestralSampler: "EulerAncestralDiscreteScheduler", HeunSampler: "HeunDiscreteScheduler",
                  LMSSampler: "LMSDiscreteScheduler", DPMSolverMultistepSampler: "DPMSolverMultistepScheduler",
-                 DPMSolverMultistepSDESampler: "DPMSolverMultistepScheduler"}
+                 DPMSolverMultistepSDESampler: "DPMSolverMultistepScheduler", DPM2Sampler: "KDPM2DiscreteScheduler",
+                 DPM2AncestralSampler: "KDPM2AncestralDiscreteScheduler", DPMSolverSDESampler: "DPMSolverSDEScheduler",
+                 UniPCSampler: "UniPCMultistepScheduler", UniPCBH1Sampler: "UniPCMultistepScheduler",
+                 UniPCBH2Sampler: "UniPCMultistepScheduler", DEISSampler: "DEISMultistepScheduler",
+                 TCDSampler: "TCDScheduler"}
 # The samplers with a `sigma_schedule` (written as use_karras_sigmas / use_exponential_sigmas).
-SIGMA_GRID_SAMPLERS = (EulerSampler, HeunSampler, LMSSampler, DPMSolverMultistepSampler, DPMSolverMultistepSDESampler)
+SIGMA_GRID_SAMPLERS = (EulerSampler, HeunSampler, LMSSampler, DPMSolverMultistepSampler, DPMSolverMultistepSDESampler,
+                       DPM2Sampler, DPM2AncestralSampler, DPMSolverSDESampler, UniPCSampler, DEISSampler)
+# What a diffusers class cannot say: a sampler with one of these settings is written as a registered sampler
+# (`_registered_file_config`: the schedule as DDIM for diffusers, the settings for latentdiff) instead.
+DIFFUSERS_SIGMA_SCHEDULES = ("default", "karras", "exponential")
+DIFFUSERS_NOISE = {DPM2AncestralSampler: "gaussian", DPMSolverMultistepSDESampler: "gaussian",
+                   DPMSolverSDESampler: "brownian"}
 DDPM_VARIANCE = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small",  # exp(log(v)/2) = sqrt(v)
                  "fixed_large": "fixed_large"}
 # variance_type values that other classes may carry: the model outputs no variance channels.
@@ -266,7 +303,7 @@ def _read_native(name: str, keys: dict[str, Any], data: Mapping[str, Any], sourc
         raise ConfigError(f"diffusers' {name} has no zero-terminal-SNR rescaling and ignores this key: the model "
                           "would be sampled with another schedule than the file says", where=_at(
                               source, "rescale_betas_zero_snr"), expected="false or absent", found=True)
-    _latentdiff_options(data.get(LATENTDIFF_KEY), name, source)     # none of these classes has extra settings
+    options = _latentdiff_options(data.get(LATENTDIFF_KEY), name, source)     # TCD's eta
     schedule = _build(NoiseSchedulerConfig, {ours: values.get(theirs, False)   # rescale: False where absent
                                              for theirs, ours in SCHEDULE_KEYS.items()},
                       source, reverse={v: k for k, v in SCHEDULE_KEYS.items()})
@@ -278,6 +315,11 @@ def _read_native(name: str, keys: dict[str, Any], data: Mapping[str, Any], sourc
         cls = _lookup(DPM_ALGORITHMS, values, "algorithm_type", source,
                       "noise-prediction DPM-Solver is not implemented")
         kwargs["solver_type"] = _lookup(DPM_SOLVER_TYPES, values, "solver_type", source, "unknown solver type")
+    for key, table in SOLVER_KEYS.get(name, {}).items():
+        converted = _lookup(table, values, key, source, f"{name} does not implement it")
+        if key in kwargs:
+            kwargs[key] = converted
+    kwargs.update(options)
     sampler = _build(cls, kwargs, source)
     if name == "PNDMScheduler" and not _flag(values, "skip_prk_steps", source) and warn:
         warnings.warn(
@@ -315,13 +357,15 @@ def _flag(values: Mapping[str, Any], key: str, source: str | None) -> bool:
 
 
 def _latentdiff_options(options: Any, name: str, source: str | None) -> dict[str, Any]:
-    """DDIM settings diffusers has no config key for (eta), as written by `scheduler_file_config`."""
+    """DDIM's or TCD's settings diffusers has no config key for (eta: a `step()` argument there), as written by
+    `scheduler_file_config`."""
     if options is None:
         return {}
-    if not isinstance(options, dict) or set(options) - {"name", "eta"} or options.get("name") != "ddim" \
-            or name != "DDIMScheduler":
+    if not isinstance(options, dict) or set(options) - {"name", "eta"} or name not in STEP_OPTIONS \
+            or options.get("name") != STEP_OPTIONS[name]:
         raise ConfigError(f"malformed {LATENTDIFF_KEY}", where=_at(source, LATENTDIFF_KEY),
-                          expected='{"name": "ddim", "eta": <float>} in a DDIMScheduler config', found=repr(options))
+                          expected='{"name": "ddim" | "tcd", "eta": <float>} in a DDIMScheduler / TCDScheduler config',
+                          found=repr(options))
     return {k: v for k, v in options.items() if k != "name"}
 
 
@@ -357,6 +401,8 @@ def scheduler_file_config(noise_scheduler: NoiseScheduler, sampler: SamplerSetti
     if isinstance(sampler, (DDIMSampler, DDPMSampler)) and type(sampler) in (DDIMSampler, DDPMSampler):
         return _ddim_ddpm_file_config(noise_scheduler, sampler)
     name = WRITTEN_CLASS.get(type(sampler))
+    if name is not None and not _diffusers_can_say(sampler) and _is_registered(sampler):
+        return _registered_file_config(noise_scheduler, sampler)
     if name is None and _is_registered(sampler):
         return _registered_file_config(noise_scheduler, sampler)
     if name is None:
@@ -380,8 +426,21 @@ def scheduler_file_config(noise_scheduler: NoiseScheduler, sampler: SamplerSetti
         data["skip_prk_steps"] = True
     if isinstance(sampler, (DPMSolverMultistepSampler, DPMSolverMultistepSDESampler)):  # DPMSolverMultistepScheduler
         data["algorithm_type"] = sampler.algorithm_type
+    if isinstance(sampler, TCDSampler) and sampler.eta != TCDSampler().eta:
+        data[LATENTDIFF_KEY] = {"name": "tcd", "eta": sampler.eta}
     data.update(_class_name=name, _latentdiff_version=__version__)
     return data
+
+
+def _diffusers_can_say(sampler: Any) -> bool:
+    """Whether the diffusers class of `sampler` has keys for all of its settings (not an A1111 schedule such as
+    sgm_uniform, nor the other kind of noise than the class draws)."""
+    if getattr(sampler, "sigma_schedule", "default") not in DIFFUSERS_SIGMA_SCHEDULES:
+        return False
+    if getattr(sampler, "ays_model", "sd15") != "sd15":
+        return False
+    noise = DIFFUSERS_NOISE.get(type(sampler))
+    return noise is None or getattr(sampler, "noise_type", noise) == noise
 
 
 def _is_registered(sampler: Any) -> bool:

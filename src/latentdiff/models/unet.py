@@ -33,7 +33,9 @@ from ..layers.resnet import ResnetBlock
 from ..registry import COMPONENTS
 from . import structure
 from .base import ModelMixin
+from .deep_cache import DeepCacheState, run_levels
 from .diffusers_tables import UNET_CONDITIONAL
+from .freeu import FreeU
 from .residuals import Residuals
 from .unet_levels import Attend, DownLevel, MidLevel, UpLevel  # noqa: F401 (DownLevel, UpLevel: unet2d's import)
 
@@ -345,34 +347,19 @@ class UNet2DConditional(UNetTrunk[UNetConfig]):
     def forward(self, x: torch.Tensor, t: torch.Tensor | float | int, context: torch.Tensor | None = None,
                 class_labels: torch.Tensor | None = None, *,
                 added_cond: Mapping[str, torch.Tensor] | None = None,
-                residuals: Residuals | None = None) -> torch.Tensor:
+                residuals: Residuals | None = None, cache: DeepCacheState | None = None,
+                freeu: FreeU | None = None) -> torch.Tensor:
         """x: (B, in_channels, H, W); t: number, 0-d, (1,) or (B,); context: (B, M, cross_attention_dim);
         class_labels: (B,) integers; added_cond (addition_embed_type "text_time" only, diffusers'
         added_cond_kwargs): {"text_embeds": (B, P) pooled text embedding, "time_ids": (B, K) micro-conditioning
-        numbers}; residuals: what ControlNets / T2I-Adapters add (`residuals.Residuals`)
-        -> (B, out_channels, H, W), the prediction (eps, v or x0, as trained)."""
+        numbers}; residuals: what ControlNets / T2I-Adapters add (`residuals.Residuals`); cache: a DeepCache run
+        (`deep_cache.DeepCacheState`: a full pass stores, a shallow pass reuses the deep features); freeu: FreeU's
+        factors (`freeu.FreeU`) -> (B, out_channels, H, W), the prediction (eps, v or x0, as trained)."""
         upsample_sizes = self._check_inputs(x, t, context, class_labels)
         self._check_added_cond(added_cond, x.shape[0])
         emb = self.embed(x, t, class_labels, added_cond)
-        h = self.conv_in(x)
-        skips = [h]
-        intrablock = list(residuals.intrablock or ()) if residuals is not None else []
-        for down in self.down_blocks:
-            h = down(h, emb, context, skips, intrablock.pop(0) if intrablock else None)
-        if residuals is not None and residuals.down is not None:
-            residuals.check(skips)
-            skips = [s + r for s, r in zip(skips, residuals.down, strict=True)]
-        if self.mid_block is not None:
-            h = self.mid_block(h, emb, context)
-            if intrablock and intrablock[0].shape == h.shape:   # SDXL T2I-Adapters: one for the mid level
-                h = h + intrablock.pop(0)
-        if intrablock:
-            raise InputError("more T2I-Adapter features than this UNet has down levels", where="residuals.intrablock",
-                             expected=len(self.down_blocks), found=len(residuals.intrablock or ()) if residuals else 0)
-        if residuals is not None and residuals.mid is not None:
-            h = h + residuals.mid
-        for up, size in zip(self.up_blocks, upsample_sizes, strict=True):
-            h = up(h, emb, context, skips, size)
+        h = run_levels(self, self.conv_in(x), emb, context, upsample_sizes, mid_args=(emb, context),
+                       residuals=residuals, cache=cache, freeu=freeu)
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
 

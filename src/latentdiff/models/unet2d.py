@@ -32,7 +32,9 @@ from ..layers.resnet import ResnetBlock
 from ..registry import COMPONENTS
 from . import structure
 from .base import DEPRECATED_ATTENTION_NAMES, ModelMixin, rename_deprecated_attention  # noqa: F401 (re-exported)
+from .deep_cache import DeepCacheState, run_levels
 from .diffusers_tables import UNET_2D
+from .freeu import FreeU
 from .unet import DownLevel, UpLevel, check_timestep, shape_of, timestep_batch, upsample_sizes
 
 ClassEmbedType: TypeAlias = Literal["timestep", "identity"]
@@ -264,10 +266,12 @@ class UNet2D(ModelMixin[UNet2DConfig]):
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float | int, context: torch.Tensor | None = None,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+                class_labels: torch.Tensor | None = None, *, cache: DeepCacheState | None = None,
+                freeu: FreeU | None = None) -> torch.Tensor:
         """x: (B, in_channels, H, W); t: number, 0-d, (1,) or (B,); context: None (no cross-attention);
         class_labels: (B,) integers (num_class_embeds), (B,) numbers (class_embed_type "timestep") or
-        (B, time_embedding_dim) ("identity") -> (B, out_channels, H, W), the prediction (eps, v or x0, as trained).
+        (B, time_embedding_dim) ("identity"); cache: a DeepCache run (`deep_cache.DeepCacheState`); freeu: FreeU's
+        factors (`freeu.FreeU`) -> (B, out_channels, H, W), the prediction (eps, v or x0, as trained).
         A float t stays a float (diffusers' UNet2DModel truncates a Python float to an integer)."""
         upsample_to = self._check_inputs(x, t, context, class_labels)
         if self.config.center_input_sample:
@@ -277,14 +281,7 @@ class UNet2D(ModelMixin[UNet2DConfig]):
             emb = emb + to_dtype(self._embed_classes(class_labels, emb.dtype), emb.dtype)
         emb = F.silu(emb)  # every ResnetBlock projects SiLU(emb): once here, not once per block
 
-        h = self.conv_in(x)
-        skips = [h]
-        for down in self.down_blocks:
-            h = down(h, emb, None, skips)
-        if self.mid_block is not None:
-            h = self.mid_block(h, emb)
-        for up, size in zip(self.up_blocks, upsample_to, strict=True):
-            h = up(h, emb, None, skips, size)
+        h = run_levels(self, self.conv_in(x), emb, None, upsample_to, mid_args=(emb,), cache=cache, freeu=freeu)
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
     def _sinusoid(self, t: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..layers.resnet import Downsample, ResnetBlock, Upsample
+from .freeu import FreeUFactors
 
 Attend: TypeAlias = Callable[[int], nn.Module]  # channels -> SpatialTransformer
 
@@ -29,21 +30,31 @@ class DownLevel(nn.Module):
         self.attentions = nn.ModuleList(attend(out_channels) for _ in range(layers)) if attend else None
         self.downsamplers = nn.ModuleList([Downsample(out_channels, padding=padding)]) if downsample else None
 
+    @property
+    def skip_count(self) -> int:
+        """How many skips the level appends: one per resnet, one more for a downsampler."""
+        return len(self.resnets) + (self.downsamplers is not None)
+
     def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None,
-                skips: list[torch.Tensor], intrablock: torch.Tensor | None = None) -> torch.Tensor:
+                skips: list[torch.Tensor], intrablock: torch.Tensor | None = None, *,
+                stop: int | None = None) -> torch.Tensor:
         """h: (B, C_in, H, W) -> (B, C_out, H', W'); appends every intermediate to `skips`.
         emb: SiLU(time embedding), (B, temb), as every level takes it (see UNet2DConditional.forward).
         intrablock: a T2I-Adapter's feature for this level (`residuals.Residuals`), added where diffusers adds it:
         after the last resnet + transformer pair of a cross-attention level, after a plain level's downsampler
-        (both times the last skip carries it)."""
-        last = len(self.resnets) - 1
-        for i, resnet in enumerate(self.resnets):
-            h = resnet(h, emb, temb_activated=True)
+        (both times the last skip carries it); not at all when `stop` ends the level before that point.
+        stop: run only the first `stop` of the level's skip_count parts (DeepCache's shallow branch, `deep_cache`);
+        None: all of them."""
+        last, stop = len(self.resnets) - 1, self.skip_count if stop is None else stop
+        for i in range(min(stop, len(self.resnets))):
+            h = self.resnets[i](h, emb, temb_activated=True)
             if self.attentions is not None:
                 h = self.attentions[i](h, context)
                 if i == last and intrablock is not None:
                     h = h + _checked(intrablock, h)
             skips.append(h)
+        if stop < self.skip_count:
+            return h
         if self.downsamplers is not None:
             down = self.downsamplers[0]
             h = down(h, emb, temb_activated=True) if self.resnet_resampler else down(h)
@@ -97,12 +108,20 @@ class UpLevel(nn.Module):
         self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if upsample else None
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None, skips: list[torch.Tensor],
-                upsample_size: tuple[int, int] | None = None) -> torch.Tensor:
-        """Pops one skip per resnet from the end of `skips`."""
-        for i, resnet in enumerate(self.resnets):
-            h = resnet(torch.cat([h, skips.pop()], dim=1), emb, temb_activated=True)
+                upsample_size: tuple[int, int] | None = None, *, start: int = 0, stop: int | None = None,
+                freeu: FreeUFactors | None = None) -> torch.Tensor:
+        """Pops one skip per resnet from the end of `skips`. start / stop: run resnets start .. stop - 1 only, the
+        upsampler only when stop is None (DeepCache enters or leaves a level at a resnet, `deep_cache`).
+        freeu: FreeU's (backbone, skip) factors for this level (`freeu.apply`), None: off."""
+        for i in range(start, len(self.resnets) if stop is None else stop):
+            skip = skips.pop()
+            if freeu is not None:
+                h, skip = freeu.apply(h, skip)
+            h = self.resnets[i](torch.cat([h, skip], dim=1), emb, temb_activated=True)
             if self.attentions is not None:
                 h = self.attentions[i](h, context)
+        if stop is not None:
+            return h
         if self.upsamplers is not None:
             up = self.upsamplers[0]
             h = up(h, emb, upsample_size=upsample_size, temb_activated=True) if self.resnet_resampler \

@@ -31,6 +31,7 @@ from ..diffusion.scheduler_io import FOREIGN_CLASSES, NATIVE_CLASSES, matching_s
 from ..errors import ConfigError, InputError, describe
 from ..hub import HubLocation
 from ..models.autoencoder_kl import AutoencoderKL
+from ..models.autoencoder_tiny import AutoencoderTiny
 from ..models.base import watch_mapped_files
 from ..models.identity import IdentityFirstStage
 from ..models.unet import UNet2DConditional
@@ -47,11 +48,11 @@ from .call_options import Interrupted
 from .folder import MODEL_INDEX, Entry, FolderPart, load_folder, write_parts
 from .stages import stage
 
-FirstStage: TypeAlias = AutoencoderKL | VQModel | IdentityFirstStage
-
+FirstStage: TypeAlias = AutoencoderKL | VQModel | IdentityFirstStage | AutoencoderTiny
 # model_index.json (library, class) -> the latentdiff class that loads that part.
 FIRST_STAGES: dict[Entry, type] = {("diffusers", "AutoencoderKL"): AutoencoderKL, ("diffusers", "VQModel"): VQModel,
-                                   ("latentdiff", "IdentityFirstStage"): IdentityFirstStage}
+                                   ("latentdiff", "IdentityFirstStage"): IdentityFirstStage,
+                                   ("diffusers", "AutoencoderTiny"): AutoencoderTiny}
 DENOISERS: dict[Entry, type] = {("diffusers", "UNet2DModel"): UNet2D,
                                 ("diffusers", "UNet2DConditionModel"): UNet2DConditional}
 
@@ -460,8 +461,7 @@ class DenoisingPipeline(Pipeline):
         or `vae.decode` (unscaled), with two safety nets, each announced by a RuntimeWarning (out of memory:
         again in tiles, `fallback_tiling`; NaN/Inf from a half-precision first stage: again in fp32); see
         `pipelines.first_stage`."""
-        return first_stage.decode(self.vae, latents, scaled=scaled, fallback_tiling=self.fallback_tiling,
-                                  stacklevel=3)
+        return first_stage.decode(self.vae, latents, scaled=scaled, fallback_tiling=self.fallback_tiling, stacklevel=3)
 
     def enable_vae_tiling(self, *, tile_sample_size: int = 512, overlap: float = 0.25) -> None:
         """Decode (and encode) images larger than `tile_sample_size` pixels in overlapping, blended tiles: bounded

@@ -28,6 +28,7 @@ from .control import Control
 from .denoising import DenoisingPipeline, Generator
 from .sdedit import sample_from_step
 from .stages import stage
+from .step_cache import StepSwitches
 from .tiled_sampling import LatentTiling, latent_tiling, tiled_denoiser
 from .tiled_sampling import Size as TileSize
 
@@ -39,7 +40,7 @@ def no_prompt() -> InputError:
     return InputError("a prompt is required", where="prompt", expected="str or list of str", found=None)
 
 
-class TextGuidedPipeline(DenoisingPipeline):
+class TextGuidedPipeline(StepSwitches, DenoisingPipeline):
     """A DenoisingPipeline conditioned by text through classifier-free guidance: the checks and stages the
     text-to-image pipelines share."""
 
@@ -131,6 +132,8 @@ class TextGuidedPipeline(DenoisingPipeline):
             raise InputError("tiled sampling does not slice concatenated conditioning", where="tiling",
                              expected="tiling=None with concat (inpainting)", found=tiling)
         model = self.unet if model is None else model
+        # DeepCache / FreeU (`step_cache`): the UNet's keywords, the step counted over the steps run
+        model, callback = self.switched(model, callback, steps=num_inference_steps - start_step)
         model = model if concat is None else concat_conditioning(model, concat)
         controller = None if control is None else control.bind(model, steps=num_inference_steps - start_step)
         model = model if controller is None else controller

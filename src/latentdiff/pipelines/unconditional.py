@@ -33,10 +33,11 @@ from ..registry import PIPELINES
 from .arguments import check_call
 from .call_options import finish
 from .denoising import DenoisingPipeline, Generator, StepCallback
+from .step_cache import StepSwitches
 
 
 @PIPELINES.register("unconditional")
-class UnconditionalPipeline(DenoisingPipeline):
+class UnconditionalPipeline(StepSwitches, DenoisingPipeline):
     """Images from noise with an unconditional UNet (UNet2D, or a UNet2DConditional without cross-attention)."""
 
     diffusers_class_names = ("LDMPipeline",)
@@ -62,7 +63,8 @@ class UnconditionalPipeline(DenoisingPipeline):
                        generator=generator)
         sampler = self.sampler_for(eta)
         x_T = self.prepare_latents(batch_size, height, width, generator=generator, latents=latents)
-        z0 = self.sample(self.unet, x_T, sampler=sampler, num_inference_steps=num_inference_steps,
+        model, callback = self.switched(self.unet, callback, steps=num_inference_steps)   # DeepCache, FreeU
+        z0 = self.sample(model, x_T, sampler=sampler, num_inference_steps=num_inference_steps,
                          generator=generator, callback=callback, progress=progress)
         return finish(self.output(z0, output_type), return_dict, nsfw_item=False)
 

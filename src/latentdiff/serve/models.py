@@ -28,7 +28,7 @@ from ..cli.generate_settings import GenerateSettings
 from ..errors import LatentDiffError
 from .controlnet import ControlNetCatalog
 from .folders import Entry, refuse_path, scan_files
-from .preview import LatentPreview
+from .preview import LatentPreview, TinyDecoderPreview, tiny_preview_for
 from .requests import RequestError
 from .settings import ServeSettings
 
@@ -168,7 +168,7 @@ class ModelCatalog:
         self._sizes: dict[Key, int] = {}
         self._reports: dict[Key, dict[str, dict[str, Any]]] = {}   # the embeddings each pipeline took / skipped
         self._loading: dict[Key, Future] = {}
-        self._previews: dict[str, LatentPreview] = {}
+        self._previews: dict[str, LatentPreview | TinyDecoderPreview] = {}
         self.refresh()
 
     # ---- the lists ------------------------------------------------------------------------------------------
@@ -325,14 +325,16 @@ class ModelCatalog:
         with self._lock:
             self.current = canonical
 
-    def preview(self, name: str) -> LatentPreview:
-        """The live-preview map of the checkpoint's own first stage, fitted once."""
+    def preview(self, name: str) -> LatentPreview | TinyDecoderPreview:
+        """The live preview of the checkpoint, made once: its tiny autoencoder's decode (--preview-vae, or the
+        built-in one), else the linear map fitted to its own first stage."""
         canonical = self.resolve(name, field="sd_model_checkpoint")
         with self._lock:
             fitted = self._previews.get(canonical)
         if fitted is not None:
             return fitted
-        fitted = LatentPreview.fit(self.pipeline(canonical).vae)
+        vae = self.pipeline(canonical).vae
+        fitted = tiny_preview_for(vae, canonical, self.settings.preview_vae) or LatentPreview.fit(vae)
         with self._lock:
             return self._previews.setdefault(canonical, fitted)
 

@@ -1,4 +1,6 @@
-"""LatentPreview: the live preview of `/sdapi/v1/progress`, a linear map from latent channels to RGB.
+"""LatentPreview: the live preview of `/sdapi/v1/progress`, a linear map from latent channels to RGB; or, where a
+tiny autoencoder fits the model (`latentdiff serve --preview-vae`, or the built-in model's own), the x0 prediction
+decoded by it (`TinyDecoderPreview`: TAESD, the image itself).
 
 Decoding the x0 prediction at every step would cost as much as the step itself (the decoder is the largest part
 of a small model). A1111's "Approx NN" / "Approx cheap" previews show that a per-pixel linear map of the latent
@@ -21,6 +23,7 @@ error on [0, 1]) and the layout of the image, not its exact shades.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Any
 
 import torch
@@ -97,4 +100,37 @@ class LatentPreview:
         return images[0] if len(images) == 1 else make_grid(images)
 
 
-__all__ = ["LatentPreview", "synthetic_images"]
+@dataclasses.dataclass(frozen=True, eq=False)
+class TinyDecoderPreview:
+    """The live preview decoded by a tiny autoencoder (TAESD): the image itself, not a projection, at a fraction
+    of the full decoder's cost. The same `image(z, grid=)` as LatentPreview; `lock` serialises the decodes (one
+    autoencoder, the progress route's threads)."""
+
+    vae: Any
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def image(self, z: torch.Tensor, *, grid: bool = False) -> Any:
+        from ..pipelines.previews import decode_preview
+
+        with self.lock:
+            images = decode_preview(self.vae, z if grid else z[:1])
+        return images[0] if len(images) == 1 else make_grid(images)
+
+
+def tiny_preview_for(vae: Any, model: str, preview_vae: str | None) -> TinyDecoderPreview | None:
+    """A TAESD preview for a pipeline whose first stage is `vae`: from `preview_vae` (--preview-vae), else the
+    built-in tiny autoencoder of a built-in `model`; None when neither exists or its latent space does not fit."""
+    from ..builtin import BUILTIN_TINY_AUTOENCODERS, builtin_path
+    from ..models.autoencoder_tiny import load_tiny_autoencoder
+
+    source = preview_vae or BUILTIN_TINY_AUTOENCODERS.get(model)
+    if source is None or (preview_vae is None and builtin_path(source) is None):   # not shipped (a stand-in)
+        return None
+    parameter = next(iter(vae.parameters()), None)
+    tiny = load_tiny_autoencoder(source, device=parameter.device if parameter is not None else None)
+    if (tiny.latent_channels, tiny.downsample_factor) != (vae.latent_channels, vae.downsample_factor):
+        return None
+    return TinyDecoderPreview(tiny.eval())
+
+
+__all__ = ["LatentPreview", "TinyDecoderPreview", "synthetic_images", "tiny_preview_for"]

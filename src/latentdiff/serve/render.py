@@ -31,7 +31,7 @@ from ..cli.generate_sdxl import a1111_clip_skip, init_tensor, is_sdxl, refiner_s
 from ..control.resize import fit
 from ..diffusion.noise import randn
 from ..diffusion.samplers.base import switch_sampler
-from ..diffusion.samplers.names import has_schedule
+from ..diffusion.samplers.names import has_schedule, schedule_options
 from ..version import __version__
 from .requests import GeneratedImage, ImageRequest, Unit
 
@@ -41,9 +41,10 @@ StepCallback = Callable[..., Any]
 def sampler_for(pipe: Any, request: ImageRequest) -> Any:
     """The pipeline's sampler switched to the request's (its timestep settings kept) with its schedule set."""
     sampler = switch_sampler(pipe.sampler, request.sampler)
-    if request.schedule is not None and has_schedule(sampler.registry_name) \
-            and getattr(sampler, "sigma_schedule", None) != request.schedule:
-        sampler = sampler.with_options(sigma_schedule=request.schedule)
+    if request.schedule is not None and has_schedule(sampler.registry_name):
+        options = schedule_options(request.schedule, pipeline=pipe)     # AYS: the table of the pipeline's model
+        if any(getattr(sampler, key, None) != value for key, value in options.items()):
+            sampler = sampler.with_options(**options)
     return sampler
 
 

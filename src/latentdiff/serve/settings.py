@@ -41,3 +41,5 @@ class ServeSettings:
     max_queue: int = DEFAULT_MAX_QUEUE
     model_budget_bytes: int = DEFAULT_MODEL_BUDGET_BYTES
     batch_wait_s: float = 0.05                 # how long the worker waits for companions before a call
+    preview_vae: str | None = None             # a tiny autoencoder (TAESD) for the live preview of the models
+                                               # whose latent space it fits (None: the built-in one, if any)

@@ -269,10 +269,18 @@ def train_config_from_dict(data: Mapping[str, Any], kind: Kind, *, source: str |
     """Build a train config from a {section: {key: value}} mapping; strict, errors name `source` and the key."""
     if kind not in _CLASSES:
         raise ConfigError("unknown training stage", where="kind", expected=list(KINDS), found=kind)
+    config = sections_from_dict(data, _CLASSES[kind], source=source)
+    check_components(config)
+    return config
+
+
+def sections_from_dict(data: Mapping[str, Any], cls: Any, *, source: str | None = None) -> Any:
+    """A run config of class `cls` (a dataclass of sections, with `kind`) from a {section: {key: value}} mapping,
+    strictly; the one parser of every stage's file, also for stages defined outside this module."""
+    kind = cls.kind
     if not isinstance(data, Mapping):
         raise ConfigError("a train config must be a mapping of sections", where=source, expected="a YAML mapping",
                           found=describe(data))
-    cls = _CLASSES[kind]
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
     hints = typing.get_type_hints(cls)
     unknown = sorted(k for k in data if k not in fields)
@@ -297,13 +305,16 @@ def train_config_from_dict(data: Mapping[str, Any], kind: Kind, *, source: str |
                 raise
             raise ConfigError(e.message, where=f"{where}.{e.where}" if e.where else where, expected=e.expected,
                               found=e.found) from None
-    config = cls(**sections, source=source)
-    check_components(config)
-    return config
+    return cls(**sections, source=source)
 
 
 def load_train_config(path: str | Path, kind: Kind, *, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a YAML train config; `overrides` are "section.key=value" strings (value parsed as YAML)."""
+    return train_config_from_dict(read_train_file(path, overrides=overrides), kind, source=str(path))
+
+
+def read_train_file(path: str | Path, *, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The {section: {key: value}} mapping of a YAML train file, with the overrides applied."""
     yaml = _yaml()
     path = Path(path)
     try:
@@ -318,7 +329,7 @@ def load_train_config(path: str | Path, kind: Kind, *, overrides: Sequence[str] 
                           expected="a YAML mapping", found=describe(data))
     for item in overrides:
         apply_override(data, item)
-    return train_config_from_dict(data, kind, source=str(path))
+    return data
 
 
 def _yaml() -> Any:

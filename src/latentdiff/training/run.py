@@ -16,6 +16,11 @@ if TYPE_CHECKING:
 
 def train_from_file(kind: str, path: str | Path, *, overrides: Sequence[str] = ()) -> tuple[Path, bool]:
     """Read the config, build the stage's trainer, fit. -> (the export folder, whether this is the main process)."""
+    if kind == "tiny-autoencoder":   # its config and trainer live in their own module
+        from .tiny_autoencoder import TinyAutoencoderTrainer, load_tiny_autoencoder_config
+
+        tiny = TinyAutoencoderTrainer(load_tiny_autoencoder_config(path, overrides=overrides))
+        return tiny.fit(), tiny.accelerator.is_main_process
     # kind is checked there (an unknown one is a ConfigError naming the stages)
     config = load_train_config(path, kind, overrides=overrides)  # type: ignore[arg-type]
     # only the stage that runs is imported (the diffusion stage pulls in every pipeline)

@@ -30,10 +30,14 @@ NEGATIVE = "Negative prompt:"
 # this table the other way: the one table of A1111 labels of implemented samplers). DDPM has no A1111 label.
 A1111_SAMPLER_LABELS: dict[str, str] = {
     "ddim": "DDIM", "ddpm": "DDPM", "plms": "PLMS", "euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun",
-    "lms": "LMS", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "lms": "LMS", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE", "dpm_2": "DPM2", "dpm_2_ancestral": "DPM2 a",
+    "dpmpp_2s_ancestral": "DPM++ 2S a", "dpmpp_sde": "DPM++ SDE", "dpmpp_3m_sde": "DPM++ 3M SDE",
+    "uni_pc": "UniPC",    # A1111's UniPC: bh1, order 3 (its uni_pc_variant / uni_pc_order defaults)
 }
 # a sampler's `sigma_schedule` -> A1111's "Schedule type" ("Uniform" is k-diffusion's own grid, the default one)
-A1111_SCHEDULE_LABELS: dict[str, str] = {"default": "Uniform", "karras": "Karras", "exponential": "Exponential"}
+A1111_SCHEDULE_LABELS: dict[str, str] = {"default": "Uniform", "karras": "Karras", "exponential": "Exponential",
+                                         "sgm_uniform": "SGM Uniform", "simple": "Simple", "beta": "Beta",
+                                         "align_your_steps": "Align Your Steps"}
 
 
 @dataclass(frozen=True)

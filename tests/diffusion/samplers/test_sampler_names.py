@@ -56,6 +56,24 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")   # numpy 
     ("euler", "euler", None),                                # a registered name as spelled: itself
     ("dpmpp_2m", "dpmpp_2m", None),
     ("dpmpp_2m_sde", "dpmpp_2m_sde", None),
+    ("DPM2", "dpm_2", "karras"),                             # A1111 >= 1.9's Automatic for the DPM family
+    ("DPM2 a", "dpm_2_ancestral", "karras"),
+    ("DPM2 a Uniform", "dpm_2_ancestral", "default"),
+    ("DPM++ 2S a", "dpmpp_2s_ancestral", "karras"),
+    ("DPM++ SDE", "dpmpp_sde", "karras"),
+    ("DPM++ SDE Simple", "dpmpp_sde", "simple"),
+    ("DPM++ 3M SDE", "dpmpp_3m_sde", "exponential"),
+    ("DPM++ 3M SDE SGM Uniform", "dpmpp_3m_sde", "sgm_uniform"),
+    ("k_dpm_2_a", "dpm_2_ancestral", "karras"),
+    ("k_dpmpp_sde_ka", "dpmpp_sde", "karras"),
+    ("KDPM2DiscreteScheduler", "dpm_2", None),
+    ("KDPM2AncestralDiscreteScheduler", "dpm_2_ancestral", None),
+    ("DPMSolverSDEScheduler", "dpmpp_sde", None),
+    ("UniPC", "uni_pc", "default"),                             # A1111's: bh1, third order (ComfyUI's uni_pc)
+    ("uni_pc", "uni_pc", None), ("uni_pc_bh2", "uni_pc_bh2", None), ("deis", "deis", None),   # ComfyUI's
+    ("unipc", "unipc", None),                                # as spelled: diffusers' UniPCMultistepScheduler
+    ("UniPCMultistepScheduler", "unipc", None), ("DEISMultistepScheduler", "deis", None),
+    ("TCDScheduler", "tcd", None), ("UniPCSampler", "unipc", None),
 ])
 def test_names_resolve_to_the_sampler_and_schedule_their_tool_means(text, name, schedule):
     resolved = resolve_sampler(text)
@@ -70,13 +88,13 @@ def test_the_split_form_and_schedule_names():
     assert resolve_sampler("DPM++ 2M Karras", schedule="exponential").schedule == "exponential"   # the flag wins
     assert [resolve_schedule(s) for s in ("default", "KARRAS", "exponential", "uniform", "Automatic")] == \
         ["default", "karras", "exponential", "default", None]
+    assert [resolve_schedule(s) for s in ("SGM Uniform", "Simple", "Beta", "Align Your Steps", "sgm_uniform")] == \
+        ["sgm_uniform", "simple", "beta", "align_your_steps", "sgm_uniform"]
+    assert resolve_sampler("Euler", schedule="Align Your Steps").schedule == "align_your_steps"
 
 
 @pytest.mark.parametrize("text, closest", [
-    ("DPM2", "heun"), ("DPM2 a", "euler_ancestral"), ("DPM++ 2S a", "euler_ancestral"), ("DPM++ SDE Karras", None),
-    ("DPM++ 3M SDE", "dpmpp_2m_sde"), ("UniPC", "dpmpp_2m"), ("LCM", "ddim"), ("dpm_fast", "dpmpp_2m"),
-    ("UniPCMultistepScheduler", "dpmpp_2m"), ("KDPM2DiscreteScheduler", "heun"), ("DPMSolverSDEScheduler", None),
-    ("DPM++ 2M SDE Heun", "dpmpp_2m_sde"),
+    ("LCM", "ddim"), ("dpm_fast", "dpmpp_2m"), ("DPM++ 2M SDE Heun", "dpmpp_2m_sde"), ("DPM adaptive", None),
 ])
 def test_names_not_implemented_yet_say_so_and_name_the_closest(text, closest):
     with pytest.raises(UsageError) as info:
@@ -100,7 +118,7 @@ def test_a_close_misspelling_is_suggested():
 
 
 @pytest.mark.parametrize("text, words", [
-    ("SGM Uniform", ["not implemented yet", "SGM Uniform"]), ("Align Your Steps", ["not implemented yet"]),
+    ("KL Optimal", ["not implemented yet", "KL Optimal"]), ("Align Your Steps GITS", ["not implemented yet"]),
     ("rho", ["unknown schedule"]), (7, ["a schedule must be a name"]),
 ])
 def test_bad_schedules(text, words):
@@ -120,7 +138,9 @@ def test_a_schedule_on_a_sampler_without_one_names_both_flags():
 
 
 def test_one_table_covers_every_registered_sampler_and_diffusers_class():
-    assert set(A1111_SAMPLER_LABELS) == set(SAMPLERS.names())
+    # A1111 has no DEIS, TCD or diffusers-default UniPC: those are written (infotext) and read as their own names
+    assert set(SAMPLERS.names()) - set(A1111_SAMPLER_LABELS) <= {"unipc", "uni_pc_bh2", "deis", "tcd"}
+    assert set(A1111_SAMPLER_LABELS) <= set(SAMPLERS.names())
     for diffusers_class in NATIVE_CLASSES:
         assert resolve_sampler(diffusers_class).name == matching_sampler(diffusers_class).registry_name
     assert set(FOREIGN_CLASSES) <= set(DIFFUSERS_MISSING)
@@ -128,7 +148,7 @@ def test_one_table_covers_every_registered_sampler_and_diffusers_class():
         assert closest in SAMPLERS.names()
     groups = accepted_names()
     assert groups["registered"] == SAMPLERS.names() and "DPM++ 2M Karras" in groups["A1111"]
-    assert "DPMSolverMultistepScheduler" in groups["diffusers"] and "UniPC" in groups["not implemented yet"]
+    assert "DPMSolverMultistepScheduler" in groups["diffusers"] and "DPM adaptive" in groups["not implemented yet"]
     for label in groups["A1111"] + groups["diffusers"] + groups["registered"]:
         resolve_sampler(label)                            # every listed name resolves
 
@@ -159,6 +179,8 @@ def toy_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     ("Euler a", "EulerAncestralDiscreteScheduler", dict()),
     ("LMS Karras", "LMSDiscreteScheduler", dict(use_karras_sigmas=True)),
     ("EulerDiscreteScheduler", "EulerDiscreteScheduler", dict()),
+    ("DPM2", "KDPM2DiscreteScheduler", dict(use_karras_sigmas=True)),
+    ("DPM2 a", "KDPM2AncestralDiscreteScheduler", dict(use_karras_sigmas=True)),
 ])
 def test_a_name_samples_as_the_diffusers_scheduler_it_stands_for(diffusers, text, ref_cls, ref_kw):
     n, shape = 16, (1, 4, 8, 8)

@@ -16,6 +16,13 @@ NoiseScheduler passed to each call, so one sampler serves any model. Every sampl
     sigma_loops.py     Euler, Euler ancestral, Heun, LMS, DPM-Solver++ as pure functions on sigmas (k-diffusion)
     discrete.py        DDIMSampler, DDPMSampler, PLMSSampler
     sigma.py           EulerSampler, EulerAncestralSampler, HeunSampler, LMSSampler, DPMSolverMultistep(SDE)Sampler
+    dpm_loops.py       DPM2, DPM2 a, DPM++ 2S a, DPM++ SDE, DPM++ 3M SDE as pure functions on sigmas (k-diffusion)
+    dpm.py             DPM2Sampler, DPM2AncestralSampler, DPMPP2SAncestralSampler, DPMSolverSDESampler,
+                       DPMPP3MSDESampler
+    brownian.py        Brownian-tree noise of the SDE samplers (torchsde's BrownianTree, without torchsde)
+    multistep_loops.py UniPC and DEIS as pure functions on sigmas
+    multistep.py       UniPCSampler (and its ComfyUI-named variants), DEISSampler, on DPM-Solver's grid
+    tcd.py             TCD (trajectory consistency distillation): its loop on alphas_cumprod and TCDSampler
 
 `Sampler` is the base of the discrete samplers (its name since 0.1), `SigmaSampler` of the sigma-space ones,
 `SamplerSettings` of both. Importing this package registers every sampler with `registry.SAMPLERS`.
@@ -33,8 +40,11 @@ from .base import (
                    check_sampler,
                    switch_sampler,
 )
+from .brownian import BrownianNoise, BrownianTree
 from .discrete import DDIMSampler, DDPMSampler, PLMSSampler, Sampler, SamplingPlan
+from .dpm import DPM2AncestralSampler, DPM2Sampler, DPMPP2SAncestralSampler, DPMPP3MSDESampler, DPMSolverSDESampler
 from .grids import timestep_grid
+from .multistep import DEISSampler, UniPCBH1Sampler, UniPCBH2Sampler, UniPCSampler
 from .sigma import (
                    DPMSolverMultistepSampler,
                    DPMSolverMultistepSDESampler,
@@ -45,8 +55,12 @@ from .sigma import (
                    SigmaPlan,
                    SigmaSampler,
 )
+from .tcd import TCDSampler
 
 __all__ = ["SamplingPlan", "Sampler", "DDIMSampler", "DDPMSampler", "PLMSSampler", "SigmaPlan", "SigmaSampler",
            "EulerSampler", "EulerAncestralSampler", "HeunSampler", "LMSSampler", "DPMSolverMultistepSampler",
-           "DPMSolverMultistepSDESampler", "SamplerProtocol", "SamplerSettings", "Denoiser", "Generator",
-           "NoiseSampler", "StepCallback", "as_step_callback", "check_sampler", "switch_sampler", "timestep_grid"]
+           "DPMSolverMultistepSDESampler", "DPM2Sampler", "DPM2AncestralSampler", "DPMPP2SAncestralSampler",
+           "DPMSolverSDESampler", "DPMPP3MSDESampler", "BrownianTree", "BrownianNoise", "UniPCSampler",
+           "UniPCBH1Sampler", "UniPCBH2Sampler", "DEISSampler", "TCDSampler", "SamplerProtocol",
+           "SamplerSettings", "Denoiser", "Generator", "NoiseSampler", "StepCallback", "as_step_callback",
+           "check_sampler", "switch_sampler", "timestep_grid"]

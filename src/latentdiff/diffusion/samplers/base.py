@@ -36,6 +36,9 @@ VarianceType: TypeAlias = Literal["fixed_small", "fixed_large"]
 
 Denoiser: TypeAlias = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseSampler: TypeAlias = Callable[[torch.Tensor], torch.Tensor]
+# k-diffusion's noise of one step, noise(sigma, sigma_next) -> z ~ N(0, I) like x: a Brownian tree's increment over
+# [sigma_next, sigma] (samplers.brownian) or fresh Gaussian noise (dpm_loops.gaussian_interval_noise).
+IntervalNoise: TypeAlias = Callable[[float, float], torch.Tensor]
 Generator: TypeAlias = torch.Generator | Sequence[torch.Generator] | None
 # The one step-callback signature, callback(i, t, x, denoised) -> None | a replacement x; the older (i, t, x)
 # form is accepted too (module docstring).

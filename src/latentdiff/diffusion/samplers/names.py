@@ -16,7 +16,10 @@ each name means is what the tool it comes from computes:
 * a diffusers class name, a registered name as spelled (`euler`, while "Euler" is A1111's) or a latentdiff class
   name is that sampler with the schedule it is
   switched from (diffusers' `from_config`: a folder's `use_karras_sigmas` is kept) unless `schedule=` says;
-* a name A1111 or diffusers has and latentdiff does not implement yet (DPM2, DPM++ SDE, UniPC, LCM ...) is a
+* ComfyUI's sampler names are registered names where latentdiff has the sampler ("uni_pc" and "uni_pc_bh2": UniPC
+  with bh1 / bh2 at third order, ComfyUI's; "deis"); "UniPC" in any other spelling is A1111's, which is ComfyUI's
+  uni_pc, while `unipc` as spelled is diffusers' UniPCMultistepScheduler with its defaults (bh2, second order);
+* a name A1111 or diffusers has and latentdiff does not implement yet (DPM fast, Restart, LCM ...) is a
   UsageError saying so and naming the closest sampler latentdiff has; any other name is a UsageError listing the
   accepted ones (`accepted_names`).
 """
@@ -34,12 +37,13 @@ from ..scheduler_io import FOREIGN_CLASSES, NATIVE_CLASSES
 from .base import switch_sampler
 
 # The schedule A1111's "Automatic" gives a sampler (its sampler options in A1111 >= 1.9); the others: "default".
-A1111_AUTOMATIC: dict[str, str] = {"dpmpp_2m": "karras", "dpmpp_2m_sde": "exponential"}
+A1111_AUTOMATIC: dict[str, str] = {"dpmpp_2m": "karras", "dpmpp_2m_sde": "exponential", "dpmpp_sde": "karras",
+                                   "dpmpp_2s_ancestral": "karras", "dpmpp_3m_sde": "exponential", "dpm_2": "karras",
+                                   "dpm_2_ancestral": "karras"}
 # A1111 labels latentdiff does not implement yet -> the closest sampler it has.
 A1111_MISSING: dict[str, str] = {
-    "DPM++ SDE": "dpmpp_2m_sde", "DPM++ 2M SDE Heun": "dpmpp_2m_sde", "DPM++ 3M SDE": "dpmpp_2m_sde",
-    "DPM++ 2S a": "euler_ancestral", "DPM2": "heun", "DPM2 a": "euler_ancestral", "DPM fast": "dpmpp_2m",
-    "DPM adaptive": "dpmpp_2m", "Restart": "heun", "DDIM CFG++": "ddim", "UniPC": "dpmpp_2m", "LCM": "ddim",
+    "DPM++ 2M SDE Heun": "dpmpp_2m_sde", "DPM fast": "dpmpp_2m",
+    "DPM adaptive": "dpmpp_2m", "Restart": "heun", "DDIM CFG++": "ddim", "LCM": "ddim",
 }
 # A1111's k-diffusion aliases (with "_ka": the karras variant, A1111 before 1.9).
 A1111_ALIASES: dict[str, str] = {
@@ -50,20 +54,18 @@ A1111_ALIASES: dict[str, str] = {
 }
 # diffusers classes latentdiff does not implement (scheduler_io.FOREIGN_CLASSES and more) -> the closest it has.
 DIFFUSERS_MISSING: dict[str, str] = {
-    "DPMSolverSinglestepScheduler": "dpmpp_2m", "KDPM2DiscreteScheduler": "heun",
-    "KDPM2AncestralDiscreteScheduler": "euler_ancestral", "UniPCMultistepScheduler": "dpmpp_2m",
-    "DEISMultistepScheduler": "dpmpp_2m", "LCMScheduler": "ddim", "TCDScheduler": "ddim",
-    "DPMSolverSDEScheduler": "dpmpp_2m_sde", "EDMEulerScheduler": "euler", "EDMDPMSolverMultistepScheduler": "dpmpp_2m",
+    "DPMSolverSinglestepScheduler": "dpmpp_2m", "LCMScheduler": "ddim",
+    "EDMEulerScheduler": "euler", "EDMDPMSolverMultistepScheduler": "dpmpp_2m",
     "IPNDMScheduler": "plms", "DDIMParallelScheduler": "ddim", "DDPMParallelScheduler": "ddpm",
 }
 # Schedules: latentdiff's `sigma_schedule` values and A1111's "Schedule type" labels; "automatic" = none chosen.
-SCHEDULES = ("default", "karras", "exponential")
+SCHEDULES = ("default", "karras", "exponential", "sgm_uniform", "simple", "beta", "align_your_steps")
 SCHEDULE_ALIASES: dict[str, str | None] = {
     **{name: name for name in SCHEDULES}, **{label: name for name, label in A1111_SCHEDULE_LABELS.items()},
     "automatic": None,
 }
-SCHEDULES_MISSING = ("Polyexponential", "SGM Uniform", "KL Optimal", "Align Your Steps", "Align Your Steps GITS",
-                     "Align Your Steps 11", "Align Your Steps 32", "Simple", "Normal", "DDIM", "Beta", "Turbo")
+SCHEDULES_MISSING = ("Polyexponential", "KL Optimal", "Align Your Steps GITS", "Align Your Steps 11",
+                     "Align Your Steps 32", "Normal", "DDIM", "Turbo")
 MAX_NAME_CHARS = 200
 
 
@@ -117,8 +119,8 @@ def has_schedule(name: str) -> bool:
 
 
 def resolve_schedule(text: Any, *, where: str = "schedule") -> str | None:
-    """A schedule name (latentdiff's or A1111's "Schedule type", any case) -> "default" | "karras" | "exponential",
-    or None for "Automatic"; a UsageError naming `where` otherwise ("not implemented yet" for A1111's others)."""
+    """A schedule name (latentdiff's or A1111's "Schedule type", any case) -> one of SCHEDULES, or None for
+    "Automatic"; a UsageError naming `where` otherwise ("not implemented yet" for A1111's others)."""
     if not isinstance(text, str) or len(text) > MAX_NAME_CHARS:
         raise UsageError("a schedule must be a name", where=where, expected=_schedules_expected(),
                          found=repr(text)[:120])
@@ -132,7 +134,8 @@ def resolve_schedule(text: Any, *, where: str = "schedule") -> str | None:
 
 
 def _schedules_expected() -> str:
-    return "one of default (A1111: Uniform), karras, exponential, automatic"
+    return ("one of default (A1111: Uniform), karras, exponential, sgm_uniform, simple, beta, align_your_steps, "
+            "automatic")
 
 
 def resolve_sampler(text: Any, *, schedule: Any = None, where: str = "sampler",
@@ -195,6 +198,17 @@ def sampler_from_name(text: str, *, schedule: str | None = None, base: Any = Non
     if resolved.schedule is not None and has_schedule(resolved.name):
         sampler = sampler.with_options(sigma_schedule=resolved.schedule)
     return sampler
+
+
+def schedule_options(schedule: str, *, pipeline: Any = None) -> dict[str, Any]:
+    """The sampler settings a schedule chosen by name stands for: `sigma_schedule`, and for align_your_steps the
+    table of `pipeline`'s model family, as A1111 picks it: "sdxl" for an SDXL pipeline (one with a second text
+    encoder, `text_encoder_2`), "sd15" otherwise (NVIDIA published tables for SD 1.5 and SDXL only)."""
+    options: dict[str, Any] = {"sigma_schedule": schedule}
+    if schedule == "align_your_steps":
+        sdxl = "text_encoder_2" in getattr(pipeline, "component_names", ())
+        options["ays_model"] = "sdxl" if sdxl else "sd15"
+    return options
 
 
 def accepted_names() -> dict[str, list[str]]:

@@ -1,4 +1,5 @@
-"""Sigma-space samplers (Euler, Euler ancestral, Heun, LMS, DPM-Solver++) as thin immutable classes.
+"""Sigma-space samplers (Euler, Euler ancestral, Heun, LMS, DPM-Solver++) as thin immutable classes; UniPC and DEIS,
+which share DPM-Solver's grid (`MultistepSigmaSampler`), are in `multistep.py`.
 
     sampler = EulerSampler(sigma_schedule="karras")
     x_0 = sampler.sample(denoise, x_T, noise_scheduler, 30, generator=torch.Generator().manual_seed(0))
@@ -40,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -48,11 +49,10 @@ import torch
 from ...errors import ConfigError, InputError, describe
 from ...registry import SAMPLERS
 from ..noise_scheduler import NoiseScheduler
-from . import grids, sigma_loops
+from . import brownian, grids, sigma_loops
 from .base import (
     Denoiser,
     Generator,
-    NoiseSampler,
     SamplerSettings,
     StepCallback,
     TimestepSpacing,
@@ -63,7 +63,11 @@ from .base import (
     noise_sampler_from,
 )
 
-SigmaSchedule = Literal["default", "karras", "exponential"]
+# "default": the spaced grid's own sigmas; the others replace them (grids.schedule_sigmas): karras (Karras et al.
+# 2022, eq. 5, rho = 7), exponential (even in log sigma), and A1111 / ComfyUI's sgm_uniform, simple, beta and
+# align_your_steps (NVIDIA's published table for `ays_model`)
+SigmaSchedule = Literal["default", "karras", "exponential", "sgm_uniform", "simple", "beta", "align_your_steps"]
+AYSModel = Literal["sd15", "sdxl"]
 
 
 class SigmaPlan(NamedTuple):
@@ -124,12 +128,15 @@ class SigmaSampler(SamplerSettings):
         plan = self.plan(noise_scheduler, num_inference_steps, start_step=start_step)
         # A half-precision x_T (the model's dtype) is stepped in float32, as diffusers' schedulers upcast.
         state_dtype = torch.float32 if x_T.dtype in (torch.float16, torch.bfloat16) else x_T.dtype
+        table = grids.sigma_table(noise_scheduler.alphas_cumprod,
+                                  zero_terminal_snr=noise_scheduler.config.rescale_zero_terminal_snr)
         model = sigma_loops.discrete_time_denoiser(denoise, plan.sigmas, plan.timesteps,
                                                   prediction_type=noise_scheduler.config.prediction_type,
                                                   clip_sample_range=self._clip,
-                                                  model_dtype=x_T.dtype if state_dtype != x_T.dtype else None)
-        noise = noise_sampler_from(generator, dtype=self.noise_dtype or x_T.dtype)   # diffusers: the model's dtype
+                                                  model_dtype=x_T.dtype if state_dtype != x_T.dtype else None,
+                                                  log_table=np.log(table))
         x = x_T.to(state_dtype) * plan.init_scale
+        noise = self._noise(generator, x, plan, self.noise_dtype or x_T.dtype)   # diffusers: the model's dtype
         x = self._run(model, x, plan, noise, _with_timesteps(callback, plan), progress)
         return (x * plan.final_scale if plan.final_scale != 1.0 else x).to(x_T.dtype)
 
@@ -141,9 +148,14 @@ class SigmaSampler(SamplerSettings):
 
     noise_dtype: ClassVar[torch.dtype | None] = None     # dtype noise is drawn in (None: x_T's)
 
-    def _run(self, model: sigma_loops.SigmaDenoiser, x: torch.Tensor, plan: SigmaPlan, noise: NoiseSampler,
+    def _run(self, model: sigma_loops.SigmaDenoiser, x: torch.Tensor, plan: SigmaPlan, noise: Any,
              callback: StepCallback | None, progress: bool) -> torch.Tensor:
         raise NotImplementedError
+
+    def _noise(self, generator: Generator, x: torch.Tensor, plan: SigmaPlan, dtype: torch.dtype) -> Any:
+        """The noise `_run` gets: a `noise_sampler(x)` drawing from `generator` in `dtype` (the stochastic samplers
+        with a Brownian tree override it: `samplers.brownian`)."""
+        return noise_sampler_from(generator, dtype=dtype)
 
     def _grid(self, noise_scheduler: NoiseScheduler, table: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """-> (timesteps (N,), sigmas (N + 1,) float32) as diffusers' Euler-family `set_timesteps` builds them."""
@@ -151,17 +163,20 @@ class SigmaSampler(SamplerSettings):
 
     def _euler_family_grid(self, noise_scheduler: NoiseScheduler, table: np.ndarray, n: int, *,
                            sigma_min: float | None = None, sigma_max: float | None = None,
-                           final_sigma: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+                           final_sigma: float = 0.0, round_karras: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """`round_karras`: karras timesteps rounded to integers (diffusers' KDPM2 schedulers)."""
         timesteps = grids.timestep_grid(noise_scheduler.num_train_timesteps, n, kind="euler",
                                         spacing=self.timestep_spacing, steps_offset=self.steps_offset)
         sigmas = grids.interpolate_sigmas(timesteps, table)
         schedule = getattr(self, "sigma_schedule", "default")
-        if schedule != "default":      # the new grid spans the interpolated one unless sigma_min/max are set
+        if schedule != "default":      # karras / exponential span the interpolated grid unless sigma_min/max are set
             low = sigma_min if sigma_min is not None else sigmas[-1].item()
             high = sigma_max if sigma_max is not None else sigmas[0].item()
-            make = grids.karras_sigmas if schedule == "karras" else grids.exponential_sigmas
-            sigmas = make(low, high, n)
+            sigmas = grids.schedule_sigmas(schedule, table, n, low=low, high=high,
+                                           ays_model=getattr(self, "ays_model", "sd15"))
             timesteps = grids.sigma_to_t(sigmas, np.log(table))
+            if round_karras and schedule == "karras":
+                timesteps = timesteps.round()
         sigmas = np.concatenate([sigmas, [final_sigma]]).astype(np.float32)
         return timesteps.astype(np.float32), sigmas
 
@@ -178,7 +193,10 @@ def _with_timesteps(callback: StepCallback | None, plan: SigmaPlan) -> StepCallb
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _ScheduledSigmaSampler(SigmaSampler):
-    sigma_schedule: SigmaSchedule = "default"   # "karras": Karras et al. 2022 eq. 5 (rho = 7); "exponential"
+    sigma_schedule: SigmaSchedule = "default"   # see SigmaSchedule
+    # the Align Your Steps table: NVIDIA published one per model family (SD 1.x / 2.x and SDXL share the training
+    # schedule but not the optimised steps); pipelines of SDXL set "sdxl" where the sampler has the default
+    ays_model: AYSModel = "sd15"
 
 
 @SAMPLERS.register("euler")
@@ -253,7 +271,62 @@ class LMSSampler(_ScheduledSigmaSampler):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class _DPMSolverSampler(_ScheduledSigmaSampler):
+class MultistepSigmaSampler(_ScheduledSigmaSampler):
+    """The multistep solvers diffusers runs on x_t itself (DPM-Solver++, and UniPC and DEIS in `multistep.py`): one
+    timestep grid (N + 1 points over the trained range, the last dropped), karras / exponential sigmas spanning the
+    whole trained range, and x_T started at sigma_0 as x_T sqrt(sigma_0^2 + 1). Subclasses say where their grids
+    differ through the hooks below (the diffusers class of each differs there, and only there)."""
+
+    def plan(self, noise_scheduler: NoiseScheduler, num_inference_steps: int, *, start_step: int = 0) -> SigmaPlan:
+        plan = super().plan(noise_scheduler, num_inference_steps, start_step=start_step)
+        # diffusers runs these solvers on x_t itself: x_T starts at sigma_0 as x_T / sqrt(abar), and the last
+        # state is returned as x_t = x / sqrt(sigma^2 + 1) (x itself when the final sigma is 0).
+        first, last = plan.sigmas[0], plan.sigmas[-1]
+        return plan._replace(init_scale=(first**2 + 1) ** 0.5, final_scale=1 / (last**2 + 1) ** 0.5)
+
+    def _grid(self, noise_scheduler: NoiseScheduler, table: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The `set_timesteps` of DPMSolverMultistepScheduler, UniPCMultistepScheduler, DEISMultistepScheduler: their
+        own timestep grid; karras / exponential span the whole trained range whatever the spacing, and karras
+        timesteps are rounded (`_round_karras`)."""
+        cfg = noise_scheduler.config
+        if self.sigma_schedule == "default":
+            timesteps = grids.timestep_grid(cfg.num_train_timesteps, n, kind="dpm_solver",
+                                            spacing=self.timestep_spacing, steps_offset=self.steps_offset,
+                                            last_timestep=self._last_timestep(noise_scheduler))
+            sigmas = grids.interpolate_sigmas(timesteps, table)
+        else:                          # the spaced grid is not used: the sigmas alone give the timesteps
+            check_num_inference_steps(n, cfg.num_train_timesteps)
+            low, high = self._sigma_range(table)
+            sigmas = grids.schedule_sigmas(self.sigma_schedule, table, n, low=low, high=high,
+                                           ays_model=self.ays_model)
+            timesteps = grids.sigma_to_t(sigmas, np.log(table))
+            # integer timesteps: karras ones rounded as diffusers rounds them, the table schedules' to the nearest
+            karras = self.sigma_schedule == "karras" and self._round_karras(noise_scheduler)
+            if karras or self.sigma_schedule in grids.TABLE_SCHEDULES:
+                timesteps = timesteps.round()
+        final = self._final_sigma(table, sigmas)
+        return timesteps.astype(np.int64), np.concatenate([sigmas, [final]]).astype(np.float32)
+
+    # ---- the hooks: where the diffusers classes differ ------------------------------------------------
+    def _last_timestep(self, noise_scheduler: NoiseScheduler) -> int | None:
+        """The end of the spaced grid (None: T)."""
+        return None
+
+    def _sigma_range(self, table: np.ndarray) -> tuple[float, float]:
+        """(sigma_min, sigma_max) of a karras / exponential grid: the trained range."""
+        return table[0].item(), table[-1].item()
+
+    def _round_karras(self, noise_scheduler: NoiseScheduler) -> bool:
+        """Whether karras timesteps are rounded (else truncated to int64)."""
+        return True
+
+    def _final_sigma(self, table: np.ndarray, sigmas: np.ndarray) -> float:
+        """sigma_N, where the last step goes: 0, or the smallest trained sigma (final_sigmas_type "sigma_min")."""
+        return 0.0 if getattr(self, "final_sigmas_type", "zero") == "zero" else table[0].item()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _DPMSolverSampler(MultistepSigmaSampler):
     """Settings of DPMSolverMultistepScheduler that latentdiff implements (solver orders 1 and 2)."""
 
     solver_order: int = 2              # 2: DPM-Solver++(2M); 1: DPM-Solver++(1), i.e. DDIM
@@ -271,42 +344,22 @@ class _DPMSolverSampler(_ScheduledSigmaSampler):
             raise ConfigError("solver_order must be 1 or 2 (third order is not implemented)", where="solver_order",
                               expected=[1, 2], found=self.solver_order)
 
-    def plan(self, noise_scheduler: NoiseScheduler, num_inference_steps: int, *, start_step: int = 0) -> SigmaPlan:
-        plan = super().plan(noise_scheduler, num_inference_steps, start_step=start_step)
-        # diffusers runs DPM-Solver on x_t itself: x_T starts at sigma_0 as x_T / sqrt(abar), and the last
-        # state is returned as x_t = x / sqrt(sigma^2 + 1) (x itself when the final sigma is 0).
-        first, last = plan.sigmas[0], plan.sigmas[-1]
-        return plan._replace(init_scale=(first**2 + 1) ** 0.5, final_scale=1 / (last**2 + 1) ** 0.5)
+    def _last_timestep(self, noise_scheduler: NoiseScheduler) -> int | None:
+        return grids.lambda_clipped_last_timestep(noise_scheduler.alphas_cumprod, self.lambda_min_clipped,
+                                                  zero_terminal_snr=noise_scheduler.config.rescale_zero_terminal_snr)
 
-    def _grid(self, noise_scheduler: NoiseScheduler, table: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """DPMSolverMultistepScheduler.set_timesteps: its own timestep grid; karras / exponential span the whole
-        trained range whatever the spacing, and karras timesteps are rounded (except for the cosine schedule)."""
-        cfg = noise_scheduler.config
-        if self.sigma_schedule == "default":
-            last = grids.lambda_clipped_last_timestep(noise_scheduler.alphas_cumprod, self.lambda_min_clipped,
-                                                      zero_terminal_snr=cfg.rescale_zero_terminal_snr)
-            timesteps = grids.timestep_grid(cfg.num_train_timesteps, n, kind="dpm_solver",
-                                            spacing=self.timestep_spacing, steps_offset=self.steps_offset,
-                                            last_timestep=last)
-            sigmas = grids.interpolate_sigmas(timesteps, table)
-        else:                          # the spaced grid is not used: the sigmas alone give the timesteps
-            check_num_inference_steps(n, cfg.num_train_timesteps)
-            make = grids.karras_sigmas if self.sigma_schedule == "karras" else grids.exponential_sigmas
-            sigmas = make(table[0].item(), table[-1].item(), n)
-            timesteps = grids.sigma_to_t(sigmas, np.log(table))
-            if self.sigma_schedule == "karras" and cfg.beta_schedule != "squaredcos_cap_v2":
-                timesteps = timesteps.round()
-        final = 0.0 if self.final_sigmas_type == "zero" else table[0].item()
-        return timesteps.astype(np.int64), np.concatenate([sigmas, [final]]).astype(np.float32)
+    def _round_karras(self, noise_scheduler: NoiseScheduler) -> bool:
+        return noise_scheduler.config.beta_schedule != "squaredcos_cap_v2"   # diffusers truncates there
 
     def _run(self, model, x, plan, noise, callback, progress):
         # diffusers' "fewer than 15 steps" counts the whole grid, also for a run started part-way
         few_steps = plan.start_step + len(plan.timesteps) < 15
+        sde, tree = self.algorithm_type == "sde-dpmsolver++", isinstance(noise, brownian.BrownianNoise)
         return sigma_loops.sample_dpmpp_2m(
             model, x, plan.sigmas, solver_order=self.solver_order, solver_type=self.solver_type,
             lower_order_final=self.lower_order_final and few_steps, euler_at_final=self.euler_at_final,
-            noise_sampler=noise if self.algorithm_type == "sde-dpmsolver++" else None, callback=callback,
-            progress=progress)
+            noise_sampler=noise if sde and not tree else None, interval_noise=noise if sde and tree else None,
+            callback=callback, progress=progress)
 
 
 @SAMPLERS.register("dpmpp_2m")
@@ -325,3 +378,15 @@ class DPMSolverMultistepSDESampler(_DPMSolverSampler):
 
     algorithm_type: ClassVar[str] = "sde-dpmsolver++"
     noise_dtype: ClassVar[torch.dtype | None] = torch.float32
+    # "gaussian": fresh noise per step (diffusers); "brownian": a Brownian tree's increments (k-diffusion, A1111 and
+    # ComfyUI's DPM++ 2M SDE; one tree per sample, its entropy drawn from the generator: samplers.brownian)
+    noise_type: Literal["gaussian", "brownian"] = "gaussian"
+
+    def validate(self) -> None:
+        super().validate()
+        brownian.check_noise_type(self.noise_type)
+
+    def _noise(self, generator, x, plan, dtype):
+        if self.noise_type == "brownian":
+            return brownian.brownian_noise_from(generator, x, plan.sigmas)   # in the state's dtype, as k-diffusion
+        return super()._noise(generator, x, plan, dtype)

@@ -27,7 +27,8 @@ import torch
 
 from ...errors import InputError
 from ..schedules import PREDICTION_TYPES
-from .base import Denoiser, NoiseSampler, StepCallback, after_step, as_step_callback, progress_range
+from .base import Denoiser, IntervalNoise, NoiseSampler, StepCallback, after_step, as_step_callback, progress_range
+from .grids import sigma_to_t
 
 SigmaDenoiser: TypeAlias = Callable[[torch.Tensor, float], torch.Tensor]   # D(x; sigma) -> x0 estimate, like x
 
@@ -35,7 +36,8 @@ SigmaDenoiser: TypeAlias = Callable[[torch.Tensor, float], torch.Tensor]   # D(x
 # ---- the model adapter ------------------------------------------------------------------------------
 def discrete_time_denoiser(denoise: Denoiser, sigmas: Sequence[float], timesteps: torch.Tensor, *,
                            prediction_type: str, clip_sample_range: float | None = None,
-                           model_dtype: torch.dtype | None = None) -> SigmaDenoiser:
+                           model_dtype: torch.dtype | None = None,
+                           log_table: np.ndarray | None = None) -> SigmaDenoiser:
     """Wrap `denoise(x_t, t) -> model output` (a UNet and its guidance) into D(x; sigma).
 
     sigmas[i] (i < len(timesteps)) is called with timesteps[i]: a 0-d tensor on x's device, of
@@ -45,7 +47,11 @@ def discrete_time_denoiser(denoise: Denoiser, sigmas: Sequence[float], timesteps
         sample:        D = x0
     `clip_sample_range` clamps D (diffusers' HeunDiscreteScheduler clip_sample). `model_dtype`: the dtype the
     network gets its input in (its output is cast back to x's), so a half-precision network can be sampled
-    with a float32 state, as diffusers' schedulers compute their steps in float32.
+    with a float32 state, as diffusers' schedulers compute their steps in float32. `log_table`: the (T,) log sigma_t
+    of training; a sigma off the grid (the midpoints of DPM2 and DPM++ SDE) is then called with its fractional
+    timestep (`grids.sigma_to_t`, as diffusers' KDPM2 / DPMSolverSDE schedulers compute theirs); so is every call
+    with on_grid=False (a midpoint that falls on a grid sigma: DPM2 a's is sigma_{i+1} itself, whose grid timestep
+    diffusers rounds on a karras grid while it does not round the midpoint's).
     """
     if prediction_type not in PREDICTION_TYPES:
         raise InputError("unknown prediction type", where="prediction_type", expected=list(PREDICTION_TYPES),
@@ -55,7 +61,7 @@ def discrete_time_denoiser(denoise: Denoiser, sigmas: Sequence[float], timesteps
         index.setdefault(sigma, i)
     on_device: dict[torch.device, torch.Tensor] = {}
 
-    def model(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    def model(x: torch.Tensor, sigma: float, *, on_grid: bool = True) -> torch.Tensor:
         ts = on_device.get(x.device)
         if ts is None:                       # one copy per run and device, not one per step
             ts = on_device.setdefault(x.device, timesteps.to(x.device))
@@ -63,7 +69,15 @@ def discrete_time_denoiser(denoise: Denoiser, sigmas: Sequence[float], timesteps
         # as diffusers' `scale_model_input` divides, for the same float32 numbers.
         inv_c_in = (sigma**2 + 1) ** 0.5
         x_in = x / inv_c_in
-        out = denoise(x_in if model_dtype is None else x_in.to(model_dtype), ts[index[sigma]]).to(x.dtype)
+        i = index.get(sigma) if on_grid else None
+        if i is not None:
+            t = ts[i]
+        elif log_table is not None:
+            t = torch.tensor(float(sigma_to_t(np.array([sigma]), log_table)[0]), dtype=ts.dtype, device=x.device)
+        else:
+            raise InputError("the model was called at a noise level off the sampler's grid", where="sigma",
+                             expected="a sigma of the plan (or a log_table)", found=sigma)
+        out = denoise(x_in if model_dtype is None else x_in.to(model_dtype), t).to(x.dtype)
         if prediction_type == "epsilon":
             x0 = x - sigma * out                                          # c_skip = 1, c_out = -sigma
         elif prediction_type == "v_prediction":
@@ -194,8 +208,8 @@ def dpm_solver_order(i: int, n: int, *, solver_order: int, lower_order_final: bo
 
 def sample_dpmpp_2m(model: SigmaDenoiser, x: torch.Tensor, sigmas: Sequence[float], *, solver_order: int = 2,
                     solver_type: str = "midpoint", lower_order_final: bool = True, euler_at_final: bool = False,
-                    noise_sampler: NoiseSampler | None = None, callback: StepCallback | None = None,
-                    progress: bool = False) -> torch.Tensor:
+                    noise_sampler: NoiseSampler | None = None, interval_noise: IntervalNoise | None = None,
+                    callback: StepCallback | None = None, progress: bool = False) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2) in sigma form; with a `noise_sampler`,
     SDE-DPM-Solver++(2M) (their sec. 5 / k-diffusion `sample_dpmpp_2m_sde`, eta = 1).
 
@@ -204,7 +218,8 @@ def sample_dpmpp_2m(model: SigmaDenoiser, x: torch.Tensor, sigmas: Sequence[floa
       ODE: x_{i+1} = (sigma_{i+1}/sigma_i) x_i - (e^-h - 1) D_0 + c D_1
       SDE: x_{i+1} = (sigma_{i+1}/sigma_i) e^-h x_i + (1 - e^-2h) D_0 + c' D_1 + sigma_{i+1} sqrt(1 - e^-2h) z
     with c = -(e^-h - 1)/2, c' = (1 - e^-2h)/2 ("midpoint") or c = (e^-h - 1)/h + 1, c' = (1 - e^-2h)/(-2h) + 1
-    ("heun"); first-order steps drop the D_1 term (DPM-Solver++(1) is DDIM).
+    ("heun"); first-order steps drop the D_1 term (DPM-Solver++(1) is DDIM). `interval_noise` (SDE; instead of
+    noise_sampler): z = interval_noise(sigma_i, sigma_{i+1}), a Brownian tree's (k-diffusion's 2M SDE).
     """
     callback = as_step_callback(callback)
     n, old_denoised, h_prev = len(sigmas) - 1, None, None
@@ -219,8 +234,9 @@ def sample_dpmpp_2m(model: SigmaDenoiser, x: torch.Tensor, sigmas: Sequence[floa
             h = 0.0
         else:
             h = math.log(sigma / sigma_next)
+            step_noise = noise_sampler if interval_noise is None else _fixed(interval_noise(sigma, sigma_next))
             x = _dpmpp_update(x, denoised, old_denoised, sigma, sigma_next, h, h_prev if order == 2 else None,
-                              solver_type, noise_sampler)
+                              solver_type, step_noise)
         old_denoised, h_prev = denoised, h
         x = after_step(callback, x, i, sigmas[i], denoised)
     return x
@@ -240,3 +256,8 @@ def _dpmpp_update(x: torch.Tensor, d0: torch.Tensor, d_prev: torch.Tensor | None
         d1 = (d0 - d_prev) * (h / h_prev)                      # (D_0 - D_prev) / r
         x_next = x_next + (c_mid if solver_type == "midpoint" else c_heun) * d1
     return x_next
+
+
+def _fixed(z: torch.Tensor) -> NoiseSampler:
+    """A noise sampler returning z (the step's Brownian increment) where the update asks for noise like x."""
+    return lambda x: z

@@ -1,0 +1,88 @@
+"""`latentdiff generate --deepcache N [--deepcache-branch B] --freeu S1,S2,B1,B2` (issue 20, cli/generate_fast.py)
+on the tiny stand-in for the built-in model: the pixels of `pipe.enable_deepcache` / `enable_freeu` with the same
+settings, recorded in the PNG and reproduced by `--from`; bad values are a one-line error naming the flag or PNG
+key before any image."""
+from __future__ import annotations
+
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from latentdiff.cli import main
+from latentdiff.pipelines.latent_diffusion import LatentDiffusionPipeline
+from latentdiff.utils.images import read_png_params, save_png
+from tests._support.tiny_builtin import make_tiny_shapes_model, use_as_builtin
+
+PROMPT = "a red circle on the left, blue background"
+BUILTIN = "latentdiff/shapes-64"
+RUN = dict(num_inference_steps=4, guidance_scale=3.0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_tiny_shapes_model(tmp_path_factory.mktemp("builtin") / "shapes-64")
+
+
+@pytest.fixture(autouse=True)
+def offline_builtin(monkeypatch, tmp_path, model):
+    use_as_builtin(monkeypatch, model, BUILTIN)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def generate(*argv) -> int:
+    args = [*map(str, argv)]
+    seed = [] if "--seed" in args or "--from" in args else ["--seed", "0"]
+    return main(["generate", *args, *seed])
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_flags_are_the_api_recorded_and_reproduced(model):
+    assert generate(PROMPT, "--deepcache", 2, "--deepcache-branch", 1, "--freeu", "0.9,0.2,1.5,1.6",
+                    "-o", "a.png") == 0
+    pipe = LatentDiffusionPipeline.from_pretrained(model)
+    plain = np.asarray(pipe(PROMPT, generator=torch.Generator().manual_seed(0), **RUN).images[0])
+    pipe.enable_deepcache(2, 1)
+    pipe.enable_freeu(0.9, 0.2, 1.5, 1.6)
+    expected = np.asarray(pipe(PROMPT, generator=torch.Generator().manual_seed(0), **RUN).images[0])
+    assert np.array_equal(pixels("a.png"), expected) and not np.array_equal(expected, plain)
+    recorded = read_png_params("a.png")
+    assert (recorded["deepcache"], recorded["deepcache_branch"], recorded["freeu"]) == (2, 1, [0.9, 0.2, 1.5, 1.6])
+    assert generate("--from", "a.png", "-o", "again.png") == 0
+    assert np.array_equal(pixels("again.png"), pixels("a.png"))
+    assert generate(PROMPT, "-o", "plain.png") == 0
+    assert not {"deepcache", "deepcache_branch", "freeu"} & set(read_png_params("plain.png"))
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["--deepcache", 0], ["--deepcache", "[1,"]),
+    (["--deepcache-branch", 1], ["--deepcache-branch", "with --deepcache"]),
+    (["--deepcache", 2, "--deepcache-branch", 99], ["--deepcache-branch", "0 .. "]),
+    (["--freeu", "0.9,0.2,1.5"], ["--freeu", "four positive numbers"]),
+    (["--freeu", "a,b,c,d"], ["--freeu"]),
+])
+def test_bad_values_name_the_flag(capsys, argv, words):
+    assert generate(PROMPT, *argv, "--steps", 2, "-o", "bad.png") == 2
+    err = capsys.readouterr().err
+    assert all(str(w) in err for w in words), err
+
+
+@pytest.mark.parametrize(("key", "value"), [("freeu", [0.9, 0.2, -1, 1.6]), ("freeu", [10**400, 1, 1, 1]),
+                                            ("freeu", {"s1": 1}), ("deepcache", 2.5), ("deepcache", 10**400),
+                                            ("deepcache_branch", 1)])
+def test_a_png_with_a_bad_record_names_the_key(capsys, key, value):
+    params = {"prompt": PROMPT, "seed": 0, "n": 1, "model": BUILTIN, "steps": 2, key: value}
+    save_png(Image.new("RGB", (64, 64)), "tampered.png", params=params)
+    assert generate("--from", "tampered.png", "-o", "out.png") == 2
+    assert f"tampered.png: {key}" in capsys.readouterr().err
