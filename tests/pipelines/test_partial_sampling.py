@@ -211,7 +211,8 @@ def test_a_tensor_the_callback_returns_replaces_the_sample(name):
         return replacement if i in (1, n - 1) else None
 
     out = sampler.sample(denoise, _randn(0), ns, n, generator=_gens(), callback=callback)
-    calls_per_step = {"plms": [2, 1], "heun": [2, 2]}.get(name, [1, 1])   # the calls of steps 0 and 1
+    two_calls = ("heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde")   # a midpoint call per step
+    calls_per_step = {"plms": [2, 1], **{k: [2, 2] for k in two_calls}}.get(name, [1, 1])   # the calls of steps 0, 1
     after = inputs[sum(calls_per_step)]
     sigmas = getattr(sampler.plan(ns, n), "sigmas", None)
     scale = 1.0 if sigmas is None else 1 / (sigmas[2] ** 2 + 1) ** 0.5

@@ -3,6 +3,7 @@
     LatentDiffusionPipeline.from_pretrained("latentdiff/shapes-64")   # the packaged folder, never the Hub
     ControlNet.from_pretrained("latentdiff/shapes-64-silhouette")     # a component folder, the same way
     AutoencoderTiny.from_pretrained("latentdiff/shapes-64-tiny-vae")  # its tiny autoencoder (TAESD), for previews
+    pipe.load_lora_weights("latentdiff/shapes-64-lcm-lora")           # a LoRA folder (its LCM-LoRA, docs/lcm.md)
 
 A built-in name resolves to its folder here before any Hub look-up (`hub.resolve`), so it works with the
 network off. A pipeline's folder is an ordinary pipeline folder (model_index.json + one subfolder per part)
@@ -23,9 +24,12 @@ DEFAULT_MODEL = "latentdiff/shapes-64"
 BUILTIN_MODELS: dict[str, str] = {"latentdiff/shapes-64": "shapes-64"}
 # short name -> folder of a built-in component (no pipeline of its own: `latentdiff generate` does not list it)
 BUILTIN_COMPONENTS: dict[str, str] = {"latentdiff/shapes-64-silhouette": "shapes-64-silhouette",
-                                      "latentdiff/shapes-64-tiny-vae": "shapes-64-tiny-vae"}
+                                      "latentdiff/shapes-64-tiny-vae": "shapes-64-tiny-vae",
+                                      "latentdiff/shapes-64-lcm-lora": "shapes-64-lcm-lora"}
 # built-in model -> the built-in tiny autoencoder (TAESD) of its latent space: previews and `--fast-decode`
 BUILTIN_TINY_AUTOENCODERS: dict[str, str] = {"latentdiff/shapes-64": "latentdiff/shapes-64-tiny-vae"}
+# what marks a component folder as complete: a diffusers config, or (a LoRA) diffusers' LoRA weight file
+COMPONENT_MARKERS = ("config.json", "pytorch_lora_weights.safetensors")
 GENERATE_SETTINGS = "latentdiff_generate.json"
 
 
@@ -36,11 +40,11 @@ def builtin_names() -> list[str]:
 
 def builtin_path(name: str) -> Path | None:
     """The packaged folder of a built-in model or component name (case as given), or None when `name` is not one."""
-    for table, marker in ((BUILTIN_MODELS, "model_index.json"), (BUILTIN_COMPONENTS, "config.json")):
+    for table, markers in ((BUILTIN_MODELS, ("model_index.json",)), (BUILTIN_COMPONENTS, COMPONENT_MARKERS)):
         folder = table.get(str(name))
         if folder is not None:
             path = ROOT / folder
-            return path if (path / marker).is_file() else None
+            return path if any((path / marker).is_file() for marker in markers) else None
     return None
 
 

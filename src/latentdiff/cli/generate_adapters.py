@@ -1,5 +1,7 @@
 """`latentdiff generate --lora FILE[:W]` (repeatable): LoRA / LyCORIS files loaded onto the pipeline before the
-run, each at its weight (default 1). The PNG records each as {"path": absolute path, "weight": W, "sha256": ...};
+run, each at its weight (default 1). FILE may also be a folder holding diffusers' `pytorch_lora_weights.safetensors`
+or a built-in LoRA's name (`latentdiff/shapes-64-lcm-lora`): its file is used. The PNG records each as
+{"path": absolute path, "weight": W, "sha256": ...};
 `--from` loads the same files again (a warning when a file's sha256 changed since).
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from ..errors import LatentDiffError, UsageError
 from .generate_settings import GenerateSettings, warn
 
 FLAG = "--lora"
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"   # adapters.api's default file name in a folder
 
 
 def add_lora_flags(gen: argparse.ArgumentParser) -> None:
@@ -56,6 +59,15 @@ def _entry(value: Any, *, where: str) -> tuple[str, float, str | None]:
                      found=repr(value)[:200])
 
 
+def lora_file(text: str) -> Path:
+    """The LoRA file a --lora value names: a file; a folder's (or a built-in LoRA's) diffusers weight file."""
+    from ..builtin import builtin_path
+
+    path = Path(text).expanduser().resolve()
+    folder = path if path.is_dir() else builtin_path(text)
+    return (folder / DIFFUSERS_WEIGHT_NAME).resolve() if folder is not None else path
+
+
 def settle_loras(args: argparse.Namespace, stored: dict[str, Any], settings: GenerateSettings) -> GenerateSettings:
     """--lora flags (or the --from PNG's record when none are given) checked: each file exists, its weight is a
     finite number; recorded as absolute paths with their sha256."""
@@ -68,7 +80,7 @@ def settle_loras(args: argparse.Namespace, stored: dict[str, Any], settings: Gen
     recorded = []
     for i, value in enumerate(entries):
         path_text, weight, old = _entry(value, where=f"{where}[{i}]")
-        path = Path(path_text).expanduser().resolve()
+        path = lora_file(path_text)
         if not path.is_file():
             raise UsageError("no such LoRA file", where=f"{where}[{i}]", expected="an existing file", found=str(path))
         if not math.isfinite(weight):

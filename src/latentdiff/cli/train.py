@@ -1,4 +1,4 @@
-"""`latentdiff train autoencoder|diffusion|controlnet|tiny-autoencoder CONFIG.yaml`: one stage from a YAML config
+"""`latentdiff train autoencoder|diffusion|controlnet|tiny-autoencoder|lcm CONFIG.yaml`: one stage from a YAML config
 (docs/training.md); under `accelerate launch` on many processes, the main one prints the run's folder."""
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import argparse
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train",
                            help="train a stage from a YAML config (run under `accelerate launch` for many GPUs)")
-    train.add_argument("stage", choices=["autoencoder", "diffusion", "controlnet", "tiny-autoencoder"],
-                       help="first stage, latent diffusion, a ControlNet on a frozen text-to-image pipeline, or a "
-                            "tiny autoencoder (TAESD) distilled from a first stage")
+    train.add_argument("stage", choices=["autoencoder", "diffusion", "controlnet", "tiny-autoencoder", "lcm"],
+                       help="first stage, latent diffusion, a ControlNet on a frozen text-to-image pipeline, a "
+                            "tiny autoencoder (TAESD) distilled from a first stage, or latent consistency "
+                            "distillation (an LCM-LoRA or a full LCM) of a text-to-image pipeline")
     train.add_argument("config", help="the YAML train config (see examples/train/)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config value, e.g. --set train.max_steps=100 (repeatable)")

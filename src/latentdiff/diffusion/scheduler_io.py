@@ -7,7 +7,7 @@ spacing, offset, clipping, sigma grid, solver order ... -> a Sampler). The mappi
 * Classes latentdiff implements load as that sampler, with every key of the class mapped:
   `DDIMScheduler` -> DDIMSampler, `DDPMScheduler` -> DDPMSampler, `PNDMScheduler` -> PLMSSampler,
   `EulerDiscreteScheduler` -> EulerSampler, `EulerAncestralDiscreteScheduler` -> EulerAncestralSampler,
-  `HeunDiscreteScheduler` -> HeunSampler, `LMSDiscreteScheduler` -> LMSSampler,
+  `HeunDiscreteScheduler` -> HeunSampler, `LMSDiscreteScheduler` -> LMSSampler, `LCMScheduler` -> LCMSampler,
   `DPMSolverMultistepScheduler` -> DPMSolverMultistepSampler ("dpmsolver++") or
   DPMSolverMultistepSDESampler ("sde-dpmsolver++"), `KDPM2DiscreteScheduler` -> DPM2Sampler,
   `KDPM2AncestralDiscreteScheduler` -> DPM2AncestralSampler, `DPMSolverSDEScheduler` -> DPMSolverSDESampler,
@@ -16,8 +16,8 @@ spacing, offset, clipping, sigma grid, solver order ... -> a Sampler). The mappi
   A PNDM config without `skip_prk_steps` (diffusers' default: 3 pseudo Runge-Kutta warm-up steps,
   which latentdiff does not implement) loads as PLMSSampler with ONE warning: its warm-up is the latent
   diffusion repository's pseudo improved-Euler step instead.
-* Other diffusers samplers of the same (discrete, DDPM-family) forward process - DPM-Solver single-step,
-  LCM - give the same noise schedule and a DDIMSampler built exactly as
+* Other diffusers samplers of the same (discrete, DDPM-family) forward process - DPM-Solver single-step
+  - give the same noise schedule and a DDIMSampler built exactly as
   `DDIMScheduler.from_config(config)` would be, with ONE warning saying so.
 * A key missing from the file takes the default of diffusers' class. A key the class does not have is
   ignored, as diffusers ignores it (SD 2.x's DDIM config carries PNDM's `skip_prk_steps`) - except
@@ -61,6 +61,7 @@ from .samplers import (
     EulerAncestralSampler,
     EulerSampler,
     HeunSampler,
+    LCMSampler,
     LMSSampler,
     PLMSSampler,
     SamplerSettings,
@@ -81,10 +82,11 @@ NATIVE_CLASSES: dict[str, type] = {
     "DPMSolverMultistepScheduler": DPMSolverMultistepSampler, "KDPM2DiscreteScheduler": DPM2Sampler,
     "KDPM2AncestralDiscreteScheduler": DPM2AncestralSampler, "DPMSolverSDEScheduler": DPMSolverSDESampler,
     "UniPCMultistepScheduler": UniPCSampler, "DEISMultistepScheduler": DEISSampler, "TCDScheduler": TCDSampler,
+    "LCMScheduler": LCMSampler,
 }
 # Classes whose noise schedule we read and whose sampler is replaced by DDIM (with a warning).
 FOREIGN_CLASSES = (
-    "DPMSolverSinglestepScheduler", "LCMScheduler",
+    "DPMSolverSinglestepScheduler",
 )
 
 # diffusers 0.42 key -> NoiseSchedulerConfig field
@@ -150,6 +152,11 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
         "variance_type": None, **_SPACING, "rescale_betas_zero_snr": False, "use_dynamic_shifting": False,
         "time_shift_type": "exponential"},
     **MULTISTEP_CLASS_DEFAULTS,
+    "LCMScheduler": {**_BETAS, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                     "original_inference_steps": 50, "clip_sample": False, "clip_sample_range": 1.0,
+                     "set_alpha_to_one": True, "steps_offset": 0, "thresholding": False,
+                     "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0, "timestep_spacing": "leading",
+                     "timestep_scaling": 10.0, "rescale_betas_zero_snr": False},
 }
 # Sampler fields that hold the diffusers key of the same name, per class.
 CLASS_FIELDS: dict[str, tuple[str, ...]] = {
@@ -164,6 +171,8 @@ CLASS_FIELDS: dict[str, tuple[str, ...]] = {
     "DPMSolverMultistepScheduler": ("timestep_spacing", "steps_offset", "solver_order", "solver_type",
                                     "lower_order_final", "euler_at_final", "final_sigmas_type", "lambda_min_clipped"),
     **MULTISTEP_CLASS_FIELDS,
+    "LCMScheduler": ("timestep_spacing", "steps_offset", "original_inference_steps", "timestep_scaling", "clip_sample",
+                     "clip_sample_range"),
 }
 # Keys of those classes accepted only at the value(s) latentdiff implements, checked where the class has them.
 CLASS_FIXED_KEYS: dict[str, tuple[tuple[Any, ...], str]] = {
@@ -186,7 +195,7 @@ WRITTEN_CLASS = {PLMSSampler: "PNDMScheduler", EulerSampler: "EulerDiscreteSched
                  DPM2AncestralSampler: "KDPM2AncestralDiscreteScheduler", DPMSolverSDESampler: "DPMSolverSDEScheduler",
                  UniPCSampler: "UniPCMultistepScheduler", UniPCBH1Sampler: "UniPCMultistepScheduler",
                  UniPCBH2Sampler: "UniPCMultistepScheduler", DEISSampler: "DEISMultistepScheduler",
-                 TCDSampler: "TCDScheduler"}
+                 TCDSampler: "TCDScheduler", LCMSampler: "LCMScheduler"}
 # The samplers with a `sigma_schedule` (written as use_karras_sigmas / use_exponential_sigmas).
 SIGMA_GRID_SAMPLERS = (EulerSampler, HeunSampler, LMSSampler, DPMSolverMultistepSampler, DPMSolverMultistepSDESampler,
                        DPM2Sampler, DPM2AncestralSampler, DPMSolverSDESampler, UniPCSampler, DEISSampler)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypedDict, overload
 from .. import limits
 from ..config import ComponentConfig, parse_yaml, yaml_problem
 from ..errors import ConfigError, describe
+from .lcm_config import LCMModelSection, LCMSampleConfig, LCMTrainSection
 from .sections import (  # noqa: F401 (re-exported: the sections' public path)
     IMAGE_EXTENSIONS,
     CheckpointConfig,
@@ -48,8 +49,8 @@ if TYPE_CHECKING:
     from ..models.vq import VQModelConfig
     from .autoencoder_loss import AutoencoderLossConfig
 
-Kind: TypeAlias = Literal["autoencoder", "diffusion", "controlnet"]
-KINDS = ("autoencoder", "diffusion", "controlnet")
+Kind: TypeAlias = Literal["autoencoder", "diffusion", "controlnet", "lcm"]
+KINDS = ("autoencoder", "diffusion", "controlnet", "lcm")
 @dataclasses.dataclass(frozen=True)
 class AutoencoderOptimConfig(OptimConfig):
     betas: tuple[float, float] = (0.5, 0.9)              # LDM's first stage (taming-transformers)
@@ -260,9 +261,25 @@ class ControlNetTrainConfig(_Sections):
     kind = "controlnet"
 
 
-TrainConfig: TypeAlias = AutoencoderTrainConfig | DiffusionTrainConfig | ControlNetTrainConfig
+@dataclasses.dataclass(frozen=True)
+class LCMTrainConfig(_Sections):
+    """`latentdiff train lcm`: latent consistency distillation of a pipeline (lcm_config.py, lcm_trainer.py)."""
+
+    data: DataConfig
+    model: LCMModelSection
+    train: LCMTrainSection
+    optim: OptimConfig = OptimConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+    sample: LCMSampleConfig = LCMSampleConfig()
+    source: str | None = None
+
+    kind = "lcm"
+
+
+TrainConfig: TypeAlias = AutoencoderTrainConfig | DiffusionTrainConfig | ControlNetTrainConfig | LCMTrainConfig
 _CLASSES: dict[str, type] = {"autoencoder": AutoencoderTrainConfig, "diffusion": DiffusionTrainConfig,
-                             "controlnet": ControlNetTrainConfig}
+                             "controlnet": ControlNetTrainConfig, "lcm": LCMTrainConfig}
 
 
 def train_config_from_dict(data: Mapping[str, Any], kind: Kind, *, source: str | None = None) -> TrainConfig:
@@ -365,7 +382,7 @@ def apply_override(data: dict[str, Any], item: str) -> None:
 def check_components(config: TrainConfig) -> None:
     """Check the nested component dicts against their own configs now, with the file and key in errors."""
     where = f"{config.source}: model" if config.source else "model"
-    if isinstance(config, ControlNetTrainConfig):   # its networks come from the base pipeline, checked at load
+    if isinstance(config, (ControlNetTrainConfig, LCMTrainConfig)):   # networks from the base pipeline, checked at load
         if config.train.cache_latents and not config.data.center_crop:
             raise ConfigError("cached latents need a fixed crop", where="train.cache_latents",
                               expected="data.center_crop: true", found="center_crop: false")

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import AutoencoderTrainConfig, ControlNetTrainConfig, load_train_config
+from .config import AutoencoderTrainConfig, ControlNetTrainConfig, LCMTrainConfig, load_train_config
 
 if TYPE_CHECKING:
     from .loop import Trainer
@@ -33,6 +33,10 @@ def train_from_file(kind: str, path: str | Path, *, overrides: Sequence[str] = (
         from .controlnet_trainer import ControlNetTrainer
 
         trainer = ControlNetTrainer(config)
+    elif isinstance(config, LCMTrainConfig):
+        from .lcm_trainer import LCMTrainer
+
+        trainer = LCMTrainer(config)
     else:
         from .diffusion_trainer import DiffusionTrainer
 

@@ -31,7 +31,7 @@ NEGATIVE = "Negative prompt:"
 A1111_SAMPLER_LABELS: dict[str, str] = {
     "ddim": "DDIM", "ddpm": "DDPM", "plms": "PLMS", "euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun",
     "lms": "LMS", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE", "dpm_2": "DPM2", "dpm_2_ancestral": "DPM2 a",
-    "dpmpp_2s_ancestral": "DPM++ 2S a", "dpmpp_sde": "DPM++ SDE", "dpmpp_3m_sde": "DPM++ 3M SDE",
+    "dpmpp_2s_ancestral": "DPM++ 2S a", "dpmpp_sde": "DPM++ SDE", "dpmpp_3m_sde": "DPM++ 3M SDE", "lcm": "LCM",
     "uni_pc": "UniPC",    # A1111's UniPC: bh1, order 3 (its uni_pc_variant / uni_pc_order defaults)
 }
 # a sampler's `sigma_schedule` -> A1111's "Schedule type" ("Uniform" is k-diffusion's own grid, the default one)

@@ -94,7 +94,7 @@ def test_the_split_form_and_schedule_names():
 
 
 @pytest.mark.parametrize("text, closest", [
-    ("LCM", "ddim"), ("dpm_fast", "dpmpp_2m"), ("DPM++ 2M SDE Heun", "dpmpp_2m_sde"), ("DPM adaptive", None),
+    ("DDIM CFG++", "ddim"), ("dpm_fast", "dpmpp_2m"), ("DPM++ 2M SDE Heun", "dpmpp_2m_sde"), ("DPM adaptive", None),
 ])
 def test_names_not_implemented_yet_say_so_and_name_the_closest(text, closest):
     with pytest.raises(UsageError) as info:

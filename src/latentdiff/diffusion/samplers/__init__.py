@@ -15,6 +15,7 @@ NoiseScheduler passed to each call, so one sampler serves any model. Every sampl
     discrete_loops.py  DDIM, DDPM, PLMS as pure functions on alphas_cumprod
     sigma_loops.py     Euler, Euler ancestral, Heun, LMS, DPM-Solver++ as pure functions on sigmas (k-diffusion)
     discrete.py        DDIMSampler, DDPMSampler, PLMSSampler
+    consistency.py     LCMSampler: multistep consistency sampling (LCM), its loop and boundary scalings
     sigma.py           EulerSampler, EulerAncestralSampler, HeunSampler, LMSSampler, DPMSolverMultistep(SDE)Sampler
     dpm_loops.py       DPM2, DPM2 a, DPM++ 2S a, DPM++ SDE, DPM++ 3M SDE as pure functions on sigmas (k-diffusion)
     dpm.py             DPM2Sampler, DPM2AncestralSampler, DPMPP2SAncestralSampler, DPMSolverSDESampler,
@@ -41,6 +42,7 @@ from .base import (
                    switch_sampler,
 )
 from .brownian import BrownianNoise, BrownianTree
+from .consistency import LCMSampler
 from .discrete import DDIMSampler, DDPMSampler, PLMSSampler, Sampler, SamplingPlan
 from .dpm import DPM2AncestralSampler, DPM2Sampler, DPMPP2SAncestralSampler, DPMPP3MSDESampler, DPMSolverSDESampler
 from .grids import timestep_grid
@@ -57,7 +59,8 @@ from .sigma import (
 )
 from .tcd import TCDSampler
 
-__all__ = ["SamplingPlan", "Sampler", "DDIMSampler", "DDPMSampler", "PLMSSampler", "SigmaPlan", "SigmaSampler",
+__all__ = ["SamplingPlan", "Sampler", "DDIMSampler", "DDPMSampler", "PLMSSampler", "LCMSampler", "SigmaPlan",
+           "SigmaSampler",
            "EulerSampler", "EulerAncestralSampler", "HeunSampler", "LMSSampler", "DPMSolverMultistepSampler",
            "DPMSolverMultistepSDESampler", "DPM2Sampler", "DPM2AncestralSampler", "DPMPP2SAncestralSampler",
            "DPMSolverSDESampler", "DPMPP3MSDESampler", "BrownianTree", "BrownianNoise", "UniPCSampler",

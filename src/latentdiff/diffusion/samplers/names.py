@@ -19,7 +19,7 @@ each name means is what the tool it comes from computes:
 * ComfyUI's sampler names are registered names where latentdiff has the sampler ("uni_pc" and "uni_pc_bh2": UniPC
   with bh1 / bh2 at third order, ComfyUI's; "deis"); "UniPC" in any other spelling is A1111's, which is ComfyUI's
   uni_pc, while `unipc` as spelled is diffusers' UniPCMultistepScheduler with its defaults (bh2, second order);
-* a name A1111 or diffusers has and latentdiff does not implement yet (DPM fast, Restart, LCM ...) is a
+* a name A1111 or diffusers has and latentdiff does not implement yet (DPM fast, Restart ...) is a
   UsageError saying so and naming the closest sampler latentdiff has; any other name is a UsageError listing the
   accepted ones (`accepted_names`).
 """
@@ -43,7 +43,7 @@ A1111_AUTOMATIC: dict[str, str] = {"dpmpp_2m": "karras", "dpmpp_2m_sde": "expone
 # A1111 labels latentdiff does not implement yet -> the closest sampler it has.
 A1111_MISSING: dict[str, str] = {
     "DPM++ 2M SDE Heun": "dpmpp_2m_sde", "DPM fast": "dpmpp_2m",
-    "DPM adaptive": "dpmpp_2m", "Restart": "heun", "DDIM CFG++": "ddim", "LCM": "ddim",
+    "DPM adaptive": "dpmpp_2m", "Restart": "heun", "DDIM CFG++": "ddim",
 }
 # A1111's k-diffusion aliases (with "_ka": the karras variant, A1111 before 1.9).
 A1111_ALIASES: dict[str, str] = {
@@ -54,7 +54,7 @@ A1111_ALIASES: dict[str, str] = {
 }
 # diffusers classes latentdiff does not implement (scheduler_io.FOREIGN_CLASSES and more) -> the closest it has.
 DIFFUSERS_MISSING: dict[str, str] = {
-    "DPMSolverSinglestepScheduler": "dpmpp_2m", "LCMScheduler": "ddim",
+    "DPMSolverSinglestepScheduler": "dpmpp_2m",
     "EDMEulerScheduler": "euler", "EDMDPMSolverMultistepScheduler": "dpmpp_2m",
     "IPNDMScheduler": "plms", "DDIMParallelScheduler": "ddim", "DDPMParallelScheduler": "ddpm",
 }
