@@ -6,12 +6,17 @@ one another. The layout of tests/ mirrors src/latentdiff/ (see CONTRIBUTING.md).
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 import pytest
 import torch
+
+# torch_dtype="auto" and `latentdiff generate`'s default pick bf16 on CPUs with AMX / AVX512-BF16: the suite
+# runs as on a CPU without them, so outputs compared bit for bit are the same on every machine.
+os.environ.setdefault("LATENTDIFF_CPU_BF16", "0")
 
 if TYPE_CHECKING:  # imported in the fixtures, so that collecting the suite does not import latentdiff's models
     from latentdiff.models.autoencoder_kl import AutoencoderKLConfig

@@ -48,7 +48,17 @@ from .generate_model import ModelSource, locate_model, tokenizer_file
 from .generate_previews import add_preview_flags, check_preview_flags, make_preview, settle_fast_decode
 from .generate_prompts import add_prompt_flags, settle_prompts
 from .generate_sdxl import add_sdxl_flags, check_loaded, inpainting_folder, is_sdxl, model_family, settle_sdxl
-from .generate_settings import DTYPES, GenerateSettings, Job, note_from, plan_jobs, read_from_png, settle, warn
+from .generate_settings import (
+    DTYPES,
+    GenerateSettings,
+    Job,
+    note_from,
+    plan_jobs,
+    read_from_png,
+    settle,
+    settle_dtype,
+    warn,
+)
 from .generate_tome import add_tome_flags
 
 T = TypeVar("T")
@@ -83,7 +93,9 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                                                     '`latentdiff models` lists them')
     gen.add_argument("--eta", type=float, default=None, help="DDIM eta (0: deterministic)")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    gen.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default float32")
+    gen.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                     help="default auto: bfloat16 on a CPU with AMX-BF16 / AVX512-BF16 or a GPU with bf16, else "
+                          "float32 (printed with the reason; docs/fast.md)")
     gen.add_argument("--prompts", default=None, metavar="FILE", help="one prompt per line (blank lines ignored)")
     gen.add_argument("--batch-size", type=int, default=None,
                      help=f"images per pipeline call (A1111's batch size; default {outputs.DEFAULT_BATCH_SIZE}, "
@@ -142,6 +154,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         note_from(args.from_png, stored, args)
     texts = [job.prompt for job in jobs] + [settings.negative or ""]
     checked = procs.is_main and warn_unknown_words(tokenizer_file(source, settings.tokenizer), texts)
+    # after every input check: the choice is printed only for a run that goes on to load the model
+    settings = settle_dtype(settings, device=device or procs.device, show=procs.is_main)
     pipe = load_pipeline(source, settings, device=device or procs.device)
     check_loaded(pipe, settings)
     apply_embeddings(pipe, settings, embeddings)

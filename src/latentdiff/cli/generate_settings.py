@@ -27,7 +27,7 @@ from .generate_outputs import name_files, read_outputs
 from .generate_tome import check_fast_values
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
-          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+          "bfloat16": "bfloat16", "bf16": "bfloat16", "auto": "auto"}
 # The settings a PNG records and `--from` reads back; a flag given overrides the stored value.
 RECORDED = ("prompt", "negative", "seed", "steps", "guidance", "sampler", "eta", "height", "width", "n", "model",
             "dtype", "tokenizer", "schedule",
@@ -69,7 +69,7 @@ class GenerateSettings:
     width: int | None
     n: int                      # images per prompt (each its own file; a grid with --grid)
     model: str                  # as given
-    dtype: str                  # a torch dtype name: float32, float16, bfloat16
+    dtype: str                  # a torch dtype name: float32, float16, bfloat16 ("auto" until settle_dtype)
     tokenizer: str | None       # single-file models only
     schedule: str | None = None  # the sampler's sigma_schedule (default, karras, exponential); None: its own
     # generate_inputs: None = not used
@@ -202,7 +202,7 @@ def settle(args: argparse.Namespace, stored: dict[str, Any], source: ModelSource
         found = next(((place[key], where[key]) for place, where in places if place.get(key) is not None), None)
         if found is not None:
             values[key], origin[key] = found
-    defaults = {"seed": 0, "n": 1, "dtype": "float32"}
+    defaults = {"seed": 0, "n": 1, "dtype": "auto"}
     values |= {key: default for key, default in defaults.items() if values[key] is None}
     if isinstance(values["dtype"], str):
         values["dtype"] = DTYPES.get(values["dtype"], values["dtype"])
@@ -212,6 +212,24 @@ def settle(args: argparse.Namespace, stored: dict[str, Any], source: ModelSource
             values[key] = str(Path(values[key]).expanduser().resolve())   # --from works from anywhere
     check_values(values, origin)
     return GenerateSettings(**values)
+
+
+def settle_dtype(settings: GenerateSettings, *, device: Any, show: bool) -> GenerateSettings:
+    """--dtype auto (the default) -> the dtype `utils.dtypes.resolve_torch_dtype` picks for the device and model,
+    printed with its reason unless it is float32 (the default before "auto"); the PNGs then record the dtype used,
+    so --from repeats it on another machine."""
+    if settings.dtype != "auto":
+        return settings
+    import torch
+
+    from ..utils.dtypes import resolve_torch_dtype
+
+    if device is None:   # as load_pipeline chooses
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype, reason = resolve_torch_dtype("auto", device=device, model=settings.model)
+    if show and dtype != torch.float32:   # float32, the old default, goes unsaid (the PNG records it either way)
+        print(f"latentdiff: --dtype auto -> {reason}", file=sys.stderr)
+    return dataclasses.replace(settings, dtype=str(dtype).removeprefix("torch."))
 
 
 def check_values(values: dict[str, Any], origin: dict[str, str]) -> None:

@@ -29,6 +29,7 @@ from ..errors import CheckpointError, InputError
 from ..models.base import ModelMixin, cast_state_dict, check_state_dict
 from ..registry import COMPONENTS, SINGLE_FILE
 from ..utils.devices import check_device
+from ..utils.dtypes import resolve_torch_dtype
 from . import controlnet_ldm  # noqa: F401 (registers ControlNet.from_single_file / save_single_file's hooks)
 from . import t2i_adapter as _t2i_adapter  # noqa: F401  (registers T2IAdapter's single-file hooks)
 from .single_file import (
@@ -99,7 +100,7 @@ def take_part(parts: Parts, part: str, *, source: str, wanted_by: str) -> tuple[
 @SINGLE_FILE.register("model_from_single_file")
 def model_from_single_file(cls: type[ModelMixin[Any]], path: str | os.PathLike, *, original_config: Any = None,
                            use_ema: bool = True, prediction_type: str | None = None,
-                           torch_dtype: torch.dtype | None = None,
+                           torch_dtype: torch.dtype | str | None = None,
                            device: str | torch.device | None = None) -> nn.Module:
     """`cls.from_single_file` of a ModelMixin: read the file, take the class's part, build it strictly."""
     part = single_file_part(cls)
@@ -110,6 +111,7 @@ def model_from_single_file(cls: type[ModelMixin[Any]], path: str | os.PathLike, 
     # follows the UNet's (its shapes are read, its tensors renamed, nothing built); a conditioning stage's file
     # is read whole (what it conditions tells its kind)
     only = {"unet": ("unet",), "vae": ("vae", "vqvae", "unet"), "vqvae": ("vae", "vqvae", "unet")}.get(part)
+    torch_dtype = resolve_torch_dtype(torch_dtype, device=device, model=str(path))[0]   # before the file is read
     parts = read_parts(path, use_ema=use_ema, original_config=original_config, prediction_type=prediction_type,
                        only=only)
     config, state = take_part(parts, part, source=str(path), wanted_by=cls.__name__)
@@ -165,14 +167,15 @@ def model_to_single_file(model: ModelMixin[Any], path: str | os.PathLike, *, dty
 # ---- text encoders ----------------------------------------------------------------------------------------
 @SINGLE_FILE.register("text_encoder_from_single_file")
 def text_encoder_from_single_file(cls: type, path: str | os.PathLike, *, original_config: Any = None,
-                                  tokenizer: Any = None, torch_dtype: torch.dtype | None = None,
+                                  tokenizer: Any = None, torch_dtype: torch.dtype | str | None = None,
                                   device: str | torch.device | None = None,
                                   cache_dir: str | os.PathLike | None = None,
                                   local_files_only: bool | None = None) -> nn.Module:
     """`TextEncoder.from_single_file`: the file's conditioning stage with its tokenizer (see `tokenizers`)."""
     parts = read_parts(path, original_config=original_config)
     config, state = take_part(parts, "text_encoder", source=str(path), wanted_by=cls.__name__)
-    return text_encoder_from_part(cls, config, state, tokenizer=tokenizer, torch_dtype=torch_dtype, device=device,
+    return text_encoder_from_part(cls, config, state, tokenizer=tokenizer, device=device,
+                                  torch_dtype=resolve_torch_dtype(torch_dtype, device=device, model=str(path))[0],
                                   cache_dir=cache_dir, local_files_only=local_files_only, source=str(path))
 
 
@@ -269,7 +272,7 @@ def text_encoder_part(encoder: Any, *, dtype: torch.dtype | None = None) -> tupl
 # ---- pipelines --------------------------------------------------------------------------------------------
 @SINGLE_FILE.register("pipeline_from_single_file")
 def pipeline_from_single_file(path: str | os.PathLike, *, original_config: Any = None, use_ema: bool = True,
-                              prediction_type: str | None = None, torch_dtype: torch.dtype | None = None,
+                              prediction_type: str | None = None, torch_dtype: torch.dtype | str | None = None,
                               device: str | torch.device | None = None, task: str | None = None,
                               pipeline_class: type | None = None,
                               cache_dir: str | os.PathLike | None = None, local_files_only: bool | None = None,
@@ -285,6 +288,7 @@ def pipeline_from_single_file(path: str | os.PathLike, *, original_config: Any =
     given = {FIRST_STAGE_ALIASES.get(name, name) for name, value in components.items() if value is not None} \
         | {name for name, value in components.items() if value is not None}
     only = [part for part in NETWORK_PARTS if part not in given]   # a part passed in is not even read
+    torch_dtype = resolve_torch_dtype(torch_dtype, device=device, model=str(path))[0]   # before the file is read
     parts = read_parts(path, use_ema=use_ema, original_config=original_config, prediction_type=prediction_type,
                        only=only)
     pipeline = pipeline_from_parts(parts, source=str(path), torch_dtype=torch_dtype, device=device, task=task,

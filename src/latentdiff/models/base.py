@@ -32,6 +32,7 @@ from ..hub_files import local_file
 from ..registry import SINGLE_FILE
 from ..utils import numerics
 from ..utils.devices import check_device
+from ..utils.dtypes import resolve_torch_dtype
 from ..utils.memory import release_mapped
 from ..utils.startup import freeze_startup_objects
 from ..version import __version__
@@ -94,7 +95,7 @@ class ModelMixin(nn.Module, Generic[ConfigT]):
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, *, subfolder: str | None = None,
                         revision: str | None = None, variant: str | None = None,
-                        torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                        torch_dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
                         cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
                         local_files_only: bool | None = None, mmap_weights: bool | None = None,
                         check_finite_weights: bool = False):
@@ -106,6 +107,7 @@ class ModelMixin(nn.Module, Generic[ConfigT]):
         block says (a pipeline's load). check_finite_weights: scan every tensor once and raise a NumericalError
         naming the first that holds NaN or Inf (off by default: one pass over the weights)."""
         check_device(device)  # before any file is read
+        torch_dtype = resolve_torch_dtype(torch_dtype, device=device, model=str(path_or_id))[0]
         prefix = f"{subfolder}/" if subfolder else ""
         location = hub.HubLocation(revision=revision, cache_dir=cache_dir, token=token,
                                    local_files_only=local_files_only)
@@ -154,7 +156,7 @@ class ModelMixin(nn.Module, Generic[ConfigT]):
     # ---- original single files (hooks provided by latentdiff.convert.api) ---------------------------
     @classmethod
     def from_single_file(cls, path: str | os.PathLike, *, original_config: Any = None, use_ema: bool = True,
-                         prediction_type: str | None = None, torch_dtype: torch.dtype | None = None,
+                         prediction_type: str | None = None, torch_dtype: torch.dtype | str | None = None,
                          device: str | torch.device | None = None, check_finite_weights: bool = False):
         """Load this model's part of an original single file (`.safetensors` or `.ckpt`), strictly.
 

@@ -26,6 +26,7 @@ from ..errors import ConfigError, InputError
 from ..hub_files import local_file
 from ..registry import COMPONENTS, SINGLE_FILE
 from ..utils import numerics
+from ..utils.dtypes import resolve_torch_dtype
 from . import structure
 from .diffusers_tables import CONTROLNET
 from .unet import UNet2DConditional, UNetConfig, UNetTrunk, shape_of
@@ -132,7 +133,7 @@ class ControlNet(UNetTrunk[ControlNetConfig]):
     # ---- lllyasviel's original files (hooks provided by latentdiff.convert.controlnet_ldm) ---------------------
     @classmethod
     def from_single_file(cls, path: str | os.PathLike, *, original_config: Any = None, use_ema: bool = True,
-                         prediction_type: str | None = None, torch_dtype: torch.dtype | None = None,
+                         prediction_type: str | None = None, torch_dtype: torch.dtype | str | None = None,
                          device: str | torch.device | None = None, check_finite_weights: bool = False,
                          unet: UNet2DConditional | None = None) -> ControlNet:
         """An original ControlNet file (`.pth` / `.ckpt` read with weights_only, or `.safetensors`), strictly: v1.0
@@ -146,6 +147,7 @@ class ControlNet(UNetTrunk[ControlNetConfig]):
             raise InputError("a ControlNet has no prediction type (its UNet's pipeline has)", where="prediction_type",
                              expected=None, found=prediction_type)
         path = local_file(path)   # a Hub file URL or "owner/repo/file": the cached download
+        torch_dtype = resolve_torch_dtype(torch_dtype, device=device, model=str(path))[0]
         model = SINGLE_FILE.get("controlnet_from_single_file")(cls, path, original_config=original_config, unet=unet,
                                                                torch_dtype=torch_dtype, device=device)
         if check_finite_weights:

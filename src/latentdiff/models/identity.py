@@ -18,6 +18,7 @@ from .. import hub
 from ..config import ComponentConfig
 from ..errors import CheckpointError, ConfigError
 from ..registry import COMPONENTS
+from ..utils.dtypes import resolve_torch_dtype
 from .autoencoder_parts import FirstStage, Generator
 from .base import CONFIG_NAME
 
@@ -93,7 +94,7 @@ class IdentityFirstStage(FirstStage[IdentityFirstStageConfig]):
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, *, subfolder: str | None = None,
                         revision: str | None = None, variant: str | None = None,
-                        torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                        torch_dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
                         cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
                         local_files_only: bool | None = None, mmap_weights: bool | None = None,
                         check_finite_weights: bool = False) -> IdentityFirstStage:
@@ -106,6 +107,7 @@ class IdentityFirstStage(FirstStage[IdentityFirstStageConfig]):
         if not (folder / CONFIG_NAME).is_file():
             raise CheckpointError(f"no {CONFIG_NAME} in the model folder", where=str(folder),
                                   expected=f"{cls.__name__} folder with {CONFIG_NAME}")
+        torch_dtype = resolve_torch_dtype(torch_dtype, device=device, model=str(path_or_id))[0]
         return cls.from_state_dict(cls.load_config(folder), {}, torch_dtype=torch_dtype, device=device,
                                    source=str(folder))
 

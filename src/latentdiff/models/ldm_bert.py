@@ -28,6 +28,7 @@ from ..config import ComponentConfig
 from ..errors import CheckpointError, ConfigError, InputError, describe
 from ..layers.attention import attention
 from ..registry import COMPONENTS
+from ..utils.dtypes import resolve_torch_dtype
 from ..version import __version__
 from . import structure
 from .base import CONFIG_NAME, ModelMixin
@@ -216,7 +217,7 @@ class LDMBert(ModelMixin[LDMBertConfig]):
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, *, subfolder: str | None = None,
                         revision: str | None = None, variant: str | None = None,
-                        torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                        torch_dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
                         cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
                         local_files_only: bool | None = None, mmap_weights: bool | None = None,
                         check_finite_weights: bool = False) -> LDMBert:
@@ -227,6 +228,7 @@ class LDMBert(ModelMixin[LDMBertConfig]):
         `mmap_weights`: as for every model (`ModelMixin.from_pretrained`).
         """
         prefix = f"{subfolder}/" if subfolder else ""
+        torch_dtype = resolve_torch_dtype(torch_dtype, device=device, model=str(path_or_id))[0]
         where: dict[str, Any] = dict(revision=revision, cache_dir=cache_dir, token=token,
                                      local_files_only=local_files_only)
         root = hub.resolve(path_or_id, allow_patterns=[f"{prefix}{CONFIG_NAME}", f"{prefix}{cls.weights_name}*"],
@@ -304,7 +306,7 @@ class LDMBertTextEncoder(TextEncoder):
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, subfolder: str | None = "bert", *,
                         tokenizer_subfolder: str | None = "tokenizer", revision: str | None = None,
-                        variant: str | None = None, torch_dtype: torch.dtype | None = None,
+                        variant: str | None = None, torch_dtype: torch.dtype | str | None = None,
                         device: str | torch.device | None = None, cache_dir: str | os.PathLike | None = None,
                         token: str | bool | None = None, local_files_only: bool | None = None,
                         tokenizer: Any = None, config: TextEncoderConfig | None = None) -> LDMBertTextEncoder:

@@ -36,6 +36,7 @@ from ..errors import ConfigError, InputError
 from ..hub_files import local_file
 from ..registry import COMPONENTS, SINGLE_FILE
 from ..utils import numerics
+from ..utils.dtypes import resolve_torch_dtype
 from . import structure
 from .base import ModelMixin
 from .diffusers_tables import T2I_ADAPTER
@@ -214,7 +215,7 @@ class T2IAdapter(ModelMixin[T2IAdapterConfig]):
     # ---- TencentARC's original files (hooks provided by latentdiff.convert.t2i_adapter) ------------------------
     @classmethod
     def from_single_file(cls, path: str | os.PathLike, *, original_config: Any = None, use_ema: bool = True,
-                         prediction_type: str | None = None, torch_dtype: torch.dtype | None = None,
+                         prediction_type: str | None = None, torch_dtype: torch.dtype | str | None = None,
                          device: str | torch.device | None = None, check_finite_weights: bool = False) -> T2IAdapter:
         """Load a TencentARC T2I-Adapter file (`t2iadapter_*_sd14v1.pth` / `.safetensors`: full or light
         adapters, the architecture read from the tensor shapes; pickles only through weights_only loading), or
@@ -225,6 +226,7 @@ class T2IAdapter(ModelMixin[T2IAdapterConfig]):
             if value is not None:
                 raise InputError(f"a T2I-Adapter file takes no {name}", where=name, expected=None, found=repr(value))
         path = local_file(path)   # a Hub file URL or "owner/repo/file": the cached download
+        torch_dtype = resolve_torch_dtype(torch_dtype, device=device, model=str(path))[0]
         model = SINGLE_FILE.get("t2i_adapter_from_single_file")(cls, path, torch_dtype=torch_dtype, device=device)
         if check_finite_weights:
             numerics.check_finite_weights(model, part=cls.__name__, source=str(path))

@@ -31,6 +31,7 @@ from ..config import ComponentConfig, is_int, read_json
 from ..errors import CheckpointError, ConfigError, InputError, describe
 from ..registry import COMPONENTS, SINGLE_FILE
 from ..utils.devices import check_device
+from ..utils.dtypes import resolve_torch_dtype
 from ..version import __version__
 from .clip_text import (  # noqa: F401
     MACHINERY_KEYS,
@@ -302,7 +303,7 @@ class TextEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, subfolder: str | None = None, *,
                         tokenizer_subfolder: str | None = None, revision: str | None = None,
-                        variant: str | None = None, torch_dtype: torch.dtype | None = None,
+                        variant: str | None = None, torch_dtype: torch.dtype | str | None = None,
                         device: str | torch.device | None = None, cache_dir: str | os.PathLike | None = None,
                         token: str | bool | None = None, local_files_only: bool | None = None,
                         tokenizer: Any = None, config: TextEncoderConfig | None = None) -> TextEncoder:
@@ -333,6 +334,7 @@ class TextEncoder(nn.Module):
         if config is None:
             config = TextEncoderConfig.from_json_file(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() \
                 else TextEncoderConfig()
+        torch_dtype = resolve_torch_dtype(torch_dtype, device=device, model=str(path_or_id))[0]
         model = load_text_model(folder, variant=variant, torch_dtype=torch_dtype)
         if device is not None:
             model.to(check_device(device))
@@ -340,7 +342,7 @@ class TextEncoder(nn.Module):
 
     @classmethod
     def from_single_file(cls, path: str | os.PathLike, *, original_config: Any = None, tokenizer: Any = None,
-                         torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                         torch_dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
                          cache_dir: str | os.PathLike | None = None,
                          local_files_only: bool | None = None) -> TextEncoder:
         """The conditioning stage of an original single file (CLIP for SD 1.x, OpenCLIP for SD 2.x, LDMBert),

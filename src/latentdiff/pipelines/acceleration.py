@@ -30,6 +30,7 @@ from torch import nn
 from ..errors import InputError
 from ..layers.attention import set_attention_chunking
 from ..utils.devices import check_device
+from .compile_cache import use_compile_cache
 
 # Score-matrix budget of attention slicing "auto": 512 MiB per SDPA call (a 1024 px SD self-attention at
 # batch 2 needs 2 x 8 x 16384^2 x 2 bytes = 8 GiB without it).
@@ -178,6 +179,8 @@ def compile_unet(pipe: Any, *, mode: str | None = "auto", backend: Any = "induct
     if mode == "auto":
         mode = "reduce-overhead" if unet.device.type == "cuda" and backend == "inductor" and not options else None
     unet.__dict__.pop("forward", None)
+    if backend == "inductor":
+        use_compile_cache()   # compiled graphs kept on disk for the next process (pipelines/compile_cache.py)
     compiled = torch.compile(unet.forward, mode=mode, backend=backend, fullgraph=fullgraph, dynamic=dynamic,
                              options=options)
     if mode in CUDA_GRAPH_MODES and unet.device.type == "cuda":

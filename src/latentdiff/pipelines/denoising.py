@@ -293,7 +293,7 @@ class DenoisingPipeline(Pipeline):
 
     # ---- the LDM family's folder (pipelines/folder.py) ------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path_or_id: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
+    def from_pretrained(cls, path_or_id: str | os.PathLike, *, torch_dtype: torch.dtype | str | None = None,
                         device: str | torch.device | None = None, variant: str | None = None,
                         revision: str | None = None, cache_dir: str | os.PathLike | None = None,
                         token: str | bool | None = None, local_files_only: bool | None = None,
@@ -314,7 +314,7 @@ class DenoisingPipeline(Pipeline):
 
     @classmethod
     def load_pipeline_folder(cls, path_or_id: str | os.PathLike, *, given: Mapping[str, Any], variant: str | None,
-                             torch_dtype: torch.dtype | None, device: str | torch.device | None,
+                             torch_dtype: torch.dtype | str | None, device: str | torch.device | None,
                              location: HubLocation, mmap_weights: bool = False,
                              check_finite_weights: bool = False) -> Any:
         """The pipeline of a folder (`load_folder`). The weights are copied into the process's memory (default,

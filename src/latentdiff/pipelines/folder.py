@@ -27,6 +27,7 @@ from ..diffusion.scheduler_io import SCHEDULER_CONFIG_NAME, load_scheduler_folde
 from ..errors import CheckpointError, ConfigError, describe
 from ..hub import HubLocation, contained
 from ..utils.devices import check_device
+from ..utils.dtypes import resolve_torch_dtype
 
 MODEL_INDEX = "model_index.json"
 Entry: TypeAlias = tuple[str, str]   # a model_index.json (library, class) entry
@@ -146,6 +147,9 @@ def load_folder(pipeline: LoadsFolders, path_or_id: str | os.PathLike, *, given:
     """The constructor arguments of `pipeline` for a folder: `given` as passed (a None part is loaded), the
     folder's options (`read_options`), each missing part loaded from its subfolder, and the scheduler."""
     check_device(device)  # before anything is read or downloaded
+    torch_dtype, reason = resolve_torch_dtype(torch_dtype, device=device, model=str(path_or_id))
+    if reason != "as given":
+        logger.info("%s: torch_dtype='auto' -> %s", path_or_id, reason)
     root, index, source = open_folder(path_or_id, location=location)
     parts = pipeline.folder_layout(index)
     for key in [part.key for part in parts] + ["scheduler"]:

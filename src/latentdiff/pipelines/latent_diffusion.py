@@ -134,7 +134,7 @@ class LatentDiffusionPipeline(AdapterParts, IPAdapterMixin, ControlNetParts, Lor
     # ---- loading and saving ---------------------------------------------------------------------
     @classmethod
     def from_pretrained(  # type: ignore[override]  # its parts by name, where DenoisingPipeline takes **parts
-            cls, path_or_id: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
+            cls, path_or_id: str | os.PathLike, *, torch_dtype: torch.dtype | str | None = None,
             device: str | torch.device | None = None, variant: str | None = None,
             revision: str | None = None, cache_dir: str | os.PathLike | None = None,
             token: str | bool | None = None, local_files_only: bool | None = None,

@@ -1,0 +1,148 @@
+"""CPU paths (pipelines/cpu_paths.py, layers/prepacked.py, pipelines/compile_cache.py).
+
+What is proven:
+* prepacked convolutions compute what nn.Conv2d does: fp32 UNet outputs within 1e-4 (parity bound), bf16 ones as
+  close to fp32 as eager bf16 is; state_dict unchanged; a weight changed in place is repacked, never stale;
+* `optimize_for_cpu` gives a pipeline's fp32 images within 1e-4 of the plain pipeline's, and is undone;
+* `quantize(pipe, "int8")` replaces every UNet Linear, keeps the images within INT8_TOL of fp32, refuses a bf16
+  UNet, and makes saving a UsageError;
+* `use_compile_cache` points inductor's on-disk caches at the folder asked for, and a compile writes there.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from latentdiff import LatentDiffusionPipeline, UNet2DConditional
+from latentdiff.errors import InputError, UsageError
+from latentdiff.layers.prepacked import is_prepacked, prepack_convolutions, unpack_convolutions
+from latentdiff.models.unet import UNetConfig
+from latentdiff.pipelines import compile_cache, cpu_paths
+from tests._support.parity import max_rel_error
+from tests._support.tiny_builtin import make_tiny_shapes_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PARITY_TOL = 1e-4
+# int8 weights (per-tensor scale) and int8 activations: the tiny model's 2-step images move by ~1% of their range
+INT8_TOL = 0.05
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_tiny_shapes_model(tmp_path_factory.mktemp("cpu") / "shapes-64")
+
+
+def tiny_unet(dtype=torch.float32) -> UNet2DConditional:
+    torch.manual_seed(0)
+    config = UNetConfig(in_channels=4, out_channels=4, channels=(32, 64), attention_levels=(False, True),
+                        cross_attention_dim=24, layers_per_level=1, norm_num_groups=8, attention_heads=2)
+    return UNet2DConditional(config).eval().to(dtype)
+
+
+def unet_inputs(dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(2, 4, 16, 16, generator=g).to(dtype), torch.tensor(500),
+            torch.randn(2, 7, 24, generator=g).to(dtype))
+
+
+def run(pipe, **options) -> torch.Tensor:
+    options = dict(num_inference_steps=2, guidance_scale=3.0, output_type="pt", progress=False) | options
+    return pipe("a red circle", generator=torch.Generator().manual_seed(0), **options).images
+
+
+def test_prepacked_unet_equals_eager_fp32_and_keeps_its_state():
+    unet = tiny_unet()
+    with torch.inference_mode():
+        check_prepacked(unet)
+
+
+def check_prepacked(unet):
+    x, t, context = unet_inputs()
+    expected, keys = unet(x, t, context), list(unet.state_dict())
+    convs = sum(isinstance(m, nn.Conv2d) for m in unet.modules())
+    assert prepack_convolutions(unet) == convs > 0
+    assert max_rel_error(unet(x, t, context), expected) <= PARITY_TOL
+    assert max_rel_error(unet(x.contiguous(memory_format=torch.channels_last), t, context), expected) <= PARITY_TOL
+    assert list(unet.state_dict()) == keys and prepack_convolutions(unet) == 0   # twice: nothing more
+    conv = next(m for m in unet.modules() if isinstance(m, nn.Conv2d))
+    conv.weight.mul_(2)   # in place: the packed copy must follow
+    changed = unet(x, t, context)
+    assert unpack_convolutions(unet) == convs and not is_prepacked(conv)
+    assert max_rel_error(changed, unet(x, t, context)) <= PARITY_TOL
+
+
+@torch.no_grad()
+def test_prepacked_bf16_is_as_close_to_fp32_as_eager_bf16():
+    reference = tiny_unet()(*unet_inputs())
+    unet = tiny_unet(torch.bfloat16)
+    eager = unet(*unet_inputs(torch.bfloat16)).float()
+    prepack_convolutions(unet)
+    packed = unet(*unet_inputs(torch.bfloat16)).float()
+    assert max_rel_error(packed, reference) <= 1.5 * max_rel_error(eager, reference) + 1e-3
+
+
+def test_prepacked_convolutions_still_train():
+    unet = tiny_unet().train()
+    prepack_convolutions(unet)
+    x, t, context = unet_inputs()
+    unet(x, t, context).square().mean().backward()   # the packed op has no backward: the plain one runs
+    assert unet.conv_in.weight.grad is not None
+
+
+def test_optimize_for_cpu_keeps_the_images_and_is_undone(folder):
+    pipe = LatentDiffusionPipeline.from_pretrained(folder)
+    expected = run(pipe)
+    cpu_paths.optimize_for_cpu(pipe)
+    assert all(is_prepacked(m) for m in pipe.unet.modules() if isinstance(m, nn.Conv2d))
+    assert max_rel_error(run(pipe), expected) <= PARITY_TOL
+    cpu_paths.undo_cpu_optimization(pipe)
+    assert not any(is_prepacked(m) for network in pipe.networks() for m in network.modules())
+    assert max_rel_error(run(pipe), expected) <= PARITY_TOL
+
+
+def test_int8_quantization_replaces_the_linears_bounds_the_error_and_refuses_to_save(folder, tmp_path):
+    pipe = LatentDiffusionPipeline.from_pretrained(folder)
+    expected = run(pipe)
+    linears = sum(type(m) is nn.Linear for m in pipe.unet.modules())
+    cpu_paths.quantize(pipe, "int8")
+    assert cpu_paths.quantized_linears(pipe.unet) == linears > 0
+    assert not any(type(m) is nn.Linear for m in pipe.unet.modules())
+    error = max_rel_error(run(pipe), expected)
+    assert 0 < error <= INT8_TOL
+    with pytest.raises(UsageError, match="int8"):
+        pipe.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+    with pytest.raises(InputError, match="quantization"):
+        cpu_paths.quantize(pipe, "int4")
+    with pytest.raises(InputError, match="float32"):
+        cpu_paths.quantize(LatentDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16))
+
+
+def test_compile_cache_folder_is_set_and_written(tmp_path, monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.delenv(compile_cache.INDUCTOR_ENV, raising=False)
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "mine"))
+    assert compile_cache.default_cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv(compile_cache.ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert compile_cache.use_compile_cache() == (tmp_path / "xdg" / "latentdiff" / "inductor").resolve()
+    folder = compile_cache.use_compile_cache(tmp_path / "inductor")
+    assert os.environ[compile_cache.INDUCTOR_ENV] == str(folder) and folder.is_dir()
+    assert inductor_config.fx_graph_cache
+
+
+@pytest.mark.slow
+def test_compile_writes_its_graph_to_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(compile_cache.INDUCTOR_ENV, str(tmp_path / "inductor"))
+    linear = nn.Linear(8, 8)
+    torch._dynamo.reset()
+    compiled = torch.compile(linear)
+    compile_cache.use_compile_cache()
+    with torch.no_grad():
+        assert max_rel_error(compiled(torch.ones(2, 8)), linear(torch.ones(2, 8))) <= PARITY_TOL
+    assert any((tmp_path / "inductor").rglob("*")), "inductor wrote nothing to the cache folder"
