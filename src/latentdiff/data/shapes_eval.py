@@ -90,15 +90,17 @@ def evaluate_shapes_model(model: Any = "latentdiff/shapes-64", *, count: int = 2
 
 def _call_settings(pipe: Any, settings: dict[str, Any]) -> dict[str, Any]:
     """Pipeline __call__ keyword arguments from generate settings (a sampler name builds that sampler)."""
-    known = {"num_inference_steps", "guidance_scale", "eta", "height", "width", "sampler", "negative_prompt"}
+    known = {"num_inference_steps", "guidance_scale", "eta", "height", "width", "sampler", "negative_prompt",
+             "cfg_truncation"}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise InputError("unknown generate settings", where="settings", expected=sorted(known), found=unknown)
     run = {k: v for k, v in settings.items() if k != "sampler" and v is not None}
     if settings.get("sampler"):
-        from ..diffusion.samplers import switch_sampler
+        from ..diffusion.samplers.names import sampler_from_name
 
-        pipe.sampler = switch_sampler(pipe.sampler, settings["sampler"])   # as `latentdiff generate --sampler`
+        # as `latentdiff generate --sampler`: registered names, A1111 labels ("DPM++ 2M Karras"), diffusers classes
+        pipe.sampler = sampler_from_name(settings["sampler"], base=pipe.sampler)
     return run
 
 
