@@ -7,7 +7,8 @@ has its quality side: a setting is only faster if its scores hold.
 
 Settings: the model's own (DDIM 50, guidance 1.5); DPM++ 2M Karras and UniPC at 10, 15, 20 steps (guidance 1.5);
 LCM at 4 steps without guidance (one UNet pass per step) with the shipped LCM-LoRA
-`latentdiff/shapes-64-lcm-lora`, and without it (what the LoRA adds).
+`latentdiff/shapes-64-lcm-lora` (applied at every call, and fused into the weights), and without it (what the
+LoRA adds).
 
     python benchmarks/time_to_image.py --threads 1           # ~10 min on 2 loaded cores
     python benchmarks/time_to_image.py --quick               # 50 images per setting
@@ -22,17 +23,20 @@ import common
 LCM_LORA = "latentdiff/shapes-64-lcm-lora"
 
 
-def settings_list(base: dict[str, Any]) -> list[tuple[str, dict[str, Any], bool]]:
-    """(label, generate settings, with the LCM-LoRA)."""
+def settings_list(base: dict[str, Any]) -> list[tuple[str, dict[str, Any], str | None]]:
+    """(label, generate settings, the LCM-LoRA: None, "loaded" (applied at every call) or "fused" (into the
+    weights, `pipe.fuse_lora()`))."""
     guidance = base["guidance_scale"]
-    rows = [(f"DDIM {base['num_inference_steps']} (the model's settings)", dict(base), False)]
+    rows: list[tuple[str, dict[str, Any], str | None]] = [
+        (f"DDIM {base['num_inference_steps']} (the model's settings)", dict(base), None)]
     for sampler, label in (("DPM++ 2M Karras", "DPM++ 2M Karras"), ("UniPC", "UniPC")):
         for steps in (10, 15, 20):
             rows.append((f"{label} {steps}", {**base, "sampler": sampler, "num_inference_steps": steps,
-                                               "guidance_scale": guidance}, False))
+                                               "guidance_scale": guidance}, None))
     lcm = {**base, "sampler": "LCM", "num_inference_steps": 4, "guidance_scale": 1.0}
-    rows.append(("LCM 4, LCM-LoRA, no CFG", lcm, True))
-    rows.append(("LCM 4, no LoRA, no CFG", lcm, False))
+    rows.append(("LCM 4, LCM-LoRA, no CFG", lcm, "loaded"))
+    rows.append(("LCM 4, LCM-LoRA fused, no CFG", lcm, "fused"))
+    rows.append(("LCM 4, no LoRA, no CFG", lcm, None))
     return rows
 
 
@@ -56,6 +60,8 @@ def main() -> None:
         pipe = LatentDiffusionPipeline.from_pretrained("latentdiff/shapes-64")
         if lora:
             pipe.load_lora_weights(LCM_LORA)
+            if lora == "fused":
+                pipe.fuse_lora()
         rows_per_image = settings["num_inference_steps"] * (2 if settings["guidance_scale"] != 1 else 1)
         start = time.perf_counter()
         report = evaluate_shapes_model(pipe, count=args.count, settings=settings, progress=False)

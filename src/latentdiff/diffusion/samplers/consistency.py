@@ -20,7 +20,6 @@ The last step returns f itself. diffusers: LCMScheduler (original_inference_step
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import torch
@@ -43,6 +42,7 @@ from .base import (
 )
 from .discrete import Sampler, SamplingPlan
 from .discrete_loops import check_plan
+from .grids import consistency_timesteps
 
 SIGMA_DATA = 0.5          # the data's standard deviation the boundary scalings assume (LCM, after EDM)
 
@@ -59,15 +59,9 @@ def skipping_timesteps(num_train_timesteps: int, original_inference_steps: int) 
 
 
 def lcm_timesteps(num_train_timesteps: int, num_inference_steps: int, original_inference_steps: int) -> list[int]:
-    """N timesteps of the skipping grid, descending, at the indices floor(j * (len / N)) of the reversed grid (the
-    step len / N a float, as numpy's linspace in diffusers: 19 * (1000 / 38) is just below 500, so index 499)."""
-    grid = skipping_timesteps(num_train_timesteps, original_inference_steps)[::-1]
-    if not 1 <= num_inference_steps <= len(grid):
-        raise InputError("LCM takes at most original_inference_steps steps (its timesteps are a subset of the "
-                         "distillation grid)", where="num_inference_steps", expected=f"1 .. {len(grid)}",
-                         found=num_inference_steps)
-    stride = len(grid) / num_inference_steps
-    return [grid[math.floor(j * stride)] for j in range(num_inference_steps)]
+    """N timesteps of the skipping grid, descending: `grids.consistency_timesteps` (LCM's and TCD's one grid)."""
+    return consistency_timesteps(num_train_timesteps, num_inference_steps,
+                                 original_inference_steps=original_inference_steps).tolist()
 
 
 def consistency_scalings(t: float | torch.Tensor, *, timestep_scaling: float = 10.0,
