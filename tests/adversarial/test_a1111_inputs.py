@@ -64,7 +64,7 @@ def test_garbled_a1111_texts_are_usage_errors(tmp_path):
 @pytest.mark.parametrize("setting, value, words", [
     ("Sampler", "DPM adaptive", ["not implemented yet", "sampler", "dpmpp_2m"]),
     ("Sampler", '"Warp, 9"', ["unknown sampler", "sampler"]),
-    ("Schedule type", "Align Your Steps", ["not implemented yet", "schedule"]),
+    ("Schedule type", "KL Optimal", ["not implemented yet", "schedule"]),
     ("Steps", "100000", ["steps", "at most 10000"]),
     ("Size", "99999x99999", ["height", "at most 16384"]),
     ("Seed", "-1", ["seed", "-1"]),

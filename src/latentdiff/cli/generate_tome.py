@@ -33,8 +33,11 @@ def check_fast_values(values: dict[str, Any], origin: dict[str, str]) -> None:
         value = values.get(key)
         if value is None:
             continue
-        ok = is_real(value) and not isinstance(value, bool) and float(value) >= 0.0 and \
-            (float(value) <= upper if closed else float(value) < upper)
+        try:
+            ok = is_real(value) and not isinstance(value, bool) and float(value) >= 0.0 and \
+                (float(value) <= upper if closed else float(value) < upper)
+        except OverflowError:      # an int too large for a float (from a PNG) is not a number in range
+            ok = False
         if not ok:
             raise UsageError(f"bad value for {key}", where=origin.get(key, key),
                              expected="a number in [0, 1)" if not closed else "a number in [0, 1]", found=repr(value))
