@@ -101,7 +101,7 @@ def test_yaml_boolean_words_are_read_as_the_choice_they_spell(tmp_path, shapes):
 
 def test_example_configs_are_valid():
     """Every example config loads (strictly) as the stage its name says (LDMs have "ldm" in their names, ControlNets
-    "silhouette", tiny autoencoders end in "-tiny-autoencoder")."""
+    "silhouette", tiny autoencoders end in "-tiny-autoencoder", consistency distillations in "-lcm")."""
     from latentdiff.training.tiny_autoencoder import load_tiny_autoencoder_config
 
     paths = sorted(EXAMPLES.glob("*.yaml"))
@@ -110,7 +110,8 @@ def test_example_configs_are_valid():
         if path.name.endswith("-tiny-autoencoder.yaml"):
             assert load_tiny_autoencoder_config(path).kind == "tiny-autoencoder"
             continue
-        kind = "diffusion" if "ldm" in path.name else "controlnet" if "silhouette" in path.name else "autoencoder"
+        kind = "diffusion" if "ldm" in path.name else "controlnet" if "silhouette" in path.name else \
+            "lcm" if path.name.endswith("-lcm.yaml") else "autoencoder"
         config = load_train_config(path, kind)
         assert config.kind == kind
 
