@@ -1,8 +1,8 @@
 """latentdiff against the CPU peers (issue 20), on the same random-weight SD 1.5, back to back in one run.
 
 Peers: latentdiff (fp32, bf16; bf16-packed: bf16 with `optimize_for_cpu`'s prepacked convolutions; int8: int8
-Linear weights + prepacked fp32 convolutions, docs/fast.md "CPU"), diffusers (fp32, bf16), OpenVINO through optimum-intel (fp32, bf16 and int8
-weights, static shapes), stable-diffusion.cpp (f16, q8_0). Set-up, offline: benchmarks/PEERS.md. A peer that is
+Linear weights + prepacked fp32 convolutions, docs/fast.md "CPU"), diffusers (fp32, bf16), OpenVINO through
+optimum-intel (fp32, bf16 and int8 weights, static shapes), stable-diffusion.cpp (f16, q8_0). Set-up, offline: benchmarks/PEERS.md. A peer that is
 not installed is skipped, and the table says so.
 
 Every case runs in its own fresh process (a Python interpreter, or sd-cli), so cold start and peak RSS are that
