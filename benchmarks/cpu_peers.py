@@ -2,8 +2,8 @@
 
 Peers: latentdiff (fp32, bf16; bf16-packed: bf16 with `optimize_for_cpu`'s prepacked convolutions; int8: int8
 Linear weights + prepacked fp32 convolutions, docs/fast.md "CPU"), diffusers (fp32, bf16), OpenVINO through
-optimum-intel (fp32, bf16 and int8 weights, static shapes), stable-diffusion.cpp (f16, q8_0). Set-up, offline: benchmarks/PEERS.md. A peer that is
-not installed is skipped, and the table says so.
+optimum-intel (fp32, bf16 and int8 weights, static shapes), stable-diffusion.cpp (f16, q8_0). Set-up, offline:
+benchmarks/PEERS.md. A peer that is not installed is skipped, and the table says so.
 
 Every case runs in its own fresh process (a Python interpreter, or sd-cli), so cold start and peak RSS are that
 peer's alone. Each Python peer loads once, then per size: (OpenVINO: static reshape + compile), a 1-step warm-up
