@@ -164,7 +164,7 @@ def _shallow(unet: LevelledUNet, h: torch.Tensor, emb: torch.Tensor, context: to
             raise InputError("residuals.down must have one tensor per UNet skip", where="residuals.down",
                              expected=total, found=len(residuals.down))
         Residuals(down=residuals.down[:len(skips)]).check(skips)
-        skips = [s + r for s, r in zip(skips, residuals.down, strict=False)]
+        skips = [s + r for s, r in zip(skips, residuals.down[:len(skips)], strict=True)]   # a shallow pass's skips
     h = stored
     for level in range(point.up_level, len(unet.up_blocks)):
         start = point.up_start if level == point.up_level else 0

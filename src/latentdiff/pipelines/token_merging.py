@@ -37,7 +37,7 @@ def level_blocks(unet: nn.Module) -> Iterator[tuple[int, BasicTransformerBlock]]
         factor *= 2 if getattr(level, "downsamplers", None) is not None else 1
     levels: list[tuple[int, nn.Module | None]] = list(zip(factors, downs, strict=True))
     levels.append((factor, getattr(unet, "mid_block", None)))
-    levels += zip(reversed(factors), getattr(unet, "up_blocks", ()), strict=False)
+    levels += zip(reversed(factors), getattr(unet, "up_blocks", ()), strict=False)   # a network without a way up: none
     for f, level in levels:
         for module in level.modules() if level is not None else ():
             if isinstance(module, BasicTransformerBlock):
