@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
@@ -22,11 +21,10 @@ from latentdiff.cli import main
 from latentdiff.diffusion.samplers import DPMSolverMultistepSampler
 from latentdiff.pipelines.latent_diffusion import LatentDiffusionPipeline
 from latentdiff.utils.images import read_image_params, read_png_params, save_image
-from tests._support.tiny_builtin import make_tiny_shapes_model, use_as_builtin
+from tests._support.cli import BUILTIN, PROMPT, pixels
+from tests._support.cli import generate_at_seed_0 as generate
 
-PROMPT = "a red circle on the left, blue background"
-BUILTIN = "latentdiff/shapes-64"
-SETTINGS = {"num_inference_steps": 4, "guidance_scale": 3.0, "sampler": "ddim", "height": 64, "width": 64}
+pytestmark = pytest.mark.usefixtures("offline_builtin")
 SRC = Path(__file__).resolve().parents[2] / "src"
 A1111_TEXT = (f"{PROMPT}\nNegative prompt: green, (blurry:1.3)\nSteps: 3, Sampler: DPM++ 2M, Schedule type: Karras, "
               "CFG scale: 2.5, Seed: 42, Size: 64x64, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, "
@@ -34,37 +32,8 @@ A1111_TEXT = (f"{PROMPT}\nNegative prompt: green, (blurry:1.3)\nSteps: 3, Sample
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_tiny_shapes_model(tmp_path_factory.mktemp("builtin") / "shapes-64", settings=SETTINGS)
-
-
-@pytest.fixture(scope="module")
 def pipe(model):
     return LatentDiffusionPipeline.from_pretrained(model)
-
-
-@pytest.fixture(autouse=True)
-def offline_builtin(monkeypatch, tmp_path, model):
-    use_as_builtin(monkeypatch, model, BUILTIN)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def generate(*argv) -> int:
-    """`latentdiff generate` in-process, at seed 0 unless the arguments choose (--seed, --from)."""
-    args = [*map(str, argv)]
-    seed = [] if "--seed" in args or "--from" in args else ["--seed", "0"]
-    return main(["generate", *args, *seed])
-
-
-def pixels(path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def dpm_image(pipe, schedule: str, *, seed: int, steps: int, guidance: float, negative=None) -> np.ndarray:

@@ -3,54 +3,28 @@ the built-in model: the pixels of `pipe.load_textual_inversion` with the same fi
 token, sha256) and loaded again by `--from`; bad files are a one-line error naming the flag before any image."""
 from __future__ import annotations
 
-import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from latentdiff.cli import main
 from latentdiff.pipelines.latent_diffusion import LatentDiffusionPipeline
 from latentdiff.utils.images import read_image_params, read_png_params, save_png
-from tests._support.tiny_builtin import make_tiny_shapes_model, use_as_builtin
+from tests._support.cli import BUILTIN, PROMPT, pixels
+from tests._support.cli import generate_at_seed_0 as generate
 
-PROMPT = "a red circle on the left, blue background"
-BUILTIN = "latentdiff/shapes-64"
 RUN = dict(num_inference_steps=4, guidance_scale=3.0, progress=False)
 WIDTH = 32     # the stand-in's LDMBert width
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_tiny_shapes_model(tmp_path_factory.mktemp("builtin") / "shapes-64")
-
-
 @pytest.fixture(autouse=True)
-def offline_builtin(monkeypatch, tmp_path, model):
-    use_as_builtin(monkeypatch, model, BUILTIN)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    monkeypatch.chdir(tmp_path)
+def embedding_files(offline_builtin):
+    """Three embedding files in the test's folder, beside the offline stand-in (tests/cli/conftest.py)."""
     g = torch.Generator().manual_seed(5)
     save_file({"emb_params": torch.randn(2, WIDTH, generator=g) * 3}, "Sparkle.safetensors")
     torch.save({"<star>": torch.randn(WIDTH, generator=g) * 3}, "learned_embeds.bin")
     save_file({"emb_params": torch.randn(1, WIDTH * 2, generator=g)}, "wide.safetensors")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def generate(*argv) -> int:
-    args = [*map(str, argv)]
-    seed = [] if "--seed" in args or "--from" in args else ["--seed", "0"]
-    return main(["generate", *args, *seed])
-
-
-def pixels(path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def test_embedding_flags_are_the_api_recorded_and_reproduced(model, tmp_path):

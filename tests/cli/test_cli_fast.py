@@ -4,48 +4,18 @@ settings, recorded in the PNG and reproduced by `--from`; bad values are a one-l
 key before any image."""
 from __future__ import annotations
 
-import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from latentdiff.cli import main
 from latentdiff.pipelines.latent_diffusion import LatentDiffusionPipeline
 from latentdiff.utils.images import read_png_params, save_png
-from tests._support.tiny_builtin import make_tiny_shapes_model, use_as_builtin
+from tests._support.cli import BUILTIN, PROMPT, pixels
+from tests._support.cli import generate_at_seed_0 as generate
 
-PROMPT = "a red circle on the left, blue background"
-BUILTIN = "latentdiff/shapes-64"
+pytestmark = pytest.mark.usefixtures("offline_builtin")
 RUN = dict(num_inference_steps=4, guidance_scale=3.0, progress=False)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_tiny_shapes_model(tmp_path_factory.mktemp("builtin") / "shapes-64")
-
-
-@pytest.fixture(autouse=True)
-def offline_builtin(monkeypatch, tmp_path, model):
-    use_as_builtin(monkeypatch, model, BUILTIN)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def generate(*argv) -> int:
-    args = [*map(str, argv)]
-    seed = [] if "--seed" in args or "--from" in args else ["--seed", "0"]
-    return main(["generate", *args, *seed])
-
-
-def pixels(path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def test_flags_are_the_api_recorded_and_reproduced(model):

@@ -11,11 +11,9 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
-import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
@@ -27,43 +25,15 @@ from latentdiff.diffusion.samplers import EulerSampler
 from latentdiff.errors import UsageError
 from latentdiff.pipelines.latent_diffusion import LatentDiffusionPipeline
 from latentdiff.utils.images import make_grid, read_png_params
-from tests._support.tiny_builtin import make_tiny_shapes_model, use_as_builtin
+from tests._support.cli import BUILTIN, PROMPT, generate, pixels
+from tests._support.server import free_port
 
-PROMPT = "a red circle on the left, blue background"
-BUILTIN = "latentdiff/shapes-64"
-SETTINGS = {"num_inference_steps": 4, "guidance_scale": 3.0, "sampler": "ddim", "height": 64, "width": 64}
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_tiny_shapes_model(tmp_path_factory.mktemp("builtin") / "shapes-64", settings=SETTINGS)
+pytestmark = pytest.mark.usefixtures("offline_builtin")
 
 
 @pytest.fixture(scope="module")
 def pipe(model):
     return LatentDiffusionPipeline.from_pretrained(model)
-
-
-@pytest.fixture(autouse=True)
-def offline_builtin(monkeypatch, tmp_path, model):
-    """The stand-in as the built-in model, offline with an empty Hub cache, one thread, in tmp_path."""
-    use_as_builtin(monkeypatch, model, BUILTIN)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def generate(*argv) -> int:
-    return main(["generate", *map(str, argv)])
-
-
-def pixels(path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def reference(pipe, prompts: list[str], seeds: list[int], n: int = 1, **settings) -> list[np.ndarray]:
@@ -145,12 +115,6 @@ def test_prompt_file_one_png_per_image_with_its_own_seed(tmp_path, pipe, capsys)
     assert generate("--from", "samples/00002-grid-10.png", "-o", "zero.png") == 0   # a batch of 4 images: a note
     assert "batch of 4 images" in capsys.readouterr().err
     assert [read_png_params(f"zero-{i}.png")["seed"] for i in range(2)] == [10, 11]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_write_each_image_once_with_the_same_bytes(tmp_path, model):

@@ -9,13 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from latentdiff.cli import main
 from latentdiff.models.autoencoder_kl import AutoencoderKL
 from latentdiff.pipelines.denoising import DenoisingPipeline
 from latentdiff.pipelines.hires import hires_fix
@@ -23,17 +21,11 @@ from latentdiff.pipelines.image_to_image import ImageToImagePipeline
 from latentdiff.pipelines.inpaint import InpaintPipeline
 from latentdiff.pipelines.latent_diffusion import LatentDiffusionPipeline
 from latentdiff.utils.images import read_png_params
-from tests._support.tiny_builtin import make_tiny_shapes_model, use_as_builtin
+from tests._support.cli import PROMPT, pixels
+from tests._support.cli import generate_at_seed_0 as generate
 
-PROMPT = "a red circle on the left, blue background"
-BUILTIN = "latentdiff/shapes-64"
 RUN = dict(num_inference_steps=4, guidance_scale=3.0, progress=False)
 SRC = Path(__file__).resolve().parents[2] / "src"
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_tiny_shapes_model(tmp_path_factory.mktemp("builtin") / "shapes-64")
 
 
 @pytest.fixture(scope="module")
@@ -42,33 +34,13 @@ def pipe(model):
 
 
 @pytest.fixture(autouse=True)
-def offline_builtin(monkeypatch, tmp_path, model):
-    """The stand-in as the built-in model, offline, one thread, in tmp_path, with an init image and a mask."""
-    use_as_builtin(monkeypatch, model, BUILTIN)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    monkeypatch.chdir(tmp_path)
+def init_and_mask(offline_builtin):
+    """An init image and a mask in the test's folder, beside the offline stand-in (tests/cli/conftest.py)."""
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save("init.png")
     mask = np.zeros((64, 64), np.uint8)
     mask[8:40, 16:56] = 255
     Image.fromarray(mask).save("mask.png")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def generate(*argv) -> int:
-    """`latentdiff generate` in-process, at seed 0 unless the arguments choose (--seed, --from)."""
-    args = [*map(str, argv)]
-    seed = [] if "--seed" in args or "--from" in args else ["--seed", "0"]
-    return main(["generate", *args, *seed])
-
-
-def pixels(path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def seed(value: int = 0) -> list[torch.Generator]:

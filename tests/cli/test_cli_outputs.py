@@ -7,43 +7,23 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import huggingface_hub.constants
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import latentdiff.cli.generate_outputs as generate_outputs
 from latentdiff.cli import main
 from latentdiff.pipelines.latent_diffusion import LatentDiffusionPipeline
 from latentdiff.utils.images import read_png_params
-from tests._support.tiny_builtin import make_tiny_shapes_model, use_as_builtin
+from tests._support.cli import PROMPT, pixels
+from tests._support.server import free_port
 
+pytestmark = pytest.mark.usefixtures("offline_builtin")
 SRC = Path(__file__).resolve().parents[2] / "src"
-PROMPT = "a red circle on the left, blue background"
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_tiny_shapes_model(tmp_path_factory.mktemp("builtin") / "shapes-64")
-
-
-@pytest.fixture(autouse=True)
-def offline_builtin(monkeypatch, tmp_path, model):
-    """The stand-in as the built-in model, offline, one thread, in tmp_path."""
-    use_as_builtin(monkeypatch, model)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -66,11 +46,6 @@ def generate(capsys, *argv) -> tuple[int, list[str], str]:
     code = main(["generate", *map(str, argv)])
     out, err = capsys.readouterr()
     return code, out.splitlines(), err
-
-
-def pixels(path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def files(folder) -> list[str]:
@@ -260,12 +235,6 @@ def test_the_installed_console_script_writes_the_named_file(tmp_path, model):
     done = subprocess.run(argv, capture_output=True, text=True, env=environment(model), timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == ["c.png"] and read_png_params(tmp_path / "c.png")["seed"] == 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_share_the_random_seed_and_the_numbers(tmp_path, model):

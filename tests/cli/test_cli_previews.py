@@ -6,25 +6,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from latentdiff.cli import main
 from latentdiff.models.autoencoder_tiny import AutoencoderTiny, AutoencoderTinyConfig
 from latentdiff.pipelines.latent_diffusion import LatentDiffusionPipeline
 from latentdiff.utils.images import read_png_params
-from tests._support.tiny_builtin import make_tiny_shapes_model, use_as_builtin
+from tests._support.cli import PROMPT, generate, pixels
 
-PROMPT = "a red circle on the left, blue background"
-SETTINGS = {"num_inference_steps": 4, "guidance_scale": 3.0, "sampler": "ddim", "height": 64, "width": 64}
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_tiny_shapes_model(tmp_path_factory.mktemp("builtin") / "shapes-64", settings=SETTINGS)
+pytestmark = pytest.mark.usefixtures("offline_builtin")
 
 
 @pytest.fixture(scope="module")
@@ -33,27 +24,6 @@ def tiny_dir(tmp_path_factory):
     tiny = AutoencoderTiny(AutoencoderTinyConfig(encoder_channels=(8, 8, 8), decoder_channels=(8, 8, 8),
                                                  encoder_blocks=(1, 1, 1), decoder_blocks=(1, 1, 1)))
     return tiny.save_pretrained(tmp_path_factory.mktemp("tiny") / "tiny")
-
-
-@pytest.fixture(autouse=True)
-def offline_builtin(monkeypatch, tmp_path, model):
-    use_as_builtin(monkeypatch, model)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def generate(*argv) -> int:
-    return main(["generate", *map(str, argv)])
-
-
-def pixels(path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def test_previews_are_written_and_change_nothing(tiny_dir, capsys):

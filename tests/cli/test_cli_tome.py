@@ -5,42 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from latentdiff.cli import main
 from latentdiff.pipelines.latent_diffusion import LatentDiffusionPipeline
 from latentdiff.utils.images import read_png_params
-from tests._support.tiny_builtin import make_tiny_shapes_model, use_as_builtin
+from tests._support.cli import PROMPT, pixels
+from tests._support.cli import generate_at_seed_0 as generate
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-PROMPT = "a red circle on the left, blue background"
+pytestmark = pytest.mark.usefixtures("offline_builtin")
 RUN = dict(num_inference_steps=4, guidance_scale=3.0, progress=False)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_tiny_shapes_model(tmp_path_factory.mktemp("builtin") / "shapes-64")
-
-
-@pytest.fixture(autouse=True)
-def offline_builtin(monkeypatch, tmp_path, model):
-    use_as_builtin(monkeypatch, model, "latentdiff/shapes-64")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    monkeypatch.chdir(tmp_path)
-
-
-def generate(*argv) -> int:
-    return main(["generate", *map(str, argv), "--seed", "0"])
-
-
-def pixels(path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def test_tome_and_cfg_truncation_flags_are_the_api(model):
