@@ -11,8 +11,8 @@ guided when (i + 1) / N <= fraction, the rule of ControlNet's `control_guidance_
 <= 1: no unconditional context) every step is one conditional pass already and truncation changes nothing.
 
 Which step is it: counted by the step callback, never read from t (samplers such as Heun evaluate the model
-several times per step, at timesteps off the plan's grid): the wrapper's `counting(callback)` advances it, as
-`control.Controlled` does.
+several times per step, at timesteps off the plan's grid): the wrapper is a `StepCounting`, whose
+`counting(callback)` advances it, as `control.Controlled`'s does.
 """
 from __future__ import annotations
 
@@ -22,8 +22,7 @@ from typing import Any
 import torch
 
 from ..config import is_real
-from ..diffusion.samplers import StepCallback, as_step_callback
-from ..diffusion.samplers.base import Denoiser
+from ..diffusion.samplers.base import Denoiser, StepCounting
 from ..errors import InputError
 from .control import in_range
 from .prompt_encoding import PromptSchedule
@@ -40,7 +39,7 @@ def check_cfg_truncation(value: Any) -> float | None:
     return float(value)
 
 
-class TruncatedGuidance:
+class TruncatedGuidance(StepCounting):
     """denoise(x_t, t): `guided` at the steps of the run's first `fraction` (module docstring), `conditional`
     after. `step` is the 0-based step of the run the next call belongs to; `counting(callback)` wraps the
     sampler's step callback to advance it. The state of one run: build one per call."""
@@ -54,17 +53,6 @@ class TruncatedGuidance:
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return (self.guided if self.is_guided(self.step) else self.conditional)(x_t, t)
-
-    def counting(self, callback: StepCallback | None) -> Callable[..., Any]:
-        """A step callback that advances `step` (from 0), then runs `callback` (any of its forms)."""
-        self.step = 0
-        inner = as_step_callback(callback)
-
-        def on_step(i: int, t: Any, x: torch.Tensor, denoised: torch.Tensor | None = None) -> Any:
-            self.step += 1
-            return None if inner is None else inner(i, t, x, denoised)
-
-        return on_step
 
 
 def conditional_of_schedule(model: Callable[..., torch.Tensor], schedule: PromptSchedule) -> Denoiser:

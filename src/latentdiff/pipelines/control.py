@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..control import RESIZE_MODES, fit
-from ..diffusion.samplers import StepCallback, as_step_callback
+from ..diffusion.samplers.base import StepCounting
 from ..errors import ConfigError, InputError, describe
 from ..models.controlnet import ControlNet
 from ..models.residuals import Residuals
@@ -108,7 +108,7 @@ class ControlNetUnit:
         return self.hint[..., rows.start * f:rows.stop * f, cols.start * f:cols.stop * f]
 
 
-class Controlled:
+class Controlled(StepCounting):
     """model(x, t, context=..., **kw) with residuals=sum of the active units' residuals at the current step.
 
     `step` is the 0-based step of the run the next call belongs to; `counting(callback)` wraps the sampler's step
@@ -154,17 +154,6 @@ class Controlled:
             kwargs["residuals"] = total if "residuals" not in kwargs or kwargs["residuals"] is None \
                 else kwargs["residuals"] + total
         return self.model(x, t, context=context, **kwargs)
-
-    def counting(self, callback: StepCallback | None) -> Callable[..., Any]:
-        """A step callback that advances `step` (from 0), then runs `callback` (any of its forms)."""
-        self.step = 0
-        inner = as_step_callback(callback)
-
-        def on_step(i: int, t: Any, x: torch.Tensor, denoised: torch.Tensor | None = None) -> Any:
-            self.step += 1
-            return None if inner is None else inner(i, t, x, denoised)
-
-        return on_step
 
     def on_window(self, region: Region | None) -> None:
         """Where the next calls look (`tiled_sampling.tiled_denoiser`'s hook): a latent window, or None."""

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..diffusion.guidance import combine_guidance
-from ..diffusion.samplers.base import as_step_callback
+from ..diffusion.samplers.base import StepCounting
 from ..errors import InputError, describe
 from ..limits import MAX_PROMPT_CHUNKS
 from ..models.text_encoder import TextEncoder
@@ -205,7 +205,7 @@ def needs_schedule(prompts: Sequence[str] | None, steps: int, *, composable: boo
 
 # ---- conditioning per step -----------------------------------------------------------------------------
 @dataclasses.dataclass
-class PromptSchedule:
+class PromptSchedule(StepCounting):
     """The conditioning of every step range: `ends` (last 1-based step of each range), and per range the
     sub-prompt contexts `conds[r][j]` (B, L, D) with weights `weights[j]` (B,), and the negative `unconds[r]`."""
 
@@ -239,17 +239,6 @@ class PromptSchedule:
     def first(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         conds, uncond = self.at(0)
         return conds[0], uncond
-
-    def counting(self, callback: Callable[..., Any] | None, start_step: int = 0) -> Callable[..., Any]:
-        """A step callback that advances the step, then runs `callback` (any of its forms)."""
-        self.step = start_step
-        inner = as_step_callback(callback)
-
-        def on_step(i: int, t: Any, x: torch.Tensor, denoised: torch.Tensor | None = None) -> Any:
-            self.step += 1
-            return None if inner is None else inner(i, t, x, denoised)
-
-        return on_step
 
     def denoiser(self, model: Callable[..., torch.Tensor], *, guidance_scale: float,
                  guidance_rescale: float = 0.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 
 from ..config import is_int, is_real
-from ..diffusion.samplers import StepCallback, as_step_callback
+from ..diffusion.samplers import StepCallback
+from ..diffusion.samplers.base import StepCounting
 from ..errors import InputError
 from ..models.deep_cache import DeepCacheState, branch_point
 from ..models.freeu import FreeU
@@ -90,7 +91,7 @@ class DeepCache:
         return frozenset(nonuniform_full_steps(steps, math.ceil(steps / n), center=self.center, power=self.power))
 
 
-class SwitchedModel:
+class SwitchedModel(StepCounting):
     """model(x, t, **kw) with the pipeline's switches as the UNet's keywords: `cache=` (the run's DeepCacheState,
     `full` set for the current step, `slot` the call's position in it) and `freeu=`. `counting(callback)` advances
     the step. One per run: it holds the run's state."""
@@ -110,16 +111,9 @@ class SwitchedModel:
             kwargs["freeu"] = self.freeu
         return self.model(x, t, **kwargs)
 
-    def counting(self, callback: StepCallback | None) -> Callable[..., Any]:
-        """A step callback that advances the step (from 0), then runs `callback` (any of its forms)."""
-        self.step, self.calls = 0, 0
-        inner = as_step_callback(callback)
-
-        def on_step(i: int, t: Any, x: torch.Tensor, denoised: torch.Tensor | None = None) -> Any:
-            self.step, self.calls = self.step + 1, 0
-            return None if inner is None else inner(i, t, x, denoised)
-
-        return on_step
+    def step_started(self) -> None:
+        """Each step's calls count from 0 (`slot`)."""
+        self.calls = 0
 
 
 class StepSwitches:

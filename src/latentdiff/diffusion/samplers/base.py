@@ -216,6 +216,34 @@ def after_step(callback: Callable[..., Any] | None, x: torch.Tensor, i: int, t: 
     return replacement
 
 
+
+class StepCounting:
+    """A run's model wrapper that must know which step of the run its next call belongs to (to change what it does
+    past a fraction of the steps, or per step range): `step`, 0-based, counted by the sampler's step callback, never
+    read from t (samplers such as Heun evaluate the model several times per step, at timesteps off the plan's
+    grid). `counting(callback)` is that callback; a subclass resets its per-step state in `step_started`.
+
+        x_0 = sampler.sample(wrapper, x_T, noise_scheduler, N, callback=wrapper.counting(callback))
+    """
+
+    step: int = 0          # the sampler step (0-based) the next call belongs to
+
+    def counting(self, callback: Callable[..., Any] | None, start_step: int = 0) -> Callable[..., Any]:
+        """A step callback that advances `step` (from `start_step`), then runs `callback` (any of its forms)."""
+        self.step = start_step
+        self.step_started()
+        inner = as_step_callback(callback)
+
+        def on_step(i: int, t: Any, x: torch.Tensor, denoised: torch.Tensor | None = None) -> Any:
+            self.step += 1
+            self.step_started()
+            return None if inner is None else inner(i, t, x, denoised)
+
+        return on_step
+
+    def step_started(self) -> None:
+        """Called as the run starts and after each step: nothing here."""
+
 # ---- noise -----------------------------------------------------------------------------------------------
 def noise_sampler_from(generator: Generator, *, dtype: torch.dtype | None = None) -> NoiseSampler:
     """A `noise_sampler(x) -> z` drawing standard normal noise like x from `generator` (one, one per
