@@ -1,7 +1,7 @@
 """The package's layering, read from the source with `ast` (lazy, in-function imports included).
 
-    errors, config, registry, hub (+ version, utils, builtin, control)  <  layers  <  models | diffusion  <  pipelines
-        <  convert  <  training, metrics, data  <  cli
+    errors, config, registry, hub (+ version, utils, builtin, control, model_source)  <  layers  <  models | diffusion
+        <  pipelines  <  convert  <  training, metrics, data  <  integrations  <  cli, serve
 
 A module may import its own layer or a lower one; `models` and `diffusion` never import each other; no two
 modules import each other through any chain (no cycle). The package root (`latentdiff/__init__.py`) is the
@@ -19,13 +19,14 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # layer of each top-level part of the package; a part not listed here fails the test (give it a layer)
 LAYERS: dict[str, int] = {
     "version": 0, "errors": 0, "config": 0, "registry": 0, "hub": 0, "utils": 0, "builtin": 0, "limits": 0,
-    "safetensors_header": 0, "remote_weights": 0, "hub_files": 0, "prompt_syntax": 0, "control": 0,
+    "safetensors_header": 0, "remote_weights": 0, "hub_files": 0, "prompt_syntax": 0, "control": 0, "model_source": 0,
     "layers": 1,
     "models": 2, "diffusion": 2,
     "pipelines": 3,
     "convert": 4, "adapters": 4,
     "training": 5, "metrics": 5, "data": 5,
-    "cli": 6, "cli_generate": 6, "__main__": 6, "serve": 6, "integrations": 6,
+    "integrations": 6,      # library code for other frameworks (Ray): below the command line, never importing it
+    "cli": 7, "cli_generate": 7, "__main__": 7, "serve": 7,
 }
 # parts on one layer that must not import each other
 INDEPENDENT = [{"models", "diffusion"}]
@@ -165,3 +166,17 @@ def test_the_checker_sees_lazy_and_relative_imports(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "SRC", tmp_path)
     assert upward_imports() == ["latentdiff.models.base -> latentdiff.convert.api (models is below convert)"]
     assert import_cycles() == [["latentdiff.convert.api", "latentdiff.models.base"]]
+
+
+def test_the_checker_keeps_the_library_off_the_command_line(tmp_path, monkeypatch):
+    """An integration (library code) that imports the command line, even lazily, is against the order."""
+    package = tmp_path / "latentdiff"
+    for sub in ("integrations", "cli"):
+        (package / sub).mkdir(parents=True)
+        (package / sub / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "cli" / "generate_model.py").write_text("def locate_model():\n    pass\n")
+    (package / "integrations" / "ray.py").write_text("def f():\n    from ..cli.generate_model import locate_model\n")
+    monkeypatch.setattr(sys.modules[__name__], "SRC", tmp_path)
+    assert upward_imports() == ["latentdiff.integrations.ray -> latentdiff.cli.generate_model "
+                                "(integrations is below cli)"]

@@ -1,14 +1,18 @@
 """Where `latentdiff generate`'s model is, found without loading it: a built-in name, a diffusers folder, a Hub id,
-or an original single file; with the settings its folder's `latentdiff_generate.json` holds."""
+or an original single file; with the settings its folder's `latentdiff_generate.json` holds.
+
+Below the command line (it needs only `builtin` and `hub`), so that `latentdiff serve` and the Ray integration find
+a model as `latentdiff generate` does without importing `latentdiff.cli`; `cli.generate_model` re-exports it. Its
+errors are `UsageError`s naming the command's `--model` flag: a library caller turns them into its own."""
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 from typing import Any
 
-from .. import builtin, hub
-from ..builtin import GENERATE_SETTINGS, builtin_names, builtin_path
-from ..errors import CheckpointError, ConfigError, UsageError
+from . import builtin, hub
+from .builtin import GENERATE_SETTINGS, builtin_names, builtin_path
+from .errors import CheckpointError, ConfigError, UsageError
 
 # latentdiff_generate.json key -> the setting it gives ("_"-prefixed keys are comments)
 SETTINGS_KEYS = {"num_inference_steps": "steps", "guidance_scale": "guidance", "sampler": "sampler", "eta": "eta",

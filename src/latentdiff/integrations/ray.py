@@ -95,8 +95,8 @@ class LatentDiffusionPredictor:
                  dtype: str = "float32", batch_images: bool = True, output_dir: str | os.PathLike | None = None):
         import torch
 
-        from ..cli.generate_model import locate_model
         from ..diffusion.samplers import switch_sampler
+        from ..model_source import locate_model
         from ..pipelines.latent_diffusion import LatentDiffusionPipeline
 
         check_seed(seed, where="seed")

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from ..cli.generate import load_pipeline
-from ..cli.generate_model import SINGLE_FILE_SUFFIXES, locate_model
 from ..cli.generate_settings import GenerateSettings
 from ..errors import LatentDiffError
+from ..model_source import SINGLE_FILE_SUFFIXES, locate_model
 from .controlnet import ControlNetCatalog
 from .folders import Entry, refuse_path, scan_files
 from .preview import LatentPreview, TinyDecoderPreview, tiny_preview_for
