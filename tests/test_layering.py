@@ -20,6 +20,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS: dict[str, int] = {
     "version": 0, "errors": 0, "config": 0, "registry": 0, "hub": 0, "utils": 0, "builtin": 0, "limits": 0,
     "safetensors_header": 0, "remote_weights": 0, "hub_files": 0, "prompt_syntax": 0, "control": 0, "model_source": 0,
+    "atomic_folders": 0,
     "layers": 1,
     "models": 2, "diffusion": 2,
     "pipelines": 3,

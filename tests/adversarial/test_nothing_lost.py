@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from latentdiff import hub
+from latentdiff import atomic_folders, hub
 from latentdiff.errors import CheckpointError, UsageError
 from tests._support.bounded import REPO, run_bounded
 
@@ -37,7 +37,7 @@ def save_in_subprocess(dest: Path, content: str, *, setup: str) -> int:
     code = textwrap.dedent(f"""
         import os, shutil
         from pathlib import Path
-        from latentdiff import hub
+        from latentdiff import atomic_folders, hub
         {textwrap.indent(textwrap.dedent(setup), '        ').strip()}
         with hub.atomic_folder({str(dest)!r}) as tmp:
             (tmp / "model.txt").write_text({content!r})
@@ -66,7 +66,7 @@ def test_crash_right_after_the_atomic_exchange_leaves_the_new_model_and_the_next
 
 
 FALLBACK_CRASH = """
-hub.exchange = lambda a, b: False   # a file system without renameat2's exchange: two renames
+atomic_folders.exchange = lambda a, b: False   # a file system without renameat2's exchange: two renames
 real, calls = os.replace, []
 def replace(src, dst):
     calls.append(src)
@@ -157,7 +157,7 @@ def test_checkpoint_save_crash_at_the_window_is_restored_by_clean_partial(tmp_pa
         return lambda folder: (folder / PROGRESS_FILE).write_text(json.dumps({"step": step}))
 
     first = checkpoints.save(4, Accelerator(), write(4))
-    monkeypatch.setattr(hub, "exchange", lambda a, b: False)
+    monkeypatch.setattr(atomic_folders, "exchange", lambda a, b: False)
     real, calls = os.replace, []
 
     def crash_on_second(src, dst):
