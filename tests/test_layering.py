@@ -155,29 +155,29 @@ def test_no_import_cycles():
     assert not cycles, "import cycles (lazy imports included):\n" + "\n".join(" <-> ".join(c) for c in cycles)
 
 
+def fake_package(tmp_path, monkeypatch, files: dict[str, str]) -> None:
+    """A package `latentdiff` under tmp_path with these files ("part/module.py": source), as the one analysed."""
+    package = tmp_path / "latentdiff"
+    for name, source in files.items():
+        (package / name).parent.mkdir(parents=True, exist_ok=True)
+        (package / name).parent.joinpath("__init__.py").write_text("")
+        (package / name).write_text(source)
+    (package / "__init__.py").write_text("")
+    monkeypatch.setattr(sys.modules[__name__], "SRC", tmp_path)
+
+
 def test_the_checker_sees_lazy_and_relative_imports(tmp_path, monkeypatch):
     """The analysis itself: an in-function relative import against the order, and a two-module cycle, are found."""
-    package = tmp_path / "latentdiff"
-    for sub in ("models", "convert"):
-        (package / sub).mkdir(parents=True)
-        (package / sub / "__init__.py").write_text("")
-    (package / "__init__.py").write_text("")
-    (package / "models" / "base.py").write_text("def f():\n    from ..convert.api import g\n")
-    (package / "convert" / "api.py").write_text("from ..models.base import f\n")
-    monkeypatch.setattr(sys.modules[__name__], "SRC", tmp_path)
+    fake_package(tmp_path, monkeypatch, {"models/base.py": "def f():\n    from ..convert.api import g\n",
+                                         "convert/api.py": "from ..models.base import f\n"})
     assert upward_imports() == ["latentdiff.models.base -> latentdiff.convert.api (models is below convert)"]
     assert import_cycles() == [["latentdiff.convert.api", "latentdiff.models.base"]]
 
 
 def test_the_checker_keeps_the_library_off_the_command_line(tmp_path, monkeypatch):
     """An integration (library code) that imports the command line, even lazily, is against the order."""
-    package = tmp_path / "latentdiff"
-    for sub in ("integrations", "cli"):
-        (package / sub).mkdir(parents=True)
-        (package / sub / "__init__.py").write_text("")
-    (package / "__init__.py").write_text("")
-    (package / "cli" / "generate_model.py").write_text("def locate_model():\n    pass\n")
-    (package / "integrations" / "ray.py").write_text("def f():\n    from ..cli.generate_model import locate_model\n")
-    monkeypatch.setattr(sys.modules[__name__], "SRC", tmp_path)
+    fake_package(tmp_path, monkeypatch, {
+        "cli/generate_model.py": "def locate_model():\n    pass\n",
+        "integrations/ray.py": "def f():\n    from ..cli.generate_model import locate_model\n"})
     assert upward_imports() == ["latentdiff.integrations.ray -> latentdiff.cli.generate_model "
                                 "(integrations is below cli)"]

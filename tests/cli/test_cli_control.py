@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from latentdiff import ControlNet, LatentDiffusionPipeline, T2IAdapter, control
-from latentdiff.cli import main
 from latentdiff.utils.images import read_png_params
+from tests._support.cli import generate, pixels
 from tests._support.parity import randomize_
 from tests._support.sd import TINY_UNET, tiny_diffusers_pipeline
 
@@ -43,15 +43,6 @@ def setup(tmp_path, monkeypatch):
     photo = Image.fromarray((torch.rand(40, 40, 3, generator=g) * 255).byte().numpy())
     photo.save(tmp_path / "photo.png")
     return tmp_path, photo
-
-
-def generate(*argv) -> int:
-    return main(["generate", *map(str, argv)])
-
-
-def pixels(path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 RUN = ["--height", 32, "--width", 32, "--steps", 3, "--seed", 0, "--sampler", "ddim"]

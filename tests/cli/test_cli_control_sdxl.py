@@ -11,6 +11,7 @@ from PIL import Image
 from latentdiff import ControlNet, StableDiffusionXLPipeline, UNet2DConditional, control
 from latentdiff.cli import main
 from latentdiff.pipelines.sdxl_image import StableDiffusionXLImg2ImgPipeline
+from tests._support.cli import pixels
 from tests._support.parity import randomize_
 from tests._support.sdxl_native import write_tiny_sdxl
 
@@ -29,11 +30,6 @@ def folders(tmp_path_factory):
     g = torch.Generator().manual_seed(4)
     Image.fromarray((torch.rand(48, 40, 3, generator=g) * 255).byte().numpy()).save(root / "photo.png")
     return base, root / "cn", root / "photo.png", write_tiny_sdxl(root / "refiner", kind="refiner", seed=5)
-
-
-def pixels(path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def test_sdxl_controlnet_matches_the_api_and_the_refiner_runs_without_it(folders, tmp_path, monkeypatch):

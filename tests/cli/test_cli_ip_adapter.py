@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 from latentdiff import LatentDiffusionPipeline
-from latentdiff.cli import main
 from latentdiff.diffusion.samplers import switch_sampler
 from latentdiff.models.ip_adapter import cross_attentions
 from latentdiff.utils.images import read_png_params
+from tests._support.cli import generate, pixels
 from tests._support.ip_adapter import PLUS_NAME, write_tiny_ip_adapter
 from tests._support.sd import tiny_diffusers_pipeline
 
@@ -20,15 +20,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPT = "a red circle"
 RUN = ["--height", 32, "--width", 32, "--steps", 3, "--seed", 0, "--sampler", "ddim"]
-
-
-def generate(*argv) -> int:
-    return main(["generate", *map(str, argv)])
-
-
-def pixels(path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def test_ip_adapter_matches_the_api_and_from_reproduces(tmp_path, monkeypatch):

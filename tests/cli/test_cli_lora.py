@@ -6,12 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
-from latentdiff.cli import main
 from latentdiff.pipelines.latent_diffusion import LatentDiffusionPipeline
 from latentdiff.utils.images import read_image_params, read_png_params
+from tests._support.cli import generate, pixels
 from tests._support.lora import kohya, targets
 from tests._support.sd import tiny_diffusers_pipeline
 
@@ -30,15 +29,6 @@ def setup(tmp_path, diffusers, monkeypatch):
     save_file(kohya(found, seed=1), tmp_path / "one.safetensors")
     save_file(kohya(found, seed=2), tmp_path / "two.safetensors")
     return tmp_path, pipe
-
-
-def generate(*argv) -> int:
-    return main(["generate", *map(str, argv)])
-
-
-def pixels(path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def test_lora_flags_match_the_api_and_from_reproduces(setup, capsys):

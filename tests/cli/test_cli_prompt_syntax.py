@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from latentdiff.cli import main
 from latentdiff.pipelines.latent_diffusion import LatentDiffusionPipeline
 from latentdiff.utils.images import read_png_params
+from tests._support.cli import pixels
 from tests._support.sd import tiny_diffusers_pipeline
 
 PROMPT = "a (photo:1.3) of a [cat:dog:0.5]"
@@ -25,11 +25,6 @@ def sd_folder(tmp_path_factory, diffusers):
 
 def generate(*argv) -> int:
     return main(["generate", *map(str, argv), "--seed", "0"])
-
-
-def pixels(path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def test_prompt_syntax_flag_is_the_api_recorded_and_reproduced(sd_folder, tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ from latentdiff.pipelines.images import image_to_tensor
 from latentdiff.pipelines.sdxl import StableDiffusionXLPipeline
 from latentdiff.pipelines.sdxl_image import StableDiffusionXLImg2ImgPipeline
 from latentdiff.utils.images import read_png_params
+from tests._support.cli import pixels
 from tests._support.sdxl_native import write_tiny_sdxl
 from tests._support.tiny_builtin import make_tiny_shapes_model, use_as_builtin
 
@@ -37,11 +38,6 @@ def base(folders):
 @pytest.fixture(autouse=True)
 def in_tmp(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-
-
-def pixels(path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def api(images) -> np.ndarray:
