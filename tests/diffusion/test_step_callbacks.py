@@ -9,6 +9,7 @@ import torch
 
 from latentdiff.diffusion.noise_scheduler import NoiseScheduler
 from latentdiff.diffusion.samplers import SamplerProtocol, as_step_callback, check_sampler, switch_sampler
+from latentdiff.diffusion.samplers.base import StepCounting
 from latentdiff.diffusion.samplers.grids import sigma_table
 from latentdiff.diffusion.samplers.sigma_loops import sample_euler
 from latentdiff.errors import InputError
@@ -142,3 +143,31 @@ def test_switch_sampler_keeps_the_shared_settings():
     euler = switch_sampler(ddim, "euler")
     assert euler.registry_name == "euler" and (euler.timestep_spacing, euler.steps_offset) == ("trailing", 1)
     assert switch_sampler(ddim, None) is ddim and switch_sampler(ddim, "ddim") is ddim
+
+
+@pytest.mark.parametrize("start_step", [0, 3])
+def test_step_counting_counts_the_steps_not_the_model_calls(start_step):
+    """`StepCounting.step` is the step each model call belongs to, counted by the step callback: Heun calls the model
+    twice in a step, at a timestep off the plan's grid, and both calls see the same step. `step_started` runs as
+    the run starts and after each step; the wrapped callback keeps its form (here the former (i, x))."""
+    ns, n = NoiseScheduler(), 4
+    steps_done: list[int] = []
+
+    class Wrapper(StepCounting):
+        def __init__(self):
+            self.seen: list[tuple[int, int]] = []      # (step, start_step + steps the callback has counted)
+            self.started = 0
+
+        def step_started(self):
+            self.started += 1
+
+        def __call__(self, x_t, t):
+            self.seen.append((self.step, start_step + len(steps_done)))
+            return 0.5 * x_t
+
+    wrapper = Wrapper()
+    callback = wrapper.counting(lambda i, x: steps_done.append(i), start_step)
+    SAMPLERS.create("heun").sample(wrapper, _randn(1), ns, n, callback=callback)
+    assert steps_done == list(range(n)) and wrapper.started == n + 1 and wrapper.step == start_step + n
+    assert [step for step, _ in wrapper.seen] == [counted for _, counted in wrapper.seen]
+    assert len(wrapper.seen) > n                        # more model calls than steps: the count is not per call
