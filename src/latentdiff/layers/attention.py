@@ -244,12 +244,21 @@ class SpatialTransformer(nn.Module):
             x = x.permute(0, 2, 3, 1).reshape(b, h * w, x.shape[1])
         for block in self.transformer_blocks:
             x = block(x, context, size=(h, w))
+        # contiguous in the input's layout: a permuted tensor makes every later conv copy its weights, and a
+        # channels-last input (layers.prepacked's convolutions keep it) stays channels-last without a copy
+        layout = _memory_format(residual)
         if self.use_linear:
-            # contiguous: a permuted (channels-last) tensor makes every later conv copy its weights
-            x = self.proj_out(x).reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()
+            x = self.proj_out(x).reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=layout)
         else:
-            x = self.proj_out(x.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous())
+            x = self.proj_out(x.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous(memory_format=layout))
         return x + residual
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for a (B, C, H, W) tensor laid out channels-last (and not also plainly contiguous)."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class SpatialSelfAttention(nn.Module):

@@ -1,9 +1,11 @@
-"""Convolutions with their weights reordered once into oneDNN's blocked layout (CPU).
+"""Convolutions and linear layers with their weights reordered once into oneDNN's blocked layout (CPU), and the
+GEGLU feed-forward fused into its GEMMs.
 
 An `nn.Conv2d` on the CPU hands oneDNN a plain (O, I, kh, kw) weight, and oneDNN reorders it into the blocked
 layout its kernels read (for AMX bf16: VNNI-packed tiles) on every call: in one bf16 SD 1.5 UNet call at 256 px
 that reorder was 248 ms of 587 ms of oneDNN time. `prepack_convolutions` makes the reorder once
-(`torch.ops.mkldnn._reorder_convolution_weight`, the op inductor's freezing pass uses) and calls
+(`torch.ops.mkldnn._reorder_convolution_weight`, the op inductor's freezing pass uses, for the input shape of the
+latest call) and calls
 `mkldnn._convolution_pointwise` with the packed weight; the result is the same convolution (fp32: to rounding
 order; bf16: the same rounding of inputs, the same fp32 accumulation).
 
@@ -11,13 +13,25 @@ The module stays an `nn.Conv2d` with its parameters, so `state_dict`, saving, Lo
 unchanged; the packed copy (as large again as the convolution weights) lives outside the parameters and is
 rebuilt when the weight is changed in place or moved (its version, storage, dtype or device differ), so it is
 never stale. `unpack_convolutions` drops it.
+
+`prepack_linears` does the same for `nn.Linear` (`mkldnn._reorder_linear_weight` / `_linear_pointwise`) and gives
+every `GEGLU` (layers.attention: `h, gate = proj(x).chunk(2); h * gelu(gate)`) a fused forward: the gate half of
+the projection is one GEMM with GELU applied to its accumulator, and the value half a second GEMM that multiplies
+by it as it writes (oneDNN post-ops), so the (tokens, 2 x inner) projection, its two strided halves and the
+separate GELU and product passes never exist. On a bf16 SD 1.5 UNet the GEGLU was a third of the transformer
+blocks' time, nearly all of it in the element-wise passes over the strided halves (benchmarks/RESULTS.md, "CPU
+paths"). The GELU then sees the fp32 accumulator instead of its bf16 rounding: bf16 results move by a rounding
+step, fp32 ones equal the plain ones to rounding order. `unpack_linears` goes back.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+
+from .attention import GEGLU
 
 
 def can_prepack(conv: nn.Module) -> bool:
@@ -31,31 +45,124 @@ def can_prepack(conv: nn.Module) -> bool:
 class PackedForward:
     """The replacement `forward` of one Conv2d: the oneDNN convolution on a weight packed once per version."""
 
+    latentdiff_prepacked = True
+
     def __init__(self, conv: nn.Conv2d):
         self.conv = conv
-        self.key: tuple[Any, ...] | None = None
-        self.packed: torch.Tensor | None = None
-        self.latentdiff_prepacked = True
-
-    def weight(self) -> torch.Tensor:
-        w = self.conv.weight
-        # an inference tensor keeps no version counter: its storage, dtype and device still tell a move or a swap
-        key = (None if w.is_inference() else w._version, w.data_ptr(), w.dtype, w.device)
-        if key != self.key or self.packed is None:
-            conv = self.conv
-            self.packed = torch.ops.mkldnn._reorder_convolution_weight(
-                w.detach(), list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-            self.key = key
-        return self.packed
+        self.packed = _Packed(lambda w, size: torch.ops.mkldnn._reorder_convolution_weight(
+            w, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, list(size)))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
-        if torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad) or x.dtype != conv.weight.dtype:
+        if not _packed_call(x, conv.weight):
             return nn.Conv2d.forward(conv, x)   # training, or a dtype oneDNN's packed call does not mix: as before
         bias = conv.bias.detach() if conv.bias is not None else None
-        return torch.ops.mkldnn._convolution_pointwise(x, self.weight(), bias, list(conv.padding),
+        packed = self.packed.get(conv.weight, x.shape)
+        return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, list(conv.padding),
                                                        list(conv.stride), list(conv.dilation), conv.groups,
                                                        "none", [], "")
+
+
+class PackedLinearForward:
+    """The replacement `forward` of one Linear: oneDNN's GEMM on a weight packed once per version."""
+
+    latentdiff_prepacked = True
+
+    def __init__(self, linear: nn.Linear):
+        self.linear = linear
+        self.packed = _Packed(lambda w: torch.ops.mkldnn._reorder_linear_weight(w))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        linear = self.linear
+        if not _packed_call(x, linear.weight):
+            return nn.Linear.forward(linear, x)
+        bias = linear.bias.detach() if linear.bias is not None else None
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed.get(linear.weight), bias, "none", [], "")
+
+
+class FusedGEGLUForward:
+    """The replacement `forward` of one GEGLU: gelu(x W_gate + b_gate) * (x W_h + b_h) as two fused GEMMs (see
+    the module docstring). The halves of `proj.weight` are packed separately, each once per version."""
+
+    latentdiff_prepacked = True
+
+    def __init__(self, geglu: GEGLU):
+        self.geglu = geglu
+        self.value = _Packed(lambda w: torch.ops.mkldnn._reorder_linear_weight(_half(w, 0)))
+        self.gate = _Packed(lambda w: torch.ops.mkldnn._reorder_linear_weight(_half(w, 1)))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        geglu = self.geglu
+        proj = geglu.proj
+        if not _packed_call(x, proj.weight) or proj.bias is None:
+            return GEGLU.forward(geglu, x)
+        bias = proj.bias.detach()
+        gate = torch.ops.mkldnn._linear_pointwise(x, self.gate.get(proj.weight), _half(bias, 1), "gelu", [],
+                                                   "none")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, gate, self.value.get(proj.weight), _half(bias, 0),
+                                                          "mul")
+
+
+def _half(t: torch.Tensor, index: int) -> torch.Tensor:
+    """The value (0) or gate (1) half of a GEGLU projection's weight or bias, as chunk(2) splits its output."""
+    return t.detach().chunk(2, dim=0)[index].contiguous()
+
+
+class _Packed:
+    """A weight's packed copy, made by `pack` and remade when the weight changes (version, storage, dtype,
+    device; an inference tensor has no version counter, the rest still tells a move or a swap). A convolution's
+    layout also depends on its input's shape (oneDNN picks the AMX kernel's blocking from it; packed for another
+    shape, oneDNN reorders the weight again on every call): it is packed for the shape of the latest call."""
+
+    def __init__(self, pack: Callable[..., torch.Tensor]):
+        self.pack = pack
+        self.key: tuple[Any, ...] | None = None
+        self.packed: torch.Tensor | None = None
+
+    def get(self, w: torch.Tensor, *size: torch.Size) -> torch.Tensor:
+        key = (None if w.is_inference() else w._version, w.data_ptr(), w.dtype, w.device, *size)
+        if key != self.key or self.packed is None:
+            self.packed = self.pack(w.detach(), *size)
+            self.key = key
+        return self.packed
+
+
+def _packed_call(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a packed call may run: no gradient wanted (the packed ops have no backward), the input in the
+    weight's dtype and on the CPU."""
+    return (not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and x.dtype == weight.dtype and x.device.type == "cpu")
+
+
+def can_prepack_linear(module: nn.Module) -> bool:
+    """An `nn.Linear` or a `GEGLU` whose weight oneDNN's packed GEMM reads: CPU, float32 or bfloat16."""
+    weight = module.weight if type(module) is nn.Linear else getattr(getattr(module, "proj", None), "weight", None)
+    return (type(module) in (nn.Linear, GEGLU) and isinstance(weight, torch.Tensor) and weight.device.type == "cpu"
+            and weight.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available())
+
+
+def prepack_linears(module: nn.Module) -> int:
+    """Give every CPU GEGLU inside `module` its fused forward and every other CPU Linear a packed one (see the
+    module docstring); -> how many modules."""
+    count = 0
+    geglu_projections = {id(m.proj) for m in module.modules() if type(m) is GEGLU}
+    for layer in module.modules():
+        if id(layer) in geglu_projections or is_prepacked(layer) or not can_prepack_linear(layer):
+            continue
+        layer.forward = (FusedGEGLUForward(layer) if type(layer) is GEGLU  # type: ignore[method-assign]
+                         else PackedLinearForward(layer))  # type: ignore[arg-type]
+        count += 1
+    return count
+
+
+def unpack_linears(module: nn.Module) -> int:
+    """Back to the plain Linear and GEGLU forwards; -> how many."""
+    count = 0
+    for layer in module.modules():
+        if type(layer) in (nn.Linear, GEGLU) and is_prepacked(layer):
+            del layer.__dict__["forward"]
+            count += 1
+    return count
 
 
 def prepack_convolutions(module: nn.Module) -> int:
@@ -76,7 +183,7 @@ def unpack_convolutions(module: nn.Module) -> int:
     """Back to the plain Conv2d forward (the packed copies are freed); -> how many."""
     count = 0
     for conv in module.modules():
-        if is_prepacked(conv):
+        if isinstance(conv, nn.Conv2d) and is_prepacked(conv):
             del conv.__dict__["forward"]
             count += 1
     return count

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, UsageError
-from ..layers.prepacked import prepack_convolutions, unpack_convolutions
+from ..layers.prepacked import prepack_convolutions, prepack_linears, unpack_convolutions, unpack_linears
 
 QUANTIZATIONS = ("int8",)
 
@@ -37,6 +37,7 @@ def optimize_for_cpu(pipe: Any, *, channels_last: bool = True) -> Any:
     activations; -> pipe. Networks on another device are left alone; calling it again changes nothing."""
     for network in pipe.networks():
         prepack_convolutions(network)
+        prepack_linears(network)
     unet = pipe.unet
     if channels_last and unet.device.type == "cpu" and "_latentdiff_channels_last" not in unet.__dict__:
         unet.__dict__["_latentdiff_channels_last"] = unet.register_forward_pre_hook(_channels_last_input,
@@ -48,6 +49,7 @@ def undo_cpu_optimization(pipe: Any) -> Any:
     """The plain convolutions and the UNet's own input layout again; -> pipe."""
     for network in pipe.networks():
         unpack_convolutions(network)
+        unpack_linears(network)
     handle = pipe.unet.__dict__.pop("_latentdiff_channels_last", None)
     if handle is not None:
         handle.remove()
