@@ -37,7 +37,7 @@ from typing import Any
 
 from ...errors import UsageError
 from ...registry import SAMPLERS
-from ...utils.infotext import A1111_SAMPLER_LABELS, A1111_SCHEDULE_LABELS
+from ...utils.infotext import A1111_SAMPLER_LABELS, A1111_SCHEDULE_LABELS, A1111_VARIANT_LABELS
 from ..scheduler_io import FOREIGN_CLASSES, NATIVE_CLASSES
 from .base import switch_sampler
 
@@ -54,9 +54,7 @@ A1111_OPTIONS: dict[str, dict[str, Any]] = {
     "dpm_2": {"discard_next_to_last_sigma": True}, "dpm_2_ancestral": {"discard_next_to_last_sigma": True},
 }
 # A1111 labels that are a registered sampler with other settings than its own label's -> (sampler, settings).
-A1111_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "DPM++ 2M SDE Heun": ("dpmpp_2m_sde", {"solver_type": "heun"}),
-}
+A1111_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = A1111_VARIANT_LABELS
 # A1111 labels latentdiff does not implement yet -> the closest sampler it has.
 A1111_MISSING: dict[str, str] = {
     "DPM fast": "dpmpp_2m", "DPM adaptive": "dpmpp_2m", "Restart": "heun", "DDIM CFG++": "ddim",
