@@ -120,7 +120,8 @@ def _table() -> dict[str, _Entry]:
         table[key(diffusers_class)] = _Entry(registered, None, "diffusers", diffusers_class)
     for missing in (*FOREIGN_CLASSES, *DIFFUSERS_MISSING):
         table[key(missing)] = _Entry(None, None, "diffusers", missing, DIFFUSERS_MISSING[missing])
-    labels = {label: (name, {}) for name, label in A1111_SAMPLER_LABELS.items()} | A1111_VARIANTS
+    labels: dict[str, tuple[str, dict[str, Any]]] = \
+        {label: (name, {}) for name, label in A1111_SAMPLER_LABELS.items()} | A1111_VARIANTS
     for label, (name, settings) in labels.items():
         schedule = A1111_AUTOMATIC.get(name, "default") if has_schedule(name) else None
         options = tuple(sorted((A1111_OPTIONS.get(name, {}) | settings).items()))
