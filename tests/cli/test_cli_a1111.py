@@ -198,6 +198,41 @@ def test_dpmpp_2m_sde_heun_by_its_a1111_name(pipe):
     assert not np.array_equal(pixels("h3.png"), pixels("h.png"))
 
 
+PNG_ORIGIN = {"sampler": "x.png: sampler", "schedule": "x.png: schedule", "sampler_options": "x.png: sampler_options"}
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"noise_type": "pink"}, ["bad sampler options", "x.png: sampler_options", "dpmpp_2m_sde"]),
+    ({"rho": 7}, ["bad sampler options", "solver_type"]),
+    ({"sigma_schedule": "karras"}, ["bad sampler options"]),      # the schedule is recorded apart
+    ("heun", ["bad sampler options", "'heun'"]),
+])
+def test_a_pngs_bad_sampler_options_are_refused(options, words):
+    from latentdiff.cli.generate_a1111 import settle_sampler
+    from latentdiff.errors import UsageError
+
+    values = {"sampler": "dpmpp_2m_sde", "schedule": "exponential", "sampler_options": options}
+    with pytest.raises(UsageError) as info:
+        settle_sampler(values, dict(PNG_ORIGIN), print)
+    assert all(word in str(info.value) for word in words), str(info.value)
+
+
+def test_a_pngs_sampler_options_are_kept_unless_a_flag_names_the_sampler():
+    from latentdiff.cli.generate_a1111 import settle_sampler
+
+    stored = {"noise_type": "brownian", "solver_type": "heun"}
+    values = {"sampler": "dpmpp_2m_sde", "schedule": "exponential", "sampler_options": dict(stored)}
+    settle_sampler(values, dict(PNG_ORIGIN), print)
+    assert values["sampler_options"] == stored
+    values = {"sampler": "dpmpp_2m_sde", "schedule": None, "sampler_options": dict(stored)}
+    settle_sampler(values, {**PNG_ORIGIN, "sampler": "--sampler"}, print)
+    assert values["sampler_options"] is None
+    values = {"sampler": "DPM2", "schedule": None, "sampler_options": None}
+    settle_sampler(values, {**PNG_ORIGIN, "sampler": "--sampler"}, print)
+    assert (values["sampler"], values["schedule"], values["sampler_options"]) == (
+        "dpm_2", "karras", {"discard_next_to_last_sigma": True})
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--sampler", "ddim", "--schedule", "karras"], ["--schedule", "--sampler", "ddim", "karras"]),
     (["--schedule", "karras"], ["--schedule", "sampler", "ddim"]),            # the model's own (ddim)

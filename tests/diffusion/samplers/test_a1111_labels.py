@@ -126,8 +126,6 @@ def test_a1111_label_equals_k_diffusion_driven_as_a1111(k, label, loop, loop_kw,
 ])
 def test_labels_carry_a1111_options_and_other_names_none(label, options):
     assert dict(resolve_sampler(label).options) == options
-    assert resolve_sampler("DPM++ 2M SDE Heun Karras").schedule == "karras"
-    assert resolve_sampler("DPM++ 2M SDE Heun").schedule == "exponential"    # A1111 >= 1.9's Automatic
 
 
 def test_options_override_the_settings_a_base_sampler_carries_over():
