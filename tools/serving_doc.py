@@ -14,7 +14,8 @@ BEGIN, END = "<!-- sampler-table: begin (tools/serving_doc.py writes it) -->", "
 
 
 def sampler_table() -> str:
-    """A1111's names (as `sampler_name` takes them) -> latentdiff's sampler and sigma schedule; then the aliases, and
+    """A1111's names (as `sampler_name` takes them) -> latentdiff's sampler, sigma schedule and the other settings the
+    label fixes (Brownian noise, a dropped next-to-last sigma, Heun); then the aliases, and
     the names A1111 has that latentdiff does not implement yet, with the closest one."""
     from latentdiff.diffusion.samplers.names import A1111_ALIASES, A1111_MISSING, accepted_names, resolve_sampler
     from latentdiff.utils.infotext import A1111_SAMPLER_LABELS, A1111_SCHEDULE_LABELS
@@ -22,10 +23,14 @@ def sampler_table() -> str:
     def schedule(name: str | None) -> str:
         return "—" if name is None else f"`{name}` ({A1111_SCHEDULE_LABELS.get(name, name)})"
 
-    rows = ["| A1111 `sampler_name` | latentdiff sampler | sigma schedule |", "|---|---|---|"]
+    def options(pairs: tuple[tuple[str, object], ...]) -> str:
+        return ", ".join(f"`{key}={value}`" for key, value in pairs) or "—"
+
+    rows = ["| A1111 `sampler_name` | latentdiff sampler | sigma schedule | other settings A1111 runs it with |",
+            "|---|---|---|---|"]
     for label in accepted_names()["A1111"]:
         resolved = resolve_sampler(label)
-        rows.append(f"| `{label}` | `{resolved.name}` | {schedule(resolved.schedule)} |")
+        rows.append(f"| `{label}` | `{resolved.name}` | {schedule(resolved.schedule)} | {options(resolved.options)} |")
     aliases = ", ".join(f"`{alias}` = `{label}`" for alias, label in A1111_ALIASES.items()
                         if label not in A1111_MISSING)
     missing = ", ".join(f"`{label}` (closest: `{A1111_SAMPLER_LABELS.get(closest, closest)}`)"

@@ -97,7 +97,7 @@ def test_a_diffusers_class_name_and_the_schedule_flag(pipe):
 
 def test_a_dpm_family_name_and_an_a1111_schedule(pipe):
     """DPM++ SDE (A1111's Automatic schedule: karras) on its Brownian tree, recorded and reproduced by --from; and
-    A1111's "Align Your Steps" schedule on DPM2 a."""
+    A1111's "Align Your Steps" schedule on DPM2 a (with A1111's dropped next-to-last sigma)."""
     from latentdiff.diffusion.samplers import DPM2AncestralSampler, DPMSolverSDESampler
 
     assert generate(PROMPT, "--sampler", "DPM++ SDE", "--steps", 3, "--seed", 5, "-o", "sde.png") == 0
@@ -113,9 +113,11 @@ def test_a_dpm_family_name_and_an_a1111_schedule(pipe):
     assert generate("--from", "sde.png", "-o", "sde2.png") == 0
     assert np.array_equal(pixels("sde2.png"), pixels("sde.png"))
     assert generate(PROMPT, "--sampler", "DPM2 a", "--schedule", "Align Your Steps", "--steps", 3, "-o", "ays.png") == 0
-    assert read_png_params("ays.png")["schedule"] == "align_your_steps"
+    ays = read_png_params("ays.png")       # A1111 drops DPM2 a's next-to-last sigma on every schedule
+    assert (ays["schedule"], ays["sampler_options"]) == ("align_your_steps", {"discard_next_to_last_sigma": True})
     ays_pipe = copy.copy(pipe)
-    ays_pipe.sampler = DPM2AncestralSampler.from_config(pipe.sampler, sigma_schedule="align_your_steps")
+    ays_pipe.sampler = DPM2AncestralSampler.from_config(pipe.sampler, sigma_schedule="align_your_steps",
+                                                        discard_next_to_last_sigma=True)
     expected = ays_pipe(PROMPT, num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
                         progress=False).images[0]
     assert np.array_equal(pixels("ays.png"), np.asarray(expected))
@@ -140,11 +142,71 @@ def test_unipc_by_its_a1111_name(pipe):
     assert np.array_equal(pixels("u2.png"), pixels("u.png"))
 
 
+def test_dpmpp_2m_sde_heun_by_its_a1111_name(pipe):
+    """A1111's "DPM++ 2M SDE Heun" is dpmpp_2m_sde with solver_type heun, Brownian noise and the exponential
+    schedule: recorded as the registered name with those options, written as A1111's label, read back by --from;
+    --sampler with a registered name drops the options the file's label fixed."""
+    from latentdiff.diffusion.samplers.names import sampler_from_name
+
+    assert generate(PROMPT, "--sampler", "DPM++ 2M SDE Heun", "--steps", 3, "-o", "h.png") == 0
+    params = read_png_params("h.png")
+    assert (params["sampler"], params["schedule"]) == ("dpmpp_2m_sde", "exponential")
+    assert params["sampler_options"] == {"noise_type": "brownian", "solver_type": "heun"}
+    heun_pipe = copy.copy(pipe)
+    heun_pipe.sampler = sampler_from_name("DPM++ 2M SDE Heun", base=pipe.sampler)
+    assert (heun_pipe.sampler.solver_type, heun_pipe.sampler.noise_type) == ("heun", "brownian")
+    expected = heun_pipe(PROMPT, num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
+                         progress=False).images[0]
+    assert np.array_equal(pixels("h.png"), np.asarray(expected))
+    with Image.open("h.png") as image:
+        assert "Sampler: DPM++ 2M SDE Heun, Schedule type: Exponential" in image.text["parameters"]
+    assert generate("--from", "h.png", "-o", "h2.png") == 0
+    assert np.array_equal(pixels("h2.png"), pixels("h.png")) and read_png_params("h2.png") == params
+    assert generate("--from", "h.png", "--sampler", "dpmpp_2m_sde", "-o", "h3.png") == 0
+    assert "sampler_options" not in read_png_params("h3.png")
+    assert not np.array_equal(pixels("h3.png"), pixels("h.png"))
+
+
+PNG_ORIGIN = {"sampler": "x.png: sampler", "schedule": "x.png: schedule", "sampler_options": "x.png: sampler_options"}
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"noise_type": "pink"}, ["bad sampler options", "x.png: sampler_options", "dpmpp_2m_sde"]),
+    ({"rho": 7}, ["bad sampler options", "solver_type"]),
+    ({"sigma_schedule": "karras"}, ["bad sampler options"]),      # the schedule is recorded apart
+    ("heun", ["bad sampler options", "'heun'"]),
+])
+def test_a_pngs_bad_sampler_options_are_refused(options, words):
+    from latentdiff.cli.generate_a1111 import settle_sampler
+    from latentdiff.errors import UsageError
+
+    values = {"sampler": "dpmpp_2m_sde", "schedule": "exponential", "sampler_options": options}
+    with pytest.raises(UsageError) as info:
+        settle_sampler(values, dict(PNG_ORIGIN), print)
+    assert all(word in str(info.value) for word in words), str(info.value)
+
+
+def test_a_pngs_sampler_options_are_kept_unless_a_flag_names_the_sampler():
+    from latentdiff.cli.generate_a1111 import settle_sampler
+
+    stored = {"noise_type": "brownian", "solver_type": "heun"}
+    values = {"sampler": "dpmpp_2m_sde", "schedule": "exponential", "sampler_options": dict(stored)}
+    settle_sampler(values, dict(PNG_ORIGIN), print)
+    assert values["sampler_options"] == stored
+    values = {"sampler": "dpmpp_2m_sde", "schedule": None, "sampler_options": dict(stored)}
+    settle_sampler(values, {**PNG_ORIGIN, "sampler": "--sampler"}, print)
+    assert values["sampler_options"] is None
+    values = {"sampler": "DPM2", "schedule": None, "sampler_options": None}
+    settle_sampler(values, {**PNG_ORIGIN, "sampler": "--sampler"}, print)
+    assert (values["sampler"], values["schedule"], values["sampler_options"]) == (
+        "dpm_2", "karras", {"discard_next_to_last_sigma": True})
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--sampler", "ddim", "--schedule", "karras"], ["--schedule", "--sampler", "ddim", "karras"]),
     (["--schedule", "karras"], ["--schedule", "sampler", "ddim"]),            # the model's own (ddim)
     (["--sampler", "Euler a Karras"], ["euler_ancestral", "karras"]),
-    (["--sampler", "DPM++ 2M SDE Heun"], ["not implemented yet", "--sampler", "dpmpp_2m_sde"]),
+    (["--sampler", "Restart"], ["not implemented yet", "--sampler", "heun"]),
     (["--sampler", "DPM fast"], ["not implemented yet", "dpmpp_2m"]),
     (["--sampler", "DPM++ 2M", "--schedule", "KL Optimal"], ["not implemented yet", "--schedule"]),
     (["--sampler", "euler", "--schedule", "rho7"], ["unknown schedule", "--schedule"]),
@@ -233,7 +295,7 @@ def test_models_lists_every_accepted_name(capsys):
     out = capsys.readouterr().out
     for words in (["registered: ddim", "euler_ancestral"], ["A1111: DDIM", "Euler a", "DPM++ 2M Karras"],
                   ["diffusers: DDIMScheduler", "DPMSolverMultistepScheduler"], ["schedules: default, karras"],
-                  ["not implemented yet:", "DPM fast", "DPM++ 2M SDE Heun"], ["A1111: DDIM", "DPM2 a", "DPM++ SDE"],
+                  ["not implemented yet:", "DPM fast", "Restart"], ["A1111: DDIM", "DPM2 a", "DPM++ 2M SDE Heun"],
                   ["schedules: default, karras", "sgm_uniform", "align_your_steps"]):
         line = next(line for line in out.splitlines() if words[0] in line)
         assert all(word in line for word in words), (words, line)

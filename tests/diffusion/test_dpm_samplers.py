@@ -287,7 +287,10 @@ def test_native_diffusers_classes_round_trip(diffusers, tmp_path, sampler, cls):
     DPMPP3MSDESampler(sigma_schedule="karras"), DPMPP2SAncestralSampler(noise_type="brownian"),
     DPMSolverMultistepSDESampler(noise_type="brownian", sigma_schedule="exponential"),
     DPMSolverSDESampler(noise_type="gaussian"), DPM2Sampler(sigma_schedule="align_your_steps", ays_model="sdxl"),
-], ids=lambda s: repr(s)[:40])
+    DPM2Sampler(sigma_schedule="karras", discard_next_to_last_sigma=True),      # A1111's "DPM2", "DPM2 a"
+    DPM2AncestralSampler(discard_next_to_last_sigma=True),
+    DPMSolverMultistepSDESampler(noise_type="brownian", solver_type="heun", sigma_schedule="exponential"),
+], ids=lambda s: repr(s)[:90])
 def test_settings_diffusers_has_no_key_for_are_kept_for_latentdiff(tmp_path, sampler):
     data, _, loaded = _read_back(tmp_path, NoiseScheduler(), sampler)
     assert data["_class_name"] == "DDIMScheduler" and data["_latentdiff_sampler"]["name"] == sampler.registry_name

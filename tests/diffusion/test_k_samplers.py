@@ -102,6 +102,8 @@ CASES = [
     _case(DPMSolverMultistepSDESampler(), DPM, algorithm_type="sde-dpmsolver++"),
     _case(DPMSolverMultistepSDESampler(sigma_schedule="karras", solver_type="heun"), DPM,
           algorithm_type="sde-dpmsolver++", use_karras_sigmas=True, solver_type="heun"),
+    _case(DPMSolverMultistepSDESampler(sigma_schedule="exponential", solver_type="heun"), DPM,   # A1111's 2M SDE Heun
+          algorithm_type="sde-dpmsolver++", use_exponential_sigmas=True, solver_type="heun"),
     _case(PLMSSampler(steps_offset=1), PNDM, skip_prk_steps=True, steps_offset=1),
     _case(PLMSSampler(set_alpha_to_one=True), PNDM, skip_prk_steps=True, set_alpha_to_one=True),
     _case(PLMSSampler(timestep_spacing="trailing"), PNDM, skip_prk_steps=True,

@@ -128,6 +128,23 @@ def test_a1111_sampler_labels_resolve(name, scheduler, expected):
     assert (r.sampler, r.schedule) == expected
 
 
+@pytest.mark.parametrize("name, expected", [
+    ("DPM++ 2M SDE Heun", ("dpmpp_2m_sde", "exponential", (("noise_type", "brownian"), ("solver_type", "heun")))),
+    ("DPM2 a", ("dpm_2_ancestral", "karras", (("discard_next_to_last_sigma", True),))),
+    ("dpmpp_2m_sde", ("dpmpp_2m_sde", None, ())), ("DPM++ 2M", ("dpmpp_2m", "karras", ())),
+])
+def test_a1111_labels_carry_the_settings_they_fix(name, expected):
+    r = txt({"sampler_name": name, "width": 64, "height": 64})
+    assert (r.sampler, r.schedule, r.sampler_options) == expected
+
+
+def test_requests_differing_only_in_the_labels_options_do_not_share_a_call():
+    heun = txt({"sampler_name": "DPM++ 2M SDE Heun", "width": 64, "height": 64})
+    plain = txt({"sampler_name": "dpmpp_2m_sde", "scheduler": "exponential", "width": 64, "height": 64})
+    assert (heun.sampler, heun.schedule) == (plain.sampler, plain.schedule)
+    assert heun.batch_key() != plain.batch_key()
+
+
 def test_sampler_name_wins_over_sampler_index_and_either_alone_works():
     assert txt({"sampler_index": "Heun", "width": 64, "height": 64}).sampler == "heun"
     assert txt({"sampler_name": "LMS", "sampler_index": "Heun", "width": 64, "height": 64}).sampler == "lms"
@@ -377,7 +394,7 @@ def test_decode_image_bounds_pixels_before_decoding():
 def test_sampler_and_scheduler_lists_hold_names_the_parser_accepts():
     samplers = a1111_results.samplers()
     names = [s["name"] for s in samplers]
-    assert {"Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "LMS", "Heun"} <= set(names)
+    assert {"Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "LMS", "Heun", "DPM++ 2M SDE Heun"} <= set(names)
     for s in samplers:
         resolved = resolve_sampler(s["name"])
         assert resolved.name == s["aliases"][0] and resolved.schedule == s["options"].get("scheduler", (

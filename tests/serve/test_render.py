@@ -51,6 +51,30 @@ def test_sampler_and_schedule_are_the_python_api_s(pipe):
     assert pipe.sampler is base                        # the request's sampler is the call's only
 
 
+def test_an_a1111_labels_options_are_the_python_api_s(pipe):
+    """A request for A1111's "DPM++ 2M SDE Heun" (the settings its label fixes: solver_type heun, Brownian noise)
+    is `sampler_from_name`'s sampler, and its PNG records them as `latentdiff generate` does."""
+    from latentdiff.diffusion.samplers.names import resolve_sampler, sampler_from_name
+    from latentdiff.utils.infotext import format_infotext
+
+    resolved = resolve_sampler("DPM++ 2M SDE Heun")
+    request = ImageRequest(model=MODEL, prompt="a red circle", steps=STEPS, guidance=5.0, seed=3,
+                           sampler=resolved.name, schedule=resolved.schedule, sampler_options=resolved.options)
+    generated = render(pipe, [Unit(request, 0)])[0][0]
+    base = pipe.sampler
+    pipe.sampler = sampler_from_name("DPM++ 2M SDE Heun", base=base)
+    try:
+        expected = pipe("a red circle", num_inference_steps=STEPS, guidance_scale=5.0, generator=gens(3),
+                        progress=False).images
+    finally:
+        pipe.sampler = base
+    assert same([np.array(generated.image)], expected)
+    assert generated.params["sampler_options"] == {"noise_type": "brownian", "solver_type": "heun"}
+    assert "Sampler: DPM++ 2M SDE Heun, Schedule type: Exponential" in format_infotext(generated.params)
+    plain = served(pipe, sampler=resolved.name, schedule=resolved.schedule)     # the registered name: midpoint
+    assert not same(plain, expected)
+
+
 def test_hires_fix_is_hires_fix(pipe):
     from latentdiff.pipelines.hires import hires_fix
 

@@ -294,6 +294,8 @@ def load_pipeline(source: ModelSource, settings: GenerateSettings, *, device: An
         pipe = cls.from_pretrained(source.name if source.kind == "hub" else source.path, **load,
                                    **load_vae(settings, **load))
     pipe.sampler = with_schedule(switch_sampler(pipe.sampler, settings.sampler), settings.schedule, pipe=pipe)
+    if settings.sampler_options:       # what the A1111 label fixes (Brownian noise, a dropped sigma, Heun)
+        pipe.sampler = cast(Any, pipe.sampler).with_options(**settings.sampler_options)
     return pipe
 
 

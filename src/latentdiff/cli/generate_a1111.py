@@ -8,10 +8,11 @@ The sampler tables import torch, so they are imported where a sampler is named, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 from ..builtin import DEFAULT_MODEL, builtin_names
-from ..errors import UsageError
+from ..errors import ConfigError, UsageError
 from ..utils.infotext import parse_infotext, settings_from_infotext
 
 A1111_MODEL = "_a1111_model"        # keys of the dict `read_from_png` returns that are not settings
@@ -61,16 +62,20 @@ def a1111_notes(path: str, stored: dict[str, Any], args: argparse.Namespace | No
 
 def settle_sampler(values: dict[str, Any], origin: dict[str, str], warn: Any) -> None:
     """values["sampler"] / values["schedule"] (any accepted names) -> the registered sampler and its schedule,
-    in place; UsageErrors name the flag or file key. A schedule from a lower place than the sampler's (a --from
-    file's, when --sampler is given) belonged to the sampler replaced and is dropped; a file's schedule on a
-    sampler that has none (A1111 writes its Schedule type for DDIM too, and ignores it) is dropped with a warning."""
+    and values["sampler_options"]: the settings an A1111 label fixes (a latentdiff PNG's, read back with the
+    registered name it records), in place; UsageErrors name the flag or file key. A schedule or options from a lower
+    place than the sampler's (a --from file's, when --sampler is given) belonged to the sampler replaced and are
+    dropped; a file's schedule on a sampler that has none (A1111 writes its Schedule type for DDIM too, and ignores
+    it) is dropped with a warning."""
     from ..diffusion.samplers.names import check_schedule, has_schedule, resolve_sampler, resolve_schedule  # torch
 
     name, schedule = values["sampler"], values.get("schedule")
     sampler_flag = name is not None and origin.get("sampler") == "--sampler"
     schedule_flag = schedule is not None and origin.get("schedule") == "--schedule"
+    stored_options = None if sampler_flag else values.get("sampler_options")
     if schedule is not None and sampler_flag and not schedule_flag:
         schedule = None
+    values["sampler_options"] = None
     if name is None:        # the folder's own sampler: its schedule is checked once it is loaded
         values["schedule"] = None if schedule is None else resolve_schedule(schedule, where=origin["schedule"])
         return
@@ -86,6 +91,26 @@ def settle_sampler(values: dict[str, Any], origin: dict[str, str], warn: Any) ->
              "timesteps")
         chosen = None
     values["sampler"], values["schedule"] = resolved.name, chosen if has_schedule(resolved.name) else None
+    options = dict(resolved.options) or stored_options
+    if options is not None:
+        check_sampler_options(resolved.name, options, where=origin.get("sampler_options", "sampler_options"))
+    values["sampler_options"] = options or None
+
+
+def check_sampler_options(name: str, options: Any, *, where: str) -> None:
+    """A UsageError naming `where` unless `options` (a PNG's: untrusted) are settings the sampler `name` has, with
+    values it takes."""
+    from ..registry import SAMPLERS
+
+    fields = {f.name for f in dataclasses.fields(SAMPLERS.get(name))} - {"sigma_schedule", "ays_model"}
+    if not isinstance(options, dict) or not set(options) <= fields:
+        raise UsageError(f"bad sampler options for the {name} sampler", where=where,
+                         expected=f"an object of its settings ({', '.join(sorted(fields))})", found=repr(options)[:120])
+    try:
+        SAMPLERS.get(name)(**options)
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise UsageError(f"bad sampler options for the {name} sampler", where=where, expected="values it takes",
+                         found=repr(options)[:120], hint=str(exc)[:200]) from None
 
 
 def with_schedule(sampler: Any, schedule: str | None, *, pipe: Any = None) -> Any:

@@ -215,12 +215,13 @@ def init_tensor(pipe: Any, image: Any, *, size: tuple[int, int]) -> Any:
 
 
 def refiner_sampler(refiner: Any, sampler: Any) -> Any:
-    """The refiner's sampler switched to the base's method and schedule (its own timestep settings kept), as A1111
-    carries on with the base's sampler."""
+    """The refiner's sampler switched to the base's method, schedule and the settings an A1111 label fixes (its own
+    timestep settings kept), as A1111 carries on with the base's sampler."""
     from ..diffusion.samplers import switch_sampler
 
     switched = switch_sampler(refiner.sampler, sampler.registry_name)
-    grid = {key: getattr(sampler, key) for key in ("sigma_schedule", "ays_model") if hasattr(sampler, key)}
+    carried = ("sigma_schedule", "ays_model", "noise_type", "solver_type", "discard_next_to_last_sigma")   # A1111's
+    grid = {key: getattr(sampler, key) for key in carried if hasattr(sampler, key)}
     if any(getattr(switched, key, value) != value for key, value in grid.items()):
         switched = switched.with_options(**grid)
     return switched

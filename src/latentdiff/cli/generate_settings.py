@@ -45,7 +45,8 @@ RECORDED = ("prompt", "negative", "seed", "steps", "guidance", "sampler", "eta",
             # ControlNet / T2I-Adapter / IP-Adapter (generate_control)
             "control", "control_resize", "guess_mode", "ip_adapter",
             "deepcache", "deepcache_branch", "freeu",   # step switches (generate_fast)
-            "tome", "cfg_truncation")   # cheaper steps (generate_tome)
+            "tome", "cfg_truncation",   # cheaper steps (generate_tome)
+            "sampler_options")   # the settings an A1111 sampler label fixes (generate_a1111)
 OPTIONAL = RECORDED[RECORDED.index("clip_skip"):]   # recorded only when set
 MAX_SEED = 2**63 - 1
 PATH_VALUES = ("model", "tokenizer", "init_image", "mask", "vae", "refiner", "tokenizer_2")   # naming files
@@ -112,6 +113,9 @@ class GenerateSettings:
     freeu: list[float] | None = None
     tome: float | None = None            # generate_tome: token merging ratio; None = off
     cfg_truncation: float | None = None  # generate_tome: fraction of the steps with guidance; None = all
+    # generate_a1111: the sampler settings its A1111 label fixes (names.SamplerName.options: Brownian noise, A1111's
+    # dropped next-to-last sigma, DPM++ 2M SDE Heun's solver_type); None = the registered sampler's own
+    sampler_options: dict[str, Any] | None = None
 
     def params(self) -> dict[str, Any]:
         """The settings as the JSON a PNG records (the image input, hires, tile and VAE settings only when used)."""

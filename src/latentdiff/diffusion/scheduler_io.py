@@ -29,9 +29,9 @@ spacing, offset, clipping, sigma grid, solver order ... -> a Sampler). The mappi
 
 Files written here are configs of the diffusers class of the sampler, which diffusers loads to the same
 schedule and sampler (a setting the class has no key for - an A1111 schedule such as sgm_uniform, Brownian noise
-where the class draws Gaussian noise - makes it a registered sampler's file: DDIM for diffusers, every setting under
-`_latentdiff_sampler` for latentdiff); DDIM's eta (a `step()` argument in diffusers, not a config key) is kept under
-`_latentdiff_sampler`.
+where the class draws Gaussian noise, A1111's dropped next-to-last sigma - makes it a registered sampler's file:
+DDIM for diffusers, every setting under `_latentdiff_sampler` for latentdiff); DDIM's eta (a `step()` argument in
+diffusers, not a config key) is kept under `_latentdiff_sampler`.
 """
 from __future__ import annotations
 
@@ -387,10 +387,10 @@ def scheduler_file_config(noise_scheduler: NoiseScheduler, sampler: SamplerSetti
 
 def _diffusers_can_say(sampler: Any) -> bool:
     """Whether the diffusers class of `sampler` has keys for all of its settings (not an A1111 schedule such as
-    sgm_uniform, nor the other kind of noise than the class draws)."""
+    sgm_uniform, A1111's dropped next-to-last sigma, nor the other kind of noise than the class draws)."""
     if getattr(sampler, "sigma_schedule", "default") not in DIFFUSERS_SIGMA_SCHEDULES:
         return False
-    if getattr(sampler, "ays_model", "sd15") != "sd15":
+    if getattr(sampler, "ays_model", "sd15") != "sd15" or getattr(sampler, "discard_next_to_last_sigma", False):
         return False
     noise = DIFFUSERS_NOISE.get(type(sampler))
     return noise is None or getattr(sampler, "noise_type", noise) == noise

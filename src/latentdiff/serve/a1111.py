@@ -199,7 +199,7 @@ def _common(body: Body, *, options: Options, catalog: Any, settings: ServeSettin
                            expected=f"batch_size x n_iter <= {settings.max_images} (--max-images)",
                            found=f"{batch_size} x {n_iter}")
     images = batch_size * n_iter
-    sampler, schedule = _sampler(body, facts)
+    sampler, schedule, sampler_options = _sampler(body, facts)
     eta = body.number("eta", None, 0.0, 1.0)
     if eta is not None and not _has_eta(sampler if sampler is not None else facts().sampler):
         eta = None
@@ -215,7 +215,7 @@ def _common(body: Body, *, options: Options, catalog: Any, settings: ServeSettin
         height=height if height is not None else facts().height,
         steps=body.integer("steps", DEFAULT_STEPS, 1, settings.max_steps),
         guidance=body.number("cfg_scale", DEFAULT_CFG_SCALE, 0.0, MAX_CFG_SCALE),
-        sampler=sampler, schedule=schedule, eta=eta,
+        sampler=sampler, schedule=schedule, sampler_options=sampler_options, eta=eta,
         seed=_seed(body, "seed", images, rng), subseed=_seed(body, "subseed", images, rng),
         subseed_strength=subseed_strength, batch_size=batch_size, n_iter=n_iter,
         save_images=save_images and settings.outputs_dir is not None, send_images=body.flag("send_images", True),
@@ -255,9 +255,9 @@ def _seed(body: Body, key: str, images: int, rng: random.Random | None) -> int:
     return int(value)
 
 
-def _sampler(body: Body, facts: Callable[[], ModelFacts]) -> tuple[str | None, str | None]:
-    """(registered sampler or None = the model's own, schedule or None) from sampler_name / sampler_index /
-    scheduler; an unknown name is a 422 listing the accepted ones."""
+def _sampler(body: Body, facts: Callable[[], ModelFacts]) -> tuple[str | None, str | None, tuple[tuple[str, Any], ...]]:
+    """(registered sampler or None = the model's own, schedule or None, the settings its A1111 label fixes) from
+    sampler_name / sampler_index / scheduler; an unknown name is a 422 listing the accepted ones."""
     name_key = "sampler_name" if body.data.get("sampler_name") not in (None, "") else "sampler_index"
     other = "sampler_index" if name_key == "sampler_name" else "sampler_name"
     body.raw(other)
@@ -266,7 +266,7 @@ def _sampler(body: Body, facts: Callable[[], ModelFacts]) -> tuple[str | None, s
     try:
         if name is None or not name.strip():
             if scheduler is None:
-                return None, None
+                return None, None, ()
             resolved = resolve_sampler(facts().sampler, schedule=scheduler, where=name_key,
                                        schedule_where="scheduler")
         else:
@@ -275,7 +275,7 @@ def _sampler(body: Body, facts: Callable[[], ModelFacts]) -> tuple[str | None, s
     except InputError as exc:
         field = str(exc.where) if exc.where in (name_key, "scheduler") else name_key
         raise RequestError(exc.message, field=field, expected=exc.expected, found=exc.found) from None
-    return (resolved.name if name else None), resolved.schedule
+    return (resolved.name if name else None), resolved.schedule, (resolved.options if name else ())
 
 
 def _has_eta(sampler: str) -> bool:

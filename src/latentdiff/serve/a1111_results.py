@@ -16,9 +16,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..diffusion.samplers.names import A1111_ALIASES, A1111_AUTOMATIC, accepted_names, has_schedule
+from ..diffusion.samplers.names import A1111_ALIASES, A1111_AUTOMATIC, A1111_VARIANTS, accepted_names, has_schedule
 from ..pipelines.hires import A1111_UPSCALERS, LATENT_MODES
-from ..utils.infotext import A1111_SAMPLER_LABELS, A1111_SCHEDULE_LABELS, format_infotext
+from ..utils.infotext import A1111_SAMPLER_LABELS, A1111_SCHEDULE_LABELS, a1111_sampler_label, format_infotext
 from ..version import __version__
 from .a1111_images import encode_png, public_params, save_outputs
 from .requests import JobResult
@@ -96,7 +96,8 @@ def info(result: JobResult, body: Mapping[str, Any], *, checkpoint: Mapping[str,
         "seed": request.seed, "all_seeds": request.seeds(), "subseed": request.subseed,
         "all_subseeds": request.subseeds(), "subseed_strength": request.subseed_strength,
         "width": request.width, "height": request.height,
-        "sampler_name": A1111_SAMPLER_LABELS.get(str(sampler), sampler), "scheduler": extra.get("Schedule type"),
+        "sampler_name": a1111_sampler_label(str(sampler), first.get("sampler_options")) if sampler else sampler,
+        "scheduler": extra.get("Schedule type"),
         "cfg_scale": request.guidance, "steps": request.steps, "batch_size": request.batch_size,
         "n_iter": request.n_iter, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": checkpoint.get("model_name", request.model), "sd_model_hash": checkpoint.get("hash"),
@@ -114,7 +115,8 @@ def info(result: JobResult, body: Mapping[str, Any], *, checkpoint: Mapping[str,
 def samplers() -> list[dict[str, Any]]:
     """/sdapi/v1/samplers: every A1111 label latentdiff implements ({name, aliases, options}), the older
     "<sampler> Karras" / "Exponential" labels included (options: the schedule they imply)."""
-    by_label = {label: name for name, label in A1111_SAMPLER_LABELS.items()}
+    by_label = {label: name for name, label in A1111_SAMPLER_LABELS.items()} | \
+        {label: name for label, (name, _) in A1111_VARIANTS.items()}
     aliases: dict[str, list[str]] = {}
     for alias, label in A1111_ALIASES.items():
         aliases.setdefault(label, []).append(alias)

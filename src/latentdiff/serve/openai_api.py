@@ -175,6 +175,14 @@ def sampler_settings(sampler: str | None, scheduler: str | None) -> tuple[str | 
     return resolved.name, resolved.schedule
 
 
+def sampler_options(sampler: str | None) -> tuple[tuple[str, Any], ...]:
+    """The settings an A1111 sampler label fixes besides its schedule (names.SamplerName.options); () for other
+    names and None. The name has passed `sampler_settings`."""
+    from ..diffusion.samplers.names import resolve_sampler
+
+    return () if sampler is None else resolve_sampler(sampler).options
+
+
 async def image_request(body: Any, catalog: Any) -> tuple[ImageRequest, str]:
     """The JSON body -> (ImageRequest, response_format), every field checked."""
     if not isinstance(body, dict):
@@ -199,7 +207,8 @@ async def image_request(body: Any, catalog: Any) -> tuple[ImageRequest, str]:
     if size is None:   # the model's own size: its UNet's sample_size times the first stage's factor
         height, width = await asyncio.to_thread(lambda: catalog.pipeline(model).image_size(None, None))
         size = (width, height)
-    sampler, schedule = sampler_settings(text(body, "sampler", limit=200), text(body, "scheduler", limit=200))
+    sampler_name = text(body, "sampler", limit=200)
+    sampler, schedule = sampler_settings(sampler_name, text(body, "scheduler", limit=200))
     n = integer(body, "n", low=1, high=MAX_N) or 1
     seed = integer(body, "seed", low=-1, high=MAX_SEED - n + 1)   # the last image's seed is seed + n - 1
     steps = integer(body, "steps", low=1, high=10**6)             # the engine checks --max-steps
@@ -207,7 +216,8 @@ async def image_request(body: Any, catalog: Any) -> tuple[ImageRequest, str]:
     request = ImageRequest(
         model=model, prompt=prompt, negative_prompt=negative, width=size[0], height=size[1],
         steps=DEFAULT_STEPS if steps is None else steps, guidance=DEFAULT_CFG_SCALE if guidance is None else guidance,
-        sampler=sampler, schedule=schedule, seed=secrets.randbelow(RANDOM_SEEDS) if seed in (None, -1) else seed,
+        sampler=sampler, schedule=schedule, sampler_options=sampler_options(sampler_name),
+        seed=secrets.randbelow(RANDOM_SEEDS) if seed in (None, -1) else seed,
         batch_size=1, n_iter=n, ignored=tuple(k for k in IGNORED if k in body), origin="openai")
     return request, response_format
 

@@ -39,12 +39,15 @@ StepCallback = Callable[..., Any]
 
 
 def sampler_for(pipe: Any, request: ImageRequest) -> Any:
-    """The pipeline's sampler switched to the request's (its timestep settings kept) with its schedule set."""
+    """The pipeline's sampler switched to the request's (its timestep settings kept) with its schedule and the
+    settings its A1111 label fixes set."""
     sampler = switch_sampler(pipe.sampler, request.sampler)
     if request.schedule is not None and has_schedule(sampler.registry_name):
         options = schedule_options(request.schedule, pipeline=pipe)     # AYS: the table of the pipeline's model
         if any(getattr(sampler, key, None) != value for key, value in options.items()):
             sampler = sampler.with_options(**options)
+    if request.sampler_options:
+        sampler = sampler.with_options(**dict(request.sampler_options))
     return sampler
 
 
@@ -264,6 +267,8 @@ def image_params(request: ImageRequest, *, sampler: str, schedule: str | None, e
         "guidance": request.guidance, "sampler": sampler, "eta": eta, "height": request.height,
         "width": request.width, "n": 1, "model": request.model, "schedule": schedule, "latentdiff": __version__,
         "batch": batch}
+    if request.sampler_options:          # `latentdiff generate` records them so (GenerateSettings.sampler_options)
+        params["sampler_options"] = dict(request.sampler_options)
     if request.clip_skip is not None and request.clip_skip > 1:
         params["clip_skip"] = request.clip_skip
     if request.vae is not None:

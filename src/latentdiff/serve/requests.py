@@ -56,6 +56,8 @@ class ImageRequest:
     guidance: float = 7.0
     sampler: str | None = None      # latentdiff registry name (names.resolve_sampler); None: the model's own
     schedule: str | None = None     # sigma schedule name, None: the sampler's own
+    # the settings an A1111 label fixes besides its schedule (names.SamplerName.options); (): the sampler's own
+    sampler_options: tuple[tuple[str, Any], ...] = ()
     eta: float | None = None
     seed: int = 0                   # the first image's seed, never -1 (drawn by the API layer)
     subseed: int = 0
@@ -95,7 +97,8 @@ class ImageRequest:
         # a call activates the <lora:...> tags of all its prompts: only requests with the same tags share one
         loras = tuple(TAG.findall(self.prompt)), tuple(TAG.findall(self.negative_prompt))
         return (self.model, self.vae, self.width, self.height, self.steps, self.guidance, self.sampler,
-                self.schedule, self.eta, self.clip_skip, loras, self.refiner, self.refiner_switch)
+                self.schedule, self.eta, self.clip_skip, loras, self.refiner, self.refiner_switch,
+                self.sampler_options)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

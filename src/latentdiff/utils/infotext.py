@@ -34,6 +34,10 @@ A1111_SAMPLER_LABELS: dict[str, str] = {
     "dpmpp_2s_ancestral": "DPM++ 2S a", "dpmpp_sde": "DPM++ SDE", "dpmpp_3m_sde": "DPM++ 3M SDE", "lcm": "LCM",
     "uni_pc": "UniPC",    # A1111's UniPC: bh1, order 3 (its uni_pc_variant / uni_pc_order defaults)
 }
+# A1111 labels of a registered sampler with another setting than its own label's: label -> (sampler, settings)
+A1111_VARIANT_LABELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "DPM++ 2M SDE Heun": ("dpmpp_2m_sde", {"solver_type": "heun"}),
+}
 # a sampler's `sigma_schedule` -> A1111's "Schedule type" ("Uniform" is k-diffusion's own grid, the default one)
 A1111_SCHEDULE_LABELS: dict[str, str] = {"default": "Uniform", "karras": "Karras", "exponential": "Exponential",
                                          "sgm_uniform": "SGM Uniform", "simple": "Simple", "beta": "Beta",
@@ -94,6 +98,16 @@ class Infotext:
 
 
 # ---- writing ------------------------------------------------------------------------------------------------------
+def a1111_sampler_label(name: str, options: Mapping[str, Any] | None = None) -> str:
+    """The label A1111 writes for the registered sampler `name` with `options` (its settings that an A1111 label fixes,
+    GenerateSettings.sampler_options): a variant's ("DPM++ 2M SDE Heun"), else the sampler's own; `name` itself
+    where A1111 has none."""
+    for label, (variant, settings) in A1111_VARIANT_LABELS.items():
+        if variant == name and isinstance(options, Mapping) and all(options.get(k) == v for k, v in settings.items()):
+            return label
+    return A1111_SAMPLER_LABELS.get(name, name)
+
+
 def format_infotext(params: Mapping[str, Any]) -> str:
     """latentdiff's settings (`GenerateSettings` names: prompt, negative, steps, sampler, schedule, guidance, seed,
     width, height, model, eta, ..., latentdiff = the version) as A1111's parameters text. Settings that are None
@@ -111,7 +125,7 @@ def format_infotext(params: Mapping[str, Any]) -> str:
         if field.kind == "size":
             text = f"{values[0]}x{values[1]}"
         elif field.label == "Sampler":
-            text = A1111_SAMPLER_LABELS.get(str(values[0]), str(values[0]))
+            text = a1111_sampler_label(str(values[0]), params.get("sampler_options"))
         elif field.label == "Schedule type":
             text = A1111_SCHEDULE_LABELS.get(str(values[0]), str(values[0]))
         elif field.kind == "version":

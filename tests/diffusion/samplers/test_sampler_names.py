@@ -38,6 +38,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")   # numpy 
     ("dpm++ 2m karras", "dpmpp_2m", "karras"),
     ("DPM++ 2M SDE", "dpmpp_2m_sde", "exponential"),
     ("DPM++ 2M SDE Karras", "dpmpp_2m_sde", "karras"),
+    ("DPM++ 2M SDE Heun", "dpmpp_2m_sde", "exponential"),   # with solver_type heun: test_a1111_labels.py
+    ("k_dpmpp_2m_sde_heun", "dpmpp_2m_sde", "exponential"),
+    ("DPM++ 2M SDE Heun Karras", "dpmpp_2m_sde", "karras"),
     ("Euler a", "euler_ancestral", None),
     ("euler A", "euler_ancestral", None),
     ("Euler", "euler", "default"),
@@ -94,7 +97,7 @@ def test_the_split_form_and_schedule_names():
 
 
 @pytest.mark.parametrize("text, closest", [
-    ("DDIM CFG++", "ddim"), ("dpm_fast", "dpmpp_2m"), ("DPM++ 2M SDE Heun", "dpmpp_2m_sde"), ("DPM adaptive", None),
+    ("DDIM CFG++", "ddim"), ("dpm_fast", "dpmpp_2m"), ("Restart", "heun"), ("DPM adaptive", None),
 ])
 def test_names_not_implemented_yet_say_so_and_name_the_closest(text, closest):
     with pytest.raises(UsageError) as info:
@@ -172,15 +175,15 @@ def toy_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return 0.8 * torch.tanh(x) + 0.2 * (t.to(x.dtype) / 1000) * x + 0.05
 
 
+# (A1111's DPM++ 2M SDE, DPM2 and DPM2 a are not diffusers': Brownian noise, a sigma dropped; test_a1111_labels.py)
 @pytest.mark.parametrize("text, ref_cls, ref_kw", [
     ("DPM++ 2M", "DPMSolverMultistepScheduler", dict(use_karras_sigmas=True)),   # A1111's Automatic: karras
-    ("DPM++ 2M SDE", "DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++",
-                                                          use_exponential_sigmas=True)),
     ("Euler a", "EulerAncestralDiscreteScheduler", dict()),
     ("LMS Karras", "LMSDiscreteScheduler", dict(use_karras_sigmas=True)),
     ("EulerDiscreteScheduler", "EulerDiscreteScheduler", dict()),
-    ("DPM2", "KDPM2DiscreteScheduler", dict(use_karras_sigmas=True)),
-    ("DPM2 a", "KDPM2AncestralDiscreteScheduler", dict(use_karras_sigmas=True)),
+    ("dpmpp_2m_sde", "DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++")),
+    ("KDPM2DiscreteScheduler", "KDPM2DiscreteScheduler", dict()),
+    ("KDPM2AncestralDiscreteScheduler", "KDPM2AncestralDiscreteScheduler", dict()),
 ])
 def test_a_name_samples_as_the_diffusers_scheduler_it_stands_for(diffusers, text, ref_cls, ref_kw):
     n, shape = 16, (1, 4, 8, 8)

@@ -15,6 +15,9 @@ the image its seed gives alone. `noise_type` switches either way. DPMSolverSDESa
 (diffusers' setting of that name) instead seeds one tree over the whole batch with that entropy, which is what
 diffusers' DPMSolverSDEScheduler and ComfyUI (seed = the workflow's seed) do: their images can be reproduced.
 
+Grid: the Euler family's (diffusers'); `discard_next_to_last_sigma=True` builds it for N + 1 steps and drops the
+smallest positive sigma, as A1111 does for its "DPM2", "DPM2 a" and "DPM++ 3M SDE" labels (`names.py` sets it there).
+
 The midpoint model calls (DPM2, DPM++ SDE) get the fractional timestep of their sigma, as diffusers computes it.
 Differences from diffusers 0.42: "sample" prediction is accepted (diffusers raises NotImplementedError for these
 three classes); a run started part-way builds its tree over the noise levels it runs through.
@@ -24,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 from typing import Any, ClassVar, Literal
+
+import numpy as np
 
 from ...errors import ConfigError
 from ...registry import SAMPLERS
@@ -40,18 +45,30 @@ def off_grid(model: Any) -> Any:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class _StochasticDPMSampler(_ScheduledSigmaSampler):
+class _DPMGridSampler(_ScheduledSigmaSampler):
+    """The grid of the samplers here: the Euler family's, or A1111's with its next-to-last sigma dropped."""
+
+    # A1111's `discard_next_to_last_sigma` (its "DPM2", "DPM2 a" and "DPM++ 3M SDE" labels set it): the sigmas of
+    # N + 1 steps without the smallest positive one, so the last step goes from the one before it straight to 0
+    discard_next_to_last_sigma: bool = False
+    round_karras: ClassVar[bool] = False      # diffusers' KDPM2 schedulers round karras timesteps to integers
+
+    def _grid(self, noise_scheduler, table, n):
+        if not self.discard_next_to_last_sigma:
+            return self._euler_family_grid(noise_scheduler, table, n, round_karras=self.round_karras)
+        timesteps, sigmas = self._euler_family_grid(noise_scheduler, table, n + 1, round_karras=self.round_karras)
+        return timesteps[:-1], np.delete(sigmas, -2)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _StochasticDPMSampler(_DPMGridSampler):
     """The noise settings of the stochastic samplers here."""
 
     noise_type: NoiseType = "gaussian"
-    round_karras: ClassVar[bool] = False      # diffusers' KDPM2 schedulers round karras timesteps to integers
 
     def validate(self) -> None:
         super().validate()
         brownian.check_noise_type(self.noise_type)
-
-    def _grid(self, noise_scheduler, table, n):
-        return self._euler_family_grid(noise_scheduler, table, n, round_karras=self.round_karras)
 
     def _noise(self, generator, x, plan, dtype):
         """k-diffusion's interval noise(sigma, sigma_next): a Brownian tree's, or fresh Gaussian noise."""
@@ -64,11 +81,10 @@ class _StochasticDPMSampler(_ScheduledSigmaSampler):
 
 @SAMPLERS.register("dpm_2")
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DPM2Sampler(_ScheduledSigmaSampler):
+class DPM2Sampler(_DPMGridSampler):
     """DPM2: DPM-Solver-2 midpoint steps in log sigma, 2N - 1 model calls. diffusers: KDPM2DiscreteScheduler."""
 
-    def _grid(self, noise_scheduler, table, n):
-        return self._euler_family_grid(noise_scheduler, table, n, round_karras=True)
+    round_karras: ClassVar[bool] = True
 
     def _run(self, model, x, plan, noise, callback, progress):
         return dpm_loops.sample_dpm_2(model, x, plan.sigmas, midpoint_model=off_grid(model),

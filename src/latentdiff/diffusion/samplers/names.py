@@ -3,6 +3,8 @@ k-diffusion aliases and the older combined labels such as "DPM++ 2M Karras" too)
 and the sigma schedules by A1111's "Schedule type" names.
 
     resolve_sampler("DPM++ 2M Karras")                  SamplerName(name='dpmpp_2m', schedule='karras', ...)
+    resolve_sampler("DPM++ 2M SDE Heun")                ... name='dpmpp_2m_sde', schedule='exponential',
+                                                        options=(('noise_type', 'brownian'), ('solver_type', 'heun'))
     resolve_sampler("DPM++ 2M", schedule="Exponential") SamplerName(name='dpmpp_2m', schedule='exponential', ...)
     resolve_sampler("EulerAncestralDiscreteScheduler")  SamplerName(name='euler_ancestral', schedule=None, ...)
     sampler_from_name("Euler a", base=pipe.sampler)     EulerAncestralSampler keeping the folder's spacing, offset
@@ -12,7 +14,10 @@ each name means is what the tool it comes from computes:
 
 * an A1111 label is A1111's sampler with A1111's "Automatic" schedule, that sampler's own default (since A1111 1.9:
   karras for DPM++ 2M, exponential for DPM++ 2M SDE, k-diffusion's uniform grid for the others); a schedule suffix
-  ("DPM++ 2M Karras", A1111 before 1.9) or `schedule=` chooses another;
+  ("DPM++ 2M Karras", A1111 before 1.9) or `schedule=` chooses another. The label also fixes the sampler's other
+  A1111 options (`SamplerName.options`, A1111_OPTIONS): Brownian-tree noise for the SDE samplers (A1111's
+  `brownian_noise`), the next-to-last sigma dropped for DPM2, DPM2 a and DPM++ 3M SDE (`discard_next_to_last_sigma`),
+  and "DPM++ 2M SDE Heun" is dpmpp_2m_sde with solver_type "heun";
 * a diffusers class name, a registered name as spelled (`euler`, while "Euler" is A1111's) or a latentdiff class
   name is that sampler with the schedule it is
   switched from (diffusers' `from_config`: a folder's `use_karras_sigmas` is kept) unless `schedule=` says;
@@ -32,7 +37,7 @@ from typing import Any
 
 from ...errors import UsageError
 from ...registry import SAMPLERS
-from ...utils.infotext import A1111_SAMPLER_LABELS, A1111_SCHEDULE_LABELS
+from ...utils.infotext import A1111_SAMPLER_LABELS, A1111_SCHEDULE_LABELS, A1111_VARIANT_LABELS
 from ..scheduler_io import FOREIGN_CLASSES, NATIVE_CLASSES
 from .base import switch_sampler
 
@@ -40,10 +45,19 @@ from .base import switch_sampler
 A1111_AUTOMATIC: dict[str, str] = {"dpmpp_2m": "karras", "dpmpp_2m_sde": "exponential", "dpmpp_sde": "karras",
                                    "dpmpp_2s_ancestral": "karras", "dpmpp_3m_sde": "exponential", "dpm_2": "karras",
                                    "dpm_2_ancestral": "karras"}
+# The other options A1111 runs a label's sampler with (its sampler options, modules/sd_samplers_kdiffusion.py, A1111
+# >= 1.9): "brownian_noise" (a BrownianTreeNoiseSampler) and "discard_next_to_last_sigma"; registered names and
+# diffusers class names keep the sampler's own defaults.
+A1111_OPTIONS: dict[str, dict[str, Any]] = {
+    "dpmpp_sde": {"noise_type": "brownian"}, "dpmpp_2m_sde": {"noise_type": "brownian"},
+    "dpmpp_3m_sde": {"noise_type": "brownian", "discard_next_to_last_sigma": True},
+    "dpm_2": {"discard_next_to_last_sigma": True}, "dpm_2_ancestral": {"discard_next_to_last_sigma": True},
+}
+# A1111 labels that are a registered sampler with other settings than its own label's -> (sampler, settings).
+A1111_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = A1111_VARIANT_LABELS
 # A1111 labels latentdiff does not implement yet -> the closest sampler it has.
 A1111_MISSING: dict[str, str] = {
-    "DPM++ 2M SDE Heun": "dpmpp_2m_sde", "DPM fast": "dpmpp_2m",
-    "DPM adaptive": "dpmpp_2m", "Restart": "heun", "DDIM CFG++": "ddim",
+    "DPM fast": "dpmpp_2m", "DPM adaptive": "dpmpp_2m", "Restart": "heun", "DDIM CFG++": "ddim",
 }
 # A1111's k-diffusion aliases (with "_ka": the karras variant, A1111 before 1.9).
 A1111_ALIASES: dict[str, str] = {
@@ -72,11 +86,13 @@ MAX_NAME_CHARS = 200
 @dataclasses.dataclass(frozen=True)
 class SamplerName:
     """What a name resolved to: the registered sampler, the schedule it asks for (None: keep the one switched from),
-    and the kind of name it was (registered, a1111, diffusers, class)."""
+    the kind of name it was (registered, a1111, diffusers, class), and the other settings the name fixes as
+    (setting, value) pairs (A1111_OPTIONS, A1111_VARIANTS; `sampler_from_name` sets them)."""
 
     name: str
     schedule: str | None
     kind: str
+    options: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +102,7 @@ class _Entry:
     kind: str
     spelling: str             # as the tool spells it, for messages
     closest: str | None = None
+    options: tuple[tuple[str, Any], ...] = ()   # settings the name fixes besides the schedule
 
 
 def key(text: str) -> str:
@@ -103,9 +120,12 @@ def _table() -> dict[str, _Entry]:
         table[key(diffusers_class)] = _Entry(registered, None, "diffusers", diffusers_class)
     for missing in (*FOREIGN_CLASSES, *DIFFUSERS_MISSING):
         table[key(missing)] = _Entry(None, None, "diffusers", missing, DIFFUSERS_MISSING[missing])
-    for name, label in A1111_SAMPLER_LABELS.items():
+    labels: dict[str, tuple[str, dict[str, Any]]] = \
+        {label: (name, {}) for name, label in A1111_SAMPLER_LABELS.items()} | A1111_VARIANTS
+    for label, (name, settings) in labels.items():
         schedule = A1111_AUTOMATIC.get(name, "default") if has_schedule(name) else None
-        table[key(label)] = _Entry(name, schedule, "a1111", label)
+        options = tuple(sorted((A1111_OPTIONS.get(name, {}) | settings).items()))
+        table[key(label)] = _Entry(name, schedule, "a1111", label, options=options)
     for label, closest in A1111_MISSING.items():
         table[key(label)] = _Entry(None, None, "a1111", label, closest)
     for alias, label in A1111_ALIASES.items():
@@ -171,7 +191,7 @@ def resolve_sampler(text: Any, *, schedule: Any = None, where: str = "sampler",
     if schedule is not None:
         explicit = resolve_schedule(schedule, where=schedule_where)
         chosen = explicit if explicit is not None else chosen
-    return SamplerName(entry.name, chosen, entry.kind)
+    return SamplerName(entry.name, chosen, entry.kind, entry.options)
 
 
 def _samplers_expected() -> str:
@@ -191,12 +211,15 @@ def check_schedule(name: str, schedule: str | None, *, where: str) -> None:
 def sampler_from_name(text: str, *, schedule: str | None = None, base: Any = None) -> Any:
     """The sampler a name stands for, built as `switch_sampler` builds it from `base` (a pipeline's sampler: its
     timestep spacing and offset are kept, as diffusers' from_config keeps them; None: the sampler's defaults),
-    with its schedule set; a UsageError for a name or schedule it cannot be."""
+    with its schedule and the other settings the name fixes (`SamplerName.options`) set; a UsageError for a name or
+    schedule it cannot be."""
     resolved = resolve_sampler(text, schedule=schedule)
     check_schedule(resolved.name, resolved.schedule, where="schedule")
     sampler = switch_sampler(base, resolved.name) if base is not None else SAMPLERS.get(resolved.name)()
     if resolved.schedule is not None and has_schedule(resolved.name):
         sampler = sampler.with_options(sigma_schedule=resolved.schedule)
+    if resolved.options:
+        sampler = sampler.with_options(**dict(resolved.options))
     return sampler
 
 
@@ -215,8 +238,9 @@ def accepted_names() -> dict[str, list[str]]:
     """Every accepted name, grouped for `latentdiff models`: registered, A1111, diffusers, schedules, and the
     names known but not implemented yet."""
     table = _table().values()
-    a1111 = [label for label in A1111_SAMPLER_LABELS.values()]
-    scheduled = [label for name, label in A1111_SAMPLER_LABELS.items() if has_schedule(name)]
+    a1111 = [*A1111_SAMPLER_LABELS.values(), *A1111_VARIANTS]
+    scheduled = [label for name, label in A1111_SAMPLER_LABELS.items() if has_schedule(name)] + \
+        [label for label, (name, _) in A1111_VARIANTS.items() if has_schedule(name)]
     return {
         "registered": SAMPLERS.names(),
         "A1111": a1111 + [f"{label} Karras" for label in scheduled] + [f"{label} Exponential" for label in scheduled],
