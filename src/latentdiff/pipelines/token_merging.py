@@ -12,13 +12,17 @@ there, so max_downsample=2 is its first level that merges), sx = sy = 2, random 
 the self-attention only. A ControlNet's own blocks never merge (its residuals must match the plain UNet's).
 
 The random destination choice draws from a generator seeded with `seed` at the start of each denoising run
-(`restart`), so one call gives the same image again; two threads sharing a pipeline with ToMe on share it.
+(`restart`), so one call gives the same image again; two threads sharing a pipeline with ToMe on share it. The
+draw happens before each UNet call, in a forward pre-hook of the UNet (`draw_ahead`: one row of cell positions
+per merging block, `TokenMerging.draw_picks`), never inside the UNet's forward: a compiled forward
+(`pipe.compile()`, fullgraph) then holds no generator, and gives the eager images.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
+import torch
 from torch import nn
 
 from ..config import is_int
@@ -61,18 +65,41 @@ def enable_tome(unet: nn.Module, ratio: float = 0.5, *, max_downsample: int = 1,
     settings = TokenMerging(ratio=float(ratio), sx=int(sx), sy=int(sy), use_rand=bool(use_rand),
                             merge_attn=bool(merge_attn), merge_crossattn=bool(merge_crossattn),
                             merge_mlp=bool(merge_mlp), seed=int(seed))
-    count = 0
-    for factor, block in blocks:
-        block.token_merging = settings if factor <= max_downsample else None
-        count += factor <= max_downsample
-    return count
+    disable_tome(unet)
+    merging = [block for factor, block in blocks if factor <= max_downsample]
+    for block in merging:
+        block.token_merging = settings
+    setattr(unet, HOOK, unet.register_forward_pre_hook(draw_ahead, with_kwargs=True))
+    return len(merging)
+
+
+HOOK = "token_merging_hook"   # the UNet's attribute holding the handle of its `draw_ahead` hook
+
+
+def draw_ahead(unet: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """The UNet forward pre-hook that draws the random cells of every merging block for the coming call (an even
+    batch: `TokenMerging.matching` merges randomly only then) and sets them on the blocks. It reads the blocks
+    and settings from `unet` at each call, so a copy of the UNet draws for its own blocks."""
+    merging = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock) and m.token_merging is not None]
+    if not merging:
+        return
+    settings = merging[0].token_merging
+    x = args[0] if args else kwargs.get("x")
+    drawn = settings is not None and settings.use_rand and isinstance(x, torch.Tensor) and x.shape[0] % 2 == 0
+    picks = settings.draw_picks(len(merging), tuple(x.shape[-2:]), x.device) if drawn else None
+    for i, block in enumerate(merging):
+        block.token_merging_picks = None if picks is None else picks[i]
 
 
 def disable_tome(unet: nn.Module) -> None:
     """No token merging in `unet` again."""
     for module in unet.modules():
         if isinstance(module, BasicTransformerBlock):
-            module.token_merging = None
+            module.token_merging, module.token_merging_picks = None, None
+    handle = getattr(unet, HOOK, None)
+    if handle is not None:
+        handle.remove()
+        setattr(unet, HOOK, None)
 
 
 def restart(unet: nn.Module) -> None:
