@@ -8,8 +8,9 @@ The settings go on the UNet's transformer blocks (`BasicTransformerBlock.token_m
 `layers.token_merging` for the algorithm): a block of a level whose latent is downsampled at most
 `max_downsample` times merges, the others do not. tomesd's defaults: max_downsample=1 (SD 1.x / 2.x: the 4 of
 16 transformer blocks at the latent's full resolution carry most of the attention cost; SDXL has no attention
-there, so max_downsample=2 is its first level that merges), sx = sy = 2, random destinations, merging around
-the self-attention only. A ControlNet's own blocks never merge (its residuals must match the plain UNet's).
+there, so max_downsample=2 is its first level that merges: with 1, `enable_tome` is a UsageError saying so),
+sx = sy = 2, random destinations, merging around the self-attention only. A ControlNet's own blocks never merge
+(its residuals must match the plain UNet's).
 
 The random destination choice draws from a generator seeded with `seed` at the start of each denoising run
 (`restart`), so one call gives the same image again; two threads sharing a pipeline with ToMe on share it. The
@@ -52,7 +53,8 @@ def enable_tome(unet: nn.Module, ratio: float = 0.5, *, max_downsample: int = 1,
                 use_rand: bool = True, merge_attn: bool = True, merge_crossattn: bool = False,
                 merge_mlp: bool = False, seed: int = 0) -> int:
     """Merge tokens in the transformer blocks of `unet`'s levels downsampled at most `max_downsample` times
-    (replacing earlier settings). -> the number of blocks that merge (0 when no level qualifies)."""
+    (replacing earlier settings). -> the number of blocks that merge; none would (SDXL with max_downsample=1):
+    a UsageError naming the smallest max_downsample that merges, before anything changes."""
     check_settings(ratio=ratio, sx=sx, sy=sy)
     if not is_int(max_downsample) or max_downsample < 1:
         raise InputError("max_downsample must be a positive integer", where="max_downsample",
@@ -65,8 +67,13 @@ def enable_tome(unet: nn.Module, ratio: float = 0.5, *, max_downsample: int = 1,
     settings = TokenMerging(ratio=float(ratio), sx=int(sx), sy=int(sy), use_rand=bool(use_rand),
                             merge_attn=bool(merge_attn), merge_crossattn=bool(merge_crossattn),
                             merge_mlp=bool(merge_mlp), seed=int(seed))
-    disable_tome(unet)
     merging = [block for factor, block in blocks if factor <= max_downsample]
+    if not merging:   # SDXL's first attention level is downsampled twice: tomesd's default merges nothing there
+        raise UsageError(f"no transformer block of this UNet is on a level downsampled at most {max_downsample} "
+                         "time(s): token merging would change nothing", where="max_downsample",
+                         expected=f"max_downsample >= {min(f for f, _ in blocks)} (its first level with attention)",
+                         found=max_downsample)
+    disable_tome(unet)
     for block in merging:
         block.token_merging = settings
     setattr(unet, HOOK, unet.register_forward_pre_hook(draw_ahead, with_kwargs=True))
@@ -85,8 +92,9 @@ def draw_ahead(unet: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -
         return
     settings = merging[0].token_merging
     x = args[0] if args else kwargs.get("x")
-    drawn = settings is not None and settings.use_rand and isinstance(x, torch.Tensor) and x.shape[0] % 2 == 0
-    picks = settings.draw_picks(len(merging), tuple(x.shape[-2:]), x.device) if drawn else None
+    picks = None
+    if settings is not None and settings.use_rand and isinstance(x, torch.Tensor) and x.shape[0] % 2 == 0:
+        picks = settings.draw_picks(len(merging), (x.shape[-2], x.shape[-1]), x.device)
     for i, block in enumerate(merging):
         block.token_merging_picks = None if picks is None else picks[i]
 
