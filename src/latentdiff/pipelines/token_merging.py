@@ -99,6 +99,12 @@ def draw_ahead(unet: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -
         block.token_merging_picks = None if picks is None else picks[i]
 
 
+def tome_settings(unet: nn.Module) -> TokenMerging | None:
+    """The token merging settings of `unet`'s merging blocks (None: no block merges)."""
+    return next((m.token_merging for m in unet.modules()
+                 if isinstance(m, BasicTransformerBlock) and m.token_merging is not None), None)
+
+
 def disable_tome(unet: nn.Module) -> None:
     """No token merging in `unet` again."""
     for module in unet.modules():

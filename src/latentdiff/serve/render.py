@@ -34,6 +34,7 @@ from ..diffusion.samplers.base import switch_sampler
 from ..diffusion.samplers.names import has_schedule, schedule_options
 from ..version import __version__
 from .requests import GeneratedImage, ImageRequest, Unit
+from .switches import switch_params
 
 StepCallback = Callable[..., Any]
 
@@ -74,6 +75,7 @@ def render(pipe: Any, units: Sequence[Unit], *, lora_dirs: Sequence[Path] = (),
         mine = images[start:start + unit.count]
         start += unit.count
         params = image_params(unit.request, sampler=sampler_name, schedule=schedule, eta=eta, batch=len(images))
+        params |= switch_params(pipe)        # the server's --deepcache / --freeu / --tome, as generate records them
         out.append([GeneratedImage(image, seed, subseed, params | {"seed": seed} | variation(unit.request, subseed))
                     for image, seed, subseed in zip(mine, unit.seeds(), unit.subseeds(), strict=True)])
     return out
