@@ -96,7 +96,7 @@ def destinations(h: int, w: int, *, sx: int, sy: int, generator: torch.Generator
     position in it: the first rows * cols of `picks` (cell positions drawn ahead, `TokenMerging.draw_picks`), else
     drawn from `generator`; its top-left one when both are None)."""
     rows, cols = h // sy, w // sx
-    if picks is not None:
+    if picks is not None and picks.shape[0] >= rows * cols:   # (shorter: drawn for another call's size)
         pick = picks[:rows * cols].view(rows, cols)
     elif generator is None:
         pick = torch.zeros(rows, cols, dtype=torch.int64, device=device)
