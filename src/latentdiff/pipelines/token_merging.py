@@ -86,7 +86,8 @@ HOOK = "token_merging_hook"   # the UNet's attribute holding the handle of its `
 def draw_ahead(unet: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """The UNet forward pre-hook that draws the random cells of every merging block for the coming call (an even
     batch: `TokenMerging.matching` merges randomly only then) and sets them on the blocks. It reads the blocks
-    and settings from `unet` at each call, so a copy of the UNet draws for its own blocks."""
+    and settings from `unet` at each call, so a copy of the UNet draws for its own blocks. A block's cells are
+    written into the tensor it holds from the call before when they fit (same latent size)."""
     merging = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock) and m.token_merging is not None]
     if not merging:
         return
@@ -96,7 +97,13 @@ def draw_ahead(unet: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     if settings is not None and settings.use_rand and isinstance(x, torch.Tensor) and x.shape[0] % 2 == 0:
         picks = settings.draw_picks(len(merging), (x.shape[-2], x.shape[-1]), x.device)
     for i, block in enumerate(merging):
-        block.token_merging_picks = None if picks is None else picks[i]
+        held = block.token_merging_picks
+        if picks is None:
+            block.token_merging_picks = None
+        elif held is not None and held.shape == picks[i].shape and held.device == picks.device:
+            held.copy_(picks[i])   # in place: the address a compiled (CUDA-graph) forward read stays valid
+        else:
+            block.token_merging_picks = picks[i].clone()
 
 
 def tome_settings(unet: nn.Module) -> TokenMerging | None:
