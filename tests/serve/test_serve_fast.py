@@ -141,3 +141,15 @@ def test_a_branch_the_model_lacks_is_refused_when_it_loads():
     with pytest.raises(UsageError) as error:
         apply_switches(LatentDiffusionPipeline.from_pretrained(MODEL), ServeSettings(deepcache=(2, 99)))
     assert error.value.where == "--deepcache-branch"
+
+
+def test_the_flags_reach_the_settings():
+    from latentdiff.cli.main import build_parser
+    from latentdiff.cli.serve import settings_from
+
+    args = build_parser().parse_args(["serve", "--deepcache", "3", "--deepcache-branch", "1", "--freeu",
+                                      "0.6,0.4,1.1,1.2", "--tome", "0.3"])
+    settings = settings_from(args)
+    assert (settings.deepcache, settings.freeu, settings.tome) == ((3, 1), (0.6, 0.4, 1.1, 1.2), 0.3)
+    plain = settings_from(build_parser().parse_args(["serve"]))
+    assert (plain.deepcache, plain.freeu, plain.tome) == (None, None, None)
