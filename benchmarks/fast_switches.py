@@ -29,11 +29,25 @@ import common
 SWITCHES: dict[str, tuple[Callable[[Any], None] | None, dict[str, Any]]] = {
     "plain": (None, {}),
     "DeepCache 3 / branch 0": (lambda p: p.enable_deepcache(cache_interval=3, cache_branch_id=0), {}),
-    "ToMe 0.3": (lambda p: p.enable_tome(ratio=0.3), {}),
-    "ToMe 0.5": (lambda p: p.enable_tome(ratio=0.5), {}),
+    "ToMe 0.3": (lambda p: enable_tome(p, 0.3), {}),
+    "ToMe 0.5": (lambda p: enable_tome(p, 0.5), {}),
     "CFG truncation 0.5": (None, {"cfg_truncation": 0.5}),
     "FreeU (SD 1.5 factors)": (lambda p: p.enable_freeu(s1=0.9, s2=0.2, b1=1.5, b2=1.6), {}),
 }
+
+
+def enable_tome(pipe: Any, ratio: float) -> None:
+    """tomesd's reach (the levels at the latent's full resolution); on a model with no attention there (the
+    built-in model, SDXL), where that reach merges nothing and `enable_tome` refuses it, its first attention level
+    (max_downsample=2)."""
+    from latentdiff.errors import UsageError
+
+    try:
+        pipe.enable_tome(ratio=ratio)
+    except UsageError as error:
+        if error.where != "max_downsample":
+            raise
+        pipe.enable_tome(ratio=ratio, max_downsample=2)
 
 
 def reset(pipe: Any) -> None:

@@ -56,3 +56,25 @@ def test_a_png_with_a_bad_record_names_the_key(capsys, key, value):
     save_png(Image.new("RGB", (64, 64)), "tampered.png", params=params)
     assert generate("--from", "tampered.png", "-o", "out.png") == 2
     assert f"tampered.png: {key}" in capsys.readouterr().err
+
+
+def test_the_switches_reach_img2img_through_from_pipe(model):
+    """--init-image runs `ImageToImagePipeline.from_pipe(pipe)`: the switches, settings of the shared UNet, are
+    in effect there (they were dropped before issue 20's from_pipe fix)."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save("init.png")
+    assert generate(PROMPT, "--init-image", "init.png", "--strength", 0.6, "--deepcache", 2, "--freeu",
+                    "0.9,0.2,1.5,1.6", "-o", "a.png") == 0
+    from latentdiff.pipelines.image_to_image import ImageToImagePipeline
+
+    img2img = ImageToImagePipeline.from_pipe(LatentDiffusionPipeline.from_pretrained(model))
+
+    def api() -> np.ndarray:
+        with Image.open("init.png") as init:
+            return np.asarray(img2img(PROMPT, init, strength=0.6, generator=torch.Generator().manual_seed(0),
+                                      **RUN).images[0])
+
+    plain = api()
+    img2img.enable_deepcache(2, 0)
+    img2img.enable_freeu(0.9, 0.2, 1.5, 1.6)
+    assert np.array_equal(pixels("a.png"), api()) and not np.array_equal(pixels("a.png"), plain)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from latentdiff.errors import UsageError
 from latentdiff.layers.attention import BasicTransformerBlock
 from latentdiff.pipelines.sdxl import StableDiffusionXLPipeline
 from latentdiff.pipelines.sdxl_image import StableDiffusionXLImg2ImgPipeline
@@ -34,7 +35,8 @@ def test_tome_in_sdxl(pipe):
     hooks = [b.attn1.register_forward_hook(lambda m, args, out: tokens.append(args[0].shape[1]))
              for b in pipe.unet.modules() if isinstance(b, BasicTransformerBlock)]
     try:
-        assert pipe.enable_tome(0.5) == 0                      # no transformer block at the full resolution
+        with pytest.raises(UsageError, match="max_downsample >= 2"):   # no transformer block at the full resolution
+            pipe.enable_tome(0.5)
         assert torch.equal(run(pipe)[-1], plain[-1])
         assert pipe.enable_tome(0.0, max_downsample=2) > 0
         assert torch.equal(run(pipe)[-1], plain[-1])

@@ -98,10 +98,13 @@ def test_image_to_image_and_inpainting_count_their_own_steps(pipe) -> None:
     mask[16:48, 16:48] = 255
     for cls, extra in ((ImageToImagePipeline, {}), (InpaintPipeline, {"mask_image": mask})):
         task = cls.from_pipe(pipe)
-        task.enable_deepcache(2, 0)
-        with Passes(task.unet) as passes:   # strength 0.5 of 8 steps: 4 steps run, full at 0 and 2
-            task("a red circle", image, strength=0.5, num_inference_steps=8, guidance_scale=3.0, output_type="np",
-                 generator=torch.Generator().manual_seed(0), progress=False, **extra)
+        task.enable_deepcache(2, 0)         # on the shared UNet: `pipe` has it too until disabled
+        try:
+            with Passes(task.unet) as passes:   # strength 0.5 of 8 steps: 4 steps run, full at 0 and 2
+                task("a red circle", image, strength=0.5, num_inference_steps=8, guidance_scale=3.0,
+                     output_type="np", generator=torch.Generator().manual_seed(0), progress=False, **extra)
+        finally:
+            task.disable_deepcache()
         assert (passes.calls, passes.full) == (4, 2), cls.__name__
 
 

@@ -50,7 +50,11 @@ def apply_tome(pipe: Any, ratio: float | None, warn: Any) -> None:
     if not hasattr(pipe, "enable_tome"):
         raise UsageError("--tome needs a text-to-image model with transformer blocks", where="--tome",
                          expected="no --tome with this model", found=type(pipe).__name__)
-    if pipe.enable_tome(float(ratio)) == 0:
+    try:
+        pipe.enable_tome(float(ratio))
+    except UsageError as error:   # no block at the full resolution (SDXL): the flag has tomesd's reach only
+        if error.where != "max_downsample":
+            raise
         warn("--tome: this model has no attention at the latent's full resolution (SDXL), so nothing is merged")
 
 

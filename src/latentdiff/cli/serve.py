@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,14 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--preview-vae", default=None, metavar="PATH",
                        help="a tiny autoencoder (TAESD folder or files) for the live preview of /sdapi/v1/progress "
                             "(default: the built-in model's; else a linear latent -> RGB map)")
+    serve.add_argument("--deepcache", type=int, default=None, metavar="N",
+                       help="DeepCache on every model: a full UNet pass every N steps (docs/fast.md)")
+    serve.add_argument("--deepcache-branch", type=int, default=None, metavar="B",
+                       help="DeepCache's skip branch (default 0: conv_in's skip)")
+    serve.add_argument("--freeu", default=None, metavar="S1,S2,B1,B2",
+                       help="FreeU on every model, diffusers' order (SD 1.x: 0.9,0.2,1.5,1.6; SDXL: 0.6,0.4,1.1,1.2)")
+    serve.add_argument("--tome", type=float, default=None, metavar="R",
+                       help="token merging on every model: the ratio of tokens merged, in [0, 1) (tomesd's reach)")
     serve.add_argument("--max-batch", type=int, default=defaults.DEFAULT_MAX_BATCH,
                        help=f"images one pipeline call makes, across requests (default {defaults.DEFAULT_MAX_BATCH}; "
                             "1: every image exactly the one the Python API gives alone)")
@@ -138,7 +147,37 @@ def settings_from(args: argparse.Namespace) -> Any:
         outputs_dir=folder(args.outputs_dir, "--outputs-dir"), host=args.host, port=args.port, api_auth=auth,
         device=args.device, dtype=args.dtype, max_batch=args.max_batch, max_pixels=args.max_pixels,
         max_steps=args.max_steps, max_side=args.max_side, max_images=args.max_images, max_queue=args.max_queue,
-        model_budget_bytes=int(args.model_budget_gb * 1024**3), preview_vae=preview_vae(args.preview_vae))
+        model_budget_bytes=int(args.model_budget_gb * 1024**3), preview_vae=preview_vae(args.preview_vae),
+        **step_switches(args))
+
+
+def step_switches(args: argparse.Namespace) -> dict[str, Any]:
+    """--deepcache / --deepcache-branch / --freeu / --tome as ServeSettings fields, checked (the branch against a
+    model's UNet when it loads: `serve.switches`)."""
+    interval, branch = getattr(args, "deepcache", None), getattr(args, "deepcache_branch", None)
+    if branch is not None and interval is None:
+        raise UsageError("--deepcache-branch needs --deepcache", where="--deepcache-branch", expected="--deepcache N",
+                         found=branch)
+    if interval is not None and not 1 <= interval <= MAX_STEPS:
+        raise UsageError("--deepcache is out of range", where="--deepcache", expected=f"1 .. {MAX_STEPS}",
+                         found=interval)
+    if branch is not None and branch < 0:
+        raise UsageError("--deepcache-branch is out of range", where="--deepcache-branch", expected=">= 0",
+                         found=branch)
+    freeu = getattr(args, "freeu", None)
+    if freeu is not None:
+        try:
+            factors = tuple(float(v) for v in freeu.split(","))
+        except ValueError:
+            factors = ()
+        if len(factors) != 4 or not all(0 < v < math.inf for v in factors):
+            raise UsageError("bad value for --freeu", where="--freeu",
+                             expected="four positive numbers S1,S2,B1,B2 (e.g. 0.9,0.2,1.5,1.6)", found=freeu)
+        freeu = factors
+    tome = getattr(args, "tome", None)
+    if tome is not None and not 0.0 <= tome < 1.0:
+        raise UsageError("--tome is out of range", where="--tome", expected="a ratio in [0, 1)", found=tome)
+    return {"deepcache": None if interval is None else (interval, branch or 0), "freeu": freeu, "tome": tome}
 
 
 def preview_vae(path: str | None) -> str | None:

@@ -188,13 +188,15 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, dropout=dropout)
         self.token_merging: TokenMerging | None = None   # ToMe (`layers.token_merging`): off by default
+        self.token_merging_picks: torch.Tensor | None = None   # this call's random cells, drawn ahead (or None)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,
                 size: tuple[int, int] | None = None) -> torch.Tensor:
         """x: (B, N, dim); size: the (h, w) grid of the N tokens, which token merging needs (without it, or
         without `token_merging`, no merging)."""
         tome = self.token_merging
-        matching = tome.matching(x, size) if tome is not None and size is not None else None
+        matching = tome.matching(x, size, picks=self.token_merging_picks) \
+            if tome is not None and size is not None else None
         if matching is None:
             x = self.attn1(self.norm1(x)) + x
             if self.attn2 is not None and self.norm2 is not None:

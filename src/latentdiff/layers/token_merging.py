@@ -56,16 +56,28 @@ class TokenMerging:
         """Re-seed the destination choice (at the start of each pipeline call)."""
         self.generator.manual_seed(self.seed)
 
-    def matching(self, x: torch.Tensor, size: tuple[int, int]) -> Matching | None:
+    def matching(self, x: torch.Tensor, size: tuple[int, int], *,
+                 picks: torch.Tensor | None = None) -> Matching | None:
         """The matching of this block call (x (B, N, C) the block's input, size (h, w) its token grid), or None
-        when it merges nothing (r = 0)."""
+        when it merges nothing (r = 0). picks: the random cell positions drawn for this call ahead of it
+        (`draw_picks`, what a compiled UNet needs: no generator inside its graph); None: drawn here."""
         r = int(x.shape[1] * self.ratio)
         if r <= 0:
             return None
         use_rand = self.use_rand and x.shape[0] % 2 == 0
         dst = destinations(*size, sx=self.sx, sy=self.sy, generator=self.generator if use_rand else None,
-                           device=x.device)
-        return bipartite_matching(x, dst, r)
+                           device=x.device, picks=picks if use_rand else None)
+        return bipartite_matching(x, dst, r, n_dst=(size[0] // self.sy) * (size[1] // self.sx))
+
+    def draw_picks(self, blocks: int, size: tuple[int, int], device: torch.device) -> torch.Tensor:
+        """(blocks, cells) random cell positions, one row per merging block of a UNet call whose latent is
+        size (h, w): cells = (h // sy) * (w // sx), the most any level has (a level's grid is at most the
+        latent's); a block uses the first rows * cols of its row (`destinations`). On `device`, drawn from
+        the generator."""
+        cells = (size[0] // self.sy) * (size[1] // self.sx)
+        picks = torch.randint(self.sy * self.sx, (blocks, cells), generator=self.generator,
+                              device=self.generator.device)
+        return picks.to(device)
 
 
 def check_settings(*, ratio: float, sx: int, sy: int) -> None:
@@ -79,17 +91,20 @@ def check_settings(*, ratio: float, sx: int, sy: int) -> None:
 
 
 def destinations(h: int, w: int, *, sx: int, sy: int, generator: torch.Generator | None,
-                 device: torch.device) -> torch.Tensor:
+                 device: torch.device, picks: torch.Tensor | None = None) -> torch.Tensor:
     """(h * w,) bool, row-major: True for the one destination token of each full sy x sx cell (at a random
-    position in it from `generator`, or its top-left one for None)."""
+    position in it: the first rows * cols of `picks` (cell positions drawn ahead, `TokenMerging.draw_picks`), else
+    drawn from `generator`; its top-left one when both are None)."""
     rows, cols = h // sy, w // sx
-    if generator is None:
-        pick = torch.zeros(rows, cols, dtype=torch.int64)
+    if picks is not None and picks.shape[0] >= rows * cols:   # (shorter: drawn for another call's size)
+        pick = picks[:rows * cols].view(rows, cols)
+    elif generator is None:
+        pick = torch.zeros(rows, cols, dtype=torch.int64, device=device)
     else:   # drawn on the generator's device, as the choice must not depend on where the model runs
-        pick = torch.randint(sy * sx, (rows, cols), generator=generator, device=generator.device).cpu()
+        pick = torch.randint(sy * sx, (rows, cols), generator=generator, device=generator.device)
     cells = torch.nn.functional.one_hot(pick, sy * sx).bool()             # (rows, cols, sy*sx), k = dy*sx + dx
     grid = cells.view(rows, cols, sy, sx).permute(0, 2, 1, 3).reshape(rows * sy, cols * sx)
-    mask = torch.zeros(h, w, dtype=torch.bool)
+    mask = torch.zeros(h, w, dtype=torch.bool, device=pick.device)
     mask[:rows * sy, :cols * sx] = grid
     return mask.flatten().to(device)
 
@@ -129,11 +144,15 @@ class Matching:
 
 
 @torch.no_grad()
-def bipartite_matching(metric: torch.Tensor, dst_mask: torch.Tensor, r: int) -> Matching:
+def bipartite_matching(metric: torch.Tensor, dst_mask: torch.Tensor, r: int, *, n_dst: int | None = None) -> Matching:
     """Merge the r sources most similar (cosine, on metric (B, N, C)) to a destination into it (module docstring,
-    steps 2-3). dst_mask: (N,) bool, True for the destinations."""
-    dst = dst_mask.nonzero().squeeze(1)
-    src = (~dst_mask).nonzero().squeeze(1)
+    steps 2-3). dst_mask: (N,) bool, True for the destinations; n_dst: how many (None: counted, a host sync).
+    The indices come from a stable sort of the mask (sources, then destinations, each in token order): shapes
+    known before the data, so torch.compile(fullgraph=True) traces it, where nonzero() has a data-dependent
+    size."""
+    n_dst = int(dst_mask.sum()) if n_dst is None else n_dst
+    order = dst_mask.to(torch.uint8).argsort(stable=True)
+    src, dst = order[:order.shape[0] - n_dst], order[order.shape[0] - n_dst:]
     r = min(r, src.shape[0])
     unit = metric / metric.norm(dim=-1, keepdim=True)
     scores = unit[:, src] @ unit[:, dst].transpose(1, 2)                   # (B, N_src, N_dst)

@@ -19,6 +19,11 @@ the full UNet and stores its feature, each under its position in the step (`Deep
 FreeU (Si et al. 2023; `models.freeu`): diffusers' `enable_freeu(s1, s2, b1, b2)`, passed to the UNet on every
 call. Both switches reach the UNet as keywords of its forward (`cache=`, `freeu=`), so ControlNets, T2I-Adapters,
 guidance, inpainting's concatenated inputs and SDXL's added conditioning wrap them unchanged.
+
+Where the settings live: on the UNet (`SETTINGS`, an attribute of the module, as ToMe's settings live on its
+transformer blocks and diffusers' FreeU on its up blocks), not on the pipeline. Pipelines that share a UNet
+(`from_pipe`, `OtherPipeline(**pipe.components)`) share its switches: enabled on one, in effect in all; disabled
+on one, off in all. A pipeline given another UNet (`from_pipe(pipe, unet=...)`) has that UNet's (none).
 """
 from __future__ import annotations
 
@@ -116,13 +121,42 @@ class SwitchedModel(StepCounting):
         self.calls = 0
 
 
+SETTINGS = "step_switches"   # the UNet's attribute holding its StepSettings (absent: both off)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """A UNet's DeepCache and FreeU settings (None: off)."""
+
+    deepcache: DeepCache | None = None
+    freeu: FreeU | None = None
+
+
+def step_settings(unet: Any) -> StepSettings:
+    """The switches set on `unet` (both off when none were)."""
+    settings = getattr(unet, SETTINGS, None)
+    return settings if isinstance(settings, StepSettings) else StepSettings()
+
+
+def set_step_settings(unet: Any, **changes: Any) -> None:
+    """Replace some of `unet`'s switches (`StepSettings` fields); a plain attribute, never a parameter or buffer."""
+    setattr(unet, SETTINGS, dataclasses.replace(step_settings(unet), **changes))
+
+
 class StepSwitches:
     """The pipeline methods of the switches (a mixin of the denoising pipelines): enable / disable, and `switched`,
-    which the denoising stage calls once per run."""
+    which the denoising stage calls once per run. The settings are the UNet's (module docstring): pipelines that
+    share it share them."""
 
     unet: Any
-    _deepcache: DeepCache | None = None
-    _freeu: FreeU | None = None
+
+    @property
+    def _deepcache(self) -> DeepCache | None:
+        return step_settings(self.unet).deepcache
+
+    @property
+    def _freeu(self) -> FreeU | None:
+        return step_settings(self.unet).freeu
 
     def enable_deepcache(self, cache_interval: int = 3, cache_branch_id: int = 0, *, uniform: bool = True,
                          center: int = 15, power: float = 1.4) -> None:
@@ -131,24 +165,25 @@ class StepSwitches:
         uniform=False: the paper's non-uniform choice of full steps, denser around step `center`."""
         settings = DeepCache(cache_interval, cache_branch_id, uniform=uniform, center=center, power=power)
         branch_point(self.unet.down_blocks, self.unet.up_blocks, cache_branch_id)   # in range for this UNet
-        self._deepcache = settings
+        set_step_settings(self.unet, deepcache=settings)
 
     def disable_deepcache(self) -> None:
-        self._deepcache = None
+        set_step_settings(self.unet, deepcache=None)
 
     def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
         """FreeU (Si et al. 2023), with diffusers' semantics: skip factors s1, s2 and backbone factors b1, b2 of the
         first two up levels (SD 1.x: 0.9, 0.2, 1.5, 1.6; SD 2.x: 0.9, 0.2, 1.4, 1.6; SDXL: 0.6, 0.4, 1.1, 1.2)."""
-        self._freeu = FreeU(s1, s2, b1, b2)
+        set_step_settings(self.unet, freeu=FreeU(s1, s2, b1, b2))
 
     def disable_freeu(self) -> None:
-        self._freeu = None
+        set_step_settings(self.unet, freeu=None)
 
     def switched(self, model: Model, callback: StepCallback | None, *,
                  steps: int) -> tuple[Model, StepCallback | None]:
         """(model, callback) for a run of `steps` steps: unchanged with both switches off, else the model with
         the switches' keywords and the callback that counts its steps."""
-        if self._deepcache is None and self._freeu is None:
+        settings = step_settings(self.unet)
+        if settings.deepcache is None and settings.freeu is None:
             return model, callback
-        wrapped = SwitchedModel(model, deepcache=self._deepcache, freeu=self._freeu, steps=steps)
-        return wrapped, wrapped.counting(callback) if self._deepcache is not None else callback
+        wrapped = SwitchedModel(model, deepcache=settings.deepcache, freeu=settings.freeu, steps=steps)
+        return wrapped, wrapped.counting(callback) if settings.deepcache is not None else callback

@@ -27,6 +27,9 @@ path in it (`../../etc/passwd`) names none. subseed / subseed_strength are A1111
 refiner_checkpoint with refiner_switch_at in (0, 1) hands an SDXL base's latents to an SDXL refiner (as `latentdiff
 generate --refiner`; not with the hires fix or a mask: a 422). SDXL models run the hires fix and inpainting as
 `latentdiff generate` does.
+`cfg_truncation` (latentdiff's, not A1111's: A1111 ignores it): classifier-free guidance for that fraction of the
+steps of each pass only (`pipelines.cfg_truncation`; the hires pass and the refiner count their own steps), a
+number in [0, 1], null or absent: every step guided.
 CLIP_stop_at_last_layers beyond the model's text encoder (the built-in LDMBert has no layers to skip) is refused in
 a request's override_settings and, as the server-wide option an A1111 client set once, listed as ignored.
 """
@@ -69,7 +72,7 @@ TXT2IMG_KEYS = frozenset({
     "sampler_name", "sampler_index", "scheduler", "batch_size", "n_iter", "eta", "override_settings",
     "override_settings_restore_afterwards", "enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps",
     "hr_resize_x", "hr_resize_y", "denoising_strength", "send_images", "save_images", "refiner_checkpoint",
-    "refiner_switch_at"})
+    "refiner_switch_at", "cfg_truncation"})
 IMG2IMG_KEYS = (TXT2IMG_KEYS - {"enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
                                 "hr_resize_y"}) | {"init_images", "mask", "mask_blur", "inpainting_mask_invert",
                                                    "resize_mode", "include_init_images"}
@@ -218,6 +221,7 @@ def _common(body: Body, *, options: Options, catalog: Any, settings: ServeSettin
         sampler=sampler, schedule=schedule, sampler_options=sampler_options, eta=eta,
         seed=_seed(body, "seed", images, rng), subseed=_seed(body, "subseed", images, rng),
         subseed_strength=subseed_strength, batch_size=batch_size, n_iter=n_iter,
+        cfg_truncation=body.number("cfg_truncation", None, 0.0, 1.0),
         save_images=save_images and settings.outputs_dir is not None, send_images=body.flag("send_images", True),
         refiner=refiner, refiner_switch=switch, ignored=ignored, facts=facts)
 

@@ -31,6 +31,7 @@ from .folders import Entry, refuse_path, scan_files
 from .preview import LatentPreview, TinyDecoderPreview, tiny_preview_for
 from .requests import RequestError
 from .settings import ServeSettings
+from .switches import apply_switches
 
 VAE_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 LORA_SUFFIXES = (".safetensors",)                   # what `<lora:NAME:W>` tags find (adapters.api)
@@ -299,6 +300,7 @@ class ModelCatalog:
             return future.result()
         try:
             pipe = load_checkpoint(entry, vae_entry, dtype=self.settings.dtype, device=self.settings.device)
+            apply_switches(pipe, self.settings)      # --deepcache / --freeu / --tome, on its UNet
             report = self._add_embeddings(pipe, embedding_files)
             size = weight_bytes(pipe)
         except BaseException as error:

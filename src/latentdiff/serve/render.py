@@ -34,6 +34,7 @@ from ..diffusion.samplers.base import switch_sampler
 from ..diffusion.samplers.names import has_schedule, schedule_options
 from ..version import __version__
 from .requests import GeneratedImage, ImageRequest, Unit
+from .switches import switch_params
 
 StepCallback = Callable[..., Any]
 
@@ -77,6 +78,7 @@ def render(pipe: Any, units: Sequence[Unit], *, lora_dirs: Sequence[Path] = (),
         mine = images[start:start + unit.count]
         start += unit.count
         params = image_params(unit.request, sampler=sampler_name, schedule=schedule, eta=eta, batch=len(images))
+        params |= switch_params(pipe)        # the server's --deepcache / --freeu / --tome, as generate records them
         out.append([GeneratedImage(image, seed, subseed, params | {"seed": seed} | variation(unit.request, subseed))
                     for image, seed, subseed in zip(mine, unit.seeds(), unit.subseeds(), strict=True)])
     return out
@@ -96,7 +98,7 @@ def _call(pipe: Any, units: Sequence[Unit], *, lora_dirs: Sequence[Path], callba
     common: dict[str, Any] = dict(
         negative_prompt=negative, num_inference_steps=request.steps, guidance_scale=request.guidance,
         eta=request.eta, num_images_per_prompt=per_prompt, generator=generators, callback=callback, progress=False,
-        clip_skip=a1111_clip_skip(pipe, request.clip_skip), lora_dirs=list(lora_dirs) or None)
+        clip_skip=a1111_clip_skip(pipe, request.clip_skip), lora_dirs=list(lora_dirs) or None) | fast_options(request)
     if request.refiner is not None:   # the base's share of the schedule, as latents for the refiner (_refine)
         common |= {"denoising_end": request.refiner_switch, "output_type": "latent"}
     if request.hires is not None and is_sdxl(pipe):   # the same composition as `latentdiff generate`'s
@@ -153,7 +155,13 @@ def _refine(pipe: Any, refiner: Any, units: Sequence[Unit], latents: Any, *, cal
     return list(expert(prompt, image=latents, denoising_start=request.refiner_switch, negative_prompt=negative,
                        num_inference_steps=request.steps, guidance_scale=request.guidance, eta=request.eta,
                        num_images_per_prompt=per_prompt, generator=generators, callback=on_step, progress=False,
-                       clip_skip=a1111_clip_skip(expert, request.clip_skip)).images)
+                       clip_skip=a1111_clip_skip(expert, request.clip_skip), **fast_options(request)).images)
+
+
+def fast_options(request: ImageRequest) -> dict[str, Any]:
+    """The call keywords of the request's per-call switches: `cfg_truncation` when set (none otherwise, so every
+    call is the one it was without it); each pass (hires, refiner) applies it to its own steps."""
+    return {} if request.cfg_truncation is None else {"cfg_truncation": request.cfg_truncation}
 
 
 def with_control(pipe: Any, cls: Any, request: ImageRequest, controlnets: Sequence[Any],
@@ -282,7 +290,7 @@ def image_params(request: ImageRequest, *, sampler: str, schedule: str | None, e
         params |= {"refiner": request.refiner, "refiner_switch": request.refiner_switch}
     if request.control:
         params["controlnet"] = [unit.record() for unit in request.control]
-    return params
+    return params | fast_options(request)
 
 
 def unit_steps(request: ImageRequest) -> int:

@@ -71,6 +71,7 @@ class ImageRequest:
     refiner: str | None = None      # SDXL: the catalog name of the refiner that denoises after refiner_switch
     refiner_switch: float | None = None   # A1111's refiner_switch_at: the base's denoising_end, in (0, 1)
     control: tuple[Any, ...] = ()   # controlnet_units.ControlRequest of each enabled ControlNet unit
+    cfg_truncation: float | None = None   # guidance for this fraction of each pass's steps (None: every step)
     save_images: bool = False
     send_images: bool = True
     ignored: tuple[str, ...] = ()   # request keys accepted and not used (the response's info lists them)
@@ -98,7 +99,7 @@ class ImageRequest:
         loras = tuple(TAG.findall(self.prompt)), tuple(TAG.findall(self.negative_prompt))
         return (self.model, self.vae, self.width, self.height, self.steps, self.guidance, self.sampler,
                 self.schedule, self.eta, self.clip_skip, loras, self.refiner, self.refiner_switch,
-                self.sampler_options)
+                self.sampler_options, self.cfg_truncation)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -43,3 +43,7 @@ class ServeSettings:
     batch_wait_s: float = 0.05                 # how long the worker waits for companions before a call
     preview_vae: str | None = None             # a tiny autoencoder (TAESD) for the live preview of the models
                                                # whose latent space it fits (None: the built-in one, if any)
+    # the step switches of every model loaded (docs/fast.md): settings of its UNet, the same for every request
+    deepcache: tuple[int, int] | None = None   # --deepcache N [--deepcache-branch B]: (interval, branch)
+    freeu: tuple[float, float, float, float] | None = None   # --freeu S1,S2,B1,B2
+    tome: float | None = None                  # --tome R: token merging, tomesd's reach (SDXL: none, a warning)

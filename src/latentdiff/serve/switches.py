@@ -1,0 +1,64 @@
+"""The step switches of `latentdiff serve --deepcache / --freeu / --tome` (docs/fast.md): set on every model the
+server loads, once, never per request.
+
+They are settings of the model's UNet (`pipelines.step_cache`, `pipelines.token_merging`), which every request
+on that model shares: a request field would change them under the other requests of a batched call. What a served
+image was made with is read back from its pipeline (`switch_params`) into the PNG, in `latentdiff generate`'s
+keys, so `latentdiff generate --from` makes the same image.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..errors import InputError, UsageError
+from ..pipelines.step_cache import step_settings
+from ..pipelines.token_merging import tome_settings
+from .settings import ServeSettings
+
+log = logging.getLogger("latentdiff.serve")
+
+
+def apply_switches(pipe: Any, settings: ServeSettings) -> None:
+    """The server's switches on a freshly loaded pipeline. A pipeline without a switch, or a DeepCache branch
+    its UNet does not have, is a UsageError naming the flag; token merging on a model with no attention at the
+    full latent resolution (SDXL) merges nothing there and says so in the log, as `latentdiff generate --tome`."""
+    for flag, method, value in (("--deepcache", "enable_deepcache", settings.deepcache),
+                                ("--freeu", "enable_freeu", settings.freeu), ("--tome", "enable_tome", settings.tome)):
+        if value is not None and not hasattr(pipe, method):
+            raise UsageError(f"{type(pipe).__name__} has no {flag[2:]} switch", where=flag,
+                             expected=f"no {flag} with this model", found=value)
+    if settings.deepcache is not None:
+        try:
+            pipe.enable_deepcache(*settings.deepcache)
+        except InputError as error:      # a branch past this UNet's skips
+            raise UsageError(error.message, where="--deepcache-branch", expected=error.expected,
+                             found=settings.deepcache[1]) from None
+    if settings.freeu is not None:
+        pipe.enable_freeu(*settings.freeu)
+    if settings.tome is not None:
+        try:
+            pipe.enable_tome(settings.tome)
+        except UsageError as error:
+            if error.where != "max_downsample":
+                raise
+            log.warning("--tome: %s has no attention at the latent's full resolution (SDXL): nothing is merged",
+                        type(pipe).__name__)
+
+
+def switch_params(pipe: Any) -> dict[str, Any]:
+    """The switches `pipe`'s UNet runs with, in the keys `latentdiff generate` records (none when off)."""
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        return {}
+    settings, merging = step_settings(unet), tome_settings(unet)
+    params: dict[str, Any] = {}
+    if settings.deepcache is not None:
+        params |= {"deepcache": settings.deepcache.cache_interval,
+                   "deepcache_branch": settings.deepcache.cache_branch_id}
+    if settings.freeu is not None:
+        freeu = settings.freeu
+        params["freeu"] = [freeu.s1, freeu.s2, freeu.b1, freeu.b2]
+    if merging is not None:
+        params["tome"] = merging.ratio
+    return params

@@ -1,0 +1,155 @@
+"""The issue-20 switches in the server. `cfg_truncation` through the A1111 routes (latentdiff's key): a served image
+is the Python API's image with the same `cfg_truncation`, bit for bit (txt2img and img2img), the PNG records it,
+requests that differ in it never share a call, and a value outside [0, 1] (or not a number) is a 422 naming the
+key. DeepCache, FreeU and ToMe as start flags (`--deepcache`, `--freeu`, `--tome`): the served image is the Python
+API's with the same switches, the PNG records them in `latentdiff generate`'s keys, bad flags are UsageErrors
+naming the flag."""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from latentdiff.cli.serve import step_switches
+from latentdiff.errors import UsageError
+from latentdiff.pipelines.image_to_image import ImageToImagePipeline
+from latentdiff.pipelines.latent_diffusion import LatentDiffusionPipeline
+from latentdiff.serve.app import create_app
+from latentdiff.serve.requests import ImageRequest
+from latentdiff.serve.settings import ServeSettings
+from latentdiff.serve.switches import apply_switches, switch_params
+from tests._support.tiny_builtin import make_tiny_shapes_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+MODEL = "latentdiff/shapes-64"
+PROMPT = "a red circle on the left"
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return LatentDiffusionPipeline.from_pretrained(MODEL)
+
+
+@pytest.fixture(scope="module")
+def client():
+    torch.set_num_threads(1)
+    with TestClient(create_app(ServeSettings(max_batch=1, batch_wait_s=0.0))) as c:
+        yield c
+
+
+def served(client, path: str, **body) -> tuple[np.ndarray, dict]:
+    answer = client.post(f"/sdapi/v1/{path}", json={"prompt": PROMPT, "steps": STEPS, "seed": 5, "width": 64,
+                                                    "height": 64} | body)
+    assert answer.status_code == 200, answer.text
+    with Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0]))) as image:
+        return np.asarray(image.convert("RGB")), dict(image.text)
+
+
+def direct(pipe, *args, **kw) -> np.ndarray:
+    return np.asarray(pipe(PROMPT, *args, num_inference_steps=STEPS, guidance_scale=7.0, progress=False,
+                           generator=[torch.Generator().manual_seed(5)], **kw).images[0])
+
+
+def test_txt2img_with_cfg_truncation_is_the_python_api_s(client, pipe):
+    got, text = served(client, "txt2img", cfg_truncation=0.5)
+    expected = direct(pipe, height=64, width=64, cfg_truncation=0.5)
+    assert np.array_equal(got, expected)
+    assert not np.array_equal(got, direct(pipe, height=64, width=64))      # it changes the image
+    assert json.loads(text["latentdiff"])["cfg_truncation"] == 0.5
+    plain, text = served(client, "txt2img", cfg_truncation=None)          # null: not given
+    assert np.array_equal(plain, direct(pipe, height=64, width=64)) and "cfg_truncation" not in text["latentdiff"]
+
+
+def test_img2img_with_cfg_truncation_is_the_python_api_s(client, pipe):
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    init.save(buffer, format="PNG")
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    got, _ = served(client, "img2img", init_images=[encoded], denoising_strength=0.5, cfg_truncation=0.25)
+    img2img = ImageToImagePipeline.from_pipe(pipe)
+    expected = direct(img2img, img2img.preprocess_image(init, size=(64, 64)), negative_prompt="", strength=0.5,
+                      cfg_truncation=0.25)
+    assert np.array_equal(got, expected)
+
+
+def test_requests_that_differ_in_cfg_truncation_never_share_a_call():
+    a, b = (ImageRequest(model=MODEL, prompt=PROMPT, cfg_truncation=value) for value in (None, 0.5))
+    assert a.batch_key() != b.batch_key()
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.1, "half", True, [0.5]])
+def test_bad_cfg_truncation_is_a_422_naming_it(client, bad):
+    answer = client.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "steps": 2, "cfg_truncation": bad})
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["field"] == "cfg_truncation" and "Traceback" not in answer.text
+
+
+# ---- the step switches: start flags, on every model the server loads ---------------------------------------------
+SWITCHED = dict(deepcache=(2, 0), freeu=(0.9, 0.2, 1.5, 1.6), tome=0.5)
+
+
+def test_start_switches_give_the_python_apis_switched_image(tmp_path):
+    """The tiny stand-in for the built-in model (attention at the latent's full resolution, where tomesd's reach
+    merges: the built-in model has none there, test below)."""
+    folder = str(make_tiny_shapes_model(tmp_path / "m"))
+    settings = ServeSettings(model=folder, max_batch=1, batch_wait_s=0.0, **SWITCHED)
+    with TestClient(create_app(settings)) as switched:
+        got, text = served(switched, "txt2img")
+    own = LatentDiffusionPipeline.from_pretrained(folder)
+    plain = direct(own, height=64, width=64)
+    own.enable_deepcache(2, 0)
+    own.enable_freeu(0.9, 0.2, 1.5, 1.6)
+    assert own.enable_tome(0.5) > 0
+    assert np.array_equal(got, direct(own, height=64, width=64))
+    assert not np.array_equal(got, plain)
+    recorded = json.loads(text["latentdiff"])
+    assert {k: recorded[k] for k in ("deepcache", "deepcache_branch", "freeu", "tome")} == {
+        "deepcache": 2, "deepcache_branch": 0, "freeu": [0.9, 0.2, 1.5, 1.6], "tome": 0.5}
+
+
+def test_tome_where_tomesd_s_reach_merges_nothing_is_a_logged_no_op(caplog):
+    """The built-in model's first attention level is downsampled twice: --tome warns, as `generate --tome` does,
+    and the PNG records no tome."""
+    own = LatentDiffusionPipeline.from_pretrained(MODEL)
+    with caplog.at_level("WARNING", logger="latentdiff.serve"):
+        apply_switches(own, ServeSettings(tome=0.5, deepcache=(3, 0)))
+    assert "nothing is merged" in caplog.text
+    assert switch_params(own) == {"deepcache": 3, "deepcache_branch": 0}
+
+
+@pytest.mark.parametrize("flags, where", [
+    (dict(deepcache=0), "--deepcache"), (dict(deepcache_branch=1), "--deepcache-branch"),
+    (dict(deepcache=2, deepcache_branch=-1), "--deepcache-branch"), (dict(freeu="0.9,0.2,1.5"), "--freeu"),
+    (dict(freeu="0.9,0.2,0,1.6"), "--freeu"), (dict(freeu="a,b,c,d"), "--freeu"), (dict(tome=1.0), "--tome"),
+    (dict(tome=-0.1), "--tome")])
+def test_bad_switch_flags_are_usage_errors_naming_the_flag(flags, where):
+    args = argparse.Namespace(**({"deepcache": None, "deepcache_branch": None, "freeu": None, "tome": None} | flags))
+    with pytest.raises(UsageError) as error:
+        step_switches(args)
+    assert error.value.where == where
+
+
+def test_a_branch_the_model_lacks_is_refused_when_it_loads():
+    with pytest.raises(UsageError) as error:
+        apply_switches(LatentDiffusionPipeline.from_pretrained(MODEL), ServeSettings(deepcache=(2, 99)))
+    assert error.value.where == "--deepcache-branch"
+
+
+def test_the_flags_reach_the_settings():
+    from latentdiff.cli.main import build_parser
+    from latentdiff.cli.serve import settings_from
+
+    args = build_parser().parse_args(["serve", "--deepcache", "3", "--deepcache-branch", "1", "--freeu",
+                                      "0.6,0.4,1.1,1.2", "--tome", "0.3"])
+    settings = settings_from(args)
+    assert (settings.deepcache, settings.freeu, settings.tome) == ((3, 1), (0.6, 0.4, 1.1, 1.2), 0.3)
+    plain = settings_from(build_parser().parse_args(["serve"]))
+    assert (plain.deepcache, plain.freeu, plain.tome) == (None, None, None)
