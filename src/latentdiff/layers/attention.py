@@ -22,6 +22,7 @@ from torch import nn
 
 from ..config import is_int
 from ..errors import InputError
+from .fused import add_output
 from .token_merging import Matching, TokenMerging
 
 
@@ -106,7 +107,9 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
         self.extra: tuple[ExtraTokens, ...] = ()   # attention over appended context tokens (`ExtraTokens`)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """residual: added to the output (fused into the output projection where it is packed: layers.fused)."""
         counts = [e.count() for e in self.extra] if context is not None else []
         pieces: list[torch.Tensor] = []
         if any(counts) and context is not None:
@@ -120,7 +123,7 @@ class Attention(nn.Module):
         for extra, tokens in zip(self.extra, pieces, strict=True) if pieces else ():
             if tokens.shape[1]:
                 out = out + extra(q, tokens, self)
-        return self.to_out[0](out)
+        return self.to_out[0](out) if residual is None else add_output(self.to_out[0], out, residual)
 
 
 # Inference on the CPU (where activations count in the process's RSS): the feed-forward runs over chunks of
@@ -149,26 +152,30 @@ class FeedForward(nn.Module):
         self.net = nn.ModuleList([GEGLU(dim, inner), nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
                                   nn.Linear(inner, dim)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """residual: added to the output (fused into the last projection where it is packed: layers.fused)."""
         if x.device.type == "cpu" and not torch.is_grad_enabled():
             geglu = cast(GEGLU, self.net[0])  # net is built in __init__: [GEGLU, Dropout | Identity, Linear]
             step = max(1, FEED_FORWARD_CHUNK_BYTES // (geglu.proj.out_features * x.element_size()))
             if x.shape[:-1].numel() > step:
-                return self._chunked(x, step)
+                return self._chunked(x, step, residual)
         x = self.net[0](x)
         if self.training and isinstance(self.net[1], nn.Dropout):  # in eval mode dropout is a no-op call
             x = self.net[1](x)
-        return self.net[2](x)
+        return self.net[2](x) if residual is None else add_output(self.net[2], x, residual)
 
-    def _chunked(self, x: torch.Tensor, step: int) -> torch.Tensor:
+    def _chunked(self, x: torch.Tensor, step: int, residual: torch.Tensor | None) -> torch.Tensor:
         """Inference over `step` tokens at a time: the GEGLU's (tokens, 2 x inner) projection, 8x the block's
         width, never exists whole (the transients this saves: benchmarks/RESULTS.md). Each row's result is the
         same computation (the reduction over features is unchanged); only GEMM blocking differs."""
         geglu, out = self.net[0], cast(nn.Linear, self.net[2])
         flat = x.reshape(-1, x.shape[-1])
+        skip = residual.reshape(-1, out.out_features) if residual is not None else None
         result = flat.new_empty(flat.shape[0], out.out_features)
         for start in range(0, flat.shape[0], step):
-            result[start:start + step] = out(geglu(flat[start:start + step]))
+            rows = geglu(flat[start:start + step])
+            result[start:start + step] = (out(rows) if skip is None
+                                          else add_output(out, rows, skip[start:start + step]))
         return result.view(*x.shape[:-1], out.out_features)
 
 
@@ -197,11 +204,11 @@ class BasicTransformerBlock(nn.Module):
         tome = self.token_merging
         matching = tome.matching(x, size, picks=self.token_merging_picks) \
             if tome is not None and size is not None else None
-        if matching is None:
-            x = self.attn1(self.norm1(x)) + x
+        if matching is None:   # each sum fused into its layer's output projection where packed (layers.fused)
+            x = self.attn1(self.norm1(x), residual=x)
             if self.attn2 is not None and self.norm2 is not None:
-                x = self.attn2(self.norm2(x), context) + x
-            return self.ff(self.norm3(x)) + x
+                x = self.attn2(self.norm2(x), context, residual=x)
+            return self.ff(self.norm3(x), residual=x)
         assert tome is not None
         x = _merged(self.attn1, self.norm1(x), matching, tome.merge_attn) + x
         if self.attn2 is not None and self.norm2 is not None:
@@ -251,9 +258,9 @@ class SpatialTransformer(nn.Module):
         layout = _memory_format(residual)
         if self.use_linear:
             x = self.proj_out(x).reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=layout)
-        else:
-            x = self.proj_out(x.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous(memory_format=layout))
-        return x + residual
+            return x + residual
+        x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous(memory_format=layout)
+        return add_output(self.proj_out, x, residual)   # proj_out(x) + residual, one pass where packed
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:

@@ -62,6 +62,16 @@ class PackedForward:
                                                        list(conv.stride), list(conv.dilation), conv.groups,
                                                        "none", [], "")
 
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
+        """conv(x) + residual in one call (layers.fused); None where it cannot run (the caller adds)."""
+        conv = self.conv
+        if not _packed_call(x, conv.weight) or residual.dtype != x.dtype or residual.dim() != 4:
+            return None
+        bias = conv.bias.detach() if conv.bias is not None else None
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, residual, self.packed.get(conv.weight, x.shape), bias, list(conv.padding), list(conv.stride),
+            list(conv.dilation), conv.groups, "add", None, None, [], None)
+
 
 class PackedLinearForward:
     """The replacement `forward` of one Linear: oneDNN's GEMM on a weight packed once per version."""
@@ -78,6 +88,14 @@ class PackedLinearForward:
             return nn.Linear.forward(linear, x)
         bias = linear.bias.detach() if linear.bias is not None else None
         return torch.ops.mkldnn._linear_pointwise(x, self.packed.get(linear.weight), bias, "none", [], "")
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
+        """linear(x) + residual in one call (layers.fused); None where it cannot run (the caller adds)."""
+        linear = self.linear
+        if not _packed_call(x, linear.weight) or residual.dtype != x.dtype:
+            return None
+        bias = linear.bias.detach() if linear.bias is not None else None
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed.get(linear.weight), bias, "add")
 
 
 class FusedGEGLUForward:

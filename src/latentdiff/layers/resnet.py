@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import add_output
+
 from ..errors import ConfigError
 
 
@@ -72,9 +74,8 @@ class ResnetBlock(nn.Module):
         h = F.silu(h, inplace=in_place)
         if self.dropout is not None and self.training:  # in eval mode dropout is a no-op call
             h = self.dropout(h)
-        h = self.conv2(h)
         skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x
-        out = h.add_(skip) if in_place else skip + h
+        out = add_output(self.conv2, h, skip, in_place=in_place)   # conv2(h) + skip, one pass where packed
         if self.output_scale_factor == 1.0:
             return out
         return out.div_(self.output_scale_factor) if in_place else out / self.output_scale_factor
