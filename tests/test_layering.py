@@ -200,5 +200,6 @@ def test_the_checker_keeps_the_server_off_the_command_line(tmp_path, monkeypatch
     fake_package(tmp_path, monkeypatch, {
         "cli/generate.py": "from ..generation.settings import load_pipeline\n",
         "generation/settings.py": "def load_pipeline():\n    pass\n",
-        "serve/models.py": "from ..cli.generate import load_pipeline\nfrom ..generation.settings import load_pipeline\n"})
+        "serve/models.py": "from ..generation.settings import load_pipeline\n"
+                           "def f():\n    from ..cli.generate import load_pipeline\n"})
     assert upward_imports() == ["latentdiff.serve.models -> latentdiff.cli.generate (serve is below cli)"]
