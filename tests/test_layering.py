@@ -1,7 +1,7 @@
 """The package's layering, read from the source with `ast` (lazy, in-function imports included).
 
     errors, config, registry, hub (+ version, utils, builtin, control, model_source)  <  layers  <  models | diffusion
-        <  pipelines  <  convert  <  training, metrics, data  <  integrations  <  cli, serve
+        <  pipelines  <  convert  <  training, metrics, data  <  generation, integrations  <  serve  <  cli
 
 A module may import its own layer or a lower one; `models` and `diffusion` never import each other; no two
 modules import each other through any chain (no cycle). The package root (`latentdiff/__init__.py`) is the
@@ -27,8 +27,12 @@ LAYERS: dict[str, int] = {
     "convert": 4, "adapters": 4,
     "training": 5, "metrics": 5, "data": 5,
     "integrations": 6,      # library code for other frameworks (Ray): below the command line, never importing it
-    "cli": 7, "cli_generate": 7, "__main__": 7, "serve": 7,
+    "generation": 6,        # what `latentdiff generate` and the server both run: settings, loading, SDXL calls
+    "serve": 7,             # the HTTP server: library code too (`latentdiff serve` starts it), below the command line
+    "cli": 8, "cli_generate": 8, "__main__": 8,
 }
+# the command line: the top layer, alone; nothing in the library imports it
+COMMAND_LINE = {"cli", "cli_generate", "__main__"}
 # parts on one layer that must not import each other
 INDEPENDENT = [{"models", "diffusion"}]
 
@@ -145,6 +149,13 @@ def test_every_part_has_a_layer():
     assert parts <= set(LAYERS), f"give these parts a layer in tests/test_layering.py: {sorted(parts - set(LAYERS))}"
 
 
+def test_the_command_line_is_alone_on_the_top_layer():
+    """No library part shares the command line's layer, where importing it would pass (serve did, and imported it)."""
+    top = max(LAYERS.values())
+    assert {part for part, layer in LAYERS.items() if layer == top} == COMMAND_LINE
+    assert all(LAYERS[part] == top for part in COMMAND_LINE)
+
+
 def test_no_upward_imports():
     bad = upward_imports()
     assert not bad, "imports against the layering:\n" + "\n".join(bad)
@@ -181,3 +192,14 @@ def test_the_checker_keeps_the_library_off_the_command_line(tmp_path, monkeypatc
         "integrations/ray.py": "def f():\n    from ..cli.generate_model import locate_model\n"})
     assert upward_imports() == ["latentdiff.integrations.ray -> latentdiff.cli.generate_model "
                                 "(integrations is below cli)"]
+
+
+def test_the_checker_keeps_the_server_off_the_command_line(tmp_path, monkeypatch):
+    """The server (library code) importing the command line is against the order; importing `generation`, the
+    layer below both, is not."""
+    fake_package(tmp_path, monkeypatch, {
+        "cli/generate.py": "from ..generation.settings import load_pipeline\n",
+        "generation/settings.py": "def load_pipeline():\n    pass\n",
+        "serve/models.py": "from ..generation.settings import load_pipeline\n"
+                           "def f():\n    from ..cli.generate import load_pipeline\n"})
+    assert upward_imports() == ["latentdiff.serve.models -> latentdiff.cli.generate (serve is below cli)"]

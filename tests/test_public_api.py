@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import latentdiff
+from tests._support import ROOT
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "public_api.json").read_text(encoding="utf-8"))
 
@@ -66,3 +67,65 @@ def test_the_reference_is_not_empty():
 
 def test_all_is_the_lazy_table():
     assert sorted(latentdiff.__all__) == sorted([*latentdiff._LAZY, "__version__"])
+
+
+# ---- tools/snapshot_public_api.py: writes the reference only when asked to ----------------------------------------
+def load_snapshot_tool():
+    spec = importlib.util.spec_from_file_location("snapshot_public_api", ROOT / "tools" / "snapshot_public_api.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["-h"], ["--no-such-flag"], ["extra"]])
+def test_the_snapshot_tool_writes_nothing_on_help_or_a_bad_flag(argv, tmp_path, monkeypatch, capsys):
+    """`--help` prints the usage and an unknown argument is refused (it once rewrote the reference on either)."""
+    tool = load_snapshot_tool()
+    reference = tmp_path / "public_api.json"
+    reference.write_text('{"imports": [], "modules": [], "signatures": {}}\n', encoding="utf-8")
+    monkeypatch.setattr(tool, "SNAPSHOT", reference)
+    monkeypatch.setattr(tool, "snapshot", lambda: pytest.fail("the surface was computed"))
+    with pytest.raises(SystemExit) as exit_:
+        tool.main(argv)
+    out, err = capsys.readouterr()
+    assert exit_.value.code == (0 if argv[0] in ("--help", "-h") else 2)
+    assert "usage: " in (out if exit_.value.code == 0 else err) and "--check" in out + err
+    assert reference.read_text(encoding="utf-8") == '{"imports": [], "modules": [], "signatures": {}}\n'
+
+
+def test_the_snapshot_tool_check_compares_without_writing(tmp_path, monkeypatch, capsys):
+    """--check: exit 0 on the same surface, 1 listing what is gone, added or changed; the file is never written."""
+    tool = load_snapshot_tool()
+    surface = {"imports": [["latentdiff", "A"], ["latentdiff", "B"]], "modules": ["latentdiff.x"],
+               "signatures": {"f": [["a", "POSITIONAL_OR_KEYWORD", None]], "g": [["b", "KEYWORD_ONLY", "1"]]}}
+    monkeypatch.setattr(tool, "snapshot", lambda: surface)
+    same, other = tmp_path / "same.json", tmp_path / "other.json"
+    assert tool.main(["--output", str(same)]) == 0                     # the default action: write the snapshot
+    assert json.loads(same.read_text(encoding="utf-8")) == surface
+    stored = {"imports": [["latentdiff", "A"], ["latentdiff", "Gone"]], "modules": ["latentdiff.x"],
+              "signatures": {"f": [["a", "POSITIONAL_OR_KEYWORD", None]], "g": [["b", "KEYWORD_ONLY", "2"]]}}
+    other.write_text(json.dumps(stored), encoding="utf-8")
+    written = {path: path.read_bytes() for path in (same, other)}
+    capsys.readouterr()
+    assert tool.main(["--check", "--output", str(same)]) == 0
+    assert "0 gone, 0 added, 0 changed" in capsys.readouterr().out
+    assert tool.main(["--check", "--output", str(other)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[:-1] == ['- imports: ["latentdiff", "Gone"]', '+ imports: ["latentdiff", "B"]',
+                        "~ signatures: g: b ['KEYWORD_ONLY', '2'] -> ['KEYWORD_ONLY', '1']"]
+    assert out[-1].endswith("1 gone, 1 added, 1 changed since the snapshot")
+    assert tool.main(["--check", "--output", str(tmp_path / "missing.json")]) == 1
+    assert {path: path.read_bytes() for path in (same, other)} == written and not (tmp_path / "missing.json").exists()
+
+
+@pytest.mark.slow
+def test_the_snapshot_tool_reads_this_tree(tmp_path):
+    """The real surface, written and checked against itself; it holds all of the reference (nothing is gone)."""
+    tool = load_snapshot_tool()
+    target = tmp_path / "public_api.json"
+    assert tool.main(["--output", str(target)]) == 0
+    data = json.loads(target.read_text(encoding="utf-8"))
+    assert {tuple(i) for i in REFERENCE["imports"]} <= {tuple(i) for i in data["imports"]}
+    assert set(REFERENCE["modules"]) <= set(data["modules"])
+    assert tool.main(["--check", "--output", str(target)]) == 0

@@ -36,18 +36,25 @@ from typing import Any, TypeVar, cast
 
 from ..builtin import DEFAULT_MODEL, GENERATE_SETTINGS, builtin_names
 from ..errors import UsageError
+from ..generation.settings import (  # noqa: F401  (re-exported: defined or imported here before the server used them)
+    inpainting_folder,
+    load_pipeline,
+    load_vae,
+    model_family,
+    with_schedule,
+)
 from ..version import __version__
 from . import generate_outputs as outputs
-from .generate_a1111 import add_schedule_flag, with_schedule
+from .generate_a1111 import add_schedule_flag
 from .generate_adapters import add_lora_flags, apply_loras, settle_loras
 from .generate_control import add_control_flags, apply_control, settle_control
 from .generate_embeddings import add_embedding_flags, apply_embeddings, settle_embeddings
 from .generate_fast import add_fast_flags, apply_fast, settle_fast
-from .generate_inputs import add_input_flags, load_vae, prepare_run, set_threads, settle_inputs, size_from_image
-from .generate_model import ModelSource, locate_model, tokenizer_file
+from .generate_inputs import add_input_flags, prepare_run, set_threads, settle_inputs, size_from_image
+from .generate_model import ModelSource, locate_model, tokenizer_file  # noqa: F401  (ModelSource: re-exported)
 from .generate_previews import add_preview_flags, check_preview_flags, make_preview, settle_fast_decode
 from .generate_prompts import add_prompt_flags, settle_prompts
-from .generate_sdxl import add_sdxl_flags, check_loaded, inpainting_folder, is_sdxl, model_family, settle_sdxl
+from .generate_sdxl import add_sdxl_flags, check_loaded, is_sdxl, settle_sdxl
 from .generate_settings import (
     DTYPES,
     GenerateSettings,
@@ -261,42 +268,6 @@ class Processes:
         if self.state is not None:
             self.state.wait_for_everyone()
             self.state.destroy_process_group()
-
-
-def load_pipeline(source: ModelSource, settings: GenerateSettings, *, device: Any) -> Any:
-    """The text-to-image pipeline of the model's family (StableDiffusionXLPipeline for SDXL base and refiner
-    folders, StableDiffusionXLInpaintPipeline for SDXL inpainting ones; else LatentDiffusionPipeline) in the
-    chosen dtype on the chosen device, with the chosen sampler."""
-    import torch
-
-    from ..diffusion.samplers import switch_sampler
-    from ..pipelines.denoising import DenoisingPipeline
-    from ..pipelines.latent_diffusion import LatentDiffusionPipeline
-    from ..pipelines.sdxl import StableDiffusionXLPipeline
-
-    if device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    load = dict(torch_dtype=getattr(torch, settings.dtype), device=device)
-    cls: Any = LatentDiffusionPipeline
-    if model_family(source) == "sdxl":
-        from ..pipelines.sdxl_inpaint import StableDiffusionXLInpaintPipeline
-
-        cls = StableDiffusionXLInpaintPipeline if inpainting_folder(source) else StableDiffusionXLPipeline
-    pipe: DenoisingPipeline
-    if source.kind == "single_file":
-        tokenizer = {key: value for key, value in (("tokenizer", settings.tokenizer),
-                                                   ("tokenizer_2", settings.tokenizer_2)) if value is not None}
-        # SomePipeline.from_single_file returns SomePipeline or a subclass (it checks the file fits the class)
-        pipe = cast(DenoisingPipeline, cls.from_single_file(source.path, **load, **tokenizer))
-        if settings.vae is not None:
-            pipe = type(pipe).from_pipe(pipe, **load_vae(settings, **load))
-    else:
-        pipe = cls.from_pretrained(source.name if source.kind == "hub" else source.path, **load,
-                                   **load_vae(settings, **load))
-    pipe.sampler = with_schedule(switch_sampler(pipe.sampler, settings.sampler), settings.schedule, pipe=pipe)
-    if settings.sampler_options:       # what the A1111 label fixes (Brownian noise, a dropped sigma, Heun)
-        pipe.sampler = cast(Any, pipe.sampler).with_options(**settings.sampler_options)
-    return pipe
 
 
 def load_refiner(settings: GenerateSettings, *, device: Any) -> Any:

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..builtin import DEFAULT_MODEL, builtin_names
 from ..errors import ConfigError, UsageError
+from ..generation.settings import with_schedule  # noqa: F401  (re-exported: it was defined here)
 from ..utils.infotext import parse_infotext, settings_from_infotext
 
 A1111_MODEL = "_a1111_model"        # keys of the dict `read_from_png` returns that are not settings
@@ -111,20 +112,3 @@ def check_sampler_options(name: str, options: Any, *, where: str) -> None:
     except (ConfigError, TypeError, ValueError) as exc:
         raise UsageError(f"bad sampler options for the {name} sampler", where=where, expected="values it takes",
                          found=repr(options)[:120], hint=str(exc)[:200]) from None
-
-
-def with_schedule(sampler: Any, schedule: str | None, *, pipe: Any = None) -> Any:
-    """The pipeline's sampler with `schedule` set (None: as it is); a UsageError naming --schedule when it has
-    none (the folder's own sampler, known only once loaded). Align Your Steps takes `pipe`'s table (SDXL or SD 1.5:
-    names.schedule_options)."""
-    from ..diffusion.samplers.names import schedule_options  # torch: where a schedule is set
-
-    if schedule is None or (getattr(sampler, "sigma_schedule", None) == schedule and schedule != "align_your_steps"):
-        return sampler
-    if not hasattr(sampler, "sigma_schedule"):
-        if schedule == "default":
-            return sampler
-        raise UsageError(f"the model's sampler {type(sampler).__name__} has no schedule to set", where="--schedule",
-                         expected="no --schedule, or --sampler with a schedule (euler, heun, lms, dpm_2, dpmpp_2m, "
-                                  "dpmpp_sde ...)", found=schedule)
-    return sampler.with_options(**schedule_options(schedule, pipeline=pipe))

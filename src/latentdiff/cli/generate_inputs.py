@@ -30,6 +30,7 @@ from typing import Any
 from .. import hub, limits
 from ..config import is_int, is_real
 from ..errors import InputError, UsageError
+from ..generation.settings import load_vae, vae_source  # noqa: F401  (re-exported: they were defined here)
 from .generate_control import control_options
 from .generate_model import SINGLE_FILE_SUFFIXES, local_kind
 from .generate_prompts import prompt_options
@@ -222,36 +223,6 @@ def check_final_pixels(values: dict[str, Any], origin: dict[str, str], init: Any
                          expected=f"at most {limits.DEFAULT_MAX_PIXELS} (limits.DEFAULT_MAX_PIXELS)",
                          found=f"{height} x {width} x {values['n']} = {pixels}",
                          hint="lower -n, the size or --hires-scale")
-
-
-def vae_source(settings: GenerateSettings) -> tuple[str, str | None, str]:
-    """(path or Hub id, subfolder, kind) of --vae: a pipeline folder's vae/ or vqvae/, a folder, a file, a Hub id."""
-    vae = settings.vae
-    assert vae is not None
-    kind = local_kind(vae)
-    if kind == "file":
-        return vae, None, "single_file"
-    if kind == "dir":
-        for sub in ("vae", "vqvae"):
-            if (Path(vae) / "model_index.json").is_file() and (Path(vae) / sub / "config.json").is_file():
-                return vae, sub, "folder"
-        return vae, None, "folder"
-    return vae, None, "hub"
-
-
-def load_vae(settings: GenerateSettings, *, torch_dtype: Any, device: Any) -> dict[str, Any]:
-    """{"vae": the --vae autoencoder} to pass to from_pretrained ({} without --vae)."""
-    if settings.vae is None:
-        return {}
-    from ..models.autoencoder_kl import AutoencoderKL
-    from ..models.autoencoder_tiny import is_tiny_autoencoder, load_tiny_autoencoder
-
-    path, subfolder, kind = vae_source(settings)
-    if kind != "single_file" and subfolder is None and is_tiny_autoencoder(path):   # --fast-decode, or --vae taesd/
-        return {"vae": load_tiny_autoencoder(path, torch_dtype=torch_dtype, device=device)}
-    if kind == "single_file":
-        return {"vae": AutoencoderKL.from_single_file(path, torch_dtype=torch_dtype, device=device)}
-    return {"vae": AutoencoderKL.from_pretrained(path, subfolder=subfolder, torch_dtype=torch_dtype, device=device)}
 
 
 # ---- once the model is loaded --------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """What `latentdiff generate` is asked to do, checked before the model is loaded: the settings (a typed, frozen
 `GenerateSettings`, settled from the flags, the PNG of `--from` and the model's `latentdiff_generate.json`), and
-the images to write (`Job`s: prompts, seeds, output paths).
+the images to write (`Job`s: prompts, seeds, output paths). `GenerateSettings` and the tables of what a PNG records
+(`RECORDED`, `OPTIONAL`, `FLAGS`, `DTYPES`) are `latentdiff.generation.settings`, below the command line so that the
+server builds them too; they stay importable from here.
 
 The three sources are read as they are (JSON may hold anything); `settle` picks each setting from the first
 source that has it and checks its type and range, naming the flag or file key it came from, before it becomes
@@ -20,106 +22,22 @@ from .. import limits
 from ..builtin import GENERATE_SETTINGS
 from ..config import is_int, is_real
 from ..errors import UsageError
+from ..generation.settings import (  # noqa: F401  (re-exported: they were defined here)
+    DTYPES,
+    FLAGS,
+    OPTIONAL,
+    RECORDED,
+    GenerateSettings,
+)
 from ..version import __version__
 from .generate_a1111 import a1111_notes, settle_sampler, stored_from_infotext
 from .generate_model import SINGLE_FILE_SUFFIXES, ModelSource, local_kind
 from .generate_outputs import name_files, read_outputs
 from .generate_tome import check_fast_values
 
-DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
-          "bfloat16": "bfloat16", "bf16": "bfloat16", "auto": "auto"}
-# The settings a PNG records and `--from` reads back; a flag given overrides the stored value.
-RECORDED = ("prompt", "negative", "seed", "steps", "guidance", "sampler", "eta", "height", "width", "n", "model",
-            "dtype", "tokenizer", "schedule",
-            # image inputs, hires fix, tiles, VAE, clip skip (generate_inputs)
-            "clip_skip", "init_image", "init_image_sha256", "strength", "mask", "mask_sha256", "hires_scale",
-            "hires_steps", "hires_strength", "hires_upscaler", "tile_size", "vae", "vae_tiling",
-            # textual inversion (generate_embeddings)
-            "embedding",
-            # LoRA files (generate_adapters)
-            "lora",
-
-            "prompt_syntax",   # generate_prompts
-            # SDXL (generate_sdxl)
-            "refiner", "refiner_switch", "original_size", "target_size", "crop_top_left", "tokenizer_2",
-            # ControlNet / T2I-Adapter / IP-Adapter (generate_control)
-            "control", "control_resize", "guess_mode", "ip_adapter",
-            "deepcache", "deepcache_branch", "freeu",   # step switches (generate_fast)
-            "tome", "cfg_truncation",   # cheaper steps (generate_tome)
-            "sampler_options")   # the settings an A1111 sampler label fixes (generate_a1111)
-OPTIONAL = RECORDED[RECORDED.index("clip_skip"):]   # recorded only when set
 MAX_SEED = 2**63 - 1
 PATH_VALUES = ("model", "tokenizer", "init_image", "mask", "vae", "refiner", "tokenizer_2")   # naming files
 MAX_PATH_CHARS = 4096
-FLAGS = {key: f"--{key.replace('_', '-')}" for key in RECORDED} | {"prompt": "PROMPT", "n": "-n"}   # for messages
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerateSettings:
-    """The settings of a run, in the order of RECORDED (what every PNG records). None: the pipeline's default,
-    filled in by `generate.finish` once the model is loaded."""
-
-    prompt: str | None          # None: --prompts FILE gives them
-    negative: str | None
-    seed: int                   # of the first image; image i of prompt k has seed + k * n + i
-    steps: int | None
-    guidance: float | None
-    sampler: str | None         # a registered name; None: the model folder's own
-    eta: float | None
-    height: int | None
-    width: int | None
-    n: int                      # images per prompt (each its own file; a grid with --grid)
-    model: str                  # as given
-    dtype: str                  # a torch dtype name: float32, float16, bfloat16 ("auto" until settle_dtype)
-    tokenizer: str | None       # single-file models only
-    schedule: str | None = None  # the sampler's sigma_schedule (default, karras, exponential); None: its own
-    # generate_inputs: None = not used
-    clip_skip: int | None = None       # A1111's numbering: 1 = the last layer, 2 = the penultimate
-                                       # (diffusers' clip_skip 1)
-    init_image: str | None = None      # img2img / inpainting: absolute path
-    init_image_sha256: str | None = None
-    strength: float | None = None      # img2img / inpainting denoising strength
-    mask: str | None = None            # inpainting: absolute path, white = repaint
-    mask_sha256: str | None = None
-    hires_scale: float | None = None   # hires fix: the second pass at height, width x scale
-    hires_steps: int | None = None     # None / 0: as steps
-    hires_strength: float | None = None
-    hires_upscaler: str | None = None  # latent | latent-nearest | image
-    tile_size: int | None = None       # tiled sampling (pixels)
-    vae: str | None = None             # the autoencoder that replaces the model's: absolute path or Hub id
-    vae_tiling: bool | None = None
-    # generate_embeddings: [{"path": absolute path, "token": ..., "sha256": ...}, ...]; None = none
-    embedding: list[dict[str, Any]] | None = None
-    # generate_adapters: [{"path": absolute path, "weight": W, "sha256": ...}] of --lora FILE[:W]
-    lora: list[dict[str, Any]] | None = None
-    prompt_syntax: str | None = None   # generate_prompts: a1111 | plain; None: a1111
-    # generate_sdxl: None = not used
-    refiner: str | None = None         # the SDXL refiner: absolute path or Hub id
-    refiner_switch: float | None = None   # the fraction of the schedule the base denoises (denoising_end)
-    original_size: str | None = None   # micro-conditioning, as written: "WxH" (original, target), "TOP,LEFT"
-    target_size: str | None = None
-    crop_top_left: str | None = None
-    tokenizer_2: str | None = None     # an SDXL single file's second (bigG) tokenizer, as `tokenizer`
-    # generate_control: [{"model", "kind", "image", "image_sha256", "scale", "start", "end"}] of --controlnet /
-    # --control pairs; the resize mode name; guess mode; {"path", "sha256", "image", "image_sha256", "scale",
-    # "image_encoder"} of --ip-adapter
-    control: list[dict[str, Any]] | None = None
-    control_resize: str | None = None
-    guess_mode: bool | None = None
-    ip_adapter: dict[str, Any] | None = None
-    # generate_fast: DeepCache's interval and branch, FreeU's [s1, s2, b1, b2]; None = off
-    deepcache: int | None = None
-    deepcache_branch: int | None = None
-    freeu: list[float] | None = None
-    tome: float | None = None            # generate_tome: token merging ratio; None = off
-    cfg_truncation: float | None = None  # generate_tome: fraction of the steps with guidance; None = all
-    # generate_a1111: the sampler settings its A1111 label fixes (names.SamplerName.options: Brownian noise, A1111's
-    # dropped next-to-last sigma, DPM++ 2M SDE Heun's solver_type); None = the registered sampler's own
-    sampler_options: dict[str, Any] | None = None
-
-    def params(self) -> dict[str, Any]:
-        """The settings as the JSON a PNG records (the image input, hires, tile and VAE settings only when used)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k not in OPTIONAL}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,9 +22,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from ..cli.generate import load_pipeline
-from ..cli.generate_settings import GenerateSettings
 from ..errors import LatentDiffError
+from ..generation.settings import GenerateSettings, load_pipeline
 from ..model_source import SINGLE_FILE_SUFFIXES, locate_model
 from .controlnet import ControlNetCatalog
 from .folders import Entry, refuse_path, scan_files

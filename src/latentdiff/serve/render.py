@@ -12,7 +12,7 @@ library gives for that seed:
 (`pipelines.hires.hires_fix`, `ImageToImagePipeline`, `InpaintPipeline` for requests with a hires fix or input
 images; an SDXL model's own classes: `StableDiffusionXLPipeline`, `StableDiffusionXLImg2ImgPipeline`, and with a
 refiner the base's `denoising_end` hand-off to the refiner's `denoising_start`, as `latentdiff generate --refiner`;
-clip skip in A1111's numbering as `cli.generate_sdxl.a1111_clip_skip` translates it). Units of several requests
+clip skip in A1111's numbering as `generation.sdxl.a1111_clip_skip` translates it). Units of several requests
 sharing a batch key are one call with a prompt per image (the pipeline draws each image's noise from its own
 generator, so only the matrix products' rounding can differ from the unit alone).
 
@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
-from ..cli.generate_sdxl import a1111_clip_skip, init_tensor, is_sdxl, refiner_sampler, sdxl_hires_fix
 from ..control.resize import fit
 from ..diffusion.noise import randn
 from ..diffusion.samplers.base import switch_sampler
 from ..diffusion.samplers.names import has_schedule, schedule_options
+from ..generation.sdxl import a1111_clip_skip, init_tensor, is_sdxl, refiner_sampler, sdxl_hires_fix
 from ..version import __version__
 from .requests import GeneratedImage, ImageRequest, Unit
 from .switches import switch_params

@@ -17,8 +17,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from ..cli.generate_sdxl import a1111_clip_layers, is_sdxl
 from ..config import parse_json
+from ..generation.sdxl import a1111_clip_layers, is_sdxl
 from ..version import __version__
 from . import a1111_results
 from .a1111 import Body, ModelFacts, Options, img2img_request, option_clip_skip, txt2img_request
