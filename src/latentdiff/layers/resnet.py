@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import add_output
-
 from ..errors import ConfigError
+from .fused import add_output
 
 
 class ResnetBlock(nn.Module):
