@@ -6,6 +6,8 @@ What is proven:
   new input size is packed for anew;
 * prepacked linears and the fused GEGLU compute what nn.Linear and GEGLU's own chunk-gelu-product do (fp32 1e-5
   per layer, 1e-4 through a UNet), bf16 as close to fp32 as eager bf16; repacked after an in-place change;
+* the residual sums fused into packed layers equal the plain sums (1e-6), and a layer with a forward hook (an
+  unfused adapter) keeps its hook's effect;
 * `optimize_for_cpu` gives a pipeline's fp32 images within 1e-4 of the plain pipeline's, and is undone;
 * `quantize(pipe, "int8")` replaces every UNet Linear, keeps the images within INT8_TOL of fp32, refuses a bf16
   UNet, and makes saving a UsageError;
@@ -21,7 +23,8 @@ from torch import nn
 
 from latentdiff import LatentDiffusionPipeline, UNet2DConditional
 from latentdiff.errors import InputError, UsageError
-from latentdiff.layers.attention import GEGLU, FeedForward
+from latentdiff.layers.attention import GEGLU, Attention, FeedForward
+from latentdiff.layers.fused import add_output
 from latentdiff.layers.prepacked import (
     is_prepacked,
     prepack_convolutions,
@@ -207,3 +210,31 @@ def test_compile_writes_its_graph_to_the_cache(tmp_path, monkeypatch):
     with torch.no_grad():
         assert max_rel_error(compiled(torch.ones(2, 8)), linear(torch.ones(2, 8))) <= PARITY_TOL
     assert any((tmp_path / "inductor").rglob("*")), "inductor wrote nothing to the cache folder"
+
+
+@torch.no_grad()
+def test_fused_residual_sums_equal_the_plain_sums_and_keep_hooks():
+    torch.manual_seed(0)
+    conv, linear = nn.Conv2d(16, 8, 3, padding=1), nn.Linear(16, 8)
+    x = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(2, 8, 6, 6)
+    tokens, token_residual = torch.randn(2, 5, 16), torch.randn(2, 5, 8)
+    expected = (torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1) + residual,
+                torch.nn.functional.linear(tokens, linear.weight, linear.bias) + token_residual)
+    prepack_convolutions(conv), prepack_linears(linear)
+    assert max_rel_error(add_output(conv, x, residual), expected[0]) <= 1e-6
+    assert max_rel_error(add_output(linear, tokens, token_residual), expected[1]) <= 1e-6
+    # a forward hook (an unfused LoRA's, the adapters' runtime) must still run: the plain sum then
+    handle = linear.register_forward_hook(lambda module, args, out: out * 2)
+    assert max_rel_error(add_output(linear, tokens, token_residual), 2 * (expected[1] - token_residual)
+                         + token_residual) <= 1e-6
+    handle.remove()
+
+
+def test_optimize_for_cpu_keeps_a_hooked_layer_s_effect(folder):
+    pipe = LatentDiffusionPipeline.from_pretrained(folder)
+    out = next(m for m in pipe.unet.modules() if isinstance(m, Attention)).to_out[0]
+    out.register_forward_hook(lambda module, args, output: output + 0.5)   # as an unfused adapter would
+    expected = run(pipe)
+    cpu_paths.optimize_for_cpu(pipe)
+    assert max_rel_error(run(pipe), expected) <= PARITY_TOL
