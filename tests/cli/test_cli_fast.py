@@ -78,3 +78,18 @@ def test_the_switches_reach_img2img_through_from_pipe(model):
     img2img.enable_deepcache(2, 0)
     img2img.enable_freeu(0.9, 0.2, 1.5, 1.6)
     assert np.array_equal(pixels("a.png"), api()) and not np.array_equal(pixels("a.png"), plain)
+
+
+def test_optimize_cpu_flag_packs_the_pipeline_and_keeps_the_image(model, monkeypatch):
+    from latentdiff.pipelines import cpu_paths
+
+    packed = []
+    monkeypatch.setattr("latentdiff.cli.generate_inputs.optimize_for_cpu",
+                        lambda pipe: packed.append(pipe) or cpu_paths.optimize_for_cpu(pipe))
+    assert generate(PROMPT, "--optimize-cpu", "-o", "fast.png") == 0
+    assert len(packed) == 1
+    assert generate(PROMPT, "-o", "plain.png") == 0 and len(packed) == 1
+    # fp32: the packed convolutions and GEMMs round in another order; the image is the same to 1/255
+    difference = np.abs(pixels("fast.png").astype(int) - pixels("plain.png").astype(int))
+    assert difference.max() <= 1
+    assert "optimize_cpu" not in read_png_params("fast.png")   # no effect on what the image is: not recorded

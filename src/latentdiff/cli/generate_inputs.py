@@ -31,6 +31,7 @@ from .. import hub, limits
 from ..config import is_int, is_real
 from ..errors import InputError, UsageError
 from ..generation.settings import load_vae, vae_source  # noqa: F401  (re-exported: they were defined here)
+from ..pipelines.cpu_paths import optimize_for_cpu
 from .generate_control import control_options
 from .generate_model import SINGLE_FILE_SUFFIXES, local_kind
 from .generate_prompts import prompt_options
@@ -73,6 +74,9 @@ def add_input_flags(gen: argparse.ArgumentParser) -> None:
     add("--offload", default=None, choices=OFFLOAD_MODES,
         help="CUDA only: keep weights on the CPU, move each network (model) or layer (sequential) when it runs")
     add("--attention-slicing", action="store_true", default=False, help="attention in slices (less memory)")
+    add("--optimize-cpu", action="store_true", default=False,
+        help="CPU: weights packed once for oneDNN, feed-forward and residual sums fused (faster; more memory: "
+             "docs/fast.md CPU)")
 
 
 # ---- before the model loads --------------------------------------------------------------------------------------
@@ -268,7 +272,19 @@ def prepare_run(pipe: Any, settings: GenerateSettings, images: InputImages, args
     if settings.vae_tiling:
         pipe.enable_vae_tiling()
     apply_tome(pipe, settings.tome, warn)
+    if getattr(args, "optimize_cpu", False):
+        apply_cpu_optimization(pipe, refiner, warn)
     return InputsRun(pipe, settings, images, refiner=refiner)
+
+
+def apply_cpu_optimization(pipe: Any, refiner: Any, warn: Any) -> None:
+    """--optimize-cpu: `optimize_for_cpu` on the pipeline (and the SDXL refiner); a warning off the CPU."""
+    if pipe.device.type != "cpu":
+        warn(f"--optimize-cpu is for the CPU; ignored on {pipe.device.type}")
+        return
+    for target in (pipe, refiner):
+        if target is not None:
+            optimize_for_cpu(target)
 
 
 def origin_of(args: argparse.Namespace, key: str) -> str:
