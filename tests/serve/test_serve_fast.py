@@ -153,3 +153,22 @@ def test_the_flags_reach_the_settings():
     assert (settings.deepcache, settings.freeu, settings.tome) == ((3, 1), (0.6, 0.4, 1.1, 1.2), 0.3)
     plain = settings_from(build_parser().parse_args(["serve"]))
     assert (plain.deepcache, plain.freeu, plain.tome) == (None, None, None)
+
+
+def test_optimize_cpu_packs_every_loaded_model_and_keeps_its_image(tmp_path):
+    from latentdiff.cli.main import build_parser
+    from latentdiff.cli.serve import settings_from
+    from latentdiff.layers.prepacked import is_prepacked
+
+    assert settings_from(build_parser().parse_args(["serve", "--optimize-cpu"])).optimize_cpu
+    assert not settings_from(build_parser().parse_args(["serve"])).optimize_cpu
+    folder = str(make_tiny_shapes_model(tmp_path / "m"))
+    own = LatentDiffusionPipeline.from_pretrained(folder)
+    apply_switches(own, ServeSettings(optimize_cpu=True))
+    assert all(is_prepacked(m) for m in own.unet.modules() if isinstance(m, torch.nn.Conv2d))
+    assert switch_params(own) == {}      # speed and memory only: nothing to record
+    settings = ServeSettings(model=folder, max_batch=1, batch_wait_s=0.0, optimize_cpu=True)
+    with TestClient(create_app(settings)) as client:
+        got, _ = served(client, "txt2img")
+    plain = direct(LatentDiffusionPipeline.from_pretrained(folder), height=64, width=64)
+    assert np.abs(got.astype(int) - plain.astype(int)).max() <= 1   # fp32, rounding order only

@@ -47,3 +47,4 @@ class ServeSettings:
     deepcache: tuple[int, int] | None = None   # --deepcache N [--deepcache-branch B]: (interval, branch)
     freeu: tuple[float, float, float, float] | None = None   # --freeu S1,S2,B1,B2
     tome: float | None = None                  # --tome R: token merging, tomesd's reach (SDXL: none, a warning)
+    optimize_cpu: bool = False                 # --optimize-cpu: optimize_for_cpu on every CPU model

@@ -1,5 +1,5 @@
-"""The step switches of `latentdiff serve --deepcache / --freeu / --tome` (docs/fast.md): set on every model the
-server loads, once, never per request.
+"""The step switches of `latentdiff serve --deepcache / --freeu / --tome` (docs/fast.md), and `--optimize-cpu`:
+set on every model the server loads, once, never per request.
 
 They are settings of the model's UNet (`pipelines.step_cache`, `pipelines.token_merging`), which every request
 on that model shares: a request field would change them under the other requests of a batched call. What a served
@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 from ..errors import InputError, UsageError
+from ..pipelines.cpu_paths import optimize_for_cpu
 from ..pipelines.step_cache import step_settings
 from ..pipelines.token_merging import tome_settings
 from .settings import ServeSettings
@@ -44,6 +45,11 @@ def apply_switches(pipe: Any, settings: ServeSettings) -> None:
                 raise
             log.warning("--tome: %s has no attention at the latent's full resolution (SDXL): nothing is merged",
                         type(pipe).__name__)
+    if settings.optimize_cpu:
+        if pipe.device.type == "cpu":
+            optimize_for_cpu(pipe)   # speed and memory only: the images are the same to rounding, not recorded
+        else:
+            log.warning("--optimize-cpu is for the CPU; ignored for %s on %s", type(pipe).__name__, pipe.device)
 
 
 def switch_params(pipe: Any) -> dict[str, Any]:
