@@ -1,6 +1,7 @@
 """latentdiff against the CPU peers (issue 20), on the same random-weight SD 1.5, back to back in one run.
 
-Peers: latentdiff (fp32, bf16; bf16-packed: bf16 with `optimize_for_cpu`'s prepacked convolutions; int8: int8
+Peers: latentdiff (fp32, bf16; bf16-packed / fp32-packed: with `optimize_for_cpu`: weights packed once, the GEGLU
+feed-forward and the residual sums fused into the GEMMs; int8: int8
 Linear weights + prepacked fp32 convolutions, docs/fast.md "CPU"), diffusers (fp32, bf16), OpenVINO through
 optimum-intel (fp32, bf16 and int8 weights, static shapes), stable-diffusion.cpp (f16, q8_0). Set-up, offline:
 benchmarks/PEERS.md. A peer that is not installed is skipped, and the table says so.
@@ -35,7 +36,7 @@ import common
 WEIGHTS = Path(os.environ.get("LATENTDIFF_PEERS_WEIGHTS", "/work/peers/weights"))
 SDCPP = Path(os.environ.get("LATENTDIFF_PEERS_SDCPP", "/work/peers/sdcpp/build/bin/sd-cli"))
 OV_PYTHON = Path(os.environ.get("LATENTDIFF_PEERS_OV_PYTHON", "/work/peers/ov-venv/bin/python"))
-PEERS = ("latentdiff-bf16", "latentdiff-bf16-packed", "latentdiff-int8",
+PEERS = ("latentdiff-bf16", "latentdiff-bf16-packed", "latentdiff-fp32-packed", "latentdiff-int8",
          "openvino-bf16", "openvino-int8", "openvino-fp32", "latentdiff-fp32", "diffusers-bf16",
          "diffusers-fp32", "sdcpp-q8_0", "sdcpp-f16")
 KEY_PEERS = "latentdiff-bf16,openvino-bf16,openvino-int8"
@@ -43,7 +44,8 @@ KEY_PEERS = "latentdiff-bf16,openvino-bf16,openvino-int8"
 _CPU_PATHS = "from latentdiff.pipelines.cpu_paths import optimize_for_cpu, quantize"
 LATENTDIFF_PATHS = {
     "fp32": ("torch.float32", "pass"), "bf16": ("torch.bfloat16", "pass"),
-    "bf16-packed": ("torch.bfloat16", f"{_CPU_PATHS}; optimize_for_cpu(pipe)"),          # prepacked convolutions
+    "bf16-packed": ("torch.bfloat16", f"{_CPU_PATHS}; optimize_for_cpu(pipe)"),          # packed and fused
+    "fp32-packed": ("torch.float32", f"{_CPU_PATHS}; optimize_for_cpu(pipe)"),
     "int8": ("torch.float32", f"{_CPU_PATHS}; quantize(pipe, 'int8'); optimize_for_cpu(pipe)"),   # int8 Linear
 }
 
