@@ -188,6 +188,24 @@ def test_a_pngs_bad_sampler_options_are_refused(options, words):
     assert all(word in str(info.value) for word in words), str(info.value)
 
 
+def test_the_refiner_carries_on_with_an_a1111_labels_grid():
+    """A1111 runs the refiner with the base's sampler on its own model's sigmas: an A1111 label's grid (the model's
+    sigmas alone) goes over to the refiner; a registered name leaves the refiner's folder spacing."""
+    from types import SimpleNamespace
+
+    from latentdiff.cli.generate_sdxl import refiner_sampler
+    from latentdiff.diffusion.samplers import EulerSampler
+    from latentdiff.diffusion.samplers.names import sampler_from_name
+
+    folder = EulerSampler(timestep_spacing="leading", steps_offset=1)       # SDXL's scheduler_config.json
+    refiner = SimpleNamespace(sampler=folder)
+    a1111 = refiner_sampler(refiner, sampler_from_name("DPM2", base=folder))
+    assert a1111 == sampler_from_name("DPM2", base=folder)
+    registered = refiner_sampler(refiner, sampler_from_name("dpm_2", base=folder, schedule="karras"))
+    assert (registered.timestep_spacing, registered.steps_offset, registered.sigma_interpolation) == \
+        ("leading", 1, "linear")
+
+
 def test_a_pngs_sampler_options_are_kept_unless_a_flag_names_the_sampler():
     from latentdiff.cli.generate_a1111 import settle_sampler
 
