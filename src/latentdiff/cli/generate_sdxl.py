@@ -222,8 +222,8 @@ def refiner_sampler(refiner: Any, sampler: Any) -> Any:
     from ..diffusion.samplers.names import A1111_GRID
 
     switched = switch_sampler(refiner.sampler, sampler.registry_name)
-    carried = ("sigma_schedule", "ays_model", "noise_type", "solver_type", "discard_next_to_last_sigma",
-               "sigma_interpolation")   # A1111's
+    carried: tuple[str, ...] = ("sigma_schedule", "ays_model", "noise_type", "solver_type",
+                                "discard_next_to_last_sigma", "sigma_interpolation")   # A1111's
     if all(getattr(sampler, key, None) == value for key, value in A1111_GRID.items()):
         carried += tuple(A1111_GRID)
     grid = {key: getattr(sampler, key) for key in carried if hasattr(sampler, key)}
