@@ -11,6 +11,8 @@ seeds its trees with the image seed itself, which the sampler (given a generator
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -28,6 +30,7 @@ from latentdiff.diffusion.samplers import (
 from latentdiff.diffusion.samplers.base import noise_sampler_from
 from latentdiff.diffusion.samplers.names import A1111_GRID, resolve_sampler, sampler_from_name
 from latentdiff.diffusion.samplers.sigma import MultistepSigmaSampler
+from latentdiff.diffusion.scheduler_io import read_scheduler_file, write_scheduler_folder
 from latentdiff.errors import ConfigError, InputError
 from tests._support.kdiffusion import k_external, k_sampling
 from tests._support.parity import assert_parity, max_rel_error
@@ -285,3 +288,19 @@ def test_discarding_with_every_trained_timestep_names_the_steps_asked_for():
 def test_sigma_interpolation_is_checked():
     with pytest.raises(ConfigError):
         EulerSampler(sigma_interpolation="cubic")
+
+
+@pytest.mark.parametrize("label,written", [
+    ("DPM++ 2M", "DPMSolverMultistepScheduler"), ("Euler Karras", "EulerDiscreteScheduler"),
+    ("LMS Exponential", "LMSDiscreteScheduler"),          # log sigma changes no karras / exponential grid
+    ("Euler", "DDIMScheduler"), ("Euler a", "DDIMScheduler"), ("DPM++ 2M Uniform", "DDIMScheduler"),
+])
+def test_an_a1111_labels_sampler_is_written_as_diffusers_where_diffusers_can_say_it(tmp_path, label, written):
+    """A scheduler file: diffusers' class where its keys give the same grid, else latentdiff's own entry (diffusers
+    has no log-sigma "Uniform"); read back, the same grid either way."""
+    ns, sampler = NoiseScheduler(NoiseSchedulerConfig(**SD)), sampler_from_name(label)
+    write_scheduler_folder(tmp_path, ns, sampler)
+    assert json.loads((tmp_path / "scheduler_config.json").read_text())["_class_name"] == written
+    _, loaded = read_scheduler_file(tmp_path / "scheduler_config.json")
+    assert loaded.plan(ns, STEPS).sigmas == sampler.plan(ns, STEPS).sigmas
+    assert (loaded == sampler) == (written == "DDIMScheduler")

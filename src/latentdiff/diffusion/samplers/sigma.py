@@ -178,11 +178,14 @@ class SigmaSampler(SamplerSettings):
         """`round_karras`: karras timesteps rounded to integers (diffusers' KDPM2 schedulers)."""
         timesteps = grids.timestep_grid(noise_scheduler.num_train_timesteps, n, kind="euler",
                                         spacing=self.timestep_spacing, steps_offset=self.steps_offset)
-        sigmas = grids.interpolate_sigmas(timesteps, table, log=self.sigma_interpolation == "log")
+        sigmas = linear = grids.interpolate_sigmas(timesteps, table)
+        if self.sigma_interpolation == "log":
+            sigmas = grids.interpolate_sigmas(timesteps, table, log=True)
         schedule = getattr(self, "sigma_schedule", "default")
-        if schedule != "default":      # karras / exponential span the interpolated grid unless sigma_min/max are set
-            low = sigma_min if sigma_min is not None else sigmas[-1].item()
-            high = sigma_max if sigma_max is not None else sigmas[0].item()
+        if schedule != "default":      # karras / exponential span the spaced grid unless sigma_min/max are set (its
+            # ends are trained timesteps: the table's own sigmas, as k-diffusion's model sigma_min / sigma_max)
+            low = sigma_min if sigma_min is not None else linear[-1].item()
+            high = sigma_max if sigma_max is not None else linear[0].item()
             sigmas = grids.schedule_sigmas(schedule, table, n, low=low, high=high,
                                            ays_model=getattr(self, "ays_model", "sd15"))
             timesteps = grids.sigma_to_t(sigmas, np.log(table))
