@@ -86,8 +86,8 @@ class LatentDiffusionPredictor:
     generate --model`); steps, guidance_scale, negative_prompt, height, width: the defaults of the per-row columns
     (None: the model folder's latentdiff_generate.json, else the pipeline's own); sampler: a sampler by any name
     `latentdiff generate --sampler` takes (a registered name, an A1111 label with the settings it fixes, a diffusers
-    class name; None: the model folder's sampler, schedule and sampler_options, applied as `latentdiff generate`
-    applies them: `folder_sampler`); seed: the base seed of rows without a seed; device: None = the
+    class name; None: the model folder's stored sampler, by any of those names, applied as `latentdiff generate`
+    applies it: `folder_sampler`); seed: the base seed of rows without a seed; device: None = the
     GPU Ray gave this actor, else the CPU; dtype: float32 | float16 | bfloat16; batch_images: one pipeline call for
     the compatible rows of a batch (False: one call per row, bit-identical to the Python API); output_dir: also
     write each PNG there."""
@@ -248,8 +248,9 @@ class LatentDiffusionPredictor:
 def folder_sampler(pipe: Any, sampler: str | None, stored: Mapping[str, Any], *,
                    where: str) -> tuple[Any, dict[str, Any] | None]:
     """The predictor's sampler and the settings an A1111 label fixed (what the PNG records as `sampler_options`), as
-    `latentdiff generate` makes them: `sampler` by name, else the folder's stored sampler with its stored schedule
-    and sampler_options (a schedule or options stored for the folder's sampler are dropped when `sampler` replaces
+    `latentdiff generate` makes them: `sampler` by name, else the stored sampler with the stored schedule and
+    sampler_options (`stored`: the settings `latentdiff generate` reads, of which a folder's latentdiff_generate.json
+    holds the sampler only; a schedule or options stored for the stored sampler are dropped when `sampler` replaces
     it; a stored schedule on a sampler without one is dropped with a warning, as A1111 ignores it); Align Your
     Steps takes the pipeline's table. An InputError names the argument or the file's key."""
     from ..diffusion.samplers import switch_sampler
