@@ -15,16 +15,23 @@ BEGIN, END = "<!-- sampler-table: begin (tools/serving_doc.py writes it) -->", "
 
 def sampler_table() -> str:
     """A1111's names (as `sampler_name` takes them) -> latentdiff's sampler, sigma schedule and the other settings the
-    label fixes (Brownian noise, a dropped next-to-last sigma, Heun); then the aliases, and
+    label fixes (A1111's grid, Brownian noise, a dropped next-to-last sigma, Heun); then the aliases, and
     the names A1111 has that latentdiff does not implement yet, with the closest one."""
-    from latentdiff.diffusion.samplers.names import A1111_ALIASES, A1111_MISSING, accepted_names, resolve_sampler
+    from latentdiff.diffusion.samplers.names import (
+        A1111_ALIASES,
+        A1111_GRID,
+        A1111_MISSING,
+        accepted_names,
+        resolve_sampler,
+    )
     from latentdiff.utils.infotext import A1111_SAMPLER_LABELS, A1111_SCHEDULE_LABELS
 
     def schedule(name: str | None) -> str:
         return "—" if name is None else f"`{name}` ({A1111_SCHEDULE_LABELS.get(name, name)})"
 
     def options(pairs: tuple[tuple[str, object], ...]) -> str:
-        return ", ".join(f"`{key}={value}`" for key, value in pairs) or "—"
+        grid = ["A1111's grid"] if set(A1111_GRID.items()) <= set(pairs) else []
+        return ", ".join(grid + [f"`{key}={value}`" for key, value in pairs if key not in A1111_GRID]) or "—"
 
     rows = ["| A1111 `sampler_name` | latentdiff sampler | sigma schedule | other settings A1111 runs it with |",
             "|---|---|---|---|"]

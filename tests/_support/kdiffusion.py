@@ -2,8 +2,9 @@
 
 k-diffusion 0.1.1's `__init__` imports its training stack (torchvision, wandb, clip ...), and its `sampling` module
 needs only `utils.append_dims` of it. `k_sampling()` loads the installed `k_diffusion/sampling.py` under a stand-in
-package whose `utils` has that one function, or returns None when k-diffusion (installed without its dependencies:
-`pip install k-diffusion==0.1.1.post1 --no-deps torchsde torchdiffeq`) or torchsde / torchdiffeq is missing.
+package whose `utils` has that one function (`k_external()` loads its `external.py` beside it), or returns None when
+k-diffusion (installed without its dependencies: `pip install k-diffusion==0.1.1.post1 --no-deps torchsde
+torchdiffeq`) or torchsde / torchdiffeq is missing.
 """
 from __future__ import annotations
 
@@ -39,5 +40,22 @@ def k_sampling() -> types.ModuleType | None:
     assert loaded is not None and loaded.loader is not None
     module = importlib.util.module_from_spec(loaded)
     sys.modules[f"{name}.sampling"] = module
+    loaded.loader.exec_module(module)
+    package.sampling = module   # type: ignore[attr-defined]
+    return module
+
+
+@functools.cache
+def k_external() -> types.ModuleType | None:
+    """k-diffusion's `external.py` (the model wrappers: `DiscreteSchedule.get_sigmas`, k-diffusion's uniform grid,
+    which A1111 calls "Uniform"), loaded beside `k_sampling()`'s module; None where that is None."""
+    sampling = k_sampling()
+    if sampling is None:
+        return None
+    name, root = "_kdiffusion_oracle", sys.modules["_kdiffusion_oracle"].__path__[0]
+    loaded = importlib.util.spec_from_file_location(f"{name}.external", f"{root}/external.py")
+    assert loaded is not None and loaded.loader is not None
+    module = importlib.util.module_from_spec(loaded)
+    sys.modules[f"{name}.external"] = module
     loaded.loader.exec_module(module)
     return module

@@ -19,6 +19,7 @@ from PIL import Image, PngImagePlugin
 
 from latentdiff.cli import main
 from latentdiff.diffusion.samplers import DPMSolverMultistepSampler
+from latentdiff.diffusion.samplers.names import A1111_GRID
 from latentdiff.pipelines.latent_diffusion import LatentDiffusionPipeline
 from latentdiff.utils.images import read_image_params, read_png_params, save_image
 from tests._support.cli import BUILTIN, PROMPT, pixels
@@ -104,7 +105,7 @@ def test_a_dpm_family_name_and_an_a1111_schedule(pipe):
     params = read_png_params("sde.png")
     assert (params["sampler"], params["schedule"]) == ("dpmpp_sde", "karras")
     sde_pipe = copy.copy(pipe)
-    sde_pipe.sampler = DPMSolverSDESampler.from_config(pipe.sampler, sigma_schedule="karras")
+    sde_pipe.sampler = DPMSolverSDESampler.from_config(pipe.sampler, sigma_schedule="karras", **A1111_GRID)
     expected = sde_pipe(PROMPT, num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(5),
                         progress=False).images[0]
     assert np.array_equal(pixels("sde.png"), np.asarray(expected))
@@ -114,10 +115,11 @@ def test_a_dpm_family_name_and_an_a1111_schedule(pipe):
     assert np.array_equal(pixels("sde2.png"), pixels("sde.png"))
     assert generate(PROMPT, "--sampler", "DPM2 a", "--schedule", "Align Your Steps", "--steps", 3, "-o", "ays.png") == 0
     ays = read_png_params("ays.png")       # A1111 drops DPM2 a's next-to-last sigma on every schedule
-    assert (ays["schedule"], ays["sampler_options"]) == ("align_your_steps", {"discard_next_to_last_sigma": True})
+    assert (ays["schedule"], ays["sampler_options"]) == ("align_your_steps",
+                                                         {"discard_next_to_last_sigma": True, **A1111_GRID})
     ays_pipe = copy.copy(pipe)
     ays_pipe.sampler = DPM2AncestralSampler.from_config(pipe.sampler, sigma_schedule="align_your_steps",
-                                                        discard_next_to_last_sigma=True)
+                                                        discard_next_to_last_sigma=True, **A1111_GRID)
     expected = ays_pipe(PROMPT, num_inference_steps=3, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
                         progress=False).images[0]
     assert np.array_equal(pixels("ays.png"), np.asarray(expected))
@@ -151,7 +153,7 @@ def test_dpmpp_2m_sde_heun_by_its_a1111_name(pipe):
     assert generate(PROMPT, "--sampler", "DPM++ 2M SDE Heun", "--steps", 3, "-o", "h.png") == 0
     params = read_png_params("h.png")
     assert (params["sampler"], params["schedule"]) == ("dpmpp_2m_sde", "exponential")
-    assert params["sampler_options"] == {"noise_type": "brownian", "solver_type": "heun"}
+    assert params["sampler_options"] == {"noise_type": "brownian", "solver_type": "heun", **A1111_GRID}
     heun_pipe = copy.copy(pipe)
     heun_pipe.sampler = sampler_from_name("DPM++ 2M SDE Heun", base=pipe.sampler)
     assert (heun_pipe.sampler.solver_type, heun_pipe.sampler.noise_type) == ("heun", "brownian")
@@ -186,6 +188,24 @@ def test_a_pngs_bad_sampler_options_are_refused(options, words):
     assert all(word in str(info.value) for word in words), str(info.value)
 
 
+def test_the_refiner_carries_on_with_an_a1111_labels_grid():
+    """A1111 runs the refiner with the base's sampler on its own model's sigmas: an A1111 label's grid (the model's
+    sigmas alone) goes over to the refiner; a registered name leaves the refiner's folder spacing."""
+    from types import SimpleNamespace
+
+    from latentdiff.cli.generate_sdxl import refiner_sampler
+    from latentdiff.diffusion.samplers import EulerSampler
+    from latentdiff.diffusion.samplers.names import sampler_from_name
+
+    folder = EulerSampler(timestep_spacing="leading", steps_offset=1)       # SDXL's scheduler_config.json
+    refiner = SimpleNamespace(sampler=folder)
+    a1111 = refiner_sampler(refiner, sampler_from_name("DPM2", base=folder))
+    assert a1111 == sampler_from_name("DPM2", base=folder)
+    registered = refiner_sampler(refiner, sampler_from_name("dpm_2", base=folder, schedule="karras"))
+    assert (registered.timestep_spacing, registered.steps_offset, registered.sigma_interpolation) == \
+        ("leading", 1, "linear")
+
+
 def test_a_pngs_sampler_options_are_kept_unless_a_flag_names_the_sampler():
     from latentdiff.cli.generate_a1111 import settle_sampler
 
@@ -199,7 +219,7 @@ def test_a_pngs_sampler_options_are_kept_unless_a_flag_names_the_sampler():
     values = {"sampler": "DPM2", "schedule": None, "sampler_options": None}
     settle_sampler(values, {**PNG_ORIGIN, "sampler": "--sampler"}, print)
     assert (values["sampler"], values["schedule"], values["sampler_options"]) == (
-        "dpm_2", "karras", {"discard_next_to_last_sigma": True})
+        "dpm_2", "karras", {"discard_next_to_last_sigma": True, **A1111_GRID})
 
 
 @pytest.mark.parametrize("argv, words", [

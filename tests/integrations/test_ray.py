@@ -10,6 +10,7 @@ import importlib.util
 import io
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,6 +20,8 @@ import torch
 from PIL import Image
 
 import latentdiff
+from latentdiff.diffusion.samplers import switch_sampler
+from latentdiff.diffusion.samplers.names import resolve_sampler
 from latentdiff.errors import ConfigError, InputError
 from latentdiff.integrations import ray as ray_integration
 from latentdiff.integrations.ray import LatentDiffusionPredictor
@@ -194,3 +197,89 @@ def test_a_missing_column_fails_the_ray_job_with_the_message(local_ray):
     with pytest.raises(Exception, match="the batch has no 'prompt' column") as caught:
         mapped.materialize()
     assert "InputError" in str(caught.value) or isinstance(caught.value, InputError)
+
+
+# ---- the model folder's sampler by any name, as `latentdiff generate` applies it -----------------------------------
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """A copy of shapes-64 whose latentdiff_generate.json a test rewrites (`storing`)."""
+    copy = tmp_path_factory.mktemp("folder") / "model"
+    shutil.copytree(Path(latentdiff.__file__).parent / "builtin" / "shapes-64", copy)
+    return copy
+
+
+def storing(folder: Path, **settings) -> str:
+    """The folder, its latentdiff_generate.json storing `settings` (and shapes-64's guidance and size)."""
+    stored = {"guidance_scale": GUIDANCE, "height": 64, "width": 64, **settings}
+    (folder / "latentdiff_generate.json").write_text(json.dumps(stored))
+    return str(folder)
+
+
+def generate_sampler(pipe, name: str, schedule: str | None = None, options: dict | None = None):
+    """The sampler `latentdiff generate` runs for a sampler name and schedule (cli/generate_a1111.settle_sampler, then
+    cli/generate.load_pipeline): the registered sampler switched from the folder's, its schedule, then the settings
+    the name fixes, else the stored ones."""
+    resolved = resolve_sampler(name, schedule=schedule)
+    sampler = switch_sampler(pipe.sampler, resolved.name)
+    if resolved.schedule is not None and hasattr(sampler, "sigma_schedule"):
+        sampler = sampler.with_options(sigma_schedule=resolved.schedule)
+    return sampler.with_options(**(dict(resolved.options) or options or {}))
+
+
+@pytest.mark.parametrize("name", ["DPM2 a", "DPM++ 2M Exponential", "Euler", "KDPM2DiscreteScheduler"])
+def test_the_folders_sampler_by_an_a1111_or_diffusers_name(folder, pipe, name):
+    """A folder's stored sampler may be any name `latentdiff generate` takes: an A1111 label brings its schedule and
+    the settings it fixes (Ray applied none of them, and refused A1111's labels)."""
+    predictor = LatentDiffusionPredictor(model=storing(folder, sampler=name), steps=STEPS, seed=7,
+                                         batch_images=False, device="cpu")
+    want = generate_sampler(pipe, name)
+    assert predictor.pipe.sampler == want and type(want) is not type(pipe.sampler)
+    out = predictor({"id": np.array([0]), "prompt": np.array([PROMPTS[0]])})
+    base = pipe.sampler
+    pipe.sampler = want
+    try:
+        assert np.array_equal(pixels(out["image"][0]), reference(pipe, PROMPTS[0], 7))
+    finally:
+        pipe.sampler = base
+    params = recorded(out["image"][0])       # as `latentdiff generate` records them: --from makes the same image
+    assert (params["sampler"], params["schedule"]) == (want.registry_name, getattr(want, "sigma_schedule", None))
+    assert params.get("sampler_options") == (dict(resolve_sampler(name).options) or None)
+
+
+def test_stored_schedule_and_options_apply_as_generate_applies_them(pipe):
+    """folder_sampler over what `latentdiff generate` reads (a PNG's keys): a registered name's stored schedule and
+    options are applied; a `sampler` argument replaces the sampler and drops both; a stored schedule on a sampler
+    without one is dropped with a warning."""
+    stored = {"sampler": "dpmpp_2m_sde", "schedule": "karras", "sampler_options": {"noise_type": "brownian"}}
+    sampler, options = ray_integration.folder_sampler(pipe, None, stored, where="x.json")
+    assert sampler == generate_sampler(pipe, "dpmpp_2m_sde", "karras", {"noise_type": "brownian"})
+    assert options == {"noise_type": "brownian"}
+    sampler, options = ray_integration.folder_sampler(pipe, "dpmpp_2m_sde", stored, where="x.json")
+    assert (sampler, options) == (switch_sampler(pipe.sampler, "dpmpp_2m_sde"), None)
+    sampler, _ = ray_integration.folder_sampler(pipe, "DPM++ 2M SDE", stored, where="x.json")
+    assert sampler == generate_sampler(pipe, "DPM++ 2M SDE")
+    sampler, _ = ray_integration.folder_sampler(pipe, None, {"schedule": "karras", "sampler": "euler"}, where="x")
+    assert sampler.sigma_schedule == "karras"
+    with pytest.warns(UserWarning, match="karras schedule is not implemented for the DDIMSampler"):
+        sampler, _ = ray_integration.folder_sampler(pipe, None, {"sampler": "ddim", "schedule": "karras"}, where="x")
+    assert sampler == pipe.sampler
+
+
+@pytest.mark.parametrize("sampler, stored, key", [
+    (None, {"sampler": "dpmpp_2m_sde", "sampler_options": {"noise_type": "pink"}}, "x.json: sampler_options"),
+    (None, {"sampler": "dpmpp_2m_sde", "sampler_options": {"warp": 9}}, "x.json: sampler_options"),
+    (None, {"sampler": "dpmpp_2m_sde", "sampler_options": [1]}, "x.json: sampler_options"),
+    (None, {"sampler": "warp_drive"}, "x.json: sampler"), (None, {"sampler": "euler", "schedule": "rho7"},
+                                                           "x.json: schedule"),
+    ("Euler a Karras", {}, "sampler"), ("warp_drive", {}, "sampler"),
+])
+def test_bad_sampler_settings_name_the_argument_or_the_files_key(pipe, sampler, stored, key):
+    with pytest.raises(InputError) as caught:
+        ray_integration.folder_sampler(pipe, sampler, stored, where="x.json")
+    assert caught.value.where == key
+
+
+def test_a_bad_stored_sampler_is_refused_naming_the_folders_file(folder):
+    with pytest.raises(InputError) as caught:
+        LatentDiffusionPredictor(model=storing(folder, sampler="warp_drive"), device="cpu")
+    assert caught.value.where.endswith("latentdiff_generate.json: sampler")

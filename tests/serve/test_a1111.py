@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latentdiff.diffusion.samplers.names import resolve_sampler, resolve_schedule
+from latentdiff.diffusion.samplers.names import A1111_GRID, resolve_sampler, resolve_schedule
 from latentdiff.serve import a1111_results
 from latentdiff.serve.a1111 import ModelFacts, Options, img2img_request, txt2img_request
 from latentdiff.serve.a1111_images import decode_image, encode_png, png_info, public_params, save_outputs
@@ -129,13 +129,17 @@ def test_a1111_sampler_labels_resolve(name, scheduler, expected):
 
 
 @pytest.mark.parametrize("name, expected", [
-    ("DPM++ 2M SDE Heun", ("dpmpp_2m_sde", "exponential", (("noise_type", "brownian"), ("solver_type", "heun")))),
-    ("DPM2 a", ("dpm_2_ancestral", "karras", (("discard_next_to_last_sigma", True),))),
-    ("dpmpp_2m_sde", ("dpmpp_2m_sde", None, ())), ("DPM++ 2M", ("dpmpp_2m", "karras", ())),
+    ("DPM++ 2M SDE Heun", ("dpmpp_2m_sde", "exponential", {"noise_type": "brownian", "solver_type": "heun"})),
+    ("DPM2 a", ("dpm_2_ancestral", "karras", {"discard_next_to_last_sigma": True})),
+    ("dpmpp_2m_sde", ("dpmpp_2m_sde", None, None)), ("DPM++ 2M", ("dpmpp_2m", "karras", {})),
+    ("DDIM", ("ddim", None, None)),
 ])
 def test_a1111_labels_carry_the_settings_they_fix(name, expected):
+    """A label A1111 runs through k-diffusion: A1111's grid and its options; other names: none."""
     r = txt({"sampler_name": name, "width": 64, "height": 64})
-    assert (r.sampler, r.schedule, r.sampler_options) == expected
+    sampler, schedule, options = expected
+    fixed = () if options is None else tuple(sorted((A1111_GRID | options).items()))
+    assert (r.sampler, r.schedule, r.sampler_options) == (sampler, schedule, fixed)
 
 
 def test_requests_differing_only_in_the_labels_options_do_not_share_a_call():

@@ -69,7 +69,9 @@ def test_an_a1111_labels_options_are_the_python_api_s(pipe):
     finally:
         pipe.sampler = base
     assert same([np.array(generated.image)], expected)
-    assert generated.params["sampler_options"] == {"noise_type": "brownian", "solver_type": "heun"}
+    assert generated.params["sampler_options"] == {"noise_type": "brownian", "solver_type": "heun",
+                                                   "timestep_spacing": "linspace", "steps_offset": 0,
+                                                   "sigma_interpolation": "log"}     # A1111's grid
     assert "Sampler: DPM++ 2M SDE Heun, Schedule type: Exponential" in format_infotext(generated.params)
     plain = served(pipe, sampler=resolved.name, schedule=resolved.schedule)     # the registered name: midpoint
     assert not same(plain, expected)

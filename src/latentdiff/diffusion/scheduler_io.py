@@ -387,10 +387,14 @@ def scheduler_file_config(noise_scheduler: NoiseScheduler, sampler: SamplerSetti
 
 def _diffusers_can_say(sampler: Any) -> bool:
     """Whether the diffusers class of `sampler` has keys for all of its settings (not an A1111 schedule such as
-    sgm_uniform, A1111's dropped next-to-last sigma, nor the other kind of noise than the class draws)."""
+    sgm_uniform, A1111's dropped next-to-last sigma or a default grid interpolated in log sigma, nor the other kind
+    of noise than the class draws)."""
     if getattr(sampler, "sigma_schedule", "default") not in DIFFUSERS_SIGMA_SCHEDULES:
         return False
     if getattr(sampler, "ays_model", "sd15") != "sd15" or getattr(sampler, "discard_next_to_last_sigma", False):
+        return False
+    if getattr(sampler, "sigma_interpolation", "linear") != "linear" and \
+            getattr(sampler, "sigma_schedule", "default") == "default":    # k-diffusion's "Uniform": no diffusers key
         return False
     noise = DIFFUSERS_NOISE.get(type(sampler))
     return noise is None or getattr(sampler, "noise_type", noise) == noise

@@ -70,11 +70,16 @@ def init_tensor(pipe: Any, image: Any, *, size: tuple[int, int]) -> Any:
 
 def refiner_sampler(refiner: Any, sampler: Any) -> Any:
     """The refiner's sampler switched to the base's method, schedule and the settings an A1111 label fixes (its own
-    timestep settings kept), as A1111 carries on with the base's sampler."""
+    timestep settings kept, unless the base runs on A1111's grid: names.A1111_GRID), as A1111 carries on with the
+    base's sampler."""
     from ..diffusion.samplers import switch_sampler
+    from ..diffusion.samplers.names import A1111_GRID
 
     switched = switch_sampler(refiner.sampler, sampler.registry_name)
-    carried = ("sigma_schedule", "ays_model", "noise_type", "solver_type", "discard_next_to_last_sigma")   # A1111's
+    carried: tuple[str, ...] = ("sigma_schedule", "ays_model", "noise_type", "solver_type",
+                                "discard_next_to_last_sigma", "sigma_interpolation")   # A1111's
+    if all(getattr(sampler, key, None) == value for key, value in A1111_GRID.items()):
+        carried += tuple(A1111_GRID)
     grid = {key: getattr(sampler, key) for key in carried if hasattr(sampler, key)}
     if any(getattr(switched, key, value) != value for key, value in grid.items()):
         switched = switched.with_options(**grid)

@@ -41,13 +41,14 @@ import math
 import os
 import sys
 import uuid
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..builtin import DEFAULT_MODEL
+from ..builtin import DEFAULT_MODEL, GENERATE_SETTINGS
 from ..errors import ConfigError, InputError, UsageError
 from ..version import __version__
 
@@ -83,8 +84,10 @@ class LatentDiffusionPredictor:
 
     model: a built-in name, a pipeline folder, a Hub id or a single .safetensors/.ckpt file (as `latentdiff
     generate --model`); steps, guidance_scale, negative_prompt, height, width: the defaults of the per-row columns
-    (None: the model folder's latentdiff_generate.json, else the pipeline's own); sampler: a registered latentdiff
-    sampler name (None: as the model folder says); seed: the base seed of rows without a seed; device: None = the
+    (None: the model folder's latentdiff_generate.json, else the pipeline's own); sampler: a sampler by any name
+    `latentdiff generate --sampler` takes (a registered name, an A1111 label with the settings it fixes, a diffusers
+    class name; None: the model folder's stored sampler, by any of those names, applied as `latentdiff generate`
+    applies it: `folder_sampler`); seed: the base seed of rows without a seed; device: None = the
     GPU Ray gave this actor, else the CPU; dtype: float32 | float16 | bfloat16; batch_images: one pipeline call for
     the compatible rows of a batch (False: one call per row, bit-identical to the Python API); output_dir: also
     write each PNG there."""
@@ -95,7 +98,6 @@ class LatentDiffusionPredictor:
                  dtype: str = "float32", batch_images: bool = True, output_dir: str | os.PathLike | None = None):
         import torch
 
-        from ..diffusion.samplers import switch_sampler
         from ..model_source import locate_model
         from ..pipelines.latent_diffusion import LatentDiffusionPipeline
 
@@ -116,7 +118,8 @@ class LatentDiffusionPredictor:
         else:
             self.pipe = LatentDiffusionPipeline.from_pretrained(where, **load)
         stored = source.settings     # the model folder's latentdiff_generate.json, as `latentdiff generate` reads it
-        self.pipe.sampler = switch_sampler(self.pipe.sampler, sampler or stored.get("sampler"))
+        self.pipe.sampler, self.sampler_options = folder_sampler(
+            self.pipe, sampler, stored, where=f"{source.name}: {GENERATE_SETTINGS}")
         self.defaults: dict[str, Any] = {
             "negative_prompt": negative_prompt if negative_prompt is not None else stored.get("negative"),
             "steps": int(steps or stored.get("steps") or 50),
@@ -225,7 +228,8 @@ class LatentDiffusionPredictor:
                 "steps": row["steps"], "guidance": row["guidance_scale"], "sampler": sampler.registry_name,
                 "eta": getattr(sampler, "eta", None), "schedule": getattr(sampler, "sigma_schedule", None),
                 "height": image.height, "width": image.width, "n": 1, "model": self.model, "dtype": self.dtype,
-                "latentdiff": __version__, "batch": batch}
+                "latentdiff": __version__, "batch": batch,
+                **({"sampler_options": self.sampler_options} if self.sampler_options else {})}
 
     def write(self, row: Mapping[str, Any], png: bytes | None) -> str:
         """Write one PNG into output_dir atomically (a temporary file renamed into place); returns its path."""
@@ -239,6 +243,50 @@ class LatentDiffusionPredictor:
         finally:
             tmp.unlink(missing_ok=True)
         return str(path)
+
+
+def folder_sampler(pipe: Any, sampler: str | None, stored: Mapping[str, Any], *,
+                   where: str) -> tuple[Any, dict[str, Any] | None]:
+    """The predictor's sampler and the settings an A1111 label fixed (what the PNG records as `sampler_options`), as
+    `latentdiff generate` makes them: `sampler` by name, else the stored sampler with the stored schedule and
+    sampler_options (`stored`: the settings `latentdiff generate` reads, of which a folder's latentdiff_generate.json
+    holds the sampler only; a schedule or options stored for the stored sampler are dropped when `sampler` replaces
+    it; a stored schedule on a sampler without one is dropped with a warning, as A1111 ignores it); Align Your
+    Steps takes the pipeline's table. An InputError names the argument or the file's key."""
+    from ..diffusion.samplers import switch_sampler
+    from ..diffusion.samplers.names import resolve_sampler, resolve_schedule, schedule_options
+
+    given = sampler is not None
+    name = sampler if given else stored.get("sampler")
+    schedule, options = (None, None) if given else (stored.get("schedule"), stored.get("sampler_options"))
+    current = pipe.sampler
+    try:
+        if name is None:
+            chosen = None if schedule is None else resolve_schedule(schedule, where=f"{where}: schedule")
+        else:
+            resolved = resolve_sampler(name, schedule=schedule, where="sampler" if given else f"{where}: sampler",
+                                       schedule_where=f"{where}: schedule")
+            current, chosen = switch_sampler(current, resolved.name), resolved.schedule
+            options = dict(resolved.options) or options
+    except UsageError as e:
+        raise InputError(e.message, where=e.where, expected=e.expected, found=e.found) from None
+    if chosen not in (None, "default") and not hasattr(current, "sigma_schedule"):
+        if given:           # "Euler a Karras": a name that asks for a schedule its sampler has not
+            raise InputError(f"the {type(current).__name__} sampler has no schedule to set", where="sampler",
+                             expected="a sampler with a schedule, or its name without one", found=sampler)
+        warnings.warn(f"{where}: the {chosen} schedule is not implemented for the {type(current).__name__} sampler: "
+                      "using its own timesteps", UserWarning, stacklevel=3)
+    elif chosen is not None and hasattr(current, "sigma_schedule"):
+        current = current.with_options(**schedule_options(chosen, pipeline=pipe))
+    if options:
+        try:
+            current = current.with_options(**options)
+        except (ConfigError, TypeError, ValueError) as e:
+            raise InputError(f"bad sampler options for {type(current).__name__} ({str(e)[:200]})",
+                             where=f"{where}: sampler_options",
+                             expected="an object of settings the sampler has, with values it takes",
+                             found=repr(options)[:120]) from None
+    return current, (dict(options) if options else None)
 
 
 def is_null(value: Any) -> bool:

@@ -11,6 +11,7 @@ import torch
 from latentdiff.diffusion.noise_scheduler import NoiseScheduler, NoiseSchedulerConfig
 from latentdiff.diffusion.samplers import DDIMSampler, DPMSolverMultistepSampler, EulerSampler
 from latentdiff.diffusion.samplers.names import (
+    A1111_GRID,
     A1111_MISSING,
     DIFFUSERS_MISSING,
     SamplerName,
@@ -84,7 +85,8 @@ def test_names_resolve_to_the_sampler_and_schedule_their_tool_means(text, name, 
 
 
 def test_the_split_form_and_schedule_names():
-    assert resolve_sampler("DPM++ 2M", schedule="Exponential") == SamplerName("dpmpp_2m", "exponential", "a1111")
+    assert resolve_sampler("DPM++ 2M", schedule="Exponential") == \
+        SamplerName("dpmpp_2m", "exponential", "a1111", tuple(sorted(A1111_GRID.items())))
     assert resolve_sampler("DPM++ 2M", schedule="Automatic").schedule == "karras"
     assert resolve_sampler("DPM++ 2M", schedule="Uniform").schedule == "default"
     assert resolve_sampler("dpmpp_2m", schedule="karras").schedule == "karras"
@@ -156,10 +158,12 @@ def test_one_table_covers_every_registered_sampler_and_diffusers_class():
         resolve_sampler(label)                            # every listed name resolves
 
 
-def test_sampler_from_name_keeps_the_base_spacing_and_offset():
+def test_sampler_from_name_keeps_the_base_spacing_and_offset_unless_a1111s():
     base = DDIMSampler(timestep_spacing="leading", steps_offset=1)
-    sampler = sampler_from_name("DPM++ 2M Karras", base=base)
+    sampler = sampler_from_name("DPMSolverMultistepScheduler", base=base, schedule="karras")
     assert sampler == DPMSolverMultistepSampler(timestep_spacing="leading", steps_offset=1, sigma_schedule="karras")
+    a1111 = sampler_from_name("DPM++ 2M Karras", base=base)        # A1111's grid: the model's sigmas alone
+    assert a1111 == DPMSolverMultistepSampler(sigma_schedule="karras", **A1111_GRID)
     kept = sampler_from_name("EulerDiscreteScheduler", base=EulerSampler(sigma_schedule="exponential"))
     assert kept.sigma_schedule == "exponential"                     # a diffusers name keeps the folder's schedule
     assert sampler_from_name("Euler", base=EulerSampler(sigma_schedule="exponential")).sigma_schedule == "default"
@@ -178,7 +182,7 @@ def toy_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 # (A1111's DPM++ 2M SDE, DPM2 and DPM2 a are not diffusers': Brownian noise, a sigma dropped; test_a1111_labels.py)
 @pytest.mark.parametrize("text, ref_cls, ref_kw", [
     ("DPM++ 2M", "DPMSolverMultistepScheduler", dict(use_karras_sigmas=True)),   # A1111's Automatic: karras
-    ("Euler a", "EulerAncestralDiscreteScheduler", dict()),
+    ("euler_ancestral", "EulerAncestralDiscreteScheduler", dict()),   # "Euler a": k-diffusion's uniform grid
     ("LMS Karras", "LMSDiscreteScheduler", dict(use_karras_sigmas=True)),
     ("EulerDiscreteScheduler", "EulerDiscreteScheduler", dict()),
     ("dpmpp_2m_sde", "DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++")),
@@ -199,4 +203,6 @@ def test_a_name_samples_as_the_diffusers_scheduler_it_stands_for(diffusers, text
         step_kw = {"generator": generator} if "generator" in ref.step.__code__.co_varnames else {}
         x = ref.step(toy_model(ref.scale_model_input(x, t), t), t, x, **step_kw).prev_sample
     assert_parity(out, x, tol=1e-5)
-    assert dataclasses.asdict(sampler) == dataclasses.asdict(type(sampler).from_config(dict(ref.config)))
+    label_options = dict(resolve_sampler(text).options)     # A1111's grid, the same here (karras / exponential)
+    assert dataclasses.asdict(sampler) == dataclasses.asdict(type(sampler).from_config(dict(ref.config),
+                                                                                       **label_options))

@@ -30,9 +30,10 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from ...errors import ConfigError
+from ...errors import ConfigError, InputError
 from ...registry import SAMPLERS
 from . import brownian, dpm_loops
+from .base import check_num_inference_steps
 from .sigma import _ScheduledSigmaSampler
 
 NoiseType = Literal["gaussian", "brownian"]
@@ -56,6 +57,11 @@ class _DPMGridSampler(_ScheduledSigmaSampler):
     def _grid(self, noise_scheduler, table, n):
         if not self.discard_next_to_last_sigma:
             return self._euler_family_grid(noise_scheduler, table, n, round_karras=self.round_karras)
+        T = noise_scheduler.num_train_timesteps
+        if check_num_inference_steps(n, T) == T:      # the grid of N + 1 steps does not fit: say so of N itself
+            raise InputError("with discard_next_to_last_sigma the grid is built for one step more, which the "
+                             "trained timesteps do not hold", where="num_inference_steps",
+                             expected=f"1 <= N <= {T - 1} (num_train_timesteps - 1)", found=n)
         timesteps, sigmas = self._euler_family_grid(noise_scheduler, table, n + 1, round_karras=self.round_karras)
         return timesteps[:-1], np.delete(sigmas, -2)
 

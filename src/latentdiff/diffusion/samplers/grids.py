@@ -100,9 +100,18 @@ def lambda_clipped_last_timestep(alphas_cumprod: torch.Tensor, lambda_min_clippe
     return len(abar) - int(clipped)
 
 
-def interpolate_sigmas(timesteps: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """sigma(t) linearly interpolated in the (T,) table at (possibly fractional) timesteps -> float64."""
-    return np.interp(timesteps, np.arange(0, len(table)), table)
+SIGMA_INTERPOLATIONS: tuple[str, ...] = ("linear", "log")
+
+
+def interpolate_sigmas(timesteps: np.ndarray, table: np.ndarray, *, log: bool = False) -> np.ndarray:
+    """sigma(t) interpolated in the (T,) table at (possibly fractional) timesteps: linearly in sigma (diffusers'
+    Euler family), or with `log` linearly in log sigma, in float32 as k-diffusion's `DiscreteSchedule.t_to_sigma`
+    computes it (A1111's "Uniform" grid: `get_sigmas`). -> float64."""
+    if not log:
+        return np.interp(timesteps, np.arange(0, len(table)), table)
+    t, log_table = torch.as_tensor(np.asarray(timesteps, dtype=np.float32)), torch.from_numpy(table).float().log()
+    low, high, w = t.floor().long(), t.ceil().long(), t.frac()
+    return ((1 - w) * log_table[low] + w * log_table[high]).exp().double().numpy()
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = KARRAS_RHO) -> np.ndarray:

@@ -7,15 +7,18 @@ and the sigma schedules by A1111's "Schedule type" names.
                                                         options=(('noise_type', 'brownian'), ('solver_type', 'heun'))
     resolve_sampler("DPM++ 2M", schedule="Exponential") SamplerName(name='dpmpp_2m', schedule='exponential', ...)
     resolve_sampler("EulerAncestralDiscreteScheduler")  SamplerName(name='euler_ancestral', schedule=None, ...)
-    sampler_from_name("Euler a", base=pipe.sampler)     EulerAncestralSampler keeping the folder's spacing, offset
+    sampler_from_name("euler_ancestral", base=pipe.sampler)  EulerAncestralSampler keeping the folder's spacing
+    sampler_from_name("Euler a", base=pipe.sampler)     EulerAncestralSampler on A1111's grid, whatever the folder's
 
 Matching ignores case, spaces and punctuation ("dpm++ 2m" = "DPMPP_2M" = "dpmpp_2m"; "++" reads as "pp"). What
 each name means is what the tool it comes from computes:
 
 * an A1111 label is A1111's sampler with A1111's "Automatic" schedule, that sampler's own default (since A1111 1.9:
   karras for DPM++ 2M, exponential for DPM++ 2M SDE, k-diffusion's uniform grid for the others); a schedule suffix
-  ("DPM++ 2M Karras", A1111 before 1.9) or `schedule=` chooses another. The label also fixes the sampler's other
-  A1111 options (`SamplerName.options`, A1111_OPTIONS): Brownian-tree noise for the SDE samplers (A1111's
+  ("DPM++ 2M Karras", A1111 before 1.9) or `schedule=` chooses another. A label of a sampler A1111 runs through
+  k-diffusion also fixes A1111's grid (A1111_GRID: the model's sigmas alone, whatever spacing and offset the
+  sampler it replaces had; "Uniform" interpolated in log sigma), and the sampler's other A1111 options
+  (`SamplerName.options`, A1111_OPTIONS): Brownian-tree noise for the SDE samplers (A1111's
   `brownian_noise`), the next-to-last sigma dropped for DPM2, DPM2 a and DPM++ 3M SDE (`discard_next_to_last_sigma`),
   and "DPM++ 2M SDE Heun" is dpmpp_2m_sde with solver_type "heun";
 * a diffusers class name, a registered name as spelled (`euler`, while "Euler" is A1111's) or a latentdiff class
@@ -53,6 +56,13 @@ A1111_OPTIONS: dict[str, dict[str, Any]] = {
     "dpmpp_3m_sde": {"noise_type": "brownian", "discard_next_to_last_sigma": True},
     "dpm_2": {"discard_next_to_last_sigma": True}, "dpm_2_ancestral": {"discard_next_to_last_sigma": True},
 }
+# A1111 runs these samplers through k-diffusion, on grids built from the model's sigmas alone, whatever the folder's
+# timestep spacing and offset: karras / exponential over [sigma_min, sigma_max] of the model, "Uniform" k-diffusion's
+# `get_sigmas` (t evenly spaced from T - 1 to 0, sigma interpolated in log sigma), x_T started at sigma_0. Their
+# labels set these settings, which give that grid (the linspace grid starts at t = T - 1 and ends at t = 0).
+A1111_KDIFFUSION: tuple[str, ...] = ("euler", "euler_ancestral", "heun", "lms", "dpmpp_2m", "dpmpp_2m_sde", "dpm_2",
+                                     "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_3m_sde")
+A1111_GRID: dict[str, Any] = {"timestep_spacing": "linspace", "steps_offset": 0, "sigma_interpolation": "log"}
 # A1111 labels that are a registered sampler with other settings than its own label's -> (sampler, settings).
 A1111_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = A1111_VARIANT_LABELS
 # A1111 labels latentdiff does not implement yet -> the closest sampler it has.
@@ -124,7 +134,8 @@ def _table() -> dict[str, _Entry]:
         {label: (name, {}) for name, label in A1111_SAMPLER_LABELS.items()} | A1111_VARIANTS
     for label, (name, settings) in labels.items():
         schedule = A1111_AUTOMATIC.get(name, "default") if has_schedule(name) else None
-        options = tuple(sorted((A1111_OPTIONS.get(name, {}) | settings).items()))
+        grid = A1111_GRID if name in A1111_KDIFFUSION else {}
+        options = tuple(sorted((grid | A1111_OPTIONS.get(name, {}) | settings).items()))
         table[key(label)] = _Entry(name, schedule, "a1111", label, options=options)
     for label, closest in A1111_MISSING.items():
         table[key(label)] = _Entry(None, None, "a1111", label, closest)
@@ -210,9 +221,9 @@ def check_schedule(name: str, schedule: str | None, *, where: str) -> None:
 
 def sampler_from_name(text: str, *, schedule: str | None = None, base: Any = None) -> Any:
     """The sampler a name stands for, built as `switch_sampler` builds it from `base` (a pipeline's sampler: its
-    timestep spacing and offset are kept, as diffusers' from_config keeps them; None: the sampler's defaults),
-    with its schedule and the other settings the name fixes (`SamplerName.options`) set; a UsageError for a name or
-    schedule it cannot be."""
+    timestep spacing and offset are kept, as diffusers' from_config keeps them, unless the name is an A1111 label,
+    whose grid is A1111's; None: the sampler's defaults), with its schedule and the other settings the name fixes
+    (`SamplerName.options`) set; a UsageError for a name or schedule it cannot be."""
     resolved = resolve_sampler(text, schedule=schedule)
     check_schedule(resolved.name, resolved.schedule, where="schedule")
     sampler = switch_sampler(base, resolved.name) if base is not None else SAMPLERS.get(resolved.name)()

@@ -68,6 +68,7 @@ from .base import (
 # align_your_steps (NVIDIA's published table for `ays_model`)
 SigmaSchedule = Literal["default", "karras", "exponential", "sgm_uniform", "simple", "beta", "align_your_steps"]
 AYSModel = Literal["sd15", "sdxl"]
+SigmaInterpolation = Literal["linear", "log"]
 
 
 class SigmaPlan(NamedTuple):
@@ -93,6 +94,16 @@ class SigmaSampler(SamplerSettings):
     """Settings shared by the sigma-space samplers: which timesteps the grid starts from."""
 
     timestep_spacing: TimestepSpacing = "linspace"   # diffusers' default here
+    # How the "default" grid reads sigma off the trained table at fractional timesteps: "linear" in sigma (diffusers'
+    # Euler family), "log" in log sigma (k-diffusion's DiscreteSchedule.t_to_sigma: A1111's "Uniform", which its
+    # k-diffusion labels set; `grids.SIGMA_INTERPOLATIONS`)
+    sigma_interpolation: SigmaInterpolation = "linear"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.sigma_interpolation not in grids.SIGMA_INTERPOLATIONS:
+            raise ConfigError("unknown sigma interpolation", where="sigma_interpolation",
+                              expected=list(grids.SIGMA_INTERPOLATIONS), found=repr(self.sigma_interpolation))
 
     def timesteps(self, noise_scheduler: NoiseScheduler, num_inference_steps: int) -> torch.Tensor:
         """The N timesteps the model is first called with at each step, descending: (N,) CPU tensor."""
@@ -167,11 +178,14 @@ class SigmaSampler(SamplerSettings):
         """`round_karras`: karras timesteps rounded to integers (diffusers' KDPM2 schedulers)."""
         timesteps = grids.timestep_grid(noise_scheduler.num_train_timesteps, n, kind="euler",
                                         spacing=self.timestep_spacing, steps_offset=self.steps_offset)
-        sigmas = grids.interpolate_sigmas(timesteps, table)
+        sigmas = linear = grids.interpolate_sigmas(timesteps, table)
+        if self.sigma_interpolation == "log":
+            sigmas = grids.interpolate_sigmas(timesteps, table, log=True)
         schedule = getattr(self, "sigma_schedule", "default")
-        if schedule != "default":      # karras / exponential span the interpolated grid unless sigma_min/max are set
-            low = sigma_min if sigma_min is not None else sigmas[-1].item()
-            high = sigma_max if sigma_max is not None else sigmas[0].item()
+        if schedule != "default":      # karras / exponential span the spaced grid unless sigma_min/max are set (its
+            # ends are trained timesteps: the table's own sigmas, as k-diffusion's model sigma_min / sigma_max)
+            low = sigma_min if sigma_min is not None else linear[-1].item()
+            high = sigma_max if sigma_max is not None else linear[0].item()
             sigmas = grids.schedule_sigmas(schedule, table, n, low=low, high=high,
                                            ays_model=getattr(self, "ays_model", "sd15"))
             timesteps = grids.sigma_to_t(sigmas, np.log(table))
@@ -287,9 +301,17 @@ class MultistepSigmaSampler(_ScheduledSigmaSampler):
     def _grid(self, noise_scheduler: NoiseScheduler, table: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The `set_timesteps` of DPMSolverMultistepScheduler, UniPCMultistepScheduler, DEISMultistepScheduler: their
         own timestep grid; karras / exponential span the whole trained range whatever the spacing, and karras
-        timesteps are rounded (`_round_karras`)."""
+        timesteps are rounded (`_round_karras`). With sigma_interpolation "log" the default grid is k-diffusion's
+        (the Euler family's timesteps), which diffusers' classes do not have."""
         cfg = noise_scheduler.config
-        if self.sigma_schedule == "default":
+        if self.sigma_schedule == "default" and self.sigma_interpolation == "log":
+            # k-diffusion's uniform grid (A1111's "Uniform"): the Euler family's timesteps, log-interpolated sigmas,
+            # the model called at the nearest integer timestep
+            timesteps = grids.timestep_grid(cfg.num_train_timesteps, n, kind="euler", spacing=self.timestep_spacing,
+                                            steps_offset=self.steps_offset)
+            sigmas = grids.interpolate_sigmas(timesteps, table, log=True)
+            timesteps = timesteps.round()
+        elif self.sigma_schedule == "default":
             timesteps = grids.timestep_grid(cfg.num_train_timesteps, n, kind="dpm_solver",
                                             spacing=self.timestep_spacing, steps_offset=self.steps_offset,
                                             last_timestep=self._last_timestep(noise_scheduler))
