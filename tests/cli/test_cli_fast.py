@@ -84,8 +84,8 @@ def test_optimize_cpu_flag_packs_the_pipeline_and_keeps_the_image(model, monkeyp
     from latentdiff.pipelines import cpu_paths
 
     packed = []
-    monkeypatch.setattr("latentdiff.cli.generate_inputs.optimize_for_cpu",
-                        lambda pipe: packed.append(pipe) or cpu_paths.optimize_for_cpu(pipe))
+    optimize = cpu_paths.optimize_for_cpu
+    monkeypatch.setattr(cpu_paths, "optimize_for_cpu", lambda pipe: packed.append(pipe) or optimize(pipe))
     assert generate(PROMPT, "--optimize-cpu", "-o", "fast.png") == 0
     assert len(packed) == 1
     assert generate(PROMPT, "-o", "plain.png") == 0 and len(packed) == 1

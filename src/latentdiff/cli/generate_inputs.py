@@ -31,7 +31,6 @@ from .. import hub, limits
 from ..config import is_int, is_real
 from ..errors import InputError, UsageError
 from ..generation.settings import load_vae, vae_source  # noqa: F401  (re-exported: they were defined here)
-from ..pipelines.cpu_paths import optimize_for_cpu
 from .generate_control import control_options
 from .generate_model import SINGLE_FILE_SUFFIXES, local_kind
 from .generate_prompts import prompt_options
@@ -279,6 +278,8 @@ def prepare_run(pipe: Any, settings: GenerateSettings, images: InputImages, args
 
 def apply_cpu_optimization(pipe: Any, refiner: Any, warn: Any) -> None:
     """--optimize-cpu: `optimize_for_cpu` on the pipeline (and the SDXL refiner); a warning off the CPU."""
+    from ..pipelines.cpu_paths import optimize_for_cpu   # here: the command starts without torch
+
     if pipe.device.type != "cpu":
         warn(f"--optimize-cpu is for the CPU; ignored on {pipe.device.type}")
         return
