@@ -278,7 +278,7 @@ def prepare_run(pipe: Any, settings: GenerateSettings, images: InputImages, args
 
 def apply_cpu_optimization(pipe: Any, refiner: Any, warn: Any) -> None:
     """--optimize-cpu: `optimize_for_cpu` on the pipeline (and the SDXL refiner); a warning off the CPU."""
-    from ..pipelines.cpu_paths import optimize_for_cpu   # here: the command starts without torch
+    from ..pipelines.cpu_paths import optimize_for_cpu  # here: the command starts without torch
 
     if pipe.device.type != "cpu":
         warn(f"--optimize-cpu is for the CPU; ignored on {pipe.device.type}")
