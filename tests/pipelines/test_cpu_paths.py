@@ -238,3 +238,22 @@ def test_optimize_for_cpu_keeps_a_hooked_layer_s_effect(folder):
     expected = run(pipe)
     cpu_paths.optimize_for_cpu(pipe)
     assert max_rel_error(run(pipe), expected) <= PARITY_TOL
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+@torch.no_grad()
+def test_tiny_outputs_run_as_im2col_gemm_and_equal_the_convolution(kernel):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(24, 16, kernel, padding=kernel // 2)
+    x = torch.randn(2, 24, 4, 4).contiguous(memory_format=torch.channels_last)   # 32 output pixels: the GEMM
+    residual = torch.randn(2, 16, 4, 4)
+    expected = torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=kernel // 2)
+    prepack_convolutions(conv)
+    assert conv.forward._as_gemm(x.shape) and not conv.forward._as_gemm((2, 24, 8, 8))
+    assert conv.forward._as_gemm((1, 24, 4, 8)) and not conv.forward._as_gemm((3, 24, 4, 4))
+    assert max_rel_error(conv(x), expected) <= 1e-5
+    assert max_rel_error(add_output(conv, x, residual), expected + residual) <= 1e-5
+    assert max_rel_error(conv(x.contiguous()), expected) <= 1e-5                  # a plain-layout input too
+    bigger = torch.randn(2, 24, 8, 8)                                               # back to the convolution
+    assert max_rel_error(conv(bigger), torch.nn.functional.conv2d(bigger, conv.weight, conv.bias,
+                                                                  padding=kernel // 2)) <= 1e-5
