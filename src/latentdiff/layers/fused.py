@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 
 def add_output(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor, *, in_place: bool = False
@@ -28,7 +29,6 @@ def add_output(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor, *, in_
 
 
 def _hooked(layer: nn.Module) -> bool:
-    from torch.nn.modules import module as torch_module
-
+    """Whether calling the layer would run hooks (its own, or global ones) that a direct fused call skips."""
     return bool(layer._forward_hooks or layer._forward_pre_hooks or torch_module._global_forward_hooks
                 or torch_module._global_forward_pre_hooks)

@@ -74,32 +74,31 @@ class PackedForward:
                 and conv.padding == (kh // 2, kw // 2))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        conv = self.conv
-        if not _packed_call(x, conv.weight):
-            return nn.Conv2d.forward(conv, x)   # training, or a dtype oneDNN's packed call does not mix: as before
-        bias = conv.bias.detach() if conv.bias is not None else None
-        packed = self.packed.get(conv.weight, x.shape)
-        if self._as_gemm(x.shape):
-            out = torch.ops.mkldnn._linear_pointwise(self._patches(x), packed, bias, "none", [], "")
-            return self._image(out, x)
-        return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, list(conv.padding),
-                                                       list(conv.stride), list(conv.dilation), conv.groups,
-                                                       "none", [], "")
+        out = self.run(x)
+        return nn.Conv2d.forward(self.conv, x) if out is None else out   # training, or a dtype it does not mix
 
     def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
         """conv(x) + residual in one call (layers.fused); None where it cannot run (the caller adds)."""
+        return self.run(x, residual) if residual.dim() == 4 else None
+
+    def run(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The packed convolution of x (+ residual, as a post-op); None where the packed call cannot run."""
         conv = self.conv
-        if not _packed_call(x, conv.weight) or residual.dtype != x.dtype or residual.dim() != 4:
+        if not _packed_call(x, conv.weight, residual):
             return None
         bias = conv.bias.detach() if conv.bias is not None else None
         packed = self.packed.get(conv.weight, x.shape)
         if self._as_gemm(x.shape):
+            patches = self._patches(x)
+            if residual is None:
+                return self._image(torch.ops.mkldnn._linear_pointwise(patches, packed, bias, "none", [], ""), x)
             rows = residual.permute(0, 2, 3, 1).reshape(-1, residual.shape[1])
-            out = torch.ops.mkldnn._linear_pointwise.binary(self._patches(x), rows, packed, bias, "add")
-            return self._image(out, x)
-        return torch.ops.mkldnn._convolution_pointwise.binary(
-            x, residual, packed, bias, list(conv.padding), list(conv.stride),
-            list(conv.dilation), conv.groups, "add", None, None, [], None)
+            return self._image(torch.ops.mkldnn._linear_pointwise.binary(patches, rows, packed, bias, "add"), x)
+        geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        if residual is None:
+            return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *geometry, "none", [], "")
+        return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, packed, bias, *geometry, "add", None,
+                                                              None, [], None)
 
     def _patches(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B * H * W, kh * kw * C): each output pixel's zero-padded neighbourhood, channels last."""
@@ -126,19 +125,23 @@ class PackedLinearForward:
         self.packed = _Packed(lambda w: torch.ops.mkldnn._reorder_linear_weight(w))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        linear = self.linear
-        if not _packed_call(x, linear.weight):
-            return nn.Linear.forward(linear, x)
-        bias = linear.bias.detach() if linear.bias is not None else None
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed.get(linear.weight), bias, "none", [], "")
+        out = self.run(x)
+        return nn.Linear.forward(self.linear, x) if out is None else out
 
     def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
         """linear(x) + residual in one call (layers.fused); None where it cannot run (the caller adds)."""
+        return self.run(x, residual)
+
+    def run(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The packed GEMM of x (+ residual, as a post-op); None where the packed call cannot run."""
         linear = self.linear
-        if not _packed_call(x, linear.weight) or residual.dtype != x.dtype:
+        if not _packed_call(x, linear.weight, residual):
             return None
         bias = linear.bias.detach() if linear.bias is not None else None
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed.get(linear.weight), bias, "add")
+        packed = self.packed.get(linear.weight)
+        if residual is None:
+            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed, bias, "add")
 
 
 class FusedGEGLUForward:
@@ -188,11 +191,12 @@ class _Packed:
         return self.packed
 
 
-def _packed_call(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a packed call may run: no gradient wanted (the packed ops have no backward), the input in the
-    weight's dtype and on the CPU."""
+def _packed_call(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
+    """Whether a packed call may run: no gradient wanted (the packed ops have no backward), the input (and the
+    residual of a fused sum) in the weight's dtype and on the CPU."""
     return (not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and x.dtype == weight.dtype and x.device.type == "cpu")
+            and x.dtype == weight.dtype and x.device.type == "cpu"
+            and (residual is None or residual.dtype == x.dtype))
 
 
 def can_prepack_linear(module: nn.Module) -> bool:
