@@ -13,6 +13,19 @@ TINY_UNET = dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=16
                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
                  attention_head_dim=2, norm_num_groups=8)
+# Three-level tiny UNets in the two layouts the UNet features care about (where levels attend, where the mid-level
+# feature sits): SD's (cross-attention above, a plain coarsest level) and SDXL's (plain finest level, linear
+# projections, 1-2 transformer layers, text_time embedding).
+_CROSS, _DOWN, _UP_CROSS, _UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
+TINY_UNET_SD_LAYOUT = dict(block_out_channels=[16, 32, 32], down_block_types=[_CROSS, _CROSS, _DOWN],
+                           up_block_types=[_UP, _UP_CROSS, _UP_CROSS], layers_per_block=2, cross_attention_dim=12,
+                           attention_head_dim=2, norm_num_groups=8, sample_size=8)
+TINY_UNET_SDXL_LAYOUT = dict(block_out_channels=[16, 32, 32], down_block_types=[_DOWN, _CROSS, _CROSS],
+                             up_block_types=[_UP_CROSS, _UP_CROSS, _UP], transformer_layers_per_block=[1, 2, 2],
+                             attention_head_dim=[1, 2, 4], layers_per_block=2, cross_attention_dim=12,
+                             norm_num_groups=8, sample_size=8, use_linear_projection=True,
+                             addition_embed_type="text_time", addition_time_embed_dim=4,
+                             projection_class_embeddings_input_dim=8 + 6 * 4)
 TINY_VAE = dict(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                 norm_num_groups=8, sample_size=32)

@@ -16,18 +16,11 @@ from latentdiff.models.unet import UNet2DConditional
 from latentdiff.models.unet2d import UNet2D
 from tests._support import deep_cache as reference
 from tests._support.parity import assert_parity, randomize_
+from tests._support.sd import TINY_UNET_SD_LAYOUT, TINY_UNET_SDXL_LAYOUT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CROSS, DOWN, UP_CROSS, UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
-SD = dict(block_out_channels=[16, 32, 32], down_block_types=[CROSS, CROSS, DOWN],
-          up_block_types=[UP, UP_CROSS, UP_CROSS], layers_per_block=2, cross_attention_dim=12,
-          attention_head_dim=2, norm_num_groups=8, sample_size=8)
-SDXL = dict(block_out_channels=[16, 32, 32], down_block_types=[DOWN, CROSS, CROSS],
-            up_block_types=[UP_CROSS, UP_CROSS, UP], transformer_layers_per_block=[1, 2, 2],
-            attention_head_dim=[1, 2, 4], layers_per_block=2, cross_attention_dim=12, norm_num_groups=8,
-            sample_size=8, use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=4,
-            projection_class_embeddings_input_dim=8 + 6 * 4)
+SD, SDXL = TINY_UNET_SD_LAYOUT, TINY_UNET_SDXL_LAYOUT
 UNCOND = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
               down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
               attention_head_dim=8, norm_num_groups=8)

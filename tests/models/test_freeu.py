@@ -14,18 +14,11 @@ from latentdiff.models.deep_cache import DeepCacheState
 from latentdiff.models.freeu import FreeU, fourier_filter
 from latentdiff.models.unet import UNet2DConditional
 from tests._support.parity import assert_parity, max_rel_error, randomize_
+from tests._support.sd import TINY_UNET_SD_LAYOUT, TINY_UNET_SDXL_LAYOUT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CROSS, DOWN, UP_CROSS, UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
-SD = dict(block_out_channels=[16, 32, 32], down_block_types=[CROSS, CROSS, DOWN],
-          up_block_types=[UP, UP_CROSS, UP_CROSS], layers_per_block=2, cross_attention_dim=12,
-          attention_head_dim=2, norm_num_groups=8, sample_size=8)
-SDXL = dict(block_out_channels=[16, 32, 32], down_block_types=[DOWN, CROSS, CROSS],
-            up_block_types=[UP_CROSS, UP_CROSS, UP], transformer_layers_per_block=[1, 2, 2],
-            attention_head_dim=[1, 2, 4], layers_per_block=2, cross_attention_dim=12, norm_num_groups=8,
-            sample_size=8, use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=4,
-            projection_class_embeddings_input_dim=8 + 6 * 4)
+SD, SDXL = TINY_UNET_SD_LAYOUT, TINY_UNET_SDXL_LAYOUT
 
 
 @pytest.mark.parametrize("config, factors, size", [(SD, (0.9, 0.2, 1.5, 1.6), 16), (SDXL, (0.6, 0.4, 1.1, 1.2), 16),

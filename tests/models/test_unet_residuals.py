@@ -12,15 +12,14 @@ from latentdiff.errors import InputError
 from latentdiff.models.residuals import Residuals
 from latentdiff.models.unet import UNet2DConditional
 from tests._support.parity import assert_parity, randomize_
+from tests._support.sd import TINY_UNET_SD_LAYOUT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CROSS, DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 UP_CROSS, UP = "CrossAttnUpBlock2D", "UpBlock2D"
 # cross-attention levels and a plain one (intrablock residuals go to different places in each)
-CONFIG = dict(block_out_channels=[16, 32, 32], down_block_types=[CROSS, CROSS, DOWN],
-              up_block_types=[UP, UP_CROSS, UP_CROSS], layers_per_block=2, cross_attention_dim=12,
-              attention_head_dim=2, norm_num_groups=8, sample_size=8)
+CONFIG = TINY_UNET_SD_LAYOUT
 # plain first level, mid-level feature (SDXL adapters' layout)
 PLAIN_FIRST = dict(CONFIG, down_block_types=[DOWN, CROSS, CROSS], up_block_types=[UP_CROSS, UP_CROSS, UP])
 
