@@ -224,7 +224,7 @@ def unpack_linears(module: nn.Module) -> int:
     """Back to the plain Linear and GEGLU forwards; -> how many."""
     count = 0
     for layer in module.modules():
-        if type(layer) in (nn.Linear, GEGLU) and is_prepacked(layer):
+        if type(layer) in (nn.Linear, GEGLU) and is_prepacked(layer) and not is_int8(layer):
             del layer.__dict__["forward"]
             count += 1
     return count
@@ -244,11 +244,16 @@ def is_prepacked(conv: nn.Module) -> bool:
     return getattr(conv.__dict__.get("forward"), "latentdiff_prepacked", False)
 
 
+def is_int8(layer: nn.Module) -> bool:
+    """An int8 forward (layers.int8): quantization, which `unpack_*` leave to `int8.dequantize_layers`."""
+    return getattr(layer.__dict__.get("forward"), "latentdiff_int8", False)
+
+
 def unpack_convolutions(module: nn.Module) -> int:
     """Back to the plain Conv2d forward (the packed copies are freed); -> how many."""
     count = 0
     for conv in module.modules():
-        if isinstance(conv, nn.Conv2d) and is_prepacked(conv):
+        if isinstance(conv, nn.Conv2d) and is_prepacked(conv) and not is_int8(conv):
             del conv.__dict__["forward"]
             count += 1
     return count

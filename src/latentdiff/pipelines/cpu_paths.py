@@ -10,19 +10,32 @@ goes back.
 dynamically quantized ones (int8 weights per tensor, activations quantized per call): faster than fp32 on a CPU
 without bf16 matrix units, slower than bf16 on one with them, and lossy (docs/fast.md "## CPU" has the error and
 the speed). A quantized pipeline refuses to be saved: its weights are no longer the model's.
+
+`quantize(pipe, "int8-static")` runs the UNet's convolutions (kernels larger than 1 x 1) and linear layers on
+int8 weights and int8 activations (`layers.int8`: per-channel weight scales, per-layer activation ranges observed
+on calibration runs of the pipeline itself), in float32 or bfloat16, faster than bf16 on a CPU with int8 matrix
+units (AMX-INT8, VNNI) and lossy (docs/fast.md "## CPU"). The weights stay the model's, so the pipeline can still
+be saved; `dequantize(pipe)` goes back.
 """
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import InputError, UsageError
+from ..layers.int8 import dequantize_layers, int8_candidates, is_int8, observe_input_ranges, quantize_layers
 from ..layers.prepacked import prepack_convolutions, prepack_linears, unpack_convolutions, unpack_linears
 
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "int8-static")
+
+# What `quantize(pipe, "int8-static")` runs a text pipeline on to observe its activations when it is given no
+# calibration: varied subjects, so every layer sees a typical range (CFG adds the empty prompt).
+CALIBRATION_PROMPTS = ("a photograph of an astronaut riding a horse", "a watercolor painting of a harbour at dawn",
+                       "a close-up portrait of an old man, dramatic light", "a red circle on the left, blue background")
 
 
 def _channels_last_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -56,12 +69,20 @@ def undo_cpu_optimization(pipe: Any) -> Any:
     return pipe
 
 
-def quantize(pipe: Any, method: str = "int8") -> Any:
-    """Quantize the UNet's Linear layers in place (see the module docstring); -> pipe. The UNet must be float32
-    on the CPU (dynamic int8 kernels are CPU-only and take fp32 activations)."""
+def quantize(pipe: Any, method: str = "int8", *, calibration: Sequence[str] | Callable[[Any], Any] | None = None,
+             calibration_steps: int = 8) -> Any:
+    """Quantize the UNet in place (see the module docstring); -> pipe.
+
+    "int8": dynamic int8 Linear layers; the UNet must be float32 on the CPU (torch's dynamic kernels take fp32).
+    "int8-static": static int8 convolutions and Linear layers (float32 or bfloat16 UNet on the CPU), calibrated
+    by running the pipeline: `calibration` is a list of prompts (default CALIBRATION_PROMPTS, text pipelines only)
+    sampled for `calibration_steps` steps at the pipeline's default size, or a function that runs `pipe` as it
+    will be used (any pipeline)."""
     if method not in QUANTIZATIONS:
         raise InputError("unknown quantization", where="quantize", expected=list(QUANTIZATIONS), found=method)
     unet = pipe.unet
+    if method == "int8-static":
+        return _quantize_static(pipe, calibration, calibration_steps)
     if unet.device.type != "cpu" or unet.dtype != torch.float32:
         raise InputError("int8 dynamic quantization needs a float32 UNet on the CPU", where="quantize",
                          expected="torch_dtype=torch.float32, device='cpu'", found=f"{unet.dtype} on {unet.device}")
@@ -73,6 +94,59 @@ def quantize(pipe: Any, method: str = "int8") -> Any:
     pipe.__dict__["quantization"] = method
     for name in ("save_pretrained", "save_single_file", "push_to_hub"):
         pipe.__dict__[name] = _refuse_save(name, method)
+    return pipe
+
+
+def _quantize_static(pipe: Any, calibration: Sequence[str] | Callable[[Any], Any] | None, steps: int) -> Any:
+    """quantize(pipe, "int8-static"): observe the UNet's layer inputs on calibration runs, then swap forwards."""
+    unet = pipe.unet
+    if unet.device.type != "cpu" or unet.dtype not in (torch.float32, torch.bfloat16):
+        raise InputError("int8 static quantization needs a float32 or bfloat16 UNet on the CPU", where="quantize",
+                         expected="torch_dtype=torch.float32 or torch.bfloat16, device='cpu'",
+                         found=f"{unet.dtype} on {unet.device}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise InputError("calibration_steps must be a positive integer", where="quantize", expected=">= 1",
+                         found=steps)
+    run = _calibration_run(pipe, calibration, steps)
+    layers = {name: layer for name, layer in int8_candidates(unet).items() if not is_int8(layer)}
+    with torch.no_grad(), observe_input_ranges(layers) as ranges:
+        run(pipe)
+    if not ranges:
+        raise InputError("the calibration run never called the UNet's quantizable layers", where="calibration",
+                         expected="a function that runs the pipeline", found=getattr(calibration, "__name__", None))
+    quantize_layers(layers, ranges)
+    pipe.__dict__["quantization"] = "int8-static"
+    return pipe
+
+
+def _calibration_run(pipe: Any, calibration: Sequence[str] | Callable[[Any], Any] | None,
+                     steps: int) -> Callable[[Any], Any]:
+    """The function quantize(pipe, "int8-static") observes: the one given, or the pipeline on the prompts."""
+    if callable(calibration):
+        return calibration
+    if getattr(pipe, "text_encoder", None) is None:
+        raise InputError("a pipeline without a text encoder needs a calibration function", where="calibration",
+                         expected="calibration=lambda pipe: pipe(...) (called as it will be used)",
+                         found=type(pipe).__name__)
+    prompts = list(CALIBRATION_PROMPTS if calibration is None else calibration)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise InputError("calibration prompts must be a non-empty list of strings", where="calibration",
+                         expected="list[str] or a function", found=calibration)
+
+    def sample(pipe: Any) -> Any:
+        return pipe(prompts, num_inference_steps=steps, output_type="latent", progress=False,
+                    generator=torch.Generator().manual_seed(0))
+    return sample
+
+
+def dequantize(pipe: Any) -> Any:
+    """Undo quantize(pipe, "int8-static") (the float layers again); -> pipe. Dynamic "int8" replaced the Linear
+    layers themselves and cannot be undone: load the pipeline again."""
+    if getattr(pipe, "quantization", None) == "int8":
+        raise UsageError("dynamic int8 quantization replaced the UNet's Linear layers", where="dequantize",
+                         expected="a pipeline quantized with 'int8-static'", found="'int8'")
+    dequantize_layers(pipe.unet)
+    pipe.__dict__.pop("quantization", None)
     return pipe
 
 

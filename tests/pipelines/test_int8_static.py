@@ -1,0 +1,240 @@
+"""Static int8 convolutions and linear layers (layers/int8.py) and `quantize(pipe, "int8-static")`.
+
+What is proven:
+* an int8 convolution / linear layer computes exactly the float layer on its fake-quantized operands (input
+  clamp(round(x / s) + z) mapped back, weight round(w / s_o) * s_o per output channel), written out with
+  `F.conv2d` / `F.linear`: fp32 outputs within 1e-5 (int32 accumulation is exact; only float rounding differs),
+  for strided, unbiased and channels-last convolutions and 3-d linear inputs; bf16 inputs give bf16 outputs;
+* the compiled input quantizer gives the eager quantizer's bytes, and a quantizer that fails falls back to eager
+  with a warning;
+* calibration observes each layer's true input [min, max] over all calls and removes its hooks;
+* a weight changed in place is quantized anew (never stale); a call that wants gradients runs the float layer;
+  bf16 shapes where int8 does not pay run the packed float path;
+* `quantize(pipe, "int8-static")` swaps every candidate layer of the UNet, keeps the images within
+  INT8_STATIC_TOL of fp32, keeps the weights (saving writes the model's own), is undone by `dequantize` to the
+  exact previous images, survives `undo_cpu_optimization`, and refuses bad arguments before any work.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from latentdiff import LatentDiffusionPipeline
+from latentdiff.errors import InputError, UsageError
+from latentdiff.layers import int8
+from latentdiff.layers.prepacked import is_int8, prepack_convolutions, prepack_linears
+from latentdiff.pipelines import cpu_paths
+from tests._support.parity import max_rel_error
+from tests._support.tiny_builtin import make_tiny_shapes_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Measured on the tiny model: int8 images move by ~1-2 % of their range against fp32 (2 steps, CFG 3)
+INT8_STATIC_TOL = 0.06
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_tiny_shapes_model(tmp_path_factory.mktemp("int8") / "shapes-64")
+
+
+def run(pipe) -> torch.Tensor:
+    return pipe("a red circle", num_inference_steps=2, guidance_scale=3.0, output_type="pt", progress=False,
+                generator=torch.Generator().manual_seed(0)).images
+
+
+def fake_quantized_input(x: torch.Tensor, forward: int8._Int8Forward) -> torch.Tensor:
+    s, z = forward.scale, forward.zero_point
+    return (torch.clamp(torch.round(x / s) + z, 0, 255) - z) * s
+
+
+def fake_quantized_weight(w: torch.Tensor) -> torch.Tensor:
+    scale = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True) / 127
+    return torch.round(w / scale) * scale
+
+
+def random_range(x: torch.Tensor) -> tuple[float, float]:
+    return float(x.min()) * 0.9, float(x.max()) * 0.9    # narrower than x: clipping is exercised too
+
+
+@pytest.mark.parametrize(("stride", "bias", "channels_last"), [(1, True, True), (2, True, False), (1, False, False)])
+@torch.no_grad()
+def test_int8_convolution_equals_the_convolution_of_its_fake_quantized_operands(stride, bias, channels_last):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(48, 40, 3, stride=stride, padding=1, bias=bias)
+    x = torch.randn(2, 48, 12, 12)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    forward = int8.Int8ConvForward(conv, random_range(x))
+    expected = F.conv2d(fake_quantized_input(x, forward), fake_quantized_weight(conv.weight), conv.bias,
+                        stride=stride, padding=1)
+    out = forward(x)
+    assert out.dtype == torch.float32 and max_rel_error(out, expected) <= 1e-5
+    assert max_rel_error(out, conv(x)) > 1e-4       # it is quantized: not the float convolution
+    assert forward(x.bfloat16()).dtype == torch.bfloat16
+
+
+@torch.no_grad()
+def test_int8_linear_equals_the_product_of_its_fake_quantized_operands():
+    torch.manual_seed(0)
+    for linear in (nn.Linear(64, 48), nn.Linear(64, 40, bias=False)):
+        x = torch.randn(3, 10, 64)
+        forward = int8.Int8LinearForward(linear, random_range(x))
+        expected = F.linear(fake_quantized_input(x, forward), fake_quantized_weight(linear.weight), linear.bias)
+        out = forward(x)
+        assert out.shape == (3, 10, linear.out_features) and max_rel_error(out, expected) <= 1e-5
+        bf16 = forward(x.bfloat16())
+        assert bf16.dtype == torch.bfloat16 and max_rel_error(bf16, expected) <= 0.03
+
+
+def test_input_quantizer_compiled_equals_eager_and_falls_back(monkeypatch):
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last) * 3
+    for dtype in (torch.float32, torch.bfloat16):
+        inv_scale, zero_point = torch.tensor(1 / 0.02), torch.tensor(100.0)
+        expected = int8.quantize_eager(x.to(dtype), inv_scale, zero_point)
+        assert torch.equal(int8.quantize_input(x.to(dtype), inv_scale, zero_point), expected)
+        assert expected.dtype == torch.uint8 and expected.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(expected, torch.clamp(torch.round(x.bfloat16().float() * 50) + 100, 0, 255).to(torch.uint8))
+
+    def broken(*args):
+        raise RuntimeError("no compiler")
+    monkeypatch.setattr(int8, "_quantizer", [broken])
+    with pytest.warns(RuntimeWarning, match="eager"):
+        assert torch.equal(int8.quantize_input(x, inv_scale, zero_point), int8.quantize_eager(x, inv_scale,
+                                                                                                zero_point))
+    assert int8._quantizer == [int8.quantize_eager]
+
+
+def test_input_qparams_hold_zero_and_cover_the_range():
+    scale, zero_point = int8.input_qparams(-0.28, 5.0)
+    assert zero_point == round(0.28 / scale) and scale == pytest.approx(5.28 / 255)
+    assert int8.input_qparams(1.0, 2.0) == (pytest.approx(2 / 255), 0)      # 0 is always representable
+    assert int8.input_qparams(-3.0, -1.0) == (pytest.approx(3 / 255), 255)
+
+
+@torch.no_grad()
+def test_calibration_observes_every_call_and_removes_its_hooks():
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    layers = dict(model.named_children())
+    inputs = [torch.randn(4, 32) * k for k in (1, 3)]
+    with int8.observe_input_ranges(layers) as ranges:
+        for x in inputs:
+            model(x)
+    hidden = [model[0](x) for x in inputs]
+    assert ranges["0"] == (min(float(x.min()) for x in inputs), max(float(x.max()) for x in inputs))
+    assert ranges["1"] == (min(float(h.min()) for h in hidden), max(float(h.max()) for h in hidden))
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+@torch.no_grad()
+def test_a_weight_changed_in_place_is_quantized_anew():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 32, 3, padding=1)
+    x = torch.randn(1, 32, 8, 8)
+    forward = int8.Int8ConvForward(conv, random_range(x))
+    forward(x)
+    conv.weight.mul_(-2)
+    expected = F.conv2d(fake_quantized_input(x, forward), fake_quantized_weight(conv.weight), conv.bias, padding=1)
+    assert max_rel_error(forward(x), expected) <= 1e-5
+
+
+def test_a_call_that_wants_gradients_runs_the_float_layer():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 32, 3, padding=1)
+    x = torch.randn(1, 32, 8, 8, requires_grad=True)
+    conv.forward = int8.Int8ConvForward(conv, random_range(x.detach()))
+    out = conv(x)
+    assert torch.equal(out, F.conv2d(x, conv.weight, conv.bias, padding=1))
+    out.sum().backward()
+    assert conv.weight.grad is not None
+
+
+@torch.no_grad()
+def test_bf16_shapes_where_int8_does_not_pay_run_the_packed_float_path(monkeypatch):
+    torch.manual_seed(0)
+    linear, conv = nn.Linear(64, 64).bfloat16(), nn.Conv2d(64, 64, 3, padding=1).bfloat16()
+    rows, tiny = torch.randn(4, 64).bfloat16(), torch.randn(1, 64, 4, 4).bfloat16()   # 16 px: im2col GEMM
+    packed_linear, packed_conv = nn.Linear(64, 64).bfloat16(), nn.Conv2d(64, 64, 3, padding=1).bfloat16()
+    packed_linear.load_state_dict(linear.state_dict())
+    packed_conv.load_state_dict(conv.state_dict())
+    prepack_linears(packed_linear)
+    prepack_convolutions(packed_conv)
+    monkeypatch.setattr(int8, "INT8_MAX_ROWS", 2)
+    assert torch.equal(int8.Int8LinearForward(linear, (-4.0, 4.0))(rows), packed_linear(rows))
+    assert torch.equal(int8.Int8ConvForward(conv, (-4.0, 4.0))(tiny), packed_conv(tiny))
+    monkeypatch.setattr(int8, "INT8_MAX_ROWS", 4)
+    assert not torch.equal(int8.Int8LinearForward(linear, (-4.0, 4.0))(rows), packed_linear(rows))
+
+
+def test_quantize_static_swaps_the_layers_bounds_the_error_and_keeps_the_weights(folder, tmp_path):
+    pipe = LatentDiffusionPipeline.from_pretrained(folder)
+    expected = run(pipe)
+    state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    cpu_paths.optimize_for_cpu(pipe)
+    packed = run(pipe)
+    candidates = int8.int8_candidates(pipe.unet)
+    assert any(type(m) is nn.Conv2d for m in candidates.values())
+    assert any(type(m) is nn.Linear for m in candidates.values())
+    cpu_paths.quantize(pipe, "int8-static", calibration=["a red circle", "a blue square"], calibration_steps=2)
+    assert pipe.quantization == "int8-static"
+    assert all(is_int8(m) for m in candidates.values())
+    error = max_rel_error(run(pipe), expected)
+    assert 1e-4 < error <= INT8_STATIC_TOL
+    cpu_paths.undo_cpu_optimization(pipe)
+    assert all(is_int8(m) for m in candidates.values())     # undoing the packing keeps the quantization
+    pipe.save_pretrained(tmp_path / "saved")
+    saved = load_file(tmp_path / "saved" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in state.items())
+    cpu_paths.optimize_for_cpu(pipe)
+    cpu_paths.dequantize(pipe)
+    assert not any(is_int8(m) for m in pipe.unet.modules()) and not hasattr(pipe, "quantization")
+    assert torch.equal(run(pipe), packed)
+
+
+def test_quantize_static_in_bf16_and_with_a_calibration_function(folder):
+    pipe = LatentDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16)
+    expected = run(LatentDiffusionPipeline.from_pretrained(folder))
+    calls = []
+    cpu_paths.quantize(pipe, "int8-static", calibration=lambda p: calls.append(run(p)))
+    assert len(calls) == 1 and any(is_int8(m) for m in pipe.unet.modules())
+    assert max_rel_error(run(pipe).float(), expected) <= INT8_STATIC_TOL
+
+
+def test_quantize_static_refuses_bad_arguments_before_any_work(folder):
+    pipe = LatentDiffusionPipeline.from_pretrained(folder)
+    with pytest.raises(InputError, match="int8-static"):
+        cpu_paths.quantize(pipe, "int4")
+    with pytest.raises(InputError, match="calibration_steps"):
+        cpu_paths.quantize(pipe, "int8-static", calibration_steps=0)
+    with pytest.raises(InputError, match="prompts"):
+        cpu_paths.quantize(pipe, "int8-static", calibration=[])
+    with pytest.raises(InputError, match="never called"):
+        cpu_paths.quantize(pipe, "int8-static", calibration=lambda p: None)
+    with pytest.raises(InputError, match="float32 or bfloat16"):
+        cpu_paths.quantize(LatentDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float16),
+                           "int8-static")
+    assert not any(is_int8(m) for m in pipe.unet.modules())
+    cpu_paths.quantize(pipe, "int8")
+    with pytest.raises(UsageError, match="int8-static"):
+        cpu_paths.dequantize(pipe)
+
+
+def test_the_compiled_quantizer_needs_one_graph_per_dtype(monkeypatch):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(int8, "_quantizer", [])
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    inv_scale, zero_point = torch.tensor(20.0), torch.tensor(7.0)
+    inputs = [torch.randn(2, 8, 6, 6), torch.randn(3, 5, 4, 4).contiguous(memory_format=torch.channels_last),
+              torch.randn(7, 40), torch.randn(2, 9, 40)[:, 1:], torch.randn(5, 3, requires_grad=True)]
+    for mode in (torch.enable_grad, torch.no_grad, torch.inference_mode):
+        with mode():
+            for x in inputs:
+                for dtype in (torch.float32, torch.bfloat16):
+                    q = int8.quantize_input(x.to(dtype), inv_scale, zero_point)
+                    assert torch.equal(q, int8.quantize_eager(x.detach().to(dtype), inv_scale, zero_point))
+    assert int8._quantizer[0] is not int8.quantize_eager      # never fell back to eager
