@@ -45,7 +45,8 @@ def evaluate_shapes_model(model: Any = "latentdiff/shapes-64", *, count: int = 2
     pipeline's own defaults apply). settings: generate settings (num_inference_steps, guidance_scale, sampler,
     eta, ...) replacing the folder's.
     grid: also write a PNG grid of the first `grid_count` images there. Returns {"accuracy", "settings",
-    "prompts", "seeds", "failures"} (failures: index, prompt, what the checker found)."""
+    "prompts", "seeds", "failures", "images"} (failures: index, prompt, what the checker found; images: the PIL
+    images, in prompt order)."""
     import torch
 
     from ..builtin import generate_settings
@@ -85,7 +86,7 @@ def evaluate_shapes_model(model: Any = "latentdiff/shapes-64", *, count: int = 2
         save_png(make_grid(images[:grid_count], cols=10), Path(grid),
                  params={"model": name, "seeds": f"{seed}..{seed + min(count, grid_count) - 1}", **run})
     return {"accuracy": accuracy, "settings": run, "prompts": prompts, "seeds": [seed, seed + count - 1],
-            "failures": failures}
+            "failures": failures, "images": images}
 
 
 def _call_settings(pipe: Any, settings: dict[str, Any]) -> dict[str, Any]:
