@@ -21,14 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from shapes_build import builtin_folder, install_folder, parse_args, train, write_data, write_report
+
 RUNS = Path("runs/shapes-64")
-INSTALL = HERE.parents[1] / "src" / "latentdiff" / "builtin" / "shapes-64"
+INSTALL = builtin_folder("shapes-64")
 # What `latentdiff generate` uses for this model when no flag is given (chosen on DEV_SEED, see docs/builtin.md).
 GENERATE_SETTINGS = {"num_inference_steps": 50, "guidance_scale": 1.5, "sampler": "ddim", "height": 64, "width": 64}
 
@@ -47,20 +47,10 @@ GPU_RECIPE = {
             "checkpoint.every_n_steps=2000", "sample.every_n_steps=2000"],
 }
 STEP_LIMITS = {"autoencoder": (2000, 20000), "decoder": (500, 4000), "ldm": (4000, 20000)}  # for --fit-seconds
-LATENTDIFF = (sys.executable, "-m", "latentdiff")
 
 
-def run(*command: str) -> None:
-    print("$", " ".join(command), flush=True)
-    start = time.monotonic()
-    subprocess.run(command, check=True)
-    print(f"({time.monotonic() - start:.0f} s)", flush=True)
-
-
-def train(stage: str, config: str, overrides: list[str]) -> None:
-    kind = "diffusion" if stage == "ldm" else "autoencoder"
-    sets = [arg for value in overrides for arg in ("--set", value)]
-    run(*LATENTDIFF, "train", kind, str(HERE / config), "--resume", "latest", *sets)
+def train_stage(stage: str, config: str, overrides: list[str]) -> None:
+    train("diffusion" if stage == "ldm" else "autoencoder", config, overrides)
 
 
 def seconds_per_step(stage: str, config: str, overrides: list[str], steps: int = 150) -> tuple[float, Path]:
@@ -69,9 +59,9 @@ def seconds_per_step(stage: str, config: str, overrides: list[str], steps: int =
 
     probe = RUNS / f"probe-{stage}"
     shutil.rmtree(probe, ignore_errors=True)
-    train(stage, config, overrides + [f"train.max_steps={steps}", f"train.output_dir={probe}/run",
-                                      f"checkpoint.export_dir={probe}/export", "logging.every_n_steps=25",
-                                      "checkpoint.every_n_steps=100000", "sample.every_n_steps=0"])
+    train_stage(stage, config, overrides + [f"train.max_steps={steps}", f"train.output_dir={probe}/run",
+                                            f"checkpoint.export_dir={probe}/export", "logging.every_n_steps=25",
+                                            "checkpoint.every_n_steps=100000", "sample.every_n_steps=0"])
     with open(probe / "run" / "logs" / "losses.csv") as f:
         rows = sorted({(int(r["step"]), float(r["wall_time"])) for r in csv.DictReader(f)})
     (s0, t0), (s1, t1) = rows[0], rows[-1]
@@ -87,11 +77,7 @@ def fitted(stage: str, per_step: float, seconds: float) -> int:
     return int(min(high, max(low, seconds / per_step // 500 * 500)))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=20_000, help="training images")
-    parser.add_argument("--install", default=str(INSTALL), help="where the packaged model goes ('' to skip)")
-    parser.add_argument("--eval-count", type=int, default=200)
+def own_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", action="store_true", help="train on CUDA with the GPU recipe (GPU_RECIPE)")
     parser.add_argument("--finetune-decoder", action="store_true",
                         help="also fine-tune the decoder alone (examples/train/shapes-64-decoder.yaml) and put it "
@@ -99,16 +85,18 @@ def main() -> int:
     parser.add_argument("--fit-seconds", type=float, default=None,
                         help="with --gpu: measure each stage's speed and size its steps so that the whole build "
                              "ends within about this many seconds (the step counts used are printed)")
-    args = parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args(__doc__, images=20_000, install=INSTALL, what="model", overrides=False, more=own_flags)
     tune = args.finetune_decoder
     start = time.monotonic()
 
-    from latentdiff.data.shapes import write_imagefolder, write_tokenizer
+    from latentdiff.data.shapes import write_tokenizer
 
     recipe = GPU_RECIPE if args.gpu else {stage: [] for stage in GPU_RECIPE}
     used: dict[str, int] = {}
-    if not (RUNS / "data").is_dir():
-        write_imagefolder(RUNS / "data", args.images, seed=0)
+    write_data(RUNS, args.images)
     if not (RUNS / "tokenizer").is_dir():
         write_tokenizer(RUNS / "tokenizer")
     if args.fit_seconds and not (RUNS / "autoencoder" / "config.json").is_file():
@@ -121,9 +109,9 @@ def main() -> int:
     for stage in used:
         recipe[stage] = with_steps(recipe[stage], used[stage])
     if not (RUNS / "autoencoder" / "config.json").is_file():
-        train("autoencoder", "shapes-64-autoencoder.yaml", recipe["autoencoder"])
+        train_stage("autoencoder", "shapes-64-autoencoder.yaml", recipe["autoencoder"])
     if tune and args.gpu and not (RUNS / "autoencoder-ft" / "config.json").is_file():  # it does not need the LDM
-        train("decoder", "shapes-64-decoder.yaml", recipe["decoder"])
+        train_stage("decoder", "shapes-64-decoder.yaml", recipe["decoder"])
     if args.fit_seconds and not (RUNS / "pipeline" / "model_index.json").is_file():
         per_step, probe = seconds_per_step("ldm", "shapes-64-ldm.yaml", recipe["ldm"], steps=100)
         cache = probe / "run" / "latent_cache.safetensors"  # same data and autoencoder: the same cache
@@ -135,9 +123,9 @@ def main() -> int:
         recipe["ldm"] = with_steps(recipe["ldm"], used["ldm"])
         print(f"ldm: {per_step * 1e3:.1f} ms per step; steps {used}", flush=True)
     if not (RUNS / "pipeline" / "model_index.json").is_file():
-        train("ldm", "shapes-64-ldm.yaml", recipe["ldm"])
+        train_stage("ldm", "shapes-64-ldm.yaml", recipe["ldm"])
     if tune and not (RUNS / "autoencoder-ft" / "config.json").is_file():
-        train("decoder", "shapes-64-decoder.yaml", recipe["decoder"])
+        train_stage("decoder", "shapes-64-decoder.yaml", recipe["decoder"])
     if used:
         (RUNS / "steps.json").write_text(json.dumps(used, indent=2) + "\n")
         print(f"steps used: {used}", flush=True)
@@ -158,7 +146,7 @@ def main() -> int:
     from latentdiff.data.shapes_eval import evaluate_shapes_model
 
     report = evaluate_shapes_model(str(model), count=args.eval_count, grid=RUNS / "samples.png")
-    (RUNS / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_report(RUNS, report)
     print(json.dumps(report["accuracy"], indent=2))
     return 0
 
@@ -179,13 +167,8 @@ def replace_decoder(vae_folder: Path, tuned: Path) -> None:
 
 def install(source: Path, target: Path) -> None:
     """Copy the exported pipeline folder into the package (atomically: a temporary copy renamed in place)."""
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("*.tmp", "*.png", "*.md5"))
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
-    print(f"installed {target}")
+    install_folder(target, lambda tmp: shutil.copytree(source, tmp,
+                                                        ignore=shutil.ignore_patterns("*.tmp", "*.png", "*.md5")))
 
 
 if __name__ == "__main__":

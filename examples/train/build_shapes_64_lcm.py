@@ -19,26 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
+from shapes_build import HERE, builtin_folder, install_folder, parse_args, train, write_data, write_report
+
 RUNS = Path("runs/shapes-64-lcm")
-INSTALL = HERE.parents[1] / "src" / "latentdiff" / "builtin" / "shapes-64-lcm-lora"
-LATENTDIFF = (sys.executable, "-m", "latentdiff")
+INSTALL = builtin_folder("shapes-64-lcm-lora")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 LCM = {"sampler": "lcm", "guidance_scale": 1.0}
-
-
-def run(*command: str) -> None:
-    print("$", " ".join(command), flush=True)
-    start = time.monotonic()
-    subprocess.run(command, check=True)
-    print(f"({time.monotonic() - start:.0f} s)", flush=True)
 
 
 def install(source: Path, target: Path) -> None:
@@ -52,14 +43,12 @@ def install(source: Path, target: Path) -> None:
         metadata = dict(f.metadata() or {})
     tensors = {k: v.half() if v.is_floating_point() and v.dim() > 0 else v
                for k, v in load_safetensors(source / LORA_FILE).items()}
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_safetensors(tensors, tmp / LORA_FILE, metadata=metadata)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
-    print(f"installed {target}")
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        save_safetensors(tensors, tmp / LORA_FILE, metadata=metadata)
+
+    install_folder(target, write)
 
 
 def checkpoint_lora(pipe: Any, folder: Path) -> Path:
@@ -98,17 +87,14 @@ def evaluate(lora: str | None, *, count: int, seed: int, steps: int = 4, grid: s
             "seconds_per_image": round(wall / count, 4), "cpu_seconds_per_image": round(cpu / count, 4)}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=6_000, help="training images")
-    parser.add_argument("--install", default=str(INSTALL), help="where the packaged LoRA goes ('' to skip)")
-    parser.add_argument("--eval-count", type=int, default=200, help="held-out images judged (0: no evaluation)")
+def own_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid", default=str(RUNS / "samples.png"), help="PNG grid of LCM-LoRA samples")
     parser.add_argument("--evaluate", default=None, metavar="PATH", help="only evaluate this LoRA file / folder")
     parser.add_argument("--report", action="store_true", help="with --evaluate: the report seeds, not the dev ones")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a value of the training config (repeatable)")
-    args = parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args(__doc__, images=6_000, install=INSTALL, what="LoRA", more=own_flags)
 
     from latentdiff.data.shapes_eval import DEV_SEED, REPORT_SEED
 
@@ -117,14 +103,10 @@ def main() -> int:
         print(json.dumps(evaluate(args.evaluate, count=args.eval_count, seed=seed), indent=2))
         return 0
 
-    from latentdiff.data.shapes import write_imagefolder
-
-    if not (RUNS / "data").is_dir():
-        write_imagefolder(RUNS / "data", args.images, seed=0)
+    write_data(RUNS, args.images)
     export = RUNS / "run" / "lcm"
     if not (export / LORA_FILE).is_file():
-        sets = [arg for value in args.overrides for arg in ("--set", value)]
-        run(*LATENTDIFF, "train", "lcm", str(HERE / "shapes-64-lcm.yaml"), "--resume", "latest", *sets)
+        train("lcm", "shapes-64-lcm.yaml", args.overrides)
     lora = str(export)
     if args.install:
         install(export, Path(args.install))
@@ -141,7 +123,7 @@ def main() -> int:
                                                    settings={"sampler": "ddim", "num_inference_steps": 50,
                                                              "guidance_scale": 1.5}),
     }
-    (RUNS / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_report(RUNS, report)
     for name, result in report.items():
         print(f"{name}: {json.dumps(result['accuracy'])}, {result['seconds_per_image']} s / image")
     return 0

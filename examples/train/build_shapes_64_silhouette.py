@@ -20,23 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from shapes_build import builtin_folder, install_folder, parse_args, train, write_data, write_report
+
 RUNS = Path("runs/shapes-64-silhouette")
-INSTALL = HERE.parents[1] / "src" / "latentdiff" / "builtin" / "shapes-64-silhouette"
-LATENTDIFF = (sys.executable, "-m", "latentdiff")
-
-
-def run(*command: str) -> None:
-    print("$", " ".join(command), flush=True)
-    start = time.monotonic()
-    subprocess.run(command, check=True)
-    print(f"({time.monotonic() - start:.0f} s)", flush=True)
+INSTALL = builtin_folder("shapes-64-silhouette")
 
 
 def install(source: Path, target: Path) -> None:
@@ -46,34 +36,22 @@ def install(source: Path, target: Path) -> None:
 
     from latentdiff import ControlNet
 
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    ControlNet.from_pretrained(source).to(torch.float16).save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
-    print(f"installed {target}")
+    install_folder(target, ControlNet.from_pretrained(source).to(torch.float16).save_pretrained)
+
+
+def own_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--grid", default=str(RUNS / "samples.png"), help="PNG of (silhouette, image) pairs")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=6_000, help="training images")
-    parser.add_argument("--install", default=str(INSTALL), help="where the packaged ControlNet goes ('' to skip)")
-    parser.add_argument("--eval-count", type=int, default=100, help="held-out images judged (0: no evaluation)")
-    parser.add_argument("--grid", default=str(RUNS / "samples.png"), help="PNG of (silhouette, image) pairs")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a value of the training config (repeatable)")
-    args = parser.parse_args()
+    args = parse_args(__doc__, images=6_000, install=INSTALL, what="ControlNet", eval_count=100, more=own_flags)
 
-    from latentdiff.data.shapes import write_imagefolder
     from latentdiff.data.shapes_silhouette import silhouette
 
-    if not (RUNS / "data").is_dir():
-        write_imagefolder(RUNS / "data", args.images, seed=0, conditioning=silhouette)
+    write_data(RUNS, args.images, conditioning=silhouette)
     export = RUNS / "run" / "controlnet"
     if not (export / "config.json").is_file():
-        sets = [arg for value in args.overrides for arg in ("--set", value)]
-        run(*LATENTDIFF, "train", "controlnet", str(HERE / "shapes-64-silhouette.yaml"), "--resume", "latest", *sets)
+        train("controlnet", "shapes-64-silhouette.yaml", args.overrides)
     model = export
     if args.install:
         install(export, Path(args.install))
@@ -85,7 +63,7 @@ def main() -> int:
 
     report = {"controlnet": evaluate_silhouette_controlnet(str(model), count=args.eval_count, grid=args.grid),
               "base alone": evaluate_silhouette_controlnet(count=args.eval_count, conditioning_scale=None)}
-    (RUNS / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_report(RUNS, report)
     for name, result in report.items():
         print(f"{name}: IoU {result['iou']:.3f}, checker {json.dumps(result['accuracy'])}")
     return 0

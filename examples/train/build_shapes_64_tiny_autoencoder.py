@@ -18,24 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from shapes_build import HERE, builtin_folder, install_folder, parse_args, train, write_data, write_report
+
 RUNS = Path("runs/shapes-64-tiny-autoencoder")
-INSTALL = HERE.parents[1] / "src" / "latentdiff" / "builtin" / "shapes-64-tiny-vae"
+INSTALL = builtin_folder("shapes-64-tiny-vae")
 FIGURE = HERE.parents[1] / "docs" / "images" / "fast-tiny-vae.png"
-LATENTDIFF = (sys.executable, "-m", "latentdiff")
-
-
-def run(*command: str) -> None:
-    print("$", " ".join(command), flush=True)
-    start = time.monotonic()
-    subprocess.run(command, check=True)
-    print(f"({time.monotonic() - start:.0f} s)", flush=True)
 
 
 def install(source: Path, target: Path) -> None:
@@ -45,13 +36,7 @@ def install(source: Path, target: Path) -> None:
 
     from latentdiff import AutoencoderTiny
 
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    AutoencoderTiny.from_pretrained(source).to(torch.float16).save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
-    print(f"installed {target}")
+    install_folder(target, AutoencoderTiny.from_pretrained(source).to(torch.float16).save_pretrained)
 
 
 def evaluate(tiny_path: Path, *, count: int, figure: Path | None) -> dict:
@@ -113,25 +98,16 @@ def evaluate(tiny_path: Path, *, count: int, figure: Path | None) -> dict:
     return report
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=4_000, help="training images")
-    parser.add_argument("--install", default=str(INSTALL), help="where the packaged autoencoder goes ('' to skip)")
-    parser.add_argument("--eval-count", type=int, default=200, help="held-out images judged (0: no evaluation)")
+def own_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--figure", default=str(FIGURE), help="PNG: full decode (top) vs tiny decode (bottom)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a value of the training config (repeatable)")
-    args = parser.parse_args()
 
-    from latentdiff.data.shapes import write_imagefolder
 
-    if not (RUNS / "data").is_dir():
-        write_imagefolder(RUNS / "data", args.images, seed=0)
+def main() -> int:
+    args = parse_args(__doc__, images=4_000, install=INSTALL, what="autoencoder", more=own_flags)
+    write_data(RUNS, args.images)
     export = RUNS / "tiny_autoencoder"
     if not (export / "config.json").is_file():
-        sets = [arg for value in args.overrides for arg in ("--set", value)]
-        run(*LATENTDIFF, "train", "tiny-autoencoder", str(HERE / "shapes-64-tiny-autoencoder.yaml"),
-            "--resume", "latest", *sets)
+        train("tiny-autoencoder", "shapes-64-tiny-autoencoder.yaml", args.overrides)
     model = export
     if args.install:
         install(export, Path(args.install))
@@ -139,7 +115,7 @@ def main() -> int:
     if args.eval_count <= 0:
         return 0
     report = evaluate(model, count=args.eval_count, figure=Path(args.figure) if args.figure else None)
-    (RUNS / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_report(RUNS, report)
     print(json.dumps(report, indent=2))
     return 0
 

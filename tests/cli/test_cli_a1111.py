@@ -240,6 +240,18 @@ def test_bad_names_are_one_line_before_any_loading(argv, words, monkeypatch, cap
         assert word in err[0], (word, err[0])
 
 
+def test_a_schedule_the_loaded_model_s_sampler_lacks_names_the_flags(tmp_path, capsys):
+    """A folder that does not name its sampler (known only once it loads: DDIM, no schedule): the error, raised in
+    latentdiff.generation, names the command line's flags."""
+    from tests._support.tiny_builtin import make_tiny_shapes_model
+
+    folder = make_tiny_shapes_model(tmp_path / "ddim", settings={"num_inference_steps": 2})
+    assert generate(PROMPT, "--model", folder, "--schedule", "karras", "-o", "x.png") == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("latentdiff: error: the model's sampler DDIMSampler has no schedule to set"), err
+    assert "where: --schedule; expected: no --schedule, or --sampler with a schedule" in err[0]
+
+
 # ---- --from on images A1111 made ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["png", "jpg", "webp"])
 def test_from_reads_a1111_parameters(kind, pipe, capsys):

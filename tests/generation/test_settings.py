@@ -58,3 +58,65 @@ def test_an_unreadable_index_leaves_the_family_to_the_load(tmp_path):
     (tmp_path / "model_index.json").write_text("{not json")
     source = locate_model(str(tmp_path))
     assert settings.model_family(source) is None and settings.inpainting_folder(source) is False
+
+
+# ---- error messages name what the caller calls a setting ---------------------------------------------------------
+def run_settings(**changes):
+    return dataclasses.replace(
+        settings.GenerateSettings(prompt="a", negative=None, seed=0, steps=None, guidance=None, sampler=None, eta=None,
+                                  height=None, width=None, n=1, model="m", dtype="float32", tokenizer=None),
+        **changes)
+
+
+@pytest.fixture(scope="module")
+def ddim_folder(tmp_path_factory):
+    """A model folder whose own sampler (DDIM, no sigma schedule) is known only once it loads (no sampler in its
+    latentdiff_generate.json)."""
+    from tests._support.tiny_builtin import make_tiny_shapes_model
+
+    return make_tiny_shapes_model(tmp_path_factory.mktemp("m") / "ddim", settings={"num_inference_steps": 2})
+
+
+@pytest.mark.parametrize("caller, schedule_name, sampler_name", [
+    ("neutral", "schedule", "sampler"),               # no names given: the settings' own
+    ("command line", "--schedule", "--sampler"),      # cli.generate passes FLAGS
+    ("server", "scheduler", "sampler_name"),          # serve.models passes its request keys
+])
+def test_a_schedule_the_loaded_sampler_lacks_names_the_caller_s_keys(ddim_folder, caller, schedule_name,
+                                                                      sampler_name):
+    from latentdiff.errors import UsageError
+    from latentdiff.serve.models import SETTING_KEYS
+
+    names = {"neutral": None, "command line": settings.FLAGS, "server": SETTING_KEYS}[caller]
+    with pytest.raises(UsageError) as caught:
+        settings.load_pipeline(locate_model(str(ddim_folder)), run_settings(schedule="karras"), device="cpu",
+                               names=names)
+    error = caught.value
+    assert error.where == schedule_name and f"no {schedule_name}, or {sampler_name} with a schedule" in str(error)
+    if caller != "command line":
+        assert "--" not in str(error)
+
+
+@pytest.mark.parametrize("caller, key", [(None, "original_size"), ("command line", "--original-size")])
+def test_micro_conditioning_names_the_caller_s_key(caller, key):
+    from latentdiff.errors import UsageError
+
+    names = settings.FLAGS if caller else None
+    with pytest.raises(UsageError) as caught:
+        sdxl.micro_conditioning(run_settings(original_size="1024 by 1024"), names=names)
+    assert caught.value.where == key and caught.value.expected == "WIDTHxHEIGHT"
+    assert sdxl.micro_conditioning(run_settings(original_size="1024x768", crop_top_left="0,8"), names=names) == {
+        "original_size": (768, 1024), "crops_coords_top_left": (0, 8)}
+
+
+def test_the_server_loads_with_its_request_keys(monkeypatch):
+    """serve.models hands its request keys to load_pipeline (its requests name the sampler and schedule so)."""
+    from latentdiff.serve import models
+
+    seen = {}
+    monkeypatch.setattr(models, "load_pipeline", lambda source, run, *, device, names=None: seen.update(names=names))
+    models.load_checkpoint(models.Entry("latentdiff/shapes-64", None, "latentdiff/shapes-64"), None, dtype="float32",
+                           device="cpu")
+    assert seen["names"] is models.SETTING_KEYS
+    assert {key: models.SETTING_KEYS[key] for key in ("sampler", "schedule")} == {"sampler": "sampler_name",
+                                                                                  "schedule": "scheduler"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import httpx
 import numpy as np
@@ -51,8 +52,9 @@ def pipe():
     return LatentDiffusionPipeline.from_pretrained(MODEL)
 
 
-def reference(pipe, seed, *, sampler=None, prompt=PROMPT, lora_dirs=None):
-    """The image the Python API gives for `seed` (the server's settings, one image per call)."""
+def reference(pipe, seed, *, sampler=None, prompt=PROMPT, lora_dirs=None, **call):
+    """The image the Python API gives for `seed` (the server's settings, one image per call); `call`: more keywords
+    of the call (cfg_truncation)."""
     from latentdiff.diffusion.samplers.names import sampler_from_name
 
     base = pipe.sampler
@@ -61,7 +63,7 @@ def reference(pipe, seed, *, sampler=None, prompt=PROMPT, lora_dirs=None):
     try:
         image = pipe(prompt, negative_prompt=NEGATIVE, height=64, width=64, num_inference_steps=STEPS,
                      guidance_scale=GUIDANCE, generator=[torch.Generator().manual_seed(seed)],
-                     lora_dirs=lora_dirs).images[0]
+                     lora_dirs=lora_dirs, **call).images[0]
     finally:
         pipe.sampler = base
     return np.asarray(image.convert("RGB"))
@@ -112,6 +114,16 @@ def test_a_lora_tag_in_the_prompt(client, pipe, loras):
     assert str(loras) not in png.decode("latin-1") and "detail" in Image.open(io.BytesIO(png)).text["parameters"]
 
 
+def test_cfg_truncation_is_the_python_api_s(client, pipe):
+    """`cfg_truncation` in extra_body, as the A1111 routes take it: the Python API's image with it, in the PNG."""
+    png = base64.b64decode(client.images.generate(prompt=PROMPT, size="64x64",
+                                                  extra_body=extras(4, cfg_truncation=0.4)).data[0].b64_json)
+    expected = reference(pipe, 4, cfg_truncation=0.4)
+    np.testing.assert_array_equal(pixels(png), expected)
+    assert not np.array_equal(expected, reference(pipe, 4))   # the truncation changes the image
+    assert json.loads(Image.open(io.BytesIO(png)).text["latentdiff"])["cfg_truncation"] == 0.4
+
+
 def test_url_format_serves_the_png(client, url, pipe):
     response = client.images.generate(prompt=PROMPT, size="auto", response_format="url", extra_body=extras(3))
     link = response.data[0].url
@@ -145,10 +157,14 @@ def test_models_list(client):
     (dict(extra_body={"sampler": "Euler b"}), "sampler", "invalid_value"),
     (dict(extra_body={"seed": "seven"}), "seed", "invalid_value"),
     (dict(n=11), "n", "invalid_value"),
+    (dict(extra_body={"cfg_truncation": 1.5}), "cfg_truncation", "invalid_value"),
+    (dict(extra_body={"cfg_truncation": -0.1}), "cfg_truncation", "invalid_value"),
+    (dict(extra_body={"cfg_truncation": "half"}), "cfg_truncation", "invalid_value"),
+    (dict(extra_body={"cfg_truncation": True}), "cfg_truncation", "invalid_value"),
     (dict(prompt="a red circle <lora:../../etc/passwd:1>"), "prompt", "invalid_value"),
     (dict(size="63x64", extra_body={"steps": STEPS}), "width", "invalid_value"),
-], ids=["unknown-key", "size", "traversal", "format", "max-steps", "sampler", "seed", "n", "lora-traversal",
-        "size-multiple"])
+], ids=["unknown-key", "size", "traversal", "format", "max-steps", "sampler", "seed", "n", "cfg-truncation-above",
+        "cfg-truncation-below", "cfg-truncation-text", "cfg-truncation-bool", "lora-traversal", "size-multiple"])
 def test_errors_are_openai_errors(client, arguments, param, code):
     with pytest.raises(openai.BadRequestError) as caught:
         client.images.generate(**{"prompt": PROMPT, "size": "64x64", **arguments})

@@ -70,7 +70,7 @@ def fill(driver, element_id, value):
     element.send_keys(str(value))
 
 
-def reference(seed, steps=STEPS, *, sampler=None, schedule=None):
+def reference(seed, steps=STEPS, *, sampler=None, schedule=None, **call):
     from latentdiff import LatentDiffusionPipeline
     from latentdiff.diffusion.samplers.names import sampler_from_name
 
@@ -78,7 +78,7 @@ def reference(seed, steps=STEPS, *, sampler=None, schedule=None):
     if sampler is not None:
         pipe.sampler = sampler_from_name(sampler, schedule=schedule, base=pipe.sampler)
     image = pipe(PROMPT, height=64, width=64, num_inference_steps=steps, guidance_scale=3.0,
-                 generator=[torch.Generator().manual_seed(seed)]).images[0]
+                 generator=[torch.Generator().manual_seed(seed)], **call).images[0]
     return np.asarray(image.convert("RGB"))
 
 
@@ -118,6 +118,53 @@ def test_generate_shows_the_image_and_its_parameters_and_reuse_fills_the_form(pa
     assert page.find_element(By.ID, "steps").get_attribute("value") == str(STEPS)
     assert page.find_element(By.ID, "sampler").get_attribute("value") == "DPM++ 2M"
     assert page.find_element(By.ID, "scheduler").get_attribute("value") == "exponential"
+
+
+def test_cfg_truncation_field_generates_reuses_and_refuses_out_of_range(page):
+    """The guided fraction goes out as `cfg_truncation` (the Python API's image with it); "Reuse parameters" puts
+    it back, and empties it for an image made without; a value outside [0, 1] is refused before anything is sent."""
+    fill(page, "prompt", PROMPT)
+    fill(page, "steps", STEPS)
+    fill(page, "cfg", 3)
+    fill(page, "seed", SEED + 1)
+    Select(page.find_element(By.ID, "sampler")).select_by_value("")
+    Select(page.find_element(By.ID, "scheduler")).select_by_value("")
+    shown = {}
+    for fraction in ("", 0.5):
+        fill(page, "cfg_truncation", fraction)
+        shown[fraction] = shown_pixels(generated(page))
+    expected = reference(SEED + 1, cfg_truncation=0.5)
+    np.testing.assert_array_equal(shown[0.5], expected)
+    np.testing.assert_array_equal(shown[""], reference(SEED + 1))
+    assert not np.array_equal(shown[""], expected)   # the truncation changes the image
+
+    newest, older = page.find_elements(By.CSS_SELECTOR, "#gallery .result .reuse")[:2]
+    fill(page, "cfg_truncation", "")
+    newest.click()
+    assert float(page.find_element(By.ID, "cfg_truncation").get_attribute("value")) == 0.5
+    older.click()
+    assert page.find_element(By.ID, "cfg_truncation").get_attribute("value") == ""
+
+    before = len(page.find_elements(By.CSS_SELECTOR, "#gallery .result"))
+    assert page.find_element(By.ID, "status").text == "done"
+    fill(page, "cfg_truncation", 1.5)
+    assert page.execute_script("return document.getElementById('cfg_truncation').checkValidity()") is False
+    page.find_element(By.ID, "generate").click()
+    time.sleep(0.5)
+    assert page.find_element(By.ID, "status").text == "done"   # not "queued": the form refused the value
+    assert len(page.find_elements(By.CSS_SELECTOR, "#gallery .result")) == before
+    fill(page, "cfg_truncation", "")
+
+
+def generated(page):
+    """Click Generate and return the new result's image, once it has loaded."""
+    before = len(page.find_elements(By.CSS_SELECTOR, "#gallery .result"))
+    page.find_element(By.ID, "generate").click()
+    wait = WebDriverWait(page, WAIT_S)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery .result")) == before + 1)
+    image = page.find_element(By.CSS_SELECTOR, "#gallery .result img")
+    wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) == 64)
+    return image
 
 
 def test_progress_preview_and_interrupt(page, monkeypatch):
@@ -174,8 +221,8 @@ def test_lora_picker_inserts_the_tag_and_every_control_has_a_label(page):
     fill(page, "prompt", PROMPT)
     Select(page.find_element(By.ID, "lora")).select_by_value("tinystyle")
     assert page.find_element(By.ID, "prompt").get_attribute("value") == f"{PROMPT} <lora:tinystyle:1>"
-    for element_id in ("prompt", "negative", "width", "height", "steps", "cfg", "sampler", "scheduler", "seed",
-                       "lora"):
+    for element_id in ("prompt", "negative", "width", "height", "steps", "cfg", "cfg_truncation", "sampler",
+                       "scheduler", "seed", "lora"):
         labels = page.find_elements(By.CSS_SELECTOR, f"label[for='{element_id}']")
         assert len(labels) == 1 and labels[0].text.strip(), element_id
     for element_id in ("generate", "interrupt", "progress", "preview", "gallery", "error"):

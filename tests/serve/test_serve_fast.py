@@ -80,6 +80,15 @@ def test_img2img_with_cfg_truncation_is_the_python_api_s(client, pipe):
     assert np.array_equal(got, expected)
 
 
+def test_info_reports_cfg_truncation(client):
+    """The answer's `info` carries it (the page's "reuse parameters" puts it back from there); null when not given."""
+    for value in (0.25, None):
+        answer = client.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "steps": 2, "width": 64, "height": 64,
+                                                        "cfg_truncation": value})
+        assert answer.status_code == 200, answer.text
+        assert json.loads(answer.json()["info"])["cfg_truncation"] == value
+
+
 def test_requests_that_differ_in_cfg_truncation_never_share_a_call():
     a, b = (ImageRequest(model=MODEL, prompt=PROMPT, cfg_truncation=value) for value in (None, 0.5))
     assert a.batch_key() != b.batch_key()

@@ -57,6 +57,7 @@ from .generate_prompts import add_prompt_flags, settle_prompts
 from .generate_sdxl import add_sdxl_flags, check_loaded, is_sdxl, settle_sdxl
 from .generate_settings import (
     DTYPES,
+    FLAGS,
     GenerateSettings,
     Job,
     note_from,
@@ -163,7 +164,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     checked = procs.is_main and warn_unknown_words(tokenizer_file(source, settings.tokenizer), texts)
     # after every input check: the choice is printed only for a run that goes on to load the model
     settings = settle_dtype(settings, device=device or procs.device, show=procs.is_main)
-    pipe = load_pipeline(source, settings, device=device or procs.device)
+    pipe = load_pipeline(source, settings, device=device or procs.device, names=FLAGS)
     check_loaded(pipe, settings)
     apply_embeddings(pipe, settings, embeddings)
     apply_loras(pipe, settings)
@@ -277,7 +278,8 @@ def load_refiner(settings: GenerateSettings, *, device: Any) -> Any:
 
     assert settings.refiner is not None
     # a refiner file has no CLIP-L: only the bigG tokenizer (--tokenizer-2) serves it
-    pipe = load_pipeline(locate_model(settings.refiner), dataclasses.replace(settings, tokenizer=None), device=device)
+    pipe = load_pipeline(locate_model(settings.refiner), dataclasses.replace(settings, tokenizer=None), device=device,
+                         names=FLAGS)
     if not is_sdxl(pipe):
         raise UsageError("the refiner must be an SDXL model", where="--refiner", expected="an SDXL refiner",
                          found=settings.refiner)

@@ -309,7 +309,8 @@ class InputsRun:
         common["clip_skip"] = self.clip_skip
         common |= prompt_options(s, self.pipe) | self.control | fast_call_options(s)
         if is_sdxl(self.pipe):
-            return call_sdxl(self.pipe, self.refiner, s, images, prompt, height=height, width=width, **common)
+            return call_sdxl(self.pipe, self.refiner, s, images, prompt, height=height, width=width, names=FLAGS,
+                             **common)
         if s.hires_scale is not None:
             from ..pipelines.hires import hires_fix
 

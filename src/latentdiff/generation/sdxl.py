@@ -18,10 +18,11 @@ its "sdxl_clip_l_skip" option is on (and then only in CLIP-L): a PNG's "Clip ski
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from ..errors import UsageError
-from .settings import FLAGS, GenerateSettings
+from .settings import GenerateSettings
 
 _SIZE = re.compile(r"(\d{1,6})x(\d{1,6})")
 _PAIR = re.compile(r"(\d{1,6}),(\d{1,6})")
@@ -86,15 +87,20 @@ def refiner_sampler(refiner: Any, sampler: Any) -> Any:
     return switched
 
 
-def micro_conditioning(settings: GenerateSettings) -> dict[str, Any]:
-    """The SDXL pipeline keywords of the micro-conditioning flags given (diffusers' (height, width) / (top, left))."""
+def micro_conditioning(settings: GenerateSettings, *, names: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The SDXL pipeline keywords of the micro-conditioning settings given (diffusers' (height, width) /
+    (top, left)). names: what the caller calls the settings in its error messages (the command line: `FLAGS`);
+    None, or a setting it leaves out: the setting's own name."""
+    where = names or {}
     options: dict[str, Any] = {}
     for key in ("original_size", "target_size"):
         if getattr(settings, key) is not None:
-            width, height = parse_pair(getattr(settings, key), _SIZE, where=FLAGS[key], expected="WIDTHxHEIGHT")
+            width, height = parse_pair(getattr(settings, key), _SIZE, where=where.get(key, key),
+                                       expected="WIDTHxHEIGHT")
             options[key] = (height, width)
     if settings.crop_top_left is not None:
-        options["crops_coords_top_left"] = parse_pair(settings.crop_top_left, _PAIR, where=FLAGS["crop_top_left"],
+        options["crops_coords_top_left"] = parse_pair(settings.crop_top_left, _PAIR,
+                                                      where=where.get("crop_top_left", "crop_top_left"),
                                                       expected="TOP,LEFT")
     return options
 
@@ -108,12 +114,12 @@ CONTROL_ARGUMENTS = ("control_image", "control_resize_mode", "controlnet_conditi
 
 
 def call_sdxl(pipe: Any, refiner: Any, settings: GenerateSettings, images: Any, prompt: Any, *, height: int,
-              width: int, **common: Any) -> Any:
+              width: int, names: Mapping[str, str] | None = None, **common: Any) -> Any:
     """One call of `latentdiff generate` on an SDXL pipeline: text-to-image or image-to-image, then the refiner
-    from the base's latents when there is one."""
+    from the base's latents when there is one. names: as `micro_conditioning` takes them."""
     from ..pipelines.sdxl_image import StableDiffusionXLImg2ImgPipeline
 
-    common |= micro_conditioning(settings)
+    common |= micro_conditioning(settings, names=names)
     if settings.hires_scale is not None:
         return sdxl_hires_fix(pipe, prompt, scale=settings.hires_scale, steps=settings.hires_steps,
                               strength=settings.hires_strength, upscaler=settings.hires_upscaler or "latent",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -39,7 +40,8 @@ RECORDED = ("prompt", "negative", "seed", "steps", "guidance", "sampler", "eta",
             "tome", "cfg_truncation",   # cheaper steps (generate_tome)
             "sampler_options")   # the settings an A1111 sampler label fixes (generate_a1111)
 OPTIONAL = RECORDED[RECORDED.index("clip_skip"):]   # recorded only when set
-FLAGS = {key: f"--{key.replace('_', '-')}" for key in RECORDED} | {"prompt": "PROMPT", "n": "-n"}   # for messages
+# the command line's names of the settings, for its messages (`names` of load_pipeline, call_sdxl)
+FLAGS = {key: f"--{key.replace('_', '-')}" for key in RECORDED} | {"prompt": "PROMPT", "n": "-n"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,10 +147,13 @@ def model_family(source: ModelSource) -> str | None:
 
 
 # ---- the pipeline the settings load --------------------------------------------------------------------------------
-def load_pipeline(source: ModelSource, settings: GenerateSettings, *, device: Any) -> Any:
+def load_pipeline(source: ModelSource, settings: GenerateSettings, *, device: Any,
+                  names: Mapping[str, str] | None = None) -> Any:
     """The text-to-image pipeline of the model's family (StableDiffusionXLPipeline for SDXL base and refiner
     folders, StableDiffusionXLInpaintPipeline for SDXL inpainting ones; else LatentDiffusionPipeline) in the
-    chosen dtype on the chosen device, with the chosen sampler."""
+    chosen dtype on the chosen device, with the chosen sampler. names: what the caller calls the settings in its
+    error messages (the command line its flags, `FLAGS`; the server its request keys); None, or a setting it
+    leaves out: the setting's own name."""
     import torch
 
     from ..diffusion.samplers import switch_sampler
@@ -175,7 +180,9 @@ def load_pipeline(source: ModelSource, settings: GenerateSettings, *, device: An
     else:
         pipe = cls.from_pretrained(source.name if source.kind == "hub" else source.path, **load,
                                    **load_vae(settings, **load))
-    pipe.sampler = with_schedule(switch_sampler(pipe.sampler, settings.sampler), settings.schedule, pipe=pipe)
+    where = names or {}
+    pipe.sampler = with_schedule(switch_sampler(pipe.sampler, settings.sampler), settings.schedule, pipe=pipe,
+                                 where=where.get("schedule", "schedule"), sampler_where=where.get("sampler", "sampler"))
     if settings.sampler_options:       # what the A1111 label fixes (Brownian noise, a dropped sigma, Heun)
         pipe.sampler = cast(Any, pipe.sampler).with_options(**settings.sampler_options)
     return pipe
@@ -211,10 +218,12 @@ def load_vae(settings: GenerateSettings, *, torch_dtype: Any, device: Any) -> di
     return {"vae": AutoencoderKL.from_pretrained(path, subfolder=subfolder, torch_dtype=torch_dtype, device=device)}
 
 
-def with_schedule(sampler: Any, schedule: str | None, *, pipe: Any = None) -> Any:
-    """The pipeline's sampler with `schedule` set (None: as it is); a UsageError naming --schedule when it has
-    none (the folder's own sampler, known only once loaded). Align Your Steps takes `pipe`'s table (SDXL or SD 1.5:
-    names.schedule_options)."""
+def with_schedule(sampler: Any, schedule: str | None, *, pipe: Any = None, where: str = "schedule",
+                  sampler_where: str = "sampler") -> Any:
+    """The pipeline's sampler with `schedule` set (None: as it is); a UsageError naming `where` (the caller's name
+    of the schedule: `--schedule` on the command line, `scheduler` in a request) when it has none (the folder's
+    own sampler, known only once loaded); `sampler_where`: the caller's name of the sampler. Align Your Steps takes
+    `pipe`'s table (SDXL or SD 1.5: names.schedule_options)."""
     from ..diffusion.samplers.names import schedule_options  # torch: where a schedule is set
 
     if schedule is None or (getattr(sampler, "sigma_schedule", None) == schedule and schedule != "align_your_steps"):
@@ -222,7 +231,7 @@ def with_schedule(sampler: Any, schedule: str | None, *, pipe: Any = None) -> An
     if not hasattr(sampler, "sigma_schedule"):
         if schedule == "default":
             return sampler
-        raise UsageError(f"the model's sampler {type(sampler).__name__} has no schedule to set", where="--schedule",
-                         expected="no --schedule, or --sampler with a schedule (euler, heun, lms, dpm_2, dpmpp_2m, "
-                                  "dpmpp_sde ...)", found=schedule)
+        raise UsageError(f"the model's sampler {type(sampler).__name__} has no schedule to set", where=where,
+                         expected=f"no {where}, or {sampler_where} with a schedule (euler, heun, lms, dpm_2, "
+                                  "dpmpp_2m, dpmpp_sde ...)", found=schedule)
     return sampler.with_options(**schedule_options(schedule, pipeline=pipe))

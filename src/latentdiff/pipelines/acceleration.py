@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 from typing import Any, Literal
 
 import torch
@@ -181,12 +182,44 @@ def compile_unet(pipe: Any, *, mode: str | None = "auto", backend: Any = "induct
     unet.__dict__.pop("forward", None)
     if backend == "inductor":
         use_compile_cache()   # compiled graphs kept on disk for the next process (pipelines/compile_cache.py)
-    compiled = torch.compile(unet.forward, mode=mode, backend=backend, fullgraph=fullgraph, dynamic=dynamic,
+    unet.forward = CompiledForward(unet, dict(mode=mode, backend=backend, fullgraph=fullgraph, dynamic=dynamic,
+                                              options=options))
+
+
+class CompiledForward:
+    """A UNet's compiled forward, held in its `__dict__` (what `compile_unet` sets). torch.compile wraps the
+    forward bound to that UNet: a deep copy of the UNet (or of its pipeline) gets a forward of its own, compiled
+    the same way from the copy's forward on its first call (`lazy`: while the UNet is being copied its attributes
+    are not there yet), where a copied wrapper would run the original's blocks and weights (a copy with token
+    merging switched off kept merging, with the original's settings)."""
+
+    latentdiff_compiled = True   # the marker `_is_compiled` reads
+
+    def __init__(self, unet: nn.Module, settings: dict[str, Any], *, lazy: bool = False):
+        self.unet, self.settings = unet, settings
+        self.compiled = None if lazy else _compiled_forward(unet, **settings)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.compiled is None:
+            self.compiled = _compiled_forward(self.unet, **self.settings)
+        return self.compiled(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CompiledForward:
+        copied = memo.get(id(self.unet))   # deepcopy records the UNet's copy before copying its attributes
+        if copied is None:                 # the forward copied on its own: it still runs this UNet
+            return self
+        return CompiledForward(copied, self.settings, lazy=True)
+
+
+def _compiled_forward(unet: nn.Module, *, mode: str | None, backend: Any, fullgraph: bool, dynamic: bool,
+                      options: dict[str, Any] | None) -> Any:
+    """torch.compile of `unet`'s class forward, bound to `unet` (not the instance attribute, which holds this)."""
+    forward = types.MethodType(type(unet).forward, unet)
+    compiled = torch.compile(forward, mode=mode, backend=backend, fullgraph=fullgraph, dynamic=dynamic,
                              options=options)
     if mode in CUDA_GRAPH_MODES and unet.device.type == "cuda":
         compiled = _graph_safe(compiled)
-    compiled.latentdiff_compiled = True  # type: ignore[attr-defined]  # a marker, read by _is_compiled
-    unet.forward = compiled
+    return compiled
 
 
 def _graph_safe(compiled: Any) -> Any:

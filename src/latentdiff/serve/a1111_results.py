@@ -107,6 +107,7 @@ def info(result: JobResult, body: Mapping[str, Any], *, checkpoint: Mapping[str,
         "styles": styles if isinstance(styles, list) else [], "job_timestamp": time.strftime(TIMESTAMP),
         "clip_skip": request.clip_skip or 1, "is_using_inpainting_conditioning": False,
         "version": f"latentdiff {__version__}", "ignored": list(request.ignored),
+        "cfg_truncation": request.cfg_truncation,   # latentdiff's (the page's "reuse parameters" reads it)
         "interrupted": result.interrupted, "skipped": result.skipped,
     }
 

@@ -38,6 +38,8 @@ EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
 NO_VAE = {"", "automatic", "none"}                  # sd_vae values meaning "the model's own" (A1111)
 TITLE_HASH = re.compile(r"^(?P<name>.+) \[(?P<hash>[0-9a-f]{10})\]$")
 HASH_CHUNK = 1024 * 1024
+# the request keys that set what `load_pipeline` loads: its error messages name these (the command line's, its flags)
+SETTING_KEYS = {"model": "sd_model_checkpoint", "vae": "sd_vae", "sampler": "sampler_name", "schedule": "scheduler"}
 
 
 def startup_entry(model: str, models_dir: Path | None) -> Entry:
@@ -129,7 +131,7 @@ def load_checkpoint(entry: Entry, vae: Entry | None, *, dtype: str, device: Any)
     settings = GenerateSettings(prompt=None, negative=None, seed=0, steps=None, guidance=None, sampler=None,
                                 eta=None, height=None, width=None, n=1, model=entry.model, dtype=dtype,
                                 tokenizer=None, vae=None if vae is None else vae.model)
-    return load_pipeline(locate_model(entry.model), settings, device=device)
+    return load_pipeline(locate_model(entry.model), settings, device=device, names=SETTING_KEYS)
 
 
 def _model_name(name: str) -> str:

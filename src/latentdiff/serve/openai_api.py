@@ -14,8 +14,9 @@ What OpenAI's request means here (docs/serving.md):
   no file to fetch) or "url" (the PNG is kept in a small in-memory store, under a random id, for later GETs).
 * OpenAI's settings a diffusion model has no use for (quality, style, user, background, output_format, ...) are
   accepted and listed under the response's `latentdiff.ignored`; latentdiff's own extras (negative_prompt, steps,
-  seed, guidance_scale, sampler, scheduler) come through the client's `extra_body`. Any other key is refused, as
-  OpenAI refuses it ("unknown_parameter").
+  seed, guidance_scale, sampler, scheduler, cfg_truncation) come through the client's `extra_body`;
+  `cfg_truncation` is the A1111 routes' key: guidance for that fraction of the steps only, a number in [0, 1].
+  Any other key is refused, as OpenAI refuses it ("unknown_parameter").
 
 Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, which the `openai` package reads into
 its typed exceptions (BadRequestError for 400, NotFoundError for 404, ...), by status code and that body.
@@ -46,7 +47,7 @@ from .requests import ImageRequest, JobResult, RequestError, redact
 
 IGNORED = ("quality", "style", "user", "background", "output_format", "output_compression", "moderation",
            "partial_images", "stream")           # OpenAI's settings accepted and not used (stream: only false)
-EXTRAS = ("negative_prompt", "steps", "seed", "guidance_scale", "sampler", "scheduler")
+EXTRAS = ("negative_prompt", "steps", "seed", "guidance_scale", "sampler", "scheduler", "cfg_truncation")
 KNOWN = ("model", "prompt", "n", "size", "response_format", *IGNORED, *EXTRAS)
 OPENAI_MODELS = re.compile(r"^(dall-e|gpt-image)", re.IGNORECASE)   # OpenAI's own names: the current model
 MAX_N = 10                                        # OpenAI's bound on n (the server's --max-images applies too)
@@ -213,12 +214,14 @@ async def image_request(body: Any, catalog: Any) -> tuple[ImageRequest, str]:
     seed = integer(body, "seed", low=-1, high=MAX_SEED - n + 1)   # the last image's seed is seed + n - 1
     steps = integer(body, "steps", low=1, high=10**6)             # the engine checks --max-steps
     guidance = number(body, "guidance_scale", low=0, high=MAX_CFG_SCALE)
+    cfg_truncation = number(body, "cfg_truncation", low=0, high=1)   # as the A1111 routes check it
     request = ImageRequest(
         model=model, prompt=prompt, negative_prompt=negative, width=size[0], height=size[1],
         steps=DEFAULT_STEPS if steps is None else steps, guidance=DEFAULT_CFG_SCALE if guidance is None else guidance,
         sampler=sampler, schedule=schedule, sampler_options=sampler_options(sampler_name),
         seed=secrets.randbelow(RANDOM_SEEDS) if seed in (None, -1) else seed,
-        batch_size=1, n_iter=n, ignored=tuple(k for k in IGNORED if k in body), origin="openai")
+        batch_size=1, n_iter=n, ignored=tuple(k for k in IGNORED if k in body), origin="openai",
+        cfg_truncation=cfg_truncation)
     return request, response_format
 
 

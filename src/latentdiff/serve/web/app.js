@@ -83,6 +83,8 @@ function formRequest() {
   };
   if ($("sampler").value) request.sampler_name = $("sampler").value;
   if ($("scheduler").value) request.scheduler = $("scheduler").value;
+  // cfg_truncation (latentdiff's key): guidance for that fraction of the steps; empty: every step guided
+  if ($("cfg_truncation").value !== "") request.cfg_truncation = parseFloat($("cfg_truncation").value);
   return request;
 }
 
@@ -129,7 +131,7 @@ function imageSettings(info, i) {
     negative: pick(info.all_negative_prompts, info.negative_prompt),
     seed: pick(info.all_seeds, info.seed),
     width: info.width, height: info.height, steps: info.steps, cfg: info.cfg_scale, sampler: info.sampler_name,
-    scheduler: info.scheduler,
+    scheduler: info.scheduler, cfg_truncation: info.cfg_truncation,
   };
 }
 
@@ -152,6 +154,8 @@ function reuse(settings) {
   set("height", settings.height);
   set("steps", settings.steps);
   set("cfg", settings.cfg);
+  $("cfg_truncation").value = settings.cfg_truncation === undefined || settings.cfg_truncation === null
+    ? "" : settings.cfg_truncation;
   if (settings.sampler) {
     const known = Array.from($("sampler").options).some((o) => o.value === settings.sampler);
     if (!known) option($("sampler"), settings.sampler, settings.sampler);
