@@ -11,7 +11,7 @@ above (the tests check exactly that, against `F.conv2d` / `F.linear` on the fake
 
 Where it pays: the int8 kernel reads half the weight bytes of bf16 and runs twice the MACs per cycle, but each
 call first quantizes its input (one read, one write of the activation). So a layer runs int8 only where the
-weight dominates (measured, benchmarks/RESULTS.md "int8"): convolutions with a kernel larger than 1 x 1, and
+weight dominates (measured, benchmarks/RESULTS.md "int8-static"): convolutions with a kernel larger than 1 x 1, and
 linear layers with at most `INT8_MAX_ROWS` rows (tokens x batch) when the input is bfloat16; elsewhere it runs
 its float forward (packed where `layers.prepacked` can pack it). The input quantizer is one fused loop compiled
 by inductor (`torch.compile`, once per process and cached on disk) where a C++ compiler is present; torch's eager
@@ -30,10 +30,11 @@ from torch import nn
 from .attention import GEGLU
 from .prepacked import PackedForward, PackedLinearForward, _Packed, can_prepack, can_prepack_linear, is_int8
 
-# Measured with 1 and 2 threads on an AMX Xeon (benchmarks/probe_int8_conv.py): a bf16 linear layer with more
-# rows than this is as fast as its int8 GEMM plus the input's quantization pass (2048 x 320 -> 320: 0.40 vs 0.55
-# ms; 512 x 640 -> 640: 0.43 vs 0.32 ms; 128 x 5120 -> 1280: 2.0 vs 1.3 ms).
-INT8_MAX_ROWS = 1024
+# Rows (tokens x batch) above which a bf16 linear layer stays bf16: there the input's quantization pass costs as
+# much as the int8 GEMM saves (per layer, 1 thread, AMX: 2048 x 320 -> 320: bf16 0.40 ms, int8 0.35 + 0.2 ms to
+# quantize; 128 x 5120 -> 1280: 2.0 vs 1.1 + 0.2 ms). On the SD 1.5 UNet, int8 linear layers at every length made
+# the step slower, at <= 256 rows (its deepest levels) no slower (benchmarks/int8_unet.py, RESULTS.md "int8-static").
+INT8_MAX_ROWS = 256
 INT8_MIN_CHANNELS = 32   # narrower layers (a UNet's conv_in / conv_out) stay float: little time, much error
 
 
