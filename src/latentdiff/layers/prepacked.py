@@ -213,7 +213,11 @@ class _Packed:
                 self.packed = self.pack(w.detach(), *size)
             self.key = key
         if owner is not None and self.releasable(*size) and not _hooked(owner):
-            _swap(w, self.packed)
+            try:
+                _swap(w, self.packed)
+            except RuntimeError:   # weak references to the weight, or another tensor object on it: keep both
+                self.owner = None
+                return self.packed
             self.packed, self.key, self.size = None, None, size
             return w.detach()
         return self.packed
