@@ -25,6 +25,7 @@ step, fp32 ones equal the plain ones to rounding order. `unpack_linears` goes ba
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -200,27 +201,33 @@ class _Packed:
         self.key: tuple[Any, ...] | None = None
         self.packed: torch.Tensor | None = None
         self.size: tuple[torch.Size, ...] = ()   # what a released copy was packed for
+        self.lock = threading.Lock()
 
     def get(self, w: torch.Tensor, *size: torch.Size) -> torch.Tensor:
+        with self.lock:   # two threads may share a pipeline: one packs, or swaps the weight, at a time
+            return self._get(w, *size)
+
+    def _get(self, w: torch.Tensor, *size: torch.Size) -> torch.Tensor:
         owner = self.owner
         if w.is_mkldnn:   # released: the parameter holds the packed copy itself
             if size == self.size and not _hooked(owner):
                 return w.detach()
             restore_weights(owner)   # type: ignore[arg-type]  # only an owner's weight is ever released
         key = (None if w.is_inference() else w._version, w.data_ptr(), w.dtype, w.device, *size)
-        if key != self.key or self.packed is None:
+        packed = self.packed
+        if key != self.key or packed is None:
             with torch.inference_mode(False):   # a released copy becomes the parameter: not an inference tensor
-                self.packed = self.pack(w.detach(), *size)
+                packed = self.packed = self.pack(w.detach(), *size)
             self.key = key
         if owner is not None and self.releasable(*size) and not _hooked(owner):
             try:
-                _swap(w, self.packed)
+                _swap(w, packed)
             except RuntimeError:   # weak references to the weight, or another tensor object on it: keep both
                 self.owner = None
-                return self.packed
+                return packed
             self.packed, self.key, self.size = None, None, size
             return w.detach()
-        return self.packed
+        return packed
 
 
 def _hooked(layer: nn.Module | None) -> bool:
