@@ -8,7 +8,7 @@ so far (ru_maxrss) after each stage, then the bytes held per network. RSS is mem
 changes it little, but run one of these at a time (other processes' paging does not add to our RSS, swapping
 can lower it).
 
-    python benchmarks/cpu_memory.py [--folder /work/peers/weights/sd15] [--size 512] [--steps 2]
+    python benchmarks/cpu_memory.py [--folder /work/peers/weights/sd15] [--sizes 512] [--steps 2]
         [--cases eager,packed,packed-keep] [--threads 2]
 
 `packed`: `optimize_for_cpu(pipe)` (each packed copy takes its plain weight's place); `packed-keep`:
@@ -56,15 +56,18 @@ stages["from_pretrained"] = rss()
 if case != "eager":
     optimize_for_cpu(pipe{options})
     stages["optimize_for_cpu"] = rss()
+sums = []
 with torch.inference_mode():
-    cond, uncond = pipe.encode_prompt(["a photo of a cat"], ["blurry"])
-    stages["encode_prompt"] = rss()
-    x_T = pipe.prepare_latents(1, {size}, {size}, generator=torch.Generator().manual_seed(0))
-    z0 = pipe.denoise(x_T, cond, uncond, guidance_scale=7.5, num_inference_steps={steps}, progress=False)
-    stages["denoise"] = rss()
-    image = pipe.decode(z0)
-    stages["decode"] = rss()
-print(json.dumps(dict(case=case, stages=stages, held=held(pipe), image_sum=float(image.float().sum()))))
+    for size in {sizes!r}:   # one after the other, in this process: the convolutions repack for each size
+        cond, uncond = pipe.encode_prompt(["a photo of a cat"], ["blurry"])
+        stages[f"encode_prompt {{size}}"] = rss()
+        x_T = pipe.prepare_latents(1, size, size, generator=torch.Generator().manual_seed(0))
+        z0 = pipe.denoise(x_T, cond, uncond, guidance_scale=7.5, num_inference_steps={steps}, progress=False)
+        stages[f"denoise {{size}}"] = rss()
+        image = pipe.decode(z0)
+        stages[f"decode {{size}}"] = rss()
+        sums.append(float(image.float().sum()))
+print(json.dumps(dict(case=case, stages=stages, held=held(pipe), image_sums=sums)))
 """
 
 # case -> extra keyword arguments of optimize_for_cpu (as source text)
@@ -72,7 +75,8 @@ CASES = {"eager": "", "packed": "", "packed-keep": ", keep_weights=True"}
 
 
 def run_case(case: str, args: argparse.Namespace) -> dict:
-    code = CHILD.format(case=case, folder=str(args.folder), size=args.size, steps=args.steps, threads=args.threads,
+    sizes = [int(v) for v in args.sizes.split(",")]
+    code = CHILD.format(case=case, folder=str(args.folder), sizes=sizes, steps=args.steps, threads=args.threads,
                         options=CASES[case])
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
@@ -84,7 +88,7 @@ def run_case(case: str, args: argparse.Namespace) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--folder", type=Path, default=Path("/work/peers/weights/sd15"))
-    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--sizes", default="512", help="image sizes, comma-separated, generated in turn in one process")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cases", default="eager,packed,packed-keep", help=f"comma-separated, of {', '.join(CASES)}")
@@ -94,13 +98,13 @@ def main() -> None:
     for case in args.cases.split(","):
         result = run_case(case, args)
         results.append(result)
-        print(f"## {case}: {args.size} px, {args.steps} steps, bf16 (RSS MB now / peak so far)")
+        print(f"## {case}: {args.sizes} px, {args.steps} steps, bf16 (RSS MB now / peak so far)")
         for stage, (now, peak) in result["stages"].items():
-            print(f"  {stage:18s} {now:6d} / {peak:6d}")
+            print(f"  {stage:20s} {now:6d} / {peak:6d}")
         for name, held in result["held"].items():
             print(f"  {name:18s} parameters {held['parameters_mb']:5d} MB (of them packed in place "
                   f"{held['released_mb']:5d} MB), packed copies besides {held['packed_mb']:5d} MB")
-        print(f"  image sum {result['image_sum']:.6g}", flush=True)
+        print(f"  image sums {', '.join(f'{v:.6g}' for v in result['image_sums'])}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

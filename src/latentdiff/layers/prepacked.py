@@ -10,9 +10,12 @@ latest call) and calls
 order; bf16: the same rounding of inputs, the same fp32 accumulation).
 
 The module stays an `nn.Conv2d` with its parameters, so `state_dict`, saving, LoRA fusing and `.to()` are
-unchanged; the packed copy (as large again as the convolution weights) lives outside the parameters and is
-rebuilt when the weight is changed in place or moved (its version, storage, dtype or device differ), so it is
-never stale. `unpack_convolutions` drops it.
+unchanged. By default the packed copy (as large again as the weight) lives beside the parameter and is rebuilt
+when the weight is changed in place or moved (its version, storage, dtype or device differ), so it is never
+stale; with `release=True` (what `optimize_for_cpu` does) it takes the plain weight's place in the same
+Parameter object, so the weights are held once, and whatever reads the values (state_dict, load_state_dict,
+`.to()`, a training forward, `restore_weights`) gets the exact plain weight back (`_Packed`).
+`unpack_convolutions` drops the packed copies.
 
 `prepack_linears` does the same for `nn.Linear` (`mkldnn._reorder_linear_weight` / `_linear_pointwise`) and gives
 every `GEGLU` (layers.attention: `h, gate = proj(x).chunk(2); h * gelu(gate)`) a fused forward: the gate half of
