@@ -387,3 +387,11 @@ def test_lora_fused_onto_weights_packed_in_place_equals_the_published_merge(fold
     assert max_rel_error(run(pipe), run(reference)) <= PARITY_TOL
     pipe.unfuse_lora()
     assert all(torch.equal(v, base[k]) for k, v in pipe.unet.state_dict().items())   # bit for bit
+
+
+def test_optimize_for_cpu_on_memory_mapped_weights_released_after_each_stage(folder):
+    pipe = LatentDiffusionPipeline.from_pretrained(folder, mmap_weights=True)   # release_weights after each stage
+    expected = run(pipe)
+    cpu_paths.optimize_for_cpu(pipe)
+    assert max_rel_error(run(pipe), expected) <= PARITY_TOL and packed_in_place(pipe.unet)
+    assert max_rel_error(run(pipe), expected) <= PARITY_TOL
