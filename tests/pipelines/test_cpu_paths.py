@@ -395,3 +395,17 @@ def test_optimize_for_cpu_on_memory_mapped_weights_released_after_each_stage(fol
     cpu_paths.optimize_for_cpu(pipe)
     assert max_rel_error(run(pipe), expected) <= PARITY_TOL and packed_in_place(pipe.unet)
     assert max_rel_error(run(pipe), expected) <= PARITY_TOL
+
+
+@torch.no_grad()
+def test_an_ip_adapter_made_for_a_unet_with_weights_packed_in_place_copies_the_plain_ones():
+    from latentdiff.models.ip_adapter import IPAdapter
+
+    unet = tiny_unet()
+    expected = IPAdapter.for_unet(unet, image_embed_dim=16).state_dict()
+    prepack_convolutions(unet, release=True), prepack_linears(unet, release=True)
+    unet(*unet_inputs())
+    assert packed_in_place(unet)
+    made = IPAdapter.for_unet(unet, image_embed_dim=16).state_dict()
+    copied = [k for k in expected if "_ip." in k]
+    assert copied and all(torch.equal(made[k], expected[k]) for k in copied)
