@@ -13,7 +13,8 @@ What is proven:
   projections holds its weight once (bytes counted: at most the plain weights + the GEGLU projections, where
   keeping both holds more), with the same results as packed copies beside the plain weights (bit for bit), the
   same Parameter objects, state_dict values bit for bit, saved files byte for byte, load_state_dict / training /
-  `.to()` / LoRA fusing (against the published merge) / unfusing (bit for bit) seeing the plain values;
+  `.to()` / LoRA fusing (against the published merge) / unfusing (bit for bit) / an IP-Adapter's copies of the
+  keys and values seeing the plain values; memory-mapped weights released after each stage still work;
 * `quantize(pipe, "int8")` replaces every UNet Linear, keeps the images within INT8_TOL of fp32, refuses a bf16
   UNet, and makes saving a UsageError;
 * `use_compile_cache` points inductor's on-disk caches at the folder asked for, and a compile writes there.
