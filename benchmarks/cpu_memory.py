@@ -13,7 +13,8 @@ can lower it).
 
 `packed`: `optimize_for_cpu(pipe)` (each packed copy takes its plain weight's place); `packed-keep`:
 `optimize_for_cpu(pipe, keep_weights=True)` (plain weights and packed copies both held, as before issue 20's
-memory change).
+memory change); `packed-no-gemm`: `packed` with `GEMM_MAX_PIXELS = 0` (no im2col + GEMM convolutions, whose packed
+weight cannot take the parameter's place).
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ case = {case!r}
 stages = {{"import": rss()}}
 pipe = LatentDiffusionPipeline.from_pretrained({folder!r}, torch_dtype=torch.bfloat16)
 stages["from_pretrained"] = rss()
+{setup}
 if case != "eager":
     optimize_for_cpu(pipe{options})
     stages["optimize_for_cpu"] = rss()
@@ -70,14 +72,15 @@ with torch.inference_mode():
 print(json.dumps(dict(case=case, stages=stages, held=held(pipe), image_sums=sums)))
 """
 
-# case -> extra keyword arguments of optimize_for_cpu (as source text)
-CASES = {"eager": "", "packed": "", "packed-keep": ", keep_weights=True"}
+# case -> (extra keyword arguments of optimize_for_cpu, a statement run before it), as source text
+CASES = {"eager": ("", ""), "packed": ("", ""), "packed-keep": (", keep_weights=True", ""),
+         "packed-no-gemm": ("", "import latentdiff.layers.prepacked as p; p.GEMM_MAX_PIXELS = 0")}
 
 
 def run_case(case: str, args: argparse.Namespace) -> dict:
     sizes = [int(v) for v in args.sizes.split(",")]
     code = CHILD.format(case=case, folder=str(args.folder), sizes=sizes, steps=args.steps, threads=args.threads,
-                        options=CASES[case])
+                        options=CASES[case][0], setup=CASES[case][1])
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
