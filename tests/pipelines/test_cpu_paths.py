@@ -9,6 +9,12 @@ What is proven:
 * the residual sums fused into packed layers equal the plain sums (1e-6), and a layer with a forward hook (an
   unfused adapter) keeps its hook's effect;
 * `optimize_for_cpu` gives a pipeline's fp32 images within 1e-4 of the plain pipeline's, and is undone;
+* weights packed in place (`release=True`, optimize_for_cpu's default): every Conv2d and Linear but the GEGLU
+  projections holds its weight once (bytes counted: at most the plain weights + the GEGLU projections, where
+  keeping both holds more), with the same results as packed copies beside the plain weights (bit for bit), the
+  same Parameter objects, state_dict values bit for bit, saved files byte for byte, load_state_dict / training /
+  `.to()` / LoRA fusing (against the published merge) / unfusing (bit for bit) / an IP-Adapter's copies of the
+  keys and values seeing the plain values; memory-mapped weights released after each stage still work;
 * `quantize(pipe, "int8")` replaces every UNet Linear, keeps the images within INT8_TOL of fp32, refuses a bf16
   UNet, and makes saving a UsageError;
 * `use_compile_cache` points inductor's on-disk caches at the folder asked for, and a compile writes there.
@@ -27,8 +33,10 @@ from latentdiff.layers.attention import GEGLU, Attention, FeedForward
 from latentdiff.layers.fused import add_output
 from latentdiff.layers.prepacked import (
     is_prepacked,
+    packed_copies,
     prepack_convolutions,
     prepack_linears,
+    tensor_bytes,
     unpack_convolutions,
     unpack_linears,
 )
@@ -257,3 +265,148 @@ def test_tiny_outputs_run_as_im2col_gemm_and_equal_the_convolution(kernel):
     bigger = torch.randn(2, 24, 8, 8)                                               # back to the convolution
     assert max_rel_error(conv(bigger), torch.nn.functional.conv2d(bigger, conv.weight, conv.bias,
                                                                   padding=kernel // 2)) <= 1e-5
+
+
+# ---- packed weights in place of the plain ones (optimize_for_cpu's default; issue 20's memory) ----------------
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of every weight `module` holds now: dense parameters and buffers by storage, packed parameters
+    (oneDNN layout, no storage) and the packed copies beside them by element count."""
+    tensors = [*module.parameters(), *module.buffers()]
+    dense = {id(t.untyped_storage()): t.untyped_storage().nbytes() for t in tensors if not t.is_mkldnn}
+    return sum(dense.values()) + tensor_bytes([t for t in tensors if t.is_mkldnn] + packed_copies(module))
+
+
+def packed_in_place(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m.__dict__.get("_parameters", {}).get("weight"),
+                                                          torch.Tensor) and m.weight.is_mkldnn]
+
+
+def test_weights_packed_in_place_are_held_once_and_keep_values_identity_and_results():
+    unet, kept = tiny_unet(), tiny_unet()
+    x, t, context = unet_inputs()
+    before, params = {k: v.clone() for k, v in unet.state_dict().items()}, list(unet.parameters())
+    plain = sum(p.numel() * p.element_size() for p in [*unet.parameters(), *unet.buffers()])
+    geglus = sum(m.proj.weight.numel() * m.proj.weight.element_size() for m in unet.modules() if type(m) is GEGLU)
+    with torch.inference_mode():
+        expected = unet(x, t, context)
+        for model, release in ((unet, True), (kept, False)):
+            prepack_convolutions(model, release=release), prepack_linears(model, release=release)
+        out, out_kept = unet(x, t, context), kept(x, t, context)
+    assert torch.equal(out, out_kept)   # the same packed tensors: the same results
+    assert max_rel_error(out, expected) <= PARITY_TOL
+    # every Conv2d and Linear but the GEGLU's projection (packed in two halves beside it) holds its weight once
+    linears = [m for m in unet.modules() if type(m) is nn.Linear]
+    assert len(packed_in_place(unet)) == sum(type(m) is nn.Conv2d for m in unet.modules()) + len(linears) - (
+        sum(type(m) is GEGLU for m in unet.modules()))
+    assert weight_bytes(unet) <= plain + geglus < weight_bytes(kept)   # kept: every weight twice
+    assert all(a is b for a, b in zip(params, unet.parameters(), strict=True))   # optimizers keep theirs
+    with pytest.raises((NotImplementedError, RuntimeError)):   # read directly: an error, never wrong values
+        unet.conv_in.weight.sum()
+    state = unet.state_dict()
+    assert list(state) == list(before) and all(torch.equal(state[k], v) for k, v in before.items())
+    assert len(packed_in_place(unet)) > 0   # state_dict copies them out; they stay packed
+    # a new input size repacks from the packed weight itself: still the plain convolution
+    small = x[:, :, :8, :8].contiguous()
+    with torch.inference_mode():
+        assert max_rel_error(unet(small, t, context), tiny_unet()(small, t, context)) <= PARITY_TOL
+        assert torch.equal(unet(x, t, context), out)
+
+
+def test_weights_packed_in_place_follow_load_state_dict_train_and_move():
+    unet, reference = tiny_unet(), tiny_unet()
+    x, t, context = unet_inputs()
+    prepack_convolutions(unet, release=True), prepack_linears(unet, release=True)
+    with torch.no_grad():
+        unet(x, t, context)
+    changed = {k: v * 1.5 if k.endswith("weight") else v for k, v in reference.state_dict().items()}
+    reference.load_state_dict(changed)
+    unet.load_state_dict(changed)   # into the same parameters, restored first: never a stale packed copy
+    with torch.no_grad():
+        assert max_rel_error(unet(x, t, context), reference(x, t, context)) <= PARITY_TOL
+        assert packed_in_place(unet)
+    params = list(unet.parameters())
+    optimizer = torch.optim.SGD(unet.parameters(), lr=0.1)
+    unet.train()
+    unet(x, t, context).square().mean().backward()   # the plain weights again: the packed ops have no backward
+    optimizer.step()
+    assert all(a is b and a.grad is not None for a, b in zip(params, unet.parameters(), strict=True))
+    assert not torch.equal(unet.conv_in.weight, reference.conv_in.weight)   # the optimizer's step took
+    with torch.no_grad():
+        unet.eval()(x, t, context)
+        trained = {k: v.clone() for k, v in unet.state_dict().items()}
+        assert packed_in_place(unet)
+        unet.to(torch.float64)   # .to() sees the plain weights
+    assert all(torch.equal(v, trained[k].double()) for k, v in unet.state_dict().items())
+    assert not packed_in_place(unet)
+
+
+def test_optimize_for_cpu_holds_the_weights_once_saves_the_same_files_and_is_undone(folder, tmp_path):
+    pipe = LatentDiffusionPipeline.from_pretrained(folder)
+    pipe.save_pretrained(tmp_path / "before")
+    expected, state = run(pipe), {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    networks = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
+    plain = {name: weight_bytes(net) for name, net in networks.items()}
+    geglus = sum(m.proj.weight.numel() * m.proj.weight.element_size() for m in pipe.unet.modules()
+                 if type(m) is GEGLU)
+    cpu_paths.optimize_for_cpu(pipe)
+    assert max_rel_error(run(pipe), expected) <= PARITY_TOL
+    for name, net in networks.items():
+        assert packed_in_place(net), name
+        assert weight_bytes(net) <= plain[name] + (geglus if name == "unet" else 0), name
+    pipe.save_pretrained(tmp_path / "after")
+    files = sorted(p.relative_to(tmp_path / "before") for p in (tmp_path / "before").rglob("*") if p.is_file())
+    assert files and files == sorted(p.relative_to(tmp_path / "after") for p in (tmp_path / "after").rglob("*")
+                                     if p.is_file())
+    assert all((tmp_path / "before" / f).read_bytes() == (tmp_path / "after" / f).read_bytes() for f in files)
+    cpu_paths.undo_cpu_optimization(pipe)
+    assert not any(packed_in_place(net) for net in networks.values())
+    assert all(torch.equal(v, state[k]) for k, v in pipe.unet.state_dict().items())
+    kept = cpu_paths.optimize_for_cpu(LatentDiffusionPipeline.from_pretrained(folder), keep_weights=True)
+    assert max_rel_error(run(kept), expected) <= PARITY_TOL
+    assert not packed_in_place(kept.unet) and weight_bytes(kept.unet) > plain["unet"] + geglus
+
+
+def test_lora_fused_onto_weights_packed_in_place_equals_the_published_merge(folder, tmp_path):
+    from safetensors.torch import save_file
+
+    from tests._support.lora import kohya, merge_kohya, targets
+
+    reference, pipe = (LatentDiffusionPipeline.from_pretrained(folder) for _ in range(2))
+    found = targets(reference.unet)
+    state = kohya(found)
+    save_file(state, tmp_path / "one.safetensors")
+    prefixes = [k.removesuffix(".lora_down.weight") for k in state if k.endswith("lora_down.weight")]
+    merge_kohya({"unet": reference.unet}, state, {p: f"unet:{name}" for p, (_, name, _) in
+                                                  zip(prefixes, found, strict=True)})
+    base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    cpu_paths.optimize_for_cpu(pipe)
+    run(pipe)   # packs, the weights in place
+    pipe.load_lora_weights(tmp_path / "one.safetensors")
+    pipe.fuse_lora()
+    fused, merged = pipe.unet.state_dict(), reference.unet.state_dict()
+    assert max(max_rel_error(fused[k], merged[k]) for k in merged) <= 1e-6
+    assert max_rel_error(run(pipe), run(reference)) <= PARITY_TOL
+    pipe.unfuse_lora()
+    assert all(torch.equal(v, base[k]) for k, v in pipe.unet.state_dict().items())   # bit for bit
+
+
+def test_optimize_for_cpu_on_memory_mapped_weights_released_after_each_stage(folder):
+    pipe = LatentDiffusionPipeline.from_pretrained(folder, mmap_weights=True)   # release_weights after each stage
+    expected = run(pipe)
+    cpu_paths.optimize_for_cpu(pipe)
+    assert max_rel_error(run(pipe), expected) <= PARITY_TOL and packed_in_place(pipe.unet)
+    assert max_rel_error(run(pipe), expected) <= PARITY_TOL
+
+
+@torch.no_grad()
+def test_an_ip_adapter_made_for_a_unet_with_weights_packed_in_place_copies_the_plain_ones():
+    from latentdiff.models.ip_adapter import IPAdapter
+
+    unet = tiny_unet()
+    expected = IPAdapter.for_unet(unet, image_embed_dim=16).state_dict()
+    prepack_convolutions(unet, release=True), prepack_linears(unet, release=True)
+    unet(*unet_inputs())
+    assert packed_in_place(unet)
+    made = IPAdapter.for_unet(unet, image_embed_dim=16).state_dict()
+    copied = [k for k in expected if "_ip." in k]
+    assert copied and all(torch.equal(made[k], expected[k]) for k in copied)

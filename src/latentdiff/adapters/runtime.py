@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, UsageError
+from ..layers.prepacked import restore_weights
 from .delta import Delta, LayerKind
 from .names import COMPONENTS, Target, components
 
@@ -58,8 +59,11 @@ def state_of(pipe: Any, *, create: bool = True) -> AdapterState:
 
 
 def _module(pipe: Any, target: Target) -> Any:
-    """The nn.Linear / nn.Conv2d a target names."""
-    return components(pipe)[target.component].get_submodule(target.name)
+    """The nn.Linear / nn.Conv2d a target names, its plain weight restored if `optimize_for_cpu` had packed it in
+    its place (fusing reads and writes it; a hooked layer stays unpacked: layers.prepacked._Packed)."""
+    module = components(pipe)[target.component].get_submodule(target.name)
+    restore_weights(module)
+    return module
 
 
 def _hook(state: AdapterState, target: Target, layer: LayerKind) -> Any:

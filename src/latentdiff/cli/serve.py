@@ -68,7 +68,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                        help="token merging on every model: the ratio of tokens merged, in [0, 1) (tomesd's reach)")
     serve.add_argument("--optimize-cpu", action="store_true", default=False,
                        help="CPU: optimize_for_cpu on every model (weights packed once, fused feed-forward; faster, "
-                            "more memory: docs/fast.md)")
+                            "weights held once: docs/fast.md)")
     serve.add_argument("--max-batch", type=int, default=defaults.DEFAULT_MAX_BATCH,
                        help=f"images one pipeline call makes, across requests (default {defaults.DEFAULT_MAX_BATCH}; "
                             "1: every image exactly the one the Python API gives alone)")

@@ -28,7 +28,15 @@ import torch
 from torch import nn
 
 from .attention import GEGLU
-from .prepacked import PackedForward, PackedLinearForward, _Packed, can_prepack, can_prepack_linear, is_int8
+from .prepacked import (
+    PackedForward,
+    PackedLinearForward,
+    _Packed,
+    can_prepack,
+    can_prepack_linear,
+    is_int8,
+    restore_weights,
+)
 
 # Rows (tokens x batch) above which a bf16 linear layer stays bf16: there the input's quantization pass costs as
 # much as the int8 GEMM saves (per layer, 1 thread, AMX: 2048 x 320 -> 320: bf16 0.40 ms, int8 0.35 + 0.2 ms to
@@ -235,10 +243,13 @@ def observe_input_ranges(layers: Mapping[str, nn.Module]) -> Iterator[dict[str, 
 
 
 def quantize_layers(layers: Mapping[str, nn.Module], ranges: Mapping[str, tuple[float, float]]) -> int:
-    """Give each layer with an observed range its int8 forward; -> how many."""
+    """Give each layer with an observed range its int8 forward; -> how many. A weight `optimize_for_cpu` packed
+    in place (`prepacked._Packed`, released) is turned back into the plain one first: the int8 copy is made from
+    it, and the float path beside it packs a copy of its own."""
     count = 0
     for name, layer in layers.items():
         if name in ranges:
+            restore_weights(layer)
             forward = (Int8ConvForward(layer, ranges[name]) if type(layer) is nn.Conv2d  # type: ignore[arg-type]
                        else Int8LinearForward(layer, ranges[name]))  # type: ignore[arg-type]
             layer.forward = forward  # type: ignore[method-assign,assignment]

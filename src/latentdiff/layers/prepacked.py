@@ -10,9 +10,12 @@ latest call) and calls
 order; bf16: the same rounding of inputs, the same fp32 accumulation).
 
 The module stays an `nn.Conv2d` with its parameters, so `state_dict`, saving, LoRA fusing and `.to()` are
-unchanged; the packed copy (as large again as the convolution weights) lives outside the parameters and is
-rebuilt when the weight is changed in place or moved (its version, storage, dtype or device differ), so it is
-never stale. `unpack_convolutions` drops it.
+unchanged. By default the packed copy (as large again as the weight) lives beside the parameter and is rebuilt
+when the weight is changed in place or moved (its version, storage, dtype or device differ), so it is never
+stale; with `release=True` (what `optimize_for_cpu` does) it takes the plain weight's place in the same
+Parameter object, so the weights are held once, and whatever reads the values (state_dict, load_state_dict,
+`.to()`, a training forward, `restore_weights`) gets the exact plain weight back (`_Packed`).
+`unpack_convolutions` drops the packed copies.
 
 `prepack_linears` does the same for `nn.Linear` (`mkldnn._reorder_linear_weight` / `_linear_pointwise`) and gives
 every `GEGLU` (layers.attention: `h, gate = proj(x).chunk(2); h * gelu(gate)`) a fused forward: the gate half of
@@ -25,6 +28,7 @@ step, fp32 ones equal the plain ones to rounding order. `unpack_linears` goes ba
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -55,9 +59,10 @@ class PackedForward:
 
     latentdiff_prepacked = True
 
-    def __init__(self, conv: nn.Conv2d):
+    def __init__(self, conv: nn.Conv2d, *, release: bool = False):
         self.conv = conv
-        self.packed = _Packed(self._pack)
+        self.packed = _Packed(self._pack, owner=conv if release else None,
+                              releasable=lambda size: not self._as_gemm(size))   # a GEMM copy has another shape
 
     def _pack(self, w: torch.Tensor, size: torch.Size) -> torch.Tensor:
         conv = self.conv
@@ -75,7 +80,10 @@ class PackedForward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = self.run(x)
-        return nn.Conv2d.forward(self.conv, x) if out is None else out   # training, or a dtype it does not mix
+        if out is None:   # training, or a dtype it does not mix: the plain weight again
+            restore_weights(self.conv)
+            return nn.Conv2d.forward(self.conv, x)
+        return out
 
     def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
         """conv(x) + residual in one call (layers.fused); None where it cannot run (the caller adds)."""
@@ -120,13 +128,16 @@ class PackedLinearForward:
 
     latentdiff_prepacked = True
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, *, release: bool = False):
         self.linear = linear
-        self.packed = _Packed(lambda w: torch.ops.mkldnn._reorder_linear_weight(w))
+        self.packed = _Packed(lambda w: torch.ops.mkldnn._reorder_linear_weight(w), owner=linear if release else None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = self.run(x)
-        return nn.Linear.forward(self.linear, x) if out is None else out
+        if out is None:
+            restore_weights(self.linear)
+            return nn.Linear.forward(self.linear, x)
+        return out
 
     def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
         """linear(x) + residual in one call (layers.fused); None where it cannot run (the caller adds)."""
@@ -176,19 +187,102 @@ class _Packed:
     """A weight's packed copy, made by `pack` and remade when the weight changes (version, storage, dtype,
     device; an inference tensor has no version counter, the rest still tells a move or a swap). A convolution's
     layout also depends on its input's shape (oneDNN picks the AMX kernel's blocking from it; packed for another
-    shape, oneDNN reorders the weight again on every call): it is packed for the shape of the latest call."""
+    shape, oneDNN reorders the weight again on every call): it is packed for the shape of the latest call.
 
-    def __init__(self, pack: Callable[..., torch.Tensor]):
+    With an `owner` (`release=True`), the packed copy takes the plain weight's place, so the weight is held once:
+    the same Parameter object (`torch.utils.swap_tensors`) then holds the oneDNN-layout tensor (same shape, dtype,
+    device; reading its values raises instead of answering). `restore_weights` and the owner's guards (state_dict,
+    load_state_dict, `.to()`: `_guard`) turn it back into the exact plain weight (`to_dense` is a pure reorder).
+    Not released: a copy `releasable(size)` refuses (another shape) and a layer with forward hooks (they may read
+    the weight, e.g. an unfused LoRA)."""
+
+    def __init__(self, pack: Callable[..., torch.Tensor], *, owner: nn.Module | None = None,
+                 releasable: Callable[..., bool] = lambda *size: True):
         self.pack = pack
+        self.owner = owner
+        self.releasable = releasable
         self.key: tuple[Any, ...] | None = None
         self.packed: torch.Tensor | None = None
+        self.size: tuple[torch.Size, ...] = ()   # what a released copy was packed for
+        self.lock = threading.Lock()
 
     def get(self, w: torch.Tensor, *size: torch.Size) -> torch.Tensor:
+        with self.lock:   # two threads may share a pipeline: one packs, or swaps the weight, at a time
+            return self._get(w, *size)
+
+    def _get(self, w: torch.Tensor, *size: torch.Size) -> torch.Tensor:
+        owner = self.owner
+        if w.is_mkldnn:   # released: the parameter holds the packed copy itself
+            if size == self.size and not _hooked(owner):
+                return w.detach()
+            restore_weights(owner)   # type: ignore[arg-type]  # only an owner's weight is ever released
         key = (None if w.is_inference() else w._version, w.data_ptr(), w.dtype, w.device, *size)
-        if key != self.key or self.packed is None:
-            self.packed = self.pack(w.detach(), *size)
+        packed = self.packed
+        if key != self.key or packed is None:
+            with torch.inference_mode(False):   # a released copy becomes the parameter: not an inference tensor
+                packed = self.packed = self.pack(w.detach(), *size)
             self.key = key
-        return self.packed
+        if owner is not None and self.releasable(*size) and not _hooked(owner):
+            try:
+                _swap(w, packed)
+            except RuntimeError:   # weak references to the weight, or another tensor object on it: keep both
+                self.owner = None
+                return packed
+            self.packed, self.key, self.size = None, None, size
+            return w.detach()
+        return packed
+
+
+def _hooked(layer: nn.Module | None) -> bool:
+    return layer is not None and bool(layer._forward_hooks or layer._forward_pre_hooks)
+
+
+def _swap(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Give the Parameter object `param` the contents `value` (its identity, kept by optimizers and adapters,
+    stays)."""
+    with torch.inference_mode(False), torch.no_grad():
+        torch.utils.swap_tensors(param, nn.Parameter(value, requires_grad=param.requires_grad))
+
+
+def restore_weights(module: nn.Module) -> int:
+    """Turn every released weight inside `module` (see `_Packed`) back into its plain tensor, the same Parameter
+    object with the same values; the packed layers pack (and release) again on their next call. -> how many."""
+    count = 0
+    for layer in module.modules():
+        weight = layer._parameters.get("weight")
+        if weight is not None and weight.is_mkldnn:
+            with torch.inference_mode(False):
+                _swap(weight, weight.detach().to_dense())
+            count += 1
+    return count
+
+
+def _guard(layer: nn.Module) -> list[Any]:
+    """What must see a released weight's values gets the plain one: state_dict (a dense copy, the weight stays
+    released), load_state_dict and `_apply` (`.to()`, `.float()` ...: the weight is restored first). -> handles."""
+
+    def dense_state(module: nn.Module, state: dict[str, Any], prefix: str, metadata: Any) -> None:
+        key = prefix + "weight"
+        if key in state and state[key].is_mkldnn:
+            with torch.inference_mode(False), torch.no_grad():
+                state[key] = state[key].detach().to_dense()
+
+    def restore_first(module: nn.Module, *args: Any) -> None:
+        restore_weights(module)
+
+    def apply(fn: Callable[..., Any], recurse: bool = True) -> nn.Module:
+        restore_weights(layer)
+        return type(layer)._apply(layer, fn, recurse)
+
+    layer.__dict__["_apply"] = apply
+    return [layer.register_state_dict_post_hook(dense_state), layer.register_load_state_dict_pre_hook(restore_first)]
+
+
+def _unguard(layer: nn.Module, forward: Any) -> None:
+    restore_weights(layer)
+    layer.__dict__.pop("_apply", None)
+    for handle in getattr(forward, "guards", ()):
+        handle.remove()
 
 
 def _packed_call(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
@@ -206,16 +300,19 @@ def can_prepack_linear(module: nn.Module) -> bool:
             and weight.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available())
 
 
-def prepack_linears(module: nn.Module) -> int:
+def prepack_linears(module: nn.Module, *, release: bool = False) -> int:
     """Give every CPU GEGLU inside `module` its fused forward and every other CPU Linear a packed one (see the
-    module docstring); -> how many modules."""
+    module docstring); release: a Linear's packed copy replaces its plain weight (`_Packed`; not a GEGLU's,
+    packed in two halves); -> how many modules."""
     count = 0
     geglu_projections = {id(m.proj) for m in module.modules() if type(m) is GEGLU}
     for layer in module.modules():
         if id(layer) in geglu_projections or is_prepacked(layer) or not can_prepack_linear(layer):
             continue
-        layer.forward = (FusedGEGLUForward(layer) if type(layer) is GEGLU  # type: ignore[method-assign]
-                         else PackedLinearForward(layer))  # type: ignore[arg-type]
+        if type(layer) is GEGLU:
+            layer.forward = FusedGEGLUForward(layer)  # type: ignore[method-assign,arg-type]
+        else:
+            layer.forward = _guarded(PackedLinearForward(layer, release=release), layer, release)  # type: ignore
         count += 1
     return count
 
@@ -225,19 +322,25 @@ def unpack_linears(module: nn.Module) -> int:
     count = 0
     for layer in module.modules():
         if type(layer) in (nn.Linear, GEGLU) and is_prepacked(layer) and not is_int8(layer):
-            del layer.__dict__["forward"]
+            _unguard(layer, layer.__dict__.pop("forward"))
             count += 1
     return count
 
 
-def prepack_convolutions(module: nn.Module) -> int:
-    """Give every CPU Conv2d inside `module` a prepacked forward (see the module docstring); -> how many."""
+def prepack_convolutions(module: nn.Module, *, release: bool = False) -> int:
+    """Give every CPU Conv2d inside `module` a prepacked forward (see the module docstring); release: its packed
+    copy replaces the plain weight (`_Packed`); -> how many."""
     count = 0
     for conv in module.modules():
         if isinstance(conv, nn.Conv2d) and can_prepack(conv) and not is_prepacked(conv):
-            conv.forward = PackedForward(conv)  # type: ignore[method-assign,assignment]
+            conv.forward = _guarded(PackedForward(conv, release=release), conv, release)  # type: ignore
             count += 1
     return count
+
+
+def _guarded(forward: Any, layer: nn.Module, release: bool) -> Any:
+    forward.guards = _guard(layer) if release else []
+    return forward
 
 
 def is_prepacked(conv: nn.Module) -> bool:
@@ -254,6 +357,22 @@ def unpack_convolutions(module: nn.Module) -> int:
     count = 0
     for conv in module.modules():
         if isinstance(conv, nn.Conv2d) and is_prepacked(conv) and not is_int8(conv):
-            del conv.__dict__["forward"]
+            _unguard(conv, conv.__dict__.pop("forward"))
             count += 1
     return count
+
+
+def packed_copies(module: nn.Module) -> list[torch.Tensor]:
+    """The packed weight copies the prepacked layers inside `module` hold now (none before a first call)."""
+    copies = []
+    for layer in module.modules():
+        forward = layer.__dict__.get("forward")
+        if getattr(forward, "latentdiff_prepacked", False):
+            caches = [v for v in vars(forward).values() if isinstance(v, _Packed)]
+            copies += [c.packed for c in caches if c.packed is not None]
+    return copies
+
+
+def tensor_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of `tensors` by their element counts (a packed copy's blocked layout may pad a little more)."""
+    return sum(t.numel() * t.element_size() for t in tensors)

@@ -33,6 +33,7 @@ from torch import nn
 
 from ..errors import CheckpointError, InputError
 from ..layers.attention import Attention, attention
+from ..layers.prepacked import restore_weights
 
 # How many image tokens the context of the current UNet call ends with, per loaded adapter in order (its `slot`;
 # () or 0: none). A context variable, not module state: two threads sharing one pipeline see their own call's.
@@ -200,6 +201,7 @@ class IPAdapter(nn.Module):
             proj = ImageProjection(image_embed_dim, cross)
         attentions = {}
         for i, layer in enumerate(layers):
+            restore_weights(layer)   # their plain values, if optimize_for_cpu packed them in place
             attentions[2 * i + 1] = ImageAttention(layer.to_k.in_features, layer.to_k.out_features)
             attentions[2 * i + 1].to_k_ip.weight.copy_(layer.to_k.weight)
             attentions[2 * i + 1].to_v_ip.weight.copy_(layer.to_v.weight)

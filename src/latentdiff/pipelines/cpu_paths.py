@@ -45,12 +45,17 @@ def _channels_last_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[
     return None
 
 
-def optimize_for_cpu(pipe: Any, *, channels_last: bool = True) -> Any:
+def optimize_for_cpu(pipe: Any, *, channels_last: bool = True, keep_weights: bool = False) -> Any:
     """Prepack the convolutions of every CPU network of `pipe` and (channels_last) feed the UNet channels-last
-    activations; -> pipe. Networks on another device are left alone; calling it again changes nothing."""
+    activations; -> pipe. Networks on another device are left alone; calling it again changes nothing.
+
+    Each packed weight takes its plain weight's place (`layers.prepacked._Packed`), so the weights are held
+    once, as in eager: state_dict, saving, load_state_dict, `.to()`, LoRA and `undo_cpu_optimization` see the
+    plain values; reading a packed layer's `.weight` values directly raises (`restore_weights` first).
+    keep_weights: keep the plain weights as well (twice the weights' memory)."""
     for network in pipe.networks():
-        prepack_convolutions(network)
-        prepack_linears(network)
+        prepack_convolutions(network, release=not keep_weights)
+        prepack_linears(network, release=not keep_weights)
     unet = pipe.unet
     if channels_last and unet.device.type == "cpu" and "_latentdiff_channels_last" not in unet.__dict__:
         unet.__dict__["_latentdiff_channels_last"] = unet.register_forward_pre_hook(_channels_last_input,

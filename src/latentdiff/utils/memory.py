@@ -37,7 +37,9 @@ def release_mapped(tensors: torch.nn.Module | Iterable[torch.Tensor]) -> int:
     if not sys.platform.startswith("linux"):
         return 0
     if isinstance(tensors, torch.nn.Module):
-        tensors = list(tensors.state_dict(keep_vars=True).values())
+        # parameters and buffers, not state_dict(): that would hand a released packed weight (layers.prepacked)
+        # over as a fresh dense copy
+        tensors = [*tensors.parameters(), *tensors.buffers()]
     spans = _storage_spans(tensors)
     if not spans:
         return 0
@@ -55,7 +57,8 @@ def _storage_spans(tensors: Iterable[torch.Tensor]) -> list[tuple[int, int]]:
     inwards: the pages only this storage occupies, so that a neighbour modified in place does not matter."""
     spans = set()
     for tensor in tensors:
-        if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu" or tensor.is_meta:
+        if (not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu" or tensor.is_meta
+                or tensor.is_mkldnn):   # a packed weight (layers.prepacked): in no file, and without a storage
             continue
         storage = tensor.untyped_storage()
         if storage.nbytes() == 0:
