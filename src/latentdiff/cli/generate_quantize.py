@@ -1,0 +1,97 @@
+"""`latentdiff generate`'s CPU fast paths (issue 20, docs/fast.md "## CPU"): prepacked weights and int8 UNets.
+
+    latentdiff generate "a castle" --optimize-cpu                       # weights packed once for oneDNN
+    latentdiff generate "a castle" --quantize int8-static               # int8 convolutions and linear layers
+    latentdiff generate "a castle" --dtype float32 --quantize int8      # dynamic int8 linear layers (fp32 only)
+
+`--quantize` changes pixels, so a PNG records it (`quantize`) and `--from` reads it back: int8-static calibrates
+on `cpu_paths.CALIBRATION_PROMPTS` with a fixed seed, so the same model, version and machine give the same bytes
+again. It acts on the model's UNet (not a `--refiner`'s), after `--optimize-cpu`, on the CPU only: on a GPU it is
+ignored with a warning and not recorded. `--optimize-cpu` changes only speed (generate_inputs applies it).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from typing import Any
+
+from ..errors import LatentDiffError, UsageError
+
+# pipelines.cpu_paths.QUANTIZATIONS (not imported: the command starts without torch; a test keeps them equal)
+QUANTIZATIONS = ("int8", "int8-static")
+
+
+def add_cpu_flags(gen: argparse.ArgumentParser) -> None:
+    """The flags of this module, in one group of `latentdiff generate --help`."""
+    group = gen.add_argument_group("CPU fast paths (docs/fast.md CPU)")
+    add = group.add_argument
+    add("--optimize-cpu", action="store_true", default=False,
+        help="CPU: weights packed once for oneDNN, feed-forward and residual sums fused (faster; more memory: "
+             "docs/fast.md CPU)")
+    add("--quantize", default=None, choices=QUANTIZATIONS,
+        help="CPU: the UNet in int8 (lossy, recorded): int8-static = calibrated int8 convolutions and linear "
+             "layers (float32 or bfloat16); int8 = dynamic int8 linear layers (float32 only)")
+
+
+def _origin(args: argparse.Namespace) -> str:
+    return "--quantize" if getattr(args, "quantize", None) is not None else f"{args.from_png}: quantize"
+
+
+def check_quantize_value(values: dict[str, Any], origin: dict[str, str]) -> None:
+    """quantize (from the flag or a PNG) is one of QUANTIZATIONS, named by where it came from."""
+    value = values.get("quantize")
+    if value is not None and value not in QUANTIZATIONS:
+        raise UsageError("bad value for quantize", where=origin.get("quantize", "quantize"),
+                         expected=f"one of {', '.join(QUANTIZATIONS)}", found=repr(value)[:200])
+
+
+def on_cpu(device: Any) -> bool:
+    """Whether the run's device (None: as load_pipeline chooses, cuda if there is one) is the CPU."""
+    if device is not None:
+        return bool(device.type == "cpu")
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def check_quantize_dtype(settings: Any, args: argparse.Namespace, device: Any) -> None:
+    """Before the model loads (the dtype settled): dynamic int8 takes a float32 UNet (torch's kernels are fp32)."""
+    if settings.quantize == "int8" and settings.dtype != "float32" and on_cpu(device):
+        raise UsageError("int8 dynamic quantization needs a float32 model", where=_origin(args),
+                         expected="--dtype float32, or --quantize int8-static (float32 or bfloat16)",
+                         found=f"--quantize int8 with dtype {settings.dtype}")
+
+
+def apply_quantize(pipe: Any, settings: Any, args: argparse.Namespace, *, show: bool = True) -> Any:
+    """--quantize on the loaded pipeline's UNet (after --optimize-cpu), with one line on stderr: what was quantized,
+    how long calibration took; -> the settings, without quantize when it was ignored (off the CPU)."""
+    method = settings.quantize
+    if method is None:
+        return settings
+    if pipe.device.type != "cpu":
+        print(f"latentdiff: warning: --quantize {method} is for the CPU; ignored on {pipe.device.type} (not "
+              "recorded)", file=sys.stderr)
+        return dataclasses.replace(settings, quantize=None)
+    from ..layers.prepacked import is_int8
+    from ..pipelines import cpu_paths  # here: the command starts without torch
+
+    check_quantize_dtype(settings, args, pipe.device)    # a model that loaded in another dtype than asked
+    start = time.perf_counter()
+    try:
+        cpu_paths.quantize(pipe, method)
+    except LatentDiffError as error:    # a pipeline the default calibration cannot run (ControlNet, IP-Adapter)
+        raise UsageError(f"cannot quantize this run's UNet: {error.message}", where=_origin(args),
+                         expected="a text-to-image model without ControlNet / IP-Adapter inputs, or no --quantize",
+                         found=type(pipe).__name__) from None
+    seconds = time.perf_counter() - start
+    if show:
+        if method == "int8":
+            done = f"{cpu_paths.quantized_linears(pipe.unet)} linear layers of the UNet (dynamic: no calibration)"
+        else:
+            layers = sum(is_int8(m) for m in pipe.unet.modules())
+            done = (f"{layers} convolutions and linear layers of the UNet, calibrated in {seconds:.1f} s "
+                    f"({len(cpu_paths.CALIBRATION_PROMPTS)} prompts)")
+        print(f"latentdiff: --quantize {method}: {done}", file=sys.stderr)
+    return settings
