@@ -121,7 +121,7 @@ def test_off_the_cpu_it_is_ignored_with_a_warning_and_not_recorded(monkeypatch, 
     args = Namespace(quantize="int8", from_png=None)
     assert generate_quantize.apply_quantize(OnGPU(), settings, args).quantize is None
     assert "--quantize int8 is for the CPU; ignored on cuda (not recorded)" in capsys.readouterr().err
-    generate_quantize.check_quantize_dtype(settings, args, torch.device("cuda"))   # no error: ignored there
+    generate_quantize.check_quantize(settings, args, torch.device("cuda"))   # no error: ignored there
 
 
 def test_the_command_line_starts_without_torch():
@@ -131,3 +131,16 @@ def test_the_command_line_starts_without_torch():
             "assert 'torch' not in sys.modules, 'torch imported'\nprint('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_int8_static_with_a_controlnet_is_refused_before_loading(model, monkeypatch, capsys):
+    from tests._support.tiny_builtin import make_tiny_silhouette_controlnet
+
+    net = make_tiny_silhouette_controlnet(Path("silhouette"), model)
+    Image.new("RGB", (64, 64)).save("hint.png")
+    monkeypatch.setattr(LatentDiffusionPipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    assert generate(PROMPT, "--controlnet", net, "--control", "image:hint.png", "--quantize", "int8-static",
+                    "-o", "x.png") == 2
+    assert "int8-static calibrates on prompts alone, not with control or IP-Adapter images; where: --quantize; " \
+           "expected: --quantize int8 (with --dtype float32), or no --quantize; found: --controlnet" \
+           in capsys.readouterr().err

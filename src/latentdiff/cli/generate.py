@@ -54,7 +54,7 @@ from .generate_inputs import add_input_flags, prepare_run, set_threads, settle_i
 from .generate_model import ModelSource, locate_model, tokenizer_file  # noqa: F401  (ModelSource: re-exported)
 from .generate_previews import add_preview_flags, check_preview_flags, make_preview, settle_fast_decode
 from .generate_prompts import add_prompt_flags, settle_prompts
-from .generate_quantize import add_cpu_flags, apply_quantize, check_quantize_dtype
+from .generate_quantize import add_cpu_flags, apply_quantize, check_quantize
 from .generate_sdxl import add_sdxl_flags, check_loaded, is_sdxl, settle_sdxl
 from .generate_settings import (
     DTYPES,
@@ -166,7 +166,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     checked = procs.is_main and warn_unknown_words(tokenizer_file(source, settings.tokenizer), texts)
     # after every input check: the choice is printed only for a run that goes on to load the model
     settings = settle_dtype(settings, device=device or procs.device, show=procs.is_main)
-    check_quantize_dtype(settings, args, device or procs.device)
+    check_quantize(settings, args, device or procs.device)
     pipe = load_pipeline(source, settings, device=device or procs.device)
     check_loaded(pipe, settings)
     apply_embeddings(pipe, settings, embeddings)

@@ -56,12 +56,19 @@ def on_cpu(device: Any) -> bool:
     return not torch.cuda.is_available()
 
 
-def check_quantize_dtype(settings: Any, args: argparse.Namespace, device: Any) -> None:
-    """Before the model loads (the dtype settled): dynamic int8 takes a float32 UNet (torch's kernels are fp32)."""
-    if settings.quantize == "int8" and settings.dtype != "float32" and on_cpu(device):
+def check_quantize(settings: Any, args: argparse.Namespace, device: Any) -> None:
+    """Before the model loads (the dtype settled): dynamic int8 takes a float32 UNet (torch's kernels are fp32);
+    int8-static calibrates on prompts alone, which a run with ControlNet / T2I-Adapter / IP-Adapter images is not."""
+    if settings.quantize is None or not on_cpu(device):
+        return
+    if settings.quantize == "int8" and settings.dtype != "float32":
         raise UsageError("int8 dynamic quantization needs a float32 model", where=_origin(args),
                          expected="--dtype float32, or --quantize int8-static (float32 or bfloat16)",
                          found=f"--quantize int8 with dtype {settings.dtype}")
+    if settings.quantize == "int8-static" and (settings.control or settings.ip_adapter):
+        raise UsageError("int8-static calibrates on prompts alone, not with control or IP-Adapter images",
+                         where=_origin(args), expected="--quantize int8 (with --dtype float32), or no --quantize",
+                         found="--controlnet" if settings.control else "--ip-adapter")
 
 
 def apply_quantize(pipe: Any, settings: Any, args: argparse.Namespace, *, show: bool = True) -> Any:
@@ -77,14 +84,12 @@ def apply_quantize(pipe: Any, settings: Any, args: argparse.Namespace, *, show: 
     from ..layers.prepacked import is_int8
     from ..pipelines import cpu_paths  # here: the command starts without torch
 
-    check_quantize_dtype(settings, args, pipe.device)    # a model that loaded in another dtype than asked
     start = time.perf_counter()
     try:
         cpu_paths.quantize(pipe, method)
-    except LatentDiffError as error:    # a pipeline the default calibration cannot run (ControlNet, IP-Adapter)
+    except LatentDiffError as error:    # a pipeline the default calibration cannot run, or a UNet not on the CPU
         raise UsageError(f"cannot quantize this run's UNet: {error.message}", where=_origin(args),
-                         expected="a text-to-image model without ControlNet / IP-Adapter inputs, or no --quantize",
-                         found=type(pipe).__name__) from None
+                         expected=error.expected, found=error.found) from None
     seconds = time.perf_counter() - start
     if show:
         if method == "int8":
