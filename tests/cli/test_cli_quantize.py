@@ -144,3 +144,22 @@ def test_int8_static_with_a_controlnet_is_refused_before_loading(model, monkeypa
     assert "int8-static calibrates on prompts alone, not with control or IP-Adapter images; where: --quantize; " \
            "expected: --quantize int8 (with --dtype float32), or no --quantize; found: --controlnet" \
            in capsys.readouterr().err
+
+
+def test_sdxl_base_is_quantized_and_the_refiner_is_not(tmp_path_factory, monkeypatch, capsys):
+    from latentdiff.pipelines.sdxl import StableDiffusionXLPipeline
+    from tests._support.sdxl_native import write_tiny_sdxl
+
+    root = tmp_path_factory.mktemp("sdxl")
+    base, refiner = write_tiny_sdxl(root / "base"), write_tiny_sdxl(root / "refiner", kind="refiner", seed=5)
+    quantized = []
+    quantize = cpu_paths.quantize
+    monkeypatch.setattr(cpu_paths, "quantize", lambda pipe, m: quantized.append(pipe) or quantize(pipe, m))
+    argv = ["--model", base, "--refiner", refiner, "--refiner-switch", 0.5, "--steps", 3, "--dtype", "float32"]
+    assert generate("a red church", *argv, "--quantize", "int8-static", "-o", "q.png") == 0
+    assert [type(pipe) for pipe in quantized] == [StableDiffusionXLPipeline] and int8_layers(quantized[0]) > 0
+    assert "convolutions and linear layers of the UNet, calibrated in" in capsys.readouterr().err
+    assert generate("a red church", *argv, "-o", "plain.png") == 0
+    assert not np.array_equal(pixels("plain.png"), pixels("q.png"))
+    assert generate("--from", "q.png", "-o", "again.png") == 0
+    assert Path("again.png").read_bytes() == Path("q.png").read_bytes()
