@@ -17,6 +17,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from latentdiff.cli import generate_quantize
+from latentdiff.generation import quantize as generation_quantize
 from latentdiff.layers.prepacked import is_int8, is_prepacked
 from latentdiff.pipelines import cpu_paths
 from latentdiff.pipelines.latent_diffusion import LatentDiffusionPipeline
@@ -29,7 +30,7 @@ RUN = dict(num_inference_steps=4, guidance_scale=3.0, progress=False)
 
 
 def test_the_choices_are_the_librarys():
-    assert generate_quantize.QUANTIZATIONS == cpu_paths.QUANTIZATIONS
+    assert generate_quantize.QUANTIZATIONS == generation_quantize.QUANTIZATIONS == cpu_paths.QUANTIZATIONS
 
 
 def int8_layers(pipe) -> int:
@@ -46,10 +47,11 @@ def test_quantize_flag_is_the_api_and_from_reproduces_it(method, model, monkeypa
     assert len(quantized) == 1
     if method == "int8-static":
         assert int8_layers(quantized[0]) > 0 and "calibrated in" in err
-        assert f"--quantize int8-static: {int8_layers(quantized[0])} convolutions and linear layers" in err
+        layers = int8_layers(quantized[0])
+        assert f"--quantize int8-static: {layers} convolutions and linear layers of the UNet in int8" in err
     else:
         count = cpu_paths.quantized_linears(quantized[0].unet)
-        assert count > 0 and f"--quantize int8: {count} linear layers of the UNet" in err
+        assert count > 0 and f"--quantize int8: {count} linear layers of the UNet in int8" in err
     pipe = quantize(LatentDiffusionPipeline.from_pretrained(model), method)
     expected = pipe(PROMPT, generator=[torch.Generator().manual_seed(0)], **RUN).images[0]
     assert np.array_equal(pixels("q.png"), np.asarray(expected))
@@ -158,7 +160,7 @@ def test_sdxl_base_is_quantized_and_the_refiner_is_not(tmp_path_factory, monkeyp
     argv = ["--model", base, "--refiner", refiner, "--refiner-switch", 0.5, "--steps", 3, "--dtype", "float32"]
     assert generate("a red church", *argv, "--quantize", "int8-static", "-o", "q.png") == 0
     assert [type(pipe) for pipe in quantized] == [StableDiffusionXLPipeline] and int8_layers(quantized[0]) > 0
-    assert "convolutions and linear layers of the UNet, calibrated in" in capsys.readouterr().err
+    assert "convolutions and linear layers of the UNet in int8, calibrated in" in capsys.readouterr().err
     assert generate("a red church", *argv, "-o", "plain.png") == 0
     assert not np.array_equal(pixels("plain.png"), pixels("q.png"))
     assert generate("--from", "q.png", "-o", "again.png") == 0

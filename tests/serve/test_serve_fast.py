@@ -189,7 +189,7 @@ def test_quantize_quantizes_every_loaded_model_and_records_it(method, tmp_path, 
     with caplog.at_level("WARNING", logger="latentdiff.serve"):
         apply_switches(own, ServeSettings(quantize=method))
     int8 = quantized_linears(own.unet) if method == "int8" else sum(is_int8(m) for m in own.unet.modules())
-    assert int8 > 0 and f"--quantize {method}: {int8} " in caplog.text
+    assert int8 > 0 and f"--quantize {method}: LatentDiffusionPipeline: {int8} " in caplog.text
     assert switch_params(own) == {"quantize": method}
     settings = ServeSettings(model=folder, max_batch=1, batch_wait_s=0.0, quantize=method)
     with TestClient(create_app(settings)) as client:

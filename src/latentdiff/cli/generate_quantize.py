@@ -6,7 +6,8 @@
 
 `--quantize` changes pixels, so a PNG records it (`quantize`) and `--from` reads it back: int8-static calibrates
 on `cpu_paths.CALIBRATION_PROMPTS` with a fixed seed, so the same model, version and machine give the same bytes
-again. It acts on the model's UNet (not a `--refiner`'s), after `--optimize-cpu`, on the CPU only: on a GPU it is
+again. The shared part (QUANTIZATIONS, without torch; the quantizing and its one line) is `generation.quantize`.
+It acts on the model's UNet (not a `--refiner`'s), after `--optimize-cpu`, on the CPU only: on a GPU it is
 ignored with a warning and not recorded. `--optimize-cpu` changes only speed (generate_inputs applies it).
 """
 from __future__ import annotations
@@ -14,13 +15,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import time
 from typing import Any
 
 from ..errors import LatentDiffError, UsageError
-
-# pipelines.cpu_paths.QUANTIZATIONS (not imported: the command starts without torch; a test keeps them equal)
-QUANTIZATIONS = ("int8", "int8-static")
+from ..generation.quantize import QUANTIZATIONS, check_int8_dtype, quantize_unet
 
 
 def add_cpu_flags(gen: argparse.ArgumentParser) -> None:
@@ -61,10 +59,8 @@ def check_quantize(settings: Any, args: argparse.Namespace, device: Any) -> None
     int8-static calibrates on prompts alone, which a run with ControlNet / T2I-Adapter / IP-Adapter images is not."""
     if settings.quantize is None or not on_cpu(device):
         return
-    if settings.quantize == "int8" and settings.dtype != "float32":
-        raise UsageError("int8 dynamic quantization needs a float32 model", where=_origin(args),
-                         expected="--dtype float32, or --quantize int8-static (float32 or bfloat16)",
-                         found=f"--quantize int8 with dtype {settings.dtype}")
+    check_int8_dtype(settings.quantize, settings.dtype, where=_origin(args),
+                     found=f"--quantize int8 with dtype {settings.dtype}")
     if settings.quantize == "int8-static" and (settings.control or settings.ip_adapter):
         raise UsageError("int8-static calibrates on prompts alone, not with control or IP-Adapter images",
                          where=_origin(args), expected="--quantize int8 (with --dtype float32), or no --quantize",
@@ -81,22 +77,11 @@ def apply_quantize(pipe: Any, settings: Any, args: argparse.Namespace, *, show: 
         print(f"latentdiff: warning: --quantize {method} is for the CPU; ignored on {pipe.device.type} (not "
               "recorded)", file=sys.stderr)
         return dataclasses.replace(settings, quantize=None)
-    from ..layers.prepacked import is_int8
-    from ..pipelines import cpu_paths  # here: the command starts without torch
-
-    start = time.perf_counter()
     try:
-        cpu_paths.quantize(pipe, method)
+        done = quantize_unet(pipe, method)
     except LatentDiffError as error:    # a pipeline the default calibration cannot run, or a UNet not on the CPU
         raise UsageError(f"cannot quantize this run's UNet: {error.message}", where=_origin(args),
                          expected=error.expected, found=error.found) from None
-    seconds = time.perf_counter() - start
     if show:
-        if method == "int8":
-            done = f"{cpu_paths.quantized_linears(pipe.unet)} linear layers of the UNet (dynamic: no calibration)"
-        else:
-            layers = sum(is_int8(m) for m in pipe.unet.modules())
-            done = (f"{layers} convolutions and linear layers of the UNet, calibrated in {seconds:.1f} s "
-                    f"({len(cpu_paths.CALIBRATION_PROMPTS)} prompts)")
         print(f"latentdiff: --quantize {method}: {done}", file=sys.stderr)
     return settings

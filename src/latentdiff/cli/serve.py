@@ -20,8 +20,9 @@ from typing import Any
 
 from ..builtin import DEFAULT_MODEL
 from ..errors import UsageError
+from ..generation.quantize import QUANTIZATIONS, check_int8_dtype
 from ..limits import MAX_SIDE, MAX_STEPS
-from .generate_quantize import QUANTIZATIONS, on_cpu
+from .generate_quantize import on_cpu
 
 MAX_PORT = 65_535
 
@@ -193,10 +194,8 @@ def quantize_flag(args: argparse.Namespace) -> str | None:
     method = getattr(args, "quantize", None)
     dtype = getattr(args, "dtype", "float32")
     device = getattr(args, "device", None)
-    if method == "int8" and dtype != "float32" and on_cpu(None if device is None else _device(device)):
-        raise UsageError("int8 dynamic quantization needs a float32 model", where="--quantize",
-                         expected="--dtype float32, or --quantize int8-static (float32 or bfloat16)",
-                         found=f"--quantize int8 with --dtype {dtype}")
+    if method == "int8" and on_cpu(None if device is None else _device(device)):
+        check_int8_dtype(method, dtype, where="--quantize", found=f"--quantize int8 with --dtype {dtype}")
     return method
 
 

@@ -9,12 +9,11 @@ keys, so `latentdiff generate --from` makes the same image.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from ..errors import InputError, UsageError
-from ..layers.prepacked import is_int8
-from ..pipelines.cpu_paths import optimize_for_cpu, quantize, quantized_linears
+from ..generation.quantize import quantize_unet
+from ..pipelines.cpu_paths import optimize_for_cpu
 from ..pipelines.step_cache import step_settings
 from ..pipelines.token_merging import tome_settings
 from .settings import ServeSettings
@@ -64,20 +63,14 @@ def apply_quantize(pipe: Any, method: str) -> None:
     if pipe.device.type != "cpu":
         log.warning("--quantize %s is for the CPU; ignored for %s on %s", method, name, pipe.device)
         return
-    start = time.perf_counter()
     try:
-        quantize(pipe, method)
+        done = quantize_unet(pipe, method)
     except InputError as error:
         if error.where != "calibration":
             raise UsageError(error.message, where="--quantize", expected=error.expected, found=error.found) from None
         log.warning("--quantize %s: %s is left unquantized: %s", method, name, error.message)
         return
-    if method == "int8":
-        log.warning("--quantize int8: %d linear layers of %s's UNet in int8 (dynamic: no calibration)",
-                    quantized_linears(pipe.unet), name)
-    else:
-        log.warning("--quantize int8-static: %d convolutions and linear layers of %s's UNet in int8, calibrated in "
-                    "%.1f s", sum(is_int8(m) for m in pipe.unet.modules()), name, time.perf_counter() - start)
+    log.warning("--quantize %s: %s: %s", method, name, done)
 
 
 def switch_params(pipe: Any) -> dict[str, Any]:
