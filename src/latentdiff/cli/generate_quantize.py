@@ -23,13 +23,13 @@ from ..generation.quantize import QUANTIZATIONS, check_int8_dtype, quantize_unet
 
 def add_cpu_flags(gen: argparse.ArgumentParser) -> None:
     """The flags of this module, in one group of `latentdiff generate --help`."""
-    group = gen.add_argument_group("CPU fast paths (docs/fast.md CPU)")
+    group = gen.add_argument_group("CPU fast paths, ignored on a GPU (docs/fast.md CPU)")
     add = group.add_argument
     add("--optimize-cpu", action="store_true", default=False,
-        help="CPU: weights packed once for oneDNN, feed-forward and residual sums fused (faster; more memory: "
-             "docs/fast.md CPU)")
+        help="weights packed once for oneDNN, feed-forward and residual sums fused (faster, more memory, the same "
+             "image to rounding)")
     add("--quantize", default=None, choices=QUANTIZATIONS,
-        help="CPU: the UNet in int8 (lossy, recorded): int8-static = calibrated int8 convolutions and linear "
+        help="the UNet in int8 (lossy, recorded): int8-static = calibrated int8 convolutions and linear "
              "layers (float32 or bfloat16); int8 = dynamic int8 linear layers (float32 only)")
 
 
