@@ -181,3 +181,60 @@ def test_optimize_cpu_packs_every_loaded_model_and_keeps_its_image(tmp_path):
         got, _ = served(client, "txt2img")
     plain = direct(LatentDiffusionPipeline.from_pretrained(folder), height=64, width=64)
     assert np.abs(got.astype(int) - plain.astype(int)).max() <= 1   # fp32, rounding order only
+
+
+# ---- --quantize: every CPU model's UNet in int8, recorded ------------------------------------------------------------
+@pytest.mark.parametrize("method", ["int8-static", "int8"])
+def test_quantize_quantizes_every_loaded_model_and_records_it(method, tmp_path, caplog):
+    from latentdiff.cli.main import build_parser
+    from latentdiff.cli.serve import settings_from
+    from latentdiff.layers.prepacked import is_int8
+    from latentdiff.pipelines.cpu_paths import quantize, quantized_linears
+
+    assert settings_from(build_parser().parse_args(["serve", "--quantize", method])).quantize == method
+    assert settings_from(build_parser().parse_args(["serve"])).quantize is None
+    folder = str(make_tiny_shapes_model(tmp_path / "m"))
+    own = LatentDiffusionPipeline.from_pretrained(folder)
+    with caplog.at_level("WARNING", logger="latentdiff.serve"):
+        apply_switches(own, ServeSettings(quantize=method))
+    int8 = quantized_linears(own.unet) if method == "int8" else sum(is_int8(m) for m in own.unet.modules())
+    assert int8 > 0 and f"--quantize {method}: LatentDiffusionPipeline: {int8} " in caplog.text
+    assert switch_params(own) == {"quantize": method}
+    settings = ServeSettings(model=folder, max_batch=1, batch_wait_s=0.0, quantize=method)
+    with TestClient(create_app(settings)) as client:
+        got, text = served(client, "txt2img")
+    plain = LatentDiffusionPipeline.from_pretrained(folder)
+    assert not np.array_equal(got, direct(plain, height=64, width=64))    # lossy: another image
+    assert np.array_equal(got, direct(quantize(plain, method), height=64, width=64))
+    assert json.loads(text["latentdiff"])["quantize"] == method
+
+
+def test_quantize_int8_needs_float32_and_is_ignored_off_the_cpu(caplog):
+    from latentdiff.cli.main import build_parser
+    from latentdiff.cli.serve import settings_from
+
+    with pytest.raises(UsageError) as error:
+        settings_from(build_parser().parse_args(["serve", "--quantize", "int8", "--dtype", "bfloat16",
+                                                 "--device", "cpu"]))
+    assert (error.value.where, error.value.expected) == (
+        "--quantize", "--dtype float32, or --quantize int8-static (float32 or bfloat16)")
+    assert settings_from(build_parser().parse_args(["serve", "--quantize", "int8-static", "--dtype", "bfloat16",
+                                                    "--device", "cpu"])).quantize == "int8-static"
+
+    class OnGPU:
+        device = torch.device("cuda")
+
+    with caplog.at_level("WARNING", logger="latentdiff.serve"):
+        apply_switches(OnGPU(), ServeSettings(quantize="int8"))     # nothing is touched: it has no UNet
+    assert "--quantize int8 is for the CPU; ignored for OnGPU on cuda" in caplog.text
+
+
+def test_a_model_the_calibration_cannot_run_is_logged_and_left_as_it_is(caplog):
+    """An SDXL refiner (no first text encoder) cannot run the calibration prompts: it stays unquantized."""
+    own = LatentDiffusionPipeline.from_pretrained(MODEL)
+    own.text_encoder = None
+    with caplog.at_level("WARNING", logger="latentdiff.serve"):
+        apply_switches(own, ServeSettings(quantize="int8-static"))
+    assert "--quantize int8-static: LatentDiffusionPipeline is left unquantized: a pipeline without a text " \
+           "encoder needs a calibration function" in caplog.text
+    assert switch_params(own) == {}

@@ -54,6 +54,7 @@ from .generate_inputs import add_input_flags, prepare_run, set_threads, settle_i
 from .generate_model import ModelSource, locate_model, tokenizer_file  # noqa: F401  (ModelSource: re-exported)
 from .generate_previews import add_preview_flags, check_preview_flags, make_preview, settle_fast_decode
 from .generate_prompts import add_prompt_flags, settle_prompts
+from .generate_quantize import add_cpu_flags, apply_quantize, check_quantize
 from .generate_sdxl import add_sdxl_flags, check_loaded, is_sdxl, settle_sdxl
 from .generate_settings import (
     DTYPES,
@@ -133,6 +134,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     add_preview_flags(gen)
     # ---- cheaper steps: ToMe, CFG truncation (issue 20, generate_tome) ----
     add_tome_flags(gen)
+    # ---- CPU fast paths: --optimize-cpu, --quantize (issue 20, generate_quantize) ----
+    add_cpu_flags(gen)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -164,6 +167,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     checked = procs.is_main and warn_unknown_words(tokenizer_file(source, settings.tokenizer), texts)
     # after every input check: the choice is printed only for a run that goes on to load the model
     settings = settle_dtype(settings, device=device or procs.device, show=procs.is_main)
+    check_quantize(settings, args, device or procs.device)
     pipe = load_pipeline(source, settings, device=device or procs.device, names=FLAGS)
     check_loaded(pipe, settings)
     apply_embeddings(pipe, settings, embeddings)
@@ -174,7 +178,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings = finish(size_from_image(settings, images, pipe), pipe)
     refiner = load_refiner(settings, device=pipe.device) if settings.refiner is not None else None
     apply_fast(pipe, settings, args)
-    pipe = prepare_run(pipe, settings, images, args, refiner=refiner)
+    base, pipe = pipe, prepare_run(pipe, settings, images, args, refiner=refiner)
+    settings = apply_quantize(base, settings, args, show=procs.is_main)   # after --optimize-cpu (prepare_run)
     preview = make_preview(args, settings, pipe) if procs.is_main else None
     mine = outputs.plan_calls(len(jobs), settings.n, batch_size)[procs.index::procs.count]
     alone = procs.count == 1

@@ -73,9 +73,6 @@ def add_input_flags(gen: argparse.ArgumentParser) -> None:
     add("--offload", default=None, choices=OFFLOAD_MODES,
         help="CUDA only: keep weights on the CPU, move each network (model) or layer (sequential) when it runs")
     add("--attention-slicing", action="store_true", default=False, help="attention in slices (less memory)")
-    add("--optimize-cpu", action="store_true", default=False,
-        help="CPU: weights packed once for oneDNN, feed-forward and residual sums fused (faster; weights held once, "
-             "as in eager: docs/fast.md CPU)")
 
 
 # ---- before the model loads --------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from ..version import __version__
 from .generate_a1111 import a1111_notes, settle_sampler, stored_from_infotext
 from .generate_model import SINGLE_FILE_SUFFIXES, ModelSource, local_kind
 from .generate_outputs import name_files, read_outputs
+from .generate_quantize import check_quantize_value
 from .generate_tome import check_fast_values
 
 MAX_SEED = 2**63 - 1
@@ -191,6 +192,7 @@ def check_values(values: dict[str, Any], origin: dict[str, str]) -> None:
                              where=origin[key], expected="a .safetensors/.ckpt --model", found=values["model"])
     check_sampler(values, origin)
     check_fast_values(values, origin)
+    check_quantize_value(values, origin)
 
 
 def _finite(value: Any) -> bool:

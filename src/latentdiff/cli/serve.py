@@ -20,7 +20,9 @@ from typing import Any
 
 from ..builtin import DEFAULT_MODEL
 from ..errors import UsageError
+from ..generation.quantize import QUANTIZATIONS, check_int8_dtype
 from ..limits import MAX_SIDE, MAX_STEPS
+from .generate_quantize import on_cpu
 
 MAX_PORT = 65_535
 
@@ -69,6 +71,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--optimize-cpu", action="store_true", default=False,
                        help="CPU: optimize_for_cpu on every model (weights packed once, fused feed-forward; faster, "
                             "weights held once: docs/fast.md)")
+    serve.add_argument("--quantize", default=None, choices=QUANTIZATIONS,
+                       help="CPU: every model's UNet in int8 (lossy, recorded in the PNGs): int8-static = calibrated "
+                            "int8 convolutions and linear layers; int8 = dynamic int8 linear layers (--dtype float32)")
     serve.add_argument("--max-batch", type=int, default=defaults.DEFAULT_MAX_BATCH,
                        help=f"images one pipeline call makes, across requests (default {defaults.DEFAULT_MAX_BATCH}; "
                             "1: every image exactly the one the Python API gives alone)")
@@ -181,7 +186,23 @@ def step_switches(args: argparse.Namespace) -> dict[str, Any]:
     if tome is not None and not 0.0 <= tome < 1.0:
         raise UsageError("--tome is out of range", where="--tome", expected="a ratio in [0, 1)", found=tome)
     return {"deepcache": None if interval is None else (interval, branch or 0), "freeu": freeu, "tome": tome,
-            "optimize_cpu": bool(getattr(args, "optimize_cpu", False))}
+            "optimize_cpu": bool(getattr(args, "optimize_cpu", False)), "quantize": quantize_flag(args)}
+
+
+def quantize_flag(args: argparse.Namespace) -> str | None:
+    """--quantize, checked against --dtype where it will act (the CPU): dynamic int8 takes float32 only."""
+    method = getattr(args, "quantize", None)
+    dtype = getattr(args, "dtype", "float32")
+    device = getattr(args, "device", None)
+    if method == "int8" and on_cpu(None if device is None else _device(device)):
+        check_int8_dtype(method, dtype, where="--quantize", found=f"--quantize int8 with --dtype {dtype}")
+    return method
+
+
+def _device(spec: str) -> Any:
+    import torch
+
+    return torch.device(spec)
 
 
 def preview_vae(path: str | None) -> str | None:

@@ -38,6 +38,7 @@ RECORDED = ("prompt", "negative", "seed", "steps", "guidance", "sampler", "eta",
             "control", "control_resize", "guess_mode", "ip_adapter",
             "deepcache", "deepcache_branch", "freeu",   # step switches (generate_fast)
             "tome", "cfg_truncation",   # cheaper steps (generate_tome)
+            "quantize",   # int8 UNet on the CPU (generate_quantize)
             "sampler_options")   # the settings an A1111 sampler label fixes (generate_a1111)
 OPTIONAL = RECORDED[RECORDED.index("clip_skip"):]   # recorded only when set
 # the command line's names of the settings, for its messages (`names` of load_pipeline, call_sdxl)
@@ -103,6 +104,7 @@ class GenerateSettings:
     freeu: list[float] | None = None
     tome: float | None = None            # generate_tome: token merging ratio; None = off
     cfg_truncation: float | None = None  # generate_tome: fraction of the steps with guidance; None = all
+    quantize: str | None = None          # generate_quantize: int8 | int8-static (cpu_paths.quantize); None = off
     # generate_a1111: the sampler settings its A1111 label fixes (names.SamplerName.options: Brownian noise, A1111's
     # dropped next-to-last sigma, DPM++ 2M SDE Heun's solver_type); None = the registered sampler's own
     sampler_options: dict[str, Any] | None = None

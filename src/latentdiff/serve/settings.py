@@ -48,3 +48,4 @@ class ServeSettings:
     freeu: tuple[float, float, float, float] | None = None   # --freeu S1,S2,B1,B2
     tome: float | None = None                  # --tome R: token merging, tomesd's reach (SDXL: none, a warning)
     optimize_cpu: bool = False                 # --optimize-cpu: optimize_for_cpu on every CPU model
+    quantize: str | None = None                # --quantize int8 | int8-static: cpu_paths.quantize on every CPU model

@@ -1,5 +1,5 @@
-"""The step switches of `latentdiff serve --deepcache / --freeu / --tome` (docs/fast.md), and `--optimize-cpu`:
-set on every model the server loads, once, never per request.
+"""The step switches of `latentdiff serve --deepcache / --freeu / --tome` (docs/fast.md), and `--optimize-cpu` and
+`--quantize`: set on every model the server loads, once, never per request.
 
 They are settings of the model's UNet (`pipelines.step_cache`, `pipelines.token_merging`), which every request
 on that model shares: a request field would change them under the other requests of a batched call. What a served
@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 from ..errors import InputError, UsageError
+from ..generation.quantize import quantize_unet
 from ..pipelines.cpu_paths import optimize_for_cpu
 from ..pipelines.step_cache import step_settings
 from ..pipelines.token_merging import tome_settings
@@ -50,6 +51,26 @@ def apply_switches(pipe: Any, settings: ServeSettings) -> None:
             optimize_for_cpu(pipe)   # speed and memory only: the images are the same to rounding, not recorded
         else:
             log.warning("--optimize-cpu is for the CPU; ignored for %s on %s", type(pipe).__name__, pipe.device)
+    if settings.quantize is not None:
+        apply_quantize(pipe, settings.quantize)
+
+
+def apply_quantize(pipe: Any, method: str) -> None:
+    """--quantize on a CPU model's UNet (after --optimize-cpu), logged with what was quantized and how long the
+    calibration took; off the CPU, or on a model the default calibration cannot run (an SDXL refiner without
+    its first text encoder), logged and left as it is. The PNGs record it (`switch_params`)."""
+    name = type(pipe).__name__
+    if pipe.device.type != "cpu":
+        log.warning("--quantize %s is for the CPU; ignored for %s on %s", method, name, pipe.device)
+        return
+    try:
+        done = quantize_unet(pipe, method)
+    except InputError as error:
+        if error.where != "calibration":
+            raise UsageError(error.message, where="--quantize", expected=error.expected, found=error.found) from None
+        log.warning("--quantize %s: %s is left unquantized: %s", method, name, error.message)
+        return
+    log.warning("--quantize %s: %s: %s", method, name, done)
 
 
 def switch_params(pipe: Any) -> dict[str, Any]:
@@ -59,6 +80,8 @@ def switch_params(pipe: Any) -> dict[str, Any]:
         return {}
     settings, merging = step_settings(unet), tome_settings(unet)
     params: dict[str, Any] = {}
+    if getattr(pipe, "quantization", None) is not None:     # set by cpu_paths.quantize
+        params["quantize"] = pipe.quantization
     if settings.deepcache is not None:
         params |= {"deepcache": settings.deepcache.cache_interval,
                    "deepcache_branch": settings.deepcache.cache_branch_id}

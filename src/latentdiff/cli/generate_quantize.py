@@ -1,0 +1,87 @@
+"""`latentdiff generate`'s CPU fast paths (issue 20, docs/fast.md "## CPU"): prepacked weights and int8 UNets.
+
+    latentdiff generate "a castle" --optimize-cpu                       # weights packed once for oneDNN
+    latentdiff generate "a castle" --quantize int8-static               # int8 convolutions and linear layers
+    latentdiff generate "a castle" --dtype float32 --quantize int8      # dynamic int8 linear layers (fp32 only)
+
+`--quantize` changes pixels, so a PNG records it (`quantize`) and `--from` reads it back: int8-static calibrates
+on `cpu_paths.CALIBRATION_PROMPTS` with a fixed seed, so the same model, version and machine give the same bytes
+again. The shared part (QUANTIZATIONS, without torch; the quantizing and its one line) is `generation.quantize`.
+It acts on the model's UNet (not a `--refiner`'s), after `--optimize-cpu`, on the CPU only: on a GPU it is
+ignored with a warning and not recorded. `--optimize-cpu` changes only speed (generate_inputs applies it).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any
+
+from ..errors import LatentDiffError, UsageError
+from ..generation.quantize import QUANTIZATIONS, check_int8_dtype, quantize_unet
+
+
+def add_cpu_flags(gen: argparse.ArgumentParser) -> None:
+    """The flags of this module, in one group of `latentdiff generate --help`."""
+    group = gen.add_argument_group("CPU fast paths, ignored on a GPU (docs/fast.md CPU)")
+    add = group.add_argument
+    add("--optimize-cpu", action="store_true", default=False,
+        help="weights packed once for oneDNN, feed-forward and residual sums fused (faster; weights held once, "
+             "as in eager; the same image to rounding)")
+    add("--quantize", default=None, choices=QUANTIZATIONS,
+        help="the UNet in int8 (lossy, recorded): int8-static = calibrated int8 convolutions and linear "
+             "layers (float32 or bfloat16); int8 = dynamic int8 linear layers (float32 only)")
+
+
+def _origin(args: argparse.Namespace) -> str:
+    return "--quantize" if getattr(args, "quantize", None) is not None else f"{args.from_png}: quantize"
+
+
+def check_quantize_value(values: dict[str, Any], origin: dict[str, str]) -> None:
+    """quantize (from the flag or a PNG) is one of QUANTIZATIONS, named by where it came from."""
+    value = values.get("quantize")
+    if value is not None and value not in QUANTIZATIONS:
+        raise UsageError("bad value for quantize", where=origin.get("quantize", "quantize"),
+                         expected=f"one of {', '.join(QUANTIZATIONS)}", found=repr(value)[:200])
+
+
+def on_cpu(device: Any) -> bool:
+    """Whether the run's device (None: as load_pipeline chooses, cuda if there is one) is the CPU."""
+    if device is not None:
+        return bool(device.type == "cpu")
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def check_quantize(settings: Any, args: argparse.Namespace, device: Any) -> None:
+    """Before the model loads (the dtype settled): dynamic int8 takes a float32 UNet (torch's kernels are fp32);
+    int8-static calibrates on prompts alone, which a run with ControlNet / T2I-Adapter / IP-Adapter images is not."""
+    if settings.quantize is None or not on_cpu(device):
+        return
+    check_int8_dtype(settings.quantize, settings.dtype, where=_origin(args),
+                     found=f"--quantize int8 with dtype {settings.dtype}")
+    if settings.quantize == "int8-static" and (settings.control or settings.ip_adapter):
+        raise UsageError("int8-static calibrates on prompts alone, not with control or IP-Adapter images",
+                         where=_origin(args), expected="--quantize int8 (with --dtype float32), or no --quantize",
+                         found="--controlnet" if settings.control else "--ip-adapter")
+
+
+def apply_quantize(pipe: Any, settings: Any, args: argparse.Namespace, *, show: bool = True) -> Any:
+    """--quantize on the loaded pipeline's UNet (after --optimize-cpu), with one line on stderr: what was quantized,
+    how long calibration took; -> the settings, without quantize when it was ignored (off the CPU)."""
+    method = settings.quantize
+    if method is None:
+        return settings
+    if pipe.device.type != "cpu":
+        print(f"latentdiff: warning: --quantize {method} is for the CPU; ignored on {pipe.device.type} (not "
+              "recorded)", file=sys.stderr)
+        return dataclasses.replace(settings, quantize=None)
+    try:
+        done = quantize_unet(pipe, method)
+    except LatentDiffError as error:    # a pipeline the default calibration cannot run, or a UNet not on the CPU
+        raise UsageError(f"cannot quantize this run's UNet: {error.message}", where=_origin(args),
+                         expected=error.expected, found=error.found) from None
+    if show:
+        print(f"latentdiff: --quantize {method}: {done}", file=sys.stderr)
+    return settings

@@ -1,0 +1,36 @@
+"""`--quantize` as `latentdiff generate` and `latentdiff serve` both apply it (docs/fast.md "## CPU"): the UNet of a
+loaded CPU pipeline quantized by `cpu_paths.quantize`, and one line saying what was quantized and how long the
+calibration took (the command prints it, the server logs it).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ..errors import UsageError
+
+# pipelines.cpu_paths.QUANTIZATIONS, without torch (the command line starts without it; a test keeps them equal)
+QUANTIZATIONS = ("int8", "int8-static")
+
+
+def check_int8_dtype(method: str | None, dtype: str, *, where: str, found: str) -> None:
+    """Dynamic int8 takes a float32 UNet (torch's dynamic kernels are fp32): a UsageError before anything loads."""
+    if method == "int8" and dtype != "float32":
+        raise UsageError("int8 dynamic quantization needs a float32 model", where=where,
+                         expected="--dtype float32, or --quantize int8-static (float32 or bfloat16)", found=found)
+
+
+def quantize_unet(pipe: Any, method: str) -> str:
+    """`cpu_paths.quantize(pipe, method)` on a CPU pipeline; -> what it did, for one line of output. Its errors
+    (InputError: a dtype or a pipeline the default calibration cannot run) are the caller's to name."""
+    from ..layers.prepacked import is_int8
+    from ..pipelines import cpu_paths  # here: the command line starts without torch
+
+    start = time.perf_counter()
+    cpu_paths.quantize(pipe, method)
+    seconds = time.perf_counter() - start
+    if method == "int8":
+        return f"{cpu_paths.quantized_linears(pipe.unet)} linear layers of the UNet in int8 (dynamic: no calibration)"
+    layers = sum(is_int8(m) for m in pipe.unet.modules())
+    return (f"{layers} convolutions and linear layers of the UNet in int8, calibrated in {seconds:.1f} s "
+            f"({len(cpu_paths.CALIBRATION_PROMPTS)} prompts)")
