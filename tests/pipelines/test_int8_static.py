@@ -227,14 +227,14 @@ def test_the_compiled_quantizer_needs_one_graph_per_dtype(monkeypatch):
 
     torch._dynamo.reset()
     monkeypatch.setattr(int8, "_quantizer", [])
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     inv_scale, zero_point = torch.tensor(20.0), torch.tensor(7.0)
     inputs = [torch.randn(2, 8, 6, 6), torch.randn(3, 5, 4, 4).contiguous(memory_format=torch.channels_last),
               torch.randn(7, 40), torch.randn(2, 9, 40)[:, 1:], torch.randn(5, 3, requires_grad=True)]
-    for mode in (torch.enable_grad, torch.no_grad, torch.inference_mode):
-        with mode():
-            for x in inputs:
-                for dtype in (torch.float32, torch.bfloat16):
-                    q = int8.quantize_input(x.to(dtype), inv_scale, zero_point)
-                    assert torch.equal(q, int8.quantize_eager(x.detach().to(dtype), inv_scale, zero_point))
+    with torch._dynamo.config.patch(recompile_limit=2):   # a third graph would make it fall back to eager
+        for mode in (torch.enable_grad, torch.no_grad, torch.inference_mode):
+            with mode():
+                for x in inputs:
+                    for dtype in (torch.float32, torch.bfloat16):
+                        q = int8.quantize_input(x.to(dtype), inv_scale, zero_point)
+                        assert torch.equal(q, int8.quantize_eager(x.detach().to(dtype), inv_scale, zero_point))
     assert int8._quantizer[0] is not int8.quantize_eager      # never fell back to eager
