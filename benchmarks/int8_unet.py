@@ -1,14 +1,15 @@
-"""int8-static against bf16 with `optimize_for_cpu` on the SD 1.5-size UNet (random weights), interleaved in one
-process: seconds per CFG step (one UNet call, batch 2) and the max relative error of one call against fp32.
+"""int8-static against bf16 (or fp32) with `optimize_for_cpu` on the SD 1.5-size UNet (random weights), interleaved
+in one process: seconds per CFG step (one UNet call, batch 2) and the max relative error of one call against fp32.
 
-The UNet is loaded once in bf16, packed, calibrated (3 calls at t = 999, 500, 50 on random latents and context),
-and each case swaps the layers' forwards in place (the packed bf16 forward or the int8 one, packed once), so every
-case runs the same weights in the same process, alternately (`common.alternate`): the ratios hold on a loaded
-machine better than separate runs. Cases: bf16 packed; int8 on every candidate layer; on the convolutions only;
-on the linear layers only; and --max-rows values of `layers.int8.INT8_MAX_ROWS` (bf16 linear inputs with more rows
-run bf16).
+The UNet is loaded once in bf16 (--dtype), packed, calibrated (3 calls at t = 999, 500, 50 on random latents and
+context), and each case swaps the layers' forwards in place (the packed float forward or the int8 one, packed
+once), so every case runs the same weights in the same process, alternately (`common.alternate`): the ratios hold
+on a loaded machine better than separate runs. Cases: packed float; int8 on every candidate layer; on the
+convolutions only; on the linear layers only; and --max-rows values of `layers.int8.INT8_MAX_ROWS` (bf16 linear
+inputs with more rows run bf16).
 
     python benchmarks/int8_unet.py --size 32 --threads 2          # 256 px; --size 64 for 512 px
+    ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI python benchmarks/int8_unet.py --dtype fp32   # a CPU without bf16 / AMX
 """
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ def main() -> None:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=32, help="latent side (32: 256 px, 64: 512 px)")
     p.add_argument("--max-rows", default="256,4096", help="other INT8_MAX_ROWS values to time, comma-separated")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="the UNet's float dtype")
     p.add_argument("--folder", default=None, help="an SD 1.5 folder (default: benchmarks/common.py's sd15)")
     args = p.parse_args()
     args.reps = args.reps or (3 if args.quick else 7)
-    common.header(f"int8-static against bf16 packed, SD 1.5 UNet, {8 * args.size} px", args)
+    common.header(f"int8-static against {args.dtype} packed, SD 1.5 UNet, {8 * args.size} px", args)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.set_grad_enabled(False)
 
     from latentdiff import UNet2DConditional
@@ -37,10 +40,10 @@ def main() -> None:
     context, t = torch.randn(2, 77, 768, generator=g), torch.tensor([500, 500])
     unet = UNet2DConditional.from_pretrained(f"{folder}/unet").eval()
     expected = unet(x, t, context)
-    unet = unet.bfloat16()
+    unet = unet.to(dtype)
     prepack_convolutions(unet)
     prepack_linears(unet)
-    xb, cb = x.bfloat16(), context.bfloat16()
+    xb, cb = x.to(dtype), context.to(dtype)
     layers = int8.int8_candidates(unet)
     with int8.observe_input_ranges(layers) as ranges:
         for step in (999, 500, 50):
@@ -58,14 +61,14 @@ def main() -> None:
 
     everything = set(layers)
     convs = {n for n, m in layers.items() if type(m) is nn.Conv2d}
-    cases = {"bf16 packed": use(set()), f"int8 all (max rows {int8.INT8_MAX_ROWS})": use(everything),
+    cases = {f"{args.dtype} packed": use(set()), f"int8 all (max rows {int8.INT8_MAX_ROWS})": use(everything),
              "int8 convolutions only": use(convs), "int8 linear only": use(everything - convs)}
     for rows in (int(r) for r in args.max_rows.split(",") if r):
         cases[f"int8 all (max rows {rows})"] = use(everything, rows)
     times = common.alternate(cases, reps=args.reps)
     table = common.Table(f"SD 1.5 UNet, {8 * args.size} px, batch 2, {torch.get_num_threads()} threads",
-                         ("case", "median", "min", "/ bf16 packed (median)", "max rel. error / fp32"))
-    base = common.median(times["bf16 packed"])
+                         ("case", "median", "min", f"/ {args.dtype} packed (median)", "max rel. error / fp32"))
+    base = common.median(times[f"{args.dtype} packed"])
     for name, run in cases.items():
         error = common.max_rel_error(run().float(), expected)
         med = common.median(times[name])

@@ -138,9 +138,10 @@ def _calibration_run(pipe: Any, calibration: Sequence[str] | Callable[[Any], Any
         raise InputError("calibration prompts must be a non-empty list of strings", where="calibration",
                          expected="list[str] or a function", found=calibration)
 
-    def sample(pipe: Any) -> Any:
-        return pipe(prompts, num_inference_steps=steps, output_type="latent", progress=False,
-                    generator=torch.Generator().manual_seed(0))
+    def sample(pipe: Any) -> None:   # one prompt at a time: the peak memory of one image, not of a batch
+        for prompt in prompts:
+            pipe(prompt, num_inference_steps=steps, output_type="latent", progress=False,
+                 generator=torch.Generator().manual_seed(0))
     return sample
 
 
