@@ -11,10 +11,10 @@ can lower it).
     python benchmarks/cpu_memory.py [--folder /work/peers/weights/sd15] [--sizes 512] [--steps 2]
         [--cases eager,packed,packed-keep] [--threads 2]
 
-`packed`: `optimize_for_cpu(pipe)` (each packed copy takes its plain weight's place); `packed-keep`:
-`optimize_for_cpu(pipe, keep_weights=True)` (plain weights and packed copies both held, as before issue 20's
-memory change); `packed-no-gemm`: `packed` with `GEMM_MAX_PIXELS = 0` (no im2col + GEMM convolutions, whose packed
-weight cannot take the parameter's place).
+`packed`: `optimize_for_cpu(pipe, keep_weights=False)` (each packed copy takes its plain weight's place: what
+`--optimize-cpu` does); `packed-keep`: `optimize_for_cpu(pipe)` (the default, keep_weights=True: plain weights and
+packed copies both held); `packed-no-gemm`: `packed` with `GEMM_MAX_PIXELS = 0` (no im2col + GEMM convolutions,
+whose packed weight cannot take the parameter's place).
 """
 from __future__ import annotations
 
@@ -73,8 +73,8 @@ print(json.dumps(dict(case=case, stages=stages, held=held(pipe), image_sums=sums
 """
 
 # case -> (extra keyword arguments of optimize_for_cpu, a statement run before it), as source text
-CASES = {"eager": ("", ""), "packed": ("", ""), "packed-keep": (", keep_weights=True", ""),
-         "packed-no-gemm": ("", "import latentdiff.layers.prepacked as p; p.GEMM_MAX_PIXELS = 0")}
+CASES = {"eager": ("", ""), "packed": (", keep_weights=False", ""), "packed-keep": (", keep_weights=True", ""),
+         "packed-no-gemm": (", keep_weights=False", "import latentdiff.layers.prepacked as p; p.GEMM_MAX_PIXELS = 0")}
 
 
 def run_case(case: str, args: argparse.Namespace) -> dict:

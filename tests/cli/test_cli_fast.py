@@ -85,9 +85,10 @@ def test_optimize_cpu_flag_packs_the_pipeline_and_keeps_the_image(model, monkeyp
 
     packed = []
     optimize = cpu_paths.optimize_for_cpu
-    monkeypatch.setattr(cpu_paths, "optimize_for_cpu", lambda pipe: packed.append(pipe) or optimize(pipe))
+    monkeypatch.setattr(cpu_paths, "optimize_for_cpu",
+                        lambda pipe, **kw: packed.append(kw) or optimize(pipe, **kw))
     assert generate(PROMPT, "--optimize-cpu", "-o", "fast.png") == 0
-    assert len(packed) == 1
+    assert packed == [{"keep_weights": False}]        # the command owns its weights: held once
     assert generate(PROMPT, "-o", "plain.png") == 0 and len(packed) == 1
     # fp32: the packed convolutions and GEMMs round in another order; the image is the same to 1/255
     difference = np.abs(pixels("fast.png").astype(int) - pixels("plain.png").astype(int))

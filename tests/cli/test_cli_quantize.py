@@ -67,7 +67,8 @@ def test_quantize_flag_is_the_api_and_from_reproduces_it(method, model, monkeypa
 def test_int8_static_on_bfloat16_and_after_optimize_cpu(model, monkeypatch):
     order = []
     optimize, quantize = cpu_paths.optimize_for_cpu, cpu_paths.quantize
-    monkeypatch.setattr(cpu_paths, "optimize_for_cpu", lambda pipe: order.append("optimize") or optimize(pipe))
+    monkeypatch.setattr(cpu_paths, "optimize_for_cpu",
+                        lambda pipe, **kw: order.append("optimize") or optimize(pipe, **kw))
     monkeypatch.setattr(cpu_paths, "quantize", lambda pipe, m: order.append("quantize") or quantize(pipe, m))
     assert generate(PROMPT, "--quantize", "int8-static", "--optimize-cpu", "--dtype", "bfloat16", "-o", "b.png") == 0
     assert order == ["optimize", "quantize"]

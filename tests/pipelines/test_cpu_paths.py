@@ -36,6 +36,7 @@ from latentdiff.layers.prepacked import (
     packed_copies,
     prepack_convolutions,
     prepack_linears,
+    restore_weights,
     tensor_bytes,
     unpack_convolutions,
     unpack_linears,
@@ -348,7 +349,7 @@ def test_optimize_for_cpu_holds_the_weights_once_saves_the_same_files_and_is_und
     plain = {name: weight_bytes(net) for name, net in networks.items()}
     geglus = sum(m.proj.weight.numel() * m.proj.weight.element_size() for m in pipe.unet.modules()
                  if type(m) is GEGLU)
-    cpu_paths.optimize_for_cpu(pipe)
+    cpu_paths.optimize_for_cpu(pipe, keep_weights=False)
     assert max_rel_error(run(pipe), expected) <= PARITY_TOL
     for name, net in networks.items():
         assert packed_in_place(net), name
@@ -379,7 +380,7 @@ def test_lora_fused_onto_weights_packed_in_place_equals_the_published_merge(fold
     merge_kohya({"unet": reference.unet}, state, {p: f"unet:{name}" for p, (_, name, _) in
                                                   zip(prefixes, found, strict=True)})
     base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    cpu_paths.optimize_for_cpu(pipe)
+    cpu_paths.optimize_for_cpu(pipe, keep_weights=False)
     run(pipe)   # packs, the weights in place
     pipe.load_lora_weights(tmp_path / "one.safetensors")
     pipe.fuse_lora()
@@ -393,7 +394,7 @@ def test_lora_fused_onto_weights_packed_in_place_equals_the_published_merge(fold
 def test_optimize_for_cpu_on_memory_mapped_weights_released_after_each_stage(folder):
     pipe = LatentDiffusionPipeline.from_pretrained(folder, mmap_weights=True)   # release_weights after each stage
     expected = run(pipe)
-    cpu_paths.optimize_for_cpu(pipe)
+    cpu_paths.optimize_for_cpu(pipe, keep_weights=False)
     assert max_rel_error(run(pipe), expected) <= PARITY_TOL and packed_in_place(pipe.unet)
     assert max_rel_error(run(pipe), expected) <= PARITY_TOL
 
@@ -410,3 +411,28 @@ def test_an_ip_adapter_made_for_a_unet_with_weights_packed_in_place_copies_the_p
     made = IPAdapter.for_unet(unet, image_embed_dim=16).state_dict()
     copied = [k for k in expected if "_ip." in k]
     assert copied and all(torch.equal(made[k], expected[k]) for k in copied)
+
+
+@pytest.mark.parametrize("release", [True, False])
+@torch.no_grad()
+def test_a_deep_copy_of_a_prepacked_unet_is_packed_independent_and_equal(release):
+    import copy
+
+    unet = tiny_unet(torch.bfloat16)
+    prepack_convolutions(unet, release=release)
+    prepack_linears(unet, release=release)
+    x, t, context = unet_inputs(torch.bfloat16)
+    expected = unet(x, t, context)        # packed (and released) before the copy
+    twin = copy.deepcopy(unet)
+    assert all(is_prepacked(m) for m in twin.modules() if type(m) in (nn.Conv2d, GEGLU))
+    assert torch.equal(twin(x, t, context), expected) and torch.equal(unet(x, t, context), expected)
+    originals = dict(unet.named_parameters())
+    for name, param in twin.named_parameters():
+        assert param is not originals[name]
+    restore_weights(twin)          # plain weights before an in-place change (a released one has oneDNN's layout)
+    twin.conv_in.weight.detach().zero_()          # the copy's weights are its own
+    assert torch.equal(unet(x, t, context), expected) and not torch.equal(twin(x, t, context), expected)
+    unpack_convolutions(twin)
+    unpack_linears(twin)
+    assert not any(is_prepacked(m) for m in twin.modules())
+    assert torch.equal(copy.deepcopy(twin).conv_in.weight, twin.conv_in.weight)

@@ -238,3 +238,14 @@ def test_the_compiled_quantizer_needs_one_graph_per_dtype(monkeypatch):
                         q = int8.quantize_input(x.to(dtype), inv_scale, zero_point)
                         assert torch.equal(q, int8.quantize_eager(x.detach().to(dtype), inv_scale, zero_point))
     assert int8._quantizer[0] is not int8.quantize_eager      # never fell back to eager
+
+
+def test_a_deep_copy_of_a_quantized_pipeline_keeps_its_int8_layers(folder):
+    import copy
+
+    pipe = cpu_paths.optimize_for_cpu(LatentDiffusionPipeline.from_pretrained(folder), keep_weights=False)
+    cpu_paths.quantize(pipe, "int8-static", calibration=["a red circle"], calibration_steps=2)
+    expected = run(pipe)
+    twin = copy.deepcopy(pipe)
+    assert sum(is_int8(m) for m in twin.unet.modules()) == sum(is_int8(m) for m in pipe.unet.modules()) > 0
+    assert torch.equal(run(twin), expected) and torch.equal(run(pipe), expected)

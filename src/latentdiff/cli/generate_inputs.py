@@ -282,7 +282,7 @@ def apply_cpu_optimization(pipe: Any, refiner: Any, warn: Any) -> None:
         return
     for target in (pipe, refiner):
         if target is not None:
-            optimize_for_cpu(target)
+            optimize_for_cpu(target, keep_weights=False)   # the command owns the weights: held once
 
 
 def origin_of(args: argparse.Namespace, key: str) -> str:

@@ -34,6 +34,7 @@ from .prepacked import (
     _Packed,
     can_prepack,
     can_prepack_linear,
+    copyable,
     is_int8,
     restore_weights,
 )
@@ -108,6 +109,10 @@ class _Int8Forward:
 
     def _pack(self, w: torch.Tensor, *size: Any) -> Any:
         raise NotImplementedError
+
+    def copy_for(self, layer: nn.Module) -> Any:
+        """The same int8 forward (same calibrated range) for a copy of the layer (`prepacked._deepcopy`)."""
+        return type(self)(layer, self.input_range)
 
     def _int8_call(self, x: torch.Tensor) -> bool:
         """No gradient wanted (the int8 ops have no backward), a float32 / bfloat16 input on the CPU."""
@@ -253,6 +258,7 @@ def quantize_layers(layers: Mapping[str, nn.Module], ranges: Mapping[str, tuple[
             forward = (Int8ConvForward(layer, ranges[name]) if type(layer) is nn.Conv2d  # type: ignore[arg-type]
                        else Int8LinearForward(layer, ranges[name]))  # type: ignore[arg-type]
             layer.forward = forward  # type: ignore[method-assign,assignment]
+            copyable(layer)
             count += 1
     return count
 

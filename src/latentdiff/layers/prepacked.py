@@ -28,6 +28,8 @@ step, fp32 ones equal the plain ones to rounding order. `unpack_linears` goes ba
 """
 from __future__ import annotations
 
+import copy
+import functools
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -60,9 +62,14 @@ class PackedForward:
     latentdiff_prepacked = True
 
     def __init__(self, conv: nn.Conv2d, *, release: bool = False):
+        self.release = release
         self.conv = conv
         self.packed = _Packed(self._pack, owner=conv if release else None,
                               releasable=lambda size: not self._as_gemm(size))   # a GEMM copy has another shape
+
+    def copy_for(self, conv: nn.Conv2d) -> PackedForward:
+        """The same forward for a copy of the layer (`copy.deepcopy`: see `_deepcopy`)."""
+        return PackedForward(conv, release=self.release)
 
     def _pack(self, w: torch.Tensor, size: torch.Size) -> torch.Tensor:
         conv = self.conv
@@ -129,8 +136,12 @@ class PackedLinearForward:
     latentdiff_prepacked = True
 
     def __init__(self, linear: nn.Linear, *, release: bool = False):
+        self.release = release
         self.linear = linear
         self.packed = _Packed(lambda w: torch.ops.mkldnn._reorder_linear_weight(w), owner=linear if release else None)
+
+    def copy_for(self, linear: nn.Linear) -> PackedLinearForward:
+        return PackedLinearForward(linear, release=self.release)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = self.run(x)
@@ -165,6 +176,9 @@ class FusedGEGLUForward:
         self.geglu = geglu
         self.value = _Packed(lambda w: torch.ops.mkldnn._reorder_linear_weight(_half(w, 0)))
         self.gate = _Packed(lambda w: torch.ops.mkldnn._reorder_linear_weight(_half(w, 1)))
+
+    def copy_for(self, geglu: GEGLU) -> FusedGEGLUForward:
+        return FusedGEGLUForward(geglu)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         geglu = self.geglu
@@ -281,8 +295,39 @@ def _guard(layer: nn.Module) -> list[Any]:
 def _unguard(layer: nn.Module, forward: Any) -> None:
     restore_weights(layer)
     layer.__dict__.pop("_apply", None)
+    layer.__dict__.pop("__deepcopy__", None)
     for handle in getattr(forward, "guards", ()):
         handle.remove()
+
+
+def copyable(layer: nn.Module) -> None:
+    """Let `copy.deepcopy` copy a layer with a packed, fused or int8 forward (`_deepcopy`)."""
+    layer.__dict__["__deepcopy__"] = functools.partial(_deepcopy, layer)
+
+
+def _deepcopy(layer: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """copy.deepcopy of a layer with a packed (fused, int8) forward. Packed tensors have no storage to copy, so the
+    layer is copied as the plain module (a released weight is turned back into the plain one first; the original
+    packs again on its next call), and the copy gets a forward of its own, made the same way: it packs on its
+    first call, and its int8 layers keep their calibrated ranges."""
+    forward: Any = layer.__dict__.get("forward")
+    saved: dict[str, Any] = {k: layer.__dict__.pop(k) for k in ("forward", "_apply", "__deepcopy__")
+                             if k in layer.__dict__}
+    guards = getattr(forward, "guards", [])
+    for handle in guards:
+        handle.remove()
+    restore_weights(layer)
+    try:
+        new = copy.deepcopy(layer, memo)
+    finally:
+        layer.__dict__.update(saved)
+        if guards:
+            forward.guards = _guard(layer)
+    if forward is not None and hasattr(forward, "copy_for"):
+        release = getattr(forward, "release", False)
+        new.forward = _guarded(forward.copy_for(new), new, release)  # type: ignore[method-assign]
+        copyable(new)
+    return new
 
 
 def _packed_call(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
@@ -313,6 +358,7 @@ def prepack_linears(module: nn.Module, *, release: bool = False) -> int:
             layer.forward = FusedGEGLUForward(layer)  # type: ignore[method-assign,arg-type]
         else:
             layer.forward = _guarded(PackedLinearForward(layer, release=release), layer, release)  # type: ignore
+        copyable(layer)
         count += 1
     return count
 
@@ -334,6 +380,7 @@ def prepack_convolutions(module: nn.Module, *, release: bool = False) -> int:
     for conv in module.modules():
         if isinstance(conv, nn.Conv2d) and can_prepack(conv) and not is_prepacked(conv):
             conv.forward = _guarded(PackedForward(conv, release=release), conv, release)  # type: ignore
+            copyable(conv)
             count += 1
     return count
 

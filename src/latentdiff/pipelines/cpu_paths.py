@@ -45,14 +45,17 @@ def _channels_last_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[
     return None
 
 
-def optimize_for_cpu(pipe: Any, *, channels_last: bool = True, keep_weights: bool = False) -> Any:
+def optimize_for_cpu(pipe: Any, *, channels_last: bool = True, keep_weights: bool = True) -> Any:
     """Prepack the convolutions of every CPU network of `pipe` and (channels_last) feed the UNet channels-last
     activations; -> pipe. Networks on another device are left alone; calling it again changes nothing.
 
-    Each packed weight takes its plain weight's place (`layers.prepacked._Packed`), so the weights are held
-    once, as in eager: state_dict, saving, load_state_dict, `.to()`, LoRA and `undo_cpu_optimization` see the
-    plain values; reading a packed layer's `.weight` values directly raises (`restore_weights` first).
-    keep_weights: keep the plain weights as well (twice the weights' memory)."""
+    keep_weights=False: each packed weight takes its plain weight's place (`layers.prepacked._Packed`), so the
+    weights are held once, as in eager (`latentdiff generate / serve --optimize-cpu` do this): state_dict, saving,
+    load_state_dict, `.to()`, LoRA and `undo_cpu_optimization` see the plain values, but reading a packed layer's
+    `.weight` directly raises, and an in-place change of a released weight (`weight.data.mul_()`, an optimizer
+    step) corrupts memory: call `layers.prepacked.restore_weights(module)` before touching weights. The default
+    keeps the plain weights beside the packed copies (twice the weights' memory; in-place changes are safe and
+    repacked at the next call)."""
     for network in pipe.networks():
         prepack_convolutions(network, release=not keep_weights)
         prepack_linears(network, release=not keep_weights)

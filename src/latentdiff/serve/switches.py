@@ -48,7 +48,7 @@ def apply_switches(pipe: Any, settings: ServeSettings) -> None:
                         type(pipe).__name__)
     if settings.optimize_cpu:
         if pipe.device.type == "cpu":
-            optimize_for_cpu(pipe)   # speed and memory only: the images are the same to rounding, not recorded
+            optimize_for_cpu(pipe, keep_weights=False)   # speed only: the same images to rounding, not recorded
         else:
             log.warning("--optimize-cpu is for the CPU; ignored for %s on %s", type(pipe).__name__, pipe.device)
     if settings.quantize is not None:
