@@ -106,6 +106,7 @@ class _Int8Forward:
         self.zero_point_t = torch.tensor(float(self.zero_point))
         self.packed = _Packed(self._pack)
         self.previous = layer.__dict__.get("forward")   # a packed forward, restored by dequantize_layers
+        self.float_path: Any = None                     # the packed float forward for shapes int8 does not pay
 
     def _pack(self, w: torch.Tensor, *size: Any) -> Any:
         raise NotImplementedError
@@ -127,6 +128,21 @@ class _Int8Forward:
         bias = self.layer.bias
         return None if bias is None else bias.detach().float()
 
+    def _float(self, x: torch.Tensor) -> bool:
+        """Whether x runs the float path (a shape where int8 does not pay)."""
+        raise NotImplementedError
+
+    def run(self, x: torch.Tensor) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.run(x)
+        return type(self.layer).forward(self.layer, x) if out is None else out   # nn.Conv2d / nn.Linear's own
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
+        """layer(x) + residual fused where the float path runs; None otherwise (layers.fused then adds)."""
+        return self.float_path.add(x, residual) if self._float(x) else None
+
 
 class Int8ConvForward(_Int8Forward):
     """The replacement `forward` of one Conv2d: oneDNN's int8 convolution (see the module docstring). Outputs too
@@ -143,22 +159,14 @@ class Int8ConvForward(_Int8Forward):
                                                 list(conv.padding), list(conv.dilation), conv.groups, list(size[0]))
         return packed, scales, torch.zeros(scales.shape, dtype=torch.long)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.run(x)
-        return nn.Conv2d.forward(self.layer, x) if out is None else out
-
-    def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
-        """conv(x) + residual fused where the float path runs; None otherwise (layers.fused then adds)."""
-        return self.float_path.add(x, residual) if self._float_shape(x) else None   # type: ignore[union-attr]
-
-    def _float_shape(self, x: torch.Tensor) -> bool:
+    def _float(self, x: torch.Tensor) -> bool:
         return (self.float_path is not None and x.dtype == torch.bfloat16 and x.dim() == 4
                 and self.float_path._as_gemm(x.shape))
 
     def run(self, x: torch.Tensor) -> torch.Tensor | None:
         """The int8 convolution of x (in x's dtype); None where it cannot run."""
-        if self._float_shape(x):
-            return self.float_path.run(x)   # type: ignore[union-attr]
+        if self._float(x):
+            return self.float_path.run(x)
         if not self._int8_call(x) or x.dim() != 4:
             return None
         conv: Any = self.layer
@@ -180,22 +188,14 @@ class Int8LinearForward(_Int8Forward):
         q, scales = quantize_weight(w)
         return torch.ops.onednn.qlinear_prepack(q, None), scales, torch.zeros(scales.shape, dtype=torch.long)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.run(x)
-        return nn.Linear.forward(self.layer, x) if out is None else out
-
-    def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
-        """linear(x) + residual fused where the float path runs; None otherwise (layers.fused then adds)."""
-        return self.float_path.add(x, residual) if self._float_rows(x) else None   # type: ignore[union-attr]
-
-    def _float_rows(self, x: torch.Tensor) -> bool:
+    def _float(self, x: torch.Tensor) -> bool:
         rows = x.numel() // max(x.shape[-1], 1)
         return self.float_path is not None and x.dtype == torch.bfloat16 and rows > INT8_MAX_ROWS
 
     def run(self, x: torch.Tensor) -> torch.Tensor | None:
         """The int8 GEMM of x (in x's dtype); None where it cannot run."""
-        if self._float_rows(x):
-            return self.float_path.run(x)   # type: ignore[union-attr]
+        if self._float(x):
+            return self.float_path.run(x)
         if not self._int8_call(x):
             return None
         packed, scales, zero_points = self.packed.get(self.layer.weight)
