@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import latentdiff
-from tests._support import ROOT
+from tests._support import load_script
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "public_api.json").read_text(encoding="utf-8"))
 
@@ -71,11 +71,7 @@ def test_all_is_the_lazy_table():
 
 # ---- tools/snapshot_public_api.py: writes the reference only when asked to ----------------------------------------
 def load_snapshot_tool():
-    spec = importlib.util.spec_from_file_location("snapshot_public_api", ROOT / "tools" / "snapshot_public_api.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/snapshot_public_api.py", "snapshot_public_api")
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["-h"], ["--no-such-flag"], ["extra"]])

@@ -6,7 +6,6 @@ rows made in one batched call may differ by 1/255 (a batched matrix product roun
 """
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -25,9 +24,9 @@ from latentdiff.diffusion.samplers.names import resolve_sampler
 from latentdiff.errors import ConfigError, InputError
 from latentdiff.integrations import ray as ray_integration
 from latentdiff.integrations.ray import LatentDiffusionPredictor
+from tests._support import load_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # Ray's actors run one thread too (OMP_NUM_THREADS=1)
-ROOT = Path(__file__).resolve().parents[2]
 STEPS, GUIDANCE = 4, 1.5     # 1.5: shapes-64's own guidance (its latentdiff_generate.json), the predictor's default
 PROMPTS = ["a red circle on the left, blue background", "a blue square at the top, white background",
            "a yellow triangle in the center, black background"]
@@ -55,10 +54,7 @@ def recorded(png: bytes) -> dict:
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("ray_batch_example", ROOT / "examples" / "ray_batch.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/ray_batch.py", "ray_batch_example")
 
 
 # ---- the predictor called directly (no Ray) ---------------------------------------------------------------

@@ -2,18 +2,13 @@
 and every name in it resolves as the table says (tests/test_docs.py runs the page's blocks against a server)."""
 from __future__ import annotations
 
-import importlib.util
 import re
 
-from tests._support import ROOT
+from tests._support import load_script
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("serving_doc", ROOT / "tools" / "serving_doc.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/serving_doc.py", "serving_doc")
 
 
 def test_the_sampler_table_follows_the_code():
