@@ -184,6 +184,35 @@ def gemm_rate(dtype: Any, *, n: int = 2048, reps: int = 3, device: str = "cpu") 
     return 2 * n**3 / min(times) / 1e9
 
 
+# ---- the built-in model's checker, and image differences --------------------------------------------
+ACCURACY_KEYS = ("color", "background", "shape", "position", "all")
+ACCURACY_COLUMNS = ("colour", "background", "shape", "position", "all")
+
+
+def checker_run(pipe: Any, *, count: int, settings: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    """The held-out checker on `count` images of `pipe` (data/shapes_eval.py, the reported figures' seeds): its
+    report and the wall seconds per image of the whole run."""
+    from latentdiff.data.shapes_eval import evaluate_shapes_model
+
+    start = time.perf_counter()
+    report = evaluate_shapes_model(pipe, count=count, settings=settings, progress=False)
+    return report, (time.perf_counter() - start) / count
+
+
+def accuracy_cells(accuracy: dict[str, float]) -> list[str]:
+    """The checker's accuracies as the ACCURACY_COLUMNS cells of a table row."""
+    return [f"{100 * accuracy[k]:.1f} %" for k in ACCURACY_KEYS]
+
+
+def image_difference(a: Any, b: Any) -> tuple[float, float]:
+    """(mean |a - b|, PSNR in dB) of two images or stacks with values in 0..255 (uint8 or float)."""
+    import numpy as np
+
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    mse = float((d ** 2).mean())
+    return float(np.abs(d).mean()), (math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse))
+
+
 # ---- tables -----------------------------------------------------------------------------------------
 def fmt_time(seconds: float) -> str:
     if seconds != seconds:

@@ -94,15 +94,6 @@ def run_case(pipe: Any, name: str, *, size: int, steps: int, guidance: float, pr
                 calls=counter.calls, rows=counter.rows)
 
 
-def difference(a: Any, b: Any) -> tuple[float, float]:
-    """(mean |a - b| in 0..255, PSNR in dB)."""
-    import numpy as np
-
-    mad = float(np.abs(a - b).mean())
-    mse = float(((a - b) ** 2).mean())
-    return mad, (math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse))
-
-
 def sd15_part(args: Any) -> common.Table:
     import torch
 
@@ -120,7 +111,7 @@ def sd15_part(args: Any) -> common.Table:
     for name in SWITCHES:
         results[name] = run_case(pipe, name, size=args.size, steps=args.steps, guidance=7.5, prompt=common.PROMPT)
         r = results[name]
-        mad, psnr = difference(r["image"], results["plain"]["image"])
+        mad, psnr = common.image_difference(r["image"], results["plain"]["image"])
         table.add(name, common.fmt_time(r["total"]), common.fmt_time(r["step"]),
                   f"{results['plain']['total'] / r['total']:.2f}x", f"{r['calls']} / {r['rows']}", f"{mad:.2f}",
                   "identical" if math.isinf(psnr) else f"{psnr:.1f} dB",
@@ -133,14 +124,12 @@ def sd15_part(args: Any) -> common.Table:
 def shapes_part(args: Any) -> common.Table:
     from latentdiff import LatentDiffusionPipeline, hub
     from latentdiff.builtin import generate_settings
-    from latentdiff.data.shapes_eval import evaluate_shapes_model
 
     settings = generate_settings(hub.resolve("latentdiff/shapes-64", allow_patterns=["*.json"]))
     pipe = LatentDiffusionPipeline.from_pretrained("latentdiff/shapes-64")
     table = common.Table(f"latentdiff/shapes-64 at its settings (DDIM {settings['num_inference_steps']}, guidance "
                          f"{settings['guidance_scale']}), {args.count} held-out prompts",
-                         ("switch", "per image", "speed-up / plain", "colour", "background", "shape", "position",
-                          "all"))
+                         ("switch", "per image", "speed-up / plain", *common.ACCURACY_COLUMNS))
     plain_time = None
     for name in SWITCHES:
         if name.startswith("FreeU"):
@@ -149,14 +138,11 @@ def shapes_part(args: Any) -> common.Table:
         setup, extra = SWITCHES[name]
         if setup is not None:
             setup(pipe)
-        start = time.perf_counter()
-        report = evaluate_shapes_model(pipe, count=args.count, settings={**settings, **extra}, progress=False)
-        per_image = (time.perf_counter() - start) / args.count
+        report, per_image = common.checker_run(pipe, count=args.count, settings={**settings, **extra})
         reset(pipe)
         plain_time = plain_time or per_image
         acc = report["accuracy"]
-        table.add(name, common.fmt_time(per_image), f"{plain_time / per_image:.2f}x",
-                  *(f"{100 * acc[k]:.1f} %" for k in ("color", "background", "shape", "position", "all")),
+        table.add(name, common.fmt_time(per_image), f"{plain_time / per_image:.2f}x", *common.accuracy_cells(acc),
                   data=dict(switch=name, per_image=per_image, **acc))
         print(f"  {name}: {per_image * 1e3:.0f} ms per image, all {acc['all']:.3f}", flush=True)
     return table

@@ -12,7 +12,6 @@ times of the whole batch (say whether the machine was quiet).
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -40,15 +39,6 @@ def prepared(name: str) -> tuple[Any, float]:
     return pipe, time.perf_counter() - start
 
 
-def difference(a: Any, b: Any) -> tuple[float, float]:
-    """(mean |a - b| in 0..255, PSNR in dB) of two uint8 image stacks."""
-    import numpy as np
-
-    d = a.astype(np.float64) - b.astype(np.float64)
-    mse = float((d ** 2).mean())
-    return float(np.abs(d).mean()), (math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse))
-
-
 def main() -> None:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--count", type=int, default=None, help="images per setting (default 200; quick 50)")
@@ -60,25 +50,22 @@ def main() -> None:
 
     from latentdiff import hub
     from latentdiff.builtin import generate_settings
-    from latentdiff.data.shapes_eval import evaluate_shapes_model
 
     settings = generate_settings(hub.resolve("latentdiff/shapes-64", allow_patterns=["*.json"]))
     table = common.Table(f"latentdiff/shapes-64 (DDIM {settings['num_inference_steps']}, guidance "
                          f"{settings['guidance_scale']}), {args.count} held-out prompts",
-                         ("setting", "per image", "calibration", "mean abs diff / fp32", "PSNR / fp32", "colour",
-                          "background", "shape", "position", "all"))
+                         ("setting", "per image", "calibration", "mean abs diff / fp32", "PSNR / fp32",
+                          *common.ACCURACY_COLUMNS))
     reference = None
     for name in SETTINGS:
         pipe, calibration = prepared(name)
-        start = time.perf_counter()
-        report = evaluate_shapes_model(pipe, count=args.count, settings=settings, progress=False)
-        per_image = (time.perf_counter() - start) / args.count
+        report, per_image = common.checker_run(pipe, count=args.count, settings=settings)
         images = np.stack([np.asarray(image) for image in report["images"]])
         reference = images if reference is None else reference
-        mad, psnr = difference(images, reference)
+        mad, psnr = common.image_difference(images, reference)
         acc = report["accuracy"]
         table.add(name, common.fmt_time(per_image), f"{calibration:.1f} s", f"{mad:.2f}", f"{psnr:.1f} dB",
-                  *(f"{100 * acc[k]:.1f} %" for k in ("color", "background", "shape", "position", "all")),
+                  *common.accuracy_cells(acc),
                   data=dict(setting=name, per_image=per_image, calibration=calibration, mad=mad, psnr=psnr, **acc))
         print(f"  {name}: {per_image * 1e3:.0f} ms per image, all {acc['all']:.3f}, {mad:.2f} / 255", flush=True)
     table.print()

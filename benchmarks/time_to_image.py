@@ -15,7 +15,6 @@ LoRA adds).
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import common
@@ -49,12 +48,11 @@ def main() -> None:
 
     from latentdiff import LatentDiffusionPipeline, hub
     from latentdiff.builtin import generate_settings
-    from latentdiff.data.shapes_eval import evaluate_shapes_model
 
     base = generate_settings(hub.resolve("latentdiff/shapes-64", allow_patterns=["*.json"]))
     table = common.Table(f"latentdiff/shapes-64, {args.count} held-out prompts per setting",
-                         ("setting", "UNet rows / image", "per image", "speed-up / DDIM 50", "colour", "background",
-                          "shape", "position", "all"))
+                         ("setting", "UNet rows / image", "per image", "speed-up / DDIM 50",
+                          *common.ACCURACY_COLUMNS))
     reference = None
     for label, settings, lora in settings_list(base):
         pipe = LatentDiffusionPipeline.from_pretrained("latentdiff/shapes-64")
@@ -63,13 +61,11 @@ def main() -> None:
             if lora == "fused":
                 pipe.fuse_lora()
         rows_per_image = settings["num_inference_steps"] * (2 if settings["guidance_scale"] != 1 else 1)
-        start = time.perf_counter()
-        report = evaluate_shapes_model(pipe, count=args.count, settings=settings, progress=False)
-        per_image = (time.perf_counter() - start) / args.count
+        report, per_image = common.checker_run(pipe, count=args.count, settings=settings)
         reference = reference or per_image
         acc = report["accuracy"]
         table.add(label, rows_per_image, common.fmt_time(per_image), f"{reference / per_image:.1f}x",
-                  *(f"{100 * acc[k]:.1f} %" for k in ("color", "background", "shape", "position", "all")),
+                  *common.accuracy_cells(acc),
                   data=dict(setting=label, per_image=per_image, settings=settings, lora=lora, **acc))
         print(f"  {label}: {per_image * 1e3:.0f} ms per image, all {acc['all']:.3f}", flush=True)
     table.print()
