@@ -96,7 +96,7 @@ def evaluate_silhouette_controlnet(controlnet: Any = "latentdiff/shapes-64-silho
                        **extra).images
     ious = [mask_iou(analyze(image).mask, silhouette_mask(spec)) for image, spec in zip(images, specs, strict=True)]
     if grid is not None:
-        pairs = [im for pair in zip(hints[:grid_count], images[:grid_count], strict=False) for im in pair]
+        pairs = [im for pair in zip(hints[:grid_count], images[:grid_count], strict=True) for im in pair]
         save_png(make_grid(pairs, cols=10), Path(grid),
                  params={"controlnet": str(controlnet) if control else "none",
                          "seeds": f"{seed}..{seed + min(count, grid_count) - 1}", **run})

@@ -186,6 +186,7 @@ class ControlNet(UNetTrunk[ControlNetConfig]):
             scales = [s * conditioning_scale for s in torch.logspace(-1, 0, len(down_res) + 1).tolist()]
         else:
             scales = [conditioning_scale] * (len(down_res) + 1)
+        # strict=False: scales holds one more factor than down_res, the last, which is the middle block's
         return tuple(r * s for r, s in zip(down_res, scales, strict=False)), mid_res * scales[-1]
 
     def _check_hint(self, hint: Any, x: torch.Tensor) -> None:
