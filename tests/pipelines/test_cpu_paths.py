@@ -177,6 +177,21 @@ def test_optimize_for_cpu_keeps_the_images_and_is_undone(folder):
     assert max_rel_error(run(pipe), expected) <= PARITY_TOL
 
 
+def test_compile_after_optimize_for_cpu_runs_plain_layers_and_refuses_int8_static(folder):
+    pipe = LatentDiffusionPipeline.from_pretrained(folder)
+    expected = run(pipe)
+    cpu_paths.optimize_for_cpu(pipe, keep_weights=False)
+    torch._dynamo.reset()
+    with pytest.warns(RuntimeWarning, match="prepacked layers"):
+        pipe.compile(backend="eager")   # the packed layers' lock and oneDNN tensors broke tracing before
+    assert not any(is_prepacked(m) for m in pipe.unet.modules())
+    assert max_rel_error(run(pipe), expected) <= PARITY_TOL
+    quantized = cpu_paths.quantize(LatentDiffusionPipeline.from_pretrained(folder), "int8-static",
+                                   calibration_steps=1)
+    with pytest.raises(InputError, match="dequantize"):
+        quantized.compile(backend="eager")
+
+
 def test_int8_quantization_replaces_the_linears_bounds_the_error_and_refuses_to_save(folder, tmp_path):
     pipe = LatentDiffusionPipeline.from_pretrained(folder)
     expected = run(pipe)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import types
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -30,6 +31,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..layers.attention import set_attention_chunking
+from ..layers.prepacked import is_int8, unpack_convolutions, unpack_linears
 from ..utils.devices import check_device
 from .compile_cache import use_compile_cache
 
@@ -177,6 +179,14 @@ def compile_unet(pipe: Any, *, mode: str | None = "auto", backend: Any = "induct
                          where="compile", expected="pipe.disable_cpu_offload() first, or no offload",
                          found=f"{pipe.__dict__['_offload'].mode} CPU offload")
     unet = pipe.unet
+    if any(is_int8(m) for m in unet.modules()):
+        raise InputError("an int8-static UNet cannot be compiled: its oneDNN int8 layers are opaque to the "
+                         "compiler", where="compile", expected="cpu_paths.dequantize(pipe) first, or no compile",
+                         found="int8-static layers (quantize(pipe, 'int8-static'))")
+    if unpack_convolutions(unet) + unpack_linears(unet):
+        warnings.warn("compile: the UNet's prepacked layers (optimize_for_cpu) run as plain layers in the compiled "
+                      "graph (inductor packs its own weights); on a CPU the eager packed UNet is faster "
+                      "(docs/fast.md \"CPU\")", RuntimeWarning, stacklevel=2)
     if mode == "auto":
         mode = "reduce-overhead" if unet.device.type == "cuda" and backend == "inductor" and not options else None
     unet.__dict__.pop("forward", None)

@@ -27,7 +27,6 @@ from ..layers.attention import BasicTransformerBlock
 from ..models.residuals import Residuals
 
 KNOWN_KEYWORDS = frozenset({"context", "class_labels", "added_cond", "residuals", "freeu"})
-ATTRIBUTE = "_latentdiff_split_batch"   # the UNet's __dict__ entry marking the installed forward
 
 
 class SplitBatchForward:
@@ -129,16 +128,13 @@ def _part_arguments(index: int, parts: int, batch: int, x: torch.Tensor, t: Any,
 def install(unet: nn.Module, *, parts: int | None = None) -> bool:
     """Give `unet` the split forward (module docstring); -> whether it was installed. A UNet with a forward of
     its own already (compiled, offloaded) is left alone."""
-    if ATTRIBUTE in unet.__dict__:
-        return True
-    if "forward" in unet.__dict__:
-        return False
-    unet.forward = SplitBatchForward(unet, parts=parts)  # type: ignore[method-assign]
-    unet.__dict__[ATTRIBUTE] = True
-    return True
+    forward = unet.__dict__.get("forward")
+    if forward is None:
+        unet.forward = SplitBatchForward(unet, parts=parts)  # type: ignore[method-assign]
+    return isinstance(unet.__dict__["forward"], SplitBatchForward) if "forward" in unet.__dict__ else False
 
 
 def uninstall(unet: nn.Module) -> None:
-    """The UNet's own forward again."""
-    if unet.__dict__.pop(ATTRIBUTE, None) and isinstance(unet.__dict__.get("forward"), SplitBatchForward):
+    """The UNet's own forward again (a forward set since, compiled or offloaded, is left alone)."""
+    if isinstance(unet.__dict__.get("forward"), SplitBatchForward):
         del unet.__dict__["forward"]
