@@ -8,7 +8,8 @@ What is proven:
 * the compiled input quantizer gives the eager quantizer's bytes, and a quantizer that fails falls back to eager
   with a warning;
 * calibration observes each layer's true input [min, max] over all calls and removes its hooks;
-* a weight changed in place is quantized anew (never stale); a call that wants gradients runs the float layer;
+* a weight changed in place is quantized anew (never stale), and so is the fp32 copy of a bias (in place, swapped,
+  another dtype); a call that wants gradients runs the float layer;
   bf16 shapes where int8 does not pay run the packed float path;
 * `quantize(pipe, "int8-static")` swaps every candidate layer of the UNet, keeps the images within
   INT8_STATIC_TOL of fp32, keeps the weights (saving writes the model's own), is undone by `dequantize` to the
@@ -139,6 +140,28 @@ def test_a_weight_changed_in_place_is_quantized_anew():
     conv.weight.mul_(-2)
     expected = F.conv2d(fake_quantized_input(x, forward), fake_quantized_weight(conv.weight), conv.bias, padding=1)
     assert max_rel_error(forward(x), expected) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_the_float32_bias_is_made_once_and_again_when_the_bias_changes(dtype):
+    """_bias() caches the bias's fp32 copy, keyed by its version, storage, dtype and device: a bias changed in
+    place, swapped for another tensor or moved to another dtype gives what a fresh int8 forward (no cache) gives."""
+    torch.manual_seed(0)
+    conv, linear = nn.Conv2d(32, 32, 3, padding=1).to(dtype), nn.Linear(32, 48).to(dtype)
+    for layer, x in ((conv, torch.randn(1, 32, 8, 8, dtype=dtype)), (linear, torch.randn(4, 32, dtype=dtype))):
+        kind = int8.Int8ConvForward if type(layer) is nn.Conv2d else int8.Int8LinearForward
+        forward = kind(layer, (-4.0, 4.0))
+        before = forward(x)
+        assert forward._bias() is forward._bias() and forward._bias().dtype == torch.float32   # converted once
+        layer.bias.add_(0.5)                                               # in place: a new version
+        assert torch.equal(forward(x), kind(layer, (-4.0, 4.0))(x)) and not torch.equal(forward(x), before)
+        layer.bias.data = torch.full_like(layer.bias, -1.0)                # another storage
+        assert torch.equal(forward(x), kind(layer, (-4.0, 4.0))(x))
+        assert forward._bias().eq(-1.0).all()
+        other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+        layer.bias.data = (layer.bias.detach() - 1.0).to(other)            # another dtype
+        assert torch.equal(forward._bias(), layer.bias.detach().float()) and forward._bias().eq(-2.0).all()
 
 
 def test_a_call_that_wants_gradients_runs_the_float_layer():
