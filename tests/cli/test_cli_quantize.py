@@ -149,20 +149,36 @@ def test_int8_static_with_a_controlnet_is_refused_before_loading(model, monkeypa
            in capsys.readouterr().err
 
 
-def test_sdxl_base_is_quantized_and_the_refiner_is_not(tmp_path_factory, monkeypatch, capsys):
+@pytest.mark.parametrize("method", ["int8-static", "int8"])
+def test_sdxl_refiner_is_quantized_too_behind_its_base_and_from_reproduces(method, tmp_path_factory, monkeypatch,
+                                                                          capsys):
+    """--refiner with --quantize: the refiner's UNet is quantized after the base's (int8-static: calibrated on the
+    prompts run through the quantized base and the refiner, `cpu_paths.refiner_calibration` at the run's switch),
+    the image is the Python API's, the PNG records it and --from gives the same bytes."""
     from latentdiff.pipelines.sdxl import StableDiffusionXLPipeline
+    from latentdiff.pipelines.sdxl_image import StableDiffusionXLImg2ImgPipeline
     from tests._support.sdxl_native import write_tiny_sdxl
 
     root = tmp_path_factory.mktemp("sdxl")
     base, refiner = write_tiny_sdxl(root / "base"), write_tiny_sdxl(root / "refiner", kind="refiner", seed=5)
     quantized = []
     quantize = cpu_paths.quantize
-    monkeypatch.setattr(cpu_paths, "quantize", lambda pipe, m: quantized.append(pipe) or quantize(pipe, m))
+    monkeypatch.setattr(cpu_paths, "quantize", lambda pipe, m, **kw: quantized.append(pipe) or quantize(pipe, m, **kw))
     argv = ["--model", base, "--refiner", refiner, "--refiner-switch", 0.5, "--steps", 3, "--dtype", "float32"]
-    assert generate("a red church", *argv, "--quantize", "int8-static", "-o", "q.png") == 0
-    assert [type(pipe) for pipe in quantized] == [StableDiffusionXLPipeline] and int8_layers(quantized[0]) > 0
-    assert "convolutions and linear layers of the UNet in int8, calibrated in" in capsys.readouterr().err
-    assert generate("a red church", *argv, "-o", "plain.png") == 0
-    assert not np.array_equal(pixels("plain.png"), pixels("q.png"))
+    assert generate("a red church", *argv, "--quantize", method, "-o", "q.png") == 0
+    assert [type(pipe) for pipe in quantized] == [StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline]
+    count = int8_layers if method == "int8-static" else (lambda pipe: cpu_paths.quantized_linears(pipe.unet))
+    assert count(quantized[0]) > 0 and count(quantized[1]) > 0
+    err = capsys.readouterr().err
+    assert f"--quantize {method}: refiner: {count(quantized[1])} " in err and "of the refiner's UNet in int8" in err
+    api_base = quantize(StableDiffusionXLPipeline.from_pretrained(base), method)
+    api_refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner)
+    calibration = cpu_paths.refiner_calibration(api_base, switch=0.5) if method == "int8-static" else None
+    quantize(api_refiner, method, calibration=calibration)
+    common = dict(num_inference_steps=3, generator=[torch.Generator().manual_seed(0)], progress=False)
+    latents = api_base(["a red church"], denoising_end=0.5, output_type="latent", **common).images
+    expected = api_refiner(["a red church"], image=latents, denoising_start=0.5, **common).images[0]
+    assert np.array_equal(pixels("q.png"), np.asarray(expected.convert("RGB")))
+    assert read_png_params("q.png")["quantize"] == method
     assert generate("--from", "q.png", "-o", "again.png") == 0
     assert Path("again.png").read_bytes() == Path("q.png").read_bytes()

@@ -13,7 +13,9 @@ What is proven:
   bf16 shapes where int8 does not pay run the packed float path;
 * `quantize(pipe, "int8-static")` swaps every candidate layer of the UNet, keeps the images within
   INT8_STATIC_TOL of fp32, keeps the weights (saving writes the model's own), is undone by `dequantize` to the
-  exact previous images, survives `undo_cpu_optimization`, and refuses bad arguments before any work.
+  exact previous images, survives `undo_cpu_optimization`, and refuses bad arguments before any work;
+* an SDXL refiner calibrated with `refiner_calibration` observes exactly the inputs of the base -> refiner hand-off
+  and its refined image stays within INT8_STATIC_TOL of fp32.
 """
 from __future__ import annotations
 
@@ -272,3 +274,50 @@ def test_a_deep_copy_of_a_quantized_pipeline_keeps_its_int8_layers(folder):
     twin = copy.deepcopy(pipe)
     assert sum(is_int8(m) for m in twin.unet.modules()) == sum(is_int8(m) for m in pipe.unet.modules()) > 0
     assert torch.equal(run(twin), expected) and torch.equal(run(pipe), expected)
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    from latentdiff.pipelines.sdxl import StableDiffusionXLPipeline
+    from latentdiff.pipelines.sdxl_image import StableDiffusionXLImg2ImgPipeline
+    from tests._support.sdxl_native import write_tiny_sdxl
+
+    root = tmp_path_factory.mktemp("sdxl")
+    base, refiner = write_tiny_sdxl(root / "base"), write_tiny_sdxl(root / "refiner", kind="refiner", seed=5)
+    return StableDiffusionXLPipeline.from_pretrained(base), lambda: StableDiffusionXLImg2ImgPipeline.from_pretrained(
+        refiner)
+
+
+def refine(base, refiner, prompt: str = "a red church", steps: int = 3) -> torch.Tensor:
+    common = dict(num_inference_steps=steps, progress=False, generator=torch.Generator().manual_seed(0))
+    latents = base(prompt, denoising_end=0.5, output_type="latent", **common).images
+    return refiner(prompt, image=latents, denoising_start=0.5, output_type="pt", **common).images
+
+
+@torch.no_grad()
+def test_a_refiner_is_calibrated_on_the_base_s_latents_and_its_error_bounded(sdxl):
+    """refiner_calibration observes the refiner's layers on exactly what the base -> refiner hand-off feeds them
+    (the ranges of the same chain written out here), and the int8 refiner's image stays within INT8_STATIC_TOL."""
+    base, load_refiner = sdxl
+    refiner = load_refiner()
+    prompts = ["a red church", "a blue boat"]
+    layers = int8.int8_candidates(refiner.unet)
+    with int8.observe_input_ranges(layers) as expected:
+        for prompt in prompts:
+            refine(base, refiner, prompt, steps=2)
+    with int8.observe_input_ranges(layers) as observed:
+        cpu_paths.refiner_calibration(base, switch=0.5, prompts=prompts, steps=2)(refiner)
+    assert observed == expected and len(observed) == len(layers) > 0
+    reference = refine(base, refiner)
+    cpu_paths.quantize(refiner, "int8-static", calibration=cpu_paths.refiner_calibration(base, switch=0.5))
+    assert all(is_int8(m) for m in layers.values())
+    assert 1e-4 < max_rel_error(refine(base, refiner), reference) <= INT8_STATIC_TOL
+    with pytest.raises(InputError, match="calibration"):     # alone, a refiner cannot run the default calibration
+        cpu_paths.quantize(load_refiner(), "int8-static")
+    for bad in (0.0, 1.0, True, "0.5"):
+        with pytest.raises(InputError, match="switch"):
+            cpu_paths.refiner_calibration(base, switch=bad)
+    with pytest.raises(InputError, match="steps"):
+        cpu_paths.refiner_calibration(base, switch=0.5, steps=0)
+    with pytest.raises(InputError, match="prompts"):
+        cpu_paths.refiner_calibration(base, switch=0.5, prompts=[])

@@ -7,8 +7,10 @@
 `--quantize` changes pixels, so a PNG records it (`quantize`) and `--from` reads it back: int8-static calibrates
 on `cpu_paths.CALIBRATION_PROMPTS` with a fixed seed, so the same model, version and machine give the same bytes
 again. The shared part (QUANTIZATIONS, without torch; the quantizing and its one line) is `generation.quantize`.
-It acts on the model's UNet (not a `--refiner`'s), after `--optimize-cpu`, on the CPU only: on a GPU it is
-ignored with a warning and not recorded. `--optimize-cpu` changes only speed (generate_inputs applies it).
+It acts on the model's UNet and a `--refiner`'s (int8-static calibrates the refiner on the calibration prompts run
+through the quantized base and the refiner, from the base's latents at the run's --refiner-switch: what it sees),
+after `--optimize-cpu`, on the CPU only: on a GPU it is ignored with a warning and not recorded. `--optimize-cpu`
+changes only speed (generate_inputs applies it).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import sys
 from typing import Any
 
 from ..errors import LatentDiffError, UsageError
-from ..generation.quantize import QUANTIZATIONS, check_int8_dtype, quantize_unet
+from ..generation.quantize import QUANTIZATIONS, check_int8_dtype, quantize_refiner, quantize_unet
 
 
 def add_cpu_flags(gen: argparse.ArgumentParser) -> None:
@@ -67,8 +69,10 @@ def check_quantize(settings: Any, args: argparse.Namespace, device: Any) -> None
                          found="--controlnet" if settings.control else "--ip-adapter")
 
 
-def apply_quantize(pipe: Any, settings: Any, args: argparse.Namespace, *, show: bool = True) -> Any:
-    """--quantize on the loaded pipeline's UNet (after --optimize-cpu), with one line on stderr: what was quantized,
+def apply_quantize(pipe: Any, settings: Any, args: argparse.Namespace, *, show: bool = True,
+                   refiner: Any = None) -> Any:
+    """--quantize on the loaded pipeline's UNet (after --optimize-cpu), then on the SDXL `refiner`'s (int8-static:
+    calibrated behind the quantized base, `quantize_refiner`), with one line on stderr each: what was quantized,
     how long calibration took; -> the settings, without quantize when it was ignored (off the CPU)."""
     method = settings.quantize
     if method is None:
@@ -78,10 +82,13 @@ def apply_quantize(pipe: Any, settings: Any, args: argparse.Namespace, *, show: 
               "recorded)", file=sys.stderr)
         return dataclasses.replace(settings, quantize=None)
     try:
-        done = quantize_unet(pipe, method)
+        done = [quantize_unet(pipe, method)]
+        if refiner is not None:
+            done.append("refiner: " + quantize_refiner(refiner, method, base=pipe, switch=settings.refiner_switch))
     except LatentDiffError as error:    # a pipeline the default calibration cannot run, or a UNet not on the CPU
         raise UsageError(f"cannot quantize this run's UNet: {error.message}", where=_origin(args),
                          expected=error.expected, found=error.found) from None
     if show:
-        print(f"latentdiff: --quantize {method}: {done}", file=sys.stderr)
+        for line in done:
+            print(f"latentdiff: --quantize {method}: {line}", file=sys.stderr)
     return settings

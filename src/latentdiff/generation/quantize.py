@@ -23,14 +23,34 @@ def check_int8_dtype(method: str | None, dtype: str, *, where: str, found: str) 
 def quantize_unet(pipe: Any, method: str) -> str:
     """`cpu_paths.quantize(pipe, method)` on a CPU pipeline; -> what it did, for one line of output. Its errors
     (InputError: a dtype or a pipeline the default calibration cannot run) are the caller's to name."""
-    from ..layers.prepacked import is_int8
     from ..pipelines import cpu_paths  # here: the command line starts without torch
 
     start = time.perf_counter()
     cpu_paths.quantize(pipe, method)
-    seconds = time.perf_counter() - start
+    return _done(pipe, method, time.perf_counter() - start, "the UNet", "prompts")
+
+
+def quantize_refiner(refiner: Any, method: str, *, base: Any, switch: float) -> str:
+    """--quantize on an SDXL refiner's UNet (after the base's): dynamic int8 as the base's; int8-static calibrated
+    on what the refiner sees in the run, the calibration prompts through the (quantized) `base` up to `switch` and
+    the refiner from the base's latents (`cpu_paths.refiner_calibration`); -> what it did, for one line."""
+    from ..pipelines import cpu_paths  # here: the command line starts without torch
+
+    start = time.perf_counter()
+    if method == "int8-static":
+        cpu_paths.quantize(refiner, method, calibration=cpu_paths.refiner_calibration(base, switch=switch))
+    else:
+        cpu_paths.quantize(refiner, method)
+    return _done(refiner, method, time.perf_counter() - start, "the refiner's UNet",
+                 "prompts through the base and the refiner")
+
+
+def _done(pipe: Any, method: str, seconds: float, what: str, calibrated_on: str) -> str:
+    from ..layers.prepacked import is_int8
+    from ..pipelines import cpu_paths
+
     if method == "int8":
-        return f"{cpu_paths.quantized_linears(pipe.unet)} linear layers of the UNet in int8 (dynamic: no calibration)"
+        return f"{cpu_paths.quantized_linears(pipe.unet)} linear layers of {what} in int8 (dynamic: no calibration)"
     layers = sum(is_int8(m) for m in pipe.unet.modules())
-    return (f"{layers} convolutions and linear layers of the UNet in int8, calibrated in {seconds:.1f} s "
-            f"({len(cpu_paths.CALIBRATION_PROMPTS)} prompts)")
+    return (f"{layers} convolutions and linear layers of {what} in int8, calibrated in {seconds:.1f} s "
+            f"({len(cpu_paths.CALIBRATION_PROMPTS)} {calibrated_on})")

@@ -15,7 +15,8 @@ the speed). A quantized pipeline refuses to be saved: its weights are no longer 
 int8 weights and int8 activations (`layers.int8`: per-channel weight scales, per-layer activation ranges observed
 on calibration runs of the pipeline itself), in float32 or bfloat16, faster than bf16 on a CPU with int8 matrix
 units (AMX-INT8, VNNI) and lossy (docs/fast.md "## CPU"). The weights stay the model's, so the pipeline can still
-be saved; `dequantize(pipe)` goes back.
+be saved; `dequantize(pipe)` goes back. An SDXL refiner is calibrated behind its base: `quantize(refiner,
+"int8-static", calibration=refiner_calibration(base, switch=0.8))`.
 """
 from __future__ import annotations
 
@@ -136,15 +137,45 @@ def _calibration_run(pipe: Any, calibration: Sequence[str] | Callable[[Any], Any
         raise InputError("a pipeline without a text encoder needs a calibration function", where="calibration",
                          expected="calibration=lambda pipe: pipe(...) (called as it will be used)",
                          found=type(pipe).__name__)
-    prompts = list(CALIBRATION_PROMPTS if calibration is None else calibration)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise InputError("calibration prompts must be a non-empty list of strings", where="calibration",
-                         expected="list[str] or a function", found=calibration)
+    prompts = _calibration_prompts(calibration)
 
     def sample(pipe: Any) -> None:   # one prompt at a time: the peak memory of one image, not of a batch
         for prompt in prompts:
             pipe(prompt, num_inference_steps=steps, output_type="latent", progress=False,
                  generator=torch.Generator().manual_seed(0))
+    return sample
+
+
+def _calibration_prompts(calibration: Sequence[str] | None) -> list[str]:
+    prompts = list(CALIBRATION_PROMPTS if calibration is None else calibration)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise InputError("calibration prompts must be a non-empty list of strings", where="calibration",
+                         expected="list[str] or a function", found=calibration)
+    return prompts
+
+
+def refiner_calibration(base: Any, *, switch: float, prompts: Sequence[str] | None = None,
+                        steps: int = 8) -> Callable[[Any], None]:
+    """The calibration of an SDXL refiner, for `quantize(refiner, "int8-static", calibration=...)`: each prompt
+    (default CALIBRATION_PROMPTS) through `base` for the first `switch` of the noise schedule, then through the
+    refiner from the base's latents (diffusers' ensemble of expert denoisers, as `latentdiff generate --refiner`
+    runs them), `steps` steps at the base's default size, seed 0: the refiner's UNet is observed on the inputs
+    it really sees (a refiner alone has no first text encoder for the default calibration, nor latents to start
+    from). Quantize the base first, and its quantized latents are what the refiner is calibrated on."""
+    if isinstance(switch, bool) or not isinstance(switch, int | float) or not 0.0 < switch < 1.0:
+        raise InputError("the refiner switch is a fraction of the schedule", where="switch",
+                         expected="a number strictly between 0 and 1", found=switch)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise InputError("calibration_steps must be a positive integer", where="steps", expected=">= 1",
+                         found=steps)
+    texts = _calibration_prompts(prompts)
+
+    def sample(refiner: Any) -> None:   # one prompt at a time, as _calibration_run's
+        for prompt in texts:
+            latents = base(prompt, num_inference_steps=steps, denoising_end=switch, output_type="latent",
+                           progress=False, generator=torch.Generator().manual_seed(0)).images
+            refiner(prompt, image=latents, num_inference_steps=steps, denoising_start=switch, output_type="latent",
+                    progress=False, generator=torch.Generator().manual_seed(0))
     return sample
 
 
