@@ -20,7 +20,13 @@ import sys
 from typing import Any
 
 from ..errors import LatentDiffError, UsageError
-from ..generation.quantize import QUANTIZATIONS, check_int8_dtype, quantize_refiner, quantize_unet
+from ..generation.quantize import (
+    QUANTIZATIONS,
+    check_int8_dtype,
+    check_static_calibration,
+    quantize_refiner,
+    quantize_unet,
+)
 
 
 def add_cpu_flags(gen: argparse.ArgumentParser) -> None:
@@ -63,10 +69,8 @@ def check_quantize(settings: Any, args: argparse.Namespace, device: Any) -> None
         return
     check_int8_dtype(settings.quantize, settings.dtype, where=_origin(args),
                      found=f"--quantize int8 with dtype {settings.dtype}")
-    if settings.quantize == "int8-static" and (settings.control or settings.ip_adapter):
-        raise UsageError("int8-static calibrates on prompts alone, not with control or IP-Adapter images",
-                         where=_origin(args), expected="--quantize int8 (with --dtype float32), or no --quantize",
-                         found="--controlnet" if settings.control else "--ip-adapter")
+    control = "--controlnet" if settings.control else "--ip-adapter" if settings.ip_adapter else None
+    check_static_calibration(settings.quantize, control=control, where=_origin(args))
 
 
 def apply_quantize(pipe: Any, settings: Any, args: argparse.Namespace, *, show: bool = True,

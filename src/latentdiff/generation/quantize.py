@@ -20,6 +20,17 @@ def check_int8_dtype(method: str | None, dtype: str, *, where: str, found: str) 
                          expected="--dtype float32, or --quantize int8-static (float32 or bfloat16)", found=found)
 
 
+def check_static_calibration(method: str | None, *, control: str | None, where: str, model: str | None = None) -> None:
+    """int8-static calibrates on prompts alone: a run that adds control inputs (ControlNet, T2I-Adapter, IP-Adapter
+    images: `control`, the flag that adds them; None: none) would meet activations the calibration never saw
+    (the control residuals enter the UNet's skips). A UsageError naming the flags (and the `model`) before
+    anything loads: `latentdiff generate` and `latentdiff serve` refuse the same combination."""
+    if method == "int8-static" and control is not None:
+        raise UsageError("int8-static calibrates on prompts alone, not with control or IP-Adapter images"
+                         + ("" if model is None else f" (model {model})"), where=where,
+                         expected="--quantize int8 (with --dtype float32), or no --quantize", found=control)
+
+
 def quantize_unet(pipe: Any, method: str) -> str:
     """`cpu_paths.quantize(pipe, method)` on a CPU pipeline; -> what it did, for one line of output. Its errors
     (InputError: a dtype or a pipeline the default calibration cannot run) are the caller's to name."""
