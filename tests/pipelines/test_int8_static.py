@@ -14,6 +14,8 @@ What is proven:
 * `quantize(pipe, "int8-static")` swaps every candidate layer of the UNet, keeps the images within
   INT8_STATIC_TOL of fp32, keeps the weights (saving writes the model's own), is undone by `dequantize` to the
   exact previous images, survives `undo_cpu_optimization`, and refuses bad arguments before any work;
+* a ControlNet pipeline calibrated with its hints (`calibration_options`) has the ranges of the hinted calls and
+  its controlled image stays within INT8_STATIC_TOL of fp32;
 * an SDXL refiner calibrated with `refiner_calibration` observes exactly the inputs of the base -> refiner hand-off
   and its refined image stays within INT8_STATIC_TOL of fp32.
 """
@@ -44,9 +46,9 @@ def folder(tmp_path_factory):
     return make_tiny_shapes_model(tmp_path_factory.mktemp("int8") / "shapes-64")
 
 
-def run(pipe) -> torch.Tensor:
+def run(pipe, **options) -> torch.Tensor:
     return pipe("a red circle", num_inference_steps=2, guidance_scale=3.0, output_type="pt", progress=False,
-                generator=torch.Generator().manual_seed(0)).images
+                generator=torch.Generator().manual_seed(0), **options).images
 
 
 def fake_quantized_input(x: torch.Tensor, forward: int8._Int8Forward) -> torch.Tensor:
@@ -321,3 +323,44 @@ def test_a_refiner_is_calibrated_on_the_base_s_latents_and_its_error_bounded(sdx
         cpu_paths.refiner_calibration(base, switch=0.5, steps=0)
     with pytest.raises(InputError, match="prompts"):
         cpu_paths.refiner_calibration(base, switch=0.5, prompts=[])
+
+
+@torch.no_grad()
+def test_a_controlnet_pipeline_is_calibrated_with_its_hints_and_its_error_bounded(folder):
+    """calibration_options reach every calibration call: the int8 layers' ranges are those of the pipeline run
+    on the calibration prompts with the hint (observed here on the same calls written out), not those without it
+    (the ControlNet's residuals move the UNet's activations), and the controlled image stays within
+    INT8_STATIC_TOL of fp32."""
+    from PIL import Image
+
+    from latentdiff import ControlNet
+    from tests._support.parity import randomize_
+
+    plain = LatentDiffusionPipeline.from_pretrained(folder)
+    torch.manual_seed(0)
+    net = randomize_(ControlNet.from_unet(plain.unet, conditioning_embedding_out_channels=(16, 32, 96))).eval()
+    pipe = LatentDiffusionPipeline.from_pretrained(folder, controlnet=net)
+    hint = Image.fromarray((torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(1)) * 255).byte().numpy())
+    options = dict(control_image=hint, controlnet_conditioning_scale=0.8, height=64, width=64)
+    prompts = ["a red circle", "a blue square"]
+    layers = int8.int8_candidates(pipe.unet)
+
+    def observe(**extra) -> dict:
+        with int8.observe_input_ranges(layers) as ranges:
+            for prompt in prompts:
+                pipe(prompt, num_inference_steps=2, output_type="latent", progress=False,
+                     generator=torch.Generator().manual_seed(0), **extra)
+        return ranges
+    expected, unhinted = observe(**options), observe(**options | dict(controlnet_conditioning_scale=0.0))
+    assert expected != unhinted                 # the hint's residuals change what the UNet's layers see
+    reference = run(pipe, **options)
+    assert max_rel_error(reference, run(plain)) > 0.01      # the ControlNet acts
+    cpu_paths.quantize(pipe, "int8-static", calibration=prompts, calibration_steps=2, calibration_options=options)
+    assert {name: layer.forward.input_range for name, layer in layers.items()} == expected
+    assert 1e-4 < max_rel_error(run(pipe, **options), reference) <= INT8_STATIC_TOL
+    for bad in (dict(calibration=lambda p: None), dict(calibration_options=[("height", 64)])):
+        with pytest.raises(InputError, match="calibration_options"):
+            cpu_paths.quantize(plain, "int8-static", **{"calibration_options": options} | bad)
+    with pytest.raises(InputError, match="calibration_options"):
+        cpu_paths.quantize(plain, "int8", calibration_options=options)
+    assert not any(is_int8(m) for m in plain.unet.modules())

@@ -23,7 +23,6 @@ from ..errors import LatentDiffError, UsageError
 from ..generation.quantize import (
     QUANTIZATIONS,
     check_int8_dtype,
-    check_static_calibration,
     quantize_refiner,
     quantize_unet,
 )
@@ -63,21 +62,20 @@ def on_cpu(device: Any) -> bool:
 
 
 def check_quantize(settings: Any, args: argparse.Namespace, device: Any) -> None:
-    """Before the model loads (the dtype settled): dynamic int8 takes a float32 UNet (torch's kernels are fp32);
-    int8-static calibrates on prompts alone, which a run with ControlNet / T2I-Adapter / IP-Adapter images is not."""
+    """Before the model loads (the dtype settled): dynamic int8 takes a float32 UNet (torch's kernels are fp32)."""
     if settings.quantize is None or not on_cpu(device):
         return
     check_int8_dtype(settings.quantize, settings.dtype, where=_origin(args),
                      found=f"--quantize int8 with dtype {settings.dtype}")
-    control = "--controlnet" if settings.control else "--ip-adapter" if settings.ip_adapter else None
-    check_static_calibration(settings.quantize, control=control, where=_origin(args))
 
 
 def apply_quantize(pipe: Any, settings: Any, args: argparse.Namespace, *, show: bool = True,
-                   refiner: Any = None) -> Any:
+                   refiner: Any = None, control: dict[str, Any] | None = None) -> Any:
     """--quantize on the loaded pipeline's UNet (after --optimize-cpu), then on the SDXL `refiner`'s (int8-static:
     calibrated behind the quantized base, `quantize_refiner`), with one line on stderr each: what was quantized,
-    how long calibration took; -> the settings, without quantize when it was ignored (off the CPU)."""
+    how long calibration took; -> the settings, without quantize when it was ignored (off the CPU). control: the
+    run's control arguments (`generate_control.control_options`: ControlNet / T2I-Adapter hints, an IP-Adapter
+    image), which int8-static's calibration calls take, at the run's size (the hints are made for it)."""
     method = settings.quantize
     if method is None:
         return settings
@@ -86,9 +84,11 @@ def apply_quantize(pipe: Any, settings: Any, args: argparse.Namespace, *, show: 
               "recorded)", file=sys.stderr)
         return dataclasses.replace(settings, quantize=None)
     try:
-        done = [quantize_unet(pipe, method)]
+        options = dict(control, height=settings.height, width=settings.width) if control else None
+        done = [quantize_unet(pipe, method, options=options)]
         if refiner is not None:
-            done.append("refiner: " + quantize_refiner(refiner, method, base=pipe, switch=settings.refiner_switch))
+            done.append("refiner: " + quantize_refiner(refiner, method, base=pipe, switch=settings.refiner_switch,
+                                                       base_options=options))
     except LatentDiffError as error:    # a pipeline the default calibration cannot run, or a UNet not on the CPU
         raise UsageError(f"cannot quantize this run's UNet: {error.message}", where=_origin(args),
                          expected=error.expected, found=error.found) from None

@@ -21,35 +21,44 @@ def check_int8_dtype(method: str | None, dtype: str, *, where: str, found: str) 
 
 
 def check_static_calibration(method: str | None, *, control: str | None, where: str, model: str | None = None) -> None:
-    """int8-static calibrates on prompts alone: a run that adds control inputs (ControlNet, T2I-Adapter, IP-Adapter
-    images: `control`, the flag that adds them; None: none) would meet activations the calibration never saw
-    (the control residuals enter the UNet's skips). A UsageError naming the flags (and the `model`) before
-    anything loads: `latentdiff generate` and `latentdiff serve` refuse the same combination."""
+    """For `latentdiff serve`: int8-static calibrates each model's UNet when it loads, on prompts alone, and requests
+    may add control inputs later (`control`: the flag that lets them, None: none) whose residuals meet activations
+    the calibration never saw. A UsageError naming the flags (and the `model`) before anything loads.
+    (`latentdiff generate` has its control images before it quantizes: it calibrates with them, `quantize_unet`.)"""
     if method == "int8-static" and control is not None:
         raise UsageError("int8-static calibrates on prompts alone, not with control or IP-Adapter images"
                          + ("" if model is None else f" (model {model})"), where=where,
                          expected="--quantize int8 (with --dtype float32), or no --quantize", found=control)
 
 
-def quantize_unet(pipe: Any, method: str) -> str:
-    """`cpu_paths.quantize(pipe, method)` on a CPU pipeline; -> what it did, for one line of output. Its errors
-    (InputError: a dtype or a pipeline the default calibration cannot run) are the caller's to name."""
+def quantize_unet(pipe: Any, method: str, *, options: dict[str, Any] | None = None) -> str:
+    """`cpu_paths.quantize(pipe, method)` on a CPU pipeline; -> what it did, for one line of output. options: the
+    run's control inputs (hints, their size, an IP-Adapter image), which int8-static's calibration calls take
+    (`calibration_options`). Its errors (InputError: a dtype or a pipeline the default calibration cannot run)
+    are the caller's to name."""
     from ..pipelines import cpu_paths  # here: the command line starts without torch
 
     start = time.perf_counter()
-    cpu_paths.quantize(pipe, method)
-    return _done(pipe, method, time.perf_counter() - start, "the UNet", "prompts")
+    if options and method == "int8-static":
+        cpu_paths.quantize(pipe, method, calibration_options=options)
+    else:
+        cpu_paths.quantize(pipe, method)
+    calibrated_on = "prompts with the run's control images" if options else "prompts"
+    return _done(pipe, method, time.perf_counter() - start, "the UNet", calibrated_on)
 
 
-def quantize_refiner(refiner: Any, method: str, *, base: Any, switch: float) -> str:
+def quantize_refiner(refiner: Any, method: str, *, base: Any, switch: float,
+                     base_options: dict[str, Any] | None = None) -> str:
     """--quantize on an SDXL refiner's UNet (after the base's): dynamic int8 as the base's; int8-static calibrated
-    on what the refiner sees in the run, the calibration prompts through the (quantized) `base` up to `switch` and
-    the refiner from the base's latents (`cpu_paths.refiner_calibration`); -> what it did, for one line."""
+    on what the refiner sees in the run, the calibration prompts through the (quantized) `base` up to `switch`
+    (with `base_options`, its control inputs) and the refiner from the base's latents
+    (`cpu_paths.refiner_calibration`); -> what it did, for one line."""
     from ..pipelines import cpu_paths  # here: the command line starts without torch
 
     start = time.perf_counter()
     if method == "int8-static":
-        cpu_paths.quantize(refiner, method, calibration=cpu_paths.refiner_calibration(base, switch=switch))
+        run = cpu_paths.refiner_calibration(base, switch=switch, base_options=base_options)
+        cpu_paths.quantize(refiner, method, calibration=run)
     else:
         cpu_paths.quantize(refiner, method)
     return _done(refiner, method, time.perf_counter() - start, "the refiner's UNet",
