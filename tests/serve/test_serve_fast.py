@@ -241,9 +241,10 @@ def test_a_model_the_calibration_cannot_run_is_logged_and_left_as_it_is(caplog):
 
 
 def test_int8_static_with_controlnets_is_refused_at_start_as_generate_refuses_it(tmp_path, monkeypatch, capsys):
-    """int8-static calibrates on prompts alone; --controlnet-dir lets requests add hints the calibration never saw:
-    `latentdiff serve` refuses the pair before loading anything, naming the model and the flags, with the words of
-    `latentdiff generate --controlnet ... --quantize int8-static`; dynamic int8 (no calibration) is accepted."""
+    """int8-static calibrates a model's UNet when it loads; --controlnet-dir lets requests add hints later that the
+    calibration never saw (`latentdiff generate` has its hint first and calibrates with it): `latentdiff serve`
+    refuses the pair before loading anything, naming the model and the flags; dynamic int8 (no calibration) is
+    accepted."""
     import uvicorn
 
     from latentdiff.cli.main import build_parser, main
@@ -254,9 +255,9 @@ def test_int8_static_with_controlnets_is_refused_at_start_as_generate_refuses_it
     with pytest.raises(UsageError) as error:
         settings_from(build_parser().parse_args([*argv, "--quantize", "int8-static"]))
     assert str(error.value) == (
-        f"int8-static calibrates on prompts alone, not with control or IP-Adapter images (model {MODEL}); "
-        "where: --quantize; expected: --quantize int8 (with --dtype float32), or no --quantize; "
-        "found: --controlnet-dir")
+        f"int8-static calibrates the UNet of {MODEL} when it loads, on prompts alone, and never sees the control "
+        "images requests bring later; where: --quantize; expected: --quantize int8 (with --dtype float32), no "
+        "--quantize, or no --controlnet-dir; found: --quantize int8-static with --controlnet-dir")
     assert settings_from(build_parser().parse_args([*argv, "--quantize", "int8"])).quantize == "int8"
     assert settings_from(build_parser().parse_args(argv)).quantize is None
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: pytest.fail("served"))
@@ -265,6 +266,6 @@ def test_int8_static_with_controlnets_is_refused_at_start_as_generate_refuses_it
     assert "where: --quantize" in capsys.readouterr().err
     # the same check where the server loads a model (ServeSettings built in Python): before its UNet is touched
     own = LatentDiffusionPipeline.from_pretrained(MODEL)
-    with pytest.raises(UsageError, match=r"model m\.safetensors\).*found: --controlnet-dir"):
+    with pytest.raises(UsageError, match=r"the UNet of m\.safetensors when it loads.*with --controlnet-dir"):
         apply_switches(own, ServeSettings(quantize="int8-static", controlnet_dirs=(tmp_path,)), name="m.safetensors")
     assert switch_params(own) == {}

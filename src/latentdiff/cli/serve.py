@@ -190,9 +190,9 @@ def step_switches(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def quantize_flag(args: argparse.Namespace) -> str | None:
-    """--quantize, checked where it will act (the CPU): dynamic int8 takes float32 only; int8-static calibrates on
-    prompts alone, so not with --controlnet-dir (its units add hints to requests), as `latentdiff generate`
-    refuses it with --controlnet."""
+    """--quantize, checked where it will act (the CPU): dynamic int8 takes float32 only; int8-static calibrates each
+    model when it loads, on prompts alone, so not with --controlnet-dir (its units bring hints with requests,
+    later; `latentdiff generate` has its hint first and calibrates with it)."""
     method = getattr(args, "quantize", None)
     dtype = getattr(args, "dtype", "float32")
     device = getattr(args, "device", None)

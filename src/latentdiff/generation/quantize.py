@@ -22,13 +22,15 @@ def check_int8_dtype(method: str | None, dtype: str, *, where: str, found: str) 
 
 def check_static_calibration(method: str | None, *, control: str | None, where: str, model: str | None = None) -> None:
     """For `latentdiff serve`: int8-static calibrates each model's UNet when it loads, on prompts alone, and requests
-    may add control inputs later (`control`: the flag that lets them, None: none) whose residuals meet activations
-    the calibration never saw. A UsageError naming the flags (and the `model`) before anything loads.
+    may bring control inputs later (`control`: the flag that lets them, None: none) whose residuals meet
+    activations the calibration never saw. A UsageError naming the flags and the `model` before anything loads.
     (`latentdiff generate` has its control images before it quantizes: it calibrates with them, `quantize_unet`.)"""
     if method == "int8-static" and control is not None:
-        raise UsageError("int8-static calibrates on prompts alone, not with control or IP-Adapter images"
-                         + ("" if model is None else f" (model {model})"), where=where,
-                         expected="--quantize int8 (with --dtype float32), or no --quantize", found=control)
+        unet = "each model's UNet" if model is None else f"the UNet of {model}"
+        raise UsageError(f"int8-static calibrates {unet} when it loads, on prompts alone, and never sees the "
+                         "control images requests bring later", where=where,
+                         expected=f"--quantize int8 (with --dtype float32), no --quantize, or no {control}",
+                         found=f"--quantize int8-static with {control}")
 
 
 def quantize_unet(pipe: Any, method: str, *, options: dict[str, Any] | None = None) -> str:
