@@ -78,6 +78,18 @@ def apply_quantize(pipe: Any, method: str) -> None:
     log.warning("--quantize %s: %s: %s", method, name, done)
 
 
+def static_int8_here(settings: ServeSettings | None) -> bool:
+    """Whether the server quantizes its models int8-static (--quantize int8-static on the CPU). An SDXL refiner then
+    waits for `latentdiff generate --refiner`'s calibration behind its base at the request's switch, which one
+    loaded model shared by every request cannot have: a refiner request is refused (serve.a1111), so a served PNG's
+    --from (which quantizes the refiner so) never differs from it."""
+    if settings is None or settings.quantize != "int8-static":
+        return False
+    import torch
+
+    return torch.device(settings.device).type == "cpu" if settings.device else not torch.cuda.is_available()
+
+
 def switch_params(pipe: Any) -> dict[str, Any]:
     """The switches `pipe`'s UNet runs with, in the keys `latentdiff generate` records (none when off)."""
     unet = getattr(pipe, "unet", None)
