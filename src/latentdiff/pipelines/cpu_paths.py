@@ -93,12 +93,8 @@ def quantize(pipe: Any, method: str = "int8", *, calibration: Sequence[str] | Ca
     if method not in QUANTIZATIONS:
         raise InputError("unknown quantization", where="quantize", expected=list(QUANTIZATIONS), found=method)
     unet = pipe.unet
-    if calibration_options is not None and (method != "int8-static" or callable(calibration)
-                                            or not isinstance(calibration_options, Mapping)):
-        raise InputError("calibration_options are arguments of the calibration prompts' calls", where=(
-            "calibration_options"), expected="a dict, with method 'int8-static' and calibration prompts (or None)",
-            found=f"{type(calibration_options).__name__} with {method!r}, calibration "
-                  f"{'a function' if callable(calibration) else 'prompts'}")
+    if calibration_options is not None:
+        _check_calibration_options(calibration_options, method, calibration)
     if method == "int8-static":
         return _quantize_static(pipe, calibration, calibration_steps, dict(calibration_options or {}))
     if unet.device.type != "cpu" or unet.dtype != torch.float32:
@@ -113,6 +109,17 @@ def quantize(pipe: Any, method: str = "int8", *, calibration: Sequence[str] | Ca
     for name in ("save_pretrained", "save_single_file", "push_to_hub"):
         pipe.__dict__[name] = _refuse_save(name, method)
     return pipe
+
+
+def _check_calibration_options(options: Any, method: str, calibration: Any) -> None:
+    """calibration_options are keyword arguments of the calibration prompts' calls: a mapping, for int8-static."""
+    if not isinstance(options, Mapping) or not all(isinstance(key, str) for key in options):
+        raise InputError("calibration_options must map argument names to values", where="calibration_options",
+                         expected="a dict such as {'control_image': hint}", found=type(options).__name__)
+    if method != "int8-static" or callable(calibration):
+        raise InputError("calibration_options are arguments of the calibration prompts' calls", where=(
+            "calibration_options"), expected="method 'int8-static' with calibration prompts (or the default ones)",
+            found=f"method {method!r}" if method != "int8-static" else "a calibration function")
 
 
 def _quantize_static(pipe: Any, calibration: Sequence[str] | Callable[[Any], Any] | None, steps: int,
@@ -178,8 +185,7 @@ def refiner_calibration(base: Any, *, switch: float, prompts: Sequence[str] | No
         raise InputError("the refiner switch is a fraction of the schedule", where="switch",
                          expected="a number strictly between 0 and 1", found=switch)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise InputError("calibration_steps must be a positive integer", where="steps", expected=">= 1",
-                         found=steps)
+        raise InputError("steps must be a positive integer", where="steps", expected=">= 1", found=steps)
     texts = _calibration_prompts(prompts)
     options = dict(base_options or {})
 
