@@ -49,3 +49,40 @@ def test_ip_adapter_matches_the_api_and_from_reproduces(tmp_path, monkeypatch):
     assert recorded["path"] == str(weights) and recorded["scale"] == 0.6
     assert generate("--from", "a.png", "-o", "again.png") == 0
     assert np.array_equal(pixels("again.png"), expected)
+
+
+def test_int8_static_with_an_ip_adapter_calibrates_with_the_image_prompt(tmp_path, monkeypatch):
+    """--quantize int8-static with --ip-adapter: the calibration calls take the run's IP-Adapter image (its tokens
+    enter the UNet's cross-attention) at the run's size: the pixels of the Python API's
+    `quantize(..., calibration_options=...)`, and `--from` gives them again."""
+    from latentdiff.layers.prepacked import is_int8
+    from latentdiff.pipelines.cpu_paths import quantize
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tiny_diffusers_pipeline(tmp_path / "build").save_pretrained(tmp_path / "sd")
+    pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "sd")
+    inner = [layer.to_k.out_features for _, layer in cross_attentions(pipe.unet)]
+    write_tiny_ip_adapter(tmp_path / "ip", plus=True, inner=inner, context_dim=32)
+    g = torch.Generator().manual_seed(5)
+    Image.fromarray((torch.rand(40, 48, 3, generator=g) * 255).byte().numpy()).save(tmp_path / "style.png")
+    weights = tmp_path / "ip" / "models" / PLUS_NAME
+    argv = [PROMPT, "--model", tmp_path / "sd", *RUN, "--ip-adapter", weights, "--ip-image", "style.png",
+            "--ip-scale", 0.6, "--dtype", "float32"]
+    assert generate(*argv, "--quantize", "int8-static", "-o", "q.png") == 0
+
+    pipe.sampler = switch_sampler(pipe.sampler, "ddim")
+    pipe.load_ip_adapter(weights)
+    pipe.set_ip_adapter_scale(0.6)
+    with Image.open(tmp_path / "style.png") as style:
+        image = style.convert("RGB")
+    quantize(pipe, "int8-static", calibration_options=dict(ip_adapter_image=image, height=32, width=32))
+    assert any(is_int8(m) for m in pipe.unet.modules())
+    expected = np.asarray(pipe(PROMPT, height=32, width=32, num_inference_steps=3, progress=False,
+                               generator=[torch.Generator().manual_seed(0)], ip_adapter_image=image).images[0])
+    assert np.array_equal(pixels("q.png"), expected)
+    assert read_png_params("q.png")["quantize"] == "int8-static"
+    assert generate(*argv, "-o", "plain.png") == 0
+    assert not np.array_equal(pixels("plain.png"), expected)        # int8: other pixels
+    assert generate("--from", "q.png", "-o", "again.png") == 0
+    assert np.array_equal(pixels("again.png"), expected)

@@ -1,8 +1,9 @@
 """`latentdiff generate --quantize {int8,int8-static}` (cli/generate_quantize.py) on the tiny stand-in for the built-in
 model: the flag gives the pixels of the Python API's `cpu_paths.quantize` (the UNet's layers are int8), one line on
 stderr says what was quantized, the PNG records it and `--from` makes the same bytes again; after --optimize-cpu
-when both are given; dynamic int8 on a bfloat16 model, or a bad recorded value, is a one-line error before the model
-loads; off the CPU it is ignored with a warning and not recorded."""
+when both are given; with a ControlNet, int8-static calibrates with the run's hint; an SDXL --refiner is quantized
+too (int8-static: calibrated behind its base); dynamic int8 on a bfloat16 model, or a bad recorded value, is a
+one-line error before the model loads; off the CPU it is ignored with a warning and not recorded."""
 from __future__ import annotations
 
 import json
@@ -136,33 +137,68 @@ def test_the_command_line_starts_without_torch():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
-def test_int8_static_with_a_controlnet_is_refused_before_loading(model, monkeypatch, capsys):
-    from tests._support.tiny_builtin import make_tiny_silhouette_controlnet
+def test_int8_static_with_a_controlnet_calibrates_with_the_hint_and_from_reproduces(model, capsys):
+    """--controlnet with --quantize int8-static: the calibration runs take the run's control arguments (the hint
+    at the run's size), so the image is the Python API's `quantize(..., calibration_options=...)`, and --from
+    (the hint recorded) makes the same bytes again."""
+    from latentdiff import ControlNet
+    from tests._support.parity import randomize_
 
-    net = make_tiny_silhouette_controlnet(Path("silhouette"), model)
-    Image.new("RGB", (64, 64)).save("hint.png")
-    monkeypatch.setattr(LatentDiffusionPipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
-    assert generate(PROMPT, "--controlnet", net, "--control", "image:hint.png", "--quantize", "int8-static",
-                    "-o", "x.png") == 2
-    assert "int8-static calibrates on prompts alone, not with control or IP-Adapter images; where: --quantize; " \
-           "expected: --quantize int8 (with --dtype float32), or no --quantize; found: --controlnet" \
-           in capsys.readouterr().err
+    pipe = LatentDiffusionPipeline.from_pretrained(model)
+    torch.manual_seed(0)     # a ControlNet that acts (the shipped stand-in's zero convolutions add nothing)
+    randomize_(ControlNet.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32, 96))).save_pretrained(
+        "net")
+    Image.fromarray((torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(1)) * 255).byte().numpy()).save(
+        "hint.png")
+    argv = ["--controlnet", "net", "--control", "image:hint.png:0.8", "--dtype", "float32"]
+    assert generate(PROMPT, *argv, "--quantize", "int8-static", "-o", "q.png") == 0
+    assert "prompts with the run's control images)" in capsys.readouterr().err
+    with Image.open("hint.png") as image:
+        hint = image.convert("RGB")
+    control = dict(control_image=hint, control_resize_mode=0, controlnet_conditioning_scale=0.8,
+                   control_guidance_start=0.0, control_guidance_end=1.0, guess_mode=False)
+    api = LatentDiffusionPipeline.from_pretrained(model, controlnet=ControlNet.from_pretrained("net"))
+    cpu_paths.quantize(api, "int8-static", calibration_options=control | dict(height=64, width=64))
+    assert int8_layers(api) > 0
+    expected = api(PROMPT, generator=[torch.Generator().manual_seed(0)], **RUN, **control).images[0]
+    assert np.array_equal(pixels("q.png"), np.asarray(expected))
+    assert read_png_params("q.png")["quantize"] == "int8-static"
+    assert generate(PROMPT, *argv, "-o", "plain.png") == 0
+    assert not np.array_equal(pixels("plain.png"), pixels("q.png"))     # lossy: other pixels
+    assert generate("--from", "q.png", "-o", "again.png") == 0
+    assert Path("again.png").read_bytes() == Path("q.png").read_bytes()
 
 
-def test_sdxl_base_is_quantized_and_the_refiner_is_not(tmp_path_factory, monkeypatch, capsys):
+@pytest.mark.parametrize("method", ["int8-static", "int8"])
+def test_sdxl_refiner_is_quantized_too_behind_its_base_and_from_reproduces(method, tmp_path_factory, monkeypatch,
+                                                                          capsys):
+    """--refiner with --quantize: the refiner's UNet is quantized after the base's (int8-static: calibrated on the
+    prompts run through the quantized base and the refiner, `cpu_paths.refiner_calibration` at the run's switch),
+    the image is the Python API's, the PNG records it and --from gives the same bytes."""
     from latentdiff.pipelines.sdxl import StableDiffusionXLPipeline
+    from latentdiff.pipelines.sdxl_image import StableDiffusionXLImg2ImgPipeline
     from tests._support.sdxl_native import write_tiny_sdxl
 
     root = tmp_path_factory.mktemp("sdxl")
     base, refiner = write_tiny_sdxl(root / "base"), write_tiny_sdxl(root / "refiner", kind="refiner", seed=5)
     quantized = []
     quantize = cpu_paths.quantize
-    monkeypatch.setattr(cpu_paths, "quantize", lambda pipe, m: quantized.append(pipe) or quantize(pipe, m))
+    monkeypatch.setattr(cpu_paths, "quantize", lambda pipe, m, **kw: quantized.append(pipe) or quantize(pipe, m, **kw))
     argv = ["--model", base, "--refiner", refiner, "--refiner-switch", 0.5, "--steps", 3, "--dtype", "float32"]
-    assert generate("a red church", *argv, "--quantize", "int8-static", "-o", "q.png") == 0
-    assert [type(pipe) for pipe in quantized] == [StableDiffusionXLPipeline] and int8_layers(quantized[0]) > 0
-    assert "convolutions and linear layers of the UNet in int8, calibrated in" in capsys.readouterr().err
-    assert generate("a red church", *argv, "-o", "plain.png") == 0
-    assert not np.array_equal(pixels("plain.png"), pixels("q.png"))
+    assert generate("a red church", *argv, "--quantize", method, "-o", "q.png") == 0
+    assert [type(pipe) for pipe in quantized] == [StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline]
+    count = int8_layers if method == "int8-static" else (lambda pipe: cpu_paths.quantized_linears(pipe.unet))
+    assert count(quantized[0]) > 0 and count(quantized[1]) > 0
+    err = capsys.readouterr().err
+    assert f"--quantize {method}: refiner: {count(quantized[1])} " in err and "of the refiner's UNet in int8" in err
+    api_base = quantize(StableDiffusionXLPipeline.from_pretrained(base), method)
+    api_refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner)
+    calibration = cpu_paths.refiner_calibration(api_base, switch=0.5) if method == "int8-static" else None
+    quantize(api_refiner, method, calibration=calibration)
+    common = dict(num_inference_steps=3, generator=[torch.Generator().manual_seed(0)], progress=False)
+    latents = api_base(["a red church"], denoising_end=0.5, output_type="latent", **common).images
+    expected = api_refiner(["a red church"], image=latents, denoising_start=0.5, **common).images[0]
+    assert np.array_equal(pixels("q.png"), np.asarray(expected.convert("RGB")))
+    assert read_png_params("q.png")["quantize"] == method
     assert generate("--from", "q.png", "-o", "again.png") == 0
     assert Path("again.png").read_bytes() == Path("q.png").read_bytes()

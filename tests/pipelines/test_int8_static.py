@@ -8,11 +8,16 @@ What is proven:
 * the compiled input quantizer gives the eager quantizer's bytes, and a quantizer that fails falls back to eager
   with a warning;
 * calibration observes each layer's true input [min, max] over all calls and removes its hooks;
-* a weight changed in place is quantized anew (never stale); a call that wants gradients runs the float layer;
+* a weight changed in place is quantized anew (never stale), and so is the fp32 copy of a bias (in place, swapped,
+  another dtype); a call that wants gradients runs the float layer;
   bf16 shapes where int8 does not pay run the packed float path;
 * `quantize(pipe, "int8-static")` swaps every candidate layer of the UNet, keeps the images within
   INT8_STATIC_TOL of fp32, keeps the weights (saving writes the model's own), is undone by `dequantize` to the
-  exact previous images, survives `undo_cpu_optimization`, and refuses bad arguments before any work.
+  exact previous images, survives `undo_cpu_optimization`, and refuses bad arguments before any work;
+* a ControlNet pipeline calibrated with its hints (`calibration_options`) has the ranges of the hinted calls and
+  its controlled image stays within INT8_STATIC_TOL of fp32;
+* an SDXL refiner calibrated with `refiner_calibration` observes exactly the inputs of the base -> refiner hand-off
+  and its refined image stays within INT8_STATIC_TOL of fp32.
 """
 from __future__ import annotations
 
@@ -41,9 +46,9 @@ def folder(tmp_path_factory):
     return make_tiny_shapes_model(tmp_path_factory.mktemp("int8") / "shapes-64")
 
 
-def run(pipe) -> torch.Tensor:
+def run(pipe, **options) -> torch.Tensor:
     return pipe("a red circle", num_inference_steps=2, guidance_scale=3.0, output_type="pt", progress=False,
-                generator=torch.Generator().manual_seed(0)).images
+                generator=torch.Generator().manual_seed(0), **options).images
 
 
 def fake_quantized_input(x: torch.Tensor, forward: int8._Int8Forward) -> torch.Tensor:
@@ -139,6 +144,28 @@ def test_a_weight_changed_in_place_is_quantized_anew():
     conv.weight.mul_(-2)
     expected = F.conv2d(fake_quantized_input(x, forward), fake_quantized_weight(conv.weight), conv.bias, padding=1)
     assert max_rel_error(forward(x), expected) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_the_float32_bias_is_made_once_and_again_when_the_bias_changes(dtype):
+    """_bias() caches the bias's fp32 copy, keyed by its version, storage, dtype and device: a bias changed in
+    place, swapped for another tensor or moved to another dtype gives what a fresh int8 forward (no cache) gives."""
+    torch.manual_seed(0)
+    conv, linear = nn.Conv2d(32, 32, 3, padding=1).to(dtype), nn.Linear(32, 48).to(dtype)
+    for layer, x in ((conv, torch.randn(1, 32, 8, 8, dtype=dtype)), (linear, torch.randn(4, 32, dtype=dtype))):
+        kind = int8.Int8ConvForward if type(layer) is nn.Conv2d else int8.Int8LinearForward
+        forward = kind(layer, (-4.0, 4.0))
+        before = forward(x)
+        assert forward._bias() is forward._bias() and forward._bias().dtype == torch.float32   # converted once
+        layer.bias.add_(0.5)                                               # in place: a new version
+        assert torch.equal(forward(x), kind(layer, (-4.0, 4.0))(x)) and not torch.equal(forward(x), before)
+        layer.bias.data = torch.full_like(layer.bias, -1.0)                # another storage
+        assert torch.equal(forward(x), kind(layer, (-4.0, 4.0))(x))
+        assert forward._bias().eq(-1.0).all()
+        other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+        layer.bias.data = (layer.bias.detach() - 1.0).to(other)            # another dtype
+        assert torch.equal(forward._bias(), layer.bias.detach().float()) and forward._bias().eq(-2.0).all()
 
 
 def test_a_call_that_wants_gradients_runs_the_float_layer():
@@ -249,3 +276,91 @@ def test_a_deep_copy_of_a_quantized_pipeline_keeps_its_int8_layers(folder):
     twin = copy.deepcopy(pipe)
     assert sum(is_int8(m) for m in twin.unet.modules()) == sum(is_int8(m) for m in pipe.unet.modules()) > 0
     assert torch.equal(run(twin), expected) and torch.equal(run(pipe), expected)
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    from latentdiff.pipelines.sdxl import StableDiffusionXLPipeline
+    from latentdiff.pipelines.sdxl_image import StableDiffusionXLImg2ImgPipeline
+    from tests._support.sdxl_native import write_tiny_sdxl
+
+    root = tmp_path_factory.mktemp("sdxl")
+    base, refiner = write_tiny_sdxl(root / "base"), write_tiny_sdxl(root / "refiner", kind="refiner", seed=5)
+    return StableDiffusionXLPipeline.from_pretrained(base), lambda: StableDiffusionXLImg2ImgPipeline.from_pretrained(
+        refiner)
+
+
+def refine(base, refiner, prompt: str = "a red church", steps: int = 3) -> torch.Tensor:
+    common = dict(num_inference_steps=steps, progress=False, generator=torch.Generator().manual_seed(0))
+    latents = base(prompt, denoising_end=0.5, output_type="latent", **common).images
+    return refiner(prompt, image=latents, denoising_start=0.5, output_type="pt", **common).images
+
+
+@torch.no_grad()
+def test_a_refiner_is_calibrated_on_the_base_s_latents_and_its_error_bounded(sdxl):
+    """refiner_calibration observes the refiner's layers on exactly what the base -> refiner hand-off feeds them
+    (the ranges of the same chain written out here), and the int8 refiner's image stays within INT8_STATIC_TOL."""
+    base, load_refiner = sdxl
+    refiner = load_refiner()
+    prompts = ["a red church", "a blue boat"]
+    layers = int8.int8_candidates(refiner.unet)
+    with int8.observe_input_ranges(layers) as expected:
+        for prompt in prompts:
+            refine(base, refiner, prompt, steps=2)
+    with int8.observe_input_ranges(layers) as observed:
+        cpu_paths.refiner_calibration(base, switch=0.5, prompts=prompts, steps=2)(refiner)
+    assert observed == expected and len(observed) == len(layers) > 0
+    reference = refine(base, refiner)
+    cpu_paths.quantize(refiner, "int8-static", calibration=cpu_paths.refiner_calibration(base, switch=0.5))
+    assert all(is_int8(m) for m in layers.values())
+    assert 1e-4 < max_rel_error(refine(base, refiner), reference) <= INT8_STATIC_TOL
+    with pytest.raises(InputError, match="calibration"):     # alone, a refiner cannot run the default calibration
+        cpu_paths.quantize(load_refiner(), "int8-static")
+    for bad in (0.0, 1.0, True, "0.5"):
+        with pytest.raises(InputError, match="switch"):
+            cpu_paths.refiner_calibration(base, switch=bad)
+    with pytest.raises(InputError, match="steps"):
+        cpu_paths.refiner_calibration(base, switch=0.5, steps=0)
+    with pytest.raises(InputError, match="prompts"):
+        cpu_paths.refiner_calibration(base, switch=0.5, prompts=[])
+
+
+@torch.no_grad()
+def test_a_controlnet_pipeline_is_calibrated_with_its_hints_and_its_error_bounded(folder):
+    """calibration_options reach every calibration call: the int8 layers' ranges are those of the pipeline run
+    on the calibration prompts with the hint (observed here on the same calls written out), not those without it
+    (the ControlNet's residuals move the UNet's activations), and the controlled image stays within
+    INT8_STATIC_TOL of fp32."""
+    from PIL import Image
+
+    from latentdiff import ControlNet
+    from tests._support.parity import randomize_
+
+    plain = LatentDiffusionPipeline.from_pretrained(folder)
+    torch.manual_seed(0)
+    net = randomize_(ControlNet.from_unet(plain.unet, conditioning_embedding_out_channels=(16, 32, 96))).eval()
+    pipe = LatentDiffusionPipeline.from_pretrained(folder, controlnet=net)
+    hint = Image.fromarray((torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(1)) * 255).byte().numpy())
+    options = dict(control_image=hint, controlnet_conditioning_scale=0.8, height=64, width=64)
+    prompts = ["a red circle", "a blue square"]
+    layers = int8.int8_candidates(pipe.unet)
+
+    def observe(**extra) -> dict:
+        with int8.observe_input_ranges(layers) as ranges:
+            for prompt in prompts:
+                pipe(prompt, num_inference_steps=2, output_type="latent", progress=False,
+                     generator=torch.Generator().manual_seed(0), **extra)
+        return ranges
+    expected, unhinted = observe(**options), observe(**options | dict(controlnet_conditioning_scale=0.0))
+    assert expected != unhinted                 # the hint's residuals change what the UNet's layers see
+    reference = run(pipe, **options)
+    assert max_rel_error(reference, run(plain)) > 0.01      # the ControlNet acts
+    cpu_paths.quantize(pipe, "int8-static", calibration=prompts, calibration_steps=2, calibration_options=options)
+    assert {name: layer.forward.input_range for name, layer in layers.items()} == expected
+    assert 1e-4 < max_rel_error(run(pipe, **options), reference) <= INT8_STATIC_TOL
+    for bad in (dict(calibration=lambda p: None), dict(calibration_options=[("height", 64)])):
+        with pytest.raises(InputError, match="calibration_options"):
+            cpu_paths.quantize(plain, "int8-static", **{"calibration_options": options} | bad)
+    with pytest.raises(InputError, match="calibration_options"):
+        cpu_paths.quantize(plain, "int8", calibration_options=options)
+    assert not any(is_int8(m) for m in plain.unet.modules())

@@ -238,3 +238,34 @@ def test_a_model_the_calibration_cannot_run_is_logged_and_left_as_it_is(caplog):
     assert "--quantize int8-static: LatentDiffusionPipeline is left unquantized: a pipeline without a text " \
            "encoder needs a calibration function" in caplog.text
     assert switch_params(own) == {}
+
+
+def test_int8_static_with_controlnets_is_refused_at_start_as_generate_refuses_it(tmp_path, monkeypatch, capsys):
+    """int8-static calibrates a model's UNet when it loads; --controlnet-dir lets requests add hints later that the
+    calibration never saw (`latentdiff generate` has its hint first and calibrates with it): `latentdiff serve`
+    refuses the pair before loading anything, naming the model and the flags; dynamic int8 (no calibration) is
+    accepted."""
+    import uvicorn
+
+    from latentdiff.cli.main import build_parser, main
+    from latentdiff.cli.serve import settings_from
+    from latentdiff.serve import models
+
+    argv = ["serve", "--controlnet-dir", str(tmp_path), "--device", "cpu", "--model", MODEL]
+    with pytest.raises(UsageError) as error:
+        settings_from(build_parser().parse_args([*argv, "--quantize", "int8-static"]))
+    assert str(error.value) == (
+        f"int8-static calibrates the UNet of {MODEL} when it loads, on prompts alone, and never sees the control "
+        "images requests bring later; where: --quantize; expected: --quantize int8 (with --dtype float32), no "
+        "--quantize, or no --controlnet-dir; found: --quantize int8-static with --controlnet-dir")
+    assert settings_from(build_parser().parse_args([*argv, "--quantize", "int8"])).quantize == "int8"
+    assert settings_from(build_parser().parse_args(argv)).quantize is None
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: pytest.fail("served"))
+    monkeypatch.setattr(models, "load_checkpoint", lambda *a, **k: pytest.fail("loaded"))
+    assert main([*argv, "--quantize", "int8-static"]) == 2
+    assert "where: --quantize" in capsys.readouterr().err
+    # the same check where the server loads a model (ServeSettings built in Python): before its UNet is touched
+    own = LatentDiffusionPipeline.from_pretrained(MODEL)
+    with pytest.raises(UsageError, match=r"the UNet of m\.safetensors when it loads.*with --controlnet-dir"):
+        apply_switches(own, ServeSettings(quantize="int8-static", controlnet_dirs=(tmp_path,)), name="m.safetensors")
+    assert switch_params(own) == {}

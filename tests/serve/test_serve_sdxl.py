@@ -158,6 +158,25 @@ def test_what_sdxl_does_not_take_is_a_422_naming_the_field(client, body, field):
     assert field in response.text
 
 
+@pytest.mark.parametrize("method", ["int8-static", "int8"])
+def test_a_refiner_on_an_int8_static_server_is_a_422_naming_it(models, method):
+    """`latentdiff generate --refiner --quantize int8-static` calibrates the refiner behind its base at the run's
+    switch, which the server's one loaded refiner cannot be for every request: a refiner request there is refused
+    (else the PNG's --from would quantize a refiner the server left float); dynamic int8 needs no calibration and
+    quantizes a refiner model as it loads: served."""
+    settings = ServeSettings(model=str(models / "base"), models_dir=models, max_batch=1, batch_wait_s=0.0,
+                             device="cpu", quantize=method)
+    body = {"prompt": PROMPT, "seed": 6, "steps": 2, "cfg_scale": 5, "refiner_checkpoint": "refiner",
+            "refiner_switch_at": 0.5}
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/sdapi/v1/txt2img", json=body)
+    if method == "int8":
+        assert response.status_code == 200, response.text
+        return
+    assert response.status_code == 422, response.text
+    assert "refiner_checkpoint" in response.text and "--quantize int8-static" in response.text
+
+
 def test_sdxl_embeddings_from_the_embeddings_folder(models, base, tmp_path):
     """An SDXL embedding file (clip_l + clip_g) in --embeddings-dir loads into both text encoders of an SDXL model
     (A1111's shape: the widths summed); an SD 1.x embedding is skipped; the served image is the Python API's with

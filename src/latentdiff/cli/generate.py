@@ -179,7 +179,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     refiner = load_refiner(settings, device=pipe.device) if settings.refiner is not None else None
     apply_fast(pipe, settings, args)
     base, pipe = pipe, prepare_run(pipe, settings, images, args, refiner=refiner)
-    settings = apply_quantize(base, settings, args, show=procs.is_main)   # after --optimize-cpu (prepare_run)
+    settings = apply_quantize(base, settings, args, show=procs.is_main, refiner=refiner,   # after --optimize-cpu
+                              control=pipe.control)
     preview = make_preview(args, settings, pipe) if procs.is_main else None
     mine = outputs.plan_calls(len(jobs), settings.n, batch_size)[procs.index::procs.count]
     alone = procs.count == 1

@@ -7,8 +7,10 @@
 `--quantize` changes pixels, so a PNG records it (`quantize`) and `--from` reads it back: int8-static calibrates
 on `cpu_paths.CALIBRATION_PROMPTS` with a fixed seed, so the same model, version and machine give the same bytes
 again. The shared part (QUANTIZATIONS, without torch; the quantizing and its one line) is `generation.quantize`.
-It acts on the model's UNet (not a `--refiner`'s), after `--optimize-cpu`, on the CPU only: on a GPU it is
-ignored with a warning and not recorded. `--optimize-cpu` changes only speed (generate_inputs applies it).
+It acts on the model's UNet and a `--refiner`'s (int8-static calibrates the refiner on the calibration prompts run
+through the quantized base and the refiner, from the base's latents at the run's --refiner-switch: what it sees),
+after `--optimize-cpu`, on the CPU only: on a GPU it is ignored with a warning and not recorded. `--optimize-cpu`
+changes only speed (generate_inputs applies it).
 """
 from __future__ import annotations
 
@@ -18,7 +20,12 @@ import sys
 from typing import Any
 
 from ..errors import LatentDiffError, UsageError
-from ..generation.quantize import QUANTIZATIONS, check_int8_dtype, quantize_unet
+from ..generation.quantize import (
+    QUANTIZATIONS,
+    check_int8_dtype,
+    quantize_refiner,
+    quantize_unet,
+)
 
 
 def add_cpu_flags(gen: argparse.ArgumentParser) -> None:
@@ -55,21 +62,20 @@ def on_cpu(device: Any) -> bool:
 
 
 def check_quantize(settings: Any, args: argparse.Namespace, device: Any) -> None:
-    """Before the model loads (the dtype settled): dynamic int8 takes a float32 UNet (torch's kernels are fp32);
-    int8-static calibrates on prompts alone, which a run with ControlNet / T2I-Adapter / IP-Adapter images is not."""
+    """Before the model loads (the dtype settled): dynamic int8 takes a float32 UNet (torch's kernels are fp32)."""
     if settings.quantize is None or not on_cpu(device):
         return
     check_int8_dtype(settings.quantize, settings.dtype, where=_origin(args),
                      found=f"--quantize int8 with dtype {settings.dtype}")
-    if settings.quantize == "int8-static" and (settings.control or settings.ip_adapter):
-        raise UsageError("int8-static calibrates on prompts alone, not with control or IP-Adapter images",
-                         where=_origin(args), expected="--quantize int8 (with --dtype float32), or no --quantize",
-                         found="--controlnet" if settings.control else "--ip-adapter")
 
 
-def apply_quantize(pipe: Any, settings: Any, args: argparse.Namespace, *, show: bool = True) -> Any:
-    """--quantize on the loaded pipeline's UNet (after --optimize-cpu), with one line on stderr: what was quantized,
-    how long calibration took; -> the settings, without quantize when it was ignored (off the CPU)."""
+def apply_quantize(pipe: Any, settings: Any, args: argparse.Namespace, *, show: bool = True,
+                   refiner: Any = None, control: dict[str, Any] | None = None) -> Any:
+    """--quantize on the loaded pipeline's UNet (after --optimize-cpu), then on the SDXL `refiner`'s (int8-static:
+    calibrated behind the quantized base, `quantize_refiner`), with one line on stderr each: what was quantized,
+    how long calibration took; -> the settings, without quantize when it was ignored (off the CPU). control: the
+    run's control arguments (`generate_control.control_options`: ControlNet / T2I-Adapter hints, an IP-Adapter
+    image), which int8-static's calibration calls take, at the run's size (the hints are made for it)."""
     method = settings.quantize
     if method is None:
         return settings
@@ -78,10 +84,15 @@ def apply_quantize(pipe: Any, settings: Any, args: argparse.Namespace, *, show: 
               "recorded)", file=sys.stderr)
         return dataclasses.replace(settings, quantize=None)
     try:
-        done = quantize_unet(pipe, method)
+        options = dict(control, height=settings.height, width=settings.width) if control else None
+        done = [quantize_unet(pipe, method, options=options)]
+        if refiner is not None:
+            done.append("refiner: " + quantize_refiner(refiner, method, base=pipe, switch=settings.refiner_switch,
+                                                       base_options=options))
     except LatentDiffError as error:    # a pipeline the default calibration cannot run, or a UNet not on the CPU
         raise UsageError(f"cannot quantize this run's UNet: {error.message}", where=_origin(args),
                          expected=error.expected, found=error.found) from None
     if show:
-        print(f"latentdiff: --quantize {method}: {done}", file=sys.stderr)
+        for line in done:
+            print(f"latentdiff: --quantize {method}: {line}", file=sys.stderr)
     return settings

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..builtin import DEFAULT_MODEL
 from ..errors import UsageError
-from ..generation.quantize import QUANTIZATIONS, check_int8_dtype
+from ..generation.quantize import QUANTIZATIONS, check_int8_dtype, check_static_calibration
 from ..limits import MAX_SIDE, MAX_STEPS
 from .generate_quantize import on_cpu
 
@@ -190,12 +190,17 @@ def step_switches(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def quantize_flag(args: argparse.Namespace) -> str | None:
-    """--quantize, checked against --dtype where it will act (the CPU): dynamic int8 takes float32 only."""
+    """--quantize, checked where it will act (the CPU): dynamic int8 takes float32 only; int8-static calibrates each
+    model when it loads, on prompts alone, so not with --controlnet-dir (its units bring hints with requests,
+    later; `latentdiff generate` has its hint first and calibrates with it)."""
     method = getattr(args, "quantize", None)
     dtype = getattr(args, "dtype", "float32")
     device = getattr(args, "device", None)
-    if method == "int8" and on_cpu(None if device is None else _device(device)):
-        check_int8_dtype(method, dtype, where="--quantize", found=f"--quantize int8 with --dtype {dtype}")
+    if method is None or not on_cpu(None if device is None else _device(device)):
+        return method
+    check_int8_dtype(method, dtype, where="--quantize", found=f"--quantize int8 with --dtype {dtype}")
+    control = "--controlnet-dir" if getattr(args, "controlnet_dir", None) else None
+    check_static_calibration(method, control=control, where="--quantize", model=getattr(args, "model", None))
     return method
 
 

@@ -107,6 +107,7 @@ class _Int8Forward:
         self.packed = _Packed(self._pack)
         self.previous = layer.__dict__.get("forward")   # a packed forward, restored by dequantize_layers
         self.float_path: Any = None                     # the packed float forward for shapes int8 does not pay
+        self.float_bias: tuple[tuple[Any, ...], torch.Tensor] | None = None   # (the bias's key, its fp32 copy)
 
     def _pack(self, w: torch.Tensor, *size: Any) -> Any:
         raise NotImplementedError
@@ -125,8 +126,17 @@ class _Int8Forward:
         return quantize_input(x, self.inv_scale_t, self.zero_point_t)
 
     def _bias(self) -> torch.Tensor | None:
+        """The bias in float32 (oneDNN's int8 kernels take an fp32 bias), converted once and again whenever the
+        bias changes: in place (its version), swapped (its storage), or to another dtype or device, as
+        `prepacked._Packed` keys a weight. An inference tensor has no version counter: the rest still tells."""
         bias = self.layer.bias
-        return None if bias is None else bias.detach().float()
+        if bias is None:
+            return None
+        key = (None if bias.is_inference() else bias._version, bias.data_ptr(), bias.dtype, bias.device)
+        cached = self.float_bias    # one read: another thread may replace it (both copies are right)
+        if cached is None or cached[0] != key:
+            cached = self.float_bias = (key, bias.detach().float())
+        return cached[1]
 
     def _float(self, x: torch.Tensor) -> bool:
         """Whether x runs the float path (a shape where int8 does not pay)."""

@@ -15,12 +15,13 @@ the speed). A quantized pipeline refuses to be saved: its weights are no longer 
 int8 weights and int8 activations (`layers.int8`: per-channel weight scales, per-layer activation ranges observed
 on calibration runs of the pipeline itself), in float32 or bfloat16, faster than bf16 on a CPU with int8 matrix
 units (AMX-INT8, VNNI) and lossy (docs/fast.md "## CPU"). The weights stay the model's, so the pipeline can still
-be saved; `dequantize(pipe)` goes back.
+be saved; `dequantize(pipe)` goes back. An SDXL refiner is calibrated behind its base: `quantize(refiner,
+"int8-static", calibration=refiner_calibration(base, switch=0.8))`.
 """
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -87,19 +88,24 @@ def undo_cpu_optimization(pipe: Any) -> Any:
 
 
 def quantize(pipe: Any, method: str = "int8", *, calibration: Sequence[str] | Callable[[Any], Any] | None = None,
-             calibration_steps: int = 8) -> Any:
+             calibration_steps: int = 8, calibration_options: Mapping[str, Any] | None = None) -> Any:
     """Quantize the UNet in place (see the module docstring); -> pipe.
 
     "int8": dynamic int8 Linear layers; the UNet must be float32 on the CPU (torch's dynamic kernels take fp32).
     "int8-static": static int8 convolutions and Linear layers (float32 or bfloat16 UNet on the CPU), calibrated
     by running the pipeline: `calibration` is a list of prompts (default CALIBRATION_PROMPTS, text pipelines only)
     sampled for `calibration_steps` steps at the pipeline's default size, or a function that runs `pipe` as it
-    will be used (any pipeline)."""
+    will be used (any pipeline). `calibration_options`: more arguments of each prompt's call, the inputs the
+    pipeline will be used with beside the prompt: a ControlNet's or T2I-Adapter's `control_image` (and its scales,
+    `height` / `width` to fit it), an `ip_adapter_image`. Their residuals and tokens enter the UNet's layers, so
+    a pipeline that will run with them is calibrated with them."""
     if method not in QUANTIZATIONS:
         raise InputError("unknown quantization", where="quantize", expected=list(QUANTIZATIONS), found=method)
     unet = pipe.unet
+    if calibration_options is not None:
+        _check_calibration_options(calibration_options, method, calibration)
     if method == "int8-static":
-        return _quantize_static(pipe, calibration, calibration_steps)
+        return _quantize_static(pipe, calibration, calibration_steps, dict(calibration_options or {}))
     if unet.device.type != "cpu" or unet.dtype != torch.float32:
         raise InputError("int8 dynamic quantization needs a float32 UNet on the CPU", where="quantize",
                          expected="torch_dtype=torch.float32, device='cpu'", found=f"{unet.dtype} on {unet.device}")
@@ -114,7 +120,19 @@ def quantize(pipe: Any, method: str = "int8", *, calibration: Sequence[str] | Ca
     return pipe
 
 
-def _quantize_static(pipe: Any, calibration: Sequence[str] | Callable[[Any], Any] | None, steps: int) -> Any:
+def _check_calibration_options(options: Any, method: str, calibration: Any) -> None:
+    """calibration_options are keyword arguments of the calibration prompts' calls: a mapping, for int8-static."""
+    if not isinstance(options, Mapping) or not all(isinstance(key, str) for key in options):
+        raise InputError("calibration_options must map argument names to values", where="calibration_options",
+                         expected="a dict such as {'control_image': hint}", found=type(options).__name__)
+    if method != "int8-static" or callable(calibration):
+        raise InputError("calibration_options are arguments of the calibration prompts' calls", where=(
+            "calibration_options"), expected="method 'int8-static' with calibration prompts (or the default ones)",
+            found=f"method {method!r}" if method != "int8-static" else "a calibration function")
+
+
+def _quantize_static(pipe: Any, calibration: Sequence[str] | Callable[[Any], Any] | None, steps: int,
+                     options: dict[str, Any]) -> Any:
     """quantize(pipe, "int8-static"): observe the UNet's layer inputs on calibration runs, then swap forwards."""
     unet = pipe.unet
     if unet.device.type != "cpu" or unet.dtype not in (torch.float32, torch.bfloat16):
@@ -124,7 +142,7 @@ def _quantize_static(pipe: Any, calibration: Sequence[str] | Callable[[Any], Any
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise InputError("calibration_steps must be a positive integer", where="quantize", expected=">= 1",
                          found=steps)
-    run = _calibration_run(pipe, calibration, steps)
+    run = _calibration_run(pipe, calibration, steps, options)
     layers = {name: layer for name, layer in int8_candidates(unet).items() if not is_int8(layer)}
     with torch.no_grad(), observe_input_ranges(layers) as ranges:
         run(pipe)
@@ -136,8 +154,8 @@ def _quantize_static(pipe: Any, calibration: Sequence[str] | Callable[[Any], Any
     return pipe
 
 
-def _calibration_run(pipe: Any, calibration: Sequence[str] | Callable[[Any], Any] | None,
-                     steps: int) -> Callable[[Any], Any]:
+def _calibration_run(pipe: Any, calibration: Sequence[str] | Callable[[Any], Any] | None, steps: int,
+                     options: dict[str, Any]) -> Callable[[Any], Any]:
     """The function quantize(pipe, "int8-static") observes: the one given, or the pipeline on the prompts."""
     if callable(calibration):
         return calibration
@@ -145,15 +163,47 @@ def _calibration_run(pipe: Any, calibration: Sequence[str] | Callable[[Any], Any
         raise InputError("a pipeline without a text encoder needs a calibration function", where="calibration",
                          expected="calibration=lambda pipe: pipe(...) (called as it will be used)",
                          found=type(pipe).__name__)
-    prompts = list(CALIBRATION_PROMPTS if calibration is None else calibration)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise InputError("calibration prompts must be a non-empty list of strings", where="calibration",
-                         expected="list[str] or a function", found=calibration)
+    prompts = _calibration_prompts(calibration)
 
     def sample(pipe: Any) -> None:   # one prompt at a time: the peak memory of one image, not of a batch
         for prompt in prompts:
             pipe(prompt, num_inference_steps=steps, output_type="latent", progress=False,
-                 generator=torch.Generator().manual_seed(0))
+                 generator=torch.Generator().manual_seed(0), **options)
+    return sample
+
+
+def _calibration_prompts(calibration: Sequence[str] | None) -> list[str]:
+    prompts = list(CALIBRATION_PROMPTS if calibration is None else calibration)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise InputError("calibration prompts must be a non-empty list of strings", where="calibration",
+                         expected="list[str] or a function", found=calibration)
+    return prompts
+
+
+def refiner_calibration(base: Any, *, switch: float, prompts: Sequence[str] | None = None, steps: int = 8,
+                        base_options: Mapping[str, Any] | None = None) -> Callable[[Any], None]:
+    """The calibration of an SDXL refiner, for `quantize(refiner, "int8-static", calibration=...)`: each prompt
+    (default CALIBRATION_PROMPTS) through `base` for the first `switch` of the noise schedule, then through the
+    refiner from the base's latents (diffusers' ensemble of expert denoisers, as `latentdiff generate --refiner`
+    runs them), `steps` steps at the base's default size, seed 0: the refiner's UNet is observed on the inputs
+    it really sees (a refiner alone has no first text encoder for the default calibration, nor latents to start
+    from). Quantize the base first, and its quantized latents are what the refiner is calibrated on.
+    base_options: more arguments of the base's calls (its control hints and their size, as `quantize`'s
+    calibration_options); the refiner takes the prompt alone, as `generate --refiner` runs it."""
+    if isinstance(switch, bool) or not isinstance(switch, int | float) or not 0.0 < switch < 1.0:
+        raise InputError("the refiner switch is a fraction of the schedule", where="switch",
+                         expected="a number strictly between 0 and 1", found=switch)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise InputError("steps must be a positive integer", where="steps", expected=">= 1", found=steps)
+    texts = _calibration_prompts(prompts)
+    options = dict(base_options or {})
+
+    def sample(refiner: Any) -> None:   # one prompt at a time, as _calibration_run's
+        for prompt in texts:
+            latents = base(prompt, num_inference_steps=steps, denoising_end=switch, output_type="latent",
+                           progress=False, generator=torch.Generator().manual_seed(0), **options).images
+            refiner(prompt, image=latents, num_inference_steps=steps, denoising_start=switch, output_type="latent",
+                    progress=False, generator=torch.Generator().manual_seed(0))
     return sample
 
 

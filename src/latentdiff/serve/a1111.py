@@ -25,7 +25,8 @@ is used by samplers that have one (DDIM); with the others it is listed as ignore
 latentdiff's too). `<lora:NAME:W>` tags must name a LoRA the catalog lists (`/sdapi/v1/loras`): a name with a
 path in it (`../../etc/passwd`) names none. subseed / subseed_strength are A1111's variation seeds (serve.render).
 refiner_checkpoint with refiner_switch_at in (0, 1) hands an SDXL base's latents to an SDXL refiner (as `latentdiff
-generate --refiner`; not with the hires fix or a mask: a 422). SDXL models run the hires fix and inpainting as
+generate --refiner`; not with the hires fix or a mask, nor on a server with --quantize int8-static: a 422).
+SDXL models run the hires fix and inpainting as
 `latentdiff generate` does.
 `cfg_truncation` (latentdiff's, not A1111's: A1111 ignores it): classifier-free guidance for that fraction of the
 steps of each pass only (`pipelines.cfg_truncation`; the hires pass and the refiner count their own steps), a
@@ -52,6 +53,7 @@ from .body import show as _show
 from .controlnet_units import parse_units, script_args
 from .requests import Hires, ImageRequest, InitImages, RequestError
 from .settings import ServeSettings
+from .switches import static_int8_here
 
 MAX_SEED = 2**63 - 1                 # torch's manual_seed takes any int64; A1111 draws in [0, 2**32)
 RANDOM_SEEDS = 2**32
@@ -243,6 +245,11 @@ def _refiner(body: Body, *, catalog: Any, facts: Callable[[], ModelFacts], defau
         raise body.bad("refiner_switch_at", "a number strictly between 0 and 1 (the base's share of the schedule)",
                        switch)
     refiner = catalog.resolve(name, field="refiner_checkpoint")
+    if static_int8_here(getattr(catalog, "settings", None)):
+        raise RequestError("a refiner on a server with --quantize int8-static is not in the server yet",
+                           field="refiner_checkpoint", expected="no refiner here (`latentdiff generate --refiner "
+                           "--quantize int8-static` calibrates the refiner behind its base), or --quantize int8",
+                           found=name)
     if not facts().sdxl:
         raise RequestError("a refiner follows an SDXL model", field="refiner_checkpoint",
                            expected="no refiner with this (not SDXL) checkpoint", found=name)

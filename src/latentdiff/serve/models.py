@@ -301,7 +301,7 @@ class ModelCatalog:
             return future.result()
         try:
             pipe = load_checkpoint(entry, vae_entry, dtype=self.settings.dtype, device=self.settings.device)
-            apply_switches(pipe, self.settings)      # --deepcache / --freeu / --tome, on its UNet
+            apply_switches(pipe, self.settings, name=entry.name)   # --deepcache / --freeu / --tome ...
             report = self._add_embeddings(pipe, embedding_files)
             size = weight_bytes(pipe)
         except BaseException as error:

@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from ..errors import InputError, UsageError
-from ..generation.quantize import quantize_unet
+from ..generation.quantize import check_static_calibration, quantize_unet
 from ..pipelines.cpu_paths import optimize_for_cpu
 from ..pipelines.step_cache import step_settings
 from ..pipelines.token_merging import tome_settings
@@ -21,10 +21,15 @@ from .settings import ServeSettings
 log = logging.getLogger("latentdiff.serve")
 
 
-def apply_switches(pipe: Any, settings: ServeSettings) -> None:
-    """The server's switches on a freshly loaded pipeline. A pipeline without a switch, or a DeepCache branch
-    its UNet does not have, is a UsageError naming the flag; token merging on a model with no attention at the
-    full latent resolution (SDXL) merges nothing there and says so in the log, as `latentdiff generate --tome`."""
+def apply_switches(pipe: Any, settings: ServeSettings, *, name: str | None = None) -> None:
+    """The server's switches on a freshly loaded pipeline (`name`: the model's, for the errors). A pipeline
+    without a switch, or a DeepCache branch its UNet does not have, is a UsageError naming the flag, and so is
+    int8-static on a CPU model of a server with ControlNets (`generation.quantize.check_static_calibration`);
+    token merging on a model with no attention at the full latent resolution (SDXL) merges nothing there and says
+    so in the log, as `latentdiff generate --tome`."""
+    if settings.controlnet_dirs and pipe.device.type == "cpu":
+        check_static_calibration(settings.quantize, control="--controlnet-dir", where="--quantize",
+                                 model=name or type(pipe).__name__)
     for flag, method, value in (("--deepcache", "enable_deepcache", settings.deepcache),
                                 ("--freeu", "enable_freeu", settings.freeu), ("--tome", "enable_tome", settings.tome)):
         if value is not None and not hasattr(pipe, method):
@@ -71,6 +76,18 @@ def apply_quantize(pipe: Any, method: str) -> None:
         log.warning("--quantize %s: %s is left unquantized: %s", method, name, error.message)
         return
     log.warning("--quantize %s: %s: %s", method, name, done)
+
+
+def static_int8_here(settings: ServeSettings | None) -> bool:
+    """Whether the server quantizes its models int8-static (--quantize int8-static on the CPU). An SDXL refiner then
+    waits for `latentdiff generate --refiner`'s calibration behind its base at the request's switch, which one
+    loaded model shared by every request cannot have: a refiner request is refused (serve.a1111), so a served PNG's
+    --from (which quantizes the refiner so) never differs from it."""
+    if settings is None or settings.quantize != "int8-static":
+        return False
+    import torch
+
+    return torch.device(settings.device).type == "cpu" if settings.device else not torch.cuda.is_available()
 
 
 def switch_params(pipe: Any) -> dict[str, Any]:
