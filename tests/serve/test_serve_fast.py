@@ -240,7 +240,7 @@ def test_a_model_the_calibration_cannot_run_is_logged_and_left_as_it_is(caplog):
     assert switch_params(own) == {}
 
 
-def test_int8_static_with_controlnets_is_refused_at_start_as_generate_refuses_it(tmp_path, monkeypatch, capsys):
+def test_int8_static_with_controlnets_is_refused_at_start(tmp_path, monkeypatch, capsys):
     """int8-static calibrates a model's UNet when it loads; --controlnet-dir lets requests add hints later that the
     calibration never saw (`latentdiff generate` has its hint first and calibrates with it): `latentdiff serve`
     refuses the pair before loading anything, naming the model and the flags; dynamic int8 (no calibration) is
