@@ -13,8 +13,9 @@ The module stays an `nn.Conv2d` with its parameters, so `state_dict`, saving, Lo
 unchanged. By default the packed copy (as large again as the weight) lives beside the parameter and is rebuilt
 when the weight is changed in place or moved (its version, storage, dtype or device differ), so it is never
 stale; with `release=True` (what `optimize_for_cpu` does) it takes the plain weight's place in the same
-Parameter object, so the weights are held once, and whatever reads the values (state_dict, load_state_dict,
-`.to()`, a training forward, `restore_weights`) gets the exact plain weight back (`_Packed`).
+Parameter object, so the weights are held once, and whatever reads or changes the values (state_dict,
+load_state_dict, `.to()`, a training forward, `restore_weights`, an in-place change, an optimizer's step) gets
+the exact plain weight back (`_Packed`, `ReleasedWeight`).
 `unpack_convolutions` drops the packed copies.
 
 `prepack_linears` does the same for `nn.Linear` (`mkldnn._reorder_linear_weight` / `_linear_pointwise`) and gives
@@ -206,8 +207,9 @@ class _Packed:
 
     With an `owner` (`release=True`), the packed copy takes the plain weight's place, so the weight is held once:
     the same Parameter object (`torch.utils.swap_tensors`) then holds the oneDNN-layout tensor (same shape, dtype,
-    device; reading its values raises instead of answering). `restore_weights` and the owner's guards (state_dict,
-    load_state_dict, `.to()`: `_guard`) turn it back into the exact plain weight (`to_dense` is a pure reorder).
+    device), as a `ReleasedWeight`: whatever reads or changes its values turns it back into the exact plain weight
+    first (`to_dense` is a pure reorder), as do `restore_weights` and the owner's guards (load_state_dict, `.to()`:
+    `_guard`); state_dict copies it out as it is.
     Not released: a copy `releasable(size)` refuses (another shape) and a layer with forward hooks (they may read
     the weight, e.g. an unfused LoRA)."""
 
@@ -229,7 +231,7 @@ class _Packed:
         owner = self.owner
         if type(w) is ReleasedWeight:   # the parameter holds the packed copy itself
             if size == self.size and not _hooked(owner):
-                return w.__dict__[_PACKED]
+                return w.__dict__[_PACKED]   # not `w`: its torch functions turn it back (ReleasedWeight)
             _restore(w)
         key = (None if w.is_inference() else w._version, w.data_ptr(), w.dtype, w.device, *size)
         packed = self.packed
@@ -239,7 +241,8 @@ class _Packed:
             self.key = key
         if owner is not None and self.releasable(*size) and not _hooked(owner):
             try:
-                _swap(w, ReleasedWeight.holding(packed, w.requires_grad, where=f"{owner}.weight"))
+                with torch.inference_mode(False):
+                    _swap(w, ReleasedWeight.holding(packed, w.requires_grad, where=f"{owner}.weight"))
             except RuntimeError:   # weak references to the weight, or another tensor object on it: keep both
                 self.owner = None
                 return packed
