@@ -9,8 +9,8 @@ What is proven:
 * the residual sums fused into packed layers equal the plain sums (1e-6), and a layer with a forward hook (an
   unfused adapter) keeps its hook's effect;
 * `optimize_for_cpu` gives a pipeline's fp32 images within 1e-4 of the plain pipeline's, and is undone;
-* weights packed in place (`release=True`, `optimize_for_cpu(keep_weights=False)`): every Conv2d and Linear but the GEGLU
-  projections holds its weight once (bytes counted: at most the plain weights + the GEGLU projections, where
+* weights packed in place (`release=True`, `optimize_for_cpu(keep_weights=False)`): every Conv2d and Linear but
+  the GEGLU projections holds its weight once (bytes counted: at most the plain weights + the GEGLU projections, where
   keeping both holds more), with the same results as packed copies beside the plain weights (bit for bit), the
   same Parameter objects, state_dict values bit for bit, saved files byte for byte, load_state_dict / training /
   `.to()` / LoRA fusing (against the published merge) / unfusing (bit for bit) / an IP-Adapter's copies of the

@@ -262,30 +262,30 @@ def _swap(param: torch.Tensor, value: torch.Tensor) -> None:
 
 
 _PACKED = "_latentdiff_packed"   # a ReleasedWeight's own tensor, as a plain torch.Tensor (what the packed ops get)
-_SET_GRAD = torch.Tensor.grad.__set__
-# What a released weight answers as it is: its metadata, never its values (and requires_grad, a flag).
+_WHERE = "_latentdiff_where"     # and its layer, as errors name it
+_SET_GRAD, _SET_REQUIRES_GRAD = (getattr(torch.Tensor, name).__set__ for name in ("grad", "requires_grad"))
+# What a released weight answers as it is: its metadata, never its values (and requires_grad, a flag). (getattr
+# by name: descriptors and C methods, which the type stubs do not describe.)
 _METADATA = frozenset([*(getattr(torch.Tensor, name).__get__ for name in (
     "dtype", "device", "shape", "layout", "is_mkldnn", "requires_grad", "is_leaf", "grad", "grad_fn", "ndim",
     "is_cpu", "is_cuda", "is_meta", "is_sparse", "is_quantized", "_version")),
-    torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.element_size, torch.Tensor.is_inference,
-    torch.Tensor.is_floating_point, torch.Tensor.get_device, torch.Tensor.__hash__, torch.Tensor._use_count,
-    torch.Tensor._is_view, torch.Tensor.requires_grad_, torch.Tensor.requires_grad.__set__])
+    *(getattr(torch.Tensor, name) for name in (
+        "size", "dim", "numel", "element_size", "is_inference", "is_floating_point", "get_device", "__hash__",
+        "_use_count", "_is_view", "requires_grad_")), _SET_REQUIRES_GRAD])
 
 
 class ReleasedWeight(nn.Parameter):
-    """A weight released into its packed copy (`_Packed`): the Parameter holds the oneDNN-layout tensor. oneDNN's
-    own in-place kernels on such a tensor do not all respect its layout and dtype (`zero_()` of a bf16 one writes
-    float32s: twice its size, over the heap), and reading its values raises, so every torch function on it but a
-    read of its metadata first turns it back into the plain weight (`_restore`, the same Parameter object, exact)
-    and then runs on that: `weight.mul_(2)`, `weight.detach().zero_()`, `weight.data.copy_(w)`, `weight.data = w`,
-    an optimizer's step, `weight.sum()` act on the plain values, as they would without the release; the layer
-    packs (and releases) again at its next call. The packed layers read the packed tensor from the Parameter's
-    `__dict__` (`_PACKED`), so their calls never come here."""
+    """A weight released into its packed copy (`_Packed`): the Parameter holds the oneDNN-layout tensor, on which
+    oneDNN's in-place kernels ignore layout and dtype (`zero_()` writes float32s: past a bf16 weight's end, over
+    the heap) and reads raise. So every torch function on it but a metadata read first turns it back into the
+    plain weight (`_restore`: the same Parameter, exact), then runs: `weight.detach().zero_()`, `.data.copy_(w)`,
+    `.data = w`, an optimizer's step, `.sum()` act on the plain values; the layer packs again at its next call.
+    The packed layers take the packed tensor from the Parameter's `__dict__` (`_PACKED`), never through here."""
 
     @classmethod
     def holding(cls, packed: torch.Tensor, requires_grad: bool, *, where: str) -> ReleasedWeight:
         weight = cls(packed, requires_grad=requires_grad)
-        weight.__dict__.update({_PACKED: packed, "_latentdiff_where": where})
+        weight.__dict__.update({_PACKED: packed, _WHERE: where})
         return weight
 
     @classmethod
@@ -298,7 +298,7 @@ class ReleasedWeight(nn.Parameter):
             _restore(weight, func)
         return func(*args, **kwargs)
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:   # nn.Parameter's own skip __torch_function__
         _restore(self, "copy.deepcopy")
         return self.__deepcopy__(memo)   # a plain Parameter's now
 
@@ -309,13 +309,9 @@ class ReleasedWeight(nn.Parameter):
 
 def _released_in(value: Any) -> list[ReleasedWeight]:
     """The released weights among a torch function's arguments (lists of tensors included: `torch._foreach_*`)."""
-    if type(value) is ReleasedWeight:
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [w for item in value for w in _released_in(item)]
-    if isinstance(value, dict):
-        return [w for item in value.values() for w in _released_in(item)]
-    return []
+    if isinstance(value, (list, tuple, dict)):
+        return [w for item in (value.values() if isinstance(value, dict) else value) for w in _released_in(item)]
+    return [value] if type(value) is ReleasedWeight else []
 
 
 def _restore(weight: torch.Tensor, reason: Any = "restore_weights") -> None:
@@ -328,11 +324,10 @@ def _restore(weight: torch.Tensor, reason: Any = "restore_weights") -> None:
             _swap(weight, plain)
         except RuntimeError as error:   # a weak reference to it, or another tensor object on it, made since
             name = reason if isinstance(reason, str) else torch.overrides.resolve_name(reason) or repr(reason)
-            raise UsageError(
-                f"{name} needs the plain values of a weight packed in place, and it cannot be turned back ({error});"
-                " call latentdiff.layers.prepacked.restore_weights(module) before making references to its weights,"
-                " or use optimize_for_cpu(pipe, keep_weights=True)", where=weight.__dict__.get("_latentdiff_where"),
-                expected="a weight nothing else references", found="a ReleasedWeight") from None
+            raise UsageError(f"{name} needs the plain values of a weight packed in place, which cannot be turned back "
+                             f"({error}); call latentdiff.layers.prepacked.restore_weights(module) first, or use "
+                             "optimize_for_cpu(pipe, keep_weights=True)", where=weight.__dict__.get(_WHERE),
+                             expected="a weight nothing else references", found="a ReleasedWeight") from None
 
 
 def restore_weights(module: nn.Module) -> int:
@@ -359,15 +354,12 @@ def _guard(layer: nn.Module) -> list[Any]:
                 with torch.inference_mode(False), torch.no_grad():
                     destination[key] = destination[key].detach().to_dense()
 
-    def restore_first(module: nn.Module, *args: Any) -> None:
-        restore_weights(module)
-
     def apply(fn: Callable[..., Any], recurse: bool = True) -> nn.Module:
         restore_weights(layer)
         return type(layer)._apply(layer, fn, recurse)
 
     layer.__dict__.update(_apply=apply, _save_to_state_dict=save)
-    return [layer.register_load_state_dict_pre_hook(restore_first)]
+    return [layer.register_load_state_dict_pre_hook(lambda module, *args: restore_weights(module))]
 
 
 def _unguard(layer: nn.Module, forward: Any) -> None:
