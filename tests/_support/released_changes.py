@@ -26,7 +26,9 @@ from latentdiff.layers.prepacked import prepack_convolutions, prepack_linears, r
 def _step(optimizer: type[torch.optim.Optimizer], **options: Any) -> Callable[[nn.Parameter, torch.Tensor], Any]:
     def step(weight: nn.Parameter, other: torch.Tensor) -> None:
         weight.grad = other.clone()
-        optimizer([weight], **options).step()
+        stepping = optimizer([weight], **options)
+        stepping.step()
+        stepping.zero_grad()   # (a weight holding a gradient stays plain: prepacked._Packed)
     return step
 
 

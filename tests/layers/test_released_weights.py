@@ -8,12 +8,16 @@ What is proven, for a Conv2d and a Linear, in float32 and bfloat16, against a pl
   bit to a packed layer holding the twin's weights) and releases it again;
 * reads of the values (`sum()`, `copy.deepcopy`, pickling) give the twin's values, and the layer packs again;
 * a weight that cannot be turned back (a weak reference made to it after the release) raises a latentdiff error
-  naming the layer, `restore_weights(module)` and `keep_weights=True`, and is left unchanged.
+  naming the layer, `restore_weights(module)` and `keep_weights=True`, and is left unchanged;
+* a weight holding a gradient (a preview between backward and the optimizer's step) is not released, which
+  would drop the gradient: the step takes (SGD, Adam: equal to a plain layer's), and it is released after
+  `zero_grad()`.
 Each dtype runs in a subprocess (tests/_support/released_changes.py): before, a bf16 `zero_()` of a released
 weight ran oneDNN's kernel, which writes float32s over twice the weight's bytes and aborted the interpreter.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -22,8 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from torch import nn
 
 import latentdiff
+from latentdiff.layers.prepacked import prepack_linears
+from tests._support.parity import max_rel_error
 from tests._support.released_changes import CHANGES, KINDS, READS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,6 +83,26 @@ def test_a_released_weight_that_cannot_be_turned_back_raises_before_any_change(d
     error = result["error"]
     assert "restore_weights(module)" in error and "keep_weights=True" in error, error
     assert f"where: {'Conv2d(8, 16' if kind == 'conv' else 'Linear(in_features=24'}" in error, error
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.Adam])
+def test_a_weight_holding_a_gradient_is_not_released_so_the_optimizer_step_after_a_preview_takes(optimizer):
+    torch.manual_seed(0)
+    layer, x = nn.Linear(24, 16), torch.randn(5, 24)
+    plain = copy.deepcopy(layer)
+    prepack_linears(layer, release=True)
+    for net in (layer, plain):
+        net(x).square().sum().backward()   # training: the plain layer (autograd)
+    with torch.no_grad():
+        preview = layer(x)                 # a preview between backward and step: packed, the weight kept
+    assert layer.weight.grad is not None and not layer.weight.is_mkldnn
+    for net in (layer, plain):
+        optimizer(net.parameters(), lr=0.1).step()
+    assert torch.equal(layer.weight, plain.weight) and not torch.equal(layer.weight, layer.bias.new_zeros(1))
+    layer.zero_grad()
+    with torch.no_grad():
+        assert max_rel_error(layer(x), plain(x)) <= 1e-5 and not torch.equal(layer(x), preview)
+    assert layer.weight.is_mkldnn   # no gradient left: released
 
 
 def test_the_child_process_ends_cleanly():

@@ -337,6 +337,9 @@ def test_weights_packed_in_place_follow_load_state_dict_train_and_move():
     assert not torch.equal(unet.conv_in.weight, reference.conv_in.weight)   # the optimizer's step took
     with torch.no_grad():
         unet.eval()(x, t, context)
+        assert not packed_in_place(unet)   # weights holding gradients stay plain (a swap would drop them)
+        optimizer.zero_grad()
+        unet(x, t, context)
         trained = {k: v.clone() for k, v in unet.state_dict().items()}
         assert packed_in_place(unet)
         unet.to(torch.float64)   # .to() sees the plain weights

@@ -210,8 +210,9 @@ class _Packed:
     device), as a `ReleasedWeight`: whatever reads or changes its values turns it back into the exact plain weight
     first (`to_dense` is a pure reorder), as do `restore_weights` and the owner's guards (load_state_dict, `.to()`:
     `_guard`); state_dict copies it out as it is.
-    Not released: a copy `releasable(size)` refuses (another shape) and a layer with forward hooks (they may read
-    the weight, e.g. an unfused LoRA)."""
+    Not released: a copy `releasable(size)` refuses (another shape), a layer with forward hooks (they may read
+    the weight, e.g. an unfused LoRA) and a weight holding a gradient (a swap would drop it: a training step's
+    preview; released after `zero_grad()`)."""
 
     def __init__(self, pack: Callable[..., torch.Tensor], *, owner: nn.Module | None = None,
                  releasable: Callable[..., bool] = lambda *size: True):
@@ -239,7 +240,7 @@ class _Packed:
             with torch.inference_mode(False):   # a released copy becomes the parameter: not an inference tensor
                 packed = self.packed = self.pack(w.detach(), *size)
             self.key = key
-        if owner is not None and self.releasable(*size) and not _hooked(owner):
+        if owner is not None and self.releasable(*size) and not _hooked(owner) and w.grad is None:
             try:
                 with torch.inference_mode(False):
                     _swap(w, ReleasedWeight.holding(packed, w.requires_grad, where=f"{owner}.weight"))
