@@ -406,7 +406,8 @@ def _deepcopy(layer: nn.Module, memo: dict[int, Any]) -> nn.Module:
 def _packed_call(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
     """Whether a packed call may run: no gradient wanted (the packed ops have no backward), the input (and the
     residual of a fused sum) in the weight's dtype and on the CPU."""
-    dtype = (weight.__dict__[_PACKED] if type(weight) is ReleasedWeight else weight).dtype
+    # (.get: another thread's call may turn it back meanwhile, for another input size)
+    dtype = (weight.__dict__.get(_PACKED, weight) if type(weight) is ReleasedWeight else weight).dtype
     return (not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and x.dtype == dtype and x.device.type == "cpu"
             and (residual is None or residual.dtype == x.dtype))
