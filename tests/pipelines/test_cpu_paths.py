@@ -9,12 +9,14 @@ What is proven:
 * the residual sums fused into packed layers equal the plain sums (1e-6), and a layer with a forward hook (an
   unfused adapter) keeps its hook's effect;
 * `optimize_for_cpu` gives a pipeline's fp32 images within 1e-4 of the plain pipeline's, and is undone;
-* weights packed in place (`release=True`, optimize_for_cpu's default): every Conv2d and Linear but the GEGLU
-  projections holds its weight once (bytes counted: at most the plain weights + the GEGLU projections, where
+* weights packed in place (`release=True`, `optimize_for_cpu(keep_weights=False)`): every Conv2d and Linear but
+  the GEGLU projections holds its weight once (bytes counted: at most the plain weights + the GEGLU projections, where
   keeping both holds more), with the same results as packed copies beside the plain weights (bit for bit), the
   same Parameter objects, state_dict values bit for bit, saved files byte for byte, load_state_dict / training /
   `.to()` / LoRA fusing (against the published merge) / unfusing (bit for bit) / an IP-Adapter's copies of the
-  keys and values seeing the plain values; memory-mapped weights released after each stage still work;
+  keys and values seeing the plain values; memory-mapped weights released after each stage still work; a
+  direct read gets the plain values; a pipeline's call asks its released weights nothing but a few metadata
+  reads, however many layers there are (in-place changes: tests/layers/test_released_weights.py);
 * `quantize(pipe, "int8")` replaces every UNet Linear, keeps the images within INT8_TOL of fp32, refuses a bf16
   UNet, and makes saving a UsageError;
 * `use_compile_cache` points inductor's on-disk caches at the folder asked for, and a compile writes there.
@@ -312,15 +314,16 @@ def test_weights_packed_in_place_are_held_once_and_keep_values_identity_and_resu
     assert max_rel_error(out, expected) <= PARITY_TOL
     # every Conv2d and Linear but the GEGLU's projection (packed in two halves beside it) holds its weight once
     linears = [m for m in unet.modules() if type(m) is nn.Linear]
-    assert len(packed_in_place(unet)) == sum(type(m) is nn.Conv2d for m in unet.modules()) + len(linears) - (
+    released = sum(type(m) is nn.Conv2d for m in unet.modules()) + len(linears) - (
         sum(type(m) is GEGLU for m in unet.modules()))
+    assert len(packed_in_place(unet)) == released
     assert weight_bytes(unet) <= plain + geglus < weight_bytes(kept)   # kept: every weight twice
     assert all(a is b for a, b in zip(params, unet.parameters(), strict=True))   # optimizers keep theirs
-    with pytest.raises((NotImplementedError, RuntimeError)):   # read directly: an error, never wrong values
-        unet.conv_in.weight.sum()
     state = unet.state_dict()
     assert list(state) == list(before) and all(torch.equal(state[k], v) for k, v in before.items())
-    assert len(packed_in_place(unet)) > 0   # state_dict copies them out; they stay packed
+    assert len(packed_in_place(unet)) == released   # state_dict copies them out; they stay packed
+    assert torch.equal(unet.conv_in.weight.sum(), before["conv_in.weight"].sum())   # read: the plain values
+    assert unet.conv_in not in packed_in_place(unet)   # ... of the weight turned back (packed at its next call)
     # a new input size repacks from the packed weight itself: still the plain convolution
     small = x[:, :, :8, :8].contiguous()
     with torch.inference_mode():
@@ -349,6 +352,9 @@ def test_weights_packed_in_place_follow_load_state_dict_train_and_move():
     assert not torch.equal(unet.conv_in.weight, reference.conv_in.weight)   # the optimizer's step took
     with torch.no_grad():
         unet.eval()(x, t, context)
+        assert not packed_in_place(unet)   # weights holding gradients stay plain (a swap would drop them)
+        optimizer.zero_grad()
+        unet(x, t, context)
         trained = {k: v.clone() for k, v in unet.state_dict().items()}
         assert packed_in_place(unet)
         unet.to(torch.float64)   # .to() sees the plain weights
@@ -380,6 +386,25 @@ def test_optimize_for_cpu_holds_the_weights_once_saves_the_same_files_and_is_und
     kept = cpu_paths.optimize_for_cpu(LatentDiffusionPipeline.from_pretrained(folder), keep_weights=True)
     assert max_rel_error(run(kept), expected) <= PARITY_TOL
     assert not packed_in_place(kept.unet) and weight_bytes(kept.unet) > plain["unet"] + geglus
+
+
+def test_a_pipeline_call_reads_only_metadata_of_the_weights_packed_in_place(folder, monkeypatch):
+    from latentdiff.layers.prepacked import ReleasedWeight
+
+    pipe = cpu_paths.optimize_for_cpu(LatentDiffusionPipeline.from_pretrained(folder), keep_weights=False)
+    run(pipe)   # packs, the weights in place
+    asked, handler = [], ReleasedWeight.__torch_function__.__func__
+
+    def counted(cls, func, types, args=(), kwargs=None):
+        asked.append(torch.overrides.resolve_name(func))
+        return handler(cls, func, types, args, kwargs)
+
+    released = len(packed_in_place(pipe.unet))
+    monkeypatch.setattr(ReleasedWeight, "__torch_function__", classmethod(counted))
+    run(pipe)
+    monkeypatch.undo()
+    assert len(asked) <= 10 and {name.rsplit(".", 2)[1] for name in asked} <= {"dtype", "device"}, asked
+    assert len(packed_in_place(pipe.unet)) == released > 10   # none turned back by the call
 
 
 def test_lora_fused_onto_weights_packed_in_place_equals_the_published_merge(folder, tmp_path):

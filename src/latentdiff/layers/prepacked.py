@@ -13,8 +13,9 @@ The module stays an `nn.Conv2d` with its parameters, so `state_dict`, saving, Lo
 unchanged. By default the packed copy (as large again as the weight) lives beside the parameter and is rebuilt
 when the weight is changed in place or moved (its version, storage, dtype or device differ), so it is never
 stale; with `release=True` (what `optimize_for_cpu` does) it takes the plain weight's place in the same
-Parameter object, so the weights are held once, and whatever reads the values (state_dict, load_state_dict,
-`.to()`, a training forward, `restore_weights`) gets the exact plain weight back (`_Packed`).
+Parameter object, so the weights are held once, and whatever reads or changes the values (state_dict,
+load_state_dict, `.to()`, a training forward, `restore_weights`, an in-place change, an optimizer's step) gets
+the exact plain weight back (`_Packed`, `ReleasedWeight`).
 `unpack_convolutions` drops the packed copies.
 
 `prepack_linears` does the same for `nn.Linear` (`mkldnn._reorder_linear_weight` / `_linear_pointwise`) and gives
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from .attention import GEGLU
 
 
@@ -205,10 +207,12 @@ class _Packed:
 
     With an `owner` (`release=True`), the packed copy takes the plain weight's place, so the weight is held once:
     the same Parameter object (`torch.utils.swap_tensors`) then holds the oneDNN-layout tensor (same shape, dtype,
-    device; reading its values raises instead of answering). `restore_weights` and the owner's guards (state_dict,
-    load_state_dict, `.to()`: `_guard`) turn it back into the exact plain weight (`to_dense` is a pure reorder).
-    Not released: a copy `releasable(size)` refuses (another shape) and a layer with forward hooks (they may read
-    the weight, e.g. an unfused LoRA)."""
+    device), as a `ReleasedWeight`: whatever reads or changes its values turns it back into the exact plain weight
+    first (`to_dense` is a pure reorder), as do `restore_weights` and the owner's guards (load_state_dict, `.to()`:
+    `_guard`); state_dict copies it out as it is.
+    Not released: a copy `releasable(size)` refuses (another shape), a layer with forward hooks (they may read
+    the weight, e.g. an unfused LoRA) and a weight holding a gradient (a swap would drop it: a training step's
+    preview; released after `zero_grad()`)."""
 
     def __init__(self, pack: Callable[..., torch.Tensor], *, owner: nn.Module | None = None,
                  releasable: Callable[..., bool] = lambda *size: True):
@@ -226,24 +230,24 @@ class _Packed:
 
     def _get(self, w: torch.Tensor, *size: torch.Size) -> torch.Tensor:
         owner = self.owner
-        if w.is_mkldnn:   # released: the parameter holds the packed copy itself
+        if type(w) is ReleasedWeight:   # the parameter holds the packed copy itself
             if size == self.size and not _hooked(owner):
-                return w.detach()
-            restore_weights(owner)   # type: ignore[arg-type]  # only an owner's weight is ever released
+                return w.__dict__[_PACKED]   # not `w`: its torch functions turn it back (ReleasedWeight)
+            _restore(w)
         key = (None if w.is_inference() else w._version, w.data_ptr(), w.dtype, w.device, *size)
         packed = self.packed
         if key != self.key or packed is None:
             with torch.inference_mode(False):   # a released copy becomes the parameter: not an inference tensor
                 packed = self.packed = self.pack(w.detach(), *size)
             self.key = key
-        if owner is not None and self.releasable(*size) and not _hooked(owner):
+        if owner is not None and self.releasable(*size) and not _hooked(owner) and w.grad is None:
             try:
-                _swap(w, packed)
+                with torch.inference_mode(False):
+                    _swap(w, ReleasedWeight.holding(packed, w.requires_grad, where=f"{owner}.weight"))
             except RuntimeError:   # weak references to the weight, or another tensor object on it: keep both
                 self.owner = None
                 return packed
             self.packed, self.key, self.size = None, None, size
-            return w.detach()
         return packed
 
 
@@ -252,10 +256,79 @@ def _hooked(layer: nn.Module | None) -> bool:
 
 
 def _swap(param: torch.Tensor, value: torch.Tensor) -> None:
-    """Give the Parameter object `param` the contents `value` (its identity, kept by optimizers and adapters,
-    stays)."""
-    with torch.inference_mode(False), torch.no_grad():
-        torch.utils.swap_tensors(param, nn.Parameter(value, requires_grad=param.requires_grad))
+    """Give the Parameter object `param` the contents (and class) of the Parameter `value` (its identity, kept by
+    optimizers and adapters, stays)."""
+    with torch.inference_mode(False), torch.no_grad(), torch._C.DisableTorchFunctionSubclass():
+        torch.utils.swap_tensors(param, value)
+
+
+_PACKED = "_latentdiff_packed"   # a ReleasedWeight's own tensor, as a plain torch.Tensor (what the packed ops get)
+_WHERE = "_latentdiff_where"     # and its layer, as errors name it
+_SET_GRAD, _SET_REQUIRES_GRAD = (getattr(torch.Tensor, name).__set__ for name in ("grad", "requires_grad"))
+# What a released weight answers as it is: its metadata, never its values (and requires_grad, a flag). (getattr
+# by name: descriptors and C methods, which the type stubs do not describe.)
+_METADATA = frozenset([*(getattr(torch.Tensor, name).__get__ for name in (
+    "dtype", "device", "shape", "layout", "is_mkldnn", "requires_grad", "is_leaf", "grad", "grad_fn", "ndim",
+    "is_cpu", "is_cuda", "is_meta", "is_sparse", "is_quantized", "_version")),
+    *(getattr(torch.Tensor, name) for name in (
+        "size", "dim", "numel", "element_size", "is_inference", "is_floating_point", "get_device", "__hash__",
+        "_use_count", "_is_view", "requires_grad_")), _SET_REQUIRES_GRAD])
+
+
+class ReleasedWeight(nn.Parameter):
+    """A weight released into its packed copy (`_Packed`): the Parameter holds the oneDNN-layout tensor, on which
+    oneDNN's in-place kernels ignore layout and dtype (`zero_()` writes float32s: past a bf16 weight's end, over
+    the heap) and reads raise. So every torch function on it but a metadata read first turns it back into the
+    plain weight (`_restore`: the same Parameter, exact), then runs: `weight.detach().zero_()`, `.data.copy_(w)`,
+    `.data = w`, an optimizer's step, `.sum()` act on the plain values; the layer packs again at its next call.
+    The packed layers take the packed tensor from the Parameter's `__dict__` (`_PACKED`), never through here."""
+
+    @classmethod
+    def holding(cls, packed: torch.Tensor, requires_grad: bool, *, where: str) -> ReleasedWeight:
+        weight = cls(packed, requires_grad=requires_grad)
+        weight.__dict__.update({_PACKED: packed, _WHERE: where})
+        return weight
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _METADATA or (func == _SET_GRAD and args[1] is None):
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        for weight in _released_in((args, kwargs)):
+            _restore(weight, func)
+        return func(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:   # nn.Parameter's own skip __torch_function__
+        _restore(self, "copy.deepcopy")
+        return self.__deepcopy__(memo)   # a plain Parameter's now
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        _restore(self, "pickle")
+        return self.__reduce_ex__(protocol)
+
+
+def _released_in(value: Any) -> list[ReleasedWeight]:
+    """The released weights among a torch function's arguments (lists of tensors included: `torch._foreach_*`)."""
+    if isinstance(value, (list, tuple, dict)):
+        return [w for item in (value.values() if isinstance(value, dict) else value) for w in _released_in(item)]
+    return [value] if type(value) is ReleasedWeight else []
+
+
+def _restore(weight: torch.Tensor, reason: Any = "restore_weights") -> None:
+    """The released `weight` (a ReleasedWeight) back into its plain tensor: the same Parameter object, class
+    nn.Parameter again, with the same values (`to_dense` is a pure reorder). `reason`: the function that needs
+    it, named if it cannot be done."""
+    with torch.inference_mode(False), torch._C.DisableTorchFunctionSubclass():
+        plain = nn.Parameter(weight.detach().to_dense(), requires_grad=weight.requires_grad)
+        try:
+            _swap(weight, plain)
+        except RuntimeError as error:   # a weak reference to it, or another tensor object on it, made since
+            name = reason if isinstance(reason, str) else torch.overrides.resolve_name(reason) or repr(reason)
+            raise UsageError(f"{name} needs the plain values of a weight packed in place, which cannot be turned back "
+                             f"({error}); call latentdiff.layers.prepacked.restore_weights(module) first, or use "
+                             "optimize_for_cpu(pipe, keep_weights=True)", where=weight.__dict__.get(_WHERE),
+                             expected="a weight nothing else references", found="a ReleasedWeight") from None
 
 
 def restore_weights(module: nn.Module) -> int:
@@ -264,9 +337,8 @@ def restore_weights(module: nn.Module) -> int:
     count = 0
     for layer in module.modules():
         weight = layer._parameters.get("weight")
-        if weight is not None and weight.is_mkldnn:
-            with torch.inference_mode(False):
-                _swap(weight, weight.detach().to_dense())
+        if type(weight) is ReleasedWeight:
+            _restore(weight)
             count += 1
     return count
 
@@ -275,29 +347,31 @@ def _guard(layer: nn.Module) -> list[Any]:
     """What must see a released weight's values gets the plain one: state_dict (a dense copy, the weight stays
     released), load_state_dict and `_apply` (`.to()`, `.float()` ...: the weight is restored first). -> handles."""
 
-    def dense_state(module: nn.Module, state: dict[str, Any], prefix: str, metadata: Any) -> None:
-        key = prefix + "weight"
-        if key in state and state[key].is_mkldnn:
-            with torch.inference_mode(False), torch.no_grad():
-                state[key] = state[key].detach().to_dense()
-
-    def restore_first(module: nn.Module, *args: Any) -> None:
-        restore_weights(module)
+    def save(destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        with torch._C.DisableTorchFunctionSubclass():   # the packed tensor as it is, not restored (ReleasedWeight)
+            type(layer)._save_to_state_dict(layer, destination, prefix, keep_vars)
+            key = prefix + "weight"
+            if key in destination and destination[key].is_mkldnn:
+                with torch.inference_mode(False), torch.no_grad():
+                    destination[key] = destination[key].detach().to_dense()
 
     def apply(fn: Callable[..., Any], recurse: bool = True) -> nn.Module:
         restore_weights(layer)
         return type(layer)._apply(layer, fn, recurse)
 
-    layer.__dict__["_apply"] = apply
-    return [layer.register_state_dict_post_hook(dense_state), layer.register_load_state_dict_pre_hook(restore_first)]
+    layer.__dict__.update(_apply=apply, _save_to_state_dict=save)
+    return [layer.register_load_state_dict_pre_hook(lambda module, *args: restore_weights(module))]
 
 
 def _unguard(layer: nn.Module, forward: Any) -> None:
     restore_weights(layer)
-    layer.__dict__.pop("_apply", None)
-    layer.__dict__.pop("__deepcopy__", None)
+    for name in _GUARDS:
+        layer.__dict__.pop(name, None)
     for handle in getattr(forward, "guards", ()):
         handle.remove()
+
+
+_GUARDS = ("_apply", "_save_to_state_dict", "__deepcopy__")   # what a packed layer's __dict__ overrides
 
 
 def copyable(layer: nn.Module) -> None:
@@ -311,8 +385,7 @@ def _deepcopy(layer: nn.Module, memo: dict[int, Any]) -> nn.Module:
     packs again on its next call), and the copy gets a forward of its own, made the same way: it packs on its
     first call, and its int8 layers keep their calibrated ranges."""
     forward: Any = layer.__dict__.get("forward")
-    saved: dict[str, Any] = {k: layer.__dict__.pop(k) for k in ("forward", "_apply", "__deepcopy__")
-                             if k in layer.__dict__}
+    saved: dict[str, Any] = {k: layer.__dict__.pop(k) for k in ("forward", *_GUARDS) if k in layer.__dict__}
     guards = getattr(forward, "guards", [])
     for handle in guards:
         handle.remove()
@@ -333,8 +406,10 @@ def _deepcopy(layer: nn.Module, memo: dict[int, Any]) -> nn.Module:
 def _packed_call(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
     """Whether a packed call may run: no gradient wanted (the packed ops have no backward), the input (and the
     residual of a fused sum) in the weight's dtype and on the CPU."""
+    # (.get: another thread's call may turn it back meanwhile, for another input size)
+    dtype = (weight.__dict__.get(_PACKED, weight) if type(weight) is ReleasedWeight else weight).dtype
     return (not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and x.dtype == weight.dtype and x.device.type == "cpu"
+            and x.dtype == dtype and x.device.type == "cpu"
             and (residual is None or residual.dtype == x.dtype))
 
 

@@ -54,11 +54,10 @@ def optimize_for_cpu(pipe: Any, *, channels_last: bool = True, keep_weights: boo
 
     keep_weights=False: each packed weight takes its plain weight's place (`layers.prepacked._Packed`), so the
     weights are held once, as in eager (`latentdiff generate / serve --optimize-cpu` do this): state_dict, saving,
-    load_state_dict, `.to()`, LoRA and `undo_cpu_optimization` see the plain values, but reading a packed layer's
-    `.weight` directly raises, and an in-place change of a released weight (`weight.data.mul_()`, an optimizer
-    step) corrupts memory: call `layers.prepacked.restore_weights(module)` before touching weights. The default
-    keeps the plain weights beside the packed copies (twice the weights' memory; in-place changes are safe and
-    repacked at the next call).
+    load_state_dict, `.to()`, LoRA and `undo_cpu_optimization` see the plain values, and reading or changing a
+    released weight (`weight.data.mul_()`, an optimizer step: `layers.prepacked.ReleasedWeight`) turns it back into
+    the plain one first, repacked at the layer's next call. The default keeps the plain weights beside the packed
+    copies (twice the weights' memory; in-place changes are repacked at the next call).
 
     split_batch: a CPU UNet call on a batch (classifier-free guidance's two halves) runs its parts side by side on
     threads, each with its share of torch's threads (`pipelines.split_batch`; where the split does not apply the
