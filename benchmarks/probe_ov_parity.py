@@ -6,7 +6,7 @@ stage against latentdiff's (max |ov - ours| / max |ours|, the tests' measure):
 
 - text encoder: the prompt and the negative prompt, each through the IR folder's tokenizer and text encoder;
 - UNet: one call on the same latents, timestep and latentdiff's embeddings (CFG batch of 2), at the first
-  timestep of the Euler grid and at a fractional one (the IR's timestep input is int64);
+  timestep of the Euler grid and at a fractional one (the IR's timestep input is int64: is the fraction dropped?);
 - VAE: one decode of the same latents;
 - schedule: Euler's timesteps, sigmas and initial noise scale (diffusers' EulerDiscreteScheduler from the
   folder's config, as cpu_peers gives OpenVINO, against latentdiff's EulerSampler from the same config);
@@ -52,11 +52,13 @@ latents = torch.randn((1, 4, side, side), generator=torch.Generator().manual_see
 with torch.no_grad():
     unet = pipe.unet(x, plan.timesteps[0], context)
     unet_fractional = pipe.unet(x, torch.tensor(A["fractional_t"]), context)
+    unet_truncated = pipe.unet(x, torch.tensor(float(int(A["fractional_t"]))), context)
     vae = pipe.vae.decode(z)
 image = pipe(A["prompt"], negative_prompt=A["negative"], num_inference_steps=A["steps"], guidance_scale=7.5,
              height=A["size"], width=A["size"], latents=latents, output_type="np", progress=False).images
 np.savez(A["out"], context=context.numpy(), x=x.numpy(), t=plan.timesteps[0].numpy(), unet=unet.numpy(),
-         unet_fractional=unet_fractional.numpy(), z=z.numpy(), vae=vae.numpy(), latents=latents.numpy(),
+         unet_fractional=unet_fractional.numpy(), unet_truncated=unet_truncated.numpy(), z=z.numpy(),
+         vae=vae.numpy(), latents=latents.numpy(),
          timesteps=plan.timesteps.numpy(), sigmas=np.array(plan.sigmas), init_scale=np.array(plan.init_scale),
          image=np.asarray(image, dtype=np.float32))
 '''
@@ -112,18 +114,21 @@ def rows(ours: Any, theirs: Any) -> list[tuple[str, str]]:
     """(stage, OpenVINO against latentdiff) for each stage of the two .npz files."""
     import numpy as np
 
-    def rel(name: str, a: Any = None) -> str:
-        return f"{common.max_rel_error(np.asarray(theirs[a or name], dtype=np.float64), ours[name]):.2e}"
+    def rel(name: str, theirs_name: str | None = None) -> str:
+        """OpenVINO's `theirs_name` (default: `name`) against our `name`."""
+        return f"{common.max_rel_error(np.asarray(theirs[theirs_name or name], dtype=np.float64), ours[name]):.2e}"
 
     def levels(name: str) -> str:
         diff = np.abs(theirs[name].astype(np.float64) - ours["image"].astype(np.float64)) * 255
-        return f"{diff.mean():.2f} / {diff.max():.1f}"
+        return f"{diff.mean():.3f} / {diff.max():.2f}"
 
     same_grid = ours["timesteps"].shape == theirs["timesteps"].shape
     return [
         ("text encoder (negative, prompt)", rel("context")),
         (f"UNet, one call at t = {float(ours['t']):g}", rel("unet")),
         (f"UNet, one call at t = {FRACTIONAL_T}", rel("unet_fractional")),
+        (f"UNet, OpenVINO at t = {FRACTIONAL_T} against ours at {int(FRACTIONAL_T)}", rel("unet_truncated",
+                                                                                    "unet_fractional")),
         ("VAE decode", rel("vae")),
         ("Euler timesteps", rel("timesteps") if same_grid else f"{theirs['timesteps']} vs {ours['timesteps']}"),
         ("Euler sigmas", rel("sigmas") if same_grid else f"{theirs['sigmas']} vs {ours['sigmas']}"),
