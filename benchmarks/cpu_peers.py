@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import common
+from peers_setup import OV_STAMP
 
 WEIGHTS = Path(os.environ.get("LATENTDIFF_PEERS_WEIGHTS", "/work/peers/weights"))
 SDCPP = Path(os.environ.get("LATENTDIFF_PEERS_SDCPP", "/work/peers/sdcpp/build/bin/sd-cli"))
@@ -142,7 +143,7 @@ from optimum.intel import OVStableDiffusionPipeline
 VERSIONS = {{"openvino": openvino.__version__, "optimum-intel": version("optimum-intel"),
             "diffusers": diffusers.__version__, "torch": torch.__version__}}
 NOTES, EXTRA, LATENT_DTYPE = "", {{}}, torch.float32
-HINT = {hint!r}
+HINT, STALE = {hint!r}, {stale!r}
 
 def load():
     config = {{"INFERENCE_NUM_THREADS": str(THREADS), "CACHE_DIR": ""}}
@@ -162,9 +163,9 @@ def prepare(pipe, size):
     except AttributeError:
         compiled = getattr(pipe.unet, "request", None)
     try:
-        NOTES = "UNet executes in " + str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        NOTES = STALE + "UNet executes in " + str(compiled.get_property("INFERENCE_PRECISION_HINT"))
     except Exception as error:  # only a note
-        NOTES = f"precision not readable ({{type(error).__name__}})"
+        NOTES = STALE + f"precision not readable ({{type(error).__name__}})"
 '''
 
 
@@ -187,7 +188,11 @@ def python_case(peer: str, args: argparse.Namespace, out: Path) -> tuple[str, st
             return f"no OpenVINO interpreter {OV_PYTHON} (benchmarks/PEERS.md)"
         if not (folder / "model_index.json").is_file():
             return f"no OpenVINO IR {folder} (run: python benchmarks/cpu_peers.py setup)"
-        setup = SETUP_OPENVINO.format(hint={"fp32": "f32", "bf16": "bf16"}.get(precision))
+        # an IR exported before peers_setup checked its text encoder has a random one (RESULTS.md "OpenVINO image
+        # difference, explained"): its times stand, its image is not comparable
+        stale = "" if (folder / OV_STAMP).is_file() else \
+            f"no {OV_STAMP}: text encoder unchecked, image not comparable (rerun setup); "
+        setup = SETUP_OPENVINO.format(hint={"fp32": "f32", "bf16": "bf16"}.get(precision), stale=stale)
     code = CHILD.format(spawn=0.0, folder=str(folder), out=str(out), threads=args.threads, setup=setup,
                         sizes=args.sizes, steps=args.steps, prompt=common.PROMPT, negative=common.NEGATIVE)
     return python, code
