@@ -38,8 +38,7 @@ WEIGHTS = Path(os.environ.get("LATENTDIFF_PEERS_WEIGHTS", "/work/peers/weights")
 SDCPP = Path(os.environ.get("LATENTDIFF_PEERS_SDCPP", "/work/peers/sdcpp/build/bin/sd-cli"))
 OV_PYTHON = Path(os.environ.get("LATENTDIFF_PEERS_OV_PYTHON", "/work/peers/ov-venv/bin/python"))
 PEERS = ("latentdiff-bf16", "latentdiff-bf16-packed", "latentdiff-fp32-packed", "latentdiff-int8",
-         "latentdiff-int8-static", "latentdiff-int8-static-fp32", "latentdiff-bf16-packed-whole",
-         "latentdiff-int8-static-whole",
+         "latentdiff-int8-static", "latentdiff-int8-static-fp32",
          "openvino-bf16", "openvino-int8", "openvino-fp32", "latentdiff-fp32", "diffusers-bf16",
          "diffusers-fp32", "sdcpp-q8_0", "sdcpp-f16")
 KEY_PEERS = "latentdiff-bf16,openvino-bf16,openvino-int8"
@@ -56,11 +55,6 @@ LATENTDIFF_PATHS = {
     # the same on a float32 UNet: for CPUs where bf16 is slower than fp32 (no AMX; RESULTS.md "int8-static")
     "int8-static-fp32": ("torch.float32", f"{_CPU_PATHS}; optimize_for_cpu(pipe); "
                                           "quantize(pipe, 'int8-static', calibration_steps=4)"),
-    # the two above with each UNet call's batch run whole (optimize_for_cpu's split_batch off: RESULTS.md "Batch
-    # halves on threads")
-    "bf16-packed-whole": ("torch.bfloat16", f"{_CPU_PATHS}; optimize_for_cpu(pipe, split_batch=False)"),
-    "int8-static-whole": ("torch.bfloat16", f"{_CPU_PATHS}; optimize_for_cpu(pipe, split_batch=False); "
-                                            "quantize(pipe, 'int8-static', calibration_steps=4)"),
 }
 
 # ---- the Python children --------------------------------------------------------------------------------

@@ -5,12 +5,10 @@ The UNet is loaded once in bf16 (--dtype), packed, calibrated (3 calls at t = 99
 context), and each case swaps the layers' forwards in place (the packed float forward or the int8 one, packed
 once), so every case runs the same weights in the same process, alternately (`common.alternate`): the ratios hold
 on a loaded machine better than separate runs. Cases: packed float; int8 on every candidate layer; on the
-convolutions only; on the linear layers only; --split: packed and int8 with the batch split across threads
-(`pipelines.split_batch`); and --max-rows values of `layers.int8.INT8_MAX_ROWS` (bf16 linear
+convolutions only; on the linear layers only; and --max-rows values of `layers.int8.INT8_MAX_ROWS` (bf16 linear
 inputs with more rows run bf16).
 
     python benchmarks/int8_unet.py --size 32 --threads 2          # 256 px; --size 64 for 512 px
-    python benchmarks/int8_unet.py --size 32 --threads 2 --split --max-rows ''   # + the batch split on threads
     ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI python benchmarks/int8_unet.py --dtype fp32   # a CPU without bf16 / AMX
 """
 from __future__ import annotations
@@ -26,8 +24,6 @@ def main() -> None:
     p.add_argument("--max-rows", default="256,4096", help="other INT8_MAX_ROWS values to time, comma-separated")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="the UNet's float dtype")
     p.add_argument("--folder", default=None, help="an SD 1.5 folder (default: benchmarks/common.py's sd15)")
-    p.add_argument("--split", action="store_true",
-                   help="also the batch split across threads (optimize_for_cpu's split_batch), packed and int8")
     args = p.parse_args()
     args.reps = args.reps or (3 if args.quick else 7)
     common.header(f"int8-static against {args.dtype} packed, SD 1.5 UNet, {8 * args.size} px", args)
@@ -37,7 +33,6 @@ def main() -> None:
     from latentdiff import UNet2DConditional
     from latentdiff.layers import int8
     from latentdiff.layers.prepacked import prepack_convolutions, prepack_linears
-    from latentdiff.pipelines.split_batch import SplitBatchForward
 
     folder = args.folder or common.folder("sd15")
     g = torch.Generator().manual_seed(0)
@@ -56,14 +51,12 @@ def main() -> None:
     int8.quantize_layers(layers, ranges)
     forwards = {name: layer.__dict__["forward"] for name, layer in layers.items()}
 
-    split = SplitBatchForward(unet)
-
-    def use(chosen: set[str], max_rows: int = int8.INT8_MAX_ROWS, *, whole: bool = True):
+    def use(chosen: set[str], max_rows: int = int8.INT8_MAX_ROWS):
         def run() -> torch.Tensor:
             int8.INT8_MAX_ROWS = max_rows
             for name, layer in layers.items():
                 layer.forward = forwards[name] if name in chosen else forwards[name].previous
-            return unet(xb, t, cb) if whole else split(xb, t, cb)
+            return unet(xb, t, cb)
         return run
 
     everything = set(layers)
@@ -72,9 +65,6 @@ def main() -> None:
              "int8 convolutions only": use(convs), "int8 linear only": use(everything - convs)}
     for rows in (int(r) for r in args.max_rows.split(",") if r):
         cases[f"int8 all (max rows {rows})"] = use(everything, rows)
-    if args.split:
-        cases[f"{args.dtype} packed, batch split"] = use(set(), whole=False)
-        cases["int8 all, batch split"] = use(everything, whole=False)
     times = common.alternate(cases, reps=args.reps)
     table = common.Table(f"SD 1.5 UNet, {8 * args.size} px, batch 2, {torch.get_num_threads()} threads",
                          ("case", "median", "min", f"/ {args.dtype} packed (median)", "max rel. error / fp32"))

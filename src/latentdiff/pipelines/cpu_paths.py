@@ -30,7 +30,6 @@ from torch import nn
 from ..errors import InputError, UsageError
 from ..layers.int8 import dequantize_layers, int8_candidates, is_int8, observe_input_ranges, quantize_layers
 from ..layers.prepacked import prepack_convolutions, prepack_linears, unpack_convolutions, unpack_linears
-from . import split_batch as split_batch_forward
 
 QUANTIZATIONS = ("int8", "int8-static")
 
@@ -47,8 +46,7 @@ def _channels_last_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[
     return None
 
 
-def optimize_for_cpu(pipe: Any, *, channels_last: bool = True, keep_weights: bool = True,
-                     split_batch: bool = True) -> Any:
+def optimize_for_cpu(pipe: Any, *, channels_last: bool = True, keep_weights: bool = True) -> Any:
     """Prepack the convolutions of every CPU network of `pipe` and (channels_last) feed the UNet channels-last
     activations; -> pipe. Networks on another device are left alone; calling it again changes nothing.
 
@@ -57,11 +55,7 @@ def optimize_for_cpu(pipe: Any, *, channels_last: bool = True, keep_weights: boo
     load_state_dict, `.to()`, LoRA and `undo_cpu_optimization` see the plain values, and reading or changing a
     released weight (`weight.data.mul_()`, an optimizer step: `layers.prepacked.ReleasedWeight`) turns it back into
     the plain one first, repacked at the layer's next call. The default keeps the plain weights beside the packed
-    copies (twice the weights' memory; in-place changes are repacked at the next call).
-
-    split_batch: a CPU UNet call on a batch (classifier-free guidance's two halves) runs its parts side by side on
-    threads, each with its share of torch's threads (`pipelines.split_batch`; where the split does not apply the
-    call runs whole)."""
+    copies (twice the weights' memory; in-place changes are repacked at the next call)."""
     for network in pipe.networks():
         prepack_convolutions(network, release=not keep_weights)
         prepack_linears(network, release=not keep_weights)
@@ -69,8 +63,6 @@ def optimize_for_cpu(pipe: Any, *, channels_last: bool = True, keep_weights: boo
     if channels_last and unet.device.type == "cpu" and "_latentdiff_channels_last" not in unet.__dict__:
         unet.__dict__["_latentdiff_channels_last"] = unet.register_forward_pre_hook(_channels_last_input,
                                                                                    with_kwargs=True)
-    if split_batch and unet.device.type == "cpu":
-        split_batch_forward.install(unet)
     return pipe
 
 
@@ -82,7 +74,6 @@ def undo_cpu_optimization(pipe: Any) -> Any:
     handle = pipe.unet.__dict__.pop("_latentdiff_channels_last", None)
     if handle is not None:
         handle.remove()
-    split_batch_forward.uninstall(pipe.unet)
     return pipe
 
 
