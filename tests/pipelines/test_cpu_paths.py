@@ -194,6 +194,20 @@ def test_compile_after_optimize_for_cpu_runs_plain_layers_and_refuses_int8_stati
         quantized.compile(backend="eager")
 
 
+@pytest.mark.parametrize("keep_weights", [True, False])
+def test_int8_after_optimize_for_cpu_equals_int8_before_it(folder, keep_weights):
+    """Dynamic int8 replaces the Linear layers: packed Linear / GEGLU forwards are unpacked first (they failed
+    with the quantized layers' `weight` method before)."""
+    before = cpu_paths.optimize_for_cpu(cpu_paths.quantize(LatentDiffusionPipeline.from_pretrained(folder), "int8"))
+    after = cpu_paths.optimize_for_cpu(LatentDiffusionPipeline.from_pretrained(folder), keep_weights=keep_weights)
+    cpu_paths.quantize(after, "int8")
+    assert cpu_paths.quantized_linears(after.unet) == cpu_paths.quantized_linears(before.unet) > 0
+    assert max_rel_error(run(after), run(before)) <= PARITY_TOL
+    static = cpu_paths.quantize(LatentDiffusionPipeline.from_pretrained(folder), "int8-static", calibration_steps=1)
+    with pytest.raises(InputError, match="dequantize"):
+        cpu_paths.quantize(static, "int8")
+
+
 def test_int8_quantization_replaces_the_linears_bounds_the_error_and_refuses_to_save(folder, tmp_path):
     pipe = LatentDiffusionPipeline.from_pretrained(folder)
     expected = run(pipe)

@@ -99,8 +99,12 @@ def quantize(pipe: Any, method: str = "int8", *, calibration: Sequence[str] | Ca
     if unet.device.type != "cpu" or unet.dtype != torch.float32:
         raise InputError("int8 dynamic quantization needs a float32 UNet on the CPU", where="quantize",
                          expected="torch_dtype=torch.float32, device='cpu'", found=f"{unet.dtype} on {unet.device}")
+    if any(is_int8(m) for m in unet.modules()):
+        raise InputError("the UNet is already quantized with int8-static", where="quantize",
+                         expected="dequantize(pipe) first", found="int8-static layers")
     from torch.ao.quantization import quantize_dynamic
 
+    unpack_linears(unet)   # optimize_for_cpu's packed Linear / GEGLU forwards would outlive their Linear layers
     with warnings.catch_warnings():   # torch.ao.quantization's deprecation notice (CHANGELOG: why still this API)
         warnings.simplefilter("ignore")
         quantize_dynamic(unet, {nn.Linear}, dtype=torch.qint8, inplace=True)
