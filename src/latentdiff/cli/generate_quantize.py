@@ -23,6 +23,7 @@ from ..errors import LatentDiffError, UsageError
 from ..generation.quantize import (
     QUANTIZATIONS,
     check_int8_dtype,
+    on_cpu,
     quantize_refiner,
     quantize_unet,
 )
@@ -50,15 +51,6 @@ def check_quantize_value(values: dict[str, Any], origin: dict[str, str]) -> None
     if value is not None and value not in QUANTIZATIONS:
         raise UsageError("bad value for quantize", where=origin.get("quantize", "quantize"),
                          expected=f"one of {', '.join(QUANTIZATIONS)}", found=repr(value)[:200])
-
-
-def on_cpu(device: Any) -> bool:
-    """Whether the run's device (None: as load_pipeline chooses, cuda if there is one) is the CPU."""
-    if device is not None:
-        return bool(device.type == "cpu")
-    import torch
-
-    return not torch.cuda.is_available()
 
 
 def check_quantize(settings: Any, args: argparse.Namespace, device: Any) -> None:

@@ -20,9 +20,8 @@ from typing import Any
 
 from ..builtin import DEFAULT_MODEL
 from ..errors import UsageError
-from ..generation.quantize import QUANTIZATIONS, check_int8_dtype, check_static_calibration
+from ..generation.quantize import QUANTIZATIONS, check_int8_dtype, check_static_calibration, on_cpu
 from ..limits import MAX_SIDE, MAX_STEPS
-from .generate_quantize import on_cpu
 
 MAX_PORT = 65_535
 

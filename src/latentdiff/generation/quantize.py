@@ -13,6 +13,15 @@ from ..errors import UsageError
 QUANTIZATIONS = ("int8", "int8-static")
 
 
+def on_cpu(device: Any) -> bool:
+    """Whether the run's device (None: as load_pipeline chooses, cuda if there is one) is the CPU."""
+    if device is not None:
+        return bool(device.type == "cpu")
+    import torch  # here: the command line starts without torch
+
+    return not torch.cuda.is_available()
+
+
 def check_int8_dtype(method: str | None, dtype: str, *, where: str, found: str) -> None:
     """Dynamic int8 takes a float32 UNet (torch's dynamic kernels are fp32): a UsageError before anything loads."""
     if method == "int8" and dtype != "float32":

@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from ..errors import InputError, UsageError
-from ..generation.quantize import check_static_calibration, quantize_unet
+from ..generation.quantize import check_static_calibration, on_cpu, quantize_unet
 from ..pipelines.cpu_paths import optimize_for_cpu
 from ..pipelines.step_cache import step_settings
 from ..pipelines.token_merging import tome_settings
@@ -87,7 +87,7 @@ def static_int8_here(settings: ServeSettings | None) -> bool:
         return False
     import torch
 
-    return torch.device(settings.device).type == "cpu" if settings.device else not torch.cuda.is_available()
+    return on_cpu(torch.device(settings.device) if settings.device else None)
 
 
 def switch_params(pipe: Any) -> dict[str, Any]:
