@@ -133,9 +133,7 @@ def _quantize_static(pipe: Any, calibration: Sequence[str] | Callable[[Any], Any
         raise InputError("int8 static quantization needs a float32 or bfloat16 UNet on the CPU", where="quantize",
                          expected="torch_dtype=torch.float32 or torch.bfloat16, device='cpu'",
                          found=f"{unet.dtype} on {unet.device}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise InputError("calibration_steps must be a positive integer", where="quantize", expected=">= 1",
-                         found=steps)
+    _check_steps(steps, name="calibration_steps", where="quantize")
     run = _calibration_run(pipe, calibration, steps, options)
     layers = {name: layer for name, layer in int8_candidates(unet).items() if not is_int8(layer)}
     with torch.no_grad(), observe_input_ranges(layers) as ranges:
@@ -166,6 +164,12 @@ def _calibration_run(pipe: Any, calibration: Sequence[str] | Callable[[Any], Any
     return sample
 
 
+def _check_steps(steps: Any, *, name: str, where: str) -> None:
+    """A calibration's step count: a positive int (not a bool), else an InputError naming it."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise InputError(f"{name} must be a positive integer", where=where, expected=">= 1", found=steps)
+
+
 def _calibration_prompts(calibration: Sequence[str] | None) -> list[str]:
     prompts = list(CALIBRATION_PROMPTS if calibration is None else calibration)
     if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -187,8 +191,7 @@ def refiner_calibration(base: Any, *, switch: float, prompts: Sequence[str] | No
     if isinstance(switch, bool) or not isinstance(switch, int | float) or not 0.0 < switch < 1.0:
         raise InputError("the refiner switch is a fraction of the schedule", where="switch",
                          expected="a number strictly between 0 and 1", found=switch)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise InputError("steps must be a positive integer", where="steps", expected=">= 1", found=steps)
+    _check_steps(steps, name="steps", where="steps")
     texts = _calibration_prompts(prompts)
     options = dict(base_options or {})
 
