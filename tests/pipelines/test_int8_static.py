@@ -32,6 +32,7 @@ from latentdiff.errors import InputError, UsageError
 from latentdiff.layers import int8
 from latentdiff.layers.prepacked import is_int8, prepack_convolutions, prepack_linears
 from latentdiff.pipelines import cpu_paths
+from tests._support.int8 import observed_ranges
 from tests._support.parity import max_rel_error
 from tests._support.tiny_builtin import make_tiny_shapes_model
 
@@ -345,13 +346,8 @@ def test_a_controlnet_pipeline_is_calibrated_with_its_hints_and_its_error_bounde
     prompts = ["a red circle", "a blue square"]
     layers = int8.int8_candidates(pipe.unet)
 
-    def observe(**extra) -> dict:
-        with int8.observe_input_ranges(layers) as ranges:
-            for prompt in prompts:
-                pipe(prompt, num_inference_steps=2, output_type="latent", progress=False,
-                     generator=torch.Generator().manual_seed(0), **extra)
-        return ranges
-    expected, unhinted = observe(**options), observe(**options | dict(controlnet_conditioning_scale=0.0))
+    expected = observed_ranges(pipe, prompts, **options)
+    unhinted = observed_ranges(pipe, prompts, **options | dict(controlnet_conditioning_scale=0.0))
     assert expected != unhinted                 # the hint's residuals change what the UNet's layers see
     reference = run(pipe, **options)
     assert max_rel_error(reference, run(plain)) > 0.01      # the ControlNet acts

@@ -12,6 +12,7 @@ from PIL import Image
 
 from latentdiff import ControlNet, LatentDiffusionPipeline, T2IAdapter
 from latentdiff.errors import ConfigError, InputError
+from tests._support.int8 import observed_ranges
 from tests._support.parity import assert_parity, max_rel_error, randomize, randomize_
 from tests._support.sd import TINY_UNET, tiny_diffusers_pipeline
 
@@ -222,19 +223,13 @@ def test_int8_static_calibrates_with_the_adapter_hint_and_bounds_the_error(setup
     prompts = ["a red circle", "a blue square"]
     layers = int8.int8_candidates(pipe.unet)
 
-    def observe(**extra) -> dict:
-        with int8.observe_input_ranges(layers) as ranges:
-            for prompt in prompts:
-                pipe(prompt, num_inference_steps=2, output_type="latent", progress=False,
-                     generator=torch.Generator().manual_seed(0), **extra)
-        return ranges
-
     def image(p) -> torch.Tensor:
         return p(PROMPT, num_inference_steps=STEPS, latents=setup["latents"], output_type="pt", progress=False,
                  **options).images
 
-    expected = observe(**options)
-    assert expected != observe(**options | dict(adapter_conditioning_scale=0.0))   # the features move the ranges
+    expected = observed_ranges(pipe, prompts, **options)
+    unadapted = observed_ranges(pipe, prompts, **options | dict(adapter_conditioning_scale=0.0))
+    assert expected != unadapted   # the adapter's features move the ranges
     reference = image(pipe)
     cpu_paths.quantize(pipe, "int8-static", calibration=prompts, calibration_steps=2, calibration_options=options)
     assert {name: layer.forward.input_range for name, layer in layers.items()} == expected
