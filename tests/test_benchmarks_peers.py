@@ -22,11 +22,17 @@ def cpu_peers(monkeypatch, tmp_path):
     return cpu_peers
 
 
-def test_help_runs_without_the_peers():
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "cpu_peers.py"), "--help"], capture_output=True,
-                          text=True, check=False)
+def script_help(script: str) -> str:
+    """The --help of benchmarks/`script`, run as a user runs it (no peer installed); -> its text."""
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
+                          check=False)
     assert done.returncode == 0, done.stderr
-    assert "--sizes" in done.stdout and "--threads" in done.stdout
+    return done.stdout
+
+
+def test_help_runs_without_the_peers():
+    text = script_help("cpu_peers.py")
+    assert "--sizes" in text and "--threads" in text
 
 
 def test_missing_peers_are_skipped_with_the_reason(cpu_peers, tmp_path):
@@ -53,10 +59,8 @@ def test_ratios_are_to_latentdiffs_fastest_path_per_size(cpu_peers, tmp_path, ca
 
 
 def test_probe_ov_parity_help_runs_without_openvino():
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "probe_ov_parity.py"), "--help"], capture_output=True,
-                          text=True, check=False)
-    assert done.returncode == 0, done.stderr
-    assert "--ir" in done.stdout and "--hint" in done.stdout
+    text = script_help("probe_ov_parity.py")
+    assert "--ir" in text and "--hint" in text
 
 
 def test_an_unchecked_openvino_ir_is_marked_not_comparable(cpu_peers, tmp_path):

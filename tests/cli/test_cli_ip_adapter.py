@@ -3,6 +3,8 @@ IP-Adapter file (released layout) and its image_encoder/ folder beside it: the p
 the PNG so that `--from` reproduces them."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -22,7 +24,9 @@ PROMPT = "a red circle"
 RUN = ["--height", 32, "--width", 32, "--steps", 3, "--seed", 0, "--sampler", "ddim"]
 
 
-def test_ip_adapter_matches_the_api_and_from_reproduces(tmp_path, monkeypatch):
+def make_inputs(tmp_path, monkeypatch) -> tuple[LatentDiffusionPipeline, Path]:
+    """In tmp_path, the working folder: the tiny SD folder (sd/), a tiny IP-Adapter Plus made for its UNet (ip/)
+    and an image prompt (style.png); -> the pipeline loaded from sd/ and the adapter's weights file."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tiny_diffusers_pipeline(tmp_path / "build").save_pretrained(tmp_path / "sd")
@@ -31,15 +35,24 @@ def test_ip_adapter_matches_the_api_and_from_reproduces(tmp_path, monkeypatch):
     write_tiny_ip_adapter(tmp_path / "ip", plus=True, inner=inner, context_dim=32)
     g = torch.Generator().manual_seed(5)
     Image.fromarray((torch.rand(40, 48, 3, generator=g) * 255).byte().numpy()).save(tmp_path / "style.png")
-    weights = tmp_path / "ip" / "models" / PLUS_NAME
-    assert generate(PROMPT, "--model", tmp_path / "sd", *RUN, "--ip-adapter", weights, "--ip-image", "style.png",
-                    "--ip-scale", 0.6, "-o", "a.png") == 0
+    return pipe, tmp_path / "ip" / "models" / PLUS_NAME
 
+
+def with_adapter(pipe: LatentDiffusionPipeline, weights: Path) -> Image.Image:
+    """`pipe` set as RUN and the CLI's --ip-adapter / --ip-scale 0.6 set it; -> the image prompt (style.png)."""
     pipe.sampler = switch_sampler(pipe.sampler, "ddim")
     pipe.load_ip_adapter(weights)
     pipe.set_ip_adapter_scale(0.6)
-    with Image.open(tmp_path / "style.png") as style:
-        image = style.convert("RGB")
+    with Image.open("style.png") as style:
+        return style.convert("RGB")
+
+
+def test_ip_adapter_matches_the_api_and_from_reproduces(tmp_path, monkeypatch):
+    pipe, weights = make_inputs(tmp_path, monkeypatch)
+    assert generate(PROMPT, "--model", tmp_path / "sd", *RUN, "--ip-adapter", weights, "--ip-image", "style.png",
+                    "--ip-scale", 0.6, "-o", "a.png") == 0
+
+    image = with_adapter(pipe, weights)
     expected = np.asarray(pipe(PROMPT, height=32, width=32, num_inference_steps=3, progress=False,
                                generator=[torch.Generator().manual_seed(0)], ip_adapter_image=image).images[0])
     assert np.array_equal(pixels("a.png"), expected)
@@ -58,24 +71,12 @@ def test_int8_static_with_an_ip_adapter_calibrates_with_the_image_prompt(tmp_pat
     from latentdiff.layers.prepacked import is_int8
     from latentdiff.pipelines.cpu_paths import quantize
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    tiny_diffusers_pipeline(tmp_path / "build").save_pretrained(tmp_path / "sd")
-    pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "sd")
-    inner = [layer.to_k.out_features for _, layer in cross_attentions(pipe.unet)]
-    write_tiny_ip_adapter(tmp_path / "ip", plus=True, inner=inner, context_dim=32)
-    g = torch.Generator().manual_seed(5)
-    Image.fromarray((torch.rand(40, 48, 3, generator=g) * 255).byte().numpy()).save(tmp_path / "style.png")
-    weights = tmp_path / "ip" / "models" / PLUS_NAME
+    pipe, weights = make_inputs(tmp_path, monkeypatch)
     argv = [PROMPT, "--model", tmp_path / "sd", *RUN, "--ip-adapter", weights, "--ip-image", "style.png",
             "--ip-scale", 0.6, "--dtype", "float32"]
     assert generate(*argv, "--quantize", "int8-static", "-o", "q.png") == 0
 
-    pipe.sampler = switch_sampler(pipe.sampler, "ddim")
-    pipe.load_ip_adapter(weights)
-    pipe.set_ip_adapter_scale(0.6)
-    with Image.open(tmp_path / "style.png") as style:
-        image = style.convert("RGB")
+    image = with_adapter(pipe, weights)
     quantize(pipe, "int8-static", calibration_options=dict(ip_adapter_image=image, height=32, width=32))
     assert any(is_int8(m) for m in pipe.unet.modules())
     expected = np.asarray(pipe(PROMPT, height=32, width=32, num_inference_steps=3, progress=False,
