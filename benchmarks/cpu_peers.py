@@ -194,12 +194,18 @@ def python_case(peer: str, args: argparse.Namespace, out: Path) -> tuple[str, st
 
 def run_python(python: str, code: str, *, threads: int, timeout: float) -> dict[str, Any]:
     code = code.replace("SPAWN, FOLDER", f"SPAWN = {time.time()!r}\n_, FOLDER", 1)  # spawn time, as late as can be
+    return json.loads(run_code(python, code, threads=threads, timeout=timeout).strip().splitlines()[-1])
+
+
+def run_code(python: str, code: str, *, threads: int, timeout: float) -> str:
+    """`python -c code` from the repository with `threads` OpenMP threads and this checkout's latentdiff; -> its
+    stdout (RuntimeError with the end of its stderr if it fails)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(common.REPO / "src")}
     proc = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=str(common.REPO))
     if proc.returncode != 0:
         raise RuntimeError(f"child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return proc.stdout
 
 
 # ---- stable-diffusion.cpp ---------------------------------------------------------------------------------
@@ -295,8 +301,16 @@ def image_difference(images: Path, peer: str, size: int) -> str:
         return "not comparable (own CLIP vocabulary and RNG)"
     if not (ours.is_file() and theirs.is_file()):
         return "-"
-    diff = np.abs(np.load(ours).astype(np.float64) - np.load(theirs).astype(np.float64)) * 255
-    return f"{diff.mean():.2f} / {diff.max():.1f}"
+    mean, most = level_difference(np.load(ours), np.load(theirs))
+    return f"{mean:.2f} / {most:.1f}"
+
+
+def level_difference(ours: Any, theirs: Any) -> tuple[float, float]:
+    """Mean and max |difference| of two images with values in 0..1, in 8-bit levels."""
+    import numpy as np
+
+    diff = np.abs(np.asarray(ours, dtype=np.float64) - np.asarray(theirs, dtype=np.float64)) * 255
+    return float(diff.mean()), float(diff.max())
 
 
 def report(results: list[tuple[str, dict[str, Any]]], args: argparse.Namespace, images: Path) -> list[dict]:

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import common
-from cpu_peers import OV_PYTHON, WEIGHTS
+from cpu_peers import OV_PYTHON, WEIGHTS, level_difference, run_code
 
 FRACTIONAL_T = 500.5   # a timestep between two integers: does the IR see the fraction?
 
@@ -103,11 +102,10 @@ np.savez(A["out"], context=np.concatenate([encode(A["negative"]), encode(A["prom
 
 
 def run(python: str, code: str, threads: int, timeout: float) -> None:
-    env = {"OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(common.REPO / "src")}
-    proc = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=timeout, cwd=str(common.REPO),
-                          env={**__import__("os").environ, **env})
-    if proc.returncode != 0:
-        raise SystemExit(f"{python} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    try:
+        run_code(python, code, threads=threads, timeout=timeout)
+    except RuntimeError as error:
+        raise SystemExit(f"{python}: {error}") from None
 
 
 def rows(ours: Any, theirs: Any) -> list[tuple[str, str]]:
@@ -119,8 +117,8 @@ def rows(ours: Any, theirs: Any) -> list[tuple[str, str]]:
         return f"{common.max_rel_error(np.asarray(theirs[theirs_name or name], dtype=np.float64), ours[name]):.2e}"
 
     def levels(name: str) -> str:
-        diff = np.abs(theirs[name].astype(np.float64) - ours["image"].astype(np.float64)) * 255
-        return f"{diff.mean():.3f} / {diff.max():.2f}"
+        mean, most = level_difference(ours["image"], theirs[name])
+        return f"{mean:.3f} / {most:.2f}"
 
     same_grid = ours["timesteps"].shape == theirs["timesteps"].shape
     return [
